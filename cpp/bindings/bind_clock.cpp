@@ -1,0 +1,17 @@
+#include "lifecycle/clock.hpp"
+#include "register.hpp"
+
+namespace py = pybind11;
+
+namespace lifecycle::bindings {
+
+void register_clock(py::module_& m) {
+  py::class_<Clock, std::shared_ptr<Clock>>(m, "Clock").def("now_ns", &Clock::now_ns);
+  py::class_<SteadyClock, Clock, std::shared_ptr<SteadyClock>>(m, "SteadyClock").def(py::init<>());
+  py::class_<ManualClock, Clock, std::shared_ptr<ManualClock>>(m, "ManualClock")
+      .def(py::init<std::int64_t>(), py::arg("start_ns") = 0)
+      .def("advance", &ManualClock::advance, py::arg("delta_ns"))
+      .def("set", &ManualClock::set, py::arg("t_ns"));
+}
+
+}  // namespace lifecycle::bindings

@@ -1,0 +1,253 @@
+// Engine binding: convert and check arguments first, then call pure C++ (GIL released only around
+// calls that can wait or run long: batches and wait_ready).
+#include <Python.h>
+
+#include <cstring>
+
+#include "lifecycle/engine.hpp"
+#include "lifecycle/errors.hpp"
+#include "register.hpp"
+
+namespace py = pybind11;
+
+namespace lifecycle::bindings {
+
+static std::uint64_t to_u64(py::handle h, const char* what) {
+  PyObject* o = h.ptr();
+  if (!PyLong_Check(o) || PyBool_Check(o))
+    throw InvalidArgumentError(what, std::string("expected a non-negative int, got ") + Py_TYPE(o)->tp_name);
+  unsigned long long v = PyLong_AsUnsignedLongLong(o);
+  if (v == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
+    PyErr_Clear();
+    throw InvalidArgumentError(what, "must be an int in [0, 2**64), got " + py::repr(h).cast<std::string>());
+  }
+  return static_cast<std::uint64_t>(v);
+}
+
+static std::int64_t to_i64(py::handle h, const char* what) {
+  PyObject* o = h.ptr();
+  if (!PyLong_Check(o) || PyBool_Check(o))
+    throw InvalidArgumentError(what, std::string("expected an int, got ") + Py_TYPE(o)->tp_name);
+  long long v = PyLong_AsLongLong(o);
+  if (v == -1 && PyErr_Occurred()) {
+    PyErr_Clear();
+    throw InvalidArgumentError(what, "out of the int64 range: " + py::repr(h).cast<std::string>());
+  }
+  return static_cast<std::int64_t>(v);
+}
+
+static Event to_event(py::handle h) {
+  std::int64_t e = to_i64(h, "event");
+  if (e < 0 || e >= kNumEvents) throw InvalidArgumentError("event", "no event with index " + std::to_string(e));
+  return static_cast<Event>(e);
+}
+
+static Role to_role(py::handle h) {
+  std::int64_t r = to_i64(h, "role");
+  if (r < 0 || r > 1) throw InvalidArgumentError("role", "must be 0 (sender) or 1 (receiver), got " + std::to_string(r));
+  return static_cast<Role>(r);
+}
+
+// Raise the typed error for a rejected event; return whether the state changed.
+static bool check(const ApplyResult& r, std::uint64_t req, Event ev) {
+  switch (r.status) {
+    case Status::Moved:
+      return true;
+    case Status::Stay:
+    case Status::Late:
+    case Status::Deferred:
+      return false;
+    case Status::Illegal:
+      throw IllegalTransitionError(req, r.from, ev);
+    case Status::Unknown:
+      throw UnknownRequestError(req, ev);
+    case Status::Duplicate:
+      throw DuplicateRequestError(req, r.from);
+    case Status::NoSlot:
+      throw PoolExhaustedError(req, "no free slot in the buffer pool");
+    case Status::BadArgument:
+      throw InvalidArgumentError("event", std::string(kEventNames[static_cast<int>(ev)]) + " cannot be applied here");
+  }
+  return false;
+}
+
+namespace {
+struct BufView {
+  py::buffer_info info;
+  std::size_t n;
+};
+}  // namespace
+
+static BufView view(py::handle obj, const char* what, std::size_t itemsize) {
+  if (!PyObject_CheckBuffer(obj.ptr()))
+    throw InvalidArgumentError(what, std::string("expected a buffer (bytes, array.array, numpy array), got ") +
+                                         Py_TYPE(obj.ptr())->tp_name);
+  py::buffer b = py::reinterpret_borrow<py::buffer>(obj);
+  py::buffer_info bi = b.request();
+  if (static_cast<std::size_t>(bi.itemsize) != itemsize || bi.ndim != 1 ||
+      (bi.ndim == 1 && bi.strides[0] != bi.itemsize))
+    throw InvalidArgumentError(what, "expected a contiguous 1-D buffer of " + std::to_string(itemsize) +
+                                         "-byte items, got itemsize " + std::to_string(bi.itemsize) + ", ndim " +
+                                         std::to_string(bi.ndim));
+  std::size_t n = static_cast<std::size_t>(bi.size);
+  return BufView{std::move(bi), n};
+}
+
+static py::dict health_dict(const Health& h) {
+  py::dict d;
+  d["healthy"] = h.healthy;
+  py::list reasons;
+  for (auto& r : h.reasons) reasons.append(r);
+  d["reasons"] = reasons;
+  py::dict counts;
+  for (int k = 0; k < kNumStates; ++k) counts[kStateNames[k]] = h.counts[static_cast<std::size_t>(k)];
+  d["counts"] = counts;
+  d["quarantined"] = h.quarantined;
+  d["quarantine_budget"] = h.quarantine_budget;
+  d["oldest_nonterminal_ns"] = h.oldest_nonterminal_ns;
+  d["since_progress_ns"] = h.since_progress_ns;
+  d["backend_healthy"] = h.backend_healthy;
+  d["backend_reason"] = h.backend_reason;
+  d["live"] = h.live;
+  return d;
+}
+
+void register_engine(py::module_& m) {
+  py::list status;
+  for (const char* s : kStatusNames) status.append(s);
+  m.attr("STATUS_NAMES") = py::tuple(status);
+  py::list kinds;
+  for (const char* s : kRecordKindNames) kinds.append(s);
+  m.attr("RECORD_KIND_NAMES") = py::tuple(kinds);
+  m.attr("RECORD_SIZE") = sizeof(Record);
+  m.attr("RECORD_FORMAT") = "<QqIIBBBBBBBB";
+
+  py::class_<Engine, std::shared_ptr<Engine>>(m, "Engine")
+      .def(py::init([](std::int64_t transfer_timeout_ns, std::int64_t cancel_grace_ns, std::int64_t progress_deadline_ns,
+                       std::int64_t quarantine_budget, std::int64_t num_slots, std::int64_t slot_size,
+                       std::int64_t tombstones, std::int64_t shards, std::shared_ptr<Clock> clock) {
+             Config c;
+             if (quarantine_budget < 0 || quarantine_budget > 0xffffffffLL)
+               throw InvalidArgumentError("quarantine_budget", "must be in [0, 2**32)");
+             if (num_slots < 0 || num_slots > (1LL << 31)) throw InvalidArgumentError("num_slots", "must be in [0, 2**31]");
+             if (slot_size < 0) throw InvalidArgumentError("slot_size", "must be >= 0");
+             if (tombstones < 0 || tombstones > 0xffffffffLL) throw InvalidArgumentError("tombstones", "must be in [0, 2**32)");
+             if (shards < 1 || shards > 4096) throw InvalidArgumentError("shards", "must be in [1, 4096]");
+             c.transfer_timeout_ns = transfer_timeout_ns;
+             c.cancel_grace_ns = cancel_grace_ns;
+             c.progress_deadline_ns = progress_deadline_ns;
+             c.quarantine_budget = static_cast<std::uint32_t>(quarantine_budget);
+             c.num_slots = static_cast<std::uint32_t>(num_slots);
+             c.slot_size = static_cast<std::uint64_t>(slot_size);
+             c.tombstones = static_cast<std::uint32_t>(tombstones);
+             c.shards = static_cast<std::uint32_t>(shards);
+             return std::make_shared<Engine>(c, std::move(clock));
+           }),
+           py::arg("transfer_timeout_ns"), py::arg("cancel_grace_ns"), py::arg("progress_deadline_ns"),
+           py::arg("quarantine_budget"), py::arg("num_slots"), py::arg("slot_size"), py::arg("tombstones"),
+           py::arg("shards"), py::arg("clock") = nullptr)
+      .def("_advertise", [](Engine& e, py::handle req, py::handle role, py::handle nbytes) {
+             std::uint64_t r = to_u64(req, "request");
+             Role ro = to_role(role);
+             std::int64_t nb = to_i64(nbytes, "nbytes");
+             if (nb < 0) throw InvalidArgumentError("nbytes", "must be >= 0, got " + std::to_string(nb));
+             const std::uint64_t unb = static_cast<std::uint64_t>(nb);
+             if (unb > 0 && e.pool()->num_slots() == 0)
+               throw InvalidArgumentError("nbytes", "this engine has no buffer pool (num_slots=0)");
+             if (unb > e.pool()->slot_size())
+               throw InvalidArgumentError("nbytes", std::to_string(nb) + " exceeds slot_size " + std::to_string(e.pool()->slot_size()));
+             check(e.advertise(r, ro, unb), r, kCreateEvent);
+           }, py::arg("request"), py::arg("role"), py::arg("nbytes") = 0)
+      .def("apply", [](Engine& e, py::handle req, py::handle ev) {
+             std::uint64_t r = to_u64(req, "request");
+             Event evv = to_event(ev);
+             if (evv == kCreateEvent) throw InvalidArgumentError("event", "advertise creates a session; call advertise()");
+             return check(e.apply(r, evv), r, evv);
+           }, py::arg("request"), py::arg("event"),
+           "Apply an event; True when the state changed.  Raises IllegalTransition / UnknownRequest.")
+      .def("apply_raw", [](Engine& e, py::handle req, py::handle ev) {
+             std::uint64_t r = to_u64(req, "request");
+             Event evv = to_event(ev);
+             ApplyResult a = evv == kCreateEvent ? ApplyResult{Status::BadArgument, State::Advertised, State::Advertised, 0xff}
+                                                 : e.apply(r, evv);
+             return py::make_tuple(static_cast<int>(a.status), static_cast<int>(a.from), static_cast<int>(a.to),
+                                   static_cast<int>(a.result));
+           }, py::arg("request"), py::arg("event"), "Apply without raising: (status, from, to, result) codes.")
+      .def("expose", [](Engine& e, py::handle req) { std::uint64_t r = to_u64(req, "request"); return check(e.apply(r, Event::expose), r, Event::expose); })
+      .def("complete", [](Engine& e, py::handle req) { std::uint64_t r = to_u64(req, "request"); return check(e.apply(r, Event::complete), r, Event::complete); })
+      .def("fail", [](Engine& e, py::handle req) { std::uint64_t r = to_u64(req, "request"); return check(e.apply(r, Event::fail), r, Event::fail); })
+      .def("_cancel", [](Engine& e, py::handle req) { return static_cast<int>(e.cancel(to_u64(req, "request"))); })
+      .def("_terminate", [](Engine& e, py::handle req) { return static_cast<int>(e.terminate(to_u64(req, "request"))); })
+      .def("apply_batch", [](Engine& e, py::handle ids, py::handle events) {
+             BufView iv = view(ids, "ids", 8);
+             BufView ev = view(events, "events", 1);
+             if (iv.n != ev.n) throw InvalidArgumentError("events", "length " + std::to_string(ev.n) + " != ids length " + std::to_string(iv.n));
+             const auto* ip = static_cast<const std::uint64_t*>(iv.info.ptr);
+             const auto* ep = static_cast<const std::uint8_t*>(ev.info.ptr);
+             std::string out(iv.n, '\0');
+             {
+               py::gil_scoped_release nogil;
+               for (std::size_t i = 0; i < iv.n; ++i) {
+                 ApplyResult a;
+                 if (ep[i] >= kNumEvents || ep[i] == static_cast<std::uint8_t>(kCreateEvent)) a.status = Status::BadArgument;
+                 else a = e.apply(ip[i], static_cast<Event>(ep[i]));
+                 out[i] = static_cast<char>(a.status);
+               }
+             }
+             return py::bytes(out);
+           }, py::arg("ids"), py::arg("events"), "Batch apply: uint64 ids and uint8 event codes in, one Status code per item out.")
+      .def("advertise_batch", [](Engine& e, py::handle ids, py::handle role, py::handle nbytes) {
+             BufView iv = view(ids, "ids", 8);
+             Role ro = to_role(role);
+             std::int64_t nb = to_i64(nbytes, "nbytes");
+             if (nb < 0) throw InvalidArgumentError("nbytes", "must be >= 0");
+             const auto* ip = static_cast<const std::uint64_t*>(iv.info.ptr);
+             std::string out(iv.n, '\0');
+             {
+               py::gil_scoped_release nogil;
+               for (std::size_t i = 0; i < iv.n; ++i)
+                 out[i] = static_cast<char>(e.advertise(ip[i], ro, static_cast<std::uint64_t>(nb)).status);
+             }
+             return py::bytes(out);
+           }, py::arg("ids"), py::arg("role"), py::arg("nbytes") = 0)
+      .def("tick", &Engine::tick, "Fire expired timers; returns how many fired.  Never blocks on a transport.")
+      .def("_drain", [](Engine& e) {
+             thread_local std::vector<Record> buf;
+             buf.clear();
+             e.drain(buf);
+             return py::bytes(reinterpret_cast<const char*>(buf.data()), buf.size() * sizeof(Record));
+           }, "Every queued record, packed (RECORD_FORMAT), without blocking.")
+      .def("_wait_ready", [](Engine& e, double timeout_s) {
+             if (!(timeout_s >= 0)) throw InvalidArgumentError("timeout", "must be >= 0");
+             std::int64_t ns = timeout_s > 1e9 ? INT64_MAX / 2 : static_cast<std::int64_t>(timeout_s * 1e9);
+             py::gil_scoped_release nogil;
+             return e.wait_ready(ns);
+           }, py::arg("timeout"), "Block (GIL released) until a record is queued or timeout seconds pass.")
+      .def("next_deadline_ns", &Engine::next_deadline_ns)
+      .def("pending", &Engine::pending)
+      .def("now_ns", &Engine::now_ns)
+      .def("_health", [](Engine& e) { return health_dict(e.health()); })
+      .def("unhealthy", &Engine::unhealthy)
+      .def("set_backend_health", &Engine::set_backend_health, py::arg("healthy"), py::arg("reason") = "")
+      .def("_info", [](const Engine& e, py::handle req) -> py::object {
+             auto i = e.info(to_u64(req, "request"));
+             if (!i) return py::none();
+             return py::make_tuple(static_cast<int>(i->role), static_cast<int>(i->state), static_cast<int>(i->outcome),
+                                   i->deferred, i->evidence, i->slot == kNoSlot ? -1 : static_cast<std::int64_t>(i->slot),
+                                   i->generation, i->state_since_ns);
+           }, py::arg("request"), "(role, state, outcome, deferred, evidence, slot, generation, state_since_ns) or None.")
+      .def("_counters", [](const Engine& e) {
+             Counters c = e.counters();
+             py::dict d;
+             d["transitions"] = c.transitions; d["illegal"] = c.illegal; d["late"] = c.late; d["unknown"] = c.unknown;
+             d["duplicate"] = c.duplicate; d["deferred"] = c.deferred; d["terminate_now"] = c.terminate_now;
+             d["timeouts"] = c.timeouts; d["grace_expired"] = c.grace_expired; d["quarantined"] = c.quarantined;
+             d["recovered"] = c.recovered;
+             return d;
+           })
+      .def("memory_bytes", &Engine::memory_bytes)
+      .def("live_sessions", &Engine::live_sessions)
+      .def_property_readonly("pool", [](Engine& e) { return e.pool(); }, py::return_value_policy::reference_internal);
+}
+
+}  // namespace lifecycle::bindings

@@ -1,0 +1,188 @@
+// The lifecycle engine: a concurrent session table driven by the generated transition table.
+//
+// Theory of operation
+// -------------------
+// Sessions live in N shards (request id -> shard by hash).  Each shard has one mutex guarding its
+// hash map, its session slab, per-state intrusive lists (ordered by the time a session entered the
+// state, which makes timers O(expired) and the oldest-entry health check O(shards)), per-state
+// counts and its queue of records.  Every event (from executor calls, transport threads or timers)
+// takes exactly one shard lock, looks up the table cell for (state, event) and applies it; so the
+// engine is linearizable per session.  The engine never calls back into its caller while holding a
+// lock, never blocks except in wait_ready(), and never logs: it appends Records to the shard queue,
+// and the caller drains them (Python logs them and runs callbacks on its own thread).
+//
+// Deferred termination: terminate before a terminal state sets `deferred`.  The first move into a
+// terminal state of a deferred session performs the terminate move in the same critical section and
+// queues exactly one TerminateNow record; `deferred` is cleared there, so no interleaving can emit
+// a second one.
+#pragma once
+#include <array>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "lifecycle/clock.hpp"
+#include "lifecycle/pool.hpp"
+#include "lifecycle/table_gen.hpp"
+
+namespace lifecycle {
+
+enum class Role : std::uint8_t { sender, receiver };
+inline constexpr const char* kRoleNames[2] = {"sender", "receiver"};
+
+// What happened to one event.
+enum class Status : std::uint8_t {
+  Moved,        // the session changed state (one Transition record queued, more if deferred)
+  Stay,         // accepted, nothing changed (idempotent executor call)
+  Late,         // transport event after quiescence: counted, nothing changed
+  Deferred,     // terminate before a terminal state (result says Deferred / AlreadyDeferred)
+  Illegal,      // (state, event) has no row: session unchanged, counter incremented
+  Unknown,      // no session with this id
+  Duplicate,    // advertise of a live id
+  NoSlot,       // advertise: the pool has no free slot
+  BadArgument,  // e.g. advertise through apply(), size larger than a slot, event out of range
+};
+inline constexpr const char* kStatusNames[] = {"Moved",   "Stay",      "Late",   "Deferred",   "Illegal",
+                                               "Unknown", "Duplicate", "NoSlot", "BadArgument"};
+
+struct ApplyResult {
+  Status status = Status::Unknown;
+  State from = State::Advertised;  // state before the event (meaningless when Unknown)
+  State to = State::Advertised;    // state after
+  std::uint8_t result = 0xff;      // CancelResult / TerminateResult code for cancel / terminate
+};
+
+enum class RecordKind : std::uint8_t { Transition, TerminateNow, SlotQuarantined, BufferRecovered, LateEvent, IllegalEvent };
+inline constexpr const char* kRecordKindNames[] = {"Transition", "TerminateNow", "SlotQuarantined",
+                                                   "BufferRecovered", "LateEvent", "IllegalEvent"};
+inline constexpr std::uint8_t kNoState = 0xff;  // Record::from of the creating advertise
+
+struct Record {
+  std::uint64_t req;
+  std::int64_t t_ns;
+  std::uint32_t slot;
+  std::uint32_t gen;
+  RecordKind kind;
+  std::uint8_t from;     // State, or kNoState
+  std::uint8_t to;       // State
+  std::uint8_t event;    // Event
+  std::uint8_t outcome;  // Outcome
+  std::uint8_t role;     // Role
+  std::uint8_t deferred; // 1 on the Terminated transition of a deferred terminate
+  std::uint8_t pad = 0;
+};
+static_assert(sizeof(Record) == 32);
+
+struct Config {
+  std::int64_t transfer_timeout_ns = 30'000'000'000;  // <= 0: no timer
+  std::int64_t cancel_grace_ns = 5'000'000'000;       // <= 0: no timer (CancelRequested waits forever)
+  std::int64_t progress_deadline_ns = 60'000'000'000;
+  std::uint32_t quarantine_budget = 64;
+  std::uint32_t num_slots = 0;
+  std::uint64_t slot_size = 0;
+  std::uint32_t tombstones = 1u << 16;  // Terminated sessions remembered (for late events), all shards
+  std::uint32_t shards = 16;            // rounded up to a power of two
+};
+
+struct Health {
+  bool healthy = true;
+  std::vector<std::string> reasons;
+  std::array<std::uint64_t, kNumStates> counts{};
+  std::uint32_t quarantined = 0;
+  std::uint32_t quarantine_budget = 0;
+  std::int64_t oldest_nonterminal_ns = -1;  // age of the oldest non-terminal session in its state
+  std::int64_t since_progress_ns = -1;      // time since the last terminal entry (or since admission)
+  bool backend_healthy = true;
+  std::string backend_reason;
+  std::uint64_t live = 0;  // sessions not Terminated
+};
+
+struct Counters {
+  std::uint64_t transitions = 0, illegal = 0, late = 0, unknown = 0, duplicate = 0, deferred = 0,
+                terminate_now = 0, timeouts = 0, grace_expired = 0, quarantined = 0, recovered = 0;
+};
+
+struct SessionInfo {
+  std::uint64_t req = 0;
+  Role role = Role::sender;
+  State state = State::Advertised;
+  Outcome outcome = Outcome::none;
+  bool deferred = false;
+  bool evidence = false;  // a late DONE arrived after Poisoned
+  std::uint32_t slot = kNoSlot;
+  std::uint32_t generation = 0;
+  std::int64_t state_since_ns = 0;
+};
+
+class Engine {
+ public:
+  explicit Engine(Config cfg, std::shared_ptr<const Clock> clock = nullptr);
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  // Executor and transport calls: thread-safe, never throw, never block beyond one shard lock.
+  ApplyResult advertise(std::uint64_t req, Role role, std::uint64_t nbytes);
+  ApplyResult apply(std::uint64_t req, Event ev);
+  CancelResult cancel(std::uint64_t req);
+  TerminateResult terminate(std::uint64_t req);
+
+  // Fire expired timers (timeout, grace_expired).  Returns how many fired.  O(shards + fired).
+  std::size_t tick();
+  // Append every queued record to `out` without blocking.  Returns how many.
+  std::size_t drain(std::vector<Record>& out);
+  // Block (no GIL: callers release it) until a record is queued or timeout_ns elapses (steady time).
+  bool wait_ready(std::int64_t timeout_ns);
+  // Earliest pending timer deadline on the engine clock; INT64_MAX when none.
+  std::int64_t next_deadline_ns() const;
+  std::size_t pending() const;
+
+  Health health();
+  bool unhealthy() const { return unhealthy_.load(std::memory_order_relaxed); }
+  void set_backend_health(bool healthy, std::string reason);
+  // Called (outside every engine lock) for sessions that entered CancelRequested: the transport
+  // must abort/ask its peer to stop.  Set once before use.
+  void set_abort_hook(std::function<void(std::uint64_t, Role)> hook);
+
+  std::optional<SessionInfo> info(std::uint64_t req) const;
+  Counters counters() const;
+  const Config& config() const { return cfg_; }
+  BufferPool* pool() { return pool_.get(); }
+  const Clock& clock() const { return *clock_; }
+  std::int64_t now_ns() const { return clock_->now_ns(); }
+  std::size_t memory_bytes() const;  // bytes held by the session table (maps + slabs + queues)
+  std::uint64_t live_sessions() const;
+
+ struct Shard;  // implementation detail (engine.cpp)
+
+ private:
+  Shard& shard_of(std::uint64_t req) const;
+  void notify_pushed(std::size_t n);
+  void run_aborts(std::vector<std::pair<std::uint64_t, Role>>& aborts);
+
+  Config cfg_;
+  std::shared_ptr<const Clock> clock_;
+  std::unique_ptr<BufferPool> pool_;  // declared before shards_: leases die first
+  std::vector<std::unique_ptr<Shard>> shards_;
+  std::uint64_t shard_mask_;
+  std::atomic<std::int64_t> last_progress_ns_;
+  std::atomic<bool> unhealthy_{false};
+  std::atomic<bool> backend_healthy_{true};
+  std::mutex backend_mu_;
+  std::string backend_reason_;
+  std::function<void(std::uint64_t, Role)> abort_hook_;
+  // wait_ready
+  std::atomic<std::uint64_t> pushed_{0};
+  std::atomic<std::uint64_t> drained_{0};
+  std::atomic<std::uint32_t> waiters_{0};
+  std::mutex wait_mu_;
+  std::condition_variable wait_cv_;
+};
+
+}  // namespace lifecycle

@@ -1,0 +1,663 @@
+#include "lifecycle/engine.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <climits>
+
+#include "lifecycle/errors.hpp"
+
+namespace lifecycle {
+namespace {
+
+constexpr std::uint32_t kNil = 0xffffffffu;
+constexpr std::uint32_t kChunkBits = 12;
+constexpr std::uint32_t kChunk = 1u << kChunkBits;
+
+enum Flag : std::uint8_t { kDeferred = 1, kEvidence = 2, kQuarantined = 4 };
+
+inline std::uint64_t mix(std::uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+struct Session {
+  std::uint64_t req = 0;
+  std::int64_t t_state = 0;  // when the session entered `state` (engine clock)
+  Lease lease;
+  std::uint32_t prev = kNil, next = kNil;  // intrusive list of sessions in the same state
+  State state = State::Advertised;
+  Role role = Role::sender;
+  Outcome outcome = Outcome::none;
+  std::uint8_t flags = 0;
+};
+
+inline int si(State s) { return static_cast<int>(s); }
+
+}  // namespace
+
+struct Engine::Shard {
+  mutable std::mutex mu;
+  // open-addressing map req -> slab index (linear probing, backward-shift deletion)
+  std::vector<std::uint64_t> keys;
+  std::vector<std::uint32_t> vals;  // kNil = empty bucket
+  std::size_t size = 0;
+  // slab of sessions in fixed chunks (stable addresses, no doubling slack); free list via `next`
+  std::vector<std::unique_ptr<Session[]>> chunks;
+  std::uint32_t free_head = kNil;
+  std::uint32_t high = 0;
+  // per-state lists ordered by state entry time
+  std::array<std::uint32_t, kNumStates> head{}, tail{};
+  std::array<std::uint64_t, kNumStates> count{};
+  std::vector<Record> queue;
+  Counters ctr;
+
+  Shard() {
+    head.fill(kNil);
+    tail.fill(kNil);
+    keys.assign(16, 0);
+    vals.assign(16, kNil);
+  }
+
+  Session& at(std::uint32_t i) { return chunks[i >> kChunkBits][i & (kChunk - 1)]; }
+  const Session& at(std::uint32_t i) const { return chunks[i >> kChunkBits][i & (kChunk - 1)]; }
+
+  std::size_t bucket(std::uint64_t req) const { return static_cast<std::size_t>(mix(req) >> 16) & (keys.size() - 1); }
+
+  std::uint32_t find(std::uint64_t req) const {
+    std::size_t m = keys.size() - 1;
+    for (std::size_t b = bucket(req);; b = (b + 1) & m) {
+      if (vals[b] == kNil) return kNil;
+      if (keys[b] == req) return vals[b];
+    }
+  }
+
+  void grow() {
+    std::vector<std::uint64_t> ok = std::move(keys);
+    std::vector<std::uint32_t> ov = std::move(vals);
+    keys.assign(ok.size() * 2, 0);
+    vals.assign(ov.size() * 2, kNil);
+    for (std::size_t i = 0; i < ok.size(); ++i)
+      if (ov[i] != kNil) place(ok[i], ov[i]);
+  }
+
+  void place(std::uint64_t req, std::uint32_t idx) {
+    std::size_t m = keys.size() - 1;
+    std::size_t b = bucket(req);
+    while (vals[b] != kNil) b = (b + 1) & m;
+    keys[b] = req;
+    vals[b] = idx;
+  }
+
+  void insert(std::uint64_t req, std::uint32_t idx) {
+    if ((size + 1) * 4 > keys.size() * 3) grow();
+    place(req, idx);
+    ++size;
+  }
+
+  void erase(std::uint64_t req) {
+    std::size_t m = keys.size() - 1;
+    std::size_t b = bucket(req);
+    while (vals[b] != kNil && keys[b] != req) b = (b + 1) & m;
+    if (vals[b] == kNil) return;
+    // backward-shift deletion keeps probe chains intact without tombstones
+    std::size_t hole = b;
+    for (std::size_t j = (hole + 1) & m; vals[j] != kNil; j = (j + 1) & m) {
+      std::size_t home = bucket(keys[j]);
+      bool movable = hole <= j ? (home <= hole || home > j) : (home <= hole && home > j);
+      if (movable) {
+        keys[hole] = keys[j];
+        vals[hole] = vals[j];
+        hole = j;
+      }
+    }
+    vals[hole] = kNil;
+    --size;
+  }
+
+  std::uint32_t alloc() {
+    if (free_head != kNil) {
+      std::uint32_t i = free_head;
+      free_head = at(i).next;
+      return i;
+    }
+    if ((high & (kChunk - 1)) == 0) chunks.emplace_back(new Session[kChunk]);
+    return high++;
+  }
+
+  void release_slot(std::uint32_t i) {
+    Session& s = at(i);
+    s = Session();
+    s.next = free_head;
+    free_head = i;
+  }
+
+  void link(std::uint32_t i, State st) {
+    Session& s = at(i);
+    int k = si(st);
+    s.prev = tail[k];
+    s.next = kNil;
+    if (tail[k] != kNil) at(tail[k]).next = i; else head[k] = i;
+    tail[k] = i;
+    ++count[k];
+  }
+
+  void unlink(std::uint32_t i) {
+    Session& s = at(i);
+    int k = si(s.state);
+    if (s.prev != kNil) at(s.prev).next = s.next; else head[k] = s.next;
+    if (s.next != kNil) at(s.next).prev = s.prev; else tail[k] = s.prev;
+    s.prev = s.next = kNil;
+    --count[k];
+  }
+
+  void move(std::uint32_t i, State dst, std::int64_t now) {
+    unlink(i);
+    Session& s = at(i);
+    s.state = dst;
+    s.t_state = now;
+    link(i, dst);
+  }
+
+  void push(RecordKind kind, const Session& s, std::uint8_t from, Event ev, std::int64_t now, bool deferred = false) {
+    Record r;
+    r.req = s.req;
+    r.t_ns = now;
+    r.slot = s.lease.slot();
+    r.gen = s.lease.generation();
+    r.kind = kind;
+    r.from = from;
+    r.to = static_cast<std::uint8_t>(s.state);
+    r.event = static_cast<std::uint8_t>(ev);
+    r.outcome = static_cast<std::uint8_t>(s.outcome);
+    r.role = static_cast<std::uint8_t>(s.role);
+    r.deferred = deferred ? 1 : 0;
+    queue.push_back(r);
+  }
+};
+
+namespace {
+
+struct Ctx {
+  std::int64_t now;
+  std::size_t pushed = 0;
+  std::vector<std::pair<std::uint64_t, Role>>* aborts;
+};
+
+}  // namespace
+
+Engine::Engine(Config cfg, std::shared_ptr<const Clock> clock)
+    : cfg_(cfg), clock_(clock ? std::move(clock) : std::make_shared<SteadyClock>()) {
+  if (cfg_.shards == 0 || cfg_.shards > 4096) throw InvalidArgumentError("shards", "must be in 1..4096");
+  if (cfg_.progress_deadline_ns <= 0) throw InvalidArgumentError("progress_deadline", "must be > 0");
+  std::uint32_t n = 1;
+  while (n < cfg_.shards) n <<= 1;
+  cfg_.shards = n;
+  shard_mask_ = n - 1;
+  pool_ = std::make_unique<BufferPool>(cfg_.num_slots, cfg_.slot_size);
+  shards_.reserve(n);
+  for (std::uint32_t i = 0; i < n; ++i) shards_.push_back(std::make_unique<Shard>());
+  last_progress_ns_.store(clock_->now_ns());
+}
+
+Engine::~Engine() = default;
+
+Engine::Shard& Engine::shard_of(std::uint64_t req) const { return *shards_[mix(req) & shard_mask_]; }
+
+void Engine::notify_pushed(std::size_t n) {
+  if (n == 0) return;
+  pushed_.fetch_add(n);
+  if (waiters_.load() > 0) {
+    std::lock_guard<std::mutex> g(wait_mu_);
+    wait_cv_.notify_all();
+  }
+}
+
+void Engine::run_aborts(std::vector<std::pair<std::uint64_t, Role>>& aborts) {
+  if (abort_hook_)
+    for (auto& [req, role] : aborts) abort_hook_(req, role);
+}
+
+// The one place where a table cell is applied.  Caller holds sh.mu.
+static ApplyResult apply_locked(Engine::Shard& sh, std::uint32_t idx, Event ev, Ctx& cx, BufferPool& pool,
+                                bool unhealthy, std::atomic<std::int64_t>& last_progress,
+                                std::uint32_t tomb_cap);
+
+ApplyResult Engine::advertise(std::uint64_t req, Role role, std::uint64_t nbytes) {
+  ApplyResult r;
+  r.status = Status::BadArgument;
+  if (static_cast<std::uint8_t>(role) > 1) return r;
+  if (nbytes > 0 && (pool_->num_slots() == 0 || nbytes > pool_->slot_size())) return r;
+  Shard& sh = shard_of(req);
+  std::size_t pushed = 0;
+  {
+    std::lock_guard<std::mutex> g(sh.mu);
+    std::uint32_t found = sh.find(req);
+    if (found != kNil) {
+      ++sh.ctr.duplicate;
+      r.status = Status::Duplicate;
+      r.from = r.to = sh.at(found).state;
+      return r;
+    }
+    Lease lease;
+    if (nbytes > 0) {
+      lease = pool_->lease();
+      if (!lease.held()) {
+        r.status = Status::NoSlot;
+        return r;
+      }
+    }
+    std::int64_t now = clock_->now_ns();
+    std::uint32_t idx = sh.alloc();
+    Session& s = sh.at(idx);
+    s.req = req;
+    s.role = role;
+    s.state = kInitialState;
+    s.t_state = now;
+    s.outcome = Outcome::none;
+    s.flags = 0;
+    s.lease = std::move(lease);
+    sh.link(idx, kInitialState);
+    sh.insert(req, idx);
+    ++sh.ctr.transitions;
+    sh.push(RecordKind::Transition, s, kNoState, kCreateEvent, now);
+    pushed = 1;
+  }
+  notify_pushed(pushed);
+  r.status = Status::Moved;
+  r.from = r.to = kInitialState;
+  return r;
+}
+
+static void enter_final(Engine::Shard& sh, Session& s, State from, Ctx& cx) {
+  switch (from) {
+    case State::Quiesced:
+      s.lease.release();  // positive evidence: back to the pool
+      break;
+    case State::Poisoned:
+      if (s.lease.held()) {
+        s.lease.quarantine();
+        s.flags |= kQuarantined;
+        ++sh.ctr.quarantined;
+        sh.push(RecordKind::SlotQuarantined, s, static_cast<std::uint8_t>(from), Event::terminate, cx.now);
+        ++cx.pushed;
+      }
+      break;
+    case State::Advertised:
+    case State::InFlight:
+    case State::CancelRequested:
+    case State::Terminated:
+      // unreachable: the build-time validator only admits final entries from terminal states
+      break;
+  }
+}
+
+static void try_recover(Engine::Shard& sh, Session& s, BufferPool& pool, Ctx& cx) {
+  if ((s.flags & kQuarantined) && pool.recover(s.lease.slot(), s.lease.generation())) {
+    s.flags = static_cast<std::uint8_t>(s.flags & ~kQuarantined);
+    ++sh.ctr.recovered;
+    sh.push(RecordKind::BufferRecovered, s, static_cast<std::uint8_t>(s.state), Event::complete, cx.now);
+    ++cx.pushed;
+  }
+}
+
+static void evict_tombstones(Engine::Shard& sh, std::uint32_t cap) {
+  const int k = si(State::Terminated);
+  while (sh.count[k] > cap) {
+    std::uint32_t victim = sh.head[k];
+    sh.unlink(victim);
+    sh.erase(sh.at(victim).req);
+    sh.release_slot(victim);
+  }
+}
+
+static ApplyResult apply_locked(Engine::Shard& sh, std::uint32_t idx, Event ev, Ctx& cx, BufferPool& pool,
+                                bool unhealthy, std::atomic<std::int64_t>& last_progress,
+                                std::uint32_t tomb_cap) {
+  Session& s = sh.at(idx);
+  const Cell& c = kTable[si(s.state)][static_cast<int>(ev)];
+  ApplyResult r;
+  r.from = s.state;
+  r.to = s.state;
+  r.result = c.result;
+  switch (c.action) {
+    case Action::Illegal:
+      ++sh.ctr.illegal;
+      sh.push(RecordKind::IllegalEvent, s, static_cast<std::uint8_t>(s.state), ev, cx.now);
+      ++cx.pushed;
+      r.status = Status::Illegal;
+      return r;
+    case Action::Stay:
+      r.status = Status::Stay;
+      return r;
+    case Action::Late:
+      ++sh.ctr.late;
+      sh.push(RecordKind::LateEvent, s, static_cast<std::uint8_t>(s.state), ev, cx.now);
+      ++cx.pushed;
+      if (ev == Event::complete) {
+        if (s.state == State::Poisoned) s.flags |= kEvidence;  // recovered when terminated
+        if (s.state == State::Terminated) try_recover(sh, s, pool, cx);
+      }
+      r.status = Status::Late;
+      return r;
+    case Action::Defer:
+      r.status = Status::Deferred;
+      if (s.flags & kDeferred) {
+        r.result = static_cast<std::uint8_t>(TerminateResult::AlreadyDeferred);
+      } else {
+        s.flags |= kDeferred;
+        ++sh.ctr.deferred;
+      }
+      return r;
+    case Action::Move:
+      break;
+  }
+  const State from = s.state;
+  sh.move(idx, c.dst, cx.now);
+  if (c.outcome != Outcome::none) s.outcome = c.outcome;
+  ++sh.ctr.transitions;
+  sh.push(RecordKind::Transition, s, static_cast<std::uint8_t>(from), ev, cx.now);
+  ++cx.pushed;
+  r.status = Status::Moved;
+  r.to = c.dst;
+  if (ev == Event::cancel && unhealthy && c.result == static_cast<std::uint8_t>(CancelResult::CancelRequestedInFlight))
+    r.result = static_cast<std::uint8_t>(CancelResult::BackendUnhealthy);
+  if (c.dst == State::CancelRequested && cx.aborts) cx.aborts->emplace_back(s.req, s.role);
+  if (ev == Event::timeout) ++sh.ctr.timeouts;
+  if (ev == Event::grace_expired) ++sh.ctr.grace_expired;
+  if (kFinal[si(c.dst)]) {
+    enter_final(sh, s, from, cx);
+    if (s.flags & kEvidence) try_recover(sh, s, pool, cx);
+  }
+  if (kTerminal[si(c.dst)]) {
+    std::int64_t lp = last_progress.load(std::memory_order_relaxed);
+    while (lp < cx.now && !last_progress.compare_exchange_weak(lp, cx.now, std::memory_order_relaxed)) {
+    }
+    if (s.flags & kDeferred) {
+      // Exactly-once deferred termination: the flag is cleared in the same critical section that
+      // performs the terminate move and queues the single TerminateNow notice.
+      s.flags = static_cast<std::uint8_t>(s.flags & ~kDeferred);
+      const Cell& t = kTable[si(c.dst)][static_cast<int>(Event::terminate)];
+      const State tfrom = s.state;
+      sh.move(idx, t.dst, cx.now);
+      ++sh.ctr.transitions;
+      sh.push(RecordKind::Transition, s, static_cast<std::uint8_t>(tfrom), Event::terminate, cx.now, true);
+      enter_final(sh, s, tfrom, cx);
+      if (s.flags & kEvidence) try_recover(sh, s, pool, cx);
+      sh.push(RecordKind::TerminateNow, s, static_cast<std::uint8_t>(tfrom), Event::terminate, cx.now, true);
+      ++sh.ctr.terminate_now;
+      cx.pushed += 2;
+      r.to = s.state;
+    }
+  }
+  if (s.state == State::Terminated) evict_tombstones(sh, tomb_cap);
+  return r;
+}
+
+ApplyResult Engine::apply(std::uint64_t req, Event ev) {
+  ApplyResult r;
+  if (static_cast<int>(ev) >= kNumEvents || ev == kCreateEvent) {
+    r.status = Status::BadArgument;
+    return r;
+  }
+  Shard& sh = shard_of(req);
+  std::vector<std::pair<std::uint64_t, Role>> aborts;
+  Ctx cx{0, 0, &aborts};
+  {
+    std::lock_guard<std::mutex> g(sh.mu);
+    std::uint32_t idx = sh.find(req);
+    if (idx == kNil) {
+      ++sh.ctr.unknown;
+      r.status = Status::Unknown;
+      r.result = 0xff;
+      return r;
+    }
+    cx.now = clock_->now_ns();
+    bool unhealthy = unhealthy_.load(std::memory_order_relaxed) || !backend_healthy_.load(std::memory_order_relaxed);
+    std::uint32_t cap = cfg_.tombstones / cfg_.shards;
+    r = apply_locked(sh, idx, ev, cx, *pool_, unhealthy, last_progress_ns_, cap);
+  }
+  notify_pushed(cx.pushed);
+  run_aborts(aborts);
+  return r;
+}
+
+CancelResult Engine::cancel(std::uint64_t req) {
+  ApplyResult r = apply(req, Event::cancel);
+  switch (r.status) {
+    case Status::Unknown:
+      return CancelResult::NotFound;
+    case Status::Moved:
+    case Status::Stay:
+      return static_cast<CancelResult>(r.result);
+    case Status::Late:
+    case Status::Deferred:
+    case Status::Illegal:
+    case Status::Duplicate:
+    case Status::NoSlot:
+    case Status::BadArgument:
+      break;
+  }
+  return CancelResult::NotCancellable;  // unreachable for a validated table
+}
+
+TerminateResult Engine::terminate(std::uint64_t req) {
+  ApplyResult r = apply(req, Event::terminate);
+  switch (r.status) {
+    case Status::Unknown:
+      return TerminateResult::NotFound;
+    case Status::Moved:
+    case Status::Stay:
+    case Status::Deferred:
+      return static_cast<TerminateResult>(r.result);
+    case Status::Late:
+    case Status::Illegal:
+    case Status::Duplicate:
+    case Status::NoSlot:
+    case Status::BadArgument:
+      break;
+  }
+  return TerminateResult::NotFound;  // unreachable for a validated table
+}
+
+std::size_t Engine::tick() {
+  std::size_t fired = 0;
+  std::vector<std::pair<std::uint64_t, Role>> aborts;
+  std::size_t pushed = 0;
+  const std::int64_t to = cfg_.transfer_timeout_ns, grace = cfg_.cancel_grace_ns;
+  std::uint32_t cap = cfg_.tombstones / cfg_.shards;
+  for (auto& shp : shards_) {
+    Shard& sh = *shp;
+    std::lock_guard<std::mutex> g(sh.mu);
+    Ctx cx{clock_->now_ns(), 0, &aborts};
+    bool unhealthy = unhealthy_.load(std::memory_order_relaxed);
+    const int fl = si(State::InFlight), cr = si(State::CancelRequested);
+    while (to > 0 && sh.head[fl] != kNil && sh.at(sh.head[fl]).t_state <= cx.now - to) {
+      apply_locked(sh, sh.head[fl], Event::timeout, cx, *pool_, unhealthy, last_progress_ns_, cap);
+      ++fired;
+    }
+    while (grace > 0 && sh.head[cr] != kNil && sh.at(sh.head[cr]).t_state <= cx.now - grace) {
+      apply_locked(sh, sh.head[cr], Event::grace_expired, cx, *pool_, unhealthy, last_progress_ns_, cap);
+      ++fired;
+    }
+    pushed += cx.pushed;
+  }
+  notify_pushed(pushed);
+  run_aborts(aborts);
+  return fired;
+}
+
+std::int64_t Engine::next_deadline_ns() const {
+  std::int64_t best = INT64_MAX;
+  const std::int64_t to = cfg_.transfer_timeout_ns, grace = cfg_.cancel_grace_ns;
+  for (auto& shp : shards_) {
+    std::lock_guard<std::mutex> g(shp->mu);
+    if (to > 0 && shp->head[si(State::InFlight)] != kNil)
+      best = std::min(best, shp->at(shp->head[si(State::InFlight)]).t_state + to);
+    if (grace > 0 && shp->head[si(State::CancelRequested)] != kNil)
+      best = std::min(best, shp->at(shp->head[si(State::CancelRequested)]).t_state + grace);
+  }
+  return best;
+}
+
+std::size_t Engine::drain(std::vector<Record>& out) {
+  std::size_t n = 0;
+  std::vector<Record> tmp;
+  for (auto& shp : shards_) {
+    {
+      std::lock_guard<std::mutex> g(shp->mu);
+      if (shp->queue.empty()) continue;
+      tmp.swap(shp->queue);
+    }
+    n += tmp.size();
+    out.insert(out.end(), tmp.begin(), tmp.end());
+    tmp.clear();
+  }
+  drained_.fetch_add(n);
+  return n;
+}
+
+std::size_t Engine::pending() const { return static_cast<std::size_t>(pushed_.load() - drained_.load()); }
+
+bool Engine::wait_ready(std::int64_t timeout_ns) {
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::nanoseconds(std::max<std::int64_t>(timeout_ns, 0));
+  std::unique_lock<std::mutex> lk(wait_mu_);
+  waiters_.fetch_add(1);
+  bool ready = true;
+  while (pushed_.load() == drained_.load()) {
+    if (wait_cv_.wait_until(lk, deadline) == std::cv_status::timeout) {
+      ready = pushed_.load() != drained_.load();
+      break;
+    }
+  }
+  waiters_.fetch_sub(1);
+  return ready;
+}
+
+void Engine::set_backend_health(bool healthy, std::string reason) {
+  std::lock_guard<std::mutex> g(backend_mu_);
+  backend_healthy_.store(healthy);
+  backend_reason_ = std::move(reason);
+}
+
+void Engine::set_abort_hook(std::function<void(std::uint64_t, Role)> hook) { abort_hook_ = std::move(hook); }
+
+static std::string secs(std::int64_t ns) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.3fs", static_cast<double>(ns) / 1e9);
+  return buf;
+}
+
+Health Engine::health() {
+  Health h;
+  const std::int64_t now = clock_->now_ns();
+  const std::int64_t deadline = cfg_.progress_deadline_ns;
+  std::int64_t oldest_exposed = INT64_MAX, oldest_any = INT64_MAX;
+  struct Wedge { std::uint64_t req; State st; std::int64_t age; };
+  std::vector<Wedge> wedged;
+  for (auto& shp : shards_) {
+    std::lock_guard<std::mutex> g(shp->mu);
+    for (int k = 0; k < kNumStates; ++k) h.counts[static_cast<std::size_t>(k)] += shp->count[static_cast<std::size_t>(k)];
+    for (State st : {State::Advertised, State::InFlight, State::CancelRequested}) {
+      std::uint32_t hd = shp->head[si(st)];
+      if (hd == kNil) continue;
+      const Session& s = shp->at(hd);
+      oldest_any = std::min(oldest_any, s.t_state);
+      if (st == State::Advertised) continue;
+      oldest_exposed = std::min(oldest_exposed, s.t_state);
+      // per-entry check: the oldest entry of the state past its timer + the deadline is wedged,
+      // whatever the other sessions do (one progressing transfer must not hide wedged ones)
+      std::int64_t timer = st == State::InFlight ? cfg_.transfer_timeout_ns : cfg_.cancel_grace_ns;
+      std::int64_t limit = (timer > 0 ? timer : 0) + deadline;
+      if (now - s.t_state > limit) wedged.push_back({s.req, st, now - s.t_state});
+    }
+  }
+  for (int k = 0; k < kNumStates; ++k)
+    if (!kFinal[k]) h.live += h.counts[static_cast<std::size_t>(k)];
+  h.oldest_nonterminal_ns = oldest_any == INT64_MAX ? -1 : now - oldest_any;
+  std::int64_t lp = last_progress_ns_.load();
+  if (oldest_exposed != INT64_MAX) {
+    h.since_progress_ns = now - std::max(lp, oldest_exposed);
+    if (h.since_progress_ns > deadline)
+      h.reasons.push_back("no progress: no session reached a terminal state for " + secs(h.since_progress_ns) +
+                          " while " + std::to_string(h.counts[si(State::InFlight)] + h.counts[si(State::CancelRequested)]) +
+                          " exposed session(s) wait (progress_deadline " + secs(deadline) + ")");
+  } else {
+    h.since_progress_ns = now - lp;
+  }
+  std::sort(wedged.begin(), wedged.end(), [](const Wedge& a, const Wedge& b) { return a.age > b.age; });
+  for (const Wedge& w : wedged)
+    h.reasons.push_back("wedged: request " + std::to_string(w.req) + " in " + kStateNames[si(w.st)] + " for " +
+                        secs(w.age) + ", past its timer + progress_deadline");
+  PoolStats ps = pool_->stats();
+  h.quarantined = ps.quarantined;
+  h.quarantine_budget = cfg_.quarantine_budget;
+  if (ps.quarantined > cfg_.quarantine_budget)
+    h.reasons.push_back("quarantine: " + std::to_string(ps.quarantined) + " slots quarantined > budget " +
+                        std::to_string(cfg_.quarantine_budget));
+  {
+    std::lock_guard<std::mutex> g(backend_mu_);
+    h.backend_healthy = backend_healthy_.load();
+    h.backend_reason = backend_reason_;
+    if (!h.backend_healthy) h.reasons.push_back("backend: " + backend_reason_);
+  }
+  h.healthy = h.reasons.empty();
+  unhealthy_.store(!h.healthy);
+  return h;
+}
+
+std::optional<SessionInfo> Engine::info(std::uint64_t req) const {
+  Shard& sh = shard_of(req);
+  std::lock_guard<std::mutex> g(sh.mu);
+  std::uint32_t idx = sh.find(req);
+  if (idx == kNil) return std::nullopt;
+  const Session& s = sh.at(idx);
+  SessionInfo i;
+  i.req = s.req;
+  i.role = s.role;
+  i.state = s.state;
+  i.outcome = s.outcome;
+  i.deferred = (s.flags & kDeferred) != 0;
+  i.evidence = (s.flags & kEvidence) != 0;
+  i.slot = s.lease.slot();
+  i.generation = s.lease.generation();
+  i.state_since_ns = s.t_state;
+  return i;
+}
+
+Counters Engine::counters() const {
+  Counters c;
+  for (auto& shp : shards_) {
+    std::lock_guard<std::mutex> g(shp->mu);
+    const Counters& x = shp->ctr;
+    c.transitions += x.transitions; c.illegal += x.illegal; c.late += x.late; c.unknown += x.unknown;
+    c.duplicate += x.duplicate; c.deferred += x.deferred; c.terminate_now += x.terminate_now;
+    c.timeouts += x.timeouts; c.grace_expired += x.grace_expired; c.quarantined += x.quarantined;
+    c.recovered += x.recovered;
+  }
+  return c;
+}
+
+std::size_t Engine::memory_bytes() const {
+  std::size_t b = sizeof(*this);
+  for (auto& shp : shards_) {
+    std::lock_guard<std::mutex> g(shp->mu);
+    b += sizeof(Shard) + shp->keys.capacity() * sizeof(std::uint64_t) + shp->vals.capacity() * sizeof(std::uint32_t) +
+         shp->chunks.size() * kChunk * sizeof(Session) + shp->chunks.capacity() * sizeof(void*) +
+         shp->queue.capacity() * sizeof(Record);
+  }
+  return b;
+}
+
+std::uint64_t Engine::live_sessions() const {
+  std::uint64_t n = 0;
+  for (auto& shp : shards_) {
+    std::lock_guard<std::mutex> g(shp->mu);
+    for (int k = 0; k < kNumStates; ++k)
+      if (!kFinal[k]) n += shp->count[static_cast<std::size_t>(k)];
+  }
+  return n;
+}
+
+}  // namespace lifecycle

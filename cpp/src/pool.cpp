@@ -1,0 +1,123 @@
+#include "lifecycle/pool.hpp"
+
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+
+#include "lifecycle/errors.hpp"
+
+namespace lifecycle {
+
+Lease& Lease::operator=(Lease&& o) noexcept {
+  if (this != &o) {
+    release();
+    pool_ = o.pool_;
+    slot_ = o.slot_;
+    gen_ = o.gen_;
+    held_ = o.held_;
+    o.held_ = false;
+  }
+  return *this;
+}
+
+void Lease::release() {
+  if (held_) {
+    held_ = false;
+    pool_->do_release(slot_, gen_);
+  }
+}
+
+void Lease::quarantine() {
+  if (held_) {
+    held_ = false;
+    pool_->do_quarantine(slot_, gen_);
+  }
+}
+
+void BufferPool::FreeDeleter::operator()(std::uint8_t* p) const noexcept { std::free(p); }
+
+BufferPool::BufferPool(std::uint32_t num_slots, std::uint64_t slot_size) : slot_size_(slot_size) {
+  if (num_slots > 0 && slot_size == 0) throw InvalidArgumentError("slot_size", "must be > 0 when num_slots > 0");
+  if (num_slots > 0 && slot_size > (std::uint64_t{1} << 40) / num_slots)
+    throw InvalidArgumentError("slot_size", "num_slots * slot_size exceeds 1 TiB");
+  if (num_slots > 0) {
+    std::size_t bytes = static_cast<std::size_t>(num_slots) * slot_size;
+    std::size_t rounded = (bytes + 4095) & ~std::size_t{4095};
+    void* p = std::aligned_alloc(4096, rounded);
+    if (p == nullptr) throw InvalidArgumentError("num_slots", "cannot allocate " + std::to_string(bytes) + " bytes");
+    std::memset(p, 0, rounded);
+    mem_.reset(static_cast<std::uint8_t*>(p));
+  }
+  state_.assign(num_slots, SlotState::Free);
+  gen_.assign(num_slots, 0);
+  free_.reserve(num_slots);
+  for (std::uint32_t i = num_slots; i > 0; --i) free_.push_back(i - 1);
+}
+
+Lease BufferPool::lease() {
+  std::lock_guard<std::mutex> g(mu_);
+  if (free_.empty()) return Lease();
+  std::uint32_t s = free_.back();
+  free_.pop_back();
+  // Invariant: a slot on the free list is Free (no slot leased twice).
+  if (state_[s] != SlotState::Free) std::abort();
+  state_[s] = SlotState::Leased;
+  ++leases_;
+  return Lease(this, s, ++gen_[s]);
+}
+
+void BufferPool::do_release(std::uint32_t slot, std::uint32_t gen) {
+  std::lock_guard<std::mutex> g(mu_);
+  if (state_[slot] != SlotState::Leased || gen_[slot] != gen) std::abort();  // internal invariant
+  state_[slot] = SlotState::Free;
+  free_.push_back(slot);
+}
+
+void BufferPool::do_quarantine(std::uint32_t slot, std::uint32_t gen) {
+  std::lock_guard<std::mutex> g(mu_);
+  if (state_[slot] != SlotState::Leased || gen_[slot] != gen) std::abort();  // internal invariant
+  state_[slot] = SlotState::Quarantined;
+  ++quarantined_;
+}
+
+bool BufferPool::recover(std::uint32_t slot, std::uint32_t generation) {
+  std::lock_guard<std::mutex> g(mu_);
+  if (slot >= state_.size() || state_[slot] != SlotState::Quarantined || gen_[slot] != generation) return false;
+  state_[slot] = SlotState::Free;
+  --quarantined_;
+  ++recovered_;
+  free_.push_back(slot);
+  return true;
+}
+
+std::uint8_t* BufferPool::data(std::uint32_t slot) const {
+  if (slot >= state_.size()) return nullptr;
+  return mem_.get() + static_cast<std::size_t>(slot) * slot_size_;
+}
+
+SlotState BufferPool::state(std::uint32_t slot) const {
+  std::lock_guard<std::mutex> g(mu_);
+  if (slot >= state_.size()) throw InvalidArgumentError("slot", std::to_string(slot) + " out of range");
+  return state_[slot];
+}
+
+std::uint32_t BufferPool::generation(std::uint32_t slot) const {
+  std::lock_guard<std::mutex> g(mu_);
+  if (slot >= state_.size()) throw InvalidArgumentError("slot", std::to_string(slot) + " out of range");
+  return gen_[slot];
+}
+
+PoolStats BufferPool::stats() const {
+  std::lock_guard<std::mutex> g(mu_);
+  PoolStats s;
+  s.slots = static_cast<std::uint32_t>(state_.size());
+  s.free = static_cast<std::uint32_t>(free_.size());
+  s.quarantined = quarantined_;
+  s.leased = s.slots - s.free - s.quarantined;
+  s.leases = leases_;
+  s.recovered = recovered_;
+  s.slot_size = slot_size_;
+  return s;
+}
+
+}  // namespace lifecycle

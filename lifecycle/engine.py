@@ -1,0 +1,412 @@
+"""The Python facade over ``lifecycle._core.Engine``.
+
+The compiled core owns the sessions, the table, timers and the buffer pool, and is safe for
+transport threads.  This facade adds what only Python should do: Pythonic enums and results,
+structlog events for every record the core queued (one canonical ``lifecycle.transition`` per
+transition), and the executor's ``on_terminate`` callback, run on the thread that polls.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import os
+import struct
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import structlog
+
+from . import spec as _spec
+from .errors import InvalidArgument, LifecycleError, TerminateCallbackError, UnknownRequest
+
+try:
+    from . import _core
+except ImportError as exc:  # pragma: no cover - exercised by hand, not in CI
+    raise ImportError(
+        "kv-lifecycle's compiled core lifecycle._core is missing or broken "
+        f"({exc}); build it with `make build` (source checkout) or `pip install .`"
+    ) from exc
+
+__all__ = [
+    "CancelResult",
+    "Event",
+    "Health",
+    "ManualClock",
+    "Outcome",
+    "Role",
+    "SessionInfo",
+    "Statistics",
+    "State",
+    "TABLE",
+    "TerminateResult",
+    "TransferEngine",
+    "Transition",
+]
+
+log = structlog.get_logger("lifecycle")
+
+#: The table compiled into the extension (the single source at run time).
+TABLE: _spec.Spec = _spec.parse(_core.TABLE_TEXT, "<lifecycle._core>")
+
+
+def _check_build_is_current() -> None:
+    src = _spec.default_table_path()
+    if src.exists():
+        current = _spec.load(src).digest
+        if current != _core.TABLE_DIGEST:
+            raise ImportError(
+                f"stale build: {src} has digest {current} but lifecycle._core was built from "
+                f"{_core.TABLE_DIGEST}; rebuild with `make build`"
+            )
+
+
+_check_build_is_current()
+
+
+def _enum(name: str, names: Iterable[str], doc: str) -> type[enum.Enum]:
+    e = enum.Enum(name, [(n, n) for n in names], module=__name__, type=str)
+    e.__doc__ = doc
+    return e
+
+
+# Generated from the table: member order == C++ enum order (checked by tests).
+State = _enum("State", TABLE.states, "Lifecycle states (generated from the table).")
+Event = _enum("Event", TABLE.events, "Lifecycle events (generated from the table).")
+Outcome = _enum("Outcome", TABLE.outcomes, "How a session ended (generated from the table).")
+CancelResult = _enum("CancelResult", TABLE.cancel_results, "What cancel() returns (generated from the table).")
+TerminateResult = _enum("TerminateResult", TABLE.terminate_results, "What terminate() returns (generated).")
+
+
+class Role(str, enum.Enum):
+    sender = "sender"  # owns the source blocks (context / prefill worker)
+    receiver = "receiver"  # owns the destination blocks (generation / decode worker)
+
+
+ManualClock = _core.ManualClock
+
+_STATES = list(State)
+_EVENTS = list(Event)
+_OUTCOMES: list = [None, *Outcome]
+_CANCEL = list(CancelResult)
+_TERMINATE = list(TerminateResult)
+_ROLES = list(Role)
+_ROLE_CODE = {"sender": 0, "receiver": 1}
+_EVENT_CODE = {e: i for i, e in enumerate(_EVENTS)}
+_RECORD = struct.Struct(_core.RECORD_FORMAT)
+_KIND = {n: i for i, n in enumerate(_core.RECORD_KIND_NAMES)}
+_K_TRANSITION, _K_TNOW = _KIND["Transition"], _KIND["TerminateNow"]
+_K_QUAR, _K_RECOV = _KIND["SlotQuarantined"], _KIND["BufferRecovered"]
+_K_LATE, _K_ILLEGAL = _KIND["LateEvent"], _KIND["IllegalEvent"]
+_NO_STATE = 0xFF
+_NO_SLOT = 0xFFFFFFFF
+TERMINAL = frozenset(State[s] for s in TABLE.terminal)
+FINAL = frozenset(State[s] for s in TABLE.final)
+SCHEMA = "kv-lifecycle.events/1"
+
+_seq = itertools.count()  # per-process sequence of emitted events (gaps = lost log lines)
+_PID = os.getpid()
+
+
+def _reset_seq_after_fork() -> None:
+    global _seq, _PID
+    _seq = itertools.count()
+    _PID = os.getpid()
+
+
+os.register_at_fork(after_in_child=_reset_seq_after_fork)
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """One state change, as queued by the core."""
+
+    request: int
+    from_state: State | None  # None for the creating advertise
+    to_state: State
+    event: Event
+    outcome: Outcome | None
+    role: Role
+    t_ns: int
+    slot: int | None
+    generation: int
+    deferred: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """Immutable health snapshot.  ``healthy`` is False exactly when ``reasons`` is non-empty."""
+
+    healthy: bool
+    reasons: tuple[str, ...]
+    counts: Mapping[State, int]
+    quarantined: int
+    quarantine_budget: int
+    oldest_nonterminal_s: float | None
+    since_progress_s: float | None
+    backend_healthy: bool
+    backend_reason: str
+    live: int
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    request: int
+    role: Role
+    state: State
+    outcome: Outcome | None
+    deferred: bool
+    evidence: bool
+    slot: int | None
+    generation: int
+    state_since_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class Statistics:
+    """Counters since the engine was created (trio-style ``statistics()``)."""
+
+    transitions: int
+    illegal: int
+    late: int
+    unknown: int
+    duplicate: int
+    deferred: int
+    terminate_now: int
+    timeouts: int
+    grace_expired: int
+    quarantined: int
+    recovered: int
+    live: int
+    pending_records: int
+    memory_bytes: int
+
+
+def _seconds_to_ns(name: str, value: float | None) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value < 0:
+        raise InvalidArgument(name, f"expected seconds >= 0 or None, got {value!r}")
+    return int(value * 1e9)
+
+
+class TransferEngine(_core.Engine):
+    """Per-process engine of KV-transfer sessions.
+
+    Executor calls: :meth:`advertise`, :meth:`expose`, :meth:`cancel`, :meth:`terminate`;
+    transport events: :meth:`complete`, :meth:`fail` (also posted by C++ transport threads);
+    :meth:`poll` (never blocks) logs what happened and runs ``on_terminate`` for deferred
+    terminations; :meth:`drain` / :meth:`wait_terminal` block with the GIL released.
+    """
+
+    def __init__(
+        self,
+        *,
+        rank: int = 0,
+        slot_size: int = 0,
+        num_slots: int = 0,
+        transfer_timeout: float | None = 30.0,
+        cancel_grace: float | None = 5.0,
+        progress_deadline: float = 60.0,
+        quarantine_budget: int = 64,
+        tombstones: int = 1 << 16,
+        shards: int = 16,
+        clock: _core.Clock | None = None,
+        on_terminate: Callable[[int], object] | None = None,
+        logger: object | None = None,
+    ):
+        if not progress_deadline or progress_deadline <= 0:
+            raise InvalidArgument("progress_deadline", f"must be > 0 seconds, got {progress_deadline!r}")
+        for name, v in (("slot_size", slot_size), ("num_slots", num_slots), ("quarantine_budget", quarantine_budget),
+                        ("tombstones", tombstones), ("shards", shards), ("rank", rank)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise InvalidArgument(name, f"expected an int, got {type(v).__name__}")
+        if clock is not None and not isinstance(clock, _core.Clock):
+            raise InvalidArgument("clock", f"expected a lifecycle clock (ManualClock), got {type(clock).__name__}")
+        super().__init__(
+            _seconds_to_ns("transfer_timeout", transfer_timeout),
+            _seconds_to_ns("cancel_grace", cancel_grace),
+            _seconds_to_ns("progress_deadline", progress_deadline),
+            quarantine_budget, num_slots, slot_size, tombstones, shards, clock,
+        )
+        self.rank = rank
+        self.on_terminate = on_terminate
+        self._log = logger if logger is not None else log
+        self._was_healthy = True
+
+    # ---- executor calls -------------------------------------------------------------------
+    def advertise(self, request: int, role: Role | str, nbytes: int = 0) -> None:
+        """Create the session for ``request`` (leasing a pool slot when ``nbytes`` > 0)."""
+        code = _ROLE_CODE.get(role) if isinstance(role, str) else None
+        if code is None:
+            raise InvalidArgument("role", f"expected 'sender' or 'receiver', got {role!r}")
+        self._advertise(request, code, nbytes)
+
+    def cancel(self, request: int) -> CancelResult:
+        """Ask the session to stop.  Idempotent.  Only results with ``frees_now`` let the caller free."""
+        r = _CANCEL[self._cancel(request)]
+        self._emit("lifecycle.cancel", request, None, result=r.value, state=None)
+        return r
+
+    def terminate(self, request: int) -> TerminateResult:
+        """Release now if terminal, else defer: on_terminate(request) runs exactly once later."""
+        r = _TERMINATE[self._terminate(request)]
+        self._emit("lifecycle.terminate", request, None, result=r.value, state=None)
+        return r
+
+    def post(self, request: int, event: Event | str) -> bool:
+        """Apply any non-creating event by name; True when the state changed."""
+        try:
+            code = _EVENT_CODE[Event(event)]
+        except ValueError:
+            raise InvalidArgument("event", f"unknown event {event!r}; events are {', '.join(TABLE.events)}") from None
+        return self.apply(request, code)
+
+    # ---- inspection -------------------------------------------------------------------------
+    def info(self, request: int) -> SessionInfo:
+        raw = self._info(request)
+        if raw is None:
+            raise UnknownRequest(request)
+        role, st, outc, deferred, evidence, slot, gen, since = raw
+        return SessionInfo(request, _ROLES[role], _STATES[st], _OUTCOMES[outc], deferred, evidence,
+                           None if slot < 0 else slot, gen, since)
+
+    def state(self, request: int) -> State:
+        raw = self._info(request)
+        if raw is None:
+            raise UnknownRequest(request)
+        return _STATES[raw[1]]
+
+    def outcome(self, request: int) -> Outcome | None:
+        raw = self._info(request)
+        if raw is None:
+            raise UnknownRequest(request)
+        return _OUTCOMES[raw[2]]
+
+    def health(self) -> Health:
+        h = self._health()
+        return Health(
+            healthy=h["healthy"],
+            reasons=tuple(h["reasons"]),
+            counts={State[k]: v for k, v in h["counts"].items()},
+            quarantined=h["quarantined"],
+            quarantine_budget=h["quarantine_budget"],
+            oldest_nonterminal_s=None if h["oldest_nonterminal_ns"] < 0 else h["oldest_nonterminal_ns"] / 1e9,
+            since_progress_s=None if h["since_progress_ns"] < 0 else h["since_progress_ns"] / 1e9,
+            backend_healthy=h["backend_healthy"],
+            backend_reason=h["backend_reason"],
+            live=h["live"],
+        )
+
+    def statistics(self) -> Statistics:
+        c = self._counters()
+        return Statistics(**c, live=self.live_sessions(), pending_records=self.pending(),
+                          memory_bytes=self.memory_bytes())
+
+    # ---- polling ----------------------------------------------------------------------------
+    def poll(self) -> list[Transition]:
+        """Fire due timers, drain every queued record, log it, run deferred-termination callbacks.
+
+        Never blocks.  Callback errors are logged and re-raised (TerminateCallbackError) after the
+        whole batch was delivered, so no notice is lost.
+        """
+        self.tick()
+        raw = self._drain()
+        out: list[Transition] = []
+        notices: list[int] = []
+        emit = self._emit
+        for req, t, slot, gen, kind, frm, to, ev, outc, role, deferred, _ in _RECORD.iter_unpack(raw):
+            r = _ROLES[role].value
+            s = None if slot == _NO_SLOT else slot
+            if kind == _K_TRANSITION:
+                tr = Transition(req, None if frm == _NO_STATE else _STATES[frm], _STATES[to], _EVENTS[ev],
+                                _OUTCOMES[outc], _ROLES[role], t, s, gen, bool(deferred))
+                out.append(tr)
+                emit("lifecycle.transition", req, r, t,
+                     from_state=None if tr.from_state is None else tr.from_state.value, to_state=tr.to_state.value,
+                     trigger=tr.event.value, outcome=None if tr.outcome is None else tr.outcome.value,
+                     slot=-1 if s is None else s, generation=gen, deferred=tr.deferred)
+            elif kind == _K_TNOW:
+                notices.append(req)
+            elif kind == _K_QUAR:
+                emit("lifecycle.slot_quarantined", req, r, t, slot=slot, generation=gen)
+            elif kind == _K_RECOV:
+                emit("lifecycle.buffer_recovered", req, r, t, slot=slot, generation=gen)
+            elif kind == _K_LATE:
+                emit("lifecycle.late_event", req, r, t, trigger=_EVENTS[ev].value, state=_STATES[frm].value)
+            elif kind == _K_ILLEGAL:
+                emit("lifecycle.illegal_transition", req, r, t, trigger=_EVENTS[ev].value, state=_STATES[frm].value)
+        self._check_health()
+        if notices:
+            self._deliver(notices)
+        return out
+
+    def _deliver(self, notices: list[int]) -> None:
+        errors: list[tuple[int, BaseException]] = []
+        cb = self.on_terminate
+        for req in notices:
+            self._emit("lifecycle.terminate_now", req, None)
+            if cb is None:
+                continue
+            try:
+                cb(req)
+            except Exception as exc:  # recorded and re-raised after the batch: no notice is lost
+                errors.append((req, exc))
+                self._emit("lifecycle.callback_error", req, None, error=repr(exc))
+        if errors:
+            raise TerminateCallbackError(errors)
+
+    def _check_health(self) -> None:
+        h = self._health()
+        if h["healthy"] != self._was_healthy:
+            self._was_healthy = h["healthy"]
+            self._emit("lifecycle.health", None, None, healthy=h["healthy"], reasons=list(h["reasons"]))
+
+    def drain(self, timeout: float) -> list[Transition]:
+        """Block (GIL released) until something happened or ``timeout`` seconds passed, then poll()."""
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
+            raise InvalidArgument("timeout", f"expected seconds >= 0, got {timeout!r}")
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.poll()
+            left = deadline - time.monotonic()
+            if got or left <= 0:
+                return got
+            nd = self.next_deadline_ns()
+            if nd < 2**62:
+                left = min(left, max((nd - self.now_ns()) / 1e9, 0.0) + 1e-4)
+            self._wait_ready(min(left, 0.05))
+
+    def wait_terminal(self, request: int, timeout: float) -> State:
+        """Block until ``request`` is Quiesced, Poisoned or Terminated (polling meanwhile)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.state(request)
+            if st in TERMINAL or st in FINAL:
+                return st
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"request {request} still {st.value} after {timeout}s")
+            self.drain(min(left, 0.05))
+
+    def poll_symmetric(self, group, requests):
+        """Rank-consistent decisions over ``requests``; every rank must call it every iteration."""
+        from .collectives import poll_symmetric
+
+        return poll_symmetric(self, group, requests)
+
+    # ---- logging ----------------------------------------------------------------------------
+    def _emit(self, name: str, request: int | None, role: str | None, t_ns: int | None = None, **kw) -> None:
+        self._log.info(name, request=request, rank=self.rank, role=role,
+                       t_mono_ns=self.now_ns() if t_ns is None else t_ns, seq=next(_seq), pid=_PID,
+                       table=TABLE.digest, schema=SCHEMA, **kw)
+
+
+def cancel_frees_now(result: CancelResult) -> bool:
+    """Whether the executor may free the request's resources right after this cancel result."""
+    return TABLE.cancel_frees[result.value]
+
+
+__all__.append("cancel_frees_now")
+assert issubclass(TerminateCallbackError, LifecycleError)

@@ -1,0 +1,112 @@
+"""Every error the library raises.  One base class; context lives in attributes and in a one-line message.
+
+Stdlib only: the build imports ``lifecycle.spec`` (which uses these) before ``_core`` exists.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CollectiveDesyncError",
+    "CollectiveTimeoutError",
+    "DuplicateRequest",
+    "IllegalTransition",
+    "InvalidArgument",
+    "LifecycleError",
+    "NixlUnavailable",
+    "PoolExhausted",
+    "SpecError",
+    "TerminateCallbackError",
+    "TransportError",
+    "UnknownRequest",
+]
+
+
+class LifecycleError(Exception):
+    """Base class of every kv-lifecycle error."""
+
+
+class IllegalTransition(LifecycleError):
+    """``event`` is not allowed in ``state`` for ``request``; the session is unchanged."""
+
+    def __init__(self, request: int, state: str, event: str):
+        self.request, self.state, self.event = request, state, event
+        super().__init__(f"can't handle event {event} when state={state} for request {request}")
+
+
+class DuplicateRequest(LifecycleError):
+    """advertise of a request id that already has a session."""
+
+    def __init__(self, request: int, state: str):
+        self.request, self.state = request, state
+        super().__init__(f"request {request} already has a session (state={state}); advertise refused")
+
+
+class UnknownRequest(LifecycleError, KeyError):
+    """No session with this request id."""
+
+    def __init__(self, request: int, event: str = ""):
+        self.request, self.event = request, event
+        what = f" for event {event}" if event else ""
+        super().__init__(f"no session for request {request}{what}")
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class InvalidArgument(LifecycleError, ValueError, TypeError):
+    """An argument has the wrong type, sign or size; ``argument`` names it (catch as ValueError or TypeError)."""
+
+    def __init__(self, argument: str, message: str):
+        self.argument = argument
+        super().__init__(f"invalid {argument}: {message}")
+
+
+class PoolExhausted(LifecycleError):
+    """No free slot in the buffer pool for ``request``."""
+
+    def __init__(self, request: int, message: str):
+        self.request = request
+        super().__init__(f"request {request}: {message}")
+
+
+class SpecError(LifecycleError, ValueError):
+    """The lifecycle table is malformed or invalid; ``violations`` lists every problem (file:line)."""
+
+    def __init__(self, violations: list):
+        self.violations = list(violations)
+        head = "; ".join(str(v) for v in self.violations[:3])
+        more = f" (+{len(self.violations) - 3} more)" if len(self.violations) > 3 else ""
+        super().__init__(f"invalid lifecycle table: {head}{more}")
+
+
+class TerminateCallbackError(LifecycleError):
+    """One or more ``on_terminate`` callbacks raised; every notice of the batch was still delivered."""
+
+    def __init__(self, errors: list[tuple[int, BaseException]]):
+        self.errors = list(errors)
+        reqs = ", ".join(str(r) for r, _ in self.errors)
+        super().__init__(f"on_terminate raised for request(s) {reqs}: {self.errors[0][1]!r}")
+
+
+class TransportError(LifecycleError):
+    """A transport (NIXL, loopback) failed."""
+
+
+class NixlUnavailable(TransportError, ImportError):
+    """libnixl_capi.so could not be loaded or lacks a symbol; the message says which and how to install."""
+
+
+class CollectiveDesyncError(LifecycleError):
+    """Ranks diverged: at sequence ``seq_no`` the collectives differ in ``field``; ``sites`` maps rank -> call site."""
+
+    def __init__(self, message: str, seq_no: int = -1, field: str = "", sites: dict | None = None):
+        self.seq_no, self.field, self.sites = seq_no, field, dict(sites or {})
+        super().__init__(message)
+
+
+class CollectiveTimeoutError(CollectiveDesyncError):
+    """A collective missed its watchdog deadline; ``missing`` names the ranks that never arrived."""
+
+    def __init__(self, message: str, seq_no: int = -1, missing: dict | None = None, sites: dict | None = None):
+        self.missing = dict(missing or {})
+        super().__init__(message, seq_no=seq_no, field="arrival", sites=sites)

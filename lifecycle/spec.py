@@ -1,0 +1,358 @@
+"""Parse and validate the lifecycle table (``schemas/lifecycle.table``).
+
+This module is the only reader of the hand-written table.  It is stdlib-only on purpose: the build
+imports it by path (``cpp/tools/gen_table.py``) to validate the table and generate the C++ header, so
+an invalid table fails the build, and the Python package uses it to build enums, the reference model
+and diagrams from the very text compiled into ``lifecycle._core``.
+
+Validation reports every violation at once; each names the file and line of the row concerned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import SpecError
+
+__all__ = [
+    "ACTIONS",
+    "CREATE_SOURCE",
+    "Row",
+    "Spec",
+    "SpecError",
+    "Violation",
+    "check_file",
+    "load",
+    "parse",
+]
+
+CREATE_SOURCE = "*"
+ACTIONS = (".stay", ".late", ".defer")
+_STATE_KINDS = ("initial", "active", "terminal", "final")
+_EVENT_SOURCES = ("executor", "transport", "timer")
+_SECTIONS = ("states", "events", "outcomes", "cancel-results", "terminate-results", "transitions")
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ROW = re.compile(
+    r"^(?P<src>\S+)\s*\+\s*(?P<event>\S+)\s*=\s*(?P<dst>\S+)"
+    r"(?:\s*/\s*(?P<outcome>\S+))?(?:\s*->\s*(?P<result>\S+))?\s*$"
+)
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One problem found in a table file."""
+
+    path: str
+    line: int
+    code: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: [{self.code}] {self.message}"
+
+    def as_dict(self) -> dict[str, object]:
+        return {"path": self.path, "line": self.line, "code": self.code, "message": self.message}
+
+
+@dataclass(frozen=True)
+class Row:
+    src: str  # a state name, or CREATE_SOURCE for the creating event
+    event: str
+    dst: str  # a state name or one of ACTIONS
+    outcome: str | None
+    result: str | None
+    line: int
+
+    @property
+    def moves(self) -> bool:
+        return self.dst not in ACTIONS
+
+
+@dataclass(frozen=True)
+class Spec:
+    path: str
+    text: str
+    states: tuple[str, ...]
+    state_kinds: dict[str, str]
+    state_docs: dict[str, str]
+    events: tuple[str, ...]
+    event_sources: dict[str, str]
+    event_docs: dict[str, str]
+    outcomes: tuple[str, ...]
+    cancel_results: tuple[str, ...]
+    cancel_frees: dict[str, bool]
+    terminate_results: tuple[str, ...]
+    rows: tuple[Row, ...]
+    digest: str = field(default="")
+
+    @property
+    def initial(self) -> str:
+        return next(s for s in self.states if self.state_kinds[s] == "initial")
+
+    @property
+    def terminal(self) -> tuple[str, ...]:
+        return tuple(s for s in self.states if self.state_kinds[s] == "terminal")
+
+    @property
+    def final(self) -> tuple[str, ...]:
+        return tuple(s for s in self.states if self.state_kinds[s] == "final")
+
+    @property
+    def create_event(self) -> str:
+        return next(r.event for r in self.rows if r.src == CREATE_SOURCE)
+
+    def row(self, state: str, event: str) -> Row | None:
+        return self._index().get((state, event))
+
+    def _index(self) -> dict[tuple[str, str], Row]:
+        idx = self.__dict__.get("_idx")
+        if idx is None:
+            idx = {(r.src, r.event): r for r in self.rows}
+            object.__setattr__(self, "_idx", idx)
+        return idx
+
+    def canonical(self) -> dict[str, object]:
+        """The meaning of the table, independent of comments and spacing (hashed for the version)."""
+        return {
+            "states": [[s, self.state_kinds[s]] for s in self.states],
+            "events": [[e, self.event_sources[e]] for e in self.events],
+            "outcomes": list(self.outcomes),
+            "cancel_results": [[r, self.cancel_frees[r]] for r in self.cancel_results],
+            "terminate_results": list(self.terminate_results),
+            "rows": [[r.src, r.event, r.dst, r.outcome, r.result] for r in self.rows],
+        }
+
+
+def _digest(canon: dict[str, object]) -> str:
+    blob = json.dumps(canon, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def parse(text: str, path: str = "<table>") -> Spec:
+    """Parse and validate; raise SpecError listing every violation."""
+    v: list[Violation] = []
+
+    def bad(line: int, code: str, msg: str) -> None:
+        v.append(Violation(path, line, code, msg))
+
+    sections: dict[str, list[tuple[int, str]]] = {}
+    section_line: dict[str, int] = {}
+    current: str | None = None
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        m = re.fullmatch(r"\[([a-z-]+)\]", line)
+        if m:
+            current = m.group(1)
+            if current not in _SECTIONS:
+                bad(lineno, "unknown-section", f"unknown section [{current}]")
+                current = None
+            elif current in sections:
+                bad(lineno, "duplicate-section", f"section [{current}] appears twice")
+                current = None
+            else:
+                sections[current] = []
+                section_line[current] = lineno
+            continue
+        if current is None:
+            bad(lineno, "outside-section", f"line outside any known section: {line!r}")
+            continue
+        sections[current].append((lineno, line))
+    for s in _SECTIONS:
+        if s not in sections:
+            bad(1, "missing-section", f"section [{s}] is missing")
+            sections[s] = []
+            section_line[s] = 1
+
+    def names(section: str, kinds: tuple[str, ...] | None) -> tuple[list[str], dict[str, str], dict[str, str], dict[str, int]]:
+        order: list[str] = []
+        kind: dict[str, str] = {}
+        doc: dict[str, str] = {}
+        where: dict[str, int] = {}
+        for lineno, line in sections[section]:
+            parts = line.split(None, 2 if kinds else 1)
+            name = parts[0]
+            if not _NAME.match(name):
+                bad(lineno, "bad-name", f"[{section}] {name!r} is not an identifier")
+                continue
+            if name in where:
+                bad(lineno, "duplicate-name", f"[{section}] {name} already declared on line {where[name]}")
+                continue
+            if kinds:
+                k = parts[1] if len(parts) > 1 else ""
+                if k not in kinds:
+                    bad(lineno, "bad-kind", f"[{section}] {name}: kind {k!r} is not one of {', '.join(kinds)}")
+                    continue
+                kind[name] = k
+                doc[name] = parts[2] if len(parts) > 2 else ""
+            else:
+                doc[name] = parts[1] if len(parts) > 1 else ""
+            order.append(name)
+            where[name] = lineno
+        return order, kind, doc, where
+
+    states, state_kinds, state_docs, state_line = names("states", _STATE_KINDS)
+    events, event_sources, event_docs, _ = names("events", _EVENT_SOURCES)
+    outcomes, _, _, _ = names("outcomes", None)
+    cancel_results, cancel_flag, _, _ = names("cancel-results", ("yes", "no"))
+    terminate_results, _, _, _ = names("terminate-results", None)
+
+    for kind in ("initial",):
+        n = sum(1 for s in states if state_kinds[s] == kind)
+        if n != 1:
+            bad(section_line["states"], "initial-count", f"exactly one initial state required, found {n}")
+    if not any(state_kinds[s] == "final" for s in states):
+        bad(section_line["states"], "no-final", "no final state declared")
+    if not any(state_kinds[s] == "terminal" for s in states):
+        bad(section_line["states"], "no-terminal", "no terminal state declared")
+    for required in ("NotFound",):
+        if required not in cancel_results:
+            bad(section_line["cancel-results"], "missing-result", f"cancel result {required} is required")
+        if required not in terminate_results:
+            bad(section_line["terminate-results"], "missing-result", f"terminate result {required} is required")
+
+    rows: list[Row] = []
+    seen: dict[tuple[str, str], int] = {}
+    state_set, event_set = set(states), set(events)
+    for lineno, line in sections["transitions"]:
+        m = _ROW.match(line)
+        if not m:
+            bad(lineno, "syntax", f"cannot parse row {line!r}; expected 'SRC + event = DST [/ outcome] [-> result]'")
+            continue
+        src, ev, dst, outc, res = m.group("src", "event", "dst", "outcome", "result")
+        ok = True
+        if src != CREATE_SOURCE and src not in state_set:
+            bad(lineno, "unknown-state", f"row source {src!r} is not a declared state"); ok = False
+        if ev not in event_set:
+            bad(lineno, "unknown-event", f"row event {ev!r} is not a declared event"); ok = False
+        if dst not in state_set and dst not in ACTIONS:
+            bad(lineno, "unknown-state", f"row destination {dst!r} is neither a state nor one of {', '.join(ACTIONS)}"); ok = False
+        if outc is not None and outc not in outcomes:
+            bad(lineno, "unknown-outcome", f"outcome {outc!r} is not declared"); ok = False
+        if res is not None and res not in cancel_results and res not in terminate_results:
+            bad(lineno, "unknown-result", f"result {res!r} is not a declared cancel or terminate result"); ok = False
+        if not ok:
+            continue
+        key = (src, ev)
+        if key in seen:
+            bad(lineno, "duplicate-row", f"two rows for ({src}, {ev}): lines {seen[key]} and {lineno}")
+            continue
+        seen[key] = lineno
+        rows.append(Row(src, ev, dst, outc, res, lineno))
+
+    if not v:
+        _check_graph(path, states, state_kinds, events, event_sources, cancel_results, terminate_results, rows, state_line, bad)
+    if v:
+        raise SpecError(v)
+    spec = Spec(
+        path=path,
+        text=text,
+        states=tuple(states),
+        state_kinds=state_kinds,
+        state_docs=state_docs,
+        events=tuple(events),
+        event_sources=event_sources,
+        event_docs=event_docs,
+        outcomes=tuple(outcomes),
+        cancel_results=tuple(cancel_results),
+        cancel_frees={r: cancel_flag[r] == "yes" for r in cancel_results},
+        terminate_results=tuple(terminate_results),
+        rows=tuple(rows),
+    )
+    object.__setattr__(spec, "digest", _digest(spec.canonical()))
+    return spec
+
+
+def _check_graph(path, states, kinds, events, sources, cancel_results, terminate_results, rows, state_line, bad) -> None:
+    initial = next(s for s in states if kinds[s] == "initial")
+    finals = {s for s in states if kinds[s] == "final"}
+    terminals = {s for s in states if kinds[s] == "terminal"}
+    creators = [r for r in rows if r.src == CREATE_SOURCE]
+    if len(creators) != 1:
+        bad(creators[1].line if len(creators) > 1 else 1, "create-row", f"exactly one '*' (creating) row required, found {len(creators)}")
+    for r in creators:
+        if r.dst != initial:
+            bad(r.line, "create-row", f"the creating row must lead to the initial state {initial}, not {r.dst}")
+    out: dict[str, set[str]] = {s: set() for s in states}
+    for r in rows:
+        if r.src == CREATE_SOURCE:
+            continue
+        if r.moves:
+            out[r.src].add(r.dst)
+        if r.src in finals and r.moves and r.dst != r.src:
+            bad(r.line, "edge-out-of-final", f"row leaves the final state {r.src} ({r.src} + {r.event} = {r.dst})")
+        if r.dst == ".defer" and r.src in terminals | finals:
+            bad(r.line, "defer-terminal", f"{r.src} is terminal/final; terminate there must not be deferred")
+        if r.dst == ".late" and sources[r.event] == "executor":
+            bad(r.line, "late-executor-event", f"{r.event} comes from the executor; only transport/timer events can be late")
+        if r.result is not None:
+            allowed = cancel_results if r.event == "cancel" else terminate_results if r.event == "terminate" else ()
+            if r.result not in allowed:
+                bad(r.line, "result-event-mismatch", f"result {r.result} does not belong to event {r.event}")
+        if r.event in ("cancel", "terminate") and r.result is None:
+            bad(r.line, "missing-result", f"{r.src} + {r.event} needs a '-> result'")
+        if r.moves and r.dst in finals and r.src not in terminals:
+            bad(r.line, "final-from-non-terminal", f"{r.dst} entered from non-terminal {r.src}")
+    # reachability from the initial state
+    seen = {initial}
+    todo = deque([initial])
+    while todo:
+        s = todo.popleft()
+        for d in out[s]:
+            if d not in seen:
+                seen.add(d)
+                todo.append(d)
+    for s in states:
+        if s not in seen:
+            bad(state_line[s], "unreachable", f"state {s} cannot be reached from {initial}")
+        if s not in finals and not out[s] - {s}:
+            bad(state_line[s], "dead-end", f"non-final state {s} has no transition out")
+    # every non-final state must be able to reach a final state
+    back: dict[str, set[str]] = {s: set() for s in states}
+    for s, ds in out.items():
+        for d in ds:
+            back[d].add(s)
+    reach_final = set(finals)
+    todo = deque(finals)
+    while todo:
+        s = todo.popleft()
+        for p in back[s]:
+            if p not in reach_final:
+                reach_final.add(p)
+                todo.append(p)
+    for s in states:
+        if s not in reach_final:
+            bad(state_line[s], "cannot-terminate", f"state {s} can never reach {'/'.join(sorted(finals))}")
+    used = {r.event for r in rows}
+    for e in events:
+        if e not in used:
+            bad(1, "event-never-enabled", f"event {e} appears in no row")
+
+
+def load(path: str | Path) -> Spec:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError([Violation(str(p), 0, "unreadable", f"cannot read table: {exc}")]) from exc
+    return parse(text, str(p))
+
+
+def check_file(path: str | Path) -> list[Violation]:
+    """Every violation in the file (empty when valid)."""
+    try:
+        load(path)
+    except SpecError as exc:
+        return exc.violations
+    return []
+
+
+def default_table_path() -> Path:
+    """The repository's table (a source checkout); installed builds read the copy inside _core."""
+    return Path(__file__).resolve().parent.parent / "schemas" / "lifecycle.table"

@@ -1,0 +1,88 @@
+// A progress thread that turns NIXL statuses and notifications into events.
+//
+// Theory of operation
+// -------------------
+// The executor posts a transfer on the agent, then `watch(req)`. The progress thread loops: for each
+// watched request it asks NIXL for the status (non-blocking), and it drains incoming notifications.
+//   status Done            -> sink.on_complete(req)   (request unwatched; still held by the agent)
+//   status Failed/Unknown  -> sink.on_fail(req, why)  (request unwatched; still held by the agent)
+//   notification from peer -> sink.on_notification(peer, req, kind)
+//   malformed notification -> sink.on_bad_notification(peer, bytes)
+// It never blocks on one transfer; when a pass finds nothing it sleeps (backing off from
+// `min_idle_sleep` to `max_idle_sleep`) with no lock held. Sink calls are made on the progress
+// thread with no lock held, so a sink may call watch()/unwatch() and the agent. The sink must not
+// touch Python (DESIGN §7): it queues events for the engine.
+//
+// With NixlAgentOptions::nixl_progress_thread off (the default) this loop is what drives UCX, so
+// every agent needs one, passive side included (a READ's target must progress to serve it).
+//
+// Releasing a request is the engine's call (agent.release), after unwatch(); a request that is
+// released while a pass is polling it reads as Unknown and is ignored because it is no longer
+// watched.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <mutex>
+#include <set>
+#include <string>
+#include <thread>
+
+#include "lifecycle/transport/nixl_agent.hpp"
+
+namespace lifecycle::transport {
+
+class EventSink {
+ public:
+  virtual void on_complete(std::uint64_t req) = 0;
+  virtual void on_fail(std::uint64_t req, const char* why) = 0;
+  virtual void on_notification(const std::string& peer, std::uint64_t req, NotifKind kind) = 0;
+  virtual void on_bad_notification(const std::string& peer, const std::string& bytes) = 0;
+  virtual ~EventSink() = default;
+};
+
+struct NixlProgressOptions {
+  std::chrono::microseconds min_idle_sleep{20};
+  std::chrono::microseconds max_idle_sleep{1000};
+};
+
+struct NixlProgressStats {
+  std::uint64_t passes = 0;
+  std::uint64_t status_polls = 0;
+  std::uint64_t completions = 0;
+  std::uint64_t failures = 0;
+  std::uint64_t notifications = 0;
+  std::uint64_t bad_notifications = 0;
+  std::uint64_t poll_errors = 0;  // a NIXL call threw inside the loop (reported via on_fail)
+};
+
+class NixlProgress {
+ public:
+  // `agent` and `sink` must outlive this object. The thread starts immediately.
+  NixlProgress(NixlAgent& agent, EventSink& sink, NixlProgressOptions opts = {});
+  ~NixlProgress();  // stop() + join
+  NixlProgress(const NixlProgress&) = delete;
+  NixlProgress& operator=(const NixlProgress&) = delete;
+
+  void watch(std::uint64_t req);
+  void unwatch(std::uint64_t req);
+  std::size_t watched() const;
+  void stop();
+  NixlProgressStats statistics() const;
+
+ private:
+  void run();
+  bool pass();  // true when something happened
+
+  NixlAgent& agent_;
+  EventSink& sink_;
+  NixlProgressOptions opts_;
+  mutable std::mutex mu_;
+  std::set<std::uint64_t> watched_;  // guarded by mu_
+  NixlProgressStats stats_;          // guarded by mu_
+  std::atomic<bool> stop_{false};
+  std::thread thread_;  // Invariant: last member; started after everything above is constructed
+};
+
+}  // namespace lifecycle::transport

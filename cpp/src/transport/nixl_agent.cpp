@@ -1,0 +1,348 @@
+#include "lifecycle/transport/nixl_agent.hpp"
+
+#include <cstdlib>
+#include <cstring>
+
+namespace lifecycle::transport {
+
+namespace {
+
+constexpr std::array<std::uint8_t, 4> kMagic = {'K', 'V', 'L', 'C'};
+constexpr std::uint8_t kWireVersion = 1;
+
+capi::mem_type_t to_capi(MemKind k) noexcept {
+  switch (k) {
+    case MemKind::Dram:
+      return capi::kDram;
+    case MemKind::Vram:
+      return capi::kVram;
+  }
+  return capi::kUnknownMem;  // unreachable: the switch is exhaustive
+}
+
+capi::xfer_op_t to_capi(XferOp op) noexcept {
+  switch (op) {
+    case XferOp::Read:
+      return capi::kRead;
+    case XferOp::Write:
+      return capi::kWrite;
+  }
+  return capi::kRead;  // unreachable
+}
+
+std::string req_context(std::uint64_t req) { return "request " + std::to_string(req); }
+
+}  // namespace
+
+const char* to_string(XferState s) noexcept {
+  switch (s) {
+    case XferState::InProgress:
+      return "InProgress";
+    case XferState::Done:
+      return "Done";
+    case XferState::Failed:
+      return "Failed";
+    case XferState::Unknown:
+      return "Unknown";
+  }
+  return "?";
+}
+
+const char* to_string(NotifKind k) noexcept {
+  switch (k) {
+    case NotifKind::Done:
+      return "done";
+    case NotifKind::Stop:
+      return "stop";
+    case NotifKind::Quiesced:
+      return "quiesced";
+  }
+  return "?";
+}
+
+std::array<std::uint8_t, kNotifWireSize> encode_notif(const NotifMessage& m) noexcept {
+  std::array<std::uint8_t, kNotifWireSize> out{};
+  for (std::size_t i = 0; i < kMagic.size(); ++i) out[i] = kMagic[i];
+  out[4] = kWireVersion;
+  out[5] = static_cast<std::uint8_t>(m.kind);
+  for (std::size_t i = 0; i < 8; ++i) out[8 + i] = static_cast<std::uint8_t>(m.req >> (8 * i));
+  return out;
+}
+
+std::optional<NotifMessage> decode_notif(const std::string& bytes) noexcept {
+  if (bytes.size() != kNotifWireSize) return std::nullopt;
+  const auto* b = reinterpret_cast<const std::uint8_t*>(bytes.data());
+  for (std::size_t i = 0; i < kMagic.size(); ++i) {
+    if (b[i] != kMagic[i]) return std::nullopt;
+  }
+  if (b[4] != kWireVersion || b[6] != 0 || b[7] != 0) return std::nullopt;
+  NotifMessage m;
+  switch (b[5]) {
+    case static_cast<std::uint8_t>(NotifKind::Done):
+      m.kind = NotifKind::Done;
+      break;
+    case static_cast<std::uint8_t>(NotifKind::Stop):
+      m.kind = NotifKind::Stop;
+      break;
+    case static_cast<std::uint8_t>(NotifKind::Quiesced):
+      m.kind = NotifKind::Quiesced;
+      break;
+    default:
+      return std::nullopt;
+  }
+  for (std::size_t i = 0; i < 8; ++i) m.req |= static_cast<std::uint64_t>(b[8 + i]) << (8 * i);
+  return m;
+}
+
+NixlAgent::NixlAgent(std::shared_ptr<const NixlCapi> api, NixlAgentOptions opts)
+    : api_(std::move(api)), name_(std::move(opts.name)) {
+  const NixlCapi& a = *api_;
+
+  capi::agent_config_t cfg{};
+  cfg.enable_prog_thread = opts.nixl_progress_thread;
+  cfg.enable_listen_thread = false;  // metadata travels as bytes the caller ships
+  cfg.listen_port = 0;
+  cfg.thread_sync = capi::kSyncStrict;
+  cfg.num_workers = 1;
+  cfg.pthr_delay_us = 0;
+  cfg.lthr_delay_us = 100000;
+  cfg.capture_telemetry = false;
+  capi::agent_t raw_agent = nullptr;
+  check_capi(a.create_configured_agent(name_.c_str(), &cfg, &raw_agent), "create_configured_agent",
+             "agent " + name_);
+  agent_ = AgentHandle(api_, raw_agent);
+
+  capi::mem_list_t raw_mems = nullptr;
+  capi::params_t raw_params = nullptr;
+  check_capi(a.get_plugin_params(agent_.get(), "UCX", &raw_mems, &raw_params), "get_plugin_params",
+             "UCX plugin not found; is NIXL_PLUGIN_DIR wrong?");
+  MemListHandle mems(api_, raw_mems);
+  ParamsHandle params(api_, raw_params);
+  for (const auto& [k, v] : opts.ucx_params) {
+    check_capi(a.params_add(params.get(), k.c_str(), v.c_str()), "params_add", k);
+  }
+
+  capi::backend_t raw_backend = nullptr;
+  check_capi(a.create_backend(agent_.get(), "UCX", params.get(), &raw_backend), "create_backend",
+             "UCX backend for agent " + name_);
+  backend_ = BackendHandle(api_, raw_backend);
+
+  capi::opt_args_t raw_args = nullptr;
+  check_capi(a.create_opt_args(&raw_args), "create_opt_args");
+  backend_args_ = OptArgsHandle(api_, raw_args);
+  check_capi(a.opt_args_add_backend(backend_args_.get(), backend_.get()), "opt_args_add_backend");
+
+  capi::notif_map_t raw_map = nullptr;
+  check_capi(a.create_notif_map(&raw_map), "create_notif_map");
+  notif_map_ = NotifMapHandle(api_, raw_map);
+}
+
+NixlAgent::~NixlAgent() {
+  std::lock_guard<std::mutex> lk(mu_);
+  for (auto& [req, h] : xfers_) {
+    (void)req;
+    if (h.reset() != capi::kSuccess) unreleasable_.push_back(std::move(h));
+  }
+  xfers_.clear();
+  for (auto& h : unreleasable_) h.reset();  // last try; a failure leaks the handle on purpose
+  for (auto& [id, reg] : regions_) {
+    (void)id;
+    if (api_->deregister_mem(agent_.get(), reg.dlist.get(), backend_args_.get()) != capi::kSuccess) {
+      note_capi_release_failure();
+    }
+  }
+  regions_.clear();
+}
+
+NixlAgent::RegionId NixlAgent::register_region(const Region& r) {
+  if (r.addr == 0 || r.len == 0) throw TransportError("register_region: empty region");
+  const NixlCapi& a = *api_;
+  capi::reg_dlist_t raw = nullptr;
+  check_capi(a.create_reg_dlist(to_capi(r.kind), &raw), "create_reg_dlist");
+  RegDlistHandle dlist(api_, raw);
+  check_capi(a.reg_dlist_add_desc(dlist.get(), r.addr, r.len, r.dev_id, nullptr, 0),
+             "reg_dlist_add_desc");
+  std::lock_guard<std::mutex> lk(mu_);
+  check_capi(a.register_mem(agent_.get(), dlist.get(), backend_args_.get()), "register_mem",
+             "agent " + name_ + ", " + std::to_string(r.len) + " bytes");
+  const RegionId id = next_region_++;
+  regions_.emplace(id, Registration{std::move(dlist)});
+  return id;
+}
+
+void NixlAgent::deregister_region(RegionId id) {
+  std::lock_guard<std::mutex> lk(mu_);
+  auto it = regions_.find(id);
+  if (it == regions_.end()) {
+    throw TransportError("deregister_region: unknown region " + std::to_string(id));
+  }
+  check_capi(api_->deregister_mem(agent_.get(), it->second.dlist.get(), backend_args_.get()),
+             "deregister_mem", "region " + std::to_string(id));
+  regions_.erase(it);
+}
+
+std::string NixlAgent::local_metadata() {
+  void* data = nullptr;
+  std::size_t len = 0;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    check_capi(api_->get_local_md(agent_.get(), &data, &len), "get_local_md", "agent " + name_);
+  }
+  // The C API mallocs the copy; we own it.
+  std::unique_ptr<void, decltype(&std::free)> owned(data, &std::free);
+  return std::string(static_cast<const char*>(owned.get()), len);
+}
+
+std::string NixlAgent::load_remote_metadata(const std::string& md) {
+  if (md.empty()) throw TransportError("load_remote_metadata: empty metadata");
+  char* name = nullptr;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    check_capi(api_->load_remote_md(agent_.get(), md.data(), md.size(), &name), "load_remote_md",
+               "agent " + name_);
+  }
+  std::unique_ptr<char, decltype(&std::free)> owned(name, &std::free);  // strdup'ed by the C API
+  return std::string(owned.get());
+}
+
+void NixlAgent::invalidate_remote(const std::string& peer) {
+  std::lock_guard<std::mutex> lk(mu_);
+  check_capi(api_->invalidate_remote_md(agent_.get(), peer.c_str()), "invalidate_remote_md", peer);
+}
+
+void NixlAgent::connect(const std::string& peer) {
+  std::lock_guard<std::mutex> lk(mu_);
+  check_capi(api_->agent_make_connection(agent_.get(), peer.c_str(), backend_args_.get()),
+             "agent_make_connection", peer);
+}
+
+XferState NixlAgent::post(std::uint64_t req, XferOp op, const Region& local, const Region& remote,
+                          const std::string& peer, bool notify) {
+  if (local.len != remote.len) {
+    throw TransportError("post: " + req_context(req) + ": local and remote lengths differ (" +
+                         std::to_string(local.len) + " vs " + std::to_string(remote.len) + ")");
+  }
+  const NixlCapi& a = *api_;
+  // Build descriptor lists and opt args outside the lock (pure local objects).
+  capi::xfer_dlist_t raw = nullptr;
+  check_capi(a.create_xfer_dlist(to_capi(local.kind), &raw), "create_xfer_dlist");
+  XferDlistHandle ldl(api_, raw);
+  check_capi(a.xfer_dlist_add_desc(ldl.get(), local.addr, local.len, local.dev_id),
+             "xfer_dlist_add_desc");
+  raw = nullptr;
+  check_capi(a.create_xfer_dlist(to_capi(remote.kind), &raw), "create_xfer_dlist");
+  XferDlistHandle rdl(api_, raw);
+  check_capi(a.xfer_dlist_add_desc(rdl.get(), remote.addr, remote.len, remote.dev_id),
+             "xfer_dlist_add_desc");
+
+  capi::opt_args_t raw_args = nullptr;
+  check_capi(a.create_opt_args(&raw_args), "create_opt_args");
+  OptArgsHandle args(api_, raw_args);
+  check_capi(a.opt_args_add_backend(args.get(), backend_.get()), "opt_args_add_backend");
+  if (notify) {
+    const auto msg = encode_notif({req, NotifKind::Done});
+    check_capi(a.opt_args_set_notif_msg(args.get(), msg.data(), msg.size()),
+               "opt_args_set_notif_msg");
+    check_capi(a.opt_args_set_has_notif(args.get(), true), "opt_args_set_has_notif");
+  }
+
+  std::lock_guard<std::mutex> lk(mu_);
+  if (xfers_.count(req) != 0) {
+    throw TransportError("post: " + req_context(req) + " already has a live transfer");
+  }
+  capi::xfer_req_t raw_req = nullptr;
+  check_capi(a.create_xfer_req(agent_.get(), to_capi(op), ldl.get(), rdl.get(), peer.c_str(),
+                               &raw_req, args.get()),
+             "create_xfer_req", req_context(req) + " to " + peer);
+  XferReqHandle h(api_, agent_.get(), raw_req);
+  const capi::status_t st = a.post_xfer_req(agent_.get(), h.get(), nullptr);
+  if (st != capi::kSuccess && st != capi::kInProgress) {
+    // Nothing was accepted: h's destructor releases it.
+    throw NixlCallError("post_xfer_req", static_cast<int>(st), req_context(req) + " to " + peer);
+  }
+  xfers_.emplace(req, std::move(h));
+  return st == capi::kSuccess ? XferState::Done : XferState::InProgress;
+}
+
+XferStatus NixlAgent::status(std::uint64_t req) {
+  std::lock_guard<std::mutex> lk(mu_);
+  auto it = xfers_.find(req);
+  if (it == xfers_.end()) return {XferState::Unknown, 0};
+  const capi::status_t st = api_->get_xfer_status(agent_.get(), it->second.get());
+  switch (st) {
+    case capi::kSuccess:
+      return {XferState::Done, st};
+    case capi::kInProgress:
+      return {XferState::InProgress, st};
+    case capi::kErrInvalidParam:
+    case capi::kErrBackend:
+    case capi::kErrInvalidState:
+    case capi::kErrException:
+    case capi::kErrNoTelemetry:
+    case capi::kErrNotSupported:
+    case capi::kInProgressWithErr:
+      return {XferState::Failed, st};
+  }
+  return {XferState::Failed, st};  // a code this version does not know
+}
+
+capi::status_t NixlAgent::release(std::uint64_t req) {
+  std::lock_guard<std::mutex> lk(mu_);
+  auto it = xfers_.find(req);
+  if (it == xfers_.end()) return capi::kErrInvalidParam;
+  const capi::status_t st = it->second.reset();
+  if (st != capi::kSuccess) unreleasable_.push_back(std::move(it->second));
+  xfers_.erase(it);
+  return st;
+}
+
+std::size_t NixlAgent::live_requests() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return xfers_.size();
+}
+
+void NixlAgent::send_notification(const std::string& peer, const NotifMessage& m) {
+  const auto msg = encode_notif(m);
+  send_raw_notification(peer, std::string(reinterpret_cast<const char*>(msg.data()), msg.size()));
+}
+
+void NixlAgent::send_raw_notification(const std::string& peer, const std::string& bytes) {
+  std::lock_guard<std::mutex> lk(mu_);
+  check_capi(api_->gen_notif(agent_.get(), peer.c_str(), bytes.data(), bytes.size(),
+                             backend_args_.get()),
+             "gen_notif", "to " + peer);
+}
+
+std::vector<RawNotification> NixlAgent::fetch_notifications() {
+  std::vector<RawNotification> out;
+  const NixlCapi& a = *api_;
+  std::lock_guard<std::mutex> lk(mu_);
+  capi::notif_map_t map = notif_map_.get();
+  // getNotifs appends into the map; we copy everything out and clear it, also when a call throws
+  // (otherwise the next fetch would deliver the same notifications again).
+  struct ClearOnExit {
+    const NixlCapi& a;
+    capi::notif_map_t m;
+    ~ClearOnExit() {
+      if (a.notif_map_clear(m) != capi::kSuccess) note_capi_release_failure();
+    }
+  } clear_on_exit{a, map};
+  check_capi(a.get_notifs(agent_.get(), map, nullptr), "get_notifs", "agent " + name_);
+  std::size_t peers = 0;
+  check_capi(a.notif_map_size(map, &peers), "notif_map_size");
+  for (std::size_t i = 0; i < peers; ++i) {
+    const char* peer = nullptr;
+    check_capi(a.notif_map_get_agent_at(map, i, &peer), "notif_map_get_agent_at");
+    std::size_t n = 0;
+    check_capi(a.notif_map_get_notifs_size(map, peer, &n), "notif_map_get_notifs_size");
+    for (std::size_t j = 0; j < n; ++j) {
+      const void* data = nullptr;
+      std::size_t len = 0;
+      check_capi(a.notif_map_get_notif(map, peer, j, &data, &len), "notif_map_get_notif");
+      out.push_back({std::string(peer), std::string(static_cast<const char*>(data), len)});
+    }
+  }
+  return out;
+}
+
+}  // namespace lifecycle::transport

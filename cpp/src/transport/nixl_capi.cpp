@@ -1,0 +1,123 @@
+#include "lifecycle/transport/nixl_capi.hpp"
+
+#include <dlfcn.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <sstream>
+
+namespace lifecycle::transport {
+
+namespace {
+
+std::atomic<std::uint64_t> g_release_failures{0};
+
+std::string unavailable_message(const std::string& library, const std::string& symbol,
+                                const std::string& detail) {
+  std::ostringstream os;
+  os << "NIXL C API unavailable: ";
+  if (!symbol.empty()) os << "symbol " << symbol << " missing; ";
+  os << detail << "; library=" << (library.empty() ? "<none>" : library)
+     << "; install it with `" << NixlCapi::kInstallHint << "` or set " << NixlCapi::kPathEnv
+     << " to the path of libnixl_capi.so";
+  return os.str();
+}
+
+std::string call_message(const std::string& call, int status, const std::string& context) {
+  std::ostringstream os;
+  os << "NIXL call nixl_capi_" << call << " failed with status " << status;
+  if (!context.empty()) os << " (" << context << ")";
+  return os.str();
+}
+
+}  // namespace
+
+NixlUnavailable::NixlUnavailable(std::string library, std::string missing_symbol,
+                                 std::string detail)
+    : TransportError(unavailable_message(library, missing_symbol, detail)),
+      library_(std::move(library)),
+      missing_symbol_(std::move(missing_symbol)) {}
+
+NixlCallError::NixlCallError(std::string call, int status, const std::string& context)
+    : TransportError(call_message(call, status, context)), call_(std::move(call)), status_(status) {}
+
+void check_capi(capi::status_t st, const char* call, const std::string& context) {
+  if (st != capi::kSuccess) throw NixlCallError(call, static_cast<int>(st), context);
+}
+
+std::uint64_t capi_release_failures() noexcept { return g_release_failures.load(); }
+void note_capi_release_failure() noexcept { g_release_failures.fetch_add(1); }
+
+std::vector<std::string> nixl_capi_required_symbols() {
+  std::vector<std::string> out;
+#define LIFECYCLE_NIXL_NAME(name, ret, params) out.emplace_back("nixl_capi_" #name);
+  LIFECYCLE_NIXL_CAPI_SYMBOLS(LIFECYCLE_NIXL_NAME)
+#undef LIFECYCLE_NIXL_NAME
+  return out;
+}
+
+std::shared_ptr<const NixlCapi> NixlCapi::load(const std::string& path) {
+  std::string chosen = path;
+  if (const char* env = std::getenv(kPathEnv); env != nullptr && *env != '\0') chosen = env;
+  if (chosen.empty()) {
+    throw NixlUnavailable("", "", std::string("no library path given and ") + kPathEnv + " unset");
+  }
+
+  // RTLD_NODELETE: NIXL/UCX start threads and register atexit hooks; unmapping them is unsafe.
+  dlerror();
+  void* dl = dlopen(chosen.c_str(), RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE);
+  if (dl == nullptr) {
+    const char* err = dlerror();
+    throw NixlUnavailable(chosen, "", std::string("dlopen failed: ") + (err ? err : "unknown"));
+  }
+
+  std::shared_ptr<NixlCapi> api(new NixlCapi());
+  api->path_ = chosen;
+  api->dl_ = dl;
+
+  std::vector<std::string> missing;
+#define LIFECYCLE_NIXL_RESOLVE(name, ret, params)                                  \
+  {                                                                                \
+    dlerror();                                                                     \
+    void* sym = dlsym(dl, "nixl_capi_" #name);                                     \
+    if (sym == nullptr) {                                                          \
+      missing.emplace_back("nixl_capi_" #name);                                    \
+    } else {                                                                       \
+      api->name = reinterpret_cast<ret(*) params>(sym);                            \
+    }                                                                              \
+  }
+  LIFECYCLE_NIXL_CAPI_SYMBOLS(LIFECYCLE_NIXL_RESOLVE)
+#undef LIFECYCLE_NIXL_RESOLVE
+
+  if (!missing.empty()) {
+    std::ostringstream detail;
+    detail << missing.size() << " of " << nixl_capi_required_symbols().size()
+           << " required symbols not found (";
+    for (std::size_t i = 0; i < missing.size() && i < 4; ++i) detail << (i ? ", " : "") << missing[i];
+    if (missing.size() > 4) detail << ", ...";
+    detail << "); not a compatible libnixl_capi.so (need nixl-cu12 1.5.1)";
+    throw NixlUnavailable(chosen, missing.front(), detail.str());
+  }
+  if (api->is_stub()) {
+    throw NixlUnavailable(chosen, "", "library is a stub build of the NIXL C API (no NIXL inside)");
+  }
+  return api;
+}
+
+NixlCapi::~NixlCapi() {
+  if (dl_ != nullptr) dlclose(dl_);  // RTLD_NODELETE keeps the code mapped
+}
+
+capi::status_t XferReqHandle::reset() noexcept {
+  if (req_ == nullptr) return capi::kSuccess;
+  const capi::status_t st = api_->release_xfer_req(agent_, req_);
+  if (st != capi::kSuccess) {
+    note_capi_release_failure();
+    return st;  // still held: NIXL could not abort it, so it must not be freed
+  }
+  if (api_->destroy_xfer_req(req_) != capi::kSuccess) note_capi_release_failure();
+  req_ = nullptr;
+  return st;
+}
+
+}  // namespace lifecycle::transport

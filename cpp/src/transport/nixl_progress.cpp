@@ -1,0 +1,128 @@
+#include "lifecycle/transport/nixl_progress.hpp"
+
+#include <algorithm>
+#include <exception>
+#include <vector>
+
+namespace lifecycle::transport {
+
+NixlProgress::NixlProgress(NixlAgent& agent, EventSink& sink, NixlProgressOptions opts)
+    : agent_(agent), sink_(sink), opts_(opts), thread_([this] { run(); }) {}
+
+NixlProgress::~NixlProgress() { stop(); }
+
+void NixlProgress::stop() {
+  stop_.store(true);
+  if (thread_.joinable() && thread_.get_id() != std::this_thread::get_id()) thread_.join();
+}
+
+void NixlProgress::watch(std::uint64_t req) {
+  std::lock_guard<std::mutex> lk(mu_);
+  watched_.insert(req);
+}
+
+void NixlProgress::unwatch(std::uint64_t req) {
+  std::lock_guard<std::mutex> lk(mu_);
+  watched_.erase(req);
+}
+
+std::size_t NixlProgress::watched() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return watched_.size();
+}
+
+NixlProgressStats NixlProgress::statistics() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return stats_;
+}
+
+void NixlProgress::run() {
+  auto idle = opts_.min_idle_sleep;
+  while (!stop_.load()) {
+    if (pass()) {
+      idle = opts_.min_idle_sleep;
+      continue;
+    }
+    std::this_thread::sleep_for(idle);  // no lock held
+    idle = std::min(idle * 2, opts_.max_idle_sleep);
+  }
+}
+
+bool NixlProgress::pass() {
+  std::vector<std::uint64_t> snapshot;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    snapshot.assign(watched_.begin(), watched_.end());
+    ++stats_.passes;
+  }
+  bool progressed = false;
+
+  for (std::uint64_t req : snapshot) {
+    XferStatus st;
+    std::string error;
+    try {
+      st = agent_.status(req);
+    } catch (const std::exception& e) {
+      st = {XferState::Failed, 0};
+      error = e.what();
+    }
+    bool report = false;
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      ++stats_.status_polls;
+      if (!error.empty()) ++stats_.poll_errors;
+      // Only report requests still watched (unwatch may have raced with this pass).
+      if (st.state != XferState::InProgress && watched_.erase(req) == 1) {
+        report = true;
+        if (st.state == XferState::Done) {
+          ++stats_.completions;
+        } else {
+          ++stats_.failures;
+        }
+      }
+    }
+    if (!report) continue;
+    progressed = true;
+    switch (st.state) {
+      case XferState::Done:
+        sink_.on_complete(req);
+        break;
+      case XferState::Failed:
+        if (error.empty()) error = "NIXL transfer status error " + std::to_string(st.capi_status);
+        sink_.on_fail(req, error.c_str());
+        break;
+      case XferState::Unknown:
+        sink_.on_fail(req, "no NIXL transfer request held for this id");
+        break;
+      case XferState::InProgress:
+        break;  // not reported
+    }
+  }
+
+  std::vector<RawNotification> notes;
+  try {
+    notes = agent_.fetch_notifications();
+  } catch (const std::exception&) {
+    std::lock_guard<std::mutex> lk(mu_);
+    ++stats_.poll_errors;
+  }
+  for (const RawNotification& n : notes) {
+    progressed = true;
+    if (auto m = decode_notif(n.bytes)) {
+      {
+        std::lock_guard<std::mutex> lk(mu_);
+        ++stats_.notifications;
+      }
+      sink_.on_notification(n.peer, m->req, m->kind);
+    } else {
+      {
+        std::lock_guard<std::mutex> lk(mu_);
+        ++stats_.bad_notifications;
+      }
+      sink_.on_bad_notification(n.peer, n.bytes);
+    }
+  }
+  return progressed;
+}
+
+}  // namespace lifecycle::transport

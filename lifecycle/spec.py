@@ -246,7 +246,10 @@ def parse(text: str, path: str = "<table>") -> Spec:
         seen[key] = lineno
         rows.append(Row(src, ev, dst, outc, res, lineno))
 
-    if not v:
+    structure_ok = sum(1 for s in states if state_kinds[s] == "initial") == 1 and any(
+        state_kinds[s] == "final" for s in states
+    )
+    if structure_ok:  # graph checks run over the rows that parsed, so every violation is reported at once
         _check_graph(path, states, state_kinds, events, event_sources, cancel_results, terminate_results, rows, state_line, bad)
     if v:
         raise SpecError(v)

@@ -1,0 +1,75 @@
+"""``lifecycle`` command line: spec check, diagram, audit, example, demo, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _spec_check(argv: list[str]) -> int:
+    from . import spec
+
+    p = argparse.ArgumentParser(prog="lifecycle spec check", description="Validate a lifecycle table file.")
+    p.add_argument("file", nargs="?", default=str(spec.default_table_path()))
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    a = p.parse_args(argv)
+    violations = spec.check_file(a.file)
+    if a.json:
+        out = {"file": a.file, "ok": not violations, "violations": [v.as_dict() for v in violations]}
+        if not violations:
+            out["digest"] = spec.load(a.file).digest
+        print(json.dumps(out, indent=2))
+    elif violations:
+        for v in violations:
+            print(v)
+        print(f"{len(violations)} violation(s) in {a.file}", file=sys.stderr)
+    else:
+        s = spec.load(a.file)
+        print(f"{a.file}: ok ({len(s.states)} states, {len(s.events)} events, {len(s.rows)} rows, digest {s.digest})")
+    return 1 if violations else 0
+
+
+def _delegate(module: str, func: str, argv: list[str]) -> int:
+    import importlib
+
+    mod = importlib.import_module(f"lifecycle.{module}")
+    return int(getattr(mod, func)(argv) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {
+        "spec": "spec check FILE [--json]: validate a lifecycle table",
+        "diagram": "diagram --format mermaid|dot|svg [--out F] [--counts-from LOG]",
+        "audit": "audit LOG... [--json] [--html OUT]: replay request lifetimes from JSON logs",
+        "example": "example: drive the engine through its lifecycle and print health + diagram",
+        "demo": "demo: disaggregated KV-transfer run over real NIXL with a cancellation storm",
+        "bench": "bench: run the benchmark suites and print one table",
+    }
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+        print("usage: lifecycle COMMAND ...\n\ncommands:")
+        for name, doc in commands.items():
+            print(f"  {doc}")
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "spec":
+        if not rest or rest[0] != "check":
+            print("usage: lifecycle spec check FILE [--json]", file=sys.stderr)
+            return 2
+        return _spec_check(rest[1:])
+    if cmd == "diagram":
+        return _delegate("diagram", "main_diagram", rest)
+    if cmd == "audit":
+        return _delegate("audit", "main_audit", rest)
+    if cmd == "example":
+        return _delegate("example", "main", rest)
+    if cmd == "demo":
+        return _delegate("demo", "main", rest)
+    if cmd == "bench":
+        return _delegate("bench", "main", rest)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

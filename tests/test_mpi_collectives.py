@@ -1,0 +1,230 @@
+"""Rank-symmetric collectives (lifecycle.collectives) under real MPI: ``mpiexec -n 2`` and ``-n 4``.
+
+Each test launches one program from tests/mpi as a subprocess, bounded by a timeout (the process
+group is killed on expiry), and asserts on the ``RESULT {json}`` line every rank prints.  Every
+safety test has a negative control that shows the failure it guards against actually happens:
+the raw mpi4py versions of the seed bugs hang or misread, a ledger-less group mis-pairs silently,
+a plain allreduce with an absent rank hangs, rank-local decisions diverge across ranks.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MPI_DIR = ROOT / "tests" / "mpi"
+MPIEXEC = shutil.which("mpiexec")
+
+pytestmark = [
+    pytest.mark.mpi,
+    pytest.mark.skipif(MPIEXEC is None, reason="MPI missing: no `mpiexec` on PATH (pip install mpich)"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("mpi4py") is None, reason="MPI missing: mpi4py is not installed"
+    ),
+]
+
+RANKS = [2, 4]
+ITERS, DIVERGE_AT = 8, 3  # keep equal to tests/mpi/seed_bugs.py
+PREFIX = 3  # tests/mpi/watchdog.py
+WATCHDOG = 2.0
+
+
+@dataclass
+class Run:
+    timed_out: bool
+    rc: int | None
+    out: str
+    results: list[dict]
+    t_end: float  # wall clock (time.time()) when the launcher exited or was killed
+
+    def by_rank(self) -> dict[int, dict]:
+        return {r["rank"]: r for r in self.results}
+
+
+def mpirun(n: int, program: str, *args: str, timeout: float) -> Run:
+    cmd = [MPIEXEC, "-n", str(n), sys.executable, str(MPI_DIR / program), *args]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,  # so a hang can be ended with every rank it started
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                out, _ = proc.communicate(timeout=3)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+    t_end = time.time()
+    results = [json.loads(line.split("RESULT ", 1)[1]) for line in out.splitlines() if "RESULT {" in line]
+    return Run(timed_out, proc.returncode, out, results, t_end)
+
+
+def explain(run: Run) -> str:
+    return f"timed_out={run.timed_out} rc={run.rc}\n{run.out[-4000:]}"
+
+
+# --------------------------------------------------------------------------- seed 000: gate on a local value
+
+
+@pytest.mark.parametrize("n", RANKS)
+def test_raw_gate_on_rank_local_value_hangs_at_the_divergent_iteration(n):
+    run = mpirun(n, "seed_bugs.py", "--bug", "gate", "--mode", "raw", timeout=6)
+    assert run.timed_out, explain(run)
+    assert not run.results, explain(run)
+    for rank in range(n):  # every rank got to the iteration before the drift, none past it
+        assert f"rank {rank} iteration {DIVERGE_AT - 1}" in run.out, explain(run)
+        assert f"rank {rank} iteration {DIVERGE_AT}" not in run.out, explain(run)
+
+
+@pytest.mark.parametrize("n", RANKS)
+def test_or_reduced_gate_makes_every_rank_join_the_gated_collective(n):
+    run = mpirun(n, "seed_bugs.py", "--bug", "gate", "--mode", "fixed", timeout=60)
+    assert run.rc == 0 and not run.timed_out, explain(run)
+    got = run.by_rank()
+    assert sorted(got) == list(range(n)), explain(run)
+    for rank in range(n):
+        assert got[rank]["values"] == [sum(r + i for r in range(n)) for i in range(ITERS)]
+        # the gated gather ran once, on every rank; ranks with nothing to report joined empty
+        assert got[rank]["checked"] == [[[DIVERGE_AT]] + [[]] * (n - 1)]
+
+
+# --------------------------------------------------------------------------- seed 001: divergent allgather
+
+
+@pytest.mark.parametrize("n", RANKS)
+def test_raw_conditional_allgather_makes_the_next_collective_misread(n):
+    run = mpirun(n, "seed_bugs.py", "--bug", "gather", "--mode", "raw", timeout=10)
+    misreads = [r for r in run.results if "misread" in r]
+    assert misreads, explain(run)
+    assert all(r["iteration"] == DIVERGE_AT for r in misreads)
+    assert any("'bool' object is not subscriptable" in r["misread"] for r in misreads), explain(run)
+
+
+@pytest.mark.parametrize("n", RANKS)
+def test_buffered_payloads_flushed_at_a_symmetric_point_reach_the_right_collective(n):
+    run = mpirun(n, "seed_bugs.py", "--bug", "gather", "--mode", "fixed", timeout=60)
+    assert run.rc == 0 and not run.timed_out, explain(run)
+    got = run.by_rank()
+    assert sorted(got) == list(range(n)), explain(run)
+    for rank in range(n):
+        assert got[rank]["loads"] == [[10 * i + r for r in range(n)] for i in range(ITERS)]
+        for i, per_rank in enumerate(got[rank]["timeouts"]):
+            want = [[] if (r == 1 and i == DIVERGE_AT) else [["timed_out", i, bool(i % 2)]] for r in range(n)]
+            assert per_rank == want
+
+
+# --------------------------------------------------------------------------- seed 003: agree on what is ready
+
+
+@pytest.mark.parametrize("n", RANKS)
+def test_raw_per_rank_ready_count_hangs(n):
+    run = mpirun(n, "seed_bugs.py", "--bug", "ready", "--mode", "raw", timeout=6)
+    assert run.timed_out and not run.results, explain(run)
+
+
+@pytest.mark.parametrize("n", RANKS)
+def test_agreed_count_processes_the_same_items_on_every_rank(n):
+    run = mpirun(n, "seed_bugs.py", "--bug", "ready", "--mode", "fixed", timeout=60)
+    assert run.rc == 0 and not run.timed_out, explain(run)
+    got = run.by_rank()
+    assert sorted(got) == list(range(n)), explain(run)
+    for rank in range(n):
+        assert got[rank]["processed"] == [0, n] * ITERS  # min-reduce: 2 items, never the extra one
+
+
+# --------------------------------------------------------------------------- the ledger
+
+
+@pytest.mark.parametrize("n", RANKS)
+@pytest.mark.parametrize("seed", [20260523, 7])
+def test_ledger_detects_every_random_desync_at_the_first_divergent_collective(n, seed):
+    run = mpirun(n, "desync_patterns.py", "--seed", str(seed), "--trials", "60", timeout=90)
+    assert run.rc == 0 and not run.timed_out, f"seed={seed}\n{explain(run)}"
+    got = run.by_rank()
+    assert sorted(got) == list(range(n)), f"seed={seed}\n{explain(run)}"
+    for rank, res in got.items():
+        assert res["failures"] == [], f"seed={seed} rank={rank}: {res['failures'][:3]}"
+        assert res["detected"] == res["trials"] == 60, f"seed={seed} rank={rank}"
+        assert res["silent_wrong"] == 0, f"seed={seed} rank={rank}"
+        assert set(res["patterns"]) == {"swap", "loop", "subset", "error", "length"}, f"seed={seed}"
+
+
+@pytest.mark.parametrize("n", RANKS)
+def test_without_the_ledger_the_same_desyncs_mis_pair_silently(n):
+    seed = 20260523
+    run = mpirun(n, "desync_patterns.py", "--seed", str(seed), "--trials", "30", "--no-ledger", timeout=90)
+    assert run.rc == 0 and not run.timed_out, f"seed={seed}\n{explain(run)}"
+    got = run.by_rank()
+    assert sorted(got) == list(range(n)), f"seed={seed}\n{explain(run)}"
+    assert all(res["detected"] == 0 for res in got.values()), f"seed={seed}"
+    assert all(res["silent_wrong"] == res["trials"] for res in got.values()), f"seed={seed}"
+    # values no correct pairing could produce (a negative agreed count, an OR that lost a True)
+    assert sum(res["corrupt"] for res in got.values()) > 0, f"seed={seed}\n{explain(run)}"
+
+
+# --------------------------------------------------------------------------- the watchdog
+
+
+@pytest.mark.parametrize("n", RANKS)
+def test_watchdog_names_the_rank_that_never_arrives_and_nothing_outlives_it(n):
+    run = mpirun(n, "watchdog.py", "--watchdog", str(WATCHDOG), timeout=WATCHDOG + 30)
+    assert not run.timed_out, explain(run)
+    got = run.by_rank()
+    absent = n - 1
+    assert sorted(got) == list(range(n - 1)), explain(run)
+    for rank, res in got.items():
+        assert res["missing"] == [absent], explain(run)
+        assert res["arrived"] == list(range(n - 1))
+        assert res["seq_no"] == PREFIX and res["prefix_seq"] == PREFIX - 1
+        site = res["last_completed"][str(absent)]
+        assert site[0] == PREFIX - 1 and site[1].startswith("watchdog.py:") and site[1].endswith(":main")
+        assert res["broken"] is True
+        assert f"ranks never arrived: {absent}; last completed seq {PREFIX - 1} at watchdog.py:" in res["message"]
+    # a correctness bound, not a benchmark: every process (the absent one too) is gone by then
+    assert run.t_end - min(r["t_enter"] for r in got.values()) <= WATCHDOG + 5, explain(run)
+
+
+@pytest.mark.parametrize("n", RANKS)
+def test_without_the_watchdog_an_absent_rank_hangs_the_others(n):
+    run = mpirun(n, "watchdog.py", "--raw", timeout=WATCHDOG + 5 + 2)
+    assert run.timed_out, explain(run)
+    phases = [r["phase"] for r in run.results]
+    assert phases.count("entering") == n - 1 and "returned" not in phases, explain(run)
+
+
+# --------------------------------------------------------------------------- poll_symmetric
+
+
+@pytest.mark.parametrize("n", RANKS)
+def test_poll_symmetric_decisions_are_identical_on_every_rank(n):
+    seed = 20260523
+    run = mpirun(n, "property_poll.py", "--seed", str(seed), "--examples", "150", timeout=120)
+    assert run.rc == 0 and not run.timed_out, f"seed={seed}\n{explain(run)}"
+    got = run.by_rank()
+    assert sorted(got) == list(range(n)), f"seed={seed}\n{explain(run)}"
+    for rank, res in got.items():
+        assert res["n_failures"] == 0, f"seed={seed} rank={rank}: {res['failures']}"
+        assert res["examples"] == 150 and res["seq"] == 150, f"seed={seed} rank={rank}"
+        assert res["poll_error_examples"] > 0
+        # negative control: deciding from the local engine alone diverges across ranks
+        assert res["naive_diverged"] > 0

@@ -1,0 +1,201 @@
+"""The table validator, the generated copies, and the public surface."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import lifecycle
+from lifecycle import TABLE, CancelResult, Event, Outcome, SpecError, State, TerminateResult, _core, spec
+
+ROOT = Path(__file__).resolve().parent.parent
+TABLE_FILE = ROOT / "schemas" / "lifecycle.table"
+GOOD = TABLE_FILE.read_text()
+
+
+def edit(old: str, new: str, text: str = GOOD) -> str:
+    assert old in text, old
+    return text.replace(old, new, 1)
+
+
+def line_of(text: str, needle: str) -> int:
+    return next(i for i, line in enumerate(text.splitlines(), 1) if line.startswith(needle))
+
+
+def decl(text: str, state: str) -> int:
+    """Line where ``state`` is declared in [states]."""
+    return next(i for i, line in enumerate(text.splitlines(), 1) if line.split()[:1] == [state] and "terminal" in line
+                or line.split()[:2] in ([state, "initial"], [state, "active"], [state, "final"]))
+
+
+def codes(text: str) -> list[tuple[str, int]]:
+    with pytest.raises(SpecError) as ei:
+        spec.parse(text, "t.table")
+    return [(v.code, v.line) for v in ei.value.violations]
+
+
+def test_the_repository_table_is_valid():
+    assert spec.check_file(TABLE_FILE) == []
+
+
+def test_unreachable_state_is_reported_at_its_declaration():
+    t = edit("Advertised       + cancel         = Quiesced         / cancelled  -> CancelledBeforeAdvertise",
+             "Advertised       + cancel         = .stay                         -> CancelledBeforeAdvertise")
+    t = edit("InFlight         + complete       = Quiesced         / completed", "InFlight         + complete       = .late", t)
+    t = edit("CancelRequested  + complete       = Quiesced         / cancelled", "CancelRequested  + complete       = .late", t)
+    assert ("unreachable", decl(t, "Quiesced")) in codes(t)
+
+
+def test_dead_end_and_cannot_terminate_are_reported():
+    t = edit("Poisoned         + terminate      = Terminated                    -> Terminated",
+             "Poisoned         + terminate      = .stay                         -> AlreadyTerminated")
+    found = codes(t)
+    assert ("dead-end", decl(t, "Poisoned")) in found
+    assert ("cannot-terminate", decl(t, "Poisoned")) in found
+
+
+def test_edge_out_of_the_final_state_is_reported_with_its_row():
+    t = edit("Terminated       + fail           = .late", "Terminated       + fail           = Poisoned")
+    assert ("edge-out-of-final", line_of(t, "Terminated       + fail")) in codes(t)
+
+
+def test_event_never_enabled_is_reported():
+    t = edit("grace_expired     timer", "grace_expired     timer\nrevive            executor")
+    assert ("event-never-enabled", 1) in codes(t)
+
+
+def test_two_rows_for_one_pair_name_both_lines():
+    t = edit("Advertised       + expose         = InFlight",
+             "Advertised       + expose         = InFlight\nAdvertised       + expose         = Quiesced")
+    with pytest.raises(SpecError) as ei:
+        spec.parse(t, "t.table")
+    (v,) = [v for v in ei.value.violations if v.code == "duplicate-row"]
+    first = line_of(t, "Advertised       + expose")
+    assert v.line == first + 1 and f"lines {first} and {first + 1}" in v.message
+
+
+def test_every_violation_is_reported_at_once():
+    t = edit("Terminated       + fail           = .late", "Terminated       + fail           = Poisoned")
+    t = edit("grace_expired     timer", "grace_expired     timer\nrevive            executor", t)
+    t = edit("Advertised       + expose         = InFlight", "Advertised       + expose         = InFlight\nAdvertised + expose = Poisoned", t)
+    t = edit("+ complete       = Quiesced         / completed", "+ complete       = Quiesced         / finished", t)
+    got = {c for c, _ in codes(t)}
+    assert got >= {"duplicate-row", "edge-out-of-final", "event-never-enabled", "unknown-outcome"}
+
+
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [
+        ("", "missing-section"),
+        ("garbage outside\n" + GOOD, "outside-section"),
+        (GOOD.replace("Advertised       + expose         = InFlight", "Advertised + expose InFlight"), "syntax"),
+        (GOOD.replace("= InFlight\n", "= Nowhere\n", 1), "unknown-state"),
+        (GOOD.replace("Quiesced          terminal", "Quiesced          sometimes"), "bad-kind"),
+        (GOOD + "\n[states]\n", "duplicate-section"),
+        (GOOD.replace("+ expose         = InFlight", "+ exposé         = InFlight"), "unknown-event"),
+        (GOOD.replace("/ completed", "/ finished"), "unknown-outcome"),
+    ],
+)
+def test_malformed_tables_get_a_typed_error_with_a_line(text, code):
+    with pytest.raises(SpecError) as ei:
+        spec.parse(text, "bad.table")
+    assert code in {v.code for v in ei.value.violations}
+    assert all(str(v).startswith("bad.table:") for v in ei.value.violations)
+
+
+def test_unreadable_file_is_a_typed_error(tmp_path):
+    assert [v.code for v in spec.check_file(tmp_path / "missing.table")] == ["unreadable"]
+    (tmp_path / "bin.table").write_bytes(b"\xff\xfe\x00garbage")
+    assert [v.code for v in spec.check_file(tmp_path / "bin.table")] == ["unreadable"]
+
+
+def test_spec_check_cli_lists_every_violation_with_json(tmp_path):
+    bad = tmp_path / "bad.table"
+    bad.write_text(edit("Terminated       + fail           = .late", "Terminated       + fail           = Poisoned"))
+    r = subprocess.run([sys.executable, "-m", "lifecycle", "spec", "check", str(bad), "--json"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1
+    out = json.loads(r.stdout)
+    assert out["ok"] is False
+    assert any(v["code"] == "edge-out-of-final" and v["line"] == line_of(bad.read_text(), "Terminated       + fail")
+               for v in out["violations"])
+    ok = subprocess.run([sys.executable, "-m", "lifecycle", "spec", "check", str(TABLE_FILE)], capture_output=True,
+                        text=True, cwd=ROOT)
+    assert ok.returncode == 0 and TABLE.digest in ok.stdout
+
+
+def test_the_build_step_fails_on_an_invalid_table(tmp_path):
+    bad = tmp_path / "bad.table"
+    bad.write_text(edit("Terminated       + fail           = .late", "Terminated       + fail           = Poisoned"))
+    gen = ROOT / "cpp" / "tools" / "gen_table.py"
+    r = subprocess.run([sys.executable, str(gen), str(bad), str(tmp_path / "out.hpp")], capture_output=True, text=True)
+    assert r.returncode == 1 and "edge-out-of-final" in r.stderr
+    assert not (tmp_path / "out.hpp").exists()
+    ok = subprocess.run([sys.executable, str(gen), str(TABLE_FILE), str(tmp_path / "ok.hpp")], capture_output=True, text=True)
+    assert ok.returncode == 0 and TABLE.digest in (tmp_path / "ok.hpp").read_text()
+
+
+# ---- generated copies agree with the one table --------------------------------------------------------
+
+
+def test_compiled_table_is_the_repository_table():
+    assert _core.TABLE_TEXT == GOOD
+    assert _core.TABLE_DIGEST == spec.load(TABLE_FILE).digest == TABLE.digest
+
+
+def test_cpp_enums_and_python_enums_follow_the_table_order():
+    assert list(_core.STATE_NAMES) == [s.value for s in State] == list(TABLE.states)
+    assert list(_core.EVENT_NAMES) == [e.value for e in Event] == list(TABLE.events)
+    assert list(_core.OUTCOME_NAMES) == ["none"] + [o.value for o in Outcome]
+    assert list(_core.CANCEL_RESULT_NAMES) == [r.value for r in CancelResult]
+    assert list(_core.TERMINATE_RESULT_NAMES) == [r.value for r in TerminateResult]
+
+
+def test_every_compiled_cell_matches_its_row():
+    action = {".stay": "stay", ".late": "late", ".defer": "defer"}
+    for st, ev, act, dst, outcome, result, line in _core.table_cells():
+        row = TABLE.row(st, ev)
+        if row is None:
+            assert (act, dst, line) == ("illegal", st, 0)
+            continue
+        assert act == action.get(row.dst, "move")
+        assert dst == (row.dst if act == "move" else st)
+        assert outcome == (row.outcome or "none")
+        assert line == row.line
+        names = TABLE.cancel_results if ev == "cancel" else TABLE.terminate_results
+        assert (None if result is None else names[result]) == row.result
+
+
+def test_reference_model_accepts_exactly_the_tables_pairs():
+    from transitions import MachineError
+
+    from lifecycle.model import build_machine
+
+    class M:
+        pass
+
+    for st in TABLE.states:
+        for ev in TABLE.events:
+            if ev == TABLE.create_event:
+                continue
+            m = M()
+            build_machine(TABLE, m, initial=st)
+            row = TABLE.row(st, ev)
+            if row is None:
+                with pytest.raises(MachineError):
+                    getattr(m, ev)()
+            else:
+                getattr(m, ev)()
+                assert m.state == (row.dst if row.moves else st)
+
+
+def test_public_surface_is_all():
+    public = {n for n in dir(lifecycle) if not n.startswith("_") and n[0].isupper() or n in ("cancel_frees_now",)}
+    modules = {"errors", "engine", "spec", "model", "cli", "collectives", "audit", "diagram", "report", "transport"}
+    assert set(lifecycle.__all__) == public - modules
+    for name in lifecycle.__all__:
+        assert hasattr(lifecycle, name)

@@ -1,0 +1,662 @@
+"""Rank-symmetric collectives for tensor/pipeline-parallel executors, with a ledger and a watchdog.
+
+Theory of operation
+-------------------
+Executors that run one process per TP rank make collective calls from code that is *supposed* to be
+rank-symmetric.  The seed bugs (DESIGN.md §8) show how it breaks: a collective gated on a rank-local
+value (one rank enters, the others skip: a hang), and conditional gathers on per-rank-divergent
+paths (the next collective receives another call's payload: a crash far away from the cause).
+
+Every call through a :class:`RankGroup` is one *logical collective* with a sequence number.  Each one
+starts with the same MPI operation on every rank -- a non-blocking ``Iallreduce(MAX)`` of a fixed
+8-slot int64 *header*::
+
+    [fp, -fp, seq, -seq, p0, p1, p2, p3]
+
+``fp`` is a 62-bit hash of the fingerprint (call site ``file:line:function`` of the first caller
+outside this module, op name, payload kind, payload size when it must match); ``seq`` is the
+sequence number.  With MAX, ``recv[0] == -recv[1]`` iff every rank sent the same fingerprint, and the
+same for ``seq``.  The slots ``p0..p3`` carry small payloads folded into the same reduction (an OR is
+a MAX, an AND or a min is a MAX of negated values), so ``any_rank`` / ``all_ranks`` / ``agree_count``
+cost exactly one 64-byte allreduce, ledger included.
+
+Because *every* helper begins with that identical header exchange, ranks that diverged (different
+op, different call site, one rank in a loop that the others left) meet in the header exchange and
+see the mismatch before any payload moves: divergent calls can never mis-pair silently.  On a
+mismatch every rank (they all got the same reduced header) runs one extra gather of the full
+fingerprints and raises :class:`CollectiveDesyncError` naming the sequence number, the field that
+differs and each rank's call site.  Payload phases (``flush``, ``allgather_ints``,
+``allreduce_ints``) follow only after the header agreed, so they pair by construction.
+
+The group works on its own duplicate of the communicator, so its traffic never pairs with raw
+collectives the application makes on the communicator it passed in.
+
+Watchdog: every MPI request is polled (``Test`` with a spin-then-sleep backoff, so oversubscribed
+ranks make progress) against a deadline of ``watchdog`` seconds.  A rank that has waited longer than
+``announce_after`` sends one small *arrival notice* ``(seq, phase, site)`` to every other rank on a
+second duplicate communicator (point-to-point, so it needs no cooperation from absent ranks).  Fast
+collectives never announce, so this costs nothing on the hot path.  When the deadline passes a rank
+keeps polling for a short grace period (long enough for every rank that arrived before the deadline
+to have announced), then raises :class:`CollectiveTimeoutError` naming the ranks that never arrived.
+Their last completed step is known without asking them: a completed allreduce/allgather means
+every rank contributed, so an absent rank's last completed step is this rank's last completed step
+(sequence number and call site, which the ledger verified to be identical on all ranks).
+
+After either error the group is *broken*: a timed-out request can never be cancelled in MPI, so
+every later call raises again; the application should log and :meth:`RankGroup.abort` the job.
+
+Rules these helpers enforce (DESIGN.md §8): (a) gate collectives on ``any_rank(local_flag)``, never
+on a local value, and let ranks with nothing to do join with an empty contribution; (b) ``push``
+per-rank payloads anywhere, ``flush`` at a point every rank reaches every iteration (it always
+participates, even empty); (c) agree on a count (``agree_count``, a min-reduce) before processing
+"what is ready".  :func:`poll_symmetric` applies the consensus rules to engine states.
+"""
+
+from __future__ import annotations
+
+import array
+import hashlib
+import os
+import pickle
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import structlog
+
+try:  # the package's exception hierarchy (one root, LifecycleError)
+    from .errors import CollectiveDesyncError, CollectiveTimeoutError
+except ImportError:  # pragma: no cover - a checkout without lifecycle/errors.py
+
+    class LifecycleError(Exception):  # type: ignore[no-redef]
+        """Base class of every kv-lifecycle error."""
+
+    class CollectiveDesyncError(LifecycleError):  # type: ignore[no-redef]
+        """Ranks diverged: at ``seq_no`` the collectives differ in ``field``; ``sites``: rank -> site."""
+
+        def __init__(self, message: str, seq_no: int = -1, field: str = "", sites: dict | None = None):
+            self.seq_no, self.field, self.sites = seq_no, field, dict(sites or {})
+            super().__init__(message)
+
+    class CollectiveTimeoutError(CollectiveDesyncError):  # type: ignore[no-redef]
+        """A collective missed its watchdog deadline; ``missing`` names the ranks that never arrived."""
+
+        def __init__(self, message: str, seq_no: int = -1, missing: dict | None = None, sites: dict | None = None):
+            self.missing = dict(missing or {})
+            super().__init__(message, seq_no=seq_no, field="arrival", sites=sites)
+
+
+__all__ = [
+    "CollectiveDesyncError",
+    "CollectiveTimeoutError",
+    "Fingerprint",
+    "GroupStatistics",
+    "RankGroup",
+    "SymmetricDecisions",
+    "poll_symmetric",
+]
+
+log = structlog.get_logger(__name__)
+
+_HEADER = 8
+_FP_MASK = (1 << 62) - 1  # a 62-bit hash never overflows when negated in int64
+_TAG_ARRIVAL = 7
+_FIELDS = ("seq", "op", "site", "kind", "size")  # priority order of the reported differing field
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What one rank declared for one logical collective (the ledger entry)."""
+
+    seq: int
+    site: str  # "file:line:function" of the first caller outside this module
+    op: str
+    kind: str
+    size: int  # -1 where per-rank sizes legitimately differ (flush, allgather_ints)
+
+    def __str__(self) -> str:
+        size = "" if self.size < 0 else f"[{self.size}]"
+        return f"#{self.seq} {self.op}({self.kind}{size}) at {self.site}"
+
+
+def _desync_error(seq_no: int, field: str, fingerprints: dict[int, Fingerprint], rank: int) -> Any:
+    """CollectiveDesyncError with the whole ledger entry of every rank.
+
+    Attributes: ``seq_no``, ``field`` (first differing field in the order seq, op, site, kind, size),
+    ``fields`` (all differing fields), ``sites`` (rank -> "file:line:function"), ``fingerprints``
+    (rank -> Fingerprint), ``rank`` (the rank that raised it).
+    """
+    per_rank = "; ".join(f"rank {r}: {fp}" for r, fp in sorted(fingerprints.items()))
+    err = CollectiveDesyncError(
+        f"collective desync at seq {seq_no}: field {field!r} differs (seen on rank {rank}); {per_rank}",
+        seq_no=seq_no,
+        field=field,
+        sites={r: fp.site for r, fp in fingerprints.items()},
+    )
+    err.fields = tuple(f for f in _FIELDS if len({getattr(p, f) for p in fingerprints.values()}) > 1)
+    err.fingerprints = dict(fingerprints)
+    err.rank = rank
+    return err
+
+
+def _timeout_error(
+    seq_no: int,
+    site: str,
+    op: str,
+    rank: int,
+    missing: tuple[int, ...],
+    arrived: dict[int, str],
+    last_completed: tuple[int, str] | None,
+    waited: float,
+) -> Any:
+    """CollectiveTimeoutError raised on the ranks that arrived.
+
+    Attributes: ``seq_no``, ``field`` ("arrival"), ``missing`` (absent rank -> its last completed
+    (seq, site), or None when no collective ever completed), ``last_completed`` (same mapping),
+    ``arrived`` / ``sites`` (rank -> the site it announced, this rank included), ``site``, ``op``,
+    ``rank``, ``waited`` (seconds).
+    """
+    where = (
+        "no collective completed before"
+        if last_completed is None
+        else f"last completed seq {last_completed[0]} at {last_completed[1]}"
+    )
+    who = ", ".join(map(str, missing)) if missing else "none (all announced; MPI did not complete)"
+    err = CollectiveTimeoutError(
+        f"collective timeout at seq {seq_no} ({op} at {site}) on rank {rank} after {waited:.1f}s: "
+        f"ranks never arrived: {who}; {where}",
+        seq_no=seq_no,
+        missing={r: last_completed for r in missing},
+        sites=dict(arrived),
+    )
+    err.last_completed = {r: last_completed for r in missing}
+    err.arrived = dict(arrived)
+    err.site, err.op, err.rank, err.waited = site, op, rank, waited
+    return err
+
+
+@dataclass(frozen=True)
+class GroupStatistics:
+    """An immutable snapshot of a group's counters."""
+
+    rank: int
+    size: int
+    seq: int  # Invariant: equal on every rank between collectives (the ledger checks it)
+    collectives: int
+    slow_waits: int  # waits that outlived announce_after and sent arrival notices
+    buffered: int  # payloads pushed and not yet flushed
+    broken: bool
+
+
+def _common_fields() -> dict[str, Any]:
+    """The keys every lifecycle event carries (schemas/events.schema.json), shared with the engine.
+
+    Imported lazily (error path only) so this module never needs the compiled core at import time.
+    """
+    try:
+        from . import engine
+    except ImportError:  # the core is not built: emit what we have
+        return {"pid": os.getpid(), "t_mono_ns": time.monotonic_ns()}
+    return {
+        "t_mono_ns": time.monotonic_ns(),
+        "seq": next(engine._seq),
+        "pid": engine._PID,
+        "table": engine.TABLE.digest,
+        "schema": engine.SCHEMA,
+    }
+
+
+def _mpi() -> Any:
+    from mpi4py import MPI  # lazy: the package imports without the optional mpi extra
+
+    return MPI
+
+
+_site_cache: dict[tuple[Any, int], str] = {}
+
+
+def _call_site() -> str:
+    """``file:line:function`` of the innermost frame outside this module (cached per code+line)."""
+    f = sys._getframe(2)
+    while f is not None and f.f_code.co_filename == __file__:
+        f = f.f_back  # type: ignore[assignment]
+    if f is None:  # pragma: no cover - called from this module's top level
+        return "<unknown>:0:<unknown>"
+    key = (f.f_code, f.f_lineno)
+    site = _site_cache.get(key)
+    if site is None:
+        # basename: ranks on different hosts may install the package under different paths
+        site = f"{os.path.basename(f.f_code.co_filename)}:{f.f_lineno}:{f.f_code.co_name}"
+        _site_cache[key] = site
+    return site
+
+
+class RankGroup:
+    """Rank-symmetric collectives over an MPI communicator, with a ledger and a watchdog.
+
+    Every method is a collective: every rank of ``comm`` must call the same methods, in the same
+    order, from the same call sites (``site=`` overrides the site for code that is symmetric by
+    design but lives on different lines).
+    """
+
+    def __init__(
+        self,
+        comm: Any = None,
+        *,
+        watchdog: float = 30.0,
+        ledger: bool = True,
+        announce_after: float | None = None,
+        spin: float = 200e-6,
+    ):
+        if not watchdog > 0:
+            raise ValueError(f"watchdog must be > 0 seconds, got {watchdog!r}")
+        MPI = _mpi()
+        self._MPI = MPI
+        parent = MPI.COMM_WORLD if comm is None else comm
+        self._comm = parent.Dup()  # collectives: never pair with the application's own calls
+        self._side = parent.Dup()  # arrival notices (point-to-point)
+        self.rank: int = self._comm.Get_rank()
+        self.size: int = self._comm.Get_size()
+        self.watchdog = float(watchdog)
+        self.ledger = bool(ledger)
+        self.spin = float(spin)  # seconds of busy polling before a wait starts yielding the core
+        self.announce_after = (
+            min(0.1, self.watchdog / 10) if announce_after is None else float(announce_after)
+        )
+        self._grace = 2 * self.announce_after + 0.25
+        self._seq = 0
+        self._collectives = 0
+        self._slow_waits = 0
+        self._phase = 0
+        self._last_seq = -1  # the last completed logical collective (verified identical on all ranks)
+        self._last_site = ""
+        self._broken: Exception | None = None
+        self._buffer: list[Any] = []
+        self._fp_cache: dict[tuple[str, str, str, int], int] = {}
+        self._site = ""
+        self._op = ""
+        self._kind = ""
+        self._size_decl = -1
+        # the header exchange is one persistent collective (MPI 4): Start/Test, no per-call setup
+        self._send = array.array("q", bytes(8 * _HEADER))
+        self._recv = array.array("q", bytes(8 * _HEADER))
+        self._hreq = self._comm.Allreduce_init(self._send, self._recv, MPI.MAX)
+        self._arrivals: dict[int, tuple[int, int, str]] = {}
+        self._pending_sends: list[tuple[Any, bytes]] = []
+        self._status = MPI.Status()
+
+    # ------------------------------------------------------------------ public collectives
+
+    def any_rank(self, flag: bool, *, site: str | None = None) -> bool:
+        """OR over ranks. Gate a collective on this, never on a rank-local value."""
+        hdr = self._header("any_rank", "bool", 1, site, int(bool(flag)), 0)
+        self._done()
+        return bool(hdr[4] > 0)
+
+    def all_ranks(self, flag: bool, *, site: str | None = None) -> bool:
+        """AND over ranks."""
+        hdr = self._header("all_ranks", "bool", 1, site, -int(bool(flag)), 0)
+        self._done()
+        return bool(-hdr[4] == 1)
+
+    def agree_count(self, n: int, *, site: str | None = None) -> int:
+        """The minimum of ``n`` over ranks (a min-reduce, not a rank-0 broadcast).
+
+        Every rank gets the same count and no rank is asked to process more items than it has
+        ready; items beyond the count stay for a later iteration.
+        """
+        n = int(n)
+        if n < 0:
+            raise ValueError(f"agree_count needs a count >= 0, got {n}")
+        hdr = self._header("agree_count", "int", 1, site, -n, 0)
+        self._done()
+        return int(-hdr[4])
+
+    def barrier(self, *, site: str | None = None) -> None:
+        """A ledger-checked barrier (a header exchange with no payload)."""
+        self._header("barrier", "none", 0, site, 0, 0)
+        self._done()
+
+    def allreduce_ints(
+        self, values: Sequence[int] | np.ndarray, op: str = "sum", *, site: str | None = None
+    ) -> np.ndarray:
+        """Element-wise ``sum`` / ``max`` / ``min`` of an int64 array; its length is in the ledger."""
+        MPI = self._MPI
+        ops = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
+        if op not in ops:
+            raise ValueError(f"allreduce_ints op must be one of {sorted(ops)}, got {op!r}")
+        send = np.ascontiguousarray(values, dtype=np.int64).reshape(-1)
+        self._header("allreduce_ints", f"int64:{op}", int(send.size), site, 0, 0)
+        recv = np.empty_like(send)
+        self._wait(self._comm.Iallreduce(send, recv, ops[op]))
+        self._done()
+        return recv
+
+    def allgather_ints(
+        self, values: Sequence[int] | np.ndarray, *, site: str | None = None
+    ) -> list[np.ndarray]:
+        """Every rank's int64 array (lengths may differ per rank), as a list indexed by rank."""
+        send = np.ascontiguousarray(values, dtype=np.int64).reshape(-1)
+        self._header("allgather_ints", "int64[]", -1, site, 0, 0)
+        parts = self._gatherv(send, np.int64)
+        self._done()
+        return parts
+
+    def push(self, payload: Any) -> None:
+        """Buffer a per-rank payload (any picklable object). Local; safe on divergent paths."""
+        self._buffer.append(payload)
+
+    def flush(self, *, site: str | None = None) -> list[list[Any]]:
+        """Exchange buffered payloads: ``result[r]`` is rank r's pushed payloads, in push order.
+
+        Call it at a point every rank reaches every iteration; a rank with nothing buffered still
+        participates.  When every buffer is empty it costs one header exchange.
+        """
+        items, self._buffer = self._buffer, []
+        hdr = self._header("flush", "pickle", -1, site, 1 if items else 0, 0)
+        if hdr[4] == 0:  # no rank had anything: same decision everywhere, skip the gather
+            self._done()
+            return [[] for _ in range(self.size)]
+        data = pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL)
+        blobs = self._gatherv(np.frombuffer(data, dtype=np.uint8), np.uint8)
+        self._done()
+        return [pickle.loads(b.tobytes()) for b in blobs]
+
+    # ------------------------------------------------------------------ housekeeping
+
+    def statistics(self) -> GroupStatistics:
+        return GroupStatistics(
+            rank=self.rank,
+            size=self.size,
+            seq=self._seq,
+            collectives=self._collectives,
+            slow_waits=self._slow_waits,
+            buffered=len(self._buffer),
+            broken=self._broken is not None,
+        )
+
+    @property
+    def broken(self) -> Exception | None:
+        """The error that broke the group, or None."""
+        return self._broken
+
+    def abort(self, code: int = 1) -> None:
+        """Abort every process of the job (the way out after a watchdog timeout)."""
+        self._comm.Abort(code)
+
+    def close(self) -> None:
+        """Free the duplicated communicators. Collective; skip it on a broken group (abort instead)."""
+        if self._broken is not None:
+            raise self._broken
+        self._drain_arrivals()
+        self._hreq.Free()
+        self._comm.Free()
+        self._side.Free()
+
+    # ------------------------------------------------------------------ the ledger
+
+    def _header(self, op: str, kind: str, size: int, site: str | None, p0: int, p1: int) -> Any:
+        """The ledger-checked header exchange that starts every logical collective."""
+        if self._broken is not None:
+            raise self._broken
+        if site is None:
+            site = _call_site()
+        seq = self._seq
+        send = self._send
+        if self.ledger:
+            key = (site, op, kind, size)
+            fp = self._fp_cache.get(key)
+            if fp is None:
+                digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
+                fp = self._fp_cache[key] = int.from_bytes(digest, "little") & _FP_MASK
+            send[0] = fp
+            send[1] = -fp
+        send[2] = seq
+        send[3] = -seq
+        send[4] = p0
+        send[5] = p1
+        self._site = site
+        self._op = op
+        self._kind = kind
+        self._size_decl = size
+        self._phase = 0
+        req = self._hreq
+        req.Start()
+        self._wait(req)
+        recv = self._recv
+        if self.ledger and (recv[0] != -recv[1] or recv[2] != -recv[3]):
+            self._desync()
+        return recv
+
+    @property
+    def _current(self) -> Fingerprint:
+        return Fingerprint(self._seq, self._site, self._op, self._kind, self._size_decl)
+
+    def _done(self) -> None:
+        self._last_seq = self._seq
+        self._last_site = self._site
+        self._seq += 1
+        self._collectives += 1
+
+    def _desync(self) -> None:
+        # Every rank got the same reduced header, so every rank is here: one more gather is safe.
+        mine = self._current
+        blobs = self._gatherv(np.frombuffer(pickle.dumps(mine), dtype=np.uint8), np.uint8)
+        fps: dict[int, Fingerprint] = {r: pickle.loads(b.tobytes()) for r, b in enumerate(blobs)}
+        field = next(f for f in _FIELDS if len({getattr(p, f) for p in fps.values()}) > 1)
+        seq_no = min(p.seq for p in fps.values())
+        err = _desync_error(seq_no, field, fps, self.rank)
+        log.error(
+            "lifecycle.collective_desync",
+            request=None,
+            rank=self.rank,
+            role=None,
+            seq_no=seq_no,
+            field=field,
+            sites=[fps[r].site for r in range(self.size)],
+            **_common_fields(),
+        )
+        self._broken = err
+        raise err
+
+    def _gatherv(self, send: np.ndarray, dtype: Any) -> list[np.ndarray]:
+        MPI = self._MPI
+        counts = np.empty(self.size, dtype=np.int64)
+        self._wait(self._comm.Iallgather(np.array([send.size], dtype=np.int64), counts))
+        displs = np.zeros(self.size, dtype=np.int64)
+        np.cumsum(counts[:-1], out=displs[1:])
+        recv = np.empty(int(counts.sum()), dtype=dtype)
+        mpitype = MPI.INT64_T if dtype is np.int64 else MPI.BYTE
+        self._wait(self._comm.Iallgatherv(send, [recv, (counts, displs), mpitype]))
+        return [recv[displs[r] : displs[r] + counts[r]] for r in range(self.size)]
+
+    # ------------------------------------------------------------------ the watchdog
+
+    def _wait(self, req: Any) -> None:
+        """Poll ``req`` to completion or raise CollectiveTimeoutError after the watchdog."""
+        test = req.Test
+        for _ in range(64):  # hot path: small collectives complete within a few polls
+            if test():
+                self._phase += 1
+                return
+        start = time.monotonic()
+        spin_until = start + self.spin
+        while time.monotonic() < spin_until:  # then keep the core briefly, like a blocking call
+            if test():
+                self._phase += 1
+                return
+        deadline = start + self.watchdog
+        announced = False
+        nap = 0.0
+        while not test():
+            now = time.monotonic()
+            if not announced and now - start >= self.announce_after:
+                self._announce()
+                announced = True
+            if announced:
+                self._drain_arrivals()
+                if now >= deadline + self._grace:
+                    self._timeout(now - start)
+            # yield the core: ranks may be oversubscribed (4 ranks on 2 cores in CI)
+            nap = min(1e-3, nap * 2 + 1e-6) if now - start > 2e-3 else 0.0
+            time.sleep(nap)
+        self._phase += 1
+
+    def _announce(self) -> None:
+        self._slow_waits += 1
+        cur = self._current
+        msg = f"{cur.seq} {self._phase} {cur.site}".encode()
+        self._pending_sends = [(r, b) for r, b in self._pending_sends if not r.Test()]
+        for dest in range(self.size):
+            if dest != self.rank:
+                buf = bytes(msg)
+                self._pending_sends.append((self._side.Isend([buf, self._MPI.BYTE], dest, _TAG_ARRIVAL), buf))
+
+    def _drain_arrivals(self) -> None:
+        MPI, st = self._MPI, self._status
+        while self._side.Iprobe(MPI.ANY_SOURCE, _TAG_ARRIVAL, st):
+            src = st.Get_source()
+            buf = bytearray(st.Get_count(MPI.BYTE))
+            self._side.Recv([buf, MPI.BYTE], src, _TAG_ARRIVAL)
+            seq, phase, site = buf.decode().split(" ", 2)
+            entry = (int(seq), int(phase), site)
+            if entry[:2] > self._arrivals.get(src, (-1, -1, ""))[:2]:
+                self._arrivals[src] = entry
+
+    def _timeout(self, waited: float) -> None:
+        cur = self._current
+        here = (cur.seq, self._phase)
+        arrived = {self.rank: cur.site}
+        missing = []
+        for r in range(self.size):
+            if r == self.rank:
+                continue
+            seen = self._arrivals.get(r)
+            if seen is not None and seen[:2] >= here:
+                arrived[r] = seen[2]
+            else:
+                missing.append(r)
+        if self._phase > 0:  # a payload phase: everyone completed this collective's header
+            last_done: tuple[int, str] | None = (cur.seq, cur.site)
+        elif self._last_seq >= 0:
+            last_done = (self._last_seq, self._last_site)
+        else:
+            last_done = None
+        err = _timeout_error(cur.seq, cur.site, cur.op, self.rank, tuple(missing), arrived, last_done, waited)
+        last = "never completed a collective" if last_done is None else last_done[1]
+        log.error(
+            "lifecycle.collective_desync",
+            request=None,
+            rank=self.rank,
+            role=None,
+            seq_no=cur.seq,
+            field="arrival",
+            sites=[arrived.get(r, last) for r in range(self.size)],
+            missing=list(missing),
+            **_common_fields(),
+        )
+        self._broken = err
+        raise err
+
+
+# ---------------------------------------------------------------------- consensus over engine states
+
+_KNOWN, _TERMINAL, _COMPLETED, _FAILED = 1, 2, 4, 8
+_TERMINAL_STATES = frozenset({"Quiesced", "Poisoned", "Terminated"})
+_FAILED_OUTCOMES = frozenset({"failed", "expired"})
+
+
+@dataclass(frozen=True)
+class SymmetricDecisions:
+    """Decisions that are identical on every rank of the group (DESIGN.md §8 consensus).
+
+    Over the union of the request ids that the ranks passed in:
+      failed     failed on some rank (Poisoned, or terminated with outcome failed/expired): union
+      completed  Quiesced(completed) (or terminated after it) on every rank: unanimity
+      quiesced   terminal (Quiesced, Poisoned or Terminated) on every rank: intersection
+      pending    not yet terminal on every rank (may overlap ``failed``)
+    """
+
+    seq_no: int
+    failed: frozenset[int]
+    completed: frozenset[int]  # Invariant: completed <= quiesced, completed & failed == {}
+    quiesced: frozenset[int]
+    pending: frozenset[int]  # Invariant: pending == all ids - quiesced
+    poll_errors: frozenset[int]  # ranks whose engine.poll() raised this round (re-raised there)
+
+
+def _unknown_request_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from . import errors
+    except ImportError:  # pragma: no cover - before lifecycle/errors.py lands
+        return (LookupError,)
+    extra = getattr(errors, "UnknownRequest", None)
+    return (LookupError,) if extra is None else (LookupError, extra)
+
+
+def _local_flags(engine: Any, req: int, unknown: tuple[type[BaseException], ...]) -> int:
+    try:
+        state = engine.state(req).name
+        outcome = engine.outcome(req)
+    except unknown:
+        return 0  # not tracked on this rank (yet): counts as not terminal, not completed
+    name = None if outcome is None else outcome.name
+    flags = _KNOWN
+    if state in _TERMINAL_STATES:
+        flags |= _TERMINAL
+    if state == "Poisoned" or (state == "Terminated" and name in _FAILED_OUTCOMES):
+        flags |= _FAILED
+    elif state in ("Quiesced", "Terminated") and name == "completed":
+        flags |= _COMPLETED
+    return flags
+
+
+def poll_symmetric(engine: Any, group: RankGroup, requests: Iterable[int]) -> SymmetricDecisions:
+    """Poll the local engine, then agree with every rank on what finished. Collective.
+
+    Call it unconditionally on every rank every iteration.  ``requests`` is the set of request ids
+    this rank tracks; ranks may pass different sets (a request not yet advertised on some rank),
+    the decisions cover their union and are identical on every rank.  Uses ``engine.poll()``,
+    ``engine.state(req).name`` and ``engine.outcome(req).name`` only.
+
+    Cost: one header exchange plus one allgather of ``2 * len(requests)`` int64 per rank.  If the
+    local ``engine.poll()`` raises, this rank still joins the collective and re-raises afterwards;
+    the other ranks see it in ``poll_errors``.
+    """
+    poll_error: BaseException | None = None
+    try:
+        engine.poll()
+    except BaseException as exc:  # re-raised below, after the collective: never strand the others
+        poll_error = exc
+    unknown = _unknown_request_errors()
+    ids = sorted({int(r) for r in requests})
+    local = np.empty(1 + 2 * len(ids), dtype=np.int64)
+    local[0] = 1 if poll_error is not None else 0
+    local[1::2] = ids
+    local[2::2] = [_local_flags(engine, r, unknown) for r in ids]
+    seq_no = group.statistics().seq
+    parts = group.allgather_ints(local, site=_call_site())
+    everywhere: dict[int, int] = {}
+    anywhere: dict[int, int] = {}
+    seen: dict[int, int] = {}
+    for part in parts:
+        for req, flags in zip(part[1::2].tolist(), part[2::2].tolist()):
+            everywhere[req] = everywhere.get(req, -1) & flags
+            anywhere[req] = anywhere.get(req, 0) | flags
+            seen[req] = seen.get(req, 0) + 1
+    n = group.size
+    every = {r: (f if seen[r] == n else 0) for r, f in everywhere.items()}
+    decisions = SymmetricDecisions(
+        seq_no=seq_no,
+        failed=frozenset(r for r, f in anywhere.items() if f & _FAILED),
+        completed=frozenset(r for r, f in every.items() if f & _COMPLETED),
+        quiesced=frozenset(r for r, f in every.items() if f & _TERMINAL),
+        pending=frozenset(r for r, f in every.items() if not f & _TERMINAL),
+        poll_errors=frozenset(r for r, part in enumerate(parts) if part[0]),
+    )
+    if poll_error is not None:
+        raise poll_error
+    return decisions

@@ -1,0 +1,165 @@
+"""Bad input gets a typed error naming what was wrong; never a crash."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from array import array
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lifecycle import (
+    DuplicateRequest,
+    InvalidArgument,
+    LifecycleError,
+    PoolExhausted,
+    TransferEngine,
+    UnknownRequest,
+    _core,
+)
+
+
+def test_unknown_ids():
+    e = TransferEngine()
+    for call in (e.expose, e.complete, e.fail, e.state, e.info, e.outcome):
+        with pytest.raises(UnknownRequest, match=r"^no session for request 123"):
+            call(123)
+
+
+def test_duplicate_advertise():
+    e = TransferEngine()
+    e.advertise(1, "sender")
+    with pytest.raises(DuplicateRequest, match=r"^request 1 already has a session \(state=Advertised\)"):
+        e.advertise(1, "receiver")
+
+
+@pytest.mark.parametrize("req", [-1, 2**64, 2**70])
+def test_out_of_range_ids(req):
+    e = TransferEngine()
+    with pytest.raises(InvalidArgument, match=r"^invalid request: must be an int in \[0, 2\*\*64\)"):
+        e.advertise(req, "sender")
+    with pytest.raises(InvalidArgument):
+        e.complete(req)
+
+
+@pytest.mark.parametrize("req", ["7", 7.0, None, b"7", True, [7]])
+def test_wrong_types(req):
+    e = TransferEngine()
+    with pytest.raises(InvalidArgument, match=r"^invalid request: expected a non-negative int, got "):
+        e.advertise(req, "sender")
+    with pytest.raises(TypeError):  # InvalidArgument is also a TypeError
+        e.cancel(req)
+
+
+def test_sizes():
+    e = TransferEngine(num_slots=2, slot_size=100)
+    with pytest.raises(InvalidArgument, match=r"^invalid nbytes: must be >= 0, got -5$"):
+        e.advertise(1, "sender", -5)
+    with pytest.raises(InvalidArgument, match=r"^invalid nbytes: 101 exceeds slot_size 100$"):
+        e.advertise(1, "sender", 101)
+    e.advertise(1, "sender", 100)
+    e.advertise(2, "sender", 1)
+    with pytest.raises(PoolExhausted, match=r"^request 3: no free slot"):
+        e.advertise(3, "sender", 1)
+    nopool = TransferEngine()
+    with pytest.raises(InvalidArgument, match=r"no buffer pool"):
+        nopool.advertise(1, "sender", 1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "arg"),
+    [
+        ({"num_slots": -1}, "num_slots"),
+        ({"slot_size": -1}, "slot_size"),
+        ({"num_slots": 4, "slot_size": 0}, "slot_size"),
+        ({"num_slots": 2**20, "slot_size": 2**30}, "slot_size"),
+        ({"shards": 0}, "shards"),
+        ({"transfer_timeout": -1}, "transfer_timeout"),
+        ({"cancel_grace": "soon"}, "cancel_grace"),
+        ({"progress_deadline": 0}, "progress_deadline"),
+        ({"quarantine_budget": 1.5}, "quarantine_budget"),
+        ({"clock": object()}, "clock"),
+    ],
+)
+def test_bad_configuration(kwargs, arg):
+    with pytest.raises(InvalidArgument) as ei:
+        TransferEngine(**kwargs)
+    assert ei.value.argument == arg
+
+
+def test_bad_role_and_event_names():
+    e = TransferEngine()
+    with pytest.raises(InvalidArgument, match=r"^invalid role: expected 'sender' or 'receiver', got 'prefill'$"):
+        e.advertise(1, "prefill")
+    e.advertise(1, "sender")
+    with pytest.raises(InvalidArgument, match=r"^invalid event: unknown event 'explode'"):
+        e.post(1, "explode")
+    with pytest.raises(InvalidArgument, match=r"no event with index 99"):
+        e.apply(1, 99)
+    with pytest.raises(InvalidArgument, match=r"advertise creates a session"):
+        e.apply(1, 0)
+
+
+def test_batch_buffers_are_checked():
+    e = TransferEngine()
+    with pytest.raises(InvalidArgument, match=r"^invalid ids: expected a buffer"):
+        e.apply_batch([1, 2], b"\x04\x04")
+    with pytest.raises(InvalidArgument, match=r"^invalid ids: expected a contiguous 1-D buffer of 8-byte items"):
+        e.apply_batch(array("i", [1, 2]), b"\x04\x04")
+    with pytest.raises(InvalidArgument, match=r"^invalid events: length 1 != ids length 2$"):
+        e.apply_batch(array("Q", [1, 2]), b"\x04")
+    out = e.apply_batch(array("Q", [1, 2]), bytes([200, 4]))  # bad event code -> BadArgument, unknown id -> Unknown
+    assert [_core.STATUS_NAMES[b] for b in out] == ["BadArgument", "Unknown"]
+
+
+def test_pool_views_are_bounds_checked():
+    e = TransferEngine(num_slots=2, slot_size=16)
+    for bad in (-1, 2, 2**40):
+        with pytest.raises(InvalidArgument, match=r"^invalid slot: "):
+            e.pool.slot_view(bad)
+    assert len(e.pool.slot_view(1)) == 16
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.integers(), st.floats(), st.text(max_size=5), st.none(), st.binary(max_size=9),
+                 st.lists(st.integers(), max_size=3)),
+       st.sampled_from(["advertise", "expose", "complete", "fail", "cancel", "terminate", "state", "post", "apply",
+                        "wait"]))
+def test_any_python_value_gets_a_typed_error_or_works(value, method):
+    e = TransferEngine()
+    try:
+        if method == "advertise":
+            e.advertise(value, "sender")
+        elif method == "post":
+            e.post(1, value)
+        elif method == "apply":
+            e.apply(value, value)
+        elif method == "wait":
+            e.drain(value)
+        else:
+            getattr(e, method)(value)
+    except (LifecycleError, TypeError, ValueError):
+        pass
+
+
+def test_the_boundary_survives_garbage_in_a_fresh_process():
+    """Belt and braces: a segfault would kill this child, not just fail an assert."""
+    code = (
+        "import lifecycle, random\n"
+        "e = lifecycle.TransferEngine(num_slots=4, slot_size=8)\n"
+        "vals = [-1, 0, 1, 2**63, 2**64, 2**65, 1.5, float('nan'), '', 'x', None, b'', bytearray(3), object(), [], {}]\n"
+        "names = [n for n in dir(e) if not n.startswith('__') and callable(getattr(e, n))]\n"
+        "skip = {'drain', 'wait_terminal', '_wait_ready', 'poll_symmetric'}\n"
+        "for n in names:\n"
+        "    if n in skip: continue\n"
+        "    for a in vals:\n"
+        "        for b in vals[:6]:\n"
+        "            for args in ((), (a,), (a, b), (a, b, a)):\n"
+        "                try: getattr(e, n)(*args)\n"
+        "                except Exception: pass\n"
+        "print('survived')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "survived" in r.stdout, r.stderr[-2000:]

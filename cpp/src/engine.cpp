@@ -569,8 +569,9 @@ Health Engine::health() {
       // per-entry check: the oldest entry of the state past its timer + the deadline is wedged,
       // whatever the other sessions do (one progressing transfer must not hide wedged ones)
       std::int64_t timer = st == State::InFlight ? cfg_.transfer_timeout_ns : cfg_.cancel_grace_ns;
-      std::int64_t limit = (timer > 0 ? timer : 0) + deadline;
-      if (now - s.t_state > limit) wedged.push_back({s.req, st, now - s.t_state});
+      // (without a timer there is nothing to exceed: a long queue on a slow transport is not a wedge;
+      // the global progress deadline still covers it)
+      if (timer > 0 && now - s.t_state > timer + deadline) wedged.push_back({s.req, st, now - s.t_state});
     }
   }
   for (int k = 0; k < kNumStates; ++k)

@@ -1,0 +1,1360 @@
+"""Audit structured lifecycle logs: replay every request through the table and report what went wrong.
+
+Theory of operation
+-------------------
+The engine emits one JSON event per line (``docs/contract-for-helpers.md``; the schema is
+``schemas/events.schema.json``, generated from the table by :func:`build_schema`).  The auditor reads
+one or many files (one per rank, or a merged one; plain or gzip), and streams them: per-request state
+is kept only while a request is *live*.  When a session reaches ``Terminated`` its numbers fold into
+fixed-size aggregates (log-bucketed histograms for time per state, a top-K heap of the slowest
+requests, counters) and a small tombstone stays behind in a bounded window, so a second termination
+or a late ``TerminateNow`` is still caught.  Memory is bounded by the number of live requests plus
+fixed-size windows, not by file length.
+
+Sessions are keyed by ``(rank, request)``.  Each ``lifecycle.transition`` is checked against the table
+(``spec.rows``): the replayed state must equal ``from_state`` and ``from_state + trigger`` must be a
+moving row that lands on ``to_state``.  Cancel/terminate *results* are not replayed against the state:
+the engine logs them when the executor call returns, while the transitions they caused are queued and
+logged at the next ``poll()``, so results may legitimately precede the transitions.
+
+Violations (exit status 1): ``malformed`` (a line that is not a valid event; file:line named),
+``illegal_transition``, ``terminated_before_terminal``, ``leak`` (never terminated), ``double_termination``,
+``deferred_delivery`` (a deferred terminate delivered 0 or >= 2 times, or delivered without a deferral),
+``slot_reuse`` (a slot leased again while poisoned/quarantined without ``buffer_recovered``, or while
+another live session holds it), ``rank_disagreement`` (ranks report different outcomes for one request),
+``seq_gap`` (lost or duplicated lines in a per-pid sequence), ``collective_desync``, ``unreadable``.
+Warnings (reported, exit 0): engine-rejected illegal events, callback errors, unhealthy periods,
+streams that do not start at seq 0, sessions that start mid-log, table digest mismatches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import heapq
+import io
+import itertools
+import json
+import sys
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import spec as _spec
+from .errors import LifecycleError
+
+__all__ = [
+    "SCHEMA_ID",
+    "AuditResult",
+    "Auditor",
+    "EventSchemaError",
+    "Finding",
+    "LogHistogram",
+    "VIOLATION_KINDS",
+    "WARNING_KINDS",
+    "audit_paths",
+    "build_schema",
+    "event_errors",
+    "load_schema",
+    "main_audit",
+    "schema_path",
+    "validate_event",
+]
+
+SCHEMA_ID = "kv-lifecycle.events/1"
+AUDIT_FORMAT = "kv-lifecycle.audit/1"
+
+VIOLATION_KINDS = (
+    "malformed",
+    "unreadable",
+    "illegal_transition",
+    "terminated_before_terminal",
+    "leak",
+    "double_termination",
+    "deferred_delivery",
+    "slot_reuse",
+    "rank_disagreement",
+    "seq_gap",
+    "collective_desync",
+)
+WARNING_KINDS = (
+    "rejected_event",
+    "callback_error",
+    "unhealthy",
+    "stream_start",
+    "adopted_session",
+    "orphan_event",
+    "table_mismatch",
+    "live",
+    "window_evicted",
+)
+
+MAX_LINE = 1 << 20  # longer lines are reported (not parsed, not held in memory)
+_CHUNK = 1 << 20
+
+# ------------------------------------------------------------------------------------------------
+# Event schema (generated from the table)
+# ------------------------------------------------------------------------------------------------
+
+_EVENT_NAMES = (
+    "lifecycle.transition",
+    "lifecycle.cancel",
+    "lifecycle.terminate",
+    "lifecycle.terminate_now",
+    "lifecycle.callback_error",
+    "lifecycle.slot_quarantined",
+    "lifecycle.buffer_recovered",
+    "lifecycle.late_event",
+    "lifecycle.illegal_transition",
+    "lifecycle.health",
+    "lifecycle.collective_desync",
+)
+
+
+def build_schema(spec: _spec.Spec) -> dict:
+    """The JSON Schema (draft 2020-12) of every structured event, enum lists taken from ``spec``."""
+    ref = lambda name: {"$ref": f"#/$defs/{name}"}  # noqa: E731
+    int_req = {"properties": {"request": {"type": "integer"}}}
+    null_req = {"properties": {"request": {"type": "null"}}}
+    per_event: dict[str, dict] = {
+        "lifecycle.transition": {
+            "description": "One state change: the canonical event, one per transition.",
+            "required": ["from_state", "to_state", "trigger", "outcome", "slot", "generation", "deferred"],
+            "properties": {
+                "request": {"type": "integer"},
+                "role": ref("role"),
+                "from_state": {"anyOf": [ref("state"), {"type": "null"}],
+                               "description": "null only for the creating event"},
+                "to_state": ref("state"),
+                "trigger": ref("lifecycle_event"),
+                "outcome": {"anyOf": [ref("outcome"), {"type": "null"}]},
+                "slot": {"type": "integer", "minimum": -1, "description": "-1 when no slot is leased"},
+                "generation": {"type": "integer", "minimum": 0},
+                "deferred": {"type": "boolean",
+                             "description": "true on the Terminated transition of a deferred terminate"},
+            },
+            "if": {"properties": {"from_state": {"type": "null"}}, "required": ["from_state"]},
+            "then": {"properties": {"trigger": {"const": spec.create_event}, "to_state": {"const": spec.initial}}},
+            "else": {"properties": {"trigger": {"not": {"const": spec.create_event}}}},
+        },
+        "lifecycle.cancel": {
+            "description": "What cancel() returned.",
+            "required": ["result", "state"],
+            "properties": {"request": {"type": "integer"}, "result": ref("cancel_result"),
+                           "state": {"anyOf": [ref("state"), {"type": "null"}]}},
+        },
+        "lifecycle.terminate": {
+            "description": "What terminate() returned; result Deferred is a deferral.",
+            "required": ["result", "state"],
+            "properties": {"request": {"type": "integer"}, "result": ref("terminate_result"),
+                           "state": {"anyOf": [ref("state"), {"type": "null"}]}},
+        },
+        "lifecycle.terminate_now": {
+            "description": "Delivery of a deferred termination to the executor callback (exactly once).",
+            **int_req,
+        },
+        "lifecycle.callback_error": {
+            "description": "The executor's on_terminate callback raised; re-raised after the batch.",
+            "required": ["error"],
+            "properties": {"request": {"type": "integer"}, "error": {"type": "string"}},
+        },
+        "lifecycle.slot_quarantined": {
+            "description": "A poisoned session's slot moved to quarantine.",
+            "required": ["slot", "generation"],
+            "properties": {"request": {"type": "integer"}, "slot": {"type": "integer", "minimum": 0},
+                           "generation": {"type": "integer", "minimum": 0}},
+        },
+        "lifecycle.buffer_recovered": {
+            "description": "A quarantined slot returned to the pool on evidence tied to its generation.",
+            "required": ["slot", "generation"],
+            "properties": {"request": {"type": "integer"}, "slot": {"type": "integer", "minimum": 0},
+                           "generation": {"type": "integer", "minimum": 0}},
+        },
+        "lifecycle.late_event": {
+            "description": "A transport/timer event after quiescence: counted, never an error.",
+            "required": ["trigger", "state"],
+            "properties": {"request": {"type": "integer"}, "trigger": ref("lifecycle_event"), "state": ref("state")},
+        },
+        "lifecycle.illegal_transition": {
+            "description": "An event the table does not allow in this state; rejected, session unchanged.",
+            "required": ["trigger", "state"],
+            "properties": {"request": {"type": "integer"}, "trigger": ref("lifecycle_event"), "state": ref("state")},
+        },
+        "lifecycle.health": {
+            "description": "The engine's health changed.",
+            "required": ["healthy", "reasons"],
+            "properties": {"request": {"type": "null"}, "healthy": {"type": "boolean"},
+                           "reasons": {"type": "array", "items": {"type": "string"}}},
+        },
+        "lifecycle.collective_desync": {
+            "description": "Ranks diverged in a collective (or one never arrived).",
+            "required": ["seq_no", "field", "sites"],
+            "properties": {"request": {"type": "null"}, "seq_no": {"type": "integer"}, "field": {"type": "string"},
+                           "sites": {"type": "array", "items": {"type": ["string", "null"]}},
+                           "missing": {"type": "array", "items": {"type": "integer"}}},
+        },
+    }
+    assert tuple(per_event) == _EVENT_NAMES
+    del null_req
+    defs: dict[str, dict] = {
+        "state": {"enum": list(spec.states)},
+        "lifecycle_event": {"enum": list(spec.events)},
+        "outcome": {"enum": list(spec.outcomes)},
+        "cancel_result": {"enum": list(spec.cancel_results)},
+        "terminate_result": {"enum": list(spec.terminate_results)},
+        "role": {"enum": ["sender", "receiver", None]},
+    }
+    for name, body in per_event.items():
+        defs[name.replace("lifecycle.", "ev_")] = {"type": "object", **body}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "https://kv-lifecycle.invalid/schemas/events.schema.json",
+        "title": "kv-lifecycle structured log events",
+        "description": (
+            f"Version {SCHEMA_ID}.  GENERATED from the lifecycle table (digest {spec.digest}) by "
+            "`python -m lifecycle.audit --write-schema`; do not edit.  One JSON object per event "
+            "(structlog event dict: key 'event' is the name; the application may add keys such as "
+            "'level', 'log_level' or 'timestamp')."
+        ),
+        "x-schema-version": SCHEMA_ID,
+        "x-table-digest": spec.digest,
+        "type": "object",
+        "required": ["event", "request", "rank", "role", "t_mono_ns", "seq", "pid", "table", "schema"],
+        "properties": {
+            "event": {"enum": list(_EVENT_NAMES)},
+            "request": {"type": ["integer", "null"]},
+            "rank": {"type": "integer", "minimum": 0},
+            "role": ref("role"),
+            "t_mono_ns": {"type": "integer", "description": "engine monotonic clock, ns"},
+            "seq": {"type": "integer", "minimum": 0, "description": "per-process sequence; gaps = lost lines"},
+            "pid": {"type": "integer", "minimum": 0},
+            "table": {"type": "string", "pattern": "^[0-9a-f]{16}$", "description": "lifecycle table digest"},
+            "schema": {"const": SCHEMA_ID},
+        },
+        "allOf": [
+            {"if": {"properties": {"event": {"const": name}}, "required": ["event"]},
+             "then": ref(name.replace("lifecycle.", "ev_"))}
+            for name in _EVENT_NAMES
+        ],
+        "$defs": defs,
+    }
+
+
+def schema_path() -> Path:
+    return Path(__file__).resolve().parent.parent / "schemas" / "events.schema.json"
+
+
+def render_schema(spec: _spec.Spec) -> str:
+    return json.dumps(build_schema(spec), indent=2, sort_keys=False) + "\n"
+
+
+_VALIDATOR = None
+
+
+def load_schema() -> dict:
+    """The schema file when present (source checkout), else generated from the default table."""
+    p = schema_path()
+    if p.exists():
+        return json.loads(p.read_text(encoding="utf-8"))
+    return build_schema(_spec.load(_spec.default_table_path()))
+
+
+def _validator():
+    global _VALIDATOR
+    if _VALIDATOR is None:
+        try:
+            import jsonschema
+        except ImportError as exc:  # pragma: no cover - jsonschema is a test dependency
+            raise ImportError("validate_event needs jsonschema (pip install 'kv-lifecycle[test]')") from exc
+        schema = load_schema()
+        jsonschema.Draft202012Validator.check_schema(schema)
+        _VALIDATOR = jsonschema.Draft202012Validator(schema)
+    return _VALIDATOR
+
+
+class EventSchemaError(LifecycleError, ValueError):
+    """An event does not match ``schemas/events.schema.json``; ``errors`` lists each problem."""
+
+    def __init__(self, event: object, errors: list[str]):
+        self.event, self.errors = event, list(errors)
+        name = event.get("event") if isinstance(event, dict) else type(event).__name__
+        super().__init__(f"event {name!r} does not match {SCHEMA_ID}: " + "; ".join(self.errors))
+
+
+def event_errors(event: object) -> list[str]:
+    """Every schema violation of one event dict (empty when valid); ``log_level`` etc. are allowed."""
+    errs = sorted(_validator().iter_errors(event), key=lambda e: list(e.absolute_path))
+    return [f"{'/'.join(str(p) for p in e.absolute_path) or '<root>'}: {e.message}" for e in errs]
+
+
+def validate_event(event: object) -> None:
+    """Raise :class:`EventSchemaError` unless ``event`` (a structlog event dict) matches the schema."""
+    errs = event_errors(event)
+    if errs:
+        raise EventSchemaError(event, errs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Bounded aggregates
+# ------------------------------------------------------------------------------------------------
+
+
+def _bucket(v: int) -> int:
+    """Log-linear bucket (HDR style): exact below 64, then 32 sub-buckets per power of two (<= 1.6% error)."""
+    if v < 64:
+        return v if v > 0 else 0
+    e = v.bit_length() - 6
+    return (e << 5) + (v >> e)
+
+
+def _bucket_value(b: int) -> int:
+    if b < 64:
+        return b
+    e = (b >> 5) - 1
+    m = b - (e << 5)
+    return (m << e) + ((1 << e) >> 1)
+
+
+class LogHistogram:
+    """Fixed-size histogram of non-negative ints (ns); quantiles within ~1.6% relative error."""
+
+    __slots__ = ("buckets", "count", "max", "total")
+
+    def __init__(self) -> None:
+        self.buckets: dict[int, int] = {}
+        self.count = 0
+        self.max = 0
+        self.total = 0
+
+    def add(self, v: int) -> None:
+        b = _bucket(v)
+        self.buckets[b] = self.buckets.get(b, 0) + 1
+        self.count += 1
+        self.total += v
+        if v > self.max:
+            self.max = v
+
+    def quantile(self, q: float) -> int:
+        if not self.count:
+            return 0
+        rank = max(1, -(-int(q * self.count * 1000) // 1000))
+        seen = 0
+        for b in sorted(self.buckets):
+            seen += self.buckets[b]
+            if seen >= rank:
+                return min(_bucket_value(b), self.max)
+        return self.max
+
+    def as_dict(self) -> dict:
+        return {"count": self.count, "p50_ns": self.quantile(0.5), "p99_ns": self.quantile(0.99),
+                "max_ns": self.max, "mean_ns": self.total // self.count if self.count else 0}
+
+
+# ------------------------------------------------------------------------------------------------
+# Findings and results
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One violation or warning; ``line`` is 1-based in ``file`` (0 when not tied to a line)."""
+
+    kind: str
+    file: str
+    line: int
+    message: str
+    rank: int | None = None
+    request: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def violation(self) -> bool:
+        return self.kind in VIOLATION_KINDS
+
+    def as_dict(self) -> dict:
+        d = {"kind": self.kind, "file": self.file, "line": self.line, "rank": self.rank,
+             "request": self.request, "message": self.message}
+        if self.extra:
+            d["extra"] = self.extra
+        return d
+
+    def __str__(self) -> str:
+        who = ""
+        if self.request is not None:
+            who = f" rank {self.rank} request {self.request}:"
+        elif self.rank is not None:
+            who = f" rank {self.rank}:"
+        return f"{self.file}:{self.line}: [{self.kind}]{who} {self.message}"
+
+
+@dataclass
+class RequestSummary:
+    """A finished (or leaked) request kept for the report: the slowest, and those with violations."""
+
+    rank: int
+    request: int
+    role: str | None
+    file: str
+    line: int
+    start_ns: int
+    end_ns: int
+    outcome: str | None
+    final_state: str
+    segments: list  # [(state, t_start_ns, t_end_ns)]
+    kinds: list  # violation kinds touching this request
+    ended: bool  # False: still live when the log ended
+
+    @property
+    def lifetime_ns(self) -> int:
+        return self.end_ns - self.start_ns
+
+    def as_dict(self) -> dict:
+        return {"rank": self.rank, "request": self.request, "role": self.role, "file": self.file,
+                "line": self.line, "lifetime_ns": self.lifetime_ns, "outcome": self.outcome,
+                "final_state": self.final_state, "ended": self.ended, "violations": list(self.kinds),
+                "segments": [[s, a - self.start_ns, b - self.start_ns] for s, a, b in self.segments]}
+
+
+@dataclass
+class AuditResult:
+    files: list[str]
+    table_digest: str
+    lines: int
+    events: int
+    requests: int
+    terminated: int
+    live: int
+    findings: list[Finding]
+    finding_counts: dict[str, int]
+    time_in_state: dict[str, LogHistogram]
+    lifetime: LogHistogram
+    outcomes: dict[str, int]
+    event_counts: dict[str, int]
+    edges: dict[tuple[str | None, str, str], int]
+    illegal_edges: dict[tuple[str | None, str, str], int]
+    late: dict[tuple[str, str], int]
+    rejected: dict[tuple[str, str], int]
+    slowest: list[RequestSummary]
+    violating: list[RequestSummary]
+    streams: dict[int, dict]
+    ranks: list[int]
+
+    @property
+    def violations(self) -> int:
+        return sum(n for k, n in self.finding_counts.items() if k in VIOLATION_KINDS)
+
+    @property
+    def ok(self) -> bool:
+        return self.violations == 0
+
+    def by_kind(self, kind: str) -> list[Finding]:
+        return [f for f in self.findings if f.kind == kind]
+
+    def as_dict(self) -> dict:
+        viol = {k: self.finding_counts.get(k, 0) for k in VIOLATION_KINDS}
+        warn = {k: self.finding_counts.get(k, 0) for k in WARNING_KINDS}
+        return {
+            "format": AUDIT_FORMAT,
+            "ok": self.ok,
+            "files": self.files,
+            "table": self.table_digest,
+            "lines": self.lines,
+            "events": self.events,
+            "requests": {"total": self.requests, "terminated": self.terminated, "live": self.live},
+            "ranks": self.ranks,
+            "violations": viol,
+            "warnings": warn,
+            "findings": [f.as_dict() for f in self.findings],
+            "time_in_state": {s: h.as_dict() for s, h in self.time_in_state.items()},
+            "lifetime": self.lifetime.as_dict(),
+            "outcomes": dict(self.outcomes),
+            "event_counts": dict(sorted(self.event_counts.items())),
+            "edges": [{"from": a, "trigger": e, "to": b, "count": n} for (a, e, b), n in sorted(
+                self.edges.items(), key=lambda kv: (kv[0][0] or "", kv[0][1], kv[0][2]))],
+            "illegal_edges": [{"from": a, "trigger": e, "to": b, "count": n} for (a, e, b), n in sorted(
+                self.illegal_edges.items(), key=lambda kv: (kv[0][0] or "", kv[0][1], kv[0][2]))],
+            "late": [{"state": s, "trigger": e, "count": n} for (s, e), n in sorted(self.late.items())],
+            "rejected": [{"state": s, "trigger": e, "count": n} for (s, e), n in sorted(self.rejected.items())],
+            "slowest": [r.as_dict() for r in self.slowest],
+            "violating": [r.as_dict() for r in self.violating],
+            "streams": {str(p): v for p, v in sorted(self.streams.items())},
+        }
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading lines (plain or gzip, bounded line length)
+# ------------------------------------------------------------------------------------------------
+
+TOO_LONG = object()
+
+
+class _Unreadable(Exception):
+    pass
+
+
+def _open(path: str):
+    """Text stream (UTF-8; undecodable bytes kept as surrogates, so JSON parsing reports them)."""
+    raw = open(path, "rb")  # noqa: SIM115 - closed by the caller via the wrapper
+    if raw.peek(2)[:2] == b"\x1f\x8b":
+        raw.close()
+        raw = gzip.open(path, "rb")
+    return io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="\n")
+
+
+def iter_lines(path: str, max_line: int = MAX_LINE) -> Iterator[tuple[int, object]]:
+    """Yield ``(lineno, str)`` per line; ``(lineno, TOO_LONG)`` for a line over ``max_line`` characters.
+
+    Memory stays bounded by ``max_line`` + one chunk whatever the file holds.  A read error (truncated
+    gzip, I/O error) raises :class:`_Unreadable` carrying the line number reached.
+    """
+    lineno = 0
+    buf = ""
+    skipping = False
+    try:
+        with _open(path) as f:
+            read = f.read
+            while True:
+                chunk = read(_CHUNK)
+                if not chunk:
+                    break
+                if skipping:
+                    i = chunk.find("\n")
+                    if i < 0:
+                        continue
+                    skipping = False
+                    lineno += 1
+                    yield lineno, TOO_LONG
+                    chunk = chunk[i + 1:]
+                parts = (buf + chunk).split("\n") if buf else chunk.split("\n")
+                buf = parts.pop()
+                for p in parts:
+                    lineno += 1
+                    if len(p) > max_line:
+                        yield lineno, TOO_LONG
+                    else:
+                        yield lineno, p
+                if len(buf) > max_line:
+                    buf = ""
+                    skipping = True
+    except (OSError, EOFError, zlib.error) as exc:
+        raise _Unreadable(lineno + 1, f"{type(exc).__name__}: {exc}") from exc
+    if skipping:
+        yield lineno + 1, TOO_LONG
+    elif buf.strip():
+        yield lineno + 1, buf
+
+
+_SCAN = json.JSONDecoder().scan_once  # the C scanner: json.loads minus its wrappers
+
+
+def _parse(line: str):
+    """Parse one line; fast path is the C scanner, anything unusual goes through json.loads."""
+    try:
+        obj, end = _SCAN(line, 0)
+        if end == len(line):
+            return obj
+    except (StopIteration, ValueError, RecursionError):
+        pass
+    return json.loads(line)
+
+
+# ------------------------------------------------------------------------------------------------
+# The auditor
+# ------------------------------------------------------------------------------------------------
+
+# session list fields (a list, not an object: one allocation per request, fast field access)
+_S_STATE, _S_ENTERED, _S_START, _S_ROLE, _S_SLOT, _S_PID, _S_OUTCOME, _S_DEFERRED, _S_NOTICES = range(9)
+_S_TERM_RESULTS, _S_FILE, _S_LINE, _S_HIST, _S_KINDS, _S_LAST_LINE, _S_DEFER_LINE, _S_NOTICE_LINE = range(9, 17)
+# tombstone fields
+_T_DEFERRED, _T_NOTICES, _T_TERM_RESULTS, _T_FILE, _T_LINE, _T_DEFER_LINE, _T_NOTICE_LINE = range(7)
+
+
+class Auditor:
+    """Streaming replay of lifecycle events.  Feed parsed events with :meth:`feed`, then :meth:`finish`."""
+
+    def __init__(self, spec: _spec.Spec | None = None, *, window: int = 8192, top: int = 20,
+                 keep_findings: int = 1000, keep_violating: int = 50, leak_age_ns: int = 0,
+                 max_line: int = MAX_LINE):
+        self.spec = spec if spec is not None else _spec.load(_spec.default_table_path())
+        sp = self.spec
+        self.window = window
+        self.top = top
+        self.keep_findings = keep_findings
+        self.keep_violating = keep_violating
+        self.leak_age_ns = leak_age_ns
+        self.max_line = max_line
+        self.states = frozenset(sp.states)
+        self.events_set = frozenset(sp.events)
+        self.outcomes_set = frozenset(sp.outcomes)
+        self.terminal = frozenset(sp.terminal)
+        self.final = frozenset(sp.final)
+        self.initial = sp.initial
+        self.create_event = sp.create_event
+        # moves[src][trigger] = dst, over moving rows only
+        self.moves: dict[str, dict[str, str]] = {s: {} for s in sp.states}
+        for r in sp.rows:
+            if r.src != _spec.CREATE_SOURCE and r.moves:
+                self.moves[r.src][r.event] = r.dst
+        self.digest = sp.digest
+        self.files: list[str] = []
+        self.lines = 0
+        self.events = 0
+        self.requests = 0
+        self.terminated = 0
+        self.live: dict[tuple[int, int], list] = {}
+        self.tombs: dict[tuple[int, int], list] = {}
+        self.findings: list[Finding] = []
+        self.counts: dict[str, int] = {}
+        self.tis: dict[str, LogHistogram] = {s: LogHistogram() for s in sp.states if s not in self.final}
+        self.lifetime = LogHistogram()
+        self.outcomes: dict[str, int] = {o: 0 for o in sp.outcomes}
+        self.event_counts: dict[str, int] = {}
+        self.edge_counts: dict[str, dict[str, int]] = {s: {} for s in (*sp.states, "*")}
+        self.illegal_edges: dict[tuple, int] = {}
+        self.late: dict[tuple[str, str], int] = {}
+        self.rejected: dict[tuple[str, str], int] = {}
+        self.slowest: list = []  # min-heap of (lifetime, tiebreak, RequestSummary)
+        self._tiebreak = 0
+        self.violating: list[RequestSummary] = []
+        self.streams: dict[int, list] = {}  # pid -> [expected_seq, max_t, missing{seq: (file, line)}, events, file]
+        self.slots: dict[tuple[int, int], list] = {}  # (pid, slot) -> [status, owner_key, file, line]
+        self.xrank: dict[int, list] = {}  # request -> [outcome, rank, nranks, reported]
+        self.ranks: set[int] = set()
+        self._bad_tables: set = set()
+        self._file = "<events>"
+
+    # -------------------------------------------------------------------- findings
+    def _find(self, kind: str, line: int, message: str, rank=None, request=None, file=None, **extra) -> None:
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        if self.counts[kind] <= self.keep_findings:
+            self.findings.append(Finding(kind, file or self._file, line, message, rank, request, extra))
+
+    def _mark(self, s: list, kind: str) -> None:
+        k = s[_S_KINDS]
+        if k is None:
+            s[_S_KINDS] = [kind]
+        elif kind not in k:
+            k.append(kind)
+
+    # -------------------------------------------------------------------- input
+    def feed_file(self, path: str | Path) -> None:
+        self.feed_files([path])
+
+    def feed_files(self, paths: Iterable[str | Path]) -> None:
+        paths = [str(p) for p in paths]
+        self.files.extend(paths)
+        if len(paths) == 1:
+            self._feed_one(paths[0])
+        elif paths:
+            self._feed_merged(paths)
+
+    def _feed_one(self, path: str) -> None:
+        self._file = path
+        loads = _parse
+        event = self.event
+        lines = 0
+        it = iter_lines(path, self.max_line)
+        while True:
+            try:
+                for lineno, raw in it:
+                    lines += 1
+                    if raw is TOO_LONG:
+                        self._find("malformed", lineno, f"line longer than {self.max_line} bytes; skipped", file=path)
+                        continue
+                    try:
+                        d = loads(raw)
+                    except (ValueError, RecursionError) as exc:
+                        if not raw.strip():
+                            lines -= 1
+                            continue
+                        self._find("malformed", lineno, f"not JSON: {_short(exc)}", file=path)
+                        continue
+                    event(d, lineno)
+                break
+            except _Unreadable as exc:
+                self._find("unreadable", exc.args[0], f"cannot read further: {exc.args[1]}", file=path)
+                break
+        self.lines += lines
+
+    def _feed_merged(self, paths: list[str]) -> None:
+        """Interleave several files (one per rank) by time, so cross-rank state stays small.
+
+        Each file keeps its own order; the merge key is the event's monotonic time (relative to the
+        file's first event when the files' clocks are more than an hour apart: different hosts).
+        """
+        loads = _parse
+
+        def source(idx: int, path: str):
+            it = iter_lines(path, self.max_line)
+            try:
+                for lineno, raw in it:
+                    self.lines += 1
+                    if raw is TOO_LONG:
+                        yield None, lineno, f"line longer than {self.max_line} bytes; skipped"
+                        continue
+                    try:
+                        d = loads(raw)
+                    except (ValueError, RecursionError) as exc:
+                        if not raw.strip():
+                            self.lines -= 1
+                            continue
+                        yield None, lineno, f"not JSON: {_short(exc)}"
+                        continue
+                    yield d, lineno, None
+            except _Unreadable as exc:
+                yield None, exc.args[0], "unreadable:" + exc.args[1]
+
+        def tkey(d) -> int | None:
+            t = d.get("t_mono_ns") if type(d) is dict else None
+            return t if type(t) is int else None
+
+        chains = []
+        firsts: list[int | None] = []
+        for i, path in enumerate(paths):
+            g = source(i, path)
+            buffered = []
+            first = None
+            for item in g:
+                buffered.append(item)
+                if item[0] is not None and tkey(item[0]) is not None:
+                    first = tkey(item[0])
+                    break
+            firsts.append(first)
+            chains.append(itertools.chain(buffered, g))
+        known = [f for f in firsts if f is not None]
+        relative = bool(known) and max(known) - min(known) > 3600 * 10**9
+        heap: list = []
+        last_key = [0] * len(paths)
+
+        def push(i: int, item) -> None:
+            d = item[0]
+            k = tkey(d) if d is not None else None
+            if k is None:
+                k = last_key[i]
+            elif relative and firsts[i] is not None:
+                k -= firsts[i]
+            last_key[i] = k
+            heapq.heappush(heap, (k, i, item[1], item))
+
+        for i, ch in enumerate(chains):
+            nxt = next(ch, None)
+            if nxt is not None:
+                push(i, nxt)
+        event = self.event
+        while heap:
+            _, i, _, (d, lineno, err) = heapq.heappop(heap)
+            self._file = paths[i]
+            if d is None:
+                if err.startswith("unreadable:"):
+                    self._find("unreadable", lineno, "cannot read further: " + err[11:], file=paths[i])
+                else:
+                    self._find("malformed", lineno, err, file=paths[i])
+            else:
+                event(d, lineno)
+            nxt = next(chains[i], None)
+            if nxt is not None:
+                push(i, nxt)
+
+    # -------------------------------------------------------------------- the hot path
+    def event(self, d: object, line: int) -> None:
+        """Replay one parsed event (``line`` is its line number in the current file)."""
+        if type(d) is not dict:
+            self._find("malformed", line, f"not a JSON object but {type(d).__name__}")
+            return
+        name = d.get("event")
+        rank = d.get("rank")
+        seq = d.get("seq")
+        pid = d.get("pid")
+        t = d.get("t_mono_ns")
+        if type(name) is not str or type(rank) is not int or type(seq) is not int or type(pid) is not int \
+                or type(t) is not int:
+            self._bad_common(d, line)
+            return
+        req = d.get("request")
+        if req is not None and type(req) is not int:
+            self._find("malformed", line, f"'request' must be an int or null, got {_tname(req)}", rank=rank)
+            return
+        tbl = d.get("table")
+        if tbl != self.digest and tbl not in self._bad_tables:
+            self._bad_tables.add(tbl)
+            self._find("table_mismatch", line, f"event logged with table {tbl!r}; auditing with {self.digest}",
+                       rank=rank)
+        self.events += 1
+        ec = self.event_counts
+        ec[name] = ec.get(name, 0) + 1
+        # per-process sequence
+        st = self.streams.get(pid)
+        if st is None:
+            st = self.streams[pid] = [seq + 1, t, None, 1, self._file, seq]
+            if seq != 0:
+                self._find("stream_start", line, f"pid {pid}: stream starts at seq {seq}, not 0 (rotated log?)",
+                           rank=rank)
+            self.ranks.add(rank)
+        else:
+            st[3] += 1
+            if t > st[1]:
+                st[1] = t
+            if seq != st[0]:
+                self._seq_mismatch(st, pid, seq, line, rank)
+            else:
+                st[0] = seq + 1
+        if name == "lifecycle.transition":
+            self._transition(d, req, rank, pid, t, line)
+        elif name == "lifecycle.terminate":
+            self._terminate(d, req, rank, line)
+        elif name == "lifecycle.cancel":
+            r = d.get("result")
+            if r not in self.spec.cancel_frees:
+                self._find("malformed", line, f"lifecycle.cancel: unknown result {r!r}", rank=rank, request=req)
+        elif name == "lifecycle.terminate_now":
+            self._terminate_now(req, rank, line)
+        elif name == "lifecycle.late_event" or name == "lifecycle.illegal_transition":
+            trig, state = d.get("trigger"), d.get("state")
+            if trig not in self.events_set or state not in self.states:
+                self._find("malformed", line, f"{name}: bad trigger/state {trig!r}/{state!r}", rank=rank,
+                           request=req)
+                return
+            if name == "lifecycle.late_event":
+                self.late[(state, trig)] = self.late.get((state, trig), 0) + 1
+            else:
+                self.rejected[(state, trig)] = self.rejected.get((state, trig), 0) + 1
+                self._find("rejected_event", line, f"engine rejected {trig} in state {state} (illegal call)",
+                           rank=rank, request=req)
+        elif name == "lifecycle.slot_quarantined" or name == "lifecycle.buffer_recovered":
+            slot = d.get("slot")
+            if type(slot) is not int or type(d.get("generation")) is not int:
+                self._find("malformed", line, f"{name}: slot/generation must be ints", rank=rank, request=req)
+                return
+            key = (pid, slot)
+            if name == "lifecycle.buffer_recovered":
+                self.slots.pop(key, None)
+            else:
+                self.slots[key] = ["quarantined", (rank, req), self._file, line]
+        elif name == "lifecycle.callback_error":
+            self._find("callback_error", line, f"on_terminate raised {d.get('error')!r}", rank=rank, request=req)
+        elif name == "lifecycle.health":
+            if d.get("healthy") is False:
+                self._find("unhealthy", line, "engine unhealthy: " + "; ".join(map(str, d.get("reasons") or ())),
+                           rank=rank)
+        elif name == "lifecycle.collective_desync":
+            self._find("collective_desync", line,
+                       f"collective #{d.get('seq_no')} diverged in {d.get('field')}: sites {d.get('sites')}",
+                       rank=rank)
+        else:
+            self.events -= 1
+            ec[name] -= 1
+            if not ec[name]:
+                del ec[name]
+            self._find("malformed", line, f"unknown event name {name[:80]!r}", rank=rank, request=req)
+
+    def _bad_common(self, d: dict, line: int) -> None:
+        probs = []
+        for k, want in (("event", str), ("rank", int), ("seq", int), ("pid", int), ("t_mono_ns", int)):
+            v = d.get(k, _MISSING)
+            if v is _MISSING:
+                probs.append(f"missing '{k}'")
+            elif type(v) is not want:
+                probs.append(f"'{k}' must be {want.__name__}, got {_tname(v)}")
+        rank = d.get("rank") if type(d.get("rank")) is int else None
+        req = d.get("request") if type(d.get("request")) is int else None
+        self._find("malformed", line, "; ".join(probs), rank=rank, request=req)
+
+    def _seq_mismatch(self, st: list, pid: int, seq: int, line: int, rank: int) -> None:
+        expected = st[0]
+        missing = st[2]
+        if seq > expected:
+            n = seq - expected
+            if n <= 4096:
+                if missing is None:
+                    missing = st[2] = {}
+                for s in range(expected, seq):
+                    missing[s] = (self._file, line, rank)
+                if len(missing) > 8192:
+                    self._flush_missing(st, pid, keep=4096)
+            else:
+                self._find("seq_gap", line, f"pid {pid}: {n} line(s) lost (seq {expected}..{seq - 1})", rank=rank,
+                           pid=pid, first=expected, last=seq - 1)
+            st[0] = seq + 1
+        elif seq == 0:
+            self._flush_missing(st, pid)
+            st[0] = 1  # the process restarted its sequence (or a second run appended to the file)
+        elif missing is not None and seq in missing:
+            del missing[seq]  # a line written out of order (two threads emitting): not lost
+        else:
+            self._find("seq_gap", line, f"pid {pid}: seq {seq} repeated or out of order (expected {expected})",
+                       rank=rank, pid=pid, first=seq, last=seq)
+
+    def _flush_missing(self, st: list, pid: int, keep: int = 0) -> None:
+        missing = st[2]
+        if not missing:
+            return
+        seqs = sorted(missing)
+        flush, rest = (seqs[:-keep], seqs[-keep:]) if keep else (seqs, [])
+        # report runs of consecutive lost seqs as one finding each
+        i = 0
+        while i < len(flush):
+            j = i
+            while j + 1 < len(flush) and flush[j + 1] == flush[j] + 1:
+                j += 1
+            f, ln, rank = missing[flush[i]]
+            a, b = flush[i], flush[j]
+            what = f"seq {a}" if a == b else f"seq {a}..{b}"
+            self._find("seq_gap", ln, f"pid {pid}: {b - a + 1} line(s) lost ({what})", rank=rank, file=f,
+                       pid=pid, first=a, last=b)
+            i = j + 1
+        st[2] = {s: missing[s] for s in rest} or None
+
+    def _transition(self, d: dict, req, rank: int, pid: int, t: int, line: int) -> None:
+        frm = d.get("from_state")
+        to = d.get("to_state")
+        trig = d.get("trigger")
+        states = self.states
+        if type(req) is not int or to not in states or trig not in self.events_set or (
+                frm is not None and frm not in states):
+            self._find("malformed", line,
+                       f"lifecycle.transition: bad request/from_state/to_state/trigger "
+                       f"{_r(req)}/{_r(frm)}/{_r(to)}/{_r(trig)}", rank=rank,
+                       request=req if type(req) is int else None)
+            return
+        outcome = d.get("outcome")
+        if outcome is not None and outcome not in self.outcomes_set:
+            self._find("malformed", line, f"lifecycle.transition: unknown outcome {_r(outcome)}", rank=rank,
+                       request=req)
+            return
+        key = (rank, req)
+        s = self.live.get(key)
+        if frm is None:
+            # the creating event
+            if trig != self.create_event or to != self.initial:
+                self._illegal(None, trig, to, line, rank, req, s,
+                              f"creating event must be {self.create_event} -> {self.initial}")
+                return
+            if s is not None:
+                self._illegal(None, trig, to, line, rank, req, s,
+                              f"advertise of a live session (state {s[_S_STATE]})")
+                return
+            tomb = self.tombs.pop(key, None)
+            if tomb is not None:
+                self._check_tomb(key, tomb)
+            c = self.edge_counts["*"]
+            c[trig] = c.get(trig, 0) + 1
+            slot = d.get("slot")
+            role = d.get("role")
+            s = [to, t, t, role, -1, pid, None, False, 0, 0, self._file, line, [to, t], None, line, 0, 0]
+            self.live[key] = s
+            self.requests += 1
+            if type(slot) is int and slot >= 0:
+                s[_S_SLOT] = slot
+                self._lease(s, key, pid, slot, line, rank, req)
+            return
+        if s is None:
+            tomb = self.tombs.get(key)
+            if tomb is not None:
+                if to in self.final:
+                    self._find("double_termination", line,
+                               f"second transition to {to} (first terminated at line {tomb[_T_LINE]})",
+                               rank=rank, request=req, first_line=tomb[_T_LINE])
+                else:
+                    self._illegal(frm, trig, to, line, rank, req, None, "transition after the final state")
+                return
+            # the session started before this log did: adopt it at from_state
+            self._find("adopted_session", line, f"first seen in state {frm} (advertise not in the log)", rank=rank,
+                       request=req)
+            s = [frm, t, t, d.get("role"), -1, pid, None, False, 0, 0, self._file, line, [frm, t], None, line, 0, 0]
+            self.live[key] = s
+            self.requests += 1
+            slot = d.get("slot")
+            if type(slot) is int and slot >= 0:
+                s[_S_SLOT] = slot
+        cur = s[_S_STATE]
+        s[_S_LAST_LINE] = line
+        dst = self.moves[frm].get(trig)
+        if cur != frm or dst != to:
+            if to in self.final and frm not in self.terminal and dst is None:
+                self._find("terminated_before_terminal", line,
+                           f"{frm} --{trig}--> {to}: terminated before reaching a terminal state "
+                           f"({'/'.join(self.spec.terminal)})", rank=rank, request=req)
+                self._mark(s, "terminated_before_terminal")
+                ie = self.illegal_edges
+                ie[(frm, trig, to)] = ie.get((frm, trig, to), 0) + 1
+            elif cur != frm and dst == to:
+                self._illegal(frm, trig, to, line, rank, req, s, f"replayed state is {cur}, the log says {frm}")
+            else:
+                self._illegal(frm, trig, to, line, rank, req, s,
+                              "not in the table" if dst is None else f"the table says {frm} + {trig} = {dst}")
+        else:
+            c = self.edge_counts[frm]
+            c[trig] = c.get(trig, 0) + 1
+        # time in the state we leave (the replayed one)
+        h = self.tis.get(cur)
+        if h is not None:
+            h.add(t - s[_S_ENTERED] if t >= s[_S_ENTERED] else 0)
+        s[_S_STATE] = to
+        s[_S_ENTERED] = t
+        hist = s[_S_HIST]
+        hist.append(to)
+        hist.append(t)
+        if outcome is not None:
+            s[_S_OUTCOME] = outcome
+        if d.get("deferred") is True:
+            s[_S_DEFERRED] = True
+        if to in self.terminal:
+            if outcome is not None:
+                self.outcomes[outcome] += 1
+                self._xrank(req, rank, outcome, line)
+            if to != "Quiesced" and s[_S_SLOT] >= 0:
+                sl = self.slots.get((pid, s[_S_SLOT]))
+                if sl is not None and sl[1] == key:
+                    sl[0] = "poisoned"
+        elif to in self.final:
+            self._fold(key, s, t, line)
+
+    def _illegal(self, frm, trig, to, line, rank, req, s, why: str) -> None:
+        ie = self.illegal_edges
+        ie[(frm, trig, to)] = ie.get((frm, trig, to), 0) + 1
+        self._find("illegal_transition", line, f"{frm or '*'} --{trig}--> {to}: {why}", rank=rank, request=req)
+        if s is not None:
+            self._mark(s, "illegal_transition")
+
+    def _lease(self, s: list, key, pid: int, slot: int, line: int, rank: int, req: int) -> None:
+        sk = (pid, slot)
+        prev = self.slots.get(sk)
+        if prev is not None:
+            status, owner, pf, pl = prev
+            if status == "held":
+                why = f"slot {slot} leased while still held by live request {owner[1]} (line {pl})"
+            else:
+                why = (f"slot {slot} leased again after it was {status} by request {owner[1]} at {pf}:{pl} "
+                       f"with no buffer_recovered")
+            self._find("slot_reuse", line, why, rank=rank, request=req, slot=slot, previous_request=owner[1],
+                       previous_line=pl, previous_status=status)
+            self._mark(s, "slot_reuse")
+        self.slots[sk] = ["held", key, self._file, line]
+
+    def _xrank(self, req: int, rank: int, outcome: str, line: int) -> None:
+        x = self.xrank.get(req)
+        if x is None:
+            if len(self.ranks) > 1:
+                if len(self.xrank) >= self.window * 4:
+                    self.xrank.pop(next(iter(self.xrank)))
+                    self.counts["window_evicted"] = self.counts.get("window_evicted", 0) + 1
+                self.xrank[req] = [outcome, rank, 1, False, self._file, line]
+            return
+        x[2] += 1
+        if x[0] != outcome and not x[3]:
+            x[3] = True
+            self._find("rank_disagreement", line,
+                       f"rank {rank} says {outcome}, rank {x[1]} said {x[0]} ({x[4]}:{x[5]})", rank=rank,
+                       request=req, outcomes={str(x[1]): x[0], str(rank): outcome}, other_line=x[5],
+                       other_file=x[4])
+            s = self.live.get((rank, req))
+            if s is not None:
+                self._mark(s, "rank_disagreement")
+        if x[2] >= len(self.ranks):
+            del self.xrank[req]
+
+    def _terminate(self, d: dict, req, rank: int, line: int) -> None:
+        r = d.get("result")
+        if r not in self.spec.terminate_results or type(req) is not int:
+            self._find("malformed", line, f"lifecycle.terminate: bad result/request {_r(r)}/{_r(req)}", rank=rank)
+            return
+        key = (rank, req)
+        if r == "Deferred":
+            s = self.live.get(key)
+            if s is None:
+                self._find("orphan_event", line, "terminate deferred for a request with no live session", rank=rank,
+                           request=req)
+                return
+            s[_S_DEFERRED] = True
+            if not s[_S_DEFER_LINE]:
+                s[_S_DEFER_LINE] = line
+        elif r == "Terminated":
+            s = self.live.get(key)
+            if s is not None:
+                s[_S_TERM_RESULTS] += 1
+                n = s[_S_TERM_RESULTS]
+            else:
+                tomb = self.tombs.get(key)
+                if tomb is None:
+                    return
+                tomb[_T_TERM_RESULTS] += 1
+                n = tomb[_T_TERM_RESULTS]
+            if n == 2:
+                self._find("double_termination", line, "terminate() returned Terminated twice", rank=rank,
+                           request=req)
+                if s is not None:
+                    self._mark(s, "double_termination")
+
+    def _terminate_now(self, req, rank: int, line: int) -> None:
+        if type(req) is not int:
+            self._find("malformed", line, "lifecycle.terminate_now needs an int request", rank=rank)
+            return
+        key = (rank, req)
+        s = self.live.get(key)
+        if s is not None:
+            s[_S_NOTICES] += 1
+            n = s[_S_NOTICES]
+            if n == 1:
+                s[_S_NOTICE_LINE] = line
+        else:
+            tomb = self.tombs.get(key)
+            if tomb is None:
+                self._find("orphan_event", line, "TerminateNow for a request with no session in the window",
+                           rank=rank, request=req)
+                return
+            tomb[_T_NOTICES] += 1
+            n = tomb[_T_NOTICES]
+            if n == 1:
+                tomb[_T_NOTICE_LINE] = line
+        if n == 2:
+            self._find("deferred_delivery", line, "deferred termination delivered twice (TerminateNow #2)",
+                       rank=rank, request=req, deliveries=2)
+            if s is not None:
+                self._mark(s, "deferred_delivery")
+        # a notice without a deferral is judged when the tombstone is checked: with threads, the
+        # Deferred result may be logged after the notice
+
+    def _fold(self, key, s: list, t: int, line: int) -> None:
+        """The session reached the final state: aggregate it and leave a tombstone."""
+        del self.live[key]
+        self.terminated += 1
+        life = t - s[_S_START]
+        if life < 0:
+            life = 0
+        self.lifetime.add(life)
+        hist = s[_S_HIST]
+        frm = hist[-4] if len(hist) >= 4 else None
+        slot = s[_S_SLOT]
+        if slot >= 0:
+            sk = (s[_S_PID], slot)
+            sl = self.slots.get(sk)
+            if sl is not None and sl[1] == key:
+                if frm == "Poisoned" or sl[0] == "poisoned":
+                    sl[0] = "quarantined"
+                else:
+                    del self.slots[sk]
+        slowest = self.slowest
+        if s[_S_KINDS] is not None:
+            if len(self.violating) < self.keep_violating:
+                self.violating.append(self._summary(key, s, t, True))
+        elif len(slowest) < self.top or life > slowest[0][0]:
+            self._tiebreak += 1
+            item = (life, self._tiebreak, self._summary(key, s, t, True))
+            if len(slowest) < self.top:
+                heapq.heappush(slowest, item)
+            else:
+                heapq.heapreplace(slowest, item)
+        tombs = self.tombs
+        tombs[key] = [s[_S_DEFERRED], s[_S_NOTICES], s[_S_TERM_RESULTS], s[_S_FILE], line,
+                      s[_S_DEFER_LINE] or line, s[_S_NOTICE_LINE]]
+        if len(tombs) > self.window:
+            old = next(iter(tombs))
+            self._check_tomb(old, tombs.pop(old))
+
+    def _check_tomb(self, key, tomb: list) -> None:
+        n = tomb[_T_NOTICES]
+        if tomb[_T_DEFERRED] and n == 0:
+            self._find("deferred_delivery", tomb[_T_DEFER_LINE],
+                       "deferred termination never delivered (no TerminateNow)", rank=key[0], request=key[1],
+                       file=tomb[_T_FILE], deliveries=0)
+        elif not tomb[_T_DEFERRED] and n:
+            self._find("deferred_delivery", tomb[_T_NOTICE_LINE],
+                       "TerminateNow delivered for a termination that was never deferred", rank=key[0],
+                       request=key[1], file=tomb[_T_FILE], deliveries=n)
+
+    def _summary(self, key, s: list, t_end: int, ended: bool) -> RequestSummary:
+        hist = s[_S_HIST]
+        segs = []
+        for i in range(0, len(hist) - 2, 2):
+            segs.append((hist[i], hist[i + 1], hist[i + 3]))
+        if not ended:
+            segs.append((hist[-2], hist[-1], max(t_end, hist[-1])))
+        return RequestSummary(key[0], key[1], s[_S_ROLE], s[_S_FILE], s[_S_LINE], s[_S_START],
+                              max(t_end, s[_S_START]), s[_S_OUTCOME], s[_S_STATE], segs, list(s[_S_KINDS] or ()),
+                              ended)
+
+    # -------------------------------------------------------------------- end of input
+    def finish(self) -> AuditResult:
+        for pid, st in self.streams.items():
+            self._flush_missing(st, pid)
+        for key in list(self.tombs):
+            self._check_tomb(key, self.tombs[key])
+        self.tombs.clear()
+        live_left = 0
+        for key, s in sorted(self.live.items(), key=lambda kv: (kv[1][_S_FILE], kv[1][_S_LINE])):
+            live_left += 1
+            pid_t = self.streams[s[_S_PID]][1] if s[_S_PID] in self.streams else s[_S_ENTERED]
+            age = max(pid_t - s[_S_START], 0)
+            state = s[_S_STATE]
+            if s[_S_DEFERRED] and state in self.terminal and s[_S_NOTICES] == 0:
+                self._find("deferred_delivery", s[_S_DEFER_LINE] or s[_S_LAST_LINE],
+                           f"deferred termination never delivered; session still {state}", rank=key[0],
+                           request=key[1], file=s[_S_FILE], deliveries=0)
+                self._mark(s, "deferred_delivery")
+            if age >= self.leak_age_ns and self.leak_age_ns >= 0:
+                self._find("leak", s[_S_LINE], f"never terminated: last state {state} (line {s[_S_LAST_LINE]}), "
+                           f"age {age / 1e9:.3f}s at end of log", rank=key[0], request=key[1], file=s[_S_FILE],
+                           last_state=state, age_ns=age, last_line=s[_S_LAST_LINE])
+                self._mark(s, "leak")
+            else:
+                self._find("live", s[_S_LINE], f"still {state} at end of log, age {age / 1e9:.3f}s", rank=key[0],
+                           request=key[1], file=s[_S_FILE], last_state=state, age_ns=age)
+            if s[_S_KINDS] is not None and len(self.violating) < self.keep_violating:
+                self.violating.append(self._summary(key, s, pid_t, False))
+        edges: dict[tuple, int] = {}
+        for frm, c in self.edge_counts.items():
+            for trig, n in c.items():
+                to = self.initial if frm == "*" else self.moves[frm][trig]
+                edges[(None if frm == "*" else frm, trig, to)] = n
+        self.findings.sort(key=lambda f: (f.kind not in VIOLATION_KINDS, f.file, f.line, f.kind))
+        streams = {pid: {"events": st[3], "next_seq": st[0], "file": st[4], "first_seq": st[5]}
+                   for pid, st in self.streams.items()}
+        return AuditResult(
+            files=list(self.files), table_digest=self.digest, lines=self.lines, events=self.events,
+            requests=self.requests, terminated=self.terminated, live=live_left, findings=self.findings,
+            finding_counts=dict(self.counts), time_in_state=self.tis, lifetime=self.lifetime,
+            outcomes=self.outcomes, event_counts=self.event_counts, edges=edges,
+            illegal_edges=dict(self.illegal_edges), late=self.late, rejected=self.rejected,
+            slowest=[x[2] for x in sorted(self.slowest, key=lambda x: (-x[0], x[1]))],
+            violating=self.violating, streams=streams, ranks=sorted(self.ranks),
+        )
+
+
+_MISSING = object()
+
+
+def _tname(v: object) -> str:
+    return "null" if v is None else type(v).__name__
+
+
+def _r(v: object) -> str:
+    s = repr(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def _short(exc: BaseException) -> str:
+    s = str(exc) or type(exc).__name__
+    return s if len(s) <= 120 else s[:117] + "..."
+
+
+def audit_paths(paths: Iterable[str | Path], spec: _spec.Spec | None = None, **kw) -> AuditResult:
+    """Audit log files (one per rank, or merged; plain or gzip JSON lines)."""
+    a = Auditor(spec, **kw)
+    a.feed_files(paths)
+    return a.finish()
+
+
+def audit_events(events: Iterable[dict], spec: _spec.Spec | None = None, **kw) -> AuditResult:
+    """Audit in-memory event dicts (e.g. from ``structlog.testing.capture_logs()``); line = index + 1."""
+    a = Auditor(spec, **kw)
+    a._file = "<events>"
+    a.files.append("<events>")
+    for i, d in enumerate(events, start=1):
+        a.lines += 1
+        a.event(d, i)
+    return a.finish()
+
+
+# ------------------------------------------------------------------------------------------------
+# Text output and CLI
+# ------------------------------------------------------------------------------------------------
+
+
+def _ms(ns: int) -> str:
+    return f"{ns / 1e6:.3f}"
+
+
+def format_text(res: AuditResult, max_findings: int = 50) -> str:
+    out: list[str] = []
+    w = out.append
+    w(f"kv-lifecycle audit: {len(res.files)} file(s), {res.lines} line(s), {res.events} event(s), "
+      f"{res.requests} request(s) ({res.terminated} terminated, {res.live} live), ranks {res.ranks}, "
+      f"table {res.table_digest}")
+    viol = [f for f in res.findings if f.violation]
+    warn = [f for f in res.findings if not f.violation]
+    if res.violations:
+        w(f"\nVIOLATIONS: {res.violations}  (" + ", ".join(
+            f"{k} {res.finding_counts[k]}" for k in VIOLATION_KINDS if res.finding_counts.get(k)) + ")")
+        for f in viol[:max_findings]:
+            w(f"  {f}")
+        if len(viol) > max_findings:
+            w(f"  ... {len(viol) - max_findings} more (use --json)")
+    else:
+        w("\nno violations")
+    nwarn = sum(n for k, n in res.finding_counts.items() if k in WARNING_KINDS)
+    if nwarn:
+        w(f"\nwarnings: {nwarn}  (" + ", ".join(
+            f"{k} {res.finding_counts[k]}" for k in WARNING_KINDS if res.finding_counts.get(k)) + ")")
+        for f in warn[:10]:
+            w(f"  {f}")
+        if len(warn) > 10:
+            w(f"  ... {len(warn) - 10} more (use --json)")
+    w("\ntime in state (ms):")
+    w(f"  {'state':<16}{'n':>10}{'p50':>12}{'p99':>12}{'max':>12}")
+    for s, h in res.time_in_state.items():
+        w(f"  {s:<16}{h.count:>10}{_ms(h.quantile(0.5)):>12}{_ms(h.quantile(0.99)):>12}{_ms(h.max):>12}")
+    lt = res.lifetime
+    w(f"  {'(lifetime)':<16}{lt.count:>10}{_ms(lt.quantile(0.5)):>12}{_ms(lt.quantile(0.99)):>12}{_ms(lt.max):>12}")
+    w("\noutcomes: " + ", ".join(f"{k} {v}" for k, v in res.outcomes.items()))
+    if res.late:
+        w("late events: " + ", ".join(f"{s}+{e} {n}" for (s, e), n in sorted(res.late.items())))
+    if res.slowest:
+        w("\nslowest requests:")
+        for r in res.slowest[:10]:
+            w(f"  rank {r.rank} request {r.request}: {_ms(r.lifetime_ns)} ms, outcome {r.outcome}, "
+              f"{' > '.join(seg[0] for seg in r.segments)} ({r.file}:{r.line})")
+    return "\n".join(out) + "\n"
+
+
+def main_audit(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="lifecycle audit",
+                                description="Replay request lifetimes from JSON-lines logs through the lifecycle table.")
+    p.add_argument("logs", nargs="+", help="log files: one per rank or merged; plain or gzip JSON lines")
+    p.add_argument("--json", action="store_true", help="machine-readable report on stdout")
+    p.add_argument("--html", metavar="OUT", help="also write a self-contained HTML report")
+    p.add_argument("--table", default=None, help="lifecycle table (default: the repository's)")
+    p.add_argument("--leak-age", type=float, default=0.0, metavar="SECONDS",
+                   help="sessions live at the end of the log younger than this are reported as live, not leaks")
+    p.add_argument("--window", type=int, default=8192, help="terminated sessions remembered (tombstones)")
+    p.add_argument("--top", type=int, default=20, help="slowest requests kept")
+    p.add_argument("--max-findings", type=int, default=1000, help="findings kept per kind (all are counted)")
+    p.add_argument("--timeline-cap", type=int, default=60, help="requests shown in the HTML timeline")
+    a = p.parse_args(argv)
+    try:
+        sp = _spec.load(a.table or _spec.default_table_path())
+    except _spec.SpecError as exc:
+        print(f"lifecycle audit: {exc}", file=sys.stderr)
+        return 2
+    for path in a.logs:
+        if not Path(path).is_file():
+            print(f"lifecycle audit: no such file: {path}", file=sys.stderr)
+            return 2
+    res = audit_paths(a.logs, sp, window=a.window, top=a.top, keep_findings=a.max_findings,
+                      leak_age_ns=int(a.leak_age * 1e9))
+    if a.html:
+        from .report import write_html
+
+        write_html(res, sp, a.html, timeline_cap=a.timeline_cap)
+    if a.json:
+        print(json.dumps(res.as_dict(), indent=2))
+    else:
+        sys.stdout.write(format_text(res))
+        if a.html:
+            print(f"HTML report: {a.html}")
+    return 0 if res.ok else 1
+
+
+def _write_schema_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m lifecycle.audit --write-schema")
+    p.add_argument("--write-schema", action="store_true", required=True)
+    p.add_argument("--out", default=str(schema_path()))
+    a = p.parse_args(argv)
+    Path(a.out).write_text(render_schema(_spec.load(_spec.default_table_path())), encoding="utf-8")
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    argv = sys.argv[1:]
+    sys.exit(_write_schema_main(argv) if "--write-schema" in argv else main_audit(argv))

@@ -1,0 +1,229 @@
+"""State diagrams (Mermaid, DOT, SVG) generated from the lifecycle table, via ``transitions``.
+
+The graph is read from the ``transitions.Machine`` that :func:`lifecycle.model.build_machine` builds from
+the table: its states, and every event's transitions with a destination.  Internal transitions
+(``dest=None``: .stay/.late/.defer rows) are not moves; the deferrals among them are drawn as dashed
+self-loops because exactly-once deferred termination is part of the design.  Labels take the outcome
+from the table row.  Output is deterministic: states in table order, edges sorted, no timestamps,
+and the Graphviz version comment is stripped from SVG.
+
+    lifecycle diagram --format mermaid|dot|svg [--out FILE] [--counts-from LOG ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import spec as _spec
+from .model import build_machine
+
+__all__ = ["Edge", "Graph", "graph", "main_diagram", "render", "to_dot", "to_mermaid", "to_svg"]
+
+FORMATS = ("mermaid", "dot", "svg")
+START = "[*]"
+
+
+@dataclass(frozen=True)
+class Edge:
+    src: str  # a state, or START for the creating event
+    trigger: str
+    dst: str
+    outcome: str | None
+    deferred: bool = False  # a .defer self-loop (not a move)
+
+    @property
+    def key(self) -> tuple[str | None, str, str]:
+        return (None if self.src == START else self.src, self.trigger, self.dst)
+
+
+@dataclass(frozen=True)
+class Graph:
+    states: tuple[str, ...]
+    kinds: dict[str, str]
+    docs: dict[str, str]
+    edges: tuple[Edge, ...]
+    digest: str
+    initial: str
+    final: tuple[str, ...]
+
+
+def graph(spec: _spec.Spec | None = None) -> Graph:
+    """Walk ``build_machine(spec)``: the machine's states and its transitions that have a destination."""
+    sp = spec if spec is not None else _spec.load(_spec.default_table_path())
+    m = build_machine(sp)
+    states = tuple(m.states)  # table order (the machine keeps insertion order)
+    order = {s: i for i, s in enumerate(states)}
+    ev_order = {e: i for i, e in enumerate(sp.events)}
+    edges: list[Edge] = [Edge(START, sp.create_event, sp.initial, None)]
+    moves: list[Edge] = []
+    for name, ev in m.events.items():
+        for src, trs in ev.transitions.items():
+            for t in trs:
+                row = sp.row(src, name)
+                if t.dest is not None:
+                    moves.append(Edge(src, name, t.dest, row.outcome if row else None))
+                elif row is not None and row.dst == ".defer":
+                    moves.append(Edge(src, name, src, None, deferred=True))
+    moves.sort(key=lambda e: (order[e.src], e.deferred, ev_order[e.trigger], order[e.dst]))
+    edges.extend(moves)
+    return Graph(states, dict(sp.state_kinds), dict(sp.state_docs), tuple(edges), sp.digest, sp.initial,
+                 tuple(sp.final))
+
+
+def _label(e: Edge, counts: dict | None) -> str:
+    lab = e.trigger
+    if e.deferred:
+        lab += " (deferred)"
+    elif e.outcome:
+        lab += f" / {e.outcome}"
+    if counts is not None and not e.deferred:
+        lab += f" ×{counts.get(e.key, 0)}"
+    return lab
+
+
+def _header(g: Graph) -> str:
+    return (f"GENERATED from schemas/lifecycle.table (digest {g.digest}) by `lifecycle diagram`; do not edit. "
+            "Double border: terminal (termination allowed); dark: final; dashed: deferred terminate.")
+
+
+def to_mermaid(g: Graph, counts: dict | None = None) -> str:
+    out = ["stateDiagram-v2", f"    %% {_header(g)}", "    direction LR"]
+    for e in g.edges:
+        src = "[*]" if e.src == START else e.src
+        out.append(f"    {src} --> {e.dst} : {_label(e, counts)}")
+    for s in g.final:
+        out.append(f"    {s} --> [*]")
+    out.append("    classDef terminal fill:#fff3bf,stroke:#b08800,stroke-width:3px")
+    out.append("    classDef final fill:#343a40,color:#ffffff,stroke:#000000,stroke-width:4px")
+    terminal = [s for s in g.states if g.kinds[s] == "terminal"]
+    if terminal:
+        out.append(f"    class {','.join(terminal)} terminal")
+    if g.final:
+        out.append(f"    class {','.join(g.final)} final")
+    return "\n".join(out) + "\n"
+
+
+def _q(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def to_dot(g: Graph, counts: dict | None = None) -> str:
+    title = "kv-lifecycle session lifecycle" + (" (observed counts)" if counts is not None else "")
+    out = [
+        f"// {_header(g)}",
+        "digraph lifecycle {",
+        f'  graph [rankdir=LR, fontname="Helvetica", fontsize=12, labelloc=t, label={_q(title)}, '
+        'nodesep=0.45, ranksep=0.7, bgcolor="white"];',
+        '  node [fontname="Helvetica", fontsize=12, shape=box, style="rounded,filled", fillcolor="#e7f0fa", '
+        'color="#2b5d8a"];',
+        '  edge [fontname="Helvetica", fontsize=10, color="#444444"];',
+        '  "__start__" [id="state-start", shape=point, width=0.18, label="", fillcolor="black"];',
+        '  "__end__" [id="state-end", shape=doublecircle, width=0.12, label="", style=filled, fillcolor="black"];',
+    ]
+    for s in g.states:
+        kind = g.kinds[s]
+        attrs = [f'id="state-{s}"', f"tooltip={_q(kind + ': ' + g.docs.get(s, ''))}"]
+        if kind == "terminal":
+            attrs += ['peripheries=2', 'fillcolor="#fff3bf"', 'color="#b08800"', 'penwidth=2']
+        elif kind == "final":
+            attrs += ['shape=doublecircle', 'fillcolor="#343a40"', 'fontcolor="white"', 'color="black"']
+        elif kind == "initial":
+            attrs += ['fillcolor="#d0ebff"']
+        out.append(f"  {_q(s)} [{', '.join(attrs)}];")
+    for e in g.edges:
+        src = "__start__" if e.src == START else e.src
+        attrs = [f'id="edge-{src.strip("_")}-{e.trigger}-{e.dst}"', f"label={_q(_label(e, counts))}"]
+        if e.deferred:
+            attrs += ["style=dashed", 'color="#888888"', 'fontcolor="#666666"']
+        elif counts is not None and counts.get(e.key, 0) == 0:
+            attrs += ['color="#bbbbbb"', 'fontcolor="#999999"']
+        elif counts is not None:
+            attrs += ["penwidth=2"]
+        out.append(f"  {_q(src)} -> {_q(e.dst)} [{', '.join(attrs)}];")
+    for s in g.final:
+        out.append(f'  {_q(s)} -> "__end__" [id="edge-{s}-end"];')
+    out.append("}")
+    return "\n".join(out) + "\n"
+
+
+_VERSION_COMMENT = re.compile(r"<!-- Generated by graphviz version[^>]*-->\n?")
+
+
+def dot_available() -> bool:
+    return shutil.which("dot") is not None
+
+
+def to_svg(g: Graph, counts: dict | None = None) -> str:
+    """SVG via Graphviz ``dot -Tsvg``; the version comment is stripped so output is byte-stable."""
+    exe = shutil.which("dot")
+    if exe is None:
+        raise FileNotFoundError("Graphviz `dot` is not installed (Debian: apt-get install graphviz)")
+    proc = subprocess.run([exe, "-Tsvg"], input=to_dot(g, counts).encode(), capture_output=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"dot -Tsvg failed ({proc.returncode}): {proc.stderr.decode(errors='replace')}")
+    svg = proc.stdout.decode("utf-8")
+    svg = _VERSION_COMMENT.sub("", svg)
+    return svg.replace("\r\n", "\n")
+
+
+def inline_svg(svg: str) -> str:
+    """The ``<svg>`` element only (no XML declaration / DOCTYPE), for embedding in HTML."""
+    i = svg.find("<svg")
+    return svg[i:] if i >= 0 else html.escape(svg)
+
+
+def render(fmt: str, spec: _spec.Spec | None = None, counts: dict | None = None) -> str:
+    g = graph(spec)
+    if fmt == "mermaid":
+        return to_mermaid(g, counts)
+    if fmt == "dot":
+        return to_dot(g, counts)
+    if fmt == "svg":
+        return to_svg(g, counts)
+    raise ValueError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
+
+
+def main_diagram(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="lifecycle diagram",
+                                description="Draw the lifecycle state diagram from the table (via transitions).")
+    p.add_argument("--format", choices=FORMATS, default="mermaid")
+    p.add_argument("--out", help="output file (default: stdout)")
+    p.add_argument("--table", help="lifecycle table (default: the repository's)")
+    p.add_argument("--counts-from", action="append", metavar="LOG", default=[],
+                   help="overlay edge counts observed in LOG (repeatable; one per rank or merged)")
+    a = p.parse_args(argv)
+    try:
+        sp = _spec.load(a.table or _spec.default_table_path())
+    except _spec.SpecError as exc:
+        print(f"lifecycle diagram: {exc}", file=sys.stderr)
+        return 2
+    counts = None
+    if a.counts_from:
+        from .audit import audit_paths
+
+        for path in a.counts_from:
+            if not Path(path).is_file():
+                print(f"lifecycle diagram: no such file: {path}", file=sys.stderr)
+                return 2
+        counts = dict(audit_paths(a.counts_from, sp).edges)
+    try:
+        text = render(a.format, sp, counts)
+    except (FileNotFoundError, RuntimeError) as exc:
+        print(f"lifecycle diagram: {exc}", file=sys.stderr)
+        return 2
+    if a.out:
+        Path(a.out).write_text(text, encoding="utf-8", newline="\n")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_diagram())

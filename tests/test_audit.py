@@ -1,0 +1,416 @@
+"""Audit: schema (generated from the table), golden logs audit clean, each hand-broken copy is caught
+with the right request and line, multi-rank input, bounded memory."""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import json
+import re
+
+import pytest
+
+from lifecycle import audit, spec
+from lifecycle.audit import Auditor, audit_events, audit_paths, main_audit, validate_event
+from tests.golden import make_golden as mg
+
+SPEC = spec.load(spec.default_table_path())
+GOLDEN = mg.HERE
+
+
+def write(path, events):
+    path.write_text(mg.render(events), encoding="utf-8")
+    return path
+
+
+def renumber(events):
+    """Re-sequence per pid after a hand edit, so only the intended violation remains."""
+    nxt: dict[int, int] = {}
+    out = []
+    for d in events:
+        d = dict(d)
+        d["seq"] = nxt.get(d["pid"], 0)
+        nxt[d["pid"]] = d["seq"] + 1
+        out.append(d)
+    return out
+
+
+def index(events, **match) -> int:
+    """1-based line of the first event with all ``match`` items."""
+    for i, d in enumerate(events, start=1):
+        if all(d.get(k) == v for k, v in match.items()):
+            return i
+    raise AssertionError(f"no event matches {match}")
+
+
+def violations(res):
+    return [f for f in res.findings if f.violation]
+
+
+# ------------------------------------------------------------------------------------ schema
+
+
+def test_schema_file_is_generated_from_the_table_and_fresh():
+    assert audit.schema_path().read_text(encoding="utf-8") == audit.render_schema(SPEC), (
+        "schemas/events.schema.json is stale: run `python -m lifecycle.audit --write-schema`")
+
+
+def test_schema_enums_equal_the_table():
+    s = json.loads(audit.schema_path().read_text(encoding="utf-8"))
+    d = s["$defs"]
+    assert d["state"]["enum"] == list(SPEC.states)
+    assert d["lifecycle_event"]["enum"] == list(SPEC.events)
+    assert d["outcome"]["enum"] == list(SPEC.outcomes)
+    assert d["cancel_result"]["enum"] == list(SPEC.cancel_results)
+    assert d["terminate_result"]["enum"] == list(SPEC.terminate_results)
+    assert s["x-table-digest"] == SPEC.digest
+    assert s["properties"]["schema"]["const"] == "kv-lifecycle.events/1"
+
+
+def test_schema_is_valid_draft_2020_12():
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.Draft202012Validator.check_schema(audit.load_schema())
+
+
+@pytest.mark.parametrize("name", sorted(mg.scenarios()))
+def test_every_golden_event_matches_the_schema(name):
+    for d in mg.scenarios()[name]:
+        validate_event(d)
+
+
+def test_capture_logs_shape_is_accepted():
+    d = dict(mg.clean_run()[0])
+    d.pop("level")
+    d["log_level"] = "info"  # what structlog.testing.capture_logs() adds
+    validate_event(d)
+
+
+@pytest.mark.parametrize(
+    ("edit", "pattern"),
+    [
+        ({"to_state": "Nowhere"}, r"to_state: 'Nowhere' is not one of"),
+        ({"seq": "7"}, r"seq: '7' is not of type 'integer'"),
+        ({"schema": "kv-lifecycle.events/0"}, r"schema: 'kv-lifecycle.events/1' was expected"),
+        ({"trigger": "expose"}, r"trigger: 'advertise' was expected"),
+    ],
+)
+def test_schema_rejects_bad_events_with_a_named_field(edit, pattern):
+    d = {**mg.clean_run()[0], **edit}
+    with pytest.raises(audit.EventSchemaError, match=r"^event 'lifecycle.transition' does not match "
+                       r"kv-lifecycle.events/1: .*" + pattern):
+        validate_event(d)
+
+
+def test_missing_common_key_is_rejected():
+    d = dict(mg.clean_run()[0])
+    del d["t_mono_ns"]
+    with pytest.raises(audit.EventSchemaError, match=r"'t_mono_ns' is a required property"):
+        validate_event(d)
+
+
+# ------------------------------------------------------------------------------------ goldens
+
+
+def test_golden_files_are_fresh():
+    for name, events in mg.scenarios().items():
+        assert (GOLDEN / f"{name}.jsonl").read_text(encoding="utf-8") == mg.render(events), (
+            f"tests/golden/{name}.jsonl is stale: run `python tests/golden/make_golden.py`")
+
+
+@pytest.mark.parametrize("names", [["clean_run"], ["cancellation"], ["poisoning"], ["deferred_termination"],
+                                   ["two_rank.rank0", "two_rank.rank1"], ["two_rank.merged"]])
+def test_golden_logs_audit_clean(names, capsys):
+    paths = [str(GOLDEN / f"{n}.jsonl") for n in names]
+    res = audit_paths(paths)
+    assert res.ok, [str(f) for f in res.findings]
+    assert res.finding_counts == {}
+    assert res.live == 0 and res.terminated == res.requests > 0
+    assert main_audit(paths) == 0
+    assert "no violations" in capsys.readouterr().out
+
+
+def test_golden_stats_are_counted():
+    res = audit_paths([str(GOLDEN / "poisoning.jsonl")])
+    assert res.outcomes == {"completed": 1, "cancelled": 0, "failed": 1, "expired": 1}
+    assert res.late == {("Terminated", "complete"): 1, ("Terminated", "fail"): 1}
+    assert res.edges[("InFlight", "fail", "Poisoned")] == 1
+    assert res.edges[(None, "advertise", "Advertised")] == 3
+    assert res.time_in_state["CancelRequested"].max == 50 * mg.MS
+    assert [r.request for r in res.slowest][-1] == 22
+
+
+def test_gzip_logs_are_read(tmp_path):
+    p = tmp_path / "clean.jsonl.gz"
+    p.write_bytes(gzip.compress((GOLDEN / "clean_run.jsonl").read_bytes()))
+    res = audit_paths([str(p)])
+    assert res.ok and res.events == 20
+
+
+def test_json_output_is_machine_readable(capsys):
+    assert main_audit([str(GOLDEN / "cancellation.jsonl"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["format"] == "kv-lifecycle.audit/1" and out["ok"] is True
+    assert out["requests"] == {"total": 3, "terminated": 3, "live": 0}
+    assert set(out["time_in_state"]) == set(SPEC.states) - set(SPEC.final)
+
+
+# ------------------------------------------------------------------------------------ hand-broken copies
+
+
+def _break_illegal():
+    ev = mg.clean_run()
+    i = index(ev, request=1, trigger="expose")
+    ev[i - 1]["to_state"] = "Quiesced"
+    return ev, "illegal_transition", 1, i
+
+
+def _break_terminate_early():
+    ev = mg.clean_run()
+    i = index(ev, request=3, trigger="complete")
+    ev[i - 1].update(to_state="Terminated", trigger="terminate", outcome=None)
+    return ev, "terminated_before_terminal", 3, i
+
+
+def _break_leak():
+    ev = mg.clean_run()
+    del ev[index(ev, request=3, to_state="Terminated") - 1]
+    ev = renumber(ev)
+    return ev, "leak", 3, index(ev, request=3, trigger="advertise")
+
+
+def _break_double_termination():
+    ev = mg.clean_run()
+    i = index(ev, request=2, to_state="Terminated")
+    ev.insert(i, copy.deepcopy(ev[i - 1]))
+    return renumber(ev), "double_termination", 2, i + 1
+
+
+def _break_deferred_never_delivered():
+    ev = mg.deferred_termination()
+    del ev[index(ev, event="lifecycle.terminate_now", request=30) - 1]
+    ev = renumber(ev)
+    return ev, "deferred_delivery", 30, index(ev, event="lifecycle.terminate", request=30, result="Deferred")
+
+
+def _break_deferred_delivered_twice():
+    ev = mg.deferred_termination()
+    i = index(ev, event="lifecycle.terminate_now", request=31)
+    ev.insert(i, copy.deepcopy(ev[i - 1]))
+    return renumber(ev), "deferred_delivery", 31, i + 1
+
+
+def _break_slot_reuse():
+    ev = mg.poisoning()
+    del ev[index(ev, event="lifecycle.buffer_recovered") - 1]
+    ev = renumber(ev)
+    return ev, "slot_reuse", 22, index(ev, request=22, trigger="advertise")
+
+
+def _break_seq_gap():
+    ev = mg.cancellation()
+    del ev[6]  # a lost line (not renumbered); its loss also breaks the replay
+    return ev, "seq_gap", None, 7
+
+
+def _break_malformed():
+    ev = mg.cancellation()
+    return ev, "malformed", None, 5  # a garbage line is inserted as line 5 in the test below
+
+
+BREAKS = {
+    "illegal_transition": _break_illegal,
+    "terminated_before_terminal": _break_terminate_early,
+    "leak": _break_leak,
+    "double_termination": _break_double_termination,
+    "deferred_0": _break_deferred_never_delivered,
+    "deferred_2": _break_deferred_delivered_twice,
+    "slot_reuse": _break_slot_reuse,
+    "seq_gap": _break_seq_gap,
+    "malformed": _break_malformed,
+}
+
+
+@pytest.mark.parametrize("name", sorted(BREAKS))
+def test_broken_copy_is_caught_at_the_right_request_and_line(name, tmp_path, capsys):
+    ev, kind, req, line = BREAKS[name]()
+    text = mg.render(ev)
+    if name == "malformed":
+        lines = text.splitlines(keepends=True)
+        lines.insert(line - 1, '{"event": "lifecycle.transition", "request": 1\n')  # a truncated line
+        text = "".join(lines)
+    p = tmp_path / f"{name}.jsonl"
+    p.write_text(text, encoding="utf-8")
+    res = audit_paths([str(p)])
+    hits = [f for f in res.by_kind(kind) if f.line == line and (req is None or f.request == req)]
+    assert hits, [str(f) for f in res.findings]
+    assert hits[0].file == str(p)
+    assert not res.ok
+    assert main_audit([str(p)]) == 1
+    out = capsys.readouterr().out
+    assert re.search(rf"{re.escape(str(p))}:{line}: \[{kind}\]", out)
+    if name not in ("seq_gap", "terminated_before_terminal", "illegal_transition"):
+        # the edit produced exactly the intended violation
+        assert {f.kind for f in violations(res)} == {kind}, [str(f) for f in violations(res)]
+
+
+def test_leak_reports_last_state_and_age(tmp_path):
+    ev, *_ = _break_leak()
+    res = audit_paths([str(write(tmp_path / "l.jsonl", ev))])
+    (leak,) = res.by_kind("leak")
+    assert leak.extra["last_state"] == "Quiesced"
+    assert leak.extra["age_ns"] > 0
+    assert re.fullmatch(r"never terminated: last state Quiesced \(line \d+\), age \d+\.\d{3}s at end of log",
+                        leak.message)
+
+
+def test_leak_age_threshold_reports_young_sessions_as_live(tmp_path):
+    ev, *_ = _break_leak()
+    p = str(write(tmp_path / "l.jsonl", ev))
+    assert main_audit([p, "--leak-age", "3600"]) == 0
+
+
+def _two_rank_disagreeing():
+    r0, r1 = mg.two_rank()
+    i = index(r1, request=40, trigger="complete")
+    r1[i - 1].update(to_state="Poisoned", outcome="failed", trigger="fail")
+    j = index(r1, request=40, to_state="Terminated")
+    r1[j - 1].update(from_state="Poisoned", outcome="failed")
+    return r0, r1, i
+
+
+def test_rank_disagreement_per_rank_files(tmp_path):
+    r0, r1, line = _two_rank_disagreeing()
+    p0, p1 = write(tmp_path / "r0.jsonl", r0), write(tmp_path / "r1.jsonl", r1)
+    res = audit_paths([str(p0), str(p1)])
+    (f,) = res.by_kind("rank_disagreement")
+    assert f.request == 40 and f.extra["outcomes"] == {"0": "completed", "1": "failed"}
+    assert (f.file, f.line) == (str(p1), line)
+    assert {x.kind for x in violations(res)} == {"rank_disagreement"}
+
+
+def test_rank_disagreement_in_a_merged_file(tmp_path):
+    r0, r1, _ = _two_rank_disagreeing()
+    merged = mg.merge_by_time(r0, r1)
+    p = write(tmp_path / "m.jsonl", merged)
+    res = audit_paths([str(p)])
+    (f,) = res.by_kind("rank_disagreement")
+    assert f.request == 40
+    assert f.line == index(merged, request=40, rank=1, trigger="fail")
+
+
+def test_same_request_on_two_ranks_is_two_sessions():
+    r0, r1 = mg.two_rank()
+    res = audit_events(mg.merge_by_time(r0, r1))
+    assert res.requests == 6 and res.ok
+
+
+def test_lines_out_of_order_within_a_small_window_are_not_lost(tmp_path):
+    ev = mg.clean_run()
+    ev[10], ev[11] = ev[11], ev[10]  # two threads wrote their lines in the other order
+    res = audit_paths([str(write(tmp_path / "o.jsonl", ev))])
+    assert not res.by_kind("seq_gap"), [str(f) for f in res.findings]
+
+
+def test_repeated_seq_is_reported(tmp_path):
+    ev = mg.clean_run()
+    ev.insert(3, dict(ev[2]))
+    res = audit_paths([str(write(tmp_path / "r.jsonl", ev))])
+    assert [f.line for f in res.by_kind("seq_gap")] == [4]
+
+
+def test_rejected_event_and_callback_error_are_warnings_not_violations():
+    e = mg.ScriptedEngine()
+    e.advertise(1, "sender")
+    e.complete(1)  # illegal in Advertised: the engine rejects it and logs it
+    e.poll()
+    e.cancel(1)
+    e.poll()
+    e._emit("lifecycle.callback_error", 1, None, e.now, error="ValueError('boom')")
+    e.terminate(1)
+    e.poll()
+    res = audit_events(e.events)
+    assert res.ok
+    assert res.finding_counts == {"rejected_event": 1, "callback_error": 1}
+    assert res.rejected == {("Advertised", "complete"): 1}
+
+
+def test_collective_desync_and_health_events():
+    base = {"request": None, "rank": 1, "role": None, "t_mono_ns": 5, "pid": 9, "table": SPEC.digest,
+            "schema": "kv-lifecycle.events/1"}
+    evs = [{**base, "seq": 0, "event": "lifecycle.health", "healthy": False, "reasons": ["quarantine: 5 > 4"]},
+           {**base, "seq": 1, "event": "lifecycle.collective_desync", "seq_no": 3, "field": "site",
+            "sites": ["a.py:1:f", "b.py:2:g"]}]
+    for d in evs:
+        validate_event(d)
+    res = audit_events(evs)
+    assert res.finding_counts == {"unhealthy": 1, "collective_desync": 1}
+    assert not res.ok
+
+
+# ------------------------------------------------------------------------------------ real engine fidelity
+
+
+def _normalized(events):
+    out = []
+    for d in events:
+        d = {k: v for k, v in d.items() if k not in ("t_mono_ns", "seq", "pid", "level", "log_level", "generation")}
+        out.append(json.dumps(d, sort_keys=True))
+    return sorted(out)
+
+
+@pytest.mark.parametrize("scenario", ["clean_run", "cancellation", "poisoning", "deferred_termination"])
+def test_scripted_goldens_match_the_real_engine(scenario):
+    """The stand-in logs what the engine logs (same events; order within one poll batch may differ)."""
+    structlog = pytest.importorskip("structlog")
+    try:
+        adapter = mg.RealEngineAdapter(num_slots=2 if scenario == "poisoning" else 4)
+    except ImportError as exc:  # pragma: no cover - engine not built
+        pytest.skip(f"engine unavailable: {exc}")
+    with structlog.testing.capture_logs() as cap:
+        getattr(mg, scenario)(adapter)
+    for d in cap:
+        validate_event(d)
+    assert _normalized(cap) == _normalized(getattr(mg, scenario)())
+    res = audit_events(cap)
+    assert res.ok, [str(f) for f in res.findings]
+
+
+# ------------------------------------------------------------------------------------ memory bound
+
+
+def _stream(n_requests: int, concurrency: int = 16):
+    """A long synthetic log: requests overlap ``concurrency`` at a time."""
+    e = mg.ScriptedEngine(num_slots=concurrency + 1)
+    live: list[int] = []
+    for req in range(n_requests):
+        e.advertise(req, "sender", nbytes=1)
+        e.expose(req)
+        live.append(req)
+        if len(live) >= concurrency:
+            old = live.pop(0)
+            e.complete(old)
+            e.terminate(old)
+        e.advance(0.01)
+        e.poll()
+        if len(e.events) > 512:
+            yield from e.events
+            e.events.clear()
+    for old in live:
+        e.complete(old)
+        e.terminate(old)
+    e.poll()
+    yield from e.events
+
+
+def test_state_is_bounded_by_live_requests_not_log_length():
+    a = Auditor(SPEC, window=256, top=5, keep_violating=5)
+    peak_live = 0
+    for i, d in enumerate(_stream(3000), start=1):
+        a.event(d, i)
+        peak_live = max(peak_live, len(a.live))
+        assert len(a.tombs) <= 256 and len(a.slowest) <= 5 and len(a.xrank) == 0
+    res = a.finish()
+    assert peak_live <= 17
+    assert res.ok and res.requests == 3000 and res.terminated == 3000
+    assert len(a.slots) == 0
+    assert sum(len(h.buckets) for h in res.time_in_state.values()) < 2000

@@ -38,6 +38,8 @@ from .errors import (
     UnknownRequest,
 )
 
+from .transport import Faults, LoopbackTransport, Mem, NixlTransport, TransportStats, pool_slot
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -69,4 +71,10 @@ __all__ = [
     "TransportError",
     "UnknownRequest",
     "cancel_frees_now",
+    "Faults",
+    "LoopbackTransport",
+    "Mem",
+    "NixlTransport",
+    "TransportStats",
+    "pool_slot",
 ]

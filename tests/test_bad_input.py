@@ -125,8 +125,8 @@ def test_pool_views_are_bounds_checked():
 @settings(max_examples=300, deadline=None)
 @given(st.one_of(st.integers(), st.floats(), st.text(max_size=5), st.none(), st.binary(max_size=9),
                  st.lists(st.integers(), max_size=3)),
-       st.sampled_from(["advertise", "expose", "complete", "fail", "cancel", "terminate", "state", "post", "apply",
-                        "wait"]))
+       st.sampled_from(["advertise", "expose", "complete", "fail", "cancel", "terminate", "state", "post", "apply"],
+                       ))
 def test_any_python_value_gets_a_typed_error_or_works(value, method):
     e = TransferEngine()
     try:
@@ -136,12 +136,17 @@ def test_any_python_value_gets_a_typed_error_or_works(value, method):
             e.post(1, value)
         elif method == "apply":
             e.apply(value, value)
-        elif method == "wait":
-            e.drain(value)
         else:
             getattr(e, method)(value)
     except (LifecycleError, TypeError, ValueError):
         pass
+
+
+@pytest.mark.parametrize("timeout", [-1, float("nan"), "1", None, True])
+def test_bad_timeouts(timeout):
+    e = TransferEngine()
+    with pytest.raises(InvalidArgument, match=r"^invalid timeout: expected seconds >= 0"):
+        e.drain(timeout)
 
 
 def test_the_boundary_survives_garbage_in_a_fresh_process():

@@ -9,4 +9,5 @@ PYBIND11_MODULE(_core, m) {
   lifecycle::bindings::register_pool(m);
   lifecycle::bindings::register_engine(m);
   lifecycle::bindings::register_bench(m);
+  lifecycle::bindings::register_transport(m);
 }

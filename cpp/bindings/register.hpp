@@ -8,4 +8,5 @@ void register_clock(pybind11::module_& m);
 void register_pool(pybind11::module_& m);
 void register_engine(pybind11::module_& m);
 void register_bench(pybind11::module_& m);
+void register_transport(pybind11::module_& m);
 }  // namespace lifecycle::bindings

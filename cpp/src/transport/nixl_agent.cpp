@@ -7,9 +7,6 @@ namespace lifecycle::transport {
 
 namespace {
 
-constexpr std::array<std::uint8_t, 4> kMagic = {'K', 'V', 'L', 'C'};
-constexpr std::uint8_t kWireVersion = 1;
-
 capi::mem_type_t to_capi(MemKind k) noexcept {
   switch (k) {
     case MemKind::Dram:
@@ -33,66 +30,6 @@ capi::xfer_op_t to_capi(XferOp op) noexcept {
 std::string req_context(std::uint64_t req) { return "request " + std::to_string(req); }
 
 }  // namespace
-
-const char* to_string(XferState s) noexcept {
-  switch (s) {
-    case XferState::InProgress:
-      return "InProgress";
-    case XferState::Done:
-      return "Done";
-    case XferState::Failed:
-      return "Failed";
-    case XferState::Unknown:
-      return "Unknown";
-  }
-  return "?";
-}
-
-const char* to_string(NotifKind k) noexcept {
-  switch (k) {
-    case NotifKind::Done:
-      return "done";
-    case NotifKind::Stop:
-      return "stop";
-    case NotifKind::Quiesced:
-      return "quiesced";
-  }
-  return "?";
-}
-
-std::array<std::uint8_t, kNotifWireSize> encode_notif(const NotifMessage& m) noexcept {
-  std::array<std::uint8_t, kNotifWireSize> out{};
-  for (std::size_t i = 0; i < kMagic.size(); ++i) out[i] = kMagic[i];
-  out[4] = kWireVersion;
-  out[5] = static_cast<std::uint8_t>(m.kind);
-  for (std::size_t i = 0; i < 8; ++i) out[8 + i] = static_cast<std::uint8_t>(m.req >> (8 * i));
-  return out;
-}
-
-std::optional<NotifMessage> decode_notif(const std::string& bytes) noexcept {
-  if (bytes.size() != kNotifWireSize) return std::nullopt;
-  const auto* b = reinterpret_cast<const std::uint8_t*>(bytes.data());
-  for (std::size_t i = 0; i < kMagic.size(); ++i) {
-    if (b[i] != kMagic[i]) return std::nullopt;
-  }
-  if (b[4] != kWireVersion || b[6] != 0 || b[7] != 0) return std::nullopt;
-  NotifMessage m;
-  switch (b[5]) {
-    case static_cast<std::uint8_t>(NotifKind::Done):
-      m.kind = NotifKind::Done;
-      break;
-    case static_cast<std::uint8_t>(NotifKind::Stop):
-      m.kind = NotifKind::Stop;
-      break;
-    case static_cast<std::uint8_t>(NotifKind::Quiesced):
-      m.kind = NotifKind::Quiesced;
-      break;
-    default:
-      return std::nullopt;
-  }
-  for (std::size_t i = 0; i < 8; ++i) m.req |= static_cast<std::uint64_t>(b[8 + i]) << (8 * i);
-  return m;
-}
 
 NixlAgent::NixlAgent(std::shared_ptr<const NixlCapi> api, NixlAgentOptions opts)
     : api_(std::move(api)), name_(std::move(opts.name)) {
@@ -139,9 +76,9 @@ NixlAgent::NixlAgent(std::shared_ptr<const NixlCapi> api, NixlAgentOptions opts)
 
 NixlAgent::~NixlAgent() {
   std::lock_guard<std::mutex> lk(mu_);
-  for (auto& [req, h] : xfers_) {
+  for (auto& [req, x] : xfers_) {
     (void)req;
-    if (h.reset() != capi::kSuccess) unreleasable_.push_back(std::move(h));
+    if (x.handle.reset() != capi::kSuccess) unreleasable_.push_back(std::move(x.handle));
   }
   xfers_.clear();
   for (auto& h : unreleasable_) h.reset();  // last try; a failure leaks the handle on purpose
@@ -216,8 +153,8 @@ void NixlAgent::connect(const std::string& peer) {
              "agent_make_connection", peer);
 }
 
-XferState NixlAgent::post(std::uint64_t req, XferOp op, const Region& local, const Region& remote,
-                          const std::string& peer, bool notify) {
+void NixlAgent::prepare(std::uint64_t req, XferOp op, const Region& local, const Region& remote,
+                        const std::string& peer, bool notify) {
   if (local.len != remote.len) {
     throw TransportError("post: " + req_context(req) + ": local and remote lengths differ (" +
                          std::to_string(local.len) + " vs " + std::to_string(remote.len) + ")");
@@ -254,21 +191,40 @@ XferState NixlAgent::post(std::uint64_t req, XferOp op, const Region& local, con
   check_capi(a.create_xfer_req(agent_.get(), to_capi(op), ldl.get(), rdl.get(), peer.c_str(),
                                &raw_req, args.get()),
              "create_xfer_req", req_context(req) + " to " + peer);
-  XferReqHandle h(api_, agent_.get(), raw_req);
-  const capi::status_t st = a.post_xfer_req(agent_.get(), h.get(), nullptr);
-  if (st != capi::kSuccess && st != capi::kInProgress) {
-    // Nothing was accepted: h's destructor releases it.
-    throw NixlCallError("post_xfer_req", static_cast<int>(st), req_context(req) + " to " + peer);
+  xfers_.emplace(req, Xfer{XferReqHandle(api_, agent_.get(), raw_req), false});
+}
+
+XferState NixlAgent::post(std::uint64_t req) {
+  std::lock_guard<std::mutex> lk(mu_);
+  auto it = xfers_.find(req);
+  if (it == xfers_.end() || it->second.posted) {
+    throw TransportError("post: " + req_context(req) + (it == xfers_.end() ? " was not prepared"
+                                                                          : " was already posted"));
   }
-  xfers_.emplace(req, std::move(h));
+  it->second.posted = true;  // from here on NIXL may touch the buffers, whatever post returns
+  const capi::status_t st = api_->post_xfer_req(agent_.get(), it->second.handle.get(), nullptr);
+  if (st != capi::kSuccess && st != capi::kInProgress) {
+    throw NixlCallError("post_xfer_req", static_cast<int>(st), req_context(req));
+  }
   return st == capi::kSuccess ? XferState::Done : XferState::InProgress;
+}
+
+XferState NixlAgent::post(std::uint64_t req, XferOp op, const Region& local, const Region& remote,
+                          const std::string& peer, bool notify) {
+  prepare(req, op, local, remote, peer, notify);
+  try {
+    return post(req);
+  } catch (...) {
+    (void)release(req);
+    throw;
+  }
 }
 
 XferStatus NixlAgent::status(std::uint64_t req) {
   std::lock_guard<std::mutex> lk(mu_);
   auto it = xfers_.find(req);
-  if (it == xfers_.end()) return {XferState::Unknown, 0};
-  const capi::status_t st = api_->get_xfer_status(agent_.get(), it->second.get());
+  if (it == xfers_.end() || !it->second.posted) return {XferState::Unknown, 0};
+  const capi::status_t st = api_->get_xfer_status(agent_.get(), it->second.handle.get());
   switch (st) {
     case capi::kSuccess:
       return {XferState::Done, st};
@@ -286,24 +242,28 @@ XferStatus NixlAgent::status(std::uint64_t req) {
   return {XferState::Failed, st};  // a code this version does not know
 }
 
-capi::status_t NixlAgent::release(std::uint64_t req) {
+ReleaseStatus NixlAgent::release(std::uint64_t req) {
   std::lock_guard<std::mutex> lk(mu_);
   auto it = xfers_.find(req);
-  if (it == xfers_.end()) return capi::kErrInvalidParam;
-  const capi::status_t st = it->second.reset();
-  if (st != capi::kSuccess) unreleasable_.push_back(std::move(it->second));
+  if (it == xfers_.end()) return kReleaseUnknownRequest;
+  const capi::status_t st = it->second.handle.reset();
+  if (st != capi::kSuccess) unreleasable_.push_back(std::move(it->second.handle));
   xfers_.erase(it);
-  return st;
+  return static_cast<ReleaseStatus>(st);
 }
 
 std::size_t NixlAgent::live_requests() const {
   std::lock_guard<std::mutex> lk(mu_);
-  return xfers_.size();
+  return xfers_.size() + unreleasable_.size();
+}
+
+std::size_t NixlAgent::registered_regions() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return regions_.size();
 }
 
 void NixlAgent::send_notification(const std::string& peer, const NotifMessage& m) {
-  const auto msg = encode_notif(m);
-  send_raw_notification(peer, std::string(reinterpret_cast<const char*>(msg.data()), msg.size()));
+  send_raw_notification(peer, encode_notif_string(m));
 }
 
 void NixlAgent::send_raw_notification(const std::string& peer, const std::string& bytes) {

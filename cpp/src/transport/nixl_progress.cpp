@@ -1,24 +1,38 @@
 #include "lifecycle/transport/nixl_progress.hpp"
 
+#include <sys/prctl.h>
+
 #include <algorithm>
 #include <exception>
 #include <vector>
 
 namespace lifecycle::transport {
 
-NixlProgress::NixlProgress(NixlAgent& agent, EventSink& sink, NixlProgressOptions opts)
+NixlProgress::NixlProgress(Agent& agent, EventSink& sink, NixlProgressOptions opts)
     : agent_(agent), sink_(sink), opts_(opts), thread_([this] { run(); }) {}
 
 NixlProgress::~NixlProgress() { stop(); }
 
 void NixlProgress::stop() {
   stop_.store(true);
+  wake();
   if (thread_.joinable() && thread_.get_id() != std::this_thread::get_id()) thread_.join();
 }
 
 void NixlProgress::watch(std::uint64_t req) {
-  std::lock_guard<std::mutex> lk(mu_);
-  watched_.insert(req);
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    watched_.insert(req);
+  }
+  wake();
+}
+
+void NixlProgress::wake() {
+  {
+    std::lock_guard<std::mutex> lk(sleep_mu_);
+    woken_ = true;
+  }
+  sleep_cv_.notify_one();
 }
 
 void NixlProgress::unwatch(std::uint64_t req) {
@@ -37,14 +51,30 @@ NixlProgressStats NixlProgress::statistics() const {
 }
 
 void NixlProgress::run() {
+  // Short sleeps must stay short: the default 50 us timer slack would dominate completion latency.
+  (void)prctl(PR_SET_TIMERSLACK, 1000UL, 0UL, 0UL, 0UL);
+  using SteadyClock = std::chrono::steady_clock;
   auto idle = opts_.min_idle_sleep;
+  auto next_tick = SteadyClock::now() + opts_.tick_interval;
   while (!stop_.load()) {
+    if (opts_.tick_interval.count() > 0 && SteadyClock::now() >= next_tick) {
+      sink_.on_tick();
+      next_tick = SteadyClock::now() + opts_.tick_interval;
+    }
     if (pass()) {
       idle = opts_.min_idle_sleep;
       continue;
     }
-    std::this_thread::sleep_for(idle);  // no lock held
-    idle = std::min(idle * 2, opts_.max_idle_sleep);
+    auto cap = opts_.max_idle_sleep;
+    if (watched() > 0) cap = std::min(cap, opts_.busy_max_sleep);
+    idle = std::min(idle, cap);
+    {
+      std::unique_lock<std::mutex> lk(sleep_mu_);  // no other lock held
+      sleep_cv_.wait_for(lk, idle, [this] { return woken_; });
+      if (woken_) idle = opts_.min_idle_sleep;
+      woken_ = false;
+    }
+    idle = std::min(idle * 2, cap);
   }
 }
 

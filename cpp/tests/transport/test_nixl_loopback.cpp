@@ -278,7 +278,7 @@ int main(int argc, char** argv) {
                                 dram(s.buf, kArea, kBig), "kvlc-sender");
       }
       const XferStatus before = initiator.status(req);
-      const capi::status_t rel = initiator.release(req);
+      const ReleaseStatus rel = initiator.release(req);
       const auto t1 = Clock::now();
       const std::size_t at_release = count_nonzero(r.buf.data() + kArea, kBig);
       std::this_thread::sleep_for(std::chrono::milliseconds(500));

@@ -25,54 +25,10 @@
 #include <string>
 #include <vector>
 
+#include "lifecycle/transport/agent.hpp"
 #include "lifecycle/transport/nixl_capi.hpp"
 
 namespace lifecycle::transport {
-
-enum class MemKind : std::uint8_t { Dram, Vram };
-
-// A contiguous memory range. For VRAM, dev_id is the CUDA device index; for DRAM it is 0.
-struct Region {
-  std::uintptr_t addr = 0;
-  std::size_t len = 0;
-  std::uint64_t dev_id = 0;
-  MemKind kind = MemKind::Dram;
-};
-
-enum class XferOp : std::uint8_t { Read, Write };
-
-// What NIXL said about one transfer request.
-enum class XferState : std::uint8_t {
-  InProgress,  // NIXL_IN_PROG
-  Done,        // NIXL_SUCCESS: the only backend-side quiescence evidence
-  Failed,      // any error (1.5.1 C API: disconnects and transfer errors both map to kErrBackend)
-  Unknown,     // this agent holds no request with that id (never posted, or released)
-};
-const char* to_string(XferState s) noexcept;
-
-struct XferStatus {
-  XferState state = XferState::Unknown;
-  int capi_status = 0;  // raw nixl_capi_status_t
-};
-
-// Notification wire format: 16 bytes, little-endian.
-//   [0..4) magic "KVLC"  [4] version=1  [5] kind  [6..8) reserved=0  [8..16) request id
-enum class NotifKind : std::uint8_t { Done = 1, Stop = 2, Quiesced = 3 };
-const char* to_string(NotifKind k) noexcept;
-
-struct NotifMessage {
-  std::uint64_t req = 0;
-  NotifKind kind = NotifKind::Done;
-};
-constexpr std::size_t kNotifWireSize = 16;
-std::array<std::uint8_t, kNotifWireSize> encode_notif(const NotifMessage& m) noexcept;
-// nullopt when `bytes` is not a valid message (wrong size, magic, version or kind).
-std::optional<NotifMessage> decode_notif(const std::string& bytes) noexcept;
-
-struct RawNotification {
-  std::string peer;   // remote agent name
-  std::string bytes;  // message as sent
-};
 
 struct NixlAgentOptions {
   std::string name;
@@ -84,46 +40,50 @@ struct NixlAgentOptions {
   bool nixl_progress_thread = false;
 };
 
-class NixlAgent {
+class NixlAgent final : public Agent {
  public:
-  using RegionId = std::uint64_t;
+  using RegionId = Agent::RegionId;
 
   // Creates the agent and its UCX backend. Throws NixlCallError on failure.
   NixlAgent(std::shared_ptr<const NixlCapi> api, NixlAgentOptions opts);
-  ~NixlAgent();  // releases outstanding requests, deregisters regions, destroys backend and agent
+  ~NixlAgent() override;  // releases outstanding requests, deregisters regions, destroys backend/agent
   NixlAgent(const NixlAgent&) = delete;
   NixlAgent& operator=(const NixlAgent&) = delete;
 
-  const std::string& name() const noexcept { return name_; }
+  const std::string& name() const noexcept override { return name_; }
+  const char* backend_name() const noexcept override { return "nixl"; }
 
   // --- memory registration (export metadata after registering; peers must reload it)
-  RegionId register_region(const Region& r);
-  void deregister_region(RegionId id);
+  RegionId register_region(const Region& r) override;
+  void deregister_region(RegionId id) override;
+  std::size_t registered_regions() const override;
 
   // --- metadata
-  std::string local_metadata();                          // bytes to ship to peers
-  std::string load_remote_metadata(const std::string& md);  // returns the remote agent name
-  void invalidate_remote(const std::string& peer);
+  std::string local_metadata() override;                            // bytes to ship to peers
+  std::string load_remote_metadata(const std::string& md) override;  // returns the remote agent name
+  void invalidate_remote(const std::string& peer) override;
   void connect(const std::string& peer);  // optional: establish the connection eagerly
 
-  // --- transfers. `req` is the caller's id; one live transfer per id.
-  // READ: bytes move remote -> local. WRITE: local -> remote. With `notify`, the peer receives
-  // encode_notif({req, Done}) when the transfer completes. Returns the post status: Done (completed
-  // synchronously), InProgress, or throws NixlCallError (nothing posted; nothing held for `req`).
+  // --- transfers (see Agent). prepare = create_xfer_req; post = post_xfer_req.
+  void prepare(std::uint64_t req, XferOp op, const Region& local, const Region& remote,
+               const std::string& peer, bool notify) override;
+  XferState post(std::uint64_t req) override;
+  // prepare + post in one call. Returns Done (completed synchronously) or InProgress, or throws
+  // NixlCallError (nothing posted; nothing held for `req`).
   XferState post(std::uint64_t req, XferOp op, const Region& local, const Region& remote,
                  const std::string& peer, bool notify = true);
-  // Non-blocking.
-  XferStatus status(std::uint64_t req);
+  // Non-blocking. Unknown for ids never prepared, released, or prepared but not posted.
+  XferStatus status(std::uint64_t req) override;
   // Release (aborting if active) and forget the request. Returns the release status; a failed
   // release keeps the handle (NIXL still owns the transfer) and reports failure. NOT evidence.
-  capi::status_t release(std::uint64_t req);
-  std::size_t live_requests() const;
+  ReleaseStatus release(std::uint64_t req) override;
+  std::size_t live_requests() const override;  // prepared, posted and unreleasable requests
 
   // --- notifications
-  void send_notification(const std::string& peer, const NotifMessage& m);
+  void send_notification(const std::string& peer, const NotifMessage& m) override;
   void send_raw_notification(const std::string& peer, const std::string& bytes);
   // Non-blocking: drains what has arrived since the last call.
-  std::vector<RawNotification> fetch_notifications();
+  std::vector<RawNotification> fetch_notifications() override;
 
  private:
   std::shared_ptr<const NixlCapi> api_;
@@ -140,7 +100,11 @@ class NixlAgent {
   };
   std::map<RegionId, Registration> regions_;  // Invariant: every entry is registered with NIXL
   RegionId next_region_ = 1;
-  std::map<std::uint64_t, XferReqHandle> xfers_;  // Invariant: every entry was posted
+  struct Xfer {
+    XferReqHandle handle;
+    bool posted = false;
+  };
+  std::map<std::uint64_t, Xfer> xfers_;      // Invariant: every entry holds a created request
   std::vector<XferReqHandle> unreleasable_;  // release failed; retried in the destructor
 };
 

@@ -1,4 +1,5 @@
-// A progress thread that turns NIXL statuses and notifications into events.
+// A progress thread that turns agent statuses and notifications into events (any Agent: NIXL,
+// loopback, fault injector).
 //
 // Theory of operation
 // -------------------
@@ -9,7 +10,9 @@
 //   notification from peer -> sink.on_notification(peer, req, kind)
 //   malformed notification -> sink.on_bad_notification(peer, bytes)
 // It never blocks on one transfer; when a pass finds nothing it sleeps (backing off from
-// `min_idle_sleep` to `max_idle_sleep`) with no lock held. Sink calls are made on the progress
+// `min_idle_sleep` to `max_idle_sleep`, or to `busy_max_sleep` while some request is watched) with
+// no lock held; watch() and wake() cut the sleep short. Every `tick_interval` (when > 0) it calls
+// sink.on_tick() (the engine transport fires timers and sweeps there). Sink calls are made on the progress
 // thread with no lock held, so a sink may call watch()/unwatch() and the agent. The sink must not
 // touch Python (DESIGN §7): it queues events for the engine.
 //
@@ -29,7 +32,9 @@
 #include <string>
 #include <thread>
 
-#include "lifecycle/transport/nixl_agent.hpp"
+#include <condition_variable>
+
+#include "lifecycle/transport/agent.hpp"
 
 namespace lifecycle::transport {
 
@@ -39,12 +44,15 @@ class EventSink {
   virtual void on_fail(std::uint64_t req, const char* why) = 0;
   virtual void on_notification(const std::string& peer, std::uint64_t req, NotifKind kind) = 0;
   virtual void on_bad_notification(const std::string& peer, const std::string& bytes) = 0;
+  virtual void on_tick() {}
   virtual ~EventSink() = default;
 };
 
 struct NixlProgressOptions {
   std::chrono::microseconds min_idle_sleep{20};
   std::chrono::microseconds max_idle_sleep{1000};
+  std::chrono::microseconds busy_max_sleep{50};  // sleep cap while a transfer is watched
+  std::chrono::microseconds tick_interval{0};    // on_tick period; 0 = never
 };
 
 struct NixlProgressStats {
@@ -60,12 +68,13 @@ struct NixlProgressStats {
 class NixlProgress {
  public:
   // `agent` and `sink` must outlive this object. The thread starts immediately.
-  NixlProgress(NixlAgent& agent, EventSink& sink, NixlProgressOptions opts = {});
+  NixlProgress(Agent& agent, EventSink& sink, NixlProgressOptions opts = {});
   ~NixlProgress();  // stop() + join
   NixlProgress(const NixlProgress&) = delete;
   NixlProgress& operator=(const NixlProgress&) = delete;
 
-  void watch(std::uint64_t req);
+  void watch(std::uint64_t req);  // also wakes the thread
+  void wake();
   void unwatch(std::uint64_t req);
   std::size_t watched() const;
   void stop();
@@ -75,13 +84,16 @@ class NixlProgress {
   void run();
   bool pass();  // true when something happened
 
-  NixlAgent& agent_;
+  Agent& agent_;
   EventSink& sink_;
   NixlProgressOptions opts_;
   mutable std::mutex mu_;
   std::set<std::uint64_t> watched_;  // guarded by mu_
   NixlProgressStats stats_;          // guarded by mu_
   std::atomic<bool> stop_{false};
+  std::mutex sleep_mu_;
+  std::condition_variable sleep_cv_;
+  bool woken_ = false;  // guarded by sleep_mu_
   std::thread thread_;  // Invariant: last member; started after everything above is constructed
 };
 

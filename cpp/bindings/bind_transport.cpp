@@ -1,0 +1,270 @@
+// Transport binding: NIXL / loopback transports (optionally wrapped by the fault injector) that drive
+// an engine. Arguments are converted first, then the GIL is released around every call that can
+// take time (agent creation, registration, posts, stop). C++ threads never touch Python.
+#include <pybind11/stl.h>
+
+#include "lifecycle/engine.hpp"
+#include "lifecycle/errors.hpp"
+#include "lifecycle/transport/bench.hpp"
+#include "lifecycle/transport/faulty.hpp"
+#include "lifecycle/transport/loopback.hpp"
+#include "lifecycle/transport/nixl_agent.hpp"
+#include "lifecycle/transport/nixl_capi.hpp"
+#include "lifecycle/transport/transport.hpp"
+#include "register.hpp"
+
+namespace py = pybind11;
+
+namespace lifecycle::bindings {
+
+namespace tp = lifecycle::transport;
+
+namespace {
+
+// Raise lifecycle.errors.<cls>(message) with attributes set (callers never parse messages).
+void raise_with(const char* cls, const std::string& msg, const py::dict& attrs) {
+  py::object errors = py::module_::import("lifecycle.errors");
+  py::object exc = errors.attr(cls)(msg);
+  for (auto item : attrs) py::setattr(exc, item.first, item.second);
+  PyErr_SetObject(py::type::handle_of(exc).ptr(), exc.ptr());
+}
+
+tp::MemKind to_kind(const std::string& k) {
+  if (k == "dram" || k == "cpu") return tp::MemKind::Dram;
+  if (k == "vram" || k == "cuda") return tp::MemKind::Vram;
+  throw InvalidArgumentError("kind", "expected 'dram' or 'vram', got '" + k + "'");
+}
+
+tp::XferOp to_op(const std::string& op) {
+  if (op == "read") return tp::XferOp::Read;
+  if (op == "write") return tp::XferOp::Write;
+  throw InvalidArgumentError("op", "expected 'read' or 'write', got '" + op + "'");
+}
+
+tp::Region region(std::uint64_t addr, std::uint64_t len, const std::string& kind, std::uint64_t dev) {
+  if (addr == 0) throw InvalidArgumentError("addr", "null address");
+  if (len == 0) throw InvalidArgumentError("nbytes", "must be > 0");
+  return tp::Region{static_cast<std::uintptr_t>(addr), static_cast<std::size_t>(len), dev, to_kind(kind)};
+}
+
+double get_f(const py::dict& d, const char* k, double dflt) {
+  return d.contains(k) ? d[k].cast<double>() : dflt;
+}
+
+std::unique_ptr<tp::Agent> maybe_faulty(std::unique_ptr<tp::Agent> agent, const py::object& faults) {
+  if (faults.is_none()) return agent;
+  py::dict d = faults.cast<py::dict>();
+  tp::FaultOptions f;
+  f.seed = d.contains("seed") ? d["seed"].cast<std::uint64_t>() : 0;
+  f.delay = get_f(d, "delay", 0);
+  f.delay_for = std::chrono::microseconds(static_cast<std::int64_t>(get_f(d, "delay_s", 0.002) * 1e6));
+  f.error = get_f(d, "error", 0);
+  f.disconnect = get_f(d, "disconnect", 0);
+  f.never_completes = get_f(d, "never_completes", 0);
+  f.drop_notification = get_f(d, "drop_notification", 0);
+  f.duplicate_notification = get_f(d, "duplicate_notification", 0);
+  f.release_failure = get_f(d, "release_failure", 0);
+  return std::make_unique<tp::FaultyAgent>(std::move(agent), f);
+}
+
+tp::TransportOptions options(bool unsafe_release_on_cancel, double tick_s) {
+  tp::TransportOptions o;
+  o.unsafe_release_on_cancel = unsafe_release_on_cancel;
+  o.progress.tick_interval = std::chrono::microseconds(static_cast<std::int64_t>(tick_s * 1e6));
+  return o;
+}
+
+py::dict stats_dict(const tp::TransportStats& s) {
+  py::dict d;
+#define F(x) d[#x] = s.x;
+  F(registered_regions) F(live_xfers) F(active) F(passive) F(watched) F(posted) F(completed_in_post)
+  F(completed) F(failed) F(post_errors) F(cancelled_before_post) F(peer_stops) F(stops_sent)
+  F(quiesced_sent) F(done_received) F(quiesced_received) F(orphan_notifications) F(bad_notifications)
+  F(send_errors) F(release_failures) F(unsafe_releases) F(late_evidence) F(abandoned) F(passive_swept) F(stops_unanswered)
+  F(unreleased)
+#undef F
+  return d;
+}
+
+}  // namespace
+
+void register_transport(py::module_& m) {
+  // Transport errors -> lifecycle.errors (tried before the core translator: registered later).
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const tp::NixlUnavailable& e) {
+      py::dict a;
+      a["library"] = e.library();
+      a["missing_symbol"] = e.missing_symbol();
+      raise_with("NixlUnavailable", e.what(), a);
+    } catch (const tp::NixlCallError& e) {
+      py::dict a;
+      a["call"] = e.call();
+      a["status"] = e.status();
+      raise_with("TransportError", e.what(), a);
+    } catch (const tp::TransportError& e) {
+      raise_with("TransportError", e.what(), py::dict());
+    }
+  });
+
+  py::list syms;
+  for (const auto& s : tp::nixl_capi_required_symbols()) syms.append(s);
+  m.attr("NIXL_CAPI_SYMBOLS") = py::tuple(syms);
+  m.attr("NIXL_CAPI_ENV") = tp::NixlCapi::kPathEnv;
+
+  m.def("load_nixl_capi", [](const std::string& path) {
+    std::shared_ptr<const tp::NixlCapi> api;
+    {
+      py::gil_scoped_release nogil;
+      api = tp::NixlCapi::load(path);
+    }
+    return api->path();
+  }, py::arg("path"), "Load libnixl_capi.so (the env override applies) and resolve every symbol; "
+                      "returns the path used. Raises NixlUnavailable.");
+
+  py::class_<tp::Transport>(m, "_Transport")
+      .def_static("nixl", [](std::shared_ptr<Engine> engine, const std::string& name, const std::string& capi_path,
+                             bool unsafe_release_on_cancel, const py::object& faults,
+                             const std::vector<std::pair<std::string, std::string>>& ucx_params,
+                             bool nixl_progress_thread, double tick_s) {
+             if (name.empty()) throw InvalidArgumentError("name", "must not be empty");
+             std::unique_ptr<tp::Transport> t;
+             std::unique_ptr<tp::Agent> agent;
+             {
+               py::gil_scoped_release nogil;
+               auto api = tp::NixlCapi::load(capi_path);
+               tp::NixlAgentOptions o;
+               o.name = name;
+               o.ucx_params = ucx_params;
+               o.nixl_progress_thread = nixl_progress_thread;
+               agent = std::make_unique<tp::NixlAgent>(std::move(api), std::move(o));
+             }
+             agent = maybe_faulty(std::move(agent), faults);
+             {
+               py::gil_scoped_release nogil;
+               t = std::make_unique<tp::Transport>(std::move(engine), std::move(agent),
+                                                   options(unsafe_release_on_cancel, tick_s));
+             }
+             return t;
+           }, py::arg("engine"), py::arg("name"), py::arg("capi_path"), py::arg("unsafe_release_on_cancel") = false,
+           py::arg("faults") = py::none(), py::arg("ucx_params") = std::vector<std::pair<std::string, std::string>>{},
+           py::arg("nixl_progress_thread") = false, py::arg("tick_s") = 0.001)
+      .def_static("loopback", [](std::shared_ptr<Engine> engine, const std::string& name, double bytes_per_second,
+                                 double latency_s, bool unsafe_release_on_cancel, const py::object& faults,
+                                 double tick_s) {
+             if (name.empty()) throw InvalidArgumentError("name", "must not be empty");
+             tp::LoopbackOptions o;
+             o.name = name;
+             o.bytes_per_second = bytes_per_second;
+             o.latency = std::chrono::microseconds(static_cast<std::int64_t>(latency_s * 1e6));
+             std::unique_ptr<tp::Agent> agent = std::make_unique<tp::LoopbackAgent>(o);
+             agent = maybe_faulty(std::move(agent), faults);
+             py::gil_scoped_release nogil;
+             return std::make_unique<tp::Transport>(std::move(engine), std::move(agent),
+                                                    options(unsafe_release_on_cancel, tick_s));
+           }, py::arg("engine"), py::arg("name"), py::arg("bytes_per_second") = 0.0, py::arg("latency_s") = 0.0,
+           py::arg("unsafe_release_on_cancel") = false, py::arg("faults") = py::none(), py::arg("tick_s") = 0.001)
+      .def_property_readonly("name", [](tp::Transport& t) { return t.name(); })
+      .def_property_readonly("backend", [](tp::Transport& t) { return std::string(t.agent().backend_name()); })
+      .def("register_region", [](tp::Transport& t, std::uint64_t addr, std::uint64_t nbytes, const std::string& kind,
+                                 std::uint64_t device) {
+             tp::Region r = region(addr, nbytes, kind, device);
+             py::gil_scoped_release nogil;
+             return t.register_region(r);
+           }, py::arg("addr"), py::arg("nbytes"), py::arg("kind") = "dram", py::arg("device") = 0)
+      .def("deregister_region", [](tp::Transport& t, std::uint64_t id) {
+             py::gil_scoped_release nogil;
+             t.deregister_region(id);
+           }, py::arg("region_id"))
+      .def("metadata", [](tp::Transport& t) {
+             std::string md;
+             {
+               py::gil_scoped_release nogil;
+               md = t.metadata();
+             }
+             return py::bytes(md);
+           })
+      .def("add_peer", [](tp::Transport& t, const py::bytes& md) {
+             std::string s = md;
+             py::gil_scoped_release nogil;
+             return t.add_peer(s);
+           }, py::arg("metadata"))
+      .def("remove_peer", [](tp::Transport& t, const std::string& peer) {
+             py::gil_scoped_release nogil;
+             t.remove_peer(peer);
+           }, py::arg("peer"))
+      .def("transfer", [](tp::Transport& t, std::uint64_t req, const std::string& op, std::uint64_t laddr,
+                          std::uint64_t len, const std::string& lkind, std::uint64_t ldev, const std::string& peer,
+                          std::uint64_t raddr, const std::string& rkind, std::uint64_t rdev) {
+             tp::XferOp o = to_op(op);
+             tp::Region l = region(laddr, len, lkind, ldev);
+             tp::Region r = region(raddr, len, rkind, rdev);
+             tp::PostResult res;
+             {
+               py::gil_scoped_release nogil;
+               res = t.transfer(req, o, l, r, peer);
+             }
+             return std::string(tp::to_string(res));
+           }, py::arg("request"), py::arg("op"), py::arg("local_addr"), py::arg("nbytes"), py::arg("local_kind"),
+           py::arg("local_device"), py::arg("peer"), py::arg("remote_addr"), py::arg("remote_kind"),
+           py::arg("remote_device"))
+      .def("expect", [](tp::Transport& t, std::uint64_t req, const std::string& peer) {
+             py::gil_scoped_release nogil;
+             t.expect(req, peer);
+           }, py::arg("request"), py::arg("peer"))
+      .def("stop", [](tp::Transport& t) {
+             py::gil_scoped_release nogil;
+             t.stop();
+           })
+      .def_property_readonly("stopped", &tp::Transport::stopped)
+      .def("stats", [](const tp::Transport& t) { return stats_dict(t.stats()); })
+      .def("progress_stats", [](const tp::Transport& t) {
+             tp::NixlProgressStats s = t.progress_stats();
+             py::dict d;
+             d["passes"] = s.passes; d["status_polls"] = s.status_polls; d["completions"] = s.completions;
+             d["failures"] = s.failures; d["notifications"] = s.notifications;
+             d["bad_notifications"] = s.bad_notifications; d["poll_errors"] = s.poll_errors;
+             return d;
+           })
+      .def("fault_stats", [](tp::Transport& t) -> py::object {
+             auto* f = dynamic_cast<tp::FaultyAgent*>(&t.agent());
+             if (f == nullptr) return py::none();
+             tp::FaultStats s = f->fault_stats();
+             py::dict d;
+             d["seed"] = f->options().seed; d["delays"] = s.delays; d["errors"] = s.errors;
+             d["disconnects"] = s.disconnects; d["never_completes"] = s.never_completes; d["dropped"] = s.dropped;
+             d["duplicated"] = s.duplicated; d["release_failures"] = s.release_failures;
+             return d;
+           })
+      .def("completions", &tp::Transport::completions)
+      .def("wait_completions", [](tp::Transport& t, std::uint64_t n, double timeout_s) {
+             py::gil_scoped_release nogil;
+             return t.wait_completions(n, static_cast<std::int64_t>(timeout_s * 1e9));
+           }, py::arg("n"), py::arg("timeout"));
+
+  m.def("_bench_transfers", [](tp::Transport& initiator, const std::string& peer, const std::string& op,
+                               std::uint64_t local_addr, std::uint64_t remote_addr, std::uint64_t size,
+                               std::uint64_t batch, std::uint64_t count, std::uint64_t first_req) {
+    tp::BenchSpec spec{peer, to_op(op), static_cast<std::uintptr_t>(local_addr),
+                       static_cast<std::uintptr_t>(remote_addr), size, batch, count, first_req};
+    tp::BenchResult r;
+    {
+      py::gil_scoped_release nogil;
+      r = tp::bench_transfers(initiator, spec);
+    }
+    py::dict d;
+    d["seconds"] = r.seconds;
+    d["transfers"] = r.transfers;
+    d["failed"] = r.failed;
+    d["latency_ns"] = r.latency_ns;
+    d["wake_ns"] = r.wake_ns;
+    return d;
+  }, py::arg("initiator"), py::arg("peer"), py::arg("op"), py::arg("local_addr"), py::arg("remote_addr"),
+     py::arg("size"), py::arg("batch"), py::arg("count"), py::arg("first_request"),
+     "Run `count` transfers of `size` bytes, `batch` in flight, entirely in C++ (GIL released). With an engine "
+     "attached to the initiator: advertise, transfer, wait (engine wait_ready + drain), terminate; without one: "
+     "transfer and wait for the completion count. Slot i of the batch uses local/remote address + i*size.");
+}
+
+}  // namespace lifecycle::bindings

@@ -1,0 +1,114 @@
+// The agent interface every transport backend implements (NIXL, loopback, the fault injector).
+//
+// Theory of operation
+// -------------------
+// An Agent moves bytes between registered memory of two named agents and carries 16-byte
+// notifications between them. It owns every backend object it creates; callers only hold ids (the
+// request id for transfers, a RegionId for registrations). A transfer is two steps so that a bad
+// descriptor is refused before anything is exposed:
+//   prepare(req, ...)  builds the request (validates peer, lengths, registrations); nothing moves;
+//   post(req)          starts it: from here on the backend may touch both buffers.
+// status(req) is non-blocking; release(req) forgets the request (aborting it if active) and is NOT
+// evidence that the bytes stopped (DESIGN §3): only status() == Done or a peer notification is.
+//
+// Every call is thread-safe. No call blocks on the network (NIXL's calls are non-blocking; the
+// loopback agent queues work for its own thread).
+#pragma once
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace lifecycle::transport {
+
+enum class MemKind : std::uint8_t { Dram, Vram };
+
+// A contiguous memory range. For VRAM, dev_id is the CUDA device index; for DRAM it is 0.
+struct Region {
+  std::uintptr_t addr = 0;
+  std::size_t len = 0;
+  std::uint64_t dev_id = 0;
+  MemKind kind = MemKind::Dram;
+};
+
+enum class XferOp : std::uint8_t { Read, Write };
+
+// What the backend said about one transfer request.
+enum class XferState : std::uint8_t {
+  InProgress,  // NIXL_IN_PROG
+  Done,        // NIXL_SUCCESS: the only backend-side quiescence evidence
+  Failed,      // any error (1.5.1 C API: disconnects and transfer errors both map to kErrBackend)
+  Unknown,     // this agent holds no request with that id (never posted, or released)
+};
+const char* to_string(XferState s) noexcept;
+
+struct XferStatus {
+  XferState state = XferState::Unknown;
+  int capi_status = 0;  // raw backend status (nixl_capi_status_t for NIXL)
+};
+
+// Notification wire format: 16 bytes, little-endian.
+//   [0..4) magic "KVLC"  [4] version=1  [5] kind  [6..8) reserved=0  [8..16) request id
+enum class NotifKind : std::uint8_t { Done = 1, Stop = 2, Quiesced = 3 };
+const char* to_string(NotifKind k) noexcept;
+
+struct NotifMessage {
+  std::uint64_t req = 0;
+  NotifKind kind = NotifKind::Done;
+};
+constexpr std::size_t kNotifWireSize = 16;
+std::array<std::uint8_t, kNotifWireSize> encode_notif(const NotifMessage& m) noexcept;
+std::string encode_notif_string(const NotifMessage& m);
+// nullopt when `bytes` is not a valid message (wrong size, magic, version or kind).
+std::optional<NotifMessage> decode_notif(const std::string& bytes) noexcept;
+
+struct RawNotification {
+  std::string peer;   // remote agent name
+  std::string bytes;  // message as sent
+};
+
+// Release status: 0 = released; anything else = the backend still owns the request (kept, retried).
+using ReleaseStatus = int;
+constexpr ReleaseStatus kReleased = 0;
+constexpr ReleaseStatus kReleaseUnknownRequest = -1;
+
+class Agent {
+ public:
+  using RegionId = std::uint64_t;
+  virtual ~Agent() = default;
+
+  virtual const std::string& name() const noexcept = 0;
+  virtual const char* backend_name() const noexcept = 0;
+
+  // --- memory registration (export metadata after registering; peers must reload it)
+  virtual RegionId register_region(const Region& r) = 0;
+  virtual void deregister_region(RegionId id) = 0;
+  virtual std::size_t registered_regions() const = 0;
+
+  // --- metadata
+  virtual std::string local_metadata() = 0;
+  virtual std::string load_remote_metadata(const std::string& md) = 0;  // returns the peer name
+  virtual void invalidate_remote(const std::string& peer) = 0;
+
+  // --- transfers. `req` is the caller's id; one live transfer per id.
+  // READ: bytes move remote -> local. WRITE: local -> remote. With `notify`, the peer receives
+  // encode_notif({req, Done}) when the transfer completes. Throws TransportError (nothing held).
+  virtual void prepare(std::uint64_t req, XferOp op, const Region& local, const Region& remote,
+                       const std::string& peer, bool notify) = 0;
+  // Starts a prepared request. Returns Done (completed synchronously) or InProgress; throws
+  // TransportError when the backend refused it (the request stays held: release it).
+  virtual XferState post(std::uint64_t req) = 0;
+  virtual XferStatus status(std::uint64_t req) = 0;  // non-blocking
+  // Release (aborting if active) and forget. NOT evidence. A failed release keeps the handle.
+  virtual ReleaseStatus release(std::uint64_t req) = 0;
+  virtual std::size_t live_requests() const = 0;
+
+  // --- notifications
+  virtual void send_notification(const std::string& peer, const NotifMessage& m) = 0;
+  virtual std::vector<RawNotification> fetch_notifications() = 0;  // non-blocking
+};
+
+}  // namespace lifecycle::transport

@@ -1,0 +1,38 @@
+// A C++ transfer loop for benchmarks: the same transfers with and without the engine, no Python in
+// the loop (benchmarks/bench_nixl.py prints the numbers side by side).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "lifecycle/transport/transport.hpp"
+
+namespace lifecycle::transport {
+
+struct BenchSpec {
+  std::string peer;
+  XferOp op = XferOp::Write;
+  std::uintptr_t local_addr = 0;   // batch slot i uses local_addr + i * size
+  std::uintptr_t remote_addr = 0;  // and remote_addr + i * size
+  std::uint64_t size = 0;
+  std::uint64_t batch = 1;
+  std::uint64_t count = 0;
+  std::uint64_t first_req = 1;
+};
+
+struct BenchResult {
+  double seconds = 0;
+  std::uint64_t transfers = 0;
+  std::uint64_t failed = 0;
+  // Engine mode: for each completed transfer, steady time from the engine's `complete` transition
+  // (its record timestamp) to the moment this loop drained it.
+  std::vector<std::int64_t> latency_ns;
+  std::vector<std::int64_t> wake_ns;  // reserved
+};
+
+// With t.engine(): advertise (role by op), transfer, wait (wait_ready + drain) until every session of
+// the batch is terminal, terminate each. Without: transfer, wait_completions. Throws on errors.
+BenchResult bench_transfers(Transport& t, const BenchSpec& spec);
+
+}  // namespace lifecycle::transport

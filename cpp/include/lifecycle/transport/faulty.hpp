@@ -1,0 +1,94 @@
+// FaultyAgent: wraps any Agent and injects faults, seeded and reproducible.
+//
+// Theory of operation
+// -------------------
+// Every decision is a pure function of (seed, fault kind, request id, occurrence), never of thread
+// timing, so a failing run replays with the same seed. Faults, each with its own probability:
+//   delay            the transfer reports InProgress for `delay_for` after post, then the truth
+//   error            the transfer reports Failed (the inner transfer keeps running: not evidence)
+//   disconnect       at post: the peer counts as gone; its requests report Failed, its
+//                    notifications vanish, notifications to it throw
+//   never_completes  the transfer reports InProgress forever
+//   drop_notification / duplicate_notification   per incoming notification
+//   release_failure  release reports failure and keeps the request (per attempt)
+// A transfer that completes inside post() is reported InProgress when a status fault applies.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+
+#include "lifecycle/transport/agent.hpp"
+
+namespace lifecycle::transport {
+
+struct FaultOptions {
+  std::uint64_t seed = 0;
+  double delay = 0;
+  std::chrono::microseconds delay_for{2000};
+  double error = 0;
+  double disconnect = 0;
+  double never_completes = 0;
+  double drop_notification = 0;
+  double duplicate_notification = 0;
+  double release_failure = 0;
+};
+
+struct FaultStats {
+  std::uint64_t delays = 0, errors = 0, disconnects = 0, never_completes = 0, dropped = 0,
+                duplicated = 0, release_failures = 0;
+};
+
+enum class Fault : std::uint8_t { None, Delay, Error, Disconnect, NeverCompletes };
+
+class FaultyAgent final : public Agent {
+ public:
+  FaultyAgent(std::unique_ptr<Agent> inner, FaultOptions opts);
+  ~FaultyAgent() override = default;
+
+  const std::string& name() const noexcept override { return inner_->name(); }
+  const char* backend_name() const noexcept override { return inner_->backend_name(); }
+  RegionId register_region(const Region& r) override { return inner_->register_region(r); }
+  void deregister_region(RegionId id) override { inner_->deregister_region(id); }
+  std::size_t registered_regions() const override { return inner_->registered_regions(); }
+  std::string local_metadata() override { return inner_->local_metadata(); }
+  std::string load_remote_metadata(const std::string& md) override;
+  void invalidate_remote(const std::string& peer) override { inner_->invalidate_remote(peer); }
+  void prepare(std::uint64_t req, XferOp op, const Region& local, const Region& remote,
+               const std::string& peer, bool notify) override;
+  XferState post(std::uint64_t req) override;
+  XferStatus status(std::uint64_t req) override;
+  ReleaseStatus release(std::uint64_t req) override;
+  std::size_t live_requests() const override { return inner_->live_requests(); }
+  void send_notification(const std::string& peer, const NotifMessage& m) override;
+  std::vector<RawNotification> fetch_notifications() override;
+
+  FaultStats fault_stats() const;
+  const FaultOptions& options() const noexcept { return opts_; }
+  // The fault (if any) chosen for `req` (for tests and replay reports).
+  Fault fault_of(std::uint64_t req) const;
+
+ private:
+  double roll(std::uint64_t kind, std::uint64_t a, std::uint64_t b = 0) const noexcept;
+
+  std::unique_ptr<Agent> inner_;
+  FaultOptions opts_;
+  mutable std::mutex mu_;
+  struct Xfer {
+    std::string peer;
+    Fault fault = Fault::None;
+    std::chrono::steady_clock::time_point posted_at{};
+    bool counted = false;
+    std::uint64_t release_attempts = 0;
+  };
+  std::map<std::uint64_t, Xfer> xfers_;  // guarded by mu_
+  std::set<std::string> disconnected_;   // guarded by mu_
+  std::map<std::uint64_t, std::uint64_t> notif_seen_;  // (req*4+kind) -> occurrences; guarded by mu_
+  FaultStats stats_;                     // guarded by mu_
+};
+
+}  // namespace lifecycle::transport

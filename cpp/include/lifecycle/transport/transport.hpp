@@ -1,0 +1,170 @@
+// Transport: drives the lifecycle engine from any Agent (NIXL, loopback, fault injector).
+//
+// Theory of operation
+// -------------------
+// One Transport owns one Agent and one progress thread (NixlProgress), and is attached to one
+// Engine (it installs the engine's abort hook: one transport per engine). It knows each request it
+// handles as an entry:
+//   active   this side posted the transfer (READ from the peer, or WRITE to it);
+//   passive  this side handed descriptors to the peer, which posts (expect()).
+// Executor calls:
+//   transfer(req, op, ...)  prepare the request (a bad descriptor throws, session untouched), apply
+//                           `expose`, post. Done inside post -> `complete` at once.
+//   expect(req, peer)       apply `expose`; the peer's "done" notification -> `complete`.
+// Progress thread (never touches Python, never logs, holds no transport lock while calling the
+// engine or the agent):
+//   status Done             -> `complete` (InFlight: completed; CancelRequested: cancelled), release
+//   status Failed           -> `fail` (Poisoned), release
+//   "done"/"quiesced" note  -> `complete` on the passive entry
+//   "stop" note             -> cancel the active session here; once its request is Done, reply
+//                              "quiesced" (never after an error: an error is not evidence, and
+//                              a request that ended in error or was abandoned never gets a reply)
+//   every tick              -> engine.tick() (timeout / grace_expired), sweep finished entries
+// Cancel (the engine's abort hook, on whichever thread moved the session to CancelRequested):
+//   active   nothing is released: the request keeps being polled until Done (-> Quiesced) or an
+//            error (-> Poisoned); grace_expired -> Poisoned while polling goes on, and a late Done is
+//            the evidence that recovers the quarantined slot. A cancel before the post skips the
+//            post and completes (never posted = evidence).
+//   passive  send "stop" to the peer and wait for its "quiesced" (or "done").
+// `unsafe_release_on_cancel` (TEST ONLY, the negative control): the active side releases the
+// in-flight request and treats that as evidence. DESIGN §3 says it is not; tests prove they notice.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <unordered_map>
+
+#include "lifecycle/engine.hpp"
+#include "lifecycle/transport/agent.hpp"
+#include "lifecycle/transport/nixl_progress.hpp"
+
+namespace lifecycle::transport {
+
+struct TransportOptions {
+  bool unsafe_release_on_cancel = false;  // TEST ONLY: treats release as evidence (unsafe)
+  NixlProgressOptions progress{std::chrono::microseconds{20}, std::chrono::microseconds{1000},
+                               std::chrono::microseconds{50}, std::chrono::microseconds{1000}};
+  std::chrono::milliseconds sweep_interval{20};
+  std::size_t remember_stopped = 4096;  // request ids a peer stopped before we posted
+};
+
+enum class PostResult : std::uint8_t {
+  Posted,               // in flight; the progress thread reports the outcome
+  CompletedInPost,      // the backend finished inside post: the session is Quiesced
+  CancelledBeforePost,  // a cancel (or the peer's stop) arrived before the post: nothing posted
+};
+
+struct TransportStats {
+  std::uint64_t registered_regions = 0;  // regions registered with the agent now
+  std::uint64_t live_xfers = 0;          // backend transfer requests held now
+  std::uint64_t active = 0;              // active entries now
+  std::uint64_t passive = 0;             // passive entries now
+  std::uint64_t watched = 0;             // requests the progress thread polls now
+  std::uint64_t posted = 0, completed_in_post = 0, completed = 0, failed = 0, post_errors = 0;
+  std::uint64_t cancelled_before_post = 0, peer_stops = 0, stops_sent = 0, quiesced_sent = 0;
+  std::uint64_t done_received = 0, quiesced_received = 0, orphan_notifications = 0;
+  std::uint64_t bad_notifications = 0, send_errors = 0, release_failures = 0, unsafe_releases = 0;
+  std::uint64_t late_evidence = 0, abandoned = 0, passive_swept = 0, stops_unanswered = 0;
+  std::uint64_t unreleased = 0;  // finished requests whose release failed, retried by the sweep
+};
+
+class Transport final : public EventSink {
+ public:
+  // `engine` may be null: a bare transport (benchmarks) that only counts completions.
+  Transport(std::shared_ptr<Engine> engine, std::unique_ptr<Agent> agent, TransportOptions opts = {});
+  ~Transport() override;
+  Transport(const Transport&) = delete;
+  Transport& operator=(const Transport&) = delete;
+
+  Agent& agent() noexcept { return *agent_; }
+  const std::string& name() const noexcept { return agent_->name(); }
+  Engine* engine() const noexcept { return engine_.get(); }
+
+  Agent::RegionId register_region(const Region& r);
+  void deregister_region(Agent::RegionId id);
+  std::string metadata();
+  std::string add_peer(const std::string& metadata);  // returns the peer's name
+  // Forget a peer: its in-flight requests are released (no evidence: their sessions fail).
+  void remove_peer(const std::string& peer);
+
+  PostResult transfer(std::uint64_t req, XferOp op, const Region& local, const Region& remote,
+                      const std::string& peer);
+  void expect(std::uint64_t req, const std::string& peer);
+
+  // Stop the progress thread; every non-terminal session of this transport fails (no more
+  // evidence can arrive). Idempotent; the destructor calls it.
+  void stop();
+  bool stopped() const noexcept { return stopped_.load(); }
+  TransportStats stats() const;
+  NixlProgressStats progress_stats() const;
+
+  // Bare mode (no engine): completions seen so far; wait until at least `n` (steady ns timeout).
+  std::uint64_t completions() const noexcept { return bare_done_.load(); }
+  bool wait_completions(std::uint64_t n, std::int64_t timeout_ns);
+
+  // EventSink (progress thread)
+  void on_complete(std::uint64_t req) override;
+  void on_fail(std::uint64_t req, const char* why) override;
+  void on_notification(const std::string& peer, std::uint64_t req, NotifKind kind) override;
+  void on_bad_notification(const std::string& peer, const std::string& bytes) override;
+  void on_tick() override;
+
+  struct Relay;  // the engine's abort hook reaches the transport through this (transport.cpp)
+
+ private:
+  enum class Side : std::uint8_t { Active, Passive };
+  struct Entry {
+    Side side = Side::Active;
+    std::string peer;
+    bool posting = false;           // active: post() was called (the backend may touch buffers)
+    bool cancel_requested = false;  // active: the engine asked to abort
+    bool peer_stop = false;         // active: the peer asked to stop; reply "quiesced" when Done
+  };
+
+  void on_abort(std::uint64_t req);
+  void finish_active(std::uint64_t req, bool done);
+  void send(const std::string& peer, std::uint64_t req, NotifKind kind);
+  void apply(std::uint64_t req, Event ev);
+  void remember_stopped(std::uint64_t req);  // caller holds mu_
+  void remember_tainted(std::uint64_t req);  // caller holds mu_
+  void sweep();
+
+  std::shared_ptr<Engine> engine_;
+  TransportOptions opts_;
+  std::unique_ptr<Agent> agent_;
+  std::shared_ptr<Relay> relay_;
+  mutable std::mutex mu_;  // guards the maps below; never held while calling the agent or engine
+  std::unordered_map<std::uint64_t, Entry> entries_;
+  std::set<std::uint64_t> stopped_reqs_;    // peer said stop before we posted (bounded)
+  std::deque<std::uint64_t> stopped_order_;
+  std::map<std::uint64_t, std::pair<std::string, NotifKind>> early_;  // notes before expect()
+  std::set<std::uint64_t> unreleased_;      // release failed; retried on tick
+  // Requests of ours that ended without evidence (error, abandoned): a later "stop" for one of them
+  // gets no "quiesced" reply, since its bytes may still land (bounded FIFO).
+  std::set<std::uint64_t> tainted_;
+  std::deque<std::uint64_t> tainted_order_;
+  std::chrono::steady_clock::time_point next_sweep_{};
+  std::atomic<bool> stopped_{false};
+  std::mutex bare_mu_;
+  std::condition_variable bare_cv_;
+  std::atomic<std::uint64_t> bare_done_{0};
+  struct Counters {
+    std::atomic<std::uint64_t> posted{0}, completed_in_post{0}, completed{0}, failed{0},
+        post_errors{0}, cancelled_before_post{0}, peer_stops{0}, stops_sent{0}, quiesced_sent{0},
+        done_received{0}, quiesced_received{0}, orphan_notifications{0}, bad_notifications{0},
+        send_errors{0}, release_failures{0}, unsafe_releases{0}, late_evidence{0}, abandoned{0},
+        passive_swept{0}, stops_unanswered{0};
+  } ctr_;
+  std::unique_ptr<NixlProgress> progress_;  // Invariant: last member; destroyed first
+};
+
+const char* to_string(PostResult r) noexcept;
+
+}  // namespace lifecycle::transport

@@ -1,0 +1,185 @@
+#include "lifecycle/transport/faulty.hpp"
+
+#include "lifecycle/transport/nixl_capi.hpp"  // TransportError
+
+namespace lifecycle::transport {
+
+namespace {
+
+std::uint64_t mix64(std::uint64_t x) noexcept {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+enum RollKind : std::uint64_t { kPostFault = 1, kDrop = 2, kDup = 3, kRelease = 4 };
+
+}  // namespace
+
+FaultyAgent::FaultyAgent(std::unique_ptr<Agent> inner, FaultOptions opts)
+    : inner_(std::move(inner)), opts_(opts) {
+  if (!inner_) throw TransportError("FaultyAgent: no inner agent");
+}
+
+double FaultyAgent::roll(std::uint64_t kind, std::uint64_t a, std::uint64_t b) const noexcept {
+  const std::uint64_t h = mix64(mix64(mix64(opts_.seed ^ (kind << 56)) ^ a) ^ b);
+  return static_cast<double>(h >> 11) * (1.0 / 9007199254740992.0);  // [0, 1)
+}
+
+std::string FaultyAgent::load_remote_metadata(const std::string& md) {
+  std::string peer = inner_->load_remote_metadata(md);
+  std::lock_guard<std::mutex> lk(mu_);
+  disconnected_.erase(peer);  // fresh metadata: a fresh peer
+  return peer;
+}
+
+void FaultyAgent::prepare(std::uint64_t req, XferOp op, const Region& local, const Region& remote,
+                          const std::string& peer, bool notify) {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (disconnected_.count(peer) != 0) {
+      throw TransportError("post: request " + std::to_string(req) + ": peer " + peer +
+                           " disconnected (injected)");
+    }
+  }
+  inner_->prepare(req, op, local, remote, peer, notify);
+  // One roll picks at most one status fault, in a fixed order of the cumulative probabilities.
+  const double r = roll(kPostFault, req);
+  Fault f = Fault::None;
+  double acc = 0;
+  if (r < (acc += opts_.delay)) {
+    f = Fault::Delay;
+  } else if (r < (acc += opts_.error)) {
+    f = Fault::Error;
+  } else if (r < (acc += opts_.disconnect)) {
+    f = Fault::Disconnect;
+  } else if (r < (acc += opts_.never_completes)) {
+    f = Fault::NeverCompletes;
+  }
+  std::lock_guard<std::mutex> lk(mu_);
+  xfers_[req] = Xfer{peer, f, {}, false, 0};
+}
+
+XferState FaultyAgent::post(std::uint64_t req) {
+  Fault f = Fault::None;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    auto it = xfers_.find(req);
+    if (it != xfers_.end()) {
+      it->second.posted_at = std::chrono::steady_clock::now();
+      f = it->second.fault;
+      if (!it->second.counted) {
+        it->second.counted = true;
+        switch (f) {
+          case Fault::None:
+            break;
+          case Fault::Delay:
+            ++stats_.delays;
+            break;
+          case Fault::Error:
+            ++stats_.errors;
+            break;
+          case Fault::Disconnect:
+            ++stats_.disconnects;
+            disconnected_.insert(it->second.peer);
+            break;
+          case Fault::NeverCompletes:
+            ++stats_.never_completes;
+            break;
+        }
+      }
+    }
+  }
+  const XferState st = inner_->post(req);
+  return f == Fault::None ? st : XferState::InProgress;
+}
+
+XferStatus FaultyAgent::status(std::uint64_t req) {
+  const XferStatus inner = inner_->status(req);  // always polled: it drives the inner backend
+  std::lock_guard<std::mutex> lk(mu_);
+  auto it = xfers_.find(req);
+  if (it == xfers_.end() || inner.state == XferState::Unknown) return inner;
+  if (disconnected_.count(it->second.peer) != 0) return {XferState::Failed, -2};
+  switch (it->second.fault) {
+    case Fault::None:
+      return inner;
+    case Fault::Delay:
+      if (std::chrono::steady_clock::now() - it->second.posted_at < opts_.delay_for) {
+        return {XferState::InProgress, 1};
+      }
+      return inner;
+    case Fault::Error:
+    case Fault::Disconnect:
+      return {XferState::Failed, -2};
+    case Fault::NeverCompletes:
+      return {XferState::InProgress, 1};
+  }
+  return inner;
+}
+
+ReleaseStatus FaultyAgent::release(std::uint64_t req) {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    auto it = xfers_.find(req);
+    if (it != xfers_.end()) {
+      const std::uint64_t attempt = it->second.release_attempts++;
+      if (roll(kRelease, req, attempt) < opts_.release_failure) {
+        ++stats_.release_failures;
+        return -2;  // kErrBackend: the request stays held
+      }
+      xfers_.erase(it);
+    }
+  }
+  return inner_->release(req);
+}
+
+void FaultyAgent::send_notification(const std::string& peer, const NotifMessage& m) {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (disconnected_.count(peer) != 0) {
+      throw TransportError("send_notification: peer " + peer + " disconnected (injected)");
+    }
+  }
+  inner_->send_notification(peer, m);
+}
+
+std::vector<RawNotification> FaultyAgent::fetch_notifications() {
+  std::vector<RawNotification> in = inner_->fetch_notifications();
+  if (in.empty()) return in;
+  std::vector<RawNotification> out;
+  std::lock_guard<std::mutex> lk(mu_);
+  for (auto& n : in) {
+    if (disconnected_.count(n.peer) != 0) {
+      ++stats_.dropped;
+      continue;
+    }
+    const auto m = decode_notif(n.bytes);
+    const std::uint64_t key = m ? m->req * 4 + static_cast<std::uint64_t>(m->kind) : 0;
+    const std::uint64_t occ = notif_seen_[key]++;
+    if (roll(kDrop, key, occ) < opts_.drop_notification) {
+      ++stats_.dropped;
+      continue;
+    }
+    if (roll(kDup, key, occ) < opts_.duplicate_notification) {
+      ++stats_.duplicated;
+      out.push_back(n);
+    }
+    out.push_back(std::move(n));
+  }
+  if (notif_seen_.size() > 65536) notif_seen_.clear();  // bounded; occurrences restart
+  return out;
+}
+
+FaultStats FaultyAgent::fault_stats() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return stats_;
+}
+
+Fault FaultyAgent::fault_of(std::uint64_t req) const {
+  std::lock_guard<std::mutex> lk(mu_);
+  auto it = xfers_.find(req);
+  return it == xfers_.end() ? Fault::None : it->second.fault;
+}
+
+}  // namespace lifecycle::transport

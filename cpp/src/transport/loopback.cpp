@@ -1,0 +1,288 @@
+#include "lifecycle/transport/loopback.hpp"
+
+#include <algorithm>
+#include <cstring>
+#include <shared_mutex>
+
+#include "lifecycle/transport/nixl_capi.hpp"  // TransportError
+
+namespace lifecycle::transport {
+
+namespace {
+
+constexpr const char* kMdPrefix = "KVLC-LOOPBACK/1:";
+
+// Held shared while a chunk is copied; exclusively while memory stops being valid.
+std::shared_mutex& mem_mutex() {
+  static std::shared_mutex m;
+  return m;
+}
+
+}  // namespace
+
+struct LoopbackAgent::Endpoint {
+  std::string name;
+  bool alive = true;                            // guarded by mem_mutex()
+  std::map<RegionId, Region> regions;           // guarded by mem_mutex()
+  RegionId next_region = 1;                     // guarded by mem_mutex()
+  std::mutex inbox_mu;
+  std::vector<RawNotification> inbox;           // guarded by inbox_mu
+
+  bool covers(const Region& r) const {  // caller holds mem_mutex() (shared or exclusive)
+    for (const auto& [id, reg] : regions) {
+      (void)id;
+      if (reg.kind == r.kind && reg.dev_id == r.dev_id && r.addr >= reg.addr &&
+          r.addr + r.len <= reg.addr + reg.len)
+        return true;
+    }
+    return false;
+  }
+  void deliver(RawNotification n) {
+    std::lock_guard<std::mutex> lk(inbox_mu);
+    inbox.push_back(std::move(n));
+  }
+};
+
+struct LoopbackAgent::Job {
+  std::uint64_t req = 0;
+  XferOp op = XferOp::Read;
+  Region local, remote;
+  std::string peer;
+  bool notify = true;
+  std::weak_ptr<Endpoint> peer_ep;
+  std::atomic<int> state{0};  // 0 prepared/in progress, 1 done, 2 failed
+  std::atomic<bool> released{false};
+  bool posted = false;  // guarded by the agent's mu_
+};
+
+namespace {
+
+std::mutex& registry_mutex() {
+  static std::mutex m;
+  return m;
+}
+std::map<std::string, std::weak_ptr<LoopbackAgent::Endpoint>>& registry() {
+  static std::map<std::string, std::weak_ptr<LoopbackAgent::Endpoint>> r;
+  return r;
+}
+
+}  // namespace
+
+LoopbackAgent::LoopbackAgent(LoopbackOptions opts)
+    : name_(opts.name), opts_(std::move(opts)), ep_(std::make_shared<Endpoint>()) {
+  if (name_.empty()) throw TransportError("loopback agent: empty name");
+  if (opts_.chunk == 0) opts_.chunk = 256 * 1024;
+  ep_->name = name_;
+  {
+    std::lock_guard<std::mutex> lk(registry_mutex());
+    auto& slot = registry()[name_];
+    if (!slot.expired()) throw TransportError("loopback agent: name " + name_ + " already in use");
+    slot = ep_;
+  }
+  worker_ = std::thread([this] { run(); });
+}
+
+LoopbackAgent::~LoopbackAgent() {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (worker_.joinable()) worker_.join();
+  {
+    std::unique_lock<std::shared_mutex> mem(mem_mutex());
+    ep_->alive = false;
+    ep_->regions.clear();
+  }
+  std::lock_guard<std::mutex> lk(registry_mutex());
+  auto it = registry().find(name_);
+  if (it != registry().end() && it->second.lock() == ep_) registry().erase(it);
+}
+
+Agent::RegionId LoopbackAgent::register_region(const Region& r) {
+  if (r.addr == 0 || r.len == 0) throw TransportError("register_region: empty region");
+  if (r.kind != MemKind::Dram) throw TransportError("loopback agent: only DRAM can be registered");
+  std::unique_lock<std::shared_mutex> mem(mem_mutex());
+  const RegionId id = ep_->next_region++;
+  ep_->regions.emplace(id, r);
+  return id;
+}
+
+void LoopbackAgent::deregister_region(RegionId id) {
+  std::unique_lock<std::shared_mutex> mem(mem_mutex());  // waits for chunks in flight
+  if (ep_->regions.erase(id) == 0) {
+    throw TransportError("deregister_region: unknown region " + std::to_string(id));
+  }
+}
+
+std::size_t LoopbackAgent::registered_regions() const {
+  std::shared_lock<std::shared_mutex> mem(mem_mutex());
+  return ep_->regions.size();
+}
+
+std::string LoopbackAgent::local_metadata() { return kMdPrefix + name_; }
+
+std::string LoopbackAgent::load_remote_metadata(const std::string& md) {
+  const std::string prefix = kMdPrefix;
+  if (md.compare(0, prefix.size(), prefix) != 0) {
+    throw TransportError("load_remote_metadata: not loopback metadata");
+  }
+  std::string peer = md.substr(prefix.size());
+  std::shared_ptr<Endpoint> ep;
+  {
+    std::lock_guard<std::mutex> lk(registry_mutex());
+    auto it = registry().find(peer);
+    if (it != registry().end()) ep = it->second.lock();
+  }
+  if (!ep) throw TransportError("load_remote_metadata: no live loopback agent named " + peer);
+  std::lock_guard<std::mutex> lk(mu_);
+  peers_[peer] = ep;
+  return peer;
+}
+
+void LoopbackAgent::invalidate_remote(const std::string& peer) {
+  std::lock_guard<std::mutex> lk(mu_);
+  peers_.erase(peer);
+}
+
+void LoopbackAgent::prepare(std::uint64_t req, XferOp op, const Region& local,
+                            const Region& remote, const std::string& peer, bool notify) {
+  const std::string ctx = "request " + std::to_string(req);
+  if (local.len != remote.len) throw TransportError("post: " + ctx + ": lengths differ");
+  auto job = std::make_shared<Job>();
+  job->req = req;
+  job->op = op;
+  job->local = local;
+  job->remote = remote;
+  job->peer = peer;
+  job->notify = notify;
+  std::lock_guard<std::mutex> lk(mu_);
+  auto p = peers_.find(peer);
+  if (p == peers_.end()) throw TransportError("post: " + ctx + ": unknown peer " + peer);
+  auto pep = p->second.lock();
+  if (!pep) throw TransportError("post: " + ctx + ": peer " + peer + " is gone");
+  {
+    std::shared_lock<std::shared_mutex> mem(mem_mutex());
+    if (!ep_->covers(local)) throw TransportError("post: " + ctx + ": local range not registered");
+    if (!pep->alive || !pep->covers(remote)) {
+      throw TransportError("post: " + ctx + ": remote range not registered at " + peer);
+    }
+  }
+  if (xfers_.count(req) != 0) throw TransportError("post: " + ctx + " already has a live transfer");
+  job->peer_ep = pep;
+  xfers_.emplace(req, std::move(job));
+}
+
+XferState LoopbackAgent::post(std::uint64_t req) {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    auto it = xfers_.find(req);
+    if (it == xfers_.end() || it->second->posted) {
+      throw TransportError("post: request " + std::to_string(req) + " not prepared or already posted");
+    }
+    it->second->posted = true;
+    queue_.push_back(it->second);
+  }
+  cv_.notify_all();
+  return XferState::InProgress;
+}
+
+XferStatus LoopbackAgent::status(std::uint64_t req) {
+  std::lock_guard<std::mutex> lk(mu_);
+  auto it = xfers_.find(req);
+  if (it == xfers_.end() || !it->second->posted) return {XferState::Unknown, 0};
+  switch (it->second->state.load()) {
+    case 0:
+      return {XferState::InProgress, 1};
+    case 1:
+      return {XferState::Done, 0};
+    default:
+      return {XferState::Failed, -2};
+  }
+}
+
+ReleaseStatus LoopbackAgent::release(std::uint64_t req) {
+  std::lock_guard<std::mutex> lk(mu_);
+  auto it = xfers_.find(req);
+  if (it == xfers_.end()) return kReleaseUnknownRequest;
+  // Like NIXL/UCX: returns at once; a job already queued or copying still lands its bytes, but a
+  // released request never sends its notification.
+  it->second->released.store(true);
+  xfers_.erase(it);
+  return kReleased;
+}
+
+std::size_t LoopbackAgent::live_requests() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return xfers_.size();
+}
+
+void LoopbackAgent::send_notification(const std::string& peer, const NotifMessage& m) {
+  std::shared_ptr<Endpoint> ep;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    auto p = peers_.find(peer);
+    if (p == peers_.end()) throw TransportError("send_notification: unknown peer " + peer);
+    ep = p->second.lock();
+  }
+  if (!ep) throw TransportError("send_notification: peer " + peer + " is gone");
+  ep->deliver({name_, encode_notif_string(m)});
+}
+
+std::vector<RawNotification> LoopbackAgent::fetch_notifications() {
+  std::vector<RawNotification> out;
+  std::lock_guard<std::mutex> lk(ep_->inbox_mu);
+  out.swap(ep_->inbox);
+  return out;
+}
+
+void LoopbackAgent::run() {
+  for (;;) {
+    std::shared_ptr<Job> job;
+    {
+      std::unique_lock<std::mutex> lk(mu_);
+      cv_.wait(lk, [this] { return stop_ || !queue_.empty(); });
+      if (stop_) return;  // queued jobs never started: they touch nothing
+      job = std::move(queue_.front());
+      queue_.pop_front();
+    }
+    if (opts_.latency.count() > 0) std::this_thread::sleep_for(opts_.latency);
+    const auto t0 = std::chrono::steady_clock::now();
+    bool ok = true;
+    for (std::size_t off = 0; off < job->local.len && ok; off += opts_.chunk) {
+      {
+        std::lock_guard<std::mutex> lk(mu_);
+        if (stop_) return;
+      }
+      const std::size_t n = std::min(opts_.chunk, job->local.len - off);
+      {
+        std::shared_lock<std::shared_mutex> mem(mem_mutex());
+        auto pep = job->peer_ep.lock();
+        if (!pep || !pep->alive || !pep->covers(job->remote) || !ep_->covers(job->local)) {
+          ok = false;  // the peer (or a registration) is gone: a disconnect
+          break;
+        }
+        auto* l = reinterpret_cast<std::uint8_t*>(job->local.addr) + off;
+        auto* r = reinterpret_cast<std::uint8_t*>(job->remote.addr) + off;
+        if (job->op == XferOp::Read) {
+          std::memcpy(l, r, n);
+        } else {
+          std::memcpy(r, l, n);
+        }
+      }
+      if (opts_.bytes_per_second > 0) {
+        const auto due = t0 + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                                  std::chrono::duration<double>(static_cast<double>(off + n) /
+                                                                opts_.bytes_per_second));
+        std::unique_lock<std::mutex> lk(mu_);
+        cv_.wait_until(lk, due, [this] { return stop_; });
+      }
+    }
+    if (ok && job->notify && !job->released.load()) {
+      if (auto pep = job->peer_ep.lock()) pep->deliver({name_, encode_notif_string({job->req, NotifKind::Done})});
+    }
+    job->state.store(ok ? 1 : 2);
+  }
+}
+
+}  // namespace lifecycle::transport

@@ -1,0 +1,352 @@
+"""Transports that drive a :class:`~lifecycle.TransferEngine`: NIXL over UCX, and an in-process loopback.
+
+A transport owns one agent and a C++ progress thread.  The executor advertises a session on the
+engine, then either posts the transfer itself (``read`` / ``write``: this side is *active*) or hands
+its descriptors to the peer and calls ``expect`` (this side is *passive*).  The progress thread turns
+backend statuses and peer notifications into engine events (DONE -> complete, error -> fail, the
+peer's "done"/"quiesced" -> complete); the executor sees them, logged, on ``engine.poll()``.
+Cancellation follows DESIGN §3: nothing is released without evidence (see docs/transport.md).
+
+NIXL is loaded at run time from the installed ``nixl-cu12`` wheel (``libnixl_capi.so``, found without
+importing ``nixl``); ``KV_LIFECYCLE_NIXL_CAPI`` overrides the path.  When it is missing, creating a
+:class:`NixlTransport` raises :class:`~lifecycle.errors.NixlUnavailable`; everything else keeps working.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+import struct
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import InvalidArgument, NixlUnavailable, TransportError
+
+try:
+    from . import _core
+except ImportError as exc:  # pragma: no cover - exercised by hand
+    raise ImportError(f"kv-lifecycle's compiled core is missing ({exc}); build it with `make build`") from exc
+
+__all__ = [
+    "Faults",
+    "LoopbackTransport",
+    "Mem",
+    "NixlTransport",
+    "Registration",
+    "TransportStats",
+    "mem_of",
+    "nixl_capi_path",
+    "pool_slot",
+]
+
+ENV_CAPI = _core.NIXL_CAPI_ENV  # "KV_LIFECYCLE_NIXL_CAPI"
+INSTALL_HINT = "pip install nixl-cu12==1.5.1"
+
+
+def nixl_capi_path() -> str:
+    """Path of ``libnixl_capi.so``: ``$KV_LIFECYCLE_NIXL_CAPI``, else the one in the nixl-cu12 wheel.
+
+    Never imports ``nixl``.  Raises :class:`NixlUnavailable` when neither exists.
+    """
+    env = os.environ.get(ENV_CAPI)
+    if env:
+        return env
+    spec = importlib.util.find_spec("nixl_cu12")
+    if spec is None or spec.origin is None:
+        raise NixlUnavailable(
+            f"NIXL C API unavailable: the nixl-cu12 wheel is not installed; install it with `{INSTALL_HINT}` "
+            f"or set {ENV_CAPI} to the path of libnixl_capi.so"
+        )
+    path = Path(spec.origin).parent.parent / ".nixl_cu12.mesonpy.libs" / "libnixl_capi.so"
+    if not path.exists():
+        raise NixlUnavailable(
+            f"NIXL C API unavailable: {path} not found in the installed nixl-cu12; reinstall it with "
+            f"`{INSTALL_HINT}` or set {ENV_CAPI} to the path of libnixl_capi.so"
+        )
+    return str(path)
+
+
+def nixl_available() -> bool:
+    """True when libnixl_capi.so loads and has every symbol this project uses."""
+    try:
+        _core.load_nixl_capi(nixl_capi_path())
+    except NixlUnavailable:
+        return False
+    return True
+
+
+# ---- memory descriptors --------------------------------------------------------------------------
+_DESC = struct.Struct("<4sQQBQ")  # magic, addr, nbytes, kind (0 dram / 1 vram), device
+
+
+@dataclass(frozen=True, slots=True)
+class Mem:
+    """A contiguous memory range: local memory to register / transfer, or a peer's descriptor."""
+
+    addr: int
+    nbytes: int
+    kind: str = "dram"  # "dram" (CPU) or "vram" (CUDA)
+    device: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("addr", "nbytes", "device"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise InvalidArgument(name, f"expected an int >= 0, got {v!r}")
+        if self.kind not in ("dram", "vram"):
+            raise InvalidArgument("kind", f"expected 'dram' or 'vram', got {self.kind!r}")
+
+    def slice(self, offset: int, nbytes: int) -> Mem:
+        if offset < 0 or nbytes <= 0 or offset + nbytes > self.nbytes:
+            raise InvalidArgument("slice", f"[{offset}, {offset + nbytes}) outside [0, {self.nbytes})")
+        return Mem(self.addr + offset, nbytes, self.kind, self.device)
+
+    def to_bytes(self) -> bytes:
+        """29 bytes to ship to the peer (with the metadata, over any channel)."""
+        return _DESC.pack(b"KVLM", self.addr, self.nbytes, 0 if self.kind == "dram" else 1, self.device)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Mem:
+        if len(data) != _DESC.size:
+            raise InvalidArgument("descriptor", f"expected {_DESC.size} bytes, got {len(data)}")
+        magic, addr, nbytes, kind, device = _DESC.unpack(data)
+        if magic != b"KVLM" or kind > 1:
+            raise InvalidArgument("descriptor", "not a kv-lifecycle memory descriptor")
+        return cls(addr, nbytes, "dram" if kind == 0 else "vram", device)
+
+
+def mem_of(obj) -> Mem:
+    """The memory range of a torch tensor (CPU -> DRAM, CUDA -> VRAM), an engine buffer pool, a
+    :class:`Mem`, or a writable buffer (bytearray, numpy array, memoryview).  Contiguous only."""
+    if isinstance(obj, Mem):
+        return obj
+    if isinstance(obj, _core.BufferPool):
+        return Mem(obj.base_address, obj.nbytes)
+    if hasattr(obj, "data_ptr") and hasattr(obj, "device"):  # torch.Tensor, without importing torch
+        if not obj.is_contiguous():
+            raise InvalidArgument("tensor", "must be contiguous")
+        nbytes = obj.numel() * obj.element_size()
+        dev = obj.device
+        if dev.type == "cpu":
+            return Mem(obj.data_ptr(), nbytes)
+        if dev.type == "cuda":
+            return Mem(obj.data_ptr(), nbytes, "vram", dev.index or 0)
+        raise InvalidArgument("tensor", f"device {dev} is neither cpu nor cuda")
+    try:
+        mv = memoryview(obj)
+    except TypeError:
+        raise InvalidArgument("memory", f"cannot register {type(obj).__name__}: pass a tensor, a pool, "
+                                        "a Mem or a writable buffer") from None
+    if mv.readonly or not mv.c_contiguous:
+        raise InvalidArgument("memory", "buffer must be writable and C-contiguous")
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(mv.cast("B")))
+    return Mem(addr, mv.nbytes)
+
+
+def pool_slot(engine, request: int) -> Mem:
+    """The pool slot leased to ``request``'s session (advertised with nbytes > 0)."""
+    info = engine.info(request)
+    if info.slot is None:
+        raise InvalidArgument("request", f"request {request} holds no pool slot (advertise with nbytes > 0)")
+    pool = engine.pool
+    return Mem(pool.base_address + info.slot * pool.slot_size, pool.slot_size)
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    region_id: int
+    mem: Mem
+
+
+@dataclass(frozen=True, slots=True)
+class Faults:
+    """Fault injection around a transport; every decision is a pure function of the seed."""
+
+    seed: int = 0
+    delay: float = 0.0
+    delay_s: float = 0.002
+    error: float = 0.0
+    disconnect: float = 0.0
+    never_completes: float = 0.0
+    drop_notification: float = 0.0
+    duplicate_notification: float = 0.0
+    release_failure: float = 0.0
+
+    def __post_init__(self) -> None:
+        for k, v in asdict(self).items():
+            if k in ("seed",):
+                continue
+            if not isinstance(v, (int, float)) or v < 0 or (k != "delay_s" and v > 1):
+                raise InvalidArgument(k, f"expected a probability in [0, 1], got {v!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class TransportStats:
+    """Counters of one transport (``registered_regions``, ``live_xfers``, ``active``, ``passive`` are
+    current values; the rest count since creation)."""
+
+    registered_regions: int
+    live_xfers: int
+    active: int
+    passive: int
+    watched: int
+    posted: int
+    completed_in_post: int
+    completed: int
+    failed: int
+    post_errors: int
+    cancelled_before_post: int
+    peer_stops: int
+    stops_sent: int
+    quiesced_sent: int
+    done_received: int
+    quiesced_received: int
+    orphan_notifications: int
+    bad_notifications: int
+    send_errors: int
+    release_failures: int
+    unsafe_releases: int
+    late_evidence: int
+    abandoned: int
+    passive_swept: int
+    stops_unanswered: int
+    unreleased: int
+
+
+class _Transport:
+    """Shared facade; see :class:`NixlTransport` and :class:`LoopbackTransport`."""
+
+    def __init__(self, core: _core._Transport, engine, faults: Faults | None):
+        self._core = core
+        self.engine = engine
+        self.faults = faults
+        self._regs: dict[int, Mem] = {}
+        self._keep: dict[int, object] = {}  # registered objects stay alive while registered
+
+    def __repr__(self) -> str:
+        seed = "" if self.faults is None else f" fault_seed={self.faults.seed}"
+        return f"<{type(self).__name__} {self.name!r}{seed}>"
+
+    @property
+    def name(self) -> str:
+        return self._core.name
+
+    # ---- memory and peers -------------------------------------------------------------------------
+    def register(self, obj) -> Registration:
+        """Register a tensor, the engine's pool (``engine.pool``), a :class:`Mem` or a writable buffer."""
+        m = mem_of(obj)
+        rid = self._core.register_region(m.addr, m.nbytes, m.kind, m.device)
+        self._regs[rid] = m
+        self._keep[rid] = obj
+        return Registration(rid, m)
+
+    def deregister(self, reg: Registration) -> None:
+        self._core.deregister_region(reg.region_id)
+        self._regs.pop(reg.region_id, None)
+        self._keep.pop(reg.region_id, None)
+
+    def metadata(self) -> bytes:
+        """This agent's metadata (after registering): ship it to peers, who call add_peer()."""
+        return self._core.metadata()
+
+    def add_peer(self, metadata: bytes) -> str:
+        return self._core.add_peer(bytes(metadata))
+
+    def remove_peer(self, peer: str) -> None:
+        """Forget a peer (e.g. it died): its unfinished sessions here fail (no evidence can come)."""
+        self._core.remove_peer(peer)
+
+    # ---- transfers ---------------------------------------------------------------------------
+    def _post(self, op: str, request: int, local: Mem, peer: str, remote: Mem) -> str:
+        local, remote = mem_of(local), mem_of(remote)
+        if local.nbytes != remote.nbytes:
+            raise InvalidArgument("remote", f"{remote.nbytes} bytes != local {local.nbytes} bytes")
+        return self._core.transfer(request, op, local.addr, local.nbytes, local.kind, local.device, peer,
+                                   remote.addr, remote.kind, remote.device)
+
+    def read(self, request: int, local: Mem, peer: str, remote: Mem) -> str:
+        """Active READ: peer's ``remote`` -> ``local``.  Applies ``expose`` and posts.
+
+        Returns ``"Posted"``, ``"CompletedInPost"`` (already Quiesced) or ``"CancelledBeforePost"``.
+        A bad descriptor raises TransportError before anything is exposed (the session stays Advertised).
+        """
+        return self._post("read", request, local, peer, remote)
+
+    def write(self, request: int, local: Mem, peer: str, remote: Mem) -> str:
+        """Active WRITE: ``local`` -> peer's ``remote``.  Same contract as :meth:`read`."""
+        return self._post("write", request, local, peer, remote)
+
+    def expect(self, request: int, peer: str) -> None:
+        """Passive side: apply ``expose`` (call it *before* shipping descriptors to ``peer``); the peer's
+        "done" notification completes the session; cancel sends "stop" and waits for "quiesced"."""
+        self._core.expect(request, peer)
+
+    # ---- lifetime and counters ------------------------------------------------------------------
+    def stop(self) -> None:
+        """Stop the progress thread; unfinished sessions of this transport fail.  Idempotent."""
+        self._core.stop()
+
+    close = stop
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stats(self) -> TransportStats:
+        return TransportStats(**self._core.stats())
+
+    def progress_stats(self) -> dict:
+        return self._core.progress_stats()
+
+    def fault_stats(self) -> dict | None:
+        return self._core.fault_stats()
+
+    def wait_idle(self, timeout: float = 5.0) -> bool:
+        """Poll the engine until this transport holds no active or passive entry and no release
+        awaits its retry (tests, shutdown)."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            s = self._core.stats()
+            if s["active"] == 0 and s["passive"] == 0 and s["unreleased"] == 0:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            if self.engine is not None:
+                self.engine.drain(0.01)
+            else:
+                time.sleep(0.001)
+
+
+class NixlTransport(_Transport):
+    """A NIXL agent with the UCX backend, driving ``engine`` (a TransferEngine, or None for a bare
+    transport).  ``unsafe_release_on_cancel`` is TEST ONLY: it treats release as evidence (the bug that
+    DESIGN §3 forbids) so that tests can prove they detect late writes."""
+
+    def __init__(self, engine, name: str, *, capi_path: str | None = None, faults: Faults | None = None,
+                 unsafe_release_on_cancel: bool = False, ucx_params: dict[str, str] | None = None,
+                 tick: float = 0.001):
+        path = capi_path or nixl_capi_path()
+        core = _core._Transport.nixl(engine, name, path, unsafe_release_on_cancel,
+                                     None if faults is None else asdict(faults),
+                                     list((ucx_params or {}).items()), False, tick)
+        super().__init__(core, engine, faults)
+
+
+class LoopbackTransport(_Transport):
+    """In-process transport with the same interface: a worker thread copies the bytes (optionally
+    paced to ``bytes_per_second``); agents of one process find each other by name."""
+
+    def __init__(self, engine, name: str, *, bytes_per_second: float = 0.0, latency: float = 0.0,
+                 faults: Faults | None = None, unsafe_release_on_cancel: bool = False, tick: float = 0.001):
+        core = _core._Transport.loopback(engine, name, float(bytes_per_second), float(latency),
+                                         unsafe_release_on_cancel, None if faults is None else asdict(faults),
+                                         tick)
+        super().__init__(core, engine, faults)
+
+
+assert issubclass(NixlUnavailable, TransportError)

@@ -1,0 +1,156 @@
+"""Cancel at every phase over real NIXL (DESIGN §2/§3), and the negative control that proves the
+late-write detector can fail.  UCX_TLS=tcp (set before the agents are created) makes 64 MiB transfers
+genuinely asynchronous; with the default cma transport they complete inside post."""
+
+from __future__ import annotations
+
+import ctypes
+import time
+
+import pytest
+
+from lifecycle import CancelResult, Outcome, State, TerminateResult
+
+from test_transport_harness import MiB, Side, connect, crc, needs_nixl, pattern, wait_for
+
+pytestmark = [pytest.mark.nixl, needs_nixl]
+BIG = 64 * MiB
+
+
+@pytest.fixture
+def tcp(monkeypatch):
+    monkeypatch.setenv("UCX_TLS", "tcp")
+
+
+@pytest.fixture
+def pair(tcp, request):
+    tag = request.node.name[-24:].replace("[", "-").replace("]", "")
+    snd = Side("s-" + tag, slots=2, slot_size=BIG, transfer_timeout=20, cancel_grace=10)
+    rcv = Side("r-" + tag, slots=2, slot_size=BIG, transfer_timeout=20, cancel_grace=10)
+    names = connect(snd, rcv)
+    yield snd, rcv, names
+    snd.close()
+    rcv.close()
+
+
+def start(snd, rcv, names, mode: str, req: int = 1, n: int = BIG):
+    rcv_at_snd, snd_at_rcv = names
+    src = snd.advertise(req, "sender", n, pattern(n, req))
+    dst = rcv.advertise(req, "receiver", n, 0)
+    if mode == "read":
+        snd.t.expect(req, rcv_at_snd)
+        res = rcv.t.read(req, dst, snd_at_rcv, src)
+        return rcv, snd, res  # (active, passive, post result)
+    rcv.t.expect(req, snd_at_rcv)
+    res = snd.t.write(req, src, rcv_at_snd, dst)
+    return snd, rcv, res
+
+
+def test_cancel_before_expose_is_quiesced_cancelled_on_both_sides(pair):
+    snd, rcv, names = pair
+    snd.advertise(1, "sender", 4096, pattern(4096, 1))
+    rcv.advertise(1, "receiver", 4096, 0)
+    for s in (snd, rcv):
+        assert s.engine.cancel(1) is CancelResult.CancelledBeforeAdvertise
+        assert s.engine.state(1) is State.Quiesced and s.engine.outcome(1) is Outcome.cancelled
+        assert s.engine.terminate(1) is TerminateResult.Terminated
+        assert s.t.stats().posted == 0
+
+
+@pytest.mark.parametrize("mode", ["read", "write"])
+def test_cancel_right_after_post_waits_for_done_then_quiesced_cancelled(pair, mode):
+    snd, rcv, names = pair
+    active, passive, res = start(snd, rcv, names, mode)
+    assert res == "Posted", "UCX_TLS=tcp should make a 64 MiB transfer asynchronous"
+    assert active.engine.cancel(1) in (CancelResult.CancelRequestedInFlight, CancelResult.AlreadyComplete)
+    deferred = False
+    if active.engine.state(1) is State.CancelRequested:
+        # nothing released without evidence: the slot stays leased, terminate is deferred
+        slot = active.engine.info(1).slot
+        assert active.engine.pool.slot_state(slot) == "Leased"
+        assert active.engine.terminate(1) is TerminateResult.Deferred
+        deferred = True
+    # deferred: TerminateNow fires once the evidence (DONE) arrives and the slot goes back to the pool
+    assert active.wait(1) is (State.Terminated if deferred else State.Quiesced)
+    assert passive.wait(1) is State.Quiesced
+    assert active.engine.outcome(1) is (Outcome.cancelled if deferred else Outcome.completed)
+    if deferred:
+        assert active.engine.pool.stats()["free"] == 2
+    assert active.t.stats().unsafe_releases == 0 and active.t.stats().live_xfers == 0
+    # DONE was the evidence: every byte landed
+    assert crc(rcv.view(1, BIG)) == crc(pattern(BIG, 1))
+
+
+@pytest.mark.parametrize("who", ["active", "passive"])
+@pytest.mark.parametrize("mode", ["read", "write"])
+def test_cancel_mid_transfer_ends_quiesced_with_evidence(pair, mode, who):
+    snd, rcv, names = pair
+    active, passive, res = start(snd, rcv, names, mode)
+    assert res == "Posted"
+    landed = lambda: rcv.view(1, BIG)[0] != 0  # noqa: E731 - first chunk of the destination landed
+    try:
+        wait_for(landed, 5, "first bytes to land")
+    except AssertionError:
+        pytest.fail("transfer never started")
+    canceller = active if who == "active" else passive
+    r = canceller.engine.cancel(1)
+    assert r in (CancelResult.CancelRequestedInFlight, CancelResult.AlreadyComplete)
+    assert active.wait(1) is State.Quiesced and passive.wait(1) is State.Quiesced
+    if r is CancelResult.CancelRequestedInFlight:
+        assert canceller.engine.outcome(1) is Outcome.cancelled
+    if who == "passive" and r is CancelResult.CancelRequestedInFlight:
+        # the passive side asked the peer to stop and waited for its quiesced ack (or its done)
+        assert passive.t.stats().stops_sent == 1
+        assert passive.t.stats().quiesced_received + passive.t.stats().done_received >= 1
+    assert crc(rcv.view(1, BIG)) == crc(pattern(BIG, 1))
+
+
+def test_cancel_after_done_is_already_complete(pair):
+    snd, rcv, names = pair
+    active, passive, _ = start(snd, rcv, names, "read", n=64 * 1024)
+    assert active.wait(1) is State.Quiesced and passive.wait(1) is State.Quiesced
+    for s in (active, passive):
+        assert s.engine.cancel(1) is CancelResult.AlreadyComplete
+        assert s.engine.outcome(1) is Outcome.completed
+
+
+# ---- negative control ------------------------------------------------------------------------------
+SENTINEL = 0xEE
+
+
+def late_write_probe(unsafe: bool, tag: str) -> int:
+    """Receiver READs 64 MiB, cancels right after the post, returns the slot to the pool as soon as
+    the engine says it may (terminate), writes a sentinel into it (a reuse), waits, and returns how many
+    sentinel bytes were overwritten afterwards (late writes into a returned slot)."""
+    snd = Side("nc-s-" + tag, slots=1, slot_size=BIG, transfer_timeout=2, cancel_grace=2)
+    rcv = Side("nc-r-" + tag, slots=1, slot_size=BIG, transfer_timeout=20, cancel_grace=10,
+               transport_kw={"unsafe_release_on_cancel": unsafe})
+    try:
+        rcv_at_snd, snd_at_rcv = connect(snd, rcv)
+        src = snd.advertise(1, "sender", BIG, pattern(BIG, 1))
+        dst = rcv.advertise(1, "receiver", BIG, 0)
+        slot = rcv.engine.info(1).slot
+        snd.t.expect(1, rcv_at_snd)
+        assert rcv.t.read(1, dst, snd_at_rcv, src) == "Posted"
+        rcv.engine.cancel(1)
+        assert rcv.wait(1, 30) is State.Quiesced  # unsafe: at once (inside cancel); safe: after DONE
+        assert rcv.engine.terminate(1) is TerminateResult.Terminated
+        assert rcv.engine.pool.slot_state(slot) == "Free"
+        # the slot is reused at once (memset: a Python fill is slower than the landing bytes)
+        ctypes.memset(dst.addr, SENTINEL, BIG)
+        view = rcv.engine.pool.slot_view(slot)
+        time.sleep(1.0)
+        return BIG - bytes(view).count(SENTINEL)
+    finally:
+        snd.close()
+        rcv.close()
+
+
+def test_negative_control_unsafe_release_is_detected_as_late_write(tcp):
+    overwritten = [late_write_probe(True, f"u{i}") for i in range(3)]
+    assert max(overwritten) > 0, f"late-write detector saw nothing with the evidence rule off: {overwritten}"
+
+
+def test_evidence_rule_no_late_write_into_returned_slot(tcp):
+    overwritten = [late_write_probe(False, f"s{i}") for i in range(2)]
+    assert overwritten == [0, 0]

@@ -1,0 +1,131 @@
+"""Real NIXL over UCX between two processes (multiprocessing spawn; metadata over a pipe): both
+initiator modes with checksums, and a peer killed with SIGKILL mid-transfer."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from lifecycle import Outcome, State
+
+from test_transport_harness import (
+    MiB, SIZES, Side, attach_peer, call, crc, needs_nixl, pattern, spawn_peer,
+)
+
+pytestmark = [pytest.mark.nixl, needs_nixl]
+
+
+def test_two_processes_both_modes_every_size_matches_checksum():
+    me = Side("proc-parent", slots=2, slot_size=16 * MiB)
+    proc, conn = spawn_peer("proc-child", slots=2, slot_size=16 * MiB)
+    try:
+        peer, _ = attach_peer(me, conn)
+        req = 100
+        for mode in ("read", "write"):
+            for n in SIZES:
+                req += 1
+                dst = me.advertise(req, "receiver", n, 0)
+                if mode == "read":  # we READ from the child's slot; the child learns by notification
+                    desc = call(conn, "serve", req, "sender", n, req)
+                    from lifecycle.transport import Mem
+
+                    me.t.read(req, dst, peer, Mem.from_bytes(desc))
+                else:  # the child WRITEs into our slot; we learn by notification
+                    me.t.expect(req, peer)
+                    call(conn, "active", req, "sender", n, req, dst.to_bytes())
+                assert me.wait(req) is State.Quiesced
+                assert me.engine.outcome(req) is Outcome.completed
+                their_state, their_outcome, their_crc = call(conn, "wait", req, n, 10.0)
+                assert (their_state, their_outcome) == ("Quiesced", "completed"), (mode, n)
+                assert crc(me.view(req, n)) == crc(pattern(n, req)) == their_crc, f"{mode} {n} B checksum"
+                me.engine.terminate(req)
+        me.engine.poll()
+        st = me.t.stats()
+        assert st.live_xfers == 0 and st.active == 0 and st.passive == 0
+        assert call(conn, "exit") == "bye"
+    finally:
+        me.close()
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+
+
+def test_peer_sigkill_mid_transfer_every_session_terminal_in_time_then_fresh_peer_works(monkeypatch):
+    monkeypatch.setenv("UCX_TLS", "tcp")  # so the big transfers are really in flight when the peer dies
+    timeout, grace = 2.0, 1.0
+    n = 32 * MiB
+    me = Side("kill-parent", slots=6, slot_size=n, transfer_timeout=timeout, cancel_grace=grace)
+    proc, conn = spawn_peer("kill-child", env={"UCX_TLS": "tcp"}, slots=4, slot_size=n)
+    fresh = None
+    try:
+        peer, _ = attach_peer(me, conn)
+        from lifecycle.transport import Mem
+
+        reqs = []
+        # (a) we READ from the child (active here)
+        for req in (1, 2):
+            dst = me.advertise(req, "receiver", n, 0)
+            desc = call(conn, "serve", req, "sender", n, req)
+            me.t.read(req, dst, peer, Mem.from_bytes(desc))
+            reqs.append(req)
+        # (b) the child WRITEs into us (passive here)
+        for req in (3, 4):
+            dst = me.advertise(req, "receiver", n, 0)
+            me.t.expect(req, peer)
+            call(conn, "active", req, "sender", n, req, dst.to_bytes())
+            reqs.append(req)
+        # (c) exposed to the child, which never posts (passive here, no evidence will ever come)
+        me.advertise(5, "sender", n, pattern(n, 5))
+        me.t.expect(5, peer)
+        reqs.append(5)
+        t_kill = time.monotonic()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(10)
+
+        bound = timeout + grace + 1.0
+        states = {}
+        for req in reqs:
+            left = bound - (time.monotonic() - t_kill)
+            states[req] = me.engine.wait_terminal(req, max(left, 0.01))
+        elapsed = time.monotonic() - t_kill
+        assert elapsed <= bound, f"sessions took {elapsed:.2f}s > {bound}s"
+        assert set(states.values()) <= {State.Quiesced, State.Poisoned}, states
+        assert states[5] is State.Poisoned  # never any evidence
+        poisoned = [r for r, s in states.items() if s is State.Poisoned]
+        for req in reqs:
+            me.engine.terminate(req)
+        me.engine.poll()
+        pool = me.engine.pool.stats()
+        assert pool["quarantined"] == len(poisoned), (pool, states)
+        assert pool["leased"] == 0
+
+        # a fresh peer: new transfers succeed
+        me.t.remove_peer(peer)
+        fresh, fconn = spawn_peer("kill-fresh", env={"UCX_TLS": "tcp"}, slots=2, slot_size=n)
+        fpeer, _ = attach_peer(me, fconn)
+        free_before = me.engine.pool.stats()["free"]
+        assert free_before >= 2
+        for req, mode in ((11, "read"), (12, "write")):
+            size = 1 * MiB
+            dst = me.advertise(req, "receiver", size, 0)
+            if mode == "read":
+                desc = call(fconn, "serve", req, "sender", size, req)
+                me.t.read(req, dst, fpeer, Mem.from_bytes(desc))
+            else:
+                me.t.expect(req, fpeer)
+                call(fconn, "active", req, "sender", size, req, dst.to_bytes())
+            assert me.wait(req) is State.Quiesced and me.engine.outcome(req) is Outcome.completed
+            assert call(fconn, "wait", req, size, 10.0)[0] == "Quiesced"
+            assert crc(me.view(req, size)) == crc(pattern(size, req))
+            me.engine.terminate(req)
+        assert call(fconn, "exit") == "bye"
+    finally:
+        me.close()
+        for p in (proc, fresh):
+            if p is not None:
+                p.join(10)
+                if p.is_alive():
+                    p.kill()

@@ -1,0 +1,138 @@
+"""Real NIXL over UCX, two agents in one process: both initiator modes, 1 KiB .. 16 MiB, checksums;
+a missing NIXL raises NixlUnavailable while the engine keeps working."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from lifecycle import CancelResult, IllegalTransition, NixlUnavailable, Outcome, State, TransferEngine, TransportError
+from lifecycle import _core
+from lifecycle.transport import ENV_CAPI, Mem, NixlTransport, nixl_capi_path
+
+from test_transport_harness import SIZES, Side, connect, crc, needs_nixl, pattern
+
+pytestmark = pytest.mark.nixl
+
+
+def test_missing_library_raises_nixl_unavailable_and_engine_keeps_working(tmp_path):
+    e = TransferEngine(num_slots=1, slot_size=4096)
+    missing = str(tmp_path / "libnixl_capi.so")
+    with pytest.raises(NixlUnavailable, match=r"^NIXL C API unavailable: dlopen failed: .*pip install nixl-cu12==1\.5\.1") as ei:
+        NixlTransport(e, "a", capi_path=missing)
+    assert ei.value.library == missing and ei.value.missing_symbol == ""
+    e.advertise(1, "sender", 10)
+    assert e.cancel(1) is CancelResult.CancelledBeforeAdvertise
+    assert e.state(1) is State.Quiesced
+
+
+def test_incompatible_library_names_the_missing_symbol():
+    import ctypes.util
+    import glob
+
+    libc = (glob.glob("/lib/x86_64-linux-gnu/libc.so.6") + glob.glob("/usr/lib*/libc.so.6"))[:1]
+    if not libc:
+        pytest.skip("no libc.so.6 path to load")
+    with pytest.raises(NixlUnavailable, match=r"symbol nixl_capi_\w+ missing; \d+ of \d+ required symbols") as ei:
+        _core.load_nixl_capi(libc[0])
+    assert ei.value.missing_symbol in _core.NIXL_CAPI_SYMBOLS
+
+
+def test_env_var_overrides_the_wheel_path(monkeypatch, tmp_path):
+    bogus = str(tmp_path / "nope.so")
+    monkeypatch.setenv(ENV_CAPI, bogus)
+    assert nixl_capi_path() == bogus
+    with pytest.raises(NixlUnavailable, match=re.escape(bogus)):
+        NixlTransport(None, "x")
+
+
+@needs_nixl
+@pytest.mark.parametrize("mode", ["read", "write"])
+def test_two_agents_one_process_every_size_matches_checksum(mode):
+    snd, rcv = Side("snd-" + mode), Side("rcv-" + mode)
+    try:
+        rcv_at_snd, snd_at_rcv = connect(snd, rcv)
+        for i, n in enumerate(SIZES, start=1):
+            src = snd.advertise(i, "sender", n, pattern(n, i))
+            dst = rcv.advertise(i, "receiver", n, 0)
+            if mode == "read":  # the receiver READs; the sender learns completion by notification
+                snd.t.expect(i, rcv_at_snd)
+                rcv.t.read(i, dst, snd_at_rcv, src)
+            else:  # the sender WRITEs; the receiver learns completion by notification
+                rcv.t.expect(i, snd_at_rcv)
+                snd.t.write(i, src, rcv_at_snd, dst)
+            assert snd.wait(i) is State.Quiesced and rcv.wait(i) is State.Quiesced
+            assert snd.engine.outcome(i) is Outcome.completed and rcv.engine.outcome(i) is Outcome.completed
+            assert crc(rcv.view(i, n)) == crc(pattern(n, i)), f"{mode} {n} B: checksum mismatch"
+            snd.engine.terminate(i)
+            rcv.engine.terminate(i)
+        for s in (snd, rcv):
+            s.engine.poll()
+            st = s.t.stats()
+            assert st.live_xfers == 0 and st.active == 0 and st.passive == 0, st
+            assert s.engine.pool.stats()["free"] == 4
+        active, passive = (rcv, snd) if mode == "read" else (snd, rcv)
+        assert active.t.stats().completed == len(SIZES)
+        assert passive.t.stats().done_received == len(SIZES)
+    finally:
+        snd.close()
+        rcv.close()
+
+
+@needs_nixl
+def test_bad_descriptor_raises_before_expose_and_session_stays_advertised():
+    a, b = Side("bad-a", slots=1, slot_size=4096), Side("bad-b", slots=1, slot_size=4096)
+    try:
+        b_at_a, _ = connect(a, b)
+        m = a.advertise(1, "receiver", 4096)
+        with pytest.raises(TransportError, match=r"create_xfer_req"):
+            a.t.read(1, m, "no-such-peer", Mem(0x1000, 4096))
+        assert a.engine.state(1) is State.Advertised
+        assert a.t.stats().live_xfers == 0
+    finally:
+        a.close()
+        b.close()
+
+
+@needs_nixl
+def test_read_after_cancel_before_expose_is_illegal_and_posts_nothing():
+    a, b = Side("cbe-a", slots=1, slot_size=4096), Side("cbe-b", slots=1, slot_size=4096)
+    try:
+        b_at_a, a_at_b = connect(a, b)
+        src = b.advertise(1, "sender", 4096, pattern(4096, 1))
+        dst = a.advertise(1, "receiver", 4096, 0)
+        assert a.engine.cancel(1) is CancelResult.CancelledBeforeAdvertise
+        with pytest.raises(IllegalTransition, match=r"^can't handle event expose when state=Quiesced for request 1$"):
+            a.t.read(1, dst, b_at_a, src)
+        assert a.t.stats().posted == 0 and a.t.stats().live_xfers == 0
+    finally:
+        a.close()
+        b.close()
+
+
+@needs_nixl
+def test_torch_cpu_tensors_register_as_dram_and_transfer():
+    torch = pytest.importorskip("torch")
+    from lifecycle.transport import mem_of
+
+    e1, e2 = TransferEngine(), TransferEngine()
+    t1, t2 = NixlTransport(e1, "torch-a"), NixlTransport(e2, "torch-b")
+    try:
+        src = torch.arange(1 << 16, dtype=torch.float32)
+        dst = torch.zeros(1 << 16, dtype=torch.float32)
+        r1, r2 = t1.register(src), t2.register(dst)
+        assert r1.mem.kind == "dram" and r1.mem.nbytes == src.numel() * 4
+        p2 = t1.add_peer(t2.metadata())
+        p1 = t2.add_peer(t1.metadata())
+        e1.advertise(7, "sender")
+        e2.advertise(7, "receiver")
+        t2.expect(7, p1)
+        t1.write(7, mem_of(src), p2, mem_of(dst))
+        assert e1.wait_terminal(7, 10) is State.Quiesced and e2.wait_terminal(7, 10) is State.Quiesced
+        assert torch.equal(src, dst)
+        t1.deregister(r1)
+        assert t1.stats().registered_regions == 0
+    finally:
+        t1.stop()
+        t2.stop()

@@ -1,0 +1,146 @@
+"""Helpers shared by the transport tests (no tests here): engine+transport pairs, patterns, checksums,
+and the peer process (multiprocessing spawn; metadata shipped over a pipe)."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+import zlib
+
+import pytest
+
+from lifecycle import State, TransferEngine
+from lifecycle.transport import LoopbackTransport, Mem, NixlTransport, nixl_available, pool_slot
+
+HAVE_NIXL = nixl_available()
+needs_nixl = pytest.mark.skipif(not HAVE_NIXL, reason="nixl-cu12 not installed (pip install nixl-cu12==1.5.1)")
+
+KiB, MiB = 1024, 1024 * 1024
+SIZES = [1 * KiB, 64 * KiB, 1 * MiB, 16 * MiB]
+TERMINAL = (State.Quiesced, State.Poisoned)
+
+
+def pattern(n: int, seed: int) -> bytes:
+    """Never-zero bytes, different per seed (so landed bytes are countable)."""
+    block = bytes((b % 255) + 1 for b in random.Random(seed).randbytes(4096))
+    return (block * (n // 4096 + 1))[:n]
+
+
+def crc(data) -> int:
+    return zlib.crc32(data)
+
+
+class Side:
+    """One engine with a buffer pool, and its transport (pool registered)."""
+
+    def __init__(self, name: str, kind: str = "nixl", slots: int = 4, slot_size: int = 16 * MiB,
+                 transport_kw: dict | None = None, **engine_kw):
+        engine_kw.setdefault("transfer_timeout", 10.0)
+        engine_kw.setdefault("cancel_grace", 5.0)
+        self.engine = TransferEngine(num_slots=slots, slot_size=slot_size, **engine_kw)
+        cls = NixlTransport if kind == "nixl" else LoopbackTransport
+        self.t = cls(self.engine, name, **(transport_kw or {}))
+        self.reg = self.t.register(self.engine.pool)
+        self.name = name
+
+    def advertise(self, req: int, role: str, n: int, fill: bytes | int | None = None) -> Mem:
+        self.engine.advertise(req, role, n)
+        m = pool_slot(self.engine, req).slice(0, n)
+        if fill is not None:
+            self.view(req, n)[:] = fill if isinstance(fill, bytes) else bytes([fill]) * n
+        return m
+
+    def view(self, req: int, n: int) -> memoryview:
+        return self.engine.pool.slot_view(self.engine.info(req).slot)[:n]
+
+    def wait(self, req: int, timeout: float = 10.0) -> State:
+        return self.engine.wait_terminal(req, timeout)
+
+    def close(self) -> None:
+        self.t.stop()
+
+
+def connect(a: Side, b: Side) -> tuple[str, str]:
+    """Exchange metadata; returns (a's name for b, b's name for a)."""
+    b_at_a = a.t.add_peer(b.t.metadata())
+    a_at_b = b.t.add_peer(a.t.metadata())
+    return b_at_a, a_at_b
+
+
+def wait_for(pred, timeout: float, what: str, poll=None) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        if poll is not None:
+            poll()
+        time.sleep(0.002)
+
+
+# ---- the peer process -----------------------------------------------------------------------------
+def peer_main(conn, name: str, env: dict, slots: int, slot_size: int, engine_kw: dict) -> None:
+    """A peer in its own process, driven by commands over `conn` (a multiprocessing Pipe end)."""
+    os.environ.update(env)
+    import structlog
+
+    structlog.configure(logger_factory=structlog.ReturnLoggerFactory())  # quiet child (test process only)
+    side = Side(name, "nixl", slots=slots, slot_size=slot_size, **engine_kw)
+    conn.send((side.t.metadata(), side.reg.mem.to_bytes()))
+    peer = side.t.add_peer(conn.recv())
+    conn.send(peer)
+    while True:
+        cmd, *args = conn.recv()
+        if cmd == "exit":
+            side.close()
+            conn.send("bye")
+            return
+        if cmd == "serve":  # passive: expose a slot; role sender (READ source) or receiver (WRITE target)
+            req, role, n, seed = args
+            m = side.advertise(req, role, n, pattern(n, seed) if role == "sender" else 0)
+            side.t.expect(req, peer)
+            conn.send(m.to_bytes())
+        elif cmd == "active":  # active: READ (role receiver) or WRITE (role sender) against a remote desc
+            req, role, n, seed, desc = args
+            m = side.advertise(req, role, n, pattern(n, seed) if role == "sender" else 0)
+            remote = Mem.from_bytes(desc)
+            res = (side.t.read if role == "receiver" else side.t.write)(req, m, peer, remote)
+            conn.send(res)
+        elif cmd == "wait":
+            req, n, timeout = args
+            st = side.wait(req, timeout)
+            conn.send((st.value, side.engine.outcome(req).value, crc(side.view(req, n))))
+            side.engine.terminate(req)
+            side.engine.poll()
+        elif cmd == "stats":
+            conn.send(side.t.stats())
+        else:
+            conn.send(("error", f"unknown command {cmd}"))
+
+
+def spawn_peer(name: str, env: dict | None = None, slots: int = 4, slot_size: int = 16 * MiB, **engine_kw):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    p = ctx.Process(target=peer_main, args=(child, name, env or {}, slots, slot_size, engine_kw), daemon=True)
+    p.start()
+    return p, parent
+
+
+def attach_peer(side: Side, conn, timeout: float = 60.0) -> tuple[str, Mem]:
+    """Metadata exchange with a spawned peer; returns (peer name, peer pool Mem)."""
+    if not conn.poll(timeout):
+        raise AssertionError("peer process did not start")
+    md, pool_desc = conn.recv()
+    peer = side.t.add_peer(md)
+    conn.send(side.t.metadata())
+    conn.recv()
+    return peer, Mem.from_bytes(pool_desc)
+
+
+def call(conn, *msg, timeout: float = 30.0):
+    conn.send(msg)
+    if not conn.poll(timeout):
+        raise AssertionError(f"peer did not answer {msg[0]} within {timeout}s")
+    return conn.recv()

@@ -1,0 +1,259 @@
+"""LoopbackTransport (in-process copy on a worker thread) and the fault-injecting wrapper.  Every
+fault test is seeded; the seed is in every failure message so a failing run replays."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from lifecycle import CancelResult, IllegalTransition, Outcome, State, TerminateResult, TransportError
+from lifecycle.transport import Faults, LoopbackTransport, Mem
+
+from test_transport_harness import KiB, MiB, SIZES, Side, connect, crc, pattern
+
+_n = iter(range(1_000_000))
+
+
+def pair(**kw):
+    i = next(_n)
+    faults_a = kw.pop("faults_a", None)
+    faults_b = kw.pop("faults_b", None)
+    bps = kw.pop("bytes_per_second", 0.0)
+    unsafe = kw.pop("unsafe", False)
+    kw.setdefault("slots", 4)
+    kw.setdefault("slot_size", 16 * MiB)
+    a = Side(f"lb-a{i}", "loopback", transport_kw={"faults": faults_a, "bytes_per_second": bps,
+                                                   "unsafe_release_on_cancel": unsafe}, **kw)
+    b = Side(f"lb-b{i}", "loopback", transport_kw={"faults": faults_b, "bytes_per_second": bps}, **kw)
+    return a, b, connect(a, b)
+
+
+def run(a, b, names, req, mode, n, *, wait=True):
+    """a is the receiver, b the sender. read: a READs from b; write: b WRITEs into a."""
+    b_at_a, a_at_b = names
+    dst = a.advertise(req, "receiver", n, 0)
+    src = b.advertise(req, "sender", n, pattern(n, req))
+    if mode == "read":
+        b.t.expect(req, a_at_b)
+        res = a.t.read(req, dst, b_at_a, src)
+    else:
+        a.t.expect(req, b_at_a)
+        res = b.t.write(req, src, a_at_b, dst)
+    if wait:
+        return a.wait(req), b.wait(req), res
+    return None, None, res
+
+
+@pytest.mark.parametrize("mode", ["read", "write"])
+def test_loopback_both_modes_every_size_matches_checksum(mode):
+    a, b, names = pair()
+    try:
+        for req, n in enumerate(SIZES, start=1):
+            sa, sb, _ = run(a, b, names, req, mode, n)
+            assert (sa, sb) == (State.Quiesced, State.Quiesced)
+            assert crc(a.view(req, n)) == crc(pattern(n, req))
+            a.engine.terminate(req)
+            b.engine.terminate(req)
+        assert a.t.stats().live_xfers == 0 and b.t.stats().live_xfers == 0
+    finally:
+        a.close()
+        b.close()
+
+
+def test_loopback_passive_cancel_sends_stop_and_waits_for_quiesced():
+    a, b, names = pair(bytes_per_second=200 * MiB)  # 16 MiB takes ~80 ms: really mid-transfer
+    try:
+        _, _, res = run(a, b, names, 1, "read", 16 * MiB, wait=False)
+        time.sleep(0.01)
+        assert b.engine.cancel(1) is CancelResult.CancelRequestedInFlight  # b is passive (READ source)
+        assert b.wait(1) is State.Quiesced and a.wait(1) is State.Quiesced
+        assert b.engine.outcome(1) is Outcome.cancelled and a.engine.outcome(1) is Outcome.cancelled
+        assert b.t.stats().stops_sent == 1 and a.t.stats().peer_stops == 1
+        assert a.t.stats().quiesced_sent == 1
+    finally:
+        a.close()
+        b.close()
+
+
+def test_loopback_stop_before_post_cancels_the_later_post():
+    a, b, names = pair()
+    try:
+        b_at_a, a_at_b = names
+        dst = a.advertise(1, "receiver", 4096, 0)
+        src = b.advertise(1, "sender", 4096, pattern(4096, 1))
+        b.t.expect(1, a_at_b)
+        b.engine.cancel(1)  # stop reaches a before a posts: a acks at once (it holds nothing)
+        assert b.wait(1) is State.Quiesced and b.engine.outcome(1) is Outcome.cancelled
+        # a's own session was cancelled by the peer's stop (a sees it on poll); its read posts nothing
+        assert a.wait(1) is State.Quiesced and a.engine.outcome(1) is Outcome.cancelled
+        with pytest.raises(IllegalTransition, match=r"^can't handle event expose when state=Quiesced"):
+            a.t.read(1, dst, b_at_a, src)
+        assert a.t.stats().posted == 0
+    finally:
+        a.close()
+        b.close()
+
+
+def test_loopback_negative_control_detects_late_write():
+    """Same late-write harness as the NIXL one, deterministic thanks to pacing."""
+    for unsafe, expect_late in ((True, True), (False, False)):
+        a, b, names = pair(bytes_per_second=100 * MiB, unsafe=unsafe, slots=1, transfer_timeout=1, cancel_grace=1)
+        try:
+            n = 8 * MiB
+            _, _, res = run(a, b, names, 1, "read", n, wait=False)
+            slot = a.engine.info(1).slot
+            a.engine.cancel(1)
+            assert a.wait(1) is State.Quiesced
+            assert a.engine.terminate(1) is TerminateResult.Terminated
+            view = a.engine.pool.slot_view(slot)
+            view[:n] = b"\xee" * n
+            time.sleep(0.15)
+            late = n - bytes(view[:n]).count(0xEE)
+            assert (late > 0) == expect_late, f"unsafe={unsafe}: {late} late bytes"
+        finally:
+            a.close()
+            b.close()
+
+
+# ---- fault injection ------------------------------------------------------------------------------
+def test_fault_error_poisons_active_side_and_denies_quiesced_ack():
+    f = Faults(seed=1, error=1.0)
+    a, b, names = pair(faults_a=f, transfer_timeout=0.2, cancel_grace=0.3)
+    try:
+        sa, sb, _ = run(a, b, names, 1, "read", 64 * KiB)
+        assert sa is State.Poisoned, f"seed={f.seed}"
+        # b got the Done notification (the inner copy finished) or, if not, was never acked
+        assert sb in (State.Quiesced, State.Poisoned), f"seed={f.seed}"
+        a.engine.terminate(1)
+        assert a.engine.pool.stats()["quarantined"] == 1
+        assert a.t.fault_stats()["errors"] == 1
+    finally:
+        a.close()
+        b.close()
+
+
+def test_fault_never_completes_times_out_to_poisoned():
+    f = Faults(seed=2, never_completes=1.0)
+    a, b, names = pair(faults_a=f, transfer_timeout=0.1, cancel_grace=0.1)
+    try:
+        sa, _, _ = run(a, b, names, 1, "read", 4 * KiB)
+        assert sa is State.Poisoned and a.engine.outcome(1) is Outcome.expired, f"seed={f.seed}"
+        assert a.t.stats().live_xfers == 1  # still polled: a late DONE would be evidence
+        a.t.remove_peer(names[0])
+        assert a.t.stats().live_xfers == 0 and a.t.stats().active == 0
+    finally:
+        a.close()
+        b.close()
+
+
+def test_fault_disconnect_fails_and_peer_notes_vanish():
+    f = Faults(seed=3, disconnect=1.0)
+    a, b, names = pair(faults_a=f, transfer_timeout=0.2, cancel_grace=0.2)
+    try:
+        sa, sb, _ = run(a, b, names, 1, "write", 4 * KiB)  # b writes into a; a is passive
+        sa2, _, _ = run(a, b, names, 2, "read", 4 * KiB)     # a reads: disconnected at post
+        assert sa2 is State.Poisoned, f"seed={f.seed}"
+        with pytest.raises(TransportError, match="disconnected"):
+            run(a, b, names, 3, "read", 4 * KiB)
+        assert a.engine.state(3) is State.Advertised
+    finally:
+        a.close()
+        b.close()
+
+
+def test_fault_dropped_done_is_recovered_by_stop_and_quiesced():
+    f = Faults(seed=4, drop_notification=1.0)
+    a, b, names = pair(faults_b=f, transfer_timeout=0.1, cancel_grace=1.0)
+    try:
+        sa, sb, _ = run(a, b, names, 1, "read", 4 * KiB)  # b's "done" is dropped
+        assert sa is State.Quiesced, f"seed={f.seed}"
+        # b times out, sends stop, a (which finished with DONE) acks; but b drops that too -> Poisoned
+        assert sb is State.Poisoned and b.engine.outcome(1) is Outcome.expired, f"seed={f.seed}"
+        assert a.t.stats().quiesced_sent == 1
+    finally:
+        a.close()
+        b.close()
+
+
+def test_fault_duplicated_notification_is_counted_late_never_an_error():
+    f = Faults(seed=5, duplicate_notification=1.0)
+    a, b, names = pair(faults_b=f)
+    try:
+        sa, sb, _ = run(a, b, names, 1, "read", 4 * KiB)
+        assert (sa, sb) == (State.Quiesced, State.Quiesced), f"seed={f.seed}"
+        time.sleep(0.05)
+        b.engine.poll()
+        assert b.engine.statistics().late >= 1 and b.engine.statistics().illegal == 0, f"seed={f.seed}"
+    finally:
+        a.close()
+        b.close()
+
+
+def test_fault_release_failure_is_retried_until_released():
+    f = Faults(seed=6, release_failure=0.7)
+    a, b, names = pair(faults_a=f)
+    try:
+        for req in range(1, 21):
+            sa, _, _ = run(a, b, names, req, "read", 4 * KiB)
+            assert sa is State.Quiesced, f"seed={f.seed}"
+            a.engine.terminate(req)
+            b.engine.terminate(req)
+        deadline = time.monotonic() + 5
+        while a.t.stats().live_xfers and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert a.t.stats().live_xfers == 0, f"seed={f.seed}"
+        assert a.t.fault_stats()["release_failures"] > 0, f"seed={f.seed}"
+    finally:
+        a.close()
+        b.close()
+
+
+def test_fault_delay_still_completes():
+    f = Faults(seed=7, delay=1.0, delay_s=0.02)
+    a, b, names = pair(faults_a=f)
+    try:
+        t0 = time.monotonic()
+        sa, sb, _ = run(a, b, names, 1, "read", 4 * KiB)
+        assert (sa, sb) == (State.Quiesced, State.Quiesced) and time.monotonic() - t0 >= 0.02, f"seed={f.seed}"
+    finally:
+        a.close()
+        b.close()
+
+
+def test_same_seed_replays_the_same_faults():
+    def plan(seed):
+        f = Faults(seed=seed, error=0.3, delay=0.3, delay_s=0.001)
+        a, b, names = pair(faults_a=f, transfer_timeout=1, cancel_grace=1, slots=32, slot_size=4 * KiB)
+        try:
+            return [run(a, b, names, r, "read", 4 * KiB)[0].value for r in range(1, 31)]
+        finally:
+            a.close()
+            b.close()
+
+    assert plan(11) == plan(11)
+    assert plan(11) != plan(12)
+
+
+def test_descriptor_roundtrip_and_repr_carries_seed():
+    m = Mem(0x1000, 4096)
+    assert Mem.from_bytes(m.to_bytes()) == m
+    f = Faults(seed=99)
+    e = Side("repr-x", "loopback", slots=1, slot_size=4096, transport_kw={"faults": f})
+    try:
+        assert "fault_seed=99" in repr(e.t)
+    finally:
+        e.close()
+
+
+def test_stopped_transport_fails_unfinished_sessions():
+    a, b, names = pair(bytes_per_second=10 * MiB)
+    try:
+        run(a, b, names, 1, "read", 16 * MiB, wait=False)
+        a.t.stop()
+        assert a.engine.state(1) is State.Poisoned
+        with pytest.raises(TransportError, match="stopped"):
+            a.t.read(2, Mem(1, 1), names[0], Mem(1, 1))
+    finally:
+        a.close()
+        b.close()

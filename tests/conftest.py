@@ -14,17 +14,56 @@ from lifecycle.spec import ACTIONS, CREATE_SOURCE
 SEC = 1_000_000_000
 
 # The test suite is the application: it decides where the library's events go.  Every event any
-# test produces passes through `_collect` (schema validation is added there when the schema exists).
-EVENTS_SEEN: list[dict] = []
+# test produces is validated against schemas/events.schema.json (autouse fixture below).
+_CURRENT: list[dict] = []
 
 
 def _collect(logger, method, event_dict):
-    if len(EVENTS_SEEN) < 200_000:
-        EVENTS_SEEN.append(event_dict)
+    _CURRENT.append(dict(event_dict))
     raise structlog.DropEvent
 
 
 structlog.configure(processors=[_collect], cache_logger_on_first_use=False)
+
+
+def _shape(v):
+    """Everything the schema can distinguish about a value.  The schema constrains integers only by
+    `minimum` -1 / 0 and strings by enums and patterns, so equal shapes validate identically; this
+    makes validating every event of the suite affordable (jsonschema is ~0.6 ms per event)."""
+    if isinstance(v, bool) or v is None:
+        return v
+    if isinstance(v, int):
+        return ("int", max(min(v, 0), -2))
+    if isinstance(v, float):
+        return ("float",)
+    if isinstance(v, str):
+        return v
+    if isinstance(v, (list, tuple)):
+        return ("list", tuple(_shape(x) for x in v))
+    if isinstance(v, dict):
+        return ("dict", tuple(sorted((k, _shape(x)) for k, x in v.items())))
+    return ("other", type(v).__name__)
+
+
+_SHAPES: dict = {}
+
+
+def schema_errors(event: dict) -> list[str]:
+    from lifecycle import audit
+
+    key = _shape(event)
+    if key not in _SHAPES:
+        _SHAPES[key] = audit.event_errors(event)
+    return _SHAPES[key]
+
+
+@pytest.fixture(autouse=True)
+def _every_event_matches_the_schema():
+    _CURRENT.clear()
+    yield
+    bad = [(e.get("event"), errs) for e in _CURRENT if (errs := schema_errors(e))]
+    _CURRENT.clear()
+    assert not bad, f"{len(bad)} event(s) violate the event schema, first: {bad[0]}"
 
 
 def path_to(state: str) -> list[str]:

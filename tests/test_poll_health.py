@@ -218,3 +218,17 @@ def test_manual_clock_never_goes_backwards():
     c.set(5)
     c.advance(-3)
     assert c.now_ns() == 10
+
+
+def test_the_suite_wide_schema_check_rejects_a_broken_event(engine):
+    """Negative control for the autouse schema check in conftest: it does flag bad events."""
+    from conftest import schema_errors
+
+    with capture_logs() as logs:
+        engine.advertise(1, "sender")
+        engine.poll()
+    (good,) = logs
+    assert schema_errors(good) == []
+    for broken in ({**good, "to_state": "Limbo"}, {k: v for k, v in good.items() if k != "seq"},
+                   {**good, "seq": -4}, {**good, "table": "XYZ"}):
+        assert schema_errors(broken)

@@ -194,7 +194,7 @@ def test_reference_model_accepts_exactly_the_tables_pairs():
 
 
 def test_public_surface_is_all():
-    public = {n for n in dir(lifecycle) if not n.startswith("_") and n[0].isupper() or n in ("cancel_frees_now",)}
+    public = {n for n in dir(lifecycle) if not n.startswith("_") and n[0].isupper() or n in ("cancel_frees_now", "pool_slot")}
     modules = {"errors", "engine", "spec", "model", "cli", "collectives", "audit", "diagram", "report", "transport"}
     assert set(lifecycle.__all__) == public - modules
     for name in lifecycle.__all__:

@@ -15,6 +15,7 @@ import struct
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import structlog
 
@@ -99,6 +100,12 @@ _KIND = {n: i for i, n in enumerate(_core.RECORD_KIND_NAMES)}
 _K_TRANSITION, _K_TNOW = _KIND["Transition"], _KIND["TerminateNow"]
 _K_QUAR, _K_RECOV = _KIND["SlotQuarantined"], _KIND["BufferRecovered"]
 _K_LATE, _K_ILLEGAL = _KIND["LateEvent"], _KIND["IllegalEvent"]
+_STATE_NAMES = [x.value for x in _STATES]
+_EVENT_NAMES = [x.value for x in _EVENTS]
+_OUTCOME_NAMES = [None if x is None else x.value for x in _OUTCOMES]
+_ROLE_NAMES = [x.value for x in _ROLES]
+_new_transition = tuple.__new__
+_INFO = 20
 _NO_STATE = 0xFF
 _NO_SLOT = 0xFFFFFFFF
 TERMINAL = frozenset(State[s] for s in TABLE.terminal)
@@ -118,9 +125,8 @@ def _reset_seq_after_fork() -> None:
 os.register_at_fork(after_in_child=_reset_seq_after_fork)
 
 
-@dataclass(frozen=True, slots=True)
-class Transition:
-    """One state change, as queued by the core."""
+class Transition(NamedTuple):
+    """One state change, as queued by the core (immutable; a tuple, cheap to build on the poll path)."""
 
     request: int
     from_state: State | None  # None for the creating advertise
@@ -315,28 +321,38 @@ class TransferEngine(_core.Engine):
         raw = self._drain()
         out: list[Transition] = []
         notices: list[int] = []
-        emit = self._emit
+        logger = self._log.bind()  # resolve the (possibly lazy) logger once per batch
+        enabled = getattr(logger, "is_enabled_for", None)
+        info = logger.info if enabled is None or enabled(_INFO) else None
+        common = {"rank": self.rank, "pid": _PID, "table": TABLE.digest, "schema": SCHEMA}
+        seq = _seq
         for req, t, slot, gen, kind, frm, to, ev, outc, role, deferred, _ in _RECORD.iter_unpack(raw):
-            r = _ROLES[role].value
-            s = None if slot == _NO_SLOT else slot
             if kind == _K_TRANSITION:
-                tr = Transition(req, None if frm == _NO_STATE else _STATES[frm], _STATES[to], _EVENTS[ev],
-                                _OUTCOMES[outc], _ROLES[role], t, s, gen, bool(deferred))
-                out.append(tr)
-                emit("lifecycle.transition", req, r, t,
-                     from_state=None if tr.from_state is None else tr.from_state.value, to_state=tr.to_state.value,
-                     trigger=tr.event.value, outcome=None if tr.outcome is None else tr.outcome.value,
-                     slot=-1 if s is None else s, generation=gen, deferred=tr.deferred)
+                s = None if slot == _NO_SLOT else slot
+                out.append(_new_transition(Transition, (
+                    req, None if frm == _NO_STATE else _STATES[frm], _STATES[to], _EVENTS[ev], _OUTCOMES[outc],
+                    _ROLES[role], t, s, gen, deferred == 1)))
+                if info is not None:
+                    info("lifecycle.transition", request=req, role=_ROLE_NAMES[role], t_mono_ns=t, seq=next(seq),
+                         **common, from_state=None if frm == _NO_STATE else _STATE_NAMES[frm],
+                         to_state=_STATE_NAMES[to], trigger=_EVENT_NAMES[ev], outcome=_OUTCOME_NAMES[outc],
+                         slot=-1 if s is None else s, generation=gen, deferred=deferred == 1)
             elif kind == _K_TNOW:
                 notices.append(req)
+            elif info is None:
+                continue
             elif kind == _K_QUAR:
-                emit("lifecycle.slot_quarantined", req, r, t, slot=slot, generation=gen)
+                info("lifecycle.slot_quarantined", request=req, role=_ROLE_NAMES[role], t_mono_ns=t, seq=next(seq),
+                     **common, slot=slot, generation=gen)
             elif kind == _K_RECOV:
-                emit("lifecycle.buffer_recovered", req, r, t, slot=slot, generation=gen)
+                info("lifecycle.buffer_recovered", request=req, role=_ROLE_NAMES[role], t_mono_ns=t, seq=next(seq),
+                     **common, slot=slot, generation=gen)
             elif kind == _K_LATE:
-                emit("lifecycle.late_event", req, r, t, trigger=_EVENTS[ev].value, state=_STATES[frm].value)
+                info("lifecycle.late_event", request=req, role=_ROLE_NAMES[role], t_mono_ns=t, seq=next(seq),
+                     **common, trigger=_EVENT_NAMES[ev], state=_STATE_NAMES[frm])
             elif kind == _K_ILLEGAL:
-                emit("lifecycle.illegal_transition", req, r, t, trigger=_EVENTS[ev].value, state=_STATES[frm].value)
+                info("lifecycle.illegal_transition", request=req, role=_ROLE_NAMES[role], t_mono_ns=t,
+                     seq=next(seq), **common, trigger=_EVENT_NAMES[ev], state=_STATE_NAMES[frm])
         self._check_health()
         if notices:
             self._deliver(notices)

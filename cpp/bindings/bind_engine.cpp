@@ -187,12 +187,7 @@ void register_engine(py::module_& m) {
              std::string out(iv.n, '\0');
              {
                py::gil_scoped_release nogil;
-               for (std::size_t i = 0; i < iv.n; ++i) {
-                 ApplyResult a;
-                 if (ep[i] >= kNumEvents || ep[i] == static_cast<std::uint8_t>(kCreateEvent)) a.status = Status::BadArgument;
-                 else a = e.apply(ip[i], static_cast<Event>(ep[i]));
-                 out[i] = static_cast<char>(a.status);
-               }
+               e.apply_batch(ip, ep, iv.n, reinterpret_cast<std::uint8_t*>(out.data()));
              }
              return py::bytes(out);
            }, py::arg("ids"), py::arg("events"), "Batch apply: uint64 ids and uint8 event codes in, one Status code per item out.")
@@ -205,8 +200,7 @@ void register_engine(py::module_& m) {
              std::string out(iv.n, '\0');
              {
                py::gil_scoped_release nogil;
-               for (std::size_t i = 0; i < iv.n; ++i)
-                 out[i] = static_cast<char>(e.advertise(ip[i], ro, static_cast<std::uint64_t>(nb)).status);
+               e.advertise_batch(ip, iv.n, ro, static_cast<std::uint64_t>(nb), reinterpret_cast<std::uint8_t*>(out.data()));
              }
              return py::bytes(out);
            }, py::arg("ids"), py::arg("role"), py::arg("nbytes") = 0)

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <climits>
+#include <thread>
 
 #include "lifecycle/errors.hpp"
 
@@ -35,10 +36,29 @@ struct Session {
 
 inline int si(State s) { return static_cast<int>(s); }
 
+// Shard lock.  Critical sections are a few dozen nanoseconds and never wait on anything, so a
+// test-and-test-and-set lock beats a futex mutex; after a short spin it yields (a preempted holder
+// on an oversubscribed machine must not be spun against).
+class SpinMutex {
+ public:
+  void lock() noexcept {
+    for (int spins = 0;; ++spins) {
+      if (!locked_.exchange(true, std::memory_order_acquire)) return;
+      while (locked_.load(std::memory_order_relaxed)) {
+        if (++spins > 64) std::this_thread::yield();
+      }
+    }
+  }
+  void unlock() noexcept { locked_.store(false, std::memory_order_release); }
+
+ private:
+  std::atomic<bool> locked_{false};
+};
+
 }  // namespace
 
 struct Engine::Shard {
-  mutable std::mutex mu;
+  mutable SpinMutex mu;
   // open-addressing map req -> slab index (linear probing, backward-shift deletion)
   std::vector<std::uint64_t> keys;
   std::vector<std::uint32_t> vals;  // kNil = empty bucket
@@ -52,6 +72,13 @@ struct Engine::Shard {
   std::array<std::uint64_t, kNumStates> count{};
   std::vector<Record> queue;
   Counters ctr;
+  std::int64_t last_t = INT64_MIN;  // Invariant: entry times in this shard never go backwards
+
+  std::int64_t stamp(std::int64_t t) {
+    if (t < last_t) t = last_t;
+    last_t = t;
+    return t;
+  }
 
   Shard() {
     head.fill(kNil);
@@ -224,50 +251,81 @@ static ApplyResult apply_locked(Engine::Shard& sh, std::uint32_t idx, Event ev, 
                                 bool unhealthy, std::atomic<std::int64_t>& last_progress,
                                 std::uint32_t tomb_cap);
 
-ApplyResult Engine::advertise(std::uint64_t req, Role role, std::uint64_t nbytes) {
+// Caller holds sh.mu.  Creates the session; pushes one record.
+static ApplyResult advertise_locked(Engine::Shard& sh, std::uint64_t req, Role role, std::uint64_t nbytes,
+                                    BufferPool& pool, std::int64_t now) {
   ApplyResult r;
-  r.status = Status::BadArgument;
-  if (static_cast<std::uint8_t>(role) > 1) return r;
-  if (nbytes > 0 && (pool_->num_slots() == 0 || nbytes > pool_->slot_size())) return r;
-  Shard& sh = shard_of(req);
-  std::size_t pushed = 0;
-  {
-    std::lock_guard<std::mutex> g(sh.mu);
-    std::uint32_t found = sh.find(req);
-    if (found != kNil) {
-      ++sh.ctr.duplicate;
-      r.status = Status::Duplicate;
-      r.from = r.to = sh.at(found).state;
+  std::uint32_t found = sh.find(req);
+  if (found != kNil) {
+    ++sh.ctr.duplicate;
+    r.status = Status::Duplicate;
+    r.from = r.to = sh.at(found).state;
+    return r;
+  }
+  Lease lease;
+  if (nbytes > 0) {
+    lease = pool.lease();
+    if (!lease.held()) {
+      r.status = Status::NoSlot;
       return r;
     }
-    Lease lease;
-    if (nbytes > 0) {
-      lease = pool_->lease();
-      if (!lease.held()) {
-        r.status = Status::NoSlot;
-        return r;
-      }
-    }
-    std::int64_t now = clock_->now_ns();
-    std::uint32_t idx = sh.alloc();
-    Session& s = sh.at(idx);
-    s.req = req;
-    s.role = role;
-    s.state = kInitialState;
-    s.t_state = now;
-    s.outcome = Outcome::none;
-    s.flags = 0;
-    s.lease = std::move(lease);
-    sh.link(idx, kInitialState);
-    sh.insert(req, idx);
-    ++sh.ctr.transitions;
-    sh.push(RecordKind::Transition, s, kNoState, kCreateEvent, now);
-    pushed = 1;
   }
-  notify_pushed(pushed);
+  now = sh.stamp(now);
+  std::uint32_t idx = sh.alloc();
+  Session& s = sh.at(idx);
+  s.req = req;
+  s.role = role;
+  s.state = kInitialState;
+  s.t_state = now;
+  s.outcome = Outcome::none;
+  s.flags = 0;
+  s.lease = std::move(lease);
+  sh.link(idx, kInitialState);
+  sh.insert(req, idx);
+  ++sh.ctr.transitions;
+  sh.push(RecordKind::Transition, s, kNoState, kCreateEvent, now);
   r.status = Status::Moved;
   r.from = r.to = kInitialState;
   return r;
+}
+
+static bool advertise_args_ok(Role role, std::uint64_t nbytes, const BufferPool& pool) {
+  if (static_cast<std::uint8_t>(role) > 1) return false;
+  return nbytes == 0 || (pool.num_slots() > 0 && nbytes <= pool.slot_size());
+}
+
+ApplyResult Engine::advertise(std::uint64_t req, Role role, std::uint64_t nbytes) {
+  ApplyResult r;
+  r.status = Status::BadArgument;
+  if (!advertise_args_ok(role, nbytes, *pool_)) return r;
+  Shard& sh = shard_of(req);
+  {
+    std::lock_guard<SpinMutex> g(sh.mu);
+    r = advertise_locked(sh, req, role, nbytes, *pool_, clock_->now_ns());
+  }
+  if (r.status == Status::Moved) notify_pushed(1);
+  return r;
+}
+
+void Engine::advertise_batch(const std::uint64_t* ids, std::size_t n, Role role, std::uint64_t nbytes,
+                             std::uint8_t* out) {
+  if (!advertise_args_ok(role, nbytes, *pool_)) {
+    for (std::size_t i = 0; i < n; ++i) out[i] = static_cast<std::uint8_t>(Status::BadArgument);
+    return;
+  }
+  const std::int64_t now = clock_->now_ns();
+  std::size_t pushed = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    Shard& sh = shard_of(ids[i]);
+    ApplyResult r;
+    {
+      std::lock_guard<SpinMutex> g(sh.mu);
+      r = advertise_locked(sh, ids[i], role, nbytes, *pool_, now);
+    }
+    pushed += r.status == Status::Moved;
+    out[i] = static_cast<std::uint8_t>(r.status);
+  }
+  notify_pushed(pushed);
 }
 
 static void enter_final(Engine::Shard& sh, Session& s, State from, Ctx& cx) {
@@ -405,7 +463,7 @@ ApplyResult Engine::apply(std::uint64_t req, Event ev) {
   std::vector<std::pair<std::uint64_t, Role>> aborts;
   Ctx cx{0, 0, &aborts};
   {
-    std::lock_guard<std::mutex> g(sh.mu);
+    std::lock_guard<SpinMutex> g(sh.mu);
     std::uint32_t idx = sh.find(req);
     if (idx == kNil) {
       ++sh.ctr.unknown;
@@ -413,7 +471,7 @@ ApplyResult Engine::apply(std::uint64_t req, Event ev) {
       r.result = 0xff;
       return r;
     }
-    cx.now = clock_->now_ns();
+    cx.now = sh.stamp(clock_->now_ns());
     bool unhealthy = unhealthy_.load(std::memory_order_relaxed) || !backend_healthy_.load(std::memory_order_relaxed);
     std::uint32_t cap = cfg_.tombstones / cfg_.shards;
     r = apply_locked(sh, idx, ev, cx, *pool_, unhealthy, last_progress_ns_, cap);
@@ -421,6 +479,34 @@ ApplyResult Engine::apply(std::uint64_t req, Event ev) {
   notify_pushed(cx.pushed);
   run_aborts(aborts);
   return r;
+}
+
+void Engine::apply_batch(const std::uint64_t* ids, const std::uint8_t* events, std::size_t n, std::uint8_t* out) {
+  std::vector<std::pair<std::uint64_t, Role>> aborts;
+  const std::int64_t now = clock_->now_ns();
+  const bool unhealthy = unhealthy_.load(std::memory_order_relaxed) || !backend_healthy_.load(std::memory_order_relaxed);
+  const std::uint32_t cap = cfg_.tombstones / cfg_.shards;
+  std::size_t pushed = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    if (events[i] >= kNumEvents || events[i] == static_cast<std::uint8_t>(kCreateEvent)) {
+      out[i] = static_cast<std::uint8_t>(Status::BadArgument);
+      continue;
+    }
+    Shard& sh = shard_of(ids[i]);
+    std::lock_guard<SpinMutex> g(sh.mu);
+    std::uint32_t idx = sh.find(ids[i]);
+    if (idx == kNil) {
+      ++sh.ctr.unknown;
+      out[i] = static_cast<std::uint8_t>(Status::Unknown);
+      continue;
+    }
+    Ctx cx{sh.stamp(now), 0, &aborts};
+    out[i] = static_cast<std::uint8_t>(
+        apply_locked(sh, idx, static_cast<Event>(events[i]), cx, *pool_, unhealthy, last_progress_ns_, cap).status);
+    pushed += cx.pushed;
+  }
+  notify_pushed(pushed);
+  run_aborts(aborts);
 }
 
 CancelResult Engine::cancel(std::uint64_t req) {
@@ -469,8 +555,8 @@ std::size_t Engine::tick() {
   std::uint32_t cap = cfg_.tombstones / cfg_.shards;
   for (auto& shp : shards_) {
     Shard& sh = *shp;
-    std::lock_guard<std::mutex> g(sh.mu);
-    Ctx cx{clock_->now_ns(), 0, &aborts};
+    std::lock_guard<SpinMutex> g(sh.mu);
+    Ctx cx{sh.stamp(clock_->now_ns()), 0, &aborts};
     bool unhealthy = unhealthy_.load(std::memory_order_relaxed);
     const int fl = si(State::InFlight), cr = si(State::CancelRequested);
     while (to > 0 && sh.head[fl] != kNil && sh.at(sh.head[fl]).t_state <= cx.now - to) {
@@ -492,7 +578,7 @@ std::int64_t Engine::next_deadline_ns() const {
   std::int64_t best = INT64_MAX;
   const std::int64_t to = cfg_.transfer_timeout_ns, grace = cfg_.cancel_grace_ns;
   for (auto& shp : shards_) {
-    std::lock_guard<std::mutex> g(shp->mu);
+    std::lock_guard<SpinMutex> g(shp->mu);
     if (to > 0 && shp->head[si(State::InFlight)] != kNil)
       best = std::min(best, shp->at(shp->head[si(State::InFlight)]).t_state + to);
     if (grace > 0 && shp->head[si(State::CancelRequested)] != kNil)
@@ -506,7 +592,7 @@ std::size_t Engine::drain(std::vector<Record>& out) {
   std::vector<Record> tmp;
   for (auto& shp : shards_) {
     {
-      std::lock_guard<std::mutex> g(shp->mu);
+      std::lock_guard<SpinMutex> g(shp->mu);
       if (shp->queue.empty()) continue;
       tmp.swap(shp->queue);
     }
@@ -557,7 +643,7 @@ Health Engine::health() {
   struct Wedge { std::uint64_t req; State st; std::int64_t age; };
   std::vector<Wedge> wedged;
   for (auto& shp : shards_) {
-    std::lock_guard<std::mutex> g(shp->mu);
+    std::lock_guard<SpinMutex> g(shp->mu);
     for (int k = 0; k < kNumStates; ++k) h.counts[static_cast<std::size_t>(k)] += shp->count[static_cast<std::size_t>(k)];
     for (State st : {State::Advertised, State::InFlight, State::CancelRequested}) {
       std::uint32_t hd = shp->head[si(st)];
@@ -610,7 +696,7 @@ Health Engine::health() {
 
 std::optional<SessionInfo> Engine::info(std::uint64_t req) const {
   Shard& sh = shard_of(req);
-  std::lock_guard<std::mutex> g(sh.mu);
+  std::lock_guard<SpinMutex> g(sh.mu);
   std::uint32_t idx = sh.find(req);
   if (idx == kNil) return std::nullopt;
   const Session& s = sh.at(idx);
@@ -630,7 +716,7 @@ std::optional<SessionInfo> Engine::info(std::uint64_t req) const {
 Counters Engine::counters() const {
   Counters c;
   for (auto& shp : shards_) {
-    std::lock_guard<std::mutex> g(shp->mu);
+    std::lock_guard<SpinMutex> g(shp->mu);
     const Counters& x = shp->ctr;
     c.transitions += x.transitions; c.illegal += x.illegal; c.late += x.late; c.unknown += x.unknown;
     c.duplicate += x.duplicate; c.deferred += x.deferred; c.terminate_now += x.terminate_now;
@@ -643,7 +729,7 @@ Counters Engine::counters() const {
 std::size_t Engine::memory_bytes() const {
   std::size_t b = sizeof(*this);
   for (auto& shp : shards_) {
-    std::lock_guard<std::mutex> g(shp->mu);
+    std::lock_guard<SpinMutex> g(shp->mu);
     b += sizeof(Shard) + shp->keys.capacity() * sizeof(std::uint64_t) + shp->vals.capacity() * sizeof(std::uint32_t) +
          shp->chunks.size() * kChunk * sizeof(Session) + shp->chunks.capacity() * sizeof(void*) +
          shp->queue.capacity() * sizeof(Record);
@@ -654,7 +740,7 @@ std::size_t Engine::memory_bytes() const {
 std::uint64_t Engine::live_sessions() const {
   std::uint64_t n = 0;
   for (auto& shp : shards_) {
-    std::lock_guard<std::mutex> g(shp->mu);
+    std::lock_guard<SpinMutex> g(shp->mu);
     for (int k = 0; k < kNumStates; ++k)
       if (!kFinal[k]) n += shp->count[static_cast<std::size_t>(k)];
   }

@@ -130,6 +130,10 @@ class Engine {
   // Executor and transport calls: thread-safe, never throw, never block beyond one shard lock.
   ApplyResult advertise(std::uint64_t req, Role role, std::uint64_t nbytes);
   ApplyResult apply(std::uint64_t req, Event ev);
+  // Batch: one clock read and one wake-up for the whole call; out[i] = Status of item i.
+  // Items with an event code out of range or the creating event get BadArgument.
+  void apply_batch(const std::uint64_t* ids, const std::uint8_t* events, std::size_t n, std::uint8_t* out);
+  void advertise_batch(const std::uint64_t* ids, std::size_t n, Role role, std::uint64_t nbytes, std::uint8_t* out);
   CancelResult cancel(std::uint64_t req);
   TerminateResult terminate(std::uint64_t req);
 

@@ -1,5 +1,7 @@
 #include "lifecycle/pool.hpp"
 
+#include <sys/mman.h>
+
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
@@ -34,19 +36,21 @@ void Lease::quarantine() {
   }
 }
 
-void BufferPool::FreeDeleter::operator()(std::uint8_t* p) const noexcept { std::free(p); }
+void BufferPool::Unmap::operator()(std::uint8_t* p) const noexcept {
+  if (p != nullptr) munmap(p, bytes);
+}
 
-BufferPool::BufferPool(std::uint32_t num_slots, std::uint64_t slot_size) : slot_size_(slot_size) {
+BufferPool::BufferPool(std::uint32_t num_slots, std::uint64_t slot_size)
+    : slot_size_(slot_size), mem_(nullptr, Unmap{0}) {
   if (num_slots > 0 && slot_size == 0) throw InvalidArgumentError("slot_size", "must be > 0 when num_slots > 0");
   if (num_slots > 0 && slot_size > (std::uint64_t{1} << 40) / num_slots)
     throw InvalidArgumentError("slot_size", "num_slots * slot_size exceeds 1 TiB");
   if (num_slots > 0) {
     std::size_t bytes = static_cast<std::size_t>(num_slots) * slot_size;
     std::size_t rounded = (bytes + 4095) & ~std::size_t{4095};
-    void* p = std::aligned_alloc(4096, rounded);
-    if (p == nullptr) throw InvalidArgumentError("num_slots", "cannot allocate " + std::to_string(bytes) + " bytes");
-    std::memset(p, 0, rounded);
-    mem_.reset(static_cast<std::uint8_t*>(p));
+    void* p = mmap(nullptr, rounded, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) throw InvalidArgumentError("num_slots", "cannot map " + std::to_string(bytes) + " bytes");
+    mem_ = std::unique_ptr<std::uint8_t, Unmap>(static_cast<std::uint8_t*>(p), Unmap{rounded});
   }
   state_.assign(num_slots, SlotState::Free);
   gen_.assign(num_slots, 0);

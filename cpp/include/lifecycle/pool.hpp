@@ -80,11 +80,12 @@ class BufferPool {
   void do_release(std::uint32_t slot, std::uint32_t gen);
   void do_quarantine(std::uint32_t slot, std::uint32_t gen);
 
-  struct FreeDeleter {
+  struct Unmap {
+    std::size_t bytes;
     void operator()(std::uint8_t* p) const noexcept;
   };
   std::uint64_t slot_size_;
-  std::unique_ptr<std::uint8_t, FreeDeleter> mem_;
+  std::unique_ptr<std::uint8_t, Unmap> mem_;  // anonymous mapping: page-aligned, zeroed lazily by the OS
   mutable std::mutex mu_;
   std::vector<SlotState> state_;
   std::vector<std::uint32_t> gen_;

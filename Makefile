@@ -32,8 +32,9 @@ test-py:
 # Sets up a fresh machine, then runs every test: C++ (plain, ASan+UBSan, TSan) and Python (incl. MPI).
 test: setup test-cpp test-sanitize test-py
 
+# The main job: 5,000 requests, half cancelled at random points, seeded faults, verified end to end.
 demo: setup
-	$(PYTHON) -m lifecycle example
+	$(PYTHON) -m lifecycle demo --requests 5000 --cancel-fraction 0.5 --faults delay,error,disconnect,drop-notif --seed 7
 
 bench: setup
 	$(PYTHON) benchmarks/bench_engine.py

@@ -326,7 +326,7 @@ class TransferEngine(_core.Engine):
         info = logger.info if enabled is None or enabled(_INFO) else None
         common = {"rank": self.rank, "pid": _PID, "table": TABLE.digest, "schema": SCHEMA}
         seq = _seq
-        for req, t, slot, gen, kind, frm, to, ev, outc, role, deferred, _ in _RECORD.iter_unpack(raw):
+        for req, t, slot, gen, kind, frm, to, ev, outc, role, deferred, _, _rseq in _RECORD.iter_unpack(raw):
             if kind == _K_TRANSITION:
                 s = None if slot == _NO_SLOT else slot
                 out.append(_new_transition(Transition, (

@@ -22,13 +22,6 @@ namespace tp = lifecycle::transport;
 namespace {
 
 // Raise lifecycle.errors.<cls>(message) with attributes set (callers never parse messages).
-void raise_with(const char* cls, const std::string& msg, const py::dict& attrs) {
-  py::object errors = py::module_::import("lifecycle.errors");
-  py::object exc = errors.attr(cls)(msg);
-  for (auto item : attrs) py::setattr(exc, item.first, item.second);
-  PyErr_SetObject(py::type::handle_of(exc).ptr(), exc.ptr());
-}
-
 tp::MemKind to_kind(const std::string& k) {
   if (k == "dram" || k == "cpu") return tp::MemKind::Dram;
   if (k == "vram" || k == "cuda") return tp::MemKind::Vram;
@@ -90,24 +83,6 @@ py::dict stats_dict(const tp::TransportStats& s) {
 
 void register_transport(py::module_& m) {
   // Transport errors -> lifecycle.errors (tried before the core translator: registered later).
-  py::register_exception_translator([](std::exception_ptr p) {
-    try {
-      if (p) std::rethrow_exception(p);
-    } catch (const tp::NixlUnavailable& e) {
-      py::dict a;
-      a["library"] = e.library();
-      a["missing_symbol"] = e.missing_symbol();
-      raise_with("NixlUnavailable", e.what(), a);
-    } catch (const tp::NixlCallError& e) {
-      py::dict a;
-      a["call"] = e.call();
-      a["status"] = e.status();
-      raise_with("TransportError", e.what(), a);
-    } catch (const tp::TransportError& e) {
-      raise_with("TransportError", e.what(), py::dict());
-    }
-  });
-
   py::list syms;
   for (const auto& s : tp::nixl_capi_required_symbols()) syms.append(s);
   m.attr("NIXL_CAPI_SYMBOLS") = py::tuple(syms);

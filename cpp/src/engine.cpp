@@ -73,6 +73,7 @@ struct Engine::Shard {
   std::vector<Record> queue;
   Counters ctr;
   std::int64_t last_t = INT64_MIN;  // Invariant: entry times in this shard never go backwards
+  std::atomic<std::uint64_t>* record_seq = nullptr;  // the engine's counter
 
   std::int64_t stamp(std::int64_t t) {
     if (t < last_t) t = last_t;
@@ -200,6 +201,7 @@ struct Engine::Shard {
     r.outcome = static_cast<std::uint8_t>(s.outcome);
     r.role = static_cast<std::uint8_t>(s.role);
     r.deferred = deferred ? 1 : 0;
+    r.seq = record_seq->fetch_add(1, std::memory_order_relaxed);
     queue.push_back(r);
   }
 };
@@ -224,7 +226,10 @@ Engine::Engine(Config cfg, std::shared_ptr<const Clock> clock)
   shard_mask_ = n - 1;
   pool_ = std::make_unique<BufferPool>(cfg_.num_slots, cfg_.slot_size);
   shards_.reserve(n);
-  for (std::uint32_t i = 0; i < n; ++i) shards_.push_back(std::make_unique<Shard>());
+  for (std::uint32_t i = 0; i < n; ++i) {
+    shards_.push_back(std::make_unique<Shard>());
+    shards_.back()->record_seq = &record_seq_;
+  }
   last_progress_ns_.store(clock_->now_ns());
 }
 
@@ -588,17 +593,35 @@ std::int64_t Engine::next_deadline_ns() const {
 }
 
 std::size_t Engine::drain(std::vector<Record>& out) {
+  // Each shard's queue is already in seq order; take them all, then k-way merge by seq.
+  std::vector<std::vector<Record>> runs;
   std::size_t n = 0;
-  std::vector<Record> tmp;
   for (auto& shp : shards_) {
+    std::vector<Record> run;
     {
       std::lock_guard<SpinMutex> g(shp->mu);
       if (shp->queue.empty()) continue;
-      tmp.swap(shp->queue);
+      run.swap(shp->queue);
     }
-    n += tmp.size();
-    out.insert(out.end(), tmp.begin(), tmp.end());
-    tmp.clear();
+    n += run.size();
+    runs.push_back(std::move(run));
+  }
+  out.reserve(out.size() + n);
+  if (runs.size() == 1) {
+    out.insert(out.end(), runs[0].begin(), runs[0].end());
+  } else if (!runs.empty()) {
+    std::vector<std::size_t> pos(runs.size(), 0);
+    auto later = [&](std::size_t a, std::size_t b) { return runs[a][pos[a]].seq > runs[b][pos[b]].seq; };
+    std::vector<std::size_t> heap;
+    for (std::size_t i = 0; i < runs.size(); ++i) heap.push_back(i);
+    std::make_heap(heap.begin(), heap.end(), later);
+    while (!heap.empty()) {
+      std::pop_heap(heap.begin(), heap.end(), later);
+      std::size_t k = heap.back();
+      out.push_back(runs[k][pos[k]++]);
+      if (pos[k] < runs[k].size()) std::push_heap(heap.begin(), heap.end(), later);
+      else heap.pop_back();
+    }
   }
   drained_.fetch_add(n);
   return n;

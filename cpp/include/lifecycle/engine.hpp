@@ -76,8 +76,11 @@ struct Record {
   std::uint8_t role;     // Role
   std::uint8_t deferred; // 1 on the Terminated transition of a deferred terminate
   std::uint8_t pad = 0;
+  // Engine-wide order: one atomic counter, so a record made after another causally (e.g. a slot
+  // leased by one shard after another shard released it) always has the larger seq.
+  std::uint64_t seq;
 };
-static_assert(sizeof(Record) == 32);
+static_assert(sizeof(Record) == 40);
 
 struct Config {
   std::int64_t transfer_timeout_ns = 30'000'000'000;  // <= 0: no timer
@@ -139,7 +142,7 @@ class Engine {
 
   // Fire expired timers (timeout, grace_expired).  Returns how many fired.  O(shards + fired).
   std::size_t tick();
-  // Append every queued record to `out` without blocking.  Returns how many.
+  // Append every queued record to `out` in seq order (causal order), without blocking.
   std::size_t drain(std::vector<Record>& out);
   // Block (no GIL: callers release it) until a record is queued or timeout_ns elapses (steady time).
   bool wait_ready(std::int64_t timeout_ns);
@@ -177,6 +180,7 @@ class Engine {
   std::uint64_t shard_mask_;
   std::atomic<std::int64_t> last_progress_ns_;
   std::atomic<bool> unhealthy_{false};
+  std::atomic<std::uint64_t> record_seq_{0};
   std::atomic<bool> backend_healthy_{true};
   std::mutex backend_mu_;
   std::string backend_reason_;

@@ -4,14 +4,10 @@
 #include <stdexcept>
 #include <string>
 
+#include "lifecycle/error_base.hpp"
 #include "lifecycle/table_gen.hpp"
 
 namespace lifecycle {
-
-class Error : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
 
 class IllegalTransitionError : public Error {
  public:

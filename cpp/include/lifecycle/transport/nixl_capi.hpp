@@ -23,13 +23,15 @@
 #include <utility>
 #include <vector>
 
+#include "lifecycle/error_base.hpp"
+
 namespace lifecycle::transport {
 
 // ---------------------------------------------------------------------------------------------------
 // Errors. TODO(lead): reparent TransportError under the core LifecycleError once it exists in C++.
-class TransportError : public std::runtime_error {
+class TransportError : public lifecycle::Error {
  public:
-  using std::runtime_error::runtime_error;
+  using lifecycle::Error::Error;
 };
 
 // The NIXL C library cannot be used: not found, not loadable, a stub build, or a symbol is missing.

@@ -1,0 +1,386 @@
+"""``lifecycle demo``: disaggregated KV-cache transfer over real NIXL with a cancellation storm.
+
+Starts a context (sender) and a generation (receiver) worker (two processes, or ``--ranks K`` MPI
+ranks per side under ``mpiexec``), moves synthetic KV caches for N requests at a given concurrency,
+cancels a fraction of them at random points, optionally injects faults, verifies every completed
+cache by checksum, then audits both processes' JSON logs and draws the observed state diagram.
+Exit 0 only when nothing wedged or leaked, every checksum matched and the audit found no violation.
+See docs/demo.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .demo_worker import FAULT_RATES, DemoOptions, KVConfig
+
+__all__ = ["main", "parse_args"]
+
+FAULT_NAMES = (*FAULT_RATES, "kill-peer")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="lifecycle demo", description=__doc__.splitlines()[0])
+    p.add_argument("--requests", type=int, default=None, help="requests to run (default 3000; 200 with --ranks > 1)")
+    p.add_argument("--concurrency", type=int, default=None, help="requests in flight per side (default 64; 16 with --ranks > 1)")
+    p.add_argument("--mode", choices=("read", "write"), default="read",
+                   help="read: the receiver READs from the sender (default); write: the sender WRITEs")
+    p.add_argument("--cancel-fraction", type=float, default=0.0, metavar="F",
+                   help="fraction of requests the client cancels at a random point (0..1)")
+    p.add_argument("--faults", default="", metavar="LIST",
+                   help=f"comma-separated faults to inject: {','.join(FAULT_NAMES)}")
+    p.add_argument("--seed", type=int, default=0, help="seeds the client plan and the fault injection")
+    p.add_argument("--out", default="demo-out", help="output directory (default ./demo-out; replaced)")
+    p.add_argument("--ranks", type=int, default=1, metavar="K", help="MPI ranks per side (tensor-parallel shards)")
+    p.add_argument("--transfer-timeout", type=float, default=2.0, metavar="S")
+    p.add_argument("--cancel-grace", type=float, default=2.0, metavar="S")
+    p.add_argument("--deadline", type=float, default=120.0, metavar="S",
+                   help="hard bound on the run; workers stop and count what is left as wedged")
+    p.add_argument("--kill-at", type=float, default=0.4, metavar="F",
+                   help="with kill-peer: SIGKILL the active side's process (READ: generation, WRITE: context) "
+                        "when this fraction of requests is done")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where the KV cache lives (auto: CUDA when torch.cuda.is_available())")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--block-tokens", type=int, default=16)
+    p.add_argument("--max-blocks", type=int, default=4, help="blocks per request are uniform in 1..N")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument("--json", action="store_true", help="print summary.json instead of the table")
+    p.add_argument("--corrupt-one", action="store_true", help=argparse.SUPPRESS)  # negative control
+    a = p.parse_args(argv)
+    multi = a.ranks > 1
+    a.requests = a.requests if a.requests is not None else (200 if multi else 3000)
+    a.concurrency = a.concurrency if a.concurrency is not None else (16 if multi else 64)
+    faults = tuple(f for f in (x.strip() for x in a.faults.split(",")) if f)
+    bad = [f for f in faults if f not in FAULT_NAMES]
+    if bad:
+        p.error(f"unknown fault(s) {', '.join(bad)}; choose from {', '.join(FAULT_NAMES)}")
+    a.fault_list = faults
+    if a.requests < 1 or a.concurrency < 1 or a.ranks < 1:
+        p.error("--requests, --concurrency and --ranks must be >= 1")
+    if not 0.0 <= a.cancel_fraction <= 1.0:
+        p.error("--cancel-fraction must be in [0, 1]")
+    if a.kv_heads % a.ranks:
+        p.error(f"--kv-heads {a.kv_heads} must be divisible by --ranks {a.ranks}")
+    if "kill-peer" in faults and multi:
+        p.error("kill-peer is supported with --ranks 1 only (mpiexec ends the whole job when a rank dies)")
+    return a
+
+
+# ---- progress ----------------------------------------------------------------------------------------
+class Progress:
+    def __init__(self, enabled: bool, total: int, label: str):
+        self.enabled, self.total, self.label = enabled, total, label
+        self.t0 = time.monotonic()
+        self.width = 0
+
+    def update(self, st: dict[str, dict]) -> None:
+        if not self.enabled:
+            return
+        rcv = [s for s in st.values() if s.get("role") == "receiver"]
+        snd = [s for s in st.values() if s.get("role") == "sender"]
+        side = rcv or snd
+        if not side:
+            return
+        done = min(s.get("finalized", 0) for s in side)
+        canc = min(s.get("cancelled", 0) for s in side)
+        pois = max(s.get("poisoned", 0) for s in side)
+        mb = sum(s.get("bytes_completed", 0) for s in rcv) / 1e6
+        dt = max(time.monotonic() - self.t0, 1e-3)
+        health = "/".join("ok" if s.get("healthy", True) else "UNHEALTHY" for s in (snd + rcv))
+        pct = 100.0 * done / max(self.total, 1)
+        line = (f"[{self.label}] {done}/{self.total} ({pct:4.1f}%) cancelled {canc} poisoned {pois} | "
+                f"{done / dt:6.0f} req/s {mb / dt:7.1f} MB/s | health {health}")
+        pad = max(0, self.width - len(line))
+        self.width = len(line)
+        sys.stderr.write("\r" + line + " " * pad)
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.width:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+# ---- launching ---------------------------------------------------------------------------------------
+class _Launch:
+    """The worker processes: two spawned processes, or one mpiexec job."""
+
+    def __init__(self, opts: DemoOptions):
+        self.opts = opts
+        self.procs: dict[str, object] = {}
+        self.killed: dict[str, int] = {}
+        self.mpi: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        opts_json = self.opts.to_json()
+        if self.opts.ranks == 1:
+            import multiprocessing as mp
+
+            from .demo_worker import run_pipe_worker
+
+            ctx = mp.get_context("spawn")
+            a, b = ctx.Pipe()
+            for role, conn in (("sender", a), ("receiver", b)):
+                p = ctx.Process(target=run_pipe_worker, args=(role, opts_json, conn), name=f"demo-{role}")
+                p.start()
+                self.procs[f"{role}-0"] = p
+            a.close()  # the workers hold their ends: a dead peer then reads as EOF
+            b.close()
+        else:
+            mpiexec = shutil.which("mpiexec")
+            if mpiexec is None:
+                raise FileNotFoundError("mpiexec not found (pip install mpich mpi4py)")
+            path = Path(self.opts.out) / "options.json"
+            path.write_text(opts_json, encoding="utf-8")
+            cmd = [mpiexec, "-n", str(2 * self.opts.ranks), sys.executable, "-m", "lifecycle.demo_worker",
+                   "--opts", str(path)]
+            self.mpi_log = open(Path(self.opts.out) / "mpiexec.log", "w")  # noqa: SIM115
+            self.mpi = subprocess.Popen(cmd, stdout=self.mpi_log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def alive(self) -> bool:
+        if self.mpi is not None:
+            return self.mpi.poll() is None
+        return any(p.is_alive() for p in self.procs.values())
+
+    def kill(self, name: str) -> None:
+        p = self.procs[name]
+        os.kill(p.pid, signal.SIGKILL)
+        self.killed[name] = p.pid
+
+    def stop_all(self) -> list[str]:
+        """Kill whatever is still running; returns the names that did not exit by themselves."""
+        stuck = []
+        if self.mpi is not None:
+            if self.mpi.poll() is None:
+                stuck.append("mpiexec")
+                os.killpg(self.mpi.pid, signal.SIGKILL)
+                self.mpi.wait(10)
+            self.mpi_log.close()
+            return stuck
+        for name, p in self.procs.items():
+            if p.is_alive():
+                stuck.append(name)
+                p.kill()
+            p.join(10)
+        return stuck
+
+    def exit_codes(self) -> dict[str, int | None]:
+        if self.mpi is not None:
+            return {"mpiexec": self.mpi.returncode}
+        return {n: p.exitcode for n, p in self.procs.items()}
+
+
+# ---- after the run -----------------------------------------------------------------------------------
+def _audit(out: Path, killed: set[str]) -> tuple[dict, str, int, dict]:
+    from . import spec as _spec
+    from .audit import audit_paths, format_text
+    from .report import write_html
+
+    sp = _spec.load(_spec.default_table_path())
+    per, texts, violations, edges = {}, [], 0, {}
+    for log in sorted((out / "logs").glob("*.jsonl")):
+        name = log.stem
+        # a process we SIGKILLed cannot terminate its sessions: what it left live is "live", not a leak
+        leak_age = 10**15 if name in killed else 0
+        res = audit_paths([log], sp, leak_age_ns=leak_age)
+        per[name] = res.as_dict()
+        violations += res.violations
+        texts.append(f"== {log.name} ==\n{format_text(res)}")
+        write_html(res, sp, str(out / f"report-{name}.html"))
+        for k, n in res.edges.items():
+            edges[k] = edges.get(k, 0) + n
+    doc = {"format": "kv-lifecycle.demo-audit/1", "ok": violations == 0, "violations": violations,
+           "killed": sorted(killed), "per_log": per}
+    return doc, "\n".join(texts), violations, edges
+
+
+def _diagram(out: Path, edges: dict) -> None:
+    from . import diagram
+
+    (out / "diagram.mmd").write_text(diagram.render("mermaid", counts=edges), encoding="utf-8")
+    try:
+        (out / "diagram.svg").write_text(diagram.render("svg", counts=edges), encoding="utf-8")
+    except (FileNotFoundError, RuntimeError) as exc:
+        (out / "diagram.svg.txt").write_text(f"SVG not rendered: {exc}\n", encoding="utf-8")
+
+
+def _table(summary: dict) -> str:
+    rows = summary["sides"]
+    cols = [("side", "name"), ("sessions", "started"), ("completed", "completed"), ("cancelled", "cancelled"),
+            ("poisoned", "poisoned"), ("deferred", "deferred"), ("quarantined", "quarantined"),
+            ("recovered", "recovered"), ("checksum ok", "checksum_ok"), ("checksum err", "checksum_errors"),
+            ("wedged", "wedged"), ("leaked", "leaked")]
+    widths = [max(len(h), *(len(str(r.get(k, ""))) for r in rows)) for h, k in cols]
+    out = ["  ".join(h.rjust(w) for (h, _), w in zip(cols, widths))]
+    for r in rows:
+        out.append("  ".join(str(r.get(k, "")).rjust(w) for (_, k), w in zip(cols, widths)))
+    t = summary["totals"]
+    out.append("")
+    out.append(f"requests {summary['requests']} ({summary['mode'].upper()}, concurrency {summary['concurrency']}, "
+               f"ranks {summary['ranks']}, device {summary['device']}), cancel fraction {summary['cancel_fraction']}, "
+               f"faults [{','.join(summary['faults']) or 'none'}], seed {summary['seed']}")
+    out.append(f"elapsed {summary['elapsed_s']:.1f} s (workers' run {summary['run_s']:.1f} s: "
+               f"{summary['throughput_req_s']:.0f} sessions/s, {summary['throughput_mb_s']:.1f} MB/s "
+               f"{'verified' if not summary.get('killed') else 'moved'})")
+    if summary.get("killed"):
+        out.append(f"killed (kill-peer): {', '.join(summary['killed'])}; survivors' sessions still live then: "
+                   f"poisoned {t['poisoned_after_kill']}")
+    for name, h in summary["health"].items():
+        out.append(f"health {name}: {'healthy' if h['healthy'] else 'UNHEALTHY'}"
+                   + ("" if h["healthy"] else f" ({'; '.join(h['reasons'])})"))
+    out.append(f"wedged {t['wedged']}, leaked {t['leaked']}, checksum errors {t['checksum_errors']}, "
+               f"audit violations {t['audit_violations']}  ->  {'OK' if summary['ok'] else 'FAILED'}")
+    if summary["failures"]:
+        out.extend(f"  failure: {f}" for f in summary["failures"])
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    out = Path(a.out).resolve()
+    if out.exists():
+        shutil.rmtree(out)
+    for d in ("logs", "status", "workers"):
+        (out / d).mkdir(parents=True, exist_ok=True)
+    kill_peer = "kill-peer" in a.fault_list
+    opts = DemoOptions(
+        out=str(out), mode=a.mode, requests=a.requests, concurrency=a.concurrency,
+        cancel_fraction=a.cancel_fraction, faults=tuple(f for f in a.fault_list if f != "kill-peer"),
+        seed=a.seed, transfer_timeout=a.transfer_timeout, cancel_grace=a.cancel_grace, deadline=a.deadline,
+        ranks=a.ranks, corrupt_one=a.corrupt_one, device=a.device,
+        kv=KVConfig(layers=a.layers, block_tokens=a.block_tokens, kv_heads=a.kv_heads, head_dim=a.head_dim,
+                    max_blocks=a.max_blocks))
+    label = f"demo {a.mode}" + (f" x{a.ranks} ranks" if a.ranks > 1 else "")
+    prog = Progress(sys.stderr.isatty() and not a.quiet, a.requests, label)
+    launch = _Launch(opts)
+    t0 = time.monotonic()
+    launch.start()
+    hard = t0 + a.deadline + 30.0  # workers bound themselves by --deadline; this bounds the workers
+    status: dict[str, dict] = {}
+    victim = "receiver-0" if a.mode == "read" else "sender-0"
+    survivor = "sender-0" if victim == "receiver-0" else "receiver-0"
+    try:
+        while launch.alive() and time.monotonic() < hard:
+            for f in (out / "status").glob("*.json"):
+                s = _read_json(f)
+                if s is not None:
+                    status[f.stem] = s
+            prog.update(status)
+            if kill_peer and not launch.killed:
+                # kill the active side (READ: the receiver, WRITE: the sender): the survivor is then the
+                # passive side, holding exposed sessions whose evidence can now never come
+                if status.get(survivor, {}).get("finalized", 0) >= a.kill_at * a.requests:
+                    launch.kill(victim)
+            time.sleep(0.1)
+    finally:
+        stuck = launch.stop_all()
+        prog.close()
+    elapsed = time.monotonic() - t0
+    codes = launch.exit_codes()
+    killed = set(launch.killed)
+
+    failures: list[str] = []
+    if kill_peer and not killed:
+        failures.append("kill-peer requested but the run ended before the kill point")
+    for name in stuck:
+        failures.append(f"{name} did not exit within the deadline (wedge)")
+    for name, code in codes.items():
+        if name not in killed and code not in (0, None):
+            failures.append(f"{name} exited with code {code}")
+    names = [f"{r}-{k}" for r in ("sender", "receiver") for k in range(a.ranks)]
+    sides = []
+    for name in names:
+        w = _read_json(out / "workers" / f"{name}.json")
+        if w is None:
+            if name in killed:
+                last = status.get(name, {})
+                sides.append({"name": name + " (killed)", "started": last.get("started", "?"),
+                              "completed": last.get("completed", "?"), "cancelled": last.get("cancelled", "?"),
+                              "poisoned": last.get("poisoned", "?"), "killed": True})
+            else:
+                failures.append(f"{name} wrote no summary (crashed or wedged; see {out / 'mpiexec.log'})"
+                                if a.ranks > 1 else f"{name} wrote no summary (crashed or wedged)")
+            continue
+        leak = w["leak"]
+        sides.append(dict(w, quarantined=leak["quarantined"], recovered=w["engine"]["recovered"],
+                          wedged=w["wedged_total"], leaked=leak["leaked"]))
+    audit_doc, audit_text, audit_violations, edges = _audit(out, killed)
+    (out / "audit.json").write_text(json.dumps(audit_doc, indent=2), encoding="utf-8")
+    (out / "audit.txt").write_text(audit_text, encoding="utf-8")
+    _diagram(out, edges)
+
+    real = [s for s in sides if not s.get("killed")]
+    tot = lambda k: sum(int(s.get(k, 0)) for s in real)  # noqa: E731
+    totals = dict(wedged=tot("wedged"), leaked=tot("leaked"), checksum_errors=tot("checksum_errors"),
+                  checksum_ok=tot("checksum_ok"), audit_violations=audit_violations,
+                  poisoned=tot("poisoned"), cancelled=tot("cancelled"), completed=tot("completed"),
+                  poisoned_after_kill=0)
+    health = {s["name"]: s["health"] for s in real}
+    for s in real:
+        h = s["health"]
+        if h["healthy"]:
+            continue
+        # the only acceptable reason to end unhealthy: the peer we killed on purpose
+        if killed and s.get("peer_lost") and all(r.startswith("backend: peer") or "quarantine" in r
+                                                 for r in h["reasons"]):
+            continue
+        failures.append(f"{s['name']} unhealthy at the end: {'; '.join(h['reasons'])}")
+    if killed:
+        for s in real:
+            if s.get("peer_lost"):
+                totals["poisoned_after_kill"] += s.get("poisoned_after_loss", 0)
+                if s["health"]["healthy"]:
+                    failures.append(f"{s['name']} lost its peer but health did not report it")
+            else:
+                failures.append(f"{s['name']} did not notice that its peer was killed")
+    if totals["wedged"]:
+        failures.append(f"{totals['wedged']} session(s) wedged (not terminal within {opts.wedge_bound:.0f} s)")
+    if totals["leaked"]:
+        failures.append(f"{totals['leaked']} leaked (live sessions, leased or unexplained quarantined slots)")
+    if totals["checksum_errors"]:
+        failures.append(f"{totals['checksum_errors']} checksum error(s)")
+    if audit_violations:
+        failures.append(f"{audit_violations} audit violation(s) (see audit.txt)")
+    rcv = [s for s in real if s["role"] == "receiver"]
+    moved_mb = (sum(s.get("bytes_verified", 0) for s in rcv) if rcv
+                else sum(s.get("bytes_completed", 0) for s in real)) / 1e6
+    finished = max((s.get("finalized", 0) for s in real), default=0)
+    run_s = max((s.get("elapsed_s", 0.0) for s in real), default=0.0) or elapsed
+    summary = dict(
+        format="kv-lifecycle.demo-summary/1", ok=not failures, failures=failures,
+        requests=a.requests, concurrency=a.concurrency, mode=a.mode, ranks=a.ranks,
+        device=real[0]["device"] if real else "?", cancel_fraction=a.cancel_fraction,
+        faults=list(a.fault_list), seed=a.seed, elapsed_s=elapsed, killed=sorted(killed),
+        run_s=run_s, throughput_req_s=finished / max(run_s, 1e-9), throughput_mb_s=moved_mb / max(run_s, 1e-9),
+        totals=totals, health=health, exit_codes=codes, sides=sides,
+        files=sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and "status" not in p.parts),
+    )
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+    if a.json:
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        print(_table(summary))
+        print(f"output: {out} (summary.json, audit.json/.txt, report-*.html, diagram.svg, logs/)")
+    return 0 if not failures else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

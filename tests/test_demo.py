@@ -1,0 +1,142 @@
+"""`lifecycle demo` end to end (two processes over real NIXL; MPI ranks), its negative control, and
+`lifecycle example`.  Every run is a subprocess with a bounded timeout (process group killed), and
+assertions read the machine-readable summary.json the demo writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_transport_harness import needs_nixl
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_mpi = pytest.mark.skipif(shutil.which("mpiexec") is None, reason="mpiexec not found (pip install mpich mpi4py)")
+
+
+def run_cli(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    p = subprocess.Popen([sys.executable, "-m", "lifecycle", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        pytest.fail(f"`lifecycle {' '.join(args)}` hung (> {timeout}s)\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+def demo(tmp_path: Path, *args: str, timeout: float = 90.0) -> tuple[subprocess.CompletedProcess, dict, Path]:
+    out = tmp_path / "demo-out"
+    res = run_cli(["demo", *args, "--out", str(out), "--quiet"], timeout)
+    summary_path = out / "summary.json"
+    assert summary_path.is_file(), f"no summary.json (rc {res.returncode})\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return res, json.loads(summary_path.read_text()), out
+
+
+def explain(res: subprocess.CompletedProcess, summary: dict) -> str:
+    return (f"rc {res.returncode}, seed {summary.get('seed')}, failures {summary.get('failures')}\n"
+            f"{res.stdout[-2500:]}\n{res.stderr[-2500:]}")
+
+
+@needs_nixl
+@pytest.mark.nixl
+def test_demo_cancellation_storm_with_faults_is_clean(tmp_path):
+    res, s, out = demo(tmp_path, "--requests", "300", "--concurrency", "16", "--cancel-fraction", "0.5",
+                       "--faults", "delay,error,drop-notif", "--seed", "1")
+    assert res.returncode == 0 and s["ok"], explain(res, s)
+    t = s["totals"]
+    assert (t["wedged"], t["leaked"], t["checksum_errors"], t["audit_violations"]) == (0, 0, 0, 0), t
+    assert t["checksum_ok"] > 0
+    sides = {x["name"]: x for x in s["sides"]}
+    assert set(sides) == {"sender-0", "receiver-0"}
+    assert sides["sender-0"]["started"] == 300
+    # every poisoned session kept its slot quarantined (nothing reused without evidence)
+    for x in sides.values():
+        assert x["leak"]["quarantined"] == x["leak"]["expected_quarantined"]
+        assert x["leak"]["live_sessions"] == 0 and x["leak"]["leased"] == 0
+    # the cancellation storm really hit every point
+    points = {}
+    for x in sides.values():
+        for k, n in x["cancel_points"].items():
+            points[k] = points.get(k, 0) + n
+    assert set(points) == {"before_expose", "mid_transfer", "after_completion"}, points
+    for f in ("summary.json", "audit.json", "audit.txt", "report-sender-0.html", "report-receiver-0.html",
+              "diagram.svg", "diagram.mmd", "logs/sender-0.jsonl", "logs/receiver-0.jsonl"):
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    audit = json.loads((out / "audit.json").read_text())
+    assert audit["ok"] and audit["violations"] == 0
+    assert "<svg" in (out / "diagram.svg").read_text()
+    first = json.loads((out / "logs" / "sender-0.jsonl").read_text().splitlines()[0])
+    assert first["event"].startswith("lifecycle.") and first["schema"] == "kv-lifecycle.events/1"
+    assert "audit violations 0  ->  OK" in res.stdout
+
+
+@needs_nixl
+@pytest.mark.nixl
+def test_demo_write_mode_is_clean(tmp_path):
+    res, s, _ = demo(tmp_path, "--mode", "write", "--requests", "200", "--concurrency", "16",
+                     "--cancel-fraction", "0.5", "--faults", "delay,disconnect", "--seed", "2")
+    assert res.returncode == 0 and s["ok"], explain(res, s)
+    assert s["mode"] == "write" and s["totals"]["checksum_ok"] > 0
+
+
+@needs_nixl
+@pytest.mark.nixl
+def test_kill_peer_leaves_survivor_poisoned_and_unhealthy_with_reason_without_hanging(tmp_path):
+    res, s, out = demo(tmp_path, "--requests", "600", "--concurrency", "32", "--cancel-fraction", "0.3",
+                       "--faults", "kill-peer", "--seed", "3", timeout=90)
+    assert res.returncode == 0 and s["ok"], explain(res, s)
+    assert s["killed"] == ["receiver-0"]  # READ mode: the active side dies, the passive one survives
+    surv = next(x for x in s["sides"] if x["name"] == "sender-0")
+    assert surv["peer_lost"]
+    # the sessions still live when the peer died had no evidence left: Poisoned, slots quarantined
+    assert surv["live_at_loss"] > 0
+    assert surv["poisoned_after_loss"] > 0
+    assert surv["completed_after_loss"] + surv["cancelled_after_loss"] + surv["poisoned_after_loss"] == surv["live_at_loss"]
+    assert surv["leak"]["quarantined"] == surv["leak"]["expected_quarantined"] >= surv["poisoned_after_loss"]
+    assert surv["wedged_total"] == 0 and surv["leak"]["leaked"] == 0
+    h = surv["health"]
+    assert not h["healthy"] and any("peer receiver-0 lost" in r for r in h["reasons"]), h
+    assert s["totals"]["audit_violations"] == 0
+    assert (out / "logs" / "receiver-0.jsonl").is_file()  # the killed process's log is audited too
+
+
+@needs_nixl
+@pytest.mark.nixl
+def test_negative_control_one_flipped_byte_fails_the_demo(tmp_path):
+    res, s, _ = demo(tmp_path, "--requests", "100", "--concurrency", "8", "--seed", "4", "--corrupt-one")
+    assert res.returncode != 0
+    assert s["totals"]["checksum_errors"] == 1, s["totals"]
+    assert not s["ok"] and any("checksum" in f for f in s["failures"])
+
+
+@needs_nixl
+@needs_mpi
+@pytest.mark.nixl
+@pytest.mark.mpi
+def test_demo_two_ranks_per_side_agree_and_are_clean(tmp_path):
+    res, s, out = demo(tmp_path, "--ranks", "2", "--requests", "80", "--concurrency", "8",
+                       "--cancel-fraction", "0.5", "--seed", "5", timeout=120)
+    assert res.returncode == 0 and s["ok"], explain(res, s) + (out / "mpiexec.log").read_text()[-2000:]
+    sides = {x["name"]: x for x in s["sides"]}
+    assert set(sides) == {"sender-0", "sender-1", "receiver-0", "receiver-1"}
+    # poll_symmetric: both ranks of a side finalized the same requests with the same outcomes
+    for role in ("sender", "receiver"):
+        a, b = sides[f"{role}-0"], sides[f"{role}-1"]
+        assert (a["completed"], a["cancelled"], a["poisoned"]) == (b["completed"], b["cancelled"], b["poisoned"])
+        assert a["shards"] == 2
+
+
+def test_example_runs_quickly_and_prints_health_and_diagram():
+    res = run_cli(["example"], timeout=30)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "stateDiagram-v2" in res.stdout
+    assert "healthy" in res.stdout
+    assert "on_terminate" in res.stdout

@@ -272,6 +272,18 @@ def parse(text: str, path: str = "<table>") -> Spec:
     return spec
 
 
+def _closure(start: set[str], edges: dict[str, set[str]]) -> set[str]:
+    """Every node reachable from ``start`` along ``edges`` (breadth first)."""
+    seen = set(start)
+    todo = deque(start)
+    while todo:
+        for d in edges[todo.popleft()]:
+            if d not in seen:
+                seen.add(d)
+                todo.append(d)
+    return seen
+
+
 def _check_graph(path, states, kinds, events, sources, cancel_results, terminate_results, rows, state_line, bad) -> None:
     initial = next(s for s in states if kinds[s] == "initial")
     finals = {s for s in states if kinds[s] == "final"}
@@ -302,15 +314,7 @@ def _check_graph(path, states, kinds, events, sources, cancel_results, terminate
             bad(r.line, "missing-result", f"{r.src} + {r.event} needs a '-> result'")
         if r.moves and r.dst in finals and r.src not in terminals:
             bad(r.line, "final-from-non-terminal", f"{r.dst} entered from non-terminal {r.src}")
-    # reachability from the initial state
-    seen = {initial}
-    todo = deque([initial])
-    while todo:
-        s = todo.popleft()
-        for d in out[s]:
-            if d not in seen:
-                seen.add(d)
-                todo.append(d)
+    seen = _closure({initial}, out)  # reachable from the initial state
     for s in states:
         if s not in seen:
             bad(state_line[s], "unreachable", f"state {s} cannot be reached from {initial}")
@@ -321,14 +325,7 @@ def _check_graph(path, states, kinds, events, sources, cancel_results, terminate
     for s, ds in out.items():
         for d in ds:
             back[d].add(s)
-    reach_final = set(finals)
-    todo = deque(finals)
-    while todo:
-        s = todo.popleft()
-        for p in back[s]:
-            if p not in reach_final:
-                reach_final.add(p)
-                todo.append(p)
+    reach_final = _closure(set(finals), back)
     for s in states:
         if s not in reach_final:
             bad(state_line[s], "cannot-terminate", f"state {s} can never reach {'/'.join(sorted(finals))}")

@@ -548,8 +548,17 @@ def iter_lines(path: str, max_line: int = MAX_LINE) -> Iterator[tuple[int, objec
 _SCAN = json.JSONDecoder().scan_once  # the C scanner: json.loads minus its wrappers
 
 
+try:  # optional accelerator (requirements.txt installs it); the stdlib path below is complete alone
+    from orjson import loads as _ORJSON_LOADS
+except ImportError:  # pragma: no cover - exercised where orjson is absent
+    _ORJSON_LOADS = None
+
+
 def _parse(line: str):
-    """Parse one line; fast path is the C scanner, anything unusual goes through json.loads."""
+    """Parse one line: orjson when installed (its errors are ValueErrors), else the stdlib C scanner,
+    with json.loads for anything unusual."""
+    if _ORJSON_LOADS is not None:
+        return _ORJSON_LOADS(line)
     try:
         obj, end = _SCAN(line, 0)
         if end == len(line):

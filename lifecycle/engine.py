@@ -100,10 +100,14 @@ _KIND = {n: i for i, n in enumerate(_core.RECORD_KIND_NAMES)}
 _K_TRANSITION, _K_TNOW = _KIND["Transition"], _KIND["TerminateNow"]
 _K_QUAR, _K_RECOV = _KIND["SlotQuarantined"], _KIND["BufferRecovered"]
 _K_LATE, _K_ILLEGAL = _KIND["LateEvent"], _KIND["IllegalEvent"]
+_K_RESULT = _KIND["CallResult"]
+_CANCEL_EV = list(TABLE.events).index("cancel")
 _STATE_NAMES = [x.value for x in _STATES]
 _EVENT_NAMES = [x.value for x in _EVENTS]
 _OUTCOME_NAMES = [None if x is None else x.value for x in _OUTCOMES]
 _ROLE_NAMES = [x.value for x in _ROLES]
+_CANCEL_NAMES = [x.value for x in _CANCEL]
+_TERMINATE_NAMES = [x.value for x in _TERMINATE]
 _new_transition = tuple.__new__
 _INFO = 20
 _NO_STATE = 0xFF
@@ -252,13 +256,15 @@ class TransferEngine(_core.Engine):
     def cancel(self, request: int) -> CancelResult:
         """Ask the session to stop.  Idempotent.  Only results with ``frees_now`` let the caller free."""
         r = _CANCEL[self._cancel(request)]
-        self._emit("lifecycle.cancel", request, None, result=r.value, state=None)
+        if r.value == "NotFound":  # no session, so the core queued nothing: log it here
+            self._emit("lifecycle.cancel", request, None, result=r.value, state=None)
         return r
 
     def terminate(self, request: int) -> TerminateResult:
         """Release now if terminal, else defer: on_terminate(request) runs exactly once later."""
         r = _TERMINATE[self._terminate(request)]
-        self._emit("lifecycle.terminate", request, None, result=r.value, state=None)
+        if r.value == "NotFound":  # otherwise the core queued the result in order with the transitions
+            self._emit("lifecycle.terminate", request, None, result=r.value, state=None)
         return r
 
     def post(self, request: int, event: Event | str) -> bool:
@@ -326,7 +332,7 @@ class TransferEngine(_core.Engine):
         info = logger.info if enabled is None or enabled(_INFO) else None
         common = {"rank": self.rank, "pid": _PID, "table": TABLE.digest, "schema": SCHEMA}
         seq = _seq
-        for req, t, slot, gen, kind, frm, to, ev, outc, role, deferred, _, _rseq in _RECORD.iter_unpack(raw):
+        for req, t, slot, gen, kind, frm, to, ev, outc, role, deferred, result, _rseq in _RECORD.iter_unpack(raw):
             if kind == _K_TRANSITION:
                 s = None if slot == _NO_SLOT else slot
                 out.append(_new_transition(Transition, (
@@ -341,6 +347,13 @@ class TransferEngine(_core.Engine):
                 notices.append(req)
             elif info is None:
                 continue
+            elif kind == _K_RESULT:
+                if ev == _CANCEL_EV:
+                    info("lifecycle.cancel", request=req, role=_ROLE_NAMES[role], t_mono_ns=t, seq=next(seq),
+                         **common, result=_CANCEL_NAMES[result], state=_STATE_NAMES[frm])
+                else:
+                    info("lifecycle.terminate", request=req, role=_ROLE_NAMES[role], t_mono_ns=t, seq=next(seq),
+                         **common, result=_TERMINATE_NAMES[result], state=_STATE_NAMES[frm])
             elif kind == _K_QUAR:
                 info("lifecycle.slot_quarantined", request=req, role=_ROLE_NAMES[role], t_mono_ns=t, seq=next(seq),
                      **common, slot=slot, generation=gen)

@@ -120,7 +120,7 @@ void register_engine(py::module_& m) {
   for (const char* s : kRecordKindNames) kinds.append(s);
   m.attr("RECORD_KIND_NAMES") = py::tuple(kinds);
   m.attr("RECORD_SIZE") = sizeof(Record);
-  m.attr("RECORD_FORMAT") = "<QqIIBBBBBBBBQ";
+  m.attr("RECORD_FORMAT") = "<QqIIBBBBBBBBQ";  // ... deferred, result, seq
 
   py::class_<Engine, std::shared_ptr<Engine>>(m, "Engine")
       .def(py::init([](std::int64_t transfer_timeout_ns, std::int64_t cancel_grace_ns, std::int64_t progress_deadline_ns,

@@ -201,6 +201,7 @@ struct Engine::Shard {
     r.outcome = static_cast<std::uint8_t>(s.outcome);
     r.role = static_cast<std::uint8_t>(s.role);
     r.deferred = deferred ? 1 : 0;
+    r.result = 0xff;
     r.seq = record_seq->fetch_add(1, std::memory_order_relaxed);
     queue.push_back(r);
   }
@@ -458,6 +459,17 @@ static ApplyResult apply_locked(Engine::Shard& sh, std::uint32_t idx, Event ev, 
   return r;
 }
 
+// Queue what cancel / terminate answered, right after the records the call itself produced.
+// The session may have been evicted as a tombstone by the call; then there is nothing to attach to.
+static void push_result(Engine::Shard& sh, std::uint32_t idx, const ApplyResult& r, Event ev, Ctx& cx) {
+  if (r.result == 0xff || r.status == Status::Illegal) return;
+  Session& s = sh.at(idx);
+  if (sh.find(s.req) != idx) return;
+  sh.push(RecordKind::CallResult, s, static_cast<std::uint8_t>(r.from), ev, cx.now);
+  sh.queue.back().result = r.result;
+  ++cx.pushed;
+}
+
 ApplyResult Engine::apply(std::uint64_t req, Event ev) {
   ApplyResult r;
   if (static_cast<int>(ev) >= kNumEvents || ev == kCreateEvent) {
@@ -480,6 +492,7 @@ ApplyResult Engine::apply(std::uint64_t req, Event ev) {
     bool unhealthy = unhealthy_.load(std::memory_order_relaxed) || !backend_healthy_.load(std::memory_order_relaxed);
     std::uint32_t cap = cfg_.tombstones / cfg_.shards;
     r = apply_locked(sh, idx, ev, cx, *pool_, unhealthy, last_progress_ns_, cap);
+    if (ev == Event::cancel || ev == Event::terminate) push_result(sh, idx, r, ev, cx);
   }
   notify_pushed(cx.pushed);
   run_aborts(aborts);
@@ -506,8 +519,10 @@ void Engine::apply_batch(const std::uint64_t* ids, const std::uint8_t* events, s
       continue;
     }
     Ctx cx{sh.stamp(now), 0, &aborts};
-    out[i] = static_cast<std::uint8_t>(
-        apply_locked(sh, idx, static_cast<Event>(events[i]), cx, *pool_, unhealthy, last_progress_ns_, cap).status);
+    const Event ev = static_cast<Event>(events[i]);
+    ApplyResult r = apply_locked(sh, idx, ev, cx, *pool_, unhealthy, last_progress_ns_, cap);
+    if (ev == Event::cancel || ev == Event::terminate) push_result(sh, idx, r, ev, cx);
+    out[i] = static_cast<std::uint8_t>(r.status);
     pushed += cx.pushed;
   }
   notify_pushed(pushed);

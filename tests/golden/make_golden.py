@@ -76,14 +76,22 @@ class ScriptedEngine:
         self._transition(s, None, self.spec.create_event)
 
     def cancel(self, req: int) -> str:
-        r = self._apply(req, "cancel")
-        self._emit("lifecycle.cancel", req, None, self.now, result=r, state=None)
+        return self._call(req, "cancel", "lifecycle.cancel")
+
+    def _call(self, req: int, event: str, name: str) -> str:
+        """Like the engine: a result for a live session is queued after the records the call made
+        (logged at the next poll, in order); NotFound has no session and is logged at once."""
+        s = self.sessions.get(req)
+        before = s["state"] if s else None
+        r = self._apply(req, event)
+        if s is None:
+            self._emit(name, req, None, self.now, result=r, state=None)
+        else:
+            self._record(name, s, result=r, state=before)
         return r
 
     def terminate(self, req: int) -> str:
-        r = self._apply(req, "terminate")
-        self._emit("lifecycle.terminate", req, None, self.now, result=r, state=None)
-        return r
+        return self._call(req, "terminate", "lifecycle.terminate")
 
     def post(self, req: int, event: str) -> None:
         self._apply(req, event)

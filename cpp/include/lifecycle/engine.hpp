@@ -58,9 +58,13 @@ struct ApplyResult {
   std::uint8_t result = 0xff;      // CancelResult / TerminateResult code for cancel / terminate
 };
 
-enum class RecordKind : std::uint8_t { Transition, TerminateNow, SlotQuarantined, BufferRecovered, LateEvent, IllegalEvent };
-inline constexpr const char* kRecordKindNames[] = {"Transition", "TerminateNow", "SlotQuarantined",
-                                                   "BufferRecovered", "LateEvent", "IllegalEvent"};
+// CallResult: what cancel / terminate answered (result code in Record::result), queued in the same
+// critical section as the event so the log shows results in causal order with the transitions.
+enum class RecordKind : std::uint8_t {
+  Transition, TerminateNow, SlotQuarantined, BufferRecovered, LateEvent, IllegalEvent, CallResult
+};
+inline constexpr const char* kRecordKindNames[] = {"Transition",  "TerminateNow", "SlotQuarantined", "BufferRecovered",
+                                                   "LateEvent",   "IllegalEvent", "CallResult"};
 inline constexpr std::uint8_t kNoState = 0xff;  // Record::from of the creating advertise
 
 struct Record {
@@ -75,7 +79,7 @@ struct Record {
   std::uint8_t outcome;  // Outcome
   std::uint8_t role;     // Role
   std::uint8_t deferred; // 1 on the Terminated transition of a deferred terminate
-  std::uint8_t pad = 0;
+  std::uint8_t result;   // CallResult: the CancelResult / TerminateResult code; else 0xff
   // Engine-wide order: one atomic counter, so a record made after another causally (e.g. a slot
   // leased by one shard after another shard released it) always has the larger seq.
   std::uint64_t seq;

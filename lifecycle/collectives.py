@@ -384,8 +384,14 @@ class RankGroup:
         return self._broken
 
     def abort(self, code: int = 1) -> None:
-        """Abort every process of the job (the way out after a watchdog timeout)."""
-        self._comm.Abort(code)
+        """Abort every process of the job (the way out after a watchdog timeout).
+
+        Uses COMM_WORLD, not the group's duplicated communicator: an abort on a derived communicator
+        left the sleeping absent rank alive in one CI run (MPICH 5.0.2), while a world abort always
+        tears the whole job down."""
+        from mpi4py import MPI
+
+        MPI.COMM_WORLD.Abort(code)
 
     def close(self) -> None:
         """Free the duplicated communicators. Collective; skip it on a broken group (abort instead)."""

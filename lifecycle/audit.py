@@ -257,7 +257,7 @@ def load_schema() -> dict:
     p = schema_path()
     if p.exists():
         return json.loads(p.read_text(encoding="utf-8"))
-    return build_schema(_spec.load(_spec.default_table_path()))
+    return build_schema(_spec.load_default())
 
 
 def _validator():
@@ -585,7 +585,7 @@ class Auditor:
     def __init__(self, spec: _spec.Spec | None = None, *, window: int = 8192, top: int = 20,
                  keep_findings: int = 1000, keep_violating: int = 50, leak_age_ns: int = 0,
                  max_line: int = MAX_LINE):
-        self.spec = spec if spec is not None else _spec.load(_spec.default_table_path())
+        self.spec = spec if spec is not None else _spec.load_default()
         sp = self.spec
         self.window = window
         self.top = top
@@ -1331,7 +1331,7 @@ def main_audit(argv: list[str] | None = None) -> int:
     p.add_argument("--timeline-cap", type=int, default=60, help="requests shown in the HTML timeline")
     a = p.parse_args(argv)
     try:
-        sp = _spec.load(a.table or _spec.default_table_path())
+        sp = _spec.load_default(a.table)
     except _spec.SpecError as exc:
         print(f"lifecycle audit: {exc}", file=sys.stderr)
         return 2
@@ -1359,7 +1359,7 @@ def _write_schema_main(argv: list[str]) -> int:
     p.add_argument("--write-schema", action="store_true", required=True)
     p.add_argument("--out", default=str(schema_path()))
     a = p.parse_args(argv)
-    Path(a.out).write_text(render_schema(_spec.load(_spec.default_table_path())), encoding="utf-8")
+    Path(a.out).write_text(render_schema(_spec.load_default()), encoding="utf-8")
     print(f"wrote {a.out}")
     return 0
 

@@ -194,7 +194,7 @@ def _audit(out: Path, killed: set[str]) -> tuple[dict, str, int, dict]:
     from .audit import audit_paths, format_text
     from .report import write_html
 
-    sp = _spec.load(_spec.default_table_path())
+    sp = _spec.load_default()
     per, texts, violations, edges = {}, [], 0, {}
     for log in sorted((out / "logs").glob("*.jsonl")):
         name = log.stem

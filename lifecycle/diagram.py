@@ -56,7 +56,7 @@ class Graph:
 
 def graph(spec: _spec.Spec | None = None) -> Graph:
     """Walk ``build_machine(spec)``: the machine's states and its transitions that have a destination."""
-    sp = spec if spec is not None else _spec.load(_spec.default_table_path())
+    sp = spec if spec is not None else _spec.load_default()
     m = build_machine(sp)
     states = tuple(m.states)  # table order (the machine keeps insertion order)
     order = {s: i for i, s in enumerate(states)}
@@ -200,7 +200,7 @@ def main_diagram(argv: list[str] | None = None) -> int:
                    help="overlay edge counts observed in LOG (repeatable; one per rank or merged)")
     a = p.parse_args(argv)
     try:
-        sp = _spec.load(a.table or _spec.default_table_path())
+        sp = _spec.load_default(a.table)
     except _spec.SpecError as exc:
         print(f"lifecycle diagram: {exc}", file=sys.stderr)
         return 2

@@ -356,3 +356,16 @@ def check_file(path: str | Path) -> list[Violation]:
 def default_table_path() -> Path:
     """The repository's table (a source checkout); installed builds read the copy inside _core."""
     return Path(__file__).resolve().parent.parent / "schemas" / "lifecycle.table"
+
+
+def load_default(path: str | Path | None = None) -> Spec:
+    """``path`` if given; else the repository's table in a source checkout; else (an installed
+    wheel, which has no schemas/ folder) the table compiled into ``lifecycle._core``."""
+    if path:
+        return load(path)
+    src = default_table_path()
+    if src.exists():
+        return load(src)
+    from . import _core
+
+    return parse(_core.TABLE_TEXT, "<lifecycle._core>")

@@ -30,7 +30,20 @@ MS = 1_000_000
 SPEC = _spec.load(_spec.default_table_path())
 
 
-class ScriptedEngine:
+
+class _TransportCalls:
+    """expose/complete/fail through ``post`` (shared by the scripted and the real engine)."""
+
+    def expose(self, req: int) -> None:
+        self.post(req, "expose")
+
+    def complete(self, req: int) -> None:
+        self.post(req, "complete")
+
+    def fail(self, req: int) -> None:
+        self.post(req, "fail")
+
+class ScriptedEngine(_TransportCalls):
     """A table-driven fake engine that logs what the real one logs, in the same order."""
 
     def __init__(self, rank: int = 0, pid: int = 4242, num_slots: int = 4, t0: int = 1_000_000 * MS,
@@ -96,14 +109,6 @@ class ScriptedEngine:
     def post(self, req: int, event: str) -> None:
         self._apply(req, event)
 
-    def expose(self, req: int) -> None:
-        self.post(req, "expose")
-
-    def complete(self, req: int) -> None:
-        self.post(req, "complete")
-
-    def fail(self, req: int) -> None:
-        self.post(req, "fail")
 
     # ------------------------------------------------------------------ the table
     def _apply(self, req: int, event: str) -> str | None:
@@ -166,7 +171,7 @@ class ScriptedEngine:
         self._emit("lifecycle.health", None, None, self.now, healthy=healthy, reasons=reasons)
 
 
-class RealEngineAdapter:
+class RealEngineAdapter(_TransportCalls):
     """The same calls on the real ``lifecycle.TransferEngine`` (manual clock); events go to structlog.
 
     Capture them with ``structlog.testing.capture_logs()`` (or a JSON renderer) to regenerate goldens
@@ -194,14 +199,6 @@ class RealEngineAdapter:
     def post(self, req: int, event: str) -> None:
         self.engine.post(req, event)
 
-    def expose(self, req: int) -> None:
-        self.post(req, "expose")
-
-    def complete(self, req: int) -> None:
-        self.post(req, "complete")
-
-    def fail(self, req: int) -> None:
-        self.post(req, "fail")
 
     def poll(self) -> None:
         self.engine.poll()

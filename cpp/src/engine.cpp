@@ -646,6 +646,13 @@ std::size_t Engine::pending() const { return static_cast<std::size_t>(pushed_.lo
 
 bool Engine::wait_ready(std::int64_t timeout_ns) {
   auto deadline = std::chrono::steady_clock::now() + std::chrono::nanoseconds(std::max<std::int64_t>(timeout_ns, 0));
+  // Spin briefly first: a completion usually lands within tens of microseconds of the wait, and a
+  // futex sleep + wake-up costs about as much again.  Bounded (50 us, yielding), then sleep.
+  const auto spin_until = std::min(deadline, std::chrono::steady_clock::now() + std::chrono::microseconds(50));
+  while (std::chrono::steady_clock::now() < spin_until) {
+    if (pushed_.load() != drained_.load()) return true;
+    std::this_thread::yield();
+  }
   std::unique_lock<std::mutex> lk(wait_mu_);
   waiters_.fetch_add(1);
   bool ready = true;

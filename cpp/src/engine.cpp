@@ -238,9 +238,11 @@ Engine::~Engine() = default;
 
 Engine::Shard& Engine::shard_of(std::uint64_t req) const { return *shards_[mix(req) & shard_mask_]; }
 
+// No counter on the hot path: a waiter registers in waiters_ and then inspects the shard queues
+// under their locks.  If this load sees no waiter, the waiter's registration happened after our
+// shard unlock in the lock chain, so its inspection sees our record: no lost wake-up.
 void Engine::notify_pushed(std::size_t n) {
   if (n == 0) return;
-  pushed_.fetch_add(n);
   if (waiters_.load() > 0) {
     std::lock_guard<std::mutex> g(wait_mu_);
     wait_cv_.notify_all();
@@ -608,23 +610,34 @@ std::int64_t Engine::next_deadline_ns() const {
 }
 
 std::size_t Engine::drain(std::vector<Record>& out) {
-  // Each shard's queue is already in seq order; take them all, then k-way merge by seq.
+  // Each shard's queue is already in seq order; take them all, then merge by seq.
   std::vector<std::vector<Record>> runs;
   std::size_t n = 0;
+  std::uint64_t lo = UINT64_MAX, hi = 0;
   for (auto& shp : shards_) {
     std::vector<Record> run;
     {
       std::lock_guard<SpinMutex> g(shp->mu);
       if (shp->queue.empty()) continue;
       run.swap(shp->queue);
+      shp->queue.reserve(run.size());  // keep the working capacity: no regrowth after every drain
     }
     n += run.size();
+    lo = std::min(lo, run.front().seq);
+    hi = std::max(hi, run.back().seq);
     runs.push_back(std::move(run));
   }
-  out.reserve(out.size() + n);
+  const std::size_t base = out.size();
   if (runs.size() == 1) {
     out.insert(out.end(), runs[0].begin(), runs[0].end());
+  } else if (!runs.empty() && hi - lo + 1 == n) {
+    // seqs are unique, so a gap-free range is a permutation: place every record directly, O(n)
+    out.resize(base + n);
+    for (const auto& run : runs)
+      for (const Record& r : run) out[base + (r.seq - lo)] = r;
   } else if (!runs.empty()) {
+    // records pushed concurrently left gaps: k-way merge (k = shards with records)
+    out.reserve(base + n);
     std::vector<std::size_t> pos(runs.size(), 0);
     auto later = [&](std::size_t a, std::size_t b) { return runs[a][pos[a]].seq > runs[b][pos[b]].seq; };
     std::vector<std::size_t> heap;
@@ -638,11 +651,17 @@ std::size_t Engine::drain(std::vector<Record>& out) {
       else heap.pop_back();
     }
   }
-  drained_.fetch_add(n);
   return n;
 }
 
-std::size_t Engine::pending() const { return static_cast<std::size_t>(pushed_.load() - drained_.load()); }
+std::size_t Engine::pending() const {
+  std::size_t n = 0;
+  for (auto& shp : shards_) {
+    std::lock_guard<SpinMutex> g(shp->mu);
+    n += shp->queue.size();
+  }
+  return n;
+}
 
 bool Engine::wait_ready(std::int64_t timeout_ns) {
   auto deadline = std::chrono::steady_clock::now() + std::chrono::nanoseconds(std::max<std::int64_t>(timeout_ns, 0));
@@ -650,15 +669,15 @@ bool Engine::wait_ready(std::int64_t timeout_ns) {
   // futex sleep + wake-up costs about as much again.  Bounded (50 us, yielding), then sleep.
   const auto spin_until = std::min(deadline, std::chrono::steady_clock::now() + std::chrono::microseconds(50));
   while (std::chrono::steady_clock::now() < spin_until) {
-    if (pushed_.load() != drained_.load()) return true;
+    if (pending() != 0) return true;
     std::this_thread::yield();
   }
   std::unique_lock<std::mutex> lk(wait_mu_);
   waiters_.fetch_add(1);
   bool ready = true;
-  while (pushed_.load() == drained_.load()) {
+  while (pending() == 0) {
     if (wait_cv_.wait_until(lk, deadline) == std::cv_status::timeout) {
-      ready = pushed_.load() != drained_.load();
+      ready = pending() != 0;
       break;
     }
   }

@@ -190,8 +190,6 @@ class Engine {
   std::string backend_reason_;
   std::function<void(std::uint64_t, Role)> abort_hook_;
   // wait_ready
-  std::atomic<std::uint64_t> pushed_{0};
-  std::atomic<std::uint64_t> drained_{0};
   std::atomic<std::uint32_t> waiters_{0};
   std::mutex wait_mu_;
   std::condition_variable wait_cv_;

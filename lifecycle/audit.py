@@ -2,8 +2,8 @@
 
 Theory of operation
 -------------------
-The engine emits one JSON event per line (``docs/contract-for-helpers.md``; the schema is
-``schemas/events.schema.json``, generated from the table by :func:`build_schema`).  The auditor reads
+The engine emits one JSON event per line (the format is ``schemas/events.schema.json``, generated
+from the table by :func:`build_schema`; prose in ``docs/audit.md``).  The auditor reads
 one or many files (one per rank, or a merged one; plain or gzip), and streams them: per-request state
 is kept only while a request is *live*.  When a session reaches ``Terminated`` its numbers fold into
 fixed-size aggregates (log-bucketed histograms for time per state, a top-K heap of the slowest

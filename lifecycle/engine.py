@@ -20,7 +20,7 @@ from typing import NamedTuple
 import structlog
 
 from . import spec as _spec
-from .errors import InvalidArgument, LifecycleError, TerminateCallbackError, UnknownRequest
+from .errors import InvalidArgument, TerminateCallbackError, UnknownRequest
 
 try:
     from . import _core
@@ -44,6 +44,7 @@ __all__ = [
     "TerminateResult",
     "TransferEngine",
     "Transition",
+    "cancel_frees_now",
 ]
 
 log = structlog.get_logger("lifecycle")
@@ -436,6 +437,3 @@ def cancel_frees_now(result: CancelResult) -> bool:
     """Whether the executor may free the request's resources right after this cancel result."""
     return TABLE.cancel_frees[result.value]
 
-
-__all__.append("cancel_frees_now")
-assert issubclass(TerminateCallbackError, LifecycleError)

@@ -8,7 +8,7 @@ states, rows, outcomes and results all come from the parsed table.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from transitions import Machine
 
@@ -48,10 +48,6 @@ class ReferenceSession:
     state: str = ""
     outcome: str | None = None
     deferred: bool = False
-    slot: int = -1
-    exposed_at: float | None = None
-    entered_at: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 class _Obj:

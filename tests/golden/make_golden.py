@@ -1,9 +1,10 @@
 """Golden audit logs from scripted scenarios (stand-in for the real engine).
 
-``ScriptedEngine`` mimics the observable logging of ``lifecycle.TransferEngine`` exactly as the contract
-(docs/contract-for-helpers.md) specifies it: executor calls (cancel/terminate) log their result at once;
-transitions, late/illegal events and quarantine/recovery records are queued and logged by ``poll()``;
-deferred-termination notices (``lifecycle.terminate_now``) are logged after the batch.  The lifecycle
+``ScriptedEngine`` mimics the observable logging of ``lifecycle.TransferEngine``: transitions,
+cancel/terminate results, late/illegal events and quarantine/recovery records are queued in causal
+order and logged by ``poll()`` (only a NotFound result, which has no session, is logged at once);
+deferred-termination notices (``lifecycle.terminate_now``) are logged after the batch.  A test
+(``test_scripted_goldens_match_the_real_engine``) checks this against the real engine.  The lifecycle
 itself comes from the table (``lifecycle.spec``), never from a copy here.
 
 To regenerate the goldens from the real engine later, replace ``ScriptedEngine`` by an adapter around

@@ -206,10 +206,16 @@ void register_engine(py::module_& m) {
            }, py::arg("ids"), py::arg("role"), py::arg("nbytes") = 0)
       .def("tick", &Engine::tick, "Fire expired timers; returns how many fired.  Never blocks on a transport.")
       .def("_drain", [](Engine& e) {
-             thread_local std::vector<Record> buf;
-             buf.clear();
-             e.drain(buf);
-             return py::bytes(reinterpret_cast<const char*>(buf.data()), buf.size() * sizeof(Record));
+             // merged straight into the bytes object: one copy from the shard queues
+             py::object out;
+             e.drain_to([&out](std::size_t n) {
+               PyObject* b = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(n * sizeof(Record)));
+               if (b == nullptr) throw py::error_already_set();
+               out = py::reinterpret_steal<py::object>(b);
+               return reinterpret_cast<Record*>(PyBytes_AS_STRING(b));
+             });
+             if (!out) return py::bytes();
+             return py::reinterpret_borrow<py::bytes>(out);
            }, "Every queued record, packed (RECORD_FORMAT), without blocking.")
       .def("_wait_ready", [](Engine& e, double timeout_s) {
              if (!(timeout_s >= 0)) throw InvalidArgumentError("timeout", "must be >= 0");

@@ -23,7 +23,21 @@ inline std::uint64_t mix(std::uint64_t x) {
   return x ^ (x >> 31);
 }
 
-struct Session {
+}  // namespace
+
+// A request id as the table sees it, hashed once per call: the low bits of the hash choose the
+// shard, the high 32 bits are the map tag (and the tag's low bits the home bucket).
+struct Engine::Key {
+  std::uint64_t req;
+  std::uint64_t h;
+  explicit Key(std::uint64_t id) : req(id), h(mix(id)) {}
+  Key(std::uint64_t id, std::uint64_t hashed) : req(id), h(hashed) {}  // hashed == mix(id), computed earlier
+  std::uint32_t tag() const { return static_cast<std::uint32_t>(h >> 32); }
+};
+
+namespace {
+
+struct alignas(64) Session {  // one cache line: a call touches one line per session
   std::uint64_t req = 0;
   std::int64_t t_state = 0;  // when the session entered `state` (engine clock)
   Lease lease;
@@ -57,11 +71,18 @@ class SpinMutex {
 
 }  // namespace
 
-struct Engine::Shard {
+// One shard: a cache-line aligned island, touched by one lock.
+struct alignas(64) Engine::Shard {
   mutable SpinMutex mu;
-  // open-addressing map req -> slab index (linear probing, backward-shift deletion)
-  std::vector<std::uint64_t> keys;
-  std::vector<std::uint32_t> vals;  // kNil = empty bucket
+  // Open-addressing map req -> slab index: linear probing, backward-shift deletion, 8-byte buckets
+  // (one cache line holds 8).  A bucket keeps the key's tag, not the id: a tag match is confirmed
+  // against the session's id, and the home bucket is the tag's low bits, so growing and deleting
+  // never touch the sessions or rehash.
+  struct Bucket {
+    std::uint32_t tag;
+    std::uint32_t idx;  // kNil = empty
+  };
+  std::vector<Bucket> map;
   std::size_t size = 0;
   // slab of sessions in fixed chunks (stable addresses, no doubling slack); free list via `next`
   std::vector<std::unique_ptr<Session[]>> chunks;
@@ -71,8 +92,10 @@ struct Engine::Shard {
   std::array<std::uint32_t, kNumStates> head{}, tail{};
   std::array<std::uint64_t, kNumStates> count{};
   std::vector<Record> queue;
+  std::vector<Record> spare;  // the queue's other buffer: drain swaps them, so memory is reused hot
   Counters ctr;
   std::int64_t last_t = INT64_MIN;  // Invariant: entry times in this shard never go backwards
+  std::int64_t last_terminal = INT64_MIN;  // last entry into a terminal state (health's progress)
   std::atomic<std::uint64_t>* record_seq = nullptr;  // the engine's counter
 
   std::int64_t stamp(std::int64_t t) {
@@ -84,63 +107,74 @@ struct Engine::Shard {
   Shard() {
     head.fill(kNil);
     tail.fill(kNil);
-    keys.assign(16, 0);
-    vals.assign(16, kNil);
+    map.assign(16, Bucket{0, kNil});
   }
 
   Session& at(std::uint32_t i) { return chunks[i >> kChunkBits][i & (kChunk - 1)]; }
   const Session& at(std::uint32_t i) const { return chunks[i >> kChunkBits][i & (kChunk - 1)]; }
 
-  std::size_t bucket(std::uint64_t req) const { return static_cast<std::size_t>(mix(req) >> 16) & (keys.size() - 1); }
+  std::size_t home(std::uint32_t tag) const { return tag & (map.size() - 1); }
 
-  std::uint32_t find(std::uint64_t req) const {
-    std::size_t m = keys.size() - 1;
-    for (std::size_t b = bucket(req);; b = (b + 1) & m) {
-      if (vals[b] == kNil) return kNil;
-      if (keys[b] == req) return vals[b];
+  std::uint32_t find(const Key& k) const {
+    const std::size_t m = map.size() - 1;
+    const std::uint32_t tag = k.tag();
+    for (std::size_t b = home(tag);; b = (b + 1) & m) {
+      const Bucket e = map[b];
+      if (e.idx == kNil) return kNil;
+      if (e.tag == tag && at(e.idx).req == k.req) return e.idx;
     }
   }
 
-  void grow() {
-    std::vector<std::uint64_t> ok = std::move(keys);
-    std::vector<std::uint32_t> ov = std::move(vals);
-    keys.assign(ok.size() * 2, 0);
-    vals.assign(ov.size() * 2, kNil);
-    for (std::size_t i = 0; i < ok.size(); ++i)
-      if (ov[i] != kNil) place(ok[i], ov[i]);
+  void place(Bucket e) {
+    const std::size_t m = map.size() - 1;
+    std::size_t b = home(e.tag);
+    while (map[b].idx != kNil) b = (b + 1) & m;
+    map[b] = e;
   }
 
-  void place(std::uint64_t req, std::uint32_t idx) {
-    std::size_t m = keys.size() - 1;
-    std::size_t b = bucket(req);
-    while (vals[b] != kNil) b = (b + 1) & m;
-    keys[b] = req;
-    vals[b] = idx;
+  // The session of k, or kNil with *hole = the empty bucket where k belongs (one probe for both
+  // the duplicate check and the insertion; grows first, so the hole stays valid).
+  std::uint32_t find_or_hole(const Key& k, std::size_t* hole) {
+    if ((size + 1) * 4 > map.size() * 3) {
+      std::vector<Bucket> old(map.size() * 2, Bucket{0, kNil});
+      old.swap(map);
+      for (const Bucket& e : old)
+        if (e.idx != kNil) place(e);
+    }
+    const std::size_t m = map.size() - 1;
+    const std::uint32_t tag = k.tag();
+    for (std::size_t b = home(tag);; b = (b + 1) & m) {
+      const Bucket e = map[b];
+      if (e.idx == kNil) {
+        *hole = b;
+        return kNil;
+      }
+      if (e.tag == tag && at(e.idx).req == k.req) return e.idx;
+    }
   }
 
-  void insert(std::uint64_t req, std::uint32_t idx) {
-    if ((size + 1) * 4 > keys.size() * 3) grow();
-    place(req, idx);
+  void fill(std::size_t hole, const Key& k, std::uint32_t idx) {
+    map[hole] = Bucket{k.tag(), idx};
     ++size;
   }
 
-  void erase(std::uint64_t req) {
-    std::size_t m = keys.size() - 1;
-    std::size_t b = bucket(req);
-    while (vals[b] != kNil && keys[b] != req) b = (b + 1) & m;
-    if (vals[b] == kNil) return;
+  // Remove the bucket of slab entry idx (whose key has this tag).
+  void erase(std::uint32_t tag, std::uint32_t idx) {
+    const std::size_t m = map.size() - 1;
+    std::size_t b = home(tag);
+    while (map[b].idx != kNil && map[b].idx != idx) b = (b + 1) & m;
+    if (map[b].idx == kNil) return;
     // backward-shift deletion keeps probe chains intact without tombstones
     std::size_t hole = b;
-    for (std::size_t j = (hole + 1) & m; vals[j] != kNil; j = (j + 1) & m) {
-      std::size_t home = bucket(keys[j]);
-      bool movable = hole <= j ? (home <= hole || home > j) : (home <= hole && home > j);
+    for (std::size_t j = (hole + 1) & m; map[j].idx != kNil; j = (j + 1) & m) {
+      const std::size_t h = home(map[j].tag);
+      const bool movable = hole <= j ? (h <= hole || h > j) : (h <= hole && h > j);
       if (movable) {
-        keys[hole] = keys[j];
-        vals[hole] = vals[j];
+        map[hole] = map[j];
         hole = j;
       }
     }
-    vals[hole] = kNil;
+    map[hole].idx = kNil;
     --size;
   }
 
@@ -154,9 +188,11 @@ struct Engine::Shard {
     return high++;
   }
 
+  // Back to the free list.  Only tombstones are freed: their lease was released or quarantined
+  // when they entered the final state, so there is nothing to return; advertise re-initialises.
   void release_slot(std::uint32_t i) {
     Session& s = at(i);
-    s = Session();
+    s.lease.release();
     s.next = free_head;
     free_head = i;
   }
@@ -209,10 +245,14 @@ struct Engine::Shard {
 
 namespace {
 
+// What one critical section needs besides the shard: read once per call (or per batch).
 struct Ctx {
   std::int64_t now;
-  std::size_t pushed = 0;
+  BufferPool& pool;
+  bool unhealthy;
+  std::uint32_t tomb_cap;  // tombstones kept per shard
   std::vector<std::pair<std::uint64_t, Role>>* aborts;
+  std::size_t pushed = 0;
 };
 
 }  // namespace
@@ -225,18 +265,17 @@ Engine::Engine(Config cfg, std::shared_ptr<const Clock> clock)
   while (n < cfg_.shards) n <<= 1;
   cfg_.shards = n;
   shard_mask_ = n - 1;
+  tomb_cap_ = cfg_.tombstones / n;
   pool_ = std::make_unique<BufferPool>(cfg_.num_slots, cfg_.slot_size);
-  shards_.reserve(n);
-  for (std::uint32_t i = 0; i < n; ++i) {
-    shards_.push_back(std::make_unique<Shard>());
-    shards_.back()->record_seq = &record_seq_;
-  }
-  last_progress_ns_.store(clock_->now_ns());
+  shards_ = std::make_unique<Shard[]>(n);
+  for (std::uint32_t i = 0; i < n; ++i) shards_[i].record_seq = &record_seq_;
+  last_progress_ns_ = clock_->now_ns();
 }
 
 Engine::~Engine() = default;
 
-Engine::Shard& Engine::shard_of(std::uint64_t req) const { return *shards_[mix(req) & shard_mask_]; }
+Engine::Shard& Engine::shard_of(const Key& k) const { return shards_[k.h & shard_mask_]; }
+std::span<Engine::Shard> Engine::shards() const { return {shards_.get(), static_cast<std::size_t>(shard_mask_ + 1)}; }
 
 // No counter on the hot path: a waiter registers in waiters_ and then inspects the shard queues
 // under their locks.  If this load sees no waiter, the waiter's registration happened after our
@@ -254,16 +293,70 @@ void Engine::run_aborts(std::vector<std::pair<std::uint64_t, Role>>& aborts) {
     for (auto& [req, role] : aborts) abort_hook_(req, role);
 }
 
-// The one place where a table cell is applied.  Caller holds sh.mu.
-static ApplyResult apply_locked(Engine::Shard& sh, std::uint32_t idx, Event ev, Ctx& cx, BufferPool& pool,
-                                bool unhealthy, std::atomic<std::int64_t>& last_progress,
-                                std::uint32_t tomb_cap);
+bool Engine::degraded() const {
+  return unhealthy_.load(std::memory_order_relaxed) || !backend_healthy_.load(std::memory_order_relaxed);
+}
+
+// Batches: the items are grouped by shard (a counting sort, stable, so every request's events keep
+// their order), and each shard's items run under one lock acquisition per kRun items with the
+// lookups software-pipelined: the home bucket of item j+8 and the session of item j+4 are
+// prefetched while item j is applied.  A batch of 100 k ids on a table larger than the cache
+// runs at the speed of one that fits.  Records of one batch are therefore in shard order across
+// requests (they carry the same time stamp: a batch is one instant).
+template <class Fn>
+void Engine::for_each_by_shard(const std::uint64_t* ids, std::size_t n, Fn&& fn) {
+  constexpr std::size_t kSlice = std::size_t{1} << 24;  // item indices fit in 32 bits
+  for (std::size_t base = 0; base < n; base += kSlice) group_slice(ids, base, std::min(n, base + kSlice), fn);
+}
+
+template <class Fn>
+void Engine::group_slice(const std::uint64_t* all, std::size_t base, std::size_t stop, Fn& fn) {
+  const std::uint64_t* ids = all + base;
+  const std::size_t n = stop - base;
+  constexpr std::size_t kRun = 256;  // items per lock hold: transport threads wait at most ~25 us
+  constexpr std::size_t kAhead = 8;
+  const std::size_t nshards = shard_mask_ + 1;
+  std::vector<std::uint64_t> hash(n);
+  std::vector<std::uint32_t> start(nshards + 1, 0);
+  for (std::size_t i = 0; i < n; ++i) {
+    hash[i] = Key(ids[i]).h;
+    ++start[(hash[i] & shard_mask_) + 1];
+  }
+  for (std::size_t s = 0; s < nshards; ++s) start[s + 1] += start[s];
+  std::vector<std::uint32_t> order(n);
+  {
+    std::vector<std::uint32_t> pos(start.begin(), start.end() - 1);
+    for (std::size_t i = 0; i < n; ++i) order[pos[hash[i] & shard_mask_]++] = static_cast<std::uint32_t>(i);
+  }
+  for (std::size_t s = 0; s < nshards; ++s) {
+    Shard& sh = shards_[s];
+    const std::size_t end = start[s + 1];
+    for (std::size_t lo = start[s]; lo < end; lo += kRun) {
+      const std::size_t hi = std::min(end, lo + kRun);
+      std::lock_guard<SpinMutex> g(sh.mu);
+      for (std::size_t j = lo; j < hi; ++j) {
+        if (j + kAhead < hi) {
+          const std::uint32_t tag = static_cast<std::uint32_t>(hash[order[j + kAhead]] >> 32);
+          __builtin_prefetch(&sh.map[sh.home(tag)]);
+        }
+        if (j + kAhead / 2 < hi) {
+          const std::uint32_t a = order[j + kAhead / 2];
+          const Shard::Bucket e = sh.map[sh.home(static_cast<std::uint32_t>(hash[a] >> 32))];
+          if (e.idx != kNil) __builtin_prefetch(&sh.at(e.idx));
+        }
+        const std::uint32_t i = order[j];
+        fn(sh, Key(ids[i], hash[i]), base + i);
+      }
+    }
+  }
+}
 
 // Caller holds sh.mu.  Creates the session; pushes one record.
-static ApplyResult advertise_locked(Engine::Shard& sh, std::uint64_t req, Role role, std::uint64_t nbytes,
-                                    BufferPool& pool, std::int64_t now) {
+static ApplyResult advertise_locked(Engine::Shard& sh, const Engine::Key& h, Role role,
+                                    std::uint64_t nbytes, BufferPool& pool, std::int64_t now) {
   ApplyResult r;
-  std::uint32_t found = sh.find(req);
+  std::size_t hole = 0;
+  std::uint32_t found = sh.find_or_hole(h, &hole);
   if (found != kNil) {
     ++sh.ctr.duplicate;
     r.status = Status::Duplicate;
@@ -281,7 +374,7 @@ static ApplyResult advertise_locked(Engine::Shard& sh, std::uint64_t req, Role r
   now = sh.stamp(now);
   std::uint32_t idx = sh.alloc();
   Session& s = sh.at(idx);
-  s.req = req;
+  s.req = h.req;
   s.role = role;
   s.state = kInitialState;
   s.t_state = now;
@@ -289,7 +382,7 @@ static ApplyResult advertise_locked(Engine::Shard& sh, std::uint64_t req, Role r
   s.flags = 0;
   s.lease = std::move(lease);
   sh.link(idx, kInitialState);
-  sh.insert(req, idx);
+  sh.fill(hole, h, idx);
   ++sh.ctr.transitions;
   sh.push(RecordKind::Transition, s, kNoState, kCreateEvent, now);
   r.status = Status::Moved;
@@ -306,10 +399,11 @@ ApplyResult Engine::advertise(std::uint64_t req, Role role, std::uint64_t nbytes
   ApplyResult r;
   r.status = Status::BadArgument;
   if (!advertise_args_ok(role, nbytes, *pool_)) return r;
-  Shard& sh = shard_of(req);
+  const Key h(req);
+  Shard& sh = shard_of(h);
   {
     std::lock_guard<SpinMutex> g(sh.mu);
-    r = advertise_locked(sh, req, role, nbytes, *pool_, clock_->now_ns());
+    r = advertise_locked(sh, h, role, nbytes, *pool_, clock_->now_ns());
   }
   if (r.status == Status::Moved) notify_pushed(1);
   return r;
@@ -323,16 +417,11 @@ void Engine::advertise_batch(const std::uint64_t* ids, std::size_t n, Role role,
   }
   const std::int64_t now = clock_->now_ns();
   std::size_t pushed = 0;
-  for (std::size_t i = 0; i < n; ++i) {
-    Shard& sh = shard_of(ids[i]);
-    ApplyResult r;
-    {
-      std::lock_guard<SpinMutex> g(sh.mu);
-      r = advertise_locked(sh, ids[i], role, nbytes, *pool_, now);
-    }
+  for_each_by_shard(ids, n, [&](Shard& sh, const Key& k, std::size_t i) {
+    const ApplyResult r = advertise_locked(sh, k, role, nbytes, *pool_, now);
     pushed += r.status == Status::Moved;
     out[i] = static_cast<std::uint8_t>(r.status);
-  }
+  });
   notify_pushed(pushed);
 }
 
@@ -359,8 +448,8 @@ static void enter_final(Engine::Shard& sh, Session& s, State from, Ctx& cx) {
   }
 }
 
-static void try_recover(Engine::Shard& sh, Session& s, BufferPool& pool, Ctx& cx) {
-  if ((s.flags & kQuarantined) && pool.recover(s.lease.slot(), s.lease.generation())) {
+static void try_recover(Engine::Shard& sh, Session& s, Ctx& cx) {
+  if ((s.flags & kQuarantined) && cx.pool.recover(s.lease.slot(), s.lease.generation())) {
     s.flags = static_cast<std::uint8_t>(s.flags & ~kQuarantined);
     ++sh.ctr.recovered;
     sh.push(RecordKind::BufferRecovered, s, static_cast<std::uint8_t>(s.state), Event::complete, cx.now);
@@ -368,19 +457,27 @@ static void try_recover(Engine::Shard& sh, Session& s, BufferPool& pool, Ctx& cx
   }
 }
 
+// Forget the oldest tombstones beyond the cap.  They were terminated thousands of calls ago, so
+// their slab entry and map bucket are cold: each eviction prefetches what the next one touches
+// (the next victim's bucket, the victim after it), so the steady state evicts from cache.
 static void evict_tombstones(Engine::Shard& sh, std::uint32_t cap) {
   const int k = si(State::Terminated);
   while (sh.count[k] > cap) {
-    std::uint32_t victim = sh.head[k];
+    const std::uint32_t victim = sh.head[k];
     sh.unlink(victim);
-    sh.erase(sh.at(victim).req);
+    sh.erase(Engine::Key(sh.at(victim).req).tag(), victim);
     sh.release_slot(victim);
+    const std::uint32_t next = sh.head[k];
+    if (next != kNil) {
+      const Session& n = sh.at(next);
+      __builtin_prefetch(&sh.map[sh.home(Engine::Key(n.req).tag())], 1);
+      if (n.next != kNil) __builtin_prefetch(&sh.at(n.next), 1);
+    }
   }
 }
 
-static ApplyResult apply_locked(Engine::Shard& sh, std::uint32_t idx, Event ev, Ctx& cx, BufferPool& pool,
-                                bool unhealthy, std::atomic<std::int64_t>& last_progress,
-                                std::uint32_t tomb_cap) {
+// The one place where a table cell is applied.  Caller holds sh.mu.
+static ApplyResult apply_locked(Engine::Shard& sh, std::uint32_t idx, Event ev, Ctx& cx) {
   Session& s = sh.at(idx);
   const Cell& c = kTable[si(s.state)][static_cast<int>(ev)];
   ApplyResult r;
@@ -403,7 +500,7 @@ static ApplyResult apply_locked(Engine::Shard& sh, std::uint32_t idx, Event ev, 
       ++cx.pushed;
       if (ev == Event::complete) {
         if (s.state == State::Poisoned) s.flags |= kEvidence;  // recovered when terminated
-        if (s.state == State::Terminated) try_recover(sh, s, pool, cx);
+        if (s.state == State::Terminated) try_recover(sh, s, cx);
       }
       r.status = Status::Late;
       return r;
@@ -427,19 +524,18 @@ static ApplyResult apply_locked(Engine::Shard& sh, std::uint32_t idx, Event ev, 
   ++cx.pushed;
   r.status = Status::Moved;
   r.to = c.dst;
-  if (ev == Event::cancel && unhealthy && c.result == static_cast<std::uint8_t>(CancelResult::CancelRequestedInFlight))
+  if (ev == Event::cancel && cx.unhealthy &&
+      c.result == static_cast<std::uint8_t>(CancelResult::CancelRequestedInFlight))
     r.result = static_cast<std::uint8_t>(CancelResult::BackendUnhealthy);
   if (c.dst == State::CancelRequested && cx.aborts) cx.aborts->emplace_back(s.req, s.role);
   if (ev == Event::timeout) ++sh.ctr.timeouts;
   if (ev == Event::grace_expired) ++sh.ctr.grace_expired;
   if (kFinal[si(c.dst)]) {
     enter_final(sh, s, from, cx);
-    if (s.flags & kEvidence) try_recover(sh, s, pool, cx);
+    if (s.flags & kEvidence) try_recover(sh, s, cx);
   }
   if (kTerminal[si(c.dst)]) {
-    std::int64_t lp = last_progress.load(std::memory_order_relaxed);
-    while (lp < cx.now && !last_progress.compare_exchange_weak(lp, cx.now, std::memory_order_relaxed)) {
-    }
+    sh.last_terminal = cx.now;  // stamped: never goes backwards within the shard
     if (s.flags & kDeferred) {
       // Exactly-once deferred termination: the flag is cleared in the same critical section that
       // performs the terminate move and queues the single TerminateNow notice.
@@ -450,51 +546,57 @@ static ApplyResult apply_locked(Engine::Shard& sh, std::uint32_t idx, Event ev, 
       ++sh.ctr.transitions;
       sh.push(RecordKind::Transition, s, static_cast<std::uint8_t>(tfrom), Event::terminate, cx.now, true);
       enter_final(sh, s, tfrom, cx);
-      if (s.flags & kEvidence) try_recover(sh, s, pool, cx);
+      if (s.flags & kEvidence) try_recover(sh, s, cx);
       sh.push(RecordKind::TerminateNow, s, static_cast<std::uint8_t>(tfrom), Event::terminate, cx.now, true);
       ++sh.ctr.terminate_now;
       cx.pushed += 2;
       r.to = s.state;
     }
   }
-  if (s.state == State::Terminated) evict_tombstones(sh, tomb_cap);
   return r;
 }
 
-// Queue what cancel / terminate answered, right after the records the call itself produced.
-// The session may have been evicted as a tombstone by the call; then there is nothing to attach to.
+// Queue what cancel / terminate answered, right after the records the call itself produced (the
+// session is still in the table: tombstones are evicted only at the end of the critical section).
 static void push_result(Engine::Shard& sh, std::uint32_t idx, const ApplyResult& r, Event ev, Ctx& cx) {
   if (r.result == 0xff || r.status == Status::Illegal) return;
-  Session& s = sh.at(idx);
-  if (sh.find(s.req) != idx) return;
-  sh.push(RecordKind::CallResult, s, static_cast<std::uint8_t>(r.from), ev, cx.now);
+  sh.push(RecordKind::CallResult, sh.at(idx), static_cast<std::uint8_t>(r.from), ev, cx.now);
   sh.queue.back().result = r.result;
   ++cx.pushed;
 }
 
-ApplyResult Engine::apply(std::uint64_t req, Event ev) {
+// One event on one session, under its shard lock.  Unknown ids are counted, nothing else happens.
+static ApplyResult apply_one(Engine::Shard& sh, const Engine::Key& h, Event ev, Ctx& cx) {
   ApplyResult r;
+  std::uint32_t idx = sh.find(h);
+  if (idx == kNil) {
+    ++sh.ctr.unknown;
+    r.status = Status::Unknown;
+    r.result = 0xff;
+    return r;
+  }
+  cx.now = sh.stamp(cx.now);
+  r = apply_locked(sh, idx, ev, cx);
+  if (ev == Event::cancel || ev == Event::terminate) push_result(sh, idx, r, ev, cx);
+  evict_tombstones(sh, cx.tomb_cap);
+  return r;
+}
+
+ApplyResult Engine::apply(std::uint64_t req, Event ev) {
   if (static_cast<int>(ev) >= kNumEvents || ev == kCreateEvent) {
+    ApplyResult r;
     r.status = Status::BadArgument;
     return r;
   }
-  Shard& sh = shard_of(req);
+  const Key h(req);
+  Shard& sh = shard_of(h);
   std::vector<std::pair<std::uint64_t, Role>> aborts;
-  Ctx cx{0, 0, &aborts};
+  Ctx cx{0, *pool_, degraded(), tomb_cap_, &aborts};
+  ApplyResult r;
+  cx.now = clock_->now_ns();  // outside the lock; apply_one stamps it (monotonic per shard)
   {
     std::lock_guard<SpinMutex> g(sh.mu);
-    std::uint32_t idx = sh.find(req);
-    if (idx == kNil) {
-      ++sh.ctr.unknown;
-      r.status = Status::Unknown;
-      r.result = 0xff;
-      return r;
-    }
-    cx.now = sh.stamp(clock_->now_ns());
-    bool unhealthy = unhealthy_.load(std::memory_order_relaxed) || !backend_healthy_.load(std::memory_order_relaxed);
-    std::uint32_t cap = cfg_.tombstones / cfg_.shards;
-    r = apply_locked(sh, idx, ev, cx, *pool_, unhealthy, last_progress_ns_, cap);
-    if (ev == Event::cancel || ev == Event::terminate) push_result(sh, idx, r, ev, cx);
+    r = apply_one(sh, h, ev, cx);
   }
   notify_pushed(cx.pushed);
   run_aborts(aborts);
@@ -504,30 +606,16 @@ ApplyResult Engine::apply(std::uint64_t req, Event ev) {
 void Engine::apply_batch(const std::uint64_t* ids, const std::uint8_t* events, std::size_t n, std::uint8_t* out) {
   std::vector<std::pair<std::uint64_t, Role>> aborts;
   const std::int64_t now = clock_->now_ns();
-  const bool unhealthy = unhealthy_.load(std::memory_order_relaxed) || !backend_healthy_.load(std::memory_order_relaxed);
-  const std::uint32_t cap = cfg_.tombstones / cfg_.shards;
-  std::size_t pushed = 0;
-  for (std::size_t i = 0; i < n; ++i) {
+  Ctx cx{now, *pool_, degraded(), tomb_cap_, &aborts};
+  for_each_by_shard(ids, n, [&](Shard& sh, const Key& k, std::size_t i) {
     if (events[i] >= kNumEvents || events[i] == static_cast<std::uint8_t>(kCreateEvent)) {
       out[i] = static_cast<std::uint8_t>(Status::BadArgument);
-      continue;
+      return;
     }
-    Shard& sh = shard_of(ids[i]);
-    std::lock_guard<SpinMutex> g(sh.mu);
-    std::uint32_t idx = sh.find(ids[i]);
-    if (idx == kNil) {
-      ++sh.ctr.unknown;
-      out[i] = static_cast<std::uint8_t>(Status::Unknown);
-      continue;
-    }
-    Ctx cx{sh.stamp(now), 0, &aborts};
-    const Event ev = static_cast<Event>(events[i]);
-    ApplyResult r = apply_locked(sh, idx, ev, cx, *pool_, unhealthy, last_progress_ns_, cap);
-    if (ev == Event::cancel || ev == Event::terminate) push_result(sh, idx, r, ev, cx);
-    out[i] = static_cast<std::uint8_t>(r.status);
-    pushed += cx.pushed;
-  }
-  notify_pushed(pushed);
+    cx.now = now;
+    out[i] = static_cast<std::uint8_t>(apply_one(sh, k, static_cast<Event>(events[i]), cx).status);
+  });
+  notify_pushed(cx.pushed);
   run_aborts(aborts);
 }
 
@@ -572,26 +660,23 @@ TerminateResult Engine::terminate(std::uint64_t req) {
 std::size_t Engine::tick() {
   std::size_t fired = 0;
   std::vector<std::pair<std::uint64_t, Role>> aborts;
-  std::size_t pushed = 0;
   const std::int64_t to = cfg_.transfer_timeout_ns, grace = cfg_.cancel_grace_ns;
-  std::uint32_t cap = cfg_.tombstones / cfg_.shards;
-  for (auto& shp : shards_) {
-    Shard& sh = *shp;
+  Ctx cx{0, *pool_, unhealthy_.load(std::memory_order_relaxed), tomb_cap_, &aborts};
+  for (Shard& sh : shards()) {
     std::lock_guard<SpinMutex> g(sh.mu);
-    Ctx cx{sh.stamp(clock_->now_ns()), 0, &aborts};
-    bool unhealthy = unhealthy_.load(std::memory_order_relaxed);
+    cx.now = sh.stamp(clock_->now_ns());
     const int fl = si(State::InFlight), cr = si(State::CancelRequested);
     while (to > 0 && sh.head[fl] != kNil && sh.at(sh.head[fl]).t_state <= cx.now - to) {
-      apply_locked(sh, sh.head[fl], Event::timeout, cx, *pool_, unhealthy, last_progress_ns_, cap);
+      apply_locked(sh, sh.head[fl], Event::timeout, cx);
       ++fired;
     }
     while (grace > 0 && sh.head[cr] != kNil && sh.at(sh.head[cr]).t_state <= cx.now - grace) {
-      apply_locked(sh, sh.head[cr], Event::grace_expired, cx, *pool_, unhealthy, last_progress_ns_, cap);
+      apply_locked(sh, sh.head[cr], Event::grace_expired, cx);
       ++fired;
     }
-    pushed += cx.pushed;
+    evict_tombstones(sh, cx.tomb_cap);
   }
-  notify_pushed(pushed);
+  notify_pushed(cx.pushed);
   run_aborts(aborts);
   return fired;
 }
@@ -599,45 +684,77 @@ std::size_t Engine::tick() {
 std::int64_t Engine::next_deadline_ns() const {
   std::int64_t best = INT64_MAX;
   const std::int64_t to = cfg_.transfer_timeout_ns, grace = cfg_.cancel_grace_ns;
-  for (auto& shp : shards_) {
-    std::lock_guard<SpinMutex> g(shp->mu);
-    if (to > 0 && shp->head[si(State::InFlight)] != kNil)
-      best = std::min(best, shp->at(shp->head[si(State::InFlight)]).t_state + to);
-    if (grace > 0 && shp->head[si(State::CancelRequested)] != kNil)
-      best = std::min(best, shp->at(shp->head[si(State::CancelRequested)]).t_state + grace);
+  for (Shard& sh : shards()) {
+    std::lock_guard<SpinMutex> g(sh.mu);
+    if (to > 0 && sh.head[si(State::InFlight)] != kNil)
+      best = std::min(best, sh.at(sh.head[si(State::InFlight)]).t_state + to);
+    if (grace > 0 && sh.head[si(State::CancelRequested)] != kNil)
+      best = std::min(best, sh.at(sh.head[si(State::CancelRequested)]).t_state + grace);
   }
   return best;
 }
 
 std::size_t Engine::drain(std::vector<Record>& out) {
-  // Each shard's queue is already in seq order; take them all, then merge by seq.
+  return drain_to([&out](std::size_t n) {
+    const std::size_t base = out.size();
+    out.resize(base + n);
+    return out.data() + base;
+  });
+}
+
+std::size_t Engine::drain_to(const std::function<Record*(std::size_t)>& dest) {
+  // Each shard's queue is already in seq order; take them all, then merge by seq into dest(n).
   std::vector<std::vector<Record>> runs;
+  std::vector<Shard*> from;
   std::size_t n = 0;
   std::uint64_t lo = UINT64_MAX, hi = 0;
-  for (auto& shp : shards_) {
+  for (Shard& sh : shards()) {
     std::vector<Record> run;
     {
-      std::lock_guard<SpinMutex> g(shp->mu);
-      if (shp->queue.empty()) continue;
-      run.swap(shp->queue);
-      shp->queue.reserve(run.size());  // keep the working capacity: no regrowth after every drain
+      std::lock_guard<SpinMutex> g(sh.mu);
+      if (sh.queue.empty()) continue;
+      run.swap(sh.queue);
+      sh.queue.swap(sh.spare);  // empty, with the capacity of an earlier run
     }
     n += run.size();
     lo = std::min(lo, run.front().seq);
     hi = std::max(hi, run.back().seq);
     runs.push_back(std::move(run));
+    from.push_back(&sh);
   }
-  const std::size_t base = out.size();
+  // Hand the drained buffers back as the shards' spares (after the copy below, even if dest throws).
+  struct GiveBack {
+    std::vector<std::vector<Record>>& runs;
+    std::vector<Shard*>& from;
+    ~GiveBack() {
+      for (std::size_t i = 0; i < runs.size(); ++i) {
+        runs[i].clear();
+        std::lock_guard<SpinMutex> g(from[i]->mu);
+        if (from[i]->spare.capacity() < runs[i].capacity()) from[i]->spare.swap(runs[i]);
+      }
+    }
+  } give_back{runs, from};
+  if (n == 0) return 0;
+  Record* dst = nullptr;
+  try {
+    dst = dest(n);
+  } catch (...) {
+    // lossless: put every run back in front of what was queued meanwhile, then rethrow
+    for (std::size_t i = 0; i < runs.size(); ++i) {
+      std::lock_guard<SpinMutex> g(from[i]->mu);
+      runs[i].insert(runs[i].end(), from[i]->queue.begin(), from[i]->queue.end());
+      from[i]->queue.swap(runs[i]);
+    }
+    throw;
+  }
   if (runs.size() == 1) {
-    out.insert(out.end(), runs[0].begin(), runs[0].end());
-  } else if (!runs.empty() && hi - lo + 1 == n) {
+    std::copy(runs[0].begin(), runs[0].end(), dst);
+  } else if (hi - lo + 1 == n) {
     // seqs are unique, so a gap-free range is a permutation: place every record directly, O(n)
-    out.resize(base + n);
     for (const auto& run : runs)
-      for (const Record& r : run) out[base + (r.seq - lo)] = r;
-  } else if (!runs.empty()) {
+      for (const Record& r : run) dst[r.seq - lo] = r;
+  } else {
     // records pushed concurrently left gaps: k-way merge (k = shards with records)
-    out.reserve(base + n);
     std::vector<std::size_t> pos(runs.size(), 0);
     auto later = [&](std::size_t a, std::size_t b) { return runs[a][pos[a]].seq > runs[b][pos[b]].seq; };
     std::vector<std::size_t> heap;
@@ -646,7 +763,7 @@ std::size_t Engine::drain(std::vector<Record>& out) {
     while (!heap.empty()) {
       std::pop_heap(heap.begin(), heap.end(), later);
       std::size_t k = heap.back();
-      out.push_back(runs[k][pos[k]++]);
+      *dst++ = runs[k][pos[k]++];
       if (pos[k] < runs[k].size()) std::push_heap(heap.begin(), heap.end(), later);
       else heap.pop_back();
     }
@@ -656,9 +773,9 @@ std::size_t Engine::drain(std::vector<Record>& out) {
 
 std::size_t Engine::pending() const {
   std::size_t n = 0;
-  for (auto& shp : shards_) {
-    std::lock_guard<SpinMutex> g(shp->mu);
-    n += shp->queue.size();
+  for (Shard& sh : shards()) {
+    std::lock_guard<SpinMutex> g(sh.mu);
+    n += sh.queue.size();
   }
   return n;
 }
@@ -706,13 +823,15 @@ Health Engine::health() {
   std::int64_t oldest_exposed = INT64_MAX, oldest_any = INT64_MAX;
   struct Wedge { std::uint64_t req; State st; std::int64_t age; };
   std::vector<Wedge> wedged;
-  for (auto& shp : shards_) {
-    std::lock_guard<SpinMutex> g(shp->mu);
-    for (int k = 0; k < kNumStates; ++k) h.counts[static_cast<std::size_t>(k)] += shp->count[static_cast<std::size_t>(k)];
+  std::int64_t lp = last_progress_ns_;  // admission start, then the latest terminal entry of any shard
+  for (Shard& sh : shards()) {
+    std::lock_guard<SpinMutex> g(sh.mu);
+    lp = std::max(lp, sh.last_terminal);
+    for (int k = 0; k < kNumStates; ++k) h.counts[static_cast<std::size_t>(k)] += sh.count[static_cast<std::size_t>(k)];
     for (State st : {State::Advertised, State::InFlight, State::CancelRequested}) {
-      std::uint32_t hd = shp->head[si(st)];
+      std::uint32_t hd = sh.head[si(st)];
       if (hd == kNil) continue;
-      const Session& s = shp->at(hd);
+      const Session& s = sh.at(hd);
       oldest_any = std::min(oldest_any, s.t_state);
       if (st == State::Advertised) continue;
       oldest_exposed = std::min(oldest_exposed, s.t_state);
@@ -727,7 +846,6 @@ Health Engine::health() {
   for (int k = 0; k < kNumStates; ++k)
     if (!kFinal[k]) h.live += h.counts[static_cast<std::size_t>(k)];
   h.oldest_nonterminal_ns = oldest_any == INT64_MAX ? -1 : now - oldest_any;
-  std::int64_t lp = last_progress_ns_.load();
   if (oldest_exposed != INT64_MAX) {
     h.since_progress_ns = now - std::max(lp, oldest_exposed);
     if (h.since_progress_ns > deadline)
@@ -759,9 +877,10 @@ Health Engine::health() {
 }
 
 std::optional<SessionInfo> Engine::info(std::uint64_t req) const {
-  Shard& sh = shard_of(req);
+  const Key k(req);
+  Shard& sh = shard_of(k);
   std::lock_guard<SpinMutex> g(sh.mu);
-  std::uint32_t idx = sh.find(req);
+  std::uint32_t idx = sh.find(k);
   if (idx == kNil) return std::nullopt;
   const Session& s = sh.at(idx);
   SessionInfo i;
@@ -779,9 +898,9 @@ std::optional<SessionInfo> Engine::info(std::uint64_t req) const {
 
 Counters Engine::counters() const {
   Counters c;
-  for (auto& shp : shards_) {
-    std::lock_guard<SpinMutex> g(shp->mu);
-    const Counters& x = shp->ctr;
+  for (Shard& sh : shards()) {
+    std::lock_guard<SpinMutex> g(sh.mu);
+    const Counters& x = sh.ctr;
     c.transitions += x.transitions; c.illegal += x.illegal; c.late += x.late; c.unknown += x.unknown;
     c.duplicate += x.duplicate; c.deferred += x.deferred; c.terminate_now += x.terminate_now;
     c.timeouts += x.timeouts; c.grace_expired += x.grace_expired; c.quarantined += x.quarantined;
@@ -792,21 +911,21 @@ Counters Engine::counters() const {
 
 std::size_t Engine::memory_bytes() const {
   std::size_t b = sizeof(*this);
-  for (auto& shp : shards_) {
-    std::lock_guard<SpinMutex> g(shp->mu);
-    b += sizeof(Shard) + shp->keys.capacity() * sizeof(std::uint64_t) + shp->vals.capacity() * sizeof(std::uint32_t) +
-         shp->chunks.size() * kChunk * sizeof(Session) + shp->chunks.capacity() * sizeof(void*) +
-         shp->queue.capacity() * sizeof(Record);
+  for (Shard& sh : shards()) {
+    std::lock_guard<SpinMutex> g(sh.mu);
+    b += sizeof(Shard) + sh.map.capacity() * sizeof(Shard::Bucket) +
+         sh.chunks.size() * kChunk * sizeof(Session) + sh.chunks.capacity() * sizeof(void*) +
+         (sh.queue.capacity() + sh.spare.capacity()) * sizeof(Record);
   }
   return b;
 }
 
 std::uint64_t Engine::live_sessions() const {
   std::uint64_t n = 0;
-  for (auto& shp : shards_) {
-    std::lock_guard<SpinMutex> g(shp->mu);
+  for (Shard& sh : shards()) {
+    std::lock_guard<SpinMutex> g(sh.mu);
     for (int k = 0; k < kNumStates; ++k)
-      if (!kFinal[k]) n += shp->count[static_cast<std::size_t>(k)];
+      if (!kFinal[k]) n += sh.count[static_cast<std::size_t>(k)];
   }
   return n;
 }

@@ -10,23 +10,9 @@
 
 namespace lifecycle {
 
-Lease& Lease::operator=(Lease&& o) noexcept {
-  if (this != &o) {
-    release();
-    pool_ = o.pool_;
-    slot_ = o.slot_;
-    gen_ = o.gen_;
-    held_ = o.held_;
-    o.held_ = false;
-  }
-  return *this;
-}
-
-void Lease::release() {
-  if (held_) {
-    held_ = false;
-    pool_->do_release(slot_, gen_);
-  }
+void Lease::give_back() {
+  held_ = false;
+  pool_->do_release(slot_, gen_);
 }
 
 void Lease::quarantine() {

@@ -1,5 +1,6 @@
 // Engine unit tests: table cells, deferred termination, pool/quarantine/recovery, timers, health.
 #include <memory>
+#include <new>
 #include <vector>
 
 #include "check.hpp"
@@ -155,7 +156,73 @@ static void test_tombstones_are_bounded() {
   CHECK(eng.live_sessions() == 0);
 }
 
+// A batch keeps each request's events in order, whatever shard order it runs in, and agrees with
+// one call per event; ids that collide in the map (many sessions, few shards) still resolve.
+static void test_batch_matches_single_calls() {
+  Config c = cfg();
+  c.num_slots = 0;
+  c.shards = 2;
+  Engine batch(c), single(c);
+  std::vector<std::uint64_t> ids;
+  std::vector<std::uint8_t> evs;
+  const Event script[] = {Event::expose, Event::cancel, Event::complete, Event::terminate};
+  for (std::uint64_t i = 0; i < 3000; ++i) {
+    CHECK(batch.advertise(i * 7919, Role::sender, 0).status == Status::Moved);
+    single.advertise(i * 7919, Role::sender, 0);
+  }
+  for (const Event ev : script)  // every request's whole script in one batch, interleaved
+    for (std::uint64_t i = 0; i < 3000; ++i) {
+      ids.push_back(i * 7919);
+      evs.push_back(static_cast<std::uint8_t>(ev));
+    }
+  ids.push_back(123456789);  // unknown
+  evs.push_back(static_cast<std::uint8_t>(Event::complete));
+  std::vector<std::uint8_t> out(ids.size());
+  batch.apply_batch(ids.data(), evs.data(), ids.size(), out.data());
+  for (std::size_t i = 0; i < ids.size(); ++i) {
+    const ApplyResult r = single.apply(ids[i], static_cast<Event>(evs[i]));
+    CHECK(out[i] == static_cast<std::uint8_t>(r.status));
+  }
+  CHECK(out.back() == static_cast<std::uint8_t>(Status::Unknown));
+  for (std::uint64_t i = 0; i < 3000; ++i) CHECK(batch.info(i * 7919)->state == State::Terminated);
+  // per request, the records come out in the order the events were applied
+  std::vector<Record> recs;
+  batch.drain(recs);
+  std::vector<int> last_event(3000, -1);
+  bool ordered = true;
+  for (const Record& r : recs) {
+    if (r.kind != RecordKind::Transition) continue;
+    int& prev = last_event[r.req / 7919];
+    ordered = ordered && static_cast<int>(r.event) != prev;  // never the same event twice
+    prev = r.event;
+    if (r.event == static_cast<std::uint8_t>(Event::terminate)) CHECK(r.to == static_cast<std::uint8_t>(State::Terminated));
+  }
+  CHECK(ordered);
+}
+
+// drain_to is lossless when the destination cannot be allocated: the records stay queued, in order.
+static void test_drain_to_failure_keeps_records() {
+  Engine eng(cfg());
+  for (std::uint64_t i = 0; i < 100; ++i) eng.advertise(i, Role::sender, 0);
+  bool threw = false;
+  try {
+    eng.drain_to([](std::size_t) -> Record* { throw std::bad_alloc(); });
+  } catch (const std::bad_alloc&) {
+    threw = true;
+  }
+  CHECK(threw);
+  eng.advertise(100, Role::sender, 0);  // queued after the failed drain
+  std::vector<Record> recs;
+  CHECK(eng.drain(recs) == 101);
+  bool in_order = recs.size() == 101;
+  for (std::size_t i = 1; i < recs.size(); ++i) in_order = in_order && recs[i - 1].seq < recs[i].seq;
+  CHECK(in_order);
+  CHECK(recs.size() == 101 && recs.back().req == 100);
+}
+
 int main() {
+  test_batch_matches_single_calls();
+  test_drain_to_failure_keeps_records();
   test_every_cell_matches_apply();
   test_deferred_termination_exactly_once();
   test_poison_quarantine_and_recovery();

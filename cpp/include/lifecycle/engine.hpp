@@ -24,6 +24,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -148,6 +149,9 @@ class Engine {
   std::size_t tick();
   // Append every queued record to `out` in seq order (causal order), without blocking.
   std::size_t drain(std::vector<Record>& out);
+  // The same, into dest(n): called once (when n > 0) for room for exactly n records, so a caller
+  // can merge straight into its own buffer (the binding: a Python bytes object).
+  std::size_t drain_to(const std::function<Record*(std::size_t)>& dest);
   // Block (no GIL: callers release it) until a record is queued or timeout_ns elapses (steady time).
   bool wait_ready(std::int64_t timeout_ns);
   // Earliest pending timer deadline on the engine clock; INT64_MAX when none.
@@ -171,18 +175,26 @@ class Engine {
   std::uint64_t live_sessions() const;
 
  struct Shard;  // implementation detail (engine.cpp)
+ struct Key;    // a request id, mixed (engine.cpp)
 
  private:
-  Shard& shard_of(std::uint64_t req) const;
+  Shard& shard_of(const Key& k) const;
+  std::span<Shard> shards() const;
+  bool degraded() const;
+  template <class Fn>
+  void for_each_by_shard(const std::uint64_t* ids, std::size_t n, Fn&& fn);
+  template <class Fn>
+  void group_slice(const std::uint64_t* ids, std::size_t base, std::size_t stop, Fn& fn);  // unhealthy or backend down: cancels answer BackendUnhealthy
   void notify_pushed(std::size_t n);
   void run_aborts(std::vector<std::pair<std::uint64_t, Role>>& aborts);
 
   Config cfg_;
   std::shared_ptr<const Clock> clock_;
   std::unique_ptr<BufferPool> pool_;  // declared before shards_: leases die first
-  std::vector<std::unique_ptr<Shard>> shards_;
+  std::unique_ptr<Shard[]> shards_;
   std::uint64_t shard_mask_;
-  std::atomic<std::int64_t> last_progress_ns_;
+  std::uint32_t tomb_cap_;           // tombstones kept per shard
+  std::int64_t last_progress_ns_;    // admission start; shards keep their own last terminal entry
   std::atomic<bool> unhealthy_{false};
   std::atomic<std::uint64_t> record_seq_{0};
   std::atomic<bool> backend_healthy_{true};

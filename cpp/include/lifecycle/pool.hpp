@@ -27,18 +27,32 @@ class Lease {
   Lease(const Lease&) = delete;
   Lease& operator=(const Lease&) = delete;
   Lease(Lease&& o) noexcept : pool_(o.pool_), slot_(o.slot_), gen_(o.gen_), held_(o.held_) { o.held_ = false; }
-  Lease& operator=(Lease&& o) noexcept;
+  Lease& operator=(Lease&& o) noexcept {
+    if (this != &o) {
+      release();
+      pool_ = o.pool_;
+      slot_ = o.slot_;
+      gen_ = o.gen_;
+      held_ = o.held_;
+      o.held_ = false;
+    }
+    return *this;
+  }
   ~Lease() { release(); }
 
   bool held() const { return held_; }
   std::uint32_t slot() const { return slot_; }
   std::uint32_t generation() const { return gen_; }
-  void release();     // back to Free (only when the caller holds proof of quiescence)
+  // back to Free (only when the caller holds proof of quiescence)
+  void release() {
+    if (held_) give_back();
+  }
   void quarantine();  // to Quarantined (quiescence unknown)
 
  private:
   friend class BufferPool;
   Lease(BufferPool* p, std::uint32_t s, std::uint32_t g) : pool_(p), slot_(s), gen_(g), held_(true) {}
+  void give_back();
   BufferPool* pool_ = nullptr;
   std::uint32_t slot_ = kNoSlot;
   std::uint32_t gen_ = 0;

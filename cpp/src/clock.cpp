@@ -92,11 +92,12 @@ class TscClock {
   std::int64_t now() {
     const std::uint64_t t = __rdtsc();
     const std::uint32_t s = seq_.load(std::memory_order_acquire);
-    const std::uint64_t t0 = tsc0_.load(std::memory_order_relaxed);
-    const std::int64_t n0 = ns0_.load(std::memory_order_relaxed);
-    const std::uint64_t m = mult_.load(std::memory_order_relaxed);
-    const std::uint64_t rs = resync_.load(std::memory_order_relaxed);
-    std::atomic_thread_fence(std::memory_order_acquire);
+    // acquire loads keep the re-check of seq_ after them (a seqlock without a fence, which TSan
+    // cannot model); on x86 they are plain loads
+    const std::uint64_t t0 = tsc0_.load(std::memory_order_acquire);
+    const std::int64_t n0 = ns0_.load(std::memory_order_acquire);
+    const std::uint64_t m = mult_.load(std::memory_order_acquire);
+    const std::uint64_t rs = resync_.load(std::memory_order_acquire);
     if ((s & 1) || seq_.load(std::memory_order_relaxed) != s) return monotonic_ns();  // being re-anchored
     if (t >= rs) return reanchor(s);
     if (t <= t0) return n0;  // this core's TSC a few ticks behind the anchoring core's
@@ -106,11 +107,12 @@ class TscClock {
  private:
   void publish(std::uint64_t t0, std::int64_t n0, std::uint64_t mult, std::int64_t interval, std::uint64_t rate) {
     interval_ = interval;
-    tsc0_.store(t0, std::memory_order_relaxed);
-    ns0_.store(n0, std::memory_order_relaxed);
-    mult_.store(mult, std::memory_order_relaxed);
+    // release stores: a reader whose acquire load sees one of them also sees seq_ odd on its re-check
+    tsc0_.store(t0, std::memory_order_release);
+    ns0_.store(n0, std::memory_order_release);
+    mult_.store(mult, std::memory_order_release);
     const auto ticks = static_cast<std::uint64_t>((static_cast<unsigned __int128>(interval) << 32) / std::max<std::uint64_t>(rate, 1));
-    resync_.store(t0 + ticks, std::memory_order_relaxed);
+    resync_.store(t0 + ticks, std::memory_order_release);
   }
 
   std::int64_t reanchor(std::uint32_t s) {

@@ -93,6 +93,10 @@ struct alignas(64) Engine::Shard {
   std::array<std::uint64_t, kNumStates> count{};
   std::vector<Record> queue;
   std::vector<Record> spare;  // the queue's other buffer: drain swaps them, so memory is reused hot
+  // queue.size(), mirrored for lock-free peeks (a plain store on x86).  A peek that misses a record
+  // pushed concurrently only delays it to the next drain; the sleeping path of wait_ready counts
+  // under the locks, so no wake-up is lost.
+  std::atomic<std::uint32_t> queued{0};
   Counters ctr;
   std::int64_t last_t = INT64_MIN;  // Invariant: entry times in this shard never go backwards
   std::int64_t last_terminal = INT64_MIN;  // last entry into a terminal state (health's progress)
@@ -240,6 +244,7 @@ struct alignas(64) Engine::Shard {
     r.result = 0xff;
     r.seq = record_seq->fetch_add(1, std::memory_order_relaxed);
     queue.push_back(r);
+    queued.store(static_cast<std::uint32_t>(queue.size()), std::memory_order_relaxed);
   }
 };
 
@@ -710,11 +715,13 @@ std::size_t Engine::drain_to(const std::function<Record*(std::size_t)>& dest) {
   std::uint64_t lo = UINT64_MAX, hi = 0;
   for (Shard& sh : shards()) {
     std::vector<Record> run;
+    if (sh.queued.load(std::memory_order_relaxed) == 0) continue;  // nothing to lock for
     {
       std::lock_guard<SpinMutex> g(sh.mu);
       if (sh.queue.empty()) continue;
       run.swap(sh.queue);
       sh.queue.swap(sh.spare);  // empty, with the capacity of an earlier run
+      sh.queued.store(0, std::memory_order_relaxed);
     }
     n += run.size();
     lo = std::min(lo, run.front().seq);
@@ -744,6 +751,7 @@ std::size_t Engine::drain_to(const std::function<Record*(std::size_t)>& dest) {
       std::lock_guard<SpinMutex> g(from[i]->mu);
       runs[i].insert(runs[i].end(), from[i]->queue.begin(), from[i]->queue.end());
       from[i]->queue.swap(runs[i]);
+      from[i]->queued.store(static_cast<std::uint32_t>(from[i]->queue.size()), std::memory_order_relaxed);
     }
     throw;
   }
@@ -780,13 +788,19 @@ std::size_t Engine::pending() const {
   return n;
 }
 
+bool Engine::peek_pending() const {
+  for (Shard& sh : shards())
+    if (sh.queued.load(std::memory_order_relaxed) != 0) return true;
+  return false;
+}
+
 bool Engine::wait_ready(std::int64_t timeout_ns) {
   auto deadline = std::chrono::steady_clock::now() + std::chrono::nanoseconds(std::max<std::int64_t>(timeout_ns, 0));
   // Spin briefly first: a completion usually lands within tens of microseconds of the wait, and a
   // futex sleep + wake-up costs about as much again.  Bounded (50 us, yielding), then sleep.
   const auto spin_until = std::min(deadline, std::chrono::steady_clock::now() + std::chrono::microseconds(50));
   while (std::chrono::steady_clock::now() < spin_until) {
-    if (pending() != 0) return true;
+    if (peek_pending()) return true;  // no shard lock: the transport threads are not slowed
     std::this_thread::yield();
   }
   std::unique_lock<std::mutex> lk(wait_mu_);

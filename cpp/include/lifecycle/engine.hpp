@@ -181,6 +181,7 @@ class Engine {
   Shard& shard_of(const Key& k) const;
   std::span<Shard> shards() const;
   bool degraded() const;
+  bool peek_pending() const;  // lock-free, may miss a record being pushed right now
   template <class Fn>
   void for_each_by_shard(const std::uint64_t* ids, std::size_t n, Fn&& fn);
   template <class Fn>

@@ -39,7 +39,7 @@ def pct(xs, p):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args()
     # The benchmark is an application: silence the per-transition log lines (they are not the subject).
     def drop(_logger, _name, _event):
@@ -68,26 +68,33 @@ def main() -> None:
             t.add_peer(tp.metadata())
             tp.add_peer(t.metadata())
         req = 1
+        print("engine and bare alternate within each rep (order flipped every rep); 'best' is the fastest")
+        print("rep of each, 'paired' the median over reps of engine/bare measured back to back.\n")
         print(f"{'size':>8} {'batch':>5} {'n':>5} | {'engine us/xfer':>14} {'bare us/xfer':>12} "
-              f"{'overhead':>9} {'ratio':>6} | {'eng GB/s':>8} {'bare GB/s':>9} | c2drain p50/p99 us")
+              f"{'overhead':>9} {'ratio':>6} {'paired':>6} | {'eng GB/s':>8} {'bare GB/s':>9} | c2drain p50/p99 us")
         for size in sizes:
             for batch in (1, 64):
                 n = counts[size]
                 best = {}
                 lat = []
-                for _ in range(args.reps):
-                    for mode, t in (("engine", te), ("bare", tb)):
+                paired = []
+                for rep in range(args.reps):
+                    took = {}
+                    order = (("engine", te), ("bare", tb)) if rep % 2 == 0 else (("bare", tb), ("engine", te))
+                    for mode, t in order:
                         r = _core._bench_transfers(t._core, "bench-peer", "write", src_mem.addr, dst_mem.addr,
                                                    size, batch, n, req)
                         req += n
                         if r["failed"]:
                             raise SystemExit(f"{r['failed']} transfers failed")
                         best[mode] = min(best.get(mode, 1e9), r["seconds"])
+                        took[mode] = r["seconds"]
                         if mode == "engine":
                             lat += r["latency_ns"]
+                    paired.append(took["engine"] / took["bare"])
                 e_us, b_us = best["engine"] / n * 1e6, best["bare"] / n * 1e6
                 print(f"{size // KiB:>6}Ki {batch:>5} {n:>5} | {e_us:>14.2f} {b_us:>12.2f} {e_us - b_us:>+8.2f}u "
-                      f"{e_us / b_us:>6.3f} | {size / e_us / 1e3:>8.2f} {size / b_us / 1e3:>9.2f} | "
+                      f"{e_us / b_us:>6.3f} {statistics.median(paired):>6.3f} | {size / e_us / 1e3:>8.2f} {size / b_us / 1e3:>9.2f} | "
                       + (f"{pct(lat, 50) / 1e3:.1f} / {pct(lat, 99) / 1e3:.1f}" if batch == 1 else "-"))
 
         # Completion-to-poll() from Python: the executor waits in drain() (GIL released) and gets the

@@ -2,10 +2,12 @@
 
 Each audit runs in its own subprocess so peak RSS (ru_maxrss) is per run; a second subprocess per size
 measures the tracemalloc peak (Python allocations only).  Also prints the floor: the same file read and
-``json.loads``-ed per line with nothing else, so the audit's own overhead is visible on any machine.
+``json.loads``-ed per line with nothing else, so the audit's own overhead is visible on any machine.  The
+audit's clock starts after ``lifecycle`` is imported (a fixed ~0.2 s, not throughput).  A last line gives
+the audit's rate with the stdlib JSON parser (what users without orjson get).
 Prints numbers and ratios; asserts nothing.
 
-    python benchmarks/bench_audit.py [--sizes 100000,1000000] [--keep DIR]
+    python benchmarks/bench_audit.py [--sizes 100000,1000000] [--keep DIR] [--no-stdlib]
 """
 
 from __future__ import annotations
@@ -91,6 +93,10 @@ def _child(mode: str, path: str) -> None:
         import tracemalloc
 
         tracemalloc.start()
+    from lifecycle import audit
+
+    if mode == "audit-stdlib":
+        audit._ORJSON_LOADS = None  # the parser audit falls back to when orjson is not installed
     t0 = time.perf_counter()
     if mode == "floor":
         loads = json.loads
@@ -101,9 +107,7 @@ def _child(mode: str, path: str) -> None:
                 n += 1
         res = {"events": n, "ok": True}
     else:
-        from lifecycle.audit import audit_paths
-
-        r = audit_paths([path])
+        r = audit.audit_paths([path])
         res = {"events": r.events, "ok": r.ok, "requests": r.requests}
     res["seconds"] = time.perf_counter() - t0
     res["maxrss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -124,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="100000,1000000")
     p.add_argument("--keep", help="write the logs here instead of a temp dir")
+    p.add_argument("--no-stdlib", action="store_true", help="skip the audit run with the stdlib JSON parser")
     p.add_argument("--child", nargs=2, metavar=("MODE", "PATH"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
@@ -142,17 +147,21 @@ def main(argv: list[str] | None = None) -> int:
             audit = _run("audit", path)
             floor = _run("floor", path)
             traced = _run("tracemalloc", path)
-            rows.append((n, got, path.stat().st_size, gen_s, audit, floor, traced))
+            stdlib = None if a.no_stdlib else _run("audit-stdlib", path)
+            rows.append((n, got, path.stat().st_size, gen_s, audit, floor, traced, stdlib))
             if not audit["ok"]:
                 print(f"warning: the {n}-event log did not audit clean: {audit}", file=sys.stderr)
         print(f"{'events':>10} {'MiB':>8} {'audit ev/s':>12} {'floor ev/s':>12} {'audit/floor':>11} "
               f"{'maxrss MiB':>11} {'traced peak MiB':>16}")
-        for n, got, size, gen_s, au, fl, tr in rows:
+        for n, got, size, gen_s, au, fl, tr, _ in rows:
             eps, feps = au["events"] / au["seconds"], fl["events"] / fl["seconds"]
             print(f"{au['events']:>10} {size / 2**20:>8.1f} {eps:>12,.0f} {feps:>12,.0f} {eps / feps:>11.2f} "
                   f"{au['maxrss_kib'] / 1024:>11.1f} {tr['traced_peak_bytes'] / 2**20:>16.2f}")
+        if not a.no_stdlib:
+            print("stdlib json (no orjson): " + ", ".join(
+                f"{r[7]['events']:,} events {r[7]['events'] / r[7]['seconds']:,.0f} ev/s" for r in rows))
         if len(rows) >= 2:
-            (n0, *_, a0, _f0, t0_), (n1, *_, a1, _f1, t1_) = rows[0], rows[-1]
+            (n0, *_, a0, _f0, t0_, _s0), (n1, *_, a1, _f1, t1_, _s1) = rows[0], rows[-1]
             print(f"\nratio {rows[-1][1]}/{rows[0][1]} events: length x{rows[-1][1] / rows[0][1]:.1f}, "
                   f"throughput x{(a1['events'] / a1['seconds']) / (a0['events'] / a0['seconds']):.2f}, "
                   f"maxrss x{a1['maxrss_kib'] / a0['maxrss_kib']:.2f}, "

@@ -30,13 +30,15 @@ streams that do not start at seq 0, sessions that start mid-log, table digest mi
 from __future__ import annotations
 
 import argparse
+import bisect
 import gzip
 import heapq
-import io
 import itertools
 import json
+import operator
 import sys
 import zlib
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +94,7 @@ WARNING_KINDS = (
 
 MAX_LINE = 1 << 20  # longer lines are reported (not parsed, not held in memory)
 _CHUNK = 1 << 20
+_RUN = 64  # lines parsed together, then replayed together (see Auditor._feed_one)
 
 # ------------------------------------------------------------------------------------------------
 # Event schema (generated from the table)
@@ -308,6 +311,14 @@ def _bucket(v: int) -> int:
     return (e << 5) + (v >> e)
 
 
+def _bucket_start(b: int) -> int:
+    """The least value in bucket ``b`` (b >= 1)."""
+    if b < 64:
+        return b
+    e = (b >> 5) - 1
+    return (b - (e << 5)) << e
+
+
 def _bucket_value(b: int) -> int:
     if b < 64:
         return b
@@ -316,32 +327,75 @@ def _bucket_value(b: int) -> int:
     return (m << e) + ((1 << e) >> 1)
 
 
-class LogHistogram:
-    """Fixed-size histogram of non-negative ints (ns); quantiles within ~1.6% relative error."""
+_HIST_BATCH = 4096
 
-    __slots__ = ("buckets", "count", "max", "total")
+
+class LogHistogram:
+    """Fixed-size histogram of non-negative ints (ns); quantiles within ~1.6% relative error.
+
+    :meth:`add` only appends to a batch of at most 4096 values; a full batch is sorted and counted per
+    bucket with a bisection per bucket (not per value), which is several times cheaper than binning
+    values one by one.  Reading any field folds the batch in first.
+    """
+
+    __slots__ = ("_buckets", "_max", "_total", "_batch")
 
     def __init__(self) -> None:
-        self.buckets: dict[int, int] = {}
-        self.count = 0
-        self.max = 0
-        self.total = 0
+        self._buckets: dict[int, int] = {}
+        self._max = 0
+        self._total = 0
+        self._batch: list[int] = []
 
     def add(self, v: int) -> None:
-        b = _bucket(v)
-        self.buckets[b] = self.buckets.get(b, 0) + 1
-        self.count += 1
-        self.total += v
-        if v > self.max:
-            self.max = v
+        batch = self._batch
+        batch.append(v)
+        if len(batch) >= _HIST_BATCH:
+            self._fold_batch()
+
+    def _fold_batch(self) -> None:
+        batch = self._batch
+        if not batch:
+            return
+        batch.sort()
+        self._total += sum(batch)
+        if batch[-1] > self._max:
+            self._max = batch[-1]
+        buckets = self._buckets
+        i, n = 0, len(batch)
+        while i < n:
+            b = _bucket(batch[i])
+            j = bisect.bisect_left(batch, _bucket_start(b + 1), i + 1)
+            buckets[b] = buckets.get(b, 0) + j - i
+            i = j
+        batch.clear()
+
+    @property
+    def buckets(self) -> dict[int, int]:
+        self._fold_batch()
+        return self._buckets
+
+    @property
+    def count(self) -> int:
+        return sum(self.buckets.values())
+
+    @property
+    def max(self) -> int:
+        self._fold_batch()
+        return self._max
+
+    @property
+    def total(self) -> int:
+        self._fold_batch()
+        return self._total
 
     def quantile(self, q: float) -> int:
         if not self.count:
             return 0
         rank = max(1, -(-int(q * self.count * 1000) // 1000))
         seen = 0
-        for b in sorted(self.buckets):
-            seen += self.buckets[b]
+        buckets = self.buckets
+        for b in sorted(buckets):
+            seen += buckets[b]
             if seen >= rank:
                 return min(_bucket_value(b), self.max)
         return self.max
@@ -494,22 +548,29 @@ class _Unreadable(Exception):
 
 
 def _open(path: str):
-    """Text stream (UTF-8; undecodable bytes kept as surrogates, so JSON parsing reports them)."""
-    raw = open(path, "rb")  # noqa: SIM115 - closed by the caller via the wrapper
+    """The file's bytes, gunzipped when it starts with the gzip magic."""
+    raw = open(path, "rb")  # noqa: SIM115 - closed by the caller's ``with``
     if raw.peek(2)[:2] == b"\x1f\x8b":
         raw.close()
-        raw = gzip.open(path, "rb")
-    return io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="\n")
+        return gzip.open(path, "rb")
+    return raw
 
 
-def iter_lines(path: str, max_line: int = MAX_LINE) -> Iterator[tuple[int, object]]:
-    """Yield ``(lineno, str)`` per line; ``(lineno, TOO_LONG)`` for a line over ``max_line`` characters.
+def _blank(raw: bytes) -> bool:
+    """Whitespace only (as ``str.strip`` sees it, so a line counts as blank exactly as it always did)."""
+    return not raw.decode("utf-8", "surrogateescape").strip()
 
-    Memory stays bounded by ``max_line`` + one chunk whatever the file holds.  A read error (truncated
-    gzip, I/O error) raises :class:`_Unreadable` carrying the line number reached.
+
+def iter_blocks(path: str, max_line: int = MAX_LINE) -> Iterator[tuple[int, object]]:
+    """Yield ``(first_lineno, lines)`` per run of at most ``_RUN`` consecutive lines (``bytes`` without the
+    newline), or ``(lineno, TOO_LONG)`` for a line over ``max_line`` bytes.
+
+    Lines come from 1 MiB reads split at once, so a caller's loop costs one list item per line.  Memory
+    stays bounded by ``max_line`` + one chunk whatever the file holds.  A read error (truncated gzip, I/O
+    error) raises :class:`_Unreadable` carrying the line number reached.
     """
-    lineno = 0
-    buf = ""
+    lineno = 0  # lines yielded so far
+    buf = b""
     skipping = False
     try:
         with _open(path) as f:
@@ -519,30 +580,45 @@ def iter_lines(path: str, max_line: int = MAX_LINE) -> Iterator[tuple[int, objec
                 if not chunk:
                     break
                 if skipping:
-                    i = chunk.find("\n")
+                    i = chunk.find(b"\n")
                     if i < 0:
                         continue
                     skipping = False
                     lineno += 1
                     yield lineno, TOO_LONG
                     chunk = chunk[i + 1:]
-                parts = (buf + chunk).split("\n") if buf else chunk.split("\n")
-                buf = parts.pop()
-                for p in parts:
-                    lineno += 1
-                    if len(p) > max_line:
-                        yield lineno, TOO_LONG
-                    else:
-                        yield lineno, p
+                lines = (buf + chunk).split(b"\n") if buf else chunk.split(b"\n")
+                buf = lines.pop()
+                if lines:
+                    yield from _runs(lineno + 1, lines, max_line)
+                    lineno += len(lines)
                 if len(buf) > max_line:
-                    buf = ""
+                    buf = b""
                     skipping = True
     except (OSError, EOFError, zlib.error) as exc:
         raise _Unreadable(lineno + 1, f"{type(exc).__name__}: {exc}") from exc
     if skipping:
         yield lineno + 1, TOO_LONG
-    elif buf.strip():
-        yield lineno + 1, buf
+    elif not _blank(buf):
+        yield lineno + 1, [buf]
+
+
+def _runs(first: int, lines: list[bytes], max_line: int) -> Iterator[tuple[int, object]]:
+    """``lines`` in runs of at most ``_RUN``, cut around the lines over ``max_line`` bytes (each yielded as
+    TOO_LONG)."""
+    if max(map(len, lines)) <= max_line:
+        for i in range(0, len(lines), _RUN):
+            yield first + i, lines[i:i + _RUN]
+        return
+    start = 0
+    for i, line in enumerate(lines):
+        if len(line) > max_line:
+            if i > start:
+                yield from _runs(first + start, lines[start:i], max_line)
+            yield first + i, TOO_LONG
+            start = i + 1
+    if start < len(lines):
+        yield from _runs(first + start, lines[start:], max_line)
 
 
 _SCAN = json.JSONDecoder().scan_once  # the C scanner: json.loads minus its wrappers
@@ -554,11 +630,10 @@ except ImportError:  # pragma: no cover - exercised where orjson is absent
     _ORJSON_LOADS = None
 
 
-def _parse(line: str):
-    """Parse one line: orjson when installed (its errors are ValueErrors), else the stdlib C scanner,
-    with json.loads for anything unusual."""
-    if _ORJSON_LOADS is not None:
-        return _ORJSON_LOADS(line)
+def _parse_stdlib(raw: bytes):
+    """One line with the stdlib: the C scanner, json.loads for anything unusual (undecodable bytes are
+    kept as surrogates, so the parser reports them)."""
+    line = raw.decode("utf-8", "surrogateescape")
     try:
         obj, end = _SCAN(line, 0)
         if end == len(line):
@@ -568,19 +643,62 @@ def _parse(line: str):
     return json.loads(line)
 
 
+def _line_parser():
+    """orjson.loads when installed (it takes the bytes as they are; its errors are ValueErrors), else the
+    stdlib."""
+    return _ORJSON_LOADS if _ORJSON_LOADS is not None else _parse_stdlib
+
+
+def _parser_keys(*names: str) -> tuple[str, ...]:
+    """``names`` as the very str objects orjson gives its dicts' keys (it caches them), else as they are.
+
+    orjson builds presized dicts, which CPython searches with a generic rich comparison whenever the key
+    looked up is an equal but distinct object: about three times the cost of a lookup by the same object.
+    If orjson's cache ever hands out a new object, lookups are as correct as before, only slower.
+    """
+    if _ORJSON_LOADS is None:
+        return names
+    return tuple(_ORJSON_LOADS(json.dumps(dict.fromkeys(names, 0))))
+
+
+# the keys the hot path reads, each group fetched in one C call (itemgetter raises KeyError if one is missing)
+_COMMON_KEYS = _parser_keys("event", "rank", "seq", "pid", "t_mono_ns", "request", "table")
+_common_fields = operator.itemgetter(*_COMMON_KEYS)
+_MOVE_KEYS = _parser_keys("from_state", "trigger", "to_state", "outcome", "deferred")
+_move_fields = operator.itemgetter(*_MOVE_KEYS)
+
+
 # ------------------------------------------------------------------------------------------------
 # The auditor
 # ------------------------------------------------------------------------------------------------
 
-# session list fields (a list, not an object: one allocation per request, fast field access)
-_S_STATE, _S_ENTERED, _S_START, _S_ROLE, _S_SLOT, _S_PID, _S_OUTCOME, _S_DEFERRED, _S_NOTICES = range(9)
-_S_TERM_RESULTS, _S_FILE, _S_LINE, _S_HIST, _S_KINDS, _S_LAST_LINE, _S_DEFER_LINE, _S_NOTICE_LINE = range(9, 17)
-# tombstone fields
-_T_DEFERRED, _T_NOTICES, _T_TERM_RESULTS, _T_FILE, _T_LINE, _T_DEFER_LINE, _T_NOTICE_LINE = range(7)
+# session list fields (a list, not an object: one allocation per request, fast field access).  The first
+# _TOMB fields are also a tombstone's: a folded session leaves s[:_TOMB] (_S_LAST_LINE: its final transition).
+_S_DEFERRED, _S_NOTICES, _S_TERM_RESULTS, _S_FILE, _S_LAST_LINE, _S_DEFER_LINE, _S_NOTICE_LINE = range(7)
+_S_KEY, _S_KINDS, _TOMB = range(7, 10)
+_S_STATE, _S_ENTERED, _S_START, _S_ROLE, _S_SLOT, _S_PID, _S_OUTCOME, _S_LINE, _S_HIST = range(_TOMB, _TOMB + 9)
+_S_MOVES = _TOMB + 9  # the moves out of _S_STATE: {trigger: edge record}
+# stream list fields (one stream per pid).  Invariant: events seen = [_ST_BIAS] + [_ST_NEXT], so a line in
+# sequence (the common case) only advances _ST_NEXT.
+_ST_NEXT, _ST_MAX_T, _ST_MISSING, _ST_BIAS, _ST_FILE, _ST_FIRST = range(6)
+# what reaching a state means for the replay
+_INTO_ACTIVE, _INTO_TERMINAL, _INTO_FINAL = range(3)
+# edge record fields, one record per moving row: times taken, histogram of the state left, what reaching
+# the state means, the state (the table's str), the moves out of it
+_E_COUNT, _E_TIS, _E_INTO, _E_DST, _E_MOVES = range(5)
 
 
 class Auditor:
-    """Streaming replay of lifecycle events.  Feed parsed events with :meth:`feed`, then :meth:`finish`."""
+    """Streaming replay of lifecycle events.  Feed files with :meth:`feed_files` (or parsed events with
+    :meth:`event`), then call :meth:`finish`.
+
+    The hot path (one call of :meth:`event` per line) is tuned for the common case, a legal move of a live
+    session.  The table is held as data shaped for it: each session points at the moves out of its state,
+    ``{trigger: edge record}``, so one lookup by trigger and two comparisons (``to_state``, a known outcome)
+    prove the move legal, and the record holds what the move needs (its counter, the histogram of the state
+    left, what the new state means, the moves out of it).  Everything else (creation, adoption, malformed or
+    illegal transitions) takes :meth:`_check_transition`, the complete checks; both then share the update.
+    """
 
     def __init__(self, spec: _spec.Spec | None = None, *, window: int = 8192, top: int = 20,
                  keep_findings: int = 1000, keep_violating: int = 50, leak_age_ns: int = 0,
@@ -600,38 +718,65 @@ class Auditor:
         self.final = frozenset(sp.final)
         self.initial = sp.initial
         self.create_event = sp.create_event
-        # moves[src][trigger] = dst, over moving rows only
-        self.moves: dict[str, dict[str, str]] = {s: {} for s in sp.states}
-        for r in sp.rows:
-            if r.src != _spec.CREATE_SOURCE and r.moves:
-                self.moves[r.src][r.event] = r.dst
         self.digest = sp.digest
         self.files: list[str] = []
         self.lines = 0
-        self.events = 0
         self.requests = 0
         self.terminated = 0
         self.live: dict[tuple[int, int], list] = {}
-        self.tombs: dict[tuple[int, int], list] = {}
+        self.tombs: dict[tuple[int, int], list] = {}  # the last `window` folded sessions
+        # Invariant: every tombstone in self.tombs is here, oldest first; so are tombstones removed since
+        # (a request advertised again: key set to None), skipped when they reach the front.
+        self._tomb_order: deque[list] = deque()
         self.findings: list[Finding] = []
         self.counts: dict[str, int] = {}
         self.tis: dict[str, LogHistogram] = {s: LogHistogram() for s in sp.states if s not in self.final}
         self.lifetime = LogHistogram()
         self.outcomes: dict[str, int] = {o: 0 for o in sp.outcomes}
-        self.event_counts: dict[str, int] = {}
-        self.edge_counts: dict[str, dict[str, int]] = {s: {} for s in (*sp.states, "*")}
+        self.event_counts: dict[str, int] = dict.fromkeys(_EVENT_NAMES, 0)  # names never seen: dropped by finish
         self.illegal_edges: dict[tuple, int] = {}
         self.late: dict[tuple[str, str], int] = {}
         self.rejected: dict[tuple[str, str], int] = {}
         self.slowest: list = []  # min-heap of (lifetime, tiebreak, RequestSummary)
         self._tiebreak = 0
         self.violating: list[RequestSummary] = []
-        self.streams: dict[int, list] = {}  # pid -> [expected_seq, max_t, missing{seq: (file, line)}, events, file]
+        self.streams: dict[int, list] = {}  # pid -> [next seq, max t, missing {seq: (file, line, rank)}, ...]
         self.slots: dict[tuple[int, int], list] = {}  # (pid, slot) -> [status, owner_key, file, line]
         self.xrank: dict[int, list] = {}  # request -> [outcome, rank, nranks, reported]
         self.ranks: set[int] = set()
         self._bad_tables: set = set()
         self._file = "<events>"
+        # the table, shaped for the replay
+        self._into = {s: _INTO_FINAL if s in self.final else _INTO_TERMINAL if s in self.terminal else _INTO_ACTIVE
+                      for s in sp.states}
+        self._moves: dict[str, dict[str, list]] = {s: {} for s in sp.states}  # [src][trigger] -> edge record
+        self._edges: dict[tuple[str, str, str], list] = {}  # (src, trigger, dst) -> the same edge record
+        for r in sp.rows:
+            if r.src != _spec.CREATE_SOURCE and r.moves:
+                edge = [0, self.tis.get(r.src), self._into[r.dst], r.dst, self._moves[r.dst]]
+                self._moves[r.src][r.event] = self._edges[(r.src, r.event, r.dst)] = edge
+        self._created = 0  # creating transitions (the edge * + create_event = initial)
+        # every (from_state, trigger, to_state, outcome) whose names are in the table, legal or not
+        self._well_formed = set(itertools.product((None, *sp.states), sp.events, sp.states, (None, *sp.outcomes)))
+        self._handlers = {
+            "lifecycle.transition": self._transition,
+            "lifecycle.cancel": self._cancel,
+            "lifecycle.terminate": self._terminate,
+            "lifecycle.terminate_now": self._terminate_now,
+            "lifecycle.callback_error": self._callback_error,
+            "lifecycle.slot_quarantined": self._slot_event,
+            "lifecycle.buffer_recovered": self._slot_event,
+            "lifecycle.late_event": self._late_or_rejected,
+            "lifecycle.illegal_transition": self._late_or_rejected,
+            "lifecycle.health": self._health,
+            "lifecycle.collective_desync": self._collective_desync,
+        }
+        assert set(self._handlers) == set(_EVENT_NAMES)
+
+    @property
+    def events(self) -> int:
+        """Events replayed so far (lines that parsed to an event with a known name and valid common keys)."""
+        return sum(self.event_counts.values())
 
     # -------------------------------------------------------------------- findings
     def _find(self, kind: str, line: int, message: str, rank=None, request=None, file=None, **extra) -> None:
@@ -659,32 +804,50 @@ class Auditor:
             self._feed_merged(paths)
 
     def _feed_one(self, path: str) -> None:
+        """Parse a run of lines, then replay it: alternating the JSON parser and the replay per line costs
+        more (each evicts the other's code from the CPU's instruction cache)."""
         self._file = path
-        loads = _parse
+        loads = _line_parser()
         event = self.event
-        lines = 0
-        it = iter_lines(path, self.max_line)
-        while True:
+        try:
+            for first, lines in iter_blocks(path, self.max_line):
+                if lines is TOO_LONG:
+                    self.lines += 1
+                    self._find("malformed", first, self._too_long(), file=path)
+                    continue
+                self.lines += len(lines)
+                try:
+                    parsed = list(map(loads, lines))
+                except (ValueError, RecursionError):  # a bad line: parse one by one (findings in line order)
+                    parsed = None
+                if parsed is not None:
+                    for lineno, d in enumerate(parsed, first):
+                        event(d, lineno)
+                    continue
+                for lineno, d, not_json in self._parse_each(first, lines, loads):
+                    if not_json is None:
+                        event(d, lineno)
+                    else:
+                        self._find("malformed", lineno, not_json, file=path)
+        except _Unreadable as exc:
+            self._find("unreadable", exc.args[0], f"cannot read further: {exc.args[1]}", file=path)
+
+    def _too_long(self) -> str:
+        return f"line longer than {self.max_line} bytes; skipped"
+
+    def _parse_each(self, first: int, lines: list[bytes], loads) -> Iterator[tuple[int, object, str | None]]:
+        """``(lineno, parsed, None)`` per line, ``(lineno, None, message)`` for one that is not JSON; a blank
+        line is skipped and not counted."""
+        for lineno, raw in enumerate(lines, first):
             try:
-                for lineno, raw in it:
-                    lines += 1
-                    if raw is TOO_LONG:
-                        self._find("malformed", lineno, f"line longer than {self.max_line} bytes; skipped", file=path)
-                        continue
-                    try:
-                        d = loads(raw)
-                    except (ValueError, RecursionError) as exc:
-                        if not raw.strip():
-                            lines -= 1
-                            continue
-                        self._find("malformed", lineno, f"not JSON: {_short(exc)}", file=path)
-                        continue
-                    event(d, lineno)
-                break
-            except _Unreadable as exc:
-                self._find("unreadable", exc.args[0], f"cannot read further: {exc.args[1]}", file=path)
-                break
-        self.lines += lines
+                d = loads(raw)
+            except (ValueError, RecursionError) as exc:
+                if _blank(raw):
+                    self.lines -= 1
+                else:
+                    yield lineno, None, f"not JSON: {_short(exc)}"
+                continue
+            yield lineno, d, None
 
     def _feed_merged(self, paths: list[str]) -> None:
         """Interleave several files (one per rank) by time, so cross-rank state stays small.
@@ -692,27 +855,21 @@ class Auditor:
         Each file keeps its own order; the merge key is the event's monotonic time (relative to the
         file's first event when the files' clocks are more than an hour apart: different hosts).
         """
-        loads = _parse
+        loads = _line_parser()
+        bad = object()  # the item of a line that is a finding (kind, message), reported when merged
 
-        def source(idx: int, path: str):
-            it = iter_lines(path, self.max_line)
+        def source(path: str):
             try:
-                for lineno, raw in it:
-                    self.lines += 1
-                    if raw is TOO_LONG:
-                        yield None, lineno, f"line longer than {self.max_line} bytes; skipped"
+                for first, lines in iter_blocks(path, self.max_line):
+                    if lines is TOO_LONG:
+                        self.lines += 1
+                        yield bad, first, ("malformed", self._too_long())
                         continue
-                    try:
-                        d = loads(raw)
-                    except (ValueError, RecursionError) as exc:
-                        if not raw.strip():
-                            self.lines -= 1
-                            continue
-                        yield None, lineno, f"not JSON: {_short(exc)}"
-                        continue
-                    yield d, lineno, None
+                    self.lines += len(lines)
+                    for lineno, d, not_json in self._parse_each(first, lines, loads):
+                        yield (d, lineno, None) if not_json is None else (bad, lineno, ("malformed", not_json))
             except _Unreadable as exc:
-                yield None, exc.args[0], "unreadable:" + exc.args[1]
+                yield bad, exc.args[0], ("unreadable", f"cannot read further: {exc.args[1]}")
 
         def tkey(d) -> int | None:
             t = d.get("t_mono_ns") if type(d) is dict else None
@@ -720,14 +877,14 @@ class Auditor:
 
         chains = []
         firsts: list[int | None] = []
-        for i, path in enumerate(paths):
-            g = source(i, path)
+        for path in paths:
+            g = source(path)
             buffered = []
             first = None
             for item in g:
                 buffered.append(item)
-                if item[0] is not None and tkey(item[0]) is not None:
-                    first = tkey(item[0])
+                first = tkey(item[0])
+                if first is not None:
                     break
             firsts.append(first)
             chains.append(itertools.chain(buffered, g))
@@ -737,8 +894,7 @@ class Auditor:
         last_key = [0] * len(paths)
 
         def push(i: int, item) -> None:
-            d = item[0]
-            k = tkey(d) if d is not None else None
+            k = tkey(item[0])
             if k is None:
                 k = last_key[i]
             elif relative and firsts[i] is not None:
@@ -752,13 +908,10 @@ class Auditor:
                 push(i, nxt)
         event = self.event
         while heap:
-            _, i, _, (d, lineno, err) = heapq.heappop(heap)
+            _, i, _, (d, lineno, finding) = heapq.heappop(heap)
             self._file = paths[i]
-            if d is None:
-                if err.startswith("unreadable:"):
-                    self._find("unreadable", lineno, "cannot read further: " + err[11:], file=paths[i])
-                else:
-                    self._find("malformed", lineno, err, file=paths[i])
+            if d is bad:
+                self._find(finding[0], lineno, finding[1], file=paths[i])
             else:
                 event(d, lineno)
             nxt = next(chains[i], None)
@@ -768,96 +921,56 @@ class Auditor:
     # -------------------------------------------------------------------- the hot path
     def event(self, d: object, line: int) -> None:
         """Replay one parsed event (``line`` is its line number in the current file)."""
-        if type(d) is not dict:
-            self._find("malformed", line, f"not a JSON object but {type(d).__name__}")
-            return
-        name = d.get("event")
-        rank = d.get("rank")
-        seq = d.get("seq")
-        pid = d.get("pid")
-        t = d.get("t_mono_ns")
+        try:
+            name, rank, seq, pid, t, req, tbl = _common_fields(d)
+        except (KeyError, TypeError):  # a key missing (a missing request or table reads as null), or not an object
+            if type(d) is not dict:
+                self._bad_common(d, line)
+                return
+            name, rank, seq, pid, t, req, tbl = map(d.get, _COMMON_KEYS)
         if type(name) is not str or type(rank) is not int or type(seq) is not int or type(pid) is not int \
                 or type(t) is not int:
             self._bad_common(d, line)
             return
-        req = d.get("request")
         if req is not None and type(req) is not int:
             self._find("malformed", line, f"'request' must be an int or null, got {_tname(req)}", rank=rank)
             return
-        tbl = d.get("table")
-        if tbl != self.digest and tbl not in self._bad_tables:
-            self._bad_tables.add(tbl)
-            self._find("table_mismatch", line, f"event logged with table {tbl!r}; auditing with {self.digest}",
-                       rank=rank)
-        self.events += 1
-        ec = self.event_counts
-        ec[name] = ec.get(name, 0) + 1
+        if tbl != self.digest:
+            self._table_mismatch(tbl, line, rank)
+        handler = self._handlers.get(name)
+        if handler is not None:
+            self.event_counts[name] += 1
         # per-process sequence
         st = self.streams.get(pid)
         if st is None:
-            st = self.streams[pid] = [seq + 1, t, None, 1, self._file, seq]
+            self.streams[pid] = [seq + 1, t, None, -seq, self._file, seq]
             if seq != 0:
                 self._find("stream_start", line, f"pid {pid}: stream starts at seq {seq}, not 0 (rotated log?)",
                            rank=rank)
             self.ranks.add(rank)
         else:
-            st[3] += 1
-            if t > st[1]:
-                st[1] = t
-            if seq != st[0]:
+            if t > st[_ST_MAX_T]:
+                st[_ST_MAX_T] = t
+            if seq == st[_ST_NEXT]:
+                st[_ST_NEXT] = seq + 1
+            else:
                 self._seq_mismatch(st, pid, seq, line, rank)
-            else:
-                st[0] = seq + 1
-        if name == "lifecycle.transition":
-            self._transition(d, req, rank, pid, t, line)
-        elif name == "lifecycle.terminate":
-            self._terminate(d, req, rank, line)
-        elif name == "lifecycle.cancel":
-            r = d.get("result")
-            if r not in self.spec.cancel_frees:
-                self._find("malformed", line, f"lifecycle.cancel: unknown result {r!r}", rank=rank, request=req)
-        elif name == "lifecycle.terminate_now":
-            self._terminate_now(req, rank, line)
-        elif name == "lifecycle.late_event" or name == "lifecycle.illegal_transition":
-            trig, state = d.get("trigger"), d.get("state")
-            if trig not in self.events_set or state not in self.states:
-                self._find("malformed", line, f"{name}: bad trigger/state {trig!r}/{state!r}", rank=rank,
-                           request=req)
-                return
-            if name == "lifecycle.late_event":
-                self.late[(state, trig)] = self.late.get((state, trig), 0) + 1
-            else:
-                self.rejected[(state, trig)] = self.rejected.get((state, trig), 0) + 1
-                self._find("rejected_event", line, f"engine rejected {trig} in state {state} (illegal call)",
-                           rank=rank, request=req)
-        elif name == "lifecycle.slot_quarantined" or name == "lifecycle.buffer_recovered":
-            slot = d.get("slot")
-            if type(slot) is not int or type(d.get("generation")) is not int:
-                self._find("malformed", line, f"{name}: slot/generation must be ints", rank=rank, request=req)
-                return
-            key = (pid, slot)
-            if name == "lifecycle.buffer_recovered":
-                self.slots.pop(key, None)
-            else:
-                self.slots[key] = ["quarantined", (rank, req), self._file, line]
-        elif name == "lifecycle.callback_error":
-            self._find("callback_error", line, f"on_terminate raised {d.get('error')!r}", rank=rank, request=req)
-        elif name == "lifecycle.health":
-            if d.get("healthy") is False:
-                self._find("unhealthy", line, "engine unhealthy: " + "; ".join(map(str, d.get("reasons") or ())),
-                           rank=rank)
-        elif name == "lifecycle.collective_desync":
-            self._find("collective_desync", line,
-                       f"collective #{d.get('seq_no')} diverged in {d.get('field')}: sites {d.get('sites')}",
-                       rank=rank)
-        else:
-            self.events -= 1
-            ec[name] -= 1
-            if not ec[name]:
-                del ec[name]
+        if handler is None:
             self._find("malformed", line, f"unknown event name {name[:80]!r}", rank=rank, request=req)
+        else:
+            handler(d, name, req, rank, pid, t, line)
 
-    def _bad_common(self, d: dict, line: int) -> None:
+    def _table_mismatch(self, tbl: object, line: int, rank: int) -> None:
+        seen = repr(tbl) if type(tbl) in (list, dict) else tbl  # reported once per digest
+        if seen not in self._bad_tables:
+            self._bad_tables.add(seen)
+            self._find("table_mismatch", line, f"event logged with table {tbl!r}; auditing with {self.digest}",
+                       rank=rank)
+
+    def _bad_common(self, d: object, line: int) -> None:
+        if type(d) is not dict:
+            self._find("malformed", line, f"not a JSON object but {type(d).__name__}")
+            return
         probs = []
         for k, want in (("event", str), ("rank", int), ("seq", int), ("pid", int), ("t_mono_ns", int)):
             v = d.get(k, _MISSING)
@@ -870,13 +983,13 @@ class Auditor:
         self._find("malformed", line, "; ".join(probs), rank=rank, request=req)
 
     def _seq_mismatch(self, st: list, pid: int, seq: int, line: int, rank: int) -> None:
-        expected = st[0]
-        missing = st[2]
+        expected = st[_ST_NEXT]
+        missing = st[_ST_MISSING]
         if seq > expected:
             n = seq - expected
             if n <= 4096:
                 if missing is None:
-                    missing = st[2] = {}
+                    missing = st[_ST_MISSING] = {}
                 for s in range(expected, seq):
                     missing[s] = (self._file, line, rank)
                 if len(missing) > 8192:
@@ -884,18 +997,19 @@ class Auditor:
             else:
                 self._find("seq_gap", line, f"pid {pid}: {n} line(s) lost (seq {expected}..{seq - 1})", rank=rank,
                            pid=pid, first=expected, last=seq - 1)
-            st[0] = seq + 1
+            st[_ST_NEXT] = seq + 1
         elif seq == 0:
             self._flush_missing(st, pid)
-            st[0] = 1  # the process restarted its sequence (or a second run appended to the file)
+            st[_ST_NEXT] = 1  # the process restarted its sequence (or a second run appended to the file)
         elif missing is not None and seq in missing:
             del missing[seq]  # a line written out of order (two threads emitting): not lost
         else:
             self._find("seq_gap", line, f"pid {pid}: seq {seq} repeated or out of order (expected {expected})",
                        rank=rank, pid=pid, first=seq, last=seq)
+        st[_ST_BIAS] += 1 + expected - st[_ST_NEXT]  # this event counted (see the invariant)
 
     def _flush_missing(self, st: list, pid: int, keep: int = 0) -> None:
-        missing = st[2]
+        missing = st[_ST_MISSING]
         if not missing:
             return
         seqs = sorted(missing)
@@ -912,73 +1026,90 @@ class Auditor:
             self._find("seq_gap", ln, f"pid {pid}: {b - a + 1} line(s) lost ({what})", rank=rank, file=f,
                        pid=pid, first=a, last=b)
             i = j + 1
-        st[2] = {s: missing[s] for s in rest} or None
+        st[_ST_MISSING] = {s: missing[s] for s in rest} or None
 
-    def _transition(self, d: dict, req, rank: int, pid: int, t: int, line: int) -> None:
-        frm = d.get("from_state")
-        to = d.get("to_state")
-        trig = d.get("trigger")
-        states = self.states
-        if type(req) is not int or to not in states or trig not in self.events_set or (
-                frm is not None and frm not in states):
-            self._find("malformed", line,
-                       f"lifecycle.transition: bad request/from_state/to_state/trigger "
-                       f"{_r(req)}/{_r(frm)}/{_r(to)}/{_r(trig)}", rank=rank,
-                       request=req if type(req) is int else None)
-            return
-        outcome = d.get("outcome")
-        if outcome is not None and outcome not in self.outcomes_set:
-            self._find("malformed", line, f"lifecycle.transition: unknown outcome {_r(outcome)}", rank=rank,
-                       request=req)
-            return
+    def _transition(self, d: dict, name: str, req, rank: int, pid: int, t: int, line: int) -> None:
+        try:
+            move = _move_fields(d)
+        except KeyError:  # a missing key reads as null
+            move = tuple(map(d.get, _MOVE_KEYS))
+        frm, trig, to, outcome, deferred = move
         key = (rank, req)
         s = self.live.get(key)
+        try:
+            edge = s[_S_MOVES].get(trig) if s is not None and frm == s[_S_STATE] else None
+            legal = edge is not None and to == edge[_E_DST] and (outcome is None or outcome in self.outcomes_set)
+        except TypeError:  # a JSON list or object where a name belongs (unhashable)
+            legal = False
+        if legal:
+            count, tis, into, to, moves = edge
+            edge[_E_COUNT] = count + 1
+        else:
+            s = self._check_transition(key, s, frm, to, trig, outcome, d, pid, t, line)
+            if s is None:
+                return
+            tis = self.tis.get(s[_S_STATE])
+            into = self._into[to]
+            moves = self._moves[to]
+        # the move: time in the state we leave (the replayed one), then the new state
+        if tis is not None:
+            dt = t - s[_S_ENTERED]
+            tis.add(dt if dt > 0 else 0)
+        s[_S_STATE] = to
+        s[_S_MOVES] = moves
+        s[_S_ENTERED] = t
+        s[_S_LAST_LINE] = line
+        hist = s[_S_HIST]
+        hist.append(to)
+        hist.append(t)
+        if outcome is not None:
+            s[_S_OUTCOME] = outcome
+        if deferred is True:
+            s[_S_DEFERRED] = True
+        if into == _INTO_TERMINAL:
+            if outcome is not None:
+                self.outcomes[outcome] += 1
+                if len(self.ranks) > 1 or self.xrank:
+                    self._xrank(req, rank, outcome, line)
+            if to != "Quiesced" and s[_S_SLOT] >= 0:
+                sl = self.slots.get((pid, s[_S_SLOT]))
+                if sl is not None and sl[1] == key:
+                    sl[0] = "poisoned"
+        elif into == _INTO_FINAL:
+            self._fold(key, s, t, line)
+
+    def _check_transition(self, key, s: list | None, frm, to, trig, outcome, d: dict, pid: int, t: int,
+                          line: int) -> list | None:
+        """Every transition but a legal move of a live session: validate, report, create or adopt the
+        session, count the edge.  Returns the session to move to ``to``, or None when the event ends here."""
+        rank, req = key
+        try:
+            well_formed = type(req) is int and (frm, trig, to, outcome) in self._well_formed
+        except TypeError:  # a JSON list or object where a name belongs (unhashable)
+            well_formed = False
+        if not well_formed:
+            self._malformed_transition(req, rank, frm, to, trig, outcome, line)
+            return None
         if frm is None:
-            # the creating event
-            if trig != self.create_event or to != self.initial:
-                self._illegal(None, trig, to, line, rank, req, s,
-                              f"creating event must be {self.create_event} -> {self.initial}")
-                return
-            if s is not None:
-                self._illegal(None, trig, to, line, rank, req, s,
-                              f"advertise of a live session (state {s[_S_STATE]})")
-                return
-            tomb = self.tombs.pop(key, None)
-            if tomb is not None:
-                self._check_tomb(key, tomb)
-            c = self.edge_counts["*"]
-            c[trig] = c.get(trig, 0) + 1
-            slot = d.get("slot")
-            role = d.get("role")
-            s = [to, t, t, role, -1, pid, None, False, 0, 0, self._file, line, [to, t], None, line, 0, 0]
-            self.live[key] = s
-            self.requests += 1
-            if type(slot) is int and slot >= 0:
-                s[_S_SLOT] = slot
-                self._lease(s, key, pid, slot, line, rank, req)
-            return
+            self._create(key, s, to, trig, d, pid, t, line)
+            return None
         if s is None:
             tomb = self.tombs.get(key)
             if tomb is not None:
                 if to in self.final:
                     self._find("double_termination", line,
-                               f"second transition to {to} (first terminated at line {tomb[_T_LINE]})",
-                               rank=rank, request=req, first_line=tomb[_T_LINE])
+                               f"second transition to {to} (first terminated at line {tomb[_S_LAST_LINE]})",
+                               rank=rank, request=req, first_line=tomb[_S_LAST_LINE])
                 else:
                     self._illegal(frm, trig, to, line, rank, req, None, "transition after the final state")
-                return
+                return None
             # the session started before this log did: adopt it at from_state
             self._find("adopted_session", line, f"first seen in state {frm} (advertise not in the log)", rank=rank,
                        request=req)
-            s = [frm, t, t, d.get("role"), -1, pid, None, False, 0, 0, self._file, line, [frm, t], None, line, 0, 0]
-            self.live[key] = s
-            self.requests += 1
-            slot = d.get("slot")
-            if type(slot) is int and slot >= 0:
-                s[_S_SLOT] = slot
+            s = self._new_session(key, frm, d, pid, t, line)
         cur = s[_S_STATE]
-        s[_S_LAST_LINE] = line
-        dst = self.moves[frm].get(trig)
+        edge = self._moves[frm].get(trig)
+        dst = edge[_E_DST] if edge is not None else None
         if cur != frm or dst != to:
             if to in self.final and frm not in self.terminal and dst is None:
                 self._find("terminated_before_terminal", line,
@@ -993,31 +1124,50 @@ class Auditor:
                 self._illegal(frm, trig, to, line, rank, req, s,
                               "not in the table" if dst is None else f"the table says {frm} + {trig} = {dst}")
         else:
-            c = self.edge_counts[frm]
-            c[trig] = c.get(trig, 0) + 1
-        # time in the state we leave (the replayed one)
-        h = self.tis.get(cur)
-        if h is not None:
-            h.add(t - s[_S_ENTERED] if t >= s[_S_ENTERED] else 0)
-        s[_S_STATE] = to
-        s[_S_ENTERED] = t
-        hist = s[_S_HIST]
-        hist.append(to)
-        hist.append(t)
-        if outcome is not None:
-            s[_S_OUTCOME] = outcome
-        if d.get("deferred") is True:
-            s[_S_DEFERRED] = True
-        if to in self.terminal:
-            if outcome is not None:
-                self.outcomes[outcome] += 1
-                self._xrank(req, rank, outcome, line)
-            if to != "Quiesced" and s[_S_SLOT] >= 0:
-                sl = self.slots.get((pid, s[_S_SLOT]))
-                if sl is not None and sl[1] == key:
-                    sl[0] = "poisoned"
-        elif to in self.final:
-            self._fold(key, s, t, line)
+            edge[_E_COUNT] += 1
+        return s
+
+    def _malformed_transition(self, req, rank: int, frm, to, trig, outcome, line: int) -> None:
+        states = self.states
+        if type(req) is not int or not _member(to, states) or not _member(trig, self.events_set) or (
+                frm is not None and not _member(frm, states)):
+            self._find("malformed", line,
+                       f"lifecycle.transition: bad request/from_state/to_state/trigger "
+                       f"{_r(req)}/{_r(frm)}/{_r(to)}/{_r(trig)}", rank=rank,
+                       request=req if type(req) is int else None)
+        else:
+            self._find("malformed", line, f"lifecycle.transition: unknown outcome {_r(outcome)}", rank=rank,
+                       request=req)
+
+    def _create(self, key, s: list | None, to: str, trig: str, d: dict, pid: int, t: int, line: int) -> None:
+        """The creating event (from_state null)."""
+        rank, req = key
+        if trig != self.create_event or to != self.initial:
+            self._illegal(None, trig, to, line, rank, req, s,
+                          f"creating event must be {self.create_event} -> {self.initial}")
+            return
+        if s is not None:
+            self._illegal(None, trig, to, line, rank, req, s, f"advertise of a live session (state {s[_S_STATE]})")
+            return
+        tomb = self.tombs.pop(key, None)
+        if tomb is not None:
+            self._check_tomb(tomb)
+            tomb[_S_KEY] = None  # removed: skipped in self._tomb_order
+            if len(self._tomb_order) > 2 * len(self.tombs) + 64:  # drop the removed ones: O(1) amortized
+                self._tomb_order = deque(x for x in self._tomb_order if x[_S_KEY] is not None)
+        self._created += 1
+        s = self._new_session(key, to, d, pid, t, line)
+        if s[_S_SLOT] >= 0:
+            self._lease(s, key, pid, s[_S_SLOT], line, rank, req)
+
+    def _new_session(self, key, state: str, d: dict, pid: int, t: int, line: int) -> list:
+        slot = d.get("slot")
+        s = [False, 0, 0, self._file, line, 0, 0, key, None,
+             state, t, t, d.get("role"), slot if type(slot) is int and slot >= 0 else -1, pid, None, line, [state, t],
+             self._moves[state]]
+        self.live[key] = s
+        self.requests += 1
+        return s
 
     def _illegal(self, frm, trig, to, line, rank, req, s, why: str) -> None:
         ie = self.illegal_edges
@@ -1063,7 +1213,49 @@ class Auditor:
         if x[2] >= len(self.ranks):
             del self.xrank[req]
 
-    def _terminate(self, d: dict, req, rank: int, line: int) -> None:
+    def _cancel(self, d: dict, name: str, req, rank: int, pid: int, t: int, line: int) -> None:
+        r = d.get("result")
+        if not _member(r, self.spec.cancel_frees):
+            self._find("malformed", line, f"lifecycle.cancel: unknown result {r!r}", rank=rank, request=req)
+
+    def _late_or_rejected(self, d: dict, name: str, req, rank: int, pid: int, t: int, line: int) -> None:
+        trig, state = d.get("trigger"), d.get("state")
+        if not _member(trig, self.events_set) or not _member(state, self.states):
+            self._find("malformed", line, f"{name}: bad trigger/state {trig!r}/{state!r}", rank=rank, request=req)
+            return
+        if name == "lifecycle.late_event":
+            self.late[(state, trig)] = self.late.get((state, trig), 0) + 1
+        else:
+            self.rejected[(state, trig)] = self.rejected.get((state, trig), 0) + 1
+            self._find("rejected_event", line, f"engine rejected {trig} in state {state} (illegal call)", rank=rank,
+                       request=req)
+
+    def _slot_event(self, d: dict, name: str, req, rank: int, pid: int, t: int, line: int) -> None:
+        slot = d.get("slot")
+        if type(slot) is not int or type(d.get("generation")) is not int:
+            self._find("malformed", line, f"{name}: slot/generation must be ints", rank=rank, request=req)
+            return
+        key = (pid, slot)
+        if name == "lifecycle.buffer_recovered":
+            self.slots.pop(key, None)
+        else:
+            self.slots[key] = ["quarantined", (rank, req), self._file, line]
+
+    def _callback_error(self, d: dict, name: str, req, rank: int, pid: int, t: int, line: int) -> None:
+        self._find("callback_error", line, f"on_terminate raised {d.get('error')!r}", rank=rank, request=req)
+
+    def _health(self, d: dict, name: str, req, rank: int, pid: int, t: int, line: int) -> None:
+        if d.get("healthy") is False:
+            reasons = d.get("reasons") or ()
+            if not isinstance(reasons, (list, dict, str)):
+                reasons = (reasons,)
+            self._find("unhealthy", line, "engine unhealthy: " + "; ".join(map(str, reasons)), rank=rank)
+
+    def _collective_desync(self, d: dict, name: str, req, rank: int, pid: int, t: int, line: int) -> None:
+        self._find("collective_desync", line,
+                   f"collective #{d.get('seq_no')} diverged in {d.get('field')}: sites {d.get('sites')}", rank=rank)
+
+    def _terminate(self, d: dict, name: str, req, rank: int, pid: int, t: int, line: int) -> None:
         r = d.get("result")
         if r not in self.spec.terminate_results or type(req) is not int:
             self._find("malformed", line, f"lifecycle.terminate: bad result/request {_r(r)}/{_r(req)}", rank=rank)
@@ -1079,48 +1271,33 @@ class Auditor:
             if not s[_S_DEFER_LINE]:
                 s[_S_DEFER_LINE] = line
         elif r == "Terminated":
-            s = self.live.get(key)
-            if s is not None:
-                s[_S_TERM_RESULTS] += 1
-                n = s[_S_TERM_RESULTS]
-            else:
-                tomb = self.tombs.get(key)
-                if tomb is None:
-                    return
-                tomb[_T_TERM_RESULTS] += 1
-                n = tomb[_T_TERM_RESULTS]
-            if n == 2:
+            s = self.live.get(key) or self.tombs.get(key)
+            if s is None:
+                return
+            s[_S_TERM_RESULTS] += 1
+            if s[_S_TERM_RESULTS] == 2:
                 self._find("double_termination", line, "terminate() returned Terminated twice", rank=rank,
                            request=req)
-                if s is not None:
-                    self._mark(s, "double_termination")
+                self._mark(s, "double_termination")
 
-    def _terminate_now(self, req, rank: int, line: int) -> None:
+    def _terminate_now(self, d: dict, name: str, req, rank: int, pid: int, t: int, line: int) -> None:
         if type(req) is not int:
             self._find("malformed", line, "lifecycle.terminate_now needs an int request", rank=rank)
             return
         key = (rank, req)
-        s = self.live.get(key)
-        if s is not None:
-            s[_S_NOTICES] += 1
-            n = s[_S_NOTICES]
-            if n == 1:
-                s[_S_NOTICE_LINE] = line
-        else:
-            tomb = self.tombs.get(key)
-            if tomb is None:
-                self._find("orphan_event", line, "TerminateNow for a request with no session in the window",
-                           rank=rank, request=req)
-                return
-            tomb[_T_NOTICES] += 1
-            n = tomb[_T_NOTICES]
-            if n == 1:
-                tomb[_T_NOTICE_LINE] = line
-        if n == 2:
+        s = self.live.get(key) or self.tombs.get(key)
+        if s is None:
+            self._find("orphan_event", line, "TerminateNow for a request with no session in the window", rank=rank,
+                       request=req)
+            return
+        s[_S_NOTICES] += 1
+        n = s[_S_NOTICES]
+        if n == 1:
+            s[_S_NOTICE_LINE] = line
+        elif n == 2:
             self._find("deferred_delivery", line, "deferred termination delivered twice (TerminateNow #2)",
                        rank=rank, request=req, deliveries=2)
-            if s is not None:
-                self._mark(s, "deferred_delivery")
+            self._mark(s, "deferred_delivery")
         # a notice without a deferral is judged when the tombstone is checked: with threads, the
         # Deferred result may be logged after the notice
 
@@ -1154,23 +1331,36 @@ class Auditor:
                 heapq.heappush(slowest, item)
             else:
                 heapq.heapreplace(slowest, item)
+        tomb = s[:_TOMB]
         tombs = self.tombs
-        tombs[key] = [s[_S_DEFERRED], s[_S_NOTICES], s[_S_TERM_RESULTS], s[_S_FILE], line,
-                      s[_S_DEFER_LINE] or line, s[_S_NOTICE_LINE]]
+        tombs[s[_S_KEY]] = tomb  # (the session's key object: one tuple per tombstone)
+        self._tomb_order.append(tomb)
         if len(tombs) > self.window:
-            old = next(iter(tombs))
-            self._check_tomb(old, tombs.pop(old))
+            self._evict_tomb()
 
-    def _check_tomb(self, key, tomb: list) -> None:
-        n = tomb[_T_NOTICES]
-        if tomb[_T_DEFERRED] and n == 0:
-            self._find("deferred_delivery", tomb[_T_DEFER_LINE],
-                       "deferred termination never delivered (no TerminateNow)", rank=key[0], request=key[1],
-                       file=tomb[_T_FILE], deliveries=0)
-        elif not tomb[_T_DEFERRED] and n:
-            self._find("deferred_delivery", tomb[_T_NOTICE_LINE],
-                       "TerminateNow delivered for a termination that was never deferred", rank=key[0],
-                       request=key[1], file=tomb[_T_FILE], deliveries=n)
+    def _evict_tomb(self) -> None:
+        """Check and forget the oldest tombstone."""
+        order = self._tomb_order
+        while True:
+            tomb = order.popleft()
+            key = tomb[_S_KEY]
+            if key is not None:
+                del self.tombs[key]
+                if tomb[_S_DEFERRED] or tomb[_S_NOTICES]:
+                    self._check_tomb(tomb)
+                return
+
+    def _check_tomb(self, tomb: list) -> None:
+        rank, req = tomb[_S_KEY]
+        n = tomb[_S_NOTICES]
+        if tomb[_S_DEFERRED] and n == 0:
+            self._find("deferred_delivery", tomb[_S_DEFER_LINE] or tomb[_S_LAST_LINE],
+                       "deferred termination never delivered (no TerminateNow)", rank=rank, request=req,
+                       file=tomb[_S_FILE], deliveries=0)
+        elif not tomb[_S_DEFERRED] and n:
+            self._find("deferred_delivery", tomb[_S_NOTICE_LINE],
+                       "TerminateNow delivered for a termination that was never deferred", rank=rank, request=req,
+                       file=tomb[_S_FILE], deliveries=n)
 
     def _summary(self, key, s: list, t_end: int, ended: bool) -> RequestSummary:
         hist = s[_S_HIST]
@@ -1187,13 +1377,14 @@ class Auditor:
     def finish(self) -> AuditResult:
         for pid, st in self.streams.items():
             self._flush_missing(st, pid)
-        for key in list(self.tombs):
-            self._check_tomb(key, self.tombs[key])
+        for tomb in self.tombs.values():
+            self._check_tomb(tomb)
         self.tombs.clear()
+        self._tomb_order.clear()
         live_left = 0
         for key, s in sorted(self.live.items(), key=lambda kv: (kv[1][_S_FILE], kv[1][_S_LINE])):
             live_left += 1
-            pid_t = self.streams[s[_S_PID]][1] if s[_S_PID] in self.streams else s[_S_ENTERED]
+            pid_t = self.streams[s[_S_PID]][_ST_MAX_T] if s[_S_PID] in self.streams else s[_S_ENTERED]
             age = max(pid_t - s[_S_START], 0)
             state = s[_S_STATE]
             if s[_S_DEFERRED] and state in self.terminal and s[_S_NOTICES] == 0:
@@ -1211,19 +1402,17 @@ class Auditor:
                            request=key[1], file=s[_S_FILE], last_state=state, age_ns=age)
             if s[_S_KINDS] is not None and len(self.violating) < self.keep_violating:
                 self.violating.append(self._summary(key, s, pid_t, False))
-        edges: dict[tuple, int] = {}
-        for frm, c in self.edge_counts.items():
-            for trig, n in c.items():
-                to = self.initial if frm == "*" else self.moves[frm][trig]
-                edges[(None if frm == "*" else frm, trig, to)] = n
+        edges: dict[tuple, int] = {(None, self.create_event, self.initial): self._created} if self._created else {}
+        edges.update((e, rec[_E_COUNT]) for e, rec in self._edges.items() if rec[_E_COUNT])
         self.findings.sort(key=lambda f: (f.kind not in VIOLATION_KINDS, f.file, f.line, f.kind))
-        streams = {pid: {"events": st[3], "next_seq": st[0], "file": st[4], "first_seq": st[5]}
+        streams = {pid: {"events": st[_ST_BIAS] + st[_ST_NEXT], "next_seq": st[_ST_NEXT], "file": st[_ST_FILE],
+                         "first_seq": st[_ST_FIRST]}
                    for pid, st in self.streams.items()}
         return AuditResult(
             files=list(self.files), table_digest=self.digest, lines=self.lines, events=self.events,
             requests=self.requests, terminated=self.terminated, live=live_left, findings=self.findings,
             finding_counts=dict(self.counts), time_in_state=self.tis, lifetime=self.lifetime,
-            outcomes=self.outcomes, event_counts=self.event_counts, edges=edges,
+            outcomes=self.outcomes, event_counts={k: n for k, n in self.event_counts.items() if n}, edges=edges,
             illegal_edges=dict(self.illegal_edges), late=self.late, rejected=self.rejected,
             slowest=[x[2] for x in sorted(self.slowest, key=lambda x: (-x[0], x[1]))],
             violating=self.violating, streams=streams, ranks=sorted(self.ranks),
@@ -1231,6 +1420,12 @@ class Auditor:
 
 
 _MISSING = object()
+
+
+def _member(v: object, names) -> bool:
+    """``v in names`` for a collection of names (str), False for any other JSON value (lists and objects
+    are unhashable)."""
+    return type(v) is str and v in names
 
 
 def _tname(v: object) -> str:

@@ -1,14 +1,17 @@
 """Audit: schema (generated from the table), golden logs audit clean, each hand-broken copy is caught
-with the right request and line, multi-rank input, bounded memory."""
+with the right request and line, multi-rank input, bounded memory, the fast paths equal to the plain ones."""
 
 from __future__ import annotations
 
+import collections
 import copy
 import gzip
 import json
 import re
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lifecycle import audit, spec
 from lifecycle.audit import Auditor, audit_events, audit_paths, main_audit, validate_event
@@ -412,3 +415,78 @@ def test_state_is_bounded_by_live_requests_not_log_length():
     assert res.ok and res.requests == 3000 and res.terminated == 3000
     assert len(a.slots) == 0
     assert sum(len(h.buckets) for h in res.time_in_state.values()) < 2000
+
+
+def _lifecycles(reqs):
+    """Each request in turn: advertise, expose, complete, terminate (ids may repeat)."""
+    e = mg.ScriptedEngine(num_slots=len(set(reqs)) + 1)
+    for req in reqs:
+        e.advertise(req, "sender")
+        e.poll()
+        e.expose(req)
+        e.complete(req)
+        e.terminate(req)
+        e.poll()
+    return e.events
+
+
+def _append_copy_of_termination(events, req):
+    """A repeated Terminated transition of ``req`` at the end of the log (next seq); returns its line."""
+    last = [d for d in events if d["request"] == req and d.get("to_state") == "Terminated"][-1]
+    events.append({**last, "seq": events[-1]["seq"] + 1})
+    return len(events)
+
+
+def test_reused_request_ids_keep_the_tombstone_window_exact_and_bounded():
+    events = _lifecycles([7] * 300 + [1, 2, 3, 4])  # 7's tombstone replaced 300 times; 1 is the 4th last
+    line2 = _append_copy_of_termination(events, 2)
+    line1 = _append_copy_of_termination(events, 1)
+    a = Auditor(SPEC, window=3)
+    for i, d in enumerate(events, start=1):
+        a.event(d, i)
+        assert len(a.tombs) <= 3
+        assert len(a._tomb_order) <= 2 * 3 + 64  # removed tombstones are dropped, not piled up
+    res = a.finish()
+    assert [(f.request, f.line) for f in res.by_kind("double_termination")] == [(2, line2)]
+    assert [(f.request, f.line) for f in res.by_kind("adopted_session")] == [(1, line1)]  # 1 left the window
+
+
+def test_stream_event_counts_survive_gaps_repeats_and_restarts():
+    ev = mg.clean_run()
+    pid = ev[0]["pid"]
+    ev = ev[:5] + ev[6:]  # a lost line
+    ev.insert(3, dict(ev[2]))  # a repeated one
+    ev += [{**d, "seq": i} for i, d in enumerate(mg.clean_run()[:4])]  # the process restarted its sequence
+    res = audit_events(ev)
+    assert res.as_dict()["streams"][str(pid)]["events"] == len(ev)
+    assert res.events == len(ev)
+
+
+def test_file_replay_matches_event_replay_and_the_stdlib_parser(tmp_path, monkeypatch):
+    """Lines are parsed in runs and replayed in runs; that gives what feeding the events one by one gives,
+    with orjson or with the stdlib parser."""
+    ev = list(_stream(400))
+    del ev[100]  # a lost line, and a transition missing from one replay
+    ev.insert(200, dict(ev[199]))  # a repeated line
+    ev[300] = {**ev[300], "to_state": "Poisoned"}  # an illegal transition
+    p = write(tmp_path / "long.jsonl", ev)
+
+    def normalized(res):
+        out = json.dumps(res.as_dict(), sort_keys=True)
+        return out.replace(json.dumps(str(p)), '"<file>"').replace('"<events>"', '"<file>"')
+
+    from_file = normalized(audit_paths([str(p)]))
+    assert from_file == normalized(audit_events(ev))
+    monkeypatch.setattr(audit, "_ORJSON_LOADS", None)
+    assert normalized(audit_paths([str(p)])) == from_file
+    assert json.loads(from_file)["violations"]["illegal_transition"] >= 1
+
+
+@given(st.lists(st.one_of(st.integers(-5, 200), st.integers(0, 10**15)), max_size=9000))
+@settings(max_examples=40, deadline=None)
+def test_histogram_batches_bin_exactly_like_one_value_at_a_time(values):
+    h = audit.LogHistogram()
+    for v in values:
+        h.add(v)
+    assert h.buckets == dict(collections.Counter(audit._bucket(v) for v in values))
+    assert (h.count, h.max, h.total) == (len(values), max([0, *values]), sum(values))

@@ -1,14 +1,15 @@
 """Fuzz the log reader: truncated, non-JSON, wrong-typed and huge lines never crash the audit, and every
-bad line becomes a finding that names its file and line."""
+bad line becomes a finding that names its file and line; nor does any JSON value in any field."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lifecycle.audit import Auditor
+from lifecycle.audit import Auditor, audit_events, audit_paths
 from tests.golden import make_golden as mg
 
 GOOD = [json.dumps(d) for d in mg.clean_run() + mg.deferred_termination()]
@@ -96,3 +97,69 @@ def test_no_trailing_newline_and_blank_lines(tmp_path):
     res.feed_files([str(p)])
     r = res.finish()
     assert r.ok and r.events == 20
+
+
+# ------------------------------------------------------------------------------------ any JSON value in any field
+
+EVENTS = [d for name in ("clean_run", "cancellation", "poisoning", "deferred_termination")
+          for d in mg.scenarios()[name]]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, len(EVENTS) - 1), st.integers(0, 30), json_values), min_size=1,
+                max_size=4))
+def test_any_value_in_any_field_never_crashes(tmp_path_factory, edits):
+    events = [dict(d) for d in EVENTS]
+    for i, k, value in edits:
+        keys = sorted(events[i])
+        events[i][keys[k % len(keys)]] = value
+    p = tmp_path_factory.mktemp("fields") / "log.jsonl"
+    p.write_text("".join(json.dumps(d) + "\n" for d in events), encoding="utf-8")
+    a = Auditor()
+    a.feed_files([str(p)])
+    res = a.finish()
+    for f in res.findings:
+        assert f.file == str(p) and 0 < f.line <= len(events)
+
+
+def _first(name: str) -> int:
+    return next(i for i, d in enumerate(EVENTS) if d["event"] == name)
+
+
+@pytest.mark.parametrize("bad", [[1], {"a": 1}], ids=["list", "object"])
+@pytest.mark.parametrize(("event", "key"), [
+    ("lifecycle.transition", "from_state"), ("lifecycle.transition", "to_state"),
+    ("lifecycle.transition", "trigger"), ("lifecycle.transition", "outcome"),
+    ("lifecycle.cancel", "result"), ("lifecycle.terminate", "result"),
+    ("lifecycle.late_event", "trigger"), ("lifecycle.late_event", "state"),
+])
+def test_unhashable_names_are_malformed_at_their_line(tmp_path, event, key, bad):
+    events = [dict(d) for d in EVENTS]
+    i = _first(event)
+    events[i][key] = bad
+    p = tmp_path / "log.jsonl"
+    p.write_text("".join(json.dumps(d) + "\n" for d in events), encoding="utf-8")
+    res = audit_paths([str(p)])
+    assert i + 1 in {f.line for f in res.by_kind("malformed")}, [str(f) for f in res.findings]
+
+
+def test_unhashable_table_and_odd_health_reasons_are_reported(tmp_path):
+    events = [dict(d) for d in EVENTS]
+    events[0]["table"] = ["not", "a", "digest"]
+    events[1]["table"] = ["not", "a", "digest"]
+    events.append({**events[-1], "seq": events[-1]["seq"] + 1, "request": None, "event": "lifecycle.health",
+                   "healthy": False, "reasons": 5})
+    res = audit_events(events)
+    assert [f.line for f in res.by_kind("table_mismatch")] == [1]
+    (unhealthy,) = res.by_kind("unhealthy")
+    assert unhealthy.message == "engine unhealthy: 5"
+
+
+def test_a_null_line_in_one_of_several_files_is_malformed(tmp_path):
+    lines = GOOD[:20]
+    p0, p1 = tmp_path / "r0.jsonl", tmp_path / "r1.jsonl"
+    p0.write_text("\n".join(lines[:5] + ["null"] + lines[5:]) + "\n", encoding="utf-8")
+    p1.write_text((mg.HERE / "cancellation.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
+    res = audit_paths([str(p0), str(p1)])
+    (f,) = res.by_kind("malformed")
+    assert (f.file, f.line, f.message) == (str(p0), 6, "not a JSON object but NoneType")

@@ -823,6 +823,7 @@ class Auditor:
                 if parsed is not None:
                     for lineno, d in enumerate(parsed, first):
                         event(d, lineno)
+                    parsed = d = None  # freed before the next run is parsed, which then reuses warm memory
                     continue
                 for lineno, d, not_json in self._parse_each(first, lines, loads):
                     if not_json is None:

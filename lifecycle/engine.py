@@ -223,6 +223,7 @@ class TransferEngine(_core.Engine):
         quarantine_budget: int = 64,
         tombstones: int = 1 << 16,
         shards: int = 16,
+        wait_spin: float = 250e-6,
         clock: _core.Clock | None = None,
         on_terminate: Callable[[int], object] | None = None,
         logger: object | None = None,
@@ -240,6 +241,7 @@ class TransferEngine(_core.Engine):
             _seconds_to_ns("cancel_grace", cancel_grace),
             _seconds_to_ns("progress_deadline", progress_deadline),
             quarantine_budget, num_slots, slot_size, tombstones, shards, clock,
+            _seconds_to_ns("wait_spin", wait_spin),
         )
         self.rank = rank
         self.on_terminate = on_terminate
@@ -324,8 +326,11 @@ class TransferEngine(_core.Engine):
         Never blocks.  Callback errors are logged and re-raised (TerminateCallbackError) after the
         whole batch was delivered, so no notice is lost.
         """
-        self.tick()
-        raw = self._drain()
+        raw, healthy = self._poll_raw()  # tick + drain + health, one native call
+        if not raw:
+            if healthy != self._was_healthy:
+                self._check_health()  # the reasons, logged when health changes
+            return []
         out: list[Transition] = []
         notices: list[int] = []
         logger = self._log.bind()  # resolve the (possibly lazy) logger once per batch
@@ -367,7 +372,8 @@ class TransferEngine(_core.Engine):
             elif kind == _K_ILLEGAL:
                 info("lifecycle.illegal_transition", request=req, role=_ROLE_NAMES[role], t_mono_ns=t,
                      seq=next(seq), **common, trigger=_EVENT_NAMES[ev], state=_STATE_NAMES[frm])
-        self._check_health()
+        if healthy != self._was_healthy:
+            self._check_health()
         if notices:
             self._deliver(notices)
         return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import threading
 import sys
 from array import array
 
@@ -168,3 +169,27 @@ def test_the_boundary_survives_garbage_in_a_fresh_process():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "survived" in r.stdout, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("spin, why", [(-1e-6, "expected seconds >= 0"), (float("nan"), "expected seconds >= 0"),
+                                       ("1", "expected seconds >= 0"), (2.0, "must be in \\[0, 1\\] seconds")])
+def test_wait_spin_rejected(spin, why):
+    with pytest.raises(InvalidArgument, match=rf"^invalid wait_spin: {why}"):
+        TransferEngine(wait_spin=spin)
+
+
+@pytest.mark.parametrize("spin", [None, 0, 1e-3])
+def test_wait_spin_any_valid_value_still_wakes_drain(spin):
+    # no spin (sleep at once), and a spin as long as the wait itself: either way drain() returns the
+    # completion another thread posts while it waits
+    e = TransferEngine(wait_spin=spin)
+    e.advertise(1, "sender")
+    e.expose(1)
+    assert [t.to_state.value for t in e.poll()] == ["Advertised", "InFlight"]
+    timer = threading.Timer(0.01, e.complete, args=(1,))
+    timer.start()
+    got = []
+    while not got:
+        got = e.drain(5.0)
+    timer.join()
+    assert [(t.request, t.to_state.value) for t in got] == [(1, "Quiesced")]

@@ -116,9 +116,18 @@ def test_quarantine_budget_drives_health_and_recovery_restores_it(engine, clock)
     assert not h.healthy and h.quarantined == 5 and h.quarantine_budget == 4
     assert any(x.startswith("quarantine: 5 slots quarantined > budget 4") for x in h.reasons)
     with capture_logs() as logs:
+        engine.poll()  # the poller sees the change: logged once, with its reasons
+        engine.poll()
+    assert [(e["healthy"], e["reasons"][0][:11]) for e in logs if e["event"] == "lifecycle.health"] == [
+        (False, "quarantine:")]
+    with capture_logs() as logs:
         engine.complete(0)  # a late DONE for that exact lease
         engine.poll()
     assert [e["event"] for e in logs if e["event"] == "lifecycle.buffer_recovered"] == ["lifecycle.buffer_recovered"]
+    # the poll that drained the recovery also logs the health change, after the records it drained
+    names = [e["event"] for e in logs]
+    assert names.index("lifecycle.health") > names.index("lifecycle.buffer_recovered")
+    assert [e["healthy"] for e in logs if e["event"] == "lifecycle.health"] == [True]
     assert engine.health().healthy
     assert engine.pool.stats()["quarantined"] == 4
 

@@ -112,6 +112,19 @@ static py::dict health_dict(const Health& h) {
   return d;
 }
 
+// Every queued record merged straight into a bytes object: one copy from the shard queues.
+static py::bytes drain_bytes(Engine& e) {
+  py::object out;
+  e.drain_to([&out](std::size_t n) {
+    PyObject* b = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(n * sizeof(Record)));
+    if (b == nullptr) throw py::error_already_set();
+    out = py::reinterpret_steal<py::object>(b);
+    return reinterpret_cast<Record*>(PyBytes_AS_STRING(b));
+  });
+  if (!out) return py::bytes();
+  return py::reinterpret_borrow<py::bytes>(out);
+}
+
 void register_engine(py::module_& m) {
   py::list status;
   for (const char* s : kStatusNames) status.append(s);
@@ -125,7 +138,8 @@ void register_engine(py::module_& m) {
   py::class_<Engine, std::shared_ptr<Engine>>(m, "Engine")
       .def(py::init([](std::int64_t transfer_timeout_ns, std::int64_t cancel_grace_ns, std::int64_t progress_deadline_ns,
                        std::int64_t quarantine_budget, std::int64_t num_slots, std::int64_t slot_size,
-                       std::int64_t tombstones, std::int64_t shards, std::shared_ptr<Clock> clock) {
+                       std::int64_t tombstones, std::int64_t shards, std::shared_ptr<Clock> clock,
+                       std::int64_t wait_spin_ns) {
              Config c;
              if (quarantine_budget < 0 || quarantine_budget > 0xffffffffLL)
                throw InvalidArgumentError("quarantine_budget", "must be in [0, 2**32)");
@@ -133,6 +147,8 @@ void register_engine(py::module_& m) {
              if (slot_size < 0) throw InvalidArgumentError("slot_size", "must be >= 0");
              if (tombstones < 0 || tombstones > 0xffffffffLL) throw InvalidArgumentError("tombstones", "must be in [0, 2**32)");
              if (shards < 1 || shards > 4096) throw InvalidArgumentError("shards", "must be in [1, 4096]");
+             if (wait_spin_ns < 0 || wait_spin_ns > 1'000'000'000)
+               throw InvalidArgumentError("wait_spin", "must be in [0, 1] seconds");
              c.transfer_timeout_ns = transfer_timeout_ns;
              c.cancel_grace_ns = cancel_grace_ns;
              c.progress_deadline_ns = progress_deadline_ns;
@@ -141,11 +157,12 @@ void register_engine(py::module_& m) {
              c.slot_size = static_cast<std::uint64_t>(slot_size);
              c.tombstones = static_cast<std::uint32_t>(tombstones);
              c.shards = static_cast<std::uint32_t>(shards);
+             c.wait_spin_ns = wait_spin_ns;
              return std::make_shared<Engine>(c, std::move(clock));
            }),
            py::arg("transfer_timeout_ns"), py::arg("cancel_grace_ns"), py::arg("progress_deadline_ns"),
            py::arg("quarantine_budget"), py::arg("num_slots"), py::arg("slot_size"), py::arg("tombstones"),
-           py::arg("shards"), py::arg("clock") = nullptr)
+           py::arg("shards"), py::arg("clock") = nullptr, py::arg("wait_spin_ns") = Config{}.wait_spin_ns)
       .def("_advertise", [](Engine& e, py::handle req, py::handle role, py::handle nbytes) {
              std::uint64_t r = to_u64(req, "request");
              Role ro = to_role(role);
@@ -205,18 +222,14 @@ void register_engine(py::module_& m) {
              return py::bytes(out);
            }, py::arg("ids"), py::arg("role"), py::arg("nbytes") = 0)
       .def("tick", &Engine::tick, "Fire expired timers; returns how many fired.  Never blocks on a transport.")
-      .def("_drain", [](Engine& e) {
-             // merged straight into the bytes object: one copy from the shard queues
-             py::object out;
-             e.drain_to([&out](std::size_t n) {
-               PyObject* b = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(n * sizeof(Record)));
-               if (b == nullptr) throw py::error_already_set();
-               out = py::reinterpret_steal<py::object>(b);
-               return reinterpret_cast<Record*>(PyBytes_AS_STRING(b));
-             });
-             if (!out) return py::bytes();
-             return py::reinterpret_borrow<py::bytes>(out);
-           }, "Every queued record, packed (RECORD_FORMAT), without blocking.")
+      .def("_drain", &drain_bytes, "Every queued record, packed (RECORD_FORMAT), without blocking.")
+      .def("_poll_raw", [](Engine& e) {
+             // poll()'s native half in one call: fire due timers, drain every queued record, and
+             // evaluate health (the bool only; Python asks for the reasons when it changes)
+             e.tick();
+             py::bytes raw = drain_bytes(e);
+             return py::make_tuple(raw, e.health().healthy);
+           }, "(records packed as RECORD_FORMAT, healthy): tick + drain + health, without blocking.")
       .def("_wait_ready", [](Engine& e, double timeout_s) {
              if (!(timeout_s >= 0)) throw InvalidArgumentError("timeout", "must be >= 0");
              std::int64_t ns = timeout_s > 1e9 ? INT64_MAX / 2 : static_cast<std::int64_t>(timeout_s * 1e9);

@@ -796,9 +796,9 @@ bool Engine::peek_pending() const {
 
 bool Engine::wait_ready(std::int64_t timeout_ns) {
   auto deadline = std::chrono::steady_clock::now() + std::chrono::nanoseconds(std::max<std::int64_t>(timeout_ns, 0));
-  // Spin briefly first: a completion usually lands within tens of microseconds of the wait, and a
-  // futex sleep + wake-up costs about as much again.  Bounded (50 us, yielding), then sleep.
-  const auto spin_until = std::min(deadline, std::chrono::steady_clock::now() + std::chrono::microseconds(50));
+  // Spin first, bounded by cfg_.wait_spin_ns and yielding to runnable threads, then sleep (Config).
+  const auto spin_until =
+      std::min(deadline, std::chrono::steady_clock::now() + std::chrono::nanoseconds(std::max<std::int64_t>(cfg_.wait_spin_ns, 0)));
   while (std::chrono::steady_clock::now() < spin_until) {
     if (peek_pending()) return true;  // no shard lock: the transport threads are not slowed
     std::this_thread::yield();

@@ -59,7 +59,8 @@ BenchResult bench_transfers(Transport& t, const BenchSpec& spec) {
       for (std::uint64_t r = first; r < first + n; ++r) (void)e->terminate(r);
     } else {
       target += n;
-      if (!t.wait_completions(target, 10'000'000'000)) throw TransportError("bench: transfers did not complete");
+      // same waiting as the engine loop's wait_ready (spin, then sleep): like for like
+      if (!t.wait_completions(target, 10'000'000'000, Config{}.wait_spin_ns)) throw TransportError("bench: transfers did not complete");
     }
     done += n;
     res.transfers += n;

@@ -106,8 +106,10 @@ class Transport final : public EventSink {
   NixlProgressStats progress_stats() const;
 
   // Bare mode (no engine): completions seen so far; wait until at least `n` (steady ns timeout).
+  // Waits like Engine::wait_ready (spin up to spin_ns, yielding, then the condition variable), so a
+  // bare loop and an engine loop compare like for like.
   std::uint64_t completions() const noexcept { return bare_done_.load(); }
-  bool wait_completions(std::uint64_t n, std::int64_t timeout_ns);
+  bool wait_completions(std::uint64_t n, std::int64_t timeout_ns, std::int64_t spin_ns = 0);
 
   // EventSink (progress thread)
   void on_complete(std::uint64_t req) override;

@@ -233,7 +233,7 @@ void register_transport(py::module_& m) {
     d["transfers"] = r.transfers;
     d["failed"] = r.failed;
     d["latency_ns"] = r.latency_ns;
-    d["wake_ns"] = r.wake_ns;
+    d["batch_ns"] = r.batch_ns;
     return d;
   }, py::arg("initiator"), py::arg("peer"), py::arg("op"), py::arg("local_addr"), py::arg("remote_addr"),
      py::arg("size"), py::arg("batch"), py::arg("count"), py::arg("first_request"),

@@ -24,10 +24,12 @@ BenchResult bench_transfers(Transport& t, const BenchSpec& spec) {
   std::uint64_t req = spec.first_req;
   std::uint64_t target = t.completions();
   res.latency_ns.reserve(spec.count);
+  res.batch_ns.reserve(spec.count / spec.batch + 1);
   const auto t0 = std::chrono::steady_clock::now();
   for (std::uint64_t done = 0; done < spec.count;) {
     const std::uint64_t n = std::min(spec.batch, spec.count - done);
     const std::uint64_t first = req;
+    const std::int64_t b0 = steady_ns();
     for (std::uint64_t i = 0; i < n; ++i, ++req) {
       Region l{spec.local_addr + i * spec.size, spec.size, 0, MemKind::Dram};
       Region r{spec.remote_addr + i * spec.size, spec.size, 0, MemKind::Dram};
@@ -62,6 +64,7 @@ BenchResult bench_transfers(Transport& t, const BenchSpec& spec) {
       // same waiting as the engine loop's wait_ready (spin, then sleep): like for like
       if (!t.wait_completions(target, 10'000'000'000, Config{}.wait_spin_ns)) throw TransportError("bench: transfers did not complete");
     }
+    res.batch_ns.push_back(steady_ns() - b0);
     done += n;
     res.transfers += n;
   }

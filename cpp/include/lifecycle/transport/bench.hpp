@@ -28,7 +28,9 @@ struct BenchResult {
   // Engine mode: for each completed transfer, steady time from the engine's `complete` transition
   // (its record timestamp) to the moment this loop drained it.
   std::vector<std::int64_t> latency_ns;
-  std::vector<std::int64_t> wake_ns;  // reserved
+  // Wall time of each batch (post the batch .. every transfer of it done): a median over these is
+  // robust to the millisecond preemptions a shared VM deals out, which the mean (seconds) is not.
+  std::vector<std::int64_t> batch_ns;
 };
 
 // With t.engine(): advertise (role by op), transfer, wait (wait_ready + drain) until every session of

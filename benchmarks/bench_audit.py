@@ -1,13 +1,13 @@
-"""Audit throughput and memory: a 100k-event and a 1M-event log, side by side.
+"""Audit throughput and memory, native replay and Python replay side by side: a 100k- and a 1M-event log.
 
-Each audit runs in its own subprocess so peak RSS (ru_maxrss) is per run; a second subprocess per size
-measures the tracemalloc peak (Python allocations only).  Also prints the floor: the same file read and
-``json.loads``-ed per line with nothing else, so the audit's own overhead is visible on any machine.  The
-audit's clock starts after ``lifecycle`` is imported (a fixed ~0.2 s, not throughput).  A last line gives
-the audit's rate with the stdlib JSON parser (what users without orjson get).
+Each audit runs in its own subprocess so peak RSS (ru_maxrss) is per run; a second subprocess per size and
+engine measures the tracemalloc peak (Python allocations only: the native replay's own C++ memory shows in
+RSS, not there).  Also prints the floor: the same file read and ``json.loads``-ed per line with nothing
+else.  The audit's clock starts after ``lifecycle`` is imported (a fixed ~0.2 s, not throughput).
+``--stdlib`` adds the Python replay with the stdlib JSON parser (what users without orjson get).
 Prints numbers and ratios; asserts nothing.
 
-    python benchmarks/bench_audit.py [--sizes 100000,1000000] [--keep DIR] [--no-stdlib]
+    python benchmarks/bench_audit.py [--sizes 100000,1000000] [--keep DIR] [--stdlib]
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def generate(path: Path, n_events: int, concurrency: int = 64) -> int:
 def _child(mode: str, path: str) -> None:
     import resource
 
-    if mode == "tracemalloc":
+    if mode.startswith("traced"):
         import tracemalloc
 
         tracemalloc.start()
@@ -97,6 +97,9 @@ def _child(mode: str, path: str) -> None:
 
     if mode == "audit-stdlib":
         audit._ORJSON_LOADS = None  # the parser audit falls back to when orjson is not installed
+    native = mode in ("native", "traced-native")
+    if native and audit.native_unavailable() is not None:
+        raise SystemExit(f"native replay unavailable: {audit.native_unavailable()}")
     t0 = time.perf_counter()
     if mode == "floor":
         loads = json.loads
@@ -107,11 +110,11 @@ def _child(mode: str, path: str) -> None:
                 n += 1
         res = {"events": n, "ok": True}
     else:
-        r = audit.audit_paths([path])
+        r = audit.audit_paths([path], native=native)
         res = {"events": r.events, "ok": r.ok, "requests": r.requests}
     res["seconds"] = time.perf_counter() - t0
     res["maxrss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if mode == "tracemalloc":
+    if mode.startswith("traced"):
         import tracemalloc
 
         res["traced_peak_bytes"] = tracemalloc.get_traced_memory()[1]
@@ -128,45 +131,57 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="100000,1000000")
     p.add_argument("--keep", help="write the logs here instead of a temp dir")
-    p.add_argument("--no-stdlib", action="store_true", help="skip the audit run with the stdlib JSON parser")
+    p.add_argument("--stdlib", action="store_true", help="also run the Python replay with the stdlib JSON parser")
     p.add_argument("--child", nargs=2, metavar=("MODE", "PATH"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
         _child(*a.child)
         return 0
     sizes = [int(s) for s in a.sizes.split(",")]
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(a.keep or tmp)
         d.mkdir(parents=True, exist_ok=True)
-        rows = []
         for n in sizes:
             path = d / f"audit-{n}.jsonl"
-            t0 = time.perf_counter()
-            got = generate(path, n)
-            gen_s = time.perf_counter() - t0
-            audit = _run("audit", path)
-            floor = _run("floor", path)
-            traced = _run("tracemalloc", path)
-            stdlib = None if a.no_stdlib else _run("audit-stdlib", path)
-            rows.append((n, got, path.stat().st_size, gen_s, audit, floor, traced, stdlib))
-            if not audit["ok"]:
-                print(f"warning: the {n}-event log did not audit clean: {audit}", file=sys.stderr)
-        print(f"{'events':>10} {'MiB':>8} {'audit ev/s':>12} {'floor ev/s':>12} {'audit/floor':>11} "
-              f"{'maxrss MiB':>11} {'traced peak MiB':>16}")
-        for n, got, size, gen_s, au, fl, tr, _ in rows:
-            eps, feps = au["events"] / au["seconds"], fl["events"] / fl["seconds"]
-            print(f"{au['events']:>10} {size / 2**20:>8.1f} {eps:>12,.0f} {feps:>12,.0f} {eps / feps:>11.2f} "
-                  f"{au['maxrss_kib'] / 1024:>11.1f} {tr['traced_peak_bytes'] / 2**20:>16.2f}")
-        if not a.no_stdlib:
-            print("stdlib json (no orjson): " + ", ".join(
-                f"{r[7]['events']:,} events {r[7]['events'] / r[7]['seconds']:,.0f} ev/s" for r in rows))
-        if len(rows) >= 2:
-            (n0, *_, a0, _f0, t0_, _s0), (n1, *_, a1, _f1, t1_, _s1) = rows[0], rows[-1]
-            print(f"\nratio {rows[-1][1]}/{rows[0][1]} events: length x{rows[-1][1] / rows[0][1]:.1f}, "
-                  f"throughput x{(a1['events'] / a1['seconds']) / (a0['events'] / a0['seconds']):.2f}, "
-                  f"maxrss x{a1['maxrss_kib'] / a0['maxrss_kib']:.2f}, "
-                  f"traced peak x{t1_['traced_peak_bytes'] / t0_['traced_peak_bytes']:.2f}")
-        print("target: >= 200k events/s; peak memory independent of file length (ratio ~1.0)")
+            generate(path, n)
+            r = {"n": n, "mib": path.stat().st_size / 2**20}
+            for mode in ("native", "python", "floor", "traced-native", "traced-python"):
+                r[mode] = _run(mode, path)
+            if a.stdlib:
+                r["stdlib"] = _run("audit-stdlib", path)
+            for mode in ("native", "python"):
+                if not r[mode]["ok"]:
+                    print(f"warning: the {n}-event log did not audit clean ({mode}): {r[mode]}", file=sys.stderr)
+            if r["native"]["events"] != r["python"]["events"]:
+                print(f"warning: the engines replayed different event counts: {r['native']} {r['python']}",
+                      file=sys.stderr)
+            rows.append(r)
+
+    def eps(x: dict) -> float:
+        return x["events"] / x["seconds"]
+
+    print(f"{'events':>10} {'MiB':>7} {'engine':>8} {'events/s':>12} {'maxrss MiB':>11} {'traced peak MiB':>16}")
+    for r in rows:
+        for eng in ("native", "python"):
+            x, t = r[eng], r[f"traced-{eng}"]
+            print(f"{x['events']:>10} {r['mib']:>7.1f} {eng:>8} {eps(x):>12,.0f} {x['maxrss_kib'] / 1024:>11.1f} "
+                  f"{t['traced_peak_bytes'] / 2**20:>16.2f}")
+        print(f"{'':>10} {'':>7} {'floor':>8} {eps(r['floor']):>12,.0f}   (json.loads per line, nothing else)")
+        if a.stdlib:
+            print(f"{'':>10} {'':>7} {'stdlib':>8} {eps(r['stdlib']):>12,.0f}   (Python replay, no orjson)")
+    print()
+    for r in rows:
+        print(f"{r['python']['events']:>10} events: native/python throughput x{eps(r['native']) / eps(r['python']):.2f}, "
+              f"maxrss x{r['native']['maxrss_kib'] / r['python']['maxrss_kib']:.2f}")
+    if len(rows) >= 2:
+        r0, r1 = rows[0], rows[-1]
+        for eng in ("native", "python"):
+            print(f"{eng}: {r1['n']}/{r0['n']} events (length x{r1['n'] / r0['n']:.0f}): "
+                  f"throughput x{eps(r1[eng]) / eps(r0[eng]):.2f}, "
+                  f"maxrss x{r1[eng]['maxrss_kib'] / r0[eng]['maxrss_kib']:.2f}, traced peak "
+                  f"x{r1['traced-' + eng]['traced_peak_bytes'] / r0['traced-' + eng]['traced_peak_bytes']:.2f}")
+    print("target: >= 200k events/s; peak memory independent of file length (ratio ~1.0)")
     return 0
 
 

@@ -25,6 +25,18 @@ another live session holds it), ``rank_disagreement`` (ranks report different ou
 ``seq_gap`` (lost or duplicated lines in a per-pid sequence), ``collective_desync``, ``unreadable``.
 Warnings (reported, exit 0): engine-rejected illegal events, callback errors, unhealthy periods,
 streams that do not start at seq 0, sessions that start mid-log, table digest mismatches.
+
+Two engines
+-----------
+:class:`Auditor` (this module) is the reference replay.  :func:`audit_paths` and the CLI use the native
+replay in ``lifecycle._core`` (``cpp/src/audit.cpp``) when they can: the same replay over the compiled
+table with a strict JSON reader that accepts what orjson accepts, several times faster.  Python still
+opens and reads the files (plain or gzip, 1 MiB chunks) and formats each finding's message (repr() of
+the JSON values involved, orjson's error text for a malformed line), so the results are identical;
+``tests/test_audit_native.py`` holds the two engines to that.  The Python replay is used when asked
+(``native=False``, ``--engine python``, or ``LIFECYCLE_AUDIT_ENGINE=python``), and whenever the native one
+cannot give the reference's answer: a table other than the compiled one, no orjson, a stale or missing
+build, option values outside what it takes (see :func:`native_unavailable`).
 """
 
 from __future__ import annotations
@@ -36,6 +48,8 @@ import heapq
 import itertools
 import json
 import operator
+import os
+import re
 import sys
 import zlib
 from collections import deque
@@ -60,6 +74,7 @@ __all__ = [
     "event_errors",
     "load_schema",
     "main_audit",
+    "native_unavailable",
     "schema_path",
     "validate_event",
 ]
@@ -93,6 +108,9 @@ WARNING_KINDS = (
 )
 
 MAX_LINE = 1 << 20  # longer lines are reported (not parsed, not held in memory)
+# Lines nesting brackets deeper than this (outside strings) are reported, not parsed: orjson 3.8 recurses
+# and overflows its stack near 150 k levels, the stdlib parser near 1 k, and no event nests beyond 3.
+MAX_DEPTH = 512
 _CHUNK = 1 << 20
 _RUN = 64  # lines parsed together, then replayed together (see Auditor._feed_one)
 
@@ -643,6 +661,27 @@ def _parse_stdlib(raw: bytes):
     return json.loads(line)
 
 
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*(?:"|\\?\Z)', re.S)  # a JSON string, or the rest of the line
+_NOT_BRACKET = bytes(c for c in range(256) if c not in b"[]{}")
+
+
+def _too_deep(raw: bytes, max_depth: int) -> bool:
+    """Whether brackets outside strings nest deeper than ``max_depth`` anywhere in ``raw`` (the native
+    reader applies the same rule; a backslash in a string escapes the next byte, an unterminated string
+    runs to the end of the line)."""
+    if len(raw) <= max_depth or raw.count(b"[") + raw.count(b"{") <= max_depth:
+        return False
+    depth = 0
+    for c in _STRING.sub(b"", raw).translate(None, _NOT_BRACKET):
+        if c == 0x5B or c == 0x7B:
+            depth += 1
+            if depth > max_depth:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
 def _line_parser():
     """orjson.loads when installed (it takes the bytes as they are; its errors are ValueErrors), else the
     stdlib."""
@@ -816,10 +855,13 @@ class Auditor:
                     self._find("malformed", first, self._too_long(), file=path)
                     continue
                 self.lines += len(lines)
-                try:
-                    parsed = list(map(loads, lines))
-                except (ValueError, RecursionError):  # a bad line: parse one by one (findings in line order)
-                    parsed = None
+                if max(map(len, lines)) > MAX_DEPTH:
+                    parsed = None  # a line that might nest too deep for the parser: checked one by one
+                else:
+                    try:
+                        parsed = list(map(loads, lines))
+                    except (ValueError, RecursionError):  # a bad line: parse one by one (findings in line order)
+                        parsed = None
                 if parsed is not None:
                     for lineno, d in enumerate(parsed, first):
                         event(d, lineno)
@@ -840,6 +882,9 @@ class Auditor:
         """``(lineno, parsed, None)`` per line, ``(lineno, None, message)`` for one that is not JSON; a blank
         line is skipped and not counted."""
         for lineno, raw in enumerate(lines, first):
+            if len(raw) > MAX_DEPTH and _too_deep(raw, MAX_DEPTH):
+                yield lineno, None, f"not JSON: nested deeper than {MAX_DEPTH} levels"
+                continue
             try:
                 d = loads(raw)
             except (ValueError, RecursionError) as exc:
@@ -1443,11 +1488,206 @@ def _short(exc: BaseException) -> str:
     return s if len(s) <= 120 else s[:117] + "..."
 
 
-def audit_paths(paths: Iterable[str | Path], spec: _spec.Spec | None = None, **kw) -> AuditResult:
-    """Audit log files (one per rank, or merged; plain or gzip JSON lines)."""
+def audit_paths(paths: Iterable[str | Path], spec: _spec.Spec | None = None, *, native: bool | None = None,
+                **kw) -> AuditResult:
+    """Audit log files (one per rank, or merged; plain or gzip JSON lines).
+
+    ``native``: None (default) uses the native replay when :func:`native_unavailable` allows it, unless the
+    environment sets ``LIFECYCLE_AUDIT_ENGINE=python``; False forces the Python :class:`Auditor`; True
+    requires the native replay (ValueError when it cannot be used).  Both give the same result.
+    """
+    paths = [str(p) for p in paths]
+    if native is None:
+        engine = os.environ.get(ENGINE_ENV, "native").strip().lower() or "native"
+        if engine not in ("native", "python"):
+            raise ValueError(f"{ENGINE_ENV} must be 'native' or 'python', got {engine!r}")
+        native = engine == "native" and native_unavailable(spec, **kw) is None
+    elif native:
+        why = native_unavailable(spec, **kw)
+        if why is not None:
+            raise ValueError(f"the native audit cannot be used: {why}")
+    if native:
+        return _audit_native(paths, spec, **kw)
     a = Auditor(spec, **kw)
     a.feed_files(paths)
     return a.finish()
+
+
+# ------------------------------------------------------------------------------------------------
+# The native replay (lifecycle._core.AuditReplay): Python reads and formats, C++ parses and replays
+# ------------------------------------------------------------------------------------------------
+
+ENGINE_ENV = "LIFECYCLE_AUDIT_ENGINE"
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+def _native_core():
+    try:
+        from . import _core
+    except ImportError:
+        return None
+    return _core if hasattr(_core, "AuditReplay") else None
+
+
+def _native_options(window: int = 8192, top: int = 20, keep_findings: int = 1000, keep_violating: int = 50,
+                    leak_age_ns: int = 0, max_line: int = MAX_LINE) -> dict:
+    """Auditor's keyword arguments and defaults (an unknown keyword is a TypeError, as for Auditor)."""
+    return {"window": window, "top": top, "keep_findings": keep_findings, "keep_violating": keep_violating,
+            "leak_age_ns": leak_age_ns, "max_line": max_line}
+
+
+def native_unavailable(spec: _spec.Spec | None = None, **kw) -> str | None:
+    """Why :func:`audit_paths` cannot use the native replay for these arguments, or None when it can."""
+    core = _native_core()
+    if core is None:
+        return "lifecycle._core is not built or has no AuditReplay (run `make build`)"
+    if _ORJSON_LOADS is None:
+        return "orjson is not installed (the native reader implements orjson's JSON semantics)"
+    digest = (spec if spec is not None else _spec.load_default()).digest
+    if digest != core.TABLE_DIGEST:
+        return f"table {digest} is not the compiled table {core.TABLE_DIGEST}"
+    opts = _native_options(**kw)
+    for k, v in opts.items():
+        if type(v) is not int:
+            return f"{k} must be an int, got {type(v).__name__}"
+        if k != "leak_age_ns" and not _INT64[0] <= v <= _INT64[1]:
+            return f"{k} out of the int64 range"
+    if opts["window"] < 1 or opts["top"] < 1 or opts["max_line"] < 0:
+        return "window and top must be >= 1 and max_line >= 0"
+    return None
+
+
+def _read_chunks(path: str) -> Iterator[bytes]:
+    with _open(path) as f:
+        read = f.read
+        while True:
+            chunk = read(_CHUNK)
+            if not chunk:
+                return
+            yield chunk
+
+
+def _span(raw: bytes, depth: int):
+    """A JSON value the native reader validated, parsed as the Python replay sees it."""
+    if depth > MAX_DEPTH:  # the reader reports such lines instead of parsing them
+        raise AssertionError(f"native reader passed a value nested {depth} deep (> MAX_DEPTH {MAX_DEPTH})")
+    return _ORJSON_LOADS(raw)
+
+
+def _health_reasons(v) -> str:
+    reasons = v or ()
+    if not isinstance(reasons, (list, dict, str)):
+        reasons = (reasons,)
+    return "; ".join(map(str, reasons))
+
+
+class _NativeFindings:
+    """Turns the native replay's findings into :class:`Finding` objects, formatting their messages exactly
+    as the Python replay does; owns the table-mismatch dedup (Python ==) and count."""
+
+    def __init__(self, files: list[str], keep: int):
+        self.files = files
+        self.keep = keep
+        self.findings: list[Finding] = []
+        self.bad_tables: set = set()
+        self.table_mismatches = 0
+
+    def drain(self, rep) -> None:
+        files, append = self.files, self.findings.append
+        for kind, fi, line, rank, req, pieces, extra in rep.take_findings():
+            if kind == "table_mismatch":
+                tbl = _span(pieces[1][1], pieces[1][2])
+                seen = repr(tbl) if type(tbl) in (list, dict) else tbl
+                if seen in self.bad_tables:
+                    continue
+                self.bad_tables.add(seen)
+                self.table_mismatches += 1
+                if self.table_mismatches > self.keep:
+                    continue
+            append(Finding(kind, files[fi], line, self._message(pieces), rank, req,
+                           {k: self._extra(t, v) for k, t, v in extra}))
+
+    def _message(self, pieces) -> str:
+        out = []
+        for i, (op, text, depth) in enumerate(pieces):
+            if op == 0:
+                out.append(text.decode())
+            elif op == 6:  # a malformed line: orjson's own words, as the Python replay reports them
+                try:
+                    _ORJSON_LOADS(text)
+                except (ValueError, RecursionError) as exc:
+                    return f"not JSON: {_short(exc)}"
+                return f"not JSON: {pieces[i + 1][1].decode()}"  # (orjson accepted it: a reader bug)
+            elif op == 7:
+                out.append(self.files[int(text)])
+            elif op == 8:
+                out.append(f"{int(text) / 1e9:.3f}")
+            else:
+                v = _span(text, depth)
+                out.append(repr(v) if op == 1 else _r(v) if op == 2 else str(v) if op == 3 else
+                           repr(v[:80]) if op == 4 else _health_reasons(v))
+        return "".join(out)
+
+    def _extra(self, t: int, v):
+        if t == 3:
+            return self.files[v]
+        if t == 4:
+            return {v[0]: v[1], v[2]: v[3]}
+        return v
+
+
+def _histogram(d: dict) -> LogHistogram:
+    h = LogHistogram()
+    h._buckets, h._max, h._total = d["buckets"], d["max"], d["total"]
+    return h
+
+
+def _audit_native(paths: list[str], spec: _spec.Spec | None, **kw) -> AuditResult:
+    core = _native_core()
+    opts = _native_options(**kw)
+    digest = (spec if spec is not None else _spec.load_default()).digest
+    rep = core.AuditReplay(**opts, max_depth=MAX_DEPTH)
+    sink = _NativeFindings(paths, opts["keep_findings"])
+    if paths:
+        rep.begin(list(range(len(paths))))
+        chunks = [_read_chunks(p) for p in paths]
+        while (i := rep.run()) >= 0:
+            try:
+                chunk = next(chunks[i], None)
+            except (OSError, EOFError, zlib.error) as exc:
+                rep.unreadable(i, f"{type(exc).__name__}: {exc}")
+            else:
+                if chunk is None:
+                    rep.end(i)
+                else:
+                    rep.feed(i, chunk)
+            sink.drain(rep)
+    names = {f: i for i, f in enumerate(sorted(set(paths)))}
+    raw = rep.finish([names[p] for p in paths])
+    sink.drain(rep)
+    findings = sink.findings
+    findings.sort(key=lambda f: (f.kind not in VIOLATION_KINDS, f.file, f.line, f.kind))
+    counts = {k: (sink.table_mismatches if k == "table_mismatch" else n) for k, n in raw["counts"]}
+
+    def summary(x) -> RequestSummary:
+        rank, req, role, role_depth, fi, line, start, end, outcome, state, segs, kinds, ended = x
+        return RequestSummary(rank, req, _span(role, role_depth), paths[fi], line, start, end, outcome, state,
+                              segs, kinds, ended)
+
+    return AuditResult(
+        files=list(paths), table_digest=digest, lines=raw["lines"], events=raw["events"],
+        requests=raw["requests"], terminated=raw["terminated"], live=raw["live"], findings=findings,
+        finding_counts=counts, time_in_state={s: _histogram(h) for s, h in raw["time_in_state"]},
+        lifetime=_histogram(raw["lifetime"]), outcomes=dict(raw["outcomes"]),
+        event_counts={k: n for k, n in raw["event_counts"] if n},
+        edges={(a, e, b): n for a, e, b, n in raw["edges"]},
+        illegal_edges={(a, e, b): n for a, e, b, n in raw["illegal_edges"]},
+        late={(s, e): n for s, e, n in raw["late"]}, rejected={(s, e): n for s, e, n in raw["rejected"]},
+        slowest=[summary(x) for x in raw["slowest"]], violating=[summary(x) for x in raw["violating"]],
+        streams={pid: {"events": ev, "next_seq": nxt, "file": paths[fi], "first_seq": first}
+                 for pid, ev, nxt, fi, first in raw["streams"]},
+        ranks=raw["ranks"],
+    )
 
 
 def audit_events(events: Iterable[dict], spec: _spec.Spec | None = None, **kw) -> AuditResult:
@@ -1525,6 +1765,9 @@ def main_audit(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=20, help="slowest requests kept")
     p.add_argument("--max-findings", type=int, default=1000, help="findings kept per kind (all are counted)")
     p.add_argument("--timeline-cap", type=int, default=60, help="requests shown in the HTML timeline")
+    p.add_argument("--engine", choices=("native", "python"), default=None,
+                   help="replay engine: native (C++, the default when it can be used) or python (the reference); "
+                        f"default from ${ENGINE_ENV}")
     a = p.parse_args(argv)
     try:
         sp = _spec.load_default(a.table)
@@ -1535,8 +1778,11 @@ def main_audit(argv: list[str] | None = None) -> int:
         if not Path(path).is_file():
             print(f"lifecycle audit: no such file: {path}", file=sys.stderr)
             return 2
-    res = audit_paths(a.logs, sp, window=a.window, top=a.top, keep_findings=a.max_findings,
-                      leak_age_ns=int(a.leak_age * 1e9))
+    kw = dict(window=a.window, top=a.top, keep_findings=a.max_findings, leak_age_ns=int(a.leak_age * 1e9))
+    if a.engine == "native" and (why := native_unavailable(sp, **kw)) is not None:
+        print(f"lifecycle audit: --engine native: {why}", file=sys.stderr)
+        return 2
+    res = audit_paths(a.logs, sp, native=None if a.engine is None else a.engine == "native", **kw)
     if a.html:
         from .report import write_html
 

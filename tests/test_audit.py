@@ -10,7 +10,7 @@ import json
 import re
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lifecycle import audit, spec
@@ -48,6 +48,16 @@ def index(events, **match) -> int:
 
 def violations(res):
     return [f for f in res.findings if f.violation]
+
+
+@pytest.fixture(autouse=True, params=["native", "python"])
+def engine(request, monkeypatch):
+    """Every test here runs with both replay engines (audit_paths and the CLI read the choice from the
+    environment; tests that drive Auditor directly exercise the Python one either way)."""
+    monkeypatch.setenv(audit.ENGINE_ENV, request.param)
+    if request.param == "native":
+        assert audit.native_unavailable(SPEC) is None, audit.native_unavailable(SPEC)
+    return request.param
 
 
 # ------------------------------------------------------------------------------------ schema
@@ -483,7 +493,7 @@ def test_file_replay_matches_event_replay_and_the_stdlib_parser(tmp_path, monkey
 
 
 @given(st.lists(st.one_of(st.integers(-5, 200), st.integers(0, 10**15)), max_size=9000))
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_histogram_batches_bin_exactly_like_one_value_at_a_time(values):
     h = audit.LogHistogram()
     for v in values:

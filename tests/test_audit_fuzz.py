@@ -9,11 +9,20 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lifecycle.audit import Auditor, audit_events, audit_paths
+from lifecycle import audit
+from lifecycle.audit import audit_events, audit_paths
 from tests.golden import make_golden as mg
 
 GOOD = [json.dumps(d) for d in mg.clean_run() + mg.deferred_termination()]
 MAX_LINE = 4096
+
+
+@pytest.fixture(autouse=True, params=["native", "python"])
+def engine(request, monkeypatch):
+    """Every test here runs with both replay engines (audit_paths reads the choice from the environment)."""
+    monkeypatch.setenv(audit.ENGINE_ENV, request.param)
+    return request.param
+
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
@@ -54,7 +63,8 @@ def _is_json(s: str) -> bool:
     return True
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, 
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(st.lists(st.tuples(st.integers(0, len(GOOD)), bad_line()), min_size=1, max_size=6))
 def test_bad_lines_never_crash_and_are_reported_by_line(tmp_path_factory, inserts):
     lines = list(GOOD)
@@ -66,9 +76,7 @@ def test_bad_lines_never_crash_and_are_reported_by_line(tmp_path_factory, insert
     bad_at = [i for i, l in enumerate(lines, start=1) if l in bad_texts]
     p = tmp_path_factory.mktemp("fuzz") / "log.jsonl"
     p.write_bytes(("\n".join(lines) + "\n").encode("utf-8", errors="surrogateescape"))
-    a = Auditor(max_line=MAX_LINE)
-    a.feed_files([str(p)])
-    res = a.finish()
+    res = audit_paths([str(p)], max_line=MAX_LINE)
     malformed_lines = {f.line for f in res.by_kind("malformed")}
     assert set(bad_at) <= malformed_lines, (bad_at, [str(f) for f in res.findings])
     for f in res.findings:
@@ -82,9 +90,7 @@ def test_truncated_gzip_is_reported_and_audit_goes_on(tmp_path):
     data = gzip.compress(("\n".join(GOOD) + "\n").encode())
     p = tmp_path / "cut.jsonl.gz"
     p.write_bytes(data[: len(data) // 2])
-    a = Auditor()
-    a.feed_files([str(p), str(mg.HERE / "cancellation.jsonl")])
-    res = a.finish()
+    res = audit_paths([str(p), str(mg.HERE / "cancellation.jsonl")])
     (u,) = res.by_kind("unreadable")
     assert u.file == str(p) and u.line >= 1
     assert res.requests >= 3  # the second file was still audited
@@ -93,9 +99,7 @@ def test_truncated_gzip_is_reported_and_audit_goes_on(tmp_path):
 def test_no_trailing_newline_and_blank_lines(tmp_path):
     p = tmp_path / "x.jsonl"
     p.write_text("\n\n" + "\n".join(GOOD[:20]) + "\n   \n", encoding="utf-8")
-    res = Auditor()
-    res.feed_files([str(p)])
-    r = res.finish()
+    r = audit_paths([str(p)])
     assert r.ok and r.events == 20
 
 
@@ -105,7 +109,8 @@ EVENTS = [d for name in ("clean_run", "cancellation", "poisoning", "deferred_ter
           for d in mg.scenarios()[name]]
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, 
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(st.lists(st.tuples(st.integers(0, len(EVENTS) - 1), st.integers(0, 30), json_values), min_size=1,
                 max_size=4))
 def test_any_value_in_any_field_never_crashes(tmp_path_factory, edits):
@@ -115,9 +120,7 @@ def test_any_value_in_any_field_never_crashes(tmp_path_factory, edits):
         events[i][keys[k % len(keys)]] = value
     p = tmp_path_factory.mktemp("fields") / "log.jsonl"
     p.write_text("".join(json.dumps(d) + "\n" for d in events), encoding="utf-8")
-    a = Auditor()
-    a.feed_files([str(p)])
-    res = a.finish()
+    res = audit_paths([str(p)])
     for f in res.findings:
         assert f.file == str(p) and 0 < f.line <= len(events)
 

@@ -9,4 +9,5 @@ void register_pool(pybind11::module_& m);
 void register_engine(pybind11::module_& m);
 void register_bench(pybind11::module_& m);
 void register_transport(pybind11::module_& m);
+void register_audit(pybind11::module_& m);
 }  // namespace lifecycle::bindings

@@ -1,0 +1,303 @@
+// The native audit reader + replay: known JSON edge cases, blank lines, a clean log, and a seeded fuzz of
+// mutated logs fed in random chunks (single source and merged).  Under ASan+UBSan (make test-sanitize)
+// the fuzz is the memory-safety check; everywhere it checks that how the bytes are chunked never changes
+// the result.  (Equality with the Python reference is tests/test_audit_native.py's job.)
+//
+//   AUDIT_FUZZ_SEED=<n> AUDIT_FUZZ_ITERS=<n> ./test_audit     # replay or extend a run
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "check.hpp"
+#include "lifecycle/audit.hpp"
+#include "lifecycle/errors.hpp"
+#include "lifecycle/table_gen.hpp"
+
+namespace au = lifecycle::audit;
+
+namespace {
+
+std::string line(const std::string& event, long req, long seq, long t, const std::string& rest) {
+  return "{\"event\": \"" + event + "\", \"request\": " + (req < 0 ? std::string("null") : std::to_string(req)) +
+         ", \"rank\": 0, \"role\": \"sender\", \"t_mono_ns\": " + std::to_string(t) + ", \"seq\": " +
+         std::to_string(seq) + ", \"pid\": 7, \"table\": \"" + lifecycle::kTableDigest + "\"" + rest + "}\n";
+}
+
+std::string tr(long req, long seq, long t, const char* from, const char* to, const char* trig, const char* outcome,
+               long slot) {
+  std::string f = from ? std::string("\"") + from + "\"" : "null";
+  std::string o = outcome ? std::string("\"") + outcome + "\"" : "null";
+  return line("lifecycle.transition", req, seq, t,
+              ", \"from_state\": " + f + ", \"to_state\": \"" + to + "\", \"trigger\": \"" + trig + "\", \"outcome\": " +
+                  o + ", \"slot\": " + std::to_string(slot) + ", \"generation\": 1, \"deferred\": false");
+}
+
+// A clean log: n requests, each advertise, expose, complete, terminate (result + transition).
+std::string clean_log(int n, long t0 = 1000000) {
+  std::string s;
+  long seq = 0, t = t0;
+  for (int r = 0; r < n; ++r) {
+    s += tr(r, seq++, t += 1000, nullptr, "Advertised", "advertise", nullptr, r % 4);
+    s += tr(r, seq++, t += 1000, "Advertised", "InFlight", "expose", nullptr, r % 4);
+    if (r % 3 == 0) {
+      s += tr(r, seq++, t += 1000, "InFlight", "Poisoned", "fail", "failed", r % 4);
+    } else {
+      s += tr(r, seq++, t += 1000, "InFlight", "Quiesced", "complete", "completed", r % 4);
+    }
+    s += line("lifecycle.terminate", r, seq++, t += 10, ", \"result\": \"Terminated\", \"state\": null");
+    s += tr(r, seq++, t += 1000, r % 3 == 0 ? "Poisoned" : "Quiesced", "Terminated", "terminate",
+            r % 3 == 0 ? "failed" : "completed", r % 4);
+    if (r % 3 == 0) s += line("lifecycle.buffer_recovered", r, seq++, t += 10, ", \"slot\": " + std::to_string(r % 4) +
+                              ", \"generation\": 1");
+  }
+  s += line("lifecycle.health", -1, seq++, t += 10, ", \"healthy\": false, \"reasons\": [\"x\", 1]");
+  s += line("lifecycle.late_event", 1, seq++, t += 10, ", \"trigger\": \"complete\", \"state\": \"Terminated\"");
+  return s;
+}
+
+std::string show(const au::Finding& f) {
+  std::string s = std::string(au::kind_name(f.kind)) + " f" + std::to_string(f.file) + ":" + au::to_string(f.line);
+  if (f.has_rank) s += " rank " + au::to_string(f.rank);
+  if (f.has_request) s += " req " + au::to_string(f.request);
+  for (auto& p : f.message) s += " |" + std::to_string(static_cast<int>(p.op)) + ":" + p.text;
+  for (auto& x : f.extra) s += " {" + x.key + "=" + au::to_string(x.i) + x.s[0] + x.s[1] + x.s[2] + x.s[3] + "}";
+  return s;
+}
+
+// Everything a result holds, as text (so two runs compare with ==).
+std::string digest(au::Auditor& a, const au::Result& r, std::vector<au::Finding> fs) {
+  for (auto& f : a.take_findings()) fs.push_back(f);
+  std::string s = "lines " + std::to_string(r.lines) + " events " + std::to_string(r.events) + " requests " +
+                  std::to_string(r.requests) + " terminated " + std::to_string(r.terminated) + " live " +
+                  std::to_string(r.live) + "\n";
+  for (auto& c : r.counts) s += std::string(au::kind_name(c.first)) + "=" + std::to_string(c.second) + " ";
+  s += "\n";
+  for (auto& f : fs) s += show(f) + "\n";
+  for (auto& h : r.time_in_state) s += std::to_string(h.count) + "/" + au::to_string(h.total) + " ";
+  s += std::to_string(r.lifetime.count) + "/" + au::to_string(r.lifetime.max) + "\n";
+  // (appended piece by piece: GCC 12 warns falsely on `"!" + std::to_string(..)`, bug 105329)
+  for (auto* es : {&r.edges, &r.illegal_edges}) {
+    for (auto& e : *es) {
+      s += es == &r.edges ? ' ' : '!';
+      s += std::to_string(e.src);
+      s += '>';
+      s += std::to_string(e.dst);
+      s += '=';
+      s += std::to_string(e.count);
+    }
+  }
+  for (auto& x : r.slowest) s += " slow " + au::to_string(x.request) + ":" + std::to_string(x.segments.size());
+  for (auto& x : r.violating) s += " viol " + au::to_string(x.request) + ":" + x.role;
+  for (auto& st : r.streams) s += " pid " + au::to_string(st.pid) + ":" + au::to_string(st.events);
+  return s;
+}
+
+au::Options small_options() {
+  au::Options o;
+  o.window = 3;
+  o.top = 2;
+  o.keep_findings = 50;
+  o.max_line = 600;
+  return o;
+}
+
+// Feed `files` (merged when more than one), each cut into chunks of random size (0: whole).
+std::string audit(const std::vector<std::string>& files, std::mt19937_64* rng, const au::Options& opt) {
+  au::Auditor a(opt);
+  std::vector<std::uint32_t> ids;
+  for (std::uint32_t i = 0; i < files.size(); ++i) ids.push_back(i);
+  std::vector<std::size_t> pos(files.size(), 0);
+  std::vector<au::Finding> fs;
+  if (!files.empty()) {
+    a.begin(ids);
+    for (long i; (i = a.run()) >= 0;) {
+      auto k = static_cast<std::size_t>(i);
+      const std::string& f = files[k];
+      if (pos[k] >= f.size()) {
+        a.end(k);
+      } else {
+        std::size_t n = rng ? std::uniform_int_distribution<std::size_t>(1, 97)(*rng) : f.size();
+        n = std::min(n, f.size() - pos[k]);
+        a.feed(k, f.data() + pos[k], n);
+        pos[k] += n;
+      }
+      for (auto& g : a.take_findings()) fs.push_back(g);
+    }
+  }
+  std::vector<std::int64_t> order;
+  for (std::size_t i = 0; i < files.size(); ++i) order.push_back(static_cast<std::int64_t>(i));
+  au::Result r = a.finish(order);
+  return digest(a, r, fs);
+}
+
+const char* const kTokens[] = {
+    "{", "}", "[", "]", "\"", ",", ":", "\\", "\\u0065", "\\ud800", "\\udc00", "null", "true", "false", "-0", "1e400",
+    "18446744073709551616", "18446744073709551615", "-9223372036854775808", "1.5", "NaN", "\xff", "\xc3\xa9", "\xed\xa0\x80",
+    "\x00", "\n", "\r", " ", "\t", "\xc2\xa0", "\"Terminated\"", "\"Poisoned\"", "\"lifecycle.terminate_now\"",
+    "\"lifecycle.terminate\"", "\"Deferred\"", "\"result\": \"Deferred\", ", "\"deferred\": true, ", "\"seq\": 0, ",
+    "\"request\": 3, ", "\"rank\": 1, ", "\"pid\": 8, ", "\"table\": [1], ", "\"from_state\": null, ",
+    "\"t_mono_ns\": 99999999999999, ", "\"slot\": 2, ", "[[[[[[[[[[", "]]]]]]]]]]"};
+
+std::string mutate(std::string s, std::mt19937_64& rng) {
+  std::uniform_int_distribution<int> ops(0, 7);
+  int n = std::uniform_int_distribution<int>(0, 12)(rng);
+  for (int i = 0; i < n && !s.empty(); ++i) {
+    std::size_t at = std::uniform_int_distribution<std::size_t>(0, s.size() - 1)(rng);
+    switch (ops(rng)) {
+      case 0: s.erase(at, std::uniform_int_distribution<std::size_t>(1, 40)(rng)); break;
+      case 1: s[at] = static_cast<char>(rng() & 0xff); break;
+      case 2: {
+        const char* tok = kTokens[rng() % (sizeof(kTokens) / sizeof(kTokens[0]))];
+        s.insert(at, tok[0] == 0 ? std::string(1, '\0') : std::string(tok));
+        break;
+      }
+      case 3: {  // repeat a line
+        std::size_t b = s.rfind('\n', at), e = s.find('\n', at);
+        b = b == std::string::npos ? 0 : b + 1;
+        if (e != std::string::npos) s.insert(b, s.substr(b, e - b + 1));
+        break;
+      }
+      case 4: {  // drop a line
+        std::size_t b = s.rfind('\n', at), e = s.find('\n', at);
+        b = b == std::string::npos ? 0 : b + 1;
+        if (e != std::string::npos) s.erase(b, e - b + 1);
+        break;
+      }
+      case 5: s.insert(at, std::string(std::uniform_int_distribution<std::size_t>(550, 1300)(rng), 'x')); break;
+      case 6: s.resize(at); break;
+      default: {  // a run of random bytes
+        std::string junk(std::uniform_int_distribution<std::size_t>(1, 30)(rng), ' ');
+        for (auto& c : junk) c = static_cast<char>(rng() & 0xff);
+        s.insert(at, junk);
+      }
+    }
+  }
+  return s;
+}
+
+void test_json_edge_cases() {
+  struct Case {
+    const char* text;
+    bool ok;
+  };
+  const Case cases[] = {
+      {"{}", true}, {"[]", true}, {"1", true}, {"-0", true}, {"01", false}, {"1.", false}, {".5", false},
+      {"1e400", false}, {"1e-400", true}, {"18446744073709551616", true}, {"NaN", false}, {"Infinity", false},
+      {"\"\\ud800\"", false}, {"\"\\udc00\"", false}, {"\"\\ud800\\udc00\"", true}, {"\"\\x\"", false},
+      {"\"\x01\"", false}, {"\"\x7f\"", true}, {"\"\xed\xa0\x80\"", false}, {"\"\xc0\x80\"", false},
+      {"\"\xf4\x90\x80\x80\"", false}, {"\xef\xbb\xbf{}", false}, {"{\"a\":1,\"a\":2}", true}, {"{} x", false},
+      {"{}\r", true}, {"\x0b{}", false}, {"[1,]", false}, {"{\"a\":1,}", false}, {"{1:2}", false}, {"", false},
+      {" ", false}, {"tru", false}, {"true", true}, {"1.7976931348623157e308", true},
+      {"1.7976931348623159e308", false}, {"[[[[[[[[]]]]]]]]", true}, {"[[[[[[[[]]]]]]]", false},
+  };
+  for (auto& c : cases) {
+    std::string s(c.text);
+    bool got = au::json_valid(s.data(), s.size());
+    if (got != c.ok) std::fprintf(stderr, "json_valid(%s) = %d\n", c.text, got);
+    CHECK(got == c.ok);
+  }
+  std::string deep(300000, '[');
+  deep += std::string(300000, ']');
+  CHECK(au::json_valid(deep.data(), deep.size()));  // no recursion, no depth limit
+  deep.pop_back();
+  CHECK(!au::json_valid(deep.data(), deep.size()));
+}
+
+void test_blank() {
+  const char* blank[] = {"", " ", "\t\r\x0b\x0c", "\x1c\x1d\x1e\x1f", "\xc2\xa0", "\xc2\x85", "\xe3\x80\x80",
+                         "\xe2\x80\x80\xe2\x80\x8a\xe2\x80\xa8\xe2\x80\xa9\xe2\x80\xaf\xe2\x81\x9f\xe1\x9a\x80"};
+  const char* not_blank[] = {"x", "\xff", "\xe2\x80\x8b", "\xc2", "\xe3\x80", "\xed\xa0\x80", "\x00"};
+  for (auto s : blank) CHECK(au::is_blank(s, std::char_traits<char>::length(s)));
+  for (auto s : not_blank) CHECK(!au::is_blank(s, std::max<std::size_t>(std::char_traits<char>::length(s), 1)));
+}
+
+void test_clean_log_and_chunking() {
+  std::string log = clean_log(12);
+  std::string whole = audit({log}, nullptr, au::Options{});
+  const std::string n = std::to_string(std::count(log.begin(), log.end(), '\n'));
+  CHECK(whole.rfind("lines " + n + " events " + n + " requests 12 terminated 12 live 0\n", 0) == 0);
+  CHECK(whole.find("unhealthy f0:" + std::to_string(std::stoi(n) - 1)) != std::string::npos);
+  CHECK(whole.find("malformed") == std::string::npos);
+  std::mt19937_64 rng(1);
+  CHECK(audit({log}, &rng, au::Options{}) == whole);
+  // a line of exactly max_line bytes is read; one byte more is reported
+  au::Options o;
+  std::size_t longest = 0, at = 0, lineno = 0;
+  for (std::size_t b = 0, e; (e = log.find('\n', b)) != std::string::npos; b = e + 1) {
+    ++lineno;
+    if (e - b > longest) {
+      longest = e - b;
+      at = lineno;
+    }
+  }
+  o.max_line = static_cast<std::int64_t>(longest);
+  CHECK(audit({log}, &rng, o).find("malformed") == std::string::npos);
+  o.max_line -= 1;
+  std::string cut = audit({log}, &rng, o);
+  CHECK(cut.find("malformed f0:" + std::to_string(at) + " |0:line longer than") != std::string::npos);
+  // two ranks merged, one on a clock hours ahead
+  std::string other = clean_log(5, 1000000 + 7200L * 1000000000L);
+  std::string merged = audit({log, other}, nullptr, au::Options{});
+  CHECK(merged == audit({log, other}, &rng, au::Options{}));
+}
+
+void test_bad_api_use() {
+  au::Options o;
+  o.window = 0;
+  bool threw = false;
+  try {
+    au::Auditor a(o);
+  } catch (const lifecycle::InvalidArgumentError&) {
+    threw = true;
+  }
+  CHECK(threw);
+  au::Auditor a{au::Options{}};
+  threw = false;
+  try {
+    a.feed(0, "x", 1);
+  } catch (const lifecycle::InvalidArgumentError&) {
+    threw = true;
+  }
+  CHECK(threw);
+}
+
+void fuzz() {
+  const char* env_seed = std::getenv("AUDIT_FUZZ_SEED");
+  const char* env_iters = std::getenv("AUDIT_FUZZ_ITERS");
+  const std::uint64_t seed = env_seed ? std::strtoull(env_seed, nullptr, 10) : 20240611;
+  const long iters = env_iters ? std::strtol(env_iters, nullptr, 10) : 3000;
+  const std::string base = clean_log(8), base2 = clean_log(4, 5000000);
+  for (long it = 0; it < iters; ++it) {
+    const std::uint64_t s = seed + static_cast<std::uint64_t>(it);
+    std::mt19937_64 rng(s);
+    std::vector<std::string> files{mutate(base, rng)};
+    if (rng() % 3 == 0) files.push_back(mutate(base2, rng));
+    if (rng() % 7 == 0) files.push_back(mutate(base, rng));
+    au::Options o = rng() % 2 ? small_options() : au::Options{};
+    std::string whole = audit(files, nullptr, o);
+    std::string chunked = audit(files, &rng, o);
+    if (whole != chunked) {
+      std::fprintf(stderr, "audit fuzz: chunking changed the result; replay with AUDIT_FUZZ_SEED=%llu AUDIT_FUZZ_ITERS=1\n",
+                   static_cast<unsigned long long>(s));
+      std::fprintf(stderr, "--- whole\n%s\n--- chunked\n%s\n", whole.c_str(), chunked.c_str());
+      CHECK(whole == chunked);
+      return;
+    }
+    ++lctest::checks;
+  }
+  std::printf("audit fuzz: %ld iterations from seed %llu\n", iters, static_cast<unsigned long long>(seed));
+}
+
+}  // namespace
+
+int main() {
+  test_json_edge_cases();
+  test_blank();
+  test_clean_log_and_chunking();
+  test_bad_api_use();
+  fuzz();
+  TEST_MAIN_END();
+}

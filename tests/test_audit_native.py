@@ -1,0 +1,539 @@
+"""The native replay (``lifecycle._core.AuditReplay``, cpp/src/audit.cpp) gives exactly the Python
+``Auditor``'s result: same ``as_dict()`` (compared as JSON text, so key order counts too), same
+``format_text()``, same findings (kind, file, line, rank, request, message, extra), same counts.
+
+The Python replay is the reference and the one hand-written copy of the audit's rules; this file is what
+keeps the C++ copy honest: golden logs, every hand-broken copy test_audit.py builds, hypothesis-mutated
+logs (dropped, repeated, swapped lines; any value of any type in any field; raw JSON oddities such as big
+integers, escaped keys, duplicate keys; truncated, garbage, blank, CRLF and over-long lines; gzip, cut
+gzip; several files, some on clocks hours apart; chunk sizes down to one byte so lines span reads), and
+the reader's JSON acceptance against orjson's byte for byte.  A negative control shows a perturbed native
+result is caught.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import random
+import subprocess
+import sys
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lifecycle import _core, audit, errors, spec
+from lifecycle.audit import audit_paths, format_text
+from tests.golden import make_golden as mg
+from tests.test_audit import BREAKS, _stream
+
+SPEC = spec.load(spec.default_table_path())
+GOLDEN = sorted(p for p in mg.HERE.glob("*.jsonl"))
+
+
+# ------------------------------------------------------------------------------------ the comparison
+
+
+def fingerprint(res) -> dict:
+    """Everything observable in a result (as_dict as JSON text keeps key order and int/float apart)."""
+    return {
+        "as_dict": json.dumps(res.as_dict()),
+        "text": format_text(res),
+        "text_all": format_text(res, max_findings=10**6),
+        "findings": [(f.kind, f.file, f.line, f.rank, f.request, f.message, json.dumps(f.extra)) for f in res.findings],
+        "counts": sorted(res.finding_counts.items()),
+        "ok": res.ok,
+        "summaries": [json.dumps(dataclasses.asdict(r)) for r in res.slowest + res.violating],
+        "hist": {s: (sorted(h.buckets.items()), h.max, h.total) for s, h in res.time_in_state.items()},
+    }
+
+
+def run(paths, native: bool, **kw):
+    try:
+        return fingerprint(audit_paths(paths, SPEC, native=native, **kw))
+    except RecursionError as exc:  # both engines refuse to repr() absurdly nested values
+        return ("raised", type(exc).__name__)
+
+
+def differences(a, b) -> list[str]:
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return [] if a == b else [f"native {a!r} != python {b!r}"]
+    out = []
+    for k in a:
+        if a[k] != b[k]:
+            out.append(f"{k}: native {str(a[k])[:3000]}\n   python {str(b[k])[:3000]}")
+    return out
+
+
+def assert_same(paths, **kw) -> None:
+    assert audit.native_unavailable(SPEC, **kw) is None
+    paths = [str(p) for p in paths]
+    diff = differences(run(paths, True, **kw), run(paths, False, **kw))
+    assert not diff, "\n".join(diff)
+
+
+# ------------------------------------------------------------------------------------ fixed inputs
+
+
+@pytest.mark.parametrize("path", GOLDEN, ids=lambda p: p.name)
+def test_every_golden_log_audits_identically(path):
+    assert_same([path])
+
+
+@pytest.mark.parametrize("names", [
+    ["two_rank.rank0", "two_rank.rank1"],
+    ["two_rank.rank1", "two_rank.rank0", "two_rank.merged"],
+    ["clean_run", "cancellation", "poisoning", "deferred_termination"],
+    ["clean_run", "clean_run"],  # the same path twice
+])
+def test_multi_file_audits_identically(names):
+    assert_same([mg.HERE / f"{n}.jsonl" for n in names])
+
+
+@pytest.mark.parametrize("name", sorted(BREAKS))
+def test_every_hand_broken_copy_audits_identically(name, tmp_path):
+    ev, _kind, _req, line = BREAKS[name]()
+    text = mg.render(ev)
+    if name == "malformed":
+        lines = text.splitlines(keepends=True)
+        lines.insert(line - 1, '{"event": "lifecycle.transition", "request": 1\n')
+        text = "".join(lines)
+    p = tmp_path / f"{name}.jsonl"
+    p.write_text(text, encoding="utf-8")
+    assert_same([p])
+    assert_same([p, mg.HERE / "clean_run.jsonl"])
+
+
+@pytest.mark.parametrize("kw", [{}, {"window": 1}, {"window": 3, "top": 1, "keep_violating": 1},
+                                {"keep_findings": 0}, {"leak_age_ns": -1}, {"leak_age_ns": 10**30}])
+def test_long_logs_with_small_windows_audit_identically(tmp_path, kw):
+    ev = list(_stream(700))
+    del ev[100]
+    ev.insert(200, dict(ev[199]))
+    ev[300] = {**ev[300], "to_state": "Poisoned"}
+    ev[400] = {**ev[400], "table": "feedfacefeedface"}
+    ev = ev[:-40]  # leave some requests live
+    p = tmp_path / "long.jsonl"
+    p.write_text(mg.render(ev), encoding="utf-8")
+    assert_same([p], **kw)
+    # the same log as two ranks, one with a clock hours ahead (the merge goes relative)
+    r1 = [{**d, "rank": 1, "pid": d["pid"] + 1, "t_mono_ns": d["t_mono_ns"] + 7200 * 10**9} for d in ev]
+    q = tmp_path / "rank1.jsonl"
+    q.write_text(mg.render(r1), encoding="utf-8")
+    assert_same([p, q], **kw)
+
+
+@pytest.mark.parametrize("window", [8192, 1])
+def test_rank_disagreement_audits_identically(tmp_path, window):
+    r0, r1 = mg.two_rank()
+    i = next(i for i, d in enumerate(r1) if d.get("outcome") == "completed")
+    r1[i] = {**r1[i], "outcome": "cancelled"}
+    p0, p1, m = tmp_path / "r0.jsonl", tmp_path / "r1.jsonl", tmp_path / "merged.jsonl"
+    p0.write_text(mg.render(r0), encoding="utf-8")
+    p1.write_text(mg.render(r1), encoding="utf-8")
+    m.write_text(mg.render(mg.merge_by_time(r0, r1)), encoding="utf-8")
+    res = audit_paths([p0, p1], native=True, window=window)
+    assert res.by_kind("rank_disagreement") or res.finding_counts.get("window_evicted")
+    assert_same([p0, p1], window=window)
+    assert_same([m], window=window)
+
+
+def test_unreadable_inputs_audit_identically(tmp_path):
+    data = gzip.compress((mg.HERE / "cancellation.jsonl").read_bytes() * 50)
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(data[: len(data) // 2])
+    assert_same([cut])
+    assert_same([cut, mg.HERE / "clean_run.jsonl"])
+    assert_same([tmp_path / "missing.jsonl"])
+    assert_same([tmp_path, mg.HERE / "clean_run.jsonl"])  # a directory
+    assert_same([])
+
+
+LINE_CASES = [
+    b"", b"   ", b"\t\r", b"\x0b", b"\x1c\x1d", b"\xc2\xa0", b"\xe3\x80\x80 ", b"\xc2\x85", b"\xe2\x80\xa8",
+    b"\xff", b"\xed\xa0\x80", b"null", b"[]", b"[1, 2]", b'"x"', b"1", b"1.5", b"true", b"-0", b"{}",
+    b'{"event": 1}', b"NaN", b"Infinity", b"{} {}", b'{"a": 1,}', b"[" * 3000, b"[" * 3000 + b"]" * 3000,
+    b'{"event": "lifecycle.transition", "request": [' * 5 + b"]" * 5 + b"}",
+    b'{"event": "lifecycle.bogus", "rank": 0, "seq": 0, "pid": 1, "t_mono_ns": 5, "request": null, "table": 1}',
+    b'{"\\u0065vent": "lifecycle.health", "rank": 18446744073709551615, "seq": 0, "pid": -9223372036854775808, '
+    b'"t_mono_ns": 1, "request": null, "healthy": false, "reasons": {"a": 1, "a": [2]}, "table": [1.0, {}]}',
+    b'{"event": "lifecycle.health", "rank": 18446744073709551616, "seq": 0, "pid": 1, "t_mono_ns": 1}',
+    b'{"event": "lifecycle.callback_error", "rank": 0, "seq": 1e400, "pid": 1, "t_mono_ns": 1}',
+    b'{"event": "lifecycle.callback_error", "rank": 0, "seq": 3, "pid": 1, "t_mono_ns": 1, "error": '
+    b'"\\ud83d\\ude00 \xc3\xa9 \\u0000 \\" \x7f"}',
+    b'{"event": "lifecycle.collective_desync", "rank": 0, "seq": 4, "pid": 1, "t_mono_ns": 1, "seq_no": 1.5e300, '
+    b'"field": {"k": [true, null]}, "sites": "s"}',
+    b'{"event": "lifecycle.terminate", "rank": 0, "seq": 5, "pid": 1, "t_mono_ns": 1, "request": 1, "result": "' +
+    b"\\u00e9" * 100 + b'"}',
+]
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 20])
+def test_odd_lines_audit_identically(tmp_path, chunk, monkeypatch):
+    monkeypatch.setattr(audit, "_CHUNK", chunk)
+    good = (mg.HERE / "deferred_termination.jsonl").read_bytes().splitlines()
+    lines = []
+    for i, case in enumerate(LINE_CASES):
+        lines.append(case)
+        lines.append(good[i % len(good)])
+    p = tmp_path / "odd.jsonl"
+    p.write_bytes(b"\n".join(lines) + b"\n" + b"   ")
+    assert_same([p], max_line=2048)
+    q = tmp_path / "odd_crlf.jsonl"
+    q.write_bytes(b"\r\n".join(lines))
+    assert_same([q, p], max_line=2048)
+
+
+DEEP_CASES = {
+    "at the limit": b"[" * audit.MAX_DEPTH + b"]" * audit.MAX_DEPTH,
+    "one over": b"[" * (audit.MAX_DEPTH + 1) + b"]" * (audit.MAX_DEPTH + 1),
+    "200k, where orjson overflows its stack": b"[" * 200_000 + b"]" * 200_000,
+    "unclosed": b"{\"a\":" * 600,
+    "brackets in a string do not count": b'["' + b"[" * 5000 + b'"]',
+    "an escaped quote keeps the string open": b'["\\"' + b"[" * 5000 + b'"]',
+    "an escaped backslash closes it": b'["\\\\"' + b"[" * 5000 + b'"]',
+    "an unterminated string runs to the end": b'["' + b"[" * 5000,
+    "closers first do not bank depth": b"]" * 600 + b"[" * 600,
+}
+
+
+@pytest.mark.parametrize("name", sorted(DEEP_CASES))
+def test_deeply_nested_lines_are_findings_in_both_engines(tmp_path, name):
+    """A line nesting deeper than MAX_DEPTH is a malformed-line finding in both engines, never handed to a
+    parser (orjson recurses and overflows its stack near 150 k levels; the native reader has no recursion
+    but applies the same rule so the results stay identical), alone, as a field value, and merged."""
+    raw = DEEP_CASES[name]
+    ev = dict(mg.clean_run()[0])
+    p = tmp_path / "deep.jsonl"
+    lines = [raw, json.dumps({**ev, "role": "R"}).encode().replace(b'"R"', raw)]  # the object adds a level
+    p.write_bytes(b"\n".join(lines) + b"\n")
+    assert_same([p])
+    assert_same([p, mg.HERE / "clean_run.jsonl"])
+    res = audit_paths([p], native=True)
+    deep = [f.line for f in res.by_kind("malformed") if "nested deeper" in f.message]
+    over = name in ("one over", "200k, where orjson overflows its stack", "unclosed", "an escaped backslash closes it")
+    assert deep == ([1, 2] if over else [2] if name == "at the limit" else [])
+    assert [audit._too_deep(x, audit.MAX_DEPTH) for x in lines] == [over, over or name == "at the limit"]
+
+
+def test_without_the_depth_rule_the_python_replay_crashes(tmp_path):
+    """Negative control: the rule is what keeps a 200k-deep line from killing the audit (orjson 3.8
+    overflows its stack, SIGSEGV)."""
+    p = tmp_path / "deep.jsonl"
+    p.write_bytes(DEEP_CASES["200k, where orjson overflows its stack"] + b"\n")
+    code = ("import sys; from lifecycle import audit; audit._too_deep = lambda raw, d: False; "
+            f"sys.exit(0 if audit.audit_paths([{str(p)!r}], native=False).violations else 3)")
+    crashed = subprocess.run([sys.executable, "-c", code], capture_output=True)
+    assert crashed.returncode < 0 or crashed.returncode not in (0, 3), crashed.returncode
+    code = code.replace("audit._too_deep = lambda raw, d: False; ", "")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+def test_every_whitespace_line_is_blank_exactly_as_python_strips():
+    for cp in range(sys.maxunicode + 1):
+        line = chr(cp).encode("utf-8", "surrogatepass")
+        assert _core._audit_is_blank(line) == audit._blank(line), hex(cp)
+    rnd = random.Random(5)
+    for _ in range(20_000):
+        line = bytes(rnd.choice(b" \t\x0b\x1c\x85\xa0\xc2\xe2\x80\x81\x9f\xe3\x00x") for _ in range(rnd.randint(0, 6)))
+        assert _core._audit_is_blank(line) == audit._blank(line), line
+
+
+# ------------------------------------------------------------------------------------ the JSON reader
+
+
+def orjson_accepts(b: bytes) -> bool:
+    try:
+        orjson.loads(b)
+    except orjson.JSONDecodeError:
+        return False
+    return True
+
+
+JSON_SEEDS = [
+    b'{"a":1,"b":[1,2,{"c":"d\\u00e9\\ud83d\\ude00"}],"e":null,"f":true,"g":false,"h":-0.5e-3}',
+    b'[1, 2.5, "x", {"\\u0065vent": "y"}]', b'"abc"', b"123", b"-0", b"18446744073709551616", b"1e308",
+    b"1.7976931348623157e308", b'{"k": "\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80"}', b'  {"a" : [ ] , "b" : { } }  \r',
+    b"0.000001e-5", b"1E+2", b"[[[[[]]]]]", b"9" * 309, b"1" + b"0" * 308,
+]
+JSON_BYTES = b'{}[]",:\\/ \t\r\n0123456789.eE+-truefalsnu\x00\x01\x7f\x80\xbf\xc0\xc2\xe0\xed\xf0\xf4\xf5\xff'
+JSON_CHUNKS = [b"\\u", b"\\ud800", b"\\udc00", b"e400", b"999999999999999999999", b'"', b"\\", b"1e-400", b"nul",
+               b"tru"]
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.sampled_from(JSON_SEEDS), st.lists(st.tuples(st.integers(0, 3), st.integers(0, 10**6),
+                                                       st.sampled_from(range(len(JSON_BYTES))),
+                                                       st.sampled_from(JSON_CHUNKS)), max_size=4))
+def test_the_reader_accepts_exactly_what_orjson_accepts(seed, edits):
+    s = bytearray(seed)
+    for op, pos, byte, chunk in edits:
+        pos = pos % (len(s) + 1)
+        if op == 0 and s:
+            del s[min(pos, len(s) - 1)]
+        elif op == 1:
+            s[pos:pos] = JSON_BYTES[byte:byte + 1]
+        elif op == 2 and s:
+            s[min(pos, len(s) - 1)] = JSON_BYTES[byte]
+        else:
+            s[pos:pos] = chunk
+    assert _core._audit_json_valid(bytes(s)) == orjson_accepts(bytes(s)), bytes(s)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.recursive(st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False)
+                    | st.text(max_size=8),
+                    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=4), c, max_size=3),
+                    max_leaves=12))
+def test_the_reader_accepts_every_json_document(value):
+    text = json.dumps(value, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    assert _core._audit_json_valid(text) == orjson_accepts(text), text
+
+
+# ------------------------------------------------------------------------------------ mutated logs
+
+BASES = {name: [l.encode() for l in mg.render(ev).splitlines()] for name, ev in mg.scenarios().items()}
+KEYS = ["event", "rank", "seq", "pid", "t_mono_ns", "request", "table", "from_state", "to_state", "trigger",
+        "outcome", "deferred", "slot", "generation", "role", "result", "state", "error", "healthy", "reasons",
+        "seq_no", "field", "sites", "schema", "zzz"]
+NAMES = list(SPEC.states) + list(SPEC.events) + list(SPEC.outcomes) + list(SPEC.cancel_results) + \
+    list(SPEC.terminate_results) + list(audit._EVENT_NAMES) + [SPEC.digest, "none", "Poisoned", "sender"]
+RAW_VALUES = [b"18446744073709551616", b"-9223372036854775809", b"18446744073709551615", b"-0", b"1.0", b"1e2",
+              b"1e400", b"NaN", b'"\\u0041dvertised"', b'"\\ud800"', b"[[[[1]]]]", b'{"a": 1, "a": 2}', b"-0.0",
+              b'"' + SPEC.digest.encode() + b'"', b"[1, 1.0, true]", b'"\\u006cifecycle.transition"']
+values = st.one_of(
+    st.none(), st.booleans(), st.integers(-3, 5000), st.integers(-(2**63), 2**64 - 1),
+    st.sampled_from([0, -1, 4096, 4097, 8193, 2**63 - 1, 2**63, 2**64 - 1, -(2**63), 10**15]),
+    st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=10), st.sampled_from(NAMES),
+    st.lists(st.sampled_from(NAMES) | st.integers(), max_size=3),
+    st.dictionaries(st.sampled_from(NAMES), st.integers() | st.none(), max_size=2),
+)
+WS = [b"", b" ", b"\t", b"\x0b", b"\xc2\xa0", b"\xe3\x80\x80", b"\x1c", b"\r"]
+
+
+@st.composite
+def mutation(draw):
+    kind = draw(st.sampled_from(["drop", "dup", "swap", "set", "set_raw", "del_key", "truncate", "garbage",
+                                 "blank", "huge", "crlf", "escape_key", "insert_bytes"]))
+    return kind, draw(st.integers(0, 10**6)), draw(st.integers(0, 10**6)), draw(values), \
+        draw(st.sampled_from(RAW_VALUES)), draw(st.binary(min_size=1, max_size=12).filter(lambda b: b"\n" not in b))
+
+
+def apply(lines: list[bytes], muts, max_line: int) -> list[bytes]:
+    lines = list(lines)
+    for kind, a, b, value, raw, junk in muts:
+        if not lines:
+            lines.append(junk)
+            continue
+        i = a % len(lines)
+        line = lines[i]
+        if kind == "drop":
+            del lines[i]
+        elif kind == "dup":
+            lines.insert(i, line)
+        elif kind == "swap":
+            j = b % len(lines)
+            lines[i], lines[j] = lines[j], lines[i]
+        elif kind in ("set", "set_raw", "del_key"):
+            try:
+                d = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if type(d) is not dict:
+                continue
+            key = KEYS[b % len(KEYS)]
+            if kind == "set":
+                d[key] = value
+                lines[i] = json.dumps(d).encode()
+            elif kind == "del_key":
+                d.pop(key, None)
+                lines[i] = json.dumps(d).encode()
+            else:  # a raw JSON value, appended: a duplicate key when the line has it (the last one wins)
+                lines[i] = line.rstrip()[:-1] + b', "' + key.encode() + b'": ' + raw + b"}"
+        elif kind == "truncate":
+            lines[i] = line[: b % max(len(line), 1)]
+        elif kind == "garbage":
+            lines[i] = junk
+        elif kind == "insert_bytes":
+            p = b % (len(line) + 1)
+            lines[i] = line[:p] + junk + line[p:]
+        elif kind == "blank":
+            lines.insert(i, WS[b % len(WS)] + WS[a % len(WS)])
+        elif kind == "huge":
+            lines.insert(i, b'{"event": "' + b"x" * (max_line + b % 50 - 25) + b'"}')
+        elif kind == "crlf":
+            lines[i] = line + b"\r"
+        else:  # escape_key
+            lines[i] = line.replace(b'"event"', b'"\\u0065vent"', 1).replace(b'"seq"', b'"s\\u0065q"', 1)
+    return lines
+
+
+def write_log(path, lines: list[bytes], trailing: bool, gz: int) -> None:
+    data = b"\n".join(lines) + (b"\n" if trailing else b"")
+    if gz:
+        data = gzip.compress(data)
+        if gz == 2:
+            data = data[: max(len(data) * 2 // 3, 1)]
+    path.write_bytes(data)
+
+
+options = st.fixed_dictionaries({}, optional={
+    "window": st.integers(1, 5), "top": st.integers(1, 3), "keep_findings": st.integers(-1, 4),
+    "keep_violating": st.integers(0, 3), "leak_age_ns": st.sampled_from([-1, 0, 10**6, 10**12]),
+})
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(sorted(BASES)), st.lists(mutation(), max_size=8), st.booleans(), st.sampled_from([0, 0, 1, 2]),
+       st.sampled_from([1, 3, 64, 4096, 1 << 20]), options)
+def test_mutated_logs_audit_identically(tmp_path_factory, base, muts, trailing, gz, chunk, kw):
+    max_line = 512
+    lines = apply(BASES[base], muts, max_line)
+    p = tmp_path_factory.mktemp("mut") / ("log.jsonl.gz" if gz else "log.jsonl")
+    write_log(p, lines, trailing, gz)
+    old = audit._CHUNK
+    audit._CHUNK = chunk
+    try:
+        assert_same([p], max_line=max_line, **kw)
+    finally:
+        audit._CHUNK = old
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(sorted(BASES)), st.lists(mutation(), max_size=5),
+                          st.sampled_from([0, 0, 3 * 3600 * 10**9, -10**6]), st.integers(0, 3)),
+                min_size=2, max_size=4),
+       st.sampled_from([0, 0, 1, 2]), st.sampled_from([5, 4096, 1 << 20]), options)
+def test_mutated_multi_file_audits_identically(tmp_path_factory, files, gz, chunk, kw):
+    d = tmp_path_factory.mktemp("multi")
+    paths = []
+    for n, (base, muts, shift, rank) in enumerate(files):
+        lines = []
+        for line in BASES[base]:
+            ev = json.loads(line)
+            ev.update(rank=rank, t_mono_ns=ev["t_mono_ns"] + shift)
+            lines.append(json.dumps(ev).encode())
+        p = d / f"r{n}.jsonl"
+        write_log(p, apply(lines, muts, 512), True, gz if n == 0 else 0)
+        paths.append(p)
+    old = audit._CHUNK
+    audit._CHUNK = chunk
+    try:
+        assert_same(paths, max_line=512, **kw)
+    finally:
+        audit._CHUNK = old
+
+
+# ------------------------------------------------------------------------------------ negative controls
+
+
+def test_a_perturbed_native_result_is_caught(monkeypatch):
+    """The comparison is not vacuous: the native result with one histogram off by one, or one finding's
+    message changed, or audited with another window, differs from the reference."""
+    paths = [str(mg.HERE / "poisoning.jsonl")]
+    good = run(paths, True)
+    assert not differences(good, run(paths, False))
+    real = audit._histogram
+
+    def off_by_one(d):
+        h = real(d)
+        h._max += 1
+        return h
+
+    monkeypatch.setattr(audit, "_histogram", off_by_one)
+    assert differences(run(paths, True), run(paths, False))
+    monkeypatch.setattr(audit, "_histogram", real)
+    real_message = audit._NativeFindings._message
+    monkeypatch.setattr(audit._NativeFindings, "_message", lambda self, pieces: real_message(self, pieces) + ".")
+    broken = [str(mg.HERE / "clean_run.jsonl"), str(mg.HERE / "clean_run.jsonl")]  # repeated seqs: findings
+    assert "findings" in [d.split(":")[0] for d in differences(run(broken, True), run(broken, False))]
+    monkeypatch.setattr(audit._NativeFindings, "_message", real_message)
+    assert not differences(run(broken, True), run(broken, False))
+    assert differences(run(paths, True, top=1), run(paths, False))  # a native run with other options
+
+
+# ------------------------------------------------------------------------------------ engine selection and API
+
+
+def test_native_is_the_default_and_python_can_be_forced(monkeypatch):
+    calls = []
+    real = audit._audit_native
+    monkeypatch.setattr(audit, "_audit_native", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.delenv(audit.ENGINE_ENV, raising=False)
+    p = [mg.HERE / "clean_run.jsonl"]
+    audit_paths(p)
+    assert calls == [1]
+    audit_paths(p, native=False)
+    monkeypatch.setenv(audit.ENGINE_ENV, "python")
+    audit_paths(p)
+    assert calls == [1]
+    assert audit.main_audit([str(p[0]), "--engine", "native"]) == 0
+    assert calls == [1, 1]
+    monkeypatch.setenv(audit.ENGINE_ENV, "fast")
+    with pytest.raises(ValueError, match="LIFECYCLE_AUDIT_ENGINE"):
+        audit_paths(p)
+
+
+def test_another_table_falls_back_to_the_python_replay(monkeypatch):
+    other = dataclasses.replace(SPEC, digest="0123456789abcdef")
+    assert "not the compiled table" in audit.native_unavailable(other)
+    monkeypatch.setattr(audit, "_audit_native", lambda *a, **k: pytest.fail("native replay used"))
+    res = audit_paths([mg.HERE / "clean_run.jsonl"], other)
+    assert res.table_digest == "0123456789abcdef" and res.by_kind("table_mismatch")
+    with pytest.raises(ValueError, match="cannot be used: table"):
+        audit_paths([mg.HERE / "clean_run.jsonl"], other, native=True)
+
+
+@pytest.mark.parametrize(("kw", "why"), [({"window": 0}, ">= 1"), ({"top": 0}, ">= 1"), ({"max_line": -1}, ">= 0"),
+                                         ({"window": 2.5}, "must be an int"), ({"top": 2**70}, "int64")])
+def test_options_the_native_replay_does_not_take_fall_back(kw, why):
+    assert why in audit.native_unavailable(None, **kw)
+
+
+def test_bad_use_of_the_binding_raises_typed_errors(tmp_path):
+    def new(**kw):
+        return _core.AuditReplay(**{"window": 8, "top": 2, "keep_findings": 5, "keep_violating": 5, "leak_age_ns": 0,
+                                    "max_line": 100, "max_depth": 512, **kw})
+    with pytest.raises(errors.InvalidArgument, match="window"):
+        new(window="8")
+    with pytest.raises(errors.InvalidArgument, match="window"):
+        new(window=0)
+    with pytest.raises(errors.InvalidArgument, match="max_line"):
+        new(max_line=2**64)
+    with pytest.raises(errors.InvalidArgument, match="max_depth"):
+        new(max_depth=-1)
+    r = new()
+    with pytest.raises(errors.InvalidArgument, match="source"):
+        r.feed(0, b"x")  # no group yet
+    with pytest.raises(errors.InvalidArgument, match="files"):
+        r.begin((0,))
+    with pytest.raises(errors.InvalidArgument, match="files"):
+        r.begin([])
+    r.begin([0, 1])
+    with pytest.raises(errors.InvalidArgument, match="files"):
+        r.begin([0])
+    with pytest.raises(errors.InvalidArgument, match="data"):
+        r.feed(0, "text")
+    with pytest.raises(errors.InvalidArgument, match="source"):
+        r.feed(2, b"x")
+    with pytest.raises(errors.InvalidArgument, match="source"):
+        r.feed(True, b"x")
+    r.feed(0, b'{"event": 1}\n{"ev')
+    r.end(0)
+    with pytest.raises(errors.InvalidArgument, match="after its end"):
+        r.feed(0, b"x")
+    with pytest.raises(errors.InvalidArgument, match="finish"):
+        r.finish([0, 1])
+    r.unreadable(1, "boom")
+    assert r.run() == -1
+    with pytest.raises(errors.InvalidArgument, match="file_order"):
+        r.finish((0, 1))
+    raw = r.finish([0, 1])
+    assert raw["lines"] == 2 and [f[0] for f in r.take_findings()] == ["malformed", "malformed", "unreadable"]
+    with pytest.raises(errors.InvalidArgument, match="finished"):
+        r.begin([0])
+    with pytest.raises(TypeError):
+        r.run(1)

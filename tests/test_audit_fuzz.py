@@ -52,7 +52,8 @@ def bad_line(draw):
         return kind, json.dumps(draw(st.lists(json_values, max_size=3) | st.integers() | st.text(max_size=5)))
     if kind == "bytes":
         return kind, b"\xff\xfe{bad".decode("latin-1")
-    return kind, "[" * 3000  # nesting deeper than the recursion limit
+    n = draw(st.integers(audit.MAX_DEPTH - 4, MAX_LINE // 2))  # around the depth limit, up to the line limit
+    return kind, "[" * n + "]" * draw(st.integers(0, n))
 
 
 def _is_json(s: str) -> bool:

@@ -591,28 +591,23 @@ def iter_blocks(path: str, max_line: int = MAX_LINE) -> Iterator[tuple[int, obje
     buf = b""
     skipping = False
     try:
-        with _open(path) as f:
-            read = f.read
-            while True:
-                chunk = read(_CHUNK)
-                if not chunk:
-                    break
-                if skipping:
-                    i = chunk.find(b"\n")
-                    if i < 0:
-                        continue
-                    skipping = False
-                    lineno += 1
-                    yield lineno, TOO_LONG
-                    chunk = chunk[i + 1:]
-                lines = (buf + chunk).split(b"\n") if buf else chunk.split(b"\n")
-                buf = lines.pop()
-                if lines:
-                    yield from _runs(lineno + 1, lines, max_line)
-                    lineno += len(lines)
-                if len(buf) > max_line:
-                    buf = b""
-                    skipping = True
+        for chunk in _read_chunks(path):
+            if skipping:
+                i = chunk.find(b"\n")
+                if i < 0:
+                    continue
+                skipping = False
+                lineno += 1
+                yield lineno, TOO_LONG
+                chunk = chunk[i + 1:]
+            lines = (buf + chunk).split(b"\n") if buf else chunk.split(b"\n")
+            buf = lines.pop()
+            if lines:
+                yield from _runs(lineno + 1, lines, max_line)
+                lineno += len(lines)
+            if len(buf) > max_line:
+                buf = b""
+                skipping = True
     except (OSError, EOFError, zlib.error) as exc:
         raise _Unreadable(lineno + 1, f"{type(exc).__name__}: {exc}") from exc
     if skipping:
@@ -1558,6 +1553,7 @@ def native_unavailable(spec: _spec.Spec | None = None, **kw) -> str | None:
 
 
 def _read_chunks(path: str) -> Iterator[bytes]:
+    """The file (gzip decompressed) in reads of ``_CHUNK`` bytes; read errors propagate to the caller."""
     with _open(path) as f:
         read = f.read
         while True:

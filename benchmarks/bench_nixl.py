@@ -1,16 +1,20 @@
 """NIXL transfers through the engine vs a bare NIXL loop, side by side (prints numbers, asserts nothing).
 
-Both loops run in C++ (``_core._bench_transfers``, GIL released) on the same agent wrapper and the same
+Both loops run in C++ (``_core._bench_paired``, GIL released) on the same agent wrapper and the same
 progress thread; the only difference is the engine: with it, each transfer is advertise + expose +
 post + complete (by the progress thread) + drain + terminate; without it, post + completion count.
 Same process, two agents over UCX (cma for RMA), WRITEs of 4 KiB .. 16 MiB, 1 and 64 in flight.
+The two loops alternate batch by batch, and the overhead is the median of the paired differences
+with a distribution-free 95% confidence interval: on a shared VM whole runs drift by +-10 %, which
+no best-of or mean comparison survives.  Also printed: the engine's own work per transfer (the same
+engine calls in a native loop, no transport).
 
 Also measured: completion-to-poll latency (engine record timestamp of `complete` -> the record
 drained by the waiting C++ loop (batch 1 only: with 64 in flight the loop is busy posting), and ->
 returned by Python ``TransferEngine.drain()/poll()``, with transition logs off and with them rendered as
 JSON lines to a file).
 
-    python benchmarks/bench_nixl.py [--quick]
+    python benchmarks/bench_nixl.py [--quick] [--reps N]
 """
 
 from __future__ import annotations
@@ -37,6 +41,14 @@ KiB, MiB = 1024, 1024 * 1024
 def pct(xs, p):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(p / 100 * len(xs)))] if xs else float("nan")
+
+
+def median_ci(xs: list[float]) -> tuple[float, float, float]:
+    """(low, median, high) of sorted ``xs``: a 95% confidence interval for the median from order statistics
+    (ranks n/2 -+ 1.96 sqrt(n)/2), valid whatever the distribution."""
+    n = len(xs)
+    k = 1.96 * n ** 0.5 / 2
+    return xs[max(0, int(n / 2 - k))], statistics.median(xs), xs[min(n - 1, int(n / 2 + k + 0.5))]
 
 
 def main() -> None:
@@ -69,39 +81,34 @@ def main() -> None:
             t.add_peer(tp.metadata())
             tp.add_peer(t.metadata())
         req = 1
-        print("engine and bare alternate within each rep (order flipped every rep). 'best': the fastest rep of")
-        print("each (mean us per transfer); 'median': the median batch over all reps (robust to the VM's")
-        print("millisecond preemptions), per transfer; 'paired': the median over reps of engine/bare back to back.\n")
-        print(f"{'size':>8} {'batch':>5} {'n':>5} | {'best: engine':>12} {'bare':>8} {'overhead':>9} {'ratio':>6} | "
-              f"{'median: engine':>14} {'bare':>8} {'overhead':>9} {'ratio':>6} | {'paired':>6} | "
-              f"{'eng GB/s':>8} | c2drain p50/p99 us")
+        print("engine and bare alternate batch by batch (e b, b e, e b, ...; _core._bench_paired), so each pair of")
+        print("batches ran back to back on the same machine state. Per transfer: the median batch of each, and the")
+        print("median of the pairs' differences with its 95% confidence interval (distribution-free, from order")
+        print("statistics): the VM's millisecond preemptions and drifts move single batches, not this median.\n")
+        print(f"{'size':>8} {'batch':>5} {'pairs':>5} | {'engine us':>9} {'bare us':>9} | "
+              f"{'diff us [95% CI]':>24} | {'diff % [95% CI]':>22} | {'mean e/b':>8} | {'eng GB/s':>8} | c2drain p50/p99 us")
         for size in sizes:
             for batch in (1, 64):
                 n = counts[size]
-                best = {}
-                batches = {"engine": [], "bare": []}
-                lat = []
-                paired = []
-                for rep in range(args.reps):
-                    took = {}
-                    order = (("engine", te), ("bare", tb)) if rep % 2 == 0 else (("bare", tb), ("engine", te))
-                    for mode, t in order:
-                        r = _core._bench_transfers(t._core, "bench-peer", "write", src_mem.addr, dst_mem.addr,
-                                                   size, batch, n, req)
-                        req += n
-                        if r["failed"]:
-                            raise SystemExit(f"{r['failed']} transfers failed")
-                        best[mode] = min(best.get(mode, 1e9), r["seconds"])
-                        took[mode] = r["seconds"]
-                        batches[mode] += r["batch_ns"]
-                        if mode == "engine":
-                            lat += r["latency_ns"]
-                    paired.append(took["engine"] / took["bare"])
-                e_us, b_us = best["engine"] / n * 1e6, best["bare"] / n * 1e6
-                em, bm = (statistics.median(batches[m]) / batch / 1e3 for m in ("engine", "bare"))
-                print(f"{size // KiB:>6}Ki {batch:>5} {n:>5} | {e_us:>12.2f} {b_us:>8.2f} {e_us - b_us:>+8.2f}u "
-                      f"{e_us / b_us:>6.3f} | {em:>14.2f} {bm:>8.2f} {em - bm:>+8.2f}u {em / bm:>6.3f} | "
-                      f"{statistics.median(paired):>6.3f} | {size / e_us / 1e3:>8.2f} | "
+                eng, bare, lat = [], [], []
+                for _rep in range(args.reps):
+                    re, rb = _core._bench_paired(te._core, tb._core, "bench-peer", "write", src_mem.addr,
+                                                 dst_mem.addr, size, batch, n, req)
+                    req += 2 * n
+                    if re["failed"] or rb["failed"]:
+                        raise SystemExit(f"{re['failed'] + rb['failed']} transfers failed")
+                    eng += re["batch_ns"]
+                    bare += rb["batch_ns"]
+                    lat += re["latency_ns"]
+                per = batch * 1e3  # batch ns -> us per transfer
+                diffs = sorted((e - b) / per for e, b in zip(eng, bare))
+                lo, mid, hi = median_ci(diffs)
+                bm = statistics.median(bare) / per
+                em = statistics.median(eng) / per
+                mean_ratio = sum(eng) / sum(bare)
+                print(f"{size // KiB:>6}Ki {batch:>5} {len(diffs):>5} | {em:>9.2f} {bm:>9.2f} | "
+                      f"{mid:>+8.2f} [{lo:>+6.2f}, {hi:>+6.2f}] | {mid / bm:>+7.1%} [{lo / bm:>+6.1%}, {hi / bm:>+6.1%}] | "
+                      f"{mean_ratio:>8.3f} | {size / (sum(eng) / len(eng) / batch):>8.2f} | "
                       + (f"{pct(lat, 50) / 1e3:.1f} / {pct(lat, 99) / 1e3:.1f}" if batch == 1 else "-"))
 
         # The engine's own work per transfer, without the transport's timing noise: the same calls

@@ -81,6 +81,16 @@ py::dict stats_dict(const tp::TransportStats& s) {
 
 }  // namespace
 
+static py::dict bench_dict(const tp::BenchResult& r) {
+  py::dict d;
+  d["seconds"] = r.seconds;
+  d["transfers"] = r.transfers;
+  d["failed"] = r.failed;
+  d["latency_ns"] = r.latency_ns;
+  d["batch_ns"] = r.batch_ns;
+  return d;
+}
+
 void register_transport(py::module_& m) {
   // Transport errors -> lifecycle.errors (tried before the core translator: registered later).
   py::list syms;
@@ -228,18 +238,28 @@ void register_transport(py::module_& m) {
       py::gil_scoped_release nogil;
       r = tp::bench_transfers(initiator, spec);
     }
-    py::dict d;
-    d["seconds"] = r.seconds;
-    d["transfers"] = r.transfers;
-    d["failed"] = r.failed;
-    d["latency_ns"] = r.latency_ns;
-    d["batch_ns"] = r.batch_ns;
-    return d;
+    return bench_dict(r);
   }, py::arg("initiator"), py::arg("peer"), py::arg("op"), py::arg("local_addr"), py::arg("remote_addr"),
      py::arg("size"), py::arg("batch"), py::arg("count"), py::arg("first_request"),
      "Run `count` transfers of `size` bytes, `batch` in flight, entirely in C++ (GIL released). With an engine "
      "attached to the initiator: advertise, transfer, wait (engine wait_ready + drain), terminate; without one: "
      "transfer and wait for the completion count. Slot i of the batch uses local/remote address + i*size.");
+  m.def("_bench_paired", [](tp::Transport& a, tp::Transport& b, const std::string& peer, const std::string& op,
+                            std::uint64_t local_addr, std::uint64_t remote_addr, std::uint64_t size,
+                            std::uint64_t batch, std::uint64_t count, std::uint64_t first_req) {
+    if (&a == &b) throw InvalidArgumentError("b", "must be another transport than a");
+    tp::BenchSpec spec{peer, to_op(op), static_cast<std::uintptr_t>(local_addr),
+                       static_cast<std::uintptr_t>(remote_addr), size, batch, count, first_req};
+    std::pair<tp::BenchResult, tp::BenchResult> r;
+    {
+      py::gil_scoped_release nogil;
+      r = tp::bench_paired(a, b, spec);
+    }
+    return py::make_tuple(bench_dict(r.first), bench_dict(r.second));
+  }, py::arg("a"), py::arg("b"), py::arg("peer"), py::arg("op"), py::arg("local_addr"), py::arg("remote_addr"),
+     py::arg("size"), py::arg("batch"), py::arg("count"), py::arg("first_request"),
+     "_bench_transfers through `a` and `b` batch by batch in alternation (a b, b a, ...): batch_ns[i] of the two "
+     "results are a pair measured back to back. `a` uses request ids first_request.., `b` first_request+count..");
 }
 
 }  // namespace lifecycle::bindings

@@ -1,6 +1,10 @@
 #include "lifecycle/transport/bench.hpp"
 
+#include <algorithm>
 #include <chrono>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "lifecycle/transport/nixl_capi.hpp"  // TransportError
 
@@ -12,22 +16,27 @@ std::int64_t steady_ns() {
              std::chrono::steady_clock::now().time_since_epoch())
       .count();
 }
-}  // namespace
 
-BenchResult bench_transfers(Transport& t, const BenchSpec& spec) {
-  BenchResult res;
-  if (spec.size == 0 || spec.batch == 0) throw TransportError("bench: size and batch must be > 0");
-  Engine* e = t.engine();
-  const Role role = spec.op == XferOp::Read ? Role::receiver : Role::sender;
+// One loop's state: a transport, with or without an engine, and what it measured so far.
+struct Loop {
+  Transport& t;
+  const BenchSpec& spec;
+  BenchResult& res;
+  std::uint64_t req;
+  std::uint64_t target;
   std::vector<Record> recs;
-  recs.reserve(4 * spec.batch);
-  std::uint64_t req = spec.first_req;
-  std::uint64_t target = t.completions();
-  res.latency_ns.reserve(spec.count);
-  res.batch_ns.reserve(spec.count / spec.batch + 1);
-  const auto t0 = std::chrono::steady_clock::now();
-  for (std::uint64_t done = 0; done < spec.count;) {
-    const std::uint64_t n = std::min(spec.batch, spec.count - done);
+
+  Loop(Transport& tr, const BenchSpec& s, BenchResult& r, std::uint64_t first_req)
+      : t(tr), spec(s), res(r), req(first_req), target(tr.completions()) {
+    recs.reserve(4 * spec.batch);
+    res.latency_ns.reserve(spec.count);
+    res.batch_ns.reserve(spec.count / spec.batch + 1);
+  }
+
+  // Post `n` transfers, wait until every one is done (engine: terminal, then terminated).
+  void batch(std::uint64_t n) {
+    Engine* e = t.engine();
+    const Role role = spec.op == XferOp::Read ? Role::receiver : Role::sender;
     const std::uint64_t first = req;
     const std::int64_t b0 = steady_ns();
     for (std::uint64_t i = 0; i < n; ++i, ++req) {
@@ -62,16 +71,64 @@ BenchResult bench_transfers(Transport& t, const BenchSpec& spec) {
     } else {
       target += n;
       // same waiting as the engine loop's wait_ready (spin, then sleep): like for like
-      if (!t.wait_completions(target, 10'000'000'000, Config{}.wait_spin_ns)) throw TransportError("bench: transfers did not complete");
+      if (!t.wait_completions(target, 10'000'000'000, Config{}.wait_spin_ns)) {
+        throw TransportError("bench: transfers did not complete");
+      }
     }
     res.batch_ns.push_back(steady_ns() - b0);
-    done += n;
     res.transfers += n;
   }
+
+  void finish() {
+    if (Engine* e = t.engine()) {  // drain what terminate queued so the next run starts clean
+      recs.clear();
+      e->drain(recs);
+    }
+  }
+};
+
+void check(const BenchSpec& spec) {
+  if (spec.size == 0 || spec.batch == 0) throw TransportError("bench: size and batch must be > 0");
+}
+}  // namespace
+
+BenchResult bench_transfers(Transport& t, const BenchSpec& spec) {
+  check(spec);
+  BenchResult res;
+  Loop loop(t, spec, res, spec.first_req);
+  const auto t0 = std::chrono::steady_clock::now();
+  for (std::uint64_t done = 0; done < spec.count;) {
+    const std::uint64_t n = std::min(spec.batch, spec.count - done);
+    loop.batch(n);
+    done += n;
+  }
   res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  if (e != nullptr) {  // drain what terminate queued so the next run starts clean
-    recs.clear();
-    e->drain(recs);
+  loop.finish();
+  return res;
+}
+
+std::pair<BenchResult, BenchResult> bench_paired(Transport& a, Transport& b, const BenchSpec& spec) {
+  check(spec);
+  std::pair<BenchResult, BenchResult> res;
+  Loop la(a, spec, res.first, spec.first_req);
+  Loop lb(b, spec, res.second, spec.first_req + spec.count);
+  for (std::uint64_t done = 0, k = 0; done < spec.count; ++k) {
+    const std::uint64_t n = std::min(spec.batch, spec.count - done);
+    if (k % 2 == 0) {  // a then b, then b then a: neither always runs first
+      la.batch(n);
+      lb.batch(n);
+    } else {
+      lb.batch(n);
+      la.batch(n);
+    }
+    done += n;
+  }
+  la.finish();
+  lb.finish();
+  for (BenchResult* r : {&res.first, &res.second}) {
+    double s = 0;
+    for (std::int64_t x : r->batch_ns) s += static_cast<double>(x);
+    r->seconds = s / 1e9;
   }
   return res;
 }

@@ -135,3 +135,38 @@ def test_torch_cpu_tensors_register_as_dram_and_transfer():
     finally:
         t1.stop()
         t2.stop()
+
+
+@needs_nixl
+def test_paired_benchmark_loop_moves_the_bytes_and_pairs_every_batch():
+    """benchmarks/bench_nixl.py's loop (_core._bench_paired): engine and bare transports alternate batch by
+    batch; every transfer lands (the bytes arrive), the engine's sessions end Quiesced and terminated, and the
+    two results hold one batch time per batch, pairwise."""
+    import ctypes
+
+    size, batch, count = 4096, 4, 12
+    src = (ctypes.c_char * (batch * size))(*([b"\x5a"] * (batch * size)))
+    dst = (ctypes.c_char * (batch * size))()
+    src_mem, dst_mem = Mem(ctypes.addressof(src), len(src)), Mem(ctypes.addressof(dst), len(dst))
+    engine = TransferEngine()
+    with NixlTransport(engine, "pb-eng") as te, NixlTransport(None, "pb-bare") as tb, \
+            NixlTransport(None, "pb-peer") as tp:
+        te.register(src_mem)
+        tb.register(src_mem)
+        tp.register(dst_mem)
+        for t in (te, tb):
+            t.add_peer(tp.metadata())
+            tp.add_peer(t.metadata())
+        with pytest.raises(TypeError, match="another transport"):
+            _core._bench_paired(te._core, te._core, "pb-peer", "write", src_mem.addr, dst_mem.addr, size, batch,
+                                count, 1)
+        re_, rb = _core._bench_paired(te._core, tb._core, "pb-peer", "write", src_mem.addr, dst_mem.addr, size,
+                                      batch, count, 1)
+        engine.poll()
+    assert (re_["transfers"], rb["transfers"], re_["failed"], rb["failed"]) == (count, count, 0, 0)
+    assert len(re_["batch_ns"]) == len(rb["batch_ns"]) == count // batch
+    assert all(x > 0 for x in re_["batch_ns"] + rb["batch_ns"])
+    assert len(re_["latency_ns"]) == count and rb["latency_ns"] == []
+    assert bytes(dst) == bytes(src)
+    assert engine.live_sessions() == 0  # every engine session terminated (ids 1..count)
+    assert engine.state(1) is State.Terminated and engine.outcome(count) is Outcome.completed

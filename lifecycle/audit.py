@@ -113,6 +113,12 @@ MAX_LINE = 1 << 20  # longer lines are reported (not parsed, not held in memory)
 MAX_DEPTH = 512
 _CHUNK = 1 << 20
 _RUN = 64  # lines parsed together, then replayed together (see Auditor._feed_one)
+# Merging files: a file's first timestamp is looked for in its first _LOOKAHEAD lines (not blank), which are
+# held until the merge starts; a file with none there has no first time (its times are used as they are).
+_LOOKAHEAD = 4096
+# Mismatched `table` values are reported once each for the first _MAX_TABLES distinct ones, then on every line
+# with a value not remembered: memory stays bounded (a value may be a line long) whatever the log holds.
+_MAX_TABLES = 64
 
 # ------------------------------------------------------------------------------------------------
 # Event schema (generated from the table)
@@ -894,7 +900,9 @@ class Auditor:
         """Interleave several files (one per rank) by time, so cross-rank state stays small.
 
         Each file keeps its own order; the merge key is the event's monotonic time (relative to the
-        file's first event when the files' clocks are more than an hour apart: different hosts).
+        file's first event when the files' clocks are more than an hour apart: different hosts).  A file's
+        first time is looked for in its first ``_LOOKAHEAD`` lines only, so what is held before the merge
+        starts stays bounded (a file with no timestamps is not read whole first).
         """
         loads = _line_parser()
         bad = object()  # the item of a line that is a finding (kind, message), reported when merged
@@ -925,7 +933,7 @@ class Auditor:
             for item in g:
                 buffered.append(item)
                 first = tkey(item[0])
-                if first is not None:
+                if first is not None or len(buffered) >= _LOOKAHEAD:
                     break
             firsts.append(first)
             chains.append(itertools.chain(buffered, g))
@@ -1004,7 +1012,8 @@ class Auditor:
     def _table_mismatch(self, tbl: object, line: int, rank: int) -> None:
         seen = repr(tbl) if type(tbl) in (list, dict) else tbl  # reported once per digest
         if seen not in self._bad_tables:
-            self._bad_tables.add(seen)
+            if len(self._bad_tables) < _MAX_TABLES:  # bounded: past that, reported on every line
+                self._bad_tables.add(seen)
             self._find("table_mismatch", line, f"event logged with table {tbl!r}; auditing with {self.digest}",
                        rank=rank)
 
@@ -1596,7 +1605,8 @@ class _NativeFindings:
                 seen = repr(tbl) if type(tbl) in (list, dict) else tbl
                 if seen in self.bad_tables:
                     continue
-                self.bad_tables.add(seen)
+                if len(self.bad_tables) < _MAX_TABLES:
+                    self.bad_tables.add(seen)
                 self.table_mismatches += 1
                 if self.table_mismatches > self.keep:
                     continue
@@ -1642,7 +1652,7 @@ def _audit_native(paths: list[str], spec: _spec.Spec | None, **kw) -> AuditResul
     core = _native_core()
     opts = _native_options(**kw)
     digest = (spec if spec is not None else _spec.load_default()).digest
-    rep = core.AuditReplay(**opts, max_depth=MAX_DEPTH)
+    rep = core.AuditReplay(**opts, max_depth=MAX_DEPTH, lookahead=_LOOKAHEAD, max_tables=_MAX_TABLES)
     sink = _NativeFindings(paths, opts["keep_findings"])
     if paths:
         rep.begin(list(range(len(paths))))

@@ -141,6 +141,79 @@ def test_rank_disagreement_audits_identically(tmp_path, window):
     assert_same([m], window=window)
 
 
+@pytest.mark.parametrize("lookahead", [1, 2, 3, 4096])
+@pytest.mark.parametrize("chunk", [5, 1 << 20])
+def test_first_timestamps_past_the_lookahead_audit_identically(tmp_path, monkeypatch, lookahead, chunk):
+    """Merging, a file's first timestamp is looked for in its first _LOOKAHEAD lines only (what is held
+    before the merge starts stays bounded): lines without one first, clocks hours apart, a file with none."""
+    monkeypatch.setattr(audit, "_LOOKAHEAD", lookahead)
+    monkeypatch.setattr(audit, "_CHUNK", chunk)
+    junk = [b"x", b"{}", b"", b"[1]", b'{"t_mono_ns": "5"}', b'{"t_mono_ns": true}']
+    r0 = (mg.HERE / "two_rank.rank0.jsonl").read_bytes().splitlines()
+    r1 = [json.dumps({**json.loads(x), "t_mono_ns": json.loads(x)["t_mono_ns"] + 3 * 3600 * 10**9}).encode()
+          for x in (mg.HERE / "two_rank.rank1.jsonl").read_bytes().splitlines()]
+    p0, p1, p2 = tmp_path / "r0.jsonl", tmp_path / "r1.jsonl", tmp_path / "none.jsonl"
+    p0.write_bytes(b"\n".join(junk[:2] + r0) + b"\n")
+    p1.write_bytes(b"\n".join(junk[3:] + r1) + b"\n")
+    p2.write_bytes(b"\n".join(junk * 3))
+    for paths in ([p0, p1], [p1, p0], [p0, p1, p2], [p2, p0]):
+        assert_same(paths)
+
+
+def test_merging_holds_a_bounded_number_of_parsed_lines(tmp_path):
+    """A merged file of 1 M two-byte lines and no timestamps: the native replay once held a whole file with no
+    timestamps parsed before the merge started, and parsed every fed chunk at once (~1 KiB per line), over
+    1 GiB here; now a source holds its last chunk and at most _LOOKAHEAD parsed lines."""
+    p = tmp_path / "tiny.jsonl"
+    p.write_bytes(b"{}\n" * (1 << 20))
+    code = ("import resource, sys; from lifecycle import audit; rss = lambda: resource.getrusage("
+            "resource.RUSAGE_SELF).ru_maxrss; before = rss(); "
+            "r = audit.audit_paths(sys.argv[1:], native=True); assert r.lines == (1 << 20) + 20, r.lines; "
+            "print(rss() - before)")
+    out = subprocess.run([sys.executable, "-c", code, str(p), str(mg.HERE / "clean_run.jsonl")],
+                         capture_output=True, text=True, check=True)
+    assert int(out.stdout) < 256 * 1024, f"peak RSS grew by {int(out.stdout) // 1024} MiB"
+
+
+@pytest.mark.parametrize("cap", [64, 3, 0])
+def test_mismatched_table_values_are_remembered_up_to_a_bound(tmp_path, monkeypatch, cap):
+    """Mismatched `table` values are reported once each for the first _MAX_TABLES distinct values (Python's
+    == decides: 1, 1.0 and true are one value), then on every line with a value not remembered; both
+    engines, alone and merged."""
+    monkeypatch.setattr(audit, "_MAX_TABLES", cap)
+    evs = [dict(e) for e in mg.clean_run()]
+    values = ["a", 1, 1.0, True, "b", [1], "[1]", {"x": 1}, None, "a", 2, "c", "d", 1, "b", "e", "f", True]
+    lines = [json.dumps({**e, "table": values[i % len(values)]}) for i, e in enumerate(evs * 3)]
+    p = tmp_path / "tables.jsonl"
+    p.write_text("\n".join(lines) + "\n")
+    assert_same([p])
+    assert_same([p, mg.HERE / "clean_run.jsonl"])
+    res = audit_paths([p], native=True)
+    n = len(res.by_kind("table_mismatch"))
+    distinct = 11  # the values above by the reference's rule: 1 == 1.0 == True, repr([1]) == "[1]"; None counts
+    assert n == distinct if cap >= distinct else n > distinct
+
+
+def test_distinct_table_values_do_not_grow_memory(tmp_path):
+    """20 000 lines, each with its own 4 KiB `table` value: remembered values stay bounded (before, every
+    distinct value was kept by both engines: 80 MiB of keys here)."""
+    e = dict(mg.clean_run()[0])
+    p = tmp_path / "tables.jsonl"
+    with open(p, "w") as f:
+        for i in range(20_000):
+            f.write(json.dumps({**e, "seq": i, "table": f"{i:08d}" + "x" * 4096}) + "\n")
+    code = ("import resource, sys; from lifecycle import audit; rss = lambda: resource.getrusage("
+            "resource.RUSAGE_SELF).ru_maxrss; before = rss(); "
+            "r = audit.audit_paths(sys.argv[1:], native=True); "
+            "assert r.finding_counts['table_mismatch'] == 20_000, r.finding_counts; print(rss() - before)")
+    out = subprocess.run([sys.executable, "-c", code, str(p)], capture_output=True, text=True, check=True)
+    assert int(out.stdout) < 40 * 1024, f"peak RSS grew by {int(out.stdout) // 1024} MiB"
+    # negative control: with no bound, the same run holds every value (the measurement can fail)
+    unbounded = code.replace("before = rss(); ", "before = rss(); audit._MAX_TABLES = 10**9; ")
+    out = subprocess.run([sys.executable, "-c", unbounded, str(p)], capture_output=True, text=True, check=True)
+    assert int(out.stdout) > 80 * 1024, f"unbounded: peak RSS grew by only {int(out.stdout) // 1024} MiB"
+
+
 def test_unreadable_inputs_audit_identically(tmp_path):
     data = gzip.compress((mg.HERE / "cancellation.jsonl").read_bytes() * 50)
     cut = tmp_path / "cut.jsonl.gz"
@@ -406,8 +479,8 @@ def test_mutated_logs_audit_identically(tmp_path_factory, base, muts, trailing, 
 @given(st.lists(st.tuples(st.sampled_from(sorted(BASES)), st.lists(mutation(), max_size=5),
                           st.sampled_from([0, 0, 3 * 3600 * 10**9, -10**6]), st.integers(0, 3)),
                 min_size=2, max_size=4),
-       st.sampled_from([0, 0, 1, 2]), st.sampled_from([5, 4096, 1 << 20]), options)
-def test_mutated_multi_file_audits_identically(tmp_path_factory, files, gz, chunk, kw):
+       st.sampled_from([0, 0, 1, 2]), st.sampled_from([5, 4096, 1 << 20]), options, st.sampled_from([4096, 4096, 1, 3]))
+def test_mutated_multi_file_audits_identically(tmp_path_factory, files, gz, chunk, kw, lookahead):
     d = tmp_path_factory.mktemp("multi")
     paths = []
     for n, (base, muts, shift, rank) in enumerate(files):
@@ -419,12 +492,12 @@ def test_mutated_multi_file_audits_identically(tmp_path_factory, files, gz, chun
         p = d / f"r{n}.jsonl"
         write_log(p, apply(lines, muts, 512), True, gz if n == 0 else 0)
         paths.append(p)
-    old = audit._CHUNK
-    audit._CHUNK = chunk
+    old = audit._CHUNK, audit._LOOKAHEAD
+    audit._CHUNK, audit._LOOKAHEAD = chunk, lookahead
     try:
         assert_same(paths, max_line=512, **kw)
     finally:
-        audit._CHUNK = old
+        audit._CHUNK, audit._LOOKAHEAD = old
 
 
 # ------------------------------------------------------------------------------------ negative controls

@@ -115,7 +115,8 @@ void register_audit(py::module_& m) {
   py::class_<Replay>(m, "AuditReplay",
                      "Native replay of lifecycle logs (lifecycle.audit drives it; the Python Auditor is the reference).")
       .def(py::init([](py::handle window, py::handle top, py::handle keep_findings, py::handle keep_violating,
-                       py::handle leak_age_ns, py::handle max_line, py::handle max_depth) {
+                       py::handle leak_age_ns, py::handle max_line, py::handle max_depth, py::handle lookahead,
+                       py::handle max_tables) {
              au::Options o;
              o.window = arg_i64(window, "window");
              o.top = arg_i64(top, "top");
@@ -124,10 +125,13 @@ void register_audit(py::module_& m) {
              o.leak_age_ns = arg_wide(leak_age_ns, "leak_age_ns");
              o.max_line = arg_i64(max_line, "max_line");
              o.max_depth = arg_i64(max_depth, "max_depth");
+             if (!lookahead.is_none()) o.lookahead = arg_i64(lookahead, "lookahead");
+             if (!max_tables.is_none()) o.max_tables = arg_i64(max_tables, "max_tables");
              return new Replay(o);
            }),
            py::arg("window"), py::arg("top"), py::arg("keep_findings"), py::arg("keep_violating"),
-           py::arg("leak_age_ns"), py::arg("max_line"), py::arg("max_depth"))
+           py::arg("leak_age_ns"), py::arg("max_line"), py::arg("max_depth"), py::arg("lookahead") = py::none(),
+           py::arg("max_tables") = py::none())
       .def("begin", [](Replay& r, py::handle files) {
              Replay::Use use(r);
              check_open(r);

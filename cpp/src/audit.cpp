@@ -717,12 +717,16 @@ struct Source {
   bool skipping = false;   // inside a line over max_line: dropped up to its newline
   bool eof = false;
   Int lineno = 0;          // complete lines seen
-  std::deque<Item> queue;  // merge mode: parsed lines not yet replayed
+  std::string pending;     // merge mode: the last chunk fed; bytes from `pos` on are not split into lines yet
+  std::size_t pos = 0;
+  std::deque<Item> queue;  // merge mode: parsed lines not yet replayed (<= kQueue; opt.lookahead at the start)
   std::size_t scanned = 0; // merge mode: queue items searched for the first time
   bool first_known = false, has_first = false;
   Int first = 0, last_key = 0;
   bool head = false;       // an item of this source is in the merge heap
 };
+
+constexpr std::size_t kQueue = 64;  // merge mode: items parsed ahead per source once the merge runs
 
 struct HeapEntry {
   Int k;
@@ -804,7 +808,9 @@ struct Auditor::Impl {
     if (opt.window < 1) throw InvalidArgumentError("window", "must be >= 1");
     if (opt.top < 1) throw InvalidArgumentError("top", "must be >= 1");
     if (opt.max_line < 0) throw InvalidArgumentError("max_line", "must be >= 0");
+    if (opt.max_tables < 0) throw InvalidArgumentError("max_tables", "must be >= 0");
     if (opt.max_depth < 0) throw InvalidArgumentError("max_depth", "must be >= 0");
+    if (opt.lookahead < 1) throw InvalidArgumentError("lookahead", "must be >= 1");
     std::vector<std::pair<int, std::pair<int, int>>> rows;  // (table line, (src, event))
     for (int s = 0; s < kNumStates; ++s) {
       into[s] = kFinal[s] ? into_final : kTerminal[s] ? into_terminal : into_active;
@@ -947,16 +953,49 @@ struct Auditor::Impl {
   void feed(std::size_t i, const char* p, std::size_t n) {
     Source& s = src(i);
     if (s.eof) throw InvalidArgumentError("source", "fed after its end");
-    const char* e = p + n;
+    if (!merging) {  // every line replayed at once
+      split(i, s, p, p + n, SIZE_MAX);
+      return;
+    }
+    // Merge mode: the chunk is kept as bytes and split into parsed items only as the merge needs them
+    // (a parsed item is ~1 KiB, a line can be 2 bytes: a chunk split at once could take 500x its size).
+    if (s.pos < s.pending.size()) {
+      s.pending.erase(0, s.pos);
+      s.pending.append(p, n);
+    } else {
+      s.pending.assign(p, n);
+    }
+    s.pos = 0;
+  }
+  // Merge mode: split more of source i's pending bytes into queued items, until `limit` are queued; false
+  // when no pending bytes are left.
+  bool fill(std::size_t i, std::size_t limit) {
+    Source& s = srcs[i];
+    if (s.pos >= s.pending.size()) return false;
+    const char* p = s.pending.data() + s.pos;
+    split(i, s, p, s.pending.data() + s.pending.size(), limit);
+    s.pos = static_cast<std::size_t>(p - s.pending.data());
+    if (s.pos >= s.pending.size()) {
+      s.pending.clear();
+      s.pos = 0;
+    }
+    return true;
+  }
+  // Split [p, e) into lines (the first may have begun in s.carry) and hand each to one_line/too_long; a
+  // line left unfinished goes to s.carry.  Stops early, p at the next line, once `limit` items are queued.
+  void split(std::size_t i, Source& s, const char*& p, const char* e, std::size_t limit) {
     const auto max_line = static_cast<std::size_t>(opt.max_line);
     if (s.skipping) {
-      auto nl = static_cast<const char*>(std::memchr(p, '\n', n));
-      if (nl == nullptr) return;
+      auto nl = static_cast<const char*>(std::memchr(p, '\n', static_cast<std::size_t>(e - p)));
+      if (nl == nullptr) {
+        p = e;
+        return;
+      }
       s.skipping = false;
       too_long(i, s);
       p = nl + 1;
     }
-    while (p < e) {
+    while (p < e && s.queue.size() < limit) {
       auto nl = static_cast<const char*>(std::memchr(p, '\n', static_cast<std::size_t>(e - p)));
       if (nl == nullptr) {
         auto rest = static_cast<std::size_t>(e - p);
@@ -967,6 +1006,7 @@ struct Auditor::Impl {
         } else {
           s.carry.append(p, rest);
         }
+        p = e;
         return;
       }
       if (!s.carry.empty()) {
@@ -992,6 +1032,7 @@ struct Auditor::Impl {
   void end(std::size_t i) {
     Source& s = src(i);
     if (s.eof) return;
+    fill(i, SIZE_MAX);  // (run() asks for input only when nothing is pending: a no-op then)
     if (s.skipping) {
       too_long(i, s);
     } else if (!s.carry.empty() && !is_blank(s.carry.data(), s.carry.size())) {
@@ -1006,6 +1047,7 @@ struct Auditor::Impl {
   void unreadable(std::size_t i, const std::string& why) {
     Source& s = src(i);
     if (s.eof) return;
+    fill(i, SIZE_MAX);
     s.carry.clear();
     s.skipping = false;
     s.eof = true;
@@ -1101,18 +1143,24 @@ struct Auditor::Impl {
       return -1;
     }
     if (!started) {
+      // each source's first timestamp, looked for in its first opt.lookahead items (Auditor._feed_merged)
+      const auto within = static_cast<std::size_t>(opt.lookahead);
       for (std::size_t i = 0; i < srcs.size(); ++i) {
         Source& s = srcs[i];
-        while (!s.first_known && s.scanned < s.queue.size()) {
-          const Item& it = s.queue[s.scanned++];
-          if (it.has_t) {
-            s.first_known = s.has_first = true;
-            s.first = it.t;
+        while (!s.first_known) {
+          while (!s.first_known && s.scanned < std::min(s.queue.size(), within)) {
+            const Item& it = s.queue[s.scanned++];
+            if (it.has_t) {
+              s.first_known = s.has_first = true;
+              s.first = it.t;
+            }
           }
-        }
-        if (!s.first_known) {
-          if (!s.eof) return static_cast<long>(i);
-          s.first_known = true;
+          if (s.first_known) break;
+          if (s.scanned >= within || (!fill(i, within) && s.eof)) {
+            s.first_known = true;  // none
+          } else if (s.scanned >= s.queue.size() && s.pos >= s.pending.size() && !s.eof) {
+            return static_cast<long>(i);
+          }
         }
       }
       bool any = false;
@@ -1130,6 +1178,7 @@ struct Auditor::Impl {
       for (std::size_t i = 0; i < srcs.size(); ++i) {
         Source& s = srcs[i];
         if (s.head) continue;
+        if (s.queue.empty()) fill(i, kQueue);
         if (!s.queue.empty()) {
           push(i);
         } else if (!s.eof) {
@@ -1146,6 +1195,7 @@ struct Auditor::Impl {
       cur_file = s.file;
       replay(it);
       // only this source lacks a head now: get it (or its end) before the next pop
+      if (s.queue.empty()) fill(top.src, kQueue);
       if (!s.queue.empty()) {
         push(top.src);
       } else if (!s.eof) {
@@ -1281,7 +1331,11 @@ struct Auditor::Impl {
       case JT::string: key = "s"; key += sv(v); break;
       default: key = std::string(1, static_cast<char>('0' + static_cast<int>(v.t))) + std::string(base + v.off, v.len);
     }
-    if (!bad_tables.insert(std::move(key)).second) return;
+    // Remembered up to max_tables values (a value can be a whole line long); past that, a value not
+    // remembered is a candidate on every line, and Python's dedup (same bound) decides exactly as the
+    // reference: a value remembered here was remembered there too, so skipping it is what it would do.
+    if (bad_tables.count(key) != 0) return;
+    if (static_cast<std::int64_t>(bad_tables.size()) < opt.max_tables) bad_tables.insert(std::move(key));
     if (Finding* g = find(Kind::table_mismatch, line, &rank))
       g->message = {P("event logged with table "), J(Op::repr, k_table), P("; auditing with " + digest)};
   }

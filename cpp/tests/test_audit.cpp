@@ -101,6 +101,7 @@ au::Options small_options() {
   o.top = 2;
   o.keep_findings = 50;
   o.max_line = 600;
+  o.lookahead = 2;
   return o;
 }
 
@@ -242,6 +243,18 @@ void test_clean_log_and_chunking() {
   std::string other = clean_log(5, 1000000 + 7200L * 1000000000L);
   std::string merged = audit({log, other}, nullptr, au::Options{});
   CHECK(merged == audit({log, other}, &rng, au::Options{}));
+  // merged with a file of many short lines and no timestamps (held as bytes, parsed a few at a time), and
+  // with first timestamps past the lookahead
+  std::string tiny;
+  for (int k = 0; k < 20000; ++k) tiny += k % 7 ? "{}\n" : "x\n";
+  std::string three = audit({log, tiny, other}, nullptr, au::Options{});
+  CHECK(three.rfind("lines " + std::to_string(std::stoi(n) + 20000 + static_cast<int>(std::count(other.begin(), other.end(), '\n'))), 0) == 0);
+  CHECK(three == audit({log, tiny, other}, &rng, au::Options{}));
+  au::Options la;
+  la.lookahead = 1;
+  std::string late_first = audit({"x\n" + log, other}, nullptr, la);
+  CHECK(late_first == audit({"x\n" + log, other}, &rng, la));
+  CHECK(late_first != audit({"x\n" + log, other}, nullptr, au::Options{}));  // log's first time unseen: not relative
 }
 
 void test_bad_api_use() {

@@ -6,7 +6,10 @@
 // over the compiled table (table_gen.hpp), plus a strict JSON reader that accepts exactly what orjson
 // accepts.  Python keeps the file handling: it feeds raw chunks (any size, lines may span chunks) into a
 // group of sources (one file: replayed in order; several: merged by t_mono_ns exactly as
-// `Auditor._feed_merged` does) and calls run() whenever a source may need input.
+// `Auditor._feed_merged` does) and calls run() whenever a source may need input.  Memory is bounded by
+// the live requests, the windows and a chunk (plus max_line) per source: a merged source keeps its last
+// chunk as bytes and holds at most 64 parsed lines (Options::lookahead while its first timestamp is
+// looked for), whatever the files hold.
 //
 // Everything that needs Python's repr()/str() of a JSON value (finding messages, the role of a request,
 // orjson's error text for a malformed line) is not formatted here: a finding carries message *pieces*,
@@ -38,6 +41,8 @@ struct Options {
   Int leak_age_ns = 0;
   std::int64_t max_line = 1 << 20;  // longer lines are reported, not parsed (>= 0)
   std::int64_t max_depth = 512;     // lines nesting brackets deeper (outside strings) are reported (>= 0)
+  std::int64_t lookahead = 4096;    // merge: a file's first timestamp is looked for in its first items (>= 1)
+  std::int64_t max_tables = 64;     // distinct mismatched `table` values remembered (reported once each); >= 0
 };
 
 // Whether brackets outside strings nest deeper than max_depth anywhere in [p, p + n): a backslash in a

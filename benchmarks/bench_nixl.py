@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import structlog  # noqa: E402
 
 from lifecycle import TransferEngine, _core  # noqa: E402
-from lifecycle.transport import Mem, NixlTransport  # noqa: E402
+from lifecycle.transport import Mem, NixlTransport, connect_all  # noqa: E402
 
 KiB, MiB = 1024, 1024 * 1024
 
@@ -87,13 +87,13 @@ def main() -> None:
         te.register(src_mem)
         tb.register(src_mem)
         tp.register(dst_mem)
-        for t in (te, tb):
-            t.add_peer(tp.metadata())
-            tp.add_peer(t.metadata())
+        connect_all(te, tb, tp)
         req = 1
         if pin:
             os.sched_setaffinity(0, {cpus[0]})
-            print(f"pinned: transport threads on cpu {cpus[1]}, the benchmark loop on cpu {cpus[0]} (--no-pin: not)")
+            print(f"pinned: transport threads on cpu {cpus[1]}, the benchmark loop on cpu {cpus[0]} (--no-pin: not); "
+                  f"load average {os.getloadavg()[0]:.2f} (pinned threads cannot dodge other jobs: measure on a "
+                  f"quiet machine)")
         print("engine and bare alternate batch by batch (e b, b e, e b, ...; _core._bench_paired), so each pair of")
         print("batches ran back to back on the same machine state. Per transfer: the median batch of each, and the")
         print("median of the pairs' differences with its 95% confidence interval (distribution-free, from order")

@@ -35,6 +35,7 @@ __all__ = [
     "NixlTransport",
     "Registration",
     "TransportStats",
+    "connect_all",
     "mem_of",
     "nixl_capi_path",
     "pool_slot",
@@ -320,6 +321,16 @@ class _Transport:
                 self.engine.drain(0.01)
             else:
                 time.sleep(0.001)
+
+
+def connect_all(*transports: _Transport) -> None:
+    """Exchange agent metadata between every pair of ``transports`` (all in this process): afterwards each
+    can transfer to, and be notified by, every other."""
+    metas = [t.metadata() for t in transports]
+    for i, t in enumerate(transports):
+        for j, meta in enumerate(metas):
+            if i != j:
+                t.add_peer(meta)
 
 
 class NixlTransport(_Transport):

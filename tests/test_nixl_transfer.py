@@ -9,7 +9,7 @@ import pytest
 
 from lifecycle import CancelResult, IllegalTransition, NixlUnavailable, Outcome, State, TransferEngine, TransportError
 from lifecycle import _core
-from lifecycle.transport import ENV_CAPI, Mem, NixlTransport, nixl_capi_path
+from lifecycle.transport import ENV_CAPI, Mem, NixlTransport, connect_all, nixl_capi_path
 
 from test_transport_harness import SIZES, Side, connect, crc, needs_nixl, pattern
 
@@ -154,9 +154,7 @@ def test_paired_benchmark_loop_moves_the_bytes_and_pairs_every_batch():
         te.register(src_mem)
         tb.register(src_mem)
         tp.register(dst_mem)
-        for t in (te, tb):
-            t.add_peer(tp.metadata())
-            tp.add_peer(t.metadata())
+        connect_all(te, tb, tp)
         with pytest.raises(TypeError, match="another transport"):
             _core._bench_paired(te._core, te._core, "pb-peer", "write", src_mem.addr, dst_mem.addr, size, batch,
                                 count, 1)

@@ -57,16 +57,21 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--no-pin", action="store_true", help="leave thread placement to the scheduler")
+    ap.add_argument("--sizes", default="4,64,1024,16384", help="transfer sizes in KiB, comma-separated")
+    ap.add_argument("--count", type=int, default=0, help="transfers per size and rep (default: by size)")
+    ap.add_argument("--c2p", type=int, default=0, help="completion-to-poll samples (default 2000, --quick 300)")
     args = ap.parse_args()
     # The benchmark is an application: transition logs off (they are not the subject of the table).
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
                         logger_factory=structlog.ReturnLoggerFactory())
 
-    sizes = [4 * KiB, 64 * KiB, 1 * MiB, 16 * MiB]
-    counts = {4 * KiB: 4096, 64 * KiB: 2048, 1 * MiB: 512, 16 * MiB: 128}
+    sizes = [int(x) * KiB for x in args.sizes.split(",")]
+    counts = {k: 4096 if k <= 4 * KiB else 2048 if k <= 64 * KiB else 512 if k <= MiB else 128 for k in sizes}
     if args.quick:
         counts = {k: max(64, v // 8) for k, v in counts.items()}
-    span = 64 * 16 * MiB
+    if args.count:
+        counts = dict.fromkeys(sizes, args.count)
+    span = 64 * max(sizes)
     src = (ctypes.c_char * span)()
     dst = (ctypes.c_char * span)()
     ctypes.memset(src, 1, span)
@@ -146,7 +151,7 @@ def main() -> None:
             ):
                 structlog.configure(**conf)
                 lat = []
-                for i in range(2000 if not args.quick else 300):
+                for i in range(args.c2p or (2000 if not args.quick else 300)):
                     r = req + i
                     engine.advertise(r, "sender")
                     te.write(r, src_mem.slice(0, 4 * KiB), "bench-peer", dst_mem.slice(0, 4 * KiB))

@@ -79,19 +79,23 @@ def parse_engine(out: str) -> list[Row]:
     return rows
 
 
-_NIXL_ROW = re.compile(r"^\s*(\d+)Ki\s+(\d+)\s+(\d+)\s+\|\s+([\d.]+)\s+([\d.]+)")
+_NIXL_ROW = re.compile(r"^\s*(\d+)Ki\s+(\d+)\s+(\d+)\s+\|\s+([\d.]+)\s+([\d.]+)\s+\|\s+([-+\d.]+)\s+\[\s*([-+\d.]+),\s*([-+\d.]+)\]")
+_C2P_ROW = re.compile(r"^\s{2}(\S.*?)\s{2,}(p50 .*)$")
 
 
 def parse_nixl(out: str) -> list[Row]:
     rows = []
+    in_c2p = False
     for line in out.splitlines():
         m = _NIXL_ROW.match(line)
         if m:
-            size, batch, _n, e_us, b_us = m.groups()
+            size, batch, _pairs, e_us, b_us, diff, lo, hi = m.groups()
             rows.append(Row(f"WRITE {size} KiB x{batch} in flight: engine us/xfer", float(e_us), "us",
-                            float(b_us), "bare NIXL loop"))
+                            float(b_us), "bare NIXL loop", f"paired diff {diff} us [{lo}, {hi}] 95% CI"))
         elif line.startswith("completion-to-poll"):
-            rows.append(Row("completion-to-poll (see output)", float("nan"), "", None, "", line.split(":", 1)[-1].strip()[:60]))
+            in_c2p = True
+        elif in_c2p and (c := _C2P_ROW.match(line)):
+            rows.append(Row(f"completion-to-poll, {c.group(1)}", float("nan"), "", None, "", c.group(2)[:60]))
     return rows
 
 
@@ -106,21 +110,20 @@ def parse_collectives(out: str) -> list[Row]:
                 base_name if name != base_name else "") for name, us in res.items()]
 
 
-_AUDIT_ROW = re.compile(r"^\s*(\d+)\s+([\d.]+)\s+([\d,]+)\s+([\d,]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s*$")
+_AUDIT_ROW = re.compile(r"^\s*(\d+)\s+([\d.]+)\s+(native|python|stdlib)\s+([\d,]+)\s+([\d.]+)\s+([\d.]+)\s*$")
 
 
 def parse_audit(out: str) -> list[Row]:
-    rows = []
+    found = []
     for line in out.splitlines():
         m = _AUDIT_ROW.match(line)
         if m:
-            ev, _mib, eps, feps, _ratio, rss, traced = m.groups()
-            eps_f, feps_f = float(eps.replace(",", "")), float(feps.replace(",", ""))
-            rows.append(Row(f"audit @{int(ev):,} events: events/s", eps_f, "/s", feps_f, "json.loads floor",
-                            f"maxrss {rss} MiB, traced peak {traced} MiB"))
-        elif line.startswith("ratio "):
-            rows.append(Row("scaling (see note)", float("nan"), "", None, "", line[6:][:90]))
-    return rows
+            ev, _mib, engine, eps, rss, traced = m.groups()
+            found.append((int(ev), engine, float(eps.replace(",", "")), rss, traced))
+    python = {ev: eps for ev, engine, eps, _r, _t in found if engine == "python"}
+    return [Row(f"audit @{ev:,} events, {engine} replay: events/s", eps, "/s",
+                python.get(ev) if engine != "python" else None, "python replay" if engine != "python" else "",
+                f"maxrss {rss} MiB, traced peak {traced} MiB") for ev, engine, eps, rss, traced in found]
 
 
 def _suites(quick: bool) -> dict[str, tuple[list[str], object]]:

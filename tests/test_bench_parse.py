@@ -1,0 +1,50 @@
+"""`lifecycle bench` reads the benchmark scripts' printed tables: run each script on a tiny workload and check
+that the parser finds every row it prints (a format change that the parser misses fails here, instead of
+`lifecycle bench` silently reporting a suite as "unparsed")."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lifecycle.bench import parse_audit, parse_nixl
+from test_transport_harness import needs_nixl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script: str, *args: str) -> str:
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
+                       timeout=300, cwd=ROOT)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return p.stdout
+
+
+def test_audit_rows_are_parsed():
+    rows = parse_audit(run("bench_audit.py", "--sizes", "2000"))
+    by = {r.metric.split(", ")[1].split(" ")[0]: r for r in rows}
+    assert sorted(by) == ["native", "python"], [r.metric for r in rows]
+    assert all(r.value > 0 and "maxrss" in r.note for r in rows)
+    assert by["native"].baseline == by["python"].value  # native is compared with the reference replay
+    assert parse_audit("nothing like a table\n") == []  # negative control: the parser is not vacuous
+
+
+@needs_nixl
+@pytest.mark.nixl
+def test_nixl_rows_are_parsed():
+    out = run("bench_nixl.py", "--sizes", "4", "--count", "64", "--reps", "1", "--c2p", "20", "--no-pin")
+    rows = parse_nixl(out)
+    xfer = [r for r in rows if r.metric.startswith("WRITE")]
+    c2p = [r for r in rows if r.metric.startswith("completion-to-poll")]
+    assert [r.metric for r in xfer] == ["WRITE 4 KiB x1 in flight: engine us/xfer",
+                                        "WRITE 4 KiB x64 in flight: engine us/xfer"], out
+    assert all(r.value > 0 and r.baseline > 0 and "95% CI" in r.note for r in xfer)
+    assert [r.metric for r in c2p] == ["completion-to-poll, logs off (level filter)",
+                                       "completion-to-poll, JSON lines to a file"], out
+    assert all(math.isnan(r.value) and r.note.startswith("p50 ") for r in c2p)
+    changed = parse_nixl(out.replace("Ki ", "KiB "))  # negative control: a changed row is not matched
+    assert [r.metric for r in changed] == [r.metric for r in c2p]

@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +55,8 @@ class Run:
 
 def mpirun(n: int, program: str, *args: str, timeout: float) -> Run:
     cmd = [MPIEXEC, "-n", str(n), sys.executable, str(MPI_DIR / program), *args]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    folder = tempfile.mkdtemp(prefix="kvlc-mpi-")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", KVLC_MPI_RESULTS=folder)
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,  # so a hang can be ended with every rank it started
@@ -75,7 +77,13 @@ def mpirun(n: int, program: str, *args: str, timeout: float) -> Run:
             except subprocess.TimeoutExpired:
                 continue
     t_end = time.time()
-    results = [json.loads(line.split("RESULT ", 1)[1]) for line in out.splitlines() if "RESULT {" in line]
+    # results from the ranks' files (stdout can lose the last lines of a job ended by MPI_Abort)
+    lines = []
+    for name in sorted(os.listdir(folder), key=lambda x: int(x[4:-6])):
+        with open(os.path.join(folder, name)) as f:
+            lines += f.read().splitlines()
+    shutil.rmtree(folder, ignore_errors=True)
+    results = [json.loads(line.split("RESULT ", 1)[1]) for line in lines if line.startswith("RESULT {")]
     return Run(timed_out, proc.returncode, out, results, t_end)
 
 

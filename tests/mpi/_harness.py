@@ -34,10 +34,20 @@ def load_collectives():
     return collectives
 
 
+RESULTS_ENV = "KVLC_MPI_RESULTS"  # a folder: each rank also appends its RESULT lines to rank<N>.jsonl there
+
+
 def emit(rank: int, **fields) -> None:
-    """One machine-readable result line for this rank."""
+    """One machine-readable result line for this rank, on stdout and (when the driver names a folder in
+    $KVLC_MPI_RESULTS) in a file: a program that ends the job with MPI_Abort right after emitting can lose
+    stdout still in flight in mpiexec's forwarding, while a written file is in the page cache already."""
     fields["rank"] = rank
-    sys.stdout.write("RESULT " + json.dumps(fields, sort_keys=True, default=str) + "\n")
+    line = "RESULT " + json.dumps(fields, sort_keys=True, default=str) + "\n"
+    folder = os.environ.get(RESULTS_ENV)
+    if folder:
+        with open(os.path.join(folder, f"rank{rank}.jsonl"), "a") as f:
+            f.write(line)
+    sys.stdout.write(line)
     sys.stdout.flush()
 
 

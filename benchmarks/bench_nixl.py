@@ -62,8 +62,9 @@ def main() -> None:
     ap.add_argument("--c2p", type=int, default=0, help="completion-to-poll samples (default 2000, --quick 300)")
     args = ap.parse_args()
     # The benchmark is an application: transition logs off (they are not the subject of the table).
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-                        logger_factory=structlog.ReturnLoggerFactory())
+    logs_off = dict(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+                    logger_factory=structlog.ReturnLoggerFactory())
+    structlog.configure(**logs_off)
 
     sizes = [int(x) * KiB for x in args.sizes.split(",")]
     counts = {k: 4096 if k <= 4 * KiB else 2048 if k <= 64 * KiB else 512 if k <= MiB else 128 for k in sizes}
@@ -144,8 +145,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             logfile = open(Path(tmp) / "events.jsonl", "w")
             for label, conf in (
-                ("logs off (level filter)", dict(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-                                                 logger_factory=structlog.ReturnLoggerFactory())),
+                ("logs off (level filter)", logs_off),
                 ("JSON lines to a file", dict(processors=[structlog.processors.JSONRenderer()],
                                               logger_factory=structlog.WriteLoggerFactory(logfile))),
             ):

@@ -45,6 +45,7 @@ import argparse
 import bisect
 import gzip
 import heapq
+import inspect
 import itertools
 import json
 import operator
@@ -683,6 +684,17 @@ def _too_deep(raw: bytes, max_depth: int) -> bool:
     return False
 
 
+def _new_bad_table(seen: set, tbl: object) -> bool:
+    """Whether a mismatched ``table`` value is reported: once per value (by Python ==; a list or dict by its
+    repr), remembering at most _MAX_TABLES values; a value not remembered is reported every time."""
+    key = repr(tbl) if type(tbl) in (list, dict) else tbl
+    if key in seen:
+        return False
+    if len(seen) < _MAX_TABLES:
+        seen.add(key)
+    return True
+
+
 def _line_parser():
     """orjson.loads when installed (it takes the bytes as they are; its errors are ValueErrors), else the
     stdlib."""
@@ -1010,10 +1022,7 @@ class Auditor:
             handler(d, name, req, rank, pid, t, line)
 
     def _table_mismatch(self, tbl: object, line: int, rank: int) -> None:
-        seen = repr(tbl) if type(tbl) in (list, dict) else tbl  # reported once per digest
-        if seen not in self._bad_tables:
-            if len(self._bad_tables) < _MAX_TABLES:  # bounded: past that, reported on every line
-                self._bad_tables.add(seen)
+        if _new_bad_table(self._bad_tables, tbl):
             self._find("table_mismatch", line, f"event logged with table {tbl!r}; auditing with {self.digest}",
                        rank=rank)
 
@@ -1533,11 +1542,17 @@ def _native_core():
     return _core if hasattr(_core, "AuditReplay") else None
 
 
-def _native_options(window: int = 8192, top: int = 20, keep_findings: int = 1000, keep_violating: int = 50,
-                    leak_age_ns: int = 0, max_line: int = MAX_LINE) -> dict:
-    """Auditor's keyword arguments and defaults (an unknown keyword is a TypeError, as for Auditor)."""
-    return {"window": window, "top": top, "keep_findings": keep_findings, "keep_violating": keep_violating,
-            "leak_age_ns": leak_age_ns, "max_line": max_line}
+_AUDITOR_OPTIONS = {name: p.default for name, p in inspect.signature(Auditor.__init__).parameters.items()
+                    if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def _native_options(**kw) -> dict:
+    """Auditor's keyword arguments with its defaults filled in (an unknown keyword is a TypeError, as for
+    Auditor): read from Auditor's own signature, so the defaults exist once."""
+    unknown = sorted(set(kw) - set(_AUDITOR_OPTIONS))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument {unknown[0]!r}")
+    return {**_AUDITOR_OPTIONS, **kw}
 
 
 def native_unavailable(spec: _spec.Spec | None = None, **kw) -> str | None:
@@ -1601,12 +1616,8 @@ class _NativeFindings:
         files, append = self.files, self.findings.append
         for kind, fi, line, rank, req, pieces, extra in rep.take_findings():
             if kind == "table_mismatch":
-                tbl = _span(pieces[1][1], pieces[1][2])
-                seen = repr(tbl) if type(tbl) in (list, dict) else tbl
-                if seen in self.bad_tables:
+                if not _new_bad_table(self.bad_tables, _span(pieces[1][1], pieces[1][2])):
                     continue
-                if len(self.bad_tables) < _MAX_TABLES:
-                    self.bad_tables.add(seen)
                 self.table_mismatches += 1
                 if self.table_mismatches > self.keep:
                     continue

@@ -570,10 +570,19 @@ def test_options_the_native_replay_does_not_take_fall_back(kw, why):
     assert why in audit.native_unavailable(None, **kw)
 
 
+def test_the_native_defaults_are_the_python_ones():
+    """The C++ Options defaults (for C++ callers) are a second copy of the Python constants and defaults;
+    audit.py always passes its own, and this keeps the two equal."""
+    opts = audit._native_options()
+    assert _core.AUDIT_DEFAULTS == {
+        **{k: v for k, v in opts.items() if k != "leak_age_ns"},
+        "max_depth": audit.MAX_DEPTH, "lookahead": audit._LOOKAHEAD, "max_tables": audit._MAX_TABLES}
+
+
 def test_bad_use_of_the_binding_raises_typed_errors(tmp_path):
     def new(**kw):
         return _core.AuditReplay(**{"window": 8, "top": 2, "keep_findings": 5, "keep_violating": 5, "leak_age_ns": 0,
-                                    "max_line": 100, "max_depth": 512, **kw})
+                                    "max_line": 100, "max_depth": 512, "lookahead": 4, "max_tables": 2, **kw})
     with pytest.raises(errors.InvalidArgument, match="window"):
         new(window="8")
     with pytest.raises(errors.InvalidArgument, match="window"):

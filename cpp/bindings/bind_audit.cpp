@@ -112,6 +112,18 @@ py::list edges(const std::vector<au::Edge>& es) {
 }  // namespace
 
 void register_audit(py::module_& m) {
+  // The C++ defaults (for C++ callers); Python always passes its own, and a test checks the two agree.
+  const au::Options def;
+  py::dict defaults;
+  defaults["window"] = def.window;
+  defaults["top"] = def.top;
+  defaults["keep_findings"] = def.keep_findings;
+  defaults["keep_violating"] = def.keep_violating;
+  defaults["max_line"] = def.max_line;
+  defaults["max_depth"] = def.max_depth;
+  defaults["lookahead"] = def.lookahead;
+  defaults["max_tables"] = def.max_tables;
+  m.attr("AUDIT_DEFAULTS") = defaults;
   py::class_<Replay>(m, "AuditReplay",
                      "Native replay of lifecycle logs (lifecycle.audit drives it; the Python Auditor is the reference).")
       .def(py::init([](py::handle window, py::handle top, py::handle keep_findings, py::handle keep_violating,
@@ -125,13 +137,13 @@ void register_audit(py::module_& m) {
              o.leak_age_ns = arg_wide(leak_age_ns, "leak_age_ns");
              o.max_line = arg_i64(max_line, "max_line");
              o.max_depth = arg_i64(max_depth, "max_depth");
-             if (!lookahead.is_none()) o.lookahead = arg_i64(lookahead, "lookahead");
-             if (!max_tables.is_none()) o.max_tables = arg_i64(max_tables, "max_tables");
+             o.lookahead = arg_i64(lookahead, "lookahead");
+             o.max_tables = arg_i64(max_tables, "max_tables");
              return new Replay(o);
            }),
            py::arg("window"), py::arg("top"), py::arg("keep_findings"), py::arg("keep_violating"),
-           py::arg("leak_age_ns"), py::arg("max_line"), py::arg("max_depth"), py::arg("lookahead") = py::none(),
-           py::arg("max_tables") = py::none())
+           py::arg("leak_age_ns"), py::arg("max_line"), py::arg("max_depth"), py::arg("lookahead"),
+           py::arg("max_tables"))
       .def("begin", [](Replay& r, py::handle files) {
              Replay::Use use(r);
              check_open(r);

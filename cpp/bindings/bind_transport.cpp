@@ -228,22 +228,6 @@ void register_transport(py::module_& m) {
              return t.wait_completions(n, static_cast<std::int64_t>(timeout_s * 1e9));
            }, py::arg("n"), py::arg("timeout"));
 
-  m.def("_bench_transfers", [](tp::Transport& initiator, const std::string& peer, const std::string& op,
-                               std::uint64_t local_addr, std::uint64_t remote_addr, std::uint64_t size,
-                               std::uint64_t batch, std::uint64_t count, std::uint64_t first_req) {
-    tp::BenchSpec spec{peer, to_op(op), static_cast<std::uintptr_t>(local_addr),
-                       static_cast<std::uintptr_t>(remote_addr), size, batch, count, first_req};
-    tp::BenchResult r;
-    {
-      py::gil_scoped_release nogil;
-      r = tp::bench_transfers(initiator, spec);
-    }
-    return bench_dict(r);
-  }, py::arg("initiator"), py::arg("peer"), py::arg("op"), py::arg("local_addr"), py::arg("remote_addr"),
-     py::arg("size"), py::arg("batch"), py::arg("count"), py::arg("first_request"),
-     "Run `count` transfers of `size` bytes, `batch` in flight, entirely in C++ (GIL released). With an engine "
-     "attached to the initiator: advertise, transfer, wait (engine wait_ready + drain), terminate; without one: "
-     "transfer and wait for the completion count. Slot i of the batch uses local/remote address + i*size.");
   m.def("_bench_paired", [](tp::Transport& a, tp::Transport& b, const std::string& peer, const std::string& op,
                             std::uint64_t local_addr, std::uint64_t remote_addr, std::uint64_t size,
                             std::uint64_t batch, std::uint64_t count, std::uint64_t first_req) {
@@ -258,8 +242,11 @@ void register_transport(py::module_& m) {
     return py::make_tuple(bench_dict(r.first), bench_dict(r.second));
   }, py::arg("a"), py::arg("b"), py::arg("peer"), py::arg("op"), py::arg("local_addr"), py::arg("remote_addr"),
      py::arg("size"), py::arg("batch"), py::arg("count"), py::arg("first_request"),
-     "_bench_transfers through `a` and `b` batch by batch in alternation (a b, b a, ...): batch_ns[i] of the two "
-     "results are a pair measured back to back. `a` uses request ids first_request.., `b` first_request+count..");
+     "Run `count` transfers of `size` bytes, `batch` in flight, entirely in C++ (GIL released), through `a` and "
+     "`b` batch by batch in alternation (a b, b a, ...): batch_ns[i] of the two results are a pair measured back "
+     "to back. With an engine attached to a transport: advertise, transfer, wait (engine wait_ready + drain), "
+     "terminate; without one: transfer and wait for the completion count. Slot i of a batch uses local/remote "
+     "address + i*size. `a` uses request ids first_request.., `b` first_request+count..");
 }
 
 }  // namespace lifecycle::bindings

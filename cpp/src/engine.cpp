@@ -796,13 +796,9 @@ bool Engine::peek_pending() const {
 
 bool Engine::wait_ready(std::int64_t timeout_ns) {
   auto deadline = std::chrono::steady_clock::now() + std::chrono::nanoseconds(std::max<std::int64_t>(timeout_ns, 0));
-  // Spin first, bounded by cfg_.wait_spin_ns and yielding to runnable threads, then sleep (Config).
-  const auto spin_until =
-      std::min(deadline, std::chrono::steady_clock::now() + std::chrono::nanoseconds(std::max<std::int64_t>(cfg_.wait_spin_ns, 0)));
-  while (std::chrono::steady_clock::now() < spin_until) {
-    if (peek_pending()) return true;  // no shard lock: the transport threads are not slowed
-    std::this_thread::yield();
-  }
+  // Spin first, bounded by cfg_.wait_spin_ns (Config), then sleep.  The peek takes no shard lock, so
+  // the transport threads are not slowed.
+  if (spin_for(std::min(timeout_ns, cfg_.wait_spin_ns), [this] { return peek_pending(); })) return true;
   std::unique_lock<std::mutex> lk(wait_mu_);
   waiters_.fetch_add(1);
   bool ready = true;

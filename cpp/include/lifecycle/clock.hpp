@@ -1,7 +1,10 @@
 // Injectable monotonic clock: the engine reads time only through this, so tests are deterministic.
 #pragma once
+#include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdint>
+#include <thread>
 
 namespace lifecycle {
 
@@ -23,6 +26,19 @@ std::int64_t monotonic_ns();
 std::int64_t steady_now_ns();
 // Which source steady_now_ns() uses in this process: "tsc" or "monotonic".
 const char* steady_source();
+
+// Spin (yielding to runnable threads) until done() holds or spin_ns have passed; returns done().
+// The waits that must notice a completion fast (Engine::wait_ready, Transport::wait_completions) spin
+// with this before they sleep on their condition variables.
+template <class Done>
+bool spin_for(std::int64_t spin_ns, Done&& done) {
+  const auto until = std::chrono::steady_clock::now() + std::chrono::nanoseconds(std::max<std::int64_t>(spin_ns, 0));
+  while (!done()) {
+    if (std::chrono::steady_clock::now() >= until) return false;
+    std::this_thread::yield();
+  }
+  return true;
+}
 
 class SteadyClock final : public Clock {
  public:

@@ -87,28 +87,10 @@ struct Loop {
   }
 };
 
-void check(const BenchSpec& spec) {
-  if (spec.size == 0 || spec.batch == 0) throw TransportError("bench: size and batch must be > 0");
-}
 }  // namespace
 
-BenchResult bench_transfers(Transport& t, const BenchSpec& spec) {
-  check(spec);
-  BenchResult res;
-  Loop loop(t, spec, res, spec.first_req);
-  const auto t0 = std::chrono::steady_clock::now();
-  for (std::uint64_t done = 0; done < spec.count;) {
-    const std::uint64_t n = std::min(spec.batch, spec.count - done);
-    loop.batch(n);
-    done += n;
-  }
-  res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  loop.finish();
-  return res;
-}
-
 std::pair<BenchResult, BenchResult> bench_paired(Transport& a, Transport& b, const BenchSpec& spec) {
-  check(spec);
+  if (spec.size == 0 || spec.batch == 0) throw TransportError("bench: size and batch must be > 0");
   std::pair<BenchResult, BenchResult> res;
   Loop la(a, spec, res.first, spec.first_req);
   Loop lb(b, spec, res.second, spec.first_req + spec.count);

@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <chrono>
 #include <exception>
-#include <thread>
 #include <vector>
 
 #include "lifecycle/errors.hpp"
@@ -471,12 +470,8 @@ void Transport::stop() {
 }
 
 bool Transport::wait_completions(std::uint64_t n, std::int64_t timeout_ns, std::int64_t spin_ns) {
-  const auto spin_until = std::chrono::steady_clock::now() +
-                          std::chrono::nanoseconds(std::max<std::int64_t>(std::min(spin_ns, timeout_ns), 0));
-  while (std::chrono::steady_clock::now() < spin_until) {
-    if (bare_done_.load() >= n) return true;
-    if (stopped_.load()) return false;
-    std::this_thread::yield();
+  if (spin_for(std::min(spin_ns, timeout_ns), [&] { return bare_done_.load() >= n || stopped_.load(); })) {
+    return bare_done_.load() >= n;
   }
   std::unique_lock<std::mutex> lk(bare_mu_);
   return bare_cv_.wait_for(lk, std::chrono::nanoseconds(timeout_ns),

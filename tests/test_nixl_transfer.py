@@ -137,6 +137,59 @@ def test_torch_cpu_tensors_register_as_dram_and_transfer():
         t2.stop()
 
 
+class _CudaLike:
+    """What mem_of reads of a CUDA tensor (data_ptr, device, layout), for a host without a GPU."""
+
+    def __init__(self, ptr: int, numel: int, index: int | None):
+        import torch
+
+        self.device = torch.device("cuda", index) if index is not None else torch.device("cuda")
+        self._ptr, self._numel = ptr, numel
+
+    def data_ptr(self) -> int:
+        return self._ptr
+
+    def is_contiguous(self) -> bool:
+        return True
+
+    def numel(self) -> int:
+        return self._numel
+
+    def element_size(self) -> int:
+        return 2
+
+
+def test_cuda_tensors_map_to_vram_with_their_device_and_other_devices_are_refused():
+    import torch
+    from lifecycle.errors import InvalidArgument
+    from lifecycle.transport import mem_of
+
+    m = mem_of(_CudaLike(0x7F00_0000_1000, 3000, 3))
+    assert (m.addr, m.nbytes, m.kind, m.device) == (0x7F00_0000_1000, 6000, "vram", 3)
+    assert Mem.from_bytes(m.to_bytes()) == m  # the descriptor a peer gets names VRAM and the device
+    assert mem_of(_CudaLike(0x1000, 1, None)).device == 0  # torch.device("cuda"): the current device, 0
+    with pytest.raises(InvalidArgument, match=r"^invalid tensor: device meta is neither cpu nor cuda$"):
+        mem_of(torch.empty(4, device="meta"))
+
+
+@needs_nixl
+def test_host_memory_registered_as_vram_is_a_typed_error_and_registers_nothing():
+    """A CUDA-like tensor whose pointer is host memory: UCX detects host memory and NIXL refuses the
+    VRAM registration (on this CPU host UCX has no CUDA at all). The refusal reaches Python as a
+    TransportError naming the call (never a crash), and the agent keeps working for DRAM."""
+    import ctypes
+
+    buf = (ctypes.c_char * 4096)()
+    with NixlTransport(None, "vram-refused") as t:
+        with pytest.raises(TransportError, match=r"^NIXL call nixl_capi_register_mem failed with status -?\d+ "
+                                                 r"\(agent vram-refused, 4096 bytes\)$") as ei:
+            t.register(_CudaLike(ctypes.addressof(buf), 2048, 0))
+        assert ei.value.call == "register_mem" and ei.value.status < 0
+        assert t.stats().registered_regions == 0
+        t.register(Mem(ctypes.addressof(buf), 4096))  # DRAM still registers on the same agent
+        assert t.stats().registered_regions == 1
+
+
 @needs_nixl
 def test_paired_benchmark_loop_moves_the_bytes_and_pairs_every_batch():
     """benchmarks/bench_nixl.py's loop (_core._bench_paired): engine and bare transports alternate batch by

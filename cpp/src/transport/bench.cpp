@@ -64,10 +64,14 @@ struct Loop {
             ++terminal;
             if (to == State::Poisoned) ++res.failed;
             res.latency_ns.push_back(now - rec.t_ns);
+            // as an executor does: release each request once it is terminal, while the rest of
+            // the batch is still moving (not all at the end, after the last completion)
+            if (e->terminate(rec.req) != TerminateResult::Terminated) {
+              throw TransportError("bench: terminate refused for request " + std::to_string(rec.req));
+            }
           }
         }
       }
-      for (std::uint64_t r = first; r < first + n; ++r) (void)e->terminate(r);
     } else {
       target += n;
       // same waiting as the engine loop's wait_ready (spin, then sleep): like for like

@@ -37,9 +37,10 @@ struct BenchResult {
 // The same `spec` through `a` and `b`, batch by batch in alternation (a b, b a, a b, ...), so both see
 // the same machine state at batch granularity; batch_ns[i] of the two results are a pair. `a` uses
 // request ids first_req.., `b` first_req + count.. ; `seconds` is the sum of the batch times.
-// Per batch, through a transport with an engine: advertise (role by op), transfer, wait (wait_ready +
-// drain) until every session of the batch is terminal, terminate each; without one: transfer,
-// wait_completions. Throws on errors.
+// Per batch, through a transport with an engine: advertise (role by op), transfer, then wait
+// (wait_ready + drain) until every session of the batch is terminal, terminating each as soon as its
+// terminal transition is drained (as an executor releases a request's blocks); without one:
+// transfer, wait_completions. Throws on errors.
 std::pair<BenchResult, BenchResult> bench_paired(Transport& a, Transport& b, const BenchSpec& spec);
 
 }  // namespace lifecycle::transport

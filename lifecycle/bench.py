@@ -80,6 +80,7 @@ def parse_engine(out: str) -> list[Row]:
 
 
 _NIXL_ROW = re.compile(r"^\s*(\d+)Ki\s+(\d+)\s+(\d+)\s+\|\s+([\d.]+)\s+([\d.]+)\s+\|\s+([-+\d.]+)\s+\[\s*([-+\d.]+),\s*([-+\d.]+)\]")
+_NIXL_GOAL = re.compile(r"\|\s*(<= [\d.]+ ?(?:us|%)): (met|MISS)\s*$")
 _C2P_ROW = re.compile(r"^\s{2}(\S.*?)\s{2,}(p50 .*)$")
 
 
@@ -90,8 +91,11 @@ def parse_nixl(out: str) -> list[Row]:
         m = _NIXL_ROW.match(line)
         if m:
             size, batch, _pairs, e_us, b_us, diff, lo, hi = m.groups()
+            goal = _NIXL_GOAL.search(line)
             rows.append(Row(f"WRITE {size} KiB x{batch} in flight: engine us/xfer", float(e_us), "us",
-                            float(b_us), "bare NIXL loop", f"paired diff {diff} us [{lo}, {hi}] 95% CI"))
+                            float(b_us), "bare NIXL loop", f"paired diff {diff} us [{lo}, {hi}] 95% CI"
+                            + (f"; goal {goal.group(1)}: {'met' if goal.group(2) == 'met' else 'NOT MET'}"
+                               if goal else "")))
         elif line.startswith("completion-to-poll"):
             in_c2p = True
         elif in_c2p and (c := _C2P_ROW.match(line)):

@@ -5,6 +5,7 @@ that the parser finds every row it prints (a format change that the parser misse
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -43,8 +44,29 @@ def test_nixl_rows_are_parsed():
     assert [r.metric for r in xfer] == ["WRITE 4 KiB x1 in flight: engine us/xfer",
                                         "WRITE 4 KiB x64 in flight: engine us/xfer"], out
     assert all(r.value > 0 and r.baseline > 0 and "95% CI" in r.note for r in xfer)
+    for r in xfer:  # each cell's verdict is the 4 KiB goal applied to the cell's own median difference
+        m = re.match(r"^paired diff ([-+\d.]+) us \[.*\] 95% CI; goal <= 2 us: (met|NOT MET)$", r.note)
+        assert m, r.note
+        assert (float(m.group(1)) <= 2.0) == (m.group(2) == "met"), r.note
+    cells = re.search(r"^overhead targets: (\d+) of 2 cells met", out, re.M)
+    assert cells and int(cells.group(1)) == sum(r.note.endswith(": met") for r in xfer), out
+    assert all(re.search(r"; target p99 <= 100 us: (met|MISS)$", r.note) is None for r in c2p)  # note is cut at 60
+    assert len(re.findall(r"target p99 <= 100 us: (?:met|MISS)$", out, re.M)) == 2, out
     assert [r.metric for r in c2p] == ["completion-to-poll, logs off (level filter)",
                                        "completion-to-poll, JSON lines to a file"], out
     assert all(math.isnan(r.value) and r.note.startswith("p50 ") for r in c2p)
     changed = parse_nixl(out.replace("Ki ", "KiB "))  # negative control: a changed row is not matched
     assert [r.metric for r in changed] == [r.metric for r in c2p]
+
+
+def test_nixl_targets_judge_small_cells_in_microseconds_and_larger_ones_in_percent():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_nixl
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert bench_nixl.target(4096, 2.0, 25.0) == ("<= 2 us", True)
+    assert bench_nixl.target(4096, 2.01, 1000.0) == ("<= 2 us", False)  # 0.2 %, still a miss: the goal is absolute
+    assert bench_nixl.target(65536, 1.75, 35.0) == ("<= 5%", True)
+    assert bench_nixl.target(65536, 1.76, 35.0) == ("<= 5%", False)
+    assert bench_nixl.target(16 << 20, -30.0, 2400.0) == ("<= 5%", True)

@@ -70,3 +70,15 @@ def test_nixl_targets_judge_small_cells_in_microseconds_and_larger_ones_in_perce
     assert bench_nixl.target(65536, 1.75, 35.0) == ("<= 5%", True)
     assert bench_nixl.target(65536, 1.76, 35.0) == ("<= 5%", False)
     assert bench_nixl.target(16 << 20, -30.0, 2400.0) == ("<= 5%", True)
+
+
+def test_native_loop_with_cache_churn_drives_every_session_and_refuses_absurd_churn():
+    from lifecycle import _core
+    from lifecycle.errors import InvalidArgument
+
+    for churn in (0, 64 << 10):
+        transitions, seconds = _core.bench_native(5000, False, churn)
+        assert transitions == 4 * 5000 and seconds > 0  # advertise, expose, complete, terminate each
+    assert _core.bench_native(100, True, 4096)[0] == 5 * 100  # the cancelled variant: one more each
+    with pytest.raises(InvalidArgument, match=r"^invalid churn_bytes: 1073741825 is over 1073741824$"):
+        _core.bench_native(1, False, (1 << 30) + 1)

@@ -6,14 +6,17 @@ namespace py = pybind11;
 namespace lifecycle::bindings {
 
 void register_bench(py::module_& m) {
-  m.def("bench_native", [](std::uint64_t n, bool cancelled) {
+  m.def("bench_native", [](std::uint64_t n, bool cancelled, std::uint64_t churn_bytes) {
     BenchResult r;
     {
       py::gil_scoped_release nogil;
-      r = bench_native(n, cancelled);
+      r = bench_native(n, cancelled, churn_bytes);
     }
     return py::make_tuple(r.transitions, r.seconds);
-  }, py::arg("n"), py::arg("cancelled") = false, "(transitions, seconds) of the native single-thread loop.");
+  }, py::arg("n"), py::arg("cancelled") = false, py::arg("churn_bytes") = 0,
+     "(transitions, seconds) of the native single-thread loop; churn_bytes > 0: that many bytes pass "
+     "through the core's caches before each session (cold-cache engine calls) and only the engine calls "
+     "are timed.");
 }
 
 }  // namespace lifecycle::bindings

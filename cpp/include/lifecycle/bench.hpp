@@ -11,8 +11,8 @@ struct BenchResult {
 
 // n sessions driven advertise -> expose -> complete -> terminate (cancelled: advertise -> expose ->
 // cancel -> complete -> terminate), records drained every 4096 sessions; single thread.
-// churn_bytes > 0: before each session, write and read that many bytes (a cache line every 64 B)
-// on the same core, as a transport's copy does between two transfers' engine calls, so the engine
+// churn_bytes > 0: before each engine call, write and read that many bytes (a cache line every 64 B)
+// on the same core, as the transport's work does between a transfer's engine calls, so every call
 // runs with cold caches; then `seconds` times only the engine calls, and the engine keeps 4096
 // tombstones (as bench_nixl's engine), so it reaches its steady state within a few thousand sessions.
 // churn_bytes over kMaxChurnBytes: InvalidArgumentError.

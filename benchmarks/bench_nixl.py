@@ -153,14 +153,14 @@ def main() -> None:
         # The engine's own work per transfer, without the transport's timing noise: the same calls
         # (advertise, expose, complete, terminate, drain) in a native loop on one thread.
         # Then the same with a transfer's worth of bytes passing through the core's caches before each
-        # session (as the transport's copy does between two engine calls): cold-cache engine calls,
-        # nearer to what the engine costs inside the transfer loop above.
+        # call (as the transport's own work does between a transfer's engine calls): cold-cache engine
+        # calls, nearer to what the engine costs inside the transfer loop above.
         nat = _core.bench_native(200_000, False)
         per = nat[1] / 200_000 * 1e6  # (transitions, seconds)
         cold = {kib: _core.bench_native(20_000, False, kib * KiB)[1] / 20_000 * 1e6 for kib in (64, 1024)}
         print(f"\nengine work per transfer (advertise+expose+complete+terminate+drain, native loop, one thread): "
               f"warm caches {per:.3f} us = {per / 100:.2%} of a 100 us transfer; with 64 KiB / 1 MiB through the "
-              f"core's caches before each session {cold[64]:.3f} / {cold[1024]:.3f} us")
+              f"core's caches before each call {cold[64]:.3f} / {cold[1024]:.3f} us")
 
         # Completion-to-poll() from Python: the executor waits in drain() (GIL released) and gets the
         # Quiesced transition from poll(); latency = return time - the record's timestamp.  Twice: with

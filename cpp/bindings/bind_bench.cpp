@@ -15,7 +15,7 @@ void register_bench(py::module_& m) {
     return py::make_tuple(r.transitions, r.seconds);
   }, py::arg("n"), py::arg("cancelled") = false, py::arg("churn_bytes") = 0,
      "(transitions, seconds) of the native single-thread loop; churn_bytes > 0: that many bytes pass "
-     "through the core's caches before each session (cold-cache engine calls) and only the engine calls "
+     "through the core's caches before each engine call (cold-cache calls) and only the engine calls "
      "are timed.");
 }
 

@@ -61,7 +61,7 @@ BenchResult bench_native(std::uint64_t n, bool cancelled, std::uint64_t churn_by
   const auto t1 = Clock::now();
   BenchResult r;
   r.transitions = e.counters().transitions;
-  // With churn, only the engine calls are timed (two clock reads per session included).
+  // With churn, only the engine calls are timed (two clock reads per call included).
   r.seconds = buf.empty() ? std::chrono::duration<double>(t1 - t0).count() : static_cast<double>(engine_ns) / 1e9;
   return r;
 }

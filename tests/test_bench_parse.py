@@ -50,7 +50,6 @@ def test_nixl_rows_are_parsed():
         assert (float(m.group(1)) <= 2.0) == (m.group(2) == "met"), r.note
     cells = re.search(r"^overhead targets: (\d+) of 2 cells met", out, re.M)
     assert cells and int(cells.group(1)) == sum(r.note.endswith(": met") for r in xfer), out
-    assert all(re.search(r"; target p99 <= 100 us: (met|MISS)$", r.note) is None for r in c2p)  # note is cut at 60
     assert len(re.findall(r"target p99 <= 100 us: (?:met|MISS)$", out, re.M)) == 2, out
     assert [r.metric for r in c2p] == ["completion-to-poll, logs off (level filter)",
                                        "completion-to-poll, JSON lines to a file"], out

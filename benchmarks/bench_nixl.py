@@ -12,7 +12,9 @@ engine calls in a native loop, no transport).
 Also measured: completion-to-poll latency (engine record timestamp of `complete` -> the record
 drained by the waiting C++ loop (batch 1 only: with 64 in flight the loop is busy posting), and ->
 returned by Python ``TransferEngine.drain()/poll()``, with transition logs off and with them rendered as
-JSON lines to a file).
+JSON lines to a file).  Each completion-to-poll line also says where a tail came from: how many samples
+saw the loop thread descheduled (an involuntary context switch), and the hypervisor's steal time over the
+run (a vCPU the host did not run delays a completion with no switch the guest can see).
 
     python benchmarks/bench_nixl.py [--quick] [--reps N]
 """
@@ -23,6 +25,7 @@ import argparse
 import ctypes
 import logging
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -62,6 +65,34 @@ def target(size: int, diff_us: float, bare_us: float) -> tuple[str, bool]:
     if size <= SMALL_MAX:
         return f"<= {OVERHEAD_US:g} us", diff_us <= OVERHEAD_US
     return f"<= {OVERHEAD_FRAC:.0%}", diff_us <= OVERHEAD_FRAC * bare_us
+
+
+def preemption(lat: list[int], preempted: list[bool]) -> str:
+    """What preemption explains: how many samples saw an involuntary context switch of this process
+    (another task took a core: the tail a quiet machine does not have), and the p99 of the others.
+    The verdict stays on every sample; this only says where the tail came from."""
+    rest = [x for x, p in zip(lat, preempted) if not p]
+    n = len(lat) - len(rest)
+    tail = f"p99 of the rest {pct(rest, 99) / 1e3:.1f} us" if rest else "no sample without one"
+    return f"{n} samples ({n / len(lat):.1%}) preempted, {tail}"
+
+
+def cpu_times() -> list[int] | None:
+    """The machine's cpu line of /proc/stat (user nice system idle iowait irq softirq steal ...), or None."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+
+
+def steal_share(before: list[int] | None, after: list[int] | None) -> str:
+    """Share of CPU time the hypervisor gave to other guests meanwhile (the `steal` column): a vCPU that
+    is not running delays a completion without any context switch the guest can see."""
+    if not before or not after or len(before) < 8 or len(after) < 8:
+        return "unknown"
+    total = sum(after[:8]) - sum(before[:8])
+    return f"{(after[7] - before[7]) / total:.1%}" if total > 0 else "unknown"
 
 
 def main() -> None:
@@ -120,6 +151,7 @@ def main() -> None:
               f"{'diff us [95% CI]':>24} | {'diff % [95% CI]':>22} | {'mean e/b':>8} | {'eng GB/s':>8} | "
               f"{'c2drain p50/p99 us':>18} | target (median diff)")
         verdicts = []
+        table_cpu = cpu_times()
         for size in sizes:
             for batch in (1, 64):
                 n = counts[size]
@@ -148,7 +180,8 @@ def main() -> None:
                       f"{goal}: {'met' if met else 'MISS'}")
         misses = [name for name, met in verdicts if not met]
         print(f"overhead targets: {len(verdicts) - len(misses)} of {len(verdicts)} cells met"
-              + (f" (missed: {', '.join(misses)})" if misses else ""))
+              + (f" (missed: {', '.join(misses)})" if misses else "")
+              + f"; host steal during the table {steal_share(table_cpu, cpu_times())}")
 
         # The engine's own work per transfer, without the transport's timing noise: the same calls
         # (advertise, expose, complete, terminate, drain) in a native loop on one thread.
@@ -175,9 +208,11 @@ def main() -> None:
                                               logger_factory=structlog.WriteLoggerFactory(logfile))),
             ):
                 structlog.configure(**conf)
-                lat = []
+                lat, preempted = [], []
+                cpu0 = cpu_times()
                 for i in range(args.c2p or (2000 if not args.quick else 300)):
                     r = req + i
+                    csw = resource.getrusage(resource.RUSAGE_THREAD).ru_nivcsw
                     engine.advertise(r, "sender")
                     te.write(r, src_mem.slice(0, 4 * KiB), "bench-peer", dst_mem.slice(0, 4 * KiB))
                     got = None
@@ -186,12 +221,15 @@ def main() -> None:
                             if tr.request == r and tr.to_state.value == "Quiesced":
                                 got = time.monotonic_ns() - tr.t_ns
                     lat.append(got)
+                    # the loop thread (alone on its core when pinned) was descheduled for another task
+                    preempted.append(resource.getrusage(resource.RUSAGE_THREAD).ru_nivcsw != csw)
                     engine.terminate(r)
                 req += len(lat)
+                steal = steal_share(cpu0, cpu_times())
                 p99 = pct(lat, 99) / 1e3
                 print(f"  {label:<26} p50 {pct(lat, 50) / 1e3:.1f} us, p99 {p99:.1f} us, "
                       f"max {max(lat) / 1e3:.1f} us (n={len(lat)}, mean {statistics.mean(lat) / 1e3:.1f} us); "
-                      f"target p99 <= {C2P_P99_US:.0f} us: {'met' if p99 <= C2P_P99_US else 'MISS'}")
+                      f"{preemption(lat, preempted)}, host steal {steal}; target p99 <= {C2P_P99_US:.0f} us: {'met' if p99 <= C2P_P99_US else 'MISS'}")
             logfile.close()
 
 if __name__ == "__main__":

@@ -54,16 +54,25 @@ def test_nixl_rows_are_parsed():
     assert [r.metric for r in c2p] == ["completion-to-poll, logs off (level filter)",
                                        "completion-to-poll, JSON lines to a file"], out
     assert all(math.isnan(r.value) and r.note.startswith("p50 ") for r in c2p)
+    # each completion-to-poll line says how much of its tail preemption and host steal explain
+    attrib = re.findall(r"; (\d+) samples \(([\d.]+)%\) preempted, (?:p99 of the rest [\d.]+ us|no sample without "
+                        r"one), host steal (?:[\d.]+%|unknown); target", out)
+    assert len(attrib) == 2 and all(int(n) <= 20 for n, _share in attrib), out
     changed = parse_nixl(out.replace("Ki ", "KiB "))  # negative control: a changed row is not matched
     assert [r.metric for r in changed] == [r.metric for r in c2p]
 
 
-def test_nixl_targets_judge_small_cells_in_microseconds_and_larger_ones_in_percent():
+def _bench_nixl():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import bench_nixl
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
+    return bench_nixl
+
+
+def test_nixl_targets_judge_small_cells_in_microseconds_and_larger_ones_in_percent():
+    bench_nixl = _bench_nixl()
     assert bench_nixl.target(4096, 2.0, 25.0) == ("<= 2 us", True)
     assert bench_nixl.target(4096, 2.01, 1000.0) == ("<= 2 us", False)  # 0.2 %, still a miss: the goal is absolute
     assert bench_nixl.target(65536, 1.75, 35.0) == ("<= 5%", True)
@@ -81,3 +90,17 @@ def test_native_loop_with_cache_churn_drives_every_session_and_refuses_absurd_ch
     assert _core.bench_native(100, True, 4096)[0] == 5 * 100  # the cancelled variant: one more each
     with pytest.raises(InvalidArgument, match=r"^invalid churn_bytes: 1073741825 is over 1073741824$"):
         _core.bench_native(1, False, (1 << 30) + 1)
+
+
+def test_c2p_attribution_counts_steal_and_preempted_samples():
+    bench_nixl = _bench_nixl()
+    #                 user nice sys idle iowait irq softirq steal
+    before = [100, 0, 50, 800, 0, 0, 0, 50]
+    after = [150, 0, 75, 965, 0, 0, 0, 60]  # 250 ticks passed, 10 of them stolen
+    assert bench_nixl.steal_share(before, after) == "4.0%"
+    assert bench_nixl.steal_share(before, before) == "unknown"  # no time passed: no share to give
+    assert bench_nixl.steal_share(None, after) == "unknown" and bench_nixl.steal_share([1, 2], [3, 4]) == "unknown"
+    lat = [1000 * (i + 1) for i in range(100)]  # 1 .. 100 us
+    slow = [i >= 95 for i in range(100)]  # the 5 slowest samples were preempted
+    assert bench_nixl.preemption(lat, slow) == "5 samples (5.0%) preempted, p99 of the rest 95.0 us"
+    assert bench_nixl.preemption(lat, [True] * 100) == "100 samples (100.0%) preempted, no sample without one"

@@ -24,7 +24,7 @@ test-sanitize:
 	UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 ASAN_OPTIONS=detect_leaks=1 ctest --test-dir build/asan --output-on-failure
 	cmake -S . -B build/tsan $(CMAKE_FLAGS) -DCMAKE_BUILD_TYPE=Debug -DLIFECYCLE_PYTHON=OFF -DLIFECYCLE_TESTS=ON -DLIFECYCLE_WERROR=ON -DLIFECYCLE_SANITIZE=thread >/dev/null
 	cmake --build build/tsan -j$(JOBS)
-	TSAN_OPTIONS=halt_on_error=1 ctest --test-dir build/tsan --output-on-failure -R "concurrency|clock"
+	TSAN_OPTIONS=halt_on_error=1 ctest --test-dir build/tsan --output-on-failure -R "concurrency|clock|transport"
 
 test-py:
 	$(PYTHON) -m pytest -q

@@ -97,6 +97,11 @@ class Mem:
                 raise InvalidArgument(name, f"expected an int >= 0, got {v!r}")
         if self.kind not in ("dram", "vram"):
             raise InvalidArgument("kind", f"expected 'dram' or 'vram', got {self.kind!r}")
+        if self.device >= 1 << 64:
+            raise InvalidArgument("device", f"expected a 64-bit device index, got {self.device}")
+        if self.addr + self.nbytes > 1 << 64:
+            raise InvalidArgument("nbytes", f"{self.nbytes} bytes at address {self.addr:#x} run past the end of "
+                                            "the address space")
 
     def slice(self, offset: int, nbytes: int) -> Mem:
         if offset < 0 or nbytes <= 0 or offset + nbytes > self.nbytes:
@@ -176,10 +181,19 @@ class Faults:
 
     def __post_init__(self) -> None:
         for k, v in asdict(self).items():
-            if k in ("seed",):
-                continue
-            if not isinstance(v, (int, float)) or v < 0 or (k != "delay_s" and v > 1):
+            if k == "seed":
+                if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 1 << 64:
+                    raise InvalidArgument(k, f"expected a 64-bit seed, got {v!r}")
+            elif k == "delay_s":
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 3600:
+                    raise InvalidArgument(k, f"expected seconds in [0, 3600], got {v!r}")
+            elif isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
                 raise InvalidArgument(k, f"expected a probability in [0, 1], got {v!r}")
+        # one roll picks at most one of these (the wrapper, faulty.cpp): beyond 1 the later ones vanish
+        status = self.delay + self.error + self.disconnect + self.never_completes
+        if status > 1 + 1e-9:
+            raise InvalidArgument("faults", "delay + error + disconnect + never_completes must not exceed 1 (one roll "
+                                            f"picks at most one of them), got {status:g}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,6 +257,13 @@ class _Transport:
         return Registration(rid, m)
 
     def deregister(self, reg: Registration) -> None:
+        """Deregister; refused (TransportError) while the backend may still touch the memory: a transfer over
+        it, a passive session, an unreleased request, or (for an engine's pool) a quarantined slot, whose
+        quiescence is unknown.  Keep the memory alive until then."""
+        obj = self._keep.get(reg.region_id)
+        if isinstance(obj, _core.BufferPool) and (q := obj.stats()["quarantined"]):
+            raise TransportError(f"deregister: the pool registered as region {reg.region_id} has {q} quarantined "
+                                 "slots (quiescence unknown): keep it registered and alive")
         self._core.deregister_region(reg.region_id)
         self._regs.pop(reg.region_id, None)
         self._keep.pop(reg.region_id, None)

@@ -114,13 +114,37 @@ def engine(clock) -> TransferEngine:
 __all__ = ["CREATE_SOURCE", "SEC", "drive", "lifecycle", "path_to"]
 
 
+# Every fault injector a test builds, so that a failing test prints the seeds (and probabilities) that
+# replay it, whatever its own asserts say.
+_FAULTS: list = []
+
+
+@pytest.fixture(autouse=True)
+def _record_fault_seeds(monkeypatch):
+    from lifecycle import transport
+
+    _FAULTS.clear()
+    check = transport.Faults.__post_init__
+
+    def recorded(self):
+        check(self)
+        _FAULTS.append(self)
+
+    monkeypatch.setattr(transport.Faults, "__post_init__", recorded)
+    yield
+    _FAULTS.clear()
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """In CI (CI=true, set by the CI runner) nothing may be skipped: the environment guards above
     (no mpiexec, no NIXL, no chromium, no dot) are for a developer's partial machine only, and in CI
-    they would mean a broken install.  A skip there becomes a failure that says why."""
+    they would mean a broken install.  A skip there becomes a failure that says why.  A failing test
+    that injected faults gets a report section with every Faults it built (seed first): the replay."""
     outcome = yield
     rep = outcome.get_result()
+    if rep.failed and _FAULTS:
+        rep.sections.append(("fault seeds (replay with these)", "\n".join(repr(f) for f in _FAULTS)))
     if os.environ.get("CI", "").lower() in ("1", "true", "yes") and rep.skipped and not hasattr(rep, "wasxfail"):
         rep.outcome = "failed"
         rep.longrepr = f"skipped in CI, which must run every test: {rep.longrepr}"

@@ -3,6 +3,8 @@
 // take time (agent creation, registration, posts, stop). C++ threads never touch Python.
 #include <pybind11/stl.h>
 
+#include <cmath>
+
 #include "lifecycle/engine.hpp"
 #include "lifecycle/errors.hpp"
 #include "lifecycle/transport/bench.hpp"
@@ -37,11 +39,30 @@ tp::XferOp to_op(const std::string& op) {
 tp::Region region(std::uint64_t addr, std::uint64_t len, const std::string& kind, std::uint64_t dev) {
   if (addr == 0) throw InvalidArgumentError("addr", "null address");
   if (len == 0) throw InvalidArgumentError("nbytes", "must be > 0");
+  if (len - 1 > UINTPTR_MAX - addr) {
+    throw InvalidArgumentError("nbytes", std::to_string(len) + " bytes at address " + std::to_string(addr) +
+                                             " run past the end of the address space");
+  }
   return tp::Region{static_cast<std::uintptr_t>(addr), static_cast<std::size_t>(len), dev, to_kind(kind)};
+}
+
+// A duration option in seconds, finite and in [lo, hi], as microseconds (no overflowing cast).
+std::chrono::microseconds seconds_opt(const char* name, double v, double lo, double hi) {
+  if (!std::isfinite(v) || v < lo || v > hi) {
+    throw InvalidArgumentError(name, "expected seconds in [" + std::to_string(lo) + ", " + std::to_string(hi) +
+                                         "], got " + std::to_string(v));
+  }
+  return std::chrono::microseconds(static_cast<std::int64_t>(v * 1e6));
 }
 
 double get_f(const py::dict& d, const char* k, double dflt) {
   return d.contains(k) ? d[k].cast<double>() : dflt;
+}
+
+double probability(const py::dict& d, const char* k) {
+  const double p = get_f(d, k, 0);
+  if (!(p >= 0 && p <= 1)) throw InvalidArgumentError(k, "expected a probability in [0, 1], got " + std::to_string(p));
+  return p;
 }
 
 std::unique_ptr<tp::Agent> maybe_faulty(std::unique_ptr<tp::Agent> agent, const py::object& faults) {
@@ -49,21 +70,29 @@ std::unique_ptr<tp::Agent> maybe_faulty(std::unique_ptr<tp::Agent> agent, const 
   py::dict d = faults.cast<py::dict>();
   tp::FaultOptions f;
   f.seed = d.contains("seed") ? d["seed"].cast<std::uint64_t>() : 0;
-  f.delay = get_f(d, "delay", 0);
-  f.delay_for = std::chrono::microseconds(static_cast<std::int64_t>(get_f(d, "delay_s", 0.002) * 1e6));
-  f.error = get_f(d, "error", 0);
-  f.disconnect = get_f(d, "disconnect", 0);
-  f.never_completes = get_f(d, "never_completes", 0);
-  f.drop_notification = get_f(d, "drop_notification", 0);
-  f.duplicate_notification = get_f(d, "duplicate_notification", 0);
-  f.release_failure = get_f(d, "release_failure", 0);
+  f.delay = probability(d, "delay");
+  f.delay_for = seconds_opt("delay_s", get_f(d, "delay_s", 0.002), 0, 3600);
+  f.error = probability(d, "error");
+  f.disconnect = probability(d, "disconnect");
+  f.never_completes = probability(d, "never_completes");
+  f.drop_notification = probability(d, "drop_notification");
+  f.duplicate_notification = probability(d, "duplicate_notification");
+  f.release_failure = probability(d, "release_failure");
+  // one roll picks at most one of these four (faulty.cpp): beyond a total of 1 the later ones vanish
+  if (f.delay + f.error + f.disconnect + f.never_completes > 1 + 1e-9) {
+    throw InvalidArgumentError("faults", "delay + error + disconnect + never_completes must not exceed 1 (one roll "
+                                         "picks at most one of them), got " +
+                                             std::to_string(f.delay + f.error + f.disconnect + f.never_completes));
+  }
   return std::make_unique<tp::FaultyAgent>(std::move(agent), f);
 }
 
 tp::TransportOptions options(bool unsafe_release_on_cancel, double tick_s) {
   tp::TransportOptions o;
   o.unsafe_release_on_cancel = unsafe_release_on_cancel;
-  o.progress.tick_interval = std::chrono::microseconds(static_cast<std::int64_t>(tick_s * 1e6));
+  // > 0: the tick runs the engine's timers and the sweep that retries failed releases
+  o.progress.tick_interval = seconds_opt("tick", tick_s, 1e-5, 10);
+  if (o.progress.tick_interval.count() <= 0) throw InvalidArgumentError("tick", "must be at least 10 us");
   return o;
 }
 
@@ -114,6 +143,7 @@ void register_transport(py::module_& m) {
                              const std::vector<std::pair<std::string, std::string>>& ucx_params,
                              bool nixl_progress_thread, double tick_s) {
              if (name.empty()) throw InvalidArgumentError("name", "must not be empty");
+             const tp::TransportOptions topts = options(unsafe_release_on_cancel, tick_s);  // checked first
              std::unique_ptr<tp::Transport> t;
              std::unique_ptr<tp::Agent> agent;
              {
@@ -128,8 +158,7 @@ void register_transport(py::module_& m) {
              agent = maybe_faulty(std::move(agent), faults);
              {
                py::gil_scoped_release nogil;
-               t = std::make_unique<tp::Transport>(std::move(engine), std::move(agent),
-                                                   options(unsafe_release_on_cancel, tick_s));
+               t = std::make_unique<tp::Transport>(std::move(engine), std::move(agent), topts);
              }
              return t;
            }, py::arg("engine"), py::arg("name"), py::arg("capi_path"), py::arg("unsafe_release_on_cancel") = false,
@@ -141,13 +170,17 @@ void register_transport(py::module_& m) {
              if (name.empty()) throw InvalidArgumentError("name", "must not be empty");
              tp::LoopbackOptions o;
              o.name = name;
+             const tp::TransportOptions topts = options(unsafe_release_on_cancel, tick_s);
+             if (!std::isfinite(bytes_per_second) || bytes_per_second < 0) {
+               throw InvalidArgumentError("bytes_per_second", "expected a finite rate >= 0 (0: unpaced), got " +
+                                                              std::to_string(bytes_per_second));
+             }
              o.bytes_per_second = bytes_per_second;
-             o.latency = std::chrono::microseconds(static_cast<std::int64_t>(latency_s * 1e6));
+             o.latency = seconds_opt("latency", latency_s, 0, 3600);
              std::unique_ptr<tp::Agent> agent = std::make_unique<tp::LoopbackAgent>(o);
              agent = maybe_faulty(std::move(agent), faults);
              py::gil_scoped_release nogil;
-             return std::make_unique<tp::Transport>(std::move(engine), std::move(agent),
-                                                    options(unsafe_release_on_cancel, tick_s));
+             return std::make_unique<tp::Transport>(std::move(engine), std::move(agent), topts);
            }, py::arg("engine"), py::arg("name"), py::arg("bytes_per_second") = 0.0, py::arg("latency_s") = 0.0,
            py::arg("unsafe_release_on_cancel") = false, py::arg("faults") = py::none(), py::arg("tick_s") = 0.001)
       .def_property_readonly("name", [](tp::Transport& t) { return t.name(); })

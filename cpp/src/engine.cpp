@@ -294,8 +294,15 @@ void Engine::notify_pushed(std::size_t n) {
 }
 
 void Engine::run_aborts(std::vector<std::pair<std::uint64_t, Role>>& aborts) {
-  if (abort_hook_)
-    for (auto& [req, role] : aborts) abort_hook_(req, role);
+  if (aborts.empty()) return;
+  std::shared_ptr<const std::vector<std::pair<std::uint64_t, AbortHook>>> hooks;
+  {
+    std::lock_guard<std::mutex> g(hooks_mu_);
+    hooks = hooks_;
+  }
+  if (!hooks) return;
+  for (auto& [req, role] : aborts)
+    for (const auto& [id, hook] : *hooks) hook(req, role);
 }
 
 bool Engine::degraded() const {
@@ -818,7 +825,24 @@ void Engine::set_backend_health(bool healthy, std::string reason) {
   backend_reason_ = std::move(reason);
 }
 
-void Engine::set_abort_hook(std::function<void(std::uint64_t, Role)> hook) { abort_hook_ = std::move(hook); }
+std::uint64_t Engine::add_abort_hook(AbortHook hook) {
+  std::lock_guard<std::mutex> g(hooks_mu_);
+  auto next = hooks_ ? std::make_shared<std::vector<std::pair<std::uint64_t, AbortHook>>>(*hooks_)
+                     : std::make_shared<std::vector<std::pair<std::uint64_t, AbortHook>>>();
+  const std::uint64_t id = next_hook_++;
+  next->emplace_back(id, std::move(hook));
+  hooks_ = std::move(next);
+  return id;
+}
+
+void Engine::remove_abort_hook(std::uint64_t id) {
+  std::lock_guard<std::mutex> g(hooks_mu_);
+  if (!hooks_) return;
+  auto next = std::make_shared<std::vector<std::pair<std::uint64_t, AbortHook>>>();
+  for (const auto& h : *hooks_)
+    if (h.first != id) next->push_back(h);
+  hooks_ = std::move(next);
+}
 
 static std::string secs(std::int64_t ns) {
   char buf[32];

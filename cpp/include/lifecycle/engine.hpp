@@ -167,8 +167,12 @@ class Engine {
   bool unhealthy() const { return unhealthy_.load(std::memory_order_relaxed); }
   void set_backend_health(bool healthy, std::string reason);
   // Called (outside every engine lock) for sessions that entered CancelRequested: the transport
-  // must abort/ask its peer to stop.  Set once before use.
-  void set_abort_hook(std::function<void(std::uint64_t, Role)> hook);
+  // must abort/ask its peer to stop.  Every transport that drives this engine adds its own hook
+  // (each ignores requests it holds nothing for); remove_abort_hook(id) takes one out (a hook that is
+  // running finishes first only if the caller ensures it, e.g. Transport's relay).  Thread-safe.
+  using AbortHook = std::function<void(std::uint64_t, Role)>;
+  std::uint64_t add_abort_hook(AbortHook hook);
+  void remove_abort_hook(std::uint64_t id);
 
   std::optional<SessionInfo> info(std::uint64_t req) const;
   Counters counters() const;
@@ -206,7 +210,10 @@ class Engine {
   std::atomic<bool> backend_healthy_{true};
   std::mutex backend_mu_;
   std::string backend_reason_;
-  std::function<void(std::uint64_t, Role)> abort_hook_;
+  std::mutex hooks_mu_;
+  std::uint64_t next_hook_ = 1;  // guarded by hooks_mu_
+  // replaced, never mutated (copy on write): run_aborts calls a snapshot outside every lock
+  std::shared_ptr<const std::vector<std::pair<std::uint64_t, AbortHook>>> hooks_;  // guarded by hooks_mu_
   // wait_ready
   std::atomic<std::uint32_t> waiters_{0};
   std::mutex wait_mu_;

@@ -31,9 +31,7 @@ struct LoopbackAgent::Endpoint {
   bool covers(const Region& r) const {  // caller holds mem_mutex() (shared or exclusive)
     for (const auto& [id, reg] : regions) {
       (void)id;
-      if (reg.kind == r.kind && reg.dev_id == r.dev_id && r.addr >= reg.addr &&
-          r.addr + r.len <= reg.addr + reg.len)
-        return true;
+      if (reg.contains(r)) return true;
     }
     return false;
   }
@@ -100,7 +98,7 @@ LoopbackAgent::~LoopbackAgent() {
 }
 
 Agent::RegionId LoopbackAgent::register_region(const Region& r) {
-  if (r.addr == 0 || r.len == 0) throw TransportError("register_region: empty region");
+  if (!r.valid()) throw TransportError("register_region: empty region, or one that wraps past the address space");
   if (r.kind != MemKind::Dram) throw TransportError("loopback agent: only DRAM can be registered");
   std::unique_lock<std::shared_mutex> mem(mem_mutex());
   const RegionId id = ep_->next_region++;
@@ -149,6 +147,9 @@ void LoopbackAgent::prepare(std::uint64_t req, XferOp op, const Region& local,
                             const Region& remote, const std::string& peer, bool notify) {
   const std::string ctx = "request " + std::to_string(req);
   if (local.len != remote.len) throw TransportError("post: " + ctx + ": lengths differ");
+  if (!local.valid() || !remote.valid()) {
+    throw TransportError("post: " + ctx + ": empty range, or one that wraps past the address space");
+  }
   auto job = std::make_shared<Job>();
   job->req = req;
   job->op = op;

@@ -78,10 +78,11 @@ NixlAgent::~NixlAgent() {
   std::lock_guard<std::mutex> lk(mu_);
   for (auto& [req, x] : xfers_) {
     (void)req;
-    if (x.handle.reset() != capi::kSuccess) unreleasable_.push_back(std::move(x.handle));
+    // one more try for a request whose release failed before; the handle's destructor makes the
+    // last one, and a handle that still fails is leaked on purpose (never freed under the backend)
+    if (x.handle.reset() != capi::kSuccess) (void)x.handle.reset();
   }
   xfers_.clear();
-  for (auto& h : unreleasable_) h.reset();  // last try; a failure leaks the handle on purpose
   for (auto& [id, reg] : regions_) {
     (void)id;
     if (api_->deregister_mem(agent_.get(), reg.dlist.get(), backend_args_.get()) != capi::kSuccess) {
@@ -92,7 +93,7 @@ NixlAgent::~NixlAgent() {
 }
 
 NixlAgent::RegionId NixlAgent::register_region(const Region& r) {
-  if (r.addr == 0 || r.len == 0) throw TransportError("register_region: empty region");
+  if (!r.valid()) throw TransportError("register_region: empty region, or one that wraps past the address space");
   const NixlCapi& a = *api_;
   capi::reg_dlist_t raw = nullptr;
   check_capi(a.create_reg_dlist(to_capi(r.kind), &raw), "create_reg_dlist");
@@ -103,7 +104,7 @@ NixlAgent::RegionId NixlAgent::register_region(const Region& r) {
   check_capi(a.register_mem(agent_.get(), dlist.get(), backend_args_.get()), "register_mem",
              "agent " + name_ + ", " + std::to_string(r.len) + " bytes");
   const RegionId id = next_region_++;
-  regions_.emplace(id, Registration{std::move(dlist)});
+  regions_.emplace(id, Registration{std::move(dlist), r});
   return id;
 }
 
@@ -158,6 +159,18 @@ void NixlAgent::prepare(std::uint64_t req, XferOp op, const Region& local, const
   if (local.len != remote.len) {
     throw TransportError("post: " + req_context(req) + ": local and remote lengths differ (" +
                          std::to_string(local.len) + " vs " + std::to_string(remote.len) + ")");
+  }
+  if (!local.valid() || !remote.valid()) {
+    throw TransportError("post: " + req_context(req) + ": empty range, or one that wraps past the address space");
+  }
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    bool covered = false;
+    for (const auto& [id, reg] : regions_) {
+      (void)id;
+      if (reg.region.contains(local)) covered = true;
+    }
+    if (!covered) throw TransportError("post: " + req_context(req) + ": local range not registered");
   }
   const NixlCapi& a = *api_;
   // Build descriptor lists and opt args outside the lock (pure local objects).
@@ -247,14 +260,15 @@ ReleaseStatus NixlAgent::release(std::uint64_t req) {
   auto it = xfers_.find(req);
   if (it == xfers_.end()) return kReleaseUnknownRequest;
   const capi::status_t st = it->second.handle.reset();
-  if (st != capi::kSuccess) unreleasable_.push_back(std::move(it->second.handle));
-  xfers_.erase(it);
+  // A failed release keeps the request under its id, so the caller's retry (the transport's sweep)
+  // retries this very handle; live_requests() counts it meanwhile.
+  if (st == capi::kSuccess) xfers_.erase(it);
   return static_cast<ReleaseStatus>(st);
 }
 
 std::size_t NixlAgent::live_requests() const {
   std::lock_guard<std::mutex> lk(mu_);
-  return xfers_.size() + unreleasable_.size();
+  return xfers_.size();
 }
 
 std::size_t NixlAgent::registered_regions() const {

@@ -85,7 +85,7 @@ bool NixlProgress::pass() {
     snapshot.assign(watched_.begin(), watched_.end());
     ++stats_.passes;
   }
-  bool progressed = false;
+  bool progressed = sink_.on_pass();
 
   for (std::uint64_t req : snapshot) {
     XferStatus st;

@@ -63,7 +63,7 @@ Transport::Transport(std::shared_ptr<Engine> engine, std::unique_ptr<Agent> agen
   relay_->target = this;
   if (engine_) {
     std::weak_ptr<Relay> weak = relay_;
-    engine_->set_abort_hook([weak](std::uint64_t req, Role) {
+    abort_hook_ = engine_->add_abort_hook([weak](std::uint64_t req, Role) {
       if (auto relay = weak.lock()) {
         std::lock_guard<std::recursive_mutex> lk(relay->mu);
         if (relay->target != nullptr) relay->target->on_abort(req);
@@ -75,8 +75,43 @@ Transport::Transport(std::shared_ptr<Engine> engine, std::unique_ptr<Agent> agen
 
 Transport::~Transport() { stop(); }
 
-Agent::RegionId Transport::register_region(const Region& r) { return agent_->register_region(r); }
-void Transport::deregister_region(Agent::RegionId id) { agent_->deregister_region(id); }
+Agent::RegionId Transport::register_region(const Region& r) {
+  const Agent::RegionId id = agent_->register_region(r);
+  std::lock_guard<std::mutex> lk(mu_);
+  regions_[id] = r;
+  return id;
+}
+
+void Transport::deregister_region(Agent::RegionId id) {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    auto reg = regions_.find(id);
+    if (reg != regions_.end()) {
+      const Region& g = reg->second;
+      std::size_t active = 0, passive = 0;
+      std::uint64_t example = 0;
+      for (const auto& [req, e] : entries_) {
+        const bool overlaps = e.side == Side::Passive ||
+                              (e.local.kind == g.kind && e.local.dev_id == g.dev_id && e.local.addr - g.addr < g.len) ||
+                              (e.local.kind == g.kind && e.local.dev_id == g.dev_id && g.addr - e.local.addr < e.local.len);
+        if (!overlaps) continue;
+        (e.side == Side::Active ? active : passive) += 1;
+        example = req;
+      }
+      if (active + passive + unreleased_.size() > 0) {
+        throw TransportError("deregister_region: region " + std::to_string(id) + " of transport " + name() +
+                             " may still be touched by the backend (" + std::to_string(active) +
+                             " active transfers over it, " + std::to_string(passive) + " passive sessions, " +
+                             std::to_string(unreleased_.size()) + " unreleased requests" +
+                             (active + passive > 0 ? "; e.g. request " + std::to_string(example) : "") +
+                             "): keep the memory until they end");
+      }
+    }
+  }
+  agent_->deregister_region(id);
+  std::lock_guard<std::mutex> lk(mu_);
+  regions_.erase(id);
+}
 std::string Transport::metadata() { return agent_->local_metadata(); }
 std::string Transport::add_peer(const std::string& md) { return agent_->load_remote_metadata(md); }
 
@@ -110,6 +145,16 @@ void Transport::remember_tainted(std::uint64_t req) {
   }
 }
 
+// Every release of a request goes through here: a failed one is counted and kept for the sweep to
+// retry (the agent still holds the handle, and stats()' `unreleased` shows it until it goes).
+void Transport::release_xfer(std::uint64_t req) {
+  const ReleaseStatus st = agent_->release(req);
+  if (st == kReleased || st == kReleaseUnknownRequest) return;
+  ctr_.release_failures.fetch_add(1);
+  std::lock_guard<std::mutex> lk(mu_);
+  unreleased_.insert(req);
+}
+
 PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local,
                                const Region& remote, const std::string& peer) {
   if (stopped_.load()) throw TransportError("transfer: transport " + name() + " is stopped");
@@ -125,7 +170,9 @@ PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local
   {
     std::lock_guard<std::mutex> lk(mu_);
     stopped_by_peer = stopped_reqs_.count(req) != 0;
-    entries_[req] = Entry{Side::Active, peer, false, false, stopped_by_peer};
+    Entry e{Side::Active, peer, false, false, stopped_by_peer};
+    e.local = local;
+    entries_[req] = std::move(e);
   }
   // 2. Expose (Advertised -> InFlight). A refused expose (cancelled, unknown) posts nothing.
   if (engine_) {
@@ -140,17 +187,19 @@ PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local
           entries_.erase(it);
         }
       }
-      (void)agent_->release(req);  // prepared, never posted: nothing moved
+      release_xfer(req);  // prepared, never posted: nothing moved
       if (ack) send(peer, req, NotifKind::Quiesced);
       throw_refused(r, req, Event::expose);
     }
   }
   // 3. A cancel between expose and here (or the peer's stop) wins: never posted is evidence.
-  bool skip = false, ack = false;
+  bool skip = false, ack = false, gone = false;
   {
     std::lock_guard<std::mutex> lk(mu_);
-    Entry& e = entries_[req];
-    if (e.cancel_requested || e.peer_stop) {
+    auto it = entries_.find(req);
+    if (it == entries_.end()) {
+      gone = true;  // stop() or remove_peer() took the entry (and failed the session) meanwhile
+    } else if (Entry& e = it->second; e.cancel_requested || e.peer_stop) {
       skip = true;
       ack = e.peer_stop;
       entries_.erase(req);
@@ -158,8 +207,13 @@ PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local
       e.posting = true;
     }
   }
+  if (gone) {
+    release_xfer(req);  // never posted: nothing moved
+    throw TransportError("transfer: request " + std::to_string(req) + ": transport " + name() +
+                         " stopped or its peer was removed before the post");
+  }
   if (skip) {
-    (void)agent_->release(req);
+    release_xfer(req);
     if (engine_ && ack) (void)engine_->cancel(req);  // InFlight -> CancelRequested (idempotent)
     apply(req, Event::complete);                                  // -> Quiesced(cancelled)
     if (ack) send(peer, req, NotifKind::Quiesced);
@@ -202,9 +256,13 @@ void Transport::expect(std::uint64_t req, const std::string& peer) {
       throw_refused(r, req, Event::expose);
     }
   }
+  // From here on a note completes the session directly; one that came before (even after the entry
+  // was made, while expose was being applied) waits in early_ and is taken now.
   bool early = false;
   {
     std::lock_guard<std::mutex> lk(mu_);
+    auto e = entries_.find(req);
+    if (e != entries_.end() && e->second.side == Side::Passive) e->second.exposed = true;
     auto it = early_.find(req);
     if (it != early_.end() && it->second.first == peer) {
       early = true;
@@ -229,11 +287,7 @@ void Transport::finish_active(std::uint64_t req, bool done) {
   }
   // Release first (after Done it is safe; after an error it changes nothing about the verdict), so
   // that once the engine reports the session terminal the transport holds nothing for it.
-  if (agent_->release(req) != kReleased) {
-    ctr_.release_failures.fetch_add(1);
-    std::lock_guard<std::mutex> lk(mu_);
-    unreleased_.insert(req);
-  }
+  release_xfer(req);
   (done ? ctr_.completed : ctr_.failed).fetch_add(1);
   if (engine_) {
     const ApplyResult r = engine_->apply(req, done ? Event::complete : Event::fail);
@@ -272,16 +326,31 @@ void Transport::on_abort(std::uint64_t req) {
     }
   }
   if (passive) {
-    send(peer, req, NotifKind::Stop);
+    {
+      std::lock_guard<std::mutex> lk(outbox_mu_);
+      outbox_.emplace_back(std::move(peer), req);
+    }
+    progress_->wake();
     return;
   }
   if (release_now) {
     // TEST ONLY (negative control): release is NOT evidence; this is the bug the tests must catch.
     progress_->unwatch(req);
-    if (agent_->release(req) != kReleased) ctr_.release_failures.fetch_add(1);
+    release_xfer(req);
     ctr_.unsafe_releases.fetch_add(1);
     apply(req, Event::complete);
   }
+}
+
+bool Transport::on_pass() {
+  std::vector<std::pair<std::string, std::uint64_t>> out;
+  {
+    std::lock_guard<std::mutex> lk(outbox_mu_);
+    if (outbox_.empty()) return false;
+    out.swap(outbox_);
+  }
+  for (const auto& [peer, req] : out) send(peer, req, NotifKind::Stop);
+  return true;
 }
 
 void Transport::on_complete(std::uint64_t req) { finish_active(req, true); }
@@ -297,7 +366,10 @@ void Transport::on_notification(const std::string& peer, std::uint64_t req, Noti
       {
         std::lock_guard<std::mutex> lk(mu_);
         auto it = entries_.find(req);
-        if (it != entries_.end() && it->second.side == Side::Passive && it->second.peer == peer) {
+        if (it != entries_.end() && it->second.side == Side::Passive && it->second.peer == peer &&
+            !it->second.exposed) {
+          early_[req] = {peer, kind};  // expect() is applying expose right now: it takes the note after
+        } else if (it != entries_.end() && it->second.side == Side::Passive && it->second.peer == peer) {
           mine = true;
           entries_.erase(it);
         } else if (it == entries_.end() && engine_) {
@@ -429,11 +501,7 @@ void Transport::remove_peer(const std::string& peer) {
   for (auto [req, side] : gone) {
     if (side == Side::Active) {
       progress_->unwatch(req);
-      if (agent_->release(req) != kReleased) {
-        ctr_.release_failures.fetch_add(1);
-        std::lock_guard<std::mutex> lk(mu_);
-        unreleased_.insert(req);
-      }
+      release_xfer(req);
     }
     ctr_.abandoned.fetch_add(1);
     apply(req, Event::fail);  // no evidence can come any more: Poisoned (late if already ended)
@@ -451,6 +519,7 @@ void Transport::stop() {
     std::lock_guard<std::recursive_mutex> lk(relay_->mu);
     relay_->target = nullptr;
   }
+  if (engine_) engine_->remove_abort_hook(abort_hook_);  // the relay already made it a no-op
   progress_->stop();
   std::vector<std::pair<std::uint64_t, Entry>> all;
   {
@@ -459,7 +528,7 @@ void Transport::stop() {
     entries_.clear();
   }
   for (auto& [req, e] : all) {
-    if (e.side == Side::Active) (void)agent_->release(req);
+    if (e.side == Side::Active) release_xfer(req);  // a failure is retried by the agent's destructor
     ctr_.abandoned.fetch_add(1);
     apply(req, Event::fail);
   }

@@ -97,6 +97,7 @@ class NixlAgent final : public Agent {
   NotifMapHandle notif_map_;    // reused by fetch_notifications (guarded by mu_)
   struct Registration {
     RegDlistHandle dlist;
+    Region region;
   };
   std::map<RegionId, Registration> regions_;  // Invariant: every entry is registered with NIXL
   RegionId next_region_ = 1;
@@ -105,7 +106,6 @@ class NixlAgent final : public Agent {
     bool posted = false;
   };
   std::map<std::uint64_t, Xfer> xfers_;      // Invariant: every entry holds a created request
-  std::vector<XferReqHandle> unreleasable_;  // release failed; retried in the destructor
 };
 
 }  // namespace lifecycle::transport

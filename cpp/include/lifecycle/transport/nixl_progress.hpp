@@ -45,6 +45,9 @@ class EventSink {
   virtual void on_notification(const std::string& peer, std::uint64_t req, NotifKind kind) = 0;
   virtual void on_bad_notification(const std::string& peer, const std::string& bytes) = 0;
   virtual void on_tick() {}
+  // Start of every pass, on the progress thread: work queued for it (e.g. notifications that
+  // executor calls must not send themselves).  Returns whether it did any.
+  virtual bool on_pass() { return false; }
   virtual ~EventSink() = default;
 };
 

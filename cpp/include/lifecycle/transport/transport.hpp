@@ -88,6 +88,9 @@ class Transport final : public EventSink {
   Engine* engine() const noexcept { return engine_.get(); }
 
   Agent::RegionId register_region(const Region& r);
+  // Refused (TransportError, nothing changed) while the backend may still touch the region: an active
+  // transfer over it, any passive session (the peer holds our descriptors), or a request whose
+  // release failed.  The memory must stay alive until then.
   void deregister_region(Agent::RegionId id);
   std::string metadata();
   std::string add_peer(const std::string& metadata);  // returns the peer's name
@@ -128,10 +131,14 @@ class Transport final : public EventSink {
     bool posting = false;           // active: post() was called (the backend may touch buffers)
     bool cancel_requested = false;  // active: the engine asked to abort
     bool peer_stop = false;         // active: the peer asked to stop; reply "quiesced" when Done
+    bool exposed = false;           // passive: expose was applied; a note before it waits in early_
+    Region local{};                 // active: the local range the backend may touch
   };
 
   void on_abort(std::uint64_t req);
+  bool on_pass() override;  // sends the queued stops (outbox_)
   void finish_active(std::uint64_t req, bool done);
+  void release_xfer(std::uint64_t req);  // release; a failure is counted and retried by the sweep
   void send(const std::string& peer, std::uint64_t req, NotifKind kind);
   void apply(std::uint64_t req, Event ev);
   void remember_stopped(std::uint64_t req);  // caller holds mu_
@@ -142,11 +149,17 @@ class Transport final : public EventSink {
   TransportOptions opts_;
   std::unique_ptr<Agent> agent_;
   std::shared_ptr<Relay> relay_;
+  std::uint64_t abort_hook_ = 0;  // this transport's hook in the engine (removed by stop())
   mutable std::mutex mu_;  // guards the maps below; never held while calling the agent or engine
   std::unordered_map<std::uint64_t, Entry> entries_;
+  std::map<Agent::RegionId, Region> regions_;  // what register_region registered (deregister's check)
   std::set<std::uint64_t> stopped_reqs_;    // peer said stop before we posted (bounded)
   std::deque<std::uint64_t> stopped_order_;
   std::map<std::uint64_t, std::pair<std::string, NotifKind>> early_;  // notes before expect()
+  // Stops for the progress thread to send: an abort hook runs on the thread that cancelled (an
+  // executor's poll or cancel, holding the GIL), which must never wait on the backend (DESIGN §7).
+  std::mutex outbox_mu_;
+  std::vector<std::pair<std::string, std::uint64_t>> outbox_;  // guarded by outbox_mu_
   std::set<std::uint64_t> unreleased_;      // release failed; retried on tick
   // Requests of ours that ended without evidence (error, abandoned): a later "stop" for one of them
   // gets no "quiesced" reply, since its bytes may still land (bounded FIFO).

@@ -1,0 +1,182 @@
+// Transport + engine over the loopback agent, in C++ (also under ASan+UBSan and TSan): interleavings
+// that timing cannot reach from Python, forced with a clock that parks one chosen thread.
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "check.hpp"
+#include "lifecycle/engine.hpp"
+#include "lifecycle/transport/loopback.hpp"
+#include "lifecycle/transport/nixl_capi.hpp"  // TransportError
+#include "lifecycle/transport/transport.hpp"
+
+using namespace lifecycle;
+using namespace lifecycle::transport;
+
+namespace {
+
+thread_local bool t_gated = false;  // this thread parks in GateClock::now_ns while the gate is armed
+
+// Steady time; the first read by a gated thread while armed waits until release().
+class GateClock final : public Clock {
+ public:
+  std::int64_t now_ns() const override {
+    if (t_gated && armed_.exchange(false)) {
+      std::unique_lock<std::mutex> lk(mu_);
+      parked_ = true;
+      cv_.notify_all();
+      cv_.wait(lk, [this] { return released_; });
+    }
+    return SteadyClock().now_ns();
+  }
+  void arm() { armed_.store(true); }
+  void wait_parked() const {
+    std::unique_lock<std::mutex> lk(mu_);
+    cv_.wait(lk, [this] { return parked_; });
+  }
+  void release() {
+    std::lock_guard<std::mutex> lk(mu_);
+    released_ = true;
+    cv_.notify_all();
+  }
+
+ private:
+  mutable std::atomic<bool> armed_{false};
+  mutable std::mutex mu_;
+  mutable std::condition_variable cv_;
+  mutable bool parked_ = false;
+  bool released_ = false;
+};
+
+template <class Pred>
+bool eventually(Pred p, std::chrono::milliseconds limit = std::chrono::milliseconds(3000)) {
+  const auto end = std::chrono::steady_clock::now() + limit;
+  while (!p()) {
+    if (std::chrono::steady_clock::now() > end) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  return true;
+}
+
+State state_of(const Engine& e, std::uint64_t req) {
+  auto i = e.info(req);
+  return i ? i->state : State::Terminated;
+}
+
+std::unique_ptr<Transport> loopback(std::shared_ptr<Engine> e, const std::string& name) {
+  LoopbackOptions o;
+  o.name = name;
+  return std::make_unique<Transport>(std::move(e), std::make_unique<LoopbackAgent>(o));
+}
+
+// A "done" note that arrives while expect() is applying expose (the passive entry exists, the session
+// is still Advertised) must complete the session once it is InFlight, not be applied to Advertised
+// (illegal) and lost.  The receiver's expect() is parked inside the engine's expose, the sender's
+// WRITE completes and its note is handled meanwhile, then expose goes on.
+void test_done_note_during_expect_is_kept_for_it() {
+  auto clock = std::make_shared<GateClock>();
+  auto ea = std::make_shared<Engine>(Config{});
+  auto eb = std::make_shared<Engine>(Config{}, clock);
+  auto ta = loopback(ea, "gate-a");
+  auto tb = loopback(eb, "gate-b");
+  std::vector<char> src(4096, 'x'), dst(4096, 0);
+  ta->register_region({reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram});
+  tb->register_region({reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram});
+  CHECK(ta->add_peer(tb->metadata()) == "gate-b");
+  CHECK(tb->add_peer(ta->metadata()) == "gate-a");
+  CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
+  CHECK(eb->advertise(1, Role::receiver, 0).status == Status::Moved);
+
+  clock->arm();
+  std::thread receiver([&] {
+    t_gated = true;
+    tb->expect(1, "gate-a");  // parks in expose's clock read, its entry already made
+  });
+  clock->wait_parked();
+  const Region l{reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram};
+  const Region r{reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram};
+  (void)ta->transfer(1, XferOp::Write, l, r, "gate-b");
+  CHECK(eventually([&] { return tb->stats().done_received == 1; }));
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));  // the note's handling finishes
+  CHECK(state_of(*eb, 1) == State::Advertised);                 // nothing applied to it meanwhile
+  clock->release();
+  receiver.join();
+  CHECK(eventually([&] { return state_of(*eb, 1) == State::Quiesced; }));
+  CHECK(eb->counters().illegal == 0);
+  CHECK(std::memcmp(src.data(), dst.data(), src.size()) == 0);
+  CHECK(eventually([&] { return state_of(*ea, 1) == State::Quiesced; }));
+}
+
+// Two transports driving one engine: each keeps its abort hook (the second used to replace the
+// first, so the first's passive sessions sent no stop on cancel and could only end Poisoned).
+void test_every_transport_on_an_engine_gets_its_aborts() {
+  auto e = std::make_shared<Engine>(Config{});
+  auto peer_engine = std::make_shared<Engine>(Config{});
+  auto t1 = loopback(e, "hooks-1");
+  auto t2 = loopback(e, "hooks-2");
+  auto tp = loopback(peer_engine, "hooks-peer");
+  for (Transport* t : {t1.get(), t2.get()}) {
+    t->add_peer(tp->metadata());
+    tp->add_peer(t->metadata());
+  }
+  for (std::uint64_t req : {1u, 2u}) CHECK(e->advertise(req, Role::sender, 0).status == Status::Moved);
+  t1->expect(1, "hooks-peer");
+  t2->expect(2, "hooks-peer");
+  CHECK(e->cancel(1) == CancelResult::CancelRequestedInFlight);
+  CHECK(e->cancel(2) == CancelResult::CancelRequestedInFlight);
+  // each stop goes out from the transport that holds the session, on its progress thread
+  CHECK(eventually([&] { return t1->stats().stops_sent == 1 && t2->stats().stops_sent == 1; }));
+  // the peer holds nothing for them: it acks at once, and both sessions end cancelled, not Poisoned
+  CHECK(eventually([&] { return state_of(*e, 1) == State::Quiesced && state_of(*e, 2) == State::Quiesced; }));
+  // a stopped transport takes its hook out; the other one keeps working
+  t1->stop();
+  CHECK(e->advertise(3, Role::sender, 0).status == Status::Moved);
+  t2->expect(3, "hooks-peer");
+  CHECK(e->cancel(3) == CancelResult::CancelRequestedInFlight);
+  CHECK(eventually([&] { return t2->stats().stops_sent == 2 && state_of(*e, 3) == State::Quiesced; }));
+}
+
+// Ranges are checked without overflow: a length that wraps past 2**64 is refused by register and
+// by transfer (it used to pass the loopback's bounds check and copy ~2**64 bytes).
+void test_wrapping_ranges_are_refused() {
+  auto e = std::make_shared<Engine>(Config{});
+  auto ta = loopback(e, "wrap-a");
+  auto tb = loopback(nullptr, "wrap-b");
+  std::vector<char> a(4096), b(4096);
+  const auto A = reinterpret_cast<std::uintptr_t>(a.data()), B = reinterpret_cast<std::uintptr_t>(b.data());
+  ta->register_region({A, a.size(), 0, MemKind::Dram});
+  tb->register_region({B, b.size(), 0, MemKind::Dram});
+  ta->add_peer(tb->metadata());
+  const std::size_t wrap = static_cast<std::size_t>(0) - std::min(A, B) + 16;
+  bool refused = false;
+  try {
+    ta->register_region({A, wrap, 0, MemKind::Dram});
+  } catch (const TransportError&) {
+    refused = true;
+  }
+  CHECK(refused);
+  CHECK(e->advertise(1, Role::receiver, 0).status == Status::Moved);
+  refused = false;
+  try {
+    (void)ta->transfer(1, XferOp::Read, {A, wrap, 0, MemKind::Dram}, {B, wrap, 0, MemKind::Dram}, "wrap-b");
+  } catch (const TransportError&) {
+    refused = true;
+  }
+  CHECK(refused);
+  CHECK(state_of(*e, 1) == State::Advertised);  // refused before anything was exposed
+  CHECK(ta->stats().live_xfers == 0);
+}
+
+}  // namespace
+
+int main() {
+  test_done_note_during_expect_is_kept_for_it();
+  test_every_transport_on_an_engine_gets_its_aborts();
+  test_wrapping_ranges_are_refused();
+  TEST_MAIN_END();
+}

@@ -227,6 +227,7 @@ class TransportStats:
     passive_swept: int
     stops_unanswered: int
     unreleased: int
+    unsafe_acks: int
 
 
 class _Transport:
@@ -356,16 +357,17 @@ def connect_all(*transports: _Transport) -> None:
 
 class NixlTransport(_Transport):
     """A NIXL agent with the UCX backend, driving ``engine`` (a TransferEngine, or None for a bare
-    transport).  ``unsafe_release_on_cancel`` is TEST ONLY: it treats release as evidence (the bug that
-    DESIGN §3 forbids) so that tests can prove they detect late writes."""
+    transport).  ``unsafe_release_on_cancel`` and ``unsafe_ack_stop_at_once`` are TEST ONLY: the first
+    treats release as evidence, the second answers a peer's "stop" before its own request is Done (the
+    bugs that DESIGN §3 forbids), so that tests can prove they detect late writes on each side."""
 
     def __init__(self, engine, name: str, *, capi_path: str | None = None, faults: Faults | None = None,
                  unsafe_release_on_cancel: bool = False, ucx_params: dict[str, str] | None = None,
-                 tick: float = 0.001):
+                 tick: float = 0.001, unsafe_ack_stop_at_once: bool = False):
         path = capi_path or nixl_capi_path()
         core = _core._Transport.nixl(engine, name, path, unsafe_release_on_cancel,
                                      None if faults is None else asdict(faults),
-                                     list((ucx_params or {}).items()), False, tick)
+                                     list((ucx_params or {}).items()), False, tick, unsafe_ack_stop_at_once)
         super().__init__(core, engine, faults)
 
 
@@ -374,10 +376,11 @@ class LoopbackTransport(_Transport):
     paced to ``bytes_per_second``); agents of one process find each other by name."""
 
     def __init__(self, engine, name: str, *, bytes_per_second: float = 0.0, latency: float = 0.0,
-                 faults: Faults | None = None, unsafe_release_on_cancel: bool = False, tick: float = 0.001):
+                 faults: Faults | None = None, unsafe_release_on_cancel: bool = False, tick: float = 0.001,
+                 unsafe_ack_stop_at_once: bool = False):
         core = _core._Transport.loopback(engine, name, float(bytes_per_second), float(latency),
                                          unsafe_release_on_cancel, None if faults is None else asdict(faults),
-                                         tick)
+                                         tick, unsafe_ack_stop_at_once)
         super().__init__(core, engine, faults)
 
 

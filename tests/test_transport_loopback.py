@@ -104,6 +104,39 @@ def test_loopback_stop_before_post_cancels_the_later_post():
         b.close()
 
 
+def test_passive_negative_control_detects_a_peer_that_acks_stop_before_its_done():
+    """The passive side's late-write harness: b WRITEs 8 MiB (paced: ~80 ms) into a; a (passive)
+    cancels, gets b's "quiesced", returns its slot and fills it with a sentinel.  Safe: b acks after its
+    Done, nothing lands later.  Unsafe (``unsafe_ack_stop_at_once``, test only): b acks at once and the
+    rest of its transfer overwrites the reused slot, which the harness sees."""
+    for unsafe, expect_late in ((True, True), (False, False)):
+        i = next(_n)
+        kw = dict(slots=1, slot_size=16 * MiB, transfer_timeout=5, cancel_grace=5)
+        a = Side(f"pn-a{i}", "loopback", transport_kw={"bytes_per_second": 100 * MiB}, **kw)
+        b = Side(f"pn-b{i}", "loopback", transport_kw={"bytes_per_second": 100 * MiB,
+                                                      "unsafe_ack_stop_at_once": unsafe}, **kw)
+        try:
+            n = 8 * MiB
+            names = connect(a, b)
+            _, _, res = run(a, b, names, 1, "write", n, wait=False)
+            assert res == "Posted"
+            slot = a.engine.info(1).slot
+            time.sleep(0.005)
+            assert a.engine.cancel(1) is CancelResult.CancelRequestedInFlight
+            assert a.wait(1) is State.Quiesced
+            assert a.engine.terminate(1) is TerminateResult.Terminated
+            view = a.engine.pool.slot_view(slot)
+            view[:n] = b"\xee" * n
+            assert b.wait(1) is State.Quiesced  # b's own transfer ends with its Done either way
+            time.sleep(0.05)
+            late = n - bytes(view[:n]).count(0xEE)
+            assert (late > 0) == expect_late, f"unsafe={unsafe}: {late} late bytes"
+            assert b.t.stats().unsafe_acks == (1 if unsafe else 0)
+        finally:
+            a.close()
+            b.close()
+
+
 def test_loopback_negative_control_detects_late_write():
     """Same late-write harness as the NIXL one, deterministic thanks to pacing."""
     for unsafe, expect_late in ((True, True), (False, False)):

@@ -87,9 +87,10 @@ std::unique_ptr<tp::Agent> maybe_faulty(std::unique_ptr<tp::Agent> agent, const 
   return std::make_unique<tp::FaultyAgent>(std::move(agent), f);
 }
 
-tp::TransportOptions options(bool unsafe_release_on_cancel, double tick_s) {
+tp::TransportOptions options(bool unsafe_release_on_cancel, bool unsafe_ack_stop_at_once, double tick_s) {
   tp::TransportOptions o;
   o.unsafe_release_on_cancel = unsafe_release_on_cancel;
+  o.unsafe_ack_stop_at_once = unsafe_ack_stop_at_once;
   // > 0: the tick runs the engine's timers and the sweep that retries failed releases
   o.progress.tick_interval = seconds_opt("tick", tick_s, 1e-5, 10);
   if (o.progress.tick_interval.count() <= 0) throw InvalidArgumentError("tick", "must be at least 10 us");
@@ -103,7 +104,7 @@ py::dict stats_dict(const tp::TransportStats& s) {
   F(completed) F(failed) F(post_errors) F(cancelled_before_post) F(peer_stops) F(stops_sent)
   F(quiesced_sent) F(done_received) F(quiesced_received) F(orphan_notifications) F(bad_notifications)
   F(send_errors) F(release_failures) F(unsafe_releases) F(late_evidence) F(abandoned) F(passive_swept) F(stops_unanswered)
-  F(unreleased)
+  F(unreleased) F(unsafe_acks)
 #undef F
   return d;
 }
@@ -141,9 +142,9 @@ void register_transport(py::module_& m) {
       .def_static("nixl", [](std::shared_ptr<Engine> engine, const std::string& name, const std::string& capi_path,
                              bool unsafe_release_on_cancel, const py::object& faults,
                              const std::vector<std::pair<std::string, std::string>>& ucx_params,
-                             bool nixl_progress_thread, double tick_s) {
+                             bool nixl_progress_thread, double tick_s, bool unsafe_ack_stop_at_once) {
              if (name.empty()) throw InvalidArgumentError("name", "must not be empty");
-             const tp::TransportOptions topts = options(unsafe_release_on_cancel, tick_s);  // checked first
+             const tp::TransportOptions topts = options(unsafe_release_on_cancel, unsafe_ack_stop_at_once, tick_s);
              std::unique_ptr<tp::Transport> t;
              std::unique_ptr<tp::Agent> agent;
              {
@@ -163,14 +164,15 @@ void register_transport(py::module_& m) {
              return t;
            }, py::arg("engine"), py::arg("name"), py::arg("capi_path"), py::arg("unsafe_release_on_cancel") = false,
            py::arg("faults") = py::none(), py::arg("ucx_params") = std::vector<std::pair<std::string, std::string>>{},
-           py::arg("nixl_progress_thread") = false, py::arg("tick_s") = 0.001)
+           py::arg("nixl_progress_thread") = false, py::arg("tick_s") = 0.001,
+           py::arg("unsafe_ack_stop_at_once") = false)
       .def_static("loopback", [](std::shared_ptr<Engine> engine, const std::string& name, double bytes_per_second,
                                  double latency_s, bool unsafe_release_on_cancel, const py::object& faults,
-                                 double tick_s) {
+                                 double tick_s, bool unsafe_ack_stop_at_once) {
              if (name.empty()) throw InvalidArgumentError("name", "must not be empty");
              tp::LoopbackOptions o;
              o.name = name;
-             const tp::TransportOptions topts = options(unsafe_release_on_cancel, tick_s);
+             const tp::TransportOptions topts = options(unsafe_release_on_cancel, unsafe_ack_stop_at_once, tick_s);
              if (!std::isfinite(bytes_per_second) || bytes_per_second < 0) {
                throw InvalidArgumentError("bytes_per_second", "expected a finite rate >= 0 (0: unpaced), got " +
                                                               std::to_string(bytes_per_second));
@@ -182,7 +184,8 @@ void register_transport(py::module_& m) {
              py::gil_scoped_release nogil;
              return std::make_unique<tp::Transport>(std::move(engine), std::move(agent), topts);
            }, py::arg("engine"), py::arg("name"), py::arg("bytes_per_second") = 0.0, py::arg("latency_s") = 0.0,
-           py::arg("unsafe_release_on_cancel") = false, py::arg("faults") = py::none(), py::arg("tick_s") = 0.001)
+           py::arg("unsafe_release_on_cancel") = false, py::arg("faults") = py::none(), py::arg("tick_s") = 0.001,
+           py::arg("unsafe_ack_stop_at_once") = false)
       .def_property_readonly("name", [](tp::Transport& t) { return t.name(); })
       .def_property_readonly("backend", [](tp::Transport& t) { return std::string(t.agent().backend_name()); })
       .def("register_region", [](tp::Transport& t, std::uint64_t addr, std::uint64_t nbytes, const std::string& kind,

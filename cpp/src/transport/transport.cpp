@@ -400,7 +400,9 @@ void Transport::on_notification(const std::string& peer, std::uint64_t req, Noti
         auto it = entries_.find(req);
         if (it != entries_.end() && it->second.side == Side::Active) {
           active = true;
-          it->second.peer_stop = true;
+          // TEST ONLY (negative control): ack now instead of after our Done; the bug the passive
+          // side's late-write test must catch
+          if (opts_.unsafe_ack_stop_at_once) reply_now = true; else it->second.peer_stop = true;
         } else if (it == entries_.end() && tainted_.count(req) != 0) {
           ctr_.stops_unanswered.fetch_add(1);  // ended without evidence: no ack, ever
         } else if (it == entries_.end()) {
@@ -413,6 +415,10 @@ void Transport::on_notification(const std::string& peer, std::uint64_t req, Noti
       if (active) {
         // Cancel here too; the quiesced reply goes out when our request is Done (finish_active).
         if (engine_) (void)engine_->cancel(req);
+        if (reply_now) {
+          ctr_.unsafe_acks.fetch_add(1);
+          send(peer, req, NotifKind::Quiesced);
+        }
       } else if (reply_now) {
         // We hold no request for it (never posted, or already finished and released).
         if (engine_) {
@@ -581,6 +587,7 @@ TransportStats Transport::stats() const {
   s.abandoned = ctr_.abandoned.load();
   s.passive_swept = ctr_.passive_swept.load();
   s.stops_unanswered = ctr_.stops_unanswered.load();
+  s.unsafe_acks = ctr_.unsafe_acks.load();
   return s;
 }
 

@@ -49,6 +49,7 @@ namespace lifecycle::transport {
 
 struct TransportOptions {
   bool unsafe_release_on_cancel = false;  // TEST ONLY: treats release as evidence (unsafe)
+  bool unsafe_ack_stop_at_once = false;   // TEST ONLY: answers a peer's stop before its own Done (unsafe)
   NixlProgressOptions progress{std::chrono::microseconds{20}, std::chrono::microseconds{1000},
                                std::chrono::microseconds{50}, std::chrono::microseconds{1000}};
   std::chrono::milliseconds sweep_interval{20};
@@ -73,6 +74,7 @@ struct TransportStats {
   std::uint64_t bad_notifications = 0, send_errors = 0, release_failures = 0, unsafe_releases = 0;
   std::uint64_t late_evidence = 0, abandoned = 0, passive_swept = 0, stops_unanswered = 0;
   std::uint64_t unreleased = 0;  // finished requests whose release failed, retried by the sweep
+  std::uint64_t unsafe_acks = 0;  // TEST ONLY: "quiesced" sent before our own request was Done
 };
 
 class Transport final : public EventSink {
@@ -175,7 +177,7 @@ class Transport final : public EventSink {
         post_errors{0}, cancelled_before_post{0}, peer_stops{0}, stops_sent{0}, quiesced_sent{0},
         done_received{0}, quiesced_received{0}, orphan_notifications{0}, bad_notifications{0},
         send_errors{0}, release_failures{0}, unsafe_releases{0}, late_evidence{0}, abandoned{0},
-        passive_swept{0}, stops_unanswered{0};
+        passive_swept{0}, stops_unanswered{0}, unsafe_acks{0};
   } ctr_;
   std::unique_ptr<NixlProgress> progress_;  // Invariant: last member; destroyed first
 };

@@ -56,7 +56,7 @@ def test_two_processes_both_modes_every_size_matches_checksum():
 def test_peer_sigkill_mid_transfer_every_session_terminal_in_time_then_fresh_peer_works(monkeypatch):
     monkeypatch.setenv("UCX_TLS", "tcp")  # so the big transfers are really in flight when the peer dies
     timeout, grace = 2.0, 1.0
-    n = 32 * MiB
+    n = 64 * MiB  # the kill follows the last post at once, while it moves (checked below)
     me = Side("kill-parent", slots=6, slot_size=n, transfer_timeout=timeout, cancel_grace=grace)
     proc, conn = spawn_peer("kill-child", env={"UCX_TLS": "tcp"}, slots=4, slot_size=n)
     fresh = None
@@ -65,6 +65,11 @@ def test_peer_sigkill_mid_transfer_every_session_terminal_in_time_then_fresh_pee
         from lifecycle.transport import Mem
 
         reqs = []
+        # (c) exposed to the child, which never posts (passive here, no evidence will ever come); first,
+        # so that its fill does not delay the kill behind the transfers below
+        me.advertise(5, "sender", n, pattern(n, 5))
+        me.t.expect(5, peer)
+        reqs.append(5)
         # (a) we READ from the child (active here)
         for req in (1, 2):
             dst = me.advertise(req, "receiver", n, 0)
@@ -77,10 +82,8 @@ def test_peer_sigkill_mid_transfer_every_session_terminal_in_time_then_fresh_pee
             me.t.expect(req, peer)
             call(conn, "active", req, "sender", n, req, dst.to_bytes())
             reqs.append(req)
-        # (c) exposed to the child, which never posts (passive here, no evidence will ever come)
-        me.advertise(5, "sender", n, pattern(n, 5))
-        me.t.expect(5, peer)
-        reqs.append(5)
+        # what the kill interrupts: without a transfer still moving, this would test nothing mid-transfer
+        at_kill = {req: me.engine.state(req) for req in reqs}
         t_kill = time.monotonic()
         os.kill(proc.pid, signal.SIGKILL)
         proc.join(10)
@@ -94,6 +97,10 @@ def test_peer_sigkill_mid_transfer_every_session_terminal_in_time_then_fresh_pee
         assert elapsed <= bound, f"sessions took {elapsed:.2f}s > {bound}s"
         assert set(states.values()) <= {State.Quiesced, State.Poisoned}, states
         assert states[5] is State.Poisoned  # never any evidence
+        moving = [r for r in (1, 2, 3, 4) if at_kill[r] is State.InFlight]
+        assert moving, f"every transfer had finished before the kill: {at_kill}"
+        # a session that was moving when its peer died has no evidence: Poisoned, never Quiesced
+        assert all(states[r] is State.Poisoned for r in moving), (at_kill, states)
         poisoned = [r for r, s in states.items() if s is State.Poisoned]
         for req in reqs:
             me.engine.terminate(req)

@@ -88,23 +88,27 @@ void Transport::deregister_region(Agent::RegionId id) {
     auto reg = regions_.find(id);
     if (reg != regions_.end()) {
       const Region& g = reg->second;
-      std::size_t active = 0, passive = 0;
+      std::size_t held = 0, unreleased = 0, passive = 0;
       std::uint64_t example = 0;
-      for (const auto& [req, e] : entries_) {
-        const bool overlaps = e.side == Side::Passive ||
-                              (e.local.kind == g.kind && e.local.dev_id == g.dev_id && e.local.addr - g.addr < g.len) ||
-                              (e.local.kind == g.kind && e.local.dev_id == g.dev_id && g.addr - e.local.addr < e.local.len);
+      for (const auto& [req, r] : held_) {
+        const bool overlaps = r.kind == g.kind && r.dev_id == g.dev_id &&
+                              (r.addr - g.addr < g.len || g.addr - r.addr < r.len);
         if (!overlaps) continue;
-        (e.side == Side::Active ? active : passive) += 1;
+        ++held;
+        unreleased += unreleased_.count(req);
         example = req;
       }
-      if (active + passive + unreleased_.size() > 0) {
+      for (const auto& [req, e] : entries_) {
+        if (e.side != Side::Passive) continue;
+        ++passive;
+        if (held == 0) example = req;
+      }
+      if (held + passive > 0) {
         throw TransportError("deregister_region: region " + std::to_string(id) + " of transport " + name() +
-                             " may still be touched by the backend (" + std::to_string(active) +
-                             " active transfers over it, " + std::to_string(passive) + " passive sessions, " +
-                             std::to_string(unreleased_.size()) + " unreleased requests" +
-                             (active + passive > 0 ? "; e.g. request " + std::to_string(example) : "") +
-                             "): keep the memory until they end");
+                             " may still be touched by the backend (" + std::to_string(held) +
+                             " transfer requests over it, " + std::to_string(unreleased) + " of them awaiting a "
+                             "retried release; " + std::to_string(passive) + " passive sessions; e.g. request " +
+                             std::to_string(example) + "): keep the memory until they end");
       }
     }
   }
@@ -149,9 +153,12 @@ void Transport::remember_tainted(std::uint64_t req) {
 // retry (the agent still holds the handle, and stats()' `unreleased` shows it until it goes).
 void Transport::release_xfer(std::uint64_t req) {
   const ReleaseStatus st = agent_->release(req);
-  if (st == kReleased || st == kReleaseUnknownRequest) return;
-  ctr_.release_failures.fetch_add(1);
   std::lock_guard<std::mutex> lk(mu_);
+  if (st == kReleased || st == kReleaseUnknownRequest) {
+    held_.erase(req);
+    return;
+  }
+  ctr_.release_failures.fetch_add(1);
   unreleased_.insert(req);
 }
 
@@ -170,9 +177,8 @@ PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local
   {
     std::lock_guard<std::mutex> lk(mu_);
     stopped_by_peer = stopped_reqs_.count(req) != 0;
-    Entry e{Side::Active, peer, false, false, stopped_by_peer};
-    e.local = local;
-    entries_[req] = std::move(e);
+    entries_[req] = Entry{Side::Active, peer, false, false, stopped_by_peer};
+    held_[req] = local;
   }
   // 2. Expose (Advertised -> InFlight). A refused expose (cancelled, unknown) posts nothing.
   if (engine_) {
@@ -457,6 +463,7 @@ void Transport::sweep() {
     if (st == kReleased || st == kReleaseUnknownRequest) {
       std::lock_guard<std::mutex> lk(mu_);
       unreleased_.erase(req);
+      held_.erase(req);
     }
   }
   if (!engine_) return;

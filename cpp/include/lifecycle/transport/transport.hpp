@@ -90,9 +90,9 @@ class Transport final : public EventSink {
   Engine* engine() const noexcept { return engine_.get(); }
 
   Agent::RegionId register_region(const Region& r);
-  // Refused (TransportError, nothing changed) while the backend may still touch the region: an active
-  // transfer over it, any passive session (the peer holds our descriptors), or a request whose
-  // release failed.  The memory must stay alive until then.
+  // Refused (TransportError, nothing changed) while the backend may still touch the region: a request
+  // over it not yet released (in flight, or its release failed and awaits the retry), or any passive
+  // session (the peer holds our descriptors).  The memory must stay alive until then.
   void deregister_region(Agent::RegionId id);
   std::string metadata();
   std::string add_peer(const std::string& metadata);  // returns the peer's name
@@ -134,7 +134,6 @@ class Transport final : public EventSink {
     bool cancel_requested = false;  // active: the engine asked to abort
     bool peer_stop = false;         // active: the peer asked to stop; reply "quiesced" when Done
     bool exposed = false;           // passive: expose was applied; a note before it waits in early_
-    Region local{};                 // active: the local range the backend may touch
   };
 
   void on_abort(std::uint64_t req);
@@ -163,6 +162,9 @@ class Transport final : public EventSink {
   std::mutex outbox_mu_;
   std::vector<std::pair<std::string, std::uint64_t>> outbox_;  // guarded by outbox_mu_
   std::set<std::uint64_t> unreleased_;      // release failed; retried on tick
+  // Invariant: every request prepared through this transport and not yet released, with its local
+  // range (posted, in flight, or awaiting a retried release): what deregister_region checks.
+  std::unordered_map<std::uint64_t, Region> held_;
   // Requests of ours that ended without evidence (error, abandoned): a later "stop" for one of them
   // gets no "quiesced" reply, since its bytes may still land (bounded FIFO).
   std::set<std::uint64_t> tainted_;

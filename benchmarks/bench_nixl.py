@@ -155,6 +155,10 @@ def main() -> None:
         for size in sizes:
             for batch in (1, 64):
                 n = counts[size]
+                if batch > 1 and size > MiB and not args.count:
+                    # 16 MiB x 64: 2 batches a rep gave 10 pairs, too few for a median (one run's CI was
+                    # -4.6 .. +10.4 %); three times the transfers give 30 pairs
+                    n *= 3
                 eng, bare, lat = [], [], []
                 for _rep in range(args.reps):
                     re, rb = _core._bench_paired(te._core, tb._core, "bench-peer", "write", src_mem.addr,

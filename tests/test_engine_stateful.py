@@ -195,7 +195,7 @@ def test_the_model_comparison_can_fail():
             def apply(req, event, unhealthy=False):
                 if event == "terminate" and self.model.sessions.get(req) and \
                         self.model.sessions[req].state in ("Advertised", "InFlight", "CancelRequested"):
-                    return ("stay", "Deferred")  # forgets to set the deferred flag
+                    return ("defer", "Deferred")  # answers like the engine, but forgets to set the flag
                 return orig(req, event, unhealthy)
 
             self.model.apply = apply

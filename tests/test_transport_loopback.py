@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from lifecycle import CancelResult, IllegalTransition, Outcome, State, TerminateResult, TransportError
-from lifecycle.transport import Faults, LoopbackTransport, Mem
+from lifecycle.transport import Faults, LoopbackTransport, Mem, pool_slot
 
 from test_transport_harness import KiB, MiB, SIZES, Side, connect, crc, pattern
 
@@ -475,6 +475,50 @@ def test_deregister_of_a_pool_with_quarantined_slots_is_refused():
         with pytest.raises(TransportError, match=r"^deregister: the pool registered as region \d+ has 1 quarantined"):
             a.t.deregister(a.reg)
         assert a.t.stats().registered_regions == 1  # nothing changed
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_transfer_over_another_sessions_pool_slot_is_refused():
+    """The evidence rule protects the slot leased to a session; a transfer of that session over a
+    neighbour's slot (an executor bug) would be protected by nothing.  Refused before anything is
+    exposed, naming the slot; the same session then transfers over its own slot."""
+    a, b, names = pair(slots=2, slot_size=64 * KiB)
+    try:
+        b_at_a, _ = names
+        mine = a.advertise(1, "receiver", 4096, 0)
+        a.advertise(2, "receiver", 4096, 0)
+        theirs = pool_slot(a.engine, 2).slice(0, 4096)
+        src = b.advertise(1, "sender", 4096, pattern(4096, 1))
+        slot = a.engine.info(1).slot
+        with pytest.raises(TransportError, match=rf"^transfer: request 1: local range \[\d+, \+4096\) of the engine's "
+                                                 rf"pool is not inside slot {slot}, the one leased to it$"):
+            a.t.read(1, theirs, b_at_a, src)
+        straddle = Mem(mine.addr + 64 * KiB - 100, 4096)  # runs out of its own slot into the next
+        with pytest.raises(TransportError, match=r"is not inside slot"):
+            a.t.read(1, straddle, b_at_a, src)
+        a.engine.advertise(3, "receiver")  # no slot leased (nbytes 0): pool memory is nobody's to use
+        with pytest.raises(TransportError, match=r"is not inside a slot leased to it \(it holds none\)$"):
+            a.t.read(3, theirs, b_at_a, src)
+        assert a.engine.state(1) is State.Advertised and a.t.stats().live_xfers == 0
+        assert a.t.read(1, mine, b_at_a, src) in ("Posted", "CompletedInPost")
+        assert a.wait(1) is State.Quiesced and bytes(a.view(1, 4096)) == pattern(4096, 1)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_expect_with_an_unknown_peer_is_refused_before_exposing():
+    a, b, names = pair()
+    try:
+        a.advertise(1, "sender", 4096, 0)
+        with pytest.raises(TransportError, match=r"^expect: request 1: unknown peer 'nobody' \(add_peer its metadata "
+                                                 r"first\)$"):
+            a.t.expect(1, "nobody")
+        assert a.engine.state(1) is State.Advertised
+        a.t.expect(1, names[0])  # the real peer
+        assert a.engine.state(1) is State.InFlight
     finally:
         a.close()
         b.close()

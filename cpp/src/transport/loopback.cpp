@@ -138,6 +138,11 @@ std::string LoopbackAgent::load_remote_metadata(const std::string& md) {
   return peer;
 }
 
+bool LoopbackAgent::knows_peer(const std::string& peer) const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return peers_.count(peer) != 0;
+}
+
 void LoopbackAgent::invalidate_remote(const std::string& peer) {
   std::lock_guard<std::mutex> lk(mu_);
   peers_.erase(peer);

@@ -140,12 +140,21 @@ std::string NixlAgent::load_remote_metadata(const std::string& md) {
                "agent " + name_);
   }
   std::unique_ptr<char, decltype(&std::free)> owned(name, &std::free);  // strdup'ed by the C API
-  return std::string(owned.get());
+  std::string peer(owned.get());
+  std::lock_guard<std::mutex> lk(mu_);
+  peers_.insert(peer);
+  return peer;
 }
 
 void NixlAgent::invalidate_remote(const std::string& peer) {
   std::lock_guard<std::mutex> lk(mu_);
+  peers_.erase(peer);
   check_capi(api_->invalidate_remote_md(agent_.get(), peer.c_str()), "invalidate_remote_md", peer);
+}
+
+bool NixlAgent::knows_peer(const std::string& peer) const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return peers_.count(peer) != 0;
 }
 
 void NixlAgent::connect(const std::string& peer) {

@@ -171,6 +171,25 @@ PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local
       throw TransportError("transfer: request " + std::to_string(req) + " already has a transfer");
     }
   }
+  // 0. A local range in the engine's pool must lie inside the slot leased to this very session: the
+  //    evidence rule protects that slot, not a neighbour's (one lookup, only for pool memory).
+  if (engine_ && engine_->pool() != nullptr && engine_->pool()->bytes() > 0 && local.kind == MemKind::Dram) {
+    const BufferPool& pool = *engine_->pool();
+    const Region whole{reinterpret_cast<std::uintptr_t>(pool.base()), pool.bytes(), 0, MemKind::Dram};
+    const bool overlaps = local.addr - whole.addr < whole.len || whole.addr - local.addr < local.len;
+    if (overlaps) {
+      const auto info = engine_->info(req);  // none: expose below refuses it (UnknownRequest)
+      const bool leased = info && info->slot != kNoSlot;
+      const Region slot{whole.addr + (leased ? info->slot : 0) * pool.slot_size(), pool.slot_size(), 0, MemKind::Dram};
+      if (info && (!leased || !slot.contains(local))) {
+        throw TransportError("transfer: request " + std::to_string(req) + ": local range [" +
+                             std::to_string(local.addr - whole.addr) + ", +" + std::to_string(local.len) +
+                             ") of the engine's pool is not inside " +
+                             (leased ? "slot " + std::to_string(info->slot) + ", the one leased to it"
+                                     : std::string("a slot leased to it (it holds none)")));
+      }
+    }
+  }
   // 1. Build the request: a bad peer or descriptor throws here, before anything is exposed.
   agent_->prepare(req, op, local, remote, peer, /*notify=*/true);
   bool stopped_by_peer = false;
@@ -247,6 +266,11 @@ PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local
 
 void Transport::expect(std::uint64_t req, const std::string& peer) {
   if (stopped_.load()) throw TransportError("expect: transport " + name() + " is stopped");
+  // a passive session needs its peer: to ask it to stop, and to know its notes
+  if (!agent_->knows_peer(peer)) {
+    throw TransportError("expect: request " + std::to_string(req) + ": unknown peer '" + peer +
+                         "' (add_peer its metadata first)");
+  }
   {
     std::lock_guard<std::mutex> lk(mu_);
     if (entries_.count(req) != 0) {

@@ -99,6 +99,7 @@ class Agent {
   virtual std::string local_metadata() = 0;
   virtual std::string load_remote_metadata(const std::string& md) = 0;  // returns the peer name
   virtual void invalidate_remote(const std::string& peer) = 0;
+  virtual bool knows_peer(const std::string& peer) const = 0;  // loaded, and not invalidated since
 
   // --- transfers. `req` is the caller's id; one live transfer per id.
   // READ: bytes move remote -> local. WRITE: local -> remote. With `notify`, the peer receives

@@ -58,6 +58,7 @@ class FaultyAgent final : public Agent {
   std::string local_metadata() override { return inner_->local_metadata(); }
   std::string load_remote_metadata(const std::string& md) override;
   void invalidate_remote(const std::string& peer) override { inner_->invalidate_remote(peer); }
+  bool knows_peer(const std::string& peer) const override { return inner_->knows_peer(peer); }
   void prepare(std::uint64_t req, XferOp op, const Region& local, const Region& remote,
                const std::string& peer, bool notify) override;
   XferState post(std::uint64_t req) override;

@@ -52,6 +52,7 @@ class LoopbackAgent final : public Agent {
   std::string local_metadata() override;
   std::string load_remote_metadata(const std::string& md) override;
   void invalidate_remote(const std::string& peer) override;
+  bool knows_peer(const std::string& peer) const override;
   void prepare(std::uint64_t req, XferOp op, const Region& local, const Region& remote,
                const std::string& peer, bool notify) override;
   XferState post(std::uint64_t req) override;

@@ -19,6 +19,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <map>
+#include <set>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -62,6 +63,7 @@ class NixlAgent final : public Agent {
   std::string local_metadata() override;                            // bytes to ship to peers
   std::string load_remote_metadata(const std::string& md) override;  // returns the remote agent name
   void invalidate_remote(const std::string& peer) override;
+  bool knows_peer(const std::string& peer) const override;
   void connect(const std::string& peer);  // optional: establish the connection eagerly
 
   // --- transfers (see Agent). prepare = create_xfer_req; post = post_xfer_req.
@@ -99,6 +101,7 @@ class NixlAgent final : public Agent {
     RegDlistHandle dlist;
     Region region;
   };
+  std::set<std::string> peers_;  // loaded with load_remote_metadata, not invalidated since
   std::map<RegionId, Registration> regions_;  // Invariant: every entry is registered with NIXL
   RegionId next_region_ = 1;
   struct Xfer {

@@ -124,7 +124,12 @@ def test_raw_conditional_allgather_makes_the_next_collective_misread(n):
     run = mpirun(n, "seed_bugs.py", "--bug", "gather", "--mode", "raw", timeout=10)
     misreads = [r for r in run.results if "misread" in r]
     assert misreads, explain(run)
-    assert all(r["iteration"] == DIVERGE_AT for r in misreads)
+    # the first misread of every rank that misread is at the divergent iteration (a rank's later ones, if
+    # MPI_Abort was slow to end the job, follow from the same shifted collective)
+    first = {}
+    for r in misreads:
+        first[r["rank"]] = min(first.get(r["rank"], r["iteration"]), r["iteration"])
+    assert set(first.values()) == {DIVERGE_AT}, (misreads, explain(run))
     assert any("'bool' object is not subscriptable" in r["misread"] for r in misreads), explain(run)
 
 

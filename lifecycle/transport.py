@@ -355,6 +355,18 @@ def connect_all(*transports: _Transport) -> None:
                 t.add_peer(meta)
 
 
+UNSAFE_ENV = "KV_LIFECYCLE_ALLOW_UNSAFE"  # "1": the test-only negative controls may be switched on
+
+
+def _check_unsafe(**flags: bool) -> None:
+    """The ``unsafe_*`` flags break DESIGN §3 on purpose (negative controls for tests).  They are refused
+    unless $KV_LIFECYCLE_ALLOW_UNSAFE is "1", so that no production configuration can turn them on by
+    accident."""
+    on = [k for k, v in flags.items() if v]
+    if on and os.environ.get(UNSAFE_ENV) != "1":
+        raise InvalidArgument(on[0], f"test only (it breaks the evidence rule); set {UNSAFE_ENV}=1 to allow it")
+
+
 class NixlTransport(_Transport):
     """A NIXL agent with the UCX backend, driving ``engine`` (a TransferEngine, or None for a bare
     transport).  ``unsafe_release_on_cancel`` and ``unsafe_ack_stop_at_once`` are TEST ONLY: the first
@@ -364,6 +376,7 @@ class NixlTransport(_Transport):
     def __init__(self, engine, name: str, *, capi_path: str | None = None, faults: Faults | None = None,
                  unsafe_release_on_cancel: bool = False, ucx_params: dict[str, str] | None = None,
                  tick: float = 0.001, unsafe_ack_stop_at_once: bool = False):
+        _check_unsafe(unsafe_release_on_cancel=unsafe_release_on_cancel, unsafe_ack_stop_at_once=unsafe_ack_stop_at_once)
         path = capi_path or nixl_capi_path()
         core = _core._Transport.nixl(engine, name, path, unsafe_release_on_cancel,
                                      None if faults is None else asdict(faults),
@@ -378,6 +391,7 @@ class LoopbackTransport(_Transport):
     def __init__(self, engine, name: str, *, bytes_per_second: float = 0.0, latency: float = 0.0,
                  faults: Faults | None = None, unsafe_release_on_cancel: bool = False, tick: float = 0.001,
                  unsafe_ack_stop_at_once: bool = False):
+        _check_unsafe(unsafe_release_on_cancel=unsafe_release_on_cancel, unsafe_ack_stop_at_once=unsafe_ack_stop_at_once)
         core = _core._Transport.loopback(engine, name, float(bytes_per_second), float(latency),
                                          unsafe_release_on_cancel, None if faults is None else asdict(faults),
                                          tick, unsafe_ack_stop_at_once)

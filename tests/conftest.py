@@ -26,6 +26,10 @@ def _collect(logger, method, event_dict):
 
 structlog.configure(processors=[_collect], cache_logger_on_first_use=False)
 
+# The test suite may switch on the negative controls (unsafe_release_on_cancel, unsafe_ack_stop_at_once);
+# a production process cannot without this (lifecycle.transport.UNSAFE_ENV).
+os.environ["KV_LIFECYCLE_ALLOW_UNSAFE"] = "1"
+
 
 def _shape(v):
     """Everything the schema can distinguish about a value.  The schema constrains integers only by

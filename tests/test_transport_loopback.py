@@ -511,3 +511,14 @@ def test_expect_with_an_unknown_peer_is_refused_before_exposing():
     finally:
         a.close()
         b.close()
+
+
+def test_the_unsafe_negative_controls_are_refused_outside_tests(monkeypatch):
+    from lifecycle import InvalidArgument, TransferEngine
+
+    monkeypatch.delenv("KV_LIFECYCLE_ALLOW_UNSAFE")
+    for flag in ("unsafe_release_on_cancel", "unsafe_ack_stop_at_once"):
+        with pytest.raises(InvalidArgument, match=rf"^invalid {flag}: test only \(it breaks the evidence rule\); "
+                                                  r"set KV_LIFECYCLE_ALLOW_UNSAFE=1 to allow it$"):
+            LoopbackTransport(TransferEngine(), f"unsafe-{flag}", **{flag: True})
+    LoopbackTransport(TransferEngine(), "safe").stop()  # the default needs nothing

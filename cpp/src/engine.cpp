@@ -14,7 +14,7 @@ constexpr std::uint32_t kNil = 0xffffffffu;
 constexpr std::uint32_t kChunkBits = 12;
 constexpr std::uint32_t kChunk = 1u << kChunkBits;
 
-enum Flag : std::uint8_t { kDeferred = 1, kEvidence = 2, kQuarantined = 4 };
+enum Flag : std::uint8_t { kDeferred = 1, kEvidence = 2, kQuarantined = 4, kWasPoisoned = 8 };
 
 inline std::uint64_t mix(std::uint64_t x) {
   x += 0x9e3779b97f4a7c15ull;
@@ -531,6 +531,7 @@ static ApplyResult apply_locked(Engine::Shard& sh, std::uint32_t idx, Event ev, 
   const State from = s.state;
   sh.move(idx, c.dst, cx.now);
   if (c.outcome != Outcome::none) s.outcome = c.outcome;
+  if (c.dst == State::Poisoned) s.flags |= kWasPoisoned;  // remembered by the tombstone too
   ++sh.ctr.transitions;
   sh.push(RecordKind::Transition, s, static_cast<std::uint8_t>(from), ev, cx.now);
   ++cx.pushed;
@@ -924,6 +925,7 @@ std::optional<SessionInfo> Engine::info(std::uint64_t req) const {
   i.outcome = s.outcome;
   i.deferred = (s.flags & kDeferred) != 0;
   i.evidence = (s.flags & kEvidence) != 0;
+  i.poisoned = (s.flags & kWasPoisoned) != 0;
   i.slot = s.lease.slot();
   i.generation = s.lease.generation();
   i.state_since_ns = s.t_state;

@@ -290,6 +290,44 @@ void test_posts_cancels_and_drains_race_cleanly() {
   tb->stop();
 }
 
+// A request that ended without evidence never gets a "quiesced" for a peer's stop: its bytes may still
+// land.  The transport's own memory of such requests is a bounded FIFO (here of one); the engine's
+// tombstone remembers for far longer, and the transport asks it.  Control: a completed one is acked.
+void test_no_quiesced_for_a_request_that_failed_even_after_the_window() {
+  auto ea = std::make_shared<Engine>(Config{});
+  auto eb = std::make_shared<Engine>(Config{});
+  LoopbackOptions o;
+  o.name = "window-a";
+  FaultOptions f;
+  f.seed = 5;
+  f.error = 1.0;  // every transfer of a's reports an error (while the copy goes on): no evidence
+  TransportOptions opts;
+  opts.remember_stopped = 1;
+  auto ta = std::make_unique<Transport>(ea, std::make_unique<FaultyAgent>(std::make_unique<LoopbackAgent>(o), f), opts);
+  auto tb = loopback(eb, "window-b");
+  std::vector<char> dst(3 * 4096, 0), src(3 * 4096, 's');
+  ta->register_region({reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram});
+  tb->register_region({reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram});
+  ta->add_peer(tb->metadata());
+  tb->add_peer(ta->metadata());
+  for (std::uint64_t req : {1u, 2u}) {  // 2 pushes 1 out of the transport's FIFO
+    CHECK(ea->advertise(req, Role::receiver, 0).status == Status::Moved);
+    const std::uintptr_t off = (req - 1) * 4096;
+    (void)ta->transfer(req, XferOp::Read, {reinterpret_cast<std::uintptr_t>(dst.data()) + off, 4096, 0, MemKind::Dram},
+                       {reinterpret_cast<std::uintptr_t>(src.data()) + off, 4096, 0, MemKind::Dram}, "window-b");
+    CHECK(eventually([&] { return state_of(*ea, req) == State::Poisoned; }));
+  }
+  CHECK(ea->terminate(1) == TerminateResult::Terminated);  // a tombstone now
+  tb->agent().send_notification("window-a", {1, NotifKind::Stop});
+  tb->agent().send_notification("window-a", {2, NotifKind::Stop});
+  CHECK(eventually([&] { return ta->stats().peer_stops == 2; }));
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  CHECK(ta->stats().stops_unanswered == 2 && ta->stats().quiesced_sent == 0);
+  // control: a request that was never ours (no session) is answered at once
+  tb->agent().send_notification("window-a", {3, NotifKind::Stop});
+  CHECK(eventually([&] { return ta->stats().quiesced_sent == 1; }));
+}
+
 }  // namespace
 
 int main() {
@@ -297,5 +335,6 @@ int main() {
   test_every_transport_on_an_engine_gets_its_aborts();
   test_wrapping_ranges_are_refused();
   test_posts_cancels_and_drains_race_cleanly();
+  test_no_quiesced_for_a_request_that_failed_even_after_the_window();
   TEST_MAIN_END();
 }

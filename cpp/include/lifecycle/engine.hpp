@@ -128,6 +128,7 @@ struct SessionInfo {
   Outcome outcome = Outcome::none;
   bool deferred = false;
   bool evidence = false;  // a late DONE arrived after Poisoned
+  bool poisoned = false;  // it entered Poisoned (still known once Terminated, while its tombstone lives)
   std::uint32_t slot = kNoSlot;
   std::uint32_t generation = 0;
   std::int64_t state_since_ns = 0;

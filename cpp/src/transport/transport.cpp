@@ -454,6 +454,12 @@ void Transport::on_notification(const std::string& peer, std::uint64_t req, Noti
         if (engine_) {
           auto info = engine_->info(req);
           if (info && info->state == State::Advertised) (void)engine_->cancel(req);
+          // Ended without evidence (the engine remembers it as long as its tombstone lives, far longer
+          // than tainted_): its bytes may still land, so no "quiesced", ever.
+          if (info && info->poisoned && !info->evidence) {
+            ctr_.stops_unanswered.fetch_add(1);
+            return;
+          }
         }
         send(peer, req, NotifKind::Quiesced);
       }

@@ -12,7 +12,7 @@ import pytest
 from lifecycle import CancelResult, IllegalTransition, Outcome, State, TerminateResult, TransportError
 from lifecycle.transport import Faults, LoopbackTransport, Mem, pool_slot
 
-from test_transport_harness import KiB, MiB, SIZES, Side, connect, crc, pattern
+from test_transport_harness import KiB, MiB, SIZES, Side, connect, crc, needs_nixl, pattern
 
 _n = iter(range(1_000_000))
 
@@ -327,16 +327,12 @@ def test_a_failing_test_prints_the_seeds_of_its_fault_injectors(tmp_path):
     assert "515151" not in p.stdout, p.stdout
 
 
-@pytest.mark.parametrize("kind", ["loopback", "nixl"])
+@pytest.mark.parametrize("kind", ["loopback", pytest.param("nixl", marks=[pytest.mark.nixl, needs_nixl])])
 def test_ranges_that_wrap_the_address_space_or_leave_a_registration_get_a_typed_error(kind):
     """A length that runs past 2**64 once wrapped the loopback's bounds check and copied ~2**64 bytes
     (segfault).  Refused at every layer now: Mem, the binding, and the agents' own checks."""
-    from test_transport_harness import HAVE_NIXL
-
     from lifecycle import InvalidArgument
 
-    if kind == "nixl" and not HAVE_NIXL:
-        pytest.skip("nixl-cu12 not installed")
     a, b, names = pair() if kind == "loopback" else nixl_pair()
     try:
         b_at_a, _ = names

@@ -259,12 +259,15 @@ class _Transport:
 
     def deregister(self, reg: Registration) -> None:
         """Deregister; refused (TransportError) while the backend may still touch the memory: a transfer over
-        it, a passive session, an unreleased request, or (for an engine's pool) a quarantined slot, whose
-        quiescence is unknown.  Keep the memory alive until then."""
+        it not released yet or released without evidence, a passive session, or (for an engine's pool) a
+        slot that a session leases or that is quarantined.  Keep the memory alive until then."""
         obj = self._keep.get(reg.region_id)
-        if isinstance(obj, _core.BufferPool) and (q := obj.stats()["quarantined"]):
-            raise TransportError(f"deregister: the pool registered as region {reg.region_id} has {q} quarantined "
-                                 "slots (quiescence unknown): keep it registered and alive")
+        if isinstance(obj, _core.BufferPool):
+            st = obj.stats()
+            if st["leased"] or st["quarantined"]:
+                raise TransportError(f"deregister: the pool registered as region {reg.region_id} has {st['leased']} "
+                                     f"leased and {st['quarantined']} quarantined slots (sessions hold them, or "
+                                     "their quiescence is unknown): keep it registered and alive")
         self._core.deregister_region(reg.region_id)
         self._regs.pop(reg.region_id, None)
         self._keep.pop(reg.region_id, None)

@@ -173,9 +173,11 @@ void register_transport(py::module_& m) {
              tp::LoopbackOptions o;
              o.name = name;
              const tp::TransportOptions topts = options(unsafe_release_on_cancel, unsafe_ack_stop_at_once, tick_s);
-             if (!std::isfinite(bytes_per_second) || bytes_per_second < 0) {
-               throw InvalidArgumentError("bytes_per_second", "expected a finite rate >= 0 (0: unpaced), got " +
-                                                              std::to_string(bytes_per_second));
+             // >= 1 KiB/s (or 0): a slower pace would make a copy's deadline overflow the clock
+             if (!std::isfinite(bytes_per_second) || (bytes_per_second != 0 && !(bytes_per_second >= 1024)) ||
+                 bytes_per_second > 1e15) {
+               throw InvalidArgumentError("bytes_per_second", "expected 0 (unpaced) or a rate in [1024, 1e15] "
+                                                              "bytes/s, got " + std::to_string(bytes_per_second));
              }
              o.bytes_per_second = bytes_per_second;
              o.latency = seconds_opt("latency", latency_s, 0, 3600);
@@ -260,8 +262,9 @@ void register_transport(py::module_& m) {
            })
       .def("completions", &tp::Transport::completions)
       .def("wait_completions", [](tp::Transport& t, std::uint64_t n, double timeout_s) {
+             const auto us = seconds_opt("timeout", timeout_s, 0, 86400);  // checked before the GIL goes
              py::gil_scoped_release nogil;
-             return t.wait_completions(n, static_cast<std::int64_t>(timeout_s * 1e9));
+             return t.wait_completions(n, static_cast<std::int64_t>(us.count()) * 1000);
            }, py::arg("n"), py::arg("timeout"));
 
   m.def("_bench_paired", [](tp::Transport& a, tp::Transport& b, const std::string& peer, const std::string& op,

@@ -512,7 +512,10 @@ static ApplyResult apply_locked(Engine::Shard& sh, std::uint32_t idx, Event ev, 
       ++cx.pushed;
       if (ev == Event::complete) {
         if (s.state == State::Poisoned) s.flags |= kEvidence;  // recovered when terminated
-        if (s.state == State::Terminated) try_recover(sh, s, cx);
+        if (s.state == State::Terminated) {
+          if (s.flags & kWasPoisoned) s.flags |= kEvidence;  // info().evidence: it did stop after all
+          try_recover(sh, s, cx);
+        }
       }
       r.status = Status::Late;
       return r;

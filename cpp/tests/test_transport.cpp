@@ -328,6 +328,95 @@ void test_no_quiesced_for_a_request_that_failed_even_after_the_window() {
   CHECK(eventually([&] { return ta->stats().quiesced_sent == 1; }));
 }
 
+// A late DONE after the session was Poisoned and terminated is evidence after all: a peer's stop for it
+// is then answered (the engine's tombstone records the evidence; before, only a still-Poisoned session did).
+void test_late_done_after_terminate_lets_the_stop_be_answered() {
+  Config cfg;
+  cfg.transfer_timeout_ns = 30'000'000;
+  cfg.cancel_grace_ns = 30'000'000;
+  auto ea = std::make_shared<Engine>(cfg);
+  auto eb = std::make_shared<Engine>(Config{});
+  LoopbackOptions o;
+  o.name = "late-a";
+  FaultOptions f;
+  f.seed = 9;
+  f.delay = 1.0;
+  f.delay_for = std::chrono::microseconds(300'000);  // DONE reported long after timeout + grace
+  auto ta = std::make_unique<Transport>(ea, std::make_unique<FaultyAgent>(std::make_unique<LoopbackAgent>(o), f));
+  auto tb = loopback(eb, "late-b");
+  std::vector<char> dst(4096, 0), src(4096, 'l');
+  ta->register_region({reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram});
+  tb->register_region({reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram});
+  ta->add_peer(tb->metadata());
+  tb->add_peer(ta->metadata());
+  CHECK(ea->advertise(1, Role::receiver, 0).status == Status::Moved);
+  (void)ta->transfer(1, XferOp::Read, {reinterpret_cast<std::uintptr_t>(dst.data()), 4096, 0, MemKind::Dram},
+                     {reinterpret_cast<std::uintptr_t>(src.data()), 4096, 0, MemKind::Dram}, "late-b");
+  CHECK(eventually([&] { return state_of(*ea, 1) == State::Poisoned; }));
+  CHECK(ea->terminate(1) == TerminateResult::Terminated);
+  CHECK(eventually([&] { return ta->stats().late_evidence == 1; }));  // the delayed DONE
+  auto info = ea->info(1);
+  CHECK(info && info->state == State::Terminated && info->poisoned && info->evidence);
+  tb->agent().send_notification("late-a", {1, NotifKind::Stop});
+  CHECK(eventually([&] { return ta->stats().quiesced_sent == 1; }));
+  CHECK(ta->stats().stops_unanswered == 0);
+}
+
+// stop() while transfers are being made on another thread: every session the transport took ends
+// terminal (posted ones Poisoned, ones caught before their post Quiesced, never posted being the
+// evidence), later calls are refused with a typed error, and nothing is left held.  A stress test (and
+// TSan's): timing alone seldom lands the stop inside a transfer() call, so it passed on the old code too.
+void test_stop_racing_transfers_leaves_no_session_behind() {
+  auto ea = std::make_shared<Engine>(Config{});
+  auto ta = loopback(ea, "stop-a");
+  LoopbackOptions o;
+  o.name = "stop-b";
+  o.bytes_per_second = 50e6;  // transfers stay in flight a while
+  auto tb = std::make_unique<Transport>(nullptr, std::make_unique<LoopbackAgent>(o));
+  constexpr std::uint64_t kN = 400;
+  std::vector<char> dst(kN * 1024, 0), src(kN * 1024, 'r');
+  ta->register_region({reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram});
+  tb->register_region({reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram});
+  ta->add_peer(tb->metadata());
+  tb->add_peer(ta->metadata());
+  std::vector<int> outcome(kN + 1, 0);  // 1 returned, 2 refused (TransportError), 3 refused at expose
+  std::atomic<std::uint64_t> made{0};
+  std::thread poster([&] {
+    for (std::uint64_t req = 1; req <= kN; ++req) {
+      (void)ea->advertise(req, Role::receiver, 0);
+      const std::uintptr_t off = (req - 1) * 1024;
+      try {
+        (void)ta->transfer(req, XferOp::Read, {reinterpret_cast<std::uintptr_t>(dst.data()) + off, 1024, 0, MemKind::Dram},
+                           {reinterpret_cast<std::uintptr_t>(src.data()) + off, 1024, 0, MemKind::Dram}, "stop-b");
+        outcome[req] = 1;
+      } catch (const TransportError&) {
+        outcome[req] = 2;
+      } catch (const IllegalTransitionError&) {
+        outcome[req] = 3;
+      }
+      made.store(req);
+      std::this_thread::sleep_for(std::chrono::microseconds(200));  // so the stop lands mid-way
+    }
+  });
+  CHECK(eventually([&] { return made.load() >= kN / 4; }));
+  ta->stop();
+  poster.join();
+  std::size_t stuck = 0, refused_advertised = 0;
+  for (std::uint64_t req = 1; req <= kN; ++req) {
+    const State st = state_of(*ea, req);
+    if (st == State::Quiesced || st == State::Poisoned) continue;
+    if (st == State::Advertised && outcome[req] == 2) {  // refused before anything was exposed
+      ++refused_advertised;
+      continue;
+    }
+    ++stuck;
+  }
+  CHECK(stuck == 0);
+  CHECK(refused_advertised > 0);  // the stop really came in the middle
+  const TransportStats s = ta->stats();
+  CHECK(s.active == 0 && s.passive == 0);
+}
+
 }  // namespace
 
 int main() {
@@ -336,5 +425,7 @@ int main() {
   test_wrapping_ranges_are_refused();
   test_posts_cancels_and_drains_race_cleanly();
   test_no_quiesced_for_a_request_that_failed_even_after_the_window();
+  test_late_done_after_terminate_lets_the_stop_be_answered();
+  test_stop_racing_transfers_leaves_no_session_behind();
   TEST_MAIN_END();
 }

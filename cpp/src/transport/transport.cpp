@@ -82,20 +82,25 @@ Agent::RegionId Transport::register_region(const Region& r) {
   return id;
 }
 
+namespace {
+bool overlap(const Region& a, const Region& b) {
+  return a.kind == b.kind && a.dev_id == b.dev_id && (a.addr - b.addr < b.len || b.addr - a.addr < a.len);
+}
+}  // namespace
+
 void Transport::deregister_region(Agent::RegionId id) {
   {
     std::lock_guard<std::mutex> lk(mu_);
     auto reg = regions_.find(id);
     if (reg != regions_.end()) {
       const Region& g = reg->second;
-      std::size_t held = 0, unreleased = 0, passive = 0;
+      std::size_t held = 0, unreleased = 0, unproven = 0, passive = 0;
       std::uint64_t example = 0;
       for (const auto& [req, r] : held_) {
-        const bool overlaps = r.kind == g.kind && r.dev_id == g.dev_id &&
-                              (r.addr - g.addr < g.len || g.addr - r.addr < r.len);
-        if (!overlaps) continue;
+        if (!overlap(r, g)) continue;
         ++held;
         unreleased += unreleased_.count(req);
+        unproven += unproven_.count(req);
         example = req;
       }
       for (const auto& [req, e] : entries_) {
@@ -106,14 +111,23 @@ void Transport::deregister_region(Agent::RegionId id) {
       if (held + passive > 0) {
         throw TransportError("deregister_region: region " + std::to_string(id) + " of transport " + name() +
                              " may still be touched by the backend (" + std::to_string(held) +
-                             " transfer requests over it, " + std::to_string(unreleased) + " of them awaiting a "
-                             "retried release; " + std::to_string(passive) + " passive sessions; e.g. request " +
-                             std::to_string(example) + "): keep the memory until they end");
+                             " transfer requests over it: " + std::to_string(unreleased) + " awaiting a retried "
+                             "release, " + std::to_string(unproven) + " ended without evidence; " +
+                             std::to_string(passive) + " passive sessions; e.g. request " + std::to_string(example) +
+                             "): keep the memory until they end");
       }
+      retiring_.insert(id);  // transfer() and expect() refuse to start over it from here on
     }
   }
-  agent_->deregister_region(id);
+  try {
+    agent_->deregister_region(id);
+  } catch (...) {
+    std::lock_guard<std::mutex> lk(mu_);
+    retiring_.erase(id);
+    throw;
+  }
   std::lock_guard<std::mutex> lk(mu_);
+  retiring_.erase(id);
   regions_.erase(id);
 }
 std::string Transport::metadata() { return agent_->local_metadata(); }
@@ -151,15 +165,23 @@ void Transport::remember_tainted(std::uint64_t req) {
 
 // Every release of a request goes through here: a failed one is counted and kept for the sweep to
 // retry (the agent still holds the handle, and stats()' `unreleased` shows it until it goes).
-void Transport::release_xfer(std::uint64_t req) {
+void Transport::forget_held(std::uint64_t req, bool proven) {
+  if (proven) {
+    held_.erase(req);
+  } else if (held_.count(req) != 0) {
+    unproven_.insert(req);  // released is not evidence (DESIGN §3): its range stays held, for good
+  }
+}
+
+void Transport::release_xfer(std::uint64_t req, bool proven) {
   const ReleaseStatus st = agent_->release(req);
   std::lock_guard<std::mutex> lk(mu_);
   if (st == kReleased || st == kReleaseUnknownRequest) {
-    held_.erase(req);
+    forget_held(req, proven);
     return;
   }
   ctr_.release_failures.fetch_add(1);
-  unreleased_.insert(req);
+  unreleased_[req] = proven;
 }
 
 PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local,
@@ -193,11 +215,23 @@ PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local
   // 1. Build the request: a bad peer or descriptor throws here, before anything is exposed.
   agent_->prepare(req, op, local, remote, peer, /*notify=*/true);
   bool stopped_by_peer = false;
+  const char* refuse = nullptr;
   {
     std::lock_guard<std::mutex> lk(mu_);
-    stopped_by_peer = stopped_reqs_.count(req) != 0;
-    entries_[req] = Entry{Side::Active, peer, false, false, stopped_by_peer};
-    held_[req] = local;
+    // re-checked under mu_: stop() sets stopped_ before it collects the entries under mu_
+    if (stopped_.load()) refuse = "stopped";
+    for (Agent::RegionId id : retiring_)
+      if (refuse == nullptr && overlap(local, regions_[id])) refuse = "being deregistered";
+    if (refuse == nullptr) {
+      stopped_by_peer = stopped_reqs_.count(req) != 0;
+      entries_[req] = Entry{Side::Active, peer, false, false, stopped_by_peer};
+      held_[req] = local;
+    }
+  }
+  if (refuse != nullptr) {
+    (void)agent_->release(req);  // prepared, never posted, never held: nothing moved
+    throw TransportError("transfer: request " + std::to_string(req) + ": transport " + name() + " is " + refuse +
+                         (refuse[0] == 'b' ? std::string(" (its local range)") : std::string()));
   }
   // 2. Expose (Advertised -> InFlight). A refused expose (cancelled, unknown) posts nothing.
   if (engine_) {
@@ -212,7 +246,7 @@ PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local
           entries_.erase(it);
         }
       }
-      release_xfer(req);  // prepared, never posted: nothing moved
+      release_xfer(req, true);  // prepared, never posted: nothing moved
       if (ack) send(peer, req, NotifKind::Quiesced);
       throw_refused(r, req, Event::expose);
     }
@@ -233,12 +267,16 @@ PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local
     }
   }
   if (gone) {
-    release_xfer(req);  // never posted: nothing moved
+    release_xfer(req, true);  // never posted: nothing moved, which is the evidence
+    if (engine_) {
+      (void)engine_->cancel(req);                      // InFlight -> CancelRequested (if still there)
+      (void)engine_->apply(req, Event::complete);      // -> Quiesced(cancelled); late if stop() failed it
+    }
     throw TransportError("transfer: request " + std::to_string(req) + ": transport " + name() +
                          " stopped or its peer was removed before the post");
   }
   if (skip) {
-    release_xfer(req);
+    release_xfer(req, true);
     if (engine_ && ack) (void)engine_->cancel(req);  // InFlight -> CancelRequested (idempotent)
     apply(req, Event::complete);                                  // -> Quiesced(cancelled)
     if (ack) send(peer, req, NotifKind::Quiesced);
@@ -275,6 +313,12 @@ void Transport::expect(std::uint64_t req, const std::string& peer) {
     std::lock_guard<std::mutex> lk(mu_);
     if (entries_.count(req) != 0) {
       throw TransportError("expect: request " + std::to_string(req) + " already has a transfer");
+    }
+    if (stopped_.load()) throw TransportError("expect: transport " + name() + " is stopped");
+    // a passive session has no range here (the peer holds our descriptor): none may start meanwhile
+    if (!retiring_.empty()) {
+      throw TransportError("expect: request " + std::to_string(req) + ": transport " + name() +
+                           " is deregistering a region; retry when it is done");
     }
     entries_[req] = Entry{Side::Passive, peer, false, false, false};
   }
@@ -317,7 +361,7 @@ void Transport::finish_active(std::uint64_t req, bool done) {
   }
   // Release first (after Done it is safe; after an error it changes nothing about the verdict), so
   // that once the engine reports the session terminal the transport holds nothing for it.
-  release_xfer(req);
+  release_xfer(req, done);  // Done is evidence; an error is not
   (done ? ctr_.completed : ctr_.failed).fetch_add(1);
   if (engine_) {
     const ApplyResult r = engine_->apply(req, done ? Event::complete : Event::fail);
@@ -366,7 +410,7 @@ void Transport::on_abort(std::uint64_t req) {
   if (release_now) {
     // TEST ONLY (negative control): release is NOT evidence; this is the bug the tests must catch.
     progress_->unwatch(req);
-    release_xfer(req);
+    release_xfer(req, true);  // the bug on purpose: release taken as evidence
     ctr_.unsafe_releases.fetch_add(1);
     apply(req, Event::complete);
   }
@@ -483,17 +527,17 @@ void Transport::on_tick() {
 
 void Transport::sweep() {
   // Retry releases that failed.
-  std::vector<std::uint64_t> retry;
+  std::vector<std::pair<std::uint64_t, bool>> retry;
   {
     std::lock_guard<std::mutex> lk(mu_);
     retry.assign(unreleased_.begin(), unreleased_.end());
   }
-  for (std::uint64_t req : retry) {
+  for (const auto& [req, proven] : retry) {
     const ReleaseStatus st = agent_->release(req);
     if (st == kReleased || st == kReleaseUnknownRequest) {
       std::lock_guard<std::mutex> lk(mu_);
       unreleased_.erase(req);
-      held_.erase(req);
+      forget_held(req, proven);
     }
   }
   if (!engine_) return;
@@ -517,9 +561,19 @@ void Transport::sweep() {
       }
     }
   }
-  // Early notes whose session is gone or ended.
+  // Early notes whose session is gone or ended (a note for a live session stays for its expect()).
+  std::vector<std::uint64_t> early;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    for (const auto& [req, note] : early_) early.push_back(req);
+  }
+  std::vector<std::uint64_t> stale;
+  for (std::uint64_t req : early) {
+    auto info = engine_->info(req);
+    if (!info || terminal_or_final(info->state)) stale.push_back(req);
+  }
   std::lock_guard<std::mutex> lk(mu_);
-  if (early_.size() > 1024) early_.clear();
+  for (std::uint64_t req : stale) early_.erase(req);
 }
 
 void Transport::remove_peer(const std::string& peer) {
@@ -544,7 +598,7 @@ void Transport::remove_peer(const std::string& peer) {
   for (auto [req, side] : gone) {
     if (side == Side::Active) {
       progress_->unwatch(req);
-      release_xfer(req);
+      release_xfer(req, false);  // posted, abandoned: no evidence
     }
     ctr_.abandoned.fetch_add(1);
     apply(req, Event::fail);  // no evidence can come any more: Poisoned (late if already ended)
@@ -571,7 +625,13 @@ void Transport::stop() {
     entries_.clear();
   }
   for (auto& [req, e] : all) {
-    if (e.side == Side::Active) release_xfer(req);  // a failure is retried by the agent's destructor
+    if (e.side == Side::Active && !e.posting) {
+      // never posted: the transfer() call that made it is still running and, finding its entry gone,
+      // resolves the session itself (never posted is evidence: Quiesced(cancelled), not Poisoned)
+      release_xfer(req, true);
+      continue;
+    }
+    if (e.side == Side::Active) release_xfer(req, false);  // a failure is retried by the agent's destructor
     ctr_.abandoned.fetch_add(1);
     apply(req, Event::fail);
   }

@@ -91,8 +91,10 @@ class Transport final : public EventSink {
 
   Agent::RegionId register_region(const Region& r);
   // Refused (TransportError, nothing changed) while the backend may still touch the region: a request
-  // over it not yet released (in flight, or its release failed and awaits the retry), or any passive
-  // session (the peer holds our descriptors).  The memory must stay alive until then.
+  // over it not yet released (in flight, or its release failed and awaits the retry), one released
+  // without evidence that it stopped (for good), or any passive session (the peer holds our
+  // descriptors).  The memory must stay alive until then.  Transfers and expects that race it are
+  // refused while it runs.
   void deregister_region(Agent::RegionId id);
   std::string metadata();
   std::string add_peer(const std::string& metadata);  // returns the peer's name
@@ -139,7 +141,10 @@ class Transport final : public EventSink {
   void on_abort(std::uint64_t req);
   bool on_pass() override;  // sends the queued stops (outbox_)
   void finish_active(std::uint64_t req, bool done);
-  void release_xfer(std::uint64_t req);  // release; a failure is counted and retried by the sweep
+  // Release; a failure is counted and retried by the sweep.  `proven`: never posted, or Done (DESIGN
+  // §3); without proof the local range keeps blocking deregister_region for good.
+  void release_xfer(std::uint64_t req, bool proven);
+  void forget_held(std::uint64_t req, bool proven);  // caller holds mu_
   void send(const std::string& peer, std::uint64_t req, NotifKind kind);
   void apply(std::uint64_t req, Event ev);
   void remember_stopped(std::uint64_t req);  // caller holds mu_
@@ -161,10 +166,13 @@ class Transport final : public EventSink {
   // executor's poll or cancel, holding the GIL), which must never wait on the backend (DESIGN §7).
   std::mutex outbox_mu_;
   std::vector<std::pair<std::string, std::uint64_t>> outbox_;  // guarded by outbox_mu_
-  std::set<std::uint64_t> unreleased_;      // release failed; retried on tick
-  // Invariant: every request prepared through this transport and not yet released, with its local
-  // range (posted, in flight, or awaiting a retried release): what deregister_region checks.
+  std::map<std::uint64_t, bool> unreleased_;  // release failed (value: proven quiescent); retried on tick
+  // Invariant: every request prepared through this transport that is not released yet, or was released
+  // without evidence that it stopped (those are in unproven_ too and never leave: their bytes may still
+  // land), with its local range: what deregister_region checks.
   std::unordered_map<std::uint64_t, Region> held_;
+  std::set<std::uint64_t> unproven_;
+  std::set<Agent::RegionId> retiring_;  // deregister_region in progress: no new transfer may use them
   // Requests of ours that ended without evidence (error, abandoned): a later "stop" for one of them
   // gets no "quiesced" reply, since its bytes may still land (bounded FIFO).
   std::set<std::uint64_t> tainted_;

@@ -291,9 +291,10 @@ void test_posts_cancels_and_drains_race_cleanly() {
 }
 
 // A request that ended without evidence never gets a "quiesced" for a peer's stop: its bytes may still
-// land.  The transport's own memory of such requests is a bounded FIFO (here of one); the engine's
-// tombstone remembers for far longer, and the transport asks it.  Control: a completed one is acked.
-void test_no_quiesced_for_a_request_that_failed_even_after_the_window() {
+// land.  The transport records such requests exactly (not in a bounded FIFO: here even with a window of
+// one); a later transport on the same engine asks the engine, whose tombstone remembers that the session
+// was Poisoned.  Control: a request that was never ours is answered at once.
+void test_no_quiesced_for_a_request_that_failed() {
   auto ea = std::make_shared<Engine>(Config{});
   auto eb = std::make_shared<Engine>(Config{});
   LoopbackOptions o;
@@ -310,7 +311,7 @@ void test_no_quiesced_for_a_request_that_failed_even_after_the_window() {
   tb->register_region({reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram});
   ta->add_peer(tb->metadata());
   tb->add_peer(ta->metadata());
-  for (std::uint64_t req : {1u, 2u}) {  // 2 pushes 1 out of the transport's FIFO
+  for (std::uint64_t req : {1u, 2u}) {
     CHECK(ea->advertise(req, Role::receiver, 0).status == Status::Moved);
     const std::uintptr_t off = (req - 1) * 4096;
     (void)ta->transfer(req, XferOp::Read, {reinterpret_cast<std::uintptr_t>(dst.data()) + off, 4096, 0, MemKind::Dram},
@@ -323,9 +324,27 @@ void test_no_quiesced_for_a_request_that_failed_even_after_the_window() {
   CHECK(eventually([&] { return ta->stats().peer_stops == 2; }));
   std::this_thread::sleep_for(std::chrono::milliseconds(20));
   CHECK(ta->stats().stops_unanswered == 2 && ta->stats().quiesced_sent == 0);
+  // the same id is not given to a new transfer: its range stays held
+  bool refused = false;
+  try {
+    (void)ta->transfer(1, XferOp::Read, {reinterpret_cast<std::uintptr_t>(dst.data()), 4096, 0, MemKind::Dram},
+                       {reinterpret_cast<std::uintptr_t>(src.data()), 4096, 0, MemKind::Dram}, "window-b");
+  } catch (const TransportError&) {
+    refused = true;
+  }
+  CHECK(refused);
+  // a new transport on the same engine knows nothing of them: the engine's tombstone answers
+  ta->stop();
+  auto ta2 = loopback(ea, "window-a2");
+  ta2->add_peer(tb->metadata());
+  tb->add_peer(ta2->metadata());
+  tb->agent().send_notification("window-a2", {1, NotifKind::Stop});
+  CHECK(eventually([&] { return ta2->stats().peer_stops == 1; }));
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  CHECK(ta2->stats().stops_unanswered == 1 && ta2->stats().quiesced_sent == 0);
   // control: a request that was never ours (no session) is answered at once
-  tb->agent().send_notification("window-a", {3, NotifKind::Stop});
-  CHECK(eventually([&] { return ta->stats().quiesced_sent == 1; }));
+  tb->agent().send_notification("window-a2", {3, NotifKind::Stop});
+  CHECK(eventually([&] { return ta2->stats().quiesced_sent == 1; }));
 }
 
 // A late DONE after the session was Poisoned and terminated is evidence after all: a peer's stop for it
@@ -424,7 +443,7 @@ int main() {
   test_every_transport_on_an_engine_gets_its_aborts();
   test_wrapping_ranges_are_refused();
   test_posts_cancels_and_drains_race_cleanly();
-  test_no_quiesced_for_a_request_that_failed_even_after_the_window();
+  test_no_quiesced_for_a_request_that_failed();
   test_late_done_after_terminate_lets_the_stop_be_answered();
   test_stop_racing_transfers_leaves_no_session_behind();
   TEST_MAIN_END();

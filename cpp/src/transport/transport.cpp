@@ -155,20 +155,13 @@ void Transport::remember_stopped(std::uint64_t req) {
   }
 }
 
-void Transport::remember_tainted(std::uint64_t req) {
-  if (tainted_.insert(req).second) tainted_order_.push_back(req);
-  while (tainted_order_.size() > opts_.remember_stopped) {
-    tainted_.erase(tainted_order_.front());
-    tainted_order_.pop_front();
-  }
-}
 
 // Every release of a request goes through here: a failed one is counted and kept for the sweep to
 // retry (the agent still holds the handle, and stats()' `unreleased` shows it until it goes).
 void Transport::forget_held(std::uint64_t req, bool proven) {
   if (proven) {
     held_.erase(req);
-  } else if (held_.count(req) != 0) {
+  } else {
     unproven_.insert(req);  // released is not evidence (DESIGN §3): its range stays held, for good
   }
 }
@@ -191,6 +184,10 @@ PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local
     std::lock_guard<std::mutex> lk(mu_);
     if (entries_.count(req) != 0) {
       throw TransportError("transfer: request " + std::to_string(req) + " already has a transfer");
+    }
+    if (unproven_.count(req) != 0) {  // its range and its id stay held: a reuse would free them
+      throw TransportError("transfer: request " + std::to_string(req) + " had a transfer that ended without "
+                           "evidence; give the new one another id");
     }
   }
   // 0. A local range in the engine's pool must lie inside the slot leased to this very session: the
@@ -357,7 +354,7 @@ void Transport::finish_active(std::uint64_t req, bool done) {
     ack = it->second.peer_stop;
     peer = it->second.peer;
     entries_.erase(it);
-    if (!done) remember_tainted(req);
+    if (!done) unproven_.insert(req);  // with the erase: a stop arriving now is never answered
   }
   // Release first (after Done it is safe; after an error it changes nothing about the verdict), so
   // that once the engine reports the session terminal the transport holds nothing for it.
@@ -477,7 +474,7 @@ void Transport::on_notification(const std::string& peer, std::uint64_t req, Noti
           // TEST ONLY (negative control): ack now instead of after our Done; the bug the passive
           // side's late-write test must catch
           if (opts_.unsafe_ack_stop_at_once) reply_now = true; else it->second.peer_stop = true;
-        } else if (it == entries_.end() && tainted_.count(req) != 0) {
+        } else if (it == entries_.end() && unproven_.count(req) != 0) {
           ctr_.stops_unanswered.fetch_add(1);  // ended without evidence: no ack, ever
         } else if (it == entries_.end()) {
           remember_stopped(req);  // a later transfer() for req is cancelled before its post
@@ -498,8 +495,8 @@ void Transport::on_notification(const std::string& peer, std::uint64_t req, Noti
         if (engine_) {
           auto info = engine_->info(req);
           if (info && info->state == State::Advertised) (void)engine_->cancel(req);
-          // Ended without evidence (the engine remembers it as long as its tombstone lives, far longer
-          // than tainted_): its bytes may still land, so no "quiesced", ever.
+          // Ended without evidence under an earlier transport of this engine (unproven_ knows this
+          // one's; the engine remembers while the tombstone lives): its bytes may still land.
           if (info && info->poisoned && !info->evidence) {
             ctr_.stops_unanswered.fetch_add(1);
             return;
@@ -583,16 +580,11 @@ void Transport::remove_peer(const std::string& peer) {
     for (auto it = entries_.begin(); it != entries_.end();) {
       if (it->second.peer == peer && (it->second.side == Side::Passive || it->second.posting)) {
         gone.emplace_back(it->first, it->second.side);
+        if (it->second.side == Side::Active) unproven_.insert(it->first);  // with the erase
         it = entries_.erase(it);
       } else {
         ++it;
       }
-    }
-  }
-  {
-    std::lock_guard<std::mutex> lk(mu_);
-    for (auto [req, side] : gone) {
-      if (side == Side::Active) remember_tainted(req);
     }
   }
   for (auto [req, side] : gone) {
@@ -621,7 +613,10 @@ void Transport::stop() {
   std::vector<std::pair<std::uint64_t, Entry>> all;
   {
     std::lock_guard<std::mutex> lk(mu_);
-    for (auto& [req, e] : entries_) all.emplace_back(req, e);
+    for (auto& [req, e] : entries_) {
+      all.emplace_back(req, e);
+      if (e.side == Side::Active && e.posting) unproven_.insert(req);  // with the erase
+    }
     entries_.clear();
   }
   for (auto& [req, e] : all) {

@@ -148,7 +148,6 @@ class Transport final : public EventSink {
   void send(const std::string& peer, std::uint64_t req, NotifKind kind);
   void apply(std::uint64_t req, Event ev);
   void remember_stopped(std::uint64_t req);  // caller holds mu_
-  void remember_tainted(std::uint64_t req);  // caller holds mu_
   void sweep();
 
   std::shared_ptr<Engine> engine_;
@@ -171,12 +170,12 @@ class Transport final : public EventSink {
   // without evidence that it stopped (those are in unproven_ too and never leave: their bytes may still
   // land), with its local range: what deregister_region checks.
   std::unordered_map<std::uint64_t, Region> held_;
+  // Requests of ours that ended without evidence (marked with the erase of their entry): never a
+  // "quiesced" for them, never their id again, and their ranges in held_ for good.
   std::set<std::uint64_t> unproven_;
   std::set<Agent::RegionId> retiring_;  // deregister_region in progress: no new transfer may use them
   // Requests of ours that ended without evidence (error, abandoned): a later "stop" for one of them
   // gets no "quiesced" reply, since its bytes may still land (bounded FIFO).
-  std::set<std::uint64_t> tainted_;
-  std::deque<std::uint64_t> tainted_order_;
   std::chrono::steady_clock::time_point next_sweep_{};
   std::atomic<bool> stopped_{false};
   std::mutex bare_mu_;

@@ -221,3 +221,21 @@ def test_paired_benchmark_loop_moves_the_bytes_and_pairs_every_batch():
     assert bytes(dst) == bytes(src)
     assert engine.live_sessions() == 0  # every engine session terminated (ids 1..count)
     assert engine.state(1) is State.Terminated and engine.outcome(count) is Outcome.completed
+
+
+@needs_nixl
+def test_the_prepared_device_check_runs_on_cpu_and_can_fail():
+    """scripts/device_check.py is the VRAM check for a machine with a GPU; CI runs its flow on CPU tensors
+    so it stays working, and its negative control (one received byte changed) must make it fail."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "device_check.py"
+    ok = subprocess.run([sys.executable, str(script), "--device", "cpu"], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and ok.stdout.rstrip().endswith("8 of 8 cases passed"), ok.stdout + ok.stderr
+    bad = subprocess.run([sys.executable, str(script), "--device", "cpu", "--corrupt-one"], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert re.search(r"dram->dram read +1 KiB: FAILED .*bytes DIFFER", bad.stdout), bad.stdout
+    assert re.search(r"^7 of 8 cases passed; failed: dram->dram read +1 KiB$", bad.stdout, re.M), bad.stdout

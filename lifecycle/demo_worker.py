@@ -629,7 +629,7 @@ class Worker:
                     self._lose_peer(str(exc))
             self.out_msgs = []
             now = time.monotonic()
-            if now - self._last_status > 0.2:
+            if now - self._last_status > 0.05:  # the launcher's kill-peer acts on it: keep it fresh
                 self._status(now)
             local_done = not self.tracked and (self.ack_received if self.role == "sender" else self.ack_sent)
             timed_out = now > deadline

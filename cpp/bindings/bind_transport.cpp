@@ -39,11 +39,12 @@ tp::XferOp to_op(const std::string& op) {
 tp::Region region(std::uint64_t addr, std::uint64_t len, const std::string& kind, std::uint64_t dev) {
   if (addr == 0) throw InvalidArgumentError("addr", "null address");
   if (len == 0) throw InvalidArgumentError("nbytes", "must be > 0");
-  if (len - 1 > UINTPTR_MAX - addr) {
+  const tp::Region r{static_cast<std::uintptr_t>(addr), static_cast<std::size_t>(len), dev, to_kind(kind)};
+  if (!r.valid()) {
     throw InvalidArgumentError("nbytes", std::to_string(len) + " bytes at address " + std::to_string(addr) +
                                              " run past the end of the address space");
   }
-  return tp::Region{static_cast<std::uintptr_t>(addr), static_cast<std::size_t>(len), dev, to_kind(kind)};
+  return r;
 }
 
 // A duration option in seconds, finite and in [lo, hi], as microseconds (no overflowing cast).
@@ -93,7 +94,6 @@ tp::TransportOptions options(bool unsafe_release_on_cancel, bool unsafe_ack_stop
   o.unsafe_ack_stop_at_once = unsafe_ack_stop_at_once;
   // > 0: the tick runs the engine's timers and the sweep that retries failed releases
   o.progress.tick_interval = seconds_opt("tick", tick_s, 1e-5, 10);
-  if (o.progress.tick_interval.count() <= 0) throw InvalidArgumentError("tick", "must be at least 10 us");
   return o;
 }
 

@@ -295,7 +295,7 @@ void Engine::notify_pushed(std::size_t n) {
 
 void Engine::run_aborts(std::vector<std::pair<std::uint64_t, Role>>& aborts) {
   if (aborts.empty()) return;
-  std::shared_ptr<const std::vector<std::pair<std::uint64_t, AbortHook>>> hooks;
+  std::shared_ptr<const AbortHooks> hooks;
   {
     std::lock_guard<std::mutex> g(hooks_mu_);
     hooks = hooks_;
@@ -831,8 +831,7 @@ void Engine::set_backend_health(bool healthy, std::string reason) {
 
 std::uint64_t Engine::add_abort_hook(AbortHook hook) {
   std::lock_guard<std::mutex> g(hooks_mu_);
-  auto next = hooks_ ? std::make_shared<std::vector<std::pair<std::uint64_t, AbortHook>>>(*hooks_)
-                     : std::make_shared<std::vector<std::pair<std::uint64_t, AbortHook>>>();
+  auto next = hooks_ ? std::make_shared<AbortHooks>(*hooks_) : std::make_shared<AbortHooks>();
   const std::uint64_t id = next_hook_++;
   next->emplace_back(id, std::move(hook));
   hooks_ = std::move(next);
@@ -842,7 +841,7 @@ std::uint64_t Engine::add_abort_hook(AbortHook hook) {
 void Engine::remove_abort_hook(std::uint64_t id) {
   std::lock_guard<std::mutex> g(hooks_mu_);
   if (!hooks_) return;
-  auto next = std::make_shared<std::vector<std::pair<std::uint64_t, AbortHook>>>();
+  auto next = std::make_shared<AbortHooks>();
   for (const auto& h : *hooks_)
     if (h.first != id) next->push_back(h);
   hooks_ = std::move(next);

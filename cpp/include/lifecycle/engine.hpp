@@ -214,7 +214,8 @@ class Engine {
   std::mutex hooks_mu_;
   std::uint64_t next_hook_ = 1;  // guarded by hooks_mu_
   // replaced, never mutated (copy on write): run_aborts calls a snapshot outside every lock
-  std::shared_ptr<const std::vector<std::pair<std::uint64_t, AbortHook>>> hooks_;  // guarded by hooks_mu_
+  using AbortHooks = std::vector<std::pair<std::uint64_t, AbortHook>>;  // (id, hook)
+  std::shared_ptr<const AbortHooks> hooks_;  // guarded by hooks_mu_
   // wait_ready
   std::atomic<std::uint32_t> waiters_{0};
   std::mutex wait_mu_;

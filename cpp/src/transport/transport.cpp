@@ -82,12 +82,6 @@ Agent::RegionId Transport::register_region(const Region& r) {
   return id;
 }
 
-namespace {
-bool overlap(const Region& a, const Region& b) {
-  return a.kind == b.kind && a.dev_id == b.dev_id && (a.addr - b.addr < b.len || b.addr - a.addr < a.len);
-}
-}  // namespace
-
 void Transport::deregister_region(Agent::RegionId id) {
   {
     std::lock_guard<std::mutex> lk(mu_);
@@ -97,7 +91,7 @@ void Transport::deregister_region(Agent::RegionId id) {
       std::size_t held = 0, unreleased = 0, unproven = 0, passive = 0;
       std::uint64_t example = 0;
       for (const auto& [req, r] : held_) {
-        if (!overlap(r, g)) continue;
+        if (!r.overlaps(g)) continue;
         ++held;
         unreleased += unreleased_.count(req);
         unproven += unproven_.count(req);
@@ -156,8 +150,6 @@ void Transport::remember_stopped(std::uint64_t req) {
 }
 
 
-// Every release of a request goes through here: a failed one is counted and kept for the sweep to
-// retry (the agent still holds the handle, and stats()' `unreleased` shows it until it goes).
 void Transport::forget_held(std::uint64_t req, bool proven) {
   if (proven) {
     held_.erase(req);
@@ -166,6 +158,8 @@ void Transport::forget_held(std::uint64_t req, bool proven) {
   }
 }
 
+// Every release of a request goes through here: a failed one is counted and kept for the sweep to
+// retry (the agent still holds the handle, and stats()' `unreleased` shows it until it goes).
 void Transport::release_xfer(std::uint64_t req, bool proven) {
   const ReleaseStatus st = agent_->release(req);
   std::lock_guard<std::mutex> lk(mu_);
@@ -195,8 +189,7 @@ PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local
   if (engine_ && engine_->pool() != nullptr && engine_->pool()->bytes() > 0 && local.kind == MemKind::Dram) {
     const BufferPool& pool = *engine_->pool();
     const Region whole{reinterpret_cast<std::uintptr_t>(pool.base()), pool.bytes(), 0, MemKind::Dram};
-    const bool overlaps = local.addr - whole.addr < whole.len || whole.addr - local.addr < local.len;
-    if (overlaps) {
+    if (whole.spans_overlap(local)) {
       const auto info = engine_->info(req);  // none: expose below refuses it (UnknownRequest)
       const bool leased = info && info->slot != kNoSlot;
       const Region slot{whole.addr + (leased ? info->slot : 0) * pool.slot_size(), pool.slot_size(), 0, MemKind::Dram};
@@ -216,9 +209,9 @@ PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local
   {
     std::lock_guard<std::mutex> lk(mu_);
     // re-checked under mu_: stop() sets stopped_ before it collects the entries under mu_
-    if (stopped_.load()) refuse = "stopped";
+    if (stopped_.load()) refuse = "is stopped";
     for (Agent::RegionId id : retiring_)
-      if (refuse == nullptr && overlap(local, regions_[id])) refuse = "being deregistered";
+      if (refuse == nullptr && local.overlaps(regions_.at(id))) refuse = "is being deregistered (its local range)";
     if (refuse == nullptr) {
       stopped_by_peer = stopped_reqs_.count(req) != 0;
       entries_[req] = Entry{Side::Active, peer, false, false, stopped_by_peer};
@@ -227,8 +220,7 @@ PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local
   }
   if (refuse != nullptr) {
     (void)agent_->release(req);  // prepared, never posted, never held: nothing moved
-    throw TransportError("transfer: request " + std::to_string(req) + ": transport " + name() + " is " + refuse +
-                         (refuse[0] == 'b' ? std::string(" (its local range)") : std::string()));
+    throw TransportError("transfer: request " + std::to_string(req) + ": transport " + name() + " " + refuse);
   }
   // 2. Expose (Advertised -> InFlight). A refused expose (cancelled, unknown) posts nothing.
   if (engine_) {
@@ -437,12 +429,13 @@ void Transport::on_notification(const std::string& peer, std::uint64_t req, Noti
       {
         std::lock_guard<std::mutex> lk(mu_);
         auto it = entries_.find(req);
-        if (it != entries_.end() && it->second.side == Side::Passive && it->second.peer == peer &&
-            !it->second.exposed) {
-          early_[req] = {peer, kind};  // expect() is applying expose right now: it takes the note after
-        } else if (it != entries_.end() && it->second.side == Side::Passive && it->second.peer == peer) {
-          mine = true;
-          entries_.erase(it);
+        if (it != entries_.end() && it->second.side == Side::Passive && it->second.peer == peer) {
+          if (it->second.exposed) {
+            mine = true;
+            entries_.erase(it);
+          } else {
+            early_[req] = {peer, kind};  // expect() is applying expose right now: it takes the note after
+          }
         } else if (it == entries_.end() && engine_) {
           // No entry: a late note for a session that already ended (evidence for a quarantined
           // slot), or a note that beat expect() (kept for it, bounded).

@@ -39,6 +39,9 @@ struct Region {
   bool contains(const Region& r) const noexcept {
     return kind == r.kind && dev_id == r.dev_id && r.addr >= addr && r.len <= len && r.addr - addr <= len - r.len;
   }
+  // Some byte lies in both (addresses only; both valid(), so nothing wraps).
+  bool spans_overlap(const Region& r) const noexcept { return r.addr - addr < len || addr - r.addr < r.len; }
+  bool overlaps(const Region& r) const noexcept { return kind == r.kind && dev_id == r.dev_id && spans_overlap(r); }
 };
 
 enum class XferOp : std::uint8_t { Read, Write };

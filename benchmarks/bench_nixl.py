@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import structlog  # noqa: E402
 
 from lifecycle import TransferEngine, _core  # noqa: E402
-from lifecycle.transport import Mem, NixlTransport, connect_all  # noqa: E402
+from lifecycle.transport import Mem, NixlTransport, Offer, connect_all  # noqa: E402
 
 KiB, MiB = 1024, 1024 * 1024
 
@@ -218,7 +218,7 @@ def main() -> None:
                     r = req + i
                     csw = resource.getrusage(resource.RUSAGE_THREAD).ru_nivcsw
                     engine.advertise(r, "sender")
-                    te.write(r, src_mem.slice(0, 4 * KiB), "bench-peer", dst_mem.slice(0, 4 * KiB))
+                    te.write(r, src_mem.slice(0, 4 * KiB), "bench-peer", Offer(dst_mem.slice(0, 4 * KiB), 0))  # bare peer
                     got = None
                     while got is None:
                         for tr in engine.drain(1.0):

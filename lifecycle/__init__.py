@@ -38,7 +38,7 @@ from .errors import (
     UnknownRequest,
 )
 
-from .transport import Faults, LoopbackTransport, Mem, NixlTransport, TransportStats, pool_slot
+from .transport import Faults, LoopbackTransport, Mem, NixlTransport, Offer, TransportStats, pool_slot
 
 __version__ = "0.1.0"
 
@@ -75,6 +75,7 @@ __all__ = [
     "LoopbackTransport",
     "Mem",
     "NixlTransport",
+    "Offer",
     "TransportStats",
     "pool_slot",
 ]

@@ -276,11 +276,11 @@ class Worker:
         import torch
 
         from . import TransferEngine
-        from .transport import Mem, NixlTransport
+        from .transport import Mem, NixlTransport, Offer
 
         self.role, self.opts, self.rank, self.shards = role, opts, rank, shards
         self.chan, self.group = chan, group
-        self.torch, self.Mem = torch, Mem
+        self.torch, self.Mem, self.Offer = torch, Mem, Offer
         self.peer_role = "receiver" if role == "sender" else "sender"
         self.name = f"{role}-{rank}"
         self.out = Path(opts.out)
@@ -459,7 +459,7 @@ class Worker:
         try:
             refused = self.engine.state(req).value != "Advertised"
             if not refused:
-                op(req, local, self.peer, self.Mem.from_bytes(remote))
+                refused = op(req, local, self.peer, self.Offer.from_bytes(remote)) == "CancelledBeforePost"
         except IllegalTransition:
             refused = True
         except TransportError:
@@ -470,8 +470,8 @@ class Worker:
             self.reconnect_at = self.reconnect_at or time.monotonic() + 0.02
             return
         if refused:
-            # the peer cancelled first: its "stop" reached our transport, which cancelled the never-exposed
-            # session (Quiesced(cancelled)) and refuses the post.  Nothing was exposed: just release it.
+            # the peer cancelled first: its "stop" for this offer reached our transport, which skipped the
+            # post (never posted: Quiesced(cancelled)).  Nothing moved: just release it.
             self.c["refused_posts"] += 1
             r.cancelled = True
             self._terminate(req)
@@ -499,9 +499,9 @@ class Worker:
                 self._cancel(plan.request, "before_expose")  # never exposed: no message to the peer
                 continue
             if self.opts.mode == "read":
-                self.t.expect(plan.request, self.peer)  # expose BEFORE shipping the descriptor
-                self._expose_done(plan.request)
-                self.out_msgs.append(("offer", plan.request, self._mem(self._slot(plan.request), r.nbytes).to_bytes()))
+                offer = self.t.expect(plan.request, self.peer, self._mem(self._slot(plan.request), r.nbytes))
+                self._expose_done(plan.request)  # exposed (and tagged) BEFORE the offer is shipped
+                self.out_msgs.append(("offer", plan.request, offer.to_bytes()))
             else:
                 self.out_msgs.append(("want", plan.request))
 
@@ -523,9 +523,9 @@ class Worker:
                 self._cancel(req, "before_expose")
                 self._abort_peer(req)
             else:
-                self.t.expect(req, self.peer)
+                offer = self.t.expect(req, self.peer, self._mem(self._slot(req), r.nbytes))
                 self._expose_done(req)
-                self.out_msgs.append(("target", req, self._mem(self._slot(req), r.nbytes).to_bytes()))
+                self.out_msgs.append(("target", req, offer.to_bytes()))
         elif kind == "target":  # sender, WRITE mode
             _, req, desc = m
             if req not in self.tracked or self.tracked[req].cancelled:

@@ -70,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
             ctx.advertise(req, "sender", nbytes)  # lease a slot; prefill writes the KV blocks into it
             src = pool_slot(ctx, req).slice(0, nbytes)
             ctx.pool.slot_view(ctx.info(req).slot)[:nbytes] = bytes([req]) * nbytes
-            tc.expect(req, gen_at_ctx)  # expose BEFORE handing the descriptor to the peer
+            offer = tc.expect(req, gen_at_ctx, src)  # expose, and a tag, BEFORE handing the offer to the peer
             gen.advertise(req, "receiver", nbytes)
-            tg.read(req, pool_slot(gen, req).slice(0, nbytes), ctx_at_gen, src)  # expose + post
+            tg.read(req, pool_slot(gen, req).slice(0, nbytes), ctx_at_gen, offer)  # expose + post
 
         print("1. transfer: advertise -> expose -> poll until Quiesced -> terminate")
         start(1, 1 * MiB)

@@ -1,8 +1,10 @@
 """Transports that drive a :class:`~lifecycle.TransferEngine`: NIXL over UCX, and an in-process loopback.
 
 A transport owns one agent and a C++ progress thread.  The executor advertises a session on the
-engine, then either posts the transfer itself (``read`` / ``write``: this side is *active*) or hands
-its descriptors to the peer and calls ``expect`` (this side is *passive*).  The progress thread turns
+engine, then either hands its range to the peer (``expect`` returns an :class:`Offer`: the range's
+descriptor and a fresh tag; this side is *passive*), or posts the transfer itself over the peer's offer
+(``read`` / ``write``: this side is *active*).  Every notification names (request, tag), so a note of an
+earlier transfer of a reused id is never taken for the live one's.  The progress thread turns
 backend statuses and peer notifications into engine events (DONE -> complete, error -> fail, the
 peer's "done"/"quiesced" -> complete); the executor sees them, logged, on ``engine.poll()``.
 Cancellation follows DESIGN §3: nothing is released without evidence (see docs/transport.md).
@@ -33,6 +35,7 @@ __all__ = [
     "LoopbackTransport",
     "Mem",
     "NixlTransport",
+    "Offer",
     "Registration",
     "TransportStats",
     "connect_all",
@@ -120,6 +123,47 @@ class Mem:
         if magic != b"KVLM" or kind > 1:
             raise InvalidArgument("descriptor", "not a kv-lifecycle memory descriptor")
         return cls(addr, nbytes, "dram" if kind == 0 else "vram", device)
+
+
+_OFFER = struct.Struct("<4sQQBQQ")  # magic, addr, nbytes, kind, device, tag
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """What a passive side ships to its peer: the descriptor of its range and the transfer's tag.
+
+    ``expect()`` returns it; the active side passes it (``Offer.from_bytes(...)``) to ``read`` / ``write``.
+    The tag names this one transfer in every notification about it (the active side's "done", the passive
+    side's "stop", the "quiesced" answer): a note of an earlier transfer of the same request id, or a
+    duplicate, is never taken as evidence for it.  ``tag=0`` is for a peer without sessions (a bare
+    transport: benchmarks), whose notes nobody matches.
+    """
+
+    mem: Mem
+    tag: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.mem, Mem):
+            raise InvalidArgument("mem", f"expected a Mem, got {type(self.mem).__name__}")
+        if isinstance(self.tag, bool) or not isinstance(self.tag, int) or not 0 <= self.tag < 1 << 64:
+            raise InvalidArgument("tag", f"expected a 64-bit tag, got {self.tag!r}")
+
+    def slice(self, offset: int, nbytes: int) -> Offer:
+        return Offer(self.mem.slice(offset, nbytes), self.tag)
+
+    def to_bytes(self) -> bytes:
+        """37 bytes to ship to the peer (with the metadata, over any channel)."""
+        m = self.mem
+        return _OFFER.pack(b"KVLO", m.addr, m.nbytes, 0 if m.kind == "dram" else 1, m.device, self.tag)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Offer:
+        if len(data) != _OFFER.size:
+            raise InvalidArgument("offer", f"expected {_OFFER.size} bytes, got {len(data)}")
+        magic, addr, nbytes, kind, device, tag = _OFFER.unpack(data)
+        if magic != b"KVLO" or kind > 1:
+            raise InvalidArgument("offer", "not a kv-lifecycle offer")
+        return cls(Mem(addr, nbytes, "dram" if kind == 0 else "vram", device), tag)
 
 
 def mem_of(obj) -> Mem:
@@ -228,6 +272,7 @@ class TransportStats:
     stops_unanswered: int
     unreleased: int
     unsafe_acks: int
+    stale_notifications: int
 
 
 class _Transport:
@@ -284,29 +329,37 @@ class _Transport:
         self._core.remove_peer(peer)
 
     # ---- transfers ---------------------------------------------------------------------------
-    def _post(self, op: str, request: int, local: Mem, peer: str, remote: Mem) -> str:
-        local, remote = mem_of(local), mem_of(remote)
-        if local.nbytes != remote.nbytes:
-            raise InvalidArgument("remote", f"{remote.nbytes} bytes != local {local.nbytes} bytes")
+    def _post(self, op: str, request: int, local: Mem, peer: str, remote: Offer) -> str:
+        if not isinstance(remote, Offer):
+            raise InvalidArgument("remote", f"expected the Offer the peer's expect() returned, got "
+                                            f"{type(remote).__name__} (a bare descriptor carries no tag)")
+        local, m = mem_of(local), remote.mem
+        if local.nbytes != m.nbytes:
+            raise InvalidArgument("remote", f"{m.nbytes} bytes != local {local.nbytes} bytes")
         return self._core.transfer(request, op, local.addr, local.nbytes, local.kind, local.device, peer,
-                                   remote.addr, remote.kind, remote.device)
+                                   m.addr, m.kind, m.device, remote.tag)
 
-    def read(self, request: int, local: Mem, peer: str, remote: Mem) -> str:
-        """Active READ: peer's ``remote`` -> ``local``.  Applies ``expose`` and posts.
+    def read(self, request: int, local: Mem, peer: str, remote: Offer) -> str:
+        """Active READ: the peer's offered range -> ``local``.  Applies ``expose`` and posts.
 
-        Returns ``"Posted"``, ``"CompletedInPost"`` (already Quiesced) or ``"CancelledBeforePost"``.
+        Returns ``"Posted"``, ``"CompletedInPost"`` (already Quiesced) or ``"CancelledBeforePost"`` (the
+        session was cancelled, or the peer stopped this offer, before the post: Quiesced(cancelled)).
         A bad descriptor raises TransportError before anything is exposed (the session stays Advertised).
         """
         return self._post("read", request, local, peer, remote)
 
-    def write(self, request: int, local: Mem, peer: str, remote: Mem) -> str:
-        """Active WRITE: ``local`` -> peer's ``remote``.  Same contract as :meth:`read`."""
+    def write(self, request: int, local: Mem, peer: str, remote: Offer) -> str:
+        """Active WRITE: ``local`` -> the peer's offered range.  Same contract as :meth:`read`."""
         return self._post("write", request, local, peer, remote)
 
-    def expect(self, request: int, peer: str) -> None:
-        """Passive side: apply ``expose`` (call it *before* shipping descriptors to ``peer``); the peer's
-        "done" notification completes the session; cancel sends "stop" and waits for "quiesced"."""
-        self._core.expect(request, peer)
+    def expect(self, request: int, peer: str, local) -> Offer:
+        """Passive side: ``local`` (a registered range; pool memory must lie in the session's slot) is what
+        ``peer`` will READ from or WRITE to.  Applies ``expose`` and returns the :class:`Offer` to ship to
+        ``peer`` (``offer.to_bytes()``); only then may it post.  The peer's "done" for this offer's tag
+        completes the session; cancel sends "stop" and waits for its "quiesced"."""
+        m = mem_of(local)
+        tag = self._core.expect(request, peer, m.addr, m.nbytes, m.kind, m.device)
+        return Offer(m, tag)
 
     # ---- lifetime and counters ------------------------------------------------------------------
     def stop(self) -> None:

@@ -70,11 +70,11 @@ def main() -> int:
                     rcv_e.advertise(req, "receiver")
                     t0 = time.monotonic()
                     if mode == "read":
-                        snd.expect(req, rcv_at_snd)
-                        rcv.read(req, d_mem, snd_at_rcv, s_mem)
+                        offer = snd.expect(req, rcv_at_snd, s_mem)
+                        rcv.read(req, d_mem, snd_at_rcv, offer)
                     else:
-                        rcv.expect(req, snd_at_rcv)
-                        snd.write(req, s_mem, rcv_at_snd, d_mem)
+                        offer = rcv.expect(req, snd_at_rcv, d_mem)
+                        snd.write(req, s_mem, rcv_at_snd, offer)
                     states = (snd_e.wait_terminal(req, args.timeout), rcv_e.wait_terminal(req, args.timeout))
                     ms = (time.monotonic() - t0) * 1e3
                     outcomes = (snd_e.outcome(req), rcv_e.outcome(req))

@@ -38,11 +38,11 @@ def start(snd, rcv, names, mode: str, req: int = 1, n: int = BIG):
     src = snd.advertise(req, "sender", n, pattern(n, req))
     dst = rcv.advertise(req, "receiver", n, 0)
     if mode == "read":
-        snd.t.expect(req, rcv_at_snd)
-        res = rcv.t.read(req, dst, snd_at_rcv, src)
+        offer = snd.t.expect(req, rcv_at_snd, src)
+        res = rcv.t.read(req, dst, snd_at_rcv, offer)
         return rcv, snd, res  # (active, passive, post result)
-    rcv.t.expect(req, snd_at_rcv)
-    res = snd.t.write(req, src, rcv_at_snd, dst)
+    offer = rcv.t.expect(req, snd_at_rcv, dst)
+    res = snd.t.write(req, src, rcv_at_snd, offer)
     return snd, rcv, res
 
 
@@ -131,8 +131,8 @@ def late_write_probe(unsafe: bool, tag: str) -> int:
         src = snd.advertise(1, "sender", BIG, pattern(BIG, 1))
         dst = rcv.advertise(1, "receiver", BIG, 0)
         slot = rcv.engine.info(1).slot
-        snd.t.expect(1, rcv_at_snd)
-        assert rcv.t.read(1, dst, snd_at_rcv, src) == "Posted"
+        offer = snd.t.expect(1, rcv_at_snd, src)
+        assert rcv.t.read(1, dst, snd_at_rcv, offer) == "Posted"
         rcv.engine.cancel(1)
         assert rcv.wait(1, 30) is State.Quiesced  # unsafe: at once (inside cancel); safe: after DONE
         assert rcv.engine.terminate(1) is TerminateResult.Terminated
@@ -176,8 +176,8 @@ def test_passive_cancel_no_late_write_into_returned_slot(tcp):
             src = snd.advertise(1, "sender", BIG, pattern(BIG, 1))
             dst = rcv.advertise(1, "receiver", BIG, 0)
             slot = rcv.engine.info(1).slot
-            rcv.t.expect(1, snd_at_rcv)
-            assert snd.t.write(1, src, rcv_at_snd, dst) == "Posted"
+            offer = rcv.t.expect(1, snd_at_rcv, dst)
+            assert snd.t.write(1, src, rcv_at_snd, offer) == "Posted"
             assert rcv.engine.cancel(1) is CancelResult.CancelRequestedInFlight
             assert rcv.wait(1, 30) is State.Quiesced  # on the sender's "quiesced" (or its "done")
             assert rcv.engine.terminate(1) is TerminateResult.Terminated

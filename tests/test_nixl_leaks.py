@@ -54,12 +54,12 @@ def test_thousand_mixed_sessions_leave_no_leaks():
                     active.engine.cancel(req)
                     passive.engine.cancel(req)
                 else:
-                    passive.t.expect(req, names[passive])
+                    offer = passive.t.expect(req, names[passive], mp)
                     if action == "terminate_early":
                         active.engine.terminate(req)
                         passive.engine.terminate(req)
                     try:
-                        (active.t.read if mode == "read" else active.t.write)(req, ml, names[active], mp)
+                        (active.t.read if mode == "read" else active.t.write)(req, ml, names[active], offer)
                     except TransportError:
                         # an injected disconnect: a refuses to post to b until it reloads b's metadata;
                         # nothing was exposed here (cancel proves it), the passive side asks and waits

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from lifecycle import Outcome, State
+from lifecycle.transport import Offer
 
 from test_transport_harness import (
     MiB, SIZES, Side, attach_peer, call, crc, needs_nixl, pattern, spawn_peer,
@@ -30,12 +31,10 @@ def test_two_processes_both_modes_every_size_matches_checksum():
                 dst = me.advertise(req, "receiver", n, 0)
                 if mode == "read":  # we READ from the child's slot; the child learns by notification
                     desc = call(conn, "serve", req, "sender", n, req)
-                    from lifecycle.transport import Mem
-
-                    me.t.read(req, dst, peer, Mem.from_bytes(desc))
+                    me.t.read(req, dst, peer, Offer.from_bytes(desc))
                 else:  # the child WRITEs into our slot; we learn by notification
-                    me.t.expect(req, peer)
-                    call(conn, "active", req, "sender", n, req, dst.to_bytes())
+                    offer = me.t.expect(req, peer, dst)
+                    call(conn, "active", req, "sender", n, req, offer.to_bytes())
                 assert me.wait(req) is State.Quiesced
                 assert me.engine.outcome(req) is Outcome.completed
                 their_state, their_outcome, their_crc = call(conn, "wait", req, n, 10.0)
@@ -62,25 +61,22 @@ def test_peer_sigkill_mid_transfer_every_session_terminal_in_time_then_fresh_pee
     fresh = None
     try:
         peer, _ = attach_peer(me, conn)
-        from lifecycle.transport import Mem
-
         reqs = []
         # (c) exposed to the child, which never posts (passive here, no evidence will ever come); first,
         # so that its fill does not delay the kill behind the transfers below
-        me.advertise(5, "sender", n, pattern(n, 5))
-        me.t.expect(5, peer)
+        me.t.expect(5, peer, me.advertise(5, "sender", n, pattern(n, 5)))
         reqs.append(5)
         # (a) we READ from the child (active here)
         for req in (1, 2):
             dst = me.advertise(req, "receiver", n, 0)
             desc = call(conn, "serve", req, "sender", n, req)
-            me.t.read(req, dst, peer, Mem.from_bytes(desc))
+            me.t.read(req, dst, peer, Offer.from_bytes(desc))
             reqs.append(req)
         # (b) the child WRITEs into us (passive here)
         for req in (3, 4):
             dst = me.advertise(req, "receiver", n, 0)
-            me.t.expect(req, peer)
-            call(conn, "active", req, "sender", n, req, dst.to_bytes())
+            offer = me.t.expect(req, peer, dst)
+            call(conn, "active", req, "sender", n, req, offer.to_bytes())
             reqs.append(req)
         # what the kill interrupts: without a transfer still moving, this would test nothing mid-transfer
         at_kill = {req: me.engine.state(req) for req in reqs}
@@ -120,10 +116,10 @@ def test_peer_sigkill_mid_transfer_every_session_terminal_in_time_then_fresh_pee
             dst = me.advertise(req, "receiver", size, 0)
             if mode == "read":
                 desc = call(fconn, "serve", req, "sender", size, req)
-                me.t.read(req, dst, fpeer, Mem.from_bytes(desc))
+                me.t.read(req, dst, fpeer, Offer.from_bytes(desc))
             else:
-                me.t.expect(req, fpeer)
-                call(fconn, "active", req, "sender", size, req, dst.to_bytes())
+                offer = me.t.expect(req, fpeer, dst)
+                call(fconn, "active", req, "sender", size, req, offer.to_bytes())
             assert me.wait(req) is State.Quiesced and me.engine.outcome(req) is Outcome.completed
             assert call(fconn, "wait", req, size, 10.0)[0] == "Quiesced"
             assert crc(me.view(req, size)) == crc(pattern(size, req))

@@ -9,7 +9,7 @@ import pytest
 
 from lifecycle import CancelResult, IllegalTransition, NixlUnavailable, Outcome, State, TransferEngine, TransportError
 from lifecycle import _core
-from lifecycle.transport import ENV_CAPI, Mem, NixlTransport, connect_all, nixl_capi_path
+from lifecycle.transport import ENV_CAPI, Mem, NixlTransport, Offer, connect_all, nixl_capi_path
 
 from test_transport_harness import SIZES, Side, connect, crc, needs_nixl, pattern
 
@@ -56,11 +56,11 @@ def test_two_agents_one_process_every_size_matches_checksum(mode):
             src = snd.advertise(i, "sender", n, pattern(n, i))
             dst = rcv.advertise(i, "receiver", n, 0)
             if mode == "read":  # the receiver READs; the sender learns completion by notification
-                snd.t.expect(i, rcv_at_snd)
-                rcv.t.read(i, dst, snd_at_rcv, src)
+                offer = snd.t.expect(i, rcv_at_snd, src)
+                rcv.t.read(i, dst, snd_at_rcv, offer)
             else:  # the sender WRITEs; the receiver learns completion by notification
-                rcv.t.expect(i, snd_at_rcv)
-                snd.t.write(i, src, rcv_at_snd, dst)
+                offer = rcv.t.expect(i, snd_at_rcv, dst)
+                snd.t.write(i, src, rcv_at_snd, offer)
             assert snd.wait(i) is State.Quiesced and rcv.wait(i) is State.Quiesced
             assert snd.engine.outcome(i) is Outcome.completed and rcv.engine.outcome(i) is Outcome.completed
             assert crc(rcv.view(i, n)) == crc(pattern(n, i)), f"{mode} {n} B: checksum mismatch"
@@ -86,7 +86,7 @@ def test_bad_descriptor_raises_before_expose_and_session_stays_advertised():
         b_at_a, _ = connect(a, b)
         m = a.advertise(1, "receiver", 4096)
         with pytest.raises(TransportError, match=r"create_xfer_req"):
-            a.t.read(1, m, "no-such-peer", Mem(0x1000, 4096))
+            a.t.read(1, m, "no-such-peer", Offer(Mem(0x1000, 4096), 0))
         assert a.engine.state(1) is State.Advertised
         assert a.t.stats().live_xfers == 0
     finally:
@@ -103,7 +103,7 @@ def test_read_after_cancel_before_expose_is_illegal_and_posts_nothing():
         dst = a.advertise(1, "receiver", 4096, 0)
         assert a.engine.cancel(1) is CancelResult.CancelledBeforeAdvertise
         with pytest.raises(IllegalTransition, match=r"^can't handle event expose when state=Quiesced for request 1$"):
-            a.t.read(1, dst, b_at_a, src)
+            a.t.read(1, dst, b_at_a, Offer(src, 0))
         assert a.t.stats().posted == 0 and a.t.stats().live_xfers == 0
     finally:
         a.close()
@@ -126,8 +126,8 @@ def test_torch_cpu_tensors_register_as_dram_and_transfer():
         p1 = t2.add_peer(t1.metadata())
         e1.advertise(7, "sender")
         e2.advertise(7, "receiver")
-        t2.expect(7, p1)
-        t1.write(7, mem_of(src), p2, mem_of(dst))
+        offer = t2.expect(7, p1, dst)  # a tensor: its memory
+        t1.write(7, mem_of(src), p2, offer)
         assert e1.wait_terminal(7, 10) is State.Quiesced and e2.wait_terminal(7, 10) is State.Quiesced
         assert torch.equal(src, dst)
         t1.deregister(r1)

@@ -11,7 +11,7 @@ import zlib
 import pytest
 
 from lifecycle import State, TransferEngine
-from lifecycle.transport import LoopbackTransport, Mem, NixlTransport, nixl_available, pool_slot
+from lifecycle.transport import LoopbackTransport, Mem, NixlTransport, Offer, nixl_available, pool_slot
 
 HAVE_NIXL = nixl_available()
 needs_nixl = pytest.mark.skipif(not HAVE_NIXL, reason="nixl-cu12 not installed (pip install nixl-cu12==1.5.1)")
@@ -98,12 +98,11 @@ def peer_main(conn, name: str, env: dict, slots: int, slot_size: int, engine_kw:
         if cmd == "serve":  # passive: expose a slot; role sender (READ source) or receiver (WRITE target)
             req, role, n, seed = args
             m = side.advertise(req, role, n, pattern(n, seed) if role == "sender" else 0)
-            side.t.expect(req, peer)
-            conn.send(m.to_bytes())
-        elif cmd == "active":  # active: READ (role receiver) or WRITE (role sender) against a remote desc
+            conn.send(side.t.expect(req, peer, m).to_bytes())
+        elif cmd == "active":  # active: READ (role receiver) or WRITE (role sender) against a peer's offer
             req, role, n, seed, desc = args
             m = side.advertise(req, role, n, pattern(n, seed) if role == "sender" else 0)
-            remote = Mem.from_bytes(desc)
+            remote = Offer.from_bytes(desc)
             res = (side.t.read if role == "receiver" else side.t.write)(req, m, peer, remote)
             conn.send(res)
         elif cmd == "wait":

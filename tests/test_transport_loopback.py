@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from lifecycle import CancelResult, IllegalTransition, Outcome, State, TerminateResult, TransportError
-from lifecycle.transport import Faults, LoopbackTransport, Mem, pool_slot
+from lifecycle import CancelResult, Outcome, State, TerminateResult, TransportError
+from lifecycle.transport import Faults, LoopbackTransport, Mem, Offer, pool_slot
 
-from test_transport_harness import KiB, MiB, SIZES, Side, connect, crc, needs_nixl, pattern
+from test_transport_harness import KiB, MiB, SIZES, Side, connect, crc, needs_nixl, pattern, wait_for
 
 _n = iter(range(1_000_000))
 
@@ -44,11 +44,11 @@ def run(a, b, names, req, mode, n, *, wait=True):
     dst = a.advertise(req, "receiver", n, 0)
     src = b.advertise(req, "sender", n, pattern(n, req))
     if mode == "read":
-        b.t.expect(req, a_at_b)
-        res = a.t.read(req, dst, b_at_a, src)
+        offer = b.t.expect(req, a_at_b, src)
+        res = a.t.read(req, dst, b_at_a, offer)
     else:
-        a.t.expect(req, b_at_a)
-        res = b.t.write(req, src, a_at_b, dst)
+        offer = a.t.expect(req, b_at_a, dst)
+        res = b.t.write(req, src, a_at_b, offer)
     if wait:
         return a.wait(req), b.wait(req), res
     return None, None, res
@@ -87,19 +87,21 @@ def test_loopback_passive_cancel_sends_stop_and_waits_for_quiesced():
 
 
 def test_loopback_stop_before_post_cancels_the_later_post():
+    """b offers, then cancels before a posts: a holds nothing, acks at once and remembers (request, tag),
+    so a's later post of that very offer is cancelled before it starts (never posted: Quiesced(cancelled)).
+    The stop names the offer, not the id: a's session stays Advertised until then."""
     a, b, names = pair()
     try:
         b_at_a, a_at_b = names
         dst = a.advertise(1, "receiver", 4096, 0)
         src = b.advertise(1, "sender", 4096, pattern(4096, 1))
-        b.t.expect(1, a_at_b)
+        offer = b.t.expect(1, a_at_b, src)
         b.engine.cancel(1)  # stop reaches a before a posts: a acks at once (it holds nothing)
         assert b.wait(1) is State.Quiesced and b.engine.outcome(1) is Outcome.cancelled
-        # a's own session was cancelled by the peer's stop (a sees it on poll); its read posts nothing
-        assert a.wait(1) is State.Quiesced and a.engine.outcome(1) is Outcome.cancelled
-        with pytest.raises(IllegalTransition, match=r"^can't handle event expose when state=Quiesced"):
-            a.t.read(1, dst, b_at_a, src)
-        assert a.t.stats().posted == 0
+        assert a.engine.state(1) is State.Advertised and a.t.stats().peer_stops == 1
+        assert a.t.read(1, dst, b_at_a, offer) == "CancelledBeforePost"
+        assert a.engine.state(1) is State.Quiesced and a.engine.outcome(1) is Outcome.cancelled
+        assert a.t.stats().posted == 0 and a.t.stats().cancelled_before_post == 1
     finally:
         a.close()
         b.close()
@@ -230,7 +232,9 @@ def test_fault_dropped_done_is_recovered_by_stop_and_quiesced():
         b.close()
 
 
-def test_fault_duplicated_notification_is_counted_late_never_an_error():
+def test_fault_duplicated_notification_is_counted_never_an_error():
+    """The duplicate "done" finds no passive entry (the first took it): the transport counts it and the
+    engine never sees it (no late, no illegal event)."""
     f = Faults(seed=5, duplicate_notification=1.0)
     a, b, names = pair(faults_b=f)
     try:
@@ -238,7 +242,10 @@ def test_fault_duplicated_notification_is_counted_late_never_an_error():
         assert (sa, sb) == (State.Quiesced, State.Quiesced), f"seed={f.seed}"
         time.sleep(0.05)
         b.engine.poll()
-        assert b.engine.statistics().late >= 1 and b.engine.statistics().illegal == 0, f"seed={f.seed}"
+        assert b.t.fault_stats()["duplicated"] >= 1, f"seed={f.seed}"
+        assert b.t.stats().done_received == 2 and b.t.stats().orphan_notifications == 1, f"seed={f.seed}"
+        assert b.engine.statistics().late == 0 and b.engine.statistics().illegal == 0, f"seed={f.seed}"
+        assert b.engine.state(1) is State.Quiesced
     finally:
         a.close()
         b.close()
@@ -307,7 +314,7 @@ def test_stopped_transport_fails_unfinished_sessions():
         a.t.stop()
         assert a.engine.state(1) is State.Poisoned
         with pytest.raises(TransportError, match="stopped"):
-            a.t.read(2, Mem(1, 1), names[0], Mem(1, 1))
+            a.t.read(2, Mem(1, 1), names[0], Offer(Mem(1, 1), 0))
     finally:
         a.close()
         b.close()
@@ -348,15 +355,16 @@ def test_ranges_that_wrap_the_address_space_or_leave_a_registration_get_a_typed_
         with pytest.raises(InvalidArgument, match=r"^invalid nbytes: \d+ bytes at address 0x[0-9a-f]+ run past the end"):
             Mem(dst.addr, wrap)
         with pytest.raises(InvalidArgument, match=r"run past the end of the address space"):  # the binding itself
-            a.t._core.transfer(1, "read", dst.addr, wrap, "dram", 0, b_at_a, src.addr, "dram", 0)
+            a.t._core.transfer(1, "read", dst.addr, wrap, "dram", 0, b_at_a, src.addr, "dram", 0, 0)
         with pytest.raises(InvalidArgument, match=r"run past the end of the address space"):
             a.t._core.register_region(dst.addr, wrap, "dram", 0)
         # in range of the address space, but beyond the registered pool: refused before anything is exposed
         outside = Mem(dst.addr + a.engine.pool.slot_size * a.engine.pool.num_slots, 4096)
         with pytest.raises(TransportError, match=r"local range not registered"):
-            a.t.read(1, outside, b_at_a, src)
+            a.t.read(1, outside, b_at_a, Offer(src, 0))
         assert a.engine.state(1) is State.Advertised and a.t.stats().live_xfers == 0
-        assert a.t.read(1, dst, b_at_a, src) in ("Posted", "CompletedInPost")  # the same session still works
+        # the same session still works (b holds no session: an offer without a tag)
+        assert a.t.read(1, dst, b_at_a, Offer(src, 0)) in ("Posted", "CompletedInPost")
         assert a.wait(1) is State.Quiesced and bytes(a.view(1, 4096)) == pattern(4096, 1)
     finally:
         a.close()
@@ -374,11 +382,11 @@ def test_a_failed_release_is_kept_counted_and_retried_on_every_path():
             b_at_a, a_at_b = names
             dst = a.advertise(1, "receiver", 4096, 0)
             src = b.advertise(1, "sender", 4096, pattern(4096, 1))
-            b.t.expect(1, a_at_b)
+            offer = b.t.expect(1, a_at_b, src)
             b.engine.cancel(1)  # the stop reaches a before a posts
-            assert b.wait(1) is State.Quiesced and a.wait(1) is State.Quiesced, f
-            with pytest.raises(IllegalTransition):
-                a.t.read(1, dst, b_at_a, src)  # prepared, refused at expose, released (or not)
+            assert b.wait(1) is State.Quiesced, f
+            # prepared, found stopped by the peer, never posted, released (or not)
+            assert a.t.read(1, dst, b_at_a, offer) == "CancelledBeforePost", f
             s = a.t.stats()
             assert (s.unreleased, s.live_xfers, s.release_failures > 0) == ((1, 1, True) if leaked else (0, 0, False)), f
             assert a.t.wait_idle(0.3) is (not leaked), f
@@ -387,24 +395,63 @@ def test_a_failed_release_is_kept_counted_and_retried_on_every_path():
             b.close()
 
 
-def test_a_done_note_that_races_expect_is_never_lost():
-    """Notes that beat expect(), or arrive while it runs, complete the session exactly once, over and over.
-    A stress test only: timing alone rarely reaches the window where the entry exists but expose is not
-    applied yet (it passed on the old code); cpp/tests/test_transport.cpp forces that window and fails
-    on the old code."""
-    a, b, names = pair()
+def test_offers_carry_distinct_tags_and_a_bare_descriptor_is_refused():
+    """expect() returns an Offer (descriptor + tag) that round-trips through bytes; every expect draws a new
+    tag, also for a reused id; read/write refuse a bare Mem (it carries no tag) and a malformed offer, with
+    typed errors, before anything is prepared."""
+    from lifecycle import InvalidArgument
+
+    a, b, names = pair(slots=2, slot_size=64 * KiB)
     try:
         b_at_a, a_at_b = names
-        for req in range(1, 301):
-            src = a.advertise(req, "sender", 4096, pattern(4096, req))
-            dst = b.advertise(req, "receiver", 4096, 0)
-            a.t.write(req, src, b_at_a, dst)
-            b.t.expect(req, a_at_b)
-            assert b.wait(req, 5) is State.Quiesced and a.wait(req, 5) is State.Quiesced, req
-            assert bytes(b.view(req, 4096)) == pattern(4096, req), req
+        tags = set()
+        for req in (1, 2):
+            src = b.advertise(req, "sender", 4096, pattern(4096, req))
+            offer = b.t.expect(req, a_at_b, src)
+            assert Offer.from_bytes(offer.to_bytes()) == offer and len(offer.to_bytes()) == 37
+            assert offer.mem == src and offer.tag != 0
+            tags.add(offer.tag)
+            dst = a.advertise(req, "receiver", 4096, 0)
+            with pytest.raises(InvalidArgument, match=r"^invalid remote: expected the Offer the peer's expect\(\) "
+                                                      r"returned, got Mem"):
+                a.t.read(req, dst, b_at_a, src)
+            assert a.engine.state(req) is State.Advertised and a.t.stats().live_xfers == 0
+            assert a.t.read(req, dst, b_at_a, offer) in ("Posted", "CompletedInPost")
+            assert a.wait(req) is State.Quiesced and b.wait(req) is State.Quiesced
+            assert bytes(a.view(req, 4096)) == pattern(4096, req)
             a.engine.terminate(req)
             b.engine.terminate(req)
-        assert b.engine.statistics().illegal == 0 and a.engine.statistics().illegal == 0
+        assert len(tags) == 2
+        with pytest.raises(InvalidArgument, match=r"^invalid offer: expected 37 bytes, got 29$"):
+            Offer.from_bytes(Mem(4096, 4096).to_bytes())
+        with pytest.raises(InvalidArgument, match=r"^invalid offer: not a kv-lifecycle offer$"):
+            Offer.from_bytes(b"XXXX" + bytes(33))
+        with pytest.raises(InvalidArgument, match=r"^invalid tag: expected a 64-bit tag, got -1$"):
+            Offer(Mem(4096, 4096), -1)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_expect_checks_the_range_it_offers():
+    """The passive side's range is checked like an active one before anything is exposed: registered with
+    this transport, and inside the session's own pool slot (an offer of a neighbour's slot would let the
+    peer write where no evidence rule protects)."""
+    a, b, names = pair(slots=2, slot_size=64 * KiB)
+    try:
+        _, a_at_b = names
+        mine = b.advertise(1, "receiver", 4096, 0)
+        b.advertise(2, "receiver", 4096, 0)
+        theirs = pool_slot(b.engine, 2).slice(0, 4096)
+        with pytest.raises(TransportError, match=r"^expect: request 1: local range \[\d+, \+4096\) of the engine's pool "
+                                                 r"is not inside slot \d+, the one leased to it$"):
+            b.t.expect(1, a_at_b, theirs)
+        stray = bytearray(4096)
+        with pytest.raises(TransportError, match=r"^expect: request 1: local range not registered with transport "):
+            b.t.expect(1, a_at_b, stray)
+        assert b.engine.state(1) is State.Advertised and b.t.stats().passive == 0
+        assert b.t.expect(1, a_at_b, mine).tag != 0  # its own slot: accepted
+        assert b.engine.state(1) is State.InFlight
     finally:
         a.close()
         b.close()
@@ -458,8 +505,8 @@ def test_deregister_is_refused_while_the_backend_may_touch_the_memory():
             a.t.deregister(a.reg)  # the facade's check of the pool comes first
         with pytest.raises(TransportError, match=r"^deregister_region: region \d+ of transport lb-a\d+ may still be "
                                                  r"touched by the backend \(1 transfer requests over it: 0 awaiting "
-                                                 r"a retried release, 0 ended without evidence; 0 passive sessions; "
-                                                 r"e\.g\. request 1\)"):
+                                                 r"a retried release, 0 ended without evidence; 0 passive sessions, 0 offered "
+                                                 r"ranges whose transfer ended without evidence; e\.g\. request 1\)"):
             a.t._core.deregister_region(a.reg.region_id)  # the transport's own check
         with pytest.raises(TransportError, match=r"\(0 transfer requests over it: 0 awaiting a retried release, 0 "
                                                  r"ended without evidence; 1 passive sessions"):
@@ -487,7 +534,7 @@ def test_a_transfer_over_another_sessions_pool_slot_is_refused():
         mine = a.advertise(1, "receiver", 4096, 0)
         a.advertise(2, "receiver", 4096, 0)
         theirs = pool_slot(a.engine, 2).slice(0, 4096)
-        src = b.advertise(1, "sender", 4096, pattern(4096, 1))
+        src = Offer(b.advertise(1, "sender", 4096, pattern(4096, 1)), 0)  # b holds no session: no tag
         slot = a.engine.info(1).slot
         with pytest.raises(TransportError, match=rf"^transfer: request 1: local range \[\d+, \+4096\) of the engine's "
                                                  rf"pool is not inside slot {slot}, the one leased to it$"):
@@ -509,12 +556,12 @@ def test_a_transfer_over_another_sessions_pool_slot_is_refused():
 def test_expect_with_an_unknown_peer_is_refused_before_exposing():
     a, b, names = pair()
     try:
-        a.advertise(1, "sender", 4096, 0)
+        m = a.advertise(1, "sender", 4096, 0)
         with pytest.raises(TransportError, match=r"^expect: request 1: unknown peer 'nobody' \(add_peer its metadata "
                                                  r"first\)$"):
-            a.t.expect(1, "nobody")
+            a.t.expect(1, "nobody", m)
         assert a.engine.state(1) is State.Advertised
-        a.t.expect(1, names[0])  # the real peer
+        a.t.expect(1, names[0], m)  # the real peer
         assert a.engine.state(1) is State.InFlight
     finally:
         a.close()
@@ -544,14 +591,15 @@ def test_memory_of_a_transfer_abandoned_mid_flight_cannot_be_deregistered():
             reg = a.t.register(buf)
             a.engine.advertise(req, "receiver")  # no pool slot: the executor's own buffer
             src = b.advertise(req, "sender", 16 * MiB, pattern(16 * MiB, req))
-            b.t.expect(req, a_at_b)
-            assert a.t.read(req, Mem(reg.mem.addr, 16 * MiB), b_at_a, src) == "Posted"
+            offer = b.t.expect(req, a_at_b, src)
+            assert a.t.read(req, Mem(reg.mem.addr, 16 * MiB), b_at_a, offer) == "Posted"
             if abandon:
                 time.sleep(0.02)
                 a.t.remove_peer(b_at_a)
                 assert a.wait(req) is State.Poisoned and a.t.stats().live_xfers == 0 and a.t.wait_idle(2)
                 with pytest.raises(TransportError, match=r"\(1 transfer requests over it: 0 awaiting a retried "
-                                                         r"release, 1 ended without evidence; 0 passive sessions; "
+                                                         r"release, 1 ended without evidence; 0 passive sessions, 0 "
+                                                         r"offered ranges whose transfer ended without evidence; "
                                                          r"e\.g\. request 1\)"):
                     a.t.deregister(reg)
                 b_at_a = a.t.add_peer(b.t.metadata())  # a fresh connection for the control
@@ -559,6 +607,39 @@ def test_memory_of_a_transfer_abandoned_mid_flight_cannot_be_deregistered():
                 assert a.wait(req) is State.Quiesced and bytes(buf) == pattern(16 * MiB, req)
                 assert a.t.wait_idle(2)
                 a.t.deregister(reg)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_an_offered_range_whose_transfer_ended_without_evidence_stays_registered_until_a_late_note():
+    """b offers its own buffer (not pool memory: no quarantine protects it) and times out while a's paced
+    WRITE into it is still moving: b's session is Poisoned and its entry swept, yet the peer may still
+    write, so deregistering the buffer is refused.  a's WRITE then ends with DONE, a answers b's stop, and
+    that late "quiesced" with the offer's tag releases the hold: the buffer deregisters, holding every
+    byte.  (Before, the swept entry left nothing behind and the deregister went through mid-write.)"""
+    i = next(_n)
+    a = Side(f"hold-a{i}", "loopback", transport_kw={"bytes_per_second": 100 * MiB})
+    b = Side(f"hold-b{i}", "loopback", transfer_timeout=0.05, cancel_grace=0.05)
+    try:
+        b_at_a, a_at_b = connect(a, b)
+        buf = bytearray(16 * MiB)
+        reg = b.t.register(buf)
+        b.engine.advertise(1, "receiver")  # no pool slot: the executor's own buffer
+        offer = b.t.expect(1, a_at_b, buf)
+        src = a.advertise(1, "sender", 16 * MiB, pattern(16 * MiB, 1))
+        assert a.t.write(1, src, b_at_a, offer) == "Posted"  # ~160 ms at 100 MiB/s
+        assert b.wait(1, 2) is State.Poisoned
+        wait_for(lambda: b.t.stats().passive == 0, 2, "the sweep", b.engine.poll)
+        assert a.engine.state(1) in (State.InFlight, State.CancelRequested)  # still writing into buf
+        with pytest.raises(TransportError, match=r"0 passive sessions, 1 offered ranges whose transfer ended without "
+                                                 r"evidence; e\.g\. request 1\)"):
+            b.t.deregister(reg)
+        assert a.wait(1) is State.Quiesced  # DONE: cancelled by b's stop, the reply follows
+        wait_for(lambda: b.t.stats().late_evidence == 1, 2, "the late quiesced", b.engine.poll)
+        assert bytes(buf) == pattern(16 * MiB, 1)
+        b.t.deregister(reg)
+        assert b.t.stats().registered_regions == 1  # the pool only
     finally:
         a.close()
         b.close()

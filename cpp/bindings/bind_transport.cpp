@@ -104,7 +104,7 @@ py::dict stats_dict(const tp::TransportStats& s) {
   F(completed) F(failed) F(post_errors) F(cancelled_before_post) F(peer_stops) F(stops_sent)
   F(quiesced_sent) F(done_received) F(quiesced_received) F(orphan_notifications) F(bad_notifications)
   F(send_errors) F(release_failures) F(unsafe_releases) F(late_evidence) F(abandoned) F(passive_swept) F(stops_unanswered)
-  F(unreleased) F(unsafe_acks)
+  F(unreleased) F(unsafe_acks) F(stale_notifications)
 #undef F
   return d;
 }
@@ -219,23 +219,26 @@ void register_transport(py::module_& m) {
            }, py::arg("peer"))
       .def("transfer", [](tp::Transport& t, std::uint64_t req, const std::string& op, std::uint64_t laddr,
                           std::uint64_t len, const std::string& lkind, std::uint64_t ldev, const std::string& peer,
-                          std::uint64_t raddr, const std::string& rkind, std::uint64_t rdev) {
+                          std::uint64_t raddr, const std::string& rkind, std::uint64_t rdev, std::uint64_t tag) {
              tp::XferOp o = to_op(op);
              tp::Region l = region(laddr, len, lkind, ldev);
              tp::Region r = region(raddr, len, rkind, rdev);
              tp::PostResult res;
              {
                py::gil_scoped_release nogil;
-               res = t.transfer(req, o, l, r, peer);
+               res = t.transfer(req, o, l, r, peer, tag);
              }
              return std::string(tp::to_string(res));
            }, py::arg("request"), py::arg("op"), py::arg("local_addr"), py::arg("nbytes"), py::arg("local_kind"),
            py::arg("local_device"), py::arg("peer"), py::arg("remote_addr"), py::arg("remote_kind"),
-           py::arg("remote_device"))
-      .def("expect", [](tp::Transport& t, std::uint64_t req, const std::string& peer) {
+           py::arg("remote_device"), py::arg("tag"))
+      .def("expect", [](tp::Transport& t, std::uint64_t req, const std::string& peer, std::uint64_t laddr,
+                        std::uint64_t len, const std::string& lkind, std::uint64_t ldev) {
+             tp::Region l = region(laddr, len, lkind, ldev);
              py::gil_scoped_release nogil;
-             t.expect(req, peer);
-           }, py::arg("request"), py::arg("peer"))
+             return t.expect(req, peer, l);
+           }, py::arg("request"), py::arg("peer"), py::arg("local_addr"), py::arg("nbytes"), py::arg("local_kind"),
+           py::arg("local_device"))
       .def("stop", [](tp::Transport& t) {
              py::gil_scoped_release nogil;
              t.stop();

@@ -77,42 +77,54 @@ std::unique_ptr<Transport> loopback(std::shared_ptr<Engine> e, const std::string
   return std::make_unique<Transport>(std::move(e), std::make_unique<LoopbackAgent>(o));
 }
 
-// A "done" note that arrives while expect() is applying expose (the passive entry exists, the session
-// is still Advertised) must complete the session once it is InFlight, not be applied to Advertised
-// (illegal) and lost.  The receiver's expect() is parked inside the engine's expose, the sender's
-// WRITE completes and its note is handled meanwhile, then expose goes on.
-void test_done_note_during_expect_is_kept_for_it() {
-  auto clock = std::make_shared<GateClock>();
-  auto ea = std::make_shared<Engine>(Config{});
-  auto eb = std::make_shared<Engine>(Config{}, clock);
-  auto ta = loopback(ea, "gate-a");
-  auto tb = loopback(eb, "gate-b");
+// Every note names (request, tag): notes of an earlier transfer of a reused id are never taken for the
+// live one's.  Round 1 moves request 1 and ends; round 2 reuses the id (a new session, a new tag) on a
+// paced agent, so it is in flight while the old transfer's "done" and "stop" arrive: the old "done"
+// must not complete the receiver's session (its slot would be freed mid-write), the old "stop" must
+// not cancel the sender's (it is answered with a "quiesced" for the old tag, which the receiver must
+// ignore too).  Then round 2 completes on both sides with its bytes.
+void test_notes_of_an_earlier_transfer_of_the_id_are_stale() {
+  Config cfg;  // no tombstones: the id is free again at once (an executor reusing ids past the window)
+  cfg.shards = 1;
+  cfg.tombstones = 0;
+  auto ea = std::make_shared<Engine>(cfg);
+  auto eb = std::make_shared<Engine>(cfg);
+  LoopbackOptions o;
+  o.name = "tag-a";
+  o.bytes_per_second = 40'000;  // 4 KiB: ~100 ms in flight
+  auto ta = std::make_unique<Transport>(ea, std::make_unique<LoopbackAgent>(o));
+  auto tb = loopback(eb, "tag-b");
   std::vector<char> src(4096, 'x'), dst(4096, 0);
-  ta->register_region({reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram});
-  tb->register_region({reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram});
-  CHECK(ta->add_peer(tb->metadata()) == "gate-b");
-  CHECK(tb->add_peer(ta->metadata()) == "gate-a");
-  CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
-  CHECK(eb->advertise(1, Role::receiver, 0).status == Status::Moved);
-
-  clock->arm();
-  std::thread receiver([&] {
-    t_gated = true;
-    tb->expect(1, "gate-a");  // parks in expose's clock read, its entry already made
-  });
-  clock->wait_parked();
   const Region l{reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram};
   const Region r{reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram};
-  (void)ta->transfer(1, XferOp::Write, l, r, "gate-b");
-  CHECK(eventually([&] { return tb->stats().done_received == 1; }));
-  std::this_thread::sleep_for(std::chrono::milliseconds(20));  // the note's handling finishes
-  CHECK(state_of(*eb, 1) == State::Advertised);                 // nothing applied to it meanwhile
-  clock->release();
-  receiver.join();
-  CHECK(eventually([&] { return state_of(*eb, 1) == State::Quiesced; }));
-  CHECK(eb->counters().illegal == 0);
-  CHECK(std::memcmp(src.data(), dst.data(), src.size()) == 0);
-  CHECK(eventually([&] { return state_of(*ea, 1) == State::Quiesced; }));
+  ta->register_region(l);
+  tb->register_region(r);
+  CHECK(ta->add_peer(tb->metadata()) == "tag-b");
+  CHECK(tb->add_peer(ta->metadata()) == "tag-a");
+  std::uint64_t tags[2] = {0, 0};
+  for (int round = 0; round < 2; ++round) {
+    std::memset(dst.data(), 0, dst.size());
+    src.assign(src.size(), static_cast<char>('x' + round));
+    CHECK(eb->advertise(1, Role::receiver, 0).status == Status::Moved);
+    CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
+    tags[round] = tb->expect(1, "tag-a", r);
+    CHECK(tags[round] != 0);
+    CHECK(ta->transfer(1, XferOp::Write, l, r, "tag-b", tags[round]) == PostResult::Posted);
+    if (round == 1) {
+      CHECK(tags[1] != tags[0]);
+      ta->agent().send_notification("tag-b", {1, NotifKind::Done, tags[0]});  // round 1's, again
+      tb->agent().send_notification("tag-a", {1, NotifKind::Stop, tags[0]});  // round 1's stop, late
+      CHECK(eventually([&] { return tb->stats().stale_notifications == 2 && ta->stats().stale_notifications == 1; }));
+      CHECK(ta->stats().quiesced_sent == 1);  // the old stop is answered (that transfer ended with a Done)
+      CHECK(state_of(*eb, 1) == State::InFlight);  // neither the old "done" nor the old "quiesced" ended it
+      CHECK(state_of(*ea, 1) == State::InFlight);  // the old "stop" did not cancel round 2
+    }
+    CHECK(eventually([&] { return state_of(*ea, 1) == State::Quiesced && state_of(*eb, 1) == State::Quiesced; }));
+    CHECK(ea->info(1)->outcome == Outcome::completed && eb->info(1)->outcome == Outcome::completed);
+    CHECK(std::memcmp(src.data(), dst.data(), src.size()) == 0);
+    CHECK(ea->terminate(1) == TerminateResult::Terminated && eb->terminate(1) == TerminateResult::Terminated);
+  }
+  CHECK(ea->counters().illegal == 0 && eb->counters().illegal == 0);
 }
 
 // Two transports driving one engine: each keeps its abort hook (the second used to replace the
@@ -123,13 +135,16 @@ void test_every_transport_on_an_engine_gets_its_aborts() {
   auto t1 = loopback(e, "hooks-1");
   auto t2 = loopback(e, "hooks-2");
   auto tp = loopback(peer_engine, "hooks-peer");
+  std::vector<char> buf(4096);
+  const Region mine{reinterpret_cast<std::uintptr_t>(buf.data()), buf.size(), 0, MemKind::Dram};
   for (Transport* t : {t1.get(), t2.get()}) {
+    t->register_region(mine);
     t->add_peer(tp->metadata());
     tp->add_peer(t->metadata());
   }
   for (std::uint64_t req : {1u, 2u}) CHECK(e->advertise(req, Role::sender, 0).status == Status::Moved);
-  t1->expect(1, "hooks-peer");
-  t2->expect(2, "hooks-peer");
+  (void)t1->expect(1, "hooks-peer", mine);
+  (void)t2->expect(2, "hooks-peer", mine);
   CHECK(e->cancel(1) == CancelResult::CancelRequestedInFlight);
   CHECK(e->cancel(2) == CancelResult::CancelRequestedInFlight);
   // each stop goes out from the transport that holds the session, on its progress thread
@@ -139,7 +154,7 @@ void test_every_transport_on_an_engine_gets_its_aborts() {
   // a stopped transport takes its hook out; the other one keeps working
   t1->stop();
   CHECK(e->advertise(3, Role::sender, 0).status == Status::Moved);
-  t2->expect(3, "hooks-peer");
+  (void)t2->expect(3, "hooks-peer", mine);
   CHECK(e->cancel(3) == CancelResult::CancelRequestedInFlight);
   CHECK(eventually([&] { return t2->stats().stops_sent == 2 && state_of(*e, 3) == State::Quiesced; }));
 }
@@ -166,7 +181,7 @@ void test_wrapping_ranges_are_refused() {
   CHECK(e->advertise(1, Role::receiver, 0).status == Status::Moved);
   refused = false;
   try {
-    (void)ta->transfer(1, XferOp::Read, {A, wrap, 0, MemKind::Dram}, {B, wrap, 0, MemKind::Dram}, "wrap-b");
+    (void)ta->transfer(1, XferOp::Read, {A, wrap, 0, MemKind::Dram}, {B, wrap, 0, MemKind::Dram}, "wrap-b", 0);
   } catch (const TransportError&) {
     refused = true;
   }
@@ -215,14 +230,15 @@ void test_posts_cancels_and_drains_race_cleanly() {
     for (std::uint64_t req = 1; req <= kN; ++req) {
       (void)ea->advertise(req, Role::receiver, 0);
       (void)eb->advertise(req, Role::sender, 0);
+      const std::uintptr_t off = (req - 1) * kSize;
+      std::uint64_t tag = 0;  // none if b's session was cancelled first: a's "done" is then an orphan there
       try {
-        tb->expect(req, "race-a");
+        tag = tb->expect(req, "race-a", {reinterpret_cast<std::uintptr_t>(src.data()) + off, kSize, 0, MemKind::Dram});
       } catch (const IllegalTransitionError&) {  // cancelled first: never exposed
       }
-      const std::uintptr_t off = (req - 1) * kSize;
       try {
         (void)ta->transfer(req, XferOp::Read, {reinterpret_cast<std::uintptr_t>(dst.data()) + off, kSize, 0, MemKind::Dram},
-                           {reinterpret_cast<std::uintptr_t>(src.data()) + off, kSize, 0, MemKind::Dram}, "race-b");
+                           {reinterpret_cast<std::uintptr_t>(src.data()) + off, kSize, 0, MemKind::Dram}, "race-b", tag);
       } catch (const IllegalTransitionError&) {  // cancelled (or stopped by the peer) before expose
       } catch (const std::exception&) {
         unexpected.fetch_add(1);
@@ -315,7 +331,7 @@ void test_no_quiesced_for_a_request_that_failed() {
     CHECK(ea->advertise(req, Role::receiver, 0).status == Status::Moved);
     const std::uintptr_t off = (req - 1) * 4096;
     (void)ta->transfer(req, XferOp::Read, {reinterpret_cast<std::uintptr_t>(dst.data()) + off, 4096, 0, MemKind::Dram},
-                       {reinterpret_cast<std::uintptr_t>(src.data()) + off, 4096, 0, MemKind::Dram}, "window-b");
+                       {reinterpret_cast<std::uintptr_t>(src.data()) + off, 4096, 0, MemKind::Dram}, "window-b", 0);
     CHECK(eventually([&] { return state_of(*ea, req) == State::Poisoned; }));
   }
   CHECK(ea->terminate(1) == TerminateResult::Terminated);  // a tombstone now
@@ -328,7 +344,7 @@ void test_no_quiesced_for_a_request_that_failed() {
   bool refused = false;
   try {
     (void)ta->transfer(1, XferOp::Read, {reinterpret_cast<std::uintptr_t>(dst.data()), 4096, 0, MemKind::Dram},
-                       {reinterpret_cast<std::uintptr_t>(src.data()), 4096, 0, MemKind::Dram}, "window-b");
+                       {reinterpret_cast<std::uintptr_t>(src.data()), 4096, 0, MemKind::Dram}, "window-b", 0);
   } catch (const TransportError&) {
     refused = true;
   }
@@ -370,7 +386,7 @@ void test_late_done_after_terminate_lets_the_stop_be_answered() {
   tb->add_peer(ta->metadata());
   CHECK(ea->advertise(1, Role::receiver, 0).status == Status::Moved);
   (void)ta->transfer(1, XferOp::Read, {reinterpret_cast<std::uintptr_t>(dst.data()), 4096, 0, MemKind::Dram},
-                     {reinterpret_cast<std::uintptr_t>(src.data()), 4096, 0, MemKind::Dram}, "late-b");
+                     {reinterpret_cast<std::uintptr_t>(src.data()), 4096, 0, MemKind::Dram}, "late-b", 0);
   CHECK(eventually([&] { return state_of(*ea, 1) == State::Poisoned; }));
   CHECK(ea->terminate(1) == TerminateResult::Terminated);
   CHECK(eventually([&] { return ta->stats().late_evidence == 1; }));  // the delayed DONE
@@ -406,7 +422,7 @@ void test_stop_racing_transfers_leaves_no_session_behind() {
       const std::uintptr_t off = (req - 1) * 1024;
       try {
         (void)ta->transfer(req, XferOp::Read, {reinterpret_cast<std::uintptr_t>(dst.data()) + off, 1024, 0, MemKind::Dram},
-                           {reinterpret_cast<std::uintptr_t>(src.data()) + off, 1024, 0, MemKind::Dram}, "stop-b");
+                           {reinterpret_cast<std::uintptr_t>(src.data()) + off, 1024, 0, MemKind::Dram}, "stop-b", 0);
         outcome[req] = 1;
       } catch (const TransportError&) {
         outcome[req] = 2;
@@ -439,7 +455,7 @@ void test_stop_racing_transfers_leaves_no_session_behind() {
 }  // namespace
 
 int main() {
-  test_done_note_during_expect_is_kept_for_it();
+  test_notes_of_an_earlier_transfer_of_the_id_are_stale();
   test_every_transport_on_an_engine_gets_its_aborts();
   test_wrapping_ranges_are_refused();
   test_posts_cancels_and_drains_race_cleanly();

@@ -4,7 +4,7 @@ namespace lifecycle::transport {
 
 namespace {
 constexpr std::array<std::uint8_t, 4> kMagic = {'K', 'V', 'L', 'C'};
-constexpr std::uint8_t kWireVersion = 1;
+constexpr std::uint8_t kWireVersion = 2;
 }  // namespace
 
 const char* to_string(XferState s) noexcept {
@@ -38,7 +38,10 @@ std::array<std::uint8_t, kNotifWireSize> encode_notif(const NotifMessage& m) noe
   for (std::size_t i = 0; i < kMagic.size(); ++i) out[i] = kMagic[i];
   out[4] = kWireVersion;
   out[5] = static_cast<std::uint8_t>(m.kind);
-  for (std::size_t i = 0; i < 8; ++i) out[8 + i] = static_cast<std::uint8_t>(m.req >> (8 * i));
+  for (std::size_t i = 0; i < 8; ++i) {
+    out[8 + i] = static_cast<std::uint8_t>(m.req >> (8 * i));
+    out[16 + i] = static_cast<std::uint8_t>(m.tag >> (8 * i));
+  }
   return out;
 }
 
@@ -63,7 +66,10 @@ std::optional<NotifMessage> decode_notif(const std::string& bytes) noexcept {
     default:
       return std::nullopt;
   }
-  for (std::size_t i = 0; i < 8; ++i) m.req |= static_cast<std::uint64_t>(b[8 + i]) << (8 * i);
+  for (std::size_t i = 0; i < 8; ++i) {
+    m.req |= static_cast<std::uint64_t>(b[8 + i]) << (8 * i);
+    m.tag |= static_cast<std::uint64_t>(b[16 + i]) << (8 * i);
+  }
   return m;
 }
 

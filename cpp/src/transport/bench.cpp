@@ -45,7 +45,7 @@ struct Loop {
       if (e != nullptr && e->advertise(req, role, 0).status != Status::Moved) {
         throw TransportError("bench: advertise refused for request " + std::to_string(req));
       }
-      (void)t.transfer(req, spec.op, l, r, spec.peer);
+      (void)t.transfer(req, spec.op, l, r, spec.peer, /*tag=*/0);  // the peer is bare: no expect()
     }
     if (e != nullptr) {
       std::uint64_t terminal = 0;

@@ -35,7 +35,7 @@ std::string FaultyAgent::load_remote_metadata(const std::string& md) {
 }
 
 void FaultyAgent::prepare(std::uint64_t req, XferOp op, const Region& local, const Region& remote,
-                          const std::string& peer, bool notify) {
+                          const std::string& peer, std::optional<std::uint64_t> done_tag) {
   {
     std::lock_guard<std::mutex> lk(mu_);
     if (disconnected_.count(peer) != 0) {
@@ -43,7 +43,7 @@ void FaultyAgent::prepare(std::uint64_t req, XferOp op, const Region& local, con
                            " disconnected (injected)");
     }
   }
-  inner_->prepare(req, op, local, remote, peer, notify);
+  inner_->prepare(req, op, local, remote, peer, done_tag);
   // One roll picks at most one status fault, in a fixed order of the cumulative probabilities.
   const double r = roll(kPostFault, req);
   Fault f = Fault::None;

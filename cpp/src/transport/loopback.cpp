@@ -46,7 +46,7 @@ struct LoopbackAgent::Job {
   XferOp op = XferOp::Read;
   Region local, remote;
   std::string peer;
-  bool notify = true;
+  std::optional<std::uint64_t> done_tag;  // the Done note for the peer, if any
   std::weak_ptr<Endpoint> peer_ep;
   std::atomic<int> state{0};  // 0 prepared/in progress, 1 done, 2 failed
   std::atomic<bool> released{false};
@@ -149,7 +149,7 @@ void LoopbackAgent::invalidate_remote(const std::string& peer) {
 }
 
 void LoopbackAgent::prepare(std::uint64_t req, XferOp op, const Region& local,
-                            const Region& remote, const std::string& peer, bool notify) {
+                            const Region& remote, const std::string& peer, std::optional<std::uint64_t> done_tag) {
   const std::string ctx = "request " + std::to_string(req);
   if (local.len != remote.len) throw TransportError("post: " + ctx + ": lengths differ");
   if (!local.valid() || !remote.valid()) {
@@ -161,7 +161,7 @@ void LoopbackAgent::prepare(std::uint64_t req, XferOp op, const Region& local,
   job->local = local;
   job->remote = remote;
   job->peer = peer;
-  job->notify = notify;
+  job->done_tag = done_tag;
   std::lock_guard<std::mutex> lk(mu_);
   auto p = peers_.find(peer);
   if (p == peers_.end()) throw TransportError("post: " + ctx + ": unknown peer " + peer);
@@ -284,8 +284,8 @@ void LoopbackAgent::run() {
         cv_.wait_until(lk, due, [this] { return stop_; });
       }
     }
-    if (ok && job->notify && !job->released.load()) {
-      if (auto pep = job->peer_ep.lock()) pep->deliver({name_, encode_notif_string({job->req, NotifKind::Done})});
+    if (ok && job->done_tag && !job->released.load()) {
+      if (auto pep = job->peer_ep.lock()) pep->deliver({name_, encode_notif_string({job->req, NotifKind::Done, *job->done_tag})});
     }
     job->state.store(ok ? 1 : 2);
   }

@@ -164,7 +164,7 @@ void NixlAgent::connect(const std::string& peer) {
 }
 
 void NixlAgent::prepare(std::uint64_t req, XferOp op, const Region& local, const Region& remote,
-                        const std::string& peer, bool notify) {
+                        const std::string& peer, std::optional<std::uint64_t> done_tag) {
   if (local.len != remote.len) {
     throw TransportError("post: " + req_context(req) + ": local and remote lengths differ (" +
                          std::to_string(local.len) + " vs " + std::to_string(remote.len) + ")");
@@ -198,8 +198,8 @@ void NixlAgent::prepare(std::uint64_t req, XferOp op, const Region& local, const
   check_capi(a.create_opt_args(&raw_args), "create_opt_args");
   OptArgsHandle args(api_, raw_args);
   check_capi(a.opt_args_add_backend(args.get(), backend_.get()), "opt_args_add_backend");
-  if (notify) {
-    const auto msg = encode_notif({req, NotifKind::Done});
+  if (done_tag) {
+    const auto msg = encode_notif({req, NotifKind::Done, *done_tag});
     check_capi(a.opt_args_set_notif_msg(args.get(), msg.data(), msg.size()),
                "opt_args_set_notif_msg");
     check_capi(a.opt_args_set_has_notif(args.get(), true), "opt_args_set_has_notif");
@@ -232,8 +232,8 @@ XferState NixlAgent::post(std::uint64_t req) {
 }
 
 XferState NixlAgent::post(std::uint64_t req, XferOp op, const Region& local, const Region& remote,
-                          const std::string& peer, bool notify) {
-  prepare(req, op, local, remote, peer, notify);
+                          const std::string& peer, std::optional<std::uint64_t> done_tag) {
+  prepare(req, op, local, remote, peer, done_tag);
   try {
     return post(req);
   } catch (...) {

@@ -143,7 +143,7 @@ bool NixlProgress::pass() {
         std::lock_guard<std::mutex> lk(mu_);
         ++stats_.notifications;
       }
-      sink_.on_notification(n.peer, m->req, m->kind);
+      sink_.on_notification(n.peer, *m);
     } else {
       {
         std::lock_guard<std::mutex> lk(mu_);

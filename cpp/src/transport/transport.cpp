@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <exception>
+#include <random>
 #include <vector>
 
 #include "lifecycle/errors.hpp"
@@ -53,6 +54,13 @@ namespace {
 
 bool terminal_or_final(State s) { return kTerminal[static_cast<int>(s)] || kFinal[static_cast<int>(s)]; }
 
+// splitmix64's finalizer: a bijection on 64 bits, so distinct counts give distinct tags.
+std::uint64_t mix64(std::uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+
 }  // namespace
 
 Transport::Transport(std::shared_ptr<Engine> engine, std::unique_ptr<Agent> agent,
@@ -60,6 +68,8 @@ Transport::Transport(std::shared_ptr<Engine> engine, std::unique_ptr<Agent> agen
     : engine_(std::move(engine)), opts_(opts), agent_(std::move(agent)),
       relay_(std::make_shared<Relay>()) {
   if (!agent_) throw TransportError("Transport: no agent");
+  std::random_device rd;  // tags differ across transports (a restarted peer) as well as within one
+  tag_salt_ = (static_cast<std::uint64_t>(rd()) << 32) ^ rd();
   relay_->target = this;
   if (engine_) {
     std::weak_ptr<Relay> weak = relay_;
@@ -88,7 +98,7 @@ void Transport::deregister_region(Agent::RegionId id) {
     auto reg = regions_.find(id);
     if (reg != regions_.end()) {
       const Region& g = reg->second;
-      std::size_t held = 0, unreleased = 0, unproven = 0, passive = 0;
+      std::size_t held = 0, unreleased = 0, unproven = 0, passive = 0, offers = 0;
       std::uint64_t example = 0;
       for (const auto& [req, r] : held_) {
         if (!r.overlaps(g)) continue;
@@ -102,12 +112,18 @@ void Transport::deregister_region(Agent::RegionId id) {
         ++passive;
         if (held == 0) example = req;
       }
-      if (held + passive > 0) {
+      for (const auto& [tag, held_offer] : held_offers_) {
+        if (!held_offer.second.overlaps(g)) continue;
+        ++offers;
+        if (held + passive == 0) example = held_offer.first;
+      }
+      if (held + passive + offers > 0) {
         throw TransportError("deregister_region: region " + std::to_string(id) + " of transport " + name() +
                              " may still be touched by the backend (" + std::to_string(held) +
                              " transfer requests over it: " + std::to_string(unreleased) + " awaiting a retried "
                              "release, " + std::to_string(unproven) + " ended without evidence; " +
-                             std::to_string(passive) + " passive sessions; e.g. request " + std::to_string(example) +
+                             std::to_string(passive) + " passive sessions, " + std::to_string(offers) +
+                             " offered ranges whose transfer ended without evidence; e.g. request " + std::to_string(example) +
                              "): keep the memory until they end");
       }
       retiring_.insert(id);  // transfer() and expect() refuse to start over it from here on
@@ -131,24 +147,26 @@ void Transport::apply(std::uint64_t req, Event ev) {
   if (engine_) (void)engine_->apply(req, ev);
 }
 
-void Transport::send(const std::string& peer, std::uint64_t req, NotifKind kind) {
+void Transport::send(const std::string& peer, const NotifMessage& m) {
   try {
-    agent_->send_notification(peer, {req, kind});
-    if (kind == NotifKind::Stop) ctr_.stops_sent.fetch_add(1);
-    if (kind == NotifKind::Quiesced) ctr_.quiesced_sent.fetch_add(1);
+    agent_->send_notification(peer, m);
+    if (m.kind == NotifKind::Stop) ctr_.stops_sent.fetch_add(1);
+    if (m.kind == NotifKind::Quiesced) ctr_.quiesced_sent.fetch_add(1);
   } catch (const std::exception&) {
     ctr_.send_errors.fetch_add(1);  // a dead peer: the engine's timers decide (grace -> Poisoned)
   }
 }
 
-void Transport::remember_stopped(std::uint64_t req) {
-  if (stopped_reqs_.insert(req).second) stopped_order_.push_back(req);
+void Transport::remember_stopped(std::uint64_t req, std::uint64_t tag) {
+  if (stopped_reqs_.insert({req, tag}).second) stopped_order_.push_back({req, tag});
   while (stopped_order_.size() > opts_.remember_stopped) {
     stopped_reqs_.erase(stopped_order_.front());
     stopped_order_.pop_front();
   }
 }
 
+
+void Transport::hold_offer(std::uint64_t req, const Entry& e) { held_offers_[e.tag] = {req, e.local}; }
 
 void Transport::forget_held(std::uint64_t req, bool proven) {
   if (proven) {
@@ -171,8 +189,25 @@ void Transport::release_xfer(std::uint64_t req, bool proven) {
   unreleased_[req] = proven;
 }
 
+void Transport::check_pool_slot(const char* call, std::uint64_t req, const Region& local) const {
+  if (!engine_ || engine_->pool() == nullptr || engine_->pool()->bytes() == 0 || local.kind != MemKind::Dram) return;
+  const BufferPool& pool = *engine_->pool();
+  const Region whole{reinterpret_cast<std::uintptr_t>(pool.base()), pool.bytes(), 0, MemKind::Dram};
+  if (!whole.spans_overlap(local)) return;
+  const auto info = engine_->info(req);  // none: expose refuses it later (UnknownRequest)
+  const bool leased = info && info->slot != kNoSlot;
+  const Region slot{whole.addr + (leased ? info->slot : 0) * pool.slot_size(), pool.slot_size(), 0, MemKind::Dram};
+  if (info && (!leased || !slot.contains(local))) {
+    throw TransportError(std::string(call) + ": request " + std::to_string(req) + ": local range [" +
+                         std::to_string(local.addr - whole.addr) + ", +" + std::to_string(local.len) +
+                         ") of the engine's pool is not inside " +
+                         (leased ? "slot " + std::to_string(info->slot) + ", the one leased to it"
+                                 : std::string("a slot leased to it (it holds none)")));
+  }
+}
+
 PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local,
-                               const Region& remote, const std::string& peer) {
+                               const Region& remote, const std::string& peer, std::uint64_t tag) {
   if (stopped_.load()) throw TransportError("transfer: transport " + name() + " is stopped");
   {
     std::lock_guard<std::mutex> lk(mu_);
@@ -186,24 +221,9 @@ PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local
   }
   // 0. A local range in the engine's pool must lie inside the slot leased to this very session: the
   //    evidence rule protects that slot, not a neighbour's (one lookup, only for pool memory).
-  if (engine_ && engine_->pool() != nullptr && engine_->pool()->bytes() > 0 && local.kind == MemKind::Dram) {
-    const BufferPool& pool = *engine_->pool();
-    const Region whole{reinterpret_cast<std::uintptr_t>(pool.base()), pool.bytes(), 0, MemKind::Dram};
-    if (whole.spans_overlap(local)) {
-      const auto info = engine_->info(req);  // none: expose below refuses it (UnknownRequest)
-      const bool leased = info && info->slot != kNoSlot;
-      const Region slot{whole.addr + (leased ? info->slot : 0) * pool.slot_size(), pool.slot_size(), 0, MemKind::Dram};
-      if (info && (!leased || !slot.contains(local))) {
-        throw TransportError("transfer: request " + std::to_string(req) + ": local range [" +
-                             std::to_string(local.addr - whole.addr) + ", +" + std::to_string(local.len) +
-                             ") of the engine's pool is not inside " +
-                             (leased ? "slot " + std::to_string(info->slot) + ", the one leased to it"
-                                     : std::string("a slot leased to it (it holds none)")));
-      }
-    }
-  }
+  check_pool_slot("transfer", req, local);
   // 1. Build the request: a bad peer or descriptor throws here, before anything is exposed.
-  agent_->prepare(req, op, local, remote, peer, /*notify=*/true);
+  agent_->prepare(req, op, local, remote, peer, tag);
   bool stopped_by_peer = false;
   const char* refuse = nullptr;
   {
@@ -213,8 +233,8 @@ PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local
     for (Agent::RegionId id : retiring_)
       if (refuse == nullptr && local.overlaps(regions_.at(id))) refuse = "is being deregistered (its local range)";
     if (refuse == nullptr) {
-      stopped_by_peer = stopped_reqs_.count(req) != 0;
-      entries_[req] = Entry{Side::Active, peer, false, false, stopped_by_peer};
+      stopped_by_peer = stopped_reqs_.count({req, tag}) != 0;
+      entries_[req] = Entry{Side::Active, peer, tag, {}, false, false, stopped_by_peer};
       held_[req] = local;
     }
   }
@@ -236,7 +256,7 @@ PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local
         }
       }
       release_xfer(req, true);  // prepared, never posted: nothing moved
-      if (ack) send(peer, req, NotifKind::Quiesced);
+      if (ack) send(peer, {req, NotifKind::Quiesced, tag});
       throw_refused(r, req, Event::expose);
     }
   }
@@ -268,7 +288,7 @@ PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local
     release_xfer(req, true);
     if (engine_ && ack) (void)engine_->cancel(req);  // InFlight -> CancelRequested (idempotent)
     apply(req, Event::complete);                                  // -> Quiesced(cancelled)
-    if (ack) send(peer, req, NotifKind::Quiesced);
+    if (ack) send(peer, {req, NotifKind::Quiesced, tag});
     ctr_.cancelled_before_post.fetch_add(1);
     return PostResult::CancelledBeforePost;
   }
@@ -291,8 +311,14 @@ PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local
   return PostResult::Posted;
 }
 
-void Transport::expect(std::uint64_t req, const std::string& peer) {
+std::uint64_t Transport::expect(std::uint64_t req, const std::string& peer, const Region& local) {
   if (stopped_.load()) throw TransportError("expect: transport " + name() + " is stopped");
+  if (!local.valid()) {
+    throw TransportError("expect: request " + std::to_string(req) +
+                         ": empty range, or one that wraps past the address space");
+  }
+  check_pool_slot("expect", req, local);
+  std::uint64_t tag = 0;
   // a passive session needs its peer: to ask it to stop, and to know its notes
   if (!agent_->knows_peer(peer)) {
     throw TransportError("expect: request " + std::to_string(req) + ": unknown peer '" + peer +
@@ -304,47 +330,47 @@ void Transport::expect(std::uint64_t req, const std::string& peer) {
       throw TransportError("expect: request " + std::to_string(req) + " already has a transfer");
     }
     if (stopped_.load()) throw TransportError("expect: transport " + name() + " is stopped");
-    // a passive session has no range here (the peer holds our descriptor): none may start meanwhile
+    // the peer may touch every registered region it has our descriptors for: none may retire meanwhile
     if (!retiring_.empty()) {
       throw TransportError("expect: request " + std::to_string(req) + ": transport " + name() +
                            " is deregistering a region; retry when it is done");
     }
-    entries_[req] = Entry{Side::Passive, peer, false, false, false};
+    bool covered = false;
+    for (const auto& [id, r] : regions_) covered = covered || r.contains(local);
+    if (!covered) {
+      throw TransportError("expect: request " + std::to_string(req) + ": local range not registered with transport " +
+                           name() + " (register it before shipping its descriptor)");
+    }
+    do {
+      tag = mix64(tag_salt_ + ++tag_count_);
+    } while (tag == 0);
+    entries_[req] = Entry{Side::Passive, peer, tag, local, false, false, false};
+    ended_.erase(req);  // a new transfer of the id: an earlier one's late note proves nothing for it
   }
   if (engine_) {
     const ApplyResult r = engine_->apply(req, Event::expose);
     if (r.status != Status::Moved) {
       std::lock_guard<std::mutex> lk(mu_);
-      entries_.erase(req);
+      auto it = entries_.find(req);
+      if (it != entries_.end() && it->second.tag == tag) entries_.erase(it);
       throw_refused(r, req, Event::expose);
     }
   }
-  // From here on a note completes the session directly; one that came before (even after the entry
-  // was made, while expose was being applied) waits in early_ and is taken now.
-  bool early = false;
-  {
-    std::lock_guard<std::mutex> lk(mu_);
-    auto e = entries_.find(req);
-    if (e != entries_.end() && e->second.side == Side::Passive) e->second.exposed = true;
-    auto it = early_.find(req);
-    if (it != early_.end() && it->second.first == peer) {
-      early = true;
-      early_.erase(it);
-      entries_.erase(req);
-    }
-  }
-  if (early) apply(req, Event::complete);
+  // No note can name this tag before the caller ships it, after this returns: nothing to catch up on.
+  return tag;
 }
 
 void Transport::finish_active(std::uint64_t req, bool done) {
   bool ack = false;
   std::string peer;
+  std::uint64_t tag = 0;
   {
     std::lock_guard<std::mutex> lk(mu_);
     auto it = entries_.find(req);
     if (it == entries_.end() || it->second.side != Side::Active) return;
     ack = it->second.peer_stop;
     peer = it->second.peer;
+    tag = it->second.tag;
     entries_.erase(it);
     if (!done) unproven_.insert(req);  // with the erase: a stop arriving now is never answered
   }
@@ -363,11 +389,12 @@ void Transport::finish_active(std::uint64_t req, bool done) {
     bare_cv_.notify_all();
   }
   // "quiesced" only after our own request reached Done: an error proves nothing.
-  if (done && ack) send(peer, req, NotifKind::Quiesced);
+  if (done && ack) send(peer, {req, NotifKind::Quiesced, tag});
 }
 
 void Transport::on_abort(std::uint64_t req) {
   std::string peer;
+  std::uint64_t tag = 0;
   bool passive = false, release_now = false;
   {
     std::lock_guard<std::mutex> lk(mu_);
@@ -385,13 +412,14 @@ void Transport::on_abort(std::uint64_t req) {
       case Side::Passive:
         passive = true;
         peer = e.peer;
+        tag = e.tag;
         break;
     }
   }
   if (passive) {
     {
       std::lock_guard<std::mutex> lk(outbox_mu_);
-      outbox_.emplace_back(std::move(peer), req);
+      outbox_.emplace_back(std::move(peer), NotifMessage{req, NotifKind::Stop, tag});
     }
     progress_->wake();
     return;
@@ -406,13 +434,13 @@ void Transport::on_abort(std::uint64_t req) {
 }
 
 bool Transport::on_pass() {
-  std::vector<std::pair<std::string, std::uint64_t>> out;
+  std::vector<std::pair<std::string, NotifMessage>> out;
   {
     std::lock_guard<std::mutex> lk(outbox_mu_);
     if (outbox_.empty()) return false;
     out.swap(outbox_);
   }
-  for (const auto& [peer, req] : out) send(peer, req, NotifKind::Stop);
+  for (const auto& [peer, m] : out) send(peer, m);
   return true;
 }
 
@@ -420,35 +448,37 @@ void Transport::on_complete(std::uint64_t req) { finish_active(req, true); }
 
 void Transport::on_fail(std::uint64_t req, const char*) { finish_active(req, false); }
 
-void Transport::on_notification(const std::string& peer, std::uint64_t req, NotifKind kind) {
-  switch (kind) {
+void Transport::on_notification(const std::string& peer, const NotifMessage& m) {
+  const std::uint64_t req = m.req;
+  switch (m.kind) {
     case NotifKind::Done:
     case NotifKind::Quiesced: {
-      (kind == NotifKind::Done ? ctr_.done_received : ctr_.quiesced_received).fetch_add(1);
+      (m.kind == NotifKind::Done ? ctr_.done_received : ctr_.quiesced_received).fetch_add(1);
       bool mine = false;
+      std::optional<Ended> late;
       {
         std::lock_guard<std::mutex> lk(mu_);
         auto it = entries_.find(req);
-        if (it != entries_.end() && it->second.side == Side::Passive && it->second.peer == peer) {
-          if (it->second.exposed) {
-            mine = true;
-            entries_.erase(it);
-          } else {
-            early_[req] = {peer, kind};  // expect() is applying expose right now: it takes the note after
-          }
-        } else if (it == entries_.end() && engine_) {
-          // No entry: a late note for a session that already ended (evidence for a quarantined
-          // slot), or a note that beat expect() (kept for it, bounded).
-          auto info = engine_->info(req);
-          if (info && terminal_or_final(info->state)) {
-            mine = true;
-          } else if (early_.size() < 4096) {
-            early_[req] = {peer, kind};
-            ctr_.orphan_notifications.fetch_add(1);
-          }
+        auto ended = ended_.find(req);
+        if (it != entries_.end() && it->second.side == Side::Passive && it->second.peer == peer &&
+            it->second.tag == m.tag) {
+          mine = true;
+          entries_.erase(it);
+        } else if (ended != ended_.end() && ended->second.peer == peer && ended->second.tag == m.tag) {
+          late = ended->second;  // the sweep took the entry: evidence for that session, if it is still it
+          ended_.erase(ended);
+          held_offers_.erase(m.tag);  // the peer's transfer over the range is over either way
+        } else if (it != entries_.end() || ended != ended_.end()) {
+          ctr_.stale_notifications.fetch_add(1);  // another transfer of the id (earlier, or a duplicate)
         } else {
           ctr_.orphan_notifications.fetch_add(1);
         }
+      }
+      if (late && engine_) {
+        const auto info = engine_->info(req);
+        mine = info && terminal_or_final(info->state) && info->slot == late->slot &&
+               info->generation == late->generation;
+        if (!mine) ctr_.stale_notifications.fetch_add(1);
       }
       if (mine && engine_) {
         const ApplyResult r = engine_->apply(req, Event::complete);
@@ -462,18 +492,23 @@ void Transport::on_notification(const std::string& peer, std::uint64_t req, Noti
       {
         std::lock_guard<std::mutex> lk(mu_);
         auto it = entries_.find(req);
-        if (it != entries_.end() && it->second.side == Side::Active) {
+        if (it != entries_.end() && it->second.side == Side::Active && it->second.tag == m.tag) {
           active = true;
           // TEST ONLY (negative control): ack now instead of after our Done; the bug the passive
           // side's late-write test must catch
           if (opts_.unsafe_ack_stop_at_once) reply_now = true; else it->second.peer_stop = true;
-        } else if (it == entries_.end() && unproven_.count(req) != 0) {
+        } else if (unproven_.count(req) != 0) {
           ctr_.stops_unanswered.fetch_add(1);  // ended without evidence: no ack, ever
+        } else if (it != entries_.end() && it->second.side == Side::Active) {
+          // A stop for an earlier transfer of the id: one live transfer per id, so that one ended, and
+          // with evidence (else the id would be in unproven_ and refused): answer it, leave this one be.
+          ctr_.stale_notifications.fetch_add(1);
+          reply_now = true;
         } else if (it == entries_.end()) {
-          remember_stopped(req);  // a later transfer() for req is cancelled before its post
+          remember_stopped(req, m.tag);  // a later transfer() with this tag is cancelled before its post
           reply_now = true;
         } else {
-          ctr_.orphan_notifications.fetch_add(1);
+          ctr_.orphan_notifications.fetch_add(1);  // our passive entry: the peer holds no descriptor of it
         }
       }
       if (active) {
@@ -481,21 +516,20 @@ void Transport::on_notification(const std::string& peer, std::uint64_t req, Noti
         if (engine_) (void)engine_->cancel(req);
         if (reply_now) {
           ctr_.unsafe_acks.fetch_add(1);
-          send(peer, req, NotifKind::Quiesced);
+          send(peer, {req, NotifKind::Quiesced, m.tag});
         }
       } else if (reply_now) {
-        // We hold no request for it (never posted, or already finished and released).
+        // Nothing of ours moves for (req, tag): never posted (and now never will be), or finished.
         if (engine_) {
-          auto info = engine_->info(req);
-          if (info && info->state == State::Advertised) (void)engine_->cancel(req);
           // Ended without evidence under an earlier transport of this engine (unproven_ knows this
           // one's; the engine remembers while the tombstone lives): its bytes may still land.
+          auto info = engine_->info(req);
           if (info && info->poisoned && !info->evidence) {
             ctr_.stops_unanswered.fetch_add(1);
             return;
           }
         }
-        send(peer, req, NotifKind::Quiesced);
+        send(peer, {req, NotifKind::Quiesced, m.tag});
       }
       return;
     }
@@ -532,38 +566,47 @@ void Transport::sweep() {
   }
   if (!engine_) return;
   // Passive entries whose session ended without a note (grace expired, cancelled by the executor
-  // before any exposure...): nothing more to wait for. A late note still reaches the engine.
-  std::vector<std::uint64_t> passive;
+  // before any exposure...): nothing more to wait for.  Each leaves an Ended record, so that a late
+  // note with its tag still reaches the engine as evidence for that very lease.
+  std::vector<ReqTag> passive;
   {
     std::lock_guard<std::mutex> lk(mu_);
     for (const auto& [req, e] : entries_) {
-      if (e.side == Side::Passive) passive.push_back(req);
+      if (e.side == Side::Passive) passive.emplace_back(req, e.tag);
     }
   }
-  for (std::uint64_t req : passive) {
+  for (const auto& [req, tag] : passive) {
     auto info = engine_->info(req);
     if (!info || terminal_or_final(info->state)) {
       std::lock_guard<std::mutex> lk(mu_);
       auto it = entries_.find(req);
-      if (it != entries_.end() && it->second.side == Side::Passive) {
+      if (it != entries_.end() && it->second.side == Side::Passive && it->second.tag == tag) {
+        // Ended without our note.  Without evidence from elsewhere either, the peer may still write.
+        if (!info || (info->poisoned && !info->evidence)) hold_offer(req, it->second);
+        if (info) ended_[req] = Ended{it->second.peer, tag, info->slot, info->generation};
         entries_.erase(it);
         ctr_.passive_swept.fetch_add(1);
       }
     }
   }
-  // Early notes whose session is gone or ended (a note for a live session stays for its expect()).
-  std::vector<std::uint64_t> early;
+  // Ended records of sessions the engine forgot, or that another session of the id replaced.
+  std::vector<std::pair<std::uint64_t, Ended>> ended;
   {
     std::lock_guard<std::mutex> lk(mu_);
-    for (const auto& [req, note] : early_) early.push_back(req);
+    ended.assign(ended_.begin(), ended_.end());
   }
-  std::vector<std::uint64_t> stale;
-  for (std::uint64_t req : early) {
+  std::vector<ReqTag> stale;
+  for (const auto& [req, e] : ended) {
     auto info = engine_->info(req);
-    if (!info || terminal_or_final(info->state)) stale.push_back(req);
+    if (!info || !terminal_or_final(info->state) || info->slot != e.slot || info->generation != e.generation) {
+      stale.emplace_back(req, e.tag);
+    }
   }
   std::lock_guard<std::mutex> lk(mu_);
-  for (std::uint64_t req : stale) early_.erase(req);
+  for (const auto& [req, tag] : stale) {
+    auto it = ended_.find(req);
+    if (it != ended_.end() && it->second.tag == tag) ended_.erase(it);
+  }
 }
 
 void Transport::remove_peer(const std::string& peer) {
@@ -574,6 +617,7 @@ void Transport::remove_peer(const std::string& peer) {
       if (it->second.peer == peer && (it->second.side == Side::Passive || it->second.posting)) {
         gone.emplace_back(it->first, it->second.side);
         if (it->second.side == Side::Active) unproven_.insert(it->first);  // with the erase
+        if (it->second.side == Side::Passive) hold_offer(it->first, it->second);
         it = entries_.erase(it);
       } else {
         ++it;
@@ -609,6 +653,7 @@ void Transport::stop() {
     for (auto& [req, e] : entries_) {
       all.emplace_back(req, e);
       if (e.side == Side::Active && e.posting) unproven_.insert(req);  // with the erase
+      if (e.side == Side::Passive) hold_offer(req, e);
     }
     entries_.clear();
   }
@@ -673,6 +718,7 @@ TransportStats Transport::stats() const {
   s.passive_swept = ctr_.passive_swept.load();
   s.stops_unanswered = ctr_.stops_unanswered.load();
   s.unsafe_acks = ctr_.unsafe_acks.load();
+  s.stale_notifications = ctr_.stale_notifications.load();
   return s;
 }
 

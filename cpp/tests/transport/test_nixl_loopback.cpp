@@ -60,21 +60,22 @@ struct Event {
   std::uint64_t req = 0;
   std::string peer;
   NotifKind notif = NotifKind::Done;
+  std::uint64_t tag = 0;
   std::string text;
   Clock::time_point at;
 };
 
 class RecordingSink : public EventSink {
  public:
-  void on_complete(std::uint64_t req) override { push({Event::Complete, req, "", {}, "", {}}); }
+  void on_complete(std::uint64_t req) override { push({Event::Complete, req, "", {}, 0, "", {}}); }
   void on_fail(std::uint64_t req, const char* why) override {
-    push({Event::Fail, req, "", {}, why, {}});
+    push({Event::Fail, req, "", {}, 0, why, {}});
   }
-  void on_notification(const std::string& peer, std::uint64_t req, NotifKind k) override {
-    push({Event::Notif, req, peer, k, "", {}});
+  void on_notification(const std::string& peer, const NotifMessage& m) override {
+    push({Event::Notif, m.req, peer, m.kind, m.tag, "", {}});
   }
   void on_bad_notification(const std::string& peer, const std::string& bytes) override {
-    push({Event::Bad, 0, peer, {}, bytes, {}});
+    push({Event::Bad, 0, peer, {}, 0, bytes, {}});
   }
 
   // Waits for (and removes) the first event matching kind+req.
@@ -201,12 +202,12 @@ int main(int argc, char** argv) {
   NixlProgress r_prog(receiver, r_sink);
 
   // Standalone notifications.
-  sender.send_notification("kvlc-receiver", {77, NotifKind::Stop});
+  sender.send_notification("kvlc-receiver", {77, NotifKind::Stop, 0x0123456789abcdefULL});
   Event ev{};
   check(r_sink.wait_for(Event::Notif, 77, &ev) && ev.peer == "kvlc-sender" &&
-            ev.notif == NotifKind::Stop,
-        "genNotif: receiver got (kvlc-sender, 77, stop)");
-  receiver.send_notification("kvlc-sender", {77, NotifKind::Quiesced});
+            ev.notif == NotifKind::Stop && ev.tag == 0x0123456789abcdefULL,
+        "genNotif: receiver got (kvlc-sender, 77, stop, its tag)");
+  receiver.send_notification("kvlc-sender", {77, NotifKind::Quiesced, 0x0123456789abcdefULL});
   check(s_sink.wait_for(Event::Notif, 77, &ev) && ev.peer == "kvlc-receiver" &&
             ev.notif == NotifKind::Quiesced,
         "genNotif: sender got (kvlc-receiver, 77, quiesced)");
@@ -233,9 +234,9 @@ int main(int argc, char** argv) {
       const auto t0 = Clock::now();
       XferState posted;
       if (write) {
-        posted = initiator.post(req, XferOp::Write, dram(s.buf, 0, n), dram(r.buf, 0, n), ppeer);
+        posted = initiator.post(req, XferOp::Write, dram(s.buf, 0, n), dram(r.buf, 0, n), ppeer, ~req);
       } else {
-        posted = initiator.post(req, XferOp::Read, dram(r.buf, 0, n), dram(s.buf, 0, n), ppeer);
+        posted = initiator.post(req, XferOp::Read, dram(r.buf, 0, n), dram(s.buf, 0, n), ppeer, ~req);
       }
       iprog.watch(req);
       Event done{}, note{};
@@ -251,7 +252,7 @@ int main(int argc, char** argv) {
                     mode, n, to_string(posted), got_done, got_note, note.peer.c_str(),
                     to_string(note.notif), bytes_ok ? "ok" : "BAD", us,
                     us > 0 ? static_cast<double>(n) / us : 0.0);
-      check(got_done && got_note && note.peer == ipeer && note.notif == NotifKind::Done && bytes_ok,
+      check(got_done && got_note && note.peer == ipeer && note.notif == NotifKind::Done && note.tag == ~req && bytes_ok,
             line);
       check(initiator.release(req) == capi::kSuccess, std::string(mode) + " release after DONE ok");
     }

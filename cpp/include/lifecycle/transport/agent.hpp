@@ -2,7 +2,7 @@
 //
 // Theory of operation
 // -------------------
-// An Agent moves bytes between registered memory of two named agents and carries 16-byte
+// An Agent moves bytes between registered memory of two named agents and carries 24-byte
 // notifications between them. It owns every backend object it creates; callers only hold ids (the
 // request id for transfers, a RegionId for registrations). A transfer is two steps so that a bad
 // descriptor is refused before anything is exposed:
@@ -60,16 +60,21 @@ struct XferStatus {
   int capi_status = 0;  // raw backend status (nixl_capi_status_t for NIXL)
 };
 
-// Notification wire format: 16 bytes, little-endian.
-//   [0..4) magic "KVLC"  [4] version=1  [5] kind  [6..8) reserved=0  [8..16) request id
+// Notification wire format: 24 bytes, little-endian.
+//   [0..4) magic "KVLC"  [4] version=2  [5] kind  [6..8) reserved=0  [8..16) request id  [16..24) tag
+// The tag names one transfer of a request: the passive side draws it in expect() and ships it with its
+// descriptor; the active side puts it in the Done note, the passive side in its stop, and a quiesced
+// echoes the stop's. A note whose tag is not the live transfer's (an earlier transfer of a reused id, a
+// duplicate) is never taken as evidence for it.
 enum class NotifKind : std::uint8_t { Done = 1, Stop = 2, Quiesced = 3 };
 const char* to_string(NotifKind k) noexcept;
 
 struct NotifMessage {
   std::uint64_t req = 0;
   NotifKind kind = NotifKind::Done;
+  std::uint64_t tag = 0;
 };
-constexpr std::size_t kNotifWireSize = 16;
+constexpr std::size_t kNotifWireSize = 24;
 std::array<std::uint8_t, kNotifWireSize> encode_notif(const NotifMessage& m) noexcept;
 std::string encode_notif_string(const NotifMessage& m);
 // nullopt when `bytes` is not a valid message (wrong size, magic, version or kind).
@@ -105,10 +110,10 @@ class Agent {
   virtual bool knows_peer(const std::string& peer) const = 0;  // loaded, and not invalidated since
 
   // --- transfers. `req` is the caller's id; one live transfer per id.
-  // READ: bytes move remote -> local. WRITE: local -> remote. With `notify`, the peer receives
-  // encode_notif({req, Done}) when the transfer completes. Throws TransportError (nothing held).
+  // READ: bytes move remote -> local. WRITE: local -> remote. With a `done_tag`, the peer receives
+  // encode_notif({req, Done, *done_tag}) when the transfer completes. Throws TransportError (nothing held).
   virtual void prepare(std::uint64_t req, XferOp op, const Region& local, const Region& remote,
-                       const std::string& peer, bool notify) = 0;
+                       const std::string& peer, std::optional<std::uint64_t> done_tag) = 0;
   // Starts a prepared request. Returns Done (completed synchronously) or InProgress; throws
   // TransportError when the backend refused it (the request stays held: release it).
   virtual XferState post(std::uint64_t req) = 0;

@@ -60,7 +60,7 @@ class FaultyAgent final : public Agent {
   void invalidate_remote(const std::string& peer) override { inner_->invalidate_remote(peer); }
   bool knows_peer(const std::string& peer) const override { return inner_->knows_peer(peer); }
   void prepare(std::uint64_t req, XferOp op, const Region& local, const Region& remote,
-               const std::string& peer, bool notify) override;
+               const std::string& peer, std::optional<std::uint64_t> done_tag) override;
   XferState post(std::uint64_t req) override;
   XferStatus status(std::uint64_t req) override;
   ReleaseStatus release(std::uint64_t req) override;

@@ -5,7 +5,7 @@
 // Loopback agents of one process find each other through a process-wide registry (name -> endpoint);
 // their "metadata" is just the name. A posted transfer becomes a job for the initiator's worker
 // thread, which copies in chunks (optionally paced to `bytes_per_second`, so that a test can cancel
-// "mid-transfer"), then marks the job Done and, with `notify`, queues the Done notification at the
+// "mid-transfer"), then marks the job Done and, with a `done_tag`, queues the Done notification at the
 // peer. It mimics NIXL where DESIGN §3 cares: releasing an in-flight request returns success at once
 // but the copy goes on, and a released request never sends its notification.
 //
@@ -54,7 +54,7 @@ class LoopbackAgent final : public Agent {
   void invalidate_remote(const std::string& peer) override;
   bool knows_peer(const std::string& peer) const override;
   void prepare(std::uint64_t req, XferOp op, const Region& local, const Region& remote,
-               const std::string& peer, bool notify) override;
+               const std::string& peer, std::optional<std::uint64_t> done_tag) override;
   XferState post(std::uint64_t req) override;
   XferStatus status(std::uint64_t req) override;
   ReleaseStatus release(std::uint64_t req) override;

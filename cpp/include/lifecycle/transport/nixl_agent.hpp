@@ -68,12 +68,12 @@ class NixlAgent final : public Agent {
 
   // --- transfers (see Agent). prepare = create_xfer_req; post = post_xfer_req.
   void prepare(std::uint64_t req, XferOp op, const Region& local, const Region& remote,
-               const std::string& peer, bool notify) override;
+               const std::string& peer, std::optional<std::uint64_t> done_tag) override;
   XferState post(std::uint64_t req) override;
   // prepare + post in one call. Returns Done (completed synchronously) or InProgress, or throws
   // NixlCallError (nothing posted; nothing held for `req`).
   XferState post(std::uint64_t req, XferOp op, const Region& local, const Region& remote,
-                 const std::string& peer, bool notify = true);
+                 const std::string& peer, std::optional<std::uint64_t> done_tag = 0);
   // Non-blocking. Unknown for ids never prepared, released, or prepared but not posted.
   XferStatus status(std::uint64_t req) override;
   // Release (aborting if active) and forget the request. Returns the release status; a failed

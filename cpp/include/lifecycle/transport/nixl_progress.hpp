@@ -7,7 +7,7 @@
 // watched request it asks NIXL for the status (non-blocking), and it drains incoming notifications.
 //   status Done            -> sink.on_complete(req)   (request unwatched; still held by the agent)
 //   status Failed/Unknown  -> sink.on_fail(req, why)  (request unwatched; still held by the agent)
-//   notification from peer -> sink.on_notification(peer, req, kind)
+//   notification from peer -> sink.on_notification(peer, message)
 //   malformed notification -> sink.on_bad_notification(peer, bytes)
 // It never blocks on one transfer; when a pass finds nothing it sleeps (backing off from
 // `min_idle_sleep` to `max_idle_sleep`, or to `busy_max_sleep` while some request is watched) with
@@ -42,7 +42,7 @@ class EventSink {
  public:
   virtual void on_complete(std::uint64_t req) = 0;
   virtual void on_fail(std::uint64_t req, const char* why) = 0;
-  virtual void on_notification(const std::string& peer, std::uint64_t req, NotifKind kind) = 0;
+  virtual void on_notification(const std::string& peer, const NotifMessage& m) = 0;
   virtual void on_bad_notification(const std::string& peer, const std::string& bytes) = 0;
   virtual void on_tick() {}
   // Start of every pass, on the progress thread: work queued for it (e.g. notifications that

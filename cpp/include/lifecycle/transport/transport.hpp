@@ -3,19 +3,26 @@
 // Theory of operation
 // -------------------
 // One Transport owns one Agent and one progress thread (NixlProgress), and is attached to one
-// Engine (it installs the engine's abort hook: one transport per engine). It knows each request it
+// Engine (it adds an abort hook to the engine; several transports may share one). It knows each request it
 // handles as an entry:
 //   active   this side posted the transfer (READ from the peer, or WRITE to it);
 //   passive  this side handed descriptors to the peer, which posts (expect()).
 // Executor calls:
-//   transfer(req, op, ...)  prepare the request (a bad descriptor throws, session untouched), apply
-//                           `expose`, post. Done inside post -> `complete` at once.
-//   expect(req, peer)       apply `expose`; the peer's "done" notification -> `complete`.
+//   expect(req, peer, local) check `local` (registered, inside the session's pool slot), apply
+//                           `expose`, return a fresh tag; the caller ships it with the descriptor.
+//                           The peer's "done" carrying that tag -> `complete`.
+//   transfer(req, op, ..., tag)  prepare the request (a bad descriptor throws, session untouched),
+//                           apply `expose`, post; its Done note carries the passive side's tag.
+//                           Done inside post -> `complete` at once.
+// Tags: every note names (request, tag), so a note of an earlier transfer of a reused id, or a
+// duplicate, is never taken for the live transfer's: a "done" or "quiesced" completes a passive
+// entry only with its tag, a "stop" stops an active one only with its tag (a stop for an earlier,
+// finished transfer of the id is answered at once, a stop for a tag not posted yet cancels that post).
 // Progress thread (never touches Python, never logs, holds no transport lock while calling the
 // engine or the agent):
 //   status Done             -> `complete` (InFlight: completed; CancelRequested: cancelled), release
 //   status Failed           -> `fail` (Poisoned), release
-//   "done"/"quiesced" note  -> `complete` on the passive entry
+//   "done"/"quiesced" note  -> `complete` on the passive entry with that tag
 //   "stop" note             -> cancel the active session here; once its request is Done, reply
 //                              "quiesced" (never after an error: an error is not evidence, and
 //                              a request that ended in error or was abandoned never gets a reply)
@@ -53,7 +60,7 @@ struct TransportOptions {
   NixlProgressOptions progress{std::chrono::microseconds{20}, std::chrono::microseconds{1000},
                                std::chrono::microseconds{50}, std::chrono::microseconds{1000}};
   std::chrono::milliseconds sweep_interval{20};
-  std::size_t remember_stopped = 4096;  // request ids a peer stopped before we posted
+  std::size_t remember_stopped = 65536;  // (request, tag) pairs a peer stopped before we posted
 };
 
 enum class PostResult : std::uint8_t {
@@ -75,6 +82,7 @@ struct TransportStats {
   std::uint64_t late_evidence = 0, abandoned = 0, passive_swept = 0, stops_unanswered = 0;
   std::uint64_t unreleased = 0;  // finished requests whose release failed, retried by the sweep
   std::uint64_t unsafe_acks = 0;  // TEST ONLY: "quiesced" sent before our own request was Done
+  std::uint64_t stale_notifications = 0;  // notes whose tag is not the live transfer's (ignored)
 };
 
 class Transport final : public EventSink {
@@ -101,9 +109,12 @@ class Transport final : public EventSink {
   // Forget a peer: its in-flight requests are released (no evidence: their sessions fail).
   void remove_peer(const std::string& peer);
 
+  // `tag`: the one the passive side's expect() returned (shipped with its descriptor).
   PostResult transfer(std::uint64_t req, XferOp op, const Region& local, const Region& remote,
-                      const std::string& peer);
-  void expect(std::uint64_t req, const std::string& peer);
+                      const std::string& peer, std::uint64_t tag);
+  // `local`: the range whose descriptor the caller ships (checked like an active local range). Returns
+  // the tag to ship with it: never 0, never the same twice on this transport.
+  std::uint64_t expect(std::uint64_t req, const std::string& peer, const Region& local);
 
   // Stop the progress thread; every non-terminal session of this transport fails (no more
   // evidence can arrive). Idempotent; the destructor calls it.
@@ -121,7 +132,7 @@ class Transport final : public EventSink {
   // EventSink (progress thread)
   void on_complete(std::uint64_t req) override;
   void on_fail(std::uint64_t req, const char* why) override;
-  void on_notification(const std::string& peer, std::uint64_t req, NotifKind kind) override;
+  void on_notification(const std::string& peer, const NotifMessage& m) override;
   void on_bad_notification(const std::string& peer, const std::string& bytes) override;
   void on_tick() override;
 
@@ -132,11 +143,22 @@ class Transport final : public EventSink {
   struct Entry {
     Side side = Side::Active;
     std::string peer;
+    std::uint64_t tag = 0;          // this transfer's, in every note about it
+    Region local{};                 // passive: the range offered to the peer
     bool posting = false;           // active: post() was called (the backend may touch buffers)
     bool cancel_requested = false;  // active: the engine asked to abort
     bool peer_stop = false;         // active: the peer asked to stop; reply "quiesced" when Done
-    bool exposed = false;           // passive: expose was applied; a note before it waits in early_
   };
+  // A passive entry the sweep removed without a note (its session ended: grace expired, ...): a late
+  // note with its tag is still evidence, for that lease of the slot only.
+  struct Ended {
+    std::string peer;
+    std::uint64_t tag = 0;
+    std::uint32_t slot = kNoSlot, generation = 0;
+  };
+  // A passive entry ended without evidence (swept Poisoned, remove_peer, stop): the peer may still
+  // write into its range, which keeps blocking deregister_region until a late note with its tag.
+  void hold_offer(std::uint64_t req, const Entry& e);  // caller holds mu_
 
   void on_abort(std::uint64_t req);
   bool on_pass() override;  // sends the queued stops (outbox_)
@@ -145,9 +167,13 @@ class Transport final : public EventSink {
   // §3); without proof the local range keeps blocking deregister_region for good.
   void release_xfer(std::uint64_t req, bool proven);
   void forget_held(std::uint64_t req, bool proven);  // caller holds mu_
-  void send(const std::string& peer, std::uint64_t req, NotifKind kind);
+  void send(const std::string& peer, const NotifMessage& m);
   void apply(std::uint64_t req, Event ev);
-  void remember_stopped(std::uint64_t req);  // caller holds mu_
+  void remember_stopped(std::uint64_t req, std::uint64_t tag);  // caller holds mu_
+  // Throws unless `local` may be handed to the backend for `req`: valid, not being deregistered and,
+  // when it lies in the engine's pool, inside the slot leased to req's session.  Caller holds mu_ for
+  // none of it (the pool lookup asks the engine).
+  void check_pool_slot(const char* call, std::uint64_t req, const Region& local) const;
   void sweep();
 
   std::shared_ptr<Engine> engine_;
@@ -158,13 +184,16 @@ class Transport final : public EventSink {
   mutable std::mutex mu_;  // guards the maps below; never held while calling the agent or engine
   std::unordered_map<std::uint64_t, Entry> entries_;
   std::map<Agent::RegionId, Region> regions_;  // what register_region registered (deregister's check)
-  std::set<std::uint64_t> stopped_reqs_;    // peer said stop before we posted (bounded)
-  std::deque<std::uint64_t> stopped_order_;
-  std::map<std::uint64_t, std::pair<std::string, NotifKind>> early_;  // notes before expect()
+  using ReqTag = std::pair<std::uint64_t, std::uint64_t>;
+  std::set<ReqTag> stopped_reqs_;  // (req, tag) the peer stopped before we posted (bounded, FIFO)
+  std::deque<ReqTag> stopped_order_;
+  std::unordered_map<std::uint64_t, Ended> ended_;  // swept passive entries (until the engine forgets req)
+  std::map<std::uint64_t, std::pair<std::uint64_t, Region>> held_offers_;  // tag -> (req, range): hold_offer
+  std::uint64_t tag_salt_ = 0, tag_count_ = 0;      // expect()'s tags: a bijection of the count (mu_)
   // Stops for the progress thread to send: an abort hook runs on the thread that cancelled (an
   // executor's poll or cancel, holding the GIL), which must never wait on the backend (DESIGN §7).
   std::mutex outbox_mu_;
-  std::vector<std::pair<std::string, std::uint64_t>> outbox_;  // guarded by outbox_mu_
+  std::vector<std::pair<std::string, NotifMessage>> outbox_;  // guarded by outbox_mu_
   std::map<std::uint64_t, bool> unreleased_;  // release failed (value: proven quiescent); retried on tick
   // Invariant: every request prepared through this transport that is not released yet, or was released
   // without evidence that it stopped (those are in unproven_ too and never leave: their bytes may still
@@ -174,8 +203,6 @@ class Transport final : public EventSink {
   // "quiesced" for them, never their id again, and their ranges in held_ for good.
   std::set<std::uint64_t> unproven_;
   std::set<Agent::RegionId> retiring_;  // deregister_region in progress: no new transfer may use them
-  // Requests of ours that ended without evidence (error, abandoned): a later "stop" for one of them
-  // gets no "quiesced" reply, since its bytes may still land (bounded FIFO).
   std::chrono::steady_clock::time_point next_sweep_{};
   std::atomic<bool> stopped_{false};
   std::mutex bare_mu_;
@@ -186,7 +213,7 @@ class Transport final : public EventSink {
         post_errors{0}, cancelled_before_post{0}, peer_stops{0}, stops_sent{0}, quiesced_sent{0},
         done_received{0}, quiesced_received{0}, orphan_notifications{0}, bad_notifications{0},
         send_errors{0}, release_failures{0}, unsafe_releases{0}, late_evidence{0}, abandoned{0},
-        passive_swept{0}, stops_unanswered{0}, unsafe_acks{0};
+        passive_swept{0}, stops_unanswered{0}, unsafe_acks{0}, stale_notifications{0};
   } ctr_;
   std::unique_ptr<NixlProgress> progress_;  // Invariant: last member; destroyed first
 };

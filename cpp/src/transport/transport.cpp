@@ -112,10 +112,10 @@ void Transport::deregister_region(Agent::RegionId id) {
         ++passive;
         if (held == 0) example = req;
       }
-      for (const auto& [tag, held_offer] : held_offers_) {
-        if (!held_offer.second.overlaps(g)) continue;
+      for (const auto& [tag, h] : held_offers_) {
+        if (!h.local.overlaps(g)) continue;
         ++offers;
-        if (held + passive == 0) example = held_offer.first;
+        if (held + passive == 0) example = h.req;
       }
       if (held + passive + offers > 0) {
         throw TransportError("deregister_region: region " + std::to_string(id) + " of transport " + name() +
@@ -166,7 +166,7 @@ void Transport::remember_stopped(std::uint64_t req, std::uint64_t tag) {
 }
 
 
-void Transport::hold_offer(std::uint64_t req, const Entry& e) { held_offers_[e.tag] = {req, e.local}; }
+void Transport::hold_offer(std::uint64_t req, const Entry& e) { held_offers_[e.tag] = {req, e.peer, e.local}; }
 
 void Transport::forget_held(std::uint64_t req, bool proven) {
   if (proven) {
@@ -458,6 +458,10 @@ void Transport::on_notification(const std::string& peer, const NotifMessage& m) 
       std::optional<Ended> late;
       {
         std::lock_guard<std::mutex> lk(mu_);
+        // The peer's transfer over an offered range we hold is over (DONE, or its answer to our stop):
+        // the range may be deregistered, whatever became of the session meanwhile.
+        auto h = held_offers_.find(m.tag);
+        if (h != held_offers_.end() && h->second.req == req && h->second.peer == peer) held_offers_.erase(h);
         auto it = entries_.find(req);
         auto ended = ended_.find(req);
         if (it != entries_.end() && it->second.side == Side::Passive && it->second.peer == peer &&
@@ -467,7 +471,6 @@ void Transport::on_notification(const std::string& peer, const NotifMessage& m) 
         } else if (ended != ended_.end() && ended->second.peer == peer && ended->second.tag == m.tag) {
           late = ended->second;  // the sweep took the entry: evidence for that session, if it is still it
           ended_.erase(ended);
-          held_offers_.erase(m.tag);  // the peer's transfer over the range is over either way
         } else if (it != entries_.end() || ended != ended_.end()) {
           ctr_.stale_notifications.fetch_add(1);  // another transfer of the id (earlier, or a duplicate)
         } else {

@@ -158,6 +158,11 @@ class Transport final : public EventSink {
   };
   // A passive entry ended without evidence (swept Poisoned, remove_peer, stop): the peer may still
   // write into its range, which keeps blocking deregister_region until a late note with its tag.
+  struct HeldOffer {
+    std::uint64_t req = 0;
+    std::string peer;
+    Region local{};
+  };
   void hold_offer(std::uint64_t req, const Entry& e);  // caller holds mu_
 
   void on_abort(std::uint64_t req);
@@ -188,7 +193,7 @@ class Transport final : public EventSink {
   std::set<ReqTag> stopped_reqs_;  // (req, tag) the peer stopped before we posted (bounded, FIFO)
   std::deque<ReqTag> stopped_order_;
   std::unordered_map<std::uint64_t, Ended> ended_;  // swept passive entries (until the engine forgets req)
-  std::map<std::uint64_t, std::pair<std::uint64_t, Region>> held_offers_;  // tag -> (req, range): hold_offer
+  std::map<std::uint64_t, HeldOffer> held_offers_;  // by tag (unique on this transport): hold_offer
   std::uint64_t tag_salt_ = 0, tag_count_ = 0;      // expect()'s tags: a bijection of the count (mu_)
   // Stops for the progress thread to send: an abort hook runs on the thread that cancelled (an
   // executor's poll or cancel, holding the GIL), which must never wait on the backend (DESIGN §7).

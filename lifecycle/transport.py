@@ -242,8 +242,8 @@ class Faults:
 
 @dataclass(frozen=True, slots=True)
 class TransportStats:
-    """Counters of one transport (``registered_regions``, ``live_xfers``, ``active``, ``passive`` are
-    current values; the rest count since creation)."""
+    """Counters of one transport (``registered_regions``, ``live_xfers``, ``active``, ``passive``,
+    ``watched``, ``unreleased`` and ``held_offers`` are current values; the rest count since creation)."""
 
     registered_regions: int
     live_xfers: int
@@ -273,6 +273,7 @@ class TransportStats:
     unreleased: int
     unsafe_acks: int
     stale_notifications: int
+    held_offers: int
 
 
 class _Transport:

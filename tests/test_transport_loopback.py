@@ -632,12 +632,13 @@ def test_an_offered_range_whose_transfer_ended_without_evidence_stays_registered
         assert b.wait(1, 2) is State.Poisoned
         wait_for(lambda: b.t.stats().passive == 0, 2, "the sweep", b.engine.poll)
         assert a.engine.state(1) in (State.InFlight, State.CancelRequested)  # still writing into buf
+        assert b.t.stats().held_offers == 1
         with pytest.raises(TransportError, match=r"0 passive sessions, 1 offered ranges whose transfer ended without "
                                                  r"evidence; e\.g\. request 1\)"):
             b.t.deregister(reg)
         assert a.wait(1) is State.Quiesced  # DONE: cancelled by b's stop, the reply follows
         wait_for(lambda: b.t.stats().late_evidence == 1, 2, "the late quiesced", b.engine.poll)
-        assert bytes(buf) == pattern(16 * MiB, 1)
+        assert bytes(buf) == pattern(16 * MiB, 1) and b.t.stats().held_offers == 0
         b.t.deregister(reg)
         assert b.t.stats().registered_regions == 1  # the pool only
     finally:

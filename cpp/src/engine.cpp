@@ -39,6 +39,7 @@ namespace {
 
 struct alignas(64) Session {  // one cache line: a call touches one line per session
   std::uint64_t req = 0;
+  std::uint64_t serial = 0;  // (per-shard count << 12) | shard index: unique in the engine
   std::int64_t t_state = 0;  // when the session entered `state` (engine clock)
   Lease lease;
   std::uint32_t prev = kNil, next = kNil;  // intrusive list of sessions in the same state
@@ -47,6 +48,7 @@ struct alignas(64) Session {  // one cache line: a call touches one line per ses
   Outcome outcome = Outcome::none;
   std::uint8_t flags = 0;
 };
+static_assert(sizeof(Session) == 64, "a session is one cache line");
 
 inline int si(State s) { return static_cast<int>(s); }
 
@@ -101,6 +103,8 @@ struct alignas(64) Engine::Shard {
   std::int64_t last_t = INT64_MIN;  // Invariant: entry times in this shard never go backwards
   std::int64_t last_terminal = INT64_MIN;  // last entry into a terminal state (health's progress)
   std::atomic<std::uint64_t>* record_seq = nullptr;  // the engine's counter
+  std::uint64_t index = 0;    // this shard's index (the low 12 bits of its sessions' serials)
+  std::uint64_t serials = 0;  // sessions created here
 
   std::int64_t stamp(std::int64_t t) {
     if (t < last_t) t = last_t;
@@ -273,7 +277,10 @@ Engine::Engine(Config cfg, std::shared_ptr<const Clock> clock)
   tomb_cap_ = cfg_.tombstones / n;
   pool_ = std::make_unique<BufferPool>(cfg_.num_slots, cfg_.slot_size);
   shards_ = std::make_unique<Shard[]>(n);
-  for (std::uint32_t i = 0; i < n; ++i) shards_[i].record_seq = &record_seq_;
+  for (std::uint32_t i = 0; i < n; ++i) {
+    shards_[i].record_seq = &record_seq_;
+    shards_[i].index = i;  // < 4096 = 2**12 (checked above)
+  }
   last_progress_ns_ = clock_->now_ns();
 }
 
@@ -387,6 +394,7 @@ static ApplyResult advertise_locked(Engine::Shard& sh, const Engine::Key& h, Rol
   std::uint32_t idx = sh.alloc();
   Session& s = sh.at(idx);
   s.req = h.req;
+  s.serial = (++sh.serials << 12) | sh.index;
   s.role = role;
   s.state = kInitialState;
   s.t_state = now;
@@ -399,6 +407,7 @@ static ApplyResult advertise_locked(Engine::Shard& sh, const Engine::Key& h, Rol
   sh.push(RecordKind::Transition, s, kNoState, kCreateEvent, now);
   r.status = Status::Moved;
   r.from = r.to = kInitialState;
+  r.serial = s.serial;
   return r;
 }
 
@@ -582,10 +591,11 @@ static void push_result(Engine::Shard& sh, std::uint32_t idx, const ApplyResult&
 }
 
 // One event on one session, under its shard lock.  Unknown ids are counted, nothing else happens.
-static ApplyResult apply_one(Engine::Shard& sh, const Engine::Key& h, Event ev, Ctx& cx) {
+// `serial` != 0: only the session with that serial (another session of the id counts as unknown).
+static ApplyResult apply_one(Engine::Shard& sh, const Engine::Key& h, Event ev, Ctx& cx, std::uint64_t serial = 0) {
   ApplyResult r;
   std::uint32_t idx = sh.find(h);
-  if (idx == kNil) {
+  if (idx == kNil || (serial != 0 && sh.at(idx).serial != serial)) {
     ++sh.ctr.unknown;
     r.status = Status::Unknown;
     r.result = 0xff;
@@ -593,12 +603,15 @@ static ApplyResult apply_one(Engine::Shard& sh, const Engine::Key& h, Event ev, 
   }
   cx.now = sh.stamp(cx.now);
   r = apply_locked(sh, idx, ev, cx);
+  r.serial = sh.at(idx).serial;  // the slot of a tombstone evicted below may be reused later, not now
   if (ev == Event::cancel || ev == Event::terminate) push_result(sh, idx, r, ev, cx);
   evict_tombstones(sh, cx.tomb_cap);
   return r;
 }
 
-ApplyResult Engine::apply(std::uint64_t req, Event ev) {
+ApplyResult Engine::apply(std::uint64_t req, Event ev) { return apply(req, ev, 0); }
+
+ApplyResult Engine::apply(std::uint64_t req, Event ev, std::uint64_t serial) {
   if (static_cast<int>(ev) >= kNumEvents || ev == kCreateEvent) {
     ApplyResult r;
     r.status = Status::BadArgument;
@@ -612,7 +625,7 @@ ApplyResult Engine::apply(std::uint64_t req, Event ev) {
   cx.now = clock_->now_ns();  // outside the lock; apply_one stamps it (monotonic per shard)
   {
     std::lock_guard<SpinMutex> g(sh.mu);
-    r = apply_one(sh, h, ev, cx);
+    r = apply_one(sh, h, ev, cx, serial);
   }
   notify_pushed(cx.pushed);
   run_aborts(aborts);
@@ -931,6 +944,7 @@ std::optional<SessionInfo> Engine::info(std::uint64_t req) const {
   i.slot = s.lease.slot();
   i.generation = s.lease.generation();
   i.state_since_ns = s.t_state;
+  i.serial = s.serial;
   return i;
 }
 

@@ -81,8 +81,8 @@ std::unique_ptr<Transport> loopback(std::shared_ptr<Engine> e, const std::string
 // live one's.  Round 1 moves request 1 and ends; round 2 reuses the id (a new session, a new tag) on a
 // paced agent, so it is in flight while the old transfer's "done" and "stop" arrive: the old "done"
 // must not complete the receiver's session (its slot would be freed mid-write), the old "stop" must
-// not cancel the sender's (it is answered with a "quiesced" for the old tag, which the receiver must
-// ignore too).  Then round 2 completes on both sides with its bytes.
+// not cancel the sender's (it is answered with a "quiesced" for the old tag once round 2 is Done, which
+// the receiver must ignore too).  Then round 2 completes on both sides with its bytes.
 void test_notes_of_an_earlier_transfer_of_the_id_are_stale() {
   Config cfg;  // no tombstones: the id is free again at once (an executor reusing ids past the window)
   cfg.shards = 1;
@@ -114,17 +114,177 @@ void test_notes_of_an_earlier_transfer_of_the_id_are_stale() {
       CHECK(tags[1] != tags[0]);
       ta->agent().send_notification("tag-b", {1, NotifKind::Done, tags[0]});  // round 1's, again
       tb->agent().send_notification("tag-a", {1, NotifKind::Stop, tags[0]});  // round 1's stop, late
-      CHECK(eventually([&] { return tb->stats().stale_notifications == 2 && ta->stats().stale_notifications == 1; }));
-      CHECK(ta->stats().quiesced_sent == 1);  // the old stop is answered (that transfer ended with a Done)
-      CHECK(state_of(*eb, 1) == State::InFlight);  // neither the old "done" nor the old "quiesced" ended it
+      CHECK(eventually([&] { return tb->stats().stale_notifications == 1 && ta->stats().stale_notifications == 1; }));
+      CHECK(ta->stats().quiesced_sent == 0);       // the old stop is answered once round 2 is Done
+      CHECK(state_of(*eb, 1) == State::InFlight);  // the old "done" did not end it
       CHECK(state_of(*ea, 1) == State::InFlight);  // the old "stop" did not cancel round 2
     }
     CHECK(eventually([&] { return state_of(*ea, 1) == State::Quiesced && state_of(*eb, 1) == State::Quiesced; }));
+    if (round == 1) {
+      CHECK(eventually([&] { return ta->stats().quiesced_sent == 1 && tb->stats().quiesced_received == 1; }));
+    }
     CHECK(ea->info(1)->outcome == Outcome::completed && eb->info(1)->outcome == Outcome::completed);
     CHECK(std::memcmp(src.data(), dst.data(), src.size()) == 0);
     CHECK(ea->terminate(1) == TerminateResult::Terminated && eb->terminate(1) == TerminateResult::Terminated);
   }
   CHECK(ea->counters().illegal == 0 && eb->counters().illegal == 0);
+}
+
+// A stop for a LATER offer of the id, while an earlier transfer of it is still live here: the receiver's
+// first session timed out (Poisoned), it advertised the id again, offered it (tag2) and cancelled.  The
+// sender must remember (1, tag2), so that its later post of that offer is skipped, and answer only once
+// its live transfer is Done.  (Before, the stop was answered at once and forgotten: the post went out
+// into a slot the receiver had given up.)
+void test_a_stop_for_a_later_offer_is_remembered_while_an_earlier_transfer_runs() {
+  Config cfg;
+  cfg.shards = 1;
+  cfg.tombstones = 0;
+  cfg.transfer_timeout_ns = 20'000'000;
+  cfg.cancel_grace_ns = 20'000'000;
+  Config reuse;
+  reuse.shards = 1;
+  reuse.tombstones = 0;
+  auto ea = std::make_shared<Engine>(reuse);
+  auto eb = std::make_shared<Engine>(cfg);
+  LoopbackOptions o;
+  o.name = "later-a";
+  o.bytes_per_second = 20'000;  // 4 KiB: ~200 ms
+  auto ta = std::make_unique<Transport>(ea, std::make_unique<LoopbackAgent>(o));
+  auto tb = loopback(eb, "later-b");
+  std::vector<char> src(4096, 'L'), dst(4096, 0);
+  const Region l{reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram};
+  const Region r{reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram};
+  ta->register_region(l);
+  tb->register_region(r);
+  ta->add_peer(tb->metadata());
+  tb->add_peer(ta->metadata());
+  CHECK(eb->advertise(1, Role::receiver, 0).status == Status::Moved);
+  CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
+  const std::uint64_t tag1 = tb->expect(1, "later-a", r);
+  CHECK(ta->transfer(1, XferOp::Write, l, r, "later-b", tag1) == PostResult::Posted);
+  CHECK(eventually([&] { return state_of(*eb, 1) == State::Poisoned; }));
+  CHECK(eb->terminate(1) == TerminateResult::Terminated);
+  CHECK(eb->advertise(1, Role::receiver, 0).status == Status::Moved);
+  const std::uint64_t tag2 = tb->expect(1, "later-a", r);
+  CHECK(eb->cancel(1) == CancelResult::CancelRequestedInFlight);  // stop(1, tag2) while tag1 still writes
+  CHECK(eventually([&] { return ta->stats().stale_notifications == 1; }));
+  CHECK(state_of(*ea, 1) != State::Quiesced && ta->stats().quiesced_sent == 0);  // not answered yet
+  CHECK(eventually([&] { return state_of(*ea, 1) == State::Quiesced; }, std::chrono::milliseconds(5000)));
+  CHECK(eventually([&] { return ta->stats().quiesced_sent == 2; }));  // tag1's stop and tag2's, after Done
+  CHECK(ea->terminate(1) == TerminateResult::Terminated);
+  CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
+  CHECK(ta->transfer(1, XferOp::Write, l, r, "later-b", tag2) == PostResult::CancelledBeforePost);
+  CHECK(state_of(*ea, 1) == State::Quiesced && ea->info(1)->outcome == Outcome::cancelled);
+}
+
+// A passive session that timed out (Poisoned, its entry swept) while the peer's WRITE was still moving:
+// its offered range stays held (deregister refused), and the peer's late note with its tag releases it,
+// although the executor terminated the session and (no tombstones) advertised the id again meanwhile.
+// The new session is not touched by the old notes.
+void test_a_late_note_releases_its_offer() {
+  Config cfg;
+  cfg.shards = 1;
+  cfg.tombstones = 0;
+  cfg.transfer_timeout_ns = 20'000'000;
+  cfg.cancel_grace_ns = 20'000'000;
+  auto ea = std::make_shared<Engine>(Config{});
+  auto eb = std::make_shared<Engine>(cfg);
+  LoopbackOptions o;
+  o.name = "late-note-a";
+  o.bytes_per_second = 20'000;  // 4 KiB: ~200 ms
+  auto ta = std::make_unique<Transport>(ea, std::make_unique<LoopbackAgent>(o));
+  auto tb = loopback(eb, "late-note-b");
+  std::vector<char> src(4096, 'n'), dst(4096, 0);
+  const Region l{reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram};
+  const Region r{reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram};
+  ta->register_region(l);
+  const Agent::RegionId rid = tb->register_region(r);
+  ta->add_peer(tb->metadata());
+  tb->add_peer(ta->metadata());
+  CHECK(eb->advertise(1, Role::receiver, 0).status == Status::Moved);
+  CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
+  const std::uint64_t tag = tb->expect(1, "late-note-a", r);
+  CHECK(ta->transfer(1, XferOp::Write, l, r, "late-note-b", tag) == PostResult::Posted);
+  CHECK(eventually([&] { return state_of(*eb, 1) == State::Poisoned && tb->stats().passive == 0; }));
+  CHECK(tb->stats().held_offers == 1);
+  bool refused = false;
+  try {
+    tb->deregister_region(rid);
+  } catch (const TransportError&) {
+    refused = true;
+  }
+  CHECK(refused);
+  CHECK(eb->terminate(1) == TerminateResult::Terminated);               // forgotten at once (no tombstones)
+  CHECK(eb->advertise(1, Role::receiver, 0).status == Status::Moved);  // the id again: a new session
+  CHECK(state_of(*ea, 1) != State::Quiesced);                           // the WRITE is still moving
+  CHECK(eventually([&] { return tb->stats().held_offers == 0; }, std::chrono::milliseconds(5000)));
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));  // both notes (done, quiesced) handled
+  CHECK(state_of(*eb, 1) == State::Advertised);                 // the new session was not touched
+  CHECK(eb->counters().illegal == 0 && tb->stats().late_evidence == 0);
+  CHECK(std::memcmp(src.data(), dst.data(), src.size()) == 0);
+  tb->deregister_region(rid);  // the peer's transfer is over: allowed now
+  CHECK(tb->stats().registered_regions == 0);
+}
+
+// Events name one engine session (its serial), not just an id.  With the sweep held off, a passive
+// entry outlives its Poisoned session; the executor terminates it and advertises the id again (no
+// tombstones).  The old transfer's late "done", though its tag matches that entry, must not reach the
+// new session (Advertised: the engine would count an illegal event; were it in flight, it would be
+// completed without evidence).  Then the new session is offered and transfers normally.
+void test_a_note_for_an_ended_session_never_reaches_a_new_session_of_the_id() {
+  Config cfg;
+  cfg.shards = 1;
+  cfg.tombstones = 0;
+  cfg.transfer_timeout_ns = 20'000'000;
+  cfg.cancel_grace_ns = 20'000'000;
+  Config reuse;  // the sender's id is free again at once too
+  reuse.shards = 1;
+  reuse.tombstones = 0;
+  auto ea = std::make_shared<Engine>(reuse);
+  auto eb = std::make_shared<Engine>(cfg);
+  LoopbackOptions o;
+  o.name = "serial-a";
+  o.bytes_per_second = 20'000;  // 4 KiB: ~200 ms
+  auto ta = std::make_unique<Transport>(ea, std::make_unique<LoopbackAgent>(o));
+  LoopbackOptions ob;
+  ob.name = "serial-b";
+  TransportOptions no_sweep;
+  no_sweep.sweep_interval = std::chrono::hours(1);  // one sweep at the start, none after
+  auto tb = std::make_unique<Transport>(eb, std::make_unique<LoopbackAgent>(ob), no_sweep);
+  std::vector<char> src(4096, 's'), dst(4096, 0);
+  const Region l{reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram};
+  const Region r{reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram};
+  ta->register_region(l);
+  tb->register_region(r);
+  ta->add_peer(tb->metadata());
+  tb->add_peer(ta->metadata());
+  CHECK(eb->advertise(1, Role::receiver, 0).status == Status::Moved);
+  CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
+  const std::uint64_t old_serial = eb->info(1)->serial;
+  const std::uint64_t tag1 = tb->expect(1, "serial-a", r);
+  CHECK(ta->transfer(1, XferOp::Write, l, r, "serial-b", tag1) == PostResult::Posted);
+  CHECK(eventually([&] { return state_of(*eb, 1) == State::Poisoned; }));
+  CHECK(tb->stats().passive == 1);  // not swept
+  CHECK(eb->terminate(1) == TerminateResult::Terminated);
+  CHECK(eb->advertise(1, Role::receiver, 0).status == Status::Moved);
+  CHECK(eb->info(1)->serial != old_serial);
+  CHECK(eventually([&] { return state_of(*ea, 1) == State::Quiesced; }, std::chrono::milliseconds(5000)));
+  CHECK(eventually([&] { return tb->stats().done_received >= 1; }));
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  CHECK(state_of(*eb, 1) == State::Advertised);  // untouched
+  CHECK(eb->counters().illegal == 0);
+  CHECK(tb->stats().stale_notifications >= 1 && tb->stats().late_evidence == 0);
+  // the new session: a new offer, a new transfer (the sender's id is free again too)
+  CHECK(ea->terminate(1) == TerminateResult::Terminated);
+  CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
+  std::memset(dst.data(), 0, dst.size());
+  const Region l64{l.addr, 64, 0, MemKind::Dram}, r64{r.addr, 64, 0, MemKind::Dram};  // ~3 ms paced
+  const std::uint64_t tag2 = tb->expect(1, "serial-a", r64);
+  CHECK(tag2 != tag1);
+  CHECK(ta->transfer(1, XferOp::Write, l64, r64, "serial-b", tag2) == PostResult::Posted);
+  CHECK(eventually([&] { return state_of(*eb, 1) == State::Quiesced; }, std::chrono::milliseconds(5000)));
+  CHECK(eb->info(1)->outcome == Outcome::completed);
+  CHECK(std::memcmp(src.data(), dst.data(), 64) == 0);
 }
 
 // Two transports driving one engine: each keeps its abort hook (the second used to replace the
@@ -456,6 +616,9 @@ void test_stop_racing_transfers_leaves_no_session_behind() {
 
 int main() {
   test_notes_of_an_earlier_transfer_of_the_id_are_stale();
+  test_a_stop_for_a_later_offer_is_remembered_while_an_earlier_transfer_runs();
+  test_a_late_note_releases_its_offer();
+  test_a_note_for_an_ended_session_never_reaches_a_new_session_of_the_id();
   test_every_transport_on_an_engine_gets_its_aborts();
   test_wrapping_ranges_are_refused();
   test_posts_cancels_and_drains_race_cleanly();

@@ -57,6 +57,7 @@ struct ApplyResult {
   State from = State::Advertised;  // state before the event (meaningless when Unknown)
   State to = State::Advertised;    // state after
   std::uint8_t result = 0xff;      // CancelResult / TerminateResult code for cancel / terminate
+  std::uint64_t serial = 0;        // the session's serial (0 when Unknown, BadArgument or NoSlot)
 };
 
 // CallResult: what cancel / terminate answered (result code in Record::result), queued in the same
@@ -132,6 +133,9 @@ struct SessionInfo {
   std::uint32_t slot = kNoSlot;
   std::uint32_t generation = 0;
   std::int64_t state_since_ns = 0;
+  // Names this session among every session of the engine: a request id advertised again (after its
+  // tombstone went) gets another.  Never 0.
+  std::uint64_t serial = 0;
 };
 
 class Engine {
@@ -144,6 +148,9 @@ class Engine {
   // Executor and transport calls: thread-safe, never throw, never block beyond one shard lock.
   ApplyResult advertise(std::uint64_t req, Role role, std::uint64_t nbytes);
   ApplyResult apply(std::uint64_t req, Event ev);
+  // The same, only to the session with that serial: another session of `req` (the id advertised again)
+  // answers Unknown and is not touched.  What a transport uses for evidence that names one session.
+  ApplyResult apply(std::uint64_t req, Event ev, std::uint64_t serial);
   // Batch: one clock read and one wake-up for the whole call; out[i] = Status of item i.
   // Items with an event code out of range or the creating event get BadArgument.
   void apply_batch(const std::uint64_t* ids, const std::uint8_t* events, std::size_t n, std::uint8_t* out);

@@ -143,8 +143,19 @@ void Transport::deregister_region(Agent::RegionId id) {
 std::string Transport::metadata() { return agent_->local_metadata(); }
 std::string Transport::add_peer(const std::string& md) { return agent_->load_remote_metadata(md); }
 
-void Transport::apply(std::uint64_t req, Event ev) {
-  if (engine_) (void)engine_->apply(req, ev);
+ApplyResult Transport::apply(std::uint64_t req, Event ev, std::uint64_t serial) {
+  return engine_ ? engine_->apply(req, ev, serial) : ApplyResult{};
+}
+
+void Transport::retire_passive(std::unordered_map<std::uint64_t, Entry>::iterator it,
+                               const std::optional<SessionInfo>& info) {
+  const bool same = info && info->serial == it->second.serial;
+  // Ended without our note.  Without evidence from elsewhere either (or if its record is gone), the
+  // peer may still write into the range.
+  if (!same || (info->poisoned && !info->evidence)) hold_offer(it->first, it->second);
+  ended_[it->first] = Ended{it->second.peer, it->second.tag, it->second.serial};
+  entries_.erase(it);
+  ctr_.passive_swept.fetch_add(1);
 }
 
 void Transport::send(const std::string& peer, const NotifMessage& m) {
@@ -165,6 +176,12 @@ void Transport::remember_stopped(std::uint64_t req, std::uint64_t tag) {
   }
 }
 
+
+std::vector<std::uint64_t> Transport::owed_acks(const Entry& e) {
+  std::vector<std::uint64_t> tags = e.other_stops;
+  if (e.peer_stop) tags.push_back(e.tag);
+  return tags;
+}
 
 void Transport::hold_offer(std::uint64_t req, const Entry& e) { held_offers_[e.tag] = {req, e.peer, e.local}; }
 
@@ -234,7 +251,7 @@ PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local
       if (refuse == nullptr && local.overlaps(regions_.at(id))) refuse = "is being deregistered (its local range)";
     if (refuse == nullptr) {
       stopped_by_peer = stopped_reqs_.count({req, tag}) != 0;
-      entries_[req] = Entry{Side::Active, peer, tag, {}, false, false, stopped_by_peer};
+      entries_[req] = Entry{Side::Active, peer, tag, 0, {}, false, false, stopped_by_peer, false, {}};
       held_[req] = local;
     }
   }
@@ -243,52 +260,55 @@ PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local
     throw TransportError("transfer: request " + std::to_string(req) + ": transport " + name() + " " + refuse);
   }
   // 2. Expose (Advertised -> InFlight). A refused expose (cancelled, unknown) posts nothing.
+  std::uint64_t serial = 0;
   if (engine_) {
     const ApplyResult r = engine_->apply(req, Event::expose);
+    serial = r.serial;
     if (r.status != Status::Moved) {
-      bool ack = false;
+      std::vector<std::uint64_t> acks;
       {
         std::lock_guard<std::mutex> lk(mu_);
         auto it = entries_.find(req);
         if (it != entries_.end()) {
-          ack = it->second.peer_stop;
+          acks = owed_acks(it->second);
           entries_.erase(it);
         }
       }
       release_xfer(req, true);  // prepared, never posted: nothing moved
-      if (ack) send(peer, {req, NotifKind::Quiesced, tag});
+      for (std::uint64_t t : acks) send(peer, {req, NotifKind::Quiesced, t});
       throw_refused(r, req, Event::expose);
     }
   }
   // 3. A cancel between expose and here (or the peer's stop) wins: never posted is evidence.
   bool skip = false, ack = false, gone = false;
+  std::vector<std::uint64_t> acks;
   {
     std::lock_guard<std::mutex> lk(mu_);
     auto it = entries_.find(req);
     if (it == entries_.end()) {
       gone = true;  // stop() or remove_peer() took the entry (and failed the session) meanwhile
-    } else if (Entry& e = it->second; e.cancel_requested || e.peer_stop) {
+    } else if (it->second.cancel_requested || it->second.peer_stop) {
       skip = true;
-      ack = e.peer_stop;
-      entries_.erase(req);
+      ack = it->second.peer_stop;
+      acks = owed_acks(it->second);
+      entries_.erase(it);
     } else {
-      e.posting = true;
+      it->second.serial = serial;
+      it->second.posting = true;
     }
   }
   if (gone) {
     release_xfer(req, true);  // never posted: nothing moved, which is the evidence
-    if (engine_) {
-      (void)engine_->cancel(req);                      // InFlight -> CancelRequested (if still there)
-      (void)engine_->apply(req, Event::complete);      // -> Quiesced(cancelled); late if stop() failed it
-    }
+    (void)apply(req, Event::cancel, serial);    // InFlight -> CancelRequested (if still there)
+    (void)apply(req, Event::complete, serial);  // -> Quiesced(cancelled); late if stop() failed it
     throw TransportError("transfer: request " + std::to_string(req) + ": transport " + name() +
                          " stopped or its peer was removed before the post");
   }
   if (skip) {
     release_xfer(req, true);
-    if (engine_ && ack) (void)engine_->cancel(req);  // InFlight -> CancelRequested (idempotent)
-    apply(req, Event::complete);                                  // -> Quiesced(cancelled)
-    if (ack) send(peer, {req, NotifKind::Quiesced, tag});
+    if (ack) (void)apply(req, Event::cancel, serial);  // InFlight -> CancelRequested (idempotent)
+    (void)apply(req, Event::complete, serial);           // -> Quiesced(cancelled)
+    for (std::uint64_t t : acks) send(peer, {req, NotifKind::Quiesced, t});
     ctr_.cancelled_before_post.fetch_add(1);
     return PostResult::CancelledBeforePost;
   }
@@ -319,6 +339,9 @@ std::uint64_t Transport::expect(std::uint64_t req, const std::string& peer, cons
   }
   check_pool_slot("expect", req, local);
   std::uint64_t tag = 0;
+  // the session this offer is for: an entry left by an earlier session of the id (ended, not swept yet)
+  // is retired here rather than refusing the new one
+  const std::optional<SessionInfo> current = engine_ ? engine_->info(req) : std::nullopt;
   // a passive session needs its peer: to ask it to stop, and to know its notes
   if (!agent_->knows_peer(peer)) {
     throw TransportError("expect: request " + std::to_string(req) + ": unknown peer '" + peer +
@@ -326,6 +349,10 @@ std::uint64_t Transport::expect(std::uint64_t req, const std::string& peer, cons
   }
   {
     std::lock_guard<std::mutex> lk(mu_);
+    if (auto old = entries_.find(req); old != entries_.end() && old->second.side == Side::Passive &&
+                                       current && old->second.offered && old->second.serial != current->serial) {
+      retire_passive(old, std::nullopt);  // its session is gone: what became of it is unknown here
+    }
     if (entries_.count(req) != 0) {
       throw TransportError("expect: request " + std::to_string(req) + " already has a transfer");
     }
@@ -344,33 +371,58 @@ std::uint64_t Transport::expect(std::uint64_t req, const std::string& peer, cons
     do {
       tag = mix64(tag_salt_ + ++tag_count_);
     } while (tag == 0);
-    entries_[req] = Entry{Side::Passive, peer, tag, local, false, false, false};
+    entries_[req] = Entry{Side::Passive, peer, tag, 0, local, false, false, false, false, {}};
     ended_.erase(req);  // a new transfer of the id: an earlier one's late note proves nothing for it
   }
   if (engine_) {
     const ApplyResult r = engine_->apply(req, Event::expose);
-    if (r.status != Status::Moved) {
+    bool taken = false;
+    {
       std::lock_guard<std::mutex> lk(mu_);
       auto it = entries_.find(req);
-      if (it != entries_.end() && it->second.tag == tag) entries_.erase(it);
-      throw_refused(r, req, Event::expose);
+      const bool mine = it != entries_.end() && it->second.tag == tag;
+      if (r.status != Status::Moved) {
+        if (mine) entries_.erase(it);
+      } else if (mine) {
+        it->second.serial = r.serial;
+        it->second.offered = true;
+      } else {
+        taken = true;  // stop() or remove_peer() took the entry while expose was applied
+      }
     }
+    if (r.status != Status::Moved) throw_refused(r, req, Event::expose);
+    if (taken) {
+      // Nobody would drive the session; the offer never left, yet whoever took the entry held its range
+      // for good and failed the session by id, maybe before this expose: fail this very session too.
+      (void)apply(req, Event::fail, r.serial);
+      throw TransportError("expect: request " + std::to_string(req) + ": transport " + name() +
+                           " stopped or its peer was removed meanwhile");
+    }
+  }
+  if (!engine_) {  // a bare transport: nothing to expose, the offer leaves now
+    std::lock_guard<std::mutex> lk(mu_);
+    auto it = entries_.find(req);
+    if (it == entries_.end() || it->second.tag != tag) {
+      throw TransportError("expect: request " + std::to_string(req) + ": transport " + name() +
+                           " stopped or its peer was removed meanwhile");
+    }
+    it->second.offered = true;
   }
   // No note can name this tag before the caller ships it, after this returns: nothing to catch up on.
   return tag;
 }
 
 void Transport::finish_active(std::uint64_t req, bool done) {
-  bool ack = false;
+  std::vector<std::uint64_t> acks;
   std::string peer;
-  std::uint64_t tag = 0;
+  std::uint64_t serial = 0;
   {
     std::lock_guard<std::mutex> lk(mu_);
     auto it = entries_.find(req);
     if (it == entries_.end() || it->second.side != Side::Active) return;
-    ack = it->second.peer_stop;
+    acks = owed_acks(it->second);
     peer = it->second.peer;
-    tag = it->second.tag;
+    serial = it->second.serial;
     entries_.erase(it);
     if (!done) unproven_.insert(req);  // with the erase: a stop arriving now is never answered
   }
@@ -379,7 +431,7 @@ void Transport::finish_active(std::uint64_t req, bool done) {
   release_xfer(req, done);  // Done is evidence; an error is not
   (done ? ctr_.completed : ctr_.failed).fetch_add(1);
   if (engine_) {
-    const ApplyResult r = engine_->apply(req, done ? Event::complete : Event::fail);
+    const ApplyResult r = apply(req, done ? Event::complete : Event::fail, serial);
     if (done && r.status == Status::Late) ctr_.late_evidence.fetch_add(1);
   } else if (done) {
     {
@@ -389,12 +441,14 @@ void Transport::finish_active(std::uint64_t req, bool done) {
     bare_cv_.notify_all();
   }
   // "quiesced" only after our own request reached Done: an error proves nothing.
-  if (done && ack) send(peer, {req, NotifKind::Quiesced, tag});
+  if (done) {
+    for (std::uint64_t t : acks) send(peer, {req, NotifKind::Quiesced, t});
+  }
 }
 
 void Transport::on_abort(std::uint64_t req) {
   std::string peer;
-  std::uint64_t tag = 0;
+  std::uint64_t tag = 0, serial = 0;
   bool passive = false, release_now = false;
   {
     std::lock_guard<std::mutex> lk(mu_);
@@ -404,6 +458,7 @@ void Transport::on_abort(std::uint64_t req) {
     switch (e.side) {
       case Side::Active:
         e.cancel_requested = true;
+        serial = e.serial;
         if (e.posting && opts_.unsafe_release_on_cancel) {
           release_now = true;
           entries_.erase(it);
@@ -429,7 +484,7 @@ void Transport::on_abort(std::uint64_t req) {
     progress_->unwatch(req);
     release_xfer(req, true);  // the bug on purpose: release taken as evidence
     ctr_.unsafe_releases.fetch_add(1);
-    apply(req, Event::complete);
+    (void)apply(req, Event::complete, serial);
   }
 }
 
@@ -455,7 +510,7 @@ void Transport::on_notification(const std::string& peer, const NotifMessage& m) 
     case NotifKind::Quiesced: {
       (m.kind == NotifKind::Done ? ctr_.done_received : ctr_.quiesced_received).fetch_add(1);
       bool mine = false;
-      std::optional<Ended> late;
+      std::uint64_t serial = 0;
       {
         std::lock_guard<std::mutex> lk(mu_);
         // The peer's transfer over an offered range we hold is over (DONE, or its answer to our stop):
@@ -467,9 +522,11 @@ void Transport::on_notification(const std::string& peer, const NotifMessage& m) 
         if (it != entries_.end() && it->second.side == Side::Passive && it->second.peer == peer &&
             it->second.tag == m.tag) {
           mine = true;
+          serial = it->second.serial;
           entries_.erase(it);
         } else if (ended != ended_.end() && ended->second.peer == peer && ended->second.tag == m.tag) {
-          late = ended->second;  // the sweep took the entry: evidence for that session, if it is still it
+          mine = true;  // the sweep took the entry: evidence for that session, if it still exists
+          serial = ended->second.serial;
           ended_.erase(ended);
         } else if (it != entries_.end() || ended != ended_.end()) {
           ctr_.stale_notifications.fetch_add(1);  // another transfer of the id (earlier, or a duplicate)
@@ -477,36 +534,38 @@ void Transport::on_notification(const std::string& peer, const NotifMessage& m) 
           ctr_.orphan_notifications.fetch_add(1);
         }
       }
-      if (late && engine_) {
-        const auto info = engine_->info(req);
-        mine = info && terminal_or_final(info->state) && info->slot == late->slot &&
-               info->generation == late->generation;
-        if (!mine) ctr_.stale_notifications.fetch_add(1);
-      }
       if (mine && engine_) {
-        const ApplyResult r = engine_->apply(req, Event::complete);
+        // only to the session the tag was drawn for: if the id was advertised again meanwhile, the new
+        // session answers Unknown here and stays untouched
+        const ApplyResult r = apply(req, Event::complete, serial);
         if (r.status == Status::Late) ctr_.late_evidence.fetch_add(1);
+        if (r.status == Status::Unknown) ctr_.stale_notifications.fetch_add(1);
       }
       return;
     }
     case NotifKind::Stop: {
       ctr_.peer_stops.fetch_add(1);
       bool active = false, reply_now = false;
+      std::uint64_t serial = 0;
       {
         std::lock_guard<std::mutex> lk(mu_);
         auto it = entries_.find(req);
         if (it != entries_.end() && it->second.side == Side::Active && it->second.tag == m.tag) {
           active = true;
+          serial = it->second.serial;
           // TEST ONLY (negative control): ack now instead of after our Done; the bug the passive
           // side's late-write test must catch
           if (opts_.unsafe_ack_stop_at_once) reply_now = true; else it->second.peer_stop = true;
         } else if (unproven_.count(req) != 0) {
           ctr_.stops_unanswered.fetch_add(1);  // ended without evidence: no ack, ever
         } else if (it != entries_.end() && it->second.side == Side::Active) {
-          // A stop for an earlier transfer of the id: one live transfer per id, so that one ended, and
-          // with evidence (else the id would be in unproven_ and refused): answer it, leave this one be.
+          // A stop naming another offer of the id while this transfer is live: an earlier offer (whose
+          // transfer ended, with evidence, else the id would be refused), a later one not posted yet, or
+          // even this very one, if the caller posted it under a wrong tag.  Remember it (its post will be
+          // skipped) and answer once this request is Done: safe in all three cases.  This one goes on.
           ctr_.stale_notifications.fetch_add(1);
-          reply_now = true;
+          remember_stopped(req, m.tag);
+          it->second.other_stops.push_back(m.tag);
         } else if (it == entries_.end()) {
           remember_stopped(req, m.tag);  // a later transfer() with this tag is cancelled before its post
           reply_now = true;
@@ -516,7 +575,7 @@ void Transport::on_notification(const std::string& peer, const NotifMessage& m) 
       }
       if (active) {
         // Cancel here too; the quiesced reply goes out when our request is Done (finish_active).
-        if (engine_) (void)engine_->cancel(req);
+        (void)apply(req, Event::cancel, serial);
         if (reply_now) {
           ctr_.unsafe_acks.fetch_add(1);
           send(peer, {req, NotifKind::Quiesced, m.tag});
@@ -569,71 +628,66 @@ void Transport::sweep() {
   }
   if (!engine_) return;
   // Passive entries whose session ended without a note (grace expired, cancelled by the executor
-  // before any exposure...): nothing more to wait for.  Each leaves an Ended record, so that a late
-  // note with its tag still reaches the engine as evidence for that very lease.
-  std::vector<ReqTag> passive;
+  // before any exposure...), or is gone: nothing more to wait for.  Each leaves an Ended record, so
+  // that a late note with its tag still reaches the engine as evidence for that very session.  Entries
+  // not offered yet (expose still being applied) are expect()'s to settle.
+  std::vector<std::pair<std::uint64_t, std::uint64_t>> passive;  // (req, serial)
   {
     std::lock_guard<std::mutex> lk(mu_);
     for (const auto& [req, e] : entries_) {
-      if (e.side == Side::Passive) passive.emplace_back(req, e.tag);
+      if (e.side == Side::Passive && e.offered) passive.emplace_back(req, e.serial);
     }
   }
-  for (const auto& [req, tag] : passive) {
-    auto info = engine_->info(req);
-    if (!info || terminal_or_final(info->state)) {
-      std::lock_guard<std::mutex> lk(mu_);
-      auto it = entries_.find(req);
-      if (it != entries_.end() && it->second.side == Side::Passive && it->second.tag == tag) {
-        // Ended without our note.  Without evidence from elsewhere either, the peer may still write.
-        if (!info || (info->poisoned && !info->evidence)) hold_offer(req, it->second);
-        if (info) ended_[req] = Ended{it->second.peer, tag, info->slot, info->generation};
-        entries_.erase(it);
-        ctr_.passive_swept.fetch_add(1);
-      }
-    }
+  for (const auto& [req, serial] : passive) {
+    const auto info = engine_->info(req);
+    if (info && info->serial == serial && !terminal_or_final(info->state)) continue;
+    std::lock_guard<std::mutex> lk(mu_);
+    auto it = entries_.find(req);
+    if (it != entries_.end() && it->second.side == Side::Passive && it->second.serial == serial) retire_passive(it, info);
   }
-  // Ended records of sessions the engine forgot, or that another session of the id replaced.
-  std::vector<std::pair<std::uint64_t, Ended>> ended;
+  // Ended records of sessions the engine forgot (their id may be advertised again: another serial).
+  std::vector<std::pair<std::uint64_t, std::uint64_t>> ended;
   {
     std::lock_guard<std::mutex> lk(mu_);
-    ended.assign(ended_.begin(), ended_.end());
+    for (const auto& [req, e] : ended_) ended.emplace_back(req, e.serial);
   }
-  std::vector<ReqTag> stale;
-  for (const auto& [req, e] : ended) {
-    auto info = engine_->info(req);
-    if (!info || !terminal_or_final(info->state) || info->slot != e.slot || info->generation != e.generation) {
-      stale.emplace_back(req, e.tag);
-    }
+  std::vector<std::pair<std::uint64_t, std::uint64_t>> stale;
+  for (const auto& [req, serial] : ended) {
+    const auto info = engine_->info(req);
+    if (!info || info->serial != serial) stale.emplace_back(req, serial);
   }
   std::lock_guard<std::mutex> lk(mu_);
-  for (const auto& [req, tag] : stale) {
+  for (const auto& [req, serial] : stale) {
     auto it = ended_.find(req);
-    if (it != ended_.end() && it->second.tag == tag) ended_.erase(it);
+    if (it != ended_.end() && it->second.serial == serial) ended_.erase(it);
   }
 }
 
 void Transport::remove_peer(const std::string& peer) {
-  std::vector<std::pair<std::uint64_t, Side>> gone;
+  std::vector<std::tuple<std::uint64_t, Side, std::uint64_t>> gone;  // (req, side, serial)
   {
     std::lock_guard<std::mutex> lk(mu_);
     for (auto it = entries_.begin(); it != entries_.end();) {
       if (it->second.peer == peer && (it->second.side == Side::Passive || it->second.posting)) {
-        gone.emplace_back(it->first, it->second.side);
+        gone.emplace_back(it->first, it->second.side, it->second.serial);
         if (it->second.side == Side::Active) unproven_.insert(it->first);  // with the erase
-        if (it->second.side == Side::Passive) hold_offer(it->first, it->second);
+        if (it->second.side == Side::Passive && it->second.offered) {
+          hold_offer(it->first, it->second);  // a late note (if the peer comes back) still releases it
+          ended_[it->first] = Ended{it->second.peer, it->second.tag, it->second.serial};
+        }
         it = entries_.erase(it);
       } else {
         ++it;
       }
     }
   }
-  for (auto [req, side] : gone) {
+  for (auto [req, side, serial] : gone) {
     if (side == Side::Active) {
       progress_->unwatch(req);
       release_xfer(req, false);  // posted, abandoned: no evidence
     }
     ctr_.abandoned.fetch_add(1);
-    apply(req, Event::fail);  // no evidence can come any more: Poisoned (late if already ended)
+    (void)apply(req, Event::fail, serial);  // no evidence can come any more: Poisoned (late if already ended)
   }
   try {
     agent_->invalidate_remote(peer);
@@ -656,7 +710,7 @@ void Transport::stop() {
     for (auto& [req, e] : entries_) {
       all.emplace_back(req, e);
       if (e.side == Side::Active && e.posting) unproven_.insert(req);  // with the erase
-      if (e.side == Side::Passive) hold_offer(req, e);
+      if (e.side == Side::Passive && e.offered) hold_offer(req, e);  // for good: no more notes
     }
     entries_.clear();
   }
@@ -669,7 +723,7 @@ void Transport::stop() {
     }
     if (e.side == Side::Active) release_xfer(req, false);  // a failure is retried by the agent's destructor
     ctr_.abandoned.fetch_add(1);
-    apply(req, Event::fail);
+    (void)apply(req, Event::fail, e.serial);
   }
   {
     std::lock_guard<std::mutex> lk(bare_mu_);
@@ -698,6 +752,7 @@ TransportStats Transport::stats() const {
       (e.side == Side::Active ? s.active : s.passive) += 1;
     }
     s.unreleased = unreleased_.size();
+    s.held_offers = held_offers_.size();
   }
   s.watched = progress_->watched();
   s.posted = ctr_.posted.load();

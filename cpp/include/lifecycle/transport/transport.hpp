@@ -75,6 +75,7 @@ struct TransportStats {
   std::uint64_t active = 0;              // active entries now
   std::uint64_t passive = 0;             // passive entries now
   std::uint64_t watched = 0;             // requests the progress thread polls now
+  std::uint64_t held_offers = 0;         // offered ranges whose transfer ended without evidence, now
   std::uint64_t posted = 0, completed_in_post = 0, completed = 0, failed = 0, post_errors = 0;
   std::uint64_t cancelled_before_post = 0, peer_stops = 0, stops_sent = 0, quiesced_sent = 0;
   std::uint64_t done_received = 0, quiesced_received = 0, orphan_notifications = 0;
@@ -144,17 +145,25 @@ class Transport final : public EventSink {
     Side side = Side::Active;
     std::string peer;
     std::uint64_t tag = 0;          // this transfer's, in every note about it
+    std::uint64_t serial = 0;       // the engine session it drives (set by expose): events go to it only
     Region local{};                 // passive: the range offered to the peer
     bool posting = false;           // active: post() was called (the backend may touch buffers)
     bool cancel_requested = false;  // active: the engine asked to abort
     bool peer_stop = false;         // active: the peer asked to stop; reply "quiesced" when Done
+    bool offered = false;           // passive: expect() returned its tag (the peer may have it)
+    // active: stops that named another tag of this id (an earlier offer, or a later one not posted yet:
+    // remembered, its post will be skipped); answered "quiesced" once this request is Done, never after
+    // an error (the stop may even be for this very transfer, posted under a wrong tag by the caller)
+    std::vector<std::uint64_t> other_stops;
   };
+  // The "quiesced" replies an active entry owes once its request is proven stopped.
+  static std::vector<std::uint64_t> owed_acks(const Entry& e);
   // A passive entry the sweep removed without a note (its session ended: grace expired, ...): a late
-  // note with its tag is still evidence, for that lease of the slot only.
+  // note with its tag is still evidence, for that very session only (its serial).
   struct Ended {
     std::string peer;
     std::uint64_t tag = 0;
-    std::uint32_t slot = kNoSlot, generation = 0;
+    std::uint64_t serial = 0;  // the session it drove
   };
   // A passive entry ended without evidence (swept Poisoned, remove_peer, stop): the peer may still
   // write into its range, which keeps blocking deregister_region until a late note with its tag.
@@ -173,7 +182,11 @@ class Transport final : public EventSink {
   void release_xfer(std::uint64_t req, bool proven);
   void forget_held(std::uint64_t req, bool proven);  // caller holds mu_
   void send(const std::string& peer, const NotifMessage& m);
-  void apply(std::uint64_t req, Event ev);
+  // The event for the session `serial` names (0: whichever session holds req).
+  ApplyResult apply(std::uint64_t req, Event ev, std::uint64_t serial);
+  // A passive entry whose session ended without our note, or is gone: hold its offer if no evidence is
+  // known, keep an Ended record for a late note, erase it.  Caller holds mu_.
+  void retire_passive(std::unordered_map<std::uint64_t, Entry>::iterator it, const std::optional<SessionInfo>& info);
   void remember_stopped(std::uint64_t req, std::uint64_t tag);  // caller holds mu_
   // Throws unless `local` may be handed to the backend for `req`: valid, not being deregistered and,
   // when it lies in the engine's pool, inside the slot leased to req's session.  Caller holds mu_ for

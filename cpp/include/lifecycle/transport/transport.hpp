@@ -16,8 +16,10 @@
 //                           Done inside post -> `complete` at once.
 // Tags: every note names (request, tag), so a note of an earlier transfer of a reused id, or a
 // duplicate, is never taken for the live transfer's: a "done" or "quiesced" completes a passive
-// entry only with its tag, a "stop" stops an active one only with its tag (a stop for an earlier,
-// finished transfer of the id is answered at once, a stop for a tag not posted yet cancels that post).
+// entry only with its tag, a "stop" stops an active one only with its tag (a stop naming another
+// offer of the id is remembered, so a later post of that offer is skipped, and answered once the
+// live transfer is Done).  Every engine event of an entry goes to the session its expose named
+// (Engine::apply with the session's serial), never to a later session of the same id.
 // Progress thread (never touches Python, never logs, holds no transport lock while calling the
 // engine or the agent):
 //   status Done             -> `complete` (InFlight: completed; CancelRequested: cancelled), release

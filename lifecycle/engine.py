@@ -172,6 +172,7 @@ class SessionInfo:
     slot: int | None
     generation: int
     state_since_ns: int
+    serial: int  # names this session in the engine: the same id advertised again later gets another
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,9 +284,9 @@ class TransferEngine(_core.Engine):
         raw = self._info(request)
         if raw is None:
             raise UnknownRequest(request)
-        role, st, outc, deferred, evidence, slot, gen, since = raw
+        role, st, outc, deferred, evidence, slot, gen, since, serial = raw
         return SessionInfo(request, _ROLES[role], _STATES[st], _OUTCOMES[outc], deferred, evidence,
-                           None if slot < 0 else slot, gen, since)
+                           None if slot < 0 else slot, gen, since, serial)
 
     def state(self, request: int) -> State:
         raw = self._info(request)

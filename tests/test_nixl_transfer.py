@@ -9,7 +9,7 @@ import pytest
 
 from lifecycle import CancelResult, IllegalTransition, NixlUnavailable, Outcome, State, TransferEngine, TransportError
 from lifecycle import _core
-from lifecycle.transport import ENV_CAPI, Mem, NixlTransport, Offer, connect_all, nixl_capi_path
+from lifecycle.transport import ENV_CAPI, Faults, Mem, NixlTransport, Offer, connect_all, nixl_capi_path
 
 from test_transport_harness import SIZES, Side, connect, crc, needs_nixl, pattern
 
@@ -239,3 +239,58 @@ def test_the_prepared_device_check_runs_on_cpu_and_can_fail():
     assert bad.returncode == 1, bad.stdout + bad.stderr
     assert re.search(r"dram->dram read +1 KiB: FAILED .*bytes DIFFER", bad.stdout), bad.stdout
     assert re.search(r"^7 of 8 cases passed; failed: dram->dram read +1 KiB$", bad.stdout, re.M), bad.stdout
+
+
+def test_every_session_has_its_own_serial_also_for_a_reused_id():
+    e = TransferEngine(tombstones=0, shards=1)  # an id is free again as soon as it is terminated
+    serials = set()
+    for _ in range(3):
+        e.advertise(1, "sender")
+        serials.add(e.info(1).serial)
+        e.cancel(1)
+        e.terminate(1)
+    assert len(serials) == 3 and 0 not in serials
+    many = TransferEngine(shards=16)  # unique across the shards of one engine (not across engines)
+    for req in range(1000):
+        many.advertise(req, "receiver")
+    assert len({many.info(req).serial for req in range(1000)} - {0}) == 1000
+
+
+@needs_nixl
+@pytest.mark.parametrize("mode", ["read", "write"])
+def test_one_request_id_reused_round_after_round_over_nixl(mode):
+    """An executor that reuses ids (no tombstones: the id is free again at once) with every "done" delivered
+    twice: each round gets a new offer tag, completes with its own bytes, and no note of an earlier round
+    reaches a later one (the engines count no illegal or late event)."""
+    kw = dict(slots=1, slot_size=64 * 1024, tombstones=0, shards=1)
+    faults = Faults(seed=61, duplicate_notification=1.0)
+    snd = Side("reuse-snd-" + mode, transport_kw={"faults": faults if mode == "read" else None}, **kw)
+    rcv = Side("reuse-rcv-" + mode, transport_kw={"faults": faults if mode == "write" else None}, **kw)
+    try:
+        rcv_at_snd, snd_at_rcv = connect(snd, rcv)
+        tags = set()
+        for rnd in range(40):
+            n = 4096 + 64 * rnd
+            src = snd.advertise(1, "sender", n, pattern(n, rnd))
+            dst = rcv.advertise(1, "receiver", n, 0)
+            if mode == "read":
+                offer = snd.t.expect(1, rcv_at_snd, src)
+                rcv.t.read(1, dst, snd_at_rcv, offer)
+            else:
+                offer = rcv.t.expect(1, snd_at_rcv, dst)
+                snd.t.write(1, src, rcv_at_snd, offer)
+            tags.add(offer.tag)
+            assert snd.wait(1) is State.Quiesced and rcv.wait(1) is State.Quiesced, rnd
+            assert snd.engine.outcome(1) is Outcome.completed and rcv.engine.outcome(1) is Outcome.completed, rnd
+            assert crc(rcv.view(1, n)) == crc(pattern(n, rnd)), rnd
+            snd.engine.terminate(1)
+            rcv.engine.terminate(1)
+        assert len(tags) == 40
+        passive = snd if mode == "read" else rcv
+        assert passive.t.fault_stats()["duplicated"] == 40 and passive.t.stats().done_received == 80
+        for s in (snd, rcv):
+            st = s.engine.statistics()
+            assert st.illegal == 0 and st.late == 0, (s.name, st)
+    finally:
+        snd.close()
+        rcv.close()

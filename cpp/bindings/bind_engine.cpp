@@ -247,8 +247,9 @@ void register_engine(py::module_& m) {
              if (!i) return py::none();
              return py::make_tuple(static_cast<int>(i->role), static_cast<int>(i->state), static_cast<int>(i->outcome),
                                    i->deferred, i->evidence, i->slot == kNoSlot ? -1 : static_cast<std::int64_t>(i->slot),
-                                   i->generation, i->state_since_ns);
-           }, py::arg("request"), "(role, state, outcome, deferred, evidence, slot, generation, state_since_ns) or None.")
+                                   i->generation, i->state_since_ns, i->serial);
+           }, py::arg("request"),
+           "(role, state, outcome, deferred, evidence, slot, generation, state_since_ns, serial) or None.")
       .def("_counters", [](const Engine& e) {
              Counters c = e.counters();
              py::dict d;

@@ -107,8 +107,12 @@ def test_thousand_mixed_sessions_leave_no_leaks():
             # quarantined slots are the only ones not back: counted, and explained by Poisoned sessions
             assert pool["free"] + pool["quarantined"] == pool["slots"], ctx
             assert pool["quarantined"] == c.quarantined - c.recovered, ctx
+            # offered ranges held (a passive session Poisoned, the peer may still write) are pool slots of
+            # those sessions: each one's slot is among the quarantined ones
+            assert st.held_offers <= pool["quarantined"], (st.held_offers, pool, ctx)
         print(f"\n1000 sessions x 2 sides: {outcomes}; quarantined a={a.engine.pool.stats()['quarantined']} "
-              f"b={b.engine.pool.stats()['quarantined']}; faults a={a.t.fault_stats()} b={b.t.fault_stats()}")
+              f"b={b.engine.pool.stats()['quarantined']}; held offers a={a.t.stats().held_offers} "
+              f"b={b.t.stats().held_offers}; faults a={a.t.fault_stats()} b={b.t.fault_stats()}")
         assert outcomes.get("Terminated", 0) + outcomes.get("Quiesced", 0) + outcomes.get("Poisoned", 0) == 2000
     finally:
         a.close()

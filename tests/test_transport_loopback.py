@@ -440,9 +440,7 @@ def test_expect_checks_the_range_it_offers():
     a, b, names = pair(slots=2, slot_size=64 * KiB)
     try:
         _, a_at_b = names
-        mine = b.advertise(1, "receiver", 4096, 0)
-        b.advertise(2, "receiver", 4096, 0)
-        theirs = pool_slot(b.engine, 2).slice(0, 4096)
+        mine, theirs = own_and_neighbour_slot(b)
         with pytest.raises(TransportError, match=r"^expect: request 1: local range \[\d+, \+4096\) of the engine's pool "
                                                  r"is not inside slot \d+, the one leased to it$"):
             b.t.expect(1, a_at_b, theirs)
@@ -524,6 +522,13 @@ def test_deregister_is_refused_while_the_backend_may_touch_the_memory():
         b.close()
 
 
+def own_and_neighbour_slot(side: Side) -> tuple[Mem, Mem]:
+    """Receiver sessions 1 and 2 on `side`: the first 4 KiB of request 1's slot and of request 2's."""
+    mine = side.advertise(1, "receiver", 4096, 0)
+    side.advertise(2, "receiver", 4096, 0)
+    return mine, pool_slot(side.engine, 2).slice(0, 4096)
+
+
 def test_a_transfer_over_another_sessions_pool_slot_is_refused():
     """The evidence rule protects the slot leased to a session; a transfer of that session over a
     neighbour's slot (an executor bug) would be protected by nothing.  Refused before anything is
@@ -531,9 +536,7 @@ def test_a_transfer_over_another_sessions_pool_slot_is_refused():
     a, b, names = pair(slots=2, slot_size=64 * KiB)
     try:
         b_at_a, _ = names
-        mine = a.advertise(1, "receiver", 4096, 0)
-        a.advertise(2, "receiver", 4096, 0)
-        theirs = pool_slot(a.engine, 2).slice(0, 4096)
+        mine, theirs = own_and_neighbour_slot(a)
         src = Offer(b.advertise(1, "sender", 4096, pattern(4096, 1)), 0)  # b holds no session: no tag
         slot = a.engine.info(1).slot
         with pytest.raises(TransportError, match=rf"^transfer: request 1: local range \[\d+, \+4096\) of the engine's "

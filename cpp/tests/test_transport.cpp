@@ -77,6 +77,43 @@ std::unique_ptr<Transport> loopback(std::shared_ptr<Engine> e, const std::string
   return std::make_unique<Transport>(std::move(e), std::make_unique<LoopbackAgent>(o));
 }
 
+// Two engines that forget an id as soon as it is terminated (an executor reusing ids past the tombstone
+// window), a sender `a` whose loopback agent is paced (its WRITEs stay in flight a while) and a
+// receiver `b`, one 4 KiB buffer each (registered), the peers known to each other.  `b_timers_ns` > 0
+// gives b's engine that transfer_timeout and cancel_grace.
+struct ReusePair {
+  std::shared_ptr<Engine> ea, eb;
+  std::unique_ptr<Transport> ta, tb;
+  std::vector<char> src, dst;
+  Region l, r;
+  Agent::RegionId rid_b = 0;
+
+  static Config reuse(std::int64_t timers_ns) {
+    Config c;
+    c.shards = 1;
+    c.tombstones = 0;
+    if (timers_ns > 0) c.transfer_timeout_ns = c.cancel_grace_ns = timers_ns;
+    return c;
+  }
+  ReusePair(const std::string& name, double bytes_per_second, std::int64_t b_timers_ns, char fill,
+            TransportOptions b_opts = {})
+      : ea(std::make_shared<Engine>(reuse(0))), eb(std::make_shared<Engine>(reuse(b_timers_ns))),
+        src(4096, fill), dst(4096, 0),
+        l{reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram},
+        r{reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram} {
+    LoopbackOptions oa, ob;
+    oa.name = name + "-a";
+    oa.bytes_per_second = bytes_per_second;
+    ob.name = name + "-b";
+    ta = std::make_unique<Transport>(ea, std::make_unique<LoopbackAgent>(oa));
+    tb = std::make_unique<Transport>(eb, std::make_unique<LoopbackAgent>(ob), b_opts);
+    ta->register_region(l);
+    rid_b = tb->register_region(r);
+    CHECK(ta->add_peer(tb->metadata()) == ob.name);
+    CHECK(tb->add_peer(ta->metadata()) == oa.name);
+  }
+};
+
 // Every note names (request, tag): notes of an earlier transfer of a reused id are never taken for the
 // live one's.  Round 1 moves request 1 and ends; round 2 reuses the id (a new session, a new tag) on a
 // paced agent, so it is in flight while the old transfer's "done" and "stop" arrive: the old "done"
@@ -84,23 +121,8 @@ std::unique_ptr<Transport> loopback(std::shared_ptr<Engine> e, const std::string
 // not cancel the sender's (it is answered with a "quiesced" for the old tag once round 2 is Done, which
 // the receiver must ignore too).  Then round 2 completes on both sides with its bytes.
 void test_notes_of_an_earlier_transfer_of_the_id_are_stale() {
-  Config cfg;  // no tombstones: the id is free again at once (an executor reusing ids past the window)
-  cfg.shards = 1;
-  cfg.tombstones = 0;
-  auto ea = std::make_shared<Engine>(cfg);
-  auto eb = std::make_shared<Engine>(cfg);
-  LoopbackOptions o;
-  o.name = "tag-a";
-  o.bytes_per_second = 40'000;  // 4 KiB: ~100 ms in flight
-  auto ta = std::make_unique<Transport>(ea, std::make_unique<LoopbackAgent>(o));
-  auto tb = loopback(eb, "tag-b");
-  std::vector<char> src(4096, 'x'), dst(4096, 0);
-  const Region l{reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram};
-  const Region r{reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram};
-  ta->register_region(l);
-  tb->register_region(r);
-  CHECK(ta->add_peer(tb->metadata()) == "tag-b");
-  CHECK(tb->add_peer(ta->metadata()) == "tag-a");
+  ReusePair p("tag", 40'000, 0, 'x');  // 4 KiB: ~100 ms in flight
+  auto& [ea, eb, ta, tb, src, dst, l, r, rid_b] = p;
   std::uint64_t tags[2] = {0, 0};
   for (int round = 0; round < 2; ++round) {
     std::memset(dst.data(), 0, dst.size());
@@ -136,28 +158,8 @@ void test_notes_of_an_earlier_transfer_of_the_id_are_stale() {
 // its live transfer is Done.  (Before, the stop was answered at once and forgotten: the post went out
 // into a slot the receiver had given up.)
 void test_a_stop_for_a_later_offer_is_remembered_while_an_earlier_transfer_runs() {
-  Config cfg;
-  cfg.shards = 1;
-  cfg.tombstones = 0;
-  cfg.transfer_timeout_ns = 20'000'000;
-  cfg.cancel_grace_ns = 20'000'000;
-  Config reuse;
-  reuse.shards = 1;
-  reuse.tombstones = 0;
-  auto ea = std::make_shared<Engine>(reuse);
-  auto eb = std::make_shared<Engine>(cfg);
-  LoopbackOptions o;
-  o.name = "later-a";
-  o.bytes_per_second = 20'000;  // 4 KiB: ~200 ms
-  auto ta = std::make_unique<Transport>(ea, std::make_unique<LoopbackAgent>(o));
-  auto tb = loopback(eb, "later-b");
-  std::vector<char> src(4096, 'L'), dst(4096, 0);
-  const Region l{reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram};
-  const Region r{reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram};
-  ta->register_region(l);
-  tb->register_region(r);
-  ta->add_peer(tb->metadata());
-  tb->add_peer(ta->metadata());
+  ReusePair p("later", 20'000, 20'000'000, 'L');  // 4 KiB: ~200 ms; b gives up after 20 + 20 ms
+  auto& [ea, eb, ta, tb, src, dst, l, r, rid_b] = p;
   CHECK(eb->advertise(1, Role::receiver, 0).status == Status::Moved);
   CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
   const std::uint64_t tag1 = tb->expect(1, "later-a", r);
@@ -182,25 +184,8 @@ void test_a_stop_for_a_later_offer_is_remembered_while_an_earlier_transfer_runs(
 // although the executor terminated the session and (no tombstones) advertised the id again meanwhile.
 // The new session is not touched by the old notes.
 void test_a_late_note_releases_its_offer() {
-  Config cfg;
-  cfg.shards = 1;
-  cfg.tombstones = 0;
-  cfg.transfer_timeout_ns = 20'000'000;
-  cfg.cancel_grace_ns = 20'000'000;
-  auto ea = std::make_shared<Engine>(Config{});
-  auto eb = std::make_shared<Engine>(cfg);
-  LoopbackOptions o;
-  o.name = "late-note-a";
-  o.bytes_per_second = 20'000;  // 4 KiB: ~200 ms
-  auto ta = std::make_unique<Transport>(ea, std::make_unique<LoopbackAgent>(o));
-  auto tb = loopback(eb, "late-note-b");
-  std::vector<char> src(4096, 'n'), dst(4096, 0);
-  const Region l{reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram};
-  const Region r{reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram};
-  ta->register_region(l);
-  const Agent::RegionId rid = tb->register_region(r);
-  ta->add_peer(tb->metadata());
-  tb->add_peer(ta->metadata());
+  ReusePair p("late-note", 20'000, 20'000'000, 'n');
+  auto& [ea, eb, ta, tb, src, dst, l, r, rid] = p;
   CHECK(eb->advertise(1, Role::receiver, 0).status == Status::Moved);
   CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
   const std::uint64_t tag = tb->expect(1, "late-note-a", r);
@@ -232,32 +217,10 @@ void test_a_late_note_releases_its_offer() {
 // new session (Advertised: the engine would count an illegal event; were it in flight, it would be
 // completed without evidence).  Then the new session is offered and transfers normally.
 void test_a_note_for_an_ended_session_never_reaches_a_new_session_of_the_id() {
-  Config cfg;
-  cfg.shards = 1;
-  cfg.tombstones = 0;
-  cfg.transfer_timeout_ns = 20'000'000;
-  cfg.cancel_grace_ns = 20'000'000;
-  Config reuse;  // the sender's id is free again at once too
-  reuse.shards = 1;
-  reuse.tombstones = 0;
-  auto ea = std::make_shared<Engine>(reuse);
-  auto eb = std::make_shared<Engine>(cfg);
-  LoopbackOptions o;
-  o.name = "serial-a";
-  o.bytes_per_second = 20'000;  // 4 KiB: ~200 ms
-  auto ta = std::make_unique<Transport>(ea, std::make_unique<LoopbackAgent>(o));
-  LoopbackOptions ob;
-  ob.name = "serial-b";
   TransportOptions no_sweep;
   no_sweep.sweep_interval = std::chrono::hours(1);  // one sweep at the start, none after
-  auto tb = std::make_unique<Transport>(eb, std::make_unique<LoopbackAgent>(ob), no_sweep);
-  std::vector<char> src(4096, 's'), dst(4096, 0);
-  const Region l{reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram};
-  const Region r{reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram};
-  ta->register_region(l);
-  tb->register_region(r);
-  ta->add_peer(tb->metadata());
-  tb->add_peer(ta->metadata());
+  ReusePair p("serial", 20'000, 20'000'000, 's', no_sweep);
+  auto& [ea, eb, ta, tb, src, dst, l, r, rid_b] = p;
   CHECK(eb->advertise(1, Role::receiver, 0).status == Status::Moved);
   CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
   const std::uint64_t old_serial = eb->info(1)->serial;

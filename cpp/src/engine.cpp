@@ -260,7 +260,7 @@ struct Ctx {
   BufferPool& pool;
   bool unhealthy;
   std::uint32_t tomb_cap;  // tombstones kept per shard
-  std::vector<std::pair<std::uint64_t, Role>>* aborts;
+  std::vector<Engine::Abort>* aborts;
   std::size_t pushed = 0;
 };
 
@@ -300,7 +300,7 @@ void Engine::notify_pushed(std::size_t n) {
   }
 }
 
-void Engine::run_aborts(std::vector<std::pair<std::uint64_t, Role>>& aborts) {
+void Engine::run_aborts(std::vector<Abort>& aborts) {
   if (aborts.empty()) return;
   std::shared_ptr<const AbortHooks> hooks;
   {
@@ -308,8 +308,8 @@ void Engine::run_aborts(std::vector<std::pair<std::uint64_t, Role>>& aborts) {
     hooks = hooks_;
   }
   if (!hooks) return;
-  for (auto& [req, role] : aborts)
-    for (const auto& [id, hook] : *hooks) hook(req, role);
+  for (const Abort& a : aborts)
+    for (const auto& [id, hook] : *hooks) hook(a);
 }
 
 bool Engine::degraded() const {
@@ -552,7 +552,7 @@ static ApplyResult apply_locked(Engine::Shard& sh, std::uint32_t idx, Event ev, 
   if (ev == Event::cancel && cx.unhealthy &&
       c.result == static_cast<std::uint8_t>(CancelResult::CancelRequestedInFlight))
     r.result = static_cast<std::uint8_t>(CancelResult::BackendUnhealthy);
-  if (c.dst == State::CancelRequested && cx.aborts) cx.aborts->emplace_back(s.req, s.role);
+  if (c.dst == State::CancelRequested && cx.aborts) cx.aborts->push_back(Engine::Abort{s.req, s.role, s.serial});
   if (ev == Event::timeout) ++sh.ctr.timeouts;
   if (ev == Event::grace_expired) ++sh.ctr.grace_expired;
   if (kFinal[si(c.dst)]) {
@@ -619,7 +619,7 @@ ApplyResult Engine::apply(std::uint64_t req, Event ev, std::uint64_t serial) {
   }
   const Key h(req);
   Shard& sh = shard_of(h);
-  std::vector<std::pair<std::uint64_t, Role>> aborts;
+  std::vector<Engine::Abort> aborts;
   Ctx cx{0, *pool_, degraded(), tomb_cap_, &aborts};
   ApplyResult r;
   cx.now = clock_->now_ns();  // outside the lock; apply_one stamps it (monotonic per shard)
@@ -633,7 +633,7 @@ ApplyResult Engine::apply(std::uint64_t req, Event ev, std::uint64_t serial) {
 }
 
 void Engine::apply_batch(const std::uint64_t* ids, const std::uint8_t* events, std::size_t n, std::uint8_t* out) {
-  std::vector<std::pair<std::uint64_t, Role>> aborts;
+  std::vector<Engine::Abort> aborts;
   const std::int64_t now = clock_->now_ns();
   Ctx cx{now, *pool_, degraded(), tomb_cap_, &aborts};
   for_each_by_shard(ids, n, [&](Shard& sh, const Key& k, std::size_t i) {
@@ -688,7 +688,7 @@ TerminateResult Engine::terminate(std::uint64_t req) {
 
 std::size_t Engine::tick() {
   std::size_t fired = 0;
-  std::vector<std::pair<std::uint64_t, Role>> aborts;
+  std::vector<Engine::Abort> aborts;
   const std::int64_t to = cfg_.transfer_timeout_ns, grace = cfg_.cancel_grace_ns;
   Ctx cx{0, *pool_, unhealthy_.load(std::memory_order_relaxed), tomb_cap_, &aborts};
   for (Shard& sh : shards()) {

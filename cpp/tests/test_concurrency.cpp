@@ -22,7 +22,7 @@ int main() {
   c.quarantine_budget = kSessions;
   Engine eng(c);
   std::atomic<int> aborts{0};
-  eng.add_abort_hook([&](std::uint64_t, Role) { aborts.fetch_add(1, std::memory_order_relaxed); });
+  eng.add_abort_hook([&](const Engine::Abort&) { aborts.fetch_add(1, std::memory_order_relaxed); });
   for (std::uint64_t i = 0; i < kSessions; ++i) {
     CHECK(eng.advertise(i, i % 2 ? Role::sender : Role::receiver, 64).status == Status::Moved);
     if (i % 5 != 0) eng.apply(i, Event::expose);

@@ -250,6 +250,91 @@ void test_a_note_for_an_ended_session_never_reaches_a_new_session_of_the_id() {
   CHECK(std::memcmp(src.data(), dst.data(), 64) == 0);
 }
 
+// Every "quiesced" passes one check (send_acks): never while the engine's session was Poisoned without
+// evidence (an earlier transport of this engine, whose bytes may still land).  The stop arrives while a
+// retried transfer() of that session is inside its (refused) expose, so it is owed by that transfer; the
+// refused path used to send it unchecked.  Control: the same stop outside the window is unanswered too.
+void test_a_refused_post_never_answers_a_stop_for_a_session_poisoned_without_evidence() {
+  auto clock = std::make_shared<GateClock>();
+  Config c;
+  c.shards = 1;
+  auto ea = std::make_shared<Engine>(c, clock);
+  auto eb = std::make_shared<Engine>(c);
+  auto ta = loopback(ea, "refused-a");
+  auto tb = loopback(eb, "refused-b");
+  std::vector<char> src(4096, 's'), dst(4096, 0);
+  const Region l{reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram};
+  const Region r{reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram};
+  ta->register_region(l);
+  tb->register_region(r);
+  ta->add_peer(tb->metadata());
+  tb->add_peer(ta->metadata());
+  // what an earlier transport's error or stop() leaves: exposed, failed, no evidence
+  CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
+  CHECK(ea->apply(1, Event::expose).status == Status::Moved);
+  CHECK(ea->apply(1, Event::fail).status == Status::Moved);
+  CHECK(ea->info(1)->poisoned && !ea->info(1)->evidence);
+  tb->agent().send_notification("refused-a", {1, NotifKind::Stop, 0x1234});  // control: no entry here
+  CHECK(eventually([&] { return ta->stats().stops_unanswered == 1; }));
+  clock->arm();
+  std::thread retry([&] {
+    t_gated = true;
+    bool refused = false;
+    try {
+      (void)ta->transfer(1, XferOp::Write, l, r, "refused-b", 0x9999);
+    } catch (const IllegalTransitionError&) {
+      refused = true;
+    }
+    CHECK(refused);
+  });
+  clock->wait_parked();  // inside expose, its entry made
+  tb->agent().send_notification("refused-a", {1, NotifKind::Stop, 0x1235});
+  CHECK(eventually([&] { return ta->stats().stale_notifications == 1; }));  // owed by the parked transfer
+  clock->release();
+  retry.join();
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  CHECK(ta->stats().quiesced_sent == 0 && ta->stats().stops_unanswered == 2);
+}
+
+// An abort hook runs after the engine's lock is released: by then the cancelled session S1 may have
+// ended and the id been advertised again and offered (S2).  The hook carries S1's serial, so the
+// transport sends no stop for S2's offer; before, the stop went out, the peer (nothing posted) answered,
+// and S2 ended Quiesced(completed) with no byte moved.  A hook added before the transport's stands for
+// the executor threads that run in that window.
+void test_a_late_abort_never_stops_a_new_session_of_the_id() {
+  Config c;
+  c.shards = 1;
+  c.tombstones = 0;
+  auto ea = std::make_shared<Engine>(c);
+  auto eb = std::make_shared<Engine>(c);
+  std::atomic<bool> armed{false};
+  Transport* tbp = nullptr;
+  std::vector<char> src(4096, 's'), dst(4096, 0);
+  const Region l{reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram};
+  const Region r{reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram};
+  eb->add_abort_hook([&](const Engine::Abort& a) {
+    if (a.req != 1 || !armed.exchange(false)) return;
+    (void)eb->apply(1, Event::fail);  // S1 ends (grace, a late note, ...)
+    (void)eb->terminate(1);           // the executor terminates it; no tombstone kept
+    CHECK(eb->advertise(1, Role::receiver, 0).status == Status::Moved);  // S2
+    (void)tbp->expect(1, "abort-a", r);
+  });
+  auto ta = loopback(ea, "abort-a");
+  auto tb = loopback(eb, "abort-b");
+  tbp = tb.get();
+  ta->register_region(l);
+  tb->register_region(r);
+  ta->add_peer(tb->metadata());
+  tb->add_peer(ta->metadata());
+  CHECK(eb->advertise(1, Role::receiver, 0).status == Status::Moved);
+  (void)tb->expect(1, "abort-a", r);
+  armed = true;
+  CHECK(eb->cancel(1) == CancelResult::CancelRequestedInFlight);  // S1's abort runs after S2 exists
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  CHECK(state_of(*eb, 1) == State::InFlight);  // S2: nobody cancelled it
+  CHECK(tb->stats().stops_sent == 0 && ta->stats().quiesced_sent == 0);
+}
+
 // Two transports driving one engine: each keeps its abort hook (the second used to replace the
 // first, so the first's passive sessions sent no stop on cancel and could only end Poisoned).
 void test_every_transport_on_an_engine_gets_its_aborts() {
@@ -582,6 +667,8 @@ int main() {
   test_a_stop_for_a_later_offer_is_remembered_while_an_earlier_transfer_runs();
   test_a_late_note_releases_its_offer();
   test_a_note_for_an_ended_session_never_reaches_a_new_session_of_the_id();
+  test_a_refused_post_never_answers_a_stop_for_a_session_poisoned_without_evidence();
+  test_a_late_abort_never_stops_a_new_session_of_the_id();
   test_every_transport_on_an_engine_gets_its_aborts();
   test_wrapping_ranges_are_refused();
   test_posts_cancels_and_drains_race_cleanly();

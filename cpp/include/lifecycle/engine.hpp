@@ -178,7 +178,14 @@ class Engine {
   // must abort/ask its peer to stop.  Every transport that drives this engine adds its own hook
   // (each ignores requests it holds nothing for); remove_abort_hook(id) takes one out (a hook that is
   // running finishes first only if the caller ensures it, e.g. Transport's relay).  Thread-safe.
-  using AbortHook = std::function<void(std::uint64_t, Role)>;
+  // The hook gets the session's serial: it runs after the shard lock is released, so by then that
+  // session may have ended and the id been advertised again (another serial), which it must not touch.
+  struct Abort {
+    std::uint64_t req;
+    Role role;
+    std::uint64_t serial;
+  };
+  using AbortHook = std::function<void(const Abort&)>;
   std::uint64_t add_abort_hook(AbortHook hook);
   void remove_abort_hook(std::uint64_t id);
 
@@ -204,7 +211,7 @@ class Engine {
   template <class Fn>
   void group_slice(const std::uint64_t* ids, std::size_t base, std::size_t stop, Fn& fn);  // unhealthy or backend down: cancels answer BackendUnhealthy
   void notify_pushed(std::size_t n);
-  void run_aborts(std::vector<std::pair<std::uint64_t, Role>>& aborts);
+  void run_aborts(std::vector<Abort>& aborts);
 
   Config cfg_;
   std::shared_ptr<const Clock> clock_;

@@ -54,6 +54,8 @@ namespace {
 
 bool terminal_or_final(State s) { return kTerminal[static_cast<int>(s)] || kFinal[static_cast<int>(s)]; }
 
+constexpr std::size_t kMaxOtherStops = 64;  // per live transfer: stops naming other offers of its id
+
 // splitmix64's finalizer: a bijection on 64 bits, so distinct counts give distinct tags.
 std::uint64_t mix64(std::uint64_t z) {
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
@@ -73,10 +75,10 @@ Transport::Transport(std::shared_ptr<Engine> engine, std::unique_ptr<Agent> agen
   relay_->target = this;
   if (engine_) {
     std::weak_ptr<Relay> weak = relay_;
-    abort_hook_ = engine_->add_abort_hook([weak](std::uint64_t req, Role) {
+    abort_hook_ = engine_->add_abort_hook([weak](const Engine::Abort& a) {
       if (auto relay = weak.lock()) {
         std::lock_guard<std::recursive_mutex> lk(relay->mu);
-        if (relay->target != nullptr) relay->target->on_abort(req);
+        if (relay->target != nullptr) relay->target->on_abort(a.req, a.serial);
       }
     });
   }
@@ -147,6 +149,12 @@ ApplyResult Transport::apply(std::uint64_t req, Event ev, std::uint64_t serial) 
   return engine_ ? engine_->apply(req, ev, serial) : ApplyResult{};
 }
 
+std::uint64_t Transport::serial_of(std::uint64_t req) const {
+  if (!engine_) return 0;
+  const auto info = engine_->info(req);
+  return info ? info->serial : 0;
+}
+
 void Transport::retire_passive(std::unordered_map<std::uint64_t, Entry>::iterator it,
                                const std::optional<SessionInfo>& info) {
   const bool same = info && info->serial == it->second.serial;
@@ -166,6 +174,28 @@ void Transport::send(const std::string& peer, const NotifMessage& m) {
   } catch (const std::exception&) {
     ctr_.send_errors.fetch_add(1);  // a dead peer: the engine's timers decide (grace -> Poisoned)
   }
+}
+
+// Every "quiesced" goes out here, except the test-only unsafe one: never while a transfer of ours for req
+// ended without evidence (unproven_), nor while the engine's session for it was Poisoned without any
+// (an earlier transport of this engine, whose bytes may still land; the engine remembers while the
+// tombstone lives).  Our own Done, applied before this is called, is such evidence.
+void Transport::send_acks(const std::string& peer, std::uint64_t req, const std::vector<std::uint64_t>& tags) {
+  if (tags.empty()) return;
+  bool refuse = false;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    refuse = unproven_.count(req) != 0;
+  }
+  if (!refuse && engine_) {
+    const auto info = engine_->info(req);
+    refuse = info && info->poisoned && !info->evidence;
+  }
+  if (refuse) {
+    ctr_.stops_unanswered.fetch_add(tags.size());
+    return;
+  }
+  for (std::uint64_t t : tags) send(peer, {req, NotifKind::Quiesced, t});
 }
 
 void Transport::remember_stopped(std::uint64_t req, std::uint64_t tag) {
@@ -239,6 +269,9 @@ PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local
   // 0. A local range in the engine's pool must lie inside the slot leased to this very session: the
   //    evidence rule protects that slot, not a neighbour's (one lookup, only for pool memory).
   check_pool_slot("transfer", req, local);
+  // The session this transfer is for (the one expose will move): its entry names it from the start, so
+  // a late abort or note of an earlier session of the id never applies to this one.
+  const std::uint64_t current = serial_of(req);
   // 1. Build the request: a bad peer or descriptor throws here, before anything is exposed.
   agent_->prepare(req, op, local, remote, peer, tag);
   bool stopped_by_peer = false;
@@ -251,7 +284,7 @@ PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local
       if (refuse == nullptr && local.overlaps(regions_.at(id))) refuse = "is being deregistered (its local range)";
     if (refuse == nullptr) {
       stopped_by_peer = stopped_reqs_.count({req, tag}) != 0;
-      entries_[req] = Entry{Side::Active, peer, tag, 0, {}, false, false, stopped_by_peer, false, {}};
+      entries_[req] = Entry{Side::Active, peer, tag, current, {}, false, false, stopped_by_peer, false, {}};
       held_[req] = local;
     }
   }
@@ -260,9 +293,9 @@ PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local
     throw TransportError("transfer: request " + std::to_string(req) + ": transport " + name() + " " + refuse);
   }
   // 2. Expose (Advertised -> InFlight). A refused expose (cancelled, unknown) posts nothing.
-  std::uint64_t serial = 0;
+  std::uint64_t serial = current;
   if (engine_) {
-    const ApplyResult r = engine_->apply(req, Event::expose);
+    const ApplyResult r = engine_->apply(req, Event::expose, serial);
     serial = r.serial;
     if (r.status != Status::Moved) {
       std::vector<std::uint64_t> acks;
@@ -275,7 +308,7 @@ PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local
         }
       }
       release_xfer(req, true);  // prepared, never posted: nothing moved
-      for (std::uint64_t t : acks) send(peer, {req, NotifKind::Quiesced, t});
+      send_acks(peer, req, acks);
       throw_refused(r, req, Event::expose);
     }
   }
@@ -308,7 +341,7 @@ PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local
     release_xfer(req, true);
     if (ack) (void)apply(req, Event::cancel, serial);  // InFlight -> CancelRequested (idempotent)
     (void)apply(req, Event::complete, serial);           // -> Quiesced(cancelled)
-    for (std::uint64_t t : acks) send(peer, {req, NotifKind::Quiesced, t});
+    send_acks(peer, req, acks);
     ctr_.cancelled_before_post.fetch_add(1);
     return PostResult::CancelledBeforePost;
   }
@@ -341,7 +374,7 @@ std::uint64_t Transport::expect(std::uint64_t req, const std::string& peer, cons
   std::uint64_t tag = 0;
   // the session this offer is for: an entry left by an earlier session of the id (ended, not swept yet)
   // is retired here rather than refusing the new one
-  const std::optional<SessionInfo> current = engine_ ? engine_->info(req) : std::nullopt;
+  const std::uint64_t current = serial_of(req);
   // a passive session needs its peer: to ask it to stop, and to know its notes
   if (!agent_->knows_peer(peer)) {
     throw TransportError("expect: request " + std::to_string(req) + ": unknown peer '" + peer +
@@ -350,7 +383,7 @@ std::uint64_t Transport::expect(std::uint64_t req, const std::string& peer, cons
   {
     std::lock_guard<std::mutex> lk(mu_);
     if (auto old = entries_.find(req); old != entries_.end() && old->second.side == Side::Passive &&
-                                       current && old->second.offered && old->second.serial != current->serial) {
+                                       current != 0 && old->second.offered && old->second.serial != current) {
       retire_passive(old, std::nullopt);  // its session is gone: what became of it is unknown here
     }
     if (entries_.count(req) != 0) {
@@ -371,11 +404,10 @@ std::uint64_t Transport::expect(std::uint64_t req, const std::string& peer, cons
     do {
       tag = mix64(tag_salt_ + ++tag_count_);
     } while (tag == 0);
-    entries_[req] = Entry{Side::Passive, peer, tag, 0, local, false, false, false, false, {}};
-    ended_.erase(req);  // a new transfer of the id: an earlier one's late note proves nothing for it
+    entries_[req] = Entry{Side::Passive, peer, tag, current, local, false, false, false, false, {}};
   }
   if (engine_) {
-    const ApplyResult r = engine_->apply(req, Event::expose);
+    const ApplyResult r = engine_->apply(req, Event::expose, current);
     bool taken = false;
     {
       std::lock_guard<std::mutex> lk(mu_);
@@ -386,6 +418,9 @@ std::uint64_t Transport::expect(std::uint64_t req, const std::string& peer, cons
       } else if (mine) {
         it->second.serial = r.serial;
         it->second.offered = true;
+        // a new session of the id exposed: an earlier session's record can prove nothing any more (kept
+        // when the expose is refused: that session may still be the id's, awaiting its late note)
+        if (auto e = ended_.find(req); e != ended_.end() && e->second.serial != r.serial) ended_.erase(e);
       } else {
         taken = true;  // stop() or remove_peer() took the entry while expose was applied
       }
@@ -442,23 +477,25 @@ void Transport::finish_active(std::uint64_t req, bool done) {
   }
   // "quiesced" only after our own request reached Done: an error proves nothing.
   if (done) {
-    for (std::uint64_t t : acks) send(peer, {req, NotifKind::Quiesced, t});
+    send_acks(peer, req, acks);
   }
 }
 
-void Transport::on_abort(std::uint64_t req) {
+void Transport::on_abort(std::uint64_t req, std::uint64_t serial) {
   std::string peer;
-  std::uint64_t tag = 0, serial = 0;
+  std::uint64_t tag = 0;
   bool passive = false, release_now = false;
   {
     std::lock_guard<std::mutex> lk(mu_);
     auto it = entries_.find(req);
     if (it == entries_.end()) return;  // not ours, or already finished
     Entry& e = it->second;
+    // the hook runs after the engine's lock is released: the cancelled session may have ended and the id
+    // been advertised again; this entry then belongs to the new session, which nobody cancelled
+    if (e.serial != serial) return;
     switch (e.side) {
       case Side::Active:
         e.cancel_requested = true;
-        serial = e.serial;
         if (e.posting && opts_.unsafe_release_on_cancel) {
           release_now = true;
           entries_.erase(it);
@@ -565,7 +602,14 @@ void Transport::on_notification(const std::string& peer, const NotifMessage& m) 
           // skipped) and answer once this request is Done: safe in all three cases.  This one goes on.
           ctr_.stale_notifications.fetch_add(1);
           remember_stopped(req, m.tag);
-          it->second.other_stops.push_back(m.tag);
+          auto& owed = it->second.other_stops;
+          if (std::find(owed.begin(), owed.end(), m.tag) != owed.end()) {
+            // a repeated stop: answered once, with the first
+          } else if (owed.size() < kMaxOtherStops) {
+            owed.push_back(m.tag);
+          } else {
+            ctr_.stops_unanswered.fetch_add(1);  // bounded: this one's peer ends Poisoned (safe)
+          }
         } else if (it == entries_.end()) {
           remember_stopped(req, m.tag);  // a later transfer() with this tag is cancelled before its post
           reply_now = true;
@@ -582,16 +626,7 @@ void Transport::on_notification(const std::string& peer, const NotifMessage& m) 
         }
       } else if (reply_now) {
         // Nothing of ours moves for (req, tag): never posted (and now never will be), or finished.
-        if (engine_) {
-          // Ended without evidence under an earlier transport of this engine (unproven_ knows this
-          // one's; the engine remembers while the tombstone lives): its bytes may still land.
-          auto info = engine_->info(req);
-          if (info && info->poisoned && !info->evidence) {
-            ctr_.stops_unanswered.fetch_add(1);
-            return;
-          }
-        }
-        send(peer, {req, NotifKind::Quiesced, m.tag});
+        send_acks(peer, req, {m.tag});
       }
       return;
     }

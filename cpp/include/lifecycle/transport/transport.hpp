@@ -160,8 +160,9 @@ class Transport final : public EventSink {
   };
   // The "quiesced" replies an active entry owes once its request is proven stopped.
   static std::vector<std::uint64_t> owed_acks(const Entry& e);
-  // A passive entry the sweep removed without a note (its session ended: grace expired, ...): a late
-  // note with its tag is still evidence, for that very session only (its serial).
+  // A passive entry removed without a note (the sweep: its session ended, grace expired...; expect()
+  // retiring an ended session's entry; remove_peer): a late note with its tag is still evidence, for that
+  // very session only (its serial).
   struct Ended {
     std::string peer;
     std::uint64_t tag = 0;
@@ -176,7 +177,7 @@ class Transport final : public EventSink {
   };
   void hold_offer(std::uint64_t req, const Entry& e);  // caller holds mu_
 
-  void on_abort(std::uint64_t req);
+  void on_abort(std::uint64_t req, std::uint64_t serial);
   bool on_pass() override;  // sends the queued stops (outbox_)
   void finish_active(std::uint64_t req, bool done);
   // Release; a failure is counted and retried by the sweep.  `proven`: never posted, or Done (DESIGN
@@ -184,6 +185,9 @@ class Transport final : public EventSink {
   void release_xfer(std::uint64_t req, bool proven);
   void forget_held(std::uint64_t req, bool proven);  // caller holds mu_
   void send(const std::string& peer, const NotifMessage& m);
+  // "quiesced" for each of `tags`, unless some transfer for req may still move bytes (transport.cpp)
+  void send_acks(const std::string& peer, std::uint64_t req, const std::vector<std::uint64_t>& tags);
+  std::uint64_t serial_of(std::uint64_t req) const;  // the serial of req's session now (0: none, or no engine)
   // The event for the session `serial` names (0: whichever session holds req).
   ApplyResult apply(std::uint64_t req, Event ev, std::uint64_t serial);
   // A passive entry whose session ended without our note, or is gone: hold its offer if no evidence is

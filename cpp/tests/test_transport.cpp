@@ -4,6 +4,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <random>
@@ -333,6 +334,114 @@ void test_a_late_abort_never_stops_a_new_session_of_the_id() {
   std::this_thread::sleep_for(std::chrono::milliseconds(50));
   CHECK(state_of(*eb, 1) == State::InFlight);  // S2: nobody cancelled it
   CHECK(tb->stats().stops_sent == 0 && ta->stats().quiesced_sent == 0);
+}
+
+// A loopback agent that runs a hook when prepare() or knows_peer() is called: the executor's threads
+// acting in the window between a transport reading the id's session and building the request.
+class HookAgent final : public Agent {
+ public:
+  HookAgent(const std::string& name, std::function<void()> hook)
+      : inner_(std::make_unique<LoopbackAgent>(options(name))), hook_(std::move(hook)) {}
+  const std::string& name() const noexcept override { return inner_->name(); }
+  const char* backend_name() const noexcept override { return inner_->backend_name(); }
+  RegionId register_region(const Region& r) override { return inner_->register_region(r); }
+  void deregister_region(RegionId id) override { inner_->deregister_region(id); }
+  std::size_t registered_regions() const override { return inner_->registered_regions(); }
+  std::string local_metadata() override { return inner_->local_metadata(); }
+  std::string load_remote_metadata(const std::string& md) override { return inner_->load_remote_metadata(md); }
+  void invalidate_remote(const std::string& peer) override { inner_->invalidate_remote(peer); }
+  bool knows_peer(const std::string& peer) const override {
+    hook_();
+    return inner_->knows_peer(peer);
+  }
+  void prepare(std::uint64_t req, XferOp op, const Region& local, const Region& remote, const std::string& peer,
+               std::optional<std::uint64_t> done_tag) override {
+    hook_();
+    inner_->prepare(req, op, local, remote, peer, done_tag);
+  }
+  XferState post(std::uint64_t req) override { return inner_->post(req); }
+  XferStatus status(std::uint64_t req) override { return inner_->status(req); }
+  ReleaseStatus release(std::uint64_t req) override { return inner_->release(req); }
+  std::size_t live_requests() const override { return inner_->live_requests(); }
+  void send_notification(const std::string& peer, const NotifMessage& m) override {
+    inner_->send_notification(peer, m);
+  }
+  std::vector<RawNotification> fetch_notifications() override { return inner_->fetch_notifications(); }
+
+ private:
+  static LoopbackOptions options(const std::string& name) {
+    LoopbackOptions o;
+    o.name = name;
+    return o;
+  }
+  std::unique_ptr<LoopbackAgent> inner_;
+  std::function<void()> hook_;
+};
+
+// transfer() and expect() for an id with no session are refused up front, before the request is built
+// or the peer looked up.  Before, they went on with serial 0 (no session): an executor advertising the
+// id meanwhile had that session moved by an expose under an entry naming no session, so a cancel in the
+// window before the post was ignored (its abort carries the real serial).  The hook advertises the id
+// at the point where that window opened: it must never run.
+void test_an_id_with_no_session_is_refused_before_anything_is_built() {
+  auto e = std::make_shared<Engine>(Config{});
+  auto peer_engine = std::make_shared<Engine>(Config{});
+  int hooked = 0;
+  std::uint64_t next = 1;
+  auto hook = [&] {
+    ++hooked;
+    (void)e->advertise(next, Role::sender, 0);
+  };
+  Transport t(e, std::make_unique<HookAgent>("nosession-a", hook));
+  auto peer = loopback(peer_engine, "nosession-b");
+  std::vector<char> src(4096, 'q'), dst(4096, 0);
+  const Region l{reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram};
+  const Region r{reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram};
+  t.register_region(l);
+  peer->register_region(r);
+  CHECK(t.add_peer(peer->metadata()) == "nosession-b");
+  bool unknown = false;
+  try {
+    (void)t.transfer(1, XferOp::Write, l, r, "nosession-b", 7);
+  } catch (const UnknownRequestError&) {
+    unknown = true;
+  }
+  CHECK(unknown);
+  next = 2;
+  unknown = false;
+  try {
+    (void)t.expect(2, "nosession-b", l);
+  } catch (const UnknownRequestError&) {
+    unknown = true;
+  }
+  CHECK(unknown);
+  CHECK(hooked == 0);  // refused before the request was built or the peer looked up
+  CHECK(t.agent().live_requests() == 0 && t.stats().active == 0 && t.stats().passive == 0);
+  CHECK(!e->info(1) && !e->info(2));
+}
+
+// A stop from another peer than the live transfer's, naming another offer of the id: answered at once,
+// to the peer that asked.  Before, it was queued with the live transfer's owed answers and sent, once
+// that was Done, to the live transfer's peer (a stale note there), and the asker never got one (its
+// session could only end Poisoned).
+void test_a_stop_from_another_peer_is_answered_to_that_peer() {
+  ReusePair p("peer", 40'000, 0, 'p');  // 4 KiB: ~100 ms in flight
+  auto& [ea, eb, ta, tb, src, dst, l, r, rid_b] = p;
+  auto tc = loopback(std::make_shared<Engine>(Config{}), "peer-c");
+  CHECK(ta->add_peer(tc->metadata()) == "peer-c");
+  CHECK(tc->add_peer(ta->metadata()) == "peer-a");
+  CHECK(eb->advertise(1, Role::receiver, 0).status == Status::Moved);
+  CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
+  const std::uint64_t tag = tb->expect(1, "peer-a", r);
+  CHECK(ta->transfer(1, XferOp::Write, l, r, "peer-b", tag) == PostResult::Posted);
+  tc->agent().send_notification("peer-a", {1, NotifKind::Stop, tag ^ 1});  // c's own offer of id 1
+  CHECK(eventually([&] { return tc->stats().quiesced_received == 1; }));
+  CHECK(state_of(*ea, 1) == State::InFlight);  // the live transfer to b goes on
+  CHECK(eventually([&] { return state_of(*ea, 1) == State::Quiesced && state_of(*eb, 1) == State::Quiesced; }));
+  CHECK(eventually([&] { return tb->stats().done_received == 1; }));
+  CHECK(tb->stats().quiesced_received == 0 && tb->stats().stale_notifications == 0);  // none of b's
+  CHECK(ea->info(1)->outcome == Outcome::completed && eb->info(1)->outcome == Outcome::completed);
+  CHECK(std::memcmp(src.data(), dst.data(), src.size()) == 0);
 }
 
 // Two transports driving one engine: each keeps its abort hook (the second used to replace the
@@ -669,6 +778,8 @@ int main() {
   test_a_note_for_an_ended_session_never_reaches_a_new_session_of_the_id();
   test_a_refused_post_never_answers_a_stop_for_a_session_poisoned_without_evidence();
   test_a_late_abort_never_stops_a_new_session_of_the_id();
+  test_an_id_with_no_session_is_refused_before_anything_is_built();
+  test_a_stop_from_another_peer_is_answered_to_that_peer();
   test_every_transport_on_an_engine_gets_its_aborts();
   test_wrapping_ranges_are_refused();
   test_posts_cancels_and_drains_race_cleanly();

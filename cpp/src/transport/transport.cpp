@@ -272,6 +272,9 @@ PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local
   // The session this transfer is for (the one expose will move): its entry names it from the start, so
   // a late abort or note of an earlier session of the id never applies to this one.
   const std::uint64_t current = serial_of(req);
+  // No session (yet): refused before anything is built.  An expose with serial 0 would move whatever
+  // session is advertised meanwhile, under an entry that names none, so its aborts would pass it by.
+  if (engine_ && current == 0) throw UnknownRequestError(req, Event::expose);
   // 1. Build the request: a bad peer or descriptor throws here, before anything is exposed.
   agent_->prepare(req, op, local, remote, peer, tag);
   bool stopped_by_peer = false;
@@ -375,6 +378,7 @@ std::uint64_t Transport::expect(std::uint64_t req, const std::string& peer, cons
   // the session this offer is for: an entry left by an earlier session of the id (ended, not swept yet)
   // is retired here rather than refusing the new one
   const std::uint64_t current = serial_of(req);
+  if (engine_ && current == 0) throw UnknownRequestError(req, Event::expose);  // as in transfer()
   // a passive session needs its peer: to ask it to stop, and to know its notes
   if (!agent_->knows_peer(peer)) {
     throw TransportError("expect: request " + std::to_string(req) + ": unknown peer '" + peer +
@@ -587,7 +591,8 @@ void Transport::on_notification(const std::string& peer, const NotifMessage& m) 
       {
         std::lock_guard<std::mutex> lk(mu_);
         auto it = entries_.find(req);
-        if (it != entries_.end() && it->second.side == Side::Active && it->second.tag == m.tag) {
+        const bool live_active = it != entries_.end() && it->second.side == Side::Active;
+        if (live_active && it->second.tag == m.tag && it->second.peer == peer) {
           active = true;
           serial = it->second.serial;
           // TEST ONLY (negative control): ack now instead of after our Done; the bug the passive
@@ -595,7 +600,14 @@ void Transport::on_notification(const std::string& peer, const NotifMessage& m) 
           if (opts_.unsafe_ack_stop_at_once) reply_now = true; else it->second.peer_stop = true;
         } else if (unproven_.count(req) != 0) {
           ctr_.stops_unanswered.fetch_add(1);  // ended without evidence: no ack, ever
-        } else if (it != entries_.end() && it->second.side == Side::Active) {
+        } else if (live_active && it->second.peer != peer) {
+          // From another peer than the live transfer's: nothing of ours moves into that peer for the id
+          // (an earlier transfer there ended, with evidence, else the id would be refused).  Answered
+          // now, to the peer that asked; queued with the live one, it would go to the wrong peer.
+          ctr_.stale_notifications.fetch_add(1);
+          remember_stopped(req, m.tag);
+          reply_now = true;
+        } else if (live_active) {
           // A stop naming another offer of the id while this transfer is live: an earlier offer (whose
           // transfer ended, with evidence, else the id would be refused), a later one not posted yet, or
           // even this very one, if the caller posted it under a wrong tag.  Remember it (its post will be

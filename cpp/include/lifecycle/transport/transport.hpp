@@ -17,9 +17,11 @@
 // Tags: every note names (request, tag), so a note of an earlier transfer of a reused id, or a
 // duplicate, is never taken for the live transfer's: a "done" or "quiesced" completes a passive
 // entry only with its tag, a "stop" stops an active one only with its tag (a stop naming another
-// offer of the id is remembered, so a later post of that offer is skipped, and answered once the
-// live transfer is Done).  Every engine event of an entry goes to the session its expose named
-// (Engine::apply with the session's serial), never to a later session of the same id.
+// offer of the id from the same peer is remembered, so a later post of that offer is skipped, and
+// answered once the live transfer is Done; from another peer, answered at once).  transfer() and
+// expect() refuse an id with no session (UnknownRequestError, nothing built).  Every engine event of
+// an entry goes to the session found when the entry was made (Engine::apply with its serial), never
+// to a later session of the same id.
 // Progress thread (never touches Python, never logs, holds no transport lock while calling the
 // engine or the agent):
 //   status Done             -> `complete` (InFlight: completed; CancelRequested: cancelled), release
@@ -147,7 +149,7 @@ class Transport final : public EventSink {
     Side side = Side::Active;
     std::string peer;
     std::uint64_t tag = 0;          // this transfer's, in every note about it
-    std::uint64_t serial = 0;       // the engine session it drives (set by expose): events go to it only
+    std::uint64_t serial = 0;       // the engine session it drives (found at entry creation): only it gets events
     Region local{};                 // passive: the range offered to the peer
     bool posting = false;           // active: post() was called (the backend may touch buffers)
     bool cancel_requested = false;  // active: the engine asked to abort

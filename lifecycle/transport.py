@@ -243,7 +243,8 @@ class Faults:
 @dataclass(frozen=True, slots=True)
 class TransportStats:
     """Counters of one transport (``registered_regions``, ``live_xfers``, ``active``, ``passive``,
-    ``watched``, ``unreleased`` and ``held_offers`` are current values; the rest count since creation)."""
+    ``watched``, ``unreleased``, ``held_offers`` and ``remembered_stops`` are current values; the rest count
+    since creation)."""
 
     registered_regions: int
     live_xfers: int
@@ -274,6 +275,7 @@ class TransportStats:
     unsafe_acks: int
     stale_notifications: int
     held_offers: int
+    remembered_stops: int
 
 
 class _Transport:

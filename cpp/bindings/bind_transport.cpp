@@ -105,6 +105,7 @@ py::dict stats_dict(const tp::TransportStats& s) {
   F(quiesced_sent) F(done_received) F(quiesced_received) F(orphan_notifications) F(bad_notifications)
   F(send_errors) F(release_failures) F(unsafe_releases) F(late_evidence) F(abandoned) F(passive_swept) F(stops_unanswered)
   F(unreleased) F(unsafe_acks) F(stale_notifications) F(held_offers)
+  F(remembered_stops)
 #undef F
   return d;
 }

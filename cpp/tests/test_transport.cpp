@@ -336,12 +336,19 @@ void test_a_late_abort_never_stops_a_new_session_of_the_id() {
   CHECK(tb->stats().stops_sent == 0 && ta->stats().quiesced_sent == 0);
 }
 
-// A loopback agent that runs a hook when prepare() or knows_peer() is called: the executor's threads
-// acting in the window between a transport reading the id's session and building the request.
+// A loopback agent with hooks: `on_lookup` runs when prepare() or knows_peer() is called (the executor's
+// threads acting in the window between a transport reading the id's session and building the request);
+// `on_release(req)` runs before each release and returns false to fail it (the handle stays held);
+// `after_release(req)` runs after a successful one.
+struct Hooks {
+  std::function<void()> on_lookup = [] {};
+  std::function<bool(std::uint64_t)> on_release = [](std::uint64_t) { return true; };
+  std::function<void(std::uint64_t)> after_release = [](std::uint64_t) {};
+};
+
 class HookAgent final : public Agent {
  public:
-  HookAgent(const std::string& name, std::function<void()> hook)
-      : inner_(std::make_unique<LoopbackAgent>(options(name))), hook_(std::move(hook)) {}
+  HookAgent(LoopbackOptions o, Hooks hooks) : inner_(std::make_unique<LoopbackAgent>(std::move(o))), h_(std::move(hooks)) {}
   const std::string& name() const noexcept override { return inner_->name(); }
   const char* backend_name() const noexcept override { return inner_->backend_name(); }
   RegionId register_region(const Region& r) override { return inner_->register_region(r); }
@@ -351,17 +358,22 @@ class HookAgent final : public Agent {
   std::string load_remote_metadata(const std::string& md) override { return inner_->load_remote_metadata(md); }
   void invalidate_remote(const std::string& peer) override { inner_->invalidate_remote(peer); }
   bool knows_peer(const std::string& peer) const override {
-    hook_();
+    h_.on_lookup();
     return inner_->knows_peer(peer);
   }
   void prepare(std::uint64_t req, XferOp op, const Region& local, const Region& remote, const std::string& peer,
                std::optional<std::uint64_t> done_tag) override {
-    hook_();
+    h_.on_lookup();
     inner_->prepare(req, op, local, remote, peer, done_tag);
   }
   XferState post(std::uint64_t req) override { return inner_->post(req); }
   XferStatus status(std::uint64_t req) override { return inner_->status(req); }
-  ReleaseStatus release(std::uint64_t req) override { return inner_->release(req); }
+  ReleaseStatus release(std::uint64_t req) override {
+    if (!h_.on_release(req)) return -2;  // kErrBackend: the request stays held
+    const ReleaseStatus st = inner_->release(req);
+    if (st == kReleased) h_.after_release(req);
+    return st;
+  }
   std::size_t live_requests() const override { return inner_->live_requests(); }
   void send_notification(const std::string& peer, const NotifMessage& m) override {
     inner_->send_notification(peer, m);
@@ -369,14 +381,16 @@ class HookAgent final : public Agent {
   std::vector<RawNotification> fetch_notifications() override { return inner_->fetch_notifications(); }
 
  private:
-  static LoopbackOptions options(const std::string& name) {
-    LoopbackOptions o;
-    o.name = name;
-    return o;
-  }
   std::unique_ptr<LoopbackAgent> inner_;
-  std::function<void()> hook_;
+  Hooks h_;
 };
+
+LoopbackOptions named(const std::string& name, double bytes_per_second = 0) {
+  LoopbackOptions o;
+  o.name = name;
+  o.bytes_per_second = bytes_per_second;
+  return o;
+}
 
 // transfer() and expect() for an id with no session are refused up front, before the request is built
 // or the peer looked up.  Before, they went on with serial 0 (no session): an executor advertising the
@@ -392,7 +406,9 @@ void test_an_id_with_no_session_is_refused_before_anything_is_built() {
     ++hooked;
     (void)e->advertise(next, Role::sender, 0);
   };
-  Transport t(e, std::make_unique<HookAgent>("nosession-a", hook));
+  Hooks hooks;
+  hooks.on_lookup = hook;
+  Transport t(e, std::make_unique<HookAgent>(named("nosession-a"), hooks));
   auto peer = loopback(peer_engine, "nosession-b");
   std::vector<char> src(4096, 'q'), dst(4096, 0);
   const Region l{reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram};
@@ -418,6 +434,117 @@ void test_an_id_with_no_session_is_refused_before_anything_is_built() {
   CHECK(hooked == 0);  // refused before the request was built or the peer looked up
   CHECK(t.agent().live_requests() == 0 && t.stats().active == 0 && t.stats().passive == 0);
   CHECK(!e->info(1) && !e->info(2));
+}
+
+// An id reused while its earlier transfer's release is being retried: the sweep's retry released the
+// earlier request (so the agent would take a new one for the id) and then forgot the id's hold, which by
+// then was the new transfer's: its range could be deregistered while the new transfer wrote from it.
+// Now a transfer for an id whose release is pending is refused, before (and after) the request is built.
+// The retry is parked between its release and its bookkeeping while the new transfer is tried.
+void test_a_retried_release_never_forgets_a_new_transfers_hold() {
+  auto ea = std::make_shared<Engine>(ReusePair::reuse(0));
+  auto eb = std::make_shared<Engine>(ReusePair::reuse(0));
+  std::atomic<bool> failing{true};  // releases fail (the sweep retries them)
+  std::atomic<bool> gate{false};    // park the next successful release of request 1
+  std::mutex mu;
+  std::condition_variable cv;
+  bool parked = false, open = false;
+  Hooks hooks;
+  hooks.on_release = [&](std::uint64_t) { return !failing.load(); };
+  hooks.after_release = [&](std::uint64_t req) {
+    if (req != 1 || !gate.exchange(false)) return;
+    std::unique_lock<std::mutex> lk(mu);
+    parked = true;
+    cv.notify_all();
+    cv.wait(lk, [&] { return open; });
+  };
+  Transport ta(ea, std::make_unique<HookAgent>(named("retry-a", 40'000), hooks));  // 4 KiB: ~100 ms
+  auto tb = loopback(eb, "retry-b");
+  std::vector<char> src(4096, 'r'), dst(4096, 0);
+  const Region l{reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram};
+  const Region r{reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram};
+  const Agent::RegionId rid_a = ta.register_region(l);
+  tb->register_region(r);
+  ta.add_peer(tb->metadata());
+  tb->add_peer(ta.metadata());
+  auto round = [&] {
+    CHECK(eb->advertise(1, Role::receiver, 0).status == Status::Moved);
+    CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
+    return tb->expect(1, "retry-a", r);
+  };
+  CHECK(ta.transfer(1, XferOp::Write, l, r, "retry-b", round()) == PostResult::Posted);
+  CHECK(eventually([&] { return state_of(*ea, 1) == State::Quiesced && ta.stats().unreleased == 1; }));
+  CHECK(eventually([&] { return state_of(*eb, 1) == State::Quiesced; }));
+  CHECK(ea->terminate(1) == TerminateResult::Terminated && eb->terminate(1) == TerminateResult::Terminated);
+  const std::uint64_t tag2 = round();
+  gate = true;
+  failing = false;
+  {
+    std::unique_lock<std::mutex> lk(mu);
+    cv.wait(lk, [&] { return parked; });  // the sweep released request 1 and waits to forget its hold
+  }
+  bool refused = false;
+  try {
+    (void)ta.transfer(1, XferOp::Write, l, r, "retry-b", tag2);
+  } catch (const TransportError&) {
+    refused = true;
+  }
+  CHECK(refused);
+  {
+    std::lock_guard<std::mutex> lk(mu);
+    open = true;
+    cv.notify_all();
+  }
+  CHECK(eventually([&] { return ta.stats().unreleased == 0; }));
+  if (refused) CHECK(ta.transfer(1, XferOp::Write, l, r, "retry-b", tag2) == PostResult::Posted);
+  bool held = false;  // in flight: its range must stay registered
+  try {
+    ta.deregister_region(rid_a);
+  } catch (const TransportError&) {
+    held = true;
+  }
+  CHECK(held);
+  CHECK(eventually([&] { return state_of(*ea, 1) == State::Quiesced && state_of(*eb, 1) == State::Quiesced; }));
+  CHECK(ea->info(1)->outcome == Outcome::completed && std::memcmp(src.data(), dst.data(), src.size()) == 0);
+}
+
+// Early stops (before our post) are answered "quiesced" on the strength of being remembered, so the
+// memory never forgets an answered pair: before, the oldest pairs were evicted past the bound and their
+// posts went out into ranges the peer had reused.  Now a pair is consumed by its transfer(), and a stop
+// beyond the bound is left unanswered (its peer ends Poisoned: safe).  Bound 2 here.
+void test_an_answered_early_stop_is_never_forgotten() {
+  auto ea = std::make_shared<Engine>(Config{});
+  TransportOptions o;
+  o.remember_stopped = 2;
+  Transport ta(ea, std::make_unique<LoopbackAgent>(named("mem-a")), o);
+  auto tb = loopback(std::make_shared<Engine>(Config{}), "mem-b");
+  std::vector<char> src(4096, 'm'), dst(4096, 0);
+  const Region l{reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram};
+  const Region r{reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram};
+  ta.register_region(l);
+  tb->register_region(r);
+  ta.add_peer(tb->metadata());
+  tb->add_peer(ta.metadata());
+  for (std::uint64_t req = 1; req <= 4; ++req) CHECK(ea->advertise(req, Role::sender, 0).status == Status::Moved);
+  for (std::uint64_t req = 1; req <= 3; ++req) tb->agent().send_notification("mem-a", {req, NotifKind::Stop, 100 + req});
+  CHECK(eventually([&] { return ta.stats().peer_stops == 3; }));
+  CHECK(eventually([&] { return tb->stats().quiesced_received == 2; }));
+  CHECK(ta.stats().stops_unanswered == 1 && ta.stats().remembered_stops == 2);
+  // the answered ones are skipped, however many stops came after them; each transfer consumes its pair
+  CHECK(ta.transfer(1, XferOp::Write, l, r, "mem-b", 101) == PostResult::CancelledBeforePost);
+  CHECK(ta.transfer(2, XferOp::Write, l, r, "mem-b", 102) == PostResult::CancelledBeforePost);
+  CHECK(ta.stats().remembered_stops == 0);
+  // room again: a later early stop is remembered and answered (a skipped post repeats its answer)
+  const std::uint64_t answered = ta.stats().quiesced_sent;
+  tb->agent().send_notification("mem-a", {4, NotifKind::Stop, 104});
+  CHECK(eventually([&] { return ta.stats().quiesced_sent == answered + 1; }));
+  CHECK(ta.stats().stops_unanswered == 1);
+  CHECK(ta.transfer(4, XferOp::Write, l, r, "mem-b", 104) == PostResult::CancelledBeforePost);
+  // the unanswered one was not remembered: its post goes out (its peer got no "quiesced" and holds on)
+  CHECK(ta.transfer(3, XferOp::Write, l, r, "mem-b", 103) != PostResult::CancelledBeforePost);
+  CHECK(eventually([&] { return state_of(*ea, 3) == State::Quiesced; }));
+  CHECK(ea->info(3)->outcome == Outcome::completed);
+  for (std::uint64_t req : {1, 2, 4}) CHECK(ea->info(req)->outcome == Outcome::cancelled);
 }
 
 // A stop from another peer than the live transfer's, naming another offer of the id: answered at once,
@@ -780,6 +907,8 @@ int main() {
   test_a_late_abort_never_stops_a_new_session_of_the_id();
   test_an_id_with_no_session_is_refused_before_anything_is_built();
   test_a_stop_from_another_peer_is_answered_to_that_peer();
+  test_an_answered_early_stop_is_never_forgotten();
+  test_a_retried_release_never_forgets_a_new_transfers_hold();
   test_every_transport_on_an_engine_gets_its_aborts();
   test_wrapping_ranges_are_refused();
   test_posts_cancels_and_drains_race_cleanly();

@@ -149,12 +149,6 @@ ApplyResult Transport::apply(std::uint64_t req, Event ev, std::uint64_t serial) 
   return engine_ ? engine_->apply(req, ev, serial) : ApplyResult{};
 }
 
-std::uint64_t Transport::serial_of(std::uint64_t req) const {
-  if (!engine_) return 0;
-  const auto info = engine_->info(req);
-  return info ? info->serial : 0;
-}
-
 void Transport::retire_passive(std::unordered_map<std::uint64_t, Entry>::iterator it,
                                const std::optional<SessionInfo>& info) {
   const bool same = info && info->serial == it->second.serial;
@@ -198,12 +192,13 @@ void Transport::send_acks(const std::string& peer, std::uint64_t req, const std:
   for (std::uint64_t t : tags) send(peer, {req, NotifKind::Quiesced, t});
 }
 
-void Transport::remember_stopped(std::uint64_t req, std::uint64_t tag) {
-  if (stopped_reqs_.insert({req, tag}).second) stopped_order_.push_back({req, tag});
-  while (stopped_order_.size() > opts_.remember_stopped) {
-    stopped_reqs_.erase(stopped_order_.front());
-    stopped_order_.pop_front();
-  }
+// A pair is answered on the strength of this memory, so it is never evicted (a forgotten pair would let
+// its post go out into a range the peer reused); a transfer() for it consumes it.
+bool Transport::remember_stopped(std::uint64_t req, std::uint64_t tag) {
+  if (stopped_reqs_.count({req, tag}) != 0) return true;
+  if (stopped_reqs_.size() >= opts_.remember_stopped) return false;
+  stopped_reqs_.insert({req, tag});
+  return true;
 }
 
 
@@ -236,21 +231,32 @@ void Transport::release_xfer(std::uint64_t req, bool proven) {
   unreleased_[req] = proven;
 }
 
-void Transport::check_pool_slot(const char* call, std::uint64_t req, const Region& local) const {
-  if (!engine_ || engine_->pool() == nullptr || engine_->pool()->bytes() == 0 || local.kind != MemKind::Dram) return;
-  const BufferPool& pool = *engine_->pool();
-  const Region whole{reinterpret_cast<std::uintptr_t>(pool.base()), pool.bytes(), 0, MemKind::Dram};
-  if (!whole.spans_overlap(local)) return;
-  const auto info = engine_->info(req);  // none: expose refuses it later (UnknownRequest)
-  const bool leased = info && info->slot != kNoSlot;
-  const Region slot{whole.addr + (leased ? info->slot : 0) * pool.slot_size(), pool.slot_size(), 0, MemKind::Dram};
-  if (info && (!leased || !slot.contains(local))) {
+std::string Transport::release_pending(std::uint64_t req) {
+  return "transfer: request " + std::to_string(req) + ": the release of its earlier transfer failed and is retried by "
+         "the sweep; retry when stats().unreleased is 0, or give the new one another id";
+}
+
+std::uint64_t Transport::session_for(const char* call, std::uint64_t req, const Region& local) const {
+  if (!engine_) return 0;
+  // One lookup for both checks: a session advertised between two would pass the slot check unseen.
+  const auto info = engine_->info(req);
+  // No session (yet): refused before anything is built.  Going on with "none" would let the expose move
+  // a session advertised meanwhile under an entry that names none, so its aborts would pass it by.
+  if (!info) throw UnknownRequestError(req, Event::expose);
+  const BufferPool* pool = engine_->pool();
+  if (pool == nullptr || pool->bytes() == 0 || local.kind != MemKind::Dram) return info->serial;
+  const Region whole{reinterpret_cast<std::uintptr_t>(pool->base()), pool->bytes(), 0, MemKind::Dram};
+  if (!whole.spans_overlap(local)) return info->serial;
+  const bool leased = info->slot != kNoSlot;
+  const Region slot{whole.addr + (leased ? info->slot : 0) * pool->slot_size(), pool->slot_size(), 0, MemKind::Dram};
+  if (!leased || !slot.contains(local)) {
     throw TransportError(std::string(call) + ": request " + std::to_string(req) + ": local range [" +
                          std::to_string(local.addr - whole.addr) + ", +" + std::to_string(local.len) +
                          ") of the engine's pool is not inside " +
                          (leased ? "slot " + std::to_string(info->slot) + ", the one leased to it"
                                  : std::string("a slot leased to it (it holds none)")));
   }
+  return info->serial;
 }
 
 PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local,
@@ -265,16 +271,13 @@ PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local
       throw TransportError("transfer: request " + std::to_string(req) + " had a transfer that ended without "
                            "evidence; give the new one another id");
     }
+    if (unreleased_.count(req) != 0) throw TransportError(release_pending(req));
   }
   // 0. A local range in the engine's pool must lie inside the slot leased to this very session: the
   //    evidence rule protects that slot, not a neighbour's (one lookup, only for pool memory).
-  check_pool_slot("transfer", req, local);
   // The session this transfer is for (the one expose will move): its entry names it from the start, so
   // a late abort or note of an earlier session of the id never applies to this one.
-  const std::uint64_t current = serial_of(req);
-  // No session (yet): refused before anything is built.  An expose with serial 0 would move whatever
-  // session is advertised meanwhile, under an entry that names none, so its aborts would pass it by.
-  if (engine_ && current == 0) throw UnknownRequestError(req, Event::expose);
+  const std::uint64_t current = session_for("transfer", req, local);
   // 1. Build the request: a bad peer or descriptor throws here, before anything is exposed.
   agent_->prepare(req, op, local, remote, peer, tag);
   bool stopped_by_peer = false;
@@ -285,8 +288,11 @@ PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local
     if (stopped_.load()) refuse = "is stopped";
     for (Agent::RegionId id : retiring_)
       if (refuse == nullptr && local.overlaps(regions_.at(id))) refuse = "is being deregistered (its local range)";
+    // Re-checked here: the sweep may have released the earlier request (so prepare passed) and not yet
+    // taken mu_ to forget its hold, which would then forget this transfer's.
+    if (refuse == nullptr && unreleased_.count(req) != 0) refuse = "still holds this id's earlier request (its release is retried)";
     if (refuse == nullptr) {
-      stopped_by_peer = stopped_reqs_.count({req, tag}) != 0;
+      stopped_by_peer = stopped_reqs_.erase({req, tag}) != 0;  // consumed: this entry skips the post
       entries_[req] = Entry{Side::Active, peer, tag, current, {}, false, false, stopped_by_peer, false, {}};
       held_[req] = local;
     }
@@ -373,12 +379,10 @@ std::uint64_t Transport::expect(std::uint64_t req, const std::string& peer, cons
     throw TransportError("expect: request " + std::to_string(req) +
                          ": empty range, or one that wraps past the address space");
   }
-  check_pool_slot("expect", req, local);
   std::uint64_t tag = 0;
   // the session this offer is for: an entry left by an earlier session of the id (ended, not swept yet)
   // is retired here rather than refusing the new one
-  const std::uint64_t current = serial_of(req);
-  if (engine_ && current == 0) throw UnknownRequestError(req, Event::expose);  // as in transfer()
+  const std::uint64_t current = session_for("expect", req, local);
   // a passive session needs its peer: to ask it to stop, and to know its notes
   if (!agent_->knows_peer(peer)) {
     throw TransportError("expect: request " + std::to_string(req) + ": unknown peer '" + peer +
@@ -431,8 +435,14 @@ std::uint64_t Transport::expect(std::uint64_t req, const std::string& peer, cons
     }
     if (r.status != Status::Moved) throw_refused(r, req, Event::expose);
     if (taken) {
-      // Nobody would drive the session; the offer never left, yet whoever took the entry held its range
-      // for good and failed the session by id, maybe before this expose: fail this very session too.
+      // Cancelled meanwhile, and the peer answered our stop (nothing of it names this tag): the entry
+      // went with that evidence and the session is Quiesced(cancelled).  Told as a refused expose, the
+      // same as a cancel that came first: nothing was offered.
+      if (const auto info = engine_->info(req); info && info->serial == r.serial && info->state == State::Quiesced) {
+        throw IllegalTransitionError(req, info->state, Event::expose);
+      }
+      // Else nobody would drive the session; the offer never left, yet whoever took the entry held its
+      // range for good and failed the session by id, maybe before this expose: fail this very session too.
       (void)apply(req, Event::fail, r.serial);
       throw TransportError("expect: request " + std::to_string(req) + ": transport " + name() +
                            " stopped or its peer was removed meanwhile");
@@ -605,17 +615,17 @@ void Transport::on_notification(const std::string& peer, const NotifMessage& m) 
           // (an earlier transfer there ended, with evidence, else the id would be refused).  Answered
           // now, to the peer that asked; queued with the live one, it would go to the wrong peer.
           ctr_.stale_notifications.fetch_add(1);
-          remember_stopped(req, m.tag);
-          reply_now = true;
+          if (remember_stopped(req, m.tag)) reply_now = true; else ctr_.stops_unanswered.fetch_add(1);
         } else if (live_active) {
           // A stop naming another offer of the id while this transfer is live: an earlier offer (whose
           // transfer ended, with evidence, else the id would be refused), a later one not posted yet, or
           // even this very one, if the caller posted it under a wrong tag.  Remember it (its post will be
           // skipped) and answer once this request is Done: safe in all three cases.  This one goes on.
           ctr_.stale_notifications.fetch_add(1);
-          remember_stopped(req, m.tag);
           auto& owed = it->second.other_stops;
-          if (std::find(owed.begin(), owed.end(), m.tag) != owed.end()) {
+          if (!remember_stopped(req, m.tag)) {
+            ctr_.stops_unanswered.fetch_add(1);  // full: unanswered (safe)
+          } else if (std::find(owed.begin(), owed.end(), m.tag) != owed.end()) {
             // a repeated stop: answered once, with the first
           } else if (owed.size() < kMaxOtherStops) {
             owed.push_back(m.tag);
@@ -623,8 +633,8 @@ void Transport::on_notification(const std::string& peer, const NotifMessage& m) 
             ctr_.stops_unanswered.fetch_add(1);  // bounded: this one's peer ends Poisoned (safe)
           }
         } else if (it == entries_.end()) {
-          remember_stopped(req, m.tag);  // a later transfer() with this tag is cancelled before its post
-          reply_now = true;
+          // a later transfer() with this tag is cancelled before its post; full: unanswered (safe)
+          if (remember_stopped(req, m.tag)) reply_now = true; else ctr_.stops_unanswered.fetch_add(1);
         } else {
           ctr_.orphan_notifications.fetch_add(1);  // our passive entry: the peer holds no descriptor of it
         }
@@ -800,6 +810,7 @@ TransportStats Transport::stats() const {
     }
     s.unreleased = unreleased_.size();
     s.held_offers = held_offers_.size();
+    s.remembered_stops = stopped_reqs_.size();
   }
   s.watched = progress_->watched();
   s.posted = ctr_.posted.load();

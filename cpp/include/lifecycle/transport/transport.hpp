@@ -44,7 +44,6 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
-#include <deque>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -64,7 +63,10 @@ struct TransportOptions {
   NixlProgressOptions progress{std::chrono::microseconds{20}, std::chrono::microseconds{1000},
                                std::chrono::microseconds{50}, std::chrono::microseconds{1000}};
   std::chrono::milliseconds sweep_interval{20};
-  std::size_t remember_stopped = 65536;  // (request, tag) pairs a peer stopped before we posted
+  // (request, tag) pairs a peer stopped before we posted them, remembered (each answered "quiesced", so
+  // the post must be skipped) until a transfer() with that pair consumes it.  Never evicted: when this
+  // many wait, a further early stop goes unanswered (its peer ends Poisoned: safe), counted.
+  std::size_t remember_stopped = 65536;
 };
 
 enum class PostResult : std::uint8_t {
@@ -88,6 +90,7 @@ struct TransportStats {
   std::uint64_t unreleased = 0;  // finished requests whose release failed, retried by the sweep
   std::uint64_t unsafe_acks = 0;  // TEST ONLY: "quiesced" sent before our own request was Done
   std::uint64_t stale_notifications = 0;  // notes whose tag is not the live transfer's (ignored)
+  std::uint64_t remembered_stops = 0;     // early stops answered whose post is still to be skipped, now
 };
 
 class Transport final : public EventSink {
@@ -189,17 +192,18 @@ class Transport final : public EventSink {
   void send(const std::string& peer, const NotifMessage& m);
   // "quiesced" for each of `tags`, unless some transfer for req may still move bytes (transport.cpp)
   void send_acks(const std::string& peer, std::uint64_t req, const std::vector<std::uint64_t>& tags);
-  std::uint64_t serial_of(std::uint64_t req) const;  // the serial of req's session now (0: none, or no engine)
   // The event for the session `serial` names (0: whichever session holds req).
   ApplyResult apply(std::uint64_t req, Event ev, std::uint64_t serial);
   // A passive entry whose session ended without our note, or is gone: hold its offer if no evidence is
   // known, keep an Ended record for a late note, erase it.  Caller holds mu_.
   void retire_passive(std::unordered_map<std::uint64_t, Entry>::iterator it, const std::optional<SessionInfo>& info);
-  void remember_stopped(std::uint64_t req, std::uint64_t tag);  // caller holds mu_
-  // Throws unless `local` may be handed to the backend for `req`: valid, not being deregistered and,
-  // when it lies in the engine's pool, inside the slot leased to req's session.  Caller holds mu_ for
-  // none of it (the pool lookup asks the engine).
-  void check_pool_slot(const char* call, std::uint64_t req, const Region& local) const;
+  bool remember_stopped(std::uint64_t req, std::uint64_t tag);  // false: full, not remembered; caller holds mu_
+  // The serial of req's session now (0 without an engine), from one engine lookup that also checks
+  // `local`: when it lies in the engine's pool, it must be inside the slot leased to that session.
+  // Throws UnknownRequestError when req has no session, TransportError for a range outside its slot.
+  // Caller holds no transport lock (it asks the engine).
+  std::uint64_t session_for(const char* call, std::uint64_t req, const Region& local) const;
+  static std::string release_pending(std::uint64_t req);  // the refusal while req's release is retried
   void sweep();
 
   std::shared_ptr<Engine> engine_;
@@ -211,8 +215,7 @@ class Transport final : public EventSink {
   std::unordered_map<std::uint64_t, Entry> entries_;
   std::map<Agent::RegionId, Region> regions_;  // what register_region registered (deregister's check)
   using ReqTag = std::pair<std::uint64_t, std::uint64_t>;
-  std::set<ReqTag> stopped_reqs_;  // (req, tag) the peer stopped before we posted (bounded, FIFO)
-  std::deque<ReqTag> stopped_order_;
+  std::set<ReqTag> stopped_reqs_;  // (req, tag) stopped before we posted: TransportOptions::remember_stopped
   std::unordered_map<std::uint64_t, Ended> ended_;  // swept passive entries (until the engine forgets req)
   std::map<std::uint64_t, HeldOffer> held_offers_;  // by tag (unique on this transport): hold_offer
   std::uint64_t tag_salt_ = 0, tag_count_ = 0;      // expect()'s tags: a bijection of the count (mu_)

@@ -4,6 +4,7 @@ and the peer process (multiprocessing spawn; metadata shipped over a pipe)."""
 from __future__ import annotations
 
 import os
+import signal
 import random
 import time
 import zlib
@@ -99,11 +100,13 @@ def peer_main(conn, name: str, env: dict, slots: int, slot_size: int, engine_kw:
             req, role, n, seed = args
             m = side.advertise(req, role, n, pattern(n, seed) if role == "sender" else 0)
             conn.send(side.t.expect(req, peer, m).to_bytes())
-        elif cmd == "active":  # active: READ (role receiver) or WRITE (role sender) against a peer's offer
+        elif cmd in ("active", "active-then-die"):  # READ (role receiver) or WRITE (role sender) to an offer
             req, role, n, seed, desc = args
             m = side.advertise(req, role, n, pattern(n, seed) if role == "sender" else 0)
             remote = Offer.from_bytes(desc)
             res = (side.t.read if role == "receiver" else side.t.write)(req, m, peer, remote)
+            if cmd == "active-then-die":  # SIGKILL right after the post: the transfer is cut mid-way
+                os.kill(os.getpid(), signal.SIGKILL)
             conn.send(res)
         elif cmd == "wait":
             req, n, timeout = args

@@ -110,9 +110,14 @@ def test_thousand_mixed_sessions_leave_no_leaks():
             # offered ranges held (a passive session Poisoned, the peer may still write) are pool slots of
             # those sessions: each one's slot is among the quarantined ones
             assert st.held_offers <= pool["quarantined"], (st.held_offers, pool, ctx)
+            # early stops still remembered: each one's post may yet come.  Every other pair went with its
+            # transfer() or its session; one can stay only where a post was refused and its session
+            # ended before the peer's stop arrived (the id is never used again here)
+            assert st.remembered_stops <= refused, (st.remembered_stops, refused, ctx)
         print(f"\n1000 sessions x 2 sides: {outcomes}; quarantined a={a.engine.pool.stats()['quarantined']} "
               f"b={b.engine.pool.stats()['quarantined']}; held offers a={a.t.stats().held_offers} "
-              f"b={b.t.stats().held_offers}; faults a={a.t.fault_stats()} b={b.t.fault_stats()}")
+              f"b={b.t.stats().held_offers}; remembered stops a={a.t.stats().remembered_stops} "
+              f"b={b.t.stats().remembered_stops} (refused posts {refused}); faults a={a.t.fault_stats()} b={b.t.fault_stats()}")
         assert outcomes.get("Terminated", 0) + outcomes.get("Quiesced", 0) + outcomes.get("Poisoned", 0) == 2000
     finally:
         a.close()

@@ -175,8 +175,12 @@ void test_a_stop_for_a_later_offer_is_remembered_while_an_earlier_transfer_runs(
   CHECK(eventually([&] { return state_of(*ea, 1) == State::Quiesced; }, std::chrono::milliseconds(5000)));
   CHECK(eventually([&] { return ta->stats().quiesced_sent == 2; }));  // tag1's stop and tag2's, after Done
   CHECK(ea->terminate(1) == TerminateResult::Terminated);
+  std::this_thread::sleep_for(std::chrono::milliseconds(60));  // sweeps: (1, tag2) outlives the session that
+  CHECK(ta->stats().remembered_stops == 1);                    // posted tag1 (it is a later session's)
   CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
+  std::this_thread::sleep_for(std::chrono::milliseconds(60));
   CHECK(ta->transfer(1, XferOp::Write, l, r, "later-b", tag2) == PostResult::CancelledBeforePost);
+  CHECK(ta->stats().remembered_stops == 0);
   CHECK(state_of(*ea, 1) == State::Quiesced && ea->info(1)->outcome == Outcome::cancelled);
 }
 
@@ -547,6 +551,42 @@ void test_an_answered_early_stop_is_never_forgotten() {
   for (std::uint64_t req : {1, 2, 4}) CHECK(ea->info(req)->outcome == Outcome::cancelled);
 }
 
+// A remembered stop goes once the one session of ours that could post its offer has ended: a stop that
+// finds our session live (not posting) binds to it; one that finds no session binds to the next one the
+// sweep sees.  (That a pair for a LATER session outlives the earlier one is the test above.)
+void test_a_remembered_stop_goes_with_the_session_that_could_post_it() {
+  auto ea = std::make_shared<Engine>(Config{});
+  Transport ta(ea, std::make_unique<LoopbackAgent>(named("expire-a")));
+  auto tb = loopback(std::make_shared<Engine>(Config{}), "expire-b");
+  std::vector<char> src(4096, 'e'), dst(4096, 0);
+  const Region l{reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram};
+  const Region r{reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram};
+  ta.register_region(l);
+  tb->register_region(r);
+  ta.add_peer(tb->metadata());
+  tb->add_peer(ta.metadata());
+  auto stop = [&](std::uint64_t req) { tb->agent().send_notification("expire-a", {req, NotifKind::Stop, 0x50 + req}); };
+  CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
+  stop(1);  // binds to session 1 (live)
+  stop(2);  // no session of 2 yet
+  stop(3);
+  CHECK(eventually([&] { return ta.stats().remembered_stops == 3 && tb->stats().quiesced_received == 3; }));
+  CHECK(ea->cancel(1) == CancelResult::CancelledBeforeAdvertise);
+  CHECK(ea->terminate(1) == TerminateResult::Terminated);
+  CHECK(eventually([&] { return ta.stats().remembered_stops == 2; }));  // session 1 never posts now
+  std::this_thread::sleep_for(std::chrono::milliseconds(60));           // sweeps: 2 and 3 have no session
+  CHECK(ta.stats().remembered_stops == 2);
+  CHECK(ea->advertise(2, Role::sender, 0).status == Status::Moved);
+  CHECK(ea->advertise(3, Role::sender, 0).status == Status::Moved);
+  std::this_thread::sleep_for(std::chrono::milliseconds(60));  // sweeps bind both to their new sessions
+  CHECK(ta.stats().remembered_stops == 2);
+  CHECK(ta.transfer(2, XferOp::Write, l, r, "expire-b", 0x52) == PostResult::CancelledBeforePost);  // consumed
+  CHECK(ta.stats().remembered_stops == 1);
+  CHECK(ea->cancel(3) == CancelResult::CancelledBeforeAdvertise);
+  CHECK(ea->terminate(3) == TerminateResult::Terminated);
+  CHECK(eventually([&] { return ta.stats().remembered_stops == 0; }));
+}
+
 // A stop from another peer than the live transfer's, naming another offer of the id: answered at once,
 // to the peer that asked.  Before, it was queued with the live transfer's owed answers and sent, once
 // that was Done, to the live transfer's peer (a stale note there), and the asker never got one (its
@@ -908,6 +948,7 @@ int main() {
   test_an_id_with_no_session_is_refused_before_anything_is_built();
   test_a_stop_from_another_peer_is_answered_to_that_peer();
   test_an_answered_early_stop_is_never_forgotten();
+  test_a_remembered_stop_goes_with_the_session_that_could_post_it();
   test_a_retried_release_never_forgets_a_new_transfers_hold();
   test_every_transport_on_an_engine_gets_its_aborts();
   test_wrapping_ranges_are_refused();

@@ -192,13 +192,62 @@ void Transport::send_acks(const std::string& peer, std::uint64_t req, const std:
   for (std::uint64_t t : tags) send(peer, {req, NotifKind::Quiesced, t});
 }
 
-// A pair is answered on the strength of this memory, so it is never evicted (a forgotten pair would let
-// its post go out into a range the peer reused); a transfer() for it consumes it.
-bool Transport::remember_stopped(std::uint64_t req, std::uint64_t tag) {
-  if (stopped_reqs_.count({req, tag}) != 0) return true;
+// Stop memory.  A pair is answered on the strength of being remembered, so it is never evicted (a
+// forgotten pair would let its post go out into a range the peer reused).  It goes when it can no longer
+// be posted: a transfer() for it consumes it (that entry skips its post), or the one session of ours
+// that could post it has ended.  A session posts one offer, the one it holds when it posts: a stop that
+// finds our session live and not posting binds to it; one that finds none, an ended one, or one already
+// posting another offer can only be posted by a later session of the id (serials grow per id), and
+// binds to the first that the sweep sees.  (An executor that hands an offer to a later session than the
+// one it got it for is outside this; a pair whose session never comes stays, counted.)
+bool Transport::remember_stopped(std::uint64_t req, std::uint64_t tag, StopMemo memo) {
+  auto it = stopped_reqs_.find({req, tag});
+  if (it != stopped_reqs_.end()) {
+    if (it->second.session == 0 && memo.session == 0) it->second.after = std::max(it->second.after, memo.after);
+    return true;
+  }
   if (stopped_reqs_.size() >= opts_.remember_stopped) return false;
-  stopped_reqs_.insert({req, tag});
+  stopped_reqs_.emplace(ReqTag{req, tag}, memo);
   return true;
+}
+
+void Transport::sweep_stopped() {
+  constexpr std::size_t kBudget = 4096;  // lookups per sweep: a full memory is walked over 16 sweeps
+  std::vector<std::pair<ReqTag, StopMemo>> batch;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    auto it = stopped_reqs_.lower_bound(stopped_cursor_);
+    while (batch.size() < kBudget && batch.size() < stopped_reqs_.size()) {
+      if (it == stopped_reqs_.end()) it = stopped_reqs_.begin();
+      batch.emplace_back(*it);
+      ++it;
+    }
+    stopped_cursor_ = it == stopped_reqs_.end() ? ReqTag{0, 0} : it->first;
+  }
+  constexpr std::uint64_t kGone = ~0ULL;
+  std::vector<std::tuple<ReqTag, StopMemo, StopMemo>> change;  // (pair, seen, new); new.session kGone: erase
+  for (const auto& [key, memo] : batch) {
+    const auto info = engine_->info(key.first);
+    const bool live = info && !terminal_or_final(info->state);
+    if (memo.session != 0) {
+      if (!live || info->serial != memo.session) change.emplace_back(key, memo, StopMemo{kGone, 0});  // it ended
+    } else if (info && info->serial >= memo.after) {
+      // the first later session: it may post the pair while it lives; if it already ended, it did not
+      change.emplace_back(key, memo, live ? StopMemo{info->serial, 0} : StopMemo{kGone, 0});
+    }
+  }
+  std::lock_guard<std::mutex> lk(mu_);
+  for (const auto& [key, seen, next] : change) {
+    auto it = stopped_reqs_.find(key);
+    if (it == stopped_reqs_.end() || it->second.session != seen.session || it->second.after != seen.after) {
+      continue;  // consumed or changed meanwhile
+    }
+    if (next.session == kGone) {
+      stopped_reqs_.erase(it);
+    } else {
+      it->second = next;
+    }
+  }
 }
 
 
@@ -294,6 +343,7 @@ PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local
     if (refuse == nullptr) {
       stopped_by_peer = stopped_reqs_.erase({req, tag}) != 0;  // consumed: this entry skips the post
       entries_[req] = Entry{Side::Active, peer, tag, current, {}, false, false, stopped_by_peer, false, {}};
+      if (engine_) posted_[req] = Ended{peer, tag, current};
       held_[req] = local;
     }
   }
@@ -598,6 +648,10 @@ void Transport::on_notification(const std::string& peer, const NotifMessage& m) 
       ctr_.peer_stops.fetch_add(1);
       bool active = false, reply_now = false;
       std::uint64_t serial = 0;
+      // our session of the id now: a pair stopped with no entry here binds to it while it lives
+      const std::optional<SessionInfo> ours = engine_ ? engine_->info(req) : std::nullopt;
+      StopMemo no_entry{0, ours ? ours->serial + 1 : 0};
+      if (ours && !terminal_or_final(ours->state)) no_entry = StopMemo{ours->serial, 0};
       {
         std::lock_guard<std::mutex> lk(mu_);
         auto it = entries_.find(req);
@@ -615,7 +669,11 @@ void Transport::on_notification(const std::string& peer, const NotifMessage& m) 
           // (an earlier transfer there ended, with evidence, else the id would be refused).  Answered
           // now, to the peer that asked; queued with the live one, it would go to the wrong peer.
           ctr_.stale_notifications.fetch_add(1);
-          if (remember_stopped(req, m.tag)) reply_now = true; else ctr_.stops_unanswered.fetch_add(1);
+          if (remember_stopped(req, m.tag, StopMemo{0, it->second.serial + 1})) {  // a later session's, if any
+            reply_now = true;
+          } else {
+            ctr_.stops_unanswered.fetch_add(1);
+          }
         } else if (live_active) {
           // A stop naming another offer of the id while this transfer is live: an earlier offer (whose
           // transfer ended, with evidence, else the id would be refused), a later one not posted yet, or
@@ -623,7 +681,7 @@ void Transport::on_notification(const std::string& peer, const NotifMessage& m) 
           // skipped) and answer once this request is Done: safe in all three cases.  This one goes on.
           ctr_.stale_notifications.fetch_add(1);
           auto& owed = it->second.other_stops;
-          if (!remember_stopped(req, m.tag)) {
+          if (!remember_stopped(req, m.tag, StopMemo{0, it->second.serial + 1})) {  // this one posts another
             ctr_.stops_unanswered.fetch_add(1);  // full: unanswered (safe)
           } else if (std::find(owed.begin(), owed.end(), m.tag) != owed.end()) {
             // a repeated stop: answered once, with the first
@@ -632,9 +690,12 @@ void Transport::on_notification(const std::string& peer, const NotifMessage& m) 
           } else {
             ctr_.stops_unanswered.fetch_add(1);  // bounded: this one's peer ends Poisoned (safe)
           }
+        } else if (auto p = posted_.find(req);
+                   it == entries_.end() && p != posted_.end() && p->second.tag == m.tag && p->second.peer == peer) {
+          reply_now = true;  // late, for the offer our transfer took (Done: else it would be unproven_)
         } else if (it == entries_.end()) {
           // a later transfer() with this tag is cancelled before its post; full: unanswered (safe)
-          if (remember_stopped(req, m.tag)) reply_now = true; else ctr_.stops_unanswered.fetch_add(1);
+          if (remember_stopped(req, m.tag, no_entry)) reply_now = true; else ctr_.stops_unanswered.fetch_add(1);
         } else {
           ctr_.orphan_notifications.fetch_add(1);  // our passive entry: the peer holds no descriptor of it
         }
@@ -684,6 +745,7 @@ void Transport::sweep() {
     }
   }
   if (!engine_) return;
+  sweep_stopped();
   // Passive entries whose session ended without a note (grace expired, cancelled by the executor
   // before any exposure...), or is gone: nothing more to wait for.  Each leaves an Ended record, so
   // that a late note with its tag still reaches the engine as evidence for that very session.  Entries
@@ -702,21 +764,26 @@ void Transport::sweep() {
     auto it = entries_.find(req);
     if (it != entries_.end() && it->second.side == Side::Passive && it->second.serial == serial) retire_passive(it, info);
   }
-  // Ended records of sessions the engine forgot (their id may be advertised again: another serial).
-  std::vector<std::pair<std::uint64_t, std::uint64_t>> ended;
+  // Records of sessions the engine forgot (their id may be advertised again: another serial).
+  forget_gone(ended_);
+  forget_gone(posted_);
+}
+
+void Transport::forget_gone(std::unordered_map<std::uint64_t, Ended>& m) {
+  std::vector<std::pair<std::uint64_t, std::uint64_t>> all;
   {
     std::lock_guard<std::mutex> lk(mu_);
-    for (const auto& [req, e] : ended_) ended.emplace_back(req, e.serial);
+    for (const auto& [req, e] : m) all.emplace_back(req, e.serial);
   }
   std::vector<std::pair<std::uint64_t, std::uint64_t>> stale;
-  for (const auto& [req, serial] : ended) {
+  for (const auto& [req, serial] : all) {
     const auto info = engine_->info(req);
     if (!info || info->serial != serial) stale.emplace_back(req, serial);
   }
   std::lock_guard<std::mutex> lk(mu_);
   for (const auto& [req, serial] : stale) {
-    auto it = ended_.find(req);
-    if (it != ended_.end() && it->second.serial == serial) ended_.erase(it);
+    auto it = m.find(req);
+    if (it != m.end() && it->second.serial == serial) m.erase(it);
   }
 }
 

@@ -64,8 +64,9 @@ struct TransportOptions {
                                std::chrono::microseconds{50}, std::chrono::microseconds{1000}};
   std::chrono::milliseconds sweep_interval{20};
   // (request, tag) pairs a peer stopped before we posted them, remembered (each answered "quiesced", so
-  // the post must be skipped) until a transfer() with that pair consumes it.  Never evicted: when this
-  // many wait, a further early stop goes unanswered (its peer ends Poisoned: safe), counted.
+  // the post must be skipped) until a transfer() with that pair consumes it, or the one session of ours
+  // that could post it has ended (transport.cpp, Stop memory).  Never evicted otherwise: when this many
+  // wait, a further early stop goes unanswered (its peer ends Poisoned: safe), counted.
   std::size_t remember_stopped = 65536;
 };
 
@@ -167,7 +168,7 @@ class Transport final : public EventSink {
   static std::vector<std::uint64_t> owed_acks(const Entry& e);
   // A passive entry removed without a note (the sweep: its session ended, grace expired...; expect()
   // retiring an ended session's entry; remove_peer): a late note with its tag is still evidence, for that
-  // very session only (its serial).
+  // very session only (its serial).  Also what an active entry posted (posted_).
   struct Ended {
     std::string peer;
     std::uint64_t tag = 0;
@@ -197,7 +198,14 @@ class Transport final : public EventSink {
   // A passive entry whose session ended without our note, or is gone: hold its offer if no evidence is
   // known, keep an Ended record for a late note, erase it.  Caller holds mu_.
   void retire_passive(std::unordered_map<std::uint64_t, Entry>::iterator it, const std::optional<SessionInfo>& info);
-  bool remember_stopped(std::uint64_t req, std::uint64_t tag);  // false: full, not remembered; caller holds mu_
+  struct StopMemo {
+    std::uint64_t session = 0;  // the session of ours that may post the pair (0: none known yet)
+    std::uint64_t after = 0;    // unbound: the first session of req with a serial >= this one
+  };
+  bool remember_stopped(std::uint64_t req, std::uint64_t tag, StopMemo memo);  // false: full; caller holds mu_
+  void sweep_stopped();
+  // Drops the records of `m` whose session the engine no longer holds (forgotten, or another serial).
+  void forget_gone(std::unordered_map<std::uint64_t, Ended>& m);
   // The serial of req's session now (0 without an engine), from one engine lookup that also checks
   // `local`: when it lies in the engine's pool, it must be inside the slot leased to that session.
   // Throws UnknownRequestError when req has no session, TransportError for a range outside its slot.
@@ -215,8 +223,12 @@ class Transport final : public EventSink {
   std::unordered_map<std::uint64_t, Entry> entries_;
   std::map<Agent::RegionId, Region> regions_;  // what register_region registered (deregister's check)
   using ReqTag = std::pair<std::uint64_t, std::uint64_t>;
-  std::set<ReqTag> stopped_reqs_;  // (req, tag) stopped before we posted: TransportOptions::remember_stopped
+  std::map<ReqTag, StopMemo> stopped_reqs_;  // (req, tag) stopped before we posted: remember_stopped
+  ReqTag stopped_cursor_{0, 0};              // where the next sweep_stopped() goes on
   std::unordered_map<std::uint64_t, Ended> ended_;  // swept passive entries (until the engine forgets req)
+  // the offer each active entry posted (or skipped), kept past the entry while its session lives: a
+  // late stop naming it needs no memory (an offer is posted once)
+  std::unordered_map<std::uint64_t, Ended> posted_;
   std::map<std::uint64_t, HeldOffer> held_offers_;  // by tag (unique on this transport): hold_offer
   std::uint64_t tag_salt_ = 0, tag_count_ = 0;      // expect()'s tags: a bijection of the count (mu_)
   // Stops for the progress thread to send: an abort hook runs on the thread that cancelled (an

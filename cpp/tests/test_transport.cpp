@@ -587,6 +587,135 @@ void test_a_remembered_stop_goes_with_the_session_that_could_post_it() {
   CHECK(eventually([&] { return ta.stats().remembered_stops == 0; }));
 }
 
+// A session of ours that took one offer cannot post another: a stop for another offer of the id that
+// arrives once that session's entry is gone, but before the session ends, belongs to a later session.
+// Before, it bound to the (still live) session and went with it; the later session's post then went
+// out into a range the peer had been told was quiesced.  The window is held open from inside the
+// skipped transfer's release (its entry erased, its session not yet Quiesced).
+void test_a_stop_after_our_session_took_another_offer_outlives_it() {
+  auto ea = std::make_shared<Engine>(ReusePair::reuse(0));
+  std::function<void()> in_window = [] {};
+  Hooks hooks;
+  hooks.after_release = [&](std::uint64_t) {
+    auto f = std::move(in_window);
+    in_window = [] {};
+    f();
+  };
+  Transport ta(ea, std::make_unique<HookAgent>(named("took-a"), hooks));
+  auto tb = loopback(std::make_shared<Engine>(Config{}), "took-b");
+  std::vector<char> src(4096, 't'), dst(4096, 0);
+  const Region l{reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram};
+  const Region r{reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram};
+  ta.register_region(l);
+  tb->register_region(r);
+  ta.add_peer(tb->metadata());
+  tb->add_peer(ta.metadata());
+  constexpr std::uint64_t kA1 = 0xa1, kA2 = 0xa2;
+  CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
+  tb->agent().send_notification("took-a", {1, NotifKind::Stop, kA1});  // S1's offer, stopped early
+  CHECK(eventually([&] { return ta.stats().remembered_stops == 1; }));
+  in_window = [&] {  // S1's entry is gone, S1 is not Quiesced yet: the peer's next offer is stopped now
+    CHECK(state_of(*ea, 1) == State::InFlight);
+    tb->agent().send_notification("took-a", {1, NotifKind::Stop, kA2});
+    CHECK(eventually([&] { return ta.stats().peer_stops == 2; }));
+  };
+  CHECK(ta.transfer(1, XferOp::Write, l, r, "took-b", kA1) == PostResult::CancelledBeforePost);
+  CHECK(ta.stats().peer_stops == 2 && ta.stats().remembered_stops == 1);
+  CHECK(ea->terminate(1) == TerminateResult::Terminated);
+  std::this_thread::sleep_for(std::chrono::milliseconds(60));  // sweeps: S1 is gone, the pair is S2's
+  CHECK(ta.stats().remembered_stops == 1);
+  CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
+  CHECK(ta.transfer(1, XferOp::Write, l, r, "took-b", kA2) == PostResult::CancelledBeforePost);
+  CHECK(ea->info(1)->outcome == Outcome::cancelled);
+}
+
+// The same for a session that binds first and takes another offer afterwards: its transfer() moves the
+// stops bound to it on to a later session.
+void test_a_stop_bound_to_a_session_moves_on_when_it_takes_another_offer() {
+  auto ea = std::make_shared<Engine>(ReusePair::reuse(0));
+  Transport ta(ea, std::make_unique<LoopbackAgent>(named("rebind-a")));
+  auto tb = loopback(std::make_shared<Engine>(ReusePair::reuse(0)), "rebind-b");
+  std::vector<char> src(4096, 'b'), dst(4096, 0);
+  const Region l{reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram};
+  const Region r{reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram};
+  ta.register_region(l);
+  tb->register_region(r);
+  ta.add_peer(tb->metadata());
+  tb->add_peer(ta.metadata());
+  CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
+  tb->agent().send_notification("rebind-a", {1, NotifKind::Stop, 0xb2});  // binds to S1 (live, not posting)
+  CHECK(eventually([&] { return ta.stats().remembered_stops == 1; }));
+  CHECK(ta.transfer(1, XferOp::Write, l, r, "rebind-b", 0xb1) != PostResult::CancelledBeforePost);  // S1 takes b1
+  CHECK(eventually([&] { return state_of(*ea, 1) == State::Quiesced; }));
+  CHECK(ea->terminate(1) == TerminateResult::Terminated);
+  std::this_thread::sleep_for(std::chrono::milliseconds(60));
+  CHECK(ta.stats().remembered_stops == 1);  // b2 is a later session's
+  CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
+  CHECK(ta.transfer(1, XferOp::Write, l, r, "rebind-b", 0xb2) == PostResult::CancelledBeforePost);
+}
+
+// A late DONE of a transfer whose session is gone (Poisoned by its timers, terminated, no tombstone):
+// its release lets the agent take a new transfer of the id, built before the old one's hold is forgotten;
+// that must not forget the new transfer's hold (its range would deregister while it moves).  The old
+// release is parked between the agent and the bookkeeping while the new transfer is posted.
+void test_a_late_done_never_forgets_a_new_transfers_hold() {
+  auto ea = std::make_shared<Engine>(ReusePair::reuse(20'000'000));  // Poisoned after 20 + 20 ms
+  auto eb = std::make_shared<Engine>(ReusePair::reuse(0));
+  std::atomic<bool> gate{true};
+  std::mutex mu;
+  std::condition_variable cv;
+  bool parked = false, open = false;
+  Hooks hooks;
+  hooks.after_release = [&](std::uint64_t req) {
+    if (req != 1 || !gate.exchange(false)) return;
+    std::unique_lock<std::mutex> lk(mu);
+    parked = true;
+    cv.notify_all();
+    cv.wait(lk, [&] { return open; });
+  };
+  Transport ta(ea, std::make_unique<HookAgent>(named("late-done-a", 20'000), hooks));  // 4 KiB: ~200 ms
+  auto tb = loopback(eb, "late-done-b");
+  std::vector<char> src(4096, 'd'), dst(4096, 0);
+  const Region l{reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram};
+  const Region r{reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram};
+  const Agent::RegionId rid_a = ta.register_region(l);
+  tb->register_region(r);
+  ta.add_peer(tb->metadata());
+  tb->add_peer(ta.metadata());
+  auto offer = [&] {
+    CHECK(eb->advertise(1, Role::receiver, 0).status == Status::Moved);
+    return tb->expect(1, "late-done-a", r);
+  };
+  CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
+  CHECK(ta.transfer(1, XferOp::Write, l, r, "late-done-b", offer()) == PostResult::Posted);
+  CHECK(eventually([&] { return state_of(*ea, 1) == State::Poisoned; }));
+  CHECK(ea->terminate(1) == TerminateResult::Terminated);  // gone: the id may be advertised again
+  {
+    std::unique_lock<std::mutex> lk(mu);
+    cv.wait(lk, [&] { return parked; });  // the late DONE: its request released, its hold not yet forgotten
+  }
+  CHECK(eventually([&] { return state_of(*eb, 1) == State::Quiesced; }));
+  CHECK(eb->terminate(1) == TerminateResult::Terminated);
+  CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
+  CHECK(ta.transfer(1, XferOp::Write, l, r, "late-done-b", offer()) == PostResult::Posted);
+  {
+    std::lock_guard<std::mutex> lk(mu);
+    open = true;
+    cv.notify_all();
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));  // the old DONE's bookkeeping is done
+  bool held = false;
+  try {
+    ta.deregister_region(rid_a);
+  } catch (const TransportError&) {
+    held = true;
+  }
+  CHECK(held);  // the new transfer still moves from it
+  // (a's timers poison S2 too; its DONE still comes, and b's session completes with every byte)
+  CHECK(eventually([&] { return ta.stats().active == 0 && state_of(*eb, 1) == State::Quiesced; }));
+  CHECK(eb->info(1)->outcome == Outcome::completed && std::memcmp(src.data(), dst.data(), src.size()) == 0);
+}
+
 // A stop from another peer than the live transfer's, naming another offer of the id: answered at once,
 // to the peer that asked.  Before, it was queued with the live transfer's owed answers and sent, once
 // that was Done, to the live transfer's peer (a stale note there), and the asker never got one (its
@@ -949,6 +1078,9 @@ int main() {
   test_a_stop_from_another_peer_is_answered_to_that_peer();
   test_an_answered_early_stop_is_never_forgotten();
   test_a_remembered_stop_goes_with_the_session_that_could_post_it();
+  test_a_stop_after_our_session_took_another_offer_outlives_it();
+  test_a_stop_bound_to_a_session_moves_on_when_it_takes_another_offer();
+  test_a_late_done_never_forgets_a_new_transfers_hold();
   test_a_retried_release_never_forgets_a_new_transfers_hold();
   test_every_transport_on_an_engine_gets_its_aborts();
   test_wrapping_ranges_are_refused();

@@ -244,6 +244,8 @@ void Transport::sweep_stopped() {
     }
     if (next.session == kGone) {
       stopped_reqs_.erase(it);
+    } else if (auto p = posted_.find(key.first); p != posted_.end() && p->second.serial == next.session) {
+      it->second = StopMemo{0, next.session + 1};  // that session took another offer: a later one's
     } else {
       it->second = next;
     }
@@ -261,7 +263,10 @@ void Transport::hold_offer(std::uint64_t req, const Entry& e) { held_offers_[e.t
 
 void Transport::forget_held(std::uint64_t req, bool proven) {
   if (proven) {
-    held_.erase(req);
+    // Every caller ended its entry before releasing: an active entry here is a newer transfer of the id
+    // (built once the agent forgot the old request), and the hold is now that one's.
+    auto e = entries_.find(req);
+    if (e == entries_.end() || e->second.side != Side::Active) held_.erase(req);
   } else {
     unproven_.insert(req);  // released is not evidence (DESIGN §3): its range stays held, for good
   }
@@ -343,7 +348,13 @@ PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local
     if (refuse == nullptr) {
       stopped_by_peer = stopped_reqs_.erase({req, tag}) != 0;  // consumed: this entry skips the post
       entries_[req] = Entry{Side::Active, peer, tag, current, {}, false, false, stopped_by_peer, false, {}};
-      if (engine_) posted_[req] = Ended{peer, tag, current};
+      if (engine_) {
+        posted_[req] = Ended{peer, tag, current};
+        // this session takes this offer: stops for other offers of the id bound to it are a later one's
+        for (auto s = stopped_reqs_.lower_bound({req, 0}); s != stopped_reqs_.end() && s->first.first == req; ++s) {
+          if (s->second.session == current) s->second = StopMemo{0, current + 1};
+        }
+      }
       held_[req] = local;
     }
   }
@@ -694,7 +705,12 @@ void Transport::on_notification(const std::string& peer, const NotifMessage& m) 
                    it == entries_.end() && p != posted_.end() && p->second.tag == m.tag && p->second.peer == peer) {
           reply_now = true;  // late, for the offer our transfer took (Done: else it would be unproven_)
         } else if (it == entries_.end()) {
-          // a later transfer() with this tag is cancelled before its post; full: unanswered (safe)
+          // A later transfer() with this tag is cancelled before its post; full: unanswered (safe).  A
+          // session of ours that took another offer already (its entry gone, its session not ended yet)
+          // cannot post this one: a later session may.
+          if (no_entry.session != 0 && p != posted_.end() && p->second.serial == no_entry.session) {
+            no_entry = StopMemo{0, no_entry.session + 1};
+          }
           if (remember_stopped(req, m.tag, no_entry)) reply_now = true; else ctr_.stops_unanswered.fetch_add(1);
         } else {
           ctr_.orphan_notifications.fetch_add(1);  // our passive entry: the peer holds no descriptor of it

@@ -136,7 +136,9 @@ class Offer:
     The tag names this one transfer in every notification about it (the active side's "done", the passive
     side's "stop", the "quiesced" answer): a note of an earlier transfer of the same request id, or a
     duplicate, is never taken as evidence for it.  ``tag=0`` is for a peer without sessions (a bare
-    transport: benchmarks), whose notes nobody matches.
+    transport: benchmarks), whose notes nobody matches.  An offer is posted at most once, by the session
+    of its request id that it was handed to, never by a later session of the id: a stop that came before
+    the post is remembered for that session only (docs/transport.md).
     """
 
     mem: Mem

@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     if totals["wedged"]:
         failures.append(f"{totals['wedged']} session(s) wedged (not terminal within {opts.wedge_bound:.0f} s)")
     if totals["leaked"]:
-        failures.append(f"{totals['leaked']} leaked (live sessions, leased or unexplained quarantined slots)")
+        failures.append(f"{totals['leaked']} leaked (live sessions, leased or unexplained quarantined slots, remembered stops)")
     if totals["checksum_errors"]:
         failures.append(f"{totals['checksum_errors']} checksum error(s)")
     if audit_violations:

@@ -458,13 +458,16 @@ class Worker:
         op = self.t.read if self.role == "receiver" else self.t.write
         try:
             refused = self.engine.state(req).value != "Advertised"
-            if not refused:
+            if refused:
+                self._drop_offer(req, remote)  # cancelled first: this offer is never posted
+            else:
                 refused = op(req, local, self.peer, self.Offer.from_bytes(remote)) == "CancelledBeforePost"
         except IllegalTransition:
             refused = True
         except TransportError:
             # e.g. the peer was disconnected (injected): never exposed, so cancelling is evidence
             self.c["post_errors"] += 1
+            self._drop_offer(req, remote)
             self._cancel(req, None)
             self._abort_peer(req)
             self.reconnect_at = self.reconnect_at or time.monotonic() + 0.02
@@ -477,6 +480,11 @@ class Worker:
             self._terminate(req)
             return
         self._expose_done(req)
+
+    def _drop_offer(self, req: int, remote: bytes) -> None:
+        """An offer this side will never post: its stop (sent or to come) needs no memory here."""
+        if self.peer:
+            self.t.forgo(req, self.peer, self.Offer.from_bytes(remote))
 
     def _abort_peer(self, req: int) -> None:
         self.out_msgs.append(("abort", req))
@@ -512,6 +520,7 @@ class Worker:
             _, req, desc = m
             r = self._advertise(self.plan[req - 1])
             if self._mine(r.plan, "before_expose"):
+                self._drop_offer(req, desc)
                 self._cancel(req, "before_expose")
                 self._abort_peer(req)
             else:
@@ -529,9 +538,11 @@ class Worker:
         elif kind == "target":  # sender, WRITE mode
             _, req, desc = m
             if req not in self.tracked or self.tracked[req].cancelled:
+                self._drop_offer(req, desc)
                 self._abort_peer(req)  # we gave up already: release the receiver's exposed slot now
                 return
             if self._mine(self.tracked[req].plan, "before_expose"):
+                self._drop_offer(req, desc)
                 self._cancel(req, "before_expose")
                 self._abort_peer(req)
             else:
@@ -674,7 +685,10 @@ class Worker:
         h = self.engine.health()
         live = self.engine.live_sessions()
         expected_quarantine = stats.quarantined - stats.recovered
-        leaked = live + pool["leased"] + abs(pool["quarantined"] - expected_quarantine) + len(self.deferred_waiting)
+        # stops the transport still remembers wait for a session of ours that will never come: a leak
+        remembered = tstats.remembered_stops
+        leaked = (live + pool["leased"] + abs(pool["quarantined"] - expected_quarantine) + len(self.deferred_waiting)
+                  + remembered)
         elapsed = time.monotonic() - self.t_start
         summary = dict(
             name=self.name, role=self.role, rank=self.rank, shards=self.shards, mode=self.opts.mode,
@@ -684,7 +698,7 @@ class Worker:
             terminate_results=self.terminate_results,
             leak=dict(live_sessions=live, leased=pool["leased"], quarantined=pool["quarantined"],
                       expected_quarantined=expected_quarantine, deferred_undelivered=len(self.deferred_waiting),
-                      leaked=leaked),
+                      remembered_stops=remembered, leaked=leaked),
             pool=pool,
             engine=dict(transitions=stats.transitions, illegal=stats.illegal, late=stats.late,
                         timeouts=stats.timeouts, grace_expired=stats.grace_expired,

@@ -357,6 +357,16 @@ class _Transport:
         """Active WRITE: ``local`` -> the peer's offered range.  Same contract as :meth:`read`."""
         return self._post("write", request, local, peer, remote)
 
+    def forgo(self, request: int, peer: str, offer: Offer) -> None:
+        """This side will never post ``offer`` (``peer``'s, for ``request``): call it when dropping an offer
+        unposted (the session was cancelled first).  A stop the peer sent for it, or sends later, is then
+        answered without being remembered; otherwise it is remembered until a later session of the id
+        (``stats().remembered_stops``).  Idempotent."""
+        if not isinstance(offer, Offer):
+            raise InvalidArgument("offer", f"expected the Offer the peer's expect() returned, got "
+                                           f"{type(offer).__name__}")
+        self._core.forgo(request, peer, offer.tag)
+
     def expect(self, request: int, peer: str, local) -> Offer:
         """Passive side: ``local`` (a registered range; pool memory must lie in the session's slot) is what
         ``peer`` will READ from or WRITE to.  Applies ``expose`` and returns the :class:`Offer` to ship to

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lifecycle import CancelResult, Outcome, State, TerminateResult, TransportError
+from lifecycle import CancelResult, InvalidArgument, Outcome, State, TerminateResult, TransportError
 from lifecycle.transport import Faults, LoopbackTransport, Mem, Offer, pool_slot
 
 from test_transport_harness import KiB, MiB, SIZES, Side, connect, crc, needs_nixl, pattern, wait_for
@@ -102,6 +102,33 @@ def test_loopback_stop_before_post_cancels_the_later_post():
         assert a.t.read(1, dst, b_at_a, offer) == "CancelledBeforePost"
         assert a.engine.state(1) is State.Quiesced and a.engine.outcome(1) is Outcome.cancelled
         assert a.t.stats().posted == 0 and a.t.stats().cancelled_before_post == 1
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_dropped_offer_is_forgone_and_its_stop_needs_no_memory():
+    """a's session is cancelled before it posts b's offer; b then cancels too.  b's stop is answered
+    (nothing of a's moves) and remembered for a later session of the id, unless a says it dropped the
+    offer (forgo): then nothing is left behind.  Without forgo the memory stays (control)."""
+    a, b, names = pair()
+    try:
+        b_at_a, a_at_b = names
+        for req, forgo in ((1, True), (2, False)):
+            a.advertise(req, "receiver", 4096, 0)
+            src = b.advertise(req, "sender", 4096, pattern(4096, req))
+            offer = b.t.expect(req, a_at_b, src)
+            assert a.engine.cancel(req) is CancelResult.CancelledBeforeAdvertise
+            a.engine.terminate(req)
+            if forgo:
+                a.t.forgo(req, b_at_a, offer)
+            b.engine.cancel(req)
+            assert b.wait(req) is State.Quiesced and b.engine.outcome(req) is Outcome.cancelled  # answered
+        assert a.t.stats().remembered_stops == 1  # request 2's: it waits for a later session of 2
+        a.t.forgo(2, b_at_a, offer)
+        assert a.t.stats().remembered_stops == 0
+        with pytest.raises(InvalidArgument, match="offer"):
+            a.t.forgo(2, b_at_a, offer.mem)
     finally:
         a.close()
         b.close()

@@ -240,6 +240,10 @@ void register_transport(py::module_& m) {
              return t.expect(req, peer, l);
            }, py::arg("request"), py::arg("peer"), py::arg("local_addr"), py::arg("nbytes"), py::arg("local_kind"),
            py::arg("local_device"))
+      .def("forgo", [](tp::Transport& t, std::uint64_t req, const std::string& peer, std::uint64_t tag) {
+             py::gil_scoped_release nogil;
+             t.forgo(req, peer, tag);
+           }, py::arg("request"), py::arg("peer"), py::arg("tag"))
       .def("stop", [](tp::Transport& t) {
              py::gil_scoped_release nogil;
              t.stop();

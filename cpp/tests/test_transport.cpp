@@ -343,9 +343,12 @@ void test_a_late_abort_never_stops_a_new_session_of_the_id() {
 // A loopback agent with hooks: `on_lookup` runs when prepare() or knows_peer() is called (the executor's
 // threads acting in the window between a transport reading the id's session and building the request);
 // `on_release(req)` runs before each release and returns false to fail it (the handle stays held);
-// `after_release(req)` runs after a successful one.
+// `after_release(req)` runs after a successful one; with `sync_post`, post() waits until the copy is
+// done, runs `in_post(req)` and returns Done (a backend that completes inside post).
 struct Hooks {
   std::function<void()> on_lookup = [] {};
+  bool sync_post = false;
+  std::function<void(std::uint64_t)> in_post = [](std::uint64_t) {};
   std::function<bool(std::uint64_t)> on_release = [](std::uint64_t) { return true; };
   std::function<void(std::uint64_t)> after_release = [](std::uint64_t) {};
 };
@@ -362,15 +365,22 @@ class HookAgent final : public Agent {
   std::string load_remote_metadata(const std::string& md) override { return inner_->load_remote_metadata(md); }
   void invalidate_remote(const std::string& peer) override { inner_->invalidate_remote(peer); }
   bool knows_peer(const std::string& peer) const override {
+    const bool known = inner_->knows_peer(peer);
     h_.on_lookup();
-    return inner_->knows_peer(peer);
+    return known;
   }
   void prepare(std::uint64_t req, XferOp op, const Region& local, const Region& remote, const std::string& peer,
                std::optional<std::uint64_t> done_tag) override {
     h_.on_lookup();
     inner_->prepare(req, op, local, remote, peer, done_tag);
   }
-  XferState post(std::uint64_t req) override { return inner_->post(req); }
+  XferState post(std::uint64_t req) override {
+    const XferState st = inner_->post(req);
+    if (!h_.sync_post) return st;
+    while (inner_->status(req).state == XferState::InProgress) std::this_thread::yield();
+    h_.in_post(req);
+    return XferState::Done;
+  }
   XferStatus status(std::uint64_t req) override { return inner_->status(req); }
   ReleaseStatus release(std::uint64_t req) override {
     if (!h_.on_release(req)) return -2;  // kErrBackend: the request stays held
@@ -585,6 +595,21 @@ void test_a_remembered_stop_goes_with_the_session_that_could_post_it() {
   CHECK(ea->cancel(3) == CancelResult::CancelledBeforeAdvertise);
   CHECK(ea->terminate(3) == TerminateResult::Terminated);
   CHECK(eventually([&] { return ta.stats().remembered_stops == 0; }));
+  // A session that ends without its offer (never posted) leaves the stop for a later session of the id,
+  // unless the executor says it dropped the offer: forgo(), before or after the stop.
+  for (std::uint64_t req : {4, 5}) CHECK(ea->advertise(req, Role::sender, 0).status == Status::Moved);
+  for (std::uint64_t req : {4, 5}) {
+    CHECK(ea->cancel(req) == CancelResult::CancelledBeforeAdvertise);
+    CHECK(ea->terminate(req) == TerminateResult::Terminated);
+  }
+  const std::uint64_t q = tb->stats().quiesced_received;
+  ta.forgo(4, "expire-b", 0x54);
+  stop(4);
+  stop(5);
+  CHECK(eventually([&] { return tb->stats().quiesced_received == q + 2; }));  // both answered
+  CHECK(ta.stats().remembered_stops == 1);  // 5's waits for a later session of 5
+  ta.forgo(5, "expire-b", 0x55);
+  CHECK(ta.stats().remembered_stops == 0);
 }
 
 // A session of ours that took one offer cannot post another: a stop for another offer of the id that
@@ -714,6 +739,116 @@ void test_a_late_done_never_forgets_a_new_transfers_hold() {
   // (a's timers poison S2 too; its DONE still comes, and b's session completes with every byte)
   CHECK(eventually([&] { return ta.stats().active == 0 && state_of(*eb, 1) == State::Quiesced; }));
   CHECK(eb->info(1)->outcome == Outcome::completed && std::memcmp(src.data(), dst.data(), src.size()) == 0);
+}
+
+// A range is held from the moment transfer() has checked it, before the request is built: the request
+// names the range's registration, so deregistering it while prepare() runs would leave the post a dead
+// handle (NIXL does not check prepared requests).  The hook tries it from inside prepare.
+void test_a_range_being_prepared_is_not_deregistered() {
+  auto ea = std::make_shared<Engine>(Config{});
+  Transport* tp = nullptr;
+  Agent::RegionId rid = 0;
+  int tried = 0, refused = 0;
+  Hooks hooks;
+  hooks.on_lookup = [&] {
+    if (tp == nullptr || tried++ != 0) return;
+    try {
+      tp->deregister_region(rid);
+    } catch (const TransportError&) {
+      ++refused;
+    }
+  };
+  Transport ta(ea, std::make_unique<HookAgent>(named("prep-a"), hooks));
+  auto tb = loopback(std::make_shared<Engine>(Config{}), "prep-b");
+  std::vector<char> src(4096, 'p'), dst(4096, 0);
+  const Region l{reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram};
+  const Region r{reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram};
+  rid = ta.register_region(l);
+  tb->register_region(r);
+  ta.add_peer(tb->metadata());
+  tb->add_peer(ta.metadata());
+  CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
+  tp = &ta;
+  CHECK(ta.transfer(1, XferOp::Write, l, r, "prep-b", 0) == PostResult::Posted);
+  CHECK(tried == 1 && refused == 1);
+  CHECK(eventually([&] { return state_of(*ea, 1) == State::Quiesced; }));
+  CHECK(ea->info(1)->outcome == Outcome::completed && std::memcmp(src.data(), dst.data(), src.size()) == 0);
+}
+
+// remove_peer() while expect() or transfer() is between its peer lookup and its entry: refused then (the
+// removal marks the peer in the same critical section as its scan).  Before, expect() made an entry
+// the scan had missed and handed out an offer for a removed peer: nobody would fail that session, which
+// ended only by its timers (never, without them).
+void test_a_peer_removed_meanwhile_refuses_the_new_entry() {
+  auto ea = std::make_shared<Engine>(ReusePair::reuse(0));
+  Transport* tp = nullptr;
+  Hooks hooks;
+  hooks.on_lookup = [&] {
+    if (tp != nullptr) std::exchange(tp, nullptr)->remove_peer("gone-b");
+  };
+  Transport ta(ea, std::make_unique<HookAgent>(named("gone-a"), hooks));
+  auto tb = loopback(std::make_shared<Engine>(Config{}), "gone-b");
+  std::vector<char> mine(4096, 'g'), theirs(4096, 0);
+  const Region l{reinterpret_cast<std::uintptr_t>(mine.data()), mine.size(), 0, MemKind::Dram};
+  const Region r{reinterpret_cast<std::uintptr_t>(theirs.data()), theirs.size(), 0, MemKind::Dram};
+  ta.register_region(l);
+  tb->register_region(r);
+  const std::string md = tb->metadata();
+  for (int call = 0; call < 2; ++call) {  // expect(), then transfer()
+    ta.add_peer(md);
+    CHECK(ea->advertise(1, call == 0 ? Role::receiver : Role::sender, 0).status == Status::Moved);
+    tp = &ta;
+    bool refused = false;
+    try {
+      if (call == 0) {
+        (void)ta.expect(1, "gone-b", l);
+      } else {
+        (void)ta.transfer(1, XferOp::Write, l, r, "gone-b", 0);
+      }
+    } catch (const TransportError&) {
+      refused = true;
+    }
+    CHECK(tp == nullptr && refused);
+    CHECK(state_of(*ea, 1) == State::Advertised);  // never exposed
+    CHECK(ta.stats().active == 0 && ta.stats().passive == 0 && ta.agent().live_requests() == 0);
+    CHECK(ea->cancel(1) == CancelResult::CancelledBeforeAdvertise);
+    CHECK(ea->terminate(1) == TerminateResult::Terminated);
+  }
+}
+
+// A Done returned by post() after remove_peer() took the entry (and failed the session, marking the
+// request unproven) is the evidence they lacked: the session keeps Poisoned but with evidence (its slot
+// comes back), the range and the id are free again, and transfer() does not report CompletedInPost for
+// a session that is not Quiesced.
+void test_a_done_inside_post_after_the_peer_was_removed_is_evidence() {
+  auto ea = std::make_shared<Engine>(ReusePair::reuse(0));
+  Transport* tp = nullptr;
+  Hooks hooks;
+  hooks.sync_post = true;
+  hooks.in_post = [&](std::uint64_t) {
+    if (tp != nullptr) std::exchange(tp, nullptr)->remove_peer("inpost-b");
+  };
+  Transport ta(ea, std::make_unique<HookAgent>(named("inpost-a"), hooks));
+  auto tb = loopback(std::make_shared<Engine>(Config{}), "inpost-b");
+  std::vector<char> src(4096, 'i'), dst(4096, 0);
+  const Region l{reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram};
+  const Region r{reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram};
+  const Agent::RegionId rid = ta.register_region(l);
+  tb->register_region(r);
+  ta.add_peer(tb->metadata());
+  tb->add_peer(ta.metadata());
+  CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
+  tp = &ta;
+  CHECK(ta.transfer(1, XferOp::Write, l, r, "inpost-b", 0) == PostResult::Posted);
+  CHECK(tp == nullptr);
+  CHECK(state_of(*ea, 1) == State::Poisoned && ea->info(1)->evidence);
+  CHECK(ta.stats().late_evidence == 1);
+  CHECK(ea->terminate(1) == TerminateResult::Terminated);
+  ta.add_peer(tb->metadata());
+  CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);  // the id is free again
+  CHECK(ta.transfer(1, XferOp::Write, l, r, "inpost-b", 0) == PostResult::CompletedInPost);
+  CHECK(state_of(*ea, 1) == State::Quiesced);
+  ta.deregister_region(rid);  // nothing holds the range
 }
 
 // A stop from another peer than the live transfer's, naming another offer of the id: answered at once,
@@ -1081,6 +1216,9 @@ int main() {
   test_a_stop_after_our_session_took_another_offer_outlives_it();
   test_a_stop_bound_to_a_session_moves_on_when_it_takes_another_offer();
   test_a_late_done_never_forgets_a_new_transfers_hold();
+  test_a_range_being_prepared_is_not_deregistered();
+  test_a_peer_removed_meanwhile_refuses_the_new_entry();
+  test_a_done_inside_post_after_the_peer_was_removed_is_evidence();
   test_a_retried_release_never_forgets_a_new_transfers_hold();
   test_every_transport_on_an_engine_gets_its_aborts();
   test_wrapping_ranges_are_refused();

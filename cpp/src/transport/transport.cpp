@@ -56,6 +56,24 @@ bool terminal_or_final(State s) { return kTerminal[static_cast<int>(s)] || kFina
 
 constexpr std::size_t kMaxOtherStops = 64;  // per live transfer: stops naming other offers of its id
 
+// The next records of an ordered map for one sweep, from `cursor` on, wrapping; at most kSweepBudget (a
+// sweep does one engine lookup per record: a big map is walked over several sweeps, never all at once
+// under the lock).  Leaves `cursor` on the first record not taken.  Caller holds the map's lock.
+constexpr std::size_t kSweepBudget = 4096;
+template <class Map>
+std::vector<std::pair<typename Map::key_type, typename Map::mapped_type>> next_batch(const Map& m,
+                                                                                   typename Map::key_type& cursor) {
+  std::vector<std::pair<typename Map::key_type, typename Map::mapped_type>> batch;
+  auto it = m.lower_bound(cursor);
+  while (batch.size() < kSweepBudget && batch.size() < m.size()) {
+    if (it == m.end()) it = m.begin();
+    batch.emplace_back(it->first, it->second);
+    ++it;
+  }
+  cursor = it == m.end() ? typename Map::key_type{} : it->first;
+  return batch;
+}
+
 // splitmix64's finalizer: a bijection on 64 bits, so distinct counts give distinct tags.
 std::uint64_t mix64(std::uint64_t z) {
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
@@ -109,6 +127,11 @@ void Transport::deregister_region(Agent::RegionId id) {
         unproven += unproven_.count(req);
         example = req;
       }
+      for (const auto& [req, r] : preparing_) {  // being built: the request will name this registration
+        if (!r.overlaps(g)) continue;
+        ++held;
+        example = req;
+      }
       for (const auto& [req, e] : entries_) {
         if (e.side != Side::Passive) continue;
         ++passive;
@@ -143,7 +166,12 @@ void Transport::deregister_region(Agent::RegionId id) {
   regions_.erase(id);
 }
 std::string Transport::metadata() { return agent_->local_metadata(); }
-std::string Transport::add_peer(const std::string& md) { return agent_->load_remote_metadata(md); }
+std::string Transport::add_peer(const std::string& md) {
+  std::string peer = agent_->load_remote_metadata(md);
+  std::lock_guard<std::mutex> lk(mu_);
+  removed_peers_.erase(peer);
+  return peer;
+}
 
 ApplyResult Transport::apply(std::uint64_t req, Event ev, std::uint64_t serial) {
   return engine_ ? engine_->apply(req, ev, serial) : ApplyResult{};
@@ -212,17 +240,10 @@ bool Transport::remember_stopped(std::uint64_t req, std::uint64_t tag, StopMemo 
 }
 
 void Transport::sweep_stopped() {
-  constexpr std::size_t kBudget = 4096;  // lookups per sweep: a full memory is walked over 16 sweeps
   std::vector<std::pair<ReqTag, StopMemo>> batch;
   {
     std::lock_guard<std::mutex> lk(mu_);
-    auto it = stopped_reqs_.lower_bound(stopped_cursor_);
-    while (batch.size() < kBudget && batch.size() < stopped_reqs_.size()) {
-      if (it == stopped_reqs_.end()) it = stopped_reqs_.begin();
-      batch.emplace_back(*it);
-      ++it;
-    }
-    stopped_cursor_ = it == stopped_reqs_.end() ? ReqTag{0, 0} : it->first;
+    batch = next_batch(stopped_reqs_, stopped_cursor_);
   }
   constexpr std::uint64_t kGone = ~0ULL;
   std::vector<std::tuple<ReqTag, StopMemo, StopMemo>> change;  // (pair, seen, new); new.session kGone: erase
@@ -318,7 +339,7 @@ PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local
   if (stopped_.load()) throw TransportError("transfer: transport " + name() + " is stopped");
   {
     std::lock_guard<std::mutex> lk(mu_);
-    if (entries_.count(req) != 0) {
+    if (entries_.count(req) != 0 || preparing_.count(req) != 0) {
       throw TransportError("transfer: request " + std::to_string(req) + " already has a transfer");
     }
     if (unproven_.count(req) != 0) {  // its range and its id stay held: a reuse would free them
@@ -326,7 +347,24 @@ PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local
                            "evidence; give the new one another id");
     }
     if (unreleased_.count(req) != 0) throw TransportError(release_pending(req));
+    for (Agent::RegionId id : retiring_) {
+      if (local.overlaps(regions_.at(id))) {
+        throw TransportError("transfer: request " + std::to_string(req) + ": transport " + name() +
+                             " is deregistering its local range");
+      }
+    }
+    // From here the range counts as held: the request built next names its registration, which must not
+    // be deregistered before the entry (and held_) takes over, or the post would use a dead handle.
+    preparing_[req] = local;
   }
+  struct Unprepare {  // every exit before the entry is made gives the reservation back
+    Transport* t;
+    std::uint64_t req;
+    ~Unprepare() {
+      std::lock_guard<std::mutex> lk(t->mu_);
+      t->preparing_.erase(req);
+    }
+  } unprepare{this, req};
   // 0. A local range in the engine's pool must lie inside the slot leased to this very session: the
   //    evidence rule protects that slot, not a neighbour's (one lookup, only for pool memory).
   // The session this transfer is for (the one expose will move): its entry names it from the start, so
@@ -345,6 +383,7 @@ PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local
     // Re-checked here: the sweep may have released the earlier request (so prepare passed) and not yet
     // taken mu_ to forget its hold, which would then forget this transfer's.
     if (refuse == nullptr && unreleased_.count(req) != 0) refuse = "still holds this id's earlier request (its release is retried)";
+    if (refuse == nullptr && removed_peers_.count(peer) != 0) refuse = "removed its peer meanwhile";
     if (refuse == nullptr) {
       stopped_by_peer = stopped_reqs_.erase({req, tag}) != 0;  // consumed: this entry skips the post
       entries_[req] = Entry{Side::Active, peer, tag, current, {}, false, false, stopped_by_peer, false, {}};
@@ -359,7 +398,7 @@ PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local
     }
   }
   if (refuse != nullptr) {
-    (void)agent_->release(req);  // prepared, never posted, never held: nothing moved
+    release_xfer(req, true);  // prepared, never posted: nothing moved (a failed release is retried)
     throw TransportError("transfer: request " + std::to_string(req) + ": transport " + name() + " " + refuse);
   }
   // 2. Expose (Advertised -> InFlight). A refused expose (cancelled, unknown) posts nothing.
@@ -427,11 +466,34 @@ PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local
   ctr_.posted.fetch_add(1);
   if (st == XferState::Done) {
     ctr_.completed_in_post.fetch_add(1);
-    finish_active(req, true);
-    return PostResult::CompletedInPost;
+    if (finish_active(req, true)) return PostResult::CompletedInPost;
+    // remove_peer() or stop() took the entry while post() ran, and failed the session: this Done is the
+    // evidence they lacked.  The request is over, its range free again; the session ends Poisoned with
+    // late evidence (its slot is recovered on terminate).
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      if (unproven_.erase(req) != 0) forget_held(req, true);
+    }
+    if (apply(req, Event::complete, serial).status == Status::Late) ctr_.late_evidence.fetch_add(1);
+    return PostResult::Posted;
   }
   progress_->watch(req);
   return PostResult::Posted;
+}
+
+void Transport::forgo(std::uint64_t req, const std::string& peer, std::uint64_t tag) {
+  std::uint64_t serial = 0;
+  if (engine_) {
+    if (const auto ours = engine_->info(req)) serial = ours->serial;
+  }
+  std::lock_guard<std::mutex> lk(mu_);
+  stopped_reqs_.erase({req, tag});
+  // as if our transfer had taken it (a late stop for it is answered at once), unless a transfer of this
+  // very session did take an offer: that record stays (its late stops need it more)
+  auto p = posted_.find(req);
+  if (engine_ && (p == posted_.end() || serial == 0 || p->second.serial != serial)) {
+    posted_[req] = Ended{peer, tag, serial};
+  }
 }
 
 std::uint64_t Transport::expect(std::uint64_t req, const std::string& peer, const Region& local) {
@@ -455,10 +517,14 @@ std::uint64_t Transport::expect(std::uint64_t req, const std::string& peer, cons
                                        current != 0 && old->second.offered && old->second.serial != current) {
       retire_passive(old, std::nullopt);  // its session is gone: what became of it is unknown here
     }
-    if (entries_.count(req) != 0) {
+    if (entries_.count(req) != 0 || preparing_.count(req) != 0) {
       throw TransportError("expect: request " + std::to_string(req) + " already has a transfer");
     }
     if (stopped_.load()) throw TransportError("expect: transport " + name() + " is stopped");
+    if (removed_peers_.count(peer) != 0) {
+      throw TransportError("expect: request " + std::to_string(req) + ": peer '" + peer +
+                           "' was removed (add_peer its metadata again first)");
+    }
     // the peer may touch every registered region it has our descriptors for: none may retire meanwhile
     if (!retiring_.empty()) {
       throw TransportError("expect: request " + std::to_string(req) + ": transport " + name() +
@@ -522,14 +588,14 @@ std::uint64_t Transport::expect(std::uint64_t req, const std::string& peer, cons
   return tag;
 }
 
-void Transport::finish_active(std::uint64_t req, bool done) {
+bool Transport::finish_active(std::uint64_t req, bool done) {
   std::vector<std::uint64_t> acks;
   std::string peer;
   std::uint64_t serial = 0;
   {
     std::lock_guard<std::mutex> lk(mu_);
     auto it = entries_.find(req);
-    if (it == entries_.end() || it->second.side != Side::Active) return;
+    if (it == entries_.end() || it->second.side != Side::Active) return false;
     acks = owed_acks(it->second);
     peer = it->second.peer;
     serial = it->second.serial;
@@ -554,6 +620,7 @@ void Transport::finish_active(std::uint64_t req, bool done) {
   if (done) {
     send_acks(peer, req, acks);
   }
+  return true;
 }
 
 void Transport::on_abort(std::uint64_t req, std::uint64_t serial) {
@@ -781,20 +848,20 @@ void Transport::sweep() {
     if (it != entries_.end() && it->second.side == Side::Passive && it->second.serial == serial) retire_passive(it, info);
   }
   // Records of sessions the engine forgot (their id may be advertised again: another serial).
-  forget_gone(ended_);
-  forget_gone(posted_);
+  forget_gone(ended_, ended_cursor_);
+  forget_gone(posted_, posted_cursor_);
 }
 
-void Transport::forget_gone(std::unordered_map<std::uint64_t, Ended>& m) {
-  std::vector<std::pair<std::uint64_t, std::uint64_t>> all;
+void Transport::forget_gone(std::map<std::uint64_t, Ended>& m, std::uint64_t& cursor) {
+  std::vector<std::pair<std::uint64_t, Ended>> batch;
   {
     std::lock_guard<std::mutex> lk(mu_);
-    for (const auto& [req, e] : m) all.emplace_back(req, e.serial);
+    batch = next_batch(m, cursor);
   }
   std::vector<std::pair<std::uint64_t, std::uint64_t>> stale;
-  for (const auto& [req, serial] : all) {
+  for (const auto& [req, e] : batch) {
     const auto info = engine_->info(req);
-    if (!info || info->serial != serial) stale.emplace_back(req, serial);
+    if (!info || info->serial != e.serial) stale.emplace_back(req, e.serial);
   }
   std::lock_guard<std::mutex> lk(mu_);
   for (const auto& [req, serial] : stale) {
@@ -807,6 +874,9 @@ void Transport::remove_peer(const std::string& peer) {
   std::vector<std::tuple<std::uint64_t, Side, std::uint64_t>> gone;  // (req, side, serial)
   {
     std::lock_guard<std::mutex> lk(mu_);
+    // with the scan: an expect() or transfer() that looked the peer up before is refused when it makes
+    // its entry, so none escapes both the scan and the refusal (until add_peer() loads it again)
+    removed_peers_.insert(peer);
     for (auto it = entries_.begin(); it != entries_.end();) {
       if (it->second.peer == peer && (it->second.side == Side::Passive || it->second.posting)) {
         gone.emplace_back(it->first, it->second.side, it->second.serial);

@@ -121,6 +121,10 @@ class Transport final : public EventSink {
   // `tag`: the one the passive side's expect() returned (shipped with its descriptor).
   PostResult transfer(std::uint64_t req, XferOp op, const Region& local, const Region& remote,
                       const std::string& peer, std::uint64_t tag);
+  // The session of ours for `req` will never post the offer (`tag`) that `peer` made: an executor that
+  // drops an offer it got (its session cancelled first) says so, and a stop the peer sent for it, or
+  // sends later, needs no memory here (it is answered; see remember_stopped).  Idempotent.
+  void forgo(std::uint64_t req, const std::string& peer, std::uint64_t tag);
   // `local`: the range whose descriptor the caller ships (checked like an active local range). Returns
   // the tag to ship with it: never 0, never the same twice on this transport.
   std::uint64_t expect(std::uint64_t req, const std::string& peer, const Region& local);
@@ -185,7 +189,7 @@ class Transport final : public EventSink {
 
   void on_abort(std::uint64_t req, std::uint64_t serial);
   bool on_pass() override;  // sends the queued stops (outbox_)
-  void finish_active(std::uint64_t req, bool done);
+  bool finish_active(std::uint64_t req, bool done);  // false: no active entry for req (taken meanwhile)
   // Release; a failure is counted and retried by the sweep.  `proven`: never posted, or Done (DESIGN
   // §3); without proof the local range keeps blocking deregister_region for good.
   void release_xfer(std::uint64_t req, bool proven);
@@ -205,7 +209,7 @@ class Transport final : public EventSink {
   bool remember_stopped(std::uint64_t req, std::uint64_t tag, StopMemo memo);  // false: full; caller holds mu_
   void sweep_stopped();
   // Drops the records of `m` whose session the engine no longer holds (forgotten, or another serial).
-  void forget_gone(std::unordered_map<std::uint64_t, Ended>& m);
+  void forget_gone(std::map<std::uint64_t, Ended>& m, std::uint64_t& cursor);  // a budget per sweep
   // The serial of req's session now (0 without an engine), from one engine lookup that also checks
   // `local`: when it lies in the engine's pool, it must be inside the slot leased to that session.
   // Throws UnknownRequestError when req has no session, TransportError for a range outside its slot.
@@ -225,10 +229,11 @@ class Transport final : public EventSink {
   using ReqTag = std::pair<std::uint64_t, std::uint64_t>;
   std::map<ReqTag, StopMemo> stopped_reqs_;  // (req, tag) stopped before we posted: remember_stopped
   ReqTag stopped_cursor_{0, 0};              // where the next sweep_stopped() goes on
-  std::unordered_map<std::uint64_t, Ended> ended_;  // swept passive entries (until the engine forgets req)
+  std::map<std::uint64_t, Ended> ended_;  // swept passive entries (until the engine forgets req)
+  std::uint64_t ended_cursor_ = 0, posted_cursor_ = 0;  // where forget_gone goes on
   // the offer each active entry posted (or skipped), kept past the entry while its session lives: a
   // late stop naming it needs no memory (an offer is posted once)
-  std::unordered_map<std::uint64_t, Ended> posted_;
+  std::map<std::uint64_t, Ended> posted_;
   std::map<std::uint64_t, HeldOffer> held_offers_;  // by tag (unique on this transport): hold_offer
   std::uint64_t tag_salt_ = 0, tag_count_ = 0;      // expect()'s tags: a bijection of the count (mu_)
   // Stops for the progress thread to send: an abort hook runs on the thread that cancelled (an
@@ -237,11 +242,14 @@ class Transport final : public EventSink {
   std::vector<std::pair<std::string, NotifMessage>> outbox_;  // guarded by outbox_mu_
   std::map<std::uint64_t, bool> unreleased_;  // release failed (value: proven quiescent); retried on tick
   // Invariant: every request prepared through this transport that is not released yet, or was released
-  // without evidence that it stopped (those are in unproven_ too and never leave: their bytes may still
-  // land), with its local range: what deregister_region checks.
+  // without evidence that it stopped (those are in unproven_ too: their bytes may still land), with its
+  // local range: what deregister_region checks (with preparing_).
   std::unordered_map<std::uint64_t, Region> held_;
+  std::unordered_map<std::uint64_t, Region> preparing_;  // transfer() between its checks and its entry
+  std::set<std::string> removed_peers_;                  // remove_peer() until add_peer() loads it again
   // Requests of ours that ended without evidence (marked with the erase of their entry): never a
-  // "quiesced" for them, never their id again, and their ranges in held_ for good.
+  // "quiesced" for them, never their id again, and their ranges in held_ for good (unless a Done of
+  // their own post() comes after all: transfer()).
   std::set<std::uint64_t> unproven_;
   std::set<Agent::RegionId> retiring_;  // deregister_region in progress: no new transfer may use them
   std::chrono::steady_clock::time_point next_sweep_{};

@@ -343,8 +343,8 @@ void test_a_late_abort_never_stops_a_new_session_of_the_id() {
 // A loopback agent with hooks: `on_lookup` runs when prepare() or knows_peer() is called (the executor's
 // threads acting in the window between a transport reading the id's session and building the request);
 // `on_release(req)` runs before each release and returns false to fail it (the handle stays held);
-// `after_release(req)` runs after a successful one; with `sync_post`, post() waits until the copy is
-// done, runs `in_post(req)` and returns Done (a backend that completes inside post).
+// `after_release(req)` runs after a successful one; `in_post(req)` runs at the end of post(), which with
+// `sync_post` first waits until the copy is done and returns Done (a backend that completes inside post).
 struct Hooks {
   std::function<void()> on_lookup = [] {};
   bool sync_post = false;
@@ -371,15 +371,16 @@ class HookAgent final : public Agent {
   }
   void prepare(std::uint64_t req, XferOp op, const Region& local, const Region& remote, const std::string& peer,
                std::optional<std::uint64_t> done_tag) override {
-    h_.on_lookup();
     inner_->prepare(req, op, local, remote, peer, done_tag);
+    h_.on_lookup();  // the request is built
   }
   XferState post(std::uint64_t req) override {
     const XferState st = inner_->post(req);
-    if (!h_.sync_post) return st;
-    while (inner_->status(req).state == XferState::InProgress) std::this_thread::yield();
+    if (h_.sync_post) {
+      while (inner_->status(req).state == XferState::InProgress) std::this_thread::yield();
+    }
     h_.in_post(req);
-    return XferState::Done;
+    return h_.sync_post ? XferState::Done : st;
   }
   XferStatus status(std::uint64_t req) override { return inner_->status(req); }
   ReleaseStatus release(std::uint64_t req) override {
@@ -816,39 +817,94 @@ void test_a_peer_removed_meanwhile_refuses_the_new_entry() {
   }
 }
 
-// A Done returned by post() after remove_peer() took the entry (and failed the session, marking the
-// request unproven) is the evidence they lacked: the session keeps Poisoned but with evidence (its slot
-// comes back), the range and the id are free again, and transfer() does not report CompletedInPost for
-// a session that is not Quiesced.
-void test_a_done_inside_post_after_the_peer_was_removed_is_evidence() {
-  auto ea = std::make_shared<Engine>(ReusePair::reuse(0));
+// A transfer() refused after its request was built releases it; if that release fails (retried by the
+// sweep), the range stays held until it succeeds: the agent still holds a request that names it.
+void test_a_refused_request_whose_release_fails_keeps_its_range() {
+  auto ea = std::make_shared<Engine>(Config{});
   Transport* tp = nullptr;
+  std::atomic<bool> failing{true};
   Hooks hooks;
-  hooks.sync_post = true;
-  hooks.in_post = [&](std::uint64_t) {
-    if (tp != nullptr) std::exchange(tp, nullptr)->remove_peer("inpost-b");
+  hooks.on_lookup = [&] {
+    if (tp != nullptr) std::exchange(tp, nullptr)->remove_peer("refrel-b");
   };
-  Transport ta(ea, std::make_unique<HookAgent>(named("inpost-a"), hooks));
-  auto tb = loopback(std::make_shared<Engine>(Config{}), "inpost-b");
-  std::vector<char> src(4096, 'i'), dst(4096, 0);
+  hooks.on_release = [&](std::uint64_t) { return !failing.load(); };
+  Transport ta(ea, std::make_unique<HookAgent>(named("refrel-a"), hooks));
+  auto tb = loopback(std::make_shared<Engine>(Config{}), "refrel-b");
+  std::vector<char> src(4096, 'f'), dst(4096, 0);
   const Region l{reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram};
   const Region r{reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram};
   const Agent::RegionId rid = ta.register_region(l);
   tb->register_region(r);
   ta.add_peer(tb->metadata());
-  tb->add_peer(ta.metadata());
   CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
   tp = &ta;
-  CHECK(ta.transfer(1, XferOp::Write, l, r, "inpost-b", 0) == PostResult::Posted);
-  CHECK(tp == nullptr);
-  CHECK(state_of(*ea, 1) == State::Poisoned && ea->info(1)->evidence);
-  CHECK(ta.stats().late_evidence == 1);
-  CHECK(ea->terminate(1) == TerminateResult::Terminated);
-  ta.add_peer(tb->metadata());
-  CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);  // the id is free again
-  CHECK(ta.transfer(1, XferOp::Write, l, r, "inpost-b", 0) == PostResult::CompletedInPost);
-  CHECK(state_of(*ea, 1) == State::Quiesced);
-  ta.deregister_region(rid);  // nothing holds the range
+  bool refused = false;
+  try {
+    (void)ta.transfer(1, XferOp::Write, l, r, "refrel-b", 0);
+  } catch (const TransportError&) {
+    refused = true;
+  }
+  CHECK(refused && ta.stats().unreleased == 1 && ta.agent().live_requests() == 1);
+  bool held = false;
+  try {
+    ta.deregister_region(rid);
+  } catch (const TransportError&) {
+    held = true;
+  }
+  CHECK(held);
+  failing = false;
+  CHECK(eventually([&] { return ta.stats().unreleased == 0 && ta.agent().live_requests() == 0; }));
+  ta.deregister_region(rid);  // released: free now
+}
+
+// remove_peer() while transfer() is inside post(): the entry is that call's to end (one owner for its
+// release), so remove_peer() only marks it.  Before, remove_peer() took it and released it while post()
+// ran, and a Done from post() then found no entry (CompletedInPost for a Poisoned session, its evidence
+// lost), or the two raced over the request's release and hold.  A Done is evidence: Quiesced(completed).
+// A post still in progress is abandoned after post() returns, as remove_peer() would have: Poisoned,
+// released, its range and id held (no evidence).
+void test_remove_peer_during_post_leaves_the_entry_to_its_transfer() {
+  auto ea = std::make_shared<Engine>(ReusePair::reuse(0));
+  for (bool sync : {true, false}) {
+    Transport* tp = nullptr;
+    Hooks hooks;
+    hooks.sync_post = sync;
+    hooks.in_post = [&](std::uint64_t) {
+      if (tp != nullptr) std::exchange(tp, nullptr)->remove_peer("inpost-b");
+    };
+    LoopbackOptions o = named("inpost-a", sync ? 0 : 20'000);  // async: 4 KiB take ~200 ms
+    Transport ta(ea, std::make_unique<HookAgent>(o, hooks));
+    auto tb = loopback(std::make_shared<Engine>(Config{}), "inpost-b");
+    std::vector<char> src(4096, 'i'), dst(4096, 0);
+    const Region l{reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram};
+    const Region r{reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram};
+    const Agent::RegionId rid = ta.register_region(l);
+    tb->register_region(r);
+    ta.add_peer(tb->metadata());
+    tb->add_peer(ta.metadata());
+    CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
+    tp = &ta;
+    const PostResult res = ta.transfer(1, XferOp::Write, l, r, "inpost-b", 0);
+    CHECK(tp == nullptr);
+    CHECK(ta.stats().active == 0 && ta.agent().live_requests() == 0);  // ended and released, once
+    bool held = false;
+    try {
+      ta.deregister_region(rid);
+    } catch (const TransportError&) {
+      held = true;
+    }
+    if (sync) {
+      CHECK(res == PostResult::CompletedInPost);
+      CHECK(state_of(*ea, 1) == State::Quiesced && ea->info(1)->outcome == Outcome::completed);
+      CHECK(!held);  // the range is free
+      CHECK(ea->terminate(1) == TerminateResult::Terminated);
+    } else {
+      CHECK(res == PostResult::Posted && ta.stats().abandoned == 1);
+      CHECK(state_of(*ea, 1) == State::Poisoned && !ea->info(1)->evidence);
+      CHECK(held);  // no evidence: its bytes may still land
+      std::this_thread::sleep_for(std::chrono::milliseconds(300));  // the loopback copy ends before the buffers go
+    }
+  }
 }
 
 // A stop from another peer than the live transfer's, naming another offer of the id: answered at once,
@@ -1218,7 +1274,8 @@ int main() {
   test_a_late_done_never_forgets_a_new_transfers_hold();
   test_a_range_being_prepared_is_not_deregistered();
   test_a_peer_removed_meanwhile_refuses_the_new_entry();
-  test_a_done_inside_post_after_the_peer_was_removed_is_evidence();
+  test_a_refused_request_whose_release_fails_keeps_its_range();
+  test_remove_peer_during_post_leaves_the_entry_to_its_transfer();
   test_a_retried_release_never_forgets_a_new_transfers_hold();
   test_every_transport_on_an_engine_gets_its_aborts();
   test_wrapping_ranges_are_refused();

@@ -60,6 +60,7 @@ constexpr std::size_t kMaxOtherStops = 64;  // per live transfer: stops naming o
 // sweep does one engine lookup per record: a big map is walked over several sweeps, never all at once
 // under the lock).  Leaves `cursor` on the first record not taken.  Caller holds the map's lock.
 constexpr std::size_t kSweepBudget = 4096;
+constexpr std::size_t kRemovedPeers = 4096;  // remove_peer() marks kept (see there)
 template <class Map>
 std::vector<std::pair<typename Map::key_type, typename Map::mapped_type>> next_batch(const Map& m,
                                                                                    typename Map::key_type& cursor) {
@@ -169,7 +170,7 @@ std::string Transport::metadata() { return agent_->local_metadata(); }
 std::string Transport::add_peer(const std::string& md) {
   std::string peer = agent_->load_remote_metadata(md);
   std::lock_guard<std::mutex> lk(mu_);
-  removed_peers_.erase(peer);
+  if (removed_peers_.erase(peer) != 0) removed_order_.erase(std::find(removed_order_.begin(), removed_order_.end(), peer));
   return peer;
 }
 
@@ -380,10 +381,9 @@ PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local
     if (stopped_.load()) refuse = "is stopped";
     for (Agent::RegionId id : retiring_)
       if (refuse == nullptr && local.overlaps(regions_.at(id))) refuse = "is being deregistered (its local range)";
-    // Re-checked here: the sweep may have released the earlier request (so prepare passed) and not yet
-    // taken mu_ to forget its hold, which would then forget this transfer's.
-    if (refuse == nullptr && unreleased_.count(req) != 0) refuse = "still holds this id's earlier request (its release is retried)";
     if (refuse == nullptr && removed_peers_.count(peer) != 0) refuse = "removed its peer meanwhile";
+    // (An earlier request of the id whose retried release the sweep completes meanwhile is no matter:
+    // its bookkeeping leaves the hold of an active entry alone, forget_held.)
     if (refuse == nullptr) {
       stopped_by_peer = stopped_reqs_.erase({req, tag}) != 0;  // consumed: this entry skips the post
       entries_[req] = Entry{Side::Active, peer, tag, current, {}, false, false, stopped_by_peer, false, {}};
@@ -394,8 +394,8 @@ PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local
           if (s->second.session == current) s->second = StopMemo{0, current + 1};
         }
       }
-      held_[req] = local;
     }
+    held_[req] = local;  // refused too: the prepared request holds the range until it is released
   }
   if (refuse != nullptr) {
     release_xfer(req, true);  // prepared, never posted: nothing moved (a failed release is retried)
@@ -429,6 +429,9 @@ PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local
     auto it = entries_.find(req);
     if (it == entries_.end()) {
       gone = true;  // stop() or remove_peer() took the entry (and failed the session) meanwhile
+    } else if (removed_peers_.count(it->second.peer) != 0) {
+      entries_.erase(it);  // its peer was removed after the entry was made (its scan skips unposted ones)
+      gone = true;
     } else if (it->second.cancel_requested || it->second.peer_stop) {
       skip = true;
       ack = it->second.peer_stop;
@@ -437,6 +440,7 @@ PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local
     } else {
       it->second.serial = serial;
       it->second.posting = true;
+      it->second.in_post = true;  // until post() returns, this call owns the release (see below)
     }
   }
   if (gone) {
@@ -454,27 +458,40 @@ PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local
     ctr_.cancelled_before_post.fetch_add(1);
     return PostResult::CancelledBeforePost;
   }
-  // 4. Post. From here on the backend may touch the buffers until Done.
-  XferState st;
+  // 4. Post. From here on the backend may touch the buffers until Done.  While post() runs, remove_peer()
+  //    or stop() may take the entry (marking the request unproven and failing the session) but leave its
+  //    release to this call, which learns the outcome: one owner for the release.
+  XferState st = XferState::Failed;
+  std::exception_ptr error;
   try {
     st = agent_->post(req);
   } catch (...) {
+    error = std::current_exception();
+  }
+  if (error) {
     ctr_.post_errors.fetch_add(1);
     finish_active(req, false);  // an error is not evidence: Poisoned
-    throw;
+    std::rethrow_exception(error);
   }
   ctr_.posted.fetch_add(1);
   if (st == XferState::Done) {
     ctr_.completed_in_post.fetch_add(1);
-    if (finish_active(req, true)) return PostResult::CompletedInPost;
-    // remove_peer() or stop() took the entry while post() ran, and failed the session: this Done is the
-    // evidence they lacked.  The request is over, its range free again; the session ends Poisoned with
-    // late evidence (its slot is recovered on terminate).
-    {
-      std::lock_guard<std::mutex> lk(mu_);
-      if (unproven_.erase(req) != 0) forget_held(req, true);
+    finish_active(req, true);  // the entry is still ours (in_post): Done is evidence, whoever asked
+    return PostResult::CompletedInPost;
+  }
+  bool abandon = false;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    auto it = entries_.find(req);
+    if (it != entries_.end()) {
+      it->second.in_post = false;  // from here remove_peer() and stop() take it themselves
+      abandon = it->second.abandon;
     }
-    if (apply(req, Event::complete, serial).status == Status::Late) ctr_.late_evidence.fetch_add(1);
+  }
+  if (abandon) {
+    // remove_peer() or stop() came while post() ran: what they would have done, now (no evidence)
+    ctr_.abandoned.fetch_add(1);
+    finish_active(req, false);
     return PostResult::Posted;
   }
   progress_->watch(req);
@@ -876,9 +893,18 @@ void Transport::remove_peer(const std::string& peer) {
     std::lock_guard<std::mutex> lk(mu_);
     // with the scan: an expect() or transfer() that looked the peer up before is refused when it makes
     // its entry, so none escapes both the scan and the refusal (until add_peer() loads it again)
-    removed_peers_.insert(peer);
+    // The mark matters only while a call that looked the peer up before its invalidation still runs (a
+    // few microseconds); the oldest marks go beyond kRemovedPeers, so names unique per restart stay bounded.
+    if (removed_peers_.insert(peer).second) removed_order_.push_back(peer);
+    while (removed_order_.size() > kRemovedPeers) {
+      removed_peers_.erase(removed_order_.front());
+      removed_order_.pop_front();
+    }
     for (auto it = entries_.begin(); it != entries_.end();) {
-      if (it->second.peer == peer && (it->second.side == Side::Passive || it->second.posting)) {
+      if (it->second.peer == peer && it->second.in_post) {
+        it->second.abandon = true;  // its transfer() call, inside post(), finishes it (one owner)
+        ++it;
+      } else if (it->second.peer == peer && (it->second.side == Side::Passive || it->second.posting)) {
         gone.emplace_back(it->first, it->second.side, it->second.serial);
         if (it->second.side == Side::Active) unproven_.insert(it->first);  // with the erase
         if (it->second.side == Side::Passive && it->second.offered) {
@@ -917,12 +943,18 @@ void Transport::stop() {
   std::vector<std::pair<std::uint64_t, Entry>> all;
   {
     std::lock_guard<std::mutex> lk(mu_);
-    for (auto& [req, e] : entries_) {
+    for (auto it = entries_.begin(); it != entries_.end();) {
+      auto& [req, e] = *it;
+      if (e.in_post) {
+        e.abandon = true;  // its transfer() call, inside post(), finishes it (one owner)
+        ++it;
+        continue;
+      }
       all.emplace_back(req, e);
       if (e.side == Side::Active && e.posting) unproven_.insert(req);  // with the erase
       if (e.side == Side::Passive && e.offered) hold_offer(req, e);  // for good: no more notes
+      it = entries_.erase(it);
     }
-    entries_.clear();
   }
   for (auto& [req, e] : all) {
     if (e.side == Side::Active && !e.posting) {

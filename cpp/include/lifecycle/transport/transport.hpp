@@ -44,6 +44,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <deque>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -167,6 +168,8 @@ class Transport final : public EventSink {
     // remembered, its post will be skipped); answered "quiesced" once this request is Done, never after
     // an error (the stop may even be for this very transfer, posted under a wrong tag by the caller)
     std::vector<std::uint64_t> other_stops;
+    bool in_post = false;           // active: transfer() is inside post(): it alone may end the entry
+    bool abandon = false;           // active: remove_peer()/stop() came meanwhile (transfer() fails it)
   };
   // The "quiesced" replies an active entry owes once its request is proven stopped.
   static std::vector<std::uint64_t> owed_acks(const Entry& e);
@@ -247,6 +250,7 @@ class Transport final : public EventSink {
   std::unordered_map<std::uint64_t, Region> held_;
   std::unordered_map<std::uint64_t, Region> preparing_;  // transfer() between its checks and its entry
   std::set<std::string> removed_peers_;                  // remove_peer() until add_peer() loads it again
+  std::deque<std::string> removed_order_;                // the same, oldest first (bounded)
   // Requests of ours that ended without evidence (marked with the erase of their entry): never a
   // "quiesced" for them, never their id again, and their ranges in held_ for good (unless a Done of
   // their own post() comes after all: transfer()).

@@ -75,6 +75,20 @@ std::vector<std::pair<typename Map::key_type, typename Map::mapped_type>> next_b
   return batch;
 }
 
+// The same for a hash map (O(1) inserts on the transfer path): `cursor` is a bucket index.
+template <class K, class V>
+std::vector<std::pair<K, V>> next_batch(const std::unordered_map<K, V>& m, std::size_t& cursor) {
+  std::vector<std::pair<K, V>> batch;
+  const std::size_t n = m.bucket_count();
+  if (m.empty() || n == 0) return batch;
+  std::size_t b = cursor % n;
+  for (std::size_t seen = 0; seen < n && batch.size() < kSweepBudget; ++seen, b = (b + 1) % n) {
+    for (auto it = m.begin(b); it != m.end(b); ++it) batch.emplace_back(it->first, it->second);
+  }
+  cursor = b;
+  return batch;
+}
+
 // splitmix64's finalizer: a bijection on 64 bits, so distinct counts give distinct tags.
 std::uint64_t mix64(std::uint64_t z) {
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
@@ -307,6 +321,23 @@ void Transport::release_xfer(std::uint64_t req, bool proven) {
   unreleased_[req] = proven;
 }
 
+bool Transport::preparing(std::uint64_t req) const {
+  for (const auto& [r, range] : preparing_) {
+    if (r == req) return true;
+  }
+  return false;
+}
+
+void Transport::unprepare(std::uint64_t req) {
+  for (auto& p : preparing_) {
+    if (p.first == req) {
+      p = preparing_.back();
+      preparing_.pop_back();
+      return;
+    }
+  }
+}
+
 std::string Transport::release_pending(std::uint64_t req) {
   return "transfer: request " + std::to_string(req) + ": the release of its earlier transfer failed and is retried by "
          "the sweep; retry when stats().unreleased is 0, or give the new one another id";
@@ -340,7 +371,7 @@ PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local
   if (stopped_.load()) throw TransportError("transfer: transport " + name() + " is stopped");
   {
     std::lock_guard<std::mutex> lk(mu_);
-    if (entries_.count(req) != 0 || preparing_.count(req) != 0) {
+    if (entries_.count(req) != 0 || preparing(req)) {
       throw TransportError("transfer: request " + std::to_string(req) + " already has a transfer");
     }
     if (unproven_.count(req) != 0) {  // its range and its id stay held: a reuse would free them
@@ -356,16 +387,18 @@ PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local
     }
     // From here the range counts as held: the request built next names its registration, which must not
     // be deregistered before the entry (and held_) takes over, or the post would use a dead handle.
-    preparing_[req] = local;
+    preparing_.emplace_back(req, local);  // a vector: no allocation on the transfer path
   }
-  struct Unprepare {  // every exit before the entry is made gives the reservation back
+  struct Unprepare {  // every exit before the second critical section gives the reservation back
     Transport* t;
     std::uint64_t req;
+    bool done = false;
     ~Unprepare() {
+      if (done) return;
       std::lock_guard<std::mutex> lk(t->mu_);
-      t->preparing_.erase(req);
+      t->unprepare(req);
     }
-  } unprepare{this, req};
+  } reservation{this, req};
   // 0. A local range in the engine's pool must lie inside the slot leased to this very session: the
   //    evidence rule protects that slot, not a neighbour's (one lookup, only for pool memory).
   // The session this transfer is for (the one expose will move): its entry names it from the start, so
@@ -396,6 +429,8 @@ PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local
       }
     }
     held_[req] = local;  // refused too: the prepared request holds the range until it is released
+    unprepare(req);      // held_ took over, in this same critical section
+    reservation.done = true;
   }
   if (refuse != nullptr) {
     release_xfer(req, true);  // prepared, never posted: nothing moved (a failed release is retried)
@@ -534,7 +569,7 @@ std::uint64_t Transport::expect(std::uint64_t req, const std::string& peer, cons
                                        current != 0 && old->second.offered && old->second.serial != current) {
       retire_passive(old, std::nullopt);  // its session is gone: what became of it is unknown here
     }
-    if (entries_.count(req) != 0 || preparing_.count(req) != 0) {
+    if (entries_.count(req) != 0 || preparing(req)) {
       throw TransportError("expect: request " + std::to_string(req) + " already has a transfer");
     }
     if (stopped_.load()) throw TransportError("expect: transport " + name() + " is stopped");
@@ -869,7 +904,7 @@ void Transport::sweep() {
   forget_gone(posted_, posted_cursor_);
 }
 
-void Transport::forget_gone(std::map<std::uint64_t, Ended>& m, std::uint64_t& cursor) {
+void Transport::forget_gone(std::unordered_map<std::uint64_t, Ended>& m, std::size_t& cursor) {
   std::vector<std::pair<std::uint64_t, Ended>> batch;
   {
     std::lock_guard<std::mutex> lk(mu_);

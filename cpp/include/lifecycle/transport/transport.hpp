@@ -51,6 +51,7 @@
 #include <set>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 #include "lifecycle/engine.hpp"
 #include "lifecycle/transport/agent.hpp"
@@ -212,13 +213,15 @@ class Transport final : public EventSink {
   bool remember_stopped(std::uint64_t req, std::uint64_t tag, StopMemo memo);  // false: full; caller holds mu_
   void sweep_stopped();
   // Drops the records of `m` whose session the engine no longer holds (forgotten, or another serial).
-  void forget_gone(std::map<std::uint64_t, Ended>& m, std::uint64_t& cursor);  // a budget per sweep
+  void forget_gone(std::unordered_map<std::uint64_t, Ended>& m, std::size_t& cursor);  // a budget per sweep
   // The serial of req's session now (0 without an engine), from one engine lookup that also checks
   // `local`: when it lies in the engine's pool, it must be inside the slot leased to that session.
   // Throws UnknownRequestError when req has no session, TransportError for a range outside its slot.
   // Caller holds no transport lock (it asks the engine).
   std::uint64_t session_for(const char* call, std::uint64_t req, const Region& local) const;
-  static std::string release_pending(std::uint64_t req);  // the refusal while req's release is retried
+  static std::string release_pending(std::uint64_t req);
+  bool preparing(std::uint64_t req) const;  // caller holds mu_
+  void unprepare(std::uint64_t req);        // caller holds mu_  // the refusal while req's release is retried
   void sweep();
 
   std::shared_ptr<Engine> engine_;
@@ -232,11 +235,11 @@ class Transport final : public EventSink {
   using ReqTag = std::pair<std::uint64_t, std::uint64_t>;
   std::map<ReqTag, StopMemo> stopped_reqs_;  // (req, tag) stopped before we posted: remember_stopped
   ReqTag stopped_cursor_{0, 0};              // where the next sweep_stopped() goes on
-  std::map<std::uint64_t, Ended> ended_;  // swept passive entries (until the engine forgets req)
-  std::uint64_t ended_cursor_ = 0, posted_cursor_ = 0;  // where forget_gone goes on
+  std::unordered_map<std::uint64_t, Ended> ended_;  // swept passive entries (until the engine forgets req)
+  std::size_t ended_cursor_ = 0, posted_cursor_ = 0;  // where forget_gone goes on (a bucket)
   // the offer each active entry posted (or skipped), kept past the entry while its session lives: a
   // late stop naming it needs no memory (an offer is posted once)
-  std::map<std::uint64_t, Ended> posted_;
+  std::unordered_map<std::uint64_t, Ended> posted_;
   std::map<std::uint64_t, HeldOffer> held_offers_;  // by tag (unique on this transport): hold_offer
   std::uint64_t tag_salt_ = 0, tag_count_ = 0;      // expect()'s tags: a bijection of the count (mu_)
   // Stops for the progress thread to send: an abort hook runs on the thread that cancelled (an
@@ -248,7 +251,8 @@ class Transport final : public EventSink {
   // without evidence that it stopped (those are in unproven_ too: their bytes may still land), with its
   // local range: what deregister_region checks (with preparing_).
   std::unordered_map<std::uint64_t, Region> held_;
-  std::unordered_map<std::uint64_t, Region> preparing_;  // transfer() between its checks and its entry
+  // transfer() calls between their checks and their entry (as many as run at once: a short vector)
+  std::vector<std::pair<std::uint64_t, Region>> preparing_;
   std::set<std::string> removed_peers_;                  // remove_peer() until add_peer() loads it again
   std::deque<std::string> removed_order_;                // the same, oldest first (bounded)
   // Requests of ours that ended without evidence (marked with the erase of their entry): never a

@@ -407,6 +407,31 @@ LoopbackOptions named(const std::string& name, double bytes_per_second = 0) {
   return o;
 }
 
+// Our transport `ta` over the given agent and engine, and a loopback peer `tb` (its own engine), with a
+// 4 KiB buffer each (src: `fill`, dst: zeros), both registered (`rid`: ta's), each peer known to the other.
+struct Duo {
+  std::vector<char> src, dst;
+  Region l, r;
+  Transport ta;
+  std::unique_ptr<Transport> tb;
+  Agent::RegionId rid = 0;
+  Duo(std::shared_ptr<Engine> ea, std::unique_ptr<Agent> agent, std::shared_ptr<Engine> eb, char fill,
+      TransportOptions opts = {})
+      : src(4096, fill), dst(4096, 0),
+        l{reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram},
+        r{reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram},
+        ta(std::move(ea), std::move(agent), opts),
+        tb(loopback(std::move(eb), peer_name(ta.name()))) {
+    rid = ta.register_region(l);
+    tb->register_region(r);
+    ta.add_peer(tb->metadata());
+    tb->add_peer(ta.metadata());
+  }
+  static std::string peer_name(const std::string& a) {  // "x-a" -> "x-b"
+    return a.size() > 2 && a.compare(a.size() - 2, 2, "-a") == 0 ? a.substr(0, a.size() - 2) + "-b" : a + "-peer";
+  }
+};
+
 // transfer() and expect() for an id with no session are refused up front, before the request is built
 // or the peer looked up.  Before, they went on with serial 0 (no session): an executor advertising the
 // id meanwhile had that session moved by an expose under an entry naming no session, so a cancel in the
@@ -473,15 +498,8 @@ void test_a_retried_release_never_forgets_a_new_transfers_hold() {
     cv.notify_all();
     cv.wait(lk, [&] { return open; });
   };
-  Transport ta(ea, std::make_unique<HookAgent>(named("retry-a", 40'000), hooks));  // 4 KiB: ~100 ms
-  auto tb = loopback(eb, "retry-b");
-  std::vector<char> src(4096, 'r'), dst(4096, 0);
-  const Region l{reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram};
-  const Region r{reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram};
-  const Agent::RegionId rid_a = ta.register_region(l);
-  tb->register_region(r);
-  ta.add_peer(tb->metadata());
-  tb->add_peer(ta.metadata());
+  Duo d(ea, std::make_unique<HookAgent>(named("retry-a", 40'000), hooks), eb, 'r');  // 4 KiB: ~100 ms
+  [[maybe_unused]] auto& [src, dst, l, r, ta, tb, rid_a] = d;
   auto round = [&] {
     CHECK(eb->advertise(1, Role::receiver, 0).status == Status::Moved);
     CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
@@ -531,15 +549,8 @@ void test_an_answered_early_stop_is_never_forgotten() {
   auto ea = std::make_shared<Engine>(Config{});
   TransportOptions o;
   o.remember_stopped = 2;
-  Transport ta(ea, std::make_unique<LoopbackAgent>(named("mem-a")), o);
-  auto tb = loopback(std::make_shared<Engine>(Config{}), "mem-b");
-  std::vector<char> src(4096, 'm'), dst(4096, 0);
-  const Region l{reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram};
-  const Region r{reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram};
-  ta.register_region(l);
-  tb->register_region(r);
-  ta.add_peer(tb->metadata());
-  tb->add_peer(ta.metadata());
+  Duo d(ea, std::make_unique<LoopbackAgent>(named("mem-a")), std::make_shared<Engine>(Config{}), 'm', o);
+  [[maybe_unused]] auto& [src, dst, l, r, ta, tb, rid] = d;
   for (std::uint64_t req = 1; req <= 4; ++req) CHECK(ea->advertise(req, Role::sender, 0).status == Status::Moved);
   for (std::uint64_t req = 1; req <= 3; ++req) tb->agent().send_notification("mem-a", {req, NotifKind::Stop, 100 + req});
   CHECK(eventually([&] { return ta.stats().peer_stops == 3; }));
@@ -567,15 +578,8 @@ void test_an_answered_early_stop_is_never_forgotten() {
 // sweep sees.  (That a pair for a LATER session outlives the earlier one is the test above.)
 void test_a_remembered_stop_goes_with_the_session_that_could_post_it() {
   auto ea = std::make_shared<Engine>(Config{});
-  Transport ta(ea, std::make_unique<LoopbackAgent>(named("expire-a")));
-  auto tb = loopback(std::make_shared<Engine>(Config{}), "expire-b");
-  std::vector<char> src(4096, 'e'), dst(4096, 0);
-  const Region l{reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram};
-  const Region r{reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram};
-  ta.register_region(l);
-  tb->register_region(r);
-  ta.add_peer(tb->metadata());
-  tb->add_peer(ta.metadata());
+  Duo d(ea, std::make_unique<LoopbackAgent>(named("expire-a")), std::make_shared<Engine>(Config{}), 'e');
+  [[maybe_unused]] auto& [src, dst, l, r, ta, tb, rid] = d;
   auto stop = [&](std::uint64_t req) { tb->agent().send_notification("expire-a", {req, NotifKind::Stop, 0x50 + req}); };
   CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
   stop(1);  // binds to session 1 (live)
@@ -627,15 +631,8 @@ void test_a_stop_after_our_session_took_another_offer_outlives_it() {
     in_window = [] {};
     f();
   };
-  Transport ta(ea, std::make_unique<HookAgent>(named("took-a"), hooks));
-  auto tb = loopback(std::make_shared<Engine>(Config{}), "took-b");
-  std::vector<char> src(4096, 't'), dst(4096, 0);
-  const Region l{reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram};
-  const Region r{reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram};
-  ta.register_region(l);
-  tb->register_region(r);
-  ta.add_peer(tb->metadata());
-  tb->add_peer(ta.metadata());
+  Duo d(ea, std::make_unique<HookAgent>(named("took-a"), hooks), std::make_shared<Engine>(Config{}), 't');
+  [[maybe_unused]] auto& [src, dst, l, r, ta, tb, rid] = d;
   constexpr std::uint64_t kA1 = 0xa1, kA2 = 0xa2;
   CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
   tb->agent().send_notification("took-a", {1, NotifKind::Stop, kA1});  // S1's offer, stopped early
@@ -659,15 +656,8 @@ void test_a_stop_after_our_session_took_another_offer_outlives_it() {
 // stops bound to it on to a later session.
 void test_a_stop_bound_to_a_session_moves_on_when_it_takes_another_offer() {
   auto ea = std::make_shared<Engine>(ReusePair::reuse(0));
-  Transport ta(ea, std::make_unique<LoopbackAgent>(named("rebind-a")));
-  auto tb = loopback(std::make_shared<Engine>(ReusePair::reuse(0)), "rebind-b");
-  std::vector<char> src(4096, 'b'), dst(4096, 0);
-  const Region l{reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram};
-  const Region r{reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram};
-  ta.register_region(l);
-  tb->register_region(r);
-  ta.add_peer(tb->metadata());
-  tb->add_peer(ta.metadata());
+  Duo d(ea, std::make_unique<LoopbackAgent>(named("rebind-a")), std::make_shared<Engine>(ReusePair::reuse(0)), 'b');
+  [[maybe_unused]] auto& [src, dst, l, r, ta, tb, rid] = d;
   CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
   tb->agent().send_notification("rebind-a", {1, NotifKind::Stop, 0xb2});  // binds to S1 (live, not posting)
   CHECK(eventually([&] { return ta.stats().remembered_stops == 1; }));
@@ -699,15 +689,8 @@ void test_a_late_done_never_forgets_a_new_transfers_hold() {
     cv.notify_all();
     cv.wait(lk, [&] { return open; });
   };
-  Transport ta(ea, std::make_unique<HookAgent>(named("late-done-a", 20'000), hooks));  // 4 KiB: ~200 ms
-  auto tb = loopback(eb, "late-done-b");
-  std::vector<char> src(4096, 'd'), dst(4096, 0);
-  const Region l{reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram};
-  const Region r{reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram};
-  const Agent::RegionId rid_a = ta.register_region(l);
-  tb->register_region(r);
-  ta.add_peer(tb->metadata());
-  tb->add_peer(ta.metadata());
+  Duo d(ea, std::make_unique<HookAgent>(named("late-done-a", 20'000), hooks), eb, 'd');  // 4 KiB: ~200 ms
+  [[maybe_unused]] auto& [src, dst, l, r, ta, tb, rid_a] = d;
   auto offer = [&] {
     CHECK(eb->advertise(1, Role::receiver, 0).status == Status::Moved);
     return tb->expect(1, "late-done-a", r);
@@ -828,14 +811,8 @@ void test_a_refused_request_whose_release_fails_keeps_its_range() {
     if (tp != nullptr) std::exchange(tp, nullptr)->remove_peer("refrel-b");
   };
   hooks.on_release = [&](std::uint64_t) { return !failing.load(); };
-  Transport ta(ea, std::make_unique<HookAgent>(named("refrel-a"), hooks));
-  auto tb = loopback(std::make_shared<Engine>(Config{}), "refrel-b");
-  std::vector<char> src(4096, 'f'), dst(4096, 0);
-  const Region l{reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram};
-  const Region r{reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram};
-  const Agent::RegionId rid = ta.register_region(l);
-  tb->register_region(r);
-  ta.add_peer(tb->metadata());
+  Duo d(ea, std::make_unique<HookAgent>(named("refrel-a"), hooks), std::make_shared<Engine>(Config{}), 'f');
+  [[maybe_unused]] auto& [src, dst, l, r, ta, tb, rid] = d;
   CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
   tp = &ta;
   bool refused = false;
@@ -873,15 +850,8 @@ void test_remove_peer_during_post_leaves_the_entry_to_its_transfer() {
       if (tp != nullptr) std::exchange(tp, nullptr)->remove_peer("inpost-b");
     };
     LoopbackOptions o = named("inpost-a", sync ? 0 : 20'000);  // async: 4 KiB take ~200 ms
-    Transport ta(ea, std::make_unique<HookAgent>(o, hooks));
-    auto tb = loopback(std::make_shared<Engine>(Config{}), "inpost-b");
-    std::vector<char> src(4096, 'i'), dst(4096, 0);
-    const Region l{reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram};
-    const Region r{reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram};
-    const Agent::RegionId rid = ta.register_region(l);
-    tb->register_region(r);
-    ta.add_peer(tb->metadata());
-    tb->add_peer(ta.metadata());
+    Duo d(ea, std::make_unique<HookAgent>(o, hooks), std::make_shared<Engine>(Config{}), 'i');
+    [[maybe_unused]] auto& [src, dst, l, r, ta, tb, rid] = d;
     CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
     tp = &ta;
     const PostResult res = ta.transfer(1, XferOp::Write, l, r, "inpost-b", 0);

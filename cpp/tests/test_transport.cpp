@@ -407,6 +407,33 @@ LoopbackOptions named(const std::string& name, double bytes_per_second = 0) {
   return o;
 }
 
+// Parks the first successful release of request 1 once armed (an after_release hook), until opened: the
+// window between the agent forgetting a request and the transport's bookkeeping for it.
+struct ReleaseGate {
+  std::atomic<bool> armed{false};
+  std::mutex mu;
+  std::condition_variable cv;
+  bool parked = false, opened = false;
+  std::function<void(std::uint64_t)> hook() {
+    return [this](std::uint64_t req) {
+      if (req != 1 || !armed.exchange(false)) return;
+      std::unique_lock<std::mutex> lk(mu);
+      parked = true;
+      cv.notify_all();
+      cv.wait(lk, [this] { return opened; });
+    };
+  }
+  void wait_parked() {
+    std::unique_lock<std::mutex> lk(mu);
+    cv.wait(lk, [this] { return parked; });
+  }
+  void open() {
+    std::lock_guard<std::mutex> lk(mu);
+    opened = true;
+    cv.notify_all();
+  }
+};
+
 // Our transport `ta` over the given agent and engine, and a loopback peer `tb` (its own engine), with a
 // 4 KiB buffer each (src: `fill`, dst: zeros), both registered (`rid`: ta's), each peer known to the other.
 struct Duo {
@@ -485,19 +512,10 @@ void test_a_retried_release_never_forgets_a_new_transfers_hold() {
   auto ea = std::make_shared<Engine>(ReusePair::reuse(0));
   auto eb = std::make_shared<Engine>(ReusePair::reuse(0));
   std::atomic<bool> failing{true};  // releases fail (the sweep retries them)
-  std::atomic<bool> gate{false};    // park the next successful release of request 1
-  std::mutex mu;
-  std::condition_variable cv;
-  bool parked = false, open = false;
+  ReleaseGate gate;
   Hooks hooks;
   hooks.on_release = [&](std::uint64_t) { return !failing.load(); };
-  hooks.after_release = [&](std::uint64_t req) {
-    if (req != 1 || !gate.exchange(false)) return;
-    std::unique_lock<std::mutex> lk(mu);
-    parked = true;
-    cv.notify_all();
-    cv.wait(lk, [&] { return open; });
-  };
+  hooks.after_release = gate.hook();
   Duo d(ea, std::make_unique<HookAgent>(named("retry-a", 40'000), hooks), eb, 'r');  // 4 KiB: ~100 ms
   [[maybe_unused]] auto& [src, dst, l, r, ta, tb, rid_a] = d;
   auto round = [&] {
@@ -510,12 +528,9 @@ void test_a_retried_release_never_forgets_a_new_transfers_hold() {
   CHECK(eventually([&] { return state_of(*eb, 1) == State::Quiesced; }));
   CHECK(ea->terminate(1) == TerminateResult::Terminated && eb->terminate(1) == TerminateResult::Terminated);
   const std::uint64_t tag2 = round();
-  gate = true;
+  gate.armed = true;
   failing = false;
-  {
-    std::unique_lock<std::mutex> lk(mu);
-    cv.wait(lk, [&] { return parked; });  // the sweep released request 1 and waits to forget its hold
-  }
+  gate.wait_parked();  // the sweep released request 1 and waits to forget its hold
   bool refused = false;
   try {
     (void)ta.transfer(1, XferOp::Write, l, r, "retry-b", tag2);
@@ -523,11 +538,7 @@ void test_a_retried_release_never_forgets_a_new_transfers_hold() {
     refused = true;
   }
   CHECK(refused);
-  {
-    std::lock_guard<std::mutex> lk(mu);
-    open = true;
-    cv.notify_all();
-  }
+  gate.open();
   CHECK(eventually([&] { return ta.stats().unreleased == 0; }));
   if (refused) CHECK(ta.transfer(1, XferOp::Write, l, r, "retry-b", tag2) == PostResult::Posted);
   bool held = false;  // in flight: its range must stay registered
@@ -677,18 +688,10 @@ void test_a_stop_bound_to_a_session_moves_on_when_it_takes_another_offer() {
 void test_a_late_done_never_forgets_a_new_transfers_hold() {
   auto ea = std::make_shared<Engine>(ReusePair::reuse(20'000'000));  // Poisoned after 20 + 20 ms
   auto eb = std::make_shared<Engine>(ReusePair::reuse(0));
-  std::atomic<bool> gate{true};
-  std::mutex mu;
-  std::condition_variable cv;
-  bool parked = false, open = false;
+  ReleaseGate gate;
+  gate.armed = true;
   Hooks hooks;
-  hooks.after_release = [&](std::uint64_t req) {
-    if (req != 1 || !gate.exchange(false)) return;
-    std::unique_lock<std::mutex> lk(mu);
-    parked = true;
-    cv.notify_all();
-    cv.wait(lk, [&] { return open; });
-  };
+  hooks.after_release = gate.hook();
   Duo d(ea, std::make_unique<HookAgent>(named("late-done-a", 20'000), hooks), eb, 'd');  // 4 KiB: ~200 ms
   [[maybe_unused]] auto& [src, dst, l, r, ta, tb, rid_a] = d;
   auto offer = [&] {
@@ -699,19 +702,12 @@ void test_a_late_done_never_forgets_a_new_transfers_hold() {
   CHECK(ta.transfer(1, XferOp::Write, l, r, "late-done-b", offer()) == PostResult::Posted);
   CHECK(eventually([&] { return state_of(*ea, 1) == State::Poisoned; }));
   CHECK(ea->terminate(1) == TerminateResult::Terminated);  // gone: the id may be advertised again
-  {
-    std::unique_lock<std::mutex> lk(mu);
-    cv.wait(lk, [&] { return parked; });  // the late DONE: its request released, its hold not yet forgotten
-  }
+  gate.wait_parked();  // the late DONE: its request released, its hold not yet forgotten
   CHECK(eventually([&] { return state_of(*eb, 1) == State::Quiesced; }));
   CHECK(eb->terminate(1) == TerminateResult::Terminated);
   CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
   CHECK(ta.transfer(1, XferOp::Write, l, r, "late-done-b", offer()) == PostResult::Posted);
-  {
-    std::lock_guard<std::mutex> lk(mu);
-    open = true;
-    cv.notify_all();
-  }
+  gate.open();
   std::this_thread::sleep_for(std::chrono::milliseconds(20));  // the old DONE's bookkeeping is done
   bool held = false;
   try {

@@ -338,11 +338,6 @@ void Transport::unprepare(std::uint64_t req) {
   }
 }
 
-std::string Transport::release_pending(std::uint64_t req) {
-  return "transfer: request " + std::to_string(req) + ": the release of its earlier transfer failed and is retried by "
-         "the sweep; retry when stats().unreleased is 0, or give the new one another id";
-}
-
 std::uint64_t Transport::session_for(const char* call, std::uint64_t req, const Region& local) const {
   if (!engine_) return 0;
   // One lookup for both checks: a session advertised between two would pass the slot check unseen.
@@ -378,7 +373,10 @@ PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local
       throw TransportError("transfer: request " + std::to_string(req) + " had a transfer that ended without "
                            "evidence; give the new one another id");
     }
-    if (unreleased_.count(req) != 0) throw TransportError(release_pending(req));
+    if (unreleased_.count(req) != 0) {
+      throw TransportError("transfer: request " + std::to_string(req) + ": the release of its earlier transfer failed "
+                           "and is retried by the sweep; retry when stats().unreleased is 0, or give the new one another id");
+    }
     for (Agent::RegionId id : retiring_) {
       if (local.overlaps(regions_.at(id))) {
         throw TransportError("transfer: request " + std::to_string(req) + ": transport " + name() +
@@ -412,8 +410,7 @@ PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local
     std::lock_guard<std::mutex> lk(mu_);
     // re-checked under mu_: stop() sets stopped_ before it collects the entries under mu_
     if (stopped_.load()) refuse = "is stopped";
-    for (Agent::RegionId id : retiring_)
-      if (refuse == nullptr && local.overlaps(regions_.at(id))) refuse = "is being deregistered (its local range)";
+    // (no deregistration can have started over `local` since the first checks: preparing_ blocks it)
     if (refuse == nullptr && removed_peers_.count(peer) != 0) refuse = "removed its peer meanwhile";
     // (An earlier request of the id whose retried release the sweep completes meanwhile is no matter:
     // its bookkeeping leaves the hold of an active entry alone, forget_held.)
@@ -640,14 +637,14 @@ std::uint64_t Transport::expect(std::uint64_t req, const std::string& peer, cons
   return tag;
 }
 
-bool Transport::finish_active(std::uint64_t req, bool done) {
+void Transport::finish_active(std::uint64_t req, bool done) {
   std::vector<std::uint64_t> acks;
   std::string peer;
   std::uint64_t serial = 0;
   {
     std::lock_guard<std::mutex> lk(mu_);
     auto it = entries_.find(req);
-    if (it == entries_.end() || it->second.side != Side::Active) return false;
+    if (it == entries_.end() || it->second.side != Side::Active) return;
     acks = owed_acks(it->second);
     peer = it->second.peer;
     serial = it->second.serial;
@@ -672,7 +669,6 @@ bool Transport::finish_active(std::uint64_t req, bool done) {
   if (done) {
     send_acks(peer, req, acks);
   }
-  return true;
 }
 
 void Transport::on_abort(std::uint64_t req, std::uint64_t serial) {

@@ -193,7 +193,7 @@ class Transport final : public EventSink {
 
   void on_abort(std::uint64_t req, std::uint64_t serial);
   bool on_pass() override;  // sends the queued stops (outbox_)
-  bool finish_active(std::uint64_t req, bool done);  // false: no active entry for req (taken meanwhile)
+  void finish_active(std::uint64_t req, bool done);
   // Release; a failure is counted and retried by the sweep.  `proven`: never posted, or Done (DESIGN
   // §3); without proof the local range keeps blocking deregister_region for good.
   void release_xfer(std::uint64_t req, bool proven);
@@ -219,7 +219,6 @@ class Transport final : public EventSink {
   // Throws UnknownRequestError when req has no session, TransportError for a range outside its slot.
   // Caller holds no transport lock (it asks the engine).
   std::uint64_t session_for(const char* call, std::uint64_t req, const Region& local) const;
-  static std::string release_pending(std::uint64_t req);
   bool preparing(std::uint64_t req) const;  // caller holds mu_
   void unprepare(std::uint64_t req);        // caller holds mu_  // the refusal while req's release is retried
   void sweep();

@@ -592,11 +592,13 @@ std::uint64_t Transport::expect(std::uint64_t req, const std::string& peer, cons
   }
   if (engine_) {
     const ApplyResult r = engine_->apply(req, Event::expose, current);
-    bool taken = false;
+    bool taken = false, by_note = false;
     {
       std::lock_guard<std::mutex> lk(mu_);
       auto it = entries_.find(req);
       const bool mine = it != entries_.end() && it->second.tag == tag;
+      // not stop() nor remove_peer(): the peer's answer to our stop took it (cancelled meanwhile)
+      by_note = !stopped_.load() && removed_peers_.count(peer) == 0;
       if (r.status != Status::Moved) {
         if (mine) entries_.erase(it);
       } else if (mine) {
@@ -606,16 +608,17 @@ std::uint64_t Transport::expect(std::uint64_t req, const std::string& peer, cons
         // when the expose is refused: that session may still be the id's, awaiting its late note)
         if (auto e = ended_.find(req); e != ended_.end() && e->second.serial != r.serial) ended_.erase(e);
       } else {
-        taken = true;  // stop() or remove_peer() took the entry while expose was applied
+        taken = true;  // stop(), remove_peer() or the peer's answer took the entry while expose was applied
       }
     }
     if (r.status != Status::Moved) throw_refused(r, req, Event::expose);
     if (taken) {
       // Cancelled meanwhile, and the peer answered our stop (nothing of it names this tag): the entry
-      // went with that evidence and the session is Quiesced(cancelled).  Told as a refused expose, the
-      // same as a cancel that came first: nothing was offered.
-      if (const auto info = engine_->info(req); info && info->serial == r.serial && info->state == State::Quiesced) {
-        throw IllegalTransitionError(req, info->state, Event::expose);
+      // went with that evidence, and the session is (or is about to be: the note's thread applies it)
+      // Quiesced(cancelled).  Told as a refused expose, the same as a cancel that came first.
+      if (by_note) {
+        const auto info = engine_->info(req);
+        throw IllegalTransitionError(req, info ? info->state : State::CancelRequested, Event::expose);
       }
       // Else nobody would drive the session; the offer never left, yet whoever took the entry held its
       // range for good and failed the session by id, maybe before this expose: fail this very session too.

@@ -245,8 +245,8 @@ class Faults:
 @dataclass(frozen=True, slots=True)
 class TransportStats:
     """Counters of one transport (``registered_regions``, ``live_xfers``, ``active``, ``passive``,
-    ``watched``, ``unreleased``, ``held_offers`` and ``remembered_stops`` are current values; the rest count
-    since creation)."""
+    ``watched``, ``unreleased``, ``held_offers``, ``remembered_stops`` and ``posted_records`` are current values;
+    the rest count since creation)."""
 
     registered_regions: int
     live_xfers: int
@@ -278,6 +278,7 @@ class TransportStats:
     stale_notifications: int
     held_offers: int
     remembered_stops: int
+    posted_records: int
 
 
 class _Transport:

@@ -106,6 +106,7 @@ py::dict stats_dict(const tp::TransportStats& s) {
   F(send_errors) F(release_failures) F(unsafe_releases) F(late_evidence) F(abandoned) F(passive_swept) F(stops_unanswered)
   F(unreleased) F(unsafe_acks) F(stale_notifications) F(held_offers)
   F(remembered_stops)
+  F(posted_records)
 #undef F
   return d;
 }
@@ -119,6 +120,7 @@ static py::dict bench_dict(const tp::BenchResult& r) {
   d["failed"] = r.failed;
   d["latency_ns"] = r.latency_ns;
   d["batch_ns"] = r.batch_ns;
+  d["post_ns"] = r.post_ns;
   return d;
 }
 

@@ -31,6 +31,7 @@ struct Loop {
     recs.reserve(4 * spec.batch);
     res.latency_ns.reserve(spec.count);
     res.batch_ns.reserve(spec.count / spec.batch + 1);
+    res.post_ns.reserve(spec.count / spec.batch + 1);
   }
 
   // Post `n` transfers, wait until every one is done (engine: terminal, then terminated).
@@ -47,6 +48,7 @@ struct Loop {
       }
       (void)t.transfer(req, spec.op, l, r, spec.peer, /*tag=*/0);  // the peer is bare: no expect()
     }
+    res.post_ns.push_back(steady_ns() - b0);
     if (e != nullptr) {
       std::uint64_t terminal = 0;
       while (terminal < n) {

@@ -198,7 +198,7 @@ void Transport::retire_passive(std::unordered_map<std::uint64_t, Entry>::iterato
   // Ended without our note.  Without evidence from elsewhere either (or if its record is gone), the
   // peer may still write into the range.
   if (!same || (info->poisoned && !info->evidence)) hold_offer(it->first, it->second);
-  ended_[it->first] = Ended{it->second.peer, it->second.tag, it->second.serial};
+  ended_nodes_.slot(ended_, it->first) = Ended{it->second.peer, it->second.tag, it->second.serial};
   entries_.erase(it);
   ctr_.passive_swept.fetch_add(1);
 }
@@ -302,7 +302,9 @@ void Transport::forget_held(std::uint64_t req, bool proven) {
     // Every caller ended its entry before releasing: an active entry here is a newer transfer of the id
     // (built once the agent forgot the old request), and the hold is now that one's.
     auto e = entries_.find(req);
-    if (e == entries_.end() || e->second.side != Side::Active) held_.erase(req);
+    if (e == entries_.end() || e->second.side != Side::Active) {
+      if (auto h = held_.find(req); h != held_.end()) held_nodes_.erase(held_, h);
+    }
   } else {
     unproven_.insert(req);  // released is not evidence (DESIGN §3): its range stays held, for good
   }
@@ -416,16 +418,22 @@ PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local
     // its bookkeeping leaves the hold of an active entry alone, forget_held.)
     if (refuse == nullptr) {
       stopped_by_peer = stopped_reqs_.erase({req, tag}) != 0;  // consumed: this entry skips the post
-      entries_[req] = Entry{Side::Active, peer, tag, current, {}, false, false, stopped_by_peer, false, {}};
+      Entry& e = entry_nodes_.slot(entries_, req);  // (no entry for req: the first checks, under this lock)
+      e = Entry{};  // every field to its default; a kept node's string keeps its buffer
+      e.side = Side::Active;
+      e.peer.assign(peer);
+      e.tag = tag;
+      e.serial = current;
+      e.peer_stop = stopped_by_peer;
       if (engine_) {
-        posted_[req] = Ended{peer, tag, current};
+        note_posted(req, peer, tag, current);
         // this session takes this offer: stops for other offers of the id bound to it are a later one's
         for (auto s = stopped_reqs_.lower_bound({req, 0}); s != stopped_reqs_.end() && s->first.first == req; ++s) {
           if (s->second.session == current) s->second = StopMemo{0, current + 1};
         }
       }
     }
-    held_[req] = local;  // refused too: the prepared request holds the range until it is released
+    held_nodes_.slot(held_, req) = local;  // refused too: the prepared request holds the range until it is released
     unprepare(req);      // held_ took over, in this same critical section
     reservation.done = true;
   }
@@ -540,8 +548,59 @@ void Transport::forgo(std::uint64_t req, const std::string& peer, std::uint64_t 
   // as if our transfer had taken it (a late stop for it is answered at once), unless a transfer of this
   // very session did take an offer: that record stays (its late stops need it more)
   auto p = posted_.find(req);
-  if (engine_ && (p == posted_.end() || serial == 0 || p->second.serial != serial)) {
-    posted_[req] = Ended{peer, tag, serial};
+  if (engine_ && (p == posted_.end() || serial == 0 || p->second.serial != serial)) note_posted(req, peer, tag, serial);
+}
+
+void Transport::note_posted(std::uint64_t req, const std::string& peer, std::uint64_t tag, std::uint64_t serial) {
+  Ended& p = posted_nodes_.slot(posted_, req);
+  p.peer.assign(peer);  // a kept node's string keeps its buffer
+  p.tag = tag;
+  p.serial = serial;
+  posted_order_.emplace_back(req, serial);
+  ++posted_added_;
+}
+
+void Transport::forget_posted() {
+  // From the front, a chunk at a time (the engine is asked without the lock); stop once a chunk ends with
+  // kKnownRun in a row that the engine still knows (the rest are younger), or at the budget: twice what
+  // was added since the last sweep (at least kSweepBudget), so the records never outgrow the engine's at
+  // any transfer rate.  A known one goes to the back: a long-lived session does not hold up the rest.
+  constexpr std::size_t kChunk = 64, kKnownRun = 16;
+  std::vector<std::pair<std::uint64_t, std::uint64_t>> chunk, gone, known;
+  std::size_t run = 0, budget = kSweepBudget;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    budget = std::max(budget, 2 * posted_added_);
+    posted_added_ = 0;
+  }
+  for (std::size_t seen = 0; seen < budget && run < kKnownRun;) {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      const std::size_t n = std::min(kChunk, posted_order_.size());
+      if (n == 0) break;
+      chunk.assign(posted_order_.begin(), posted_order_.begin() + static_cast<std::ptrdiff_t>(n));
+      posted_order_.erase(posted_order_.begin(), posted_order_.begin() + static_cast<std::ptrdiff_t>(n));
+    }
+    seen += chunk.size();
+    for (const auto& rec : chunk) {
+      const auto info = engine_->info(rec.first);
+      if (info && info->serial == rec.second) {
+        known.push_back(rec);
+        ++run;
+      } else {
+        gone.push_back(rec);
+        run = 0;
+      }
+    }
+  }
+  std::lock_guard<std::mutex> lk(mu_);
+  for (const auto& [req, serial] : gone) {
+    auto it = posted_.find(req);
+    if (it != posted_.end() && it->second.serial == serial) posted_nodes_.erase(posted_, it);
+  }
+  for (const auto& rec : known) {
+    auto it = posted_.find(rec.first);
+    if (it != posted_.end() && it->second.serial == rec.second) posted_order_.push_back(rec);  // else replaced
   }
 }
 
@@ -649,9 +708,9 @@ void Transport::finish_active(std::uint64_t req, bool done) {
     auto it = entries_.find(req);
     if (it == entries_.end() || it->second.side != Side::Active) return;
     acks = owed_acks(it->second);
-    peer = it->second.peer;
+    if (!acks.empty()) peer = it->second.peer;
     serial = it->second.serial;
-    entries_.erase(it);
+    entry_nodes_.erase(entries_, it);
     if (!done) unproven_.insert(req);  // with the erase: a stop arriving now is never answered
   }
   // Release first (after Done it is safe; after an error it changes nothing about the verdict), so
@@ -899,11 +958,11 @@ void Transport::sweep() {
     if (it != entries_.end() && it->second.side == Side::Passive && it->second.serial == serial) retire_passive(it, info);
   }
   // Records of sessions the engine forgot (their id may be advertised again: another serial).
-  forget_gone(ended_, ended_cursor_);
-  forget_gone(posted_, posted_cursor_);
+  forget_gone(ended_, ended_nodes_, ended_cursor_);
+  forget_posted();
 }
 
-void Transport::forget_gone(std::unordered_map<std::uint64_t, Ended>& m, std::size_t& cursor) {
+void Transport::forget_gone(EndedMap& m, NodeCache<EndedMap>& nodes, std::size_t& cursor) {
   std::vector<std::pair<std::uint64_t, Ended>> batch;
   {
     std::lock_guard<std::mutex> lk(mu_);
@@ -917,7 +976,7 @@ void Transport::forget_gone(std::unordered_map<std::uint64_t, Ended>& m, std::si
   std::lock_guard<std::mutex> lk(mu_);
   for (const auto& [req, serial] : stale) {
     auto it = m.find(req);
-    if (it != m.end() && it->second.serial == serial) m.erase(it);
+    if (it != m.end() && it->second.serial == serial) nodes.erase(m, it);
   }
 }
 
@@ -943,7 +1002,7 @@ void Transport::remove_peer(const std::string& peer) {
         if (it->second.side == Side::Active) unproven_.insert(it->first);  // with the erase
         if (it->second.side == Side::Passive && it->second.offered) {
           hold_offer(it->first, it->second);  // a late note (if the peer comes back) still releases it
-          ended_[it->first] = Ended{it->second.peer, it->second.tag, it->second.serial};
+          ended_nodes_.slot(ended_, it->first) = Ended{it->second.peer, it->second.tag, it->second.serial};
         }
         it = entries_.erase(it);
       } else {
@@ -1030,6 +1089,7 @@ TransportStats Transport::stats() const {
     s.unreleased = unreleased_.size();
     s.held_offers = held_offers_.size();
     s.remembered_stops = stopped_reqs_.size();
+    s.posted_records = posted_.size();
   }
   s.watched = progress_->watched();
   s.posted = ctr_.posted.load();

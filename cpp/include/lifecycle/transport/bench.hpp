@@ -32,6 +32,9 @@ struct BenchResult {
   // Wall time of each batch (post the batch .. every transfer of it done): a median over these is
   // robust to the millisecond preemptions a shared VM deals out, which the mean (seconds) is not.
   std::vector<std::int64_t> batch_ns;
+  // Of each batch, the part spent posting it (advertise + transfer() for every transfer of it): the rest
+  // of batch_ns is waiting for (and, with an engine, draining and terminating) its completions.
+  std::vector<std::int64_t> post_ns;
 };
 
 // The same `spec` through `a` and `b`, batch by batch in alternation (a b, b a, a b, ...), so both see

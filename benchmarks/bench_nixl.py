@@ -146,10 +146,12 @@ def main() -> None:
         print("engine and bare alternate batch by batch (e b, b e, e b, ...; _core._bench_paired), so each pair of")
         print("batches ran back to back on the same machine state. Per transfer: the median batch of each, and the")
         print("median of the pairs' differences with its 95% confidence interval (distribution-free, from order")
-        print("statistics): the VM's millisecond preemptions and drifts move single batches, not this median.\n")
+        print("statistics): the VM's millisecond preemptions and drifts move single batches, not this median.")
+        print("post/wait: the same median paired difference split into posting the batch (advertise + transfer()")
+        print("each; at 64 KiB most WRITEs complete inside post) and waiting for it (drain + terminate).\n")
         print(f"{'size':>8} {'batch':>5} {'pairs':>5} | {'engine us':>9} {'bare us':>9} | "
               f"{'diff us [95% CI]':>24} | {'diff % [95% CI]':>22} | {'mean e/b':>8} | {'eng GB/s':>8} | "
-              f"{'c2drain p50/p99 us':>18} | target (median diff)")
+              f"{'c2drain p50/p99 us':>18} | {'post/wait us':>13} | target (median diff)")
         verdicts = []
         table_cpu = cpu_times()
         for size in sizes:
@@ -159,7 +161,7 @@ def main() -> None:
                     # 16 MiB x 64: 2 batches a rep gave 10 pairs, too few for a median (one run's CI was
                     # -4.6 .. +10.4 %); three times the transfers give 30 pairs
                     n *= 3
-                eng, bare, lat = [], [], []
+                eng, bare, lat, eng_post, bare_post = [], [], [], [], []
                 for _rep in range(args.reps):
                     re, rb = _core._bench_paired(te._core, tb._core, "bench-peer", "write", src_mem.addr,
                                                  dst_mem.addr, size, batch, n, req)
@@ -168,6 +170,8 @@ def main() -> None:
                         raise SystemExit(f"{re['failed'] + rb['failed']} transfers failed")
                     eng += re["batch_ns"]
                     bare += rb["batch_ns"]
+                    eng_post += re["post_ns"]
+                    bare_post += rb["post_ns"]
                     lat += re["latency_ns"]
                 per = batch * 1e3  # batch ns -> us per transfer
                 diffs = sorted((e - b) / per for e, b in zip(eng, bare))
@@ -178,9 +182,14 @@ def main() -> None:
                 goal, met = target(size, mid, bm)
                 verdicts.append((f"{size // KiB} KiB x {batch}", met))
                 c2d = f"{pct(lat, 50) / 1e3:.1f} / {pct(lat, 99) / 1e3:.1f}" if batch == 1 else "-"
+                # where the difference is: posting the batch (advertise + transfer() each) or waiting for it
+                post_d = statistics.median((e - b) / per for e, b in zip(eng_post, bare_post))
+                wait_d = statistics.median(((e - ep) - (b - bp)) / per
+                                           for e, ep, b, bp in zip(eng, eng_post, bare, bare_post))
                 print(f"{size // KiB:>6}Ki {batch:>5} {len(diffs):>5} | {em:>9.2f} {bm:>9.2f} | "
                       f"{mid:>+8.2f} [{lo:>+6.2f}, {hi:>+6.2f}] | {mid / bm:>+7.1%} [{lo / bm:>+6.1%}, {hi / bm:>+6.1%}] | "
                       f"{mean_ratio:>8.3f} | {size / (sum(eng) / len(eng) / batch):>8.2f} | {c2d:>18} | "
+                      f"{post_d:>+6.2f}/{wait_d:>+6.2f} | "
                       f"{goal}: {'met' if met else 'MISS'}")
         misses = [name for name, met in verdicts if not met]
         print(f"overhead targets: {len(verdicts) - len(misses)} of {len(verdicts)} cells met"

@@ -1256,7 +1256,53 @@ void test_posted_records_go_with_their_sessions_oldest_first() {
   CHECK(ta.stats().posted_records >= kHeld);
 }
 
+// The transfer path only queues its record of the offer it took; every reader of the records moves the
+// queue in first.  Two readers that run before any sweep would have: `forgo()` for another offer of a
+// session whose transfer already took one must leave that record in place (a late stop for the taken
+// offer is then answered with nothing remembered), and the stop memory's sweep, binding an early stop to
+// the first session after it, must see that this session took another offer while it still moves (the
+// stop is a later session's: its post is skipped).  Negative controls, run by hand: without the flush in
+// forgo() the first check fails (the forgone offer's record replaces the taken one, so the late stop is
+// remembered); without the flush in sweep_stopped() the pair binds to the session that took the other
+// offer, goes with it, and the later session's transfer of the stopped offer is posted.
+void test_readers_of_the_posted_records_see_the_queued_ones() {
+  {
+    auto ea = std::make_shared<Engine>(Config{});
+    TransportOptions o;
+    o.sweep_interval = std::chrono::hours(1);  // one sweep at the start, none after: records stay queued
+    Duo d(ea, std::make_unique<LoopbackAgent>(named("queued-a")), std::make_shared<Engine>(Config{}), 'q', o);
+    [[maybe_unused]] auto& [src, dst, l, r, ta, tb, rid] = d;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));  // past the first sweep
+    CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
+    CHECK(ta.transfer(1, XferOp::Write, l, r, "queued-b", 0xa) != PostResult::CancelledBeforePost);
+    CHECK(eventually([&] { return state_of(*ea, 1) == State::Quiesced; }));
+    ta.forgo(1, "queued-b", 0xb);  // another offer of the id, dropped: the taken one's record stays
+    const std::uint64_t q = tb->stats().quiesced_received;
+    tb->agent().send_notification("queued-a", {1, NotifKind::Stop, 0xa});  // late, for the taken offer
+    CHECK(eventually([&] { return tb->stats().quiesced_received == q + 1; }));
+    CHECK(ta.stats().remembered_stops == 0);
+  }
+  {
+    auto ea = std::make_shared<Engine>(ReusePair::reuse(0));
+    Duo d(ea, std::make_unique<LoopbackAgent>(named("queued2-a", 4096 / 0.2)), std::make_shared<Engine>(Config{}), 'r');
+    [[maybe_unused]] auto& [src, dst, l, r, ta, tb, rid] = d;
+    tb->agent().send_notification("queued2-a", {1, NotifKind::Stop, 0xd});  // no session of 1 yet
+    CHECK(eventually([&] { return ta.stats().remembered_stops == 1; }));
+    CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
+    CHECK(ta.transfer(1, XferOp::Write, l, r, "queued2-b", 0xc) == PostResult::Posted);  // S1 takes c (200 ms)
+    std::this_thread::sleep_for(std::chrono::milliseconds(60));  // sweeps while S1 moves
+    CHECK(state_of(*ea, 1) == State::InFlight);
+    CHECK(eventually([&] { return state_of(*ea, 1) == State::Quiesced; }));
+    CHECK(ea->terminate(1) == TerminateResult::Terminated);
+    std::this_thread::sleep_for(std::chrono::milliseconds(60));
+    CHECK(ta.stats().remembered_stops == 1);  // d is a later session's
+    CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
+    CHECK(ta.transfer(1, XferOp::Write, l, r, "queued2-b", 0xd) == PostResult::CancelledBeforePost);
+  }
+}
+
 int main() {
+  test_readers_of_the_posted_records_see_the_queued_ones();
   test_posted_records_go_with_their_sessions_oldest_first();
   test_notes_of_an_earlier_transfer_of_the_id_are_stale();
   test_a_stop_for_a_later_offer_is_remembered_while_an_earlier_transfer_runs();

@@ -273,6 +273,7 @@ void Transport::sweep_stopped() {
     }
   }
   std::lock_guard<std::mutex> lk(mu_);
+  if (!change.empty()) flush_posted();
   for (const auto& [key, seen, next] : change) {
     auto it = stopped_reqs_.find(key);
     if (it == stopped_reqs_.end() || it->second.session != seen.session || it->second.after != seen.after) {
@@ -547,17 +548,37 @@ void Transport::forgo(std::uint64_t req, const std::string& peer, std::uint64_t 
   stopped_reqs_.erase({req, tag});
   // as if our transfer had taken it (a late stop for it is answered at once), unless a transfer of this
   // very session did take an offer: that record stays (its late stops need it more)
+  flush_posted();
   auto p = posted_.find(req);
   if (engine_ && (p == posted_.end() || serial == 0 || p->second.serial != serial)) note_posted(req, peer, tag, serial);
 }
 
 void Transport::note_posted(std::uint64_t req, const std::string& peer, std::uint64_t tag, std::uint64_t serial) {
-  Ended& p = posted_nodes_.slot(posted_, req);
-  p.peer.assign(peer);  // a kept node's string keeps its buffer
-  p.tag = tag;
-  p.serial = serial;
-  posted_order_.emplace_back(req, serial);
+  if (posted_head_ == posted_pending_.size()) {  // all moved: start the buffer over (its capacity stays)
+    posted_pending_.clear();
+    posted_head_ = 0;
+  }
+  PostedNote& n = posted_pending_.emplace_back();
+  n.req = req;
+  n.tag = tag;
+  n.serial = serial;
+  n.peer.assign(peer);
   ++posted_added_;
+}
+
+void Transport::flush_posted(std::size_t max) {
+  for (; max > 0 && posted_head_ < posted_pending_.size(); --max, ++posted_head_) {
+    PostedNote& n = posted_pending_[posted_head_];
+    Ended& p = posted_nodes_.slot(posted_, n.req);
+    p.peer.swap(n.peer);  // the note's string is not needed again (and a kept node's buffer goes back)
+    p.tag = n.tag;
+    p.serial = n.serial;
+    posted_order_.emplace_back(n.req, n.serial);
+  }
+  if (posted_head_ == posted_pending_.size()) {
+    posted_pending_.clear();
+    posted_head_ = 0;
+  }
 }
 
 void Transport::forget_posted() {
@@ -568,6 +589,11 @@ void Transport::forget_posted() {
   constexpr std::size_t kChunk = 64, kKnownRun = 16;
   std::vector<std::pair<std::uint64_t, std::uint64_t>> chunk, gone, known;
   std::size_t run = 0, budget = kSweepBudget;
+  for (bool more = true; more;) {  // the transfers' records first, a chunk per lock hold
+    std::lock_guard<std::mutex> lk(mu_);
+    flush_posted(kChunk);
+    more = posted_head_ < posted_pending_.size();
+  }
   {
     std::lock_guard<std::mutex> lk(mu_);
     budget = std::max(budget, 2 * posted_added_);
@@ -842,6 +868,7 @@ void Transport::on_notification(const std::string& peer, const NotifMessage& m) 
       if (ours && !terminal_or_final(ours->state)) no_entry = StopMemo{ours->serial, 0};
       {
         std::lock_guard<std::mutex> lk(mu_);
+        flush_posted();  // (read below)
         auto it = entries_.find(req);
         const bool live_active = it != entries_.end() && it->second.side == Side::Active;
         if (live_active && it->second.tag == m.tag && it->second.peer == peer) {
@@ -1089,7 +1116,7 @@ TransportStats Transport::stats() const {
     s.unreleased = unreleased_.size();
     s.held_offers = held_offers_.size();
     s.remembered_stops = stopped_reqs_.size();
-    s.posted_records = posted_.size();
+    s.posted_records = posted_.size() + (posted_pending_.size() - posted_head_);  // (a re-posted id may count twice)
   }
   s.watched = progress_->watched();
   s.posted = ctr_.posted.load();

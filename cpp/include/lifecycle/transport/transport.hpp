@@ -124,6 +124,7 @@ struct TransportStats {
   std::uint64_t stale_notifications = 0;  // notes whose tag is not the live transfer's (ignored)
   std::uint64_t remembered_stops = 0;     // early stops answered whose post is still to be skipped, now
   std::uint64_t posted_records = 0;       // offers our transfers took, kept while the engine knows the session, now
+                                          // (the last sweep's worth not merged yet: an id posted twice counts twice)
 };
 
 class Transport final : public EventSink {
@@ -245,8 +246,12 @@ class Transport final : public EventSink {
   // Drops the records of `m` whose session the engine no longer holds (forgotten, or another serial).
   using EndedMap = std::unordered_map<std::uint64_t, Ended>;
   void forget_gone(EndedMap& m, NodeCache<EndedMap>& nodes, std::size_t& cursor);  // a budget per sweep
-  // posted_'s record for req (caller holds mu_), and its place in posted_order_
+  // posted_'s record for req (caller holds mu_): queued in posted_pending_, in order
   void note_posted(std::uint64_t req, const std::string& peer, std::uint64_t tag, std::uint64_t serial);
+  // Moves up to `max` of posted_pending_'s records, oldest first, into posted_ and posted_order_ (caller
+  // holds mu_).  Every reader of posted_ flushes them all first: what it reads is what it would be had
+  // each transfer written its record itself.
+  void flush_posted(std::size_t max = SIZE_MAX);
   void forget_posted();  // posted_'s records whose session the engine forgot, oldest first
   // The serial of req's session now (0 without an engine), from one engine lookup that also checks
   // `local`: when it lies in the engine's pool, it must be inside the slot leased to that session.
@@ -282,6 +287,16 @@ class Transport final : public EventSink {
   // walk of the whole map took the lock and the engine's shards for thousands every sweep.
   std::deque<std::pair<std::uint64_t, std::uint64_t>> posted_order_;
   std::size_t posted_added_ = 0;  // note_posted() calls since the last forget_posted() (its budget)
+  // Records that transfer() wrote, not moved into posted_ yet: an append to a sequential buffer on the
+  // transfer path, where an insert into a hash map of tens of thousands of records touched a random page
+  // (and the NIXL calls after it paid for the TLB and cache entries it evicted); the sweep moves them in
+  // chunks, and a reader of posted_ first moves them all.  [posted_head_, end) are still to move.
+  struct PostedNote {
+    std::uint64_t req = 0, tag = 0, serial = 0;
+    std::string peer;
+  };
+  std::vector<PostedNote> posted_pending_;
+  std::size_t posted_head_ = 0;
   std::map<std::uint64_t, HeldOffer> held_offers_;  // by tag (unique on this transport): hold_offer
   std::uint64_t tag_salt_ = 0, tag_count_ = 0;      // expect()'s tags: a bijection of the count (mu_)
   // Stops for the progress thread to send: an abort hook runs on the thread that cancelled (an

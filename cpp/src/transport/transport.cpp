@@ -198,7 +198,7 @@ void Transport::retire_passive(std::unordered_map<std::uint64_t, Entry>::iterato
   // Ended without our note.  Without evidence from elsewhere either (or if its record is gone), the
   // peer may still write into the range.
   if (!same || (info->poisoned && !info->evidence)) hold_offer(it->first, it->second);
-  ended_nodes_.slot(ended_, it->first) = Ended{it->second.peer, it->second.tag, it->second.serial};
+  ended_[it->first] = Ended{it->second.peer, it->second.tag, it->second.serial};
   entries_.erase(it);
   ctr_.passive_swept.fetch_add(1);
 }
@@ -303,9 +303,7 @@ void Transport::forget_held(std::uint64_t req, bool proven) {
     // Every caller ended its entry before releasing: an active entry here is a newer transfer of the id
     // (built once the agent forgot the old request), and the hold is now that one's.
     auto e = entries_.find(req);
-    if (e == entries_.end() || e->second.side != Side::Active) {
-      if (auto h = held_.find(req); h != held_.end()) held_nodes_.erase(held_, h);
-    }
+    if (e == entries_.end() || e->second.side != Side::Active) held_.erase(req);
   } else {
     unproven_.insert(req);  // released is not evidence (DESIGN §3): its range stays held, for good
   }
@@ -419,13 +417,7 @@ PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local
     // its bookkeeping leaves the hold of an active entry alone, forget_held.)
     if (refuse == nullptr) {
       stopped_by_peer = stopped_reqs_.erase({req, tag}) != 0;  // consumed: this entry skips the post
-      Entry& e = entry_nodes_.slot(entries_, req);  // (no entry for req: the first checks, under this lock)
-      e = Entry{};  // every field to its default; a kept node's string keeps its buffer
-      e.side = Side::Active;
-      e.peer.assign(peer);
-      e.tag = tag;
-      e.serial = current;
-      e.peer_stop = stopped_by_peer;
+      entries_[req] = Entry{Side::Active, peer, tag, current, {}, false, false, stopped_by_peer, false, {}};
       if (engine_) {
         note_posted(req, peer, tag, current);
         // this session takes this offer: stops for other offers of the id bound to it are a later one's
@@ -434,7 +426,7 @@ PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local
         }
       }
     }
-    held_nodes_.slot(held_, req) = local;  // refused too: the prepared request holds the range until it is released
+    held_[req] = local;  // refused too: the prepared request holds the range until it is released
     unprepare(req);      // held_ took over, in this same critical section
     reservation.done = true;
   }
@@ -569,10 +561,7 @@ void Transport::note_posted(std::uint64_t req, const std::string& peer, std::uin
 void Transport::flush_posted(std::size_t max) {
   for (; max > 0 && posted_head_ < posted_pending_.size(); --max, ++posted_head_) {
     PostedNote& n = posted_pending_[posted_head_];
-    Ended& p = posted_nodes_.slot(posted_, n.req);
-    p.peer.swap(n.peer);  // the note's string is not needed again (and a kept node's buffer goes back)
-    p.tag = n.tag;
-    p.serial = n.serial;
+    posted_[n.req] = Ended{std::move(n.peer), n.tag, n.serial};
     posted_order_.emplace_back(n.req, n.serial);
   }
   if (posted_head_ == posted_pending_.size()) {
@@ -622,7 +611,7 @@ void Transport::forget_posted() {
   std::lock_guard<std::mutex> lk(mu_);
   for (const auto& [req, serial] : gone) {
     auto it = posted_.find(req);
-    if (it != posted_.end() && it->second.serial == serial) posted_nodes_.erase(posted_, it);
+    if (it != posted_.end() && it->second.serial == serial) posted_.erase(it);
   }
   for (const auto& rec : known) {
     auto it = posted_.find(rec.first);
@@ -736,7 +725,7 @@ void Transport::finish_active(std::uint64_t req, bool done) {
     acks = owed_acks(it->second);
     if (!acks.empty()) peer = it->second.peer;
     serial = it->second.serial;
-    entry_nodes_.erase(entries_, it);
+    entries_.erase(it);
     if (!done) unproven_.insert(req);  // with the erase: a stop arriving now is never answered
   }
   // Release first (after Done it is safe; after an error it changes nothing about the verdict), so
@@ -985,11 +974,11 @@ void Transport::sweep() {
     if (it != entries_.end() && it->second.side == Side::Passive && it->second.serial == serial) retire_passive(it, info);
   }
   // Records of sessions the engine forgot (their id may be advertised again: another serial).
-  forget_gone(ended_, ended_nodes_, ended_cursor_);
+  forget_gone(ended_, ended_cursor_);
   forget_posted();
 }
 
-void Transport::forget_gone(EndedMap& m, NodeCache<EndedMap>& nodes, std::size_t& cursor) {
+void Transport::forget_gone(EndedMap& m, std::size_t& cursor) {
   std::vector<std::pair<std::uint64_t, Ended>> batch;
   {
     std::lock_guard<std::mutex> lk(mu_);
@@ -1003,7 +992,7 @@ void Transport::forget_gone(EndedMap& m, NodeCache<EndedMap>& nodes, std::size_t
   std::lock_guard<std::mutex> lk(mu_);
   for (const auto& [req, serial] : stale) {
     auto it = m.find(req);
-    if (it != m.end() && it->second.serial == serial) nodes.erase(m, it);
+    if (it != m.end() && it->second.serial == serial) m.erase(it);
   }
 }
 
@@ -1029,7 +1018,7 @@ void Transport::remove_peer(const std::string& peer) {
         if (it->second.side == Side::Active) unproven_.insert(it->first);  // with the erase
         if (it->second.side == Side::Passive && it->second.offered) {
           hold_offer(it->first, it->second);  // a late note (if the peer comes back) still releases it
-          ended_nodes_.slot(ended_, it->first) = Ended{it->second.peer, it->second.tag, it->second.serial};
+          ended_[it->first] = Ended{it->second.peer, it->second.tag, it->second.serial};
         }
         it = entries_.erase(it);
       } else {

@@ -59,35 +59,6 @@
 
 namespace lifecycle::transport {
 
-// Nodes of a hash map kept for reuse (guarded by the map's own lock).  The transfer path inserts and
-// erases a few entries per transfer; a kept node costs no allocation, nor does a string in it that fits
-// its old buffer, and it stays with the thread pair that uses it (no cross-thread frees).
-template <class Map>
-class NodeCache {
- public:
-  static constexpr std::size_t kKeep = 1024;  // at most this many nodes kept (the rest are freed)
-  // m[k], in a kept node if k is new and one is there (its value is then a reused one: assign every field)
-  typename Map::mapped_type& slot(Map& m, const typename Map::key_type& k) {
-    if (auto it = m.find(k); it != m.end()) return it->second;
-    if (free_.empty()) return m.try_emplace(k).first->second;
-    typename Map::node_type n = std::move(free_.back());
-    free_.pop_back();
-    n.key() = k;
-    return m.insert(std::move(n)).position->second;
-  }
-  void erase(Map& m, typename Map::iterator it) {
-    if (free_.size() < kKeep) {
-      free_.push_back(m.extract(it));
-    } else {
-      m.erase(it);
-    }
-  }
-  std::size_t kept() const noexcept { return free_.size(); }
-
- private:
-  std::vector<typename Map::node_type> free_;
-};
-
 struct TransportOptions {
   bool unsafe_release_on_cancel = false;  // TEST ONLY: treats release as evidence (unsafe)
   bool unsafe_ack_stop_at_once = false;   // TEST ONLY: answers a peer's stop before its own Done (unsafe)
@@ -245,7 +216,7 @@ class Transport final : public EventSink {
   void sweep_stopped();
   // Drops the records of `m` whose session the engine no longer holds (forgotten, or another serial).
   using EndedMap = std::unordered_map<std::uint64_t, Ended>;
-  void forget_gone(EndedMap& m, NodeCache<EndedMap>& nodes, std::size_t& cursor);  // a budget per sweep
+  void forget_gone(EndedMap& m, std::size_t& cursor);  // a budget per sweep
   // posted_'s record for req (caller holds mu_): queued in posted_pending_, in order
   void note_posted(std::uint64_t req, const std::string& peer, std::uint64_t tag, std::uint64_t serial);
   // Moves up to `max` of posted_pending_'s records, oldest first, into posted_ and posted_order_ (caller
@@ -269,18 +240,15 @@ class Transport final : public EventSink {
   std::uint64_t abort_hook_ = 0;  // this transport's hook in the engine (removed by stop())
   mutable std::mutex mu_;  // guards the maps below; never held while calling the agent or engine
   std::unordered_map<std::uint64_t, Entry> entries_;
-  NodeCache<std::unordered_map<std::uint64_t, Entry>> entry_nodes_;  // transfer() <-> finish_active()
   std::map<Agent::RegionId, Region> regions_;  // what register_region registered (deregister's check)
   using ReqTag = std::pair<std::uint64_t, std::uint64_t>;
   std::map<ReqTag, StopMemo> stopped_reqs_;  // (req, tag) stopped before we posted: remember_stopped
   ReqTag stopped_cursor_{0, 0};              // where the next sweep_stopped() goes on
   EndedMap ended_;  // swept passive entries (until the engine forgets req)
-  NodeCache<EndedMap> ended_nodes_;
   std::size_t ended_cursor_ = 0;  // where forget_gone goes on (a bucket)
   // the offer each active entry posted (or skipped), kept past the entry while its session lives: a
   // late stop naming it needs no memory (an offer is posted once)
   EndedMap posted_;
-  NodeCache<EndedMap> posted_nodes_;  // transfer() <-> forget_posted()
   // posted_'s records as (req, serial), oldest first (a record may have been replaced since: its serial
   // tells).  The engine forgets terminated sessions oldest first too, so a sweep finds the records that
   // went at the front, and stops soon after the first that did not: a few checks per transfer, where a
@@ -308,7 +276,6 @@ class Transport final : public EventSink {
   // without evidence that it stopped (those are in unproven_ too: their bytes may still land), with its
   // local range: what deregister_region checks (with preparing_).
   std::unordered_map<std::uint64_t, Region> held_;
-  NodeCache<std::unordered_map<std::uint64_t, Region>> held_nodes_;  // transfer() <-> forget_held()
   // transfer() calls between their checks and their entry (as many as run at once: a short vector)
   std::vector<std::pair<std::uint64_t, Region>> preparing_;
   std::set<std::string> removed_peers_;                  // remove_peer() until add_peer() loads it again

@@ -663,6 +663,18 @@ void test_a_stop_after_our_session_took_another_offer_outlives_it() {
   CHECK(ea->info(1)->outcome == Outcome::cancelled);
 }
 
+// Session 1 of `ea` ends (Quiesced, then terminated) while a stop for `tag` is remembered: the stop outlives
+// it (it is a later session's), and the next session's transfer of that offer is skipped.
+void check_the_stop_outlives_session_1(Engine& ea, Transport& ta, const Region& l, const Region& r,
+                                       const std::string& peer, std::uint64_t tag) {
+  CHECK(eventually([&] { return state_of(ea, 1) == State::Quiesced; }));
+  CHECK(ea.terminate(1) == TerminateResult::Terminated);
+  std::this_thread::sleep_for(std::chrono::milliseconds(60));  // sweeps: S1 is gone
+  CHECK(ta.stats().remembered_stops == 1);
+  CHECK(ea.advertise(1, Role::sender, 0).status == Status::Moved);
+  CHECK(ta.transfer(1, XferOp::Write, l, r, peer, tag) == PostResult::CancelledBeforePost);
+}
+
 // The same for a session that binds first and takes another offer afterwards: its transfer() moves the
 // stops bound to it on to a later session.
 void test_a_stop_bound_to_a_session_moves_on_when_it_takes_another_offer() {
@@ -673,12 +685,7 @@ void test_a_stop_bound_to_a_session_moves_on_when_it_takes_another_offer() {
   tb->agent().send_notification("rebind-a", {1, NotifKind::Stop, 0xb2});  // binds to S1 (live, not posting)
   CHECK(eventually([&] { return ta.stats().remembered_stops == 1; }));
   CHECK(ta.transfer(1, XferOp::Write, l, r, "rebind-b", 0xb1) != PostResult::CancelledBeforePost);  // S1 takes b1
-  CHECK(eventually([&] { return state_of(*ea, 1) == State::Quiesced; }));
-  CHECK(ea->terminate(1) == TerminateResult::Terminated);
-  std::this_thread::sleep_for(std::chrono::milliseconds(60));
-  CHECK(ta.stats().remembered_stops == 1);  // b2 is a later session's
-  CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
-  CHECK(ta.transfer(1, XferOp::Write, l, r, "rebind-b", 0xb2) == PostResult::CancelledBeforePost);
+  check_the_stop_outlives_session_1(*ea, ta, l, r, "rebind-b", 0xb2);  // b2 is a later session's
 }
 
 // A late DONE of a transfer whose session is gone (Poisoned by its timers, terminated, no tombstone):
@@ -1292,12 +1299,7 @@ void test_readers_of_the_posted_records_see_the_queued_ones() {
     CHECK(ta.transfer(1, XferOp::Write, l, r, "queued2-b", 0xc) == PostResult::Posted);  // S1 takes c (200 ms)
     std::this_thread::sleep_for(std::chrono::milliseconds(60));  // sweeps while S1 moves
     CHECK(state_of(*ea, 1) == State::InFlight);
-    CHECK(eventually([&] { return state_of(*ea, 1) == State::Quiesced; }));
-    CHECK(ea->terminate(1) == TerminateResult::Terminated);
-    std::this_thread::sleep_for(std::chrono::milliseconds(60));
-    CHECK(ta.stats().remembered_stops == 1);  // d is a later session's
-    CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
-    CHECK(ta.transfer(1, XferOp::Write, l, r, "queued2-b", 0xd) == PostResult::CancelledBeforePost);
+    check_the_stop_outlives_session_1(*ea, ta, l, r, "queued2-b", 0xd);  // d is a later session's
   }
 }
 

@@ -655,9 +655,11 @@ def test_an_offered_range_whose_transfer_ended_without_evidence_stays_registered
         b_at_a, a_at_b = connect(a, b)
         buf = bytearray(16 * MiB)
         reg = b.t.register(buf)
+        # the 16 MiB source first: filling it after b's expose could outlast b's 50 ms timer on a busy
+        # machine (b's stop then cancels a's write before its post)
+        src = a.advertise(1, "sender", 16 * MiB, pattern(16 * MiB, 1))
         b.engine.advertise(1, "receiver")  # no pool slot: the executor's own buffer
         offer = b.t.expect(1, a_at_b, buf)
-        src = a.advertise(1, "sender", 16 * MiB, pattern(16 * MiB, 1))
         assert a.t.write(1, src, b_at_a, offer) == "Posted"  # ~160 ms at 100 MiB/s
         assert b.wait(1, 2) is State.Poisoned
         wait_for(lambda: b.t.stats().passive == 0, 2, "the sweep", b.engine.poll)

@@ -546,10 +546,6 @@ void Transport::forgo(std::uint64_t req, const std::string& peer, std::uint64_t 
 }
 
 void Transport::note_posted(std::uint64_t req, const std::string& peer, std::uint64_t tag, std::uint64_t serial) {
-  if (posted_head_ == posted_pending_.size()) {  // all moved: start the buffer over (its capacity stays)
-    posted_pending_.clear();
-    posted_head_ = 0;
-  }
   PostedNote& n = posted_pending_.emplace_back();
   n.req = req;
   n.tag = tag;
@@ -564,7 +560,7 @@ void Transport::flush_posted(std::size_t max) {
     posted_[n.req] = Ended{std::move(n.peer), n.tag, n.serial};
     posted_order_.emplace_back(n.req, n.serial);
   }
-  if (posted_head_ == posted_pending_.size()) {
+  if (posted_head_ == posted_pending_.size()) {  // all moved: start the buffer over (its capacity stays)
     posted_pending_.clear();
     posted_head_ = 0;
   }

@@ -86,18 +86,23 @@ _C2P_ROW = re.compile(r"^\s{2}(\S.*?)\s{2,}(p50 .*)$")
 
 def parse_nixl(out: str) -> list[Row]:
     rows = []
-    in_c2p = False
+    in_c2p = batch_calls = False
     for line in out.splitlines():
         m = _NIXL_ROW.match(line)
         if m:
             size, batch, _pairs, e_us, b_us, diff, lo, hi = m.groups()
             goal = _NIXL_GOAL.search(line)
-            rows.append(Row(f"WRITE {size} KiB x{batch} in flight: engine us/xfer", float(e_us), "us",
+            how = ", batch calls" if batch_calls else ""  # the section after the table: no verdict of its own
+            rows.append(Row(f"WRITE {size} KiB x{batch} in flight{how}: engine us/xfer", float(e_us), "us",
                             float(b_us), "bare NIXL loop", f"paired diff {diff} us [{lo}, {hi}] 95% CI"
                             + (f"; goal {goal.group(1)}: {'met' if goal.group(2) == 'met' else 'NOT MET'}"
                                if goal else "")))
+        elif line.startswith("with batch calls"):
+            batch_calls = True
         elif line.startswith("completion-to-poll"):
-            in_c2p = True
+            in_c2p, batch_calls = True, False
+        elif line.startswith("engine work per transfer"):
+            batch_calls = False
         elif in_c2p and (c := _C2P_ROW.match(line)):
             rows.append(Row(f"completion-to-poll, {c.group(1)}", float("nan"), "", None, "", c.group(2)[:60]))
     return rows

@@ -39,10 +39,16 @@ def test_audit_rows_are_parsed():
 def test_nixl_rows_are_parsed():
     out = run("bench_nixl.py", "--sizes", "4", "--count", "64", "--reps", "1", "--c2p", "20", "--no-pin")
     rows = parse_nixl(out)
-    xfer = [r for r in rows if r.metric.startswith("WRITE")]
+    xfer = [r for r in rows if r.metric.startswith("WRITE") and "batch calls" not in r.metric]
+    batched = [r for r in rows if "batch calls" in r.metric]
     c2p = [r for r in rows if r.metric.startswith("completion-to-poll")]
     assert [r.metric for r in xfer] == ["WRITE 4 KiB x1 in flight: engine us/xfer",
                                         "WRITE 4 KiB x64 in flight: engine us/xfer"], out
+    # the batch-calls section repeats the batch-64 cell with advertise_batch/apply_batch; it has no verdict
+    assert [r.metric for r in batched] == ["WRITE 4 KiB x64 in flight, batch calls: engine us/xfer"], out
+    assert all(r.value > 0 and r.baseline > 0 and r.note.endswith("95% CI") for r in batched), out
+    pc = re.search(r"per call ([-+\d.]+) us -> ([-+\d.]+) us \(([-+\d.]+)\)$", out, re.M)
+    assert pc and abs(float(pc.group(2)) - float(pc.group(1)) - float(pc.group(3))) < 0.011, out
     assert all(r.value > 0 and r.baseline > 0 and "95% CI" in r.note for r in xfer)
     for r in xfer:  # each cell's verdict is the 4 KiB goal applied to the cell's own median difference
         m = re.match(r"^paired diff ([-+\d.]+) us \[.*\] 95% CI; goal <= 2 us: (met|NOT MET)$", r.note)

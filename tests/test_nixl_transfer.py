@@ -191,10 +191,12 @@ def test_host_memory_registered_as_vram_is_a_typed_error_and_registers_nothing()
 
 
 @needs_nixl
-def test_paired_benchmark_loop_moves_the_bytes_and_pairs_every_batch():
+@pytest.mark.parametrize("batch_calls", [False, True])
+def test_paired_benchmark_loop_moves_the_bytes_and_pairs_every_batch(batch_calls):
     """benchmarks/bench_nixl.py's loop (_core._bench_paired): engine and bare transports alternate batch by
     batch; every transfer lands (the bytes arrive), the engine's sessions end Quiesced and terminated, and the
-    two results hold one batch time per batch, pairwise."""
+    two results hold one batch time per batch, pairwise.  Also with batch_calls (advertise_batch per batch,
+    apply_batch of each drain's terminations), whose refused advertisements raise like the per-call ones."""
     import ctypes
 
     size, batch, count = 4096, 4, 12
@@ -212,8 +214,12 @@ def test_paired_benchmark_loop_moves_the_bytes_and_pairs_every_batch():
             _core._bench_paired(te._core, te._core, "pb-peer", "write", src_mem.addr, dst_mem.addr, size, batch,
                                 count, 1)
         re_, rb = _core._bench_paired(te._core, tb._core, "pb-peer", "write", src_mem.addr, dst_mem.addr, size,
-                                      batch, count, 1)
+                                      batch, count, 1, batch_calls=batch_calls)
         engine.poll()
+        # ids 1..count are tombstones now: advertising them again is refused, and the loop says which one
+        with pytest.raises(TransportError, match="advertise refused for request 1$"):
+            _core._bench_paired(te._core, tb._core, "pb-peer", "write", src_mem.addr, dst_mem.addr, size, batch,
+                                count, 1, batch_calls=batch_calls)
     assert (re_["transfers"], rb["transfers"], re_["failed"], rb["failed"]) == (count, count, 0, 0)
     assert len(re_["batch_ns"]) == len(rb["batch_ns"]) == count // batch
     assert all(x > 0 for x in re_["batch_ns"] + rb["batch_ns"])

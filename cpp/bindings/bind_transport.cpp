@@ -279,10 +279,10 @@ void register_transport(py::module_& m) {
 
   m.def("_bench_paired", [](tp::Transport& a, tp::Transport& b, const std::string& peer, const std::string& op,
                             std::uint64_t local_addr, std::uint64_t remote_addr, std::uint64_t size,
-                            std::uint64_t batch, std::uint64_t count, std::uint64_t first_req) {
+                            std::uint64_t batch, std::uint64_t count, std::uint64_t first_req, bool batch_calls) {
     if (&a == &b) throw InvalidArgumentError("b", "must be another transport than a");
     tp::BenchSpec spec{peer, to_op(op), static_cast<std::uintptr_t>(local_addr),
-                       static_cast<std::uintptr_t>(remote_addr), size, batch, count, first_req};
+                       static_cast<std::uintptr_t>(remote_addr), size, batch, count, first_req, batch_calls};
     std::pair<tp::BenchResult, tp::BenchResult> r;
     {
       py::gil_scoped_release nogil;
@@ -290,11 +290,12 @@ void register_transport(py::module_& m) {
     }
     return py::make_tuple(bench_dict(r.first), bench_dict(r.second));
   }, py::arg("a"), py::arg("b"), py::arg("peer"), py::arg("op"), py::arg("local_addr"), py::arg("remote_addr"),
-     py::arg("size"), py::arg("batch"), py::arg("count"), py::arg("first_request"),
+     py::arg("size"), py::arg("batch"), py::arg("count"), py::arg("first_request"), py::arg("batch_calls") = false,
      "Run `count` transfers of `size` bytes, `batch` in flight, entirely in C++ (GIL released), through `a` and "
      "`b` batch by batch in alternation (a b, b a, ...): batch_ns[i] of the two results are a pair measured back "
      "to back. With an engine attached to a transport: advertise, transfer, wait (engine wait_ready + drain), "
-     "terminate; without one: transfer and wait for the completion count. Slot i of a batch uses local/remote "
+     "terminate (batch_calls: the batch's advertisements in one advertise_batch and each drain's terminations in one "
+     "apply_batch); without one: transfer and wait for the completion count. Slot i of a batch uses local/remote "
      "address + i*size. `a` uses request ids first_request.., `b` first_request+count..");
 }
 

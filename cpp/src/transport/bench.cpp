@@ -25,6 +25,8 @@ struct Loop {
   std::uint64_t req;
   std::uint64_t target;
   std::vector<Record> recs;
+  std::vector<std::uint64_t> ids;  // batch_calls: the batch's ids, then each drain's terminal ones
+  std::vector<std::uint8_t> events, out;
 
   Loop(Transport& tr, const BenchSpec& s, BenchResult& r, std::uint64_t first_req)
       : t(tr), spec(s), res(r), req(first_req), target(tr.completions()) {
@@ -40,10 +42,23 @@ struct Loop {
     const Role role = spec.op == XferOp::Read ? Role::receiver : Role::sender;
     const std::uint64_t first = req;
     const std::int64_t b0 = steady_ns();
+    const bool batched = e != nullptr && spec.batch_calls;
+    if (batched) {
+      ids.resize(n);
+      out.resize(n);
+      for (std::uint64_t i = 0; i < n; ++i) ids[i] = req + i;
+      e->advertise_batch(ids.data(), n, role, 0, out.data());
+      for (std::uint64_t i = 0; i < n; ++i) {
+        if (out[i] != static_cast<std::uint8_t>(Status::Moved)) {
+          throw TransportError("bench: advertise refused for request " + std::to_string(ids[i]));
+        }
+      }
+      ids.clear();  // from here: the terminal requests of each drain
+    }
     for (std::uint64_t i = 0; i < n; ++i, ++req) {
       Region l{spec.local_addr + i * spec.size, spec.size, 0, MemKind::Dram};
       Region r{spec.remote_addr + i * spec.size, spec.size, 0, MemKind::Dram};
-      if (e != nullptr && e->advertise(req, role, 0).status != Status::Moved) {
+      if (e != nullptr && !batched && e->advertise(req, role, 0).status != Status::Moved) {
         throw TransportError("bench: advertise refused for request " + std::to_string(req));
       }
       (void)t.transfer(req, spec.op, l, r, spec.peer, /*tag=*/0);  // the peer is bare: no expect()
@@ -68,10 +83,23 @@ struct Loop {
             res.latency_ns.push_back(now - rec.t_ns);
             // as an executor does: release each request once it is terminal, while the rest of
             // the batch is still moving (not all at the end, after the last completion)
-            if (e->terminate(rec.req) != TerminateResult::Terminated) {
+            if (batched) {
+              ids.push_back(rec.req);
+            } else if (e->terminate(rec.req) != TerminateResult::Terminated) {
               throw TransportError("bench: terminate refused for request " + std::to_string(rec.req));
             }
           }
+        }
+        if (batched && !ids.empty()) {  // this drain's terminal requests, in one call
+          events.assign(ids.size(), static_cast<std::uint8_t>(Event::terminate));
+          out.resize(ids.size());
+          e->apply_batch(ids.data(), events.data(), ids.size(), out.data());
+          for (std::size_t i = 0; i < ids.size(); ++i) {
+            if (out[i] != static_cast<std::uint8_t>(Status::Moved)) {
+              throw TransportError("bench: terminate refused for request " + std::to_string(ids[i]));
+            }
+          }
+          ids.clear();
         }
       }
     } else {

@@ -20,6 +20,9 @@ struct BenchSpec {
   std::uint64_t batch = 1;
   std::uint64_t count = 0;
   std::uint64_t first_req = 1;
+  // With an engine: advertise each batch in one advertise_batch() and terminate what each drain brought
+  // in one apply_batch(), as an executor with a batch in hand would (transfer() stays one call each).
+  bool batch_calls = false;
 };
 
 struct BenchResult {
@@ -42,7 +45,8 @@ struct BenchResult {
 // request ids first_req.., `b` first_req + count.. ; `seconds` is the sum of the batch times.
 // Per batch, through a transport with an engine: advertise (role by op), transfer, then wait
 // (wait_ready + drain) until every session of the batch is terminal, terminating each as soon as its
-// terminal transition is drained (as an executor releases a request's blocks); without one:
+// terminal transition is drained (as an executor releases a request's blocks; with batch_calls, the
+// batch's advertisements and each drain's terminations in one call each); without one:
 // transfer, wait_completions. Throws on errors.
 std::pair<BenchResult, BenchResult> bench_paired(Transport& a, Transport& b, const BenchSpec& spec);
 

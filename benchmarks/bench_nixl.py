@@ -6,8 +6,11 @@ post + complete (by the progress thread) + drain + terminate; without it, post +
 Same process, two agents over UCX (cma for RMA), WRITEs of 4 KiB .. 16 MiB, 1 and 64 in flight.
 The two loops alternate batch by batch, and the overhead is the median of the paired differences
 with a distribution-free 95% confidence interval: on a shared VM whole runs drift by +-10 %, which
-no best-of or mean comparison survives.  Also printed: the engine's own work per transfer (the same
-engine calls in a native loop, no transport).
+no best-of or mean comparison survives.  Under the table, the batch-64 cells up to 1 MiB again with
+batch calls (one advertise_batch per batch, one apply_batch of the terminations each drain brings;
+transfer() stays one call per request), beside the per-call row's difference; the verdicts are the
+per-call rows'.  Also printed: the engine's own work per transfer (the same engine calls in a native
+loop, no transport).
 
 Also measured: completion-to-poll latency (engine record timestamp of `complete` -> the record
 drained by the waiting C++ loop (batch 1 only: with 64 in flight the loop is busy posting), and ->

@@ -36,6 +36,15 @@ struct Loop {
     res.post_ns.reserve(spec.count / spec.batch + 1);
   }
 
+  // batch_calls: every item of the batch call just made on `ids` moved (the per-call path's check).
+  void all_moved(const char* call) const {
+    for (std::size_t i = 0; i < ids.size(); ++i) {
+      if (out[i] != static_cast<std::uint8_t>(Status::Moved)) {
+        throw TransportError(std::string("bench: ") + call + " refused for request " + std::to_string(ids[i]));
+      }
+    }
+  }
+
   // Post `n` transfers, wait until every one is done (engine: terminal, then terminated).
   void batch(std::uint64_t n) {
     Engine* e = t.engine();
@@ -48,11 +57,7 @@ struct Loop {
       out.resize(n);
       for (std::uint64_t i = 0; i < n; ++i) ids[i] = req + i;
       e->advertise_batch(ids.data(), n, role, 0, out.data());
-      for (std::uint64_t i = 0; i < n; ++i) {
-        if (out[i] != static_cast<std::uint8_t>(Status::Moved)) {
-          throw TransportError("bench: advertise refused for request " + std::to_string(ids[i]));
-        }
-      }
+      all_moved("advertise");
       ids.clear();  // from here: the terminal requests of each drain
     }
     for (std::uint64_t i = 0; i < n; ++i, ++req) {
@@ -94,11 +99,7 @@ struct Loop {
           events.assign(ids.size(), static_cast<std::uint8_t>(Event::terminate));
           out.resize(ids.size());
           e->apply_batch(ids.data(), events.data(), ids.size(), out.data());
-          for (std::size_t i = 0; i < ids.size(); ++i) {
-            if (out[i] != static_cast<std::uint8_t>(Status::Moved)) {
-              throw TransportError("bench: terminate refused for request " + std::to_string(ids[i]));
-            }
-          }
+          all_moved("terminate");
           ids.clear();
         }
       }

@@ -335,15 +335,54 @@ class _Transport:
         self._core.remove_peer(peer)
 
     # ---- transfers ---------------------------------------------------------------------------
-    def _post(self, op: str, request: int, local: Mem, peer: str, remote: Offer) -> str:
+    @staticmethod
+    def _fields(op: str, request: int, local: Mem, peer: str, remote: Offer) -> tuple:
+        """transfer()'s arguments for the core, checked (InvalidArgument names what is wrong)."""
+        if isinstance(request, bool) or not isinstance(request, int) or not 0 <= request < 1 << 64:
+            raise InvalidArgument("request", f"expected an id in [0, 2**64), got {request!r:.40}")
+        if not isinstance(peer, str):
+            raise InvalidArgument("peer", f"expected the peer's name (add_peer's answer), got {type(peer).__name__}")
         if not isinstance(remote, Offer):
             raise InvalidArgument("remote", f"expected the Offer the peer's expect() returned, got "
                                             f"{type(remote).__name__} (a bare descriptor carries no tag)")
         local, m = mem_of(local), remote.mem
         if local.nbytes != m.nbytes:
             raise InvalidArgument("remote", f"{m.nbytes} bytes != local {local.nbytes} bytes")
-        return self._core.transfer(request, op, local.addr, local.nbytes, local.kind, local.device, peer,
-                                   m.addr, m.kind, m.device, remote.tag)
+        return (request, op, local.addr, local.nbytes, local.kind, local.device, peer, m.addr, m.kind, m.device,
+                remote.tag)
+
+    def _post(self, op: str, request: int, local: Mem, peer: str, remote: Offer) -> str:
+        return self._core.transfer(*self._fields(op, request, local, peer, remote))
+
+    def transfer_batch(self, transfers) -> list:
+        """Several :meth:`read` / :meth:`write` calls in one: ``transfers`` holds ``(op, request, local, peer,
+        remote)`` tuples, ``op`` ``"read"`` or ``"write"``.  Each item is done exactly as that call would do it
+        alone, but the batch shares its locks and engine calls and posts back to back (executors posting a
+        scheduler step's transfers).  Items are independent: the list returned holds, per item, the result
+        string that call returns or the exception it would have raised (a refusal of one item changes nothing
+        for the others; a second item of one request is refused like a second call)."""
+        if isinstance(transfers, (str, bytes)) or not hasattr(transfers, "__iter__"):
+            raise InvalidArgument("transfers", f"expected a sequence of (op, request, local, peer, remote) tuples, "
+                                               f"got {type(transfers).__name__}")
+        out: list = []
+        fields: list = []
+        where: list[int] = []
+        for i, t in enumerate(transfers):
+            try:
+                if not isinstance(t, tuple) or len(t) != 5:
+                    raise InvalidArgument("transfers", f"item {i}: expected (op, request, local, peer, remote), "
+                                                       f"got {t!r:.80}")
+                op = t[0]
+                if op not in ("read", "write"):
+                    raise InvalidArgument("transfers", f"item {i}: op must be 'read' or 'write', got {op!r:.40}")
+                fields.append(self._fields(*t))
+                where.append(i)
+                out.append(None)
+            except InvalidArgument as e:
+                out.append(e)
+        for i, r in zip(where, self._core.transfer_batch(fields)):
+            out[i] = r
+        return out
 
     def read(self, request: int, local: Mem, peer: str, remote: Offer) -> str:
         """Active READ: the peer's offered range -> ``local``.  Applies ``expose`` and posts.

@@ -119,10 +119,11 @@ def test_cancel_after_done_is_already_complete(pair):
 SENTINEL = 0xEE
 
 
-def late_write_probe(unsafe: bool, tag: str) -> int:
+def late_write_probe(unsafe: bool, tag: str, batch: bool = False) -> int:
     """Receiver READs 64 MiB, cancels right after the post, returns the slot to the pool as soon as
     the engine says it may (terminate), writes a sentinel into it (a reuse), waits, and returns how many
-    sentinel bytes were overwritten afterwards (late writes into a returned slot)."""
+    sentinel bytes were overwritten afterwards (late writes into a returned slot).  ``batch``: posted by
+    transfer_batch, beside a second item of the same request (refused, and changing nothing)."""
     snd = Side("nc-s-" + tag, slots=1, slot_size=BIG, transfer_timeout=2, cancel_grace=2)
     rcv = Side("nc-r-" + tag, slots=1, slot_size=BIG, transfer_timeout=20, cancel_grace=10,
                transport_kw={"unsafe_release_on_cancel": unsafe})
@@ -132,7 +133,11 @@ def late_write_probe(unsafe: bool, tag: str) -> int:
         dst = rcv.advertise(1, "receiver", BIG, 0)
         slot = rcv.engine.info(1).slot
         offer = snd.t.expect(1, rcv_at_snd, src)
-        assert rcv.t.read(1, dst, snd_at_rcv, offer) == "Posted"
+        if batch:
+            res = rcv.t.transfer_batch([("read", 1, dst, snd_at_rcv, offer)] * 2)
+            assert res[0] == "Posted" and "already has a transfer" in str(res[1]), res
+        else:
+            assert rcv.t.read(1, dst, snd_at_rcv, offer) == "Posted"
         rcv.engine.cancel(1)
         assert rcv.wait(1, 30) is State.Quiesced  # unsafe: at once (inside cancel); safe: after DONE
         assert rcv.engine.terminate(1) is TerminateResult.Terminated
@@ -147,13 +152,15 @@ def late_write_probe(unsafe: bool, tag: str) -> int:
         rcv.close()
 
 
-def test_negative_control_unsafe_release_is_detected_as_late_write(tcp):
-    overwritten = [late_write_probe(True, f"u{i}") for i in range(3)]
+@pytest.mark.parametrize("batch", [False, True], ids=["call", "batch"])
+def test_negative_control_unsafe_release_is_detected_as_late_write(tcp, batch):
+    overwritten = [late_write_probe(True, f"u{i}{batch:d}", batch) for i in range(3)]
     assert max(overwritten) > 0, f"late-write detector saw nothing with the evidence rule off: {overwritten}"
 
 
-def test_evidence_rule_no_late_write_into_returned_slot(tcp):
-    overwritten = [late_write_probe(False, f"s{i}") for i in range(2)]
+@pytest.mark.parametrize("batch", [False, True], ids=["call", "batch"])
+def test_evidence_rule_no_late_write_into_returned_slot(tcp, batch):
+    overwritten = [late_write_probe(False, f"s{i}{batch:d}", batch) for i in range(2)]
     assert overwritten == [0, 0]
 
 

@@ -235,6 +235,56 @@ void register_transport(py::module_& m) {
            }, py::arg("request"), py::arg("op"), py::arg("local_addr"), py::arg("nbytes"), py::arg("local_kind"),
            py::arg("local_device"), py::arg("peer"), py::arg("remote_addr"), py::arg("remote_kind"),
            py::arg("remote_device"), py::arg("tag"))
+      .def("transfer_batch", [](tp::Transport& t, const py::list& items) {
+             // Every item parsed (a bad one raises here, before anything is built), then one call.
+             const std::size_t n = items.size();
+             std::vector<std::string> peers(n);
+             std::vector<tp::TransferItem> xs(n);
+             for (std::size_t i = 0; i < n; ++i) {
+               const py::tuple it = py::cast<py::tuple>(items[i]);
+               if (it.size() != 11) {
+                 throw InvalidArgumentError("transfers", "item " + std::to_string(i) + ": expected 11 fields, got " +
+                                                             std::to_string(it.size()));
+               }
+               const auto len = it[3].cast<std::uint64_t>();
+               peers[i] = it[6].cast<std::string>();
+               xs[i] = tp::TransferItem{it[0].cast<std::uint64_t>(), to_op(it[1].cast<std::string>()),
+                                        region(it[2].cast<std::uint64_t>(), len, it[4].cast<std::string>(),
+                                               it[5].cast<std::uint64_t>()),
+                                        region(it[7].cast<std::uint64_t>(), len, it[8].cast<std::string>(),
+                                               it[9].cast<std::uint64_t>()),
+                                        &peers[i], it[10].cast<std::uint64_t>()};
+             }
+             std::vector<tp::TransferOutcome> out(n);
+             {
+               py::gil_scoped_release nogil;
+               t.transfer_batch(xs.data(), n, out.data());
+             }
+             py::list res(n);
+             for (std::size_t i = 0; i < n; ++i) {
+               if (!out[i].error) {
+                 res[i] = py::str(tp::to_string(out[i].result));
+                 continue;
+               }
+               py::object exc = error_object(out[i].error);
+               if (exc.is_none()) {  // not one of ours (e.g. std::bad_alloc): a RuntimeError naming it
+                 std::string what = "unknown error";
+                 try {
+                   std::rethrow_exception(out[i].error);
+                 } catch (const std::exception& e) {
+                   what = e.what();
+                 } catch (...) {
+                 }
+                 exc = py::module_::import("builtins").attr("RuntimeError")("transfer: request " +
+                                                                           std::to_string(xs[i].req) + ": " + what);
+               }
+               res[i] = exc;
+             }
+             return res;
+           }, py::arg("transfers"),
+           "transfer() for each item (request, op, local_addr, nbytes, local_kind, local_device, peer, remote_addr, "
+           "remote_kind, remote_device, tag) in one call: a list, per item its result string or the exception "
+           "transfer() would have raised for it")
       .def("expect", [](tp::Transport& t, std::uint64_t req, const std::string& peer, std::uint64_t laddr,
                         std::uint64_t len, const std::string& lkind, std::uint64_t ldev) {
              tp::Region l = region(laddr, len, lkind, ldev);
@@ -294,8 +344,9 @@ void register_transport(py::module_& m) {
      "Run `count` transfers of `size` bytes, `batch` in flight, entirely in C++ (GIL released), through `a` and "
      "`b` batch by batch in alternation (a b, b a, ...): batch_ns[i] of the two results are a pair measured back "
      "to back. With an engine attached to a transport: advertise, transfer, wait (engine wait_ready + drain), "
-     "terminate (batch_calls: the batch's advertisements in one advertise_batch and each drain's terminations in one "
-     "apply_batch); without one: transfer and wait for the completion count. Slot i of a batch uses local/remote "
+     "terminate (batch_calls: the batch's advertisements in one advertise_batch, its transfers in one transfer_batch and "
+     "each drain's terminations in one apply_batch); without one: transfer (batch_calls: transfer_batch) and wait for "
+     "the completion count. Slot i of a batch uses local/remote "
      "address + i*size. `a` uses request ids first_request.., `b` first_request+count..");
 }
 

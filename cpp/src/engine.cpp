@@ -323,13 +323,13 @@ bool Engine::degraded() const {
 // runs at the speed of one that fits.  Records of one batch are therefore in shard order across
 // requests (they carry the same time stamp: a batch is one instant).
 template <class Fn>
-void Engine::for_each_by_shard(const std::uint64_t* ids, std::size_t n, Fn&& fn) {
+void Engine::for_each_by_shard(const std::uint64_t* ids, std::size_t n, Fn&& fn) const {
   constexpr std::size_t kSlice = std::size_t{1} << 24;  // item indices fit in 32 bits
   for (std::size_t base = 0; base < n; base += kSlice) group_slice(ids, base, std::min(n, base + kSlice), fn);
 }
 
 template <class Fn>
-void Engine::group_slice(const std::uint64_t* all, std::size_t base, std::size_t stop, Fn& fn) {
+void Engine::group_slice(const std::uint64_t* all, std::size_t base, std::size_t stop, Fn& fn) const {
   const std::uint64_t* ids = all + base;
   const std::size_t n = stop - base;
   constexpr std::size_t kRun = 256;  // items per lock hold: transport threads wait at most ~25 us
@@ -632,20 +632,34 @@ ApplyResult Engine::apply(std::uint64_t req, Event ev, std::uint64_t serial) {
   return r;
 }
 
-void Engine::apply_batch(const std::uint64_t* ids, const std::uint8_t* events, std::size_t n, std::uint8_t* out) {
+template <class Put>
+void Engine::apply_many(const std::uint64_t* ids, const std::uint8_t* events, const std::uint64_t* serials,
+                        std::size_t n, Put&& put) {
   std::vector<Engine::Abort> aborts;
   const std::int64_t now = clock_->now_ns();
   Ctx cx{now, *pool_, degraded(), tomb_cap_, &aborts};
   for_each_by_shard(ids, n, [&](Shard& sh, const Key& k, std::size_t i) {
     if (events[i] >= kNumEvents || events[i] == static_cast<std::uint8_t>(kCreateEvent)) {
-      out[i] = static_cast<std::uint8_t>(Status::BadArgument);
+      ApplyResult bad;
+      bad.status = Status::BadArgument;
+      put(i, bad);
       return;
     }
     cx.now = now;
-    out[i] = static_cast<std::uint8_t>(apply_one(sh, k, static_cast<Event>(events[i]), cx).status);
+    put(i, apply_one(sh, k, static_cast<Event>(events[i]), cx, serials == nullptr ? 0 : serials[i]));
   });
   notify_pushed(cx.pushed);
   run_aborts(aborts);
+}
+
+void Engine::apply_batch(const std::uint64_t* ids, const std::uint8_t* events, std::size_t n, std::uint8_t* out) {
+  apply_many(ids, events, nullptr, n,
+             [out](std::size_t i, const ApplyResult& r) { out[i] = static_cast<std::uint8_t>(r.status); });
+}
+
+void Engine::apply_batch(const std::uint64_t* ids, const std::uint8_t* events, const std::uint64_t* serials,
+                         std::size_t n, ApplyResult* out) {
+  apply_many(ids, events, serials, n, [out](std::size_t i, const ApplyResult& r) { out[i] = r; });
 }
 
 CancelResult Engine::cancel(std::uint64_t req) {
@@ -926,13 +940,7 @@ Health Engine::health() {
   return h;
 }
 
-std::optional<SessionInfo> Engine::info(std::uint64_t req) const {
-  const Key k(req);
-  Shard& sh = shard_of(k);
-  std::lock_guard<SpinMutex> g(sh.mu);
-  std::uint32_t idx = sh.find(k);
-  if (idx == kNil) return std::nullopt;
-  const Session& s = sh.at(idx);
+static SessionInfo info_of(const Session& s) {
   SessionInfo i;
   i.req = s.req;
   i.role = s.role;
@@ -946,6 +954,26 @@ std::optional<SessionInfo> Engine::info(std::uint64_t req) const {
   i.state_since_ns = s.t_state;
   i.serial = s.serial;
   return i;
+}
+
+std::optional<SessionInfo> Engine::info(std::uint64_t req) const {
+  const Key k(req);
+  Shard& sh = shard_of(k);
+  std::lock_guard<SpinMutex> g(sh.mu);
+  std::uint32_t idx = sh.find(k);
+  if (idx == kNil) return std::nullopt;
+  return info_of(sh.at(idx));
+}
+
+void Engine::info_batch(const std::uint64_t* ids, std::size_t n, std::optional<SessionInfo>* out) const {
+  for_each_by_shard(ids, n, [&](Shard& sh, const Key& k, std::size_t i) {
+    const std::uint32_t idx = sh.find(k);
+    if (idx == kNil) {
+      out[i].reset();
+    } else {
+      out[i] = info_of(sh.at(idx));
+    }
+  });
 }
 
 Counters Engine::counters() const {

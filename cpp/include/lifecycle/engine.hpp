@@ -154,6 +154,10 @@ class Engine {
   // Batch: one clock read and one wake-up for the whole call; out[i] = Status of item i.
   // Items with an event code out of range or the creating event get BadArgument.
   void apply_batch(const std::uint64_t* ids, const std::uint8_t* events, std::size_t n, std::uint8_t* out);
+  // The same with apply(req, ev, serial)'s answer for each item: item i goes only to the session with
+  // serials[i] (0, or `serials` null: whichever holds ids[i]).  What a transport's batch uses.
+  void apply_batch(const std::uint64_t* ids, const std::uint8_t* events, const std::uint64_t* serials,
+                   std::size_t n, ApplyResult* out);
   void advertise_batch(const std::uint64_t* ids, std::size_t n, Role role, std::uint64_t nbytes, std::uint8_t* out);
   CancelResult cancel(std::uint64_t req);
   TerminateResult terminate(std::uint64_t req);
@@ -190,6 +194,8 @@ class Engine {
   void remove_abort_hook(std::uint64_t id);
 
   std::optional<SessionInfo> info(std::uint64_t req) const;
+  // out[i] = info(ids[i]), grouped by shard like apply_batch (one lock hold per shard, lookups prefetched).
+  void info_batch(const std::uint64_t* ids, std::size_t n, std::optional<SessionInfo>* out) const;
   Counters counters() const;
   const Config& config() const { return cfg_; }
   BufferPool* pool() { return pool_.get(); }
@@ -207,9 +213,12 @@ class Engine {
   bool degraded() const;
   bool peek_pending() const;  // lock-free, may miss a record being pushed right now
   template <class Fn>
-  void for_each_by_shard(const std::uint64_t* ids, std::size_t n, Fn&& fn);
+  void for_each_by_shard(const std::uint64_t* ids, std::size_t n, Fn&& fn) const;
   template <class Fn>
-  void group_slice(const std::uint64_t* ids, std::size_t base, std::size_t stop, Fn& fn);  // unhealthy or backend down: cancels answer BackendUnhealthy
+  void group_slice(const std::uint64_t* ids, std::size_t base, std::size_t stop, Fn& fn) const;  // unhealthy or backend down: cancels answer BackendUnhealthy
+  template <class Put>  // both apply_batch: put(i, result) for each item
+  void apply_many(const std::uint64_t* ids, const std::uint8_t* events, const std::uint64_t* serials,
+                  std::size_t n, Put&& put);
   void notify_pushed(std::size_t n);
   void run_aborts(std::vector<Abort>& aborts);
 

@@ -19,10 +19,13 @@ void NixlProgress::stop() {
   if (thread_.joinable() && thread_.get_id() != std::this_thread::get_id()) thread_.join();
 }
 
-void NixlProgress::watch(std::uint64_t req) {
+void NixlProgress::watch(std::uint64_t req) { watch(&req, 1); }
+
+void NixlProgress::watch(const std::uint64_t* reqs, std::size_t n) {
+  if (n == 0) return;
   {
     std::lock_guard<std::mutex> lk(mu_);
-    watched_.insert(req);
+    watched_.insert(reqs, reqs + n);
   }
   wake();
 }

@@ -342,7 +342,11 @@ void Transport::unprepare(std::uint64_t req) {
 std::uint64_t Transport::session_for(const char* call, std::uint64_t req, const Region& local) const {
   if (!engine_) return 0;
   // One lookup for both checks: a session advertised between two would pass the slot check unseen.
-  const auto info = engine_->info(req);
+  return session_check(call, req, local, engine_->info(req));
+}
+
+std::uint64_t Transport::session_check(const char* call, std::uint64_t req, const Region& local,
+                                       const std::optional<SessionInfo>& info) const {
   // No session (yet): refused before anything is built.  Going on with "none" would let the expose move
   // a session advertised meanwhile under an entry that names none, so its aborts would pass it by.
   if (!info) throw UnknownRequestError(req, Event::expose);
@@ -364,82 +368,218 @@ std::uint64_t Transport::session_for(const char* call, std::uint64_t req, const 
 
 PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local,
                                const Region& remote, const std::string& peer, std::uint64_t tag) {
-  if (stopped_.load()) throw TransportError("transfer: transport " + name() + " is stopped");
+  const TransferItem item{req, op, local, remote, &peer, tag};
+  TransferOutcome out;
+  transfer_batch(&item, 1, &out);
+  if (out.error) std::rethrow_exception(out.error);
+  return out.result;
+}
+
+namespace {
+// A batch call's scratch array: one element on the stack (transfer(): no allocation on its path),
+// else a vector.
+template <class T>
+struct Scratch {
+  T one{};
+  std::vector<T> many;
+  T* get(std::size_t n) {
+    if (n <= 1) return &one;
+    many.resize(n);
+    return many.data();
+  }
+};
+
+template <class F>
+std::exception_ptr caught(F&& f) {
+  try {
+    f();
+  } catch (...) {
+    return std::current_exception();
+  }
+  return nullptr;
+}
+}  // namespace
+
+// What transfer_batch knows of one item between its phases.
+struct Transport::Work {
+  bool live = false;      // no outcome yet: goes on to the next phase
+  bool reserved = false;  // in preparing_ (its range counts as held)
+  std::uint64_t current = 0;  // the session it is for (session_for)
+  std::uint64_t serial = 0;   // the session expose moved
+  const char* refuse = nullptr;
+  bool skip = false, ack = false, gone = false, abandon = false;
+  std::vector<std::uint64_t> acks;
+};
+
+void Transport::transfer_batch(const TransferItem* items, std::size_t n, TransferOutcome* out) {
+  if (n == 0) return;
+  Scratch<Work> wk;
+  Work* w = wk.get(n);
+  auto fail = [&](std::size_t i, std::exception_ptr e) {
+    out[i].error = std::move(e);
+    w[i].live = false;
+  };
+  auto fail_with = [&](std::size_t i, const std::string& why) {
+    fail(i, std::make_exception_ptr(TransportError("transfer: request " + std::to_string(items[i].req) + ": " + why)));
+  };
+  for (std::size_t i = 0; i < n; ++i) out[i] = TransferOutcome{};
+  if (stopped_.load()) {
+    for (std::size_t i = 0; i < n; ++i) fail(i, std::make_exception_ptr(TransportError("transfer: transport " + name() + " is stopped")));
+    return;
+  }
   {
     std::lock_guard<std::mutex> lk(mu_);
-    if (entries_.count(req) != 0 || preparing(req)) {
-      throw TransportError("transfer: request " + std::to_string(req) + " already has a transfer");
+    for (std::size_t i = 0; i < n; ++i) {
+      const TransferItem& it = items[i];
+      const std::uint64_t req = it.req;
+      if (it.peer == nullptr) {
+        fail_with(i, "no peer given");
+        continue;
+      }
+      // (a second item of req in this batch finds the first one's reservation)
+      if (entries_.count(req) != 0 || preparing(req)) {
+        fail(i, std::make_exception_ptr(TransportError("transfer: request " + std::to_string(req) + " already has a transfer")));
+        continue;
+      }
+      if (unproven_.count(req) != 0) {  // its range and its id stay held: a reuse would free them
+        fail(i, std::make_exception_ptr(TransportError("transfer: request " + std::to_string(req) +
+                                                       " had a transfer that ended without evidence; give the new one another id")));
+        continue;
+      }
+      if (unreleased_.count(req) != 0) {
+        fail_with(i, "the release of its earlier transfer failed and is retried by the sweep; retry when "
+                     "stats().unreleased is 0, or give the new one another id");
+        continue;
+      }
+      bool retiring = false;
+      for (Agent::RegionId id : retiring_) retiring = retiring || it.local.overlaps(regions_.at(id));
+      if (retiring) {
+        fail_with(i, "transport " + name() + " is deregistering its local range");
+        continue;
+      }
+      // From here the range counts as held: the request built next names its registration, which must not
+      // be deregistered before the entry (and held_) takes over, or the post would use a dead handle.
+      preparing_.emplace_back(req, it.local);  // a vector: no allocation on the transfer path
+      w[i].reserved = w[i].live = true;
     }
-    if (unproven_.count(req) != 0) {  // its range and its id stay held: a reuse would free them
-      throw TransportError("transfer: request " + std::to_string(req) + " had a transfer that ended without "
-                           "evidence; give the new one another id");
-    }
-    if (unreleased_.count(req) != 0) {
-      throw TransportError("transfer: request " + std::to_string(req) + ": the release of its earlier transfer failed "
-                           "and is retried by the sweep; retry when stats().unreleased is 0, or give the new one another id");
-    }
-    for (Agent::RegionId id : retiring_) {
-      if (local.overlaps(regions_.at(id))) {
-        throw TransportError("transfer: request " + std::to_string(req) + ": transport " + name() +
-                             " is deregistering its local range");
+  }
+  struct Unprepare {  // every exit before the fourth phase gives the reservations back
+    Transport* t;
+    const TransferItem* items;
+    Work* w;
+    std::size_t n;
+    ~Unprepare() {
+      bool any = false;  // (the usual case after phase 3: none, and no lock taken)
+      for (std::size_t i = 0; i < n && !any; ++i) any = w[i].reserved;
+      if (!any) return;
+      std::lock_guard<std::mutex> lk(t->mu_);
+      for (std::size_t i = 0; i < n; ++i) {
+        if (w[i].reserved) t->unprepare(items[i].req);
       }
     }
-    // From here the range counts as held: the request built next names its registration, which must not
-    // be deregistered before the entry (and held_) takes over, or the post would use a dead handle.
-    preparing_.emplace_back(req, local);  // a vector: no allocation on the transfer path
-  }
-  struct Unprepare {  // every exit before the second critical section gives the reservation back
-    Transport* t;
-    std::uint64_t req;
-    bool done = false;
-    ~Unprepare() {
-      if (done) return;
-      std::lock_guard<std::mutex> lk(t->mu_);
-      t->unprepare(req);
+  } reservation{this, items, w, n};
+  // 1. The session each transfer is for (the one expose will move): its entry names it from the start, so
+  //    a late abort or note of an earlier session of the id never applies to this one.  A local range in
+  //    the engine's pool must lie inside the slot leased to this very session: the evidence rule protects
+  //    that slot, not a neighbour's.  One lookup per item, all in one engine call.
+  if (engine_) {
+    Scratch<std::optional<SessionInfo>> in;
+    std::optional<SessionInfo>* info = in.get(n);
+    if (n == 1) {
+      if (w[0].live) info[0] = engine_->info(items[0].req);
+    } else {
+      Scratch<std::uint64_t> id;
+      std::uint64_t* ids = id.get(n);
+      for (std::size_t i = 0; i < n; ++i) ids[i] = items[i].req;  // refused items: a harmless lookup
+      engine_->info_batch(ids, n, info);
     }
-  } reservation{this, req};
-  // 0. A local range in the engine's pool must lie inside the slot leased to this very session: the
-  //    evidence rule protects that slot, not a neighbour's (one lookup, only for pool memory).
-  // The session this transfer is for (the one expose will move): its entry names it from the start, so
-  // a late abort or note of an earlier session of the id never applies to this one.
-  const std::uint64_t current = session_for("transfer", req, local);
-  // 1. Build the request: a bad peer or descriptor throws here, before anything is exposed.
-  agent_->prepare(req, op, local, remote, peer, tag);
-  bool stopped_by_peer = false;
-  const char* refuse = nullptr;
+    for (std::size_t i = 0; i < n; ++i) {
+      if (!w[i].live) continue;
+      std::exception_ptr e =
+          caught([&] { w[i].current = session_check("transfer", items[i].req, items[i].local, info[i]); });
+      if (e) fail(i, std::move(e));
+    }
+  }
+  // 2. Build the requests: a bad peer or descriptor throws here, before anything is exposed.
+  for (std::size_t i = 0; i < n; ++i) {
+    if (!w[i].live) continue;
+    const TransferItem& it = items[i];
+    std::exception_ptr e = caught([&] { agent_->prepare(it.req, it.op, it.local, it.remote, *it.peer, it.tag); });
+    if (e) fail(i, std::move(e));
+  }
+  // 3. The entries, and held_ takes over every reservation.
   {
     std::lock_guard<std::mutex> lk(mu_);
     // re-checked under mu_: stop() sets stopped_ before it collects the entries under mu_
-    if (stopped_.load()) refuse = "is stopped";
-    // (no deregistration can have started over `local` since the first checks: preparing_ blocks it)
-    if (refuse == nullptr && removed_peers_.count(peer) != 0) refuse = "removed its peer meanwhile";
-    // (An earlier request of the id whose retried release the sweep completes meanwhile is no matter:
-    // its bookkeeping leaves the hold of an active entry alone, forget_held.)
-    if (refuse == nullptr) {
-      stopped_by_peer = stopped_reqs_.erase({req, tag}) != 0;  // consumed: this entry skips the post
-      entries_[req] = Entry{Side::Active, peer, tag, current, {}, false, false, stopped_by_peer, false, {}};
-      if (engine_) {
-        note_posted(req, peer, tag, current);
-        // this session takes this offer: stops for other offers of the id bound to it are a later one's
-        for (auto s = stopped_reqs_.lower_bound({req, 0}); s != stopped_reqs_.end() && s->first.first == req; ++s) {
-          if (s->second.session == current) s->second = StopMemo{0, current + 1};
+    const bool stopped = stopped_.load();
+    for (std::size_t i = 0; i < n; ++i) {
+      const TransferItem& it = items[i];
+      if (w[i].live) {
+        const std::uint64_t req = it.req;
+        // (no deregistration can have started over `local` since the first checks: preparing_ blocks it)
+        if (stopped) w[i].refuse = "is stopped";
+        if (w[i].refuse == nullptr && removed_peers_.count(*it.peer) != 0) w[i].refuse = "removed its peer meanwhile";
+        // (An earlier request of the id whose retried release the sweep completes meanwhile is no matter:
+        // its bookkeeping leaves the hold of an active entry alone, forget_held.)
+        if (w[i].refuse == nullptr) {
+          const std::uint64_t current = w[i].current;
+          const bool stopped_by_peer = stopped_reqs_.erase({req, it.tag}) != 0;  // consumed: this entry skips the post
+          entries_[req] = Entry{Side::Active, *it.peer, it.tag, current, {}, false, false, stopped_by_peer, false, {}};
+          if (engine_) {
+            note_posted(req, *it.peer, it.tag, current);
+            // this session takes this offer: stops for other offers of the id bound to it are a later one's
+            for (auto s = stopped_reqs_.lower_bound({req, 0}); s != stopped_reqs_.end() && s->first.first == req; ++s) {
+              if (s->second.session == current) s->second = StopMemo{0, current + 1};
+            }
+          }
         }
+        held_[req] = it.local;  // refused too: the prepared request holds the range until it is released
+      }
+      if (w[i].reserved) {
+        unprepare(it.req);  // held_ took over (or it was never prepared), in this same critical section
+        w[i].reserved = false;
       }
     }
-    held_[req] = local;  // refused too: the prepared request holds the range until it is released
-    unprepare(req);      // held_ took over, in this same critical section
-    reservation.done = true;
   }
-  if (refuse != nullptr) {
-    release_xfer(req, true);  // prepared, never posted: nothing moved (a failed release is retried)
-    throw TransportError("transfer: request " + std::to_string(req) + ": transport " + name() + " " + refuse);
+  for (std::size_t i = 0; i < n; ++i) {
+    if (!w[i].live || w[i].refuse == nullptr) continue;
+    release_xfer(items[i].req, true);  // prepared, never posted: nothing moved (a failed release is retried)
+    fail(i, std::make_exception_ptr(TransportError("transfer: request " + std::to_string(items[i].req) +
+                                                   ": transport " + name() + " " + w[i].refuse)));
   }
-  // 2. Expose (Advertised -> InFlight). A refused expose (cancelled, unknown) posts nothing.
-  std::uint64_t serial = current;
+  // 4. Expose (Advertised -> InFlight), in one engine call. A refused expose (cancelled, unknown) posts nothing.
+  for (std::size_t i = 0; i < n; ++i) w[i].serial = w[i].current;
   if (engine_) {
-    const ApplyResult r = engine_->apply(req, Event::expose, serial);
-    serial = r.serial;
-    if (r.status != Status::Moved) {
+    Scratch<ApplyResult> rs;
+    ApplyResult* r = rs.get(n);
+    if (n == 1) {
+      if (w[0].live) r[0] = engine_->apply(items[0].req, Event::expose, w[0].serial);
+    } else {
+      Scratch<std::uint64_t> id, se;
+      Scratch<std::uint8_t> ev;
+      Scratch<std::size_t> at;
+      std::uint64_t* ids = id.get(n);
+      std::uint64_t* serials = se.get(n);
+      std::uint8_t* events = ev.get(n);
+      std::size_t* index = at.get(n);
+      std::size_t m = 0;
+      for (std::size_t i = 0; i < n; ++i) {
+        if (!w[i].live) continue;
+        ids[m] = items[i].req;
+        serials[m] = w[i].serial;
+        events[m] = static_cast<std::uint8_t>(Event::expose);
+        index[m++] = i;
+      }
+      Scratch<ApplyResult> got;
+      ApplyResult* g = got.get(m);
+      if (m != 0) engine_->apply_batch(ids, events, serials, m, g);
+      for (std::size_t k = 0; k < m; ++k) r[index[k]] = g[k];
+    }
+    for (std::size_t i = 0; i < n; ++i) {
+      if (!w[i].live) continue;
+      const std::uint64_t req = items[i].req;
+      w[i].serial = r[i].serial;
+      if (r[i].status == Status::Moved) continue;
       std::vector<std::uint64_t> acks;
       {
         std::lock_guard<std::mutex> lk(mu_);
@@ -450,85 +590,125 @@ PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local
         }
       }
       release_xfer(req, true);  // prepared, never posted: nothing moved
-      send_acks(peer, req, acks);
-      throw_refused(r, req, Event::expose);
+      send_acks(*items[i].peer, req, acks);
+      fail(i, caught([&] { throw_refused(r[i], req, Event::expose); }));
     }
   }
-  // 3. A cancel between expose and here (or the peer's stop) wins: never posted is evidence.
-  bool skip = false, ack = false, gone = false;
-  std::vector<std::uint64_t> acks;
+  // 5. A cancel between expose and here (or the peer's stop) wins: never posted is evidence.
+  std::uint64_t marks = 0;  // abandon_marks_ as of this check (step 6 compares before each post)
   {
     std::lock_guard<std::mutex> lk(mu_);
-    auto it = entries_.find(req);
-    if (it == entries_.end()) {
-      gone = true;  // stop() or remove_peer() took the entry (and failed the session) meanwhile
-    } else if (removed_peers_.count(it->second.peer) != 0) {
-      entries_.erase(it);  // its peer was removed after the entry was made (its scan skips unposted ones)
-      gone = true;
-    } else if (it->second.cancel_requested || it->second.peer_stop) {
-      skip = true;
-      ack = it->second.peer_stop;
-      acks = owed_acks(it->second);
-      entries_.erase(it);
+    marks = abandon_marks_.load();
+    for (std::size_t i = 0; i < n; ++i) {
+      if (!w[i].live) continue;
+      auto it = entries_.find(items[i].req);
+      if (it == entries_.end()) {
+        w[i].gone = true;  // stop() or remove_peer() took the entry (and failed the session) meanwhile
+      } else if (removed_peers_.count(it->second.peer) != 0) {
+        entries_.erase(it);  // its peer was removed after the entry was made (its scan skips unposted ones)
+        w[i].gone = true;
+      } else if (it->second.cancel_requested || it->second.peer_stop) {
+        w[i].skip = true;
+        w[i].ack = it->second.peer_stop;
+        w[i].acks = owed_acks(it->second);
+        entries_.erase(it);
+      } else {
+        it->second.serial = w[i].serial;
+        it->second.posting = true;
+        it->second.in_post = true;  // until its post() returned, this call owns the release (see below)
+      }
+    }
+  }
+  for (std::size_t i = 0; i < n; ++i) {
+    if (!w[i].live) continue;
+    const std::uint64_t req = items[i].req, serial = w[i].serial;
+    if (w[i].gone) {
+      release_xfer(req, true);  // never posted: nothing moved, which is the evidence
+      (void)apply(req, Event::cancel, serial);    // InFlight -> CancelRequested (if still there)
+      (void)apply(req, Event::complete, serial);  // -> Quiesced(cancelled); late if stop() failed it
+      fail_with(i, "transport " + name() + " stopped or its peer was removed before the post");
+    } else if (w[i].skip) {
+      release_xfer(req, true);
+      if (w[i].ack) (void)apply(req, Event::cancel, serial);  // InFlight -> CancelRequested (idempotent)
+      (void)apply(req, Event::complete, serial);                // -> Quiesced(cancelled)
+      send_acks(*items[i].peer, req, w[i].acks);
+      ctr_.cancelled_before_post.fetch_add(1);
+      out[i].result = PostResult::CancelledBeforePost;
+      w[i].live = false;
+    }
+  }
+  // 6. Post, back to back. From here on the backend may touch the buffers until Done.  While an entry is
+  //    in_post, remove_peer() or stop() may take it (marking the request unproven and failing the session)
+  //    but leave its release to this call, which learns the outcome: one owner for the release.
+  Scratch<std::uint64_t> dn;
+  std::uint64_t* done = dn.get(n);
+  std::size_t ndone = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    if (!w[i].live) continue;
+    const std::uint64_t req = items[i].req;
+    // remove_peer() or stop() came since step 5 (rare): is this one still to go?  (Once moved, every
+    // later item is looked at: one removal marks all of its peer's.)
+    if (abandon_marks_.load() != marks) {
+      bool gone = false;
+      {
+        std::lock_guard<std::mutex> lk(mu_);
+        auto it = entries_.find(req);
+        if (it != entries_.end() && it->second.abandon) {
+          entries_.erase(it);  // ours (in_post): never posted, which is the evidence, as in step 5
+          gone = true;
+        }
+      }
+      if (gone) {
+        release_xfer(req, true);
+        (void)apply(req, Event::cancel, w[i].serial);
+        (void)apply(req, Event::complete, w[i].serial);
+        fail_with(i, "transport " + name() + " stopped or its peer was removed before the post");
+        continue;
+      }
+    }
+    XferState st = XferState::Failed;
+    std::exception_ptr error = caught([&] { st = agent_->post(req); });
+    if (error) {
+      ctr_.post_errors.fetch_add(1);
+      finish_active(req, false);  // an error is not evidence: Poisoned
+      fail(i, std::move(error));
+      continue;
+    }
+    ctr_.posted.fetch_add(1);
+    if (st == XferState::Done) {
+      ctr_.completed_in_post.fetch_add(1);
+      out[i].result = PostResult::CompletedInPost;
+      w[i].live = false;
+      done[ndone++] = req;  // its entry stays ours (in_post) until finished below
+    }
+  }
+  // 7. Done inside the post: evidence, whoever asked (one `complete` call for them all).
+  finish_actives(done, ndone, true);
+  // 8. The rest are in flight: from here remove_peer() and stop() take them themselves.
+  std::size_t nwatch = 0;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    for (std::size_t i = 0; i < n; ++i) {
+      if (!w[i].live) continue;
+      auto it = entries_.find(items[i].req);
+      if (it != entries_.end()) {
+        it->second.in_post = false;
+        w[i].abandon = it->second.abandon;
+      }
+    }
+  }
+  for (std::size_t i = 0; i < n; ++i) {
+    if (!w[i].live) continue;
+    out[i].result = PostResult::Posted;
+    if (w[i].abandon) {
+      // remove_peer() or stop() came while its post() ran: what they would have done, now (no evidence)
+      ctr_.abandoned.fetch_add(1);
+      finish_active(items[i].req, false);
     } else {
-      it->second.serial = serial;
-      it->second.posting = true;
-      it->second.in_post = true;  // until post() returns, this call owns the release (see below)
+      done[nwatch++] = items[i].req;  // (the completed ones' room, reused)
     }
   }
-  if (gone) {
-    release_xfer(req, true);  // never posted: nothing moved, which is the evidence
-    (void)apply(req, Event::cancel, serial);    // InFlight -> CancelRequested (if still there)
-    (void)apply(req, Event::complete, serial);  // -> Quiesced(cancelled); late if stop() failed it
-    throw TransportError("transfer: request " + std::to_string(req) + ": transport " + name() +
-                         " stopped or its peer was removed before the post");
-  }
-  if (skip) {
-    release_xfer(req, true);
-    if (ack) (void)apply(req, Event::cancel, serial);  // InFlight -> CancelRequested (idempotent)
-    (void)apply(req, Event::complete, serial);           // -> Quiesced(cancelled)
-    send_acks(peer, req, acks);
-    ctr_.cancelled_before_post.fetch_add(1);
-    return PostResult::CancelledBeforePost;
-  }
-  // 4. Post. From here on the backend may touch the buffers until Done.  While post() runs, remove_peer()
-  //    or stop() may take the entry (marking the request unproven and failing the session) but leave its
-  //    release to this call, which learns the outcome: one owner for the release.
-  XferState st = XferState::Failed;
-  std::exception_ptr error;
-  try {
-    st = agent_->post(req);
-  } catch (...) {
-    error = std::current_exception();
-  }
-  if (error) {
-    ctr_.post_errors.fetch_add(1);
-    finish_active(req, false);  // an error is not evidence: Poisoned
-    std::rethrow_exception(error);
-  }
-  ctr_.posted.fetch_add(1);
-  if (st == XferState::Done) {
-    ctr_.completed_in_post.fetch_add(1);
-    finish_active(req, true);  // the entry is still ours (in_post): Done is evidence, whoever asked
-    return PostResult::CompletedInPost;
-  }
-  bool abandon = false;
-  {
-    std::lock_guard<std::mutex> lk(mu_);
-    auto it = entries_.find(req);
-    if (it != entries_.end()) {
-      it->second.in_post = false;  // from here remove_peer() and stop() take it themselves
-      abandon = it->second.abandon;
-    }
-  }
-  if (abandon) {
-    // remove_peer() or stop() came while post() ran: what they would have done, now (no evidence)
-    ctr_.abandoned.fetch_add(1);
-    finish_active(req, false);
-    return PostResult::Posted;
-  }
-  progress_->watch(req);
-  return PostResult::Posted;
+  progress_->watch(done, nwatch);
 }
 
 void Transport::forgo(std::uint64_t req, const std::string& peer, std::uint64_t tag) {
@@ -710,37 +890,80 @@ std::uint64_t Transport::expect(std::uint64_t req, const std::string& peer, cons
   return tag;
 }
 
-void Transport::finish_active(std::uint64_t req, bool done) {
-  std::vector<std::uint64_t> acks;
-  std::string peer;
-  std::uint64_t serial = 0;
+void Transport::finish_active(std::uint64_t req, bool done) { finish_actives(&req, 1, done); }
+
+void Transport::finish_actives(const std::uint64_t* reqs, std::size_t n, bool done) {
+  if (n == 0) return;
+  struct Fin {
+    bool found = false;
+    std::vector<std::uint64_t> acks;
+    std::string peer;
+    std::uint64_t serial = 0;
+  };
+  Scratch<Fin> fs;
+  Fin* f = fs.get(n);
   {
     std::lock_guard<std::mutex> lk(mu_);
-    auto it = entries_.find(req);
-    if (it == entries_.end() || it->second.side != Side::Active) return;
-    acks = owed_acks(it->second);
-    if (!acks.empty()) peer = it->second.peer;
-    serial = it->second.serial;
-    entries_.erase(it);
-    if (!done) unproven_.insert(req);  // with the erase: a stop arriving now is never answered
+    for (std::size_t i = 0; i < n; ++i) {
+      auto it = entries_.find(reqs[i]);
+      if (it == entries_.end() || it->second.side != Side::Active) continue;
+      f[i].found = true;
+      f[i].acks = owed_acks(it->second);
+      if (!f[i].acks.empty()) f[i].peer = it->second.peer;
+      f[i].serial = it->second.serial;
+      entries_.erase(it);
+      if (!done) unproven_.insert(reqs[i]);  // with the erase: a stop arriving now is never answered
+    }
   }
   // Release first (after Done it is safe; after an error it changes nothing about the verdict), so
   // that once the engine reports the session terminal the transport holds nothing for it.
-  release_xfer(req, done);  // Done is evidence; an error is not
-  (done ? ctr_.completed : ctr_.failed).fetch_add(1);
+  std::size_t found = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    if (!f[i].found) continue;
+    release_xfer(reqs[i], done);  // Done is evidence; an error is not
+    (done ? ctr_.completed : ctr_.failed).fetch_add(1);
+    ++found;
+  }
+  if (found == 0) return;
+  const Event ev = done ? Event::complete : Event::fail;
   if (engine_) {
-    const ApplyResult r = apply(req, done ? Event::complete : Event::fail, serial);
-    if (done && r.status == Status::Late) ctr_.late_evidence.fetch_add(1);
-  } else if (done) {
-    {
-      std::lock_guard<std::mutex> lk(bare_mu_);
-      bare_done_.fetch_add(1);
+    if (n == 1) {
+      const ApplyResult r = apply(reqs[0], ev, f[0].serial);
+      if (done && r.status == Status::Late) ctr_.late_evidence.fetch_add(1);
+    } else {
+      Scratch<std::uint64_t> id, se;
+      Scratch<std::uint8_t> evs;
+      Scratch<ApplyResult> rs;
+      std::uint64_t* ids = id.get(found);
+      std::uint64_t* serials = se.get(found);
+      std::uint8_t* events = evs.get(found);
+      ApplyResult* r = rs.get(found);
+      std::size_t m = 0;
+      for (std::size_t i = 0; i < n; ++i) {
+        if (!f[i].found) continue;
+        ids[m] = reqs[i];
+        serials[m] = f[i].serial;
+        events[m++] = static_cast<std::uint8_t>(ev);
+      }
+      engine_->apply_batch(ids, events, serials, m, r);
+      for (std::size_t k = 0; k < m; ++k) {
+        if (done && r[k].status == Status::Late) ctr_.late_evidence.fetch_add(1);
+      }
     }
-    bare_cv_.notify_all();
+  } else if (done) {
+    // As Engine::notify_pushed: the lock and the wake-up only for a waiter asleep (the count and the
+    // waiter's registration are both seq_cst: one of the two sees the other, no lost wake-up).
+    bare_done_.fetch_add(found);
+    if (bare_waiters_.load() > 0) {
+      std::lock_guard<std::mutex> lk(bare_mu_);
+      bare_cv_.notify_all();
+    }
   }
   // "quiesced" only after our own request reached Done: an error proves nothing.
   if (done) {
-    send_acks(peer, req, acks);
+    for (std::size_t i = 0; i < n; ++i) {
+      if (f[i].found) send_acks(f[i].peer, reqs[i], f[i].acks);
+    }
   }
 }
 
@@ -1008,6 +1231,7 @@ void Transport::remove_peer(const std::string& peer) {
     for (auto it = entries_.begin(); it != entries_.end();) {
       if (it->second.peer == peer && it->second.in_post) {
         it->second.abandon = true;  // its transfer() call, inside post(), finishes it (one owner)
+        abandon_marks_.fetch_add(1);
         ++it;
       } else if (it->second.peer == peer && (it->second.side == Side::Passive || it->second.posting)) {
         gone.emplace_back(it->first, it->second.side, it->second.serial);
@@ -1052,6 +1276,7 @@ void Transport::stop() {
       auto& [req, e] = *it;
       if (e.in_post) {
         e.abandon = true;  // its transfer() call, inside post(), finishes it (one owner)
+        abandon_marks_.fetch_add(1);
         ++it;
         continue;
       }
@@ -1083,9 +1308,11 @@ bool Transport::wait_completions(std::uint64_t n, std::int64_t timeout_ns, std::
     return bare_done_.load() >= n;
   }
   std::unique_lock<std::mutex> lk(bare_mu_);
-  return bare_cv_.wait_for(lk, std::chrono::nanoseconds(timeout_ns),
-                           [&] { return bare_done_.load() >= n || stopped_.load(); }) &&
-         bare_done_.load() >= n;
+  bare_waiters_.fetch_add(1);
+  const bool woke = bare_cv_.wait_for(lk, std::chrono::nanoseconds(timeout_ns),
+                                      [&] { return bare_done_.load() >= n || stopped_.load(); });
+  bare_waiters_.fetch_sub(1);
+  return woke && bare_done_.load() >= n;
 }
 
 TransportStats Transport::stats() const {

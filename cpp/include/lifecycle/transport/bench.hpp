@@ -20,8 +20,9 @@ struct BenchSpec {
   std::uint64_t batch = 1;
   std::uint64_t count = 0;
   std::uint64_t first_req = 1;
-  // With an engine: advertise each batch in one advertise_batch() and terminate what each drain brought
-  // in one apply_batch(), as an executor with a batch in hand would (transfer() stays one call each).
+  // Each batch posted by one transfer_batch() (with or without an engine: like for like); with an engine
+  // also advertised in one advertise_batch(), and what each drain brought terminated in one apply_batch(),
+  // as an executor with a batch in hand would.
   bool batch_calls = false;
 };
 
@@ -46,8 +47,8 @@ struct BenchResult {
 // Per batch, through a transport with an engine: advertise (role by op), transfer, then wait
 // (wait_ready + drain) until every session of the batch is terminal, terminating each as soon as its
 // terminal transition is drained (as an executor releases a request's blocks; with batch_calls, the
-// batch's advertisements and each drain's terminations in one call each); without one:
-// transfer, wait_completions. Throws on errors.
+// batch's advertisements, its transfers and each drain's terminations in one call each); without one:
+// transfer (batch_calls: transfer_batch), wait_completions. Throws on errors.
 std::pair<BenchResult, BenchResult> bench_paired(Transport& a, Transport& b, const BenchSpec& spec);
 
 }  // namespace lifecycle::transport

@@ -77,6 +77,7 @@ class NixlProgress {
   NixlProgress& operator=(const NixlProgress&) = delete;
 
   void watch(std::uint64_t req);  // also wakes the thread
+  void watch(const std::uint64_t* reqs, std::size_t n);  // the same for n requests: one lock, one wake
   void wake();
   void unwatch(std::uint64_t req);
   std::size_t watched() const;

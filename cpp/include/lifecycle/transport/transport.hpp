@@ -45,6 +45,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <exception>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -76,6 +77,22 @@ enum class PostResult : std::uint8_t {
   Posted,               // in flight; the progress thread reports the outcome
   CompletedInPost,      // the backend finished inside post: the session is Quiesced
   CancelledBeforePost,  // a cancel (or the peer's stop) arrived before the post: nothing posted
+};
+
+// One transfer of a batch (Transport::transfer_batch): transfer()'s arguments.
+struct TransferItem {
+  std::uint64_t req = 0;
+  XferOp op = XferOp::Read;
+  Region local{};
+  Region remote{};
+  const std::string* peer = nullptr;  // not null; lives until the call returns
+  std::uint64_t tag = 0;
+};
+// What became of one item: `error` set = what transfer() would have thrown for it (then `result` means
+// nothing); otherwise transfer()'s return value.
+struct TransferOutcome {
+  PostResult result = PostResult::Posted;
+  std::exception_ptr error;
 };
 
 struct TransportStats {
@@ -125,6 +142,13 @@ class Transport final : public EventSink {
   // `tag`: the one the passive side's expect() returned (shipped with its descriptor).
   PostResult transfer(std::uint64_t req, XferOp op, const Region& local, const Region& remote,
                       const std::string& peer, std::uint64_t tag);
+  // n transfers in one call, each exactly as transfer() would do it alone (transfer() is this with one
+  // item), in phases across the batch: one lock hold per phase, one engine lookup call, one `expose`
+  // call, the n posts back to back, then one `complete` call for those Done inside their post and one
+  // watch.  Items are independent: one's refusal or error (out[i].error) changes nothing for the others;
+  // a second item of a request in the batch is refused like a second transfer().  Never throws for an
+  // item's sake.
+  void transfer_batch(const TransferItem* items, std::size_t n, TransferOutcome* out);
   // The session of ours for `req` will never post the offer (`tag`) that `peer` made: an executor that
   // drops an offer it got (its session cancelled first) says so, and a stop the peer sent for it, or
   // sends later, needs no memory here (it is answered; see remember_stopped).  Idempotent.
@@ -196,6 +220,8 @@ class Transport final : public EventSink {
   void on_abort(std::uint64_t req, std::uint64_t serial);
   bool on_pass() override;  // sends the queued stops (outbox_)
   void finish_active(std::uint64_t req, bool done);
+  struct Work;  // transfer_batch's state of one item between its phases (transport.cpp)
+  void finish_actives(const std::uint64_t* reqs, std::size_t n, bool done);  // finish_active of each, batched
   // Release; a failure is counted and retried by the sweep.  `proven`: never posted, or Done (DESIGN
   // §3); without proof the local range keeps blocking deregister_region for good.
   void release_xfer(std::uint64_t req, bool proven);
@@ -229,6 +255,9 @@ class Transport final : public EventSink {
   // Throws UnknownRequestError when req has no session, TransportError for a range outside its slot.
   // Caller holds no transport lock (it asks the engine).
   std::uint64_t session_for(const char* call, std::uint64_t req, const Region& local) const;
+  // session_for's checks on a lookup already made (`info`: the engine's answer for req).
+  std::uint64_t session_check(const char* call, std::uint64_t req, const Region& local,
+                              const std::optional<SessionInfo>& info) const;
   bool preparing(std::uint64_t req) const;  // caller holds mu_
   void unprepare(std::uint64_t req);        // caller holds mu_  // the refusal while req's release is retried
   void sweep();
@@ -287,9 +316,13 @@ class Transport final : public EventSink {
   std::set<Agent::RegionId> retiring_;  // deregister_region in progress: no new transfer may use them
   std::chrono::steady_clock::time_point next_sweep_{};
   std::atomic<bool> stopped_{false};
+  // Entries remove_peer() or stop() marked `abandon` (a count, bumped under mu_): a transfer_batch posting
+  // its items one after another looks again only when it moved, and skips the items marked before their post.
+  std::atomic<std::uint64_t> abandon_marks_{0};
   std::mutex bare_mu_;
   std::condition_variable bare_cv_;
   std::atomic<std::uint64_t> bare_done_{0};
+  std::atomic<int> bare_waiters_{0};  // wait_completions() calls asleep on bare_cv_ (guarded changes: bare_mu_)
   struct Counters {
     std::atomic<std::uint64_t> posted{0}, completed_in_post{0}, completed{0}, failed{0},
         post_errors{0}, cancelled_before_post{0}, peer_stops{0}, stops_sent{0}, quiesced_sent{0},

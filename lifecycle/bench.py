@@ -92,7 +92,7 @@ def parse_nixl(out: str) -> list[Row]:
         if m:
             size, batch, _pairs, e_us, b_us, diff, lo, hi = m.groups()
             goal = _NIXL_GOAL.search(line)
-            how = ", batch calls" if batch_calls else ""  # the section after the table: no verdict of its own
+            how = ", batch calls" if batch_calls else ""  # the section after the table (its own verdicts)
             rows.append(Row(f"WRITE {size} KiB x{batch} in flight{how}: engine us/xfer", float(e_us), "us",
                             float(b_us), "bare NIXL loop", f"paired diff {diff} us [{lo}, {hi}] 95% CI"
                             + (f"; goal {goal.group(1)}: {'met' if goal.group(2) == 'met' else 'NOT MET'}"

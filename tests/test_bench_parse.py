@@ -44,18 +44,20 @@ def test_nixl_rows_are_parsed():
     c2p = [r for r in rows if r.metric.startswith("completion-to-poll")]
     assert [r.metric for r in xfer] == ["WRITE 4 KiB x1 in flight: engine us/xfer",
                                         "WRITE 4 KiB x64 in flight: engine us/xfer"], out
-    # the batch-calls section repeats the batch-64 cell with advertise_batch/apply_batch; it has no verdict
+    # the batch-calls section repeats the batch-64 cell with advertise_batch/transfer_batch/apply_batch,
+    # beside the per-call row's difference and the change, with a verdict of its own
     assert [r.metric for r in batched] == ["WRITE 4 KiB x64 in flight, batch calls: engine us/xfer"], out
-    assert all(r.value > 0 and r.baseline > 0 and r.note.endswith("95% CI") for r in batched), out
-    pc = re.search(r"per call ([-+\d.]+) us -> ([-+\d.]+) us \(([-+\d.]+)\)$", out, re.M)
+    pc = re.search(r"per call ([-+\d.]+) us -> ([-+\d.]+) us \(([-+\d.]+)\) \| <= 2 us: (?:met|MISS)$", out, re.M)
     assert pc and abs(float(pc.group(2)) - float(pc.group(1)) - float(pc.group(3))) < 0.011, out
-    assert all(r.value > 0 and r.baseline > 0 and "95% CI" in r.note for r in xfer)
-    for r in xfer:  # each cell's verdict is the 4 KiB goal applied to the cell's own median difference
+    assert all(r.value > 0 and r.baseline > 0 and "95% CI" in r.note for r in xfer + batched)
+    for r in xfer + batched:  # each cell's verdict is the 4 KiB goal applied to the cell's own median difference
         m = re.match(r"^paired diff ([-+\d.]+) us \[.*\] 95% CI; goal <= 2 us: (met|NOT MET)$", r.note)
         assert m, r.note
         assert (float(m.group(1)) <= 2.0) == (m.group(2) == "met"), r.note
     cells = re.search(r"^overhead targets: (\d+) of 2 cells met", out, re.M)
     assert cells and int(cells.group(1)) == sum(r.note.endswith(": met") for r in xfer), out
+    cells = re.search(r"^overhead targets with batch calls: (\d+) of 1 cells met", out, re.M)
+    assert cells and int(cells.group(1)) == sum(r.note.endswith(": met") for r in batched), out
     assert len(re.findall(r"target p99 <= 100 us: (?:met|MISS)$", out, re.M)) == 2, out
     assert [r.metric for r in c2p] == ["completion-to-poll, logs off (level filter)",
                                        "completion-to-poll, JSON lines to a file"], out

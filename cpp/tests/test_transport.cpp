@@ -1,5 +1,6 @@
 // Transport + engine over the loopback agent, in C++ (also under ASan+UBSan and TSan): interleavings
 // that timing cannot reach from Python, forced with a clock that parks one chosen thread.
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -1262,6 +1263,98 @@ void test_late_done_after_terminate_lets_the_stop_be_answered() {
   CHECK(ta->stats().stops_unanswered == 0);
 }
 
+// The progress pass over a scripted agent: every watched request's status in one status_batch call,
+// a throwing status() reported as that request's failure with the message (the others unharmed), the
+// Done ones handed to the sink together in one on_complete_batch, nothing reported twice.
+class ScriptedAgent final : public Agent {
+ public:
+  // status(): odd ids throw; ids divisible by 4 are Done; the rest stay InProgress until `finish`.
+  std::atomic<bool> finish{false};
+  std::atomic<int> batch_calls{0};
+  const std::string& name() const noexcept override { return name_; }
+  const char* backend_name() const noexcept override { return "scripted"; }
+  RegionId register_region(const Region&) override { return 0; }
+  void deregister_region(RegionId) override {}
+  std::size_t registered_regions() const override { return 0; }
+  std::string local_metadata() override { return {}; }
+  std::string load_remote_metadata(const std::string&) override { return {}; }
+  void invalidate_remote(const std::string&) override {}
+  bool knows_peer(const std::string&) const override { return false; }
+  void prepare(std::uint64_t, XferOp, const Region&, const Region&, const std::string&,
+               std::optional<std::uint64_t>) override {}
+  XferState post(std::uint64_t) override { return XferState::InProgress; }
+  XferStatus status(std::uint64_t req) override {
+    if (req % 2 == 1) throw TransportError("scripted status failure for " + std::to_string(req));
+    if (req % 4 == 0 || finish.load()) return {XferState::Done, 0};
+    return {XferState::InProgress, 1};
+  }
+  void status_batch(const std::uint64_t* reqs, std::size_t n, XferStatus* out, std::string* errors) override {
+    ++batch_calls;
+    Agent::status_batch(reqs, n, out, errors);  // the default: status() each
+  }
+  ReleaseStatus release(std::uint64_t) override { return kReleased; }
+  std::size_t live_requests() const override { return 0; }
+  void send_notification(const std::string&, const NotifMessage&) override {}
+  std::vector<RawNotification> fetch_notifications() override { return {}; }
+
+ private:
+  std::string name_ = "scripted";
+};
+
+class BatchSink final : public EventSink {
+ public:
+  std::mutex mu;
+  std::vector<std::vector<std::uint64_t>> done_batches;
+  std::vector<std::pair<std::uint64_t, std::string>> fails;
+  void on_complete(std::uint64_t req) override { on_complete_batch(&req, 1); }
+  void on_complete_batch(const std::uint64_t* reqs, std::size_t n) override {
+    std::lock_guard<std::mutex> lk(mu);
+    done_batches.emplace_back(reqs, reqs + n);
+  }
+  void on_fail(std::uint64_t req, const char* why) override {
+    std::lock_guard<std::mutex> lk(mu);
+    fails.emplace_back(req, why);
+  }
+  void on_notification(const std::string&, const NotifMessage&) override {}
+  void on_bad_notification(const std::string&, const std::string&) override {}
+};
+
+void test_a_progress_pass_polls_in_one_call_and_reports_each_request_once() {
+  ScriptedAgent agent;
+  BatchSink sink;
+  NixlProgress prog(agent, sink);
+  const std::uint64_t ids[] = {1, 2, 3, 4, 6, 8, 9};  // 1,3,9 throw; 4,8 Done; 2,6 in progress
+  prog.watch(ids, std::size(ids));
+  CHECK(eventually([&] {  // (watched() drops before the reports: wait for the sink)
+    std::lock_guard<std::mutex> lk(sink.mu);
+    return sink.fails.size() == 3 && !sink.done_batches.empty();
+  }));
+  CHECK(prog.watched() == 2);
+  {
+    std::lock_guard<std::mutex> lk(sink.mu);
+    CHECK(sink.fails.size() == 3);
+    for (const auto& [req, why] : sink.fails) {
+      CHECK(req % 2 == 1);
+      CHECK(why == "scripted status failure for " + std::to_string(req));
+    }
+    CHECK(sink.done_batches.size() == 1);  // one pass found both: one call
+    CHECK((sink.done_batches.at(0) == std::vector<std::uint64_t>{4, 8}));
+  }
+  agent.finish = true;  // 2 and 6 complete
+  CHECK(eventually([&] { return prog.watched() == 0; }));
+  prog.stop();  // joins the thread: every report made
+  std::lock_guard<std::mutex> lk(sink.mu);
+  std::vector<std::uint64_t> all;
+  for (const auto& b : sink.done_batches) all.insert(all.end(), b.begin(), b.end());
+  std::sort(all.begin(), all.end());
+  CHECK((all == std::vector<std::uint64_t>{2, 4, 6, 8}));  // each once
+  CHECK(sink.fails.size() == 3);
+  const NixlProgressStats st = prog.statistics();
+  CHECK(st.poll_errors == 3 && st.failures == 3 && st.completions == 4);
+  CHECK(agent.batch_calls.load() >= 2 && st.status_polls >= std::size(ids));
+  CHECK(st.passes >= static_cast<std::uint64_t>(agent.batch_calls.load()));  // at most one call a pass
+}
+
 // stop() while transfers are being made on another thread: every session the transport took ends
 // terminal (posted ones Poisoned, ones caught before their post Quiesced, never posted being the
 // evidence), later calls are refused with a typed error, and nothing is left held.  A stress test (and
@@ -1436,5 +1529,6 @@ int main() {
   test_late_done_after_terminate_lets_the_stop_be_answered();
   test_stop_racing_transfers_leaves_no_session_behind(1);
   test_stop_racing_transfers_leaves_no_session_behind(16);
+  test_a_progress_pass_polls_in_one_call_and_reports_each_request_once();
   TEST_MAIN_END();
 }

@@ -244,6 +244,16 @@ XferState NixlAgent::post(std::uint64_t req, XferOp op, const Region& local, con
 
 XferStatus NixlAgent::status(std::uint64_t req) {
   std::lock_guard<std::mutex> lk(mu_);
+  return status_locked(req);
+}
+
+void NixlAgent::status_batch(const std::uint64_t* reqs, std::size_t n, XferStatus* out, std::string* errors) {
+  std::lock_guard<std::mutex> lk(mu_);
+  (void)errors;  // a status query of NIXL's raises nothing (a C call and a map lookup)
+  for (std::size_t i = 0; i < n; ++i) out[i] = status_locked(reqs[i]);
+}
+
+XferStatus NixlAgent::status_locked(std::uint64_t req) noexcept {
   auto it = xfers_.find(req);
   if (it == xfers_.end() || !it->second.posted) return {XferState::Unknown, 0};
   const capi::status_t st = api_->get_xfer_status(agent_.get(), it->second.handle.get());

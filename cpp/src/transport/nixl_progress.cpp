@@ -90,38 +90,52 @@ bool NixlProgress::pass() {
   }
   bool progressed = sink_.on_pass();
 
-  for (std::uint64_t req : snapshot) {
-    XferStatus st;
-    std::string error;
+  // Every watched request's status under one agent call (one hand-off of the agent's lock with a posting
+  // thread, not one per request), then one lock of ours for the bookkeeping, then the reports.
+  const std::size_t n = snapshot.size();
+  statuses_.assign(n, XferStatus{});
+  errors_.assign(n, std::string());
+  if (n > 0) {
     try {
-      st = agent_.status(req);
-    } catch (const std::exception& e) {
-      st = {XferState::Failed, 0};
-      error = e.what();
+      agent_.status_batch(snapshot.data(), n, statuses_.data(), errors_.data());
+    } catch (const std::exception& e) {  // a backend's own failure: each request gets its message
+      for (std::size_t i = 0; i < n; ++i) {
+        if (statuses_[i].state == XferState::Unknown && errors_[i].empty()) {
+          statuses_[i] = {XferState::Failed, 0};
+          errors_[i] = e.what();
+        }
+      }
     }
-    bool report = false;
-    {
-      std::lock_guard<std::mutex> lk(mu_);
+  }
+  report_.assign(n, false);
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    for (std::size_t i = 0; i < n; ++i) {
       ++stats_.status_polls;
-      if (!error.empty()) ++stats_.poll_errors;
+      if (!errors_[i].empty()) ++stats_.poll_errors;
       // Only report requests still watched (unwatch may have raced with this pass).
-      if (st.state != XferState::InProgress && watched_.erase(req) == 1) {
-        report = true;
-        if (st.state == XferState::Done) {
+      if (statuses_[i].state != XferState::InProgress && watched_.erase(snapshot[i]) == 1) {
+        report_[i] = true;
+        if (statuses_[i].state == XferState::Done) {
           ++stats_.completions;
         } else {
           ++stats_.failures;
         }
       }
     }
-    if (!report) continue;
+  }
+  done_.clear();  // this pass's Done requests, reported together after the failures
+  for (std::size_t i = 0; i < n; ++i) {
+    if (!report_[i]) continue;
     progressed = true;
-    switch (st.state) {
+    const std::uint64_t req = snapshot[i];
+    std::string& error = errors_[i];
+    switch (statuses_[i].state) {
       case XferState::Done:
-        sink_.on_complete(req);
+        done_.push_back(req);
         break;
       case XferState::Failed:
-        if (error.empty()) error = "NIXL transfer status error " + std::to_string(st.capi_status);
+        if (error.empty()) error = "NIXL transfer status error " + std::to_string(statuses_[i].capi_status);
         sink_.on_fail(req, error.c_str());
         break;
       case XferState::Unknown:
@@ -131,6 +145,8 @@ bool NixlProgress::pass() {
         break;  // not reported
     }
   }
+
+  if (!done_.empty()) sink_.on_complete_batch(done_.data(), done_.size());
 
   std::vector<RawNotification> notes;
   try {

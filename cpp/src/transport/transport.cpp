@@ -1024,6 +1024,8 @@ bool Transport::on_pass() {
 
 void Transport::on_complete(std::uint64_t req) { finish_active(req, true); }
 
+void Transport::on_complete_batch(const std::uint64_t* reqs, std::size_t n) { finish_actives(reqs, n, true); }
+
 void Transport::on_fail(std::uint64_t req, const char*) { finish_active(req, false); }
 
 void Transport::on_notification(const std::string& peer, const NotifMessage& m) {

@@ -254,6 +254,14 @@ int main(int argc, char** argv) {
                     us > 0 ? static_cast<double>(n) / us : 0.0);
       check(got_done && got_note && note.peer == ipeer && note.notif == NotifKind::Done && note.tag == ~req && bytes_ok,
             line);
+      // status_batch (one lock, the progress pass's call) answers as status() does, item by item
+      const std::uint64_t ids[] = {999, req, 998};
+      XferStatus sts[3];
+      std::string errs[3];
+      initiator.status_batch(ids, 3, sts, errs);
+      check(sts[0].state == XferState::Unknown && sts[1].state == XferState::Done &&
+                sts[2].state == XferState::Unknown && errs[0].empty() && errs[1].empty() && errs[2].empty(),
+            std::string(mode) + " status_batch: unknown, Done, unknown");
       check(initiator.release(req) == capi::kSuccess, std::string(mode) + " release after DONE ok");
     }
   }

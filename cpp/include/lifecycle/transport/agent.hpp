@@ -18,6 +18,7 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <exception>
 #include <optional>
 #include <string>
 #include <vector>
@@ -118,6 +119,19 @@ class Agent {
   // TransportError when the backend refused it (the request stays held: release it).
   virtual XferState post(std::uint64_t req) = 0;
   virtual XferStatus status(std::uint64_t req) = 0;  // non-blocking
+  // status() of n requests: out[i], or errors[i] = what status() threw (out[i] then Failed).  A backend
+  // that serializes its calls answers all n under one lock (the progress thread's pass: one hand-off
+  // with a posting thread instead of n).  Default: status() each, in order.
+  virtual void status_batch(const std::uint64_t* reqs, std::size_t n, XferStatus* out, std::string* errors) {
+    for (std::size_t i = 0; i < n; ++i) {
+      try {
+        out[i] = status(reqs[i]);
+      } catch (const std::exception& e) {
+        out[i] = {XferState::Failed, 0};
+        errors[i] = e.what();
+      }
+    }
+  }
   // Release (aborting if active) and forget. NOT evidence. A failed release keeps the handle.
   virtual ReleaseStatus release(std::uint64_t req) = 0;
   virtual std::size_t live_requests() const = 0;

@@ -76,6 +76,7 @@ class NixlAgent final : public Agent {
                  const std::string& peer, std::optional<std::uint64_t> done_tag = 0);
   // Non-blocking. Unknown for ids never prepared, released, or prepared but not posted.
   XferStatus status(std::uint64_t req) override;
+  void status_batch(const std::uint64_t* reqs, std::size_t n, XferStatus* out, std::string* errors) override;  // one lock
   // Release (aborting if active) and forget the request. Returns the release status; a failed
   // release keeps the handle (NIXL still owns the transfer) and reports failure. NOT evidence.
   ReleaseStatus release(std::uint64_t req) override;
@@ -88,6 +89,7 @@ class NixlAgent final : public Agent {
   std::vector<RawNotification> fetch_notifications() override;
 
  private:
+  XferStatus status_locked(std::uint64_t req) noexcept;  // caller holds mu_
   std::shared_ptr<const NixlCapi> api_;
   std::string name_;
   mutable std::mutex mu_;  // guards every NIXL call and the maps below

@@ -5,7 +5,8 @@
 // -------------------
 // The executor posts a transfer on the agent, then `watch(req)`. The progress thread loops: for each
 // watched request it asks NIXL for the status (non-blocking), and it drains incoming notifications.
-//   status Done            -> sink.on_complete(req)   (request unwatched; still held by the agent)
+//   status Done            -> sink.on_complete_batch(reqs, n) with every request the pass found Done,
+//                             after its polls (unwatched; still held by the agent)
 //   status Failed/Unknown  -> sink.on_fail(req, why)  (request unwatched; still held by the agent)
 //   notification from peer -> sink.on_notification(peer, message)
 //   malformed notification -> sink.on_bad_notification(peer, bytes)
@@ -31,6 +32,7 @@
 #include <set>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include <condition_variable>
 
@@ -41,6 +43,11 @@ namespace lifecycle::transport {
 class EventSink {
  public:
   virtual void on_complete(std::uint64_t req) = 0;
+  // The requests one pass found Done, together (after its status polls): a sink may handle them in one
+  // go (one engine call, one wake-up).  Default: on_complete for each, in order.
+  virtual void on_complete_batch(const std::uint64_t* reqs, std::size_t n) {
+    for (std::size_t i = 0; i < n; ++i) on_complete(reqs[i]);
+  }
   virtual void on_fail(std::uint64_t req, const char* why) = 0;
   virtual void on_notification(const std::string& peer, const NotifMessage& m) = 0;
   virtual void on_bad_notification(const std::string& peer, const std::string& bytes) = 0;
@@ -93,6 +100,12 @@ class NixlProgress {
   NixlProgressOptions opts_;
   mutable std::mutex mu_;
   std::set<std::uint64_t> watched_;  // guarded by mu_
+  // pass()'s scratch (the progress thread's own): each watched request's status and status error,
+  // whether it is reported, and the requests found Done
+  std::vector<XferStatus> statuses_;
+  std::vector<std::string> errors_;
+  std::vector<bool> report_;
+  std::vector<std::uint64_t> done_;
   NixlProgressStats stats_;          // guarded by mu_
   std::atomic<bool> stop_{false};
   std::mutex sleep_mu_;

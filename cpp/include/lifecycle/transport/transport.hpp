@@ -172,6 +172,7 @@ class Transport final : public EventSink {
 
   // EventSink (progress thread)
   void on_complete(std::uint64_t req) override;
+  void on_complete_batch(const std::uint64_t* reqs, std::size_t n) override;  // finish_actives: one engine call
   void on_fail(std::uint64_t req, const char* why) override;
   void on_notification(const std::string& peer, const NotifMessage& m) override;
   void on_bad_notification(const std::string& peer, const std::string& bytes) override;

@@ -389,15 +389,6 @@ struct Scratch {
   }
 };
 
-template <class F>
-std::exception_ptr caught(F&& f) {
-  try {
-    f();
-  } catch (...) {
-    return std::current_exception();
-  }
-  return nullptr;
-}
 }  // namespace
 
 // What transfer_batch knows of one item between its phases.

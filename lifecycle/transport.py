@@ -433,6 +433,9 @@ class _Transport:
         return TransportStats(**self._core.stats())
 
     def progress_stats(self) -> dict:
+        """The progress thread's counters: ``passes``, ``status_polls``, ``completions``, ``failures``,
+        ``notifications``, ``bad_notifications``, ``poll_errors`` (a backend call threw) and ``sink_errors``
+        (a handler of its events threw: caught, the thread went on)."""
         return self._core.progress_stats()
 
     def fault_stats(self) -> dict | None:

@@ -52,6 +52,8 @@ def test_batch_moves_every_item_and_every_checksum_matches(kind, mode):
             st = s.t.stats()
             assert st.live_xfers == 0 and st.active == 0 and st.passive == 0 and st.watched == 0, st
             assert s.engine.pool.stats()["free"] == 8
+            ps = s.t.progress_stats()  # every handler of the progress thread's events returned normally
+            assert ps["sink_errors"] == 0 and ps["poll_errors"] == 0, ps
     finally:
         snd.close()
         rcv.close()

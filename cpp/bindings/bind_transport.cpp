@@ -308,6 +308,7 @@ void register_transport(py::module_& m) {
              d["passes"] = s.passes; d["status_polls"] = s.status_polls; d["completions"] = s.completions;
              d["failures"] = s.failures; d["notifications"] = s.notifications;
              d["bad_notifications"] = s.bad_notifications; d["poll_errors"] = s.poll_errors;
+             d["sink_errors"] = s.sink_errors;
              return d;
            })
       .def("fault_stats", [](tp::Transport& t) -> py::object {

@@ -9,6 +9,7 @@
 #include <memory>
 #include <mutex>
 #include <random>
+#include <stdexcept>
 #include <thread>
 #include <vector>
 
@@ -1303,9 +1304,13 @@ class BatchSink final : public EventSink {
     std::lock_guard<std::mutex> lk(mu);
     done_batches.emplace_back(reqs, reqs + n);
   }
+  bool throw_on_fail = false;  // a sink that throws: the progress thread must go on
   void on_fail(std::uint64_t req, const char* why) override {
-    std::lock_guard<std::mutex> lk(mu);
-    fails.emplace_back(req, why);
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      fails.emplace_back(req, why);
+    }
+    if (throw_on_fail) throw std::runtime_error("sink failure");
   }
   void on_notification(const std::string&, const NotifMessage&) override {}
   void on_bad_notification(const std::string&, const std::string&) override {}
@@ -1345,6 +1350,30 @@ void test_a_progress_pass_polls_in_one_call_and_reports_each_request_once() {
   CHECK(st.poll_errors == 3 && st.failures == 3 && st.completions == 4);
   CHECK(agent.batch_calls.load() >= 2 && st.status_polls >= std::size(ids));
   CHECK(st.passes >= static_cast<std::uint64_t>(agent.batch_calls.load()));  // at most one call a pass
+}
+
+// A sink call that throws is caught and counted; the thread goes on, and the other reports of the same
+// pass still arrive (the Done ones after the throwing failures).  Without the catch the exception would
+// leave the progress thread: std::terminate, the process gone.
+void test_a_throwing_sink_does_not_end_the_progress_thread() {
+  ScriptedAgent agent;
+  BatchSink sink;
+  sink.throw_on_fail = true;
+  NixlProgress prog(agent, sink);
+  const std::uint64_t ids[] = {1, 3, 4, 8};  // 1, 3 fail (the sink throws each time); 4, 8 Done
+  prog.watch(ids, std::size(ids));
+  CHECK(eventually([&] { return prog.statistics().sink_errors == 2; }));
+  CHECK(eventually([&] {
+    std::lock_guard<std::mutex> lk(sink.mu);
+    return sink.done_batches.size() == 1;
+  }));
+  prog.watch(12);  // a later pass still runs
+  CHECK(eventually([&] {
+    std::lock_guard<std::mutex> lk(sink.mu);
+    return sink.done_batches.size() == 2 && sink.done_batches.back() == std::vector<std::uint64_t>{12};
+  }));
+  prog.stop();
+  CHECK(prog.statistics().sink_errors == 2 && prog.statistics().failures == 2);
 }
 
 // stop() while transfers are being made on another thread: every session the transport took ends
@@ -1522,5 +1551,6 @@ int main() {
   test_stop_racing_transfers_leaves_no_session_behind(1);
   test_stop_racing_transfers_leaves_no_session_behind(16);
   test_a_progress_pass_polls_in_one_call_and_reports_each_request_once();
+  test_a_throwing_sink_does_not_end_the_progress_thread();
   TEST_MAIN_END();
 }

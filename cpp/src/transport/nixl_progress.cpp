@@ -19,6 +19,16 @@ void NixlProgress::stop() {
   if (thread_.joinable() && thread_.get_id() != std::this_thread::get_id()) thread_.join();
 }
 
+template <class F>
+void NixlProgress::to_sink(F&& call) {
+  try {
+    call();
+  } catch (...) {
+    std::lock_guard<std::mutex> lk(mu_);
+    ++stats_.sink_errors;
+  }
+}
+
 void NixlProgress::watch(std::uint64_t req) { watch(&req, 1); }
 
 void NixlProgress::watch(const std::uint64_t* reqs, std::size_t n) {
@@ -61,7 +71,7 @@ void NixlProgress::run() {
   auto next_tick = SteadyClock::now() + opts_.tick_interval;
   while (!stop_.load()) {
     if (opts_.tick_interval.count() > 0 && SteadyClock::now() >= next_tick) {
-      sink_.on_tick();
+      to_sink([&] { sink_.on_tick(); });
       next_tick = SteadyClock::now() + opts_.tick_interval;
     }
     if (pass()) {
@@ -88,7 +98,8 @@ bool NixlProgress::pass() {
     snapshot.assign(watched_.begin(), watched_.end());
     ++stats_.passes;
   }
-  bool progressed = sink_.on_pass();
+  bool progressed = false;
+  to_sink([&] { progressed = sink_.on_pass(); });
 
   // Every watched request's status under one agent call (one hand-off of the agent's lock with a posting
   // thread, not one per request), then one lock of ours for the bookkeeping, then the reports.
@@ -136,17 +147,17 @@ bool NixlProgress::pass() {
         break;
       case XferState::Failed:
         if (error.empty()) error = "NIXL transfer status error " + std::to_string(statuses_[i].capi_status);
-        sink_.on_fail(req, error.c_str());
+        to_sink([&] { sink_.on_fail(req, error.c_str()); });
         break;
       case XferState::Unknown:
-        sink_.on_fail(req, "no NIXL transfer request held for this id");
+        to_sink([&] { sink_.on_fail(req, "no NIXL transfer request held for this id"); });
         break;
       case XferState::InProgress:
         break;  // not reported
     }
   }
 
-  if (!done_.empty()) sink_.on_complete_batch(done_.data(), done_.size());
+  if (!done_.empty()) to_sink([&] { sink_.on_complete_batch(done_.data(), done_.size()); });
 
   std::vector<RawNotification> notes;
   try {
@@ -162,13 +173,13 @@ bool NixlProgress::pass() {
         std::lock_guard<std::mutex> lk(mu_);
         ++stats_.notifications;
       }
-      sink_.on_notification(n.peer, *m);
+      to_sink([&] { sink_.on_notification(n.peer, *m); });
     } else {
       {
         std::lock_guard<std::mutex> lk(mu_);
         ++stats_.bad_notifications;
       }
-      sink_.on_bad_notification(n.peer, n.bytes);
+      to_sink([&] { sink_.on_bad_notification(n.peer, n.bytes); });
     }
   }
   return progressed;

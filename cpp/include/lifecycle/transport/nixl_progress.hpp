@@ -15,7 +15,9 @@
 // no lock held; watch() and wake() cut the sleep short. Every `tick_interval` (when > 0) it calls
 // sink.on_tick() (the engine transport fires timers and sweeps there). Sink calls are made on the progress
 // thread with no lock held, so a sink may call watch()/unwatch() and the agent. The sink must not
-// touch Python (DESIGN §7): it queues events for the engine.
+// touch Python (DESIGN §7): it queues events for the engine.  A sink call that throws is caught and
+// counted (`sink_errors`), and the thread goes on; what that call left undone stays undone (a session
+// whose completion it dropped ends by the engine's timers: Poisoned, no evidence assumed).
 //
 // With NixlAgentOptions::nixl_progress_thread off (the default) this loop is what drives UCX, so
 // every agent needs one, passive side included (a READ's target must progress to serve it).
@@ -73,6 +75,7 @@ struct NixlProgressStats {
   std::uint64_t notifications = 0;
   std::uint64_t bad_notifications = 0;
   std::uint64_t poll_errors = 0;  // a NIXL call threw inside the loop (reported via on_fail)
+  std::uint64_t sink_errors = 0;  // a sink call threw (caught; the thread went on)
 };
 
 class NixlProgress {
@@ -94,6 +97,8 @@ class NixlProgress {
  private:
   void run();
   bool pass();  // true when something happened
+  template <class F>
+  void to_sink(F&& call);  // call(), a throw caught and counted in sink_errors
 
   Agent& agent_;
   EventSink& sink_;

@@ -888,7 +888,7 @@ void test_remove_peer_during_post_leaves_the_entry_to_its_transfer() {
 // batch's to end (abandoned: Poisoned, their ranges held), and the items after it are never posted (never
 // posted is the evidence: Quiesced(cancelled), nothing held), where a batch that posted them anyway would
 // leave each Poisoned with its range held for good.  Negative control, run by hand: without the look at
-// abandon_marks_ before each post, items 3..6 are posted, end Poisoned, and the checks on them fail.
+// in_post_marks_ before each post, items 3..6 are posted, end Poisoned, and the checks on them fail.
 void test_remove_peer_or_stop_mid_batch_posts_nothing_more() {
   for (bool use_stop : {false, true}) {
     auto ea = std::make_shared<Engine>(ReusePair::reuse(0));
@@ -945,6 +945,57 @@ void test_remove_peer_or_stop_mid_batch_posts_nothing_more() {
     CHECK(st.posted == 2 && st.abandoned == 2 && st.active == 0 && ta.agent().live_requests() == 0);
     std::this_thread::sleep_for(std::chrono::milliseconds(100));  // the loopback copies end before the buffers go
   }
+}
+
+// A cancel, or the peer's stop, for a later item of a transfer_batch that lands while earlier items are
+// being posted: that item is not posted (Quiesced(cancelled), never posted being the evidence; the stop is
+// answered), as n transfer() calls would have done; the others go.  Negative control, run by hand: without
+// the in_post_marks_ bumps in on_abort()/on_notification(), items 4 and 5 are posted and these checks fail.
+void test_a_cancel_or_stop_mid_batch_skips_that_items_post() {
+  auto ea = std::make_shared<Engine>(ReusePair::reuse(0));
+  Transport* tp = nullptr;
+  Transport* peer_t = nullptr;
+  Hooks hooks;
+  hooks.in_post = [&](std::uint64_t req) {
+    if (req != 2 || tp == nullptr) return;
+    Transport* t = std::exchange(tp, nullptr);
+    CHECK(ea->cancel(4) == CancelResult::CancelRequestedInFlight);  // its abort hook runs here, on this thread
+    const std::uint64_t stops = t->stats().peer_stops;
+    peer_t->agent().send_notification("midcancel-a", {5, NotifKind::Stop, 0});
+    CHECK(eventually([&] { return t->stats().peer_stops == stops + 1; }));  // handled before item 5's post
+  };
+  Duo d(ea, std::make_unique<HookAgent>(named("midcancel-a", 200'000), hooks), std::make_shared<Engine>(Config{}), 'k');
+  [[maybe_unused]] auto& [src, dst, l, r, ta, tb, rid] = d;
+  constexpr std::size_t kItems = 6, kPart = 512;
+  const std::string peer = "midcancel-b";
+  std::vector<TransferItem> items;
+  for (std::size_t i = 0; i < kItems; ++i) {
+    CHECK(ea->advertise(i + 1, Role::sender, 0).status == Status::Moved);
+    items.push_back({i + 1, XferOp::Write, {l.addr + i * kPart, kPart, 0, MemKind::Dram},
+                     {r.addr + i * kPart, kPart, 0, MemKind::Dram}, &peer, 0});
+  }
+  std::vector<TransferOutcome> out(kItems);
+  peer_t = tb.get();
+  tp = &ta;
+  ta.transfer_batch(items.data(), kItems, out.data());
+  CHECK(tp == nullptr);
+  for (std::size_t i = 0; i < kItems; ++i) {
+    const std::uint64_t req = i + 1;
+    CHECK(!out[i].error);
+    const bool skipped = req == 4 || req == 5;
+    CHECK(out[i].result == (skipped ? PostResult::CancelledBeforePost : PostResult::Posted));
+    if (out[i].result != (skipped ? PostResult::CancelledBeforePost : PostResult::Posted)) {
+      std::fprintf(stderr, "  item %zu: %s\n", i, to_string(out[i].result));
+    }
+  }
+  for (std::uint64_t req = 1; req <= kItems; ++req) {
+    CHECK(eventually([&] { return state_of(*ea, req) == State::Quiesced; }));
+    const bool skipped = req == 4 || req == 5;
+    CHECK(ea->info(req)->outcome == (skipped ? Outcome::cancelled : Outcome::completed));
+  }
+  CHECK(eventually([&] { return tb->stats().quiesced_received == 1; }));  // 5's stop answered
+  const TransportStats st = ta.stats();
+  CHECK(st.posted == 4 && st.cancelled_before_post == 2 && st.active == 0 && ta.agent().live_requests() == 0);
 }
 
 // A stop from another peer than the live transfer's, naming another offer of the id: answered at once,
@@ -1281,8 +1332,14 @@ class ScriptedAgent final : public Agent {
     if (req % 4 == 0 || finish.load()) return {XferState::Done, 0};
     return {XferState::InProgress, 1};
   }
+  std::atomic<int> throw_batches{0};  // > 0: the next calls answer the first request only, then throw
   void status_batch(const std::uint64_t* reqs, std::size_t n, XferStatus* out, std::string* errors) override {
     ++batch_calls;
+    if (throw_batches.load() > 0 && n > 0) {
+      --throw_batches;
+      out[0] = status(reqs[0]);
+      throw TransportError("scripted batch failure");
+    }
     Agent::status_batch(reqs, n, out, errors);  // the default: status() each
   }
   ReleaseStatus release(std::uint64_t) override { return kReleased; }
@@ -1350,6 +1407,23 @@ void test_a_progress_pass_polls_in_one_call_and_reports_each_request_once() {
   CHECK(st.poll_errors == 3 && st.failures == 3 && st.completions == 4);
   CHECK(agent.batch_calls.load() >= 2 && st.status_polls >= std::size(ids));
   CHECK(st.passes >= static_cast<std::uint64_t>(agent.batch_calls.load()));  // at most one call a pass
+}
+
+// A status_batch call that throws fails nobody: what it answered is reported, the rest are polled again
+// next pass (before, each unanswered request was failed -- Poisoned, for an error that was not its own).
+void test_a_throwing_status_batch_fails_no_request_it_did_not_answer() {
+  ScriptedAgent agent;
+  agent.throw_batches = 1;
+  BatchSink sink;
+  NixlProgress prog(agent, sink);
+  const std::uint64_t ids[] = {4, 8};  // both Done; the first call answers 4, then throws
+  prog.watch(ids, std::size(ids));
+  CHECK(eventually([&] { return prog.watched() == 0; }));
+  prog.stop();
+  std::lock_guard<std::mutex> lk(sink.mu);
+  CHECK(sink.fails.empty());
+  CHECK((sink.done_batches == std::vector<std::vector<std::uint64_t>>{{4}, {8}}));
+  CHECK(prog.statistics().poll_errors == 1 && prog.statistics().failures == 0);
 }
 
 // A sink call that throws is caught and counted; the thread goes on, and the other reports of the same
@@ -1541,6 +1615,7 @@ int main() {
   test_a_refused_request_whose_release_fails_keeps_its_range();
   test_remove_peer_during_post_leaves_the_entry_to_its_transfer();
   test_remove_peer_or_stop_mid_batch_posts_nothing_more();
+  test_a_cancel_or_stop_mid_batch_skips_that_items_post();
   test_a_retried_release_never_forgets_a_new_transfers_hold();
   test_every_transport_on_an_engine_gets_its_aborts();
   test_wrapping_ranges_are_refused();
@@ -1552,5 +1627,6 @@ int main() {
   test_stop_racing_transfers_leaves_no_session_behind(16);
   test_a_progress_pass_polls_in_one_call_and_reports_each_request_once();
   test_a_throwing_sink_does_not_end_the_progress_thread();
+  test_a_throwing_status_batch_fails_no_request_it_did_not_answer();
   TEST_MAIN_END();
 }

@@ -104,23 +104,22 @@ bool NixlProgress::pass() {
   // Every watched request's status under one agent call (one hand-off of the agent's lock with a posting
   // thread, not one per request), then one lock of ours for the bookkeeping, then the reports.
   const std::size_t n = snapshot.size();
-  statuses_.assign(n, XferStatus{});
+  // (InProgress until answered: should the call itself throw, the requests it did not answer are polled
+  // again next pass, not failed for an error that was not theirs.)
+  statuses_.assign(n, XferStatus{XferState::InProgress, 0});
   errors_.assign(n, std::string());
+  bool batch_error = false;
   if (n > 0) {
     try {
       agent_.status_batch(snapshot.data(), n, statuses_.data(), errors_.data());
-    } catch (const std::exception& e) {  // a backend's own failure: each request gets its message
-      for (std::size_t i = 0; i < n; ++i) {
-        if (statuses_[i].state == XferState::Unknown && errors_[i].empty()) {
-          statuses_[i] = {XferState::Failed, 0};
-          errors_[i] = e.what();
-        }
-      }
+    } catch (...) {
+      batch_error = true;
     }
   }
   report_.assign(n, false);
   {
     std::lock_guard<std::mutex> lk(mu_);
+    if (batch_error) ++stats_.poll_errors;
     for (std::size_t i = 0; i < n; ++i) {
       ++stats_.status_polls;
       if (!errors_[i].empty()) ++stats_.poll_errors;

@@ -585,40 +585,39 @@ void Transport::transfer_batch(const TransferItem* items, std::size_t n, Transfe
       fail(i, caught([&] { throw_refused(r[i], req, Event::expose); }));
     }
   }
-  // 5. A cancel between expose and here (or the peer's stop) wins: never posted is evidence.
-  std::uint64_t marks = 0;  // abandon_marks_ as of this check (step 6 compares before each post)
-  {
-    std::lock_guard<std::mutex> lk(mu_);
-    marks = abandon_marks_.load();
-    for (std::size_t i = 0; i < n; ++i) {
-      if (!w[i].live) continue;
-      auto it = entries_.find(items[i].req);
-      if (it == entries_.end()) {
-        w[i].gone = true;  // stop() or remove_peer() took the entry (and failed the session) meanwhile
-      } else if (removed_peers_.count(it->second.peer) != 0) {
-        entries_.erase(it);  // its peer was removed after the entry was made (its scan skips unposted ones)
-        w[i].gone = true;
-      } else if (it->second.cancel_requested || it->second.peer_stop) {
-        w[i].skip = true;
-        w[i].ack = it->second.peer_stop;
-        w[i].acks = owed_acks(it->second);
-        entries_.erase(it);
-      } else {
-        it->second.serial = w[i].serial;
-        it->second.posting = true;
-        it->second.in_post = true;  // until its post() returned, this call owns the release (see below)
-      }
+  // 5. A cancel between expose and here (or the peer's stop) wins: never posted is evidence.  The same look
+  //    again before each post in step 6 when an in-post entry was marked meanwhile.  Caller holds mu_.
+  auto look = [&](std::size_t i, bool posting) {
+    auto it = entries_.find(items[i].req);
+    if (it == entries_.end()) {
+      // stop() or remove_peer() took the entry (and failed the session) meanwhile; (in step 6 only the
+      // test-only unsafe_release_on_cancel takes an in-post entry: its post goes on, as before)
+      w[i].gone = !posting;
+    } else if (it->second.abandon || removed_peers_.count(it->second.peer) != 0) {
+      // remove_peer()/stop() marked it in its post (abandon), or removed its peer after the entry was made
+      // (its scan skips unposted ones): never posted, which is the evidence
+      entries_.erase(it);
+      w[i].gone = true;
+    } else if (it->second.cancel_requested || it->second.peer_stop) {
+      w[i].skip = true;
+      w[i].ack = it->second.peer_stop;
+      w[i].acks = owed_acks(it->second);
+      entries_.erase(it);
+    } else if (!posting) {
+      it->second.serial = w[i].serial;
+      it->second.posting = true;
+      it->second.in_post = true;  // until its post() returned, this call owns the release (see below)
     }
-  }
-  for (std::size_t i = 0; i < n; ++i) {
-    if (!w[i].live) continue;
+  };
+  // ... and what the look found, without mu_: the item ends unposted, Quiesced(cancelled).
+  auto settle = [&](std::size_t i) {
     const std::uint64_t req = items[i].req, serial = w[i].serial;
     if (w[i].gone) {
       release_xfer(req, true);  // never posted: nothing moved, which is the evidence
       (void)apply(req, Event::cancel, serial);    // InFlight -> CancelRequested (if still there)
       (void)apply(req, Event::complete, serial);  // -> Quiesced(cancelled); late if stop() failed it
       fail_with(i, "transport " + name() + " stopped or its peer was removed before the post");
-    } else if (w[i].skip) {
+    } else {
       release_xfer(req, true);
       if (w[i].ack) (void)apply(req, Event::cancel, serial);  // InFlight -> CancelRequested (idempotent)
       (void)apply(req, Event::complete, serial);                // -> Quiesced(cancelled)
@@ -627,33 +626,37 @@ void Transport::transfer_batch(const TransferItem* items, std::size_t n, Transfe
       out[i].result = PostResult::CancelledBeforePost;
       w[i].live = false;
     }
+  };
+  Scratch<std::uint64_t> dn;  // (step 7's list, allocated before any entry is in post)
+  std::uint64_t* done = dn.get(n);
+  std::uint64_t marks = 0;  // in_post_marks_ as of this look (step 6 compares before each post)
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    marks = in_post_marks_.load();
+    for (std::size_t i = 0; i < n; ++i) {
+      if (w[i].live) look(i, false);
+    }
+  }
+  for (std::size_t i = 0; i < n; ++i) {
+    if (w[i].live && (w[i].gone || w[i].skip)) settle(i);
   }
   // 6. Post, back to back. From here on the backend may touch the buffers until Done.  While an entry is
   //    in_post, remove_peer() or stop() may take it (marking the request unproven and failing the session)
   //    but leave its release to this call, which learns the outcome: one owner for the release.
-  Scratch<std::uint64_t> dn;
-  std::uint64_t* done = dn.get(n);
   std::size_t ndone = 0;
   for (std::size_t i = 0; i < n; ++i) {
     if (!w[i].live) continue;
     const std::uint64_t req = items[i].req;
-    // remove_peer() or stop() came since step 5 (rare): is this one still to go?  (Once moved, every
-    // later item is looked at: one removal marks all of its peer's.)
-    if (abandon_marks_.load() != marks) {
-      bool gone = false;
+    // remove_peer(), stop(), a cancel or the peer's stop marked an in-post entry since step 5 (rare): is
+    // this one still to go?  (Once moved, every later item is looked at: one removal marks all of its
+    // peer's.)
+    if (in_post_marks_.load() != marks) {
       {
         std::lock_guard<std::mutex> lk(mu_);
-        auto it = entries_.find(req);
-        if (it != entries_.end() && it->second.abandon) {
-          entries_.erase(it);  // ours (in_post): never posted, which is the evidence, as in step 5
-          gone = true;
-        }
+        look(i, true);
       }
-      if (gone) {
-        release_xfer(req, true);
-        (void)apply(req, Event::cancel, w[i].serial);
-        (void)apply(req, Event::complete, w[i].serial);
-        fail_with(i, "transport " + name() + " stopped or its peer was removed before the post");
+      if (w[i].gone || w[i].skip) {
+        settle(i);
         continue;
       }
     }
@@ -973,6 +976,7 @@ void Transport::on_abort(std::uint64_t req, std::uint64_t serial) {
     switch (e.side) {
       case Side::Active:
         e.cancel_requested = true;
+        if (e.in_post) in_post_marks_.fetch_add(1);  // its transfer_batch call looks again before the post
         if (e.posting && opts_.unsafe_release_on_cancel) {
           release_now = true;
           entries_.erase(it);
@@ -1077,7 +1081,12 @@ void Transport::on_notification(const std::string& peer, const NotifMessage& m) 
           serial = it->second.serial;
           // TEST ONLY (negative control): ack now instead of after our Done; the bug the passive
           // side's late-write test must catch
-          if (opts_.unsafe_ack_stop_at_once) reply_now = true; else it->second.peer_stop = true;
+          if (opts_.unsafe_ack_stop_at_once) {
+            reply_now = true;
+          } else {
+            it->second.peer_stop = true;
+            if (it->second.in_post) in_post_marks_.fetch_add(1);  // as a cancel's (on_abort)
+          }
         } else if (unproven_.count(req) != 0) {
           ctr_.stops_unanswered.fetch_add(1);  // ended without evidence: no ack, ever
         } else if (live_active && it->second.peer != peer) {
@@ -1224,7 +1233,7 @@ void Transport::remove_peer(const std::string& peer) {
     for (auto it = entries_.begin(); it != entries_.end();) {
       if (it->second.peer == peer && it->second.in_post) {
         it->second.abandon = true;  // its transfer() call, inside post(), finishes it (one owner)
-        abandon_marks_.fetch_add(1);
+        in_post_marks_.fetch_add(1);
         ++it;
       } else if (it->second.peer == peer && (it->second.side == Side::Passive || it->second.posting)) {
         gone.emplace_back(it->first, it->second.side, it->second.serial);
@@ -1269,7 +1278,7 @@ void Transport::stop() {
       auto& [req, e] = *it;
       if (e.in_post) {
         e.abandon = true;  // its transfer() call, inside post(), finishes it (one owner)
-        abandon_marks_.fetch_add(1);
+        in_post_marks_.fetch_add(1);
         ++it;
         continue;
       }

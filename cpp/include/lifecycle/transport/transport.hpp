@@ -146,8 +146,9 @@ class Transport final : public EventSink {
   // item), in phases across the batch: one lock hold per phase, one engine lookup call, one `expose`
   // call, the n posts back to back, then one `complete` call for those Done inside their post and one
   // watch.  Items are independent: one's refusal or error (out[i].error) changes nothing for the others;
-  // a second item of a request in the batch is refused like a second transfer().  Never throws for an
-  // item's sake.
+  // a second item of a request in the batch is refused like a second transfer().  A remove_peer(), stop(),
+  // cancel or peer's stop that marks a later item while earlier ones are posted keeps that item unposted,
+  // as before its own transfer().  Never throws for an item's sake (allocation failure aside).
   void transfer_batch(const TransferItem* items, std::size_t n, TransferOutcome* out);
   // The session of ours for `req` will never post the offer (`tag`) that `peer` made: an executor that
   // drops an offer it got (its session cancelled first) says so, and a stop the peer sent for it, or
@@ -317,9 +318,10 @@ class Transport final : public EventSink {
   std::set<Agent::RegionId> retiring_;  // deregister_region in progress: no new transfer may use them
   std::chrono::steady_clock::time_point next_sweep_{};
   std::atomic<bool> stopped_{false};
-  // Entries remove_peer() or stop() marked `abandon` (a count, bumped under mu_): a transfer_batch posting
-  // its items one after another looks again only when it moved, and skips the items marked before their post.
-  std::atomic<std::uint64_t> abandon_marks_{0};
+  // In-post entries marked since (a count, bumped under mu_): `abandon` (remove_peer(), stop()),
+  // `cancel_requested` (a cancel) or `peer_stop`.  A transfer_batch posting its items one after another
+  // looks again only when it moved, and skips the items marked before their post.
+  std::atomic<std::uint64_t> in_post_marks_{0};
   std::mutex bare_mu_;
   std::condition_variable bare_cv_;
   std::atomic<std::uint64_t> bare_done_{0};

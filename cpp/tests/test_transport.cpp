@@ -884,6 +884,19 @@ void test_remove_peer_during_post_leaves_the_entry_to_its_transfer() {
   }
 }
 
+// Requests 1..n advertised as senders, and a WRITE of `part` bytes for each (the i-th part of l to the i-th
+// of r), tag 0 (the peer is bare): a transfer_batch's items.
+std::vector<TransferItem> advertised_writes(Engine& e, const Region& l, const Region& r, const std::string& peer,
+                                            std::size_t n, std::size_t part) {
+  std::vector<TransferItem> items;
+  for (std::size_t i = 0; i < n; ++i) {
+    CHECK(e.advertise(i + 1, Role::sender, 0).status == Status::Moved);
+    items.push_back({i + 1, XferOp::Write, {l.addr + i * part, part, 0, MemKind::Dram},
+                     {r.addr + i * part, part, 0, MemKind::Dram}, &peer, 0});
+  }
+  return items;
+}
+
 // remove_peer() or stop() in the middle of a transfer_batch's posts: the items posted before it are the
 // batch's to end (abandoned: Poisoned, their ranges held), and the items after it are never posted (never
 // posted is the evidence: Quiesced(cancelled), nothing held), where a batch that posted them anyway would
@@ -907,12 +920,7 @@ void test_remove_peer_or_stop_mid_batch_posts_nothing_more() {
     [[maybe_unused]] auto& [src, dst, l, r, ta, tb, rid] = d;
     constexpr std::size_t kItems = 6, kPart = 512;  // 512 B at 20 kB/s: each stays in flight ~25 ms
     const std::string peer = "midbatch-b";
-    std::vector<TransferItem> items;
-    for (std::size_t i = 0; i < kItems; ++i) {
-      CHECK(ea->advertise(i + 1, Role::sender, 0).status == Status::Moved);
-      items.push_back({i + 1, XferOp::Write, {l.addr + i * kPart, kPart, 0, MemKind::Dram},
-                       {r.addr + i * kPart, kPart, 0, MemKind::Dram}, &peer, 0});
-    }
+    const std::vector<TransferItem> items = advertised_writes(*ea, l, r, peer, kItems, kPart);
     std::vector<TransferOutcome> out(kItems);
     tp = &ta;
     ta.transfer_batch(items.data(), kItems, out.data());
@@ -968,12 +976,7 @@ void test_a_cancel_or_stop_mid_batch_skips_that_items_post() {
   [[maybe_unused]] auto& [src, dst, l, r, ta, tb, rid] = d;
   constexpr std::size_t kItems = 6, kPart = 512;
   const std::string peer = "midcancel-b";
-  std::vector<TransferItem> items;
-  for (std::size_t i = 0; i < kItems; ++i) {
-    CHECK(ea->advertise(i + 1, Role::sender, 0).status == Status::Moved);
-    items.push_back({i + 1, XferOp::Write, {l.addr + i * kPart, kPart, 0, MemKind::Dram},
-                     {r.addr + i * kPart, kPart, 0, MemKind::Dram}, &peer, 0});
-  }
+  const std::vector<TransferItem> items = advertised_writes(*ea, l, r, peer, kItems, kPart);
   std::vector<TransferOutcome> out(kItems);
   peer_t = tb.get();
   tp = &ta;

@@ -71,6 +71,12 @@ def target(size: int, diff_us: float, bare_us: float) -> tuple[str, bool]:
     return f"<= {OVERHEAD_FRAC:.0%}", diff_us <= OVERHEAD_FRAC * bare_us
 
 
+def tally(verdicts: list[tuple[str, bool]]) -> str:
+    """'K of N cells met' for (cell name, met) pairs, naming the missed ones."""
+    misses = [name for name, met in verdicts if not met]
+    return f"{len(verdicts) - len(misses)} of {len(verdicts)} cells met" + (f" (missed: {', '.join(misses)})" if misses else "")
+
+
 def preemption(lat: list[int], preempted: list[bool]) -> str:
     """What preemption explains: how many samples saw an involuntary context switch of this process
     (another task took a core: the tail a quiet machine does not have), and the p99 of the others.
@@ -208,10 +214,7 @@ def main() -> None:
                 goal, met = target(size, mid, bm)
                 verdicts.append((f"{size // KiB} KiB x {batch}", met))
                 print(row + f"{goal}: {'met' if met else 'MISS'}")
-        misses = [name for name, met in verdicts if not met]
-        print(f"overhead targets: {len(verdicts) - len(misses)} of {len(verdicts)} cells met"
-              + (f" (missed: {', '.join(misses)})" if misses else "")
-              + f"; host steal during the table {steal_share(table_cpu, cpu_times())}")
+        print(f"overhead targets: {tally(verdicts)}; host steal during the table {steal_share(table_cpu, cpu_times())}")
 
         # An executor that has a batch in hand hands it over in one call each: advertise_batch() and
         # transfer_batch() for the batch (the bare loop: transfer_batch), apply_batch() for the terminations
@@ -228,9 +231,7 @@ def main() -> None:
                 batch_verdicts.append((f"{size // KiB} KiB x 64", met))
                 print(row + f"per call {per_call[size, 64]:+.2f} us -> {mid:+.2f} us ({mid - per_call[size, 64]:+.2f}) | "
                       f"{goal}: {'met' if met else 'MISS'}")
-            misses = [name for name, met in batch_verdicts if not met]
-            print(f"overhead targets with batch calls: {len(batch_verdicts) - len(misses)} of {len(batch_verdicts)} "
-                  f"cells met" + (f" (missed: {', '.join(misses)})" if misses else ""))
+            print(f"overhead targets with batch calls: {tally(batch_verdicts)}")
 
         # The engine's own work per transfer, without the transport's timing noise: the same calls
         # (advertise, expose, complete, terminate, drain) in a native loop on one thread.

@@ -325,7 +325,9 @@ class TransferEngine(_core.Engine):
         """Fire due timers, drain every queued record, log it, run deferred-termination callbacks.
 
         Never blocks.  Callback errors are logged and re-raised (TerminateCallbackError) after the
-        whole batch was delivered, so no notice is lost.
+        whole batch was delivered, so no notice is lost.  A logger or a health check that raises while
+        the batch is logged does not lose its notices either: every one of them is delivered, then that
+        error propagates (the batch's transitions with it: they are in the log up to that point).
         """
         raw, healthy = self._poll_raw()  # tick + drain + health, one native call
         if not raw:
@@ -334,11 +336,26 @@ class TransferEngine(_core.Engine):
             return []
         out: list[Transition] = []
         notices: list[int] = []
-        logger = self._log.bind()  # resolve the (possibly lazy) logger once per batch
-        enabled = getattr(logger, "is_enabled_for", None)
-        info = logger.info if enabled is None or enabled(_INFO) else None
-        common = {"rank": self.rank, "pid": _PID, "table": TABLE.digest, "schema": SCHEMA}
-        seq = _seq
+        try:
+            logger = self._log.bind()  # resolve the (possibly lazy) logger once per batch
+            enabled = getattr(logger, "is_enabled_for", None)
+            info = logger.info if enabled is None or enabled(_INFO) else None
+            common = {"rank": self.rank, "pid": _PID, "table": TABLE.digest, "schema": SCHEMA}
+            self._log_batch(raw, out, notices, info, common, _seq)
+            if healthy != self._was_healthy:
+                self._check_health()
+        except BaseException:
+            # the records are drained: deliver every notice of the batch (a callback error raised here
+            # carries this one as its __context__), then let the logger's or the health check's go on
+            self._deliver([rec[0] for rec in _RECORD.iter_unpack(raw) if rec[4] == _K_TNOW])
+            raise
+        if notices:
+            self._deliver(notices)
+        return out
+
+    @staticmethod
+    def _log_batch(raw: bytes, out: list, notices: list[int], info, common: dict, seq) -> None:
+        """Decode a drained batch into ``out`` (transitions) and ``notices`` (TerminateNow), logging each record."""
         for req, t, slot, gen, kind, frm, to, ev, outc, role, deferred, result, _rseq in _RECORD.iter_unpack(raw):
             if kind == _K_TRANSITION:
                 s = None if slot == _NO_SLOT else slot
@@ -373,26 +390,38 @@ class TransferEngine(_core.Engine):
             elif kind == _K_ILLEGAL:
                 info("lifecycle.illegal_transition", request=req, role=_ROLE_NAMES[role], t_mono_ns=t,
                      seq=next(seq), **common, trigger=_EVENT_NAMES[ev], state=_STATE_NAMES[frm])
-        if healthy != self._was_healthy:
-            self._check_health()
-        if notices:
-            self._deliver(notices)
-        return out
 
     def _deliver(self, notices: list[int]) -> None:
+        """Run on_terminate for every notice of the batch, whatever raises on the way (the callback, the
+        logger): a notice skipped here is a session whose resources are never released.  Afterwards: a
+        callback's KeyboardInterrupt/SystemExit first, then TerminateCallbackError, then a logger's error."""
         errors: list[tuple[int, BaseException]] = []
+        fatal: BaseException | None = None
+        log_error: BaseException | None = None
         cb = self.on_terminate
         for req in notices:
-            self._emit("lifecycle.terminate_now", req, None)
+            try:
+                self._emit("lifecycle.terminate_now", req, None)
+            except BaseException as exc:
+                log_error = log_error or exc
             if cb is None:
                 continue
             try:
                 cb(req)
-            except Exception as exc:  # recorded and re-raised after the batch: no notice is lost
+            except BaseException as exc:  # recorded and re-raised after the batch: no notice is lost
                 errors.append((req, exc))
-                self._emit("lifecycle.callback_error", req, None, error=repr(exc))
+                if fatal is None and not isinstance(exc, Exception):
+                    fatal = exc
+                try:
+                    self._emit("lifecycle.callback_error", req, None, error=repr(exc))
+                except BaseException as log_exc:
+                    log_error = log_error or log_exc
+        if fatal is not None:
+            raise fatal
         if errors:
             raise TerminateCallbackError(errors)
+        if log_error is not None:
+            raise log_error
 
     def _check_health(self) -> None:
         h = self._health()
@@ -402,8 +431,7 @@ class TransferEngine(_core.Engine):
 
     def drain(self, timeout: float) -> list[Transition]:
         """Block (GIL released) until something happened or ``timeout`` seconds passed, then poll()."""
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
-            raise InvalidArgument("timeout", f"expected seconds >= 0, got {timeout!r}")
+        check_seconds("timeout", timeout)
         deadline = time.monotonic() + timeout
         while True:
             got = self.poll()
@@ -417,6 +445,7 @@ class TransferEngine(_core.Engine):
 
     def wait_terminal(self, request: int, timeout: float) -> State:
         """Block until ``request`` is Quiesced, Poisoned or Terminated (polling meanwhile)."""
+        check_seconds("timeout", timeout)
         deadline = time.monotonic() + timeout
         while True:
             st = self.state(request)
@@ -438,6 +467,13 @@ class TransferEngine(_core.Engine):
         self._log.info(name, request=request, rank=self.rank, role=role,
                        t_mono_ns=self.now_ns() if t_ns is None else t_ns, seq=next(_seq), pid=_PID,
                        table=TABLE.digest, schema=SCHEMA, **kw)
+
+
+def check_seconds(name: str, value) -> None:
+    """A wait's timeout: an int or float >= 0 (inf waits for ever); NaN, bools and other types are refused
+    (NaN compares false with every deadline: a wait on it never ended)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise InvalidArgument(name, f"expected seconds >= 0, got {value!r}")
 
 
 def cancel_frees_now(result: CancelResult) -> bool:

@@ -102,9 +102,9 @@ class Mem:
             raise InvalidArgument("kind", f"expected 'dram' or 'vram', got {self.kind!r}")
         if self.device >= 1 << 64:
             raise InvalidArgument("device", f"expected a 64-bit device index, got {self.device}")
-        if self.addr + self.nbytes > 1 << 64:
-            raise InvalidArgument("nbytes", f"{self.nbytes} bytes at address {self.addr:#x} run past the end of "
-                                            "the address space")
+        if self.addr + self.nbytes >= 1 << 64:  # (ending at 2**64 too: UCX's registration cache spins on it)
+            raise InvalidArgument("nbytes", f"{self.nbytes} bytes at address {self.addr:#x} run to or past the end "
+                                            "of the address space")
 
     def slice(self, offset: int, nbytes: int) -> Mem:
         if offset < 0 or nbytes <= 0 or offset + nbytes > self.nbytes:
@@ -446,6 +446,9 @@ class _Transport:
         awaits its retry (tests, shutdown)."""
         import time
 
+        from .engine import check_seconds
+
+        check_seconds("timeout", timeout)
         deadline = time.monotonic() + timeout
         while True:
             s = self._core.stats()

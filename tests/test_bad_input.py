@@ -145,9 +145,18 @@ def test_any_python_value_gets_a_typed_error_or_works(value, method):
 
 @pytest.mark.parametrize("timeout", [-1, float("nan"), "1", None, True])
 def test_bad_timeouts(timeout):
+    """Every wait checks its timeout (NaN made wait_idle loop for ever: no deadline compares true)."""
+    from lifecycle.transport import LoopbackTransport
+
     e = TransferEngine()
-    with pytest.raises(InvalidArgument, match=r"^invalid timeout: expected seconds >= 0"):
-        e.drain(timeout)
+    e.advertise(1, "sender")
+    t = LoopbackTransport(e, "bad-timeouts")
+    try:
+        for wait in (e.drain, lambda x: e.wait_terminal(1, x), t.wait_idle):
+            with pytest.raises(InvalidArgument, match=r"^invalid timeout: expected seconds >= 0"):
+                wait(timeout)
+    finally:
+        t.stop()
 
 
 def test_the_boundary_survives_garbage_in_a_fresh_process():

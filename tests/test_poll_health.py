@@ -11,6 +11,7 @@ from structlog.testing import capture_logs
 
 from lifecycle import (
     CancelResult,
+    InvalidArgument,
     ManualClock,
     Outcome,
     State,
@@ -80,6 +81,72 @@ def test_raising_callback_is_recorded_and_reraised_after_the_batch(clock):
     assert [e["request"] for e in logs if e["event"] == "lifecycle.callback_error"] == [2]
     eng.poll()
     assert sorted(delivered) == [1, 2, 3]  # and none delivered twice
+
+
+class _BrokenLogger:
+    """A logger whose every call raises (a misconfigured processor, a full disk)."""
+
+    def bind(self):
+        return self
+
+    def info(self, *_args, **_kw):
+        raise RuntimeError("logger broke")
+
+
+def _three_deferred(eng, clock):
+    for r in (1, 2, 3):
+        drive(eng, r, "InFlight")
+        eng.terminate(r)  # Deferred: the notice comes with the completion
+        eng.complete(r)
+
+
+def test_a_raising_logger_loses_no_notice(clock):
+    """The records are drained before they are logged: a logger that raises must not take the batch's
+    TerminateNow notices with it (each is a release the executor would never run).  Negative control
+    (seen): session 10's poll() raised with delivered == [] and every session already gone."""
+    delivered = []
+    eng = TransferEngine(clock=clock, on_terminate=delivered.append, logger=_BrokenLogger())
+    _three_deferred(eng, clock)
+    with pytest.raises(RuntimeError, match="logger broke"):
+        eng.poll()
+    assert delivered == [1, 2, 3]
+    assert eng.live_sessions() == 0
+
+
+def test_a_keyboard_interrupt_in_a_callback_loses_no_other_notice(clock):
+    """A callback raising a BaseException that is not an Exception (Ctrl-C, sys.exit) still lets every
+    other notice of the batch be delivered, then propagates itself.  Negative control (seen): session 10's
+    ``except Exception`` delivered only the first."""
+    delivered = []
+
+    def cb(r):
+        delivered.append(r)
+        if r == 1:
+            raise KeyboardInterrupt
+
+    eng = TransferEngine(clock=clock, on_terminate=cb)
+    _three_deferred(eng, clock)
+    with pytest.raises(KeyboardInterrupt):
+        eng.poll()
+    assert sorted(delivered) == [1, 2, 3]
+
+
+def test_a_backend_reason_is_text_and_health_always_decodes(clock):
+    """set_backend_health takes a str reason (bytes that are not UTF-8 made health() and every poll()
+    raise UnicodeDecodeError after the batch was drained, losing its notices) and a bool."""
+    delivered = []
+    eng = TransferEngine(clock=clock, on_terminate=delivered.append)
+    drive(eng, 1, "InFlight")
+    eng.terminate(1)
+    with pytest.raises(InvalidArgument, match=r"invalid reason: expected a str, got bytes"):
+        eng.set_backend_health(False, b"\xff")
+    with pytest.raises(InvalidArgument, match=r"invalid healthy: expected a bool, got NoneType"):
+        eng.set_backend_health(None)
+    eng.set_backend_health(False, "peer lost \u2014 ucx")
+    eng.complete(1)
+    eng.poll()
+    assert delivered == [1]
+    assert eng.health().backend_reason == "peer lost \u2014 ucx"
 
 
 def test_transfer_timeout_counts_from_expose_not_admission(engine, clock):

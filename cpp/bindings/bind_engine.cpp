@@ -107,7 +107,10 @@ static py::dict health_dict(const Health& h) {
   d["oldest_nonterminal_ns"] = h.oldest_nonterminal_ns;
   d["since_progress_ns"] = h.since_progress_ns;
   d["backend_healthy"] = h.backend_healthy;
-  d["backend_reason"] = h.backend_reason;
+  // (set_backend_health takes text only; "replace" for a reason set from C++ that is not UTF-8)
+  PyObject* reason = PyUnicode_DecodeUTF8(h.backend_reason.data(), static_cast<Py_ssize_t>(h.backend_reason.size()), "replace");
+  if (reason == nullptr) throw py::error_already_set();
+  d["backend_reason"] = py::reinterpret_steal<py::object>(reason);
   d["live"] = h.live;
   return d;
 }
@@ -241,7 +244,19 @@ void register_engine(py::module_& m) {
       .def("now_ns", &Engine::now_ns)
       .def("_health", [](Engine& e) { return health_dict(e.health()); })
       .def("unhealthy", &Engine::unhealthy)
-      .def("set_backend_health", &Engine::set_backend_health, py::arg("healthy"), py::arg("reason") = "")
+      .def(
+          "set_backend_health",
+          [](Engine& e, py::handle healthy, py::handle reason) {
+            if (!PyBool_Check(healthy.ptr())) {
+              throw InvalidArgumentError("healthy", std::string("expected a bool, got ") + Py_TYPE(healthy.ptr())->tp_name);
+            }
+            // text only: bytes would reach health() as a reason that may not decode
+            if (!PyUnicode_Check(reason.ptr())) {
+              throw InvalidArgumentError("reason", std::string("expected a str, got ") + Py_TYPE(reason.ptr())->tp_name);
+            }
+            e.set_backend_health(healthy.ptr() == Py_True, reason.cast<std::string>());
+          },
+          py::arg("healthy"), py::arg("reason") = "")
       .def("_info", [](const Engine& e, py::handle req) -> py::object {
              auto i = e.info(to_u64(req, "request"));
              if (!i) return py::none();

@@ -42,7 +42,7 @@ tp::Region region(std::uint64_t addr, std::uint64_t len, const std::string& kind
   const tp::Region r{static_cast<std::uintptr_t>(addr), static_cast<std::size_t>(len), dev, to_kind(kind)};
   if (!r.valid()) {
     throw InvalidArgumentError("nbytes", std::to_string(len) + " bytes at address " + std::to_string(addr) +
-                                             " run past the end of the address space");
+                                             " run to or past the end of the address space");
   }
   return r;
 }

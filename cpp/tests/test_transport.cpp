@@ -4,10 +4,12 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <random>
 #include <stdexcept>
 #include <thread>
@@ -23,6 +25,27 @@
 
 using namespace lifecycle;
 using namespace lifecycle::transport;
+
+// Allocation failure on demand, for this thread only: while armed, the `fail_at`-th allocation of at least
+// `min_bytes` (counted from 0) throws std::bad_alloc.  Unarmed (every other thread, every other test),
+// operator new is malloc's.
+namespace {
+thread_local long t_fail_at = -1;
+thread_local std::size_t t_fail_min = 0;
+thread_local long t_big_allocs = 0;
+}  // namespace
+
+#if defined(__GNUC__) && !defined(__clang__)
+// (operator delete's free() is malloc's pair here, which GCC cannot see once it inlines the two)
+#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
+#endif
+void* operator new(std::size_t n) {
+  if (t_fail_at >= 0 && n >= t_fail_min && t_big_allocs++ == t_fail_at) throw std::bad_alloc();
+  if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
+  throw std::bad_alloc();
+}
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
 
 namespace {
 
@@ -1597,7 +1620,90 @@ void test_readers_of_the_posted_records_see_the_queued_ones() {
   }
 }
 
+// An allocation failure of one of transfer_batch's per-batch arrays or containers (or of the engine's, for
+// the exposes; or of a batched finish_actives, for posts completing inside the call) leaves nothing behind:
+// the call throws, or the items it reached fail with the bad_alloc, and then no entry and no built request
+// remains, every session is still Advertised (or, when the exposes' engine call threw after moving it,
+// Quiesced(cancelled): never posted), and the same ids transfer afterwards.  Each large allocation of the
+// call is failed in turn (k = 0, 1, ...) until a call makes fewer than k+1 (a failure that a fallback takes,
+// the batch going as usual, must leave the same nothing behind).  Negative control, run by hand:
+// session 10's transfer_batch (arrays allocated where used, no room made before the entries, no fallback)
+// fails 17399 checks: k = 7 ... 16 each leave 65 to 512 entries and 512 built requests behind.
+void test_a_failed_batch_allocation_leaves_nothing_behind() {
+  constexpr std::size_t kItems = 512;  // the arrays: >= 512 x 8 B; nothing per item on the path is that big
+  for (bool sync_post : {false, true}) {  // true: every post completes inside the call (step 7's list)
+    long failed = 0, absorbed = 0;
+    for (long k = 0;; ++k) {
+      auto ea = std::make_shared<Engine>(ReusePair::reuse(0));
+      Hooks hooks;
+      hooks.sync_post = sync_post;
+      Duo d(ea, std::make_unique<HookAgent>(named("alloc-a"), hooks), std::make_shared<Engine>(Config{}), 'z');
+      [[maybe_unused]] auto& [src, dst, l, r, ta, tb, rid] = d;
+      const std::string peer = "alloc-b";
+      const std::vector<TransferItem> items = advertised_writes(*ea, l, r, peer, kItems, 1);
+      std::vector<TransferOutcome> out(kItems);
+      bool threw = false;
+      t_fail_min = kItems * sizeof(std::uint64_t);
+      t_big_allocs = 0;
+      t_fail_at = k;
+      try {
+        ta.transfer_batch(items.data(), kItems, out.data());
+      } catch (const std::bad_alloc&) {
+        threw = true;
+      }
+      const long made = t_big_allocs;
+      t_fail_at = -1;
+      std::size_t item_failures = 0;
+      for (const TransferOutcome& o : out) {
+        if (!o.error) continue;
+        try {
+          std::rethrow_exception(o.error);
+        } catch (const std::bad_alloc&) {
+          ++item_failures;
+        } catch (...) {
+          CHECK(false);  // only the injected failure
+        }
+      }
+      if (threw || item_failures != 0) {
+        ++failed;
+        CHECK(eventually([&] { return ta.stats().active == 0; }));
+        const TransportStats st = ta.stats();
+        CHECK(st.active == 0 && ta.agent().live_requests() == 0);
+        if (st.active != 0 || ta.agent().live_requests() != 0) {
+          std::fprintf(stderr, "  k=%ld sync_post=%d: %zu entries, %zu requests left\n", k, int(sync_post),
+                       static_cast<std::size_t>(st.active), ta.agent().live_requests());
+        }
+        std::vector<TransferItem> again;
+        for (const TransferItem& it : items) {
+          const State s = state_of(*ea, it.req);
+          CHECK(s == State::Advertised || (s == State::Quiesced && ea->info(it.req)->outcome == Outcome::cancelled));
+          if (s == State::Advertised) again.push_back(it);
+        }
+        CHECK(threw || !again.empty());
+        // nothing of the failed call holds the ids or the ranges: the rest of the batch goes now
+        std::vector<TransferOutcome> out2(again.size());
+        ta.transfer_batch(again.data(), again.size(), out2.data());
+        for (const TransferOutcome& o : out2) CHECK(!o.error);
+      } else if (made > k) {
+        ++absorbed;  // failed, and taken by a fallback (step 7's one call each): the batch went as usual
+      }
+      CHECK(eventually([&] {
+        for (std::uint64_t req = 1; req <= kItems; ++req) {
+          if (state_of(*ea, req) != State::Quiesced) return false;
+        }
+        return true;
+      }));
+      CHECK(eventually([&] { return ta.stats().active == 0 && ta.agent().live_requests() == 0; }));
+      if (made <= k) break;  // fewer large allocations than the one to fail: the call is covered
+    }
+    CHECK(failed >= 10);  // the harness reached the arrays (a batch makes more than 10)
+    std::fprintf(stderr, "  allocation failures (sync_post=%d): %ld failed the call or its items, %ld taken by a fallback\n",
+                 int(sync_post), failed, absorbed);
+  }
+}
+
 int main() {
+  test_a_failed_batch_allocation_leaves_nothing_behind();
   test_readers_of_the_posted_records_see_the_queued_ones();
   test_posted_records_go_with_their_sessions_oldest_first();
   test_notes_of_an_earlier_transfer_of_the_id_are_stale();

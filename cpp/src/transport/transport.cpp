@@ -376,6 +376,20 @@ PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local
 }
 
 namespace {
+// Room for `extra` more elements, grown geometrically as an insertion would (so that a call making room
+// for each transfer does not reallocate or rehash on each): the growth that could fail comes here, before
+// the caller changes anything.
+template <class V>
+void vector_room(V& v, std::size_t extra) {
+  if (v.capacity() - v.size() < extra) v.reserve(std::max(v.size() + extra, 2 * v.capacity()));
+}
+template <class M>
+void map_room(M& m, std::size_t extra) {
+  if (static_cast<double>(m.size() + extra) > static_cast<double>(m.bucket_count()) * static_cast<double>(m.max_load_factor())) {
+    m.reserve(std::max(m.size() + extra, 2 * m.size()));
+  }
+}
+
 // A batch call's scratch array: one element on the stack (transfer(): no allocation on its path),
 // else a vector.
 template <class T>
@@ -395,6 +409,7 @@ struct Scratch {
 struct Transport::Work {
   bool live = false;      // no outcome yet: goes on to the next phase
   bool reserved = false;  // in preparing_ (its range counts as held)
+  bool built = false;     // prepared in the agent, and neither held_ nor an entry owns it yet
   std::uint64_t current = 0;  // the session it is for (session_for)
   std::uint64_t serial = 0;   // the session expose moved
   const char* refuse = nullptr;
@@ -404,8 +419,24 @@ struct Transport::Work {
 
 void Transport::transfer_batch(const TransferItem* items, std::size_t n, TransferOutcome* out) {
   if (n == 0) return;
+  // Every array the phases need, sized n, allocated here: an allocation failure after the entries exist
+  // (step 3) would leave entries no one owns (their sessions end Poisoned by the engine's timers, their
+  // ids stay refused).  What is left to fail after step 3 is a small allocation (a message, a map node).
   Scratch<Work> wk;
   Work* w = wk.get(n);
+  Scratch<std::uint64_t> id_s, serial_s, done_s;
+  Scratch<std::uint8_t> event_s;
+  Scratch<std::size_t> index_s;
+  Scratch<ApplyResult> result_s, got_s;
+  Scratch<std::optional<SessionInfo>> info_s;
+  std::uint64_t* ids = id_s.get(n);        // step 1: every item's id; step 4: the live ones'
+  std::uint64_t* serials = serial_s.get(n);
+  std::uint64_t* done = done_s.get(n);     // step 7: the completed in post; step 8: the watched
+  std::uint8_t* events = event_s.get(n);
+  std::size_t* index = index_s.get(n);
+  ApplyResult* r = result_s.get(n);
+  ApplyResult* g = got_s.get(n);
+  std::optional<SessionInfo>* info = info_s.get(n);
   auto fail = [&](std::size_t i, std::exception_ptr e) {
     out[i].error = std::move(e);
     w[i].live = false;
@@ -418,8 +449,40 @@ void Transport::transfer_batch(const TransferItem* items, std::size_t n, Transfe
     for (std::size_t i = 0; i < n; ++i) fail(i, std::make_exception_ptr(TransportError("transfer: transport " + name() + " is stopped")));
     return;
   }
+  struct Unprepare {  // every exit before the fourth phase (an exception in the first checks too) gives the reservations back
+    Transport* t;
+    const TransferItem* items;
+    Work* w;
+    std::size_t n;
+    ~Unprepare() {
+      bool any = false;  // (the usual case after phase 3: none, and no lock taken)
+      for (std::size_t i = 0; i < n && !any; ++i) any = w[i].reserved;
+      if (!any) return;
+      std::lock_guard<std::mutex> lk(t->mu_);
+      for (std::size_t i = 0; i < n; ++i) {
+        if (w[i].reserved) t->unprepare(items[i].req);
+      }
+    }
+  } reservation{this, items, w, n};
+  struct Unbuild {  // every exit between the second phase and the third's hand-over releases what was built
+    Transport* t;
+    const TransferItem* items;
+    Work* w;
+    std::size_t n;
+    ~Unbuild() {
+      for (std::size_t i = 0; i < n; ++i) {
+        if (!w[i].built) continue;
+        // prepared, never posted: nothing moved, which is the evidence (a failed release is retried)
+        try {
+          t->release_xfer(items[i].req, true);
+        } catch (...) {  // (an allocation for the retry: the request stays with the agent)
+        }
+      }
+    }
+  } built{this, items, w, n};
   {
-    std::lock_guard<std::mutex> lk(mu_);
+    std::lock_guard<std::mutex> lk(mu_);  // (released before `reservation` runs: declared after it)
+    vector_room(preparing_, n);  // the one growth of the loop below, before anything is reserved
     for (std::size_t i = 0; i < n; ++i) {
       const TransferItem& it = items[i];
       const std::uint64_t req = it.req;
@@ -454,33 +517,14 @@ void Transport::transfer_batch(const TransferItem* items, std::size_t n, Transfe
       w[i].reserved = w[i].live = true;
     }
   }
-  struct Unprepare {  // every exit before the fourth phase gives the reservations back
-    Transport* t;
-    const TransferItem* items;
-    Work* w;
-    std::size_t n;
-    ~Unprepare() {
-      bool any = false;  // (the usual case after phase 3: none, and no lock taken)
-      for (std::size_t i = 0; i < n && !any; ++i) any = w[i].reserved;
-      if (!any) return;
-      std::lock_guard<std::mutex> lk(t->mu_);
-      for (std::size_t i = 0; i < n; ++i) {
-        if (w[i].reserved) t->unprepare(items[i].req);
-      }
-    }
-  } reservation{this, items, w, n};
   // 1. The session each transfer is for (the one expose will move): its entry names it from the start, so
   //    a late abort or note of an earlier session of the id never applies to this one.  A local range in
   //    the engine's pool must lie inside the slot leased to this very session: the evidence rule protects
   //    that slot, not a neighbour's.  One lookup per item, all in one engine call.
   if (engine_) {
-    Scratch<std::optional<SessionInfo>> in;
-    std::optional<SessionInfo>* info = in.get(n);
     if (n == 1) {
       if (w[0].live) info[0] = engine_->info(items[0].req);
     } else {
-      Scratch<std::uint64_t> id;
-      std::uint64_t* ids = id.get(n);
       for (std::size_t i = 0; i < n; ++i) ids[i] = items[i].req;  // refused items: a harmless lookup
       engine_->info_batch(ids, n, info);
     }
@@ -496,11 +540,20 @@ void Transport::transfer_batch(const TransferItem* items, std::size_t n, Transfe
     if (!w[i].live) continue;
     const TransferItem& it = items[i];
     std::exception_ptr e = caught([&] { agent_->prepare(it.req, it.op, it.local, it.remote, *it.peer, it.tag); });
-    if (e) fail(i, std::move(e));
+    if (e) {
+      fail(i, std::move(e));
+    } else {
+      w[i].built = true;
+    }
   }
   // 3. The entries, and held_ takes over every reservation.
   {
     std::lock_guard<std::mutex> lk(mu_);
+    // Room for every insertion below, made before the first: a growth (a rehash) that fails throws here,
+    // with nothing changed yet.  (What can still fail in the loop is a map node: a small allocation.)
+    map_room(entries_, n);
+    map_room(held_, n);
+    if (engine_) vector_room(posted_pending_, n);
     // re-checked under mu_: stop() sets stopped_ before it collects the entries under mu_
     const bool stopped = stopped_.load();
     for (std::size_t i = 0; i < n; ++i) {
@@ -525,6 +578,7 @@ void Transport::transfer_batch(const TransferItem* items, std::size_t n, Transfe
           }
         }
         held_[req] = it.local;  // refused too: the prepared request holds the range until it is released
+        w[i].built = false;     // the entry (or, refused, the release below) has it now
       }
       if (w[i].reserved) {
         unprepare(it.req);  // held_ took over (or it was never prepared), in this same critical section
@@ -541,18 +595,11 @@ void Transport::transfer_batch(const TransferItem* items, std::size_t n, Transfe
   // 4. Expose (Advertised -> InFlight), in one engine call. A refused expose (cancelled, unknown) posts nothing.
   for (std::size_t i = 0; i < n; ++i) w[i].serial = w[i].current;
   if (engine_) {
-    Scratch<ApplyResult> rs;
-    ApplyResult* r = rs.get(n);
+    std::exception_ptr expose_error;  // the engine call itself threw (an allocation): which exposes it made is unknown
+    try {
     if (n == 1) {
       if (w[0].live) r[0] = engine_->apply(items[0].req, Event::expose, w[0].serial);
     } else {
-      Scratch<std::uint64_t> id, se;
-      Scratch<std::uint8_t> ev;
-      Scratch<std::size_t> at;
-      std::uint64_t* ids = id.get(n);
-      std::uint64_t* serials = se.get(n);
-      std::uint8_t* events = ev.get(n);
-      std::size_t* index = at.get(n);
       std::size_t m = 0;
       for (std::size_t i = 0; i < n; ++i) {
         if (!w[i].live) continue;
@@ -561,16 +608,19 @@ void Transport::transfer_batch(const TransferItem* items, std::size_t n, Transfe
         events[m] = static_cast<std::uint8_t>(Event::expose);
         index[m++] = i;
       }
-      Scratch<ApplyResult> got;
-      ApplyResult* g = got.get(m);
       if (m != 0) engine_->apply_batch(ids, events, serials, m, g);
       for (std::size_t k = 0; k < m; ++k) r[index[k]] = g[k];
+    }
+    } catch (...) {
+      expose_error = std::current_exception();
     }
     for (std::size_t i = 0; i < n; ++i) {
       if (!w[i].live) continue;
       const std::uint64_t req = items[i].req;
-      w[i].serial = r[i].serial;
-      if (r[i].status == Status::Moved) continue;
+      if (!expose_error) {
+        w[i].serial = r[i].serial;
+        if (r[i].status == Status::Moved) continue;
+      }
       std::vector<std::uint64_t> acks;
       {
         std::lock_guard<std::mutex> lk(mu_);
@@ -582,7 +632,20 @@ void Transport::transfer_batch(const TransferItem* items, std::size_t n, Transfe
       }
       release_xfer(req, true);  // prepared, never posted: nothing moved
       send_acks(*items[i].peer, req, acks);
-      fail(i, caught([&] { throw_refused(r[i], req, Event::expose); }));
+      if (expose_error) {
+        // a session the call did move is ended as never posted (the evidence): Quiesced(cancelled); one it
+        // did not stays as it was, the caller's to retry or cancel
+        (void)caught([&] {
+          const std::optional<SessionInfo> info_now = engine_->info(req);
+          if (info_now && info_now->serial == w[i].current && info_now->state == State::InFlight) {
+            (void)apply(req, Event::cancel, w[i].current);
+            (void)apply(req, Event::complete, w[i].current);
+          }
+        });
+        fail(i, expose_error);
+      } else {
+        fail(i, caught([&] { throw_refused(r[i], req, Event::expose); }));
+      }
     }
   }
   // 5. A cancel between expose and here (or the peer's stop) wins: never posted is evidence.  The same look
@@ -627,8 +690,6 @@ void Transport::transfer_batch(const TransferItem* items, std::size_t n, Transfe
       w[i].live = false;
     }
   };
-  Scratch<std::uint64_t> dn;  // (step 7's list, allocated before any entry is in post)
-  std::uint64_t* done = dn.get(n);
   std::uint64_t marks = 0;  // in_post_marks_ as of this look (step 6 compares before each post)
   {
     std::lock_guard<std::mutex> lk(mu_);
@@ -676,8 +737,13 @@ void Transport::transfer_batch(const TransferItem* items, std::size_t n, Transfe
       done[ndone++] = req;  // its entry stays ours (in_post) until finished below
     }
   }
-  // 7. Done inside the post: evidence, whoever asked (one `complete` call for them all).
-  finish_actives(done, ndone, true);
+  // 7. Done inside the post: evidence, whoever asked (one `complete` call for them all; should that call's
+  //    arrays fail to allocate, one call each, which needs none).
+  try {
+    finish_actives(done, ndone, true);
+  } catch (...) {
+    for (std::size_t k = 0; k < ndone; ++k) (void)caught([&] { finish_active(done[k], true); });
+  }
   // 8. The rest are in flight: from here remove_peer() and stop() take them themselves.
   std::size_t nwatch = 0;
   {
@@ -793,7 +859,7 @@ std::uint64_t Transport::expect(std::uint64_t req, const std::string& peer, cons
   if (stopped_.load()) throw TransportError("expect: transport " + name() + " is stopped");
   if (!local.valid()) {
     throw TransportError("expect: request " + std::to_string(req) +
-                         ": empty range, or one that wraps past the address space");
+                         ": empty range, or one that runs to or past the end of the address space");
   }
   std::uint64_t tag = 0;
   // the session this offer is for: an entry left by an earlier session of the id (ended, not swept yet)
@@ -894,8 +960,17 @@ void Transport::finish_actives(const std::uint64_t* reqs, std::size_t n, bool do
     std::string peer;
     std::uint64_t serial = 0;
   };
+  // Every array sized n allocated before the entries are taken (n == 1: none): an allocation failure
+  // after the erase below would leave requests that no one releases and sessions no one ends.
   Scratch<Fin> fs;
   Fin* f = fs.get(n);
+  Scratch<std::uint64_t> id_s, serial_s;
+  Scratch<std::uint8_t> event_s;
+  Scratch<ApplyResult> result_s;
+  std::uint64_t* ids = id_s.get(n);
+  std::uint64_t* serials = serial_s.get(n);
+  std::uint8_t* events = event_s.get(n);
+  ApplyResult* r = result_s.get(n);
   {
     std::lock_guard<std::mutex> lk(mu_);
     for (std::size_t i = 0; i < n; ++i) {
@@ -922,16 +997,9 @@ void Transport::finish_actives(const std::uint64_t* reqs, std::size_t n, bool do
   const Event ev = done ? Event::complete : Event::fail;
   if (engine_) {
     if (n == 1) {
-      const ApplyResult r = apply(reqs[0], ev, f[0].serial);
-      if (done && r.status == Status::Late) ctr_.late_evidence.fetch_add(1);
+      r[0] = apply(reqs[0], ev, f[0].serial);
+      if (done && r[0].status == Status::Late) ctr_.late_evidence.fetch_add(1);
     } else {
-      Scratch<std::uint64_t> id, se;
-      Scratch<std::uint8_t> evs;
-      Scratch<ApplyResult> rs;
-      std::uint64_t* ids = id.get(found);
-      std::uint64_t* serials = se.get(found);
-      std::uint8_t* events = evs.get(found);
-      ApplyResult* r = rs.get(found);
       std::size_t m = 0;
       for (std::size_t i = 0; i < n; ++i) {
         if (!f[i].found) continue;
@@ -939,9 +1007,15 @@ void Transport::finish_actives(const std::uint64_t* reqs, std::size_t n, bool do
         serials[m] = f[i].serial;
         events[m++] = static_cast<std::uint8_t>(ev);
       }
-      engine_->apply_batch(ids, events, serials, m, r);
-      for (std::size_t k = 0; k < m; ++k) {
-        if (done && r[k].status == Status::Late) ctr_.late_evidence.fetch_add(1);
+      try {
+        engine_->apply_batch(ids, events, serials, m, r);
+        for (std::size_t k = 0; k < m; ++k) {
+          if (done && r[k].status == Status::Late) ctr_.late_evidence.fetch_add(1);
+        }
+      } catch (...) {
+        // the engine's call failed (an allocation): one call each (one it applied answers Stay), so that
+        // no session whose request is released already waits for its timers
+        for (std::size_t k = 0; k < m; ++k) (void)caught([&] { (void)apply(ids[k], ev, serials[k]); });
       }
     }
   } else if (done) {

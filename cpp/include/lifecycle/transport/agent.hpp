@@ -34,8 +34,9 @@ struct Region {
   std::uint64_t dev_id = 0;
   MemKind kind = MemKind::Dram;
 
-  // Non-empty, and addr + len does not wrap past the end of the address space.
-  bool valid() const noexcept { return addr != 0 && len != 0 && len - 1 <= UINTPTR_MAX - addr; }
+  // Non-empty, and addr + len does not reach the end of the address space (a range ending at 2**64 made
+  // UCX's registration cache spin for ever in ucs_pgtable_search_range).
+  bool valid() const noexcept { return addr != 0 && len != 0 && len <= UINTPTR_MAX - addr; }
   // [r.addr, r.addr + r.len) lies inside this region (same kind and device), without overflow.
   bool contains(const Region& r) const noexcept {
     return kind == r.kind && dev_id == r.dev_id && r.addr >= addr && r.len <= len && r.addr - addr <= len - r.len;

@@ -18,7 +18,21 @@ static py::dict stats_dict(const PoolStats& s) {
   return d;
 }
 
+namespace {
+// The exporter behind a slot_view: it holds the pool's Python object, which keeps the engine (the owner
+// of the memory) alive, so a memoryview outliving every other reference still points at live bytes.
+struct SlotBuffer {
+  py::object pool;
+  void* data;
+  py::ssize_t len;
+};
+}  // namespace
+
 void register_pool(py::module_& m) {
+  py::class_<SlotBuffer>(m, "_SlotBuffer", py::buffer_protocol())
+      .def_buffer([](SlotBuffer& b) {
+        return py::buffer_info(b.data, 1, py::format_descriptor<std::uint8_t>::format(), 1, {b.len}, {1}, false);
+      });
   // The pool is owned by its engine; Python gets a non-owning view (keep_alive on the engine getter).
   py::class_<BufferPool, std::unique_ptr<BufferPool, py::nodelete>>(m, "BufferPool")
       .def("stats", [](const BufferPool& p) { return stats_dict(p.stats()); })
@@ -31,11 +45,14 @@ void register_pool(py::module_& m) {
         if (slot < 0 || slot >= p.num_slots()) throw InvalidArgumentError("slot", std::to_string(slot) + " out of range");
         return p.generation(static_cast<std::uint32_t>(slot));
       })
-      .def("slot_view", [](BufferPool& p, std::int64_t slot) {
+      .def("slot_view", [](py::object self, std::int64_t slot) {
+        BufferPool& p = self.cast<BufferPool&>();
         if (slot < 0 || slot >= p.num_slots()) throw InvalidArgumentError("slot", std::to_string(slot) + " out of range");
-        return py::memoryview::from_memory(p.data(static_cast<std::uint32_t>(slot)),
-                                           static_cast<py::ssize_t>(p.slot_size()), false);
-      }, "A writable memoryview of one slot's bytes (valid while the engine lives).")
+        // (from_memory kept nothing alive: a view used after its engine went wrote into freed memory)
+        py::object exporter = py::cast(SlotBuffer{self, p.data(static_cast<std::uint32_t>(slot)),
+                                                  static_cast<py::ssize_t>(p.slot_size())});
+        return py::memoryview(exporter);
+      }, "A writable memoryview of one slot's bytes; it keeps the engine alive.")
       .def_property_readonly("base_address", [](const BufferPool& p) { return reinterpret_cast<std::uintptr_t>(p.base()); })
       .def_property_readonly("nbytes", &BufferPool::bytes)
       .def_property_readonly("slot_size", &BufferPool::slot_size)

@@ -200,6 +200,8 @@ def _seconds_to_ns(name: str, value: float | None) -> int:
         return 0
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value < 0:
         raise InvalidArgument(name, f"expected seconds >= 0 or None, got {value!r}")
+    if value > 1e9:  # the engine's kMaxDurationNs (inf too: it overflowed the conversion)
+        raise InvalidArgument(name, f"expected at most 1e9 seconds (about 31.7 years), got {value!r}")
     return int(value * 1e9)
 
 

@@ -107,6 +107,9 @@ class Mem:
                                             "of the address space")
 
     def slice(self, offset: int, nbytes: int) -> Mem:
+        for name, v in (("offset", offset), ("nbytes", nbytes)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise InvalidArgument(name, f"expected an int, got {type(v).__name__}")
         if offset < 0 or nbytes <= 0 or offset + nbytes > self.nbytes:
             raise InvalidArgument("slice", f"[{offset}, {offset + nbytes}) outside [0, {self.nbytes})")
         return Mem(self.addr + offset, nbytes, self.kind, self.device)
@@ -117,6 +120,7 @@ class Mem:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Mem:
+        _check_bytes("descriptor", data)
         if len(data) != _DESC.size:
             raise InvalidArgument("descriptor", f"expected {_DESC.size} bytes, got {len(data)}")
         magic, addr, nbytes, kind, device = _DESC.unpack(data)
@@ -126,6 +130,11 @@ class Mem:
 
 
 _OFFER = struct.Struct("<4sQQBQQ")  # magic, addr, nbytes, kind, device, tag
+
+
+def _check_bytes(name: str, data) -> None:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise InvalidArgument(name, f"expected bytes, got {type(data).__name__}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +169,7 @@ class Offer:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Offer:
+        _check_bytes("offer", data)
         if len(data) != _OFFER.size:
             raise InvalidArgument("offer", f"expected {_OFFER.size} bytes, got {len(data)}")
         magic, addr, nbytes, kind, device, tag = _OFFER.unpack(data)
@@ -198,6 +208,8 @@ def mem_of(obj) -> Mem:
 
 def pool_slot(engine, request: int) -> Mem:
     """The pool slot leased to ``request``'s session (advertised with nbytes > 0)."""
+    if not isinstance(engine, _core.Engine):
+        raise InvalidArgument("engine", f"expected a TransferEngine, got {type(engine).__name__}")
     info = engine.info(request)
     if info.slot is None:
         raise InvalidArgument("request", f"request {request} holds no pool slot (advertise with nbytes > 0)")
@@ -305,10 +317,18 @@ class _Transport:
         m = mem_of(obj)
         rid = self._core.register_region(m.addr, m.nbytes, m.kind, m.device)
         self._regs[rid] = m
-        self._keep[rid] = obj
+        keep = obj
+        if not isinstance(obj, (Mem, _core.BufferPool)):
+            try:  # a buffer export held while registered: a bytearray cannot be resized (its memory moved) meanwhile
+                keep = (obj, memoryview(obj))
+            except TypeError:  # a tensor: its storage does not move
+                pass
+        self._keep[rid] = keep
         return Registration(rid, m)
 
     def deregister(self, reg: Registration) -> None:
+        if not isinstance(reg, Registration):
+            raise InvalidArgument("reg", f"expected the Registration register() returned, got {type(reg).__name__}")
         """Deregister; refused (TransportError) while the backend may still touch the memory: a transfer over
         it not released yet or released without evidence, a passive session, or (for an engine's pool) a
         slot that a session leases or that is quarantined.  Keep the memory alive until then."""
@@ -321,13 +341,18 @@ class _Transport:
                                      "their quiescence is unknown): keep it registered and alive")
         self._core.deregister_region(reg.region_id)
         self._regs.pop(reg.region_id, None)
-        self._keep.pop(reg.region_id, None)
+        kept = self._keep.pop(reg.region_id, None)
+        if isinstance(kept, tuple):
+            kept[1].release()  # the buffer may be resized again
 
     def metadata(self) -> bytes:
         """This agent's metadata (after registering): ship it to peers, who call add_peer()."""
         return self._core.metadata()
 
     def add_peer(self, metadata: bytes) -> str:
+        """Load a peer's metadata (its ``metadata()``); returns the peer's name, what transfers name it by."""
+        if not isinstance(metadata, (bytes, bytearray, memoryview)):  # (bytes(n) of an int made n zero bytes)
+            raise InvalidArgument("metadata", f"expected the peer's metadata as bytes, got {type(metadata).__name__}")
         return self._core.add_peer(bytes(metadata))
 
     def remove_peer(self, peer: str) -> None:
@@ -438,6 +463,11 @@ class _Transport:
         (a handler of its events threw: caught, the thread went on)."""
         return self._core.progress_stats()
 
+    def recent_failures(self) -> list[tuple[int, str]]:
+        """The last 64 transfers the backend failed, oldest first, as ``(request, reason)``: what NIXL (or the
+        loopback's copy) said.  The engine's ``fail`` event carries no text; look the reason up here."""
+        return self._core.recent_failures()
+
     def fault_stats(self) -> dict | None:
         return self._core.fault_stats()
 
@@ -475,6 +505,34 @@ def connect_all(*transports: _Transport) -> None:
 UNSAFE_ENV = "KV_LIFECYCLE_ALLOW_UNSAFE"  # "1": the test-only negative controls may be switched on
 
 
+def _check_name(name) -> None:
+    """An agent name: a non-empty str that UTF-8 can encode (a lone surrogate raised pybind11's bare
+    TypeError), without NUL (NIXL cut the name there: the peers saw another one)."""
+    if not isinstance(name, str):
+        raise InvalidArgument("name", f"expected a str, got {type(name).__name__}")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidArgument("name", f"{ascii(name)} cannot be encoded as UTF-8") from None
+    if "\0" in name:
+        raise InvalidArgument("name", f"{ascii(name)} holds a NUL character (NIXL would cut the name there)")
+
+
+def _faults_dict(faults) -> dict | None:
+    if faults is None:
+        return None
+    if not isinstance(faults, Faults):
+        raise InvalidArgument("faults", f"expected a Faults or None, got {type(faults).__name__}")
+    return asdict(faults)
+
+
+def _number(name: str, v) -> float:
+    """A number for the core (which checks its range): a str or None raised a bare float() error."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise InvalidArgument(name, f"expected a number, got {type(v).__name__}")
+    return float(v)
+
+
 def _check_unsafe(**flags: bool) -> None:
     """The ``unsafe_*`` flags break DESIGN §3 on purpose (negative controls for tests).  They are refused
     unless $KV_LIFECYCLE_ALLOW_UNSAFE is "1", so that no production configuration can turn them on by
@@ -493,10 +551,11 @@ class NixlTransport(_Transport):
     def __init__(self, engine, name: str, *, capi_path: str | None = None, faults: Faults | None = None,
                  unsafe_release_on_cancel: bool = False, ucx_params: dict[str, str] | None = None,
                  tick: float = 0.001, unsafe_ack_stop_at_once: bool = False):
+        _check_name(name)
         _check_unsafe(unsafe_release_on_cancel=unsafe_release_on_cancel, unsafe_ack_stop_at_once=unsafe_ack_stop_at_once)
         path = capi_path or nixl_capi_path()
         core = _core._Transport.nixl(engine, name, path, unsafe_release_on_cancel,
-                                     None if faults is None else asdict(faults),
+                                     _faults_dict(faults),
                                      list((ucx_params or {}).items()), False, tick, unsafe_ack_stop_at_once)
         super().__init__(core, engine, faults)
 
@@ -508,9 +567,11 @@ class LoopbackTransport(_Transport):
     def __init__(self, engine, name: str, *, bytes_per_second: float = 0.0, latency: float = 0.0,
                  faults: Faults | None = None, unsafe_release_on_cancel: bool = False, tick: float = 0.001,
                  unsafe_ack_stop_at_once: bool = False):
+        _check_name(name)
         _check_unsafe(unsafe_release_on_cancel=unsafe_release_on_cancel, unsafe_ack_stop_at_once=unsafe_ack_stop_at_once)
-        core = _core._Transport.loopback(engine, name, float(bytes_per_second), float(latency),
-                                         unsafe_release_on_cancel, None if faults is None else asdict(faults),
+        core = _core._Transport.loopback(engine, name, _number("bytes_per_second", bytes_per_second),
+                                         _number("latency", latency),
+                                         unsafe_release_on_cancel, _faults_dict(faults),
                                          tick, unsafe_ack_stop_at_once)
         super().__init__(core, engine, faults)
 

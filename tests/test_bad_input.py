@@ -81,6 +81,9 @@ def test_sizes():
         ({"cancel_grace": "soon"}, "cancel_grace"),
         ({"progress_deadline": 0}, "progress_deadline"),
         ({"quarantine_budget": 1.5}, "quarantine_budget"),
+        ({"transfer_timeout": 9e9}, "transfer_timeout"),  # 9e9 s made a fresh session's deadline wrap
+        ({"cancel_grace": float("inf")}, "cancel_grace"),
+        ({"progress_deadline": 1e9 + 1}, "progress_deadline"),
         ({"clock": object()}, "clock"),
     ],
 )
@@ -201,6 +204,55 @@ def test_the_boundary_survives_garbage_in_a_fresh_process():
     assert r.returncode == 0 and "survived" in r.stdout, r.stderr[-2000:]
 
 
+def test_the_longest_durations_are_accepted_and_stay_healthy():
+    """1e9 s is the cap: every timer at it, a session is made and health stays ok (a sum of two of them and a
+    clock reading stays inside int64).  The C++ constructor checks the same cap for a caller of _core."""
+    e = TransferEngine(transfer_timeout=1e9, cancel_grace=1e9, progress_deadline=1e9)
+    e.advertise(1, "sender")
+    assert e.post(1, "expose")
+    e.poll()
+    e.tick()
+    h = e.health()
+    assert h.healthy and not h.reasons and e.state(1) == "InFlight", h
+    from lifecycle import _core
+    with pytest.raises(InvalidArgument) as ei:
+        _core.Engine(10**9, 10**9, 10**18 + 1, 0, 0, 0, 0, 1)
+    assert ei.value.argument == "progress_deadline"
+
+
+def test_new_without_init_is_refused_in_a_fresh_process():
+    """``X.__new__(X)`` made an object with no C++ state behind it, and its first method call dereferenced
+    null (SIGSEGV) for every class of _core and for TransferEngine.  Every class now refuses it with a
+    TypeError naming it.  A child process runs it, so a crash is a failed assert.  Negative control (seen):
+    without guard.cpp's tp_new the child dies with -11 on Engine._counters()."""
+    code = (
+        "import lifecycle\n"
+        "from lifecycle import _core\n"
+        "classes = [v for v in vars(_core).values() if isinstance(v, type) and not issubclass(v, BaseException)]\n"
+        "classes.append(lifecycle.TransferEngine)\n"
+        "assert {'Engine', '_Transport', 'AuditReplay', 'ManualClock', 'BufferPool'} <= {c.__name__ for c in classes}\n"
+        "for cls in classes:\n"
+        "    try:\n"
+        "        o = cls.__new__(cls)\n"
+        "    except TypeError as e:\n"
+        "        assert cls.__name__ in str(e), e\n"
+        "        print('refused', cls.__name__)\n"
+        "        continue\n"
+        "    for n in dir(o):\n"
+        "        try:\n"
+        "            v = getattr(o, n)\n"
+        "            if callable(v) and not n.startswith('__'): v()\n"
+        "        except Exception: pass\n"
+        "    print('made', cls.__name__)\n"
+        "c = _core.ManualClock(7)\n"
+        "assert c.now_ns() == 7 and lifecycle.TransferEngine().live_sessions() == 0\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+    made = [line for line in r.stdout.splitlines() if line.startswith("made")]
+    assert not made and r.stdout.count("refused") >= 9, r.stdout
+
+
 @pytest.mark.parametrize("spin, why", [(-1e-6, "expected seconds >= 0"), (float("nan"), "expected seconds >= 0"),
                                        ("1", "expected seconds >= 0"), (2.0, "must be in \\[0, 1\\] seconds")])
 def test_wait_spin_rejected(spin, why):
@@ -223,3 +275,80 @@ def test_wait_spin_any_valid_value_still_wakes_drain(spin):
         got = e.drain(5.0)
     timer.join()
     assert [(t.request, t.to_state.value) for t in got] == [(1, "Quiesced")]
+
+
+def test_raw_core_transfer_batch_and_fault_options_name_the_bad_field():
+    """The binding's own checks, under the Python layer: an item or a fault option of the wrong type raised
+    pybind11's bare RuntimeError ("Unable to cast Python instance ...") naming no field.  Now InvalidArgument
+    names the item, the field and what it expected.  Control: a well-formed item gets past the parse to the
+    engine (which has no session 1: its own UnknownRequest, in the item's place)."""
+    from lifecycle import UnknownRequest, _core
+
+    e = TransferEngine(num_slots=1, slot_size=4096)
+    t = _core._Transport.loopback(e, "raw-batch", 0.0, 0.0, False, None, 0.001, False)
+    try:
+        good = (1, "read", 4096, 16, "dram", 0, "nobody", 8192, "dram", 0, 0)
+        cases = [
+            ([good[:5]], r"item 0: expected 11 fields, got 5"),
+            ([good, [1, 2]], r"item 1: expected a tuple, got list"),
+            ([good[:2] + ("addr",) + good[3:]], r"item 0: field local_addr \(2\) is a str, expected an int"),
+            ([good[:6] + (7,) + good[7:]], r"item 0: field peer \(6\) is a int, expected a str"),
+            ([good[:10] + (-1,)], r"item 0: field tag \(10\) is a int, expected an int in \[0, 2\*\*64\)"),
+            ([good[:10] + (None,)], r"item 0: field tag \(10\) is a NoneType"),
+        ]
+        for items, why in cases:
+            with pytest.raises(InvalidArgument, match=r"^invalid transfers: " + why):
+                t.transfer_batch(items)
+        [res] = t.transfer_batch([good])
+        assert isinstance(res, UnknownRequest), res
+    finally:
+        t.stop()
+    for faults, arg in (([("error", 1.0)], "faults"), ({"error": "often"}, "error"), ({"seed": -1}, "seed"),
+                        ({"delay_s": None}, "delay_s")):
+        with pytest.raises(InvalidArgument) as ei:
+            _core._Transport.loopback(e, "raw-faults", 0.0, 0.0, False, faults, 0.001, False)
+        assert ei.value.argument == arg, (faults, ei.value)
+
+
+def test_the_transport_facade_names_what_was_wrong():
+    """Found by fuzzing the Python layer: these raised bare TypeError / ValueError / AttributeError
+    (float() of a str, asdict() of a non-dataclass, len() of an int, 'str' < 'int', ...) that named no
+    argument.  Each is InvalidArgument naming it now.  Control: the right types work."""
+    from lifecycle import _core
+    from lifecycle.transport import Faults, LoopbackTransport, Mem, NixlTransport, Offer, pool_slot
+
+    cases = [
+        (lambda: LoopbackTransport(None, "fz", bytes_per_second="fast"), "bytes_per_second"),
+        (lambda: LoopbackTransport(None, "fz", latency=None), "latency"),
+        (lambda: LoopbackTransport(None, "fz", faults={"error": 1.0}), "faults"),
+        (lambda: Mem.from_bytes(29), "descriptor"),
+        (lambda: Offer.from_bytes(None), "offer"),
+        (lambda: Mem(4096, 64).slice("0", 4), "offset"),
+        (lambda: Mem(4096, 64).slice(0, 4.0), "nbytes"),
+        (lambda: pool_slot("engine", 1), "engine"),
+        # agent names: NIXL cut one at its NUL (the peers saw "a"); a lone surrogate was pybind11's TypeError
+        (lambda: LoopbackTransport(None, "a\0b"), "name"),
+        (lambda: NixlTransport(None, "a\0b"), "name"),
+        (lambda: LoopbackTransport(None, "\udcff"), "name"),
+        (lambda: NixlTransport(None, 7), "name"),
+        (lambda: _core._Transport.loopback(None, "a\0b", 0.0, 0.0, False, None, 0.001, False), "name"),
+    ]
+    for make, arg in cases:
+        with pytest.raises(InvalidArgument) as ei:
+            make()
+        assert ei.value.argument == arg, (arg, ei.value)
+    e = TransferEngine(num_slots=1, slot_size=4096)
+    t = LoopbackTransport(e, "fz-ok", bytes_per_second=1 << 20, latency=0, faults=Faults(seed=3))
+    try:
+        reg = t.register(e.pool)
+        with pytest.raises(InvalidArgument) as ei:
+            t.deregister(reg.region_id)
+        assert ei.value.argument == "reg"
+        t.deregister(reg)
+        m = Mem(4096, 64)
+        assert Mem.from_bytes(m.to_bytes()) == m and Offer.from_bytes(Offer(m, 9).to_bytes()) == Offer(m, 9)
+        assert m.slice(8, 4) == Mem(4104, 4)
+        e.advertise(1, "receiver", 16)
+        assert pool_slot(e, 1).nbytes == 4096
+    finally:
+        t.stop()

@@ -64,7 +64,9 @@ def test_peer_sigkill_mid_transfer_every_session_terminal_in_time_then_fresh_pee
         reqs = []
         # (c) exposed to the child, which never posts (passive here, no evidence will ever come); first,
         # so that its fill does not delay the kill behind the transfers below
-        me.t.expect(5, peer, me.advertise(5, "sender", n, pattern(n, 5)))
+        src5 = me.advertise(5, "sender", n, pattern(n, 5))
+        t_exposed5 = time.monotonic()  # before its expose: its timer fires at t_exposed5 + timeout or later
+        me.t.expect(5, peer, src5)
         reqs.append(5)
         # (a) we READ from the child (active here)
         for req in (1, 2):
@@ -85,6 +87,7 @@ def test_peer_sigkill_mid_transfer_every_session_terminal_in_time_then_fresh_pee
             reqs.append(req)
         proc.join(10)
         assert proc.exitcode == -signal.SIGKILL, proc.exitcode
+        t_dead = time.monotonic()  # the child died before this
 
         bound = timeout + grace + 1.0
         states = {}
@@ -94,7 +97,13 @@ def test_peer_sigkill_mid_transfer_every_session_terminal_in_time_then_fresh_pee
         elapsed = time.monotonic() - t_kill
         assert elapsed <= bound, f"sessions took {elapsed:.2f}s > {bound}s"
         assert set(states.values()) <= {State.Quiesced, State.Poisoned}, states
-        assert states[5] is State.Poisoned  # never any evidence
+        # 5 never gets evidence if the child died before 5's timer fired: the stop it sends then finds no
+        # one.  Under load the posts above took longer than the timeout once: the stop reached the live
+        # child, which holds no session 5 and answered quiesced (it never posts that offer: evidence).
+        if t_dead < t_exposed5 + timeout:
+            assert states[5] is State.Poisoned, states
+        else:
+            assert states[5] is State.Poisoned or me.t.stats().quiesced_received >= 1, (states, me.t.stats())
         # The last transfer's peer died right after its post, before its DONE could go out: no evidence,
         # Poisoned (its bytes may even all be there: data in the socket outlives the sender, the DONE
         # does not).  Any session whose bytes did not all arrive was moving when the peer died and is

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from lifecycle import CancelResult, IllegalTransition, NixlUnavailable, Outcome, State, TransferEngine, TransportError
+from lifecycle import CancelResult, IllegalTransition, InvalidArgument, NixlUnavailable, Outcome, State, TransferEngine, TransportError
 from lifecycle import _core
 from lifecycle.transport import ENV_CAPI, Faults, Mem, NixlTransport, Offer, connect_all, nixl_capi_path
 
@@ -300,3 +300,33 @@ def test_one_request_id_reused_round_after_round_over_nixl(mode):
     finally:
         snd.close()
         rcv.close()
+
+
+@needs_nixl
+def test_a_peer_name_that_is_not_utf8_is_refused_with_a_typed_error():
+    """Metadata whose agent name is not UTF-8 loaded, and the name's way back to Python raised a bare
+    UnicodeDecodeError -- with the peer loaded and unnameable.  add_peer now refuses it: InvalidArgument
+    naming the metadata and showing the name escaped, and the peer is unloaded again.  Each case is the
+    metadata of a real agent with its name's last three bytes replaced in place (same length).  Control: the
+    untouched metadata loads and names the agent.  Metadata that is not bytes is refused too (an int made
+    bytes(n), n zero bytes)."""
+    good = "kvlc-utf8-XYZ"
+    a = NixlTransport(TransferEngine(num_slots=1, slot_size=4096), "kvlc-utf8-loader")
+    b = NixlTransport(TransferEngine(num_slots=1, slot_size=4096), good)
+    try:
+        a.register(a.engine.pool)
+        b.register(b.engine.pool)
+        md = b.metadata()
+        assert md.count(good.encode()) == 1
+        for bad in (b"\xff\xfe!", b"\xed\xa0\x80", b"\xc0\x80!", b"Y\xe2\x82"):
+            crafted = md.replace(good.encode(), good.encode()[:-3] + bad)
+            with pytest.raises(InvalidArgument, match=r"^invalid metadata: the peer's agent name 'kvlc-utf8-.*\\x"
+                                                      r"[0-9a-f]{2}.*' is empty, not UTF-8, or holds a NUL byte"):
+                a.add_peer(crafted)
+        for bad in (12345, "text", None):
+            with pytest.raises(InvalidArgument, match=r"^invalid metadata: expected the peer's metadata as bytes"):
+                a.add_peer(bad)
+        assert a.add_peer(md) == good  # the control
+    finally:
+        a.stop()
+        b.stop()

@@ -292,8 +292,33 @@ def test_wait_terminal_returns_the_terminal_state():
 def test_manual_clock_never_goes_backwards():
     c = ManualClock(10)
     c.set(5)
-    c.advance(-3)
     assert c.now_ns() == 10
+    with pytest.raises(InvalidArgument, match=r"^invalid delta_ns: a clock never goes back, got -3$"):
+        c.advance(-3)
+    assert c.now_ns() == 10
+
+
+def test_manual_clock_stays_where_deadlines_cannot_wrap():
+    """A ManualClock set near 2**63 made now + a timer wrap negative: a fresh session's deadline lay in the
+    past (expired at once) and next_deadline_ns() went negative.  Readings are capped at 2**62 now, and the
+    durations at 1e9 s, so every sum the engine makes stays inside int64."""
+    top = 1 << 62
+    for bad in (-1, top + 1, (1 << 63) - 1):
+        with pytest.raises(InvalidArgument, match=r"^invalid start_ns: expected ns in \[0, 2\*\*62\]"):
+            ManualClock(bad)
+    c = ManualClock(top - 5)
+    with pytest.raises(InvalidArgument, match=r"^invalid delta_ns: the clock would pass 2\*\*62 ns"):
+        c.advance(6)
+    with pytest.raises(InvalidArgument, match=r"^invalid t_ns"):
+        c.set(top + 1)
+    assert c.now_ns() == top - 5
+    c.advance(5)
+    assert c.now_ns() == top
+    e = TransferEngine(clock=c, transfer_timeout=1e9, cancel_grace=1e9, progress_deadline=1e9)
+    e.advertise(1, "sender")
+    e.post(1, "expose")
+    e.poll()
+    assert e.next_deadline_ns() == top + 10**18 and e.tick() == 0 and e.state(1) is State.InFlight
 
 
 def test_the_suite_wide_schema_check_rejects_a_broken_event(engine):

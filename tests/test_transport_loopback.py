@@ -4,6 +4,8 @@ fault test is seeded; the seed is in every failure message so a failing run repl
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -153,7 +155,7 @@ def test_passive_negative_control_detects_a_peer_that_acks_stop_before_its_done(
             slot = a.engine.info(1).slot
             time.sleep(0.005)
             assert a.engine.cancel(1) is CancelResult.CancelRequestedInFlight
-            assert a.wait(1) is State.Quiesced
+            st = a.wait(1); assert st is State.Quiesced, (st, a.engine.info(1))
             assert a.engine.terminate(1) is TerminateResult.Terminated
             view = a.engine.pool.slot_view(slot)
             view[:n] = b"\xee" * n
@@ -176,7 +178,7 @@ def test_loopback_negative_control_detects_late_write():
             _, _, res = run(a, b, names, 1, "read", n, wait=False)
             slot = a.engine.info(1).slot
             a.engine.cancel(1)
-            assert a.wait(1) is State.Quiesced
+            st = a.wait(1); assert st is State.Quiesced, (st, a.engine.info(1))
             assert a.engine.terminate(1) is TerminateResult.Terminated
             view = a.engine.pool.slot_view(slot)
             view[:n] = b"\xee" * n
@@ -200,6 +202,9 @@ def test_fault_error_poisons_active_side_and_denies_quiesced_ack():
         a.engine.terminate(1)
         assert a.engine.pool.stats()["quarantined"] == 1
         assert a.t.fault_stats()["errors"] == 1
+        # the backend's reason is kept (the engine's fail event carries none); b saw no failure
+        assert a.t.recent_failures() == [(1, "loopback transfer status error -2")], f"seed={f.seed}"
+        assert b.t.recent_failures() == []
     finally:
         a.close()
         b.close()
@@ -683,3 +688,76 @@ def test_an_offered_range_whose_transfer_ended_without_evidence_stays_registered
     finally:
         a.close()
         b.close()
+
+
+def test_a_registered_buffer_cannot_move():
+    """A bytearray resized while registered moved its memory and left the registration pointing at the
+    old bytes (a later copy: SIGSEGV, or silent writes into the heap).  The registration holds an export of
+    the buffer now, so the resize is refused until it is deregistered.  Negative control (seen): without the
+    export the resize goes through and the first ``pytest.raises`` fails."""
+    t = LoopbackTransport(None, "no-move")
+    try:
+        buf = bytearray(4096)
+        reg = t.register(buf)
+        with pytest.raises(BufferError):
+            buf.extend(b"y" * (64 << 20))
+        with pytest.raises(BufferError):
+            del buf[:]
+        t.deregister(reg)
+        buf.extend(b"y" * 16)  # deregistered: the buffer is the caller's again
+        assert len(buf) == 4096 + 16
+    finally:
+        t.stop()
+
+
+def test_a_copy_from_or_into_unmapped_memory_fails_the_transfer_instead_of_crashing():
+    """A raw ``Mem`` the caller registered but does not own readable (or writable) memory at: the loopback's
+    memcpy took SIGSEGV on its worker thread and killed the process.  The copy goes through the kernel now
+    (process_vm_readv on this process): the transfer fails with EFAULT named in its reason, nothing crashes,
+    and the next transfer works.  Both directions: READ from a PROT_NONE range at the peer, WRITE into a
+    read-only one.  A child process runs it, so a crash is a failed assert.  Negative control (seen): with
+    memcpy back in loopback.cpp the child dies with -11."""
+    code = r'''
+import ctypes, mmap, sys
+sys.path.insert(0, "tests")
+from test_transport_loopback import pair
+from test_transport_harness import pattern
+from lifecycle import State
+from lifecycle.transport import Mem, Offer
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+def mapping(prot):
+    p = libc.mmap(None, 8192, prot, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    assert p not in (None, ctypes.c_void_p(-1).value)
+    return Mem(p, 8192)
+a, b, (b_at_a, a_at_b) = pair()
+try:
+    hole = mapping(0)  # PROT_NONE
+    b.t.register(hole)
+    dst = a.advertise(1, "receiver", 8192, 0)
+    a.t.read(1, dst, b_at_a, Offer(hole, 0))
+    assert a.wait(1) is State.Poisoned  # a failure is no evidence (DESIGN 2): its slot is quarantined
+    print("read:", a.engine.outcome(1), a.t.recent_failures())
+    ro = mapping(mmap.PROT_READ)
+    a.t.register(ro)
+    src = b.advertise(2, "sender", 8192, pattern(8192, 2))
+    b.t.write(2, src, a_at_b, Offer(ro, 0))
+    assert b.wait(2) is State.Poisoned
+    print("write:", b.engine.outcome(2), b.t.recent_failures())
+    dst3 = a.advertise(3, "receiver", 8192, 0)
+    src3 = b.advertise(3, "sender", 8192, pattern(8192, 3))
+    a.t.read(3, dst3, b_at_a, b.t.expect(3, a_at_b, src3))
+    assert a.wait(3) is State.Quiesced and bytes(a.view(3, 8192)) == pattern(8192, 3)
+    print("then ok")
+finally:
+    a.close()
+    b.close()
+'''
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 0, (r.returncode, r.stdout[-2000:], r.stderr[-3000:])
+    lines = [line for line in r.stdout.splitlines() if line.startswith(("read:", "write:", "then ok"))]
+    assert [line.split(":")[0] for line in lines] == ["read", "write", "then ok"], r.stdout
+    for line, req in zip(lines[:2], (1, 2)):
+        assert "failed" in line.lower() and f"loopback copy for request {req} faulted near byte 0: Bad address" in line, line

@@ -6,11 +6,11 @@ namespace py = pybind11;
 namespace lifecycle::bindings {
 
 void register_clock(py::module_& m) {
-  py::class_<Clock, std::shared_ptr<Clock>>(m, "Clock").def("now_ns", &Clock::now_ns);
-  py::class_<SteadyClock, Clock, std::shared_ptr<SteadyClock>>(m, "SteadyClock").def(py::init<>());
+  py::class_<Clock, std::shared_ptr<Clock>>(m, "Clock", guarded_metaclass(), guarded_new_setup()).def("now_ns", &Clock::now_ns);
+  py::class_<SteadyClock, Clock, std::shared_ptr<SteadyClock>>(m, "SteadyClock", guarded_metaclass(), guarded_new_setup()).def(py::init<>());
   m.def("steady_source", &steady_source, "Where SteadyClock reads CLOCK_MONOTONIC from: 'tsc' or 'monotonic'.");
   m.def("monotonic_ns", &monotonic_ns, "CLOCK_MONOTONIC through clock_gettime, ns.");
-  py::class_<ManualClock, Clock, std::shared_ptr<ManualClock>>(m, "ManualClock")
+  py::class_<ManualClock, Clock, std::shared_ptr<ManualClock>>(m, "ManualClock", guarded_metaclass(), guarded_new_setup())
       .def(py::init<std::int64_t>(), py::arg("start_ns") = 0)
       .def("advance", &ManualClock::advance, py::arg("delta_ns"))
       .def("set", &ManualClock::set, py::arg("t_ns"));

@@ -138,7 +138,7 @@ void register_engine(py::module_& m) {
   m.attr("RECORD_SIZE") = sizeof(Record);
   m.attr("RECORD_FORMAT") = "<QqIIBBBBBBBBQ";  // ... deferred, result, seq
 
-  py::class_<Engine, std::shared_ptr<Engine>>(m, "Engine")
+  py::class_<Engine, std::shared_ptr<Engine>>(m, "Engine", guarded_metaclass(), guarded_new_setup())
       .def(py::init([](std::int64_t transfer_timeout_ns, std::int64_t cancel_grace_ns, std::int64_t progress_deadline_ns,
                        std::int64_t quarantine_budget, std::int64_t num_slots, std::int64_t slot_size,
                        std::int64_t tombstones, std::int64_t shards, std::shared_ptr<Clock> clock,

@@ -29,12 +29,12 @@ struct SlotBuffer {
 }  // namespace
 
 void register_pool(py::module_& m) {
-  py::class_<SlotBuffer>(m, "_SlotBuffer", py::buffer_protocol())
+  py::class_<SlotBuffer>(m, "_SlotBuffer", py::buffer_protocol(), guarded_metaclass(), guarded_new_setup())
       .def_buffer([](SlotBuffer& b) {
         return py::buffer_info(b.data, 1, py::format_descriptor<std::uint8_t>::format(), 1, {b.len}, {1}, false);
       });
   // The pool is owned by its engine; Python gets a non-owning view (keep_alive on the engine getter).
-  py::class_<BufferPool, std::unique_ptr<BufferPool, py::nodelete>>(m, "BufferPool")
+  py::class_<BufferPool, std::unique_ptr<BufferPool, py::nodelete>>(m, "BufferPool", guarded_metaclass(), guarded_new_setup())
       .def("stats", [](const BufferPool& p) { return stats_dict(p.stats()); })
       .def("slot_state", [](const BufferPool& p, std::int64_t slot) {
         if (slot < 0 || slot >= p.num_slots()) throw InvalidArgumentError("slot", std::to_string(slot) + " out of range");

@@ -56,8 +56,21 @@ std::chrono::microseconds seconds_opt(const char* name, double v, double lo, dou
   return std::chrono::microseconds(static_cast<std::int64_t>(v * 1e6));
 }
 
+// An agent's name goes to NIXL as a C string: one holding a NUL was cut there (the peers saw another name).
+void check_agent_name(const std::string& name) {
+  if (name.empty()) throw InvalidArgumentError("name", "must not be empty");
+  if (name.find('\0') != std::string::npos) {
+    throw InvalidArgumentError("name", "must not hold a NUL character (NIXL would cut the name there)");
+  }
+}
+
 double get_f(const py::dict& d, const char* k, double dflt) {
-  return d.contains(k) ? d[k].cast<double>() : dflt;
+  if (!d.contains(k)) return dflt;
+  try {
+    return d[k].cast<double>();
+  } catch (const py::cast_error&) {
+    throw InvalidArgumentError(k, std::string("expected a number, got a ") + Py_TYPE(d[k].ptr())->tp_name);
+  }
 }
 
 double probability(const py::dict& d, const char* k) {
@@ -68,9 +81,17 @@ double probability(const py::dict& d, const char* k) {
 
 std::unique_ptr<tp::Agent> maybe_faulty(std::unique_ptr<tp::Agent> agent, const py::object& faults) {
   if (faults.is_none()) return agent;
+  if (!py::isinstance<py::dict>(faults)) {
+    throw InvalidArgumentError("faults", std::string("expected a dict of fault options, got a ") +
+                                             Py_TYPE(faults.ptr())->tp_name);
+  }
   py::dict d = faults.cast<py::dict>();
   tp::FaultOptions f;
-  f.seed = d.contains("seed") ? d["seed"].cast<std::uint64_t>() : 0;
+  try {
+    f.seed = d.contains("seed") ? d["seed"].cast<std::uint64_t>() : 0;
+  } catch (const py::cast_error&) {
+    throw InvalidArgumentError("seed", "expected an int in [0, 2**64)");
+  }
   f.delay = probability(d, "delay");
   f.delay_for = seconds_opt("delay_s", get_f(d, "delay_s", 0.002), 0, 3600);
   f.error = probability(d, "error");
@@ -141,12 +162,12 @@ void register_transport(py::module_& m) {
   }, py::arg("path"), "Load libnixl_capi.so (the env override applies) and resolve every symbol; "
                       "returns the path used. Raises NixlUnavailable.");
 
-  py::class_<tp::Transport>(m, "_Transport")
+  py::class_<tp::Transport>(m, "_Transport", guarded_metaclass(), guarded_new_setup())
       .def_static("nixl", [](std::shared_ptr<Engine> engine, const std::string& name, const std::string& capi_path,
                              bool unsafe_release_on_cancel, const py::object& faults,
                              const std::vector<std::pair<std::string, std::string>>& ucx_params,
                              bool nixl_progress_thread, double tick_s, bool unsafe_ack_stop_at_once) {
-             if (name.empty()) throw InvalidArgumentError("name", "must not be empty");
+             check_agent_name(name);
              const tp::TransportOptions topts = options(unsafe_release_on_cancel, unsafe_ack_stop_at_once, tick_s);
              std::unique_ptr<tp::Transport> t;
              std::unique_ptr<tp::Agent> agent;
@@ -172,7 +193,7 @@ void register_transport(py::module_& m) {
       .def_static("loopback", [](std::shared_ptr<Engine> engine, const std::string& name, double bytes_per_second,
                                  double latency_s, bool unsafe_release_on_cancel, const py::object& faults,
                                  double tick_s, bool unsafe_ack_stop_at_once) {
-             if (name.empty()) throw InvalidArgumentError("name", "must not be empty");
+             check_agent_name(name);
              tp::LoopbackOptions o;
              o.name = name;
              const tp::TransportOptions topts = options(unsafe_release_on_cancel, unsafe_ack_stop_at_once, tick_s);
@@ -240,20 +261,37 @@ void register_transport(py::module_& m) {
              const std::size_t n = items.size();
              std::vector<std::string> peers(n);
              std::vector<tp::TransferItem> xs(n);
+             static const char* const kFields[11] = {"request", "op", "local_addr", "nbytes", "local_kind",
+                                                     "local_device", "peer", "remote_addr", "remote_kind",
+                                                     "remote_device", "tag"};
              for (std::size_t i = 0; i < n; ++i) {
-               const py::tuple it = py::cast<py::tuple>(items[i]);
+               if (!py::isinstance<py::tuple>(items[i])) {
+                 throw InvalidArgumentError("transfers", "item " + std::to_string(i) + ": expected a tuple, got " +
+                                                             std::string(Py_TYPE(items[i].ptr())->tp_name));
+               }
+               const py::tuple it = items[i].cast<py::tuple>();
                if (it.size() != 11) {
                  throw InvalidArgumentError("transfers", "item " + std::to_string(i) + ": expected 11 fields, got " +
                                                              std::to_string(it.size()));
                }
-               const auto len = it[3].cast<std::uint64_t>();
-               peers[i] = it[6].cast<std::string>();
-               xs[i] = tp::TransferItem{it[0].cast<std::uint64_t>(), to_op(it[1].cast<std::string>()),
-                                        region(it[2].cast<std::uint64_t>(), len, it[4].cast<std::string>(),
-                                               it[5].cast<std::uint64_t>()),
-                                        region(it[7].cast<std::uint64_t>(), len, it[8].cast<std::string>(),
-                                               it[9].cast<std::uint64_t>()),
-                                        &peers[i], it[10].cast<std::uint64_t>()};
+               std::size_t k = 0;  // the field being read: named when its cast fails
+               try {
+                 auto u64 = [&](std::size_t f) { k = f; return it[f].cast<std::uint64_t>(); };
+                 auto str = [&](std::size_t f) { k = f; return it[f].cast<std::string>(); };
+                 const auto len = u64(3);
+                 peers[i] = str(6);
+                 const std::uint64_t req = u64(0);
+                 const tp::XferOp op = to_op(str(1));
+                 const tp::Region local = region(u64(2), len, str(4), u64(5));
+                 const tp::Region remote = region(u64(7), len, str(8), u64(9));
+                 xs[i] = tp::TransferItem{req, op, local, remote, &peers[i], u64(10)};
+               } catch (const py::cast_error&) {
+                 throw InvalidArgumentError("transfers", "item " + std::to_string(i) + ": field " + kFields[k] + " (" +
+                                                             std::to_string(k) + ") is a " +
+                                                             std::string(Py_TYPE(it[k].ptr())->tp_name) + ", expected " +
+                                                             (k == 1 || k == 4 || k == 6 || k == 8 ? "a str"
+                                                                                                 : "an int in [0, 2**64)"));
+               }
              }
              std::vector<tp::TransferOutcome> out(n);
              {
@@ -320,6 +358,15 @@ void register_transport(py::module_& m) {
              d["disconnects"] = s.disconnects; d["never_completes"] = s.never_completes; d["dropped"] = s.dropped;
              d["duplicated"] = s.duplicated; d["release_failures"] = s.release_failures;
              return d;
+           })
+      .def("recent_failures", [](const tp::Transport& t) {
+             py::list out;
+             for (const auto& [req, why] : t.recent_failures()) {
+               PyObject* text = PyUnicode_DecodeUTF8(why.data(), static_cast<Py_ssize_t>(why.size()), "replace");
+               if (text == nullptr) throw py::error_already_set();
+               out.append(py::make_tuple(req, py::reinterpret_steal<py::str>(text)));
+             }
+             return out;
            })
       .def("completions", &tp::Transport::completions)
       .def("wait_completions", [](tp::Transport& t, std::uint64_t n, double timeout_s) {

@@ -7,6 +7,10 @@ namespace lifecycle::bindings {
 // The Python exception object (lifecycle.errors) for one of the library's C++ errors; None for another
 // exception.  The exception translator raises it; batch calls return it in the item's place.
 pybind11::object error_object(std::exception_ptr p);
+// Extra py::class_ arguments every class here takes: X.__new__(X) without X(...) raises TypeError instead of
+// making an object whose methods crash (guard.cpp).
+pybind11::metaclass guarded_metaclass();
+pybind11::custom_type_setup guarded_new_setup();
 void register_errors(pybind11::module_& m);
 void register_table(pybind11::module_& m);
 void register_clock(pybind11::module_& m);

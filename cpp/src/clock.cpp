@@ -18,6 +18,7 @@
 #include <string>
 
 #include "lifecycle/clock.hpp"
+#include "lifecycle/errors.hpp"
 
 #if defined(__x86_64__)
 #include <cpuid.h>
@@ -166,5 +167,7 @@ std::int64_t steady_now_ns() { return monotonic_ns(); }
 const char* steady_source() { return "monotonic"; }
 
 #endif
+
+void ManualClock::throw_invalid(const char* arg, const std::string& msg) { throw InvalidArgumentError(arg, msg); }
 
 }  // namespace lifecycle

@@ -270,6 +270,17 @@ Engine::Engine(Config cfg, std::shared_ptr<const Clock> clock)
     : cfg_(cfg), clock_(clock ? std::move(clock) : std::make_shared<SteadyClock>()) {
   if (cfg_.shards == 0 || cfg_.shards > 4096) throw InvalidArgumentError("shards", "must be in 1..4096");
   if (cfg_.progress_deadline_ns <= 0) throw InvalidArgumentError("progress_deadline", "must be > 0");
+  // Each at most kMaxDuration (about 31.7 years): a timer + the deadline + a clock reading stays far from the
+  // int64 range (9e9 s each once made health report a fresh session wedged).
+  const std::pair<const char*, std::int64_t> durations[] = {{"transfer_timeout", cfg_.transfer_timeout_ns},
+                                                            {"cancel_grace", cfg_.cancel_grace_ns},
+                                                            {"progress_deadline", cfg_.progress_deadline_ns}};
+  for (const auto& [name, ns] : durations) {
+    if (ns < 0 || ns > kMaxDurationNs) {
+      throw InvalidArgumentError(name, "must be in [0, " + std::to_string(kMaxDurationNs / 1'000'000'000) +
+                                           "] seconds, got " + std::to_string(ns) + " ns");
+    }
+  }
   std::uint32_t n = 1;
   while (n < cfg_.shards) n <<= 1;
   cfg_.shards = n;

@@ -4,6 +4,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <string>
 #include <thread>
 
 namespace lifecycle {
@@ -48,18 +49,37 @@ class SteadyClock final : public Clock {
 // A clock that moves only when told to (tests, model checking).  Never goes backwards.
 class ManualClock final : public Clock {
  public:
-  explicit ManualClock(std::int64_t start_ns = 0) : now_(start_ns) {}
+  // The latest reading a ManualClock may hold (2**62 ns, about 146 years): a reading plus two of the engine's
+  // longest durations (kMaxDurationNs each) stays inside int64.  SteadyClock readings (since boot) are far below.
+  static constexpr std::int64_t kMaxNs = std::int64_t{1} << 62;
+  explicit ManualClock(std::int64_t start_ns = 0) : now_(checked("start_ns", start_ns)) {}
   std::int64_t now_ns() const override { return now_.load(std::memory_order_acquire); }
+  // Moves the clock on by delta_ns >= 0 (InvalidArgumentError past kMaxNs or for a negative delta: a clock
+  // never goes back).
   void advance(std::int64_t delta_ns) {
-    if (delta_ns > 0) now_.fetch_add(delta_ns, std::memory_order_acq_rel);
+    if (delta_ns < 0) throw_invalid("delta_ns", "a clock never goes back, got " + std::to_string(delta_ns));
+    std::int64_t cur = now_.load(std::memory_order_acquire);
+    do {
+      if (delta_ns > kMaxNs - cur) {
+        throw_invalid("delta_ns", "the clock would pass 2**62 ns (" + std::to_string(cur) + " + " +
+                                      std::to_string(delta_ns) + ")");
+      }
+    } while (!now_.compare_exchange_weak(cur, cur + delta_ns, std::memory_order_acq_rel));
   }
+  // Sets the clock to t_ns in [0, 2**62] if that is later than now (an earlier t_ns is ignored).
   void set(std::int64_t t_ns) {
+    checked("t_ns", t_ns);
     std::int64_t cur = now_.load(std::memory_order_acquire);
     while (t_ns > cur && !now_.compare_exchange_weak(cur, t_ns, std::memory_order_acq_rel)) {
     }
   }
 
  private:
+  [[noreturn]] static void throw_invalid(const char* arg, const std::string& msg);  // InvalidArgumentError
+  static std::int64_t checked(const char* arg, std::int64_t t) {
+    if (t < 0 || t > kMaxNs) throw_invalid(arg, "expected ns in [0, 2**62], got " + std::to_string(t));
+    return t;
+  }
   std::atomic<std::int64_t> now_;
 };
 

@@ -52,6 +52,10 @@ enum class Status : std::uint8_t {
 inline constexpr const char* kStatusNames[] = {"Moved",   "Stay",      "Late",   "Deferred",   "Illegal",
                                                "Unknown", "Duplicate", "NoSlot", "BadArgument"};
 
+// The longest timer or deadline a Config may hold (1e9 s, about 31.7 years): sums of two of them and a
+// clock reading stay inside int64.
+inline constexpr std::int64_t kMaxDurationNs = 1'000'000'000LL * 1'000'000'000LL;
+
 struct ApplyResult {
   Status status = Status::Unknown;
   State from = State::Advertised;  // state before the event (meaningless when Unknown)

@@ -1,6 +1,10 @@
 #include "lifecycle/transport/loopback.hpp"
 
+#include <sys/uio.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <cstring>
 #include <shared_mutex>
 
@@ -16,6 +20,37 @@ constexpr const char* kMdPrefix = "KVLC-LOOPBACK/1:";
 std::shared_mutex& mem_mutex() {
   static std::shared_mutex m;
   return m;
+}
+
+// Copies n bytes src -> dst through the kernel (process_vm_readv on this process), so a registered range that
+// is not mapped readable (src) or writable (dst) -- a raw Mem the caller freed or never owned -- fails the
+// copy with EFAULT instead of a SIGSEGV.  Returns 0 or the errno.  Where the call is refused (a seccomp
+// filter: ENOSYS or EPERM) it falls back to memcpy and stays there: bad addresses then fault as before.
+int checked_copy(std::uint8_t* dst, const std::uint8_t* src, std::size_t n) {
+  static std::atomic<bool> unavailable{false};
+  const pid_t self = ::getpid();
+  while (n > 0) {
+    if (unavailable.load(std::memory_order_relaxed)) {
+      std::memcpy(dst, src, n);
+      return 0;
+    }
+    iovec l{dst, n};
+    iovec r{const_cast<std::uint8_t*>(src), n};
+    const ssize_t got = ::process_vm_readv(self, &l, 1, &r, 1, 0);
+    if (got < 0) {
+      if (errno == EINTR) continue;
+      if (errno == ENOSYS || errno == EPERM) {
+        unavailable.store(true, std::memory_order_relaxed);
+        continue;
+      }
+      return errno;
+    }
+    if (got == 0) return EFAULT;
+    dst += got;
+    src += got;
+    n -= static_cast<std::size_t>(got);
+  }
+  return 0;
 }
 
 }  // namespace
@@ -48,7 +83,8 @@ struct LoopbackAgent::Job {
   std::string peer;
   std::optional<std::uint64_t> done_tag;  // the Done note for the peer, if any
   std::weak_ptr<Endpoint> peer_ep;
-  std::atomic<int> state{0};  // 0 prepared/in progress, 1 done, 2 failed
+  std::atomic<int> state{0};  // 0 prepared/in progress, 1 done, 2 failed (a disconnect), 3 the copy faulted
+  std::string fault;          // state 3: what faulted (written before the state's release store)
   std::atomic<bool> released{false};
   bool posted = false;  // guarded by the agent's mu_
 };
@@ -202,6 +238,8 @@ XferStatus LoopbackAgent::status(std::uint64_t req) {
       return {XferState::InProgress, 1};
     case 1:
       return {XferState::Done, 0};
+    case 3:
+      throw TransportError(it->second->fault);  // status_batch turns it into Failed with this reason
     default:
       return {XferState::Failed, -2};
   }
@@ -255,6 +293,8 @@ void LoopbackAgent::run() {
     if (opts_.latency.count() > 0) std::this_thread::sleep_for(opts_.latency);
     const auto t0 = std::chrono::steady_clock::now();
     bool ok = true;
+    int copy_errno = 0;
+    std::size_t fault_off = 0;
     for (std::size_t off = 0; off < job->local.len && ok; off += opts_.chunk) {
       {
         std::lock_guard<std::mutex> lk(mu_);
@@ -270,10 +310,11 @@ void LoopbackAgent::run() {
         }
         auto* l = reinterpret_cast<std::uint8_t*>(job->local.addr) + off;
         auto* r = reinterpret_cast<std::uint8_t*>(job->remote.addr) + off;
-        if (job->op == XferOp::Read) {
-          std::memcpy(l, r, n);
-        } else {
-          std::memcpy(r, l, n);
+        copy_errno = job->op == XferOp::Read ? checked_copy(l, r, n) : checked_copy(r, l, n);
+        if (copy_errno != 0) {
+          ok = false;
+          fault_off = off;
+          break;
         }
       }
       if (opts_.bytes_per_second > 0) {
@@ -286,6 +327,15 @@ void LoopbackAgent::run() {
     }
     if (ok && job->done_tag && !job->released.load()) {
       if (auto pep = job->peer_ep.lock()) pep->deliver({name_, encode_notif_string({job->req, NotifKind::Done, *job->done_tag})});
+    }
+    if (copy_errno != 0) {
+      job->fault = "loopback copy for request " + std::to_string(job->req) + " faulted near byte " +
+                   std::to_string(fault_off) + ": " + std::strerror(copy_errno) +
+                   " (a registered range is not mapped " +
+                   (job->op == XferOp::Read ? "readable at the peer or writable here" : "readable here or writable at the peer") +
+                   ")";
+      job->state.store(3, std::memory_order_release);
+      continue;
     }
     job->state.store(ok ? 1 : 2);
   }

@@ -145,7 +145,10 @@ bool NixlProgress::pass() {
         done_.push_back(req);
         break;
       case XferState::Failed:
-        if (error.empty()) error = "NIXL transfer status error " + std::to_string(statuses_[i].capi_status);
+        if (error.empty()) {
+          error = std::string(agent_.backend_name()) + " transfer status error " +
+                  std::to_string(statuses_[i].capi_status);
+        }
         to_sink([&] { sink_.on_fail(req, error.c_str()); });
         break;
       case XferState::Unknown:

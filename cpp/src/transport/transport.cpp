@@ -181,8 +181,52 @@ void Transport::deregister_region(Agent::RegionId id) {
   regions_.erase(id);
 }
 std::string Transport::metadata() { return agent_->local_metadata(); }
+namespace {
+// Well-formed UTF-8 (no overlongs, surrogates or code points past U+10FFFF) without NUL: what a peer's name
+// must be to come back to Python as a str and go to the backend as a C string.
+bool valid_name(const std::string& s) noexcept {
+  const auto* p = reinterpret_cast<const unsigned char*>(s.data());
+  const std::size_t n = s.size();
+  for (std::size_t i = 0; i < n;) {
+    const unsigned c = p[i];
+    std::size_t len = 0;
+    unsigned lo = 0x80, hi = 0xBF;
+    if (c == 0) return false;
+    if (c < 0x80) { ++i; continue; }
+    if (c >= 0xC2 && c <= 0xDF) len = 1;
+    else if (c >= 0xE0 && c <= 0xEF) { len = 2; if (c == 0xE0) lo = 0xA0; if (c == 0xED) hi = 0x9F; }
+    else if (c >= 0xF0 && c <= 0xF4) { len = 3; if (c == 0xF0) lo = 0x90; if (c == 0xF4) hi = 0x8F; }
+    else return false;
+    if (i + len >= n) return false;  // truncated sequence
+    for (std::size_t k = 1; k <= len; ++k) {
+      const unsigned b = p[i + k];
+      if (b < (k == 1 ? lo : 0x80) || b > (k == 1 ? hi : 0xBF)) return false;
+    }
+    i += len + 1;
+  }
+  return !s.empty();
+}
+}  // namespace
+
 std::string Transport::add_peer(const std::string& md) {
   std::string peer = agent_->load_remote_metadata(md);
+  if (!valid_name(peer)) {
+    // Loaded, but unusable: a name Python cannot decode (or one holding NUL) can never be named again.
+    try {
+      agent_->invalidate_remote(peer);
+    } catch (const std::exception&) {
+    }
+    std::string shown;
+    for (unsigned char ch : peer.substr(0, 64)) {
+      static const char* hex = "0123456789abcdef";
+      if (ch >= 0x20 && ch < 0x7F && ch != '\\') { shown += static_cast<char>(ch); continue; }
+      shown += "\\x";
+      shown += hex[ch >> 4];
+      shown += hex[ch & 15];
+    }
+    throw InvalidArgumentError("metadata", "the peer's agent name '" + shown +
+                                               "' is empty, not UTF-8, or holds a NUL byte: refused");
+  }
   std::lock_guard<std::mutex> lk(mu_);
   if (removed_peers_.erase(peer) != 0) removed_order_.erase(std::find(removed_order_.begin(), removed_order_.end(), peer));
   return peer;
@@ -1095,7 +1139,22 @@ void Transport::on_complete(std::uint64_t req) { finish_active(req, true); }
 
 void Transport::on_complete_batch(const std::uint64_t* reqs, std::size_t n) { finish_actives(reqs, n, true); }
 
-void Transport::on_fail(std::uint64_t req, const char*) { finish_active(req, false); }
+void Transport::on_fail(std::uint64_t req, const char* why) {
+  try {
+    std::string text(why != nullptr ? why : "");
+    if (text.size() > 512) text.resize(512);
+    std::lock_guard<std::mutex> lk(failures_mu_);
+    if (failures_.size() == kFailureLog) failures_.pop_front();
+    failures_.emplace_back(req, std::move(text));
+  } catch (const std::bad_alloc&) {  // the reason is lost, never the event
+  }
+  finish_active(req, false);
+}
+
+std::vector<std::pair<std::uint64_t, std::string>> Transport::recent_failures() const {
+  std::lock_guard<std::mutex> lk(failures_mu_);
+  return {failures_.begin(), failures_.end()};
+}
 
 void Transport::on_notification(const std::string& peer, const NotifMessage& m) {
   const std::uint64_t req = m.req;

@@ -164,6 +164,10 @@ class Transport final : public EventSink {
   bool stopped() const noexcept { return stopped_.load(); }
   TransportStats stats() const;
   NixlProgressStats progress_stats() const;
+  // The last kFailureLog transfers the backend failed, oldest first: (request id, the backend's reason,
+  // cut at 512 bytes).  The engine's `fail` event carries no text; this is where the reason stays.
+  static constexpr std::size_t kFailureLog = 64;
+  std::vector<std::pair<std::uint64_t, std::string>> recent_failures() const;
 
   // Bare mode (no engine): completions seen so far; wait until at least `n` (steady ns timeout).
   // Waits like Engine::wait_ready (spin up to spin_ns, yielding, then the condition variable), so a
@@ -302,6 +306,8 @@ class Transport final : public EventSink {
   // executor's poll or cancel, holding the GIL), which must never wait on the backend (DESIGN §7).
   std::mutex outbox_mu_;
   std::vector<std::pair<std::string, NotifMessage>> outbox_;  // guarded by outbox_mu_
+  mutable std::mutex failures_mu_;
+  std::deque<std::pair<std::uint64_t, std::string>> failures_;  // guarded by failures_mu_ (recent_failures)
   std::map<std::uint64_t, bool> unreleased_;  // release failed (value: proven quiescent); retried on tick
   // Invariant: every request prepared through this transport that is not released yet, or was released
   // without evidence that it stopped (those are in unproven_ too: their bytes may still land), with its

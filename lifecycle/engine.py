@@ -237,6 +237,8 @@ class TransferEngine(_core.Engine):
                         ("tombstones", tombstones), ("shards", shards), ("rank", rank)):
             if isinstance(v, bool) or not isinstance(v, int):
                 raise InvalidArgument(name, f"expected an int, got {type(v).__name__}")
+            if not -(1 << 63) <= v < 1 << 63:  # (the core's own range checks name it inside int64)
+                raise InvalidArgument(name, f"out of the int64 range: {v}")
         if clock is not None and not isinstance(clock, _core.Clock):
             raise InvalidArgument("clock", f"expected a lifecycle clock (ManualClock), got {type(clock).__name__}")
         super().__init__(

@@ -84,6 +84,9 @@ def test_sizes():
         ({"transfer_timeout": 9e9}, "transfer_timeout"),  # 9e9 s made a fresh session's deadline wrap
         ({"cancel_grace": float("inf")}, "cancel_grace"),
         ({"progress_deadline": 1e9 + 1}, "progress_deadline"),
+        ({"quarantine_budget": 2**70}, "quarantine_budget"),  # past int64: pybind11's bare TypeError was all
+        ({"tombstones": -2**64}, "tombstones"),
+        ({"shards": 2**63}, "shards"),
         ({"clock": object()}, "clock"),
     ],
 )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import numbers
 import os
 import struct
 from dataclasses import asdict, dataclass
@@ -327,11 +328,11 @@ class _Transport:
         return Registration(rid, m)
 
     def deregister(self, reg: Registration) -> None:
-        if not isinstance(reg, Registration):
-            raise InvalidArgument("reg", f"expected the Registration register() returned, got {type(reg).__name__}")
         """Deregister; refused (TransportError) while the backend may still touch the memory: a transfer over
         it not released yet or released without evidence, a passive session, or (for an engine's pool) a
         slot that a session leases or that is quarantined.  Keep the memory alive until then."""
+        if not isinstance(reg, Registration):
+            raise InvalidArgument("reg", f"expected the Registration register() returned, got {type(reg).__name__}")
         obj = self._keep.get(reg.region_id)
         if isinstance(obj, _core.BufferPool):
             st = obj.stats()
@@ -528,7 +529,7 @@ def _faults_dict(faults) -> dict | None:
 
 def _number(name: str, v) -> float:
     """A number for the core (which checks its range): a str or None raised a bare float() error."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):  # (numpy's scalars too)
         raise InvalidArgument(name, f"expected a number, got {type(v).__name__}")
     return float(v)
 

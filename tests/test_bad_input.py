@@ -226,8 +226,10 @@ def test_the_longest_durations_are_accepted_and_stay_healthy():
 def test_new_without_init_is_refused_in_a_fresh_process():
     """``X.__new__(X)`` made an object with no C++ state behind it, and its first method call dereferenced
     null (SIGSEGV) for every class of _core and for TransferEngine.  Every class now refuses it with a
-    TypeError naming it.  A child process runs it, so a crash is a failed assert.  Negative control (seen):
-    without guard.cpp's tp_new the child dies with -11 on Engine._counters()."""
+    TypeError naming it, and every legitimate construction still works (a review found a derived metaclass
+    refused them all while the metaclass had no ``__call__`` in its dict).  A child process runs it, so a
+    crash is a failed assert.  Negative controls (seen): without guard.cpp's tp_new the child dies with -11
+    on Engine._counters(); without its ``__call__`` attribute the derived metaclasses' ``C(i)`` raise."""
     code = (
         "import lifecycle\n"
         "from lifecycle import _core\n"
@@ -249,11 +251,28 @@ def test_new_without_init_is_refused_in_a_fresh_process():
         "    print('made', cls.__name__)\n"
         "c = _core.ManualClock(7)\n"
         "assert c.now_ns() == 7 and lifecycle.TransferEngine().live_sessions() == 0\n"
+        # every legitimate way in still constructs: the metaclass's __call__ by name, a derived metaclass
+        # (an empty one, an ABC mix-in, one overriding __call__), a subclass; and their __new__ alone is refused
+        "import abc\n"
+        "M = type(_core.Engine)\n"
+        "assert M.__call__(_core.ManualClock, 5).now_ns() == 5\n"
+        "class M2(M): pass\n"
+        "class M3(M, abc.ABCMeta): pass\n"
+        "class M4(M):\n"
+        "    def __call__(cls, *a, **k): return super().__call__(*a, **k)\n"
+        "for i, meta in enumerate((M2, M3, M4)):\n"
+        "    C = meta('C', (_core.ManualClock,), {})\n"
+        "    assert C(i).now_ns() == i\n"
+        "    try:\n"
+        "        C.__new__(C)\n"
+        "        raise SystemExit('made by __new__ alone: ' + meta.__name__)\n"
+        "    except TypeError: pass\n"
+        "print('legit ok')\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
     made = [line for line in r.stdout.splitlines() if line.startswith("made")]
-    assert not made and r.stdout.count("refused") >= 9, r.stdout
+    assert not made and r.stdout.count("refused") >= 9 and "legit ok" in r.stdout, r.stdout
 
 
 @pytest.mark.parametrize("spin, why", [(-1e-6, "expected seconds >= 0"), (float("nan"), "expected seconds >= 0"),

@@ -44,7 +44,17 @@ py::metaclass guarded_metaclass() {
         "_guarded_type", py::make_tuple(py::handle(base)), ns);
     auto* t = reinterpret_cast<PyTypeObject*>(made.ptr());
     g_base_call = reinterpret_cast<PyTypeObject*>(base)->tp_call;
-    t->tp_call = guarded_call;
+    // A __call__ in the dict too, for what looks it up by name: type(X).__call__(X, ...), and a Python
+    // metaclass derived from this one (its slot calls whatever __call__ its MRO finds; pybind11's would
+    // skip the mark and every construction would be refused).
+    made.attr("__call__") = py::cpp_function(
+        [](py::handle cls, py::args args, py::kwargs kwargs) {
+          PyObject* self = guarded_call(cls.ptr(), args.ptr(), kwargs.ptr());
+          if (self == nullptr) throw py::error_already_set();
+          return py::reinterpret_steal<py::object>(self);
+        },
+        py::is_method(made), py::name("__call__"));
+    t->tp_call = guarded_call;  // after the setattr, which set the slot to the generic one: direct calls skip it
     PyType_Modified(t);
     return made.release().ptr();  // lives as long as the process (the classes hold it too)
   }();

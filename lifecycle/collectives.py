@@ -67,26 +67,7 @@ from typing import Any
 import numpy as np
 import structlog
 
-try:  # the package's exception hierarchy (one root, LifecycleError)
-    from .errors import CollectiveDesyncError, CollectiveTimeoutError
-except ImportError:  # pragma: no cover - a checkout without lifecycle/errors.py
-
-    class LifecycleError(Exception):  # type: ignore[no-redef]
-        """Base class of every kv-lifecycle error."""
-
-    class CollectiveDesyncError(LifecycleError):  # type: ignore[no-redef]
-        """Ranks diverged: at ``seq_no`` the collectives differ in ``field``; ``sites``: rank -> site."""
-
-        def __init__(self, message: str, seq_no: int = -1, field: str = "", sites: dict | None = None):
-            self.seq_no, self.field, self.sites = seq_no, field, dict(sites or {})
-            super().__init__(message)
-
-    class CollectiveTimeoutError(CollectiveDesyncError):  # type: ignore[no-redef]
-        """A collective missed its watchdog deadline; ``missing`` names the ranks that never arrived."""
-
-        def __init__(self, message: str, seq_no: int = -1, missing: dict | None = None, sites: dict | None = None):
-            self.missing = dict(missing or {})
-            super().__init__(message, seq_no=seq_no, field="arrival", sites=sites)
+from .errors import CollectiveDesyncError, CollectiveTimeoutError, InvalidArgument
 
 
 __all__ = [
@@ -356,14 +337,31 @@ class RankGroup:
         participates.  When every buffer is empty it costs one header exchange.
         """
         items, self._buffer = self._buffer, []
-        hdr = self._header("flush", "pickle", -1, site, 1 if items else 0, 0)
+        # Pickled before the exchange: a payload that cannot be pickled once raised between the header and
+        # the gather, which left the other ranks waiting in the gather.  This rank now joins with nothing
+        # and raises afterwards, the payloads on the error (``payloads``): never lost, never stranding.
+        bad: BaseException | None = None
+        data = b""
+        if items:
+            try:
+                data = pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception as exc:
+                bad, data = exc, b""
+        hdr = self._header("flush", "pickle", -1, site, 1 if data else 0, 0)
         if hdr[4] == 0:  # no rank had anything: same decision everywhere, skip the gather
             self._done()
-            return [[] for _ in range(self.size)]
-        data = pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL)
-        blobs = self._gatherv(np.frombuffer(data, dtype=np.uint8), np.uint8)
-        self._done()
-        return [pickle.loads(b.tobytes()) for b in blobs]
+            out = [[] for _ in range(self.size)]
+        else:
+            blobs = self._gatherv(np.frombuffer(data, dtype=np.uint8), np.uint8)
+            self._done()
+            out = [pickle.loads(b.tobytes()) if b.size else [] for b in blobs]
+        if bad is not None:
+            err = InvalidArgument("payload", f"a pushed payload cannot be pickled ({bad!r}); this rank sent none "
+                                             f"in this flush, the others got [] from it (the {len(items)} "
+                                             "payloads are on this error's .payloads)")
+            err.payloads = items
+            raise err from bad
+        return out
 
     # ------------------------------------------------------------------ housekeeping
 
@@ -595,12 +593,9 @@ class SymmetricDecisions:
 
 
 def _unknown_request_errors() -> tuple[type[BaseException], ...]:
-    try:
-        from . import errors
-    except ImportError:  # pragma: no cover - before lifecycle/errors.py lands
-        return (LookupError,)
-    extra = getattr(errors, "UnknownRequest", None)
-    return (LookupError,) if extra is None else (LookupError, extra)
+    from .errors import UnknownRequest
+
+    return (LookupError, UnknownRequest)
 
 
 def _local_flags(engine: Any, req: int, unknown: tuple[type[BaseException], ...]) -> int:
@@ -618,6 +613,12 @@ def _local_flags(engine: Any, req: int, unknown: tuple[type[BaseException], ...]
     elif state in ("Quiesced", "Terminated") and name == "completed":
         flags |= _COMPLETED
     return flags
+
+
+def _request_id(r: Any) -> int:
+    if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or not 0 <= int(r) < 1 << 64:
+        raise InvalidArgument("requests", f"expected request ids in [0, 2**64), got {r!r:.40}")
+    return int(r)
 
 
 def poll_symmetric(engine: Any, group: RankGroup, requests: Iterable[int]) -> SymmetricDecisions:
@@ -638,10 +639,16 @@ def poll_symmetric(engine: Any, group: RankGroup, requests: Iterable[int]) -> Sy
     except BaseException as exc:  # re-raised below, after the collective: never strand the others
         poll_error = exc
     unknown = _unknown_request_errors()
-    ids = sorted({int(r) for r in requests})
+    try:  # bad ids too join the collective first (they raised before it: the other ranks waited it out)
+        ids = sorted({_request_id(r) for r in requests})
+    except InvalidArgument as exc:
+        poll_error, ids = (poll_error or exc), []
+    except TypeError:
+        exc = InvalidArgument("requests", f"expected an iterable of request ids, got {type(requests).__name__}")
+        poll_error, ids = (poll_error or exc), []
     local = np.empty(1 + 2 * len(ids), dtype=np.int64)
     local[0] = 1 if poll_error is not None else 0
-    local[1::2] = ids
+    local[1::2] = np.array(ids, dtype=np.uint64).view(np.int64)  # ids are uint64: two's complement on the wire
     local[2::2] = [_local_flags(engine, r, unknown) for r in ids]
     seq_no = group.statistics().seq
     parts = group.allgather_ints(local, site=_call_site())
@@ -649,7 +656,7 @@ def poll_symmetric(engine: Any, group: RankGroup, requests: Iterable[int]) -> Sy
     anywhere: dict[int, int] = {}
     seen: dict[int, int] = {}
     for part in parts:
-        for req, flags in zip(part[1::2].tolist(), part[2::2].tolist()):
+        for req, flags in zip(part[1::2].view(np.uint64).tolist(), part[2::2].tolist()):
             everywhere[req] = everywhere.get(req, -1) & flags
             anywhere[req] = anywhere.get(req, 0) | flags
             seen[req] = seen.get(req, 0) + 1

@@ -38,7 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--faults", default="", metavar="LIST",
                    help=f"comma-separated faults to inject: {','.join(FAULT_NAMES)}")
     p.add_argument("--seed", type=int, default=0, help="seeds the client plan and the fault injection")
-    p.add_argument("--out", default="demo-out", help="output directory (default ./demo-out; replaced)")
+    p.add_argument("--out", default="demo-out", help="output directory (default ./demo-out; replaced if an earlier demo wrote it or it is empty, "
+                        "refused otherwise)")
     p.add_argument("--ranks", type=int, default=1, metavar="K", help="MPI ranks per side (tensor-parallel shards)")
     p.add_argument("--transfer-timeout", type=float, default=2.0, metavar="S")
     p.add_argument("--cancel-grace", type=float, default=2.0, metavar="S")
@@ -70,6 +71,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--requests, --concurrency and --ranks must be >= 1")
     if not 0.0 <= a.cancel_fraction <= 1.0:
         p.error("--cancel-fraction must be in [0, 1]")
+    for flag in ("layers", "kv_heads", "head_dim", "block_tokens", "max_blocks"):
+        if getattr(a, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
+    for flag, low in (("transfer_timeout", 0.0), ("cancel_grace", 0.0), ("deadline", 1e-3)):
+        v = getattr(a, flag)
+        if not low <= v <= 1e6:  # (NaN too)
+            p.error(f"--{flag.replace('_', '-')} must be seconds in [{low:g}, 1e6], got {v}")
+    if not 0.0 <= a.kill_at <= 1.0:
+        p.error("--kill-at must be in [0, 1]")
     if a.kv_heads % a.ranks:
         p.error(f"--kv-heads {a.kv_heads} must be divisible by --ranks {a.ranks}")
     if "kill-peer" in faults and multi:
@@ -253,13 +263,26 @@ def _table(summary: dict) -> str:
     return "\n".join(out)
 
 
+DEMO_MARKER = ".kv-lifecycle-demo"
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     out = Path(a.out).resolve()
     if out.exists():
+        # Only a directory an earlier demo made (its marker inside) or an empty one is cleared: `--out ""`
+        # or `--out .` once wiped the current directory.
+        if not out.is_dir():
+            print(f"demo: --out {a.out!r} is not a directory: refusing to replace it", file=sys.stderr)
+            return 2
+        if any(out.iterdir()) and not (out / DEMO_MARKER).is_file():
+            print(f"demo: --out {str(out)!r} holds files that no demo wrote (no {DEMO_MARKER} in it): refusing to "
+                  "delete them; pass a new or empty directory", file=sys.stderr)
+            return 2
         shutil.rmtree(out)
     for d in ("logs", "status", "workers"):
         (out / d).mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("written by `python -m lifecycle demo`: the next demo run may delete this directory\n")
     kill_peer = "kill-peer" in a.fault_list
     opts = DemoOptions(
         out=str(out), mode=a.mode, requests=a.requests, concurrency=a.concurrency,

@@ -22,7 +22,19 @@ __all__ = [
 
 
 class LifecycleError(Exception):
-    """Base class of every kv-lifecycle error."""
+    """Base class of every kv-lifecycle error.  Every one pickles (a process pool's worker hands it back):
+    rebuilt from its message and attributes, without running the subclass's ``__init__`` again (which takes
+    other arguments than the message)."""
+
+    def __reduce__(self):
+        return _rebuild, (type(self), self.args, dict(self.__dict__))
+
+
+def _rebuild(cls: type, args: tuple, state: dict) -> LifecycleError:
+    err = cls.__new__(cls)
+    err.args = args
+    err.__dict__.update(state)
+    return err
 
 
 class IllegalTransition(LifecycleError):

@@ -374,3 +374,34 @@ def test_the_transport_facade_names_what_was_wrong():
         assert pool_slot(e, 1).nbytes == 4096
     finally:
         t.stop()
+
+
+def test_every_error_pickles_with_its_message_and_attributes():
+    """A process pool hands a worker's exception back pickled: InvalidArgument, IllegalTransition,
+    DuplicateRequest and PoolExhausted failed to unpickle (their __init__ takes other arguments than the
+    message: BrokenProcessPool), UnknownRequest came back with its message doubled, SpecError with the
+    message's characters as its violations.  Every error of lifecycle.errors round-trips now, and so does
+    one the C++ core raised.  Negative control (seen): without LifecycleError.__reduce__ the first
+    pickle.loads raises TypeError."""
+    import pickle
+
+    from lifecycle import errors
+
+    made = [
+        errors.IllegalTransition(7, "Quiesced", "expose"), errors.DuplicateRequest(7, "InFlight"),
+        errors.UnknownRequest(7, "cancel"), errors.InvalidArgument("nbytes", "must be >= 0"),
+        errors.PoolExhausted(7, "no free slot"), errors.SpecError(["table:3: bad row", "table:9: no state"]),
+        errors.TerminateCallbackError([(7, ValueError("boom"))]), errors.TransportError("post failed"),
+        errors.NixlUnavailable("no libnixl_capi.so"),
+        errors.CollectiveDesyncError("ranks differ", seq_no=3, field="op", sites={0: "a.py:1"}),
+        errors.CollectiveTimeoutError("late", seq_no=4, missing={1: "never"}, sites={0: "b.py:2"}),
+    ]
+    assert {type(e).__name__ for e in made} == set(errors.__all__) - {"LifecycleError"}
+    e = TransferEngine()
+    try:
+        e.info(5)
+    except errors.UnknownRequest as exc:
+        made.append(exc)
+    for err in made:
+        back = pickle.loads(pickle.dumps(err))
+        assert type(back) is type(err) and str(back) == str(err) and repr(vars(back)) == repr(vars(err)), (err, back)

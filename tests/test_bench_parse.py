@@ -98,6 +98,13 @@ def test_native_loop_with_cache_churn_drives_every_session_and_refuses_absurd_ch
     assert _core.bench_native(100, True, 4096)[0] == 5 * 100  # the cancelled variant: one more each
     with pytest.raises(InvalidArgument, match=r"^invalid churn_bytes: 1073741825 is over 1073741824$"):
         _core.bench_native(1, False, (1 << 30) + 1)
+    # the loop cannot be interrupted (GIL released): 2**40 sessions ran for hours
+    with pytest.raises(InvalidArgument, match=r"^invalid n: expected 1 \.\. 100000000 sessions, got 1099511627776$"):
+        _core.bench_native(1 << 40, False)
+    with pytest.raises(InvalidArgument, match=r"^invalid n: 1048577 sessions x 1048576 churn bytes is over 2\*\*40"):
+        _core.bench_native((1 << 20) + 1, False, 1 << 20)
+    with pytest.raises(InvalidArgument, match=r"^invalid n: expected 1 \.\."):
+        _core.bench_native(0, False)
 
 
 def test_c2p_attribution_counts_steal_and_preempted_samples():

@@ -141,3 +141,37 @@ def test_example_runs_quickly_and_prints_health_and_diagram():
     assert "stateDiagram-v2" in res.stdout
     assert "healthy" in res.stdout
     assert "on_terminate" in res.stdout
+
+
+@needs_nixl
+@pytest.mark.nixl
+def test_demo_out_never_deletes_what_no_demo_wrote(tmp_path):
+    """`--out ""` (the current directory), `--out .` or `--out ~` once ran shutil.rmtree on it.  A directory is
+    replaced only if it is empty or an earlier demo wrote it (its marker file); anything else is refused with
+    exit 2 and nothing is touched.  Control: a directory a demo made is replaced by the next run."""
+    scratch = tmp_path / "cwd"
+    (scratch / "keepme").mkdir(parents=True)
+    (scratch / "keepme" / "data").write_text("precious")
+    for out in ("", ".", str(scratch)):
+        p = subprocess.run([sys.executable, "-m", "lifecycle", "demo", "--quiet", "--requests", "1", "--out", out],
+                           cwd=scratch, capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert p.returncode == 2 and "refusing to delete them" in p.stderr, (out, p.returncode, p.stderr[-800:])
+        assert (scratch / "keepme" / "data").read_text() == "precious"
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    p = subprocess.run([sys.executable, "-m", "lifecycle", "demo", "--quiet", "--out", str(afile)],
+                       capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 2 and "is not a directory" in p.stderr and afile.read_text() == "x", p.stderr[-800:]
+    # bad sizes and times are argparse errors (exit 2), not a worker failure and a TypeError in the summary
+    for args in (["--layers", "0"], ["--head-dim", "-1"], ["--block-tokens", "0"], ["--max-blocks", "0"],
+                 ["--transfer-timeout", "nan"], ["--deadline", "nan"], ["--kill-at", "2"]):
+        p = subprocess.run([sys.executable, "-m", "lifecycle", "demo", "--quiet", "--out", str(tmp_path / "o"), *args],
+                           capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert p.returncode == 2 and "must be" in p.stderr and "Traceback" not in p.stderr, (args, p.stderr[-800:])
+    # the control: a demo's own directory is replaced
+    res, summary, out = demo(tmp_path, "--requests", "20", "--concurrency", "4")
+    assert res.returncode == 0 and (out / ".kv-lifecycle-demo").is_file(), explain(res, summary)
+    (out / "stale").write_text("from the last run")
+    res, summary, out = demo(tmp_path, "--requests", "20", "--concurrency", "4")
+    assert res.returncode == 0 and not (out / "stale").exists(), explain(res, summary)

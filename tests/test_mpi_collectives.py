@@ -241,3 +241,28 @@ def test_poll_symmetric_decisions_are_identical_on_every_rank(n):
         assert res["poll_error_examples"] > 0
         # negative control: deciding from the local engine alone diverges across ranks
         assert res["naive_diverged"] > 0
+
+
+@pytest.mark.parametrize("n", [2])
+def test_bad_input_on_one_rank_never_strands_the_others(n):
+    """poll_symmetric with bad ids (negative, not ints, not iterable) and flush with an unpicklable payload
+    raised on that rank before the collective: the other ranks waited out their watchdog.  Now that rank
+    joins with nothing, raises InvalidArgument afterwards (the payloads on the error), and the group stays
+    usable; ids from 2**63 up (valid engine ids; they overflowed int64) agree everywhere.  Negative control:
+    ``--raw`` raises before the collective, and the other ranks time out."""
+    run = mpirun(n, "bad_input.py", timeout=90)
+    assert run.rc == 0 and not run.timed_out, explain(run)
+    got = run.by_rank()
+    assert sorted(got) == list(range(n)), explain(run)
+    for rank, res in got.items():
+        assert "error" not in res and res["after"] == "barrier ok" and res["big_pending"], (rank, res)
+        if rank == 0:
+            assert res["steps"] == [["invalid", "requests"]] * 3, res
+            assert res["flush"] == ["invalid", "payload", 2], res
+        else:
+            assert res["steps"] == [["decided", [0], True]] * 3, res
+            assert res["flush"] == [0] + [1] * (n - 1), res
+    raw = mpirun(n, "bad_input.py", "--raw", timeout=90)
+    assert not raw.timed_out, explain(raw)
+    others = {r: res for r, res in raw.by_rank().items() if r != 0}
+    assert others and all(res.get("error") == "CollectiveTimeoutError" for res in others.values()), explain(raw)

@@ -27,6 +27,15 @@ BenchResult bench_native(std::uint64_t n, bool cancelled, std::uint64_t churn_by
     throw InvalidArgumentError("churn_bytes", std::to_string(churn_bytes) + " is over " +
                                                   std::to_string(kMaxChurnBytes));
   }
+  // The loop runs with the GIL released and cannot be interrupted: a bound keeps a typo from running for
+  // hours (1e8 sessions: ~1 min warm; the churn moves n * churn_bytes through the caches).
+  if (n == 0 || n > 100'000'000) {
+    throw InvalidArgumentError("n", "expected 1 .. 100000000 sessions, got " + std::to_string(n));
+  }
+  if (churn_bytes > 0 && n > (std::uint64_t{1} << 40) / churn_bytes) {
+    throw InvalidArgumentError("n", std::to_string(n) + " sessions x " + std::to_string(churn_bytes) +
+                                        " churn bytes is over 2**40 bytes through the caches");
+  }
   Config cfg;
   if (churn_bytes > 0) cfg.tombstones = 1u << 12;  // as bench_nixl's engine: steady state within 4096 sessions
   Engine e(cfg);

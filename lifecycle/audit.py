@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import spec as _spec
-from .errors import LifecycleError
+from .errors import InvalidArgument, LifecycleError
 
 __all__ = [
     "SCHEMA_ID",
@@ -414,6 +414,8 @@ class LogHistogram:
         return self._total
 
     def quantile(self, q: float) -> int:
+        if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 <= q <= 1:  # (NaN too)
+            raise InvalidArgument("q", f"expected a quantile in [0, 1], got {q!r:.40}")
         if not self.count:
             return 0
         rank = max(1, -(-int(q * self.count * 1000) // 1000))
@@ -740,6 +742,26 @@ _INTO_ACTIVE, _INTO_TERMINAL, _INTO_FINAL = range(3)
 _E_COUNT, _E_TIS, _E_INTO, _E_DST, _E_MOVES = range(5)
 
 
+# Each option's least value (None: any int; a negative keep_* keeps none, a negative leak_age_ns reports no leaks)
+_OPTION_FLOOR = {"window": 1, "top": 1, "keep_findings": None, "keep_violating": None, "leak_age_ns": None,
+                 "max_line": 0}
+
+
+def check_options(**opts) -> None:
+    """The audit's options, checked the same way for both replays (InvalidArgument names the option): ints,
+    ``window`` and ``top`` >= 1, ``max_line`` >= 0, each inside int64 (``leak_age_ns`` any int)."""
+    for k, v in opts.items():
+        if k not in _OPTION_FLOOR:
+            raise InvalidArgument(k, f"not an audit option (choose from {', '.join(_OPTION_FLOOR)})")
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise InvalidArgument(k, f"expected an int, got {type(v).__name__}")
+        floor = _OPTION_FLOOR[k]
+        if floor is not None and v < floor:
+            raise InvalidArgument(k, f"expected an int >= {floor}, got {v}")
+        if k != "leak_age_ns" and not -(1 << 63) <= v < 1 << 63:
+            raise InvalidArgument(k, f"out of the int64 range: {v}")
+
+
 class Auditor:
     """Streaming replay of lifecycle events.  Feed files with :meth:`feed_files` (or parsed events with
     :meth:`event`), then call :meth:`finish`.
@@ -755,6 +777,10 @@ class Auditor:
     def __init__(self, spec: _spec.Spec | None = None, *, window: int = 8192, top: int = 20,
                  keep_findings: int = 1000, keep_violating: int = 50, leak_age_ns: int = 0,
                  max_line: int = MAX_LINE):
+        check_options(window=window, top=top, keep_findings=keep_findings, keep_violating=keep_violating,
+                      leak_age_ns=leak_age_ns, max_line=max_line)
+        if spec is not None and not isinstance(spec, _spec.Spec):
+            raise InvalidArgument("spec", f"expected a lifecycle Spec (spec.load_default()), got {type(spec).__name__}")
         self.spec = spec if spec is not None else _spec.load_default()
         sp = self.spec
         self.window = window
@@ -1510,6 +1536,9 @@ def audit_paths(paths: Iterable[str | Path], spec: _spec.Spec | None = None, *, 
     requires the native replay (ValueError when it cannot be used).  Both give the same result.
     """
     paths = [str(p) for p in paths]
+    check_options(**kw)
+    if spec is not None and not isinstance(spec, _spec.Spec):
+        raise InvalidArgument("spec", f"expected a lifecycle Spec (spec.load_default()), got {type(spec).__name__}")
     if native is None:
         engine = os.environ.get(ENGINE_ENV, "native").strip().lower() or "native"
         if engine not in ("native", "python"):
@@ -1531,7 +1560,6 @@ def audit_paths(paths: Iterable[str | Path], spec: _spec.Spec | None = None, *, 
 # ------------------------------------------------------------------------------------------------
 
 ENGINE_ENV = "LIFECYCLE_AUDIT_ENGINE"
-_INT64 = (-(1 << 63), (1 << 63) - 1)
 
 
 def _native_core():
@@ -1565,14 +1593,10 @@ def native_unavailable(spec: _spec.Spec | None = None, **kw) -> str | None:
     digest = (spec if spec is not None else _spec.load_default()).digest
     if digest != core.TABLE_DIGEST:
         return f"table {digest} is not the compiled table {core.TABLE_DIGEST}"
-    opts = _native_options(**kw)
-    for k, v in opts.items():
-        if type(v) is not int:
-            return f"{k} must be an int, got {type(v).__name__}"
-        if k != "leak_age_ns" and not _INT64[0] <= v <= _INT64[1]:
-            return f"{k} out of the int64 range"
-    if opts["window"] < 1 or opts["top"] < 1 or opts["max_line"] < 0:
-        return "window and top must be >= 1 and max_line >= 0"
+    try:
+        check_options(**_native_options(**kw))
+    except InvalidArgument as exc:
+        return str(exc)
     return None
 
 
@@ -1795,7 +1819,16 @@ def main_audit(argv: list[str] | None = None) -> int:
         if not Path(path).is_file():
             print(f"lifecycle audit: no such file: {path}", file=sys.stderr)
             return 2
+    if not 0 <= a.leak_age <= 1e9:  # (NaN too: int() of it raised)
+        p.error(f"--leak-age must be seconds in [0, 1e9], got {a.leak_age}")
     kw = dict(window=a.window, top=a.top, keep_findings=a.max_findings, leak_age_ns=int(a.leak_age * 1e9))
+    try:
+        check_options(**kw)
+    except InvalidArgument as exc:
+        flag = {"keep_findings": "max-findings"}.get(exc.argument, exc.argument.replace("_", "-"))
+        p.error(f"--{flag}: {exc}")
+    if a.timeline_cap < 0:
+        p.error(f"--timeline-cap must be >= 0, got {a.timeline_cap}")
     if a.engine == "native" and (why := native_unavailable(sp, **kw)) is not None:
         print(f"lifecycle audit: --engine native: {why}", file=sys.stderr)
         return 2
@@ -1803,7 +1836,11 @@ def main_audit(argv: list[str] | None = None) -> int:
     if a.html:
         from .report import write_html
 
-        write_html(res, sp, a.html, timeline_cap=a.timeline_cap)
+        try:
+            write_html(res, sp, a.html, timeline_cap=a.timeline_cap)
+        except OSError as exc:
+            print(f"lifecycle audit: cannot write the HTML report {a.html}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
     if a.json:
         print(json.dumps(res.as_dict(), indent=2))
     else:

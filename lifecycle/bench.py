@@ -220,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="machine-readable results")
     p.add_argument("--show-output", action="store_true", help="print every suite's own output too")
     a = p.parse_args(argv)
+    if not 0 < a.timeout <= 86400:  # (NaN too: the suite's wait raised, its child left running)
+        p.error(f"--timeout must be seconds in (0, 86400], got {a.timeout}")
     wanted = [s.strip() for s in a.only.split(",") if s.strip()]
     bad = [s for s in wanted if s not in SUITES]
     if bad:

@@ -215,6 +215,11 @@ def _call_site() -> str:
     return site
 
 
+def _check_seconds(name: str, v: Any, *, positive: bool) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 if positive else v >= 0) or v > 1e9:
+        raise InvalidArgument(name, f"expected seconds in {'(0' if positive else '[0'}, 1e9], got {v!r:.40}")
+
+
 class RankGroup:
     """Rank-symmetric collectives over an MPI communicator, with a ledger and a watchdog.
 
@@ -232,8 +237,10 @@ class RankGroup:
         announce_after: float | None = None,
         spin: float = 200e-6,
     ):
-        if not watchdog > 0:
-            raise ValueError(f"watchdog must be > 0 seconds, got {watchdog!r}")
+        _check_seconds("watchdog", watchdog, positive=True)
+        _check_seconds("spin", spin, positive=False)
+        if announce_after is not None:
+            _check_seconds("announce_after", announce_after, positive=False)
         MPI = _mpi()
         self._MPI = MPI
         parent = MPI.COMM_WORLD if comm is None else comm
@@ -255,6 +262,7 @@ class RankGroup:
         self._last_seq = -1  # the last completed logical collective (verified identical on all ranks)
         self._last_site = ""
         self._broken: Exception | None = None
+        self._closed = False
         self._buffer: list[Any] = []
         self._fp_cache: dict[tuple[str, str, str, int], int] = {}
         self._site = ""
@@ -289,11 +297,15 @@ class RankGroup:
         Every rank gets the same count and no rank is asked to process more items than it has
         ready; items beyond the count stay for a later iteration.
         """
-        n = int(n)
-        if n < 0:
-            raise ValueError(f"agree_count needs a count >= 0, got {n}")
-        hdr = self._header("agree_count", "int", 1, site, -n, 0)
+        bad = None
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= int(n) < 1 << 63:
+            # still joins (as 0: every rank agrees on nothing this time), then raises: never strands the others
+            bad = InvalidArgument("n", f"expected a count in [0, 2**63), got {n!r:.40}")
+            n = 0
+        hdr = self._header("agree_count", "int", 1, site, -int(n), 0)
         self._done()
+        if bad is not None:
+            raise bad
         return int(-hdr[4])
 
     def barrier(self, *, site: str | None = None) -> None:
@@ -307,10 +319,13 @@ class RankGroup:
         """Element-wise ``sum`` / ``max`` / ``min`` of an int64 array; its length is in the ledger."""
         MPI = self._MPI
         ops = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
-        if op not in ops:
-            raise ValueError(f"allreduce_ints op must be one of {sorted(ops)}, got {op!r}")
         send = np.ascontiguousarray(values, dtype=np.int64).reshape(-1)
-        self._header("allreduce_ints", f"int64:{op}", int(send.size), site, 0, 0)
+        # the op is in the ledger's kind: a rank whose op differs is a desync on every rank; one the same bad op
+        # on every rank raises on every rank, after the header (never stranding one)
+        self._header("allreduce_ints", f"int64:{op!s:.40}", int(send.size), site, 0, 0)
+        if op not in ops:
+            self._done()
+            raise InvalidArgument("op", f"expected one of {sorted(ops)}, got {op!r:.40}")
         recv = np.empty_like(send)
         self._wait(self._comm.Iallreduce(send, recv, ops[op]))
         self._done()
@@ -392,9 +407,13 @@ class RankGroup:
         MPI.COMM_WORLD.Abort(code)
 
     def close(self) -> None:
-        """Free the duplicated communicators. Collective; skip it on a broken group (abort instead)."""
+        """Free the duplicated communicators. Collective; skip it on a broken group (abort instead).
+        Idempotent (a second call freed freed handles: a raw MPI error)."""
         if self._broken is not None:
             raise self._broken
+        if self._closed:
+            return
+        self._closed = True
         self._drain_arrivals()
         self._hreq.Free()
         self._comm.Free()

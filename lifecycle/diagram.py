@@ -219,7 +219,11 @@ def main_diagram(argv: list[str] | None = None) -> int:
         print(f"lifecycle diagram: {exc}", file=sys.stderr)
         return 2
     if a.out:
-        Path(a.out).write_text(text, encoding="utf-8", newline="\n")
+        try:
+            Path(a.out).write_text(text, encoding="utf-8", newline="\n")
+        except OSError as exc:
+            print(f"lifecycle diagram: cannot write {a.out}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
     else:
         sys.stdout.write(text)
     return 0

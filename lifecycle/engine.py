@@ -482,5 +482,7 @@ def check_seconds(name: str, value) -> None:
 
 def cancel_frees_now(result: CancelResult) -> bool:
     """Whether the executor may free the request's resources right after this cancel result."""
+    if not isinstance(result, CancelResult):
+        raise InvalidArgument("result", f"expected a CancelResult (cancel()'s answer), got {result!r:.40}")
     return TABLE.cancel_frees[result.value]
 

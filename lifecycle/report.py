@@ -191,5 +191,6 @@ def render_html(res: AuditResult, spec: _spec.Spec, timeline_cap: int = 60) -> s
 
 def write_html(res: AuditResult, spec: _spec.Spec, out: str | Path, timeline_cap: int = 60) -> Path:
     path = Path(out)
-    path.write_text(render_html(res, spec, timeline_cap), encoding="utf-8")
+    # (a log file's name that is not UTF-8 comes as surrogate escapes: shown as "?", never a crash)
+    path.write_text(render_html(res, spec, timeline_cap), encoding="utf-8", errors="replace")
     return path

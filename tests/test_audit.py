@@ -500,3 +500,58 @@ def test_histogram_batches_bin_exactly_like_one_value_at_a_time(values):
         h.add(v)
     assert h.buckets == dict(collections.Counter(audit._bucket(v) for v in values))
     assert (h.count, h.max, h.total) == (len(values), max([0, *values]), sum(values))
+
+
+def test_bad_options_and_unwritable_outputs_are_clean_errors_not_tracebacks(tmp_path):
+    """Found by fuzzing the CLI: --top 0 was an IndexError (the native replay refused it, the Python one
+    crashed), --leak-age nan / inf a ValueError / OverflowError, --html into a missing folder a
+    FileNotFoundError, a log whose name is not UTF-8 a UnicodeEncodeError in the HTML, `diagram --out` into a
+    missing folder and `bench --timeout nan` tracebacks; audit_paths took window=0 silently on the default
+    path.  Each is exit 2 with a message (or InvalidArgument naming the option) now.  Control: the same
+    commands with good values succeed."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from lifecycle.errors import InvalidArgument
+
+    log = str(GOLDEN / "clean_run.jsonl")
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+
+    def cli(*args, cwd=None):
+        return subprocess.run([sys.executable, "-m", "lifecycle", *args], capture_output=True, timeout=120, env=env,
+                              cwd=cwd or root)
+
+    for args, why in (([log, "--top", "0"], b"--top"), ([log, "--window", "-5"], b"--window"),
+                      ([log, "--leak-age", "nan"], b"--leak-age"), ([log, "--leak-age", "inf"], b"--leak-age"),
+                      ([log, "--timeline-cap", "-1"], b"--timeline-cap"),
+                      ([log, "--html", str(tmp_path / "no" / "such" / "r.html")], b"cannot write the HTML report")):
+        r = cli("audit", *args)
+        assert r.returncode == 2 and why in r.stderr and b"Traceback" not in r.stderr, (args, r.stderr[-1500:])
+    r = cli("diagram", "--out", str(tmp_path / "no" / "x.mmd"))
+    assert r.returncode == 2 and b"cannot write" in r.stderr and b"Traceback" not in r.stderr, r.stderr[-1500:]
+    r = cli("bench", "--timeout", "nan", "--only", "audit")
+    assert r.returncode == 2 and b"--timeout" in r.stderr and b"Traceback" not in r.stderr, r.stderr[-1500:]
+    # a log file whose name is not UTF-8 (bytes on the command line): the HTML report still renders
+    odd = os.fsencode(str(tmp_path)) + b"/ok\xff.jsonl"
+    with open(odd, "wb") as f:
+        f.write((GOLDEN / "clean_run.jsonl").read_bytes())
+    r = subprocess.run([sys.executable, "-m", "lifecycle", "audit", odd, "--html", str(tmp_path / "odd.html")],
+                       capture_output=True, timeout=120, env=env, cwd=root)
+    assert r.returncode == 0 and (tmp_path / "odd.html").is_file(), r.stderr[-1500:]
+    assert "ok?.jsonl" in (tmp_path / "odd.html").read_text(encoding="utf-8")  # (the encoder's replacement)
+    # the library call: both replays refuse the same options, naming them
+    for native in (False, None):
+        for kw, arg in (({"window": 0}, "window"), ({"top": "3"}, "top"), ({"max_line": -1}, "max_line"),
+                        ({"leak_age_ns": 1.5}, "leak_age_ns"), ({"window": None}, "window")):
+            with pytest.raises(InvalidArgument) as ei:
+                audit_paths([log], native=native, **kw)
+            assert ei.value.argument == arg, (native, kw, ei.value)
+    with pytest.raises(InvalidArgument) as ei:
+        audit_paths([log], "not a spec")
+    assert ei.value.argument == "spec"
+    # the control
+    assert cli("audit", log, "--top", "1", "--leak-age", "3600", "--html", str(tmp_path / "r.html")).returncode == 0
+    assert cli("diagram", "--out", str(tmp_path / "x.mmd")).returncode == 0 and (tmp_path / "x.mmd").is_file()

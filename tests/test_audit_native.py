@@ -565,9 +565,15 @@ def test_another_table_falls_back_to_the_python_replay(monkeypatch):
 
 
 @pytest.mark.parametrize(("kw", "why"), [({"window": 0}, ">= 1"), ({"top": 0}, ">= 1"), ({"max_line": -1}, ">= 0"),
-                                         ({"window": 2.5}, "must be an int"), ({"top": 2**70}, "int64")])
-def test_options_the_native_replay_does_not_take_fall_back(kw, why):
+                                         ({"window": 2.5}, "expected an int"), ({"top": 2**70}, "int64")])
+def test_options_neither_replay_takes_are_refused_by_both(kw, why):
+    """native_unavailable() names them, and audit_paths refuses them for either replay before reading (the
+    Python one took window=0 silently, and failed later on the others)."""
     assert why in audit.native_unavailable(None, **kw)
+    for native in (None, False):
+        with pytest.raises(errors.InvalidArgument, match=why.replace("*", r"\*")) as ei:
+            audit_paths([mg.HERE / "clean_run.jsonl"], native=native, **kw)
+        assert ei.value.argument == next(iter(kw))
 
 
 def test_the_native_defaults_are_the_python_ones():

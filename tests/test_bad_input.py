@@ -405,3 +405,60 @@ def test_every_error_pickles_with_its_message_and_attributes():
     for err in made:
         back = pickle.loads(pickle.dumps(err))
         assert type(back) is type(err) and str(back) == str(err) and repr(vars(back)) == repr(vars(err)), (err, back)
+
+
+def test_batch_buffers_slot_indices_and_text_arguments_are_checked():
+    """Found by fuzzing: a batch call read any 8-byte buffer as ids (a float64 array, a big-endian one: raw
+    bits, silently), slot_view(True) was slot 1 while slot_view(2**63) / ('0') were pybind11's bare TypeError,
+    and a str UTF-8 cannot encode (a lone surrogate) was a bare RuntimeError in set_backend_health and a
+    misleading "incompatible arguments" in AuditReplay.unreadable.  Each is InvalidArgument naming the
+    argument now.  Control: native-order integer buffers (array 'q', numpy uint64) and numpy integer slots
+    work."""
+    from array import array as arr
+
+    import numpy as np
+
+    from lifecycle import _core
+
+    e = TransferEngine(num_slots=2, slot_size=8)
+    for ids in (np.array([1.0]), arr("d", [1.0]), np.array([1], dtype=">u8")):
+        with pytest.raises(InvalidArgument, match=r"^invalid ids: expected integers in native byte order"):
+            e.apply_batch(ids, bytes([1]))
+    with pytest.raises(InvalidArgument, match=r"^invalid events: expected integers"):
+        e.apply_batch(arr("q", [1]), np.array([1], dtype=np.float16).view(np.uint8)[:1].view(np.bool_))
+    for good in (arr("q", [1]), np.array([1], dtype=np.uint64)):
+        assert bytes(e.apply_batch(good, bytes([1]))) == bytes([5])  # Unknown: no session 1 (parsed fine)
+    for slot in (True, "0", 0.0, 2**63, -1, 2):
+        for call in (e.pool.slot_view, e.pool.slot_state, e.pool.generation):
+            with pytest.raises(InvalidArgument) as ei:
+                call(slot)
+            assert ei.value.argument == "slot", (slot, call)
+    assert len(e.pool.slot_view(np.int64(1))) == 8 and e.pool.slot_state(np.uint8(0)) == "Free"
+    with pytest.raises(InvalidArgument, match=r"^invalid reason: cannot be encoded as UTF-8"):
+        e.set_backend_health(False, "\udc80")
+    e.set_backend_health(False, "disk \u00e9")
+    assert e.health().backend_reason == "disk \u00e9"
+    r = _core.AuditReplay(window=8, top=2, keep_findings=5, keep_violating=5, leak_age_ns=0, max_line=100,
+                          max_depth=512, lookahead=4, max_tables=2)
+    r.begin([0])
+    with pytest.raises(InvalidArgument, match=r"^invalid why: cannot be encoded as UTF-8"):
+        r.unreadable(0, "\udc80")
+
+
+def test_small_helpers_name_a_bad_argument():
+    """cancel_frees_now('Cancelled') was an AttributeError, LogHistogram.quantile(nan) a ValueError from
+    int(); both InvalidArgument now.  Control: their good inputs still answer."""
+    from lifecycle import CancelResult
+    from lifecycle.audit import LogHistogram
+    from lifecycle.engine import cancel_frees_now
+
+    with pytest.raises(InvalidArgument) as ei:
+        cancel_frees_now("Cancelled")
+    assert ei.value.argument == "result"
+    assert isinstance(cancel_frees_now(list(CancelResult)[0]), bool)
+    h = LogHistogram()
+    for q in (float("nan"), -0.1, 1.5, "0.5"):
+        with pytest.raises(InvalidArgument) as ei:
+            h.quantile(q)
+        assert ei.value.argument == "q"
+    assert h.quantile(0.5) == 0

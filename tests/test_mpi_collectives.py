@@ -245,8 +245,9 @@ def test_poll_symmetric_decisions_are_identical_on_every_rank(n):
 
 @pytest.mark.parametrize("n", [2])
 def test_bad_input_on_one_rank_never_strands_the_others(n):
-    """poll_symmetric with bad ids (negative, not ints, not iterable) and flush with an unpicklable payload
-    raised on that rank before the collective: the other ranks waited out their watchdog.  Now that rank
+    """poll_symmetric with bad ids (negative, not ints, not iterable), flush with an unpicklable payload and
+    agree_count with a negative count raised on that rank before the collective: the other ranks waited out
+    their watchdog.  Now that rank
     joins with nothing, raises InvalidArgument afterwards (the payloads on the error), and the group stays
     usable; ids from 2**63 up (valid engine ids; they overflowed int64) agree everywhere.  Negative control:
     ``--raw`` raises before the collective, and the other ranks time out."""
@@ -256,12 +257,15 @@ def test_bad_input_on_one_rank_never_strands_the_others(n):
     assert sorted(got) == list(range(n)), explain(run)
     for rank, res in got.items():
         assert "error" not in res and res["after"] == "barrier ok" and res["big_pending"], (rank, res)
+        assert res["op"] == "op" and res["watchdog"] == "watchdog" and res["closed"], res
         if rank == 0:
             assert res["steps"] == [["invalid", "requests"]] * 3, res
             assert res["flush"] == ["invalid", "payload", 2], res
+            assert res["agree"] == ["invalid", "n"], res
         else:
             assert res["steps"] == [["decided", [0], True]] * 3, res
             assert res["flush"] == [0] + [1] * (n - 1), res
+            assert res["agree"] == 0, res  # the bad rank joined as 0: nobody processes anything this time
     raw = mpirun(n, "bad_input.py", "--raw", timeout=90)
     assert not raw.timed_out, explain(raw)
     others = {r: res for r, res in raw.by_rank().items() if r != 0}

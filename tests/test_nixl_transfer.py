@@ -213,6 +213,13 @@ def test_paired_benchmark_loop_moves_the_bytes_and_pairs_every_batch(batch_calls
         with pytest.raises(TypeError, match="another transport"):
             _core._bench_paired(te._core, te._core, "pb-peer", "write", src_mem.addr, dst_mem.addr, size, batch,
                                 count, 1)
+        # bounded before anything runs (2**40 was a bare bad_alloc; ids past 2**64 waited out a timeout)
+        for n, b, first, arg in ((1 << 40, batch, 1, "count"), (count, 1 << 20, 1, "batch"),
+                                 (count, batch, (1 << 64) - 5, "first_request")):
+            with pytest.raises(InvalidArgument) as ei:
+                _core._bench_paired(te._core, tb._core, "pb-peer", "write", src_mem.addr, dst_mem.addr, size, b, n,
+                                    first)
+            assert ei.value.argument == arg
         re_, rb = _core._bench_paired(te._core, tb._core, "pb-peer", "write", src_mem.addr, dst_mem.addr, size,
                                       batch, count, 1, batch_calls=batch_calls)
         engine.poll()

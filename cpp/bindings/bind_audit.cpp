@@ -174,10 +174,10 @@ void register_audit(py::module_& m) {
              check_open(r);
              r.a_.end(arg_src(r, src));
            })
-      .def("unreadable", [](Replay& r, py::handle src, const std::string& why) {
+      .def("unreadable", [](Replay& r, py::handle src, py::handle why) {
              Replay::Use use(r);
              check_open(r);
-             r.a_.unreadable(arg_src(r, src), why);
+             r.a_.unreadable(arg_src(r, src), text_arg(why, "why"));
            })
       .def("run", [](Replay& r) {
              Replay::Use use(r);

@@ -3,6 +3,7 @@
 #include <Python.h>
 
 #include <cstring>
+#include <string_view>
 
 #include "lifecycle/engine.hpp"
 #include "lifecycle/errors.hpp"
@@ -89,6 +90,14 @@ static BufView view(py::handle obj, const char* what, std::size_t itemsize) {
     throw InvalidArgumentError(what, "expected a contiguous 1-D buffer of " + std::to_string(itemsize) +
                                          "-byte items, got itemsize " + std::to_string(bi.itemsize) + ", ndim " +
                                          std::to_string(bi.ndim));
+  // Integers in native byte order only: a float64 or big-endian buffer of the right size was read as raw bits.
+  std::string f = bi.format;
+  if (!f.empty() && (f[0] == '@' || f[0] == '=' || f[0] == '<')) f.erase(0, 1);
+  const bool ok = f.size() == 1 && std::string_view(itemsize == 8 ? "qQlLnN" : "bBc").find(f[0]) != std::string_view::npos;
+  if (!ok) {
+    throw InvalidArgumentError(what, "expected integers in native byte order (array 'q'/'Q', numpy int64/uint64, "
+                                     "bytes), got buffer format '" + bi.format + "'");
+  }
   std::size_t n = static_cast<std::size_t>(bi.size);
   return BufView{std::move(bi), n};
 }
@@ -251,10 +260,7 @@ void register_engine(py::module_& m) {
               throw InvalidArgumentError("healthy", std::string("expected a bool, got ") + Py_TYPE(healthy.ptr())->tp_name);
             }
             // text only: bytes would reach health() as a reason that may not decode
-            if (!PyUnicode_Check(reason.ptr())) {
-              throw InvalidArgumentError("reason", std::string("expected a str, got ") + Py_TYPE(reason.ptr())->tp_name);
-            }
-            e.set_backend_health(healthy.ptr() == Py_True, reason.cast<std::string>());
+            e.set_backend_health(healthy.ptr() == Py_True, text_arg(reason, "reason"));
           },
           py::arg("healthy"), py::arg("reason") = "")
       .def("_info", [](const Engine& e, py::handle req) -> py::object {

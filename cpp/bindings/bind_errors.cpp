@@ -51,6 +51,19 @@ py::object error_object(std::exception_ptr p) {
   return py::none();
 }
 
+std::string text_arg(py::handle h, const char* what) {
+  if (!PyUnicode_Check(h.ptr())) {
+    throw InvalidArgumentError(what, std::string("expected a str, got ") + Py_TYPE(h.ptr())->tp_name);
+  }
+  Py_ssize_t n = 0;
+  const char* p = PyUnicode_AsUTF8AndSize(h.ptr(), &n);
+  if (p == nullptr) {
+    PyErr_Clear();
+    throw InvalidArgumentError(what, "cannot be encoded as UTF-8 (a lone surrogate?)");
+  }
+  return std::string(p, static_cast<std::size_t>(n));
+}
+
 void register_errors(py::module_&) {
   py::register_exception_translator([](std::exception_ptr p) {
     py::object exc = error_object(p);

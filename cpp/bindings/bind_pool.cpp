@@ -26,6 +26,22 @@ struct SlotBuffer {
   void* data;
   py::ssize_t len;
 };
+// A slot index: an int (not a bool: True was slot 1) in [0, num_slots), else InvalidArgumentError("slot").
+std::uint32_t slot_index(const BufferPool& p, py::handle h) {
+  if (PyBool_Check(h.ptr()) || !PyIndex_Check(h.ptr())) {  // (an int, or numpy's integers)
+    throw InvalidArgumentError("slot", std::string("expected an int, got ") + Py_TYPE(h.ptr())->tp_name);
+  }
+  PyObject* idx = PyNumber_Index(h.ptr());
+  if (idx == nullptr) throw py::error_already_set();
+  const py::object index = py::reinterpret_steal<py::object>(idx);
+  int overflow = 0;
+  const long long v = PyLong_AsLongLongAndOverflow(index.ptr(), &overflow);
+  if (overflow != 0 || v < 0 || v >= static_cast<long long>(p.num_slots())) {
+    throw InvalidArgumentError("slot", py::str(h).cast<std::string>() + " out of range [0, " +
+                                           std::to_string(p.num_slots()) + ")");
+  }
+  return static_cast<std::uint32_t>(v);
+}
 }  // namespace
 
 void register_pool(py::module_& m) {
@@ -36,20 +52,17 @@ void register_pool(py::module_& m) {
   // The pool is owned by its engine; Python gets a non-owning view (keep_alive on the engine getter).
   py::class_<BufferPool, std::unique_ptr<BufferPool, py::nodelete>>(m, "BufferPool", guarded_metaclass(), guarded_new_setup())
       .def("stats", [](const BufferPool& p) { return stats_dict(p.stats()); })
-      .def("slot_state", [](const BufferPool& p, std::int64_t slot) {
-        if (slot < 0 || slot >= p.num_slots()) throw InvalidArgumentError("slot", std::to_string(slot) + " out of range");
+      .def("slot_state", [](const BufferPool& p, py::handle h) {
+        const std::uint32_t slot = slot_index(p, h);
         static const char* names[] = {"Free", "Leased", "Quarantined"};
-        return std::string(names[static_cast<int>(p.state(static_cast<std::uint32_t>(slot)))]);
+        return std::string(names[static_cast<int>(p.state(slot))]);
       })
-      .def("generation", [](const BufferPool& p, std::int64_t slot) {
-        if (slot < 0 || slot >= p.num_slots()) throw InvalidArgumentError("slot", std::to_string(slot) + " out of range");
-        return p.generation(static_cast<std::uint32_t>(slot));
-      })
-      .def("slot_view", [](py::object self, std::int64_t slot) {
+      .def("generation", [](const BufferPool& p, py::handle h) { return p.generation(slot_index(p, h)); })
+      .def("slot_view", [](py::object self, py::handle h) {
         BufferPool& p = self.cast<BufferPool&>();
-        if (slot < 0 || slot >= p.num_slots()) throw InvalidArgumentError("slot", std::to_string(slot) + " out of range");
+        const std::uint32_t slot = slot_index(p, h);
         // (from_memory kept nothing alive: a view used after its engine went wrote into freed memory)
-        py::object exporter = py::cast(SlotBuffer{self, p.data(static_cast<std::uint32_t>(slot)),
+        py::object exporter = py::cast(SlotBuffer{self, p.data(slot),
                                                   static_cast<py::ssize_t>(p.slot_size())});
         return py::memoryview(exporter);
       }, "A writable memoryview of one slot's bytes; it keeps the engine alive.")

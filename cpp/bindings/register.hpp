@@ -7,6 +7,9 @@ namespace lifecycle::bindings {
 // The Python exception object (lifecycle.errors) for one of the library's C++ errors; None for another
 // exception.  The exception translator raises it; batch calls return it in the item's place.
 pybind11::object error_object(std::exception_ptr p);
+// A str argument as UTF-8 (InvalidArgumentError naming `what` for a non-str, or one UTF-8 cannot encode:
+// a lone surrogate, where pybind11's own conversion raised a bare RuntimeError or "incompatible arguments").
+std::string text_arg(pybind11::handle h, const char* what);
 // Extra py::class_ arguments every class here takes: X.__new__(X) without X(...) raises TypeError instead of
 // making an object whose methods crash (guard.cpp).
 pybind11::metaclass guarded_metaclass();

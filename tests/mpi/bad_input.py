@@ -54,8 +54,23 @@ def main() -> None:
             out["flush"] = [len(p) for p in got]
         except InvalidArgument as exc:
             out["flush"] = ("invalid", exc.argument, len(exc.payloads))
+        try:
+            out["agree"] = group.agree_count(-1 if rank == 0 else 5)
+        except InvalidArgument as exc:
+            out["agree"] = ("invalid", exc.argument)
+        try:  # the same bad op on every rank: every rank raises, after the header
+            group.allreduce_ints([1], op="avg")
+        except InvalidArgument as exc:
+            out["op"] = exc.argument
         group.barrier()
         out["after"] = "barrier ok"
+        try:
+            col.RankGroup(comm, watchdog="x")
+        except InvalidArgument as exc:
+            out["watchdog"] = exc.argument
+        group.close()
+        group.close()  # idempotent
+        out["closed"] = True
     except Exception as exc:  # a timeout here is what the negative control shows
         out["error"] = type(exc).__name__
     emit(rank, **out)

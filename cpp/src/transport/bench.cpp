@@ -2,10 +2,12 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdint>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "lifecycle/errors.hpp"
 #include "lifecycle/transport/nixl_capi.hpp"  // TransportError
 
 namespace lifecycle::transport {
@@ -152,6 +154,18 @@ struct Loop {
 
 std::pair<BenchResult, BenchResult> bench_paired(Transport& a, Transport& b, const BenchSpec& spec) {
   if (spec.size == 0 || spec.batch == 0) throw TransportError("bench: size and batch must be > 0");
+  // Bounded: the loop runs with the GIL released and reserves per transfer (2**40 was a bare bad_alloc),
+  // and the two loops' request ids must not wrap past 2**64 (they waited out a timeout on the wrapped ids).
+  if (spec.count == 0 || spec.count > 100'000'000) {
+    throw InvalidArgumentError("count", "expected 1 .. 100000000 transfers, got " + std::to_string(spec.count));
+  }
+  if (spec.batch > 65'536) {
+    throw InvalidArgumentError("batch", "expected 1 .. 65536 in flight, got " + std::to_string(spec.batch));
+  }
+  if (spec.first_req > UINT64_MAX - 2 * spec.count) {
+    throw InvalidArgumentError("first_request", std::to_string(spec.first_req) + " + 2 x " + std::to_string(spec.count) +
+                                                    " request ids run past 2**64");
+  }
   std::pair<BenchResult, BenchResult> res;
   Loop la(a, spec, res.first, spec.first_req);
   Loop lb(b, spec, res.second, spec.first_req + spec.count);

@@ -313,7 +313,8 @@ class EventSchemaError(LifecycleError, ValueError):
 def event_errors(event: object) -> list[str]:
     """Every schema violation of one event dict (empty when valid); ``log_level`` etc. are allowed."""
     errs = sorted(_validator().iter_errors(event), key=lambda e: list(e.absolute_path))
-    return [f"{'/'.join(str(p) for p in e.absolute_path) or '<root>'}: {e.message}" for e in errs]
+    # each once (a non-object event failed every branch of the schema's oneOf alike: the same line 12 times)
+    return list(dict.fromkeys(f"{'/'.join(str(p) for p in e.absolute_path) or '<root>'}: {e.message}" for e in errs))
 
 
 def validate_event(event: object) -> None:

@@ -319,7 +319,13 @@ class RankGroup:
         """Element-wise ``sum`` / ``max`` / ``min`` of an int64 array; its length is in the ledger."""
         MPI = self._MPI
         ops = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
-        send = np.ascontiguousarray(values, dtype=np.int64).reshape(-1)
+        try:
+            send = np.ascontiguousarray(values, dtype=np.int64).reshape(-1)
+        except (TypeError, ValueError, OverflowError) as exc:
+            # joins with a length no rank can have: the ledger reports a desync on every rank (none is stranded)
+            self._header("allreduce_ints", f"int64:{op!s:.40}", -2, site, 0, 0)
+            self._done()
+            raise InvalidArgument("values", f"not int64 values ({exc})") from exc
         # the op is in the ledger's kind: a rank whose op differs is a desync on every rank; one the same bad op
         # on every rank raises on every rank, after the header (never stranding one)
         self._header("allreduce_ints", f"int64:{op!s:.40}", int(send.size), site, 0, 0)
@@ -334,11 +340,18 @@ class RankGroup:
     def allgather_ints(
         self, values: Sequence[int] | np.ndarray, *, site: str | None = None
     ) -> list[np.ndarray]:
-        """Every rank's int64 array (lengths may differ per rank), as a list indexed by rank."""
-        send = np.ascontiguousarray(values, dtype=np.int64).reshape(-1)
+        """Every rank's int64 array (lengths may differ per rank), as a list indexed by rank.  Values that are
+        not int64 on one rank: it joins with none, then raises InvalidArgument (the others get [] from it)."""
+        bad = None
+        try:
+            send = np.ascontiguousarray(values, dtype=np.int64).reshape(-1)
+        except (TypeError, ValueError, OverflowError) as exc:
+            bad, send = exc, np.empty(0, dtype=np.int64)
         self._header("allgather_ints", "int64[]", -1, site, 0, 0)
         parts = self._gatherv(send, np.int64)
         self._done()
+        if bad is not None:
+            raise InvalidArgument("values", f"not int64 values ({bad})") from bad
         return parts
 
     def push(self, payload: Any) -> None:

@@ -36,6 +36,9 @@ def _print_transitions(_logger, _method, ev):
 
 
 def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    argparse.ArgumentParser(prog="lifecycle example", description=__doc__.splitlines()[0]).parse_args(argv)
     import structlog
 
     from . import CancelResult, State, TransferEngine, cancel_frees_now

@@ -447,7 +447,7 @@ def test_batch_buffers_slot_indices_and_text_arguments_are_checked():
 
 def test_small_helpers_name_a_bad_argument():
     """cancel_frees_now('Cancelled') was an AttributeError, LogHistogram.quantile(nan) a ValueError from
-    int(); both InvalidArgument now.  Control: their good inputs still answer."""
+    int(); both InvalidArgument now.  Control: their good inputs still answer.  And two small ones below."""
     from lifecycle import CancelResult
     from lifecycle.audit import LogHistogram
     from lifecycle.engine import cancel_frees_now
@@ -462,3 +462,14 @@ def test_small_helpers_name_a_bad_argument():
             h.quantile(q)
         assert ei.value.argument == "q"
     assert h.quantile(0.5) == 0
+    # validate_event(5) said the same thing 12 times (one per branch of the schema's oneOf); `example --bogus`
+    # ignored its arguments and exited 0
+    from lifecycle.audit import EventSchemaError, validate_event
+    from lifecycle.example import main as example_main
+
+    with pytest.raises(EventSchemaError) as ei:
+        validate_event(5)
+    assert str(ei.value).count("is not of type 'object'") == 1, ei.value
+    with pytest.raises(SystemExit) as ei:
+        example_main(["--bogus"])
+    assert ei.value.code == 2

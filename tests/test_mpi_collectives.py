@@ -258,14 +258,17 @@ def test_bad_input_on_one_rank_never_strands_the_others(n):
     for rank, res in got.items():
         assert "error" not in res and res["after"] == "barrier ok" and res["big_pending"], (rank, res)
         assert res["op"] == "op" and res["watchdog"] == "watchdog" and res["closed"], res
+        assert res["reduce"] == "CollectiveDesyncError", res  # bad values on rank 0: a desync everywhere
         if rank == 0:
             assert res["steps"] == [["invalid", "requests"]] * 3, res
             assert res["flush"] == ["invalid", "payload", 2], res
             assert res["agree"] == ["invalid", "n"], res
+            assert res["gather"] == ["invalid", "values"], res
         else:
             assert res["steps"] == [["decided", [0], True]] * 3, res
             assert res["flush"] == [0] + [1] * (n - 1), res
             assert res["agree"] == 0, res  # the bad rank joined as 0: nobody processes anything this time
+            assert res["gather"] == [[]] + [[r] for r in range(1, n)], res
     raw = mpirun(n, "bad_input.py", "--raw", timeout=90)
     assert not raw.timed_out, explain(raw)
     others = {r: res for r, res in raw.by_rank().items() if r != 0}

@@ -62,6 +62,11 @@ def main() -> None:
             group.allreduce_ints([1], op="avg")
         except InvalidArgument as exc:
             out["op"] = exc.argument
+        try:
+            parts = group.allgather_ints(["x"] if rank == 0 else [rank])
+            out["gather"] = [p.tolist() for p in parts]
+        except InvalidArgument as exc:
+            out["gather"] = ("invalid", exc.argument)
         group.barrier()
         out["after"] = "barrier ok"
         try:
@@ -71,6 +76,13 @@ def main() -> None:
         group.close()
         group.close()  # idempotent
         out["closed"] = True
+        # values that are not int64 on one rank: it joins with a length no rank has, a desync on every rank
+        g2 = col.RankGroup(comm, watchdog=args.watchdog)
+        try:
+            g2.allreduce_ints(["x"] if rank == 0 else [1])
+            out["reduce"] = "returned"
+        except col.CollectiveDesyncError as exc:
+            out["reduce"] = type(exc).__name__
     except Exception as exc:  # a timeout here is what the negative control shows
         out["error"] = type(exc).__name__
     emit(rank, **out)

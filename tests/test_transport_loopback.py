@@ -710,12 +710,14 @@ def test_a_registered_buffer_cannot_move():
         t.stop()
 
 
-def test_a_copy_from_or_into_unmapped_memory_fails_the_transfer_instead_of_crashing():
+@pytest.mark.parametrize("copy", ["kernel", "pipe"])
+def test_a_copy_from_or_into_unmapped_memory_fails_the_transfer_instead_of_crashing(copy):
     """A raw ``Mem`` the caller registered but does not own readable (or writable) memory at: the loopback's
     memcpy took SIGSEGV on its worker thread and killed the process.  The copy goes through the kernel now
     (process_vm_readv on this process): the transfer fails with EFAULT named in its reason, nothing crashes,
     and the next transfer works.  Both directions: READ from a PROT_NONE range at the peer, WRITE into a
-    read-only one.  A child process runs it, so a crash is a failed assert.  Negative control (seen): with
+    read-only one.  Both copy paths: the kernel's (the default) and the pipe (where a seccomp filter refuses
+    process_vm_readv; $LIFECYCLE_LOOPBACK_COPY=pipe forces it), which also has to move 8 KiB correctly.  A child process runs it, so a crash is a failed assert.  Negative control (seen): with
     memcpy back in loopback.cpp the child dies with -11."""
     code = r'''
 import ctypes, mmap, sys
@@ -755,7 +757,7 @@ finally:
     b.close()
 '''
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                       cwd=Path(__file__).resolve().parent.parent)
+                       cwd=Path(__file__).resolve().parent.parent, env={**os.environ, "LIFECYCLE_LOOPBACK_COPY": copy})
     assert r.returncode == 0, (r.returncode, r.stdout[-2000:], r.stderr[-3000:])
     lines = [line for line in r.stdout.splitlines() if line.startswith(("read:", "write:", "then ok"))]
     assert [line.split(":")[0] for line in lines] == ["read", "write", "then ok"], r.stdout

@@ -1,10 +1,12 @@
 #include "lifecycle/transport/loopback.hpp"
 
+#include <fcntl.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <shared_mutex>
 
@@ -22,25 +24,68 @@ std::shared_mutex& mem_mutex() {
   return m;
 }
 
+// The same copy through a pipe (write from src, read into dst: each fails with EFAULT on memory it cannot
+// read or write), for where process_vm_readv is refused (a seccomp filter: ENOSYS or EPERM).  Each worker
+// thread has its own pipe; after an error it is replaced, so no bytes of a failed copy stay in it.
+int pipe_copy(std::uint8_t* dst, const std::uint8_t* src, std::size_t n) {
+  struct Pipe {
+    int fd[2] = {-1, -1};
+    ~Pipe() { reset(); }
+    void reset() {
+      for (int& f : fd) {
+        if (f >= 0) ::close(f);
+        f = -1;
+      }
+    }
+  };
+  thread_local Pipe p;
+  constexpr std::size_t kStep = 64 * 1024;  // the default pipe capacity: a write never blocks on an empty pipe
+  while (n > 0) {
+    if (p.fd[0] < 0 && ::pipe2(p.fd, O_CLOEXEC) != 0) return errno;
+    const std::size_t step = std::min(n, kStep);
+    ssize_t put;
+    do put = ::write(p.fd[1], src, step); while (put < 0 && errno == EINTR);
+    if (put <= 0) {
+      const int err = put < 0 ? errno : EFAULT;
+      p.reset();
+      return err;
+    }
+    for (ssize_t got_all = 0; got_all < put;) {
+      ssize_t got;
+      do got = ::read(p.fd[0], dst + got_all, static_cast<std::size_t>(put - got_all)); while (got < 0 && errno == EINTR);
+      if (got <= 0) {
+        const int err = got < 0 ? errno : EFAULT;
+        p.reset();  // (the unread bytes go with it)
+        return err;
+      }
+      got_all += got;
+    }
+    dst += put;
+    src += put;
+    n -= static_cast<std::size_t>(put);
+  }
+  return 0;
+}
+
 // Copies n bytes src -> dst through the kernel (process_vm_readv on this process), so a registered range that
 // is not mapped readable (src) or writable (dst) -- a raw Mem the caller freed or never owned -- fails the
-// copy with EFAULT instead of a SIGSEGV.  Returns 0 or the errno.  Where the call is refused (a seccomp
-// filter: ENOSYS or EPERM) it falls back to memcpy and stays there: bad addresses then fault as before.
+// copy with EFAULT instead of a SIGSEGV.  Returns 0 or the errno.  Where that call is refused (a seccomp
+// filter: ENOSYS or EPERM), or $LIFECYCLE_LOOPBACK_COPY is "pipe" (tests), the copy goes through a pipe.
 int checked_copy(std::uint8_t* dst, const std::uint8_t* src, std::size_t n) {
-  static std::atomic<bool> unavailable{false};
+  static std::atomic<bool> use_pipe{[] {
+    const char* v = std::getenv("LIFECYCLE_LOOPBACK_COPY");
+    return v != nullptr && std::strcmp(v, "pipe") == 0;
+  }()};
   const pid_t self = ::getpid();
   while (n > 0) {
-    if (unavailable.load(std::memory_order_relaxed)) {
-      std::memcpy(dst, src, n);
-      return 0;
-    }
+    if (use_pipe.load(std::memory_order_relaxed)) return pipe_copy(dst, src, n);
     iovec l{dst, n};
     iovec r{const_cast<std::uint8_t*>(src), n};
     const ssize_t got = ::process_vm_readv(self, &l, 1, &r, 1, 0);
     if (got < 0) {
       if (errno == EINTR) continue;
       if (errno == ENOSYS || errno == EPERM) {
-        unavailable.store(true, std::memory_order_relaxed);
+        use_pipe.store(true, std::memory_order_relaxed);
         continue;
       }
       return errno;

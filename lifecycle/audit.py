@@ -48,6 +48,7 @@ import heapq
 import inspect
 import itertools
 import json
+import numbers
 import operator
 import os
 import re
@@ -748,19 +749,23 @@ _OPTION_FLOOR = {"window": 1, "top": 1, "keep_findings": None, "keep_violating":
                  "max_line": 0}
 
 
-def check_options(**opts) -> None:
-    """The audit's options, checked the same way for both replays (InvalidArgument names the option): ints,
-    ``window`` and ``top`` >= 1, ``max_line`` >= 0, each inside int64 (``leak_age_ns`` any int)."""
+def check_options(**opts) -> dict:
+    """The audit's options, checked the same way for both replays (InvalidArgument names the option): ints
+    (numpy's too), ``window`` and ``top`` >= 1, ``max_line`` >= 0, each inside int64 (``leak_age_ns`` any
+    int).  Returns them as plain ints."""
+    out = {}
     for k, v in opts.items():
         if k not in _OPTION_FLOOR:
             raise InvalidArgument(k, f"not an audit option (choose from {', '.join(_OPTION_FLOOR)})")
-        if isinstance(v, bool) or not isinstance(v, int):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
             raise InvalidArgument(k, f"expected an int, got {type(v).__name__}")
+        v = out[k] = int(v)
         floor = _OPTION_FLOOR[k]
         if floor is not None and v < floor:
             raise InvalidArgument(k, f"expected an int >= {floor}, got {v}")
         if k != "leak_age_ns" and not -(1 << 63) <= v < 1 << 63:
             raise InvalidArgument(k, f"out of the int64 range: {v}")
+    return out
 
 
 class Auditor:
@@ -778,8 +783,10 @@ class Auditor:
     def __init__(self, spec: _spec.Spec | None = None, *, window: int = 8192, top: int = 20,
                  keep_findings: int = 1000, keep_violating: int = 50, leak_age_ns: int = 0,
                  max_line: int = MAX_LINE):
-        check_options(window=window, top=top, keep_findings=keep_findings, keep_violating=keep_violating,
-                      leak_age_ns=leak_age_ns, max_line=max_line)
+        o = check_options(window=window, top=top, keep_findings=keep_findings, keep_violating=keep_violating,
+                          leak_age_ns=leak_age_ns, max_line=max_line)
+        window, top, keep_findings, keep_violating = o["window"], o["top"], o["keep_findings"], o["keep_violating"]
+        leak_age_ns, max_line = o["leak_age_ns"], o["max_line"]
         if spec is not None and not isinstance(spec, _spec.Spec):
             raise InvalidArgument("spec", f"expected a lifecycle Spec (spec.load_default()), got {type(spec).__name__}")
         self.spec = spec if spec is not None else _spec.load_default()
@@ -1537,7 +1544,7 @@ def audit_paths(paths: Iterable[str | Path], spec: _spec.Spec | None = None, *, 
     requires the native replay (ValueError when it cannot be used).  Both give the same result.
     """
     paths = [str(p) for p in paths]
-    check_options(**kw)
+    kw = check_options(**kw)
     if spec is not None and not isinstance(spec, _spec.Spec):
         raise InvalidArgument("spec", f"expected a lifecycle Spec (spec.load_default()), got {type(spec).__name__}")
     if native is None:
@@ -1820,8 +1827,8 @@ def main_audit(argv: list[str] | None = None) -> int:
         if not Path(path).is_file():
             print(f"lifecycle audit: no such file: {path}", file=sys.stderr)
             return 2
-    if not 0 <= a.leak_age <= 1e9:  # (NaN too: int() of it raised)
-        p.error(f"--leak-age must be seconds in [0, 1e9], got {a.leak_age}")
+    if not -1e9 <= a.leak_age <= 1e9:  # (NaN too: int() of it raised; a negative age reports no leaks)
+        p.error(f"--leak-age must be seconds in [-1e9, 1e9], got {a.leak_age}")
     kw = dict(window=a.window, top=a.top, keep_findings=a.max_findings, leak_age_ns=int(a.leak_age * 1e9))
     try:
         check_options(**kw)

@@ -275,7 +275,13 @@ def main(argv: list[str] | None = None) -> int:
         if not out.is_dir():
             print(f"demo: --out {a.out!r} is not a directory: refusing to replace it", file=sys.stderr)
             return 2
-        if any(out.iterdir()) and not (out / DEMO_MARKER).is_file():
+        cwd = Path.cwd().resolve()
+        if out == cwd or out in cwd.parents:
+            print(f"demo: --out {str(out)!r} is the current directory or holds it: refusing to delete it", file=sys.stderr)
+            return 2
+        # (a demo from before the marker left summary.json and logs/: that is a demo's directory too)
+        earlier = (out / DEMO_MARKER).is_file() or ((out / "summary.json").is_file() and (out / "logs").is_dir())
+        if any(out.iterdir()) and not earlier:
             print(f"demo: --out {str(out)!r} holds files that no demo wrote (no {DEMO_MARKER} in it): refusing to "
                   "delete them; pass a new or empty directory", file=sys.stderr)
             return 2

@@ -27,13 +27,17 @@ class LifecycleError(Exception):
     other arguments than the message)."""
 
     def __reduce__(self):
-        return _rebuild, (type(self), self.args, dict(self.__dict__))
+        state = dict(self.__dict__)
+        if isinstance(self, ImportError):  # its own fields are slots, not in __dict__
+            state.update(msg=self.msg, name=self.name, path=self.path)
+        return _rebuild, (type(self), self.args, state)
 
 
 def _rebuild(cls: type, args: tuple, state: dict) -> LifecycleError:
     err = cls.__new__(cls)
     err.args = args
-    err.__dict__.update(state)
+    for k, v in state.items():
+        setattr(err, k, v)
     return err
 
 

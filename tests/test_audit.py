@@ -552,6 +552,10 @@ def test_bad_options_and_unwritable_outputs_are_clean_errors_not_tracebacks(tmp_
     with pytest.raises(InvalidArgument) as ei:
         audit_paths([log], "not a spec")
     assert ei.value.argument == "spec"
+    import numpy as np
+
+    for native in (False, None):  # numpy's integers are ints here (the Python replay took them before)
+        assert audit_paths([log], native=native, window=np.int64(64), top=np.int32(3)).ok
     # the control
     assert cli("audit", log, "--top", "1", "--leak-age", "3600", "--html", str(tmp_path / "r.html")).returncode == 0
     assert cli("diagram", "--out", str(tmp_path / "x.mmd")).returncode == 0 and (tmp_path / "x.mmd").is_file()

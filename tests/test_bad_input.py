@@ -405,6 +405,11 @@ def test_every_error_pickles_with_its_message_and_attributes():
     for err in made:
         back = pickle.loads(pickle.dumps(err))
         assert type(back) is type(err) and str(back) == str(err) and repr(vars(back)) == repr(vars(err)), (err, back)
+    # ImportError's own fields (slots, not in __dict__) survive too, for NixlUnavailable
+    imp = errors.NixlUnavailable("no libnixl_capi.so")
+    imp.name, imp.path = "nixl", "/x/libnixl_capi.so"
+    back = pickle.loads(pickle.dumps(imp))
+    assert (back.msg, back.name, back.path) == ("no libnixl_capi.so", "nixl", "/x/libnixl_capi.so")
 
 
 def test_batch_buffers_slot_indices_and_text_arguments_are_checked():

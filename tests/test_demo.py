@@ -156,7 +156,7 @@ def test_demo_out_never_deletes_what_no_demo_wrote(tmp_path):
         p = subprocess.run([sys.executable, "-m", "lifecycle", "demo", "--quiet", "--requests", "1", "--out", out],
                            cwd=scratch, capture_output=True, text=True, timeout=60,
                            env={**os.environ, "PYTHONPATH": str(ROOT)})
-        assert p.returncode == 2 and "refusing to delete them" in p.stderr, (out, p.returncode, p.stderr[-800:])
+        assert p.returncode == 2 and "refusing to delete" in p.stderr, (out, p.returncode, p.stderr[-800:])
         assert (scratch / "keepme" / "data").read_text() == "precious"
     afile = tmp_path / "afile"
     afile.write_text("x")
@@ -173,5 +173,10 @@ def test_demo_out_never_deletes_what_no_demo_wrote(tmp_path):
     res, summary, out = demo(tmp_path, "--requests", "20", "--concurrency", "4")
     assert res.returncode == 0 and (out / ".kv-lifecycle-demo").is_file(), explain(res, summary)
     (out / "stale").write_text("from the last run")
+    res, summary, out = demo(tmp_path, "--requests", "20", "--concurrency", "4")
+    assert res.returncode == 0 and not (out / "stale").exists(), explain(res, summary)
+    # a demo directory from before the marker (summary.json and logs/) is a demo's too: replaced
+    (out / ".kv-lifecycle-demo").unlink()
+    (out / "stale").write_text("from an older demo")
     res, summary, out = demo(tmp_path, "--requests", "20", "--concurrency", "4")
     assert res.returncode == 0 and not (out / "stale").exists(), explain(res, summary)

@@ -39,9 +39,12 @@ int pipe_copy(std::uint8_t* dst, const std::uint8_t* src, std::size_t n) {
     }
   };
   thread_local Pipe p;
-  constexpr std::size_t kStep = 64 * 1024;  // the default pipe capacity: a write never blocks on an empty pipe
+  // Non-blocking: a pipe can hold less than 64 KiB (pipe-user-pages-soft reached: 1-2 pages), and a blocking
+  // write larger than it would wait for a reader that is this very thread.  A short write is fine: its bytes
+  // are read back before the next one, so the pipe is empty at every write.
+  constexpr std::size_t kStep = 64 * 1024;
   while (n > 0) {
-    if (p.fd[0] < 0 && ::pipe2(p.fd, O_CLOEXEC) != 0) return errno;
+    if (p.fd[0] < 0 && ::pipe2(p.fd, O_CLOEXEC | O_NONBLOCK) != 0) return errno;
     const std::size_t step = std::min(n, kStep);
     ssize_t put;
     do put = ::write(p.fd[1], src, step); while (put < 0 && errno == EINTR);

@@ -195,13 +195,16 @@ class Statistics:
     memory_bytes: int
 
 
+_MAX_SECONDS = _core.MAX_DURATION_NS / 1e9
+
+
 def _seconds_to_ns(name: str, value: float | None) -> int:
     if value is None:
         return 0
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value < 0:
         raise InvalidArgument(name, f"expected seconds >= 0 or None, got {value!r}")
-    if value > 1e9:  # the engine's kMaxDurationNs (inf too: it overflowed the conversion)
-        raise InvalidArgument(name, f"expected at most 1e9 seconds (about 31.7 years), got {value!r}")
+    if value > _MAX_SECONDS:  # the engine's kMaxDurationNs (inf too: it overflowed the conversion)
+        raise InvalidArgument(name, f"expected at most {_MAX_SECONDS:.0f} seconds (about 31.7 years), got {value!r}")
     return int(value * 1e9)
 
 

@@ -133,9 +133,9 @@ class Mem:
 _OFFER = struct.Struct("<4sQQBQQ")  # magic, addr, nbytes, kind, device, tag
 
 
-def _check_bytes(name: str, data) -> None:
+def _check_bytes(name: str, data, what: str = "bytes") -> None:
     if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise InvalidArgument(name, f"expected bytes, got {type(data).__name__}")
+        raise InvalidArgument(name, f"expected {what}, got {type(data).__name__}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,8 +352,7 @@ class _Transport:
 
     def add_peer(self, metadata: bytes) -> str:
         """Load a peer's metadata (its ``metadata()``); returns the peer's name, what transfers name it by."""
-        if not isinstance(metadata, (bytes, bytearray, memoryview)):  # (bytes(n) of an int made n zero bytes)
-            raise InvalidArgument("metadata", f"expected the peer's metadata as bytes, got {type(metadata).__name__}")
+        _check_bytes("metadata", metadata, "the peer's metadata as bytes")  # (bytes(n) of an int: n zero bytes)
         return self._core.add_peer(bytes(metadata))
 
     def remove_peer(self, peer: str) -> None:
@@ -506,19 +505,6 @@ def connect_all(*transports: _Transport) -> None:
 UNSAFE_ENV = "KV_LIFECYCLE_ALLOW_UNSAFE"  # "1": the test-only negative controls may be switched on
 
 
-def _check_name(name) -> None:
-    """An agent name: a non-empty str that UTF-8 can encode (a lone surrogate raised pybind11's bare
-    TypeError), without NUL (NIXL cut the name there: the peers saw another one)."""
-    if not isinstance(name, str):
-        raise InvalidArgument("name", f"expected a str, got {type(name).__name__}")
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidArgument("name", f"{ascii(name)} cannot be encoded as UTF-8") from None
-    if "\0" in name:
-        raise InvalidArgument("name", f"{ascii(name)} holds a NUL character (NIXL would cut the name there)")
-
-
 def _faults_dict(faults) -> dict | None:
     if faults is None:
         return None
@@ -552,7 +538,6 @@ class NixlTransport(_Transport):
     def __init__(self, engine, name: str, *, capi_path: str | None = None, faults: Faults | None = None,
                  unsafe_release_on_cancel: bool = False, ucx_params: dict[str, str] | None = None,
                  tick: float = 0.001, unsafe_ack_stop_at_once: bool = False):
-        _check_name(name)
         _check_unsafe(unsafe_release_on_cancel=unsafe_release_on_cancel, unsafe_ack_stop_at_once=unsafe_ack_stop_at_once)
         path = capi_path or nixl_capi_path()
         core = _core._Transport.nixl(engine, name, path, unsafe_release_on_cancel,
@@ -568,7 +553,6 @@ class LoopbackTransport(_Transport):
     def __init__(self, engine, name: str, *, bytes_per_second: float = 0.0, latency: float = 0.0,
                  faults: Faults | None = None, unsafe_release_on_cancel: bool = False, tick: float = 0.001,
                  unsafe_ack_stop_at_once: bool = False):
-        _check_name(name)
         _check_unsafe(unsafe_release_on_cancel=unsafe_release_on_cancel, unsafe_ack_stop_at_once=unsafe_ack_stop_at_once)
         core = _core._Transport.loopback(engine, name, _number("bytes_per_second", bytes_per_second),
                                          _number("latency", latency),

@@ -145,6 +145,7 @@ void register_engine(py::module_& m) {
   for (const char* s : kRecordKindNames) kinds.append(s);
   m.attr("RECORD_KIND_NAMES") = py::tuple(kinds);
   m.attr("RECORD_SIZE") = sizeof(Record);
+  m.attr("MAX_DURATION_NS") = kMaxDurationNs;  // the longest timer a Config takes (engine.py checks seconds with it)
   m.attr("RECORD_FORMAT") = "<QqIIBBBBBBBBQ";  // ... deferred, result, seq
 
   py::class_<Engine, std::shared_ptr<Engine>>(m, "Engine", guarded_metaclass(), guarded_new_setup())

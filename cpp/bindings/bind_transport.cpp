@@ -56,12 +56,15 @@ std::chrono::microseconds seconds_opt(const char* name, double v, double lo, dou
   return std::chrono::microseconds(static_cast<std::int64_t>(v * 1e6));
 }
 
-// An agent's name goes to NIXL as a C string: one holding a NUL was cut there (the peers saw another name).
-void check_agent_name(const std::string& name) {
+// An agent's name: a str UTF-8 can encode (text_arg), not empty, and without NUL: it goes to NIXL as a C
+// string, and one holding a NUL was cut there (the peers saw another name).
+std::string agent_name(py::handle h) {
+  std::string name = text_arg(h, "name");
   if (name.empty()) throw InvalidArgumentError("name", "must not be empty");
   if (name.find('\0') != std::string::npos) {
     throw InvalidArgumentError("name", "must not hold a NUL character (NIXL would cut the name there)");
   }
+  return name;
 }
 
 double get_f(const py::dict& d, const char* k, double dflt) {
@@ -163,11 +166,11 @@ void register_transport(py::module_& m) {
                       "returns the path used. Raises NixlUnavailable.");
 
   py::class_<tp::Transport>(m, "_Transport", guarded_metaclass(), guarded_new_setup())
-      .def_static("nixl", [](std::shared_ptr<Engine> engine, const std::string& name, const std::string& capi_path,
+      .def_static("nixl", [](std::shared_ptr<Engine> engine, py::handle name_arg, const std::string& capi_path,
                              bool unsafe_release_on_cancel, const py::object& faults,
                              const std::vector<std::pair<std::string, std::string>>& ucx_params,
                              bool nixl_progress_thread, double tick_s, bool unsafe_ack_stop_at_once) {
-             check_agent_name(name);
+             const std::string name = agent_name(name_arg);
              const tp::TransportOptions topts = options(unsafe_release_on_cancel, unsafe_ack_stop_at_once, tick_s);
              std::unique_ptr<tp::Transport> t;
              std::unique_ptr<tp::Agent> agent;
@@ -190,10 +193,10 @@ void register_transport(py::module_& m) {
            py::arg("faults") = py::none(), py::arg("ucx_params") = std::vector<std::pair<std::string, std::string>>{},
            py::arg("nixl_progress_thread") = false, py::arg("tick_s") = 0.001,
            py::arg("unsafe_ack_stop_at_once") = false)
-      .def_static("loopback", [](std::shared_ptr<Engine> engine, const std::string& name, double bytes_per_second,
+      .def_static("loopback", [](std::shared_ptr<Engine> engine, py::handle name_arg, double bytes_per_second,
                                  double latency_s, bool unsafe_release_on_cancel, const py::object& faults,
                                  double tick_s, bool unsafe_ack_stop_at_once) {
-             check_agent_name(name);
+             const std::string name = agent_name(name_arg);
              tp::LoopbackOptions o;
              o.name = name;
              const tp::TransportOptions topts = options(unsafe_release_on_cancel, unsafe_ack_stop_at_once, tick_s);

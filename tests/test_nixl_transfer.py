@@ -11,7 +11,7 @@ from lifecycle import CancelResult, IllegalTransition, InvalidArgument, NixlUnav
 from lifecycle import _core
 from lifecycle.transport import ENV_CAPI, Faults, Mem, NixlTransport, Offer, connect_all, nixl_capi_path
 
-from test_transport_harness import SIZES, Side, connect, crc, needs_nixl, pattern
+from test_transport_harness import SIZES, Side, connect, crc, needs_nixl, pattern, wait_for
 
 pytestmark = pytest.mark.nixl
 
@@ -300,6 +300,9 @@ def test_one_request_id_reused_round_after_round_over_nixl(mode):
             rcv.engine.terminate(1)
         assert len(tags) == 40
         passive = snd if mode == "read" else rcv
+        # the copy of the last "done" is handed over right after the original: the wait above can return
+        # between the two, so the count is awaited (bounded) before it is pinned
+        wait_for(lambda: passive.t.stats().done_received >= 80, 10, "the last round's duplicated done")
         assert passive.t.fault_stats()["duplicated"] == 40 and passive.t.stats().done_received == 80
         for s in (snd, rcv):
             st = s.engine.statistics()

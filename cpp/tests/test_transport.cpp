@@ -418,7 +418,7 @@ class HookAgent final : public Agent {
   void send_notification(const std::string& peer, const NotifMessage& m) override {
     inner_->send_notification(peer, m);
   }
-  std::vector<RawNotification> fetch_notifications() override { return inner_->fetch_notifications(); }
+  std::vector<RawNotification> fetch_notifications(std::size_t& skipped) override { return inner_->fetch_notifications(skipped); }
 
  private:
   std::unique_ptr<LoopbackAgent> inner_;
@@ -608,6 +608,41 @@ void test_an_answered_early_stop_is_never_forgotten() {
   CHECK(eventually([&] { return state_of(*ea, 3) == State::Quiesced; }));
   CHECK(ea->info(3)->outcome == Outcome::completed);
   for (std::uint64_t req : {1, 2, 4}) CHECK(ea->info(req)->outcome == Outcome::cancelled);
+}
+
+// forgo()'s offers are kept on their own, up to remember_forgone, oldest out.  A stop for a kept one is
+// answered without memory whenever it comes: here after the sweep dropped the record forgo left, as no
+// session of the ids lives (before, such a stop was remembered for ever, for a later session that never
+// comes).  A transfer() of a kept one is refused.  One pushed out of the bound falls back to the stop
+// memory: still answered, remembered (the control: what every forgone stop used to cost).
+void test_forgone_offers_are_answered_without_memory_to_their_bound() {
+  auto ea = std::make_shared<Engine>(Config{});
+  TransportOptions o;
+  o.remember_forgone = 2;
+  Duo d(ea, std::make_unique<LoopbackAgent>(named("forgone-a")), std::make_shared<Engine>(Config{}), 'f', o);
+  [[maybe_unused]] auto& [src, dst, l, r, ta, tb, rid] = d;
+  for (std::uint64_t req = 1; req <= 3; ++req) ta.forgo(req, "forgone-b", 0x60 + req);
+  CHECK(ta.stats().forgone_offers == 2);  // 1's was pushed out
+  CHECK(eventually([&] { return ta.stats().posted_records == 0; }));  // no sessions: the sweep dropped them
+  for (std::uint64_t req = 1; req <= 3; ++req) {
+    tb->agent().send_notification("forgone-a", {req, NotifKind::Stop, 0x60 + req});
+  }
+  CHECK(eventually([&] { return ta.stats().peer_stops == 3 && tb->stats().quiesced_received == 3; }));  // all answered
+  CHECK(eventually([&] { return ta.stats().remembered_stops == 1; }));  // 1's only
+  CHECK(ta.stats().stops_unanswered == 0);
+  CHECK(ea->advertise(2, Role::sender, 0).status == Status::Moved);
+  std::string why;
+  try {
+    (void)ta.transfer(2, XferOp::Write, l, r, "forgone-b", 0x62);
+  } catch (const TransportError& e) {
+    why = e.what();
+  }
+  CHECK(why == "transfer: request 2: its offer (tag 98) from peer forgone-b was forgone: forgo() promised it is never "
+               "posted");
+  CHECK(state_of(*ea, 2) == State::Advertised && ta.stats().posted == 0);
+  // 1's offer, pushed out, is remembered as a stop instead: its transfer skips the post
+  CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
+  CHECK(ta.transfer(1, XferOp::Write, l, r, "forgone-b", 0x61) == PostResult::CancelledBeforePost);
 }
 
 // A remembered stop goes once the one session of ours that could post its offer has ended: a stop that
@@ -1374,7 +1409,10 @@ class ScriptedAgent final : public Agent {
   ReleaseStatus release(std::uint64_t) override { return kReleased; }
   std::size_t live_requests() const override { return 0; }
   void send_notification(const std::string&, const NotifMessage&) override {}
-  std::vector<RawNotification> fetch_notifications() override { return {}; }
+  std::vector<RawNotification> fetch_notifications(std::size_t& skipped) override {
+    skipped = 0;
+    return {};
+  }
 
  private:
   std::string name_ = "scripted";
@@ -1718,6 +1756,7 @@ int main() {
   test_an_id_with_no_session_is_refused_before_anything_is_built();
   test_a_stop_from_another_peer_is_answered_to_that_peer();
   test_an_answered_early_stop_is_never_forgotten();
+  test_forgone_offers_are_answered_without_memory_to_their_bound();
   test_a_remembered_stop_goes_with_the_session_that_could_post_it();
   test_a_stop_after_our_session_took_another_offer_outlives_it();
   test_a_stop_bound_to_a_session_moves_on_when_it_takes_another_offer();

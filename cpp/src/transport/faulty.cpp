@@ -144,8 +144,8 @@ void FaultyAgent::send_notification(const std::string& peer, const NotifMessage&
   inner_->send_notification(peer, m);
 }
 
-std::vector<RawNotification> FaultyAgent::fetch_notifications() {
-  std::vector<RawNotification> in = inner_->fetch_notifications();
+std::vector<RawNotification> FaultyAgent::fetch_notifications(std::size_t& skipped) {
+  std::vector<RawNotification> in = inner_->fetch_notifications(skipped);
   if (in.empty()) return in;
   std::vector<RawNotification> out;
   std::lock_guard<std::mutex> lk(mu_);

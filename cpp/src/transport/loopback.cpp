@@ -321,7 +321,8 @@ void LoopbackAgent::send_notification(const std::string& peer, const NotifMessag
   ep->deliver({name_, encode_notif_string(m)});
 }
 
-std::vector<RawNotification> LoopbackAgent::fetch_notifications() {
+std::vector<RawNotification> LoopbackAgent::fetch_notifications(std::size_t& skipped) {
+  skipped = 0;
   std::vector<RawNotification> out;
   std::lock_guard<std::mutex> lk(ep_->inbox_mu);
   out.swap(ep_->inbox);

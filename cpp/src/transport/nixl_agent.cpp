@@ -133,6 +133,21 @@ std::string NixlAgent::local_metadata() {
 
 std::string NixlAgent::load_remote_metadata(const std::string& md) {
   if (md.empty()) throw TransportError("load_remote_metadata: empty metadata");
+  // The C API hands the peer's name back as a C string: a name holding a NUL would come back cut, the
+  // peer then known under a name that is not its own (and never invalidated: NIXL keeps the whole one).
+  // NIXL 1.x serializes the name first ("nixlSerDes|Agent", a 64-bit length, the bytes); checked before
+  // anything is loaded.  (Metadata in another layout goes on to NIXL, which judges it.)
+  static constexpr char kHead[] = "nixlSerDes|Agent";
+  constexpr std::size_t kHeadLen = sizeof(kHead) - 1;
+  if (md.size() >= kHeadLen + 8 && md.compare(0, kHeadLen, kHead) == 0) {
+    std::uint64_t len = 0;
+    for (int b = 7; b >= 0; --b) len = (len << 8) | static_cast<unsigned char>(md[kHeadLen + static_cast<std::size_t>(b)]);
+    const std::size_t at = kHeadLen + 8;
+    if (len <= md.size() - at && md.find('\0', at) < at + len) {
+      throw TransportError("load_remote_metadata: the peer agent's name in the metadata holds a NUL byte (agent " +
+                           name_ + "): refused, nothing loaded");
+    }
+  }
   char* name = nullptr;
   {
     std::lock_guard<std::mutex> lk(mu_);
@@ -306,7 +321,8 @@ void NixlAgent::send_raw_notification(const std::string& peer, const std::string
              "gen_notif", "to " + peer);
 }
 
-std::vector<RawNotification> NixlAgent::fetch_notifications() {
+std::vector<RawNotification> NixlAgent::fetch_notifications(std::size_t& skipped) {
+  skipped = 0;
   std::vector<RawNotification> out;
   const NixlCapi& a = *api_;
   std::lock_guard<std::mutex> lk(mu_);
@@ -323,15 +339,24 @@ std::vector<RawNotification> NixlAgent::fetch_notifications() {
   check_capi(a.get_notifs(agent_.get(), map, nullptr), "get_notifs", "agent " + name_);
   std::size_t peers = 0;
   check_capi(a.notif_map_size(map, &peers), "notif_map_size");
+  // An entry (or a peer's list) that a call fails to hand over is skipped and counted: the map is cleared
+  // below whatever happens, so a throw here would lose every good notification of this fetch with it
+  // (evidence that then only the engine's timers would replace, by Poisoned).
   for (std::size_t i = 0; i < peers; ++i) {
     const char* peer = nullptr;
-    check_capi(a.notif_map_get_agent_at(map, i, &peer), "notif_map_get_agent_at");
     std::size_t n = 0;
-    check_capi(a.notif_map_get_notifs_size(map, peer, &n), "notif_map_get_notifs_size");
+    if (a.notif_map_get_agent_at(map, i, &peer) != capi::kSuccess || peer == nullptr ||
+        a.notif_map_get_notifs_size(map, peer, &n) != capi::kSuccess) {
+      ++skipped;  // (how many notes the peer had is unknown: one counted)
+      continue;
+    }
     for (std::size_t j = 0; j < n; ++j) {
       const void* data = nullptr;
       std::size_t len = 0;
-      check_capi(a.notif_map_get_notif(map, peer, j, &data, &len), "notif_map_get_notif");
+      if (a.notif_map_get_notif(map, peer, j, &data, &len) != capi::kSuccess || (data == nullptr && len != 0)) {
+        ++skipped;
+        continue;
+      }
       out.push_back({std::string(peer), std::string(static_cast<const char*>(data), len)});
     }
   }

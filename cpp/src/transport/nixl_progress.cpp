@@ -162,11 +162,15 @@ bool NixlProgress::pass() {
   if (!done_.empty()) to_sink([&] { sink_.on_complete_batch(done_.data(), done_.size()); });
 
   std::vector<RawNotification> notes;
+  std::size_t skipped = 0;
   try {
-    notes = agent_.fetch_notifications();
-  } catch (const std::exception&) {
+    notes = agent_.fetch_notifications(skipped);
+  } catch (...) {
+    skipped = 1;
+  }
+  if (skipped != 0) {
     std::lock_guard<std::mutex> lk(mu_);
-    ++stats_.poll_errors;
+    stats_.poll_errors += skipped;
   }
   for (const RawNotification& n : notes) {
     progressed = true;

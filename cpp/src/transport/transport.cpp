@@ -544,6 +544,11 @@ void Transport::transfer_batch(const TransferItem* items, std::size_t n, Transfe
                                                        " had a transfer that ended without evidence; give the new one another id")));
         continue;
       }
+      if (is_forgone(req, it.tag, *it.peer)) {  // its stops are answered at once: a post would go out unseen
+        fail_with(i, "its offer (tag " + std::to_string(it.tag) + ") from peer " + *it.peer +
+                         " was forgone: forgo() promised it is never posted");
+        continue;
+      }
       if (unreleased_.count(req) != 0) {
         fail_with(i, "the release of its earlier transfer failed and is retried by the sweep; retry when "
                      "stats().unreleased is 0, or give the new one another id");
@@ -611,8 +616,10 @@ void Transport::transfer_batch(const TransferItem* items, std::size_t n, Transfe
         // its bookkeeping leaves the hold of an active entry alone, forget_held.)
         if (w[i].refuse == nullptr) {
           const std::uint64_t current = w[i].current;
-          const bool stopped_by_peer = stopped_reqs_.erase({req, it.tag}) != 0;  // consumed: this entry skips the post
+          // the entry first: should its allocation throw, the stop memo is still there for a retry
+          const bool stopped_by_peer = stopped_reqs_.count({req, it.tag}) != 0;  // this entry skips the post
           entries_[req] = Entry{Side::Active, *it.peer, it.tag, current, {}, false, false, stopped_by_peer, false, {}};
+          if (stopped_by_peer) stopped_reqs_.erase({req, it.tag});  // consumed
           if (engine_) {
             note_posted(req, *it.peer, it.tag, current);
             // this session takes this offer: stops for other offers of the id bound to it are a later one's
@@ -821,12 +828,34 @@ void Transport::forgo(std::uint64_t req, const std::string& peer, std::uint64_t 
     if (const auto ours = engine_->info(req)) serial = ours->serial;
   }
   std::lock_guard<std::mutex> lk(mu_);
+  if (opts_.remember_forgone > 0) {
+    auto [f, fresh] = forgone_.try_emplace(ReqTag{req, tag}, peer);
+    if (!fresh) {
+      f->second = peer;  // (the latest peer that made it: tags are unique per peer, not across peers)
+    } else {
+      try {
+        forgone_order_.push_back(f->first);
+      } catch (...) {
+        forgone_.erase(f);
+        throw;
+      }
+      if (forgone_order_.size() > opts_.remember_forgone) {
+        forgone_.erase(forgone_order_.front());
+        forgone_order_.pop_front();
+      }
+    }
+  }
   stopped_reqs_.erase({req, tag});
   // as if our transfer had taken it (a late stop for it is answered at once), unless a transfer of this
   // very session did take an offer: that record stays (its late stops need it more)
   flush_posted();
   auto p = posted_.find(req);
   if (engine_ && (p == posted_.end() || serial == 0 || p->second.serial != serial)) note_posted(req, peer, tag, serial);
+}
+
+bool Transport::is_forgone(std::uint64_t req, std::uint64_t tag, const std::string& peer) const {
+  const auto f = forgone_.find(ReqTag{req, tag});
+  return f != forgone_.end() && f->second == peer;
 }
 
 void Transport::note_posted(std::uint64_t req, const std::string& peer, std::uint64_t tag, std::uint64_t serial) {
@@ -1024,8 +1053,8 @@ void Transport::finish_actives(const std::uint64_t* reqs, std::size_t n, bool do
       f[i].acks = owed_acks(it->second);
       if (!f[i].acks.empty()) f[i].peer = it->second.peer;
       f[i].serial = it->second.serial;
+      if (!done) unproven_.insert(reqs[i]);  // before the erase (a throw leaves the entry): a stop arriving now is never answered
       entries_.erase(it);
-      if (!done) unproven_.insert(reqs[i]);  // with the erase: a stop arriving now is never answered
     }
   }
   // Release first (after Done it is safe; after an error it changes nothing about the verdict), so
@@ -1248,6 +1277,8 @@ void Transport::on_notification(const std::string& peer, const NotifMessage& m) 
           } else {
             ctr_.stops_unanswered.fetch_add(1);  // bounded: this one's peer ends Poisoned (safe)
           }
+        } else if (it == entries_.end() && is_forgone(req, m.tag, peer)) {
+          reply_now = true;  // forgo(): never posted, and a transfer() of it is refused
         } else if (auto p = posted_.find(req);
                    it == entries_.end() && p != posted_.end() && p->second.tag == m.tag && p->second.peer == peer) {
           reply_now = true;  // late, for the offer our transfer took (Done: else it would be unproven_)
@@ -1463,6 +1494,7 @@ TransportStats Transport::stats() const {
     s.unreleased = unreleased_.size();
     s.held_offers = held_offers_.size();
     s.remembered_stops = stopped_reqs_.size();
+    s.forgone_offers = forgone_.size();
     s.posted_records = posted_.size() + (posted_pending_.size() - posted_head_);  // (a re-posted id may count twice)
   }
   s.watched = progress_->watched();

@@ -7,6 +7,7 @@
 // READ (receiver initiates, sender notified) for 1 KiB .. 16 MiB with checksums; standalone and
 // malformed notifications; status of an unknown id; release of an in-flight 64 MiB transfer, recording
 // how many bytes had landed when release returned and how many landed afterwards (DESIGN §3).
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -148,6 +149,60 @@ struct Side {
   NixlAgent::RegionId region = 0;
 };
 
+// notif_map_get_notif that fails its second call of a fetch (g_get_notif_fail_at counts down; -1: never).
+capi::status_t (*g_real_get_notif)(capi::notif_map_t, const char*, std::size_t, const void**, std::size_t*) = nullptr;
+std::atomic<int> g_get_notif_fail_at{-1};
+capi::status_t failing_get_notif(capi::notif_map_t m, const char* peer, std::size_t i, const void** data,
+                                 std::size_t* len) {
+  if (g_get_notif_fail_at.fetch_sub(1) == 0) return capi::kErrBackend;
+  return g_real_get_notif(m, peer, i, data, len);
+}
+
+// One notification NIXL fails to hand over is skipped and counted; the same fetch's others still come.
+// Before, the first failing call threw out of the fetch, and the map (cleared whatever happens) took
+// every other notification of that fetch with it: evidence ("done", "quiesced", "stop") lost, which only
+// the engine's timers replace, by Poisoned.  Control: with no failure, the same three come, none skipped.
+void test_a_notification_nixl_fails_to_hand_over_is_skipped_not_the_fetch(const std::string& lib) {
+  std::shared_ptr<const NixlCapi> loaded = NixlCapi::load(lib);
+  // (a fresh, non-const object of load(): its table may be patched for this test's agents only)
+  auto& api = const_cast<NixlCapi&>(*loaded);
+  g_real_get_notif = api.notif_map_get_notif;
+  api.notif_map_get_notif = &failing_get_notif;
+  NixlAgent a(loaded, {"kvlc-skip-a", {}, false});
+  NixlAgent b(loaded, {"kvlc-skip-b", {}, false});
+  std::vector<std::uint8_t> buf(4096);
+  (void)a.register_region(dram(buf, 0, 4096));
+  (void)b.register_region(dram(buf, 0, 4096));
+  b.load_remote_metadata(a.local_metadata());
+  a.load_remote_metadata(b.local_metadata());
+  for (int fail_at : {-1, 1}) {
+    for (std::uint64_t req = 1; req <= 3; ++req) a.send_notification("kvlc-skip-b", {req, NotifKind::Done, 7});
+    // (armed before the first fetch: the three may come over several fetches; the second hand-over fails)
+    g_get_notif_fail_at.store(fail_at);
+    std::vector<std::uint64_t> got;
+    std::size_t skipped_total = 0;
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (got.size() + skipped_total < 3 && std::chrono::steady_clock::now() < deadline) {
+      std::size_t skipped = 0, none = 0;
+      (void)a.fetch_notifications(none);  // progresses a's worker: its sends go out (a gets nothing)
+      for (const RawNotification& n : b.fetch_notifications(skipped)) {
+        if (auto m = decode_notif(n.bytes)) got.push_back(m->req);
+      }
+      skipped_total += skipped;
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    if (fail_at < 0) {
+      check(got.size() == 3 && skipped_total == 0, "control: all three notifications fetched, none skipped (got " +
+                                                       std::to_string(got.size()) + ")");
+    } else {
+      check(skipped_total == 1 && got.size() == 2,
+            "a failing hand-over skips that one notification and keeps the others (got " + std::to_string(got.size()) +
+                ", skipped " + std::to_string(skipped_total) + ")");
+    }
+  }
+  g_get_notif_fail_at.store(-1);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -160,6 +215,7 @@ int main(int argc, char** argv) {
   }
 
   test_load_errors();
+  test_a_notification_nixl_fails_to_hand_over_is_skipped_not_the_fetch(lib);
 
   std::shared_ptr<const NixlCapi> api;
   try {

@@ -139,7 +139,10 @@ class Agent {
 
   // --- notifications
   virtual void send_notification(const std::string& peer, const NotifMessage& m) = 0;
-  virtual std::vector<RawNotification> fetch_notifications() = 0;  // non-blocking
+  // Non-blocking.  Entries the backend fails to hand over (one call's error) are skipped, counted in
+  // `skipped`, and the rest returned: one bad entry does not take the others down with it.  Throws only
+  // when nothing could be fetched.
+  virtual std::vector<RawNotification> fetch_notifications(std::size_t& skipped) = 0;
 };
 
 }  // namespace lifecycle::transport

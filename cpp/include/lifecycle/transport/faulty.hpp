@@ -66,7 +66,7 @@ class FaultyAgent final : public Agent {
   ReleaseStatus release(std::uint64_t req) override;
   std::size_t live_requests() const override { return inner_->live_requests(); }
   void send_notification(const std::string& peer, const NotifMessage& m) override;
-  std::vector<RawNotification> fetch_notifications() override;
+  std::vector<RawNotification> fetch_notifications(std::size_t& skipped) override;
 
   FaultStats fault_stats() const;
   const FaultOptions& options() const noexcept { return opts_; }

@@ -60,7 +60,7 @@ class LoopbackAgent final : public Agent {
   ReleaseStatus release(std::uint64_t req) override;
   std::size_t live_requests() const override;
   void send_notification(const std::string& peer, const NotifMessage& m) override;
-  std::vector<RawNotification> fetch_notifications() override;
+  std::vector<RawNotification> fetch_notifications(std::size_t& skipped) override;
 
   struct Endpoint;  // shared with peers through the registry (loopback.cpp)
   struct Job;

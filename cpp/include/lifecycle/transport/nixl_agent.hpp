@@ -86,7 +86,7 @@ class NixlAgent final : public Agent {
   void send_notification(const std::string& peer, const NotifMessage& m) override;
   void send_raw_notification(const std::string& peer, const std::string& bytes);
   // Non-blocking: drains what has arrived since the last call.
-  std::vector<RawNotification> fetch_notifications() override;
+  std::vector<RawNotification> fetch_notifications(std::size_t& skipped) override;
 
  private:
   XferStatus status_locked(std::uint64_t req) noexcept;  // caller holds mu_

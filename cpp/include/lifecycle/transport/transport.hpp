@@ -71,6 +71,10 @@ struct TransportOptions {
   // that could post it has ended (transport.cpp, Stop memory).  Never evicted otherwise: when this many
   // wait, a further early stop goes unanswered (its peer ends Poisoned: safe), counted.
   std::size_t remember_stopped = 65536;
+  // (request, tag, peer) offers forgo() dropped, remembered oldest-out up to this many: a peer's stop for
+  // one is answered at once, at any time (not remembered, and bound to no session), and a transfer() of it
+  // is refused.  A pair pushed out by later ones falls back to the stop memory above (still safe).
+  std::size_t remember_forgone = 65536;
 };
 
 enum class PostResult : std::uint8_t {
@@ -112,6 +116,7 @@ struct TransportStats {
   std::uint64_t stale_notifications = 0;  // notes whose tag is not the live transfer's (ignored)
   std::uint64_t remembered_stops = 0;     // early stops answered whose post is still to be skipped, now
   std::uint64_t posted_records = 0;       // offers our transfers took, kept while the engine knows the session, now
+  std::uint64_t forgone_offers = 0;       // offers forgo() dropped, remembered (at most remember_forgone), now
                                           // (the last sweep's worth not merged yet: an id posted twice counts twice)
 };
 
@@ -152,7 +157,8 @@ class Transport final : public EventSink {
   void transfer_batch(const TransferItem* items, std::size_t n, TransferOutcome* out);
   // The session of ours for `req` will never post the offer (`tag`) that `peer` made: an executor that
   // drops an offer it got (its session cancelled first) says so, and a stop the peer sent for it, or
-  // sends later, needs no memory here (it is answered; see remember_stopped).  Idempotent.
+  // sends later, needs no memory here (it is answered at once, whether or not a session of the id lives
+  // then; see remember_forgone).  A later transfer() of that offer is refused.  Idempotent.
   void forgo(std::uint64_t req, const std::string& peer, std::uint64_t tag);
   // `local`: the range whose descriptor the caller ships (checked like an active local range). Returns
   // the tag to ship with it: never 0, never the same twice on this transport.
@@ -279,6 +285,10 @@ class Transport final : public EventSink {
   using ReqTag = std::pair<std::uint64_t, std::uint64_t>;
   std::map<ReqTag, StopMemo> stopped_reqs_;  // (req, tag) stopped before we posted: remember_stopped
   ReqTag stopped_cursor_{0, 0};              // where the next sweep_stopped() goes on
+  // forgo()'s offers: (req, tag) -> the peer that made it, and their order (oldest first) for the bound
+  std::map<ReqTag, std::string> forgone_;
+  std::deque<ReqTag> forgone_order_;
+  bool is_forgone(std::uint64_t req, std::uint64_t tag, const std::string& peer) const;  // caller holds mu_
   EndedMap ended_;  // swept passive entries (until the engine forgets req)
   std::size_t ended_cursor_ = 0;  // where forget_gone goes on (a bucket)
   // the offer each active entry posted (or skipped), kept past the entry while its session lives: a

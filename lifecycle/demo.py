@@ -232,13 +232,22 @@ def _diagram(out: Path, edges: dict) -> None:
         (out / "diagram.svg.txt").write_text(f"SVG not rendered: {exc}\n", encoding="utf-8")
 
 
+def _last_error(path: Path) -> str:
+    """The last line of a worker's traceback file (its exception, e.g. a typed error), or ''."""
+    try:
+        lines = [ln for ln in path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1].strip() if lines else ""
+
+
 def _table(summary: dict) -> str:
     rows = summary["sides"]
     cols = [("side", "name"), ("sessions", "started"), ("completed", "completed"), ("cancelled", "cancelled"),
             ("poisoned", "poisoned"), ("deferred", "deferred"), ("quarantined", "quarantined"),
             ("recovered", "recovered"), ("checksum ok", "checksum_ok"), ("checksum err", "checksum_errors"),
             ("wedged", "wedged"), ("leaked", "leaked")]
-    widths = [max(len(h), *(len(str(r.get(k, ""))) for r in rows)) for h, k in cols]
+    widths = [max([len(h)] + [len(str(r.get(k, ""))) for r in rows]) for h, k in cols]  # (no rows: every worker failed)
     out = ["  ".join(h.rjust(w) for (h, _), w in zip(cols, widths))]
     for r in rows:
         out.append("  ".join(str(r.get(k, "")).rjust(w) for (_, k), w in zip(cols, widths)))
@@ -347,8 +356,12 @@ def main(argv: list[str] | None = None) -> int:
                               "completed": last.get("completed", "?"), "cancelled": last.get("cancelled", "?"),
                               "poisoned": last.get("poisoned", "?"), "killed": True})
             else:
-                failures.append(f"{name} wrote no summary (crashed or wedged; see {out / 'mpiexec.log'})"
-                                if a.ranks > 1 else f"{name} wrote no summary (crashed or wedged)")
+                err = _last_error(out / "workers" / f"{name}.error.txt")
+                if err:
+                    failures.append(f"{name} failed: {err}")
+                else:
+                    failures.append(f"{name} wrote no summary (crashed or wedged; see {out / 'mpiexec.log'})"
+                                    if a.ranks > 1 else f"{name} wrote no summary (crashed or wedged)")
             continue
         leak = w["leak"]
         sides.append(dict(w, quarantined=leak["quarantined"], recovered=w["engine"]["recovered"],

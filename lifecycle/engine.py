@@ -234,8 +234,13 @@ class TransferEngine(_core.Engine):
         on_terminate: Callable[[int], object] | None = None,
         logger: object | None = None,
     ):
-        if not progress_deadline or progress_deadline <= 0:
-            raise InvalidArgument("progress_deadline", f"must be > 0 seconds, got {progress_deadline!r}")
+        if (isinstance(progress_deadline, bool) or not isinstance(progress_deadline, (int, float))
+                or not progress_deadline > 0):  # (a str compared with 0 raised a bare TypeError)
+            raise InvalidArgument("progress_deadline", f"must be > 0 seconds, got {progress_deadline!r:.40}")
+        if on_terminate is not None and not callable(on_terminate):
+            raise InvalidArgument("on_terminate", f"expected a callable(request) or None, got {type(on_terminate).__name__}")
+        if logger is not None and not callable(getattr(logger, "bind", None)):  # (the first poll() failed on it)
+            raise InvalidArgument("logger", f"expected a structlog logger (with .bind()), got {type(logger).__name__}")
         for name, v in (("slot_size", slot_size), ("num_slots", num_slots), ("quarantine_budget", quarantine_budget),
                         ("tombstones", tombstones), ("shards", shards), ("rank", rank)):
             if isinstance(v, bool) or not isinstance(v, int):

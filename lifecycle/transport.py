@@ -121,7 +121,7 @@ class Mem:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Mem:
-        _check_bytes("descriptor", data)
+        data = _check_bytes("descriptor", data)
         if len(data) != _DESC.size:
             raise InvalidArgument("descriptor", f"expected {_DESC.size} bytes, got {len(data)}")
         magic, addr, nbytes, kind, device = _DESC.unpack(data)
@@ -133,9 +133,12 @@ class Mem:
 _OFFER = struct.Struct("<4sQQBQQ")  # magic, addr, nbytes, kind, device, tag
 
 
-def _check_bytes(name: str, data, what: str = "bytes") -> None:
+def _check_bytes(name: str, data, what: str = "bytes") -> bytes:
+    """``data``'s raw bytes (a memoryview of any item format or layout too: its len() counts items, not
+    bytes); InvalidArgument for anything else."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise InvalidArgument(name, f"expected {what}, got {type(data).__name__}")
+    return data if isinstance(data, bytes) else bytes(data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +173,7 @@ class Offer:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Offer:
-        _check_bytes("offer", data)
+        data = _check_bytes("offer", data)
         if len(data) != _OFFER.size:
             raise InvalidArgument("offer", f"expected {_OFFER.size} bytes, got {len(data)}")
         magic, addr, nbytes, kind, device, tag = _OFFER.unpack(data)
@@ -187,6 +190,9 @@ def mem_of(obj) -> Mem:
     if isinstance(obj, _core.BufferPool):
         return Mem(obj.base_address, obj.nbytes)
     if hasattr(obj, "data_ptr") and hasattr(obj, "device"):  # torch.Tensor, without importing torch
+        layout = str(getattr(obj, "layout", "torch.strided"))
+        if layout != "torch.strided":  # (a sparse CSR tensor raised a bare RuntimeError in is_contiguous)
+            raise InvalidArgument("tensor", f"layout {layout}: only dense (strided) tensors are one memory range")
         if not obj.is_contiguous():
             raise InvalidArgument("tensor", "must be contiguous")
         nbytes = obj.numel() * obj.element_size()
@@ -203,6 +209,8 @@ def mem_of(obj) -> Mem:
                                         "a Mem or a writable buffer") from None
     if mv.readonly or not mv.c_contiguous:
         raise InvalidArgument("memory", "buffer must be writable and C-contiguous")
+    if mv.nbytes == 0:
+        raise InvalidArgument("memory", f"the {type(obj).__name__} is empty: there is no memory range to name")
     addr = ctypes.addressof(ctypes.c_char.from_buffer(mv.cast("B")))
     return Mem(addr, mv.nbytes)
 
@@ -220,8 +228,11 @@ def pool_slot(engine, request: int) -> Mem:
 
 @dataclass(frozen=True, slots=True)
 class Registration:
+    """What :meth:`register` returned: the region's id (ids restart at 1 in every transport) and range."""
+
     region_id: int
     mem: Mem
+    transport: str = ""  # the name of the transport that made it (deregister checks it is its own)
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,7 +269,7 @@ class Faults:
 @dataclass(frozen=True, slots=True)
 class TransportStats:
     """Counters of one transport (``registered_regions``, ``live_xfers``, ``active``, ``passive``,
-    ``watched``, ``unreleased``, ``held_offers``, ``remembered_stops`` and ``posted_records`` are current values;
+    ``watched``, ``unreleased``, ``held_offers``, ``remembered_stops``, ``posted_records`` and ``forgone_offers`` are current values;
     the rest count since creation)."""
 
     registered_regions: int
@@ -292,6 +303,7 @@ class TransportStats:
     held_offers: int
     remembered_stops: int
     posted_records: int
+    forgone_offers: int
 
 
 class _Transport:
@@ -303,6 +315,10 @@ class _Transport:
         self.faults = faults
         self._regs: dict[int, Mem] = {}
         self._keep: dict[int, object] = {}  # registered objects stay alive while registered
+        # registered objects whose memory can move under a live registration (a torch tensor's resize_, a
+        # ctypes array's ctypes.resize): region id -> (the object registered, what holds its memory (a
+        # tensor's storage), that holder's address at registration), checked on use
+        self._movable: dict[int, tuple[object, object, int]] = {}
 
     def __repr__(self) -> str:
         seed = "" if self.faults is None else f" fault_seed={self.faults.seed}"
@@ -314,18 +330,48 @@ class _Transport:
 
     # ---- memory and peers -------------------------------------------------------------------------
     def register(self, obj) -> Registration:
-        """Register a tensor, the engine's pool (``engine.pool``), a :class:`Mem` or a writable buffer."""
+        """Register a tensor, the engine's pool (``engine.pool``), a :class:`Mem` or a writable buffer.
+
+        The object is kept alive while registered, and its memory cannot move meanwhile where Python allows a
+        guard: a bytearray or numpy array holds a buffer export (no resize), a tensor's storage is held (so
+        ``set_()`` cannot free it), and a CPU tensor's storage is made non-resizable, as torch does for a
+        storage that numpy shares (``resize_()`` then raises RuntimeError; this stays after deregister).  A
+        CUDA tensor's ``resize_()`` and a ctypes array's ``ctypes.resize`` cannot be blocked: they move the
+        memory and free the registered range.  **Never resize registered memory.**  Every later call that
+        names memory in such a region (read, write, transfer_batch, expect) checks that it has not moved, and
+        raises TransportError if it has; a move while an offer of it is out cannot be seen in time."""
         m = mem_of(obj)
         rid = self._core.register_region(m.addr, m.nbytes, m.kind, m.device)
         self._regs[rid] = m
         keep = obj
-        if not isinstance(obj, (Mem, _core.BufferPool)):
-            try:  # a buffer export held while registered: a bytearray cannot be resized (its memory moved) meanwhile
-                keep = (obj, memoryview(obj))
-            except TypeError:  # a tensor: its storage does not move
-                pass
+        if hasattr(obj, "data_ptr") and hasattr(obj, "untyped_storage"):  # a tensor: hold its storage
+            storage = obj.untyped_storage()
+            keep = (obj, storage)
+            if m.kind == "dram":
+                _pin_cpu_storage(storage)
+            else:
+                self._movable[rid] = (obj, storage, storage.data_ptr())
+        elif not isinstance(obj, (Mem, _core.BufferPool)) and not hasattr(obj, "data_ptr"):
+            # a buffer export held while registered: a bytearray cannot be resized (its memory moved) meanwhile
+            keep = (obj, memoryview(obj))
+            if isinstance(obj, ctypes.Array):  # ctypes.resize ignores exports
+                self._movable[rid] = (obj, obj, ctypes.addressof(obj))
         self._keep[rid] = keep
-        return Registration(rid, m)
+        return Registration(rid, m, self.name)
+
+    def _check_moved(self, local, m: Mem) -> None:
+        """TransportError if ``local`` (given as ``m``) is, or lies in, a registered object whose memory moved."""
+        for rid, (obj, holder, addr) in self._movable.items():
+            reg = self._regs[rid]
+            if obj is not local and not (m.addr < reg.addr + reg.nbytes and reg.addr < m.addr + m.nbytes):
+                continue
+            now = holder.data_ptr() if hasattr(holder, "data_ptr") else ctypes.addressof(holder)
+            if now != addr:
+                raise TransportError(
+                    f"region {rid} of transport {self.name}: the memory of the {type(obj).__name__} registered "
+                    f"at {reg.addr:#x} ({reg.nbytes} bytes) moved from {addr:#x} to {now:#x}: resized since "
+                    "register(), so the registered memory was freed.  Nothing was posted; deregister it and "
+                    "register the object again")
 
     def deregister(self, reg: Registration) -> None:
         """Deregister; refused (TransportError) while the backend may still touch the memory: a transfer over
@@ -333,6 +379,10 @@ class _Transport:
         slot that a session leases or that is quarantined.  Keep the memory alive until then."""
         if not isinstance(reg, Registration):
             raise InvalidArgument("reg", f"expected the Registration register() returned, got {type(reg).__name__}")
+        if reg.transport != self.name or self._regs.get(reg.region_id) != reg.mem:
+            # (region ids restart at 1 in every transport: another's would deregister one of ours)
+            raise InvalidArgument("reg", f"region {reg.region_id!r} of transport {reg.transport!r} is not a live "
+                                         f"registration of this transport ({self.name!r})")
         obj = self._keep.get(reg.region_id)
         if isinstance(obj, _core.BufferPool):
             st = obj.stats()
@@ -342,8 +392,9 @@ class _Transport:
                                      "their quiescence is unknown): keep it registered and alive")
         self._core.deregister_region(reg.region_id)
         self._regs.pop(reg.region_id, None)
+        self._movable.pop(reg.region_id, None)
         kept = self._keep.pop(reg.region_id, None)
-        if isinstance(kept, tuple):
+        if isinstance(kept, tuple) and isinstance(kept[1], memoryview):
             kept[1].release()  # the buffer may be resized again
 
     def metadata(self) -> bytes:
@@ -352,25 +403,25 @@ class _Transport:
 
     def add_peer(self, metadata: bytes) -> str:
         """Load a peer's metadata (its ``metadata()``); returns the peer's name, what transfers name it by."""
-        _check_bytes("metadata", metadata, "the peer's metadata as bytes")  # (bytes(n) of an int: n zero bytes)
-        return self._core.add_peer(bytes(metadata))
+        # (bytes(n) of an int: n zero bytes)
+        return self._core.add_peer(_check_bytes("metadata", metadata, "the peer's metadata as bytes"))
 
     def remove_peer(self, peer: str) -> None:
         """Forget a peer (e.g. it died): its unfinished sessions here fail (no evidence can come)."""
         self._core.remove_peer(peer)
 
     # ---- transfers ---------------------------------------------------------------------------
-    @staticmethod
-    def _fields(op: str, request: int, local: Mem, peer: str, remote: Offer) -> tuple:
+    def _fields(self, op: str, request: int, local: Mem, peer: str, remote: Offer) -> tuple:
         """transfer()'s arguments for the core, checked (InvalidArgument names what is wrong)."""
-        if isinstance(request, bool) or not isinstance(request, int) or not 0 <= request < 1 << 64:
-            raise InvalidArgument("request", f"expected an id in [0, 2**64), got {request!r:.40}")
+        _request(request)
         if not isinstance(peer, str):
             raise InvalidArgument("peer", f"expected the peer's name (add_peer's answer), got {type(peer).__name__}")
         if not isinstance(remote, Offer):
             raise InvalidArgument("remote", f"expected the Offer the peer's expect() returned, got "
                                             f"{type(remote).__name__} (a bare descriptor carries no tag)")
-        local, m = mem_of(local), remote.mem
+        obj, local, m = local, mem_of(local), remote.mem
+        if self._movable:
+            self._check_moved(obj, local)
         if local.nbytes != m.nbytes:
             raise InvalidArgument("remote", f"{m.nbytes} bytes != local {local.nbytes} bytes")
         return (request, op, local.addr, local.nbytes, local.kind, local.device, peer, m.addr, m.kind, m.device,
@@ -403,7 +454,7 @@ class _Transport:
                 fields.append(self._fields(*t))
                 where.append(i)
                 out.append(None)
-            except InvalidArgument as e:
+            except (InvalidArgument, TransportError) as e:
                 out.append(e)
         for i, r in zip(where, self._core.transfer_batch(fields)):
             out[i] = r
@@ -427,6 +478,7 @@ class _Transport:
         unposted (the session was cancelled first).  A stop the peer sent for it, or sends later, is then
         answered without being remembered; otherwise it is remembered until a later session of the id
         (``stats().remembered_stops``).  Idempotent."""
+        _request(request)
         if not isinstance(offer, Offer):
             raise InvalidArgument("offer", f"expected the Offer the peer's expect() returned, got "
                                            f"{type(offer).__name__}")
@@ -437,7 +489,10 @@ class _Transport:
         ``peer`` will READ from or WRITE to.  Applies ``expose`` and returns the :class:`Offer` to ship to
         ``peer`` (``offer.to_bytes()``); only then may it post.  The peer's "done" for this offer's tag
         completes the session; cancel sends "stop" and waits for its "quiesced"."""
+        _request(request)
         m = mem_of(local)
+        if self._movable:
+            self._check_moved(local, m)
         tag = self._core.expect(request, peer, m.addr, m.nbytes, m.kind, m.device)
         return Offer(m, tag)
 
@@ -513,6 +568,37 @@ def _faults_dict(faults) -> dict | None:
     return asdict(faults)
 
 
+def _pin_cpu_storage(storage) -> None:
+    """Make a CPU tensor storage non-resizable: a uint8 alias of it shared with numpy, which is how torch
+    itself keeps a numpy view's memory in place (``tensor.numpy()`` clears the storage's resizable flag, for
+    every dtype and also under requires_grad, as the alias has neither).  resize_() then raises instead of
+    freeing memory that a transfer may still touch."""
+    import torch
+
+    alias = torch.empty(0, dtype=torch.uint8)
+    alias.set_(storage)
+    alias.numpy()
+
+
+def _request(request) -> int:
+    """A request id for the core: an int in [0, 2**64), not a bool (InvalidArgument names it)."""
+    if isinstance(request, bool) or not isinstance(request, int) or not 0 <= request < 1 << 64:
+        raise InvalidArgument("request", f"expected an id in [0, 2**64), got {request!r:.40}")
+    return request
+
+
+def _ucx_params(params) -> list[tuple[str, str]]:
+    """NixlTransport's ``ucx_params``: a dict of str -> str (InvalidArgument names a bad one)."""
+    if params is None:
+        return []
+    if not isinstance(params, dict):
+        raise InvalidArgument("ucx_params", f"expected a dict of str -> str, got {type(params).__name__}")
+    for k, v in params.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise InvalidArgument("ucx_params", f"expected str -> str, got {k!r:.40} -> {v!r:.40}")
+    return list(params.items())
+
+
 def _number(name: str, v) -> float:
     """A number for the core (which checks its range): a str or None raised a bare float() error."""
     if isinstance(v, bool) or not isinstance(v, numbers.Real):  # (numpy's scalars too)
@@ -539,10 +625,10 @@ class NixlTransport(_Transport):
                  unsafe_release_on_cancel: bool = False, ucx_params: dict[str, str] | None = None,
                  tick: float = 0.001, unsafe_ack_stop_at_once: bool = False):
         _check_unsafe(unsafe_release_on_cancel=unsafe_release_on_cancel, unsafe_ack_stop_at_once=unsafe_ack_stop_at_once)
+        params, tick, faults_d = _ucx_params(ucx_params), _number("tick", tick), _faults_dict(faults)  # before NIXL loads
         path = capi_path or nixl_capi_path()
-        core = _core._Transport.nixl(engine, name, path, unsafe_release_on_cancel,
-                                     _faults_dict(faults),
-                                     list((ucx_params or {}).items()), False, tick, unsafe_ack_stop_at_once)
+        core = _core._Transport.nixl(engine, name, path, unsafe_release_on_cancel, faults_d, params, False, tick,
+                                     unsafe_ack_stop_at_once)
         super().__init__(core, engine, faults)
 
 
@@ -557,7 +643,7 @@ class LoopbackTransport(_Transport):
         core = _core._Transport.loopback(engine, name, _number("bytes_per_second", bytes_per_second),
                                          _number("latency", latency),
                                          unsafe_release_on_cancel, _faults_dict(faults),
-                                         tick, unsafe_ack_stop_at_once)
+                                         _number("tick", tick), unsafe_ack_stop_at_once)
         super().__init__(core, engine, faults)
 
 

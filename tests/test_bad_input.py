@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import threading
 import sys
+import warnings
 from array import array
 
 import pytest
@@ -478,3 +479,93 @@ def test_small_helpers_name_a_bad_argument():
     with pytest.raises(SystemExit) as ei:
         example_main(["--bogus"])
     assert ei.value.code == 2
+
+
+def test_review_findings_at_the_python_boundary_are_typed_errors():
+    """A read-only review fed the boundary these; each raised a bare TypeError / UnicodeDecodeError /
+    struct.error / RuntimeError, was silently accepted, or (another transport's Registration) deregistered
+    the wrong region.  Each is now a typed error naming the argument, and nothing changed.  Controls: the
+    right inputs work."""
+    from array import array
+
+    import torch
+
+    from lifecycle import TransportError
+    from lifecycle.transport import LoopbackTransport, Mem, NixlTransport, Offer, Registration
+
+    e = TransferEngine()
+    t1, t2 = LoopbackTransport(e, "rv-1"), LoopbackTransport(None, "rv-2")
+    try:
+        x, y = bytearray(4096), bytearray(4096)
+        r1, r2 = t1.register(x), t2.register(y)
+        assert r1.region_id == r2.region_id == 1 and r1.transport == "rv-1"
+        peer = t1.add_peer(t2.metadata())
+        e.advertise(1, "receiver")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "Sparse CSR tensor support is in beta state"
+            csr = torch.zeros(4, 4).to_sparse_csr()
+        cases = [
+            # a bytes peer passed pybind11's std::string conversion; non-UTF-8 ones then broke the error text
+            (lambda: t1.expect(1, b"\xff\xfe", r1.mem), "peer"),
+            (lambda: t1.forgo(1, b"rv-2", Offer(r1.mem, 1)), "peer"),
+            (lambda: t1.remove_peer(None), "peer"),
+            (lambda: t1._core.transfer(1, "read", r1.mem.addr, 16, "dram", 0, b"rv-2", 0x1000, "dram", 0, 1), "peer"),
+            (lambda: t1._core.transfer_batch([(1, "read", r1.mem.addr, 16, "dram", 0, b"\xff", 0x1000, "dram", 0, 1)]),
+             "transfers"),
+            # ids: a bool was session 1, the rest bare TypeErrors
+            (lambda: t1.expect(True, peer, r1.mem), "request"),
+            (lambda: t1.expect(-1, peer, r1.mem), "request"),
+            (lambda: t1.expect(2**64, peer, r1.mem), "request"),
+            (lambda: t1.expect(1.0, peer, r1.mem), "request"),
+            (lambda: t1.forgo("1", peer, Offer(r1.mem, 1)), "request"),
+            # another transport's registration (ids restart at 1): it deregistered our region 1
+            (lambda: t1.deregister(r2), "reg"),
+            (lambda: t1.deregister(Registration(True, r1.mem)), "reg"),
+            (lambda: LoopbackTransport(None, "rv-3", tick=None), "tick"),
+            (lambda: NixlTransport(None, "rv-4", tick="x"), "tick"),
+            (lambda: NixlTransport(None, "rv-5", ucx_params=[("a", "b")]), "ucx_params"),
+            (lambda: NixlTransport(None, "rv-6", ucx_params={"a": 1}), "ucx_params"),
+            (lambda: t1.register(bytearray(0)), "memory"),
+            (lambda: t1.register(array("q")), "memory"),
+            (lambda: t1.register(csr), "tensor"),
+            (lambda: Offer.from_bytes(memoryview(array("q", [0] * 37))), "offer"),  # len() counted 37 items
+            (lambda: TransferEngine(progress_deadline="5"), "progress_deadline"),
+            (lambda: TransferEngine(on_terminate=5), "on_terminate"),
+            (lambda: TransferEngine(logger=5), "logger"),
+        ]
+        for make, arg in cases:
+            with pytest.raises(InvalidArgument) as ei:
+                make()
+            assert ei.value.argument == arg, (arg, ei.value)
+        assert t1.stats().registered_regions == 1 and t1.stats().posted == 0 and e.state(1).name == "Advertised"
+        # garbage metadata quoting bytes that are not UTF-8: the typed error, its bytes escaped
+        with pytest.raises(TransportError, match=r"no live loopback agent named \\xff\\xfe$"):
+            t1.add_peer(b"KVLC-LOOPBACK/1:\xff\xfe")
+        # controls
+        good = Offer(Mem(4096, 64), 9)
+        assert Offer.from_bytes(memoryview(good.to_bytes())) == good
+        assert Offer.from_bytes(memoryview(bytes(b for b in good.to_bytes() for _ in (0, 1)))[::2]) == good  # strided
+        t1.deregister(r1)
+        t2.deregister(r2)
+        assert t1.stats().registered_regions == 0 and t2.stats().registered_regions == 0
+    finally:
+        t1.stop()
+        t2.stop()
+
+
+def test_the_demo_summary_names_failed_workers_when_none_wrote_a_summary(tmp_path):
+    """Both workers fail with a typed error (--layers too large for the pool): the summary table had no rows
+    and max() of nothing raised TypeError, hiding the workers' errors behind a traceback.  Now the demo
+    exits 1 with its table, and each failure line is the worker's own last error line.  Control: a worker
+    without an error file is reported as crashed or wedged."""
+    from lifecycle.demo import _last_error
+
+    out = tmp_path / "demo"
+    r = subprocess.run([sys.executable, "-m", "lifecycle", "demo", "--requests", "2", "--layers", "100000",
+                        "--max-blocks", "1000", "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "TypeError" not in r.stderr and "_table" not in r.stderr, r.stderr  # (the workers' own tracebacks stay)
+    for side in ("sender-0", "receiver-0"):
+        assert (f"failure: {side} failed: lifecycle.errors.InvalidArgument: invalid slot_size: num_slots * "
+                "slot_size exceeds 1 TiB") in r.stdout, r.stdout
+    assert _last_error(tmp_path / "missing.error.txt") == ""  # control

@@ -340,3 +340,25 @@ def test_a_peer_name_that_is_not_utf8_is_refused_with_a_typed_error():
     finally:
         a.stop()
         b.stop()
+
+
+@needs_nixl
+def test_metadata_whose_agent_name_holds_a_nul_is_refused_and_loads_nothing():
+    """NIXL's C API hands the loaded peer's name back as a C string: a name holding a NUL came back cut
+    ("n" for "n\\0-b"), the peer then known under a name not its own, and NIXL kept the whole one loaded,
+    where remove_peer() could never reach it (a review finding).  It is refused before anything is loaded.
+    Controls: the same metadata with a same-length name without the NUL loads under that full name, and
+    the original loads."""
+    a, b = NixlTransport(None, "nx-nul-a"), NixlTransport(None, "nx-nul-b")
+    try:
+        b.register(bytearray(4096))
+        md = b.metadata()
+        assert md.count(b"nx-nul-b") == 1
+        with pytest.raises(TransportError, match=r"^load_remote_metadata: the peer agent's name in the metadata "
+                                                 r"holds a NUL byte \(agent nx-nul-a\): refused, nothing loaded$"):
+            a.add_peer(md.replace(b"nx-nul-b", b"nx\0nul-b"))
+        assert a.add_peer(md.replace(b"nx-nul-b", b"nx-nul-c")) == "nx-nul-c"
+        assert a.add_peer(md) == "nx-nul-b"
+    finally:
+        a.stop()
+        b.stop()

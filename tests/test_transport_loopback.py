@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lifecycle import CancelResult, InvalidArgument, Outcome, State, TerminateResult, TransportError
-from lifecycle.transport import Faults, LoopbackTransport, Mem, Offer, pool_slot
+from lifecycle.transport import Faults, LoopbackTransport, Mem, Offer, mem_of, pool_slot
 
 from test_transport_harness import KiB, MiB, SIZES, Side, connect, crc, needs_nixl, pattern, wait_for
 
@@ -765,3 +765,102 @@ finally:
     assert [line.split(":")[0] for line in lines] == ["read", "write", "then ok"], r.stdout
     for line, req in zip(lines[:2], (1, 2)):
         assert "failed" in line.lower() and f"loopback copy for request {req} faulted near byte 0: Bad address" in line, line
+
+
+def test_a_forgone_offer_stays_answered_after_its_record_is_swept_and_is_never_posted():
+    """forgo() for an id a holds no session of: the record forgo left went at the next sweep (the engine knows
+    no such session), and a stop b sent after that was remembered for ever, for a later session of the id
+    that never comes (a review finding: the stop memory then fills and later early stops go unanswered).
+    The forgone offer is now kept on its own: the late stop is answered without memory, and a transfer()
+    of that offer is refused (its stop was answered: a post would go out unseen).  Control: the same late
+    stop for an offer a never forgoes is remembered."""
+    a, b, names = pair()
+    try:
+        b_at_a, a_at_b = names
+        offers = {}
+        for req in (3, 4):
+            src = b.advertise(req, "sender", 4096, pattern(4096, req))
+            offers[req] = b.t.expect(req, a_at_b, src)
+        a.t.forgo(3, b_at_a, offers[3])
+        assert a.t.stats().forgone_offers == 1
+        wait_for(lambda: a.t.stats().posted_records == 0, 5, "the sweep dropping forgo's record (no session of 3)")
+        for req in (3, 4):
+            b.engine.cancel(req)
+            assert b.wait(req) is State.Quiesced and b.engine.outcome(req) is Outcome.cancelled  # both answered
+        wait_for(lambda: a.t.stats().peer_stops == 2, 5, "both stops handled")
+        assert a.t.stats().remembered_stops == 1  # 4's (the control); 3's needs no memory
+        dst = a.advertise(3, "receiver", 4096, 0)
+        with pytest.raises(TransportError, match=r"^transfer: request 3: its offer \(tag \d+\) from peer "
+                                                 rf"{b_at_a} was forgone: forgo\(\) promised it is never posted$"):
+            a.t.read(3, dst, b_at_a, offers[3])
+        assert a.engine.state(3) is State.Advertised and a.t.stats().posted == 0  # nothing exposed or posted
+        a.t.forgo(3, b_at_a, offers[3])  # idempotent
+        assert a.t.stats().forgone_offers == 1
+    finally:
+        a.close()
+        b.close()
+
+
+def test_registered_memory_cannot_move_or_is_refused_before_anything_is_posted():
+    """resize_() on a registered tensor reallocated it and freed the registered range; a transfer then
+    reported success while writing into the freed block (a review finding).  Now a registered CPU tensor's
+    storage is non-resizable (torch's own guard for storage shared with numpy): resize_() raises and the
+    memory stays.  A ctypes array cannot be guarded (ctypes.resize ignores exports; a CUDA tensor is the same
+    case): a transfer or offer naming memory that moved raises TransportError, naming the region and both
+    addresses, before anything is exposed or posted.  set_() to another storage moves nothing: the storage
+    registered is held.  Controls: an unregistered tensor does resize (its memory moves), and the same calls
+    before the ctypes resize go through."""
+    import ctypes
+
+    import torch
+
+    free = torch.zeros(1024)
+    before = free.data_ptr()
+    free.resize_(1 << 16)
+    assert free.data_ptr() != before  # control: an unregistered tensor's memory moves on resize_()
+    a, b, names = pair()
+    try:
+        b_at_a, a_at_b = names
+        t = torch.zeros(1024)
+        reg = a.t.register(t)
+        with pytest.raises(RuntimeError, match="not resizable"):
+            t.resize_(1 << 16)
+        with pytest.raises(RuntimeError, match="not resizable"):
+            t.untyped_storage().resize_(1 << 20)
+        assert t.data_ptr() == reg.mem.addr
+        src = b.advertise(1, "sender", 4096, pattern(4096, 1))
+        a.engine.advertise(1, "receiver")
+        assert a.t.read(1, reg.mem, b_at_a, b.t.expect(1, a_at_b, src)) in ("Posted", "CompletedInPost")
+        # (torch leaves the refused resize_'s shape on the tensor: its storage and memory are what stayed)
+        assert a.wait(1) is State.Quiesced and ctypes.string_at(reg.mem.addr, 4096) == pattern(4096, 1)
+        t.set_(torch.ones(8).untyped_storage())  # another storage: the registered one is held, nothing moved
+        src = b.advertise(2, "sender", 4096, pattern(4096, 2))
+        a.engine.advertise(2, "receiver")
+        assert a.t.read(2, reg.mem, b_at_a, b.t.expect(2, a_at_b, src)) in ("Posted", "CompletedInPost")
+        assert a.wait(2) is State.Quiesced and b.wait(2) is State.Quiesced
+
+        arr = (ctypes.c_char * 4096)()
+        areg = a.t.register(arr)
+        old = mem_of(arr)
+        b.engine.advertise(3, "sender", 4096)
+        offer3 = b.t.expect(3, a_at_b, pool_slot(b.engine, 3).slice(0, 4096))
+        for req in (3, 4):
+            a.engine.advertise(req, "receiver")
+        a.t.expect(4, b_at_a, old)  # control: before the resize
+        ctypes.resize(arr, 1 << 20)
+        assert ctypes.addressof(arr) != old.addr
+        posted = a.t.stats().posted
+        for call in (lambda: a.t.read(3, old, b_at_a, offer3), lambda: a.t.expect(3, b_at_a, old),
+                     lambda: a.t.transfer_batch([("read", 3, old, b_at_a, offer3)])[0]):
+            with pytest.raises(TransportError, match=rf"^region {areg.region_id} of transport {a.t.name}: the memory "
+                                                     r"of the c_char_Array_4096 registered at 0x[0-9a-f]+ \(4096 bytes\) "
+                                                     r"moved from 0x[0-9a-f]+ to 0x[0-9a-f]+: resized since register\(\)"):
+                r = call()
+                if isinstance(r, Exception):
+                    raise r
+        assert a.engine.state(3) is State.Advertised and a.t.stats().posted == posted  # nothing exposed or posted
+        b.engine.cancel(3)
+        a.engine.cancel(4)
+    finally:
+        a.close()
+        b.close()

@@ -11,8 +11,16 @@ static py::object make(const char* cls, const py::tuple& args) {
   return py::module_::import("lifecycle.errors").attr(cls)(*args);
 }
 
+// C++ text -> str without failing: an error's text may quote bytes a peer sent (metadata, a name), and a
+// strict decode would replace the typed error with a UnicodeDecodeError (and lose a batch's results).
+py::str lossless_str(const std::string& s) {
+  PyObject* o = PyUnicode_DecodeUTF8(s.data(), static_cast<Py_ssize_t>(s.size()), "backslashreplace");
+  if (o == nullptr) throw py::error_already_set();
+  return py::reinterpret_steal<py::str>(o);
+}
+
 static py::object make_with(const char* cls, const std::string& msg, const py::dict& attrs) {
-  py::object exc = make(cls, py::make_tuple(msg));
+  py::object exc = make(cls, py::make_tuple(lossless_str(msg)));
   for (auto item : attrs) py::setattr(exc, item.first, item.second);
   return exc;
 }
@@ -29,23 +37,23 @@ py::object error_object(std::exception_ptr p) {
   } catch (const DuplicateRequestError& e) {
     return make("DuplicateRequest", py::make_tuple(e.request, kStateNames[static_cast<int>(e.state)]));
   } catch (const InvalidArgumentError& e) {
-    return make("InvalidArgument", py::make_tuple(e.argument, e.detail));
+    return make("InvalidArgument", py::make_tuple(lossless_str(e.argument), lossless_str(e.detail)));
   } catch (const PoolExhaustedError& e) {
-    return make("PoolExhausted", py::make_tuple(e.request, e.detail));
+    return make("PoolExhausted", py::make_tuple(e.request, lossless_str(e.detail)));
   } catch (const tp::NixlUnavailable& e) {
     py::dict a;
-    a["library"] = e.library();
-    a["missing_symbol"] = e.missing_symbol();
+    a["library"] = lossless_str(e.library());
+    a["missing_symbol"] = lossless_str(e.missing_symbol());
     return make_with("NixlUnavailable", e.what(), a);
   } catch (const tp::NixlCallError& e) {
     py::dict a;
-    a["call"] = e.call();
+    a["call"] = lossless_str(e.call());
     a["status"] = e.status();
     return make_with("TransportError", e.what(), a);
   } catch (const tp::TransportError& e) {
     return make_with("TransportError", e.what(), py::dict());
   } catch (const Error& e) {
-    return make("LifecycleError", py::make_tuple(e.what()));
+    return make("LifecycleError", py::make_tuple(lossless_str(e.what())));
   } catch (...) {
   }
   return py::none();

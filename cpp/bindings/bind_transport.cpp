@@ -131,6 +131,7 @@ py::dict stats_dict(const tp::TransportStats& s) {
   F(unreleased) F(unsafe_acks) F(stale_notifications) F(held_offers)
   F(remembered_stops)
   F(posted_records)
+  F(forgone_offers)
 #undef F
   return d;
 }
@@ -240,13 +241,15 @@ void register_transport(py::module_& m) {
              py::gil_scoped_release nogil;
              return t.add_peer(s);
            }, py::arg("metadata"))
-      .def("remove_peer", [](tp::Transport& t, const std::string& peer) {
+      .def("remove_peer", [](tp::Transport& t, py::handle peer_arg) {
+             const std::string peer = text_arg(peer_arg, "peer");  // (a bytes would pass as a std::string)
              py::gil_scoped_release nogil;
              t.remove_peer(peer);
            }, py::arg("peer"))
       .def("transfer", [](tp::Transport& t, std::uint64_t req, const std::string& op, std::uint64_t laddr,
-                          std::uint64_t len, const std::string& lkind, std::uint64_t ldev, const std::string& peer,
+                          std::uint64_t len, const std::string& lkind, std::uint64_t ldev, py::handle peer_arg,
                           std::uint64_t raddr, const std::string& rkind, std::uint64_t rdev, std::uint64_t tag) {
+             const std::string peer = text_arg(peer_arg, "peer");
              tp::XferOp o = to_op(op);
              tp::Region l = region(laddr, len, lkind, ldev);
              tp::Region r = region(raddr, len, rkind, rdev);
@@ -282,7 +285,9 @@ void register_transport(py::module_& m) {
                  auto u64 = [&](std::size_t f) { k = f; return it[f].cast<std::uint64_t>(); };
                  auto str = [&](std::size_t f) { k = f; return it[f].cast<std::string>(); };
                  const auto len = u64(3);
-                 peers[i] = str(6);
+                 k = 6;
+                 if (!PyUnicode_Check(it[6].ptr())) throw py::cast_error();  // (a bytes would pass as a std::string)
+                 peers[i] = text_arg(it[6], "peer");
                  const std::uint64_t req = u64(0);
                  const tp::XferOp op = to_op(str(1));
                  const tp::Region local = region(u64(2), len, str(4), u64(5));
@@ -316,8 +321,8 @@ void register_transport(py::module_& m) {
                    what = e.what();
                  } catch (...) {
                  }
-                 exc = py::module_::import("builtins").attr("RuntimeError")("transfer: request " +
-                                                                           std::to_string(xs[i].req) + ": " + what);
+                 exc = py::module_::import("builtins").attr("RuntimeError")(
+                     lossless_str("transfer: request " + std::to_string(xs[i].req) + ": " + what));
                }
                res[i] = exc;
              }
@@ -326,14 +331,16 @@ void register_transport(py::module_& m) {
            "transfer() for each item (request, op, local_addr, nbytes, local_kind, local_device, peer, remote_addr, "
            "remote_kind, remote_device, tag) in one call: a list, per item its result string or the exception "
            "transfer() would have raised for it")
-      .def("expect", [](tp::Transport& t, std::uint64_t req, const std::string& peer, std::uint64_t laddr,
+      .def("expect", [](tp::Transport& t, std::uint64_t req, py::handle peer_arg, std::uint64_t laddr,
                         std::uint64_t len, const std::string& lkind, std::uint64_t ldev) {
+             const std::string peer = text_arg(peer_arg, "peer");
              tp::Region l = region(laddr, len, lkind, ldev);
              py::gil_scoped_release nogil;
              return t.expect(req, peer, l);
            }, py::arg("request"), py::arg("peer"), py::arg("local_addr"), py::arg("nbytes"), py::arg("local_kind"),
            py::arg("local_device"))
-      .def("forgo", [](tp::Transport& t, std::uint64_t req, const std::string& peer, std::uint64_t tag) {
+      .def("forgo", [](tp::Transport& t, std::uint64_t req, py::handle peer_arg, std::uint64_t tag) {
+             const std::string peer = text_arg(peer_arg, "peer");
              py::gil_scoped_release nogil;
              t.forgo(req, peer, tag);
            }, py::arg("request"), py::arg("peer"), py::arg("tag"))

@@ -532,6 +532,10 @@ def test_review_findings_at_the_python_boundary_are_typed_errors():
             (lambda: TransferEngine(progress_deadline="5"), "progress_deadline"),
             (lambda: TransferEngine(on_terminate=5), "on_terminate"),
             (lambda: TransferEngine(logger=5), "logger"),
+            (lambda: _core.ManualClock().advance(2**63), "delta_ns"),
+            (lambda: _core.ManualClock().advance(1.5), "delta_ns"),
+            (lambda: _core.ManualClock().set(True), "t_ns"),
+            (lambda: _core.ManualClock("0"), "start_ns"),
         ]
         for make, arg in cases:
             with pytest.raises(InvalidArgument) as ei:
@@ -542,6 +546,9 @@ def test_review_findings_at_the_python_boundary_are_typed_errors():
         with pytest.raises(TransportError, match=r"no live loopback agent named \\xff\\xfe$"):
             t1.add_peer(b"KVLC-LOOPBACK/1:\xff\xfe")
         # controls
+        clock = _core.ManualClock(5)
+        clock.advance(10)
+        assert clock.now_ns() == 15
         good = Offer(Mem(4096, 64), 9)
         assert Offer.from_bytes(memoryview(good.to_bytes())) == good
         assert Offer.from_bytes(memoryview(bytes(b for b in good.to_bytes() for _ in (0, 1)))[::2]) == good  # strided

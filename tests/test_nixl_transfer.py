@@ -354,8 +354,9 @@ def test_metadata_whose_agent_name_holds_a_nul_is_refused_and_loads_nothing():
         b.register(bytearray(4096))
         md = b.metadata()
         assert md.count(b"nx-nul-b") == 1
-        with pytest.raises(TransportError, match=r"^load_remote_metadata: the peer agent's name in the metadata "
-                                                 r"holds a NUL byte \(agent nx-nul-a\): refused, nothing loaded$"):
+        with pytest.raises(InvalidArgument, match=r"^invalid metadata: the peer agent's name in it holds a NUL byte "
+                                                  r"\(NIXL would cut it there\): refused, nothing loaded into agent "
+                                                  r"nx-nul-a$"):
             a.add_peer(md.replace(b"nx-nul-b", b"nx\0nul-b"))
         assert a.add_peer(md.replace(b"nx-nul-b", b"nx-nul-c")) == "nx-nul-c"
         assert a.add_peer(md) == "nx-nul-b"

@@ -11,9 +11,10 @@ void register_clock(py::module_& m) {
   m.def("steady_source", &steady_source, "Where SteadyClock reads CLOCK_MONOTONIC from: 'tsc' or 'monotonic'.");
   m.def("monotonic_ns", &monotonic_ns, "CLOCK_MONOTONIC through clock_gettime, ns.");
   py::class_<ManualClock, Clock, std::shared_ptr<ManualClock>>(m, "ManualClock", guarded_metaclass(), guarded_new_setup())
-      .def(py::init<std::int64_t>(), py::arg("start_ns") = 0)
-      .def("advance", &ManualClock::advance, py::arg("delta_ns"))
-      .def("set", &ManualClock::set, py::arg("t_ns"));
+      .def(py::init([](py::handle start) { return std::make_shared<ManualClock>(int64_arg(start, "start_ns")); }),
+           py::arg("start_ns") = 0)
+      .def("advance", [](ManualClock& c, py::handle d) { c.advance(int64_arg(d, "delta_ns")); }, py::arg("delta_ns"))
+      .def("set", [](ManualClock& c, py::handle t) { c.set(int64_arg(t, "t_ns")); }, py::arg("t_ns"));
 }
 
 }  // namespace lifecycle::bindings

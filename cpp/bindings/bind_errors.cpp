@@ -72,6 +72,17 @@ std::string text_arg(py::handle h, const char* what) {
   return std::string(p, static_cast<std::size_t>(n));
 }
 
+std::int64_t int64_arg(py::handle h, const char* what) {
+  if (PyBool_Check(h.ptr()) || !PyLong_Check(h.ptr())) {
+    throw InvalidArgumentError(what, std::string("expected an int, got ") + Py_TYPE(h.ptr())->tp_name);
+  }
+  int overflow = 0;
+  const long long v = PyLong_AsLongLongAndOverflow(h.ptr(), &overflow);
+  if (overflow != 0) throw InvalidArgumentError(what, "out of the int64 range");
+  if (v == -1 && PyErr_Occurred()) throw py::error_already_set();
+  return static_cast<std::int64_t>(v);
+}
+
 void register_errors(py::module_&) {
   py::register_exception_translator([](std::exception_ptr p) {
     py::object exc = error_object(p);

@@ -10,6 +10,9 @@ pybind11::object error_object(std::exception_ptr p);
 // A str argument as UTF-8 (InvalidArgumentError naming `what` for a non-str, or one UTF-8 cannot encode:
 // a lone surrogate, where pybind11's own conversion raised a bare RuntimeError or "incompatible arguments").
 std::string text_arg(pybind11::handle h, const char* what);
+// An int argument in the int64 range (InvalidArgumentError naming `what` for a bool, a float, another type, or
+// one out of range, where pybind11 raised a bare "incompatible function arguments" TypeError).
+std::int64_t int64_arg(pybind11::handle h, const char* what);
 // C++ text -> str, bytes that are not UTF-8 escaped (\xNN), never a UnicodeDecodeError.
 pybind11::str lossless_str(const std::string& s);
 // Extra py::class_ arguments every class here takes: X.__new__(X) without X(...) raises TypeError instead of

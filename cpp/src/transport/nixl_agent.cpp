@@ -144,8 +144,8 @@ std::string NixlAgent::load_remote_metadata(const std::string& md) {
     for (int b = 7; b >= 0; --b) len = (len << 8) | static_cast<unsigned char>(md[kHeadLen + static_cast<std::size_t>(b)]);
     const std::size_t at = kHeadLen + 8;
     if (len <= md.size() - at && md.find('\0', at) < at + len) {
-      throw TransportError("load_remote_metadata: the peer agent's name in the metadata holds a NUL byte (agent " +
-                           name_ + "): refused, nothing loaded");
+      throw MetadataRefused("the peer agent's name in it holds a NUL byte (NIXL would cut it there): refused, "
+                            "nothing loaded into agent " + name_);
     }
   }
   char* name = nullptr;

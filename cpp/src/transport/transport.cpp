@@ -209,7 +209,12 @@ bool valid_name(const std::string& s) noexcept {
 }  // namespace
 
 std::string Transport::add_peer(const std::string& md) {
-  std::string peer = agent_->load_remote_metadata(md);
+  std::string peer;
+  try {
+    peer = agent_->load_remote_metadata(md);
+  } catch (const MetadataRefused& e) {
+    throw InvalidArgumentError("metadata", e.what());
+  }
   if (!valid_name(peer)) {
     // Loaded, but unusable: a name Python cannot decode (or one holding NUL) can never be named again.
     try {

@@ -34,6 +34,13 @@ class TransportError : public lifecycle::Error {
   using lifecycle::Error::Error;
 };
 
+// A peer's metadata refused before anything was loaded (its agent name cannot be used).  Transport::add_peer
+// reports it as InvalidArgumentError("metadata"), like a loaded name it refuses.
+class MetadataRefused : public TransportError {
+ public:
+  using TransportError::TransportError;
+};
+
 // The NIXL C library cannot be used: not found, not loadable, a stub build, or a symbol is missing.
 // Attributes carry the context so callers never parse the message.
 class NixlUnavailable : public TransportError {

@@ -957,6 +957,53 @@ std::vector<TransferItem> advertised_writes(Engine& e, const Region& l, const Re
   return items;
 }
 
+// A batch consumes an early stop's memo when it makes the entry (its post is to be skipped), and an
+// allocation failure in the engine's expose then ends the call with the session still Advertised: the
+// caller may retry.  The peer is answered for that offer, so the retry must skip the post too: the pair is
+// remembered again.  Negative control, run by hand (session 14): without that, the failure at the expose
+// leaves no memo, the retry posts the offer, and 3 checks fail (memo count, result, outcome).  Control: the items without a stop post.
+void test_a_stop_consumed_by_a_failed_expose_is_remembered_again() {
+  constexpr std::size_t kItems = 512;  // the engine's batch arrays: >= 512 x 8 B
+  long retried = 0, at_expose = 0;
+  for (long k = 0; k < 40; ++k) {
+    auto ea = std::make_shared<Engine>(ReusePair::reuse(0));
+    Duo d(ea, std::make_unique<LoopbackAgent>(named("restop-a")), std::make_shared<Engine>(Config{}), 'y');
+    [[maybe_unused]] auto& [src, dst, l, r, ta, tb, rid] = d;
+    const std::string peer = "restop-b";
+    std::vector<TransferItem> items;
+    for (std::size_t i = 0; i < kItems; ++i) {
+      CHECK(ea->advertise(i + 1, Role::sender, 0).status == Status::Moved);
+      items.push_back({i + 1, XferOp::Write, {l.addr + i, 1, 0, MemKind::Dram}, {r.addr + i, 1, 0, MemKind::Dram},
+                       &peer, 0x700 + i});
+    }
+    tb->agent().send_notification("restop-a", {1, NotifKind::Stop, 0x700});  // item 0's offer, stopped early
+    CHECK(eventually([&] { return ta.stats().remembered_stops == 1 && tb->stats().quiesced_received == 1; }));
+    std::vector<TransferOutcome> out(kItems);
+    t_fail_min = kItems * sizeof(std::uint64_t);
+    t_big_allocs = 0;
+    t_fail_at = k;
+    try {
+      ta.transfer_batch(items.data(), kItems, out.data());
+    } catch (const std::bad_alloc&) {
+    }
+    t_fail_at = -1;
+    if (state_of(*ea, 1) != State::Advertised) continue;  // item 0 went (skipped): nothing to retry
+    // left to retry: a failure before the entries (memo never consumed) or at the expose (consumed, given back)
+    if (ta.stats().quiesced_sent == 2) ++at_expose;  // the failed call answered the stop again: it had the entry
+    ++retried;
+    CHECK(ta.stats().remembered_stops == 1);
+    CHECK(ta.transfer(1, XferOp::Write, items[0].local, items[0].remote, peer, 0x700) ==
+          PostResult::CancelledBeforePost);
+    CHECK(state_of(*ea, 1) == State::Quiesced && ea->info(1)->outcome == Outcome::cancelled);
+    if (state_of(*ea, 2) == State::Advertised) {  // control: an item without a stop posts on its retry
+      CHECK(ta.transfer(2, XferOp::Write, items[1].local, items[1].remote, peer, 0x701) != PostResult::CancelledBeforePost);
+    }
+  }
+  CHECK(retried > 0 && at_expose > 0);
+  std::printf("       failed-expose retries: %ld of 40 injected failures left item 0 to retry, %ld of them at the expose\n",
+              retried, at_expose);
+}
+
 // remove_peer() or stop() in the middle of a transfer_batch's posts: the items posted before it are the
 // batch's to end (abandoned: Poisoned, their ranges held), and the items after it are never posted (never
 // posted is the evidence: Quiesced(cancelled), nothing held), where a batch that posted them anyway would
@@ -1757,6 +1804,7 @@ int main() {
   test_a_stop_from_another_peer_is_answered_to_that_peer();
   test_an_answered_early_stop_is_never_forgotten();
   test_forgone_offers_are_answered_without_memory_to_their_bound();
+  test_a_stop_consumed_by_a_failed_expose_is_remembered_again();
   test_a_remembered_stop_goes_with_the_session_that_could_post_it();
   test_a_stop_after_our_session_took_another_offer_outlives_it();
   test_a_stop_bound_to_a_session_moves_on_when_it_takes_another_offer();

@@ -683,6 +683,13 @@ void Transport::transfer_batch(const TransferItem* items, std::size_t n, Transfe
         auto it = entries_.find(req);
         if (it != entries_.end()) {
           acks = owed_acks(it->second);
+          // This offer's stop (the memo the entry consumed, or one it got since) is answered below, and a
+          // session left Advertised may retry the offer: that retry must skip its post, so the pair is
+          // remembered again (bound to this session: it goes when the session ends).  No room: unanswered.
+          if (it->second.peer_stop && !remember_stopped(req, it->second.tag, StopMemo{w[i].current, 0})) {
+            acks.pop_back();  // (owed_acks puts the entry's own tag last)
+            ctr_.stops_unanswered.fetch_add(1);
+          }
           entries_.erase(it);
         }
       }

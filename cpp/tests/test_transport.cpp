@@ -1471,7 +1471,9 @@ class BatchSink final : public EventSink {
   std::vector<std::vector<std::uint64_t>> done_batches;
   std::vector<std::pair<std::uint64_t, std::string>> fails;
   void on_complete(std::uint64_t req) override { on_complete_batch(&req, 1); }
+  bool throw_on_batch = false;  // a batch of more than one throws (as an allocation its size needs would)
   void on_complete_batch(const std::uint64_t* reqs, std::size_t n) override {
+    if (throw_on_batch && n > 1) throw std::bad_alloc();
     std::lock_guard<std::mutex> lk(mu);
     done_batches.emplace_back(reqs, reqs + n);
   }
@@ -1486,6 +1488,36 @@ class BatchSink final : public EventSink {
   void on_notification(const std::string&, const NotifMessage&) override {}
   void on_bad_notification(const std::string&, const std::string&) override {}
 };
+
+// The requests a pass found Done are no longer watched when the sink gets them: a batch the sink throws on
+// was lost for good (their sessions then Poisoned by the timers, their entries and NIXL requests held for
+// ever).  A batch the sink cannot take goes again one request at a time.  Control: a pass that finds a
+// single Done hands it over as that one batch, with no error.  Negative control, run by hand (session 14):
+// without the one-by-one retry, 3 checks fail (nothing reaches the sink).
+void test_a_completion_batch_the_sink_throws_on_goes_again_one_by_one() {
+  ScriptedAgent agent;
+  BatchSink sink;
+  sink.throw_on_batch = true;
+  NixlProgress prog(agent, sink);
+  const std::uint64_t ids[] = {4, 8, 12};  // Done (ScriptedAgent: multiples of 4)
+  prog.watch(ids, std::size(ids));
+  CHECK(eventually([&] {
+    std::lock_guard<std::mutex> lk(sink.mu);
+    return sink.done_batches.size() == 3;
+  }));
+  {
+    std::lock_guard<std::mutex> lk(sink.mu);
+    CHECK((sink.done_batches == std::vector<std::vector<std::uint64_t>>{{4}, {8}, {12}}));
+  }
+  CHECK(prog.statistics().sink_errors == 1);
+  prog.watch(16);  // control
+  CHECK(eventually([&] {
+    std::lock_guard<std::mutex> lk(sink.mu);
+    return sink.done_batches.size() == 4 && sink.done_batches.back() == std::vector<std::uint64_t>{16};
+  }));
+  prog.stop();
+  CHECK(prog.statistics().sink_errors == 1 && prog.statistics().completions == 4);
+}
 
 void test_a_progress_pass_polls_in_one_call_and_reports_each_request_once() {
   ScriptedAgent agent;
@@ -1825,6 +1857,7 @@ int main() {
   test_stop_racing_transfers_leaves_no_session_behind(1);
   test_stop_racing_transfers_leaves_no_session_behind(16);
   test_a_progress_pass_polls_in_one_call_and_reports_each_request_once();
+  test_a_completion_batch_the_sink_throws_on_goes_again_one_by_one();
   test_a_throwing_sink_does_not_end_the_progress_thread();
   test_a_throwing_status_batch_fails_no_request_it_did_not_answer();
   TEST_MAIN_END();

@@ -20,12 +20,14 @@ void NixlProgress::stop() {
 }
 
 template <class F>
-void NixlProgress::to_sink(F&& call) {
+bool NixlProgress::to_sink(F&& call) {
   try {
     call();
+    return true;
   } catch (...) {
     std::lock_guard<std::mutex> lk(mu_);
     ++stats_.sink_errors;
+    return false;
   }
 }
 
@@ -159,7 +161,12 @@ bool NixlProgress::pass() {
     }
   }
 
-  if (!done_.empty()) to_sink([&] { sink_.on_complete_batch(done_.data(), done_.size()); });
+  // (These requests are no longer watched: a report the sink drops is never made again.  A batch the sink
+  // could not take, e.g. an allocation its size needs, goes again one request at a time, which allocates
+  // nothing per batch; what a sink did of the batch before it threw, it finds done.)
+  if (!done_.empty() && !to_sink([&] { sink_.on_complete_batch(done_.data(), done_.size()); }) && done_.size() > 1) {
+    for (const std::uint64_t req : done_) to_sink([&] { sink_.on_complete_batch(&req, 1); });
+  }
 
   std::vector<RawNotification> notes;
   std::size_t skipped = 0;

@@ -98,7 +98,7 @@ class NixlProgress {
   void run();
   bool pass();  // true when something happened
   template <class F>
-  void to_sink(F&& call);  // call(), a throw caught and counted in sink_errors
+  bool to_sink(F&& call);  // call(); false: it threw (caught and counted in sink_errors)
 
   Agent& agent_;
   EventSink& sink_;

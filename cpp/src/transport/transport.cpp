@@ -459,6 +459,8 @@ struct Transport::Work {
   bool live = false;      // no outcome yet: goes on to the next phase
   bool reserved = false;  // in preparing_ (its range counts as held)
   bool built = false;     // prepared in the agent, and neither held_ nor an entry owns it yet
+  bool entered = false;   // step 3 made its entry (undone should that step throw)
+  bool memo = false;      // a stop memo of its pair: consumed once step 3 has made every entry
   std::uint64_t current = 0;  // the session it is for (session_for)
   std::uint64_t serial = 0;   // the session expose moved
   const char* refuse = nullptr;
@@ -610,7 +612,10 @@ void Transport::transfer_batch(const TransferItem* items, std::size_t n, Transfe
     if (engine_) vector_room(posted_pending_, n);
     // re-checked under mu_: stop() sets stopped_ before it collects the entries under mu_
     const bool stopped = stopped_.load();
-    for (std::size_t i = 0; i < n; ++i) {
+    const std::size_t notes0 = posted_pending_.size();
+    std::size_t i = 0;
+    try {
+    for (; i < n; ++i) {
       const TransferItem& it = items[i];
       if (w[i].live) {
         const std::uint64_t req = it.req;
@@ -621,10 +626,12 @@ void Transport::transfer_batch(const TransferItem* items, std::size_t n, Transfe
         // its bookkeeping leaves the hold of an active entry alone, forget_held.)
         if (w[i].refuse == nullptr) {
           const std::uint64_t current = w[i].current;
-          // the entry first: should its allocation throw, the stop memo is still there for a retry
+          // (the memo is consumed below, once every entry is made: a throw here leaves it for a retry)
           const bool stopped_by_peer = stopped_reqs_.count({req, it.tag}) != 0;  // this entry skips the post
-          entries_[req] = Entry{Side::Active, *it.peer, it.tag, current, {}, false, false, stopped_by_peer, false, {}};
-          if (stopped_by_peer) stopped_reqs_.erase({req, it.tag});  // consumed
+          Entry entry{Side::Active, *it.peer, it.tag, current, {}, false, false, stopped_by_peer, false, {}};
+          entries_[req] = std::move(entry);
+          w[i].entered = true;
+          w[i].memo = stopped_by_peer;
           if (engine_) {
             note_posted(req, *it.peer, it.tag, current);
             // this session takes this offer: stops for other offers of the id bound to it are a later one's
@@ -640,6 +647,25 @@ void Transport::transfer_batch(const TransferItem* items, std::size_t n, Transfe
         unprepare(it.req);  // held_ took over (or it was never prepared), in this same critical section
         w[i].reserved = false;
       }
+    }
+    } catch (...) {
+      // A map node or a string could not be allocated: this step is undone for the items it reached, which
+      // nothing has exposed or posted yet.  Their entries and records go, and their prepared requests go back
+      // to `built`, whose release also ends the holds (Unbuild).  (Stops of other offers of an id, moved on
+      // to a later session, stay there: remembered longer, which is safe.)
+      for (std::size_t j = 0; j <= i && j < n; ++j) {
+        if (!w[j].live) continue;
+        if (w[j].entered) entries_.erase(items[j].req);
+        w[j].entered = false;
+        w[j].built = true;
+      }
+      const std::size_t added = posted_pending_.size() - notes0;
+      posted_pending_.erase(posted_pending_.begin() + static_cast<std::ptrdiff_t>(notes0), posted_pending_.end());
+      posted_added_ -= std::min(posted_added_, added);
+      throw;
+    }
+    for (std::size_t k = 0; k < n; ++k) {
+      if (w[k].memo) stopped_reqs_.erase({items[k].req, items[k].tag});  // consumed: this entry skips its post
     }
   }
   for (std::size_t i = 0; i < n; ++i) {
@@ -831,7 +857,19 @@ void Transport::transfer_batch(const TransferItem* items, std::size_t n, Transfe
       done[nwatch++] = items[i].req;  // (the completed ones' room, reused)
     }
   }
-  progress_->watch(done, nwatch);
+  try {
+    progress_->watch(done, nwatch);
+  } catch (...) {
+    // The watch list could not grow (an allocation): one at a time.  A posted request that cannot be watched
+    // would never be polled, its entry and backend request held for good: it is ended now, as remove_peer()
+    // would (released without evidence: Poisoned, its range held), not left in flight with no owner.
+    for (std::size_t k = 0; k < nwatch; ++k) {
+      if (caught([&] { progress_->watch(done[k]); })) {
+        ctr_.abandoned.fetch_add(1);
+        (void)caught([&] { finish_active(done[k], false); });
+      }
+    }
+  }
 }
 
 void Transport::forgo(std::uint64_t req, const std::string& peer, std::uint64_t tag) {

@@ -904,6 +904,7 @@ void Transport::forgo(std::uint64_t req, const std::string& peer, std::uint64_t 
 }
 
 bool Transport::is_forgone(std::uint64_t req, std::uint64_t tag, const std::string& peer) const {
+  if (forgone_.empty()) return false;
   const auto f = forgone_.find(ReqTag{req, tag});
   return f != forgone_.end() && f->second == peer;
 }

@@ -285,8 +285,14 @@ class Transport final : public EventSink {
   using ReqTag = std::pair<std::uint64_t, std::uint64_t>;
   std::map<ReqTag, StopMemo> stopped_reqs_;  // (req, tag) stopped before we posted: remember_stopped
   ReqTag stopped_cursor_{0, 0};              // where the next sweep_stopped() goes on
-  // forgo()'s offers: (req, tag) -> the peer that made it, and their order (oldest first) for the bound
-  std::map<ReqTag, std::string> forgone_;
+  // forgo()'s offers: (req, tag) -> the peer that made it, and their order (oldest first) for the bound.
+  // Hashed: every transfer() looks its offer up (a tree of 65,536 cold nodes would cost ~16 misses).
+  struct ReqTagHash {
+    std::size_t operator()(const ReqTag& k) const noexcept {
+      return std::hash<std::uint64_t>{}(k.first * 0x9e3779b97f4a7c15ULL ^ k.second);
+    }
+  };
+  std::unordered_map<ReqTag, std::string, ReqTagHash> forgone_;
   std::deque<ReqTag> forgone_order_;
   bool is_forgone(std::uint64_t req, std::uint64_t tag, const std::string& peer) const;  // caller holds mu_
   EndedMap ended_;  // swept passive entries (until the engine forgets req)

@@ -342,21 +342,25 @@ class _Transport:
         raises TransportError if it has; a move while an offer of it is out cannot be seen in time."""
         m = mem_of(obj)
         rid = self._core.register_region(m.addr, m.nbytes, m.kind, m.device)
+        try:  # (registered: anything that fails from here takes the registration back)
+            keep, movable = obj, None
+            if hasattr(obj, "data_ptr") and hasattr(obj, "untyped_storage"):  # a tensor: hold its storage
+                storage = obj.untyped_storage()
+                keep = (obj, storage)
+                if m.kind != "dram" or not _pin_cpu_storage(storage):
+                    movable = (obj, storage, storage.data_ptr())
+            elif not isinstance(obj, (Mem, _core.BufferPool)) and not hasattr(obj, "data_ptr"):
+                # a buffer export held while registered: a bytearray cannot be resized (its memory moved) meanwhile
+                keep = (obj, memoryview(obj))
+                if isinstance(obj, ctypes.Array):  # ctypes.resize ignores exports
+                    movable = (obj, obj, ctypes.addressof(obj))
+        except BaseException:
+            self._core.deregister_region(rid)
+            raise
         self._regs[rid] = m
-        keep = obj
-        if hasattr(obj, "data_ptr") and hasattr(obj, "untyped_storage"):  # a tensor: hold its storage
-            storage = obj.untyped_storage()
-            keep = (obj, storage)
-            if m.kind == "dram":
-                _pin_cpu_storage(storage)
-            else:
-                self._movable[rid] = (obj, storage, storage.data_ptr())
-        elif not isinstance(obj, (Mem, _core.BufferPool)) and not hasattr(obj, "data_ptr"):
-            # a buffer export held while registered: a bytearray cannot be resized (its memory moved) meanwhile
-            keep = (obj, memoryview(obj))
-            if isinstance(obj, ctypes.Array):  # ctypes.resize ignores exports
-                self._movable[rid] = (obj, obj, ctypes.addressof(obj))
         self._keep[rid] = keep
+        if movable is not None:
+            self._movable[rid] = movable
         return Registration(rid, m, self.name)
 
     def _check_moved(self, local, m: Mem) -> None:
@@ -568,16 +572,21 @@ def _faults_dict(faults) -> dict | None:
     return asdict(faults)
 
 
-def _pin_cpu_storage(storage) -> None:
+def _pin_cpu_storage(storage) -> bool:
     """Make a CPU tensor storage non-resizable: a uint8 alias of it shared with numpy, which is how torch
     itself keeps a numpy view's memory in place (``tensor.numpy()`` clears the storage's resizable flag, for
     every dtype and also under requires_grad, as the alias has neither).  resize_() then raises instead of
-    freeing memory that a transfer may still touch."""
+    freeing memory that a transfer may still touch.  False where torch has no numpy (torch does not require
+    it): the registration is then checked on use instead, like a CUDA tensor's."""
     import torch
 
     alias = torch.empty(0, dtype=torch.uint8)
     alias.set_(storage)
-    alias.numpy()
+    try:
+        alias.numpy()
+    except (RuntimeError, ImportError):  # "Numpy is not available"
+        return False
+    return True
 
 
 def _request(request) -> int:

@@ -864,3 +864,42 @@ def test_registered_memory_cannot_move_or_is_refused_before_anything_is_posted()
     finally:
         a.close()
         b.close()
+
+
+def test_a_cpu_tensor_is_checked_on_use_where_torch_has_no_numpy_and_a_failed_register_registers_nothing(monkeypatch):
+    """torch does not require numpy, and without it a CPU tensor's storage cannot be made non-resizable: the
+    registration is then checked on use, like a CUDA tensor's (a review finding: register() raised torch's
+    bare "Numpy is not available" after the region was registered, leaving a registration no one could
+    deregister).  Anything that fails inside register() after the core registered the range takes it back."""
+    import torch
+
+    import lifecycle.transport as lt
+
+    a, b, names = pair()
+    try:
+        b_at_a, a_at_b = names
+        monkeypatch.setattr(lt, "_pin_cpu_storage", lambda storage: False)  # as without numpy
+        t = torch.zeros(1024)
+        reg = a.t.register(t)
+        old = reg.mem
+        t.resize_(1 << 16)  # not pinned: it moves
+        assert t.data_ptr() != old.addr
+        src = b.advertise(1, "sender", 4096, pattern(4096, 1))
+        a.engine.advertise(1, "receiver")
+        with pytest.raises(TransportError, match=rf"^region {reg.region_id} of transport .*: the memory of the Tensor "
+                                                 r"registered at .* moved from"):
+            a.t.read(1, old, b_at_a, b.t.expect(1, a_at_b, src))
+        assert a.engine.state(1) is State.Advertised and a.t.stats().posted == 0
+        regions = a.t.stats().registered_regions
+
+        def boom(storage):
+            raise RuntimeError("pinning failed")
+
+        monkeypatch.setattr(lt, "_pin_cpu_storage", boom)
+        with pytest.raises(RuntimeError, match="pinning failed"):
+            a.t.register(torch.zeros(16))
+        assert a.t.stats().registered_regions == regions  # taken back
+        b.engine.cancel(1)
+    finally:
+        a.close()
+        b.close()

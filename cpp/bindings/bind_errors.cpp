@@ -73,11 +73,13 @@ std::string text_arg(py::handle h, const char* what) {
 }
 
 std::int64_t int64_arg(py::handle h, const char* what) {
-  if (PyBool_Check(h.ptr()) || !PyLong_Check(h.ptr())) {
+  if (PyBool_Check(h.ptr()) || !PyIndex_Check(h.ptr())) {  // (an int, or an integer with __index__: numpy's)
     throw InvalidArgumentError(what, std::string("expected an int, got ") + Py_TYPE(h.ptr())->tp_name);
   }
+  py::object as_int = py::reinterpret_steal<py::object>(PyNumber_Index(h.ptr()));
+  if (!as_int) throw py::error_already_set();
   int overflow = 0;
-  const long long v = PyLong_AsLongLongAndOverflow(h.ptr(), &overflow);
+  const long long v = PyLong_AsLongLongAndOverflow(as_int.ptr(), &overflow);
   if (overflow != 0) throw InvalidArgumentError(what, "out of the int64 range");
   if (v == -1 && PyErr_Occurred()) throw py::error_already_set();
   return static_cast<std::int64_t>(v);

@@ -643,6 +643,15 @@ void test_forgone_offers_are_answered_without_memory_to_their_bound() {
   // 1's offer, pushed out, is remembered as a stop instead: its transfer skips the post
   CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
   CHECK(ta.transfer(1, XferOp::Write, l, r, "forgone-b", 0x61) == PostResult::CancelledBeforePost);
+  CHECK(ta.stats().remembered_stops == 0);
+  // 2's and 3's stops were answered as forgone: pushed out by later ones, they go to the stop memory, and 3's
+  // transfer is skipped, not posted into the range the peer was told is quiesced (negative control, run by
+  // hand, session 14: without the move, 3's transfer is posted and 2 checks fail)
+  ta.forgo(4, "forgone-b", 0x64);
+  ta.forgo(5, "forgone-b", 0x65);
+  CHECK(ta.stats().forgone_offers == 2 && ta.stats().remembered_stops == 2);
+  CHECK(ea->advertise(3, Role::sender, 0).status == Status::Moved);
+  CHECK(ta.transfer(3, XferOp::Write, l, r, "forgone-b", 0x63) == PostResult::CancelledBeforePost);
 }
 
 // A remembered stop goes once the one session of ours that could post its offer has ended: a stop that

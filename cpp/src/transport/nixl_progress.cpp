@@ -35,9 +35,13 @@ void NixlProgress::watch(std::uint64_t req) { watch(&req, 1); }
 
 void NixlProgress::watch(const std::uint64_t* reqs, std::size_t n) {
   if (n == 0) return;
+  // All or nothing: the nodes are made first, outside the lock (a throw changes nothing), then spliced in,
+  // which allocates nothing and cannot throw.  A throw half-way used to leave part of the batch watched, and
+  // a caller's one-by-one retry could then watch again a request already reported.
+  std::set<std::uint64_t> add(reqs, reqs + n);
   {
     std::lock_guard<std::mutex> lk(mu_);
-    watched_.insert(reqs, reqs + n);
+    watched_.merge(add);
   }
   wake();
 }

@@ -461,6 +461,7 @@ struct Transport::Work {
   bool built = false;     // prepared in the agent, and neither held_ nor an entry owns it yet
   bool entered = false;   // step 3 made its entry (undone should that step throw)
   bool memo = false;      // a stop memo of its pair: consumed once step 3 has made every entry
+  StopMemo memo_was{};    // that memo (remembered again as it was, should the expose fail)
   std::uint64_t current = 0;  // the session it is for (session_for)
   std::uint64_t serial = 0;   // the session expose moved
   const char* refuse = nullptr;
@@ -622,12 +623,16 @@ void Transport::transfer_batch(const TransferItem* items, std::size_t n, Transfe
         // (no deregistration can have started over `local` since the first checks: preparing_ blocks it)
         if (stopped) w[i].refuse = "is stopped";
         if (w[i].refuse == nullptr && removed_peers_.count(*it.peer) != 0) w[i].refuse = "removed its peer meanwhile";
+        // (a forgo() since the first checks: its stop is answered at once from now on, so no post may follow)
+        if (w[i].refuse == nullptr && is_forgone(req, it.tag, *it.peer)) w[i].refuse = "had its offer forgone meanwhile";
         // (An earlier request of the id whose retried release the sweep completes meanwhile is no matter:
         // its bookkeeping leaves the hold of an active entry alone, forget_held.)
         if (w[i].refuse == nullptr) {
           const std::uint64_t current = w[i].current;
           // (the memo is consumed below, once every entry is made: a throw here leaves it for a retry)
-          const bool stopped_by_peer = stopped_reqs_.count({req, it.tag}) != 0;  // this entry skips the post
+          const auto memo = stopped_reqs_.find({req, it.tag});
+          const bool stopped_by_peer = memo != stopped_reqs_.end();  // this entry skips the post
+          if (stopped_by_peer) w[i].memo_was = memo->second;
           Entry entry{Side::Active, *it.peer, it.tag, current, {}, false, false, stopped_by_peer, false, {}};
           entries_[req] = std::move(entry);
           w[i].entered = true;
@@ -712,7 +717,10 @@ void Transport::transfer_batch(const TransferItem* items, std::size_t n, Transfe
           // This offer's stop (the memo the entry consumed, or one it got since) is answered below, and a
           // session left Advertised may retry the offer: that retry must skip its post, so the pair is
           // remembered again (bound to this session: it goes when the session ends).  No room: unanswered.
-          if (it->second.peer_stop && !remember_stopped(req, it->second.tag, StopMemo{w[i].current, 0})) {
+          // (the memo the entry consumed, as it was: it may be a later session's; a stop the live entry got
+          // is this session's offer)
+          const StopMemo again = w[i].memo ? w[i].memo_was : StopMemo{w[i].current, 0};
+          if (it->second.peer_stop && !remember_stopped(req, it->second.tag, again)) {
             acks.pop_back();  // (owed_acks puts the entry's own tag last)
             ctr_.stops_unanswered.fetch_add(1);
           }
@@ -879,9 +887,9 @@ void Transport::forgo(std::uint64_t req, const std::string& peer, std::uint64_t 
   }
   std::lock_guard<std::mutex> lk(mu_);
   if (opts_.remember_forgone > 0) {
-    auto [f, fresh] = forgone_.try_emplace(ReqTag{req, tag}, peer);
+    auto [f, fresh] = forgone_.try_emplace(ReqTag{req, tag}, Forgone{peer, false});
     if (!fresh) {
-      f->second = peer;  // (the latest peer that made it: tags are unique per peer, not across peers)
+      if (f->second.peer != peer) f->second = Forgone{peer, false};  // (tags are unique per peer, not across peers)
     } else {
       try {
         forgone_order_.push_back(f->first);
@@ -890,7 +898,12 @@ void Transport::forgo(std::uint64_t req, const std::string& peer, std::uint64_t 
         throw;
       }
       if (forgone_order_.size() > opts_.remember_forgone) {
-        forgone_.erase(forgone_order_.front());
+        const ReqTag old = forgone_order_.front();
+        auto o = forgone_.find(old);
+        // An answered one must stay unpostable: remembered as an early stop of a later session (its memory
+        // full: it goes, and only the executor's promise keeps its offer unposted).
+        if (o != forgone_.end() && o->second.answered) (void)remember_stopped(old.first, old.second, StopMemo{0, 0});
+        if (o != forgone_.end()) forgone_.erase(o);
         forgone_order_.pop_front();
       }
     }
@@ -906,7 +919,7 @@ void Transport::forgo(std::uint64_t req, const std::string& peer, std::uint64_t 
 bool Transport::is_forgone(std::uint64_t req, std::uint64_t tag, const std::string& peer) const {
   if (forgone_.empty()) return false;
   const auto f = forgone_.find(ReqTag{req, tag});
-  return f != forgone_.end() && f->second == peer;
+  return f != forgone_.end() && f->second.peer == peer;
 }
 
 void Transport::note_posted(std::uint64_t req, const std::string& peer, std::uint64_t tag, std::uint64_t serial) {
@@ -1097,15 +1110,20 @@ void Transport::finish_actives(const std::uint64_t* reqs, std::size_t n, bool do
   ApplyResult* r = result_s.get(n);
   {
     std::lock_guard<std::mutex> lk(mu_);
+    // Two passes: what can allocate first (the acks, the peer, unproven_'s node), for every request, then
+    // the erases, which cannot throw.  A throw in the first pass leaves every entry in place, for a retry
+    // (the progress thread's one by one) to find; erasing as it went lost the ones before the throw.
     for (std::size_t i = 0; i < n; ++i) {
       auto it = entries_.find(reqs[i]);
       if (it == entries_.end() || it->second.side != Side::Active) continue;
-      f[i].found = true;
       f[i].acks = owed_acks(it->second);
       if (!f[i].acks.empty()) f[i].peer = it->second.peer;
       f[i].serial = it->second.serial;
-      if (!done) unproven_.insert(reqs[i]);  // before the erase (a throw leaves the entry): a stop arriving now is never answered
-      entries_.erase(it);
+      if (!done) unproven_.insert(reqs[i]);  // with the erase: a stop arriving now is never answered
+      f[i].found = true;
+    }
+    for (std::size_t i = 0; i < n; ++i) {
+      if (f[i].found) entries_.erase(reqs[i]);
     }
   }
   // Release first (after Done it is safe; after an error it changes nothing about the verdict), so
@@ -1330,6 +1348,7 @@ void Transport::on_notification(const std::string& peer, const NotifMessage& m) 
           }
         } else if (it == entries_.end() && is_forgone(req, m.tag, peer)) {
           reply_now = true;  // forgo(): never posted, and a transfer() of it is refused
+          forgone_.find(ReqTag{req, m.tag})->second.answered = true;
         } else if (auto p = posted_.find(req);
                    it == entries_.end() && p != posted_.end() && p->second.tag == m.tag && p->second.peer == peer) {
           reply_now = true;  // late, for the offer our transfer took (Done: else it would be unproven_)

@@ -73,7 +73,8 @@ struct TransportOptions {
   std::size_t remember_stopped = 65536;
   // (request, tag, peer) offers forgo() dropped, remembered oldest-out up to this many: a peer's stop for
   // one is answered at once, at any time (not remembered, and bound to no session), and a transfer() of it
-  // is refused.  A pair pushed out by later ones falls back to the stop memory above (still safe).
+  // is refused.  One pushed out by later ones whose stop was answered goes to the stop memory above (its
+  // post stays skipped); a later stop for one pushed out falls back to that memory too.
   std::size_t remember_forgone = 65536;
 };
 
@@ -292,7 +293,11 @@ class Transport final : public EventSink {
       return std::hash<std::uint64_t>{}(k.first * 0x9e3779b97f4a7c15ULL ^ k.second);
     }
   };
-  std::unordered_map<ReqTag, std::string, ReqTagHash> forgone_;
+  struct Forgone {
+    std::string peer;
+    bool answered = false;  // a stop for it was answered: pushed out, it goes to the stop memory
+  };
+  std::unordered_map<ReqTag, Forgone, ReqTagHash> forgone_;
   std::deque<ReqTag> forgone_order_;
   bool is_forgone(std::uint64_t req, std::uint64_t tag, const std::string& peer) const;  // caller holds mu_
   EndedMap ended_;  // swept passive entries (until the engine forgets req)

@@ -986,7 +986,9 @@ void test_a_stop_consumed_by_a_failed_expose_is_remembered_again() {
                        &peer, 0x700 + i});
     }
     tb->agent().send_notification("restop-a", {1, NotifKind::Stop, 0x700});  // item 0's offer, stopped early
-    CHECK(eventually([&] { return ta.stats().remembered_stops == 1 && tb->stats().quiesced_received == 1; }));
+    CHECK(eventually([&] {  // (sent is counted just after the send: awaited too, it is compared below)
+      return ta.stats().remembered_stops == 1 && tb->stats().quiesced_received == 1 && ta.stats().quiesced_sent == 1;
+    }));
     std::vector<TransferOutcome> out(kItems);
     t_fail_min = kItems * sizeof(std::uint64_t);
     t_big_allocs = 0;

@@ -135,7 +135,7 @@ _OFFER = struct.Struct("<4sQQBQQ")  # magic, addr, nbytes, kind, device, tag
 
 def _check_bytes(name: str, data, what: str = "bytes") -> bytes:
     """``data``'s raw bytes (a memoryview of any item format or layout too: its len() counts items, not
-    bytes); InvalidArgument for anything else."""
+    bytes); InvalidArgument for anything else (an int too: bytes(n) would be n zero bytes)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise InvalidArgument(name, f"expected {what}, got {type(data).__name__}")
     return data if isinstance(data, bytes) else bytes(data)
@@ -336,7 +336,8 @@ class _Transport:
         guard: a bytearray or numpy array holds a buffer export (no resize), a tensor's storage is held (so
         ``set_()`` cannot free it), and a CPU tensor's storage is made non-resizable, as torch does for a
         storage that numpy shares (``resize_()`` then raises RuntimeError; this stays after deregister).  A
-        CUDA tensor's ``resize_()`` and a ctypes array's ``ctypes.resize`` cannot be blocked: they move the
+        CUDA tensor's ``resize_()`` (a CPU one's where torch has no numpy) and a ctypes array's
+        ``ctypes.resize`` cannot be blocked: they move the
         memory and free the registered range.  **Never resize registered memory.**  Every later call that
         names memory in such a region (read, write, transfer_batch, expect) checks that it has not moved, and
         raises TransportError if it has; a move while an offer of it is out cannot be seen in time."""
@@ -365,6 +366,8 @@ class _Transport:
 
     def _check_moved(self, local, m: Mem) -> None:
         """TransportError if ``local`` (given as ``m``) is, or lies in, a registered object whose memory moved."""
+        if not self._movable:  # (the usual case: nothing registered can move)
+            return
         for rid, (obj, holder, addr) in self._movable.items():
             reg = self._regs[rid]
             if obj is not local and not (m.addr < reg.addr + reg.nbytes and reg.addr < m.addr + m.nbytes):
@@ -407,7 +410,6 @@ class _Transport:
 
     def add_peer(self, metadata: bytes) -> str:
         """Load a peer's metadata (its ``metadata()``); returns the peer's name, what transfers name it by."""
-        # (bytes(n) of an int: n zero bytes)
         return self._core.add_peer(_check_bytes("metadata", metadata, "the peer's metadata as bytes"))
 
     def remove_peer(self, peer: str) -> None:
@@ -424,8 +426,7 @@ class _Transport:
             raise InvalidArgument("remote", f"expected the Offer the peer's expect() returned, got "
                                             f"{type(remote).__name__} (a bare descriptor carries no tag)")
         obj, local, m = local, mem_of(local), remote.mem
-        if self._movable:
-            self._check_moved(obj, local)
+        self._check_moved(obj, local)
         if local.nbytes != m.nbytes:
             raise InvalidArgument("remote", f"{m.nbytes} bytes != local {local.nbytes} bytes")
         return (request, op, local.addr, local.nbytes, local.kind, local.device, peer, m.addr, m.kind, m.device,
@@ -495,8 +496,7 @@ class _Transport:
         completes the session; cancel sends "stop" and waits for its "quiesced"."""
         _request(request)
         m = mem_of(local)
-        if self._movable:
-            self._check_moved(local, m)
+        self._check_moved(local, m)
         tag = self._core.expect(request, peer, m.addr, m.nbytes, m.kind, m.device)
         return Offer(m, tag)
 

@@ -460,8 +460,8 @@ struct Transport::Work {
   bool reserved = false;  // in preparing_ (its range counts as held)
   bool built = false;     // prepared in the agent, and neither held_ nor an entry owns it yet
   bool entered = false;   // step 3 made its entry (undone should that step throw)
-  bool memo = false;      // a stop memo of its pair: consumed once step 3 has made every entry
-  StopMemo memo_was{};    // that memo (remembered again as it was, should the expose fail)
+  std::optional<StopMemo> memo;  // its pair's stop memo: consumed once step 3 has made every entry (and
+                                 // remembered again as it was, should the expose fail)
   std::uint64_t current = 0;  // the session it is for (session_for)
   std::uint64_t serial = 0;   // the session expose moved
   const char* refuse = nullptr;
@@ -552,7 +552,7 @@ void Transport::transfer_batch(const TransferItem* items, std::size_t n, Transfe
                                                        " had a transfer that ended without evidence; give the new one another id")));
         continue;
       }
-      if (is_forgone(req, it.tag, *it.peer)) {  // its stops are answered at once: a post would go out unseen
+      if (forgone_of(req, it.tag, *it.peer)) {  // its stops are answered at once: a post would go out unseen
         fail_with(i, "its offer (tag " + std::to_string(it.tag) + ") from peer " + *it.peer +
                          " was forgone: forgo() promised it is never posted");
         continue;
@@ -624,7 +624,7 @@ void Transport::transfer_batch(const TransferItem* items, std::size_t n, Transfe
         if (stopped) w[i].refuse = "is stopped";
         if (w[i].refuse == nullptr && removed_peers_.count(*it.peer) != 0) w[i].refuse = "removed its peer meanwhile";
         // (a forgo() since the first checks: its stop is answered at once from now on, so no post may follow)
-        if (w[i].refuse == nullptr && is_forgone(req, it.tag, *it.peer)) w[i].refuse = "had its offer forgone meanwhile";
+        if (w[i].refuse == nullptr && forgone_of(req, it.tag, *it.peer)) w[i].refuse = "had its offer forgone meanwhile";
         // (An earlier request of the id whose retried release the sweep completes meanwhile is no matter:
         // its bookkeeping leaves the hold of an active entry alone, forget_held.)
         if (w[i].refuse == nullptr) {
@@ -632,11 +632,10 @@ void Transport::transfer_batch(const TransferItem* items, std::size_t n, Transfe
           // (the memo is consumed below, once every entry is made: a throw here leaves it for a retry)
           const auto memo = stopped_reqs_.find({req, it.tag});
           const bool stopped_by_peer = memo != stopped_reqs_.end();  // this entry skips the post
-          if (stopped_by_peer) w[i].memo_was = memo->second;
+          if (stopped_by_peer) w[i].memo = memo->second;
           Entry entry{Side::Active, *it.peer, it.tag, current, {}, false, false, stopped_by_peer, false, {}};
           entries_[req] = std::move(entry);
           w[i].entered = true;
-          w[i].memo = stopped_by_peer;
           if (engine_) {
             note_posted(req, *it.peer, it.tag, current);
             // this session takes this offer: stops for other offers of the id bound to it are a later one's
@@ -716,10 +715,9 @@ void Transport::transfer_batch(const TransferItem* items, std::size_t n, Transfe
           acks = owed_acks(it->second);
           // This offer's stop (the memo the entry consumed, or one it got since) is answered below, and a
           // session left Advertised may retry the offer: that retry must skip its post, so the pair is
-          // remembered again (bound to this session: it goes when the session ends).  No room: unanswered.
-          // (the memo the entry consumed, as it was: it may be a later session's; a stop the live entry got
-          // is this session's offer)
-          const StopMemo again = w[i].memo ? w[i].memo_was : StopMemo{w[i].current, 0};
+          // remembered again: the consumed memo as it was (it may be a later session's), a stop the entry
+          // got bound to this session (its offer).  No room: unanswered.
+          const StopMemo again = w[i].memo.value_or(StopMemo{w[i].current, 0});
           if (it->second.peer_stop && !remember_stopped(req, it->second.tag, again)) {
             acks.pop_back();  // (owed_acks puts the entry's own tag last)
             ctr_.stops_unanswered.fetch_add(1);
@@ -899,11 +897,12 @@ void Transport::forgo(std::uint64_t req, const std::string& peer, std::uint64_t 
       }
       if (forgone_order_.size() > opts_.remember_forgone) {
         const ReqTag old = forgone_order_.front();
-        auto o = forgone_.find(old);
-        // An answered one must stay unpostable: remembered as an early stop of a later session (its memory
-        // full: it goes, and only the executor's promise keeps its offer unposted).
-        if (o != forgone_.end() && o->second.answered) (void)remember_stopped(old.first, old.second, StopMemo{0, 0});
-        if (o != forgone_.end()) forgone_.erase(o);
+        if (auto o = forgone_.find(old); o != forgone_.end()) {
+          // An answered one must stay unpostable: remembered as an early stop of a later session (its memory
+          // full: it goes, and only the executor's promise keeps its offer unposted).
+          if (o->second.answered) (void)remember_stopped(old.first, old.second, StopMemo{0, 0});
+          forgone_.erase(o);
+        }
         forgone_order_.pop_front();
       }
     }
@@ -916,10 +915,10 @@ void Transport::forgo(std::uint64_t req, const std::string& peer, std::uint64_t 
   if (engine_ && (p == posted_.end() || serial == 0 || p->second.serial != serial)) note_posted(req, peer, tag, serial);
 }
 
-bool Transport::is_forgone(std::uint64_t req, std::uint64_t tag, const std::string& peer) const {
-  if (forgone_.empty()) return false;
+Transport::Forgone* Transport::forgone_of(std::uint64_t req, std::uint64_t tag, const std::string& peer) {
+  if (forgone_.empty()) return nullptr;
   const auto f = forgone_.find(ReqTag{req, tag});
-  return f != forgone_.end() && f->second.peer == peer;
+  return f != forgone_.end() && f->second.peer == peer ? &f->second : nullptr;
 }
 
 void Transport::note_posted(std::uint64_t req, const std::string& peer, std::uint64_t tag, std::uint64_t serial) {
@@ -1346,9 +1345,9 @@ void Transport::on_notification(const std::string& peer, const NotifMessage& m) 
           } else {
             ctr_.stops_unanswered.fetch_add(1);  // bounded: this one's peer ends Poisoned (safe)
           }
-        } else if (it == entries_.end() && is_forgone(req, m.tag, peer)) {
+        } else if (Forgone* f = it == entries_.end() ? forgone_of(req, m.tag, peer) : nullptr) {
           reply_now = true;  // forgo(): never posted, and a transfer() of it is refused
-          forgone_.find(ReqTag{req, m.tag})->second.answered = true;
+          f->answered = true;
         } else if (auto p = posted_.find(req);
                    it == entries_.end() && p != posted_.end() && p->second.tag == m.tag && p->second.peer == peer) {
           reply_now = true;  // late, for the offer our transfer took (Done: else it would be unproven_)

@@ -117,8 +117,8 @@ struct TransportStats {
   std::uint64_t stale_notifications = 0;  // notes whose tag is not the live transfer's (ignored)
   std::uint64_t remembered_stops = 0;     // early stops answered whose post is still to be skipped, now
   std::uint64_t posted_records = 0;       // offers our transfers took, kept while the engine knows the session, now
-  std::uint64_t forgone_offers = 0;       // offers forgo() dropped, remembered (at most remember_forgone), now
                                           // (the last sweep's worth not merged yet: an id posted twice counts twice)
+  std::uint64_t forgone_offers = 0;       // offers forgo() dropped, remembered (at most remember_forgone), now
 };
 
 class Transport final : public EventSink {
@@ -299,7 +299,7 @@ class Transport final : public EventSink {
   };
   std::unordered_map<ReqTag, Forgone, ReqTagHash> forgone_;
   std::deque<ReqTag> forgone_order_;
-  bool is_forgone(std::uint64_t req, std::uint64_t tag, const std::string& peer) const;  // caller holds mu_
+  Forgone* forgone_of(std::uint64_t req, std::uint64_t tag, const std::string& peer);  // null: not; caller holds mu_
   EndedMap ended_;  // swept passive entries (until the engine forgets req)
   std::size_t ended_cursor_ = 0;  // where forget_gone goes on (a bucket)
   // the offer each active entry posted (or skipped), kept past the entry while its session lives: a

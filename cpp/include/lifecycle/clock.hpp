@@ -19,11 +19,13 @@ class Clock {
 std::int64_t monotonic_ns();
 
 // CLOCK_MONOTONIC nanoseconds read from the invariant TSC (a plain RDTSC and a multiply), kept on
-// CLOCK_MONOTONIC by re-anchoring at least every 64 ms: each re-anchor slews the slope so the two
-// meet at the next one, so readings stay continuous and increasing in each thread and within
-// about a microsecond of CLOCK_MONOTONIC (tests/test_clock.py measures it).  Used only where the
-// kernel itself trusts the TSC (clocksource "tsc", invariant TSC flag); otherwise, or with
-// LIFECYCLE_CLOCK=monotonic in the environment, every read is monotonic_ns().
+// CLOCK_MONOTONIC by re-anchoring at least every 64 ms (sooner while the two disagree): a re-anchor
+// takes CLOCK_MONOTONIC whenever no earlier reading was above it, and otherwise slows the line until
+// they meet, so readings never go backwards in a thread (except a step back past 1 ms: a suspend) and
+// stay within about a microsecond of CLOCK_MONOTONIC (tests/test_clock.py measures it; the rule is in
+// lifecycle/tsc_line.hpp, simulated in cpp/tests/test_clock.cpp).  Used only where the kernel itself
+// trusts the TSC (clocksource "tsc", invariant TSC flag); otherwise, or with LIFECYCLE_CLOCK=monotonic
+// in the environment, every read is monotonic_ns().
 std::int64_t steady_now_ns();
 // Which source steady_now_ns() uses in this process: "tsc" or "monotonic".
 const char* steady_source();

@@ -612,7 +612,17 @@ def _number(name: str, v) -> float:
     """A number for the core (which checks its range): a str or None raised a bare float() error."""
     if isinstance(v, bool) or not isinstance(v, numbers.Real):  # (numpy's scalars too)
         raise InvalidArgument(name, f"expected a number, got {type(v).__name__}")
-    return float(v)
+    try:
+        return float(v)
+    except OverflowError:  # an int past a double's range
+        raise InvalidArgument(name, f"expected a number a double can hold, got an int of {int(v).bit_length()} bits") from None
+
+
+def _engine_arg(engine):
+    """A transport's ``engine``: a TransferEngine (or a bare ``_core.Engine``), or None for a bare transport."""
+    if engine is not None and not isinstance(engine, _core.Engine):
+        raise InvalidArgument("engine", f"expected a TransferEngine or None, got {type(engine).__name__}")
+    return engine
 
 
 def _check_unsafe(**flags: bool) -> None:
@@ -635,6 +645,7 @@ class NixlTransport(_Transport):
                  tick: float = 0.001, unsafe_ack_stop_at_once: bool = False):
         _check_unsafe(unsafe_release_on_cancel=unsafe_release_on_cancel, unsafe_ack_stop_at_once=unsafe_ack_stop_at_once)
         params, tick, faults_d = _ucx_params(ucx_params), _number("tick", tick), _faults_dict(faults)  # before NIXL loads
+        engine = _engine_arg(engine)
         path = capi_path or nixl_capi_path()
         core = _core._Transport.nixl(engine, name, path, unsafe_release_on_cancel, faults_d, params, False, tick,
                                      unsafe_ack_stop_at_once)
@@ -649,7 +660,7 @@ class LoopbackTransport(_Transport):
                  faults: Faults | None = None, unsafe_release_on_cancel: bool = False, tick: float = 0.001,
                  unsafe_ack_stop_at_once: bool = False):
         _check_unsafe(unsafe_release_on_cancel=unsafe_release_on_cancel, unsafe_ack_stop_at_once=unsafe_ack_stop_at_once)
-        core = _core._Transport.loopback(engine, name, _number("bytes_per_second", bytes_per_second),
+        core = _core._Transport.loopback(_engine_arg(engine), name, _number("bytes_per_second", bytes_per_second),
                                          _number("latency", latency),
                                          unsafe_release_on_cancel, _faults_dict(faults),
                                          _number("tick", tick), unsafe_ack_stop_at_once)

@@ -343,6 +343,9 @@ def test_the_transport_facade_names_what_was_wrong():
     cases = [
         (lambda: LoopbackTransport(None, "fz", bytes_per_second="fast"), "bytes_per_second"),
         (lambda: LoopbackTransport(None, "fz", latency=None), "latency"),
+        (lambda: LoopbackTransport(None, "fz", bytes_per_second=10**400), "bytes_per_second"),  # OverflowError
+        (lambda: LoopbackTransport(object(), "fz"), "engine"),  # pybind11's TypeError
+        (lambda: NixlTransport("engine", "fz"), "engine"),
         (lambda: LoopbackTransport(None, "fz", faults={"error": 1.0}), "faults"),
         (lambda: Mem.from_bytes(29), "descriptor"),
         (lambda: Offer.from_bytes(None), "offer"),

@@ -903,3 +903,64 @@ def test_a_cpu_tensor_is_checked_on_use_where_torch_has_no_numpy_and_a_failed_re
     finally:
         a.close()
         b.close()
+
+
+def test_destroying_a_loopback_transport_does_not_sit_out_its_latency():
+    """Found by review: the worker slept out `latency` without watching for stop, and the destructor
+    (run by Python's deallocation, GIL held) joined it: with latency=3600 the interpreter hung for an
+    hour.  The child process holds a transfer inside that latency, stops and drops its transport, and
+    must exit (the 120 s bound is a hang check, not a timing: the latency is 30 times longer).  Control:
+    the transfer really was waiting in the latency (InFlight, no bytes moved) when the transport went."""
+    here = Path(__file__).parent
+    code = f"""
+import gc, sys
+sys.path.insert(0, {str(here)!r})
+from test_transport_harness import Side, connect, pattern
+from lifecycle import State
+a = Side("lat-a", "loopback", slots=1, slot_size=4096, transport_kw={{"latency": 3600.0}})
+b = Side("lat-b", "loopback", slots=1, slot_size=4096)
+b_at_a, a_at_b = connect(a, b)
+dst = a.advertise(1, "receiver", 4096, 0)
+src = b.advertise(1, "sender", 4096, pattern(4096, 1))
+a.t.read(1, dst, b_at_a, b.t.expect(1, a_at_b, src))
+print("before", a.engine.state(1).name, bytes(a.view(1, 4096)) == bytes(4096), flush=True)
+a.t.stop()
+del a.t
+gc.collect()
+print("after", a.engine.state(1).name, flush=True)
+"""
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"the transport's destructor sat out the 3600 s latency: {e.stdout!r}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["before", "InFlight", "True", "after", "Poisoned"], out.stdout
+
+
+def test_an_injected_disconnect_catches_the_same_requests_in_every_run():
+    """Found by review: a disconnect failed every request to that peer whose Done the progress thread had
+    not polled yet, so which fault-free requests ended Poisoned depended on thread timing and a seed did
+    not replay (8 runs of this plan gave QPPPPPPRRRRR three times and PPPPPPPRRRRR five times).  Now it
+    cuts off the request that rolled it and what is posted after it, by the caller's order: the requests
+    posted before it complete, the one that rolled it is Poisoned, the later ones are refused.  (Control:
+    the old rule left requests 2-6 Poisoned here in every run.)"""
+    def plan() -> str:
+        f = Faults(seed=16, disconnect=0.15)  # request 7 of 12 rolls the disconnect
+        a, b, names = pair(faults_a=f, bytes_per_second=100e6, slots=12, slot_size=1 * MiB,
+                           transfer_timeout=1.0, cancel_grace=0.5)
+        try:
+            refused = set()
+            for r in range(1, 13):  # posted back to back: 1-6 are still copying when 7 is posted
+                try:
+                    run(a, b, names, r, "read", 1 * MiB, wait=False)
+                except TransportError as e:
+                    assert "disconnected" in str(e), e
+                    refused.add(r)
+            assert a.t.fault_stats()["disconnects"] == 1, f"seed={f.seed}"
+            return "".join("R" if r in refused else a.wait(r).name[0] for r in range(1, 13))
+        finally:
+            a.close()
+            b.close()
+
+    runs = [plan() for _ in range(3)]
+    assert runs == ["QQQQQQPRRRRR"] * 3, runs

@@ -31,7 +31,13 @@ std::string FaultyAgent::load_remote_metadata(const std::string& md) {
   std::string peer = inner_->load_remote_metadata(md);
   std::lock_guard<std::mutex> lk(mu_);
   disconnected_.erase(peer);  // fresh metadata: a fresh peer
+  cut_.erase(peer);
   return peer;
+}
+
+bool FaultyAgent::is_cut(const std::string& peer, std::uint64_t req) const {
+  auto it = cut_.find(peer);
+  return it != cut_.end() && it->second.count(req) != 0;
 }
 
 void FaultyAgent::prepare(std::uint64_t req, XferOp op, const Region& local, const Region& remote,
@@ -57,8 +63,13 @@ void FaultyAgent::prepare(std::uint64_t req, XferOp op, const Region& local, con
   } else if (r < (acc += opts_.never_completes)) {
     f = Fault::NeverCompletes;
   }
-  std::lock_guard<std::mutex> lk(mu_);
-  xfers_[req] = Xfer{peer, f, {}, false, 0};
+  try {
+    std::lock_guard<std::mutex> lk(mu_);
+    xfers_[req] = Xfer{peer, f, {}, false, 0};
+  } catch (...) {
+    inner_->release(req);  // prepared, never posted: nothing of it runs
+    throw;
+  }
 }
 
 XferState FaultyAgent::post(std::uint64_t req) {
@@ -88,6 +99,8 @@ XferState FaultyAgent::post(std::uint64_t req) {
             ++stats_.never_completes;
             break;
         }
+        // posted at or after a disconnect of its peer (prepared before it): cut off with it
+        if (disconnected_.count(it->second.peer) != 0) cut_[it->second.peer].insert(req);
       }
     }
   }
@@ -100,7 +113,7 @@ XferStatus FaultyAgent::status(std::uint64_t req) {
   std::lock_guard<std::mutex> lk(mu_);
   auto it = xfers_.find(req);
   if (it == xfers_.end() || inner.state == XferState::Unknown) return inner;
-  if (disconnected_.count(it->second.peer) != 0) return {XferState::Failed, -2};
+  if (is_cut(it->second.peer, req)) return {XferState::Failed, -2};
   switch (it->second.fault) {
     case Fault::None:
       return inner;
@@ -128,17 +141,22 @@ ReleaseStatus FaultyAgent::release(std::uint64_t req) {
         ++stats_.release_failures;
         return -2;  // kErrBackend: the request stays held
       }
-      xfers_.erase(it);
     }
   }
-  return inner_->release(req);
+  const ReleaseStatus rs = inner_->release(req);
+  if (rs == kReleased || rs == kReleaseUnknownRequest) {  // gone from the inner agent: forget its fault
+    std::lock_guard<std::mutex> lk(mu_);
+    xfers_.erase(req);
+  }
+  return rs;
 }
 
 void FaultyAgent::send_notification(const std::string& peer, const NotifMessage& m) {
   {
     std::lock_guard<std::mutex> lk(mu_);
-    if (disconnected_.count(peer) != 0) {
-      throw TransportError("send_notification: peer " + peer + " disconnected (injected)");
+    if (is_cut(peer, m.req)) {
+      throw TransportError("send_notification: request " + std::to_string(m.req) + ": peer " + peer +
+                           " disconnected (injected)");
     }
   }
   inner_->send_notification(peer, m);
@@ -150,13 +168,16 @@ std::vector<RawNotification> FaultyAgent::fetch_notifications(std::size_t& skipp
   std::vector<RawNotification> out;
   std::lock_guard<std::mutex> lk(mu_);
   for (auto& n : in) {
-    if (disconnected_.count(n.peer) != 0) {
+    const auto m = decode_notif(n.bytes);
+    if (m && is_cut(n.peer, m->req)) {
       ++stats_.dropped;
       continue;
     }
-    const auto m = decode_notif(n.bytes);
     const std::uint64_t key = m ? m->req * 4 + static_cast<std::uint64_t>(m->kind) : 0;
-    const std::uint64_t occ = notif_seen_[key]++;
+    auto seen_key = std::make_pair(n.peer, key);
+    // bounded: the occurrences restart at a fixed count of keys, not at a fetch's end (timing)
+    if (notif_seen_.size() >= 65536 && notif_seen_.count(seen_key) == 0) notif_seen_.clear();
+    const std::uint64_t occ = notif_seen_[std::move(seen_key)]++;
     if (roll(kDrop, key, occ) < opts_.drop_notification) {
       ++stats_.dropped;
       continue;
@@ -167,7 +188,6 @@ std::vector<RawNotification> FaultyAgent::fetch_notifications(std::size_t& skipp
     }
     out.push_back(std::move(n));
   }
-  if (notif_seen_.size() > 65536) notif_seen_.clear();  // bounded; occurrences restart
   return out;
 }
 

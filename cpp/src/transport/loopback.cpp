@@ -339,7 +339,10 @@ void LoopbackAgent::run() {
       job = std::move(queue_.front());
       queue_.pop_front();
     }
-    if (opts_.latency.count() > 0) std::this_thread::sleep_for(opts_.latency);
+    if (opts_.latency.count() > 0) {  // a wait that stop ends: the destructor must not sit out the latency
+      std::unique_lock<std::mutex> lk(mu_);
+      if (cv_.wait_for(lk, opts_.latency, [this] { return stop_; })) return;
+    }
     const auto t0 = std::chrono::steady_clock::now();
     bool ok = true;
     int copy_errno = 0;

@@ -6,10 +6,16 @@
 // timing, so a failing run replays with the same seed. Faults, each with its own probability:
 //   delay            the transfer reports InProgress for `delay_for` after post, then the truth
 //   error            the transfer reports Failed (the inner transfer keeps running: not evidence)
-//   disconnect       at post: the peer counts as gone; its requests report Failed, its
-//                    notifications vanish, notifications to it throw
+//   disconnect       at post: the peer counts as gone.  Requests to it prepared after that are
+//                    refused, and the request itself and every one posted after it to that peer are
+//                    cut off: they report Failed, notifications about them from that peer vanish and
+//                    notifications about them to it throw.  Requests posted before it, and notes
+//                    about them, go on: which requests a disconnect catches is decided by the order
+//                    of the caller's posts, not by when the progress thread polls or a note arrives,
+//                    so a seed replays.  Fresh metadata for the peer (add_peer) ends it.
 //   never_completes  the transfer reports InProgress forever
-//   drop_notification / duplicate_notification   per incoming notification
+//   drop_notification / duplicate_notification   per incoming notification, by (peer, request,
+//                    kind, occurrence); a duplicate is delivered right after its original
 //   release_failure  release reports failure and keeps the request (per attempt)
 // A transfer that completes inside post() is reported InProgress when a status fault applies.
 #pragma once
@@ -86,9 +92,14 @@ class FaultyAgent final : public Agent {
     bool counted = false;
     std::uint64_t release_attempts = 0;
   };
+  bool is_cut(const std::string& peer, std::uint64_t req) const;  // mu_ held
+
   std::map<std::uint64_t, Xfer> xfers_;  // guarded by mu_
   std::set<std::string> disconnected_;   // guarded by mu_
-  std::map<std::uint64_t, std::uint64_t> notif_seen_;  // (req*4+kind) -> occurrences; guarded by mu_
+  // peer -> the requests a disconnect of it cut off (posted at or after it); guarded by mu_
+  std::map<std::string, std::set<std::uint64_t>> cut_;
+  // (peer, req*4+kind) -> occurrences so far; guarded by mu_
+  std::map<std::pair<std::string, std::uint64_t>, std::uint64_t> notif_seen_;
   FaultStats stats_;                     // guarded by mu_
 };
 

@@ -21,6 +21,7 @@ import importlib.util
 import numbers
 import os
 import struct
+import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,6 +44,7 @@ __all__ = [
     "mem_of",
     "nixl_capi_path",
     "pool_slot",
+    "stranded",
 ]
 
 ENV_CAPI = _core.NIXL_CAPI_ENV  # "KV_LIFECYCLE_NIXL_CAPI"
@@ -306,11 +308,58 @@ class TransportStats:
     forgone_offers: int
 
 
+# Registrations whose transport was dropped while the backend might still touch them (an offer out, a transfer
+# released without evidence): (transport name, range, the object registered), kept alive for the life of the
+# process, since a late write into freed memory would corrupt whatever took its place.
+_STRANDED: list[tuple[str, Mem, object]] = []
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # every transport facade of this process (the fork guard)
+_INHERITED: list = []  # cores a forked child inherited: never destroyed there (their teardown is the parent's)
+
+
+def stranded() -> dict:
+    """Memory kept alive because whoever owned it was dropped while a transfer might still write it:
+    ``registrations`` (transport name, :class:`Mem`) of dropped transports, and ``pool_bytes`` that dropped
+    engines kept mapped for quarantined slots.  It stays for the life of the process."""
+    return {"registrations": [(name, m) for name, m, _ in _STRANDED], "pool_bytes": _core.stranded_pool_bytes()}
+
+
+class _InheritedCore:
+    """What a forked child's transport holds instead of its core: every use is a TransportError (NIXL and UCX
+    state does not survive fork(), and tearing it down in the child broke the parent's), except stop()."""
+
+    def __init__(self, name: str, parent: int):
+        self.name, self.parent = name, parent
+
+    def stop(self) -> None:  # nothing runs here to stop: the progress thread stayed in the parent
+        pass
+
+    def __getattr__(self, attr: str):
+        raise TransportError(f"transport {self.name!r} was made in process {self.parent}; this process "
+                             f"({os.getpid()}) is a fork of it and cannot use it ({attr}): NIXL/UCX state does not "
+                             "survive fork().  Make a new transport here")
+
+
+def _after_fork_in_child() -> None:
+    for t in list(_LIVE):
+        core = t.__dict__.get("_core")
+        if core is None or isinstance(core, _InheritedCore):
+            continue
+        name = t._name
+        _INHERITED.append(core)
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(core))  # not even interpreter exit destroys it here
+        t._core = _InheritedCore(name, t._pid)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class _Transport:
     """Shared facade; see :class:`NixlTransport` and :class:`LoopbackTransport`."""
 
     def __init__(self, core: _core._Transport, engine, faults: Faults | None):
         self._core = core
+        self._name = core.name
+        self._pid = os.getpid()
         self.engine = engine
         self.faults = faults
         self._regs: dict[int, Mem] = {}
@@ -320,13 +369,35 @@ class _Transport:
         # tensor's storage), that holder's address at registration), checked on use
         self._movable: dict[int, tuple[object, object, int]] = {}
 
+        _LIVE.add(self)
+
     def __repr__(self) -> str:
         seed = "" if self.faults is None else f" fault_seed={self.faults.seed}"
-        return f"<{type(self).__name__} {self.name!r}{seed}>"
+        return f"<{type(self).__name__} {self._name!r}{seed}>"
 
     @property
     def name(self) -> str:
-        return self._core.name
+        return self._name
+
+    def __del__(self) -> None:
+        """Dropped: stop first (the binding lets the GIL go while the progress thread finishes its NIXL call;
+        the core's destructor would join it holding the GIL), then deregister what the backend can no longer
+        touch.  What it still may (an offer out, a transfer released without evidence) is stranded: kept alive
+        for the life of the process (``stranded()``), as deregister() refuses it."""
+        core = self.__dict__.get("_core")
+        if core is None or isinstance(core, _InheritedCore):
+            return
+        try:
+            core.stop()
+            for rid, kept in list(self.__dict__.get("_keep", {}).items()):
+                if isinstance(kept, _core.BufferPool):
+                    continue  # an engine's pool: the pool itself keeps its quarantined slots mapped
+                try:
+                    core.deregister_region(rid)
+                except TransportError:
+                    _STRANDED.append((self._name, self._regs[rid], kept))
+        except Exception:  # (a finalizer cannot raise; at interpreter exit the modules may be half gone)
+            pass
 
     # ---- memory and peers -------------------------------------------------------------------------
     def register(self, obj) -> Registration:

@@ -45,6 +45,8 @@ std::uint32_t slot_index(const BufferPool& p, py::handle h) {
 }  // namespace
 
 void register_pool(py::module_& m) {
+  m.def("stranded_pool_bytes", &BufferPool::stranded_bytes,
+        "Bytes that destroyed pools kept mapped for quarantined slots (a transfer may still write them).");
   py::class_<SlotBuffer>(m, "_SlotBuffer", py::buffer_protocol(), guarded_metaclass(), guarded_new_setup())
       .def_buffer([](SlotBuffer& b) {
         return py::buffer_info(b.data, 1, py::format_descriptor<std::uint8_t>::format(), 1, {b.len}, {1}, false);

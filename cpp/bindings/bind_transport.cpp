@@ -349,9 +349,22 @@ void register_transport(py::module_& m) {
              t.stop();
            })
       .def_property_readonly("stopped", &tp::Transport::stopped)
-      .def("stats", [](const tp::Transport& t) { return stats_dict(t.stats()); })
+      // the reads below take the agent's lock, which the progress thread holds across each NIXL call: the
+      // GIL goes first, so a slow call stalls only the caller, not every Python thread
+      .def("stats", [](const tp::Transport& t) {
+             tp::TransportStats s;
+             {
+               py::gil_scoped_release nogil;
+               s = t.stats();
+             }
+             return stats_dict(s);
+           })
       .def("progress_stats", [](const tp::Transport& t) {
-             tp::NixlProgressStats s = t.progress_stats();
+             tp::NixlProgressStats s;
+             {
+               py::gil_scoped_release nogil;
+               s = t.progress_stats();
+             }
              py::dict d;
              d["passes"] = s.passes; d["status_polls"] = s.status_polls; d["completions"] = s.completions;
              d["failures"] = s.failures; d["notifications"] = s.notifications;
@@ -362,7 +375,11 @@ void register_transport(py::module_& m) {
       .def("fault_stats", [](tp::Transport& t) -> py::object {
              auto* f = dynamic_cast<tp::FaultyAgent*>(&t.agent());
              if (f == nullptr) return py::none();
-             tp::FaultStats s = f->fault_stats();
+             tp::FaultStats s;
+             {
+               py::gil_scoped_release nogil;
+               s = f->fault_stats();
+             }
              py::dict d;
              d["seed"] = f->options().seed; d["delays"] = s.delays; d["errors"] = s.errors;
              d["disconnects"] = s.disconnects; d["never_completes"] = s.never_completes; d["dropped"] = s.dropped;
@@ -370,8 +387,13 @@ void register_transport(py::module_& m) {
              return d;
            })
       .def("recent_failures", [](const tp::Transport& t) {
+             std::vector<std::pair<std::uint64_t, std::string>> failures;
+             {
+               py::gil_scoped_release nogil;
+               failures = t.recent_failures();
+             }
              py::list out;
-             for (const auto& [req, why] : t.recent_failures()) {
+             for (const auto& [req, why] : failures) {
                PyObject* text = PyUnicode_DecodeUTF8(why.data(), static_cast<Py_ssize_t>(why.size()), "replace");
                if (text == nullptr) throw py::error_already_set();
                out.append(py::make_tuple(req, py::reinterpret_steal<py::str>(text)));

@@ -295,7 +295,20 @@ Engine::Engine(Config cfg, std::shared_ptr<const Clock> clock)
   last_progress_ns_ = clock_->now_ns();
 }
 
-Engine::~Engine() = default;
+// A session whose transfer may still write its slot (InFlight, CancelRequested, Poisoned: no evidence of
+// quiescence) gives its slot to the quarantine, not back to the pool, so the pool's destructor keeps it
+// mapped; the others' leases go back as their sessions are destroyed.
+Engine::~Engine() {
+  for (std::uint64_t k = 0; k <= shard_mask_; ++k) {
+    Shard& sh = shards_[k];
+    for (std::uint32_t i = 0; i < sh.high; ++i) {
+      Session& s = sh.at(i);
+      if (s.lease.held() && (s.state == State::InFlight || s.state == State::CancelRequested || s.state == State::Poisoned)) {
+        s.lease.quarantine();
+      }
+    }
+  }
+}
 
 Engine::Shard& Engine::shard_of(const Key& k) const { return shards_[k.h & shard_mask_]; }
 std::span<Engine::Shard> Engine::shards() const { return {shards_.get(), static_cast<std::size_t>(shard_mask_ + 1)}; }

@@ -1,6 +1,10 @@
 #include "lifecycle/pool.hpp"
 
 #include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
 
 #include <cstdlib>
 #include <cstring>
@@ -24,6 +28,30 @@ void Lease::quarantine() {
 
 void BufferPool::Unmap::operator()(std::uint8_t* p) const noexcept {
   if (p != nullptr) munmap(p, bytes);
+}
+
+namespace {
+std::atomic<std::uint64_t> g_stranded_bytes{0};
+}
+
+std::uint64_t BufferPool::stranded_bytes() noexcept { return g_stranded_bytes.load(); }
+
+BufferPool::~BufferPool() {
+  if (quarantined_ == 0 || !mem_) return;  // mem_ unmaps it all
+  const std::size_t total = mem_.get_deleter().bytes;
+  std::uint8_t* base = mem_.release();
+  const auto page = static_cast<std::size_t>(sysconf(_SC_PAGESIZE));
+  std::size_t from = 0, kept = 0;  // [0, from) is decided: unmapped, or kept for a quarantined slot
+  for (std::size_t s = 0; s < state_.size(); ++s) {
+    if (state_[s] != SlotState::Quarantined) continue;
+    const std::size_t lo = s * slot_size_ / page * page;
+    const std::size_t hi = std::min(total, ((s + 1) * slot_size_ + page - 1) / page * page);
+    if (lo > from) munmap(base + from, lo - from);
+    if (hi > std::max(lo, from)) kept += hi - std::max(lo, from);
+    from = std::max(from, hi);
+  }
+  if (total > from) munmap(base + from, total - from);
+  g_stranded_bytes += kept;
 }
 
 BufferPool::BufferPool(std::uint32_t num_slots, std::uint64_t slot_size)

@@ -72,6 +72,10 @@ struct PoolStats {
 class BufferPool {
  public:
   BufferPool(std::uint32_t num_slots, std::uint64_t slot_size);
+  // Unmaps the pool, except the pages of a quarantined slot: its quiescence is unknown, so a transfer
+  // may still write it, and freed memory would take those bytes.  Those pages stay mapped for the life
+  // of the process (counted in stranded_bytes()).
+  ~BufferPool();
   BufferPool(const BufferPool&) = delete;
   BufferPool& operator=(const BufferPool&) = delete;
 
@@ -88,6 +92,8 @@ class BufferPool {
   SlotState state(std::uint32_t slot) const;
   std::uint32_t generation(std::uint32_t slot) const;
   PoolStats stats() const;
+  // Bytes that destroyed pools kept mapped for quarantined slots, in this process so far.
+  static std::uint64_t stranded_bytes() noexcept;
 
  private:
   friend class Lease;

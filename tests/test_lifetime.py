@@ -1,0 +1,155 @@
+"""What outlives what: memory that a transfer may still write is never freed, whoever is dropped first;
+a transport inherited across fork() is refused in the child instead of tearing down its parent's UCX
+state; dropping a transport never holds the GIL while its progress thread finishes a NIXL call.
+
+Each check runs in a child process: a read of freed memory there is a SIGSEGV, which is the control."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from test_transport_harness import needs_nixl
+
+HERE = Path(__file__).parent
+
+
+def child(code: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    src = f"import sys; sys.path.insert(0, {str(HERE)!r})\n" + textwrap.dedent(code)
+    return subprocess.run([sys.executable, "-c", src, *args], capture_output=True, text=True, timeout=timeout)
+
+
+POOL = """
+    import ctypes, gc
+    from conftest import drive
+    from lifecycle import TransferEngine, _core
+    e = TransferEngine(num_slots=4, slot_size=64 * 1024)
+    if sys.argv[1] == "inflight":  # a transfer may write the slot: the engine quarantines it as it goes
+        drive(e, 1, "InFlight", nbytes=64 * 1024)
+        q = e.info(1).slot
+    else:
+        drive(e, 1, "Poisoned", nbytes=64 * 1024)  # quiescence unknown:
+        q = e.info(1).slot
+        e.terminate(1)  # ... so its slot is quarantined when it ends
+        assert e.pool.slot_state(q) == "Quarantined"
+    drive(e, 2, "Quiesced", nbytes=64 * 1024)  # evidence: its slot goes back and is unmapped
+    base, size = e.pool.base_address, e.pool.slot_size
+    ctypes.memset(base + q * size, 0xAB, size)
+    free = (q + 2) % 4
+    del e
+    gc.collect()
+    print("stranded", _core.stranded_pool_bytes(), flush=True)
+    at = base + (free if sys.argv[1] == "free" else q) * size
+    print("read", ctypes.string_at(at, size) == b"\\xab" * size, flush=True)
+"""
+
+
+@pytest.mark.parametrize("mode", ["quarantined", "inflight"])
+def test_a_dropped_engine_keeps_the_slots_a_transfer_may_still_write_mapped(mode):
+    """Found by review: an engine (and its pool) dropped with a quarantined slot, or a session still InFlight,
+    unmapped it, so a late write of a transfer whose quiescence was unknown would land in whatever the
+    process mapped there next.  The engine now quarantines the slots of sessions without evidence as it goes,
+    and the pool keeps exactly the pages of its quarantined slots (counted: stranded_pool_bytes)."""
+    out = child(POOL, mode)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["stranded", str(64 * 1024), "read", "True"], out.stdout
+
+
+def test_control_a_dropped_engine_unmaps_its_other_slots():
+    """Control: the same read of a slot that was never leased faults (the rest of the pool is unmapped, so
+    the check above can fail)."""
+    out = child(POOL, "free")
+    assert out.returncode == -11, (out.returncode, out.stdout, out.stderr[-2000:])
+    assert out.stdout.split() == ["stranded", str(64 * 1024)], out.stdout
+
+
+DROP = """
+    import gc, weakref
+    from test_transport_harness import Side, connect, pattern
+    from lifecycle.transport import mem_of, stranded
+
+    class Buf(bytearray):  # (a bytearray that a weakref can watch)
+        pass
+
+    a = Side("drop-a", "loopback", slots=1, slot_size=1 << 20, transport_kw={"bytes_per_second": 1 << 20})
+    b = Side("drop-b", "loopback", slots=1, slot_size=4096)
+    b_at_a, a_at_b = connect(a, b)
+    buf = Buf(pattern(1 << 20, 1))
+    gone = weakref.ref(buf)
+    b.t.register(buf)
+    b.engine.advertise(1, "sender", 0)
+    dst = a.advertise(1, "receiver", 1 << 20, 0)
+    if sys.argv[1] == "offer-out":  # a READs it, paced: about a second of copying
+        a.t.read(1, dst, b_at_a, b.t.expect(1, a_at_b, mem_of(buf)))
+    b.t.close()
+    del b.t, b, buf
+    gc.collect()
+    print("freed", gone() is None, "stranded", len(stranded()["registrations"]), flush=True)
+"""
+
+
+@pytest.mark.parametrize("mode,freed", [("offer-out", False), ("idle", True)])
+def test_a_dropped_transport_strands_memory_a_transfer_may_still_touch(mode, freed):
+    """Found by review: a transport dropped without evidence (here: its offer out, a peer still READing it)
+    deregistered everything and let Python free the registered buffer that its own deregister() refuses.
+    Now the facade's finalizer stops the core, deregisters what it can, and keeps the rest alive for the life
+    of the process (``stranded()``).  Control (idle): with nothing out, the buffer is freed as before."""
+    out = child(DROP, mode)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["freed", str(freed), "stranded", str(int(not freed))], out.stdout
+
+
+FORK = """
+    import gc, os
+    from test_transport_harness import Side, connect, pattern
+    from lifecycle import TransportError
+    import lifecycle.transport as lt
+    a = Side("fork-a", "nixl", slots=1, slot_size=1 << 20)
+    b = Side("fork-b", "nixl", slots=1, slot_size=1 << 20)
+    b_at_a, a_at_b = connect(a, b)
+    pid = os.fork()
+    if pid == 0:
+        import signal
+        signal.alarm(10)  # a hang check: SIGALRM ends a child that hangs (its status says so)
+        if sys.argv[1] == "unguarded":  # the control: the child gets its inherited core back
+            a.t._core = lt._INHERITED[0]
+        try:
+            a.t.metadata()
+            print("child-used-it", flush=True)
+        except TransportError as e:
+            print("child-refused", "fork" in str(e) and str(os.getppid()) in str(e), flush=True)
+        a.t.close()  # a no-op: nothing of it runs in the child
+        print("child-closed", flush=True)
+        del a.t, b.t
+        gc.collect()
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    n = 1 << 20
+    dst = a.advertise(1, "receiver", n, 0)
+    src = b.advertise(1, "sender", n, pattern(n, 1))
+    a.t.read(1, dst, b_at_a, b.t.expect(1, a_at_b, src))
+    print("parent", a.wait(1).name, bytes(a.view(1, n)) == pattern(n, 1), status, flush=True)
+    a.close()
+    b.close()
+"""
+
+
+@needs_nixl
+@pytest.mark.parametrize("mode", ["guarded", "unguarded"])
+def test_a_forked_child_cannot_use_an_inherited_transport(mode):
+    """Found by review: nothing stopped a forked child from using, or tearing down, the NIXL agent it
+    inherited (no progress thread runs there, and its UCX fds are the parent's; the reviewer saw the parent
+    abort in UCX after such a child exited; here the unguarded child hangs, in a lock the progress thread
+    held at the fork or joining that thread, which fork() did not copy).  Now every use in the child is a TransportError naming the fork, close() there does
+    nothing, and the child never destroys the inherited core; the parent goes on.  Control (unguarded): with
+    the inherited core handed back, the child hangs until its alarm ends it."""
+    out = child(FORK, mode)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [x for x in out.stdout.split("\n") if x.startswith(("child", "parent"))]
+    if mode == "guarded":
+        assert lines == ["child-refused True", "child-closed", "parent Quiesced True 0"], out.stdout[-2000:]
+    else:  # the child hung (in a lock the progress thread held at the fork, or joining that thread) until SIGALRM
+        assert "child-closed" not in lines and lines[-1] == "parent Quiesced True 14", out.stdout[-2000:]

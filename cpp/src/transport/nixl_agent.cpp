@@ -76,13 +76,31 @@ NixlAgent::NixlAgent(std::shared_ptr<const NixlCapi> api, NixlAgentOptions opts)
 
 NixlAgent::~NixlAgent() {
   std::lock_guard<std::mutex> lk(mu_);
+  bool stuck = false;  // a request NIXL could not abort: it may still move bytes
   for (auto& [req, x] : xfers_) {
     (void)req;
-    // one more try for a request whose release failed before; the handle's destructor makes the
-    // last one, and a handle that still fails is leaked on purpose (never freed under the backend)
-    if (x.handle.reset() != capi::kSuccess) (void)x.handle.reset();
+    // two more tries for a request whose release failed before; one that still fails is leaked on purpose
+    if (x.handle.reset() != capi::kSuccess && x.handle.reset() != capi::kSuccess) {
+      x.handle.leak();
+      stuck = true;
+    }
   }
   xfers_.clear();
+  if (stuck) {
+    // Destroying the agent would free the backend under that request, and deregistering would pull its
+    // memory's keys from under it: the agent, its backend and its registrations are leaked with it.
+    for (auto& [id, reg] : regions_) {
+      (void)id;
+      reg.dlist.leak();
+    }
+    regions_.clear();
+    notif_map_.leak();
+    backend_args_.leak();
+    backend_.leak();
+    agent_.leak();
+    note_capi_release_failure();
+    return;
+  }
   for (auto& [id, reg] : regions_) {
     (void)id;
     if (api_->deregister_mem(agent_.get(), reg.dlist.get(), backend_args_.get()) != capi::kSuccess) {

@@ -4,7 +4,9 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <mutex>
 #include <sstream>
+#include <vector>
 
 namespace lifecycle::transport {
 
@@ -47,6 +49,26 @@ void check_capi(capi::status_t st, const char* call, const std::string& context)
 
 std::uint64_t capi_release_failures() noexcept { return g_release_failures.load(); }
 void note_capi_release_failure() noexcept { g_release_failures.fetch_add(1); }
+
+namespace {
+std::mutex g_kept_mu;
+std::vector<const void*>* g_kept = nullptr;  // never freed: a root that keeps what it holds reachable
+}  // namespace
+
+void keep_forever(const void* handle) noexcept {
+  if (handle == nullptr) return;
+  try {
+    std::lock_guard<std::mutex> lk(g_kept_mu);
+    if (g_kept == nullptr) g_kept = new std::vector<const void*>();
+    g_kept->push_back(handle);
+  } catch (...) {  // (out of memory: the handle stays unreleased all the same)
+  }
+}
+
+std::size_t kept_forever() noexcept {
+  std::lock_guard<std::mutex> lk(g_kept_mu);
+  return g_kept == nullptr ? 0 : g_kept->size();
+}
 
 std::vector<std::string> nixl_capi_required_symbols() {
   std::vector<std::string> out;

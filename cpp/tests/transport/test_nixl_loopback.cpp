@@ -203,6 +203,68 @@ void test_a_notification_nixl_fails_to_hand_over_is_skipped_not_the_fetch(const 
   g_get_notif_fail_at.store(-1);
 }
 
+// release_xfer_req that fails while g_release_fails is set; destroy_agent and deregister_mem counted.
+capi::status_t (*g_real_release_req)(capi::agent_t, capi::xfer_req_t) = nullptr;
+capi::status_t (*g_real_destroy_agent)(capi::agent_t) = nullptr;
+capi::status_t (*g_real_dereg)(capi::agent_t, capi::reg_dlist_t, capi::opt_args_t) = nullptr;
+std::atomic<bool> g_release_fails{false};
+std::atomic<int> g_destroyed_agents{0}, g_deregistered{0};
+std::uint64_t g_injected_release_failures = 0;  // counted by capi_release_failures(): the final check allows them
+capi::status_t stuck_release(capi::agent_t a, capi::xfer_req_t r) {
+  return g_release_fails.load() ? capi::kErrBackend : g_real_release_req(a, r);
+}
+capi::status_t counted_destroy_agent(capi::agent_t a) {
+  ++g_destroyed_agents;
+  return g_real_destroy_agent(a);
+}
+capi::status_t counted_dereg(capi::agent_t a, capi::reg_dlist_t d, capi::opt_args_t o) {
+  ++g_deregistered;
+  return g_real_dereg(a, d, o);
+}
+
+// An agent destroyed while NIXL cannot release one of its requests (it may still move bytes) leaks the
+// agent, its backend and its registrations with it, instead of freeing them under that request.  Before,
+// the request alone was leaked and the agent destroyed and the memory deregistered anyway.  Control: with
+// the release working, the same agent is destroyed and deregistered.
+void test_an_agent_with_a_request_nixl_cannot_release_is_leaked_whole(const std::string& lib) {
+  std::shared_ptr<const NixlCapi> loaded = NixlCapi::load(lib);
+  auto& api = const_cast<NixlCapi&>(*loaded);  // (a fresh table: patched for this test's agents only)
+  g_real_release_req = api.release_xfer_req;
+  g_real_destroy_agent = api.destroy_agent;
+  g_real_dereg = api.deregister_mem;
+  api.release_xfer_req = &stuck_release;
+  api.destroy_agent = &counted_destroy_agent;
+  api.deregister_mem = &counted_dereg;
+  static std::vector<std::uint8_t> src(1 << 20), dst(1 << 20);  // (static: outlive a leaked agent)
+  for (bool stuck : {false, true}) {
+    const std::string an = stuck ? "kvlc-stuck-a" : "kvlc-unstuck-a", bn = stuck ? "kvlc-stuck-b" : "kvlc-unstuck-b";
+    auto a = std::make_unique<NixlAgent>(loaded, NixlAgentOptions{an, {}, false});
+    NixlAgent b(loaded, {bn, {}, false});
+    (void)a->register_region(dram(dst, 0, dst.size()));
+    (void)b.register_region(dram(src, 0, src.size()));
+    a->load_remote_metadata(b.local_metadata());
+    a->prepare(1, XferOp::Read, dram(dst, 0, dst.size()), dram(src, 0, src.size()), bn, std::nullopt);
+    (void)a->post(1);
+    g_destroyed_agents = 0;
+    g_deregistered = 0;
+    const std::uint64_t before = capi_release_failures();
+    g_release_fails = stuck;
+    a.reset();
+    g_release_fails = false;
+    g_injected_release_failures += capi_release_failures() - before;
+    if (stuck) {
+      check(kept_forever() >= 4, "the stuck request, agent, backend and registration are kept for good (" +
+                                     std::to_string(kept_forever()) + " handles)");
+      check(g_destroyed_agents == 0 && g_deregistered == 0,
+            "an agent with a request NIXL cannot release is leaked whole (destroyed " +
+                std::to_string(g_destroyed_agents.load()) + ", deregistered " + std::to_string(g_deregistered.load()) + ")");
+    } else {
+      check(g_destroyed_agents == 1 && g_deregistered == 1, "control: with releases working the agent is destroyed and "
+                                                            "its region deregistered");
+    }
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -216,6 +278,7 @@ int main(int argc, char** argv) {
 
   test_load_errors();
   test_a_notification_nixl_fails_to_hand_over_is_skipped_not_the_fetch(lib);
+  test_an_agent_with_a_request_nixl_cannot_release_is_leaked_whole(lib);
 
   std::shared_ptr<const NixlCapi> api;
   try {
@@ -378,8 +441,9 @@ int main(int argc, char** argv) {
   }
   receiver.deregister_region(r.region);
   sender.deregister_region(s.region);
-  check(capi_release_failures() == 0,
-        "no NIXL release failures (" + std::to_string(capi_release_failures()) + ")");
+  check(capi_release_failures() == g_injected_release_failures,
+        "no NIXL release failures but the injected ones (" + std::to_string(capi_release_failures()) + ", injected " +
+            std::to_string(g_injected_release_failures) + ")");
 
   std::printf("%s: %d failure(s)\n", g_failures ? "FAILED" : "OK", g_failures);
   return g_failures == 0 ? 0 : 1;

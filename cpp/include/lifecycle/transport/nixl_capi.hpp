@@ -218,6 +218,11 @@ void check_capi(capi::status_t st, const char* call, const std::string& context 
 // never throw). Move-only.
 std::uint64_t capi_release_failures() noexcept;
 void note_capi_release_failure() noexcept;
+// Keeps a NIXL handle that must never be released (it is under a transfer NIXL could not abort)
+// reachable for the life of the process: deliberately kept, not lost (and so not a leak to LeakSanitizer).
+void keep_forever(const void* handle) noexcept;
+// How many handles keep_forever holds.
+std::size_t kept_forever() noexcept;
 
 template <class Handle, class Release>
 class CapiOwner {
@@ -239,6 +244,9 @@ class CapiOwner {
 
   Handle get() const noexcept { return h_; }
   explicit operator bool() const noexcept { return h_ != nullptr; }
+  // Forget the handle without releasing it: leaked on purpose (something NIXL could not stop uses it),
+  // and kept reachable for the life of the process (keep_forever).
+  void leak() noexcept { keep_forever(std::exchange(h_, nullptr)); }
 
   // Release now; returns the release status (kSuccess when empty).
   capi::status_t reset() noexcept {
@@ -307,6 +315,7 @@ class XferReqHandle {
 
   capi::xfer_req_t get() const noexcept { return req_; }
   explicit operator bool() const noexcept { return req_ != nullptr; }
+  void leak() noexcept { keep_forever(std::exchange(req_, nullptr)); }  // unreleased: NIXL could not abort it
 
   // release + destroy. On a failed release the handle stays held (and is retried by the next reset);
   // returns the release status.

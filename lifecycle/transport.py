@@ -480,7 +480,9 @@ class _Transport:
         return self._core.metadata()
 
     def add_peer(self, metadata: bytes) -> str:
-        """Load a peer's metadata (its ``metadata()``); returns the peer's name, what transfers name it by."""
+        """Load a peer's metadata (its ``metadata()``); returns the peer's name, what transfers name it by.
+        A peer restarted under the same name: ``remove_peer`` the old one first (NIXL refuses to load a name
+        it holds: TransportError)."""
         return self._core.add_peer(_check_bytes("metadata", metadata, "the peer's metadata as bytes"))
 
     def remove_peer(self, peer: str) -> None:

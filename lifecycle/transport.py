@@ -481,8 +481,8 @@ class _Transport:
 
     def add_peer(self, metadata: bytes) -> str:
         """Load a peer's metadata (its ``metadata()``); returns the peer's name, what transfers name it by.
-        A peer restarted under the same name: ``remove_peer`` the old one first (NIXL refuses to load a name
-        it holds: TransportError)."""
+        A peer restarted under the same name (a new agent): ``remove_peer`` the old one first, as NIXL refuses
+        a new agent's metadata under a name it holds (TransportError); loading the same metadata again is fine."""
         return self._core.add_peer(_check_bytes("metadata", metadata, "the peer's metadata as bytes"))
 
     def remove_peer(self, peer: str) -> None:

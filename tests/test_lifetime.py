@@ -153,3 +153,88 @@ def test_a_forked_child_cannot_use_an_inherited_transport(mode):
         assert lines == ["child-refused True", "child-closed", "parent Quiesced True 0"], out.stdout[-2000:]
     else:  # the child hung (in a lock the progress thread held at the fork, or joining that thread) until SIGALRM
         assert "child-closed" not in lines and lines[-1] == "parent Quiesced True 14", out.stdout[-2000:]
+
+
+SHIM = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <unistd.h>
+/* Stands in for libnixl_capi.so: everything resolves to the real library (a dependency of this one) but
+   nixl_capi_get_notifs, which sleeps 2 s once when shim_slow_next is set, shim_inside being 1 meanwhile. */
+int shim_inside = 0;
+int shim_slow_next = 0;
+typedef int (*get_notifs_t)(void*, void*, void*);
+int nixl_capi_get_notifs(void* agent, void* map, void* args) {
+  static get_notifs_t real = 0;
+  if (!real) real = (get_notifs_t)dlsym(dlopen(REAL, RTLD_NOW | RTLD_NOLOAD), "nixl_capi_get_notifs");
+  if (__atomic_exchange_n(&shim_slow_next, 0, __ATOMIC_SEQ_CST)) {
+    __atomic_store_n(&shim_inside, 1, __ATOMIC_SEQ_CST);
+    usleep(2000000);
+    __atomic_store_n(&shim_inside, 0, __ATOMIC_SEQ_CST);
+  }
+  return real(agent, map, args);
+}
+"""
+
+
+def slow_capi(tmp_path: Path) -> Path:
+    """A libnixl_capi.so whose progress-thread call (get_notifs) can be made to take 2 s."""
+    from lifecycle.transport import nixl_capi_path
+
+    real = Path(nixl_capi_path())
+    (tmp_path / "shim.c").write_text(SHIM)
+    out = tmp_path / "libslow_capi.so"
+    subprocess.run(["cc", "-shared", "-fPIC", f'-DREAL="{real}"', str(tmp_path / "shim.c"), "-o", str(out),
+                    f"-L{real.parent}", "-Wl,--no-as-needed", f"-l:{real.name}", f"-Wl,-rpath,{real.parent}", "-ldl"], check=True)
+    return out
+
+
+@needs_nixl
+@pytest.mark.parametrize("call", ["drop", "stats"])
+def test_a_slow_nixl_call_stalls_only_the_thread_that_waits_for_it(call, tmp_path):
+    """Found by review: dropping a transport without close() joined its progress thread in the core's
+    destructor with the GIL held, and stats() waited for the agent's lock (held across each NIXL call) with
+    the GIL held, so one slow NIXL call froze every Python thread.  Here the progress thread's get_notifs
+    takes 2 s; the main thread drops the transport (or calls stats()) meanwhile, and another thread must
+    keep running: it counts its 1 ms naps taken while the slow call is still inside NIXL.  (A count, not a
+    time: with the GIL held through the wait, no nap can end while the call is inside.  Control, run by hand
+    without each fix: 0 naps for both.)"""
+    import ctypes
+    import gc
+    import threading
+    import time
+
+    from lifecycle.transport import NixlTransport
+
+    shim = slow_capi(tmp_path)
+    lib = ctypes.CDLL(str(shim))  # the instance the transport's dlopen gets too
+    inside, slow = ctypes.c_int.in_dll(lib, "shim_inside"), ctypes.c_int.in_dll(lib, "shim_slow_next")
+    t = NixlTransport(None, f"gil-{call}", capi_path=str(shim))
+    naps, done = [0], threading.Event()
+
+    def other_thread():
+        while not done.is_set():
+            if inside.value:
+                naps[0] += 1
+            time.sleep(0.001)
+
+    th = threading.Thread(target=other_thread)
+    th.start()
+    slow.value = 1
+    deadline = time.monotonic() + 30
+    while not inside.value and time.monotonic() < deadline:  # the progress thread is in the slow call
+        time.sleep(0.001)
+    assert inside.value, "the progress thread never entered the slowed get_notifs"
+    naps_before = naps[0]
+    if call == "drop":
+        del t
+        gc.collect()
+    else:
+        t.stats()  # waits for the agent's lock, which the slow call holds
+    while inside.value and time.monotonic() < deadline:
+        time.sleep(0.001)
+    done.set()
+    th.join()
+    if call == "stats":
+        t.close()
+    assert naps[0] - naps_before > 50, (naps_before, naps[0])

@@ -184,7 +184,10 @@ def slow_capi(tmp_path: Path) -> Path:
     real = Path(nixl_capi_path())
     (tmp_path / "shim.c").write_text(SHIM)
     out = tmp_path / "libslow_capi.so"
-    subprocess.run(["cc", "-shared", "-fPIC", f'-DREAL="{real}"', str(tmp_path / "shim.c"), "-o", str(out),
+    import shutil
+
+    cc = shutil.which("cc") or shutil.which("gcc") or "c++"  # (CMake's C++ compiler builds C too)
+    subprocess.run([cc, "-x", "c", "-shared", "-fPIC", f'-DREAL="{real}"', str(tmp_path / "shim.c"), "-o", str(out),
                     f"-L{real.parent}", "-Wl,--no-as-needed", f"-l:{real.name}", f"-Wl,-rpath,{real.parent}", "-ldl"], check=True)
     return out
 

@@ -19,6 +19,9 @@
 #include <thread>
 #include <vector>
 
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include "lifecycle/transport/nixl_agent.hpp"
 #include "lifecycle/transport/nixl_capi.hpp"
 #include "lifecycle/transport/nixl_progress.hpp"
@@ -209,7 +212,6 @@ capi::status_t (*g_real_destroy_agent)(capi::agent_t) = nullptr;
 capi::status_t (*g_real_dereg)(capi::agent_t, capi::reg_dlist_t, capi::opt_args_t) = nullptr;
 std::atomic<bool> g_release_fails{false};
 std::atomic<int> g_destroyed_agents{0}, g_deregistered{0};
-std::uint64_t g_injected_release_failures = 0;  // counted by capi_release_failures(): the final check allows them
 capi::status_t stuck_release(capi::agent_t a, capi::xfer_req_t r) {
   return g_release_fails.load() ? capi::kErrBackend : g_real_release_req(a, r);
 }
@@ -247,11 +249,9 @@ void test_an_agent_with_a_request_nixl_cannot_release_is_leaked_whole(const std:
     (void)a->post(1);
     g_destroyed_agents = 0;
     g_deregistered = 0;
-    const std::uint64_t before = capi_release_failures();
     g_release_fails = stuck;
     a.reset();
     g_release_fails = false;
-    g_injected_release_failures += capi_release_failures() - before;
     if (stuck) {
       check(kept_forever() >= 4, "the stuck request, agent, backend and registration are kept for good (" +
                                      std::to_string(kept_forever()) + " handles)");
@@ -265,9 +265,29 @@ void test_an_agent_with_a_request_nixl_cannot_release_is_leaked_whole(const std:
   }
 }
 
+// Runs the test above in a fresh process (this binary again): the agent it keeps for good holds UCX
+// memory in UCX's own mmap'd pools, which LeakSanitizer does not scan, so the ASan build would call it a
+// leak at exit.  The child leaves with _exit (no leak check); its checks print here, its exit code counts.
+void run_stuck_agent_test_in_a_child(const std::string& lib) {
+  std::fflush(stdout);
+  const pid_t pid = fork();
+  if (pid == 0) {
+    execl("/proc/self/exe", "test_nixl_loopback", lib.c_str(), "--stuck-agent", static_cast<char*>(nullptr));
+    _exit(127);
+  }
+  int status = 0;
+  check(pid > 0 && waitpid(pid, &status, 0) == pid && WIFEXITED(status) && WEXITSTATUS(status) == 0,
+        "the stuck-agent test's process passed (status " + std::to_string(status) + ")");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc > 2 && std::strcmp(argv[2], "--stuck-agent") == 0) {
+    test_an_agent_with_a_request_nixl_cannot_release_is_leaked_whole(argv[1]);
+    std::fflush(stdout);
+    _exit(g_failures == 0 ? 0 : 1);
+  }
   std::string lib = argc > 1 ? argv[1] : "";
   if (const char* env = std::getenv(NixlCapi::kPathEnv); lib.empty() && env) lib = env;
   unsetenv(NixlCapi::kPathEnv);  // so the error tests below load what they name
@@ -278,7 +298,7 @@ int main(int argc, char** argv) {
 
   test_load_errors();
   test_a_notification_nixl_fails_to_hand_over_is_skipped_not_the_fetch(lib);
-  test_an_agent_with_a_request_nixl_cannot_release_is_leaked_whole(lib);
+  run_stuck_agent_test_in_a_child(lib);
 
   std::shared_ptr<const NixlCapi> api;
   try {
@@ -441,9 +461,8 @@ int main(int argc, char** argv) {
   }
   receiver.deregister_region(r.region);
   sender.deregister_region(s.region);
-  check(capi_release_failures() == g_injected_release_failures,
-        "no NIXL release failures but the injected ones (" + std::to_string(capi_release_failures()) + ", injected " +
-            std::to_string(g_injected_release_failures) + ")");
+  check(capi_release_failures() == 0,
+        "no NIXL release failures (" + std::to_string(capi_release_failures()) + ")");
 
   std::printf("%s: %d failure(s)\n", g_failures ? "FAILED" : "OK", g_failures);
   return g_failures == 0 ? 0 : 1;

@@ -74,7 +74,7 @@ DROP = """
     class Buf(bytearray):  # (a bytearray that a weakref can watch)
         pass
 
-    a = Side("drop-a", "loopback", slots=1, slot_size=1 << 20, transport_kw={"bytes_per_second": 1 << 20})
+    a = Side("drop-a", "loopback", slots=1, slot_size=1 << 20, transport_kw={"bytes_per_second": 1 << 16})
     b = Side("drop-b", "loopback", slots=1, slot_size=4096)
     b_at_a, a_at_b = connect(a, b)
     buf = Buf(pattern(1 << 20, 1))
@@ -82,8 +82,9 @@ DROP = """
     b.t.register(buf)
     b.engine.advertise(1, "sender", 0)
     dst = a.advertise(1, "receiver", 1 << 20, 0)
-    if sys.argv[1] == "offer-out":  # a READs it, paced: about a second of copying
+    if sys.argv[1] == "offer-out":  # a READs it, paced: 16 s of copying
         a.t.read(1, dst, b_at_a, b.t.expect(1, a_at_b, mem_of(buf)))
+        print("reading", a.engine.state(1).name, flush=True)
     b.t.close()
     del b.t, b, buf
     gc.collect()
@@ -99,7 +100,8 @@ def test_a_dropped_transport_strands_memory_a_transfer_may_still_touch(mode, fre
     of the process (``stranded()``).  Control (idle): with nothing out, the buffer is freed as before."""
     out = child(DROP, mode)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["freed", str(freed), "stranded", str(int(not freed))], out.stdout
+    reading = ["reading", "InFlight"] if mode == "offer-out" else []
+    assert out.stdout.split() == reading + ["freed", str(freed), "stranded", str(int(not freed))], out.stdout
 
 
 FORK = """
@@ -125,7 +127,7 @@ FORK = """
         print("child-closed", flush=True)
         del a.t, b.t
         gc.collect()
-        os._exit(0)
+        sys.exit(0)  # a normal exit: atexit handlers, interpreter teardown and static destructors run
     _, status = os.waitpid(pid, 0)
     n = 1 << 20
     dst = a.advertise(1, "receiver", n, 0)
@@ -142,17 +144,19 @@ FORK = """
 def test_a_forked_child_cannot_use_an_inherited_transport(mode):
     """Found by review: nothing stopped a forked child from using, or tearing down, the NIXL agent it
     inherited (no progress thread runs there, and its UCX fds are the parent's; the reviewer saw the parent
-    abort in UCX after such a child exited; here the unguarded child hangs, in a lock the progress thread
-    held at the fork or joining that thread, which fork() did not copy).  Now every use in the child is a TransportError naming the fork, close() there does
-    nothing, and the child never destroys the inherited core; the parent goes on.  Control (unguarded): with
-    the inherited core handed back, the child hangs until its alarm ends it."""
+    abort in UCX after such a child exited; here the unguarded child sometimes hangs, in a lock the progress
+    thread held at the fork or joining that thread, which fork() did not copy).  Now every use in the child is a TransportError naming the fork, close() there does
+    nothing, and the child never destroys the inherited core, even through a normal exit; the parent goes
+    on.  Control (unguarded): with the inherited core handed back, nothing refuses the child's call (it goes
+    through, or hangs until the child's alarm ends it)."""
     out = child(FORK, mode)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = [x for x in out.stdout.split("\n") if x.startswith(("child", "parent"))]
     if mode == "guarded":
         assert lines == ["child-refused True", "child-closed", "parent Quiesced True 0"], out.stdout[-2000:]
-    else:  # the child hung (in a lock the progress thread held at the fork, or joining that thread) until SIGALRM
-        assert "child-closed" not in lines and lines[-1] == "parent Quiesced True 14", out.stdout[-2000:]
+    else:  # nothing refused the call: the child used the parent's agent, or hung in it until SIGALRM (14)
+        assert "child-refused True" not in lines and lines[-1] in ("parent Quiesced True 0", "parent Quiesced True 14"), (
+            out.stdout[-2000:])
 
 
 SHIM = r"""

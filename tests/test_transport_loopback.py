@@ -946,8 +946,7 @@ def test_an_injected_disconnect_catches_the_same_requests_in_every_run():
     the old rule left requests 2-6 Poisoned here in every run.)"""
     def plan() -> str:
         f = Faults(seed=16, disconnect=0.15)  # request 7 of 12 rolls the disconnect
-        a, b, names = pair(faults_a=f, bytes_per_second=100e6, slots=12, slot_size=1 * MiB,
-                           transfer_timeout=1.0, cancel_grace=0.5)
+        a, b, names = pair(faults_a=f, bytes_per_second=100e6, slots=12, slot_size=1 * MiB)
         try:
             refused = set()
             for r in range(1, 13):  # posted back to back: 1-6 are still copying when 7 is posted

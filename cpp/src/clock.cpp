@@ -125,7 +125,15 @@ TscClock& tsc_clock() {
 
 std::int64_t steady_now_ns() {
   TscClock& c = tsc_clock();
-  return c.trusted() ? c.now() : monotonic_ns();
+  if (!c.trusted()) return monotonic_ns();
+  // A read that meets a re-anchor in progress returns CLOCK_MONOTONIC, which can be a hair behind this
+  // thread's last reading of a line that ran ahead; this thread's readings never go back for it.  (A step
+  // back past kStepLimit, a suspend the TSC counted, is let through: freezing would stop timers for as long.)
+  thread_local std::int64_t last = 0;
+  std::int64_t r = c.now();
+  if (r < last && last - r <= tsc::kStepLimit) r = last;
+  last = r;
+  return r;
 }
 
 const char* steady_source() { return tsc_clock().trusted() ? "tsc" : "monotonic"; }

@@ -21,7 +21,8 @@ std::int64_t monotonic_ns();
 // CLOCK_MONOTONIC nanoseconds read from the invariant TSC (a plain RDTSC and a multiply), kept on
 // CLOCK_MONOTONIC by re-anchoring at least every 64 ms (sooner while the two disagree): a re-anchor
 // takes CLOCK_MONOTONIC whenever no earlier reading was above it, and otherwise slows the line until
-// they meet, so readings never go backwards in a thread (except a step back past 1 ms: a suspend) and
+// they meet; a thread's readings never go backwards (each thread holds its last one against a read that
+// met a re-anchor in progress; only a step back past 1 ms, a suspend, gets through) and
 // stay within about a microsecond of CLOCK_MONOTONIC (tests/test_clock.py measures it; the rule is in
 // lifecycle/tsc_line.hpp, simulated in cpp/tests/test_clock.cpp).  Used only where the kernel itself
 // trusts the TSC (clocksource "tsc", invariant TSC flag); otherwise, or with LIFECYCLE_CLOCK=monotonic

@@ -65,7 +65,7 @@ void FaultyAgent::prepare(std::uint64_t req, XferOp op, const Region& local, con
   }
   try {
     std::lock_guard<std::mutex> lk(mu_);
-    xfers_[req] = Xfer{peer, f, {}, false, 0};
+    xfers_[req] = Xfer{peer, f, {}, false, false, 0};
   } catch (...) {
     inner_->release(req);  // prepared, never posted: nothing of it runs
     throw;
@@ -74,6 +74,7 @@ void FaultyAgent::prepare(std::uint64_t req, XferOp op, const Region& local, con
 
 XferState FaultyAgent::post(std::uint64_t req) {
   Fault f = Fault::None;
+  bool cut = false;
   {
     std::lock_guard<std::mutex> lk(mu_);
     auto it = xfers_.find(req);
@@ -100,12 +101,17 @@ XferState FaultyAgent::post(std::uint64_t req) {
             break;
         }
         // posted at or after a disconnect of its peer (prepared before it): cut off with it
-        if (disconnected_.count(it->second.peer) != 0) cut_[it->second.peer].insert(req);
+        if (disconnected_.count(it->second.peer) != 0) {
+          cut_[it->second.peer].insert(req);
+          it->second.cut = true;
+        }
       }
+      cut = it->second.cut;
     }
   }
   const XferState st = inner_->post(req);
-  return f == Fault::None ? st : XferState::InProgress;
+  // a status fault or a cut applies from the first status on: a Done inside post() is not reported
+  return f == Fault::None && !cut ? st : XferState::InProgress;
 }
 
 XferStatus FaultyAgent::status(std::uint64_t req) {
@@ -113,7 +119,7 @@ XferStatus FaultyAgent::status(std::uint64_t req) {
   std::lock_guard<std::mutex> lk(mu_);
   auto it = xfers_.find(req);
   if (it == xfers_.end() || inner.state == XferState::Unknown) return inner;
-  if (is_cut(it->second.peer, req)) return {XferState::Failed, -2};
+  if (it->second.cut) return {XferState::Failed, -2};  // (sticky: fresh metadata does not undo it)
   switch (it->second.fault) {
     case Fault::None:
       return inner;

@@ -12,7 +12,9 @@
 //                    notifications about them to it throw.  Requests posted before it, and notes
 //                    about them, go on: which requests a disconnect catches is decided by the order
 //                    of the caller's posts, not by when the progress thread polls or a note arrives,
-//                    so a seed replays.  Fresh metadata for the peer (add_peer) ends it.
+//                    so a seed replays.  Fresh metadata for the peer (add_peer) ends it for new
+//                    requests and notes; a cut request keeps reporting Failed.  Until then, notes
+//                    about a cut id from that peer vanish whichever session of the id they are for.
 //   never_completes  the transfer reports InProgress forever
 //   drop_notification / duplicate_notification   per incoming notification, by (peer, request,
 //                    kind, occurrence); a duplicate is delivered right after its original
@@ -90,6 +92,7 @@ class FaultyAgent final : public Agent {
     Fault fault = Fault::None;
     std::chrono::steady_clock::time_point posted_at{};
     bool counted = false;
+    bool cut = false;  // posted at or after a disconnect of its peer: reports Failed from then on
     std::uint64_t release_attempts = 0;
   };
   bool is_cut(const std::string& peer, std::uint64_t req) const;  // mu_ held

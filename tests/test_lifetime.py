@@ -7,20 +7,10 @@ Each check runs in a child process: a read of freed memory there is a SIGSEGV, w
 from __future__ import annotations
 
 import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
-from test_transport_harness import needs_nixl
-
-HERE = Path(__file__).parent
-
-
-def child(code: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    src = f"import sys; sys.path.insert(0, {str(HERE)!r})\n" + textwrap.dedent(code)
-    return subprocess.run([sys.executable, "-c", src, *args], capture_output=True, text=True, timeout=timeout)
-
+from test_transport_harness import needs_nixl, run_child
 
 POOL = """
     import ctypes, gc
@@ -53,7 +43,7 @@ def test_a_dropped_engine_keeps_the_slots_a_transfer_may_still_write_mapped(mode
     unmapped it, so a late write of a transfer whose quiescence was unknown would land in whatever the
     process mapped there next.  The engine now quarantines the slots of sessions without evidence as it goes,
     and the pool keeps exactly the pages of its quarantined slots (counted: stranded_pool_bytes)."""
-    out = child(POOL, mode)
+    out = run_child(POOL, mode)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["stranded", str(64 * 1024), "read", "True"], out.stdout
 
@@ -61,7 +51,7 @@ def test_a_dropped_engine_keeps_the_slots_a_transfer_may_still_write_mapped(mode
 def test_control_a_dropped_engine_unmaps_its_other_slots():
     """Control: the same read of a slot that was never leased faults (the rest of the pool is unmapped, so
     the check above can fail)."""
-    out = child(POOL, "free")
+    out = run_child(POOL, "free")
     assert out.returncode == -11, (out.returncode, out.stdout, out.stderr[-2000:])
     assert out.stdout.split() == ["stranded", str(64 * 1024)], out.stdout
 
@@ -98,7 +88,7 @@ def test_a_dropped_transport_strands_memory_a_transfer_may_still_touch(mode, fre
     deregistered everything and let Python free the registered buffer that its own deregister() refuses.
     Now the facade's finalizer stops the core, deregisters what it can, and keeps the rest alive for the life
     of the process (``stranded()``).  Control (idle): with nothing out, the buffer is freed as before."""
-    out = child(DROP, mode)
+    out = run_child(DROP, mode)
     assert out.returncode == 0, out.stderr[-2000:]
     reading = ["reading", "InFlight"] if mode == "offer-out" else []
     assert out.stdout.split() == reading + ["freed", str(freed), "stranded", str(int(not freed))], out.stdout
@@ -149,7 +139,7 @@ def test_a_forked_child_cannot_use_an_inherited_transport(mode):
     nothing, and the child never destroys the inherited core, even through a normal exit; the parent goes
     on.  Control (unguarded): with the inherited core handed back, nothing refuses the child's call (it goes
     through, or hangs until the child's alarm ends it)."""
-    out = child(FORK, mode)
+    out = run_child(FORK, mode)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = [x for x in out.stdout.split("\n") if x.startswith(("child", "parent"))]
     if mode == "guarded":

@@ -6,8 +6,12 @@ from __future__ import annotations
 import os
 import signal
 import random
+import subprocess
+import sys
+import textwrap
 import time
 import zlib
+from pathlib import Path
 
 import pytest
 
@@ -67,6 +71,13 @@ def connect(a: Side, b: Side) -> tuple[str, str]:
     b_at_a = a.t.add_peer(b.t.metadata())
     a_at_b = b.t.add_peer(a.t.metadata())
     return b_at_a, a_at_b
+
+
+def run_child(code: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Runs ``code`` (dedented) in a fresh interpreter that can import these test modules; ``args`` are its
+    sys.argv[1:].  A crash or a hang there (TimeoutExpired past ``timeout``) cannot take the test run down."""
+    src = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n" + textwrap.dedent(code)
+    return subprocess.run([sys.executable, "-c", src, *args], capture_output=True, text=True, timeout=timeout)
 
 
 def wait_for(pred, timeout: float, what: str, poll=None) -> None:

@@ -14,7 +14,7 @@ import pytest
 from lifecycle import CancelResult, InvalidArgument, Outcome, State, TerminateResult, TransportError
 from lifecycle.transport import Faults, LoopbackTransport, Mem, Offer, mem_of, pool_slot
 
-from test_transport_harness import KiB, MiB, SIZES, Side, connect, crc, needs_nixl, pattern, wait_for
+from test_transport_harness import KiB, MiB, SIZES, Side, connect, crc, needs_nixl, pattern, run_child, wait_for
 
 _n = iter(range(1_000_000))
 
@@ -911,13 +911,11 @@ def test_destroying_a_loopback_transport_does_not_sit_out_its_latency():
     hour.  The child process holds a transfer inside that latency, stops and drops its transport, and
     must exit (the 120 s bound is a hang check, not a timing: the latency is 30 times longer).  Control:
     the transfer really was waiting in the latency (InFlight, no bytes moved) when the transport went."""
-    here = Path(__file__).parent
-    code = f"""
-import gc, sys
-sys.path.insert(0, {str(here)!r})
+    code = """
+import gc
 from test_transport_harness import Side, connect, pattern
 from lifecycle import State
-a = Side("lat-a", "loopback", slots=1, slot_size=4096, transport_kw={{"latency": 3600.0}})
+a = Side("lat-a", "loopback", slots=1, slot_size=4096, transport_kw={"latency": 3600.0})
 b = Side("lat-b", "loopback", slots=1, slot_size=4096)
 b_at_a, a_at_b = connect(a, b)
 dst = a.advertise(1, "receiver", 4096, 0)
@@ -930,7 +928,7 @@ gc.collect()
 print("after", a.engine.state(1).name, flush=True)
 """
     try:
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        out = run_child(code, timeout=120)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"the transport's destructor sat out the 3600 s latency: {e.stdout!r}")
     assert out.returncode == 0, out.stderr[-2000:]

@@ -633,8 +633,7 @@ void Transport::transfer_batch(const TransferItem* items, std::size_t n, Transfe
           const auto memo = stopped_reqs_.find({req, it.tag});
           const bool stopped_by_peer = memo != stopped_reqs_.end();  // this entry skips the post
           if (stopped_by_peer) w[i].memo = memo->second;
-          Entry entry{Side::Active, *it.peer, it.tag, current, {}, false, false, stopped_by_peer, false, {}};
-          entries_[req] = std::move(entry);
+          entries_[req] = Entry{Side::Active, *it.peer, it.tag, current, {}, false, false, stopped_by_peer, false, {}};
           w[i].entered = true;
           if (engine_) {
             note_posted(req, *it.peer, it.tag, current);

@@ -74,6 +74,88 @@ def nixl_capi_path() -> str:
     return str(path)
 
 
+CUDART12 = "libcudart.so.12"
+_CUDART: list[str | None] = []  # memo of cuda12_runtime(): [where it came from, or None]
+
+
+def cuda12_runtime() -> str | None:
+    """Make ``libcudart.so.12`` loadable for nixl-cu12's UCX; return where it comes from (None: nowhere).
+
+    UCX's CUDA memory hooks in the nixl-cu12 wheel (``libucm_cuda``) need the CUDA 12 runtime.  Without
+    it UCX takes CUDA memory for host memory and NIXL refuses to register VRAM.  A CUDA 12 torch loads it,
+    but a CUDA 13 image lacks it.  When the loader cannot find it by name, the copy in the
+    ``nvidia-cuda-runtime-cu12`` wheel is loaded, once, before NIXL starts UCX.  UCX's dlopen then finds it
+    already loaded, by its soname.  Costs nothing on a host that has neither."""
+    if _CUDART:
+        return _CUDART[0]
+    found = None
+    try:
+        ctypes.CDLL(CUDART12)  # already loaded, or on the loader's path: UCX finds it too
+        found = CUDART12
+    except OSError:
+        try:
+            spec = importlib.util.find_spec("nvidia.cuda_runtime")
+        except (ImportError, ValueError):
+            spec = None
+        for loc in (spec.submodule_search_locations or []) if spec is not None else []:
+            lib = Path(loc) / "lib" / CUDART12
+            try:
+                ctypes.CDLL(str(lib))
+            except OSError:
+                continue
+            found = str(lib)
+            break
+    _CUDART.append(_mapped(CUDART12) or found)
+    return _CUDART[0]
+
+
+def _mapped(soname: str) -> str | None:
+    """The file of a loaded library named ``soname*`` (from /proc/self/maps), or None."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split(None, 5)  # address perms offset dev inode [path]
+                if len(fields) == 6 and Path(fields[5].strip()).name.startswith(soname):
+                    return fields[5].strip()
+    except OSError:
+        pass
+    return None
+
+
+# UCX settings this library defaults (never over a value already in the environment), applied only where
+# UCX loads its CUDA transports (the driver, libcuda.so.1, loads); elsewhere UCX would warn the variable unused.
+# UCX_CUDA_IPC_ENABLE_GET_ZCOPY: UCX turns cuda_ipc's one-sided GET off where it sees no NVLink, e.g. one GPU.
+# A READ of another process's CUDA memory is then software-emulated over TCP, and the owner's UCX sends
+# the data from its own progress thread.  On an H100 that was 2.1x slower, and it aborted the owner
+# process (ucs_fatal "unexpected error: Endpoint timeout") when its peer was killed mid-reply: 2 of 4
+# kill-peer demo runs.  With the GET one-sided (cuda_ipc zero-copy), the case that aborted twice passed
+# twice (docs/transport.md, session 16).
+UCX_CUDA_DEFAULTS = {"UCX_CUDA_IPC_ENABLE_GET_ZCOPY": "y"}
+
+
+def ucx_cuda_defaults() -> dict[str, str]:
+    """Apply :data:`UCX_CUDA_DEFAULTS` where the CUDA driver loads; return what was set (before UCX starts)."""
+    todo = {k: v for k, v in UCX_CUDA_DEFAULTS.items() if k not in os.environ}
+    if not todo:
+        return {}
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return {}
+    os.environ.update(todo)
+    return todo
+
+
+def _vram_hint() -> str:
+    src = cuda12_runtime()
+    if src is not None:
+        return (f"UCX's CUDA support needs {CUDART12}, which was loaded ({src}): the cause is elsewhere; "
+                "UCX_LOG_LEVEL=debug shows which UCX module failed to load")
+    return (f"nixl-cu12's UCX supports CUDA memory only when {CUDART12} (the CUDA 12 runtime) can be loaded, "
+            "and it cannot be here: `pip install nvidia-cuda-runtime-cu12` (a CUDA 12 torch brings it) "
+            "or put its folder on LD_LIBRARY_PATH")
+
+
 def nixl_available() -> bool:
     """True when libnixl_capi.so loads and has every symbol this project uses."""
     try:
@@ -413,7 +495,12 @@ class _Transport:
         names memory in such a region (read, write, transfer_batch, expect) checks that it has not moved, and
         raises TransportError if it has; a move while an offer of it is out cannot be seen in time."""
         m = mem_of(obj)
-        rid = self._core.register_region(m.addr, m.nbytes, m.kind, m.device)
+        try:
+            rid = self._core.register_region(m.addr, m.nbytes, m.kind, m.device)
+        except TransportError as e:
+            if m.kind == "vram" and isinstance(self, NixlTransport) and e.args and isinstance(e.args[0], str):
+                e.args = (f"{e.args[0]}: cannot register CUDA memory; {_vram_hint()}",) + e.args[1:]
+            raise
         try:  # (registered: anything that fails from here takes the registration back)
             keep, movable = obj, None
             if hasattr(obj, "data_ptr") and hasattr(obj, "untyped_storage"):  # a tensor: hold its storage
@@ -720,6 +807,8 @@ class NixlTransport(_Transport):
         params, tick, faults_d = _ucx_params(ucx_params), _number("tick", tick), _faults_dict(faults)  # before NIXL loads
         engine = _engine_arg(engine)
         path = capi_path or nixl_capi_path()
+        cuda12_runtime()  # before UCX starts: its CUDA module loads only if libcudart.so.12 does
+        ucx_cuda_defaults()
         core = _core._Transport.nixl(engine, name, path, unsafe_release_on_cancel, faults_d, params, False, tick,
                                      unsafe_ack_stop_at_once)
         super().__init__(core, engine, faults)

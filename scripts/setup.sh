@@ -7,6 +7,10 @@ PY=${PYTHON:-python3}
 pipi() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
 "$PY" -c "import torch" 2>/dev/null || pipi torch==2.13.0
 pipi -r requirements.txt
+# nixl-cu12's UCX handles CUDA memory only when libcudart.so.12 loads (lifecycle.transport.cuda12_runtime)
+if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+  "$PY" -c "import nvidia.cuda_runtime" 2>/dev/null || pipi "nvidia-cuda-runtime-cu12>=12,<13"
+fi
 need_apt=()
 command -v dot >/dev/null || need_apt+=(graphviz)
 command -v chromium >/dev/null || need_apt+=(chromium)

@@ -11,7 +11,7 @@ from lifecycle import CancelResult, IllegalTransition, InvalidArgument, NixlUnav
 from lifecycle import _core
 from lifecycle.transport import ENV_CAPI, Faults, Mem, NixlTransport, Offer, connect_all, nixl_capi_path
 
-from test_transport_harness import SIZES, Side, connect, crc, needs_nixl, pattern, wait_for
+from test_transport_harness import HAVE_NIXL, SIZES, Side, connect, crc, needs_nixl, pattern, wait_for
 
 pytestmark = pytest.mark.nixl
 
@@ -181,8 +181,10 @@ def test_host_memory_registered_as_vram_is_a_typed_error_and_registers_nothing()
 
     buf = (ctypes.c_char * 4096)()
     with NixlTransport(None, "vram-refused") as t:
+        # it also says what UCX lacks: seen on an H100, it was the CUDA 12 runtime (cuda12_runtime)
         with pytest.raises(TransportError, match=r"^NIXL call nixl_capi_register_mem failed with status -?\d+ "
-                                                 r"\(agent vram-refused, 4096 bytes\)$") as ei:
+                                                 r"\(agent vram-refused, 4096 bytes\): cannot register CUDA memory; "
+                                                 r".*libcudart\.so\.12") as ei:
             t.register(_CudaLike(ctypes.addressof(buf), 2048, 0))
         assert ei.value.call == "register_mem" and ei.value.status < 0
         assert t.stats().registered_regions == 0
@@ -246,12 +248,118 @@ def test_the_prepared_device_check_runs_on_cpu_and_can_fail():
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "device_check.py"
     ok = subprocess.run([sys.executable, str(script), "--device", "cpu"], capture_output=True, text=True, timeout=120)
-    assert ok.returncode == 0 and ok.stdout.rstrip().endswith("8 of 8 cases passed"), ok.stdout + ok.stderr
+    assert ok.returncode == 0 and ok.stdout.rstrip().endswith("13 of 13 cases passed"), ok.stdout + ok.stderr
+    assert len(re.findall(r"^  cancel (active |passive) dram->dram (read |write) +16384 KiB: ok ", ok.stdout, re.M)) == 4
     bad = subprocess.run([sys.executable, str(script), "--device", "cpu", "--corrupt-one"], capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 1, bad.stdout + bad.stderr
     assert re.search(r"dram->dram read +1 KiB: FAILED .*bytes DIFFER", bad.stdout), bad.stdout
-    assert re.search(r"^7 of 8 cases passed; failed: dram->dram read +1 KiB$", bad.stdout, re.M), bad.stdout
+    assert re.search(r"^12 of 13 cases passed; failed: dram->dram read +1 KiB$", bad.stdout, re.M), bad.stdout
+    # the cancel cases' control: their agents drop every notification, so the evidence never comes
+    drop = subprocess.run([sys.executable, str(script), "--device", "cpu", "--drop-notes"], capture_output=True,
+                          text=True, timeout=120)
+    assert drop.returncode == 1, drop.stdout + drop.stderr
+    for who in ("active", "passive"):
+        for mode in ("read", "write"):
+            assert re.search(rf"^  cancel {who} +dram->dram {mode} +16384 KiB: FAILED .*Poisoned", drop.stdout, re.M), \
+                drop.stdout
+    assert re.search(r"^  cancel pair: FAILED .*may still be touched by the backend", drop.stdout, re.M), drop.stdout
+    assert re.search(r"^8 of 13 cases passed; failed: ", drop.stdout, re.M), drop.stdout
+
+
+def test_cuda12_runtime_loads_the_wheel_copy_so_that_a_library_needing_it_loads(tmp_path):
+    """nixl-cu12's UCX needs libcudart.so.12 for its CUDA module (libucm_cuda), which a CUDA 13 image lacks
+    (seen on an H100: VRAM registration failed until it was there).  cuda12_runtime() loads the copy in
+    the nvidia-cuda-runtime-cu12 wheel.  Stand-ins here: a library with that soname in the wheel's place,
+    and one that NEEDs it, as libucm_cuda does.  Control: before the call, the second one does not load."""
+    import shutil
+    import subprocess
+    import sys
+
+    from test_transport_harness import run_child
+
+    if subprocess.run([sys.executable, "-c", "import ctypes; ctypes.CDLL('libcudart.so.12')"]).returncode == 0:
+        pytest.skip("this host's loader finds a libcudart.so.12: the stand-in would not be the one loaded")
+    cc = shutil.which("cc") or shutil.which("gcc")
+    assert cc, "a C compiler builds the stand-ins (the C++ build needs one too)"
+    lib = tmp_path / "site" / "nvidia" / "cuda_runtime" / "lib"
+    lib.mkdir(parents=True)
+    (tmp_path / "rt.c").write_text("int cudaRuntimeGetVersion(int *v) { *v = 12090; return 0; }\n")
+    (tmp_path / "needs.c").write_text("int cudaRuntimeGetVersion(int *);\n"
+                                      "int probe(void) { int v = 0; cudaRuntimeGetVersion(&v); return v; }\n")
+    subprocess.run([cc, "-shared", "-fPIC", "-Wl,-soname,libcudart.so.12", "-o", str(lib / "libcudart.so.12"),
+                    str(tmp_path / "rt.c")], check=True)
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(tmp_path / "needs.so"), str(tmp_path / "needs.c"),
+                    f"-L{lib}", "-l:libcudart.so.12"], check=True)
+    out = run_child("""
+        import ctypes
+        sys.path.insert(0, sys.argv[1])
+        try:
+            ctypes.CDLL(sys.argv[2])
+            print("before: loaded")
+        except OSError as e:
+            print("before:", e)
+        from lifecycle.transport import cuda12_runtime
+        print("runtime:", cuda12_runtime())
+        print("probe:", ctypes.CDLL(sys.argv[2]).probe())
+        print("again:", cuda12_runtime())
+    """, str(tmp_path / "site"), str(tmp_path / "needs.so"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert re.search(r"^before: libcudart\.so\.12: cannot open shared object file", out.stdout, re.M), out.stdout
+    assert f"runtime: {lib / 'libcudart.so.12'}\n" in out.stdout, out.stdout
+    assert "probe: 12090\n" in out.stdout and f"again: {lib / 'libcudart.so.12'}\n" in out.stdout, out.stdout
+
+
+def test_ucx_cuda_defaults_apply_only_where_the_driver_loads_and_never_over_the_users_value(tmp_path):
+    """UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y: without it, on one GPU, a READ of another process's VRAM was
+    software-emulated and UCX aborted the owner when its peer died (H100, docs/transport.md).  Where
+    the driver loads (a stand-in libcuda.so.1 here), the default is set unless the user set the
+    variable.  Where it does not (this host), nothing is set.  The control shows why that matters:
+    set by hand on this host, UCX warns that the variable is unused."""
+    import shutil
+    import subprocess
+    import sys
+
+    from test_transport_harness import run_child
+
+    if subprocess.run([sys.executable, "-c", "import ctypes; ctypes.CDLL('libcuda.so.1')"]).returncode == 0:
+        pytest.skip("this host has a CUDA driver: the no-driver branch cannot be shown here")
+    cc = shutil.which("cc") or shutil.which("gcc")
+    assert cc, "a C compiler builds the stand-in (the C++ build needs one too)"
+    (tmp_path / "cu.c").write_text("int cuInit(unsigned f) { (void)f; return 0; }\n")
+    stand_in = tmp_path / "libcuda.so.1"
+    subprocess.run([cc, "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", str(stand_in), str(tmp_path / "cu.c")],
+                   check=True)
+    probe = """
+        import ctypes, os
+        if sys.argv[1]:
+            ctypes.CDLL(sys.argv[1])  # loaded: CDLL("libcuda.so.1") now finds it by its soname
+        if sys.argv[2]:
+            os.environ["UCX_CUDA_IPC_ENABLE_GET_ZCOPY"] = sys.argv[2]
+        from lifecycle.transport import ucx_cuda_defaults
+        print("applied:", ucx_cuda_defaults(), "now:", os.environ.get("UCX_CUDA_IPC_ENABLE_GET_ZCOPY"))
+    """
+    driver = run_child(probe, str(stand_in), "")
+    assert "applied: {'UCX_CUDA_IPC_ENABLE_GET_ZCOPY': 'y'} now: y\n" in driver.stdout, driver.stdout + driver.stderr
+    users = run_child(probe, str(stand_in), "n")
+    assert "applied: {} now: n\n" in users.stdout, users.stdout + users.stderr
+    none = run_child(probe, "", "")
+    assert "applied: {} now: None\n" in none.stdout, none.stdout + none.stderr
+    if HAVE_NIXL:  # what the guard spares a CPU host: UCX's warning, on every agent
+        agent = """
+            import os
+            if sys.argv[1]:
+                os.environ["UCX_CUDA_IPC_ENABLE_GET_ZCOPY"] = sys.argv[1]
+            from lifecycle import TransferEngine
+            from lifecycle.transport import NixlTransport
+            with NixlTransport(TransferEngine(), "ucx-defaults"):
+                pass
+            print("agent made")
+        """
+        quiet, loud = run_child(agent, ""), run_child(agent, "y")
+        assert "agent made" in quiet.stdout and "agent made" in loud.stdout, quiet.stderr + loud.stderr
+        assert "unused environment variable: UCX_CUDA_IPC_ENABLE_GET_ZCOPY" not in quiet.stdout + quiet.stderr
+        assert "unused environment variable: UCX_CUDA_IPC_ENABLE_GET_ZCOPY" in loud.stdout + loud.stderr, loud.stderr
 
 
 def test_every_session_has_its_own_serial_also_for_a_reused_id():

@@ -21,6 +21,7 @@ import importlib.util
 import numbers
 import os
 import struct
+import threading
 import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,11 +41,14 @@ __all__ = [
     "Offer",
     "Registration",
     "TransportStats",
+    "UCX_CUDA_DEFAULTS",
     "connect_all",
+    "cuda12_runtime",
     "mem_of",
     "nixl_capi_path",
     "pool_slot",
     "stranded",
+    "ucx_cuda_defaults",
 ]
 
 ENV_CAPI = _core.NIXL_CAPI_ENV  # "KV_LIFECYCLE_NIXL_CAPI"
@@ -65,7 +69,7 @@ def nixl_capi_path() -> str:
             f"NIXL C API unavailable: the nixl-cu12 wheel is not installed; install it with `{INSTALL_HINT}` "
             f"or set {ENV_CAPI} to the path of libnixl_capi.so"
         )
-    path = Path(spec.origin).parent.parent / ".nixl_cu12.mesonpy.libs" / "libnixl_capi.so"
+    path = _wheel_capi(spec)
     if not path.exists():
         raise NixlUnavailable(
             f"NIXL C API unavailable: {path} not found in the installed nixl-cu12; reinstall it with "
@@ -74,8 +78,22 @@ def nixl_capi_path() -> str:
     return str(path)
 
 
+def _wheel_capi(spec) -> Path:
+    return Path(spec.origin).parent.parent / ".nixl_cu12.mesonpy.libs" / "libnixl_capi.so"
+
+
+def _is_wheel_capi(path: str) -> bool:
+    """True when ``path`` is the nixl-cu12 wheel's libnixl_capi.so (its UCX is the one with these needs)."""
+    try:
+        spec = importlib.util.find_spec("nixl_cu12")
+        return spec is not None and spec.origin is not None and os.path.samefile(path, _wheel_capi(spec))
+    except (ImportError, ValueError, OSError):
+        return False
+
+
 CUDART12 = "libcudart.so.12"
 _CUDART: list[str | None] = []  # memo of cuda12_runtime(): [where it came from, or None]
+_CUDART_LOCK = threading.Lock()
 
 
 def cuda12_runtime() -> str | None:
@@ -85,18 +103,24 @@ def cuda12_runtime() -> str | None:
     it UCX takes CUDA memory for host memory and NIXL refuses to register VRAM.  A CUDA 12 torch loads it,
     but a CUDA 13 image lacks it.  When the loader cannot find it by name, the copy in the
     ``nvidia-cuda-runtime-cu12`` wheel is loaded, once, before NIXL starts UCX.  UCX's dlopen then finds it
-    already loaded, by its soname.  Costs nothing on a host that has neither."""
-    if _CUDART:
+    already loaded, by its soname.  NixlTransport calls this only for the wheel's NIXL.  It never raises."""
+    with _CUDART_LOCK:
+        if not _CUDART:
+            try:
+                found = _load_cuda12_runtime()
+            except Exception:  # (a probe: whatever goes wrong, VRAM registration then says what is missing)
+                found = None
+            _CUDART.append(found)
         return _CUDART[0]
+
+
+def _load_cuda12_runtime() -> str | None:
     found = None
     try:
         ctypes.CDLL(CUDART12)  # already loaded, or on the loader's path: UCX finds it too
         found = CUDART12
     except OSError:
-        try:
-            spec = importlib.util.find_spec("nvidia.cuda_runtime")
-        except (ImportError, ValueError):
-            spec = None
+        spec = importlib.util.find_spec("nvidia.cuda_runtime")
         for loc in (spec.submodule_search_locations or []) if spec is not None else []:
             lib = Path(loc) / "lib" / CUDART12
             try:
@@ -105,55 +129,59 @@ def cuda12_runtime() -> str | None:
                 continue
             found = str(lib)
             break
-    _CUDART.append(_mapped(CUDART12) or found)
-    return _CUDART[0]
+    return _mapped(CUDART12) or found
 
 
 def _mapped(soname: str) -> str | None:
     """The file of a loaded library named ``soname*`` (from /proc/self/maps), or None."""
     try:
-        with open("/proc/self/maps") as f:
+        with open("/proc/self/maps", "rb") as f:  # bytes: a mapped file's name need not be UTF-8
             for line in f:
-                fields = line.split(None, 5)  # address perms offset dev inode [path]
-                if len(fields) == 6 and Path(fields[5].strip()).name.startswith(soname):
-                    return fields[5].strip()
+                fields = line.rstrip(b"\n").split(None, 5)  # address perms offset dev inode [path]
+                if len(fields) == 6:
+                    path = os.fsdecode(fields[5]).removesuffix(" (deleted)")
+                    if Path(path).name.startswith(soname):
+                        return path
     except OSError:
         pass
     return None
 
 
-# UCX settings this library defaults (never over a value already in the environment), applied only where
-# UCX loads its CUDA transports (the driver, libcuda.so.1, loads); elsewhere UCX would warn the variable unused.
-# UCX_CUDA_IPC_ENABLE_GET_ZCOPY: UCX turns cuda_ipc's one-sided GET off where it sees no NVLink, e.g. one GPU.
-# A READ of another process's CUDA memory is then software-emulated over TCP, and the owner's UCX sends
-# the data from its own progress thread.  On an H100 that was 2.1x slower, and it aborted the owner
-# process (ucs_fatal "unexpected error: Endpoint timeout") when its peer was killed mid-reply: 2 of 4
-# kill-peer demo runs.  With the GET one-sided (cuda_ipc zero-copy), the case that aborted twice passed
-# twice (docs/transport.md, session 16).
+def _vram_hint(wheel: bool) -> str:
+    """What a refused VRAM registration lacks (reads the memo; loads nothing)."""
+    if not wheel:
+        return ("if this is CUDA memory: the UCX of this NIXL build has no CUDA support loaded "
+                "(UCX_LOG_LEVEL=debug shows which UCX module failed to load)")
+    src = _CUDART[0] if _CUDART else None
+    if src is not None:
+        return (f"if this is CUDA memory: {CUDART12} was loaded ({src}) before this agent started, so the cause "
+                "is elsewhere (UCX loads its modules once a process: a UCX user started earlier without it would "
+                "explain it); UCX_LOG_LEVEL=debug shows which UCX module failed to load")
+    return (f"if this is CUDA memory: nixl-cu12's UCX handles it only when {CUDART12} (the CUDA 12 runtime) "
+            "loads, and it does not here: `pip install nvidia-cuda-runtime-cu12` (a CUDA 12 torch brings it) "
+            "or put its folder on LD_LIBRARY_PATH")
+
+
+# UCX settings defaulted where UCX loads its CUDA transports (their libuct_cuda needs the driver's libcuda.so.1
+# and libnvidia-ml.so.1; elsewhere UCX would warn the variable unused), never over a value already set.
+# UCX_CUDA_IPC_ENABLE_GET_ZCOPY: without NVLink UCX software-emulates a READ of another process's CUDA memory,
+# and UCX aborted the owner process when its peer died mid-reply; docs/transport.md ("Two processes on one GPU").
 UCX_CUDA_DEFAULTS = {"UCX_CUDA_IPC_ENABLE_GET_ZCOPY": "y"}
 
 
 def ucx_cuda_defaults() -> dict[str, str]:
-    """Apply :data:`UCX_CUDA_DEFAULTS` where the CUDA driver loads; return what was set (before UCX starts)."""
+    """Apply :data:`UCX_CUDA_DEFAULTS` to ``os.environ`` (the process and its children) where the CUDA driver
+    loads; return what was set.  NixlTransport calls it before its agent starts UCX."""
     todo = {k: v for k, v in UCX_CUDA_DEFAULTS.items() if k not in os.environ}
     if not todo:
         return {}
     try:
         ctypes.CDLL("libcuda.so.1")
+        ctypes.CDLL("libnvidia-ml.so.1")
     except OSError:
         return {}
     os.environ.update(todo)
     return todo
-
-
-def _vram_hint() -> str:
-    src = cuda12_runtime()
-    if src is not None:
-        return (f"UCX's CUDA support needs {CUDART12}, which was loaded ({src}): the cause is elsewhere; "
-                "UCX_LOG_LEVEL=debug shows which UCX module failed to load")
-    return (f"nixl-cu12's UCX supports CUDA memory only when {CUDART12} (the CUDA 12 runtime) can be loaded, "
-            "and it cannot be here: `pip install nvidia-cuda-runtime-cu12` (a CUDA 12 torch brings it) "
-            "or put its folder on LD_LIBRARY_PATH")
 
 
 def nixl_available() -> bool:
@@ -481,6 +509,10 @@ class _Transport:
         except Exception:  # (a finalizer cannot raise; at interpreter exit the modules may be half gone)
             pass
 
+    def _refused_hint(self, m: Mem) -> str:
+        """Added to a refused registration's message (NixlTransport: what UCX lacks for VRAM)."""
+        return ""
+
     # ---- memory and peers -------------------------------------------------------------------------
     def register(self, obj) -> Registration:
         """Register a tensor, the engine's pool (``engine.pool``), a :class:`Mem` or a writable buffer.
@@ -498,8 +530,9 @@ class _Transport:
         try:
             rid = self._core.register_region(m.addr, m.nbytes, m.kind, m.device)
         except TransportError as e:
-            if m.kind == "vram" and isinstance(self, NixlTransport) and e.args and isinstance(e.args[0], str):
-                e.args = (f"{e.args[0]}: cannot register CUDA memory; {_vram_hint()}",) + e.args[1:]
+            hint = self._refused_hint(m)
+            if hint and e.args and isinstance(e.args[0], str):
+                e.args = (f"{e.args[0]}: {hint}",) + e.args[1:]
             raise
         try:  # (registered: anything that fails from here takes the registration back)
             keep, movable = obj, None
@@ -798,7 +831,12 @@ class NixlTransport(_Transport):
     """A NIXL agent with the UCX backend, driving ``engine`` (a TransferEngine, or None for a bare
     transport).  ``unsafe_release_on_cancel`` and ``unsafe_ack_stop_at_once`` are TEST ONLY: the first
     treats release as evidence, the second answers a peer's "stop" before its own request is Done (the
-    bugs that DESIGN §3 forbids), so that tests can prove they detect late writes on each side."""
+    bugs that DESIGN §3 forbids), so that tests can prove they detect late writes on each side.
+
+    Before its agent starts UCX it prepares CUDA support: for the nixl-cu12 wheel's NIXL it makes the CUDA 12
+    runtime loadable (:func:`cuda12_runtime`), and where the CUDA driver loads it sets the
+    :data:`UCX_CUDA_DEFAULTS` that the environment does not already set, for the whole process and its
+    children (:func:`ucx_cuda_defaults`)."""
 
     def __init__(self, engine, name: str, *, capi_path: str | None = None, faults: Faults | None = None,
                  unsafe_release_on_cancel: bool = False, ucx_params: dict[str, str] | None = None,
@@ -807,11 +845,16 @@ class NixlTransport(_Transport):
         params, tick, faults_d = _ucx_params(ucx_params), _number("tick", tick), _faults_dict(faults)  # before NIXL loads
         engine = _engine_arg(engine)
         path = capi_path or nixl_capi_path()
-        cuda12_runtime()  # before UCX starts: its CUDA module loads only if libcudart.so.12 does
+        self._wheel = _is_wheel_capi(path)
+        if self._wheel:
+            cuda12_runtime()  # before UCX starts: the wheel's UCX loads its CUDA module only if libcudart.so.12 does
         ucx_cuda_defaults()
         core = _core._Transport.nixl(engine, name, path, unsafe_release_on_cancel, faults_d, params, False, tick,
                                      unsafe_ack_stop_at_once)
         super().__init__(core, engine, faults)
+
+    def _refused_hint(self, m: Mem) -> str:
+        return f"cannot register CUDA memory; {_vram_hint(self._wheel)}" if m.kind == "vram" else ""
 
 
 class LoopbackTransport(_Transport):

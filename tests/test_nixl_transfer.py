@@ -11,7 +11,8 @@ from lifecycle import CancelResult, IllegalTransition, InvalidArgument, NixlUnav
 from lifecycle import _core
 from lifecycle.transport import ENV_CAPI, Faults, Mem, NixlTransport, Offer, connect_all, nixl_capi_path
 
-from test_transport_harness import HAVE_NIXL, SIZES, Side, connect, crc, needs_nixl, pattern, wait_for
+from test_transport_harness import (HAVE_NIXL, SIZES, Side, build_shared, connect, crc, loader_finds, needs_nixl,
+                                    pattern, run_child, wait_for)
 
 pytestmark = pytest.mark.nixl
 
@@ -250,6 +251,13 @@ def test_the_prepared_device_check_runs_on_cpu_and_can_fail():
     ok = subprocess.run([sys.executable, str(script), "--device", "cpu"], capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0 and ok.stdout.rstrip().endswith("13 of 13 cases passed"), ok.stdout + ok.stderr
     assert len(re.findall(r"^  cancel (active |passive) dram->dram (read |write) +16384 KiB: ok ", ok.stdout, re.M)) == 4
+    # the active side's cancels land in flight (a delay fault holds its request) and take effect on its side
+    assert re.search(r"^  cancel active +dram->dram read +16384 KiB: ok \(cancel -> CancelRequestedInFlight; "
+                     r"states Quiesced/Quiesced; outcomes \w+/cancelled;", ok.stdout, re.M), ok.stdout
+    assert re.search(r"^  cancel active +dram->dram write +16384 KiB: ok \(cancel -> CancelRequestedInFlight; "
+                     r"states Quiesced/Quiesced; outcomes cancelled/\w+;", ok.stdout, re.M), ok.stdout
+    landed = re.search(r"^  cancel pair: ok \((\d) of 4 cancels landed in flight; 0 transfer requests live", ok.stdout, re.M)
+    assert landed and int(landed.group(1)) >= 2, ok.stdout
     bad = subprocess.run([sys.executable, str(script), "--device", "cpu", "--corrupt-one"], capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 1, bad.stdout + bad.stderr
@@ -272,25 +280,16 @@ def test_cuda12_runtime_loads_the_wheel_copy_so_that_a_library_needing_it_loads(
     (seen on an H100: VRAM registration failed until it was there).  cuda12_runtime() loads the copy in
     the nvidia-cuda-runtime-cu12 wheel.  Stand-ins here: a library with that soname in the wheel's place,
     and one that NEEDs it, as libucm_cuda does.  Control: before the call, the second one does not load."""
-    import shutil
-    import subprocess
-    import sys
-
-    from test_transport_harness import run_child
-
-    if subprocess.run([sys.executable, "-c", "import ctypes; ctypes.CDLL('libcudart.so.12')"]).returncode == 0:
+    if loader_finds("libcudart.so.12"):
         pytest.skip("this host's loader finds a libcudart.so.12: the stand-in would not be the one loaded")
-    cc = shutil.which("cc") or shutil.which("gcc")
-    assert cc, "a C compiler builds the stand-ins (the C++ build needs one too)"
     lib = tmp_path / "site" / "nvidia" / "cuda_runtime" / "lib"
     lib.mkdir(parents=True)
-    (tmp_path / "rt.c").write_text("int cudaRuntimeGetVersion(int *v) { *v = 12090; return 0; }\n")
-    (tmp_path / "needs.c").write_text("int cudaRuntimeGetVersion(int *);\n"
-                                      "int probe(void) { int v = 0; cudaRuntimeGetVersion(&v); return v; }\n")
-    subprocess.run([cc, "-shared", "-fPIC", "-Wl,-soname,libcudart.so.12", "-o", str(lib / "libcudart.so.12"),
-                    str(tmp_path / "rt.c")], check=True)
-    subprocess.run([cc, "-shared", "-fPIC", "-o", str(tmp_path / "needs.so"), str(tmp_path / "needs.c"),
-                    f"-L{lib}", "-l:libcudart.so.12"], check=True)
+    for pkg in (lib.parent.parent, lib.parent):  # regular packages: ahead of any installed copy of the wheel
+        (pkg / "__init__.py").write_text("")
+    rt = build_shared(lib / "libcudart.so.12", "int cudaRuntimeGetVersion(int *v) { *v = 12090; return 0; }\n",
+                      soname="libcudart.so.12")
+    needs = build_shared(tmp_path / "needs.so", "int cudaRuntimeGetVersion(int *);\n"
+                         "int probe(void) { int v = 0; cudaRuntimeGetVersion(&v); return v; }\n", needs=rt)
     out = run_child("""
         import ctypes
         sys.path.insert(0, sys.argv[1])
@@ -303,48 +302,91 @@ def test_cuda12_runtime_loads_the_wheel_copy_so_that_a_library_needing_it_loads(
         print("runtime:", cuda12_runtime())
         print("probe:", ctypes.CDLL(sys.argv[2]).probe())
         print("again:", cuda12_runtime())
-    """, str(tmp_path / "site"), str(tmp_path / "needs.so"))
+    """, str(tmp_path / "site"), str(needs))
     assert out.returncode == 0, out.stdout + out.stderr
     assert re.search(r"^before: libcudart\.so\.12: cannot open shared object file", out.stdout, re.M), out.stdout
-    assert f"runtime: {lib / 'libcudart.so.12'}\n" in out.stdout, out.stdout
-    assert "probe: 12090\n" in out.stdout and f"again: {lib / 'libcudart.so.12'}\n" in out.stdout, out.stdout
+    assert f"runtime: {rt}\n" in out.stdout, out.stdout
+    assert "probe: 12090\n" in out.stdout and f"again: {rt}\n" in out.stdout, out.stdout
+
+
+def test_cuda12_runtime_survives_a_mapped_file_whose_name_is_not_utf8(tmp_path):
+    """/proc/self/maps lists every mapped file; one named in bytes that are not UTF-8 must not make the probe
+    (and so every NixlTransport) raise.  Control: the same maps read as text raise UnicodeDecodeError."""
+    out = run_child("""
+        import mmap, os
+        path = os.fsencode(sys.argv[1]) + b"/bad_\\xff.bin"
+        with open(path, "wb") as f:
+            f.write(b"x" * 4096)
+        f = open(path, "rb")
+        m = mmap.mmap(f.fileno(), 4096, prot=mmap.PROT_READ)
+        try:
+            open("/proc/self/maps").read()
+            print("text: read")
+        except UnicodeDecodeError:
+            print("text: UnicodeDecodeError")
+        from lifecycle.transport import _mapped, cuda12_runtime
+        print("runtime:", cuda12_runtime() is None or isinstance(cuda12_runtime(), str))
+        print("bad:", _mapped("bad_") == os.fsdecode(path))
+    """, str(tmp_path))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "text: UnicodeDecodeError\n" in out.stdout, out.stdout  # the control: the case is really there
+    assert "runtime: True\n" in out.stdout and "bad: True\n" in out.stdout, out.stdout
+
+
+def test_nixl_transport_prepares_cuda_before_its_agent_starts_ucx(monkeypatch):
+    """UCX loads its modules and reads its settings when the agent starts, so both preparations must run
+    before the core is made, and the CUDA 12 runtime only for the wheel's NIXL."""
+    import lifecycle.transport as tr
+
+    calls = []
+
+    class Core:
+        @staticmethod
+        def nixl(*args):
+            calls.append("core")
+            raise RuntimeError("stop here")
+
+    monkeypatch.setattr(tr, "cuda12_runtime", lambda: calls.append("cudart"))
+    monkeypatch.setattr(tr, "ucx_cuda_defaults", lambda: calls.append("ucx"))
+    monkeypatch.setattr(tr._core, "_Transport", Core)
+    monkeypatch.setattr(tr, "_is_wheel_capi", lambda path: path == "wheel")
+    for path, want in (("wheel", ["cudart", "ucx", "core"]), ("site-build", ["ucx", "core"])):
+        calls.clear()
+        with pytest.raises(RuntimeError, match="stop here"):
+            NixlTransport(None, "order", capi_path=path)
+        assert calls == want, (path, calls)
 
 
 def test_ucx_cuda_defaults_apply_only_where_the_driver_loads_and_never_over_the_users_value(tmp_path):
     """UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y: without it, on one GPU, a READ of another process's VRAM was
     software-emulated and UCX aborted the owner when its peer died (H100, docs/transport.md).  Where
-    the driver loads (a stand-in libcuda.so.1 here), the default is set unless the user set the
-    variable.  Where it does not (this host), nothing is set.  The control shows why that matters:
-    set by hand on this host, UCX warns that the variable is unused."""
-    import shutil
-    import subprocess
-    import sys
-
-    from test_transport_harness import run_child
-
-    if subprocess.run([sys.executable, "-c", "import ctypes; ctypes.CDLL('libcuda.so.1')"]).returncode == 0:
+    the driver loads (stand-ins for libcuda.so.1 and libnvidia-ml.so.1 here), the default is set unless
+    the user set the variable.  Where it does not (this host), nothing is set.  The control shows why that
+    matters: set by hand on this host, UCX warns that the variable is unused."""
+    if loader_finds("libcuda.so.1"):
         pytest.skip("this host has a CUDA driver: the no-driver branch cannot be shown here")
-    cc = shutil.which("cc") or shutil.which("gcc")
-    assert cc, "a C compiler builds the stand-in (the C++ build needs one too)"
-    (tmp_path / "cu.c").write_text("int cuInit(unsigned f) { (void)f; return 0; }\n")
-    stand_in = tmp_path / "libcuda.so.1"
-    subprocess.run([cc, "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", str(stand_in), str(tmp_path / "cu.c")],
-                   check=True)
+    cuda = build_shared(tmp_path / "libcuda.so.1", "int cuInit(unsigned f) { (void)f; return 0; }\n",
+                        soname="libcuda.so.1")
+    nvml = build_shared(tmp_path / "libnvidia-ml.so.1", "int nvmlInit_v2(void) { return 0; }\n",
+                        soname="libnvidia-ml.so.1")
     probe = """
         import ctypes, os
-        if sys.argv[1]:
-            ctypes.CDLL(sys.argv[1])  # loaded: CDLL("libcuda.so.1") now finds it by its soname
+        for lib in sys.argv[1].split(","):
+            if lib:
+                ctypes.CDLL(lib)  # loaded: CDLL(its soname) now finds it
         if sys.argv[2]:
             os.environ["UCX_CUDA_IPC_ENABLE_GET_ZCOPY"] = sys.argv[2]
         from lifecycle.transport import ucx_cuda_defaults
         print("applied:", ucx_cuda_defaults(), "now:", os.environ.get("UCX_CUDA_IPC_ENABLE_GET_ZCOPY"))
     """
-    driver = run_child(probe, str(stand_in), "")
+    both = f"{cuda},{nvml}"
+    driver = run_child(probe, both, "")
     assert "applied: {'UCX_CUDA_IPC_ENABLE_GET_ZCOPY': 'y'} now: y\n" in driver.stdout, driver.stdout + driver.stderr
-    users = run_child(probe, str(stand_in), "n")
+    users = run_child(probe, both, "n")
     assert "applied: {} now: n\n" in users.stdout, users.stdout + users.stderr
-    none = run_child(probe, "", "")
-    assert "applied: {} now: None\n" in none.stdout, none.stdout + none.stderr
+    for libs in ("", str(cuda)):  # no driver; libcuda without NVML (UCX's CUDA transports need both)
+        none = run_child(probe, libs, "")
+        assert "applied: {} now: None\n" in none.stdout, (libs, none.stdout + none.stderr)
     if HAVE_NIXL:  # what the guard spares a CPU host: UCX's warning, on every agent
         agent = """
             import os

@@ -80,6 +80,29 @@ def run_child(code: str, *args: str, timeout: float = 120) -> subprocess.Complet
     return subprocess.run([sys.executable, "-c", src, *args], capture_output=True, text=True, timeout=timeout)
 
 
+def build_shared(out: Path, source: str, soname: str | None = None, needs: Path | None = None) -> Path:
+    """Compiles C ``source`` into the shared library ``out`` (a stand-in for a system library): with
+    ``soname``, and linked against ``needs`` (recorded as NEEDED by its soname, found by no path)."""
+    import shutil
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    assert cc, "a C compiler builds the stand-ins (the C++ build needs one too)"
+    src = out.with_name(out.name + ".c")
+    src.write_text(source)
+    cmd = [cc, "-shared", "-fPIC", "-o", str(out), str(src)]
+    if soname:
+        cmd.append(f"-Wl,-soname,{soname}")
+    if needs is not None:
+        cmd += [f"-L{needs.parent}", f"-l:{needs.name}"]
+    subprocess.run(cmd, check=True)
+    return out
+
+
+def loader_finds(soname: str) -> bool:
+    """True when a fresh interpreter's dlopen finds ``soname`` by name (this host has the real library)."""
+    return subprocess.run([sys.executable, "-c", f"import ctypes; ctypes.CDLL({soname!r})"]).returncode == 0
+
+
 def wait_for(pred, timeout: float, what: str, poll=None) -> None:
     deadline = time.monotonic() + timeout
     while not pred():

@@ -23,6 +23,11 @@
 #include "lifecycle/transport/nixl_capi.hpp"  // TransportError
 #include "lifecycle/transport/transport.hpp"
 
+#include <csignal>
+#include <cstdio>
+#include <sys/wait.h>
+#include <unistd.h>
+
 using namespace lifecycle;
 using namespace lifecycle::transport;
 
@@ -1177,6 +1182,75 @@ void test_every_transport_on_an_engine_gets_its_aborts() {
   CHECK(eventually([&] { return t2->stats().stops_sent == 2 && state_of(*e, 3) == State::Quiesced; }));
 }
 
+// fork() of a process whose transport is busy: a lock that one of its threads held at the fork is held
+// for good in the child.  The engine's abort hook reaches nothing there (Relay::owner), so a cancel in
+// the child returns instead of waiting for that lock.  Control: the child adopts the transport (as
+// before the guard), and its cancel hangs on the lock.
+#if !defined(__SANITIZE_THREAD__)
+int forked_cancel(Engine& e, Transport& t, bool adopt) {  // the child's exit code; -1: hung (killed at 3 s)
+  std::mutex mu;
+  std::condition_variable cv;
+  bool held = false, done = false;
+  std::thread holder([&] {  // holds the relay's lock across the fork, like a cancel running on another thread
+    std::lock_guard<std::recursive_mutex> relay(TransportTestPeer::relay_mutex(t));
+    std::unique_lock<std::mutex> lk(mu);
+    held = true;
+    cv.notify_all();
+    cv.wait(lk, [&] { return done; });
+  });
+  {
+    std::unique_lock<std::mutex> lk(mu);
+    cv.wait(lk, [&] { return held; });
+  }
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    if (adopt) TransportTestPeer::adopt(t);
+    ::_exit(e.cancel(1) == CancelResult::CancelRequestedInFlight ? 0 : 3);
+  }
+  {
+    std::lock_guard<std::mutex> lk(mu);
+    done = true;
+  }
+  cv.notify_all();
+  holder.join();
+  CHECK(pid > 0);
+  int status = 0;
+  for (int i = 0; i < 300; ++i) {
+    if (::waitpid(pid, &status, WNOHANG) == pid) return WIFEXITED(status) ? WEXITSTATUS(status) : 100 + WTERMSIG(status);
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ::kill(pid, SIGKILL);
+  ::waitpid(pid, &status, 0);
+  return -1;
+}
+#endif
+
+void test_a_cancel_in_a_forked_child_never_reaches_the_parents_transport() {
+#if defined(__SANITIZE_THREAD__)
+  std::puts("fork test: not under TSan (fork of a threaded process); the Release and ASan builds run it");
+#else
+  auto e = std::make_shared<Engine>(Config{});
+  TransportOptions quiet;
+  quiet.progress.tick_interval = std::chrono::microseconds{0};  // its thread never enters the engine unasked
+  LoopbackOptions o = named("fork-a");
+  Transport t(e, std::make_unique<LoopbackAgent>(o), quiet);
+  auto tp = loopback(std::make_shared<Engine>(Config{}), "fork-peer");
+  std::vector<char> buf(4096);
+  const Region mine{reinterpret_cast<std::uintptr_t>(buf.data()), buf.size(), 0, MemKind::Dram};
+  t.register_region(mine);
+  t.add_peer(tp->metadata());
+  tp->add_peer(t.metadata());
+  CHECK(e->advertise(1, Role::sender, 0).status == Status::Moved);
+  (void)t.expect(1, "fork-peer", mine);  // a passive session: its cancel goes through the hook (a stop)
+  CHECK(forked_cancel(*e, t, false) == 0);   // the guard: the child's cancel returned
+  CHECK(forked_cancel(*e, t, true) == -1);   // control: adopted, it waits for a lock nobody releases
+  // the parent's transport never saw either: the session is in flight, and its own cancel sends the stop
+  CHECK(state_of(*e, 1) == State::InFlight && t.stats().stops_sent == 0);
+  CHECK(e->cancel(1) == CancelResult::CancelRequestedInFlight);
+  CHECK(eventually([&] { return t.stats().stops_sent == 1 && state_of(*e, 1) == State::Quiesced; }));
+#endif
+}
+
 // Ranges are checked without overflow: a length that wraps past 2**64 is refused by register and
 // by transfer (it used to pass the loopback's bounds check and copy ~2**64 bytes).
 void test_wrapping_ranges_are_refused() {
@@ -1890,6 +1964,7 @@ int main() {
   test_a_cancel_or_stop_mid_batch_skips_that_items_post();
   test_a_retried_release_never_forgets_a_new_transfers_hold();
   test_every_transport_on_an_engine_gets_its_aborts();
+  test_a_cancel_in_a_forked_child_never_reaches_the_parents_transport();
   test_wrapping_ranges_are_refused();
   test_posts_cancels_and_drains_race_cleanly(1);
   test_posts_cancels_and_drains_race_cleanly(8);

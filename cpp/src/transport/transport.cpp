@@ -6,6 +6,8 @@
 #include <random>
 #include <vector>
 
+#include <unistd.h>  // getpid
+
 #include "lifecycle/errors.hpp"
 #include "lifecycle/transport/nixl_capi.hpp"  // TransportError
 
@@ -16,7 +18,15 @@ namespace lifecycle::transport {
 struct Transport::Relay {
   std::recursive_mutex mu;
   Transport* target = nullptr;  // guarded by mu
+  // The process that made the transport.  In a fork() of it the engine's hook reaches nothing.  The
+  // transport's threads stayed with the parent, and a lock one of them held at the fork stays held in
+  // the child for good: a cancel there would hang on it.  Its passive sessions then get no stop, so they
+  // end Poisoned, not released, in the child's copy of the engine.
+  pid_t owner = ::getpid();
 };
+
+std::recursive_mutex& TransportTestPeer::relay_mutex(Transport& t) { return t.relay_->mu; }
+void TransportTestPeer::adopt(Transport& t) { t.relay_->owner = ::getpid(); }
 
 const char* to_string(PostResult r) noexcept {
   switch (r) {
@@ -110,6 +120,7 @@ Transport::Transport(std::shared_ptr<Engine> engine, std::unique_ptr<Agent> agen
     std::weak_ptr<Relay> weak = relay_;
     abort_hook_ = engine_->add_abort_hook([weak](const Engine::Abort& a) {
       if (auto relay = weak.lock()) {
+        if (::getpid() != relay->owner) return;  // a forked child: see Relay::owner
         std::lock_guard<std::recursive_mutex> lk(relay->mu);
         if (relay->target != nullptr) relay->target->on_abort(a.req, a.serial);
       }

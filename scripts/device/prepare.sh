@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Prepares, on this machine, what a device run carries (the device has Python 3.12 and torch but neither
+# nixl nor structlog, and nothing can be fetched there): .whl/ (ignored by git) with the pure-Python
+# wheels, nvidia-cuda-runtime-cu12 (nixl-cu12's UCX needs libcudart.so.12 for CUDA memory) and a trimmed
+# nixl-cu12 (the 68 MB wheel is over the 64 MiB carry limit; kept: what libnixl_capi and the UCX plugin
+# load, and UCX's CUDA and CMA modules), and the extension built for Python 3.12.  Then, with the tool:
+#   run(command="bash scripts/device/run.sh", carry=[".whl", "lifecycle/_core.cpython-312-x86_64-linux-gnu.so"])
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+if [ -z "${PY312:-}" ]; then  # the device's Python: the first candidate that runs as 3.12 (a pyenv shim may not)
+  for c in $(command -v python3.12) /root/.pyenv/versions/3.12*/bin/python3; do
+    if "$c" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; then PY312=$c; break; fi
+  done
+fi
+[ -n "${PY312:-}" ] || { echo "prepare.sh: no Python 3.12 here (the device's version): set PY312" >&2; exit 2; }
+mkdir -p .git/info .whl
+grep -qx "/.whl/" .git/info/exclude 2>/dev/null || echo "/.whl/" >> .git/info/exclude
+dep() {  # a requirement from pyproject.toml (one copy of each pin)
+  python3 -c "import tomllib, sys
+p = tomllib.load(open('pyproject.toml', 'rb'))['project']
+deps = p['dependencies'] + [d for ds in p['optional-dependencies'].values() for d in ds]
+print(next(d for d in deps if d.split('=')[0].split('>')[0].split('<')[0].strip() == sys.argv[1]))" "$1"
+}
+dl() {
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$@"
+}
+dl .whl "$(dep structlog)" "$(dep transitions)" "$(dep nvidia-cuda-runtime-cu12)"
+tmp=$(mktemp -d)
+dl "$tmp" "$(dep nixl-cu12)"
+(cd "$tmp" && unzip -q nixl_cu12-*.whl -d x)
+X=$tmp/x
+roots=(.nixl_cu12.mesonpy.libs/libnixl_capi.so .nixl_cu12.mesonpy.libs/plugins/libplugin_UCX.so
+       nixl_cu12.libs/ucx/libuct_cuda.so.0.0.0 nixl_cu12.libs/ucx/libucm_cuda.so.0.0.0 nixl_cu12.libs/ucx/libuct_cma.so.0.0.0)
+mkdir -p "$tmp/t/site"
+for f in $( (for r in "${roots[@]}"; do echo "$r"; ldd "$X/$r" | awk '/=>/ {print $3}' | grep "^$X/" |
+             xargs -r realpath --relative-to="$X"; done) | sort -u); do
+  mkdir -p "$tmp/t/site/$(dirname "$f")"
+  cp -a "$X/$f" "$tmp/t/site/$f"
+done
+cp -a "$X/nixl_cu12" "$tmp/t/site/"  # find_spec("nixl_cu12") locates the libraries beside it
+tar -cJf .whl/nixl_trim.tar.xz -C "$tmp/t" site
+rm -rf "$tmp"
+cmake -S . -B build/py312 -G Ninja -DPython_EXECUTABLE="$PY312" -Dpybind11_DIR="$(python3 -m pybind11 --cmakedir)" \
+  -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake --build build/py312 -j2 >/dev/null
+ls -la .whl lifecycle/_core.cpython-312-x86_64-linux-gnu.so

@@ -359,6 +359,7 @@ class Faults:
     never_completes: float = 0.0
     drop_notification: float = 0.0
     duplicate_notification: float = 0.0
+    duplicate_after_s: float = 0.0  # 0: a duplicate right after its original; else held back this long
     release_failure: float = 0.0
 
     def __post_init__(self) -> None:
@@ -366,7 +367,7 @@ class Faults:
             if k == "seed":
                 if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 1 << 64:
                     raise InvalidArgument(k, f"expected a 64-bit seed, got {v!r}")
-            elif k == "delay_s":
+            elif k in ("delay_s", "duplicate_after_s"):
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 3600:
                     raise InvalidArgument(k, f"expected seconds in [0, 3600], got {v!r}")
             elif isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:

@@ -316,6 +316,43 @@ def test_fault_delay_still_completes():
         b.close()
 
 
+@pytest.mark.parametrize("after", [2.0, 0.0])
+def test_a_late_duplicate_done_is_stale_for_a_new_session_of_the_id(after):
+    """duplicate_after_s holds the copy back, so it can arrive while a new session of the same id is live:
+    the stale-note case.  It must be counted stale and must not complete the new session; the new
+    session then completes by its own transfer.  Control (after=0): the copy comes right after its
+    original, and none reaches the new session."""
+    f = Faults(seed=5, duplicate_notification=1.0, duplicate_after_s=after)
+    a, b, names = pair(faults_b=f, tombstones=0, shards=1)  # an id is free again once terminated
+    b_at_a, a_at_b = names
+    n = 4 * KiB
+    try:
+        sa, sb, _ = run(a, b, names, 1, "read", n)  # b (passive) learns DONE from a's note
+        assert (sa, sb) == (State.Quiesced, State.Quiesced), f"seed={f.seed}"
+        for s in (a, b):
+            s.engine.terminate(1)
+            s.engine.poll()
+        stale0 = b.t.stats().stale_notifications
+        dst = a.advertise(1, "receiver", n, 0)  # session 2 of id 1, exposed, not yet read
+        src = b.advertise(1, "sender", n, pattern(n, 101))
+        offer = b.t.expect(1, a_at_b, src)
+        if after:
+            wait_for(lambda: b.t.stats().stale_notifications > stale0, 10, "the late duplicate done", b.engine.poll)
+        else:
+            time.sleep(0.5)
+            b.engine.poll()
+            assert b.t.stats().stale_notifications == stale0, f"seed={f.seed}"  # it came during session 1
+        assert b.engine.state(1) is State.InFlight, f"seed={f.seed}"  # not completed by session 1's note
+        assert b.t.fault_stats()["duplicated"] >= 1, f"seed={f.seed}"
+        a.t.read(1, dst, b_at_a, offer)
+        assert (a.wait(1), b.wait(1)) == (State.Quiesced, State.Quiesced), f"seed={f.seed}"
+        assert b.engine.outcome(1) is Outcome.completed and crc(a.view(1, n)) == crc(pattern(n, 101))
+        assert b.engine.statistics().illegal == 0, f"seed={f.seed}"
+    finally:
+        a.close()
+        b.close()
+
+
 def test_same_seed_replays_the_same_faults():
     def plan(seed):
         f = Faults(seed=seed, error=0.3, delay=0.3, delay_s=0.001)
@@ -511,6 +548,7 @@ def test_transport_options_out_of_range_get_a_typed_error(kwargs, arg):
 
 @pytest.mark.parametrize("kwargs, arg", [
     (dict(delay_s=1e300), "delay_s"), (dict(delay_s=float("nan")), "delay_s"), (dict(error=float("nan")), "error"),
+    (dict(duplicate_after_s=-1.0), "duplicate_after_s"), (dict(duplicate_after_s=1e9), "duplicate_after_s"),
     (dict(error=0.6, never_completes=0.6), "faults"), (dict(seed=-1), "seed"), (dict(seed=True), "seed"),
 ])
 def test_fault_options_out_of_range_get_a_typed_error(kwargs, arg):

@@ -102,6 +102,7 @@ std::unique_ptr<tp::Agent> maybe_faulty(std::unique_ptr<tp::Agent> agent, const 
   f.never_completes = probability(d, "never_completes");
   f.drop_notification = probability(d, "drop_notification");
   f.duplicate_notification = probability(d, "duplicate_notification");
+  f.duplicate_after = seconds_opt("duplicate_after_s", get_f(d, "duplicate_after_s", 0), 0, 3600);
   f.release_failure = probability(d, "release_failure");
   // one roll picks at most one of these four (faulty.cpp): beyond a total of 1 the later ones vanish
   if (f.delay + f.error + f.disconnect + f.never_completes > 1 + 1e-9) {

@@ -170,9 +170,21 @@ void FaultyAgent::send_notification(const std::string& peer, const NotifMessage&
 
 std::vector<RawNotification> FaultyAgent::fetch_notifications(std::size_t& skipped) {
   std::vector<RawNotification> in = inner_->fetch_notifications(skipped);
-  if (in.empty()) return in;
   std::vector<RawNotification> out;
   std::lock_guard<std::mutex> lk(mu_);
+  if (in.empty() && late_.empty()) return in;
+  const auto now = std::chrono::steady_clock::now();
+  // held-back duplicates first (they came before anything fetched now); bounded: past 65,536 the
+  // oldest goes out early
+  while (!late_.empty() && (late_.front().due <= now || late_.size() > 65536)) {
+    const auto m = decode_notif(late_.front().note.bytes);
+    if (m && is_cut(late_.front().note.peer, m->req)) {
+      ++stats_.dropped;  // cut off since: notes about it vanish, a late copy too
+    } else {
+      out.push_back(std::move(late_.front().note));
+    }
+    late_.pop_front();
+  }
   for (auto& n : in) {
     const auto m = decode_notif(n.bytes);
     if (m && is_cut(n.peer, m->req)) {
@@ -190,7 +202,11 @@ std::vector<RawNotification> FaultyAgent::fetch_notifications(std::size_t& skipp
     }
     if (roll(kDup, key, occ) < opts_.duplicate_notification) {
       ++stats_.duplicated;
-      out.push_back(n);
+      if (opts_.duplicate_after.count() > 0) {
+        late_.push_back({now + opts_.duplicate_after, n});
+      } else {
+        out.push_back(n);
+      }
     }
     out.push_back(std::move(n));
   }

@@ -17,13 +17,16 @@
 //                    about a cut id from that peer vanish whichever session of the id they are for.
 //   never_completes  the transfer reports InProgress forever
 //   drop_notification / duplicate_notification   per incoming notification, by (peer, request,
-//                    kind, occurrence); a duplicate is delivered right after its original
+//                    kind, occurrence); a duplicate is delivered right after its original, or, with
+//                    `duplicate_after` > 0, by the first fetch that long after it (when a new session
+//                    of the id may be live: the stale-note case; the delivery time is the clock's)
 //   release_failure  release reports failure and keeps the request (per attempt)
 // A transfer that completes inside post() is reported InProgress when a status fault applies.
 #pragma once
 
 #include <chrono>
 #include <cstdint>
+#include <deque>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -43,6 +46,7 @@ struct FaultOptions {
   double never_completes = 0;
   double drop_notification = 0;
   double duplicate_notification = 0;
+  std::chrono::microseconds duplicate_after{0};  // 0: a duplicate comes right after its original
   double release_failure = 0;
 };
 
@@ -87,6 +91,11 @@ class FaultyAgent final : public Agent {
   std::unique_ptr<Agent> inner_;
   FaultOptions opts_;
   mutable std::mutex mu_;
+  struct Late {
+    std::chrono::steady_clock::time_point due;
+    RawNotification note;
+  };
+  std::deque<Late> late_;  // duplicates held back (duplicate_after), oldest first; guarded by mu_
   struct Xfer {
     std::string peer;
     Fault fault = Fault::None;

@@ -359,8 +359,8 @@ class Faults:
     never_completes: float = 0.0
     drop_notification: float = 0.0
     duplicate_notification: float = 0.0
-    duplicate_after_s: float = 0.0  # 0: a duplicate right after its original; else held back this long
     release_failure: float = 0.0
+    duplicate_after_s: float = 0.0  # 0: a duplicate right after its original; else held back this long (1 us steps)
 
     def __post_init__(self) -> None:
         for k, v in asdict(self).items():

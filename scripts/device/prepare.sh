@@ -13,10 +13,14 @@ if [ -z "${PY312:-}" ]; then  # the device's Python: the first candidate that ru
   done
 fi
 [ -n "${PY312:-}" ] || { echo "prepare.sh: no Python 3.12 here (the device's version): set PY312" >&2; exit 2; }
-mkdir -p .git/info .whl
-grep -qx "/.whl/" .git/info/exclude 2>/dev/null || echo "/.whl/" >> .git/info/exclude
-dep() {  # a requirement from pyproject.toml (one copy of each pin)
-  python3 -c "import tomllib, sys
+exclude=$(git rev-parse --git-path info/exclude)
+mkdir -p "$(dirname "$exclude")"
+grep -qx "/.whl/" "$exclude" 2>/dev/null || echo "/.whl/" >> "$exclude"
+rm -rf .whl && mkdir .whl  # only this run's files: two versions of a wheel stop the install there
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+dep() {  # a requirement from pyproject.toml (one copy of each pin); fails when there is none
+  "$PY312" -c "import tomllib, sys
 p = tomllib.load(open('pyproject.toml', 'rb'))['project']
 deps = p['dependencies'] + [d for ds in p['optional-dependencies'].values() for d in ds]
 print(next(d for d in deps if d.split('=')[0].split('>')[0].split('<')[0].strip() == sys.argv[1]))" "$1"
@@ -25,9 +29,9 @@ dl() {
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$@"
 }
-dl .whl "$(dep structlog)" "$(dep transitions)" "$(dep nvidia-cuda-runtime-cu12)"
-tmp=$(mktemp -d)
-dl "$tmp" "$(dep nixl-cu12)"
+structlog=$(dep structlog); transitions=$(dep transitions); cudart=$(dep nvidia-cuda-runtime-cu12); nixl=$(dep nixl-cu12)
+dl .whl "$structlog" "$transitions" "$cudart"
+dl "$tmp" "$nixl"
 (cd "$tmp" && unzip -q nixl_cu12-*.whl -d x)
 X=$tmp/x
 roots=(.nixl_cu12.mesonpy.libs/libnixl_capi.so .nixl_cu12.mesonpy.libs/plugins/libplugin_UCX.so
@@ -40,8 +44,13 @@ for f in $( (for r in "${roots[@]}"; do echo "$r"; ldd "$X/$r" | awk '/=>/ {prin
 done
 cp -a "$X/nixl_cu12" "$tmp/t/site/"  # find_spec("nixl_cu12") locates the libraries beside it
 tar -cJf .whl/nixl_trim.tar.xz -C "$tmp/t" site
-rm -rf "$tmp"
-cmake -S . -B build/py312 -G Ninja -DPython_EXECUTABLE="$PY312" -Dpybind11_DIR="$(python3 -m pybind11 --cmakedir)" \
-  -DCMAKE_BUILD_TYPE=Release >/dev/null
-cmake --build build/py312 -j2 >/dev/null
+pybind11_dir=$(python3 -m pybind11 --cmakedir)
+if ! { cmake -S . -B build/py312 -G Ninja -DPython_EXECUTABLE="$PY312" -Dpybind11_DIR="$pybind11_dir" \
+         -DCMAKE_BUILD_TYPE=Release && cmake --build build/py312 -j2; } > "$tmp/build.log" 2>&1; then
+  tail -30 "$tmp/build.log" >&2
+  exit 1
+fi
 ls -la .whl lifecycle/_core.cpython-312-x86_64-linux-gnu.so
+size=$(du -cb .whl lifecycle/_core.cpython-312-x86_64-linux-gnu.so | tail -1 | cut -f1)
+echo "to carry: $((size >> 20)) MiB of the 64 MiB a device call takes with the working tree"
+[ "$size" -lt $((56 << 20)) ] || { echo "prepare.sh: too much to carry" >&2; exit 1; }

@@ -3,10 +3,13 @@
 #include <algorithm>
 #include <chrono>
 #include <exception>
+#include <atomic>
 #include <random>
 #include <vector>
 
-#include <unistd.h>  // getpid
+#include <pthread.h>  // pthread_atfork
+
+#include "lifecycle/transport/test_peer.hpp"
 
 #include "lifecycle/errors.hpp"
 #include "lifecycle/transport/nixl_capi.hpp"  // TransportError
@@ -15,18 +18,27 @@ namespace lifecycle::transport {
 
 // The engine holds the abort hook for its whole life; the hook reaches the transport only through
 // this relay, which stop() disconnects (so a hook can never call into a destroyed transport).
+namespace {
+// Bumped in every forked child (pthread_atfork), so a process can tell that it is a fork of the one that
+// made a transport: pids can be reused, and a child in a new pid namespace can have its parent's pid.
+std::atomic<std::uint64_t> g_fork_generation{0};
+void on_fork_in_child() noexcept { g_fork_generation.fetch_add(1, std::memory_order_relaxed); }
+[[maybe_unused]] const int g_atfork_registered = ::pthread_atfork(nullptr, nullptr, &on_fork_in_child);
+}  // namespace
+
 struct Transport::Relay {
   std::recursive_mutex mu;
   Transport* target = nullptr;  // guarded by mu
-  // The process that made the transport.  In a fork() of it the engine's hook reaches nothing.  The
-  // transport's threads stayed with the parent, and a lock one of them held at the fork stays held in
-  // the child for good: a cancel there would hang on it.  Its passive sessions then get no stop, so they
-  // end Poisoned, not released, in the child's copy of the engine.
-  pid_t owner = ::getpid();
+  // The fork generation of the process that made the transport.  In a fork() of it the engine's hook
+  // reaches nothing: the transport's threads stayed with the parent, and a lock one of them held at the
+  // fork stays held in the child for good, so a cancel there would hang on it.  Its passive sessions then
+  // send no stop: in the child's copy of the engine they stay CancelRequested, or end Poisoned once that
+  // engine's timers run past cancel_grace; never released.
+  std::uint64_t generation = g_fork_generation.load(std::memory_order_relaxed);
 };
 
 std::recursive_mutex& TransportTestPeer::relay_mutex(Transport& t) { return t.relay_->mu; }
-void TransportTestPeer::adopt(Transport& t) { t.relay_->owner = ::getpid(); }
+void TransportTestPeer::adopt(Transport& t) { t.relay_->generation = g_fork_generation.load(); }
 
 const char* to_string(PostResult r) noexcept {
   switch (r) {
@@ -120,7 +132,7 @@ Transport::Transport(std::shared_ptr<Engine> engine, std::unique_ptr<Agent> agen
     std::weak_ptr<Relay> weak = relay_;
     abort_hook_ = engine_->add_abort_hook([weak](const Engine::Abort& a) {
       if (auto relay = weak.lock()) {
-        if (::getpid() != relay->owner) return;  // a forked child: see Relay::owner
+        if (g_fork_generation.load(std::memory_order_relaxed) != relay->generation) return;  // a fork: see Relay
         std::lock_guard<std::recursive_mutex> lk(relay->mu);
         if (relay->target != nullptr) relay->target->on_abort(a.req, a.serial);
       }

@@ -191,7 +191,7 @@ class Transport final : public EventSink {
   void on_tick() override;
 
   struct Relay;  // the engine's abort hook reaches the transport through this (transport.cpp)
-  friend struct TransportTestPeer;
+  friend struct TransportTestPeer;  // TEST ONLY: lifecycle/transport/test_peer.hpp
 
  private:
   enum class Side : std::uint8_t { Active, Passive };
@@ -365,12 +365,5 @@ class Transport final : public EventSink {
 };
 
 const char* to_string(PostResult r) noexcept;
-
-// TEST ONLY (cpp/tests/test_transport.cpp): the relay's lock (held by another thread at a fork, it is held for
-// good in the child), and adopt(), which makes this process the relay's owner: the fork guard's control.
-struct TransportTestPeer {
-  static std::recursive_mutex& relay_mutex(Transport& t);
-  static void adopt(Transport& t);
-};
 
 }  // namespace lifecycle::transport

@@ -17,6 +17,7 @@ importing ``nixl``); ``KV_LIFECYCLE_NIXL_CAPI`` overrides the path.  When it is 
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.util
 import numbers
 import os
@@ -173,15 +174,21 @@ def ucx_cuda_defaults() -> dict[str, str]:
     """Apply :data:`UCX_CUDA_DEFAULTS` to ``os.environ`` (the process and its children) where the CUDA driver
     loads; return what was set.  NixlTransport calls it before its agent starts UCX."""
     todo = {k: v for k, v in UCX_CUDA_DEFAULTS.items() if k not in os.environ}
-    if not todo:
+    if not todo or not _cuda_driver_loads():
         return {}
+    os.environ.update(todo)
+    return todo
+
+
+@functools.cache
+def _cuda_driver_loads() -> bool:
+    """Whether the driver libraries UCX's CUDA transports need load (probed once a process)."""
     try:
         ctypes.CDLL("libcuda.so.1")
         ctypes.CDLL("libnvidia-ml.so.1")
     except OSError:
-        return {}
-    os.environ.update(todo)
-    return todo
+        return False
+    return True
 
 
 def nixl_available() -> bool:

@@ -121,7 +121,7 @@ def cancel_cases(args, dev, bufs, req: int, failures: list) -> int:
     passive side (it asks its peer to stop and waits for the peer's "quiesced"), both modes, on the first
     pair of kinds, through a second pair of agents.  Every case must end Quiesced on both sides with no
     release without evidence: Poisoned means the evidence never came.  With --drop-notes that pair drops
-    every notification (the negative control): the passive cancels must then end Poisoned and fail."""
+    every notification (the negative control): every cancel case must then end Poisoned and fail."""
     import torch
 
     from lifecycle import Faults, Outcome, State, TransferEngine, TransportError
@@ -130,9 +130,10 @@ def cancel_cases(args, dev, bufs, req: int, failures: list) -> int:
     # on CPU a transfer completes inside post (cma): a 50 ms delay fault keeps the active side's request in
     # flight for its cancel (the passive side learns completion from NIXL's note, which the delay leaves alone)
     in_flight = dev.type == "cpu"
-    delay = dict(delay=1.0, delay_s=0.05) if in_flight else {}
-    faults = Faults(seed=1, drop_notification=1.0 if args.drop_notes else 0.0, **delay) if delay or args.drop_notes \
-        else None
+    kw = dict(delay=1.0, delay_s=0.05) if in_flight else {}
+    if args.drop_notes:
+        kw["drop_notification"] = 1.0
+    faults = Faults(seed=1, **kw) if kw else None
     grace = 1.0 if args.drop_notes else args.timeout
     snd_e = TransferEngine(transfer_timeout=grace, cancel_grace=grace)
     rcv_e = TransferEngine(transfer_timeout=grace, cancel_grace=grace)

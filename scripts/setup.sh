@@ -9,9 +9,10 @@ pipi() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
 pipi -r requirements.txt
 # nixl-cu12's UCX handles CUDA memory only when libcudart.so.12 loads (lifecycle.transport.cuda12_runtime)
 if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
-  "$PY" -c "import nvidia.cuda_runtime" 2>/dev/null || pipi "$("$PY" -c "import tomllib
-print(next(d for d in tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['nixl']
-           if d.startswith('nvidia-cuda-runtime-cu12')))")"
+  if ! "$PY" -c "import nvidia.cuda_runtime" 2>/dev/null; then
+    cudart=$("$PY" scripts/requirement.py nvidia-cuda-runtime-cu12)
+    pipi "$cudart"
+  fi
 fi
 need_apt=()
 command -v dot >/dev/null || need_apt+=(graphviz)

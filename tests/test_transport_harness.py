@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import random
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -83,8 +84,6 @@ def run_child(code: str, *args: str, timeout: float = 120) -> subprocess.Complet
 def build_shared(out: Path, source: str, soname: str | None = None, needs: Path | None = None) -> Path:
     """Compiles C ``source`` into the shared library ``out`` (a stand-in for a system library): with
     ``soname``, and linked against ``needs`` (recorded as NEEDED by its soname, found by no path)."""
-    import shutil
-
     cc = shutil.which("cc") or shutil.which("gcc")
     assert cc, "a C compiler builds the stand-ins (the C++ build needs one too)"
     src = out.with_name(out.name + ".c")

@@ -19,12 +19,7 @@ grep -qx "/.whl/" "$exclude" 2>/dev/null || echo "/.whl/" >> "$exclude"
 rm -rf .whl && mkdir .whl  # only this run's files: two versions of a wheel stop the install there
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-dep() {  # a requirement from pyproject.toml (one copy of each pin); fails when there is none
-  "$PY312" -c "import tomllib, sys
-p = tomllib.load(open('pyproject.toml', 'rb'))['project']
-deps = p['dependencies'] + [d for ds in p['optional-dependencies'].values() for d in ds]
-print(next(d for d in deps if d.split('=')[0].split('>')[0].split('<')[0].strip() == sys.argv[1]))" "$1"
-}
+dep() { "$PY312" scripts/requirement.py "$1"; }  # a pin from pyproject.toml; fails when there is none
 dl() {
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$@"

@@ -1,23 +1,20 @@
 #include "lifecycle/transport/transport.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <exception>
-#include <atomic>
 #include <random>
 #include <vector>
 
 #include <pthread.h>  // pthread_atfork
 
-#include "lifecycle/transport/test_peer.hpp"
-
 #include "lifecycle/errors.hpp"
 #include "lifecycle/transport/nixl_capi.hpp"  // TransportError
+#include "lifecycle/transport/test_peer.hpp"
 
 namespace lifecycle::transport {
 
-// The engine holds the abort hook for its whole life; the hook reaches the transport only through
-// this relay, which stop() disconnects (so a hook can never call into a destroyed transport).
 namespace {
 // Bumped in every forked child (pthread_atfork), so a process can tell that it is a fork of the one that
 // made a transport: pids can be reused, and a child in a new pid namespace can have its parent's pid.
@@ -26,6 +23,8 @@ void on_fork_in_child() noexcept { g_fork_generation.fetch_add(1, std::memory_or
 [[maybe_unused]] const int g_atfork_registered = ::pthread_atfork(nullptr, nullptr, &on_fork_in_child);
 }  // namespace
 
+// The engine holds the abort hook for its whole life; the hook reaches the transport only through
+// this relay, which stop() disconnects (so a hook can never call into a destroyed transport).
 struct Transport::Relay {
   std::recursive_mutex mu;
   Transport* target = nullptr;  // guarded by mu

@@ -21,6 +21,7 @@ import functools
 import importlib.util
 import numbers
 import os
+import re
 import struct
 import threading
 import weakref
@@ -222,9 +223,9 @@ class Mem:
             raise InvalidArgument("kind", f"expected 'dram' or 'vram', got {self.kind!r}")
         if self.device >= 1 << 64:
             raise InvalidArgument("device", f"expected a 64-bit device index, got {self.device}")
-        if self.addr + self.nbytes >= 1 << 64:  # (ending at 2**64 too: UCX's registration cache spins on it)
-            raise InvalidArgument("nbytes", f"{self.nbytes} bytes at address {self.addr:#x} run to or past the end "
-                                            "of the address space")
+        if self.addr + self.nbytes > _core.REGION_END:  # the core's rule (Region::kEnd says why)
+            raise InvalidArgument("nbytes", f"{self.nbytes} bytes at address {self.addr:#x} run past 2**63, the end "
+                                            "of user-space addresses")
 
     def slice(self, offset: int, nbytes: int) -> Mem:
         for name, v in (("offset", offset), ("nbytes", nbytes)):
@@ -315,6 +316,8 @@ def mem_of(obj) -> Mem:
         if not obj.is_contiguous():
             raise InvalidArgument("tensor", "must be contiguous")
         nbytes = obj.numel() * obj.element_size()
+        if nbytes == 0:
+            raise InvalidArgument("tensor", "the tensor is empty: there is no memory range to name")
         dev = obj.device
         if dev.type == "cpu":
             return Mem(obj.data_ptr(), nbytes)
@@ -330,6 +333,11 @@ def mem_of(obj) -> Mem:
         raise InvalidArgument("memory", "buffer must be writable and C-contiguous")
     if mv.nbytes == 0:
         raise InvalidArgument("memory", f"the {type(obj).__name__} is empty: there is no memory range to name")
+    if "O" in re.sub(r":[^:]*:", "", mv.format):  # struct codes, field names (":name:") left out
+        # (a numpy object array, a ctypes py_object array: a transfer into it overwrote live PyObject pointers,
+        # and the process crashed at the next use of one)
+        raise InvalidArgument("memory", f"the {type(obj).__name__} holds Python object references (buffer format "
+                                        f"{mv.format!r}), not data: a transfer would overwrite them")
     addr = ctypes.addressof(ctypes.c_char.from_buffer(mv.cast("B")))
     return Mem(addr, mv.nbytes)
 
@@ -830,6 +838,9 @@ def _check_unsafe(**flags: bool) -> None:
     """The ``unsafe_*`` flags break DESIGN §3 on purpose (negative controls for tests).  They are refused
     unless $KV_LIFECYCLE_ALLOW_UNSAFE is "1", so that no production configuration can turn them on by
     accident."""
+    for k, v in flags.items():
+        if not isinstance(v, bool):  # (a numpy array's truth value raised a bare ValueError)
+            raise InvalidArgument(k, f"expected True or False, got {type(v).__name__}")
     on = [k for k, v in flags.items() if v]
     if on and os.environ.get(UNSAFE_ENV) != "1":
         raise InvalidArgument(on[0], f"test only (it breaks the evidence rule); set {UNSAFE_ENV}=1 to allow it")
@@ -852,7 +863,9 @@ class NixlTransport(_Transport):
         _check_unsafe(unsafe_release_on_cancel=unsafe_release_on_cancel, unsafe_ack_stop_at_once=unsafe_ack_stop_at_once)
         params, tick, faults_d = _ucx_params(ucx_params), _number("tick", tick), _faults_dict(faults)  # before NIXL loads
         engine = _engine_arg(engine)
-        path = capi_path or nixl_capi_path()
+        if capi_path is not None and not isinstance(capi_path, (str, os.PathLike)):  # (an int was taken as an fd)
+            raise InvalidArgument("capi_path", f"expected a path to libnixl_capi.so, got {type(capi_path).__name__}")
+        path = os.fspath(capi_path) if capi_path else nixl_capi_path()
         self._wheel = _is_wheel_capi(path)
         if self._wheel:
             cuda12_runtime()  # before UCX starts: the wheel's UCX loads its CUDA module only if libcudart.so.12 does

@@ -17,6 +17,7 @@ from lifecycle import (
     InvalidArgument,
     LifecycleError,
     PoolExhausted,
+    State,
     TransferEngine,
     UnknownRequest,
     _core,
@@ -580,3 +581,67 @@ def test_the_demo_summary_names_failed_workers_when_none_wrote_a_summary(tmp_pat
         assert (f"failure: {side} failed: lifecycle.errors.InvalidArgument: invalid slot_size: num_slots * "
                 "slot_size exceeds 1 TiB") in r.stdout, r.stdout
     assert _last_error(tmp_path / "missing.error.txt") == ""  # control
+
+
+def test_session17_fuzz_findings_at_the_transport_boundary_are_typed_errors():
+    """A fuzzing pass (one child process per case) found these.  A numpy object array or a ctypes py_object
+    array registered as memory: a READ into it overwrote live PyObject pointers and the process crashed at
+    the next use of the array.  The others raised bare ValueError / TypeError / OverflowError, or a message
+    about a null address for an empty tensor.  Each is now InvalidArgument naming the argument.  Negative
+    control: the same READ into the object array's raw range (a Mem, which mem_of cannot inspect) does
+    overwrite the pointers (restored before anything touches them).  Controls: an int64 array and a
+    structured array whose field is named "O" register."""
+    import ctypes
+
+    import numpy as np
+    import torch
+
+    from lifecycle.transport import LoopbackTransport, Mem, NixlTransport, Offer
+
+    objs = np.array([object() for _ in range(4)], dtype=object)
+    pyobjs = (ctypes.py_object * 4)(*[object() for _ in range(4)])
+    ea, eb = TransferEngine(), TransferEngine()
+    a, b = LoopbackTransport(ea, "fz-a"), LoopbackTransport(eb, "fz-b")
+    try:
+        cases = [
+            (lambda: a.register(objs), "memory", r"holds Python object references \(buffer format 'O'\)"),
+            (lambda: a.register(pyobjs), "memory", r"holds Python object references \(buffer format '<O'\)"),
+            (lambda: a.register(torch.zeros(0)), "tensor", r"the tensor is empty"),
+            (lambda: ea.advertise_batch(np.array([1], dtype="M8[ns]"), "sender"), "ids", r"cannot be exported"),
+            (lambda: ea.apply_batch(np.array([1], dtype="m8[ns]"), bytes([1])), "ids", r"cannot be exported"),
+            (lambda: ea.pool.slot_view(np.array([0, 1])), "slot", r"not one index"),
+            (lambda: ea.pool.slot_state(np.array([0, 1])), "slot", r"not one index"),
+            (lambda: LoopbackTransport(None, "fz-u", unsafe_release_on_cancel=np.array([1, 2])),
+             "unsafe_release_on_cancel", r"expected True or False"),
+            (lambda: NixlTransport(None, "fz-n", capi_path=2**31), "capi_path", r"expected a path"),
+            (lambda: NixlTransport(None, "fz-n", capi_path=1.5), "capi_path", r"expected a path"),
+        ]
+        for make, arg, msg in cases:
+            with pytest.raises(InvalidArgument, match=msg) as ei:
+                make()
+            assert ei.value.argument == arg, (arg, ei.value)
+        assert a.stats().registered_regions == 0
+        assert a.register(np.zeros(4, dtype=np.int64)).region_id == 1  # controls
+        assert a.register(np.zeros(4, dtype=[("O", "<i8")])).region_id == 2
+
+        # the negative control: the raw range of the object array takes the READ, pointers and all
+        raw, src = Mem(objs.ctypes.data, objs.nbytes), bytearray(b"\x41" * objs.nbytes)
+        saved = ctypes.string_at(raw.addr, raw.nbytes)
+        a.register(raw)
+        b.register(src)
+        pa, pb = a.add_peer(b.metadata()), b.add_peer(a.metadata())
+        eb.advertise(1, "sender")
+        ea.advertise(1, "receiver")
+        offer = b.expect(1, pb, src)
+        assert isinstance(offer, Offer)
+        try:
+            a.read(1, raw, pa, offer)
+            assert ea.wait_terminal(1, 10) is State.Quiesced
+            overwritten = ctypes.string_at(raw.addr, raw.nbytes)
+        finally:
+            ctypes.memmove(raw.addr, saved, raw.nbytes)  # the pointers back before the array is used again
+        assert overwritten == bytes(src), "the control: a READ into the object array's range overwrote nothing"
+        assert all(type(o) is object for o in objs)
+    finally:
+        a.stop()
+        b.stop()

@@ -19,6 +19,32 @@ SEED = 20240611
 ACTIONS = ["complete", "complete", "complete", "cancel_before", "cancel_active", "cancel_passive", "terminate_early"]
 
 
+def leaks(s: Side, base: tuple[int, int], refused: int) -> list[str]:
+    """What ``s`` holds beyond its baseline (registered regions, live sessions) once everything ended: one
+    line per leak, empty when none."""
+    s.engine.poll()
+    st, pool, c = s.t.stats(), s.engine.pool.stats(), s.engine.statistics()
+    regs, live = base
+    checks = [
+        ("registered regions", st.registered_regions == regs, f"{st.registered_regions} != baseline {regs}"),
+        ("transfer requests", st.live_xfers == 0, f"{st.live_xfers} held"),
+        ("transport entries", st.active == st.passive == st.watched == 0, f"{st}"),
+        ("live sessions", s.engine.live_sessions() == live == 0, f"{s.engine.live_sessions()} (baseline {live})"),
+        ("leased slots", pool["leased"] == 0, f"{pool}"),
+        # quarantined slots are the only ones not back: counted, and explained by Poisoned sessions
+        ("slots not back", pool["free"] + pool["quarantined"] == pool["slots"], f"{pool}"),
+        ("quarantine count", pool["quarantined"] == c.quarantined - c.recovered, f"{pool} {c}"),
+        # offered ranges held (a passive session Poisoned, the peer may still write) are pool slots of those
+        # sessions: each one's slot is among the quarantined ones
+        ("held offers", st.held_offers <= pool["quarantined"], f"{st.held_offers} > {pool['quarantined']}"),
+        # early stops still remembered: each one's post may yet come.  Every other pair went with its
+        # transfer() or its session; one can stay only where a post was refused and its session ended before
+        # the peer's stop arrived (the id is never used again here)
+        ("remembered stops", st.remembered_stops <= refused, f"{st.remembered_stops} > {refused} refused posts"),
+    ]
+    return [f"{what}: {detail} ({s.name})" for what, ok, detail in checks if not ok]
+
+
 def test_thousand_mixed_sessions_leave_no_leaks():
     faults_a = Faults(seed=SEED, delay=0.05, error=0.02, disconnect=0.004, never_completes=0.01,
                       drop_notification=0.01, duplicate_notification=0.03, release_failure=0.05)
@@ -94,31 +120,23 @@ def test_thousand_mixed_sessions_leave_no_leaks():
         for s in (a, b):
             assert s.t.wait_idle(5.0), f"{s.name}: entries left {s.t.stats()} ({ctx})"
         for s in (a, b):
-            s.engine.poll()
-            st = s.t.stats()
-            pool = s.engine.pool.stats()
-            c = s.engine.statistics()
-            regs, live = base[s]
-            assert st.registered_regions == regs, ctx
-            assert st.live_xfers == 0, f"{s.name}: {st.live_xfers} transfer requests leaked ({ctx})"
-            assert st.active == 0 and st.passive == 0 and st.watched == 0, ctx
-            assert s.engine.live_sessions() == live == 0, ctx
-            assert pool["leased"] == 0, ctx
-            # quarantined slots are the only ones not back: counted, and explained by Poisoned sessions
-            assert pool["free"] + pool["quarantined"] == pool["slots"], ctx
-            assert pool["quarantined"] == c.quarantined - c.recovered, ctx
-            # offered ranges held (a passive session Poisoned, the peer may still write) are pool slots of
-            # those sessions: each one's slot is among the quarantined ones
-            assert st.held_offers <= pool["quarantined"], (st.held_offers, pool, ctx)
-            # early stops still remembered: each one's post may yet come.  Every other pair went with its
-            # transfer() or its session; one can stay only where a post was refused and its session
-            # ended before the peer's stop arrived (the id is never used again here)
-            assert st.remembered_stops <= refused, (st.remembered_stops, refused, ctx)
+            assert leaks(s, base[s], refused) == [], ctx
         print(f"\n1000 sessions x 2 sides: {outcomes}; quarantined a={a.engine.pool.stats()['quarantined']} "
               f"b={b.engine.pool.stats()['quarantined']}; held offers a={a.t.stats().held_offers} "
               f"b={b.t.stats().held_offers}; remembered stops a={a.t.stats().remembered_stops} "
               f"b={b.t.stats().remembered_stops} (refused posts {refused}); faults a={a.t.fault_stats()} b={b.t.fault_stats()}")
         assert outcomes.get("Terminated", 0) + outcomes.get("Quiesced", 0) + outcomes.get("Poisoned", 0) == 2000
+        # negative control: a session never terminated and a region never deregistered are seen as leaks
+        a.advertise(5000, "receiver", 4 * KiB, 0)
+        buf = bytearray(4096)
+        extra = a.t.register(buf)
+        found = leaks(a, base[a], refused)
+        assert [f.split(":")[0] for f in found] == ["registered regions", "live sessions", "leased slots",
+                                                    "slots not back"], found
+        a.engine.cancel(5000)
+        a.engine.terminate(5000)
+        a.t.deregister(extra)
+        assert leaks(a, base[a], refused) == []
     finally:
         a.close()
         b.close()

@@ -4,6 +4,7 @@ a missing NIXL raises NixlUnavailable while the engine keeps working."""
 from __future__ import annotations
 
 import re
+import zlib
 
 import pytest
 
@@ -462,6 +463,65 @@ def test_one_request_id_reused_round_after_round_over_nixl(mode):
         rcv.close()
 
 
+def raw_metadata(t) -> bytes:
+    """``t``'s agent metadata without the envelope (what an agent outside this library ships), checked."""
+    md, head = t.metadata(), len(_core.METADATA_MAGIC) + 4
+    assert md.startswith(_core.METADATA_MAGIC) and int.from_bytes(md[head - 4:head], "little") == zlib.crc32(md[head:])
+    return md[head:]
+
+
+@needs_nixl
+def test_metadata_carries_a_checksum_and_a_changed_byte_is_refused_before_ucx_sees_it():
+    """Session 17's fuzzing: one changed byte in the UCX worker address inside a peer's metadata made UCX
+    abort the process (an assertion on the address version, inside NIXL's load).  metadata() now ships
+    the agent's bytes in an envelope with their CRC-32, and add_peer refuses any change or cut with a typed
+    error before NIXL sees a byte.  Negative control, in a child: the same changed byte without the envelope
+    (raw metadata, as an agent outside this library ships it, goes to NIXL as it is) kills the process.
+    Controls: the untouched metadata loads, with and without the envelope."""
+    a, b = NixlTransport(None, "md-crc-a"), NixlTransport(None, "md-crc-b")
+    try:
+        b.register(bytearray(8192))
+        md, raw = b.metadata(), raw_metadata(b)
+        head = len(md) - len(raw)
+        ucx = md.index(b"UCX|c") + 5 + 8  # the first byte of UCX's packed worker address
+        cases = {"the UCX address byte": md[:ucx] + bytes([md[ucx] ^ 0xFF]) + md[ucx + 1:],
+                 "cut by one byte": md[:-1], "one byte more": md + b"\0", "the header's checksum": md[:head - 1] +
+                 bytes([md[head - 1] ^ 1]) + md[head:]}
+        for i in range(head, len(md), max(1, len(md) // 40)):  # a bit flipped all along the payload
+            cases[f"bit 0 of byte {i}"] = md[:i] + bytes([md[i] ^ 1]) + md[i + 1:]
+        mismatch = re.compile(r"invalid metadata: checksum mismatch: the bytes were changed or cut on the way "
+                              r"\(\d+ bytes after the header, CRC-32 [0-9a-f]{8}, the header says [0-9a-f]{8}\); "
+                              r"nothing loaded")
+        for what, bad in cases.items():
+            try:
+                a.add_peer(bad)
+            except InvalidArgument as e:
+                assert mismatch.fullmatch(str(e)), (what, str(e))
+            else:
+                pytest.fail(f"metadata with {what} changed loaded")
+        with pytest.raises(InvalidArgument, match=r"^invalid metadata: cut short: 12 bytes, no more than its 12-byte "):
+            a.add_peer(md[:head])
+        assert a.add_peer(md) == "md-crc-b" and a.add_peer(raw) == "md-crc-b"  # the controls
+    finally:
+        a.stop()
+        b.stop()
+    child = run_child("""
+        from lifecycle.transport import NixlTransport
+        from test_nixl_transfer import raw_metadata
+        a, b = NixlTransport(None, "md-raw-a"), NixlTransport(None, "md-raw-b")
+        b.register(bytearray(8192))
+        raw = bytearray(raw_metadata(b))
+        raw[raw.index(b"UCX|c") + 5 + 8] ^= 0xFF
+        try:
+            a.add_peer(bytes(raw))
+            print("loaded")
+        except Exception as e:
+            print("refused:", type(e).__name__, e)
+    """, timeout=60)
+    assert child.returncode < 0, ("the unchecked byte no longer kills the process: the control shows nothing",
+                                  child.returncode, child.stdout, child.stderr[-2000:])
+
+
 @needs_nixl
 def test_a_peer_name_that_is_not_utf8_is_refused_with_a_typed_error():
     """Metadata whose agent name is not UTF-8 loaded, and the name's way back to Python raised a bare
@@ -476,7 +536,7 @@ def test_a_peer_name_that_is_not_utf8_is_refused_with_a_typed_error():
     try:
         a.register(a.engine.pool)
         b.register(b.engine.pool)
-        md = b.metadata()
+        md = raw_metadata(b)  # (crafted bytes in the envelope fail its checksum first)
         assert md.count(good.encode()) == 1
         for bad in (b"\xff\xfe!", b"\xed\xa0\x80", b"\xc0\x80!", b"Y\xe2\x82"):
             crafted = md.replace(good.encode(), good.encode()[:-3] + bad)
@@ -502,7 +562,7 @@ def test_metadata_whose_agent_name_holds_a_nul_is_refused_and_loads_nothing():
     a, b = NixlTransport(None, "nx-nul-a"), NixlTransport(None, "nx-nul-b")
     try:
         b.register(bytearray(4096))
-        md = b.metadata()
+        md = raw_metadata(b)  # (crafted bytes in the envelope fail its checksum first)
         assert md.count(b"nx-nul-b") == 1
         with pytest.raises(InvalidArgument, match=r"^invalid metadata: the peer agent's name in it holds a NUL byte "
                                                   r"\(NIXL would cut it there\): refused, nothing loaded into agent "

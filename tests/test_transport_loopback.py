@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lifecycle import CancelResult, InvalidArgument, Outcome, State, TerminateResult, TransportError
+from lifecycle import CancelResult, InvalidArgument, Outcome, State, TerminateResult, TransportError, _core
 from lifecycle.transport import Faults, LoopbackTransport, Mem, Offer, mem_of, pool_slot
 
 from test_transport_harness import KiB, MiB, SIZES, Side, connect, crc, needs_nixl, pattern, run_child, wait_for
@@ -238,12 +238,23 @@ def test_fault_never_completes_times_out_to_poisoned():
 
 
 def test_fault_disconnect_fails_and_peer_notes_vanish():
+    """The disconnect fault is rolled at a post: before a's first post the pair works (the control); a's
+    read is then cut (Poisoned: a failure proves nothing).  b, passive, either got the backend's own
+    notification (the copy ran before the cut: evidence, Quiesced) or asked a to stop, and that note
+    vanished at a with nothing answered (Poisoned).  Later posts to b are refused."""
     f = Faults(seed=3, disconnect=1.0)
     a, b, names = pair(faults_a=f, transfer_timeout=0.2, cancel_grace=0.2)
     try:
         sa, sb, _ = run(a, b, names, 1, "write", 4 * KiB)  # b writes into a; a is passive
-        sa2, _, _ = run(a, b, names, 2, "read", 4 * KiB)     # a reads: disconnected at post
+        assert (sa, sb) == (State.Quiesced, State.Quiesced), f"seed={f.seed}"
+        sa2, sb2, _ = run(a, b, names, 2, "read", 4 * KiB)     # a reads: disconnected at post
         assert sa2 is State.Poisoned, f"seed={f.seed}"
+        st_a, st_b, fs = a.t.stats(), b.t.stats(), a.t.fault_stats()
+        assert fs["disconnects"] == 1 and st_a.failed == 1 and st_a.quiesced_sent == 0, (st_a, fs)
+        if sb2 is State.Quiesced:
+            assert st_b.done_received == 1 and st_b.stops_sent == 0, st_b
+        else:
+            assert sb2 is State.Poisoned and st_b.stops_sent == 1 and fs["dropped"] == 1, (sb2, st_b, fs)
         with pytest.raises(TransportError, match="disconnected"):
             run(a, b, names, 3, "read", 4 * KiB)
         assert a.engine.state(3) is State.Advertised
@@ -311,6 +322,7 @@ def test_fault_delay_still_completes():
         t0 = time.monotonic()
         sa, sb, _ = run(a, b, names, 1, "read", 4 * KiB)
         assert (sa, sb) == (State.Quiesced, State.Quiesced) and time.monotonic() - t0 >= 0.02, f"seed={f.seed}"
+        assert a.t.fault_stats()["delays"] == 1, f"seed={f.seed}"  # (a loaded machine passes the time check alone)
     finally:
         a.close()
         b.close()
@@ -416,8 +428,11 @@ def test_a_failing_test_prints_the_seeds_of_its_fault_injectors(tmp_path):
 @pytest.mark.parametrize("kind", ["loopback", pytest.param("nixl", marks=[pytest.mark.nixl, needs_nixl])])
 def test_ranges_that_wrap_the_address_space_or_leave_a_registration_get_a_typed_error(kind):
     """A length that runs past 2**64 once wrapped the loopback's bounds check and copied ~2**64 bytes
-    (segfault).  Refused at every layer now: Mem, the binding, and the agents' own checks.  A range that
-    ends exactly at 2**64 is refused too (negative control, seen: NIXL's register of it never returned)."""
+    (segfault).  Refused at every layer now: Mem, the binding, and the agents' own checks.  Ranges in the
+    upper half of the address space are refused too: one ending at 2**64, and (session 17's fuzzing) 4,095
+    bytes at 2**64 - 4,096, made NIXL's register spin for ever once another region was registered (UCX rounds
+    a range out to whole pages, and that one wrapped to 0).  Control: a range ending exactly at 2**63 is a
+    valid Mem."""
     from lifecycle import InvalidArgument
 
     a, b, names = pair() if kind == "loopback" else nixl_pair()
@@ -426,18 +441,20 @@ def test_ranges_that_wrap_the_address_space_or_leave_a_registration_get_a_typed_
         dst = a.advertise(1, "receiver", 4096, 0)
         src = b.advertise(1, "sender", 4096, pattern(4096, 1))
         wrap = (1 << 64) - min(dst.addr, src.addr) + 16
-        with pytest.raises(InvalidArgument, match=r"^invalid nbytes: \d+ bytes at address 0x[0-9a-f]+ run to or past the end"):
+        with pytest.raises(InvalidArgument, match=r"^invalid nbytes: \d+ bytes at address 0x[0-9a-f]+ run past 2\*\*63"):
             Mem(dst.addr, wrap)
-        with pytest.raises(InvalidArgument, match=r"run to or past the end of the address space"):  # the binding itself
+        with pytest.raises(InvalidArgument, match=r"run past 2\*\*63, the end of user-space addresses"):  # the binding itself
             a.t._core.transfer(1, "read", dst.addr, wrap, "dram", 0, b_at_a, src.addr, "dram", 0, 0)
-        with pytest.raises(InvalidArgument, match=r"run to or past the end of the address space"):
+        with pytest.raises(InvalidArgument, match=r"run past 2\*\*63, the end of user-space addresses"):
             a.t._core.register_region(dst.addr, wrap, "dram", 0)
-        # ending exactly at 2**64 is refused too: NIXL's registration of it (UCX's registration cache) spun
-        # for ever, with the agent's lock held, once another region was registered
-        with pytest.raises(InvalidArgument, match=r"run to or past the end of the address space"):
-            Mem((1 << 64) - 4096, 4096)
-        with pytest.raises(InvalidArgument, match=r"run to or past the end of the address space"):
-            a.t._core.register_region((1 << 64) - 4096, 4096, "dram", 0)
+        # ranges in the upper half: NIXL's registration of these (UCX's registration cache) spun for ever,
+        # with the agent's lock held, once another region was registered
+        for addr, n in (((1 << 64) - 4096, 4096), ((1 << 64) - 4096, 4095), ((1 << 63) - 4096, 4097), (1 << 63, 1)):
+            with pytest.raises(InvalidArgument, match=r"run past 2\*\*63, the end of user-space addresses"):
+                Mem(addr, n)
+            with pytest.raises(InvalidArgument, match=r"run past 2\*\*63, the end of user-space addresses"):
+                a.t._core.register_region(addr, n, "dram", 0)
+        assert _core.REGION_END == 1 << 63 and Mem((1 << 63) - 4096, 4096).nbytes == 4096  # the control
         # in range of the address space, but beyond the registered pool: refused before anything is exposed
         outside = Mem(dst.addr + a.engine.pool.slot_size * a.engine.pool.num_slots, 4096)
         with pytest.raises(TransportError, match=r"local range not registered"):

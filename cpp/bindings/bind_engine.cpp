@@ -84,7 +84,12 @@ static BufView view(py::handle obj, const char* what, std::size_t itemsize) {
     throw InvalidArgumentError(what, std::string("expected a buffer (bytes, array.array, numpy array), got ") +
                                          Py_TYPE(obj.ptr())->tp_name);
   py::buffer b = py::reinterpret_borrow<py::buffer>(obj);
-  py::buffer_info bi = b.request();
+  py::buffer_info bi;
+  try {
+    bi = b.request();
+  } catch (py::error_already_set& e) {  // the exporter refused (numpy: "cannot include dtype 'M' in a buffer")
+    throw InvalidArgumentError(what, std::string("its buffer cannot be exported (") + e.what() + ")");
+  }
   if (static_cast<std::size_t>(bi.itemsize) != itemsize || bi.ndim != 1 ||
       (bi.ndim == 1 && bi.strides[0] != bi.itemsize))
     throw InvalidArgumentError(what, "expected a contiguous 1-D buffer of " + std::to_string(itemsize) +

@@ -32,7 +32,11 @@ std::uint32_t slot_index(const BufferPool& p, py::handle h) {
     throw InvalidArgumentError("slot", std::string("expected an int, got ") + Py_TYPE(h.ptr())->tp_name);
   }
   PyObject* idx = PyNumber_Index(h.ptr());
-  if (idx == nullptr) throw py::error_already_set();
+  if (idx == nullptr) {  // an __index__ that raised (a numpy array of more than one int)
+    PyErr_Clear();
+    throw InvalidArgumentError("slot", std::string("expected an int, got a ") + Py_TYPE(h.ptr())->tp_name +
+                                           " that is not one index");
+  }
   const py::object index = py::reinterpret_steal<py::object>(idx);
   int overflow = 0;
   const long long v = PyLong_AsLongLongAndOverflow(index.ptr(), &overflow);

@@ -1,6 +1,7 @@
 #include "lifecycle/transport/transport.hpp"
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <exception>
@@ -202,7 +203,61 @@ void Transport::deregister_region(Agent::RegionId id) {
   retiring_.erase(id);
   regions_.erase(id);
 }
-std::string Transport::metadata() { return agent_->local_metadata(); }
+namespace {
+constexpr std::size_t kMagicLen = sizeof(Transport::kMetadataMagic) - 1;
+constexpr std::size_t kEnvelopeLen = kMagicLen + 4;
+
+// CRC-32 as zlib computes it (reflected, polynomial 0xEDB88320): Python's zlib.crc32 checks it in the tests.
+std::uint32_t crc32(const char* p, std::size_t n) noexcept {
+  static constexpr auto table = [] {
+    std::array<std::uint32_t, 256> t{};
+    for (std::uint32_t i = 0; i < 256; ++i) {
+      std::uint32_t c = i;
+      for (int k = 0; k < 8; ++k) c = (c & 1U) != 0 ? 0xEDB88320U ^ (c >> 1) : c >> 1;
+      t[i] = c;
+    }
+    return t;
+  }();
+  std::uint32_t c = 0xFFFFFFFFU;
+  for (std::size_t i = 0; i < n; ++i) c = table[(c ^ static_cast<unsigned char>(p[i])) & 0xFFU] ^ (c >> 8);
+  return c ^ 0xFFFFFFFFU;
+}
+
+std::string hex32(std::uint32_t v) {
+  static const char* hex = "0123456789abcdef";
+  std::string s(8, '0');
+  for (int i = 7; i >= 0; --i, v >>= 4) s[static_cast<std::size_t>(i)] = hex[v & 15U];
+  return s;
+}
+
+// The agent's metadata out of the envelope (checked), or `md` itself when it has none.
+std::string unwrap_metadata(const std::string& md) {
+  if (md.compare(0, kMagicLen, Transport::kMetadataMagic) != 0) return md;
+  if (md.size() <= kEnvelopeLen) {
+    throw InvalidArgumentError("metadata", "cut short: " + std::to_string(md.size()) + " bytes, no more than its " +
+                                               std::to_string(kEnvelopeLen) + "-byte header");
+  }
+  std::uint32_t want = 0;
+  for (int b = 3; b >= 0; --b) want = (want << 8) | static_cast<unsigned char>(md[kMagicLen + static_cast<std::size_t>(b)]);
+  const std::uint32_t got = crc32(md.data() + kEnvelopeLen, md.size() - kEnvelopeLen);
+  if (got != want) {
+    throw InvalidArgumentError("metadata", "checksum mismatch: the bytes were changed or cut on the way (" +
+                                               std::to_string(md.size() - kEnvelopeLen) + " bytes after the header, CRC-32 " +
+                                               hex32(got) + ", the header says " + hex32(want) + "); nothing loaded");
+  }
+  return md.substr(kEnvelopeLen);
+}
+}  // namespace
+
+std::string Transport::metadata() {
+  const std::string md = agent_->local_metadata();
+  std::string out(kMetadataMagic, kMagicLen);
+  const std::uint32_t c = crc32(md.data(), md.size());
+  for (int b = 0; b < 4; ++b) out += static_cast<char>((c >> (8 * b)) & 0xFFU);
+  out += md;
+  return out;
+}
+
 namespace {
 // Well-formed UTF-8 (no overlongs, surrogates or code points past U+10FFFF) without NUL: what a peer's name
 // must be to come back to Python as a str and go to the backend as a C string.
@@ -233,7 +288,7 @@ bool valid_name(const std::string& s) noexcept {
 std::string Transport::add_peer(const std::string& md) {
   std::string peer;
   try {
-    peer = agent_->load_remote_metadata(md);
+    peer = agent_->load_remote_metadata(unwrap_metadata(md));
   } catch (const MetadataRefused& e) {
     throw InvalidArgumentError("metadata", e.what());
   }
@@ -1016,7 +1071,7 @@ std::uint64_t Transport::expect(std::uint64_t req, const std::string& peer, cons
   if (stopped_.load()) throw TransportError("expect: transport " + name() + " is stopped");
   if (!local.valid()) {
     throw TransportError("expect: request " + std::to_string(req) +
-                         ": empty range, or one that runs to or past the end of the address space");
+                         ": empty range, or one that runs past 2**63, the end of user-space addresses");
   }
   std::uint64_t tag = 0;
   // the session this offer is for: an entry left by an earlier session of the id (ended, not swept yet)

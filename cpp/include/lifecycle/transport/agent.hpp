@@ -34,9 +34,13 @@ struct Region {
   std::uint64_t dev_id = 0;
   MemKind kind = MemKind::Dram;
 
-  // Non-empty, and addr + len does not reach the end of the address space (a range ending at 2**64 made
-  // UCX's registration cache spin for ever in ucs_pgtable_search_range).
-  bool valid() const noexcept { return addr != 0 && len != 0 && len <= UINTPTR_MAX - addr; }
+  // Non-empty, and inside the lower half of the address space (addr + len <= kEnd).  User-space memory, host
+  // or device (CUDA's unified addresses), lies there on every 64-bit platform NIXL supports: the upper half is
+  // the kernel's.  UCX rounds a range out to whole pages before its registration cache looks it up, so a range
+  // in the last page wrapped to 0, and the lookup spun for ever in ucs_pgtable_search_range with the agent's
+  // lock held (ending exactly at 2**64 did it too, and so did 4,095 bytes at 2**64 - 4,096).
+  static constexpr std::uintptr_t kEnd = std::uintptr_t{1} << 63;
+  bool valid() const noexcept { return addr != 0 && len != 0 && addr < kEnd && len <= kEnd - addr; }
   // [r.addr, r.addr + r.len) lies inside this region (same kind and device), without overflow.
   bool contains(const Region& r) const noexcept {
     return kind == r.kind && dev_id == r.dev_id && r.addr >= addr && r.len <= len && r.addr - addr <= len - r.len;

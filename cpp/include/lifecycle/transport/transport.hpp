@@ -140,6 +140,11 @@ class Transport final : public EventSink {
   // descriptors).  The memory must stay alive until then.  Transfers and expects that race it are
   // refused while it runs.
   void deregister_region(Agent::RegionId id);
+  // This agent's metadata in an envelope: kMetadataMagic, the CRC-32 (zlib's) of the agent's own bytes as 4
+  // bytes little-endian, then those bytes.  add_peer checks the checksum before the backend sees anything: one
+  // changed byte in UCX's worker address made UCX abort the process from an assertion inside NIXL's load.
+  // Metadata without the magic (an agent outside this library) goes to the backend as it is, trusted.
+  static constexpr char kMetadataMagic[] = "kvlmd/1:";
   std::string metadata();
   std::string add_peer(const std::string& metadata);  // returns the peer's name
   // Forget a peer: its in-flight requests are released (no evidence: their sessions fail).

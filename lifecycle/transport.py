@@ -224,8 +224,8 @@ class Mem:
         if self.device >= 1 << 64:
             raise InvalidArgument("device", f"expected a 64-bit device index, got {self.device}")
         if self.addr + self.nbytes > _core.REGION_END:  # the core's rule (Region::kEnd says why)
-            raise InvalidArgument("nbytes", f"{self.nbytes} bytes at address {self.addr:#x} run past 2**63, the end "
-                                            "of user-space addresses")
+            raise InvalidArgument("nbytes", f"{self.nbytes} bytes at address {self.addr:#x}: the range is "
+                                            f"{_core.REGION_REFUSED}")
 
     def slice(self, offset: int, nbytes: int) -> Mem:
         for name, v in (("offset", offset), ("nbytes", nbytes)):
@@ -302,6 +302,37 @@ class Offer:
         return cls(Mem(addr, nbytes, "dram" if kind == 0 else "vram", device), tag)
 
 
+def _ctypes_holds_objects(t) -> bool:
+    """A ctypes type with a py_object in it: itself, an array's items, a structure's or union's fields."""
+    if not isinstance(t, type):
+        return False
+    if issubclass(t, ctypes.py_object):
+        return True
+    if issubclass(t, ctypes.Array):
+        return _ctypes_holds_objects(t._type_)
+    if issubclass(t, (ctypes.Structure, ctypes.Union)):
+        return any(_ctypes_holds_objects(f[1]) for f in getattr(t, "_fields_", ()))
+    return False
+
+
+def _holds_objects(mv: memoryview) -> bool:
+    """Whether the buffer behind ``mv`` holds Python object references: its format says so (struct codes,
+    field names ":name:" left out), or an exporter along its base chain does (a numpy array of a dtype with
+    objects; a ctypes object with a py_object inside, which a union or a packed structure exports as plain
+    bytes 'B')."""
+    if "O" in re.sub(r":[^:]*:", "", mv.format):
+        return True
+    o = mv.obj
+    for _ in range(64):  # the chain of views: an array's .base, a memoryview's .obj
+        if getattr(getattr(o, "dtype", None), "hasobject", False) is True or _ctypes_holds_objects(type(o)):
+            return True
+        nxt = getattr(o, "base", None) if not isinstance(o, memoryview) else o.obj
+        if nxt is None or nxt is o or isinstance(nxt, (bytes, bytearray)):
+            return False
+        o = nxt
+    return False
+
+
 def mem_of(obj) -> Mem:
     """The memory range of a torch tensor (CPU -> DRAM, CUDA -> VRAM), an engine buffer pool, a
     :class:`Mem`, or a writable buffer (bytearray, numpy array, memoryview).  Contiguous only."""
@@ -333,7 +364,7 @@ def mem_of(obj) -> Mem:
         raise InvalidArgument("memory", "buffer must be writable and C-contiguous")
     if mv.nbytes == 0:
         raise InvalidArgument("memory", f"the {type(obj).__name__} is empty: there is no memory range to name")
-    if "O" in re.sub(r":[^:]*:", "", mv.format):  # struct codes, field names (":name:") left out
+    if _holds_objects(mv):
         # (a numpy object array, a ctypes py_object array: a transfer into it overwrote live PyObject pointers,
         # and the process crashed at the next use of one)
         raise InvalidArgument("memory", f"the {type(obj).__name__} holds Python object references (buffer format "
@@ -839,9 +870,10 @@ def _check_unsafe(**flags: bool) -> None:
     unless $KV_LIFECYCLE_ALLOW_UNSAFE is "1", so that no production configuration can turn them on by
     accident."""
     for k, v in flags.items():
-        if not isinstance(v, bool):  # (a numpy array's truth value raised a bare ValueError)
+        # True or False (numpy's bool_ too); a numpy array's truth value raised a bare ValueError
+        if not (isinstance(v, bool) or (type(v).__module__ == "numpy" and type(v).__name__ in ("bool", "bool_"))):
             raise InvalidArgument(k, f"expected True or False, got {type(v).__name__}")
-    on = [k for k, v in flags.items() if v]
+    on = [k for k, v in flags.items() if bool(v)]
     if on and os.environ.get(UNSAFE_ENV) != "1":
         raise InvalidArgument(on[0], f"test only (it breaks the evidence rule); set {UNSAFE_ENV}=1 to allow it")
 
@@ -865,7 +897,7 @@ class NixlTransport(_Transport):
         engine = _engine_arg(engine)
         if capi_path is not None and not isinstance(capi_path, (str, os.PathLike)):  # (an int was taken as an fd)
             raise InvalidArgument("capi_path", f"expected a path to libnixl_capi.so, got {type(capi_path).__name__}")
-        path = os.fspath(capi_path) if capi_path else nixl_capi_path()
+        path = os.fsdecode(capi_path) if capi_path else nixl_capi_path()
         self._wheel = _is_wheel_capi(path)
         if self._wheel:
             cuda12_runtime()  # before UCX starts: the wheel's UCX loads its CUDA module only if libcudart.so.12 does

@@ -17,11 +17,12 @@ from lifecycle import (
     InvalidArgument,
     LifecycleError,
     PoolExhausted,
-    State,
     TransferEngine,
     UnknownRequest,
     _core,
 )
+
+from test_transport_harness import run_child
 
 
 def test_unknown_ids():
@@ -586,31 +587,50 @@ def test_the_demo_summary_names_failed_workers_when_none_wrote_a_summary(tmp_pat
 def test_session17_fuzz_findings_at_the_transport_boundary_are_typed_errors():
     """A fuzzing pass (one child process per case) found these.  A numpy object array or a ctypes py_object
     array registered as memory: a READ into it overwrote live PyObject pointers and the process crashed at
-    the next use of the array.  The others raised bare ValueError / TypeError / OverflowError, or a message
-    about a null address for an empty tensor.  Each is now InvalidArgument naming the argument.  Negative
-    control: the same READ into the object array's raw range (a Mem, which mem_of cannot inspect) does
-    overwrite the pointers (restored before anything touches them).  Controls: an int64 array and a
-    structured array whose field is named "O" register."""
+    the next use of the array.  A review then found ctypes unions and packed structures holding a py_object,
+    which export plain bytes ('B').  The others raised bare ValueError / TypeError / OverflowError, or a
+    message about a null address for an empty tensor.  Each is now InvalidArgument naming the argument.
+    Controls: an int64 array, a structured array whose field is named "O", a ctypes structure of ints, and
+    numpy's bool_ for a flag are accepted."""
     import ctypes
 
     import numpy as np
     import torch
 
-    from lifecycle.transport import LoopbackTransport, Mem, NixlTransport, Offer
+    from lifecycle.transport import LoopbackTransport, NixlTransport
+
+    class U(ctypes.Union):
+        _fields_ = [("o", ctypes.py_object), ("n", ctypes.c_int64)]
+
+    class Packed(ctypes.Structure):
+        _pack_ = 1
+        _fields_ = [("c", ctypes.c_char), ("o", ctypes.py_object)]
+
+    class Outer(ctypes.Structure):
+        _fields_ = [("u", U * 2)]
+
+    class Ints(ctypes.Structure):
+        _fields_ = [("a", ctypes.c_int64), ("b", ctypes.c_int32 * 2)]
 
     objs = np.array([object() for _ in range(4)], dtype=object)
-    pyobjs = (ctypes.py_object * 4)(*[object() for _ in range(4)])
-    ea, eb = TransferEngine(), TransferEngine()
-    a, b = LoopbackTransport(ea, "fz-a"), LoopbackTransport(eb, "fz-b")
+    e = TransferEngine()
+    a = LoopbackTransport(e, "fz-a")
     try:
+        objects = r"holds Python object references \(buffer format "
         cases = [
-            (lambda: a.register(objs), "memory", r"holds Python object references \(buffer format 'O'\)"),
-            (lambda: a.register(pyobjs), "memory", r"holds Python object references \(buffer format '<O'\)"),
+            (lambda: a.register(objs), "memory", objects + "'O'"),
+            (lambda: a.register(objs[1:]), "memory", objects),
+            (lambda: a.register((ctypes.py_object * 4)(*range(4))), "memory", objects + "'<O'"),
+            (lambda: a.register((U * 4)()), "memory", objects),
+            (lambda: a.register((Packed * 2)()), "memory", objects),
+            (lambda: a.register(Outer()), "memory", objects),
+            (lambda: a.register(memoryview((U * 4)()).cast("B")), "memory", objects),
+            (lambda: a.register(np.frombuffer((U * 4)(), dtype=np.uint8)), "memory", objects),
             (lambda: a.register(torch.zeros(0)), "tensor", r"the tensor is empty"),
-            (lambda: ea.advertise_batch(np.array([1], dtype="M8[ns]"), "sender"), "ids", r"cannot be exported"),
-            (lambda: ea.apply_batch(np.array([1], dtype="m8[ns]"), bytes([1])), "ids", r"cannot be exported"),
-            (lambda: ea.pool.slot_view(np.array([0, 1])), "slot", r"not one index"),
-            (lambda: ea.pool.slot_state(np.array([0, 1])), "slot", r"not one index"),
+            (lambda: e.advertise_batch(np.array([1], dtype="M8[ns]"), "sender"), "ids", r"cannot be exported"),
+            (lambda: e.apply_batch(np.array([1], dtype="m8[ns]"), bytes([1])), "ids", r"cannot be exported"),
+            (lambda: e.pool.slot_view(np.array([0, 1])), "slot", r"not one index"),
+            (lambda: e.pool.slot_state(np.array([0, 1])), "slot", r"not one index"),
             (lambda: LoopbackTransport(None, "fz-u", unsafe_release_on_cancel=np.array([1, 2])),
              "unsafe_release_on_cancel", r"expected True or False"),
             (lambda: NixlTransport(None, "fz-n", capi_path=2**31), "capi_path", r"expected a path"),
@@ -621,27 +641,37 @@ def test_session17_fuzz_findings_at_the_transport_boundary_are_typed_errors():
                 make()
             assert ei.value.argument == arg, (arg, ei.value)
         assert a.stats().registered_regions == 0
-        assert a.register(np.zeros(4, dtype=np.int64)).region_id == 1  # controls
-        assert a.register(np.zeros(4, dtype=[("O", "<i8")])).region_id == 2
+        keep = [np.zeros(4, dtype=np.int64), np.zeros(4, dtype=[("O", "<i8")]), (Ints * 2)()]  # the controls
+        assert [a.register(m).region_id for m in keep] == [1, 2, 3]
+        LoopbackTransport(None, "fz-b", unsafe_release_on_cancel=np.bool_(False)).stop()
+    finally:
+        a.stop()
 
-        # the negative control: the raw range of the object array takes the READ, pointers and all
-        raw, src = Mem(objs.ctypes.data, objs.nbytes), bytearray(b"\x41" * objs.nbytes)
+
+def test_a_transfer_into_an_object_arrays_raw_range_overwrites_its_references():
+    """The negative control of the test above, in a child: the same READ into the object array's raw
+    range (a Mem, which mem_of cannot inspect) does land on the PyObject pointers.  The child restores
+    them before the array is used again, and reports what it saw."""
+    child = run_child("""
+        import ctypes
+        import numpy as np
+        from lifecycle import TransferEngine
+        from lifecycle.transport import LoopbackTransport, Mem
+        objs = np.array([object() for _ in range(4)], dtype=object)
+        raw, src = Mem(objs.ctypes.data, objs.nbytes), bytearray(b"\\x41" * objs.nbytes)
         saved = ctypes.string_at(raw.addr, raw.nbytes)
+        ea, eb = TransferEngine(), TransferEngine()
+        a, b = LoopbackTransport(ea, "ctl-a"), LoopbackTransport(eb, "ctl-b")
         a.register(raw)
         b.register(src)
         pa, pb = a.add_peer(b.metadata()), b.add_peer(a.metadata())
         eb.advertise(1, "sender")
         ea.advertise(1, "receiver")
-        offer = b.expect(1, pb, src)
-        assert isinstance(offer, Offer)
-        try:
-            a.read(1, raw, pa, offer)
-            assert ea.wait_terminal(1, 10) is State.Quiesced
-            overwritten = ctypes.string_at(raw.addr, raw.nbytes)
-        finally:
-            ctypes.memmove(raw.addr, saved, raw.nbytes)  # the pointers back before the array is used again
-        assert overwritten == bytes(src), "the control: a READ into the object array's range overwrote nothing"
-        assert all(type(o) is object for o in objs)
-    finally:
-        a.stop()
-        b.stop()
+        a.read(1, raw, pa, b.expect(1, pb, src))
+        state = ea.wait_terminal(1, 30)
+        landed = ctypes.string_at(raw.addr, raw.nbytes) == bytes(src)
+        ctypes.memmove(raw.addr, saved, raw.nbytes)  # the pointers back before the array is used again
+        print(state.name, landed, all(type(o) is object for o in objs))
+    """, timeout=60)
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert child.stdout.split()[-3:] == ["Quiesced", "True", "True"], child.stdout

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from lifecycle import State, TransferEngine
+from lifecycle import State, TransferEngine, _core
 from lifecycle.transport import LoopbackTransport, Mem, NixlTransport, Offer, nixl_available, pool_slot
 
 HAVE_NIXL = nixl_available()
@@ -72,6 +72,14 @@ def connect(a: Side, b: Side) -> tuple[str, str]:
     b_at_a = a.t.add_peer(b.t.metadata())
     a_at_b = b.t.add_peer(a.t.metadata())
     return b_at_a, a_at_b
+
+
+def raw_metadata(t) -> bytes:
+    """``t``'s agent metadata out of metadata()'s envelope (what an agent outside this library ships), its
+    header checked: the magic, then the CRC-32 (zlib's) of the rest, little-endian."""
+    md, head = t.metadata(), len(_core.METADATA_MAGIC) + 4
+    assert md.startswith(_core.METADATA_MAGIC) and int.from_bytes(md[head - 4:head], "little") == zlib.crc32(md[head:])
+    return md[head:]
 
 
 def run_child(code: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:

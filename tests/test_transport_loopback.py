@@ -4,6 +4,7 @@ fault test is seeded; the seed is in every failure message so a failing run repl
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -14,7 +15,8 @@ import pytest
 from lifecycle import CancelResult, InvalidArgument, Outcome, State, TerminateResult, TransportError, _core
 from lifecycle.transport import Faults, LoopbackTransport, Mem, Offer, mem_of, pool_slot
 
-from test_transport_harness import KiB, MiB, SIZES, Side, connect, crc, needs_nixl, pattern, run_child, wait_for
+from test_transport_harness import (KiB, MiB, SIZES, Side, connect, crc, needs_nixl, pattern, raw_metadata,
+                                    run_child, wait_for)
 
 _n = iter(range(1_000_000))
 
@@ -254,7 +256,7 @@ def test_fault_disconnect_fails_and_peer_notes_vanish():
         if sb2 is State.Quiesced:
             assert st_b.done_received == 1 and st_b.stops_sent == 0, st_b
         else:
-            assert sb2 is State.Poisoned and st_b.stops_sent == 1 and fs["dropped"] == 1, (sb2, st_b, fs)
+            assert sb2 is State.Poisoned and st_b.stops_sent >= 1 and fs["dropped"] >= 1, (sb2, st_b, fs)
         with pytest.raises(TransportError, match="disconnected"):
             run(a, b, names, 3, "read", 4 * KiB)
         assert a.engine.state(3) is State.Advertised
@@ -441,18 +443,18 @@ def test_ranges_that_wrap_the_address_space_or_leave_a_registration_get_a_typed_
         dst = a.advertise(1, "receiver", 4096, 0)
         src = b.advertise(1, "sender", 4096, pattern(4096, 1))
         wrap = (1 << 64) - min(dst.addr, src.addr) + 16
-        with pytest.raises(InvalidArgument, match=r"^invalid nbytes: \d+ bytes at address 0x[0-9a-f]+ run past 2\*\*63"):
+        with pytest.raises(InvalidArgument, match=r"^invalid nbytes: \d+ bytes at address 0x[0-9a-f]+: the range is empty, or runs past 2\*\*63, "):
             Mem(dst.addr, wrap)
-        with pytest.raises(InvalidArgument, match=r"run past 2\*\*63, the end of user-space addresses"):  # the binding itself
+        with pytest.raises(InvalidArgument, match=r"runs past 2\*\*63, the end of \(untagged\) user-space addresses$"):  # the binding itself
             a.t._core.transfer(1, "read", dst.addr, wrap, "dram", 0, b_at_a, src.addr, "dram", 0, 0)
-        with pytest.raises(InvalidArgument, match=r"run past 2\*\*63, the end of user-space addresses"):
+        with pytest.raises(InvalidArgument, match=r"runs past 2\*\*63, the end of \(untagged\) user-space addresses$"):
             a.t._core.register_region(dst.addr, wrap, "dram", 0)
         # ranges in the upper half: NIXL's registration of these (UCX's registration cache) spun for ever,
         # with the agent's lock held, once another region was registered
         for addr, n in (((1 << 64) - 4096, 4096), ((1 << 64) - 4096, 4095), ((1 << 63) - 4096, 4097), (1 << 63, 1)):
-            with pytest.raises(InvalidArgument, match=r"run past 2\*\*63, the end of user-space addresses"):
+            with pytest.raises(InvalidArgument, match=r"runs past 2\*\*63, the end of \(untagged\) user-space addresses$"):
                 Mem(addr, n)
-            with pytest.raises(InvalidArgument, match=r"run past 2\*\*63, the end of user-space addresses"):
+            with pytest.raises(InvalidArgument, match=r"runs past 2\*\*63, the end of \(untagged\) user-space addresses$"):
                 a.t._core.register_region(addr, n, "dram", 0)
         assert _core.REGION_END == 1 << 63 and Mem((1 << 63) - 4096, 4096).nbytes == 4096  # the control
         # in range of the address space, but beyond the registered pool: refused before anything is exposed
@@ -1018,3 +1020,41 @@ def test_an_injected_disconnect_catches_the_same_requests_in_every_run():
 
     runs = [plan() for _ in range(3)]
     assert runs == ["QQQQQQPRRRRR"] * 3, runs
+
+
+@pytest.mark.parametrize("kind", ["loopback", pytest.param("nixl", marks=[pytest.mark.nixl, needs_nixl])])
+def test_metadata_travels_in_a_checksummed_envelope_and_any_change_or_cut_is_refused(kind):
+    """metadata() ships the agent's bytes after a header: _core.METADATA_MAGIC, then their CRC-32 (zlib's)
+    little-endian (raw_metadata checks both).  add_peer refuses, with a typed error and nothing loaded: a bit
+    changed anywhere (magic, checksum, payload), a byte cut or added, the header alone, and another version
+    of the magic.  Controls: the untouched envelope loads, and so does the raw metadata (an agent outside
+    this library ships no envelope)."""
+    a, b, _ = pair() if kind == "loopback" else nixl_pair()
+    try:
+        md, raw = b.t.metadata(), raw_metadata(b.t)
+        head = len(_core.METADATA_MAGIC) + 4
+        assert md[head:] == raw and len(md) == head + len(raw)
+        mismatch = re.compile(r"invalid metadata: checksum mismatch: the bytes were changed or cut on the way "
+                              r"\(\d+ bytes after the header, CRC-32 [0-9a-f]{8}, the header says [0-9a-f]{8}\); "
+                              r"nothing loaded")
+        damaged = re.compile(r"invalid metadata: its envelope header is damaged or of another version \(expected it "
+                             r"to start with '" + re.escape(_core.METADATA_MAGIC.decode()) + r"'\); nothing loaded")
+        step = max(1, (len(md) - head) // 40)
+        cases = {f"bit {bit} of byte {i}": md[:i] + bytes([md[i] ^ (1 << bit)]) + md[i + 1:]
+                 for i in [*range(head), *range(head, len(md), step)] for bit in (0, 7)}
+        cases |= {"the last byte cut": md[:-1], "a byte added": md + b"\0", "another version": b"kvlmd/2:" + md[8:]}
+        for what, bad in cases.items():
+            try:
+                b_name = a.t.add_peer(bad)
+            except InvalidArgument as e:
+                want = damaged if what == "another version" or bad[:head - 4] != md[:head - 4] else mismatch
+                assert want.fullmatch(str(e)), (what, str(e))
+            else:
+                pytest.fail(f"metadata with {what} changed loaded as {b_name!r}")
+        with pytest.raises(InvalidArgument, match=rf"^invalid metadata: cut short: {head} bytes, no more than its "
+                                                  rf"{head}-byte header$"):
+            a.t.add_peer(md[:head])
+        assert a.t.add_peer(md) == b.name and a.t.add_peer(raw) == b.name  # the controls
+    finally:
+        a.close()
+        b.close()

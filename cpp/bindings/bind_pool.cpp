@@ -33,6 +33,9 @@ std::uint32_t slot_index(const BufferPool& p, py::handle h) {
   }
   PyObject* idx = PyNumber_Index(h.ptr());
   if (idx == nullptr) {  // an __index__ that raised (a numpy array of more than one int)
+    if (!PyErr_ExceptionMatches(PyExc_TypeError) && !PyErr_ExceptionMatches(PyExc_ValueError)) {
+      throw py::error_already_set();  // KeyboardInterrupt, MemoryError: not ours to rename
+    }
     PyErr_Clear();
     throw InvalidArgumentError("slot", std::string("expected an int, got a ") + Py_TYPE(h.ptr())->tp_name +
                                            " that is not one index");

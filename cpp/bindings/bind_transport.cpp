@@ -42,7 +42,7 @@ tp::Region region(std::uint64_t addr, std::uint64_t len, const std::string& kind
   const tp::Region r{static_cast<std::uintptr_t>(addr), static_cast<std::size_t>(len), dev, to_kind(kind)};
   if (!r.valid()) {
     throw InvalidArgumentError("nbytes", std::to_string(len) + " bytes at address " + std::to_string(addr) +
-                                             " run past 2**63, the end of user-space addresses");
+                                             ": the range is " + tp::Region::kRefused);
   }
   return r;
 }
@@ -158,6 +158,7 @@ void register_transport(py::module_& m) {
   m.attr("NIXL_CAPI_ENV") = tp::NixlCapi::kPathEnv;
   m.attr("METADATA_MAGIC") = py::bytes(tp::Transport::kMetadataMagic);  // metadata()'s envelope starts with it
   m.attr("REGION_END") = py::int_(static_cast<std::uint64_t>(tp::Region::kEnd));  // Mem checks with it
+  m.attr("REGION_REFUSED") = tp::Region::kRefused;                                 // ... and says this
 
   m.def("load_nixl_capi", [](const std::string& path) {
     std::shared_ptr<const tp::NixlCapi> api;

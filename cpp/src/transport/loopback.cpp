@@ -182,7 +182,7 @@ LoopbackAgent::~LoopbackAgent() {
 }
 
 Agent::RegionId LoopbackAgent::register_region(const Region& r) {
-  if (!r.valid()) throw TransportError("register_region: empty region, or one that runs past 2**63, the end of user-space addresses");
+  if (!r.valid()) throw TransportError(std::string("register_region: the region is ") + Region::kRefused);
   if (r.kind != MemKind::Dram) throw TransportError("loopback agent: only DRAM can be registered");
   std::unique_lock<std::shared_mutex> mem(mem_mutex());
   const RegionId id = ep_->next_region++;
@@ -237,7 +237,7 @@ void LoopbackAgent::prepare(std::uint64_t req, XferOp op, const Region& local,
   const std::string ctx = "request " + std::to_string(req);
   if (local.len != remote.len) throw TransportError("post: " + ctx + ": lengths differ");
   if (!local.valid() || !remote.valid()) {
-    throw TransportError("post: " + ctx + ": empty range, or one that runs past 2**63, the end of user-space addresses");
+    throw TransportError("post: " + ctx + ": a range is " + Region::kRefused);
   }
   auto job = std::make_shared<Job>();
   job->req = req;

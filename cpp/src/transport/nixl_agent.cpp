@@ -111,7 +111,7 @@ NixlAgent::~NixlAgent() {
 }
 
 NixlAgent::RegionId NixlAgent::register_region(const Region& r) {
-  if (!r.valid()) throw TransportError("register_region: empty region, or one that runs past 2**63, the end of user-space addresses");
+  if (!r.valid()) throw TransportError(std::string("register_region: the region is ") + Region::kRefused);
   const NixlCapi& a = *api_;
   capi::reg_dlist_t raw = nullptr;
   check_capi(a.create_reg_dlist(to_capi(r.kind), &raw), "create_reg_dlist");
@@ -203,7 +203,7 @@ void NixlAgent::prepare(std::uint64_t req, XferOp op, const Region& local, const
                          std::to_string(local.len) + " vs " + std::to_string(remote.len) + ")");
   }
   if (!local.valid() || !remote.valid()) {
-    throw TransportError("post: " + req_context(req) + ": empty range, or one that runs past 2**63, the end of user-space addresses");
+    throw TransportError("post: " + req_context(req) + ": a range is " + Region::kRefused);
   }
   {
     std::lock_guard<std::mutex> lk(mu_);

@@ -232,7 +232,17 @@ std::string hex32(std::uint32_t v) {
 
 // The agent's metadata out of the envelope (checked), or `md` itself when it has none.
 std::string unwrap_metadata(const std::string& md) {
-  if (md.compare(0, kMagicLen, Transport::kMetadataMagic) != 0) return md;
+  if (md.compare(0, kMagicLen, Transport::kMetadataMagic) != 0) {
+    // A magic with a byte or two changed is a damaged envelope (its checksum cannot vouch for anything), and
+    // another version of it is not ours to read; anything else is an outside agent's own metadata.
+    std::size_t differ = 0;
+    for (std::size_t i = 0; i < kMagicLen; ++i) differ += i >= md.size() || md[i] != Transport::kMetadataMagic[i];
+    if (differ <= 2 || md.compare(0, 6, Transport::kMetadataMagic, 6) == 0) {
+      throw InvalidArgumentError("metadata", "its envelope header is damaged or of another version (expected it to "
+                                             "start with '" + std::string(Transport::kMetadataMagic) + "'); nothing loaded");
+    }
+    return md;
+  }
   if (md.size() <= kEnvelopeLen) {
     throw InvalidArgumentError("metadata", "cut short: " + std::to_string(md.size()) + " bytes, no more than its " +
                                                std::to_string(kEnvelopeLen) + "-byte header");
@@ -251,6 +261,7 @@ std::string unwrap_metadata(const std::string& md) {
 
 std::string Transport::metadata() {
   const std::string md = agent_->local_metadata();
+  if (md.empty()) throw TransportError("metadata: agent " + name() + " has none to ship");  // (add_peer refuses it)
   std::string out(kMetadataMagic, kMagicLen);
   const std::uint32_t c = crc32(md.data(), md.size());
   for (int b = 0; b < 4; ++b) out += static_cast<char>((c >> (8 * b)) & 0xFFU);
@@ -1070,8 +1081,7 @@ void Transport::forget_posted() {
 std::uint64_t Transport::expect(std::uint64_t req, const std::string& peer, const Region& local) {
   if (stopped_.load()) throw TransportError("expect: transport " + name() + " is stopped");
   if (!local.valid()) {
-    throw TransportError("expect: request " + std::to_string(req) +
-                         ": empty range, or one that runs past 2**63, the end of user-space addresses");
+    throw TransportError("expect: request " + std::to_string(req) + ": the range is " + Region::kRefused);
   }
   std::uint64_t tag = 0;
   // the session this offer is for: an entry left by an earlier session of the id (ended, not swept yet)

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import gzip
 import heapq
 import inspect
 import itertools
@@ -576,15 +575,6 @@ class _Unreadable(Exception):
     pass
 
 
-def _open(path: str):
-    """The file's bytes, gunzipped when it starts with the gzip magic."""
-    raw = open(path, "rb")  # noqa: SIM115 - closed by the caller's ``with``
-    if raw.peek(2)[:2] == b"\x1f\x8b":
-        raw.close()
-        return gzip.open(path, "rb")
-    return raw
-
-
 def _blank(raw: bytes) -> bool:
     """Whitespace only (as ``str.strip`` sees it, so a line counts as blank exactly as it always did)."""
     return not raw.decode("utf-8", "surrogateescape").strip()
@@ -718,7 +708,8 @@ def _parser_keys(*names: str) -> tuple[str, ...]:
 
 
 # the keys the hot path reads, each group fetched in one C call (itemgetter raises KeyError if one is missing)
-_COMMON_KEYS = _parser_keys("event", "rank", "seq", "pid", "t_mono_ns", "request", "table")
+_COMMON_KEYS = _parser_keys("event", "rank", "seq", "pid", "t_mono_ns", "request", "table", "role", "schema")
+_ROLES = (None, "sender", "receiver")  # schemas: role
 _common_fields = operator.itemgetter(*_COMMON_KEYS)
 _MOVE_KEYS = _parser_keys("from_state", "trigger", "to_state", "outcome", "deferred")
 _move_fields = operator.itemgetter(*_MOVE_KEYS)
@@ -1017,14 +1008,15 @@ class Auditor:
     def event(self, d: object, line: int) -> None:
         """Replay one parsed event (``line`` is its line number in the current file)."""
         try:
-            name, rank, seq, pid, t, req, tbl = _common_fields(d)
+            name, rank, seq, pid, t, req, tbl, role, schema = _common_fields(d)
         except (KeyError, TypeError):  # a key missing (a missing request or table reads as null), or not an object
-            if type(d) is not dict:
+            if type(d) is not dict or "role" not in d:
                 self._bad_common(d, line)
                 return
-            name, rank, seq, pid, t, req, tbl = map(d.get, _COMMON_KEYS)
+            name, rank, seq, pid, t, req, tbl, role, schema = map(d.get, _COMMON_KEYS)
         if type(name) is not str or type(rank) is not int or type(seq) is not int or type(pid) is not int \
-                or type(t) is not int:
+                or type(t) is not int or rank < 0 or seq < 0 or pid < 0 or schema != SCHEMA_ID \
+                or role not in _ROLES:
             self._bad_common(d, line)
             return
         if req is not None and type(req) is not int:
@@ -1071,6 +1063,18 @@ class Auditor:
                 probs.append(f"missing '{k}'")
             elif type(v) is not want:
                 probs.append(f"'{k}' must be {want.__name__}, got {_tname(v)}")
+            elif want is int and k != "t_mono_ns" and v < 0:
+                probs.append(f"'{k}' must be >= 0")
+        v = d.get("role", _MISSING)
+        if v is _MISSING:
+            probs.append("missing 'role'")
+        elif v not in _ROLES:
+            probs.append("'role' must be 'sender', 'receiver' or null")
+        v = d.get("schema", _MISSING)
+        if v is _MISSING:
+            probs.append("missing 'schema'")
+        elif v != SCHEMA_ID:
+            probs.append(f"'schema' must be '{SCHEMA_ID}'")
         rank = d.get("rank") if type(d.get("rank")) is int else None
         req = d.get("request") if type(d.get("request")) is int else None
         self._find("malformed", line, "; ".join(probs), rank=rank, request=req)
@@ -1550,7 +1554,8 @@ def audit_paths(paths: Iterable[str | Path], spec: _spec.Spec | None = None, *, 
     if native is None:
         engine = os.environ.get(ENGINE_ENV, "native").strip().lower() or "native"
         if engine not in ("native", "python"):
-            raise ValueError(f"{ENGINE_ENV} must be 'native' or 'python', got {engine!r}")
+            raise InvalidArgument(ENGINE_ENV, f"the environment variable must be 'native' (where the native replay "
+                                              f"can be used, else python) or 'python', got {engine!r}")
         native = engine == "native" and native_unavailable(spec, **kw) is None
     elif native:
         why = native_unavailable(spec, **kw)
@@ -1609,14 +1614,43 @@ def native_unavailable(spec: _spec.Spec | None = None, **kw) -> str | None:
 
 
 def _read_chunks(path: str) -> Iterator[bytes]:
-    """The file (gzip decompressed) in reads of ``_CHUNK`` bytes; read errors propagate to the caller."""
-    with _open(path) as f:
+    """The file (gzip decompressed) in pieces of at most ``_CHUNK`` bytes; read errors propagate to the caller.
+
+    gzip is decompressed here, member by member, so that every byte before a bad spot is handed on before
+    the error is raised: ``gzip.GzipFile.read`` raised for trailing junk or a cut stream without returning
+    the 1 MiB it had decompressed (a log with junk after its gzip member audited as 0 events).  Output is
+    bounded per piece, so a gzip bomb costs no memory."""
+    with open(path, "rb") as f:
         read = f.read
+        data = read(_CHUNK)
+        if data[:2] != b"\x1f\x8b":
+            while data:
+                yield data
+                data = read(_CHUNK)
+            return
+        d = zlib.decompressobj(wbits=31)  # a gzip member
+        offset = 0  # compressed bytes consumed before ``data``
         while True:
-            chunk = read(_CHUNK)
-            if not chunk:
-                return
-            yield chunk
+            while data:
+                out = d.decompress(data, _CHUNK)
+                offset += len(data) - len(d.unconsumed_tail) - len(d.unused_data)
+                data = d.unconsumed_tail or d.unused_data
+                if out:
+                    yield out
+                if d.eof:  # a member ended: another may follow (concatenated gzip), or zero padding
+                    rest = d.unused_data
+                    while len(rest) < 2 and (more := read(_CHUNK)):
+                        rest += more
+                    while rest and not rest.strip(b"\0"):  # padding: zeros to the end of the file
+                        rest = read(_CHUNK)
+                    if not rest:
+                        return
+                    if rest[:2] != b"\x1f\x8b":
+                        raise OSError(f"trailing data after a gzip member (compressed byte {offset} or later)")
+                    d, data = zlib.decompressobj(wbits=31), rest
+            data = read(_CHUNK)
+            if not data:
+                raise EOFError("compressed file ended before the end-of-stream marker was reached")
 
 
 def _span(raw: bytes, depth: int):

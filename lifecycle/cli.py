@@ -45,7 +45,19 @@ def _delegate(module: str, func: str, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command; a typed error of this library (bad input, a bad environment variable) ends it with
+    exit status 2 and its message on stderr, not a traceback."""
+    from .errors import LifecycleError
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(argv)
+    except LifecycleError as exc:
+        print(f"lifecycle {argv[0] if argv else ''}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str]) -> int:
     commands = {
         "spec": "spec check FILE [--json]: validate a lifecycle table",
         "diagram": "diagram --format mermaid|dot|svg [--out F] [--counts-from LOG]",
@@ -55,10 +67,14 @@ def main(argv: list[str] | None = None) -> int:
         "bench": "bench: run the benchmark suites and print one table",
     }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: lifecycle COMMAND ...\n\ncommands:")
+        unknown = bool(argv) and argv[0] not in ("-h", "--help")
+        out = sys.stderr if unknown else sys.stdout
+        if unknown:
+            print(f"lifecycle: unknown command {argv[0]!r}", file=out)
+        print("usage: lifecycle COMMAND ...\n\ncommands:", file=out)
         for name, doc in commands.items():
-            print(f"  {doc}")
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+            print(f"  {doc}", file=out)
+        return 2 if unknown else 0
     cmd, rest = argv[0], argv[1:]
     if cmd == "spec":
         if not rest or rest[0] != "check":

@@ -84,7 +84,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--kv-heads {a.kv_heads} must be divisible by --ranks {a.ranks}")
     if "kill-peer" in faults and multi:
         p.error("kill-peer is supported with --ranks 1 only (mpiexec ends the whole job when a rank dies)")
+    # Sizes, before any worker starts: each side's rank holds concurrency + quarantine slack slots of
+    # max_blocks blocks (the workers raised InvalidArgument tracebacks, or ran the machine out of memory)
+    slot = KVConfig(layers=a.layers, block_tokens=a.block_tokens, kv_heads=a.kv_heads, head_dim=a.head_dim,
+                    max_blocks=a.max_blocks).block_bytes(a.ranks) * a.max_blocks
+    slots = a.concurrency + DemoOptions.quarantine_slack
+    need, have = 2 * a.ranks * slot * slots, _physical_memory()
+    if have and need > have // 2:
+        p.error(f"--concurrency {a.concurrency} (+{DemoOptions.quarantine_slack} quarantine slots) x "
+                f"{slot / 2**20:.3g} MiB a slot x {2 * a.ranks} processes = {need / 2**30:.3g} GiB of buffers, more "
+                f"than half this machine's memory ({have / 2**30:.3g} GiB): lower --concurrency, --max-blocks or the "
+                "KV layout")
+    if a.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error("--device cuda: CUDA is not available here (torch.cuda.is_available() is False)")
     return a
+
+
+def _physical_memory() -> int:
+    """This machine's memory in bytes (0 when unknown)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 # ---- progress ----------------------------------------------------------------------------------------
@@ -295,9 +319,14 @@ def main(argv: list[str] | None = None) -> int:
                   "delete them; pass a new or empty directory", file=sys.stderr)
             return 2
         shutil.rmtree(out)
-    for d in ("logs", "status", "workers"):
-        (out / d).mkdir(parents=True, exist_ok=True)
-    (out / DEMO_MARKER).write_text("written by `python -m lifecycle demo`: the next demo run may delete this directory\n")
+    try:
+        for d in ("logs", "status", "workers"):
+            (out / d).mkdir(parents=True, exist_ok=True)
+        (out / DEMO_MARKER).write_text("written by `python -m lifecycle demo`: the next demo run may delete this "
+                                       "directory\n")
+    except OSError as exc:
+        print(f"demo: --out {a.out!r}: cannot create the output directory: {exc}", file=sys.stderr)
+        return 2
     kill_peer = "kill-peer" in a.fault_list
     opts = DemoOptions(
         out=str(out), mode=a.mode, requests=a.requests, concurrency=a.concurrency,

@@ -212,7 +212,18 @@ def main_diagram(argv: list[str] | None = None) -> int:
             if not Path(path).is_file():
                 print(f"lifecycle diagram: no such file: {path}", file=sys.stderr)
                 return 2
-        counts = dict(audit_paths(a.counts_from, sp).edges)
+        res = audit_paths(a.counts_from, sp)
+        unread = res.finding_counts.get("malformed", 0) + res.finding_counts.get("unreadable", 0)
+        if res.events == 0:  # (garbage drew a diagram of zero counts, silently)
+            print(f"lifecycle diagram: no lifecycle events in {', '.join(a.counts_from)} ({res.lines} line(s), "
+                  f"{unread} malformed or unreadable): nothing to count", file=sys.stderr)
+            return 2
+        if unread:
+            first = next((f for f in res.findings if f.kind in ("malformed", "unreadable")), None)
+            where = f", the first {first.file}:{first.line}: {first.message}" if first is not None else ""
+            print(f"lifecycle diagram: warning: {unread} line(s) not counted (malformed or unreadable){where}",
+                  file=sys.stderr)
+        counts = dict(res.edges)
     try:
         text = render(a.format, sp, counts)
     except (FileNotFoundError, RuntimeError) as exc:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import stat
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -335,10 +337,21 @@ def _check_graph(path, states, kinds, events, sources, cancel_results, terminate
             bad(1, "event-never-enabled", f"event {e} appears in no row")
 
 
+# A lifecycle table is a few KiB; a file past this is not one (/dev/zero was read without end).
+MAX_TABLE_BYTES = 1 << 20
+
+
 def load(path: str | Path) -> Spec:
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        if not stat.S_ISREG(os.stat(p).st_mode):  # a FIFO blocked for ever, a device never ended
+            raise SpecError([Violation(str(p), 0, "unreadable", "cannot read table: not a regular file")])
+        with open(p, "rb") as f:
+            data = f.read(MAX_TABLE_BYTES + 1)
+        if len(data) > MAX_TABLE_BYTES:
+            raise SpecError([Violation(str(p), 0, "unreadable", f"cannot read table: larger than {MAX_TABLE_BYTES} "
+                                                                "bytes, not a lifecycle table")])
+        text = data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as read_text
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError([Violation(str(p), 0, "unreadable", f"cannot read table: {exc}")]) from exc
     return parse(text, str(p))

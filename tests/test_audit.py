@@ -8,6 +8,7 @@ import copy
 import gzip
 import json
 import re
+import zlib
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -119,6 +120,74 @@ def test_missing_common_key_is_rejected():
     del d["t_mono_ns"]
     with pytest.raises(audit.EventSchemaError, match=r"'t_mono_ns' is a required property"):
         validate_event(d)
+
+
+@pytest.mark.parametrize(("edit", "problem"), [
+    ({"role": None}, None),  # the control: null is a role (engine-wide events)
+    ({"role": 7}, "'role' must be 'sender', 'receiver' or null"),
+    ({"role": "banana"}, "'role' must be 'sender', 'receiver' or null"),
+    ({"role": ...}, "missing 'role'"),
+    ({"schema": "kv-lifecycle.events/999"}, "'schema' must be 'kv-lifecycle.events/1'"),
+    ({"schema": 7}, "'schema' must be 'kv-lifecycle.events/1'"),
+    ({"schema": ...}, "missing 'schema'"),
+    ({"rank": -1}, "'rank' must be >= 0"),
+    ({"pid": -7}, "'pid' must be >= 0"),
+    ({"seq": -1, "role": "x"}, "'seq' must be >= 0; 'role' must be 'sender', 'receiver' or null"),
+])
+def test_every_common_key_the_schema_requires_is_checked_on_every_line(tmp_path, edit, problem):
+    """A fuzzing pass found lines with role or schema missing or wrong, or a negative rank or pid, audited
+    clean, though the schema requires them on every event and docs/audit.md calls such lines malformed.
+    Each is a malformed finding at every line now, in both engines (the fixture runs each), with one message
+    naming every problem.  Control: role null, which the schema allows, changes nothing.  The schema version
+    the native replay checks is the Python one."""
+    from lifecycle import _core, engine
+
+    assert _core.EVENTS_SCHEMA == audit.SCHEMA_ID == engine.SCHEMA
+    events = [{k: v for k, v in {**d, **edit}.items() if v is not ...} for d in mg.clean_run()]
+    res = audit_paths([write(tmp_path / "edited.jsonl", events)])
+    bad = res.by_kind("malformed")
+    if problem is None:
+        assert bad == [] and res.events == len(events)
+        return
+    assert [f.line for f in bad] == list(range(1, len(events) + 1)) and res.events == 0, bad[:2]
+    assert {f.message for f in bad} == {problem}, {f.message for f in bad}
+
+
+def test_a_gzip_log_is_audited_up_to_a_bad_spot_and_multi_member_and_padded_ones_whole(tmp_path):
+    """gzip.GzipFile.read(1 MiB) raised on junk after the last member, or on a cut stream, without returning
+    what it had decompressed: a log with a line of junk appended to its gzip audited as 0 events, a cut one
+    lost up to 1 MiB.  Now every complete line before the bad spot is audited, then `unreadable` at the line
+    reached.  Controls: two gzip members concatenated, and zero padding after a member (both valid gzip),
+    audit whole and clean; and the stdlib reader itself returns nothing from the junk-tailed file."""
+    plain = (GOLDEN / "clean_run.jsonl").read_bytes()
+    n = plain.count(b"\n")
+    one = gzip.compress(plain)
+    half = plain.index(b"\n", len(plain) // 2) + 1
+    cases = {
+        "junk after the member": (one + b"junk\n", n),
+        "cut stream": (one[: len(one) * 9 // 10], None),
+    }
+    for what, (data, want) in cases.items():
+        p = tmp_path / "log.jsonl.gz"
+        p.write_bytes(data)
+        if want is None:  # what a streaming gunzip recovers of the cut stream: its complete lines
+            d = zlib.decompressobj(wbits=31)
+            want = d.decompress(data).count(b"\n")
+            assert 0 < want < n
+        res = audit_paths([p])
+        unreadable = res.by_kind("unreadable")
+        assert res.events == want and len(unreadable) == 1 and unreadable[0].line == want + 1, (what, res.events,
+                                                                                                   unreadable)
+    with pytest.raises((OSError, EOFError)), gzip.open(tmp_path / "log.jsonl.gz") as f:  # cut: the stdlib
+        f.read(1 << 20)
+    p.write_bytes(one + b"junk\n")
+    with pytest.raises(OSError), gzip.open(p) as f:  # the stdlib returns nothing before its error
+        f.read(1 << 20)
+    for what, data in {"two members": gzip.compress(plain[:half]) + gzip.compress(plain[half:]),
+                       "zero padding": one + b"\0" * 3000}.items():
+        p.write_bytes(data)
+        res = audit_paths([p])
+        assert res.events == n and res.ok and res.by_kind("unreadable") == [], (what, res.finding_counts)
 
 
 # ------------------------------------------------------------------------------------ goldens

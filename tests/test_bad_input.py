@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import threading
 import sys
@@ -567,20 +568,23 @@ def test_review_findings_at_the_python_boundary_are_typed_errors():
 
 
 def test_the_demo_summary_names_failed_workers_when_none_wrote_a_summary(tmp_path):
-    """Both workers fail with a typed error (--layers too large for the pool): the summary table had no rows
-    and max() of nothing raised TypeError, hiding the workers' errors behind a traceback.  Now the demo
-    exits 1 with its table, and each failure line is the worker's own last error line.  Control: a worker
-    without an error file is reported as crashed or wedged."""
+    """Both workers fail with a typed error (their NIXL library cannot be loaded; until session 17 a pool
+    too large, which the demo now refuses before it starts any worker): the summary table had no rows and
+    max() of nothing raised TypeError, hiding the workers' errors behind a traceback.  Now the demo exits 1
+    with its table, and each failure line is the worker's own last error line.  Control: a worker without
+    an error file is reported as crashed or wedged."""
     from lifecycle.demo import _last_error
+    from lifecycle.transport import ENV_CAPI
 
     out = tmp_path / "demo"
-    r = subprocess.run([sys.executable, "-m", "lifecycle", "demo", "--requests", "2", "--layers", "100000",
-                        "--max-blocks", "1000", "--out", str(out)], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "lifecycle", "demo", "--requests", "2", "--out", str(out)],
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, ENV_CAPI: str(tmp_path / "missing" / "libnixl_capi.so")})
     assert r.returncode == 1, r.stdout + r.stderr
     assert "TypeError" not in r.stderr and "_table" not in r.stderr, r.stderr  # (the workers' own tracebacks stay)
     for side in ("sender-0", "receiver-0"):
-        assert (f"failure: {side} failed: lifecycle.errors.InvalidArgument: invalid slot_size: num_slots * "
-                "slot_size exceeds 1 TiB") in r.stdout, r.stdout
+        assert (f"failure: {side} failed: lifecycle.errors.NixlUnavailable: NIXL C API unavailable: dlopen "
+                "failed: ") in r.stdout, r.stdout
     assert _last_error(tmp_path / "missing.error.txt") == ""  # control
 
 

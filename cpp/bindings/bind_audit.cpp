@@ -124,6 +124,7 @@ void register_audit(py::module_& m) {
   defaults["lookahead"] = def.lookahead;
   defaults["max_tables"] = def.max_tables;
   m.attr("AUDIT_DEFAULTS") = defaults;
+  m.attr("EVENTS_SCHEMA") = lifecycle::audit::kEventsSchema;
   py::class_<Replay>(m, "AuditReplay", guarded_metaclass(), guarded_new_setup(),
                      "Native replay of lifecycle logs (lifecycle.audit drives it; the Python Auditor is the reference).")
       .def(py::init([](py::handle window, py::handle top, py::handle keep_findings, py::handle keep_violating,

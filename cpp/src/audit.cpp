@@ -114,12 +114,12 @@ struct JVal {
 enum K : int {
   k_event, k_rank, k_seq, k_pid, k_t, k_request, k_table, k_from, k_trigger, k_to, k_outcome, k_deferred,
   k_slot, k_generation, k_role, k_result, k_error, k_healthy, k_reasons, k_seq_no, k_field, k_sites, k_state,
-  kNumK
+  k_schema, kNumK
 };
 constexpr const char* kKeyNames[kNumK] = {
     "event", "rank", "seq", "pid", "t_mono_ns", "request", "table", "from_state", "trigger", "to_state",
     "outcome", "deferred", "slot", "generation", "role", "result", "error", "healthy", "reasons", "seq_no",
-    "field", "sites", "state"};
+    "field", "sites", "state", "schema"};
 
 struct Doc {
   JT top = JT::missing;
@@ -881,6 +881,16 @@ struct Auditor::Impl {
   int event_of(K k) const { return name_of(k, event_names); }
   int outcome_of(K k) const { return name_of(k, outcome_names); }
   static bool is_null(const JVal& v) { return v.t == JT::null || v.t == JT::missing; }
+  // The common keys every event carries (schemas/events.schema.json): a role of the table's (or null), and
+  // this schema's version.
+  bool good_role() const {
+    const JVal& v = f(k_role);
+    return v.t == JT::null || (v.t == JT::string && (sv(v) == "sender" || sv(v) == "receiver"));
+  }
+  bool good_schema() const {
+    const JVal& v = f(k_schema);
+    return v.t == JT::string && sv(v) == kEventsSchema;
+  }
   std::string raw(K k) const {
     const JVal& v = f(k);
     return v.t == JT::missing ? std::string("null") : std::string(base + v.off, v.len);
@@ -1248,7 +1258,7 @@ struct Auditor::Impl {
     }
     const JVal &name = f(k_event), &vr = f(k_rank), &vs = f(k_seq), &vp = f(k_pid), &vt = f(k_t);
     if (name.t != JT::string || vr.t != JT::integer || vs.t != JT::integer || vp.t != JT::integer ||
-        vt.t != JT::integer) {
+        vt.t != JT::integer || vr.i < 0 || vs.i < 0 || vp.i < 0 || !good_role() || !good_schema()) {
       bad_common(line);
       return;
     }
@@ -1360,19 +1370,30 @@ struct Auditor::Impl {
     std::string probs;
     const std::pair<K, JT> want[] = {{k_event, JT::string}, {k_rank, JT::integer}, {k_seq, JT::integer},
                                      {k_pid, JT::integer}, {k_t, JT::integer}};
-    for (auto& w : want) {
-      const JVal& v = f(w.first);
-      std::string p;
-      if (v.t == JT::missing) {
-        p = std::string("missing '") + kKeyNames[w.first] + "'";
-      } else if (v.t != w.second) {
-        p = std::string("'") + kKeyNames[w.first] + "' must be " + (w.second == JT::string ? "str" : "int") +
-            ", got " + tname(v);
-      } else {
-        continue;
-      }
+    auto add = [&probs](const std::string& p) {
       if (!probs.empty()) probs += "; ";
       probs += p;
+    };
+    for (auto& w : want) {
+      const JVal& v = f(w.first);
+      if (v.t == JT::missing) {
+        add(std::string("missing '") + kKeyNames[w.first] + "'");
+      } else if (v.t != w.second) {
+        add(std::string("'") + kKeyNames[w.first] + "' must be " + (w.second == JT::string ? "str" : "int") +
+            ", got " + tname(v));
+      } else if (w.second == JT::integer && w.first != k_t && v.i < 0) {
+        add(std::string("'") + kKeyNames[w.first] + "' must be >= 0");
+      }
+    }
+    if (f(k_role).t == JT::missing) {
+      add("missing 'role'");
+    } else if (!good_role()) {
+      add("'role' must be 'sender', 'receiver' or null");
+    }
+    if (f(k_schema).t == JT::missing) {
+      add("missing 'schema'");
+    } else if (!good_schema()) {
+      add(std::string("'schema' must be '") + kEventsSchema + "'");
     }
     const JVal &vr = f(k_rank), &vq = f(k_request);
     const Int* rank = vr.t == JT::integer ? &vr.i : nullptr;

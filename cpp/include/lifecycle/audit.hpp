@@ -57,6 +57,9 @@ enum class Kind : std::uint8_t {
   window_evicted,
 };
 inline constexpr int kNumKinds = 20;
+// The events' schema version (every line's "schema"); lifecycle.audit.SCHEMA_ID and lifecycle.engine.SCHEMA
+// are checked against it (_core.EVENTS_SCHEMA) by tests/test_audit.py.
+inline constexpr const char* kEventsSchema = "kv-lifecycle.events/1";
 const char* kind_name(Kind k);
 
 // How Python turns a piece's text into message text.

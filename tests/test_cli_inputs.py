@@ -1,0 +1,95 @@
+"""Hostile input at the command line (a fuzzing pass of `python -m lifecycle ...`): each case that hung,
+printed a traceback or accepted garbage silently now ends with exit status 2 (or the command's own failure
+status) and one message naming the input.  Controls: the valid inputs still work."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from lifecycle import audit, cli, demo, spec
+from tests.golden import make_golden as mg
+
+CLEAN = str(mg.HERE / "clean_run.jsonl")
+
+
+def test_a_table_that_is_not_a_regular_file_or_is_huge_is_unreadable_not_a_hang(tmp_path, capsys):
+    """A FIFO as the table blocked for ever; /dev/zero was read until memory ran out."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    big = tmp_path / "big.table"
+    big.write_bytes(b"#" * (spec.MAX_TABLE_BYTES + 1))
+    done = threading.Event()
+    results = {}
+
+    def run():  # a hang would leave the thread running: the test fails rather than hangs
+        for path in (fifo, "/dev/zero", big):
+            results[str(path)] = spec.check_file(path)
+        done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    assert done.wait(60), "a table read did not return"
+    for path, found in results.items():
+        assert [(v.code, v.line) for v in found] == [("unreadable", 0)], (path, found)
+    assert "not a regular file" in results[str(fifo)][0].message
+    assert "larger than" in results[str(big)][0].message
+    assert cli.main(["spec", "check", str(fifo)]) == 1
+    assert cli.main(["spec", "check", str(spec.default_table_path())]) == 0  # the control
+
+
+def test_a_bad_audit_engine_variable_and_an_unknown_command_exit_2_with_a_message(monkeypatch, capsys):
+    monkeypatch.setenv(audit.ENGINE_ENV, "bogus")
+    assert cli.main(["audit", CLEAN]) == 2
+    err = capsys.readouterr().err
+    assert "invalid LIFECYCLE_AUDIT_ENGINE" in err and "'bogus'" in err and "Traceback" not in err, err
+    assert cli.main(["diagram", "--format", "mermaid", "--counts-from", CLEAN]) == 2
+    monkeypatch.setenv(audit.ENGINE_ENV, "python")
+    assert cli.main(["audit", CLEAN]) == 0  # the control
+    capsys.readouterr()
+    assert cli.main(["bogus"]) == 2
+    out = capsys.readouterr()
+    assert "unknown command 'bogus'" in out.err and out.out == ""
+    assert cli.main(["--help"]) == 0 and "usage: lifecycle" in capsys.readouterr().out
+
+
+def test_diagram_counts_from_garbage_is_refused_and_bad_lines_are_reported(tmp_path, capsys):
+    """Counts from a log of garbage drew a diagram of zeros, with exit 0 and nothing said."""
+    garbage = tmp_path / "garbage.jsonl"
+    garbage.write_bytes(b"\x00\xff not json\n{\n")
+    assert cli.main(["diagram", "--format", "mermaid", "--counts-from", str(garbage)]) == 2
+    assert "no lifecycle events in" in capsys.readouterr().err
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(mg.HERE.joinpath("clean_run.jsonl").read_text() + "{bad\n")
+    assert cli.main(["diagram", "--format", "mermaid", "--counts-from", str(mixed)]) == 0
+    out = capsys.readouterr()
+    assert "warning: 1 line(s) not counted" in out.err and f"{mixed}:" in out.err and "stateDiagram-v2" in out.out
+    assert cli.main(["diagram", "--format", "mermaid", "--counts-from", CLEAN]) == 0  # the control
+    assert capsys.readouterr().err == ""
+
+
+def test_demo_refuses_sizes_beyond_the_machine_and_cuda_without_a_gpu_before_any_worker(monkeypatch, capsys):
+    """Huge --concurrency / --max-blocks / KV layouts made every worker print a traceback (or ran the machine
+    out of memory); --device cuda without CUDA died in the workers with ZeroDivisionError."""
+    for argv in (["--concurrency", "99999999999999999999"], ["--max-blocks", "1000000000000"],
+                 ["--layers", "100000", "--kv-heads", "64", "--head-dim", "4096"]):
+        with pytest.raises(SystemExit) as ei:
+            demo.parse_args(["--requests", "20", *argv])
+        assert ei.value.code == 2, argv
+        assert "more than half this machine's memory" in capsys.readouterr().err, argv
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--requests", "20", "--device", "cuda"])
+    assert "--device cuda: CUDA is not available here" in capsys.readouterr().err
+    assert demo.parse_args(["--requests", "20"]).concurrency == 64  # the control
+
+
+def test_demo_out_that_cannot_be_created_exits_2(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert demo.main(["--requests", "20", "--out", str(afile / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot create the output directory" in err and "Traceback" not in err

@@ -1857,9 +1857,12 @@ def main_audit(argv: list[str] | None = None) -> int:
     except _spec.SpecError as exc:
         print(f"lifecycle audit: {exc}", file=sys.stderr)
         return 2
+    if a.html == "":
+        p.error("--html needs a file name")
     for path in a.logs:
         if not Path(path).is_file():
-            print(f"lifecycle audit: no such file: {path}", file=sys.stderr)
+            why = "not a regular file" if Path(path).exists() else "no such file"
+            print(f"lifecycle audit: {why}: {path}", file=sys.stderr)
             return 2
     if not -1e9 <= a.leak_age <= 1e9:  # (NaN too: int() of it raised; a negative age reports no leaks)
         p.error(f"--leak-age must be seconds in [-1e9, 1e9], got {a.leak_age}")

@@ -199,6 +199,8 @@ def main_diagram(argv: list[str] | None = None) -> int:
     p.add_argument("--counts-from", action="append", metavar="LOG", default=[],
                    help="overlay edge counts observed in LOG (repeatable; one per rank or merged)")
     a = p.parse_args(argv)
+    if a.out == "":  # (an empty name was silently the same as no --out)
+        p.error("--out needs a file name (leave it out for stdout)")
     try:
         sp = _spec.load_default(a.table)
     except _spec.SpecError as exc:
@@ -210,7 +212,8 @@ def main_diagram(argv: list[str] | None = None) -> int:
 
         for path in a.counts_from:
             if not Path(path).is_file():
-                print(f"lifecycle diagram: no such file: {path}", file=sys.stderr)
+                why = "not a regular file" if Path(path).exists() else "no such file"
+                print(f"lifecycle diagram: {why}: {path}", file=sys.stderr)
                 return 2
         res = audit_paths(a.counts_from, sp)
         unread = res.finding_counts.get("malformed", 0) + res.finding_counts.get("unreadable", 0)

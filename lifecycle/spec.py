@@ -351,7 +351,8 @@ def load(path: str | Path) -> Spec:
         if len(data) > MAX_TABLE_BYTES:
             raise SpecError([Violation(str(p), 0, "unreadable", f"cannot read table: larger than {MAX_TABLE_BYTES} "
                                                                 "bytes, not a lifecycle table")])
-        text = data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as read_text
+        # universal newlines, as read_text; a UTF-8 byte order mark (some editors write one) is not the table's
+        text = data.decode("utf-8-sig").replace("\r\n", "\n").replace("\r", "\n")
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError([Violation(str(p), 0, "unreadable", f"cannot read table: {exc}")]) from exc
     return parse(text, str(p))

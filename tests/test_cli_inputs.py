@@ -93,3 +93,19 @@ def test_demo_out_that_cannot_be_created_exits_2(tmp_path, capsys):
     assert demo.main(["--requests", "20", "--out", str(afile / "sub")]) == 2
     err = capsys.readouterr().err
     assert "cannot create the output directory" in err and "Traceback" not in err
+
+
+def test_small_cli_findings_name_what_was_wrong(tmp_path, capsys):
+    """A table with a UTF-8 byte order mark was "a line outside any known section"; a directory given as a
+    log was "no such file"; an empty --html or diagram --out name was silently ignored."""
+    table = tmp_path / "bom.table"
+    table.write_bytes(b"\xef\xbb\xbf" + spec.default_table_path().read_bytes())
+    assert spec.load(table).digest == spec.load(spec.default_table_path()).digest
+    assert cli.main(["audit", str(tmp_path)]) == 2
+    assert f"not a regular file: {tmp_path}" in capsys.readouterr().err
+    assert cli.main(["audit", str(tmp_path / "nope.jsonl")]) == 2
+    assert "no such file: " in capsys.readouterr().err
+    for argv in (["audit", CLEAN, "--html", ""], ["diagram", "--format", "mermaid", "--out", ""]):
+        with pytest.raises(SystemExit) as ei:
+            cli.main(argv)
+        assert ei.value.code == 2 and "needs a file name" in capsys.readouterr().err, argv

@@ -23,7 +23,8 @@ namespace {
 std::string line(const std::string& event, long req, long seq, long t, const std::string& rest) {
   return "{\"event\": \"" + event + "\", \"request\": " + (req < 0 ? std::string("null") : std::to_string(req)) +
          ", \"rank\": 0, \"role\": \"sender\", \"t_mono_ns\": " + std::to_string(t) + ", \"seq\": " +
-         std::to_string(seq) + ", \"pid\": 7, \"table\": \"" + lifecycle::kTableDigest + "\"" + rest + "}\n";
+         std::to_string(seq) + ", \"pid\": 7, \"table\": \"" + lifecycle::kTableDigest + "\", \"schema\": \"" +
+         au::kEventsSchema + "\"" + rest + "}\n";
 }
 
 std::string tr(long req, long seq, long t, const char* from, const char* to, const char* trig, const char* outcome,

@@ -1098,6 +1098,8 @@ class Auditor:
         elif seq == 0:
             self._flush_missing(st, pid)
             st[_ST_NEXT] = 1  # the process restarted its sequence (or a second run appended to the file)
+            self._find("stream_start", line, f"pid {pid}: seq restarts at 0 after seq {expected - 1} (a second run "
+                       "appended, or the same log given twice?)", rank=rank)
         elif missing is not None and seq in missing:
             del missing[seq]  # a line written out of order (two threads emitting): not lost
         else:

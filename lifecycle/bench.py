@@ -222,10 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if not 0 < a.timeout <= 86400:  # (NaN too: the suite's wait raised, its child left running)
         p.error(f"--timeout must be seconds in (0, 86400], got {a.timeout}")
-    wanted = [s.strip() for s in a.only.split(",") if s.strip()]
+    wanted = list(dict.fromkeys(s.strip() for s in a.only.split(",") if s.strip()))  # each suite once, in order
     bad = [s for s in wanted if s not in SUITES]
     if bad:
         p.error(f"unknown suite(s) {', '.join(bad)}; choose from {', '.join(SUITES)}")
+    if not wanted:  # (an empty --only ran nothing and exited 0)
+        p.error(f"--only names no suite; choose from {', '.join(SUITES)}")
     suites = _suites(a.quick)
     results = []
     for name in wanted:

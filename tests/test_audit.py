@@ -190,6 +190,25 @@ def test_a_gzip_log_is_audited_up_to_a_bad_spot_and_multi_member_and_padded_ones
         assert res.events == n and res.ok and res.by_kind("unreadable") == [], (what, res.finding_counts)
 
 
+def test_a_log_given_twice_is_a_warning_not_silence(tmp_path):
+    """The same log concatenated twice audited clean without a word (the second copy reads as the process
+    restarting its sequence).  A restart at seq 0 under the same pid is now a stream_start warning naming
+    the pid and where the sequence had got to; exit status stays 0 (a real second run looks the same).
+    Control: the log once has no such warning."""
+    plain = (GOLDEN / "clean_run.jsonl").read_bytes()
+    n = plain.count(b"\n")
+    p = tmp_path / "twice.jsonl"
+    p.write_bytes(plain + plain)
+    res = audit_paths([p])
+    starts = res.by_kind("stream_start")
+    pid = json.loads(plain.splitlines()[0])["pid"]
+    assert [(f.line, f.message) for f in starts] == [
+        (n + 1, f"pid {pid}: seq restarts at 0 after seq {n - 1} (a second run appended, or the same log given "
+                "twice?)")], starts
+    assert res.ok and main_audit([str(p)]) == 0
+    assert audit_paths([GOLDEN / "clean_run.jsonl"]).by_kind("stream_start") == []  # the control
+
+
 # ------------------------------------------------------------------------------------ goldens
 
 

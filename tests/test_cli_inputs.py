@@ -109,3 +109,18 @@ def test_small_cli_findings_name_what_was_wrong(tmp_path, capsys):
         with pytest.raises(SystemExit) as ei:
             cli.main(argv)
         assert ei.value.code == 2 and "needs a file name" in capsys.readouterr().err, argv
+
+
+def test_bench_only_must_name_a_suite_and_runs_each_once(monkeypatch, capsys):
+    """`bench --only ''` (or ',,,') ran nothing and exited 0; `--only audit,audit` ran the suite twice."""
+    from lifecycle import bench
+
+    for only in ("", ",,,", " , "):
+        with pytest.raises(SystemExit) as ei:
+            cli.main(["bench", "--only", only])
+        assert ei.value.code == 2 and "--only names no suite" in capsys.readouterr().err, only
+    ran = []  # a stand-in for the suite's subprocess: what main() asked for, and a result it can print
+    monkeypatch.setattr(bench, "run_suite", lambda name, cmd, *_: ran.append(name) or bench.Result(name, "missing",
+                                                                                                 command=cmd))
+    assert bench.main(["--only", "audit,audit", "--quick"]) == 1  # (a "missing" suite is not ok)
+    assert ran == ["audit"], ran

@@ -1417,6 +1417,10 @@ struct Auditor::Impl {
     } else if (seq == 0) {
       flush_missing(st, 0);
       st.next = 1;
+      if (Finding* g = find(Kind::stream_start, line, &rank)) {
+        g->message = {P("pid " + to_string(st.pid) + ": seq restarts at 0 after seq " + to_string(expected - 1) +
+                        " (a second run appended, or the same log given twice?)")};
+      }
     } else if (auto it = st.missing.find(seq); it != st.missing.end()) {
       st.missing.erase(it);
     } else if (Finding* g = find(Kind::seq_gap, line, &rank)) {

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import functools
 import heapq
 import inspect
 import itertools
@@ -113,6 +114,7 @@ MAX_LINE = 1 << 20  # longer lines are reported (not parsed, not held in memory)
 # and overflows its stack near 150 k levels, the stdlib parser near 1 k, and no event nests beyond 3.
 MAX_DEPTH = 512
 _CHUNK = 1 << 20
+_ZCHUNK = 1 << 16  # compressed bytes per read of a gzip log
 _RUN = 64  # lines parsed together, then replayed together (see Auditor._feed_one)
 # Merging files: a file's first timestamp is looked for in its first _LOOKAHEAD lines (not blank), which are
 # held until the merge starts; a file with none there has no first time (its times are used as they are).
@@ -1621,15 +1623,20 @@ def _read_chunks(path: str) -> Iterator[bytes]:
     gzip is decompressed here, member by member, so that every byte before a bad spot is handed on before
     the error is raised: ``gzip.GzipFile.read`` raised for trailing junk or a cut stream without returning
     the 1 MiB it had decompressed (a log with junk after its gzip member audited as 0 events).  Output is
-    bounded per piece, so a gzip bomb costs no memory."""
+    bounded per piece, so a gzip bomb costs no memory; compressed input goes in ``_ZCHUNK`` reads, so many
+    small members cost no large copies.  Zero bytes between or after members are padding (as gzip reads
+    them)."""
     with open(path, "rb") as f:
         read = f.read
         data = read(_CHUNK)
+        while 0 < len(data) < 2 and (more := read(_CHUNK)):  # (the magic, even with a tiny _CHUNK)
+            data += more
         if data[:2] != b"\x1f\x8b":
             while data:
                 yield data
                 data = read(_CHUNK)
             return
+        read = functools.partial(f.read, _ZCHUNK)
         d = zlib.decompressobj(wbits=31)  # a gzip member
         offset = 0  # compressed bytes consumed before ``data``
         while True:
@@ -1639,19 +1646,22 @@ def _read_chunks(path: str) -> Iterator[bytes]:
                 data = d.unconsumed_tail or d.unused_data
                 if out:
                     yield out
-                if d.eof:  # a member ended: another may follow (concatenated gzip), or zero padding
-                    rest = d.unused_data
-                    while len(rest) < 2 and (more := read(_CHUNK)):
-                        rest += more
-                    while rest and not rest.strip(b"\0"):  # padding: zeros to the end of the file
-                        rest = read(_CHUNK)
+                if d.eof:  # a member ended: another may follow (concatenated gzip), after zero padding
+                    rest = d.unused_data.lstrip(b"\0")
+                    while len(rest) < 2 and (more := read()):
+                        rest = (rest + more).lstrip(b"\0")
                     if not rest:
                         return
                     if rest[:2] != b"\x1f\x8b":
                         raise OSError(f"trailing data after a gzip member (compressed byte {offset} or later)")
                     d, data = zlib.decompressobj(wbits=31), rest
-            data = read(_CHUNK)
+            data = read()
             if not data:
+                tail = d.flush()  # output zlib still held when the last piece filled _CHUNK exactly
+                if tail:
+                    yield tail
+                if d.eof:
+                    return
                 raise EOFError("compressed file ended before the end-of-stream marker was reached")
 
 

@@ -45,14 +45,15 @@ def _delegate(module: str, func: str, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs one command; a typed error of this library (bad input, a bad environment variable) ends it with
-    exit status 2 and its message on stderr, not a traceback."""
-    from .errors import LifecycleError
+    """Runs one command; bad input that reaches the library (InvalidArgument: an option, a bad environment
+    variable) ends it with exit status 2 and its message on stderr, not a traceback.  Other errors keep
+    their tracebacks: they are bugs or failures to see whole."""
+    from .errors import InvalidArgument
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return _main(argv)
-    except LifecycleError as exc:
+    except InvalidArgument as exc:
         print(f"lifecycle {argv[0] if argv else ''}: error: {exc}", file=sys.stderr)
         return 2
 

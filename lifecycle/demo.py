@@ -96,8 +96,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                 f"than half this machine's memory ({have / 2**30:.3g} GiB): lower --concurrency, --max-blocks or the "
                 "KV layout")
     if a.device == "cuda":
-        import torch
-
+        try:
+            import torch
+        except ImportError:
+            p.error("--device cuda needs torch (pip install torch)")
         if not torch.cuda.is_available():
             p.error("--device cuda: CUDA is not available here (torch.cuda.is_available() is False)")
     return a

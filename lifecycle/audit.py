@@ -729,7 +729,10 @@ _S_STATE, _S_ENTERED, _S_START, _S_ROLE, _S_SLOT, _S_PID, _S_OUTCOME, _S_LINE, _
 _S_MOVES = _TOMB + 9  # the moves out of _S_STATE: {trigger: edge record}
 # stream list fields (one stream per pid).  Invariant: events seen = [_ST_BIAS] + [_ST_NEXT], so a line in
 # sequence (the common case) only advances _ST_NEXT.
-_ST_NEXT, _ST_MAX_T, _ST_MISSING, _ST_BIAS, _ST_FILE, _ST_FIRST = range(6)
+_ST_NEXT, _ST_MAX_T, _ST_MISSING, _ST_BIAS, _ST_FILE, _ST_FIRST, _ST_HEAD = range(7)  # _ST_HEAD: seq 0 seen
+# A stream that began at most this far past seq 0 and meets a seq before its first within this many lines is
+# reading its head out of order (two threads logging at start), not restarting: the others are awaited.
+_HEAD_REORDER = 64
 # what reaching a state means for the replay
 _INTO_ACTIVE, _INTO_TERMINAL, _INTO_FINAL = range(3)
 # edge record fields, one record per moving row: times taken, histogram of the state left, what reaching
@@ -1032,7 +1035,7 @@ class Auditor:
         # per-process sequence
         st = self.streams.get(pid)
         if st is None:
-            self.streams[pid] = [seq + 1, t, None, -seq, self._file, seq]
+            self.streams[pid] = [seq + 1, t, None, -seq, self._file, seq, seq == 0]
             if seq != 0:
                 self._find("stream_start", line, f"pid {pid}: stream starts at seq {seq}, not 0 (rotated log?)",
                            rank=rank)
@@ -1097,13 +1100,21 @@ class Auditor:
                 self._find("seq_gap", line, f"pid {pid}: {n} line(s) lost (seq {expected}..{seq - 1})", rank=rank,
                            pid=pid, first=expected, last=seq - 1)
             st[_ST_NEXT] = seq + 1
+        elif not st[_ST_HEAD] and seq < st[_ST_FIRST] <= _HEAD_REORDER and expected - st[_ST_FIRST] <= _HEAD_REORDER:
+            st[_ST_HEAD] = True  # the head, out of order: the other seqs before the stream's first one are awaited
+            if missing is None:
+                missing = st[_ST_MISSING] = {}
+            for s in range(st[_ST_FIRST]):
+                if s != seq:
+                    missing[s] = (self._file, line, rank)
+        elif missing is not None and seq in missing:
+            del missing[seq]  # a line written out of order (two threads emitting): not lost
         elif seq == 0:
+            st[_ST_HEAD] = True
             self._flush_missing(st, pid)
             st[_ST_NEXT] = 1  # the process restarted its sequence (or a second run appended to the file)
             self._find("stream_start", line, f"pid {pid}: seq restarts at 0 after seq {expected - 1} (a second run "
                        "appended, or the same log given twice?)", rank=rank)
-        elif missing is not None and seq in missing:
-            del missing[seq]  # a line written out of order (two threads emitting): not lost
         else:
             self._find("seq_gap", line, f"pid {pid}: seq {seq} repeated or out of order (expected {expected})",
                        rank=rank, pid=pid, first=seq, last=seq)

@@ -234,6 +234,31 @@ def test_the_gzip_reader_hands_on_every_decompressed_byte_before_a_cut_at_any_ch
         assert b"".join(got) == want and (err is None) == (cut == len(full)), (cut, err)
 
 
+@pytest.mark.parametrize(("head", "gaps"), [
+    ([1, 0], []),                 # two threads at start: seq 1 written before seq 0
+    ([3, 1, 0, 2], []),
+    ([5, 0], [(2, "pid {pid}: 4 line(s) lost (seq 1..4)")]),  # the head came, 1..4 never did
+    ([1, 2], None),               # the control: a rotated log (no seq 0 at all): a warning only, as before
+])
+def test_a_streams_head_written_out_of_order_is_not_a_restart(tmp_path, head, gaps):
+    """A review: seqs 1, 0, 2, 3 (two threads logging at a process's start) read as a restart at seq 0, and
+    seq 1 was then reported lost (a seq_gap violation) in both engines.  Seq 0 within the first lines of a
+    stream that began past it is now its head, read out of order; the seqs between are awaited like any
+    missing ones (and reported if they never come).  Control: a stream that never shows seq 0 (a rotated
+    log) gets the stream_start warning only."""
+    events = mg.clean_run()
+    seqs = head + list(range(max(head) + 1, max(head) + 1 + len(events) - len(head)))
+    events = [{**d, "seq": q} for d, q in zip(events, seqs)]
+    res = audit_paths([write(tmp_path / "head.jsonl", events)])
+    pid = events[0]["pid"]
+    assert [f.message for f in res.by_kind("stream_start")] == [
+        f"pid {pid}: stream starts at seq {head[0]}, not 0 (rotated log?)"]
+    found = [(f.line, f.message) for f in res.by_kind("seq_gap")]
+    assert found == [(line, m.format(pid=pid)) for line, m in (gaps or [])], found
+    assert res.ok == (not gaps)
+    assert res.streams[pid]["events"] == len(events)
+
+
 # ------------------------------------------------------------------------------------ goldens
 
 

@@ -691,7 +691,11 @@ struct StreamSt {
   Int pid, next, max_t, bias, first;
   std::uint32_t file;
   std::map<Int, Miss> missing;
+  bool head = false;  // seq 0 seen
 };
+// A stream that began at most this far past seq 0 and meets a seq before its first within this many lines is
+// reading its head out of order (two threads logging at start), not restarting (audit.py _HEAD_REORDER).
+constexpr Int kHeadReorder = 64;
 
 struct XRec {
   int outcome;
@@ -1279,7 +1283,7 @@ struct Auditor::Impl {
     auto si = stream_index.find(pid);
     if (si == stream_index.end()) {
       stream_index.emplace(pid, streams.size());
-      streams.push_back(StreamSt{pid, seq + 1, t, -seq, seq, cur_file, {}});
+      streams.push_back(StreamSt{pid, seq + 1, t, -seq, seq, cur_file, {}, seq == 0});
       if (seq != 0) {
         if (Finding* g = find(Kind::stream_start, line, &rank))
           g->message = {P("pid " + to_string(pid) + ": stream starts at seq " + to_string(seq) +
@@ -1414,15 +1418,21 @@ struct Auditor::Impl {
         g->extra = {XI("pid", st.pid), XI("first", expected), XI("last", seq - 1)};
       }
       st.next = seq + 1;
+    } else if (!st.head && seq < st.first && st.first <= kHeadReorder && expected - st.first <= kHeadReorder) {
+      st.head = true;  // the head, out of order: the other seqs before the stream's first one are awaited
+      for (Int s = 0; s < st.first; ++s) {
+        if (s != seq) st.missing[s] = Miss{cur_file, line, rank};
+      }
+    } else if (auto it = st.missing.find(seq); it != st.missing.end()) {
+      st.missing.erase(it);
     } else if (seq == 0) {
+      st.head = true;
       flush_missing(st, 0);
       st.next = 1;
       if (Finding* g = find(Kind::stream_start, line, &rank)) {
         g->message = {P("pid " + to_string(st.pid) + ": seq restarts at 0 after seq " + to_string(expected - 1) +
                         " (a second run appended, or the same log given twice?)")};
       }
-    } else if (auto it = st.missing.find(seq); it != st.missing.end()) {
-      st.missing.erase(it);
     } else if (Finding* g = find(Kind::seq_gap, line, &rank)) {
       g->message = {P("pid " + to_string(st.pid) + ": seq " + to_string(seq) + " repeated or out of order (expected " +
                       to_string(expected) + ")")};

@@ -233,7 +233,7 @@ def build_schema(spec: _spec.Spec) -> dict:
         "outcome": {"enum": list(spec.outcomes)},
         "cancel_result": {"enum": list(spec.cancel_results)},
         "terminate_result": {"enum": list(spec.terminate_results)},
-        "role": {"enum": ["sender", "receiver", None]},
+        "role": {"enum": list(_ROLES)},
     }
     for name, body in per_event.items():
         defs[name.replace("lifecycle.", "ev_")] = {"type": "object", **body}
@@ -577,6 +577,13 @@ class _Unreadable(Exception):
     pass
 
 
+def log_path_problem(path: str) -> str | None:
+    """Why ``path`` cannot be audited as a log ("no such file", "not a regular file"), or None."""
+    if Path(path).is_file():
+        return None
+    return "not a regular file" if Path(path).exists() else "no such file"
+
+
 def _blank(raw: bytes) -> bool:
     """Whitespace only (as ``str.strip`` sees it, so a line counts as blank exactly as it always did)."""
     return not raw.decode("utf-8", "surrogateescape").strip()
@@ -711,7 +718,7 @@ def _parser_keys(*names: str) -> tuple[str, ...]:
 
 # the keys the hot path reads, each group fetched in one C call (itemgetter raises KeyError if one is missing)
 _COMMON_KEYS = _parser_keys("event", "rank", "seq", "pid", "t_mono_ns", "request", "table", "role", "schema")
-_ROLES = (None, "sender", "receiver")  # schemas: role
+_ROLES = ("sender", "receiver", None)  # a role, or null (engine-wide events): the schema's enum too
 _common_fields = operator.itemgetter(*_COMMON_KEYS)
 _MOVE_KEYS = _parser_keys("from_state", "trigger", "to_state", "outcome", "deferred")
 _move_fields = operator.itemgetter(*_MOVE_KEYS)
@@ -1883,8 +1890,7 @@ def main_audit(argv: list[str] | None = None) -> int:
     if a.html == "":
         p.error("--html needs a file name")
     for path in a.logs:
-        if not Path(path).is_file():
-            why = "not a regular file" if Path(path).exists() else "no such file"
+        if (why := log_path_problem(path)) is not None:
             print(f"lifecycle audit: {why}: {path}", file=sys.stderr)
             return 2
     if not -1e9 <= a.leak_age <= 1e9:  # (NaN too: int() of it raised; a negative age reports no leaks)

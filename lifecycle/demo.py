@@ -86,8 +86,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("kill-peer is supported with --ranks 1 only (mpiexec ends the whole job when a rank dies)")
     # Sizes, before any worker starts: each side's rank holds concurrency + quarantine slack slots of
     # max_blocks blocks (the workers raised InvalidArgument tracebacks, or ran the machine out of memory)
-    slot = KVConfig(layers=a.layers, block_tokens=a.block_tokens, kv_heads=a.kv_heads, head_dim=a.head_dim,
-                    max_blocks=a.max_blocks).block_bytes(a.ranks) * a.max_blocks
+    a.kv = KVConfig(layers=a.layers, block_tokens=a.block_tokens, kv_heads=a.kv_heads, head_dim=a.head_dim,
+                    max_blocks=a.max_blocks)
+    slot = a.kv.slot_bytes(a.ranks)
     slots = a.concurrency + DemoOptions.quarantine_slack
     need, have = 2 * a.ranks * slot * slots, _physical_memory()
     if have and need > have // 2:
@@ -335,8 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         cancel_fraction=a.cancel_fraction, faults=tuple(f for f in a.fault_list if f != "kill-peer"),
         seed=a.seed, transfer_timeout=a.transfer_timeout, cancel_grace=a.cancel_grace, deadline=a.deadline,
         ranks=a.ranks, corrupt_one=a.corrupt_one, device=a.device,
-        kv=KVConfig(layers=a.layers, block_tokens=a.block_tokens, kv_heads=a.kv_heads, head_dim=a.head_dim,
-                    max_blocks=a.max_blocks))
+        kv=a.kv)
     label = f"demo {a.mode}" + (f" x{a.ranks} ranks" if a.ranks > 1 else "")
     prog = Progress(sys.stderr.isatty() and not a.quiet, a.requests, label)
     launch = _Launch(opts)

@@ -63,6 +63,10 @@ class KVConfig:
     max_blocks: int = 4
     dtype_bytes: int = 2  # fp16
 
+    def slot_bytes(self, shards: int = 1) -> int:
+        """One request's pool slot: max_blocks blocks."""
+        return self.block_bytes(shards) * self.max_blocks
+
     def block_bytes(self, shards: int = 1) -> int:
         return self.layers * 2 * self.block_tokens * (self.kv_heads // shards) * self.head_dim * self.dtype_bytes
 
@@ -286,7 +290,7 @@ class Worker:
         self.out = Path(opts.out)
         self.plan = client_plan(opts.seed, opts.requests, opts.cancel_fraction, opts.kv.max_blocks)
         self.block_bytes = opts.kv.block_bytes(shards)
-        slot_size = self.block_bytes * opts.kv.max_blocks
+        slot_size = opts.kv.slot_bytes(shards)
         self.num_slots = opts.concurrency + opts.quarantine_slack
         self.engine = TransferEngine(
             rank=rank, slot_size=slot_size, num_slots=self.num_slots, transfer_timeout=opts.transfer_timeout,

@@ -208,11 +208,10 @@ def main_diagram(argv: list[str] | None = None) -> int:
         return 2
     counts = None
     if a.counts_from:
-        from .audit import audit_paths
+        from .audit import audit_paths, log_path_problem
 
         for path in a.counts_from:
-            if not Path(path).is_file():
-                why = "not a regular file" if Path(path).exists() else "no such file"
+            if (why := log_path_problem(path)) is not None:
                 print(f"lifecycle diagram: {why}: {path}", file=sys.stderr)
                 return 2
         res = audit_paths(a.counts_from, sp)

@@ -115,7 +115,7 @@ _NO_STATE = 0xFF
 _NO_SLOT = 0xFFFFFFFF
 TERMINAL = frozenset(State[s] for s in TABLE.terminal)
 FINAL = frozenset(State[s] for s in TABLE.final)
-SCHEMA = "kv-lifecycle.events/1"
+SCHEMA = _core.EVENTS_SCHEMA  # "kv-lifecycle.events/1" (audit.SCHEMA_ID, which needs no core, is tested equal)
 
 _seq = itertools.count()  # per-process sequence of emitted events (gaps = lost log lines)
 _PID = os.getpid()

@@ -873,7 +873,7 @@ def _check_unsafe(**flags: bool) -> None:
         # True or False (numpy's bool_ too); a numpy array's truth value raised a bare ValueError
         if not (isinstance(v, bool) or (type(v).__module__ == "numpy" and type(v).__name__ in ("bool", "bool_"))):
             raise InvalidArgument(k, f"expected True or False, got {type(v).__name__}")
-    on = [k for k, v in flags.items() if bool(v)]
+    on = [k for k, v in flags.items() if v]
     if on and os.environ.get(UNSAFE_ENV) != "1":
         raise InvalidArgument(on[0], f"test only (it breaks the evidence rule); set {UNSAFE_ENV}=1 to allow it")
 

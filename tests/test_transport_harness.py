@@ -74,10 +74,13 @@ def connect(a: Side, b: Side) -> tuple[str, str]:
     return b_at_a, a_at_b
 
 
+METADATA_HEAD = len(_core.METADATA_MAGIC) + 4  # metadata()'s envelope header: the magic, a CRC-32
+
+
 def raw_metadata(t) -> bytes:
     """``t``'s agent metadata out of metadata()'s envelope (what an agent outside this library ships), its
     header checked: the magic, then the CRC-32 (zlib's) of the rest, little-endian."""
-    md, head = t.metadata(), len(_core.METADATA_MAGIC) + 4
+    md, head = t.metadata(), METADATA_HEAD
     assert md.startswith(_core.METADATA_MAGIC) and int.from_bytes(md[head - 4:head], "little") == zlib.crc32(md[head:])
     return md[head:]
 

@@ -15,8 +15,8 @@ import pytest
 from lifecycle import CancelResult, InvalidArgument, Outcome, State, TerminateResult, TransportError, _core
 from lifecycle.transport import Faults, LoopbackTransport, Mem, Offer, mem_of, pool_slot
 
-from test_transport_harness import (KiB, MiB, SIZES, Side, connect, crc, needs_nixl, pattern, raw_metadata,
-                                    run_child, wait_for)
+from test_transport_harness import (METADATA_HEAD, KiB, MiB, SIZES, Side, connect, crc, needs_nixl, pattern,
+                                    raw_metadata, run_child, wait_for)
 
 _n = iter(range(1_000_000))
 
@@ -1032,7 +1032,7 @@ def test_metadata_travels_in_a_checksummed_envelope_and_any_change_or_cut_is_ref
     a, b, _ = pair() if kind == "loopback" else nixl_pair()
     try:
         md, raw = b.t.metadata(), raw_metadata(b.t)
-        head = len(_core.METADATA_MAGIC) + 4
+        head = METADATA_HEAD
         assert md[head:] == raw and len(md) == head + len(raw)
         mismatch = re.compile(r"invalid metadata: checksum mismatch: the bytes were changed or cut on the way "
                               r"\(\d+ bytes after the header, CRC-32 [0-9a-f]{8}, the header says [0-9a-f]{8}\); "

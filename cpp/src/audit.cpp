@@ -16,6 +16,7 @@
 #include <unordered_map>
 #include <unordered_set>
 
+#include "lifecycle/engine.hpp"  // kRoleNames
 #include "lifecycle/errors.hpp"
 #include "lifecycle/table_gen.hpp"
 
@@ -889,7 +890,7 @@ struct Auditor::Impl {
   // this schema's version.
   bool good_role() const {
     const JVal& v = f(k_role);
-    return v.t == JT::null || (v.t == JT::string && (sv(v) == "sender" || sv(v) == "receiver"));
+    return v.t == JT::null || (v.t == JT::string && (sv(v) == kRoleNames[0] || sv(v) == kRoleNames[1]));
   }
   bool good_schema() const {
     const JVal& v = f(k_schema);

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <exception>
 #include <random>
+#include <string_view>
 #include <vector>
 
 #include <pthread.h>  // pthread_atfork
@@ -206,6 +207,8 @@ void Transport::deregister_region(Agent::RegionId id) {
 namespace {
 constexpr std::size_t kMagicLen = sizeof(Transport::kMetadataMagic) - 1;
 constexpr std::size_t kEnvelopeLen = kMagicLen + 4;
+// "kvlmd/": the magic without its version
+constexpr std::size_t kPrefixLen = std::string_view(Transport::kMetadataMagic).find('/') + 1;
 
 // CRC-32 as zlib computes it (reflected, polynomial 0xEDB88320): Python's zlib.crc32 checks it in the tests.
 std::uint32_t crc32(const char* p, std::size_t n) noexcept {
@@ -237,7 +240,7 @@ std::string unwrap_metadata(const std::string& md) {
     // another version of it is not ours to read; anything else is an outside agent's own metadata.
     std::size_t differ = 0;
     for (std::size_t i = 0; i < kMagicLen; ++i) differ += i >= md.size() || md[i] != Transport::kMetadataMagic[i];
-    if (differ <= 2 || md.compare(0, 6, Transport::kMetadataMagic, 6) == 0) {
+    if (differ <= 2 || md.compare(0, kPrefixLen, Transport::kMetadataMagic, kPrefixLen) == 0) {
       throw InvalidArgumentError("metadata", "its envelope header is damaged or of another version (expected it to "
                                              "start with '" + std::string(Transport::kMetadataMagic) + "'); nothing loaded");
     }

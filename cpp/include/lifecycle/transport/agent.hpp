@@ -36,9 +36,10 @@ struct Region {
 
   // Non-empty, and inside the lower half of the address space (addr + len <= kEnd).  Untagged user-space memory,
   // host or device (CUDA's unified addresses), lies there on every 64-bit platform NIXL supports: the upper half
-  // is the kernel's (a top-byte tag of 0x80 or more, HWASan's, would be refused; UCX cannot register those).  UCX rounds a range out to whole pages before its registration cache looks it up, so a range
-  // in the last page wrapped to 0, and the lookup spun for ever in ucs_pgtable_search_range with the agent's
-  // lock held (ending exactly at 2**64 did it too, and so did 4,095 bytes at 2**64 - 4,096).
+  // is the kernel's (a top-byte tag of 0x80 or more, HWASan's, would be refused; UCX cannot register those).
+  // UCX rounds a range out to whole pages before its registration cache looks it up, so a range in the last
+  // page wrapped to 0, and the lookup spun for ever in ucs_pgtable_search_range with the agent's lock held
+  // (ending exactly at 2**64 did it too, and so did 4,095 bytes at 2**64 - 4,096).
   static_assert(sizeof(std::uintptr_t) == 8, "64-bit address spaces only");
   static constexpr std::uintptr_t kEnd = std::uintptr_t{1} << 63;
   // What a refused range is told (every layer says the same).

@@ -6,7 +6,6 @@
 #include <chrono>
 #include <exception>
 #include <random>
-#include <string_view>
 #include <vector>
 
 #include <pthread.h>  // pthread_atfork
@@ -207,8 +206,13 @@ void Transport::deregister_region(Agent::RegionId id) {
 namespace {
 constexpr std::size_t kMagicLen = sizeof(Transport::kMetadataMagic) - 1;
 constexpr std::size_t kEnvelopeLen = kMagicLen + 4;
-// "kvlmd/": the magic without its version
-constexpr std::size_t kPrefixLen = std::string_view(Transport::kMetadataMagic).find('/') + 1;
+// "kvlmd/": the magic without its version (a plain loop: string_view::find is no constant under UBSan)
+constexpr std::size_t kPrefixLen = [] {
+  std::size_t i = 0;
+  while (Transport::kMetadataMagic[i] != '/') ++i;
+  return i + 1;
+}();
+static_assert(kPrefixLen < kMagicLen, "the magic holds a version after its slash");
 
 // CRC-32 as zlib computes it (reflected, polynomial 0xEDB88320): Python's zlib.crc32 checks it in the tests.
 std::uint32_t crc32(const char* p, std::size_t n) noexcept {

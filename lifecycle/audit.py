@@ -34,7 +34,8 @@ table with a strict JSON reader that accepts what orjson accepts, several times 
 opens and reads the files (plain or gzip, 1 MiB chunks) and formats each finding's message (repr() of
 the JSON values involved, orjson's error text for a malformed line), so the results are identical;
 ``tests/test_audit_native.py`` holds the two engines to that.  The Python replay is used when asked
-(``native=False``, ``--engine python``, or ``LIFECYCLE_AUDIT_ENGINE=python``), and whenever the native one
+(``native=False``, ``--engine python``, or ``LIFECYCLE_AUDIT_ENGINE=python``), and, unless the native one is
+required (``native=True``, ``--engine native``, ``LIFECYCLE_AUDIT_ENGINE=native``), whenever it
 cannot give the reference's answer: a table other than the compiled one, no orjson, a stale or missing
 build, option values outside what it takes (see :func:`native_unavailable`).
 """
@@ -1565,20 +1566,26 @@ def audit_paths(paths: Iterable[str | Path], spec: _spec.Spec | None = None, *, 
                 **kw) -> AuditResult:
     """Audit log files (one per rank, or merged; plain or gzip JSON lines).
 
-    ``native``: None (default) uses the native replay when :func:`native_unavailable` allows it, unless the
-    environment sets ``LIFECYCLE_AUDIT_ENGINE=python``; False forces the Python :class:`Auditor`; True
-    requires the native replay (ValueError when it cannot be used).  Both give the same result.
+    ``native``: None (default) takes the choice from ``LIFECYCLE_AUDIT_ENGINE``: ``auto`` (or unset) uses the
+    native replay when :func:`native_unavailable` allows it and the Python one otherwise, ``native`` requires
+    it (:class:`InvalidArgument` naming the variable and the reason when it cannot be used), ``python``
+    forces the Python :class:`Auditor`.  False forces the Python replay; True requires the native one
+    (ValueError when it cannot be used).  Both give the same result.
     """
     paths = [str(p) for p in paths]
     kw = check_options(**kw)
     if spec is not None and not isinstance(spec, _spec.Spec):
         raise InvalidArgument("spec", f"expected a lifecycle Spec (spec.load_default()), got {type(spec).__name__}")
     if native is None:
-        engine = os.environ.get(ENGINE_ENV, "native").strip().lower() or "native"
-        if engine not in ("native", "python"):
-            raise InvalidArgument(ENGINE_ENV, f"the environment variable must be 'native' (where the native replay "
-                                              f"can be used, else python) or 'python', got {engine!r}")
-        native = engine == "native" and native_unavailable(spec, **kw) is None
+        engine = os.environ.get(ENGINE_ENV, "auto").strip().lower() or "auto"
+        if engine not in ENGINES:
+            raise InvalidArgument(ENGINE_ENV, f"the environment variable must be 'auto' (the native replay where it "
+                                              f"can be used, else python; the default), 'native' (required) or "
+                                              f"'python', got {engine!r}")
+        if engine == "native" and (why := native_unavailable(spec, **kw)) is not None:
+            raise InvalidArgument(ENGINE_ENV, f"{ENGINE_ENV}=native, but the native audit cannot be used: {why} "
+                                              f"(set it to 'auto' to fall back to the python replay)")
+        native = engine == "native" or (engine == "auto" and native_unavailable(spec, **kw) is None)
     elif native:
         why = native_unavailable(spec, **kw)
         if why is not None:
@@ -1595,6 +1602,7 @@ def audit_paths(paths: Iterable[str | Path], spec: _spec.Spec | None = None, *, 
 # ------------------------------------------------------------------------------------------------
 
 ENGINE_ENV = "LIFECYCLE_AUDIT_ENGINE"
+ENGINES = ("auto", "native", "python")  # its values; unset or empty is auto
 
 
 def _native_core():

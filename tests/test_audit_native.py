@@ -558,10 +558,42 @@ def test_another_table_falls_back_to_the_python_replay(monkeypatch):
     other = dataclasses.replace(SPEC, digest="0123456789abcdef")
     assert "not the compiled table" in audit.native_unavailable(other)
     monkeypatch.setattr(audit, "_audit_native", lambda *a, **k: pytest.fail("native replay used"))
-    res = audit_paths([mg.HERE / "clean_run.jsonl"], other)
-    assert res.table_digest == "0123456789abcdef" and res.by_kind("table_mismatch")
+    log = mg.HERE / "clean_run.jsonl"
+    for env in (None, "", "auto", " Auto ", "python"):  # unset, empty and auto fall back; python never asks
+        if env is None:
+            monkeypatch.delenv(audit.ENGINE_ENV, raising=False)
+        else:
+            monkeypatch.setenv(audit.ENGINE_ENV, env)
+        res = audit_paths([log], other)
+        assert res.table_digest == "0123456789abcdef" and res.by_kind("table_mismatch"), env
     with pytest.raises(ValueError, match="cannot be used: table"):
-        audit_paths([mg.HERE / "clean_run.jsonl"], other, native=True)
+        audit_paths([log], other, native=True)
+    # LIFECYCLE_AUDIT_ENGINE=native asks for the native replay as --engine native does: refused with the reason,
+    # not silently replayed in python (it had fallen back, and the caller's choice was lost)
+    monkeypatch.setenv(audit.ENGINE_ENV, "native")
+    with pytest.raises(errors.InvalidArgument, match=r"LIFECYCLE_AUDIT_ENGINE=native.*not the compiled table") as ei:
+        audit_paths([log], other)
+    assert ei.value.argument == audit.ENGINE_ENV
+    audit_paths([log], other, native=False)  # an explicit argument still wins over the environment
+
+
+def test_required_native_engine_from_the_environment_exits_2_with_the_reason(monkeypatch, tmp_path, capsys):
+    """The command line: LIFECYCLE_AUDIT_ENGINE=native with a table other than the compiled one is exit 2 and a
+    message, as --engine native is; with auto the same run falls back and audits."""
+    from lifecycle import cli
+    table = tmp_path / "another.table"
+    line = "expired           no evidence arrived within cancel_grace\n"
+    text = spec.default_table_path().read_text()
+    assert line in text
+    table.write_text(text.replace(line, line + "spare             an outcome no row gives (another table)\n"))
+    assert spec.load(table).digest != spec.load_default().digest
+    log = str(mg.HERE / "clean_run.jsonl")
+    monkeypatch.setenv(audit.ENGINE_ENV, "native")
+    assert cli.main(["audit", log, "--table", str(table)]) == 2
+    err = capsys.readouterr().err
+    assert "LIFECYCLE_AUDIT_ENGINE=native" in err and "not the compiled table" in err and "Traceback" not in err, err
+    monkeypatch.setenv(audit.ENGINE_ENV, "auto")
+    assert cli.main(["audit", log, "--table", str(table)]) in (0, 1)
 
 
 @pytest.mark.parametrize(("kw", "why"), [({"window": 0}, ">= 1"), ({"top": 0}, ">= 1"), ({"max_line": -1}, ">= 0"),

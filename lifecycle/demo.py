@@ -90,12 +90,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     max_blocks=a.max_blocks)
     slot = a.kv.slot_bytes(a.ranks)
     slots = a.concurrency + DemoOptions.quarantine_slack
-    need, have = 2 * a.ranks * slot * slots, _physical_memory()
-    if have and need > have // 2:
-        p.error(f"--concurrency {a.concurrency} (+{DemoOptions.quarantine_slack} quarantine slots) x "
-                f"{slot / 2**20:.3g} MiB a slot x {2 * a.ranks} processes = {need / 2**30:.3g} GiB of buffers, more "
-                f"than half this machine's memory ({have / 2**30:.3g} GiB): lower --concurrency, --max-blocks or the "
-                "KV layout")
     if a.device == "cuda":
         try:
             import torch
@@ -103,15 +97,96 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error("--device cuda needs torch (pip install torch)")
         if not torch.cuda.is_available():
             p.error("--device cuda: CUDA is not available here (torch.cuda.is_available() is False)")
+    for where, procs, have in _buffer_homes(a.device, a.ranks):
+        # each process: its pool's slots, plus a source and a scratch slot for the checksums
+        need = procs * slot * (slots + 2)
+        if have and need > have // 2:
+            p.error(f"--concurrency {a.concurrency} (+{DemoOptions.quarantine_slack} quarantine slots, +2 working) x "
+                    f"{slot / 2**20:.3g} MiB a slot x {procs} processes = {need / 2**30:.3g} GiB of buffers in {where}, "
+                    f"more than half of it ({have / 2**30:.3g} GiB): lower --concurrency, --max-blocks or the KV "
+                    "layout")
     return a
 
 
-def _physical_memory() -> int:
-    """This machine's memory in bytes (0 when unknown)."""
+def _buffer_homes(device: str, ranks: int) -> list[tuple[str, int, int]]:
+    """Where the workers' KV buffers will live: (what, processes there, its memory in bytes, 0 when unknown).
+    Host memory for CPU buffers: the least of the machine's and this process's cgroup limits.  With CUDA
+    (``--device cuda``, or ``auto`` where torch sees a GPU) the workers put them on ``cuda:rank % count``,
+    both sides of a rank on the same device; its total memory (read without creating a context)."""
+    # (auto on a machine without NVIDIA's driver node: no GPU, and no torch import in this process)
+    if device == "cuda" or (device == "auto" and os.path.exists("/dev/nvidiactl")):
+        try:
+            import torch
+
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        except Exception:  # noqa: BLE001 (no torch or no driver: the workers fall back to the CPU, as here)
+            count = 0
+        if count:
+            homes = []
+            for d in range(count):
+                procs = 2 * sum(1 for r in range(ranks) if r % count == d)
+                if procs:
+                    homes.append((f"cuda:{d}", procs, torch.cuda.get_device_properties(d).total_memory))
+            return homes
+    have, where = memory_limit()
+    return [(where, 2 * ranks, have)]
+
+
+_UNLIMITED = 1 << 62  # cgroup v1 writes "no limit" as the largest page-aligned int64
+
+
+def memory_limit(root: str | Path = "/") -> tuple[int, str]:
+    """(bytes, what) of the memory this process may use: the least of the machine's physical memory and the
+    limits of its cgroups and their ancestors (v2 ``memory.max``, v1 ``memory.limit_in_bytes``); (0, ...) when
+    none can be read.  ``root`` prefixes /proc and /sys (tests)."""
+    root = Path(root)
+    best, where = 0, "this machine's memory"
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 0
+        for line in (root / "proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                best = int(line.split()[1]) * 1024  # (kB)
+    except (OSError, ValueError, IndexError):
+        best = 0
+    if best == 0 and root == Path("/"):
+        try:
+            best = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            best = 0
+    try:
+        lines = (root / "proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":
+            base, name = root / "sys/fs/cgroup", "memory.max"
+            if not (base / "cgroup.controllers").exists():
+                base = root / "sys/fs/cgroup/unified"
+        elif "memory" in controllers.split(","):
+            base, name = root / "sys/fs/cgroup/memory", "memory.limit_in_bytes"
+        else:
+            continue
+        rel = Path(path.lstrip("/"))
+        # the cgroup's own folder and its ancestors; a namespaced mount shows the process's cgroup as its root
+        folders = [base / rel, *(base / q for q in rel.parents)]
+        for folder in folders:
+            try:
+                text = (folder / name).read_text().strip()
+            except OSError:
+                continue
+            if text == "max":
+                continue
+            try:
+                limit = int(text)
+            except ValueError:
+                continue
+            if 0 < limit < _UNLIMITED and (best == 0 or limit < best):
+                rel_folder = folder.relative_to(root)
+                best, where = limit, f"this process's cgroup memory limit (/{rel_folder}/{name})"
+    return best, where
 
 
 # ---- progress ----------------------------------------------------------------------------------------

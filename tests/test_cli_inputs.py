@@ -77,7 +77,7 @@ def test_demo_refuses_sizes_beyond_the_machine_and_cuda_without_a_gpu_before_any
         with pytest.raises(SystemExit) as ei:
             demo.parse_args(["--requests", "20", *argv])
         assert ei.value.code == 2, argv
-        assert "more than half this machine's memory" in capsys.readouterr().err, argv
+        assert "of buffers in this machine's memory, more than half of it" in capsys.readouterr().err, argv
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -124,3 +124,80 @@ def test_bench_only_must_name_a_suite_and_runs_each_once(monkeypatch, capsys):
                                                                                                  command=cmd))
     assert bench.main(["--only", "audit,audit", "--quick"]) == 1  # (a "missing" suite is not ok)
     assert ran == ["audit"], ran
+
+
+def _tree(root, files: dict[str, str]):
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return root
+
+
+MEMINFO = "MemTotal:       24683784 kB\nMemFree:  1 kB\n"
+
+
+@pytest.mark.parametrize(("files", "limit", "source"), [
+    # no cgroup files at all: the machine's memory (the control)
+    ({"proc/self/cgroup": "0::/a/b\n"}, 24683784 * 1024, "this machine's memory"),
+    # cgroup v2: the process's own cgroup has max, its parent a limit
+    ({"proc/self/cgroup": "0::/a/b\n", "sys/fs/cgroup/cgroup.controllers": "memory\n",
+      "sys/fs/cgroup/a/b/memory.max": "max\n", "sys/fs/cgroup/a/memory.max": "4294967296\n"},
+     4 << 30, "/sys/fs/cgroup/a/memory.max"),
+    # the least of two limits along the chain
+    ({"proc/self/cgroup": "0::/a/b\n", "sys/fs/cgroup/cgroup.controllers": "memory\n",
+      "sys/fs/cgroup/a/b/memory.max": "1073741824\n", "sys/fs/cgroup/a/memory.max": "4294967296\n"},
+     1 << 30, "/sys/fs/cgroup/a/b/memory.max"),
+    # cgroup v1, as on this VM: the memory controller's folder; "no limit" is a huge number
+    ({"proc/self/cgroup": "9:pids:/\n4:memory:/process_api/x\n0::/\n",
+      "sys/fs/cgroup/memory/memory.limit_in_bytes": "9223372036854771712\n",
+      "sys/fs/cgroup/memory/process_api/x/memory.limit_in_bytes": "2147483648\n"},
+     2 << 30, "/sys/fs/cgroup/memory/process_api/x/memory.limit_in_bytes"),
+    # a namespaced mount: the process's path is not there, the mount's root holds its limit
+    ({"proc/self/cgroup": "0::/kubepods/pod1/c1\n", "sys/fs/cgroup/cgroup.controllers": "memory\n",
+      "sys/fs/cgroup/memory.max": "3221225472\n"}, 3 << 30, "/sys/fs/cgroup/memory.max"),
+    # a limit above the machine's memory, garbage and a zero change nothing
+    ({"proc/self/cgroup": "0::/a\nbad line\n4:memory:/\n", "sys/fs/cgroup/cgroup.controllers": "",
+      "sys/fs/cgroup/a/memory.max": str(1 << 50), "sys/fs/cgroup/memory.max": "lots",
+      "sys/fs/cgroup/memory/memory.limit_in_bytes": "0"}, 24683784 * 1024, "this machine's memory"),
+])
+def test_memory_limit_is_the_least_of_the_machine_and_its_cgroups(tmp_path, files, limit, source):
+    have, where = demo.memory_limit(_tree(tmp_path, {"proc/meminfo": MEMINFO, **files}))
+    want = f"this process's cgroup memory limit ({source})" if source.startswith("/") else source
+    assert (have, where) == (limit, want)
+
+
+def test_memory_limit_of_this_process_is_read():
+    have, where = demo.memory_limit()
+    assert 0 < have <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), (have, where)
+
+
+def test_demo_checks_buffers_against_a_cgroup_limit_and_against_the_gpu_that_holds_them(monkeypatch, capsys):
+    """The demo's size check used the machine's RAM: under a container's limit the workers were OOM-killed,
+    and with CUDA buffers it checked host RAM, not the GPU they go to."""
+    argv = ["--requests", "20", "--concurrency", "8", "--device", "cpu"]
+    need = 2 * demo.KVConfig().slot_bytes(1) * (8 + demo.DemoOptions.quarantine_slack + 2)
+    assert demo.parse_args(argv).concurrency == 8  # the control: fits this machine
+    src = "this process's cgroup memory limit (/sys/fs/cgroup/memory.max)"
+    monkeypatch.setattr(demo, "memory_limit", lambda: (need * 2 - 4096, src))
+    with pytest.raises(SystemExit) as ei:
+        demo.parse_args(argv)
+    assert ei.value.code == 2 and f"of buffers in {src}, more than half of it" in capsys.readouterr().err
+    monkeypatch.setattr(demo, "memory_limit", lambda: (need * 2, src))
+    assert demo.parse_args(argv).concurrency == 8  # exactly half fits
+    # CUDA: 3 ranks over 2 devices put ranks 0 and 2 (4 processes) on cuda:0, rank 1 (2) on cuda:1
+    import torch
+
+    class Props:
+        total_memory = 1 << 40
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: Props)
+    assert demo._buffer_homes("cuda", 3) == [("cuda:0", 4, 1 << 40), ("cuda:1", 2, 1 << 40)]
+    assert demo._buffer_homes("cpu", 3) == [(src, 6, need * 2)]
+    gpu = ["--requests", "20", "--concurrency", "8", "--device", "cuda"]
+    assert demo.parse_args(gpu).device == "cuda"  # the host limit does not apply to GPU buffers
+    Props.total_memory = need
+    with pytest.raises(SystemExit):
+        demo.parse_args(gpu)
+    assert "of buffers in cuda:0, more than half of it" in capsys.readouterr().err

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import array
 import hashlib
+import itertools
 import os
 import pickle
 import sys
@@ -179,8 +180,19 @@ def _common_fields() -> dict[str, Any]:
     """
     try:
         from . import engine
-    except ImportError:  # the core is not built: emit what we have
-        return {"pid": os.getpid(), "t_mono_ns": time.monotonic_ns()}
+    except ImportError:
+        # The core is not built (tests/mpi load this module without it): the same keys from the pure-Python
+        # table and schema id, and this module's own seq stream (the only one in a process without the
+        # engine).  It had emitted pid and time only: lines the audit calls malformed.
+        from . import audit, spec
+
+        return {
+            "t_mono_ns": time.monotonic_ns(),
+            "seq": next(_fallback_seq),
+            "pid": os.getpid(),
+            "table": spec.load_default().digest,
+            "schema": audit.SCHEMA_ID,
+        }
     return {
         "t_mono_ns": time.monotonic_ns(),
         "seq": next(engine._seq),
@@ -188,6 +200,17 @@ def _common_fields() -> dict[str, Any]:
         "table": engine.TABLE.digest,
         "schema": engine.SCHEMA,
     }
+
+
+_fallback_seq = itertools.count()
+
+
+def _reset_fallback_seq() -> None:
+    global _fallback_seq
+    _fallback_seq = itertools.count()
+
+
+os.register_at_fork(after_in_child=_reset_fallback_seq)
 
 
 def _mpi() -> Any:

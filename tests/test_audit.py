@@ -7,6 +7,7 @@ import collections
 import copy
 import gzip
 import json
+import os
 import random
 import re
 import zlib
@@ -496,6 +497,47 @@ def test_collective_desync_and_health_events():
     res = audit_events(evs)
     assert res.finding_counts == {"unhealthy": 1, "collective_desync": 1}
     assert not res.ok
+
+
+_NO_CORE = r"""
+import json, sys
+sys.modules["lifecycle._core"] = None  # the compiled core cannot be imported (as before a build)
+sys.path.insert(0, "tests/mpi")
+from _harness import load_collectives
+C = load_collectives()
+assert "lifecycle.engine" not in sys.modules
+print(json.dumps([C._common_fields(), C._common_fields()]))
+"""
+
+
+def test_collective_desync_lines_carry_every_common_key_with_and_without_the_core():
+    """The desync event's common keys come from the engine; without the compiled core (tests/mpi load the
+    collectives that way) they had been pid and time only, which the audit calls malformed."""
+    import subprocess
+    import sys
+
+    from lifecycle import collectives, engine
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", _NO_CORE], cwd=root, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    without = json.loads(out.stdout)
+    with_core = [collectives._common_fields(), collectives._common_fields()]
+    keys = {"t_mono_ns", "seq", "pid", "table", "schema"}
+    assert [set(d) for d in without + with_core] == [keys] * 4, (without, with_core)
+    assert [d["seq"] for d in without] == [0, 1]  # its own stream, from 0
+    assert with_core[1]["seq"] == with_core[0]["seq"] + 1 and with_core[0]["pid"] == engine._PID
+    for d in (without[0], with_core[0]):
+        assert (d["table"], d["schema"]) == (SPEC.digest, audit.SCHEMA_ID), d
+    fields = {"request": None, "rank": 0, "role": None, "event": "lifecycle.collective_desync", "seq_no": 3,
+              "field": "site", "sites": ["a.py:1:f", "b.py:2:g"]}
+    for common in without:
+        validate_event({**fields, **common})
+    res = audit_events([{**fields, **common} for common in without])
+    assert res.finding_counts == {"collective_desync": 2}, res.finding_counts
+    # the control: the old fallback's keys alone are malformed lines
+    old = [{**fields, "pid": d["pid"], "t_mono_ns": d["t_mono_ns"]} for d in without]
+    assert audit_events(old).by_kind("malformed"), audit_events(old).finding_counts
 
 
 # ------------------------------------------------------------------------------------ real engine fidelity

@@ -37,7 +37,7 @@ demo: setup
 	$(PYTHON) -m lifecycle demo --requests 5000 --cancel-fraction 0.5 --faults delay,error,disconnect,drop-notif --seed 7
 
 bench: setup
-	$(PYTHON) benchmarks/bench_engine.py
+	$(PYTHON) -m lifecycle bench
 
 clean:
 	rm -rf build lifecycle/_core*.so

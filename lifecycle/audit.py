@@ -13,9 +13,9 @@ fixed-size windows, not by file length.
 
 Sessions are keyed by ``(rank, request)``.  Each ``lifecycle.transition`` is checked against the table
 (``spec.rows``): the replayed state must equal ``from_state`` and ``from_state + trigger`` must be a
-moving row that lands on ``to_state``.  Cancel/terminate *results* are not replayed against the state:
-the engine logs them when the executor call returns, while the transitions they caused are queued and
-logged at the next ``poll()``, so results may legitimately precede the transitions.
+moving row that lands on ``to_state``.  Cancel/terminate *results* are checked for validity, not replayed
+against the state (the engine logs them in causal order at ``poll()``, after the transitions the call
+caused, except ``NotFound``, which is logged at once).
 
 Violations (exit status 1): ``malformed`` (a line that is not a valid event; file:line named),
 ``illegal_transition``, ``terminated_before_terminal``, ``leak`` (never terminated), ``double_termination``,

@@ -709,7 +709,8 @@ class _Transport:
         """Active READ: the peer's offered range -> ``local``.  Applies ``expose`` and posts.
 
         Returns ``"Posted"``, ``"CompletedInPost"`` (already Quiesced) or ``"CancelledBeforePost"`` (the
-        session was cancelled, or the peer stopped this offer, before the post: Quiesced(cancelled)).
+        session was cancelled, or the peer stopped this offer, during the call and before the post:
+        Quiesced(cancelled)).  A session already cancelled when the call begins raises IllegalTransition.
         A bad descriptor raises TransportError before anything is exposed (the session stays Advertised).
         """
         return self._post("read", request, local, peer, remote)

@@ -882,6 +882,103 @@ void test_a_peer_removed_meanwhile_refuses_the_new_entry() {
   }
 }
 
+// A cancel that lands while transfer() runs, before its expose (here: while the request is built; the
+// peer's stop of the offer lands the same way once the entry exists), ends the session Quiesced(cancelled)
+// and the call answers CancelledBeforePost, as for a cancel just after the expose: nothing posted, the
+// prepared request released.  It had raised IllegalTransition (expose refused in Quiesced), which told the
+// caller only on which side of the expose the race fell (found by soaking the demo).  A session cancelled
+// before the call is still refused with IllegalTransition (the control: the call never saw it live).
+void test_a_cancel_during_transfer_before_its_expose_is_cancelled_before_post() {
+  auto ea = std::make_shared<Engine>(ReusePair::reuse(0));
+  Engine* cancel_in_build = nullptr;
+  Hooks hooks;
+  hooks.on_lookup = [&] {
+    if (cancel_in_build != nullptr) CHECK(std::exchange(cancel_in_build, nullptr)->cancel(1) == CancelResult::CancelledBeforeAdvertise);
+  };
+  Duo d(ea, std::make_unique<HookAgent>(named("cbe-a"), hooks), std::make_shared<Engine>(Config{}), 'c');
+  for (const bool batch : {false, true}) {
+    CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
+    cancel_in_build = ea.get();
+    PostResult res = PostResult::Posted;
+    if (batch) {
+      const std::string peer = "cbe-b";
+      const TransferItem items[2] = {{1, XferOp::Write, d.l, d.r, &peer, 0}, {2, XferOp::Write, d.l, d.r, &peer, 0}};
+      TransferOutcome out[2];
+      d.ta.transfer_batch(items, 2, out);  // (item 2 has no session: refused up front, untouched by the race)
+      CHECK(!out[0].error && out[1].error);
+      res = out[0].result;
+    } else {
+      res = d.ta.transfer(1, XferOp::Write, d.l, d.r, "cbe-b", 0);
+    }
+    CHECK(cancel_in_build == nullptr);  // the hook ran, inside the call
+    CHECK(res == PostResult::CancelledBeforePost);
+    CHECK(state_of(*ea, 1) == State::Quiesced && ea->info(1)->outcome == Outcome::cancelled);
+    CHECK(d.ta.stats().posted == 0 && d.ta.stats().active == 0 && d.ta.agent().live_requests() == 0);
+    CHECK(d.ta.stats().cancelled_before_post == (batch ? 2u : 1u));
+    CHECK(std::count(d.dst.begin(), d.dst.end(), 0) == static_cast<std::ptrdiff_t>(d.dst.size()));  // nothing moved
+    CHECK(ea->terminate(1) == TerminateResult::Terminated);
+  }
+  // the control: cancelled before the call
+  CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
+  CHECK(ea->cancel(1) == CancelResult::CancelledBeforeAdvertise);
+  bool illegal = false;
+  try {
+    (void)d.ta.transfer(1, XferOp::Write, d.l, d.r, "cbe-b", 0);
+  } catch (const IllegalTransitionError&) {
+    illegal = true;
+  }
+  CHECK(illegal && d.ta.stats().cancelled_before_post == 2 && d.ta.agent().live_requests() == 0);
+}
+
+// The peer's stop of an offer that lands after transfer() made its entry but before its expose: the
+// handler marks the entry and leaves the session to the call, whose look before the post ends it unposted
+// (expose, then cancel and complete: Quiesced(cancelled)) and answers the stop: "CancelledBeforePost"
+// with no illegal event.  The handler used to cancel at once, Advertised -> Quiesced, so the engine refused
+// the call's expose (an illegal event the audit warns of; the soak of the demo met it once).  Here the
+// window is reached in a batch: item 2's offer is forgone while it is built, so the entry step refuses it
+// and its release (after every entry is made, before the exposes) delivers the stop of item 1.
+void test_a_peer_stop_between_the_entry_and_the_expose_ends_unposted_without_an_illegal_expose() {
+  auto ea = std::make_shared<Engine>(ReusePair::reuse(0));
+  auto eb = std::make_shared<Engine>(Config{});
+  Transport* tp = nullptr;
+  std::uint64_t tags[3] = {0, 0, 0};
+  int built = 0, stops = 0;
+  Hooks hooks;
+  hooks.on_lookup = [&] {  // after each request is built
+    if (tp != nullptr && ++built == 2) tp->forgo(2, "gap-b", tags[2]);
+  };
+  hooks.on_release = [&](std::uint64_t req) {
+    if (tp != nullptr && req == 2 && stops++ == 0) tp->on_notification("gap-b", NotifMessage{1, NotifKind::Stop, tags[1]});
+    return true;
+  };
+  Duo d(ea, std::make_unique<HookAgent>(named("gap-a"), hooks), eb, 'g');
+  const std::size_t half = d.src.size() / 2;
+  Region local[3], remote[3];
+  for (std::uint64_t req = 1; req <= 2; ++req) {
+    local[req] = {d.l.addr + (req - 1) * half, half, 0, MemKind::Dram};
+    remote[req] = {d.r.addr + (req - 1) * half, half, 0, MemKind::Dram};
+    CHECK(ea->advertise(req, Role::sender, 0).status == Status::Moved);
+    CHECK(eb->advertise(req, Role::receiver, 0).status == Status::Moved);
+    tags[req] = d.tb->expect(req, "gap-a", remote[req]);
+  }
+  const std::uint64_t illegal_before = ea->counters().illegal;
+  const std::string peer = "gap-b";
+  const TransferItem items[2] = {{1, XferOp::Write, local[1], remote[1], &peer, tags[1]},
+                                 {2, XferOp::Write, local[2], remote[2], &peer, tags[2]}};
+  TransferOutcome out[2];
+  tp = &d.ta;
+  d.ta.transfer_batch(items, 2, out);
+  tp = nullptr;
+  CHECK(built == 2 && stops == 1);  // the hooks ran, in that window
+  CHECK(out[1].error != nullptr);   // forgone meanwhile: refused
+  CHECK(!out[0].error && out[0].result == PostResult::CancelledBeforePost);
+  CHECK(ea->counters().illegal == illegal_before);  // the expose was never refused
+  CHECK(state_of(*ea, 1) == State::Quiesced && ea->info(1)->outcome == Outcome::cancelled);
+  CHECK(d.ta.stats().posted == 0 && d.ta.stats().active == 0 && d.ta.agent().live_requests() == 0);
+  CHECK(std::count(d.dst.begin(), d.dst.end(), 0) == static_cast<std::ptrdiff_t>(d.dst.size()));  // nothing moved
+  CHECK(eventually([&] { return d.ta.stats().quiesced_sent >= 1; }));  // the stop is answered
+}
+
 // A transfer() refused after its request was built releases it; if that release fails (retried by the
 // sweep), the range stays held until it succeeds: the agent still holds a request that names it.
 void test_a_refused_request_whose_release_fails_keeps_its_range() {
@@ -1985,6 +2082,8 @@ int main() {
   test_a_late_done_never_forgets_a_new_transfers_hold();
   test_a_range_being_prepared_is_not_deregistered();
   test_a_peer_removed_meanwhile_refuses_the_new_entry();
+  test_a_cancel_during_transfer_before_its_expose_is_cancelled_before_post();
+  test_a_peer_stop_between_the_entry_and_the_expose_ends_unposted_without_an_illegal_expose();
   test_a_refused_request_whose_release_fails_keeps_its_range();
   test_remove_peer_during_post_leaves_the_entry_to_its_transfer();
   test_remove_peer_or_stop_mid_batch_posts_nothing_more();

@@ -832,6 +832,15 @@ void Transport::transfer_batch(const TransferItem* items, std::size_t n, Transfe
           }
         });
         fail(i, expose_error);
+      } else if (r[i].status == Status::Illegal && r[i].from == State::Quiesced && r[i].serial == w[i].current &&
+                 info[i] && info[i]->state == State::Advertised) {
+        // Advertised when this call began, Quiesced now: cancelled during the call, before its expose (the
+        // executor's cancel, or the peer's stop of this offer, whose handler cancels once the entry exists).
+        // Never posted, as when the cancel comes after the expose (step 5): the same answer, not an
+        // IllegalTransition that only says which side of the expose the race fell.
+        ctr_.cancelled_before_post.fetch_add(1);
+        out[i].result = PostResult::CancelledBeforePost;
+        w[i].live = false;
       } else {
         fail(i, caught([&] { throw_refused(r[i], req, Event::expose); }));
       }
@@ -1388,7 +1397,7 @@ void Transport::on_notification(const std::string& peer, const NotifMessage& m) 
     }
     case NotifKind::Stop: {
       ctr_.peer_stops.fetch_add(1);
-      bool active = false, reply_now = false;
+      bool active = false, reply_now = false, cancel_now = false;
       std::uint64_t serial = 0;
       // our session of the id now: a pair stopped with no entry here binds to it while it lives
       const std::optional<SessionInfo> ours = engine_ ? engine_->info(req) : std::nullopt;
@@ -1402,10 +1411,15 @@ void Transport::on_notification(const std::string& peer, const NotifMessage& m) 
         if (live_active && it->second.tag == m.tag && it->second.peer == peer) {
           active = true;
           serial = it->second.serial;
+          // Not posting yet: the transfer() call that made the entry is between its entry and its look
+          // before the post (step 5), which finds peer_stop and ends the session unposted, cancel and all,
+          // and answers the stop.  Cancelled here it went Advertised -> Quiesced before the call's expose,
+          // which the engine then refused (an illegal event, and IllegalTransition for the caller).
+          cancel_now = it->second.posting;
           // TEST ONLY (negative control): ack now instead of after our Done; the bug the passive
           // side's late-write test must catch
           if (opts_.unsafe_ack_stop_at_once) {
-            reply_now = true;
+            reply_now = cancel_now = true;
           } else {
             it->second.peer_stop = true;
             if (it->second.in_post) in_post_marks_.fetch_add(1);  // as a cancel's (on_abort)
@@ -1457,8 +1471,8 @@ void Transport::on_notification(const std::string& peer, const NotifMessage& m) 
         }
       }
       if (active) {
-        // Cancel here too; the quiesced reply goes out when our request is Done (finish_active).
-        (void)apply(req, Event::cancel, serial);
+        // Cancel here too (posting); the quiesced reply goes out when our request is Done (finish_active).
+        if (cancel_now) (void)apply(req, Event::cancel, serial);
         if (reply_now) {
           ctr_.unsafe_acks.fetch_add(1);
           send(peer, {req, NotifKind::Quiesced, m.tag});

@@ -343,6 +343,7 @@ class Worker:
         self.t_start = time.monotonic()
         self.status_path = self.out / "status" / f"{self.name}.json"
         self._last_status = 0.0
+        self.running = True
 
     # ---- setup ---------------------------------------------------------------------------------
     def connect(self, timeout: float = 60.0) -> None:
@@ -670,12 +671,14 @@ class Worker:
     def _status(self, now: float) -> None:
         self._last_status = now
         h = self.engine.health()
-        st = dict(self.c, name=self.name, role=self.role, rank=self.rank, tracked=len(self.tracked),
+        st = dict(self.c, name=self.name, role=self.role, rank=self.rank, tracked=len(self.tracked), running=self.running,
                   elapsed=now - self.t_start, healthy=h.healthy, reasons=list(h.reasons), pid=os.getpid(),
                   peer_lost=self.peer_lost)
         _atomic_json(self.status_path, st)
 
     def _finish(self) -> dict:
+        self.running = False  # the run is over: the launcher's kill-peer would cut nothing now
+        self._status(time.monotonic())
         wedged_open = len(self.tracked)
         # let deferred notices and in-flight late events settle (bounded)
         end = time.monotonic() + 3.0

@@ -111,6 +111,32 @@ def test_kill_peer_leaves_survivor_poisoned_and_unhealthy_with_reason_without_ha
 
 @needs_nixl
 @pytest.mark.nixl
+def test_a_kill_point_at_the_end_of_the_run_is_reported_as_cutting_nothing(tmp_path):
+    """--kill-at 1.0: the kill comes when the run is over, or not at all.  The launcher had killed a worker
+    that had already finished (found by soaking the demo at --kill-at 0.95); the killed process then counted
+    as a surviving side that "did not notice that its peer was killed", and its sessions twice.  Now the
+    failure says what happened: no kill (the victim's run was over), a kill after the victim finished, or a
+    kill that found no session live."""
+    res, s, _ = demo(tmp_path, "--requests", "200", "--faults", "kill-peer", "--kill-at", "1.0", "--seed", "5",
+                     timeout=90)
+    assert res.returncode == 1 and not s["ok"], explain(res, s)
+    assert all("lower --kill-at" in f for f in s["failures"]) and len(s["failures"]) == 1, s["failures"]
+    assert not any("did not notice" in f for f in s["failures"]), s["failures"]
+    assert s["totals"]["completed"] <= 2 * 200  # no side counted twice
+
+
+def test_faults_none_means_no_faults(capsys):
+    from lifecycle import demo as demo_mod
+
+    assert demo_mod.parse_args(["--faults", "none"]).fault_list == ()
+    assert demo_mod.parse_args(["--faults", " none "]).fault_list == ()
+    with pytest.raises(SystemExit):  # the control: none mixed with faults is no fault name
+        demo_mod.parse_args(["--faults", "none,delay"])
+    assert "unknown fault(s) none" in capsys.readouterr().err
+
+
+@needs_nixl
+@pytest.mark.nixl
 def test_negative_control_one_flipped_byte_fails_the_demo(tmp_path):
     res, s, _ = demo(tmp_path, "--requests", "100", "--concurrency", "8", "--seed", "4", "--corrupt-one")
     assert res.returncode != 0

@@ -567,8 +567,10 @@ struct Transport::Work {
 void Transport::transfer_batch(const TransferItem* items, std::size_t n, TransferOutcome* out) {
   if (n == 0) return;
   // Every array the phases need, sized n, allocated here: an allocation failure after the entries exist
-  // (step 3) would leave entries no one owns (their sessions end Poisoned by the engine's timers, their
-  // ids stay refused).  What is left to fail after step 3 is a small allocation (a message, a map node).
+  // (step 3) would leave entries no one owns (their ids stay refused; a session exposed ends Poisoned by
+  // the engine's timers, one still Advertised has no timer and is the executor's to cancel; a peer's stop
+  // of it stays unanswered, which is safe).  What is left to fail after step 3 is a small allocation (a
+  // message, a map node).
   Scratch<Work> wk;
   Work* w = wk.get(n);
   Scratch<std::uint64_t> id_s, serial_s, done_s;
@@ -772,6 +774,15 @@ void Transport::transfer_batch(const TransferItem* items, std::size_t n, Transfe
     fail(i, std::make_exception_ptr(TransportError("transfer: request " + std::to_string(items[i].req) +
                                                    ": transport " + name() + " " + w[i].refuse)));
   }
+  // (the session `serial` of req ended Quiesced(cancelled): false when unknown, or should the lookup throw)
+  auto cancelled_now = [&](std::uint64_t req, std::uint64_t serial) {
+    try {
+      const std::optional<SessionInfo> now = engine_->info(req);
+      return now && now->serial == serial && now->state == State::Quiesced && now->outcome == Outcome::cancelled;
+    } catch (...) {
+      return false;
+    }
+  };
   // 4. Expose (Advertised -> InFlight), in one engine call. A refused expose (cancelled, unknown) posts nothing.
   for (std::size_t i = 0; i < n; ++i) w[i].serial = w[i].current;
   if (engine_) {
@@ -833,11 +844,12 @@ void Transport::transfer_batch(const TransferItem* items, std::size_t n, Transfe
         });
         fail(i, expose_error);
       } else if (r[i].status == Status::Illegal && r[i].from == State::Quiesced && r[i].serial == w[i].current &&
-                 info[i] && info[i]->state == State::Advertised) {
-        // Advertised when this call began, Quiesced now: cancelled during the call, before its expose (the
-        // executor's cancel, or the peer's stop of this offer, whose handler cancels once the entry exists).
-        // Never posted, as when the cancel comes after the expose (step 5): the same answer, not an
-        // IllegalTransition that only says which side of the expose the race fell.
+                 info[i] && info[i]->state == State::Advertised && cancelled_now(req, w[i].current)) {
+        // Advertised when this call began, Quiesced(cancelled) now: cancelled during the call, before its
+        // expose (the executor's cancel; the test-only at-once answer to a peer's stop).  Never posted, as
+        // when the cancel comes after the expose (step 5): the same answer, not an IllegalTransition that
+        // only says which side of the expose the race fell.  (Quiesced(completed) here would be another
+        // actor's expose and transfer on the same session, a misuse: that stays IllegalTransition.)
         ctr_.cancelled_before_post.fetch_add(1);
         out[i].result = PostResult::CancelledBeforePost;
         w[i].live = false;

@@ -891,9 +891,11 @@ void test_a_peer_removed_meanwhile_refuses_the_new_entry() {
 void test_a_cancel_during_transfer_before_its_expose_is_cancelled_before_post() {
   auto ea = std::make_shared<Engine>(ReusePair::reuse(0));
   Engine* cancel_in_build = nullptr;
+  std::function<void()> hooks_other;  // run once, instead, from inside the build
   Hooks hooks;
   hooks.on_lookup = [&] {
     if (cancel_in_build != nullptr) CHECK(std::exchange(cancel_in_build, nullptr)->cancel(1) == CancelResult::CancelledBeforeAdvertise);
+    if (hooks_other) std::exchange(hooks_other, nullptr)();
   };
   Duo d(ea, std::make_unique<HookAgent>(named("cbe-a"), hooks), std::make_shared<Engine>(Config{}), 'c');
   for (const bool batch : {false, true}) {
@@ -928,6 +930,22 @@ void test_a_cancel_during_transfer_before_its_expose_is_cancelled_before_post() 
     illegal = true;
   }
   CHECK(illegal && d.ta.stats().cancelled_before_post == 2 && d.ta.agent().live_requests() == 0);
+  CHECK(ea->terminate(1) == TerminateResult::Terminated);
+  // the second control: another actor exposes and completes the session during the call (a misuse of the
+  // engine): Quiesced(completed), not cancelled, so the refused expose is not called CancelledBeforePost
+  CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
+  hooks_other = [&] {
+    CHECK(ea->apply(1, Event::expose).status == Status::Moved);
+    CHECK(ea->apply(1, Event::complete).status == Status::Moved);
+  };
+  illegal = false;
+  try {
+    (void)d.ta.transfer(1, XferOp::Write, d.l, d.r, "cbe-b", 0);
+  } catch (const IllegalTransitionError&) {
+    illegal = true;
+  }
+  CHECK(!hooks_other && illegal && ea->info(1)->outcome == Outcome::completed);
+  CHECK(d.ta.stats().cancelled_before_post == 2 && d.ta.agent().live_requests() == 0);
 }
 
 // The peer's stop of an offer that lands after transfer() made its entry but before its expose: the

@@ -32,6 +32,7 @@ afford (``agree_count``).  Single-rank mode runs the same code with a one-rank g
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import random
@@ -261,6 +262,17 @@ def _atomic_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+# kill-peer: the launcher's kill time (JSON, in status/; not *.json, which are the workers' status files)
+KILL_TIME_FILE = "kill-time"
+
+
 # ---- the worker --------------------------------------------------------------------------------------
 class _Req:
     __slots__ = ("plan", "nbytes", "t0", "exposed_at", "cancelled", "terminate_called", "active", "desc", "checked")
@@ -328,7 +340,9 @@ class Worker:
                       checksum_errors=0, wedged=0, deferred=0, deferred_delivered=0, callbacks_untracked=0,
                       post_errors=0, refused_posts=0, reconnects=0, aborts_sent=0, aborts_received=0, bytes_verified=0,
                       bytes_completed=0,
-                      live_at_loss=0, poisoned_after_loss=0, cancelled_after_loss=0, completed_after_loss=0)
+                      live_at_loss=0, poisoned_after_loss=0, cancelled_after_loss=0, completed_after_loss=0,
+                      poisoned_after_kill=0)
+        self.poisoned_at: collections.deque[float] = collections.deque(maxlen=1 << 16)  # monotonic, at finalize
         self.cancel_results: dict[str, int] = {}
         self.checksum_failed: list[int] = []
         self.cancel_points: dict[str, int] = {}
@@ -592,6 +606,8 @@ class Worker:
         del self.tracked[req]
         outcome = "poisoned" if failed_any else "completed" if completed_all else "cancelled"
         self.c[outcome] += 1
+        if failed_any:
+            self.poisoned_at.append(time.monotonic())
         if self.peer_lost:
             self.c[f"{outcome}_after_loss"] += 1
         self.c["finalized"] += 1
@@ -686,6 +702,10 @@ class Worker:
             self.engine.drain(0.01)
         self.t.wait_idle(1.0 if self.peer_lost else 3.0)
         self.engine.poll()
+        if self.peer_lost:  # the launcher's kill-peer: sessions Poisoned since the kill (KILL_TIME_FILE)
+            kill = _read_json(self.out / "status" / KILL_TIME_FILE)
+            if kill is not None and isinstance(kill.get("t_mono"), (int, float)):
+                self.c["poisoned_after_kill"] = sum(1 for t in self.poisoned_at if t >= kill["t_mono"])
         tstats = self.t.stats()
         pool = self.engine.pool.stats()
         stats = self.engine.statistics()

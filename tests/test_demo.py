@@ -102,6 +102,10 @@ def test_kill_peer_leaves_survivor_poisoned_and_unhealthy_with_reason_without_ha
     assert surv["poisoned_after_loss"] > 0
     assert surv["completed_after_loss"] + surv["cancelled_after_loss"] + surv["poisoned_after_loss"] == surv["live_at_loss"]
     assert surv["leak"]["quarantined"] == surv["leak"]["expected_quarantined"] >= surv["poisoned_after_loss"]
+    # Poisoned since the kill (the launcher's kill time): those the lost peer ended, and any the timers did
+    # before the loss was seen; the run's "cut" count
+    assert surv["poisoned"] >= surv["poisoned_after_kill"] >= surv["poisoned_after_loss"]
+    assert s["totals"]["poisoned_after_kill"] == surv["poisoned_after_kill"]
     assert surv["wedged_total"] == 0 and surv["leak"]["leaked"] == 0
     h = surv["health"]
     assert not h["healthy"] and any("peer receiver-0 lost" in r for r in h["reasons"]), h

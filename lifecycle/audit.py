@@ -1576,20 +1576,21 @@ def audit_paths(paths: Iterable[str | Path], spec: _spec.Spec | None = None, *, 
     kw = check_options(**kw)
     if spec is not None and not isinstance(spec, _spec.Spec):
         raise InvalidArgument("spec", f"expected a lifecycle Spec (spec.load_default()), got {type(spec).__name__}")
-    if native is None:
+    from_env = native is None
+    if from_env:
         engine = os.environ.get(ENGINE_ENV, "auto").strip().lower() or "auto"
         if engine not in ENGINES:
             raise InvalidArgument(ENGINE_ENV, f"the environment variable must be 'auto' (the native replay where it "
                                               f"can be used, else python; the default), 'native' (required) or "
                                               f"'python', got {engine!r}")
-        if engine == "native" and (why := native_unavailable(spec, **kw)) is not None:
+        native = ENGINES[engine]
+    if native is None:
+        native = native_unavailable(spec, **kw) is None
+    elif native and (why := native_unavailable(spec, **kw)) is not None:
+        if from_env:
             raise InvalidArgument(ENGINE_ENV, f"{ENGINE_ENV}=native, but the native audit cannot be used: {why} "
                                               f"(set it to 'auto' to fall back to the python replay)")
-        native = engine == "native" or (engine == "auto" and native_unavailable(spec, **kw) is None)
-    elif native:
-        why = native_unavailable(spec, **kw)
-        if why is not None:
-            raise ValueError(f"the native audit cannot be used: {why}")
+        raise ValueError(f"the native audit cannot be used: {why}")
     if native:
         return _audit_native(paths, spec, **kw)
     a = Auditor(spec, **kw)
@@ -1602,7 +1603,7 @@ def audit_paths(paths: Iterable[str | Path], spec: _spec.Spec | None = None, *, 
 # ------------------------------------------------------------------------------------------------
 
 ENGINE_ENV = "LIFECYCLE_AUDIT_ENGINE"
-ENGINES = ("auto", "native", "python")  # its values; unset or empty is auto
+ENGINES = {"auto": None, "native": True, "python": False}  # its values -> audit_paths' native; unset or empty is auto
 
 
 def _native_core():

@@ -377,6 +377,10 @@ void LoopbackAgent::run() {
         cv_.wait_until(lk, due, [this] { return stop_; });
       }
     }
+    while (ok && opts_.hold && opts_.hold->load()) {
+      std::unique_lock<std::mutex> lk(mu_);
+      if (cv_.wait_for(lk, std::chrono::milliseconds(1), [this] { return stop_; })) return;
+    }
     if (ok && job->done_tag && !job->released.load()) {
       if (auto pep = job->peer_ep.lock()) pep->deliver({name_, encode_notif_string({job->req, NotifKind::Done, *job->done_tag})});
     }

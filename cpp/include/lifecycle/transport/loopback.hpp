@@ -5,7 +5,8 @@
 // Loopback agents of one process find each other through a process-wide registry (name -> endpoint);
 // their "metadata" is just the name. A posted transfer becomes a job for the initiator's worker
 // thread, which copies in chunks (optionally paced to `bytes_per_second`, so that a test can cancel
-// "mid-transfer"), then marks the job Done and, with a `done_tag`, queues the Done notification at the
+// "mid-transfer"; or held by the caller, `hold`, for a window no scheduler can close early), then
+// marks the job Done and, with a `done_tag`, queues the Done notification at the
 // peer. It mimics NIXL where DESIGN §3 cares: releasing an in-flight request returns success at once
 // but the copy goes on, and a released request never sends its notification.
 //
@@ -35,6 +36,10 @@ struct LoopbackOptions {
   double bytes_per_second = 0;           // 0: copy at memcpy speed
   std::chrono::microseconds latency{0};  // added before each job starts copying
   std::size_t chunk = 256 * 1024;
+  // While *hold is true, a job that has copied its bytes does not finish (no Done, no notification):
+  // a test keeps a transfer in flight for exactly as long as it needs, however slow the machine.
+  // The worker polls it every millisecond; the agent's destruction ends the wait.
+  std::shared_ptr<const std::atomic<bool>> hold;
 };
 
 class LoopbackAgent final : public Agent {

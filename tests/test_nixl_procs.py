@@ -53,13 +53,26 @@ def test_two_processes_both_modes_every_size_matches_checksum():
 
 
 def test_peer_sigkill_mid_transfer_every_session_terminal_in_time_then_fresh_peer_works(monkeypatch):
+    """The child SIGKILLs itself right after posting its last WRITE (session 4): every session here ends
+    terminal within transfer_timeout + cancel_grace + 1 s, those without evidence Poisoned and their slots
+    quarantined, and a fresh peer then works.  On a loaded machine the child's UCX thread now and then
+    finished that WRITE (and sent its DONE) before the child's kill ran: such an attempt cut nothing, so
+    it is checked like the others and tried again, at most 3 times (a review of a load soak's failure)."""
     monkeypatch.setenv("UCX_TLS", "tcp")  # so the big transfers are really in flight when the peer dies
+    for attempt in range(3):
+        if kill_peer_mid_transfer(attempt):
+            return
+    pytest.fail("in 3 attempts the child's last WRITE always completed before its SIGKILL: nothing was cut")
+
+
+def kill_peer_mid_transfer(attempt: int) -> bool:
+    """One attempt of the test above; True when the kill cut session 4 (no DONE: Poisoned)."""
     timeout, grace = 2.0, 1.0
     n = 64 * MiB  # the kill follows the last post at once, while it moves (checked below)
     # 7 slots: all 5 sessions below may end Poisoned (on a loaded machine 1-3 can all be moving at the kill),
     # and the fresh peer's transfers still find 2 free
-    me = Side("kill-parent", slots=7, slot_size=n, transfer_timeout=timeout, cancel_grace=grace)
-    proc, conn = spawn_peer("kill-child", env={"UCX_TLS": "tcp"}, slots=4, slot_size=n)
+    me = Side(f"kill-parent-{attempt}", slots=7, slot_size=n, transfer_timeout=timeout, cancel_grace=grace)
+    proc, conn = spawn_peer(f"kill-child-{attempt}", env={"UCX_TLS": "tcp"}, slots=4, slot_size=n)
     fresh = None
     try:
         peer, _ = attach_peer(me, conn)
@@ -77,7 +90,7 @@ def test_peer_sigkill_mid_transfer_every_session_terminal_in_time_then_fresh_pee
             me.t.read(req, dst, peer, Offer.from_bytes(desc))
             reqs.append(req)
         # (b) the child WRITEs into us (passive here); right after posting the last one it SIGKILLs itself,
-        # so that transfer is cut mid-way for sure (a kill sent from here sometimes came after its DONE)
+        # so that transfer is cut mid-way (a kill sent from here often came after its DONE)
         for req in (3, 4):
             dst = me.advertise(req, "receiver", n, 0)
             offer = me.t.expect(req, peer, dst)
@@ -110,9 +123,10 @@ def test_peer_sigkill_mid_transfer_every_session_terminal_in_time_then_fresh_pee
         # Poisoned (its bytes may even all be there: data in the socket outlives the sender, the DONE
         # does not).  Any session whose bytes did not all arrive was moving when the peer died and is
         # Poisoned too; one that completed before the kill is Quiesced, with every byte.
-        assert states[4] is State.Poisoned, f"the last transfer completed inside its post: {states}"
         cut = [r for r in (1, 2, 3, 4) if crc(me.view(r, n)) != crc(pattern(n, r))]
         assert all(states[r] is State.Poisoned for r in cut), (cut, states)
+        if states[4] is not State.Poisoned:  # its DONE came before the kill: every byte is there
+            assert 4 not in cut and me.engine.outcome(4) is Outcome.completed, (cut, states)
         poisoned = [r for r, s in states.items() if s is State.Poisoned]
         for req in reqs:
             me.engine.terminate(req)
@@ -127,7 +141,7 @@ def test_peer_sigkill_mid_transfer_every_session_terminal_in_time_then_fresh_pee
 
         # a fresh peer: new transfers succeed
         me.t.remove_peer(peer)
-        fresh, fconn = spawn_peer("kill-fresh", env={"UCX_TLS": "tcp"}, slots=2, slot_size=n)
+        fresh, fconn = spawn_peer(f"kill-fresh-{attempt}", env={"UCX_TLS": "tcp"}, slots=2, slot_size=n)
         fpeer, _ = attach_peer(me, fconn)
         free_before = me.engine.pool.stats()["free"]
         assert free_before >= 2, diag
@@ -145,6 +159,7 @@ def test_peer_sigkill_mid_transfer_every_session_terminal_in_time_then_fresh_pee
             assert crc(me.view(req, size)) == crc(pattern(size, req))
             me.engine.terminate(req)
         assert call(fconn, "exit") == "bye"
+        return states[4] is State.Poisoned
     finally:
         me.close()
         for p in (proc, fresh):

@@ -447,10 +447,14 @@ def main(argv: list[str] | None = None) -> int:
     failures: list[str] = []
     if kill_peer and not killed:
         failures.append("kill-peer requested but the run ended before the kill point (lower --kill-at)")
-    # A kill that landed after the victim had finished its run (its summary is written last) cut nothing: the
-    # launcher reads status files a few times a second, and the last requests of a run can all finish in
-    # milliseconds.  The victim is not a surviving side for the checks below either.
-    late_kill = {name for name in killed if (out / "workers" / f"{name}.json").is_file()}
+    # A kill that landed after the victim had finished its run cut nothing: the launcher reads status files a
+    # few times a second, and the last requests of a run can all finish in milliseconds.  The victim's run
+    # was over when its last status (written before the kill: a killed process writes nothing after it)
+    # says so, or when its summary (written last) is there.  The victim is not a surviving side for the
+    # checks below either.
+    late_kill = {name for name in killed
+                 if (out / "workers" / f"{name}.json").is_file()
+                 or (_read_json(out / "status" / f"{name}.json") or {}).get("running") is False}
     for name in sorted(late_kill):
         failures.append(f"the kill landed after {name} had finished its run: it cut nothing (lower --kill-at)")
     for name in stuck:

@@ -115,7 +115,10 @@ std::unique_ptr<Transport> loopback(std::shared_ptr<Engine> e, const std::string
 // window), a sender `a` whose loopback agent finishes no WRITE while `hold` is set (the test keeps a
 // transfer in flight for as long as its window needs: a paced agent's 100-200 ms ran out on a loaded
 // machine under TSan) and a receiver `b`, one 4 KiB buffer each (registered), the peers known to each
-// other.  `b_timers_ns` > 0 gives b's engine that transfer_timeout and cancel_grace.
+// other.  `b_timers_ns` > 0 gives b's engine that transfer_timeout and cancel_grace, on a manual clock
+// that moves only in b_timers_until(): b's passive session times out when the test says, never before a's
+// transfer is posted (20 ms of steady time ran out between b's expect and a's post under TSan on a loaded
+// machine: b's stop came first and the post was skipped).
 struct ReusePair {
   std::shared_ptr<Engine> ea, eb;
   std::unique_ptr<Transport> ta, tb;
@@ -123,6 +126,7 @@ struct ReusePair {
   Region l, r;
   Agent::RegionId rid_b = 0;
   std::shared_ptr<std::atomic<bool>> hold = std::make_shared<std::atomic<bool>>(false);
+  std::shared_ptr<ManualClock> b_clock = std::make_shared<ManualClock>();
 
   static Config reuse(std::int64_t timers_ns) {
     Config c;
@@ -132,10 +136,10 @@ struct ReusePair {
     return c;
   }
   ReusePair(const std::string& name, std::int64_t b_timers_ns, char fill, TransportOptions b_opts = {})
-      : ea(std::make_shared<Engine>(reuse(0))), eb(std::make_shared<Engine>(reuse(b_timers_ns))),
-        src(4096, fill), dst(4096, 0),
+      : ea(std::make_shared<Engine>(reuse(0))), src(4096, fill), dst(4096, 0),
         l{reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram},
         r{reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram} {
+    eb = std::make_shared<Engine>(reuse(b_timers_ns), b_timers_ns > 0 ? b_clock : nullptr);
     LoopbackOptions oa, ob;
     oa.name = name + "-a";
     oa.hold = hold;
@@ -147,6 +151,14 @@ struct ReusePair {
     CHECK(ta->add_peer(tb->metadata()) == ob.name);
     CHECK(tb->add_peer(ta->metadata()) == oa.name);
   }
+  // Moves b's clock on by 1 ms at every look until `p` holds (b's timers fire on its progress thread).
+  template <class Pred>
+  bool b_timers_until(Pred p) {
+    return eventually([&] {
+      b_clock->advance(1'000'000);
+      return p();
+    });
+  }
 };
 
 // Every note names (request, tag): notes of an earlier transfer of a reused id are never taken for the
@@ -157,7 +169,7 @@ struct ReusePair {
 // the receiver must ignore too).  Then round 2 completes on both sides with its bytes.
 void test_notes_of_an_earlier_transfer_of_the_id_are_stale() {
   ReusePair p("tag", 0, 'x');
-  auto& [ea, eb, ta, tb, src, dst, l, r, rid_b, hold] = p;
+  auto& [ea, eb, ta, tb, src, dst, l, r, rid_b, hold, b_clock] = p;
   std::uint64_t tags[2] = {0, 0};
   for (int round = 0; round < 2; ++round) {
     std::memset(dst.data(), 0, dst.size());
@@ -195,14 +207,14 @@ void test_notes_of_an_earlier_transfer_of_the_id_are_stale() {
 // its live transfer is Done.  (Before, the stop was answered at once and forgotten: the post went out
 // into a slot the receiver had given up.)
 void test_a_stop_for_a_later_offer_is_remembered_while_an_earlier_transfer_runs() {
-  ReusePair p("later", 20'000'000, 'L');  // b gives up after 20 + 20 ms; a's WRITE is held until then
-  auto& [ea, eb, ta, tb, src, dst, l, r, rid_b, hold] = p;
+  ReusePair p("later", 20'000'000, 'L');  // b gives up after 20 + 20 ms (its clock); a's WRITE is held
+  auto& [ea, eb, ta, tb, src, dst, l, r, rid_b, hold, b_clock] = p;
   CHECK(eb->advertise(1, Role::receiver, 0).status == Status::Moved);
   CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
   const std::uint64_t tag1 = tb->expect(1, "later-a", r);
   hold->store(true);
   CHECK(ta->transfer(1, XferOp::Write, l, r, "later-b", tag1) == PostResult::Posted);
-  CHECK(eventually([&] { return state_of(*eb, 1) == State::Poisoned; }));
+  CHECK(p.b_timers_until([&] { return state_of(*eb, 1) == State::Poisoned; }));
   CHECK(eb->terminate(1) == TerminateResult::Terminated);
   CHECK(eb->advertise(1, Role::receiver, 0).status == Status::Moved);
   const std::uint64_t tag2 = tb->expect(1, "later-a", r);
@@ -228,13 +240,13 @@ void test_a_stop_for_a_later_offer_is_remembered_while_an_earlier_transfer_runs(
 // The new session is not touched by the old notes.
 void test_a_late_note_releases_its_offer() {
   ReusePair p("late-note", 20'000'000, 'n');
-  auto& [ea, eb, ta, tb, src, dst, l, r, rid, hold] = p;
+  auto& [ea, eb, ta, tb, src, dst, l, r, rid, hold, b_clock] = p;
   CHECK(eb->advertise(1, Role::receiver, 0).status == Status::Moved);
   CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
   const std::uint64_t tag = tb->expect(1, "late-note-a", r);
   hold->store(true);
   CHECK(ta->transfer(1, XferOp::Write, l, r, "late-note-b", tag) == PostResult::Posted);
-  CHECK(eventually([&] { return state_of(*eb, 1) == State::Poisoned && tb->stats().passive == 0; }));
+  CHECK(p.b_timers_until([&] { return state_of(*eb, 1) == State::Poisoned && tb->stats().passive == 0; }));
   CHECK(tb->stats().held_offers == 1);
   bool refused = false;
   try {
@@ -265,14 +277,14 @@ void test_a_note_for_an_ended_session_never_reaches_a_new_session_of_the_id() {
   TransportOptions no_sweep;
   no_sweep.sweep_interval = std::chrono::hours(1);  // one sweep at the start, none after
   ReusePair p("serial", 20'000'000, 's', no_sweep);
-  auto& [ea, eb, ta, tb, src, dst, l, r, rid_b, hold] = p;
+  auto& [ea, eb, ta, tb, src, dst, l, r, rid_b, hold, b_clock] = p;
   CHECK(eb->advertise(1, Role::receiver, 0).status == Status::Moved);
   CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
   const std::uint64_t old_serial = eb->info(1)->serial;
   const std::uint64_t tag1 = tb->expect(1, "serial-a", r);
   hold->store(true);
   CHECK(ta->transfer(1, XferOp::Write, l, r, "serial-b", tag1) == PostResult::Posted);
-  CHECK(eventually([&] { return state_of(*eb, 1) == State::Poisoned; }));
+  CHECK(p.b_timers_until([&] { return state_of(*eb, 1) == State::Poisoned; }));
   CHECK(tb->stats().passive == 1);  // not swept
   CHECK(eb->terminate(1) == TerminateResult::Terminated);
   CHECK(eb->advertise(1, Role::receiver, 0).status == Status::Moved);
@@ -1275,7 +1287,7 @@ void test_a_cancel_or_stop_mid_batch_skips_that_items_post() {
 // session could only end Poisoned).
 void test_a_stop_from_another_peer_is_answered_to_that_peer() {
   ReusePair p("peer", 0, 'p');
-  auto& [ea, eb, ta, tb, src, dst, l, r, rid_b, hold] = p;
+  auto& [ea, eb, ta, tb, src, dst, l, r, rid_b, hold, b_clock] = p;
   auto tc = loopback(std::make_shared<Engine>(Config{}), "peer-c");
   CHECK(ta->add_peer(tc->metadata()) == "peer-c");
   CHECK(tc->add_peer(ta->metadata()) == "peer-a");

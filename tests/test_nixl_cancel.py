@@ -179,28 +179,28 @@ def late_write_probe(unsafe: bool, tag: str, batch: bool = False) -> int | None:
         rcv.close()
 
 
-def probes(unsafe: bool, tag: str, batch: bool, want: int) -> list[int]:
-    """`want` late_write_probe results, each from a READ that was in flight after its post (an attempt
-    that completed inside the post is tried again, up to ATTEMPTS more times in all)."""
+def probes(probe, want: int) -> list[int]:
+    """`want` results of ``probe(i)``, each from a transfer that was in flight after its post: an attempt
+    that completed inside the post (``probe`` returns None) is tried again, up to ATTEMPTS more in all."""
     got: list[int] = []
     for i in range(want + ATTEMPTS):
-        r = late_write_probe(unsafe, f"{tag}{batch:d}-{i}", batch)
+        r = probe(i)
         if r is not None:
             got.append(r)
             if len(got) == want:
                 return got
-    pytest.fail(f"only {len(got)} of {want} 64 MiB READs over tcp were in flight after their post")
+    pytest.fail(f"only {len(got)} of {want} 64 MiB transfers over tcp were in flight after their post")
 
 
 @pytest.mark.parametrize("batch", [False, True], ids=["call", "batch"])
 def test_negative_control_unsafe_release_is_detected_as_late_write(tcp, batch):
-    overwritten = probes(True, "u", batch, 3)
+    overwritten = probes(lambda i: late_write_probe(True, f"u{batch:d}-{i}", batch), 3)
     assert max(overwritten) > 0, f"late-write detector saw nothing with the evidence rule off: {overwritten}"
 
 
 @pytest.mark.parametrize("batch", [False, True], ids=["call", "batch"])
 def test_evidence_rule_no_late_write_into_returned_slot(tcp, batch):
-    overwritten = probes(False, "s", batch, 2)
+    overwritten = probes(lambda i: late_write_probe(False, f"s{batch:d}-{i}", batch), 2)
     assert overwritten == [0, 0]
 
 
@@ -215,36 +215,36 @@ def test_passive_cancel_no_late_write_into_returned_slot(tcp):
     paced loopback in test_transport_loopback.py: over UCX tcp the ack travels on the stream behind the
     data, so an early ack seldom shows (measured: the receiver saw its ack ~25 ms after the post, with
     62-64 MiB landed, the sender's Done at ~80-100 ms)."""
-    checked = 0
-    for i in range(2 + ATTEMPTS):  # two WRITEs in flight after their post (see the module's note)
-        if checked == 2:
-            break
-        snd = Side(f"pc-s-{i}", slots=1, slot_size=BIG, transfer_timeout=20, cancel_grace=10)
-        rcv = Side(f"pc-r-{i}", slots=1, slot_size=BIG, transfer_timeout=20, cancel_grace=10)
-        try:
-            rcv_at_snd, snd_at_rcv = connect(snd, rcv)
-            src = snd.advertise(1, "sender", BIG, pattern(BIG, 1))
-            dst = rcv.advertise(1, "receiver", BIG, 0)
-            slot = rcv.engine.info(1).slot
-            offer = rcv.t.expect(1, snd_at_rcv, dst)
-            posted = snd.t.write(1, src, rcv_at_snd, offer)
-            assert posted in ("Posted", "CompletedInPost"), posted
-            if posted == "CompletedInPost":
-                assert rcv.wait(1, 30) is State.Quiesced and rcv.engine.outcome(1) is Outcome.completed
-                continue
-            assert rcv.engine.cancel(1) is CancelResult.CancelRequestedInFlight
-            assert rcv.wait(1, 30) is State.Quiesced  # on the sender's "quiesced" (or its "done")
-            assert rcv.engine.terminate(1) is TerminateResult.Terminated
-            assert rcv.engine.pool.slot_state(slot) == "Free"
-            ctypes.memset(dst.addr + BIG - TAIL, SENTINEL, TAIL)  # reused at once
-            view = rcv.engine.pool.slot_view(slot)
-            assert snd.wait(1, 30) is State.Quiesced
-            time.sleep(0.2)
-            wait_for(lambda: rcv.t.stats().stops_sent == 1, 5, "the stop to be sent")
-            assert snd.t.stats().unsafe_acks == 0
-            assert TAIL - bytes(view[BIG - TAIL:]).count(SENTINEL) == 0
-            checked += 1
-        finally:
-            snd.close()
-            rcv.close()
-    assert checked == 2, f"only {checked} of 2 64 MiB WRITEs over tcp were in flight after their post"
+    assert probes(passive_cancel_probe, 2) == [0, 0]  # two WRITEs in flight after their post
+
+
+def passive_cancel_probe(i: int) -> int | None:
+    """One run of the test above: the sentinel bytes of the tail overwritten after the slot's return;
+    None when the WRITE completed inside its post (nothing in flight: no attempt)."""
+    snd = Side(f"pc-s-{i}", slots=1, slot_size=BIG, transfer_timeout=20, cancel_grace=10)
+    rcv = Side(f"pc-r-{i}", slots=1, slot_size=BIG, transfer_timeout=20, cancel_grace=10)
+    try:
+        rcv_at_snd, snd_at_rcv = connect(snd, rcv)
+        src = snd.advertise(1, "sender", BIG, pattern(BIG, 1))
+        dst = rcv.advertise(1, "receiver", BIG, 0)
+        slot = rcv.engine.info(1).slot
+        offer = rcv.t.expect(1, snd_at_rcv, dst)
+        posted = snd.t.write(1, src, rcv_at_snd, offer)
+        assert posted in ("Posted", "CompletedInPost"), posted
+        if posted == "CompletedInPost":
+            assert rcv.wait(1, 30) is State.Quiesced and rcv.engine.outcome(1) is Outcome.completed
+            return None
+        assert rcv.engine.cancel(1) is CancelResult.CancelRequestedInFlight
+        assert rcv.wait(1, 30) is State.Quiesced  # on the sender's "quiesced" (or its "done")
+        assert rcv.engine.terminate(1) is TerminateResult.Terminated
+        assert rcv.engine.pool.slot_state(slot) == "Free"
+        ctypes.memset(dst.addr + BIG - TAIL, SENTINEL, TAIL)  # reused at once
+        view = rcv.engine.pool.slot_view(slot)
+        assert snd.wait(1, 30) is State.Quiesced
+        time.sleep(0.2)
+        wait_for(lambda: rcv.t.stats().stops_sent == 1, 5, "the stop to be sent")
+        assert snd.t.stats().unsafe_acks == 0
+        return TAIL - bytes(view[BIG - TAIL:]).count(SENTINEL)
+    finally:
+        snd.close()
+        rcv.close()

@@ -100,6 +100,9 @@ bool eventually(Pred p, std::chrono::milliseconds limit = std::chrono::milliseco
   return true;
 }
 
+// A LoopbackOptions::hold: while set, the agent finishes no transfer.
+std::shared_ptr<std::atomic<bool>> new_hold(bool held) { return std::make_shared<std::atomic<bool>>(held); }
+
 State state_of(const Engine& e, std::uint64_t req) {
   auto i = e.info(req);
   return i ? i->state : State::Terminated;
@@ -125,7 +128,7 @@ struct ReusePair {
   std::vector<char> src, dst;
   Region l, r;
   Agent::RegionId rid_b = 0;
-  std::shared_ptr<std::atomic<bool>> hold = std::make_shared<std::atomic<bool>>(false);
+  std::shared_ptr<std::atomic<bool>> hold = new_hold(false);
   std::shared_ptr<ManualClock> b_clock = std::make_shared<ManualClock>();
 
   static Config reuse(std::int64_t timers_ns) {
@@ -464,7 +467,6 @@ LoopbackOptions named(const std::string& name, double bytes_per_second = 0,
   return o;
 }
 
-std::shared_ptr<std::atomic<bool>> new_hold(bool held) { return std::make_shared<std::atomic<bool>>(held); }
 
 // Parks the first successful release of request 1 once armed (an after_release hook), until opened: the
 // window between the agent forgetting a request and the transport's bookkeeping for it.

@@ -467,7 +467,6 @@ LoopbackOptions named(const std::string& name, double bytes_per_second = 0,
   return o;
 }
 
-
 // Parks the first successful release of request 1 once armed (an after_release hook), until opened: the
 // window between the agent forgetting a request and the transport's bookkeeping for it.
 struct ReleaseGate {

@@ -104,7 +104,7 @@ struct Config {
   // wait_ready spins (yielding) this long on a lock-free peek before it sleeps on the condition
   // variable: a completion usually lands within a few hundred microseconds of the wait, and a sleep
   // costs a futex wake-up plus a cold CPU (measured: completion -> poll p99 28 us vs 60-100 us with
-  // a 50 us spin on the 2-core VM, docs/transport.md).  0: sleep at once.
+  // a 50 us spin on the 2-core VM, docs/transport-measurements.md, session 3).  0: sleep at once.
   std::int64_t wait_spin_ns = 250'000;
 };
 

@@ -235,3 +235,51 @@ def test_a_slow_nixl_call_stalls_only_the_thread_that_waits_for_it(call, tmp_pat
     if call == "stats":
         t.close()
     assert naps[0] - naps_before > 50, (naps_before, naps[0])
+
+
+EXIT_INSIDE_A_CALL = """
+    import threading, time
+    from lifecycle import TransferEngine, _core
+    from lifecycle.transport import LoopbackTransport
+    e = TransferEngine()
+    t = LoopbackTransport(e, "a")
+    calls = {"drain": lambda: e.drain(0.001), "stats": t.stats,
+             "probe": lambda: _core._gil_release_probe(False),
+             "pybind11": lambda: _core._gil_release_probe(True)}
+    call = calls[sys.argv[1]]
+    def loop():
+        while True:
+            call()
+    threading.Thread(target=loop, daemon=True).start()
+    time.sleep(0.1)
+    print("main exits", flush=True)
+"""
+
+
+@pytest.mark.parametrize("call", ["drain", "stats", "probe"])
+def test_a_daemon_thread_inside_a_call_at_exit_does_not_abort_the_process(call):
+    """Found by fuzzing (session 20): a daemon thread inside any binding call that releases the GIL (an
+    executor's poll thread in `drain`, say) when the program exited aborted the process with SIGABRT:
+    CPython ends such a thread with pthread_exit, whose unwind through pybind11's noexcept guard is
+    std::terminate.  The bindings' NoGil parks the thread instead; the process exits 0."""
+    for _ in range(3):
+        out = run_child(EXIT_INSIDE_A_CALL, call, timeout=60)
+        assert (out.returncode, out.stdout) == (0, "main exits\n"), (out.returncode, out.stderr[-2000:])
+        assert "terminate called" not in out.stderr
+
+
+def test_control_pybind11s_guard_aborts_a_daemon_thread_at_exit():
+    """Control: the same loop around pybind11's gil_scoped_release aborts the process (so the check above
+    can fail, and still sees the case it guards)."""
+    out = run_child(EXIT_INSIDE_A_CALL, "pybind11", timeout=60)
+    assert out.returncode == -6, (out.returncode, out.stdout, out.stderr[-2000:])
+    assert "terminate called without an active exception" in out.stderr
+
+
+def test_every_gil_release_in_the_bindings_is_nogil():
+    """pybind11's guard appears only in nogil.cpp (NoGil itself and the control's probe): a new binding
+    that released the GIL with it would bring the abort back."""
+    bindings = Path(__file__).resolve().parents[1] / "cpp" / "bindings"
+    uses = {p.name for p in bindings.glob("*.cpp") if "gil_scoped_release" in p.read_text()}
+    assert uses == {"nogil.cpp"}, uses
+    assert sum("NoGil nogil;" in p.read_text() for p in bindings.glob("*.cpp")) >= 5

@@ -167,7 +167,7 @@ void register_audit(py::module_& m) {
              char* p = nullptr;
              Py_ssize_t n = 0;
              PyBytes_AsStringAndSize(data.ptr(), &p, &n);
-             py::gil_scoped_release nogil;  // `data` stays alive: the caller holds it
+             NoGil nogil;  // `data` stays alive: the caller holds it
              r.a_.feed(i, p, static_cast<std::size_t>(n));
            }, "Raw bytes of source `src` (lines may span calls).")
       .def("end", [](Replay& r, py::handle src) {
@@ -185,7 +185,7 @@ void register_audit(py::module_& m) {
              check_open(r);
              long i;
              {
-               py::gil_scoped_release nogil;
+               NoGil nogil;
                i = r.a_.run();
              }
              if (i < 0) r.nsrc_ = 0;

@@ -9,7 +9,7 @@ void register_bench(py::module_& m) {
   m.def("bench_native", [](std::uint64_t n, bool cancelled, std::uint64_t churn_bytes) {
     BenchResult r;
     {
-      py::gil_scoped_release nogil;
+      NoGil nogil;
       r = bench_native(n, cancelled, churn_bytes);
     }
     return py::make_tuple(r.transitions, r.seconds);

@@ -221,7 +221,7 @@ void register_engine(py::module_& m) {
              const auto* ep = static_cast<const std::uint8_t*>(ev.info.ptr);
              std::string out(iv.n, '\0');
              {
-               py::gil_scoped_release nogil;
+               NoGil nogil;
                e.apply_batch(ip, ep, iv.n, reinterpret_cast<std::uint8_t*>(out.data()));
              }
              return py::bytes(out);
@@ -234,7 +234,7 @@ void register_engine(py::module_& m) {
              const auto* ip = static_cast<const std::uint64_t*>(iv.info.ptr);
              std::string out(iv.n, '\0');
              {
-               py::gil_scoped_release nogil;
+               NoGil nogil;
                e.advertise_batch(ip, iv.n, ro, static_cast<std::uint64_t>(nb), reinterpret_cast<std::uint8_t*>(out.data()));
              }
              return py::bytes(out);
@@ -251,7 +251,7 @@ void register_engine(py::module_& m) {
       .def("_wait_ready", [](Engine& e, double timeout_s) {
              if (!(timeout_s >= 0)) throw InvalidArgumentError("timeout", "must be >= 0");
              std::int64_t ns = timeout_s > 1e9 ? INT64_MAX / 2 : static_cast<std::int64_t>(timeout_s * 1e9);
-             py::gil_scoped_release nogil;
+             NoGil nogil;
              return e.wait_ready(ns);
            }, py::arg("timeout"), "Block (GIL released) until a record is queued or timeout seconds pass.")
       .def("next_deadline_ns", &Engine::next_deadline_ns)

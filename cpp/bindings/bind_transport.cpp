@@ -163,7 +163,7 @@ void register_transport(py::module_& m) {
   m.def("load_nixl_capi", [](const std::string& path) {
     std::shared_ptr<const tp::NixlCapi> api;
     {
-      py::gil_scoped_release nogil;
+      NoGil nogil;
       api = tp::NixlCapi::load(path);
     }
     return api->path();
@@ -180,7 +180,7 @@ void register_transport(py::module_& m) {
              std::unique_ptr<tp::Transport> t;
              std::unique_ptr<tp::Agent> agent;
              {
-               py::gil_scoped_release nogil;
+               NoGil nogil;
                auto api = tp::NixlCapi::load(capi_path);
                tp::NixlAgentOptions o;
                o.name = name;
@@ -190,7 +190,7 @@ void register_transport(py::module_& m) {
              }
              agent = maybe_faulty(std::move(agent), faults);
              {
-               py::gil_scoped_release nogil;
+               NoGil nogil;
                t = std::make_unique<tp::Transport>(std::move(engine), std::move(agent), topts);
              }
              return t;
@@ -215,7 +215,7 @@ void register_transport(py::module_& m) {
              o.latency = seconds_opt("latency", latency_s, 0, 3600);
              std::unique_ptr<tp::Agent> agent = std::make_unique<tp::LoopbackAgent>(o);
              agent = maybe_faulty(std::move(agent), faults);
-             py::gil_scoped_release nogil;
+             NoGil nogil;
              return std::make_unique<tp::Transport>(std::move(engine), std::move(agent), topts);
            }, py::arg("engine"), py::arg("name"), py::arg("bytes_per_second") = 0.0, py::arg("latency_s") = 0.0,
            py::arg("unsafe_release_on_cancel") = false, py::arg("faults") = py::none(), py::arg("tick_s") = 0.001,
@@ -225,29 +225,29 @@ void register_transport(py::module_& m) {
       .def("register_region", [](tp::Transport& t, std::uint64_t addr, std::uint64_t nbytes, const std::string& kind,
                                  std::uint64_t device) {
              tp::Region r = region(addr, nbytes, kind, device);
-             py::gil_scoped_release nogil;
+             NoGil nogil;
              return t.register_region(r);
            }, py::arg("addr"), py::arg("nbytes"), py::arg("kind") = "dram", py::arg("device") = 0)
       .def("deregister_region", [](tp::Transport& t, std::uint64_t id) {
-             py::gil_scoped_release nogil;
+             NoGil nogil;
              t.deregister_region(id);
            }, py::arg("region_id"))
       .def("metadata", [](tp::Transport& t) {
              std::string md;
              {
-               py::gil_scoped_release nogil;
+               NoGil nogil;
                md = t.metadata();
              }
              return py::bytes(md);
            })
       .def("add_peer", [](tp::Transport& t, const py::bytes& md) {
              std::string s = md;
-             py::gil_scoped_release nogil;
+             NoGil nogil;
              return t.add_peer(s);
            }, py::arg("metadata"))
       .def("remove_peer", [](tp::Transport& t, py::handle peer_arg) {
              const std::string peer = text_arg(peer_arg, "peer");  // (a bytes would pass as a std::string)
-             py::gil_scoped_release nogil;
+             NoGil nogil;
              t.remove_peer(peer);
            }, py::arg("peer"))
       .def("transfer", [](tp::Transport& t, std::uint64_t req, const std::string& op, std::uint64_t laddr,
@@ -259,7 +259,7 @@ void register_transport(py::module_& m) {
              tp::Region r = region(raddr, len, rkind, rdev);
              tp::PostResult res;
              {
-               py::gil_scoped_release nogil;
+               NoGil nogil;
                res = t.transfer(req, o, l, r, peer, tag);
              }
              return std::string(tp::to_string(res));
@@ -307,7 +307,7 @@ void register_transport(py::module_& m) {
              }
              std::vector<tp::TransferOutcome> out(n);
              {
-               py::gil_scoped_release nogil;
+               NoGil nogil;
                t.transfer_batch(xs.data(), n, out.data());
              }
              py::list res(n);
@@ -339,17 +339,17 @@ void register_transport(py::module_& m) {
                         std::uint64_t len, const std::string& lkind, std::uint64_t ldev) {
              const std::string peer = text_arg(peer_arg, "peer");
              tp::Region l = region(laddr, len, lkind, ldev);
-             py::gil_scoped_release nogil;
+             NoGil nogil;
              return t.expect(req, peer, l);
            }, py::arg("request"), py::arg("peer"), py::arg("local_addr"), py::arg("nbytes"), py::arg("local_kind"),
            py::arg("local_device"))
       .def("forgo", [](tp::Transport& t, std::uint64_t req, py::handle peer_arg, std::uint64_t tag) {
              const std::string peer = text_arg(peer_arg, "peer");
-             py::gil_scoped_release nogil;
+             NoGil nogil;
              t.forgo(req, peer, tag);
            }, py::arg("request"), py::arg("peer"), py::arg("tag"))
       .def("stop", [](tp::Transport& t) {
-             py::gil_scoped_release nogil;
+             NoGil nogil;
              t.stop();
            })
       .def_property_readonly("stopped", &tp::Transport::stopped)
@@ -358,7 +358,7 @@ void register_transport(py::module_& m) {
       .def("stats", [](const tp::Transport& t) {
              tp::TransportStats s;
              {
-               py::gil_scoped_release nogil;
+               NoGil nogil;
                s = t.stats();
              }
              return stats_dict(s);
@@ -366,7 +366,7 @@ void register_transport(py::module_& m) {
       .def("progress_stats", [](const tp::Transport& t) {
              tp::NixlProgressStats s;
              {
-               py::gil_scoped_release nogil;
+               NoGil nogil;
                s = t.progress_stats();
              }
              py::dict d;
@@ -381,7 +381,7 @@ void register_transport(py::module_& m) {
              if (f == nullptr) return py::none();
              tp::FaultStats s;
              {
-               py::gil_scoped_release nogil;
+               NoGil nogil;
                s = f->fault_stats();
              }
              py::dict d;
@@ -393,7 +393,7 @@ void register_transport(py::module_& m) {
       .def("recent_failures", [](const tp::Transport& t) {
              std::vector<std::pair<std::uint64_t, std::string>> failures;
              {
-               py::gil_scoped_release nogil;
+               NoGil nogil;
                failures = t.recent_failures();
              }
              py::list out;
@@ -407,7 +407,7 @@ void register_transport(py::module_& m) {
       .def("completions", &tp::Transport::completions)
       .def("wait_completions", [](tp::Transport& t, std::uint64_t n, double timeout_s) {
              const auto us = seconds_opt("timeout", timeout_s, 0, 86400);  // checked before the GIL goes
-             py::gil_scoped_release nogil;
+             NoGil nogil;
              return t.wait_completions(n, static_cast<std::int64_t>(us.count()) * 1000);
            }, py::arg("n"), py::arg("timeout"));
 
@@ -419,7 +419,7 @@ void register_transport(py::module_& m) {
                        static_cast<std::uintptr_t>(remote_addr), size, batch, count, first_req, batch_calls};
     std::pair<tp::BenchResult, tp::BenchResult> r;
     {
-      py::gil_scoped_release nogil;
+      NoGil nogil;
       r = tp::bench_paired(a, b, spec);
     }
     return py::make_tuple(bench_dict(r.first), bench_dict(r.second));

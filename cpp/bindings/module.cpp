@@ -11,4 +11,5 @@ PYBIND11_MODULE(_core, m) {
   lifecycle::bindings::register_bench(m);
   lifecycle::bindings::register_transport(m);
   lifecycle::bindings::register_audit(m);
+  lifecycle::bindings::register_nogil(m);
 }

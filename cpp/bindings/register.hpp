@@ -4,6 +4,19 @@
 #include <exception>
 
 namespace lifecycle::bindings {
+// The GIL released for a scope, like pybind11::gil_scoped_release, except that a thread taking the GIL
+// back while Python exits is parked instead of aborting the process (nogil.cpp).  Every release in the
+// bindings uses it.
+class NoGil {
+ public:
+  NoGil();
+  ~NoGil() noexcept(false);
+  NoGil(const NoGil&) = delete;
+  NoGil& operator=(const NoGil&) = delete;
+
+ private:
+  PyThreadState* tstate_ = nullptr;
+};
 // The Python exception object (lifecycle.errors) for one of the library's C++ errors; None for another
 // exception.  The exception translator raises it; batch calls return it in the item's place.
 pybind11::object error_object(std::exception_ptr p);
@@ -27,4 +40,5 @@ void register_engine(pybind11::module_& m);
 void register_bench(pybind11::module_& m);
 void register_transport(pybind11::module_& m);
 void register_audit(pybind11::module_& m);
+void register_nogil(pybind11::module_& m);
 }  // namespace lifecycle::bindings

@@ -1,0 +1,67 @@
+// NoGil: the GIL released for a scope, safe at interpreter exit.
+//
+// While Python finalizes, CPython < 3.14 ends a thread that asks for the GIL back with pthread_exit(),
+// which glibc runs as a forced unwind.  Through pybind11's gil_scoped_release, whose destructor is
+// implicitly noexcept, that unwind is std::terminate(): a daemon thread inside any binding call when
+// the program exits (an executor's poll thread, say) aborted the whole process ("terminate called
+// without an active exception", SIGABRT; pybind11 issue #2215).  NoGil parks such a thread instead,
+// as CPython 3.14 itself does: the process is exiting, and a parked thread touches nothing.  A thread
+// that was already waiting inside PyEval_RestoreThread when finalization began still gets
+// pthread_exit(); the destructor lets that unwind pass (pybind11's dispatcher rethrows it), so the
+// thread ends instead of the process.
+#include <chrono>
+#include <thread>
+
+#include "register.hpp"
+
+namespace py = pybind11;
+
+namespace lifecycle::bindings {
+namespace {
+
+bool finalizing() noexcept {
+#if PY_VERSION_HEX >= 0x030D0000
+  return Py_IsFinalizing() != 0;
+#else
+  return _Py_IsFinalizing() != 0;
+#endif
+}
+
+}  // namespace
+
+NoGil::NoGil() {
+  (void)py::detail::get_internals();  // as gil_scoped_release: set up while the GIL is held
+  tstate_ = PyEval_SaveThread();
+}
+
+NoGil::~NoGil() noexcept(false) {
+  if (finalizing()) {
+    for (;;) std::this_thread::sleep_for(std::chrono::hours(1));  // the process is exiting
+  }
+  PyEval_RestoreThread(tstate_);
+}
+
+}  // namespace lifecycle::bindings
+
+namespace lifecycle::bindings {
+
+void register_nogil(py::module_& m) {
+  // Test hook (tests/test_lifetime.py): one short release of the GIL, by NoGil or, as the negative control,
+  // by pybind11's own guard.
+  m.def("_gil_release_probe", [](bool pybind11_guard) {
+    const auto spin = [] {
+      const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(20);
+      while (std::chrono::steady_clock::now() < until) {
+      }
+    };
+    if (pybind11_guard) {
+      py::gil_scoped_release nogil;
+      spin();
+    } else {
+      NoGil nogil;
+      spin();
+    }
+  }, py::arg("pybind11_guard") = false);
+}
+
+}  // namespace lifecycle::bindings

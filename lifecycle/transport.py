@@ -346,6 +346,10 @@ def mem_of(obj) -> Mem:
             raise InvalidArgument("tensor", f"layout {layout}: only dense (strided) tensors are one memory range")
         if not obj.is_contiguous():
             raise InvalidArgument("tensor", "must be contiguous")
+        lazy = [k for k in ("conj", "neg") if getattr(obj, f"is_{k}", lambda: False)()]
+        if lazy:  # (a .conj() view's memory holds the unconjugated values: they would be moved as they are)
+            raise InvalidArgument("tensor", f"a lazy {lazy[0]} view: its memory holds other values than the tensor; "
+                                            f"register .resolve_{lazy[0]}() instead")
         nbytes = obj.numel() * obj.element_size()
         if nbytes == 0:
             raise InvalidArgument("tensor", "the tensor is empty: there is no memory range to name")
@@ -606,8 +610,11 @@ class _Transport:
         """TransportError if ``local`` (given as ``m``) is, or lies in, a registered object whose memory moved."""
         if not self._movable:  # (the usual case: nothing registered can move)
             return
-        for rid, (obj, holder, addr) in self._movable.items():
-            reg = self._regs[rid]
+        # (a snapshot, and a registration gone meanwhile skipped: register/deregister may run on another thread)
+        for rid, (obj, holder, addr) in tuple(self._movable.items()):
+            reg = self._regs.get(rid)
+            if reg is None:
+                continue
             if obj is not local and not (m.addr < reg.addr + reg.nbytes and reg.addr < m.addr + m.nbytes):
                 continue
             now = holder.data_ptr() if hasattr(holder, "data_ptr") else ctypes.addressof(holder)
@@ -636,8 +643,8 @@ class _Transport:
                                      f"leased and {st['quarantined']} quarantined slots (sessions hold them, or "
                                      "their quiescence is unknown): keep it registered and alive")
         self._core.deregister_region(reg.region_id)
+        self._movable.pop(reg.region_id, None)  # (before _regs: _check_moved finds every movable one's Mem)
         self._regs.pop(reg.region_id, None)
-        self._movable.pop(reg.region_id, None)
         kept = self._keep.pop(reg.region_id, None)
         if isinstance(kept, tuple) and isinstance(kept[1], memoryview):
             kept[1].release()  # the buffer may be resized again

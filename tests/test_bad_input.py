@@ -534,6 +534,9 @@ def test_review_findings_at_the_python_boundary_are_typed_errors():
             (lambda: t1.register(bytearray(0)), "memory"),
             (lambda: t1.register(array("q")), "memory"),
             (lambda: t1.register(csr), "tensor"),
+            # lazy views: the memory holds 1+2j, the tensor means 1-2j (a transfer moved the former, no error)
+            (lambda: t1.register(torch.tensor([1 + 2j, 3 + 4j]).conj()), "tensor"),
+            (lambda: t1.register(torch._neg_view(torch.ones(2))), "tensor"),
             (lambda: Offer.from_bytes(memoryview(array("q", [0] * 37))), "offer"),  # len() counted 37 items
             (lambda: TransferEngine(progress_deadline="5"), "progress_deadline"),
             (lambda: TransferEngine(on_terminate=5), "on_terminate"),
@@ -559,6 +562,9 @@ def test_review_findings_at_the_python_boundary_are_typed_errors():
         good = Offer(Mem(4096, 64), 9)
         assert Offer.from_bytes(memoryview(good.to_bytes())) == good
         assert Offer.from_bytes(memoryview(bytes(b for b in good.to_bytes() for _ in (0, 1)))[::2]) == good  # strided
+        resolved = torch.tensor([1 + 2j, 3 + 4j]).conj().resolve_conj()
+        assert not resolved.is_conj() and resolved.tolist() == [1 - 2j, 3 - 4j]
+        t1.deregister(t1.register(resolved))
         t1.deregister(r1)
         t2.deregister(r2)
         assert t1.stats().registered_regions == 0 and t2.stats().registered_regions == 0

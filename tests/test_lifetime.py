@@ -238,30 +238,39 @@ def test_a_slow_nixl_call_stalls_only_the_thread_that_waits_for_it(call, tmp_pat
 
 
 EXIT_INSIDE_A_CALL = """
-    import threading, time
+    import gc, threading, time
     from lifecycle import TransferEngine, _core
     from lifecycle.transport import LoopbackTransport
     e = TransferEngine()
     t = LoopbackTransport(e, "a")
     calls = {"drain": lambda: e.drain(0.001), "stats": t.stats,
              "probe": lambda: _core._gil_release_probe(False),
-             "pybind11": lambda: _core._gil_release_probe(True)}
+             "pybind11": lambda: _core._gil_release_probe(True), "none": None}
     call = calls[sys.argv[1]]
     def loop():
         while True:
             call()
-    threading.Thread(target=loop, daemon=True).start()
+    if call is not None:
+        threading.Thread(target=loop, daemon=True).start()
+    # a transport in a garbage cycle: the main thread collects it, and stops it (a binding call), while Python
+    # finalizes -- that thread must get the GIL back
+    gc.disable()
+    cycle = [LoopbackTransport(TransferEngine(), "kept")]
+    cycle.append(cycle)
+    del cycle
     time.sleep(0.1)
     print("main exits", flush=True)
 """
 
 
-@pytest.mark.parametrize("call", ["drain", "stats", "probe"])
+@pytest.mark.parametrize("call", ["drain", "stats", "probe", "none"])
 def test_a_daemon_thread_inside_a_call_at_exit_does_not_abort_the_process(call):
     """Found by fuzzing (session 20): a daemon thread inside any binding call that releases the GIL (an
     executor's poll thread in `drain`, say) when the program exited aborted the process with SIGABRT:
     CPython ends such a thread with pthread_exit, whose unwind through pybind11's noexcept guard is
-    std::terminate.  The bindings' NoGil parks the thread instead; the process exits 0."""
+    std::terminate.  The bindings' NoGil parks the thread instead; the process exits 0.  The thread that
+    finalizes is not parked: its own call at exit (a transport stopped as the final collection drops it)
+    returns.  A first NoGil parked that one too and the process hung; here that is a TimeoutExpired."""
     for _ in range(3):
         out = run_child(EXIT_INSIDE_A_CALL, call, timeout=60)
         assert (out.returncode, out.stdout) == (0, "main exits\n"), (out.returncode, out.stderr[-2000:])

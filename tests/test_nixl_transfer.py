@@ -9,7 +9,8 @@ import pytest
 
 from lifecycle import CancelResult, IllegalTransition, InvalidArgument, NixlUnavailable, Outcome, State, TransferEngine, TransportError
 from lifecycle import _core
-from lifecycle.transport import ENV_CAPI, Faults, Mem, NixlTransport, Offer, connect_all, nixl_capi_path
+from lifecycle.transport import (ENV_CAPI, Faults, LoopbackTransport, Mem, NixlTransport, Offer, connect_all,
+                                 nixl_capi_path, pool_slot)
 
 from test_transport_harness import (HAVE_NIXL, SIZES, Side, build_shared, connect, crc, loader_finds, needs_nixl,
                                     pattern, raw_metadata, run_child, wait_for)
@@ -546,6 +547,53 @@ def test_metadata_whose_agent_name_holds_a_nul_is_refused_and_loads_nothing():
             a.add_peer(md.replace(b"nx-nul-b", b"nx\0nul-b"))
         assert a.add_peer(md.replace(b"nx-nul-b", b"nx-nul-c")) == "nx-nul-c"
         assert a.add_peer(md) == "nx-nul-b"
+    finally:
+        a.stop()
+        b.stop()
+
+
+@pytest.mark.parametrize("kind", ["loopback", pytest.param("nixl", marks=needs_nixl)])
+def test_a_peer_name_holding_a_nul_is_refused_before_anything_moves(kind):
+    """Found by fuzzing (session 20): NIXL takes a peer's name as a C string.  A WRITE to "beta\\0x" went to
+    "beta" while the transport filed it under "beta\\0x"; beta's stop then matched no entry and was answered
+    "quiesced" at once with the WRITE still live, so beta freed slots it was being written into (5 of 11
+    cancelled sessions in the reproduction).  remove_peer("beta\\0x") unloaded "beta" from NIXL but not from
+    the transport's records.  Every call that names a peer now refuses a NUL: InvalidArgument naming `peer`,
+    the call and request, and the name with \\0 shown; nothing is posted or exposed.  Control: the same
+    calls with the real name go through (on the loopback, which matches names exactly, the same refusal)."""
+    Make = NixlTransport if kind == "nixl" else LoopbackTransport
+    ea, eb = TransferEngine(num_slots=3, slot_size=4096), TransferEngine(num_slots=3, slot_size=4096)
+    a, b = Make(ea, f"kvlc-nul-a-{kind}"), Make(eb, f"kvlc-nul-b-{kind}")
+    try:
+        a.register(ea.pool)
+        b.register(eb.pool)
+        connect_all(a, b)
+        ea.advertise(1, "sender", 4096)
+        ea.advertise(2, "receiver", 4096)
+        eb.advertise(1, "receiver", 4096)
+        offer = b.expect(1, a.name, pool_slot(eb, 1))
+        bad = b.name + "\0x"
+        calls = {
+            "write": (lambda p: a.write(1, pool_slot(ea, 1), p, offer), "transfer: request 1"),
+            "read": (lambda p: a.read(1, pool_slot(ea, 1), p, offer), "transfer: request 1"),
+            "batch": (lambda p: a.transfer_batch([("write", 1, pool_slot(ea, 1), p, offer)])[0], "transfer: request 1"),
+            "expect": (lambda p: a.expect(2, p, pool_slot(ea, 2)), "expect: request 2"),
+            "forgo": (lambda p: a.forgo(1, p, offer), "forgo: request 1"),
+            "remove_peer": (lambda p: a.remove_peer(p), "remove_peer"),
+        }
+        for what, (call, where) in calls.items():
+            with pytest.raises(InvalidArgument) as ei:
+                r = call(bad)
+                if isinstance(r, Exception):
+                    raise r
+            assert ei.value.argument == "peer", (what, ei.value)
+            assert f"{where}: '{b.name}\\0x' holds a NUL character" in str(ei.value), (what, ei.value)
+            assert a.stats().live_xfers == 0 and ea.info(1).state is State.Advertised, what
+            assert ea.info(2).state is State.Advertised, what
+        # control: the real name (after the refused remove_peer: it unloaded nothing)
+        assert a.write(1, pool_slot(ea, 1), b.name, offer) in ("Posted", "CompletedInPost")
+        wait_for(lambda: eb.info(1).state is State.Quiesced and ea.info(1).state is State.Quiesced, 30,
+                 "the control's WRITE", poll=lambda: (ea.poll(), eb.poll()))
     finally:
         a.stop()
         b.stop()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lifecycle import CancelResult, InvalidArgument, Outcome, State, TerminateResult, TransportError, _core
+from lifecycle import CancelResult, InvalidArgument, Outcome, State, TerminateResult, TransferEngine, TransportError, _core
 from lifecycle.transport import Faults, LoopbackTransport, Mem, Offer, mem_of, pool_slot
 
 from test_transport_harness import (METADATA_HEAD, KiB, MiB, SIZES, Side, connect, crc, needs_nixl, pattern,
@@ -245,18 +245,23 @@ def test_fault_disconnect_fails_and_peer_notes_vanish():
     notification (the copy ran before the cut: evidence, Quiesced) or asked a to stop, and that note
     vanished at a with nothing answered (Poisoned).  Later posts to b are refused."""
     f = Faults(seed=3, disconnect=1.0)
-    a, b, names = pair(faults_a=f, transfer_timeout=0.2, cancel_grace=0.2)
+    a, b, names = pair(faults_a=f, transfer_timeout=1.0, cancel_grace=1.0)  # room for the control on a busy machine
     try:
         sa, sb, _ = run(a, b, names, 1, "write", 4 * KiB)  # b writes into a; a is passive
-        assert (sa, sb) == (State.Quiesced, State.Quiesced), f"seed={f.seed}"
+        assert (sa, sb) == (State.Quiesced, State.Quiesced), f"seed={f.seed} {(sa, sb)}"
         sa2, sb2, _ = run(a, b, names, 2, "read", 4 * KiB)     # a reads: disconnected at post
         assert sa2 is State.Poisoned, f"seed={f.seed}"
         st_a, st_b, fs = a.t.stats(), b.t.stats(), a.t.fault_stats()
         assert fs["disconnects"] == 1 and st_a.failed == 1 and st_a.quiesced_sent == 0, (st_a, fs)
-        if sb2 is State.Quiesced:
-            assert st_b.done_received == 1 and st_b.stops_sent == 0, st_b
+        if sb2 is State.Quiesced:  # (b's timeout may have sent a stop before the note came: that is fine)
+            assert st_b.done_received == 1, st_b
         else:
-            assert sb2 is State.Poisoned and st_b.stops_sent >= 1 and fs["dropped"] >= 1, (sb2, st_b, fs)
+            # b's stop is sent by its progress thread and dropped by a's; b was Poisoned by its own timer, and
+            # either thread may lag that under load (a soak, session 20): awaited, then pinned
+            assert sb2 is State.Poisoned, (sb2, st_b, fs)
+            wait_for(lambda: b.t.stats().stops_sent >= 1, 30, "b's stop sent")
+            wait_for(lambda: a.t.fault_stats()["dropped"] >= 1, 30, "b's stop dropped at a (cut)")
+            assert a.t.stats().quiesced_sent == 0
         with pytest.raises(TransportError, match="disconnected"):
             run(a, b, names, 3, "read", 4 * KiB)
         assert a.engine.state(3) is State.Advertised
@@ -1058,3 +1063,53 @@ def test_metadata_travels_in_a_checksummed_envelope_and_any_change_or_cut_is_ref
     finally:
         a.close()
         b.close()
+
+
+def test_register_and_deregister_on_another_thread_do_not_break_a_post():
+    """Found by fuzzing (session 20): a post's check that registered ctypes arrays have not moved iterated the
+    transport's dict of them while another thread's register()/deregister() changed it ("RuntimeError:
+    dictionary changed size during iteration", 7 times in 5 s at a 1 us switch interval).  It now iterates a
+    snapshot and skips a registration gone meanwhile.  Every post here names a session that does not exist,
+    so UnknownRequest is the one right answer (the control: it is what each call raised on the old code
+    whenever the race did not hit)."""
+    import ctypes
+    import threading
+
+    from lifecycle import UnknownRequest
+
+    ea, eb = TransferEngine(), TransferEngine()
+    a, b = LoopbackTransport(ea, "lb-churn-a"), LoopbackTransport(eb, "lb-churn-b")
+    a.add_peer(b.metadata())
+    arr = (ctypes.c_char * 4096)()
+    a.register(arr)  # a ctypes array: checked for moves before each post
+    stop = threading.Event()
+    churned = []
+
+    def churn():
+        while not stop.is_set():
+            x = (ctypes.c_char * 64)()
+            a.deregister(a.register(x))
+            churned.append(1)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    th = threading.Thread(target=churn)
+    th.start()
+    wrong = []
+    try:
+        for n in range(1, 20001):
+            try:
+                a.read(n, arr, "lb-churn-b", Offer(Mem(0x10000, 4096), 1))
+                wrong.append((n, "posted"))
+            except UnknownRequest:
+                pass
+            except Exception as e:  # noqa: BLE001 - the defect raised RuntimeError / KeyError
+                wrong.append((n, f"{type(e).__name__}: {e}"))
+    finally:
+        stop.set()
+        th.join()
+        sys.setswitchinterval(old)
+        a.stop()
+        b.stop()
+    assert len(churned) > 100, "the other thread hardly ran: the race was not exercised"
+    assert wrong == [], wrong[:5]

@@ -61,9 +61,7 @@ std::chrono::microseconds seconds_opt(const char* name, double v, double lo, dou
 std::string agent_name(py::handle h) {
   std::string name = text_arg(h, "name");
   if (name.empty()) throw InvalidArgumentError("name", "must not be empty");
-  if (name.find('\0') != std::string::npos) {
-    throw InvalidArgumentError("name", "must not hold a NUL character (NIXL would cut the name there)");
-  }
+  tp::check_c_name(name, "name");
   return name;
 }
 

@@ -8,7 +8,8 @@
 // as CPython 3.14 itself does: the process is exiting, and a parked thread touches nothing.  A thread
 // that was already waiting inside PyEval_RestoreThread when finalization began still gets
 // pthread_exit(); the destructor lets that unwind pass (pybind11's dispatcher rethrows it), so the
-// thread ends instead of the process.
+// thread ends instead of the process.  The thread that finalizes (the main thread) is never parked: it
+// may call in here itself at exit (a transport dropped then stops), and gets the GIL back as usual.
 #include <chrono>
 #include <thread>
 
@@ -18,6 +19,11 @@ namespace py = pybind11;
 
 namespace lifecycle::bindings {
 namespace {
+
+// threading.main_thread().ident, read at import.  The main thread runs the finalization (Py_FinalizeEx), and
+// may itself call in here meanwhile (a transport dropped at exit stops): it must get the GIL back.  0: unknown,
+// never park.
+unsigned long g_main_thread = 0;
 
 bool finalizing() noexcept {
 #if PY_VERSION_HEX >= 0x030D0000
@@ -35,7 +41,7 @@ NoGil::NoGil() {
 }
 
 NoGil::~NoGil() noexcept(false) {
-  if (finalizing()) {
+  if (g_main_thread != 0 && finalizing() && PyThread_get_thread_ident() != g_main_thread) {
     for (;;) std::this_thread::sleep_for(std::chrono::hours(1));  // the process is exiting
   }
   PyEval_RestoreThread(tstate_);
@@ -46,6 +52,7 @@ NoGil::~NoGil() noexcept(false) {
 namespace lifecycle::bindings {
 
 void register_nogil(py::module_& m) {
+  g_main_thread = py::module_::import("threading").attr("main_thread")().attr("ident").cast<unsigned long>();
   // Test hook (tests/test_lifetime.py): one short release of the GIL, by NoGil or, as the negative control,
   // by pybind11's own guard.
   m.def("_gil_release_probe", [](bool pybind11_guard) {

@@ -3,12 +3,23 @@
 #pragma once
 #include <exception>
 #include <stdexcept>
+#include <string>
+#include <utility>
 
 namespace lifecycle {
 
 class Error : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;
+};
+
+// A bad argument, named (the bindings raise lifecycle.errors.InvalidArgument with .argument set).
+class InvalidArgumentError : public Error {
+ public:
+  InvalidArgumentError(std::string arg, const std::string& msg)
+      : Error("invalid " + arg + ": " + msg), argument(std::move(arg)), detail(msg) {}
+  std::string argument;
+  std::string detail;
 };
 
 // f(), with what it threw captured (nullptr when it returned): per-item errors of a batch call.

@@ -39,14 +39,6 @@ class DuplicateRequestError : public Error {
   State state;
 };
 
-class InvalidArgumentError : public Error {
- public:
-  InvalidArgumentError(std::string arg, const std::string& msg)
-      : Error("invalid " + arg + ": " + msg), argument(std::move(arg)), detail(msg) {}
-  std::string argument;
-  std::string detail;
-};
-
 class PoolExhaustedError : public Error {
  public:
   PoolExhaustedError(std::uint64_t req, const std::string& msg)

@@ -1,11 +1,21 @@
 #include "lifecycle/transport/agent.hpp"
 
+#include "lifecycle/error_base.hpp"
+
 namespace lifecycle::transport {
 
 namespace {
 constexpr std::array<std::uint8_t, 4> kMagic = {'K', 'V', 'L', 'C'};
 constexpr std::uint8_t kWireVersion = 2;
 }  // namespace
+
+void check_c_name(const std::string& name, const char* what, const std::string& context) {
+  if (name.find('\0') == std::string::npos) return;
+  std::string shown;
+  for (char c : name) shown += c == '\0' ? std::string("\\0") : std::string(1, c);
+  throw InvalidArgumentError(what, (context.empty() ? "" : context + ": ") + "'" + shown +
+                                       "' holds a NUL character (NIXL takes names as C strings and would cut it there)");
+}
 
 const char* to_string(XferState s) noexcept {
   switch (s) {

@@ -45,6 +45,7 @@ NixlAgent::NixlAgent(std::shared_ptr<const NixlCapi> api, NixlAgentOptions opts)
   cfg.lthr_delay_us = 100000;
   cfg.capture_telemetry = false;
   capi::agent_t raw_agent = nullptr;
+  check_c_name(name_, "name");
   check_capi(a.create_configured_agent(name_.c_str(), &cfg, &raw_agent), "create_configured_agent",
              "agent " + name_);
   agent_ = AgentHandle(api_, raw_agent);
@@ -180,6 +181,7 @@ std::string NixlAgent::load_remote_metadata(const std::string& md) {
 }
 
 void NixlAgent::invalidate_remote(const std::string& peer) {
+  check_c_name(peer, "peer");
   std::lock_guard<std::mutex> lk(mu_);
   peers_.erase(peer);
   check_capi(api_->invalidate_remote_md(agent_.get(), peer.c_str()), "invalidate_remote_md", peer);
@@ -191,6 +193,7 @@ bool NixlAgent::knows_peer(const std::string& peer) const {
 }
 
 void NixlAgent::connect(const std::string& peer) {
+  check_c_name(peer, "peer");
   std::lock_guard<std::mutex> lk(mu_);
   check_capi(api_->agent_make_connection(agent_.get(), peer.c_str(), backend_args_.get()),
              "agent_make_connection", peer);
@@ -205,6 +208,7 @@ void NixlAgent::prepare(std::uint64_t req, XferOp op, const Region& local, const
   if (!local.valid() || !remote.valid()) {
     throw TransportError("post: " + req_context(req) + ": a range is " + Region::kRefused);
   }
+  check_c_name(peer, "peer", req_context(req));
   {
     std::lock_guard<std::mutex> lk(mu_);
     bool covered = false;
@@ -333,6 +337,7 @@ void NixlAgent::send_notification(const std::string& peer, const NotifMessage& m
 }
 
 void NixlAgent::send_raw_notification(const std::string& peer, const std::string& bytes) {
+  check_c_name(peer, "peer");
   std::lock_guard<std::mutex> lk(mu_);
   check_capi(api_->gen_notif(agent_.get(), peer.c_str(), bytes.data(), bytes.size(),
                              backend_args_.get()),

@@ -639,6 +639,10 @@ void Transport::transfer_batch(const TransferItem* items, std::size_t n, Transfe
         fail_with(i, "no peer given");
         continue;
       }
+      if (it.peer->find('\0') != std::string::npos) {  // (the agent would post to another peer than the entry's)
+        fail(i, caught([&] { check_c_name(*it.peer, "peer", "transfer: request " + std::to_string(req)); }));
+        continue;
+      }
       // (a second item of req in this batch finds the first one's reservation)
       if (entries_.count(req) != 0 || preparing(req)) {
         fail(i, std::make_exception_ptr(TransportError("transfer: request " + std::to_string(req) + " already has a transfer")));
@@ -994,6 +998,7 @@ void Transport::transfer_batch(const TransferItem* items, std::size_t n, Transfe
 }
 
 void Transport::forgo(std::uint64_t req, const std::string& peer, std::uint64_t tag) {
+  check_c_name(peer, "peer", "forgo: request " + std::to_string(req));
   std::uint64_t serial = 0;
   if (engine_) {
     if (const auto ours = engine_->info(req)) serial = ours->serial;
@@ -1108,6 +1113,7 @@ void Transport::forget_posted() {
 
 std::uint64_t Transport::expect(std::uint64_t req, const std::string& peer, const Region& local) {
   if (stopped_.load()) throw TransportError("expect: transport " + name() + " is stopped");
+  check_c_name(peer, "peer", "expect: request " + std::to_string(req));
   if (!local.valid()) {
     throw TransportError("expect: request " + std::to_string(req) + ": the range is " + Region::kRefused);
   }
@@ -1570,6 +1576,7 @@ void Transport::forget_gone(EndedMap& m, std::size_t& cursor) {
 }
 
 void Transport::remove_peer(const std::string& peer) {
+  check_c_name(peer, "peer", "remove_peer");
   std::vector<std::tuple<std::uint64_t, Side, std::uint64_t>> gone;  // (req, side, serial)
   {
     std::lock_guard<std::mutex> lk(mu_);

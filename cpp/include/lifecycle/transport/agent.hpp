@@ -85,6 +85,12 @@ struct NotifMessage {
   std::uint64_t tag = 0;
 };
 constexpr std::size_t kNotifWireSize = 24;
+// A name that goes to NIXL as a C string (an agent's, a peer's) must hold no NUL: NIXL would cut it there and
+// use another name than this library's records (a post to peer "b\0x" went to "b", while a stop from "b"
+// matched no entry and was answered at once).  Throws InvalidArgumentError naming `what`, the name shown
+// with \0 for each NUL; `context` (e.g. "request 5") leads the message.
+void check_c_name(const std::string& name, const char* what, const std::string& context = {});
+
 std::array<std::uint8_t, kNotifWireSize> encode_notif(const NotifMessage& m) noexcept;
 std::string encode_notif_string(const NotifMessage& m);
 // nullopt when `bytes` is not a valid message (wrong size, magic, version or kind).

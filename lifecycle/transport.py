@@ -853,6 +853,8 @@ def _ucx_params(params) -> list[tuple[str, str]]:
     for k, v in params.items():
         if not isinstance(k, str) or not isinstance(v, str):
             raise InvalidArgument("ucx_params", f"expected str -> str, got {k!r:.40} -> {v!r:.40}")
+        if "\0" in k or "\0" in v:  # (they go to NIXL as C strings, cut at a NUL)
+            raise InvalidArgument("ucx_params", f"{k!r:.40} -> {v!r:.40} holds a NUL character")
     return list(params.items())
 
 

@@ -531,6 +531,7 @@ def test_review_findings_at_the_python_boundary_are_typed_errors():
             (lambda: NixlTransport(None, "rv-4", tick="x"), "tick"),
             (lambda: NixlTransport(None, "rv-5", ucx_params=[("a", "b")]), "ucx_params"),
             (lambda: NixlTransport(None, "rv-6", ucx_params={"a": 1}), "ucx_params"),
+            (lambda: NixlTransport(None, "rv-7", ucx_params={"UCX_TLS": "tcp\0x"}), "ucx_params"),  # a C string
             (lambda: t1.register(bytearray(0)), "memory"),
             (lambda: t1.register(array("q")), "memory"),
             (lambda: t1.register(csr), "tensor"),

@@ -7,11 +7,17 @@
 // without an active exception", SIGABRT; pybind11 issue #2215).  NoGil parks such a thread instead,
 // as CPython 3.14 itself does: the process is exiting, and a parked thread touches nothing.  A thread
 // that was already waiting inside PyEval_RestoreThread when finalization began still gets
-// pthread_exit(); the destructor lets that unwind pass (pybind11's dispatcher rethrows it), so the
-// thread ends instead of the process.  The thread that finalizes (the main thread) is never parked: it
+// pthread_exit(); the destructor catches that unwind and parks the thread there (it never returns, so
+// the unwind is never swallowed).  Letting the unwind pass instead was not enough: a call that threw
+// runs this destructor during its own unwinding, where a second exception is std::terminate whatever
+// the destructor's noexcept says (a review found it, session 20), and the unwind would run the
+// binding's cleanups (Py_DECREFs) without the GIL.  The thread that finalizes (the main thread) is never parked: it
 // may call in here itself at exit (a transport dropped then stops), and gets the GIL back as usual.
 #include <chrono>
 #include <thread>
+#if defined(__GLIBCXX__)
+#include <cxxabi.h>  // abi::__forced_unwind: glibc's pthread_exit unwinds with it
+#endif
 
 #include "register.hpp"
 
@@ -22,8 +28,13 @@ namespace {
 
 // threading.main_thread().ident, read at import.  The main thread runs the finalization (Py_FinalizeEx), and
 // may itself call in here meanwhile (a transport dropped at exit stops): it must get the GIL back.  0: unknown,
-// never park.
+// never park.  (A host that embeds Python and finalizes it from another thread would have that thread parked
+// here at exit: such hosts should stop their transports before Py_FinalizeEx.)
 unsigned long g_main_thread = 0;
+
+[[noreturn]] void park() noexcept {
+  for (;;) std::this_thread::sleep_for(std::chrono::hours(1));  // the process is exiting
+}
 
 bool finalizing() noexcept {
 #if PY_VERSION_HEX >= 0x030D0000
@@ -40,11 +51,17 @@ NoGil::NoGil() {
   tstate_ = PyEval_SaveThread();
 }
 
-NoGil::~NoGil() noexcept(false) {
-  if (g_main_thread != 0 && finalizing() && PyThread_get_thread_ident() != g_main_thread) {
-    for (;;) std::this_thread::sleep_for(std::chrono::hours(1));  // the process is exiting
+NoGil::~NoGil() {
+  if (g_main_thread != 0 && finalizing() && PyThread_get_thread_ident() != g_main_thread) park();
+#if defined(__GLIBCXX__)
+  try {
+    PyEval_RestoreThread(tstate_);
+  } catch (abi::__forced_unwind&) {  // finalization began while this thread waited for the GIL
+    park();
   }
-  PyEval_RestoreThread(tstate_);
+#else
+  PyEval_RestoreThread(tstate_);  // (elsewhere pthread_exit does not unwind C++ frames)
+#endif
 }
 
 }  // namespace lifecycle::bindings

@@ -10,7 +10,7 @@ namespace lifecycle::bindings {
 class NoGil {
  public:
   NoGil();
-  ~NoGil() noexcept(false);
+  ~NoGil();
   NoGil(const NoGil&) = delete;
   NoGil& operator=(const NoGil&) = delete;
 

@@ -263,7 +263,9 @@ EXIT_INSIDE_A_CALL = """
     cycle = [LoopbackTransport(TransferEngine(), "kept")]
     cycle.append(cycle)
     del cycle
-    time.sleep(0.1)
+    end = time.monotonic() + 0.2
+    while time.monotonic() < end:  # holding the GIL most of the time: the thread waits for it in take_gil
+        pass
     print("main exits", flush=True)
 """
 

@@ -11,8 +11,9 @@
 // the unwind is never swallowed).  Letting the unwind pass instead was not enough: a call that threw
 // runs this destructor during its own unwinding, where a second exception is std::terminate whatever
 // the destructor's noexcept says (a review found it, session 20), and the unwind would run the
-// binding's cleanups (Py_DECREFs) without the GIL.  The thread that finalizes (the main thread) is never parked: it
-// may call in here itself at exit (a transport dropped then stops), and gets the GIL back as usual.
+// binding's cleanups (Py_DECREFs) without the GIL.  The thread that finalizes (the main thread) is
+// never parked: it may call in here itself at exit (a transport dropped then stops), and gets the GIL
+// back as usual.
 #include <chrono>
 #include <thread>
 #if defined(__GLIBCXX__)
@@ -63,10 +64,6 @@ NoGil::~NoGil() {
   PyEval_RestoreThread(tstate_);  // (elsewhere pthread_exit does not unwind C++ frames)
 #endif
 }
-
-}  // namespace lifecycle::bindings
-
-namespace lifecycle::bindings {
 
 void register_nogil(py::module_& m) {
   g_main_thread = py::module_::import("threading").attr("main_thread")().attr("ident").cast<unsigned long>();

@@ -17,6 +17,7 @@ class NoGil {
  private:
   PyThreadState* tstate_ = nullptr;
 };
+
 // The Python exception object (lifecycle.errors) for one of the library's C++ errors; None for another
 // exception.  The exception translator raises it; batch calls return it in the item's place.
 pybind11::object error_object(std::exception_ptr p);

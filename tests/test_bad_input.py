@@ -133,6 +133,37 @@ def test_pool_views_are_bounds_checked():
     assert len(e.pool.slot_view(1)) == 16
 
 
+def test_a_huge_pool_costs_memory_only_for_the_slots_it_uses():
+    """``num_slots`` up to 2**31 is accepted; the pool's bookkeeping (state, generation, free list) once
+    took about 9 bytes a slot up front: 18 GiB for 2**31 one-byte slots, an OOM kill where no limit
+    applied.  It now grows with the slots leased.  The child runs under an address-space limit of its
+    own size plus the pool's 2 GiB mapping and 1 GiB, so a return of the eager bookkeeping fails here
+    with MemoryError instead of taking the machine's memory (seen against that build)."""
+    r = run_child(
+        """
+        import resource
+        def status(key):
+            for line in open("/proc/self/status"):
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (status("VmSize:") + (3 << 30),) * 2)
+        from lifecycle import TransferEngine
+        rss = status("VmRSS:")
+        e = TransferEngine(num_slots=2**31, slot_size=1)
+        grown = status("VmRSS:") - rss
+        assert grown < (64 << 20), grown
+        s = e.pool.stats()
+        assert (s["slots"], s["free"], s["leased"]) == (2**31, 2**31, 0), s
+        e.advertise(1, "sender", 1)
+        e.advertise(2, "sender", 1)
+        assert e.info(2).slot == 1 and e.pool.stats()["free"] == 2**31 - 2
+        e.pool.slot_view(2**31 - 1)[0] = 7  # the last slot is mapped
+        print("ok", grown)
+        """
+    )
+    assert r.returncode == 0 and r.stdout.startswith("ok"), (r.returncode, r.stdout, r.stderr[-2000:])
+
+
 def test_a_slot_view_keeps_its_engine_alive():
     """A slot view outliving every other reference to its engine once pointed into freed memory (a write
     through it: SIGSEGV at 64 MiB slots, silent heap corruption at small ones).  It keeps the engine alive

@@ -55,7 +55,7 @@ BufferPool::~BufferPool() {
 }
 
 BufferPool::BufferPool(std::uint32_t num_slots, std::uint64_t slot_size)
-    : slot_size_(slot_size), mem_(nullptr, Unmap{0}) {
+    : slot_size_(slot_size), num_slots_(num_slots), mem_(nullptr, Unmap{0}) {
   if (num_slots > 0 && slot_size == 0) throw InvalidArgumentError("slot_size", "must be > 0 when num_slots > 0");
   if (num_slots > 0 && slot_size > (std::uint64_t{1} << 40) / num_slots)
     throw InvalidArgumentError("slot_size", "num_slots * slot_size exceeds 1 TiB");
@@ -66,17 +66,32 @@ BufferPool::BufferPool(std::uint32_t num_slots, std::uint64_t slot_size)
     if (p == MAP_FAILED) throw InvalidArgumentError("num_slots", "cannot map " + std::to_string(bytes) + " bytes");
     mem_ = std::unique_ptr<std::uint8_t, Unmap>(static_cast<std::uint8_t*>(p), Unmap{rounded});
   }
-  state_.assign(num_slots, SlotState::Free);
-  gen_.assign(num_slots, 0);
-  free_.reserve(num_slots);
-  for (std::uint32_t i = num_slots; i > 0; --i) free_.push_back(i - 1);
+  // Bookkeeping for the first slots up front (no reallocation on the lease path of a small pool); the
+  // rest grows with use.
+  const std::uint32_t first = std::min<std::uint32_t>(num_slots, 4096);
+  state_.reserve(first);
+  gen_.reserve(first);
+  free_.reserve(first);
 }
 
 Lease BufferPool::lease() {
   std::lock_guard<std::mutex> g(mu_);
-  if (free_.empty()) return Lease();
-  std::uint32_t s = free_.back();
-  free_.pop_back();
+  std::uint32_t s;
+  if (!free_.empty()) {
+    s = free_.back();
+    free_.pop_back();
+  } else if (state_.size() < num_slots_) {  // the lowest never-leased slot (free_ is empty: none touched is free)
+    s = static_cast<std::uint32_t>(state_.size());
+    state_.push_back(SlotState::Free);  // may throw std::bad_alloc: nothing changed yet but a Free entry
+    try {
+      gen_.push_back(0);
+    } catch (...) {
+      state_.pop_back();
+      throw;
+    }
+  } else {
+    return Lease();
+  }
   // Invariant: a slot on the free list is Free (no slot leased twice).
   if (state_[s] != SlotState::Free) std::abort();
   state_[s] = SlotState::Leased;
@@ -109,27 +124,32 @@ bool BufferPool::recover(std::uint32_t slot, std::uint32_t generation) {
 }
 
 std::uint8_t* BufferPool::data(std::uint32_t slot) const {
-  if (slot >= state_.size()) return nullptr;
+  if (slot >= num_slots_) return nullptr;
   return mem_.get() + static_cast<std::size_t>(slot) * slot_size_;
 }
 
 SlotState BufferPool::state(std::uint32_t slot) const {
   std::lock_guard<std::mutex> g(mu_);
-  if (slot >= state_.size()) throw InvalidArgumentError("slot", std::to_string(slot) + " out of range");
-  return state_[slot];
+  if (slot >= num_slots_) throw InvalidArgumentError("slot", std::to_string(slot) + " out of range");
+  return slot < state_.size() ? state_[slot] : SlotState::Free;
 }
 
 std::uint32_t BufferPool::generation(std::uint32_t slot) const {
   std::lock_guard<std::mutex> g(mu_);
-  if (slot >= state_.size()) throw InvalidArgumentError("slot", std::to_string(slot) + " out of range");
-  return gen_[slot];
+  if (slot >= num_slots_) throw InvalidArgumentError("slot", std::to_string(slot) + " out of range");
+  return slot < gen_.size() ? gen_[slot] : 0;
+}
+
+std::uint32_t BufferPool::touched() const {
+  std::lock_guard<std::mutex> g(mu_);
+  return static_cast<std::uint32_t>(state_.size());
 }
 
 PoolStats BufferPool::stats() const {
   std::lock_guard<std::mutex> g(mu_);
   PoolStats s;
-  s.slots = static_cast<std::uint32_t>(state_.size());
-  s.free = static_cast<std::uint32_t>(free_.size());
+  s.slots = num_slots_;
+  s.free = static_cast<std::uint32_t>(free_.size() + (num_slots_ - state_.size()));
   s.quarantined = quarantined_;
   s.leased = s.slots - s.free - s.quarantined;
   s.leases = leases_;

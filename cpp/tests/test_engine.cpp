@@ -94,6 +94,45 @@ static void test_poison_quarantine_and_recovery() {
   CHECK(eng.pool()->state(slot2) == SlotState::Quarantined);
 }
 
+// A pool's bookkeeping grows with the slots it has leased, not with num_slots (2**31 slots of one byte
+// took about 18 GiB up front); the lease order stays LIFO over released slots, then the lowest untouched.
+static void test_pool_bookkeeping_is_lazy() {
+  const std::uint32_t n = 1u << 31;
+  BufferPool pool(n, 1);
+  CHECK(pool.touched() == 0);
+  CHECK(pool.num_slots() == n);
+  CHECK(pool.bytes() == std::size_t{n});
+  PoolStats ps = pool.stats();
+  CHECK(ps.slots == n && ps.free == n && ps.leased == 0 && ps.quarantined == 0);
+  CHECK(pool.state(n - 1) == SlotState::Free);
+  CHECK(pool.generation(n - 1) == 0);
+  CHECK(pool.data(n - 1) == pool.base() + (n - 1));
+  CHECK(pool.data(n) == nullptr);
+  {
+    Lease a = pool.lease(), b = pool.lease();
+    CHECK(a.slot() == 0 && a.generation() == 1 && b.slot() == 1 && b.generation() == 1);
+    CHECK(pool.touched() == 2);
+    a.release();
+    Lease c = pool.lease();  // the released slot first (LIFO), with a new generation
+    CHECK(c.slot() == 0 && c.generation() == 2);
+    Lease d = pool.lease();  // then the lowest untouched
+    CHECK(d.slot() == 2 && d.generation() == 1);
+    d.quarantine();
+    ps = pool.stats();
+    CHECK(ps.free == n - 3 && ps.leased == 2 && ps.quarantined == 1 && ps.leases == 4);
+    CHECK(pool.state(2) == SlotState::Quarantined);
+    CHECK(!pool.recover(3, 1));  // untouched: not quarantined
+    CHECK(pool.recover(2, 1));
+  }
+  ps = pool.stats();
+  CHECK(ps.free == n && ps.leased == 0 && pool.touched() == 3);
+  // a small pool runs dry after num_slots leases
+  BufferPool small(2, 8);
+  Lease x = small.lease(), y = small.lease(), z = small.lease();
+  CHECK(x.held() && y.held() && !z.held());
+  CHECK(small.stats().free == 0);
+}
+
 static void test_timers_and_health() {
   auto clock = std::make_shared<ManualClock>(0);
   Engine eng(cfg(), clock);
@@ -226,6 +265,7 @@ int main() {
   test_every_cell_matches_apply();
   test_deferred_termination_exactly_once();
   test_poison_quarantine_and_recovery();
+  test_pool_bookkeeping_is_lazy();
   test_timers_and_health();
   test_slow_progress_stays_healthy();
   test_tombstones_are_bounded();

@@ -4,6 +4,9 @@
 // Invariant: a slot's generation increases on every lease, so (slot, generation) names one lease (no ABA).
 // Invariant: a Quarantined slot returns to Free only through recover(slot, generation) with the
 //            generation of the lease that was quarantined (positive evidence tied to that transfer).
+//
+// Bookkeeping is lazy: slots [touched(), num_slots()) have never been leased (Free, generation 0) and
+// cost nothing, so a pool's memory grows with the slots it has used, like its anonymous data mapping.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -87,8 +90,9 @@ class BufferPool {
   std::uint8_t* data(std::uint32_t slot) const;  // nullptr for kNoSlot / out of range
   std::uint8_t* base() const { return mem_.get(); }
   std::uint64_t slot_size() const { return slot_size_; }
-  std::uint32_t num_slots() const { return static_cast<std::uint32_t>(state_.size()); }
-  std::size_t bytes() const { return static_cast<std::size_t>(slot_size_) * state_.size(); }
+  std::uint32_t num_slots() const { return num_slots_; }
+  std::size_t bytes() const { return static_cast<std::size_t>(slot_size_) * num_slots_; }
+  std::uint32_t touched() const;  // slots ever leased: the bookkeeping kept
   SlotState state(std::uint32_t slot) const;
   std::uint32_t generation(std::uint32_t slot) const;
   PoolStats stats() const;
@@ -105,11 +109,12 @@ class BufferPool {
     void operator()(std::uint8_t* p) const noexcept;
   };
   std::uint64_t slot_size_;
+  std::uint32_t num_slots_;
   std::unique_ptr<std::uint8_t, Unmap> mem_;  // anonymous mapping: page-aligned, zeroed lazily by the OS
   mutable std::mutex mu_;
-  std::vector<SlotState> state_;
-  std::vector<std::uint32_t> gen_;
-  std::vector<std::uint32_t> free_;  // LIFO free list
+  std::vector<SlotState> state_;     // slots [0, touched): the rest are Free, generation 0
+  std::vector<std::uint32_t> gen_;   // same length as state_
+  std::vector<std::uint32_t> free_;  // LIFO free list of touched slots; untouched ones are leased in order
   std::uint32_t quarantined_ = 0;
   std::uint64_t leases_ = 0;
   std::uint64_t recovered_ = 0;

@@ -42,8 +42,9 @@ Their last completed step is known without asking them: a completed allreduce/al
 every rank contributed, so an absent rank's last completed step is this rank's last completed step
 (sequence number and call site, which the ledger verified to be identical on all ranks).
 
-After either error the group is *broken*: a timed-out request can never be cancelled in MPI, so
-every later call raises again; the application should log and :meth:`RankGroup.abort` the job.
+After either error (or an exception from outside inside a wait) the group is *broken*: a timed-out
+request can never be cancelled in MPI, so every later call raises again; the application should log
+and :meth:`RankGroup.abort` the job.
 
 Rules these helpers enforce (DESIGN.md §8): (a) gate collectives on ``any_rank(local_flag)``, never
 on a local value, and let ranks with nothing to do join with an empty contribution; (b) ``push``
@@ -87,6 +88,9 @@ _HEADER = 8
 _FP_MASK = (1 << 62) - 1  # a 62-bit hash never overflows when negated in int64
 _TAG_ARRIVAL = 7
 _FIELDS = ("seq", "op", "site", "kind", "size")  # priority order of the reported differing field
+_INVALID_SIZE = -2  # the declared size of allreduce_ints values that are not int64 (no rank has it)
+_DRAIN_EVERY = 64  # collectives between two reads of the arrival notices (a rank that never waits long)
+_FP_CACHE_MAX = 4096  # fingerprint hashes kept (sites that vary per call would grow it without bound)
 
 
 @dataclass(frozen=True)
@@ -100,7 +104,7 @@ class Fingerprint:
     size: int  # -1 where per-rank sizes legitimately differ (flush, allgather_ints)
 
     def __str__(self) -> str:
-        size = "" if self.size < 0 else f"[{self.size}]"
+        size = "[invalid values]" if self.size == _INVALID_SIZE else "" if self.size < 0 else f"[{self.size}]"
         return f"#{self.seq} {self.op}({self.kind}{size}) at {self.site}"
 
 
@@ -224,7 +228,11 @@ _site_cache: dict[tuple[Any, int], str] = {}
 
 def _call_site() -> str:
     """``file:line:function`` of the innermost frame outside this module (cached per code+line)."""
-    f = sys._getframe(2)
+    return _site_from(sys._getframe(2))
+
+
+def _site_from(f: Any) -> str:
+    """``file:line:function`` of ``f`` or, where ``f`` is in this module, of the first caller outside it."""
     while f is not None and f.f_code.co_filename == __file__:
         f = f.f_back  # type: ignore[assignment]
     if f is None:  # pragma: no cover - called from this module's top level
@@ -241,6 +249,69 @@ def _call_site() -> str:
 def _check_seconds(name: str, v: Any, *, positive: bool) -> None:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 if positive else v >= 0) or v > 1e9:
         raise InvalidArgument(name, f"expected seconds in {'(0' if positive else '[0'}, 1e9], got {v!r:.40}")
+
+
+def _check_site(site: Any) -> str | None:
+    """None when ``site`` is usable (None or a str); else what is wrong with it (a list raised a bare
+    TypeError while hashing the fingerprint, on that rank alone)."""
+    if site is None or isinstance(site, str):
+        return None
+    return f"expected a str or None, got {type(site).__name__} {site!r:.40}"
+
+
+def _int64_values(values: Any) -> np.ndarray:
+    """``values`` as a flat int64 array, or TypeError/ValueError/OverflowError naming what is wrong.
+
+    Strict: only integers (and bools) that fit int64.  ``np.ascontiguousarray(dtype=int64)`` alone
+    truncated floats (1.7 -> 1), turned NaN and 1e30 into -2**63, wrapped uint64 2**64-1 to -1 and
+    parsed '12': wrong sums with no error.
+    """
+    arr = np.asarray(values)
+    if arr.size == 0:
+        return np.empty(0, dtype=np.int64)
+    kind = arr.dtype.kind
+    if kind == "u" and int(arr.max()) >= 1 << 63:
+        raise OverflowError(f"{int(arr.max())} does not fit int64")
+    if kind == "O":
+        flat = arr.reshape(-1).tolist()
+        for v in flat:
+            if not isinstance(v, (int, np.integer)):
+                raise TypeError(f"expected integers, got {type(v).__name__} {v!r:.40}")
+        arr = np.array(flat, dtype=np.int64)  # OverflowError past int64
+    elif kind not in "biu":
+        raise TypeError(f"expected integers, got dtype {arr.dtype}")
+    return np.ascontiguousarray(arr, dtype=np.int64).reshape(-1)
+
+
+def _truth(name: str, flag: Any) -> tuple[int, InvalidArgument | None]:
+    """``(int(bool(flag)), None)``, or ``(0, InvalidArgument)`` where ``flag`` has no truth value (a numpy
+    array of several items): the rank joins as False and raises afterwards, never stranding the others."""
+    try:
+        return int(bool(flag)), None
+    except Exception as exc:
+        err = InvalidArgument(name, f"expected a truth value, got {type(flag).__name__} ({exc})")
+        err.__cause__ = exc
+        return 0, err
+
+
+class _InvalidValues(Exception):
+    """Internal: some ranks' allreduce_ints values were not int64 (every rank raises InvalidArgument)."""
+
+
+def _unpickle_all(blobs: list[np.ndarray]) -> tuple[list[Any], dict[int, BaseException]]:
+    """Each rank's payload list, None where it failed to unpickle (rank -> the exception)."""
+    out: list[Any] = []
+    failed: dict[int, BaseException] = {}
+    for r, b in enumerate(blobs):
+        if not b.size:
+            out.append([])
+            continue
+        try:
+            out.append(pickle.loads(b.tobytes()))
+        except Exception as exc:
+            failed[r] = exc
+            out.append(None)
+    return out, failed
 
 
 class RankGroup:
@@ -264,14 +335,23 @@ class RankGroup:
         _check_seconds("spin", spin, positive=False)
         if announce_after is not None:
             _check_seconds("announce_after", announce_after, positive=False)
+        # both bound a wait inside the watchdog: a spin of 8 s against a 1 s watchdog timed out after 8 s
+        if spin >= watchdog:
+            raise InvalidArgument("spin", f"must be less than watchdog ({watchdog!r:.40}), got {spin!r:.40}")
+        if announce_after is not None and announce_after >= watchdog:
+            raise InvalidArgument("announce_after",
+                                  f"must be less than watchdog ({watchdog!r:.40}), got {announce_after!r:.40}")
         MPI = _mpi()
         self._MPI = MPI
         parent = MPI.COMM_WORLD if comm is None else comm
-        self._comm = parent.Dup()  # collectives: never pair with the application's own calls
-        self._side = parent.Dup()  # arrival notices (point-to-point)
+        self.watchdog = float(watchdog)
+        site = _call_site()
+        # Non-blocking duplicates under the watchdog: a rank that raised before (or never reached) this
+        # constructor left the others in a blocking Dup for good.  Collectives: never pair with the
+        # application's own calls; the side one carries arrival notices (point-to-point).
+        self._comm, self._side = self._dup(parent, site)
         self.rank: int = self._comm.Get_rank()
         self.size: int = self._comm.Get_size()
-        self.watchdog = float(watchdog)
         self.ledger = bool(ledger)
         self.spin = float(spin)  # seconds of busy polling before a wait starts yielding the core
         self.announce_after = (
@@ -299,19 +379,53 @@ class RankGroup:
         self._arrivals: dict[int, tuple[int, int, str]] = {}
         self._pending_sends: list[tuple[Any, bytes]] = []
         self._status = MPI.Status()
+        self._open = False  # a logical collective began and has not finished (see _header)
+        # The ranks agree on the ledger setting (outside the sequence): a rank without it sends no
+        # fingerprint, so only the ledger ranks saw a "mismatch" and the others went on alone.
+        self._site, self._op, self._kind = site, "RankGroup", "none"
+        send = self._send
+        send[4], send[5] = int(self.ledger), -int(self.ledger)
+        self._hreq.Start()
+        self._wait(self._hreq)
+        if self._recv[4] != -self._recv[5]:
+            self.close()
+            raise InvalidArgument("ledger", f"ranks disagree: ledger={self.ledger} on rank {self.rank}, the "
+                                            "opposite on another (every rank must pass the same)")
+
+    def _dup(self, parent: Any, site: str) -> tuple[Any, Any]:
+        MPI = self._MPI
+        comms, reqs = zip(*(parent.Idup() for _ in range(2)))
+        start = time.monotonic()
+        nap = 0.0
+        while not MPI.Request.Testall(list(reqs)):
+            waited = time.monotonic() - start
+            if waited > self.watchdog:
+                raise CollectiveTimeoutError(
+                    f"collective timeout in RankGroup() at {site} on rank {parent.Get_rank()} after "
+                    f"{waited:.1f}s: not every rank of the communicator constructed the group",
+                    seq_no=-1, missing={}, sites={parent.Get_rank(): site})
+            nap = min(1e-3, nap * 2 + 1e-6) if waited > 2e-3 else 0.0
+            time.sleep(nap)
+        return comms[0], comms[1]
 
     # ------------------------------------------------------------------ public collectives
 
     def any_rank(self, flag: bool, *, site: str | None = None) -> bool:
         """OR over ranks. Gate a collective on this, never on a rank-local value."""
-        hdr = self._header("any_rank", "bool", 1, site, int(bool(flag)), 0)
+        v, bad = _truth("flag", flag)
+        hdr = self._header("any_rank", "bool", 1, site, v, 0)
         self._done()
+        if bad is not None:
+            raise bad
         return bool(hdr[4] > 0)
 
     def all_ranks(self, flag: bool, *, site: str | None = None) -> bool:
         """AND over ranks."""
-        hdr = self._header("all_ranks", "bool", 1, site, -int(bool(flag)), 0)
+        v, bad = _truth("flag", flag)
+        hdr = self._header("all_ranks", "bool", 1, site, -v, 0)
         self._done()
+        if bad is not None:
+            raise bad
         return bool(-hdr[4] == 1)
 
     def agree_count(self, n: int, *, site: str | None = None) -> int:
@@ -342,17 +456,32 @@ class RankGroup:
         """Element-wise ``sum`` / ``max`` / ``min`` of an int64 array; its length is in the ledger."""
         MPI = self._MPI
         ops = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
+        kind = f"int64:{op!s:.40}"
         try:
-            send = np.ascontiguousarray(values, dtype=np.int64).reshape(-1)
+            send = _int64_values(values)
         except (TypeError, ValueError, OverflowError) as exc:
-            # joins with a length no rank can have: the ledger reports a desync on every rank (none is stranded)
-            self._header("allreduce_ints", f"int64:{op!s:.40}", -2, site, 0, 0)
-            self._done()
-            raise InvalidArgument("values", f"not int64 values ({exc})") from exc
+            # Joins declaring a size no rank can have.  Every rank sees the sizes differ in the header and
+            # gathers the fingerprints; where only this sentinel differs, every rank raises InvalidArgument
+            # naming the ranks with bad values, and the group stays usable (_desync).
+            # Without the ledger (no fingerprints) p1 says the same: every rank skips the reduction and raises.
+            try:
+                self._header("allreduce_ints", kind, _INVALID_SIZE, site, 0, 1)
+                self._done()
+                raise _InvalidValues(f"a rank passed values that are not int64 to allreduce_ints at seq "
+                                     f"{self._last_seq} ({self._site}); no rank reduced")
+            except _InvalidValues as iv:
+                raise InvalidArgument("values", f"{iv}; this rank's: {exc}") from exc
         # the op is in the ledger's kind: a rank whose op differs is a desync on every rank; one the same bad op
         # on every rank raises on every rank, after the header (never stranding one)
-        self._header("allreduce_ints", f"int64:{op!s:.40}", int(send.size), site, 0, 0)
-        if op not in ops:
+        try:
+            hdr = self._header("allreduce_ints", kind, int(send.size), site, 0, 0)
+            if hdr[5] > 0:
+                self._done()
+                raise _InvalidValues(f"a rank passed values that are not int64 to allreduce_ints at seq "
+                                     f"{self._last_seq} ({self._site}); no rank reduced")
+        except _InvalidValues as iv:
+            raise InvalidArgument("values", str(iv)) from None
+        if not (isinstance(op, str) and op in ops):
             self._done()
             raise InvalidArgument("op", f"expected one of {sorted(ops)}, got {op!r:.40}")
         recv = np.empty_like(send)
@@ -365,12 +494,15 @@ class RankGroup:
     ) -> list[np.ndarray]:
         """Every rank's int64 array (lengths may differ per rank), as a list indexed by rank.  Values that are
         not int64 on one rank: it joins with none, then raises InvalidArgument (the others get [] from it)."""
+        return self._allgather_ints("allgather_ints", values, site)
+
+    def _allgather_ints(self, op: str, values: Any, site: str | None) -> list[np.ndarray]:
         bad = None
         try:
-            send = np.ascontiguousarray(values, dtype=np.int64).reshape(-1)
+            send = _int64_values(values)
         except (TypeError, ValueError, OverflowError) as exc:
             bad, send = exc, np.empty(0, dtype=np.int64)
-        self._header("allgather_ints", "int64[]", -1, site, 0, 0)
+        self._header(op, "int64[]", -1, site, 0, 0)
         parts = self._gatherv(send, np.int64)
         self._done()
         if bad is not None:
@@ -405,12 +537,25 @@ class RankGroup:
         else:
             blobs = self._gatherv(np.frombuffer(data, dtype=np.uint8), np.uint8)
             self._done()
-            out = [pickle.loads(b.tobytes()) if b.size else [] for b in blobs]
+            out, undecoded = _unpickle_all(blobs)
+            if undecoded and bad is None:
+                # Every rank decodes every blob, so a payload that pickles but does not unpickle (an exception
+                # whose __init__ takes other arguments) raises here on every rank; one whose class only some
+                # ranks can import raises on those, after the exchange.  Nothing is lost: the decoded
+                # payloads are on .result (None for a blob that failed), the raw ones on .blobs.
+                first = min(undecoded)
+                err = InvalidArgument(
+                    "payload", f"rank(s) {sorted(undecoded)}'s payloads in this flush cannot be unpickled on rank "
+                               f"{self.rank} (rank {first}: {undecoded[first]!r:.200}); the decoded ones are on "
+                               "this error's .result, the raw bytes on .blobs")
+                err.result, err.blobs = out, {r: blobs[r].tobytes() for r in undecoded}
+                raise err from undecoded[first]
         if bad is not None:
             err = InvalidArgument("payload", f"a pushed payload cannot be pickled ({bad!r}); this rank sent none "
                                              f"in this flush, the others got [] from it (the {len(items)} "
                                              "payloads are on this error's .payloads)")
             err.payloads = items
+            err.result = out  # the others' payloads: this rank got them too
             raise err from bad
         return out
 
@@ -454,6 +599,12 @@ class RankGroup:
         self._hreq.Free()
         self._comm.Free()
         self._side.Free()
+        if self._buffer:  # pushed, never flushed: not dropped without a word
+            items, self._buffer = self._buffer, []
+            err = InvalidArgument("close", f"{len(items)} pushed payload(s) were never flushed (on this error's "
+                                           ".payloads); the group is closed")
+            err.payloads = items
+            raise err
 
     # ------------------------------------------------------------------ the ledger
 
@@ -461,14 +612,31 @@ class RankGroup:
         """The ledger-checked header exchange that starts every logical collective."""
         if self._broken is not None:
             raise self._broken
+        if self._open:
+            # The previous collective never finished on this rank: an exception (Ctrl-C, a signal handler,
+            # a timer) left its wait, or another thread is inside one.  Its MPI request may still be
+            # pending and can never be cancelled: the group is broken (a raw MPI error came next before).
+            cur = self._current
+            self._break(CollectiveDesyncError(
+                f"collective #{cur.seq} ({cur.op} at {cur.site}) did not finish on rank {self.rank}: interrupted "
+                "by an exception, or this group is used from two threads at once (one thread at a time); "
+                "abort the job", seq_no=cur.seq, field="interrupted", sites={self.rank: cur.site}))
+        if self._closed:
+            raise InvalidArgument("group", f"this RankGroup is closed (rank {self.rank}, {op})")
+        site_err = _check_site(site)
         if site is None:
             site = _call_site()
+        elif site_err is not None:
+            # joins under a site no rank can name: a desync naming it on every rank (never stranding them)
+            site = f"<invalid site: {site_err}>"
         seq = self._seq
         send = self._send
         if self.ledger:
             key = (site, op, kind, size)
             fp = self._fp_cache.get(key)
             if fp is None:
+                if len(self._fp_cache) >= _FP_CACHE_MAX:
+                    self._fp_cache.clear()
                 digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
                 fp = self._fp_cache[key] = int.from_bytes(digest, "little") & _FP_MASK
             send[0] = fp
@@ -482,12 +650,16 @@ class RankGroup:
         self._kind = kind
         self._size_decl = size
         self._phase = 0
+        self._open = True
         req = self._hreq
         req.Start()
         self._wait(req)
         recv = self._recv
         if self.ledger and (recv[0] != -recv[1] or recv[2] != -recv[3]):
             self._desync()
+        if site_err is not None:
+            self._done()  # every rank passed the same invalid site: each raises, in step
+            raise InvalidArgument("site", site_err)
         return recv
 
     @property
@@ -495,31 +667,52 @@ class RankGroup:
         return Fingerprint(self._seq, self._site, self._op, self._kind, self._size_decl)
 
     def _done(self) -> None:
+        self._open = False
         self._last_seq = self._seq
         self._last_site = self._site
         self._seq += 1
         self._collectives += 1
+        if self._collectives % _DRAIN_EVERY == 0:
+            # A rank that never waits long (always the last to arrive) never read the notices the others
+            # sent while they waited for it: MPI's unexpected-message queue grew by one per slow wait of
+            # every other rank, for the life of the job.
+            self._pending_sends = [(r, b) for r, b in self._pending_sends if not r.Test()]
+            self._drain_arrivals()
+
+    def _break(self, err: Exception, event: dict[str, Any] | None = None) -> None:
+        """Break the group with ``err`` and raise it; ``event`` is logged first.  A logger that raises (a
+        closed sink) once replaced the error and left the group unbroken; it is a note on ``err`` now."""
+        self._open = False
+        self._broken = err
+        if event is not None:
+            try:
+                log.error("lifecycle.collective_desync", **event, **_common_fields())
+            except Exception as exc:
+                note = f"the structlog event could not be logged: {exc!r:.200}"
+                if hasattr(err, "add_note"):
+                    err.add_note(note)
+                else:  # Python 3.10
+                    err.__notes__ = [*getattr(err, "__notes__", []), note]
+        raise err
 
     def _desync(self) -> None:
         # Every rank got the same reduced header, so every rank is here: one more gather is safe.
         mine = self._current
         blobs = self._gatherv(np.frombuffer(pickle.dumps(mine), dtype=np.uint8), np.uint8)
         fps: dict[int, Fingerprint] = {r: pickle.loads(b.tobytes()) for r, b in enumerate(blobs)}
-        field = next(f for f in _FIELDS if len({getattr(p, f) for p in fps.values()}) > 1)
+        fields = [f for f in _FIELDS if len({getattr(p, f) for p in fps.values()}) > 1]
+        invalid = sorted(r for r, p in fps.items() if p.size == _INVALID_SIZE)
+        if fields == ["size"] and invalid and len({p.size for p in fps.values()} - {_INVALID_SIZE}) <= 1:
+            # allreduce_ints values that are not int64 on some ranks, nothing else differs: every rank is
+            # here at the same step, so each raises InvalidArgument and the group stays in step
+            self._done()
+            raise _InvalidValues(f"rank(s) {invalid} passed values that are not int64 to {self._op} at seq "
+                                 f"{self._last_seq} ({self._site}); no rank reduced")
+        field = fields[0]
         seq_no = min(p.seq for p in fps.values())
         err = _desync_error(seq_no, field, fps, self.rank)
-        log.error(
-            "lifecycle.collective_desync",
-            request=None,
-            rank=self.rank,
-            role=None,
-            seq_no=seq_no,
-            field=field,
-            sites=[fps[r].site for r in range(self.size)],
-            **_common_fields(),
-        )
-        self._broken = err
-        raise err
+        self._break(err, dict(request=None, rank=self.rank, role=None, seq_no=seq_no, field=field,
+                              sites=[fps[r].site for r in range(self.size)]))
 
     def _gatherv(self, send: np.ndarray, dtype: Any) -> list[np.ndarray]:
         MPI = self._MPI
@@ -535,7 +728,10 @@ class RankGroup:
     # ------------------------------------------------------------------ the watchdog
 
     def _wait(self, req: Any) -> None:
-        """Poll ``req`` to completion or raise CollectiveTimeoutError after the watchdog."""
+        """Poll ``req`` to completion or raise CollectiveTimeoutError after the watchdog.
+
+        An exception from outside (KeyboardInterrupt, a signal handler) leaves ``_open`` set: the next
+        call on this group raises a typed error instead of starting MPI requests over a pending one."""
         test = req.Test
         for _ in range(64):  # hot path: small collectives complete within a few polls
             if test():
@@ -606,19 +802,8 @@ class RankGroup:
             last_done = None
         err = _timeout_error(cur.seq, cur.site, cur.op, self.rank, tuple(missing), arrived, last_done, waited)
         last = "never completed a collective" if last_done is None else last_done[1]
-        log.error(
-            "lifecycle.collective_desync",
-            request=None,
-            rank=self.rank,
-            role=None,
-            seq_no=cur.seq,
-            field="arrival",
-            sites=[arrived.get(r, last) for r in range(self.size)],
-            missing=list(missing),
-            **_common_fields(),
-        )
-        self._broken = err
-        raise err
+        self._break(err, dict(request=None, rank=self.rank, role=None, seq_no=cur.seq, field="arrival",
+                              sites=[arrived.get(r, last) for r in range(self.size)], missing=list(missing)))
 
 
 # ---------------------------------------------------------------------- consensus over engine states
@@ -676,7 +861,9 @@ def _request_id(r: Any) -> int:
     return int(r)
 
 
-def poll_symmetric(engine: Any, group: RankGroup, requests: Iterable[int]) -> SymmetricDecisions:
+def poll_symmetric(
+    engine: Any, group: RankGroup, requests: Iterable[int], *, site: str | None = None
+) -> SymmetricDecisions:
     """Poll the local engine, then agree with every rank on what finished. Collective.
 
     Call it unconditionally on every rank every iteration.  ``requests`` is the set of request ids
@@ -702,11 +889,18 @@ def poll_symmetric(engine: Any, group: RankGroup, requests: Iterable[int]) -> Sy
         exc = InvalidArgument("requests", f"expected an iterable of request ids, got {type(requests).__name__}")
         poll_error, ids = (poll_error or exc), []
     local = np.empty(1 + 2 * len(ids), dtype=np.int64)
-    local[0] = 1 if poll_error is not None else 0
     local[1::2] = np.array(ids, dtype=np.uint64).view(np.int64)  # ids are uint64: two's complement on the wire
-    local[2::2] = [_local_flags(engine, r, unknown) for r in ids]
+    flags = []
+    for r in ids:
+        try:
+            flags.append(_local_flags(engine, r, unknown))
+        except Exception as exc:  # an engine-like object's own error: re-raised after the collective too
+            poll_error = poll_error or exc
+            flags.append(0)
+    local[2::2] = flags
+    local[0] = 1 if poll_error is not None else 0
     seq_no = group.statistics().seq
-    parts = group.allgather_ints(local, site=_call_site())
+    parts = group._allgather_ints("poll_symmetric", local, _call_site() if site is None else site)
     everywhere: dict[int, int] = {}
     anywhere: dict[int, int] = {}
     seen: dict[int, int] = {}

@@ -12,6 +12,7 @@ import enum
 import itertools
 import os
 import struct
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -468,11 +469,13 @@ class TransferEngine(_core.Engine):
                 raise TimeoutError(f"request {request} still {st.value} after {timeout}s")
             self.drain(min(left, 0.05))
 
-    def poll_symmetric(self, group, requests):
-        """Rank-consistent decisions over ``requests``; every rank must call it every iteration."""
-        from .collectives import poll_symmetric
+    def poll_symmetric(self, group, requests, *, site=None):
+        """Rank-consistent decisions over ``requests``; every rank must call it every iteration.  The ledger
+        records the caller's line as the call site (it recorded this line, for every caller: divergent calls
+        through here went unseen)."""
+        from .collectives import _site_from, poll_symmetric
 
-        return poll_symmetric(self, group, requests)
+        return poll_symmetric(self, group, requests, site=_site_from(sys._getframe(1)) if site is None else site)
 
     # ---- logging ----------------------------------------------------------------------------
     def _emit(self, name: str, request: int | None, role: str | None, t_ns: int | None = None, **kw) -> None:

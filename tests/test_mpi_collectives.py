@@ -258,18 +258,106 @@ def test_bad_input_on_one_rank_never_strands_the_others(n):
     for rank, res in got.items():
         assert "error" not in res and res["after"] == "barrier ok" and res["big_pending"], (rank, res)
         assert res["op"] == "op" and res["watchdog"] == "watchdog" and res["closed"], res
-        assert res["reduce"] == "CollectiveDesyncError", res  # bad values on rank 0: a desync everywhere
+        assert res["op_list"] == ["op", res["op_list"][1]] and res["op_list"][1] > 0, res  # seq advanced
+        # values that are not int64 on rank 0 (a str, a float, uint64 past int64, NaN): every rank raises
+        # naming rank 0, and the group stays usable (they were a desync that broke it; floats were truncated)
+        assert [res[f"reduce{i}"] for i in range(4)] == [["values", True]] * 4, res
+        assert res["reduce_ok"] == [2 * n], res
+        assert res["reduce"] == ["CollectiveDesyncError", "site", True], res  # a non-str site on rank 0
+        assert res["no_ledger"] == ["values", [n]], res
+        assert res["options"] == ["spin", "announce_after"], res
+        assert res["close_payloads"] == ["close", ["never flushed"]] and res["after_close"] == "group", res
+        # pickles on rank 0, unpickles nowhere: every rank raises, the others' payloads on .result
+        assert res["unpickle"] == ["payload", [[r] for r in range(1, n)], [0]], res
         if rank == 0:
             assert res["steps"] == [["invalid", "requests"]] * 3, res
             assert res["flush"] == ["invalid", "payload", 2], res
             assert res["agree"] == ["invalid", "n"], res
             assert res["gather"] == ["invalid", "values"], res
+            assert res["flag"] == ["invalid", "flag"], res
+            assert res["missing_class"] == ["ok", ["OnlyHere"] + ["int"] * (n - 1)], res  # it has the class
+            assert res["state_raises"] == "engine state unavailable", res
         else:
             assert res["steps"] == [["decided", [0], True]] * 3, res
             assert res["flush"] == [0] + [1] * (n - 1), res
             assert res["agree"] == 0, res  # the bad rank joined as 0: nobody processes anything this time
             assert res["gather"] == [[]] + [[r] for r in range(1, n)], res
+            assert res["flag"] is True, res  # rank 0 joined as False; the others passed True
+            assert res["missing_class"] == ["payload", None, [[r] for r in range(1, n)], [0]], res
+            assert res["state_raises"] == [0], res
     raw = mpirun(n, "bad_input.py", "--raw", timeout=90)
     assert not raw.timed_out, explain(raw)
     others = {r: res for r, res in raw.by_rank().items() if r != 0}
     assert others and all(res.get("error") == "CollectiveTimeoutError" for res in others.values()), explain(raw)
+
+
+# --------------------------------------------------------------------------- misuse and long runs (robustness.py)
+
+
+def test_a_rank_that_never_waits_reads_the_arrival_notices_sent_to_it():
+    """Rank 0 arrives last at every step, so the other rank waits and sends a notice each time, while rank 0
+    never waits long enough to read them.  It reads them every ``_DRAIN_EVERY`` collectives now; before, all
+    of them stayed in MPI's unexpected queue (about 4.8 KB each) for the life of the job.  Negative control:
+    with the periodic read off, every notice is still unread after 400 steps."""
+    steps = 400
+    run = mpirun(2, "robustness.py", "--case", "notices", "--steps", str(steps), timeout=90)
+    assert run.rc == 0 and not run.timed_out, explain(run)
+    got = run.by_rank()
+    every = got[0]["every"]
+    assert got[1]["slow_waits"] > steps // 2, got  # the notices were sent
+    assert got[0]["unread"] < every, got
+    control = mpirun(2, "robustness.py", "--case", "notices", "--steps", str(steps), "--no-drain", timeout=90)
+    assert control.rc == 0 and not control.timed_out, explain(control)
+    c = control.by_rank()
+    assert c[0]["unread"] > max(every, steps // 2), c
+
+
+def test_an_exception_inside_a_wait_breaks_the_group_with_a_typed_error():
+    """A timer's exception raised inside rank 0's wait left the header request active; the next call raised a
+    raw mpi4py error.  It raises CollectiveDesyncError (field 'interrupted') and the group is broken; the other
+    rank's next collective times out naming rank 0.  Control: with the check's flag cleared, the raw error."""
+    run = mpirun(2, "robustness.py", "--case", "interrupt", timeout=60)
+    assert not run.timed_out, explain(run)
+    got = run.by_rank()
+    assert got[0] == {"rank": 0, "first": "interrupted", "next": ["CollectiveDesyncError", "interrupted", True, True]}
+    assert got[1]["first"] is True and got[1]["next"] == ["CollectiveTimeoutError", [0]], got
+    control = mpirun(2, "robustness.py", "--case", "interrupt", "--no-check", timeout=60)
+    assert not control.timed_out, explain(control)
+    assert control.by_rank()[0]["next"] == ["mpi4py.MPI", "Exception"], explain(control)
+
+
+def test_a_logger_that_raises_never_replaces_the_desync_error():
+    run = mpirun(2, "robustness.py", "--case", "logger", timeout=60)
+    assert not run.timed_out, explain(run)
+    for rank, res in run.by_rank().items():
+        assert res["got"] == ["CollectiveDesyncError", "op", True, True] and res["after"] is True, (rank, res)
+
+
+def test_engine_poll_symmetric_records_its_callers_site():
+    """TransferEngine.poll_symmetric recorded its own line as the call site, so calls from two different lines
+    agreed.  Control: one explicit site from both lines agrees (the site is what the ledger compares)."""
+    run = mpirun(2, "robustness.py", "--case", "engine-site", timeout=60)
+    assert not run.timed_out, explain(run)
+    for rank, res in run.by_rank().items():
+        assert res["got"] == ["CollectiveDesyncError", "site", ["robustness.py"], 2, True], (rank, res)
+    control = mpirun(2, "robustness.py", "--case", "engine-site", "--same-site", timeout=60)
+    assert not control.timed_out, explain(control)
+    assert [res["got"][0] for res in control.by_rank().values()] == ["returned"] * 2, explain(control)
+
+
+def test_a_rank_that_never_constructs_the_group_times_the_others_out():
+    """The constructor's communicator duplicates ran blocking: a rank that raised before it (or never got there)
+    hung the others for good.  Now they raise CollectiveTimeoutError within the watchdog (1.5 s).  Negative
+    control: a plain ``comm.Dup()`` hangs until the driver's timeout."""
+    run = mpirun(2, "robustness.py", "--case", "ctor", timeout=60)
+    assert not run.timed_out, explain(run)
+    res = run.by_rank()[1]
+    assert res["got"] == ["CollectiveTimeoutError", True], explain(run)
+    raw = mpirun(2, "robustness.py", "--case", "ctor", "--raw", timeout=15)
+    assert raw.timed_out and not raw.results, explain(raw)
+
+
+def test_ranks_that_disagree_on_the_ledger_all_raise():
+    run = mpirun(2, "robustness.py", "--case", "ledger", timeout=60)
+    assert run.rc == 0 and not run.timed_out, explain(run)
+    assert [r["got"] for r in run.by_rank().values()] == [["ledger"]] * 2, explain(run)

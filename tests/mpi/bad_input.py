@@ -5,6 +5,10 @@ Rank 0 alone passes what cannot be used: request ids that are negative, not ints
 every other rank gets its decisions (with rank 0 in ``poll_errors``) or its payloads, within the watchdog,
 and the group stays usable (a barrier afterwards).  Ids from 2**63 up (valid engine ids) agree on every rank.
 
+Also checked here: bad values for any_rank/allreduce_ints/an op/a site, payloads that pickle but do not
+unpickle (on every rank, or only where the class is missing), an engine whose ``state`` raises, ``close``
+with payloads never flushed, use after ``close``, and options that do not fit the watchdog.
+
 ``--raw`` is the negative control: rank 0 raises before the collective, as poll_symmetric and flush did
 before; the other ranks then time out in it (CollectiveTimeoutError), which the driver checks.
 """
@@ -14,11 +18,33 @@ from __future__ import annotations
 import argparse
 import time
 
+import numpy as np
+
 from _harness import emit, load_collectives
 
 from mpi4py import MPI
 
 from lifecycle import InvalidArgument, TransferEngine
+
+
+class TwoArgs(Exception):
+    """Pickles, but does not unpickle: BaseException's reduce passes only the message to __init__."""
+
+    def __init__(self, what, why):
+        super().__init__(f"{what}: {why}")
+
+
+class StateRaises:
+    """An engine-like object whose ``state`` raises something other than a lookup error."""
+
+    def poll(self):
+        return []
+
+    def state(self, req):
+        raise RuntimeError("engine state unavailable")
+
+    def outcome(self, req):
+        return None
 
 
 def main() -> None:
@@ -67,22 +93,82 @@ def main() -> None:
             out["gather"] = [p.tolist() for p in parts]
         except InvalidArgument as exc:
             out["gather"] = ("invalid", exc.argument)
+        try:
+            out["flag"] = group.any_rank(np.array([1, 2]) if rank == 0 else True)
+        except InvalidArgument as exc:
+            out["flag"] = ("invalid", exc.argument)
+        try:
+            group.allreduce_ints([1], op=["sum"])  # unhashable, on every rank
+        except InvalidArgument as exc:
+            out["op_list"] = [exc.argument, group.statistics().seq]
+        for i, bad in enumerate((["x"], [1.5], [2**64 - 1], [float("nan")])):
+            try:  # values that are not int64 on rank 0: every rank raises, the group stays usable
+                out[f"reduce{i}"] = group.allreduce_ints(bad if rank == 0 else [1]).tolist()
+            except InvalidArgument as exc:
+                out[f"reduce{i}"] = [exc.argument, "[0]" in str(exc)]
+        out["reduce_ok"] = group.allreduce_ints(np.array([2], dtype=np.uint8)).tolist()
+        group.push(TwoArgs("a", "b") if rank == 0 else rank)
+        try:  # pickles on rank 0, unpickles nowhere: every rank raises, the decoded payloads on the error
+            out["unpickle"] = group.flush()
+        except InvalidArgument as exc:
+            out["unpickle"] = [exc.argument, exc.result[1:], sorted(exc.blobs)]
+        if rank == 0:
+            global OnlyHere
+
+            class OnlyHere:  # pickled by reference as bad_input.OnlyHere: the other ranks cannot find it
+                pass
+
+            OnlyHere.__module__, OnlyHere.__qualname__ = "__main__", "OnlyHere"
+            group.push(OnlyHere())
+        else:
+            group.push(rank)
+        try:
+            got = group.flush()
+            out["missing_class"] = ["ok", [type(p[0]).__name__ if p else None for p in got]]
+        except InvalidArgument as exc:
+            out["missing_class"] = [exc.argument, exc.result[0], exc.result[1:], sorted(exc.blobs)]
+        try:
+            d = col.poll_symmetric(StateRaises() if rank == 0 else engine, group, [big])
+            out["state_raises"] = sorted(d.poll_errors)
+        except RuntimeError as exc:
+            out["state_raises"] = str(exc)
         group.barrier()
         out["after"] = "barrier ok"
         try:
             col.RankGroup(comm, watchdog="x")
         except InvalidArgument as exc:
             out["watchdog"] = exc.argument
-        group.close()
+        options = []
+        for kw in ({"spin": 2.0}, {"announce_after": 1.0}):
+            try:
+                col.RankGroup(comm, watchdog=1.0, **kw)
+            except InvalidArgument as exc:
+                options.append(exc.argument)
+        out["options"] = options
+        group.push("never flushed")
+        try:
+            group.close()
+        except InvalidArgument as exc:
+            out["close_payloads"] = [exc.argument, exc.payloads]
         group.close()  # idempotent
         out["closed"] = True
-        # values that are not int64 on one rank: it joins with a length no rank has, a desync on every rank
+        try:
+            group.barrier()
+        except InvalidArgument as exc:
+            out["after_close"] = exc.argument
+        # a site that is not a str on one rank: a desync naming it on every rank (the group then breaks)
         g2 = col.RankGroup(comm, watchdog=args.watchdog)
         try:
-            g2.allreduce_ints(["x"] if rank == 0 else [1])
+            g2.barrier(site=["x"] if rank == 0 else None)
             out["reduce"] = "returned"
         except col.CollectiveDesyncError as exc:
-            out["reduce"] = type(exc).__name__
+            out["reduce"] = [type(exc).__name__, exc.field, "invalid site" in exc.sites[0]]
+        # the same values without the ledger: p1 carries "invalid" instead of the fingerprint
+        g3 = col.RankGroup(comm, watchdog=args.watchdog, ledger=False)
+        try:
+            g3.allreduce_ints(["x"] if rank == 0 else [1])
+        except InvalidArgument as exc:
+            out["no_ledger"] = [exc.argument, g3.allreduce_ints([1]).tolist()]
     except Exception as exc:  # a timeout here is what the negative control shows
         out["error"] = type(exc).__name__
     emit(rank, **out)

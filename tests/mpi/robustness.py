@@ -1,0 +1,184 @@
+"""A RankGroup under misuse and long runs: each ``--case`` is one run of this program.
+
+notices      rank 0 always arrives last (it works 2 ms before each collective), so the others wait and
+             send arrival notices every step, while rank 0 never waits long.  Rank 0 read notices only
+             inside its own slow waits: MPI's unexpected queue grew by one notice per step and rank for
+             the life of the job.  Each rank counts the notices still unread after N steps.
+             ``--no-drain`` (the negative control) turns the periodic read off.
+interrupt    an exception raised into rank 0's wait (a timer's signal handler) leaves that collective
+             unfinished; the next call raised a raw mpi4py error (Start on an active request).  It
+             raises CollectiveDesyncError (field "interrupted") now, and the group is broken.
+             ``--no-check`` (the control) clears the flag the check reads: the raw MPI error comes back.
+logger       the structlog sink is closed before a desync: the logging error replaced the desync error
+             and left the group unbroken.
+engine-site  TransferEngine.poll_symmetric from two different lines: the ledger recorded the engine's
+             own line for every caller, so the divergence went unseen.  ``--same-site`` (the control)
+             passes one explicit site from both lines: no desync, as the site is what is compared.
+ctor         rank 0 never constructs the group; the others' constructor raises CollectiveTimeoutError
+             within the watchdog (a blocking Dup hung for good).  ``--raw`` (the control) uses a plain
+             ``comm.Dup()``: it hangs until the driver's timeout.
+ledger       rank 0 passes ledger=False, the others True: every rank raises InvalidArgument("ledger").
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import time
+
+from _harness import emit, load_collectives
+
+from mpi4py import MPI
+
+
+class Interrupted(Exception):
+    pass
+
+
+def end_job(comm, rank: int, group) -> None:
+    """Every rank has emitted; rank 0 ends the job (a rank may still wait in a collective that never ends)."""
+    comm.Barrier()
+    if rank == 0:
+        group.abort(0) if group is not None else comm.Abort(0)
+    time.sleep(60)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--case", required=True)
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--no-drain", action="store_true")
+    ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--same-site", action="store_true")
+    ap.add_argument("--raw", action="store_true")
+    args = ap.parse_args()
+    col = load_collectives()
+    comm = MPI.COMM_WORLD
+    rank = comm.Get_rank()
+    out: dict = {}
+    case = args.case
+
+    if case == "notices":
+        if args.no_drain:
+            col._DRAIN_EVERY = 1 << 62
+        g = col.RankGroup(comm, watchdog=10.0, announce_after=0.0, spin=0.0)
+        for _ in range(args.steps):
+            if rank == 0:
+                time.sleep(0.002)
+            g.any_rank(False)
+        unread = 0
+        st = MPI.Status()
+        while g._side.Iprobe(MPI.ANY_SOURCE, col._TAG_ARRIVAL, st):
+            buf = bytearray(st.Get_count(MPI.BYTE))
+            g._side.Recv([buf, MPI.BYTE], st.Get_source(), col._TAG_ARRIVAL)
+            unread += 1
+        g.barrier()
+        emit(rank, unread=unread, slow_waits=g.statistics().slow_waits, every=col._DRAIN_EVERY)
+        g.close()
+        return
+
+    if case == "interrupt":
+        g = col.RankGroup(comm, watchdog=2.0)
+        g.barrier()
+        if rank == 0:
+            def handler(signum, frame):
+                raise Interrupted("timer")
+
+            signal.signal(signal.SIGALRM, handler)
+            signal.setitimer(signal.ITIMER_REAL, 0.3)
+            try:
+                g.any_rank(True, site="gate")
+                out["first"] = "returned"
+            except Interrupted:
+                out["first"] = "interrupted"
+            if args.no_check:
+                g._open = False
+            try:
+                g.barrier()
+                out["next"] = "returned"
+            except col.CollectiveDesyncError as exc:
+                out["next"] = [type(exc).__name__, exc.field, g.broken is exc,
+                               "collective #1 (any_rank at gate)" in str(exc)]
+            except Exception as exc:
+                out["next"] = [type(exc).__module__, type(exc).__name__]
+        else:
+            time.sleep(1.0)
+            out["first"] = g.any_rank(False, site="gate")  # rank 0's request went on without it: True arrives
+            try:
+                g.barrier()
+                out["next"] = "returned"
+            except col.CollectiveTimeoutError as exc:
+                out["next"] = [type(exc).__name__, sorted(exc.missing)]
+        emit(rank, **out)
+        end_job(comm, rank, g)
+
+    if case == "logger":
+        import structlog
+
+        sink = open("/dev/null", "w")
+        structlog.configure(logger_factory=structlog.PrintLoggerFactory(sink))
+        sink.close()
+        g = col.RankGroup(comm, watchdog=5.0)
+        try:
+            g.any_rank(True) if rank == 0 else g.barrier()
+            out["got"] = "returned"
+        except col.CollectiveDesyncError as exc:
+            notes = getattr(exc, "__notes__", [])
+            out["got"] = [type(exc).__name__, exc.field, g.broken is exc,
+                          any("could not be logged" in n for n in notes)]
+        try:
+            g.barrier()
+        except col.CollectiveDesyncError as exc:
+            out["after"] = g.broken is exc
+        emit(rank, **out)
+        end_job(comm, rank, g)
+
+    if case == "engine-site":
+        from lifecycle import TransferEngine
+
+        g = col.RankGroup(comm, watchdog=5.0)
+        engine = TransferEngine()
+        site = "step.py:1:same" if args.same_site else None
+        try:
+            if rank == 0:
+                d = engine.poll_symmetric(g, [], site=site)
+            else:
+                d = engine.poll_symmetric(g, [], site=site)
+            out["got"] = ["returned", d.seq_no]
+        except col.CollectiveDesyncError as exc:
+            out["got"] = [type(exc).__name__, exc.field, sorted({s.rsplit(":", 2)[0] for s in exc.sites.values()}),
+                          len(set(exc.sites.values())), "poll_symmetric(" in str(exc)]
+        emit(rank, **out)
+        end_job(comm, rank, None)
+
+    if case == "ctor":
+        if rank == 0:
+            time.sleep(60)  # never constructs it; the abort ends this process
+        t0 = time.monotonic()
+        try:
+            if args.raw:
+                comm.Dup()
+                out["got"] = "returned"
+            else:
+                col.RankGroup(comm, watchdog=1.5)
+                out["got"] = "returned"
+        except col.CollectiveTimeoutError as exc:
+            out["got"] = [type(exc).__name__, "RankGroup() at robustness.py:" in str(exc)]
+        out["waited"] = time.monotonic() - t0
+        emit(rank, **out)
+        if rank == 1:
+            comm.Abort(0)
+        time.sleep(60)
+
+    if case == "ledger":
+        try:
+            col.RankGroup(comm, watchdog=5.0, ledger=rank != 0)
+            out["got"] = "returned"
+        except col.InvalidArgument as exc:
+            out["got"] = [exc.argument]
+        emit(rank, **out)
+        return
+
+
+if __name__ == "__main__":
+    main()

@@ -900,7 +900,11 @@ def poll_symmetric(
     local[2::2] = flags
     local[0] = 1 if poll_error is not None else 0
     seq_no = group.statistics().seq
-    parts = group._allgather_ints("poll_symmetric", local, _call_site() if site is None else site)
+    site = _call_site() if site is None else site
+    if isinstance(group, RankGroup):  # the ledger names the op poll_symmetric
+        parts = group._allgather_ints("poll_symmetric", local, site)
+    else:  # a group-like stand-in (the demo's one-rank SoloGroup)
+        parts = group.allgather_ints(local, site=site)
     everywhere: dict[int, int] = {}
     anywhere: dict[int, int] = {}
     seen: dict[int, int] = {}

@@ -592,6 +592,8 @@ class RankGroup:
         Idempotent (a second call freed freed handles: a raw MPI error)."""
         if self._broken is not None:
             raise self._broken
+        if self._open:  # freeing a pending request was a raw MPI error
+            self._break_unfinished()
         if self._closed:
             return
         self._closed = True
@@ -613,14 +615,7 @@ class RankGroup:
         if self._broken is not None:
             raise self._broken
         if self._open:
-            # The previous collective never finished on this rank: an exception (Ctrl-C, a signal handler,
-            # a timer) left its wait, or another thread is inside one.  Its MPI request may still be
-            # pending and can never be cancelled: the group is broken (a raw MPI error came next before).
-            cur = self._current
-            self._break(CollectiveDesyncError(
-                f"collective #{cur.seq} ({cur.op} at {cur.site}) did not finish on rank {self.rank}: interrupted "
-                "by an exception, or this group is used from two threads at once (one thread at a time); "
-                "abort the job", seq_no=cur.seq, field="interrupted", sites={self.rank: cur.site}))
+            self._break_unfinished()
         if self._closed:
             raise InvalidArgument("group", f"this RankGroup is closed (rank {self.rank}, {op})")
         site_err = _check_site(site)
@@ -661,6 +656,16 @@ class RankGroup:
             self._done()  # every rank passed the same invalid site: each raises, in step
             raise InvalidArgument("site", site_err)
         return recv
+
+    def _break_unfinished(self) -> None:
+        """The previous collective never finished on this rank: an exception (Ctrl-C, a signal handler, a
+        timer) left its wait, or another thread is inside one.  Its MPI request may still be pending and can
+        never be cancelled: the group is broken (a raw MPI error came next before)."""
+        cur = self._current
+        self._break(CollectiveDesyncError(
+            f"collective #{cur.seq} ({cur.op} at {cur.site}) did not finish on rank {self.rank}: interrupted "
+            "by an exception, or this group is used from two threads at once (one thread at a time); "
+            "abort the job", seq_no=cur.seq, field="interrupted", sites={self.rank: cur.site}))
 
     @property
     def _current(self) -> Fingerprint:

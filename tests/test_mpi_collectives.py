@@ -319,7 +319,8 @@ def test_an_exception_inside_a_wait_breaks_the_group_with_a_typed_error():
     run = mpirun(2, "robustness.py", "--case", "interrupt", timeout=60)
     assert not run.timed_out, explain(run)
     got = run.by_rank()
-    assert got[0] == {"rank": 0, "first": "interrupted", "next": ["CollectiveDesyncError", "interrupted", True, True]}
+    assert got[0] == {"rank": 0, "first": "interrupted", "next": ["CollectiveDesyncError", "interrupted", True, True],
+                      "close": "interrupted"}
     assert got[1]["first"] is True and got[1]["next"] == ["CollectiveTimeoutError", [0]], got
     control = mpirun(2, "robustness.py", "--case", "interrupt", "--no-check", timeout=60)
     assert not control.timed_out, explain(control)

@@ -1,8 +1,10 @@
 # kv-lifecycle developer entry points.  README's two commands: `make demo` and `make test`.
 PYTHON ?= python3
 JOBS ?= 2
-PYBIND11_DIR := $(shell $(PYTHON) -m pybind11 --cmakedir 2>/dev/null)
-CMAKE_FLAGS := -G Ninja -DPython_EXECUTABLE=$(shell command -v $(PYTHON)) -Dpybind11_DIR=$(PYBIND11_DIR)
+# Evaluated where used (=, not :=): `make test` on a fresh machine reads this file before its setup step
+# installs pybind11, and an empty value then broke the reconfigure of build/release.
+PYBIND11_DIR = $(shell $(PYTHON) -m pybind11 --cmakedir 2>/dev/null)
+CMAKE_FLAGS = -G Ninja -DPython_EXECUTABLE=$(shell command -v $(PYTHON)) -Dpybind11_DIR=$(PYBIND11_DIR)
 
 .PHONY: setup build test test-cpp test-sanitize test-py demo bench clean
 

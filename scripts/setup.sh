@@ -15,6 +15,7 @@ if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
   fi
 fi
 need_apt=()
+command -v c++ >/dev/null || command -v g++ >/dev/null || need_apt+=(g++)  # C++20: GCC 10 or newer
 command -v dot >/dev/null || need_apt+=(graphviz)
 command -v chromium >/dev/null || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then

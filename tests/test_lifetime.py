@@ -237,6 +237,57 @@ def test_a_slow_nixl_call_stalls_only_the_thread_that_waits_for_it(call, tmp_pat
     assert naps[0] - naps_before > 50, (naps_before, naps[0])
 
 
+@needs_nixl
+@pytest.mark.parametrize("call", ["cancel, poll, health", "control: stats"])
+def test_executor_calls_never_wait_for_a_stuck_nixl_call(call, tmp_path):
+    """DESIGN §7: an executor's cancel() / poll() / health() never wait on the backend.  Here the progress
+    thread of the passive side's transport is inside a get_notifs that takes 2 s, holding the agent's lock;
+    its session (a receiver that expects a WRITE) is cancelled, which owes the peer a stop notification.
+    The calls must return while that NIXL call is still inside (an order, not a time).  Control: stats(),
+    which does take the agent's lock, returns only after the call left NIXL -- the check can fail."""
+    import ctypes
+    import time
+
+    from lifecycle import CancelResult, TransferEngine
+    from lifecycle.transport import NixlTransport, pool_slot
+
+    shim = slow_capi(tmp_path)
+    lib = ctypes.CDLL(str(shim))
+    inside, slow = ctypes.c_int.in_dll(lib, "shim_inside"), ctypes.c_int.in_dll(lib, "shim_slow_next")
+    ea = TransferEngine(num_slots=1, slot_size=4096, transfer_timeout=60, cancel_grace=60)
+    eb = TransferEngine(num_slots=1, slot_size=4096, transfer_timeout=60, cancel_grace=60)
+    tag = "ctl" if call.startswith("control") else "exe"
+    a = NixlTransport(ea, f"stuck-a-{tag}", capi_path=str(shim))  # only this agent calls the shim
+    b = NixlTransport(eb, f"stuck-b-{tag}")
+    try:
+        a.register(ea.pool)
+        b.register(eb.pool)
+        b_at_a = a.add_peer(b.metadata())
+        b.add_peer(a.metadata())
+        ea.advertise(1, "receiver", 4096)
+        a.expect(1, b_at_a, pool_slot(ea, 1).slice(0, 4096))  # passive, InFlight: the WRITE never comes
+        slow.value = 1
+        deadline = time.monotonic() + 30
+        while not inside.value and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert inside.value, "the progress thread never entered the slowed get_notifs"
+        if call.startswith("control"):
+            a.stats()
+            returned_inside = inside.value
+        else:
+            res = ea.cancel(1)
+            ea.poll()
+            ea.health()
+            returned_inside = inside.value
+            assert res is CancelResult.CancelRequestedInFlight, res
+        while inside.value and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert returned_inside == (0 if call.startswith("control") else 1), call
+    finally:
+        a.close()
+        b.close()
+
+
 EXIT_INSIDE_A_CALL = """
     import gc, threading, time
     from lifecycle import TransferEngine, _core

@@ -11,7 +11,10 @@ requests, counters) and a small tombstone stays behind in a bounded window, so a
 or a late ``TerminateNow`` is still caught.  Memory is bounded by the number of live requests plus
 fixed-size windows, not by file length.
 
-Sessions are keyed by ``(rank, request)``.  Each ``lifecycle.transition`` is checked against the table
+A session is one request on one rank in one role (DESIGN §2), of one engine: sessions are keyed by ``(rank, request,
+(stream, engine))`` when events carry the optional ``engine`` key, else by ``(rank, request, role)``; a seq stream is
+a ``proc`` (optional key, random per process), else a pid within one file; slots are ``(stream, engine, slot)``
+(one engine's pool holds both roles).  Each ``lifecycle.transition`` is checked against the table
 (``spec.rows``): the replayed state must equal ``from_state`` and ``from_state + trigger`` must be a
 moving row that lands on ``to_state``.  Cancel/terminate *results* are checked for validity, not replayed
 against the state (the engine logs them in causal order at ``poll()``, after the transitions the call
@@ -21,8 +24,8 @@ Violations (exit status 1): ``malformed`` (a line that is not a valid event; fil
 ``illegal_transition``, ``terminated_before_terminal``, ``leak`` (never terminated), ``double_termination``,
 ``deferred_delivery`` (a deferred terminate delivered 0 or >= 2 times, or delivered without a deferral),
 ``slot_reuse`` (a slot leased again while poisoned/quarantined without ``buffer_recovered``, or while
-another live session holds it), ``rank_disagreement`` (ranks report different outcomes for one request),
-``seq_gap`` (lost or duplicated lines in a per-pid sequence), ``collective_desync``, ``unreadable``.
+another live session holds it), ``rank_disagreement`` (ranks report different outcomes for one request in one
+role), ``seq_gap`` (lost or duplicated lines in a stream's sequence), ``collective_desync``, ``unreadable``.
 Warnings (reported, exit 0): engine-rejected illegal events, callback errors, unhealthy periods,
 streams that do not start at seq 0, sessions that start mid-log, table digest mismatches.
 
@@ -262,6 +265,11 @@ def build_schema(spec: _spec.Spec) -> dict:
             "pid": {"type": "integer", "minimum": 0},
             "table": {"type": "string", "pattern": "^[0-9a-f]{16}$", "description": "lifecycle table digest"},
             "schema": {"const": SCHEMA_ID},
+            "proc": {"type": "integer", "minimum": 0,
+                     "description": "optional: random per process (new after fork); keys the seq stream"},
+            "engine": {"type": ["integer", "null"], "minimum": 0,
+                       "description": "optional: the emitting engine, unique within its proc; null or absent "
+                                      "for events not from an engine (collectives)"},
         },
         "allOf": [
             {"if": {"properties": {"event": {"const": name}}, "required": ["event"]},
@@ -522,7 +530,7 @@ class AuditResult:
     rejected: dict[tuple[str, str], int]
     slowest: list[RequestSummary]
     violating: list[RequestSummary]
-    streams: dict[int, dict]
+    streams: dict[str, dict]  # label (_stream_label) -> {events, next_seq, file, first_seq, pid, proc}
     ranks: list[int]
 
     @property
@@ -733,11 +741,17 @@ _move_fields = operator.itemgetter(*_MOVE_KEYS)
 # _TOMB fields are also a tombstone's: a folded session leaves s[:_TOMB] (_S_LAST_LINE: its final transition).
 _S_DEFERRED, _S_NOTICES, _S_TERM_RESULTS, _S_FILE, _S_LAST_LINE, _S_DEFER_LINE, _S_NOTICE_LINE = range(7)
 _S_KEY, _S_KINDS, _TOMB = range(7, 10)
-_S_STATE, _S_ENTERED, _S_START, _S_ROLE, _S_SLOT, _S_PID, _S_OUTCOME, _S_LINE, _S_HIST = range(_TOMB, _TOMB + 9)
+_S_STATE, _S_ENTERED, _S_START, _S_ROLE, _S_SLOT, _S_STREAM, _S_OUTCOME, _S_LINE, _S_HIST = range(_TOMB, _TOMB + 9)
 _S_MOVES = _TOMB + 9  # the moves out of _S_STATE: {trigger: edge record}
-# stream list fields (one stream per pid).  Invariant: events seen = [_ST_BIAS] + [_ST_NEXT], so a line in
-# sequence (the common case) only advances _ST_NEXT.
-_ST_NEXT, _ST_MAX_T, _ST_MISSING, _ST_BIAS, _ST_FILE, _ST_FIRST, _ST_HEAD = range(7)  # _ST_HEAD: seq 0 seen
+_S_ENGINE = _TOMB + 10  # the `engine` key of its creating event (None: absent); its slots are (stream, engine, slot)
+# stream list fields (one stream per proc, or per (file, pid) for lines without proc).  Invariant: events seen =
+# [_ST_BIAS] + [_ST_NEXT], so a line in sequence (the common case) only advances _ST_NEXT.
+_ST_NEXT, _ST_MAX_T, _ST_MISSING, _ST_BIAS, _ST_FILE, _ST_FIRST, _ST_HEAD, _ST_PID, _ST_PROC = range(9)
+# (_ST_HEAD: seq 0 seen; _ST_PID, _ST_PROC: of its first line)
+# Sessions are keyed (rank, request, ident): ident is (stream key, engine) when the event names its engine, else
+# the role.  An event with a null role and no engine (terminate_now in logs without `engine`) finds the session of
+# that request on that rank in these roles, in this order.
+_NULL_ROLE_LOOKUP = (None, "sender", "receiver")
 # A stream that began at most this far past seq 0 and meets a seq before its first within this many lines is
 # reading its head out of order (two threads logging at start), not restarting: the others are awaited.
 _HEAD_REORDER = 64
@@ -830,9 +844,13 @@ class Auditor:
         self.slowest: list = []  # min-heap of (lifetime, tiebreak, RequestSummary)
         self._tiebreak = 0
         self.violating: list[RequestSummary] = []
-        self.streams: dict[int, list] = {}  # pid -> [next seq, max t, missing {seq: (file, line, rank)}, ...]
-        self.slots: dict[tuple[int, int], list] = {}  # (pid, slot) -> [status, owner_key, file, line]
-        self.xrank: dict[int, list] = {}  # request -> [outcome, rank, nranks, reported]
+        # stream key (proc, or (file, pid) for lines without proc) -> [next seq, max t, missing {seq: (file, line,
+        # rank)}, ...]
+        self.streams: dict[object, list] = {}
+        self.slots: dict[tuple, list] = {}  # (stream key, engine, slot) -> [status, owner session key, file, line]
+        # (request, role) -> [outcome, rank, ranks reported, reported, file, line]: the first outcome of the
+        # request's current lifetime among that role's ranks (a rank reporting again starts a new lifetime)
+        self.xrank: dict[tuple, list] = {}
         self.ranks: set[int] = set()
         self._bad_tables: set = set()
         self._file = "<events>"
@@ -1032,6 +1050,11 @@ class Auditor:
                 or role not in _ROLES:
             self._bad_common(d, line)
             return
+        proc, eng = d.get("proc"), d.get("engine")  # optional (older logs lack them)
+        if (proc is not None and (type(proc) is not int or proc < 0)) or \
+                (eng is not None and (type(eng) is not int or eng < 0)):
+            self._bad_common(d, line)
+            return
         if req is not None and type(req) is not int:
             self._find("malformed", line, f"'request' must be an int or null, got {_tname(req)}", rank=rank)
             return
@@ -1040,25 +1063,27 @@ class Auditor:
         handler = self._handlers.get(name)
         if handler is not None:
             self.event_counts[name] += 1
-        # per-process sequence
-        st = self.streams.get(pid)
+        self.ranks.add(rank)
+        # per-process sequence: keyed by proc; without it by (file, pid), as processes in different files may share
+        # a pid (containers)
+        sk = proc if proc is not None else (self._file, pid)
+        st = self.streams.get(sk)
         if st is None:
-            self.streams[pid] = [seq + 1, t, None, -seq, self._file, seq, seq == 0]
+            self.streams[sk] = [seq + 1, t, None, -seq, self._file, seq, seq == 0, pid, proc]
             if seq != 0:
                 self._find("stream_start", line, f"pid {pid}: stream starts at seq {seq}, not 0 (rotated log?)",
                            rank=rank)
-            self.ranks.add(rank)
         else:
             if t > st[_ST_MAX_T]:
                 st[_ST_MAX_T] = t
             if seq == st[_ST_NEXT]:
                 st[_ST_NEXT] = seq + 1
             else:
-                self._seq_mismatch(st, pid, seq, line, rank)
+                self._seq_mismatch(st, st[_ST_PID], seq, line, rank)
         if handler is None:
             self._find("malformed", line, f"unknown event name {name[:80]!r}", rank=rank, request=req)
         else:
-            handler(d, name, req, rank, pid, t, line)
+            handler(d, name, req, rank, sk, eng, role if eng is None else (sk, eng), t, line)
 
     def _table_mismatch(self, tbl: object, line: int, rank: int) -> None:
         if _new_bad_table(self._bad_tables, tbl):
@@ -1088,6 +1113,12 @@ class Auditor:
             probs.append("missing 'schema'")
         elif v != SCHEMA_ID:
             probs.append(f"'schema' must be '{SCHEMA_ID}'")
+        for k in ("proc", "engine"):  # optional
+            v = d.get(k)
+            if v is not None and type(v) is not int:
+                probs.append(f"'{k}' must be int or null, got {_tname(v)}")
+            elif v is not None and v < 0:
+                probs.append(f"'{k}' must be >= 0")
         rank = d.get("rank") if type(d.get("rank")) is int else None
         req = d.get("request") if type(d.get("request")) is int else None
         self._find("malformed", line, "; ".join(probs), rank=rank, request=req)
@@ -1148,13 +1179,13 @@ class Auditor:
             i = j + 1
         st[_ST_MISSING] = {s: missing[s] for s in rest} or None
 
-    def _transition(self, d: dict, name: str, req, rank: int, pid: int, t: int, line: int) -> None:
+    def _transition(self, d: dict, name: str, req, rank: int, sk, eng, sid, t: int, line: int) -> None:
         try:
             move = _move_fields(d)
         except KeyError:  # a missing key reads as null
             move = tuple(map(d.get, _MOVE_KEYS))
         frm, trig, to, outcome, deferred = move
-        key = (rank, req)
+        key = (rank, req, sid)
         s = self.live.get(key)
         try:
             edge = s[_S_MOVES].get(trig) if s is not None and frm == s[_S_STATE] else None
@@ -1165,7 +1196,7 @@ class Auditor:
             count, tis, into, to, moves = edge
             edge[_E_COUNT] = count + 1
         else:
-            s = self._check_transition(key, s, frm, to, trig, outcome, d, pid, t, line)
+            s = self._check_transition(key, s, frm, to, trig, outcome, d, sk, eng, t, line)
             if s is None:
                 return
             tis = self.tis.get(s[_S_STATE])
@@ -1189,20 +1220,19 @@ class Auditor:
         if into == _INTO_TERMINAL:
             if outcome is not None:
                 self.outcomes[outcome] += 1
-                if len(self.ranks) > 1 or self.xrank:
-                    self._xrank(req, rank, outcome, line)
+                self._xrank(s, req, d.get("role"), rank, outcome, line)
             if to != "Quiesced" and s[_S_SLOT] >= 0:
-                sl = self.slots.get((pid, s[_S_SLOT]))
+                sl = self.slots.get((s[_S_STREAM], s[_S_ENGINE], s[_S_SLOT]))
                 if sl is not None and sl[1] == key:
                     sl[0] = "poisoned"
         elif into == _INTO_FINAL:
             self._fold(key, s, t, line)
 
-    def _check_transition(self, key, s: list | None, frm, to, trig, outcome, d: dict, pid: int, t: int,
+    def _check_transition(self, key, s: list | None, frm, to, trig, outcome, d: dict, sk, eng, t: int,
                           line: int) -> list | None:
         """Every transition but a legal move of a live session: validate, report, create or adopt the
         session, count the edge.  Returns the session to move to ``to``, or None when the event ends here."""
-        rank, req = key
+        rank, req, _ = key
         try:
             well_formed = type(req) is int and (frm, trig, to, outcome) in self._well_formed
         except TypeError:  # a JSON list or object where a name belongs (unhashable)
@@ -1211,7 +1241,7 @@ class Auditor:
             self._malformed_transition(req, rank, frm, to, trig, outcome, line)
             return None
         if frm is None:
-            self._create(key, s, to, trig, d, pid, t, line)
+            self._create(key, s, to, trig, d, sk, eng, t, line)
             return None
         if s is None:
             tomb = self.tombs.get(key)
@@ -1226,7 +1256,7 @@ class Auditor:
             # the session started before this log did: adopt it at from_state
             self._find("adopted_session", line, f"first seen in state {frm} (advertise not in the log)", rank=rank,
                        request=req)
-            s = self._new_session(key, frm, d, pid, t, line)
+            s = self._new_session(key, frm, d, sk, eng, t, line)
         cur = s[_S_STATE]
         edge = self._moves[frm].get(trig)
         dst = edge[_E_DST] if edge is not None else None
@@ -1259,9 +1289,9 @@ class Auditor:
             self._find("malformed", line, f"lifecycle.transition: unknown outcome {_r(outcome)}", rank=rank,
                        request=req)
 
-    def _create(self, key, s: list | None, to: str, trig: str, d: dict, pid: int, t: int, line: int) -> None:
+    def _create(self, key, s: list | None, to: str, trig: str, d: dict, sk, eng, t: int, line: int) -> None:
         """The creating event (from_state null)."""
-        rank, req = key
+        rank, req, _ = key
         if trig != self.create_event or to != self.initial:
             self._illegal(None, trig, to, line, rank, req, s,
                           f"creating event must be {self.create_event} -> {self.initial}")
@@ -1276,15 +1306,15 @@ class Auditor:
             if len(self._tomb_order) > 2 * len(self.tombs) + 64:  # drop the removed ones: O(1) amortized
                 self._tomb_order = deque(x for x in self._tomb_order if x[_S_KEY] is not None)
         self._created += 1
-        s = self._new_session(key, to, d, pid, t, line)
+        s = self._new_session(key, to, d, sk, eng, t, line)
         if s[_S_SLOT] >= 0:
-            self._lease(s, key, pid, s[_S_SLOT], line, rank, req)
+            self._lease(s, key, (sk, eng, s[_S_SLOT]), line, rank, req)
 
-    def _new_session(self, key, state: str, d: dict, pid: int, t: int, line: int) -> list:
+    def _new_session(self, key, state: str, d: dict, sk, eng, t: int, line: int) -> list:
         slot = d.get("slot")
         s = [False, 0, 0, self._file, line, 0, 0, key, None,
-             state, t, t, d.get("role"), slot if type(slot) is int and slot >= 0 else -1, pid, None, line, [state, t],
-             self._moves[state]]
+             state, t, t, d.get("role"), slot if type(slot) is int and slot >= 0 else -1, sk, None, line, [state, t],
+             self._moves[state], eng]
         self.live[key] = s
         self.requests += 1
         return s
@@ -1296,8 +1326,10 @@ class Auditor:
         if s is not None:
             self._mark(s, "illegal_transition")
 
-    def _lease(self, s: list, key, pid: int, slot: int, line: int, rank: int, req: int) -> None:
-        sk = (pid, slot)
+    def _lease(self, s: list, key, sk: tuple, line: int, rank: int, req: int) -> None:
+        """Slots are keyed (stream, engine, slot): one engine's pool (both roles share it); two engines in one
+        process have two pools."""
+        slot = sk[2]
         prev = self.slots.get(sk)
         if prev is not None:
             status, owner, pf, pl = prev
@@ -1311,34 +1343,39 @@ class Auditor:
             self._mark(s, "slot_reuse")
         self.slots[sk] = ["held", key, self._file, line]
 
-    def _xrank(self, req: int, rank: int, outcome: str, line: int) -> None:
-        x = self.xrank.get(req)
-        if x is None:
-            if len(self.ranks) > 1:
-                if len(self.xrank) >= self.window * 4:
-                    self.xrank.pop(next(iter(self.xrank)))
+    def _xrank(self, s: list, req: int, role, rank: int, outcome: str, line: int) -> None:
+        """Compare a terminal outcome with the first one of the same request and role on other ranks (the
+        tensor-parallel ranks of one side; a sender is never compared with a receiver).  Every outcome is
+        recorded, whether or not other ranks have been seen yet (a rank's first line may come later), in a
+        window of ``4 * window`` (request, role) entries, oldest evicted first (counted as window_evicted once
+        several ranks were seen).  A rank that reports the request again starts a new lifetime of it (the id
+        was reused)."""
+        xk = (req, role)
+        x = self.xrank.get(xk)
+        if x is None or rank in x[2]:
+            if x is not None:
+                del self.xrank[xk]
+            elif len(self.xrank) >= self.window * 4:
+                self.xrank.pop(next(iter(self.xrank)))
+                if len(self.ranks) > 1:
                     self.counts["window_evicted"] = self.counts.get("window_evicted", 0) + 1
-                self.xrank[req] = [outcome, rank, 1, False, self._file, line]
+            self.xrank[xk] = [outcome, rank, {rank}, False, self._file, line]
             return
-        x[2] += 1
+        x[2].add(rank)
         if x[0] != outcome and not x[3]:
             x[3] = True
             self._find("rank_disagreement", line,
                        f"rank {rank} says {outcome}, rank {x[1]} said {x[0]} ({x[4]}:{x[5]})", rank=rank,
                        request=req, outcomes={str(x[1]): x[0], str(rank): outcome}, other_line=x[5],
                        other_file=x[4])
-            s = self.live.get((rank, req))
-            if s is not None:
-                self._mark(s, "rank_disagreement")
-        if x[2] >= len(self.ranks):
-            del self.xrank[req]
+            self._mark(s, "rank_disagreement")
 
-    def _cancel(self, d: dict, name: str, req, rank: int, pid: int, t: int, line: int) -> None:
+    def _cancel(self, d: dict, name: str, req, rank: int, sk, eng, sid, t: int, line: int) -> None:
         r = d.get("result")
         if not _member(r, self.spec.cancel_frees):
             self._find("malformed", line, f"lifecycle.cancel: unknown result {r!r}", rank=rank, request=req)
 
-    def _late_or_rejected(self, d: dict, name: str, req, rank: int, pid: int, t: int, line: int) -> None:
+    def _late_or_rejected(self, d: dict, name: str, req, rank: int, sk, eng, sid, t: int, line: int) -> None:
         trig, state = d.get("trigger"), d.get("state")
         if not _member(trig, self.events_set) or not _member(state, self.states):
             self._find("malformed", line, f"{name}: bad trigger/state {trig!r}/{state!r}", rank=rank, request=req)
@@ -1350,39 +1387,38 @@ class Auditor:
             self._find("rejected_event", line, f"engine rejected {trig} in state {state} (illegal call)", rank=rank,
                        request=req)
 
-    def _slot_event(self, d: dict, name: str, req, rank: int, pid: int, t: int, line: int) -> None:
+    def _slot_event(self, d: dict, name: str, req, rank: int, sk, eng, sid, t: int, line: int) -> None:
         slot = d.get("slot")
         if type(slot) is not int or type(d.get("generation")) is not int:
             self._find("malformed", line, f"{name}: slot/generation must be ints", rank=rank, request=req)
             return
-        key = (pid, slot)
+        key = (sk, eng, slot)
         if name == "lifecycle.buffer_recovered":
             self.slots.pop(key, None)
         else:
-            self.slots[key] = ["quarantined", (rank, req), self._file, line]
+            self.slots[key] = ["quarantined", (rank, req, sid), self._file, line]
 
-    def _callback_error(self, d: dict, name: str, req, rank: int, pid: int, t: int, line: int) -> None:
+    def _callback_error(self, d: dict, name: str, req, rank: int, sk, eng, sid, t: int, line: int) -> None:
         self._find("callback_error", line, f"on_terminate raised {d.get('error')!r}", rank=rank, request=req)
 
-    def _health(self, d: dict, name: str, req, rank: int, pid: int, t: int, line: int) -> None:
+    def _health(self, d: dict, name: str, req, rank: int, sk, eng, sid, t: int, line: int) -> None:
         if d.get("healthy") is False:
             reasons = d.get("reasons") or ()
             if not isinstance(reasons, (list, dict, str)):
                 reasons = (reasons,)
             self._find("unhealthy", line, "engine unhealthy: " + "; ".join(map(str, reasons)), rank=rank)
 
-    def _collective_desync(self, d: dict, name: str, req, rank: int, pid: int, t: int, line: int) -> None:
+    def _collective_desync(self, d: dict, name: str, req, rank: int, sk, eng, sid, t: int, line: int) -> None:
         self._find("collective_desync", line,
                    f"collective #{d.get('seq_no')} diverged in {d.get('field')}: sites {d.get('sites')}", rank=rank)
 
-    def _terminate(self, d: dict, name: str, req, rank: int, pid: int, t: int, line: int) -> None:
+    def _terminate(self, d: dict, name: str, req, rank: int, sk, eng, sid, t: int, line: int) -> None:
         r = d.get("result")
         if r not in self.spec.terminate_results or type(req) is not int:
             self._find("malformed", line, f"lifecycle.terminate: bad result/request {_r(r)}/{_r(req)}", rank=rank)
             return
-        key = (rank, req)
         if r == "Deferred":
-            s = self.live.get(key)
+            s = self._session(rank, req, sid, False)
             if s is None:
                 self._find("orphan_event", line, "terminate deferred for a request with no live session", rank=rank,
                            request=req)
@@ -1391,7 +1427,7 @@ class Auditor:
             if not s[_S_DEFER_LINE]:
                 s[_S_DEFER_LINE] = line
         elif r == "Terminated":
-            s = self.live.get(key) or self.tombs.get(key)
+            s = self._session(rank, req, sid, True)
             if s is None:
                 return
             s[_S_TERM_RESULTS] += 1
@@ -1400,12 +1436,27 @@ class Auditor:
                            request=req)
                 self._mark(s, "double_termination")
 
-    def _terminate_now(self, d: dict, name: str, req, rank: int, pid: int, t: int, line: int) -> None:
+    def _session(self, rank: int, req: int, sid, tombs: bool, notice: bool = False) -> list | None:
+        """The live session (or, with ``tombs``, the tombstone) an event about ``req`` refers to: by its key, or for
+        an event with a null role and no engine (older logs), the first of that request's sessions on that rank by
+        role; for a TerminateNow (``notice``), the first one deferred and not yet delivered, if any."""
+        live = self.live
+        if sid is not None:
+            k = (rank, req, sid)
+            return live.get(k) or (self.tombs.get(k) if tombs else None)
+        found = [s for s in (live.get(k) or (self.tombs.get(k) if tombs else None)
+                             for k in ((rank, req, r) for r in _NULL_ROLE_LOOKUP)) if s is not None]
+        if notice:
+            for s in found:
+                if s[_S_DEFERRED] and not s[_S_NOTICES]:
+                    return s
+        return found[0] if found else None
+
+    def _terminate_now(self, d: dict, name: str, req, rank: int, sk, eng, sid, t: int, line: int) -> None:
         if type(req) is not int:
             self._find("malformed", line, "lifecycle.terminate_now needs an int request", rank=rank)
             return
-        key = (rank, req)
-        s = self.live.get(key) or self.tombs.get(key)
+        s = self._session(rank, req, sid, True, True)
         if s is None:
             self._find("orphan_event", line, "TerminateNow for a request with no session in the window", rank=rank,
                        request=req)
@@ -1433,7 +1484,7 @@ class Auditor:
         frm = hist[-4] if len(hist) >= 4 else None
         slot = s[_S_SLOT]
         if slot >= 0:
-            sk = (s[_S_PID], slot)
+            sk = (s[_S_STREAM], s[_S_ENGINE], slot)
             sl = self.slots.get(sk)
             if sl is not None and sl[1] == key:
                 if frm == "Poisoned" or sl[0] == "poisoned":
@@ -1471,7 +1522,7 @@ class Auditor:
                 return
 
     def _check_tomb(self, tomb: list) -> None:
-        rank, req = tomb[_S_KEY]
+        rank, req, _ = tomb[_S_KEY]
         n = tomb[_S_NOTICES]
         if tomb[_S_DEFERRED] and n == 0:
             self._find("deferred_delivery", tomb[_S_DEFER_LINE] or tomb[_S_LAST_LINE],
@@ -1495,8 +1546,8 @@ class Auditor:
 
     # -------------------------------------------------------------------- end of input
     def finish(self) -> AuditResult:
-        for pid, st in self.streams.items():
-            self._flush_missing(st, pid)
+        for st in self.streams.values():
+            self._flush_missing(st, st[_ST_PID])
         for tomb in self.tombs.values():
             self._check_tomb(tomb)
         self.tombs.clear()
@@ -1504,7 +1555,7 @@ class Auditor:
         live_left = 0
         for key, s in sorted(self.live.items(), key=lambda kv: (kv[1][_S_FILE], kv[1][_S_LINE])):
             live_left += 1
-            pid_t = self.streams[s[_S_PID]][_ST_MAX_T] if s[_S_PID] in self.streams else s[_S_ENTERED]
+            pid_t = self.streams[s[_S_STREAM]][_ST_MAX_T]
             age = max(pid_t - s[_S_START], 0)
             state = s[_S_STATE]
             if s[_S_DEFERRED] and state in self.terminal and s[_S_NOTICES] == 0:
@@ -1525,9 +1576,10 @@ class Auditor:
         edges: dict[tuple, int] = {(None, self.create_event, self.initial): self._created} if self._created else {}
         edges.update((e, rec[_E_COUNT]) for e, rec in self._edges.items() if rec[_E_COUNT])
         self.findings.sort(key=lambda f: (f.kind not in VIOLATION_KINDS, f.file, f.line, f.kind))
-        streams = {pid: {"events": st[_ST_BIAS] + st[_ST_NEXT], "next_seq": st[_ST_NEXT], "file": st[_ST_FILE],
-                         "first_seq": st[_ST_FIRST]}
-                   for pid, st in self.streams.items()}
+        streams = {_stream_label(st[_ST_PID], st[_ST_PROC], st[_ST_FILE]): {
+                       "events": st[_ST_BIAS] + st[_ST_NEXT], "next_seq": st[_ST_NEXT], "file": st[_ST_FILE],
+                       "first_seq": st[_ST_FIRST], "pid": st[_ST_PID], "proc": st[_ST_PROC]}
+                   for st in self.streams.values()}
         return AuditResult(
             files=list(self.files), table_digest=self.digest, lines=self.lines, events=self.events,
             requests=self.requests, terminated=self.terminated, live=live_left, findings=self.findings,
@@ -1540,6 +1592,11 @@ class Auditor:
 
 
 _MISSING = object()
+
+
+def _stream_label(pid: int, proc: int | None, file: str) -> str:
+    """A stream's name in AuditResult.streams: its proc, or for lines without one, its pid and file."""
+    return f"proc {proc}" if proc is not None else f"pid {pid} in {file}"
 
 
 def _member(v: object, names) -> bool:
@@ -1771,7 +1828,9 @@ def _audit_native(paths: list[str], spec: _spec.Spec | None, **kw) -> AuditResul
     rep = core.AuditReplay(**opts, max_depth=MAX_DEPTH, lookahead=_LOOKAHEAD, max_tables=_MAX_TABLES)
     sink = _NativeFindings(paths, opts["keep_findings"])
     if paths:
-        rep.begin(list(range(len(paths))))
+        # a file's number: the first index of its name (a name given twice is one file, as Python keys it)
+        first: dict[str, int] = {}
+        rep.begin([first.setdefault(p, i) for i, p in enumerate(paths)])
         chunks = [_read_chunks(p) for p in paths]
         while (i := rep.run()) >= 0:
             try:
@@ -1806,8 +1865,9 @@ def _audit_native(paths: list[str], spec: _spec.Spec | None, **kw) -> AuditResul
         illegal_edges={(a, e, b): n for a, e, b, n in raw["illegal_edges"]},
         late={(s, e): n for s, e, n in raw["late"]}, rejected={(s, e): n for s, e, n in raw["rejected"]},
         slowest=[summary(x) for x in raw["slowest"]], violating=[summary(x) for x in raw["violating"]],
-        streams={pid: {"events": ev, "next_seq": nxt, "file": paths[fi], "first_seq": first}
-                 for pid, ev, nxt, fi, first in raw["streams"]},
+        streams={_stream_label(pid, proc, paths[fi]): {"events": ev, "next_seq": nxt, "file": paths[fi],
+                                                       "first_seq": first, "pid": pid, "proc": proc}
+                 for pid, ev, nxt, fi, first, proc in raw["streams"]},
         ranks=raw["ranks"],
     )
 

@@ -194,24 +194,32 @@ def _common_fields() -> dict[str, Any]:
             "t_mono_ns": time.monotonic_ns(),
             "seq": next(_fallback_seq),
             "pid": os.getpid(),
+            "proc": _fallback_proc,
             "table": spec.load_default().digest,
             "schema": audit.SCHEMA_ID,
         }
-    return {
+    return {  # no `engine` key: not an engine's event
         "t_mono_ns": time.monotonic_ns(),
         "seq": next(engine._seq),
         "pid": engine._PID,
+        "proc": engine._PROC,
         "table": engine.TABLE.digest,
         "schema": engine.SCHEMA,
     }
 
 
+def _new_fallback_proc() -> int:
+    return int.from_bytes(os.urandom(8), "big") >> 1  # (engine._new_proc, which needs the core)
+
+
 _fallback_seq = itertools.count()
+_fallback_proc = _new_fallback_proc()
 
 
 def _reset_fallback_seq() -> None:
-    global _fallback_seq
+    global _fallback_seq, _fallback_proc
     _fallback_seq = itertools.count()
+    _fallback_proc = _new_fallback_proc()
 
 
 os.register_at_fork(after_in_child=_reset_fallback_seq)

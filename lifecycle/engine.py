@@ -122,10 +122,21 @@ _seq = itertools.count()  # per-process sequence of emitted events (gaps = lost 
 _PID = os.getpid()
 
 
+def _new_proc() -> int:
+    """The `proc` key of every event: random (63 bits), so processes that share a pid (containers, pid reuse)
+    keep their seq streams apart in an audit."""
+    return int.from_bytes(os.urandom(8), "big") >> 1
+
+
+_PROC = _new_proc()
+_engine_ids = itertools.count()  # the `engine` key: unique per engine within a process (its sessions and pool)
+
+
 def _reset_seq_after_fork() -> None:
-    global _seq, _PID
+    global _seq, _PID, _PROC
     _seq = itertools.count()
     _PID = os.getpid()
+    _PROC = _new_proc()
 
 
 os.register_at_fork(after_in_child=_reset_seq_after_fork)
@@ -258,6 +269,7 @@ class TransferEngine(_core.Engine):
             _seconds_to_ns("wait_spin", wait_spin),
         )
         self.rank = rank
+        self._engine_id = next(_engine_ids)
         self.on_terminate = on_terminate
         self._log = logger if logger is not None else log
         self._was_healthy = True
@@ -353,7 +365,8 @@ class TransferEngine(_core.Engine):
             logger = self._log.bind()  # resolve the (possibly lazy) logger once per batch
             enabled = getattr(logger, "is_enabled_for", None)
             info = logger.info if enabled is None or enabled(_INFO) else None
-            common = {"rank": self.rank, "pid": _PID, "table": TABLE.digest, "schema": SCHEMA}
+            common = {"rank": self.rank, "pid": _PID, "proc": _PROC, "engine": self._engine_id, "table": TABLE.digest,
+                      "schema": SCHEMA}
             self._log_batch(raw, out, notices, info, common, _seq)
             if healthy != self._was_healthy:
                 self._check_health()
@@ -480,8 +493,8 @@ class TransferEngine(_core.Engine):
     # ---- logging ----------------------------------------------------------------------------
     def _emit(self, name: str, request: int | None, role: str | None, t_ns: int | None = None, **kw) -> None:
         self._log.info(name, request=request, rank=self.rank, role=role,
-                       t_mono_ns=self.now_ns() if t_ns is None else t_ns, seq=next(_seq), pid=_PID,
-                       table=TABLE.digest, schema=SCHEMA, **kw)
+                       t_mono_ns=self.now_ns() if t_ns is None else t_ns, seq=next(_seq), pid=_PID, proc=_PROC,
+                       engine=self._engine_id, table=TABLE.digest, schema=SCHEMA, **kw)
 
 
 def check_seconds(name: str, value) -> None:

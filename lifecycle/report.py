@@ -183,8 +183,9 @@ def render_html(res: AuditResult, spec: _spec.Spec, timeline_cap: int = 60) -> s
                         + [["rejected", s, e, n] for (s, e), n in sorted(res.rejected.items())]))
     p.append("<h2>Event counts and streams</h2>")
     p.append(_table(["event", "count"], [[k, v] for k, v in sorted(res.event_counts.items())]))
-    p.append(_table(["pid", "file", "events", "first seq", "next seq"],
-                    [[pid, v["file"], v["events"], v["first_seq"], v["next_seq"]] for pid, v in sorted(res.streams.items())]))
+    p.append(_table(["stream", "pid", "file", "events", "first seq", "next seq"],
+                    [[name, v["pid"], v["file"], v["events"], v["first_seq"], v["next_seq"]]
+                     for name, v in sorted(res.streams.items())]))
     p.append(f"<script>{_JS}</script></body></html>\n")
     return "".join(p)
 

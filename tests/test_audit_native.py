@@ -28,10 +28,16 @@ from hypothesis import strategies as st
 from lifecycle import _core, audit, errors, spec
 from lifecycle.audit import audit_paths, format_text
 from tests.golden import make_golden as mg
-from tests.test_audit import BREAKS, _stream
+from tests.test_audit import BREAKS, _same_pid_ranks, _skewed, _stream, _two_rank_disagreeing, two_engines_one_process
 
 SPEC = spec.load(spec.default_table_path())
 GOLDEN = sorted(p for p in mg.HERE.glob("*.jsonl"))
+
+
+def _fixed_ids(events: list[dict]) -> list[dict]:
+    """A real engine's log with proc and engine numbers that do not depend on the run (hypothesis replays)."""
+    low = min(d["engine"] for d in events)
+    return [{**d, "proc": 77, "engine": d["engine"] - low} for d in events]
 
 
 # ------------------------------------------------------------------------------------ the comparison
@@ -139,6 +145,49 @@ def test_rank_disagreement_audits_identically(tmp_path, window):
     assert res.by_kind("rank_disagreement") or res.finding_counts.get("window_evicted")
     assert_same([p0, p1], window=window)
     assert_same([m], window=window)
+
+
+def _who_is_who_cases() -> dict[str, list[list[dict]]]:
+    """Logs where sessions, slots and streams must be told apart by proc, engine, role or file (one list of events
+    per file): the cases of tests/test_audit.py's who-is-who tests, and what breaks them."""
+    ev = _fixed_ids(two_engines_one_process(True))
+    sender = [{**d, "role": "sender" if d["role"] else None} for d in mg.clean_run()]
+    receiver = [{**d, "pid": d["pid"] + 1, "role": "receiver" if d["role"] else None} for d in sender]
+    r0, r1, _ = _two_rank_disagreeing()
+    s0, s1 = _same_pid_ranks(False)
+    p0, p1 = _same_pid_ranks(True)
+    bad = [dict(d) for d in ev]
+    for i, v in enumerate([-1, "7", 1.5, True, None, 2**64 - 1, [1], {"a": 1}]):
+        bad[3 + i] = {**bad[3 + i], ("proc", "engine")[i % 2]: v}
+    return {
+        "two engines": [ev],
+        "two engines, one engine id": [[{**d, "engine": 0} for d in ev]],
+        "two engines, no keys": [[{k: v for k, v in d.items() if k not in ("proc", "engine")} for d in ev]],
+        "two engines, bad keys": [bad],
+        "two engines in two files": [ev[: len(ev) // 2], ev[len(ev) // 2:]],
+        "sender and receiver files": [sender, receiver],
+        "sender and receiver merged": [mg.merge_by_time(sender, receiver)],
+        "same pid ranks": [s0, s1],
+        "same pid ranks, procs": [p0, p1],
+        "same pid ranks, one file": [s0 + s1],
+        "disagreement concatenated": [r0 + r1],
+        "disagreement skewed": [r0, _skewed(r1, 10**9)],
+        "disagreement, roles": [r0, [{**d, "role": "receiver" if d["role"] else None} for d in r1]],
+        "request reused": [mg.two_rank()[1] + [{**d, "pid": d["pid"] + 20} for d in r1]],
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_who_is_who_cases()))
+@pytest.mark.parametrize("kw", [{}, {"window": 1}])
+def test_who_is_who_audits_identically(tmp_path, name, kw):
+    files = _who_is_who_cases()[name]
+    paths = []
+    for i, events in enumerate(files):
+        p = tmp_path / f"f{i}.jsonl"
+        p.write_text(mg.render(events), encoding="utf-8")
+        paths.append(p)
+    assert_same(paths, **kw)
+    assert_same(paths[::-1], **kw)
 
 
 @pytest.mark.parametrize("lookahead", [1, 2, 3, 4096])
@@ -373,9 +422,12 @@ def test_the_reader_accepts_every_json_document(value):
 # ------------------------------------------------------------------------------------ mutated logs
 
 BASES = {name: [l.encode() for l in mg.render(ev).splitlines()] for name, ev in mg.scenarios().items()}
+BASES["two_engines"] = [l.encode() for l in mg.render(_fixed_ids(two_engines_one_process(True))).splitlines()]
+BASES["keyed_deferred"] = [l.encode() for l in mg.render(
+    [{**d, "proc": 5, "engine": 0} for d in mg.deferred_termination()]).splitlines()]
 KEYS = ["event", "rank", "seq", "pid", "t_mono_ns", "request", "table", "from_state", "to_state", "trigger",
         "outcome", "deferred", "slot", "generation", "role", "result", "state", "error", "healthy", "reasons",
-        "seq_no", "field", "sites", "schema", "zzz"]
+        "seq_no", "field", "sites", "schema", "proc", "engine", "zzz"]
 NAMES = list(SPEC.states) + list(SPEC.events) + list(SPEC.outcomes) + list(SPEC.cancel_results) + \
     list(SPEC.terminate_results) + list(audit._EVENT_NAMES) + [SPEC.digest, "none", "Poisoned", "sender"]
 RAW_VALUES = [b"18446744073709551616", b"-9223372036854775809", b"18446744073709551615", b"-0", b"1.0", b"1e2",

@@ -260,7 +260,8 @@ void register_audit(py::module_& m) {
              d["violating"] = violating;
              py::list streams;
              for (auto& s : res.streams)
-               streams.append(py::make_tuple(pyint(s.pid), pyint(s.events), pyint(s.next_seq), s.file, pyint(s.first_seq)));
+               streams.append(py::make_tuple(pyint(s.pid), pyint(s.events), pyint(s.next_seq), s.file, pyint(s.first_seq),
+                                             s.has_proc ? pyint(s.proc) : py::object(py::none())));
              d["streams"] = streams;
              py::list ranks;
              for (auto v : res.ranks) ranks.append(pyint(v));

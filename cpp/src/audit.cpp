@@ -115,12 +115,12 @@ struct JVal {
 enum K : int {
   k_event, k_rank, k_seq, k_pid, k_t, k_request, k_table, k_from, k_trigger, k_to, k_outcome, k_deferred,
   k_slot, k_generation, k_role, k_result, k_error, k_healthy, k_reasons, k_seq_no, k_field, k_sites, k_state,
-  k_schema, kNumK
+  k_schema, k_proc, k_engine, kNumK
 };
 constexpr const char* kKeyNames[kNumK] = {
     "event", "rank", "seq", "pid", "t_mono_ns", "request", "table", "from_state", "trigger", "to_state",
     "outcome", "deferred", "slot", "generation", "role", "result", "error", "healthy", "reasons", "seq_no",
-    "field", "sites", "state", "schema"};
+    "field", "sites", "state", "schema", "proc", "engine"};
 
 struct Doc {
   JT top = JT::missing;
@@ -559,15 +559,17 @@ std::uint64_t hash128(Int v) {
   return mix(static_cast<std::uint64_t>(u) ^ mix(static_cast<std::uint64_t>(u >> 64)));
 }
 
+// A session: (rank, request, stream index, engine) when its events name their engine, else (rank, request, -1,
+// role id) (audit.py: (rank, request, ident)).  A slot: (stream index, engine or -1, slot, 0).  A stream: (proc, -1)
+// or (pid, file).  A cross-rank record: (request, role id).
 struct Key {
-  Int a, b;  // (rank, request) or (pid, slot)
-  bool operator==(const Key& o) const { return a == o.a && b == o.b; }
+  Int a, b, c = 0, d = 0;
+  bool operator==(const Key& o) const { return a == o.a && b == o.b && c == o.c && d == o.d; }
 };
 struct KeyHash {
-  std::size_t operator()(const Key& k) const { return static_cast<std::size_t>(hash128(k.a) ^ (hash128(k.b) * 31)); }
-};
-struct IntHash {
-  std::size_t operator()(Int v) const { return static_cast<std::size_t>(hash128(v)); }
+  std::size_t operator()(const Key& k) const {
+    return static_cast<std::size_t>(hash128(k.a) ^ (hash128(k.b) * 31) ^ (hash128(k.c) * 961) ^ (hash128(k.d) * 29791));
+  }
 };
 
 }  // namespace
@@ -662,7 +664,8 @@ struct Session {
   Int entered = 0, start = 0;
   std::string role;
   std::uint32_t role_depth = 0;
-  Int slot = -1, pid = 0;
+  Int slot = -1;
+  Int stream = 0, engine = -1;  // its stream's index; the `engine` of its creating event (-1: absent)
   int outcome = -1;
   Int line = 0;
   std::vector<std::pair<int, Int>> hist;  // (state, t entered)
@@ -676,7 +679,7 @@ struct Tomb {
 
 struct SlotRec {
   SlotStatus status;
-  Int owner_rank;
+  Key owner;  // the owning session's key (when owner_has_req)
   bool owner_has_req;
   Int owner_req;
   std::uint32_t file;
@@ -693,15 +696,17 @@ struct StreamSt {
   std::uint32_t file;
   std::map<Int, Miss> missing;
   bool head = false;  // seq 0 seen
+  bool has_proc = false;
+  Int proc = 0;
 };
 // A stream that began at most this far past seq 0 and meets a seq before its first within this many lines is
 // reading its head out of order (two threads logging at start), not restarting (audit.py _HEAD_REORDER).
 constexpr Int kHeadReorder = 64;
 
-struct XRec {
+struct XRec {  // audit.py Auditor.xrank's entries
   int outcome;
   Int rank;
-  Int n;
+  std::vector<Int> ranks;  // the ranks that reported this lifetime of the request
   bool reported;
   std::uint32_t file;
   Int line;
@@ -790,14 +795,14 @@ struct Auditor::Impl {
   std::uint64_t tiebreak = 0;
   std::vector<Summary> violating;
   std::vector<StreamSt> streams;
-  std::unordered_map<Int, std::size_t, IntHash> stream_index;
+  std::unordered_map<Key, std::size_t, KeyHash> stream_index;
   std::unordered_map<Key, Session, KeyHash> live;
   std::uint64_t session_order = 0;
   std::list<Tomb> tomb_order;
   std::unordered_map<Key, std::list<Tomb>::iterator, KeyHash> tombs;
   std::unordered_map<Key, SlotRec, KeyHash> slots;
-  std::list<std::pair<Int, XRec>> xorder;
-  std::unordered_map<Int, std::list<std::pair<Int, XRec>>::iterator, IntHash> xmap;
+  std::list<std::pair<Key, XRec>> xorder;
+  std::unordered_map<Key, std::list<std::pair<Key, XRec>>::iterator, KeyHash> xmap;
   std::set<Int> ranks;
   std::unordered_set<std::string> bad_tables;
 
@@ -808,6 +813,9 @@ struct Auditor::Impl {
   std::uint32_t cur_file = 0;
   const char* base = nullptr;  // the line being replayed (doc's offsets point into it)
   const Doc* d = nullptr;
+  // the event being replayed: its stream's index, its `engine` (-1: absent), its role (0 sender, 1 receiver, 2 null)
+  Int cur_stream = 0, cur_engine = -1;
+  int cur_role = 2;
 
   explicit Impl(const Options& o) : opt(o) {
     if (opt.window < 1) throw InvalidArgumentError("window", "must be >= 1");
@@ -1267,6 +1275,12 @@ struct Auditor::Impl {
       bad_common(line);
       return;
     }
+    const JVal &vproc = f(k_proc), &veng = f(k_engine);  // optional (older logs lack them)
+    if ((!is_null(vproc) && (vproc.t != JT::integer || vproc.i < 0)) ||
+        (!is_null(veng) && (veng.t != JT::integer || veng.i < 0))) {
+      bad_common(line);
+      return;
+    }
     const Int rank = vr.i, seq = vs.i, pid = vp.i, t = vt.i;
     const JVal& vq = f(k_request);
     if (!is_null(vq) && vq.t != JT::integer) {
@@ -1280,18 +1294,22 @@ struct Auditor::Impl {
     if (!(tbl.t == JT::string && sv(tbl) == digest)) table_mismatch(line, rank);
     int h = log_event_names.find(sv(name));
     if (h >= 0) ++event_counts[h];
-    // per-process sequence
-    auto si = stream_index.find(pid);
+    ranks.insert(rank);
+    // per-process sequence: keyed by proc; without it by (file, pid) (processes in different files may share a pid)
+    const bool has_proc = vproc.t == JT::integer;
+    const Key sk = has_proc ? Key{vproc.i, -1} : Key{pid, static_cast<Int>(cur_file)};
+    auto si = stream_index.find(sk);
     if (si == stream_index.end()) {
-      stream_index.emplace(pid, streams.size());
-      streams.push_back(StreamSt{pid, seq + 1, t, -seq, seq, cur_file, {}, seq == 0});
+      cur_stream = static_cast<Int>(streams.size());
+      stream_index.emplace(sk, streams.size());
+      streams.push_back(StreamSt{pid, seq + 1, t, -seq, seq, cur_file, {}, seq == 0, has_proc, has_proc ? vproc.i : 0});
       if (seq != 0) {
         if (Finding* g = find(Kind::stream_start, line, &rank))
           g->message = {P("pid " + to_string(pid) + ": stream starts at seq " + to_string(seq) +
                           ", not 0 (rotated log?)")};
       }
-      ranks.insert(rank);
     } else {
+      cur_stream = static_cast<Int>(si->second);
       StreamSt& st = streams[si->second];
       if (t > st.max_t) st.max_t = t;
       if (seq == st.next) {
@@ -1300,13 +1318,18 @@ struct Auditor::Impl {
         seq_mismatch(st, seq, line, rank);
       }
     }
+    cur_engine = veng.t == JT::integer ? veng.i : -1;
+    {
+      const JVal& vrole = f(k_role);
+      cur_role = vrole.t == JT::string ? (sv(vrole) == kRoleNames[0] ? 0 : 1) : 2;  // (good_role() held)
+    }
     const Int* rq = has_req ? &req : nullptr;
     switch (h) {
       case -1:
         if (Finding* g = find(Kind::malformed, line, &rank, rq))
           g->message = {P("unknown event name "), Piece{Op::name80, raw(k_event), 0}};
         return;
-      case ev_transition: transition(has_req, req, rank, pid, t, line); return;
+      case ev_transition: transition(has_req, req, rank, t, line); return;
       case ev_cancel: cancel(rq, rank, line); return;
       case ev_terminate: terminate_result(has_req, req, rank, line); return;
       case ev_terminate_now: terminate_now(has_req, req, rank, line); return;
@@ -1315,7 +1338,7 @@ struct Auditor::Impl {
           g->message = {P("on_terminate raised "), J(Op::repr, k_error)};
         return;
       case ev_slot_quarantined:
-      case ev_buffer_recovered: slot_event(h, has_req, req, rank, pid, line); return;
+      case ev_buffer_recovered: slot_event(h, has_req, req, rank, line); return;
       case ev_late_event:
       case ev_illegal_transition: late_or_rejected(h, rq, rank, line); return;
       case ev_health:
@@ -1400,6 +1423,15 @@ struct Auditor::Impl {
     } else if (!good_schema()) {
       add(std::string("'schema' must be '") + kEventsSchema + "'");
     }
+    for (K k : {k_proc, k_engine}) {  // optional
+      const JVal& v = f(k);
+      if (is_null(v)) continue;
+      if (v.t != JT::integer) {
+        add(std::string("'") + kKeyNames[k] + "' must be int or null, got " + tname(v));
+      } else if (v.i < 0) {
+        add(std::string("'") + kKeyNames[k] + "' must be >= 0");
+      }
+    }
     const JVal &vr = f(k_rank), &vq = f(k_request);
     const Int* rank = vr.t == JT::integer ? &vr.i : nullptr;
     const Int* req = vq.t == JT::integer ? &vq.i : nullptr;
@@ -1468,12 +1500,51 @@ struct Auditor::Impl {
   }
 
   // ---------------------------------------------------------------- transitions
-  void transition(bool has_req, Int req, Int rank, Int pid, Int t, Int line) {
+  // The key of the session an event about (rank, req) belongs to (audit.py: (rank, request, ident)).
+  Key session_key(Int rank, Int req, int role) const {
+    return cur_engine >= 0 ? Key{rank, req, cur_stream, cur_engine} : Key{rank, req, -1, role};
+  }
+  // The live session, or with `tombs` the tombstone, an event about req refers to (Auditor._session): by its
+  // key, or for a null role and no engine, the first of the roles null, sender, receiver that has one; for a
+  // TerminateNow (`notice`), the first of those deferred and not yet delivered, if any.
+  Core* session_of(Int rank, Int req, bool with_tombs, Session*& s, bool notice = false) {
+    static const int kNullRoleLookup[3] = {2, 0, 1};
+    const bool any = cur_engine < 0 && cur_role == 2;
+    Core* found[3] = {nullptr, nullptr, nullptr};
+    Session* found_s[3] = {nullptr, nullptr, nullptr};
+    int n = 0;
+    for (int i = 0; i < (any ? 3 : 1); ++i) {
+      Key key = session_key(rank, req, any ? kNullRoleLookup[i] : cur_role);
+      auto it = live.find(key);
+      if (it != live.end()) {
+        found_s[n] = &it->second;
+        found[n++] = &it->second.c;
+      } else if (with_tombs) {
+        auto ti = tombs.find(key);
+        if (ti != tombs.end()) found[n++] = &ti->second->c;
+      }
+    }
+    int pick = n > 0 ? 0 : -1;
+    if (notice && any) {
+      for (int i = 0; i < n; ++i) {
+        if (found[i]->deferred && found[i]->notices == 0) {
+          pick = i;
+          break;
+        }
+      }
+    }
+    if (pick < 0) return nullptr;
+    s = found_s[pick];
+    return found[pick];
+  }
+  static Key slot_key(Int stream, Int engine, Int slot) { return Key{stream, engine, slot, 0}; }
+
+  void transition(bool has_req, Int req, Int rank, Int t, Int line) {
     const int frm = state_of(k_from), trig = event_of(k_trigger), to = state_of(k_to);
     const JVal& vo = f(k_outcome);
     const int outcome = outcome_of(k_outcome);
     const bool outcome_ok = is_null(vo) || outcome >= 0;
-    Key key{rank, req};
+    Key key = session_key(rank, req, cur_role);
     Session* s = nullptr;
     if (has_req) {
       auto it = live.find(key);
@@ -1486,7 +1557,7 @@ struct Auditor::Impl {
       ++edge_count[static_cast<std::size_t>(e)];
       h = &tis[static_cast<std::size_t>(tis_index[frm])];
     } else {
-      s = check_transition(key, has_req, s, frm, trig, to, outcome_ok, pid, t, line);
+      s = check_transition(key, has_req, s, frm, trig, to, outcome_ok, t, line);
       if (s == nullptr) return;
       int ti = tis_index[s->state];
       h = ti >= 0 ? &tis[static_cast<std::size_t>(ti)] : nullptr;
@@ -1505,10 +1576,10 @@ struct Auditor::Impl {
     if (into_to == into_terminal) {
       if (outcome >= 0) {
         ++outcomes[static_cast<std::size_t>(outcome)];
-        if (ranks.size() > 1 || !xmap.empty()) xrank(req, rank, outcome, line);
+        xrank(*s, req, rank, outcome, line);
       }
       if (to != st_quiesced && s->slot >= 0) {
-        auto sl = slots.find(Key{pid, s->slot});
+        auto sl = slots.find(slot_key(s->stream, s->engine, s->slot));
         if (sl != slots.end() && owned_by(sl->second, key)) sl->second.status = slot_poisoned;
       }
     } else if (into_to == into_final) {
@@ -1516,12 +1587,10 @@ struct Auditor::Impl {
     }
   }
 
-  static bool owned_by(const SlotRec& r, const Key& key) {
-    return r.owner_has_req && r.owner_rank == key.a && r.owner_req == key.b;
-  }
+  static bool owned_by(const SlotRec& r, const Key& key) { return r.owner_has_req && r.owner == key; }
 
   Session* check_transition(const Key& key, bool has_req, Session* s, int frm, int trig, int to, bool outcome_ok,
-                            Int pid, Int t, Int line) {
+                            Int t, Int line) {
     const Int rank = key.a, req = key.b;
     const bool frm_null = is_null(f(k_from));
     const bool well_formed = has_req && (frm_null || frm >= 0) && trig >= 0 && to >= 0 && outcome_ok;
@@ -1530,7 +1599,7 @@ struct Auditor::Impl {
       return nullptr;
     }
     if (frm_null) {
-      create(key, s, to, trig, pid, t, line);
+      create(key, s, to, trig, t, line);
       return nullptr;
     }
     if (s == nullptr) {
@@ -1550,7 +1619,7 @@ struct Auditor::Impl {
       }
       if (Finding* g = find(Kind::adopted_session, line, &rank, &req))
         g->message = {P(std::string("first seen in state ") + kStateNames[frm] + " (advertise not in the log)")};
-      s = &new_session(key, frm, pid, t, line);
+      s = &new_session(key, frm, t, line);
     }
     const int cur = s->state;
     const int dst = move_dst[frm][trig];
@@ -1588,7 +1657,7 @@ struct Auditor::Impl {
     }
   }
 
-  void create(const Key& key, Session* s, int to, int trig, Int pid, Int t, Int line) {
+  void create(const Key& key, Session* s, int to, int trig, Int t, Int line) {
     const Int rank = key.a, req = key.b;
     const int ce = static_cast<int>(kCreateEvent), init = static_cast<int>(kInitialState);
     if (trig != ce || to != init) {
@@ -1609,11 +1678,11 @@ struct Auditor::Impl {
       check_tomb(tomb);
     }
     ++created;
-    Session& ns = new_session(key, to, pid, t, line);
-    if (ns.slot >= 0) lease(ns, key, pid, ns.slot, line);
+    Session& ns = new_session(key, to, t, line);
+    if (ns.slot >= 0) lease(ns, key, ns.slot, line);
   }
 
-  Session& new_session(const Key& key, int state, Int pid, Int t, Int line) {
+  Session& new_session(const Key& key, int state, Int t, Int line) {
     const JVal& slot = f(k_slot);
     const JVal& role = f(k_role);
     Session& s = live[key];
@@ -1625,7 +1694,8 @@ struct Auditor::Impl {
     s.role = raw(k_role);
     s.role_depth = role.depth;
     s.slot = slot.t == JT::integer && slot.i >= 0 ? slot.i : -1;
-    s.pid = pid;
+    s.stream = cur_stream;
+    s.engine = cur_engine;
     s.line = line;
     s.hist.reserve(6);
     s.hist.emplace_back(state, t);
@@ -1653,9 +1723,9 @@ struct Auditor::Impl {
     if (s != nullptr) mark(*s, Kind::illegal_transition);
   }
 
-  void lease(Session& s, const Key& key, Int pid, Int slot, Int line) {
+  void lease(Session& s, const Key& key, Int slot, Int line) {
     const Int rank = key.a, req = key.b;
-    Key sk{pid, slot};
+    Key sk = slot_key(cur_stream, cur_engine, slot);
     auto it = slots.find(sk);
     if (it != slots.end()) {
       const SlotRec& prev = it->second;
@@ -1674,25 +1744,30 @@ struct Auditor::Impl {
       }
       mark(s, Kind::slot_reuse);
     }
-    slots[sk] = SlotRec{slot_held, rank, true, req, cur_file, line};
+    slots[sk] = SlotRec{slot_held, key, true, req, cur_file, line};
   }
 
-  void xrank(Int req, Int rank, int outcome, Int line) {
-    auto it = xmap.find(req);
-    if (it == xmap.end()) {
-      if (ranks.size() > 1) {
-        if (static_cast<Int>(xmap.size()) >= static_cast<Int>(opt.window) * 4) {
-          xmap.erase(xorder.front().first);
-          xorder.pop_front();
-          count(Kind::window_evicted);
-        }
-        xorder.emplace_back(req, XRec{outcome, rank, 1, false, cur_file, line});
-        xmap.emplace(req, std::prev(xorder.end()));
+  // Auditor._xrank: the same request and role (the event's) on other ranks.
+  void xrank(Session& s, Int req, Int rank, int outcome, Int line) {
+    const Key xk{req, cur_role};
+    auto it = xmap.find(xk);
+    const bool again = it != xmap.end() && std::find(it->second->second.ranks.begin(), it->second->second.ranks.end(),
+                                                      rank) != it->second->second.ranks.end();
+    if (it == xmap.end() || again) {
+      if (again) {  // this rank reports the request again: a new lifetime of it
+        xorder.erase(it->second);
+        xmap.erase(it);
+      } else if (static_cast<Int>(xmap.size()) >= static_cast<Int>(opt.window) * 4) {
+        xmap.erase(xorder.front().first);
+        xorder.pop_front();
+        if (ranks.size() > 1) count(Kind::window_evicted);
       }
+      xorder.emplace_back(xk, XRec{outcome, rank, {rank}, false, cur_file, line});
+      xmap.emplace(xk, std::prev(xorder.end()));
       return;
     }
     XRec& x = it->second->second;
-    x.n += 1;
+    x.ranks.push_back(rank);
     if (x.outcome != outcome && !x.reported) {
       x.reported = true;
       if (Finding* g = find(Kind::rank_disagreement, line, &rank, &req)) {
@@ -1706,12 +1781,7 @@ struct Auditor::Impl {
         o.s[3] = outcome_name(outcome);
         g->extra = {o, XI("other_line", x.line), XF("other_file", x.file)};
       }
-      auto ls = live.find(Key{rank, req});
-      if (ls != live.end()) mark(ls->second, Kind::rank_disagreement);
-    }
-    if (x.n >= static_cast<Int>(ranks.size())) {
-      xorder.erase(it->second);
-      xmap.erase(it);
+      mark(s, Kind::rank_disagreement);
     }
   }
 
@@ -1746,18 +1816,18 @@ struct Auditor::Impl {
     }
   }
 
-  void slot_event(int h, bool has_req, Int req, Int rank, Int pid, Int line) {
+  void slot_event(int h, bool has_req, Int req, Int rank, Int line) {
     const JVal& slot = f(k_slot);
     if (slot.t != JT::integer || f(k_generation).t != JT::integer) {
       if (Finding* g = find(Kind::malformed, line, &rank, has_req ? &req : nullptr))
         g->message = {P(std::string(kLogEventNames[h]) + ": slot/generation must be ints")};
       return;
     }
-    Key k{pid, slot.i};
+    Key k = slot_key(cur_stream, cur_engine, slot.i);
     if (h == ev_buffer_recovered) {
       slots.erase(k);
     } else {
-      slots[k] = SlotRec{slot_quarantined, rank, has_req, req, cur_file, line};
+      slots[k] = SlotRec{slot_quarantined, session_key(rank, req, cur_role), has_req, req, cur_file, line};
     }
   }
 
@@ -1770,20 +1840,19 @@ struct Auditor::Impl {
                       J(Op::short_repr, k_request)};
       return;
     }
-    Key key{rank, req};
     if (r == tr_deferred) {
-      auto it = live.find(key);
-      if (it == live.end()) {
+      Session* s = nullptr;
+      if (session_of(rank, req, false, s) == nullptr) {
         if (Finding* g = find(Kind::orphan_event, line, &rank, &req))
           g->message = {P("terminate deferred for a request with no live session")};
         return;
       }
-      Core& c = it->second.c;
+      Core& c = s->c;
       c.deferred = true;
       if (c.defer_line == 0) c.defer_line = line;
     } else if (r == tr_terminated) {
       Session* s = nullptr;
-      Core* c = core_of(key, s);
+      Core* c = session_of(rank, req, true, s);
       if (c == nullptr) return;
       c->term_results += 1;
       if (c->term_results == 2) {
@@ -1794,25 +1863,14 @@ struct Auditor::Impl {
     }
   }
 
-  Core* core_of(const Key& key, Session*& s) {
-    auto it = live.find(key);
-    if (it != live.end()) {
-      s = &it->second;
-      return &it->second.c;
-    }
-    auto ti = tombs.find(key);
-    return ti == tombs.end() ? nullptr : &ti->second->c;
-  }
-
   void terminate_now(bool has_req, Int req, Int rank, Int line) {
     if (!has_req) {
       if (Finding* g = find(Kind::malformed, line, &rank))
         g->message = {P("lifecycle.terminate_now needs an int request")};
       return;
     }
-    Key key{rank, req};
     Session* s = nullptr;
-    Core* c = core_of(key, s);
+    Core* c = session_of(rank, req, true, s, true);
     if (c == nullptr) {
       if (Finding* g = find(Kind::orphan_event, line, &rank, &req))
         g->message = {P("TerminateNow for a request with no session in the window")};
@@ -1853,8 +1911,7 @@ struct Auditor::Impl {
     lifetime.add(life);
     const int frm = s.hist.size() >= 2 ? s.hist[s.hist.size() - 2].first : -1;
     if (s.slot >= 0) {
-      Key sk{s.pid, s.slot};
-      auto sl = slots.find(sk);
+      auto sl = slots.find(slot_key(s.stream, s.engine, s.slot));
       if (sl != slots.end() && owned_by(sl->second, key)) {
         if (frm == st_poisoned || sl->second.status == slot_poisoned) {
           sl->second.status = slot_quarantined;
@@ -1926,8 +1983,7 @@ struct Auditor::Impl {
     for (auto& [key, sp] : left) {
       Session& s = *sp;
       const Int rank = key->a, req = key->b;
-      auto si = stream_index.find(s.pid);
-      Int pid_t = si != stream_index.end() ? streams[si->second].max_t : s.entered;
+      Int pid_t = streams[static_cast<std::size_t>(s.stream)].max_t;
       Int age = pid_t - s.start;
       if (age < 0) age = 0;
       const char* state = kStateNames[s.state];
@@ -1980,7 +2036,8 @@ struct Auditor::Impl {
     });
     for (auto& x : slowest) res.slowest.push_back(x.sum);
     res.violating = violating;
-    for (auto& st : streams) res.streams.push_back(Stream{st.pid, st.bias + st.next, st.next, st.first, st.file});
+    for (auto& st : streams)
+      res.streams.push_back(Stream{st.pid, st.bias + st.next, st.next, st.first, st.file, st.has_proc, st.proc});
     res.ranks.assign(ranks.begin(), ranks.end());
     return res;
   }

@@ -119,9 +119,11 @@ struct Summary {
   bool ended;
 };
 
-struct Stream {
+struct Stream {  // one per proc, or per (file, pid) for lines without proc
   Int pid, events, next_seq, first_seq;
   std::uint32_t file;
+  bool has_proc;
+  Int proc;
 };
 
 struct Edge {

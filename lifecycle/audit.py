@@ -1985,12 +1985,21 @@ def main_audit(argv: list[str] | None = None) -> int:
             print(f"lifecycle audit: cannot write the HTML report {a.html}: {exc.strerror or exc}", file=sys.stderr)
             return 2
     if a.json:
-        print(json.dumps(res.as_dict(), indent=2))
+        print(json.dumps(res.as_dict(), indent=2))  # (ASCII: json escapes the rest)
     else:
-        sys.stdout.write(format_text(res))
-        if a.html:
-            print(f"HTML report: {a.html}")
+        _write_text(format_text(res) + (f"HTML report: {a.html}\n" if a.html else ""))
     return 0 if res.ok else 1
+
+
+def _write_text(text: str) -> None:
+    """``text`` on stdout; what its encoding cannot hold (a file name with undecodable bytes: argv keeps them as
+    surrogates) is written as backslash escapes instead of raising UnicodeEncodeError."""
+    out = sys.stdout
+    try:
+        out.write(text)
+    except UnicodeEncodeError:
+        enc = getattr(out, "encoding", None) or "utf-8"
+        out.write(text.encode(enc, "backslashreplace").decode(enc))
 
 
 def _write_schema_main(argv: list[str]) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 
 
@@ -52,10 +54,22 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        return _main(argv)
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # (here, so a closed pipe raises inside the try and not at exit)
     except InvalidArgument as exc:
         print(f"lifecycle {argv[0] if argv else ''}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader went away (`lifecycle audit --json ... | head -1`): no traceback; what is still buffered goes
+        # to devnull, so the interpreter's own flush at exit does not fail again; the status a shell shows
+        # for a writer killed by SIGPIPE
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout without a descriptor (a test's capture)
+            pass
+        return 128 + signal.SIGPIPE
 
 
 def _main(argv: list[str]) -> int:

@@ -201,3 +201,51 @@ def test_demo_checks_buffers_against_a_cgroup_limit_and_against_the_gpu_that_hol
     with pytest.raises(SystemExit):
         demo.parse_args(gpu)
     assert "of buffers in cuda:0, more than half of it" in capsys.readouterr().err
+
+
+def _cli(args, tmp_path, env=None, stdin_cmd=None):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    full = {**os.environ, "PYTHONPATH": root, **(env or {})}
+    cmd = [sys.executable, "-m", "lifecycle", *args]
+    if stdin_cmd is None:
+        return subprocess.run(cmd, cwd=tmp_path, env=full, capture_output=True, timeout=120)
+    # the command's stdout into a reader that closes the pipe after a few bytes (`| head -c`)
+    with subprocess.Popen(cmd, cwd=tmp_path, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as p:
+        head = p.stdout.read(stdin_cmd)
+        p.stdout.close()
+        err = p.stderr.read()
+        p.wait(120)
+    return head, err, p.returncode
+
+
+def test_an_undecodable_file_name_is_escaped_in_the_text_report(tmp_path):
+    """A log whose name is not UTF-8 (argv keeps the byte as a surrogate) crashed the text report with
+    UnicodeEncodeError under PYTHONIOENCODING=utf-8 (seen against the old code): it is written as a backslash
+    escape.  Control: --json (ASCII-escaped) and a plain name were always fine."""
+    name = os.fsdecode(b"bad\xffname.jsonl")
+    (tmp_path / name).write_bytes((mg.HERE / "clean_run.jsonl").read_bytes())
+    out = _cli(["audit", name], tmp_path, {"PYTHONIOENCODING": "utf-8"})
+    assert out.returncode == 0 and b"Traceback" not in out.stderr, out.stderr.decode(errors="replace")
+    assert b"1 file(s)" in out.stdout
+    log = tmp_path / "bad.jsonl"
+    log.write_bytes((mg.HERE / "clean_run.jsonl").read_bytes() + b"{oops\n")
+    bad = tmp_path / name
+    bad.write_bytes(log.read_bytes())
+    out = _cli(["audit", name], tmp_path, {"PYTHONIOENCODING": "utf-8"})
+    assert out.returncode == 1 and b"bad\\udcffname.jsonl:" in out.stdout, (out.stdout, out.stderr)
+    assert _cli(["audit", "--json", name], tmp_path, {"PYTHONIOENCODING": "utf-8"}).returncode == 1
+
+
+def test_a_reader_that_closes_the_pipe_early_gets_no_traceback(tmp_path):
+    """`lifecycle audit --json many.jsonl | head -1` printed a BrokenPipeError traceback (seen against the old
+    code).  The CLI now stops quietly with the status of a writer killed by SIGPIPE (141).  Control: read to the
+    end, the same command exits with the audit's own status."""
+    big = tmp_path / "many.jsonl"  # a thousand findings kept: a report far larger than a pipe's buffer
+    big.write_bytes(b"".join(b'{"not": "an event %d"}\n' % i for i in range(3000)))
+    head, err, rc = _cli(["audit", "--json", str(big)], tmp_path, stdin_cmd=10)
+    assert len(head) == 10 and err == b"" and rc == 141, (err.decode(), rc)
+    out = _cli(["audit", "--json", str(big)], tmp_path)
+    assert out.returncode == 1 and out.stderr == b"" and len(out.stdout) > 1 << 18, len(out.stdout)

@@ -1087,7 +1087,7 @@ class Auditor:
 
     def _table_mismatch(self, tbl: object, line: int, rank: int) -> None:
         if _new_bad_table(self._bad_tables, tbl):
-            self._find("table_mismatch", line, f"event logged with table {tbl!r}; auditing with {self.digest}",
+            self._find("table_mismatch", line, f"event logged with table {_rl(tbl)}; auditing with {self.digest}",
                        rank=rank)
 
     def _bad_common(self, d: object, line: int) -> None:
@@ -1373,12 +1373,13 @@ class Auditor:
     def _cancel(self, d: dict, name: str, req, rank: int, sk, eng, sid, t: int, line: int) -> None:
         r = d.get("result")
         if not _member(r, self.spec.cancel_frees):
-            self._find("malformed", line, f"lifecycle.cancel: unknown result {r!r}", rank=rank, request=req)
+            self._find("malformed", line, f"lifecycle.cancel: unknown result {_rl(r)}", rank=rank, request=req)
 
     def _late_or_rejected(self, d: dict, name: str, req, rank: int, sk, eng, sid, t: int, line: int) -> None:
         trig, state = d.get("trigger"), d.get("state")
         if not _member(trig, self.events_set) or not _member(state, self.states):
-            self._find("malformed", line, f"{name}: bad trigger/state {trig!r}/{state!r}", rank=rank, request=req)
+            self._find("malformed", line, f"{name}: bad trigger/state {_rl(trig)}/{_rl(state)}", rank=rank,
+                       request=req)
             return
         if name == "lifecycle.late_event":
             self.late[(state, trig)] = self.late.get((state, trig), 0) + 1
@@ -1399,18 +1400,16 @@ class Auditor:
             self.slots[key] = ["quarantined", (rank, req, sid), self._file, line]
 
     def _callback_error(self, d: dict, name: str, req, rank: int, sk, eng, sid, t: int, line: int) -> None:
-        self._find("callback_error", line, f"on_terminate raised {d.get('error')!r}", rank=rank, request=req)
+        self._find("callback_error", line, f"on_terminate raised {_rl(d.get('error'))}", rank=rank, request=req)
 
     def _health(self, d: dict, name: str, req, rank: int, sk, eng, sid, t: int, line: int) -> None:
         if d.get("healthy") is False:
-            reasons = d.get("reasons") or ()
-            if not isinstance(reasons, (list, dict, str)):
-                reasons = (reasons,)
-            self._find("unhealthy", line, "engine unhealthy: " + "; ".join(map(str, reasons)), rank=rank)
+            self._find("unhealthy", line, "engine unhealthy: " + _health_reasons(d.get("reasons")), rank=rank)
 
     def _collective_desync(self, d: dict, name: str, req, rank: int, sk, eng, sid, t: int, line: int) -> None:
         self._find("collective_desync", line,
-                   f"collective #{d.get('seq_no')} diverged in {d.get('field')}: sites {d.get('sites')}", rank=rank)
+                   f"collective #{_cut(str(d.get('seq_no')))} diverged in {_cut(str(d.get('field')))}: "
+                   f"sites {_cut(str(d.get('sites')))}", rank=rank)
 
     def _terminate(self, d: dict, name: str, req, rank: int, sk, eng, sid, t: int, line: int) -> None:
         r = d.get("result")
@@ -1614,6 +1613,20 @@ def _r(v: object) -> str:
     return s if len(s) <= 60 else s[:57] + "..."
 
 
+# A log value quoted in a kept finding's message is cut to this many characters (a value may be a line long, 1 MiB,
+# and keep_findings of them were kept whole).  The native replay's messages are formatted here too, so both agree.
+_MAX_QUOTED = 200
+
+
+def _cut(s: str) -> str:
+    return s if len(s) <= _MAX_QUOTED else s[:_MAX_QUOTED - 3] + "..."
+
+
+def _rl(v: object) -> str:
+    """repr(v), cut to _MAX_QUOTED characters."""
+    return _cut(repr(v))
+
+
 def _short(exc: BaseException) -> str:
     s = str(exc) or type(exc).__name__
     return s if len(s) <= 120 else s[:117] + "..."
@@ -1757,10 +1770,11 @@ def _span(raw: bytes, depth: int):
 
 
 def _health_reasons(v) -> str:
+    """A health event's reasons as a finding quotes them (cut to _MAX_QUOTED characters)."""
     reasons = v or ()
     if not isinstance(reasons, (list, dict, str)):
         reasons = (reasons,)
-    return "; ".join(map(str, reasons))
+    return _cut("; ".join(map(str, reasons)))
 
 
 class _NativeFindings:
@@ -1803,7 +1817,7 @@ class _NativeFindings:
                 out.append(f"{int(text) / 1e9:.3f}")
             else:
                 v = _span(text, depth)
-                out.append(repr(v) if op == 1 else _r(v) if op == 2 else str(v) if op == 3 else
+                out.append(_rl(v) if op == 1 else _r(v) if op == 2 else _cut(str(v)) if op == 3 else
                            repr(v[:80]) if op == 4 else _health_reasons(v))
         return "".join(out)
 

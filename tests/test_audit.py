@@ -634,6 +634,42 @@ def test_rank_disagreement_compares_ranks_of_the_same_role():
     assert violations(res) == [], res.finding_counts
 
 
+def big_value_events(n: int = 3, size: int = 100_000) -> list[dict]:
+    """Events whose findings quote a log value, each value ``size`` characters long: a callback error, a health
+    event's reasons, a desync's sites and field, an unknown cancel result, a bad trigger/state, a table."""
+    base = mg.clean_run()[0]
+    common = {k: base[k] for k in ("rank", "role", "pid", "table", "schema")}
+    big = lambda i, c: str(i) + c * size  # noqa: E731
+    out = []
+    for i in range(n):
+        out += [
+            {**common, "event": "lifecycle.callback_error", "request": 1, "error": big(i, "e")},
+            {**common, "event": "lifecycle.health", "request": None, "healthy": False, "reasons": [big(i, "r"), "x"]},
+            {**common, "event": "lifecycle.collective_desync", "request": None, "seq_no": big(i, "9"),
+             "field": big(i, "f"), "sites": [big(i, "s")]},
+            {**common, "event": "lifecycle.cancel", "request": 1, "result": big(i, "c"), "state": None},
+            {**common, "event": "lifecycle.late_event", "request": 1, "trigger": big(i, "t"), "state": [big(i, "q")]},
+            {**common, "event": "lifecycle.health", "request": None, "healthy": True, "reasons": [],
+             "table": {"t": big(i, "d")}},
+        ]
+    return [{**d, "seq": i, "t_mono_ns": i} for i, d in enumerate(out)]
+
+
+def test_findings_quote_log_values_cut_short(tmp_path):
+    """Kept findings held whole log values (up to 1 MiB each, times keep_findings per kind: the audit's memory
+    grew with the file; seen against the old code: messages of 300,040 characters).  Quoted values are cut to
+    _MAX_QUOTED characters, as _r() cuts to 60, in the reference and in the native replay's formatting alike.
+    Control: every finding is still there, counted and kept."""
+    ev = big_value_events()
+    res = audit_paths([write(tmp_path / "big.jsonl", ev)])
+    kinds = collections.Counter(f.kind for f in res.findings)
+    assert kinds == {"callback_error": 3, "unhealthy": 3, "collective_desync": 3, "malformed": 6,
+                     "table_mismatch": 3}, kinds
+    longest = max(len(f.message) for f in res.findings)
+    assert longest <= 4 * audit._MAX_QUOTED, longest
+    assert any(f.message.endswith("...") and f.kind == "callback_error" for f in res.findings)
+
+
 def test_lines_out_of_order_within_a_small_window_are_not_lost(tmp_path):
     ev = mg.clean_run()
     ev[10], ev[11] = ev[11], ev[10]  # two threads wrote their lines in the other order

@@ -65,11 +65,11 @@ const char* kind_name(Kind k);
 // How Python turns a piece's text into message text.
 enum class Op : std::uint8_t {
   text,        // the text itself
-  repr,        // repr(json.loads(text))
+  repr,        // audit._rl(json.loads(text)): repr cut to audit._MAX_QUOTED characters
   short_repr,  // audit._r(json.loads(text)): repr cut to 60 characters
-  str,         // str(json.loads(text))
+  str,         // audit._cut(str(json.loads(text))): cut to audit._MAX_QUOTED characters
   name80,      // repr(json.loads(text)[:80]) (text is a JSON string)
-  reasons,     // "; ".join(map(str, reasons)) as Auditor._health builds it
+  reasons,     // audit._health_reasons: "; ".join(map(str, reasons)), cut to audit._MAX_QUOTED characters
   not_json,    // f"not JSON: {orjson's error}" for the raw line `text`
   file,        // the name of file number `text`
   seconds,     // f"{int(text) / 1e9:.3f}"

@@ -1427,7 +1427,9 @@ class Auditor:
                 s[_S_DEFER_LINE] = line
         elif r == "Terminated":
             s = self._session(rank, req, sid, True)
-            if s is None:
+            if s is None:  # (as a Deferred one is: it was ignored)
+                self._find("orphan_event", line, "terminate returned Terminated for a request with no session in the "
+                           "window", rank=rank, request=req)
                 return
             s[_S_TERM_RESULTS] += 1
             if s[_S_TERM_RESULTS] == 2:

@@ -634,6 +634,31 @@ def test_rank_disagreement_compares_ranks_of_the_same_role():
     assert violations(res) == [], res.finding_counts
 
 
+def orphan_results() -> list[dict]:
+    """clean_run, then terminate results for request 99, which never had a session: Deferred and Terminated."""
+    ev = mg.clean_run()
+    last = ev[-1]
+    extra = [{**last, "event": "lifecycle.terminate", "request": 99, "role": "sender", "result": r, "state": None}
+             for r in ("Deferred", "Terminated")]
+    for k in ("from_state", "to_state", "trigger", "outcome", "slot", "generation", "deferred"):
+        for d in extra:
+            d.pop(k, None)
+    return ev + [{**d, "seq": last["seq"] + 1 + i} for i, d in enumerate(extra)]
+
+
+def test_a_terminate_result_for_no_session_is_an_orphan_whatever_the_result(tmp_path):
+    """terminate() returning Deferred for a request with no session was an orphan_event warning, Terminated was
+    silently ignored (seen against the old code: one warning, not two).  Both are orphan_event warnings now.
+    Control: the results of the clean run's own requests are not."""
+    res = audit_paths([write(tmp_path / "orphans.jsonl", orphan_results())])
+    found = [(f.kind, f.request, f.message) for f in res.findings if f.kind == "orphan_event"]
+    assert found == [
+        ("orphan_event", 99, "terminate deferred for a request with no live session"),
+        ("orphan_event", 99, "terminate returned Terminated for a request with no session in the window")], found
+    assert res.ok
+    assert audit_paths([GOLDEN / "clean_run.jsonl"]).by_kind("orphan_event") == []
+
+
 def big_value_events(n: int = 3, size: int = 100_000) -> list[dict]:
     """Events whose findings quote a log value, each value ``size`` characters long: a callback error, a health
     event's reasons, a desync's sites and field, an unknown cancel result, a bad trigger/state, a table."""

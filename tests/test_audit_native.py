@@ -29,7 +29,7 @@ from lifecycle import _core, audit, errors, spec
 from lifecycle.audit import audit_paths, format_text
 from tests.golden import make_golden as mg
 from tests.test_audit import (BREAKS, _same_pid_ranks, _skewed, _stream, _two_rank_disagreeing, big_value_events,
-                              two_engines_one_process)
+                              orphan_results, two_engines_one_process)
 
 SPEC = spec.load(spec.default_table_path())
 GOLDEN = sorted(p for p in mg.HERE.glob("*.jsonl"))
@@ -175,6 +175,7 @@ def _who_is_who_cases() -> dict[str, list[list[dict]]]:
         "disagreement skewed": [r0, _skewed(r1, 10**9)],
         "disagreement, roles": [r0, [{**d, "role": "receiver" if d["role"] else None} for d in r1]],
         "request reused": [mg.two_rank()[1] + [{**d, "pid": d["pid"] + 20} for d in r1]],
+        "orphan terminate results": [orphan_results()],
         "long values quoted": [big_value_events(2, 5000), [{**d, "pid": 3} for d in big_value_events(2, 150)]],
     }
 

@@ -1853,7 +1853,11 @@ struct Auditor::Impl {
     } else if (r == tr_terminated) {
       Session* s = nullptr;
       Core* c = session_of(rank, req, true, s);
-      if (c == nullptr) return;
+      if (c == nullptr) {  // (as a Deferred one is: it was ignored)
+        if (Finding* g = find(Kind::orphan_event, line, &rank, &req))
+          g->message = {P("terminate returned Terminated for a request with no session in the window")};
+        return;
+      }
       c->term_results += 1;
       if (c->term_results == 2) {
         if (Finding* g = find(Kind::double_termination, line, &rank, &req))

@@ -141,7 +141,9 @@ const char* const kTokens[] = {
     "\x00", "\n", "\r", " ", "\t", "\xc2\xa0", "\"Terminated\"", "\"Poisoned\"", "\"lifecycle.terminate_now\"",
     "\"lifecycle.terminate\"", "\"Deferred\"", "\"result\": \"Deferred\", ", "\"deferred\": true, ", "\"seq\": 0, ",
     "\"request\": 3, ", "\"rank\": 1, ", "\"pid\": 8, ", "\"table\": [1], ", "\"from_state\": null, ",
-    "\"t_mono_ns\": 99999999999999, ", "\"slot\": 2, ", "[[[[[[[[[[", "]]]]]]]]]]"};
+    "\"t_mono_ns\": 99999999999999, ", "\"slot\": 2, ", "[[[[[[[[[[", "]]]]]]]]]]", "\"proc\": 5, ",
+    "\"proc\": -1, ", "\"engine\": 1, ", "\"engine\": \"e\", ", "\"engine\": null, ", "\"role\": \"receiver\", ",
+    "\"role\": null, "};
 
 std::string mutate(std::string s, std::mt19937_64& rng) {
   std::uniform_int_distribution<int> ops(0, 7);
@@ -284,12 +286,21 @@ void fuzz() {
   const std::uint64_t seed = env_seed ? std::strtoull(env_seed, nullptr, 10) : 20240611;
   const long iters = env_iters ? std::strtol(env_iters, nullptr, 10) : 3000;
   const std::string base = clean_log(8), base2 = clean_log(4, 5000000);
+  // the clean log with the optional keys: one proc, its lines split between two engines
+  std::string keyed;
+  for (std::size_t b = 0, e; (e = base.find('\n', b)) != std::string::npos; b = e + 1) {
+    std::string l = base.substr(b, e - b + 1);
+    const std::size_t at = l.find("\"pid\": 7, ");
+    if (at != std::string::npos) l.insert(at, "\"proc\": 9, \"engine\": " + std::to_string(b % 2) + ", ");
+    keyed += l;
+  }
   for (long it = 0; it < iters; ++it) {
     const std::uint64_t s = seed + static_cast<std::uint64_t>(it);
     std::mt19937_64 rng(s);
     std::vector<std::string> files{mutate(base, rng)};
     if (rng() % 3 == 0) files.push_back(mutate(base2, rng));
     if (rng() % 7 == 0) files.push_back(mutate(base, rng));
+    if (rng() % 4 == 0) files.push_back(mutate(keyed, rng));
     au::Options o = rng() % 2 ? small_options() : au::Options{};
     std::string whole = audit(files, nullptr, o);
     std::string chunked = audit(files, &rng, o);

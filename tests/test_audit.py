@@ -492,6 +492,26 @@ def two_engines_one_process(deferred: bool = False) -> list[dict]:
     return [{k: v for k, v in d.items() if k != "log_level"} for d in cap]
 
 
+def test_a_forked_child_draws_a_new_proc():
+    """proc keys the seq stream, and a forked child restarts seq at 0: it must not share its parent's proc (the
+    child's lines would read as the parent's stream restarting).  Control: the parent's proc is unchanged."""
+    from lifecycle import collectives, engine
+
+    before = engine._PROC
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        seq = next(engine._seq)
+        os.write(w, json.dumps([engine._PROC, collectives._common_fields()["proc"], seq]).encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        child = json.loads(f.read())
+    os.waitpid(pid, 0)
+    assert child[0] == child[1] != before and child[2] == 0, (child, before)
+    assert engine._PROC == before == collectives._common_fields()["proc"]
+
+
 def _strip(events, *keys):
     return [{k: v for k, v in d.items() if k not in keys} for d in events]
 

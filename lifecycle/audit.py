@@ -86,7 +86,7 @@ __all__ = [
 ]
 
 SCHEMA_ID = "kv-lifecycle.events/1"
-AUDIT_FORMAT = "kv-lifecycle.audit/1"
+AUDIT_FORMAT = "kv-lifecycle.audit/2"  # /2: `streams` keyed "proc N" / "pid P in FILE" (was: by pid)
 
 VIOLATION_KINDS = (
     "malformed",
@@ -1347,21 +1347,25 @@ class Auditor:
         """Compare a terminal outcome with the first one of the same request and role on other ranks (the
         tensor-parallel ranks of one side; a sender is never compared with a receiver).  Every outcome is
         recorded, whether or not other ranks have been seen yet (a rank's first line may come later), in a
-        window of ``4 * window`` (request, role) entries, oldest evicted first (counted as window_evicted once
+        window of ``window`` (request, role) entries, oldest evicted first (counted as window_evicted once
         several ranks were seen).  A rank that reports the request again starts a new lifetime of it (the id
         was reused)."""
         xk = (req, role)
         x = self.xrank.get(xk)
-        if x is None or rank in x[2]:
+        # x: [outcome, first rank, the other ranks (None until one reports: no set per entry), reported, file, line]
+        if x is None or rank == x[1] or (x[2] is not None and rank in x[2]):
             if x is not None:
                 del self.xrank[xk]
-            elif len(self.xrank) >= self.window * 4:
+            elif len(self.xrank) >= self.window:
                 self.xrank.pop(next(iter(self.xrank)))
                 if len(self.ranks) > 1:
                     self.counts["window_evicted"] = self.counts.get("window_evicted", 0) + 1
-            self.xrank[xk] = [outcome, rank, {rank}, False, self._file, line]
+            self.xrank[xk] = [outcome, rank, None, False, self._file, line]
             return
-        x[2].add(rank)
+        if x[2] is None:
+            x[2] = {rank}
+        else:
+            x[2].add(rank)
         if x[0] != outcome and not x[3]:
             x[3] = True
             self._find("rank_disagreement", line,
@@ -1445,13 +1449,21 @@ class Auditor:
         if sid is not None:
             k = (rank, req, sid)
             return live.get(k) or (self.tombs.get(k) if tombs else None)
-        found = [s for s in (live.get(k) or (self.tombs.get(k) if tombs else None)
-                             for k in ((rank, req, r) for r in _NULL_ROLE_LOOKUP)) if s is not None]
-        if notice:
-            for s in found:
-                if s[_S_DEFERRED] and not s[_S_NOTICES]:
-                    return s
-        return found[0] if found else None
+        first = None
+        for r in _NULL_ROLE_LOOKUP:  # (a plain loop: this runs for every terminate of an older log)
+            k = (rank, req, r)
+            s = live.get(k)
+            if s is None and tombs:
+                s = self.tombs.get(k)
+            if s is None:
+                continue
+            if not notice:
+                return s
+            if s[_S_DEFERRED] and not s[_S_NOTICES]:
+                return s
+            if first is None:
+                first = s
+        return first
 
     def _terminate_now(self, d: dict, name: str, req, rank: int, sk, eng, sid, t: int, line: int) -> None:
         if type(req) is not int:

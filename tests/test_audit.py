@@ -302,7 +302,7 @@ def test_gzip_logs_are_read(tmp_path):
 def test_json_output_is_machine_readable(capsys):
     assert main_audit([str(GOLDEN / "cancellation.jsonl"), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["format"] == "kv-lifecycle.audit/1" and out["ok"] is True
+    assert out["format"] == "kv-lifecycle.audit/2" and out["ok"] is True
     assert out["requests"] == {"total": 3, "terminated": 3, "live": 0}
     assert set(out["time_in_state"]) == set(SPEC.states) - set(SPEC.final)
 

@@ -705,11 +705,12 @@ constexpr Int kHeadReorder = 64;
 
 struct XRec {  // audit.py Auditor.xrank's entries
   int outcome;
-  Int rank;
-  std::vector<Int> ranks;  // the ranks that reported this lifetime of the request
+  Int rank;                // the first rank that reported this lifetime of the request
+  std::vector<Int> more;   // the others (empty, unallocated, in a one-rank log)
   bool reported;
   std::uint32_t file;
   Int line;
+  std::uint64_t gen;       // its entry in xorder
 };
 
 struct Item {
@@ -801,8 +802,12 @@ struct Auditor::Impl {
   std::list<Tomb> tomb_order;
   std::unordered_map<Key, std::list<Tomb>::iterator, KeyHash> tombs;
   std::unordered_map<Key, SlotRec, KeyHash> slots;
-  std::list<std::pair<Key, XRec>> xorder;
-  std::unordered_map<Key, std::list<std::pair<Key, XRec>>::iterator, KeyHash> xmap;
+  // Every terminal outcome, by (request, role), oldest first: xorder holds (key, gen) in insertion order and
+  // an entry is live while xmap[key].gen is its gen (a request reported again by the same rank is erased and
+  // inserted anew: its old entry goes dead).  Python's dict order, without a list node per outcome.
+  std::deque<std::pair<Key, std::uint64_t>> xorder;
+  std::unordered_map<Key, XRec, KeyHash> xmap;
+  std::uint64_t xgen = 0;
   std::set<Int> ranks;
   std::unordered_set<std::string> bad_tables;
 
@@ -824,6 +829,7 @@ struct Auditor::Impl {
     if (opt.max_tables < 0) throw InvalidArgumentError("max_tables", "must be >= 0");
     if (opt.max_depth < 0) throw InvalidArgumentError("max_depth", "must be >= 0");
     if (opt.lookahead < 1) throw InvalidArgumentError("lookahead", "must be >= 1");
+    xmap.reserve(static_cast<std::size_t>(std::min<Int>(static_cast<Int>(opt.window), Int{1} << 16)));
     std::vector<std::pair<int, std::pair<int, int>>> rows;  // (table line, (src, event))
     for (int s = 0; s < kNumStates; ++s) {
       into[s] = kFinal[s] ? into_final : kTerminal[s] ? into_terminal : into_active;
@@ -1751,23 +1757,38 @@ struct Auditor::Impl {
   void xrank(Session& s, Int req, Int rank, int outcome, Int line) {
     const Key xk{req, cur_role};
     auto it = xmap.find(xk);
-    const bool again = it != xmap.end() && std::find(it->second->second.ranks.begin(), it->second->second.ranks.end(),
-                                                      rank) != it->second->second.ranks.end();
+    const bool again = it != xmap.end() &&
+                       (it->second.rank == rank ||
+                        std::find(it->second.more.begin(), it->second.more.end(), rank) != it->second.more.end());
     if (it == xmap.end() || again) {
       if (again) {  // this rank reports the request again: a new lifetime of it
-        xorder.erase(it->second);
         xmap.erase(it);
-      } else if (static_cast<Int>(xmap.size()) >= static_cast<Int>(opt.window) * 4) {
-        xmap.erase(xorder.front().first);
-        xorder.pop_front();
+      } else if (static_cast<Int>(xmap.size()) >= static_cast<Int>(opt.window)) {
+        for (;;) {  // the oldest live entry
+          const auto [k, g] = xorder.front();
+          xorder.pop_front();
+          auto old = xmap.find(k);
+          if (old != xmap.end() && old->second.gen == g) {
+            xmap.erase(old);
+            break;
+          }
+        }
         if (ranks.size() > 1) count(Kind::window_evicted);
       }
-      xorder.emplace_back(xk, XRec{outcome, rank, {rank}, false, cur_file, line});
-      xmap.emplace(xk, std::prev(xorder.end()));
+      xmap.emplace(xk, XRec{outcome, rank, {}, false, cur_file, line, ++xgen});
+      xorder.emplace_back(xk, xgen);
+      if (xorder.size() > 2 * xmap.size() + 64) {  // dead entries: keep xorder within twice the live ones
+        std::deque<std::pair<Key, std::uint64_t>> live;
+        for (const auto& e : xorder) {
+          auto f = xmap.find(e.first);
+          if (f != xmap.end() && f->second.gen == e.second) live.push_back(e);
+        }
+        xorder.swap(live);
+      }
       return;
     }
-    XRec& x = it->second->second;
-    x.ranks.push_back(rank);
+    XRec& x = it->second;
+    x.more.push_back(rank);
     if (x.outcome != outcome && !x.reported) {
       x.reported = true;
       if (Finding* g = find(Kind::rank_disagreement, line, &rank, &req)) {

@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import functools
+import hashlib
 import heapq
 import inspect
 import itertools
@@ -696,10 +697,16 @@ def _too_deep(raw: bytes, max_depth: int) -> bool:
     return False
 
 
+_MAX_KEPT_TABLE = 256  # longer mismatched table values are remembered by digest (cpp/src/audit.cpp: the same)
+
+
 def _new_bad_table(seen: set, tbl: object) -> bool:
     """Whether a mismatched ``table`` value is reported: once per value (by Python ==; a list or dict by its
     repr), remembering at most _MAX_TABLES values; a value not remembered is reported every time."""
     key = repr(tbl) if type(tbl) in (list, dict) else tbl
+    if type(key) is str and len(key) > _MAX_KEPT_TABLE:
+        # a value can be a whole line (1 MiB) long: a long one is remembered by its digest
+        key = ("digest", len(key), hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest())
     if key in seen:
         return False
     if len(seen) < _MAX_TABLES:

@@ -265,9 +265,32 @@ def test_distinct_table_values_do_not_grow_memory(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, str(p)], capture_output=True, text=True, check=True)
     assert int(out.stdout) < 40 * 1024, f"peak RSS grew by {int(out.stdout) // 1024} MiB"
     # negative control: with no bound, the same run holds every value (the measurement can fail)
-    unbounded = code.replace("before = rss(); ", "before = rss(); audit._MAX_TABLES = 10**9; ")
+    # (values longer than 256 characters are remembered by digest: the Python side keeps them whole here)
+    unbounded = code.replace("before = rss(); ", "before = rss(); audit._MAX_TABLES = 10**9; "
+                                                 "audit._MAX_KEPT_TABLE = 10**9; ")
     out = subprocess.run([sys.executable, "-c", unbounded, str(p)], capture_output=True, text=True, check=True)
-    assert int(out.stdout) > 80 * 1024, f"unbounded: peak RSS grew by only {int(out.stdout) // 1024} MiB"
+    assert int(out.stdout) > 60 * 1024, f"unbounded: peak RSS grew by only {int(out.stdout) // 1024} MiB"
+
+
+def test_long_mismatched_table_values_are_remembered_by_digest(tmp_path):
+    """Up to _MAX_TABLES mismatched `table` values are remembered, and each could be a whole line (1 MiB) long:
+    64 of them were 64 MiB of keys in each engine.  Values longer than 256 characters are remembered by digest
+    now; each distinct one is still reported once (its repeat is not).  Negative control: with the Python
+    side keeping values whole again, the same run grows by their size (the measurement can fail)."""
+    e = dict(mg.clean_run()[0])
+    p = tmp_path / "tables.jsonl"
+    with open(p, "w") as f:
+        for i in range(128):  # 64 distinct 900 KiB values, each twice
+            f.write(json.dumps({**e, "seq": i, "table": f"{i % 64:02d}" + "x" * (900 << 10)}) + "\n")
+    code = ("import sys; from lifecycle import audit; " + PEAK_RSS + "before = rss(); "
+            "r = audit.audit_paths(sys.argv[1:], native=True); "
+            "assert r.finding_counts['table_mismatch'] == 64, r.finding_counts; print(rss() - before)")
+    out = subprocess.run([sys.executable, "-c", code, str(p)], capture_output=True, text=True, check=True)
+    assert int(out.stdout) < 30 * 1024, f"peak RSS grew by {int(out.stdout) // 1024} MiB"
+    whole = code.replace("before = rss(); ", "before = rss(); audit._MAX_KEPT_TABLE = 10**9; ")
+    out = subprocess.run([sys.executable, "-c", whole, str(p)], capture_output=True, text=True, check=True)
+    assert int(out.stdout) > 50 * 1024, f"values kept whole: peak RSS grew by only {int(out.stdout) // 1024} MiB"
+    assert_same([p])
 
 
 def test_unreadable_inputs_audit_identically(tmp_path):

@@ -1378,6 +1378,9 @@ struct Auditor::Impl {
     // Remembered up to max_tables values (a value can be a whole line long); past that, a value not
     // remembered is a candidate on every line, and Python's dedup (same bound) decides exactly as the
     // reference: a value remembered here was remembered there too, so skipping it is what it would do.
+    if (key.size() > 257) {  // a long value (up to a whole line) is remembered by its hash, as audit.py does
+      key = "h" + to_string(static_cast<Int>(key.size())) + ":" + to_string(static_cast<Int>(std::hash<std::string>{}(key) >> 1));
+    }
     if (bad_tables.count(key) != 0) return;
     if (static_cast<std::int64_t>(bad_tables.size()) < opt.max_tables) bad_tables.insert(std::move(key));
     if (Finding* g = find(Kind::table_mismatch, line, &rank))

@@ -465,30 +465,26 @@ class RankGroup:
         MPI = self._MPI
         ops = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
         kind = f"int64:{op!s:.40}"
+        bad: Exception | None = None
         try:
             send = _int64_values(values)
         except (TypeError, ValueError, OverflowError) as exc:
-            # Joins declaring a size no rank can have.  Every rank sees the sizes differ in the header and
-            # gathers the fingerprints; where only this sentinel differs, every rank raises InvalidArgument
-            # naming the ranks with bad values, and the group stays usable (_desync).
-            # Without the ledger (no fingerprints) p1 says the same: every rank skips the reduction and raises.
-            try:
-                self._header("allreduce_ints", kind, _INVALID_SIZE, site, 0, 1)
-                self._done()
-                raise _InvalidValues(f"a rank passed values that are not int64 to allreduce_ints at seq "
-                                     f"{self._last_seq} ({self._site}); no rank reduced")
-            except _InvalidValues as iv:
-                raise InvalidArgument("values", f"{iv}; this rank's: {exc}") from exc
-        # the op is in the ledger's kind: a rank whose op differs is a desync on every rank; one the same bad op
-        # on every rank raises on every rank, after the header (never stranding one)
+            bad, send = exc, np.empty(0, dtype=np.int64)
+        # A rank with values that are not int64 joins declaring a size no rank can have.  Every rank sees the
+        # sizes differ in the header and gathers the fingerprints; where only this sentinel differs, every rank
+        # raises InvalidArgument naming the ranks with bad values, and the group stays usable (_desync).
+        # Without the ledger (no fingerprints) p1 says the same: every rank skips the reduction and raises.
+        # The op is in the ledger's kind: a rank whose op differs is a desync on every rank; the same bad op on
+        # every rank raises on every rank, after the header (never stranding one).
         try:
-            hdr = self._header("allreduce_ints", kind, int(send.size), site, 0, 0)
+            hdr = self._header("allreduce_ints", kind, _INVALID_SIZE if bad is not None else int(send.size), site,
+                               0, int(bad is not None))
             if hdr[5] > 0:
                 self._done()
                 raise _InvalidValues(f"a rank passed values that are not int64 to allreduce_ints at seq "
                                      f"{self._last_seq} ({self._site}); no rank reduced")
         except _InvalidValues as iv:
-            raise InvalidArgument("values", str(iv)) from None
+            raise InvalidArgument("values", str(iv) if bad is None else f"{iv}; this rank's: {bad}") from bad
         if not (isinstance(op, str) and op in ops):
             self._done()
             raise InvalidArgument("op", f"expected one of {sorted(ops)}, got {op!r:.40}")

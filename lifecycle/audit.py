@@ -765,8 +765,9 @@ _HEAD_REORDER = 64
 # what reaching a state means for the replay
 _INTO_ACTIVE, _INTO_TERMINAL, _INTO_FINAL = range(3)
 # edge record fields, one record per moving row: times taken, histogram of the state left, what reaching
-# the state means, the state (the table's str), the moves out of it
-_E_COUNT, _E_TIS, _E_INTO, _E_DST, _E_MOVES = range(5)
+# the state means, the state (the table's str), the moves out of it, the row's outcome (None: the row sets none,
+# so the move keeps the session's)
+_E_COUNT, _E_TIS, _E_INTO, _E_DST, _E_MOVES, _E_OUT = range(6)
 
 
 # Each option's least value (None: any int; a negative keep_* keeps none, a negative leak_age_ns reports no leaks)
@@ -868,7 +869,7 @@ class Auditor:
         self._edges: dict[tuple[str, str, str], list] = {}  # (src, trigger, dst) -> the same edge record
         for r in sp.rows:
             if r.src != _spec.CREATE_SOURCE and r.moves:
-                edge = [0, self.tis.get(r.src), self._into[r.dst], r.dst, self._moves[r.dst]]
+                edge = [0, self.tis.get(r.src), self._into[r.dst], r.dst, self._moves[r.dst], r.outcome]
                 self._moves[r.src][r.event] = self._edges[(r.src, r.event, r.dst)] = edge
         self._created = 0  # creating transitions (the edge * + create_event = initial)
         # every (from_state, trigger, to_state, outcome) whose names are in the table, legal or not
@@ -1196,11 +1197,12 @@ class Auditor:
         s = self.live.get(key)
         try:
             edge = s[_S_MOVES].get(trig) if s is not None and frm == s[_S_STATE] else None
-            legal = edge is not None and to == edge[_E_DST] and (outcome is None or outcome in self.outcomes_set)
+            # the logged outcome is the session's after the move: the row's, or the one it had
+            legal = edge is not None and to == edge[_E_DST] and outcome == (edge[_E_OUT] or s[_S_OUTCOME])
         except TypeError:  # a JSON list or object where a name belongs (unhashable)
             legal = False
         if legal:
-            count, tis, into, to, moves = edge
+            count, tis, into, to, moves, _ = edge
             edge[_E_COUNT] = count + 1
         else:
             s = self._check_transition(key, s, frm, to, trig, outcome, d, sk, eng, t, line)
@@ -1264,6 +1266,7 @@ class Auditor:
             self._find("adopted_session", line, f"first seen in state {frm} (advertise not in the log)", rank=rank,
                        request=req)
             s = self._new_session(key, frm, d, sk, eng, t, line)
+            s[_S_OUTCOME] = outcome  # unknown before this line: a row without an outcome logs the one it had
         cur = s[_S_STATE]
         edge = self._moves[frm].get(trig)
         dst = edge[_E_DST] if edge is not None else None
@@ -1282,6 +1285,11 @@ class Auditor:
                               "not in the table" if dst is None else f"the table says {frm} + {trig} = {dst}")
         else:
             edge[_E_COUNT] += 1
+            want = edge[_E_OUT] or s[_S_OUTCOME]
+            if outcome != want:
+                self._illegal(frm, trig, to, line, rank, req, s, (
+                    f"outcome {outcome}, but the table says {frm} + {trig} = {to} / {want}" if edge[_E_OUT] else
+                    f"outcome {outcome}, but the session's outcome is {want} and this row sets none"), count=False)
         return s
 
     def _malformed_transition(self, req, rank: int, frm, to, trig, outcome, line: int) -> None:
@@ -1326,9 +1334,12 @@ class Auditor:
         self.requests += 1
         return s
 
-    def _illegal(self, frm, trig, to, line, rank, req, s, why: str) -> None:
-        ie = self.illegal_edges
-        ie[(frm, trig, to)] = ie.get((frm, trig, to), 0) + 1
+    def _illegal(self, frm, trig, to, line, rank, req, s, why: str, count: bool = True) -> None:
+        """An illegal_transition finding; ``count``: the move is not in the table, so it joins illegal_edges (a
+        row's move with the wrong outcome is counted on its row)."""
+        if count:
+            ie = self.illegal_edges
+            ie[(frm, trig, to)] = ie.get((frm, trig, to), 0) + 1
         self._find("illegal_transition", line, f"{frm or '*'} --{trig}--> {to}: {why}", rank=rank, request=req)
         if s is not None:
             self._mark(s, "illegal_transition")

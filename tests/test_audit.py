@@ -365,6 +365,23 @@ def _break_seq_gap():
     return ev, "seq_gap", None, 7
 
 
+def _break_outcome_of_a_row():
+    ev = mg.clean_run()
+    i = index(ev, request=1, trigger="complete")
+    assert ev[i - 1]["outcome"] == "completed"
+    ev[i - 1]["outcome"] = "cancelled"  # the row says InFlight + complete = Quiesced / completed
+    ev[index(ev, request=1, to_state="Terminated") - 1]["outcome"] = "cancelled"  # consistent from here on
+    return ev, "illegal_transition", 1, i
+
+
+def _break_outcome_kept():
+    ev = mg.clean_run()
+    i = index(ev, request=2, to_state="Terminated")
+    assert ev[i - 1]["outcome"] == "completed"
+    ev[i - 1]["outcome"] = "failed"  # Quiesced + terminate sets none: the session's outcome stays completed
+    return ev, "illegal_transition", 2, i
+
+
 def _break_malformed():
     ev = mg.cancellation()
     return ev, "malformed", None, 5  # a garbage line is inserted as line 5 in the test below
@@ -380,6 +397,8 @@ BREAKS = {
     "slot_reuse": _break_slot_reuse,
     "seq_gap": _break_seq_gap,
     "malformed": _break_malformed,
+    "outcome_of_a_row": _break_outcome_of_a_row,
+    "outcome_kept": _break_outcome_kept,
 }
 
 
@@ -404,6 +423,44 @@ def test_broken_copy_is_caught_at_the_right_request_and_line(name, tmp_path, cap
     if name not in ("seq_gap", "terminated_before_terminal", "illegal_transition"):
         # the edit produced exactly the intended violation
         assert {f.kind for f in violations(res)} == {kind}, [str(f) for f in violations(res)]
+
+
+@pytest.mark.parametrize(("name", "says"), [
+    ("outcome_of_a_row", "InFlight --complete--> Quiesced: outcome cancelled, but the table says "
+                         "InFlight + complete = Quiesced / completed"),
+    ("outcome_kept", "Quiesced --terminate--> Terminated: outcome failed, but the session's outcome is completed "
+                     "and this row sets none")])
+def test_an_outcome_that_contradicts_the_table_names_both_and_counts_the_row_not_an_illegal_edge(tmp_path, name,
+                                                                                                says):
+    ev, kind, req, line = BREAKS[name]()
+    p = tmp_path / "x.jsonl"
+    p.write_text(mg.render(ev), encoding="utf-8")
+    res = audit_paths([str(p)])
+    assert [(f.kind, f.request, f.line, f.message) for f in violations(res)] == [(kind, req, line, says)]
+    assert res.illegal_edges == {}  # the move is the row's: counted there
+    clean = audit_paths([str(_golden_path("clean_run", tmp_path))])
+    assert res.edges == clean.edges
+
+
+def _golden_path(name, tmp_path):
+    p = tmp_path / f"{name}.jsonl"
+    p.write_text(mg.render(getattr(mg, name)()), encoding="utf-8")
+    return p
+
+
+def test_an_adopted_session_takes_its_outcome_from_the_first_line_seen(tmp_path):
+    """A log that starts after a request reached Quiesced cannot know its outcome: the terminate's is taken,
+    whatever it is; the ranks are still compared."""
+    ev = mg.clean_run()
+    i = index(ev, request=2, to_state="Terminated")
+    keep = [d for d in ev if d.get("request") != 2] + [ev[i - 1]]
+    for outcome in ("completed", "cancelled"):
+        keep[-1] = dict(ev[i - 1], outcome=outcome)
+        p = tmp_path / f"{outcome}.jsonl"
+        p.write_text(mg.render(renumber(keep)), encoding="utf-8")
+        res = audit_paths([str(p)])
+        assert not violations(res), [str(f) for f in violations(res)]
+        assert [f.request for f in res.by_kind("adopted_session")] == [2]
 
 
 def test_leak_reports_last_state_and_age(tmp_path):

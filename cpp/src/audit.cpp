@@ -765,6 +765,7 @@ struct Auditor::Impl {
   Options opt;
   // the table, shaped for the replay
   int move_dst[kNumStates][kNumEvents];  // the state a moving row lands on, -1: no moving row
+  int move_out[kNumStates][kNumEvents];  // a moving row's outcome (audit index), -1: it sets none (keeps the session's)
   Into into[kNumStates];
   int tis_index[kNumStates];  // histogram of time in the state, -1 for final states
   std::vector<std::pair<int, int>> edge_rows;  // (src, event) of each moving row, table order
@@ -842,6 +843,7 @@ struct Auditor::Impl {
       for (int e = 0; e < kNumEvents; ++e) {
         const Cell& c = kTable[s][e];
         move_dst[s][e] = c.action == Action::Move ? static_cast<int>(c.dst) : -1;
+        move_out[s][e] = static_cast<int>(c.outcome) - 1;  // Outcome::none is 0
         edge_of[s][e] = -1;
         if (c.action == Action::Move) rows.push_back({c.line, {s, e}});
       }
@@ -1562,11 +1564,13 @@ struct Auditor::Impl {
     int into_to;
     Histogram* h = nullptr;
     int e = (s != nullptr && frm >= 0 && frm == s->state && trig >= 0) ? edge_of[frm][trig] : -1;
-    if (e >= 0 && to == move_dst[frm][trig] && outcome_ok) {
+    // the logged outcome is the session's after the move: the row's, or the one it had
+    if (e >= 0 && to == move_dst[frm][trig] && outcome_ok &&
+        outcome == (move_out[frm][trig] >= 0 ? move_out[frm][trig] : s->outcome)) {
       ++edge_count[static_cast<std::size_t>(e)];
       h = &tis[static_cast<std::size_t>(tis_index[frm])];
     } else {
-      s = check_transition(key, has_req, s, frm, trig, to, outcome_ok, t, line);
+      s = check_transition(key, has_req, s, frm, trig, to, outcome_ok, outcome, t, line);
       if (s == nullptr) return;
       int ti = tis_index[s->state];
       h = ti >= 0 ? &tis[static_cast<std::size_t>(ti)] : nullptr;
@@ -1599,7 +1603,7 @@ struct Auditor::Impl {
   static bool owned_by(const SlotRec& r, const Key& key) { return r.owner_has_req && r.owner == key; }
 
   Session* check_transition(const Key& key, bool has_req, Session* s, int frm, int trig, int to, bool outcome_ok,
-                            Int t, Int line) {
+                            int outcome, Int t, Int line) {
     const Int rank = key.a, req = key.b;
     const bool frm_null = is_null(f(k_from));
     const bool well_formed = has_req && (frm_null || frm >= 0) && trig >= 0 && to >= 0 && outcome_ok;
@@ -1629,6 +1633,7 @@ struct Auditor::Impl {
       if (Finding* g = find(Kind::adopted_session, line, &rank, &req))
         g->message = {P(std::string("first seen in state ") + kStateNames[frm] + " (advertise not in the log)")};
       s = &new_session(key, frm, t, line);
+      s->outcome = outcome;  // unknown before this line: a row without an outcome logs the one it had
     }
     const int cur = s->state;
     const int dst = move_dst[frm][trig];
@@ -1650,6 +1655,16 @@ struct Auditor::Impl {
       }
     } else {
       ++edge_count[static_cast<std::size_t>(edge_of[frm][trig])];
+      const int row = move_out[frm][trig], want = row >= 0 ? row : s->outcome;
+      if (outcome != want) {
+        const char* w = want >= 0 ? outcome_name(want) : "None";
+        illegal(frm, trig, to, line, rank, req, s,
+                std::string("outcome ") + (outcome >= 0 ? outcome_name(outcome) : "None") +
+                    (row >= 0 ? std::string(", but the table says ") + kStateNames[frm] + " + " + kEventNames[trig] +
+                                    " = " + kStateNames[to] + " / " + w
+                              : std::string(", but the session's outcome is ") + w + " and this row sets none"),
+                false);
+      }
     }
     return s;
   }
@@ -1724,8 +1739,11 @@ struct Auditor::Impl {
     }
   }
 
-  void illegal(int frm, int trig, int to, Int line, Int rank, Int req, Session* s, const std::string& why) {
-    count_illegal(frm, trig, to);
+  // count: the move is not in the table, so it joins illegal_edges (a row's move with the wrong outcome is counted
+  // on its row)
+  void illegal(int frm, int trig, int to, Int line, Int rank, Int req, Session* s, const std::string& why,
+               bool count = true) {
+    if (count) count_illegal(frm, trig, to);
     if (Finding* g = find(Kind::illegal_transition, line, &rank, &req))
       g->message = {P(std::string(frm >= 0 ? kStateNames[frm] : "*") + " --" + kEventNames[trig] + "--> " +
                       kStateNames[to] + ": " + why)};

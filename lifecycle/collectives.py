@@ -69,6 +69,7 @@ from typing import Any
 import numpy as np
 import structlog
 
+from . import logstream
 from .errors import CollectiveDesyncError, CollectiveTimeoutError, InvalidArgument
 
 
@@ -178,51 +179,27 @@ class GroupStatistics:
 
 
 def _common_fields() -> dict[str, Any]:
-    """The keys every lifecycle event carries (schemas/events.schema.json), shared with the engine.
-
-    Imported lazily (error path only) so this module never needs the compiled core at import time.
-    """
-    try:
-        from . import engine
-    except ImportError:
-        # The core is not built (tests/mpi load this module without it): the same keys from the pure-Python
-        # table and schema id, and this module's own seq stream (the only one in a process without the
-        # engine).  It had emitted pid and time only: lines the audit calls malformed.
+    """The keys every lifecycle event carries (schemas/events.schema.json), from the process's one event stream
+    (the engine's too).  The table and schema id come from the pure-Python spec and audit (equal to the core's,
+    tested), imported lazily (error path only), so this module never needs the compiled core: without it
+    (tests/mpi load it that way) it had emitted pid and time only, lines the audit calls malformed."""
+    global _table_ids
+    if _table_ids is None:
         from . import audit, spec
 
-        return {
-            "t_mono_ns": time.monotonic_ns(),
-            "seq": next(_fallback_seq),
-            "pid": os.getpid(),
-            "proc": _fallback_proc,
-            "table": spec.load_default().digest,
-            "schema": audit.SCHEMA_ID,
-        }
+        _table_ids = (spec.load_default().digest, audit.SCHEMA_ID)
+    stream = logstream.current
     return {  # no `engine` key: not an engine's event
         "t_mono_ns": time.monotonic_ns(),
-        "seq": next(engine._seq),
-        "pid": engine._PID,
-        "proc": engine._PROC,
-        "table": engine.TABLE.digest,
-        "schema": engine.SCHEMA,
+        "seq": next(stream.seq),
+        "pid": stream.pid,
+        "proc": stream.proc,
+        "table": _table_ids[0],
+        "schema": _table_ids[1],
     }
 
 
-def _new_fallback_proc() -> int:
-    return int.from_bytes(os.urandom(8), "big") >> 1  # (engine._new_proc, which needs the core)
-
-
-_fallback_seq = itertools.count()
-_fallback_proc = _new_fallback_proc()
-
-
-def _reset_fallback_seq() -> None:
-    global _fallback_seq, _fallback_proc
-    _fallback_seq = itertools.count()
-    _fallback_proc = _new_fallback_proc()
-
-
-os.register_at_fork(after_in_child=_reset_fallback_seq)
+_table_ids: tuple[str, str] | None = None  # (table digest, schema id), read once
 
 
 def _mpi() -> Any:

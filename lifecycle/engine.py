@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import structlog
 
+from . import logstream as _logstream
 from . import spec as _spec
 from .errors import InvalidArgument, TerminateCallbackError, UnknownRequest
 
@@ -118,28 +119,7 @@ TERMINAL = frozenset(State[s] for s in TABLE.terminal)
 FINAL = frozenset(State[s] for s in TABLE.final)
 SCHEMA = _core.EVENTS_SCHEMA  # "kv-lifecycle.events/1" (audit.SCHEMA_ID, which needs no core, is tested equal)
 
-_seq = itertools.count()  # per-process sequence of emitted events (gaps = lost log lines)
-_PID = os.getpid()
-
-
-def _new_proc() -> int:
-    """The `proc` key of every event: random (63 bits), so processes that share a pid (containers, pid reuse)
-    keep their seq streams apart in an audit."""
-    return int.from_bytes(os.urandom(8), "big") >> 1
-
-
-_PROC = _new_proc()
 _engine_ids = itertools.count()  # the `engine` key: unique per engine within a process (its sessions and pool)
-
-
-def _reset_seq_after_fork() -> None:
-    global _seq, _PID, _PROC
-    _seq = itertools.count()
-    _PID = os.getpid()
-    _PROC = _new_proc()
-
-
-os.register_at_fork(after_in_child=_reset_seq_after_fork)
 
 
 class Transition(NamedTuple):
@@ -365,9 +345,10 @@ class TransferEngine(_core.Engine):
             logger = self._log.bind()  # resolve the (possibly lazy) logger once per batch
             enabled = getattr(logger, "is_enabled_for", None)
             info = logger.info if enabled is None or enabled(_INFO) else None
-            common = {"rank": self.rank, "pid": _PID, "proc": _PROC, "engine": self._engine_id, "table": TABLE.digest,
-                      "schema": SCHEMA}
-            self._log_batch(raw, out, notices, info, common, _seq)
+            stream = _logstream.current
+            common = {"rank": self.rank, "pid": stream.pid, "proc": stream.proc, "engine": self._engine_id,
+                      "table": TABLE.digest, "schema": SCHEMA}
+            self._log_batch(raw, out, notices, info, common, stream.seq)
             if healthy != self._was_healthy:
                 self._check_health()
         except BaseException:
@@ -492,8 +473,10 @@ class TransferEngine(_core.Engine):
 
     # ---- logging ----------------------------------------------------------------------------
     def _emit(self, name: str, request: int | None, role: str | None, t_ns: int | None = None, **kw) -> None:
+        stream = _logstream.current
         self._log.info(name, request=request, rank=self.rank, role=role,
-                       t_mono_ns=self.now_ns() if t_ns is None else t_ns, seq=next(_seq), pid=_PID, proc=_PROC,
+                       t_mono_ns=self.now_ns() if t_ns is None else t_ns, seq=next(stream.seq), pid=stream.pid,
+                       proc=stream.proc,
                        engine=self._engine_id, table=TABLE.digest, schema=SCHEMA, **kw)
 
 

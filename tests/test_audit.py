@@ -552,21 +552,30 @@ def two_engines_one_process(deferred: bool = False) -> list[dict]:
 def test_a_forked_child_draws_a_new_proc():
     """proc keys the seq stream, and a forked child restarts seq at 0: it must not share its parent's proc (the
     child's lines would read as the parent's stream restarting).  Control: the parent's proc is unchanged."""
-    from lifecycle import collectives, engine
+    import structlog
 
-    before = engine._PROC
+    from lifecycle import TransferEngine, collectives, logstream
+
+    e = TransferEngine()
+    with structlog.testing.capture_logs() as cap:
+        e.advertise(1, "sender")
+        e.poll()
+    before = logstream.current.proc
+    assert cap[0]["proc"] == before
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
-        seq = next(engine._seq)
-        os.write(w, json.dumps([engine._PROC, collectives._common_fields()["proc"], seq]).encode())
+        with structlog.testing.capture_logs() as cap:
+            e.advertise(2, "sender")
+            e.poll()
+        os.write(w, json.dumps([cap[0]["proc"], collectives._common_fields()["proc"], cap[0]["seq"]]).encode())
         os._exit(0)
     os.close(w)
     with os.fdopen(r, "rb") as f:
         child = json.loads(f.read())
     os.waitpid(pid, 0)
     assert child[0] == child[1] != before and child[2] == 0, (child, before)
-    assert engine._PROC == before == collectives._common_fields()["proc"]
+    assert logstream.current.proc == before == collectives._common_fields()["proc"]
 
 
 def _strip(events, *keys):
@@ -832,7 +841,7 @@ def test_collective_desync_lines_carry_every_common_key_with_and_without_the_cor
     import subprocess
     import sys
 
-    from lifecycle import collectives, engine
+    from lifecycle import collectives, logstream
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", _NO_CORE], cwd=root, capture_output=True, text=True, timeout=60)
@@ -842,8 +851,9 @@ def test_collective_desync_lines_carry_every_common_key_with_and_without_the_cor
     keys = {"t_mono_ns", "seq", "pid", "proc", "table", "schema"}  # (no `engine`: not an engine's event)
     assert [set(d) for d in without + with_core] == [keys] * 4, (without, with_core)
     assert [d["seq"] for d in without] == [0, 1]  # its own stream, from 0
-    assert with_core[1]["seq"] == with_core[0]["seq"] + 1 and with_core[0]["pid"] == engine._PID
-    assert with_core[0]["proc"] == engine._PROC and without[0]["proc"] == without[1]["proc"] != engine._PROC
+    assert with_core[1]["seq"] == with_core[0]["seq"] + 1 and with_core[0]["pid"] == os.getpid()
+    ours = logstream.current.proc
+    assert with_core[0]["proc"] == ours and without[0]["proc"] == without[1]["proc"] != ours
     for d in (without[0], with_core[0]):
         assert (d["table"], d["schema"]) == (SPEC.digest, audit.SCHEMA_ID), d
     fields = {"request": None, "rank": 0, "role": None, "event": "lifecycle.collective_desync", "seq_no": 3,

@@ -164,6 +164,47 @@ def test_a_huge_pool_costs_memory_only_for_the_slots_it_uses():
     assert r.returncode == 0 and r.stdout.startswith("ok"), (r.returncode, r.stdout, r.stderr[-2000:])
 
 
+def test_a_batch_that_runs_out_of_memory_says_which_items_it_applied():
+    """An advertise_batch too large for the memory left stops partway.  The items it applied stay applied
+    (their sessions live, their records queued), and the MemoryError's ``statuses`` says which: Moved for
+    those, 255 for the rest, which a second call then applies.  Before, a bare MemoryError left the caller
+    not knowing which requests existed (control, seen: that build's error has no ``statuses``).  The child
+    runs under a soft address-space limit, lifted again to finish."""
+    r = run_child(
+        """
+        import resource, struct
+        from array import array
+        from lifecycle import TransferEngine, _core
+        def status(key):
+            for line in open("/proc/self/status"):
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+        e = TransferEngine(shards=1)
+        n = 3_000_000
+        ids = array("Q", range(1, n + 1))
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        resource.setrlimit(resource.RLIMIT_AS, (status("VmSize:") + (150 << 20), hard))
+        try:
+            e.advertise_batch(ids, 0, 0)
+            raise SystemExit("no MemoryError: raise n")
+        except MemoryError as err:
+            st = err.statuses
+        resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
+        moved = [i for i, c in zip(ids, st) if c == 0]
+        rest = array("Q", (i for i, c in zip(ids, st) if c == 255))
+        assert len(st) == n and 0 < len(moved) < n and len(moved) + len(rest) == n, (len(moved), len(rest))
+        assert e.live_sessions() == len(moved)
+        raw = e._drain()
+        recs = [struct.unpack_from(_core.RECORD_FORMAT, raw, k) for k in range(0, len(raw), _core.RECORD_SIZE)]
+        assert sorted(r[0] for r in recs) == moved, "a record per session applied, no other"
+        assert e._info(moved[-1]) is not None and e._info(rest[0]) is None
+        assert set(e.advertise_batch(rest, 0, 0)) == {0} and e.live_sessions() == n
+        print("ok", len(moved))
+        """
+    )
+    assert r.returncode == 0 and r.stdout.startswith("ok"), (r.returncode, r.stdout, r.stderr[-2000:])
+
+
 def test_a_slot_view_keeps_its_engine_alive():
     """A slot view outliving every other reference to its engine once pointed into freed memory (a write
     through it: SIGSEGV at 64 MiB slots, silent heap corruption at small ones).  It keeps the engine alive

@@ -72,6 +72,19 @@ static bool check(const ApplyResult& r, std::uint64_t req, Event ev) {
   return false;
 }
 
+// A batch stopped by an allocation failure keeps the items it applied (Engine's contract): MemoryError, with
+// `.statuses` one code per item as the batch answers it, kNotApplied for the items it did not reach.
+constexpr char kNotApplied = '\xff';
+
+[[noreturn]] static void batch_out_of_memory(const std::string& out) {
+  py::object err = py::module_::import("builtins").attr("MemoryError")(
+      "the batch ran out of memory: the items it applied stay applied; .statuses has one code per item, 255 "
+      "for those not applied");
+  err.attr("statuses") = py::bytes(out);
+  PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(err.ptr())), err.ptr());
+  throw py::error_already_set();
+}
+
 namespace {
 struct BufView {
   py::buffer_info info;
@@ -219,10 +232,12 @@ void register_engine(py::module_& m) {
              if (iv.n != ev.n) throw InvalidArgumentError("events", "length " + std::to_string(ev.n) + " != ids length " + std::to_string(iv.n));
              const auto* ip = static_cast<const std::uint64_t*>(iv.info.ptr);
              const auto* ep = static_cast<const std::uint8_t*>(ev.info.ptr);
-             std::string out(iv.n, '\0');
-             {
+             std::string out(iv.n, kNotApplied);
+             try {
                NoGil nogil;
                e.apply_batch(ip, ep, iv.n, reinterpret_cast<std::uint8_t*>(out.data()));
+             } catch (const std::bad_alloc&) {
+               batch_out_of_memory(out);
              }
              return py::bytes(out);
            }, py::arg("ids"), py::arg("events"), "Batch apply: uint64 ids and uint8 event codes in, one Status code per item out.")
@@ -232,10 +247,12 @@ void register_engine(py::module_& m) {
              std::int64_t nb = to_i64(nbytes, "nbytes");
              if (nb < 0) throw InvalidArgumentError("nbytes", "must be >= 0");
              const auto* ip = static_cast<const std::uint64_t*>(iv.info.ptr);
-             std::string out(iv.n, '\0');
-             {
+             std::string out(iv.n, kNotApplied);
+             try {
                NoGil nogil;
                e.advertise_batch(ip, iv.n, ro, static_cast<std::uint64_t>(nb), reinterpret_cast<std::uint8_t*>(out.data()));
+             } catch (const std::bad_alloc&) {
+               batch_out_of_memory(out);
              }
              return py::bytes(out);
            }, py::arg("ids"), py::arg("role"), py::arg("nbytes") = 0)

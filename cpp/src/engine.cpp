@@ -192,7 +192,10 @@ struct alignas(64) Engine::Shard {
       free_head = at(i).next;
       return i;
     }
-    if ((high & (kChunk - 1)) == 0) chunks.emplace_back(new Session[kChunk]);
+    if ((high & (kChunk - 1)) == 0) {
+      auto chunk = std::make_unique<Session[]>(kChunk);  // owned before the vector may throw
+      chunks.push_back(std::move(chunk));
+    }
     return high++;
   }
 
@@ -230,6 +233,13 @@ struct alignas(64) Engine::Shard {
     s.state = dst;
     s.t_state = now;
     link(i, dst);
+  }
+
+  // Room for n more records, taken before a call changes anything: the pushes after a move never allocate,
+  // so an allocation failure (std::bad_alloc) leaves the session as it was, never moved with its records lost.
+  void room(std::size_t n) {
+    if (queue.capacity() - queue.size() < n)
+      queue.reserve(std::max({queue.capacity() * 2, queue.size() + n, std::size_t{64}}));
   }
 
   void push(RecordKind kind, const Session& s, std::uint8_t from, Event ev, std::int64_t now, bool deferred = false) {
@@ -336,6 +346,17 @@ void Engine::run_aborts(std::vector<Abort>& aborts) {
     for (const auto& [id, hook] : *hooks) hook(a);
 }
 
+// A call that applied some items and then threw (an allocation failed on a later one, which it left
+// untouched): what it did stays done, so its waiters are woken and its aborts run before the error goes on.
+// A hook's own error gives way to the first one.
+void Engine::finish_after_throw(std::size_t pushed, std::vector<Abort>& aborts) noexcept {
+  try {
+    notify_pushed(pushed);
+    run_aborts(aborts);
+  } catch (...) {
+  }
+}
+
 bool Engine::degraded() const {
   return unhealthy_.load(std::memory_order_relaxed) || !backend_healthy_.load(std::memory_order_relaxed);
 }
@@ -406,16 +427,24 @@ static ApplyResult advertise_locked(Engine::Shard& sh, const Engine::Key& h, Rol
     r.from = r.to = sh.at(found).state;
     return r;
   }
+  // What may throw comes before the lease (a lease given back still counts, and bumps the slot's generation)
+  sh.room(1);
+  const std::uint32_t idx = sh.alloc();
   Lease lease;
   if (nbytes > 0) {
-    lease = pool.lease();
+    try {
+      lease = pool.lease();
+    } catch (...) {
+      sh.release_slot(idx);
+      throw;
+    }
     if (!lease.held()) {
+      sh.release_slot(idx);
       r.status = Status::NoSlot;
       return r;
     }
   }
   now = sh.stamp(now);
-  std::uint32_t idx = sh.alloc();
   Session& s = sh.at(idx);
   s.req = h.req;
   s.serial = (++sh.serials << 12) | sh.index;
@@ -462,11 +491,17 @@ void Engine::advertise_batch(const std::uint64_t* ids, std::size_t n, Role role,
   }
   const std::int64_t now = clock_->now_ns();
   std::size_t pushed = 0;
-  for_each_by_shard(ids, n, [&](Shard& sh, const Key& k, std::size_t i) {
-    const ApplyResult r = advertise_locked(sh, k, role, nbytes, *pool_, now);
-    pushed += r.status == Status::Moved;
-    out[i] = static_cast<std::uint8_t>(r.status);
-  });
+  try {
+    for_each_by_shard(ids, n, [&](Shard& sh, const Key& k, std::size_t i) {
+      const ApplyResult r = advertise_locked(sh, k, role, nbytes, *pool_, now);
+      pushed += r.status == Status::Moved;
+      out[i] = static_cast<std::uint8_t>(r.status);
+    });
+  } catch (...) {
+    std::vector<Abort> none;
+    finish_after_throw(pushed, none);
+    throw;
+  }
   notify_pushed(pushed);
 }
 
@@ -521,10 +556,19 @@ static void evict_tombstones(Engine::Shard& sh, std::uint32_t cap) {
   }
 }
 
-// The one place where a table cell is applied.  Caller holds sh.mu.
+// The most records one apply_one queues: a move into a terminal state (1), the deferred terminate it runs
+// (1), its buffer_recovered (1) and terminate_now (1), the call's result (1); one to spare.
+constexpr std::size_t kMaxRecordsPerApply = 6;
+
+// The one place where a table cell is applied.  Caller holds sh.mu.  Everything it may allocate is taken
+// first (record room, the abort's entry): a std::bad_alloc leaves the session untouched.
 static ApplyResult apply_locked(Engine::Shard& sh, std::uint32_t idx, Event ev, Ctx& cx) {
   Session& s = sh.at(idx);
   const Cell& c = kTable[si(s.state)][static_cast<int>(ev)];
+  sh.room(kMaxRecordsPerApply);
+  if (c.action == Action::Move && c.dst == State::CancelRequested && cx.aborts &&
+      cx.aborts->size() == cx.aborts->capacity())
+    cx.aborts->reserve(std::max<std::size_t>(8, cx.aborts->capacity() * 2));
   ApplyResult r;
   r.from = s.state;
   r.to = s.state;
@@ -662,16 +706,21 @@ void Engine::apply_many(const std::uint64_t* ids, const std::uint8_t* events, co
   std::vector<Engine::Abort> aborts;
   const std::int64_t now = clock_->now_ns();
   Ctx cx{now, *pool_, degraded(), tomb_cap_, &aborts};
-  for_each_by_shard(ids, n, [&](Shard& sh, const Key& k, std::size_t i) {
-    if (events[i] >= kNumEvents || events[i] == static_cast<std::uint8_t>(kCreateEvent)) {
-      ApplyResult bad;
-      bad.status = Status::BadArgument;
-      put(i, bad);
-      return;
-    }
-    cx.now = now;
-    put(i, apply_one(sh, k, static_cast<Event>(events[i]), cx, serials == nullptr ? 0 : serials[i]));
-  });
+  try {
+    for_each_by_shard(ids, n, [&](Shard& sh, const Key& k, std::size_t i) {
+      if (events[i] >= kNumEvents || events[i] == static_cast<std::uint8_t>(kCreateEvent)) {
+        ApplyResult bad;
+        bad.status = Status::BadArgument;
+        put(i, bad);
+        return;
+      }
+      cx.now = now;
+      put(i, apply_one(sh, k, static_cast<Event>(events[i]), cx, serials == nullptr ? 0 : serials[i]));
+    });
+  } catch (...) {
+    finish_after_throw(cx.pushed, aborts);
+    throw;
+  }
   notify_pushed(cx.pushed);
   run_aborts(aborts);
 }
@@ -729,19 +778,24 @@ std::size_t Engine::tick() {
   std::vector<Engine::Abort> aborts;
   const std::int64_t to = cfg_.transfer_timeout_ns, grace = cfg_.cancel_grace_ns;
   Ctx cx{0, *pool_, unhealthy_.load(std::memory_order_relaxed), tomb_cap_, &aborts};
-  for (Shard& sh : shards()) {
-    std::lock_guard<SpinMutex> g(sh.mu);
-    cx.now = sh.stamp(clock_->now_ns());
-    const int fl = si(State::InFlight), cr = si(State::CancelRequested);
-    while (to > 0 && sh.head[fl] != kNil && sh.at(sh.head[fl]).t_state <= cx.now - to) {
-      apply_locked(sh, sh.head[fl], Event::timeout, cx);
-      ++fired;
+  try {
+    for (Shard& sh : shards()) {
+      std::lock_guard<SpinMutex> g(sh.mu);
+      cx.now = sh.stamp(clock_->now_ns());
+      const int fl = si(State::InFlight), cr = si(State::CancelRequested);
+      while (to > 0 && sh.head[fl] != kNil && sh.at(sh.head[fl]).t_state <= cx.now - to) {
+        apply_locked(sh, sh.head[fl], Event::timeout, cx);
+        ++fired;
+      }
+      while (grace > 0 && sh.head[cr] != kNil && sh.at(sh.head[cr]).t_state <= cx.now - grace) {
+        apply_locked(sh, sh.head[cr], Event::grace_expired, cx);
+        ++fired;
+      }
+      evict_tombstones(sh, cx.tomb_cap);
     }
-    while (grace > 0 && sh.head[cr] != kNil && sh.at(sh.head[cr]).t_state <= cx.now - grace) {
-      apply_locked(sh, sh.head[cr], Event::grace_expired, cx);
-      ++fired;
-    }
-    evict_tombstones(sh, cx.tomb_cap);
+  } catch (...) {  // the timers not fired yet fire on a later tick
+    finish_after_throw(cx.pushed, aborts);
+    throw;
   }
   notify_pushed(cx.pushed);
   run_aborts(aborts);

@@ -82,6 +82,9 @@ Lease BufferPool::lease() {
     free_.pop_back();
   } else if (state_.size() < num_slots_) {  // the lowest never-leased slot (free_ is empty: none touched is free)
     s = static_cast<std::uint32_t>(state_.size());
+    // free_ holds each touched slot at most once: room for this one now, so release() (a Lease's destructor)
+    // and recover() never allocate
+    if (free_.capacity() <= state_.size()) free_.reserve(std::max(state_.size() + 1, free_.capacity() * 2));
     state_.push_back(SlotState::Free);  // may throw std::bad_alloc: nothing changed yet but a Free entry
     try {
       gen_.push_back(0);

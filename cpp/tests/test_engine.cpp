@@ -1,12 +1,42 @@
 // Engine unit tests: table cells, deferred termination, pool/quarantine/recovery, timers, health.
+#include <algorithm>
+#include <array>
+#include <cstdlib>
+#include <functional>
 #include <memory>
 #include <new>
+#include <tuple>
 #include <vector>
 
 #include "check.hpp"
 #include "lifecycle/engine.hpp"
 
 using namespace lifecycle;
+
+// Allocation failure on demand, for this thread only: while armed, the `t_fail_at`-th allocation (counted
+// from 0) throws std::bad_alloc.  Unarmed (every other test), operator new is malloc's.
+namespace {
+thread_local long t_fail_at = -1;
+thread_local long t_allocs = 0;
+void arm(long k) {
+  t_allocs = 0;
+  t_fail_at = k;
+}
+void disarm() { t_fail_at = -1; }
+}  // namespace
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
+#endif
+void* operator new(std::size_t n) {
+  if (t_fail_at >= 0 && t_allocs++ == t_fail_at) throw std::bad_alloc();
+  if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
+  throw std::bad_alloc();
+}
+void* operator new(std::size_t n, const std::nothrow_t&) noexcept { return std::malloc(n == 0 ? 1 : n); }
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+void operator delete(void* p, const std::nothrow_t&) noexcept { std::free(p); }
 
 static constexpr std::int64_t S = 1'000'000'000;
 
@@ -259,7 +289,202 @@ static void test_drain_to_failure_keeps_records() {
   CHECK(recs.size() == 101 && recs.back().req == 100);
 }
 
+// Allocation failures inside the engine's calls (std::bad_alloc at every allocation an operation makes, one
+// at a time) change nothing that is not also logged: a single call is applied whole or not at all (never a
+// session moved with its records or its deferred terminate_now lost); a batch or tick() that throws keeps
+// the items it applied, with their records queued and their aborts run, and the rest apply afterwards.
+namespace oom {
+using Rec = std::array<long, 7>;  // req, kind, from, to, event, deferred, result
+using St = std::tuple<long, int, int, bool, std::uint32_t, std::uint32_t>;  // req, state, outcome, deferred, slot, gen
+
+std::vector<Rec> records(Engine& e) {
+  std::vector<Record> rs;
+  e.drain(rs);
+  std::vector<Rec> out;
+  for (const Record& r : rs)
+    out.push_back({static_cast<long>(r.req), static_cast<long>(r.kind), r.from, r.to, r.event, r.deferred, r.result});
+  return out;
+}
+
+std::vector<St> states(Engine& e) {
+  std::vector<St> out;
+  for (std::uint64_t id = 1; id <= 4; ++id) {
+    auto i = e.info(id);
+    if (i) out.emplace_back(id, static_cast<int>(i->state), static_cast<int>(i->outcome), i->deferred, i->slot, i->generation);
+  }
+  return out;
+}
+
+std::array<std::uint64_t, 4> pool_of(Engine& e) {
+  const PoolStats p = e.pool()->stats();
+  return {p.free, p.leased, p.quarantined, p.recovered};
+}
+
+// States without the slots, and the slots held: a batch leases in shard order, its finishing step in id order.
+std::pair<std::vector<St>, std::vector<std::uint32_t>> unslotted(std::vector<St> v) {
+  std::vector<std::uint32_t> slots;
+  for (St& st : v) {
+    slots.push_back(std::get<4>(st));
+    std::get<4>(st) = std::get<5>(st) = 0;
+  }
+  std::sort(slots.begin(), slots.end());
+  return {v, slots};
+}
+
+std::vector<Rec> sorted(std::vector<Rec> v) {
+  std::stable_sort(v.begin(), v.end(), [](const Rec& a, const Rec& b) { return a[0] < b[0]; });  // per request, in order
+  return v;
+}
+
+struct Case {
+  const char* name;
+  std::function<void(Engine&, ManualClock&)> setup;
+  std::function<void(Engine&, ManualClock&)> op;
+  // after a throw: finish the operation without failures (a single call again; the untouched items of a
+  // batch; another tick)
+  std::function<void(Engine&, ManualClock&, const std::vector<St>&)> rest;
+};
+
+void run(const Case& c, bool single) {
+  Config cf = cfg();
+  cf.shards = 4;
+  auto fresh = [&](auto& clock, int& hooks) {
+    auto e = std::make_unique<Engine>(cf, clock);
+    e->add_abort_hook([&hooks](const Engine::Abort&) { ++hooks; });
+    c.setup(*e, *clock);
+    (void)records(*e);
+    return e;
+  };
+  int ref_hooks = 0;
+  auto ref_clock = std::make_shared<ManualClock>(0);
+  auto ref = fresh(ref_clock, ref_hooks);
+  c.op(*ref, *ref_clock);
+  const auto ref_recs = records(*ref);
+  const auto ref_states = states(*ref);
+  const auto ref_pool = pool_of(*ref);
+  CHECK(!ref_recs.empty());
+  long throws = 0;
+  for (long k = 0; k < 10000; ++k) {
+    int hooks = 0;
+    auto clock = std::make_shared<ManualClock>(0);
+    auto e = fresh(clock, hooks);
+    const auto before = states(*e);
+    const auto before_pool = pool_of(*e);
+    bool threw = false;
+    arm(k);
+    try {
+      c.op(*e, *clock);
+    } catch (const std::bad_alloc&) {
+      threw = true;
+    }
+    disarm();
+    if (!threw) {  // past the operation's last allocation
+      const bool same = records(*e) == ref_recs && states(*e) == ref_states && hooks == ref_hooks;
+      if (!same) std::fprintf(stderr, "oom %s: unarmed run differs at k=%ld\n", c.name, k);
+      CHECK(same);
+      break;
+    }
+    ++throws;
+    auto got = records(*e);
+    const int hooks_then = hooks;
+    if (single) {
+      const bool untouched = got.empty() && states(*e) == before && pool_of(*e) == before_pool && hooks == 0;
+      if (!untouched) std::fprintf(stderr, "oom %s: allocation %ld failed and left a change\n", c.name, k);
+      CHECK(untouched);
+    }
+    c.rest(*e, *clock, before);
+    auto more = records(*e);
+    got.insert(got.end(), more.begin(), more.end());
+    const bool whole = sorted(got) == sorted(ref_recs) &&
+                       (single ? states(*e) == ref_states : unslotted(states(*e)) == unslotted(ref_states)) &&
+                       pool_of(*e) == ref_pool &&
+                       hooks == ref_hooks && (single || hooks_then <= ref_hooks);
+    if (!whole) std::fprintf(stderr, "oom %s: allocation %ld failed; finishing did not give the same end\n", c.name, k);
+    CHECK(whole);
+  }
+  CHECK(throws > 0);  // the operation allocates: the failures were exercised
+}
+}  // namespace oom
+
+static void test_allocation_failure_loses_nothing() {
+  using oom::Case;
+  auto adv = [](Engine& e, std::uint64_t id) { CHECK(e.advertise(id, Role::sender, 100).status == Status::Moved); };
+  auto flight = [adv](Engine& e, std::uint64_t id) {
+    adv(e, id);
+    CHECK(e.apply(id, Event::expose).status == Status::Moved);
+  };
+  auto none = [](Engine&, ManualClock&) {};
+  auto again = [](Event ev) {
+    return [ev](Engine& e, ManualClock&, const std::vector<oom::St>&) { (void)e.apply(1, ev); };
+  };
+  const Case singles[] = {
+      {"advertise", none, [adv](Engine& e, ManualClock&) { adv(e, 1); },
+       [adv](Engine& e, ManualClock&, const std::vector<oom::St>&) { adv(e, 1); }},
+      {"cancel in flight", [flight](Engine& e, ManualClock&) { flight(e, 1); },
+       [](Engine& e, ManualClock&) { (void)e.cancel(1); }, again(Event::cancel)},
+      {"complete after a deferred terminate",
+       [flight](Engine& e, ManualClock&) {
+         flight(e, 1);
+         CHECK(e.terminate(1) == TerminateResult::Deferred);
+       },
+       [](Engine& e, ManualClock&) { (void)e.apply(1, Event::complete); }, again(Event::complete)},
+      {"fail after a deferred terminate (quarantine)",
+       [flight](Engine& e, ManualClock&) {
+         flight(e, 1);
+         CHECK(e.terminate(1) == TerminateResult::Deferred);
+       },
+       [](Engine& e, ManualClock&) { (void)e.apply(1, Event::fail); }, again(Event::fail)},
+      {"late complete recovers a quarantined slot",
+       [flight](Engine& e, ManualClock&) {
+         flight(e, 1);
+         e.apply(1, Event::fail);
+         CHECK(e.terminate(1) == TerminateResult::Terminated);
+       },
+       [](Engine& e, ManualClock&) { (void)e.apply(1, Event::complete); }, again(Event::complete)},
+      {"terminate", [flight](Engine& e, ManualClock&) { flight(e, 1); e.apply(1, Event::complete); },
+       [](Engine& e, ManualClock&) { (void)e.terminate(1); }, again(Event::terminate)},
+  };
+  for (const Case& c : singles) oom::run(c, true);
+
+  // a batch of cancels, one per session (the finishing step applies the items still untouched)
+  auto four = [flight](Engine& e, ManualClock&) { for (std::uint64_t id = 1; id <= 4; ++id) flight(e, id); };
+  const std::uint64_t ids[4] = {1, 2, 3, 4};
+  oom::run({"apply_batch of cancels", four,
+            [ids](Engine& e, ManualClock&) {
+              constexpr auto c = static_cast<std::uint8_t>(Event::cancel);
+              const std::uint8_t evs[4] = {c, c, c, c};
+              std::uint8_t out[4];
+              e.apply_batch(ids, evs, 4, out);
+            },
+            [](Engine& e, ManualClock&, const std::vector<oom::St>& before) {
+              for (const auto& st : before) {
+                auto i = e.info(static_cast<std::uint64_t>(std::get<0>(st)));
+                if (i && static_cast<int>(i->state) == std::get<1>(st)) (void)e.cancel(i->req);
+              }
+            }},
+           false);
+  oom::run({"advertise_batch", none,
+            [ids](Engine& e, ManualClock&) {
+              std::uint8_t out[4];
+              e.advertise_batch(ids, 4, Role::sender, 100, out);
+            },
+            [](Engine& e, ManualClock&, const std::vector<oom::St>&) {
+              for (std::uint64_t id = 1; id <= 4; ++id)
+                if (!e.info(id)) (void)e.advertise(id, Role::sender, 100);
+            }},
+           false);
+  // timers: every session times out at once (a tick that throws leaves the rest to the next tick)
+  oom::run({"tick", [four](Engine& e, ManualClock& c) {
+              four(e, c);
+              c.advance(11 * S);
+            },
+            [](Engine& e, ManualClock&) { (void)e.tick(); },
+            [](Engine& e, ManualClock&, const std::vector<oom::St>&) { (void)e.tick(); }},
+           false);
+}
+
 int main() {
+  test_allocation_failure_loses_nothing();
   test_batch_matches_single_calls();
   test_drain_to_failure_keeps_records();
   test_every_cell_matches_apply();

@@ -149,7 +149,10 @@ class Engine {
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;
 
-  // Executor and transport calls: thread-safe, never throw, never block beyond one shard lock.
+  // Executor and transport calls: thread-safe, never block beyond one shard lock, and throw nothing but
+  // std::bad_alloc, which leaves the item it failed on untouched (everything an item allocates is taken before
+  // it changes anything).  A batch or tick() that throws keeps the items it applied before: their records stay
+  // queued, their waiters are woken and their aborts run; the items after it are not applied.
   ApplyResult advertise(std::uint64_t req, Role role, std::uint64_t nbytes);
   ApplyResult apply(std::uint64_t req, Event ev);
   // The same, only to the session with that serial: another session of `req` (the id advertised again)
@@ -225,6 +228,7 @@ class Engine {
                   std::size_t n, Put&& put);
   void notify_pushed(std::size_t n);
   void run_aborts(std::vector<Abort>& aborts);
+  void finish_after_throw(std::size_t pushed, std::vector<Abort>& aborts) noexcept;
 
   Config cfg_;
   std::shared_ptr<const Clock> clock_;

@@ -53,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import InvalidArgument
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if sys.stdout is None:  # started with stdout closed (`lifecycle ... >&-`): Python leaves it None, and every
+        # print was silently dropped before the flush below raised AttributeError with a traceback
+        print(f"lifecycle {argv[0] if argv else ''}: error: standard output is closed, so nothing could be printed "
+              "(redirect it instead, e.g. >/dev/null)", file=sys.stderr)
+        return 2
     try:
         try:
             return _main(argv)

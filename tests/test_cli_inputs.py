@@ -249,3 +249,22 @@ def test_a_reader_that_closes_the_pipe_early_gets_no_traceback(tmp_path):
     assert len(head) == 10 and err == b"" and rc == 141, (err.decode(), rc)
     out = _cli(["audit", "--json", str(big)], tmp_path)
     assert out.returncode == 1 and out.stderr == b"" and len(out.stdout) > 1 << 18, len(out.stdout)
+
+
+@pytest.mark.parametrize("args", [["spec", "check"], ["diagram"], ["audit", CLEAN], ["example"]])
+def test_a_closed_stdout_is_an_error_not_a_traceback(tmp_path, args):
+    """`lifecycle ... >&-` (stdout closed at start): Python sets sys.stdout to None, so `spec check` printed
+    nothing and `diagram` raised; both then ended with an AttributeError traceback from the CLI's flush (seen
+    against the old code).  Now exit 2 and one line naming stdout.  Control: the same command with stdout open."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "lifecycle", *args]
+    env = {**os.environ, "PYTHONPATH": root}
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120,
+                       preexec_fn=lambda: os.close(1))
+    err = p.stderr.decode(errors="replace")
+    assert p.returncode == 2 and "Traceback" not in err and "standard output is closed" in err, (p.returncode, err)
+    ok = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, timeout=120)
+    assert ok.returncode == 0 and ok.stdout and b"Traceback" not in ok.stderr, ok.stderr.decode(errors="replace")

@@ -376,7 +376,65 @@ def _table(summary: dict) -> str:
 DEMO_MARKER = ".kv-lifecycle-demo"
 
 
+def _marker_in_use(marker: Path) -> bool:
+    """Whether a running demo holds ``marker`` locked (it holds it for its whole run)."""
+    import fcntl
+
+    try:
+        fd = os.open(marker, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # (a filesystem without flock: no lock to honour)
+        return False
+    finally:
+        os.close(fd)
+    return False
+
+
+def _lock_marker(marker: Path) -> int | None:
+    """Creates ``marker`` and locks it for this run (the fd stays open until the process exits); None when
+    another demo holds it or replaced it meanwhile."""
+    import fcntl
+
+    fd = os.open(marker, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except OSError:  # (no flock on this filesystem: run unlocked, as before)
+        pass
+    try:
+        same = os.fstat(fd).st_ino == os.stat(marker).st_ino
+    except OSError:
+        same = False
+    if not same:  # another demo deleted the directory between our open and our lock
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, (f"written by `python -m lifecycle demo` (pid {os.getpid()}, which holds this file locked while it "
+                  "runs): the next demo run may delete this directory\n").encode())
+    return fd
+
+
+_MARKER_FD: int | None = None  # this run's lock on its --out (see _lock_marker)
+
+
 def main(argv: list[str] | None = None) -> int:
+    global _MARKER_FD
+    try:
+        return _run(argv)
+    finally:
+        if _MARKER_FD is not None:  # the run is over: --out may be replaced
+            os.close(_MARKER_FD)
+            _MARKER_FD = None
+
+
+def _run(argv: list[str] | None) -> int:
     a = parse_args(argv)
     out = Path(a.out).resolve()
     if out.exists():
@@ -395,12 +453,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"demo: --out {str(out)!r} holds files that no demo wrote (no {DEMO_MARKER} in it): refusing to "
                   "delete them; pass a new or empty directory", file=sys.stderr)
             return 2
+        # Another demo still running there: deleting its directory lost its logs (its workers wrote on into
+        # unlinked files) and it then audited this run's logs and reported them as its own, "OK".
+        if _marker_in_use(out / DEMO_MARKER):
+            print(f"demo: --out {str(out)!r} is in use by another demo that is still running: refusing to delete "
+                  "it; pass another --out or wait for that run to end", file=sys.stderr)
+            return 2
         shutil.rmtree(out)
+    global _MARKER_FD
     try:
+        out.mkdir(parents=True, exist_ok=True)
+        _MARKER_FD = _lock_marker(out / DEMO_MARKER)
+        if _MARKER_FD is None:
+            print(f"demo: --out {str(out)!r} was taken by another demo that started at the same time: refusing to "
+                  "share it; pass another --out", file=sys.stderr)
+            return 2
         for d in ("logs", "status", "workers"):
             (out / d).mkdir(parents=True, exist_ok=True)
-        (out / DEMO_MARKER).write_text("written by `python -m lifecycle demo`: the next demo run may delete this "
-                                       "directory\n")
     except OSError as exc:
         print(f"demo: --out {a.out!r}: cannot create the output directory: {exc}", file=sys.stderr)
         return 2

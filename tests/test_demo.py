@@ -210,3 +210,31 @@ def test_demo_out_never_deletes_what_no_demo_wrote(tmp_path):
     (out / "stale").write_text("from an older demo")
     res, summary, out = demo(tmp_path, "--requests", "20", "--concurrency", "4")
     assert res.returncode == 0 and not (out / "stale").exists(), explain(res, summary)
+
+
+@needs_nixl
+@pytest.mark.nixl
+def test_a_second_demo_refuses_the_out_directory_of_a_demo_still_running(tmp_path):
+    """Two demos on one --out (two `make demo` in one directory): the second deleted the first's directory
+    while it ran, so the first's workers wrote on into unlinked logs, and the first then audited the second's
+    300-request logs and reported them, "OK", as its own 8000 (seen against the old code).  A running demo
+    holds its marker locked; a second one is refused with exit 2 and the directory is left alone.  Control:
+    once the lock is released, the directory is replaced as before."""
+    import fcntl
+
+    out = tmp_path / "demo-out"
+    (out / "logs").mkdir(parents=True)
+    (out / "logs" / "sender-0.jsonl").write_text("the running demo's log\n")
+    marker = out / ".kv-lifecycle-demo"
+    marker.write_text("written by `python -m lifecycle demo`\n")
+    fd = os.open(marker, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a running demo holds
+        res = run_cli(["demo", "--requests", "20", "--concurrency", "4", "--out", str(out), "--quiet"], 60)
+        assert res.returncode == 2 and "in use by another demo" in res.stderr, (res.returncode, res.stderr[-1500:])
+        assert (out / "logs" / "sender-0.jsonl").read_text() == "the running demo's log\n"
+    finally:
+        os.close(fd)
+    res, summary, out = demo(tmp_path, "--requests", "20", "--concurrency", "4")
+    assert res.returncode == 0 and summary["requests"] == 20, explain(res, summary)
+    assert "the running demo's log" not in (out / "logs" / "sender-0.jsonl").read_text()

@@ -66,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     except InvalidArgument as exc:
         print(f"lifecycle {argv[0] if argv else ''}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:  # Ctrl-C (the demo's SIGTERM / SIGHUP too: they carry signum): no traceback
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"lifecycle {argv[0] if argv else ''}: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        return 128 + signum
     except BrokenPipeError:
         # the reader went away (`lifecycle audit --json ... | head -1`): no traceback; what is still buffered goes
         # to devnull, so the interpreter's own flush at exit does not fail again; the status a shell shows

@@ -424,11 +424,34 @@ def _lock_marker(marker: Path) -> int | None:
 _MARKER_FD: int | None = None  # this run's lock on its --out (see _lock_marker)
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM / SIGHUP to the launcher, raised like Ctrl-C's KeyboardInterrupt so that the workers are stopped on
+    the way out (the default action ended the launcher at once and left both workers running on, orphaned, until
+    --deadline); ``signum`` gives the exit status (128 + signum)."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+
+
+def _raise_interrupted(signum, _frame):
+    raise Interrupted(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     global _MARKER_FD
+    old = {}
+    try:
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            old[sig] = signal.signal(sig, _raise_interrupted)
+    except ValueError:  # (not the main thread: no handlers; the caller owns the signals)
+        pass
     try:
         return _run(argv)
     finally:
+        for sig, handler in old.items():
+            if handler is not None:  # (None: a handler not installed from Python, which cannot be put back)
+                signal.signal(sig, handler)
         if _MARKER_FD is not None:  # the run is over: --out may be replaced
             os.close(_MARKER_FD)
             _MARKER_FD = None
@@ -484,12 +507,12 @@ def _run(argv: list[str] | None) -> int:
     prog = Progress(sys.stderr.isatty() and not a.quiet, a.requests, label)
     launch = _Launch(opts)
     t0 = time.monotonic()
-    launch.start()
     hard = t0 + a.deadline + 30.0  # workers bound themselves by --deadline; this bounds the workers
     status: dict[str, dict] = {}
     victim = "receiver-0" if a.mode == "read" else "sender-0"
     survivor = "sender-0" if victim == "receiver-0" else "receiver-0"
     try:
+        launch.start()  # (in the try: an interrupt while it starts them stops what it started)
         while launch.alive() and time.monotonic() < hard:
             for f in (out / "status").glob("*.json"):
                 s = _read_json(f)
@@ -506,9 +529,27 @@ def _run(argv: list[str] | None) -> int:
             # a kill still to come is timed on the survivor's progress: look often (a fast run finishes
             # the rest of its sessions in well under a second)
             time.sleep(0.02 if kill_peer and not launch.killed else 0.1)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP (Interrupted): the workers are stopped below
+        interrupted: int | None = getattr(exc, "signum", signal.SIGINT)
+    else:
+        interrupted = None
     finally:
-        stuck = launch.stop_all()
-        prog.close()
+        held = {}
+        try:  # a second Ctrl-C must not cut the cleanup short and leave workers behind
+            held = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        except ValueError:  # (not the main thread)
+            pass
+        try:
+            stuck = launch.stop_all()
+            prog.close()
+        finally:
+            for sig, handler in held.items():
+                if handler is not None:
+                    signal.signal(sig, handler)
+    if interrupted is not None:
+        print(f"demo: interrupted by {signal.Signals(interrupted).name}: workers stopped, no audit or summary; "
+              f"their partial logs are in {out}", file=sys.stderr)
+        return 128 + interrupted
     elapsed = time.monotonic() - t0
     codes = launch.exit_codes()
     killed = set(launch.killed)

@@ -357,6 +357,7 @@ class Worker:
         self.t_start = time.monotonic()
         self.status_path = self.out / "status" / f"{self.name}.json"
         self._last_status = 0.0
+        self._ppid = os.getppid()  # the launcher: when it is gone (SIGKILL), stop as at --deadline, not run on
         self.running = True
 
     # ---- setup ---------------------------------------------------------------------------------
@@ -664,7 +665,7 @@ class Worker:
             if now - self._last_status > 0.05:  # the launcher's kill-peer acts on it: keep it fresh
                 self._status(now)
             local_done = not self.tracked and (self.ack_received if self.role == "sender" else self.ack_sent)
-            timed_out = now > deadline
+            timed_out = now > deadline or os.getppid() != self._ppid
             if self.group.all_ranks(local_done or timed_out, site="demo:done"):
                 break
             if not busy:
@@ -755,6 +756,11 @@ def _prepare_dirs(out: Path) -> None:
 
 def run_pipe_worker(role: str, opts_json: str, conn) -> None:
     """Single-rank worker (multiprocessing spawn target): control channel = a Pipe to the peer."""
+    import signal
+
+    # Ctrl-C reaches the whole foreground process group: the launcher stops the workers (each printed a
+    # KeyboardInterrupt traceback of its own)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     opts = DemoOptions.from_json(opts_json)
     out = Path(opts.out)
     _prepare_dirs(out)

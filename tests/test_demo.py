@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -238,3 +239,52 @@ def test_a_second_demo_refuses_the_out_directory_of_a_demo_still_running(tmp_pat
     res, summary, out = demo(tmp_path, "--requests", "20", "--concurrency", "4")
     assert res.returncode == 0 and summary["requests"] == 20, explain(res, summary)
     assert "the running demo's log" not in (out / "logs" / "sender-0.jsonl").read_text()
+
+
+def _group_pids(pgid: int) -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if os.getpgid(int(d.name)) == pgid:
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
+
+
+@needs_nixl
+@pytest.mark.nixl
+@pytest.mark.parametrize("sig, to_group", [(signal.SIGTERM, False), (signal.SIGINT, True)])
+def test_an_interrupted_demo_stops_its_workers_without_a_traceback(tmp_path, sig, to_group):
+    """SIGTERM to the launcher ended it at once and left both workers running on, orphaned, until --deadline
+    (120 s by default, at full CPU); Ctrl-C (SIGINT to the whole group) printed three KeyboardInterrupt
+    tracebacks, the launcher's and each worker's (both seen against the old code).  Now the launcher stops the
+    workers and exits 128 + the signal with one line; nothing of the group is left running (the multiprocessing
+    resource tracker exits by itself once the pipe closes).  The control is the clean runs of the other tests."""
+    out = tmp_path / "demo-out"
+    p = subprocess.Popen([sys.executable, "-m", "lifecycle", "demo", "--requests", "1000000", "--out", str(out),
+                          "--quiet"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "status" / "receiver-0.json").is_file() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert (out / "status" / "receiver-0.json").is_file(), "the workers never started"
+        (os.killpg if to_group else os.kill)(p.pid, sig)
+        _, err = p.communicate(timeout=30)
+        assert p.returncode == 128 + sig and "Traceback" not in err and "interrupted" in err, (p.returncode, err[-3000:])
+        deadline = time.monotonic() + 15
+        while _group_pids(p.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _group_pids(p.pid) == [], "workers left running"
+        assert not list((out / "workers").glob("*.error.txt")), "a worker failed with a traceback"
+    finally:
+        for pid in _group_pids(p.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        if p.poll() is None:
+            p.kill()
+        p.communicate()

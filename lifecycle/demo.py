@@ -25,6 +25,7 @@ from .demo_worker import FAULT_RATES, KILL_TIME_FILE, DemoOptions, KVConfig, _at
 __all__ = ["main", "parse_args"]
 
 FAULT_NAMES = (*FAULT_RATES, "kill-peer")
+MAX_REQUESTS = 10_000_000
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -71,6 +72,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.fault_list = faults
     if a.requests < 1 or a.concurrency < 1 or a.ranks < 1:
         p.error("--requests, --concurrency and --ranks must be >= 1")
+    if a.requests > MAX_REQUESTS:
+        # every worker builds the whole client plan first: 10^8 took 35 s and 1.8 GB a worker before the first
+        # request (a short --deadline then reported it as a wedge), 10^9 runs the machine out of memory
+        p.error(f"--requests must be <= {MAX_REQUESTS:,} (every worker holds the whole client plan), got {a.requests}")
     if not 0.0 <= a.cancel_fraction <= 1.0:
         p.error("--cancel-fraction must be in [0, 1]")
     for flag in ("layers", "kv_heads", "head_dim", "block_tokens", "max_blocks"):

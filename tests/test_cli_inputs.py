@@ -268,3 +268,13 @@ def test_a_closed_stdout_is_an_error_not_a_traceback(tmp_path, args):
     assert p.returncode == 2 and "Traceback" not in err and "standard output is closed" in err, (p.returncode, err)
     ok = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, timeout=120)
     assert ok.returncode == 0 and ok.stdout and b"Traceback" not in ok.stderr, ok.stderr.decode(errors="replace")
+
+
+def test_demo_refuses_more_requests_than_a_worker_can_plan(capsys):
+    """`--requests 100000000` was accepted: each worker first built the whole client plan (35 s and 1.8 GB a
+    worker at 10^8; 10^9 runs the machine out of memory), and with a short --deadline the launcher then reported
+    both workers as wedged.  Now an argparse error (exit 2) naming the bound.  Control: the bound itself parses."""
+    with pytest.raises(SystemExit) as exc:
+        demo.parse_args(["--requests", str(demo.MAX_REQUESTS + 1), "--device", "cpu"])
+    assert exc.value.code == 2 and "--requests must be <=" in capsys.readouterr().err
+    assert demo.parse_args(["--requests", str(demo.MAX_REQUESTS), "--device", "cpu"]).requests == demo.MAX_REQUESTS

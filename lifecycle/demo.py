@@ -364,7 +364,7 @@ def _table(summary: dict) -> str:
                f"faults [{','.join(summary['faults']) or 'none'}], seed {summary['seed']}")
     out.append(f"elapsed {summary['elapsed_s']:.1f} s (workers' run {summary['run_s']:.1f} s: "
                f"{summary['throughput_req_s']:.0f} sessions/s, {summary['throughput_mb_s']:.1f} MB/s "
-               f"{'verified' if not summary.get('killed') else 'moved'})")
+               f"{'verified' if summary.get('throughput_verified', not summary.get('killed')) else 'moved'})")
     if summary.get("killed"):
         out.append(f"killed (kill-peer): {', '.join(summary['killed'])}; survivors' sessions Poisoned since the kill: "
                    f"{t['poisoned_after_kill']}")
@@ -652,6 +652,9 @@ def _run(argv: list[str] | None) -> int:
         device=real[0]["device"] if real else "?", cancel_fraction=a.cancel_fraction,
         faults=list(a.fault_list), seed=a.seed, elapsed_s=elapsed, killed=sorted(killed),
         run_s=run_s, throughput_req_s=finished / max(run_s, 1e-9), throughput_mb_s=moved_mb / max(run_s, 1e-9),
+        # (verified: the receivers' checksummed bytes; without a receiver's summary, a crashed one too, the
+        # senders' completed bytes, which nobody checked)
+        throughput_verified=bool(rcv),
         totals=totals, health=health, exit_codes=codes, sides=sides,
         files=sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and "status" not in p.parts),
     )

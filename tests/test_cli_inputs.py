@@ -278,3 +278,15 @@ def test_demo_refuses_more_requests_than_a_worker_can_plan(capsys):
         demo.parse_args(["--requests", str(demo.MAX_REQUESTS + 1), "--device", "cpu"])
     assert exc.value.code == 2 and "--requests must be <=" in capsys.readouterr().err
     assert demo.parse_args(["--requests", str(demo.MAX_REQUESTS), "--device", "cpu"]).requests == demo.MAX_REQUESTS
+
+
+def test_demo_table_says_moved_not_verified_when_no_receiver_reported():
+    """A receiver that crashed (not a kill-peer kill) left only the sender's completed bytes, yet the table
+    printed them as "MB/s verified" (seen against the old code: a SIGKILLed receiver, `118.8 MB/s verified` with
+    no checksum ok).  Control: with the receiver's summary they are verified."""
+    base = dict(sides=[], totals=dict(wedged=0, leaked=0, checksum_errors=0, audit_violations=0, poisoned_after_kill=0),
+                requests=10, mode="read", concurrency=4, ranks=1, device="cpu", cancel_fraction=0.0, faults=[],
+                seed=0, elapsed_s=1.0, run_s=1.0, throughput_req_s=10.0, throughput_mb_s=1.0, killed=[], health={},
+                ok=False, failures=["receiver-0 wrote no summary (crashed or wedged)"])
+    assert "MB/s moved" in demo._table(dict(base, throughput_verified=False))
+    assert "MB/s verified" in demo._table(dict(base, throughput_verified=True))

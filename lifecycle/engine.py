@@ -8,6 +8,7 @@ transition), and the executor's ``on_terminate`` callback, run on the thread tha
 
 from __future__ import annotations
 
+import collections
 import enum
 import itertools
 import os
@@ -253,6 +254,12 @@ class TransferEngine(_core.Engine):
         self.on_terminate = on_terminate
         self._log = logger if logger is not None else log
         self._was_healthy = True
+        # Drained but not yet handled: packed batches not yet logged, TerminateNow requests whose on_terminate
+        # has not run.  The native drain hands each batch over into these before it returns, so an exception
+        # raised between two bytecodes (a signal handler's: Ctrl-C, SystemExit, a SIGALRM timeout) cannot drop
+        # it; the next poll() goes on with what is left.
+        self._inbox: list[bytes] = []
+        self._notices: collections.deque[int] = collections.deque()
 
     # ---- executor calls -------------------------------------------------------------------
     def advertise(self, request: int, role: Role | str, nbytes: int = 0) -> None:
@@ -334,13 +341,15 @@ class TransferEngine(_core.Engine):
         the batch is logged does not lose its notices either: every one of them is delivered, then that
         error propagates (the batch's transitions with it: they are in the log up to that point).
         """
-        raw, healthy = self._poll_raw()  # tick + drain + health, one native call
-        if not raw:
+        inbox, notices = self._inbox, self._notices
+        healthy = self._poll_into(inbox, notices)  # tick + drain + health, one native call
+        if not inbox:
             if healthy != self._was_healthy:
                 self._check_health()  # the reasons, logged when health changes
+            if notices:  # left by a poll() that an exception interrupted
+                self._deliver()
             return []
         out: list[Transition] = []
-        notices: list[int] = []
         try:
             logger = self._log.bind()  # resolve the (possibly lazy) logger once per batch
             enabled = getattr(logger, "is_enabled_for", None)
@@ -348,21 +357,26 @@ class TransferEngine(_core.Engine):
             stream = _logstream.current
             common = {"rank": self.rank, "pid": stream.pid, "proc": stream.proc, "engine": self._engine_id,
                       "table": TABLE.digest, "schema": SCHEMA}
-            self._log_batch(raw, out, notices, info, common, stream.seq)
+            while inbox:
+                try:
+                    raw = inbox.pop(0)
+                except IndexError:  # another polling thread took it
+                    break
+                self._log_batch(raw, out, info, common, stream.seq)
             if healthy != self._was_healthy:
                 self._check_health()
         except BaseException:
-            # the records are drained: deliver every notice of the batch (a callback error raised here
-            # carries this one as its __context__), then let the logger's or the health check's go on
-            self._deliver([rec[0] for rec in _RECORD.iter_unpack(raw) if rec[4] == _K_TNOW])
+            # the records are drained: deliver every notice (a callback error raised here carries this one
+            # as its __context__), then let the logger's or the health check's go on
+            self._deliver()
             raise
-        if notices:
-            self._deliver(notices)
+        self._deliver()
         return out
 
     @staticmethod
-    def _log_batch(raw: bytes, out: list, notices: list[int], info, common: dict, seq) -> None:
-        """Decode a drained batch into ``out`` (transitions) and ``notices`` (TerminateNow), logging each record."""
+    def _log_batch(raw: bytes, out: list, info, common: dict, seq) -> None:
+        """Decode a drained batch into ``out`` (transitions), logging each record (the TerminateNow notices
+        were taken out by the native drain)."""
         for req, t, slot, gen, kind, frm, to, ev, outc, role, deferred, result, _rseq in _RECORD.iter_unpack(raw):
             if kind == _K_TRANSITION:
                 s = None if slot == _NO_SLOT else slot
@@ -375,7 +389,7 @@ class TransferEngine(_core.Engine):
                          to_state=_STATE_NAMES[to], trigger=_EVENT_NAMES[ev], outcome=_OUTCOME_NAMES[outc],
                          slot=-1 if s is None else s, generation=gen, deferred=deferred == 1)
             elif kind == _K_TNOW:
-                notices.append(req)
+                continue
             elif info is None:
                 continue
             elif kind == _K_RESULT:
@@ -398,15 +412,23 @@ class TransferEngine(_core.Engine):
                 info("lifecycle.illegal_transition", request=req, role=_ROLE_NAMES[role], t_mono_ns=t,
                      seq=next(seq), **common, trigger=_EVENT_NAMES[ev], state=_STATE_NAMES[frm])
 
-    def _deliver(self, notices: list[int]) -> None:
-        """Run on_terminate for every notice of the batch, whatever raises on the way (the callback, the
-        logger): a notice skipped here is a session whose resources are never released.  Afterwards: a
-        callback's KeyboardInterrupt/SystemExit first, then TerminateCallbackError, then a logger's error."""
+    def _deliver(self) -> None:
+        """Run on_terminate for every pending notice, whatever raises on the way (the callback, the
+        logger): a notice skipped here is a session whose resources are never released.  Each is taken off
+        the engine's queue just before its callback runs, so a re-entrant poll() (from a callback) or another
+        polling thread never delivers it again, and one an interrupted poll() left is delivered by the next.
+        Afterwards: a callback's KeyboardInterrupt/SystemExit first, then TerminateCallbackError, then a
+        logger's error."""
         errors: list[tuple[int, BaseException]] = []
         fatal: BaseException | None = None
         log_error: BaseException | None = None
         cb = self.on_terminate
-        for req in notices:
+        notices = self._notices
+        while notices:
+            try:
+                req = notices.popleft()
+            except IndexError:  # another polling thread took the last one
+                break
             try:
                 self._emit("lifecycle.terminate_now", req, None)
             except BaseException as exc:

@@ -358,3 +358,98 @@ def test_poll_order_is_causal_across_shards(shards):
     assert gens == sorted(gens) and len(gens) == 300
     res = audit.audit_events(logs)
     assert res.ok, res.violations
+
+
+def _raise_as_it_returns(eng, exc):
+    """Shadow poll()'s native drain (either name) with one that drains, then raises: what CPython does when a
+    signal whose handler raises arrived while the drain ran (the handler runs as the call returns)."""
+    for name in ("_poll_raw", "_poll_into"):
+        native = getattr(eng, name, None)
+        if native is None:
+            continue
+
+        def raising(*args, _native=native):
+            _native(*args)
+            raise exc
+
+        setattr(eng, name, raising)
+
+
+def test_a_signal_raised_as_the_native_drain_returns_loses_no_notice(clock):
+    """Review: poll() got the drained batch as the native call's return value, so an exception raised as that
+    call returned (Ctrl-C, a SIGTERM handler's SystemExit, a SIGALRM timeout, all raised by CPython right after a
+    C call) dropped the batch: its sessions were Terminated and their on_terminate never ran.  The drain now hands
+    the batch to the engine before it returns; the next poll() delivers it, and logs its transitions."""
+    delivered = []
+    eng = TransferEngine(clock=clock, on_terminate=delivered.append)
+    _three_deferred(eng, clock)
+    _raise_as_it_returns(eng, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        eng.poll()
+    assert delivered == [] and eng.state(1) is State.Terminated and eng.pending() == 0  # drained, not delivered
+    for name in ("_poll_raw", "_poll_into"):
+        eng.__dict__.pop(name, None)
+    with capture_logs() as logs:
+        got = eng.poll()
+    assert delivered == [1, 2, 3]
+    assert [e["request"] for e in logs if e["event"] == "lifecycle.terminate_now"] == [1, 2, 3]
+    assert sum(t.to_state is State.Terminated for t in got) == 3
+    eng.poll()
+    assert delivered == [1, 2, 3]  # and none twice
+
+
+def test_a_real_signal_during_poll_loses_no_notice():
+    """The same with a real SIGALRM whose handler raises, timed to land while a long drain runs (the old code
+    lost every round's notice)."""
+    import array
+    import signal
+
+    class Alarm(Exception):
+        pass
+
+    def handler(*_):
+        raise Alarm
+
+    delivered, expected = [], []
+    eng = TransferEngine(on_terminate=delivered.append, logger=_Quiet())
+    n, interrupted = 100_000, 0
+    eng.advertise_batch(array.array("Q", range(10**9, 10**9 + n)), 0)
+    t0 = time.perf_counter()
+    eng._drain()
+    took = time.perf_counter() - t0  # a native drain of n records (thrown away: none is a notice)
+    old = signal.signal(signal.SIGALRM, handler)
+    try:
+        for rnd in range(5):
+            eng.advertise_batch(array.array("Q", range(rnd * n, (rnd + 1) * n)), 0)  # a long drain
+            req = 10**12 + rnd
+            eng.advertise(req, "sender")
+            eng.expose(req)
+            assert eng.terminate(req) is TerminateResult.Deferred
+            eng.complete(req)
+            expected.append(req)
+            try:
+                signal.setitimer(signal.ITIMER_REAL, max(took / 2, 1e-5))
+                eng.poll()
+                time.sleep(0.05)
+            except Alarm:
+                interrupted += 1
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            while eng.poll():
+                pass
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert interrupted > 0
+    assert delivered == expected
+
+
+class _Quiet:
+    def bind(self):
+        return self
+
+    def is_enabled_for(self, _level):
+        return False
+
+    def info(self, *_a, **_k):
+        pass

@@ -265,6 +265,28 @@ void register_engine(py::module_& m) {
              py::bytes raw = drain_bytes(e);
              return py::make_tuple(raw, e.health().healthy);
            }, "(records packed as RECORD_FORMAT, healthy): tick + drain + health, without blocking.")
+      .def("_poll_into", [](Engine& e, py::handle inbox, py::handle notices) {
+             // What poll() uses: the same, but the drained batch is handed over before this returns, to
+             // objects the engine keeps (the bytes appended to the list `inbox`, every TerminateNow's request
+             // to the deque `notices`).  A signal whose handler raises (Ctrl-C, a SIGTERM handler's
+             // SystemExit, a SIGALRM timeout) that arrives during the drain is raised as this call returns:
+             // a batch returned as a value was dropped there, and its on_terminate calls never ran.
+             if (!PyList_Check(inbox.ptr())) throw InvalidArgumentError("inbox", "expected a list");
+             e.tick();
+             const bool healthy = e.health().healthy;
+             py::bytes raw = drain_bytes(e);
+             const Py_ssize_t size = PyBytes_GET_SIZE(raw.ptr());
+             if (size == 0) return healthy;
+             const auto* rec = reinterpret_cast<const Record*>(PyBytes_AS_STRING(raw.ptr()));
+             py::list tnow;
+             for (std::size_t i = 0, n = static_cast<std::size_t>(size) / sizeof(Record); i < n; ++i)
+               if (rec[i].kind == RecordKind::TerminateNow) tnow.append(py::int_(rec[i].req));
+             if (!tnow.empty()) notices.attr("extend")(tnow);  // (first: a notice matters more than a log line)
+             if (PyList_Append(inbox.ptr(), raw.ptr()) != 0) throw py::error_already_set();
+             return healthy;
+           }, py::arg("inbox"), py::arg("notices"),
+           "tick + drain + health without blocking: appends the packed records (RECORD_FORMAT) to the list "
+           "inbox and each TerminateNow's request to notices; returns healthy.")
       .def("_wait_ready", [](Engine& e, double timeout_s) {
              if (!(timeout_s >= 0)) throw InvalidArgumentError("timeout", "must be >= 0");
              std::int64_t ns = timeout_s > 1e9 ? INT64_MAX / 2 : static_cast<std::int64_t>(timeout_s * 1e9);

@@ -3,7 +3,11 @@
 #include <algorithm>
 #include <chrono>
 #include <climits>
+#include <new>
 #include <thread>
+#include <unordered_set>
+
+#include <pthread.h>  // pthread_atfork
 
 #include "lifecycle/errors.hpp"
 
@@ -276,6 +280,67 @@ struct Ctx {
 
 }  // namespace
 
+// Live engines, for the fork handlers.  A child forked while some thread held a shard lock (a batch call with
+// the GIL released, a transport's progress thread) or wait_mu_ inherited it held by a thread that does not
+// exist there: its first poll(), which never blocks, spun for ever (review).  The handlers take every lock of
+// every live engine before fork() and release them after, in the parent and in the child.
+struct Engine::ForkGuard {
+  static std::mutex& mu() {
+    static auto* m = new std::mutex;  // never destroyed: a fork during exit still finds it
+    return *m;
+  }
+  static std::unordered_set<Engine*>& live() {
+    static auto* s = new std::unordered_set<Engine*>;
+    return *s;
+  }
+  static void prepare() {
+    mu().lock();
+    for (Engine* e : live()) e->lock_for_fork();
+  }
+  static void parent() {
+    for (Engine* e : live()) e->unlock_after_fork(false);
+    mu().unlock();
+  }
+  static void child() {
+    for (Engine* e : live()) e->unlock_after_fork(true);
+    mu().unlock();
+  }
+  static void add(Engine* e) {
+    static const int registered = ::pthread_atfork(&prepare, &parent, &child);
+    (void)registered;
+    std::lock_guard<std::mutex> g(mu());
+    live().insert(e);
+  }
+  static void remove(Engine* e) {
+    std::lock_guard<std::mutex> g(mu());
+    live().erase(e);
+  }
+};
+
+// The order every other path takes them in: wait_mu_ before a shard (wait_ready), a shard before the pool's
+// (a lease under the shard lock); hooks_mu_ and backend_mu_ are never held with another.
+void Engine::lock_for_fork() {
+  wait_mu_.lock();
+  for (Shard& sh : shards()) sh.mu.lock();
+  pool_->lock_for_fork();
+  hooks_mu_.lock();
+  backend_mu_.lock();
+}
+
+void Engine::unlock_after_fork(bool child) {
+  backend_mu_.unlock();
+  hooks_mu_.unlock();
+  pool_->unlock_after_fork();
+  for (Shard& sh : shards()) sh.mu.unlock();
+  if (child) {
+    // the parent's waiters are not here: no wake-up to owe them, and a condition variable that counted them
+    // is made anew (destroying it would wait for them)
+    waiters_.store(0);
+    new (&wait_cv_) std::condition_variable();
+  }
+  wait_mu_.unlock();
+}
+
 Engine::Engine(Config cfg, std::shared_ptr<const Clock> clock)
     : cfg_(cfg), clock_(clock ? std::move(clock) : std::make_shared<SteadyClock>()) {
   if (cfg_.shards == 0 || cfg_.shards > 4096) throw InvalidArgumentError("shards", "must be in 1..4096");
@@ -303,12 +368,14 @@ Engine::Engine(Config cfg, std::shared_ptr<const Clock> clock)
     shards_[i].index = i;  // < 4096 = 2**12 (checked above)
   }
   last_progress_ns_ = clock_->now_ns();
+  ForkGuard::add(this);  // last: a constructor that throws registers nothing
 }
 
 // A session whose transfer may still write its slot (InFlight, CancelRequested, Poisoned: no evidence of
 // quiescence) gives its slot to the quarantine, not back to the pool, so the pool's destructor keeps it
 // mapped; the others' leases go back as their sessions are destroyed.
 Engine::~Engine() {
+  ForkGuard::remove(this);
   for (std::uint64_t k = 0; k <= shard_mask_; ++k) {
     Shard& sh = shards_[k];
     for (std::uint32_t i = 0; i < sh.high; ++i) {

@@ -212,9 +212,14 @@ class Engine {
   std::uint64_t live_sessions() const;
 
  struct Shard;  // implementation detail (engine.cpp)
+ struct ForkGuard;  // pthread_atfork handlers (engine.cpp)
  struct Key;    // a request id, mixed (engine.cpp)
 
  private:
+  // fork(): every lock of the engine is taken before and released after (in the child too, where the
+  // threads that could have held one do not exist), so a forked child never inherits one held.
+  void lock_for_fork();
+  void unlock_after_fork(bool child);
   Shard& shard_of(const Key& k) const;
   std::span<Shard> shards() const;
   bool degraded() const;

@@ -98,6 +98,9 @@ class BufferPool {
   PoolStats stats() const;
   // Bytes that destroyed pools kept mapped for quarantined slots, in this process so far.
   static std::uint64_t stranded_bytes() noexcept;
+  // Held across fork() (the engine's pthread_atfork handlers): a child never inherits it locked.
+  void lock_for_fork() const { mu_.lock(); }
+  void unlock_after_fork() const { mu_.unlock(); }
 
  private:
   friend class Lease;

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import enum
 import itertools
+import math
 import os
 import struct
 import sys
@@ -460,8 +461,7 @@ class TransferEngine(_core.Engine):
 
     def drain(self, timeout: float) -> list[Transition]:
         """Block (GIL released) until something happened or ``timeout`` seconds passed, then poll()."""
-        check_seconds("timeout", timeout)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + check_seconds("timeout", timeout)
         while True:
             got = self.poll()
             left = deadline - time.monotonic()
@@ -474,8 +474,7 @@ class TransferEngine(_core.Engine):
 
     def wait_terminal(self, request: int, timeout: float) -> State:
         """Block until ``request`` is Quiesced, Poisoned or Terminated (polling meanwhile)."""
-        check_seconds("timeout", timeout)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + check_seconds("timeout", timeout)
         while True:
             st = self.state(request)
             if st in TERMINAL or st in FINAL:
@@ -502,11 +501,13 @@ class TransferEngine(_core.Engine):
                        engine=self._engine_id, table=TABLE.digest, schema=SCHEMA, **kw)
 
 
-def check_seconds(name: str, value) -> None:
+def check_seconds(name: str, value) -> float:
     """A wait's timeout: an int or float >= 0 (inf waits for ever); NaN, bools and other types are refused
-    (NaN compares false with every deadline: a wait on it never ended)."""
+    (NaN compares false with every deadline: a wait on it never ended).  Returns it as a float: an int too
+    large for one is inf (time.monotonic() + 10**400 raised a bare OverflowError)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
         raise InvalidArgument(name, f"expected seconds >= 0, got {value!r}")
+    return math.inf if value > sys.float_info.max else float(value)
 
 
 def cancel_frees_now(result: CancelResult) -> bool:

@@ -785,8 +785,7 @@ class _Transport:
 
         from .engine import check_seconds
 
-        check_seconds("timeout", timeout)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + check_seconds("timeout", timeout)
         while True:
             s = self._core.stats()
             if s["active"] == 0 and s["passive"] == 0 and s["unreleased"] == 0:

@@ -758,3 +758,24 @@ def test_a_transfer_into_an_object_arrays_raw_range_overwrites_its_references():
     """, timeout=60)
     assert child.returncode == 0, child.stderr[-2000:]
     assert child.stdout.split()[-3:] == ["Quiesced", "True", "True"], child.stdout
+
+
+def test_a_timeout_too_large_for_a_float_waits_like_inf():
+    """Review: an int timeout past the float range (accepted: an int >= 0) made drain, wait_terminal and
+    wait_idle raise a bare OverflowError from time.monotonic() + timeout; now it is inf."""
+    import threading
+
+    from lifecycle.transport import LoopbackTransport
+
+    e = TransferEngine()
+    e.advertise(1, "sender")
+    t = LoopbackTransport(e, "huge-timeout")
+    try:
+        assert t.wait_idle(10**400) is True
+        e.poll()
+        threading.Timer(0.05, e.expose, (1,)).start()
+        assert [x.to_state.value for x in e.drain(10**400)] == ["InFlight"]
+        threading.Timer(0.05, e.complete, (1,)).start()
+        assert e.wait_terminal(1, 10**400).value == "Quiesced"
+    finally:
+        t.stop()

@@ -258,19 +258,13 @@ void register_engine(py::module_& m) {
            }, py::arg("ids"), py::arg("role"), py::arg("nbytes") = 0)
       .def("tick", &Engine::tick, "Fire expired timers; returns how many fired.  Never blocks on a transport.")
       .def("_drain", &drain_bytes, "Every queued record, packed (RECORD_FORMAT), without blocking.")
-      .def("_poll_raw", [](Engine& e) {
-             // poll()'s native half in one call: fire due timers, drain every queued record, and
-             // evaluate health (the bool only; Python asks for the reasons when it changes)
-             e.tick();
-             py::bytes raw = drain_bytes(e);
-             return py::make_tuple(raw, e.health().healthy);
-           }, "(records packed as RECORD_FORMAT, healthy): tick + drain + health, without blocking.")
       .def("_poll_into", [](Engine& e, py::handle inbox, py::handle notices) {
-             // What poll() uses: the same, but the drained batch is handed over before this returns, to
-             // objects the engine keeps (the bytes appended to the list `inbox`, every TerminateNow's request
-             // to the deque `notices`).  A signal whose handler raises (Ctrl-C, a SIGTERM handler's
-             // SystemExit, a SIGALRM timeout) that arrives during the drain is raised as this call returns:
-             // a batch returned as a value was dropped there, and its on_terminate calls never ran.
+             // poll()'s native half in one call: fire due timers, evaluate health (the bool only; Python asks
+             // for the reasons when it changes), drain every queued record.  The drained batch is handed over
+             // before this returns, to objects the engine keeps (the bytes appended to the list `inbox`, every
+             // TerminateNow's request to the deque `notices`).  A signal whose handler raises (Ctrl-C, a SIGTERM
+             // handler's SystemExit, a SIGALRM timeout) that arrives during the drain is raised as this call
+             // returns: a batch returned as a value was dropped there, and its on_terminate calls never ran.
              if (!PyList_Check(inbox.ptr())) throw InvalidArgumentError("inbox", "expected a list");
              e.tick();
              const bool healthy = e.health().healthy;

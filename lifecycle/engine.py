@@ -199,7 +199,10 @@ def _seconds_to_ns(name: str, value: float | None) -> int:
         raise InvalidArgument(name, f"expected seconds >= 0 or None, got {value!r}")
     if value > _MAX_SECONDS:  # the engine's kMaxDurationNs (inf too: it overflowed the conversion)
         raise InvalidArgument(name, f"expected at most {_MAX_SECONDS:.0f} seconds (about 31.7 years), got {value!r}")
-    return int(value * 1e9)
+    ns = int(value * 1e9)
+    # a positive duration is at least 1 ns: rounded down to 0 it meant "no timer" (transfer_timeout=1e-10 never
+    # fired)
+    return ns if ns > 0 or value == 0 else 1
 
 
 class TransferEngine(_core.Engine):

@@ -779,3 +779,19 @@ def test_a_timeout_too_large_for_a_float_waits_like_inf():
         assert e.wait_terminal(1, 10**400).value == "Quiesced"
     finally:
         t.stop()
+
+
+def test_a_positive_sub_nanosecond_timer_still_fires():
+    """A positive duration shorter than 1 ns rounded down to 0, which means "no timer": a session with
+    transfer_timeout=1e-10 stayed InFlight for ever (review).  It is 1 ns now; 0 is still no timer (the
+    control: the same session with 0 never leaves InFlight)."""
+    from lifecycle import ManualClock, State
+
+    for timeout, after in ((1e-10, State.CancelRequested), (0, State.InFlight)):
+        clock = ManualClock(0)
+        e = TransferEngine(clock=clock, transfer_timeout=timeout, cancel_grace=None)
+        e.advertise(1, "sender")
+        e.expose(1)
+        clock.advance(1_000_000)
+        e.poll()
+        assert e.state(1) is after, (timeout, e.state(1))

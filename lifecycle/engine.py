@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import functools
 import itertools
 import math
 import os
@@ -361,12 +362,18 @@ class TransferEngine(_core.Engine):
             stream = _logstream.current
             common = {"rank": self.rank, "pid": stream.pid, "proc": stream.proc, "engine": self._engine_id,
                       "table": TABLE.digest, "schema": SCHEMA}
+            take = functools.partial(inbox.pop, 0)
             while inbox:
+                taken: list[bytes] = []
                 try:
-                    raw = inbox.pop(0)
+                    _take_one(take, taken)
                 except IndexError:  # another polling thread took it
                     break
-                self._log_batch(raw, out, info, common, stream.seq)
+                except BaseException:
+                    if taken:  # interrupted as it was taken: left for the next poll()
+                        inbox.insert(0, taken[0])
+                    raise
+                self._log_batch(taken[0], out, info, common, stream.seq)
             if healthy != self._was_healthy:
                 self._check_health()
         except BaseException:
@@ -428,11 +435,19 @@ class TransferEngine(_core.Engine):
         log_error: BaseException | None = None
         cb = self.on_terminate
         notices = self._notices
+        take = notices.popleft
         while notices:
+            taken: list[int] = []
             try:
-                req = notices.popleft()
+                _take_one(take, taken)
             except IndexError:  # another polling thread took the last one
                 break
+            except BaseException as exc:  # a signal's, as the notice was taken: the next poll() delivers it
+                if taken:
+                    notices.appendleft(taken[0])
+                fatal = fatal or exc
+                break
+            req = taken[0]
             try:
                 self._emit("lifecycle.terminate_now", req, None)
             except BaseException as exc:
@@ -502,6 +517,17 @@ class TransferEngine(_core.Engine):
                        t_mono_ns=self.now_ns() if t_ns is None else t_ns, seq=next(stream.seq), pid=stream.pid,
                        proc=stream.proc,
                        engine=self._engine_id, table=TABLE.digest, schema=SCHEMA, **kw)
+
+
+def _take_one(take: Callable[[], object], into: list) -> None:
+    """Move one item, ``take()``, into the list ``into`` in one C call (list.extend drives ``take``; IndexError
+    when there is none).  ``x = take()`` can lose it: CPython runs a pending signal's handler as a call returns,
+    and an exception that handler raises discards the value the call returned (a notice popped and never
+    delivered).  Raised as this returns, the exception finds the item in ``into``, where the caller puts it back."""
+    into.extend(itertools.islice(iter(take, _NOTHING), 1))
+
+
+_NOTHING = object()  # a sentinel no queue holds
 
 
 def check_seconds(name: str, value) -> float:

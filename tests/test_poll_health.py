@@ -453,3 +453,68 @@ class _Quiet:
 
     def info(self, *_a, **_k):
         pass
+
+
+class _Interrupt(BaseException):
+    pass
+
+
+def _interrupt_at_c_return(k: int, code_names: tuple[str, ...]):
+    """A profile function that raises as the k-th C call made from a frame of `code_names` returns: what CPython
+    does when a signal whose handler raises (Ctrl-C, SystemExit, a SIGALRM timeout) arrived during that call (its
+    eval-breaker check after a call discards the call's result).  Returns a list that says whether it fired."""
+    import sys
+
+    seen, fired = [0], []
+
+    def prof(frame, event, _arg):
+        if event == "c_return" and not fired and frame.f_code.co_name in code_names:
+            seen[0] += 1
+            if seen[0] > k:
+                fired.append(True)
+                sys.setprofile(None)
+                raise _Interrupt
+
+    sys.setprofile(prof)
+    return fired
+
+
+def test_a_signal_raised_as_any_c_call_of_poll_returns_loses_no_notice_and_no_batch(clock):
+    """Review: poll() took each notice with notices.popleft() and each batch with inbox.pop(0); a signal whose
+    handler raises, arriving as that call returned, discarded the value it returned: the session Terminated and
+    its on_terminate never ran (seen with a real SIGALRM too), or the batch's transitions were never logged.
+    Interrupted at every C call of poll() and _deliver() in turn (the callback's too), the next poll() delivers
+    every notice exactly once, and every transition is logged once."""
+    import sys
+
+    k, fired = 0, [True]
+    while fired:
+        delivered, logged = [], []
+        eng = TransferEngine(clock=clock, on_terminate=delivered.append, logger=_Recorder(logged))
+        _three_deferred(eng, clock)
+        fired = _interrupt_at_c_return(k, ("poll", "_deliver"))
+        try:
+            eng.poll()
+        except (_Interrupt, TerminateCallbackError):
+            pass
+        finally:
+            sys.setprofile(None)
+        while eng.poll() or eng._notices or eng._inbox:
+            pass
+        assert sorted(delivered) == [1, 2, 3], (k, delivered)
+        terminated = [kw["request"] for name, kw in logged
+                      if name == "lifecycle.transition" and kw["to_state"] == "Terminated"]
+        assert sorted(terminated) == [1, 2, 3], (k, terminated)
+        k += 1
+    assert k > 5
+
+
+class _Recorder(_Quiet):
+    def __init__(self, into):
+        self.into = into
+
+    def is_enabled_for(self, _level):
+        return True
+
+    def info(self, name, **kw):
+        self.into.append((name, kw))

@@ -896,21 +896,47 @@ std::size_t Engine::drain_to(const std::function<Record*(std::size_t)>& dest) {
   std::vector<Shard*> from;
   std::size_t n = 0;
   std::uint64_t lo = UINT64_MAX, hi = 0;
+  // lossless: put every run taken back in front of what was queued meanwhile (a std::bad_alloc below)
+  auto put_back = [&runs, &from] {
+    for (std::size_t i = 0; i < runs.size(); ++i) {
+      std::lock_guard<SpinMutex> g(from[i]->mu);
+      runs[i].insert(runs[i].end(), from[i]->queue.begin(), from[i]->queue.end());
+      from[i]->queue.swap(runs[i]);
+      from[i]->queued.store(static_cast<std::uint32_t>(from[i]->queue.size()), std::memory_order_relaxed);
+    }
+  };
   for (Shard& sh : shards()) {
-    std::vector<Record> run;
     if (sh.queued.load(std::memory_order_relaxed) == 0) continue;  // nothing to lock for
+    // the run's place first (may throw std::bad_alloc): nothing is taken from a shard before it has one
+    try {
+      runs.emplace_back();
+      try {
+        from.push_back(&sh);
+      } catch (...) {
+        runs.pop_back();
+        throw;
+      }
+    } catch (...) {
+      put_back();  // the shards taken before this one
+      throw;
+    }
+    std::vector<Record>& run = runs.back();
     {
       std::lock_guard<SpinMutex> g(sh.mu);
-      if (sh.queue.empty()) continue;
-      run.swap(sh.queue);
-      sh.queue.swap(sh.spare);  // empty, with the capacity of an earlier run
-      sh.queued.store(0, std::memory_order_relaxed);
+      if (!sh.queue.empty()) {
+        run.swap(sh.queue);
+        sh.queue.swap(sh.spare);  // empty, with the capacity of an earlier run
+        sh.queued.store(0, std::memory_order_relaxed);
+      }
+    }
+    if (run.empty()) {
+      runs.pop_back();
+      from.pop_back();
+      continue;
     }
     n += run.size();
     lo = std::min(lo, run.front().seq);
     hi = std::max(hi, run.back().seq);
-    runs.push_back(std::move(run));
-    from.push_back(&sh);
   }
   // Hand the drained buffers back as the shards' spares (after the copy below, even if dest throws).
   struct GiveBack {
@@ -926,16 +952,17 @@ std::size_t Engine::drain_to(const std::function<Record*(std::size_t)>& dest) {
   } give_back{runs, from};
   if (n == 0) return 0;
   Record* dst = nullptr;
+  // the k-way merge's bookkeeping, allocated with the destination: nothing may throw once records are copied
+  const bool merge = runs.size() > 1 && hi - lo + 1 != n;
+  std::vector<std::size_t> pos, heap;
   try {
+    if (merge) {
+      pos.assign(runs.size(), 0);
+      heap.reserve(runs.size());
+    }
     dst = dest(n);
   } catch (...) {
-    // lossless: put every run back in front of what was queued meanwhile, then rethrow
-    for (std::size_t i = 0; i < runs.size(); ++i) {
-      std::lock_guard<SpinMutex> g(from[i]->mu);
-      runs[i].insert(runs[i].end(), from[i]->queue.begin(), from[i]->queue.end());
-      from[i]->queue.swap(runs[i]);
-      from[i]->queued.store(static_cast<std::uint32_t>(from[i]->queue.size()), std::memory_order_relaxed);
-    }
+    put_back();
     throw;
   }
   if (runs.size() == 1) {
@@ -946,9 +973,7 @@ std::size_t Engine::drain_to(const std::function<Record*(std::size_t)>& dest) {
       for (const Record& r : run) dst[r.seq - lo] = r;
   } else {
     // records pushed concurrently left gaps: k-way merge (k = shards with records)
-    std::vector<std::size_t> pos(runs.size(), 0);
     auto later = [&](std::size_t a, std::size_t b) { return runs[a][pos[a]].seq > runs[b][pos[b]].seq; };
-    std::vector<std::size_t> heap;
     for (std::size_t i = 0; i < runs.size(); ++i) heap.push_back(i);
     std::make_heap(heap.begin(), heap.end(), later);
     while (!heap.empty()) {

@@ -1250,7 +1250,7 @@ class Auditor:
             self._malformed_transition(req, rank, frm, to, trig, outcome, line)
             return None
         if frm is None:
-            self._create(key, s, to, trig, d, sk, eng, t, line)
+            self._create(key, s, to, trig, outcome, d, sk, eng, t, line)
             return None
         if s is None:
             tomb = self.tombs.get(key)
@@ -1304,7 +1304,7 @@ class Auditor:
             self._find("malformed", line, f"lifecycle.transition: unknown outcome {_r(outcome)}", rank=rank,
                        request=req)
 
-    def _create(self, key, s: list | None, to: str, trig: str, d: dict, sk, eng, t: int, line: int) -> None:
+    def _create(self, key, s: list | None, to: str, trig: str, outcome, d: dict, sk, eng, t: int, line: int) -> None:
         """The creating event (from_state null)."""
         rank, req, _ = key
         if trig != self.create_event or to != self.initial:
@@ -1322,6 +1322,9 @@ class Auditor:
                 self._tomb_order = deque(x for x in self._tomb_order if x[_S_KEY] is not None)
         self._created += 1
         s = self._new_session(key, to, d, sk, eng, t, line)
+        if outcome is not None:  # the creating row sets none (spec.py checks the table for it)
+            self._illegal(None, trig, to, line, rank, req, s, f"outcome {outcome}, but a session starts without one",
+                          count=False)  # (the session keeps none: the lines after it are checked against that)
         if s[_S_SLOT] >= 0:
             self._lease(s, key, (sk, eng, s[_S_SLOT]), line, rank, req)
 

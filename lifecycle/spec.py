@@ -296,6 +296,8 @@ def _check_graph(path, states, kinds, events, sources, cancel_results, terminate
     for r in creators:
         if r.dst != initial:
             bad(r.line, "create-row", f"the creating row must lead to the initial state {initial}, not {r.dst}")
+        if r.outcome is not None:  # the engine creates a session without one; the audit holds logs to that
+            bad(r.line, "create-row", f"the creating row sets no outcome (a session starts without one), not {r.outcome}")
     out: dict[str, set[str]] = {s: set() for s in states}
     for r in rows:
         if r.src == CREATE_SOURCE:

@@ -382,6 +382,13 @@ def _break_outcome_kept():
     return ev, "illegal_transition", 2, i
 
 
+def _break_outcome_at_creation():
+    ev = mg.clean_run()
+    i = index(ev, request=3, trigger="advertise")
+    ev[i - 1]["outcome"] = "completed"  # a session starts without one
+    return ev, "illegal_transition", 3, i
+
+
 def _break_malformed():
     ev = mg.cancellation()
     return ev, "malformed", None, 5  # a garbage line is inserted as line 5 in the test below
@@ -399,6 +406,7 @@ BREAKS = {
     "malformed": _break_malformed,
     "outcome_of_a_row": _break_outcome_of_a_row,
     "outcome_kept": _break_outcome_kept,
+    "outcome_at_creation": _break_outcome_at_creation,
 }
 
 
@@ -429,7 +437,8 @@ def test_broken_copy_is_caught_at_the_right_request_and_line(name, tmp_path, cap
     ("outcome_of_a_row", "InFlight --complete--> Quiesced: outcome cancelled, but the table says "
                          "InFlight + complete = Quiesced / completed"),
     ("outcome_kept", "Quiesced --terminate--> Terminated: outcome failed, but the session's outcome is completed "
-                     "and this row sets none")])
+                     "and this row sets none"),
+    ("outcome_at_creation", "* --advertise--> Advertised: outcome completed, but a session starts without one")])
 def test_an_outcome_that_contradicts_the_table_names_both_and_counts_the_row_not_an_illegal_edge(tmp_path, name,
                                                                                                 says):
     ev, kind, req, line = BREAKS[name]()

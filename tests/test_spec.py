@@ -98,6 +98,7 @@ def test_every_violation_is_reported_at_once():
         (GOOD + "\n[states]\n", "duplicate-section"),
         (GOOD.replace("+ expose         = InFlight", "+ exposé         = InFlight"), "unknown-event"),
         (GOOD.replace("/ completed", "/ finished"), "unknown-outcome"),
+        (GOOD.replace("+ advertise      = Advertised", "+ advertise      = Advertised / completed"), "create-row"),
     ],
 )
 def test_malformed_tables_get_a_typed_error_with_a_line(text, code):

@@ -1612,7 +1612,7 @@ struct Auditor::Impl {
       return nullptr;
     }
     if (frm_null) {
-      create(key, s, to, trig, t, line);
+      create(key, s, to, trig, outcome, t, line);
       return nullptr;
     }
     if (s == nullptr) {
@@ -1681,7 +1681,7 @@ struct Auditor::Impl {
     }
   }
 
-  void create(const Key& key, Session* s, int to, int trig, Int t, Int line) {
+  void create(const Key& key, Session* s, int to, int trig, int outcome, Int t, Int line) {
     const Int rank = key.a, req = key.b;
     const int ce = static_cast<int>(kCreateEvent), init = static_cast<int>(kInitialState);
     if (trig != ce || to != init) {
@@ -1703,6 +1703,10 @@ struct Auditor::Impl {
     }
     ++created;
     Session& ns = new_session(key, to, t, line);
+    if (outcome >= 0) {  // the creating row sets none (spec.py checks the table for it)
+      illegal(-1, trig, to, line, rank, req, &ns,
+              std::string("outcome ") + outcome_name(outcome) + ", but a session starts without one", false);
+    }
     if (ns.slot >= 0) lease(ns, key, ns.slot, line);
   }
 

@@ -623,9 +623,9 @@ static void evict_tombstones(Engine::Shard& sh, std::uint32_t cap) {
   }
 }
 
-// The most records one apply_one queues: a move into a terminal state (1), the deferred terminate it runs
-// (1), its buffer_recovered (1) and terminate_now (1), the call's result (1); one to spare.
-constexpr std::size_t kMaxRecordsPerApply = 6;
+// More records than one apply_one can queue: each of these at most once (6) — the move, the deferred terminate
+// it runs, slot_quarantined, buffer_recovered, terminate_now, the call's result; two to spare.
+constexpr std::size_t kMaxRecordsPerApply = 8;
 
 // The one place where a table cell is applied.  Caller holds sh.mu.  Everything it may allocate is taken
 // first (record room, the abort's entry): a std::bad_alloc leaves the session untouched.

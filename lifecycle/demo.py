@@ -11,6 +11,7 @@ See docs/demo.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -462,14 +463,47 @@ def main(argv: list[str] | None = None) -> int:
             _MARKER_FD = None
 
 
-def _run(argv: list[str] | None) -> int:
-    a = parse_args(argv)
-    out = Path(a.out).resolve()
+def _claim_out(arg: str, out: Path) -> int:
+    """Check, clear and claim ``out`` for this run (0), or say why not (2).  Under a lock on its parent folder:
+    another demo's check-then-delete could otherwise fall between this run's check and its lock (both run, one
+    in a deleted directory; review)."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"demo: --out {arg!r}: cannot create the output directory: {exc}", file=sys.stderr)
+        return 2
+    with _folder_lock(out.parent):
+        return _claim_out_locked(arg, out)
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path):
+    """An exclusive flock on ``folder`` while the block runs (waits for it), or none where the folder cannot be
+    opened or the filesystem has no flock."""
+    import fcntl
+
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)
+
+
+def _claim_out_locked(arg: str, out: Path) -> int:
+    global _MARKER_FD
     if out.exists():
         # Only a directory an earlier demo made (its marker inside) or an empty one is cleared: `--out ""`
         # or `--out .` once wiped the current directory.
         if not out.is_dir():
-            print(f"demo: --out {a.out!r} is not a directory: refusing to replace it", file=sys.stderr)
+            print(f"demo: --out {arg!r} is not a directory: refusing to replace it", file=sys.stderr)
             return 2
         cwd = Path.cwd().resolve()
         if out == cwd or out in cwd.parents:
@@ -488,7 +522,6 @@ def _run(argv: list[str] | None) -> int:
                   "it; pass another --out or wait for that run to end", file=sys.stderr)
             return 2
         shutil.rmtree(out)
-    global _MARKER_FD
     try:
         out.mkdir(parents=True, exist_ok=True)
         _MARKER_FD = _lock_marker(out / DEMO_MARKER)
@@ -499,8 +532,17 @@ def _run(argv: list[str] | None) -> int:
         for d in ("logs", "status", "workers"):
             (out / d).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        print(f"demo: --out {a.out!r}: cannot create the output directory: {exc}", file=sys.stderr)
+        print(f"demo: --out {arg!r}: cannot create the output directory: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _run(argv: list[str] | None) -> int:
+    a = parse_args(argv)
+    out = Path(a.out).resolve()
+    code = _claim_out(a.out, out)
+    if code:
+        return code
     kill_peer = "kill-peer" in a.fault_list
     opts = DemoOptions(
         out=str(out), mode=a.mode, requests=a.requests, concurrency=a.concurrency,

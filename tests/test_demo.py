@@ -241,6 +241,41 @@ def test_a_second_demo_refuses_the_out_directory_of_a_demo_still_running(tmp_pat
     assert "the running demo's log" not in (out / "logs" / "sender-0.jsonl").read_text()
 
 
+def test_a_demo_checks_and_claims_its_out_directory_under_a_lock_on_the_folder_above(tmp_path):
+    """The check ("is a demo running there?"), the delete and the claim were three steps: a demo that claimed the
+    directory between another's check and its delete lost it while running (review: both ran, one in a deleted
+    directory).  They now run under a lock on --out's parent folder.  Here the test holds that lock as a demo in
+    the middle of claiming --out would: the second demo waits instead of deleting, and once the first holds its
+    marker it is refused with exit 2, the directory untouched.  Control (seen against the old code): the second
+    demo deleted the directory while the lock was held."""
+    import fcntl
+
+    out = tmp_path / "demo-out"
+    out.mkdir()
+    marker = out / ".kv-lifecycle-demo"
+    marker.write_text("written by `python -m lifecycle demo`\n")  # a finished demo's: free to replace
+    ino = marker.stat().st_ino
+    folder = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(folder, fcntl.LOCK_EX)  # the first demo, between its check and its claim
+    proc = subprocess.Popen([sys.executable, "-m", "lifecycle", "demo", "--requests", "4", "--concurrency", "2",
+                             "--out", str(out), "--quiet"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(5)  # the second demo has parsed its arguments and reached the claim
+        assert proc.poll() is None and marker.exists() and marker.stat().st_ino == ino, "it did not wait"
+        fd = os.open(marker, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the first demo claims it: its marker locked
+        os.close(folder)  # ... and lets the folder go
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 2 and "in use by another demo" in err, (proc.returncode, err[-1500:])
+        assert marker.stat().st_ino == ino
+        os.close(fd)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def _group_pids(pgid: int) -> list[int]:
     pids = []
     for d in Path("/proc").iterdir():

@@ -572,9 +572,10 @@ class _Transport:
         guard: a bytearray or numpy array holds a buffer export (no resize), a tensor's storage is held (so
         ``set_()`` cannot free it), and a CPU tensor's storage is made non-resizable, as torch does for a
         storage that numpy shares (``resize_()`` then raises RuntimeError; this stays after deregister).  A
-        CUDA tensor's ``resize_()`` (a CPU one's where torch has no numpy) and a ctypes array's
-        ``ctypes.resize`` cannot be blocked: they move the
-        memory and free the registered range.  **Never resize registered memory.**  Every later call that
+        CUDA tensor's ``resize_()`` (a CPU one's where torch has no numpy), a CPU tensor's ``share_memory_()``
+        (torch.multiprocessing does it to a tensor it sends) and a ctypes array's ``ctypes.resize`` cannot be
+        blocked: they move the memory and free the registered range.  **Never resize or share registered
+        memory.**  Every later call that
         names memory in such a region (read, write, transfer_batch, expect) checks that it has not moved, and
         raises TransportError if it has; a move while an offer of it is out cannot be seen in time."""
         m = mem_of(obj)
@@ -590,8 +591,12 @@ class _Transport:
             if hasattr(obj, "data_ptr") and hasattr(obj, "untyped_storage"):  # a tensor: hold its storage
                 storage = obj.untyped_storage()
                 keep = (obj, storage)
-                if m.kind != "dram" or not _pin_cpu_storage(storage):
-                    movable = (obj, storage, storage.data_ptr())
+                if m.kind == "dram":
+                    _pin_cpu_storage(storage)  # resize_() raises from now on (where torch has numpy)
+                # Checked on use in every case: a pinned CPU storage still moves under share_memory_() (also what
+                # torch.multiprocessing does to a tensor it sends), which swaps in a shared-memory copy and frees
+                # the registered memory; a later transfer over the registration wrote into the freed block.
+                movable = (obj, storage, storage.data_ptr())
             elif not isinstance(obj, (Mem, _core.BufferPool)) and not hasattr(obj, "data_ptr"):
                 # a buffer export held while registered: a bytearray cannot be resized (its memory moved) meanwhile
                 keep = (obj, memoryview(obj))
@@ -622,7 +627,8 @@ class _Transport:
                 raise TransportError(
                     f"region {rid} of transport {self.name}: the memory of the {type(obj).__name__} registered "
                     f"at {reg.addr:#x} ({reg.nbytes} bytes) moved from {addr:#x} to {now:#x}: resized since "
-                    "register(), so the registered memory was freed.  Nothing was posted; deregister it and "
+                    "register() (or moved to shared memory: share_memory_()), so the registered memory was freed.  "
+                    "Nothing was posted; deregister it and "
                     "register the object again")
 
     def deregister(self, reg: Registration) -> None:

@@ -930,6 +930,49 @@ def test_registered_memory_cannot_move_or_is_refused_before_anything_is_posted()
         b.close()
 
 
+def test_a_registered_cpu_tensor_moved_to_shared_memory_is_refused_before_anything_is_posted():
+    """share_memory_() (also what torch.multiprocessing does to a tensor it sends) swaps a shared-memory copy into
+    the storage and frees the memory registered, pinned or not: torch checks no resizable flag there.  A pinned
+    CPU tensor was never checked on use, so a read into a Mem slice of its registration posted and the copy
+    wrote into the freed heap block (a review found the process then died with SIGSEGV).  Every tensor
+    registration is now checked on use: expect, read and transfer_batch over the moved memory raise
+    TransportError naming both addresses, with nothing exposed or posted.  Control: the same expect before the
+    move goes through.  (expect is tried first: without the check it returns an offer and the test fails there,
+    before any read could write into freed memory.)"""
+    import torch
+
+    a, b, names = pair()
+    try:
+        b_at_a, a_at_b = names
+        arena = torch.zeros(64 * 1024, dtype=torch.uint8)
+        reg = a.t.register(arena)
+        old = reg.mem.slice(0, 4096)
+        for req in (1, 2):
+            a.engine.advertise(req, "receiver")
+        a.t.expect(2, b_at_a, old)  # control: before the move
+        arena.share_memory_()
+        assert arena.data_ptr() != reg.mem.addr  # moved; the registered memory went back to the heap
+        src = b.advertise(1, "sender", 4096, pattern(4096, 1))
+        offer = b.t.expect(1, a_at_b, src)
+        moved = (rf"^region {reg.region_id} of transport {a.t.name}: the memory of the Tensor registered at "
+                 r"0x[0-9a-f]+ \(65536 bytes\) moved from 0x[0-9a-f]+ to 0x[0-9a-f]+: ")
+        with pytest.raises(TransportError, match=moved):
+            a.t.expect(1, b_at_a, old)
+        for call in (lambda: a.t.read(1, old, b_at_a, offer), lambda: a.t.transfer_batch([("read", 1, old, b_at_a, offer)])[0]):
+            with pytest.raises(TransportError, match=moved):
+                r = call()
+                if isinstance(r, Exception):
+                    raise r
+        assert a.engine.state(1) is State.Advertised and a.t.stats().posted == 0  # nothing exposed or posted
+        a.t.forgo(1, b_at_a, offer)
+        a.engine.cancel(1)
+        b.engine.cancel(1)
+        a.engine.cancel(2)
+    finally:
+        a.close()
+        b.close()
+
+
 def test_a_cpu_tensor_is_checked_on_use_where_torch_has_no_numpy_and_a_failed_register_registers_nothing(monkeypatch):
     """torch does not require numpy, and without it a CPU tensor's storage cannot be made non-resizable: the
     registration is then checked on use, like a CUDA tensor's (a review finding: register() raised torch's

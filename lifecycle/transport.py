@@ -602,6 +602,8 @@ class _Transport:
                 keep = (obj, memoryview(obj))
                 if isinstance(obj, ctypes.Array):  # ctypes.resize ignores exports
                     movable = (obj, obj, ctypes.addressof(obj))
+                elif (owner := _numpy_owner(obj)) is not None:  # ndarray.resize(refcheck=False) ignores them too
+                    movable = (obj, owner, _address_of(owner))
         except BaseException:
             self._core.deregister_region(rid)
             raise
@@ -622,7 +624,7 @@ class _Transport:
                 continue
             if obj is not local and not (m.addr < reg.addr + reg.nbytes and reg.addr < m.addr + m.nbytes):
                 continue
-            now = holder.data_ptr() if hasattr(holder, "data_ptr") else ctypes.addressof(holder)
+            now = _address_of(holder)
             if now != addr:
                 raise TransportError(
                     f"region {rid} of transport {self.name}: the memory of the {type(obj).__name__} registered "
@@ -823,6 +825,29 @@ def _faults_dict(faults) -> dict | None:
     if not isinstance(faults, Faults):
         raise InvalidArgument("faults", f"expected a Faults or None, got {type(faults).__name__}")
     return asdict(faults)
+
+
+def _numpy_owner(obj):
+    """The numpy array that owns the memory of ``obj`` (an ndarray, or a view of one), or None (no ndarray, or the
+    memory is another object's: a bytearray, an mmap, which hold their own export).  ``resize(refcheck=False)`` on
+    that owner reallocates its memory whatever views or buffer exports of it exist, leaving them dangling."""
+    o = obj
+    for _ in range(64):
+        if type(o).__module__ != "numpy" or not hasattr(o, "__array_interface__") or not hasattr(o, "flags"):
+            return None
+        if o.flags.owndata:
+            return o
+        o = o.base
+    return None
+
+
+def _address_of(holder) -> int:
+    """Where the memory of a movable registration's holder is now: a tensor storage, a numpy array, a ctypes object."""
+    if hasattr(holder, "data_ptr"):
+        return holder.data_ptr()
+    if hasattr(holder, "__array_interface__"):
+        return holder.__array_interface__["data"][0]
+    return ctypes.addressof(holder)
 
 
 def _pin_cpu_storage(storage) -> bool:

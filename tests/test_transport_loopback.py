@@ -973,6 +973,53 @@ def test_a_registered_cpu_tensor_moved_to_shared_memory_is_refused_before_anythi
         b.close()
 
 
+@pytest.mark.parametrize("view", [False, True])
+def test_a_registered_numpy_array_resized_without_refcheck_is_refused_before_anything_is_posted(view):
+    """The registration holds a buffer export of a numpy array, but numpy counts no exports:
+    ``resize(refcheck=False)`` on the array that owns the memory reallocates it (the registered range freed), and a
+    view registered instead is left dangling.  It was never checked on use: an offer or a read over the
+    registration went into the freed block (a review finding).  Now the owner's address is checked on use, as a
+    ctypes array's is.  Control: the same expect over a registered array that was not resized goes through."""
+    np = pytest.importorskip("numpy")
+
+    a, b, names = pair()
+    try:
+        b_at_a, a_at_b = names
+        for req in (1, 2):
+            a.engine.advertise(req, "receiver")
+        fences = []
+        for _attempt in range(16):  # realloc may grow in place: a fence allocated next to it makes it move
+            owner = np.zeros(8192, dtype=np.uint8)
+            fences.append(np.zeros(8192, dtype=np.uint8))
+            registered = owner[4096:] if view else owner
+            reg = a.t.register(registered)
+            old = reg.mem.slice(0, 4096)
+            before = owner.ctypes.data
+            owner.resize(1 << 20, refcheck=False)
+            if owner.ctypes.data != before:
+                break
+            a.t.deregister(reg)  # grew in place: nothing moved, try again
+        assert owner.ctypes.data != before
+        src = b.advertise(1, "sender", 4096, pattern(4096, 1))
+        offer = b.t.expect(1, a_at_b, src)
+        moved = rf"^region {reg.region_id} of transport {a.t.name}: the memory of the ndarray registered at .* moved from"
+        with pytest.raises(TransportError, match=moved):
+            a.t.expect(1, b_at_a, old)
+        with pytest.raises(TransportError, match=moved):
+            a.t.read(1, old, b_at_a, offer)
+        assert a.engine.state(1) is State.Advertised and a.t.stats().posted == 0  # nothing exposed or posted
+        a.t.deregister(reg)  # (the remedy: the freed block may be reused, e.g. by the array below)
+        kept = np.zeros(8192, dtype=np.uint8)  # control: a registered array that was not resized
+        a.t.expect(2, b_at_a, a.t.register(kept[4096:] if view else kept).mem.slice(0, 4096))
+        a.t.forgo(1, b_at_a, offer)
+        for e in (a.engine, b.engine):
+            e.cancel(1)
+        a.engine.cancel(2)
+    finally:
+        a.close()
+        b.close()
+
+
 def test_a_cpu_tensor_is_checked_on_use_where_torch_has_no_numpy_and_a_failed_register_registers_nothing(monkeypatch):
     """torch does not require numpy, and without it a CPU tensor's storage cannot be made non-resizable: the
     registration is then checked on use, like a CUDA tensor's (a review finding: register() raised torch's

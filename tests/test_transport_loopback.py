@@ -1203,3 +1203,37 @@ def test_register_and_deregister_on_another_thread_do_not_break_a_post():
         b.stop()
     assert len(churned) > 100, "the other thread hardly ran: the race was not exercised"
     assert wrong == [], wrong[:5]
+
+
+def test_a_stop_reaching_a_transport_that_did_not_move_the_bytes_is_not_answered():
+    """Two transports on one engine: the peer offered to B, the executor posted the offer through A (a slow
+    READ), and the peer's stop went to B.  B, with no entry, answered "quiesced" at once: the peer released its
+    buffer while A still read it (review: the peer Quiesced(cancelled) in 6 ms, A's read InFlight).  B now
+    leaves a stop unanswered while the engine's session is exposed by a transfer that is not its own: the peer
+    ends Poisoned after its grace (safe), and B counts the stop."""
+    from lifecycle.transport import connect_all
+
+    n = 8 * MiB
+    e, ep = TransferEngine(num_slots=2, slot_size=n), TransferEngine(num_slots=2, slot_size=n, cancel_grace=0.5)
+    a = LoopbackTransport(e, "tw-A", bytes_per_second=16 * MiB)  # about 0.5 s for the read
+    b = LoopbackTransport(e, "tw-B")
+    p = LoopbackTransport(ep, "tw-P")
+    try:
+        connect_all(a, b, p)
+        for t, eng in ((a, e), (b, e), (p, ep)):
+            t.register(eng.pool)
+        ep.advertise(1, "sender", n)
+        e.advertise(1, "receiver", n)
+        offer = p.expect(1, "tw-B", pool_slot(ep, 1))
+        a.read(1, pool_slot(e, 1), "tw-P", offer)
+        assert ep.cancel(1) is CancelResult.CancelRequestedInFlight
+        deadline = time.monotonic() + 10
+        while ep.state(1) not in (State.Quiesced, State.Poisoned) and time.monotonic() < deadline:
+            ep.drain(0.01)
+            e.drain(0.001)
+        receiver_then = e.state(1)
+        assert ep.state(1) is State.Poisoned or receiver_then is not State.InFlight, (ep.state(1), receiver_then)
+        assert ep.state(1) is State.Poisoned and b.stats().stops_unanswered == 1
+    finally:
+        for t in (a, b, p):
+            t.close()

@@ -1421,6 +1421,7 @@ void Transport::on_notification(const std::string& peer, const NotifMessage& m) 
       const std::optional<SessionInfo> ours = engine_ ? engine_->info(req) : std::nullopt;
       StopMemo no_entry{0, ours ? ours->serial + 1 : 0};
       if (ours && !terminal_or_final(ours->state)) no_entry = StopMemo{ours->serial, 0};
+      const bool exposed = ours && (ours->state == State::InFlight || ours->state == State::CancelRequested);
       {
         std::lock_guard<std::mutex> lk(mu_);
         flush_posted();  // (read below)
@@ -1476,6 +1477,12 @@ void Transport::on_notification(const std::string& peer, const NotifMessage& m) 
         } else if (auto p = posted_.find(req);
                    it == entries_.end() && p != posted_.end() && p->second.tag == m.tag && p->second.peer == peer) {
           reply_now = true;  // late, for the offer our transfer took (Done: else it would be unproven_)
+        } else if (it == entries_.end() && exposed && (p == posted_.end() || p->second.serial != no_entry.session)) {
+          // Our session of the id is exposed, and not by a transfer of this transport: another transport on
+          // the engine (the offer handed to it, the stop sent here), or the executor's own data path, may be
+          // moving the bytes.  Nothing here can tell when they stop: unanswered, the peer ends Poisoned
+          // (safe).  Answered, the peer released its buffer under a live transfer (review).
+          ctr_.stops_unanswered.fetch_add(1);
         } else if (it == entries_.end()) {
           // A later transfer() with this tag is cancelled before its post; full: unanswered (safe).  A
           // session of ours that took another offer already (its entry gone, its session not ended yet)

@@ -258,7 +258,13 @@ def _check_bytes(name: str, data, what: str = "bytes") -> bytes:
     bytes); InvalidArgument for anything else (an int too: bytes(n) would be n zero bytes)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise InvalidArgument(name, f"expected {what}, got {type(data).__name__}")
-    return data if isinstance(data, bytes) else bytes(data)
+    if isinstance(data, bytes):
+        return data
+    try:
+        return bytes(data)
+    except ValueError as e:  # a released memoryview: "operation forbidden on released memoryview object"
+        raise InvalidArgument(name, f"expected {what}, got a {type(data).__name__} whose bytes cannot be read "
+                                    f"({e})") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,6 +370,8 @@ def mem_of(obj) -> Mem:
     except TypeError:
         raise InvalidArgument("memory", f"cannot register {type(obj).__name__}: pass a tensor, a pool, "
                                         "a Mem or a writable buffer") from None
+    except (ValueError, BufferError) as e:  # a released memoryview; an exporter that refuses (numpy datetime64)
+        raise InvalidArgument("memory", f"the {type(obj).__name__}'s buffer cannot be exported ({e})") from None
     if mv.readonly or not mv.c_contiguous:
         raise InvalidArgument("memory", "buffer must be writable and C-contiguous")
     if mv.nbytes == 0:

@@ -795,3 +795,44 @@ def test_a_positive_sub_nanosecond_timer_still_fires():
         clock.advance(1_000_000)
         e.poll()
         assert e.state(1) is after, (timeout, e.state(1))
+
+
+def test_a_released_or_unexportable_buffer_is_a_typed_error_at_the_transport():
+    """Fuzzing (session fuzz): a released memoryview (and a numpy datetime64 array, whose buffer numpy refuses to
+    export) raised a bare ValueError out of register / read / write / expect (mem_of caught TypeError only), and
+    out of add_peer, Mem.from_bytes and Offer.from_bytes (bytes() of a released view)."""
+    import numpy as np
+
+    from lifecycle.transport import LoopbackTransport, Mem, Offer, mem_of
+
+    def released():
+        v = memoryview(bytearray(64))
+        v.release()
+        return v
+
+    e = TransferEngine(num_slots=1, slot_size=4096)
+    e.advertise(1, "receiver", 64)
+    t = LoopbackTransport(e, "released-view")
+    offer = Offer(Mem(4096, 64), 1)
+    try:
+        cases = [
+            (lambda: mem_of(released()), "memory"),
+            (lambda: mem_of(np.zeros(4, dtype="M8[s]")), "memory"),
+            (lambda: t.register(released()), "memory"),
+            (lambda: t.read(1, released(), "peer", offer), "memory"),
+            (lambda: t.write(1, released(), "peer", offer), "memory"),
+            (lambda: t.expect(1, "peer", released()), "memory"),
+            (lambda: t.add_peer(released()), "metadata"),
+            (lambda: Mem.from_bytes(released()), "descriptor"),
+            (lambda: Offer.from_bytes(released()), "offer"),
+        ]
+        for make, arg in cases:
+            with pytest.raises(InvalidArgument) as ei:
+                make()
+            assert ei.value.argument == arg, (arg, ei.value)
+        assert t.stats().registered_regions == 0 and e.state(1).name == "Advertised"
+        # controls: the same objects unreleased
+        assert mem_of(memoryview(bytearray(64))).nbytes == 64
+        assert Offer.from_bytes(memoryview(offer.to_bytes())) == offer
+    finally:
+        t.stop()

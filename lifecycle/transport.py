@@ -25,7 +25,7 @@ import re
 import struct
 import threading
 import weakref
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from .errors import InvalidArgument, NixlUnavailable, TransportError
@@ -421,7 +421,9 @@ class Faults:
     duplicate_after_s: float = 0.0  # 0: a duplicate right after its original; else held back this long (1 us steps)
 
     def __post_init__(self) -> None:
-        for k, v in asdict(self).items():
+        # (the fields as they are: asdict() deep-copies each value first, and one that cannot be copied (a
+        # memoryview, a lock) raised a bare TypeError before any check ran)
+        for k, v in ((f.name, getattr(self, f.name)) for f in fields(self)):
             if k == "seed":
                 if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 1 << 64:
                     raise InvalidArgument(k, f"expected a 64-bit seed, got {v!r}")

@@ -836,3 +836,17 @@ def test_a_released_or_unexportable_buffer_is_a_typed_error_at_the_transport():
         assert Offer.from_bytes(memoryview(offer.to_bytes())) == offer
     finally:
         t.stop()
+
+
+def test_a_fault_option_that_cannot_be_copied_is_a_typed_error():
+    """Fuzzing (session fuzz): Faults(...) validated its fields through dataclasses.asdict(), which deep-copies
+    every value first: a memoryview, a lock or a generator in any field raised a bare TypeError ("cannot
+    pickle ...") before the check that names the field could run."""
+    from lifecycle.transport import Faults
+
+    for value in (memoryview(b"x"), threading.Lock(), (i for i in ())):
+        for field in ("seed", "delay", "delay_s", "error", "release_failure", "duplicate_after_s"):
+            with pytest.raises(InvalidArgument) as ei:
+                Faults(**{field: value})
+            assert ei.value.argument == field, (field, value, ei.value)
+    assert Faults(seed=3, delay=0.5).delay == 0.5  # control

@@ -707,13 +707,17 @@ class _Transport:
         scheduler step's transfers).  Items are independent: the list returned holds, per item, the result
         string that call returns or the exception it would have raised (a refusal of one item changes nothing
         for the others; a second item of one request is refused like a second call)."""
-        if isinstance(transfers, (str, bytes)) or not hasattr(transfers, "__iter__"):
-            raise InvalidArgument("transfers", f"expected a sequence of (op, request, local, peer, remote) tuples, "
-                                               f"got {type(transfers).__name__}")
+        what = f"expected a sequence of (op, request, local, peer, remote) tuples, got {type(transfers).__name__}"
+        if isinstance(transfers, (str, bytes, bytearray, memoryview)) or not hasattr(transfers, "__iter__"):
+            raise InvalidArgument("transfers", what)
+        try:  # (a 0-d numpy array has __iter__ and refuses it with a TypeError)
+            items = iter(transfers)
+        except TypeError:
+            raise InvalidArgument("transfers", what) from None
         out: list = []
         fields: list = []
         where: list[int] = []
-        for i, t in enumerate(transfers):
+        for i, t in enumerate(items):
             try:
                 if not isinstance(t, tuple) or len(t) != 5:
                     raise InvalidArgument("transfers", f"item {i}: expected (op, request, local, peer, remote), "

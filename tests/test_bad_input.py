@@ -850,3 +850,25 @@ def test_a_fault_option_that_cannot_be_copied_is_a_typed_error():
                 Faults(**{field: value})
             assert ei.value.argument == field, (field, value, ei.value)
     assert Faults(seed=3, delay=0.5).delay == 0.5  # control
+
+
+def test_transfer_batch_of_a_buffer_or_a_0d_array_is_a_typed_error():
+    """Fuzzing (session fuzz): transfer_batch() took anything with __iter__: a released memoryview raised
+    SystemError ("<class 'enumerate'> returned a result with an exception set"), a 0-d numpy array a bare
+    TypeError ("iteration over a 0-d array"); a bytearray or memoryview is no list of transfers either."""
+    import numpy as np
+
+    from lifecycle.transport import LoopbackTransport
+
+    released = memoryview(bytearray(8))
+    released.release()
+    t = LoopbackTransport(None, "batch-of-what")
+    try:
+        for bad in (released, np.array(5), bytearray(4), memoryview(b"abc"), b"", "read"):
+            with pytest.raises(InvalidArgument) as ei:
+                t.transfer_batch(bad)
+            assert ei.value.argument == "transfers", (bad, ei.value)
+        assert t.transfer_batch([]) == [] and t.transfer_batch(iter(())) == []  # controls
+        assert t.stats().posted == 0
+    finally:
+        t.stop()

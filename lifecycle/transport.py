@@ -219,7 +219,7 @@ class Mem:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise InvalidArgument(name, f"expected an int >= 0, got {v!r}")
-        if self.kind not in ("dram", "vram"):
+        if not isinstance(self.kind, str) or self.kind not in ("dram", "vram"):  # (a numpy array: a bare ValueError)
             raise InvalidArgument("kind", f"expected 'dram' or 'vram', got {self.kind!r}")
         if self.device >= 1 << 64:
             raise InvalidArgument("device", f"expected a 64-bit device index, got {self.device}")

@@ -872,3 +872,17 @@ def test_transfer_batch_of_a_buffer_or_a_0d_array_is_a_typed_error():
         assert t.stats().posted == 0
     finally:
         t.stop()
+
+
+def test_a_mem_kind_that_is_not_a_str_is_a_typed_error():
+    """Fuzzing (session fuzz): Mem(addr, nbytes, kind) compared kind with `in ("dram", "vram")` unchecked: a numpy
+    array there raised a bare ValueError ("The truth value of an array ... is ambiguous")."""
+    import numpy as np
+
+    from lifecycle.transport import Mem
+
+    for kind in (np.array(["dram", "vram"]), np.arange(3), np.zeros(0), b"dram", 0):
+        with pytest.raises(InvalidArgument) as ei:
+            Mem(4096, 64, kind)
+        assert ei.value.argument == "kind", (kind, ei.value)
+    assert Mem(4096, 64, "vram", 1).kind == "vram"  # control

@@ -797,6 +797,38 @@ def test_a_positive_sub_nanosecond_timer_still_fires():
         assert e.state(1) is after, (timeout, e.state(1))
 
 
+def test_a_clock_argument_whose_index_refuses_is_a_typed_error():
+    """Fuzzing (session fuzz): ManualClock(start_ns) / advance / set took numpy's arrays and other objects whose
+    __index__ refuses (TypeError) or answers a non-int, and raised that bare TypeError ("only integer scalar
+    arrays can be converted to a scalar index"), naming neither the argument nor the call; the slot index
+    already turned the same refusal into InvalidArgument("slot")."""
+    import numpy as np
+
+    class NotAnInt:
+        def __index__(self):
+            return "7"
+
+    clock = _core.ManualClock(5)
+    for bad in (np.arange(4, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(2), NotAnInt()):
+        for make, arg in ((lambda: _core.ManualClock(bad), "start_ns"), (lambda: clock.advance(bad), "delta_ns"),
+                          (lambda: clock.set(bad), "t_ns")):
+            with pytest.raises(InvalidArgument) as ei:
+                make()
+            assert ei.value.argument == arg, (arg, bad, ei.value)
+    assert clock.now_ns() == 5  # nothing moved it
+
+    class Interrupting:  # an __index__'s own other error is the caller's: it passes unchanged
+        def __index__(self):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        clock.advance(Interrupting())
+    # controls: one integer, numpy's too (a 0-d array and a 1-element one have __index__ that answers)
+    clock.advance(np.int64(1))
+    clock.advance(np.array(2))
+    assert clock.now_ns() == 8
+
+
 def test_a_released_or_unexportable_buffer_is_a_typed_error_at_the_transport():
     """Fuzzing (session fuzz): a released memoryview (and a numpy datetime64 array, whose buffer numpy refuses to
     export) raised a bare ValueError out of register / read / write / expect (mem_of caught TypeError only), and

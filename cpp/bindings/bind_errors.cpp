@@ -77,7 +77,17 @@ std::int64_t int64_arg(py::handle h, const char* what) {
     throw InvalidArgumentError(what, std::string("expected an int, got ") + Py_TYPE(h.ptr())->tp_name);
   }
   py::object as_int = py::reinterpret_steal<py::object>(PyNumber_Index(h.ptr()));
-  if (!as_int) throw py::error_already_set();
+  if (!as_int) {
+    // an __index__ that refused (a numpy array of several ints: "only integer scalar arrays ...") or returned a
+    // non-int: the argument is not one int (a bare TypeError named neither it nor the call); KeyboardInterrupt,
+    // MemoryError and a user __index__'s own other errors pass unchanged, as slot_index does
+    if (!PyErr_ExceptionMatches(PyExc_TypeError) && !PyErr_ExceptionMatches(PyExc_ValueError)) {
+      throw py::error_already_set();
+    }
+    PyErr_Clear();
+    throw InvalidArgumentError(what, std::string("expected an int, got a ") + Py_TYPE(h.ptr())->tp_name +
+                                         " that is not one integer");
+  }
   int overflow = 0;
   const long long v = PyLong_AsLongLongAndOverflow(as_int.ptr(), &overflow);
   if (overflow != 0) throw InvalidArgumentError(what, "out of the int64 range");

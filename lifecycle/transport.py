@@ -952,6 +952,8 @@ class NixlTransport(_Transport):
         if capi_path is not None and not isinstance(capi_path, (str, os.PathLike)):  # (an int was taken as an fd)
             raise InvalidArgument("capi_path", f"expected a path to libnixl_capi.so, got {type(capi_path).__name__}")
         path = os.fsdecode(capi_path) if capi_path else nixl_capi_path()
+        if "\0" in path:  # (dlopen takes a C string: "libnixl_capi.so\0junk" loaded libnixl_capi.so)
+            raise InvalidArgument("capi_path", f"{path!r:.80} holds a NUL character")
         self._wheel = _is_wheel_capi(path)
         if self._wheel:
             cuda12_runtime()  # before UCX starts: the wheel's UCX loads its CUDA module only if libcudart.so.12 does

@@ -918,3 +918,25 @@ def test_a_mem_kind_that_is_not_a_str_is_a_typed_error():
             Mem(4096, 64, kind)
         assert ei.value.argument == "kind", (kind, ei.value)
     assert Mem(4096, 64, "vram", 1).kind == "vram"  # control
+
+
+def test_a_nixl_library_path_holding_a_nul_is_refused(monkeypatch):
+    """Fuzzing (session fuzz): the library path goes to dlopen() as a C string, cut at a NUL: load_nixl_capi and
+    NixlTransport(capi_path=...) given "<libnixl_capi.so>\\0/elsewhere.so" loaded the first part, silently, and
+    load_nixl_capi even answered the whole string as the path it used.  Refused now, before anything loads,
+    like ucx_params and agent names that hold a NUL (no NIXL needed: nothing is loaded)."""
+    from lifecycle.transport import NixlTransport
+
+    monkeypatch.delenv(_core.NIXL_CAPI_ENV, raising=False)  # (it overrides the path given)
+    path = "/nonexistent/libnixl_capi.so\0/elsewhere.so"
+    with pytest.raises(InvalidArgument) as ei:
+        _core.load_nixl_capi(path)
+    assert ei.value.argument == "path", ei.value
+    with pytest.raises(InvalidArgument) as ei:
+        _core._Transport.nixl(None, "nul-path", path)
+    assert ei.value.argument == "capi_path", ei.value
+    with pytest.raises(InvalidArgument) as ei:
+        NixlTransport(None, "nul-path", capi_path=path)
+    assert ei.value.argument == "capi_path", ei.value
+    with pytest.raises(LifecycleError, match="dlopen failed"):  # control: without the NUL, the path is tried
+        _core.load_nixl_capi("/nonexistent/libnixl_capi.so")

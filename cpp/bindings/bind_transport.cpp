@@ -159,6 +159,7 @@ void register_transport(py::module_& m) {
   m.attr("REGION_REFUSED") = tp::Region::kRefused;                                 // ... and says this
 
   m.def("load_nixl_capi", [](const std::string& path) {
+    tp::check_c_name(path, "path");  // (dlopen takes a C string: "lib.so\0junk" loaded lib.so)
     std::shared_ptr<const tp::NixlCapi> api;
     {
       NoGil nogil;
@@ -174,6 +175,7 @@ void register_transport(py::module_& m) {
                              const std::vector<std::pair<std::string, std::string>>& ucx_params,
                              bool nixl_progress_thread, double tick_s, bool unsafe_ack_stop_at_once) {
              const std::string name = agent_name(name_arg);
+             tp::check_c_name(capi_path, "capi_path");  // (dlopen takes a C string: "lib.so\0junk" loaded lib.so)
              const tp::TransportOptions topts = options(unsafe_release_on_cancel, unsafe_ack_stop_at_once, tick_s);
              std::unique_ptr<tp::Transport> t;
              std::unique_ptr<tp::Agent> agent;

@@ -723,7 +723,7 @@ class _Transport:
                     raise InvalidArgument("transfers", f"item {i}: expected (op, request, local, peer, remote), "
                                                        f"got {t!r:.80}")
                 op = t[0]
-                if op not in ("read", "write"):
+                if not isinstance(op, str) or op not in ("read", "write"):  # (a numpy array: a bare ValueError)
                     raise InvalidArgument("transfers", f"item {i}: op must be 'read' or 'write', got {op!r:.40}")
                 fields.append(self._fields(*t))
                 where.append(i)

@@ -940,3 +940,22 @@ def test_a_nixl_library_path_holding_a_nul_is_refused(monkeypatch):
     assert ei.value.argument == "capi_path", ei.value
     with pytest.raises(LifecycleError, match="dlopen failed"):  # control: without the NUL, the path is tried
         _core.load_nixl_capi("/nonexistent/libnixl_capi.so")
+
+
+def test_a_transfer_batch_op_that_is_not_a_str_is_refused_for_its_item_only():
+    """Fuzzing (session fuzz): transfer_batch compared each item's op with `in ("read", "write")` unchecked: a
+    numpy array as op raised a bare ValueError out of the whole batch; it is that item's InvalidArgument now,
+    in its place in the list, like any other bad item."""
+    import numpy as np
+
+    from lifecycle.transport import LoopbackTransport, Mem, Offer
+
+    t = LoopbackTransport(None, "batch-op")
+    try:
+        out = t.transfer_batch([(np.array(["read", "write"]), 1, Mem(4096, 64), "p", Offer(Mem(8192, 64), 1)),
+                                ("copy", 2, Mem(4096, 64), "p", Offer(Mem(8192, 64), 1))])
+        assert [type(x) for x in out] == [InvalidArgument, InvalidArgument], out
+        assert all(x.argument == "transfers" for x in out) and "item 0: op must be" in str(out[0])
+        assert t.stats().posted == 0
+    finally:
+        t.stop()

@@ -538,7 +538,7 @@ class _Transport:
         # registered objects whose memory can move under a live registration (a torch tensor's resize_, a
         # ctypes array's ctypes.resize): region id -> (the object registered, what holds its memory (a
         # tensor's storage), that holder's address at registration), checked on use
-        self._movable: dict[int, tuple[object, object, int]] = {}
+        self._movable: dict[int, tuple[object, object, int, int]] = {}  # rid: (obj, holder, address, bytes)
 
         _LIVE.add(self)
 
@@ -606,14 +606,15 @@ class _Transport:
                 # Checked on use in every case: a pinned CPU storage still moves under share_memory_() (also what
                 # torch.multiprocessing does to a tensor it sends), which swaps in a shared-memory copy and frees
                 # the registered memory; a later transfer over the registration wrote into the freed block.
-                movable = (obj, storage, storage.data_ptr())
+                movable = (obj, storage, storage.data_ptr(), storage.nbytes())
             elif not isinstance(obj, (Mem, _core.BufferPool)) and not hasattr(obj, "data_ptr"):
                 # a buffer export held while registered: a bytearray cannot be resized (its memory moved) meanwhile
                 keep = (obj, memoryview(obj))
                 if isinstance(obj, ctypes.Array):  # ctypes.resize ignores exports
-                    movable = (obj, obj, ctypes.addressof(obj))
+                    movable = (obj, obj, ctypes.addressof(obj), ctypes.sizeof(obj))
                 elif (owner := _numpy_owner(obj)) is not None:  # ndarray.resize(refcheck=False) ignores them too
-                    movable = (obj, owner, _address_of(owner))
+                    # (its size too: a shrink reallocates in place, same address, and frees the registered tail)
+                    movable = (obj, owner, _address_of(owner), owner.nbytes)
         except BaseException:
             self._core.deregister_region(rid)
             raise
@@ -628,13 +629,19 @@ class _Transport:
         if not self._movable:  # (the usual case: nothing registered can move)
             return
         # (a snapshot, and a registration gone meanwhile skipped: register/deregister may run on another thread)
-        for rid, (obj, holder, addr) in tuple(self._movable.items()):
+        for rid, (obj, holder, addr, size) in tuple(self._movable.items()):
             reg = self._regs.get(rid)
             if reg is None:
                 continue
             if obj is not local and not (m.addr < reg.addr + reg.nbytes and reg.addr < m.addr + m.nbytes):
                 continue
             now = _address_of(holder)
+            if now == addr and _size_of(holder) < size:  # shrunk in place: the registered tail was freed
+                raise TransportError(
+                    f"region {rid} of transport {self.name}: the memory of the {type(obj).__name__} registered "
+                    f"at {reg.addr:#x} ({reg.nbytes} bytes) shrank from {size} to {_size_of(holder)} bytes: resized "
+                    "since register(), so the registered memory was freed.  Nothing was posted; deregister it and "
+                    "register the object again")
             if now != addr:
                 raise TransportError(
                     f"region {rid} of transport {self.name}: the memory of the {type(obj).__name__} registered "
@@ -862,6 +869,15 @@ def _address_of(holder) -> int:
     if hasattr(holder, "__array_interface__"):
         return holder.__array_interface__["data"][0]
     return ctypes.addressof(holder)
+
+
+def _size_of(holder) -> int:
+    """How many bytes the memory of a movable registration's holder spans now (see _address_of)."""
+    if hasattr(holder, "data_ptr"):
+        return holder.nbytes()
+    if hasattr(holder, "__array_interface__"):
+        return holder.nbytes
+    return ctypes.sizeof(holder)
 
 
 def _pin_cpu_storage(storage) -> bool:

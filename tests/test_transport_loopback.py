@@ -1020,6 +1020,45 @@ def test_a_registered_numpy_array_resized_without_refcheck_is_refused_before_any
         b.close()
 
 
+@pytest.mark.parametrize("view", [False, True])
+def test_a_registered_numpy_array_shrunk_in_place_without_refcheck_is_refused_before_anything_is_posted(view):
+    """``resize(refcheck=False)`` to a smaller size reallocates the owner in place (glibc realloc keeps the
+    address) and frees the registered tail: the check on use compared addresses only, so it passed, and a read
+    into the tail wrote into whatever the allocator put there next (seen: a new 1 MiB array got the READ's
+    bytes).  The owner's size is checked too now.  Control: an expect over the head that stays goes through
+    before the shrink."""
+    np = pytest.importorskip("numpy")
+
+    a, b, names = pair()
+    try:
+        b_at_a, a_at_b = names
+        for req in (1, 2):
+            a.engine.advertise(req, "receiver")
+        owner = np.zeros(1 << 20, dtype=np.uint8)
+        reg = a.t.register(owner[4096:] if view else owner)
+        tail = reg.mem.slice(reg.mem.nbytes - 4096, 4096)
+        a.t.expect(2, b_at_a, tail)  # control: before the shrink
+        before = owner.ctypes.data
+        owner.resize(8192, refcheck=False)
+        if owner.ctypes.data != before:
+            pytest.skip("realloc moved the array: the address check covers that")
+        src = b.advertise(1, "sender", 4096, pattern(4096, 1))
+        offer = b.t.expect(1, a_at_b, src)
+        shrunk = rf"^region {reg.region_id} of transport {a.t.name}: the memory of the ndarray registered at .* shrank"
+        with pytest.raises(TransportError, match=shrunk):
+            a.t.expect(1, b_at_a, tail)
+        with pytest.raises(TransportError, match=shrunk):
+            a.t.read(1, tail, b_at_a, offer)
+        assert a.engine.state(1) is State.Advertised and a.t.stats().posted == 0  # nothing exposed or posted
+        a.t.forgo(1, b_at_a, offer)
+        for e in (a.engine, b.engine):
+            e.cancel(1)
+        a.engine.cancel(2)
+    finally:
+        a.close()
+        b.close()
+
+
 def test_a_cpu_tensor_is_checked_on_use_where_torch_has_no_numpy_and_a_failed_register_registers_nothing(monkeypatch):
     """torch does not require numpy, and without it a CPU tensor's storage cannot be made non-resizable: the
     registration is then checked on use, like a CUDA tensor's (a review finding: register() raised torch's

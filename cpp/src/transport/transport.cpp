@@ -1032,7 +1032,9 @@ void Transport::forgo(std::uint64_t req, const std::string& peer, std::uint64_t 
   // very session did take an offer: that record stays (its late stops need it more)
   flush_posted();
   auto p = posted_.find(req);
-  if (engine_ && (p == posted_.end() || serial == 0 || p->second.serial != serial)) note_posted(req, peer, tag, serial);
+  if (engine_ && (p == posted_.end() || serial == 0 || p->second.serial != serial)) {
+    note_posted(req, peer, tag, serial, true);
+  }
 }
 
 Transport::Forgone* Transport::forgone_of(std::uint64_t req, std::uint64_t tag, const std::string& peer) {
@@ -1041,8 +1043,10 @@ Transport::Forgone* Transport::forgone_of(std::uint64_t req, std::uint64_t tag, 
   return f != forgone_.end() && f->second.peer == peer ? &f->second : nullptr;
 }
 
-void Transport::note_posted(std::uint64_t req, const std::string& peer, std::uint64_t tag, std::uint64_t serial) {
+void Transport::note_posted(std::uint64_t req, const std::string& peer, std::uint64_t tag, std::uint64_t serial,
+                            bool forgone) {
   PostedNote& n = posted_pending_.emplace_back();
+  n.forgone = forgone;
   n.req = req;
   n.tag = tag;
   n.serial = serial;
@@ -1053,7 +1057,7 @@ void Transport::note_posted(std::uint64_t req, const std::string& peer, std::uin
 void Transport::flush_posted(std::size_t max) {
   for (; max > 0 && posted_head_ < posted_pending_.size(); --max, ++posted_head_) {
     PostedNote& n = posted_pending_[posted_head_];
-    posted_[n.req] = Ended{std::move(n.peer), n.tag, n.serial};
+    posted_[n.req] = Ended{std::move(n.peer), n.tag, n.serial, n.forgone};
     posted_order_.emplace_back(n.req, n.serial);
   }
   if (posted_head_ == posted_pending_.size()) {  // all moved: start the buffer over (its capacity stays)
@@ -1477,11 +1481,13 @@ void Transport::on_notification(const std::string& peer, const NotifMessage& m) 
         } else if (auto p = posted_.find(req);
                    it == entries_.end() && p != posted_.end() && p->second.tag == m.tag && p->second.peer == peer) {
           reply_now = true;  // late, for the offer our transfer took (Done: else it would be unproven_)
-        } else if (it == entries_.end() && exposed && (p == posted_.end() || p->second.serial != no_entry.session)) {
+        } else if (it == entries_.end() && exposed &&
+                   (p == posted_.end() || p->second.serial != no_entry.session || p->second.forgone)) {
           // Our session of the id is exposed, and not by a transfer of this transport: another transport on
           // the engine (the offer handed to it, the stop sent here), or the executor's own data path, may be
           // moving the bytes.  Nothing here can tell when they stop: unanswered, the peer ends Poisoned
-          // (safe).  Answered, the peer released its buffer under a live transfer (review).
+          // (safe).  Answered, the peer released its buffer under a live transfer (review).  A record forgo()
+          // left is no transfer of ours either: the session exposed, another path moves the bytes.
           ctr_.stops_unanswered.fetch_add(1);
         } else if (it == entries_.end()) {
           // A later transfer() with this tag is cancelled before its post; full: unanswered (safe).  A

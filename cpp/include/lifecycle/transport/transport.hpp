@@ -226,6 +226,7 @@ class Transport final : public EventSink {
     std::string peer;
     std::uint64_t tag = 0;
     std::uint64_t serial = 0;  // the session it drove
+    bool forgone = false;      // (posted_) noted by forgo(): that session took no offer here
   };
   // A passive entry ended without evidence (swept Poisoned, remove_peer, stop): the peer may still
   // write into its range, which keeps blocking deregister_region until a late note with its tag.
@@ -263,7 +264,8 @@ class Transport final : public EventSink {
   using EndedMap = std::unordered_map<std::uint64_t, Ended>;
   void forget_gone(EndedMap& m, std::size_t& cursor);  // a budget per sweep
   // posted_'s record for req (caller holds mu_): queued in posted_pending_, in order
-  void note_posted(std::uint64_t req, const std::string& peer, std::uint64_t tag, std::uint64_t serial);
+  void note_posted(std::uint64_t req, const std::string& peer, std::uint64_t tag, std::uint64_t serial,
+                   bool forgone = false);
   // Moves up to `max` of posted_pending_'s records, oldest first, into posted_ and posted_order_ (caller
   // holds mu_).  Every reader of posted_ flushes them all first: what it reads is what it would be had
   // each transfer written its record itself.
@@ -324,6 +326,7 @@ class Transport final : public EventSink {
   struct PostedNote {
     std::uint64_t req = 0, tag = 0, serial = 0;
     std::string peer;
+    bool forgone = false;
   };
   std::vector<PostedNote> posted_pending_;
   std::size_t posted_head_ = 0;

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lifecycle import CancelResult, InvalidArgument, Outcome, State, TerminateResult, TransferEngine, TransportError, _core
+from lifecycle import CancelResult, IllegalTransition, InvalidArgument, Outcome, State, TerminateResult, TransferEngine, TransportError, _core
 from lifecycle.transport import Faults, LoopbackTransport, Mem, Offer, mem_of, pool_slot
 
 from test_transport_harness import (METADATA_HEAD, KiB, MiB, SIZES, Side, connect, crc, needs_nixl, pattern,
@@ -1244,7 +1244,7 @@ def test_register_and_deregister_on_another_thread_do_not_break_a_post():
     assert wrong == [], wrong[:5]
 
 
-@pytest.mark.parametrize("forgone", [False, True])
+@pytest.mark.parametrize("forgone", [False, True, "refused"])
 def test_a_stop_reaching_a_transport_that_did_not_move_the_bytes_is_not_answered(forgone):
     """Two transports on one engine: the peer offered to B, the executor posted the offer through A (a slow
     READ), and the peer's stop went to B.  B, with no entry, answered "quiesced" at once: the peer released its
@@ -1265,12 +1265,17 @@ def test_a_stop_reaching_a_transport_that_did_not_move_the_bytes_is_not_answered
         ep.advertise(1, "sender", n)
         e.advertise(1, "receiver", n)
         offer = p.expect(1, "tw-B", pool_slot(ep, 1))
-        if forgone:
+        if forgone is True:
             # The executor dropped another offer of the id on B (forgo: B notes it as if taken).  That record
             # is this session's but no transfer of B's: the stop was answered at once all the same (review:
             # the peer Quiesced in 2 ms, A's read InFlight).
             b.forgo(1, "tw-P", Offer(offer.mem, offer.tag + 1))
         a.read(1, pool_slot(e, 1), "tw-P", offer)
+        if forgone == "refused":
+            # A second transfer of the live session through B (an executor's error): refused at its expose, but
+            # its record stayed as if B had taken an offer, and the stop was answered at once (review).
+            with pytest.raises(IllegalTransition):
+                b.read(1, pool_slot(e, 1), "tw-P", Offer(offer.mem, offer.tag + 1))
         assert ep.cancel(1) is CancelResult.CancelRequestedInFlight
         deadline = time.monotonic() + 10
         while ep.state(1) not in (State.Quiesced, State.Poisoned) and time.monotonic() < deadline:

@@ -833,6 +833,15 @@ void Transport::transfer_batch(const TransferItem* items, std::size_t n, Transfe
           }
           entries_.erase(it);
         }
+        // Its record took no offer either: with the session exposed by someone else (a refused expose: another
+        // transport's transfer, the executor's own data path), a stop here must stay unanswered, as with no
+        // record; a late stop naming this very tag is still answered (never posted).
+        // (Not after a failed engine call: the session it may have moved is this call's, ended just below.)
+        flush_posted();
+        if (auto p = posted_.find(req); !expose_error && p != posted_.end() && p->second.serial == w[i].current &&
+                                        p->second.tag == items[i].tag) {
+          p->second.forgone = true;
+        }
       }
       release_xfer(req, true);  // prepared, never posted: nothing moved
       send_acks(*items[i].peer, req, acks);

@@ -16,6 +16,7 @@ importing ``nixl``); ``KV_LIFECYCLE_NIXL_CAPI`` overrides the path.  When it is 
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import functools
 import importlib.util
@@ -538,7 +539,11 @@ class _Transport:
         # registered objects whose memory can move under a live registration (a torch tensor's resize_, a
         # ctypes array's ctypes.resize): region id -> (the object registered, what holds its memory (a
         # tensor's storage), that holder's address at registration), checked on use
-        self._movable: dict[int, tuple[object, object, int, int]] = {}  # rid: (obj, holder, address, bytes)
+        # rid: (obj, holder, address, bytes: checked where a shrink keeps the address (numpy), else 0)
+        self._movable: dict[int, tuple[object, object, int, int]] = {}
+        # ... indexed for the check on use, rebuilt whole on (de)register: (the registered ranges' starts, sorted;
+        # their (end, rid) in that order; the widest range's size; id(obj) -> (obj, rids))
+        self._movable_index: tuple = ((), (), 0, {})
 
         _LIVE.add(self)
 
@@ -606,12 +611,12 @@ class _Transport:
                 # Checked on use in every case: a pinned CPU storage still moves under share_memory_() (also what
                 # torch.multiprocessing does to a tensor it sends), which swaps in a shared-memory copy and frees
                 # the registered memory; a later transfer over the registration wrote into the freed block.
-                movable = (obj, storage, storage.data_ptr(), storage.nbytes())
+                movable = (obj, storage, storage.data_ptr(), 0)  # (0: no shrink in place)
             elif not isinstance(obj, (Mem, _core.BufferPool)) and not hasattr(obj, "data_ptr"):
                 # a buffer export held while registered: a bytearray cannot be resized (its memory moved) meanwhile
                 keep = (obj, memoryview(obj))
                 if isinstance(obj, ctypes.Array):  # ctypes.resize ignores exports
-                    movable = (obj, obj, ctypes.addressof(obj), ctypes.sizeof(obj))
+                    movable = (obj, obj, ctypes.addressof(obj), 0)  # (ctypes.resize only grows)
                 elif (owner := _numpy_owner(obj)) is not None:  # ndarray.resize(refcheck=False) ignores them too
                     # (its size too: a shrink reallocates in place, same address, and frees the registered tail)
                     movable = (obj, owner, _address_of(owner), owner.nbytes)
@@ -622,21 +627,40 @@ class _Transport:
         self._keep[rid] = keep
         if movable is not None:
             self._movable[rid] = movable
+            self._index_movable()
         return Registration(rid, m, self.name)
+
+    def _index_movable(self) -> None:
+        spans = sorted((self._regs[rid].addr, self._regs[rid].addr + self._regs[rid].nbytes, rid)
+                       for rid in tuple(self._movable) if rid in self._regs)
+        by_obj: dict[int, tuple[object, list[int]]] = {}
+        for rid, (obj, *_rest) in tuple(self._movable.items()):
+            by_obj.setdefault(id(obj), (obj, []))[1].append(rid)
+        self._movable_index = (tuple(a for a, _, _ in spans), tuple((e, rid) for _, e, rid in spans),
+                               max((e - a for a, e, _ in spans), default=0), by_obj)
 
     def _check_moved(self, local, m: Mem) -> None:
         """TransportError if ``local`` (given as ``m``) is, or lies in, a registered object whose memory moved."""
         if not self._movable:  # (the usual case: nothing registered can move)
             return
-        # (a snapshot, and a registration gone meanwhile skipped: register/deregister may run on another thread)
-        for rid, (obj, holder, addr, size) in tuple(self._movable.items()):
+        # Only the registrations that ``local`` is, or that its range overlaps, found by bisection (a scan of them all
+        # cost microseconds per transfer with tens of registered tensors).  (The index is replaced whole, and a
+        # registration gone meanwhile is skipped: register/deregister may run on another thread.)
+        starts, spans, widest, by_obj = self._movable_index
+        end = m.addr + m.nbytes
+        rids = [spans[k][1] for k in range(bisect.bisect_right(starts, m.addr - widest), bisect.bisect_left(starts, end))
+                if m.addr < spans[k][0]]  # (a start below ``end``: the range bisected)
+        same = by_obj.get(id(local))
+        if same is not None and same[0] is local:
+            rids += same[1]
+        for rid in rids:
             reg = self._regs.get(rid)
-            if reg is None:
+            mv = self._movable.get(rid)
+            if reg is None or mv is None:
                 continue
-            if obj is not local and not (m.addr < reg.addr + reg.nbytes and reg.addr < m.addr + m.nbytes):
-                continue
+            obj, holder, addr, size = mv
             now = _address_of(holder)
-            if now == addr and _size_of(holder) < size:  # shrunk in place: the registered tail was freed
+            if size and now == addr and _size_of(holder) < size:  # shrunk in place: the registered tail was freed
                 raise TransportError(
                     f"region {rid} of transport {self.name}: the memory of the {type(obj).__name__} registered "
                     f"at {reg.addr:#x} ({reg.nbytes} bytes) shrank from {size} to {_size_of(holder)} bytes: resized "
@@ -668,7 +692,8 @@ class _Transport:
                                      f"leased and {st['quarantined']} quarantined slots (sessions hold them, or "
                                      "their quiescence is unknown): keep it registered and alive")
         self._core.deregister_region(reg.region_id)
-        self._movable.pop(reg.region_id, None)  # (before _regs: _check_moved finds every movable one's Mem)
+        if self._movable.pop(reg.region_id, None) is not None:  # (before _regs: _check_moved finds every movable one's Mem)
+            self._index_movable()
         self._regs.pop(reg.region_id, None)
         kept = self._keep.pop(reg.region_id, None)
         if isinstance(kept, tuple) and isinstance(kept[1], memoryview):

@@ -196,7 +196,8 @@ def _cuda_driver_loads() -> bool:
 def nixl_available() -> bool:
     """True when libnixl_capi.so loads and has every symbol this project uses."""
     try:
-        _core.load_nixl_capi(nixl_capi_path())
+        # (as bytes: a $KV_LIFECYCLE_NIXL_CAPI naming a non-UTF-8 file decodes to surrogates, a bare TypeError)
+        _core.load_nixl_capi(os.fsencode(nixl_capi_path()))
     except NixlUnavailable:
         return False
     return True
@@ -995,11 +996,15 @@ class NixlTransport(_Transport):
         path = os.fsdecode(capi_path) if capi_path else nixl_capi_path()
         if "\0" in path:  # (dlopen takes a C string: "libnixl_capi.so\0junk" loaded libnixl_capi.so)
             raise InvalidArgument("capi_path", f"{path!r:.80} holds a NUL character")
+        try:  # (the core takes bytes: a str holding an undecodable file name's surrogates was a bare TypeError)
+            raw = os.fsencode(path)
+        except UnicodeEncodeError:  # (a lone surrogate that no file name decodes to)
+            raise InvalidArgument("capi_path", f"{path!r:.80} is not a file name this system can encode") from None
         self._wheel = _is_wheel_capi(path)
         if self._wheel:
             cuda12_runtime()  # before UCX starts: the wheel's UCX loads its CUDA module only if libcudart.so.12 does
         ucx_cuda_defaults()
-        core = _core._Transport.nixl(engine, name, path, unsafe_release_on_cancel, faults_d, params, False, tick,
+        core = _core._Transport.nixl(engine, name, raw, unsafe_release_on_cancel, faults_d, params, False, tick,
                                      unsafe_ack_stop_at_once)
         super().__init__(core, engine, faults)
 

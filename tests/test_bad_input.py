@@ -17,6 +17,7 @@ from lifecycle import (
     DuplicateRequest,
     InvalidArgument,
     LifecycleError,
+    NixlUnavailable,
     PoolExhausted,
     TransferEngine,
     UnknownRequest,
@@ -940,6 +941,24 @@ def test_a_nixl_library_path_holding_a_nul_is_refused(monkeypatch):
     assert ei.value.argument == "capi_path", ei.value
     with pytest.raises(LifecycleError, match="dlopen failed"):  # control: without the NUL, the path is tried
         _core.load_nixl_capi("/nonexistent/libnixl_capi.so")
+
+
+def test_a_nixl_library_path_naming_a_non_utf8_file_reaches_dlopen(monkeypatch):
+    """A path that names a non-UTF-8 file (os.fsdecode's surrogate escapes: what os.listdir, os.environ and a
+    bytes PathLike give) went to the core as a str it could not encode: NixlTransport(capi_path=...) and
+    nixl_available() with such a $KV_LIFECYCLE_NIXL_CAPI raised pybind11's bare TypeError.  Passed as bytes now:
+    the file is tried (NixlUnavailable, no NIXL there); a lone surrogate no file name decodes to is
+    InvalidArgument."""
+    from lifecycle.transport import NixlTransport, nixl_available
+
+    monkeypatch.delenv(_core.NIXL_CAPI_ENV, raising=False)
+    with pytest.raises(NixlUnavailable, match="dlopen failed"):
+        NixlTransport(None, "non-utf8-path", capi_path=os.fsdecode(b"/nonexistent/\xff/libnixl_capi.so"))
+    with pytest.raises(InvalidArgument) as ei:
+        NixlTransport(None, "non-utf8-path", capi_path="/nonexistent/\ud800/libnixl_capi.so")
+    assert ei.value.argument == "capi_path", ei.value
+    monkeypatch.setenv(_core.NIXL_CAPI_ENV, os.fsdecode(b"/nonexistent/\xff/libnixl_capi.so"))
+    assert nixl_available() is False
 
 
 def test_a_transfer_batch_op_that_is_not_a_str_is_refused_for_its_item_only():

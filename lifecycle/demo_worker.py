@@ -313,8 +313,10 @@ class Worker:
         self.faults = make_faults(opts, role, rank)
         self.t = NixlTransport(self.engine, self.name, faults=self.faults)
         pool = self.engine.pool
+        self.cuda_dev: int | None = None  # the CUDA device of the arena (None: host memory)
         if use_cuda:  # the KV cache lives on the GPU; the engine's slots index the arena (VRAM for NIXL)
             dev = rank % torch.cuda.device_count()
+            self.cuda_dev = dev
             self.arena = torch.zeros(self.num_slots * slot_size // 2, dtype=torch.int16, device=f"cuda:{dev}")
             self.t.register(self.arena)
             base = self.arena.data_ptr()
@@ -385,6 +387,15 @@ class Worker:
     def _fill(self, req: int, nbytes: int) -> None:
         n16 = nbytes // 2
         self.torch.bitwise_xor(self.base[:n16], self._key(req), out=self.slot_tensors[self._slot(req)][:n16])
+        self._fence()
+
+    def _fence(self) -> None:
+        """Wait until the kernels that wrote the KV cache have finished.  On CUDA they only run once enqueued on
+        the stream, and NIXL (UCX cuda_ipc / GPUDirect RDMA) reads the memory outside torch's stream order: an
+        exposed slot (``expect``, shipped as an offer) or a posted WRITE could move the slot's previous bytes.
+        Call it before exposing or posting memory a kernel wrote."""
+        if self.cuda_dev is not None:
+            self.torch.cuda.synchronize(self.cuda_dev)
 
     def _crc(self, t) -> int:
         if t.device.type != "cpu":

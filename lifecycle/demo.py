@@ -273,14 +273,20 @@ class _Launch:
             return self.mpi.poll() is None
         return any(p.is_alive() for p in self.procs.values())
 
-    def kill(self, name: str) -> None:
+    def kill(self, name: str) -> bool:
+        """SIGKILL ``name`` (kill-peer); False, and nothing done, when it already exited by itself: a worker that
+        crashed is not a kill (its pid, reaped by alive(), raised ProcessLookupError out of the launcher, or, not
+        yet reaped, counted as killed, which hid its crash: its exit code and traceback went unreported)."""
         p = self.procs[name]
+        if not p.is_alive():  # (reaps it: its pid is not ours to signal any more)
+            return False
         t = time.monotonic()  # (CLOCK_MONOTONIC: the same clock in every process of this machine)
         os.kill(p.pid, signal.SIGKILL)
         self.killed[name] = p.pid
         # the survivor counts its sessions Poisoned from here on: those the kill cut, whether its timers or
         # the lost peer (seen some 25-50 ms later) ended them
         _atomic_json(Path(self.opts.out) / "status" / KILL_TIME_FILE, {"victim": name, "t_mono": t})
+        return True
 
     def stop_all(self) -> list[str]:
         """Kill whatever is still running; returns the names that did not exit by themselves."""
@@ -617,8 +623,10 @@ def _run(argv: list[str] | None) -> int:
     for name in stuck:
         failures.append(f"{name} did not exit within the deadline (wedge)")
     for name, code in codes.items():
-        if name not in killed and code not in (0, None):
-            failures.append(f"{name} exited with code {code}")
+        # (a victim that exited by itself just before the SIGKILL landed on its zombie: its own code, not -9)
+        if code not in (0, None) and (name not in killed or code != -signal.SIGKILL):
+            err = _last_error(out / "workers" / f"{name}.error.txt")
+            failures.append(f"{name} exited with code {code}" + (f": {err}" if err else ""))
     names = [f"{r}-{k}" for r in ("sender", "receiver") for k in range(a.ranks)]
     sides = []
     for name in names:

@@ -71,3 +71,28 @@ def test_host_memory_needs_no_cuda_fence(tmp_path):
     w, ev = _worker(tmp_path, mode="read", cuda=False, requests=2)
     w._start_requests()
     assert "cuda.synchronize" not in [e[0] for e in ev]
+
+
+def _exit_three() -> None:
+    import sys
+
+    sys.exit(3)
+
+
+def test_kill_peer_does_not_signal_a_victim_that_already_exited(tmp_path):
+    """kill-peer: a victim that crashed before the kill point is not killed (its reaped pid raised
+    ProcessLookupError out of the launcher; an unreaped one counted as killed and hid the crash)."""
+    import multiprocessing as mp
+
+    from lifecycle.demo import _Launch
+
+    (tmp_path / "status").mkdir()
+    launch = _Launch(DemoOptions(out=str(tmp_path)))
+    p = mp.get_context("spawn").Process(target=_exit_three)
+    p.start()
+    p.join(30)
+    launch.procs["receiver-0"] = p
+    assert launch.kill("receiver-0") is False
+    assert launch.killed == {}
+    assert not (tmp_path / "status" / "kill-time").exists()
+    assert launch.exit_codes() == {"receiver-0": 3}

@@ -452,11 +452,16 @@ class Worker:
         r.terminate_called = True
         res = self.engine.terminate(req)
         self._count(self.terminate_results, res.value)
+        # Where an executor that owns its KV blocks frees them: here when the answer is Terminated, and in
+        # _on_terminate for a Deferred one, exactly once either way.  The demo's blocks are the engine's pool
+        # slots, which the engine itself returns (or quarantines), so there is nothing to free by hand.  The
+        # request leaves `tracked` before a deferred notice comes (callbacks_untracked counts them): an executor
+        # keeps what its release needs (block ids) keyed by request until then, as deferred_waiting does here.
         if res.value == "Deferred":
             self.c["deferred"] += 1
             self.deferred_waiting.add(req)
 
-    def _on_terminate(self, req: int) -> None:  # deferred termination notice (runs in poll)
+    def _on_terminate(self, req: int) -> None:  # deferred termination notice (runs in poll): free its blocks here
         self.c["deferred_delivered"] += 1
         self.deferred_waiting.discard(req)
         if req not in self.tracked:

@@ -96,3 +96,20 @@ def test_kill_peer_does_not_signal_a_victim_that_already_exited(tmp_path):
     assert launch.killed == {}
     assert not (tmp_path / "status" / "kill-time").exists()
     assert launch.exit_codes() == {"receiver-0": 3}
+
+
+def test_a_post_error_reconnects_without_injected_faults():
+    """A post's TransportError schedules a reconnect (reconnect_at); the reconnect was made only in the branch
+    that reads the injected faults' counter, so with real NIXL and no --faults it never came (review)."""
+    import time
+
+    added = []
+    w = Worker.__new__(Worker)
+    w.faults, w.peer_lost, w.it, w.peer_md = None, "", 1, b"metadata"
+    w.c = dict(reconnects=0)
+    w.t = SimpleNamespace(add_peer=added.append)
+    w.reconnect_at = time.monotonic() - 1  # due
+    w._check_disconnects()
+    assert added == [b"metadata"] and w.c["reconnects"] == 1 and w.reconnect_at == 0.0
+    w._check_disconnects()  # nothing due: no second reconnect
+    assert added == [b"metadata"]

@@ -930,6 +930,32 @@ def test_registered_memory_cannot_move_or_is_refused_before_anything_is_posted()
         b.close()
 
 
+def _refused_before_posting(a, b, names, local, refusal: str, *, batch: bool = False, then=None) -> None:
+    """Request 1 (Advertised on ``a``, a receiver): ``b`` offers it a sender's 4 KiB; an expect and a read over
+    ``local`` on ``a`` (and a transfer_batch with ``batch``) raise TransportError matching ``refusal``, with
+    nothing exposed or posted.  Then ``then()`` (a control), and requests 1 (both sides) and 2 (``a``) end."""
+    b_at_a, a_at_b = names
+    src = b.advertise(1, "sender", 4096, pattern(4096, 1))
+    offer = b.t.expect(1, a_at_b, src)
+    with pytest.raises(TransportError, match=refusal):
+        a.t.expect(1, b_at_a, local)
+    calls = [lambda: a.t.read(1, local, b_at_a, offer)]
+    if batch:
+        calls.append(lambda: a.t.transfer_batch([("read", 1, local, b_at_a, offer)])[0])
+    for call in calls:
+        with pytest.raises(TransportError, match=refusal):
+            r = call()
+            if isinstance(r, Exception):
+                raise r
+    assert a.engine.state(1) is State.Advertised and a.t.stats().posted == 0  # nothing exposed or posted
+    if then is not None:
+        then()
+    a.t.forgo(1, b_at_a, offer)
+    for e in (a.engine, b.engine):
+        e.cancel(1)
+    a.engine.cancel(2)
+
+
 def test_a_registered_cpu_tensor_moved_to_shared_memory_is_refused_before_anything_is_posted():
     """share_memory_() (also what torch.multiprocessing does to a tensor it sends) swaps a shared-memory copy into
     the storage and frees the memory registered, pinned or not: torch checks no resizable flag there.  A pinned
@@ -952,22 +978,9 @@ def test_a_registered_cpu_tensor_moved_to_shared_memory_is_refused_before_anythi
         a.t.expect(2, b_at_a, old)  # control: before the move
         arena.share_memory_()
         assert arena.data_ptr() != reg.mem.addr  # moved; the registered memory went back to the heap
-        src = b.advertise(1, "sender", 4096, pattern(4096, 1))
-        offer = b.t.expect(1, a_at_b, src)
         moved = (rf"^region {reg.region_id} of transport {a.t.name}: the memory of the Tensor registered at "
                  r"0x[0-9a-f]+ \(65536 bytes\) moved from 0x[0-9a-f]+ to 0x[0-9a-f]+: ")
-        with pytest.raises(TransportError, match=moved):
-            a.t.expect(1, b_at_a, old)
-        for call in (lambda: a.t.read(1, old, b_at_a, offer), lambda: a.t.transfer_batch([("read", 1, old, b_at_a, offer)])[0]):
-            with pytest.raises(TransportError, match=moved):
-                r = call()
-                if isinstance(r, Exception):
-                    raise r
-        assert a.engine.state(1) is State.Advertised and a.t.stats().posted == 0  # nothing exposed or posted
-        a.t.forgo(1, b_at_a, offer)
-        a.engine.cancel(1)
-        b.engine.cancel(1)
-        a.engine.cancel(2)
+        _refused_before_posting(a, b, names, old, moved, batch=True)
     finally:
         a.close()
         b.close()
@@ -1000,21 +1013,14 @@ def test_a_registered_numpy_array_resized_without_refcheck_is_refused_before_any
                 break
             a.t.deregister(reg)  # grew in place: nothing moved, try again
         assert owner.ctypes.data != before
-        src = b.advertise(1, "sender", 4096, pattern(4096, 1))
-        offer = b.t.expect(1, a_at_b, src)
         moved = rf"^region {reg.region_id} of transport {a.t.name}: the memory of the ndarray registered at .* moved from"
-        with pytest.raises(TransportError, match=moved):
-            a.t.expect(1, b_at_a, old)
-        with pytest.raises(TransportError, match=moved):
-            a.t.read(1, old, b_at_a, offer)
-        assert a.engine.state(1) is State.Advertised and a.t.stats().posted == 0  # nothing exposed or posted
-        a.t.deregister(reg)  # (the remedy: the freed block may be reused, e.g. by the array below)
-        kept = np.zeros(8192, dtype=np.uint8)  # control: a registered array that was not resized
-        a.t.expect(2, b_at_a, a.t.register(kept[4096:] if view else kept).mem.slice(0, 4096))
-        a.t.forgo(1, b_at_a, offer)
-        for e in (a.engine, b.engine):
-            e.cancel(1)
-        a.engine.cancel(2)
+
+        def control():
+            a.t.deregister(reg)  # (the remedy: the freed block may be reused, e.g. by the array below)
+            kept = np.zeros(8192, dtype=np.uint8)  # control: a registered array that was not resized
+            a.t.expect(2, b_at_a, a.t.register(kept[4096:] if view else kept).mem.slice(0, 4096))
+
+        _refused_before_posting(a, b, names, old, moved, then=control)
     finally:
         a.close()
         b.close()
@@ -1042,18 +1048,8 @@ def test_a_registered_numpy_array_shrunk_in_place_without_refcheck_is_refused_be
         owner.resize(8192, refcheck=False)
         if owner.ctypes.data != before:
             pytest.skip("realloc moved the array: the address check covers that")
-        src = b.advertise(1, "sender", 4096, pattern(4096, 1))
-        offer = b.t.expect(1, a_at_b, src)
         shrunk = rf"^region {reg.region_id} of transport {a.t.name}: the memory of the ndarray registered at .* shrank"
-        with pytest.raises(TransportError, match=shrunk):
-            a.t.expect(1, b_at_a, tail)
-        with pytest.raises(TransportError, match=shrunk):
-            a.t.read(1, tail, b_at_a, offer)
-        assert a.engine.state(1) is State.Advertised and a.t.stats().posted == 0  # nothing exposed or posted
-        a.t.forgo(1, b_at_a, offer)
-        for e in (a.engine, b.engine):
-            e.cancel(1)
-        a.engine.cancel(2)
+        _refused_before_posting(a, b, names, tail, shrunk)
     finally:
         a.close()
         b.close()

@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import array
 import hashlib
-import itertools
 import os
 import pickle
 import sys

@@ -13,7 +13,6 @@ import enum
 import functools
 import itertools
 import math
-import os
 import struct
 import sys
 import time

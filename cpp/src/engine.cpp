@@ -896,30 +896,16 @@ std::size_t Engine::drain_to(const std::function<Record*(std::size_t)>& dest) {
   std::vector<Shard*> from;
   std::size_t n = 0;
   std::uint64_t lo = UINT64_MAX, hi = 0;
-  // lossless: put every run taken back in front of what was queued meanwhile (a std::bad_alloc below)
-  auto put_back = [&runs, &from] {
-    for (std::size_t i = 0; i < runs.size(); ++i) {
-      std::lock_guard<SpinMutex> g(from[i]->mu);
-      runs[i].insert(runs[i].end(), from[i]->queue.begin(), from[i]->queue.end());
-      from[i]->queue.swap(runs[i]);
-      from[i]->queued.store(static_cast<std::uint32_t>(from[i]->queue.size()), std::memory_order_relaxed);
-    }
-  };
   for (Shard& sh : shards()) {
     if (sh.queued.load(std::memory_order_relaxed) == 0) continue;  // nothing to lock for
-    // the run's place first (may throw std::bad_alloc): nothing is taken from a shard before it has one
-    try {
-      runs.emplace_back();
-      try {
-        from.push_back(&sh);
-      } catch (...) {
-        runs.pop_back();
-        throw;
-      }
-    } catch (...) {
-      put_back();  // the shards taken before this one
-      throw;
+    // room for every shard's run before the first is taken (may throw std::bad_alloc: nothing is taken yet),
+    // so neither vector grows once a run is out of its shard
+    if (from.capacity() == 0) {
+      runs.reserve(shard_mask_ + 1);
+      from.reserve(shard_mask_ + 1);
     }
+    runs.emplace_back();
+    from.push_back(&sh);
     std::vector<Record>& run = runs.back();
     {
       std::lock_guard<SpinMutex> g(sh.mu);
@@ -962,7 +948,13 @@ std::size_t Engine::drain_to(const std::function<Record*(std::size_t)>& dest) {
     }
     dst = dest(n);
   } catch (...) {
-    put_back();
+    // lossless: put every run back in front of what was queued meanwhile, then rethrow
+    for (std::size_t i = 0; i < runs.size(); ++i) {
+      std::lock_guard<SpinMutex> g(from[i]->mu);
+      runs[i].insert(runs[i].end(), from[i]->queue.begin(), from[i]->queue.end());
+      from[i]->queue.swap(runs[i]);
+      from[i]->queued.store(static_cast<std::uint32_t>(from[i]->queue.size()), std::memory_order_relaxed);
+    }
     throw;
   }
   if (runs.size() == 1) {

@@ -490,10 +490,18 @@ class TransferEngine(_core.Engine):
             self._wait_ready(min(left, 0.05))
 
     def wait_terminal(self, request: int, timeout: float) -> State:
-        """Block until ``request`` is Quiesced, Poisoned or Terminated (polling meanwhile)."""
+        """Block until ``request`` is Quiesced, Poisoned or Terminated (polling meanwhile).
+
+        Waits for the session the id names when called (UnknownRequest if none): should that session be
+        terminated and forgotten meanwhile (its tombstone evicted, the id perhaps advertised again as another
+        session), the wait returns Terminated, not UnknownRequest or the new session's fate."""
         deadline = time.monotonic() + check_seconds("timeout", timeout)
+        serial = self.info(request).serial
         while True:
-            st = self.state(request)
+            raw = self._info(request)
+            if raw is None or raw[8] != serial:
+                return State.Terminated
+            st = _STATES[raw[1]]
             if st in TERMINAL or st in FINAL:
                 return st
             left = deadline - time.monotonic()

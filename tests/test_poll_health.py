@@ -18,6 +18,7 @@ from lifecycle import (
     TerminateCallbackError,
     TerminateResult,
     TransferEngine,
+    UnknownRequest,
 )
 
 
@@ -518,3 +519,39 @@ class _Recorder(_Quiet):
 
     def info(self, name, **kw):
         self.into.append((name, kw))
+
+
+@pytest.mark.parametrize("again", [False, True], ids=["forgotten", "advertised-again"])
+def test_wait_terminal_outlives_the_tombstone_of_the_session_it_waits_for(again):
+    """Review: wait_terminal looked the id up afresh on each pass.  A session terminated and forgotten (its
+    tombstone evicted by later ones) while the wait ran raised UnknownRequest, and an id advertised again
+    meanwhile was waited on as the new session (here: until the timeout).  The wait is for the session the
+    id named when it began: it ended Terminated.  (Deterministic: the first drain of the wait does it all.)"""
+    eng = TransferEngine(transfer_timeout=60, cancel_grace=60, tombstones=1, shards=1)
+    eng.advertise(1, "sender")
+    eng.expose(1)
+    real_drain = eng.drain
+    calls = []
+
+    def drain(timeout):
+        if calls:  # (once: the old wait, on the new session, polled on till its timeout)
+            return real_drain(min(timeout, 0.01))
+        calls.append(timeout)
+        eng.post(1, "complete")
+        eng.terminate(1)
+        for req in (2, 3):  # two more tombstones: the one kept is not 1's
+            eng.advertise(req, "sender")
+            eng.cancel(req)  # (never exposed: Quiesced at once)
+            eng.terminate(req)
+        if again:
+            eng.advertise(1, "sender")
+        return real_drain(0)
+
+    eng.drain = drain
+    assert eng.wait_terminal(1, 0.5) is State.Terminated
+    # control: the id's live session (a new one, or none) is what a fresh look finds
+    if again:
+        assert eng.state(1) is State.Advertised
+    else:
+        with pytest.raises(UnknownRequest):
+            eng.state(1)

@@ -243,6 +243,20 @@ def _check_site(site: Any) -> str | None:
     return f"expected a str or None, got {type(site).__name__} {site!r:.40}"
 
 
+def _check_comm(parent: Any, MPI: Any) -> None:
+    """InvalidArgument unless ``parent`` is an intracommunicator.  Over an intercommunicator every reduction
+    and gather returns the *remote* group's contributions (MPI's intercommunicator semantics): any_rank(True)
+    answered False on the rank that passed it, and poll_symmetric decided from the other group's engines,
+    with no error.  A str or COMM_NULL raised a bare AttributeError or a raw MPI error.  Every rank passes the
+    same kind of communicator, so each refuses it locally, before any collective."""
+    if not isinstance(parent, MPI.Comm) or parent == MPI.COMM_NULL:
+        raise InvalidArgument("comm", f"expected an mpi4py intracommunicator, got {type(parent).__name__} "
+                                      f"{parent!r:.40}")
+    if parent.Is_inter():
+        raise InvalidArgument("comm", "an intercommunicator reduces over the remote group, not this one; pass "
+                                      "an intracommunicator (Intercomm.Merge() makes one)")
+
+
 def _int64_values(values: Any) -> np.ndarray:
     """``values`` as a flat int64 array, or TypeError/ValueError/OverflowError naming what is wrong.
 
@@ -299,7 +313,7 @@ def _unpickle_all(blobs: list[np.ndarray]) -> tuple[list[Any], dict[int, BaseExc
 
 
 class RankGroup:
-    """Rank-symmetric collectives over an MPI communicator, with a ledger and a watchdog.
+    """Rank-symmetric collectives over an MPI intracommunicator, with a ledger and a watchdog.
 
     Every method is a collective: every rank of ``comm`` must call the same methods, in the same
     order, from the same call sites (``site=`` overrides the site for code that is symmetric by
@@ -328,6 +342,7 @@ class RankGroup:
         MPI = _mpi()
         self._MPI = MPI
         parent = MPI.COMM_WORLD if comm is None else comm
+        _check_comm(parent, MPI)
         self.watchdog = float(watchdog)
         site = _call_site()
         # Non-blocking duplicates under the watchdog: a rank that raised before (or never reached) this

@@ -362,3 +362,17 @@ def test_ranks_that_disagree_on_the_ledger_all_raise():
     run = mpirun(2, "robustness.py", "--case", "ledger", timeout=60)
     assert run.rc == 0 and not run.timed_out, explain(run)
     assert [r["got"] for r in run.by_rank().values()] == [["ledger"]] * 2, explain(run)
+
+
+def test_an_intercommunicator_or_a_non_communicator_is_refused():
+    """Over an intercommunicator every reduction returns the remote group's result: any_rank(True) answered
+    False on the rank that passed True, and every decision came from the other group's engines (silently
+    wrong).  It is InvalidArgument('comm') now, as are a str and COMM_NULL (a bare AttributeError and a raw
+    MPI error before).  Control: with the check skipped, the wrong answer comes back."""
+    run = mpirun(2, "robustness.py", "--case", "intercomm", timeout=60)
+    assert run.rc == 0 and not run.timed_out, explain(run)
+    for rank, res in run.by_rank().items():
+        assert res["got"] == ["comm", True] and res["refused"] == ["comm", "comm"], (rank, res)
+    control = mpirun(2, "robustness.py", "--case", "intercomm", "--no-check", timeout=60)
+    assert control.rc == 0 and not control.timed_out, explain(control)
+    assert control.by_rank()[0]["got"] == ["any_rank", False, 1], explain(control)

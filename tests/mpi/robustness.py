@@ -18,6 +18,10 @@ ctor         rank 0 never constructs the group; the others' constructor raises C
              within the watchdog (a blocking Dup hung for good).  ``--raw`` (the control) uses a plain
              ``comm.Dup()``: it hangs until the driver's timeout.
 ledger       rank 0 passes ledger=False, the others True: every rank raises InvalidArgument("ledger").
+intercomm    an intercommunicator (or something that is not a communicator) is refused with
+             InvalidArgument("comm"): over an intercommunicator every reduction returned the *other* group's
+             result, so any_rank(True) answered False on the rank that passed True (silently wrong).
+             ``--no-check`` (the control) skips the check: that wrong answer comes back.
 """
 
 from __future__ import annotations
@@ -184,6 +188,31 @@ def main() -> None:
             out["got"] = "returned"
         except col.InvalidArgument as exc:
             out["got"] = [exc.argument]
+        emit(rank, **out)
+        return
+
+    if case == "intercomm":
+        local = comm.Split(rank % 2, rank)
+        inter = local.Create_intercomm(0, comm, 1 - rank % 2, tag=3)
+        check = getattr(col, "_check_comm", None)  # absent before the check existed
+        if args.no_check:
+            col._check_comm = lambda parent, MPI: None
+        try:
+            g = col.RankGroup(inter, watchdog=5.0)
+            out["got"] = ["any_rank", g.any_rank(rank == 0), g.size]  # only rank 0 passes True
+        except col.InvalidArgument as exc:
+            out["got"] = [exc.argument, "intercommunicator" in str(exc)]
+        col._check_comm = check
+        refused = []
+        for bad in ("world", MPI.COMM_NULL):
+            try:
+                col.RankGroup(bad, watchdog=5.0)
+                refused.append("made")
+            except col.InvalidArgument as exc:
+                refused.append(exc.argument)
+            except Exception as exc:  # what came out before the check: a bare AttributeError, a raw MPI error
+                refused.append(type(exc).__name__)
+        out["refused"] = refused
         emit(rank, **out)
         return
 

@@ -861,6 +861,14 @@ def _request_id(r: Any) -> int:
     return int(r)
 
 
+def _iter_requests(requests: Any) -> Any:
+    try:
+        return iter(requests)
+    except TypeError:  # only iter()'s own: a TypeError from inside a generator is that generator's error
+        raise InvalidArgument("requests",
+                              f"expected an iterable of request ids, got {type(requests).__name__}") from None
+
+
 def poll_symmetric(
     engine: Any, group: RankGroup, requests: Iterable[int], *, site: str | None = None
 ) -> SymmetricDecisions:
@@ -872,8 +880,8 @@ def poll_symmetric(
     ``engine.state(req).name`` and ``engine.outcome(req).name`` only.
 
     Cost: one header exchange plus one allgather of ``2 * len(requests)`` int64 per rank.  If the
-    local ``engine.poll()`` raises, this rank still joins the collective and re-raises afterwards;
-    the other ranks see it in ``poll_errors``.
+    local ``engine.poll()`` raises (or iterating ``requests`` does, or an id is invalid), this rank still
+    joins the collective and re-raises afterwards; the other ranks see it in ``poll_errors``.
     """
     poll_error: BaseException | None = None
     try:
@@ -881,12 +889,12 @@ def poll_symmetric(
     except BaseException as exc:  # re-raised below, after the collective: never strand the others
         poll_error = exc
     unknown = _unknown_request_errors()
-    try:  # bad ids too join the collective first (they raised before it: the other ranks waited it out)
-        ids = sorted({_request_id(r) for r in requests})
-    except InvalidArgument as exc:
-        poll_error, ids = (poll_error or exc), []
-    except TypeError:
-        exc = InvalidArgument("requests", f"expected an iterable of request ids, got {type(requests).__name__}")
+    # Bad ids too join the collective first (they raised before it: the other ranks waited it out), and so does
+    # the iterable's own error (a generator that raised ValueError escaped before it, and this rank's next call
+    # paired with the others' poll_symmetric).  Re-raised after it, like poll()'s.
+    try:
+        ids = sorted({_request_id(r) for r in _iter_requests(requests)})
+    except BaseException as exc:
         poll_error, ids = (poll_error or exc), []
     local = np.empty(1 + 2 * len(ids), dtype=np.int64)
     local[1::2] = np.array(ids, dtype=np.uint64).view(np.int64)  # ids are uint64: two's complement on the wire

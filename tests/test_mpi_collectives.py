@@ -376,3 +376,19 @@ def test_an_intercommunicator_or_a_non_communicator_is_refused():
     control = mpirun(2, "robustness.py", "--case", "intercomm", "--no-check", timeout=60)
     assert control.rc == 0 and not control.timed_out, explain(control)
     assert control.by_rank()[0]["got"] == ["any_rank", False, 1], explain(control)
+
+
+def test_a_requests_iterable_that_raises_joins_the_collective_first():
+    """A generator passed as ``requests`` that raised (not a TypeError) escaped poll_symmetric before the
+    collective: rank 0's next call paired with rank 1's poll_symmetric.  Rank 0 joins now and re-raises
+    after it; rank 1 decides with rank 0 in poll_errors, and the group stays usable.  Control: raising before
+    the collective (the old behaviour) is a desync on both ranks."""
+    run = mpirun(2, "robustness.py", "--case", "gen-raises", timeout=60)
+    assert not run.timed_out, explain(run)
+    got = run.by_rank()
+    assert got[0]["got"] == ["ValueError", "generator broke"] and got[0]["after"] == "barrier ok", got
+    assert got[1]["got"] == ["decided", [0], [7]] and got[1]["after"] == "barrier ok", got
+    control = mpirun(2, "robustness.py", "--case", "gen-raises", "--raw", timeout=60)
+    assert not control.timed_out, explain(control)
+    c = control.by_rank()
+    assert c[0]["after"] == ["CollectiveDesyncError", "op"] and c[1]["got"] == ["CollectiveDesyncError", "op"], c

@@ -22,6 +22,10 @@ intercomm    an intercommunicator (or something that is not a communicator) is r
              InvalidArgument("comm"): over an intercommunicator every reduction returned the *other* group's
              result, so any_rank(True) answered False on the rank that passed True (silently wrong).
              ``--no-check`` (the control) skips the check: that wrong answer comes back.
+gen-raises   rank 0's ``requests`` to poll_symmetric is a generator that raises ValueError: it was raised
+             before the collective, so rank 0's next call paired with the others' poll_symmetric.  Rank 0
+             joins now and re-raises after it; the others see it in poll_errors; a barrier follows on both.
+             ``--raw`` (the control) raises on rank 0 before the collective: the others meet a desync.
 """
 
 from __future__ import annotations
@@ -215,6 +219,34 @@ def main() -> None:
         out["refused"] = refused
         emit(rank, **out)
         return
+
+    if case == "gen-raises":
+        from lifecycle import TransferEngine
+
+        g = col.RankGroup(comm, watchdog=5.0)
+        engine = TransferEngine()
+        engine.advertise(7, "sender")
+
+        def ids():
+            yield 7
+            raise ValueError("generator broke")
+
+        try:
+            if rank == 0 and args.raw:
+                list(ids())  # the old behaviour: raises before the collective
+            d = engine.poll_symmetric(g, ids() if rank == 0 else [7], site="step")
+            out["got"] = ["decided", sorted(d.poll_errors), sorted(d.pending)]
+        except ValueError as exc:
+            out["got"] = ["ValueError", str(exc)]
+        except col.CollectiveDesyncError as exc:
+            out["got"] = [type(exc).__name__, exc.field]
+        try:
+            g.barrier(site="after")
+            out["after"] = "barrier ok"
+        except col.CollectiveDesyncError as exc:
+            out["after"] = [type(exc).__name__, exc.field]
+        emit(rank, **out)
+        end_job(comm, rank, None)
 
 
 if __name__ == "__main__":

@@ -387,7 +387,7 @@ class RankGroup:
         self._hreq.Start()
         self._wait(self._hreq)
         if self._recv[4] != -self._recv[5]:
-            self.close()
+            self._free()  # not close(): its ledger-checked exchange needs the ranks to agree on the ledger
             raise InvalidArgument("ledger", f"ranks disagree: ledger={self.ledger} on rank {self.rank}, the "
                                             "opposite on another (every rank must pass the same)")
 
@@ -582,26 +582,36 @@ class RankGroup:
 
         MPI.COMM_WORLD.Abort(code)
 
-    def close(self) -> None:
+    def close(self, *, site: str | None = None) -> None:
         """Free the duplicated communicators. Collective; skip it on a broken group (abort instead).
-        Idempotent (a second call freed freed handles: a raw MPI error)."""
+        Idempotent (a second call freed freed handles: a raw MPI error).
+
+        A ledger-checked exchange comes first, like every other collective: a rank that closed while the
+        others made a collective went on silently (freeing is local in MPICH), while they timed out waiting
+        for it.  Now every rank raises CollectiveDesyncError naming ``close`` and the other op."""
         if self._broken is not None:
             raise self._broken
         if self._open:  # freeing a pending request was a raw MPI error
             self._break_unfinished()
         if self._closed:
             return
-        self._closed = True
-        self._drain_arrivals()
-        self._hreq.Free()
-        self._comm.Free()
-        self._side.Free()
+        self._header("close", "none", 0, site, 0, 0)
+        self._done()
+        self._free()
         if self._buffer:  # pushed, never flushed: not dropped without a word
             items, self._buffer = self._buffer, []
             err = InvalidArgument("close", f"{len(items)} pushed payload(s) were never flushed (on this error's "
                                            ".payloads); the group is closed")
             err.payloads = items
             raise err
+
+    def _free(self) -> None:
+        """Free the communicators and the header request (local: no exchange)."""
+        self._closed = True
+        self._drain_arrivals()
+        self._hreq.Free()
+        self._comm.Free()
+        self._side.Free()
 
     # ------------------------------------------------------------------ the ledger
 

@@ -392,3 +392,17 @@ def test_a_requests_iterable_that_raises_joins_the_collective_first():
     assert not control.timed_out, explain(control)
     c = control.by_rank()
     assert c[0]["after"] == ["CollectiveDesyncError", "op"] and c[1]["got"] == ["CollectiveDesyncError", "op"], c
+
+
+def test_close_on_one_rank_against_a_collective_on_another_is_a_desync_on_both():
+    """close() freed the communicators without a ledger-checked exchange: the closing rank went on silently
+    while the other timed out waiting for it.  It is a desync naming both ops on both ranks now.  Control:
+    freeing without the exchange (the old close) leaves the closing rank unaware."""
+    run = mpirun(2, "robustness.py", "--case", "close", timeout=60)
+    assert not run.timed_out, explain(run)
+    for rank, res in run.by_rank().items():
+        assert res["got"] == ["CollectiveDesyncError", "op", ["barrier", "close"]], (rank, explain(run))
+    control = mpirun(2, "robustness.py", "--case", "close", "--raw", timeout=60)
+    assert not control.timed_out, explain(control)
+    c = control.by_rank()
+    assert c[1]["got"] == "closed" and c[0]["got"][0] == "CollectiveTimeoutError", explain(control)

@@ -26,6 +26,9 @@ gen-raises   rank 0's ``requests`` to poll_symmetric is a generator that raises 
              before the collective, so rank 0's next call paired with the others' poll_symmetric.  Rank 0
              joins now and re-raises after it; the others see it in poll_errors; a barrier follows on both.
              ``--raw`` (the control) raises on rank 0 before the collective: the others meet a desync.
+close        rank 1 closes the group while rank 0 makes a barrier: close() was not ledger-checked, so
+             rank 1 went on silently while rank 0 timed out.  Both raise CollectiveDesyncError (field op)
+             now.  ``--raw`` (the control) frees the communicators without the exchange (the old close).
 """
 
 from __future__ import annotations
@@ -245,6 +248,23 @@ def main() -> None:
             out["after"] = "barrier ok"
         except col.CollectiveDesyncError as exc:
             out["after"] = [type(exc).__name__, exc.field]
+        emit(rank, **out)
+        end_job(comm, rank, None)
+
+    if case == "close":
+        g = col.RankGroup(comm, watchdog=2.0)
+        try:
+            if rank == 0:
+                g.barrier()
+                out["got"] = "returned"
+            elif args.raw:
+                g._free()
+                out["got"] = "closed"
+            else:
+                g.close()
+                out["got"] = "closed"
+        except col.CollectiveDesyncError as exc:
+            out["got"] = [type(exc).__name__, exc.field, sorted({fp.op for fp in getattr(exc, "fingerprints", {}).values()})]
         emit(rank, **out)
         end_job(comm, rank, None)
 

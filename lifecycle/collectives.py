@@ -773,7 +773,9 @@ class RankGroup:
     def _announce(self) -> None:
         self._slow_waits += 1
         cur = self._current
-        msg = f"{cur.seq} {self._phase} {cur.site}".encode()
+        # surrogatepass: a site may hold a lone surrogate (a source file whose name is not UTF-8, an explicit
+        # site); strict UTF-8 raised UnicodeEncodeError out of the wait and broke the group on this rank alone
+        msg = f"{cur.seq} {self._phase} {cur.site}".encode("utf-8", "surrogatepass")
         self._pending_sends = [(r, b) for r, b in self._pending_sends if not r.Test()]
         for dest in range(self.size):
             if dest != self.rank:
@@ -786,7 +788,7 @@ class RankGroup:
             src = st.Get_source()
             buf = bytearray(st.Get_count(MPI.BYTE))
             self._side.Recv([buf, MPI.BYTE], src, _TAG_ARRIVAL)
-            seq, phase, site = buf.decode().split(" ", 2)
+            seq, phase, site = buf.decode("utf-8", "surrogatepass").split(" ", 2)
             entry = (int(seq), int(phase), site)
             if entry[:2] > self._arrivals.get(src, (-1, -1, ""))[:2]:
                 self._arrivals[src] = entry

@@ -406,3 +406,14 @@ def test_close_on_one_rank_against_a_collective_on_another_is_a_desync_on_both()
     assert not control.timed_out, explain(control)
     c = control.by_rank()
     assert c[1]["got"] == "closed" and c[0]["got"][0] == "CollectiveTimeoutError", explain(control)
+
+
+def test_a_site_that_is_not_utf8_never_breaks_the_arrival_notice():
+    """A site holding a lone surrogate (what a source file named with non-UTF-8 bytes gives) raised
+    UnicodeEncodeError out of the waiting rank's arrival notice and broke the group on that rank alone.
+    Control: an ASCII site in the same slow wait, which shows the notice path ran (slow_waits > 0)."""
+    for extra in ([], ["--ascii"]):
+        run = mpirun(2, "robustness.py", "--case", "site-utf8", *extra, timeout=60)
+        assert not run.timed_out, explain(run)
+        got = run.by_rank()
+        assert got[0]["got"] == ["returned", None] and got[1]["got"] == ["returned", True], (extra, explain(run))

@@ -29,6 +29,10 @@ gen-raises   rank 0's ``requests`` to poll_symmetric is a generator that raises 
 close        rank 1 closes the group while rank 0 makes a barrier: close() was not ledger-checked, so
              rank 1 went on silently while rank 0 timed out.  Both raise CollectiveDesyncError (field op)
              now.  ``--raw`` (the control) frees the communicators without the exchange (the old close).
+site-utf8    a site that is a str but not encodable as UTF-8 (a lone surrogate: a source file whose name is
+             not UTF-8 gives one) on the rank that waits: its arrival notice raised UnicodeEncodeError out
+             of the wait and broke the group on that rank alone.  ``--ascii`` (the control) uses a plain
+             site: the same slow wait sends notices (slow_waits > 0), so the notice path ran.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ def main() -> None:
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--same-site", action="store_true")
     ap.add_argument("--raw", action="store_true")
+    ap.add_argument("--ascii", action="store_true")
     args = ap.parse_args()
     col = load_collectives()
     comm = MPI.COMM_WORLD
@@ -265,6 +270,20 @@ def main() -> None:
                 out["got"] = "closed"
         except col.CollectiveDesyncError as exc:
             out["got"] = [type(exc).__name__, exc.field, sorted({fp.op for fp in getattr(exc, "fingerprints", {}).values()})]
+        emit(rank, **out)
+        end_job(comm, rank, None)
+
+    if case == "site-utf8":
+        site = "gate" if args.ascii else "gate\udcff"
+        g = col.RankGroup(comm, watchdog=5.0, announce_after=0.0, spin=0.0)
+        try:
+            if rank == 0:
+                time.sleep(0.5)  # rank 1 waits: it announces its arrival (under the site)
+            g.barrier(site=site)
+            g.barrier(site=site)
+            out["got"] = ["returned", g.statistics().slow_waits > 0 if rank == 1 else None]
+        except Exception as exc:
+            out["got"] = [type(exc).__name__, str(exc)[:80]]
         emit(rank, **out)
         end_job(comm, rank, None)
 

@@ -670,7 +670,10 @@ class RankGroup:
         self._break(CollectiveDesyncError(
             f"collective #{cur.seq} ({cur.op} at {cur.site}) did not finish on rank {self.rank}: interrupted "
             "by an exception, or this group is used from two threads at once (one thread at a time); "
-            "abort the job", seq_no=cur.seq, field="interrupted", sites={self.rank: cur.site}))
+            "abort the job", seq_no=cur.seq, field="interrupted", sites={self.rank: cur.site}),
+            # logged like a desync or a timeout: the audit saw the other ranks' timeouts and nothing from this one
+            dict(request=None, rank=self.rank, role=None, seq_no=cur.seq, field="interrupted",
+                 sites=[cur.site if r == self.rank else None for r in range(self.size)]))
 
     @property
     def _current(self) -> Fingerprint:

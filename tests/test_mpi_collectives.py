@@ -320,8 +320,11 @@ def test_an_exception_inside_a_wait_breaks_the_group_with_a_typed_error():
     assert not run.timed_out, explain(run)
     got = run.by_rank()
     assert got[0] == {"rank": 0, "first": "interrupted", "next": ["CollectiveDesyncError", "interrupted", True, True],
-                      "close": "interrupted"}
+                      "close": "interrupted",
+                      "events": [["lifecycle.collective_desync", "interrupted", ["gate", None]]]}, got
     assert got[1]["first"] is True and got[1]["next"] == ["CollectiveTimeoutError", [0]], got
+    # the audit's line of the break on rank 0 (it logged none); rank 1's shows the capture works
+    assert [e[:2] for e in got[1]["events"]] == [["lifecycle.collective_desync", "arrival"]], got
     control = mpirun(2, "robustness.py", "--case", "interrupt", "--no-check", timeout=60)
     assert not control.timed_out, explain(control)
     assert control.by_rank()[0]["next"] == ["mpi4py.MPI", "Exception"], explain(control)

@@ -7,7 +7,8 @@ notices      rank 0 always arrives last (it works 2 ms before each collective), 
              ``--no-drain`` (the negative control) turns the periodic read off.
 interrupt    an exception raised into rank 0's wait (a timer's signal handler) leaves that collective
              unfinished; the next call raised a raw mpi4py error (Start on an active request).  It
-             raises CollectiveDesyncError (field "interrupted") now, and the group is broken.
+             raises CollectiveDesyncError (field "interrupted") now, and the group is broken; the break
+             is logged for the audit (lifecycle.collective_desync), as the other rank's timeout is.
              ``--no-check`` (the control) clears the flag the check reads: the raw MPI error comes back.
 logger       the structlog sink is closed before a desync: the logging error replaced the desync error
              and left the group unbroken.
@@ -96,8 +97,12 @@ def main() -> None:
         return
 
     if case == "interrupt":
+        from structlog.testing import capture_logs
+
         g = col.RankGroup(comm, watchdog=2.0)
         g.barrier()
+        logs = capture_logs()
+        captured = logs.__enter__()  # the audit's events on each rank (rank 1's timeout shows the capture works)
         if rank == 0:
             def handler(signum, frame):
                 raise Interrupted("timer")
@@ -133,6 +138,8 @@ def main() -> None:
                 out["next"] = "returned"
             except col.CollectiveTimeoutError as exc:
                 out["next"] = [type(exc).__name__, sorted(exc.missing)]
+        logs.__exit__(None, None, None)
+        out["events"] = [[e["event"], e.get("field"), e.get("sites")] for e in captured]
         emit(rank, **out)
         end_job(comm, rank, g)
 

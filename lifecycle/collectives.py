@@ -898,6 +898,11 @@ def poll_symmetric(
     local ``engine.poll()`` raises (or iterating ``requests`` does, or an id is invalid), this rank still
     joins the collective and re-raises afterwards; the other ranks see it in ``poll_errors``.
     """
+    if not isinstance(group, RankGroup) and not all(
+        callable(getattr(group, name, None)) for name in ("allgather_ints", "statistics")
+    ):
+        # before engine.poll(): a None ran the poll, then raised a bare AttributeError (no group to join anyway)
+        raise InvalidArgument("group", f"expected a RankGroup, got {type(group).__name__} {group!r:.40}")
     poll_error: BaseException | None = None
     try:
         engine.poll()

@@ -978,3 +978,20 @@ def test_a_transfer_batch_op_that_is_not_a_str_is_refused_for_its_item_only():
         assert t.stats().posted == 0
     finally:
         t.stop()
+
+
+@pytest.mark.parametrize("group", [None, "world", 3])
+def test_poll_symmetric_with_something_that_is_not_a_group_is_invalid_argument(group):
+    """poll_symmetric(engine, None, ids) ran engine.poll() and then raised a bare AttributeError
+    ('NoneType' object has no attribute 'statistics'); it is InvalidArgument('group') now, before the poll.
+    Control: a one-rank stand-in group (the demo's SoloGroup) still decides."""
+    from lifecycle.collectives import poll_symmetric
+    from lifecycle.demo_worker import SoloGroup
+
+    e = TransferEngine()
+    e.advertise(1, "sender")
+    for call in (lambda: poll_symmetric(e, group, [1]), lambda: e.poll_symmetric(group, [1])):
+        with pytest.raises(InvalidArgument, match=r"^invalid group: expected a RankGroup") as ei:
+            call()
+        assert ei.value.argument == "group"
+    assert poll_symmetric(e, SoloGroup(), [1]).pending == {1}

@@ -629,6 +629,10 @@ class RankGroup:
         elif site_err is not None:
             # joins under a site no rank can name: a desync naming it on every rank (never stranding them)
             site = f"<invalid site: {site_err}>"
+        else:
+            # a str subclass (np.str_) as a plain str: the hash takes repr(), which differs ("np.str_('step')")
+            # while the text, all the report compares, does not (a bare IndexError out of _desync on every rank)
+            site = str.__str__(site)
         seq = self._seq
         send = self._send
         if self.ledger:

@@ -420,3 +420,14 @@ def test_a_site_that_is_not_utf8_never_breaks_the_arrival_notice():
         assert not run.timed_out, explain(run)
         got = run.by_rank()
         assert got[0]["got"] == ["returned", None] and got[1]["got"] == ["returned", True], (extra, explain(run))
+
+
+def test_a_site_passed_as_a_str_subclass_compares_by_its_text():
+    """A numpy str as the site on one rank (the same text as the others' str) made the fingerprints differ (the
+    hash took repr(), "np.str_('step')") while every field compared equal: each rank raised a bare IndexError
+    out of the desync report, and the group was left "interrupted".  Sites compare by text now.  Control: a
+    numpy str whose text differs is still a desync naming the site field on every rank."""
+    run = mpirun(2, "robustness.py", "--case", "site-str", timeout=60)
+    assert not run.timed_out, explain(run)
+    for rank, res in run.by_rank().items():
+        assert res["got"] == ["returned", ["CollectiveDesyncError", "site", ["a", "b"]]], (rank, explain(run))

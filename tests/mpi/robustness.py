@@ -34,6 +34,10 @@ site-utf8    a site that is a str but not encodable as UTF-8 (a lone surrogate: 
              not UTF-8 gives one) on the rank that waits: its arrival notice raised UnicodeEncodeError out
              of the wait and broke the group on that rank alone.  ``--ascii`` (the control) uses a plain
              site: the same slow wait sends notices (slow_waits > 0), so the notice path ran.
+site-str     rank 0 passes its site as a numpy str (np.str_("step"), equal text), the others as a str: the
+             fingerprint hashed repr() ("np.str_('step')"), so the headers differed while no field did, and
+             every rank raised a bare IndexError (then "interrupted").  It agrees now.  The control: sites
+             whose text differs (np.str_ on rank 0) are still a desync naming the site field.
 """
 
 from __future__ import annotations
@@ -291,6 +295,24 @@ def main() -> None:
             out["got"] = ["returned", g.statistics().slow_waits > 0 if rank == 1 else None]
         except Exception as exc:
             out["got"] = [type(exc).__name__, str(exc)[:80]]
+        emit(rank, **out)
+        end_job(comm, rank, None)
+
+    if case == "site-str":
+        import numpy as np
+
+        g = col.RankGroup(comm, watchdog=5.0)
+        got = []
+        for mine, theirs in (("step", "step"), ("a", "b")):
+            try:
+                g.barrier(site=np.str_(mine) if rank == 0 else theirs)
+                got.append("returned")
+            except col.CollectiveDesyncError as exc:
+                got.append([type(exc).__name__, exc.field, sorted(exc.sites.values())])
+            except Exception as exc:
+                got.append([type(exc).__name__])
+                break
+        out["got"] = got
         emit(rank, **out)
         end_job(comm, rank, None)
 

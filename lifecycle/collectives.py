@@ -283,7 +283,7 @@ def _int64_values(values: Any) -> np.ndarray:
 
 def _truth(name: str, flag: Any) -> tuple[int, InvalidArgument | None]:
     """``(int(bool(flag)), None)``, or ``(0, InvalidArgument)`` where ``flag`` has no truth value (a numpy
-    array of several items): the rank joins as False and raises afterwards, never stranding the others."""
+    array of several items): the rank joins as False, and every rank raises (RankGroup._refuse_bad_input)."""
     try:
         return int(bool(flag)), None
     except Exception as exc:
@@ -412,19 +412,17 @@ class RankGroup:
     def any_rank(self, flag: bool, *, site: str | None = None) -> bool:
         """OR over ranks. Gate a collective on this, never on a rank-local value."""
         v, bad = _truth("flag", flag)
-        hdr = self._header("any_rank", "bool", 1, site, v, 0)
+        hdr = self._header("any_rank", "bool", 1, site, v, int(bad is not None))
+        self._refuse_bad_input(hdr, bad, "flag", "a flag with no truth value", "decided")
         self._done()
-        if bad is not None:
-            raise bad
         return bool(hdr[4] > 0)
 
     def all_ranks(self, flag: bool, *, site: str | None = None) -> bool:
         """AND over ranks."""
         v, bad = _truth("flag", flag)
-        hdr = self._header("all_ranks", "bool", 1, site, -v, 0)
+        hdr = self._header("all_ranks", "bool", 1, site, -v, int(bad is not None))
+        self._refuse_bad_input(hdr, bad, "flag", "a flag with no truth value", "decided")
         self._done()
-        if bad is not None:
-            raise bad
         return bool(-hdr[4] == 1)
 
     def agree_count(self, n: int, *, site: str | None = None) -> int:
@@ -435,13 +433,12 @@ class RankGroup:
         """
         bad = None
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= int(n) < 1 << 63:
-            # still joins (as 0: every rank agrees on nothing this time), then raises: never strands the others
+            # still joins (as 0), then every rank raises: never strands the others
             bad = InvalidArgument("n", f"expected a count in [0, 2**63), got {n!r:.40}")
             n = 0
-        hdr = self._header("agree_count", "int", 1, site, -int(n), 0)
+        hdr = self._header("agree_count", "int", 1, site, -int(n), int(bad is not None))
+        self._refuse_bad_input(hdr, bad, "n", "a count not in [0, 2**63)", "agreed")
         self._done()
-        if bad is not None:
-            raise bad
         return int(-hdr[4])
 
     def barrier(self, *, site: str | None = None) -> None:
@@ -488,7 +485,7 @@ class RankGroup:
         self, values: Sequence[int] | np.ndarray, *, site: str | None = None
     ) -> list[np.ndarray]:
         """Every rank's int64 array (lengths may differ per rank), as a list indexed by rank.  Values that are
-        not int64 on one rank: it joins with none, then raises InvalidArgument (the others get [] from it)."""
+        not int64 on some rank: every rank raises InvalidArgument("values") naming those ranks, and none gathers."""
         return self._allgather_ints("allgather_ints", values, site)
 
     def _allgather_ints(self, op: str, values: Any, site: str | None) -> list[np.ndarray]:
@@ -497,11 +494,10 @@ class RankGroup:
             send = _int64_values(values)
         except (TypeError, ValueError, OverflowError) as exc:
             bad, send = exc, np.empty(0, dtype=np.int64)
-        self._header(op, "int64[]", -1, site, 0, 0)
+        hdr = self._header(op, "int64[]", -1, site, 0, int(bad is not None))
+        self._refuse_bad_input(hdr, bad, "values", "values that are not int64", "gathered")
         parts = self._gatherv(send, np.int64)
         self._done()
-        if bad is not None:
-            raise InvalidArgument("values", f"not int64 values ({bad})") from bad
         return parts
 
     def push(self, payload: Any) -> None:
@@ -516,8 +512,9 @@ class RankGroup:
         """
         items, self._buffer = self._buffer, []
         # Pickled before the exchange: a payload that cannot be pickled once raised between the header and
-        # the gather, which left the other ranks waiting in the gather.  This rank now joins with nothing
-        # and raises afterwards, the payloads on the error (``payloads``): never lost, never stranding.
+        # the gather, which left the other ranks waiting in the gather.  This rank now joins the header with
+        # nothing and every rank raises (no rank exchanges), each with its payloads on the error (``payloads``):
+        # never lost, never stranding.
         bad: BaseException | None = None
         data = b""
         if items:
@@ -525,7 +522,12 @@ class RankGroup:
                 data = pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL)
             except Exception as exc:
                 bad, data = exc, b""
-        hdr = self._header("flush", "pickle", -1, site, 1 if data else 0, 0)
+        hdr = self._header("flush", "pickle", -1, site, 1 if data else 0, int(bad is not None))
+        try:
+            self._refuse_bad_input(hdr, bad, "payload", "a payload that cannot be pickled", "exchanged")
+        except InvalidArgument as err:
+            err.payloads = items  # this rank's, never sent: nothing lost (push them again)
+            raise
         if hdr[4] == 0:  # no rank had anything: same decision everywhere, skip the gather
             self._done()
             out = [[] for _ in range(self.size)]
@@ -545,13 +547,6 @@ class RankGroup:
                                "this error's .result, the raw bytes on .blobs")
                 err.result, err.blobs = out, {r: blobs[r].tobytes() for r in undecoded}
                 raise err from undecoded[first]
-        if bad is not None:
-            err = InvalidArgument("payload", f"a pushed payload cannot be pickled ({bad!r}); this rank sent none "
-                                             f"in this flush, the others got [] from it (the {len(items)} "
-                                             "payloads are on this error's .payloads)")
-            err.payloads = items
-            err.result = out  # the others' payloads: this rank got them too
-            raise err from bad
         return out
 
     # ------------------------------------------------------------------ housekeeping
@@ -614,6 +609,24 @@ class RankGroup:
         self._side.Free()
 
     # ------------------------------------------------------------------ the ledger
+
+    def _refuse_bad_input(self, hdr: Any, bad: BaseException | None, name: str, what: str, verb: str) -> None:
+        """After the header of a collective whose ``p1`` says whether this rank's input was bad: when some rank's
+        was (MAX over ranks), every rank learns which (one more gather: every rank is here) and raises
+        InvalidArgument.  A rank that joined with nothing in place of bad input, the others going on with an
+        answer that silently lacked its part, left the ranks on different paths (one raising, the others not):
+        the divergence these helpers exist to prevent.  The group stays usable."""
+        if hdr[5] <= 0:
+            return
+        flags = np.empty(self.size, dtype=np.int64)
+        self._wait(self._comm.Iallgather(np.array([int(bad is not None)], dtype=np.int64), flags))
+        self._done()
+        ranks = [r for r in range(self.size) if flags[r]]
+        msg = (f"rank(s) {ranks} passed {what} to {self._op} at seq {self._last_seq} ({self._last_site}); "
+               f"no rank {verb}")
+        if bad is not None:
+            msg += f"; this rank's: {bad}"
+        raise InvalidArgument(name, msg) from bad
 
     def _header(self, op: str, kind: str, size: int, site: str | None, p0: int, p1: int) -> Any:
         """The ledger-checked header exchange that starts every logical collective."""

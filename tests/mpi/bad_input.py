@@ -1,9 +1,11 @@
 """Bad input on one rank must not strand the others (every rank still joins each collective).
 
 Rank 0 alone passes what cannot be used: request ids that are negative, not ints, or not iterable to
-``poll_symmetric``, and an unpicklable payload to ``flush``.  It gets InvalidArgument after the exchange;
-every other rank gets its decisions (with rank 0 in ``poll_errors``) or its payloads, within the watchdog,
-and the group stays usable (a barrier afterwards).  Ids from 2**63 up (valid engine ids) agree on every rank.
+``poll_symmetric``, an unpicklable payload to ``flush``, a negative count, values that are not int64 and a
+flag with no truth value.  ``poll_symmetric``: rank 0 gets InvalidArgument after the exchange, every other
+rank its decisions (with rank 0 in ``poll_errors``).  The others: every rank raises InvalidArgument naming
+rank 0.  The group stays usable (a barrier afterwards).  Ids from 2**63 up (valid engine ids) agree on every
+rank.
 
 Also checked here: bad values for any_rank/allreduce_ints/an op/a site, payloads that pickle but do not
 unpickle (on every rank, or only where the class is missing), an engine whose ``state`` raises, ``close``
@@ -79,11 +81,11 @@ def main() -> None:
             got = group.flush()
             out["flush"] = [len(p) for p in got]
         except InvalidArgument as exc:
-            out["flush"] = ("invalid", exc.argument, len(exc.payloads))
+            out["flush"] = ("invalid", exc.argument, len(exc.payloads), "rank(s) [0]" in str(exc))
         try:
             out["agree"] = group.agree_count(-1 if rank == 0 else 5)
         except InvalidArgument as exc:
-            out["agree"] = ("invalid", exc.argument)
+            out["agree"] = ("invalid", exc.argument, "rank(s) [0]" in str(exc))
         try:  # the same bad op on every rank: every rank raises, after the header
             group.allreduce_ints([1], op="avg")
         except InvalidArgument as exc:
@@ -92,11 +94,11 @@ def main() -> None:
             parts = group.allgather_ints(["x"] if rank == 0 else [rank])
             out["gather"] = [p.tolist() for p in parts]
         except InvalidArgument as exc:
-            out["gather"] = ("invalid", exc.argument)
+            out["gather"] = ("invalid", exc.argument, "rank(s) [0]" in str(exc))
         try:
             out["flag"] = group.any_rank(np.array([1, 2]) if rank == 0 else True)
         except InvalidArgument as exc:
-            out["flag"] = ("invalid", exc.argument)
+            out["flag"] = ("invalid", exc.argument, "rank(s) [0]" in str(exc))
         try:
             group.allreduce_ints([1], op=["sum"])  # unhashable, on every rank
         except InvalidArgument as exc:
@@ -169,6 +171,10 @@ def main() -> None:
             g3.allreduce_ints(["x"] if rank == 0 else [1])
         except InvalidArgument as exc:
             out["no_ledger"] = [exc.argument, g3.allreduce_ints([1]).tolist()]
+        try:  # the p1 flag of the header, without the ledger too
+            g3.agree_count(-1 if rank == 0 else 3)
+        except InvalidArgument as exc:
+            out["no_ledger_agree"] = [exc.argument, "rank(s) [0]" in str(exc), g3.agree_count(3)]
     except Exception as exc:  # a timeout here is what the negative control shows
         out["error"] = type(exc).__name__
     emit(rank, **out)

@@ -449,7 +449,8 @@ class RankGroup:
     def allreduce_ints(
         self, values: Sequence[int] | np.ndarray, op: str = "sum", *, site: str | None = None
     ) -> np.ndarray:
-        """Element-wise ``sum`` / ``max`` / ``min`` of an int64 array; its length is in the ledger."""
+        """Element-wise ``sum`` / ``max`` / ``min`` of an int64 array; its length is in the ledger.  A sum past
+        int64 raises InvalidArgument("values") on every rank (never wraps)."""
         MPI = self._MPI
         ops = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
         kind = f"int64:{op!s:.40}"
@@ -476,10 +477,26 @@ class RankGroup:
         if not (isinstance(op, str) and op in ops):
             self._done()
             raise InvalidArgument("op", f"expected one of {sorted(ops)}, got {op!r:.40}")
-        recv = np.empty_like(send)
-        self._wait(self._comm.Iallreduce(send, recv, ops[op]))
+        if op != "sum":
+            recv = np.empty_like(send)
+            self._wait(self._comm.Iallreduce(send, recv, ops[op]))
+            self._done()
+            return recv
+        # MPI's int64 SUM wraps silently on overflow.  Summed as two halves instead, each with room for 2**31
+        # ranks (low: 32 bits >= 0; high: the rest, signed), and put together exactly: a sum past int64 is
+        # found on every rank alike (every rank gets the same halves), which raises, the group usable.
+        halves = np.concatenate((send & 0xFFFFFFFF, send >> 32))
+        got = np.empty_like(halves)
+        self._wait(self._comm.Iallreduce(halves, got, MPI.SUM))
         self._done()
-        return recv
+        lo, hi = got[: send.size], got[send.size:] + (got[: send.size] >> 32)
+        over = np.flatnonzero((hi < -(1 << 31)) | (hi >= 1 << 31))
+        if over.size:
+            i = int(over[0])
+            exact = int(hi[i]) * (1 << 32) + int(lo[i] & 0xFFFFFFFF)
+            raise InvalidArgument("values", f"the sum at index {i} is {exact}, past int64 ({over.size} element(s) "
+                                            f"overflow), in allreduce_ints at seq {self._last_seq} ({self._last_site})")
+        return (hi << 32) | (lo & 0xFFFFFFFF)
 
     def allgather_ints(
         self, values: Sequence[int] | np.ndarray, *, site: str | None = None

@@ -263,6 +263,9 @@ def test_bad_input_on_one_rank_never_strands_the_others(n):
         # naming rank 0, and the group stays usable (they were a desync that broke it; floats were truncated)
         assert [res[f"reduce{i}"] for i in range(4)] == [["values", True]] * 4, res
         assert res["reduce_ok"] == [2 * n], res
+        assert res["sum_over"] == ["values", True], res
+        assert res["sum_edges"] == [-((1 << 63) // n) * n, ((1 << 63) // n - 1) * n, 0xFFFFFFFF * n,
+                                    -0xFFFFFFFF * n - sum(range(n))], res
         assert res["reduce"] == ["CollectiveDesyncError", "site", True], res  # a non-str site on rank 0
         assert res["no_ledger"] == ["values", [n]], res
         assert res["no_ledger_agree"] == ["n", True, 3], res

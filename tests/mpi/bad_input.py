@@ -109,6 +109,14 @@ def main() -> None:
             except InvalidArgument as exc:
                 out[f"reduce{i}"] = [exc.argument, "[0]" in str(exc)]
         out["reduce_ok"] = group.allreduce_ints(np.array([2], dtype=np.uint8)).tolist()
+        try:  # a sum past int64 on every rank (MPI's SUM wrapped it to -2**63 with no error)
+            out["sum_over"] = group.allreduce_ints([1, (1 << 62) + rank, 1]).tolist()
+        except InvalidArgument as exc:
+            out["sum_over"] = [exc.argument, "index 1" in str(exc)]
+        # control: sums at the edges of int64, exact (negative halves, carries from the low half)
+        size = group.size
+        out["sum_edges"] = group.allreduce_ints([-((1 << 63) // size), (1 << 63) // size - 1, 0xFFFFFFFF,
+                                                -0xFFFFFFFF - rank]).tolist()
         group.push(TwoArgs("a", "b") if rank == 0 else rank)
         try:  # pickles on rank 0, unpickles nowhere: every rank raises, the decoded payloads on the error
             out["unpickle"] = group.flush()

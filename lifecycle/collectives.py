@@ -453,7 +453,9 @@ class RankGroup:
         int64 raises InvalidArgument("values") on every rank (never wraps)."""
         MPI = self._MPI
         ops = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
-        kind = f"int64:{op!s:.40}"
+        # (an op that is not a str is in the kind by its type: an object whose str() is "sum" on one rank, the
+        # str on the others, passed the ledger; that rank then raised before the reduction, stranding the others)
+        kind = f"int64:{str.__str__(op):.40}" if isinstance(op, str) else f"int64:<{type(op).__name__:.40}>"
         bad: Exception | None = None
         try:
             send = _int64_values(values)

@@ -269,6 +269,7 @@ def test_bad_input_on_one_rank_never_strands_the_others(n):
         assert res["reduce"] == ["CollectiveDesyncError", "site", True], res  # a non-str site on rank 0
         assert res["no_ledger"] == ["values", [n]], res
         assert res["no_ledger_agree"] == ["n", True, 3], res
+        assert res["op_object"] == ["kind", True], res  # an op whose str() is "sum", on rank 0 only
         assert res["options"] == ["spin", "announce_after"], res
         assert res["close_payloads"] == ["close", ["never flushed"]] and res["after_close"] == "group", res
         # an unpicklable payload, a negative count, values that are not int64, a flag with no truth value, on

@@ -26,7 +26,7 @@ from _harness import emit, load_collectives
 
 from mpi4py import MPI
 
-from lifecycle import InvalidArgument, TransferEngine
+from lifecycle import CollectiveDesyncError, InvalidArgument, TransferEngine
 
 
 class TwoArgs(Exception):
@@ -183,6 +183,17 @@ def main() -> None:
             g3.agree_count(-1 if rank == 0 else 3)
         except InvalidArgument as exc:
             out["no_ledger_agree"] = [exc.argument, "rank(s) [0]" in str(exc), g3.agree_count(3)]
+
+        class SumName:  # not a str, though its str() is one
+            def __str__(self):
+                return "sum"
+
+        g4 = col.RankGroup(comm, watchdog=args.watchdog)
+        try:  # on rank 0 only: a desync on every rank (it passed the ledger, then rank 0 alone raised "op")
+            g4.allreduce_ints([1], op=SumName() if rank == 0 else "sum")
+            out["op_object"] = "returned"
+        except CollectiveDesyncError as exc:
+            out["op_object"] = [exc.field, g4.broken is not None]
     except Exception as exc:  # a timeout here is what the negative control shows
         out["error"] = type(exc).__name__
     emit(rank, **out)

@@ -25,7 +25,9 @@ Violations (exit status 1): ``malformed`` (a line that is not a valid event; fil
 ``deferred_delivery`` (a deferred terminate delivered 0 or >= 2 times, or delivered without a deferral),
 ``slot_reuse`` (a slot leased again while poisoned/quarantined without ``buffer_recovered``, or while
 another live session holds it), ``rank_disagreement`` (ranks report different outcomes for one request in one
-role), ``seq_gap`` (lost or duplicated lines in a stream's sequence), ``collective_desync``, ``unreadable``.
+role), ``seq_gap`` (lost or duplicated lines in a stream's sequence), ``collective_desync``, ``unreadable``,
+``no_events`` (a file read to its end that holds no lifecycle event: empty, blank lines only, or nothing but
+malformed lines; such an audit could not fail).
 Warnings (reported, exit 0): engine-rejected illegal events, callback errors, unhealthy periods,
 streams that do not start at seq 0, sessions that start mid-log, table digest mismatches.
 
@@ -101,6 +103,7 @@ VIOLATION_KINDS = (
     "rank_disagreement",
     "seq_gap",
     "collective_desync",
+    "no_events",
 )
 WARNING_KINDS = (
     "rejected_event",
@@ -862,6 +865,8 @@ class Auditor:
         self.ranks: set[int] = set()
         self._bad_tables: set = set()
         self._file = "<events>"
+        # every file fed, by name (a name given twice is one file): [lines read, any event, unreadable]
+        self._fed: dict[str, list] = {}
         # the table, shaped for the replay
         self._into = {s: _INTO_FINAL if s in self.final else _INTO_TERMINAL if s in self.terminal else _INTO_ACTIVE
                       for s in sp.states}
@@ -925,12 +930,15 @@ class Auditor:
         self._file = path
         loads = _line_parser()
         event = self.event
+        events_before, last, unread = self.events, 0, False
         try:
             for first, lines in iter_blocks(path, self.max_line):
                 if lines is TOO_LONG:
+                    last = first
                     self.lines += 1
                     self._find("malformed", first, self._too_long(), file=path)
                     continue
+                last = first + len(lines) - 1
                 self.lines += len(lines)
                 if max(map(len, lines)) > MAX_DEPTH:
                     parsed = None  # a line that might nest too deep for the parser: checked one by one
@@ -950,7 +958,19 @@ class Auditor:
                     else:
                         self._find("malformed", lineno, not_json, file=path)
         except _Unreadable as exc:
+            unread = True
             self._find("unreadable", exc.args[0], f"cannot read further: {exc.args[1]}", file=path)
+        self._fed_file(path, last, self.events != events_before, unread)
+
+    def _fed_file(self, path: str, lines: int, got_events: bool, unread: bool) -> None:
+        """Note what a read of ``path`` found (its last line number, any event, a read error); see finish()."""
+        rec = self._fed.get(path)
+        if rec is None:
+            self._fed[path] = [lines, got_events, unread]
+        else:
+            rec[0] = max(rec[0], lines)
+            rec[1] = rec[1] or got_events
+            rec[2] = rec[2] or unread
 
     def _too_long(self) -> str:
         return f"line longer than {self.max_line} bytes; skipped"
@@ -982,18 +1002,24 @@ class Auditor:
         """
         loads = _line_parser()
         bad = object()  # the item of a line that is a finding (kind, message), reported when merged
+        last = [0] * len(paths)  # per source: its last line number read
+        unread = [False] * len(paths)
+        got = [False] * len(paths)  # per source: an event replayed
 
-        def source(path: str):
+        def source(i: int, path: str):
             try:
                 for first, lines in iter_blocks(path, self.max_line):
                     if lines is TOO_LONG:
+                        last[i] = first
                         self.lines += 1
                         yield bad, first, ("malformed", self._too_long())
                         continue
+                    last[i] = first + len(lines) - 1
                     self.lines += len(lines)
                     for lineno, d, not_json in self._parse_each(first, lines, loads):
                         yield (d, lineno, None) if not_json is None else (bad, lineno, ("malformed", not_json))
             except _Unreadable as exc:
+                unread[i] = True
                 yield bad, exc.args[0], ("unreadable", f"cannot read further: {exc.args[1]}")
 
         def tkey(d) -> int | None:
@@ -1002,8 +1028,8 @@ class Auditor:
 
         chains = []
         firsts: list[int | None] = []
-        for path in paths:
-            g = source(path)
+        for i, path in enumerate(paths):
+            g = source(i, path)
             buffered = []
             first = None
             for item in g:
@@ -1037,11 +1063,17 @@ class Auditor:
             self._file = paths[i]
             if d is bad:
                 self._find(finding[0], lineno, finding[1], file=paths[i])
-            else:
+            elif got[i]:
                 event(d, lineno)
+            else:  # (self.events is summed only until this source's first event)
+                n = self.events
+                event(d, lineno)
+                got[i] = self.events != n
             nxt = next(chains[i], None)
             if nxt is not None:
                 push(i, nxt)
+        for i, path in enumerate(paths):
+            self._fed_file(path, last[i], got[i], unread[i])
 
     # -------------------------------------------------------------------- the hot path
     def event(self, d: object, line: int) -> None:
@@ -1580,6 +1612,12 @@ class Auditor:
 
     # -------------------------------------------------------------------- end of input
     def finish(self) -> AuditResult:
+        # A file read to its end without one event: nothing was audited there (an empty log, the wrong file), so
+        # the audit of it could not fail.  An unreadable file is already reported as such.
+        for path, (n, got_events, unread) in self._fed.items():
+            if not got_events and not unread:
+                self._find("no_events", 0, f"no lifecycle events in {path} ({n} line{'' if n == 1 else 's'}): "
+                           f"nothing to audit", file=path, lines=n)
         for st in self.streams.values():
             self._flush_missing(st, st[_ST_PID])
         for tomb in self.tombs.values():

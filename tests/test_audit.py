@@ -1076,3 +1076,84 @@ def test_bad_options_and_unwritable_outputs_are_clean_errors_not_tracebacks(tmp_
     # the control
     assert cli("audit", log, "--top", "1", "--leak-age", "3600", "--html", str(tmp_path / "r.html")).returncode == 0
     assert cli("diagram", "--out", str(tmp_path / "x.mmd")).returncode == 0 and (tmp_path / "x.mmd").is_file()
+
+
+# ------------------------------------------------------------------------------------ files with no events
+
+# A file that holds no lifecycle event audited as "no violations", exit 0: a check that cannot fail (the wrong
+# file, a rank whose logging was off).  Each such file is now one `no_events` violation at line 0.
+NO_EVENT_FILES = {
+    "empty": (b"", 0, 0),  # (content, the line count the message gives, malformed lines)
+    "blank lines": (b"\n\n  \n\t\r\n", 4, 0),
+    "blank lines, no newline at the end": (b"\n \n  ", 2, 0),
+    "gzip of nothing": (gzip.compress(b""), 0, 0),
+    "gzip of blank lines": (gzip.compress(b"\n\n\n"), 3, 0),
+    "noise": (b"hello\nnot a log\n", 2, 2),  # each line is also malformed
+    "json that is no event": (b'{"msg": "started"}\n[1, 2]\n', 2, 2),
+    "an unknown event name": (json.dumps({"event": "lifecycle.bogus", "request": None, "rank": 0, "role": None,
+                                          "t_mono_ns": 1, "seq": 0, "pid": 1, "table": SPEC.digest,
+                                          "schema": audit.SCHEMA_ID}).encode() + b"\n", 1, 1),
+}
+
+
+def _no_events_message(path, n: int) -> str:
+    return f"no lifecycle events in {path} ({n} line{'' if n == 1 else 's'}): nothing to audit"
+
+
+@pytest.mark.parametrize("name", sorted(NO_EVENT_FILES))
+def test_a_file_with_no_events_is_a_violation(tmp_path, name, capsys):
+    data, n, malformed = NO_EVENT_FILES[name]
+    p = tmp_path / "rank0.jsonl"
+    p.write_bytes(data)
+    res = audit_paths([p])
+    assert res.events == 0 and not res.ok, res.finding_counts
+    assert res.finding_counts == {"no_events": 1, **({"malformed": malformed} if malformed else {})}
+    (f,) = res.by_kind("no_events")
+    assert (f.file, f.line, f.rank, f.request, f.message, f.extra) == (
+        str(p), 0, None, None, _no_events_message(p, n), {"lines": n}), f
+    assert f.violation and "no_events" in audit.VIOLATION_KINDS
+    assert main_audit([str(p)]) == 1
+    out = capsys.readouterr().out
+    assert "[no_events]" in out and "no violations" not in out, out
+    assert main_audit([str(p), "--json"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["ok"] is False and doc["violations"]["no_events"] == 1
+
+
+def test_one_empty_file_among_rank_logs_is_named(tmp_path, capsys):
+    """Several rank logs audited together: one empty file among them went unnoticed.  Now exactly one
+    no_events finding names it (given twice it is still one file); the good logs add nothing."""
+    empty = tmp_path / "rank1.jsonl"
+    empty.write_bytes(b"")
+    good = str(GOLDEN / "two_rank.rank0.jsonl")
+    for paths in ([good, str(empty)], [str(empty), good], [str(empty), good, str(empty)]):
+        res = audit_paths(paths)
+        assert not res.ok and res.finding_counts == {"no_events": 1}, (paths, res.finding_counts)
+        (f,) = res.by_kind("no_events")
+        assert (f.file, f.line, f.message) == (str(empty), 0, _no_events_message(empty, 0))
+        assert main_audit(paths) == 1
+        assert f"{empty}:0: [no_events]" in capsys.readouterr().out
+
+
+def test_logs_with_events_have_no_no_events_finding(tmp_path):
+    """Negative controls: a normal log, several, one given twice, one event among noise and blank lines, and a
+    file already reported unreadable (not reported a second time)."""
+    good = [str(GOLDEN / f"{n}.jsonl") for n in ("clean_run", "two_rank.rank0", "two_rank.rank1")]
+    for paths in ([good[0]], good[1:]):
+        res = audit_paths(paths)
+        assert res.ok and res.by_kind("no_events") == [], (paths, res.finding_counts)
+        assert main_audit(paths) == 0
+    res = audit_paths([good[0], good[0]])  # (replayed twice, it is a log of double terminations; events, though)
+    assert res.events == 40 and "no_events" not in res.finding_counts, res.finding_counts
+    one = (GOLDEN / "clean_run.jsonl").read_bytes().splitlines(keepends=True)[0]
+    p = tmp_path / "mostly_noise.jsonl"
+    p.write_bytes(b"\n\nnoise\n" + one + b"\n")
+    res = audit_paths([p])
+    assert res.events == 1 and "no_events" not in res.finding_counts, res.finding_counts
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(gzip.compress(b"\n" * 1000)[:20])
+    res = audit_paths([cut])
+    assert res.finding_counts == {"unreadable": 1}, res.finding_counts
+    res = audit_paths([tmp_path / "missing.jsonl", good[0]])
+    assert res.finding_counts == {"unreadable": 1}, res.finding_counts
+    assert audit_events([]).finding_counts == {}  # in-memory events: no file to speak of

@@ -734,8 +734,36 @@ def test_bad_use_of_the_binding_raises_typed_errors(tmp_path):
     with pytest.raises(errors.InvalidArgument, match="file_order"):
         r.finish((0, 1))
     raw = r.finish([0, 1])
-    assert raw["lines"] == 2 and [f[0] for f in r.take_findings()] == ["malformed", "malformed", "unreadable"]
+    # file 0 holds malformed lines only: no event, so no_events too (file 1 is unreadable: reported as that alone)
+    assert raw["lines"] == 2 and [f[0] for f in r.take_findings()] == ["malformed", "malformed", "unreadable",
+                                                                       "no_events"]
     with pytest.raises(errors.InvalidArgument, match="finished"):
         r.begin([0])
     with pytest.raises(TypeError):
         r.run(1)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 1 << 20])
+def test_files_with_no_events_audit_identically(tmp_path, chunk, monkeypatch):
+    """no_events (a file read to its end without one event): the same findings from both engines, alone,
+    merged with good logs, given twice, unreadable, and gzip."""
+    monkeypatch.setattr(audit, "_CHUNK", chunk)
+    good = mg.HERE / "two_rank.rank0.jsonl"
+    files = {}
+    for name, data in {"empty": b"", "blank": b"\n \n\t\n  ", "noise": b"noise\n{}\n",
+                       "gz": gzip.compress(b"\n\n"), "gz_empty": gzip.compress(b""),
+                       "one": b"\n" + good.read_bytes().splitlines(keepends=True)[0]}.items():
+        files[name] = tmp_path / f"{name}.jsonl"
+        files[name].write_bytes(data)
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(gzip.compress(b"\n" * 1000)[:20])
+    for name, p in files.items():
+        assert_same([p])
+        assert_same([good, p])
+        assert_same([p, good, p])
+    assert_same(list(files.values()))
+    assert_same([cut, files["empty"], good])
+    assert_same([files["empty"]], keep_findings=0)
+    res = audit_paths([files["empty"], good, files["blank"]], SPEC, native=True)
+    assert [(f.file, f.line) for f in res.by_kind("no_events")] == [(str(files["blank"]), 0),  # (by file name)
+                                                                   (str(files["empty"]), 0)]

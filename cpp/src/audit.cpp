@@ -49,6 +49,7 @@ const char* kind_name(Kind k) {
     case Kind::rank_disagreement: return "rank_disagreement";
     case Kind::seq_gap: return "seq_gap";
     case Kind::collective_desync: return "collective_desync";
+    case Kind::no_events: return "no_events";
     case Kind::rejected_event: return "rejected_event";
     case Kind::callback_error: return "callback_error";
     case Kind::unhealthy: return "unhealthy";
@@ -703,6 +704,11 @@ struct StreamSt {
 // reading its head out of order (two threads logging at start), not restarting (audit.py _HEAD_REORDER).
 constexpr Int kHeadReorder = 64;
 
+struct FedFile {  // audit.py Auditor._fed's entries: what the reads of one file found
+  Int lines = 0;  // its last line number
+  bool events = false, unread = false;
+};
+
 struct XRec {  // audit.py Auditor.xrank's entries
   int outcome;
   Int rank;                // the first rank that reported this lifetime of the request
@@ -728,6 +734,8 @@ struct Source {
   bool skipping = false;   // inside a line over max_line: dropped up to its newline
   bool eof = false;
   Int lineno = 0;          // complete lines seen
+  std::uint64_t events = 0;  // events replayed from this source (Auditor._fed)
+  bool unread = false;     // a read failed
   std::string pending;     // merge mode: the last chunk fed; bytes from `pos` on are not split into lines yet
   std::size_t pos = 0;
   std::deque<Item> queue;  // merge mode: parsed lines not yet replayed (<= kQueue; opt.lookahead at the start)
@@ -811,12 +819,14 @@ struct Auditor::Impl {
   std::uint64_t xgen = 0;
   std::set<Int> ranks;
   std::unordered_set<std::string> bad_tables;
+  std::map<std::uint32_t, FedFile> fed;  // every file fed, by number (Python numbers a name given twice once)
 
   // input
   std::vector<Source> srcs;
   bool merging = false, started = false, relative = false;
   std::priority_queue<HeapEntry, std::vector<HeapEntry>, std::greater<HeapEntry>> heap;
   std::uint32_t cur_file = 0;
+  Source* cur_src = nullptr;  // the source of the line being replayed
   const char* base = nullptr;  // the line being replayed (doc's offsets point into it)
   const Doc* d = nullptr;
   // the event being replayed: its stream's index, its `engine` (-1: absent), its role (0 sender, 1 receiver, 2 null)
@@ -1082,6 +1092,7 @@ struct Auditor::Impl {
     s.carry.clear();
     s.skipping = false;
     s.eof = true;
+    s.unread = true;
     std::string msg = "cannot read further: " + why;
     if (!merging) {
       cur_file = s.file;
@@ -1134,6 +1145,7 @@ struct Auditor::Impl {
       }
       base = p;
       d = &doc;
+      cur_src = &s;
       event(s.lineno);
       return;
     }
@@ -1170,7 +1182,7 @@ struct Auditor::Impl {
     if (srcs.empty()) return -1;
     if (!merging) {
       if (!srcs[0].eof) return 0;
-      srcs.clear();
+      end_group();
       return -1;
     }
     if (!started) {
@@ -1224,6 +1236,7 @@ struct Auditor::Impl {
       Item it = std::move(s.queue.front());
       s.queue.pop_front();
       cur_file = s.file;
+      cur_src = &s;
       replay(it);
       // only this source lacks a head now: get it (or its end) before the next pop
       if (s.queue.empty()) fill(top.src, kQueue);
@@ -1233,8 +1246,19 @@ struct Auditor::Impl {
         return static_cast<long>(top.src);
       }
     }
-    srcs.clear();
+    end_group();
     return -1;
+  }
+  // The group is done: note what each file's reads found (Auditor._fed_file).
+  void end_group() {
+    for (const Source& s : srcs) {
+      FedFile& r = fed[s.file];
+      r.lines = std::max(r.lines, s.lineno);
+      r.events = r.events || s.events != 0;
+      r.unread = r.unread || s.unread;
+    }
+    srcs.clear();
+    cur_src = nullptr;
   }
   void push(std::size_t i) {
     Source& s = srcs[i];
@@ -1301,7 +1325,10 @@ struct Auditor::Impl {
     const JVal& tbl = f(k_table);
     if (!(tbl.t == JT::string && sv(tbl) == digest)) table_mismatch(line, rank);
     int h = log_event_names.find(sv(name));
-    if (h >= 0) ++event_counts[h];
+    if (h >= 0) {
+      ++event_counts[h];
+      ++cur_src->events;
+    }
     ranks.insert(rank);
     // per-process sequence: keyed by proc; without it by (file, pid) (processes in different files may share a pid)
     const bool has_proc = vproc.t == JT::integer;
@@ -2013,6 +2040,15 @@ struct Auditor::Impl {
   // ---------------------------------------------------------------- end of input
   Result finish(const std::vector<std::int64_t>& file_order) {
     if (!srcs.empty()) throw InvalidArgumentError("finish", "a group of sources has not ended");
+    // a file read to its end without one event: nothing audited there (Auditor.finish)
+    for (const auto& [file, r] : fed) {
+      if (r.events || r.unread) continue;
+      if (Finding* g = find(Kind::no_events, 0, nullptr, nullptr, file)) {
+        g->message = {P("no lifecycle events in "), F(file),
+                      P(" (" + to_string(r.lines) + (r.lines == 1 ? " line" : " lines") + "): nothing to audit")};
+        g->extra = {XI("lines", r.lines)};
+      }
+    }
     for (auto& st : streams) flush_missing(st, 0);
     for (const Tomb& tomb : tomb_order) check_tomb(tomb);
     tombs.clear();

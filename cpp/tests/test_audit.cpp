@@ -260,6 +260,27 @@ void test_clean_log_and_chunking() {
   CHECK(late_first != audit({"x\n" + log, other}, nullptr, au::Options{}));  // log's first time unseen: not relative
 }
 
+// A file read to its end without one event is a no_events finding at line 0 (audit.py Auditor.finish), whatever
+// the chunking; a file with events has none.
+void test_no_events() {
+  std::mt19937_64 rng(3);
+  std::string log = clean_log(3);
+  for (const char* empty : {"", "\n \n\t", "x\n{}\n"}) {
+    std::string one = audit({empty}, nullptr, au::Options{});
+    CHECK(one.find("\nno_events f0:0 |0:no lifecycle events in  |7:0 |0: (") != std::string::npos);
+    CHECK(one == audit({empty}, &rng, au::Options{}));
+    std::string two = audit({log, empty}, nullptr, au::Options{});
+    CHECK(two.find("\nno_events f1:0 |0:no lifecycle events in  |7:1 |0: (") != std::string::npos);
+    CHECK(two.find("no_events=1 ") != std::string::npos);
+    CHECK(two == audit({log, empty}, &rng, au::Options{}));
+  }
+  CHECK(audit({""}, nullptr, au::Options{}).find("|0: (0 lines): nothing to audit {lines=0}") != std::string::npos);
+  CHECK(audit({"\n\n"}, nullptr, au::Options{}).find("|0: (2 lines): nothing to audit {lines=2}") != std::string::npos);
+  CHECK(audit({" \n"}, nullptr, au::Options{}).find("|0: (1 line): nothing to audit {lines=1}") != std::string::npos);
+  CHECK(audit({log}, nullptr, au::Options{}).find("no_events") == std::string::npos);  // the control
+  CHECK(audit({log, log}, &rng, au::Options{}).find("no_events") == std::string::npos);
+}
+
 void test_bad_api_use() {
   au::Options o;
   o.window = 0;
@@ -322,6 +343,7 @@ int main() {
   test_json_edge_cases();
   test_blank();
   test_clean_log_and_chunking();
+  test_no_events();
   test_bad_api_use();
   fuzz();
   TEST_MAIN_END();

@@ -225,6 +225,8 @@ def main_diagram(argv: list[str] | None = None) -> int:
             where = f", the first {first.file}:{first.line}: {first.message}" if first is not None else ""
             print(f"lifecycle diagram: warning: {unread} line(s) not counted (malformed or unreadable){where}",
                   file=sys.stderr)
+        for f in res.by_kind("no_events"):  # (one rank's log empty among the others': its counts are missing)
+            print(f"lifecycle diagram: warning: {f.message}", file=sys.stderr)
         counts = dict(res.edges)
     try:
         text = render(a.format, sp, counts)

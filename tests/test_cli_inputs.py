@@ -65,6 +65,11 @@ def test_diagram_counts_from_garbage_is_refused_and_bad_lines_are_reported(tmp_p
     assert cli.main(["diagram", "--format", "mermaid", "--counts-from", str(mixed)]) == 0
     out = capsys.readouterr()
     assert "warning: 1 line(s) not counted" in out.err and f"{mixed}:" in out.err and "stateDiagram-v2" in out.out
+    empty = tmp_path / "rank1.jsonl"  # one rank's log empty among the others': counted without a word
+    empty.write_bytes(b"")
+    assert cli.main(["diagram", "--format", "mermaid", "--counts-from", CLEAN, "--counts-from", str(empty)]) == 0
+    out = capsys.readouterr()
+    assert f"warning: no lifecycle events in {empty}" in out.err and "stateDiagram-v2" in out.out
     assert cli.main(["diagram", "--format", "mermaid", "--counts-from", CLEAN]) == 0  # the control
     assert capsys.readouterr().err == ""
 

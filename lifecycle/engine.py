@@ -281,7 +281,9 @@ class TransferEngine(_core.Engine):
         return r
 
     def terminate(self, request: int) -> TerminateResult:
-        """Release now if terminal, else defer: on_terminate(request) runs exactly once later."""
+        """Release now if terminal, else defer: on_terminate(request) runs exactly once later (from poll()).
+        Until it ran, the session stays the id's (Terminated; advertise refuses the id): the callback's own calls
+        find it, whatever the size of the tombstone window."""
         r = _TERMINATE[self._terminate(request)]
         if r.value == "NotFound":  # otherwise the core queued the result in order with the transitions
             self._emit("lifecycle.terminate", request, None, result=r.value, state=None)
@@ -451,18 +453,24 @@ class TransferEngine(_core.Engine):
                 self._emit("lifecycle.terminate_now", req, None)
             except BaseException as exc:
                 log_error = log_error or exc
-            if cb is None:
-                continue
-            try:
-                cb(req)
-            except BaseException as exc:  # recorded and re-raised after the batch: no notice is lost
-                errors.append((req, exc))
-                if fatal is None and not isinstance(exc, Exception):
-                    fatal = exc
+            if cb is not None:
                 try:
-                    self._emit("lifecycle.callback_error", req, None, error=repr(exc))
-                except BaseException as log_exc:
-                    log_error = log_error or log_exc
+                    cb(req)
+                except BaseException as exc:  # recorded and re-raised after the batch: no notice is lost
+                    errors.append((req, exc))
+                    if fatal is None and not isinstance(exc, Exception):
+                        fatal = exc
+                    try:
+                        self._emit("lifecycle.callback_error", req, None, error=repr(exc))
+                    except BaseException as log_exc:
+                        log_error = log_error or log_exc
+            # The core kept the session's tombstone until now (the native drain held it): the callback found it
+            # Terminated, and nobody could advertise the id again before the executor was told.  It may go now.
+            try:
+                self._notice_delivered(req)
+            except BaseException as exc:  # a signal's, before the call or as it returned: it is idempotent
+                fatal = fatal or exc
+                self._notice_delivered(req)
         if fatal is not None:
             raise fatal
         if errors:

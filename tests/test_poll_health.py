@@ -11,6 +11,7 @@ from structlog.testing import capture_logs
 
 from lifecycle import (
     CancelResult,
+    DuplicateRequest,
     InvalidArgument,
     ManualClock,
     Outcome,
@@ -555,3 +556,53 @@ def test_wait_terminal_outlives_the_tombstone_of_the_session_it_waits_for(again)
     else:
         with pytest.raises(UnknownRequest):
             eng.state(1)
+
+
+@pytest.mark.parametrize("again", [False, True], ids=["forgotten", "advertised-again"])
+def test_on_terminate_runs_while_its_session_is_still_the_ids_tombstone(again):
+    """Review: a deferred session's tombstone was evicted like any other, before its TerminateNow was delivered.
+    Its on_terminate then saw NotFound for the re-entrant terminate (DESIGN 5: AlreadyTerminated), and an id
+    advertised again meanwhile (the executor, not yet told, reusing it) was a new session that the callback's
+    calls reached: its terminate deferred the new session.  The tombstone now stays until on_terminate ran:
+    until then the id is taken (DuplicateRequest), and a cancel answers NotCancellable, not NotFound (which frees
+    now: README's executor loop released the blocks, and on_terminate again).  (Deterministic: one thread,
+    tombstones=1, one shard.)"""
+    eng = TransferEngine(transfer_timeout=60, cancel_grace=60, tombstones=1, shards=1)
+    seen = []
+
+    def on_terminate(r):
+        raw = eng._info(r)
+        seen.append((r, eng.terminate(r), None if raw is None else raw[8]))
+
+    eng.on_terminate = on_terminate
+    eng.advertise(1, "sender")
+    eng.expose(1)
+    serial = eng.info(1).serial
+    assert eng.terminate(1) is TerminateResult.Deferred
+    eng.complete(1)  # the transport's DONE: Terminated, its notice queued, not delivered yet
+    for req in (2, 3):  # two more tombstones: beyond the window of one
+        eng.advertise(req, "sender")
+        eng.cancel(req)  # (never exposed: Quiesced at once)
+        assert eng.terminate(req) is TerminateResult.Terminated
+    # README's cancel path must not free it now: on_terminate will (NotFound, frees-now, released it twice)
+    assert eng.cancel(1) is CancelResult.NotCancellable
+    refused = None
+    if again:  # the executor, not told yet, reuses the id
+        try:
+            eng.advertise(1, "sender")
+            refused = False
+        except DuplicateRequest:
+            refused = True
+    eng.poll()
+    assert seen == [(1, TerminateResult.AlreadyTerminated, serial)]
+    assert refused is (True if again else None)
+    # control: once delivered the tombstone goes like any other (the window is one), and the id is free again
+    eng.advertise(4, "sender")
+    eng.cancel(4)
+    eng.terminate(4)
+    with pytest.raises(UnknownRequest):
+        eng.info(1)
+    eng.advertise(1, "sender")
+    assert eng.info(1).serial != serial and eng.info(1).deferred is False
+    eng.poll()
+    assert len(seen) == 1

@@ -143,14 +143,14 @@ static py::dict health_dict(const Health& h) {
 }
 
 // Every queued record merged straight into a bytes object: one copy from the shard queues.
-static py::bytes drain_bytes(Engine& e) {
+static py::bytes drain_bytes(Engine& e, bool hold_notices = false) {
   py::object out;
   e.drain_to([&out](std::size_t n) {
     PyObject* b = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(n * sizeof(Record)));
     if (b == nullptr) throw py::error_already_set();
     out = py::reinterpret_steal<py::object>(b);
     return reinterpret_cast<Record*>(PyBytes_AS_STRING(b));
-  });
+  }, hold_notices);
   if (!out) return py::bytes();
   return py::reinterpret_borrow<py::bytes>(out);
 }
@@ -257,7 +257,8 @@ void register_engine(py::module_& m) {
              return py::bytes(out);
            }, py::arg("ids"), py::arg("role"), py::arg("nbytes") = 0)
       .def("tick", &Engine::tick, "Fire expired timers; returns how many fired.  Never blocks on a transport.")
-      .def("_drain", &drain_bytes, "Every queued record, packed (RECORD_FORMAT), without blocking.")
+      .def("_drain", [](Engine& e) { return drain_bytes(e); },
+           "Every queued record, packed (RECORD_FORMAT), without blocking (the caller delivers its notices).")
       .def("_poll_into", [](Engine& e, py::handle inbox, py::handle notices) {
              // poll()'s native half in one call: fire due timers, evaluate health (the bool only; Python asks
              // for the reasons when it changes), drain every queued record.  The drained batch is handed over
@@ -268,7 +269,8 @@ void register_engine(py::module_& m) {
              if (!PyList_Check(inbox.ptr())) throw InvalidArgumentError("inbox", "expected a list");
              e.tick();
              const bool healthy = e.health().healthy;
-             py::bytes raw = drain_bytes(e);
+             // (the notices' tombstones stay until poll() delivered them: _notice_delivered)
+             py::bytes raw = drain_bytes(e, true);
              const Py_ssize_t size = PyBytes_GET_SIZE(raw.ptr());
              if (size == 0) return healthy;
              const auto* rec = reinterpret_cast<const Record*>(PyBytes_AS_STRING(raw.ptr()));
@@ -281,6 +283,9 @@ void register_engine(py::module_& m) {
            }, py::arg("inbox"), py::arg("notices"),
            "tick + drain + health without blocking: appends the packed records (RECORD_FORMAT) to the list "
            "inbox and each TerminateNow's request to notices; returns healthy.")
+      .def("_notice_delivered", [](Engine& e, py::handle req) { e.notice_delivered(to_u64(req, "request")); },
+           py::arg("request"),
+           "request's TerminateNow was delivered (its on_terminate ran): its tombstone may go from now on.")
       .def("_wait_ready", [](Engine& e, double timeout_s) {
              if (!(timeout_s >= 0)) throw InvalidArgumentError("timeout", "must be >= 0");
              std::int64_t ns = timeout_s > 1e9 ? INT64_MAX / 2 : static_cast<std::int64_t>(timeout_s * 1e9);

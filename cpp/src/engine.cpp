@@ -18,7 +18,8 @@ constexpr std::uint32_t kNil = 0xffffffffu;
 constexpr std::uint32_t kChunkBits = 12;
 constexpr std::uint32_t kChunk = 1u << kChunkBits;
 
-enum Flag : std::uint8_t { kDeferred = 1, kEvidence = 2, kQuarantined = 4, kWasPoisoned = 8 };
+// kNotice: a tombstone whose TerminateNow is not yet delivered (Shard::hold_notice says why it is kept).
+enum Flag : std::uint8_t { kDeferred = 1, kEvidence = 2, kQuarantined = 4, kWasPoisoned = 8, kNotice = 16 };
 
 inline std::uint64_t mix(std::uint64_t x) {
   x += 0x9e3779b97f4a7c15ull;
@@ -97,6 +98,10 @@ struct alignas(64) Engine::Shard {
   // per-state lists ordered by state entry time
   std::array<std::uint32_t, kNumStates> head{}, tail{};
   std::array<std::uint64_t, kNumStates> count{};
+  // Tombstones held for their TerminateNow (flag kNotice): out of the Terminated list, so eviction never
+  // meets them, yet counted in count[Terminated].  Invariant: held == the length of the held list.
+  std::uint32_t held_head = kNil, held_tail = kNil;
+  std::uint64_t held = 0;
   std::vector<Record> queue;
   std::vector<Record> spare;  // the queue's other buffer: drain swaps them, so memory is reused hot
   // queue.size(), mirrored for lock-free peeks (a plain store on x86).  A peek that misses a record
@@ -229,6 +234,33 @@ struct alignas(64) Engine::Shard {
     if (s.next != kNil) at(s.next).prev = s.prev; else tail[k] = s.prev;
     s.prev = s.next = kNil;
     --count[k];
+  }
+
+  // A deferred session just Terminated keeps its tombstone until its TerminateNow was delivered (the
+  // executor's on_terminate ran): evicted before, the id could be advertised again by an executor not yet
+  // told, and the callback's calls (a re-entrant terminate: DESIGN 5 says AlreadyTerminated) reached the
+  // new session, or NotFound.  Held, the id stays taken (advertise: Duplicate) until release_notice.
+  void hold_notice(std::uint32_t i) {
+    unlink(i);  // from the Terminated list
+    Session& s = at(i);
+    s.flags |= kNotice;
+    s.prev = held_tail;
+    s.next = kNil;
+    if (held_tail != kNil) at(held_tail).next = i; else held_head = i;
+    held_tail = i;
+    ++held;
+    ++count[si(State::Terminated)];
+  }
+
+  // Its notice was delivered: an ordinary tombstone from now on (the newest), evicted in its turn.
+  void release_notice(std::uint32_t i) {
+    Session& s = at(i);
+    if (s.prev != kNil) at(s.prev).next = s.next; else held_head = s.next;
+    if (s.next != kNil) at(s.next).prev = s.prev; else held_tail = s.prev;
+    s.flags = static_cast<std::uint8_t>(s.flags & ~kNotice);
+    --held;
+    --count[si(State::Terminated)];
+    link(i, State::Terminated);
   }
 
   void move(std::uint32_t i, State dst, std::int64_t now) {
@@ -609,7 +641,7 @@ static void try_recover(Engine::Shard& sh, Session& s, Ctx& cx) {
 // (the next victim's bucket, the victim after it), so the steady state evicts from cache.
 static void evict_tombstones(Engine::Shard& sh, std::uint32_t cap) {
   const int k = si(State::Terminated);
-  while (sh.count[k] > cap) {
+  while (sh.count[k] - sh.held > cap) {  // (held ones are not in the list: release_notice puts them back)
     const std::uint32_t victim = sh.head[k];
     sh.unlink(victim);
     sh.erase(Engine::Key(sh.at(victim).req).tag(), victim);
@@ -708,6 +740,7 @@ static ApplyResult apply_locked(Engine::Shard& sh, std::uint32_t idx, Event ev, 
       enter_final(sh, s, tfrom, cx);
       if (s.flags & kEvidence) try_recover(sh, s, cx);
       sh.push(RecordKind::TerminateNow, s, static_cast<std::uint8_t>(tfrom), Event::terminate, cx.now, true);
+      sh.hold_notice(idx);  // kept until the notice was delivered (Shard::hold_notice)
       ++sh.ctr.terminate_now;
       cx.pushed += 2;
       r.to = s.state;
@@ -890,7 +923,7 @@ std::size_t Engine::drain(std::vector<Record>& out) {
   });
 }
 
-std::size_t Engine::drain_to(const std::function<Record*(std::size_t)>& dest) {
+std::size_t Engine::drain_to(const std::function<Record*(std::size_t)>& dest, bool hold_notices) {
   // Each shard's queue is already in seq order; take them all, then merge by seq into dest(n).
   std::vector<std::vector<Record>> runs;
   std::vector<Shard*> from;
@@ -976,6 +1009,19 @@ std::size_t Engine::drain_to(const std::function<Record*(std::size_t)>& dest) {
       else heap.pop_back();
     }
   }
+  if (!hold_notices) {  // the caller delivers what it drained: their tombstones are ordinary ones now
+    for (std::size_t i = 0; i < runs.size(); ++i) {
+      Shard& sh = *from[i];
+      std::lock_guard<SpinMutex> g(sh.mu);
+      if (sh.held == 0) continue;
+      for (const Record& r : runs[i]) {
+        if (r.kind != RecordKind::TerminateNow) continue;
+        const std::uint32_t idx = sh.find(Key(r.req));
+        if (idx != kNil && (sh.at(idx).flags & kNotice)) sh.release_notice(idx);
+      }
+      evict_tombstones(sh, tomb_cap_);
+    }
+  }
   return n;
 }
 
@@ -992,6 +1038,16 @@ bool Engine::peek_pending() const {
   for (Shard& sh : shards())
     if (sh.queued.load(std::memory_order_relaxed) != 0) return true;
   return false;
+}
+
+void Engine::notice_delivered(std::uint64_t req) {
+  const Key k(req);
+  Shard& sh = shard_of(k);
+  std::lock_guard<SpinMutex> g(sh.mu);
+  const std::uint32_t idx = sh.find(k);  // (while held, the id names no other session: advertise refuses it)
+  if (idx == kNil || !(sh.at(idx).flags & kNotice)) return;
+  sh.release_notice(idx);
+  evict_tombstones(sh, tomb_cap_);
 }
 
 bool Engine::wait_ready(std::int64_t timeout_ns) {

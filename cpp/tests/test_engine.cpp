@@ -225,6 +225,49 @@ static void test_tombstones_are_bounded() {
   CHECK(eng.live_sessions() == 0);
 }
 
+// A deferred session's tombstone stays until its TerminateNow was delivered (the id taken meanwhile): by the
+// drain that takes it, or with hold_notices by notice_delivered.  Then it goes like any other.
+static void test_a_notice_keeps_its_tombstone_until_delivered() {
+  Config c = cfg();
+  c.tombstones = 1;
+  c.shards = 1;
+  for (const bool hold : {false, true}) {
+    Engine eng(c);
+    eng.advertise(1, Role::sender, 0);
+    eng.apply(1, Event::expose);
+    CHECK(eng.terminate(1) == TerminateResult::Deferred);
+    eng.apply(1, Event::complete);  // Terminated, its notice queued
+    for (std::uint64_t r = 2; r <= 4; ++r) {
+      eng.advertise(r, Role::sender, 0);
+      eng.apply(r, Event::cancel);
+      CHECK(eng.terminate(r) == TerminateResult::Terminated);
+    }
+    CHECK(eng.info(1) && eng.info(1)->state == State::Terminated);  // kept: its notice is not delivered
+    CHECK(eng.advertise(1, Role::sender, 0).status == Status::Duplicate);
+    CHECK(eng.terminate(1) == TerminateResult::AlreadyTerminated);
+    CHECK(eng.health().counts[static_cast<int>(State::Terminated)] == 2);  // 1 and the window's one
+    std::vector<Record> buf;
+    eng.drain_to(
+        [&buf](std::size_t n) {
+          buf.resize(n);
+          return buf.data();
+        },
+        hold);
+    if (hold) {  // drained, not delivered yet: still held
+      CHECK(eng.advertise(1, Role::sender, 0).status == Status::Duplicate);
+      eng.notice_delivered(1);
+    }  // (without hold, the drain released it)
+    CHECK(eng.health().counts[static_cast<int>(State::Terminated)] == 1);  // 1, now the window's newest
+    eng.advertise(5, Role::sender, 0);
+    eng.apply(5, Event::cancel);
+    eng.terminate(5);
+    CHECK(!eng.info(1));  // gone like any other tombstone: the id is free again
+    CHECK(eng.advertise(1, Role::sender, 0).status == Status::Moved);
+    eng.notice_delivered(1);  // not held (a live session): nothing happens
+    CHECK(eng.info(1) && eng.info(1)->state == State::Advertised);
+  }
+}
+
 // A batch keeps each request's events in order, whatever shard order it runs in, and agrees with
 // one call per event; ids that collide in the map (many sessions, few shards) still resolve.
 static void test_batch_matches_single_calls() {
@@ -523,5 +566,6 @@ int main() {
   test_timers_and_health();
   test_slow_progress_stays_healthy();
   test_tombstones_are_bounded();
+  test_a_notice_keeps_its_tombstone_until_delivered();
   TEST_MAIN_END();
 }

@@ -14,7 +14,8 @@
 // Deferred termination: terminate before a terminal state sets `deferred`.  The first move into a
 // terminal state of a deferred session performs the terminate move in the same critical section and
 // queues exactly one TerminateNow record; `deferred` is cleared there, so no interleaving can emit
-// a second one.
+// a second one.  That session's tombstone stays (the id taken) until the notice was delivered, so the
+// executor's callback still finds it Terminated (drain_to says when it goes).
 #pragma once
 #include <array>
 #include <atomic>
@@ -175,7 +176,11 @@ class Engine {
   std::size_t drain(std::vector<Record>& out);
   // The same, into dest(n): called once (when n > 0) for room for exactly n records, so a caller
   // can merge straight into its own buffer (the binding: a Python bytes object).
-  std::size_t drain_to(const std::function<Record*(std::size_t)>& dest);
+  // A deferred session's tombstone is kept (never evicted, its id not advertised again) until its
+  // TerminateNow was delivered: by the drain that takes the notice, or with hold_notices by
+  // notice_delivered(req), called once the executor's callback ran (the Python facade's poll()).
+  std::size_t drain_to(const std::function<Record*(std::size_t)>& dest, bool hold_notices = false);
+  void notice_delivered(std::uint64_t req);
   // Block (no GIL: callers release it) until a record is queued or timeout_ns elapses (steady time).
   bool wait_ready(std::int64_t timeout_ns);
   // Earliest pending timer deadline on the engine clock; INT64_MAX when none.

@@ -61,6 +61,7 @@ import os
 import pickle
 import sys
 import time
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -889,13 +890,50 @@ def _unknown_request_errors() -> tuple[type[BaseException], ...]:
     return (LookupError, UnknownRequest)
 
 
-def _local_flags(engine: Any, req: int, unknown: tuple[type[BaseException], ...]) -> int:
+# Per engine: request id -> (state, outcome) of a session that poll_symmetric saw end (in its own poll()'s transitions,
+# or terminal when it read the id), kept while the caller passes the id in.  Its tombstone may go before every rank agrees (a bounded window: later terminations
+# evict it, maybe in the same poll); read afresh, it was "not tracked on this rank", pending for ever.
+_ENDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _ended_of(engine: Any) -> dict[int, tuple[str, str | None]]:
+    try:
+        return _ENDED.setdefault(engine, {})
+    except TypeError:  # an engine-like object that takes no weak reference: this call's only
+        return {}
+
+
+def _note_ended(ended: dict[int, tuple[str, str | None]], transitions: Any) -> None:
+    """Record what each session ended as, from TransferEngine.poll()'s transitions (a stand-in's poll() may return
+    anything else: nothing is recorded).  A later advertise of the id is another session: forgotten."""
+    if not isinstance(transitions, list):
+        return
+    for t in transitions:
+        req, to = getattr(t, "request", None), getattr(getattr(t, "to_state", None), "name", None)
+        if not isinstance(req, int) or not isinstance(to, str):
+            continue
+        if to in _TERMINAL_STATES:
+            outcome = getattr(t, "outcome", None)
+            ended[req] = (to, None if outcome is None else outcome.name)
+        elif getattr(t, "from_state", 0) is None:  # the creating advertise
+            ended.pop(req, None)
+
+
+def _local_flags(engine: Any, req: int, unknown: tuple[type[BaseException], ...],
+                 ended: dict[int, tuple[str, str | None]]) -> int:
     try:
         state = engine.state(req).name
         outcome = engine.outcome(req)
+        name = None if outcome is None else outcome.name
     except unknown:
-        return 0  # not tracked on this rank (yet): counts as not terminal, not completed
-    name = None if outcome is None else outcome.name
+        if req not in ended:
+            return 0  # not tracked on this rank (yet): counts as not terminal, not completed
+        state, name = ended[req]  # ended, and forgotten since (_ENDED)
+    else:  # the engine knows the id: its session (a new one, maybe) is what counts, now and once forgotten
+        if state in _TERMINAL_STATES:
+            ended[req] = (state, name)
+        else:
+            ended.pop(req, None)
     flags = _KNOWN
     if state in _TERMINAL_STATES:
         flags |= _TERMINAL
@@ -928,7 +966,9 @@ def poll_symmetric(
     Call it unconditionally on every rank every iteration.  ``requests`` is the set of request ids
     this rank tracks; ranks may pass different sets (a request not yet advertised on some rank),
     the decisions cover their union and are identical on every rank.  Uses ``engine.poll()``,
-    ``engine.state(req).name`` and ``engine.outcome(req).name`` only.
+    ``engine.state(req).name`` and ``engine.outcome(req).name`` only.  A session that this call's poll saw end
+    (TransferEngine.poll()'s transitions) counts as what it ended as while the id is passed in, also once its
+    tombstone is gone (it read as "not tracked here": pending for ever).
 
     Cost: one header exchange plus one allgather of ``2 * len(requests)`` int64 per rank.  If the
     local ``engine.poll()`` raises (or iterating ``requests`` does, or an id is invalid), this rank still
@@ -940,16 +980,19 @@ def poll_symmetric(
         # before engine.poll(): a None ran the poll, then raised a bare AttributeError (no group to join anyway)
         raise InvalidArgument("group", f"expected a RankGroup, got {type(group).__name__} {group!r:.40}")
     poll_error: BaseException | None = None
+    ended = _ended_of(engine)
     try:
-        engine.poll()
+        _note_ended(ended, engine.poll())
     except BaseException as exc:  # re-raised below, after the collective: never strand the others
         poll_error = exc
     unknown = _unknown_request_errors()
     # Bad ids too join the collective first (they raised before it: the other ranks waited it out), and so does
     # the iterable's own error (a generator that raised ValueError escaped before it, and this rank's next call
     # paired with the others' poll_symmetric).  Re-raised after it, like poll()'s.
+    read = False
     try:
         ids = sorted({_request_id(r) for r in _iter_requests(requests)})
+        read = True
     except BaseException as exc:
         poll_error, ids = (poll_error or exc), []
     local = np.empty(1 + 2 * len(ids), dtype=np.int64)
@@ -957,10 +1000,12 @@ def poll_symmetric(
     flags = []
     for r in ids:
         try:
-            flags.append(_local_flags(engine, r, unknown))
+            flags.append(_local_flags(engine, r, unknown, ended))
         except Exception as exc:  # an engine-like object's own error: re-raised after the collective too
             poll_error = poll_error or exc
             flags.append(0)
+    for r in set(ended).difference(ids) if read else ():  # no longer passed in: the caller is done with it
+        del ended[r]
     local[2::2] = flags
     local[0] = 1 if poll_error is not None else 0
     seq_no = group.statistics().seq

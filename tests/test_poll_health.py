@@ -606,3 +606,63 @@ def test_on_terminate_runs_while_its_session_is_still_the_ids_tombstone(again):
     assert eng.info(1).serial != serial and eng.info(1).deferred is False
     eng.poll()
     assert len(seen) == 1
+
+
+class _TwoRanks:
+    """A two-rank stand-in for RankGroup (no MPI): the other rank passes the same ids, and its flags for every id
+    are scripted per call (1: known, pending; 7: known, terminal, completed)."""
+
+    size = 2
+
+    def __init__(self, other_flags):
+        self.other_flags = list(other_flags)
+        self.seq = 0
+
+    def statistics(self):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(seq=self.seq)
+
+    def allgather_ints(self, values, *, site=None):
+        import numpy as np
+
+        self.seq += 1
+        mine = np.ascontiguousarray(values, dtype=np.int64)
+        theirs = mine.copy()
+        theirs[0] = 0
+        theirs[2::2] = self.other_flags.pop(0)
+        return [mine, theirs]
+
+
+def test_poll_symmetric_counts_a_session_that_ended_and_was_forgotten_as_what_it_ended_as():
+    """Review: poll_symmetric read each id's state after its poll().  A session that ended in that poll (a deferred
+    terminate's notice) and whose tombstone went since (the window is one here: the next one's termination evicts
+    it) read as unknown, "not tracked on this rank", so it was pending on every rank, in every later call too: the
+    executor never learned it ended (the demo's loop tracked it for ever); one read Terminated, and forgotten before
+    the next call, likewise.  It now counts as what it ended as while the caller still passes it in; here the other
+    rank agrees only in the second call."""
+    from lifecycle.collectives import poll_symmetric
+
+    eng = TransferEngine(transfer_timeout=60, cancel_grace=60, tombstones=1, shards=1, on_terminate=lambda r: None)
+    for req in (1, 2):
+        eng.advertise(req, "sender")
+        eng.expose(req)
+        assert eng.terminate(req) is TerminateResult.Deferred
+        eng.complete(req)  # Terminated (completed); 2's notice, delivered after 1's, evicts 1's tombstone
+    group = _TwoRanks([1, 7, 7])
+    d = poll_symmetric(eng, group, [1, 2, 3])
+    assert d.pending == {1, 2, 3} and not d.quiesced  # the other rank has not finished yet
+    with pytest.raises(UnknownRequest):
+        eng.state(1)  # forgotten here
+    assert eng.state(2) is State.Terminated  # read so in that call; then forgotten too:
+    eng.advertise(4, "sender")
+    eng.cancel(4)
+    eng.terminate(4)
+    with pytest.raises(UnknownRequest):
+        eng.state(2)
+    d = poll_symmetric(eng, group, [1, 2, 3])
+    assert (d.quiesced, d.completed, d.pending) == ({1, 2}, {1, 2}, {3})
+    # control: an id advertised again is its new session's; one never advertised here stays pending (3, above)
+    eng.advertise(1, "sender")
+    d = poll_symmetric(eng, group, [1])
+    assert d.pending == {1} and not d.quiesced

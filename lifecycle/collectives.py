@@ -985,6 +985,8 @@ def poll_symmetric(
         _note_ended(ended, engine.poll())
     except BaseException as exc:  # re-raised below, after the collective: never strand the others
         poll_error = exc
+        # a callback's error took the place of the batch (TerminateCallbackError.transitions): its sessions ended
+        _note_ended(ended, getattr(exc, "transitions", None))
     unknown = _unknown_request_errors()
     # Bad ids too join the collective first (they raised before it: the other ranks waited it out), and so does
     # the iterable's own error (a generator that raised ValueError escaped before it, and this rank's next call

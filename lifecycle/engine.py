@@ -343,7 +343,7 @@ class TransferEngine(_core.Engine):
         """Fire due timers, drain every queued record, log it, run deferred-termination callbacks.
 
         Never blocks.  Callback errors are logged and re-raised (TerminateCallbackError) after the
-        whole batch was delivered, so no notice is lost.  A logger or a health check that raises while
+        whole batch was delivered, so no notice is lost; the batch's transitions are on its ``transitions``.  A logger or a health check that raises while
         the batch is logged does not lose its notices either: every one of them is delivered, then that
         error propagates (the batch's transitions with it: they are in the log up to that point).
         """
@@ -382,7 +382,13 @@ class TransferEngine(_core.Engine):
             # as its __context__), then let the logger's or the health check's go on
             self._deliver()
             raise
-        self._deliver()
+        try:
+            self._deliver()
+        except TerminateCallbackError as err:
+            # the batch was whole: a caller that learns from it what sessions ended as (poll_symmetric: a tombstone
+            # may go in this very poll) finds it on the error, which took the place of the return value
+            err.transitions = out
+            raise
         return out
 
     @staticmethod

@@ -100,6 +100,7 @@ class TerminateCallbackError(LifecycleError):
 
     def __init__(self, errors: list[tuple[int, BaseException]]):
         self.errors = list(errors)
+        self.transitions: list = []  # poll()'s: the batch it would have returned
         reqs = ", ".join(str(r) for r, _ in self.errors)
         super().__init__(f"on_terminate raised for request(s) {reqs}: {self.errors[0][1]!r}")
 

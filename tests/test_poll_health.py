@@ -666,3 +666,46 @@ def test_poll_symmetric_counts_a_session_that_ended_and_was_forgotten_as_what_it
     eng.advertise(1, "sender")
     d = poll_symmetric(eng, group, [1])
     assert d.pending == {1} and not d.quiesced
+
+
+def test_poll_symmetric_counts_a_session_that_ended_in_a_poll_whose_callback_raised():
+    """Review: poll_symmetric learned what sessions ended as from the list its poll() returned.  A poll() whose
+    on_terminate raised (TerminateCallbackError, re-raised after the whole batch was delivered: DESIGN 5) returned
+    nothing, so a session that ended in it and whose tombstone went in the same poll (the window is one here: 2's
+    notice, delivered after 1's, evicts 1's tombstone) read as "not tracked on this rank": pending on every rank in
+    every later call, the executor never told (the error names 2 only).  The error now carries the batch's
+    transitions (``transitions``), which poll_symmetric notes like a returned batch."""
+    from lifecycle.collectives import poll_symmetric
+
+    def on_terminate(r):
+        if r == 2:
+            raise ValueError("the executor's release failed")
+
+    eng = TransferEngine(transfer_timeout=60, cancel_grace=60, tombstones=1, shards=1, on_terminate=on_terminate)
+    for req in (1, 2):
+        eng.advertise(req, "sender")
+        eng.expose(req)
+        assert eng.terminate(req) is TerminateResult.Deferred
+        eng.complete(req)
+    group = _TwoRanks([1, 7])
+    with pytest.raises(TerminateCallbackError, match=r"^on_terminate raised for request\(s\) 2: ") as ei:
+        poll_symmetric(eng, group, [1, 2, 3])
+    with pytest.raises(UnknownRequest):
+        eng.state(1)  # forgotten in that poll
+    d = poll_symmetric(eng, group, [1, 2, 3])
+    assert (d.quiesced, d.completed, d.pending) == ({1, 2}, {1, 2}, {3})
+    assert [t.request for t in ei.value.transitions if t.to_state is State.Terminated] == [1, 2]
+    # control: a poll that raises without a batch (nothing ended) still joins and re-raises, noting nothing
+    eng.on_terminate = None
+    eng.advertise(5, "sender")
+    real_poll = eng.poll
+
+    def poll():
+        real_poll()
+        raise RuntimeError("no batch")
+
+    eng.poll = poll
+    group.other_flags = [7]
+    with pytest.raises(RuntimeError, match="^no batch$"):
+        poll_symmetric(eng, group, [5])
+    assert group.other_flags == []

@@ -891,16 +891,36 @@ def _unknown_request_errors() -> tuple[type[BaseException], ...]:
 
 
 # Per engine: request id -> (state, outcome) of a session that poll_symmetric saw end (in its own poll()'s transitions,
-# or terminal when it read the id), kept while the caller passes the id in.  Its tombstone may go before every rank agrees (a bounded window: later terminations
+# or terminal when it read the id), kept while a caller passes the id in.  Its tombstone may go before every rank agrees (a bounded window: later terminations
 # evict it, maybe in the same poll); read afresh, it was "not tracked on this rank", pending for ever.
+# With it, per engine: (id(group), site) -> the ids of that caller's last call, the newest caller last, at most
+# _CALLERS_MAX of them.  An id is kept while some caller passed it in its last call: pruned to each call's own ids,
+# an engine polled in two calls per iteration (its senders and its receivers) lost in one what the other's poll saw.
 _ENDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_CALLERS_MAX = 64
 
 
-def _ended_of(engine: Any) -> dict[int, tuple[str, str | None]]:
+def _ended_of(engine: Any) -> tuple[dict[int, tuple[str, str | None]], dict[tuple[int, Any], frozenset[int]]]:
     try:
-        return _ENDED.setdefault(engine, {})
+        return _ENDED.setdefault(engine, ({}, {}))
     except TypeError:  # an engine-like object that takes no weak reference: this call's only
-        return {}
+        return {}, {}
+
+
+def _prune_ended(ended: dict[int, tuple[str, str | None]], callers: dict[tuple[int, Any], frozenset[int]],
+                 caller: tuple[int, Any], ids: list[int]) -> None:
+    """Note ``caller``'s ids, then drop from ``ended`` what no caller passed in its last call (done with it)."""
+    callers.pop(caller, None)
+    callers[caller] = frozenset(ids)
+    for old in list(callers)[:-_CALLERS_MAX]:  # (pop, copies: another thread may poll this engine too)
+        callers.pop(old, None)
+    stale = set(ended).difference(ids)
+    for passed in list(callers.values()):
+        if not stale:
+            break
+        stale -= passed
+    for r in stale:
+        ended.pop(r, None)
 
 
 def _note_ended(ended: dict[int, tuple[str, str | None]], transitions: Any) -> None:
@@ -967,7 +987,8 @@ def poll_symmetric(
     this rank tracks; ranks may pass different sets (a request not yet advertised on some rank),
     the decisions cover their union and are identical on every rank.  Uses ``engine.poll()``,
     ``engine.state(req).name`` and ``engine.outcome(req).name`` only.  A session that this call's poll saw end
-    (TransferEngine.poll()'s transitions) counts as what it ended as while the id is passed in, also once its
+    (TransferEngine.poll()'s transitions) counts as what it ended as while the id is passed in (by some caller's last
+    call: a group and site), also once its
     tombstone is gone (it read as "not tracked here": pending for ever).
 
     Cost: one header exchange plus one allgather of ``2 * len(requests)`` int64 per rank.  If the
@@ -980,7 +1001,7 @@ def poll_symmetric(
         # before engine.poll(): a None ran the poll, then raised a bare AttributeError (no group to join anyway)
         raise InvalidArgument("group", f"expected a RankGroup, got {type(group).__name__} {group!r:.40}")
     poll_error: BaseException | None = None
-    ended = _ended_of(engine)
+    ended, callers = _ended_of(engine)
     try:
         _note_ended(ended, engine.poll())
     except BaseException as exc:  # re-raised below, after the collective: never strand the others
@@ -1006,12 +1027,12 @@ def poll_symmetric(
         except Exception as exc:  # an engine-like object's own error: re-raised after the collective too
             poll_error = poll_error or exc
             flags.append(0)
-    for r in set(ended).difference(ids) if read else ():  # no longer passed in: the caller is done with it
-        del ended[r]
     local[2::2] = flags
     local[0] = 1 if poll_error is not None else 0
     seq_no = group.statistics().seq
     site = _call_site() if site is None else site
+    if read:
+        _prune_ended(ended, callers, (id(group), site if isinstance(site, str) else None), ids)
     if isinstance(group, RankGroup):  # the ledger names the op poll_symmetric
         parts = group._allgather_ints("poll_symmetric", local, site)
     else:  # a group-like stand-in (the demo's one-rank SoloGroup)

@@ -709,3 +709,49 @@ def test_poll_symmetric_counts_a_session_that_ended_in_a_poll_whose_callback_rai
     with pytest.raises(RuntimeError, match="^no batch$"):
         poll_symmetric(eng, group, [5])
     assert group.other_flags == []
+
+
+
+class _OtherRankById(_TwoRanks):
+    """Like _TwoRanks, but the other rank's flags are per id (``flags``; 1, known and pending, for others)."""
+
+    def __init__(self):
+        super().__init__([])
+        self.flags: dict[int, int] = {}
+
+    def allgather_ints(self, values, *, site=None):
+        import numpy as np
+
+        mine = np.ascontiguousarray(values, dtype=np.int64)
+        self.other_flags.append([self.flags.get(int(r), 1) for r in mine[1::2].view(np.uint64)])
+        return super().allgather_ints(values, site=site)
+
+
+@pytest.mark.parametrize("groups", [1, 2], ids=["one-group-two-sites", "two-groups"])
+def test_poll_symmetric_keeps_what_a_session_ended_as_across_calls_over_other_ids(groups):
+    """Review: the memo of sessions seen to end was kept per engine but pruned to the ids of each call.  An
+    executor that polls one engine in two calls per iteration (its sender and its receiver sessions: two groups, or
+    one group at two sites) lost in the second call what the first one's poll saw end: that session, its tombstone
+    gone in the same poll, read "not tracked on this rank" in every later call, pending for ever.  An id is now
+    kept while some caller (group and site) passed it in its last call."""
+    from lifecycle.collectives import poll_symmetric
+
+    eng = TransferEngine(transfer_timeout=60, cancel_grace=60, tombstones=1, shards=1, on_terminate=lambda r: None)
+    for req in (1, 2):
+        eng.advertise(req, "sender")
+        eng.expose(req)
+        assert eng.terminate(req) is TerminateResult.Deferred
+        eng.complete(req)  # 2's notice, delivered after 1's, evicts 1's tombstone
+    eng.advertise(10, "receiver")
+    senders = _OtherRankById()
+    receivers = senders if groups == 1 else _OtherRankById()
+    got = []
+    for _ in range(2):
+        d = poll_symmetric(eng, senders, [1, 2], site="senders")
+        got.append((d.quiesced, d.pending))
+        assert poll_symmetric(eng, receivers, [10], site="receivers").pending == {10}
+        senders.flags = {1: 7, 2: 7}  # the other rank's sessions end after the first iteration
+    assert got == [(set(), {1, 2}), ({1, 2}, set())]
+    # control: an id that no caller passes in any more is dropped (its session forgotten here: pending again)
+    poll_symmetric(eng, senders, [], site="senders")
+    assert poll_symmetric(eng, senders, [1], site="senders").pending == {1}

@@ -946,9 +946,10 @@ def _local_flags(engine: Any, req: int, unknown: tuple[type[BaseException], ...]
         outcome = engine.outcome(req)
         name = None if outcome is None else outcome.name
     except unknown:
-        if req not in ended:
+        seen = ended.get(req)  # (one lookup: another thread's poll may prune the memo meanwhile)
+        if seen is None:
             return 0  # not tracked on this rank (yet): counts as not terminal, not completed
-        state, name = ended[req]  # ended, and forgotten since (_ENDED)
+        state, name = seen  # ended, and forgotten since (_ENDED)
     else:  # the engine knows the id: its session (a new one, maybe) is what counts, now and once forgotten
         if state in _TERMINAL_STATES:
             ended[req] = (state, name)

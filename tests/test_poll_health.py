@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import types
 
 import pytest
 from conftest import SEC, drive
@@ -755,3 +756,22 @@ def test_poll_symmetric_keeps_what_a_session_ended_as_across_calls_over_other_id
     # control: an id that no caller passes in any more is dropped (its session forgotten here: pending again)
     poll_symmetric(eng, senders, [], site="senders")
     assert poll_symmetric(eng, senders, [1], site="senders").pending == {1}
+
+
+@pytest.mark.parametrize("notices", [None, "x", types.SimpleNamespace(extend=1)], ids=["None", "str", "not-callable"])
+def test_the_native_drain_refuses_a_notices_without_extend_before_it_drains(clock, notices):
+    """Review: _poll_into checked the inbox before it drained, not the notices: given one without a callable
+    extend it drained, then raised AttributeError, the batch lost with its TerminateNow notices, and their
+    tombstones, held for the notices' delivery, held for ever (the ids refused by advertise as Duplicate).  It
+    raises InvalidArgument before draining now; the next poll() delivers everything."""
+    delivered = []
+    eng = TransferEngine(clock=clock, on_terminate=delivered.append, tombstones=0, shards=1)
+    _three_deferred(eng, clock)
+    queued = eng.pending()
+    with pytest.raises(InvalidArgument, match="notices"):
+        eng._poll_into([], notices)
+    assert eng.pending() == queued  # nothing drained
+    eng.poll()
+    assert delivered == [1, 2, 3]
+    eng.advertise(1, "sender")  # its tombstone went once the notice was delivered (tombstones=0)
+    assert eng.state(1) is State.Advertised

@@ -267,6 +267,11 @@ void register_engine(py::module_& m) {
              // handler's SystemExit, a SIGALRM timeout) that arrives during the drain is raised as this call
              // returns: a batch returned as a value was dropped there, and its on_terminate calls never ran.
              if (!PyList_Check(inbox.ptr())) throw InvalidArgumentError("inbox", "expected a list");
+             // notices' extend, found before the drain too: found after it, a missing one raised with the batch
+             // drained, its notices lost and their tombstones held for ever (advertise: Duplicate)
+             py::object extend = py::getattr(notices, "extend", py::none());
+             if (!PyCallable_Check(extend.ptr()))
+               throw InvalidArgumentError("notices", std::string("expected a deque, got ") + Py_TYPE(notices.ptr())->tp_name);
              e.tick();
              const bool healthy = e.health().healthy;
              // (the notices' tombstones stay until poll() delivered them: _notice_delivered)
@@ -277,7 +282,7 @@ void register_engine(py::module_& m) {
              py::list tnow;
              for (std::size_t i = 0, n = static_cast<std::size_t>(size) / sizeof(Record); i < n; ++i)
                if (rec[i].kind == RecordKind::TerminateNow) tnow.append(py::int_(rec[i].req));
-             if (!tnow.empty()) notices.attr("extend")(tnow);  // (first: a notice matters more than a log line)
+             if (!tnow.empty()) extend(tnow);  // (first: a notice matters more than a log line)
              if (PyList_Append(inbox.ptr(), raw.ptr()) != 0) throw py::error_already_set();
              return healthy;
            }, py::arg("inbox"), py::arg("notices"),

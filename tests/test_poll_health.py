@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 import types
@@ -775,3 +776,30 @@ def test_the_native_drain_refuses_a_notices_without_extend_before_it_drains(cloc
     assert delivered == [1, 2, 3]
     eng.advertise(1, "sender")  # its tombstone went once the notice was delivered (tombstones=0)
     assert eng.state(1) is State.Advertised
+
+
+def test_notices_that_cannot_be_handed_over_do_not_hold_their_ids_for_ever(clock):
+    """Review: the native drain holds a TerminateNow's tombstone until poll() delivered the notice.  When the
+    notices could not be handed over after the drain (a MemoryError building them; the deque's extend raising),
+    the batch was lost (as before) and its tombstones were held for ever: advertise refused the ids as
+    Duplicate until the process ended.  They are released now, as a C++ caller's drain releases them."""
+
+    class NoRoom:
+        def extend(self, items):
+            raise MemoryError("no room for the notices")
+
+    eng = TransferEngine(clock=clock, tombstones=0, shards=1)
+    _three_deferred(eng, clock)
+    with pytest.raises(MemoryError):
+        eng._poll_into([], NoRoom())
+    for r in (1, 2, 3):
+        eng.advertise(r, "sender")  # (tombstones=0: a released one is gone)
+        assert eng.state(r) is State.Advertised
+    # control: handed over, a notice keeps its id taken until it is delivered
+    eng2 = TransferEngine(clock=clock, tombstones=0, shards=1)
+    _three_deferred(eng2, clock)
+    kept = collections.deque()
+    eng2._poll_into([], kept)
+    assert list(kept) == [1, 2, 3]
+    with pytest.raises(DuplicateRequest):
+        eng2.advertise(1, "sender")

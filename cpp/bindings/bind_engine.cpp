@@ -279,10 +279,20 @@ void register_engine(py::module_& m) {
              const Py_ssize_t size = PyBytes_GET_SIZE(raw.ptr());
              if (size == 0) return healthy;
              const auto* rec = reinterpret_cast<const Record*>(PyBytes_AS_STRING(raw.ptr()));
-             py::list tnow;
-             for (std::size_t i = 0, n = static_cast<std::size_t>(size) / sizeof(Record); i < n; ++i)
-               if (rec[i].kind == RecordKind::TerminateNow) tnow.append(py::int_(rec[i].req));
-             if (!tnow.empty()) extend(tnow);  // (first: a notice matters more than a log line)
+             const std::size_t n = static_cast<std::size_t>(size) / sizeof(Record);
+             try {
+               py::list tnow;
+               for (std::size_t i = 0; i < n; ++i)
+                 if (rec[i].kind == RecordKind::TerminateNow) tnow.append(py::int_(rec[i].req));
+               if (!tnow.empty()) extend(tnow);  // (first: a notice matters more than a log line)
+             } catch (...) {
+               // The notices could not be handed over (a MemoryError; the extend's own error): they are lost with
+               // this batch, but their tombstones are not held for ever (the ids refused by advertise as
+               // Duplicate until the process ends): released as a C++ caller's drain releases them.
+               for (std::size_t i = 0; i < n; ++i)
+                 if (rec[i].kind == RecordKind::TerminateNow) e.notice_delivered(rec[i].req);
+               throw;
+             }
              if (PyList_Append(inbox.ptr(), raw.ptr()) != 0) throw py::error_already_set();
              return healthy;
            }, py::arg("inbox"), py::arg("notices"),

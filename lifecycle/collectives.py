@@ -465,18 +465,15 @@ class RankGroup:
         # A rank with values that are not int64 joins declaring a size no rank can have.  Every rank sees the
         # sizes differ in the header and gathers the fingerprints; where only this sentinel differs, every rank
         # raises InvalidArgument naming the ranks with bad values, and the group stays usable (_desync).
-        # Without the ledger (no fingerprints) p1 says the same: every rank skips the reduction and raises.
+        # Without the ledger (no fingerprints) p1 says the same, as for the other collectives (_refuse_bad_input).
         # The op is in the ledger's kind: a rank whose op differs is a desync on every rank; the same bad op on
         # every rank raises on every rank, after the header (never stranding one).
         try:
             hdr = self._header("allreduce_ints", kind, _INVALID_SIZE if bad is not None else int(send.size), site,
                                0, int(bad is not None))
-            if hdr[5] > 0:
-                self._done()
-                raise _InvalidValues(f"a rank passed values that are not int64 to allreduce_ints at seq "
-                                     f"{self._last_seq} ({self._site}); no rank reduced")
         except _InvalidValues as iv:
             raise InvalidArgument("values", str(iv) if bad is None else f"{iv}; this rank's: {bad}") from bad
+        self._refuse_bad_input(hdr, bad, "values", "values that are not int64", "reduced")
         if not (isinstance(op, str) and op in ops):
             self._done()
             raise InvalidArgument("op", f"expected one of {sorted(ops)}, got {op!r:.40}")

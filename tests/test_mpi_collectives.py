@@ -267,6 +267,7 @@ def test_bad_input_on_one_rank_never_strands_the_others(n):
         assert res["sum_edges"] == [-((1 << 63) // n) * n, ((1 << 63) // n - 1) * n, 0xFFFFFFFF * n,
                                     -0xFFFFFFFF * n - sum(range(n))], res
         assert res["reduce"] == ["CollectiveDesyncError", "site", True], res  # a non-str site on rank 0
+        assert res["same_bad_site"] == ["site", True, True], res  # the same non-str site on every rank
         assert res["no_ledger"] == ["values", [n]], res
         assert res["no_ledger_agree"] == ["n", True, 3], res
         assert res["op_object"] == ["kind", True], res  # an op whose str() is "sum", on rank 0 only

@@ -194,6 +194,14 @@ def main() -> None:
             out["op_object"] = "returned"
         except CollectiveDesyncError as exc:
             out["op_object"] = [exc.field, g4.broken is not None]
+        # the same non-str site on every rank: no desync (every rank joins under the same name), InvalidArgument
+        # ("site") on every rank, and the group stays usable
+        g5 = col.RankGroup(comm, watchdog=args.watchdog)
+        try:
+            g5.barrier(site=5)
+            out["same_bad_site"] = "returned"
+        except InvalidArgument as exc:
+            out["same_bad_site"] = [exc.argument, g5.broken is None, g5.all_ranks(True)]
     except Exception as exc:  # a timeout here is what the negative control shows
         out["error"] = type(exc).__name__
     emit(rank, **out)

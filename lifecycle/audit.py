@@ -22,6 +22,7 @@ caused, except ``NotFound``, which is logged at once).
 
 Violations (exit status 1): ``malformed`` (a line that is not a valid event; file:line named),
 ``illegal_transition``, ``terminated_before_terminal``, ``leak`` (never terminated), ``double_termination``,
+``wrong_result`` (a cancel/terminate result the table does not give in the state the line logs),
 ``deferred_delivery`` (a deferred terminate delivered 0 or >= 2 times, or delivered without a deferral),
 ``slot_reuse`` (a slot leased again while poisoned/quarantined without ``buffer_recovered``, or while
 another live session holds it), ``rank_disagreement`` (ranks report different outcomes for one request in one
@@ -98,6 +99,7 @@ VIOLATION_KINDS = (
     "terminated_before_terminal",
     "leak",
     "double_termination",
+    "wrong_result",
     "deferred_delivery",
     "slot_reuse",
     "rank_disagreement",
@@ -877,6 +879,15 @@ class Auditor:
                 edge = [0, self.tis.get(r.src), self._into[r.dst], r.dst, self._moves[r.dst], r.outcome]
                 self._moves[r.src][r.event] = self._edges[(r.src, r.event, r.dst)] = edge
         self._created = 0  # creating transitions (the edge * + create_event = initial)
+        # (state, call) -> the results cancel/terminate may return there: the row's, then the engine's two runtime
+        # refinements (the table's comment; cpp/src/audit.cpp check_result: the same): a second deferral returns
+        # AlreadyDeferred, a cancel that moves to CancelRequested while unhealthy returns BackendUnhealthy
+        self._results: dict[tuple[str, str], tuple[str, ...]] = {}
+        for r in sp.rows:
+            if r.result is not None and r.src != _spec.CREATE_SOURCE:
+                self._results[(r.src, r.event)] = (r.result, *(
+                    ("AlreadyDeferred",) if r.dst == ".defer" else
+                    ("BackendUnhealthy",) if r.moves and r.result == "CancelRequestedInFlight" else ()))
         # every (from_state, trigger, to_state, outcome) whose names are in the table, legal or not
         self._well_formed = set(itertools.product((None, *sp.states), sp.events, sp.states, (None, *sp.outcomes)))
         self._handlers = {
@@ -1431,6 +1442,17 @@ class Auditor:
         r = d.get("result")
         if not _member(r, self.spec.cancel_frees):
             self._find("malformed", line, f"lifecycle.cancel: unknown result {_rl(r)}", rank=rank, request=req)
+            return
+        self._check_result("cancel", r, d.get("state"), line, rank, req)
+
+    def _check_result(self, call: str, r: str, state, line: int, rank: int, req) -> None:
+        """A result checked against the state the line logs (the session's before the call; null for NotFound,
+        not checked): Terminated, or a cancel result that frees now, from a non-terminal state let the executor
+        free buffers the transport may still touch."""
+        ok = self._results.get((state, call)) if type(state) is str else None
+        if ok is not None and r not in ok:
+            self._find("wrong_result", line, f"{call}() returned {r} in state {state}; the table gives "
+                       f"{' or '.join(ok)}", rank=rank, request=req)
 
     def _late_or_rejected(self, d: dict, name: str, req, rank: int, sk, eng, sid, t: int, line: int) -> None:
         trig, state = d.get("trigger"), d.get("state")
@@ -1473,6 +1495,7 @@ class Auditor:
         if r not in self.spec.terminate_results or type(req) is not int:
             self._find("malformed", line, f"lifecycle.terminate: bad result/request {_r(r)}/{_r(req)}", rank=rank)
             return
+        self._check_result("terminate", r, d.get("state"), line, rank, req)
         if r == "Deferred":
             s = self._session(rank, req, sid, False)
             if s is None:

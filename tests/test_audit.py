@@ -389,6 +389,24 @@ def _break_outcome_at_creation():
     return ev, "illegal_transition", 3, i
 
 
+def _break_terminated_result_while_not_terminal():
+    """terminate() returned Terminated while the session was Advertised (the executor freed buffers the session
+    went on to expose), where the table gives Deferred; the rest of the log is the deferral delivered."""
+    ev = mg.deferred_termination()
+    i = index(ev, event="lifecycle.terminate", request=30, result="Deferred")
+    ev[i - 1]["result"] = "Terminated"
+    return ev, "wrong_result", 30, i
+
+
+def _break_cancel_frees_while_in_flight():
+    """cancel() returned AlreadyComplete (free now) while the session was InFlight: the transport may still be
+    moving bytes into the buffers the executor frees."""
+    ev = mg.cancellation()
+    i = index(ev, event="lifecycle.cancel", request=11, state="InFlight")
+    ev[i - 1]["result"] = "AlreadyComplete"
+    return ev, "wrong_result", 11, i
+
+
 def _break_malformed():
     ev = mg.cancellation()
     return ev, "malformed", None, 5  # a garbage line is inserted as line 5 in the test below
@@ -407,6 +425,8 @@ BREAKS = {
     "outcome_of_a_row": _break_outcome_of_a_row,
     "outcome_kept": _break_outcome_kept,
     "outcome_at_creation": _break_outcome_at_creation,
+    "wrong_result_terminate": _break_terminated_result_while_not_terminal,
+    "wrong_result_cancel": _break_cancel_frees_while_in_flight,
 }
 
 
@@ -449,6 +469,37 @@ def test_an_outcome_that_contradicts_the_table_names_both_and_counts_the_row_not
     assert res.illegal_edges == {}  # the move is the row's: counted there
     clean = audit_paths([str(_golden_path("clean_run", tmp_path))])
     assert res.edges == clean.edges
+
+
+@pytest.mark.parametrize(("name", "says"), [
+    ("wrong_result_terminate", "terminate() returned Terminated in state Advertised; the table gives Deferred or "
+                               "AlreadyDeferred"),
+    ("wrong_result_cancel", "cancel() returned AlreadyComplete in state InFlight; the table gives "
+                            "CancelRequestedInFlight or BackendUnhealthy")])
+def test_a_call_result_the_table_does_not_give_in_the_logged_state_is_a_violation(tmp_path, name, says):
+    """A cancel/terminate result is checked against the state the line logs (the state before the call): a result
+    that frees now (Terminated, AlreadyComplete) from a non-terminal state let the executor free buffers the
+    transport may still touch, and passed as clean (seen against the old code: no finding)."""
+    ev, kind, req, line = BREAKS[name]()
+    res = audit_paths([write(tmp_path / "x.jsonl", ev)])
+    assert [(f.kind, f.request, f.line, f.message) for f in violations(res)] == [(kind, req, line, says)]
+
+
+@pytest.mark.parametrize(("state", "result", "ok"), [
+    ("InFlight", "BackendUnhealthy", True),  # the engine's refinement of a cancel that moves while unhealthy
+    ("InFlight", "CancelRequestedInFlight", True),
+    ("CancelRequested", "BackendUnhealthy", False),  # a cancel that stays is never refined
+    ("Quiesced", "AlreadyComplete", True),
+    ("Poisoned", "AlreadyComplete", False),
+])
+def test_cancel_results_are_checked_against_the_table_with_its_refinements(tmp_path, state, result, ok):
+    """Control for the test above: the table's results and the two runtime refinements (AlreadyDeferred, in the
+    deferred_termination golden log; BackendUnhealthy for the InFlight cancel) pass; the golden logs are clean."""
+    ev = mg.cancellation()
+    i = index(ev, event="lifecycle.cancel", request=11, state="InFlight")
+    ev[i - 1].update(state=state, result=result)
+    res = audit_paths([write(tmp_path / "x.jsonl", ev)])
+    assert [f.kind for f in violations(res)] == ([] if ok else ["wrong_result"])
 
 
 def _golden_path(name, tmp_path):

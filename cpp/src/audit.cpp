@@ -44,6 +44,7 @@ const char* kind_name(Kind k) {
     case Kind::terminated_before_terminal: return "terminated_before_terminal";
     case Kind::leak: return "leak";
     case Kind::double_termination: return "double_termination";
+    case Kind::wrong_result: return "wrong_result";
     case Kind::deferred_delivery: return "deferred_delivery";
     case Kind::slot_reuse: return "slot_reuse";
     case Kind::rank_disagreement: return "rank_disagreement";
@@ -1861,9 +1862,36 @@ struct Auditor::Impl {
   // ---------------------------------------------------------------- other events
   void cancel(const Int* rq, Int rank, Int line) {
     const JVal& r = f(k_result);
-    if (r.t == JT::string && lookup(sv(r), kCancelResultNames, kNumCancelResults) >= 0) return;
+    const int res = r.t == JT::string ? lookup(sv(r), kCancelResultNames, kNumCancelResults) : -1;
+    if (res >= 0) {
+      check_result(Event::cancel, res, rq, rank, line);
+      return;
+    }
     if (Finding* g = find(Kind::malformed, line, &rank, rq))
       g->message = {P("lifecycle.cancel: unknown result "), J(Op::repr, k_result)};
+  }
+
+  // A result checked against the state the line logs (the session's before the call; null for NotFound, not
+  // checked): the row's result, or the engine's two runtime refinements (Auditor._check_result: the same).
+  void check_result(Event ev, int res, const Int* rq, Int rank, Int line) {
+    const int st = state_of(k_state);
+    if (st < 0) return;
+    const Cell& c = kTable[st][static_cast<int>(ev)];
+    if (c.result == 0xff) return;
+    const bool cancel = ev == Event::cancel;
+    const char* const* names = cancel ? kCancelResultNames : kTerminateResultNames;
+    int also = -1;  // a second deferral returns AlreadyDeferred; a cancel that moves while unhealthy BackendUnhealthy
+    if (c.action == Action::Defer) {
+      also = static_cast<int>(TerminateResult::AlreadyDeferred);
+    } else if (cancel && c.action == Action::Move &&
+               c.result == static_cast<std::uint8_t>(CancelResult::CancelRequestedInFlight)) {
+      also = static_cast<int>(CancelResult::BackendUnhealthy);
+    }
+    if (res == c.result || res == also) return;
+    if (Finding* g = find(Kind::wrong_result, line, &rank, rq))
+      g->message = {P(std::string(cancel ? "cancel" : "terminate") + "() returned " + names[res] + " in state " +
+                      kStateNames[st] + "; the table gives " + names[c.result] +
+                      (also >= 0 ? std::string(" or ") + names[also] : std::string()))};
   }
 
   void late_or_rejected(int h, const Int* rq, Int rank, Int line) {
@@ -1913,6 +1941,7 @@ struct Auditor::Impl {
                       J(Op::short_repr, k_request)};
       return;
     }
+    check_result(Event::terminate, r, &req, rank, line);
     if (r == tr_deferred) {
       Session* s = nullptr;
       if (session_of(rank, req, false, s) == nullptr) {

@@ -860,7 +860,8 @@ class Auditor:
         # stream key (proc, or (file, pid) for lines without proc) -> [next seq, max t, missing {seq: (file, line,
         # rank)}, ...]
         self.streams: dict[object, list] = {}
-        self.slots: dict[tuple, list] = {}  # (stream key, engine, slot) -> [status, owner session key, file, line]
+        # (stream key, engine, slot) -> [status, owner session key, file, line, generation (None: not an int)]
+        self.slots: dict[tuple, list] = {}
         # (request, role) -> [outcome, rank, ranks reported, reported, file, line]: the first outcome of the
         # request's current lifetime among that role's ranks (a rank reporting again starts a new lifetime)
         self.xrank: dict[tuple, list] = {}
@@ -1369,7 +1370,7 @@ class Auditor:
             self._illegal(None, trig, to, line, rank, req, s, f"outcome {outcome}, but a session starts without one",
                           count=False)  # (the session keeps none: the lines after it are checked against that)
         if s[_S_SLOT] >= 0:
-            self._lease(s, key, (sk, eng, s[_S_SLOT]), line, rank, req)
+            self._lease(s, key, (sk, eng, s[_S_SLOT]), line, rank, req, d.get("generation"))
 
     def _new_session(self, key, state: str, d: dict, sk, eng, t: int, line: int) -> list:
         slot = d.get("slot")
@@ -1390,13 +1391,13 @@ class Auditor:
         if s is not None:
             self._mark(s, "illegal_transition")
 
-    def _lease(self, s: list, key, sk: tuple, line: int, rank: int, req: int) -> None:
+    def _lease(self, s: list, key, sk: tuple, line: int, rank: int, req: int, gen) -> None:
         """Slots are keyed (stream, engine, slot): one engine's pool (both roles share it); two engines in one
         process have two pools."""
         slot = sk[2]
         prev = self.slots.get(sk)
         if prev is not None:
-            status, owner, pf, pl = prev
+            status, owner, pf, pl, _ = prev
             if status == "held":
                 why = f"slot {slot} leased while still held by live request {owner[1]} (line {pl})"
             else:
@@ -1405,7 +1406,7 @@ class Auditor:
             self._find("slot_reuse", line, why, rank=rank, request=req, slot=slot, previous_request=owner[1],
                        previous_line=pl, previous_status=status)
             self._mark(s, "slot_reuse")
-        self.slots[sk] = ["held", key, self._file, line]
+        self.slots[sk] = ["held", key, self._file, line, gen if type(gen) is int else None]
 
     def _xrank(self, s: list, req: int, role, rank: int, outcome: str, line: int) -> None:
         """Compare a terminal outcome with the first one of the same request and role on other ranks (the
@@ -1473,10 +1474,15 @@ class Auditor:
             self._find("malformed", line, f"{name}: slot/generation must be ints", rank=rank, request=req)
             return
         key = (sk, eng, slot)
+        gen = d.get("generation")
         if name == "lifecycle.buffer_recovered":
-            self.slots.pop(key, None)
+            # evidence frees the slot's lease of its own generation only (a stale transfer's is the ABA that
+            # generations exist for); a lease whose generation was not an int is freed by any
+            sl = self.slots.get(key)
+            if sl is not None and (sl[4] is None or sl[4] == gen):
+                del self.slots[key]
         else:
-            self.slots[key] = ["quarantined", (rank, req, sid), self._file, line]
+            self.slots[key] = ["quarantined", (rank, req, sid), self._file, line, gen]
 
     def _callback_error(self, d: dict, name: str, req, rank: int, sk, eng, sid, t: int, line: int) -> None:
         self._find("callback_error", line, f"on_terminate raised {_rl(d.get('error'))}", rank=rank, request=req)

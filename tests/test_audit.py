@@ -359,6 +359,16 @@ def _break_slot_reuse():
     return ev, "slot_reuse", 22, index(ev, request=22, trigger="advertise")
 
 
+def _break_stale_recovery():
+    """The quarantined slot is recovered by evidence of another generation (a stale transfer's DONE: the ABA the
+    lease generations exist for), and leased again."""
+    ev = mg.poisoning()
+    i = index(ev, event="lifecycle.buffer_recovered")
+    assert ev[i - 1]["generation"] == 1
+    ev[i - 1]["generation"] = 0
+    return ev, "slot_reuse", 22, index(ev, request=22, trigger="advertise")
+
+
 def _break_seq_gap():
     ev = mg.cancellation()
     del ev[6]  # a lost line (not renumbered); its loss also breaks the replay
@@ -420,6 +430,7 @@ BREAKS = {
     "deferred_0": _break_deferred_never_delivered,
     "deferred_2": _break_deferred_delivered_twice,
     "slot_reuse": _break_slot_reuse,
+    "slot_reuse_stale_recovery": _break_stale_recovery,
     "seq_gap": _break_seq_gap,
     "malformed": _break_malformed,
     "outcome_of_a_row": _break_outcome_of_a_row,
@@ -500,6 +511,23 @@ def test_cancel_results_are_checked_against_the_table_with_its_refinements(tmp_p
     ev[i - 1].update(state=state, result=result)
     res = audit_paths([write(tmp_path / "x.jsonl", ev)])
     assert [f.kind for f in violations(res)] == ([] if ok else ["wrong_result"])
+
+
+def test_a_recovery_of_another_generation_does_not_free_the_slot(tmp_path):
+    """buffer_recovered of a generation other than the quarantined lease's cleared the quarantine all the same, and
+    the slot's next lease passed as clean (seen against the old code: no finding); nor may it drop a live lease's
+    hold.  Control: the golden log, whose recovery is of the quarantined generation, is clean."""
+    ev, kind, req, line = _break_stale_recovery()
+    res = audit_paths([write(tmp_path / "stale.jsonl", ev)])
+    assert [(f.kind, f.request, f.line) for f in violations(res)] == [(kind, req, line)]
+    ev = mg.poisoning()  # request 22 leases slot 0 (generation 2); a stale recovery of generation 1, then a lease
+    i = index(ev, request=22, trigger="expose")
+    rec = {**ev[index(ev, event="lifecycle.buffer_recovered") - 1], "request": 20}
+    adv = {**ev[index(ev, request=22, trigger="advertise") - 1], "request": 23, "generation": 3}
+    ev = renumber(ev[:i] + [rec, adv] + ev[i:])
+    res = audit_paths([write(tmp_path / "held.jsonl", ev)])
+    assert ("slot_reuse", 23) in [(f.kind, f.request) for f in violations(res)], [str(f) for f in res.findings]
+    assert audit_paths([GOLDEN / "poisoning.jsonl"]).ok
 
 
 def _golden_path(name, tmp_path):

@@ -686,6 +686,8 @@ struct SlotRec {
   Int owner_req;
   std::uint32_t file;
   Int line;
+  bool has_gen;  // the lease's generation was an int
+  Int gen;
 };
 
 struct Miss {
@@ -1803,7 +1805,8 @@ struct Auditor::Impl {
       }
       mark(s, Kind::slot_reuse);
     }
-    slots[sk] = SlotRec{slot_held, key, true, req, cur_file, line};
+    const JVal& gen = f(k_generation);  // (of the advertise being replayed)
+    slots[sk] = SlotRec{slot_held, key, true, req, cur_file, line, gen.t == JT::integer, gen.i};
   }
 
   // Auditor._xrank: the same request and role (the event's) on other ranks.
@@ -1925,10 +1928,13 @@ struct Auditor::Impl {
       return;
     }
     Key k = slot_key(cur_stream, cur_engine, slot.i);
+    const Int gen = f(k_generation).i;
     if (h == ev_buffer_recovered) {
-      slots.erase(k);
+      // evidence frees the slot's lease of its own generation only (Auditor._slot_event)
+      auto it = slots.find(k);
+      if (it != slots.end() && (!it->second.has_gen || it->second.gen == gen)) slots.erase(it);
     } else {
-      slots[k] = SlotRec{slot_quarantined, session_key(rank, req, cur_role), has_req, req, cur_file, line};
+      slots[k] = SlotRec{slot_quarantined, session_key(rank, req, cur_role), has_req, req, cur_file, line, true, gen};
     }
   }
 

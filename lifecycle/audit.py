@@ -314,7 +314,11 @@ def _validator():
             raise ImportError("validate_event needs jsonschema (pip install 'kv-lifecycle[test]')") from exc
         schema = load_schema()
         jsonschema.Draft202012Validator.check_schema(schema)
-        _VALIDATOR = jsonschema.Draft202012Validator(schema)
+        # "integer" as the audit reads it: an int (not a bool), never a float (JSON Schema counts 0.0 as an integer,
+        # and the audit reports a line with one where it wants an int malformed)
+        ints = jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
+            "integer", lambda _checker, v: isinstance(v, int) and not isinstance(v, bool))
+        _VALIDATOR = jsonschema.validators.extend(jsonschema.Draft202012Validator, type_checker=ints)(schema)
     return _VALIDATOR
 
 

@@ -117,6 +117,18 @@ def test_schema_rejects_bad_events_with_a_named_field(edit, pattern):
         validate_event(d)
 
 
+@pytest.mark.parametrize("key", ["rank", "seq", "pid", "t_mono_ns", "request"])
+def test_the_schema_takes_an_integer_as_the_audit_does(key):
+    """An integral float (0.0) is a JSON Schema integer, and validate_event passed it while the audit reports the
+    line malformed (seen against the old code: no EventSchemaError), so an engine logging floats passed the tests
+    that validate its events.  Control: the int itself validates."""
+    d = dict(mg.clean_run()[0])
+    validate_event(d)
+    assert audit_events([{**d, key: float(d[key])}]).by_kind("malformed")
+    with pytest.raises(audit.EventSchemaError, match=rf"{key}: {float(d[key])!r} is not of type 'integer'"):
+        validate_event({**d, key: float(d[key])})
+
+
 def test_missing_common_key_is_rejected():
     d = dict(mg.clean_run()[0])
     del d["t_mono_ns"]

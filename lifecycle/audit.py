@@ -118,6 +118,8 @@ WARNING_KINDS = (
     "live",
     "window_evicted",
 )
+# Violations a caller may excuse (AuditResult.excuse): an empty log is right for a rank that created no session
+EXCUSABLE_KINDS = ("no_events",)
 
 MAX_LINE = 1 << 20  # longer lines are reported (not parsed, not held in memory)
 # Lines nesting brackets deeper than this (outside strings) are reported, not parsed: orjson 3.8 recurses
@@ -542,10 +544,22 @@ class AuditResult:
     violating: list[RequestSummary]
     streams: dict[str, dict]  # label (_stream_label) -> {events, next_seq, file, first_seq, pid, proc}
     ranks: list[int]
+    # Invariant: keys are in EXCUSABLE_KINDS, values equal finding_counts' (set by excuse(), never by the replay)
+    excused: dict[str, int] = field(default_factory=dict)
 
     @property
     def violations(self) -> int:
-        return sum(n for k, n in self.finding_counts.items() if k in VIOLATION_KINDS)
+        return sum(n for k, n in self.finding_counts.items() if k in VIOLATION_KINDS and k not in self.excused)
+
+    def excuse(self, kind: str) -> "AuditResult":
+        """Stop counting ``kind``'s findings as violations (they stay in ``findings`` and ``finding_counts``, and
+        ``excused`` says how many): ``no_events`` for a log that may rightly be empty, as a rank or side that
+        created no session (``lifecycle audit --allow-empty``; the demo for a side that started none)."""
+        if kind not in EXCUSABLE_KINDS:
+            raise InvalidArgument("kind", f"only {', '.join(EXCUSABLE_KINDS)} can be excused, got {kind!r}")
+        if self.finding_counts.get(kind):
+            self.excused[kind] = self.finding_counts[kind]
+        return self
 
     @property
     def ok(self) -> bool:
@@ -568,6 +582,7 @@ class AuditResult:
             "ranks": self.ranks,
             "violations": viol,
             "warnings": warn,
+            "excused": dict(self.excused),
             "findings": [f.as_dict() for f in self.findings],
             "time_in_state": {s: h.as_dict() for s, h in self.time_in_state.items()},
             "lifetime": self.lifetime.as_dict(),
@@ -2018,17 +2033,23 @@ def format_text(res: AuditResult, max_findings: int = 50) -> str:
     w(f"kv-lifecycle audit: {len(res.files)} file(s), {res.lines} line(s), {res.events} event(s), "
       f"{res.requests} request(s) ({res.terminated} terminated, {res.live} live), ranks {res.ranks}, "
       f"table {res.table_digest}")
-    viol = [f for f in res.findings if f.violation]
+    viol = [f for f in res.findings if f.violation and f.kind not in res.excused]
     warn = [f for f in res.findings if not f.violation]
     if res.violations:
         w(f"\nVIOLATIONS: {res.violations}  (" + ", ".join(
-            f"{k} {res.finding_counts[k]}" for k in VIOLATION_KINDS if res.finding_counts.get(k)) + ")")
+            f"{k} {res.finding_counts[k]}" for k in VIOLATION_KINDS
+            if res.finding_counts.get(k) and k not in res.excused) + ")")
         for f in viol[:max_findings]:
             w(f"  {f}")
         if len(viol) > max_findings:
             w(f"  ... {len(viol) - max_findings} more (use --json)")
     else:
         w("\nno violations")
+    if res.excused:
+        w(f"\nexcused (not violations: empty logs allowed): " + ", ".join(
+            f"{k} {n}" for k, n in res.excused.items()))
+        for f in [f for f in res.findings if f.kind in res.excused][:10]:
+            w(f"  {f}")
     nwarn = sum(n for k, n in res.finding_counts.items() if k in WARNING_KINDS)
     if nwarn:
         w(f"\nwarnings: {nwarn}  (" + ", ".join(
@@ -2067,6 +2088,9 @@ def main_audit(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=20, help="slowest requests kept")
     p.add_argument("--max-findings", type=int, default=1000, help="findings kept per kind (all are counted)")
     p.add_argument("--timeline-cap", type=int, default=60, help="requests shown in the HTML timeline")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="a log with no lifecycle event (no_events) is reported, not a violation: for a rank that "
+                        "created no session")
     p.add_argument("--engine", choices=("native", "python"), default=None,
                    help="replay engine: native (C++, the default when it can be used) or python (the reference); "
                         f"default from ${ENGINE_ENV}")
@@ -2096,6 +2120,8 @@ def main_audit(argv: list[str] | None = None) -> int:
         print(f"lifecycle audit: --engine native: {why}", file=sys.stderr)
         return 2
     res = audit_paths(a.logs, sp, native=None if a.engine is None else a.engine == "native", **kw)
+    if a.allow_empty:
+        res.excuse("no_events")
     if a.html:
         from .report import write_html
 

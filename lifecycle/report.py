@@ -153,7 +153,8 @@ def render_html(res: AuditResult, spec: _spec.Spec, timeline_cap: int = 60) -> s
 
     p.append("<h2>Violations and warnings</h2>")
     p.append(_table(["kind", "count", "severity"],
-                    [[k, res.finding_counts.get(k, 0), "violation"] for k in VIOLATION_KINDS if res.finding_counts.get(k)]
+                    [[k, res.finding_counts.get(k, 0), "excused" if k in res.excused else "violation"]
+                     for k in VIOLATION_KINDS if res.finding_counts.get(k)]
                     + [[k, res.finding_counts.get(k, 0), "warning"] for k in WARNING_KINDS if res.finding_counts.get(k)]
                     or [["none", 0, ""]]))
     kinds = sorted({f.kind for f in res.findings})

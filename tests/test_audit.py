@@ -1248,3 +1248,36 @@ def test_logs_with_events_have_no_no_events_finding(tmp_path):
     res = audit_paths([tmp_path / "missing.jsonl", good[0]])
     assert res.finding_counts == {"unreadable": 1}, res.finding_counts
     assert audit_events([]).finding_counts == {}  # in-memory events: no file to speak of
+
+
+@pytest.mark.parametrize("engine", ["python", "native"])
+def test_allow_empty_excuses_an_empty_rank_log_and_nothing_else(tmp_path, capsys, engine):
+    """A rank that created no session logs nothing, and `lifecycle audit` of its log failed with no_events and
+    no way to say so.  --allow-empty reports the finding as excused (exit 0); every other violation still counts."""
+    empty = tmp_path / "rank1.jsonl"
+    empty.write_bytes(b"")
+    good = str(GOLDEN / "two_rank.rank0.jsonl")
+    args = [good, str(empty), "--engine", engine]
+    assert main_audit(args) == 1  # the control: without the flag it is a violation
+    capsys.readouterr()
+    assert main_audit([*args, "--allow-empty"]) == 0
+    out = capsys.readouterr().out
+    assert "no violations" in out and "excused (not violations: empty logs allowed): no_events 1" in out, out
+    assert f"{empty}:0: [no_events]" in out, out  # still named
+    assert main_audit([*args, "--allow-empty", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["ok"] is True and doc["excused"] == {"no_events": 1} and doc["violations"]["no_events"] == 1, doc
+    # other violations are not excused: a noise file is malformed as well as empty, and a broken log stays broken
+    noise = tmp_path / "noise.jsonl"
+    noise.write_bytes(NO_EVENT_FILES["noise"][0])
+    assert main_audit([str(noise), "--engine", engine, "--allow-empty"]) == 1
+    assert "VIOLATIONS: 2  (malformed 2)" in capsys.readouterr().out
+    res = audit_paths([noise]).excuse("no_events")
+    assert (res.ok, res.violations, res.excused) == (False, 2, {"no_events": 1})
+    # nothing to excuse: the result is unchanged
+    res = audit_paths([good]).excuse("no_events")
+    assert res.ok and res.excused == {} and res.as_dict()["excused"] == {}
+    from lifecycle.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="only no_events can be excused, got 'leak'"):
+        res.excuse("leak")

@@ -170,10 +170,13 @@ def test_demo_audit_excuses_an_empty_log_only_for_a_side_with_no_sessions(tmp_pa
 
     (tmp_path / "logs").mkdir()
     (tmp_path / "logs" / "receiver-0.jsonl").write_text("")
-    assert _audit(tmp_path, set(), {"receiver-0": 0})[2] == 0
+    doc, text, violations, _ = _audit(tmp_path, set(), {"receiver-0": 0})
+    assert violations == 0 and doc["per_log"]["receiver-0"]["excused"] == {"no_events": 1}, doc
+    assert "excused (not violations: empty logs allowed): no_events 1" in text, text
     # control: a side that started sessions and logged nothing is still a no_events violation
     doc, _, violations, _ = _audit(tmp_path, set(), {"receiver-0": 3})
     assert violations == 1 and doc["per_log"]["receiver-0"]["violations"]["no_events"] == 1
+    assert doc["per_log"]["receiver-0"]["excused"] == {}
 
 
 @needs_nixl

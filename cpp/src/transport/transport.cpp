@@ -5,6 +5,8 @@
 #include <atomic>
 #include <chrono>
 #include <exception>
+#include <map>
+#include <new>
 #include <random>
 #include <vector>
 
@@ -20,7 +22,16 @@ namespace {
 // Bumped in every forked child (pthread_atfork), so a process can tell that it is a fork of the one that
 // made a transport: pids can be reused, and a child in a new pid namespace can have its parent's pid.
 std::atomic<std::uint64_t> g_fork_generation{0};
-void on_fork_in_child() noexcept { g_fork_generation.fetch_add(1, std::memory_order_relaxed); }
+// Every live transport of each engine (share_stop), guarded by *g_engine_transports_mu.  Never destroyed (a
+// transport may outlive static destruction); in a forked child both start over (the parent's transports are
+// not the child's, and a thread of the parent may have held the lock at the fork).
+std::mutex* g_engine_transports_mu = new std::mutex;
+std::map<const Engine*, std::vector<Transport*>>* g_engine_transports = new std::map<const Engine*, std::vector<Transport*>>;
+void on_fork_in_child() noexcept {
+  g_fork_generation.fetch_add(1, std::memory_order_relaxed);
+  g_engine_transports_mu = new (std::nothrow) std::mutex;
+  g_engine_transports = new (std::nothrow) std::map<const Engine*, std::vector<Transport*>>;
+}
 [[maybe_unused]] const int g_atfork_registered = ::pthread_atfork(nullptr, nullptr, &on_fork_in_child);
 }  // namespace
 
@@ -139,6 +150,17 @@ Transport::Transport(std::shared_ptr<Engine> engine, std::unique_ptr<Agent> agen
     });
   }
   progress_ = std::make_unique<NixlProgress>(*agent_, *this, opts_.progress);
+  if (engine_) {
+    // the early stops the engine's other transports answered bind this one too (share_stop)
+    std::lock_guard<std::mutex> g(*g_engine_transports_mu);
+    auto& all = (*g_engine_transports)[engine_.get()];
+    for (Transport* t : all) {
+      std::lock_guard<std::mutex> lk(t->mu_);
+      std::lock_guard<std::mutex> mine(mu_);
+      for (const auto& [key, memo] : t->stopped_reqs_) stopped_reqs_.emplace(key, memo);
+    }
+    all.push_back(this);
+  }
 }
 
 Transport::~Transport() { stop(); }
@@ -395,6 +417,20 @@ bool Transport::remember_stopped(std::uint64_t req, std::uint64_t tag, StopMemo 
   }
   if (stopped_reqs_.size() >= opts_.remember_stopped) return false;
   stopped_reqs_.emplace(ReqTag{req, tag}, memo);
+  return true;
+}
+
+bool Transport::share_stop(std::uint64_t req, std::uint64_t tag, StopMemo memo) {
+  if (!engine_) return true;
+  std::lock_guard<std::mutex> g(*g_engine_transports_mu);
+  auto all = g_engine_transports->find(engine_.get());
+  if (all == g_engine_transports->end()) return true;  // stopped meanwhile: nothing of ours posts
+  for (Transport* t : all->second) {
+    if (t == this) continue;
+    std::lock_guard<std::mutex> lk(t->mu_);
+    // (a transfer of req it builds or holds may be this very offer's: past its look at the stop memory)
+    if (t->entries_.count(req) != 0 || t->preparing(req) || !t->remember_stopped(req, tag, memo)) return false;
+  }
   return true;
 }
 
@@ -1429,6 +1465,7 @@ void Transport::on_notification(const std::string& peer, const NotifMessage& m) 
     case NotifKind::Stop: {
       ctr_.peer_stops.fetch_add(1);
       bool active = false, reply_now = false, cancel_now = false;
+      std::optional<StopMemo> share;  // the pair's memo when the reply promises "never posted" (share_stop)
       std::uint64_t serial = 0;
       // our session of the id now: a pair stopped with no entry here binds to it while it lives
       const std::optional<SessionInfo> ours = engine_ ? engine_->info(req) : std::nullopt;
@@ -1465,6 +1502,7 @@ void Transport::on_notification(const std::string& peer, const NotifMessage& m) 
           ctr_.stale_notifications.fetch_add(1);
           if (remember_stopped(req, m.tag, StopMemo{0, it->second.serial + 1})) {  // a later session's, if any
             reply_now = true;
+            share = StopMemo{0, it->second.serial + 1};
           } else {
             ctr_.stops_unanswered.fetch_add(1);
           }
@@ -1505,7 +1543,12 @@ void Transport::on_notification(const std::string& peer, const NotifMessage& m) 
           if (no_entry.session != 0 && p != posted_.end() && p->second.serial == no_entry.session) {
             no_entry = StopMemo{0, no_entry.session + 1};
           }
-          if (remember_stopped(req, m.tag, no_entry)) reply_now = true; else ctr_.stops_unanswered.fetch_add(1);
+          if (remember_stopped(req, m.tag, no_entry)) {
+            reply_now = true;
+            share = no_entry;
+          } else {
+            ctr_.stops_unanswered.fetch_add(1);
+          }
         } else {
           ctr_.orphan_notifications.fetch_add(1);  // our passive entry: the peer holds no descriptor of it
         }
@@ -1518,7 +1561,12 @@ void Transport::on_notification(const std::string& peer, const NotifMessage& m) 
           send(peer, {req, NotifKind::Quiesced, m.tag});
         }
       } else if (reply_now) {
-        // Nothing of ours moves for (req, tag): never posted (and now never will be), or finished.
+        // Nothing of ours moves for (req, tag): never posted (and now never will be, by any transport of the
+        // engine), or finished.
+        if (share && !share_stop(req, m.tag, *share)) {
+          ctr_.stops_unanswered.fetch_add(1);
+          return;
+        }
         send_acks(peer, req, {m.tag});
       }
       return;
@@ -1646,6 +1694,13 @@ void Transport::remove_peer(const std::string& peer) {
 
 void Transport::stop() {
   if (stopped_.exchange(true)) return;
+  if (engine_) {  // (its transfers are refused from here on: nothing to promise for it any more)
+    std::lock_guard<std::mutex> g(*g_engine_transports_mu);
+    if (auto all = g_engine_transports->find(engine_.get()); all != g_engine_transports->end()) {
+      all->second.erase(std::remove(all->second.begin(), all->second.end(), this), all->second.end());
+      if (all->second.empty()) g_engine_transports->erase(all);
+    }
+  }
   {
     std::lock_guard<std::recursive_mutex> lk(relay_->mu);
     relay_->target = nullptr;

@@ -1360,3 +1360,52 @@ def test_an_early_stop_answered_by_one_transport_keeps_another_of_the_engine_fro
     finally:
         for t in (a, b, p):
             t.close()
+
+
+@pytest.mark.parametrize("how", ["error", "stop"])
+def test_an_early_stop_is_not_answered_while_another_transport_of_the_engine_may_still_write(how):
+    """Two transports on one engine, the engine forgetting an id once terminated (tombstones=0): the executor
+    WRITEs the peer's offer (made for B) through A, and A's transfer fails, or A is stopped (neither is evidence:
+    the copy goes on).  The session ends Poisoned and is terminated; the engine forgets it.  The peer, with no
+    Done, times out and asks B to stop.  B held nothing and the engine knows nothing, so B answered "quiesced":
+    the peer gave its slot back while A's WRITE still landed in it (review: ~4.7 MiB of late bytes).  A keeps
+    such requests (unproven) for good, stopped or not; an early stop is not answered while a transport of the
+    engine does.  Control: the peer's stop did reach B."""
+    from lifecycle.transport import connect_all
+
+    n = 8 * MiB
+    i = next(_n)
+    e = TransferEngine(num_slots=1, slot_size=n, tombstones=0, shards=1, transfer_timeout=5, cancel_grace=5)
+    ep = TransferEngine(num_slots=1, slot_size=n, transfer_timeout=0.2, cancel_grace=0.3)
+    faults = Faults(seed=11, error=1.0) if how == "error" else None
+    a = LoopbackTransport(e, f"ew-A{i}", bytes_per_second=16 * MiB, faults=faults)  # ~0.5 s
+    b = LoopbackTransport(e, f"ew-B{i}")
+    p = LoopbackTransport(ep, f"ew-P{i}")
+    try:
+        connect_all(a, b, p)
+        for t, eng in ((a, e), (b, e), (p, ep)):
+            t.register(eng.pool)
+        ep.advertise(1, "receiver", n)
+        e.advertise(1, "sender", n)
+        slot = ep.info(1).slot
+        offer = p.expect(1, b.name, pool_slot(ep, 1))
+        assert a.write(1, pool_slot(e, 1), p.name, offer) == "Posted"
+        if how == "stop":
+            a.stop()
+        wait_for(lambda: e.state(1) is State.Poisoned, 10, f"A's {how}", lambda: e.drain(0.01))
+        assert e.terminate(1) is TerminateResult.Terminated
+        with pytest.raises(Exception):
+            e.info(1)  # forgotten: the engine no longer says it was Poisoned
+        wait_for(lambda: ep.state(1) in (State.Quiesced, State.Poisoned), 10, "the peer's timeout", lambda: ep.drain(0.01))
+        wait_for(lambda: b.stats().peer_stops == 1, 10, "the peer's stop at B")  # (control: it reached B)
+        if ep.state(1) is State.Quiesced:  # answered: the peer gives its slot back and reuses it
+            assert ep.terminate(1) is TerminateResult.Terminated
+            ep.pool.slot_view(slot)[:n] = b"\xee" * n
+            assert a.wait_idle(10)
+            time.sleep(0.6)  # (the rest of A's copy, paced)
+            late = n - bytes(ep.pool.slot_view(slot)[:n]).count(0xEE)
+            assert late == 0, f"{late} bytes of A's WRITE landed after B's answer"
+        assert ep.state(1) is State.Poisoned and b.stats().quiesced_sent == 0 and b.stats().stops_unanswered == 1
+    finally:
+        for t in (a, b, p):
+            t.close()

@@ -22,7 +22,8 @@ namespace {
 // Bumped in every forked child (pthread_atfork), so a process can tell that it is a fork of the one that
 // made a transport: pids can be reused, and a child in a new pid namespace can have its parent's pid.
 std::atomic<std::uint64_t> g_fork_generation{0};
-// Every live transport of each engine (share_stop), guarded by *g_engine_transports_mu.  Never destroyed (a
+// Every transport of each engine, stopped ones too until destroyed (share_stop), guarded by
+// *g_engine_transports_mu.  Never destroyed (a
 // transport may outlive static destruction); in a forked child both start over (the parent's transports are
 // not the child's, and a thread of the parent may have held the lock at the fork).
 std::mutex* g_engine_transports_mu = new std::mutex;
@@ -163,7 +164,18 @@ Transport::Transport(std::shared_ptr<Engine> engine, std::unique_ptr<Agent> agen
   }
 }
 
-Transport::~Transport() { stop(); }
+Transport::~Transport() {
+  stop();
+  // Only now out of share_stop's registry: a stopped transport posts nothing more, but what it released without
+  // evidence (stop(), remove_peer(), an error) may still move bytes while its agent lives (unproven_).
+  if (engine_) {
+    std::lock_guard<std::mutex> g(*g_engine_transports_mu);
+    if (auto all = g_engine_transports->find(engine_.get()); all != g_engine_transports->end()) {
+      all->second.erase(std::remove(all->second.begin(), all->second.end(), this), all->second.end());
+      if (all->second.empty()) g_engine_transports->erase(all);
+    }
+  }
+}
 
 Agent::RegionId Transport::register_region(const Region& r) {
   const Agent::RegionId id = agent_->register_region(r);
@@ -424,12 +436,16 @@ bool Transport::share_stop(std::uint64_t req, std::uint64_t tag, StopMemo memo) 
   if (!engine_) return true;
   std::lock_guard<std::mutex> g(*g_engine_transports_mu);
   auto all = g_engine_transports->find(engine_.get());
-  if (all == g_engine_transports->end()) return true;  // stopped meanwhile: nothing of ours posts
+  if (all == g_engine_transports->end()) return true;  // (none: this one is being destroyed)
   for (Transport* t : all->second) {
     if (t == this) continue;
     std::lock_guard<std::mutex> lk(t->mu_);
-    // (a transfer of req it builds or holds may be this very offer's: past its look at the stop memory)
-    if (t->entries_.count(req) != 0 || t->preparing(req) || !t->remember_stopped(req, tag, memo)) return false;
+    // (a transfer of req it builds or holds may be this very offer's: past its look at the stop memory; one
+    // of req that ended without evidence may still move bytes, though the engine may have forgotten it)
+    if (t->entries_.count(req) != 0 || t->preparing(req) || t->unproven_.count(req) != 0 ||
+        !t->remember_stopped(req, tag, memo)) {
+      return false;
+    }
   }
   return true;
 }
@@ -1694,13 +1710,6 @@ void Transport::remove_peer(const std::string& peer) {
 
 void Transport::stop() {
   if (stopped_.exchange(true)) return;
-  if (engine_) {  // (its transfers are refused from here on: nothing to promise for it any more)
-    std::lock_guard<std::mutex> g(*g_engine_transports_mu);
-    if (auto all = g_engine_transports->find(engine_.get()); all != g_engine_transports->end()) {
-      all->second.erase(std::remove(all->second.begin(), all->second.end(), this), all->second.end());
-      if (all->second.empty()) g_engine_transports->erase(all);
-    }
-  }
   {
     std::lock_guard<std::recursive_mutex> lk(relay_->mu);
     relay_->target = nullptr;

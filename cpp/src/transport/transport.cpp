@@ -22,16 +22,18 @@ namespace {
 // Bumped in every forked child (pthread_atfork), so a process can tell that it is a fork of the one that
 // made a transport: pids can be reused, and a child in a new pid namespace can have its parent's pid.
 std::atomic<std::uint64_t> g_fork_generation{0};
-// Every transport of each engine, stopped ones too until destroyed (share_stop), guarded by
-// *g_engine_transports_mu.  Never destroyed (a
-// transport may outlive static destruction); in a forked child both start over (the parent's transports are
-// not the child's, and a thread of the parent may have held the lock at the fork).
-std::mutex* g_engine_transports_mu = new std::mutex;
-std::map<const Engine*, std::vector<Transport*>>* g_engine_transports = new std::map<const Engine*, std::vector<Transport*>>;
+// Every transport of each engine, stopped ones too until destroyed (share_stop), under its mutex.  Never
+// destroyed (a transport may outlive static destruction); a forked child starts a new one (the parent's
+// transports are not the child's, and a thread of the parent may have held the lock at the fork), or none when
+// that allocation fails: then no transport registers, and share_stop promises nothing (stops go unanswered).
+struct EngineTransports {
+  std::mutex mu;
+  std::map<const Engine*, std::vector<Transport*>> of;
+};
+EngineTransports* g_engine_transports = new EngineTransports;
 void on_fork_in_child() noexcept {
   g_fork_generation.fetch_add(1, std::memory_order_relaxed);
-  g_engine_transports_mu = new (std::nothrow) std::mutex;
-  g_engine_transports = new (std::nothrow) std::map<const Engine*, std::vector<Transport*>>;
+  g_engine_transports = new (std::nothrow) EngineTransports;
 }
 [[maybe_unused]] const int g_atfork_registered = ::pthread_atfork(nullptr, nullptr, &on_fork_in_child);
 }  // namespace
@@ -153,8 +155,10 @@ Transport::Transport(std::shared_ptr<Engine> engine, std::unique_ptr<Agent> agen
   progress_ = std::make_unique<NixlProgress>(*agent_, *this, opts_.progress);
   if (engine_) {
     // the early stops the engine's other transports answered bind this one too (share_stop)
-    std::lock_guard<std::mutex> g(*g_engine_transports_mu);
-    auto& all = (*g_engine_transports)[engine_.get()];
+    EngineTransports* reg = g_engine_transports;
+    if (reg == nullptr) return;  // (a forked child that could not allocate it: share_stop refuses)
+    std::lock_guard<std::mutex> g(reg->mu);
+    auto& all = reg->of[engine_.get()];
     for (Transport* t : all) {
       std::lock_guard<std::mutex> lk(t->mu_);
       std::lock_guard<std::mutex> mine(mu_);
@@ -169,10 +173,12 @@ Transport::~Transport() {
   // Only now out of share_stop's registry: a stopped transport posts nothing more, but what it released without
   // evidence (stop(), remove_peer(), an error) may still move bytes while its agent lives (unproven_).
   if (engine_) {
-    std::lock_guard<std::mutex> g(*g_engine_transports_mu);
-    if (auto all = g_engine_transports->find(engine_.get()); all != g_engine_transports->end()) {
-      all->second.erase(std::remove(all->second.begin(), all->second.end(), this), all->second.end());
-      if (all->second.empty()) g_engine_transports->erase(all);
+    if (EngineTransports* reg = g_engine_transports; reg != nullptr) {
+      std::lock_guard<std::mutex> g(reg->mu);
+      if (auto all = reg->of.find(engine_.get()); all != reg->of.end()) {
+        all->second.erase(std::remove(all->second.begin(), all->second.end(), this), all->second.end());
+        if (all->second.empty()) reg->of.erase(all);
+      }
     }
   }
 }
@@ -434,9 +440,11 @@ bool Transport::remember_stopped(std::uint64_t req, std::uint64_t tag, StopMemo 
 
 bool Transport::share_stop(std::uint64_t req, std::uint64_t tag, StopMemo memo) {
   if (!engine_) return true;
-  std::lock_guard<std::mutex> g(*g_engine_transports_mu);
-  auto all = g_engine_transports->find(engine_.get());
-  if (all == g_engine_transports->end()) return true;  // (none: this one is being destroyed)
+  EngineTransports* reg = g_engine_transports;
+  if (reg == nullptr) return false;  // (see EngineTransports)
+  std::lock_guard<std::mutex> g(reg->mu);
+  auto all = reg->of.find(engine_.get());
+  if (all == reg->of.end()) return true;  // (none: this one is being destroyed)
   for (Transport* t : all->second) {
     if (t == this) continue;
     std::lock_guard<std::mutex> lk(t->mu_);

@@ -261,9 +261,10 @@ class Transport final : public EventSink {
   bool remember_stopped(std::uint64_t req, std::uint64_t tag, StopMemo memo);  // false: full; caller holds mu_
   // An early stop this transport answers ("never posted") promises for the whole engine: the executor may post
   // an offer through another transport of it than the one the peer made it for.  Every other transport of
-  // the engine (a stopped one too, until destroyed) remembers the pair too (its transfer() of it is skipped); false when one cannot promise (it
-  // holds or builds a transfer of req, one of req ended there without evidence, or its memory is full): then
-  // the stop stays unanswered (the peer ends Poisoned: safe).  Caller holds no transport lock.
+  // the engine (a stopped one too, until destroyed) remembers the pair too (its transfer() of it is skipped).
+  // False when one cannot promise (it holds or builds a transfer of req, one of req ended there without
+  // evidence, or its memory is full): then the stop stays unanswered (the peer ends Poisoned: safe).  Caller
+  // holds no transport lock.
   bool share_stop(std::uint64_t req, std::uint64_t tag, StopMemo memo);
   void sweep_stopped();
   // Drops the records of `m` whose session the engine no longer holds (forgotten, or another serial).

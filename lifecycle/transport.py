@@ -362,6 +362,15 @@ def mem_of(obj) -> Mem:
         if nbytes == 0:
             raise InvalidArgument("tensor", "the tensor is empty: there is no memory range to name")
         dev = obj.device
+        if dev.type in ("cpu", "cuda") and hasattr(obj, "untyped_storage"):
+            # (a storage resized under the tensor, untyped_storage().resize_(n), leaves its sizes as they were: a
+            # transfer wrote past the storage's allocation, or at the address its offset alone made)
+            storage = obj.untyped_storage()
+            lo, ptr = storage.data_ptr(), obj.data_ptr()
+            if lo == 0 or ptr < lo or ptr + nbytes > lo + storage.nbytes():
+                raise InvalidArgument("tensor", f"its {nbytes} bytes at {ptr:#x} lie outside its storage "
+                                                f"({storage.nbytes()} bytes at {lo:#x}): the storage was resized "
+                                                "under it, and the memory it names is not the tensor's")
         if dev.type == "cpu":
             return Mem(obj.data_ptr(), nbytes)
         if dev.type == "cuda":

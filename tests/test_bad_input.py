@@ -995,3 +995,41 @@ def test_poll_symmetric_with_something_that_is_not_a_group_is_invalid_argument(g
             call()
         assert ei.value.argument == "group"
     assert poll_symmetric(e, SoloGroup(), [1]).pending == {1}
+
+
+@pytest.mark.parametrize("case", ["freed", "short", "control"])
+def test_a_tensor_whose_storage_was_resized_away_is_refused_not_written(case):
+    """Hunt (session h1): a tensor's storage can be resized under it (``untyped_storage().resize_(n)``) while the
+    tensor keeps its sizes: mem_of took data_ptr() and numel() at their word.  A tensor whose storage was shrunk to
+    16 bytes registered as 4096; a READ into it wrote 4080 bytes past the 16-byte allocation (SIGSEGV in the
+    child), and a view of a storage resized to 0 registered as address 8.  Refused now (InvalidArgument naming
+    the tensor) before anything is registered.  Control: a live view with a storage offset registers and the
+    READ lands in it."""
+    child = run_child("""
+        import sys
+        import torch
+        from lifecycle import InvalidArgument, TransferEngine
+        from lifecycle.transport import LoopbackTransport
+        case = sys.argv[1]
+        t = torch.zeros(1024)
+        x = t if case == "short" else t[2:]
+        if case != "control":
+            t.untyped_storage().resize_(0 if case == "freed" else 16)
+        src = bytearray(b"\\x41" * (x.numel() * 4))
+        ea, eb = TransferEngine(), TransferEngine()
+        a, b = LoopbackTransport(ea, "rs-a"), LoopbackTransport(eb, "rs-b")
+        b.register(src)
+        try:
+            a.register(x)
+        except InvalidArgument as e:
+            print("refused", e.argument, a.stats().registered_regions)
+            sys.exit(0)
+        pa, pb = a.add_peer(b.metadata()), b.add_peer(a.metadata())
+        eb.advertise(1, "sender")
+        ea.advertise(1, "receiver")
+        a.read(1, x, pa, b.expect(1, pb, src))
+        print(ea.wait_terminal(1, 30).name, bytes(x.numpy().tobytes()) == bytes(src))
+    """, case, timeout=60)
+    assert child.returncode == 0, (child.returncode, child.stderr[-2000:])
+    want = ["Quiesced", "True"] if case == "control" else ["refused", "tensor", "0"]
+    assert child.stdout.split()[-len(want):] == want, child.stdout[-2000:]

@@ -1033,3 +1033,53 @@ def test_a_tensor_whose_storage_was_resized_away_is_refused_not_written(case):
     assert child.returncode == 0, (child.returncode, child.stderr[-2000:])
     want = ["Quiesced", "True"] if case == "control" else ["refused", "tensor", "0"]
     assert child.stdout.split()[-len(want):] == want, child.stdout[-2000:]
+
+
+def test_an_int_too_long_to_print_is_a_typed_error_at_the_core():
+    """Hunt (session h1): Python refuses to print an int of more than 4300 digits (ValueError "Exceeds the limit
+    (4300 digits) for integer string conversion"), and the core's range errors quoted the int they refused: a
+    request id, an event, nbytes, a slot or an audit option of 10**5000 raised that bare ValueError, naming
+    nothing, instead of InvalidArgument naming the argument.  A slot's range error also printed the object given:
+    one whose __str__ raises, or returns a lone surrogate, raised that error (pybind11's bare RuntimeError for the
+    surrogate).  Control: an int that prints is still quoted."""
+    big = 10**5000
+
+    class Slot:  # an index whose __str__ cannot be used
+        def __init__(self, text):
+            self.text = text
+
+        def __index__(self):
+            return 99
+
+        def __str__(self):
+            if self.text is None:
+                raise ZeroDivisionError("__str__")
+            return self.text
+
+    e = TransferEngine(num_slots=2, slot_size=64)
+    r = _core.AuditReplay(window=8, top=2, keep_findings=5, keep_violating=5, leak_age_ns=0, max_line=100,
+                          max_depth=512, lookahead=4, max_tables=2)
+    opts = dict(window=8, top=2, keep_findings=5, keep_violating=5, leak_age_ns=0, max_line=100, max_depth=512,
+                lookahead=4, max_tables=2)
+    cases = [
+        (lambda: e.advertise(big, "sender"), "request", "an int of 16610 bits"),
+        (lambda: e.advertise(-big, "sender"), "request", "a negative int of 16610 bits"),
+        (lambda: e.expose(big), "request", "an int of 16610 bits"),
+        (lambda: e.cancel(big), "request", "an int of 16610 bits"),
+        (lambda: e.terminate(big), "request", "an int of 16610 bits"),
+        (lambda: e.info(big), "request", "an int of 16610 bits"),
+        (lambda: e.apply(1, big), "event", "an int of 16610 bits"),
+        (lambda: e.advertise(1, "sender", big), "nbytes", "an int of 16610 bits"),
+        (lambda: e.pool.slot_view(big), "slot", "an int of 16610 bits"),
+        (lambda: e.pool.slot_state(Slot(None)), "slot", "99 out of range"),
+        (lambda: e.pool.slot_view(Slot("\udc80")), "slot", "99 out of range"),
+        (lambda: _core.AuditReplay(**{**opts, "window": big}), "window", "an int of 16610 bits"),
+        (lambda: r.begin([big]), "files", "an int of 16610 bits"),
+    ]
+    for make, arg, text in cases:
+        with pytest.raises(InvalidArgument) as ei:
+            make()
+        assert ei.value.argument == arg and text in str(ei.value), (arg, ei.value)
+    assert e.live_sessions() == 0
+    with pytest.raises(InvalidArgument, match=r"^invalid request: must be an int in \[0, 2\*\*64\), got 18446744073709551616$"):
+        e.expose(2**64)  # control

@@ -21,7 +21,7 @@ std::int64_t arg_i64(py::handle h, const char* what) {
     throw InvalidArgumentError(what, std::string("expected an int, got ") + Py_TYPE(o)->tp_name);
   int overflow = 0;
   long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
-  if (overflow != 0) throw InvalidArgumentError(what, "out of the int64 range: " + py::repr(h).cast<std::string>());
+  if (overflow != 0) throw InvalidArgumentError(what, "out of the int64 range: " + int_text(h));
   return static_cast<std::int64_t>(v);
 }
 

@@ -20,7 +20,7 @@ static std::uint64_t to_u64(py::handle h, const char* what) {
   unsigned long long v = PyLong_AsUnsignedLongLong(o);
   if (v == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
     PyErr_Clear();
-    throw InvalidArgumentError(what, "must be an int in [0, 2**64), got " + py::repr(h).cast<std::string>());
+    throw InvalidArgumentError(what, "must be an int in [0, 2**64), got " + int_text(h));
   }
   return static_cast<std::uint64_t>(v);
 }
@@ -32,7 +32,7 @@ static std::int64_t to_i64(py::handle h, const char* what) {
   long long v = PyLong_AsLongLong(o);
   if (v == -1 && PyErr_Occurred()) {
     PyErr_Clear();
-    throw InvalidArgumentError(what, "out of the int64 range: " + py::repr(h).cast<std::string>());
+    throw InvalidArgumentError(what, "out of the int64 range: " + int_text(h));
   }
   return static_cast<std::int64_t>(v);
 }

@@ -72,6 +72,19 @@ std::string text_arg(py::handle h, const char* what) {
   return std::string(p, static_cast<std::size_t>(n));
 }
 
+std::string int_text(py::handle h) {
+  // int's own repr: an int subclass's __repr__ may raise, or say anything
+  PyObject* r = PyLong_Type.tp_repr(h.ptr());
+  if (r != nullptr) return py::reinterpret_steal<py::str>(r).cast<std::string>();  // (digits: ASCII)
+  if (!PyErr_ExceptionMatches(PyExc_ValueError)) throw py::error_already_set();  // (a MemoryError is not ours)
+  PyErr_Clear();  // past the digits str() prints (4300: "Exceeds the limit ... for integer string conversion")
+  const py::handle int_type(reinterpret_cast<PyObject*>(&PyLong_Type));
+  const py::object below = py::reinterpret_steal<py::object>(PyLong_Type.tp_richcompare(h.ptr(), py::int_(0).ptr(), Py_LT));
+  const bool negative = below.ptr() == Py_True;
+  return std::string(negative ? "a negative int of " : "an int of ") +
+         py::str(int_type.attr("bit_length")(h)).cast<std::string>() + " bits";
+}
+
 std::int64_t int64_arg(py::handle h, const char* what) {
   if (PyBool_Check(h.ptr()) || !PyIndex_Check(h.ptr())) {  // (an int, or an integer with __index__: numpy's)
     throw InvalidArgumentError(what, std::string("expected an int, got ") + Py_TYPE(h.ptr())->tp_name);

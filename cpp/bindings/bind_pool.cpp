@@ -44,7 +44,9 @@ std::uint32_t slot_index(const BufferPool& p, py::handle h) {
   int overflow = 0;
   const long long v = PyLong_AsLongLongAndOverflow(index.ptr(), &overflow);
   if (overflow != 0 || v < 0 || v >= static_cast<long long>(p.num_slots())) {
-    throw InvalidArgumentError("slot", py::str(h).cast<std::string>() + " out of range [0, " +
+    // (the index, not str() of the object given: a __str__ may raise, return a lone surrogate, or print past the
+    // 4300 digits of an int)
+    throw InvalidArgumentError("slot", int_text(index) + " out of range [0, " +
                                            std::to_string(p.num_slots()) + ")");
   }
   return static_cast<std::uint32_t>(v);

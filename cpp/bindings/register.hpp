@@ -27,6 +27,9 @@ std::string text_arg(pybind11::handle h, const char* what);
 // An int argument in the int64 range (InvalidArgumentError naming `what` for a bool, a float, another type, or
 // one out of range, where pybind11 raised a bare "incompatible function arguments" TypeError).
 std::int64_t int64_arg(pybind11::handle h, const char* what);
+// An int (exactly, or a subclass: int's own repr) as text for an error message; one too long for str() (past
+// its 4300 digits, a ValueError that replaced the typed error) is "an int of N bits".
+std::string int_text(pybind11::handle h);
 // C++ text -> str, bytes that are not UTF-8 escaped (\xNN), never a UnicodeDecodeError.
 pybind11::str lossless_str(const std::string& s);
 // Extra py::class_ arguments every class here takes: X.__new__(X) without X(...) raises TypeError instead of

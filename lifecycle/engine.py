@@ -24,7 +24,7 @@ import structlog
 
 from . import logstream as _logstream
 from . import spec as _spec
-from .errors import InvalidArgument, TerminateCallbackError, UnknownRequest
+from .errors import InvalidArgument, TerminateCallbackError, UnknownRequest, _shown
 
 try:
     from . import _core
@@ -196,9 +196,10 @@ def _seconds_to_ns(name: str, value: float | None) -> int:
     if value is None:
         return 0
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value < 0:
-        raise InvalidArgument(name, f"expected seconds >= 0 or None, got {value!r}")
+        raise InvalidArgument(name, f"expected seconds >= 0 or None, got {_shown(value)}")
     if value > _MAX_SECONDS:  # the engine's kMaxDurationNs (inf too: it overflowed the conversion)
-        raise InvalidArgument(name, f"expected at most {_MAX_SECONDS:.0f} seconds (about 31.7 years), got {value!r}")
+        raise InvalidArgument(name, f"expected at most {_MAX_SECONDS:.0f} seconds (about 31.7 years), "
+                                    f"got {_shown(value)}")
     ns = int(value * 1e9)
     # a positive duration is at least 1 ns: rounded down to 0 it meant "no timer" (transfer_timeout=1e-10 never
     # fired)
@@ -233,7 +234,7 @@ class TransferEngine(_core.Engine):
     ):
         if (isinstance(progress_deadline, bool) or not isinstance(progress_deadline, (int, float))
                 or not progress_deadline > 0):  # (a str compared with 0 raised a bare TypeError)
-            raise InvalidArgument("progress_deadline", f"must be > 0 seconds, got {progress_deadline!r:.40}")
+            raise InvalidArgument("progress_deadline", f"must be > 0 seconds, got {_shown(progress_deadline):.40}")
         if on_terminate is not None and not callable(on_terminate):
             raise InvalidArgument("on_terminate", f"expected a callable(request) or None, got {type(on_terminate).__name__}")
         if logger is not None and not callable(getattr(logger, "bind", None)):  # (the first poll() failed on it)
@@ -243,7 +244,7 @@ class TransferEngine(_core.Engine):
             if isinstance(v, bool) or not isinstance(v, int):
                 raise InvalidArgument(name, f"expected an int, got {type(v).__name__}")
             if not -(1 << 63) <= v < 1 << 63:  # (the core's own range checks name it inside int64)
-                raise InvalidArgument(name, f"out of the int64 range: {v}")
+                raise InvalidArgument(name, f"out of the int64 range: {_shown(v)}")
         if clock is not None and not isinstance(clock, _core.Clock):
             raise InvalidArgument("clock", f"expected a lifecycle clock (ManualClock), got {type(clock).__name__}")
         super().__init__(
@@ -270,7 +271,7 @@ class TransferEngine(_core.Engine):
         """Create the session for ``request`` (leasing a pool slot when ``nbytes`` > 0)."""
         code = _ROLE_CODE.get(role) if isinstance(role, str) else None
         if code is None:
-            raise InvalidArgument("role", f"expected 'sender' or 'receiver', got {role!r}")
+            raise InvalidArgument("role", f"expected 'sender' or 'receiver', got {_shown(role)}")
         self._advertise(request, code, nbytes)
 
     def cancel(self, request: int) -> CancelResult:
@@ -291,10 +292,12 @@ class TransferEngine(_core.Engine):
 
     def post(self, request: int, event: Event | str) -> bool:
         """Apply any non-creating event by name; True when the state changed."""
-        try:
-            code = _EVENT_CODE[Event(event)]
+        try:  # (a name: Enum's own refusal of another object quotes its repr(), which may raise)
+            code = _EVENT_CODE[Event(event)] if isinstance(event, str) else None
         except ValueError:
-            raise InvalidArgument("event", f"unknown event {event!r}; events are {', '.join(TABLE.events)}") from None
+            code = None
+        if code is None:
+            raise InvalidArgument("event", f"unknown event {_shown(event)}; events are {', '.join(TABLE.events)}")
         return self.apply(request, code)
 
     # ---- inspection -------------------------------------------------------------------------
@@ -467,7 +470,7 @@ class TransferEngine(_core.Engine):
                     if fatal is None and not isinstance(exc, Exception):
                         fatal = exc
                     try:
-                        self._emit("lifecycle.callback_error", req, None, error=repr(exc))
+                        self._emit("lifecycle.callback_error", req, None, error=_shown(exc))
                     except BaseException as log_exc:
                         log_error = log_error or log_exc
             # The core kept the session's tombstone until now (the native drain held it): the callback found it
@@ -556,13 +559,13 @@ def check_seconds(name: str, value) -> float:
     (NaN compares false with every deadline: a wait on it never ended).  Returns it as a float: an int too
     large for one is inf (time.monotonic() + 10**400 raised a bare OverflowError)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise InvalidArgument(name, f"expected seconds >= 0, got {value!r}")
+        raise InvalidArgument(name, f"expected seconds >= 0, got {_shown(value)}")
     return math.inf if value > sys.float_info.max else float(value)
 
 
 def cancel_frees_now(result: CancelResult) -> bool:
     """Whether the executor may free the request's resources right after this cancel result."""
     if not isinstance(result, CancelResult):
-        raise InvalidArgument("result", f"expected a CancelResult (cancel()'s answer), got {result!r:.40}")
+        raise InvalidArgument("result", f"expected a CancelResult (cancel()'s answer), got {_shown(result):.40}")
     return TABLE.cancel_frees[result.value]
 

@@ -21,6 +21,18 @@ __all__ = [
 ]
 
 
+def _shown(value) -> str:
+    """``repr(value)`` for an error message, never an error itself: an int too long for repr() (past the 4300
+    digits Python prints: ValueError "Exceeds the limit ...") is named by its size, and an object whose
+    ``__repr__`` raises by its type.  Either error replaced the typed one that was being made."""
+    try:
+        return repr(value)
+    except Exception:
+        if isinstance(value, int):
+            return f"{'a negative' if value < 0 else 'an'} int of {int.bit_length(value)} bits"
+        return f"a {type(value).__name__} (its repr() raised)"
+
+
 class LifecycleError(Exception):
     """Base class of every kv-lifecycle error.  Every one pickles (a process pool's worker hands it back):
     rebuilt from its message and attributes, without running the subclass's ``__init__`` again (which takes
@@ -102,7 +114,7 @@ class TerminateCallbackError(LifecycleError):
         self.errors = list(errors)
         self.transitions: list = []  # poll()'s: the batch it would have returned
         reqs = ", ".join(str(r) for r, _ in self.errors)
-        super().__init__(f"on_terminate raised for request(s) {reqs}: {self.errors[0][1]!r}")
+        super().__init__(f"on_terminate raised for request(s) {reqs}: {_shown(self.errors[0][1])}")
 
 
 class TransportError(LifecycleError):

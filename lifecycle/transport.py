@@ -29,7 +29,7 @@ import weakref
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from .errors import InvalidArgument, NixlUnavailable, TransportError
+from .errors import InvalidArgument, NixlUnavailable, TransportError, _shown
 
 try:
     from . import _core
@@ -220,13 +220,13 @@ class Mem:
         for name in ("addr", "nbytes", "device"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise InvalidArgument(name, f"expected an int >= 0, got {v!r}")
+                raise InvalidArgument(name, f"expected an int >= 0, got {_shown(v)}")
         if not isinstance(self.kind, str) or self.kind not in ("dram", "vram"):  # (a numpy array: a bare ValueError)
             raise InvalidArgument("kind", f"expected 'dram' or 'vram', got {self.kind!r}")
         if self.device >= 1 << 64:
-            raise InvalidArgument("device", f"expected a 64-bit device index, got {self.device}")
+            raise InvalidArgument("device", f"expected a 64-bit device index, got {_shown(self.device)}")
         if self.addr + self.nbytes > _core.REGION_END:  # the core's rule (Region::kEnd says why)
-            raise InvalidArgument("nbytes", f"{self.nbytes} bytes at address {self.addr:#x}: the range is "
+            raise InvalidArgument("nbytes", f"{_shown(self.nbytes)} bytes at address {self.addr:#x}: the range is "
                                             f"{_core.REGION_REFUSED}")
 
     def slice(self, offset: int, nbytes: int) -> Mem:
@@ -234,7 +234,7 @@ class Mem:
             if isinstance(v, bool) or not isinstance(v, int):
                 raise InvalidArgument(name, f"expected an int, got {type(v).__name__}")
         if offset < 0 or nbytes <= 0 or offset + nbytes > self.nbytes:
-            raise InvalidArgument("slice", f"[{offset}, {offset + nbytes}) outside [0, {self.nbytes})")
+            raise InvalidArgument("slice", f"[{_shown(offset)}, {_shown(offset + nbytes)}) outside [0, {self.nbytes})")
         return Mem(self.addr + offset, nbytes, self.kind, self.device)
 
     def to_bytes(self) -> bytes:
@@ -289,7 +289,7 @@ class Offer:
         if not isinstance(self.mem, Mem):
             raise InvalidArgument("mem", f"expected a Mem, got {type(self.mem).__name__}")
         if isinstance(self.tag, bool) or not isinstance(self.tag, int) or not 0 <= self.tag < 1 << 64:
-            raise InvalidArgument("tag", f"expected a 64-bit tag, got {self.tag!r}")
+            raise InvalidArgument("tag", f"expected a 64-bit tag, got {_shown(self.tag)}")
 
     def slice(self, offset: int, nbytes: int) -> Offer:
         return Offer(self.mem.slice(offset, nbytes), self.tag)
@@ -437,12 +437,12 @@ class Faults:
         for k, v in ((f.name, getattr(self, f.name)) for f in fields(self)):
             if k == "seed":
                 if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 1 << 64:
-                    raise InvalidArgument(k, f"expected a 64-bit seed, got {v!r}")
+                    raise InvalidArgument(k, f"expected a 64-bit seed, got {_shown(v)}")
             elif k in ("delay_s", "duplicate_after_s"):
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 3600:
-                    raise InvalidArgument(k, f"expected seconds in [0, 3600], got {v!r}")
+                    raise InvalidArgument(k, f"expected seconds in [0, 3600], got {_shown(v)}")
             elif isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
-                raise InvalidArgument(k, f"expected a probability in [0, 1], got {v!r}")
+                raise InvalidArgument(k, f"expected a probability in [0, 1], got {_shown(v)}")
         # one roll picks at most one of these (the wrapper, faulty.cpp): beyond 1 the later ones vanish
         status = self.delay + self.error + self.disconnect + self.never_completes
         if status > 1 + 1e-9:
@@ -692,8 +692,8 @@ class _Transport:
             raise InvalidArgument("reg", f"expected the Registration register() returned, got {type(reg).__name__}")
         if reg.transport != self.name or self._regs.get(reg.region_id) != reg.mem:
             # (region ids restart at 1 in every transport: another's would deregister one of ours)
-            raise InvalidArgument("reg", f"region {reg.region_id!r} of transport {reg.transport!r} is not a live "
-                                         f"registration of this transport ({self.name!r})")
+            raise InvalidArgument("reg", f"region {_shown(reg.region_id)} of transport {_shown(reg.transport)} is not a "
+                                         f"live registration of this transport ({self.name!r})")
         obj = self._keep.get(reg.region_id)
         if isinstance(obj, _core.BufferPool):
             st = obj.stats()
@@ -766,7 +766,7 @@ class _Transport:
                                                        f"got {t!r:.80}")
                 op = t[0]
                 if not isinstance(op, str) or op not in ("read", "write"):  # (a numpy array: a bare ValueError)
-                    raise InvalidArgument("transfers", f"item {i}: op must be 'read' or 'write', got {op!r:.40}")
+                    raise InvalidArgument("transfers", f"item {i}: op must be 'read' or 'write', got {_shown(op):.40}")
                 fields.append(self._fields(*t))
                 where.append(i)
                 out.append(None)
@@ -935,7 +935,7 @@ def _pin_cpu_storage(storage) -> bool:
 def _request(request) -> int:
     """A request id for the core: an int in [0, 2**64), not a bool (InvalidArgument names it)."""
     if isinstance(request, bool) or not isinstance(request, int) or not 0 <= request < 1 << 64:
-        raise InvalidArgument("request", f"expected an id in [0, 2**64), got {request!r:.40}")
+        raise InvalidArgument("request", f"expected an id in [0, 2**64), got {_shown(request):.40}")
     return request
 
 

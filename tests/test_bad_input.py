@@ -19,6 +19,7 @@ from lifecycle import (
     LifecycleError,
     NixlUnavailable,
     PoolExhausted,
+    TerminateCallbackError,
     TransferEngine,
     UnknownRequest,
     _core,
@@ -1081,5 +1082,76 @@ def test_an_int_too_long_to_print_is_a_typed_error_at_the_core():
             make()
         assert ei.value.argument == arg and text in str(ei.value), (arg, ei.value)
     assert e.live_sessions() == 0
-    with pytest.raises(InvalidArgument, match=r"^invalid request: must be an int in \[0, 2\*\*64\), got 18446744073709551616$"):
+    with pytest.raises(InvalidArgument,
+                       match=r"^invalid request: must be an int in \[0, 2\*\*64\), got 18446744073709551616$"):
         e.expose(2**64)  # control
+
+
+def test_an_int_too_long_to_print_is_a_typed_error_in_the_facades():
+    """Hunt (session h1): the Python checks quoted the value they refused (f"{v!r}"), and Python refuses to print an
+    int of more than 4300 digits: TransferEngine(rank=10**5000), a timeout, Mem, Offer, Faults, slice(), a
+    transport's request id and more raised that bare ValueError ("Exceeds the limit (4300 digits) for integer
+    string conversion") instead of InvalidArgument naming the argument.  So did a refused role, event or op
+    whose __repr__ raises.  And an on_terminate that raised ValueError(10**5000): poll() raised the repr's bare
+    ValueError in place of TerminateCallbackError, with the batch's transitions it carries.  Control: a value
+    that prints is still quoted."""
+    from lifecycle.engine import cancel_frees_now
+    from lifecycle.transport import Faults, LoopbackTransport, Mem, Offer, Registration
+
+    big = 10**5000
+
+    class Unprintable:
+        def __repr__(self):
+            raise ZeroDivisionError("__repr__")
+
+    e = TransferEngine()
+    t = LoopbackTransport(e, "big-ints")
+    try:
+        cases = [
+            (lambda: TransferEngine(rank=big), "rank"),
+            (lambda: TransferEngine(num_slots=-big), "num_slots"),
+            (lambda: TransferEngine(transfer_timeout=big), "transfer_timeout"),
+            (lambda: TransferEngine(cancel_grace=-big), "cancel_grace"),
+            (lambda: TransferEngine(progress_deadline=-big), "progress_deadline"),
+            (lambda: e.drain(-big), "timeout"),
+            (lambda: cancel_frees_now(big), "result"),
+            (lambda: e.advertise(1, big), "role"),
+            (lambda: e.advertise(1, Unprintable()), "role"),
+            (lambda: e.post(1, big), "event"),
+            (lambda: e.post(1, Unprintable()), "event"),
+            (lambda: Mem(-big, 8), "addr"),
+            (lambda: Mem(4096, big), "nbytes"),
+            (lambda: Mem(4096, 8, "dram", big), "device"),
+            (lambda: Mem(4096, 8).slice(big, 1), "slice"),
+            (lambda: Offer(Mem(4096, 8), big), "tag"),
+            (lambda: Faults(seed=big), "seed"),
+            (lambda: Faults(delay_s=big), "delay_s"),
+            (lambda: Faults(error=-big), "error"),
+            (lambda: t.expect(big, "peer", bytearray(8)), "request"),
+            (lambda: t.deregister(Registration(big, Mem(4096, 8), "big-ints")), "reg"),
+        ]
+        for make, arg in cases:
+            with pytest.raises(InvalidArgument) as ei:
+                make()
+            assert ei.value.argument == arg, (arg, ei.value)
+        [res] = t.transfer_batch([(Unprintable(), 1, Mem(4096, 8), "p", Offer(Mem(8192, 8), 1))])
+        assert isinstance(res, InvalidArgument) and res.argument == "transfers", res
+        assert e.live_sessions() == 0 and t.stats().registered_regions == 0 and t.stats().posted == 0
+        with pytest.raises(InvalidArgument, match=r"^invalid tag: expected a 64-bit tag, got 18446744073709551616$"):
+            Offer(Mem(4096, 8), 2**64)  # control
+    finally:
+        t.stop()
+
+    def on_terminate(request):
+        raise ValueError(big)
+
+    e = TransferEngine(on_terminate=on_terminate)
+    e.advertise(1, "sender")
+    e.expose(1)
+    assert e.terminate(1).value == "Deferred"
+    e.complete(1)
+    with pytest.raises(TerminateCallbackError,
+                       match=r"^on_terminate raised for request\(s\) 1: a ValueError \(its repr\(\) raised\)$") as ei:
+        e.poll()
+    assert [x.to_state.value for x in ei.value.transitions][-2:] == ["Quiesced", "Terminated"], ei.value.transitions
+    assert ei.value.errors[0][0] == 1 and e.live_sessions() == 0

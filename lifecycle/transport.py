@@ -362,20 +362,25 @@ def mem_of(obj) -> Mem:
         if nbytes == 0:
             raise InvalidArgument("tensor", "the tensor is empty: there is no memory range to name")
         dev = obj.device
-        if dev.type in ("cpu", "cuda") and hasattr(obj, "untyped_storage"):
+        if dev.type not in ("cpu", "cuda"):
+            raise InvalidArgument("tensor", f"device {dev} is neither cpu nor cuda")
+        try:  # (inside torch.vmap or functionalize a tensor has no storage: torch's bare RuntimeError)
+            ptr = obj.data_ptr()
+            storage = obj.untyped_storage() if hasattr(obj, "untyped_storage") else None  # (stand-ins have none)
+            lo, size = (ptr, nbytes) if storage is None else (storage.data_ptr(), storage.nbytes())
+        except (RuntimeError, NotImplementedError) as e:
+            raise InvalidArgument("tensor", f"it has no memory of its own to name ({e})") from None
+        if ptr == 0 or lo == 0:
+            raise InvalidArgument("tensor", "its data pointer is null: it has no memory (a fake tensor, or its "
+                                            "storage was freed: untyped_storage().resize_(0))")
+        if ptr < lo or ptr + nbytes > lo + size:
             # (a storage resized under the tensor, untyped_storage().resize_(n), leaves its sizes as they were: a
-            # transfer wrote past the storage's allocation, or at the address its offset alone made)
-            storage = obj.untyped_storage()
-            lo, ptr = storage.data_ptr(), obj.data_ptr()
-            if lo == 0 or ptr < lo or ptr + nbytes > lo + storage.nbytes():
-                raise InvalidArgument("tensor", f"its {nbytes} bytes at {ptr:#x} lie outside its storage "
-                                                f"({storage.nbytes()} bytes at {lo:#x}): the storage was resized "
-                                                "under it, and the memory it names is not the tensor's")
+            # transfer wrote past the storage's allocation)
+            raise InvalidArgument("tensor", f"its {nbytes} bytes at {ptr:#x} lie outside its storage ({size} bytes "
+                                            f"at {lo:#x}): the storage was resized under it")
         if dev.type == "cpu":
-            return Mem(obj.data_ptr(), nbytes)
-        if dev.type == "cuda":
-            return Mem(obj.data_ptr(), nbytes, "vram", dev.index or 0)
-        raise InvalidArgument("tensor", f"device {dev} is neither cpu nor cuda")
+            return Mem(ptr, nbytes)
+        return Mem(ptr, nbytes, "vram", dev.index or 0)
     try:
         mv = memoryview(obj)
     except TypeError:

@@ -1155,3 +1155,25 @@ def test_an_int_too_long_to_print_is_a_typed_error_in_the_facades():
         e.poll()
     assert [x.to_state.value for x in ei.value.transitions][-2:] == ["Quiesced", "Terminated"], ei.value.transitions
     assert ei.value.errors[0][0] == 1 and e.live_sessions() == 0
+
+
+def test_a_tensor_without_memory_of_its_own_is_a_typed_error():
+    """Hunt (session h1): inside torch.vmap a tensor has no storage, and mem_of (register, read, write, expect)
+    raised torch's bare RuntimeError ("Cannot access data pointer of Tensor that doesn't have storage"); inside
+    torch.func.functionalize, after the storage check came in, a bare RuntimeError too ("Attempted to access the
+    data pointer on an invalid python storage").  Each is InvalidArgument('tensor') now.  Control: a real tensor
+    maps to its memory."""
+    import torch
+
+    from lifecycle.transport import mem_of
+
+    cases = [
+        (lambda: torch.vmap(lambda x: (mem_of(x), x)[1])(torch.ones(2, 4)), r"has no memory of its own"),
+        (lambda: torch.func.functionalize(lambda x: (mem_of(x), x)[1])(torch.ones(4)), r"has no memory of its own"),
+    ]
+    for make, msg in cases:
+        with pytest.raises(InvalidArgument, match=msg) as ei:
+            make()
+        assert ei.value.argument == "tensor", ei.value
+    t = torch.ones(4)
+    assert mem_of(t[1:]).addr == t.data_ptr() + 4 and mem_of(t[1:]).nbytes == 12  # control

@@ -347,6 +347,9 @@ def mem_of(obj) -> Mem:
     if isinstance(obj, Mem):
         return obj
     if isinstance(obj, _core.BufferPool):
+        if obj.nbytes == 0:  # (it named address 0: "invalid addr: null address")
+            raise InvalidArgument("memory", "the engine's pool has no slots (num_slots=0): there is no memory range "
+                                            "to name")
         return Mem(obj.base_address, obj.nbytes)
     if hasattr(obj, "data_ptr") and hasattr(obj, "device"):  # torch.Tensor, without importing torch
         layout = str(getattr(obj, "layout", "torch.strided"))

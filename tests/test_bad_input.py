@@ -1177,3 +1177,24 @@ def test_a_tensor_without_memory_of_its_own_is_a_typed_error():
         assert ei.value.argument == "tensor", ei.value
     t = torch.ones(4)
     assert mem_of(t[1:]).addr == t.data_ptr() + 4 and mem_of(t[1:]).nbytes == 12  # control
+
+
+def test_an_engines_empty_pool_is_named_as_such_when_registered():
+    """Hunt (session h1): registering (or offering) the pool of an engine made without slots said "invalid addr:
+    null address", naming an argument the caller never passed; it names the pool now, as an empty bytearray or
+    tensor is named.  Control: a pool with slots registers."""
+    from lifecycle.transport import LoopbackTransport
+
+    e = TransferEngine()
+    e.advertise(1, "receiver")
+    t = LoopbackTransport(e, "empty-pool")
+    try:
+        for call in (lambda: t.register(e.pool), lambda: t.expect(1, "empty-pool", e.pool)):
+            with pytest.raises(InvalidArgument, match=r"^invalid memory: the engine's pool has no slots") as ei:
+                call()
+            assert ei.value.argument == "memory"
+        assert t.stats().registered_regions == 0 and e.state(1).name == "Advertised"
+        e2 = TransferEngine(num_slots=1, slot_size=64)
+        assert t.register(e2.pool).mem.nbytes == 64  # control
+    finally:
+        t.stop()

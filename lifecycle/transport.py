@@ -955,9 +955,14 @@ def _ucx_params(params) -> list[tuple[str, str]]:
         raise InvalidArgument("ucx_params", f"expected a dict of str -> str, got {type(params).__name__}")
     for k, v in params.items():
         if not isinstance(k, str) or not isinstance(v, str):
-            raise InvalidArgument("ucx_params", f"expected str -> str, got {k!r:.40} -> {v!r:.40}")
+            raise InvalidArgument("ucx_params", f"expected str -> str, got {_shown(k):.40} -> {_shown(v):.40}")
         if "\0" in k or "\0" in v:  # (they go to NIXL as C strings, cut at a NUL)
             raise InvalidArgument("ucx_params", f"{k!r:.40} -> {v!r:.40} holds a NUL character")
+        try:  # (a lone surrogate: the core's conversion raised pybind11's bare "incompatible function arguments")
+            k.encode(), v.encode()
+        except UnicodeEncodeError:
+            raise InvalidArgument("ucx_params", f"{k!r:.40} -> {v!r:.40} cannot be encoded as UTF-8 (a lone "
+                                                "surrogate?)") from None
     return list(params.items())
 
 

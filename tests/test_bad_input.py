@@ -1198,3 +1198,17 @@ def test_an_engines_empty_pool_is_named_as_such_when_registered():
         assert t.register(e2.pool).mem.nbytes == 64  # control
     finally:
         t.stop()
+
+
+def test_ucx_params_that_utf8_cannot_encode_are_invalid_argument():
+    """Hunt (session h1): a ucx_params key or value holding a lone surrogate passed the facade's str check and
+    reached the core's conversion, which raised pybind11's bare TypeError ("nixl(): incompatible function
+    arguments", a screenful naming no argument), and a key that is an int too long to print the repr's bare
+    ValueError.  It is InvalidArgument('ucx_params') now, before NIXL loads (no NIXL needed).  Control: a NUL is
+    still refused the same way."""
+    from lifecycle.transport import NixlTransport
+
+    for params in ({"UCX_TLS": "tcp\udc80"}, {"\ud800": "y"}, {10**5000: "y"}, {"UCX_TLS": "tcp\0x"}):
+        with pytest.raises(InvalidArgument, match=r"^invalid ucx_params: ") as ei:
+            NixlTransport(None, "ucx-sur", capi_path="/nonexistent/libnixl_capi.so", ucx_params=params)
+        assert ei.value.argument == "ucx_params", (params, ei.value)

@@ -873,6 +873,9 @@ class _Transport:
 def connect_all(*transports: _Transport) -> None:
     """Exchange agent metadata between every pair of ``transports`` (all in this process): afterwards each
     can transfer to, and be notified by, every other."""
+    for i, t in enumerate(transports):  # (a non-transport raised a bare AttributeError, naming no argument)
+        if not isinstance(t, _Transport):
+            raise InvalidArgument("transports", f"item {i}: expected a transport, got {type(t).__name__}")
     metas = [t.metadata() for t in transports]
     for i, t in enumerate(transports):
         for j, meta in enumerate(metas):

@@ -1212,3 +1212,23 @@ def test_ucx_params_that_utf8_cannot_encode_are_invalid_argument():
         with pytest.raises(InvalidArgument, match=r"^invalid ucx_params: ") as ei:
             NixlTransport(None, "ucx-sur", capi_path="/nonexistent/libnixl_capi.so", ucx_params=params)
         assert ei.value.argument == "ucx_params", (params, ei.value)
+
+
+def test_connect_all_of_something_that_is_not_a_transport_is_invalid_argument():
+    """Hunt (session h1): connect_all(t, None) (or an int, a name, a list of transports) raised a bare
+    AttributeError ("'NoneType' object has no attribute 'metadata'") naming neither the argument nor its place.
+    InvalidArgument('transports') now, naming the item, before any peer is added.  Control: two transports
+    connect."""
+    from lifecycle.transport import LoopbackTransport, connect_all
+
+    a, b = LoopbackTransport(None, "ca-a"), LoopbackTransport(None, "ca-b")
+    try:
+        for bad in ((a, None), (a, 5), (a, "ca-b"), ([a, b],)):
+            with pytest.raises(InvalidArgument, match=r"^invalid transports: item \d: expected a transport") as ei:
+                connect_all(*bad)
+            assert ei.value.argument == "transports"
+        connect_all(a, b)  # control (loading a peer's metadata again is fine: it answers the peer's name)
+        assert a.add_peer(b.metadata()) == "ca-b" and b.add_peer(a.metadata()) == "ca-a"
+    finally:
+        a.stop()
+        b.stop()

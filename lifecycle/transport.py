@@ -29,7 +29,7 @@ import weakref
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from .errors import InvalidArgument, NixlUnavailable, TransportError, _shown
+from .errors import InvalidArgument, NixlUnavailable, TransportError, UnknownRequest, _shown
 
 try:
     from . import _core
@@ -408,11 +408,14 @@ def pool_slot(engine, request: int) -> Mem:
     """The pool slot leased to ``request``'s session (advertised with nbytes > 0)."""
     if not isinstance(engine, _core.Engine):
         raise InvalidArgument("engine", f"expected a TransferEngine, got {type(engine).__name__}")
-    info = engine.info(request)
-    if info.slot is None:
+    raw = engine._info(request)  # (the core's: a bare _core.Engine, accepted above, has no info())
+    if raw is None:
+        raise UnknownRequest(request)
+    slot = raw[5]
+    if slot < 0:
         raise InvalidArgument("request", f"request {request} holds no pool slot (advertise with nbytes > 0)")
     pool = engine.pool
-    return Mem(pool.base_address + info.slot * pool.slot_size, pool.slot_size)
+    return Mem(pool.base_address + slot * pool.slot_size, pool.slot_size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -864,8 +867,9 @@ class _Transport:
                 return True
             if time.monotonic() >= deadline:
                 return False
-            if self.engine is not None:
-                self.engine.drain(0.01)
+            drain = getattr(self.engine, "drain", None)  # (a bare _core.Engine has none: its owner drains it)
+            if drain is not None:
+                drain(0.01)
             else:
                 time.sleep(0.001)
 

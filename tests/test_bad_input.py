@@ -1232,3 +1232,36 @@ def test_connect_all_of_something_that_is_not_a_transport_is_invalid_argument():
     finally:
         a.stop()
         b.stop()
+
+
+def test_a_bare_core_engine_that_the_transport_layer_accepts_works_there():
+    """Hunt (session h1): pool_slot() and the transports accept a bare lifecycle._core.Engine (their checks say
+    so), but pool_slot() then called TransferEngine.info() and raised a bare AttributeError, and wait_idle()
+    called TransferEngine.drain() (AttributeError once anything was active).  pool_slot reads the core's own
+    session info now, and wait_idle waits without draining an engine that has no drain() (its owner drains it).
+    Control: the same calls with a TransferEngine."""
+    from lifecycle.transport import LoopbackTransport, pool_slot
+
+    for k, make in enumerate((lambda: _core.Engine(0, 0, 10**9, 0, 1, 64, 16, 1),
+                              lambda: TransferEngine(num_slots=1, slot_size=64))):
+        e = make()
+        e._advertise(1, 1, 8)
+        e._advertise(2, 1, 0)
+        a, b = LoopbackTransport(e, f"bare-a{k}"), LoopbackTransport(None, f"bare-b{k}")
+        try:
+            assert pool_slot(e, 1).nbytes == 64 and pool_slot(e, 1).addr == e.pool.base_address
+            with pytest.raises(InvalidArgument, match=r"^invalid request: request 2 holds no pool slot"):
+                pool_slot(e, 2)
+            with pytest.raises(UnknownRequest):
+                pool_slot(e, 3)
+            a.register(e.pool)
+            y = bytearray(64)
+            b.register(y)
+            pa, pb = a.add_peer(b.metadata()), b.add_peer(a.metadata())
+            offer = a.expect(1, pa, pool_slot(e, 1))  # passive: active until b's "done" arrives
+            assert a.stats().passive == 1 and a.wait_idle(0.05) is False  # (nothing posted: it waits, and says so)
+            b.write(1, y, pb, offer)  # (the note names the request: the same id on both sides)
+            assert a.wait_idle(30) is True and _core.STATE_NAMES[e._info(1)[1]] == "Quiesced"
+        finally:
+            a.stop()
+            b.stop()

@@ -68,7 +68,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import spec as _spec
-from .errors import InvalidArgument, LifecycleError
+from .errors import InvalidArgument, LifecycleError, _shown
 
 __all__ = [
     "SCHEMA_ID",
@@ -1753,6 +1753,30 @@ def _short(exc: BaseException) -> str:
     return s if len(s) <= 120 else s[:117] + "..."
 
 
+def _log_paths(paths) -> list[str]:
+    """``paths`` as a list of str (bytes decoded as the file system does).  One str given for the list was read
+    as one path per character, a bytes path was audited as its repr, and a NUL byte raised a bare ValueError."""
+    if isinstance(paths, (str, bytes, os.PathLike)):
+        raise InvalidArgument("paths", f"expected a list of log paths, got one {type(paths).__name__} "
+                                       f"{_shown(paths):.80} (pass [path])")
+    try:
+        items = list(paths)
+    except TypeError:
+        raise InvalidArgument("paths", f"expected a list of log paths, got {type(paths).__name__}") from None
+    out = []
+    for i, p in enumerate(items):
+        if not isinstance(p, (str, bytes, os.PathLike)):
+            raise InvalidArgument("paths", f"item {i}: expected a str or path, got {type(p).__name__}")
+        try:
+            s = os.fsdecode(os.fspath(p))
+        except TypeError as exc:  # (an __fspath__ returning something else)
+            raise InvalidArgument("paths", f"item {i}: {exc}") from None
+        if "\0" in s:
+            raise InvalidArgument("paths", f"item {i}: {s!r:.80} holds a NUL byte")
+        out.append(s)
+    return out
+
+
 def audit_paths(paths: Iterable[str | Path], spec: _spec.Spec | None = None, *, native: bool | None = None,
                 **kw) -> AuditResult:
     """Audit log files (one per rank, or merged; plain or gzip JSON lines).
@@ -1763,7 +1787,7 @@ def audit_paths(paths: Iterable[str | Path], spec: _spec.Spec | None = None, *, 
     forces the Python :class:`Auditor`.  False forces the Python replay; True requires the native one
     (ValueError when it cannot be used).  Both give the same result.
     """
-    paths = [str(p) for p in paths]
+    paths = _log_paths(paths)
     kw = check_options(**kw)
     if spec is not None and not isinstance(spec, _spec.Spec):
         raise InvalidArgument("spec", f"expected a lifecycle Spec (spec.load_default()), got {type(spec).__name__}")

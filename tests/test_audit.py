@@ -1281,3 +1281,25 @@ def test_allow_empty_excuses_an_empty_rank_log_and_nothing_else(tmp_path, capsys
 
     with pytest.raises(InvalidArgument, match="only no_events can be excused, got 'leak'"):
         res.excuse("leak")
+
+
+@pytest.mark.parametrize("engine", [False, True], ids=["python", "native"])
+def test_audit_paths_refuses_what_is_not_a_list_of_paths(tmp_path, engine):
+    """audit_paths("rank0.jsonl") audited one path per character (28 unreadable findings for the golden log's
+    name), a bytes path was audited as its repr ("b'...'": no such file), and a NUL byte raised a bare ValueError.
+    Now: InvalidArgument('paths') naming the item; a bytes path is the file it names."""
+    from lifecycle.errors import InvalidArgument
+
+    good = GOLDEN / "clean_run.jsonl"
+    for bad, why in ((str(good), "got one str"), (good, "got one PosixPath"), (7, "got int"),
+                     ([str(good), 5], "item 1: expected a str or path, got int"),
+                     (["a\0b"], "item 0: 'a\\x00b' holds a NUL byte"), ([b"x\0"], "holds a NUL byte")):
+        with pytest.raises(InvalidArgument, match="invalid paths") as ei:
+            audit_paths(bad, native=engine)
+        assert why in str(ei.value), (bad, str(ei.value))
+    # controls: a list of str, of Path, of bytes (an undecodable name too) all audit the file
+    odd = tmp_path / os.fsdecode(b"\xffrank0.jsonl")
+    odd.write_bytes(good.read_bytes())
+    for paths in ([str(good)], [good], [os.fsencode(good)], (p for p in [good]), [os.fsencode(odd)]):
+        res = audit_paths(paths, native=engine)
+        assert res.ok and res.events == 20 and len(res.files) == 1, (paths, res.finding_counts)

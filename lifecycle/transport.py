@@ -568,6 +568,17 @@ class _Transport:
 
         _LIVE.add(self)
 
+    def __copy__(self):
+        # (copy.copy shared the core: dropping the copy stopped this transport and deregistered its regions)
+        raise TypeError(f"{type(self).__name__} {self._name!r} cannot be copied or pickled: a copy would share its agent, "
+                        "and dropping the copy would stop this transport")
+
+    def __deepcopy__(self, memo):
+        self.__copy__()
+
+    def __reduce_ex__(self, protocol):
+        self.__copy__()
+
     def __repr__(self) -> str:
         seed = "" if self.faults is None else f" fault_seed={self.faults.seed}"
         return f"<{type(self).__name__} {self._name!r}{seed}>"

@@ -1265,3 +1265,28 @@ def test_a_bare_core_engine_that_the_transport_layer_accepts_works_there():
         finally:
             a.stop()
             b.stop()
+
+
+def test_a_transport_cannot_be_copied_or_pickled():
+    """copy.copy(transport) shared its core: dropping the copy ran the copy's finalizer, which stopped the
+    original and deregistered its regions.  copy.copy, copy.deepcopy and pickle now raise TypeError naming the
+    transport.  Control: the original still registers and connects after the refused copies."""
+    import copy
+    import gc
+    import pickle
+
+    from lifecycle.transport import LoopbackTransport, connect_all
+
+    a, b = LoopbackTransport(None, "cp-a"), LoopbackTransport(None, "cp-b")
+    try:
+        for f in (copy.copy, copy.deepcopy, pickle.dumps):
+            with pytest.raises(TypeError, match="LoopbackTransport 'cp-a' cannot be copied or pickled"):
+                f(a)
+        gc.collect()
+        buf = bytearray(64)
+        reg = a.register(buf)  # control: not stopped, regions still live
+        connect_all(a, b)
+        a.deregister(reg)
+    finally:
+        a.stop()
+        b.stop()

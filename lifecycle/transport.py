@@ -1033,7 +1033,10 @@ class NixlTransport(_Transport):
         engine = _engine_arg(engine)
         if capi_path is not None and not isinstance(capi_path, (str, os.PathLike)):  # (an int was taken as an fd)
             raise InvalidArgument("capi_path", f"expected a path to libnixl_capi.so, got {type(capi_path).__name__}")
-        path = os.fsdecode(capi_path) if capi_path else nixl_capi_path()
+        try:
+            path = os.fsdecode(capi_path) if capi_path else nixl_capi_path()
+        except TypeError as exc:  # (an __fspath__ that returns neither str nor bytes)
+            raise InvalidArgument("capi_path", str(exc)) from None
         if "\0" in path:  # (dlopen takes a C string: "libnixl_capi.so\0junk" loaded libnixl_capi.so)
             raise InvalidArgument("capi_path", f"{path!r:.80} holds a NUL character")
         try:  # (the core takes bytes: a str holding an undecodable file name's surrogates was a bare TypeError)

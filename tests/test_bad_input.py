@@ -28,6 +28,13 @@ from lifecycle import (
 from test_transport_harness import run_child
 
 
+class BadFspath(os.PathLike):
+    """A path-like whose __fspath__ returns neither str nor bytes."""
+
+    def __fspath__(self):
+        return 5
+
+
 def test_unknown_ids():
     e = TransferEngine()
     for call in (e.expose, e.complete, e.fail, e.state, e.info, e.outcome):
@@ -720,6 +727,8 @@ def test_session17_fuzz_findings_at_the_transport_boundary_are_typed_errors():
              "unsafe_release_on_cancel", r"expected True or False"),
             (lambda: NixlTransport(None, "fz-n", capi_path=2**31), "capi_path", r"expected a path"),
             (lambda: NixlTransport(None, "fz-n", capi_path=1.5), "capi_path", r"expected a path"),
+            # an __fspath__ returning an int: os.fsdecode's bare TypeError before
+            (lambda: NixlTransport(None, "fz-n", capi_path=BadFspath()), "capi_path", r"__fspath__"),
         ]
         for make, arg, msg in cases:
             with pytest.raises(InvalidArgument, match=msg) as ei:

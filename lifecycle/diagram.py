@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import os
 import re
 import shutil
 import subprocess
@@ -190,6 +191,13 @@ def render(fmt: str, spec: _spec.Spec | None = None, counts: dict | None = None)
     raise ValueError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
 
 
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):  # either does not exist (yet): not the same file
+        return False
+
+
 def main_diagram(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lifecycle diagram",
                                 description="Draw the lifecycle state diagram from the table (via transitions).")
@@ -234,6 +242,11 @@ def main_diagram(argv: list[str] | None = None) -> int:
         print(f"lifecycle diagram: {exc}", file=sys.stderr)
         return 2
     if a.out:
+        inputs = [("--table", a.table or str(_spec.default_table_path()))] + [("--counts-from", c) for c in a.counts_from]
+        for what, path in inputs:  # (--out naming the table overwrote the one hand-written copy with a diagram)
+            if _same_file(a.out, path):
+                print(f"lifecycle diagram: --out {a.out} is the {what} input; refusing to overwrite it", file=sys.stderr)
+                return 2
         try:
             Path(a.out).write_text(text, encoding="utf-8", newline="\n")
         except OSError as exc:

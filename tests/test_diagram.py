@@ -85,3 +85,19 @@ def test_svg_has_ids_for_states_and_edges():
 def test_missing_count_log_is_an_error(tmp_path, capsys):
     assert diagram.main_diagram(["--counts-from", str(tmp_path / "nope.jsonl")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_out_that_is_an_input_is_refused_and_the_input_kept(tmp_path, capsys):
+    """`--out` naming the --table (or a --counts-from log) overwrote the one hand-written table with a diagram."""
+    table = tmp_path / "lifecycle.table"
+    table.write_text(spec.default_table_path().read_text())
+    log = tmp_path / "rank0.jsonl"
+    log.write_text((mg.HERE / "clean_run.jsonl").read_text())
+    before = {p: p.read_bytes() for p in (table, log)}
+    for out, what in ((table, "--table"), (log, "--counts-from")):
+        assert diagram.main_diagram(["--table", str(table), "--counts-from", str(log), "--out", str(out)]) == 2
+        assert f"--out {out} is the {what} input; refusing to overwrite it" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in before} == before
+    out = tmp_path / "lifecycle.mmd"  # the control: another file is written
+    assert diagram.main_diagram(["--table", str(table), "--counts-from", str(log), "--out", str(out)]) == 0
+    assert out.read_text().startswith("stateDiagram-v2") and capsys.readouterr().err == ""

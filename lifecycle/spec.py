@@ -145,7 +145,9 @@ def parse(text: str, path: str = "<table>") -> Spec:
     sections: dict[str, list[tuple[int, str]]] = {}
     section_line: dict[str, int] = {}
     current: str | None = None
-    for lineno, raw in enumerate(text.splitlines(), start=1):
+    # only a newline ends a line (load() made every CRLF / CR one): str.splitlines() also split at a form feed,
+    # vertical tab, NEL, U+2028 ..., so text after one in a comment became a row and later lines were misnumbered
+    for lineno, raw in enumerate(text.replace("\r\n", "\n").replace("\r", "\n").split("\n"), start=1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue

@@ -200,3 +200,21 @@ def test_public_surface_is_all():
     assert set(lifecycle.__all__) == public - modules
     for name in lifecycle.__all__:
         assert hasattr(lifecycle, name)
+
+
+@pytest.mark.parametrize("sep", ["\x0c", "\x0b", "\x1c", "\x85", "\u2028", "\u2029"])
+def test_only_newlines_end_a_line_so_comments_stay_comments_and_lines_stay_true(tmp_path, sep):
+    """str.splitlines() also split at form feed, vertical tab, NEL, U+2028 ...: text after one inside a comment
+    became a live row, and every later violation (and the row line compiled into C++) named the wrong line."""
+    t = edit("# name            kind       meaning", f"# name{sep}Advertised + cancel = Poisoned -> NotCancellable")
+    t = edit("Advertised       + expose         = InFlight",
+             "Advertised       + expose         = InFlight\nAdvertised       + expose         = Quiesced", t)
+    f = tmp_path / "t.table"
+    f.write_bytes(t.encode())
+    line = t.split("\n").index("Advertised       + expose         = Quiesced") + 1
+    assert [(v.code, v.line) for v in spec.check_file(f)] == [("duplicate-row", line)]
+    ok = edit("# name            kind       meaning", f"# name{sep}Advertised + cancel = Poisoned -> NotCancellable")
+    f.write_bytes(ok.encode())
+    s = spec.load(f)  # the comment stays a comment, and rows keep the line an editor shows
+    assert s.row("Advertised", "cancel").dst == "Quiesced"
+    assert s.row("Advertised", "expose").line == ok.split("\n").index("Advertised       + expose         = InFlight") + 1

@@ -39,6 +39,33 @@ _STATE_KINDS = ("initial", "active", "terminal", "final")
 _EVENT_SOURCES = ("executor", "transport", "timer")
 _SECTIONS = ("states", "events", "outcomes", "cancel-results", "terminate-results", "transitions")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Every name becomes a C++ enumerator (cpp/tools/gen_table.py) and a Python enum member (lifecycle.engine); one
+# that cannot be either passed `spec check`, then failed the build inside the generated header (or `import
+# lifecycle`) without naming the table's line.  A leading underscore is reserved by both (C++ `_Upper`/`__`,
+# enum `_sunder_`), `mro` by enum, and the outcome `none` is the generated Outcome enum's "no outcome".
+_CXX_KEYWORDS = frozenset("""
+    alignas alignof and and_eq asm auto bitand bitor bool break case catch char char8_t char16_t char32_t class
+    compl concept const consteval constexpr constinit const_cast continue co_await co_return co_yield decltype
+    default delete do double dynamic_cast else enum explicit export extern false float for friend goto if inline
+    int long mutable namespace new noexcept not not_eq nullptr operator or or_eq private protected public register
+    reinterpret_cast requires return short signed sizeof static static_assert static_cast struct switch template
+    this thread_local throw true try typedef typeid typename union unsigned using virtual void volatile wchar_t
+    while xor xor_eq""".split())
+
+
+def _reserved(section: str, name: str) -> str | None:
+    """Why ``name`` cannot name something in ``section`` of the generated code, or None."""
+    if name in _CXX_KEYWORDS:
+        return "is a C++ keyword (the generated enums cannot carry it)"
+    if name.startswith("_"):
+        return "starts with '_' (reserved for C++ and Python enum names)"
+    if name == "mro":
+        return "is reserved by Python's enum"
+    if section == "outcomes" and name == "none":
+        return "is reserved: the generated Outcome enum uses none for 'no outcome'"
+    return None
+
+
 _ROW = re.compile(
     r"^(?P<src>\S+)\s*\+\s*(?P<event>\S+)\s*=\s*(?P<dst>\S+)"
     r"(?:\s*/\s*(?P<outcome>\S+))?(?:\s*->\s*(?P<result>\S+))?\s*$"
@@ -184,6 +211,9 @@ def parse(text: str, path: str = "<table>") -> Spec:
             name = parts[0]
             if not _NAME.match(name):
                 bad(lineno, "bad-name", f"[{section}] {name!r} is not an identifier")
+                continue
+            if (why := _reserved(section, name)) is not None:
+                bad(lineno, "bad-name", f"[{section}] {name} {why}")
                 continue
             if name in where:
                 bad(lineno, "duplicate-name", f"[{section}] {name} already declared on line {where[name]}")

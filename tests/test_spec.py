@@ -218,3 +218,36 @@ def test_only_newlines_end_a_line_so_comments_stay_comments_and_lines_stay_true(
     s = spec.load(f)  # the comment stays a comment, and rows keep the line an editor shows
     assert s.row("Advertised", "cancel").dst == "Quiesced"
     assert s.row("Advertised", "expose").line == ok.split("\n").index("Advertised       + expose         = InFlight") + 1
+
+
+@pytest.mark.parametrize(("old", "new", "name"), [
+    ("expired           no evidence", "expired           no evidence\nnone              nothing", "none"),
+    ("grace_expired     timer", "grace_expired     timer\ndelete            executor", "delete"),
+    ("Terminated        final", "Terminated        final\nclass             active", "class"),
+    ("expired           no evidence", "expired           no evidence\nmro               x", "mro"),
+    ("NotFound                     no session", "_Lost_ no x\nNotFound                     no session", "_Lost_"),
+])
+def test_a_name_the_generated_code_cannot_carry_is_a_bad_name_at_its_line(tmp_path, old, new, name):
+    """`spec check` said ok, then the build failed inside the generated header (an outcome `none` is a second
+    Outcome::none; `delete`, `class` are C++ keywords) or `import lifecycle` failed building its enums (`mro`,
+    `_sunder_`), naming neither the table nor the line."""
+    t = edit(old, new)
+    line = next(i for i, ln in enumerate(t.split("\n"), 1) if ln.startswith(name + " "))
+    found = [(v.code, v.line) for v in _violations(t)]
+    assert ("bad-name", line) in found and all(c == "bad-name" or c in _ALLOWED_EXTRA for c, _ in found), found
+    bad = next(v for v in _violations(t) if v.code == "bad-name")
+    assert f" {name} " in bad.message or f" {name!r} " in bad.message
+    renamed = edit(old, new.replace(name, name.strip("_").capitalize() + "X", 1))  # the control: any other name
+    assert "bad-name" not in {v.code for v in _violations(renamed)}
+
+
+def _violations(text: str) -> list[spec.Violation]:
+    try:
+        spec.parse(text, "t.table")
+    except SpecError as exc:
+        return exc.violations
+    return []
+
+
+_ALLOWED_EXTRA = {"unreachable", "dead-end", "cannot-terminate", "event-never-enabled"}  # the new name is unused
+

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -138,6 +139,28 @@ def test_the_build_step_fails_on_an_invalid_table(tmp_path):
     assert not (tmp_path / "out.hpp").exists()
     ok = subprocess.run([sys.executable, str(gen), str(TABLE_FILE), str(tmp_path / "ok.hpp")], capture_output=True, text=True)
     assert ok.returncode == 0 and TABLE.digest in (tmp_path / "ok.hpp").read_text()
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+@pytest.mark.parametrize("what", ["raw-string-end", "rows-past-line-65535"])
+def test_a_valid_table_generates_a_header_that_compiles(tmp_path, what):
+    """`spec check` said ok, then the build step died on an assert (a traceback; with -O a header whose raw
+    string ended early), or the header failed to compile (a row line narrowed into 16 bits)."""
+    prefix = '# a comment that holds the raw string\'s end: )LCTABLE"\n' if what == "raw-string-end" else "\n" * 70000
+    table = tmp_path / "t.table"
+    table.write_text(prefix + GOOD)
+    assert spec.check_file(table) == []
+    gen = ROOT / "cpp" / "tools" / "gen_table.py"
+    hdr = tmp_path / "lifecycle" / "table_gen.hpp"
+    r = subprocess.run([sys.executable, str(gen), str(table), str(hdr)], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stderr == "", (what, r.stderr)
+    src = tmp_path / "use.cpp"
+    src.write_text('#include "lifecycle/table_gen.hpp"\n#include <string_view>\n'
+                   f"static_assert(sizeof(lifecycle::kTableText) - 1 == {len((prefix + GOOD).encode())});\n"  # the whole text
+                   f"static_assert(lifecycle::kTable[0][1].line == {GOOD.split(chr(10)).index('Advertised       + expose         = InFlight') + 1 + prefix.count(chr(10))});\n")
+    c = subprocess.run(["c++", "-std=c++20", "-Wall", "-Wextra", "-Wconversion", "-Werror", "-fsyntax-only",
+                        f"-I{tmp_path}", str(src)], capture_output=True, text=True)
+    assert c.returncode == 0, (what, c.stderr[-2000:])
 
 
 # ---- generated copies agree with the one table --------------------------------------------------------

@@ -858,7 +858,7 @@ struct Auditor::Impl {
         move_dst[s][e] = c.action == Action::Move ? static_cast<int>(c.dst) : -1;
         move_out[s][e] = static_cast<int>(c.outcome) - 1;  // Outcome::none is 0
         edge_of[s][e] = -1;
-        if (c.action == Action::Move) rows.push_back({c.line, {s, e}});
+        if (c.action == Action::Move) rows.push_back({static_cast<int>(c.line), {s, e}});
       }
     }
     std::sort(rows.begin(), rows.end());

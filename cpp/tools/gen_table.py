@@ -47,8 +47,8 @@ def main(table: str, out: str) -> int:
             row_cells.append("{Action::%s, State::%s, Outcome::%s, %s, %d}" % (a, dst, r.outcome or "none", res, r.line))
         cells.append("  {" + ",\n   ".join(row_cells) + "}")
     text = sp.text
-    delim = "LCTABLE"
-    assert f"){delim}\"" not in text
+    # a delimiter the text does not hold (an assert here was a traceback for a comment quoting `)LCTABLE"`)
+    delim = next(d for d in (f"LCTABLE{n or ''}" for n in range(len(text) + 1)) if f"){d}\"" not in text)
     def strs(xs):
         return ", ".join(f'"{x}"' for x in xs)
     def bools(xs):
@@ -79,7 +79,7 @@ struct Cell {{
   State dst;        // == source for Stay/Late/Defer/Illegal
   Outcome outcome;  // Outcome::none when the row sets none
   std::uint8_t result;  // index into CancelResult/TerminateResult, 0xff when none
-  std::uint16_t line;   // line of the row in the table file, 0 when illegal
+  std::uint32_t line;   // line of the row in the table file, 0 when illegal (past 65535 in a long file)
 }};
 
 inline constexpr Cell kTable[kNumStates][kNumEvents] = {{

@@ -166,10 +166,17 @@ def to_svg(g: Graph, counts: dict | None = None) -> str:
     exe = shutil.which("dot")
     if exe is None:
         raise FileNotFoundError("Graphviz `dot` is not installed (Debian: apt-get install graphviz)")
-    proc = subprocess.run([exe, "-Tsvg"], input=to_dot(g, counts).encode(), capture_output=True, check=False)
+    # (a dot that cannot be executed, or that writes other than UTF-8, was a traceback: OSError, UnicodeDecodeError)
+    try:
+        proc = subprocess.run([exe, "-Tsvg"], input=to_dot(g, counts).encode(), capture_output=True, check=False)
+    except OSError as exc:
+        raise RuntimeError(f"Graphviz {exe}: cannot run it: {exc.strerror or exc}") from exc
     if proc.returncode != 0:
         raise RuntimeError(f"dot -Tsvg failed ({proc.returncode}): {proc.stderr.decode(errors='replace')}")
-    svg = proc.stdout.decode("utf-8")
+    try:
+        svg = proc.stdout.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RuntimeError(f"Graphviz {exe}: not UTF-8 SVG from dot -Tsvg ({exc.reason} at byte {exc.start})") from exc
     svg = _VERSION_COMMENT.sub("", svg)
     return svg.replace("\r\n", "\n")
 

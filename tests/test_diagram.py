@@ -101,3 +101,22 @@ def test_out_that_is_an_input_is_refused_and_the_input_kept(tmp_path, capsys):
     out = tmp_path / "lifecycle.mmd"  # the control: another file is written
     assert diagram.main_diagram(["--table", str(table), "--counts-from", str(log), "--out", str(out)]) == 0
     assert out.read_text().startswith("stateDiagram-v2") and capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(("script", "why"), [
+    ("", "cannot run"),  # executable but no program (exec format error)
+    ("#!/bin/sh\nprintf '\\377\\376<svg/>'\n", "not UTF-8"),
+])
+def test_svg_with_a_broken_dot_is_an_error_not_a_traceback(tmp_path, monkeypatch, capsys, script, why):
+    """A `dot` on PATH that could not be executed raised OSError (Exec format error), and one that wrote bytes
+    that are not UTF-8 raised UnicodeDecodeError: both tracebacks out of `lifecycle diagram --format svg`."""
+    dot = tmp_path / "dot"
+    dot.write_text(script)
+    dot.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert diagram.main_diagram(["--format", "svg"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lifecycle diagram: Graphviz {dot}: {why}") and err.count("\n") == 1, err
+    dot.write_text("#!/bin/sh\nprintf '<svg/>'\n")  # the control: a dot that works
+    assert diagram.main_diagram(["--format", "svg"]) == 0
+    assert capsys.readouterr().out == "<svg/>"

@@ -330,6 +330,8 @@ def _check_graph(path, states, kinds, events, sources, cancel_results, terminate
             bad(r.line, "create-row", f"the creating row must lead to the initial state {initial}, not {r.dst}")
         if r.outcome is not None:  # the engine creates a session without one; the audit holds logs to that
             bad(r.line, "create-row", f"the creating row sets no outcome (a session starts without one), not {r.outcome}")
+        if r.result is not None:  # no call answers with it: advertise returns no result
+            bad(r.line, "create-row", f"the creating row returns no result, not {r.result}")
     out: dict[str, set[str]] = {s: set() for s in states}
     for r in rows:
         if r.src == CREATE_SOURCE:
@@ -338,6 +340,10 @@ def _check_graph(path, states, kinds, events, sources, cancel_results, terminate
             out[r.src].add(r.dst)
         if r.src in finals and r.moves and r.dst != r.src:
             bad(r.line, "edge-out-of-final", f"row leaves the final state {r.src} ({r.src} + {r.event} = {r.dst})")
+        if r.dst == ".defer" and r.event != "terminate":  # the engine would flag a deferred terminate on it
+            bad(r.line, "defer-not-terminate", f"only terminate can be deferred, not {r.event} ({r.src} + {r.event} = .defer)")
+        if not r.moves and r.outcome is not None:  # the engine sets an outcome only when the session moves
+            bad(r.line, "outcome-without-move", f"{r.src} + {r.event} = {r.dst} does not move, so it cannot set outcome {r.outcome}")
         if r.dst == ".defer" and r.src in terminals | finals:
             bad(r.line, "defer-terminal", f"{r.src} is terminal/final; terminate there must not be deferred")
         if r.dst == ".late" and sources[r.event] == "executor":

@@ -274,3 +274,21 @@ def _violations(text: str) -> list[spec.Violation]:
 
 _ALLOWED_EXTRA = {"unreachable", "dead-end", "cannot-terminate", "event-never-enabled"}  # the new name is unused
 
+
+
+@pytest.mark.parametrize(("old", "new", "code"), [
+    ("InFlight         + complete       = Quiesced         / completed", "InFlight         + complete       = .defer",
+     "defer-not-terminate"),
+    ("Quiesced         + complete       = .late", "Quiesced         + complete       = .late  / failed", "outcome-without-move"),
+    ("Quiesced         + cancel         = .stay", "Quiesced         + cancel         = .stay  / cancelled", "outcome-without-move"),
+    ("*                + advertise      = Advertised", "*                + advertise      = Advertised  -> NotFound",
+     "create-row"),
+])
+def test_a_row_whose_part_the_engine_would_ignore_or_misread_is_reported_at_its_line(old, new, code):
+    """Accepted silently: `.defer` on an event other than terminate (the engine flagged the session for a deferred
+    terminate when a transfer completed), an outcome on a row that does not move (the engine sets outcomes only
+    on moves: the table said something nothing did), a result on the creating row (no call returns one)."""
+    t = edit(old, new)
+    line = next(i for i, ln in enumerate(t.split("\n"), 1) if ln.startswith(new.split("=")[0]))
+    assert (code, line) in [(v.code, v.line) for v in _violations(t)], _violations(t)
+    assert _violations(edit(old, old)) == []  # the control: the row as the table has it

@@ -356,6 +356,16 @@ def _check_graph(path, states, kinds, events, sources, cancel_results, terminate
             bad(r.line, "missing-result", f"{r.src} + {r.event} needs a '-> result'")
         if r.moves and r.dst in finals and r.src not in terminals:
             bad(r.line, "final-from-non-terminal", f"{r.dst} entered from non-terminal {r.src}")
+    # a deferred terminate is delivered by applying the terminal state's terminate row as a move into a final state
+    term = {r.src: r for r in rows if r.event == "terminate"}
+    for s in sorted(terminals, key=states.index):
+        r = term.get(s)
+        if r is None:
+            bad(state_line[s], "terminate-at-terminal", f"terminal state {s} needs a terminate row that moves to "
+                                                         f"{'/'.join(sorted(finals))}")
+        elif not (r.moves and r.dst in finals):
+            bad(r.line, "terminate-at-terminal", f"terminate in terminal state {s} must move to "
+                                                 f"{'/'.join(sorted(finals))}, not {r.dst}")
     seen = _closure({initial}, out)  # reachable from the initial state
     for s in states:
         if s not in seen:

@@ -292,3 +292,16 @@ def test_a_row_whose_part_the_engine_would_ignore_or_misread_is_reported_at_its_
     line = next(i for i, ln in enumerate(t.split("\n"), 1) if ln.startswith(new.split("=")[0]))
     assert (code, line) in [(v.code, v.line) for v in _violations(t)], _violations(t)
     assert _violations(edit(old, old)) == []  # the control: the row as the table has it
+
+
+def test_terminate_in_a_terminal_state_must_move_to_a_final_state():
+    """Accepted: Poisoned + terminate = .stay (with Poisoned + complete = Terminated keeping it off dead-end).  The
+    engine delivers a deferred terminate by applying the terminal state's terminate row as a move into a final
+    state: here it 'moved' Poisoned to Poisoned, entered the final-state bookkeeping and sent TerminateNow."""
+    t = edit("Poisoned         + terminate      = Terminated                    -> Terminated",
+             "Poisoned         + terminate      = .stay                         -> AlreadyTerminated")
+    t = edit("Poisoned         + complete       = .late", "Poisoned         + complete       = Terminated", t)
+    found = [(v.code, v.line) for v in _violations(t)]
+    assert found == [("terminate-at-terminal", line_of(t, "Poisoned         + terminate"))], found
+    t = edit("Poisoned         + complete       = .late", "Poisoned         + complete       = Terminated")
+    assert _violations(t) == []  # the control: the same extra move with terminate still moving to Terminated

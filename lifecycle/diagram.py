@@ -209,13 +209,15 @@ def main_diagram(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lifecycle diagram",
                                 description="Draw the lifecycle state diagram from the table (via transitions).")
     p.add_argument("--format", choices=FORMATS, default="mermaid")
-    p.add_argument("--out", help="output file (default: stdout)")
+    p.add_argument("--out", help="output file (default, or '-': stdout)")
     p.add_argument("--table", help="lifecycle table (default: the repository's)")
     p.add_argument("--counts-from", action="append", metavar="LOG", default=[],
                    help="overlay edge counts observed in LOG (repeatable; one per rank or merged)")
     a = p.parse_args(argv)
     if a.out == "":  # (an empty name was silently the same as no --out)
         p.error("--out needs a file name (leave it out for stdout)")
+    if a.out == "-":  # (wrote a file named '-')
+        a.out = None
     try:
         sp = _spec.load_default(a.table)
     except _spec.SpecError as exc:

@@ -120,3 +120,12 @@ def test_svg_with_a_broken_dot_is_an_error_not_a_traceback(tmp_path, monkeypatch
     dot.write_text("#!/bin/sh\nprintf '<svg/>'\n")  # the control: a dot that works
     assert diagram.main_diagram(["--format", "svg"]) == 0
     assert capsys.readouterr().out == "<svg/>"
+
+
+def test_out_dash_is_standard_output(tmp_path, monkeypatch, capsys):
+    """`--out -` wrote a file named '-' in the current directory instead of standard output."""
+    monkeypatch.chdir(tmp_path)
+    assert diagram.main_diagram(["--out", "-"]) == 0
+    assert capsys.readouterr().out == diagram.render("mermaid", SPEC) and not (tmp_path / "-").exists()
+    assert diagram.main_diagram(["--out", "d.mmd"]) == 0  # the control: a name is a file
+    assert (tmp_path / "d.mmd").read_text() == diagram.render("mermaid", SPEC) and capsys.readouterr().out == ""

@@ -392,6 +392,8 @@ MAX_TABLE_BYTES = 1 << 20
 
 
 def load(path: str | Path) -> Spec:
+    if isinstance(path, str) and not path:  # (Path('') is '.', reported as a directory named '.')
+        raise SpecError([Violation(path, 0, "unreadable", "cannot read table: the file name is empty")])
     p = Path(path)
     try:
         if not stat.S_ISREG(os.stat(p).st_mode):  # a FIFO blocked for ever, a device never ended
@@ -425,7 +427,7 @@ def default_table_path() -> Path:
 def load_default(path: str | Path | None = None) -> Spec:
     """``path`` if given; else the repository's table in a source checkout; else (an installed
     wheel, which has no schemas/ folder) the table compiled into ``lifecycle._core``."""
-    if path:
+    if path is not None:  # (an empty name was silently the default table)
         return load(path)
     src = default_table_path()
     if src.exists():

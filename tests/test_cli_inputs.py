@@ -295,3 +295,15 @@ def test_demo_table_says_moved_not_verified_when_no_receiver_reported():
                 ok=False, failures=["receiver-0 wrote no summary (crashed or wedged)"])
     assert "MB/s moved" in demo._table(dict(base, throughput_verified=False))
     assert "MB/s verified" in demo._table(dict(base, throughput_verified=True))
+
+
+def test_an_empty_table_name_is_an_error_not_the_default_table(capsys):
+    """`diagram --table ''` and `audit LOG --table ''` silently used the repository's table, and `spec check ''`
+    reported a file named '.'."""
+    for argv, status in ((["diagram", "--table", ""], 2), (["audit", CLEAN, "--table", ""], 2),
+                         (["spec", "check", ""], 1)):
+        assert cli.main(argv) == status, argv
+        out = capsys.readouterr()
+        assert "cannot read table: the file name is empty" in out.out + out.err and "stateDiagram" not in out.out, argv
+    assert cli.main(["diagram", "--table", str(spec.default_table_path())]) == 0  # the control
+    assert "stateDiagram-v2" in capsys.readouterr().out

@@ -405,7 +405,7 @@ def load(path: str | Path) -> Spec:
                                                                 "bytes, not a lifecycle table")])
         # universal newlines, as read_text; a UTF-8 byte order mark (some editors write one) is not the table's
         text = data.decode("utf-8-sig").replace("\r\n", "\n").replace("\r", "\n")
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: not UTF-8, or a NUL byte in the name (os.stat's)
         raise SpecError([Violation(str(p), 0, "unreadable", f"cannot read table: {exc}")]) from exc
     return parse(text, str(p))
 

@@ -305,3 +305,13 @@ def test_terminate_in_a_terminal_state_must_move_to_a_final_state():
     assert found == [("terminate-at-terminal", line_of(t, "Poisoned         + terminate"))], found
     t = edit("Poisoned         + complete       = .late", "Poisoned         + complete       = Terminated")
     assert _violations(t) == []  # the control: the same extra move with terminate still moving to Terminated
+
+
+def test_a_table_name_with_a_nul_byte_is_unreadable_not_a_value_error(tmp_path):
+    """spec.load / check_file of a name holding a NUL byte raised os.stat's bare ValueError."""
+    bad = str(tmp_path / "t.table") + "\0x"
+    assert [(v.code, v.line, v.message) for v in spec.check_file(bad)] == [
+        ("unreadable", 0, "cannot read table: embedded null byte")]
+    with pytest.raises(SpecError):
+        spec.load(bad)
+    assert spec.check_file(TABLE_FILE) == []  # the control

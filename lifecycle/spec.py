@@ -232,7 +232,7 @@ def parse(text: str, path: str = "<table>") -> Spec:
         return order, kind, doc, where
 
     states, state_kinds, state_docs, state_line = names("states", _STATE_KINDS)
-    events, event_sources, event_docs, _ = names("events", _EVENT_SOURCES)
+    events, event_sources, event_docs, event_line = names("events", _EVENT_SOURCES)
     outcomes, _, _, _ = names("outcomes", None)
     cancel_results, cancel_flag, _, _ = names("cancel-results", ("yes", "no"))
     terminate_results, _, _, _ = names("terminate-results", None)
@@ -284,7 +284,8 @@ def parse(text: str, path: str = "<table>") -> Spec:
         state_kinds[s] == "final" for s in states
     )
     if structure_ok:  # graph checks run over the rows that parsed, so every violation is reported at once
-        _check_graph(path, states, state_kinds, events, event_sources, cancel_results, terminate_results, rows, state_line, bad)
+        _check_graph(path, states, state_kinds, events, event_sources, cancel_results, terminate_results, rows, state_line,
+                     bad, event_line, section_line["transitions"])
     if v:
         raise SpecError(v)
     spec = Spec(
@@ -318,13 +319,15 @@ def _closure(start: set[str], edges: dict[str, set[str]]) -> set[str]:
     return seen
 
 
-def _check_graph(path, states, kinds, events, sources, cancel_results, terminate_results, rows, state_line, bad) -> None:
+def _check_graph(path, states, kinds, events, sources, cancel_results, terminate_results, rows, state_line, bad,
+                 event_line, rows_line) -> None:
+    """``state_line`` / ``event_line``: where each was declared; ``rows_line``: the [transitions] header."""
     initial = next(s for s in states if kinds[s] == "initial")
     finals = {s for s in states if kinds[s] == "final"}
     terminals = {s for s in states if kinds[s] == "terminal"}
     creators = [r for r in rows if r.src == CREATE_SOURCE]
     if len(creators) != 1:
-        bad(creators[1].line if len(creators) > 1 else 1, "create-row", f"exactly one '*' (creating) row required, found {len(creators)}")
+        bad(creators[1].line if len(creators) > 1 else rows_line, "create-row", f"exactly one '*' (creating) row required, found {len(creators)}")
     for r in creators:
         if r.dst != initial:
             bad(r.line, "create-row", f"the creating row must lead to the initial state {initial}, not {r.dst}")
@@ -384,7 +387,7 @@ def _check_graph(path, states, kinds, events, sources, cancel_results, terminate
     used = {r.event for r in rows}
     for e in events:
         if e not in used:
-            bad(1, "event-never-enabled", f"event {e} appears in no row")
+            bad(event_line[e], "event-never-enabled", f"event {e} appears in no row")
 
 
 # A lifecycle table is a few KiB; a file past this is not one (/dev/zero was read without end).

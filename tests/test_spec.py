@@ -64,9 +64,12 @@ def test_edge_out_of_the_final_state_is_reported_with_its_row():
     assert ("edge-out-of-final", line_of(t, "Terminated       + fail")) in codes(t)
 
 
-def test_event_never_enabled_is_reported():
+def test_event_never_enabled_is_reported_at_its_declaration():
+    """It was reported at line 1 (a comment), whatever line declared the event."""
     t = edit("grace_expired     timer", "grace_expired     timer\nrevive            executor")
-    assert ("event-never-enabled", 1) in codes(t)
+    assert ("event-never-enabled", line_of(t, "revive ")) in codes(t)
+    t = edit("*                + advertise      = Advertised\n", "")  # and no creating row: at [transitions]
+    assert ("create-row", line_of(t, "[transitions]")) in codes(t)
 
 
 def test_two_rows_for_one_pair_name_both_lines():

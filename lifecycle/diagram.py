@@ -244,6 +244,13 @@ def main_diagram(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
         for f in res.by_kind("no_events"):  # (one rank's log empty among the others': its counts are missing)
             print(f"lifecycle diagram: warning: {f.message}", file=sys.stderr)
+        for f in res.by_kind("table_mismatch"):  # (another table's counts were drawn over this one silently)
+            print(f"lifecycle diagram: warning: {f}", file=sys.stderr)
+        if res.illegal_edges:  # (moves the table does not have were dropped from the counts without a word)
+            top = sorted(res.illegal_edges.items(), key=lambda kv: (-kv[1], str(kv[0])))[:3]
+            shown = ", ".join(f"{n} {src or '[*]'} --{ev}--> {dst}" for (src, ev, dst), n in top)
+            print(f"lifecycle diagram: warning: {sum(res.illegal_edges.values())} observed transition(s) are not in "
+                  f"the table, so not drawn ({shown}{', ...' if len(res.illegal_edges) > 3 else ''})", file=sys.stderr)
         counts = dict(res.edges)
     try:
         text = render(a.format, sp, counts)

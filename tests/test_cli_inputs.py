@@ -307,3 +307,27 @@ def test_an_empty_table_name_is_an_error_not_the_default_table(capsys):
         assert "cannot read table: the file name is empty" in out.out + out.err and "stateDiagram" not in out.out, argv
     assert cli.main(["diagram", "--table", str(spec.default_table_path())]) == 0  # the control
     assert "stateDiagram-v2" in capsys.readouterr().out
+
+
+def test_diagram_counts_that_the_table_cannot_show_are_reported(tmp_path, capsys):
+    """Counts from a log whose moves the table does not have were dropped without a word (exit 0, the diagram
+    simply showed fewer), and counts from a log written under another table were drawn over this one silently."""
+    import json
+
+    lines = [json.loads(ln) for ln in mg.HERE.joinpath("clean_run.jsonl").read_text().splitlines()]
+    for d in lines:
+        if d.get("from_state") == "InFlight" and d.get("trigger") == "complete":
+            d["to_state"], d["outcome"] = "Poisoned", "failed"
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text("".join(json.dumps(d) + "\n" for d in lines))
+    assert cli.main(["diagram", "--counts-from", str(odd)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: 8 observed transition(s) are not in the table, so not drawn (4 InFlight --complete--> Poisoned" in err
+    other = tmp_path / "other.table"
+    other.write_text(spec.default_table_path().read_text().replace(
+        "CancelRequested  + timeout        = .stay", "CancelRequested  + timeout        = Poisoned / expired"))
+    assert cli.main(["diagram", "--table", str(other), "--counts-from", CLEAN]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {CLEAN}:1: [table_mismatch] rank 0: event logged with table '{spec.load(spec.default_table_path()).digest}'" in err
+    assert cli.main(["diagram", "--counts-from", CLEAN]) == 0  # the control: a clean log of this table
+    assert capsys.readouterr().err == ""

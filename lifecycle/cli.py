@@ -11,6 +11,7 @@ import sys
 
 def _spec_check(argv: list[str]) -> int:
     from . import spec
+    from .audit import _write_text
 
     p = argparse.ArgumentParser(prog="lifecycle spec check", description="Validate a lifecycle table file.")
     p.add_argument("file", nargs="?", help="table file (default: the repository's, else the compiled one)")
@@ -29,13 +30,12 @@ def _spec_check(argv: list[str]) -> int:
         if not violations:
             out["digest"] = spec.load(a.file).digest
         print(json.dumps(out, indent=2))
-    elif violations:
-        for v in violations:
-            print(v)
+    elif violations:  # (_write_text: a file name that is not UTF-8 raised UnicodeEncodeError under a strict stdout)
+        _write_text("".join(f"{v}\n" for v in violations))
         print(f"{len(violations)} violation(s) in {a.file}", file=sys.stderr)
     else:
         s = spec.load(a.file)
-        print(f"{a.file}: ok ({len(s.states)} states, {len(s.events)} events, {len(s.rows)} rows, digest {s.digest})")
+        _write_text(f"{a.file}: ok ({len(s.states)} states, {len(s.events)} events, {len(s.rows)} rows, digest {s.digest})\n")
     return 1 if violations else 0
 
 

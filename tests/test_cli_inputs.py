@@ -331,3 +331,18 @@ def test_diagram_counts_that_the_table_cannot_show_are_reported(tmp_path, capsys
     assert f"warning: {CLEAN}:1: [table_mismatch] rank 0: event logged with table '{spec.load(spec.default_table_path()).digest}'" in err
     assert cli.main(["diagram", "--counts-from", CLEAN]) == 0  # the control: a clean log of this table
     assert capsys.readouterr().err == ""
+
+
+def test_spec_check_of_an_undecodable_table_name_escapes_it(tmp_path):
+    """`spec check` of a table whose name is not UTF-8 crashed with UnicodeEncodeError under PYTHONIOENCODING=utf-8,
+    valid table or not (as the audit's text report did)."""
+    name = os.fsdecode(b"bad\xffname.table")
+    (tmp_path / name).write_bytes(b"garbage\n")
+    out = _cli(["spec", "check", name], tmp_path, {"PYTHONIOENCODING": "utf-8"})
+    assert out.returncode == 1 and b"Traceback" not in out.stderr, out.stderr.decode(errors="replace")
+    assert b"bad\\udcffname.table:1: [outside-section]" in out.stdout
+    (tmp_path / name).write_bytes(spec.default_table_path().read_bytes())
+    out = _cli(["spec", "check", name], tmp_path, {"PYTHONIOENCODING": "utf-8"})
+    assert out.returncode == 0 and b"bad\\udcffname.table: ok (" in out.stdout, out.stderr.decode(errors="replace")
+    ok = _cli(["spec", "check", "--json", name], tmp_path, {"PYTHONIOENCODING": "utf-8"})  # the control: --json
+    assert ok.returncode == 0

@@ -42,7 +42,8 @@ _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Every name becomes a C++ enumerator (cpp/tools/gen_table.py) and a Python enum member (lifecycle.engine); one
 # that cannot be either passed `spec check`, then failed the build inside the generated header (or `import
 # lifecycle`) without naming the table's line.  A leading underscore is reserved by both (C++ `_Upper`/`__`,
-# enum `_sunder_`), `mro` by enum, and the outcome `none` is the generated Outcome enum's "no outcome".
+# enum `_sunder_`), `mro` by enum, the outcome `none` is the generated Outcome enum's "no outcome", and the
+# event `state` is the attribute where lifecycle.model's transitions machine keeps the state.
 _CXX_KEYWORDS = frozenset("""
     alignas alignof and and_eq asm auto bitand bitor bool break case catch char char8_t char16_t char32_t class
     compl concept const consteval constexpr constinit const_cast continue co_await co_return co_yield decltype
@@ -61,6 +62,8 @@ def _reserved(section: str, name: str) -> str | None:
         return "starts with '_' (reserved for C++ and Python enum names)"
     if name == "mro":
         return "is reserved by Python's enum"
+    if section == "events" and name == "state":  # transitions refuses a trigger named as its state attribute
+        return "is reserved: the reference model (transitions) keeps the session's state in an attribute named state"
     if section == "outcomes" and name == "none":
         return "is reserved: the generated Outcome enum uses none for 'no outcome'"
     return None

@@ -318,3 +318,17 @@ def test_a_table_name_with_a_nul_byte_is_unreadable_not_a_value_error(tmp_path):
     with pytest.raises(SpecError):
         spec.load(bad)
     assert spec.check_file(TABLE_FILE) == []  # the control
+
+
+def test_an_event_named_state_is_a_bad_name():
+    """`spec check` accepted an event named `state`, then `lifecycle diagram` (and the reference model) died
+    with transitions' ValueError "Trigger name cannot be same as model attribute name"."""
+    t = edit("grace_expired     timer", "grace_expired     timer\nstate             timer")
+    t = edit("CancelRequested  + timeout        = .stay", "CancelRequested  + timeout        = .stay\n"
+             "CancelRequested  + state          = Poisoned         / expired", t)
+    found = [(v.code, v.line) for v in _violations(t)]
+    assert ("bad-name", line_of(t, "state             timer")) in found, found
+    from lifecycle import diagram
+
+    ok = spec.parse(t.replace("state ", "stale ").replace("+ state ", "+ stale "), "ok.table")  # the control
+    assert "CancelRequested --> Poisoned : stale / expired" in diagram.render("mermaid", ok)

@@ -332,3 +332,33 @@ def test_an_event_named_state_is_a_bad_name():
 
     ok = spec.parse(t.replace("state ", "stale ").replace("+ state ", "+ stale "), "ok.table")  # the control
     assert "CancelRequested --> Poisoned : stale / expired" in diagram.render("mermaid", ok)
+
+
+@pytest.mark.parametrize(("old", "new", "section", "name"), [
+    ("grace_expired", "grace_over", "events", "grace_expired"),
+    ("AlreadyDeferred              terminate was already deferred\n", "", "terminate-results", "AlreadyDeferred"),
+    ("CancelRequested", "Cancelling", "states", "CancelRequested"),
+])
+def test_a_name_the_engine_uses_is_required_at_its_section(old, new, section, name):
+    """A table without a name the C++ engine uses (an event renamed, AlreadyDeferred dropped: it is in no row)
+    passed `spec check` and the generator, then the build failed in engine.cpp ("'grace_expired' is not a member
+    of 'lifecycle::Event'"), naming neither the table nor a line."""
+    t = GOOD.replace(old, new)
+    assert t != GOOD
+    found = [(v.code, v.line, v.message) for v in _violations(t)]
+    assert ("engine-name", line_of(t, f"[{section}]"), f"[{section}] {name} is required: the engine uses it") in found
+    assert "engine-name" not in {v.code for v in _violations(GOOD)}  # the control
+
+
+def test_the_names_the_engine_requires_are_the_names_its_sources_use():
+    """spec's list of required names is checked against the C++ sources, so it cannot go stale."""
+    import re
+
+    used: dict[str, set[str]] = {}
+    sections = {"State": "states", "Event": "events", "CancelResult": "cancel-results",
+                "TerminateResult": "terminate-results"}
+    for src in (ROOT / "cpp").rglob("*.[ch]pp"):
+        for enum_name, member in re.findall(r"\b(State|Event|CancelResult|TerminateResult)::(\w+)", src.read_text()):
+            if member in GOOD.split():  # the slot pool's own State enum (Free, Leased ...) is not the table's
+                used.setdefault(sections[enum_name], set()).add(member)
+    assert used and {k: set(v) for k, v in spec.ENGINE_NAMES.items()} == used

@@ -422,6 +422,12 @@ def load(path: str | Path) -> Spec:
                                                                 "bytes, not a lifecycle table")])
         # universal newlines, as read_text; a UTF-8 byte order mark (some editors write one) is not the table's
         text = data.decode("utf-8-sig").replace("\r\n", "\n").replace("\r", "\n")
+    except UnicodeDecodeError as exc:  # (was line 0 and a byte offset: the line that holds the byte, and its column)
+        bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0  # utf-8-sig counts from after the byte order mark
+        head = data[bom:bom + exc.start].replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        line, col = head.count(b"\n") + 1, len(head) - head.rfind(b"\n")
+        raise SpecError([Violation(str(p), line, "unreadable", f"cannot read table: not UTF-8: byte "
+                                                               f"0x{data[bom + exc.start]:02x} at column {col}")]) from exc
     except (OSError, ValueError) as exc:  # ValueError: not UTF-8, or a NUL byte in the name (os.stat's)
         raise SpecError([Violation(str(p), 0, "unreadable", f"cannot read table: {exc}")]) from exc
     return parse(text, str(p))

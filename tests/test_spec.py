@@ -362,3 +362,17 @@ def test_the_names_the_engine_requires_are_the_names_its_sources_use():
             if member in GOOD.split():  # the slot pool's own State enum (Free, Leased ...) is not the table's
                 used.setdefault(sections[enum_name], set()).add(member)
     assert used and {k: set(v) for k, v in spec.ENGINE_NAMES.items()} == used
+
+
+def test_a_byte_that_is_not_utf8_is_reported_at_its_line(tmp_path):
+    """A table with one Latin-1 byte in a comment was 'unreadable' at line 0 ('can't decode byte 0xe9 in position
+    2301'): the line that holds it was left to the reader to count."""
+    t = edit("# name            kind       meaning", "# name            kind       meaning (caf\xe9)")
+    f = tmp_path / "latin1.table"
+    f.write_bytes(t.encode("latin-1"))
+    (v,) = spec.check_file(f)
+    assert (v.code, v.line) == ("unreadable", line_of(t, "# name            kind")), v
+    col = next(ln for ln in t.split("\n") if ln.startswith("# name            kind")).index("\xe9") + 1
+    assert v.message == f"cannot read table: not UTF-8: byte 0xe9 at column {col}", v.message
+    f.write_bytes(t.encode("utf-8"))  # the control: the same text in UTF-8 is valid
+    assert spec.check_file(f) == []

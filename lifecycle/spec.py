@@ -189,6 +189,8 @@ def parse(text: str, path: str = "<table>") -> Spec:
     # only a newline ends a line (load() made every CRLF / CR one): str.splitlines() also split at a form feed,
     # vertical tab, NEL, U+2028 ..., so text after one in a comment became a row and later lines were misnumbered
     for lineno, raw in enumerate(text.replace("\r\n", "\n").replace("\r", "\n").split("\n"), start=1):
+        if "\0" in raw:  # (passed, then lifecycle._core.TABLE_TEXT, a C string, ended at it)
+            bad(lineno, "nul-byte", f"a NUL byte at column {raw.index(chr(0)) + 1}; a table is text")
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue

@@ -376,3 +376,14 @@ def test_a_byte_that_is_not_utf8_is_reported_at_its_line(tmp_path):
     assert v.message == f"cannot read table: not UTF-8: byte 0xe9 at column {col}", v.message
     f.write_bytes(t.encode("utf-8"))  # the control: the same text in UTF-8 is valid
     assert spec.check_file(f) == []
+
+
+def test_a_nul_byte_is_reported_at_its_line(tmp_path):
+    """A NUL byte in a comment passed `spec check` and the build, but lifecycle._core.TABLE_TEXT (a C string) ended
+    at it: an installed package parsed a truncated table, a checkout's compiled copy differed from the file."""
+    t = edit("# Theory of operation", "# Theory of\0 operation")
+    f = tmp_path / "nul.table"
+    f.write_text(t)
+    assert [(v.code, v.line) for v in spec.check_file(f)] == [("nul-byte", line_of(t, "# Theory of"))]
+    f.write_text(edit("# Theory of operation", "# Theory of\x7f operation"))  # the control: DEL is only text
+    assert spec.check_file(f) == []

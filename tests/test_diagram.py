@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,21 @@ def test_out_dash_is_standard_output(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out == diagram.render("mermaid", SPEC) and not (tmp_path / "-").exists()
     assert diagram.main_diagram(["--out", "d.mmd"]) == 0  # the control: a name is a file
     assert (tmp_path / "d.mmd").read_text() == diagram.render("mermaid", SPEC) and capsys.readouterr().out == ""
+
+
+def test_svg_with_a_dot_that_never_ends_is_an_error_not_a_hang(tmp_path, monkeypatch, capsys):
+    """A `dot` that never exits (a wrapper waiting on a terminal, a stuck license check) hung `lifecycle diagram
+    --format svg` for ever; it is now stopped after DOT_TIMEOUT_S (shortened here) and reported."""
+    dot = tmp_path / "dot"
+    dot.write_text(f"#!/bin/sh\nexec {shutil.which('sleep')} 60\n")
+    dot.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(diagram, "DOT_TIMEOUT_S", 0.5, raising=False)
+    done, status = threading.Event(), []
+    threading.Thread(target=lambda: (status.append(diagram.main_diagram(["--format", "svg"])), done.set()),
+                     daemon=True).start()
+    assert done.wait(30), "lifecycle diagram --format svg did not return"  # a hang fails the test, not the run
+    assert status == [2]
+    assert f"lifecycle diagram: Graphviz {dot}: no answer from dot -Tsvg in 0.5 s" in capsys.readouterr().err
+    dot.write_text("#!/bin/sh\nprintf '<svg/>'\n")  # the control: a dot that answers
+    assert diagram.main_diagram(["--format", "svg"]) == 0 and capsys.readouterr().out == "<svg/>"

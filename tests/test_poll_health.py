@@ -234,6 +234,58 @@ def test_one_progressing_transfer_does_not_hide_wedged_ones(clock):
     assert any(x.startswith("wedged: request 0 in InFlight") for x in h.reasons)
 
 
+@pytest.mark.parametrize("how", ["timeout", "cancel"])
+def test_the_progress_deadline_counts_from_exposure_not_from_a_timeout_or_cancel(clock, how):
+    """No session reached a terminal state since the one exposed session was exposed: past progress_deadline the
+    engine is unhealthy, whether or not that session moved to CancelRequested meanwhile (its timeout, or a cancel
+    whose peer never answers).  The deadline counted from its entry into CancelRequested: a timeout or a
+    cancellation burst restarted the no-progress clock, and health said OK for up to another deadline."""
+    eng = TransferEngine(clock=clock, transfer_timeout=10 if how == "timeout" else None, cancel_grace=None,
+                         progress_deadline=30)
+    clock.advance(100 * SEC)  # idle first: the deadline starts at the exposure, not at the engine's creation
+    eng.advertise(1, "sender")
+    eng.expose(1)
+    clock.advance(25 * SEC)
+    if how == "cancel":
+        assert eng.cancel(1) is CancelResult.CancelRequestedInFlight
+    eng.poll()
+    assert eng.state(1) is State.CancelRequested
+    clock.advance(5 * SEC)  # exactly the deadline: still healthy
+    eng.poll()
+    h = eng.health()
+    assert h.healthy and h.since_progress_s == 30, h
+    clock.advance(1)
+    with capture_logs() as logs:
+        eng.poll()
+    h = eng.health()
+    assert not h.healthy and h.reasons[0].startswith("no progress: no session reached a terminal state for 30.000s")
+    assert [e["healthy"] for e in logs if e["event"] == "lifecycle.health"] == [False]
+    # progress resumes: healthy again, and a new busy period after an idle one starts its own deadline
+    eng.complete(1)
+    assert eng.health().healthy
+    clock.advance(100 * SEC)
+    drive(eng, 2, "InFlight")
+    clock.advance(30 * SEC)
+    assert eng.health().healthy
+    clock.advance(1)
+    assert not eng.health().healthy
+
+
+def test_the_progress_deadline_counts_from_the_oldest_exposure_across_shards(clock):
+    """The oldest exposure of any shard counts, also after the sessions exposed before it finished."""
+    eng = TransferEngine(clock=clock, transfer_timeout=None, cancel_grace=None, progress_deadline=30, shards=4)
+    for r in range(8):
+        drive(eng, r, "InFlight")
+        clock.advance(1 * SEC)
+    eng.complete(0)  # progress at +8 s: the clock restarts there for every shard
+    for r in range(1, 8):
+        eng.cancel(r)
+    clock.advance(30 * SEC)
+    assert eng.health().healthy and eng.health().since_progress_s == 30
+    clock.advance(1)
+    assert not eng.health().healthy
+
+
 def test_health_snapshot_is_frozen_and_reports_counts(engine):
     drive(engine, 1, "InFlight")
     h = engine.health()

@@ -56,6 +56,8 @@ struct alignas(64) Session {  // one cache line: a call touches one line per ses
 static_assert(sizeof(Session) == 64, "a session is one cache line");
 
 inline int si(State s) { return static_cast<int>(s); }
+// Exposed: some agent may be moving bytes (health's progress deadline waits on these).
+inline bool exposed(State s) { return s == State::InFlight || s == State::CancelRequested; }
 
 // Shard lock.  Critical sections are a few dozen nanoseconds and never wait on anything, so a
 // test-and-test-and-set lock beats a futex mutex; after a short spin it yields (a preempted holder
@@ -111,6 +113,11 @@ struct alignas(64) Engine::Shard {
   Counters ctr;
   std::int64_t last_t = INT64_MIN;  // Invariant: entry times in this shard never go backwards
   std::int64_t last_terminal = INT64_MIN;  // last entry into a terminal state (health's progress)
+  // When the shard's exposed sessions (InFlight, CancelRequested) last went from none to some: while there are
+  // any, the exposure of the oldest one or earlier (a session leaves them only for a terminal state, which moves
+  // last_terminal past it).  Health's progress clock: a timeout or a cancel, which re-enters the session in
+  // CancelRequested, does not restart it (counted from that entry, it did: health said OK up to another deadline).
+  std::int64_t exposed_since = INT64_MIN;
   std::atomic<std::uint64_t>* record_seq = nullptr;  // the engine's counter
   std::uint64_t index = 0;    // this shard's index (the low 12 bits of its sessions' serials)
   std::uint64_t serials = 0;  // sessions created here
@@ -264,6 +271,8 @@ struct alignas(64) Engine::Shard {
   }
 
   void move(std::uint32_t i, State dst, std::int64_t now) {
+    if (!exposed(at(i).state) && exposed(dst) && count[si(State::InFlight)] + count[si(State::CancelRequested)] == 0)
+      exposed_since = now;
     unlink(i);
     Session& s = at(i);
     s.state = dst;
@@ -1109,6 +1118,8 @@ Health Engine::health() {
   for (Shard& sh : shards()) {
     std::lock_guard<SpinMutex> g(sh.mu);
     lp = std::max(lp, sh.last_terminal);
+    if (sh.count[si(State::InFlight)] + sh.count[si(State::CancelRequested)] > 0)
+      oldest_exposed = std::min(oldest_exposed, sh.exposed_since);
     for (int k = 0; k < kNumStates; ++k) h.counts[static_cast<std::size_t>(k)] += sh.count[static_cast<std::size_t>(k)];
     for (State st : {State::Advertised, State::InFlight, State::CancelRequested}) {
       std::uint32_t hd = sh.head[si(st)];
@@ -1116,7 +1127,6 @@ Health Engine::health() {
       const Session& s = sh.at(hd);
       oldest_any = std::min(oldest_any, s.t_state);
       if (st == State::Advertised) continue;
-      oldest_exposed = std::min(oldest_exposed, s.t_state);
       // per-entry check: the oldest entry of the state past its timer + the deadline is wedged,
       // whatever the other sessions do (one progressing transfer must not hide wedged ones)
       std::int64_t timer = st == State::InFlight ? cfg_.transfer_timeout_ns : cfg_.cancel_grace_ns;

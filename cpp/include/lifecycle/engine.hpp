@@ -116,7 +116,7 @@ struct Health {
   std::uint32_t quarantined = 0;
   std::uint32_t quarantine_budget = 0;
   std::int64_t oldest_nonterminal_ns = -1;  // age of the oldest non-terminal session in its state
-  std::int64_t since_progress_ns = -1;      // time since the last terminal entry (or since admission)
+  std::int64_t since_progress_ns = -1;      // since the last terminal entry, or the oldest exposure if later
   bool backend_healthy = true;
   std::string backend_reason;
   std::uint64_t live = 0;  // sessions not Terminated

@@ -140,6 +140,20 @@ def test_faults_none_means_no_faults(capsys):
     assert "unknown fault(s) none" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--transfer-timeout", "--cancel-grace"])
+def test_a_zero_timer_is_refused_not_a_timer_that_never_fires(capsys, flag):
+    """The engine reads a timer of 0 as no timer: --cancel-grace 0 left a cancelled session whose ack was lost in
+    CancelRequested for ever (drop-notif,disconnect,delay, seed 5: "1 session(s) wedged", the sender unhealthy, where
+    docs/demo.md promises Poisoned after --cancel-grace and the wedge bound is 2 x (timeout + grace) + 5 s).  It is
+    an argparse error now; the control: the shortest positive timer is taken."""
+    from lifecycle import demo as demo_mod
+
+    with pytest.raises(SystemExit) as exc:
+        demo_mod.parse_args([flag, "0"])
+    assert exc.value.code == 2 and f"{flag} must be seconds in (0, 1e6], got 0.0" in capsys.readouterr().err
+    assert getattr(demo_mod.parse_args([flag, "0.001"]), flag[2:].replace("-", "_")) == 0.001
+
+
 @needs_nixl
 @pytest.mark.nixl
 def test_negative_control_one_flipped_byte_fails_the_demo(tmp_path):

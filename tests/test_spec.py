@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -164,6 +165,25 @@ def test_a_valid_table_generates_a_header_that_compiles(tmp_path, what):
     c = subprocess.run(["c++", "-std=c++20", "-Wall", "-Wextra", "-Wconversion", "-Werror", "-fsyntax-only",
                         f"-I{tmp_path}", str(src)], capture_output=True, text=True)
     assert c.returncode == 0, (what, c.stderr[-2000:])
+
+
+def test_the_header_is_utf8_whatever_the_locale(tmp_path):
+    """A valid table with a non-ASCII comment broke the build under an ASCII locale (LC_ALL=C without Python's
+    UTF-8 mode: UnicodeEncodeError writing the header).  The header is written as UTF-8, so kTableText holds the
+    table's own bytes.  Control: the same table under the default locale gives the same header."""
+    text = "# caf\u00e9 \u2014 a comment\n" + GOOD
+    table = tmp_path / "t.table"
+    table.write_bytes(text.encode("utf-8"))
+    assert spec.check_file(table) == []
+    gen = ROOT / "cpp" / "tools" / "gen_table.py"
+    ascii_env = dict(os.environ, LC_ALL="C", LANG="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0")
+    headers = []
+    for env in (ascii_env, None):
+        hdr = tmp_path / ("c" if env else "default") / "table_gen.hpp"
+        r = subprocess.run([sys.executable, str(gen), str(table), str(hdr)], capture_output=True, text=True, env=env)
+        assert r.returncode == 0 and r.stderr == "", r.stderr[-1000:]
+        headers.append(hdr.read_bytes())
+    assert headers[0] == headers[1] and text.encode("utf-8") in headers[0]
 
 
 # ---- generated copies agree with the one table --------------------------------------------------------

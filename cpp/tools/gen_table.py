@@ -103,8 +103,10 @@ inline constexpr const char kTableText[] = R"{delim}({text}){delim}";
 """
     p = Path(out)
     p.parent.mkdir(parents=True, exist_ok=True)
-    if not p.exists() or p.read_text() != hdr:
-        p.write_text(hdr)
+    # UTF-8 whatever the locale (the table is UTF-8; a comment with an e-acute failed to encode under LC_ALL=C
+    # without Python's UTF-8 mode, and under a Latin-1 locale an em dash did)
+    if not p.exists() or p.read_bytes() != hdr.encode("utf-8"):
+        p.write_bytes(hdr.encode("utf-8"))
     return 0
 
 

@@ -21,7 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from .demo_worker import FAULT_RATES, KILL_TIME_FILE, DemoOptions, KVConfig, _atomic_json, _read_json
+from .demo_worker import (FAULT_RATES, KILL_TIME_FILE, DemoOptions, KVConfig, _atomic_json,
+                          _read_json, kill_victim)
 
 __all__ = ["main", "parse_args"]
 
@@ -275,15 +276,21 @@ class _Launch:
             return self.mpi.poll() is None
         return any(p.is_alive() for p in self.procs.values())
 
-    def kill(self, name: str) -> bool:
+    def kill(self, name: str, at: float | None = None) -> bool:
         """SIGKILL ``name`` (kill-peer); False, and nothing done, when it already exited by itself: a worker that
         crashed is not a kill (its pid, reaped by alive(), raised ProcessLookupError out of the launcher, or, not
-        yet reaped, counted as killed, which hid its crash: its exit code and traceback went unreported)."""
+        yet reaped, counted as killed, which hid its crash: its exit code and traceback went unreported).
+        ``at``: the victim's own kill at its kill point (KILL_TIME_FILE), recorded when it exited by SIGKILL."""
         p = self.procs[name]
         if not p.is_alive():  # (reaps it: its pid is not ours to signal any more)
-            return False
-        t = time.monotonic()  # (CLOCK_MONOTONIC: the same clock in every process of this machine)
-        os.kill(p.pid, signal.SIGKILL)
+            if at is None or p.exitcode != -signal.SIGKILL:
+                return False
+            t = at
+        else:
+            t = time.monotonic()  # (CLOCK_MONOTONIC: the same clock in every process of this machine)
+            os.kill(p.pid, signal.SIGKILL)
+            if at is not None:
+                t = min(t, at)
         self.killed[name] = p.pid
         # the survivor counts its sessions Poisoned from here on: those the kill cut, whether its timers or
         # the lost peer (seen some 25-50 ms later) ended them
@@ -311,6 +318,13 @@ class _Launch:
         if self.mpi is not None:
             return {"mpiexec": self.mpi.returncode}
         return {n: p.exitcode for n, p in self.procs.items()}
+
+
+def _take_kill(launch: _Launch, out: Path, victim: str) -> None:
+    """kill-peer: the victim kills itself at its kill point and writes the time (KILL_TIME_FILE): record it."""
+    asked = _read_json(out / "status" / KILL_TIME_FILE)
+    if asked is not None and isinstance(asked.get("t_mono"), (int, float)):
+        launch.kill(victim, asked["t_mono"])
 
 
 # ---- after the run -----------------------------------------------------------------------------------
@@ -562,15 +576,14 @@ def _run(argv: list[str] | None) -> int:
         cancel_fraction=a.cancel_fraction, faults=tuple(f for f in a.fault_list if f != "kill-peer"),
         seed=a.seed, transfer_timeout=a.transfer_timeout, cancel_grace=a.cancel_grace, deadline=a.deadline,
         ranks=a.ranks, corrupt_one=a.corrupt_one, device=a.device,
-        kv=a.kv)
+        kv=a.kv, kill_at=a.kill_at if kill_peer else None)
     label = f"demo {a.mode}" + (f" x{a.ranks} ranks" if a.ranks > 1 else "")
     prog = Progress(sys.stderr.isatty() and not a.quiet, a.requests, label)
     launch = _Launch(opts)
     t0 = time.monotonic()
     hard = t0 + a.deadline + 30.0  # workers bound themselves by --deadline; this bounds the workers
     status: dict[str, dict] = {}
-    victim = "receiver-0" if a.mode == "read" else "sender-0"
-    survivor = "sender-0" if victim == "receiver-0" else "receiver-0"
+    victim = f"{kill_victim(a.mode)}-0"
     try:
         launch.start()  # (in the try: an interrupt while it starts them stops what it started)
         while launch.alive() and time.monotonic() < hard:
@@ -581,14 +594,10 @@ def _run(argv: list[str] | None) -> int:
             prog.update(status)
             if kill_peer and not launch.killed:
                 # kill the active side (READ: the receiver, WRITE: the sender): the survivor is then the
-                # passive side, holding exposed sessions whose evidence can now never come
-                # (not once the victim's run is over: a kill then cuts nothing)
-                if (status.get(survivor, {}).get("finalized", 0) >= a.kill_at * a.requests
-                        and status.get(victim, {}).get("running", True)):
-                    launch.kill(victim)
-            # a kill still to come is timed on the survivor's progress: look often (a fast run finishes
-            # the rest of its sessions in well under a second)
-            time.sleep(0.02 if kill_peer and not launch.killed else 0.1)
+                # passive side, holding exposed sessions whose evidence can now never come.  The victim kills
+                # itself past the kill point, with a survivor's offer in hand, and writes KILL_TIME_FILE.
+                _take_kill(launch, out, victim)
+            time.sleep(0.1)
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP (Interrupted): the workers are stopped below
         interrupted: int | None = getattr(exc, "signum", signal.SIGINT)
     else:
@@ -610,6 +619,8 @@ def _run(argv: list[str] | None) -> int:
         print(f"demo: interrupted by {signal.Signals(interrupted).name}: workers stopped, no audit or summary; "
               f"their partial logs are in {out}", file=sys.stderr)
         return 128 + interrupted
+    if kill_peer and not launch.killed:
+        _take_kill(launch, out, victim)  # (the run may have ended before the loop read it)
     elapsed = time.monotonic() - t0
     codes = launch.exit_codes()
     killed = set(launch.killed)

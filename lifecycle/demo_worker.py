@@ -96,6 +96,7 @@ class DemoOptions:
     kv: KVConfig = field(default_factory=KVConfig)
     quarantine_slack: int = 256
     device: str = "auto"
+    kill_at: float | None = None  # kill-peer: the victim kills itself past this fraction (see KILL_TIME_FILE)
 
     @property
     def wedge_bound(self) -> float:
@@ -271,6 +272,18 @@ def _read_json(path: Path) -> dict | None:
 
 # kill-peer: the launcher's kill time (JSON, in status/; not *.json, which are the workers' status files)
 KILL_TIME_FILE = "kill-time"
+# kill-peer: the victim (the active side), once it has finalized --kill-at of the requests, when an offer of the
+# survivor's arrives, writes KILL_TIME_FILE and SIGKILLs itself there, before posting it, so the survivor holds at
+# least that exposed session, which can never get evidence now.  (The launcher used to kill when the survivor's
+# status passed the kill point: a kill between two batches, or in a run that ends every session in the iteration
+# that starts it, found the survivor with no session live and the run failed, "kill-peer cut nothing", at
+# --kill-at 0.4 or 0.1.  A victim that stopped and waited for the launcher's SIGKILL still answered the survivor's
+# stops from its transport's thread: with --transfer-timeout 0.001 the cut sessions ended Quiesced(cancelled).)
+
+
+def kill_victim(mode: str) -> str:
+    """kill-peer's victim: the active side (READ: the receiver; WRITE: the sender)."""
+    return "receiver" if mode == "read" else "sender"
 
 
 # ---- the worker --------------------------------------------------------------------------------------
@@ -361,6 +374,7 @@ class Worker:
         self._last_status = 0.0
         self._ppid = os.getppid()  # the launcher: when it is gone (SIGKILL), stop as at --deadline, not run on
         self.running = True
+        self.kill_asked = False  # kill-peer: this victim asked for its kill (once)
 
     # ---- setup ---------------------------------------------------------------------------------
     def connect(self, timeout: float = 60.0) -> None:
@@ -552,6 +566,8 @@ class Worker:
     # ---- control messages ------------------------------------------------------------------------
     def _handle(self, m: tuple) -> None:
         kind = m[0]
+        if kind in ("offer", "target") and self._kill_due():
+            self._kill_here()
         if kind == "offer":  # receiver, READ mode
             _, req, desc = m
             r = self._advertise(self.plan[req - 1])
@@ -595,6 +611,23 @@ class Worker:
             self.ack_received = True
         elif kind == "hello":  # a late duplicate (reconnect): fresh metadata
             self.peer_md = m[1]
+
+    def _kill_due(self) -> bool:
+        """kill-peer: is this worker the victim, past the kill point, and not yet asked?"""
+        o = self.opts
+        return (o.kill_at is not None and not self.kill_asked and self.rank == 0 and self.role == kill_victim(o.mode)
+                and self.c["finalized"] >= o.kill_at * o.requests)
+
+    def _kill_here(self) -> None:
+        """kill-peer's kill, here: the offer in hand (the survivor's exposed session) is never posted.  The time
+        written is the kill's (KILL_TIME_FILE, which the survivor reads; the launcher records the kill from it)."""
+        import signal
+
+        self.kill_asked = True
+        now = time.monotonic()
+        self._status(now)  # (the launcher's table of a killed side: its last status)
+        _atomic_json(self.out / "status" / KILL_TIME_FILE, {"victim": self.name, "t_mono": now})
+        os.kill(os.getpid(), signal.SIGKILL)
 
     def _lose_peer(self, why: str) -> None:
         """The peer process is gone: no evidence can come from it any more."""

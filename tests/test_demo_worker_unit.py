@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
+
 from lifecycle.demo_worker import DemoOptions, SoloGroup, Worker, client_plan
 
 
@@ -113,3 +115,80 @@ def test_a_post_error_reconnects_without_injected_faults():
     assert added == [b"metadata"] and w.c["reconnects"] == 1 and w.reconnect_at == 0.0
     w._check_disconnects()  # nothing due: no second reconnect
     assert added == [b"metadata"]
+
+
+class _Died(Exception):
+    pass
+
+
+def _victim(tmp_path, monkeypatch, *, mode: str, role: str, finalized: int, kill_at: float | None = 0.4):
+    import os
+    import signal
+
+    (tmp_path / "status").mkdir(parents=True, exist_ok=True)
+    w = Worker.__new__(Worker)
+    w.role, w.rank, w.name = role, 0, f"{role}-0"
+    w.opts = DemoOptions(out=str(tmp_path), mode=mode, requests=100, kill_at=kill_at)
+    w.out = tmp_path
+    w.c = dict(finalized=finalized)
+    w.kill_asked = False
+    w._status = lambda now: None
+    posted = []
+    w._post = lambda req, desc: posted.append(req)
+    w.tracked = {7: SimpleNamespace(cancelled=False, plan=SimpleNamespace(cancel_side=None, cancel_at=None))}
+    w.plan = [SimpleNamespace(request=i + 1, cancel_side=None, cancel_at=None, blocks=1) for i in range(100)]
+    w._advertise = lambda plan: SimpleNamespace(plan=plan)
+
+    def fake_kill(pid, sig):
+        assert pid == os.getpid() and sig == signal.SIGKILL
+        raise _Died
+
+    monkeypatch.setattr(os, "kill", fake_kill)
+    return w, posted
+
+
+def test_kill_peer_victim_dies_with_a_survivors_offer_in_hand(tmp_path, monkeypatch):
+    """kill-peer: the launcher killed the active side when the survivor's status passed --kill-at; a kill between
+    two batches found the survivor with no session and the run failed ("kill-peer cut nothing: receiver-0 had no
+    session live when it lost its peer": `demo --requests 500 --concurrency 256 --mode write --cancel-fraction 0.5
+    --faults delay,kill-peer --seed 8403 --kill-at 0.4`; and `--requests 300 --mode write --cancel-fraction 1
+    --faults disconnect,drop-notif,kill-peer --seed 1889 --kill-at 0.1`).  The victim now kills itself past the
+    kill point when a survivor's offer arrives, before posting it (the survivor's exposed session is cut), and
+    writes the kill time the survivor and the launcher read."""
+    import json
+
+    from lifecycle.demo_worker import KILL_TIME_FILE
+
+    w, posted = _victim(tmp_path, monkeypatch, mode="write", role="sender", finalized=40)
+    with pytest.raises(_Died):
+        w._handle(("target", 7, b"desc"))
+    assert posted == []
+    assert json.loads((tmp_path / "status" / KILL_TIME_FILE).read_text())["victim"] == "sender-0"
+    w, posted = _victim(tmp_path / "r", monkeypatch, mode="read", role="receiver", finalized=41)
+    with pytest.raises(_Died):
+        w._handle(("offer", 7, b"desc"))
+    assert posted == []
+
+
+@pytest.mark.parametrize("mode,role,finalized,kill_at", [
+    ("write", "sender", 39, 0.4),     # before the kill point
+    ("write", "receiver", 90, 0.4),   # the survivor never kills itself
+    ("read", "sender", 90, 0.4),
+    ("read", "receiver", 90, None),   # no kill-peer
+])
+def test_kill_peer_control_no_kill_before_the_point_on_the_survivor_or_without_kill_peer(
+        tmp_path, monkeypatch, mode, role, finalized, kill_at):
+    from lifecycle.demo_worker import KILL_TIME_FILE
+
+    w, posted = _victim(tmp_path, monkeypatch, mode=mode, role=role, finalized=finalized, kill_at=kill_at)
+    w._post = lambda req, desc: posted.append(req)
+    w.t = SimpleNamespace(expect=lambda *a: SimpleNamespace(to_bytes=lambda: b"o"))
+    w.peer, w.out_msgs, w.it, w.mid_cancels = "peer", [], 1, {}
+    w._mem = lambda slot, n: None
+    w._slot = lambda req: 0
+    w._expose_done = lambda req: None
+    w._mine = lambda plan, point: False
+    kind = "target" if role == "sender" else "offer"
+    w._handle((kind, 7, b"desc"))
+    assert posted == [7]
+    assert not (tmp_path / "status" / KILL_TIME_FILE).exists()

@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="hard bound on the run; workers stop and count what is left as wedged")
     p.add_argument("--kill-at", type=float, default=0.4, metavar="F",
                    help="with kill-peer: SIGKILL the active side's process (READ: generation, WRITE: context) "
-                        "when this fraction of requests is done")
+                        "at the offer of the first request past this fraction of the run")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where the KV cache lives (auto: CUDA when torch.cuda.is_available())")
     p.add_argument("--layers", type=int, default=4)
@@ -621,6 +621,10 @@ def _run(argv: list[str] | None) -> int:
         return 128 + interrupted
     if kill_peer and not launch.killed:
         _take_kill(launch, out, victim)  # (the run may have ended before the loop read it)
+    for name in launch.killed:  # a killed side's table: its last status (written just before its kill)
+        last = _read_json(out / "status" / f"{name}.json")
+        if last is not None:
+            status[name] = last
     elapsed = time.monotonic() - t0
     codes = launch.exit_codes()
     killed = set(launch.killed)

@@ -272,13 +272,15 @@ def _read_json(path: Path) -> dict | None:
 
 # kill-peer: the launcher's kill time (JSON, in status/; not *.json, which are the workers' status files)
 KILL_TIME_FILE = "kill-time"
-# kill-peer: the victim (the active side), once it has finalized --kill-at of the requests, when an offer of the
-# survivor's arrives, writes KILL_TIME_FILE and SIGKILLs itself there, before posting it, so the survivor holds at
+# kill-peer: the victim (the active side), when the offer of the first request past --kill-at of the run arrives
+# (see Worker._kill_due), writes KILL_TIME_FILE and SIGKILLs itself there, before posting it, so the survivor holds at
 # least that exposed session, which can never get evidence now.  (The launcher used to kill when the survivor's
 # status passed the kill point: a kill between two batches, or in a run that ends every session in the iteration
 # that starts it, found the survivor with no session live and the run failed, "kill-peer cut nothing", at
-# --kill-at 0.4 or 0.1.  A victim that stopped and waited for the launcher's SIGKILL still answered the survivor's
-# stops from its transport's thread: with --transfer-timeout 0.001 the cut sessions ended Quiesced(cancelled).)
+# --kill-at 0.4 or 0.1.  Timed on the victim's finalized count, with fewer requests left than --concurrency, the
+# last offers had all arrived before the point: no kill, "the run ended before the kill point" at --kill-at 0.7.
+# A victim that stopped and waited for the launcher's SIGKILL still answered the survivor's stops from its
+# transport's thread: with --transfer-timeout 0.001 the cut sessions ended Quiesced(cancelled).)
 
 
 def kill_victim(mode: str) -> str:
@@ -566,7 +568,7 @@ class Worker:
     # ---- control messages ------------------------------------------------------------------------
     def _handle(self, m: tuple) -> None:
         kind = m[0]
-        if kind in ("offer", "target") and self._kill_due():
+        if kind in ("offer", "target") and self._kill_due(m[1]):
             self._kill_here()
         if kind == "offer":  # receiver, READ mode
             _, req, desc = m
@@ -612,11 +614,17 @@ class Worker:
         elif kind == "hello":  # a late duplicate (reconnect): fresh metadata
             self.peer_md = m[1]
 
-    def _kill_due(self) -> bool:
-        """kill-peer: is this worker the victim, past the kill point, and not yet asked?"""
+    def _kill_due(self, req: int) -> bool:
+        """kill-peer: is this worker the victim, and ``req``'s offer the kill point?  The first offer of a request
+        past --kill-at of the run (request ids are in start order) that the survivor does not itself cancel in
+        flight (its cancel, stopped in the same millisecond, raced the kill: the victim's transport acked it and
+        the survivor's one exposed session, at --concurrency 1, ended Quiesced(cancelled), cut by nothing)."""
         o = self.opts
-        return (o.kill_at is not None and not self.kill_asked and self.rank == 0 and self.role == kill_victim(o.mode)
-                and self.c["finalized"] >= o.kill_at * o.requests)
+        if o.kill_at is None or self.kill_asked or self.rank != 0 or self.role != kill_victim(o.mode):
+            return False
+        plan = self.plan[req - 1]
+        return req > o.kill_at * o.requests and not (plan.cancel_side == self.peer_role
+                                                     and plan.cancel_at == "mid_transfer")
 
     def _kill_here(self) -> None:
         """kill-peer's kill, here: the offer in hand (the survivor's exposed session) is never posted.  The time
@@ -624,6 +632,10 @@ class Worker:
         import signal
 
         self.kill_asked = True
+        # log what the engine queued up to here (records are logged at poll): a victim killed within its first
+        # batch of offers, before any poll (READ, --concurrency 256, --kill-at 0.7 of 300), left an empty log,
+        # and the audit of the killed process's log failed with no_events
+        self.engine.poll()
         now = time.monotonic()
         self._status(now)  # (the launcher's table of a killed side: its last status)
         _atomic_json(self.out / "status" / KILL_TIME_FILE, {"victim": self.name, "t_mono": now})

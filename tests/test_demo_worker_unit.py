@@ -121,23 +121,34 @@ class _Died(Exception):
     pass
 
 
-def _victim(tmp_path, monkeypatch, *, mode: str, role: str, finalized: int, kill_at: float | None = 0.4):
+def _victim(tmp_path, monkeypatch, *, mode: str, role: str, kill_at: float | None = 0.4, plans=None):
     import os
     import signal
 
     (tmp_path / "status").mkdir(parents=True, exist_ok=True)
     w = Worker.__new__(Worker)
     w.role, w.rank, w.name = role, 0, f"{role}-0"
+    w.peer_role = "receiver" if role == "sender" else "sender"
     w.opts = DemoOptions(out=str(tmp_path), mode=mode, requests=100, kill_at=kill_at)
     w.out = tmp_path
-    w.c = dict(finalized=finalized)
+    w.c = {}
     w.kill_asked = False
-    w._status = lambda now: None
     posted = []
+    w._status = lambda now: posted.append("status")
+    w.engine = SimpleNamespace(poll=lambda: posted.append("poll"))
     w._post = lambda req, desc: posted.append(req)
-    w.tracked = {7: SimpleNamespace(cancelled=False, plan=SimpleNamespace(cancel_side=None, cancel_at=None))}
-    w.plan = [SimpleNamespace(request=i + 1, cancel_side=None, cancel_at=None, blocks=1) for i in range(100)]
+    plans = plans or {}
+    w.plan = [SimpleNamespace(request=i + 1, blocks=1, cancel_after=0,
+                              cancel_side=plans.get(i + 1, (None, None))[0], cancel_at=plans.get(i + 1, (None, None))[1])
+              for i in range(100)]
+    w.tracked = {i + 1: SimpleNamespace(cancelled=False, plan=w.plan[i]) for i in range(100)}
     w._advertise = lambda plan: SimpleNamespace(plan=plan)
+    w.t = SimpleNamespace(expect=lambda *a: SimpleNamespace(to_bytes=lambda: b"o"))
+    w.peer, w.out_msgs, w.it, w.mid_cancels = "peer", [], 1, {}
+    w._mem = lambda slot, n: None
+    w._slot = lambda req: 0
+    w._expose_done = lambda req: None
+    w._mine = lambda plan, point: False
 
     def fake_kill(pid, sig):
         assert pid == os.getpid() and sig == signal.SIGKILL
@@ -152,43 +163,50 @@ def test_kill_peer_victim_dies_with_a_survivors_offer_in_hand(tmp_path, monkeypa
     two batches found the survivor with no session and the run failed ("kill-peer cut nothing: receiver-0 had no
     session live when it lost its peer": `demo --requests 500 --concurrency 256 --mode write --cancel-fraction 0.5
     --faults delay,kill-peer --seed 8403 --kill-at 0.4`; and `--requests 300 --mode write --cancel-fraction 1
-    --faults disconnect,drop-notif,kill-peer --seed 1889 --kill-at 0.1`).  The victim now kills itself past the
-    kill point when a survivor's offer arrives, before posting it (the survivor's exposed session is cut), and
-    writes the kill time the survivor and the launcher read."""
+    --faults disconnect,drop-notif,kill-peer --seed 1889 --kill-at 0.1`).  The victim now kills itself at the offer
+    of the first request past the kill point, before posting it (the survivor's exposed session is cut), and writes
+    the kill time the survivor and the launcher read."""
     import json
 
     from lifecycle.demo_worker import KILL_TIME_FILE
 
-    w, posted = _victim(tmp_path, monkeypatch, mode="write", role="sender", finalized=40)
+    w, posted = _victim(tmp_path, monkeypatch, mode="write", role="sender")
+    w._handle(("target", 40, b"desc"))  # 40 of 100: not past 0.4
     with pytest.raises(_Died):
-        w._handle(("target", 7, b"desc"))
-    assert posted == []
+        w._handle(("target", 41, b"desc"))
+    # the engine's queued records are logged first (a victim killed before its first poll left an empty log:
+    # the audit's no_events, READ --concurrency 256 --kill-at 0.7 of 300 requests, seed 5674)
+    assert posted == [40, "poll", "status"]
     assert json.loads((tmp_path / "status" / KILL_TIME_FILE).read_text())["victim"] == "sender-0"
-    w, posted = _victim(tmp_path / "r", monkeypatch, mode="read", role="receiver", finalized=41)
+    w, posted = _victim(tmp_path / "r", monkeypatch, mode="read", role="receiver")
     with pytest.raises(_Died):
-        w._handle(("offer", 7, b"desc"))
-    assert posted == []
+        w._handle(("offer", 77, b"desc"))
+    assert posted == ["poll", "status"]
 
 
-@pytest.mark.parametrize("mode,role,finalized,kill_at", [
-    ("write", "sender", 39, 0.4),     # before the kill point
-    ("write", "receiver", 90, 0.4),   # the survivor never kills itself
-    ("read", "sender", 90, 0.4),
-    ("read", "receiver", 90, None),   # no kill-peer
+def test_kill_peer_skips_an_offer_the_survivor_cancels_in_flight(tmp_path, monkeypatch):
+    """`demo --requests 200 --concurrency 1 --mode write --cancel-fraction 0.9 --faults delay,kill-peer --seed 3591
+    --transfer-timeout 5 --cancel-grace 5`: the survivor's one exposed session was one it cancels mid-transfer; its
+    stop reached the victim's transport before the kill, which acked it: cut nothing.  Such an offer is skipped."""
+    w, posted = _victim(tmp_path, monkeypatch, mode="write", role="sender",
+                        plans={41: ("receiver", "mid_transfer"), 42: ("sender", "mid_transfer")})
+    w._handle(("target", 41, b"desc"))
+    assert posted == [41]  # (posted)
+    with pytest.raises(_Died):  # the control: the victim's own cancel does not matter (it dies first)
+        w._handle(("target", 42, b"desc"))
+
+
+@pytest.mark.parametrize("mode,role,kill_at", [
+    ("write", "receiver", 0.4),   # the survivor never kills itself
+    ("read", "sender", 0.4),
+    ("read", "receiver", None),   # no kill-peer
+    ("read", "receiver", 1.0),    # no request is past 1.0
 ])
-def test_kill_peer_control_no_kill_before_the_point_on_the_survivor_or_without_kill_peer(
-        tmp_path, monkeypatch, mode, role, finalized, kill_at):
+def test_kill_peer_control_no_kill_on_the_survivor_or_without_kill_peer(tmp_path, monkeypatch, mode, role, kill_at):
     from lifecycle.demo_worker import KILL_TIME_FILE
 
-    w, posted = _victim(tmp_path, monkeypatch, mode=mode, role=role, finalized=finalized, kill_at=kill_at)
-    w._post = lambda req, desc: posted.append(req)
-    w.t = SimpleNamespace(expect=lambda *a: SimpleNamespace(to_bytes=lambda: b"o"))
-    w.peer, w.out_msgs, w.it, w.mid_cancels = "peer", [], 1, {}
-    w._mem = lambda slot, n: None
-    w._slot = lambda req: 0
-    w._expose_done = lambda req: None
-    w._mine = lambda plan, point: False
+    w, posted = _victim(tmp_path, monkeypatch, mode=mode, role=role, kill_at=kill_at)
     kind = "target" if role == "sender" else "offer"
-    w._handle((kind, 7, b"desc"))
-    assert posted == [7]
+    w._handle((kind, 100, b"desc"))
+    assert posted == [100]
     assert not (tmp_path / "status" / KILL_TIME_FILE).exists()

@@ -375,7 +375,6 @@ class Worker:
         self.status_path = self.out / "status" / f"{self.name}.json"
         self._last_status = 0.0
         self._ppid = os.getppid()  # the launcher: when it is gone (SIGKILL), stop as at --deadline, not run on
-        self.running = True
         self.kill_asked = False  # kill-peer: this victim asked for its kill (once)
 
     # ---- setup ---------------------------------------------------------------------------------
@@ -751,13 +750,12 @@ class Worker:
     def _status(self, now: float) -> None:
         self._last_status = now
         h = self.engine.health()
-        st = dict(self.c, name=self.name, role=self.role, rank=self.rank, tracked=len(self.tracked), running=self.running,
+        st = dict(self.c, name=self.name, role=self.role, rank=self.rank, tracked=len(self.tracked),
                   elapsed=now - self.t_start, healthy=h.healthy, reasons=list(h.reasons), pid=os.getpid(),
                   peer_lost=self.peer_lost)
         _atomic_json(self.status_path, st)
 
     def _finish(self) -> dict:
-        self.running = False  # the run is over: the launcher's kill-peer would cut nothing now
         self._status(time.monotonic())
         wedged_open = len(self.tracked)
         # let deferred notices and in-flight late events settle (bounded)

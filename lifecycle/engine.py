@@ -302,12 +302,7 @@ class TransferEngine(_core.Engine):
 
     # ---- inspection -------------------------------------------------------------------------
     def info(self, request: int) -> SessionInfo:
-        raw = self._info(request)
-        if raw is None:
-            raise UnknownRequest(request)
-        role, st, outc, deferred, evidence, slot, gen, since, serial = raw
-        return SessionInfo(request, _ROLES[role], _STATES[st], _OUTCOMES[outc], deferred, evidence,
-                           None if slot < 0 else slot, gen, since, serial)
+        return _session_info(self, request)
 
     def state(self, request: int) -> State:
         raw = self._info(request)
@@ -346,9 +341,10 @@ class TransferEngine(_core.Engine):
         """Fire due timers, drain every queued record, log it, run deferred-termination callbacks.
 
         Never blocks.  Callback errors are logged and re-raised (TerminateCallbackError) after the
-        whole batch was delivered, so no notice is lost; the batch's transitions are on its ``transitions``.  A logger or a health check that raises while
-        the batch is logged does not lose its notices either: every one of them is delivered, then that
-        error propagates (the batch's transitions with it: they are in the log up to that point).
+        whole batch was delivered, so no notice is lost; the batch's transitions are on its ``transitions``.  A
+        logger or a health check that raises while the batch is logged does not lose its notices either: every
+        one of them is delivered, then that error propagates (the batch's transitions with it: they are in the
+        log up to that point).
         """
         inbox, notices = self._inbox, self._notices
         healthy = self._poll_into(inbox, notices)  # tick + drain + health, one native call
@@ -552,6 +548,16 @@ def _take_one(take: Callable[[], object], into: list) -> None:
 
 
 _NOTHING = object()  # a sentinel no queue holds
+
+
+def _session_info(engine: _core.Engine, request: int) -> SessionInfo:
+    """``info()`` of any core engine (a bare ``_core.Engine`` too, which the transports accept)."""
+    raw = engine._info(request)
+    if raw is None:
+        raise UnknownRequest(request)
+    role, st, outc, deferred, evidence, slot, gen, since, serial = raw
+    return SessionInfo(request, _ROLES[role], _STATES[st], _OUTCOMES[outc], deferred, evidence,
+                       None if slot < 0 else slot, gen, since, serial)
 
 
 def check_seconds(name: str, value) -> float:

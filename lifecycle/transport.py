@@ -29,7 +29,7 @@ import weakref
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from .errors import InvalidArgument, NixlUnavailable, TransportError, UnknownRequest, _shown
+from .errors import InvalidArgument, NixlUnavailable, TransportError, _shown
 
 try:
     from . import _core
@@ -408,11 +408,10 @@ def pool_slot(engine, request: int) -> Mem:
     """The pool slot leased to ``request``'s session (advertised with nbytes > 0)."""
     if not isinstance(engine, _core.Engine):
         raise InvalidArgument("engine", f"expected a TransferEngine, got {type(engine).__name__}")
-    raw = engine._info(request)  # (the core's: a bare _core.Engine, accepted above, has no info())
-    if raw is None:
-        raise UnknownRequest(request)
-    slot = raw[5]
-    if slot < 0:
+    from .engine import _session_info  # (a bare _core.Engine, accepted above, has no info())
+
+    slot = _session_info(engine, request).slot
+    if slot is None:
         raise InvalidArgument("request", f"request {request} holds no pool slot (advertise with nbytes > 0)")
     pool = engine.pool
     return Mem(pool.base_address + slot * pool.slot_size, pool.slot_size)

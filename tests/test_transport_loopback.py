@@ -1409,3 +1409,35 @@ def test_an_early_stop_is_not_answered_while_another_transport_of_the_engine_may
     finally:
         for t in (a, b, p):
             t.close()
+
+
+@pytest.mark.parametrize("mode", ["read", "write"])
+def test_a_stop_answered_for_a_forgone_offer_keeps_another_transport_of_the_engine_from_posting(mode):
+    """As above, with forgo(): B forgoes the peer's offer, the peer cancels, and B answers its stop at once
+    ("never posted").  The answer was B's alone: the executor's post of the same offer through A, another
+    transport of the engine, went out after the peer had ended Quiesced(cancelled) and given its slot back.
+    The forgone answer now binds the engine's other transports as an early stop does (share_stop): A's post is
+    skipped.  Control: B did answer, and the peer ended Quiesced(cancelled)."""
+    from lifecycle.transport import connect_all
+
+    n = 64 * KiB
+    i = next(_n)
+    e, ep = TransferEngine(num_slots=2, slot_size=n), TransferEngine(num_slots=2, slot_size=n, cancel_grace=5)
+    a, b, p = (LoopbackTransport(eng, f"fg-{x}{i}") for eng, x in ((e, "A"), (e, "B"), (ep, "P")))
+    try:
+        connect_all(a, b, p)
+        for t, eng in ((a, e), (b, e), (p, ep)):
+            t.register(eng.pool)
+        ep.advertise(1, "sender" if mode == "read" else "receiver", n)
+        e.advertise(1, "receiver" if mode == "read" else "sender", n)
+        offer = p.expect(1, b.name, pool_slot(ep, 1))
+        b.forgo(1, p.name, offer)
+        assert ep.cancel(1) is CancelResult.CancelRequestedInFlight
+        wait_for(lambda: ep.state(1) in (State.Quiesced, State.Poisoned), 10, "the peer's cancel", lambda: ep.drain(0.01))
+        assert ep.state(1) is State.Quiesced and ep.outcome(1) is Outcome.cancelled  # B answered (control)
+        assert b.stats().quiesced_sent == 1 and b.stats().stops_unanswered == 0
+        res = (a.read if mode == "read" else a.write)(1, pool_slot(e, 1), p.name, offer)
+        assert res == "CancelledBeforePost" and a.stats().posted == 0, (res, a.stats())
+    finally:
+        for t in (a, b, p):
+            t.close()

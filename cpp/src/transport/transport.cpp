@@ -1549,6 +1549,7 @@ void Transport::on_notification(const std::string& peer, const NotifMessage& m) 
         } else if (Forgone* f = it == entries_.end() ? forgone_of(req, m.tag, peer) : nullptr) {
           reply_now = true;  // forgo(): never posted, and a transfer() of it is refused
           f->answered = true;
+          share = no_entry;  // by this transport: the engine's others must not post it either (share_stop)
         } else if (auto p = posted_.find(req);
                    it == entries_.end() && p != posted_.end() && p->second.tag == m.tag && p->second.peer == peer) {
           reply_now = true;  // late, for the offer our transfer took (Done: else it would be unproven_)

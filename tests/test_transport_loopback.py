@@ -1441,3 +1441,104 @@ def test_a_stop_answered_for_a_forgone_offer_keeps_another_transport_of_the_engi
     finally:
         for t in (a, b, p):
             t.close()
+
+
+def test_a_new_session_of_an_id_is_not_refused_for_the_passive_entry_its_ended_session_left():
+    """tombstones=0 (an id is free again once terminated): the executor ends a passive session of id 1 whose
+    offer a peer P is still WRITing into (the executor's fail: Poisoned, no evidence; terminated, forgotten),
+    advertises id 1 again and READs another peer Q's offer for it.  The read was refused "already has a
+    transfer" until the sweep (every 20 ms) took the old session's passive entry.  The entry is now retired
+    by the read itself, as the sweep does: the old offer stays held until P's late DONE, which reaches the old
+    session only (stale here: the engine forgot it), never the new one.  Two rounds, the second through
+    transfer_batch (a round whose sweep came first would pass alone).  Control: while the passive session
+    lives, a transfer of its id is still refused."""
+    from lifecycle.transport import connect_all
+
+    n, m = 1 * MiB, 256 * KiB
+    i = next(_n)
+    e = TransferEngine(num_slots=8, slot_size=n, tombstones=0, shards=1, transfer_timeout=30, cancel_grace=30)
+    ep, eq = (TransferEngine(num_slots=2, slot_size=n, tombstones=0, transfer_timeout=30, cancel_grace=30)
+              for _ in range(2))
+    a = LoopbackTransport(e, f"ps-A{i}")
+    p = LoopbackTransport(ep, f"ps-P{i}", bytes_per_second=m)  # its WRITE (~1 s) outlives session 1
+    q = LoopbackTransport(eq, f"ps-Q{i}")
+    try:
+        connect_all(a, p, q)
+        for t, eng in ((a, e), (p, ep), (q, eq)):
+            t.register(eng.pool)
+        for r in (1, 2):
+            e.advertise(1, "receiver", n)
+            old_slot = e.info(1).slot
+            offer1 = a.expect(1, p.name, pool_slot(e, 1).slice(0, m))
+            ep.advertise(1, "sender", m)
+            eq.advertise(1, "sender", n)
+            eq.pool.slot_view(eq.info(1).slot)[:n] = pattern(n, 100 + r)
+            offer2 = q.expect(1, a.name, pool_slot(eq, 1))
+            assert p.write(1, pool_slot(ep, 1).slice(0, m), a.name, offer1) == "Posted"
+            with pytest.raises(TransportError, match="already has a transfer"):  # (control: session 1 lives)
+                a.read(1, pool_slot(e, 1), q.name, offer2)
+            before = a.stats()
+            assert e.post(1, "fail") and e.terminate(1) is TerminateResult.Terminated  # forgotten at once
+            e.advertise(1, "receiver", n)
+            if r == 1:
+                res = a.read(1, pool_slot(e, 1), q.name, offer2)
+            else:
+                [res] = a.transfer_batch([("read", 1, pool_slot(e, 1), q.name, offer2)])
+            assert res in ("Posted", "CompletedInPost"), res
+            assert e.info(1).slot != old_slot  # (session 1's slot is quarantined: P still writes into it)
+            assert a.stats().held_offers == 1 and a.stats().passive == 0  # retired, its offer held
+            wait_for(lambda: ep.state(1) is State.Quiesced, 10, "P's WRITE", lambda: ep.drain(0.01))
+            # P's late DONE: stale (or, once the sweep dropped session 1's record and session 2 ended, an orphan:
+            # both counted last), its offer no longer held; it never met session 2
+            def ignored(s):
+                return s.stale_notifications + s.orphan_notifications
+
+            wait_for(lambda: ignored(a.stats()) == ignored(before) + 1, 10, "P's late DONE at A")
+            assert e.wait_terminal(1, 10) is State.Quiesced and e.outcome(1) is Outcome.completed
+            assert crc(e.pool.slot_view(e.info(1).slot)[:n]) == crc(pattern(n, 100 + r))
+            s = a.stats()
+            assert s.done_received == before.done_received + 1 and s.late_evidence == 0, s
+            assert s.held_offers == 0 and s.passive == 0 and s.passive_swept == before.passive_swept + 1, s
+            assert eq.wait_terminal(1, 10) is State.Quiesced
+            for eng in (e, ep, eq):  # (every side's id 1 is free for the next round)
+                assert eng.terminate(1) is TerminateResult.Terminated
+        assert e.statistics().illegal == 0
+    finally:
+        for t in (a, p, q):
+            t.close()
+
+
+def test_a_transfer_of_an_id_whose_earlier_transfer_may_still_move_bytes_is_refused_until_its_done():
+    """The other side of the test above: an ACTIVE entry of an ended session is live (its request is still
+    posted, and its bytes may still land), so a transfer of a new session of the id stays refused until the
+    old request is Done, however the old session ended (here Poisoned by the executor, terminated,
+    forgotten with tombstones=0).  Then the new transfer goes."""
+    from lifecycle.transport import connect_all
+
+    n = 1 * MiB
+    i = next(_n)
+    e = TransferEngine(num_slots=4, slot_size=n, tombstones=0, shards=1, transfer_timeout=30, cancel_grace=30)
+    ep, eq = (TransferEngine(num_slots=2, slot_size=n) for _ in range(2))
+    a = LoopbackTransport(e, f"pa-A{i}", bytes_per_second=1 * MiB)  # its READ outlives session 1
+    p, q = LoopbackTransport(ep, f"pa-P{i}"), LoopbackTransport(eq, f"pa-Q{i}")
+    try:
+        connect_all(a, p, q)
+        for t, eng in ((a, e), (p, ep), (q, eq)):
+            t.register(eng.pool)
+        for eng in (e, ep, eq):
+            eng.advertise(1, "receiver" if eng is e else "sender", n)
+        eq.pool.slot_view(eq.info(1).slot)[:n] = pattern(n, 7)
+        offer1, offer2 = p.expect(1, a.name, pool_slot(ep, 1)), q.expect(1, a.name, pool_slot(eq, 1))
+        assert a.read(1, pool_slot(e, 1), p.name, offer1) == "Posted"
+        assert e.post(1, "fail") and e.terminate(1) is TerminateResult.Terminated
+        e.advertise(1, "receiver", n)
+        with pytest.raises(TransportError, match="already has a transfer"):
+            a.read(1, pool_slot(e, 1), q.name, offer2)
+        assert a.stats().active == 1 and a.stats().completed == 0  # (the old READ was still moving)
+        wait_for(lambda: a.stats().completed == 1, 10, "the old READ's Done")
+        assert a.read(1, pool_slot(e, 1), q.name, offer2) in ("Posted", "CompletedInPost")
+        assert e.wait_terminal(1, 10) is State.Quiesced and e.outcome(1) is Outcome.completed
+        assert crc(e.pool.slot_view(e.info(1).slot)[:n]) == crc(pattern(n, 7))
+    finally:
+        for t in (a, p, q):
+            t.close()

@@ -618,6 +618,7 @@ struct Transport::Work {
   std::optional<StopMemo> memo;  // its pair's stop memo: consumed once step 3 has made every entry (and
                                  // remembered again as it was, should the expose fail)
   std::uint64_t current = 0;  // the session it is for (session_for)
+  bool stale = false;         // an offered passive entry of req was there: step 1 retires it if its session ended
   std::uint64_t serial = 0;   // the session expose moved
   const char* refuse = nullptr;
   bool skip = false, ack = false, gone = false, abandon = false;
@@ -703,11 +704,15 @@ void Transport::transfer_batch(const TransferItem* items, std::size_t n, Transfe
         fail(i, caught([&] { check_c_name(*it.peer, "peer", "transfer: request " + std::to_string(req)); }));
         continue;
       }
-      // (a second item of req in this batch finds the first one's reservation)
-      if (entries_.count(req) != 0 || preparing(req)) {
+      // (a second item of req in this batch finds the first one's reservation)  An offered passive entry may
+      // be an earlier session's, ended and not swept yet: step 1 tells, once it knows the id's session.
+      const auto old = entries_.find(req);
+      const bool passive = old != entries_.end() && engine_ && old->second.side == Side::Passive && old->second.offered;
+      if ((old != entries_.end() && !passive) || preparing(req)) {
         fail(i, std::make_exception_ptr(TransportError("transfer: request " + std::to_string(req) + " already has a transfer")));
         continue;
       }
+      w[i].stale = passive;
       if (unproven_.count(req) != 0) {  // its range and its id stay held: a reuse would free them
         fail(i, std::make_exception_ptr(TransportError("transfer: request " + std::to_string(req) +
                                                        " had a transfer that ended without evidence; give the new one another id")));
@@ -751,6 +756,28 @@ void Transport::transfer_batch(const TransferItem* items, std::size_t n, Transfe
       std::exception_ptr e =
           caught([&] { w[i].current = session_check("transfer", items[i].req, items[i].local, info[i]); });
       if (e) fail(i, std::move(e));
+    }
+    // An offered passive entry of req whose session is not the id's session now (serials are unique: that
+    // one ended and the engine forgot it) is retired here as the sweep would (its offer held, an Ended record
+    // so that a late note reaches that session only), rather than refusing this transfer until the sweep
+    // comes.  Nothing of ours moves for it: the peer posts, into the offered range, which stays held.  One of
+    // this very session refuses as before.  (No entry of req can be made meanwhile: preparing_ holds the id.)
+    bool stale = false;
+    for (std::size_t i = 0; i < n; ++i) stale = stale || (w[i].live && w[i].stale);
+    if (stale) {
+      std::lock_guard<std::mutex> lk(mu_);
+      for (std::size_t i = 0; i < n; ++i) {
+        if (!w[i].live || !w[i].stale) continue;
+        auto old = entries_.find(items[i].req);
+        if (old == entries_.end()) continue;  // a note or the sweep took it meanwhile
+        if (old->second.side == Side::Passive && old->second.offered && w[i].current != 0 &&
+            old->second.serial != w[i].current) {
+          retire_passive(old, info[i]);
+        } else {
+          fail(i, std::make_exception_ptr(TransportError("transfer: request " + std::to_string(items[i].req) +
+                                                         " already has a transfer")));
+        }
+      }
     }
   }
   // 2. Build the requests: a bad peer or descriptor throws here, before anything is exposed.

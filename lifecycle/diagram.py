@@ -115,6 +115,9 @@ def _q(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+_START_NODE, _END_NODE = "__start__", "__end__"  # DOT's pseudo-nodes for [*]
+
+
 def to_dot(g: Graph, counts: dict | None = None) -> str:
     title = "kv-lifecycle session lifecycle" + (" (observed counts)" if counts is not None else "")
     out = [
@@ -125,8 +128,11 @@ def to_dot(g: Graph, counts: dict | None = None) -> str:
         '  node [fontname="Helvetica", fontsize=12, shape=box, style="rounded,filled", fillcolor="#e7f0fa", '
         'color="#2b5d8a"];',
         '  edge [fontname="Helvetica", fontsize=10, color="#444444"];',
-        '  "__start__" [id="state-start", shape=point, width=0.18, label="", fillcolor="black"];',
-        '  "__end__" [id="state-end", shape=doublecircle, width=0.12, label="", style=filled, fillcolor="black"];',
+        # the pseudo-nodes' ids keep their underscores: no state can be named so (spec: a leading '_' is reserved),
+        # where "state-start" / "state-end" were also the ids of states named start / end
+        f'  "{_START_NODE}" [id="state-{_START_NODE}", shape=point, width=0.18, label="", fillcolor="black"];',
+        f'  "{_END_NODE}" [id="state-{_END_NODE}", shape=doublecircle, width=0.12, label="", style=filled, '
+        'fillcolor="black"];',
     ]
     for s in g.states:
         kind = g.kinds[s]
@@ -139,8 +145,8 @@ def to_dot(g: Graph, counts: dict | None = None) -> str:
             attrs += ['fillcolor="#d0ebff"']
         out.append(f"  {_q(s)} [{', '.join(attrs)}];")
     for e in g.edges:
-        src = "__start__" if e.src == START else e.src
-        attrs = [f'id="edge-{src.strip("_")}-{e.trigger}-{e.dst}"', f"label={_q(_label(e, counts))}"]
+        src = _START_NODE if e.src == START else e.src
+        attrs = [f'id="edge-{src}-{e.trigger}-{e.dst}"', f"label={_q(_label(e, counts))}"]
         if e.deferred:
             attrs += ["style=dashed", 'color="#888888"', 'fontcolor="#666666"']
         elif counts is not None and counts.get(e.key, 0) == 0:
@@ -149,7 +155,7 @@ def to_dot(g: Graph, counts: dict | None = None) -> str:
             attrs += ["penwidth=2"]
         out.append(f"  {_q(src)} -> {_q(e.dst)} [{', '.join(attrs)}];")
     for s in g.final:
-        out.append(f'  {_q(s)} -> "__end__" [id="edge-{s}-end"];')
+        out.append(f'  {_q(s)} -> "{_END_NODE}" [id="edge-{s}-end"];')
     out.append("}")
     return "\n".join(out) + "\n"
 

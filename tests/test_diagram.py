@@ -18,6 +18,23 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 needs_dot = pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz `dot` not installed")
 
 
+def table_with_state(tmp_path: Path, name: str, kind: str = "final", leaves: str = "") -> Path:
+    """The repository table plus a state ``name`` for design review: a second final state that Poisoned's terminate
+    leads to, or an active one InFlight's timeout leads to that leaves by the row ``leaves`` ("event = DST")."""
+    text = spec.default_table_path().read_text(encoding="utf-8")
+    text = text.replace("\n[events]", f"\n{name}  {kind}  an added state\n[events]", 1)
+    if kind == "final":
+        text, n = re.subn(r"^(Poisoned +\+ terminate += )Terminated", rf"\g<1>{name}", text, flags=re.M)
+    else:
+        text, n = re.subn(r"^(InFlight +\+ timeout += )CancelRequested", rf"\g<1>{name}", text, flags=re.M)
+        text += f"{name} + {leaves}\n"
+    assert n == 1
+    path = tmp_path / f"review-{name}.table"
+    path.write_text(text, encoding="utf-8")
+    assert name in spec.load(path).states
+    return path
+
+
 @pytest.mark.parametrize(("fmt", "name"), [("mermaid", "lifecycle.mmd"), ("dot", "lifecycle.dot"),
                                            pytest.param("svg", "lifecycle.svg", marks=needs_dot)])
 def test_docs_diagrams_are_fresh(fmt, name):
@@ -148,3 +165,34 @@ def test_svg_with_a_dot_that_never_ends_is_an_error_not_a_hang(tmp_path, monkeyp
     assert f"lifecycle diagram: Graphviz {dot}: no answer from dot -Tsvg in 0.5 s" in capsys.readouterr().err
     dot.write_text("#!/bin/sh\nprintf '<svg/>'\n")  # the control: a dot that answers
     assert diagram.main_diagram(["--format", "svg"]) == 0 and capsys.readouterr().out == "<svg/>"
+
+
+def _ids(text: str) -> list[str]:
+    return re.findall(r'\bid="([^"]+)"', text)
+
+
+@pytest.mark.parametrize(("name", "kind", "leaves"), [("start", "final", ""), ("end", "final", ""),
+                                                      ("start", "active", "advertise = Advertised")])
+def test_dot_ids_are_unique_for_a_state_named_like_a_pseudo_node(tmp_path, capsys, name, kind, leaves):
+    """The [*] pseudo-nodes had the ids state-start / state-end and the creating edge edge-start-advertise-...: a
+    review table with a state named start or end (one named start that advertise leaves for Advertised) drew two
+    elements with one id, and a link or style aimed at the state reached the pseudo-node."""
+    table = table_with_state(tmp_path, name, kind, leaves)
+    assert diagram.main_diagram(["--format", "dot", "--table", str(table)]) == 0
+    dot = capsys.readouterr().out
+    ids = _ids(dot)
+    assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
+    assert re.search(rf'^  "{name}" \[id="state-{name}", ', dot, re.M)
+    control = _ids(diagram.render("dot", SPEC))  # the control: the repository table's ids, states and edges all there
+    assert len(control) == len(set(control)) == 2 + len(SPEC.states) + len(diagram.graph(SPEC).edges) + len(SPEC.final)
+
+
+@needs_dot
+@pytest.mark.parametrize("name", ["start", "end"])
+def test_svg_ids_are_unique_for_a_state_named_like_a_pseudo_node(tmp_path, name):
+    """The same with the SVG Graphviz draws: state-start / state-end was both the pseudo-node's id and the state's."""
+    sp = spec.load(table_with_state(tmp_path, name))
+    svg = diagram.render("svg", sp)
+    ids = _ids(svg)
+    assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
+    assert re.search(rf'<g id="state&#45;{name}" class="node">\n<title>{name}</title>', svg)

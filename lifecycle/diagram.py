@@ -94,20 +94,36 @@ def _header(g: Graph) -> str:
             "Double border: terminal (termination allowed); dark: final; dashed: deferred terminate.")
 
 
+# Words Mermaid's stateDiagram lexer (case-insensitive) reads as keywords where a state id stands, and the ids its
+# state database gives itself (root: the diagram; root_start / root_end: the [*] of an edge).  A state so named (an
+# added `note` or `State` in a review table) stopped the parse ("Expecting 'ID', 'EDGE_STATE', got 'note'"), and
+# root_start / root_end were merged with [*] (checked against mermaid 11.16).  Such a state is drawn under the id
+# '_' + name, declared with its name as the label: no state's own name starts with '_' (the spec reserves it).
+_MERMAID_RESERVED = frozenset(w.lower() for w in (
+    "accDescr", "accTitle", "class", "classDef", "click", "default", "href", "note", "scale", "state", "stateDiagram",
+    "style", "root", "root_start", "root_end"))
+
+
+def _mermaid_id(state: str) -> str:
+    return "_" + state if state.lower() in _MERMAID_RESERVED else state
+
+
 def to_mermaid(g: Graph, counts: dict | None = None) -> str:
     out = ["stateDiagram-v2", f"    %% {_header(g)}", "    direction LR"]
+    ids = {s: _mermaid_id(s) for s in g.states}
+    out += [f'    state "{s}" as {i}' for s, i in ids.items() if i != s]
     for e in g.edges:
-        src = "[*]" if e.src == START else e.src
-        out.append(f"    {src} --> {e.dst} : {_label(e, counts)}")
+        src = "[*]" if e.src == START else ids[e.src]
+        out.append(f"    {src} --> {ids[e.dst]} : {_label(e, counts)}")
     for s in g.final:
-        out.append(f"    {s} --> [*]")
+        out.append(f"    {ids[s]} --> [*]")
     out.append("    classDef terminal fill:#fff3bf,stroke:#b08800,stroke-width:3px")
     out.append("    classDef final fill:#343a40,color:#ffffff,stroke:#000000,stroke-width:4px")
     terminal = [s for s in g.states if g.kinds[s] == "terminal"]
     if terminal:
-        out.append(f"    class {','.join(terminal)} terminal")
+        out.append(f"    class {','.join(ids[s] for s in terminal)} terminal")
     if g.final:
-        out.append(f"    class {','.join(g.final)} final")
+        out.append(f"    class {','.join(ids[s] for s in g.final)} final")
     return "\n".join(out) + "\n"
 
 

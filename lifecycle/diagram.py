@@ -127,8 +127,23 @@ def to_mermaid(g: Graph, counts: dict | None = None) -> str:
     return "\n".join(out) + "\n"
 
 
+# Graphviz decodes entities in a string (&amp; is '&') and reads backslashes as escapes (\N: the node's name, \G: the
+# graph's), a tooltip's twice (interpretCRNL, then the \N substitution).  A state's description is free text from
+# the table: "a &amp; b" showed "a & b", "\N" the state's name, "\\" one backslash, and a control character (vertical
+# tab, form feed, escape), which XML cannot hold, left an SVG that no XML reader opens.
+_XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
 def _q(s: str) -> str:
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """``s`` as a quoted Graphviz string that shows as ``s`` in a label: '&' as &amp;, a backslash escaped, a control
+    character as its Unicode control picture (U+2400 + code), U+FFFE / U+FFFF as U+FFFD."""
+    s = s.replace("\\", "\\\\").replace('"', '\\"').replace("&", "&amp;")
+    return '"' + _XML_INVALID.sub(lambda m: chr(0x2400 + ord(m[0])) if m[0] < " " else "\ufffd", s) + '"'
+
+
+def _q_tooltip(s: str) -> str:
+    """``_q`` for a tooltip, whose backslashes Graphviz unescapes twice."""
+    return _q(s.replace("\\", "\\\\"))
 
 
 _START_NODE, _END_NODE = "__start__", "__end__"  # DOT's pseudo-nodes for [*]
@@ -152,7 +167,7 @@ def to_dot(g: Graph, counts: dict | None = None) -> str:
     ]
     for s in g.states:
         kind = g.kinds[s]
-        attrs = [f'id="state-{s}"', f"tooltip={_q(kind + ': ' + g.docs.get(s, ''))}"]
+        attrs = [f'id="state-{s}"', f"tooltip={_q_tooltip(kind + ': ' + g.docs.get(s, ''))}"]
         if kind == "terminal":
             attrs += ['peripheries=2', 'fillcolor="#fff3bf"', 'color="#b08800"', 'penwidth=2']
         elif kind == "final":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import threading
+import xml.dom.minidom
 from pathlib import Path
 
 import pytest
@@ -235,3 +236,34 @@ def test_mermaid_draws_other_state_names_as_they_are(tmp_path, capsys, name):
     assert diagram.main_diagram(["--table", str(table_with_state(tmp_path, name))]) == 0
     mmd = capsys.readouterr().out
     assert 'state "' not in mmd and f"\n    {name} --> [*]\n" in mmd and name in _mermaid_ids(mmd)
+
+
+def _tooltips(svg: str) -> dict[str, str]:
+    """Each state's tooltip as an XML reader reads the SVG (xml.dom parses it: the file must be well-formed)."""
+    dom = xml.dom.minidom.parseString(svg.encode("utf-8"))
+    return {g.getAttribute("id").removeprefix("state-"): a.getAttribute("xlink:title")
+            for g in dom.getElementsByTagName("g") if g.getAttribute("class") == "node"
+            for a in g.getElementsByTagName("a")}
+
+
+@needs_dot
+@pytest.mark.parametrize(("doc", "shown"), [
+    (r"released \N \G \n once, C:\dir\ and \\ two", None),
+    ("a &amp; b &lt; c & <b>bold</b> \"quoted\"", None),
+    ("caf\u00e9 \u2014 \u2713 \u6f22\u5b57 \u2028 a\u00a0b \x7f", None),
+    ("vertical\x0btab, form\x0cfeed, escape\x1b[0m, \ufffe",
+     "vertical\u240btab, form\u240cfeed, escape\u241b[0m, \ufffd"),
+])
+def test_svg_tooltip_shows_the_state_description_as_written(tmp_path, doc, shown):
+    """A state's description (free text in the table) went into its DOT tooltip with only quotes and backslashes
+    escaped: Graphviz then showed "a &amp; b" as "a & b", \\N as the state's name, \\G as the graph's, \\\\ as one
+    backslash, and a vertical tab, form feed or escape (not XML) made an SVG no XML reader opens.  XML-invalid
+    characters now show as their Unicode control pictures (U+2400 + code) or U+FFFD."""
+    text = spec.default_table_path().read_text(encoding="utf-8")
+    table = tmp_path / "review.table"
+    table.write_text(text.replace("the executor's resources were released, exactly once", doc, 1), encoding="utf-8")
+    sp = spec.load(table)
+    assert sp.state_docs["Terminated"] == doc
+    assert _tooltips(diagram.render("svg", sp))["Terminated"] == "final: " + (doc if shown is None else shown)
+    control = _tooltips(diagram.render("svg", SPEC))  # the control: the repository's descriptions, as written
+    assert control == {s: f"{SPEC.state_kinds[s]}: {SPEC.state_docs[s]}" for s in SPEC.states}

@@ -94,18 +94,22 @@ def _header(g: Graph) -> str:
             "Double border: terminal (termination allowed); dark: final; dashed: deferred terminate.")
 
 
-# Words Mermaid's stateDiagram lexer (case-insensitive) reads as keywords where a state id stands, and the ids its
-# state database gives itself (root: the diagram; root_start / root_end: the [*] of an edge).  A state so named (an
-# added `note` or `State` in a review table) stopped the parse ("Expecting 'ID', 'EDGE_STATE', got 'note'"), and
-# root_start / root_end were merged with [*] (checked against mermaid 11.16).  Such a state is drawn under the id
-# '_' + name, declared with its name as the label: no state's own name starts with '_' (the spec reserves it).
-_MERMAID_RESERVED = frozenset(w.lower() for w in (
+# Words Mermaid's stateDiagram lexer (case-insensitive) reads as keywords where a state id stands, and ids that
+# Mermaid takes for itself: its state database's (root: the diagram; root_start / root_end: the [*] of an edge) and,
+# its layout keeping nodes in plain JavaScript objects, the names of Object.prototype's members.  A state so named (an
+# added `note` or `State` in a review table) stopped the parse ("Expecting 'ID', 'EDGE_STATE', got 'note'"),
+# root_start / root_end were merged with [*], and toString & co. failed the layout ("Cannot set properties of
+# undefined (setting 'order')") (checked against mermaid 11.16).  Such a state is drawn under the id '_' + name,
+# declared with its name as the label: no state's own name starts with '_' (the spec reserves it).
+_MERMAID_KEYWORDS = frozenset(w.lower() for w in (
     "accDescr", "accTitle", "class", "classDef", "click", "default", "href", "note", "scale", "state", "stateDiagram",
-    "style", "root", "root_start", "root_end"))
+    "style"))
+_MERMAID_IDS = frozenset(("root", "root_start", "root_end", "constructor", "hasOwnProperty", "isPrototypeOf",
+                          "propertyIsEnumerable", "toLocaleString", "toString", "valueOf"))
 
 
 def _mermaid_id(state: str) -> str:
-    return "_" + state if state.lower() in _MERMAID_RESERVED else state
+    return "_" + state if state.lower() in _MERMAID_KEYWORDS or state in _MERMAID_IDS else state
 
 
 def to_mermaid(g: Graph, counts: dict | None = None) -> str:

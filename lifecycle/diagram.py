@@ -106,10 +106,17 @@ _MERMAID_KEYWORDS = frozenset(w.lower() for w in (
     "style"))
 _MERMAID_IDS = frozenset(("root", "root_start", "root_end", "constructor", "hasOwnProperty", "isPrototypeOf",
                           "propertyIsEnumerable", "toLocaleString", "toString", "valueOf"))
+# The lexer also takes `.*direction\s+LR[^\n]*` (TB, BT, RL too) for a direction statement wherever it matches, across
+# a line end: an edge whose label ended in "direction" (an event `redirection`) followed by a line that began with
+# a state named LRU ... read as `direction LR`, and that edge and the next line's were not drawn.  A state's id
+# begins a line, so one whose name begins so is drawn under the alias too.
+_MERMAID_DIRECTIONS = ("tb", "bt", "rl", "lr")
 
 
 def _mermaid_id(state: str) -> str:
-    return "_" + state if state.lower() in _MERMAID_KEYWORDS or state in _MERMAID_IDS else state
+    lower = state.lower()
+    taken = lower in _MERMAID_KEYWORDS or state in _MERMAID_IDS or lower.startswith(_MERMAID_DIRECTIONS)
+    return "_" + state if taken else state
 
 
 def to_mermaid(g: Graph, counts: dict | None = None) -> str:

@@ -270,3 +270,25 @@ def test_svg_tooltip_shows_the_state_description_as_written(tmp_path, doc, shown
     assert _tooltips(diagram.render("svg", sp))["Terminated"] == "final: " + (doc if shown is None else shown)
     control = _tooltips(diagram.render("svg", SPEC))  # the control: the repository's descriptions, as written
     assert control == {s: f"{SPEC.state_kinds[s]}: {SPEC.state_docs[s]}" for s in SPEC.states}
+
+
+# Mermaid's lexer rule for `direction LR` (and TB, BT, RL): it matches wherever it can, across a line end
+MERMAID_DIRECTION_RULE = re.compile(r".*direction\s+(TB|BT|RL|LR)[^\n]*", re.I)
+
+
+@pytest.mark.parametrize("name", ["LRU", "Tbd", "btree", "Rlimited"])
+def test_mermaid_edge_ending_in_direction_is_not_read_as_a_direction_statement(tmp_path, capsys, name):
+    """An edge labelled with an event `redirection` on the line before one that began with a state named LRU was read
+    by Mermaid's lexer as `direction LR`: mermaid 11.16 drew neither that edge nor the next (LRU --> InFlight), without
+    an error.  A state whose name begins with a direction is drawn under the alias."""
+    text = table_with_state(tmp_path, name, "active", "expose = InFlight").read_text(encoding="utf-8")
+    text = text.replace("\n[outcomes]", "\nredirection  executor  sent elsewhere\n[outcomes]", 1)
+    table = tmp_path / "redirection.table"
+    table.write_text(text + "Poisoned + redirection = Terminated\n", encoding="utf-8")
+    assert diagram.main_diagram(["--table", str(table)]) == 0
+    mmd = capsys.readouterr().out
+    assert "    Poisoned --> Terminated : redirection\n" in mmd
+    assert [m[0] for m in MERMAID_DIRECTION_RULE.finditer(mmd)] == ["    direction LR"]
+    assert f'\n    state "{name}" as _{name}\n' in mmd and f"\n    _{name} --> InFlight : expose\n" in mmd
+    # the control: the repository's own diagram has its one direction statement
+    assert [m[0] for m in MERMAID_DIRECTION_RULE.finditer(diagram.render("mermaid", SPEC))] == ["    direction LR"]

@@ -70,7 +70,7 @@ import numpy as np
 import structlog
 
 from . import logstream
-from .errors import CollectiveDesyncError, CollectiveTimeoutError, InvalidArgument
+from .errors import CollectiveDesyncError, CollectiveTimeoutError, InvalidArgument, _shown
 
 
 __all__ = [
@@ -233,7 +233,7 @@ def _site_from(f: Any) -> str:
 
 def _check_seconds(name: str, v: Any, *, positive: bool) -> None:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 if positive else v >= 0) or v > 1e9:
-        raise InvalidArgument(name, f"expected seconds in {'(0' if positive else '[0'}, 1e9], got {v!r:.40}")
+        raise InvalidArgument(name, f"expected seconds in {'(0' if positive else '[0'}, 1e9], got {_shown(v):.40}")
 
 
 def _check_site(site: Any) -> str | None:
@@ -241,7 +241,7 @@ def _check_site(site: Any) -> str | None:
     TypeError while hashing the fingerprint, on that rank alone)."""
     if site is None or isinstance(site, str):
         return None
-    return f"expected a str or None, got {type(site).__name__} {site!r:.40}"
+    return f"expected a str or None, got {type(site).__name__} {_shown(site):.40}"
 
 
 def _check_comm(parent: Any, MPI: Any) -> None:
@@ -252,7 +252,7 @@ def _check_comm(parent: Any, MPI: Any) -> None:
     same kind of communicator, so each refuses it locally, before any collective."""
     if not isinstance(parent, MPI.Comm) or parent == MPI.COMM_NULL:
         raise InvalidArgument("comm", f"expected an mpi4py intracommunicator, got {type(parent).__name__} "
-                                      f"{parent!r:.40}")
+                                      f"{_shown(parent):.40}")
     if parent.Is_inter():
         raise InvalidArgument("comm", "an intercommunicator reduces over the remote group, not this one; pass "
                                       "an intracommunicator (Intercomm.Merge() makes one)")
@@ -275,7 +275,7 @@ def _int64_values(values: Any) -> np.ndarray:
         flat = arr.reshape(-1).tolist()
         for v in flat:
             if not isinstance(v, (int, np.integer)):
-                raise TypeError(f"expected integers, got {type(v).__name__} {v!r:.40}")
+                raise TypeError(f"expected integers, got {type(v).__name__} {_shown(v):.40}")
         arr = np.array(flat, dtype=np.int64)  # OverflowError past int64
     elif kind not in "biu":
         raise TypeError(f"expected integers, got dtype {arr.dtype}")
@@ -435,7 +435,7 @@ class RankGroup:
         bad = None
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= int(n) < 1 << 63:
             # still joins (as 0), then every rank raises: never strands the others
-            bad = InvalidArgument("n", f"expected a count in [0, 2**63), got {n!r:.40}")
+            bad = InvalidArgument("n", f"expected a count in [0, 2**63), got {_shown(n):.40}")
             n = 0
         hdr = self._header("agree_count", "int", 1, site, -int(n), int(bad is not None))
         self._refuse_bad_input(hdr, bad, "n", "a count not in [0, 2**63)", "agreed")
@@ -476,7 +476,7 @@ class RankGroup:
         self._refuse_bad_input(hdr, bad, "values", "values that are not int64", "reduced")
         if not (isinstance(op, str) and op in ops):
             self._done()
-            raise InvalidArgument("op", f"expected one of {sorted(ops)}, got {op!r:.40}")
+            raise InvalidArgument("op", f"expected one of {sorted(ops)}, got {_shown(op):.40}")
         if op != "sum":
             recv = np.empty_like(send)
             self._wait(self._comm.Iallreduce(send, recv, ops[op]))
@@ -964,7 +964,7 @@ def _local_flags(engine: Any, req: int, unknown: tuple[type[BaseException], ...]
 
 def _request_id(r: Any) -> int:
     if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or not 0 <= int(r) < 1 << 64:
-        raise InvalidArgument("requests", f"expected request ids in [0, 2**64), got {r!r:.40}")
+        raise InvalidArgument("requests", f"expected request ids in [0, 2**64), got {_shown(r):.40}")
     return int(r)
 
 
@@ -997,7 +997,7 @@ def poll_symmetric(
         callable(getattr(group, name, None)) for name in ("allgather_ints", "statistics")
     ):
         # before engine.poll(): a None ran the poll, then raised a bare AttributeError (no group to join anyway)
-        raise InvalidArgument("group", f"expected a RankGroup, got {type(group).__name__} {group!r:.40}")
+        raise InvalidArgument("group", f"expected a RankGroup, got {type(group).__name__} {_shown(group):.40}")
     poll_error: BaseException | None = None
     ended, callers = _ended_of(engine)
     try:

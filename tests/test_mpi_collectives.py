@@ -436,3 +436,20 @@ def test_a_site_passed_as_a_str_subclass_compares_by_its_text():
     assert not run.timed_out, explain(run)
     for rank, res in run.by_rank().items():
         assert res["got"] == ["returned", ["CollectiveDesyncError", "site", ["a", "b"]]], (rank, explain(run))
+
+
+def test_an_int_too_long_to_print_is_refused_on_every_rank():
+    """agree_count(10**5000), a request id or a site of 10**5000 on rank 0: repr() of it in the InvalidArgument's
+    message raised ValueError (past the 4300 digits Python prints) on rank 0 alone, before the header, so rank 0's
+    next call paired with rank 1's agree_count (a desync on both).  Every rank raises InvalidArgument now (a desync
+    naming the site for the site), in step.  Control: agree_count(3) on both ranks afterwards agrees."""
+    run = mpirun(2, "robustness.py", "--case", "huge-int", timeout=60)
+    assert not run.timed_out, explain(run)
+    got = run.by_rank()
+    for rank in (0, 1):
+        assert got[rank]["agree"] == ["InvalidArgument", "n"], (rank, explain(run))
+        assert got[rank]["usable"] == ["returned", 3], (rank, explain(run))
+        assert got[rank]["ctor"] == ["InvalidArgument", "watchdog"], (rank, explain(run))
+        assert got[rank]["site"] == ["CollectiveDesyncError", "site"], (rank, explain(run))
+    assert got[0]["requests"] == ["InvalidArgument", "requests"], explain(run)
+    assert got[1]["requests"] == ["returned", [0]], explain(run)

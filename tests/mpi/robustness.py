@@ -38,6 +38,10 @@ site-str     rank 0 passes its site as a numpy str (np.str_("step"), equal text)
              fingerprint hashed repr() ("np.str_('step')"), so the headers differed while no field did, and
              every rank raised a bare IndexError (then "interrupted").  It agrees now.  The control: sites
              whose text differs (np.str_ on rank 0) are still a desync naming the site field.
+huge-int     rank 0 passes an int past the 4300 digits repr() prints (10**5000) as a count, a request id and a
+             site: the message of the InvalidArgument being made raised ValueError instead, on rank 0 alone and
+             before the collective (rank 0's next call paired with rank 1's agree_count: a desync on both).
+             Every rank raises InvalidArgument now (a desync naming the site for the site), in step.
 """
 
 from __future__ import annotations
@@ -53,6 +57,30 @@ from mpi4py import MPI
 
 class Interrupted(Exception):
     pass
+
+
+class Fake:
+    """An engine-like object for poll_symmetric: every id is InFlight."""
+
+    class _S:
+        name = "InFlight"
+
+    def poll(self):
+        return []
+
+    def state(self, req):
+        return self._S()
+
+    def outcome(self, req):
+        return None
+
+
+def outcome_of(call) -> list:
+    """What ``call()`` did, for a RESULT line: ["returned", value] or [error type, its argument or field]."""
+    try:
+        return ["returned", call()]
+    except BaseException as exc:  # noqa: B036 - a KeyboardInterrupt is one of the outcomes compared
+        return [type(exc).__name__, getattr(exc, "argument", None) or getattr(exc, "field", None)]
 
 
 def end_job(comm, rank: int, group) -> None:
@@ -313,6 +341,18 @@ def main() -> None:
                 got.append([type(exc).__name__])
                 break
         out["got"] = got
+        emit(rank, **out)
+        end_job(comm, rank, None)
+
+    if case == "huge-int":
+        g = col.RankGroup(comm, watchdog=3.0)
+        huge = 10**5000
+        out["agree"] = outcome_of(lambda: g.agree_count(huge if rank == 0 else 3))
+        out["requests"] = outcome_of(lambda: sorted(col.poll_symmetric(Fake(), g, [huge] if rank == 0 else [7],
+                                                                       site="poll").poll_errors))
+        out["usable"] = outcome_of(lambda: g.agree_count(3))  # the control: every rank still in step
+        out["ctor"] = outcome_of(lambda: col.RankGroup(comm, watchdog=huge))  # local: refused before any exchange
+        out["site"] = outcome_of(lambda: g.barrier(site=huge if rank == 0 else "b"))
         emit(rank, **out)
         end_job(comm, rank, None)
 

@@ -259,7 +259,8 @@ def _check_comm(parent: Any, MPI: Any) -> None:
 
 
 def _int64_values(values: Any) -> np.ndarray:
-    """``values`` as a flat int64 array, or TypeError/ValueError/OverflowError naming what is wrong.
+    """``values`` as a flat int64 array, or TypeError/ValueError/OverflowError naming what is wrong (or the error
+    that converting ``values`` raised: an ``__array__`` may raise anything).
 
     Strict: only integers (and bools) that fit int64.  ``np.ascontiguousarray(dtype=int64)`` alone
     truncated floats (1.7 -> 1), turned NaN and 1e30 into -2**63, wrapped uint64 2**64-1 to -1 and
@@ -460,7 +461,7 @@ class RankGroup:
         bad: Exception | None = None
         try:
             send = _int64_values(values)
-        except (TypeError, ValueError, OverflowError) as exc:
+        except Exception as exc:  # any: values whose __array__ raises (a torch tensor that requires grad) too
             bad, send = exc, np.empty(0, dtype=np.int64)
         # A rank with values that are not int64 joins declaring a size no rank can have.  Every rank sees the
         # sizes differ in the header and gathers the fingerprints; where only this sentinel differs, every rank
@@ -509,7 +510,7 @@ class RankGroup:
         bad = None
         try:
             send = _int64_values(values)
-        except (TypeError, ValueError, OverflowError) as exc:
+        except Exception as exc:  # any, like allreduce_ints': raised here alone, it stranded the others
             bad, send = exc, np.empty(0, dtype=np.int64)
         hdr = self._header(op, "int64[]", -1, site, 0, int(bad is not None))
         self._refuse_bad_input(hdr, bad, "values", "values that are not int64", "gathered")

@@ -453,3 +453,15 @@ def test_an_int_too_long_to_print_is_refused_on_every_rank():
         assert got[rank]["site"] == ["CollectiveDesyncError", "site"], (rank, explain(run))
     assert got[0]["requests"] == ["InvalidArgument", "requests"], explain(run)
     assert got[1]["requests"] == ["returned", [0]], explain(run)
+
+
+def test_values_whose_conversion_raises_are_refused_on_every_rank():
+    """allreduce_ints / allgather_ints values that raise RuntimeError when numpy converts them (a torch tensor that
+    requires grad) on rank 0: only TypeError/ValueError/OverflowError were caught, so rank 0 raised alone before the
+    header and its next call paired with rank 1's collective (a desync on both, the group broken).  Every rank
+    raises InvalidArgument("values") now.  Control: a sum over both ranks afterwards."""
+    run = mpirun(2, "robustness.py", "--case", "values-raise", timeout=60)
+    assert not run.timed_out, explain(run)
+    for rank, res in run.by_rank().items():
+        assert res["reduce"] == res["gather"] == ["InvalidArgument", "values"], (rank, explain(run))
+        assert res["after"] == ["returned", [2]], (rank, explain(run))

@@ -42,6 +42,10 @@ huge-int     rank 0 passes an int past the 4300 digits repr() prints (10**5000) 
              site: the message of the InvalidArgument being made raised ValueError instead, on rank 0 alone and
              before the collective (rank 0's next call paired with rank 1's agree_count: a desync on both).
              Every rank raises InvalidArgument now (a desync naming the site for the site), in step.
+values-raise rank 0's values to allreduce_ints / allgather_ints raise RuntimeError when numpy converts them (what a
+             torch tensor that requires grad does): only TypeError/ValueError/OverflowError were caught, so rank 0
+             raised alone, before the header, and its next call paired with rank 1's allreduce_ints.  Every rank
+             raises InvalidArgument("values") naming rank 0 now, and a barrier follows on both.
 """
 
 from __future__ import annotations
@@ -73,6 +77,13 @@ class Fake:
 
     def outcome(self, req):
         return None
+
+
+class NoArray:
+    """Values whose conversion to an array raises RuntimeError (a torch tensor that requires grad does)."""
+
+    def __array__(self, dtype=None, copy=None):
+        raise RuntimeError("Can't call numpy() on Tensor that requires grad")
 
 
 def outcome_of(call) -> list:
@@ -353,6 +364,14 @@ def main() -> None:
         out["usable"] = outcome_of(lambda: g.agree_count(3))  # the control: every rank still in step
         out["ctor"] = outcome_of(lambda: col.RankGroup(comm, watchdog=huge))  # local: refused before any exchange
         out["site"] = outcome_of(lambda: g.barrier(site=huge if rank == 0 else "b"))
+        emit(rank, **out)
+        end_job(comm, rank, None)
+
+    if case == "values-raise":
+        g = col.RankGroup(comm, watchdog=3.0)
+        out["reduce"] = outcome_of(lambda: g.allreduce_ints(NoArray() if rank == 0 else [1]).tolist())
+        out["gather"] = outcome_of(lambda: len(g.allgather_ints(NoArray() if rank == 0 else [1])))
+        out["after"] = outcome_of(lambda: g.allreduce_ints([1]).tolist())  # the control: in step, usable
         emit(rank, **out)
         end_job(comm, rank, None)
 

@@ -991,7 +991,7 @@ def poll_symmetric(
     tombstone is gone (it read as "not tracked here": pending for ever).
 
     Cost: one header exchange plus one allgather of ``2 * len(requests)`` int64 per rank.  If the
-    local ``engine.poll()`` raises (or iterating ``requests`` does, or an id is invalid), this rank still
+    local ``engine.poll()`` raises (or iterating ``requests``, an invalid id, ``state``/``outcome``), this rank still
     joins the collective and re-raises afterwards; the other ranks see it in ``poll_errors``.
     """
     if not isinstance(group, RankGroup) and not all(
@@ -1023,7 +1023,7 @@ def poll_symmetric(
     for r in ids:
         try:
             flags.append(_local_flags(engine, r, unknown, ended))
-        except Exception as exc:  # an engine-like object's own error: re-raised after the collective too
+        except BaseException as exc:  # its own error, or Ctrl-C while it reads: re-raised after the collective too
             poll_error = poll_error or exc
             flags.append(0)
     local[2::2] = flags

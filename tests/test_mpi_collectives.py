@@ -465,3 +465,16 @@ def test_values_whose_conversion_raises_are_refused_on_every_rank():
     for rank, res in run.by_rank().items():
         assert res["reduce"] == res["gather"] == ["InvalidArgument", "values"], (rank, explain(run))
         assert res["after"] == ["returned", [2]], (rank, explain(run))
+
+
+def test_an_engine_state_interrupted_on_one_rank_joins_poll_symmetric_first():
+    """engine.state() raising KeyboardInterrupt (Ctrl-C while poll_symmetric reads the states) on rank 0: poll()
+    and the requests iterable were joined first whatever they raised, state() only for an Exception, so rank 0
+    left before the collective and its next call paired with rank 1's poll_symmetric (a desync on both).  Rank 0
+    joins now and re-raises after it, rank 1 decides with rank 0 in poll_errors.  Control: a barrier on both
+    afterwards (the group in step)."""
+    run = mpirun(2, "robustness.py", "--case", "state-ctrlc", timeout=60)
+    assert not run.timed_out, explain(run)
+    got = run.by_rank()
+    assert got[0]["poll"] == ["KeyboardInterrupt", None] and got[1]["poll"] == ["returned", [0]], explain(run)
+    assert got[0]["after"] == got[1]["after"] == ["returned", None], explain(run)

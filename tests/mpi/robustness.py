@@ -46,6 +46,10 @@ values-raise rank 0's values to allreduce_ints / allgather_ints raise RuntimeErr
              torch tensor that requires grad does): only TypeError/ValueError/OverflowError were caught, so rank 0
              raised alone, before the header, and its next call paired with rank 1's allreduce_ints.  Every rank
              raises InvalidArgument("values") naming rank 0 now, and a barrier follows on both.
+state-ctrlc  rank 0's engine.state raises KeyboardInterrupt inside poll_symmetric: poll() and the requests
+             iterable were joined first whatever they raised, state() only for an Exception, so rank 0 left before
+             the collective and its next call paired with rank 1's poll_symmetric.  Rank 0 joins now and re-raises
+             after it (rank 1 has it in poll_errors), and a barrier follows on both.
 """
 
 from __future__ import annotations
@@ -84,6 +88,13 @@ class NoArray:
 
     def __array__(self, dtype=None, copy=None):
         raise RuntimeError("Can't call numpy() on Tensor that requires grad")
+
+
+class StateInterrupted(Fake):
+    """An engine-like object whose state() is interrupted (Ctrl-C while it reads)."""
+
+    def state(self, req):
+        raise KeyboardInterrupt
 
 
 def outcome_of(call) -> list:
@@ -372,6 +383,14 @@ def main() -> None:
         out["reduce"] = outcome_of(lambda: g.allreduce_ints(NoArray() if rank == 0 else [1]).tolist())
         out["gather"] = outcome_of(lambda: len(g.allgather_ints(NoArray() if rank == 0 else [1])))
         out["after"] = outcome_of(lambda: g.allreduce_ints([1]).tolist())  # the control: in step, usable
+        emit(rank, **out)
+        end_job(comm, rank, None)
+
+    if case == "state-ctrlc":
+        g = col.RankGroup(comm, watchdog=3.0)
+        engine = StateInterrupted() if rank == 0 else Fake()
+        out["poll"] = outcome_of(lambda: sorted(col.poll_symmetric(engine, g, [7], site="poll").poll_errors))
+        out["after"] = outcome_of(lambda: g.barrier(site="after"))
         emit(rank, **out)
         end_job(comm, rank, None)
 

@@ -540,8 +540,8 @@ class RankGroup:
                 data = pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL)
             except Exception as exc:
                 bad, data = exc, b""
-        hdr = self._header("flush", "pickle", -1, site, 1 if data else 0, int(bad is not None))
-        try:
+        try:  # the header's own refusals too (a site that is not a str, a closed group): they dropped the payloads
+            hdr = self._header("flush", "pickle", -1, site, 1 if data else 0, int(bad is not None))
             self._refuse_bad_input(hdr, bad, "payload", "a payload that cannot be pickled", "exchanged")
         except InvalidArgument as err:
             err.payloads = items  # this rank's, never sent: nothing lost (push them again)

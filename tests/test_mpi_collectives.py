@@ -478,3 +478,15 @@ def test_an_engine_state_interrupted_on_one_rank_joins_poll_symmetric_first():
     got = run.by_rank()
     assert got[0]["poll"] == ["KeyboardInterrupt", None] and got[1]["poll"] == ["returned", [0]], explain(run)
     assert got[0]["after"] == got[1]["after"] == ["returned", None], explain(run)
+
+
+def test_a_flush_refused_before_the_exchange_keeps_its_payloads():
+    """flush(site=5) on every rank raised InvalidArgument("site") after the header (the group usable), and a flush
+    after close() InvalidArgument("group"): the payloads pushed for it were gone, on no error.  They are on the
+    error's ``payloads`` now, as for a payload that cannot be pickled.  Control: the next flush agrees, empty."""
+    run = mpirun(2, "robustness.py", "--case", "flush-site", timeout=60)
+    assert not run.timed_out, explain(run)
+    for rank, res in run.by_rank().items():
+        assert res["site"] == ["site", [["p", rank]]], (rank, explain(run))
+        assert res["usable"] == ["returned", [[], []]], (rank, explain(run))
+        assert res["closed"] == ["group", ["late"]], (rank, explain(run))

@@ -50,6 +50,9 @@ state-ctrlc  rank 0's engine.state raises KeyboardInterrupt inside poll_symmetri
              iterable were joined first whatever they raised, state() only for an Exception, so rank 0 left before
              the collective and its next call paired with rank 1's poll_symmetric.  Rank 0 joins now and re-raises
              after it (rank 1 has it in poll_errors), and a barrier follows on both.
+flush-site   every rank flushes with a site that is not a str (InvalidArgument("site") on every rank, the group
+             usable), then after close() (InvalidArgument("group")): the payloads pushed before were dropped, with
+             nothing on the error.  They are on its ``payloads`` now, as for a payload that cannot be pickled.
 """
 
 from __future__ import annotations
@@ -391,6 +394,24 @@ def main() -> None:
         engine = StateInterrupted() if rank == 0 else Fake()
         out["poll"] = outcome_of(lambda: sorted(col.poll_symmetric(engine, g, [7], site="poll").poll_errors))
         out["after"] = outcome_of(lambda: g.barrier(site="after"))
+        emit(rank, **out)
+        end_job(comm, rank, None)
+
+    if case == "flush-site":
+        g = col.RankGroup(comm, watchdog=3.0)
+
+        def flush(**kw):
+            try:
+                return ["returned", g.flush(**kw)]
+            except col.InvalidArgument as exc:
+                return [exc.argument, getattr(exc, "payloads", "lost")]
+
+        g.push(["p", rank])
+        out["site"] = flush(site=5)
+        out["usable"] = flush()  # the control: in step, nothing left buffered
+        g.close()
+        g.push("late")
+        out["closed"] = flush()
         emit(rank, **out)
         end_job(comm, rank, None)
 

@@ -601,22 +601,29 @@ class RankGroup:
 
         A ledger-checked exchange comes first, like every other collective: a rank that closed while the
         others made a collective went on silently (freeing is local in MPICH), while they timed out waiting
-        for it.  Now every rank raises CollectiveDesyncError naming ``close`` and the other op."""
+        for it.  Now every rank raises CollectiveDesyncError naming ``close`` and the other op.  Payloads pushed and
+        never flushed on some rank: every rank raises InvalidArgument("close") after closing (each its own on
+        ``.payloads``)."""
         if self._broken is not None:
             raise self._broken
         if self._open:  # freeing a pending request was a raw MPI error
             self._break_unfinished()
         if self._closed:
             return
-        self._header("close", "none", 0, site, 0, 0)
+        # Pushed, never flushed: not dropped without a word, and said on every rank (p1), not only where they were
+        # (that rank raised, the others returned and went on: the ranks on two paths).
+        bad = None if not self._buffer else InvalidArgument(
+            "close", f"{len(self._buffer)} pushed payload(s) were never flushed (on this error's .payloads)")
+        hdr = self._header("close", "none", 0, site, 0, int(bad is not None))
+        items, self._buffer = self._buffer, []
+        try:
+            self._refuse_bad_input(hdr, bad, "close", "payloads never flushed", "dropped them; the group is closed")
+        except InvalidArgument as err:
+            self._free()
+            err.payloads = items  # this rank's ([] where it pushed none)
+            raise
         self._done()
         self._free()
-        if self._buffer:  # pushed, never flushed: not dropped without a word
-            items, self._buffer = self._buffer, []
-            err = InvalidArgument("close", f"{len(items)} pushed payload(s) were never flushed (on this error's "
-                                           ".payloads); the group is closed")
-            err.payloads = items
-            raise err
 
     def _free(self) -> None:
         """Free the communicators and the header request (local: no exchange)."""

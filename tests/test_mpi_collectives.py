@@ -490,3 +490,17 @@ def test_a_flush_refused_before_the_exchange_keeps_its_payloads():
         assert res["site"] == ["site", [["p", rank]]], (rank, explain(run))
         assert res["usable"] == ["returned", [[], []]], (rank, explain(run))
         assert res["closed"] == ["group", ["late"]], (rank, explain(run))
+
+
+def test_close_with_payloads_never_flushed_on_one_rank_raises_on_every_rank():
+    """Rank 0 pushed a payload and never flushed it, then both ranks closed: rank 0 raised InvalidArgument("close")
+    and rank 1 returned and went on (the ranks on two paths, what the header's p1 flag prevents everywhere else).
+    Every rank raises it now, naming rank 0, each with its own payloads; the group is closed on both.  Control: a
+    barrier on another group afterwards returns on both."""
+    run = mpirun(2, "robustness.py", "--case", "close-push", timeout=60)
+    assert not run.timed_out, explain(run)
+    got = run.by_rank()
+    assert got[0]["close"] == ["close", ["x"], True] and got[1]["close"] == ["close", [], True], explain(run)
+    for rank, res in got.items():
+        assert res["closed"] == ["InvalidArgument", "group"], (rank, explain(run))
+        assert res["after"] == ["returned", None], (rank, explain(run))

@@ -53,6 +53,9 @@ state-ctrlc  rank 0's engine.state raises KeyboardInterrupt inside poll_symmetri
 flush-site   every rank flushes with a site that is not a str (InvalidArgument("site") on every rank, the group
              usable), then after close() (InvalidArgument("group")): the payloads pushed before were dropped, with
              nothing on the error.  They are on its ``payloads`` now, as for a payload that cannot be pickled.
+close-push   rank 0 pushed a payload and never flushed it; both ranks close: only rank 0 raised (its payload on
+             the error), rank 1 returned and went on, the ranks on two paths.  Every rank raises InvalidArgument
+             ("close") naming rank 0 now, each with its own payloads, the group closed on both.
 """
 
 from __future__ import annotations
@@ -412,6 +415,21 @@ def main() -> None:
         g.close()
         g.push("late")
         out["closed"] = flush()
+        emit(rank, **out)
+        end_job(comm, rank, None)
+
+    if case == "close-push":
+        g = col.RankGroup(comm, watchdog=3.0)
+        g2 = col.RankGroup(comm, watchdog=3.0)
+        if rank == 0:
+            g.push("x")
+        try:
+            g.close()
+            out["close"] = "returned"
+        except col.InvalidArgument as exc:
+            out["close"] = [exc.argument, exc.payloads, "rank(s) [0]" in str(exc)]
+        out["closed"] = outcome_of(g.barrier)
+        out["after"] = outcome_of(g2.barrier)  # the control: in step on another group
         emit(rank, **out)
         end_job(comm, rank, None)
 

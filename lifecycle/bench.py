@@ -81,7 +81,8 @@ def parse_engine(out: str) -> list[Row]:
 
 _NIXL_ROW = re.compile(r"^\s*(\d+)Ki\s+(\d+)\s+(\d+)\s+\|\s+([\d.]+)\s+([\d.]+)\s+\|\s+([-+\d.]+)\s+\[\s*([-+\d.]+),\s*([-+\d.]+)\]")
 _NIXL_GOAL = re.compile(r"\|\s*(<= [\d.]+ ?(?:us|%)): (met|MISS)\s*$")
-_C2P_ROW = re.compile(r"^\s{2}(\S.*?)\s{2,}(p50 .*)$")
+_C2P_ROW = re.compile(r"^\s{2}(\S.*?)\s{2,}(p50 [^(;]*?),?\s*(?:\(.*)?$")
+_C2P_GOAL = re.compile(r"; target (p99 <= [\d.]+ ?us): (met|MISS)\s*$")
 
 
 def parse_nixl(out: str) -> list[Row]:
@@ -104,7 +105,12 @@ def parse_nixl(out: str) -> list[Row]:
         elif line.startswith("engine work per transfer"):
             batch_calls = False
         elif in_c2p and (c := _C2P_ROW.match(line)):
-            rows.append(Row(f"completion-to-poll, {c.group(1)}", float("nan"), "", None, "", c.group(2)[:60]))
+            # the note: the percentiles, then the line's verdict (cut at 60 characters, the verdict at the end of
+            # the line was lost: a MISS showed as nothing)
+            goal = _C2P_GOAL.search(line)
+            rows.append(Row(f"completion-to-poll, {c.group(1)}", float("nan"), "", None, "", c.group(2)
+                            + (f"; goal {goal.group(1)}: {'met' if goal.group(2) == 'met' else 'NOT MET'}"
+                               if goal else "")))
     return rows
 
 

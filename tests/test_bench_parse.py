@@ -62,12 +62,37 @@ def test_nixl_rows_are_parsed():
     assert [r.metric for r in c2p] == ["completion-to-poll, logs off (level filter)",
                                        "completion-to-poll, JSON lines to a file"], out
     assert all(math.isnan(r.value) and r.note.startswith("p50 ") for r in c2p)
+    for r in c2p:  # each line's own verdict, on its own p99
+        m = re.match(r"^p50 [\d.]+ us, p99 ([\d.]+) us, max [\d.]+ us; goal p99 <= 100 us: (met|NOT MET)$", r.note)
+        assert m and (float(m.group(1)) <= 100) == (m.group(2) == "met"), r.note
     # each completion-to-poll line says how much of its tail preemption and host steal explain
     attrib = re.findall(r"; (\d+) samples \(([\d.]+)%\) preempted, (?:p99 of the rest [\d.]+ us|no sample without "
                         r"one), host steal (?:[\d.]+%|unknown); target", out)
     assert len(attrib) == 2 and all(int(n) <= 20 for n, _share in attrib), out
     changed = parse_nixl(out.replace("Ki ", "KiB "))  # negative control: a changed row is not matched
     assert [r.metric for r in changed] == [r.metric for r in c2p]
+
+
+C2P_LINES = """completion-to-poll() (Python TransferEngine.drain/poll, 4 KiB, 1 in flight):
+  logs off (level filter)    p50 9.2 us, p99 61.7 us, max 61.7 us (n=20, mean 15.3 us); 0 samples (0.0%) preempted, \
+p99 of the rest 61.7 us, host steal unknown; target p99 <= 100 us: met
+  JSON lines to a file       p50 9.3 us, p99 177.3 us, max 177.3 us (n=20, mean 12.9 us); 1 samples (5.0%) \
+preempted, p99 of the rest 13.3 us, host steal 0.0%; target p99 <= 100 us: MISS
+"""
+
+
+def test_completion_to_poll_rows_carry_their_verdicts():
+    # (the note was the line's first 60 characters: the verdict at its end never reached the table, so a MISS
+    # showed as nothing)
+    rows = parse_nixl(C2P_LINES)
+    assert [(r.metric, r.note) for r in rows] == [
+        ("completion-to-poll, logs off (level filter)",
+         "p50 9.2 us, p99 61.7 us, max 61.7 us; goal p99 <= 100 us: met"),
+        ("completion-to-poll, JSON lines to a file",
+         "p50 9.3 us, p99 177.3 us, max 177.3 us; goal p99 <= 100 us: NOT MET")]
+    # control: a line without its verdict still makes a row, with no verdict made up
+    assert [r.note for r in parse_nixl(C2P_LINES.replace("; target p99 <= 100 us: MISS", ""))][1] == \
+        "p50 9.3 us, p99 177.3 us, max 177.3 us"
 
 
 def _bench_nixl():

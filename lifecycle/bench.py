@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -242,9 +243,11 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr, flush=True)
         results.append(run_suite(name, cmd, parse, a.timeout))
     ok = all(r.status == "ok" for r in results)
-    if a.json:
-        print(json.dumps({"ok": ok, "results": [dict(asdict(r), rows=[dict(asdict(x), ratio=x.ratio) for x in r.rows])
-                                                for r in results]}, indent=2, default=str))
+    if a.json:  # (a row without a number, NaN, came out as the bare NaN that JSON does not have: null now)
+        print(json.dumps({"ok": ok, "results": [dict(asdict(r), rows=[
+            {k: None if isinstance(v, float) and not math.isfinite(v) else v
+             for k, v in dict(asdict(x), ratio=x.ratio).items()} for x in r.rows]) for r in results]},
+            indent=2, default=str, allow_nan=False))
     else:
         print(format_table(results))
         for r in results:

@@ -4,6 +4,7 @@ that the parser finds every row it prints (a format change that the parser misse
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from lifecycle import bench
 from lifecycle.bench import parse_audit, parse_nixl
 from test_transport_harness import needs_nixl
 
@@ -144,3 +146,19 @@ def test_c2p_attribution_counts_steal_and_preempted_samples():
     slow = [i >= 95 for i in range(100)]  # the 5 slowest samples were preempted
     assert bench_nixl.preemption(lat, slow) == "5 samples (5.0%) preempted, p99 of the rest 95.0 us"
     assert bench_nixl.preemption(lat, [True] * 100) == "100 samples (100.0%) preempted, no sample without one"
+
+
+def test_json_output_is_json_without_nan(monkeypatch, capsys):
+    # the completion-to-poll rows have no number (NaN): `lifecycle bench --json` printed "value": NaN, which
+    # JSON parsers other than Python's refuse
+    rows = parse_nixl(C2P_LINES) + [bench.Row("m", 2.0, "us", 4.0, "base"), bench.Row("z", float("inf"), "us", 2.0)]
+    monkeypatch.setattr(bench, "run_suite", lambda name, cmd, parse, timeout: bench.Result(name, "ok", 1.0, cmd, rows))
+
+    def refuse(const):
+        raise ValueError(f"not JSON: {const}")
+
+    assert bench.main(["--only", "nixl", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out, parse_constant=refuse)
+    got = [(r["metric"], r["value"], r["baseline"], r["ratio"]) for r in doc["results"][0]["rows"]]
+    assert got == [(rows[0].metric, None, None, None), (rows[1].metric, None, None, None),
+                   ("m", 2.0, 4.0, 0.5), ("z", None, 2.0, None)]  # control: finite numbers stay numbers

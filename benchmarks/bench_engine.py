@@ -25,6 +25,7 @@ import structlog  # noqa: E402
 structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30), cache_logger_on_first_use=True)
 
 from lifecycle import TABLE, TransferEngine, _core  # noqa: E402
+from lifecycle.audit import nearest_rank  # noqa: E402
 from lifecycle.model import ReferenceEngine  # noqa: E402
 
 EV = {e: i for i, e in enumerate(TABLE.events)}
@@ -174,7 +175,7 @@ def poll_cost(idle, ready=256, rounds=200):
         samples.append(time.perf_counter() - t0)
         assert len(got) == ready
     samples.sort()
-    return samples[len(samples) // 2], samples[int(len(samples) * 0.99)]
+    return samples[nearest_rank(0.5, len(samples)) - 1], samples[nearest_rank(0.99, len(samples)) - 1]
 
 
 def main(argv=None):

@@ -41,14 +41,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import structlog  # noqa: E402
 
 from lifecycle import TransferEngine, _core  # noqa: E402
+from lifecycle.audit import nearest_rank  # noqa: E402
 from lifecycle.transport import Mem, NixlTransport, Offer, connect_all  # noqa: E402
 
 KiB, MiB = 1024, 1024 * 1024
 
 
 def pct(xs, p):
+    """The p-th percentile of ``xs`` by nearest rank, as the audit's (xs[int(p/100 * n)] was one rank high: p99 of
+    100 samples was their max)."""
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(p / 100 * len(xs)))] if xs else float("nan")
+    return xs[nearest_rank(p / 100, len(xs)) - 1] if xs else float("nan")
 
 
 def median_ci(xs: list[float]) -> tuple[float, float, float]:

@@ -379,6 +379,13 @@ def _bucket_value(b: int) -> int:
 _HIST_BATCH = 4096
 
 
+def nearest_rank(q: float, n: int) -> int:
+    """The 1-based rank of the ``q``-quantile of ``n`` sorted values, by nearest rank: the smallest value with at
+    least ``q * n`` values at or below it (p99 of 100 values is the 99th, p50 of 2 the first).  The product is
+    cut to 1e-3 first, so float error does not round it up a rank (0.99 * 300 is 297.00000000000006)."""
+    return max(1, -(-int(q * n * 1000) // 1000))
+
+
 class LogHistogram:
     """Fixed-size histogram of non-negative ints (ns); quantiles within ~1.6% relative error.
 
@@ -442,7 +449,7 @@ class LogHistogram:
             raise InvalidArgument("q", f"expected a quantile in [0, 1], got {q!r:.40}")
         if not self.count:
             return 0
-        rank = max(1, -(-int(q * self.count * 1000) // 1000))
+        rank = nearest_rank(q, self.count)
         seen = 0
         buckets = self.buckets
         for b in sorted(buckets):

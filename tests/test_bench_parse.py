@@ -134,6 +134,18 @@ def test_native_loop_with_cache_churn_drives_every_session_and_refuses_absurd_ch
         _core.bench_native(0, False)
 
 
+def test_percentiles_are_nearest_rank():
+    bench_nixl = _bench_nixl()
+    hundred = list(range(100, 0, -1))  # 1 .. 100, unsorted
+    # (the index was int(p/100 * n), one rank high whenever p/100 * n is whole: p99 of 100 samples was the max)
+    assert bench_nixl.pct(hundred, 99) == 99 and bench_nixl.pct(hundred, 50) == 50
+    assert bench_nixl.pct([2, 1], 50) == 1 and bench_nixl.pct([5], 99) == 5
+    assert bench_nixl.pct(list(range(1, 301)), 99) == 297  # (0.99 * 300 is 297.00000000000006 in floats)
+    # controls: where p/100 * n is not whole the rank rounds up, and p100 is the max
+    assert bench_nixl.pct(list(range(1, 96)), 99) == 95 and bench_nixl.pct(hundred, 100) == 100
+    assert math.isnan(bench_nixl.pct([], 50))
+
+
 def test_c2p_attribution_counts_steal_and_preempted_samples():
     bench_nixl = _bench_nixl()
     #                 user nice sys idle iowait irq softirq steal

@@ -130,7 +130,7 @@ def _run(mode: str, path: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", default="100000,1000000")
+    p.add_argument("--sizes", default="100000,1000000", help="events per log, comma-separated")
     p.add_argument("--keep", help="write the logs here instead of a temp dir")
     p.add_argument("--stdlib", action="store_true", help="also run the Python replay with the stdlib JSON parser")
     p.add_argument("--child", nargs=2, metavar=("MODE", "PATH"), help=argparse.SUPPRESS)
@@ -138,7 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.child:
         _child(*a.child)
         return 0
-    sizes = [int(s) for s in a.sizes.split(",")]
+    # (checked here, not by argparse: a child imports lifecycle after tracemalloc starts, so no import before)
+    from lifecycle.bench import counts_arg
+
+    try:
+        sizes = counts_arg()(a.sizes)
+    except argparse.ArgumentTypeError as exc:  # ('x' raised ValueError with a traceback)
+        p.error(f"argument --sizes: {exc}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(a.keep or tmp)

@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from mpi4py import MPI  # noqa: E402
 
+from lifecycle.bench import count_arg  # noqa: E402
 from lifecycle.collectives import RankGroup  # noqa: E402
 
 
@@ -47,8 +48,8 @@ def _timed(comm, fn, iters: int, reps: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--iters", type=int, default=20000)
-    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--iters", type=count_arg(), default=20000)
+    ap.add_argument("--reps", type=count_arg(), default=7)
     ap.add_argument("--json", action="store_true", help="also print one JSON line with the results")
     args = ap.parse_args()
 

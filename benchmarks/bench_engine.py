@@ -26,6 +26,7 @@ structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30), cac
 
 from lifecycle import TABLE, TransferEngine, _core  # noqa: E402
 from lifecycle.audit import nearest_rank  # noqa: E402
+from lifecycle.bench import count_arg  # noqa: E402
 from lifecycle.model import ReferenceEngine  # noqa: E402
 
 EV = {e: i for i, e in enumerate(TABLE.events)}
@@ -180,8 +181,8 @@ def poll_cost(idle, ready=256, rounds=200):
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=200_000)
-    ap.add_argument("--live", type=int, default=1_000_000)
+    ap.add_argument("--n", type=count_arg(1, 20_000_000), default=200_000)  # (the native loop runs 5 n, <= 10**8)
+    ap.add_argument("--live", type=count_arg(), default=1_000_000)
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     n = a.n

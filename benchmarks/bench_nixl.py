@@ -42,6 +42,7 @@ import structlog  # noqa: E402
 
 from lifecycle import TransferEngine, _core  # noqa: E402
 from lifecycle.audit import nearest_rank  # noqa: E402
+from lifecycle.bench import count_arg, counts_arg  # noqa: E402
 from lifecycle.transport import Mem, NixlTransport, Offer, connect_all  # noqa: E402
 
 KiB, MiB = 1024, 1024 * 1024
@@ -111,18 +112,20 @@ def steal_share(before: list[int] | None, after: list[int] | None) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=count_arg(), default=5)
     ap.add_argument("--no-pin", action="store_true", help="leave thread placement to the scheduler")
-    ap.add_argument("--sizes", default="4,64,1024,16384", help="transfer sizes in KiB, comma-separated")
-    ap.add_argument("--count", type=int, default=0, help="transfers per size and rep (default: by size)")
-    ap.add_argument("--c2p", type=int, default=0, help="completion-to-poll samples (default 2000, --quick 300)")
+    ap.add_argument("--sizes", type=counts_arg(), default=[4, 64, 1024, 16384],
+                    help="transfer sizes in KiB, comma-separated")
+    ap.add_argument("--count", type=count_arg(0), default=0, help="transfers per size and rep (default: by size)")
+    ap.add_argument("--c2p", type=count_arg(0), default=0,
+                    help="completion-to-poll samples (default 2000, --quick 300)")
     args = ap.parse_args()
     # The benchmark is an application: transition logs off (they are not the subject of the table).
     logs_off = dict(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
                     logger_factory=structlog.ReturnLoggerFactory())
     structlog.configure(**logs_off)
 
-    sizes = [int(x) * KiB for x in args.sizes.split(",")]
+    sizes = [x * KiB for x in args.sizes]
     counts = {k: 4096 if k <= 4 * KiB else 2048 if k <= 64 * KiB else 512 if k <= MiB else 128 for k in sizes}
     if args.quick:
         counts = {k: max(64, v // 8) for k, v in counts.items()}

@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-__all__ = ["SUITES", "main"]
+__all__ = ["SUITES", "count_arg", "counts_arg", "main"]
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
@@ -51,6 +51,31 @@ class Result:
     command: list[str] = field(default_factory=list)
     rows: list[Row] = field(default_factory=list)
     output: str = ""
+
+
+def count_arg(low: int = 1, high: int | None = None):
+    """An argparse ``type`` for the benchmark scripts' counts: a whole number in ``low .. high``, else the usage
+    error (exit status 2) naming the option; a count the script cannot run (``--reps 0``, ``--iters 0``) ended in
+    a traceback (IndexError, ZeroDivisionError, StatisticsError) after the setup."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if v < low or (high is not None and v > high):
+            raise argparse.ArgumentTypeError(f"expected {low} .. {high}, got {v}" if high is not None
+                                             else f"expected a whole number >= {low}, got {v}")
+        return v
+    return parse
+
+
+def counts_arg(low: int = 1, high: int | None = None):
+    """An argparse ``type`` for a comma-separated list of counts (``--sizes 4,64``), each as :func:`count_arg`."""
+    one = count_arg(low, high)
+
+    def parse(text: str) -> list[int]:
+        return [one(x.strip()) for x in text.split(",")]
+    return parse
 
 
 def _last_json(out: str) -> dict | None:

@@ -4,6 +4,7 @@ that the parser finds every row it prints (a format change that the parser misse
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import re
@@ -174,3 +175,32 @@ def test_json_output_is_json_without_nan(monkeypatch, capsys):
     got = [(r["metric"], r["value"], r["baseline"], r["ratio"]) for r in doc["results"][0]["rows"]]
     assert got == [(rows[0].metric, None, None, None), (rows[1].metric, None, None, None),
                    ("m", 2.0, 4.0, 0.5), ("z", None, 2.0, None)]  # control: finite numbers stay numbers
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("bench_nixl.py", ["--reps", "0"], "argument --reps: expected a whole number >= 1, got 0"),
+    ("bench_nixl.py", ["--sizes", "4,x"], "argument --sizes: expected a whole number, got 'x'"),
+    ("bench_nixl.py", ["--c2p", "-1"], "argument --c2p: expected a whole number >= 0, got -1"),
+    ("bench_nixl.py", ["--count", "-3"], "argument --count: expected a whole number >= 0, got -3"),
+    ("bench_engine.py", ["--n", "0"], "argument --n: expected 1 .. 20000000, got 0"),
+    ("bench_engine.py", ["--live", "0"], "argument --live: expected a whole number >= 1, got 0"),
+    ("bench_collectives.py", ["--iters", "0"], "argument --iters: expected a whole number >= 1, got 0"),
+    ("bench_collectives.py", ["--reps", "0"], "argument --reps: expected a whole number >= 1, got 0"),
+    ("bench_audit.py", ["--sizes", "x"], "argument --sizes: expected a whole number, got 'x'"),
+    ("bench_audit.py", ["--sizes", ","], "argument --sizes: expected a whole number, got ''"),
+])
+def test_benchmark_options_they_cannot_run_are_usage_errors(script, args, message):
+    # (each ran its setup and ended in a traceback: IndexError, ZeroDivisionError, StatisticsError, ValueError,
+    # InvalidArgument, a pybind TypeError; --live 0 only after the whole table, in a ZeroDivisionError)
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
+                       timeout=120, cwd=ROOT)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert p.stderr.strip().splitlines()[-1].endswith(f"error: {message}"), p.stderr[-2000:]
+
+
+def test_count_options_take_what_the_scripts_can_run():
+    # controls: the bounds themselves are taken, a list keeps its order
+    assert bench.count_arg()("1") == 1 and bench.count_arg(0)("0") == 0 and bench.count_arg(1, 5)("5") == 5
+    assert bench.counts_arg()("4, 64,1024") == [4, 64, 1024]
+    with pytest.raises(argparse.ArgumentTypeError, match=r"^expected 1 \.\. 5, got 6$"):
+        bench.count_arg(1, 5)("6")

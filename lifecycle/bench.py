@@ -175,7 +175,7 @@ def _suites(quick: bool) -> dict[str, tuple[list[str], object]]:
     engine_n = ["--n", "50000", "--live", "200000"] if quick else []
     return {
         "engine": ([py, str(BENCH / "bench_engine.py"), "--json", *engine_n], parse_engine),
-        "nixl": ([py, str(BENCH / "bench_nixl.py"), "--quick"], parse_nixl),
+        "nixl": ([py, str(BENCH / "bench_nixl.py"), *(["--quick"] if quick else [])], parse_nixl),
         "collectives": ([mpiexec, "-n", "2", py, str(BENCH / "bench_collectives.py"), "--json", *coll_iters],
                         parse_collectives),
         "audit": ([py, str(BENCH / "bench_audit.py"), *audit_sizes], parse_audit),

@@ -116,7 +116,8 @@ def main() -> None:
     ap.add_argument("--no-pin", action="store_true", help="leave thread placement to the scheduler")
     ap.add_argument("--sizes", type=counts_arg(), default=[4, 64, 1024, 16384],
                     help="transfer sizes in KiB, comma-separated")
-    ap.add_argument("--count", type=count_arg(0), default=0, help="transfers per size and rep (default: by size)")
+    ap.add_argument("--count", type=count_arg(0), default=0,
+                    help="transfers per size and rep, rounded up to whole batches (default: by size)")
     ap.add_argument("--c2p", type=count_arg(0), default=0,
                     help="completion-to-poll samples (default 2000, --quick 300)")
     args = ap.parse_args()
@@ -210,7 +211,9 @@ def main() -> None:
                 # 16 MiB x 64: 2 batches a rep gave 10 pairs, too few for a median (one run's CI was
                 # -4.6 .. +10.4 %); three times the transfers give 30 pairs
                 n *= 3
-            return n
+            # whole batches: cell() divides each batch's time by `batch`, so a last batch of 36 (--count 100) read
+            # as 36/64 of a transfer each, and --count 1 as 1/64
+            return -(-n // batch) * batch
 
         table_cpu = cpu_times()
         for size in sizes:

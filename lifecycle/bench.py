@@ -205,7 +205,11 @@ def run_suite(name: str, cmd: list[str], parse, timeout: float) -> Result:
         return Result(name, f"failed (exit {p.returncode})", secs, cmd, output=out)
     try:
         rows = parse(out)
-    except (ValueError, KeyError, TypeError) as exc:
+        for row in rows:  # (a value that is no number raised TypeError from the table, after every suite ran)
+            for v in (row.value, row.baseline):
+                if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                    raise TypeError(f"{row.metric}: {v!r} is not a number")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # (AttributeError: a JSON list for a dict)
         rows = []
         out += f"\n[lifecycle bench: parse error: {exc}]"
     return Result(name, "ok" if rows else "unparsed", secs, cmd, rows, out)

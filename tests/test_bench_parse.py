@@ -251,3 +251,22 @@ def test_nixl_cells_are_per_transfer_when_the_count_is_not_whole_batches(count):
     assert len(rows) == 3, p.stdout  # x1, x64, x64 with batch calls
     assert all((r.value, r.baseline) == (2.0, 1.0) for r in rows), p.stdout
     assert all(r.note.startswith("paired diff +1.00 us [+1.00, +1.00]") for r in rows), p.stdout
+
+
+@pytest.mark.parametrize("line, why", [
+    ('{"rates": []}', "'list' object has no attribute 'items'"),
+    ('{"rates": {"complete/x": "fast", "complete/transitions model": 1}}',
+     "complete/x transitions/s: 'fast' is not a number"),
+    ('{"rates": {"complete/x": true}}', "complete/x transitions/s: True is not a number"),
+])
+def test_a_suite_printing_json_of_another_shape_is_unparsed(tmp_path, line, why):
+    # (a list where a dict belongs raised AttributeError out of `lifecycle bench`, a string value TypeError from the
+    # table after every suite had run: tracebacks, the other suites' results lost)
+    script = tmp_path / "suite.py"
+    script.write_text(f"print({line!r})\n")
+    res = bench.run_suite("engine", [sys.executable, str(script)], bench.parse_engine, 60)
+    assert (res.status, res.rows) == ("unparsed", []) and res.output.endswith(f"parse error: {why}]"), res
+    assert "[unparsed]" in bench.format_table([res])
+    script.write_text('print(\'{"rates": {"complete/x": 4.0, "complete/transitions model": 2}}\')\n')  # control
+    res = bench.run_suite("engine", [sys.executable, str(script)], bench.parse_engine, 60)
+    assert res.status == "ok" and [(r.value, r.ratio) for r in res.rows] == [(4.0, 2.0)], res

@@ -270,3 +270,17 @@ def test_a_suite_printing_json_of_another_shape_is_unparsed(tmp_path, line, why)
     script.write_text('print(\'{"rates": {"complete/x": 4.0, "complete/transitions model": 2}}\')\n')  # control
     res = bench.run_suite("engine", [sys.executable, str(script)], bench.parse_engine, 60)
     assert res.status == "ok" and [(r.value, r.ratio) for r in res.rows] == [(4.0, 2.0)], res
+
+
+def test_median_confidence_interval_is_symmetric_and_covers_95_percent():
+    bench_nixl = _bench_nixl()
+    # (the low end was one rank high for half of all n: (6, 10, 15) at n = 21, whose exact coverage is 94.75 %)
+    assert bench_nixl.median_ci(list(range(21))) == (5, 10, 15)
+    for n in range(1, 301):
+        lo, mid, hi = bench_nixl.median_ci(list(range(n)))
+        assert lo + hi == n - 1 and lo <= mid <= hi, n  # symmetric ranks around the median
+        if n >= 6:  # (below 6 samples no interval of order statistics reaches 95 %: the widest is used)
+            # exact coverage: the median lies in [x_(lo+1), x_(hi+1)] unless fewer than lo + 1 or more than hi
+            # samples fall below it (Binomial(n, 1/2))
+            assert sum(math.comb(n, i) for i in range(lo + 1, hi + 1)) / 2 ** n >= 0.95, n
+    assert bench_nixl.median_ci(list(range(30))) == (9, 14.5, 20)  # control: where the old ranks were right

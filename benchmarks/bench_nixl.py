@@ -166,8 +166,9 @@ def main() -> None:
         print("batches ran back to back on the same machine state. Per transfer: the median batch of each, and the")
         print("median of the pairs' differences with its 95% confidence interval (distribution-free, from order")
         print("statistics): the VM's millisecond preemptions and drifts move single batches, not this median.")
-        print("post/wait: the same median paired difference split into posting the batch (advertise + transfer()")
-        print("each; at 64 KiB most WRITEs complete inside post) and waiting for it (drain + terminate).\n")
+        print("post/wait: the median paired difference of posting the batch (advertise + transfer() each; at 64 KiB")
+        print("most WRITEs complete inside post), and that of waiting for it (drain + terminate): two medians, taken")
+        print("each on its own, so they need not add up to the diff column.\n")
         print(f"{'size':>8} {'batch':>5} {'pairs':>5} | {'engine us':>9} {'bare us':>9} | "
               f"{'diff us [95% CI]':>24} | {'diff % [95% CI]':>22} | {'mean e/b':>8} | {'eng GB/s':>8} | "
               f"{'c2drain p50/p99 us':>18} | {'post/wait us':>13} | target (median diff)")

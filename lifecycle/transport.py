@@ -1042,7 +1042,8 @@ class NixlTransport(_Transport):
             raw = os.fsencode(path)
         except UnicodeEncodeError:  # (a lone surrogate that no file name decodes to)
             raise InvalidArgument("capi_path", f"{path!r:.80} is not a file name this system can encode") from None
-        self._wheel = _is_wheel_capi(path)
+        # the library the core loads: $KV_LIFECYCLE_NIXL_CAPI overrides capi_path there (NixlCapi::load)
+        self._wheel = _is_wheel_capi(os.environ.get(ENV_CAPI) or path)
         if self._wheel:
             cuda12_runtime()  # before UCX starts: the wheel's UCX loads its CUDA module only if libcudart.so.12 does
         ucx_cuda_defaults()

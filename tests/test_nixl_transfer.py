@@ -358,6 +358,45 @@ def test_nixl_transport_prepares_cuda_before_its_agent_starts_ucx(monkeypatch):
         assert calls == want, (path, calls)
 
 
+def test_nixl_transport_prepares_cuda_for_the_library_the_env_override_loads(monkeypatch, tmp_path):
+    """Found by review: $KV_LIFECYCLE_NIXL_CAPI overrides capi_path in the core (NixlCapi::load, shown first),
+    but NixlTransport chose from capi_path whether the library is the wheel's: with the override naming the
+    wheel's library and capi_path another, the wheel's NIXL started UCX without the CUDA 12 runtime prepared
+    (['ucx', 'core']), and a refused VRAM registration got the other build's hint; the reverse prepared it for
+    a library that was not loaded.  Control: without the override, capi_path decides, as before."""
+    import lifecycle.transport as tr
+
+    overriding = str(tmp_path / "override" / "libnixl_capi.so")
+    monkeypatch.setenv(ENV_CAPI, overriding)
+    with pytest.raises(NixlUnavailable) as ei:  # the core loads the override, not the path it was given
+        _core.load_nixl_capi(str(tmp_path / "given.so"))
+    assert ei.value.library == overriding
+
+    calls = []
+
+    class Core:
+        @staticmethod
+        def nixl(*args):
+            calls.append("core")
+            raise RuntimeError("stop here")
+
+    monkeypatch.setattr(tr, "cuda12_runtime", lambda: calls.append("cudart"))
+    monkeypatch.setattr(tr, "ucx_cuda_defaults", lambda: calls.append("ucx"))
+    monkeypatch.setattr(tr._core, "_Transport", Core)
+    monkeypatch.setattr(tr, "_is_wheel_capi", lambda path: path == "wheel")
+    cases = (("wheel", "site-build", ["cudart", "ucx", "core"]), ("site-build", "wheel", ["ucx", "core"]),
+             (None, "wheel", ["cudart", "ucx", "core"]), (None, "site-build", ["ucx", "core"]))
+    for env, path, want in cases:
+        if env is None:
+            monkeypatch.delenv(ENV_CAPI, raising=False)
+        else:
+            monkeypatch.setenv(ENV_CAPI, env)
+        calls.clear()
+        with pytest.raises(RuntimeError, match="stop here"):
+            NixlTransport(None, "env-wins", capi_path=path)
+        assert calls == want, (env, path, calls)
+
+
 def test_ucx_cuda_defaults_apply_only_where_the_driver_loads_and_never_over_the_users_value(tmp_path):
     """UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y: without it, on one GPU, a READ of another process's VRAM was
     software-emulated and UCX aborted the owner when its peer died (H100, docs/transport.md).  Where

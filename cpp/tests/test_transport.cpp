@@ -13,6 +13,7 @@
 #include <random>
 #include <stdexcept>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "check.hpp"
@@ -1707,7 +1708,10 @@ class ScriptedAgent final : public Agent {
   void prepare(std::uint64_t, XferOp, const Region&, const Region&, const std::string&,
                std::optional<std::uint64_t>) override {}
   XferState post(std::uint64_t) override { return XferState::InProgress; }
+  std::atomic<std::uint64_t> pending{0};  // an id that stays InProgress (its new request), whatever the rule says
+  std::function<void()> in_batch;         // run once inside the next status_batch, after its answers
   XferStatus status(std::uint64_t req) override {
+    if (req == pending.load()) return {XferState::InProgress, 1};
     if (req % 2 == 1) throw TransportError("scripted status failure for " + std::to_string(req));
     if (req % 4 == 0 || finish.load()) return {XferState::Done, 0};
     return {XferState::InProgress, 1};
@@ -1721,6 +1725,7 @@ class ScriptedAgent final : public Agent {
       throw TransportError("scripted batch failure");
     }
     Agent::status_batch(reqs, n, out, errors);  // the default: status() each
+    if (in_batch) std::exchange(in_batch, nullptr)();
   }
   ReleaseStatus release(std::uint64_t) override { return kReleased; }
   std::size_t live_requests() const override { return 0; }
@@ -1822,6 +1827,36 @@ void test_a_progress_pass_polls_in_one_call_and_reports_each_request_once() {
   CHECK(st.poll_errors == 3 && st.failures == 3 && st.completions == 4);
   CHECK(agent.batch_calls.load() >= 2 && st.status_polls >= std::size(ids));
   CHECK(st.passes >= static_cast<std::uint64_t>(agent.batch_calls.load()));  // at most one call a pass
+}
+
+// A status a pass read for a request is reported only to that very watch: a request of the id unwatched and
+// released, and a new one of the same id posted and watched, between the pass's status call and its
+// bookkeeping (the progress thread preempted there), got the old request's Done as its own: complete, the
+// session Quiesced(completed) and its buffers released while the new transfer still moved bytes.  Scripted
+// here inside the status call.  Control: the new request's own Done is reported, once.
+void test_a_status_read_before_an_id_was_watched_again_is_not_reported_for_the_new_request() {
+  ScriptedAgent agent;
+  BatchSink sink;
+  NixlProgress prog(agent, sink);
+  std::atomic<std::uint64_t> passes_then{0};
+  agent.in_batch = [&] {  // 4 answered Done: its request released, a new one of id 4 posted and watched
+    prog.unwatch(4);
+    agent.pending = 4;
+    prog.watch(4);
+    passes_then = prog.statistics().passes;
+  };
+  prog.watch(4);
+  CHECK(eventually([&] { return passes_then.load() != 0 && prog.statistics().passes >= passes_then.load() + 2; }));
+  {
+    std::lock_guard<std::mutex> lk(sink.mu);
+    CHECK(sink.done_batches.empty());  // the old request's Done is not the new one's
+  }
+  CHECK(prog.watched() == 1 && prog.statistics().completions == 0);
+  agent.pending = 0;  // control: the new request completes
+  CHECK(eventually([&] { return prog.watched() == 0; }));
+  prog.stop();
+  std::lock_guard<std::mutex> lk(sink.mu);
+  CHECK((sink.done_batches == std::vector<std::vector<std::uint64_t>>{{4}}));
 }
 
 // A status_batch call that throws fails nobody: what it answered is reported, the rest are polled again
@@ -2174,5 +2209,6 @@ int main() {
   test_a_completion_batch_the_sink_throws_on_goes_again_one_by_one();
   test_a_throwing_sink_does_not_end_the_progress_thread();
   test_a_throwing_status_batch_fails_no_request_it_did_not_answer();
+  test_a_status_read_before_an_id_was_watched_again_is_not_reported_for_the_new_request();
   TEST_MAIN_END();
 }

@@ -38,10 +38,13 @@ void NixlProgress::watch(const std::uint64_t* reqs, std::size_t n) {
   // All or nothing: the nodes are made first, outside the lock (a throw changes nothing), then spliced in,
   // which allocates nothing and cannot throw.  A throw half-way used to leave part of the batch watched, and
   // a caller's one-by-one retry could then watch again a request already reported.
-  std::set<std::uint64_t> add(reqs, reqs + n);
+  std::map<std::uint64_t, std::uint64_t> add;
+  for (std::size_t i = 0; i < n; ++i) add.emplace(reqs[i], 0);
   {
     std::lock_guard<std::mutex> lk(mu_);
+    for (auto& [req, watch] : add) watch = ++watches_;
     watched_.merge(add);
+    for (const auto& [req, watch] : add) watched_[req] = watch;  // watched already: the new watch (no allocation)
   }
   wake();
 }
@@ -98,10 +101,15 @@ void NixlProgress::run() {
 }
 
 bool NixlProgress::pass() {
-  std::vector<std::uint64_t> snapshot;
+  std::vector<std::uint64_t>& snapshot = snapshot_;
   {
     std::lock_guard<std::mutex> lk(mu_);
-    snapshot.assign(watched_.begin(), watched_.end());
+    snapshot.clear();
+    gens_.clear();
+    for (const auto& [req, watch] : watched_) {
+      snapshot.push_back(req);
+      gens_.push_back(watch);
+    }
     ++stats_.passes;
   }
   bool progressed = false;
@@ -129,8 +137,11 @@ bool NixlProgress::pass() {
     for (std::size_t i = 0; i < n; ++i) {
       ++stats_.status_polls;
       if (!errors_[i].empty()) ++stats_.poll_errors;
-      // Only report requests still watched (unwatch may have raced with this pass).
-      if (statuses_[i].state != XferState::InProgress && watched_.erase(snapshot[i]) == 1) {
+      // Only report requests still watched, by the watch the status was read for: unwatch may have raced
+      // with this pass, and then the id's next request been posted and watched (its own status is unread).
+      const auto w = watched_.find(snapshot[i]);
+      if (statuses_[i].state != XferState::InProgress && w != watched_.end() && w->second == gens_[i]) {
+        watched_.erase(w);
         report_[i] = true;
         if (statuses_[i].state == XferState::Done) {
           ++stats_.completions;

@@ -30,8 +30,8 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <map>
 #include <mutex>
-#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -104,7 +104,11 @@ class NixlProgress {
   EventSink& sink_;
   NixlProgressOptions opts_;
   mutable std::mutex mu_;
-  std::set<std::uint64_t> watched_;  // guarded by mu_
+  // req -> the watch it is (a number no earlier watch had): a status a pass read is reported only to the
+  // watch it was read for, not to a later request of the id watched meanwhile.  Guarded by mu_.
+  std::map<std::uint64_t, std::uint64_t> watched_;
+  std::uint64_t watches_ = 0;  // the last watch's number; guarded by mu_
+  std::vector<std::uint64_t> snapshot_, gens_;  // pass()'s scratch: the watched requests and their watches
   // pass()'s scratch (the progress thread's own): each watched request's status and status error,
   // whether it is reported, and the requests found Done
   std::vector<XferStatus> statuses_;

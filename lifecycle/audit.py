@@ -24,6 +24,8 @@ Violations (exit status 1): ``malformed`` (a line that is not a valid event; fil
 ``illegal_transition``, ``terminated_before_terminal``, ``leak`` (never terminated), ``double_termination``,
 ``wrong_result`` (a cancel/terminate result the table does not give in the state the line logs),
 ``deferred_delivery`` (a deferred terminate delivered 0 or >= 2 times, or delivered without a deferral),
+``deferred_order`` (a deferral's records in an order the engine never logs: a TerminateNow before its session's
+Terminated transition, a Deferred after it or logged twice, a deferred Terminated transition without a Deferred),
 ``slot_reuse`` (a slot leased again while poisoned/quarantined without ``buffer_recovered``, or while
 another live session holds it), ``rank_disagreement`` (ranks report different outcomes for one request in one
 role), ``seq_gap`` (lost or duplicated lines in a stream's sequence), ``collective_desync``, ``unreadable``,
@@ -101,6 +103,7 @@ VIOLATION_KINDS = (
     "double_termination",
     "wrong_result",
     "deferred_delivery",
+    "deferred_order",
     "slot_reuse",
     "rank_disagreement",
     "seq_gap",
@@ -782,6 +785,7 @@ _S_KEY, _S_KINDS, _TOMB = range(7, 10)
 _S_STATE, _S_ENTERED, _S_START, _S_ROLE, _S_SLOT, _S_STREAM, _S_OUTCOME, _S_LINE, _S_HIST = range(_TOMB, _TOMB + 9)
 _S_MOVES = _TOMB + 9  # the moves out of _S_STATE: {trigger: edge record}
 _S_ENGINE = _TOMB + 10  # the `engine` key of its creating event (None: absent); its slots are (stream, engine, slot)
+_S_ADOPTED = _TOMB + 11  # first seen mid-life (no advertise): its deferral may precede the log
 # stream list fields (one stream per proc, or per (file, pid) for lines without proc).  Invariant: events seen =
 # [_ST_BIAS] + [_ST_NEXT], so a line in sequence (the common case) only advances _ST_NEXT.
 _ST_NEXT, _ST_MAX_T, _ST_MISSING, _ST_BIAS, _ST_FILE, _ST_FIRST, _ST_HEAD, _ST_PID, _ST_PROC = range(9)
@@ -1296,6 +1300,9 @@ class Auditor:
             s[_S_OUTCOME] = outcome
         if deferred is True:
             s[_S_DEFERRED] = True
+            if into != _INTO_FINAL:
+                self._deferred_order(s, line, rank, req, f"{frm} --{trig}--> {to} marked deferred: only the deferred "
+                                     f"retry's move to {'/'.join(self.spec.final)} is")
         if into == _INTO_TERMINAL:
             if outcome is not None:
                 self.outcomes[outcome] += 1
@@ -1305,6 +1312,11 @@ class Auditor:
                 if sl is not None and sl[1] == key:
                     sl[0] = "poisoned"
         elif into == _INTO_FINAL:
+            if (deferred is True) != bool(s[_S_DEFER_LINE]) and not (deferred is True and s[_S_ADOPTED]):
+                self._deferred_order(s, line, rank, req, (
+                    f"deferred {to} transition with no Deferred terminate before it" if deferred is True else
+                    f"{to} transition not marked deferred, though terminate() was deferred at line "
+                    f"{s[_S_DEFER_LINE]} (the deferred retry is that transition)"))
             self._fold(key, s, t, line)
 
     def _check_transition(self, key, s: list | None, frm, to, trig, outcome, d: dict, sk, eng, t: int,
@@ -1336,6 +1348,7 @@ class Auditor:
             self._find("adopted_session", line, f"first seen in state {frm} (advertise not in the log)", rank=rank,
                        request=req)
             s = self._new_session(key, frm, d, sk, eng, t, line)
+            s[_S_ADOPTED] = True
             s[_S_OUTCOME] = outcome  # unknown before this line: a row without an outcome logs the one it had
         cur = s[_S_STATE]
         edge = self._moves[frm].get(trig)
@@ -1402,7 +1415,7 @@ class Auditor:
         slot = d.get("slot")
         s = [False, 0, 0, self._file, line, 0, 0, key, None,
              state, t, t, d.get("role"), slot if type(slot) is int and slot >= 0 else -1, sk, None, line, [state, t],
-             self._moves[state], eng]
+             self._moves[state], eng, False]
         self.live[key] = s
         self.requests += 1
         return s
@@ -1528,14 +1541,31 @@ class Auditor:
             self._find("malformed", line, f"lifecycle.terminate: bad result/request {_r(r)}/{_r(req)}", rank=rank)
             return
         self._check_result("terminate", r, d.get("state"), line, rank, req)
-        if r == "Deferred":
-            s = self._session(rank, req, sid, False)
-            if s is None:
-                self._find("orphan_event", line, "terminate deferred for a request with no live session", rank=rank,
-                           request=req)
+        if r == "Deferred" or r == "AlreadyDeferred":
+            s = self._session(rank, req, sid, True)
+            if s is not None and len(s) == _TOMB:  # (a tombstone)
+                self._deferred_order(None, line, rank, req, f"terminate() returned {r} after the session was "
+                                     f"{'/'.join(self.spec.final)} (line {s[_S_LAST_LINE]})")
                 return
+            if s is None:
+                if r == "Deferred":
+                    self._find("orphan_event", line, "terminate deferred for a request with no live session",
+                               rank=rank, request=req)
+                return
+            first = s[_S_DEFER_LINE]
+            if r == "AlreadyDeferred":
+                if not first and not s[_S_ADOPTED]:
+                    self._deferred_order(s, line, rank, req, "terminate() returned AlreadyDeferred with no Deferred "
+                                         "before it")
+                return
+            if first:
+                self._deferred_order(s, line, rank, req, f"terminate() returned Deferred twice (first at line "
+                                     f"{first}): a deferred session answers AlreadyDeferred")
+            elif s[_S_STATE] in self.terminal:
+                self._deferred_order(s, line, rank, req, f"terminate() returned Deferred while the session was "
+                                     f"already {s[_S_STATE]}, where the deferred retry had run")
             s[_S_DEFERRED] = True
-            if not s[_S_DEFER_LINE]:
+            if not first:
                 s[_S_DEFER_LINE] = line
         elif r == "Terminated":
             s = self._session(rank, req, sid, True)
@@ -1552,12 +1582,13 @@ class Auditor:
     def _session(self, rank: int, req: int, sid, tombs: bool, notice: bool = False) -> list | None:
         """The live session (or, with ``tombs``, the tombstone) an event about ``req`` refers to: by its key, or for
         an event with a null role and no engine (older logs), the first of that request's sessions on that rank by
-        role; for a TerminateNow (``notice``), the first one deferred and not yet delivered, if any."""
+        role; for a TerminateNow (``notice``), the first one deferred and not yet delivered, a Terminated one (a
+        tombstone) first, if any."""
         live = self.live
         if sid is not None:
             k = (rank, req, sid)
             return live.get(k) or (self.tombs.get(k) if tombs else None)
-        first = None
+        first = waiting = None
         for r in _NULL_ROLE_LOOKUP:  # (a plain loop: this runs for every terminate of an older log)
             k = (rank, req, r)
             s = live.get(k)
@@ -1568,10 +1599,13 @@ class Auditor:
             if not notice:
                 return s
             if s[_S_DEFERRED] and not s[_S_NOTICES]:
-                return s
+                if len(s) == _TOMB:
+                    return s
+                if waiting is None:
+                    waiting = s
             if first is None:
                 first = s
-        return first
+        return waiting or first
 
     def _terminate_now(self, d: dict, name: str, req, rank: int, sk, eng, sid, t: int, line: int) -> None:
         if type(req) is not int:
@@ -1582,6 +1616,9 @@ class Auditor:
             self._find("orphan_event", line, "TerminateNow for a request with no session in the window", rank=rank,
                        request=req)
             return
+        if len(s) > _TOMB:  # live: the engine logs the notice after the deferred move to the final state
+            self._deferred_order(s, line, rank, req, f"TerminateNow while the session is still {s[_S_STATE]}, before "
+                                 f"its deferred {'/'.join(self.spec.final)} transition")
         s[_S_NOTICES] += 1
         n = s[_S_NOTICES]
         if n == 1:
@@ -1590,8 +1627,14 @@ class Auditor:
             self._find("deferred_delivery", line, "deferred termination delivered twice (TerminateNow #2)",
                        rank=rank, request=req, deliveries=2)
             self._mark(s, "deferred_delivery")
-        # a notice without a deferral is judged when the tombstone is checked: with threads, the
-        # Deferred result may be logged after the notice
+        # a notice without a deferral is judged when the tombstone is checked (a Deferred after it: deferred_order)
+
+    def _deferred_order(self, s: list | None, line: int, rank: int, req: int, message: str) -> None:
+        """A deferral's records in an order the engine never logs them in (DESIGN §5: the Deferred result, later the
+        move to a terminal state and at once the deferred move to the final state, then one TerminateNow)."""
+        self._find("deferred_order", line, message, rank=rank, request=req)
+        if s is not None:
+            self._mark(s, "deferred_order")
 
     def _fold(self, key, s: list, t: int, line: int) -> None:
         """The session reached the final state: aggregate it and leave a tombstone."""

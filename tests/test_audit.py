@@ -413,7 +413,8 @@ def _break_outcome_at_creation():
 
 def _break_terminated_result_while_not_terminal():
     """terminate() returned Terminated while the session was Advertised (the executor freed buffers the session
-    went on to expose), where the table gives Deferred; the rest of the log is the deferral delivered."""
+    went on to expose), where the table gives Deferred; the rest of the log is the deferral delivered (so its
+    deferred Terminated transition, line 9, follows no Deferred: a deferred_order too)."""
     ev = mg.deferred_termination()
     i = index(ev, event="lifecycle.terminate", request=30, result="Deferred")
     ev[i - 1]["result"] = "Terminated"
@@ -472,8 +473,9 @@ def test_broken_copy_is_caught_at_the_right_request_and_line(name, tmp_path, cap
     out = capsys.readouterr().out
     assert re.search(rf"{re.escape(str(p))}:{line}: \[{kind}\]", out)
     if name not in ("seq_gap", "terminated_before_terminal", "illegal_transition"):
-        # the edit produced exactly the intended violation
-        assert {f.kind for f in violations(res)} == {kind}, [str(f) for f in violations(res)]
+        # the edit produced exactly the intended violation (and a retry without its Deferred, see the break)
+        also = {"deferred_order"} if name == "wrong_result_terminate" else set()
+        assert {f.kind for f in violations(res)} == {kind} | also, [str(f) for f in violations(res)]
 
 
 @pytest.mark.parametrize(("name", "says"), [
@@ -505,7 +507,8 @@ def test_a_call_result_the_table_does_not_give_in_the_logged_state_is_a_violatio
     transport may still touch, and passed as clean (seen against the old code: no finding)."""
     ev, kind, req, line = BREAKS[name]()
     res = audit_paths([write(tmp_path / "x.jsonl", ev)])
-    assert [(f.kind, f.request, f.line, f.message) for f in violations(res)] == [(kind, req, line, says)]
+    found = [(f.kind, f.request, f.line, f.message) for f in violations(res) if f.kind != "deferred_order"]
+    assert found == [(kind, req, line, says)]
 
 
 @pytest.mark.parametrize(("state", "result", "ok"), [
@@ -523,6 +526,126 @@ def test_cancel_results_are_checked_against_the_table_with_its_refinements(tmp_p
     ev[i - 1].update(state=state, result=result)
     res = audit_paths([write(tmp_path / "x.jsonl", ev)])
     assert [f.kind for f in violations(res)] == ([] if ok else ["wrong_result"])
+
+
+# ------------------------------------------------------------------------------------ deferred termination order
+
+
+def real_deferred_log() -> list[dict]:
+    """The deferred_termination scenario as the real engine logs it (TransferEngine, structlog captured), plus one
+    poll for its last call's result.  Line by line: 3 Deferred of 30 (Advertised), 6 Deferred and 7 AlreadyDeferred
+    of 31 (InFlight), 8 30 Quiesced, 9 its deferred Terminated, 10 its TerminateNow; 11-14 the same for 31
+    (Poisoned, quarantined), 15 AlreadyTerminated."""
+    import structlog
+
+    adapter = mg.RealEngineAdapter(num_slots=4)
+    with structlog.testing.capture_logs() as cap:
+        mg.deferred_termination(adapter)
+        adapter.engine.poll()
+    return renumber(cap)  # (the process's stream: other tests' engines logged before)
+
+
+def _moved(ev, frm: int, to: int):
+    """Line ``frm`` (1-based) moved so that it becomes line ``to``, renumbered."""
+    ev = copy.deepcopy(ev)
+    ev.insert(to - 1, ev.pop(frm - 1))
+    return renumber(ev)
+
+
+def _defer_notice_while_advertised(ev):
+    return _moved(ev, index(ev, event="lifecycle.terminate_now", request=30), 4), [
+        (30, 4, "TerminateNow while the session is still Advertised, before its deferred Terminated transition")]
+
+
+def _defer_notice_between_the_moves(ev):
+    return _moved(ev, index(ev, event="lifecycle.terminate_now", request=30), 9), [
+        (30, 9, "TerminateNow while the session is still Quiesced, before its deferred Terminated transition")]
+
+
+def _defer_result_after_the_notice(ev):
+    return _moved(ev, index(ev, event="lifecycle.terminate", request=30, result="Deferred"), 10), [
+        (30, 8, "deferred Terminated transition with no Deferred terminate before it"),
+        (30, 10, "terminate() returned Deferred after the session was Terminated (line 8)")]
+
+
+def _defer_result_missing(ev):
+    del ev[index(ev, event="lifecycle.terminate", request=30, result="Deferred") - 1]
+    return renumber(ev), [(30, 8, "deferred Terminated transition with no Deferred terminate before it")]
+
+
+def _defer_twice(ev):
+    ev[index(ev, result="AlreadyDeferred") - 1]["result"] = "Deferred"
+    return ev, [(31, 7, "terminate() returned Deferred twice (first at line 6): a deferred session answers "
+                        "AlreadyDeferred")]
+
+
+def _defer_already_deferred_first(ev):
+    return _moved(ev, index(ev, result="AlreadyDeferred"), 6), [
+        (31, 6, "terminate() returned AlreadyDeferred with no Deferred before it")]
+
+
+def _defer_result_while_terminal(ev):
+    return _moved(ev, index(ev, event="lifecycle.terminate", request=30, result="Deferred"), 8), [
+        (30, 8, "terminate() returned Deferred while the session was already Quiesced, where the deferred retry had "
+                "run")]
+
+
+def _defer_retry_not_marked(ev):
+    ev[index(ev, request=30, to_state="Terminated") - 1]["deferred"] = False
+    return ev, [(30, 9, "Terminated transition not marked deferred, though terminate() was deferred at line 3 (the "
+                        "deferred retry is that transition)")]
+
+
+def _defer_flag_on_expose(ev):
+    ev[index(ev, request=30, trigger="expose") - 1]["deferred"] = True
+    return ev, [(30, 4, "Advertised --expose--> InFlight marked deferred: only the deferred retry's move to "
+                        "Terminated is")]
+
+
+DEFER_ORDERS = {f.__name__[len("_defer_"):]: f for f in (
+    _defer_notice_while_advertised, _defer_notice_between_the_moves, _defer_result_after_the_notice,
+    _defer_result_missing, _defer_twice, _defer_already_deferred_first, _defer_result_while_terminal,
+    _defer_retry_not_marked, _defer_flag_on_expose)}
+
+
+@pytest.mark.parametrize("name", sorted(DEFER_ORDERS))
+@pytest.mark.parametrize("keys", ["proc/engine", "older log"])
+def test_a_deferral_logged_in_an_order_the_engine_never_logs_is_a_violation(tmp_path, name, keys, capsys):
+    """DESIGN §5: a terminate before a terminal state logs Deferred (a second one AlreadyDeferred); the move into
+    Quiesced/Poisoned is followed at once by the deferred move to Terminated (deferred true), and poll() logs the
+    one TerminateNow after it.  The real engine's log with one record moved or changed: a TerminateNow before the
+    session's Terminated transition, a Deferred after it (or twice, or after the terminal move), AlreadyDeferred
+    before Deferred, a deferred Terminated without a Deferred, a retry not marked deferred, the flag on another move.
+    Each passed as clean (seen against the old code: no violation; a Deferred after the end only an orphan_event
+    warning); each is a deferred_order now, at the line moved or changed, in both replays, with and without the
+    proc/engine keys (a null-role TerminateNow found by role).  Control: the unmutated log (next test)."""
+    ev = real_deferred_log()
+    if keys == "older log":
+        ev = _strip(ev, "proc", "engine")
+    ev, want = DEFER_ORDERS[name](ev)
+    p = write(tmp_path / f"{name}.jsonl", ev)
+    res = audit_paths([p])
+    assert [(f.kind, f.request, f.line, f.message) for f in violations(res)] == [
+        ("deferred_order", req, line, says) for req, line, says in want], [str(f) for f in res.findings]
+    assert main_audit([str(p)]) == 1
+    assert f"{p}:{want[0][1]}: [deferred_order]" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("keys", ["proc/engine", "older log"])
+def test_the_real_engines_deferral_orders_are_clean(tmp_path, keys):
+    """Controls for the test above: the real engine's log as it was written, and a log that starts after 31's
+    Deferred (31 adopted InFlight: its deferral may precede the log, so neither its AlreadyDeferred nor its deferred
+    Terminated is held against it), audit clean."""
+    ev = real_deferred_log()
+    if keys == "older log":
+        ev = _strip(ev, "proc", "engine")
+    res = audit_paths([write(tmp_path / "real.jsonl", ev)])
+    assert res.ok and res.finding_counts == {} and res.terminated == 2, [str(f) for f in res.findings]
+    assert res.event_counts["lifecycle.terminate_now"] == 2
+    late = [d for i, d in enumerate(ev, 1) if d["request"] != 31 or i > index(ev, result="Deferred", request=31)]
+    res = audit_paths([write(tmp_path / "adopted.jsonl", renumber(late))])
+    assert violations(res) == [] and res.terminated == 2, [str(f) for f in res.findings]
+    assert [(f.kind, f.request) for f in res.findings] == [("adopted_session", 31)]
 
 
 def test_a_recovery_of_another_generation_does_not_free_the_slot(tmp_path):

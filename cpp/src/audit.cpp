@@ -46,6 +46,7 @@ const char* kind_name(Kind k) {
     case Kind::double_termination: return "double_termination";
     case Kind::wrong_result: return "wrong_result";
     case Kind::deferred_delivery: return "deferred_delivery";
+    case Kind::deferred_order: return "deferred_order";
     case Kind::slot_reuse: return "slot_reuse";
     case Kind::rank_disagreement: return "rank_disagreement";
     case Kind::seq_gap: return "seq_gap";
@@ -672,6 +673,7 @@ struct Session {
   Int line = 0;
   std::vector<std::pair<int, Int>> hist;  // (state, t entered)
   std::uint64_t order = 0;                // creation order (Python's dict order)
+  bool adopted = false;                   // first seen mid-life: its deferral may precede the log
 };
 
 struct Tomb {
@@ -784,9 +786,10 @@ struct Auditor::Impl {
   std::vector<std::uint64_t> edge_count;
   std::uint64_t created = 0;
   int st_quiesced = -1, st_poisoned = -1;
-  int tr_deferred = -1, tr_terminated = -1;
+  int tr_deferred = -1, tr_terminated = -1, tr_already_deferred = -1;
   std::string digest = kTableDigest;
   std::string terminal_list;  // "Quiesced/Poisoned"
+  std::string final_list;     // "Terminated"
 
   // state
   Parser parser;
@@ -873,11 +876,17 @@ struct Auditor::Impl {
     for (int i = 0; i < kNumTerminateResults; ++i) {
       if (std::strcmp(kTerminateResultNames[i], "Deferred") == 0) tr_deferred = i;
       if (std::strcmp(kTerminateResultNames[i], "Terminated") == 0) tr_terminated = i;
+      if (std::strcmp(kTerminateResultNames[i], "AlreadyDeferred") == 0) tr_already_deferred = i;
     }
     for (int s = 0; s < kNumStates; ++s) {
       if (!kTerminal[s]) continue;
       if (!terminal_list.empty()) terminal_list += '/';
       terminal_list += kStateNames[s];
+    }
+    for (int s = 0; s < kNumStates; ++s) {
+      if (!kFinal[s]) continue;
+      if (!final_list.empty()) final_list += '/';
+      final_list += kStateNames[s];
     }
   }
 
@@ -1547,7 +1556,8 @@ struct Auditor::Impl {
   }
   // The live session, or with `tombs` the tombstone, an event about req refers to (Auditor._session): by its
   // key, or for a null role and no engine, the first of the roles null, sender, receiver that has one; for a
-  // TerminateNow (`notice`), the first of those deferred and not yet delivered, if any.
+  // TerminateNow (`notice`), the first of those deferred and not yet delivered, a Terminated one (a tombstone)
+  // first, if any.
   Core* session_of(Int rank, Int req, bool with_tombs, Session*& s, bool notice = false) {
     static const int kNullRoleLookup[3] = {2, 0, 1};
     const bool any = cur_engine < 0 && cur_role == 2;
@@ -1567,12 +1577,17 @@ struct Auditor::Impl {
     }
     int pick = n > 0 ? 0 : -1;
     if (notice && any) {
+      int waiting = -1;
       for (int i = 0; i < n; ++i) {
         if (found[i]->deferred && found[i]->notices == 0) {
-          pick = i;
-          break;
+          if (found_s[i] == nullptr) {
+            waiting = i;
+            break;
+          }
+          if (waiting < 0) waiting = i;
         }
       }
+      if (waiting >= 0) pick = waiting;
     }
     if (pick < 0) return nullptr;
     s = found_s[pick];
@@ -1615,7 +1630,14 @@ struct Auditor::Impl {
     s->c.last_line = line;
     s->hist.emplace_back(to, t);
     if (outcome >= 0) s->outcome = outcome;
-    if (f(k_deferred).t == JT::yes) s->c.deferred = true;
+    const bool deferred = f(k_deferred).t == JT::yes;
+    if (deferred) {
+      s->c.deferred = true;
+      if (into_to != into_final)
+        deferred_order(s, line, rank, req,
+                       std::string(kStateNames[frm]) + " --" + kEventNames[trig] + "--> " + kStateNames[to] +
+                           " marked deferred: only the deferred retry's move to " + final_list + " is");
+    }
     if (into_to == into_terminal) {
       if (outcome >= 0) {
         ++outcomes[static_cast<std::size_t>(outcome)];
@@ -1626,8 +1648,21 @@ struct Auditor::Impl {
         if (sl != slots.end() && owned_by(sl->second, key)) sl->second.status = slot_poisoned;
       }
     } else if (into_to == into_final) {
+      if (deferred != (s->c.defer_line != 0) && !(deferred && s->adopted))
+        deferred_order(s, line, rank, req,
+                       deferred ? std::string("deferred ") + kStateNames[to] +
+                                      " transition with no Deferred terminate before it"
+                                : std::string(kStateNames[to]) +
+                                      " transition not marked deferred, though terminate() was deferred at line " +
+                                      to_string(s->c.defer_line) + " (the deferred retry is that transition)");
       fold(key, t);
     }
+  }
+
+  // A deferral's records in an order the engine never logs them in (Auditor._deferred_order).
+  void deferred_order(Session* s, Int line, Int rank, Int req, std::string message) {
+    if (Finding* g = find(Kind::deferred_order, line, &rank, &req)) g->message = {P(std::move(message))};
+    if (s != nullptr) mark(*s, Kind::deferred_order);
   }
 
   static bool owned_by(const SlotRec& r, const Key& key) { return r.owner_has_req && r.owner == key; }
@@ -1663,6 +1698,7 @@ struct Auditor::Impl {
       if (Finding* g = find(Kind::adopted_session, line, &rank, &req))
         g->message = {P(std::string("first seen in state ") + kStateNames[frm] + " (advertise not in the log)")};
       s = &new_session(key, frm, t, line);
+      s->adopted = true;
       s->outcome = outcome;  // unknown before this line: a row without an outcome logs the one it had
     }
     const int cur = s->state;
@@ -1948,16 +1984,37 @@ struct Auditor::Impl {
       return;
     }
     check_result(Event::terminate, r, &req, rank, line);
-    if (r == tr_deferred) {
+    if (r == tr_deferred || r == tr_already_deferred) {
       Session* s = nullptr;
-      if (session_of(rank, req, false, s) == nullptr) {
-        if (Finding* g = find(Kind::orphan_event, line, &rank, &req))
-          g->message = {P("terminate deferred for a request with no live session")};
+      Core* c = session_of(rank, req, true, s);
+      if (c != nullptr && s == nullptr) {  // (a tombstone)
+        deferred_order(nullptr, line, rank, req, std::string("terminate() returned ") + kTerminateResultNames[r] +
+                                                     " after the session was " + final_list + " (line " +
+                                                     to_string(c->last_line) + ")");
         return;
       }
-      Core& c = s->c;
-      c.deferred = true;
-      if (c.defer_line == 0) c.defer_line = line;
+      if (c == nullptr) {
+        if (r == tr_deferred) {
+          if (Finding* g = find(Kind::orphan_event, line, &rank, &req))
+            g->message = {P("terminate deferred for a request with no live session")};
+        }
+        return;
+      }
+      const Int first = c->defer_line;
+      if (r == tr_already_deferred) {
+        if (first == 0 && !s->adopted)
+          deferred_order(s, line, rank, req, "terminate() returned AlreadyDeferred with no Deferred before it");
+        return;
+      }
+      if (first != 0) {
+        deferred_order(s, line, rank, req, "terminate() returned Deferred twice (first at line " + to_string(first) +
+                                               "): a deferred session answers AlreadyDeferred");
+      } else if (kTerminal[s->state]) {
+        deferred_order(s, line, rank, req, std::string("terminate() returned Deferred while the session was already ") +
+                                               kStateNames[s->state] + ", where the deferred retry had run");
+      }
+      c->deferred = true;
+      if (first == 0) c->defer_line = line;
     } else if (r == tr_terminated) {
       Session* s = nullptr;
       Core* c = session_of(rank, req, true, s);
@@ -1988,6 +2045,10 @@ struct Auditor::Impl {
         g->message = {P("TerminateNow for a request with no session in the window")};
       return;
     }
+    if (s != nullptr)  // live: the engine logs the notice after the deferred move to the final state
+      deferred_order(s, line, rank, req, std::string("TerminateNow while the session is still ") +
+                                             kStateNames[s->state] + ", before its deferred " + final_list +
+                                             " transition");
     c->notices += 1;
     if (c->notices == 1) {
       c->notice_line = line;

@@ -23,6 +23,7 @@ caused, except ``NotFound``, which is logged at once).
 Violations (exit status 1): ``malformed`` (a line that is not a valid event; file:line named),
 ``illegal_transition``, ``terminated_before_terminal``, ``leak`` (never terminated), ``double_termination``,
 ``wrong_result`` (a cancel/terminate result the table does not give in the state the line logs),
+``misclassified_event`` (a late or engine-rejected event the table does not make late / illegal in the state it logs),
 ``deferred_delivery`` (a deferred terminate delivered 0 or >= 2 times, or delivered without a deferral),
 ``deferred_order`` (a deferral's records in an order the engine never logs: a TerminateNow before its session's
 Terminated transition, a Deferred after it or logged twice, a deferred Terminated transition without a Deferred),
@@ -102,6 +103,7 @@ VIOLATION_KINDS = (
     "leak",
     "double_termination",
     "wrong_result",
+    "misclassified_event",
     "deferred_delivery",
     "deferred_order",
     "slot_reuse",
@@ -919,6 +921,8 @@ class Auditor:
                 self._results[(r.src, r.event)] = (r.result, *(
                     ("AlreadyDeferred",) if r.dst == ".defer" else
                     ("BackendUnhealthy",) if r.moves and r.result == "CancelRequestedInFlight" else ()))
+        # (state, event) -> the row's destination (a state or an action): a late record needs .late, a rejected one none
+        self._cells = {(r.src, r.event): r.dst for r in sp.rows if r.src != _spec.CREATE_SOURCE}
         # every (from_state, trigger, to_state, outcome) whose names are in the table, legal or not
         self._well_formed = set(itertools.product((None, *sp.states), sp.events, sp.states, (None, *sp.outcomes)))
         self._handlers = {
@@ -1500,7 +1504,13 @@ class Auditor:
             self._find("malformed", line, f"{name}: bad trigger/state {_rl(trig)}/{_rl(state)}", rank=rank,
                        request=req)
             return
-        if name == "lifecycle.late_event":
+        late = name == "lifecycle.late_event"
+        cell = self._cells.get((state, trig))
+        if cell != (".late" if late else None):
+            self._find("misclassified_event", line, f"{'late' if late else 'engine rejected'} {trig} in state {state}, "
+                       f"but the table says " + (f"{state} + {trig} = {cell}" if cell else "it is illegal"),
+                       rank=rank, request=req)
+        if late:
             self.late[(state, trig)] = self.late.get((state, trig), 0) + 1
         else:
             self.rejected[(state, trig)] = self.rejected.get((state, trig), 0) + 1

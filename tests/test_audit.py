@@ -648,6 +648,61 @@ def test_the_real_engines_deferral_orders_are_clean(tmp_path, keys):
     assert [(f.kind, f.request) for f in res.findings] == [("adopted_session", 31)]
 
 
+# ------------------------------------------------------------------------------------ late and rejected records
+
+
+def real_late_and_rejected_log() -> list[dict]:
+    """One session on the real engine: advertise, expose, expose again (rejected: line 3, illegal_transition in
+    InFlight), complete, complete again (line 5, late_event in Quiesced), terminate."""
+    import structlog
+
+    from lifecycle import ManualClock, TransferEngine
+    from lifecycle.errors import IllegalTransition
+
+    eng = TransferEngine(clock=ManualClock(1_000_000 * mg.MS), num_slots=2, slot_size=4096)
+    with structlog.testing.capture_logs() as cap:
+        eng.advertise(1, "sender", 0)
+        eng.expose(1)
+        with pytest.raises(IllegalTransition):
+            eng.expose(1)
+        eng.complete(1)
+        eng.complete(1)
+        eng.terminate(1)
+        eng.poll()
+    return renumber(cap)
+
+
+@pytest.mark.parametrize(("line", "edit", "says"), [
+    (5, {"state": "InFlight"}, "late complete in state InFlight, but the table says InFlight + complete = Quiesced"),
+    (5, {"state": "CancelRequested", "trigger": "timeout"},
+     "late timeout in state CancelRequested, but the table says CancelRequested + timeout = .stay"),
+    (5, {"trigger": "expose"}, "late expose in state Quiesced, but the table says it is illegal"),
+    (3, {"state": "Advertised"},
+     "engine rejected expose in state Advertised, but the table says Advertised + expose = InFlight"),
+    (3, {"state": "Poisoned", "trigger": "fail"},
+     "engine rejected fail in state Poisoned, but the table says Poisoned + fail = .late"),
+])
+def test_a_late_or_rejected_record_the_table_classifies_otherwise_is_a_violation(tmp_path, line, edit, says):
+    """The engine logs lifecycle.late_event only for a .late cell and lifecycle.illegal_transition (rejected) only
+    for a pair with no row.  A late complete logged in InFlight (a completion the engine dropped: the session would
+    wedge), late for a .stay or an illegal pair, a rejection of a pair the table moves or counts late: each passed
+    (seen against the old code: ok, at most the rejected_event warning), the records counted as late / rejected.
+    Now misclassified_event at that line, in both replays.  Control: the real engine's log unchanged (next test)."""
+    ev = real_late_and_rejected_log()
+    ev[line - 1].update(edit)
+    res = audit_paths([write(tmp_path / "x.jsonl", ev)])
+    assert [(f.kind, f.request, f.line, f.message) for f in violations(res)] == [
+        ("misclassified_event", 1, line, says)], [str(f) for f in res.findings]
+
+
+def test_the_real_engines_late_and_rejected_records_are_clean(tmp_path):
+    """Control for the test above: as logged, the rejected expose is a rejected_event warning and the late complete
+    is counted, nothing more."""
+    res = audit_paths([write(tmp_path / "x.jsonl", real_late_and_rejected_log())])
+    assert res.ok and [(f.kind, f.line) for f in res.findings] == [("rejected_event", 3)], res.findings
+    assert res.late == {("Quiesced", "complete"): 1} and res.rejected == {("InFlight", "expose"): 1}
+
+
 def test_a_recovery_of_another_generation_does_not_free_the_slot(tmp_path):
     """buffer_recovered of a generation other than the quarantined lease's cleared the quarantine all the same, and
     the slot's next lease passed as clean (seen against the old code: no finding); nor may it drop a live lease's

@@ -45,6 +45,7 @@ const char* kind_name(Kind k) {
     case Kind::leak: return "leak";
     case Kind::double_termination: return "double_termination";
     case Kind::wrong_result: return "wrong_result";
+    case Kind::misclassified_event: return "misclassified_event";
     case Kind::deferred_delivery: return "deferred_delivery";
     case Kind::deferred_order: return "deferred_order";
     case Kind::slot_reuse: return "slot_reuse";
@@ -1941,7 +1942,22 @@ struct Auditor::Impl {
                       J(Op::repr, k_state)};
       return;
     }
-    auto& table = h == ev_late_event ? late : rejected;
+    // a late record needs a .late cell, a rejected one an illegal cell (Auditor._late_or_rejected)
+    const Cell& cell = kTable[state][trig];
+    const bool is_late = h == ev_late_event;
+    if (cell.action != (is_late ? Action::Late : Action::Illegal)) {
+      const char* dst = cell.action == Action::Move    ? kStateNames[static_cast<int>(cell.dst)]
+                        : cell.action == Action::Stay  ? ".stay"
+                        : cell.action == Action::Late  ? ".late"
+                        : cell.action == Action::Defer ? ".defer"
+                                                       : nullptr;
+      if (Finding* g = find(Kind::misclassified_event, line, &rank, rq))
+        g->message = {P(std::string(is_late ? "late " : "engine rejected ") + kEventNames[trig] + " in state " +
+                        kStateNames[state] + ", but the table says " +
+                        (dst != nullptr ? std::string(kStateNames[state]) + " + " + kEventNames[trig] + " = " + dst
+                                        : std::string("it is illegal")))};
+    }
+    auto& table = is_late ? late : rejected;
     auto k = std::make_pair(state, trig);
     auto it = std::find_if(table.begin(), table.end(), [&](const auto& x) { return x.first == k; });
     if (it == table.end()) {

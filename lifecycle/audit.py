@@ -1588,6 +1588,10 @@ class Auditor:
                 self._find("double_termination", line, "terminate() returned Terminated twice", rank=rank,
                            request=req)
                 self._mark(s, "double_termination")
+            elif s[_S_DEFERRED]:  # the deferred retry releases it (on_terminate): the engine answers AlreadyTerminated
+                self._find("double_termination", line, "terminate() returned Terminated for a session whose "
+                           "termination was deferred (its TerminateNow releases it)", rank=rank, request=req)
+                self._mark(s, "double_termination")
 
     def _session(self, rank: int, req: int, sid, tombs: bool, notice: bool = False) -> list | None:
         """The live session (or, with ``tombs``, the tombstone) an event about ``req`` refers to: by its key, or for

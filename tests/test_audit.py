@@ -648,6 +648,24 @@ def test_the_real_engines_deferral_orders_are_clean(tmp_path, keys):
     assert [(f.kind, f.request) for f in res.findings] == [("adopted_session", 31)]
 
 
+@pytest.mark.parametrize("keys", ["proc/engine", "older log"])
+def test_terminated_returned_for_a_session_the_deferred_retry_released_is_a_double_termination(tmp_path, keys):
+    """A deferred session is released by its TerminateNow (on_terminate); a terminate() after that answers
+    AlreadyTerminated (line 15 of the real log).  Logged as Terminated instead (state Poisoned, so the result is
+    the row's), the executor was told to release 31 twice, and the log passed as clean (seen against the old code:
+    ok, no finding).  Now a double_termination at that line.  Control: the real log itself (the deferral tests'
+    control) and every golden log, whose Terminated results follow no deferral, are clean."""
+    ev = real_deferred_log()
+    if keys == "older log":
+        ev = _strip(ev, "proc", "engine")
+    assert ev[14]["result"] == "AlreadyTerminated" and ev[14]["request"] == 31
+    ev[14].update(result="Terminated", state="Poisoned")
+    res = audit_paths([write(tmp_path / "x.jsonl", ev)])
+    assert [(f.kind, f.request, f.line, f.message) for f in violations(res)] == [
+        ("double_termination", 31, 15, "terminate() returned Terminated for a session whose termination was deferred "
+                                       "(its TerminateNow releases it)")], [str(f) for f in res.findings]
+
+
 # ------------------------------------------------------------------------------------ late and rejected records
 
 

@@ -2044,6 +2044,11 @@ struct Auditor::Impl {
         if (Finding* g = find(Kind::double_termination, line, &rank, &req))
           g->message = {P("terminate() returned Terminated twice")};
         if (s != nullptr) mark(*s, Kind::double_termination);
+      } else if (c->deferred) {  // the deferred retry releases it (on_terminate): the engine answers AlreadyTerminated
+        if (Finding* g = find(Kind::double_termination, line, &rank, &req))
+          g->message = {P("terminate() returned Terminated for a session whose termination was deferred (its "
+                          "TerminateNow releases it)")};
+        if (s != nullptr) mark(*s, Kind::double_termination);
       }
     }
   }

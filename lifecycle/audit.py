@@ -16,9 +16,10 @@ A session is one request on one rank in one role (DESIGN §2), of one engine: se
 a ``proc`` (optional key, random per process), else a pid within one file; slots are ``(stream, engine, slot)``
 (one engine's pool holds both roles).  Each ``lifecycle.transition`` is checked against the table
 (``spec.rows``): the replayed state must equal ``from_state`` and ``from_state + trigger`` must be a
-moving row that lands on ``to_state``.  Cancel/terminate *results* are checked for validity, not replayed
-against the state (the engine logs them in causal order at ``poll()``, after the transitions the call
-caused, except ``NotFound``, which is logged at once).
+moving row that lands on ``to_state``.  Cancel/terminate *results* are checked for validity and against the state
+their line logs, not replayed against the state (the engine logs them in causal order at ``poll()``, after the
+transitions the call caused, except ``NotFound``, which is logged at once); ``Deferred``, ``AlreadyDeferred`` and
+``Terminated`` are checked against the session's deferral (``deferred_order``, ``double_termination``).
 
 Violations (exit status 1): ``malformed`` (a line that is not a valid event; file:line named),
 ``illegal_transition``, ``terminated_before_terminal``, ``leak`` (never terminated), ``double_termination``,

@@ -28,8 +28,9 @@ from hypothesis import strategies as st
 from lifecycle import _core, audit, errors, spec
 from lifecycle.audit import audit_paths, format_text
 from tests.golden import make_golden as mg
-from tests.test_audit import (BREAKS, _same_pid_ranks, _skewed, _stream, _two_rank_disagreeing, big_value_events,
-                              orphan_results, two_engines_one_process)
+from tests.test_audit import (BREAKS, DEFER_ORDERS, _same_pid_ranks, _skewed, _stream, _strip, _two_rank_disagreeing,
+                              big_value_events, orphan_results, real_deferred_log, real_late_and_rejected_log,
+                              two_engines_one_process)
 
 SPEC = spec.load(spec.default_table_path())
 GOLDEN = sorted(p for p in mg.HERE.glob("*.jsonl"))
@@ -112,6 +113,35 @@ def test_every_hand_broken_copy_audits_identically(name, tmp_path):
     p.write_text(text, encoding="utf-8")
     assert_same([p])
     assert_same([p, mg.HERE / "clean_run.jsonl"])
+
+
+@pytest.mark.parametrize("name", sorted(DEFER_ORDERS))
+@pytest.mark.parametrize("kw", [{}, {"window": 1}, {"keep_violating": 0}])
+def test_every_deferral_out_of_order_audits_identically(name, kw, tmp_path):
+    """The real engine's deferral log with a record moved or changed (deferred_order), with and without the
+    proc/engine keys, and a small tombstone window (a Deferred after the end then finds no tombstone: orphan)."""
+    ev = _fixed_ids(real_deferred_log())
+    for keys, log in (("new", ev), ("old", _strip(ev, "proc", "engine"))):
+        p = tmp_path / f"{name}.{keys}.jsonl"
+        p.write_text(mg.render(DEFER_ORDERS[name](log)[0]), encoding="utf-8")
+        assert_same([p], **kw)
+
+
+@pytest.mark.parametrize("line", [3, 5, 7, 15])
+@pytest.mark.parametrize("edit", [{"state": "InFlight"}, {"state": "Poisoned", "trigger": "fail"},
+                                  {"result": "Terminated", "state": "Poisoned"}])
+def test_every_misclassified_record_audits_identically(line, edit, tmp_path):
+    """Late and rejected records the table classifies otherwise (misclassified_event), and a Terminated result
+    after a deferred retry (double_termination), on the real engines' logs."""
+    ev = _fixed_ids(real_late_and_rejected_log())
+    d = _fixed_ids(real_deferred_log())
+    for name, log in (("late", ev), ("deferred", d)):
+        log = [dict(x) for x in log]
+        if line <= len(log):
+            log[line - 1].update(edit)
+        p = tmp_path / f"{name}.jsonl"
+        p.write_text(mg.render(log), encoding="utf-8")
+        assert_same([p])
 
 
 @pytest.mark.parametrize("kw", [{}, {"window": 1}, {"window": 3, "top": 1, "keep_violating": 1},

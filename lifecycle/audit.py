@@ -1507,10 +1507,16 @@ class Auditor:
             return
         late = name == "lifecycle.late_event"
         cell = self._cells.get((state, trig))
+        what = f"{'late' if late else 'engine rejected'} {trig} in state {state}"
         if cell != (".late" if late else None):
-            self._find("misclassified_event", line, f"{'late' if late else 'engine rejected'} {trig} in state {state}, "
-                       f"but the table says " + (f"{state} + {trig} = {cell}" if cell else "it is illegal"),
-                       rank=rank, request=req)
+            self._find("misclassified_event", line, f"{what}, but the table says " + (
+                f"{state} + {trig} = {cell}" if cell else "it is illegal"), rank=rank, request=req)
+        elif type(req) is int:  # queued in causal order: the state is the live session's, as replayed
+            s = self._session(rank, req, sid, False)
+            if s is not None and s[_S_STATE] != state:
+                self._find("misclassified_event", line, f"{what}, but the session is {s[_S_STATE]} (since line "
+                           f"{s[_S_LAST_LINE]})", rank=rank, request=req)
+                self._mark(s, "misclassified_event")
         if late:
             self.late[(state, trig)] = self.late.get((state, trig), 0) + 1
         else:

@@ -721,6 +721,21 @@ def test_the_real_engines_late_and_rejected_records_are_clean(tmp_path):
     assert res.late == {("Quiesced", "complete"): 1} and res.rejected == {("InFlight", "expose"): 1}
 
 
+@pytest.mark.parametrize(("frm", "to", "says"), [
+    (5, 4, "late complete in state Quiesced, but the session is InFlight (since line 2)"),
+    (3, 2, "engine rejected expose in state InFlight, but the session is Advertised (since line 1)"),
+])
+def test_a_late_or_rejected_record_logged_before_the_move_to_its_state_is_a_violation(tmp_path, frm, to, says):
+    """The engine queues late and rejected records in causal order with the session's moves, each with the state
+    it found: the real log with the late complete moved before the move to Quiesced (a completion late while the
+    session was still InFlight), or the rejected expose moved before the expose (rejected while Advertised, where
+    the table moves), passed as clean (seen against the old code: ok); both are misclassified_event now, naming the
+    replayed state.  Control: the unmoved log (the test above's control) is clean."""
+    res = audit_paths([write(tmp_path / "x.jsonl", _moved(real_late_and_rejected_log(), frm, to))])
+    assert [(f.kind, f.request, f.line, f.message) for f in violations(res)] == [
+        ("misclassified_event", 1, to, says)], [str(f) for f in res.findings]
+
+
 def test_a_recovery_of_another_generation_does_not_free_the_slot(tmp_path):
     """buffer_recovered of a generation other than the quarantined lease's cleared the quarantine all the same, and
     the slot's next lease passed as clean (seen against the old code: no finding); nor may it drop a live lease's

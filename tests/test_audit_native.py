@@ -144,6 +144,16 @@ def test_every_misclassified_record_audits_identically(line, edit, tmp_path):
         assert_same([p])
 
 
+@pytest.mark.parametrize(("frm", "to"), [(5, 4), (3, 2), (5, 1), (7, 6)])
+def test_every_late_or_rejected_record_out_of_order_audits_identically(frm, to, tmp_path):
+    """Late and rejected records moved before the session's move to their state (misclassified_event)."""
+    ev = _fixed_ids(real_late_and_rejected_log())
+    ev.insert(to - 1, ev.pop(frm - 1))
+    p = tmp_path / "x.jsonl"
+    p.write_text(mg.render(ev), encoding="utf-8")
+    assert_same([p])
+
+
 @pytest.mark.parametrize("kw", [{}, {"window": 1}, {"window": 3, "top": 1, "keep_violating": 1},
                                 {"keep_findings": 0}, {"leak_age_ns": -1}, {"leak_age_ns": 10**30}])
 def test_long_logs_with_small_windows_audit_identically(tmp_path, kw):

@@ -1956,6 +1956,15 @@ struct Auditor::Impl {
                         kStateNames[state] + ", but the table says " +
                         (dst != nullptr ? std::string(kStateNames[state]) + " + " + kEventNames[trig] + " = " + dst
                                         : std::string("it is illegal")))};
+    } else if (rq != nullptr) {  // queued in causal order: the state is the live session's, as replayed
+      Session* s = nullptr;
+      if (session_of(rank, *rq, false, s) != nullptr && s->state != state) {
+        if (Finding* g = find(Kind::misclassified_event, line, &rank, rq))
+          g->message = {P(std::string(is_late ? "late " : "engine rejected ") + kEventNames[trig] + " in state " +
+                          kStateNames[state] + ", but the session is " + kStateNames[s->state] + " (since line " +
+                          to_string(s->c.last_line) + ")")};
+        mark(*s, Kind::misclassified_event);
+      }
     }
     auto& table = is_late ? late : rejected;
     auto k = std::make_pair(state, trig);

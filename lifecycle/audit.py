@@ -24,7 +24,8 @@ transitions the call caused, except ``NotFound``, which is logged at once); ``De
 Violations (exit status 1): ``malformed`` (a line that is not a valid event; file:line named),
 ``illegal_transition``, ``terminated_before_terminal``, ``leak`` (never terminated), ``double_termination``,
 ``wrong_result`` (a cancel/terminate result the table does not give in the state the line logs),
-``misclassified_event`` (a late or engine-rejected event the table does not make late / illegal in the state it logs),
+``misclassified_event`` (a late or engine-rejected event the table does not make late / illegal in the state it logs,
+or whose state is not its live session's),
 ``deferred_delivery`` (a deferred terminate delivered 0 or >= 2 times, or delivered without a deferral),
 ``deferred_order`` (a deferral's records in an order the engine never logs: a TerminateNow before its session's
 Terminated transition, a Deferred after it or logged twice, a deferred Terminated transition without a Deferred),

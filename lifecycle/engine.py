@@ -343,8 +343,9 @@ class TransferEngine(_core.Engine):
         Never blocks.  Callback errors are logged and re-raised (TerminateCallbackError) after the
         whole batch was delivered, so no notice is lost; the batch's transitions are on its ``transitions``.  A
         logger or a health check that raises while the batch is logged does not lose its notices either: every
-        one of them is delivered, then that error propagates (the batch's transitions with it: they are in the
-        log up to that point).
+        one of them is delivered, then that error propagates (the batch's transitions with it).  The rest of the
+        batch is logged before the notices go out, so each notice's line follows its move's; only the record the
+        error hit may lack its line.
         """
         inbox, notices = self._inbox, self._notices
         healthy = self._poll_into(inbox, notices)  # tick + drain + health, one native call
@@ -356,29 +357,18 @@ class TransferEngine(_core.Engine):
             return []
         out: list[Transition] = []
         try:
-            logger = self._log.bind()  # resolve the (possibly lazy) logger once per batch
-            enabled = getattr(logger, "is_enabled_for", None)
-            info = logger.info if enabled is None or enabled(_INFO) else None
-            stream = _logstream.current
-            common = {"rank": self.rank, "pid": stream.pid, "proc": stream.proc, "engine": self._engine_id,
-                      "table": TABLE.digest, "schema": SCHEMA}
-            take = functools.partial(inbox.pop, 0)
-            while inbox:
-                taken: list[bytes] = []
-                try:
-                    _take_one(take, taken)
-                except IndexError:  # another polling thread took it
-                    break
-                except BaseException:
-                    if taken:  # interrupted as it was taken: left for the next poll()
-                        inbox.insert(0, taken[0])
-                    raise
-                self._log_batch(taken[0], out, info, common, stream.seq)
+            self._log_inbox(inbox, out)
             if healthy != self._was_healthy:
                 self._check_health()
         except BaseException:
-            # the records are drained: deliver every notice (a callback error raised here carries this one
-            # as its __context__), then let the logger's or the health check's go on
+            # The records are drained.  What is left of them is logged first (a signal's exception does not come
+            # again; a logger that raises again is given up on), so that no notice is logged ahead of the move it
+            # follows; then every notice is delivered (a callback error raised here carries this one as its
+            # __context__), then the logger's, the signal's or the health check's error goes on.
+            try:
+                self._log_inbox(inbox, out)
+            except BaseException:
+                pass
             self._deliver()
             raise
         try:
@@ -390,11 +380,48 @@ class TransferEngine(_core.Engine):
             raise
         return out
 
-    @staticmethod
-    def _log_batch(raw: bytes, out: list, info, common: dict, seq) -> None:
+    def _log_inbox(self, inbox: list, out: list) -> None:
+        """Log every batch in ``inbox``, taking each out as it goes; its transitions go to ``out``."""
+        logger = self._log.bind()  # resolve the (possibly lazy) logger once per batch
+        enabled = getattr(logger, "is_enabled_for", None)
+        info = logger.info if enabled is None or enabled(_INFO) else None
+        stream = _logstream.current
+        common = {"rank": self.rank, "pid": stream.pid, "proc": stream.proc, "engine": self._engine_id,
+                  "table": TABLE.digest, "schema": SCHEMA}
+        take = functools.partial(inbox.pop, 0)
+        while inbox:
+            taken: list[bytes] = []
+            try:
+                _take_one(take, taken)
+            except IndexError:  # another polling thread took it
+                break
+            except BaseException:
+                if taken:  # interrupted as it was taken: put back, for the next try
+                    inbox.insert(0, taken[0])
+                raise
+            self._log_batch(taken[0], out, info, common, stream.seq)
+
+    @classmethod
+    def _log_batch(cls, raw: bytes, out: list, info, common: dict, seq) -> None:
         """Decode a drained batch into ``out`` (transitions), logging each record (the TerminateNow notices
-        were taken out by the native drain)."""
-        for req, t, slot, gen, kind, frm, to, ev, outc, role, deferred, result, _rseq in _RECORD.iter_unpack(raw):
+        were taken out by the native drain).  Interrupted part-way (a logger's error, a signal's), the batch's
+        other records are still logged, then the first error goes on; the record it interrupted may lack its
+        line."""
+        records = _RECORD.iter_unpack(raw)
+        try:
+            cls._log_records(records, out, info, common, seq)
+        except BaseException:
+            for _ in range(len(raw) // _RECORD.size):  # (bounded: each try takes one record at least)
+                try:
+                    cls._log_records(records, out, info, common, seq)
+                    break
+                except BaseException:
+                    continue
+            raise
+
+    @staticmethod
+    def _log_records(records, out: list, info, common: dict, seq) -> None:
+        for req, t, slot, gen, kind, frm, to, ev, outc, role, deferred, result, _rseq in records:
             if kind == _K_TRANSITION:
                 s = None if slot == _NO_SLOT else slot
                 out.append(_new_transition(Transition, (

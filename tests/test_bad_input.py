@@ -134,6 +134,37 @@ def test_batch_buffers_are_checked():
     assert [_core.STATUS_NAMES[b] for b in out] == ["BadArgument", "Unknown"]
 
 
+def test_batch_ids_and_nbytes_are_checked_as_the_single_calls_check_them():
+    """A signed 8-byte buffer's negative ids were read as uint64: advertise_batch(np.array([-1])) made session
+    18446744073709551615 and apply_batch(array('q', [-1]), ...) applied to it, where advertise(-1) and
+    expose(-1) are InvalidArgument('request').  advertise_batch answered an nbytes past slot_size, or any
+    nbytes > 0 without a pool, with BadArgument for every item, where advertise raises InvalidArgument('nbytes').
+    Each is InvalidArgument naming the argument now, with nothing applied.  Controls: uint64 ids from 2**63 up,
+    a signed buffer of ids >= 0, nbytes == slot_size."""
+    import numpy as np
+
+    e = TransferEngine(num_slots=4, slot_size=64)
+    for ids in (np.array([3, -1], dtype=np.int64), array("q", [-(2**63)]), array("l", [7, 8, -5])):
+        with pytest.raises(InvalidArgument, match=r"^invalid ids: must be ints in \[0, 2\*\*64\), got -\d+ "
+                                                  r"\(item \d\)$"):
+            e.advertise_batch(ids, 0)
+        with pytest.raises(InvalidArgument, match=r"^invalid ids: must be ints in \[0, 2\*\*64\), got -\d+ "):
+            e.apply_batch(ids, bytes([1]) * len(ids))
+    assert e.live_sessions() == 0
+    with pytest.raises(InvalidArgument, match=r"^invalid nbytes: 65 exceeds slot_size 64$"):
+        e.advertise_batch(array("Q", [7]), 0, 65)
+    with pytest.raises(InvalidArgument, match=r"^invalid nbytes: this engine has no buffer pool \(num_slots=0\)$"):
+        TransferEngine().advertise_batch(array("Q", [7]), 0, 8)
+    with pytest.raises(InvalidArgument, match=r"^invalid nbytes: must be >= 0, got -1$"):
+        e.advertise_batch(array("Q", [7]), 0, -1)
+    assert e.live_sessions() == 0
+    moved = [_core.STATUS_NAMES.index("Moved")] * 2
+    assert list(e.advertise_batch(np.array([2**63, 2**64 - 1], dtype=np.uint64), 0, 64)) == moved
+    assert list(e.advertise_batch(np.array([0, 5], dtype=np.int64), 1, 1)) == moved
+    assert list(e.apply_batch(array("q", [0, 5]), bytes([1, 1]))) == moved
+    assert e.info(2**64 - 1).slot is not None and e.live_sessions() == 4
+
+
 def test_pool_views_are_bounds_checked():
     e = TransferEngine(num_slots=2, slot_size=16)
     for bad in (-1, 2, 2**40):

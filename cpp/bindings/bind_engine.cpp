@@ -117,7 +117,30 @@ static BufView view(py::handle obj, const char* what, std::size_t itemsize) {
                                      "bytes), got buffer format '" + bi.format + "'");
   }
   std::size_t n = static_cast<std::size_t>(bi.size);
+  // A signed buffer's negative items are no ids: read as uint64 they were ids from 2**64 down
+  // (advertise_batch(np.array([-1])) made session 18446744073709551615, where advertise(-1) is refused).
+  if (itemsize == 8 && std::string_view("qln").find(f[0]) != std::string_view::npos) {
+    const auto* p = static_cast<const std::int64_t*>(bi.ptr);
+    for (std::size_t i = 0; i < n; ++i)
+      if (p[i] < 0)
+        throw InvalidArgumentError(what, "must be ints in [0, 2**64), got " + std::to_string(p[i]) + " (item " +
+                                             std::to_string(i) + ")");
+  }
   return BufView{std::move(bi), n};
+}
+
+// nbytes as advertise and advertise_batch take it: >= 0, within one slot of this engine's pool (the batch once
+// answered a size past slot_size, or any size without a pool, with BadArgument for every item).
+static std::uint64_t to_nbytes(Engine& e, py::handle h) {
+  const std::int64_t nb = to_i64(h, "nbytes");
+  if (nb < 0) throw InvalidArgumentError("nbytes", "must be >= 0, got " + std::to_string(nb));
+  const std::uint64_t unb = static_cast<std::uint64_t>(nb);
+  if (unb > 0 && e.pool()->num_slots() == 0)
+    throw InvalidArgumentError("nbytes", "this engine has no buffer pool (num_slots=0)");
+  if (unb > e.pool()->slot_size())
+    throw InvalidArgumentError("nbytes",
+                               std::to_string(nb) + " exceeds slot_size " + std::to_string(e.pool()->slot_size()));
+  return unb;
 }
 
 static py::dict health_dict(const Health& h) {
@@ -197,14 +220,7 @@ void register_engine(py::module_& m) {
       .def("_advertise", [](Engine& e, py::handle req, py::handle role, py::handle nbytes) {
              std::uint64_t r = to_u64(req, "request");
              Role ro = to_role(role);
-             std::int64_t nb = to_i64(nbytes, "nbytes");
-             if (nb < 0) throw InvalidArgumentError("nbytes", "must be >= 0, got " + std::to_string(nb));
-             const std::uint64_t unb = static_cast<std::uint64_t>(nb);
-             if (unb > 0 && e.pool()->num_slots() == 0)
-               throw InvalidArgumentError("nbytes", "this engine has no buffer pool (num_slots=0)");
-             if (unb > e.pool()->slot_size())
-               throw InvalidArgumentError("nbytes", std::to_string(nb) + " exceeds slot_size " + std::to_string(e.pool()->slot_size()));
-             check(e.advertise(r, ro, unb), r, kCreateEvent);
+             check(e.advertise(r, ro, to_nbytes(e, nbytes)), r, kCreateEvent);
            }, py::arg("request"), py::arg("role"), py::arg("nbytes") = 0)
       .def("apply", [](Engine& e, py::handle req, py::handle ev) {
              std::uint64_t r = to_u64(req, "request");
@@ -244,13 +260,12 @@ void register_engine(py::module_& m) {
       .def("advertise_batch", [](Engine& e, py::handle ids, py::handle role, py::handle nbytes) {
              BufView iv = view(ids, "ids", 8);
              Role ro = to_role(role);
-             std::int64_t nb = to_i64(nbytes, "nbytes");
-             if (nb < 0) throw InvalidArgumentError("nbytes", "must be >= 0");
+             const std::uint64_t nb = to_nbytes(e, nbytes);
              const auto* ip = static_cast<const std::uint64_t*>(iv.info.ptr);
              std::string out(iv.n, kNotApplied);
              try {
                NoGil nogil;
-               e.advertise_batch(ip, iv.n, ro, static_cast<std::uint64_t>(nb), reinterpret_cast<std::uint8_t*>(out.data()));
+               e.advertise_batch(ip, iv.n, ro, nb, reinterpret_cast<std::uint8_t*>(out.data()));
              } catch (const std::bad_alloc&) {
                batch_out_of_memory(out);
              }

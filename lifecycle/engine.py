@@ -245,6 +245,8 @@ class TransferEngine(_core.Engine):
                 raise InvalidArgument(name, f"expected an int, got {type(v).__name__}")
             if not -(1 << 63) <= v < 1 << 63:  # (the core's own range checks name it inside int64)
                 raise InvalidArgument(name, f"out of the int64 range: {_shown(v)}")
+        if rank < 0:  # (every event it logged broke the event schema's rank >= 0: the audit read each as malformed)
+            raise InvalidArgument("rank", f"expected an int >= 0, got {rank}")
         if clock is not None and not isinstance(clock, _core.Clock):
             raise InvalidArgument("clock", f"expected a lifecycle clock (ManualClock), got {type(clock).__name__}")
         super().__init__(

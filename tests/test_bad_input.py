@@ -109,6 +109,29 @@ def test_bad_configuration(kwargs, arg):
     assert ei.value.argument == arg
 
 
+def test_a_negative_rank_is_refused_as_every_event_it_logs_would_be():
+    """TransferEngine(rank=-1) was taken, and every event it then logged carried rank -1, which the event schema
+    (rank: minimum 0) and the audit refuse: each line of its log replayed as malformed.  InvalidArgument('rank')
+    now.  Controls: the schema does refuse such an event, and ranks 0 and 2**63 - 1 are taken and log events that
+    pass it."""
+    from structlog.testing import capture_logs
+
+    from lifecycle import audit
+
+    for bad in (-1, -(2**63)):
+        with pytest.raises(InvalidArgument, match=r"^invalid rank: expected an int >= 0, got -\d+$") as ei:
+            TransferEngine(rank=bad)
+        assert ei.value.argument == "rank"
+    for rank in (0, 2**63 - 1):
+        e = TransferEngine(rank=rank)
+        with capture_logs() as logs:
+            e.advertise(1, "sender")
+            e.poll()
+        (good,) = logs
+        assert good["rank"] == rank and audit.event_errors(good) == []
+        assert audit.event_errors({**good, "rank": -1})
+
+
 def test_bad_role_and_event_names():
     e = TransferEngine()
     with pytest.raises(InvalidArgument, match=r"^invalid role: expected 'sender' or 'receiver', got 'prefill'$"):

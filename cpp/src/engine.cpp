@@ -936,6 +936,7 @@ std::size_t Engine::drain_to(const std::function<Record*(std::size_t)>& dest, bo
   // Each shard's queue is already in seq order; take them all, then merge by seq into dest(n).
   std::vector<std::vector<Record>> runs;
   std::vector<Shard*> from;
+  std::vector<std::uint32_t> run_of;  // shard index -> its run in `runs` (kNil: none)
   std::size_t n = 0;
   std::uint64_t lo = UINT64_MAX, hi = 0;
   for (Shard& sh : shards()) {
@@ -945,7 +946,9 @@ std::size_t Engine::drain_to(const std::function<Record*(std::size_t)>& dest, bo
     if (from.capacity() == 0) {
       runs.reserve(shard_mask_ + 1);
       from.reserve(shard_mask_ + 1);
+      run_of.assign(shard_mask_ + 1, kNil);
     }
+    run_of[sh.index] = static_cast<std::uint32_t>(runs.size());
     runs.emplace_back();
     from.push_back(&sh);
     std::vector<Record>& run = runs.back();
@@ -960,6 +963,7 @@ std::size_t Engine::drain_to(const std::function<Record*(std::size_t)>& dest, bo
     if (run.empty()) {
       runs.pop_back();
       from.pop_back();
+      run_of[sh.index] = kNil;
       continue;
     }
     n += run.size();
@@ -981,9 +985,33 @@ std::size_t Engine::drain_to(const std::function<Record*(std::size_t)>& dest, bo
   if (n == 0) return 0;
   Record* dst = nullptr;
   // the k-way merge's bookkeeping, allocated with the destination: nothing may throw once records are copied
-  const bool merge = runs.size() > 1 && hi - lo + 1 != n;
+  bool merge = false;
   std::vector<std::size_t> pos, heap;
   try {
+    // Close the cut: a record pushed to a shard after that shard's queue was taken, but numbered below `hi`
+    // (another shard's record taken later), goes with this drain.  Left for the next, it came out after a record
+    // it precedes: a slot released by one shard (a deferred terminate on a transport thread) and leased by
+    // another (advertise) while the drain went from one to the other was logged leased, then released.  Its
+    // push numbered it inside its shard's lock before `hi` was numbered, so that lock, taken here, shows it; the
+    // queue is in seq order, so such records are its front.  Every record up to `hi` is then out, the rest stay.
+    for (Shard& sh : shards()) {
+      std::lock_guard<SpinMutex> g(sh.mu);
+      std::size_t k = 0;
+      while (k < sh.queue.size() && sh.queue[k].seq < hi) ++k;
+      if (k == 0) continue;
+      if (run_of[sh.index] == kNil) {  // (no allocation: room for every shard's run was reserved)
+        run_of[sh.index] = static_cast<std::uint32_t>(runs.size());
+        runs.emplace_back();
+        from.push_back(&sh);
+      }
+      std::vector<Record>& run = runs[run_of[sh.index]];
+      run.insert(run.end(), sh.queue.begin(), sh.queue.begin() + static_cast<std::ptrdiff_t>(k));  // (or throws)
+      sh.queue.erase(sh.queue.begin(), sh.queue.begin() + static_cast<std::ptrdiff_t>(k));
+      sh.queued.store(static_cast<std::uint32_t>(sh.queue.size()), std::memory_order_relaxed);
+      n += k;
+      lo = std::min(lo, run.front().seq);
+    }
+    merge = runs.size() > 1 && hi - lo + 1 != n;
     if (merge) {
       pos.assign(runs.size(), 0);
       heap.reserve(runs.size());

@@ -363,6 +363,38 @@ def test_successive_drains_come_out_in_seq_order_while_threads_push():
     assert len(set(seqs)) == len(seqs) == 2 * rounds * batch * 5
 
 
+def test_a_tombstone_window_smaller_than_the_shard_count_still_remembers():
+    """The tombstone window was split over the shards rounding down: TransferEngine(tombstones=8) (16 shards) kept
+    no tombstone at all, as tombstones=0 does.  A Poisoned session terminated there was forgotten at once: a second
+    terminate answered NotFound, not AlreadyTerminated, and the transfer's late DONE was UnknownRequest, so its
+    quarantined slot, which that evidence recovers (docs/engine.md), stayed quarantined for the engine's life.
+    Each shard now keeps tombstones / shards rounded up.  Controls: tombstones=0 still forgets at once; the
+    window stays bounded (by tombstones + shards - 1)."""
+    for tombstones in (8, 0):
+        eng = TransferEngine(tombstones=tombstones, num_slots=2, slot_size=8)
+        eng.advertise(1, "sender", 8)
+        eng.expose(1)
+        eng.fail(1)
+        assert eng.terminate(1) is TerminateResult.Terminated and eng.health().quarantined == 1
+        if tombstones:
+            assert eng.terminate(1) is TerminateResult.AlreadyTerminated
+            assert eng.complete(1) is False  # late: the evidence recovers the slot
+            assert eng.info(1).evidence and eng.health().quarantined == 0
+        else:
+            assert eng.terminate(1) is TerminateResult.NotFound
+            with pytest.raises(UnknownRequest):
+                eng.complete(1)
+            assert eng.health().quarantined == 1
+        eng.poll()
+    eng = TransferEngine(tombstones=8)
+    for r in range(2000):
+        eng.advertise(r, "sender")
+        eng.cancel(r)
+        eng.terminate(r)
+    assert 0 < eng.health().counts[State.Terminated] <= 8 + 16 - 1
+    eng.poll()
+
+
 def test_drain_blocks_with_the_gil_released_until_work_arrives():
     eng = TransferEngine()
     eng.advertise(1, "sender")

@@ -401,7 +401,9 @@ Engine::Engine(Config cfg, std::shared_ptr<const Clock> clock)
   while (n < cfg_.shards) n <<= 1;
   cfg_.shards = n;
   shard_mask_ = n - 1;
-  tomb_cap_ = cfg_.tombstones / n;
+  // rounded up: rounded down, a window smaller than the shard count kept no tombstone at all (tombstones=8 with
+  // 16 shards forgot a session at once, as tombstones=0 does: a late DONE could not recover its slot)
+  tomb_cap_ = static_cast<std::uint32_t>((std::uint64_t{cfg_.tombstones} + n - 1) / n);
   pool_ = std::make_unique<BufferPool>(cfg_.num_slots, cfg_.slot_size);
   shards_ = std::make_unique<Shard[]>(n);
   for (std::uint32_t i = 0; i < n; ++i) {

@@ -100,7 +100,8 @@ struct Config {
   std::uint32_t quarantine_budget = 64;
   std::uint32_t num_slots = 0;
   std::uint64_t slot_size = 0;
-  std::uint32_t tombstones = 1u << 16;  // Terminated sessions remembered (for late events), all shards
+  // Terminated sessions remembered (for late events), all shards: each keeps tombstones / shards rounded up
+  std::uint32_t tombstones = 1u << 16;
   std::uint32_t shards = 16;            // rounded up to a power of two
   // wait_ready spins (yielding) this long on a lock-free peek before it sleeps on the condition
   // variable: a completion usually lands within a few hundred microseconds of the wait, and a sleep

@@ -301,9 +301,11 @@ struct alignas(64) Engine::Shard {
     r.role = static_cast<std::uint8_t>(s.role);
     r.deferred = deferred ? 1 : 0;
     r.result = 0xff;
-    r.seq = record_seq->fetch_add(1, std::memory_order_relaxed);
-    queue.push_back(r);
-    queued.store(static_cast<std::uint32_t>(queue.size()), std::memory_order_relaxed);
+    // Counted before it is numbered, both seq_cst: a drain that reads the counter past this number then sees
+    // this shard's count non-zero (drain_to's cut), unless a drain took the record already.
+    queued.fetch_add(1, std::memory_order_seq_cst);
+    r.seq = record_seq->fetch_add(1, std::memory_order_seq_cst);
+    queue.push_back(r);  // (room() reserved it: never throws)
   }
 };
 
@@ -935,22 +937,27 @@ std::size_t Engine::drain(std::vector<Record>& out) {
 }
 
 std::size_t Engine::drain_to(const std::function<Record*(std::size_t)>& dest, bool hold_notices) {
-  // Each shard's queue is already in seq order; take them all, then merge by seq into dest(n).
+  // Each shard's queue is already in seq order; take from each the records numbered before this drain began (the
+  // cut), then merge them by seq into dest(n).  Every record numbered before the cut is in its queue by the time
+  // its shard's lock is taken here (it was numbered and queued under that lock; numbered after, it would be past
+  // the cut), and its shard's count shows it (Shard::push counts before it numbers).  So each drain gives every
+  // record below its cut, and none past it: successive drains come out in seq order.  Taking whatever was queued
+  // instead, a record pushed to a shard already taken, numbered below one a shard taken later gave, came out in
+  // the next drain, after the record it precedes: a slot released by one shard and leased by another was logged
+  // leased, then released (with two threads pushing, one non-empty drain in five began below the previous one).
+  const std::uint64_t cut = record_seq_.load(std::memory_order_seq_cst);
   std::vector<std::vector<Record>> runs;
   std::vector<Shard*> from;
-  std::vector<std::uint32_t> run_of;  // shard index -> its run in `runs` (kNil: none)
   std::size_t n = 0;
   std::uint64_t lo = UINT64_MAX, hi = 0;
   for (Shard& sh : shards()) {
-    if (sh.queued.load(std::memory_order_relaxed) == 0) continue;  // nothing to lock for
+    if (sh.queued.load(std::memory_order_seq_cst) == 0) continue;  // nothing to lock for
     // room for every shard's run before the first is taken (may throw std::bad_alloc: nothing is taken yet),
     // so neither vector grows once a run is out of its shard
     if (from.capacity() == 0) {
       runs.reserve(shard_mask_ + 1);
       from.reserve(shard_mask_ + 1);
-      run_of.assign(shard_mask_ + 1, kNil);
     }
-    run_of[sh.index] = static_cast<std::uint32_t>(runs.size());
     runs.emplace_back();
     from.push_back(&sh);
     std::vector<Record>& run = runs.back();
@@ -959,13 +966,22 @@ std::size_t Engine::drain_to(const std::function<Record*(std::size_t)>& dest, bo
       if (!sh.queue.empty()) {
         run.swap(sh.queue);
         sh.queue.swap(sh.spare);  // empty, with the capacity of an earlier run
-        sh.queued.store(0, std::memory_order_relaxed);
+        if (run.back().seq >= cut) {  // pushed since this drain began: those stay, for the next drain
+          const auto past =
+              std::partition_point(run.begin(), run.end(), [cut](const Record& r) { return r.seq < cut; });
+          try {
+            sh.queue.assign(past, run.end());
+            run.erase(past, run.end());
+          } catch (...) {  // (no room to keep them back: taken too, as they were before the cut)
+            sh.queue.clear();
+          }
+        }
+        sh.queued.store(static_cast<std::uint32_t>(sh.queue.size()), std::memory_order_seq_cst);
       }
     }
     if (run.empty()) {
       runs.pop_back();
       from.pop_back();
-      run_of[sh.index] = kNil;
       continue;
     }
     n += run.size();
@@ -987,33 +1003,9 @@ std::size_t Engine::drain_to(const std::function<Record*(std::size_t)>& dest, bo
   if (n == 0) return 0;
   Record* dst = nullptr;
   // the k-way merge's bookkeeping, allocated with the destination: nothing may throw once records are copied
-  bool merge = false;
+  const bool merge = runs.size() > 1 && hi - lo + 1 != n;
   std::vector<std::size_t> pos, heap;
   try {
-    // Close the cut: a record pushed to a shard after that shard's queue was taken, but numbered below `hi`
-    // (another shard's record taken later), goes with this drain.  Left for the next, it came out after a record
-    // it precedes: a slot released by one shard (a deferred terminate on a transport thread) and leased by
-    // another (advertise) while the drain went from one to the other was logged leased, then released.  Its
-    // push numbered it inside its shard's lock before `hi` was numbered, so that lock, taken here, shows it; the
-    // queue is in seq order, so such records are its front.  Every record up to `hi` is then out, the rest stay.
-    for (Shard& sh : shards()) {
-      std::lock_guard<SpinMutex> g(sh.mu);
-      std::size_t k = 0;
-      while (k < sh.queue.size() && sh.queue[k].seq < hi) ++k;
-      if (k == 0) continue;
-      if (run_of[sh.index] == kNil) {  // (no allocation: room for every shard's run was reserved)
-        run_of[sh.index] = static_cast<std::uint32_t>(runs.size());
-        runs.emplace_back();
-        from.push_back(&sh);
-      }
-      std::vector<Record>& run = runs[run_of[sh.index]];
-      run.insert(run.end(), sh.queue.begin(), sh.queue.begin() + static_cast<std::ptrdiff_t>(k));  // (or throws)
-      sh.queue.erase(sh.queue.begin(), sh.queue.begin() + static_cast<std::ptrdiff_t>(k));
-      sh.queued.store(static_cast<std::uint32_t>(sh.queue.size()), std::memory_order_relaxed);
-      n += k;
-      lo = std::min(lo, run.front().seq);
-    }
-    merge = runs.size() > 1 && hi - lo + 1 != n;
     if (merge) {
       pos.assign(runs.size(), 0);
       heap.reserve(runs.size());
@@ -1025,7 +1017,7 @@ std::size_t Engine::drain_to(const std::function<Record*(std::size_t)>& dest, bo
       std::lock_guard<SpinMutex> g(from[i]->mu);
       runs[i].insert(runs[i].end(), from[i]->queue.begin(), from[i]->queue.end());
       from[i]->queue.swap(runs[i]);
-      from[i]->queued.store(static_cast<std::uint32_t>(from[i]->queue.size()), std::memory_order_relaxed);
+      from[i]->queued.store(static_cast<std::uint32_t>(from[i]->queue.size()), std::memory_order_seq_cst);
     }
     throw;
   }

@@ -2168,6 +2168,50 @@ void test_a_failed_batch_allocation_leaves_nothing_behind() {
   failed_batch_allocations(6, 1, 10);  // every allocation in turn, the per-item ones too (map nodes, strings)
 }
 
+// FaultyAgent::release forgot the request's fault (erased its entry) once the inner agent had let the request
+// go, by id: a new transfer of the id prepared in that window (another thread, once the inner agent accepts
+// the id again) lost its own fault instead, so with error = 1 it reported the inner agent's Done, and which
+// transfers got their faults depended on thread timing, not on the seed.  The window is scripted: the inner
+// agent's release prepares the new transfer before it returns.  Control: without it, prepare gives the id
+// its fault and release forgets it.
+void test_a_release_never_forgets_the_fault_of_a_new_transfer_of_the_id() {
+  std::vector<char> dst(4096, 0), src(4096, 'f');
+  const Region local{reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram};
+  const Region remote{reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram};
+  FaultyAgent* fa = nullptr;
+  bool again = false;
+  Hooks h;
+  h.after_release = [&](std::uint64_t req) {
+    if (!std::exchange(again, false)) return;
+    fa->prepare(req, XferOp::Read, local, remote, "fault-gen-b", std::nullopt);  // the new transfer of the id
+  };
+  FaultOptions f;
+  f.seed = 3;
+  f.error = 1.0;  // every transfer reports Failed: a lost fault shows as the inner Done
+  FaultyAgent a(std::make_unique<HookAgent>(named("fault-gen-a"), std::move(h)), f);
+  fa = &a;
+  LoopbackAgent b(named("fault-gen-b"));
+  (void)a.register_region(local);
+  (void)b.register_region(remote);
+  (void)a.load_remote_metadata(b.local_metadata());
+  // control: the fault is the id's from prepare until its release
+  a.prepare(1, XferOp::Read, local, remote, "fault-gen-b", std::nullopt);
+  CHECK(a.fault_of(1) == Fault::Error);
+  CHECK(a.release(1) == kReleased);
+  CHECK(a.fault_of(1) == Fault::None);
+  // a new transfer of the id prepared while the old one's release returns keeps its fault
+  a.prepare(1, XferOp::Read, local, remote, "fault-gen-b", std::nullopt);
+  again = true;
+  CHECK(a.release(1) == kReleased);
+  CHECK(!again);  // (the window was taken)
+  CHECK(a.fault_of(1) == Fault::Error);
+  (void)a.post(1);
+  CHECK(eventually([&] { return a.status(1).state != XferState::InProgress; }));
+  CHECK(a.status(1).state == XferState::Failed);
+  CHECK(a.release(1) == kReleased);
+  CHECK(a.fault_of(1) == Fault::None);
+}
+
 int main() {
   test_a_failed_batch_allocation_leaves_nothing_behind();
   test_readers_of_the_posted_records_see_the_queued_ones();
@@ -2210,5 +2254,6 @@ int main() {
   test_a_throwing_sink_does_not_end_the_progress_thread();
   test_a_throwing_status_batch_fails_no_request_it_did_not_answer();
   test_a_status_read_before_an_id_was_watched_again_is_not_reported_for_the_new_request();
+  test_a_release_never_forgets_the_fault_of_a_new_transfer_of_the_id();
   TEST_MAIN_END();
 }

@@ -65,7 +65,7 @@ void FaultyAgent::prepare(std::uint64_t req, XferOp op, const Region& local, con
   }
   try {
     std::lock_guard<std::mutex> lk(mu_);
-    xfers_[req] = Xfer{peer, f, {}, false, false, 0};
+    xfers_[req] = Xfer{peer, f, {}, false, false, 0, ++next_gen_};
   } catch (...) {
     inner_->release(req);  // prepared, never posted: nothing of it runs
     throw;
@@ -138,10 +138,12 @@ XferStatus FaultyAgent::status(std::uint64_t req) {
 }
 
 ReleaseStatus FaultyAgent::release(std::uint64_t req) {
+  std::uint64_t gen = 0;  // the transfer this release is for (0: none of ours)
   {
     std::lock_guard<std::mutex> lk(mu_);
     auto it = xfers_.find(req);
     if (it != xfers_.end()) {
+      gen = it->second.gen;
       const std::uint64_t attempt = it->second.release_attempts++;
       if (roll(kRelease, req, attempt) < opts_.release_failure) {
         ++stats_.release_failures;
@@ -150,9 +152,11 @@ ReleaseStatus FaultyAgent::release(std::uint64_t req) {
     }
   }
   const ReleaseStatus rs = inner_->release(req);
-  if (rs == kReleased || rs == kReleaseUnknownRequest) {  // gone from the inner agent: forget its fault
+  if (gen != 0 && (rs == kReleased || rs == kReleaseUnknownRequest)) {  // gone from the inner agent: forget its fault
+    // ... its own only: once the inner agent let the id go, another thread may have prepared a new transfer of it
     std::lock_guard<std::mutex> lk(mu_);
-    xfers_.erase(req);
+    auto it = xfers_.find(req);
+    if (it != xfers_.end() && it->second.gen == gen) xfers_.erase(it);
   }
   return rs;
 }

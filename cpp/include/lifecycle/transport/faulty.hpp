@@ -103,10 +103,12 @@ class FaultyAgent final : public Agent {
     bool counted = false;
     bool cut = false;  // posted at or after a disconnect of its peer: reports Failed from then on
     std::uint64_t release_attempts = 0;
+    std::uint64_t gen = 0;  // which prepare made it (next_gen_): release forgets only the entry it was for
   };
   bool is_cut(const std::string& peer, std::uint64_t req) const;  // mu_ held
 
   std::map<std::uint64_t, Xfer> xfers_;  // guarded by mu_
+  std::uint64_t next_gen_ = 0;           // guarded by mu_
   std::set<std::string> disconnected_;   // guarded by mu_
   // peer -> the requests a disconnect of it cut off (posted at or after it); guarded by mu_
   std::map<std::string, std::set<std::uint64_t>> cut_;

@@ -15,6 +15,8 @@
 //                    so a seed replays.  Fresh metadata for the peer (add_peer) ends it for new
 //                    requests and notes; a cut request keeps reporting Failed.  Until then, notes
 //                    about a cut id from that peer vanish whichever session of the id they are for.
+//                    The inner transfer goes on (as after `error`): the inner agent's own done note,
+//                    which goes with it, is not stopped and reaches the peer once the bytes landed.
 //   never_completes  the transfer reports InProgress forever
 //   drop_notification / duplicate_notification   per incoming notification, by (peer, request,
 //                    kind, occurrence); a duplicate is delivered right after its original, or, with

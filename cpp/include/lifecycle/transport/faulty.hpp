@@ -34,6 +34,7 @@
 #include <mutex>
 #include <set>
 #include <string>
+#include <tuple>
 
 #include "lifecycle/transport/agent.hpp"
 
@@ -114,8 +115,8 @@ class FaultyAgent final : public Agent {
   std::set<std::string> disconnected_;   // guarded by mu_
   // peer -> the requests a disconnect of it cut off (posted at or after it); guarded by mu_
   std::map<std::string, std::set<std::uint64_t>> cut_;
-  // (peer, req*4+kind) -> occurrences so far; guarded by mu_
-  std::map<std::pair<std::string, std::uint64_t>, std::uint64_t> notif_seen_;
+  // (peer, req, kind) -> occurrences so far (kind 0: a note that does not decode); guarded by mu_
+  std::map<std::tuple<std::string, std::uint64_t, std::uint8_t>, std::uint64_t> notif_seen_;
   FaultStats stats_;                     // guarded by mu_
 };
 

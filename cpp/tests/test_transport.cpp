@@ -40,6 +40,8 @@ namespace {
 thread_local long t_fail_at = -1;
 thread_local std::size_t t_fail_min = 0;
 thread_local long t_big_allocs = 0;
+// ... and on every thread (a backend's own): while non-zero, each allocation of exactly this many bytes throws
+std::atomic<std::size_t> g_fail_size{0};
 }  // namespace
 
 #if defined(__GNUC__) && !defined(__clang__)
@@ -48,6 +50,7 @@ thread_local long t_big_allocs = 0;
 #endif
 void* operator new(std::size_t n) {
   if (t_fail_at >= 0 && n >= t_fail_min && t_big_allocs++ == t_fail_at) throw std::bad_alloc();
+  if (n != 0 && n == g_fail_size.load(std::memory_order_relaxed)) throw std::bad_alloc();
   if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
   throw std::bad_alloc();
 }
@@ -2244,6 +2247,46 @@ void test_note_faults_of_an_id_never_depend_on_another_ids_notes() {
   CHECK(dropped > 0 && dropped < 32);
 }
 
+// The loopback worker let an exception escape its thread: an allocation that failed while it queued a transfer's
+// "done" note at the peer (the note's copy of the agent's name) ended the process (std::terminate).  Scripted:
+// allocations of that string's size fail on every thread while the transfer runs.  Now the note is lost (the
+// peer lacks that evidence: safe) and the transfer is Done (its bytes landed).  Control: the next transfer,
+// unarmed, is Done and its note arrives (the worker lives on).
+void test_a_failed_allocation_on_the_loopback_worker_loses_a_note_not_the_process() {
+  const std::string name_a = "oom-worker-a" + std::string(49, 'x');  // 61 characters: a heap string of 62 bytes
+  std::vector<char> dst(4096, 0), src(4096, 'w');
+  const Region local{reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram};
+  const Region remote{reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram};
+  LoopbackAgent a(named(name_a));
+  LoopbackAgent b(named("oom-worker-b"));
+  (void)a.register_region(local);
+  (void)b.register_region(remote);
+  const std::string peer = a.load_remote_metadata(b.local_metadata());
+  a.prepare(1, XferOp::Read, local, remote, peer, 11);
+  g_fail_size = name_a.size() + 1;
+  (void)a.post(1);
+  CHECK(eventually([&] { return a.status(1).state != XferState::InProgress; }));
+  g_fail_size = 0;
+  CHECK(a.status(1).state == XferState::Done);
+  CHECK(dst[0] == 'w' && dst[4095] == 'w');
+  std::size_t skipped = 0;
+  CHECK(b.fetch_notifications(skipped).empty());  // lost with the allocation
+  CHECK(a.release(1) == kReleased);
+  std::fill(dst.begin(), dst.end(), 0);
+  a.prepare(2, XferOp::Read, local, remote, peer, 12);
+  (void)a.post(2);
+  CHECK(eventually([&] { return a.status(2).state != XferState::InProgress; }));
+  CHECK(a.status(2).state == XferState::Done);
+  std::vector<RawNotification> notes;
+  CHECK(eventually([&] {
+    for (auto& n : b.fetch_notifications(skipped)) notes.push_back(std::move(n));
+    return !notes.empty();
+  }));
+  const auto m = notes.empty() ? std::nullopt : decode_notif(notes[0].bytes);
+  CHECK(notes.size() == 1 && notes[0].peer == name_a && m && m->req == 2 && m->tag == 12);
+  CHECK(a.release(2) == kReleased);
+}
+
 int main() {
   test_a_failed_batch_allocation_leaves_nothing_behind();
   test_readers_of_the_posted_records_see_the_queued_ones();
@@ -2288,5 +2331,6 @@ int main() {
   test_a_status_read_before_an_id_was_watched_again_is_not_reported_for_the_new_request();
   test_a_release_never_forgets_the_fault_of_a_new_transfer_of_the_id();
   test_note_faults_of_an_id_never_depend_on_another_ids_notes();
+  test_a_failed_allocation_on_the_loopback_worker_loses_a_note_not_the_process();
   TEST_MAIN_END();
 }

@@ -381,17 +381,28 @@ void LoopbackAgent::run() {
       std::unique_lock<std::mutex> lk(mu_);
       if (cv_.wait_for(lk, std::chrono::milliseconds(1), [this] { return stop_; })) return;
     }
+    // Nothing may leave this thread (std::terminate): a note that cannot be made (an allocation) is lost, which
+    // only leaves the peer without that evidence; a reason that cannot be made leaves the failure without it.
     if (ok && job->done_tag && !job->released.load()) {
-      if (auto pep = job->peer_ep.lock()) pep->deliver({name_, encode_notif_string({job->req, NotifKind::Done, *job->done_tag})});
+      try {
+        if (auto pep = job->peer_ep.lock()) {
+          pep->deliver({name_, encode_notif_string({job->req, NotifKind::Done, *job->done_tag})});
+        }
+      } catch (...) {
+      }
     }
     if (copy_errno != 0) {
-      job->fault = "loopback copy for request " + std::to_string(job->req) + " faulted near byte " +
-                   std::to_string(fault_off) + ": " + std::strerror(copy_errno) +
-                   " (a registered range is not mapped " +
-                   (job->op == XferOp::Read ? "readable at the peer or writable here" : "readable here or writable at the peer") +
-                   ")";
-      job->state.store(3, std::memory_order_release);
-      continue;
+      try {
+        job->fault = "loopback copy for request " + std::to_string(job->req) + " faulted near byte " +
+                     std::to_string(fault_off) + ": " + std::strerror(copy_errno) +
+                     " (a registered range is not mapped " +
+                     (job->op == XferOp::Read ? "readable at the peer or writable here"
+                                              : "readable here or writable at the peer") +
+                     ")";
+        job->state.store(3, std::memory_order_release);
+        continue;
+      } catch (...) {  // (ok is false: Failed below, without its reason)
+      }
     }
     job->state.store(ok ? 1 : 2);
   }

@@ -914,15 +914,18 @@ class Auditor:
                 edge = [0, self.tis.get(r.src), self._into[r.dst], r.dst, self._moves[r.dst], r.outcome]
                 self._moves[r.src][r.event] = self._edges[(r.src, r.event, r.dst)] = edge
         self._created = 0  # creating transitions (the edge * + create_event = initial)
-        # (state, call) -> the results cancel/terminate may return there: the row's, then the engine's two runtime
+        # (state, call) -> the results cancel/terminate may return there: the row's, then the engine's three runtime
         # refinements (the table's comment; cpp/src/audit.cpp check_result: the same): a second deferral returns
-        # AlreadyDeferred, a cancel that moves to CancelRequested while unhealthy returns BackendUnhealthy
+        # AlreadyDeferred, a cancel that moves to CancelRequested while unhealthy returns BackendUnhealthy, a cancel
+        # that moves into a terminal state while its terminate is deferred returns CancelledDeferred
         self._results: dict[tuple[str, str], tuple[str, ...]] = {}
         for r in sp.rows:
             if r.result is not None and r.src != _spec.CREATE_SOURCE:
+                cancel_moves = r.event == "cancel" and r.moves
                 self._results[(r.src, r.event)] = (r.result, *(
                     ("AlreadyDeferred",) if r.dst == ".defer" else
-                    ("BackendUnhealthy",) if r.moves and r.result == "CancelRequestedInFlight" else ()))
+                    ("BackendUnhealthy",) if cancel_moves and r.result == "CancelRequestedInFlight" else ()), *(
+                    ("CancelledDeferred",) if cancel_moves and r.dst in sp.terminal else ()))
         # (state, event) -> the row's destination (a state or an action): a late record needs .late, a rejected one none
         self._cells = {(r.src, r.event): r.dst for r in sp.rows if r.src != _spec.CREATE_SOURCE}
         # every (from_state, trigger, to_state, outcome) whose names are in the table, legal or not

@@ -59,8 +59,8 @@ class _Obj:
 class ReferenceEngine:
     """The oracle: table-driven semantics, independent of the C++ implementation.
 
-    It only knows what the table says plus the two documented runtime refinements (AlreadyDeferred,
-    BackendUnhealthy).  ``apply`` returns ``(kind, result)`` where kind is one of
+    It only knows what the table says plus the three documented runtime refinements (AlreadyDeferred,
+    BackendUnhealthy, CancelledDeferred).  ``apply`` returns ``(kind, result)`` where kind is one of
     ``"moved" | "stay" | "late" | "defer" | "illegal" | "unknown"``.
     """
 
@@ -116,4 +116,6 @@ class ReferenceEngine:
             s.state = final.dst
             s.deferred = False
             self.notices.append(req)
+            if event == "cancel":  # the notice releases the session, not the cancel (frees now: no)
+                result = "CancelledDeferred"
         return ("moved", result)

@@ -76,8 +76,8 @@ def _reserved(section: str, name: str) -> str | None:
 ENGINE_NAMES: dict[str, tuple[str, ...]] = {
     "states": ("Advertised", "InFlight", "CancelRequested", "Quiesced", "Poisoned", "Terminated"),
     "events": ("expose", "cancel", "terminate", "complete", "fail", "timeout", "grace_expired"),
-    "cancel-results": ("NotFound", "CancelledBeforeAdvertise", "CancelRequestedInFlight", "BackendUnhealthy",
-                       "NotCancellable"),
+    "cancel-results": ("NotFound", "CancelledBeforeAdvertise", "CancelledDeferred", "CancelRequestedInFlight",
+                       "BackendUnhealthy", "NotCancellable"),
     "terminate-results": ("NotFound", "Terminated", "Deferred", "AlreadyTerminated", "AlreadyDeferred"),
 }
 _ROW = re.compile(

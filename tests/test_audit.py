@@ -515,17 +515,59 @@ def test_a_call_result_the_table_does_not_give_in_the_logged_state_is_a_violatio
     ("InFlight", "BackendUnhealthy", True),  # the engine's refinement of a cancel that moves while unhealthy
     ("InFlight", "CancelRequestedInFlight", True),
     ("CancelRequested", "BackendUnhealthy", False),  # a cancel that stays is never refined
+    ("Advertised", "CancelledDeferred", True),  # a cancel that moves into a terminal state while deferred
+    ("InFlight", "CancelledDeferred", False),  # ... and only there
     ("Quiesced", "AlreadyComplete", True),
     ("Poisoned", "AlreadyComplete", False),
 ])
 def test_cancel_results_are_checked_against_the_table_with_its_refinements(tmp_path, state, result, ok):
-    """Control for the test above: the table's results and the two runtime refinements (AlreadyDeferred, in the
-    deferred_termination golden log; BackendUnhealthy for the InFlight cancel) pass; the golden logs are clean."""
+    """Control for the test above: the table's results and the three runtime refinements (AlreadyDeferred, in the
+    deferred_termination golden log; BackendUnhealthy for the InFlight cancel; CancelledDeferred for the Advertised
+    one) pass; the golden logs are clean."""
     ev = mg.cancellation()
     i = index(ev, event="lifecycle.cancel", request=11, state="InFlight")
     ev[i - 1].update(state=state, result=result)
     res = audit_paths([write(tmp_path / "x.jsonl", ev)])
     assert [f.kind for f in violations(res)] == ([] if ok else ["wrong_result"])
+
+
+def real_cancelled_deferred_log() -> list[dict]:
+    """On the real engine: 40 Advertised, terminate (Deferred), cancel (the move to Quiesced fires the deferred
+    terminate: CancelledDeferred); 41 Advertised, cancel (CancelledBeforeAdvertise), terminate; one poll."""
+    import structlog
+
+    adapter = mg.RealEngineAdapter(num_slots=4)
+    with structlog.testing.capture_logs() as cap:
+        for req in (40, 41):
+            adapter.advertise(req, "sender", nbytes=512)
+        assert adapter.terminate(40) == "Deferred"
+        assert adapter.cancel(40) == "CancelledDeferred"
+        assert adapter.cancel(41) == "CancelledBeforeAdvertise"
+        assert adapter.terminate(41) == "Terminated"
+        adapter.engine.poll()
+    return renumber(cap)
+
+
+def test_a_cancel_that_fires_a_deferred_terminate_is_audited_against_its_cell(tmp_path):
+    """The engine answers CancelledDeferred (frees now: no) for a cancel whose move makes a session with a deferred
+    terminate terminal: the real engine's log of it is clean in both replays (its result is the Advertised + cancel
+    cell's refinement, as BackendUnhealthy is InFlight + cancel's).  The same result logged in InFlight, where a
+    cancel stays active, is a wrong_result, and so is CancelRequestedInFlight in Advertised (the check is live)."""
+    ev = real_cancelled_deferred_log()
+    i = index(ev, event="lifecycle.cancel", request=40)
+    assert (ev[i - 1]["result"], ev[i - 1]["state"]) == ("CancelledDeferred", "Advertised")
+    res = audit_paths([write(tmp_path / "real.jsonl", ev)])
+    assert res.ok and res.finding_counts == {} and res.terminated == 2, [str(f) for f in res.findings]
+    assert res.event_counts["lifecycle.terminate_now"] == 1
+    for state, result, says in (
+            ("InFlight", "CancelledDeferred", "CancelRequestedInFlight or BackendUnhealthy"),
+            ("Advertised", "CancelRequestedInFlight", "CancelledBeforeAdvertise or CancelledDeferred")):
+        bad = copy.deepcopy(ev)
+        bad[i - 1].update(state=state, result=result)
+        res = audit_paths([write(tmp_path / "x.jsonl", bad)])
+        assert [(f.kind, f.request, f.line, f.message) for f in violations(res)] == [
+            ("wrong_result", 40, i, f"cancel() returned {result} in state {state}; the table gives {says}")], [
+            str(f) for f in res.findings]
 
 
 # ------------------------------------------------------------------------------------ deferred termination order

@@ -29,7 +29,8 @@ from lifecycle import _core, audit, errors, spec
 from lifecycle.audit import audit_paths, format_text
 from tests.golden import make_golden as mg
 from tests.test_audit import (BREAKS, DEFER_ORDERS, _same_pid_ranks, _skewed, _stream, _strip, _two_rank_disagreeing,
-                              big_value_events, orphan_results, real_deferred_log, real_late_and_rejected_log,
+                              big_value_events, orphan_results, real_cancelled_deferred_log, real_deferred_log,
+                              real_late_and_rejected_log,
                               two_engines_one_process)
 
 SPEC = spec.load(spec.default_table_path())
@@ -142,6 +143,19 @@ def test_every_misclassified_record_audits_identically(line, edit, tmp_path):
         p = tmp_path / f"{name}.jsonl"
         p.write_text(mg.render(log), encoding="utf-8")
         assert_same([p])
+
+
+@pytest.mark.parametrize("edit", [{}, {"state": "InFlight"}, {"state": "CancelRequested"}, {"state": "Quiesced"},
+                                  {"result": "CancelledBeforeAdvertise"}, {"result": "CancelRequestedInFlight"}])
+def test_every_cancelled_deferred_result_audits_identically(edit, tmp_path):
+    """The real engine's CancelledDeferred (a cancel that fired a deferred terminate) as logged, in other states'
+    cells (wrong_result with the refinements listed) and replaced by other results."""
+    ev = _fixed_ids(real_cancelled_deferred_log())
+    i = next(i for i, d in enumerate(ev) if d["event"] == "lifecycle.cancel" and d["result"] == "CancelledDeferred")
+    ev[i] = {**ev[i], **edit}
+    p = tmp_path / "x.jsonl"
+    p.write_text(mg.render(ev), encoding="utf-8")
+    assert_same([p])
 
 
 @pytest.mark.parametrize(("frm", "to"), [(5, 4), (3, 2), (5, 1), (7, 6)])

@@ -36,3 +36,41 @@ def test_readme_embedding_example_runs():
     engine.complete(1)  # the transport's DONE
     engine.poll()
     assert freed == [2, 1] and engine.state(1).value == "Terminated"
+
+
+def test_readme_loop_releases_a_cancelled_session_whose_terminate_was_deferred_once():
+    """The executor deferred request 3's terminate while it was Advertised (Deferred: TerminateNow comes when it is
+    terminal), then the client cancelled it.  The cancel moves it to Quiesced, the deferred terminate fires at once,
+    and cancel() answered CancelledBeforeAdvertise, which frees now: the README's loop released 3 at the cancel and
+    on_terminate released it again at the next poll (freed == [3, 4, 3], a double free of its KV blocks).  It
+    answers CancelledDeferred now (frees now: no): released once, by on_terminate.  Control: request 4, cancelled
+    without a deferred terminate, still answers CancelledBeforeAdvertise and is released once, by the loop itself."""
+    code = re.search(r"```python\n(.*?)```", README.read_text(), re.S).group(1)
+    freed: list[int] = []
+    ns: dict = {}
+    rounds: list[int] = []
+
+    def cancelled_by_client():
+        eng = ns["engine"]
+        rounds.append(len(rounds))
+        if rounds == [0]:
+            eng.advertise(3, "sender", 0)
+            assert eng.terminate(3).value == "Deferred"
+            eng.advertise(4, "sender", 0)
+            return [3, 4]
+        return []
+
+    ns.update({
+        "kv_cache_manager": type("KV", (), {"free": staticmethod(freed.append)})(),
+        "req_id": 1,
+        "nbytes": 1024,
+        "serving": _Once(3),
+        "cancelled_by_client": cancelled_by_client,
+        "report": lambda reasons: None,
+    })
+    exec(compile(code, "README.md", "exec"), ns)
+    engine = ns["engine"]
+    assert freed == [4, 3], freed  # 4 by the loop at its cancel, 3 by on_terminate at the next poll
+    assert engine.state(3).value == engine.state(4).value == "Terminated"
+    engine.poll()
+    assert freed == [4, 3], freed

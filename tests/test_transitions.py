@@ -88,6 +88,34 @@ def test_cancel_while_unhealthy_reports_backend_unhealthy(engine):
     assert engine.state(1) is State.CancelRequested
 
 
+@pytest.mark.parametrize("deferred", [True, False])
+def test_cancel_that_fires_a_deferred_terminate_does_not_free_now(clock, deferred):
+    """Advertised, terminate (Deferred), cancel: the cancel's move to Quiesced fires the deferred terminate (the
+    session is Terminated, TerminateNow runs on_terminate at the next poll), and cancel() answered
+    CancelledBeforeAdvertise, whose frees-now is yes: an executor that freed on it freed again in on_terminate.  It
+    answers CancelledDeferred (frees now: no) now, and the reference model gives the same.  Control (deferred=False):
+    the same cancel with no deferred terminate answers CancelledBeforeAdvertise, frees now, and no notice comes."""
+    from lifecycle import TransferEngine, cancel_frees_now
+    from lifecycle.model import ReferenceEngine
+
+    notices: list[int] = []
+    engine = TransferEngine(clock=clock, num_slots=4, slot_size=4096, on_terminate=notices.append)
+    model = ReferenceEngine(TABLE)
+    engine.advertise(1, "sender")
+    model.advertise(1, "sender")
+    if deferred:
+        assert engine.terminate(1) is TerminateResult.Deferred
+        assert model.apply(1, "terminate") == ("defer", "Deferred")
+    got = engine.cancel(1)
+    assert got is (CancelResult.CancelledDeferred if deferred else CancelResult.CancelledBeforeAdvertise)
+    assert model.apply(1, "cancel") == ("moved", got.value)
+    assert cancel_frees_now(got) is not deferred
+    assert engine.state(1) is (State.Terminated if deferred else State.Quiesced)
+    assert model.sessions[1].state == engine.state(1).value
+    engine.poll()
+    assert notices == model.notices == ([1] if deferred else [])
+
+
 def test_error_message_names_state_event_and_request_on_one_line(engine):
     drive(engine, 5, "Advertised")
     with pytest.raises(IllegalTransition) as ei:

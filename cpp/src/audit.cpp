@@ -1912,7 +1912,8 @@ struct Auditor::Impl {
   }
 
   // A result checked against the state the line logs (the session's before the call; null for NotFound, not
-  // checked): the row's result, or the engine's two runtime refinements (Auditor._check_result: the same).
+  // checked): the row's result, or the engine's three runtime refinements (Auditor._results: the same, in the
+  // same order).
   void check_result(Event ev, int res, const Int* rq, Int rank, Int line) {
     const int st = state_of(k_state);
     if (st < 0) return;
@@ -1920,18 +1921,24 @@ struct Auditor::Impl {
     if (c.result == 0xff) return;
     const bool cancel = ev == Event::cancel;
     const char* const* names = cancel ? kCancelResultNames : kTerminateResultNames;
-    int also = -1;  // a second deferral returns AlreadyDeferred; a cancel that moves while unhealthy BackendUnhealthy
+    // a second deferral returns AlreadyDeferred; a cancel that moves while unhealthy BackendUnhealthy; a cancel
+    // that moves into a terminal state while its terminate is deferred CancelledDeferred
+    int also[2] = {-1, -1};
+    const bool cancel_moves = cancel && c.action == Action::Move;
     if (c.action == Action::Defer) {
-      also = static_cast<int>(TerminateResult::AlreadyDeferred);
-    } else if (cancel && c.action == Action::Move &&
-               c.result == static_cast<std::uint8_t>(CancelResult::CancelRequestedInFlight)) {
-      also = static_cast<int>(CancelResult::BackendUnhealthy);
+      also[0] = static_cast<int>(TerminateResult::AlreadyDeferred);
+    } else if (cancel_moves && c.result == static_cast<std::uint8_t>(CancelResult::CancelRequestedInFlight)) {
+      also[0] = static_cast<int>(CancelResult::BackendUnhealthy);
     }
-    if (res == c.result || res == also) return;
-    if (Finding* g = find(Kind::wrong_result, line, &rank, rq))
+    if (cancel_moves && kTerminal[static_cast<int>(c.dst)]) also[1] = static_cast<int>(CancelResult::CancelledDeferred);
+    if (res == c.result || res == also[0] || res == also[1]) return;
+    if (Finding* g = find(Kind::wrong_result, line, &rank, rq)) {
+      std::string gives = names[c.result];
+      for (const int a : also)
+        if (a >= 0) gives += std::string(" or ") + names[a];
       g->message = {P(std::string(cancel ? "cancel" : "terminate") + "() returned " + names[res] + " in state " +
-                      kStateNames[st] + "; the table gives " + names[c.result] +
-                      (also >= 0 ? std::string(" or ") + names[also] : std::string()))};
+                      kStateNames[st] + "; the table gives " + gives)};
+    }
   }
 
   void late_or_rejected(int h, const Int* rq, Int rank, Int line) {

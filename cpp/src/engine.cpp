@@ -743,7 +743,9 @@ static ApplyResult apply_locked(Engine::Shard& sh, std::uint32_t idx, Event ev, 
     sh.last_terminal = cx.now;  // stamped: never goes backwards within the shard
     if (s.flags & kDeferred) {
       // Exactly-once deferred termination: the flag is cleared in the same critical section that
-      // performs the terminate move and queues the single TerminateNow notice.
+      // performs the terminate move and queues the single TerminateNow notice.  A cancel that got here
+      // answers CancelledDeferred (frees now: no): the notice releases the session, the cancel must not.
+      if (ev == Event::cancel) r.result = static_cast<std::uint8_t>(CancelResult::CancelledDeferred);
       s.flags = static_cast<std::uint8_t>(s.flags & ~kDeferred);
       const Cell& t = kTable[si(c.dst)][static_cast<int>(Event::terminate)];
       const State tfrom = s.state;

@@ -98,6 +98,29 @@ static void test_deferred_termination_exactly_once() {
   CHECK(eng.pool()->stats().free == 4);
 }
 
+// A cancel whose move makes a deferred session terminal fires the deferred terminate (one TerminateNow): it
+// answers CancelledDeferred, which does not free now (the notice releases it); without the deferral the same cancel
+// answers CancelledBeforeAdvertise, which does.
+static void test_cancel_of_a_deferred_session_does_not_free_now() {
+  auto clock = std::make_shared<ManualClock>(0);
+  Engine eng(cfg(), clock);
+  eng.advertise(5, Role::sender, 100);
+  eng.advertise(6, Role::sender, 100);
+  CHECK(eng.terminate(5) == TerminateResult::Deferred);
+  const CancelResult deferred = eng.cancel(5), plain = eng.cancel(6);
+  CHECK(deferred == CancelResult::CancelledDeferred);
+  CHECK(!kCancelFreesNow[static_cast<int>(deferred)]);
+  CHECK(eng.info(5)->state == State::Terminated);
+  CHECK(plain == CancelResult::CancelledBeforeAdvertise);
+  CHECK(kCancelFreesNow[static_cast<int>(plain)]);
+  CHECK(eng.info(6)->state == State::Quiesced);
+  std::vector<Record> recs;
+  eng.drain(recs);
+  int notices = 0;
+  for (auto& r : recs) notices += r.kind == RecordKind::TerminateNow && r.req == 5;
+  CHECK(notices == 1);
+}
+
 static void test_poison_quarantine_and_recovery() {
   auto clock = std::make_shared<ManualClock>(0);
   Engine eng(cfg(), clock);
@@ -644,6 +667,7 @@ int main() {
   test_drain_allocation_failure_keeps_records();
   test_every_cell_matches_apply();
   test_deferred_termination_exactly_once();
+  test_cancel_of_a_deferred_session_does_not_free_now();
   test_poison_quarantine_and_recovery();
   test_pool_bookkeeping_is_lazy();
   test_timers_and_health();

@@ -148,6 +148,8 @@ class ScriptedEngine(_TransportCalls):
             self._transition(s, row.dst, "terminate", deferred=True)
             self._enter_final(s, row.dst)
             self.notices.append(req)
+            if event == "cancel":  # the engine's refinement: the notice releases it, not the cancel
+                return "CancelledDeferred"
         return row.result
 
     def _enter_final(self, s: dict, frm: str) -> None:

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from .demo_worker import (FAULT_RATES, KILL_TIME_FILE, DemoOptions, KVConfig, _atomic_json,
+from .demo_worker import (FAULT_RATES, KILL_TIME_FILE, DemoOptions, KVConfig, _atomic_json, fault_seed,
                           _read_json, kill_victim)
 
 __all__ = ["main", "parse_args"]
@@ -91,6 +91,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--{flag.replace('_', '-')} must be seconds in {'[' if closed else '('}{low:g}, 1e6], got {v}")
     if not 0.0 <= a.kill_at <= 1.0:
         p.error("--kill-at must be in [0, 1]")
+    # every rank's fault seed (derived from --seed) is a 64-bit seed: a negative or huge --seed failed only inside
+    # the workers, naming the derived seed (-1000 for --seed -1) and not the option
+    if a.seed < 0 or fault_seed(a.seed, "receiver", a.ranks - 1) >= 1 << 64:
+        p.error(f"--seed must be in [0, {((1 << 64) - 100 - a.ranks) // 1000}] with --ranks {a.ranks}, got {a.seed}")
     if a.kv_heads % a.ranks:
         p.error(f"--kv-heads {a.kv_heads} must be divisible by --ranks {a.ranks}")
     if "kill-peer" in faults and multi:

@@ -138,6 +138,11 @@ def client_plan(seed: int, n: int, fraction: float, max_blocks: int) -> list[Pla
     return out
 
 
+def fault_seed(seed: int, role: str, rank: int) -> int:
+    """The fault seed of one side's rank, derived from the run's --seed (each rank's own, every one replayable)."""
+    return seed * 1000 + (0 if role == "sender" else 100) + rank
+
+
 def make_faults(opts: DemoOptions, role: str, rank: int):
     if not opts.faults:
         return None
@@ -150,7 +155,7 @@ def make_faults(opts: DemoOptions, role: str, rank: int):
             kw[key] = p
     if not kw:
         return None
-    return Faults(seed=opts.seed * 1000 + (0 if role == "sender" else 100) + rank, **kw)
+    return Faults(seed=fault_seed(opts.seed, role, rank), **kw)
 
 
 # ---- control channels -----------------------------------------------------------------------------

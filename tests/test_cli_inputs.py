@@ -346,3 +346,24 @@ def test_spec_check_of_an_undecodable_table_name_escapes_it(tmp_path):
     assert out.returncode == 0 and b"bad\\udcffname.table: ok (" in out.stdout, out.stderr.decode(errors="replace")
     ok = _cli(["spec", "check", "--json", name], tmp_path, {"PYTHONIOENCODING": "utf-8"})  # the control: --json
     assert ok.returncode == 0
+
+
+def test_demo_refuses_a_seed_no_rank_can_derive_its_fault_seed_from(capsys):
+    """Review: --seed -1 (or one past 2**64 / 1000) passed the launcher and failed inside every worker, whose
+    fault seed (seed * 1000 + side + rank) is a 64-bit seed: the error named the derived seed (-1000), not
+    --seed.  It is a usage error now, before any worker starts.  Control: the largest seed taken is one whose
+    last rank's fault seed Faults accepts."""
+    from lifecycle.demo_worker import fault_seed
+    from lifecycle.errors import InvalidArgument
+    from lifecycle.transport import Faults
+
+    best = ((1 << 64) - 100 - 2) // 1000  # with --ranks 2: the receiver's rank 1 derives the largest seed
+    for argv in (["--seed", "-1"], ["--seed", str(2**62)], ["--ranks", "2", "--seed", str(best + 1)]):
+        with pytest.raises(SystemExit) as ei:
+            demo.parse_args(["--requests", "20", *argv])
+        assert ei.value.code == 2, argv
+        assert "--seed must be in [0, " in capsys.readouterr().err, argv
+    assert demo.parse_args(["--requests", "20", "--ranks", "2", "--seed", str(best)]).seed == best  # the control
+    assert Faults(seed=fault_seed(best, "receiver", 1), delay=0.1).seed == fault_seed(best, "receiver", 1)
+    with pytest.raises(InvalidArgument):  # (one more, and that rank's Faults refuses it)
+        Faults(seed=fault_seed(best + 1, "receiver", 1), delay=0.1)

@@ -5,6 +5,8 @@ Stdlib only: the build imports ``lifecycle.spec`` (which uses these) before ``_c
 
 from __future__ import annotations
 
+import sys
+
 __all__ = [
     "CollectiveDesyncError",
     "CollectiveTimeoutError",
@@ -24,8 +26,14 @@ __all__ = [
 def _shown(value) -> str:
     """``repr(value)`` for an error message, never an error itself: an int too long for repr() (past the 4300
     digits Python prints: ValueError "Exceeds the limit ...") is named by its size, and an object whose
-    ``__repr__`` raises by its type.  Either error replaced the typed one that was being made."""
+    ``__repr__`` raises by its type.  Either error replaced the typed one that was being made.  A torch tensor
+    is named by its type, shape, dtype and device, never by its values: torch's repr() reads them, and for a
+    tensor whose storage was freed or shrunk under it (``untyped_storage().resize_(0)``) that read crashed the
+    process (SIGSEGV) instead of raising the error."""
+    torch = sys.modules.get("torch")  # (never imported here: a tensor exists only where torch is)
     try:
+        if torch is not None and isinstance(value, torch.Tensor):
+            return f"a {type(value).__name__} of shape {tuple(value.shape)}, dtype {value.dtype}, device {value.device}"
         return repr(value)
     except Exception:
         if isinstance(value, int):

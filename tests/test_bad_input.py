@@ -1353,3 +1353,44 @@ def test_a_transport_cannot_be_copied_or_pickled():
     finally:
         a.stop()
         b.stop()
+
+
+def test_error_messages_never_read_a_freed_tensor():
+    """Fuzz (session h9): an error message quoted the bad argument with repr(), and torch's repr() of a tensor whose
+    storage was freed under it reads the freed memory: TransferEngine(transfer_timeout=t) and advertise(1, t) died
+    with SIGSEGV instead of raising InvalidArgument.  Run in a child, so a crash cannot take the test run down."""
+    child = run_child("""
+        import torch
+        from lifecycle import InvalidArgument, TransferEngine
+        freed = torch.zeros(8)
+        freed.untyped_storage().resize_(0)
+        calls = [("transfer_timeout", lambda: TransferEngine(transfer_timeout=freed)),
+                 ("role", lambda: TransferEngine().advertise(1, freed)),
+                 ("progress_deadline", lambda: TransferEngine(progress_deadline=freed))]
+        for name, call in calls:
+            try:
+                call()
+            except InvalidArgument as e:
+                assert e.argument == name, e.argument
+                print(e)
+            else:
+                raise AssertionError(f"{name}: no error")
+        # control: a tensor with its memory is still named, not crashed on, and torch's repr() of the freed one does
+        # crash (so the child above saw the case that used to)
+        try:
+            TransferEngine(transfer_timeout=torch.ones(2))
+        except InvalidArgument as e:
+            print(e)
+    """)
+    assert child.returncode == 0, (child.returncode, child.stderr[-2000:])
+    lines = child.stdout.splitlines()
+    assert len(lines) == 4, child.stdout
+    for line in lines:
+        assert "a Tensor of shape (" in line, line  # (progress_deadline's message cuts it at 40 characters)
+    crash = run_child("""
+        import torch
+        freed = torch.zeros(8)
+        freed.untyped_storage().resize_(0)
+        repr(freed)
+    """)
+    assert crash.returncode < 0, "torch's repr() no longer crashes on a freed tensor: the first child proves nothing"

@@ -453,7 +453,7 @@ class LogHistogram:
 
     def quantile(self, q: float) -> int:
         if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 <= q <= 1:  # (NaN too)
-            raise InvalidArgument("q", f"expected a quantile in [0, 1], got {q!r:.40}")
+            raise InvalidArgument("q", f"expected a quantile in [0, 1], got {_shown(q):.40}")
         if not self.count:
             return 0
         rank = nearest_rank(q, self.count)
@@ -570,7 +570,7 @@ class AuditResult:
         ``excused`` says how many): ``no_events`` for a log that may rightly be empty, as a rank or side that
         created no session (``lifecycle audit --allow-empty``; the demo for a side that started none)."""
         if kind not in EXCUSABLE_KINDS:
-            raise InvalidArgument("kind", f"only {', '.join(EXCUSABLE_KINDS)} can be excused, got {kind!r}")
+            raise InvalidArgument("kind", f"only {', '.join(EXCUSABLE_KINDS)} can be excused, got {_shown(kind)}")
         if self.finding_counts.get(kind):
             self.excused[kind] = self.finding_counts[kind]
         return self

@@ -222,7 +222,7 @@ class Mem:
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise InvalidArgument(name, f"expected an int >= 0, got {_shown(v)}")
         if not isinstance(self.kind, str) or self.kind not in ("dram", "vram"):  # (a numpy array: a bare ValueError)
-            raise InvalidArgument("kind", f"expected 'dram' or 'vram', got {self.kind!r}")
+            raise InvalidArgument("kind", f"expected 'dram' or 'vram', got {_shown(self.kind)}")
         if self.device >= 1 << 64:
             raise InvalidArgument("device", f"expected a 64-bit device index, got {_shown(self.device)}")
         if self.addr + self.nbytes > _core.REGION_END:  # the core's rule (Region::kEnd says why)
@@ -784,7 +784,7 @@ class _Transport:
             try:
                 if not isinstance(t, tuple) or len(t) != 5:
                     raise InvalidArgument("transfers", f"item {i}: expected (op, request, local, peer, remote), "
-                                                       f"got {t!r:.80}")
+                                                       f"got {_shown(t):.80}")
                 op = t[0]
                 if not isinstance(op, str) or op not in ("read", "write"):  # (a numpy array: a bare ValueError)
                     raise InvalidArgument("transfers", f"item {i}: op must be 'read' or 'write', got {_shown(op):.40}")

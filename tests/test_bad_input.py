@@ -1394,3 +1394,42 @@ def test_error_messages_never_read_a_freed_tensor():
         repr(freed)
     """)
     assert crash.returncode < 0, "torch's repr() no longer crashes on a freed tensor: the first child proves nothing"
+
+
+class _ReprRaises:
+    def __repr__(self):
+        raise RuntimeError("repr raised")
+
+
+def _repr_raises_calls(tmp_path):
+    from lifecycle.audit import LogHistogram, audit_paths
+    from lifecycle.transport import LoopbackTransport, Mem
+
+    log = tmp_path / "empty.jsonl"
+    log.write_text("")
+    t = LoopbackTransport(TransferEngine(), "repr-raises")
+    return [
+        ("kind", lambda v: Mem(4096, 8, v)),
+        ("transfers", lambda v: t.transfer_batch([v])[0]),
+        ("q", lambda v: LogHistogram().quantile(v)),
+        ("kind", lambda v: audit_paths([str(log)], native=False).excuse(v)),
+    ], t
+
+
+def test_messages_quote_bad_arguments_safely(tmp_path):
+    """Fuzz (session h9): four checks quoted the bad argument with repr() instead of _shown, so an object whose
+    __repr__ raises replaced InvalidArgument with its own RuntimeError (Mem(4096, 8, kind=x), transfer_batch([x]),
+    LogHistogram.quantile(x), AuditResult.excuse(x)), and a tensor whose storage was freed crashed the process."""
+    calls, t = _repr_raises_calls(tmp_path)
+    try:
+        for name, call in calls:
+            with pytest.raises(InvalidArgument, match=r"\(its repr\(\) raised\)") as ei:
+                r = call(_ReprRaises())
+                raise r if isinstance(r, BaseException) else AssertionError(f"{name}: returned {r!r}")
+            assert ei.value.argument == name
+            # control: a plain wrong value is still quoted as it is
+            with pytest.raises(InvalidArgument, match="'bad'"):
+                r = call("bad")
+                raise r if isinstance(r, BaseException) else AssertionError(f"{name}: returned {r!r}")
+    finally:
+        t.stop()

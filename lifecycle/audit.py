@@ -827,9 +827,9 @@ def check_options(**opts) -> dict:
         v = out[k] = int(v)
         floor = _OPTION_FLOOR[k]
         if floor is not None and v < floor:
-            raise InvalidArgument(k, f"expected an int >= {floor}, got {v}")
+            raise InvalidArgument(k, f"expected an int >= {floor}, got {_shown(v)}")
         if k != "leak_age_ns" and not -(1 << 63) <= v < 1 << 63:
-            raise InvalidArgument(k, f"out of the int64 range: {v}")
+            raise InvalidArgument(k, f"out of the int64 range: {_shown(v)}")
     return out
 
 

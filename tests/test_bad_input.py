@@ -1433,3 +1433,21 @@ def test_messages_quote_bad_arguments_safely(tmp_path):
                 raise r if isinstance(r, BaseException) else AssertionError(f"{name}: returned {r!r}")
     finally:
         t.stop()
+
+
+@pytest.mark.parametrize("option", ["window", "top", "keep_findings", "max_line"])
+def test_audit_option_of_ten_thousand_digits(tmp_path, option):
+    """Fuzz (session h9): an audit option past int64 was quoted with str(), and an int of more than 4300 digits
+    has none: audit_paths([log], window=10**5000) raised ValueError ('Exceeds the limit (4300 digits) for integer
+    string conversion') instead of InvalidArgument."""
+    from lifecycle.audit import audit_paths
+
+    log = tmp_path / "a.jsonl"
+    log.write_text("")
+    for v, what in ((10**5000, r"an int of 16610 bits"), (-(10**5000), r"(a negative int of 16610 bits|int64)")):
+        with pytest.raises(InvalidArgument, match=what) as ei:
+            audit_paths([str(log)], **{option: v})
+        assert ei.value.argument == option
+    # control: a value just past int64 is still quoted as its digits
+    with pytest.raises(InvalidArgument, match=r"out of the int64 range: 9223372036854775808$"):
+        audit_paths([str(log)], **{option: 2**63})

@@ -1864,6 +1864,10 @@ def audit_paths(paths: Iterable[str | Path], spec: _spec.Spec | None = None, *, 
     """
     paths = _log_paths(paths)
     kw = check_options(**kw)
+    if type(native).__module__ == "numpy" and type(native).__name__ in ("bool", "bool_"):
+        native = bool(native)
+    if native is not None and not isinstance(native, bool):  # ('python' was true: it required the native replay)
+        raise InvalidArgument("native", f"expected True, False or None, got {type(native).__name__}")
     if spec is not None and not isinstance(spec, _spec.Spec):
         raise InvalidArgument("spec", f"expected a lifecycle Spec (spec.load_default()), got {type(spec).__name__}")
     from_env = native is None

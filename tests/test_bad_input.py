@@ -1451,3 +1451,29 @@ def test_audit_option_of_ten_thousand_digits(tmp_path, option):
     # control: a value just past int64 is still quoted as its digits
     with pytest.raises(InvalidArgument, match=r"out of the int64 range: 9223372036854775808$"):
         audit_paths([str(log)], **{option: 2**63})
+
+
+def test_audit_native_is_a_bool_or_none(tmp_path, monkeypatch):
+    """Fuzz (session h9): audit_paths took ``native`` by its truth value: native='python' ran (and required) the
+    native replay, the opposite of what it names, and a numpy array or a tensor raised their own bare ValueError /
+    RuntimeError ('truth value ... is ambiguous').  True, False (numpy's bools too) and None are taken."""
+    import numpy as np
+
+    from lifecycle import audit
+
+    log = tmp_path / "a.jsonl"
+    log.write_text("")
+    ran = []
+    monkeypatch.setattr(audit, "_audit_native", lambda *a, **k: ran.append("native"))
+    for bad in ("python", np.array([True, False]), 1):
+        with pytest.raises(InvalidArgument, match=r"^invalid native: expected True, False or None, got ") as ei:
+            audit.audit_paths([str(log)], native=bad)
+        assert ei.value.argument == "native"
+    assert ran == []
+    # controls: the three values taken still choose as before
+    audit.audit_paths([str(log)], native=True)
+    assert ran == ["native"]
+    assert audit.audit_paths([str(log)], native=False) is not None and ran == ["native"]
+    assert audit.audit_paths([str(log)], native=np.bool_(False)) is not None and ran == ["native"]  # (numpy's too)
+    monkeypatch.setenv(audit.ENGINE_ENV, "python")
+    assert audit.audit_paths([str(log)], native=None) is not None and ran == ["native"]

@@ -1838,6 +1838,9 @@ def _log_paths(paths) -> list[str]:
         items = list(paths)
     except TypeError:
         raise InvalidArgument("paths", f"expected a list of log paths, got {type(paths).__name__}") from None
+    except ValueError as exc:  # (a released memoryview; a ctypes py_object array with a NULL item)
+        raise InvalidArgument("paths", f"expected a list of log paths, got a {type(paths).__name__} that cannot be "
+                                       f"read ({exc})") from None
     out = []
     for i, p in enumerate(items):
         if not isinstance(p, (str, bytes, os.PathLike)):

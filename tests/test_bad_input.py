@@ -1477,3 +1477,21 @@ def test_audit_native_is_a_bool_or_none(tmp_path, monkeypatch):
     assert audit.audit_paths([str(log)], native=np.bool_(False)) is not None and ran == ["native"]  # (numpy's too)
     monkeypatch.setenv(audit.ENGINE_ENV, "python")
     assert audit.audit_paths([str(log)], native=None) is not None and ran == ["native"]
+
+
+def test_audit_paths_that_cannot_be_read():
+    """Fuzz (session h9): audit_paths(paths) read ``paths`` with list(), which raises ValueError for a released
+    memoryview ('operation forbidden on released memoryview object') and for a ctypes py_object array with a
+    NULL item ('PyObject is NULL'): that bare ValueError came out instead of InvalidArgument('paths')."""
+    import ctypes
+
+    from lifecycle.audit import audit_paths
+
+    mv = memoryview(bytearray(b"x.jsonl"))
+    mv.release()
+    for bad in (mv, (ctypes.py_object * 2)()):
+        with pytest.raises(InvalidArgument, match=r"^invalid paths: expected a list of log paths, got a ") as ei:
+            audit_paths(bad)
+        assert ei.value.argument == "paths"
+    with pytest.raises(InvalidArgument, match=r"^invalid paths: expected a list of log paths, got int$"):
+        audit_paths(5)  # control: the TypeError case as before

@@ -773,6 +773,10 @@ class _Transport:
         what = f"expected a sequence of (op, request, local, peer, remote) tuples, got {type(transfers).__name__}"
         if isinstance(transfers, (str, bytes, bytearray, memoryview)) or not hasattr(transfers, "__iter__"):
             raise InvalidArgument("transfers", what)
+        if hasattr(transfers, "data_ptr") and hasattr(transfers, "device"):  # (mem_of's test for a tensor)
+            # a tensor's items are tensors, never tuples; and iter() of one whose storage was freed or shrunk under
+            # it raised torch's bare RuntimeError ("setStorage: ... out of bounds")
+            raise InvalidArgument("transfers", what)
         try:  # (a 0-d numpy array has __iter__ and refuses it with a TypeError)
             items = iter(transfers)
         except TypeError:

@@ -1495,3 +1495,36 @@ def test_audit_paths_that_cannot_be_read():
         assert ei.value.argument == "paths"
     with pytest.raises(InvalidArgument, match=r"^invalid paths: expected a list of log paths, got int$"):
         audit_paths(5)  # control: the TypeError case as before
+
+
+def test_transfer_batch_of_a_tensor():
+    """Fuzz (session h9): transfer_batch(t) with a tensor whose storage was freed or shrunk under it raised torch's
+    bare RuntimeError ('setStorage: ... out of bounds for storage of size 0') from iter(t), instead of
+    InvalidArgument('transfers'): a tensor is refused as a whole now (its items are tensors, never tuples).  In a
+    child: a traceback that shows such a tensor (pytest's, of a failure) crashes the process in torch's repr()."""
+    child = run_child("""
+        import torch
+        from lifecycle import InvalidArgument, TransferEngine
+        from lifecycle.transport import LoopbackTransport
+
+        freed, shrunk = torch.zeros(8), torch.zeros(8)[2:]
+        freed.untyped_storage().resize_(0)
+        shrunk.untyped_storage().resize_(8)
+        t = LoopbackTransport(TransferEngine(), "batch-of-a-tensor")
+        for name, bad in (("freed", freed), ("shrunk", shrunk), ("live", torch.zeros(3))):
+            try:
+                t.transfer_batch(bad)
+                print(name, "returned")
+            except InvalidArgument as e:
+                print(name, "InvalidArgument", e.argument, str(e).endswith("got Tensor"))
+            except Exception as e:
+                print(name, type(e).__name__)
+        # control: a list holding a tensor is still read item by item
+        (res,) = t.transfer_batch([torch.zeros(3)])
+        print("list", type(res).__name__, "item 0" in str(res))
+        t.stop()
+    """)
+    assert child.returncode == 0, (child.returncode, child.stderr[-2000:])
+    assert child.stdout.split("\n")[:4] == [
+        "freed InvalidArgument transfers True", "shrunk InvalidArgument transfers True",
+        "live InvalidArgument transfers True", "list InvalidArgument True"], child.stdout

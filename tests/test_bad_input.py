@@ -1528,3 +1528,37 @@ def test_transfer_batch_of_a_tensor():
     assert child.stdout.split("\n")[:4] == [
         "freed InvalidArgument transfers True", "shrunk InvalidArgument transfers True",
         "live InvalidArgument transfers True", "list InvalidArgument True"], child.stdout
+
+
+def test_calls_no_overload_takes_never_repr_their_arguments():
+    """Fuzz (session h9): pybind11's TypeError for a call that no overload of a binding takes quotes repr() of every
+    argument ("Invoked with: ..."), and torch's repr() of a tensor whose storage was freed under it reads the freed
+    memory: e.expose(1, t) (one argument too many), e.tick(t), e.pool.stats(t), _core.Engine(t),
+    _core.bench_native(n=t) killed the process (SIGSEGV).  Every function, method and constructor of _core now ends
+    its overloads with one that takes anything and raises that TypeError naming the arguments' types only.  Each
+    call in its own child: one crash would hide the next."""
+    calls = ["e.expose(1, t)", "e.tick(t)", "e.pool.stats(t)", "_core.Engine(t)", "_core.bench_native(n=t)",
+             "_core.ManualClock(1, t)", "_core._Transport.loopback(t, 'x')", "_core.AuditReplay(t)"]
+    for call in calls:
+        child = run_child(f"""
+            import torch
+            from lifecycle import TransferEngine, _core
+            e = TransferEngine(num_slots=1, slot_size=8)
+            t = torch.zeros(8)
+            t.untyped_storage().resize_(0)
+            try:
+                {call}
+            except TypeError as exc:
+                print(str(exc).splitlines()[-1])
+        """)
+        assert child.returncode == 0, (call, child.returncode, child.stderr[-2000:])
+        assert child.stdout.startswith("Invoked with arguments of the types: ") and "Tensor" in child.stdout, (
+            call, child.stdout)
+    # controls: the calls the bindings take still reach them (None for a clock needs pybind11's second pass)
+    from lifecycle import _core
+
+    e = _core.Engine(0, 0, 1, 1, 1, 8, 8, 1, None, 0)
+    assert e.tick() == 0 and e.pool.stats()["slots"] == 1
+    assert _core.bench_native(1)[0] > 0 and _core.ManualClock(5).now_ns() == 5
+    with pytest.raises(InvalidArgument):  # (a typed refusal of the binding itself, not the fallback's TypeError)
+        e.expose(2**64)

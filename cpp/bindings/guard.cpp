@@ -66,3 +66,108 @@ py::custom_type_setup guarded_new_setup() {
 }
 
 }  // namespace lifecycle::bindings
+
+namespace lifecycle::bindings {
+// Any object, taken only in pybind11's second pass (with conversions): a refusal overload made of these is
+// tried after every real overload had both of its passes (in the first pass, without conversions, it took
+// calls that a real overload takes only with conversions: None for a shared_ptr).
+struct LaterArg {
+  py::object value;
+};
+}  // namespace lifecycle::bindings
+
+namespace pybind11::detail {
+template <>
+struct type_caster<lifecycle::bindings::LaterArg> {
+  PYBIND11_TYPE_CASTER(lifecycle::bindings::LaterArg, const_name("object"));
+  bool load(handle src, bool convert) {
+    if (!convert) return false;
+    value.value = reinterpret_borrow<object>(src);
+    return true;
+  }
+  static handle cast(const lifecycle::bindings::LaterArg& v, return_value_policy, handle) {
+    return v.value.inc_ref();
+  }
+};
+}  // namespace pybind11::detail
+
+// pybind11's TypeError for a call that no overload takes quotes repr() of every argument ("Invoked with: ..."),
+// and torch's repr() of a tensor whose storage was freed under it (untyped_storage().resize_(0)) reads that
+// memory: e.expose(1, t), e.tick(t) or _core.bench_native(t) died with SIGSEGV.  Every function, method and
+// constructor of the module gets a last overload that takes any arguments and raises that TypeError, naming the
+// arguments' types only.
+namespace lifecycle::bindings {
+namespace {
+
+std::string signatures(PyObject* cfunc) {
+  std::string out;
+  int k = 0;
+  for (const auto* r = py::detail::function_record_ptr_from_PyObject(PyCFunction_GET_SELF(cfunc)); r != nullptr;
+       r = r->next) {
+    out += "    " + std::to_string(++k) + ". " + std::string(r->name) + (r->signature ? r->signature : "()") + "\n";
+  }
+  return out;
+}
+
+// The pybind11 function behind `f` (a module function, an instance method, a staticmethod's), else null.
+PyObject* pybind_function(py::handle f) {
+  PyObject* fn = f.ptr();
+  if (PyObject_TypeCheck(fn, &PyStaticMethod_Type)) {
+    fn = py::getattr(f, "__func__").ptr();  // (borrowed: the staticmethod holds it)
+  }
+  if (fn != nullptr && PyInstanceMethod_Check(fn)) fn = PyInstanceMethod_GET_FUNCTION(fn);
+  if (fn == nullptr || !PyCFunction_Check(fn) || PyCFunction_GET_SELF(fn) == nullptr) return nullptr;
+  return py::detail::function_record_ptr_from_PyObject(PyCFunction_GET_SELF(fn)) != nullptr ? fn : nullptr;
+}
+
+py::cpp_function refusal(const std::string& name, py::handle fn, py::handle scope, bool method) {
+  const std::string sigs = signatures(fn.ptr());
+  auto refuse = [name, sigs](const LaterArg& first, const py::args& args, const py::kwargs& kwargs) -> py::object {
+    std::string types = Py_TYPE(first.value.ptr())->tp_name;
+    for (auto a : args) types += std::string(", ") + Py_TYPE(a.ptr())->tp_name;
+    for (auto kv : kwargs) {
+      types += ", " + py::str(kv.first).cast<std::string>() + "=" + Py_TYPE(kv.second.ptr())->tp_name;
+    }
+    throw py::type_error(name + "(): incompatible function arguments. The following argument types are "
+                         "supported:\n" + sigs + "\nInvoked with arguments of the types: " + types);
+  };
+  // (a method's self takes no conversion in pybind11's second pass: `first`, after it, is what defers it)
+  if (method) {
+    return py::cpp_function([refuse](py::handle, const LaterArg& first, const py::args& args,
+                                     const py::kwargs& kwargs) { return refuse(first, args, kwargs); },
+                            py::name(name.c_str()), py::is_method(scope), py::sibling(fn),
+                            py::arg("first") = py::none());
+  }
+  return py::cpp_function(refuse, py::name(name.c_str()), py::scope(scope), py::sibling(fn),
+                          py::arg("first") = py::none());
+}
+
+}  // namespace
+
+void add_refusals(py::module_& m) {
+  std::vector<std::pair<std::string, py::object>> functions;  // (set after the walk over the module's dict)
+  for (auto item : py::reinterpret_borrow<py::dict>(m.attr("__dict__"))) {
+    const std::string name = py::str(item.first).cast<std::string>();
+    py::handle v = item.second;
+    if (PyType_Check(v.ptr())) {
+      if (py::str(py::getattr(v, "__module__", py::str())).cast<std::string>() != "lifecycle._core") continue;
+      const py::dict ns(v.attr("__dict__"));  // (a copy: a class's __dict__ is a mappingproxy)
+      std::vector<std::pair<std::string, py::object>> add;
+      for (auto member : ns) {
+        const std::string mname = py::str(member.first).cast<std::string>();
+        if (mname.rfind("__", 0) == 0 && mname != "__init__") continue;
+        PyObject* fn = pybind_function(member.second);
+        if (fn == nullptr) continue;
+        const bool is_static = PyObject_TypeCheck(member.second.ptr(), &PyStaticMethod_Type);
+        py::cpp_function cf = refusal(mname, fn, v, !is_static);
+        add.emplace_back(mname, is_static ? py::object(py::staticmethod(cf)) : py::object(cf));
+      }
+      for (auto& [mname, f] : add) py::setattr(v, mname.c_str(), f);
+    } else if (PyObject* fn = pybind_function(v)) {
+      functions.emplace_back(name, refusal(name, fn, m, false));
+    }
+  }
+  for (auto& [name, f] : functions) m.attr(name.c_str()) = f;
+}
+
+}  // namespace lifecycle::bindings

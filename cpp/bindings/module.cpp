@@ -12,4 +12,5 @@ PYBIND11_MODULE(_core, m) {
   lifecycle::bindings::register_transport(m);
   lifecycle::bindings::register_audit(m);
   lifecycle::bindings::register_nogil(m);
+  lifecycle::bindings::add_refusals(m);
 }

@@ -45,4 +45,7 @@ void register_bench(pybind11::module_& m);
 void register_transport(pybind11::module_& m);
 void register_audit(pybind11::module_& m);
 void register_nogil(pybind11::module_& m);
+// Last: every function and method refuses arguments it does not take naming their types, never their repr()
+// (guard.cpp).
+void add_refusals(pybind11::module_& m);
 }  // namespace lifecycle::bindings

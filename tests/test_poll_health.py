@@ -683,7 +683,8 @@ def test_a_signal_raised_in_poll_logs_each_notice_after_the_move_it_follows(cloc
         for r in (1, 2, 3):
             moved = [i for i, (name, kw) in enumerate(logged) if name == "lifecycle.transition" and
                      kw["request"] == r and kw["to_state"] == "Terminated"]
-            told = [i for i, (name, kw) in enumerate(logged) if name == "lifecycle.terminate_now" and kw["request"] == r]
+            told = [i for i, (name, kw) in enumerate(logged)
+                    if name == "lifecycle.terminate_now" and kw["request"] == r]
             assert len(moved) == 1 and len(told) == 1 and moved[0] < told[0], (k, r, moved, told)
         k += 1
     assert k > 5

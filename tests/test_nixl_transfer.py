@@ -334,9 +334,9 @@ def test_cuda12_runtime_survives_a_mapped_file_whose_name_is_not_utf8(tmp_path):
     assert "runtime: True\n" in out.stdout and "bad: True\n" in out.stdout, out.stdout
 
 
-def test_nixl_transport_prepares_cuda_before_its_agent_starts_ucx(monkeypatch):
-    """UCX loads its modules and reads its settings when the agent starts, so both preparations must run
-    before the core is made, and the CUDA 12 runtime only for the wheel's NIXL."""
+def _preparation_calls(monkeypatch) -> list[str]:
+    """NixlTransport's preparations recorded in order ("cudart", "ucx"), then the core it makes ("core", which
+    stops there); the library at a path is the wheel's iff the path is "wheel"."""
     import lifecycle.transport as tr
 
     calls = []
@@ -351,6 +351,13 @@ def test_nixl_transport_prepares_cuda_before_its_agent_starts_ucx(monkeypatch):
     monkeypatch.setattr(tr, "ucx_cuda_defaults", lambda: calls.append("ucx"))
     monkeypatch.setattr(tr._core, "_Transport", Core)
     monkeypatch.setattr(tr, "_is_wheel_capi", lambda path: path == "wheel")
+    return calls
+
+
+def test_nixl_transport_prepares_cuda_before_its_agent_starts_ucx(monkeypatch):
+    """UCX loads its modules and reads its settings when the agent starts, so both preparations must run
+    before the core is made, and the CUDA 12 runtime only for the wheel's NIXL."""
+    calls = _preparation_calls(monkeypatch)
     for path, want in (("wheel", ["cudart", "ucx", "core"]), ("site-build", ["ucx", "core"])):
         calls.clear()
         with pytest.raises(RuntimeError, match="stop here"):
@@ -364,26 +371,13 @@ def test_nixl_transport_prepares_cuda_for_the_library_the_env_override_loads(mon
     wheel's library and capi_path another, the wheel's NIXL started UCX without the CUDA 12 runtime prepared
     (['ucx', 'core']), and a refused VRAM registration got the other build's hint; the reverse prepared it for
     a library that was not loaded.  Control: without the override, capi_path decides, as before."""
-    import lifecycle.transport as tr
-
     overriding = str(tmp_path / "override" / "libnixl_capi.so")
     monkeypatch.setenv(ENV_CAPI, overriding)
     with pytest.raises(NixlUnavailable) as ei:  # the core loads the override, not the path it was given
         _core.load_nixl_capi(str(tmp_path / "given.so"))
     assert ei.value.library == overriding
 
-    calls = []
-
-    class Core:
-        @staticmethod
-        def nixl(*args):
-            calls.append("core")
-            raise RuntimeError("stop here")
-
-    monkeypatch.setattr(tr, "cuda12_runtime", lambda: calls.append("cudart"))
-    monkeypatch.setattr(tr, "ucx_cuda_defaults", lambda: calls.append("ucx"))
-    monkeypatch.setattr(tr._core, "_Transport", Core)
-    monkeypatch.setattr(tr, "_is_wheel_capi", lambda path: path == "wheel")
+    calls = _preparation_calls(monkeypatch)
     cases = (("wheel", "site-build", ["cudart", "ucx", "core"]), ("site-build", "wheel", ["ucx", "core"]),
              (None, "wheel", ["cudart", "ucx", "core"]), (None, "site-build", ["ucx", "core"]))
     for env, path, want in cases:

@@ -1328,15 +1328,18 @@ def test_a_stop_reaching_a_transport_that_did_not_move_the_bytes_is_not_answered
             t.close()
 
 
+@pytest.mark.parametrize("forgone", [False, True], ids=["early-stop", "forgone"])
 @pytest.mark.parametrize("mode", ["read", "write"])
-def test_an_early_stop_answered_by_one_transport_keeps_another_of_the_engine_from_posting(mode):
+def test_an_early_stop_answered_by_one_transport_keeps_another_of_the_engine_from_posting(mode, forgone):
     """Two transports on one engine (as above): the peer offered to B and cancelled before anything was posted.
     B, holding nothing, answered "quiesced" at once and remembered the pair, so that a later post of that offer
     is skipped; but the executor posts it through A, whose own stop memory knew nothing of it: the post went
     out (review: "Posted", after the peer had ended Quiesced(cancelled) and given its slot back, so a READ took
     whatever the slot held next and a WRITE landed in it).  An early stop that one transport answers is now
     remembered by every live transport of the engine (or left unanswered where one of them cannot promise):
-    A's post is skipped, CancelledBeforePost.  Control: B did answer, the peer ended Quiesced(cancelled)."""
+    A's post is skipped, CancelledBeforePost.  Control: B did answer, the peer ended Quiesced(cancelled).
+    forgone: B forgoes the offer first (forgo()), and its stop is answered at once, "never posted"; that answer
+    was B's alone (A's post went out: "Posted") until it went through share_stop too (session 25)."""
     from lifecycle.transport import connect_all
 
     n = 64 * KiB
@@ -1350,6 +1353,8 @@ def test_an_early_stop_answered_by_one_transport_keeps_another_of_the_engine_fro
         ep.advertise(1, "sender" if mode == "read" else "receiver", n)
         e.advertise(1, "receiver" if mode == "read" else "sender", n)
         offer = p.expect(1, b.name, pool_slot(ep, 1))
+        if forgone:
+            b.forgo(1, p.name, offer)
         assert ep.cancel(1) is CancelResult.CancelRequestedInFlight
         wait_for(lambda: ep.state(1) in (State.Quiesced, State.Poisoned), 10, "the peer's cancel", lambda: ep.drain(0.01))
         assert ep.state(1) is State.Quiesced and ep.outcome(1) is Outcome.cancelled  # B answered (control)
@@ -1410,37 +1415,6 @@ def test_an_early_stop_is_not_answered_while_another_transport_of_the_engine_may
         for t in (a, b, p):
             t.close()
 
-
-@pytest.mark.parametrize("mode", ["read", "write"])
-def test_a_stop_answered_for_a_forgone_offer_keeps_another_transport_of_the_engine_from_posting(mode):
-    """As above, with forgo(): B forgoes the peer's offer, the peer cancels, and B answers its stop at once
-    ("never posted").  The answer was B's alone: the executor's post of the same offer through A, another
-    transport of the engine, went out after the peer had ended Quiesced(cancelled) and given its slot back.
-    The forgone answer now binds the engine's other transports as an early stop does (share_stop): A's post is
-    skipped.  Control: B did answer, and the peer ended Quiesced(cancelled)."""
-    from lifecycle.transport import connect_all
-
-    n = 64 * KiB
-    i = next(_n)
-    e, ep = TransferEngine(num_slots=2, slot_size=n), TransferEngine(num_slots=2, slot_size=n, cancel_grace=5)
-    a, b, p = (LoopbackTransport(eng, f"fg-{x}{i}") for eng, x in ((e, "A"), (e, "B"), (ep, "P")))
-    try:
-        connect_all(a, b, p)
-        for t, eng in ((a, e), (b, e), (p, ep)):
-            t.register(eng.pool)
-        ep.advertise(1, "sender" if mode == "read" else "receiver", n)
-        e.advertise(1, "receiver" if mode == "read" else "sender", n)
-        offer = p.expect(1, b.name, pool_slot(ep, 1))
-        b.forgo(1, p.name, offer)
-        assert ep.cancel(1) is CancelResult.CancelRequestedInFlight
-        wait_for(lambda: ep.state(1) in (State.Quiesced, State.Poisoned), 10, "the peer's cancel", lambda: ep.drain(0.01))
-        assert ep.state(1) is State.Quiesced and ep.outcome(1) is Outcome.cancelled  # B answered (control)
-        assert b.stats().quiesced_sent == 1 and b.stats().stops_unanswered == 0
-        res = (a.read if mode == "read" else a.write)(1, pool_slot(e, 1), p.name, offer)
-        assert res == "CancelledBeforePost" and a.stats().posted == 0, (res, a.stats())
-    finally:
-        for t in (a, b, p):
-            t.close()
 
 
 def test_a_new_session_of_an_id_is_not_refused_for_the_passive_entry_its_ended_session_left():

@@ -24,3 +24,25 @@ def test_audit_md_names_every_finding_kind():
     warnings = re.findall(r"`([a-z_]+)`", _paragraph(text, "Warnings (reported, exit 0):"))
     assert violations == list(audit.VIOLATION_KINDS)
     assert warnings == list(audit.WARNING_KINDS)
+
+
+def _cpp_constants(path: Path) -> dict[str, int]:
+    """``constexpr std::int64_t kName = 1'000;`` lines of a C++ header, as {name: value}."""
+    text = path.read_text(encoding="utf-8")
+    return {m[1]: int(m[2].replace("'", "")) for m in re.finditer(r"constexpr std::int64_t (k\w+) = ([\d']+);", text)}
+
+
+def _ns(value: int) -> str:
+    return f"{value // 1_000_000} ms" if value % 1_000_000 == 0 else f"{value // 1_000} µs"
+
+
+def test_engine_md_clock_bullet_quotes_the_tsc_line_rule():
+    """The re-anchoring rule's numbers, and that a line far ahead steps back (a reading goes back)."""
+    k = _cpp_constants(DOCS.parent / "cpp" / "include" / "lifecycle" / "tsc_line.hpp")
+    bullet = _paragraph((DOCS / "engine.md").read_text(encoding="utf-8"), "* **Clock**")
+    bullet = " ".join(bullet[:bullet.find("\n* ")].split())  # up to the next bullet, one line
+    assert f"every ≤ {_ns(k['kMaxInterval'])}" in bullet
+    assert f"doubles from {_ns(k['kFirstInterval'])}" in bullet
+    assert f"within {_ns(k['kQuiet'])}" in bullet
+    assert f"error over {_ns(k['kRebase'])}" in bullet
+    assert f"ahead by at most {_ns(k['kStepLimit'])}" in bullet and "steps back" in bullet

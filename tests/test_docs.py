@@ -46,3 +46,32 @@ def test_engine_md_clock_bullet_quotes_the_tsc_line_rule():
     assert f"within {_ns(k['kQuiet'])}" in bullet
     assert f"error over {_ns(k['kRebase'])}" in bullet
     assert f"ahead by at most {_ns(k['kStepLimit'])}" in bullet and "steps back" in bullet
+
+
+def _flags(program: Path) -> tuple[set[str], set[str]]:
+    """(every flag, the required ones) of a script's argparse ``add_argument`` lines."""
+    found, required = set(), set()
+    for m in re.finditer(r'add_argument\("(--[a-z-]+)"([^\n]*)', program.read_text(encoding="utf-8")):
+        found.add(m[1])
+        if "required=True" in m[2]:
+            required.add(m[1])
+    return found, required
+
+
+def test_collectives_md_runs_the_mpi_programs_with_their_flags():
+    """Every flag quoted with a tests/mpi program is one it takes; a command line naming the program by its
+    path holds the flags it requires (``seed_bugs.py --mode raw`` alone is an argparse error: --bug)."""
+    text = (DOCS / "collectives.md").read_text(encoding="utf-8")
+    mpi = DOCS.parent / "tests" / "mpi"
+    spans = re.findall(r"`([^`\n]*\b(\w+)\.py\b[^`\n]*)`", text)
+    checked = 0
+    for span, name in spans:
+        if not (mpi / f"{name}.py").exists():
+            continue
+        flags, required = _flags(mpi / f"{name}.py")
+        used = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", span.split(f"{name}.py", 1)[1]))
+        assert used <= flags, (span, used - flags)
+        if f"tests/mpi/{name}.py" in span:
+            assert required <= used, (span, required - used)
+            checked += 1
+    assert checked >= 1  # (the seed-bug command line)

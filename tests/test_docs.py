@@ -75,3 +75,17 @@ def test_collectives_md_runs_the_mpi_programs_with_their_flags():
             assert required <= used, (span, required - used)
             checked += 1
     assert checked >= 1  # (the seed-bug command line)
+
+
+def test_engine_md_bindings_paragraph_names_every_binding_file_and_module_call():
+    """Each cpp/bindings/*.cpp concept, and every call module.cpp makes that is not a register_* of one."""
+    bindings = DOCS.parent / "cpp" / "bindings"
+    text = (DOCS / "engine.md").read_text(encoding="utf-8")
+    para = " ".join(_paragraph(text, "`module.cpp` only calls").split())
+    concepts = [f.stem.removeprefix("bind_") for f in sorted(bindings.glob("*.cpp")) if f.stem != "module"]
+    assert len(concepts) >= 10  # (the glob found the files)
+    missing = [c for c in concepts if not re.search(rf"\b{c}\b", para)]
+    assert not missing, missing
+    calls = re.findall(r"bindings::(\w+)\(m\)", (bindings / "module.cpp").read_text(encoding="utf-8"))
+    others = [c for c in calls if not (c.startswith("register_") and c.removeprefix("register_") in concepts)]
+    assert all(f"`{c}`" in para for c in others), others

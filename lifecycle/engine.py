@@ -345,7 +345,8 @@ class TransferEngine(_core.Engine):
         Never blocks.  Callback errors are logged and re-raised (TerminateCallbackError) after the
         whole batch was delivered, so no notice is lost; the batch's transitions are on its ``transitions``.  A
         logger or a health check that raises while the batch is logged does not lose its notices either: every
-        one of them is delivered, then that error propagates (the batch's transitions with it).  The rest of the
+        one of them is delivered, then that error propagates (it carries no transitions: they are in the log; a
+        callback's error raised meanwhile takes its place, with them on ``transitions``).  The rest of the
         batch is logged before the notices go out, so each notice's line follows its move's; only the record the
         error hit may lack its line.
         """
@@ -371,7 +372,11 @@ class TransferEngine(_core.Engine):
                 self._log_inbox(inbox, out)
             except BaseException:
                 pass
-            self._deliver()
+            try:
+                self._deliver()
+            except TerminateCallbackError as err:
+                err.transitions = out  # (as below: the error takes the place of the return value)
+                raise
             raise
         try:
             self._deliver()

@@ -703,6 +703,43 @@ def test_a_logger_that_raises_once_mid_batch_loses_only_that_line(clock):
     assert results == [2, 3]  # the first one's line is the one the logger lost
 
 
+
+def test_a_callback_error_after_an_interrupted_log_still_carries_the_batch(clock):
+    """poll() whose logging was interrupted (a logger that raised once, as a signal's exception would) and whose
+    callback then raised: the TerminateCallbackError that takes the place of the return value carries the batch's
+    transitions (docs/engine.md; poll_symmetric learns from them what sessions ended as), as it does on the
+    uninterrupted path.  Before, it carried [] on this path.  Control: the logger did raise, and the error
+    names request 2."""
+
+    class _OnceBroken(_Recorder):
+        calls = 0
+
+        def info(self, name, **kw):
+            _OnceBroken.calls += 1
+            if _OnceBroken.calls == 1:
+                raise RuntimeError("logger broke once")
+            super().info(name, **kw)
+
+    def cb(r):
+        if r == 2:
+            raise ValueError("release failed")
+
+    logged = []
+    eng = TransferEngine(clock=clock, on_terminate=cb, logger=_Recorder(logged))
+    for r in (1, 2, 3):
+        drive(eng, r, "InFlight")
+    eng.poll()
+    eng._log = _OnceBroken(logged)
+    for r in (1, 2, 3):
+        eng.terminate(r)
+        eng.complete(r)
+    with pytest.raises(TerminateCallbackError) as info:
+        eng.poll()
+    assert _OnceBroken.calls > 1 and isinstance(info.value.__context__, RuntimeError)
+    assert [r for r, _exc in info.value.errors] == [2]
+    ended = sorted(t.request for t in info.value.transitions if t.to_state is State.Terminated)
+    assert ended == [1, 2, 3]
+
 class _Recorder(_Quiet):
     def __init__(self, into):
         self.into = into

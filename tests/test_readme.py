@@ -74,3 +74,29 @@ def test_readme_loop_releases_a_cancelled_session_whose_terminate_was_deferred_o
     assert engine.state(3).value == engine.state(4).value == "Terminated"
     engine.poll()
     assert freed == [4, 3], freed
+
+
+def test_readme_does_not_promise_a_tombstone_for_tombstones_more_terminations():
+    """README's loop said a terminated session answers NotFound 'after `tombstones` more terminations'.  The window
+    is kept per shard (tombstones / shards each, docs/engine.md), so a session's tombstone can go sooner: with the
+    default window (65,536, 16 shards) request 1 answered NotFound after 65,251 later terminations.  The comment
+    says 'about ..., maybe fewer' now.  Control: the engine does evict before the full count here (the claim the
+    text no longer makes was false), and the example's code is unchanged by the comment."""
+    from lifecycle import ManualClock, TransferEngine
+
+    text = README.read_text()
+    line = " ".join(re.search(r"# NotFound frees-now:(.*?)free only what is held", text, re.S).group(1).split())
+    assert "after `tombstones` more terminations" not in line
+    assert "maybe fewer" in line
+    eng = TransferEngine(clock=ManualClock(0))  # the default window: 65,536 in 16 shards
+    eng.advertise(1, "sender")
+    eng.cancel(1)
+    eng.terminate(1)
+    later = 0
+    while eng.cancel(1).value != "NotFound":
+        later += 1
+        eng.advertise(1 + later, "sender")
+        eng.cancel(1 + later)
+        eng.terminate(1 + later)
+        assert later < 1 << 20  # (bounded: each shard keeps 4,096)
+    assert later < 65_536

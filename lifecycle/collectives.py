@@ -997,7 +997,8 @@ def poll_symmetric(
     call: a group and site), also once its
     tombstone is gone (it read as "not tracked here": pending for ever).
 
-    Cost: one header exchange plus one allgather of ``2 * len(requests)`` int64 per rank.  If the
+    Cost: one header exchange plus an allgather of the sizes and one of ``1 + 2 * len(requests)`` int64 per rank
+    (the poll-error flag, then an (id, flags) pair per request).  If the
     local ``engine.poll()`` raises (or iterating ``requests``, an invalid id, ``state``/``outcome``), this rank still
     joins the collective and re-raises afterwards; the other ranks see it in ``poll_errors``.
     """

@@ -89,3 +89,26 @@ def test_engine_md_bindings_paragraph_names_every_binding_file_and_module_call()
     calls = re.findall(r"bindings::(\w+)\(m\)", (bindings / "module.cpp").read_text(encoding="utf-8"))
     others = [c for c in calls if not (c.startswith("register_") and c.removeprefix("register_") in concepts)]
     assert all(f"`{c}`" in para for c in others), others
+
+
+def test_poll_symmetric_cost_is_quoted_as_it_is_sent():
+    """docs/collectives.md and poll_symmetric's docstring give its payload per rank; the docstring said
+    ``2 * len(requests)`` int64, one short of what it sends (the poll-error flag comes first)."""
+    from lifecycle import TransferEngine, collectives
+    from lifecycle.demo_worker import SoloGroup
+
+    sent = []
+
+    class _Recording(SoloGroup):
+        def allgather_ints(self, values, *, site=None):
+            sent.append(len(values))
+            return super().allgather_ints(values, site=site)
+
+    eng = TransferEngine()
+    for r in (1, 2, 3):
+        eng.advertise(r, "sender")
+    collectives.poll_symmetric(eng, _Recording(), [1, 2, 3])
+    assert sent == [1 + 2 * 3]
+    quoted = "1 + 2 * len(requests)"
+    assert quoted in (DOCS / "collectives.md").read_text(encoding="utf-8")
+    assert quoted in " ".join(collectives.poll_symmetric.__doc__.split())

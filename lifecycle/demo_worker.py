@@ -212,9 +212,23 @@ class MpiChannel:
     def wait(self, timeout: float) -> None:
         time.sleep(min(timeout, 0.0005))
 
-    def close(self) -> None:
-        for r in self._reqs:
-            r.Wait()
+    def close(self, timeout: float = 60.0) -> None:
+        """Collective over the whole job (every rank of both sides).  Keep receiving (and dropping) the peer's
+        messages until every rank's sends are through and every rank is here (a non-blocking barrier), then return.
+        Soaking --ranks 2 at --deadline: a side that ended first finalized MPI and exited with the other side's
+        offers unreceived while that side still waited out its exposed sessions; the job then SIGKILLed it, which
+        wrote no summary (`mpiexec exited with code 9`), and its own Wait() on an unreceived send could never end.
+        Bounded by ``timeout`` (a peer that never comes: exit anyway, as before)."""
+        end = time.monotonic() + timeout
+        barrier = None
+        while time.monotonic() < end:
+            self.recv_all()  # (the run is over: what the peer still sent only has to be taken off the wire)
+            self._reqs = [r for r in self._reqs if not r.Test()]
+            if barrier is None and not self._reqs:
+                barrier = self.comm.Ibarrier()
+            if barrier is not None and barrier.Test():
+                return
+            time.sleep(0.0005)
 
 
 class SoloGroup:

@@ -210,6 +210,25 @@ def test_demo_two_ranks_per_side_agree_and_are_clean(tmp_path):
         assert a["shards"] == 2
 
 
+@needs_nixl
+@needs_mpi
+@pytest.mark.nixl
+@pytest.mark.mpi
+def test_demo_ranks_at_deadline_every_worker_exits_by_itself_and_reports(tmp_path):
+    """Soak (ranks 2): at --deadline the side that finished its wind-down first finalized MPI and exited while the
+    other side still waited for its exposed sessions (wait_idle) with its offers unreceived; the job then killed the
+    survivors (SIGKILL): no summary from them, `mpiexec exited with code 9` (or 0 and "wrote no summary")."""
+    res, s, out = demo(tmp_path, "--ranks", "2", "--requests", "3000", "--concurrency", "256", "--deadline", "1",
+                       "--transfer-timeout", "5", "--cancel-grace", "5", "--seed", "21", timeout=120)
+    log = (out / "mpiexec.log").read_text()[-2000:]
+    names = {x["name"] for x in s["sides"]}
+    assert names == {"sender-0", "sender-1", "receiver-0", "receiver-1"}, explain(res, s) + log
+    assert s["exit_codes"] == {"mpiexec": 0}, explain(res, s) + log
+    # control: the deadline did cut the run (the workers stopped with work left, counted as wedged)
+    assert not s["ok"] and s["totals"]["wedged"] > 0, explain(res, s)
+    assert all("wedged" in f or "leaked" in f or "audit violation" in f for f in s["failures"]), explain(res, s) + log
+
+
 def test_example_runs_quickly_and_prints_health_and_diagram():
     res = run_cli(["example"], timeout=30)
     assert res.returncode == 0, res.stdout + res.stderr

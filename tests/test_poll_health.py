@@ -657,12 +657,7 @@ def test_a_signal_raised_as_any_c_call_of_poll_returns_loses_no_notice_and_logs_
         while eng.poll() or eng._notices or eng._inbox:
             pass
         assert sorted(delivered) == [1, 2, 3], (k, delivered)
-        for r in (1, 2, 3):
-            moved = [i for i, (name, kw) in enumerate(logged) if name == "lifecycle.transition" and
-                     kw["request"] == r and kw["to_state"] == "Terminated"]
-            told = [i for i, (name, kw) in enumerate(logged)
-                    if name == "lifecycle.terminate_now" and kw["request"] == r]
-            assert len(moved) == 1 and len(told) == 1 and moved[0] < told[0], (k, r, moved, told)
+        _each_notice_logged_after_its_move(logged, k)
         k += 1
     assert k > 5
 
@@ -672,36 +667,14 @@ def test_a_logger_that_raises_once_mid_batch_loses_only_that_line(clock):
     of its records (here every move to Terminated) never reached the log, and their notices were delivered and
     logged without them.  The batch's other records are logged now, then the error goes on.  Control: the
     logger did raise, on the first record of the batch (the first session's deferral result)."""
-
-    class _OnceBroken(_Recorder):
-        calls = 0
-
-        def info(self, name, **kw):
-            _OnceBroken.calls += 1
-            if _OnceBroken.calls == 1:
-                raise RuntimeError("logger broke once")
-            super().info(name, **kw)
-
-    delivered, logged = [], []
-    eng = TransferEngine(clock=clock, on_terminate=delivered.append, logger=_Recorder(logged))
-    for r in (1, 2, 3):
-        drive(eng, r, "InFlight")
-    eng.poll()
-    eng._log = _OnceBroken(logged)
-    for r in (1, 2, 3):
-        eng.terminate(r)
-        eng.complete(r)
+    delivered = []
+    eng, logged, _broken = _deferred_batch_with_a_logger_that_breaks_once(clock, delivered.append)
     with pytest.raises(RuntimeError, match="logger broke once"):
         eng.poll()
     assert sorted(delivered) == [1, 2, 3]
-    for r in (1, 2, 3):
-        moved = [i for i, (name, kw) in enumerate(logged) if name == "lifecycle.transition" and
-                 kw["request"] == r and kw["to_state"] == "Terminated"]
-        told = [i for i, (name, kw) in enumerate(logged) if name == "lifecycle.terminate_now" and kw["request"] == r]
-        assert len(moved) == 1 and len(told) == 1 and moved[0] < told[0], (r, moved, told, logged)
+    _each_notice_logged_after_its_move(logged)
     results = [kw["request"] for name, kw in logged if name == "lifecycle.terminate" and kw["result"] == "Deferred"]
     assert results == [2, 3]  # the first one's line is the one the logger lost
-
 
 
 def test_a_callback_error_after_an_interrupted_log_still_carries_the_batch(clock):
@@ -711,31 +684,14 @@ def test_a_callback_error_after_an_interrupted_log_still_carries_the_batch(clock
     uninterrupted path.  Before, it carried [] on this path.  Control: the logger did raise, and the error
     names request 2."""
 
-    class _OnceBroken(_Recorder):
-        calls = 0
-
-        def info(self, name, **kw):
-            _OnceBroken.calls += 1
-            if _OnceBroken.calls == 1:
-                raise RuntimeError("logger broke once")
-            super().info(name, **kw)
-
     def cb(r):
         if r == 2:
             raise ValueError("release failed")
 
-    logged = []
-    eng = TransferEngine(clock=clock, on_terminate=cb, logger=_Recorder(logged))
-    for r in (1, 2, 3):
-        drive(eng, r, "InFlight")
-    eng.poll()
-    eng._log = _OnceBroken(logged)
-    for r in (1, 2, 3):
-        eng.terminate(r)
-        eng.complete(r)
+    eng, _logged, broken = _deferred_batch_with_a_logger_that_breaks_once(clock, cb)
     with pytest.raises(TerminateCallbackError) as info:
         eng.poll()
-    assert _OnceBroken.calls > 1 and isinstance(info.value.__context__, RuntimeError)
+    assert broken.calls > 1 and isinstance(info.value.__context__, RuntimeError)
     assert [r for r, _exc in info.value.errors] == [2]
     ended = sorted(t.request for t in info.value.transitions if t.to_state is State.Terminated)
     assert ended == [1, 2, 3]
@@ -749,6 +705,44 @@ class _Recorder(_Quiet):
 
     def info(self, name, **kw):
         self.into.append((name, kw))
+
+
+class _OnceBroken(_Recorder):
+    """A recorder whose first info() raises: a logger that broke once (as a signal's exception would)."""
+
+    def __init__(self, into):
+        super().__init__(into)
+        self.calls = 0
+
+    def info(self, name, **kw):
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("logger broke once")
+        super().info(name, **kw)
+
+
+def _deferred_batch_with_a_logger_that_breaks_once(clock, on_terminate):
+    """Requests 1-3 exposed and logged by one poll(); then, with a logger whose first line raises, each
+    terminated (Deferred) and completed: the next poll()'s batch holds their moves to Terminated and notices."""
+    logged = []
+    eng = TransferEngine(clock=clock, on_terminate=on_terminate, logger=_Recorder(logged))
+    for r in (1, 2, 3):
+        drive(eng, r, "InFlight")
+    eng.poll()
+    eng._log = broken = _OnceBroken(logged)
+    for r in (1, 2, 3):
+        eng.terminate(r)
+        eng.complete(r)
+    return eng, logged, broken
+
+
+def _each_notice_logged_after_its_move(logged, *context):
+    """Requests 1-3: one move to Terminated logged, then one lifecycle.terminate_now, in that order."""
+    for r in (1, 2, 3):
+        moved = [i for i, (name, kw) in enumerate(logged) if name == "lifecycle.transition" and
+                 kw["request"] == r and kw["to_state"] == "Terminated"]
+        told = [i for i, (name, kw) in enumerate(logged) if name == "lifecycle.terminate_now" and kw["request"] == r]
+        assert len(moved) == 1 and len(told) == 1 and moved[0] < told[0], (*context, r, moved, told)
 
 
 @pytest.mark.parametrize("again", [False, True], ids=["forgotten", "advertised-again"])

@@ -696,6 +696,7 @@ def test_a_callback_error_after_an_interrupted_log_still_carries_the_batch(clock
     ended = sorted(t.request for t in info.value.transitions if t.to_state is State.Terminated)
     assert ended == [1, 2, 3]
 
+
 class _Recorder(_Quiet):
     def __init__(self, into):
         self.into = into

@@ -94,13 +94,14 @@ std::unique_ptr<tp::Agent> maybe_faulty(std::unique_ptr<tp::Agent> agent, const 
     throw InvalidArgumentError("seed", "expected an int in [0, 2**64)");
   }
   f.delay = probability(d, "delay");
-  f.delay_for = seconds_opt("delay_s", get_f(d, "delay_s", 0.002), 0, 3600);
+  constexpr double kMaxDelayS = static_cast<double>(tp::kMaxFaultDelay.count());
+  f.delay_for = seconds_opt("delay_s", get_f(d, "delay_s", 0.002), 0, kMaxDelayS);
   f.error = probability(d, "error");
   f.disconnect = probability(d, "disconnect");
   f.never_completes = probability(d, "never_completes");
   f.drop_notification = probability(d, "drop_notification");
   f.duplicate_notification = probability(d, "duplicate_notification");
-  f.duplicate_after = seconds_opt("duplicate_after_s", get_f(d, "duplicate_after_s", 0), 0, 3600);
+  f.duplicate_after = seconds_opt("duplicate_after_s", get_f(d, "duplicate_after_s", 0), 0, kMaxDelayS);
   f.release_failure = probability(d, "release_failure");
   // one roll picks at most one of these four (faulty.cpp): beyond a total of 1 the later ones vanish
   if (f.delay + f.error + f.disconnect + f.never_completes > 1 + 1e-9) {

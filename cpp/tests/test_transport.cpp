@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <new>
@@ -2220,6 +2221,39 @@ void test_a_release_never_forgets_the_fault_of_a_new_transfer_of_the_id() {
 // latter's "done" was dropped depended on whether the former's had come first (an order across requests:
 // timing).  Scripted: the far id's note alone, then after id 1's note, for 32 seeds (fails before: the
 // outcome differs for some).  Control: the drops vary with the seed (the check is not vacuous).
+// FaultOptions from C++ were not checked (only the binding checked them): a NaN probability never fired, and a
+// delay_for of microseconds::max() overflowed its conversion to nanoseconds (undefined behaviour) at the first
+// delayed post.  The constructor refuses each with InvalidArgumentError naming the field.  Control: the bounds
+// themselves (0, 1, kMaxFaultDelay) are taken.
+void test_fault_options_out_of_range_are_refused_by_the_constructor() {
+  auto refused = [](FaultOptions f, const std::string& field) {
+    try {
+      FaultyAgent a(std::make_unique<LoopbackAgent>(named("fault-opts")), f);
+    } catch (const InvalidArgumentError& e) {
+      return std::string(e.what()).find(field) != std::string::npos;
+    }
+    return false;
+  };
+  FaultOptions nan;
+  nan.error = std::numeric_limits<double>::quiet_NaN();
+  CHECK(refused(nan, "error"));
+  FaultOptions over;
+  over.release_failure = 1.5;
+  CHECK(refused(over, "release_failure"));
+  FaultOptions far;
+  far.delay_for = std::chrono::microseconds::max();
+  CHECK(refused(far, "delay_for"));
+  FaultOptions back;
+  back.duplicate_after = std::chrono::microseconds{-1};
+  CHECK(refused(back, "duplicate_after"));
+  FaultOptions edge;  // the control
+  edge.delay = 1;
+  edge.drop_notification = 0;
+  edge.delay_for = kMaxFaultDelay;
+  edge.duplicate_after = kMaxFaultDelay;
+  CHECK(!refused(edge, "delay"));
+}
+
 void test_note_faults_of_an_id_never_depend_on_another_ids_notes() {
   const std::uint64_t far = (std::uint64_t{1} << 62) + 1;
   int differ = 0, dropped = 0;
@@ -2331,6 +2365,7 @@ int main() {
   test_a_status_read_before_an_id_was_watched_again_is_not_reported_for_the_new_request();
   test_a_release_never_forgets_the_fault_of_a_new_transfer_of_the_id();
   test_note_faults_of_an_id_never_depend_on_another_ids_notes();
+  test_fault_options_out_of_range_are_refused_by_the_constructor();
   test_a_failed_allocation_on_the_loopback_worker_loses_a_note_not_the_process();
   TEST_MAIN_END();
 }

@@ -1,5 +1,8 @@
 #include "lifecycle/transport/faulty.hpp"
 
+#include <utility>
+
+#include "lifecycle/error_base.hpp"  // InvalidArgumentError
 #include "lifecycle/transport/nixl_capi.hpp"  // TransportError
 
 namespace lifecycle::transport {
@@ -20,6 +23,23 @@ enum RollKind : std::uint64_t { kPostFault = 1, kDrop = 2, kDup = 3, kRelease = 
 FaultyAgent::FaultyAgent(std::unique_ptr<Agent> inner, FaultOptions opts)
     : inner_(std::move(inner)), opts_(opts) {
   if (!inner_) throw TransportError("FaultyAgent: no inner agent");
+  const std::pair<const char*, double> probabilities[] = {
+      {"delay", opts_.delay}, {"error", opts_.error}, {"disconnect", opts_.disconnect},
+      {"never_completes", opts_.never_completes}, {"drop_notification", opts_.drop_notification},
+      {"duplicate_notification", opts_.duplicate_notification}, {"release_failure", opts_.release_failure}};
+  for (const auto& [field, p] : probabilities) {
+    if (!(p >= 0 && p <= 1)) {  // (NaN too)
+      throw InvalidArgumentError(field, "expected a probability in [0, 1], got " + std::to_string(p));
+    }
+  }
+  const std::pair<const char*, std::chrono::microseconds> delays[] = {{"delay_for", opts_.delay_for},
+                                                                       {"duplicate_after", opts_.duplicate_after}};
+  for (const auto& [field, d] : delays) {
+    if (d.count() < 0 || d > kMaxFaultDelay) {
+      throw InvalidArgumentError(field, "expected a delay in [0, " + std::to_string(kMaxFaultDelay.count()) +
+                                            " s], got " + std::to_string(d.count()) + " us");
+    }
+  }
 }
 
 double FaultyAgent::roll(std::uint64_t kind, std::uint64_t a, std::uint64_t b) const noexcept {

@@ -40,6 +40,12 @@
 
 namespace lifecycle::transport {
 
+// The longest injected delay (delay_for, duplicate_after): the bindings and FaultyAgent's own check take it.
+inline constexpr std::chrono::seconds kMaxFaultDelay{3600};
+
+// FaultyAgent's constructor refuses (InvalidArgumentError naming the field) a probability outside [0, 1] or NaN
+// and a delay outside [0, kMaxFaultDelay]: from C++ nothing else checked them (a NaN never fired, a
+// microseconds::max() overflowed its conversion to the clock's nanoseconds).
 struct FaultOptions {
   std::uint64_t seed = 0;
   double delay = 0;

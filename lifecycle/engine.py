@@ -372,20 +372,20 @@ class TransferEngine(_core.Engine):
                 self._log_inbox(inbox, out)
             except BaseException:
                 pass
-            try:
-                self._deliver()
-            except TerminateCallbackError as err:
-                err.transitions = out  # (as below: the error takes the place of the return value)
-                raise
+            self._deliver_batch(out)
             raise
+        self._deliver_batch(out)
+        return out
+
+    def _deliver_batch(self, out: list) -> None:
+        """``_deliver()`` for a batch whose transitions are ``out``: a callback's error takes the place of poll()'s
+        return value, so it carries them (poll_symmetric learns from them what sessions ended as: a tombstone may
+        go in this very poll)."""
         try:
             self._deliver()
         except TerminateCallbackError as err:
-            # the batch was whole: a caller that learns from it what sessions ended as (poll_symmetric: a tombstone
-            # may go in this very poll) finds it on the error, which took the place of the return value
             err.transitions = out
             raise
-        return out
 
     def _log_inbox(self, inbox: list, out: list) -> None:
         """Log every batch in ``inbox``, taking each out as it goes; its transitions go to ``out``."""

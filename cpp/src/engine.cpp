@@ -270,9 +270,10 @@ struct alignas(64) Engine::Shard {
     link(i, State::Terminated);
   }
 
+  std::size_t exposed_count() const { return count[si(State::InFlight)] + count[si(State::CancelRequested)]; }
+
   void move(std::uint32_t i, State dst, std::int64_t now) {
-    if (!exposed(at(i).state) && exposed(dst) && count[si(State::InFlight)] + count[si(State::CancelRequested)] == 0)
-      exposed_since = now;
+    if (!exposed(at(i).state) && exposed(dst) && exposed_count() == 0) exposed_since = now;
     unlink(i);
     Session& s = at(i);
     s.state = dst;
@@ -1142,8 +1143,7 @@ Health Engine::health() {
   for (Shard& sh : shards()) {
     std::lock_guard<SpinMutex> g(sh.mu);
     lp = std::max(lp, sh.last_terminal);
-    if (sh.count[si(State::InFlight)] + sh.count[si(State::CancelRequested)] > 0)
-      oldest_exposed = std::min(oldest_exposed, sh.exposed_since);
+    if (sh.exposed_count() > 0) oldest_exposed = std::min(oldest_exposed, sh.exposed_since);
     for (int k = 0; k < kNumStates; ++k) h.counts[static_cast<std::size_t>(k)] += sh.count[static_cast<std::size_t>(k)];
     for (State st : {State::Advertised, State::InFlight, State::CancelRequested}) {
       std::uint32_t hd = sh.head[si(st)];

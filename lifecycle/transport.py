@@ -615,7 +615,8 @@ class _Transport:
         """Register a tensor, the engine's pool (``engine.pool``), a :class:`Mem` or a writable buffer.
 
         The object is kept alive while registered, and its memory cannot move meanwhile where Python allows a
-        guard: a bytearray or numpy array holds a buffer export (no resize), a tensor's storage is held (so
+        guard: a bytearray or numpy array holds a buffer export (no resize), and so does the object under a
+        numpy array or memoryview (``np.memmap``'s mmap: no close), a tensor's storage is held (so
         ``set_()`` cannot free it), and a CPU tensor's storage is made non-resizable, as torch does for a
         storage that numpy shares (``resize_()`` then raises RuntimeError; this stays after deregister).  A
         CUDA tensor's ``resize_()`` (a CPU one's where torch has no numpy), a CPU tensor's ``share_memory_()``
@@ -646,11 +647,19 @@ class _Transport:
             elif not isinstance(obj, (Mem, _core.BufferPool)) and not hasattr(obj, "data_ptr"):
                 # a buffer export held while registered: a bytearray cannot be resized (its memory moved) meanwhile
                 keep = (obj, memoryview(obj))
+                root = _buffer_root(obj)
+                if root is not None:  # ... nor the one under a view of it, nor an mmap closed (numpy holds no export)
+                    try:
+                        keep += (memoryview(root),)
+                    except (TypeError, ValueError, BufferError):  # (no buffer of its own: nothing to hold)
+                        pass
                 if isinstance(obj, ctypes.Array):  # ctypes.resize ignores exports
                     movable = (obj, obj, ctypes.addressof(obj), 0)  # (ctypes.resize only grows)
                 elif (owner := _numpy_owner(obj)) is not None:  # ndarray.resize(refcheck=False) ignores them too
                     # (its size too: a shrink reallocates in place, same address, and frees the registered tail)
                     movable = (obj, owner, _address_of(owner), owner.nbytes)
+                elif isinstance(root, ctypes.Array):  # under a view (np.ctypeslib.as_array): the same as itself
+                    movable = (obj, root, ctypes.addressof(root), 0)
         except BaseException:
             self._core.deregister_region(rid)
             raise
@@ -727,8 +736,9 @@ class _Transport:
             self._index_movable()
         self._regs.pop(reg.region_id, None)
         kept = self._keep.pop(reg.region_id, None)
-        if isinstance(kept, tuple) and isinstance(kept[1], memoryview):
-            kept[1].release()  # the buffer may be resized again
+        for held in kept[1:] if isinstance(kept, tuple) else ():
+            if isinstance(held, memoryview):
+                held.release()  # the buffer (and the one under it) may be resized again
 
     def metadata(self) -> bytes:
         """This agent's metadata (after registering): ship it to peers, who call add_peer()."""
@@ -923,6 +933,27 @@ def _numpy_owner(obj):
         if o.flags.owndata:
             return o
         o = o.base
+    return None
+
+
+def _buffer_root(obj):
+    """The object at the end of ``obj``'s chain of views (numpy arrays' ``.base``, memoryviews' ``.obj``) whose
+    memory they all name, or None where there is none (``obj`` itself, or a numpy array that owns its memory).
+    A numpy array made over another object's buffer (``np.ndarray(buffer=...)``; an ``np.memmap``, over its mmap)
+    holds no export of it: that bytearray can be resized, that mmap closed, under every view of it."""
+    o = obj
+    for _ in range(64):
+        if isinstance(o, memoryview):
+            nxt = o.obj
+        elif type(o).__module__ == "numpy" and hasattr(o, "__array_interface__") and hasattr(o, "flags"):
+            if o.flags.owndata:
+                return None
+            nxt = o.base
+        else:
+            return None if o is obj else o
+        if nxt is None:
+            return None
+        o = nxt
     return None
 
 

@@ -776,6 +776,72 @@ def test_a_registered_buffer_cannot_move():
         t.stop()
 
 
+@pytest.mark.parametrize("under", ["bytearray", "mmap", "memmap", "memoryview"])
+def test_the_buffer_under_a_registered_view_cannot_move_or_close(under, tmp_path):
+    """A numpy array made over another object's buffer (``np.ndarray(buffer=...)``; ``np.memmap``, whose base is
+    its mmap) holds no export of it, and the export a registration held was of the array alone: the bytearray
+    under it could be resized, the mmap closed, freeing or unmapping the registered memory (a later READ wrote into
+    the freed heap block).  The registration holds an export of the object at the end of the chain of views
+    (``.base``, a memoryview's ``.obj``) too now, until deregister.  Controls: unregistered (and after deregister),
+    the same resize or close goes through.  Negative control (seen): without the fix ``pytest.raises`` fails."""
+    import mmap
+
+    import numpy as np  # (a dependency of the package: never skipped)
+
+    def make():
+        if under == "bytearray":
+            base = bytearray(8192)
+            return base, np.ndarray((8192,), np.uint8, buffer=base), lambda: base.extend(b"y" * (64 << 20))
+        if under == "memmap":
+            path = tmp_path / "kv.bin"
+            path.write_bytes(bytes(8192))
+            arr = np.memmap(path, dtype=np.uint8, mode="r+")
+            return arr.base, arr[4096:], arr.base.close
+        base = mmap.mmap(-1, 8192)
+        arr = np.ndarray((8192,), np.uint8, buffer=base)
+        return base, (memoryview(arr) if under == "memoryview" else arr), base.close
+
+    _, _, move = make()
+    move()  # control: unregistered, nothing holds it
+    t = LoopbackTransport(None, f"under-{under}")
+    try:
+        base, view, move = make()
+        reg = t.register(view)
+        with pytest.raises(BufferError):
+            move()
+        t.deregister(reg)
+        move()  # deregistered: the caller's again
+    finally:
+        t.stop()
+
+
+def test_a_ctypes_array_under_a_registered_view_is_checked_on_use():
+    """ctypes.resize ignores buffer exports: a ctypes array registered directly is checked on use, but one under a
+    registered numpy array or memoryview (``np.ctypeslib.as_array``) was not, so a read over the registration after
+    the resize went into the freed memory.  Its address is checked on use now.  Control: the expect before the
+    resize goes through."""
+    import ctypes
+
+    import numpy as np
+
+    a, b, names = pair()
+    try:
+        b_at_a, _ = names
+        for req in (1, 2):
+            a.engine.advertise(req, "receiver")
+        arr = (ctypes.c_uint8 * 8192)()
+        reg = a.t.register(np.ctypeslib.as_array(arr)[4096:])
+        old = reg.mem
+        a.t.expect(2, b_at_a, old)  # control: before the resize
+        ctypes.resize(arr, 1 << 20)
+        assert ctypes.addressof(arr) != old.addr - 4096
+        moved = rf"^region {reg.region_id} of transport {a.t.name}: the memory of the ndarray registered at .* moved"
+        _refused_before_posting(a, b, names, old, moved, batch=True)
+    finally:
+        a.close()
+        b.close()
+
+
 @pytest.mark.parametrize("copy", ["kernel", "pipe"])
 def test_a_copy_from_or_into_unmapped_memory_fails_the_transfer_instead_of_crashing(copy):
     """A raw ``Mem`` the caller registered but does not own readable (or writable) memory at: the loopback's

@@ -923,11 +923,15 @@ def _faults_dict(faults) -> dict | None:
 
 
 def _numpy_owner(obj):
-    """The numpy array that owns the memory of ``obj`` (an ndarray, or a view of one), or None (no ndarray, or the
-    memory is another object's: a bytearray, an mmap, which hold their own export).  ``resize(refcheck=False)`` on
-    that owner reallocates its memory whatever views or buffer exports of it exist, leaving them dangling."""
+    """The numpy array that owns the memory of ``obj`` (an ndarray, a view of one, or a memoryview of either), or None
+    (no ndarray, or the memory is another object's: a bytearray, an mmap; register() holds an export of that one,
+    _buffer_root).  ``resize(refcheck=False)`` on that owner reallocates its memory whatever views or buffer exports
+    of it exist, leaving them dangling."""
     o = obj
     for _ in range(64):
+        if isinstance(o, memoryview):
+            o = o.obj
+            continue
         if type(o).__module__ != "numpy" or not hasattr(o, "__array_interface__") or not hasattr(o, "flags"):
             return None
         if o.flags.owndata:

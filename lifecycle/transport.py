@@ -660,6 +660,10 @@ class _Transport:
                     movable = (obj, owner, _address_of(owner), owner.nbytes)
                 elif isinstance(root, ctypes.Array):  # under a view (np.ctypeslib.as_array): the same as itself
                     movable = (obj, root, ctypes.addressof(root), 0)
+                elif hasattr(root, "data_ptr") and hasattr(root, "untyped_storage"):  # tensor.numpy(): as the tensor
+                    storage = root.untyped_storage()
+                    keep += (storage,)
+                    movable = (obj, storage, storage.data_ptr(), 0)
         except BaseException:
             self._core.deregister_region(rid)
             raise

@@ -1052,6 +1052,32 @@ def test_a_registered_cpu_tensor_moved_to_shared_memory_is_refused_before_anythi
         b.close()
 
 
+def test_a_registered_numpy_view_of_a_tensor_moved_to_shared_memory_is_refused_before_anything_is_posted():
+    """``tensor.numpy()`` is a numpy array over the tensor's memory whose base is the tensor: ``share_memory_()`` on
+    the tensor frees that memory under it, as under a tensor registered itself.  Registered, such an array was
+    never checked on use (its owner is no numpy array, and a tensor exports no buffer to hold): a read over it went
+    into the freed block.  The tensor's storage is held and checked on use now, as a registered tensor's is.
+    Control: the same expect before the move goes through."""
+    import torch
+
+    a, b, names = pair()
+    try:
+        b_at_a, a_at_b = names
+        arena = torch.zeros(64 * 1024, dtype=torch.uint8)
+        reg = a.t.register(arena.numpy()[4096:])
+        old = reg.mem.slice(0, 4096)
+        for req in (1, 2):
+            a.engine.advertise(req, "receiver")
+        a.t.expect(2, b_at_a, old)  # control: before the move
+        arena.share_memory_()
+        assert arena.data_ptr() != reg.mem.addr - 4096  # moved; the registered memory went back to the heap
+        moved = rf"^region {reg.region_id} of transport {a.t.name}: the memory of the ndarray registered at .* moved"
+        _refused_before_posting(a, b, names, old, moved, batch=True)
+    finally:
+        a.close()
+        b.close()
+
+
 @pytest.mark.parametrize("view", [False, True, "memoryview"])
 def test_a_registered_numpy_array_resized_without_refcheck_is_refused_before_anything_is_posted(view):
     """The registration holds a buffer export of a numpy array, but numpy counts no exports:

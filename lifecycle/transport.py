@@ -564,6 +564,9 @@ class _Transport:
         # ... indexed for the check on use, rebuilt whole on (de)register: (the registered ranges' starts, sorted;
         # their (end, rid) in that order; the widest range's size; id(obj) -> (obj, rids))
         self._movable_index: tuple = ((), (), 0, {})
+        # one rebuild of that index at a time (register/deregister on several threads): each reads the registrations
+        # after every change made before it began, so the last one stored is never missing one
+        self._index_lock = threading.Lock()
 
         _LIVE.add(self)
 
@@ -675,13 +678,14 @@ class _Transport:
         return Registration(rid, m, self.name)
 
     def _index_movable(self) -> None:
-        spans = sorted((self._regs[rid].addr, self._regs[rid].addr + self._regs[rid].nbytes, rid)
-                       for rid in tuple(self._movable) if rid in self._regs)
-        by_obj: dict[int, tuple[object, list[int]]] = {}
-        for rid, (obj, *_rest) in tuple(self._movable.items()):
-            by_obj.setdefault(id(obj), (obj, []))[1].append(rid)
-        self._movable_index = (tuple(a for a, _, _ in spans), tuple((e, rid) for _, e, rid in spans),
-                               max((e - a for a, e, _ in spans), default=0), by_obj)
+        with self._index_lock:
+            spans = sorted((self._regs[rid].addr, self._regs[rid].addr + self._regs[rid].nbytes, rid)
+                           for rid in tuple(self._movable) if rid in self._regs)
+            by_obj: dict[int, tuple[object, list[int]]] = {}
+            for rid, (obj, *_rest) in tuple(self._movable.items()):
+                by_obj.setdefault(id(obj), (obj, []))[1].append(rid)
+            self._movable_index = (tuple(a for a, _, _ in spans), tuple((e, rid) for _, e, rid in spans),
+                                   max((e - a for a, e, _ in spans), default=0), by_obj)
 
     def _check_moved(self, local, m: Mem) -> None:
         """TransportError if ``local`` (given as ``m``) is, or lies in, a registered object whose memory moved."""

@@ -1193,6 +1193,54 @@ def test_the_check_on_use_costs_no_scan_of_every_registered_tensor(monkeypatch):
         b.close()
 
 
+def test_registrations_made_on_two_threads_at_once_are_both_checked_on_use(monkeypatch):
+    """register() and deregister() rebuild the index of movable registrations from the registrations, then store
+    it; two threads registering at once could store it in the other order, the later store built before the other
+    thread's registration was added: that registration was then missing from the index, and a move of its memory
+    went unseen (a Mem slice of it was not checked).  Forced here: thread 1's rebuild is held after it read the
+    registrations until thread 2 has registered (or 2 s have passed, should thread 2 wait for thread 1).  Both
+    must be found.  Control: thread 1's own registration is found (seen failing before: thread 2's was not)."""
+    import threading
+
+    import lifecycle.transport as tr
+    import torch
+
+    t = LoopbackTransport(None, "two-threads")
+    try:
+        first, second = torch.zeros(4096, dtype=torch.uint8), torch.zeros(4096, dtype=torch.uint8)
+        inside, done, regs = threading.Event(), threading.Event(), {}
+        real_sorted = sorted
+
+        def held_sorted(items, **kw):  # thread 1's rebuild, paused after it read the registrations
+            out = real_sorted(items, **kw)
+            if threading.current_thread().name == "first" and not inside.is_set():
+                inside.set()
+                done.wait(2)
+            return out
+
+        monkeypatch.setattr(tr, "sorted", held_sorted, raising=False)
+        one = threading.Thread(target=lambda: regs.update(first=t.register(first)), name="first")
+        one.start()
+        assert inside.wait(30)
+
+        def register_second():
+            regs["second"] = t.register(second)
+            done.set()
+
+        two = threading.Thread(target=register_second)
+        two.start()
+        one.join(30)
+        two.join(30)
+        monkeypatch.undo()
+        for name, tensor in (("first", first), ("second", second)):
+            reg = regs[name]
+            tensor.share_memory_()
+            with pytest.raises(TransportError, match=rf"^region {reg.region_id} of transport .* moved from"):
+                t._check_moved(reg.mem.slice(0, 16), reg.mem.slice(0, 16))
+    finally:
+        t.stop()
+
+
 def test_a_cpu_tensor_is_checked_on_use_where_torch_has_no_numpy_and_a_failed_register_registers_nothing(monkeypatch):
     """torch does not require numpy, and without it a CPU tensor's storage cannot be made non-resizable: the
     registration is then checked on use, like a CUDA tensor's (a review finding: register() raised torch's

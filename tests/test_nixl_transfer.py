@@ -3,7 +3,9 @@ a missing NIXL raises NixlUnavailable while the engine keeps working."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 
 import pytest
 
@@ -38,6 +40,38 @@ def test_incompatible_library_names_the_missing_symbol():
     with pytest.raises(NixlUnavailable, match=r"symbol nixl_capi_\w+ missing; \d+ of \d+ required symbols") as ei:
         _core.load_nixl_capi(libc[0])
     assert ei.value.missing_symbol in _core.NIXL_CAPI_SYMBOLS
+
+
+@pytest.mark.parametrize("what", ["fifo", "directory"])
+def test_a_library_path_that_is_no_regular_file_is_refused_without_waiting(what, tmp_path):
+    """$KV_LIFECYCLE_NIXL_CAPI (or capi_path) naming a FIFO: dlopen opens it to read and waits for a writer, so
+    nixl_available() and NixlTransport() hung for good (the GIL released, the thread lost).  A path that names no
+    regular file (after links) is refused first now: NixlUnavailable naming the path, and the library goes on
+    working (a loopback transport).  A child runs it: the hang fails the test instead of stalling the run.
+    (Seen failing before: the FIFO case hung; a directory was refused by dlopen, "cannot read file data".)"""
+    target = tmp_path / "libnixl_capi.so"
+    os.mkfifo(target) if what == "fifo" else target.mkdir()
+    code = r'''
+import os, sys
+from lifecycle import NixlUnavailable, TransferEngine
+from lifecycle.transport import LoopbackTransport, NixlTransport, nixl_available
+os.environ["KV_LIFECYCLE_NIXL_CAPI"] = sys.argv[1]
+assert not nixl_available()
+try:
+    NixlTransport(None, "no-file")
+except NixlUnavailable as e:
+    assert e.library == sys.argv[1] and e.missing_symbol == "", e
+    print(e)
+with LoopbackTransport(TransferEngine(num_slots=1, slot_size=4096), "still-works") as t:
+    t.stats()
+print("OK")
+'''
+    try:
+        r = run_child(code, str(target), timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"loading a {what} as libnixl_capi.so hung")
+    assert r.returncode == 0 and r.stdout.endswith("OK\n"), r.stdout + r.stderr
+    assert re.match(rf"^NIXL C API unavailable: {re.escape(str(target))} is not a regular file", r.stdout), r.stdout
 
 
 def test_env_var_overrides_the_wheel_path(monkeypatch, tmp_path):

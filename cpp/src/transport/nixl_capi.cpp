@@ -1,6 +1,7 @@
 #include "lifecycle/transport/nixl_capi.hpp"
 
 #include <dlfcn.h>
+#include <sys/stat.h>
 
 #include <atomic>
 #include <cstdlib>
@@ -83,6 +84,14 @@ std::shared_ptr<const NixlCapi> NixlCapi::load(const std::string& path) {
   if (const char* env = std::getenv(kPathEnv); env != nullptr && *env != '\0') chosen = env;
   if (chosen.empty()) {
     throw NixlUnavailable("", "", std::string("no library path given and ") + kPathEnv + " unset");
+  }
+
+  // A path to something other than a file is refused unopened: dlopen opens a FIFO to read, and waited there for a
+  // writer for good.  (A missing file, or a bare name the loader searches for, is dlopen's to report.)
+  struct stat st{};
+  if (chosen.find('/') != std::string::npos && ::stat(chosen.c_str(), &st) == 0 && !S_ISREG(st.st_mode)) {
+    const char* what = S_ISDIR(st.st_mode) ? "a directory" : S_ISFIFO(st.st_mode) ? "a FIFO" : "a device or socket";
+    throw NixlUnavailable(chosen, "", chosen + " is not a regular file (" + what + "); nothing was loaded");
   }
 
   // RTLD_NODELETE: NIXL/UCX start threads and register atexit hooks; unmapping them is unsafe.

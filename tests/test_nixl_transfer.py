@@ -3,6 +3,7 @@ a missing NIXL raises NixlUnavailable while the engine keeps working."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import subprocess
@@ -614,6 +615,48 @@ def test_metadata_whose_agent_name_holds_a_nul_is_refused_and_loads_nothing():
             a.add_peer(md.replace(b"nx-nul-b", b"nx\0nul-b"))
         assert a.add_peer(md.replace(b"nx-nul-b", b"nx-nul-c")) == "nx-nul-c"
         assert a.add_peer(md) == "nx-nul-b"
+    finally:
+        a.stop()
+        b.stop()
+
+
+@pytest.mark.parametrize("kind", ["loopback", pytest.param("nixl", marks=needs_nixl)])
+def test_the_active_op_follows_the_sessions_role_a_senders_read_is_refused(kind):
+    """Found in review (session 26): transfer() did not check the session's role against the op (DESIGN §9: the
+    receiver READs from the sender, the sender WRITEs to the receiver).  A READ posted for a *sender* session
+    went through and overwrote the KV blocks it was there to send; a receiver's WRITE sent out its empty slot.
+    Both are refused now, before anything is exposed or posted (TransportError naming the request, its role and
+    the op).  Control: the matching op on each session moves its bytes; the refused session is still Advertised."""
+    Make = NixlTransport if kind == "nixl" else LoopbackTransport
+    ea, eb = TransferEngine(num_slots=4, slot_size=4096), TransferEngine(num_slots=4, slot_size=4096)
+    a, b = Make(ea, f"kvlc-role-a-{kind}"), Make(eb, f"kvlc-role-b-{kind}")
+    try:
+        a.register(ea.pool)
+        b.register(eb.pool)
+        connect_all(a, b)
+        ea.advertise(1, "sender", 4096)    # a sends request 1: a READ into its slot would overwrite its blocks
+        ea.advertise(2, "receiver", 4096)  # a receives request 2: a WRITE would send its empty slot out
+        eb.advertise(1, "receiver", 4096)
+        eb.advertise(2, "sender", 4096)
+        s1, s2, r1, r2 = pool_slot(ea, 1), pool_slot(ea, 2), pool_slot(eb, 1), pool_slot(eb, 2)
+        ctypes.memset(s1.addr, 0x5A, s1.nbytes)  # a's blocks to send
+        ctypes.memset(r2.addr, 0xA5, r2.nbytes)  # b's blocks to send
+        offer1, offer2 = b.expect(1, a.name, r1), b.expect(2, a.name, r2)
+        with pytest.raises(TransportError, match=r"transfer: request 1 is a sender session: a READ writes into"):
+            a.read(1, s1, b.name, offer1)
+        with pytest.raises(TransportError, match=r"transfer: request 2 is a receiver session: a WRITE reads"):
+            a.write(2, s2, b.name, offer2)
+        (refused,) = a.transfer_batch([("read", 1, s1, b.name, offer1)])
+        assert isinstance(refused, TransportError) and "is a sender session" in str(refused), refused
+        assert ea.info(1).state is State.Advertised and ea.info(2).state is State.Advertised
+        assert a.stats().live_xfers == 0 and ctypes.string_at(s1.addr, s1.nbytes) == b"\x5a" * s1.nbytes
+        # control: each session's own op goes through, and moves the sender's bytes
+        assert a.write(1, s1, b.name, offer1) in ("Posted", "CompletedInPost")
+        assert a.read(2, s2, b.name, offer2) in ("Posted", "CompletedInPost")
+        wait_for(lambda: all(e.info(r).state is State.Quiesced for e in (ea, eb) for r in (1, 2)), 30,
+                 "the control's transfers", poll=lambda: (ea.poll(), eb.poll()))
+        assert ctypes.string_at(r1.addr, r1.nbytes) == b"\x5a" * r1.nbytes
+        assert ctypes.string_at(s2.addr, s2.nbytes) == b"\xa5" * s2.nbytes
     finally:
         a.stop()
         b.stop()

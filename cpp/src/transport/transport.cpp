@@ -550,10 +550,19 @@ std::uint64_t Transport::session_for(const char* call, std::uint64_t req, const 
 }
 
 std::uint64_t Transport::session_check(const char* call, std::uint64_t req, const Region& local,
-                                       const std::optional<SessionInfo>& info) const {
+                                       const std::optional<SessionInfo>& info, const XferOp* op) const {
   // No session (yet): refused before anything is built.  Going on with "none" would let the expose move
   // a session advertised meanwhile under an entry that names none, so its aborts would pass it by.
   if (!info) throw UnknownRequestError(req, Event::expose);
+  // The active side's op follows its role (DESIGN §9): a receiver READs into its blocks, a sender WRITEs
+  // from them.  A sender's READ would overwrite the KV blocks it is there to send.
+  if (op != nullptr && (*op == XferOp::Read) != (info->role == Role::receiver)) {
+    const bool read = *op == XferOp::Read;
+    throw TransportError(std::string(call) + ": request " + std::to_string(req) + " is a " +
+                         (read ? "sender" : "receiver") + " session: a " + (read ? "READ" : "WRITE") +
+                         (read ? " writes into its local range (its blocks are the source); a sender WRITEs"
+                               : " reads its local range out to the peer; a receiver READs"));
+  }
   const BufferPool* pool = engine_->pool();
   if (pool == nullptr || pool->bytes() == 0 || local.kind != MemKind::Dram) return info->serial;
   const Region whole{reinterpret_cast<std::uintptr_t>(pool->base()), pool->bytes(), 0, MemKind::Dram};
@@ -753,8 +762,8 @@ void Transport::transfer_batch(const TransferItem* items, std::size_t n, Transfe
     }
     for (std::size_t i = 0; i < n; ++i) {
       if (!w[i].live) continue;
-      std::exception_ptr e =
-          caught([&] { w[i].current = session_check("transfer", items[i].req, items[i].local, info[i]); });
+      std::exception_ptr e = caught(
+          [&] { w[i].current = session_check("transfer", items[i].req, items[i].local, info[i], &items[i].op); });
       if (e) fail(i, std::move(e));
     }
     // An offered passive entry of req whose session is not the id's session now (serials are unique: that

@@ -283,9 +283,10 @@ class Transport final : public EventSink {
   // Throws UnknownRequestError when req has no session, TransportError for a range outside its slot.
   // Caller holds no transport lock (it asks the engine).
   std::uint64_t session_for(const char* call, std::uint64_t req, const Region& local) const;
-  // session_for's checks on a lookup already made (`info`: the engine's answer for req).
+  // session_for's checks on a lookup already made (`info`: the engine's answer for req); with `op` (an active
+  // transfer's), also that the session's role posts it: READ from a receiver, WRITE from a sender.
   std::uint64_t session_check(const char* call, std::uint64_t req, const Region& local,
-                              const std::optional<SessionInfo>& info) const;
+                              const std::optional<SessionInfo>& info, const XferOp* op = nullptr) const;
   bool preparing(std::uint64_t req) const;  // caller holds mu_
   void unprepare(std::uint64_t req);        // caller holds mu_  // the refusal while req's release is retried
   void sweep();

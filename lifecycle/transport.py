@@ -405,14 +405,18 @@ def mem_of(obj) -> Mem:
 
 
 def pool_slot(engine, request: int) -> Mem:
-    """The pool slot leased to ``request``'s session (advertised with nbytes > 0)."""
+    """The pool slot leased to ``request``'s session (advertised with nbytes > 0; not yet Terminated)."""
     if not isinstance(engine, _core.Engine):
         raise InvalidArgument("engine", f"expected a TransferEngine, got {type(engine).__name__}")
-    from .engine import _session_info  # (a bare _core.Engine, accepted above, has no info())
+    from .engine import FINAL, _session_info  # (a bare _core.Engine, accepted above, has no info())
 
-    slot = _session_info(engine, request).slot
+    info = _session_info(engine, request)
+    slot = info.slot
     if slot is None:
         raise InvalidArgument("request", f"request {request} holds no pool slot (advertise with nbytes > 0)")
+    if info.state in FINAL:  # (info() still names the slot it held: answered here, another session's memory)
+        raise InvalidArgument("request", f"request {request} is {info.state.value}: the slot it held went back to the "
+                                         f"pool (or into quarantine) and may be leased to another session")
     pool = engine.pool
     return Mem(pool.base_address + slot * pool.slot_size, pool.slot_size)
 

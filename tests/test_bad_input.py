@@ -1562,3 +1562,40 @@ def test_calls_no_overload_takes_never_repr_their_arguments():
     assert _core.bench_native(1)[0] > 0 and _core.ManualClock(5).now_ns() == 5
     with pytest.raises(InvalidArgument):  # (a typed refusal of the binding itself, not the fallback's TypeError)
         e.expose(2**64)
+
+
+def test_pool_slot_of_a_terminated_session_is_refused_its_slot_may_be_another_sessions():
+    """Review (session 26, ha): pool_slot() promises "the pool slot leased to req's session", but for a Terminated
+    session it still answered the slot that session had held, which went back to the pool (from Quiesced) or
+    into quarantine (from Poisoned) in the critical section that terminated it.  An executor that asked for it in
+    on_terminate (to scrub or free its KV blocks) got the Mem of a slot that another session already leased.
+    Refused now (InvalidArgument naming the request and the state).  Control: the live session that leases the
+    slot now, and a Quiesced session not yet terminated, still get it."""
+    from lifecycle import TerminateResult
+    from lifecycle.transport import pool_slot
+
+    seen = []
+    e = TransferEngine(num_slots=1, slot_size=64, on_terminate=lambda r: seen.append(r))
+    e.advertise(1, "sender", 8)
+    first = pool_slot(e, 1)
+    e.expose(1)
+    e.complete(1)
+    assert pool_slot(e, 1) == first  # Quiesced, not terminated: the session still holds it
+    assert e.terminate(1) is TerminateResult.Terminated
+    e.advertise(2, "sender", 8)  # the one slot, leased again
+    assert pool_slot(e, 2) == first
+    with pytest.raises(InvalidArgument, match=r"^invalid request: request 1 is Terminated: the slot it held went back "
+                                              r"to the pool \(or into quarantine\)"):
+        pool_slot(e, 1)
+    e.expose(2)
+    e.terminate(2)  # deferred: on_terminate asks for the slot, as an executor freeing its blocks would
+    e.fail(2)
+
+    def ask(r):
+        with pytest.raises(InvalidArgument, match=r"^invalid request: request 2 is Terminated"):
+            pool_slot(e, r)
+        seen.append(r)
+
+    e.on_terminate = ask
+    e.poll()
+    assert seen == [2]

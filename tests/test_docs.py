@@ -112,3 +112,41 @@ def test_poll_symmetric_cost_is_quoted_as_it_is_sent():
     quoted = "1 + 2 * len(requests)"
     assert quoted in (DOCS / "collectives.md").read_text(encoding="utf-8")
     assert quoted in " ".join(collectives.poll_symmetric.__doc__.split())
+
+
+def test_engine_md_tombstones_bullet_says_when_an_id_can_be_advertised_again():
+    """Review (session 26, ha): the bullet told an on_terminate that advertises its own id again (DuplicateRequest)
+    to "reuse it after poll()", and never said that advertise refuses a terminated id at all.  After poll() the
+    id is still refused, like any terminated id, until its tombstone is evicted.  Behaviour pinned here, with its
+    control (tombstones=0: the id is free once the notice was delivered), and the bullet checked to say it."""
+    from lifecycle import DuplicateRequest, TransferEngine
+
+    for tombstones in (1 << 16, 0):
+        refused = []
+
+        def again(r):
+            try:
+                e.advertise(r, "sender")
+            except DuplicateRequest:
+                refused.append(r)
+
+        e = TransferEngine(tombstones=tombstones, on_terminate=again)
+        e.advertise(1, "sender")
+        e.expose(1)
+        e.terminate(1)
+        e.complete(1)
+        e.poll()
+        assert refused == [1]  # in the callback: held until it returned, whatever the window
+        if tombstones:
+            try:
+                e.advertise(1, "sender")
+                raise AssertionError("a terminated id in the tombstone window was advertised again")
+            except DuplicateRequest:
+                pass
+        else:
+            e.advertise(1, "sender")
+    bullet = _paragraph((DOCS / "engine.md").read_text(encoding="utf-8"), "* **Tombstones**")
+    bullet = " ".join(bullet[:bullet.find("\n* ")].split())
+    assert "reuse it after `poll()`" not in bullet
+    assert "`advertise` of the id answers `DuplicateRequest`: a request id can be advertised again only once its " \
+           "tombstone is evicted" in bullet

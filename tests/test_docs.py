@@ -150,3 +150,30 @@ def test_engine_md_tombstones_bullet_says_when_an_id_can_be_advertised_again():
     assert "reuse it after `poll()`" not in bullet
     assert "`advertise` of the id answers `DuplicateRequest`: a request id can be advertised again only once its " \
            "tombstone is evicted" in bullet
+
+
+def test_engine_md_health_bullet_says_who_marks_the_backend_unhealthy():
+    """Review (session 26, ha): the Health bullet said health turns unhealthy "when the transport reported the
+    backend unhealthy", but no transport calls set_backend_health (only the executor can: the demo does); an
+    executor waiting for NixlTransport to flip health on a dead backend waited for nothing.  Behaviour pinned (a
+    transport's failed transfers leave backend health alone; the executor's call flips it and back) and the
+    bullet checked to name the call."""
+    from lifecycle import LoopbackTransport, TransferEngine
+
+    e = TransferEngine()
+    a, b = LoopbackTransport(e, "docs-health-a"), LoopbackTransport(None, "docs-health-b")
+    try:
+        a.add_peer(b.metadata())
+        a.remove_peer("docs-health-b")  # a peer lost: its sessions fail, the backend stays "healthy"
+        assert e.health().backend_healthy and e.health().healthy
+    finally:
+        a.stop()
+        b.stop()
+    e.set_backend_health(False, "peer lost")
+    assert e.health().reasons == ("backend: peer lost",)
+    e.set_backend_health(True, "")
+    assert e.health().healthy
+    bullet = _paragraph((DOCS / "engine.md").read_text(encoding="utf-8"), "* **Health**")
+    bullet = " ".join(bullet[:bullet.find("\n* ")].split())
+    assert "when the transport reported the backend unhealthy" not in bullet
+    assert "`set_backend_health(False, reason)`" in bullet and "the transports never do" in bullet

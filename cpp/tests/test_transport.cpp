@@ -1117,6 +1117,42 @@ void test_remove_peer_during_post_leaves_the_entry_to_its_transfer() {
   }
 }
 
+// A post that the backend fails (its post() throws: NIXL's status at post) Poisons the session like a failed
+// status does, and its reason goes to recent_failures() too, where the engine's `fail` event leaves it (review,
+// session 26).  Before, only the caller's exception had it: an executor that saw the session Poisoned(failed)
+// on poll() and asked recent_failures() why found nothing, though stats().failed counted it.  Control: a
+// transfer posted without error adds nothing there.
+void test_a_failed_post_keeps_its_reason_in_recent_failures() {
+  auto ea = std::make_shared<Engine>(Config{});
+  Hooks hooks;
+  hooks.in_post = [](std::uint64_t req) {
+    if (req == 1) throw TransportError("post: request 1: injected backend error");
+  };
+  auto hold = new_hold(true);  // the inner transfer is still moving when post() throws
+  Duo d(ea, std::make_unique<HookAgent>(named("postfail-a", 0, hold), hooks), std::make_shared<Engine>(Config{}), 'p');
+  [[maybe_unused]] auto& [src, dst, l, r, ta, tb, rid] = d;
+  const Region l1{l.addr, 2048, 0, MemKind::Dram}, r1{r.addr, 2048, 0, MemKind::Dram};
+  const Region l2{l.addr + 2048, 2048, 0, MemKind::Dram}, r2{r.addr + 2048, 2048, 0, MemKind::Dram};
+  CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
+  bool threw = false;
+  try {
+    (void)ta.transfer(1, XferOp::Write, l1, r1, "postfail-b", 0);
+  } catch (const TransportError& e) {
+    threw = std::string(e.what()) == "post: request 1: injected backend error";
+  }
+  CHECK(threw);
+  CHECK(state_of(*ea, 1) == State::Poisoned && ea->info(1)->outcome == Outcome::failed);
+  CHECK(ta.stats().post_errors == 1 && ta.stats().failed == 1);
+  const auto failures = ta.recent_failures();
+  CHECK(failures.size() == 1);
+  CHECK(!failures.empty() && failures[0].first == 1 && failures[0].second == "post: request 1: injected backend error");
+  hold->store(false);
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));  // the loopback job ends before the buffers go
+  CHECK(ea->advertise(2, Role::sender, 0).status == Status::Moved);
+  CHECK(ta.transfer(2, XferOp::Write, l2, r2, "postfail-b", 0) != PostResult::CancelledBeforePost);
+  CHECK(ta.recent_failures().size() == 1);
+}
+
 // Requests 1..n advertised as senders, and a WRITE of `part` bytes for each (the i-th part of l to the i-th
 // of r), tag 0 (the peer is bare): a transfer_batch's items.
 std::vector<TransferItem> advertised_writes(Engine& e, const Region& l, const Region& r, const std::string& peer,
@@ -2346,6 +2382,7 @@ int main() {
   test_a_peer_stop_between_the_entry_and_the_expose_ends_unposted_without_an_illegal_expose();
   test_a_refused_request_whose_release_fails_keeps_its_range();
   test_remove_peer_during_post_leaves_the_entry_to_its_transfer();
+  test_a_failed_post_keeps_its_reason_in_recent_failures();
   test_remove_peer_or_stop_mid_batch_posts_nothing_more();
   test_a_cancel_or_stop_mid_batch_skips_that_items_post();
   test_a_retried_release_never_forgets_a_new_transfers_hold();

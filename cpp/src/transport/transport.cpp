@@ -1044,6 +1044,15 @@ void Transport::transfer_batch(const TransferItem* items, std::size_t n, Transfe
     std::exception_ptr error = caught([&] { st = agent_->post(req); });
     if (error) {
       ctr_.post_errors.fetch_add(1);
+      // the backend failed this transfer as surely as a status error does: its reason is kept the same way (it
+      // was only in the caller's exception, and recent_failures() had nothing for the Poisoned session)
+      try {
+        std::rethrow_exception(error);
+      } catch (const std::exception& x) {
+        note_failure(req, x.what());
+      } catch (...) {
+        note_failure(req, "post failed (not a std::exception)");
+      }
       finish_active(req, false);  // an error is not evidence: Poisoned
       fail(i, std::move(error));
       continue;
@@ -1466,15 +1475,19 @@ void Transport::on_complete(std::uint64_t req) { finish_active(req, true); }
 void Transport::on_complete_batch(const std::uint64_t* reqs, std::size_t n) { finish_actives(reqs, n, true); }
 
 void Transport::on_fail(std::uint64_t req, const char* why) {
+  note_failure(req, why);
+  finish_active(req, false);
+}
+
+void Transport::note_failure(std::uint64_t req, const char* why) noexcept {
   try {
     std::string text(why != nullptr ? why : "");
     if (text.size() > 512) text.resize(512);
     std::lock_guard<std::mutex> lk(failures_mu_);
     if (failures_.size() == kFailureLog) failures_.pop_front();
     failures_.emplace_back(req, std::move(text));
-  } catch (const std::bad_alloc&) {  // the reason is lost, never the event
+  } catch (...) {  // the reason is lost, never the event
   }
-  finish_active(req, false);
 }
 
 std::vector<std::pair<std::uint64_t, std::string>> Transport::recent_failures() const {

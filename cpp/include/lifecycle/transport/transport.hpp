@@ -240,6 +240,7 @@ class Transport final : public EventSink {
   void on_abort(std::uint64_t req, std::uint64_t serial);
   bool on_pass() override;  // sends the queued stops (outbox_)
   void finish_active(std::uint64_t req, bool done);
+  void note_failure(std::uint64_t req, const char* why) noexcept;  // into recent_failures (cut at 512 bytes)
   struct Work;  // transfer_batch's state of one item between its phases (transport.cpp)
   void finish_actives(const std::uint64_t* reqs, std::size_t n, bool done);  // finish_active of each, batched
   // Release; a failure is counted and retried by the sweep.  `proven`: never posted, or Done (DESIGN

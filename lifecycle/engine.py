@@ -141,7 +141,10 @@ class Transition(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class Health:
-    """Immutable health snapshot.  ``healthy`` is False exactly when ``reasons`` is non-empty."""
+    """Immutable health snapshot.  ``healthy`` is False exactly when ``reasons`` is non-empty.
+
+    ``oldest_nonterminal_s`` is the longest time a live session has been in its *current* state (the clock its
+    timers run on), not the time since its advertise; None with no live session."""
 
     healthy: bool
     reasons: tuple[str, ...]

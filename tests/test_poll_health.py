@@ -295,6 +295,23 @@ def test_health_snapshot_is_frozen_and_reports_counts(engine):
     assert h.counts[State.InFlight] == 1 and h.live == 1 and h.oldest_nonterminal_s == 0
 
 
+def test_oldest_nonterminal_is_the_longest_time_in_the_current_state(engine, clock):
+    """What docs/engine.md says (session 26): the age in the current state, not since the advertise (DESIGN §6's
+    "oldest non-terminal age" read that way; the timers run on the same clock).  Control: the longest of two."""
+    assert engine.health().oldest_nonterminal_s is None
+    engine.advertise(1, "sender")
+    clock.advance(100 * SEC)
+    engine.expose(1)
+    clock.advance(7 * SEC)
+    assert engine.health().oldest_nonterminal_s == 7  # not 107: exposed 7 s ago
+    engine.advertise(2, "sender")
+    clock.advance(1 * SEC)
+    assert engine.health().oldest_nonterminal_s == 8  # 1's 8 s InFlight against 2's 1 s Advertised
+    engine.cancel(1)
+    clock.advance(1 * SEC)
+    assert engine.health().oldest_nonterminal_s == 2  # 2 is now the oldest in its state
+
+
 def test_poll_is_lossless_while_transport_threads_hammer_the_engine():
     from array import array
 

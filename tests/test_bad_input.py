@@ -188,6 +188,22 @@ def test_batch_ids_and_nbytes_are_checked_as_the_single_calls_check_them():
     assert e.info(2**64 - 1).slot is not None and e.live_sessions() == 4
 
 
+def test_advertise_batch_takes_the_role_as_advertise_does():
+    """advertise_batch took the role only as its code: advertise_batch(ids, "sender"), the way advertise() takes
+    it, was "expected an int, got str" (found by review, session 26; seen failing before).  It takes "sender" /
+    "receiver" (a Role member is one) or 0 / 1 now; anything else names the role and what it got."""
+    from lifecycle import Role
+    e = TransferEngine()
+    assert list(e.advertise_batch(array("Q", [1, 2]), "receiver")) == [0, 0] and e.info(2).role is Role.receiver
+    assert list(e.advertise_batch(array("Q", [3]), Role.sender)) == [0] and e.info(3).role is Role.sender
+    assert list(e.advertise_batch(array("Q", [4]), 1)) == [0] and e.info(4).role is Role.receiver  # control: a code
+    for bad in ("Sender", "", "x" * 100):
+        with pytest.raises(InvalidArgument, match="expected 'sender' or 'receiver'") as ei:
+            e.advertise_batch(array("Q", [9]), bad)
+        assert ei.value.argument == "role" and len(str(ei.value)) < 120
+    assert e.live_sessions() == 4  # the refused ones made nothing
+
+
 def test_pool_views_are_bounds_checked():
     e = TransferEngine(num_slots=2, slot_size=16)
     for bad in (-1, 2, 2**40):

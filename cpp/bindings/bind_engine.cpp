@@ -43,7 +43,14 @@ static Event to_event(py::handle h) {
   return static_cast<Event>(e);
 }
 
+// A role as advertise() takes it ("sender" / "receiver", which a Role member is) or as its code (0 / 1).
 static Role to_role(py::handle h) {
+  if (py::isinstance<py::str>(h)) {
+    const auto s = h.cast<std::string>();
+    if (s == "sender" || s == "receiver") return s == "sender" ? Role::sender : Role::receiver;
+    throw InvalidArgumentError("role", "expected 'sender' or 'receiver' (or 0 / 1), got '" + s.substr(0, 40) +
+                                           (s.size() > 40 ? "...'" : "'"));
+  }
   std::int64_t r = to_i64(h, "role");
   if (r < 0 || r > 1) throw InvalidArgumentError("role", "must be 0 (sender) or 1 (receiver), got " + std::to_string(r));
   return static_cast<Role>(r);

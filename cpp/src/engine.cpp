@@ -1161,15 +1161,17 @@ Health Engine::health() {
   }
   for (int k = 0; k < kNumStates; ++k)
     if (!kFinal[k]) h.live += h.counts[static_cast<std::size_t>(k)];
-  h.oldest_nonterminal_ns = oldest_any == INT64_MAX ? -1 : now - oldest_any;
+  // (at least 0: `now` was read before the locks, and another thread may stamp a session after it; a negative
+  // age read as "none", -1)
+  h.oldest_nonterminal_ns = oldest_any == INT64_MAX ? -1 : std::max<std::int64_t>(0, now - oldest_any);
   if (oldest_exposed != INT64_MAX) {
-    h.since_progress_ns = now - std::max(lp, oldest_exposed);
+    h.since_progress_ns = std::max<std::int64_t>(0, now - std::max(lp, oldest_exposed));
     if (h.since_progress_ns > deadline)
       h.reasons.push_back("no progress: no session reached a terminal state for " + secs(h.since_progress_ns) +
                           " while " + std::to_string(h.counts[si(State::InFlight)] + h.counts[si(State::CancelRequested)]) +
                           " exposed session(s) wait (progress_deadline " + secs(deadline) + ")");
   } else {
-    h.since_progress_ns = now - lp;
+    h.since_progress_ns = std::max<std::int64_t>(0, now - lp);
   }
   std::sort(wedged.begin(), wedged.end(), [](const Wedge& a, const Wedge& b) { return a.age > b.age; });
   for (const Wedge& w : wedged)

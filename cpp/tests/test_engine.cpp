@@ -121,6 +121,33 @@ static void test_cancel_of_a_deferred_session_does_not_free_now() {
   CHECK(notices == 1);
 }
 
+// health() reads the clock before it takes the shard locks, so a session another thread stamps meanwhile is younger
+// than that reading: its age came out negative, which the facade reads as "none" (-1 is the sentinel).  A clock
+// that answers an earlier time after the stamps plays that interleaving; the ages are 0, never negative.
+namespace {
+class ScriptedClock final : public Clock {
+ public:
+  std::int64_t t = 0;
+  std::int64_t now_ns() const override { return t; }
+};
+}  // namespace
+
+static void test_health_ages_are_never_negative() {
+  auto clock = std::make_shared<ScriptedClock>();
+  Engine eng(cfg(), clock);
+  clock->t = 1'000;
+  eng.advertise(1, Role::sender, 0);
+  CHECK(eng.apply(1, Event::expose).status == Status::Moved);
+  clock->t = 400;  // health's reading, taken "before" the stamps above
+  Health h = eng.health();
+  CHECK(h.oldest_nonterminal_ns == 0);
+  CHECK(h.since_progress_ns == 0);
+  clock->t = 1'500;  // control: a reading after them gives their age
+  h = eng.health();
+  CHECK(h.oldest_nonterminal_ns == 500);
+  CHECK(h.since_progress_ns == 500);
+}
+
 static void test_poison_quarantine_and_recovery() {
   auto clock = std::make_shared<ManualClock>(0);
   Engine eng(cfg(), clock);
@@ -661,6 +688,7 @@ void test_held_tombstones_keep_the_counts_whatever_the_calls() {
 }
 
 int main() {
+  test_health_ages_are_never_negative();
   test_allocation_failure_loses_nothing();
   test_batch_matches_single_calls();
   test_drain_to_failure_keeps_records();

@@ -203,7 +203,8 @@ def _seconds_to_ns(name: str, value: float | None) -> int:
     if value > _MAX_SECONDS:  # the engine's kMaxDurationNs (inf too: it overflowed the conversion)
         raise InvalidArgument(name, f"expected at most {_MAX_SECONDS:.0f} seconds (about 31.7 years), "
                                     f"got {_shown(value)}")
-    ns = int(value * 1e9)
+    # rounded, not truncated: 1.001 * 1e9 is 1000999999.9999999, and a timer 1 ns short fired before its time
+    ns = round(value * 1e9)
     # a positive duration is at least 1 ns: rounded down to 0 it meant "no timer" (transfer_timeout=1e-10 never
     # fired)
     return ns if ns > 0 or value == 0 else 1

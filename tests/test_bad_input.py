@@ -878,6 +878,34 @@ def test_a_positive_sub_nanosecond_timer_still_fires():
         assert e.state(1) is after, (timeout, e.state(1))
 
 
+def test_a_timer_in_decimal_seconds_fires_neither_a_nanosecond_early_nor_late():
+    """Seconds were truncated to ns: transfer_timeout=1.001 is 1000999999.9999999 ns as a float, so the timer was
+    1 ns short (2 % of the millisecond values 1.000-99.999 were) and fired before its time had elapsed; the
+    same for cancel_grace and progress_deadline.  Each now fires exactly at its decimal duration (the control:
+    not 1 ns before it)."""
+    from decimal import Decimal
+
+    from lifecycle import ManualClock, State
+
+    for seconds in (1.001, 4.35, 0.3, 2.0):
+        ns = int(Decimal(repr(seconds)) * 10**9)
+        for timer in ("transfer_timeout", "cancel_grace", "progress_deadline"):
+            clock = ManualClock(0)
+            e = TransferEngine(clock=clock, **{"transfer_timeout": None, "cancel_grace": None, timer: seconds})
+            e.advertise(1, "sender")
+            e.expose(1)
+            if timer == "cancel_grace":
+                e.cancel(1)
+            observed = (lambda: e.state(1)) if timer != "progress_deadline" else (lambda: e.health().healthy)
+            before = observed()
+            clock.advance(ns - 1 if timer != "progress_deadline" else ns)  # health: unhealthy past the deadline
+            e.poll()
+            assert observed() == before, (timer, seconds)
+            clock.advance(1)
+            e.poll()
+            assert observed() != before, (timer, seconds)
+
+
 def test_a_clock_argument_whose_index_refuses_is_a_typed_error():
     """Fuzzing (session fuzz): ManualClock(start_ns) / advance / set took numpy's arrays and other objects whose
     __index__ refuses (TypeError) or answers a non-int, and raised that bare TypeError ("only integer scalar

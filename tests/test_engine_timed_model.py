@@ -5,7 +5,7 @@ time (transfer_timeout, cancel_grace, the progress deadline and the per-entry we
 past timers that have not fired yet), the tombstone window (ids forgotten and advertised again, new serials),
 the pool's slot order and generations, quarantine and recovery, the health snapshot, the counters, the batch
 calls (apply_batch, advertise_batch) mixed with single calls, on_terminate that calls terminate() or poll() or
-raises, and every line poll() logs, in order.
+raises, a C++ caller's drain (its notices count as delivered), and every line poll() logs, in order.
 
 The model is written from DESIGN §2-§6 and docs/engine.md, not from engine.cpp: one instant per batch, a batch's
 items run grouped by shard, serial = per-shard count << 12 | shard, each shard keeps tombstones / shards (rounded
@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from lifecycle import TABLE, ManualClock, TransferEngine, _core
+from lifecycle.engine import _RECORD
 from lifecycle.errors import DuplicateRequest, PoolExhausted, TerminateCallbackError
 from lifecycle.model import ReferenceEngine
 
@@ -494,6 +495,20 @@ class EngineVsTimedModel(RuleBasedStateMachine):
         terminate_now = [line[1] for line in self.log.lines if line[0] == "lifecycle.terminate_now"]
         assert terminate_now[len(terminate_now) - len(notices):] == notices
         self.compare_logs()
+
+    @rule()
+    def drain_natively(self):
+        """A C++ caller's drain (no tick, no log): each TerminateNow it takes counts as delivered, so its tombstone
+        joins the window at once."""
+        m = self.model
+        queued, m.queue = m.queue, []
+        notices, m.notices = m.notices, []
+        for req in notices:
+            m.delivered(req)
+        kinds = _core.RECORD_KIND_NAMES
+        raw = [(kinds[r[4]], r[0]) for r in _RECORD.iter_unpack(self.engine._drain())]
+        assert [req for kind, req in raw if kind == "TerminateNow"] == notices
+        assert [req for kind, req in raw if kind != "TerminateNow"] == [line[1] for line in queued]
 
     # -- after every step --
     @invariant()

@@ -2,8 +2,8 @@
 
 A transport owns one agent and a C++ progress thread.  The executor advertises a session on the
 engine, then either hands its range to the peer (``expect`` returns an :class:`Offer`: the range's
-descriptor and a fresh tag; this side is *passive*), or posts the transfer itself over the peer's offer
-(``read`` / ``write``: this side is *active*).  Every notification names (request, tag), so a note of an
+descriptor, a fresh tag and the session's role; this side is *passive*), or posts the transfer itself over the
+peer's offer (``read`` / ``write``: this side is *active*; the op must suit both roles, DESIGN §9).  Every notification names (request, tag), so a note of an
 earlier transfer of a reused id is never taken for the live one's.  The progress thread turns
 backend statuses and peer notifications into engine events (DONE -> complete, error -> fail, the
 peer's "done"/"quiesced" -> complete); the executor sees them, logged, on ``engine.poll()``.
@@ -29,6 +29,7 @@ import weakref
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from .engine import Role
 from .errors import InvalidArgument, NixlUnavailable, TransportError, _shown
 
 try:
@@ -253,6 +254,12 @@ class Mem:
 
 
 _OFFER = struct.Struct("<4sQQBQQ")  # magic, addr, nbytes, kind, device, tag
+# The offer's kind byte: bit 0 the memory kind (0 dram, 1 vram), bits 1-2 the offering session's role (0 none, as in
+# every offer of a release before the role; 1 sender; 2 receiver), the other bits 0.  The core's codes: 0 / 1.
+_ROLE_BITS = {None: 0, Role.sender: 1, Role.receiver: 2}
+_ROLE_OF_BITS = {v: k for k, v in _ROLE_BITS.items()}
+_ROLE_CORE = {None: None, Role.sender: 0, Role.receiver: 1}
+_ROLE_OF_CORE = {v: k for k, v in _ROLE_CORE.items()}
 
 
 def _check_bytes(name: str, data, what: str = "bytes") -> bytes:
@@ -271,7 +278,7 @@ def _check_bytes(name: str, data, what: str = "bytes") -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class Offer:
-    """What a passive side ships to its peer: the descriptor of its range and the transfer's tag.
+    """What a passive side ships to its peer: the descriptor of its range, the transfer's tag and its session's role.
 
     ``expect()`` returns it; the active side passes it (``Offer.from_bytes(...)``) to ``read`` / ``write``.
     The tag names this one transfer in every notification about it (the active side's "done", the passive
@@ -280,24 +287,37 @@ class Offer:
     transport: benchmarks), whose notes nobody matches.  An offer is posted at most once, by the session
     of its request id that it was handed to, never by a later session of the id: a stop that came before
     the post is remembered for that session only (docs/transport.md).
+
+    ``role`` is the offering session's (DESIGN §9): a sender's offer is READ, a receiver's is WRITTEN, and
+    ``read`` / ``write`` / ``transfer_batch`` refuse the other op (TransportError, nothing posted): two sessions
+    of one id in the same role (an executor's bug) would otherwise overwrite the sender's blocks.  ``None``: not
+    known (a bare transport's offer, an older release's bytes), and not checked.  On the wire it takes bits 1-2
+    of the kind byte (0 none, 1 sender, 2 receiver; bit 0 is the memory kind): this release reads an older
+    release's offers (no role), an older release refuses one with a role ("not a kv-lifecycle offer").
     """
 
     mem: Mem
     tag: int
+    role: Role | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.mem, Mem):
             raise InvalidArgument("mem", f"expected a Mem, got {type(self.mem).__name__}")
         if isinstance(self.tag, bool) or not isinstance(self.tag, int) or not 0 <= self.tag < 1 << 64:
             raise InvalidArgument("tag", f"expected a 64-bit tag, got {_shown(self.tag)}")
+        if self.role is not None:
+            if not isinstance(self.role, str) or self.role not in ("sender", "receiver"):
+                raise InvalidArgument("role", f"expected 'sender', 'receiver' or None, got {_shown(self.role)}")
+            object.__setattr__(self, "role", Role(self.role))  # (a str too: equal offers compare equal)
 
     def slice(self, offset: int, nbytes: int) -> Offer:
-        return Offer(self.mem.slice(offset, nbytes), self.tag)
+        return Offer(self.mem.slice(offset, nbytes), self.tag, self.role)
 
     def to_bytes(self) -> bytes:
         """37 bytes to ship to the peer (with the metadata, over any channel)."""
         m = self.mem
-        return _OFFER.pack(b"KVLO", m.addr, m.nbytes, 0 if m.kind == "dram" else 1, m.device, self.tag)
+        kind = (0 if m.kind == "dram" else 1) | _ROLE_BITS[self.role] << 1
+        return _OFFER.pack(b"KVLO", m.addr, m.nbytes, kind, m.device, self.tag)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Offer:
@@ -305,9 +325,9 @@ class Offer:
         if len(data) != _OFFER.size:
             raise InvalidArgument("offer", f"expected {_OFFER.size} bytes, got {len(data)}")
         magic, addr, nbytes, kind, device, tag = _OFFER.unpack(data)
-        if magic != b"KVLO" or kind > 1:
+        if magic != b"KVLO" or kind >> 1 not in _ROLE_OF_BITS:
             raise InvalidArgument("offer", "not a kv-lifecycle offer")
-        return cls(Mem(addr, nbytes, "dram" if kind == 0 else "vram", device), tag)
+        return cls(Mem(addr, nbytes, "vram" if kind & 1 else "dram", device), tag, _ROLE_OF_BITS[kind >> 1])
 
 
 def _ctypes_holds_objects(t) -> bool:
@@ -780,7 +800,7 @@ class _Transport:
         if local.nbytes != m.nbytes:
             raise InvalidArgument("remote", f"{m.nbytes} bytes != local {local.nbytes} bytes")
         return (request, op, local.addr, local.nbytes, local.kind, local.device, peer, m.addr, m.kind, m.device,
-                remote.tag)
+                remote.tag, _ROLE_CORE[remote.role])
 
     def _post(self, op: str, request: int, local: Mem, peer: str, remote: Offer) -> str:
         return self._core.transfer(*self._fields(op, request, local, peer, remote))
@@ -851,13 +871,14 @@ class _Transport:
     def expect(self, request: int, peer: str, local) -> Offer:
         """Passive side: ``local`` (a registered range; pool memory must lie in the session's slot) is what
         ``peer`` will READ from or WRITE to.  Applies ``expose`` and returns the :class:`Offer` to ship to
-        ``peer`` (``offer.to_bytes()``); only then may it post.  The peer's "done" for this offer's tag
+        ``peer`` (``offer.to_bytes()``); only then may it post.  The offer carries the session's role (None on a
+        bare transport), which the peer's read / write checks.  The peer's "done" for this offer's tag
         completes the session; cancel sends "stop" and waits for its "quiesced"."""
         _request(request)
         m = mem_of(local)
         self._check_moved(local, m)
-        tag = self._core.expect(request, peer, m.addr, m.nbytes, m.kind, m.device)
-        return Offer(m, tag)
+        tag, role = self._core.expect(request, peer, m.addr, m.nbytes, m.kind, m.device)
+        return Offer(m, tag, _ROLE_OF_CORE[role])
 
     # ---- lifetime and counters ------------------------------------------------------------------
     def stop(self) -> None:

@@ -466,7 +466,10 @@ def test_raw_core_transfer_batch_and_fault_options_name_the_bad_field():
     try:
         good = (1, "read", 4096, 16, "dram", 0, "nobody", 8192, "dram", 0, 0)
         cases = [
-            ([good[:5]], r"item 0: expected 11 fields, got 5"),
+            ([good[:5]], r"item 0: expected 11 or 12 fields, got 5"),
+            ([good + ("sender",)], r"item 0: field remote_role \(11\): expected None, 0 \(sender\) or 1 \(receiver\), "
+                                   r"got a str$"),
+            ([good + (2,)], r"item 0: field remote_role \(11\): expected None, 0 \(sender\) or 1 \(receiver\), got a int$"),
             ([good, [1, 2]], r"item 1: expected a tuple, got list"),
             ([good[:2] + ("addr",) + good[3:]], r"item 0: field local_addr \(2\) is a str, expected an int"),
             ([good[:6] + (7,) + good[7:]], r"item 0: field peer \(6\) is a int, expected a str"),
@@ -477,6 +480,8 @@ def test_raw_core_transfer_batch_and_fault_options_name_the_bad_field():
             with pytest.raises(InvalidArgument, match=r"^invalid transfers: " + why):
                 t.transfer_batch(items)
         [res] = t.transfer_batch([good])
+        assert isinstance(res, UnknownRequest), res
+        [res] = t.transfer_batch([good + (None,)])  # (12 fields: the offer's role, None for none)
         assert isinstance(res, UnknownRequest), res
     finally:
         t.stop()

@@ -6,11 +6,13 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import struct
 import subprocess
 
 import pytest
 
-from lifecycle import CancelResult, IllegalTransition, InvalidArgument, NixlUnavailable, Outcome, State, TransferEngine, TransportError
+from lifecycle import (CancelResult, IllegalTransition, InvalidArgument, NixlUnavailable, Outcome, Role, State,
+                       TransferEngine, TransportError)
 from lifecycle import _core
 from lifecycle.transport import (ENV_CAPI, Faults, LoopbackTransport, Mem, NixlTransport, Offer, connect_all,
                                  nixl_capi_path, pool_slot)
@@ -660,6 +662,80 @@ def test_the_active_op_follows_the_sessions_role_a_senders_read_is_refused(kind)
     finally:
         a.stop()
         b.stop()
+
+
+@pytest.mark.parametrize("kind", ["loopback", pytest.param("nixl", marks=needs_nixl)])
+def test_an_offer_carries_its_sessions_role_and_a_transfer_against_it_is_refused(kind):
+    """Found in review (session 26): transfer() checked the op against the local session's role only.  With both
+    peers' sessions of request 7 advertised as "sender" (an executor bug), the active sender's WRITE went into the
+    passive sender's offered slot and overwrote the KV blocks that side was there to send (silent corruption); two
+    "receiver" sessions let the READ take the other's empty slot.  An offer now carries its session's role, and a
+    WRITE of a sender's offer or a READ of a receiver's is refused before anything is built (TransportError naming
+    the request, the op and the offering side's role), in read(), write() and per item in transfer_batch().
+    Controls: the matching pairs move the sender's bytes, also over a role-less offer (an older release's bytes,
+    and a bare transport's offer), which is not checked."""
+    Make = NixlTransport if kind == "nixl" else LoopbackTransport
+    ea, eb = TransferEngine(num_slots=8, slot_size=4096), TransferEngine(num_slots=8, slot_size=4096)
+    a, b = Make(ea, f"kvlc-orole-a-{kind}"), Make(eb, f"kvlc-orole-b-{kind}")
+    c = Make(None, f"kvlc-orole-c-{kind}")  # a bare transport: its offers carry no role
+    bare = ctypes.create_string_buffer(4096)
+    try:
+        a.register(ea.pool)
+        b.register(eb.pool)
+        c.register(bare)
+        connect_all(a, b, c)
+        for r in (7, 8):  # both sides of 7 senders, both of 8 receivers: the executor bug
+            role = "sender" if r == 7 else "receiver"
+            ea.advertise(r, role, 4096)
+            eb.advertise(r, role, 4096)
+        s7, s8, p7, p8 = pool_slot(ea, 7), pool_slot(ea, 8), pool_slot(eb, 7), pool_slot(eb, 8)
+        for m, byte in ((s7, 0x11), (s8, 0x44), (p7, 0x22), (p8, 0x33)):
+            ctypes.memset(m.addr, byte, m.nbytes)
+        o7, o8 = b.expect(7, a.name, p7), b.expect(8, a.name, p8)
+        write7 = (rf"^transfer: request 7: the offer \(tag {o7.tag}\) from peer {b.name} is a sender session's: a "
+                  r"WRITE would overwrite the blocks it is there to send \(WRITE to a receiver's offer\)$")
+        read8 = (rf"^transfer: request 8: the offer \(tag {o8.tag}\) from peer {b.name} is a receiver session's: a "
+                 r"READ would take its empty range \(READ from a sender's offer\)$")
+        with pytest.raises(TransportError, match=write7):
+            a.write(7, s7, b.name, o7)
+        with pytest.raises(TransportError, match=read8):
+            a.read(8, s8, b.name, o8.slice(0, 4096))  # (a slice keeps the role)
+        out = a.transfer_batch([("write", 7, s7, b.name, o7), ("read", 8, s8, b.name, Offer.from_bytes(o8.to_bytes()))])
+        for res, why in zip(out, (write7, read8)):
+            assert isinstance(res, TransportError) and re.match(why, str(res)), res
+        assert (o7.role, o8.role) == (Role.sender, Role.receiver)
+        assert ea.info(7).state is State.Advertised and ea.info(8).state is State.Advertised
+        assert a.stats().live_xfers == 0 and a.stats().posted == 0
+        assert ctypes.string_at(p7.addr, p7.nbytes) == b"\x22" * p7.nbytes  # b's blocks to send, untouched
+        assert ctypes.string_at(s8.addr, s8.nbytes) == b"\x44" * s8.nbytes
+        # controls: a matching pair moves the sender's bytes, through an offer with its role (9: a WRITEs) or an
+        # older release's role-less bytes (10: a READs); a bare transport's offer carries no role (11)
+        ea.advertise(9, "sender", 4096)
+        eb.advertise(9, "receiver", 4096)
+        ea.advertise(10, "receiver", 4096)
+        eb.advertise(10, "sender", 4096)
+        ea.advertise(11, "sender", 4096)
+        s9, s10, s11, p9, p10 = (pool_slot(ea, 9), pool_slot(ea, 10), pool_slot(ea, 11), pool_slot(eb, 9),
+                                 pool_slot(eb, 10))
+        for m, byte in ((s9, 0x99), (p10, 0xAA), (s11, 0xBB)):
+            ctypes.memset(m.addr, byte, m.nbytes)
+        o9, o10 = b.expect(9, a.name, p9), b.expect(10, a.name, p10)
+        o11 = c.expect(11, a.name, Mem(ctypes.addressof(bare), 4096))
+        assert (o9.role, o10.role, o11.role) == (Role.receiver, Role.sender, None)
+        old10 = struct.pack("<4sQQBQQ", b"KVLO", o10.mem.addr, o10.mem.nbytes, 0, o10.mem.device, o10.tag)
+        assert Offer.from_bytes(old10) == Offer(o10.mem, o10.tag) and Offer.from_bytes(old10).role is None
+        out = a.transfer_batch([("write", 9, s9, b.name, o9), ("read", 10, s10, b.name, Offer.from_bytes(old10))])
+        assert all(r in ("Posted", "CompletedInPost") for r in out), out
+        assert a.write(11, s11, c.name, o11) in ("Posted", "CompletedInPost")
+        wait_for(lambda: all(e.info(r).state is State.Quiesced for e, rs in ((ea, (9, 10, 11)), (eb, (9, 10)))
+                             for r in rs), 30, "the controls' transfers", poll=lambda: (ea.poll(), eb.poll()))
+        assert ctypes.string_at(p9.addr, p9.nbytes) == b"\x99" * p9.nbytes
+        assert ctypes.string_at(s10.addr, s10.nbytes) == b"\xaa" * s10.nbytes
+        assert bare.raw == b"\xbb" * 4096
+    finally:
+        a.stop()
+        b.stop()
+        c.stop()
 
 
 @pytest.mark.parametrize("kind", ["loopback", pytest.param("nixl", marks=needs_nixl)])

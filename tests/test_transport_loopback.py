@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 import subprocess
 import sys
 import time
@@ -535,6 +536,32 @@ def test_offers_carry_distinct_tags_and_a_bare_descriptor_is_refused():
     finally:
         a.close()
         b.close()
+
+
+def test_an_offers_role_rides_in_spare_bits_of_its_kind_byte_and_an_old_offer_reads_without_one():
+    """An Offer carries its session's role (session 26: the active side checks its op against it) in bits 1-2 of
+    the kind byte (0 none, 1 sender, 2 receiver; bit 0 the memory kind), the wire size unchanged: an older
+    release's bytes (kind 0 or 1) read as an offer without a role, one without a role writes them unchanged, and
+    a role round-trips, through slice() too.  Refused: role code 3, any higher bit, a role that is no Role."""
+    from lifecycle import InvalidArgument, Role
+
+    for kind in ("dram", "vram"):
+        m = Mem(4096, 4096, kind, 3)
+        old = struct.pack("<4sQQBQQ", b"KVLO", 4096, 4096, kind == "vram", 3, 9)
+        assert Offer.from_bytes(old) == Offer(m, 9) and Offer.from_bytes(old).role is None
+        assert Offer(m, 9).to_bytes() == old
+        for role, bits in ((Role.sender, 2), (Role.receiver, 4)):
+            o = Offer(m, 9, role.value)
+            assert o.role is role and o == Offer(m, 9, role) and o != Offer(m, 9)
+            raw = o.to_bytes()
+            assert len(raw) == 37 and raw[20] == (kind == "vram") | bits and raw[:20] + raw[21:] == old[:20] + old[21:]
+            assert Offer.from_bytes(raw) == o and o.slice(64, 128).role is role
+        for bad in (6, 7, 8, 0x80):
+            with pytest.raises(InvalidArgument, match=r"^invalid offer: not a kv-lifecycle offer$"):
+                Offer.from_bytes(old[:20] + bytes([bad]) + old[21:])
+    for bad in ("both", 0, True):
+        with pytest.raises(InvalidArgument, match=r"^invalid role: expected 'sender', 'receiver' or None, got "):
+            Offer(Mem(4096, 64), 9, bad)
 
 
 def test_expect_checks_the_range_it_offers():

@@ -47,6 +47,23 @@ tp::Region region(std::uint64_t addr, std::uint64_t len, const std::string& kind
   return r;
 }
 
+// An offer's role (TransferItem::remote_role): None (not known: not checked), 0 (sender) or 1 (receiver), the
+// engine binding's codes.
+std::optional<Role> role_arg(py::handle h, const char* name, const std::string& where) {
+  if (h.is_none()) return std::nullopt;
+  if (PyLong_Check(h.ptr()) && !PyBool_Check(h.ptr())) {
+    const long long v = PyLong_AsLongLong(h.ptr());
+    if (v == 0 || v == 1) return static_cast<Role>(v);
+    PyErr_Clear();  // (an overflow's error: the value is refused below)
+  }
+  throw InvalidArgumentError(name, where + "expected None, 0 (sender) or 1 (receiver), got a " +
+                                       std::string(Py_TYPE(h.ptr())->tp_name));
+}
+
+py::object role_code(const std::optional<Role>& r) {
+  return r ? py::object(py::int_(static_cast<int>(*r))) : py::object(py::none());
+}
+
 // A duration option in seconds, finite and in [lo, hi], as microseconds (no overflowing cast).
 std::chrono::microseconds seconds_opt(const char* name, double v, double lo, double hi) {
   if (!std::isfinite(v) || v < lo || v > hi) {
@@ -253,20 +270,22 @@ void register_transport(py::module_& m) {
            }, py::arg("peer"))
       .def("transfer", [](tp::Transport& t, std::uint64_t req, const std::string& op, std::uint64_t laddr,
                           std::uint64_t len, const std::string& lkind, std::uint64_t ldev, py::handle peer_arg,
-                          std::uint64_t raddr, const std::string& rkind, std::uint64_t rdev, std::uint64_t tag) {
+                          std::uint64_t raddr, const std::string& rkind, std::uint64_t rdev, std::uint64_t tag,
+                          py::handle role_arg_) {
              const std::string peer = text_arg(peer_arg, "peer");
              tp::XferOp o = to_op(op);
              tp::Region l = region(laddr, len, lkind, ldev);
              tp::Region r = region(raddr, len, rkind, rdev);
+             const std::optional<Role> role = role_arg(role_arg_, "remote_role", "");
              tp::PostResult res;
              {
                NoGil nogil;
-               res = t.transfer(req, o, l, r, peer, tag);
+               res = t.transfer(req, o, l, r, peer, tag, role);
              }
              return std::string(tp::to_string(res));
            }, py::arg("request"), py::arg("op"), py::arg("local_addr"), py::arg("nbytes"), py::arg("local_kind"),
            py::arg("local_device"), py::arg("peer"), py::arg("remote_addr"), py::arg("remote_kind"),
-           py::arg("remote_device"), py::arg("tag"))
+           py::arg("remote_device"), py::arg("tag"), py::arg("remote_role") = py::none())
       .def("transfer_batch", [](tp::Transport& t, const py::list& items) {
              // Every item parsed (a bad one raises here, before anything is built), then one call.
              const std::size_t n = items.size();
@@ -281,9 +300,9 @@ void register_transport(py::module_& m) {
                                                              std::string(Py_TYPE(items[i].ptr())->tp_name));
                }
                const py::tuple it = items[i].cast<py::tuple>();
-               if (it.size() != 11) {
-                 throw InvalidArgumentError("transfers", "item " + std::to_string(i) + ": expected 11 fields, got " +
-                                                             std::to_string(it.size()));
+               if (it.size() != 11 && it.size() != 12) {  // (12: with the offer's role)
+                 throw InvalidArgumentError("transfers", "item " + std::to_string(i) + ": expected 11 or 12 fields, "
+                                                             "got " + std::to_string(it.size()));
                }
                std::size_t k = 0;  // the field being read: named when its cast fails
                try {
@@ -297,7 +316,12 @@ void register_transport(py::module_& m) {
                  const tp::XferOp op = to_op(str(1));
                  const tp::Region local = region(u64(2), len, str(4), u64(5));
                  const tp::Region remote = region(u64(7), len, str(8), u64(9));
-                 xs[i] = tp::TransferItem{req, op, local, remote, &peers[i], u64(10)};
+                 const std::uint64_t tag = u64(10);
+                 const std::optional<Role> role =
+                     it.size() == 12 ? role_arg(it[11], "transfers", "item " + std::to_string(i) +
+                                                                           ": field remote_role (11): ")
+                                     : std::nullopt;
+                 xs[i] = tp::TransferItem{req, op, local, remote, &peers[i], tag, role};
                } catch (const py::cast_error&) {
                  throw InvalidArgumentError("transfers", "item " + std::to_string(i) + ": field " + kFields[k] + " (" +
                                                              std::to_string(k) + ") is a " +
@@ -334,16 +358,22 @@ void register_transport(py::module_& m) {
              return res;
            }, py::arg("transfers"),
            "transfer() for each item (request, op, local_addr, nbytes, local_kind, local_device, peer, remote_addr, "
-           "remote_kind, remote_device, tag) in one call: a list, per item its result string or the exception "
-           "transfer() would have raised for it")
+           "remote_kind, remote_device, tag[, remote_role]) in one call: a list, per item its result string or the "
+           "exception transfer() would have raised for it")
       .def("expect", [](tp::Transport& t, std::uint64_t req, py::handle peer_arg, std::uint64_t laddr,
                         std::uint64_t len, const std::string& lkind, std::uint64_t ldev) {
              const std::string peer = text_arg(peer_arg, "peer");
              tp::Region l = region(laddr, len, lkind, ldev);
-             NoGil nogil;
-             return t.expect(req, peer, l);
+             std::optional<Role> role;
+             std::uint64_t tag = 0;
+             {
+               NoGil nogil;
+               tag = t.expect(req, peer, l, &role);
+             }
+             return py::make_tuple(tag, role_code(role));
            }, py::arg("request"), py::arg("peer"), py::arg("local_addr"), py::arg("nbytes"), py::arg("local_kind"),
-           py::arg("local_device"))
+           py::arg("local_device"),
+           "(tag, role): the offer's tag and its session's role (0 sender, 1 receiver; None on a bare transport)")
       .def("forgo", [](tp::Transport& t, std::uint64_t req, py::handle peer_arg, std::uint64_t tag) {
              const std::string peer = text_arg(peer_arg, "peer");
              NoGil nogil;

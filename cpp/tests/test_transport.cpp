@@ -11,6 +11,7 @@
 #include <memory>
 #include <mutex>
 #include <new>
+#include <optional>
 #include <random>
 #include <stdexcept>
 #include <thread>
@@ -566,6 +567,59 @@ void test_an_id_with_no_session_is_refused_before_anything_is_built() {
   CHECK(hooked == 0);  // refused before the request was built or the peer looked up
   CHECK(t.agent().live_requests() == 0 && t.stats().active == 0 && t.stats().passive == 0);
   CHECK(!e->info(1) && !e->info(2));
+}
+
+// The peer's side of DESIGN §9: expect() hands out its session's role with the tag, and transfer() refuses
+// the op that the offer's role forbids, before anything is built.  Both sessions of request 1 advertised as
+// senders (an executor's bug): the WRITE went into the peer's offered range and overwrote the blocks that
+// side was there to send.  Refused in transfer() and per item in transfer_batch(), where the next item (a
+// receiver's offer) goes; control: without the role (a bare peer's offer, an older release's) it is not checked.
+void test_a_transfer_against_the_offers_role_is_refused() {
+  ReusePair p("orole", 0, 'o');
+  auto& [ea, eb, ta, tb, src, dst, l, r, rid_b, hold, b_clock] = p;
+  const std::size_t half = dst.size() / 2;
+  const Region l1{l.addr, half, 0, MemKind::Dram}, l2{l.addr + half, half, 0, MemKind::Dram};
+  const Region r1{r.addr, half, 0, MemKind::Dram}, r2{r.addr + half, half, 0, MemKind::Dram};
+  std::memset(dst.data(), 'b', half);  // b's blocks to send (request 1)
+  CHECK(eb->advertise(1, Role::sender, 0).status == Status::Moved);
+  CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
+  CHECK(eb->advertise(2, Role::receiver, 0).status == Status::Moved);
+  CHECK(ea->advertise(2, Role::sender, 0).status == Status::Moved);
+  std::optional<Role> role1, role2;
+  const std::uint64_t tag1 = tb->expect(1, "orole-a", r1, &role1);
+  const std::uint64_t tag2 = tb->expect(2, "orole-a", r2, &role2);
+  CHECK(role1 == Role::sender && role2 == Role::receiver);
+  const std::string why = "transfer: request 1: the offer (tag " + std::to_string(tag1) +
+                          ") from peer orole-b is a sender session's: a WRITE would overwrite the blocks it is there "
+                          "to send (WRITE to a receiver's offer)";
+  std::string what;
+  try {
+    (void)ta->transfer(1, XferOp::Write, l1, r1, "orole-b", tag1, role1);
+  } catch (const TransportError& e) {
+    what = e.what();
+  }
+  CHECK(what == why);
+  const std::string peer = "orole-b";
+  const TransferItem items[2] = {{1, XferOp::Write, l1, r1, &peer, tag1, role1},
+                                 {2, XferOp::Write, l2, r2, &peer, tag2, role2}};
+  TransferOutcome out[2];
+  ta->transfer_batch(items, 2, out);
+  what.clear();
+  try {
+    std::rethrow_exception(out[0].error);
+  } catch (const TransportError& e) {
+    what = e.what();
+  }
+  CHECK(what == why);
+  CHECK(!out[1].error);
+  CHECK(eventually([&] { return state_of(*ea, 2) == State::Quiesced && state_of(*eb, 2) == State::Quiesced; }));
+  CHECK(std::memcmp(src.data() + half, dst.data() + half, half) == 0);  // the receiver's offer took the WRITE
+  CHECK(state_of(*ea, 1) == State::Advertised && ta->stats().posted == 1);
+  CHECK(std::all_of(dst.begin(), dst.begin() + static_cast<std::ptrdiff_t>(half), [](char c) { return c == 'b'; }));
+  // control: the same offer without its role is not checked (what an older release's offer gets): it goes
+  CHECK(ta->transfer(1, XferOp::Write, l1, r1, "orole-b", tag1) != PostResult::CancelledBeforePost);
+  CHECK(eventually([&] { return state_of(*ea, 1) == State::Quiesced && state_of(*eb, 1) == State::Quiesced; }));
+  CHECK(std::memcmp(src.data(), dst.data(), half) == 0);
 }
 
 // An id reused while its earlier transfer's release is being retried: the sweep's retry released the
@@ -2362,6 +2416,7 @@ int main() {
   test_readers_of_the_posted_records_see_the_queued_ones();
   test_posted_records_go_with_their_sessions_oldest_first();
   test_notes_of_an_earlier_transfer_of_the_id_are_stale();
+  test_a_transfer_against_the_offers_role_is_refused();
   test_a_stop_for_a_later_offer_is_remembered_while_an_earlier_transfer_runs();
   test_a_late_note_releases_its_offer();
   test_a_note_for_an_ended_session_never_reaches_a_new_session_of_the_id();

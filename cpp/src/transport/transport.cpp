@@ -543,10 +543,14 @@ void Transport::unprepare(std::uint64_t req) {
   }
 }
 
-std::uint64_t Transport::session_for(const char* call, std::uint64_t req, const Region& local) const {
+std::uint64_t Transport::session_for(const char* call, std::uint64_t req, const Region& local,
+                                     std::optional<Role>* role) const {
   if (!engine_) return 0;
   // One lookup for both checks: a session advertised between two would pass the slot check unseen.
-  return session_check(call, req, local, engine_->info(req));
+  const std::optional<SessionInfo> info = engine_->info(req);
+  const std::uint64_t serial = session_check(call, req, local, info);
+  if (role != nullptr) *role = info->role;  // (session_check threw without one)
+  return serial;
 }
 
 std::uint64_t Transport::session_check(const char* call, std::uint64_t req, const Region& local,
@@ -580,8 +584,9 @@ std::uint64_t Transport::session_check(const char* call, std::uint64_t req, cons
 }
 
 PostResult Transport::transfer(std::uint64_t req, XferOp op, const Region& local,
-                               const Region& remote, const std::string& peer, std::uint64_t tag) {
-  const TransferItem item{req, op, local, remote, &peer, tag};
+                               const Region& remote, const std::string& peer, std::uint64_t tag,
+                               std::optional<Role> remote_role) {
+  const TransferItem item{req, op, local, remote, &peer, tag, remote_role};
   TransferOutcome out;
   transfer_batch(&item, 1, &out);
   if (out.error) std::rethrow_exception(out.error);
@@ -793,6 +798,17 @@ void Transport::transfer_batch(const TransferItem* items, std::size_t n, Transfe
   for (std::size_t i = 0; i < n; ++i) {
     if (!w[i].live) continue;
     const TransferItem& it = items[i];
+    // The peer's side of DESIGN §9 (session_check did ours, whose refusal comes first): a WRITE into a sender's
+    // offer would overwrite the blocks that side is there to send, a READ of a receiver's would take its empty
+    // range.
+    if (it.remote_role && (it.op == XferOp::Read) != (*it.remote_role == Role::sender)) {
+      const bool read = it.op == XferOp::Read;
+      fail_with(i, "the offer (tag " + std::to_string(it.tag) + ") from peer " + *it.peer + " is a " +
+                       kRoleNames[static_cast<int>(*it.remote_role)] + " session's: " +
+                       (read ? "a READ would take its empty range (READ from a sender's offer)"
+                             : "a WRITE would overwrite the blocks it is there to send (WRITE to a receiver's offer)"));
+      continue;
+    }
     std::exception_ptr e = caught([&] { agent_->prepare(it.req, it.op, it.local, it.remote, *it.peer, it.tag); });
     if (e) {
       fail(i, std::move(e));
@@ -1229,7 +1245,8 @@ void Transport::forget_posted() {
   }
 }
 
-std::uint64_t Transport::expect(std::uint64_t req, const std::string& peer, const Region& local) {
+std::uint64_t Transport::expect(std::uint64_t req, const std::string& peer, const Region& local,
+                                std::optional<Role>* role) {
   if (stopped_.load()) throw TransportError("expect: transport " + name() + " is stopped");
   check_c_name(peer, "peer", "expect: request " + std::to_string(req));
   if (!local.valid()) {
@@ -1238,7 +1255,8 @@ std::uint64_t Transport::expect(std::uint64_t req, const std::string& peer, cons
   std::uint64_t tag = 0;
   // the session this offer is for: an entry left by an earlier session of the id (ended, not swept yet)
   // is retired here rather than refusing the new one
-  const std::uint64_t current = session_for("expect", req, local);
+  std::optional<Role> offered;  // the session's role, from the same lookup: the peer checks its op against it
+  const std::uint64_t current = session_for("expect", req, local, &offered);
   // a passive session needs its peer: to ask it to stop, and to know its notes
   if (!agent_->knows_peer(peer)) {
     throw TransportError("expect: request " + std::to_string(req) + ": unknown peer '" + peer +
@@ -1321,6 +1339,7 @@ std::uint64_t Transport::expect(std::uint64_t req, const std::string& peer, cons
     it->second.offered = true;
   }
   // No note can name this tag before the caller ships it, after this returns: nothing to catch up on.
+  if (role != nullptr) *role = offered;
   return tag;
 }
 

@@ -9,11 +9,12 @@
 //   passive  this side handed descriptors to the peer, which posts (expect()).
 // Executor calls:
 //   expect(req, peer, local) check `local` (registered, inside the session's pool slot), apply
-//                           `expose`, return a fresh tag; the caller ships it with the descriptor.
-//                           The peer's "done" carrying that tag -> `complete`.
-//   transfer(req, op, ..., tag)  prepare the request (a bad descriptor throws, session untouched),
-//                           apply `expose`, post; its Done note carries the passive side's tag.
-//                           Done inside post -> `complete` at once.
+//                           `expose`, return a fresh tag (and the session's role); the caller ships
+//                           them with the descriptor.  The peer's "done" carrying that tag -> `complete`.
+//   transfer(req, op, ..., tag, role)  prepare the request (a bad descriptor, or an op that the
+//                           offer's role refuses, throws, session untouched), apply `expose`, post;
+//                           its Done note carries the passive side's tag.  Done inside post ->
+//                           `complete` at once.
 // Tags: every note names (request, tag), so a note of an earlier transfer of a reused id, or a
 // duplicate, is never taken for the live transfer's: a "done" or "quiesced" completes a passive
 // entry only with its tag, a "stop" stops an active one only with its tag (a stop naming another
@@ -49,6 +50,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <string>
 #include <unordered_map>
@@ -92,6 +94,10 @@ struct TransferItem {
   Region remote{};
   const std::string* peer = nullptr;  // not null; lives until the call returns
   std::uint64_t tag = 0;
+  // The role of the session that offered `remote` (expect()'s, shipped with the tag): a READ must take a
+  // sender's offer, a WRITE a receiver's (DESIGN §9), else the item is refused.  None: not known (a bare
+  // peer, an older release's offer), not checked.
+  std::optional<Role> remote_role{};
 };
 // What became of one item: `error` set = what transfer() would have thrown for it (then `result` means
 // nothing); otherwise transfer()'s return value.
@@ -150,9 +156,10 @@ class Transport final : public EventSink {
   // Forget a peer: its in-flight requests are released (no evidence: their sessions fail).
   void remove_peer(const std::string& peer);
 
-  // `tag`: the one the passive side's expect() returned (shipped with its descriptor).
+  // `tag`, `remote_role`: what the passive side's expect() returned (shipped with its descriptor); see
+  // TransferItem::remote_role.
   PostResult transfer(std::uint64_t req, XferOp op, const Region& local, const Region& remote,
-                      const std::string& peer, std::uint64_t tag);
+                      const std::string& peer, std::uint64_t tag, std::optional<Role> remote_role = std::nullopt);
   // n transfers in one call, each exactly as transfer() would do it alone (transfer() is this with one
   // item), in phases across the batch: one lock hold per phase, one engine lookup call, one `expose`
   // call, the n posts back to back, then one `complete` call for those Done inside their post and one
@@ -167,8 +174,11 @@ class Transport final : public EventSink {
   // then; see remember_forgone).  A later transfer() of that offer is refused.  Idempotent.
   void forgo(std::uint64_t req, const std::string& peer, std::uint64_t tag);
   // `local`: the range whose descriptor the caller ships (checked like an active local range). Returns
-  // the tag to ship with it: never 0, never the same twice on this transport.
-  std::uint64_t expect(std::uint64_t req, const std::string& peer, const Region& local);
+  // the tag to ship with it: never 0, never the same twice on this transport.  `role` (when not null) gets
+  // the role of the session exposed (none on a bare transport), to ship with it too: the peer's transfer()
+  // checks its op against it (TransferItem::remote_role).
+  std::uint64_t expect(std::uint64_t req, const std::string& peer, const Region& local,
+                       std::optional<Role>* role = nullptr);
 
   // Stop the progress thread; every non-terminal session of this transport fails (no more
   // evidence can arrive). Idempotent; the destructor calls it.
@@ -281,9 +291,11 @@ class Transport final : public EventSink {
   void forget_posted();  // posted_'s records whose session the engine forgot, oldest first
   // The serial of req's session now (0 without an engine), from one engine lookup that also checks
   // `local`: when it lies in the engine's pool, it must be inside the slot leased to that session.
+  // `role` (when not null) gets that session's role (none without an engine), from the same lookup.
   // Throws UnknownRequestError when req has no session, TransportError for a range outside its slot.
   // Caller holds no transport lock (it asks the engine).
-  std::uint64_t session_for(const char* call, std::uint64_t req, const Region& local) const;
+  std::uint64_t session_for(const char* call, std::uint64_t req, const Region& local,
+                            std::optional<Role>* role = nullptr) const;
   // session_for's checks on a lookup already made (`info`: the engine's answer for req); with `op` (an active
   // transfer's), also that the session's role posts it: READ from a receiver, WRITE from a sender.
   std::uint64_t session_check(const char* call, std::uint64_t req, const Region& local,

@@ -280,11 +280,10 @@ def build_schema(spec: _spec.Spec) -> dict:
             "pid": {"type": "integer", "minimum": 0},
             "table": {"type": "string", "pattern": "^[0-9a-f]{16}$", "description": "lifecycle table digest"},
             "schema": {"const": SCHEMA_ID},
-            "proc": {"type": "integer", "minimum": 0,
-                     "description": "optional: random per process (new after fork); keys the seq stream"},
-            "engine": {"type": ["integer", "null"], "minimum": 0,
-                       "description": "optional: the emitting engine, unique within its proc; null or absent "
-                                      "for events not from an engine (collectives)"},
+            "proc": {**_OPTIONAL_ID, "description": "optional: random per process (new after fork); keys the seq "
+                     "stream; null or absent: the stream is keyed by file and pid (logs written before it)"},
+            "engine": {**_OPTIONAL_ID, "description": "optional: the emitting engine, unique within its proc; null "
+                       "or absent for events not from an engine (collectives)"},
         },
         "allOf": [
             {"if": {"properties": {"event": {"const": name}}, "required": ["event"]},
@@ -773,6 +772,11 @@ def _parser_keys(*names: str) -> tuple[str, ...]:
 # the keys the hot path reads, each group fetched in one C call (itemgetter raises KeyError if one is missing)
 _COMMON_KEYS = _parser_keys("event", "rank", "seq", "pid", "t_mono_ns", "request", "table", "role", "schema")
 _ROLES = ("sender", "receiver", None)  # a role, or null (engine-wide events): the schema's enum too
+# The optional keys naming who logged an event: present, each is an int >= 0 or null (null reads as absent).  The
+# schema's rule (build_schema) and the replays' (Auditor.event, _bad_common; audit.cpp's Impl::event) are this one
+# (tests/test_audit.py holds them together).
+_OPTIONAL_IDS = ("proc", "engine")
+_OPTIONAL_ID = {"type": ["integer", "null"], "minimum": 0}
 _common_fields = operator.itemgetter(*_COMMON_KEYS)
 _MOVE_KEYS = _parser_keys("from_state", "trigger", "to_state", "outcome", "deferred")
 _move_fields = operator.itemgetter(*_MOVE_KEYS)
@@ -1141,7 +1145,7 @@ class Auditor:
                 or role not in _ROLES:
             self._bad_common(d, line)
             return
-        proc, eng = d.get("proc"), d.get("engine")  # optional (older logs lack them)
+        proc, eng = d.get("proc"), d.get("engine")  # optional (_OPTIONAL_IDS; older logs lack them)
         if (proc is not None and (type(proc) is not int or proc < 0)) or \
                 (eng is not None and (type(eng) is not int or eng < 0)):
             self._bad_common(d, line)
@@ -1204,7 +1208,7 @@ class Auditor:
             probs.append("missing 'schema'")
         elif v != SCHEMA_ID:
             probs.append(f"'schema' must be '{SCHEMA_ID}'")
-        for k in ("proc", "engine"):  # optional
+        for k in _OPTIONAL_IDS:
             v = d.get(k)
             if v is not None and type(v) is not int:
                 probs.append(f"'{k}' must be int or null, got {_tname(v)}")

@@ -129,6 +129,19 @@ def test_the_schema_takes_an_integer_as_the_audit_does(key):
         validate_event({**d, key: float(d[key])})
 
 
+@pytest.mark.parametrize("key", ["proc", "engine"])
+@pytest.mark.parametrize("value", [None, 0, 7, 2**64 - 1, -1, "7", 1.5, 0.0, True, [1], {"a": 1}])
+def test_the_schema_and_the_audit_take_the_same_proc_and_engine(tmp_path, key, value):
+    """The schema said `proc` is an int while both replays took null as absent (seen against the old code:
+    validate_event refused {"proc": null}, which audits clean): one rule now, an int >= 0 or null.  Control: the
+    values both refuse (-1, a str, a float, a bool, ...) and those both take."""
+    d = {**mg.clean_run()[0], "proc": 5, "engine": 0, key: value}
+    schema_ok = not audit.event_errors(d)
+    assert schema_ok == (value is None or (type(value) is int and value >= 0))
+    res = audit_paths([write(tmp_path / "log.jsonl", [d])])
+    assert (not res.by_kind("malformed")) == schema_ok, [str(f) for f in res.findings]
+
+
 def test_missing_common_key_is_rejected():
     d = dict(mg.clean_run()[0])
     del d["t_mono_ns"]

@@ -19,11 +19,13 @@ a ``proc`` (optional key, random per process), else a pid within one file; slots
 moving row that lands on ``to_state``.  Cancel/terminate *results* are checked for validity and against the state
 their line logs, not replayed against the state (the engine logs them in causal order at ``poll()``, after the
 transitions the call caused, except ``NotFound``, which is logged at once); ``Deferred``, ``AlreadyDeferred`` and
-``Terminated`` are checked against the session's deferral (``deferred_order``, ``double_termination``).
+``Terminated`` are checked against the session's deferral (``deferred_order``, ``double_termination``), and
+``AlreadyTerminated`` against the replayed state (``result_state_mismatch``).
 
 Violations (exit status 1): ``malformed`` (a line that is not a valid event; file:line named),
 ``illegal_transition``, ``terminated_before_terminal``, ``leak`` (never terminated), ``double_termination``,
 ``wrong_result`` (a cancel/terminate result the table does not give in the state the line logs),
+``result_state_mismatch`` (a terminate result ``AlreadyTerminated`` while the session, as replayed, is live),
 ``misclassified_event`` (a late or engine-rejected event the table does not make late / illegal in the state it logs,
 or whose state is not its live session's),
 ``deferred_delivery`` (a deferred terminate delivered 0 or >= 2 times, or delivered without a deferral),
@@ -105,6 +107,7 @@ VIOLATION_KINDS = (
     "leak",
     "double_termination",
     "wrong_result",
+    "result_state_mismatch",
     "misclassified_event",
     "deferred_delivery",
     "deferred_order",
@@ -1607,6 +1610,14 @@ class Auditor:
                 self._find("double_termination", line, "terminate() returned Terminated for a session whose "
                            "termination was deferred (its TerminateNow releases it)", rank=rank, request=req)
                 self._mark(s, "double_termination")
+        elif r == "AlreadyTerminated":
+            # the engine answers it only in the final state, a row that moves nothing, and logs it after the moves
+            # before the call: a live session (not yet Terminated, as replayed) was never terminated
+            s = self._session(rank, req, sid, False)
+            if s is not None and s[_S_STATE] not in self.spec.final:
+                self._find("result_state_mismatch", line, f"terminate() returned AlreadyTerminated, but the session "
+                           f"is {s[_S_STATE]} (since line {s[_S_LAST_LINE]})", rank=rank, request=req)
+                self._mark(s, "result_state_mismatch")
 
     def _session(self, rank: int, req: int, sid, tombs: bool, notice: bool = False) -> list | None:
         """The live session (or, with ``tombs``, the tombstone) an event about ``req`` refers to: by its key, or for

@@ -721,6 +721,50 @@ def test_terminated_returned_for_a_session_the_deferred_retry_released_is_a_doub
                                        "(its TerminateNow releases it)")], [str(f) for f in res.findings]
 
 
+def _already_terminated_moved_up(ev):
+    """31's AlreadyTerminated (line 15) moved up to line 8, where 31 is still InFlight (deferred)."""
+    return _moved(ev, index(ev, result="AlreadyTerminated"), 8), 31, 8, "InFlight (since line 5)"
+
+
+def _already_terminated_for_another_request(ev):
+    """A copy of 31's AlreadyTerminated, for 30, as line 8 (30 still InFlight: its move to Quiesced comes next)."""
+    ev = copy.deepcopy(ev)
+    ev.insert(7, {**ev[index(ev, result="AlreadyTerminated") - 1], "request": 30})
+    return renumber(ev), 30, 8, "InFlight (since line 4)"
+
+
+@pytest.mark.parametrize("edit", [_already_terminated_moved_up, _already_terminated_for_another_request])
+@pytest.mark.parametrize("keys", ["proc/engine", "older log"])
+def test_already_terminated_for_a_session_not_yet_terminated_is_a_violation(tmp_path, edit, keys, capsys):
+    """terminate() answers AlreadyTerminated only in Terminated (a .stay row: it moves nothing), and its result is
+    logged in causal order, so the replayed session is Terminated at that line.  The real log with it moved to
+    where 31 is InFlight, or copied for 30 while InFlight (logged state Terminated, so the table's check passes)
+    passed as clean (seen against the old code: ok, no finding): the executor was told a live session's resources
+    were already released.  Now a result_state_mismatch there, both replays, with and without proc/engine.
+    Control: the real log (its line 15 is that result, after 31's Terminated) and the same result for a request
+    with no session in the window (window 1: 30's tombstone evicted) are clean."""
+    ev = real_deferred_log()
+    if keys == "older log":
+        ev = _strip(ev, "proc", "engine")
+    ev, req, line, state = edit(ev)
+    p = write(tmp_path / "x.jsonl", ev)
+    res = audit_paths([p])
+    assert [(f.kind, f.request, f.line, f.message) for f in violations(res)] == [
+        ("result_state_mismatch", req, line, f"terminate() returned AlreadyTerminated, but the session is {state}")
+    ], [str(f) for f in res.findings]
+    assert main_audit([str(p)]) == 1
+    assert f"{p}:{line}: [result_state_mismatch]" in capsys.readouterr().out
+    # controls
+    ev = real_deferred_log()
+    if keys == "older log":
+        ev = _strip(ev, "proc", "engine")
+    assert ev[14]["result"] == "AlreadyTerminated" and ev[14]["request"] == 31
+    assert audit_paths([write(tmp_path / "real.jsonl", ev)]).finding_counts == {}
+    ev.append({**ev[14], "request": 30, "seq": ev[-1]["seq"] + 1})
+    res = audit_paths([write(tmp_path / "evicted.jsonl", ev)], window=1)
+    assert res.finding_counts == {}, [str(f) for f in res.findings]
+
+
 # ------------------------------------------------------------------------------------ late and rejected records
 
 

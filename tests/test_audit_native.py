@@ -28,7 +28,9 @@ from hypothesis import strategies as st
 from lifecycle import _core, audit, errors, spec
 from lifecycle.audit import audit_paths, format_text
 from tests.golden import make_golden as mg
-from tests.test_audit import (BREAKS, DEFER_ORDERS, _same_pid_ranks, _skewed, _stream, _strip, _two_rank_disagreeing,
+from tests.test_audit import (BREAKS, DEFER_ORDERS, _already_terminated_for_another_request,
+                              _already_terminated_moved_up, _same_pid_ranks, _skewed, _stream, _strip,
+                              _two_rank_disagreeing,
                               big_value_events, orphan_results, real_cancelled_deferred_log, real_deferred_log,
                               real_late_and_rejected_log,
                               two_engines_one_process)
@@ -125,6 +127,16 @@ def test_every_deferral_out_of_order_audits_identically(name, kw, tmp_path):
     for keys, log in (("new", ev), ("old", _strip(ev, "proc", "engine"))):
         p = tmp_path / f"{name}.{keys}.jsonl"
         p.write_text(mg.render(DEFER_ORDERS[name](log)[0]), encoding="utf-8")
+        assert_same([p], **kw)
+
+
+@pytest.mark.parametrize("edit", [_already_terminated_moved_up, _already_terminated_for_another_request])
+@pytest.mark.parametrize("kw", [{}, {"window": 1}, {"keep_violating": 0}])
+def test_every_already_terminated_for_a_live_session_audits_identically(edit, kw, tmp_path):
+    ev = edit(real_deferred_log())[0]
+    for name, log in (("new", ev), ("old", _strip(ev, "proc", "engine"))):
+        p = tmp_path / f"{name}.jsonl"
+        p.write_text(mg.render(log), encoding="utf-8")
         assert_same([p], **kw)
 
 

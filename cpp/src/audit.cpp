@@ -45,6 +45,7 @@ const char* kind_name(Kind k) {
     case Kind::leak: return "leak";
     case Kind::double_termination: return "double_termination";
     case Kind::wrong_result: return "wrong_result";
+    case Kind::result_state_mismatch: return "result_state_mismatch";
     case Kind::misclassified_event: return "misclassified_event";
     case Kind::deferred_delivery: return "deferred_delivery";
     case Kind::deferred_order: return "deferred_order";
@@ -787,7 +788,7 @@ struct Auditor::Impl {
   std::vector<std::uint64_t> edge_count;
   std::uint64_t created = 0;
   int st_quiesced = -1, st_poisoned = -1;
-  int tr_deferred = -1, tr_terminated = -1, tr_already_deferred = -1;
+  int tr_deferred = -1, tr_terminated = -1, tr_already_deferred = -1, tr_already_terminated = -1;
   std::string digest = kTableDigest;
   std::string terminal_list;  // "Quiesced/Poisoned"
   std::string final_list;     // "Terminated"
@@ -878,6 +879,7 @@ struct Auditor::Impl {
       if (std::strcmp(kTerminateResultNames[i], "Deferred") == 0) tr_deferred = i;
       if (std::strcmp(kTerminateResultNames[i], "Terminated") == 0) tr_terminated = i;
       if (std::strcmp(kTerminateResultNames[i], "AlreadyDeferred") == 0) tr_already_deferred = i;
+      if (std::strcmp(kTerminateResultNames[i], "AlreadyTerminated") == 0) tr_already_terminated = i;
     }
     for (int s = 0; s < kNumStates; ++s) {
       if (!kTerminal[s]) continue;
@@ -2065,6 +2067,16 @@ struct Auditor::Impl {
           g->message = {P("terminate() returned Terminated for a session whose termination was deferred (its "
                           "TerminateNow releases it)")};
         if (s != nullptr) mark(*s, Kind::double_termination);
+      }
+    } else if (r == tr_already_terminated) {
+      // the engine answers it only in the final state, a row that moves nothing, and logs it after the moves before
+      // the call: a live session (not yet Terminated, as replayed) was never terminated
+      Session* s = nullptr;
+      if (session_of(rank, req, false, s) != nullptr && !kFinal[s->state]) {
+        if (Finding* g = find(Kind::result_state_mismatch, line, &rank, &req))
+          g->message = {P(std::string("terminate() returned AlreadyTerminated, but the session is ") +
+                          kStateNames[s->state] + " (since line " + to_string(s->c.last_line) + ")")};
+        mark(*s, Kind::result_state_mismatch);
       }
     }
   }

@@ -52,12 +52,12 @@ bool too_deep(const char* p, std::size_t n, std::int64_t max_depth) noexcept;
 // Finding kinds, in lifecycle/audit.py's VIOLATION_KINDS + WARNING_KINDS order.
 enum class Kind : std::uint8_t {
   malformed, unreadable, illegal_transition, terminated_before_terminal, leak, double_termination, wrong_result,
-  misclassified_event, deferred_delivery, deferred_order, slot_reuse, rank_disagreement, seq_gap, collective_desync,
-  no_events,
+  result_state_mismatch, misclassified_event, deferred_delivery, deferred_order, slot_reuse, rank_disagreement,
+  seq_gap, collective_desync, no_events,
   rejected_event, callback_error, unhealthy, stream_start, adopted_session, orphan_event, table_mismatch, live,
   window_evicted,
 };
-inline constexpr int kNumKinds = 24;
+inline constexpr int kNumKinds = 25;
 // The events' schema version (every line's "schema"); lifecycle.audit.SCHEMA_ID and lifecycle.engine.SCHEMA
 // are checked against it (_core.EVENTS_SCHEMA) by tests/test_audit.py.
 inline constexpr const char* kEventsSchema = "kv-lifecycle.events/1";

@@ -765,6 +765,61 @@ def test_already_terminated_for_a_session_not_yet_terminated_is_a_violation(tmp_
     assert res.finding_counts == {}, [str(f) for f in res.findings]
 
 
+def real_random_workload(seed: int, calls: int = 300) -> list[dict]:
+    """The real engine driven by ``calls`` random calls on 12 request ids (reused; bad calls refused), with an
+    on_terminate that terminates or cancels again (re-entrant: AlreadyTerminated, NotCancellable) or raises."""
+    import structlog
+
+    from lifecycle.errors import LifecycleError
+
+    rng = random.Random(seed)
+    adapter = mg.RealEngineAdapter(num_slots=rng.choice([2, 4, 8]))
+    again = rng.choice(["terminate", "cancel", "raise", None])
+
+    def on_terminate(req):
+        if again == "raise":
+            raise RuntimeError("callback")
+        if again:
+            getattr(adapter.engine, again)(req)
+
+    adapter.engine.on_terminate = on_terminate
+    with structlog.testing.capture_logs() as cap:
+        for _ in range(calls):
+            req, op = rng.randrange(12), rng.choice(["advertise", "expose", "complete", "fail", "timeout",
+                                                      "grace_expired", "cancel", "terminate", "poll", "advance"])
+            try:
+                if op == "advertise":
+                    adapter.advertise(req, rng.choice(["sender", "receiver"]), nbytes=64)
+                elif op in ("cancel", "terminate"):
+                    getattr(adapter, op)(req)
+                elif op == "poll":
+                    adapter.poll()
+                elif op == "advance":
+                    adapter.advance(rng.choice([0.1, 5, 5000]))
+                else:
+                    adapter.post(req, op)
+            except (LifecycleError, RuntimeError):  # a refused call, or the callback's error raised by poll()
+                pass
+        for req in range(12):  # (so that only sessions the workload left exposed leak)
+            for call in (lambda: adapter.terminate(req), adapter.poll):
+                try:
+                    call()
+                except (LifecycleError, RuntimeError):
+                    pass
+    return renumber(cap)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_the_real_engines_random_workloads_audit_without_violations_but_leaks(tmp_path, seed):
+    """Control for the result checks (wrong_result, result_state_mismatch, double_termination, deferred_order): the
+    real engine's logs of random calls, re-entrant callbacks included, hold no violation but the sessions left live
+    at the end (leaks), in both replays."""
+    ev = real_random_workload(seed)
+    res = audit_paths([write(tmp_path / "w.jsonl", ev)])
+    assert {f.kind for f in violations(res)} <= {"leak"}, [str(f) for f in violations(res) if f.kind != "leak"]
+    assert res.event_counts["lifecycle.terminate"] > 0
+
+
 # ------------------------------------------------------------------------------------ late and rejected records
 
 

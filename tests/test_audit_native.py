@@ -32,7 +32,7 @@ from tests.test_audit import (BREAKS, DEFER_ORDERS, _already_terminated_for_anot
                               _already_terminated_moved_up, _same_pid_ranks, _skewed, _stream, _strip,
                               _two_rank_disagreeing,
                               big_value_events, orphan_results, real_cancelled_deferred_log, real_deferred_log,
-                              real_late_and_rejected_log,
+                              real_late_and_rejected_log, real_random_workload,
                               two_engines_one_process)
 
 SPEC = spec.load(spec.default_table_path())
@@ -517,6 +517,10 @@ BASES = {name: [l.encode() for l in mg.render(ev).splitlines()] for name, ev in 
 BASES["two_engines"] = [l.encode() for l in mg.render(_fixed_ids(two_engines_one_process(True))).splitlines()]
 BASES["keyed_deferred"] = [l.encode() for l in mg.render(
     [{**d, "proc": 5, "engine": 0} for d in mg.deferred_termination()]).splitlines()]
+# the real engine's logs: a deferral (ending in AlreadyTerminated) and random calls with re-entrant callbacks
+for _name, _ev in (("real_deferred", real_deferred_log()), ("real_workload_raising", real_random_workload(5)),
+                   ("real_workload_reentrant", real_random_workload(6))):
+    BASES[_name] = [l.encode() for l in mg.render(_fixed_ids(_ev)).splitlines()]
 KEYS = ["event", "rank", "seq", "pid", "t_mono_ns", "request", "table", "from_state", "to_state", "trigger",
         "outcome", "deferred", "slot", "generation", "role", "result", "state", "error", "healthy", "reasons",
         "seq_no", "field", "sites", "schema", "proc", "engine", "zzz"]

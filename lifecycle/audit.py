@@ -20,12 +20,14 @@ moving row that lands on ``to_state``.  Cancel/terminate *results* are checked f
 their line logs, not replayed against the state (the engine logs them in causal order at ``poll()``, after the
 transitions the call caused, except ``NotFound``, which is logged at once); ``Deferred``, ``AlreadyDeferred`` and
 ``Terminated`` are checked against the session's deferral (``deferred_order``, ``double_termination``), and
-``AlreadyTerminated`` against the replayed state (``result_state_mismatch``).
+those of rows that move nothing (``AlreadyTerminated``, ``AlreadyComplete``, ...) against the replayed state
+(``result_state_mismatch``).
 
 Violations (exit status 1): ``malformed`` (a line that is not a valid event; file:line named),
 ``illegal_transition``, ``terminated_before_terminal``, ``leak`` (never terminated), ``double_termination``,
 ``wrong_result`` (a cancel/terminate result the table does not give in the state the line logs),
-``result_state_mismatch`` (a terminate result ``AlreadyTerminated`` while the session, as replayed, is live),
+``result_state_mismatch`` (a cancel/terminate result of a row that moves nothing, such as ``AlreadyTerminated`` or
+``AlreadyComplete``, logged in a state other than its live session's as replayed),
 ``misclassified_event`` (a late or engine-rejected event the table does not make late / illegal in the state it logs,
 or whose state is not its live session's),
 ``deferred_delivery`` (a deferred terminate delivered 0 or >= 2 times, or delivered without a deferral),
@@ -1499,16 +1501,28 @@ class Auditor:
         if not _member(r, self.spec.cancel_frees):
             self._find("malformed", line, f"lifecycle.cancel: unknown result {_rl(r)}", rank=rank, request=req)
             return
-        self._check_result("cancel", r, d.get("state"), line, rank, req)
+        self._check_result("cancel", r, d.get("state"), line, rank, req, sid)
 
-    def _check_result(self, call: str, r: str, state, line: int, rank: int, req) -> None:
+    def _check_result(self, call: str, r: str, state, line: int, rank: int, req, sid) -> None:
         """A result checked against the state the line logs (the session's before the call; null for NotFound,
         not checked): Terminated, or a cancel result that frees now, from a non-terminal state let the executor
-        free buffers the transport may still touch."""
-        ok = self._results.get((state, call)) if type(state) is str else None
-        if ok is not None and r not in ok:
+        free buffers the transport may still touch.  On a row that moves nothing (.stay) that state is also the
+        live session's as replayed: the result is logged after the moves before the call (AlreadyComplete logged
+        while the session is InFlight told the executor to free buffers in flight; AlreadyTerminated, a live session
+        released).  Deferrals (.defer) are deferred_order's."""
+        key = (state, call)
+        ok = self._results.get(key) if type(state) is str else None
+        if ok is None:
+            return
+        if r not in ok:
             self._find("wrong_result", line, f"{call}() returned {r} in state {state}; the table gives "
                        f"{' or '.join(ok)}", rank=rank, request=req)
+        if type(req) is int and self._cells[key] == ".stay":
+            s = self._session(rank, req, sid, False)
+            if s is not None and s[_S_STATE] != state:
+                self._find("result_state_mismatch", line, f"{call}() returned {r} in state {state}, but the session "
+                           f"is {s[_S_STATE]} (since line {s[_S_LAST_LINE]})", rank=rank, request=req)
+                self._mark(s, "result_state_mismatch")
 
     def _late_or_rejected(self, d: dict, name: str, req, rank: int, sk, eng, sid, t: int, line: int) -> None:
         trig, state = d.get("trigger"), d.get("state")
@@ -1568,7 +1582,7 @@ class Auditor:
         if r not in self.spec.terminate_results or type(req) is not int:
             self._find("malformed", line, f"lifecycle.terminate: bad result/request {_r(r)}/{_r(req)}", rank=rank)
             return
-        self._check_result("terminate", r, d.get("state"), line, rank, req)
+        self._check_result("terminate", r, d.get("state"), line, rank, req, sid)
         if r == "Deferred" or r == "AlreadyDeferred":
             s = self._session(rank, req, sid, True)
             if s is not None and len(s) == _TOMB:  # (a tombstone)
@@ -1610,14 +1624,6 @@ class Auditor:
                 self._find("double_termination", line, "terminate() returned Terminated for a session whose "
                            "termination was deferred (its TerminateNow releases it)", rank=rank, request=req)
                 self._mark(s, "double_termination")
-        elif r == "AlreadyTerminated":
-            # the engine answers it only in the final state, a row that moves nothing, and logs it after the moves
-            # before the call: a live session (not yet Terminated, as replayed) was never terminated
-            s = self._session(rank, req, sid, False)
-            if s is not None and s[_S_STATE] not in self.spec.final:
-                self._find("result_state_mismatch", line, f"terminate() returned AlreadyTerminated, but the session "
-                           f"is {s[_S_STATE]} (since line {s[_S_LAST_LINE]})", rank=rank, request=req)
-                self._mark(s, "result_state_mismatch")
 
     def _session(self, rank: int, req: int, sid, tombs: bool, notice: bool = False) -> list | None:
         """The live session (or, with ``tombs``, the tombstone) an event about ``req`` refers to: by its key, or for

@@ -29,10 +29,10 @@ from lifecycle import _core, audit, errors, spec
 from lifecycle.audit import audit_paths, format_text
 from tests.golden import make_golden as mg
 from tests.test_audit import (BREAKS, DEFER_ORDERS, _already_terminated_for_another_request,
-                              _already_terminated_moved_up, _same_pid_ranks, _skewed, _stream, _strip,
+                              _already_terminated_moved_up, _moved, _same_pid_ranks, _skewed, _stream, _strip,
                               _two_rank_disagreeing,
                               big_value_events, orphan_results, real_cancelled_deferred_log, real_deferred_log,
-                              real_late_and_rejected_log, real_random_workload,
+                              real_cancel_results_log, real_late_and_rejected_log, real_random_workload,
                               two_engines_one_process)
 
 SPEC = spec.load(spec.default_table_path())
@@ -138,6 +138,13 @@ def test_every_already_terminated_for_a_live_session_audits_identically(edit, kw
         p = tmp_path / f"{name}.jsonl"
         p.write_text(mg.render(log), encoding="utf-8")
         assert_same([p], **kw)
+
+
+@pytest.mark.parametrize(("frm", "to"), [(7, 6), (8, 5), (14, 9), (14, 1), (7, 14)])
+def test_every_cancel_result_out_of_state_audits_identically(frm, to, tmp_path):
+    p = tmp_path / "x.jsonl"
+    p.write_text(mg.render(_moved(real_cancel_results_log(), frm, to)), encoding="utf-8")
+    assert_same([p])
 
 
 @pytest.mark.parametrize("line", [3, 5, 7, 15])

@@ -788,7 +788,7 @@ struct Auditor::Impl {
   std::vector<std::uint64_t> edge_count;
   std::uint64_t created = 0;
   int st_quiesced = -1, st_poisoned = -1;
-  int tr_deferred = -1, tr_terminated = -1, tr_already_deferred = -1, tr_already_terminated = -1;
+  int tr_deferred = -1, tr_terminated = -1, tr_already_deferred = -1;
   std::string digest = kTableDigest;
   std::string terminal_list;  // "Quiesced/Poisoned"
   std::string final_list;     // "Terminated"
@@ -879,7 +879,6 @@ struct Auditor::Impl {
       if (std::strcmp(kTerminateResultNames[i], "Deferred") == 0) tr_deferred = i;
       if (std::strcmp(kTerminateResultNames[i], "Terminated") == 0) tr_terminated = i;
       if (std::strcmp(kTerminateResultNames[i], "AlreadyDeferred") == 0) tr_already_deferred = i;
-      if (std::strcmp(kTerminateResultNames[i], "AlreadyTerminated") == 0) tr_already_terminated = i;
     }
     for (int s = 0; s < kNumStates; ++s) {
       if (!kTerminal[s]) continue;
@@ -1915,7 +1914,8 @@ struct Auditor::Impl {
 
   // A result checked against the state the line logs (the session's before the call; null for NotFound, not
   // checked): the row's result, or the engine's three runtime refinements (Auditor._results: the same, in the
-  // same order).
+  // same order); on a row that moves nothing (.stay), that state against the live session's as replayed
+  // (Auditor._check_result).
   void check_result(Event ev, int res, const Int* rq, Int rank, Int line) {
     const int st = state_of(k_state);
     if (st < 0) return;
@@ -1933,13 +1933,22 @@ struct Auditor::Impl {
       also[0] = static_cast<int>(CancelResult::BackendUnhealthy);
     }
     if (cancel_moves && kTerminal[static_cast<int>(c.dst)]) also[1] = static_cast<int>(CancelResult::CancelledDeferred);
-    if (res == c.result || res == also[0] || res == also[1]) return;
-    if (Finding* g = find(Kind::wrong_result, line, &rank, rq)) {
-      std::string gives = names[c.result];
-      for (const int a : also)
-        if (a >= 0) gives += std::string(" or ") + names[a];
-      g->message = {P(std::string(cancel ? "cancel" : "terminate") + "() returned " + names[res] + " in state " +
-                      kStateNames[st] + "; the table gives " + gives)};
+    if (res != c.result && res != also[0] && res != also[1]) {
+      if (Finding* g = find(Kind::wrong_result, line, &rank, rq)) {
+        std::string gives = names[c.result];
+        for (const int a : also)
+          if (a >= 0) gives += std::string(" or ") + names[a];
+        g->message = {P(std::string(cancel ? "cancel" : "terminate") + "() returned " + names[res] + " in state " +
+                        kStateNames[st] + "; the table gives " + gives)};
+      }
+    }
+    Session* s = nullptr;
+    if (c.action == Action::Stay && rq != nullptr && session_of(rank, *rq, false, s) != nullptr && s->state != st) {
+      if (Finding* g = find(Kind::result_state_mismatch, line, &rank, rq))
+        g->message = {P(std::string(cancel ? "cancel" : "terminate") + "() returned " + names[res] + " in state " +
+                        kStateNames[st] + ", but the session is " + kStateNames[s->state] + " (since line " +
+                        to_string(s->c.last_line) + ")")};
+      mark(*s, Kind::result_state_mismatch);
     }
   }
 
@@ -2067,16 +2076,6 @@ struct Auditor::Impl {
           g->message = {P("terminate() returned Terminated for a session whose termination was deferred (its "
                           "TerminateNow releases it)")};
         if (s != nullptr) mark(*s, Kind::double_termination);
-      }
-    } else if (r == tr_already_terminated) {
-      // the engine answers it only in the final state, a row that moves nothing, and logs it after the moves before
-      // the call: a live session (not yet Terminated, as replayed) was never terminated
-      Session* s = nullptr;
-      if (session_of(rank, req, false, s) != nullptr && !kFinal[s->state]) {
-        if (Finding* g = find(Kind::result_state_mismatch, line, &rank, &req))
-          g->message = {P(std::string("terminate() returned AlreadyTerminated, but the session is ") +
-                          kStateNames[s->state] + " (since line " + to_string(s->c.last_line) + ")")};
-        mark(*s, Kind::result_state_mismatch);
       }
     }
   }

@@ -2,11 +2,12 @@
 
 A transport owns one agent and a C++ progress thread.  The executor advertises a session on the
 engine, then either hands its range to the peer (``expect`` returns an :class:`Offer`: the range's
-descriptor, a fresh tag and the session's role; this side is *passive*), or posts the transfer itself over the
-peer's offer (``read`` / ``write``: this side is *active*; the op must suit both roles, DESIGN §9).  Every notification names (request, tag), so a note of an
-earlier transfer of a reused id is never taken for the live one's.  The progress thread turns
-backend statuses and peer notifications into engine events (DONE -> complete, error -> fail, the
-peer's "done"/"quiesced" -> complete); the executor sees them, logged, on ``engine.poll()``.
+descriptor, a fresh tag and the session's role; this side is *passive*), or posts the transfer itself over
+the peer's offer (``read`` / ``write``: this side is *active*; the op must suit both roles, DESIGN §9).  Every
+notification names (request, tag), so a note of an earlier transfer of a reused id is never taken for the live
+one's.  The progress thread turns backend statuses and peer notifications into engine events (DONE ->
+complete, error -> fail, the peer's "done"/"quiesced" -> complete); the executor sees them, logged, on
+``engine.poll()``.
 Cancellation follows DESIGN §3: nothing is released without evidence (see docs/transport.md).
 
 NIXL is loaded at run time from the installed ``nixl-cu12`` wheel (``libnixl_capi.so``, found without

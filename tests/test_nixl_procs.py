@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from lifecycle import Outcome, State
+from lifecycle import ManualClock, Outcome, State
 from lifecycle.transport import Faults, Offer
 
 from test_transport_harness import (
@@ -214,3 +214,82 @@ def test_an_active_read_cut_by_the_peers_death_fails_on_nixls_error_not_on_its_t
             if proc.is_alive():
                 proc.kill()
     pytest.fail("the 64 MiB READ completed before the peer's death in 3 attempts: the cut was never tested")
+
+
+def test_peer_sigkill_bound_holds_on_the_engines_clock_not_the_wall_clock(monkeypatch):
+    """The bound of the test above (every session terminal within transfer_timeout + cancel_grace + 1 s of the
+    kill), checked without timing the test: the parent's engine runs on a ManualClock that stands still from the
+    first expose to the child's SIGKILL (right after posting its WRITE of 4), then walks to kill + bound in 50 ms
+    steps, polling at each; every session must then be terminal at once (no wait), those without evidence
+    Poisoned (5: exposed, never posted; any session whose bytes did not all arrive), their slots quarantined
+    once terminated, and a fresh peer works.  Control: one step short of timeout + grace, 5 is not terminal
+    yet (a dead peer proves nothing; only the grace ends it), so the check can fail."""
+    monkeypatch.setenv("UCX_TLS", "tcp")  # so the last WRITE is still moving when the child dies
+    sec, step = 1_000_000_000, 50_000_000
+    timeout, grace = 2.0, 1.0
+    n = 64 * MiB
+    clock = ManualClock(1_000 * sec)
+    me = Side("clock-parent", slots=6, slot_size=n, transfer_timeout=timeout, cancel_grace=grace, clock=clock)
+    proc, conn = spawn_peer("clock-child", env={"UCX_TLS": "tcp"}, slots=4, slot_size=n)
+    fresh = None
+    try:
+        peer, _ = attach_peer(me, conn)
+        me.t.expect(5, peer, me.advertise(5, "sender", n, pattern(n, 5)))  # passive; the child never posts
+        dst = me.advertise(1, "receiver", n, 0)  # active: we READ from the child
+        me.t.read(1, dst, peer, Offer.from_bytes(call(conn, "serve", 1, "sender", n, 1)))
+        for req in (3, 4):  # passive: the child WRITEs into us, and SIGKILLs itself right after posting 4
+            offer = me.t.expect(req, peer, me.advertise(req, "receiver", n, 0))
+            msg = ("active" if req == 3 else "active-then-die", req, "sender", n, req, offer.to_bytes())
+            if req == 3:
+                call(conn, *msg)
+            else:
+                conn.send(msg)
+        proc.join(10)
+        assert proc.exitcode == -signal.SIGKILL, proc.exitcode
+        reqs = (1, 3, 4, 5)
+
+        def walk_to(seconds: float) -> dict:
+            while clock.now_ns() < t_kill + int(seconds * sec):
+                clock.advance(min(step, t_kill + int(seconds * sec) - clock.now_ns()))
+                me.engine.poll()
+            return {r: me.engine.state(r) for r in reqs}
+
+        t_kill = clock.now_ns()  # every expose and the kill happened at this engine time
+        short = walk_to(timeout + grace - step / sec)
+        assert short[5] is State.CancelRequested, short  # the control: the bound below is not met vacuously
+        states = walk_to(timeout + grace + 1.0)
+        diag = dict(states=states, stats=me.t.stats(), counters=me.engine.statistics())
+        assert set(states.values()) <= {State.Quiesced, State.Poisoned}, diag
+        assert states[5] is State.Poisoned, diag
+        cut = [r for r in (1, 3, 4) if crc(me.view(r, n)) != crc(pattern(n, r))]
+        assert all(states[r] is State.Poisoned for r in cut), (cut, diag)
+        assert all(me.engine.outcome(r) is Outcome.completed for r in reqs if states[r] is State.Quiesced), diag
+        poisoned = [r for r, s in states.items() if s is State.Poisoned]
+        for req in reqs:
+            me.engine.terminate(req)
+        me.engine.poll()
+        pool, recovered = me.engine.pool.stats(), me.engine.statistics().recovered
+        assert pool["quarantined"] == len(poisoned) - recovered and pool["leased"] == 0, (pool, recovered, diag)
+
+        me.t.remove_peer(peer)  # a fresh peer: new transfers in both modes succeed
+        fresh, fconn = spawn_peer("clock-fresh", env={"UCX_TLS": "tcp"}, slots=2, slot_size=n)
+        fpeer, _ = attach_peer(me, fconn)
+        for req, mode in ((11, "read"), (12, "write")):
+            size = 1 * MiB
+            dst = me.advertise(req, "receiver", size, 0)
+            if mode == "read":
+                me.t.read(req, dst, fpeer, Offer.from_bytes(call(fconn, "serve", req, "sender", size, req)))
+            else:
+                call(fconn, "active", req, "sender", size, req, me.t.expect(req, fpeer, dst).to_bytes())
+            assert me.wait(req) is State.Quiesced and me.engine.outcome(req) is Outcome.completed
+            assert call(fconn, "wait", req, size, 10.0)[0] == "Quiesced"
+            assert crc(me.view(req, size)) == crc(pattern(size, req))
+            me.engine.terminate(req)
+        assert call(fconn, "exit") == "bye"
+    finally:
+        me.close()
+        for p in (proc, fresh):
+            if p is not None:
+                p.join(10)
+                if p.is_alive():
+                    p.kill()

@@ -69,6 +69,16 @@ def start_in_flight(snd, rcv, names, mode: str):
     pytest.fail(f"all {ATTEMPTS} 64 MiB {mode} posts over tcp completed inside the call: none was in flight")
 
 
+def assert_done_was_the_evidence(active: Side) -> None:
+    """Called as soon as the active side's cancelled session is seen terminal: its transport had already
+    counted the request's DONE (counted before the engine hears it), and released nothing unsafely.  A
+    transport that reported `complete` on the cancel (release taken for evidence) passes every other check of
+    these tests: the bytes go on landing, the DONE follows and is merely late.  start_in_flight's attempts that
+    completed inside the post count as completed_in_post, so the one DONE is this request's."""
+    st = active.t.stats()
+    assert (st.completed, st.failed, st.unsafe_releases) == (1, 0, 0), st
+
+
 def test_cancel_before_expose_is_quiesced_cancelled_on_both_sides(pair):
     snd, rcv, names = pair
     snd.advertise(1, "sender", 4096, pattern(4096, 1))
@@ -94,6 +104,7 @@ def test_cancel_right_after_post_waits_for_done_then_quiesced_cancelled(pair, mo
         deferred = True
     # deferred: TerminateNow fires once the evidence (DONE) arrives and the slot goes back to the pool
     assert active.wait(req) is (State.Terminated if deferred else State.Quiesced)
+    assert_done_was_the_evidence(active)  # also where the DONE beat the state() read above
     assert passive.wait(req) is State.Quiesced
     assert active.engine.outcome(req) is Outcome.cancelled  # CancelRequested -> complete: Quiesced(cancelled)
     if deferred:
@@ -117,7 +128,11 @@ def test_cancel_mid_transfer_ends_quiesced_with_evidence(pair, mode, who):
     r = canceller.engine.cancel(req)
     # 64 MiB over tcp takes tens of milliseconds and its first bytes have landed: the cancel lands in flight
     assert r is CancelResult.CancelRequestedInFlight
-    assert active.wait(req) is State.Quiesced and passive.wait(req) is State.Quiesced
+    if canceller.engine.state(req) is State.CancelRequested:  # nothing released without evidence
+        assert canceller.engine.pool.slot_state(canceller.engine.info(req).slot) == "Leased"
+    assert active.wait(req) is State.Quiesced
+    assert_done_was_the_evidence(active)  # the active side's only evidence: its request's DONE
+    assert passive.wait(req) is State.Quiesced
     assert canceller.engine.outcome(req) is Outcome.cancelled
     if who == "passive":
         # the passive side asked the peer to stop and waited for its quiesced ack (or its done)

@@ -8,10 +8,10 @@ import random
 
 import pytest
 
-from lifecycle import State, TransportError
+from lifecycle import Outcome, State, TransportError
 from lifecycle.transport import Faults
 
-from test_transport_harness import KiB, Side, connect, needs_nixl, pattern, wait_for
+from test_transport_harness import KiB, Side, connect, crc, needs_nixl, pattern, wait_for
 
 pytestmark = [pytest.mark.nixl, needs_nixl]
 
@@ -61,7 +61,8 @@ def test_thousand_mixed_sessions_leave_no_leaks():
         outcomes: dict[str, int] = {}
         req, window = 0, 40
         data = {n: pattern(n, n) for n in (4 * KiB, 64 * KiB)}
-        refused = disconnects = 0
+        refused = disconnects = checked = 0
+        receivers: dict[int, tuple[Side, int]] = {}  # request -> (its receiving side, size)
         while req < 1000:
             batch = []
             # registrations churn too: a scratch region per batch and side, gone again after it
@@ -73,6 +74,7 @@ def test_thousand_mixed_sessions_leave_no_leaks():
                 mode = rng.choice(("read", "write"))  # READ: receiver active; WRITE: sender active
                 role_a, role_p = ("receiver", "sender") if mode == "read" else ("sender", "receiver")
                 src_fill = data[n]
+                receivers[req] = (active if role_a == "receiver" else passive, n)
                 ml = active.advertise(req, role_a, n, src_fill if role_a == "sender" else 0)
                 mp = passive.advertise(req, role_p, n, src_fill if role_p == "sender" else 0)
                 action = rng.choice(ACTIONS)
@@ -104,6 +106,11 @@ def test_thousand_mixed_sessions_leave_no_leaks():
                 for s in (a, b):
                     st = s.engine.wait_terminal(r, 5.0)
                     outcomes[st.value] = outcomes.get(st.value, 0) + 1
+                    rs, n = receivers[r]
+                    if s is rs and st is State.Quiesced and s.engine.outcome(r) is Outcome.completed:
+                        # every completed receive holds the sender's bytes, whatever faults were injected
+                        assert crc(s.view(r, n)) == crc(data[n]), f"request {r}: {n} B checksum ({ctx})"
+                        checked += 1
                     s.engine.terminate(r)
             a.engine.poll()
             b.engine.poll()
@@ -121,11 +128,13 @@ def test_thousand_mixed_sessions_leave_no_leaks():
             assert s.t.wait_idle(5.0), f"{s.name}: entries left {s.t.stats()} ({ctx})"
         for s in (a, b):
             assert leaks(s, base[s], refused) == [], ctx
-        print(f"\n1000 sessions x 2 sides: {outcomes}; quarantined a={a.engine.pool.stats()['quarantined']} "
+        print(f"\n1000 sessions x 2 sides: {outcomes}; {checked} receives checksummed; "
+              f"quarantined a={a.engine.pool.stats()['quarantined']} "
               f"b={b.engine.pool.stats()['quarantined']}; held offers a={a.t.stats().held_offers} "
               f"b={b.t.stats().held_offers}; remembered stops a={a.t.stats().remembered_stops} "
               f"b={b.t.stats().remembered_stops} (refused posts {refused}); faults a={a.t.fault_stats()} b={b.t.fault_stats()}")
         assert outcomes.get("Terminated", 0) + outcomes.get("Quiesced", 0) + outcomes.get("Poisoned", 0) == 2000
+        assert checked >= 300, f"only {checked} completed receives checked ({ctx})"
         # negative control: a session never terminated and a region never deregistered are seen as leaks
         a.advertise(5000, "receiver", 4 * KiB, 0)
         buf = bytearray(4096)

@@ -54,7 +54,8 @@ def test_two_processes_both_modes_every_size_matches_checksum():
 
 def test_peer_sigkill_mid_transfer_every_session_terminal_in_time_then_fresh_peer_works(monkeypatch):
     """The child SIGKILLs itself right after posting its last WRITE (session 4): every session here ends
-    terminal within transfer_timeout + cancel_grace + 1 s, those without evidence Poisoned and their slots
+    terminal (within transfer_timeout + cancel_grace + 1 s: the test below checks that bound on the engine's
+    clock), those without evidence Poisoned and their slots
     quarantined, and a fresh peer then works.  On a loaded machine the child's UCX thread now and then
     finished that WRITE (and sent its DONE) before the child's kill ran: such an attempt cut nothing, so
     it is checked like the others and tried again, at most 3 times (a review of a load soak's failure)."""
@@ -97,20 +98,16 @@ def kill_peer_mid_transfer(attempt: int) -> bool:
             if req == 3:
                 call(conn, "active", req, "sender", n, req, offer.to_bytes())
             else:
-                t_kill = time.monotonic()  # before the death: the bound below is measured from earlier
                 conn.send(("active-then-die", req, "sender", n, req, offer.to_bytes()))
             reqs.append(req)
         proc.join(10)
         assert proc.exitcode == -signal.SIGKILL, proc.exitcode
         t_dead = time.monotonic()  # the child died before this
 
-        bound = timeout + grace + 1.0
-        states = {}
-        for req in reqs:
-            left = bound - (time.monotonic() - t_kill)
-            states[req] = me.engine.wait_terminal(req, max(left, 0.01))
-        elapsed = time.monotonic() - t_kill
-        assert elapsed <= bound, f"sessions took {elapsed:.2f}s > {bound}s"
+        # the bound (timeout + grace + 1 s) is checked on the engine's clock, not timed here (a wall-clock assert
+        # fails on a loaded machine): test_peer_sigkill_bound_holds_on_the_engines_clock_not_the_wall_clock.
+        # Here the real clock only has to get every session terminal at all.
+        states = {req: me.engine.wait_terminal(req, timeout + grace + 30.0) for req in reqs}
         assert set(states.values()) <= {State.Quiesced, State.Poisoned}, states
         # 5 never gets evidence if the child died before 5's timer fired: the stop it sends then finds no
         # one.  Under load the posts above took longer than the timeout once: the stop reached the live

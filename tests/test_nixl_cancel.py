@@ -142,13 +142,18 @@ def test_cancel_mid_transfer_ends_quiesced_with_evidence(pair, mode, who):
     assert crc(rcv.view(req, BIG)) == crc(pattern(BIG, req))
 
 
-def test_cancel_after_done_is_already_complete(pair):
+@pytest.mark.parametrize("mode", ["read", "write"])
+def test_cancel_after_done_is_already_complete(pair, mode):
     snd, rcv, names = pair
-    active, passive, _ = start(snd, rcv, names, "read", n=64 * 1024)
+    n = 64 * 1024
+    active, passive, _ = start(snd, rcv, names, mode, n=n)
     assert active.wait(1) is State.Quiesced and passive.wait(1) is State.Quiesced
+    assert crc(rcv.view(1, n)) == crc(pattern(n, 1))  # a completed session: every byte landed
     for s in (active, passive):
         assert s.engine.cancel(1) is CancelResult.AlreadyComplete
-        assert s.engine.outcome(1) is Outcome.completed
+        assert s.engine.state(1) is State.Quiesced and s.engine.outcome(1) is Outcome.completed
+        assert s.engine.terminate(1) is TerminateResult.Terminated  # DONE was the evidence: free now
+    assert (snd.engine.pool.stats()["free"], rcv.engine.pool.stats()["free"]) == (2, 2)
 
 
 # ---- negative control ------------------------------------------------------------------------------

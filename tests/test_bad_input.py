@@ -201,6 +201,10 @@ def test_advertise_batch_takes_the_role_as_advertise_does():
         with pytest.raises(InvalidArgument, match="expected 'sender' or 'receiver'") as ei:
             e.advertise_batch(array("Q", [9]), bad)
         assert ei.value.argument == "role" and len(str(ei.value)) < 120
+    # a str UTF-8 cannot encode (a lone surrogate) was pybind11's bare RuntimeError "Unable to cast ..."
+    with pytest.raises(InvalidArgument) as ei:
+        e.advertise_batch(array("Q", [9]), "\udc80")
+    assert ei.value.argument == "role"
     assert e.live_sessions() == 4  # the refused ones made nothing
 
 

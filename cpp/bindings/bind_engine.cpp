@@ -46,7 +46,7 @@ static Event to_event(py::handle h) {
 // A role as advertise() takes it ("sender" / "receiver", which a Role member is) or as its code (0 / 1).
 static Role to_role(py::handle h) {
   if (py::isinstance<py::str>(h)) {
-    const auto s = h.cast<std::string>();
+    const std::string s = text_arg(h, "role");  // (a lone surrogate: InvalidArgument, not a bare RuntimeError)
     if (s == "sender" || s == "receiver") return s == "sender" ? Role::sender : Role::receiver;
     throw InvalidArgumentError("role", "expected 'sender' or 'receiver' (or 0 / 1), got '" + s.substr(0, 40) +
                                            (s.size() > 40 ? "...'" : "'"));

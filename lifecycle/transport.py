@@ -30,7 +30,7 @@ import weakref
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from .engine import Role
+from .engine import _ROLE_CODE, Role
 from .errors import InvalidArgument, NixlUnavailable, TransportError, _shown
 
 try:
@@ -259,7 +259,7 @@ _OFFER = struct.Struct("<4sQQBQQ")  # magic, addr, nbytes, kind, device, tag
 # every offer of a release before the role; 1 sender; 2 receiver), the other bits 0.  The core's codes: 0 / 1.
 _ROLE_BITS = {None: 0, Role.sender: 1, Role.receiver: 2}
 _ROLE_OF_BITS = {v: k for k, v in _ROLE_BITS.items()}
-_ROLE_CORE = {None: None, Role.sender: 0, Role.receiver: 1}
+_ROLE_CORE = {None: None, **{Role(name): code for name, code in _ROLE_CODE.items()}}
 _ROLE_OF_CORE = {v: k for k, v in _ROLE_CORE.items()}
 
 
@@ -850,12 +850,14 @@ class _Transport:
         Returns ``"Posted"``, ``"CompletedInPost"`` (already Quiesced) or ``"CancelledBeforePost"`` (the
         session was cancelled, or the peer stopped this offer, during the call and before the post:
         Quiesced(cancelled)).  A session already cancelled when the call begins raises IllegalTransition.
-        A bad descriptor raises TransportError before anything is exposed (the session stays Advertised).
+        A bad descriptor raises TransportError before anything is exposed (the session stays Advertised), and
+        so does an op that a role refuses (DESIGN §9): a READ is a receiver session's, of a sender's offer.
         """
         return self._post("read", request, local, peer, remote)
 
     def write(self, request: int, local: Mem, peer: str, remote: Offer) -> str:
-        """Active WRITE: ``local`` -> the peer's offered range.  Same contract as :meth:`read`."""
+        """Active WRITE: ``local`` -> the peer's offered range.  Same contract as :meth:`read`; a WRITE is a sender
+        session's, to a receiver's offer."""
         return self._post("write", request, local, peer, remote)
 
     def forgo(self, request: int, peer: str, offer: Offer) -> None:

@@ -693,9 +693,9 @@ def test_an_offer_carries_its_sessions_role_and_a_transfer_against_it_is_refused
             ctypes.memset(m.addr, byte, m.nbytes)
         o7, o8 = b.expect(7, a.name, p7), b.expect(8, a.name, p8)
         write7 = (rf"^transfer: request 7: the offer \(tag {o7.tag}\) from peer {b.name} is a sender session's: a "
-                  r"WRITE would overwrite the blocks it is there to send \(WRITE to a receiver's offer\)$")
+                  r"WRITE would overwrite the blocks it is there to send; a WRITE takes a receiver's offer$")
         read8 = (rf"^transfer: request 8: the offer \(tag {o8.tag}\) from peer {b.name} is a receiver session's: a "
-                 r"READ would take its empty range \(READ from a sender's offer\)$")
+                 r"READ would take its empty range; a READ takes a sender's offer$")
         with pytest.raises(TransportError, match=write7):
             a.write(7, s7, b.name, o7)
         with pytest.raises(TransportError, match=read8):

@@ -591,7 +591,7 @@ void test_a_transfer_against_the_offers_role_is_refused() {
   CHECK(role1 == Role::sender && role2 == Role::receiver);
   const std::string why = "transfer: request 1: the offer (tag " + std::to_string(tag1) +
                           ") from peer orole-b is a sender session's: a WRITE would overwrite the blocks it is there "
-                          "to send (WRITE to a receiver's offer)";
+                          "to send; a WRITE takes a receiver's offer";
   std::string what;
   try {
     (void)ta->transfer(1, XferOp::Write, l1, r1, "orole-b", tag1, role1);

@@ -805,8 +805,8 @@ void Transport::transfer_batch(const TransferItem* items, std::size_t n, Transfe
       const bool read = it.op == XferOp::Read;
       fail_with(i, "the offer (tag " + std::to_string(it.tag) + ") from peer " + *it.peer + " is a " +
                        kRoleNames[static_cast<int>(*it.remote_role)] + " session's: " +
-                       (read ? "a READ would take its empty range (READ from a sender's offer)"
-                             : "a WRITE would overwrite the blocks it is there to send (WRITE to a receiver's offer)"));
+                       (read ? "a READ would take its empty range; a READ takes a sender's offer"
+                             : "a WRITE would overwrite the blocks it is there to send; a WRITE takes a receiver's offer"));
       continue;
     }
     std::exception_ptr e = caught([&] { agent_->prepare(it.req, it.op, it.local, it.remote, *it.peer, it.tag); });

@@ -74,7 +74,7 @@ def kill_peer_mid_transfer(attempt: int) -> bool:
     # and the fresh peer's transfers still find 2 free
     me = Side(f"kill-parent-{attempt}", slots=7, slot_size=n, transfer_timeout=timeout, cancel_grace=grace)
     proc, conn = spawn_peer(f"kill-child-{attempt}", env={"UCX_TLS": "tcp"}, slots=4, slot_size=n)
-    fresh = None
+    procs: list = []  # fresh peers, reaped below
     try:
         peer, _ = attach_peer(me, conn)
         reqs = []
@@ -136,34 +136,37 @@ def kill_peer_mid_transfer(attempt: int) -> bool:
         assert pool["quarantined"] == len(poisoned) - recovered, diag
         assert pool["leased"] == 0, diag
 
-        # a fresh peer: new transfers succeed
-        me.t.remove_peer(peer)
-        fresh, fconn = spawn_peer(f"kill-fresh-{attempt}", env={"UCX_TLS": "tcp"}, slots=2, slot_size=n)
-        fpeer, _ = attach_peer(me, fconn)
-        free_before = me.engine.pool.stats()["free"]
-        assert free_before >= 2, diag
-        for req, mode in ((11, "read"), (12, "write")):
-            size = 1 * MiB
-            dst = me.advertise(req, "receiver", size, 0)
-            if mode == "read":
-                desc = call(fconn, "serve", req, "sender", size, req)
-                me.t.read(req, dst, fpeer, Offer.from_bytes(desc))
-            else:
-                offer = me.t.expect(req, fpeer, dst)
-                call(fconn, "active", req, "sender", size, req, offer.to_bytes())
-            assert me.wait(req) is State.Quiesced and me.engine.outcome(req) is Outcome.completed
-            assert call(fconn, "wait", req, size, 10.0)[0] == "Quiesced"
-            assert crc(me.view(req, size)) == crc(pattern(size, req))
-            me.engine.terminate(req)
-        assert call(fconn, "exit") == "bye"
+        assert me.engine.pool.stats()["free"] >= 2, diag
+        fresh_peer_moves_both_ways(me, peer, f"kill-fresh-{attempt}", n, procs)
         return states[4] is State.Poisoned
     finally:
         me.close()
-        for p in (proc, fresh):
+        for p in (proc, *procs):
             if p is not None:
                 p.join(10)
                 if p.is_alive():
                     p.kill()
+
+
+def fresh_peer_moves_both_ways(me, dead: str, name: str, slot_size: int, procs: list) -> None:
+    """After ``dead``'s death: forget it, and a fresh peer (appended to ``procs``, for the caller to reap) moves 1 MiB
+    each way (we READ, it WRITEs), both sides Quiesced(completed), the bytes checksummed."""
+    me.t.remove_peer(dead)
+    fresh, fconn = spawn_peer(name, env={"UCX_TLS": "tcp"}, slots=2, slot_size=slot_size)
+    procs.append(fresh)
+    fpeer, _ = attach_peer(me, fconn)
+    for req, mode in ((11, "read"), (12, "write")):
+        size = 1 * MiB
+        dst = me.advertise(req, "receiver", size, 0)
+        if mode == "read":
+            me.t.read(req, dst, fpeer, Offer.from_bytes(call(fconn, "serve", req, "sender", size, req)))
+        else:
+            call(fconn, "active", req, "sender", size, req, me.t.expect(req, fpeer, dst).to_bytes())
+        assert me.wait(req) is State.Quiesced and me.engine.outcome(req) is Outcome.completed
+        assert call(fconn, "wait", req, size, 10.0)[0] == "Quiesced"
+        assert crc(me.view(req, size)) == crc(pattern(size, req))
+        me.engine.terminate(req)
+    assert call(fconn, "exit") == "bye"
 
 
 @pytest.mark.parametrize("never_completes", [False, True], ids=["nixl", "control-never-completes"])
@@ -228,7 +231,7 @@ def test_peer_sigkill_bound_holds_on_the_engines_clock_not_the_wall_clock(monkey
     clock = ManualClock(1_000 * sec)
     me = Side("clock-parent", slots=6, slot_size=n, transfer_timeout=timeout, cancel_grace=grace, clock=clock)
     proc, conn = spawn_peer("clock-child", env={"UCX_TLS": "tcp"}, slots=4, slot_size=n)
-    fresh = None
+    procs: list = []  # fresh peers, reaped below
     try:
         peer, _ = attach_peer(me, conn)
         me.t.expect(5, peer, me.advertise(5, "sender", n, pattern(n, 5)))  # passive; the child never posts
@@ -268,24 +271,10 @@ def test_peer_sigkill_bound_holds_on_the_engines_clock_not_the_wall_clock(monkey
         pool, recovered = me.engine.pool.stats(), me.engine.statistics().recovered
         assert pool["quarantined"] == len(poisoned) - recovered and pool["leased"] == 0, (pool, recovered, diag)
 
-        me.t.remove_peer(peer)  # a fresh peer: new transfers in both modes succeed
-        fresh, fconn = spawn_peer("clock-fresh", env={"UCX_TLS": "tcp"}, slots=2, slot_size=n)
-        fpeer, _ = attach_peer(me, fconn)
-        for req, mode in ((11, "read"), (12, "write")):
-            size = 1 * MiB
-            dst = me.advertise(req, "receiver", size, 0)
-            if mode == "read":
-                me.t.read(req, dst, fpeer, Offer.from_bytes(call(fconn, "serve", req, "sender", size, req)))
-            else:
-                call(fconn, "active", req, "sender", size, req, me.t.expect(req, fpeer, dst).to_bytes())
-            assert me.wait(req) is State.Quiesced and me.engine.outcome(req) is Outcome.completed
-            assert call(fconn, "wait", req, size, 10.0)[0] == "Quiesced"
-            assert crc(me.view(req, size)) == crc(pattern(size, req))
-            me.engine.terminate(req)
-        assert call(fconn, "exit") == "bye"
+        fresh_peer_moves_both_ways(me, peer, "clock-fresh", n, procs)
     finally:
         me.close()
-        for p in (proc, fresh):
+        for p in (proc, *procs):
             if p is not None:
                 p.join(10)
                 if p.is_alive():

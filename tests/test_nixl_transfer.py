@@ -8,6 +8,7 @@ import os
 import re
 import struct
 import subprocess
+from contextlib import contextmanager
 
 import pytest
 
@@ -622,6 +623,23 @@ def test_metadata_whose_agent_name_holds_a_nul_is_refused_and_loads_nothing():
         b.stop()
 
 
+@contextmanager
+def pool_pair(kind: str, name: str, slots: int):
+    """Two engines with `slots` pool slots of 4 KiB, a transport of `kind` on each (their pools registered, each
+    the other's peer): (ea, eb, a, b); the transports are stopped after."""
+    Make = NixlTransport if kind == "nixl" else LoopbackTransport
+    ea, eb = TransferEngine(num_slots=slots, slot_size=4096), TransferEngine(num_slots=slots, slot_size=4096)
+    a, b = Make(ea, f"kvlc-{name}-a-{kind}"), Make(eb, f"kvlc-{name}-b-{kind}")
+    try:
+        a.register(ea.pool)
+        b.register(eb.pool)
+        connect_all(a, b)
+        yield ea, eb, a, b
+    finally:
+        a.stop()
+        b.stop()
+
+
 @pytest.mark.parametrize("kind", ["loopback", pytest.param("nixl", marks=needs_nixl)])
 def test_the_active_op_follows_the_sessions_role_a_senders_read_is_refused(kind):
     """Found in review (session 26): transfer() did not check the session's role against the op (DESIGN §9: the
@@ -629,13 +647,7 @@ def test_the_active_op_follows_the_sessions_role_a_senders_read_is_refused(kind)
     went through and overwrote the KV blocks it was there to send; a receiver's WRITE sent out its empty slot.
     Both are refused now, before anything is exposed or posted (TransportError naming the request, its role and
     the op).  Control: the matching op on each session moves its bytes; the refused session is still Advertised."""
-    Make = NixlTransport if kind == "nixl" else LoopbackTransport
-    ea, eb = TransferEngine(num_slots=4, slot_size=4096), TransferEngine(num_slots=4, slot_size=4096)
-    a, b = Make(ea, f"kvlc-role-a-{kind}"), Make(eb, f"kvlc-role-b-{kind}")
-    try:
-        a.register(ea.pool)
-        b.register(eb.pool)
-        connect_all(a, b)
+    with pool_pair(kind, "role", 4) as (ea, eb, a, b):
         ea.advertise(1, "sender", 4096)    # a sends request 1: a READ into its slot would overwrite its blocks
         ea.advertise(2, "receiver", 4096)  # a receives request 2: a WRITE would send its empty slot out
         eb.advertise(1, "receiver", 4096)
@@ -659,9 +671,6 @@ def test_the_active_op_follows_the_sessions_role_a_senders_read_is_refused(kind)
                  "the control's transfers", poll=lambda: (ea.poll(), eb.poll()))
         assert ctypes.string_at(r1.addr, r1.nbytes) == b"\x5a" * r1.nbytes
         assert ctypes.string_at(s2.addr, s2.nbytes) == b"\xa5" * s2.nbytes
-    finally:
-        a.stop()
-        b.stop()
 
 
 @pytest.mark.parametrize("kind", ["loopback", pytest.param("nixl", marks=needs_nixl)])
@@ -747,13 +756,7 @@ def test_a_peer_name_holding_a_nul_is_refused_before_anything_moves(kind):
     the transport's records.  Every call that names a peer now refuses a NUL: InvalidArgument naming `peer`,
     the call and request, and the name with \\0 shown; nothing is posted or exposed.  Control: the same
     calls with the real name go through (on the loopback, which matches names exactly, the same refusal)."""
-    Make = NixlTransport if kind == "nixl" else LoopbackTransport
-    ea, eb = TransferEngine(num_slots=3, slot_size=4096), TransferEngine(num_slots=3, slot_size=4096)
-    a, b = Make(ea, f"kvlc-nul-a-{kind}"), Make(eb, f"kvlc-nul-b-{kind}")
-    try:
-        a.register(ea.pool)
-        b.register(eb.pool)
-        connect_all(a, b)
+    with pool_pair(kind, "nul", 3) as (ea, eb, a, b):
         ea.advertise(1, "sender", 4096)
         ea.advertise(2, "receiver", 4096)
         eb.advertise(1, "receiver", 4096)
@@ -780,6 +783,3 @@ def test_a_peer_name_holding_a_nul_is_refused_before_anything_moves(kind):
         assert a.write(1, pool_slot(ea, 1), b.name, offer) in ("Posted", "CompletedInPost")
         wait_for(lambda: eb.info(1).state is State.Quiesced and ea.info(1).state is State.Quiesced, 30,
                  "the control's WRITE", poll=lambda: (ea.poll(), eb.poll()))
-    finally:
-        a.stop()
-        b.stop()

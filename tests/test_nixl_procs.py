@@ -47,9 +47,7 @@ def test_two_processes_both_modes_every_size_matches_checksum():
         assert call(conn, "exit") == "bye"
     finally:
         me.close()
-        proc.join(10)
-        if proc.is_alive():
-            proc.kill()
+        reap(proc)
 
 
 def test_peer_sigkill_mid_transfer_every_session_terminal_in_time_then_fresh_peer_works(monkeypatch):
@@ -141,11 +139,15 @@ def kill_peer_mid_transfer(attempt: int) -> bool:
         return states[4] is State.Poisoned
     finally:
         me.close()
-        for p in (proc, *procs):
-            if p is not None:
-                p.join(10)
-                if p.is_alive():
-                    p.kill()
+        reap(proc, *procs)
+
+
+def reap(*procs) -> None:
+    """Each child process given: joined (10 s), killed if it still runs."""
+    for p in procs:
+        p.join(10)
+        if p.is_alive():
+            p.kill()
 
 
 def fresh_peer_moves_both_ways(me, dead: str, name: str, slot_size: int, procs: list) -> None:
@@ -274,8 +276,4 @@ def test_peer_sigkill_bound_holds_on_the_engines_clock_not_the_wall_clock(monkey
         fresh_peer_moves_both_ways(me, peer, "clock-fresh", n, procs)
     finally:
         me.close()
-        for p in (proc, *procs):
-            if p is not None:
-                p.join(10)
-                if p.is_alive():
-                    p.kill()
+        reap(proc, *procs)

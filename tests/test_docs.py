@@ -177,3 +177,19 @@ def test_engine_md_health_bullet_says_who_marks_the_backend_unhealthy():
     bullet = " ".join(bullet[:bullet.find("\n* ")].split())
     assert "when the transport reported the backend unhealthy" not in bullet
     assert "`set_backend_health(False, reason)`" in bullet and "the transports never do" in bullet
+
+
+def test_engine_md_wait_spin_latencies_are_the_cited_measurements():
+    """Review (session 26, hk): the Records bullet quoted completion -> poll() as "p50 14-20 us / p99 58-100 us with a
+    50 us spin to p50 7 us / p99 28-35 us with 250 us" and cited docs/transport-measurements.md, session 3, whose
+    table holds none of those ranges.  Every latency range the sentence quotes must be in that table."""
+    bullet = _paragraph((DOCS / "engine.md").read_text(encoding="utf-8"), "* **Records**")
+    bullet = " ".join(bullet[:bullet.find("\n* ")].split())
+    sentence = bullet[bullet.index("Spinning through"):bullet.index("A waiter that wants no spinning")]
+    assert "transport-measurements.md, session 3" in sentence
+    table = _paragraph((DOCS / "transport-measurements.md").read_text(encoding="utf-8"),
+                       "| | session 2 | session 3, logs off |")
+    quoted = re.findall(r"p(?:50|99) ([\d.–]+) µs", sentence)
+    assert len(quoted) >= 4, sentence  # (the pattern found the quoted ranges)
+    missing = [q for q in quoted if f"{q} µs" not in table]
+    assert not missing, missing

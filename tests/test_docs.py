@@ -193,3 +193,22 @@ def test_engine_md_wait_spin_latencies_are_the_cited_measurements():
     assert len(quoted) >= 4, sentence  # (the pattern found the quoted ranges)
     missing = [q for q in quoted if f"{q} µs" not in table]
     assert not missing, missing
+
+
+def test_audit_md_memory_bounds_are_counted_and_quoted_as_the_code_has_them():
+    """Review (session 26, hk): the list said "Two more bounds" over three bullets (Quoted values was added
+    between the two) and closed with "Both bounds".  The count word matches the bullets, and each bullet's
+    number is its constant's in lifecycle/audit.py."""
+    text = (DOCS / "audit.md").read_text(encoding="utf-8")
+    intro = text[:text.index(" more bounds keep memory")].rsplit("\n", 1)[1]
+    bullets = re.findall(r"^- \*\*", _paragraph(text, "- **Merging.**"), re.M)
+    words = {2: "Two", 3: "Three", 4: "Four"}
+    assert intro == words[len(bullets)], (intro, len(bullets))
+    after = text[text.index("- **Merging.**"):]
+    after = after[after.index("\n\n") + 2:].split("\n", 1)[0]
+    assert not after.startswith("Both ") or len(bullets) == 2, after
+    flat = " ".join(_paragraph(text, "- **Merging.**").split())
+    assert f"first {audit._LOOKAHEAD} non-blank lines only (`_LOOKAHEAD`)" in flat
+    assert f"to {audit._MAX_QUOTED} characters (`_MAX_QUOTED`" in flat
+    assert f"first {audit._MAX_TABLES} distinct values (`_MAX_TABLES`)" in flat
+    assert f"longer than {audit._MAX_KEPT_TABLE} characters is remembered by its digest (`_MAX_KEPT_TABLE`)" in flat

@@ -8,8 +8,8 @@ value (one rank enters, the others skip: a hang), and conditional gathers on per
 paths (the next collective receives another call's payload: a crash far away from the cause).
 
 Every call through a :class:`RankGroup` is one *logical collective* with a sequence number.  Each one
-starts with the same MPI operation on every rank -- a non-blocking ``Iallreduce(MAX)`` of a fixed
-8-slot int64 *header*::
+starts with the same MPI operation on every rank -- a non-blocking ``Allreduce(MAX)`` (one persistent
+``Allreduce_init`` request, started per call) of a fixed 8-slot int64 *header*::
 
     [fp, -fp, seq, -seq, p0, p1, p2, p3]
 

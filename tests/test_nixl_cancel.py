@@ -114,6 +114,47 @@ def test_cancel_right_after_post_waits_for_done_then_quiesced_cancelled(pair, mo
     assert crc(rcv.view(req, BIG)) == crc(pattern(BIG, req))
 
 
+def passive_evidence(passive: Side) -> int:
+    """The passive side's evidence so far: the peer's "quiesced" acks and "done" notes it counted (each counted
+    before the engine hears it)."""
+    st = passive.t.stats()
+    return st.quiesced_received + st.done_received
+
+
+@pytest.mark.parametrize("mode", ["read", "write"])
+def test_passive_cancel_right_after_post_waits_for_the_peers_ack_then_quiesced_cancelled(pair, mode):
+    """The passive side (the sender in READ mode, the receiver in WRITE mode) cancels right after the peer's
+    post: it asks the peer to stop and, until the peer's "quiesced" (or its "done") arrives, its session stays
+    CancelRequested with its slot leased and terminate deferred (DESIGN §2/§3); then Quiesced(cancelled), the
+    slot back in the pool.  The peer stops only after its own DONE, so every byte landed."""
+    snd, rcv, names = pair
+    active, passive, req = start_in_flight(snd, rcv, names, mode)
+    before = passive_evidence(passive)  # the "done" notes of start_in_flight's attempts that completed in post
+    assert passive.engine.cancel(req) is CancelResult.CancelRequestedInFlight  # the peer's post is moving
+    state = passive.engine.state(req)
+    if state is not State.CancelRequested:  # the peer's answer came already: only with the evidence counted
+        assert state is State.Quiesced and passive_evidence(passive) > before, (state, passive.t.stats())
+    deferred = False
+    if state is State.CancelRequested:
+        # nothing released without evidence: the slot stays leased, terminate is deferred
+        slot = passive.engine.info(req).slot
+        assert passive.engine.pool.slot_state(slot) == "Leased"
+        assert passive.engine.terminate(req) is TerminateResult.Deferred
+        deferred = True
+    assert passive.wait(req) is (State.Terminated if deferred else State.Quiesced)
+    assert passive_evidence(passive) > before, passive.t.stats()  # seen terminal: the peer's answer was counted
+    assert passive.engine.outcome(req) is Outcome.cancelled  # CancelRequested -> complete: Quiesced(cancelled)
+    wait_for(lambda: passive.t.stats().stops_sent == 1, 5, "the stop to be sent")
+    if deferred:
+        assert passive.engine.pool.stats()["free"] == 2
+    # the peer stopped on its DONE (its cancel came after it, or the stop found it done): every byte landed
+    assert active.wait(req) is State.Quiesced
+    assert_done_was_the_evidence(active)
+    st = active.t.stats()
+    assert st.unsafe_acks == 0 and st.live_xfers == 0 and passive.t.stats().unsafe_releases == 0, st
+    assert crc(rcv.view(req, BIG)) == crc(pattern(BIG, req))
+
+
 @pytest.mark.parametrize("who", ["active", "passive"])
 @pytest.mark.parametrize("mode", ["read", "write"])
 def test_cancel_mid_transfer_ends_quiesced_with_evidence(pair, mode, who):
@@ -125,11 +166,14 @@ def test_cancel_mid_transfer_ends_quiesced_with_evidence(pair, mode, who):
     except AssertionError:
         pytest.fail("transfer never started")
     canceller = active if who == "active" else passive
+    before = passive_evidence(passive)  # the "done" notes of start_in_flight's attempts that completed in post
     r = canceller.engine.cancel(req)
     # 64 MiB over tcp takes tens of milliseconds and its first bytes have landed: the cancel lands in flight
     assert r is CancelResult.CancelRequestedInFlight
     if canceller.engine.state(req) is State.CancelRequested:  # nothing released without evidence
         assert canceller.engine.pool.slot_state(canceller.engine.info(req).slot) == "Leased"
+    elif who == "passive":  # the peer's answer came already: only with the evidence counted
+        assert passive_evidence(passive) > before, passive.t.stats()
     assert active.wait(req) is State.Quiesced
     assert_done_was_the_evidence(active)  # the active side's only evidence: its request's DONE
     assert passive.wait(req) is State.Quiesced
@@ -138,7 +182,7 @@ def test_cancel_mid_transfer_ends_quiesced_with_evidence(pair, mode, who):
         # the passive side asked the peer to stop and waited for its quiesced ack (or its done)
         # the stop goes out from the progress thread (queued by the cancel): the peer's "done" may beat it
         wait_for(lambda: passive.t.stats().stops_sent == 1, 5, "the stop to be sent")
-        assert passive.t.stats().quiesced_received + passive.t.stats().done_received >= 1
+        assert passive_evidence(passive) > before, passive.t.stats()  # not an earlier attempt's "done"
     assert crc(rcv.view(req, BIG)) == crc(pattern(BIG, req))
 
 

@@ -20,6 +20,9 @@ pytestmark = [pytest.mark.nixl, needs_nixl]
 
 
 def test_two_processes_both_modes_every_size_matches_checksum():
+    """Both initiator modes, 1 KiB to 16 MiB, each way: the child sends to us (we READ from it / it WRITEs to
+    us), then we send to it (it READs from us / we WRITE to it).  For every session both sides end
+    Quiesced(completed) and the receiving side's checksum matches the pattern sent."""
     me = Side("proc-parent", slots=2, slot_size=16 * MiB)
     proc, conn = spawn_peer("proc-child", slots=2, slot_size=16 * MiB)
     try:
@@ -40,6 +43,23 @@ def test_two_processes_both_modes_every_size_matches_checksum():
                 their_state, their_outcome, their_crc = call(conn, "wait", req, n, 10.0)
                 assert (their_state, their_outcome) == ("Quiesced", "completed"), (mode, n)
                 assert crc(me.view(req, n)) == crc(pattern(n, req)) == their_crc, f"{mode} {n} B checksum"
+                me.engine.terminate(req)
+        for mode in ("read", "write"):  # the other way: we send, the child receives
+            for n in SIZES:
+                req += 1
+                src = me.advertise(req, "sender", n, pattern(n, req))
+                if mode == "read":  # the child READs from our slot; we learn by its notification
+                    offer = me.t.expect(req, peer, src)
+                    call(conn, "active", req, "receiver", n, req, offer.to_bytes())
+                else:  # we WRITE into the child's slot; it learns by notification
+                    desc = call(conn, "serve", req, "receiver", n, req)
+                    me.t.write(req, src, peer, Offer.from_bytes(desc))
+                assert me.wait(req) is State.Quiesced
+                assert me.engine.outcome(req) is Outcome.completed
+                # the child's checksum: its slot's first n bytes (zeroed first) once its session is terminal
+                their_state, their_outcome, their_crc = call(conn, "wait", req, n, 10.0)
+                assert (their_state, their_outcome) == ("Quiesced", "completed"), (mode, n)
+                assert their_crc == crc(pattern(n, req)), f"reverse {mode} {n} B checksum"
                 me.engine.terminate(req)
         me.engine.poll()
         st = me.t.stats()

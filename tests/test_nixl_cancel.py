@@ -52,31 +52,38 @@ def start(snd, rcv, names, mode: str, req: int = 1, n: int = BIG):
 ATTEMPTS = 5  # posts tried before a test fails for finding no 64 MiB transfer in flight after its post
 
 
-def start_in_flight(snd, rcv, names, mode: str):
-    """start() until its post returns "Posted" (the transfer still moving), on request ids 1, 2, ...: an
-    attempt whose transfer completed inside the post is seen through (both sides Quiesced(completed), with
-    every byte) and terminated, freeing its slots.  Returns (active, passive, request id)."""
-    for req in range(1, ATTEMPTS + 1):
+def start_in_flight(snd, rcv, names, mode: str, first: int = 1):
+    """start() until its post returns "Posted" (the transfer still moving), on request ids first, first + 1, ...:
+    an attempt whose transfer completed inside the post is seen through and terminated (see_through).  Returns
+    (active, passive, request id)."""
+    for req in range(first, first + ATTEMPTS):
         active, passive, res = start(snd, rcv, names, mode, req)
         if res == "Posted":
             return active, passive, req
         assert res == "CompletedInPost", res
-        assert active.wait(req) is State.Quiesced and passive.wait(req) is State.Quiesced
-        assert active.engine.outcome(req) is Outcome.completed and passive.engine.outcome(req) is Outcome.completed
-        assert crc(rcv.view(req, BIG)) == crc(pattern(BIG, req))
-        for side in (active, passive):
-            assert side.engine.terminate(req) is TerminateResult.Terminated
+        see_through(active, passive, rcv, req)
     pytest.fail(f"all {ATTEMPTS} 64 MiB {mode} posts over tcp completed inside the call: none was in flight")
 
 
-def assert_done_was_the_evidence(active: Side) -> None:
+def see_through(active: Side, passive: Side, rcv: Side, req: int) -> None:
+    """An attempt that completed before the test could act on it: both sides Quiesced(completed), every byte
+    there, both terminated (their slots free for the next attempt)."""
+    assert active.wait(req) is State.Quiesced and passive.wait(req) is State.Quiesced
+    assert active.engine.outcome(req) is Outcome.completed and passive.engine.outcome(req) is Outcome.completed
+    assert crc(rcv.view(req, BIG)) == crc(pattern(BIG, req))
+    for side in (active, passive):
+        assert side.engine.terminate(req) is TerminateResult.Terminated
+
+
+def assert_done_was_the_evidence(active: Side, earlier: int = 0) -> None:
     """Called as soon as the active side's cancelled session is seen terminal: its transport had already
     counted the request's DONE (counted before the engine hears it), and released nothing unsafely.  A
     transport that reported `complete` on the cancel (release taken for evidence) passes every other check of
     these tests: the bytes go on landing, the DONE follows and is merely late.  start_in_flight's attempts that
-    completed inside the post count as completed_in_post, so the one DONE is this request's."""
+    completed inside the post count as completed_in_post, so the one DONE is this request's (after `earlier`:
+    the DONEs of attempts that completed before their cancel)."""
     st = active.t.stats()
-    assert (st.completed, st.failed, st.unsafe_releases) == (1, 0, 0), st
+    assert (st.completed - earlier, st.failed, st.unsafe_releases) == (1, 0, 0), (earlier, st)
 
 
 def test_cancel_before_expose_is_quiesced_cancelled_on_both_sides(pair):
@@ -159,23 +166,33 @@ def test_passive_cancel_right_after_post_waits_for_the_peers_ack_then_quiesced_c
 @pytest.mark.parametrize("mode", ["read", "write"])
 def test_cancel_mid_transfer_ends_quiesced_with_evidence(pair, mode, who):
     snd, rcv, names = pair
-    active, passive, req = start_in_flight(snd, rcv, names, mode)
-    landed = lambda: rcv.view(req, BIG)[0] != 0  # noqa: E731 - first chunk of the destination landed
-    try:
-        wait_for(landed, 5, "first bytes to land")
-    except AssertionError:
-        pytest.fail("transfer never started")
-    canceller = active if who == "active" else passive
-    before = passive_evidence(passive)  # the "done" notes of start_in_flight's attempts that completed in post
-    r = canceller.engine.cancel(req)
-    # 64 MiB over tcp takes tens of milliseconds and its first bytes have landed: the cancel lands in flight
+    first, earlier = 1, 0  # earlier: the active side's DONEs of attempts that completed before their cancel
+    for _ in range(ATTEMPTS):
+        active, passive, req = start_in_flight(snd, rcv, names, mode, first)
+        landed = lambda: rcv.view(req, BIG)[0] != 0  # noqa: E731 - first chunk of the destination landed
+        try:
+            wait_for(landed, 5, "first bytes to land")
+        except AssertionError:
+            pytest.fail("transfer never started")
+        canceller = active if who == "active" else passive
+        before = passive_evidence(passive)  # the "done" notes of earlier attempts
+        r = canceller.engine.cancel(req)
+        if r is not CancelResult.AlreadyComplete:
+            break
+        # 64 MiB over tcp takes tens of milliseconds, but on a loaded host the first bytes were seen late, after
+        # the last (1 run in ~25 under load): nothing was in flight, so seen through and tried again
+        see_through(active, passive, rcv, req)
+        first, earlier = req + 1, active.t.stats().completed
+    else:
+        pytest.fail(f"in {ATTEMPTS} attempts every 64 MiB {mode} transfer completed before its cancel")
+    # its first bytes have landed and the rest have not: the cancel lands in flight
     assert r is CancelResult.CancelRequestedInFlight
     if canceller.engine.state(req) is State.CancelRequested:  # nothing released without evidence
         assert canceller.engine.pool.slot_state(canceller.engine.info(req).slot) == "Leased"
     elif who == "passive":  # the peer's answer came already: only with the evidence counted
         assert passive_evidence(passive) > before, passive.t.stats()
     assert active.wait(req) is State.Quiesced
-    assert_done_was_the_evidence(active)  # the active side's only evidence: its request's DONE
+    assert_done_was_the_evidence(active, earlier)  # the active side's only evidence: its request's DONE
     assert passive.wait(req) is State.Quiesced
     assert canceller.engine.outcome(req) is Outcome.cancelled
     if who == "passive":

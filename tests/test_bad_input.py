@@ -474,7 +474,9 @@ def test_raw_core_transfer_batch_and_fault_options_name_the_bad_field():
             ([good + ("sender",)], r"item 0: field remote_role \(11\): expected None, 0 \(sender\) or 1 \(receiver\), "
                                    r"got a str$"),
             ([good + (2,)], r"item 0: field remote_role \(11\): expected None, 0 \(sender\) or 1 \(receiver\), "
-                            r"got a int$"),
+                            r"got 2$"),
+            ([good + (2**70,)], r"item 0: field remote_role \(11\): expected None, 0 \(sender\) or 1 \(receiver\), "
+                                r"got an int out of range$"),
             ([good, [1, 2]], r"item 1: expected a tuple, got list"),
             ([good[:2] + ("addr",) + good[3:]], r"item 0: field local_addr \(2\) is a str, expected an int"),
             ([good[:6] + (7,) + good[7:]], r"item 0: field peer \(6\) is a int, expected a str"),

@@ -51,13 +51,14 @@ tp::Region region(std::uint64_t addr, std::uint64_t len, const std::string& kind
 // engine binding's codes.
 std::optional<Role> role_arg(py::handle h, const char* name, const std::string& where) {
   if (h.is_none()) return std::nullopt;
+  std::string got = std::string("a ") + Py_TYPE(h.ptr())->tp_name;
   if (PyLong_Check(h.ptr()) && !PyBool_Check(h.ptr())) {
-    const long long v = PyLong_AsLongLong(h.ptr());
-    if (v == 0 || v == 1) return static_cast<Role>(v);
-    PyErr_Clear();  // (an overflow's error: the value is refused below)
+    int overflow = 0;
+    const long long v = PyLong_AsLongLongAndOverflow(h.ptr(), &overflow);
+    if (overflow == 0 && (v == 0 || v == 1)) return static_cast<Role>(v);
+    got = overflow != 0 ? "an int out of range" : std::to_string(v);
   }
-  throw InvalidArgumentError(name, where + "expected None, 0 (sender) or 1 (receiver), got a " +
-                                       std::string(Py_TYPE(h.ptr())->tp_name));
+  throw InvalidArgumentError(name, where + "expected None, 0 (sender) or 1 (receiver), got " + got);
 }
 
 py::object role_code(const std::optional<Role>& r) {

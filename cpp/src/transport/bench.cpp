@@ -54,7 +54,7 @@ struct Loop {
   // Post `n` transfers, wait until every one is done (engine: terminal, then terminated).
   void batch(std::uint64_t n) {
     Engine* e = t.engine();
-    const Role role = spec.op == XferOp::Read ? Role::receiver : Role::sender;
+    const Role role = active_role(spec.op);
     const std::uint64_t first = req;
     const std::int64_t b0 = steady_ns();
     const bool batched = e != nullptr && spec.batch_calls;

@@ -560,10 +560,10 @@ std::uint64_t Transport::session_check(const char* call, std::uint64_t req, cons
   if (!info) throw UnknownRequestError(req, Event::expose);
   // The active side's op follows its role (DESIGN §9): a receiver READs into its blocks, a sender WRITEs
   // from them.  A sender's READ would overwrite the KV blocks it is there to send.
-  if (op != nullptr && (*op == XferOp::Read) != (info->role == Role::receiver)) {
+  if (op != nullptr && info->role != active_role(*op)) {
     const bool read = *op == XferOp::Read;
     throw TransportError(std::string(call) + ": request " + std::to_string(req) + " is a " +
-                         (read ? "sender" : "receiver") + " session: a " + (read ? "READ" : "WRITE") +
+                         kRoleNames[static_cast<int>(info->role)] + " session: a " + (read ? "READ" : "WRITE") +
                          (read ? " writes into its local range (its blocks are the source); a sender WRITEs"
                                : " reads its local range out to the peer; a receiver READs"));
   }
@@ -801,7 +801,7 @@ void Transport::transfer_batch(const TransferItem* items, std::size_t n, Transfe
     // The peer's side of DESIGN §9 (session_check did ours, whose refusal comes first): a WRITE into a sender's
     // offer would overwrite the blocks that side is there to send, a READ of a receiver's would take its empty
     // range.
-    if (it.remote_role && (it.op == XferOp::Read) != (*it.remote_role == Role::sender)) {
+    if (it.remote_role && *it.remote_role == active_role(it.op)) {
       const bool read = it.op == XferOp::Read;
       fail_with(i, "the offer (tag " + std::to_string(it.tag) + ") from peer " + *it.peer + " is a " +
                        kRoleNames[static_cast<int>(*it.remote_role)] + " session's: " +

@@ -87,6 +87,10 @@ enum class PostResult : std::uint8_t {
 };
 
 // One transfer of a batch (Transport::transfer_batch): transfer()'s arguments.
+// The role whose session posts `op` (DESIGN §9): the receiver READs (from a sender's offer), the sender WRITEs
+// (to a receiver's offer).
+constexpr Role active_role(XferOp op) { return op == XferOp::Read ? Role::receiver : Role::sender; }
+
 struct TransferItem {
   std::uint64_t req = 0;
   XferOp op = XferOp::Read;

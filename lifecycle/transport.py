@@ -675,7 +675,7 @@ class _Transport:
             elif not isinstance(obj, (Mem, _core.BufferPool)) and not hasattr(obj, "data_ptr"):
                 # a buffer export held while registered: a bytearray cannot be resized (its memory moved) meanwhile
                 keep = (obj, memoryview(obj))
-                root = _buffer_root(obj)
+                owner, root = _view_chain_end(obj)
                 if root is not None:  # ... nor the one under a view of it, nor an mmap closed (numpy holds no export)
                     try:
                         keep += (memoryview(root),)
@@ -683,7 +683,7 @@ class _Transport:
                         pass
                 if isinstance(obj, ctypes.Array):  # ctypes.resize ignores exports
                     movable = (obj, obj, ctypes.addressof(obj), 0)  # (ctypes.resize only grows)
-                elif (owner := _numpy_owner(obj)) is not None:  # ndarray.resize(refcheck=False) ignores them too
+                elif owner is not None:  # ndarray.resize(refcheck=False) ignores them too
                     # (its size too: a shrink reallocates in place, same address, and frees the registered tail)
                     movable = (obj, owner, _address_of(owner), owner.nbytes)
                 elif isinstance(root, ctypes.Array):  # under a view (np.ctypeslib.as_array): the same as itself
@@ -958,43 +958,28 @@ def _faults_dict(faults) -> dict | None:
     return asdict(faults)
 
 
-def _numpy_owner(obj):
-    """The numpy array that owns the memory of ``obj`` (an ndarray, a view of one, or a memoryview of either), or None
-    (no ndarray, or the memory is another object's: a bytearray, an mmap; register() holds an export of that one,
-    _buffer_root).  ``resize(refcheck=False)`` on that owner reallocates its memory whatever views or buffer exports
-    of it exist, leaving them dangling."""
-    o = obj
-    for _ in range(64):
-        if isinstance(o, memoryview):
-            o = o.obj
-            continue
-        if type(o).__module__ != "numpy" or not hasattr(o, "__array_interface__") or not hasattr(o, "flags"):
-            return None
-        if o.flags.owndata:
-            return o
-        o = o.base
-    return None
-
-
-def _buffer_root(obj):
-    """The object at the end of ``obj``'s chain of views (numpy arrays' ``.base``, memoryviews' ``.obj``) whose
-    memory they all name, or None where there is none (``obj`` itself, or a numpy array that owns its memory).
-    A numpy array made over another object's buffer (``np.ndarray(buffer=...)``; an ``np.memmap``, over its mmap)
-    holds no export of it: that bytearray can be resized, that mmap closed, under every view of it."""
+def _view_chain_end(obj):
+    """Where ``obj``'s chain of views (memoryviews' ``.obj``, numpy arrays' ``.base``) ends, as (owner, root):
+    (the array, None) at a numpy array that owns the memory, whose ``resize(refcheck=False)`` reallocates it
+    whatever views or buffer exports of it exist, leaving them dangling; (None, the object) at another object whose
+    memory they all name (a bytearray, an mmap, a ctypes array, the tensor under ``tensor.numpy()``), which a numpy
+    array made over its buffer holds no export of (``np.ndarray(buffer=...)``, ``np.memmap``: the bytearray can be
+    resized, the mmap closed, under every view of it); (None, None) where there is neither (``obj`` is no view, or
+    the chain is cut)."""
     o = obj
     for _ in range(64):
         if isinstance(o, memoryview):
             nxt = o.obj
         elif type(o).__module__ == "numpy" and hasattr(o, "__array_interface__") and hasattr(o, "flags"):
             if o.flags.owndata:
-                return None
+                return o, None
             nxt = o.base
         else:
-            return None if o is obj else o
+            return None, (None if o is obj else o)
         if nxt is None:
-            return None
+            return None, None
         o = nxt
-    return None
+    return None, None
 
 
 def _address_of(holder) -> int:

@@ -420,19 +420,20 @@ class EngineVsTimedModel(RuleBasedStateMachine):
             want[i] = "BadArgument" if e in ("advertise", 200) else self.model.apply(r, e)[0]
         assert [_core.STATUS_NAMES[c] for c in raw] == want, (items, want)
 
+    def _result_call(self, call: str, req: int) -> None:
+        """cancel() or terminate(): the engine's result is the model's, and so is the line it logs."""
+        got = getattr(self.engine, call)(req).value
+        want = self.model.apply(req, call)[3] or "NotFound"
+        self._call_line(call, req, want)
+        assert got == want, (call, req, got, want)
+
     @rule(req=st.sampled_from(IDS))
     def cancel(self, req):
-        got = self.engine.cancel(req).value
-        want = self.model.apply(req, "cancel")[3] or "NotFound"
-        self._call_line("cancel", req, want)
-        assert got == want, (req, got, want)
+        self._result_call("cancel", req)
 
     @rule(req=st.sampled_from(IDS))
     def terminate(self, req):
-        got = self.engine.terminate(req).value
-        want = self.model.apply(req, "terminate")[3] or "NotFound"
-        self._call_line("terminate", req, want)
-        assert got == want, (req, got, want)
+        self._result_call("terminate", req)
 
     @rule(healthy=st.booleans(), reason=st.sampled_from(["peer lost", "ucx down"]))
     def backend(self, healthy, reason):

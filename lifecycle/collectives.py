@@ -386,8 +386,12 @@ class RankGroup:
         self._site, self._op, self._kind = site, "RankGroup", "none"
         send = self._send
         send[4], send[5] = int(self.ledger), -int(self.ledger)
+        # announced as seq -1 (before the first collective): as (0, 0), a rank that waited here and then never
+        # came to the first collective counted as arrived there (its old notice), and no rank was named missing
+        self._seq = -1
         self._hreq.Start()
         self._wait(self._hreq)
+        self._seq = 0
         if self._recv[4] != -self._recv[5]:
             self._free()  # not close(): its ledger-checked exchange needs the ranks to agree on the ledger
             raise InvalidArgument("ledger", f"ranks disagree: ledger={self.ledger} on rank {self.rank}, the "

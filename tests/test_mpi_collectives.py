@@ -504,3 +504,14 @@ def test_close_with_payloads_never_flushed_on_one_rank_raises_on_every_rank():
     for rank, res in got.items():
         assert res["closed"] == ["InvalidArgument", "group"], (rank, explain(run))
         assert res["after"] == ["returned", None], (rank, explain(run))
+
+
+def test_a_notice_sent_in_the_constructor_never_counts_as_arriving_at_the_first_collective():
+    """Rank 1 waited in the constructor's ledger exchange (and announced it) and never arrives at the first
+    collective: its constructor notice carried the same (seq 0, phase 0), so rank 0 named no missing rank."""
+    run = mpirun(2, "robustness.py", "--case", "ctor-notice", timeout=60)
+    res = run.by_rank()
+    assert res[1]["ctor_slow_waits"] == 1, run.out  # its notice from the constructor was sent
+    assert res[0]["got"] == ["CollectiveTimeoutError", [1], [0]], run.out
+    control = mpirun(2, "robustness.py", "--case", "ctor-notice", "--raw", timeout=60)  # rank 1 only late
+    assert [v["got"][0] for v in control.by_rank().values()] == ["returned", "returned"], control.out

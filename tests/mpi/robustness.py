@@ -53,6 +53,11 @@ state-ctrlc  rank 0's engine.state raises KeyboardInterrupt inside poll_symmetri
 flush-site   every rank flushes with a site that is not a str (InvalidArgument("site") on every rank, the group
              usable), then after close() (InvalidArgument("group")): the payloads pushed before were dropped, with
              nothing on the error.  They are on its ``payloads`` now, as for a payload that cannot be pickled.
+ctor-notice  rank 0 is descheduled between its communicator dups and the constructor's ledger exchange, so rank 1
+             waits there and announces; then rank 1 never arrives at the first collective.  The constructor's
+             wait announced the same (seq 0, phase 0) as that collective, so rank 0 counted rank 1's old notice
+             as its arrival and named no missing rank.  Rank 0 names rank 1 now.  ``--raw`` (the control):
+             rank 1 arrives late instead of never, and the collective returns on both.
 close-push   rank 0 pushed a payload and never flushed it; both ranks close: only rank 0 raised (its payload on
              the error), rank 1 returned and went on, the ranks on two paths.  Every rank raises InvalidArgument
              ("close") naming rank 0 now, each with its own payloads, the group closed on both.
@@ -416,6 +421,26 @@ def main() -> None:
         g.push("late")
         out["closed"] = flush()
         emit(rank, **out)
+        end_job(comm, rank, None)
+
+    if case == "ctor-notice":
+        if rank == 0:  # descheduled (a loaded host) after the dups, before the ledger exchange: rank 1 announces
+            dup = col.RankGroup._dup
+            col.RankGroup._dup = lambda self, *a: (dup(self, *a), time.sleep(0.5))[0]
+        g = col.RankGroup(comm, watchdog=1.0, announce_after=0.05)
+        if rank == 1:
+            out["ctor_slow_waits"] = g.statistics().slow_waits  # 1: it announced in the constructor
+            if not args.raw:
+                emit(rank, **out)
+            time.sleep(0.3 if args.raw else 60)  # the control arrives late; else never (the abort ends it)
+        try:
+            g.any_rank(True)
+            out["got"] = ["returned", g.statistics().slow_waits > 0]
+        except col.CollectiveTimeoutError as exc:
+            out["got"] = [type(exc).__name__, sorted(exc.missing), sorted(exc.arrived)]
+        emit(rank, **out)
+        if out["got"][0] != "returned":
+            g.abort(0)  # rank 1 never arrives: nothing to wait for
         end_job(comm, rank, None)
 
     if case == "close-push":

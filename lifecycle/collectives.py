@@ -22,7 +22,10 @@ cost exactly one 64-byte allreduce, ledger included.
 
 Because *every* helper begins with that identical header exchange, ranks that diverged (different
 op, different call site, one rank in a loop that the others left) meet in the header exchange and
-see the mismatch before any payload moves: divergent calls can never mis-pair silently.  On a
+see the mismatch before any payload moves: divergent calls never mis-pair silently where their (seq, site, op,
+kind, size) differ.  (Calls alike in all five, a per-item loop that is each iteration's only collective run a
+different number of times per iteration, do pair across iterations: a symmetric end-of-iteration call exposes
+them, agree_count prevents them; docs/collectives.md.)  On a
 mismatch every rank (they all got the same reduced header) runs one extra gather of the full
 fingerprints and raises :class:`CollectiveDesyncError` naming the sequence number, the field that
 differs and each rank's call site.  Payload phases (``flush``, ``allgather_ints``,

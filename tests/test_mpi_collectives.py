@@ -515,3 +515,15 @@ def test_a_notice_sent_in_the_constructor_never_counts_as_arriving_at_the_first_
     assert res[0]["got"] == ["CollectiveTimeoutError", [1], [0]], run.out
     control = mpirun(2, "robustness.py", "--case", "ctor-notice", "--raw", timeout=60)  # rank 1 only late
     assert [v["got"][0] for v in control.by_rank().values()] == ["returned", "returned"], control.out
+
+
+def test_a_loop_that_is_an_iterations_only_collective_is_caught_only_with_a_symmetric_end_point():
+    """The ledger's documented limit: calls that differ only in which iteration they belong to look alike."""
+    run = mpirun(2, "robustness.py", "--case", "loop-only", timeout=60)
+    res = run.by_rank()
+    # no symmetric point: rank 0's iteration-0 item pairs with rank 1's iteration-1 item, silently
+    mixed = [[[[0, 0]], [[0, 0]]], [[[0, 1]], [[1, 0]]], [[[1, 0]], [[1, 1]]]]
+    assert res[0]["False"] == res[1]["False"] == ["returned", mixed], run.out
+    # a barrier at the end of every iteration: caught at the first divergent call, on every rank
+    first = [[[[0, 0]], [[0, 0]]]]
+    assert res[0]["True"] == res[1]["True"] == ["CollectiveDesyncError", 1, "op", first], run.out

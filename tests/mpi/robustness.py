@@ -58,6 +58,12 @@ ctor-notice  rank 0 is descheduled between its communicator dups and the constru
              wait announced the same (seq 0, phase 0) as that collective, so rank 0 counted rank 1's old notice
              as its arrival and named no missing rank.  Rank 0 names rank 1 now.  ``--raw`` (the control):
              rank 1 arrives late instead of never, and the collective returns on both.
+loop-only    one flush per locally ready item (seed 003), ready counts per iteration [2, 1] on rank 0 and [1, 2] on
+             rank 1: where that loop is an iteration's only collective, every call has the same (seq, site, op,
+             kind, size) on both ranks, so the ledger cannot see them diverge (the docs claimed divergent calls
+             "never mis-pair silently"): rank 0's second item of iteration 0 pairs with rank 1's first item of
+             iteration 1.  With a barrier at the end of each iteration (rule (b)'s symmetric point) every rank
+             raises CollectiveDesyncError at the first divergent call (seq 1, field op).
 close-push   rank 0 pushed a payload and never flushed it; both ranks close: only rank 0 raised (its payload on
              the error), rank 1 returned and went on, the ranks on two paths.  Every rank raises InvalidArgument
              ("close") naming rank 0 now, each with its own payloads, the group closed on both.
@@ -441,6 +447,26 @@ def main() -> None:
         emit(rank, **out)
         if out["got"][0] != "returned":
             g.abort(0)  # rank 1 never arrives: nothing to wait for
+        end_job(comm, rank, None)
+
+    if case == "loop-only":
+        got = {}
+        for end_barrier in (False, True):
+            g = col.RankGroup(comm, watchdog=3.0)
+            pairs = []
+            try:
+                for it, n in enumerate({0: [2, 1], 1: [1, 2]}[rank]):
+                    for i in range(n):
+                        g.push([it, i])
+                        pairs.append(g.flush(site="item"))
+                    if end_barrier:
+                        g.barrier(site="end of iteration")
+                got[str(end_barrier)] = ["returned", pairs]
+            except col.CollectiveDesyncError as exc:
+                got[str(end_barrier)] = [type(exc).__name__, exc.seq_no, exc.field, pairs]
+            if g.broken is None:
+                g.close()
+        emit(rank, **got)
         end_job(comm, rank, None)
 
     if case == "close-push":

@@ -121,12 +121,6 @@ std::unique_ptr<tp::Agent> maybe_faulty(std::unique_ptr<tp::Agent> agent, const 
   f.duplicate_notification = probability(d, "duplicate_notification");
   f.duplicate_after = seconds_opt("duplicate_after_s", get_f(d, "duplicate_after_s", 0), 0, kMaxDelayS);
   f.release_failure = probability(d, "release_failure");
-  // one roll picks at most one of these four (faulty.cpp): beyond a total of 1 the later ones vanish
-  if (f.delay + f.error + f.disconnect + f.never_completes > 1 + 1e-9) {
-    throw InvalidArgumentError("faults", "delay + error + disconnect + never_completes must not exceed 1 (one roll "
-                                         "picks at most one of them), got " +
-                                             std::to_string(f.delay + f.error + f.disconnect + f.never_completes));
-  }
   return std::make_unique<tp::FaultyAgent>(std::move(agent), f);
 }
 

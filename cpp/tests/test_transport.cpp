@@ -2336,6 +2336,12 @@ void test_fault_options_out_of_range_are_refused_by_the_constructor() {
   FaultOptions back;
   back.duplicate_after = std::chrono::microseconds{-1};
   CHECK(refused(back, "duplicate_after"));
+  // the status faults share one roll (faulty.cpp): past a total of 1 the later ones silently fired less often
+  // than asked (error = never_completes = 1: never_completes never fired)
+  FaultOptions sum;
+  sum.error = 1;
+  sum.never_completes = 1;
+  CHECK(refused(sum, "delay + error + disconnect + never_completes"));
   FaultOptions edge;  // the control
   edge.delay = 1;
   edge.drop_notification = 0;

@@ -32,6 +32,12 @@ FaultyAgent::FaultyAgent(std::unique_ptr<Agent> inner, FaultOptions opts)
       throw InvalidArgumentError(field, "expected a probability in [0, 1], got " + std::to_string(p));
     }
   }
+  // one roll picks at most one of these four (prepare): beyond a total of 1 the later ones fire less often than asked
+  const double status = opts_.delay + opts_.error + opts_.disconnect + opts_.never_completes;
+  if (status > 1 + 1e-9) {
+    throw InvalidArgumentError("faults", "delay + error + disconnect + never_completes must not exceed 1 (one roll "
+                                         "picks at most one of them), got " + std::to_string(status));
+  }
   const std::pair<const char*, std::chrono::microseconds> delays[] = {{"delay_for", opts_.delay_for},
                                                                        {"duplicate_after", opts_.duplicate_after}};
   for (const auto& [field, d] : delays) {

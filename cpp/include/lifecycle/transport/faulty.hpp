@@ -43,9 +43,11 @@ namespace lifecycle::transport {
 // The longest injected delay (delay_for, duplicate_after): the bindings and FaultyAgent's own check take it.
 inline constexpr std::chrono::seconds kMaxFaultDelay{3600};
 
-// FaultyAgent's constructor refuses (InvalidArgumentError naming the field) a probability outside [0, 1] or NaN
-// and a delay outside [0, kMaxFaultDelay]: from C++ nothing else checked them (a NaN never fired, a
-// microseconds::max() overflowed its conversion to the clock's nanoseconds).
+// FaultyAgent's constructor refuses (InvalidArgumentError naming the field) a probability outside [0, 1] or NaN,
+// a delay outside [0, kMaxFaultDelay], and status faults (delay, error, disconnect, never_completes: one roll
+// picks at most one) adding up past 1 ("faults"): from C++ nothing else checked them (a NaN never fired, a
+// microseconds::max() overflowed its conversion to the clock's nanoseconds, the later of two status faults of 1
+// never fired).
 struct FaultOptions {
   std::uint64_t seed = 0;
   double delay = 0;

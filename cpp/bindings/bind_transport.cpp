@@ -218,14 +218,8 @@ void register_transport(py::module_& m) {
              tp::LoopbackOptions o;
              o.name = name;
              const tp::TransportOptions topts = options(unsafe_release_on_cancel, unsafe_ack_stop_at_once, tick_s);
-             // >= 1 KiB/s (or 0): a slower pace would make a copy's deadline overflow the clock
-             if (!std::isfinite(bytes_per_second) || (bytes_per_second != 0 && !(bytes_per_second >= 1024)) ||
-                 bytes_per_second > 1e15) {
-               throw InvalidArgumentError("bytes_per_second", "expected 0 (unpaced) or a rate in [1024, 1e15] "
-                                                              "bytes/s, got " + std::to_string(bytes_per_second));
-             }
-             o.bytes_per_second = bytes_per_second;
-             o.latency = seconds_opt("latency", latency_s, 0, 3600);
+             o.bytes_per_second = bytes_per_second;  // (LoopbackAgent checks it)
+             o.latency = seconds_opt("latency", latency_s, 0, static_cast<double>(tp::kMaxLoopbackLatency.count()));
              std::unique_ptr<tp::Agent> agent = std::make_unique<tp::LoopbackAgent>(o);
              agent = maybe_faulty(std::move(agent), faults);
              NoGil nogil;

@@ -2350,6 +2350,35 @@ void test_fault_options_out_of_range_are_refused_by_the_constructor() {
   CHECK(!refused(edge, "delay"));
 }
 
+// LoopbackOptions from C++ were not checked either (only the binding checked them): a latency of
+// microseconds::max() (a test's "hold it in flight for ever") overflowed its conversion to the clock's
+// nanoseconds, and the transfer was copied and Done at once; a pace under 1 KiB/s made a copy's deadline
+// overflow the clock, and a NaN one went unpaced.  The constructor refuses each with InvalidArgumentError naming
+// the field.  Control: the bounds themselves (0, kMaxLoopbackLatency; 0 and 1024 B/s) are taken.
+void test_loopback_options_out_of_range_are_refused_by_the_constructor() {
+  auto refused = [](LoopbackOptions o, const std::string& field) {
+    try {
+      LoopbackAgent a(std::move(o));
+    } catch (const InvalidArgumentError& e) {
+      return e.argument == field;
+    }
+    return false;
+  };
+  LoopbackOptions forever = named("lb-opts");
+  forever.latency = std::chrono::microseconds::max();
+  CHECK(refused(forever, "latency"));
+  LoopbackOptions back = named("lb-opts");
+  back.latency = std::chrono::microseconds{-1};
+  CHECK(refused(back, "latency"));
+  CHECK(refused(named("lb-opts", 1e-300), "bytes_per_second"));
+  CHECK(refused(named("lb-opts", std::numeric_limits<double>::quiet_NaN()), "bytes_per_second"));
+  CHECK(refused(named("lb-opts", -1), "bytes_per_second"));
+  LoopbackOptions edge = named("lb-opts", 1024);  // the controls
+  edge.latency = kMaxLoopbackLatency;
+  CHECK(!refused(edge, "latency"));
+  CHECK(!refused(named("lb-opts", 0), "bytes_per_second"));
+}
+
 void test_note_faults_of_an_id_never_depend_on_another_ids_notes() {
   const std::uint64_t far = (std::uint64_t{1} << 62) + 1;
   int differ = 0, dropped = 0;
@@ -2464,6 +2493,7 @@ int main() {
   test_a_release_never_forgets_the_fault_of_a_new_transfer_of_the_id();
   test_note_faults_of_an_id_never_depend_on_another_ids_notes();
   test_fault_options_out_of_range_are_refused_by_the_constructor();
+  test_loopback_options_out_of_range_are_refused_by_the_constructor();
   test_a_failed_allocation_on_the_loopback_worker_loses_a_note_not_the_process();
   TEST_MAIN_END();
 }

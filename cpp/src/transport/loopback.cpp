@@ -6,10 +6,12 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <shared_mutex>
 
+#include "lifecycle/error_base.hpp"           // InvalidArgumentError
 #include "lifecycle/transport/nixl_capi.hpp"  // TransportError
 
 namespace lifecycle::transport {
@@ -153,6 +155,17 @@ std::map<std::string, std::weak_ptr<LoopbackAgent::Endpoint>>& registry() {
 LoopbackAgent::LoopbackAgent(LoopbackOptions opts)
     : name_(opts.name), opts_(std::move(opts)), ep_(std::make_shared<Endpoint>()) {
   if (name_.empty()) throw TransportError("loopback agent: empty name");
+  // (a latency past the bound overflowed the clock's nanoseconds in the worker's wait, which then did not wait; a
+  // pace under 1 KiB/s made a copy's deadline overflow the clock)
+  if (opts_.latency.count() < 0 || opts_.latency > kMaxLoopbackLatency) {
+    throw InvalidArgumentError("latency", "expected a delay in [0, " + std::to_string(kMaxLoopbackLatency.count()) +
+                                              " s], got " + std::to_string(opts_.latency.count()) + " us");
+  }
+  const double bps = opts_.bytes_per_second;
+  if (!std::isfinite(bps) || (bps != 0 && !(bps >= 1024)) || bps > 1e15) {
+    throw InvalidArgumentError("bytes_per_second", "expected 0 (unpaced) or a rate in [1024, 1e15] bytes/s, got " +
+                                                       std::to_string(bps));
+  }
   if (opts_.chunk == 0) opts_.chunk = 256 * 1024;
   ep_->name = name_;
   {

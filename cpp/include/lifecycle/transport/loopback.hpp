@@ -31,6 +31,10 @@
 
 namespace lifecycle::transport {
 
+// The longest `latency` (the binding takes it too).  The constructor refuses (InvalidArgumentError naming the field)
+// a latency outside [0, kMaxLoopbackLatency] and a bytes_per_second that is not 0 or in [1024, 1e15].
+inline constexpr std::chrono::seconds kMaxLoopbackLatency{3600};
+
 struct LoopbackOptions {
   std::string name;
   double bytes_per_second = 0;           // 0: copy at memcpy speed

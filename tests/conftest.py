@@ -119,15 +119,21 @@ __all__ = ["CREATE_SOURCE", "SEC", "drive", "lifecycle", "path_to"]
 
 
 # Every fault injector a test builds, so that a failing test prints the seeds (and probabilities) that
-# replay it, whatever its own asserts say.
+# replay it, whatever its own asserts say.  Emptied as the next test's setup starts, not by the fixture's
+# teardown: the teardown phase is reported after every fixture's teardown, and a failure there (the event-schema
+# check above) must show them too.
 _FAULTS: list = []
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    _FAULTS.clear()
 
 
 @pytest.fixture(autouse=True)
 def _record_fault_seeds(monkeypatch):
     from lifecycle import transport
 
-    _FAULTS.clear()
     check = transport.Faults.__post_init__
 
     def recorded(self):
@@ -135,8 +141,6 @@ def _record_fault_seeds(monkeypatch):
         _FAULTS.append(self)
 
     monkeypatch.setattr(transport.Faults, "__post_init__", recorded)
-    yield
-    _FAULTS.clear()
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -433,6 +433,30 @@ def test_a_failing_test_prints_the_seeds_of_its_fault_injectors(tmp_path):
     assert "515151" not in p.stdout, p.stdout
 
 
+def test_a_test_failing_in_its_teardown_prints_the_seeds_too(tmp_path):
+    """Found by review: the hook's list was emptied by its fixture's teardown, which runs before the teardown of
+    the fixtures set up ahead of it (conftest's own autouse event-schema check among them), so a failure there (a
+    bad event from a fault's path) printed no seeds.  Control: a passing test whose teardown passes prints none."""
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copy(Path(__file__).with_name("conftest.py"), tmp_path / "conftest.py")
+    (tmp_path / "test_seeded.py").write_text(
+        "import pytest\n"
+        "from lifecycle.transport import Faults\n"
+        "@pytest.fixture\n"
+        "def checked(request):\n    yield\n    assert request.node.name.endswith('passes'), 'teardown check'\n"
+        "def test_fails(checked):\n    Faults(seed=636363, error=0.25)\n"
+        "def test_passes(checked):\n    Faults(seed=525252, delay=0.5)\n")
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rN", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert "2 passed, 1 error" in p.stdout, p.stdout + p.stderr
+    assert "fault seeds (replay with these)" in p.stdout and "Faults(seed=636363, delay=0.0" in p.stdout, p.stdout
+    assert "525252" not in p.stdout, p.stdout
+
+
 @pytest.mark.parametrize("kind", ["loopback", pytest.param("nixl", marks=[pytest.mark.nixl, needs_nixl])])
 def test_ranges_that_wrap_the_address_space_or_leave_a_registration_get_a_typed_error(kind):
     """A length that runs past 2**64 once wrapped the loopback's bounds check and copied ~2**64 bytes

@@ -16,11 +16,14 @@
 //                    requests and notes; a cut request keeps reporting Failed.  Until then, notes
 //                    about a cut id from that peer vanish whichever session of the id they are for.
 //                    The inner transfer goes on (as after `error`): the inner agent's own done note,
-//                    which goes with it, is not stopped and reaches the peer once the bytes landed.
+//                    which goes with it, is not stopped: it reaches the peer once the bytes landed,
+//                    unless the request was released before its copy ended (then it is never sent).
 //   never_completes  the transfer reports InProgress forever
-//   drop_notification / duplicate_notification   per incoming notification, by (peer, request,
-//                    kind, occurrence); a duplicate is delivered right after its original, or, with
-//                    `duplicate_after` > 0, by the first fetch that long after it (when a new session
+//   drop_notification / duplicate_notification   per incoming notification, by (request, kind,
+//                    occurrence), the occurrence counted per sending peer; the peer's name is not
+//                    rolled on (names in tests come from a run-order counter); a duplicate is
+//                    delivered right after its original, or, with `duplicate_after` > 0, by the
+//                    first fetch that long after it (when a new session
 //                    of the id may be live: the stale-note case; the delivery time is the clock's)
 //   release_failure  release reports failure and keeps the request (per attempt)
 // A transfer that completes inside post() is reported InProgress when a status fault applies.

@@ -8,7 +8,9 @@
 // "mid-transfer"; or held by the caller, `hold`, for a window no scheduler can close early), then
 // marks the job Done and, with a `done_tag`, queues the Done notification at the
 // peer. It mimics NIXL where DESIGN §3 cares: releasing an in-flight request returns success at once
-// but the copy goes on, and a released request never sends its notification.
+// but the copy goes on, and a request released before its copy ends never sends its notification
+// (one released after the worker's last check may still send it: the copy is whole by then, so the
+// note is still true evidence).
 //
 // Memory safety: every chunk is copied under a process-wide shared lock after checking that both
 // endpoints are alive and both ranges are still registered; deregistration and agent destruction take

@@ -14,6 +14,9 @@ from lifecycle.spec import ACTIONS, CREATE_SOURCE
 
 SEC = 1_000_000_000
 
+# a hung test fails with every thread's stack (tests/hang_guard.py), not silently at CI's limit
+pytest_plugins = ["hang_guard"]
+
 # The test suite is the application: it decides where the library's events go.  Every event any
 # test produces is validated against schemas/events.schema.json (autouse fixture below).
 _CURRENT: list[dict] = []

@@ -16,6 +16,7 @@ __all__ = [
     "LifecycleError",
     "NixlUnavailable",
     "PoolExhausted",
+    "RoleRefused",
     "SpecError",
     "TerminateCallbackError",
     "TransportError",
@@ -127,6 +128,18 @@ class TerminateCallbackError(LifecycleError):
 
 class TransportError(LifecycleError):
     """A transport (NIXL, loopback) failed."""
+
+
+class RoleRefused(TransportError):
+    """A transfer the role rule (DESIGN §9) refuses before anything is built or exposed: a bug in the caller, never
+    a backend failure (reconnecting or retrying cannot help).  ``whose`` says which role refused: ``"session"``
+    (the request's own session does not take ``op``: a sender WRITEs, a receiver READs) or ``"offer"`` (the
+    peer's offer is of a role ``op`` does not take); ``role`` is that role, ``request`` the request id."""
+
+    request: int
+    op: str
+    role: str
+    whose: str
 
 
 class NixlUnavailable(TransportError, ImportError):

@@ -12,8 +12,8 @@ from contextlib import contextmanager
 
 import pytest
 
-from lifecycle import (CancelResult, IllegalTransition, InvalidArgument, NixlUnavailable, Outcome, Role, State,
-                       TransferEngine, TransportError)
+from lifecycle import (CancelResult, IllegalTransition, InvalidArgument, NixlUnavailable, Outcome, Role, RoleRefused,
+                       State, TransferEngine, TransportError)
 from lifecycle import _core
 from lifecycle.transport import (ENV_CAPI, Faults, LoopbackTransport, Mem, NixlTransport, Offer, connect_all,
                                  nixl_capi_path, pool_slot)
@@ -656,12 +656,15 @@ def test_the_active_op_follows_the_sessions_role_a_senders_read_is_refused(kind)
         ctypes.memset(s1.addr, 0x5A, s1.nbytes)  # a's blocks to send
         ctypes.memset(r2.addr, 0xA5, r2.nbytes)  # b's blocks to send
         offer1, offer2 = b.expect(1, a.name, r1), b.expect(2, a.name, r2)
-        with pytest.raises(TransportError, match=r"transfer: request 1 is a sender session: a READ writes into"):
+        with pytest.raises(RoleRefused, match=r"transfer: request 1 is a sender session: a READ writes into") as ei:
             a.read(1, s1, b.name, offer1)
-        with pytest.raises(TransportError, match=r"transfer: request 2 is a receiver session: a WRITE reads"):
+        # typed (session 27): an executor tells its own bug from a backend failure without reading the message
+        assert (ei.value.request, ei.value.op, ei.value.role, ei.value.whose) == (1, "read", "sender", "session")
+        with pytest.raises(RoleRefused, match=r"transfer: request 2 is a receiver session: a WRITE reads") as ei:
             a.write(2, s2, b.name, offer2)
+        assert (ei.value.request, ei.value.op, ei.value.role, ei.value.whose) == (2, "write", "receiver", "session")
         (refused,) = a.transfer_batch([("read", 1, s1, b.name, offer1)])
-        assert isinstance(refused, TransportError) and "is a sender session" in str(refused), refused
+        assert isinstance(refused, RoleRefused) and "is a sender session" in str(refused), refused
         assert ea.info(1).state is State.Advertised and ea.info(2).state is State.Advertised
         assert a.stats().live_xfers == 0 and ctypes.string_at(s1.addr, s1.nbytes) == b"\x5a" * s1.nbytes
         # control: each session's own op goes through, and moves the sender's bytes
@@ -705,13 +708,15 @@ def test_an_offer_carries_its_sessions_role_and_a_transfer_against_it_is_refused
                   r"WRITE would overwrite the blocks it is there to send; a WRITE takes a receiver's offer$")
         read8 = (rf"^transfer: request 8: the offer \(tag {o8.tag}\) from peer {b.name} is a receiver session's: a "
                  r"READ would take its empty range; a READ takes a sender's offer$")
-        with pytest.raises(TransportError, match=write7):
+        with pytest.raises(RoleRefused, match=write7) as ei:
             a.write(7, s7, b.name, o7)
-        with pytest.raises(TransportError, match=read8):
+        assert (ei.value.request, ei.value.op, ei.value.role, ei.value.whose) == (7, "write", "sender", "offer")
+        with pytest.raises(RoleRefused, match=read8) as ei:
             a.read(8, s8, b.name, o8.slice(0, 4096))  # (a slice keeps the role)
+        assert (ei.value.request, ei.value.op, ei.value.role, ei.value.whose) == (8, "read", "receiver", "offer")
         out = a.transfer_batch([("write", 7, s7, b.name, o7), ("read", 8, s8, b.name, Offer.from_bytes(o8.to_bytes()))])
         for res, why in zip(out, (write7, read8)):
-            assert isinstance(res, TransportError) and re.match(why, str(res)), res
+            assert isinstance(res, RoleRefused) and re.match(why, str(res)), res
         assert (o7.role, o8.role) == (Role.sender, Role.receiver)
         assert ea.info(7).state is State.Advertised and ea.info(8).state is State.Advertised
         assert a.stats().live_xfers == 0 and a.stats().posted == 0

@@ -45,6 +45,13 @@ py::object error_object(std::exception_ptr p) {
     a["library"] = lossless_str(e.library());
     a["missing_symbol"] = lossless_str(e.missing_symbol());
     return make_with("NixlUnavailable", e.what(), a);
+  } catch (const tp::RoleRefused& e) {
+    py::dict a;
+    a["request"] = e.request;
+    a["op"] = e.op;
+    a["role"] = e.role;
+    a["whose"] = e.whose;
+    return make_with("RoleRefused", e.what(), a);
   } catch (const tp::NixlCallError& e) {
     py::dict a;
     a["call"] = lossless_str(e.call());

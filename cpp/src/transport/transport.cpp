@@ -562,10 +562,11 @@ std::uint64_t Transport::session_check(const char* call, std::uint64_t req, cons
   // from them.  A sender's READ would overwrite the KV blocks it is there to send.
   if (op != nullptr && info->role != active_role(*op)) {
     const bool read = *op == XferOp::Read;
-    throw TransportError(std::string(call) + ": request " + std::to_string(req) + " is a " +
-                         kRoleNames[static_cast<int>(info->role)] + " session: a " + (read ? "READ" : "WRITE") +
-                         (read ? " writes into its local range (its blocks are the source); a sender WRITEs"
-                               : " reads its local range out to the peer; a receiver READs"));
+    throw RoleRefused(std::string(call) + ": request " + std::to_string(req) + " is a " +
+                          kRoleNames[static_cast<int>(info->role)] + " session: a " + (read ? "READ" : "WRITE") +
+                          (read ? " writes into its local range (its blocks are the source); a sender WRITEs"
+                                : " reads its local range out to the peer; a receiver READs"),
+                      req, read, kRoleNames[static_cast<int>(info->role)], "session");
   }
   const BufferPool* pool = engine_->pool();
   if (pool == nullptr || pool->bytes() == 0 || local.kind != MemKind::Dram) return info->serial;
@@ -803,10 +804,14 @@ void Transport::transfer_batch(const TransferItem* items, std::size_t n, Transfe
     // range.
     if (it.remote_role && *it.remote_role == active_role(it.op)) {
       const bool read = it.op == XferOp::Read;
-      fail_with(i, "the offer (tag " + std::to_string(it.tag) + ") from peer " + *it.peer + " is a " +
-                       kRoleNames[static_cast<int>(*it.remote_role)] + " session's: " +
-                       (read ? "a READ would take its empty range; a READ takes a sender's offer"
-                             : "a WRITE would overwrite the blocks it is there to send; a WRITE takes a receiver's offer"));
+      const char* role = kRoleNames[static_cast<int>(*it.remote_role)];
+      const std::string why = read ? "a READ would take its empty range; a READ takes a sender's offer"
+                                   : "a WRITE would overwrite the blocks it is there to send; a WRITE takes a "
+                                     "receiver's offer";
+      fail(i, std::make_exception_ptr(RoleRefused("transfer: request " + std::to_string(it.req) + ": the offer (tag " +
+                                                      std::to_string(it.tag) + ") from peer " + *it.peer + " is a " +
+                                                      role + " session's: " + why,
+                                                  it.req, read, role, "offer")));
       continue;
     }
     std::exception_ptr e = caught([&] { agent_->prepare(it.req, it.op, it.local, it.remote, *it.peer, it.tag); });

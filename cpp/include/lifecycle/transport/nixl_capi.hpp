@@ -41,6 +41,20 @@ class MetadataRefused : public TransportError {
   using TransportError::TransportError;
 };
 
+// A transfer that DESIGN §9's role rule refuses, before anything is built or exposed: the session's own role
+// does not take `op` (whose = "session"), or the offer is of a role that `op` does not take (whose = "offer").
+// The caller's bug, never a backend failure: reconnecting or retrying cannot help.  `role` is the role that
+// refused (the session's, or the offer's).
+class RoleRefused : public TransportError {
+ public:
+  RoleRefused(const std::string& message, std::uint64_t request, bool read, const char* role, const char* whose)
+      : TransportError(message), request(request), op(read ? "read" : "write"), role(role), whose(whose) {}
+  std::uint64_t request;
+  const char* op;
+  const char* role;
+  const char* whose;
+};
+
 // The NIXL C library cannot be used: not found, not loadable, a stub build, or a symbol is missing.
 // Attributes carry the context so callers never parse the message.
 class NixlUnavailable : public TransportError {

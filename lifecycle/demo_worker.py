@@ -520,7 +520,7 @@ class Worker:
 
     def _post(self, req: int, remote: bytes) -> None:
         """Active side: READ (receiver) or WRITE (sender); a failed prepare leaves the session Advertised."""
-        from .errors import IllegalTransition, TransportError
+        from .errors import IllegalTransition, RoleRefused, TransportError
 
         r = self.tracked[req]
         r.active = True
@@ -534,6 +534,10 @@ class Worker:
                 refused = op(req, local, self.peer, self.Offer.from_bytes(remote)) == "CancelledBeforePost"
         except IllegalTransition:
             refused = True
+        except RoleRefused:
+            # this side's own bug (DESIGN §9: the op against its session's role, or the offer's), never a
+            # disconnect: reconnecting would hide it behind a retry, every time.  Fail loudly.
+            raise
         except TransportError:
             # e.g. the peer was disconnected (injected): never exposed, so cancelling is evidence
             self.c["post_errors"] += 1

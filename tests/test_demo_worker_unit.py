@@ -117,6 +117,49 @@ def test_a_post_error_reconnects_without_injected_faults():
     assert added == [b"metadata"]
 
 
+def _poster(role: str, error: Exception):
+    """A worker whose transfer of request 1 (an offer in hand, the session Advertised) raises `error`; what the
+    worker then does to the session, the peer and its connection is logged in the list returned."""
+    from lifecycle.demo_worker import _Req
+
+    done: list = []
+    w = Worker.__new__(Worker)
+    w.role, w.peer, w.it, w.reconnect_at = role, "peer", 1, 0.0
+    w.c = dict(post_errors=0, refused_posts=0, aborts_sent=0)
+    w.out_msgs, w.mid_cancels, w.deferred_waiting = [], {}, set()
+    w.tracked = {1: _Req(client_plan(1, 1, 0.0, 4)[0], 4096, 0.0)}
+    w._slot, w._mem = (lambda req: 0), (lambda slot, n: ("mem", slot, n))
+    w.Offer = SimpleNamespace(from_bytes=lambda b: ("offer", b))
+
+    def transfer(*args):
+        raise error
+
+    w.t = SimpleNamespace(read=transfer, write=transfer, forgo=lambda *a: done.append("forgo"))
+    w.engine = SimpleNamespace(state=lambda req: SimpleNamespace(value="Advertised"))
+    w._cancel = lambda req, point: done.append("cancel")
+    return w, done
+
+
+@pytest.mark.parametrize("role", ["receiver", "sender"])
+def test_a_role_refusal_fails_loudly_instead_of_reconnecting(role):
+    """Review (session 27): _post took every TransportError for a disconnect: it cancelled the request, told the
+    peer to abort and reconnected, so an executor that copied it hid its own bug (a READ posted for a sender
+    session, a WRITE of a sender's offer: DESIGN §9) behind a reconnect, every time.  A role refusal (RoleRefused)
+    is raised now, with nothing cancelled, aborted or reconnected.  Control: another TransportError (a backend
+    failure) still cancels, aborts and reconnects."""
+    from lifecycle import RoleRefused, TransportError
+
+    refusal = RoleRefused("transfer: request 1 is a sender session: a READ writes into its local range")
+    w, done = _poster(role, refusal)
+    with pytest.raises(RoleRefused):
+        w._post(1, b"offer")
+    assert done == [] and w.out_msgs == [] and w.reconnect_at == 0.0 and w.c["post_errors"] == 0
+    w, done = _poster(role, TransportError("NIXL call nixl_capi_post_xfer_req failed with status -2 (request 1)"))
+    w._post(1, b"offer")
+    assert done == ["forgo", "cancel"] and w.out_msgs == [("abort", 1)] and w.reconnect_at > 0
+    assert w.c["post_errors"] == 1
+
+
 class _Died(Exception):
     pass
 

@@ -18,7 +18,7 @@ from lifecycle import _core
 from lifecycle.transport import (ENV_CAPI, Faults, LoopbackTransport, Mem, NixlTransport, Offer, connect_all,
                                  nixl_capi_path, pool_slot)
 
-from test_transport_harness import (HAVE_NIXL, SIZES, Side, build_shared, connect, crc, loader_finds, needs_nixl,
+from test_transport_harness import (HAVE_NIXL, KiB, SIZES, Side, build_shared, connect, crc, loader_finds, needs_nixl,
                                     pattern, raw_metadata, run_child, wait_for)
 
 pytestmark = pytest.mark.nixl
@@ -132,6 +132,67 @@ def test_bad_descriptor_raises_before_expose_and_session_stays_advertised():
     finally:
         a.close()
         b.close()
+
+
+@needs_nixl
+def test_a_failed_post_leaves_the_peer_disconnected_until_remove_peer_and_add_peer():
+    """Review (session 27), measured with NIXL 1.5.1: once one post to a peer fails (here a READ into a registered
+    raw Mem whose pages were made inaccessible: UCX's cma copy fails, "Input/output error"), NIXL takes that peer
+    for disconnected and every later post to it fails ("remote agent ... was disconnected after transfer request
+    creation"), a good one too; add_peer() of its metadata alone does not help; remove_peer() then add_peer()
+    does.  The error said only "post_xfer_req failed with status -2 (request N)": it named neither the peer nor
+    the way back, and each later attempt Poisoned one slot on each side.  The error of a failed post names the
+    peer and the remedy now (seen failing before: no peer, no remedy).  Controls: the first transfer, and the
+    one after remove_peer() + add_peer(), move their bytes."""
+    snd, rcv = Side("pdis-snd", slots=4, slot_size=64 * KiB), Side("pdis-rcv", slots=4, slot_size=64 * KiB)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype, libc.mmap.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                                              ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    n = 64 * KiB
+    hint = r" to peer 'pdis-snd'; with NIXL 1\.5\.1 a failed post leaves the peer marked disconnected: every " \
+           r"later transfer to it fails until remove_peer\(\) and add_peer\(\) of its metadata$"
+    try:
+        rcv_at_snd, snd_at_rcv = connect(snd, rcv)
+
+        def read(req: int, dst: Mem | None = None) -> str:
+            src = snd.advertise(req, "sender", n, pattern(n, req))
+            if dst is None:
+                dst = rcv.advertise(req, "receiver", n, 0)
+            else:
+                rcv.engine.advertise(req, "receiver", n)
+            return rcv.t.read(req, dst, snd_at_rcv, snd.t.expect(req, rcv_at_snd, src))
+
+        assert read(1) in ("Posted", "CompletedInPost") and rcv.wait(1) is State.Quiesced  # control
+        assert crc(rcv.view(1, n)) == crc(pattern(n, 1))
+        snd.wait(1)
+        snd.engine.terminate(1)
+        rcv.engine.terminate(1)
+        # Pages registered, then made inaccessible (PROT_NONE, never unmapped: the address stays reserved, and a
+        # range a failed transfer leaves is never given back)
+        p = libc.mmap(None, n, 3, 0x22, -1, 0)  # PROT_READ|WRITE, MAP_PRIVATE|ANONYMOUS
+        assert p not in (None, ctypes.c_void_p(-1).value)
+        rcv.t.register(Mem(p, n))
+        assert libc.mprotect(p, n, 0) == 0
+        with pytest.raises(TransportError, match=r"^NIXL call nixl_capi_post_xfer_req failed with status -?\d+ "
+                                                 r"\(request 2\)" + hint):
+            read(2, Mem(p, n))
+        assert rcv.engine.state(2) is State.Poisoned  # posted, failed: no evidence
+        # A good transfer to the same peer fails too (NIXL's mark), also after add_peer() alone
+        with pytest.raises(TransportError, match=r"\(request 3\)" + hint):
+            read(3)
+        assert rcv.t.add_peer(snd.t.metadata()) == snd_at_rcv
+        with pytest.raises(TransportError, match=r"\(request 4\)" + hint):
+            read(4)
+        assert [r for r, _ in rcv.t.recent_failures()] == [2, 3, 4]
+        # the way back: remove_peer(), then add_peer()
+        rcv.t.remove_peer(snd_at_rcv)
+        assert rcv.t.add_peer(snd.t.metadata()) == snd_at_rcv
+        assert read(5) in ("Posted", "CompletedInPost") and rcv.wait(5) is State.Quiesced
+        assert rcv.engine.outcome(5) is Outcome.completed and crc(rcv.view(5, n)) == crc(pattern(n, 5))
+    finally:
+        snd.close()
+        rcv.close()
 
 
 @needs_nixl

@@ -1065,6 +1065,18 @@ void Transport::transfer_batch(const TransferItem* items, std::size_t n, Transfe
     std::exception_ptr error = caught([&] { st = agent_->post(req); });
     if (error) {
       ctr_.post_errors.fetch_add(1);
+      // A NIXL post that failed names the peer and the way back: NIXL 1.5.1 then takes the peer for
+      // disconnected, and every later post to it fails too (measured, nixl-notes.md); add_peer() alone does not
+      // reconnect it.  (The error path only: nothing of this runs for a post that goes out.)
+      try {
+        std::rethrow_exception(error);
+      } catch (const NixlCallError& x) {
+        error = std::make_exception_ptr(
+            NixlCallError(x, " to peer '" + *items[i].peer + "'; with NIXL 1.5.1 a failed post leaves the peer " +
+                                 "marked disconnected: every later transfer to it fails until remove_peer() and " +
+                                 "add_peer() of its metadata"));
+      } catch (...) {
+      }
       // the backend failed this transfer as surely as a status error does: its reason is kept the same way (it
       // was only in the caller's exception, and recent_failures() had nothing for the Poisoned session)
       try {

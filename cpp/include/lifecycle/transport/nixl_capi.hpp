@@ -73,6 +73,9 @@ class NixlUnavailable : public TransportError {
 class NixlCallError : public TransportError {
  public:
   NixlCallError(std::string call, int status, const std::string& context);
+  // `e` with `more` appended to its message (what the caller knows that the failed call did not)
+  NixlCallError(const NixlCallError& e, const std::string& more)
+      : TransportError(e.what() + more), call_(e.call_), status_(e.status_) {}
   const std::string& call() const noexcept { return call_; }
   int status() const noexcept { return status_; }
 

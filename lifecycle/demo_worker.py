@@ -389,6 +389,7 @@ class Worker:
         self.end_sent = self.end_received = self.ack_sent = self.ack_received = False
         self.disconnects_seen = 0
         self.reconnect_at = 0.0
+        self.reload_peer = False  # the reconnect removes the peer first (a failed NIXL post: _post)
         self.corrupted = False
         self.t_start = time.monotonic()
         self.status_path = self.out / "status" / f"{self.name}.json"
@@ -538,12 +539,16 @@ class Worker:
             # this side's own bug (DESIGN §9: the op against its session's role, or the offer's), never a
             # disconnect: reconnecting would hide it behind a retry, every time.  Fail loudly.
             raise
-        except TransportError:
-            # e.g. the peer was disconnected (injected): never exposed, so cancelling is evidence
+        except TransportError as e:
+            # e.g. the peer was disconnected (injected: refused before the expose, so cancelling is evidence), or
+            # the backend failed the post (the session is Poisoned already; the cancel changes nothing)
             self.c["post_errors"] += 1
             self._drop_offer(req, remote)
             self._cancel(req, None)
             self._abort_peer(req)
+            # NIXL 1.5.1 takes the peer for disconnected after a failed post, and reloading its metadata alone
+            # does not reconnect it: remove_peer() first (docs/nixl-notes.md)
+            self.reload_peer = self.reload_peer or getattr(e, "call", "") == "post_xfer_req"
             self.reconnect_at = self.reconnect_at or time.monotonic() + 0.02
             return
         if refused:
@@ -766,6 +771,9 @@ class Worker:
                 self.disconnects_seen = n
                 self.reconnect_at = self.reconnect_at or time.monotonic() + 0.02
         if self.reconnect_at and time.monotonic() >= self.reconnect_at:
+            if self.reload_peer:  # (its unfinished sessions here fail: Poisoned, safe)
+                self.t.remove_peer(self.peer)
+                self.reload_peer = False
             self.t.add_peer(self.peer_md)  # reconnect: reload the peer's metadata (a fresh connection)
             self.c["reconnects"] += 1
             self.reconnect_at = 0.0

@@ -110,7 +110,7 @@ def test_a_post_error_reconnects_without_injected_faults():
     w.faults, w.peer_lost, w.it, w.peer_md = None, "", 1, b"metadata"
     w.c = dict(reconnects=0)
     w.t = SimpleNamespace(add_peer=added.append)
-    w.reconnect_at = time.monotonic() - 1  # due
+    w.reconnect_at, w.reload_peer = time.monotonic() - 1, False  # due
     w._check_disconnects()
     assert added == [b"metadata"] and w.c["reconnects"] == 1 and w.reconnect_at == 0.0
     w._check_disconnects()  # nothing due: no second reconnect
@@ -124,7 +124,7 @@ def _poster(role: str, error: Exception):
 
     done: list = []
     w = Worker.__new__(Worker)
-    w.role, w.peer, w.it, w.reconnect_at = role, "peer", 1, 0.0
+    w.role, w.peer, w.it, w.reconnect_at, w.reload_peer = role, "peer", 1, 0.0, False
     w.c = dict(post_errors=0, refused_posts=0, aborts_sent=0)
     w.out_msgs, w.mid_cancels, w.deferred_waiting = [], {}, set()
     w.tracked = {1: _Req(client_plan(1, 1, 0.0, 4)[0], 4096, 0.0)}
@@ -134,7 +134,10 @@ def _poster(role: str, error: Exception):
     def transfer(*args):
         raise error
 
-    w.t = SimpleNamespace(read=transfer, write=transfer, forgo=lambda *a: done.append("forgo"))
+    w.t = SimpleNamespace(read=transfer, write=transfer, forgo=lambda *a: done.append("forgo"),
+                          remove_peer=lambda peer: done.append(("remove_peer", peer)),
+                          add_peer=lambda md: done.append(("add_peer", md)))
+    w.faults, w.peer_lost, w.peer_md = None, "", b"metadata"
     w.engine = SimpleNamespace(state=lambda req: SimpleNamespace(value="Advertised"))
     w._cancel = lambda req, point: done.append("cancel")
     return w, done
@@ -158,6 +161,42 @@ def test_a_role_refusal_fails_loudly_instead_of_reconnecting(role):
     w._post(1, b"offer")
     assert done == ["forgo", "cancel"] and w.out_msgs == [("abort", 1)] and w.reconnect_at > 0
     assert w.c["post_errors"] == 1
+
+
+def _post_error(call: str | None):
+    from lifecycle import TransportError
+
+    e = TransportError(f"NIXL call nixl_capi_{call} failed with status -2 (request 1)" if call else
+                       "post: request 1: peer peer disconnected (injected)")
+    if call:
+        e.call, e.status = call, -2
+    return e
+
+
+def test_a_failed_nixl_post_reconnects_with_remove_peer_then_add_peer():
+    """Review (session 27), measured with NIXL 1.5.1: after a failed post NIXL takes the peer for disconnected, and
+    add_peer() of its metadata alone loads without reconnecting: every later transfer to it failed (and Poisoned a
+    slot on each side), so the demo's reconnect, add_peer() only, never got it back with real NIXL.  After a
+    failed NIXL post (TransportError.call "post_xfer_req") the reconnect is remove_peer() then add_peer() now.
+    Control: an injected disconnect (Faults: refused in prepare, no `call`) still only reloads the metadata,
+    which is what reconnects it there, without failing the peer's other sessions."""
+    import time
+
+    w, done = _poster("receiver", _post_error("post_xfer_req"))
+    w._post(1, b"offer")
+    w.c["reconnects"] = 0
+    w.reconnect_at = time.monotonic() - 1  # due
+    w._check_disconnects()
+    assert done[-2:] == [("remove_peer", "peer"), ("add_peer", b"metadata")] and w.c["reconnects"] == 1
+    w._check_disconnects()  # nothing due: no second reconnect
+    assert done[-1] == ("add_peer", b"metadata") and len(done) == 4
+    # control: an injected disconnect
+    w, done = _poster("receiver", _post_error(None))
+    w._post(1, b"offer")
+    w.c["reconnects"] = 0
+    w.reconnect_at = time.monotonic() - 1
+    w._check_disconnects()
+    assert done == ["forgo", "cancel", ("add_peer", b"metadata")]
 
 
 class _Died(Exception):

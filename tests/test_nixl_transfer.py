@@ -196,6 +196,41 @@ def test_a_failed_post_leaves_the_peer_disconnected_until_remove_peer_and_add_pe
 
 
 @needs_nixl
+def test_a_restarted_peer_of_the_same_name_is_refused_by_add_peer_until_remove_peer():
+    """Review (session 27), measured with NIXL 1.5.1: a peer restarted under its old name (a new agent) ships new
+    metadata, and add_peer() of it, the old one still loaded, is refused by NIXL (NIXL_ERR_NOT_ALLOWED).  The
+    error said "load_remote_md failed with status -2 (agent <our own name>)": neither the peer nor the way out.
+    It names the peer and says to remove_peer() it first now (seen failing before: the bare status).  Controls:
+    the same metadata loads again without complaint, and after remove_peer() the new agent's loads and moves
+    bytes."""
+    n = 4096
+    a, b = Side("rst-a", slots=2, slot_size=n), Side("rst-b", slots=2, slot_size=n)
+    b2 = None
+    try:
+        b_at_a, _ = connect(a, b)
+        assert a.t.add_peer(b.t.metadata()) == b_at_a  # control: the same metadata again
+        b.close()
+        b2 = Side("rst-b", slots=2, slot_size=n)  # restarted: same name, a new agent
+        with pytest.raises(TransportError, match=r"^NIXL call nixl_capi_load_remote_md failed with status -?\d+ "
+                                                 r"\(agent rst-a; a peer named 'rst-b' is loaded already, with other "
+                                                 r"metadata \(restarted\?\): remove_peer\(\) it first\)$") as ei:
+            a.t.add_peer(b2.t.metadata())
+        assert ei.value.call == "load_remote_md"
+        a.t.remove_peer(b_at_a)
+        assert a.t.add_peer(b2.t.metadata()) == "rst-b" and b2.t.add_peer(a.t.metadata()) == "rst-a"
+        src = b2.advertise(1, "sender", n, pattern(n, 1))
+        dst = a.advertise(1, "receiver", n, 0)
+        assert a.t.read(1, dst, "rst-b", b2.t.expect(1, "rst-a", src)) in ("Posted", "CompletedInPost")
+        assert a.wait(1) is State.Quiesced and a.engine.outcome(1) is Outcome.completed
+        assert crc(a.view(1, n)) == crc(pattern(n, 1))
+    finally:
+        a.close()
+        b.close()
+        if b2 is not None:
+            b2.close()
+
+
+@needs_nixl
 def test_read_after_cancel_before_expose_is_illegal_and_posts_nothing():
     a, b = Side("cbe-a", slots=1, slot_size=4096), Side("cbe-b", slots=1, slot_size=4096)
     try:

@@ -158,6 +158,7 @@ std::string NixlAgent::load_remote_metadata(const std::string& md) {
   // anything is loaded.  (Metadata in another layout goes on to NIXL, which judges it.)
   static constexpr char kHead[] = "nixlSerDes|Agent";
   constexpr std::size_t kHeadLen = sizeof(kHead) - 1;
+  std::string named;  // the name in it (NIXL 1.x's layout), for the error below
   if (md.size() >= kHeadLen + 8 && md.compare(0, kHeadLen, kHead) == 0) {
     std::uint64_t len = 0;
     for (int b = 7; b >= 0; --b) len = (len << 8) | static_cast<unsigned char>(md[kHeadLen + static_cast<std::size_t>(b)]);
@@ -166,12 +167,22 @@ std::string NixlAgent::load_remote_metadata(const std::string& md) {
       throw MetadataRefused("the peer agent's name in it holds a NUL byte (NIXL would cut it there): refused, "
                             "nothing loaded into agent " + name_);
     }
+    if (len <= md.size() - at) named = md.substr(at, static_cast<std::size_t>(len));
   }
   char* name = nullptr;
   {
     std::lock_guard<std::mutex> lk(mu_);
-    check_capi(api_->load_remote_md(agent_.get(), md.data(), md.size(), &name), "load_remote_md",
-               "agent " + name_);
+    const capi::status_t st = api_->load_remote_md(agent_.get(), md.data(), md.size(), &name);
+    if (st != capi::kSuccess) {
+      // NIXL 1.5.1 refuses another agent's metadata under a name it holds (measured: a peer restarted under
+      // the same name; its log says NIXL_ERR_NOT_ALLOWED), and this status alone named neither the peer nor
+      // the way out
+      const bool held = !named.empty() && peers_.count(named) != 0;
+      throw NixlCallError("load_remote_md", static_cast<int>(st),
+                          "agent " + name_ + (held ? "; a peer named '" + named + "' is loaded already, with other " +
+                                                         "metadata (restarted?): remove_peer() it first"
+                                                   : std::string()));
+    }
   }
   std::unique_ptr<char, decltype(&std::free)> owned(name, &std::free);  // strdup'ed by the C API
   std::string peer(owned.get());

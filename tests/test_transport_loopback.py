@@ -420,7 +420,8 @@ def test_a_failing_test_prints_the_seeds_of_its_fault_injectors(tmp_path):
     import subprocess
     import sys
 
-    shutil.copy(Path(__file__).with_name("conftest.py"), tmp_path / "conftest.py")
+    for name in ("conftest.py", "hang_guard.py"):  # the conftest and the plugin it loads
+        shutil.copy(Path(__file__).with_name(name), tmp_path / name)
     (tmp_path / "test_seeded.py").write_text(
         "from lifecycle.transport import Faults\n"
         "def test_fails():\n    Faults(seed=424242, error=0.25)\n    assert False\n"
@@ -441,7 +442,8 @@ def test_a_test_failing_in_its_teardown_prints_the_seeds_too(tmp_path):
     import subprocess
     import sys
 
-    shutil.copy(Path(__file__).with_name("conftest.py"), tmp_path / "conftest.py")
+    for name in ("conftest.py", "hang_guard.py"):  # the conftest and the plugin it loads
+        shutil.copy(Path(__file__).with_name(name), tmp_path / name)
     (tmp_path / "test_seeded.py").write_text(
         "import pytest\n"
         "from lifecycle.transport import Faults\n"

@@ -364,6 +364,51 @@ void test_a_refused_post_never_answers_a_stop_for_a_session_poisoned_without_evi
   CHECK(ta->stats().quiesced_sent == 0 && ta->stats().stops_unanswered == 2);
 }
 
+// remove_peer() then add_peer() of the same peer, both while an expect() applies its expose: the entry went
+// with the removal (which failed the session while it was still Advertised: refused), the expose then moved
+// it to InFlight, and the reload cleared the removal's mark.  The mark alone made expect() take the entry's
+// loss for the peer's answer to a stop: IllegalTransition, and an InFlight session that nobody drives (its
+// offer never left) until its timers ran out.  Now any removal meanwhile counts: the session fails at once
+// (Poisoned) and expect() says why.  Control: the same expect() with nothing in its window offers normally.
+void test_a_peer_removed_and_reloaded_during_expect_fails_that_session_at_once() {
+  auto clock = std::make_shared<GateClock>();
+  Config c;
+  c.shards = 1;
+  auto ea = std::make_shared<Engine>(c);
+  auto eb = std::make_shared<Engine>(c, clock);
+  auto ta = loopback(ea, "reload-a");
+  auto tb = loopback(eb, "reload-b");
+  std::vector<char> dst(4096, 0);
+  const Region r{reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram};
+  tb->register_region(r);
+  ta->add_peer(tb->metadata());
+  tb->add_peer(ta->metadata());
+  CHECK(eb->advertise(2, Role::receiver, 0).status == Status::Moved);  // control: an undisturbed expect
+  CHECK(tb->expect(2, "reload-a", r) != 0 && state_of(*eb, 2) == State::InFlight);
+  CHECK(eb->advertise(1, Role::receiver, 0).status == Status::Moved);
+  clock->arm();
+  std::string error;
+  bool illegal = false;
+  std::thread offer([&] {
+    t_gated = true;
+    try {
+      (void)tb->expect(1, "reload-a", r);
+    } catch (const IllegalTransitionError&) {
+      illegal = true;
+    } catch (const TransportError& e) {
+      error = e.what();
+    }
+  });
+  clock->wait_parked();  // inside expose, its entry made
+  tb->remove_peer("reload-a");
+  (void)tb->add_peer(ta->metadata());
+  clock->release();
+  offer.join();
+  CHECK(!illegal);
+  CHECK(error.find("removed meanwhile") != std::string::npos);
+  CHECK(state_of(*eb, 1) == State::Poisoned);
+}
+
 // An abort hook runs after the engine's lock is released: by then the cancelled session S1 may have
 // ended and the id been advertised again and offered (S2).  The hook carries S1's serial, so the
 // transport sends no stop for S2's offer; before, the stop went out, the peer (nothing posted) answered,
@@ -2456,6 +2501,7 @@ int main() {
   test_a_late_note_releases_its_offer();
   test_a_note_for_an_ended_session_never_reaches_a_new_session_of_the_id();
   test_a_refused_post_never_answers_a_stop_for_a_session_poisoned_without_evidence();
+  test_a_peer_removed_and_reloaded_during_expect_fails_that_session_at_once();
   test_a_late_abort_never_stops_a_new_session_of_the_id();
   test_an_id_with_no_session_is_refused_before_anything_is_built();
   test_a_stop_from_another_peer_is_answered_to_that_peer();

@@ -1270,6 +1270,7 @@ std::uint64_t Transport::expect(std::uint64_t req, const std::string& peer, cons
     throw TransportError("expect: request " + std::to_string(req) + ": the range is " + Region::kRefused);
   }
   std::uint64_t tag = 0;
+  std::uint64_t removals = 0;  // remove_peer() calls when the entry was made
   // the session this offer is for: an entry left by an earlier session of the id (ended, not swept yet)
   // is retired here rather than refusing the new one
   std::optional<Role> offered;  // the session's role, from the same lookup: the peer checks its op against it
@@ -1308,6 +1309,7 @@ std::uint64_t Transport::expect(std::uint64_t req, const std::string& peer, cons
       tag = mix64(tag_salt_ + ++tag_count_);
     } while (tag == 0);
     entries_[req] = Entry{Side::Passive, peer, tag, current, local, false, false, false, false, {}};
+    removals = removals_;
   }
   if (engine_) {
     const ApplyResult r = engine_->apply(req, Event::expose, current);
@@ -1316,8 +1318,12 @@ std::uint64_t Transport::expect(std::uint64_t req, const std::string& peer, cons
       std::lock_guard<std::mutex> lk(mu_);
       auto it = entries_.find(req);
       const bool mine = it != entries_.end() && it->second.tag == tag;
-      // not stop() nor remove_peer(): the peer's answer to our stop took it (cancelled meanwhile)
-      by_note = !stopped_.load() && removed_peers_.count(peer) == 0;
+      // not stop() nor remove_peer(): the peer's answer to our stop took it (cancelled meanwhile).  Any
+      // removal since the entry was made counts, not only a mark still set: remove_peer() then add_peer()
+      // inside this window cleared it, and the session, failed while Advertised (refused) and then exposed,
+      // was left InFlight with nobody to drive it.  (A removal of another peer meanwhile fails this session
+      // too: safe, and rare.)
+      by_note = !stopped_.load() && removals_ == removals;
       if (r.status != Status::Moved) {
         if (mine) entries_.erase(it);
       } else if (mine) {
@@ -1764,6 +1770,7 @@ void Transport::remove_peer(const std::string& peer) {
     // its entry, so none escapes both the scan and the refusal (until add_peer() loads it again)
     // The mark matters only while a call that looked the peer up before its invalidation still runs (a
     // few microseconds); the oldest marks go beyond kRemovedPeers, so names unique per restart stay bounded.
+    ++removals_;
     if (removed_peers_.insert(peer).second) removed_order_.push_back(peer);
     while (removed_order_.size() > kRemovedPeers) {
       removed_peers_.erase(removed_order_.front());

@@ -372,6 +372,7 @@ class Transport final : public EventSink {
   std::vector<std::pair<std::uint64_t, Region>> preparing_;
   std::set<std::string> removed_peers_;                  // remove_peer() until add_peer() loads it again
   std::deque<std::string> removed_order_;                // the same, oldest first (bounded)
+  std::uint64_t removals_ = 0;  // remove_peer() calls so far: expect() tells its entry's loss by them (mu_)
   // Requests of ours that ended without evidence (marked with the erase of their entry): never a
   // "quiesced" for them, never their id again, and their ranges in held_ for good (unless a Done of
   // their own post() comes after all: transfer()).

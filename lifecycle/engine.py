@@ -236,6 +236,11 @@ class TransferEngine(_core.Engine):
         on_terminate: Callable[[int], object] | None = None,
         logger: object | None = None,
     ):
+        if "_engine_id" in self.__dict__:
+            # pybind11 ignores a second __init__ of the core: only the Python half would be replaced (the drained
+            # notices not yet delivered dropped, the engine id changed under live sessions)
+            raise TypeError(f"{type(self).__name__}.__init__ called again on a live engine: the core ignores it "
+                            "(its sessions and configuration stay); make a new engine instead")
         if (isinstance(progress_deadline, bool) or not isinstance(progress_deadline, (int, float))
                 or not progress_deadline > 0):  # (a str compared with 0 raised a bare TypeError)
             raise InvalidArgument("progress_deadline", f"must be > 0 seconds, got {_shown(progress_deadline):.40}")

@@ -574,6 +574,7 @@ class _Transport:
     """Shared facade; see :class:`NixlTransport` and :class:`LoopbackTransport`."""
 
     def __init__(self, core: _core._Transport, engine, faults: Faults | None):
+        self._refuse_reinit()
         self._core = core
         self._name = core.name
         self._pid = os.getpid()
@@ -594,6 +595,13 @@ class _Transport:
         self._index_lock = threading.Lock()
 
         _LIVE.add(self)
+
+    def _refuse_reinit(self) -> None:
+        """A second __init__ made a new core and dropped this one unstopped, with its registrations and the objects
+        they keep alive: refused, before anything is made."""
+        if "_core" in self.__dict__:
+            raise TypeError(f"{type(self).__name__} {self._name!r}: __init__ called again on a live transport; make "
+                            "a new transport instead")
 
     def __copy__(self):
         # (copy.copy shared the core: dropping the copy stopped this transport and deregistered its regions)
@@ -1087,6 +1095,7 @@ class NixlTransport(_Transport):
     def __init__(self, engine, name: str, *, capi_path: str | None = None, faults: Faults | None = None,
                  unsafe_release_on_cancel: bool = False, ucx_params: dict[str, str] | None = None,
                  tick: float = 0.001, unsafe_ack_stop_at_once: bool = False):
+        self._refuse_reinit()
         _check_unsafe(unsafe_release_on_cancel=unsafe_release_on_cancel, unsafe_ack_stop_at_once=unsafe_ack_stop_at_once)
         params, tick, faults_d = _ucx_params(ucx_params), _number("tick", tick), _faults_dict(faults)  # before NIXL loads
         engine = _engine_arg(engine)
@@ -1122,6 +1131,7 @@ class LoopbackTransport(_Transport):
     def __init__(self, engine, name: str, *, bytes_per_second: float = 0.0, latency: float = 0.0,
                  faults: Faults | None = None, unsafe_release_on_cancel: bool = False, tick: float = 0.001,
                  unsafe_ack_stop_at_once: bool = False):
+        self._refuse_reinit()
         _check_unsafe(unsafe_release_on_cancel=unsafe_release_on_cancel, unsafe_ack_stop_at_once=unsafe_ack_stop_at_once)
         core = _core._Transport.loopback(_engine_arg(engine), name, _number("bytes_per_second", bytes_per_second),
                                          _number("latency", latency),

@@ -1656,3 +1656,49 @@ def test_pool_slot_of_a_terminated_session_is_refused_its_slot_may_be_another_se
     e.on_terminate = ask
     e.poll()
     assert seen == [2]
+
+
+def test_a_second_init_of_a_live_engine_or_transport_is_refused():
+    """Hunt (session 27, boundary): pybind11 ignores a second ``__init__`` of a core object, so TransferEngine's
+    ``__init__`` called again on a live engine kept its C++ half (sessions, pool: a new ``num_slots`` was silently
+    ignored) but replaced its Python half.  The drained notices not yet delivered (an interrupted poll() leaves
+    them) were dropped: on_terminate never ran, and the session's tombstone was held for ever (advertise of the id:
+    DuplicateRequest); and its engine id changed under its live sessions (the audit keys sessions by it).  A
+    transport's second ``__init__`` replaced its core without stopping it, dropping its registrations and the
+    objects they kept alive.  Each is a TypeError now, and changes nothing.  Controls: the notice is delivered by
+    the next poll(); the transport keeps its name and registration; a subclass's single ``__init__`` works."""
+    from lifecycle.transport import LoopbackTransport, NixlTransport
+
+    seen = []
+    e = TransferEngine(num_slots=1, slot_size=64, on_terminate=seen.append)
+    eid = e._engine_id
+    e.advertise(1, "sender")
+    e.expose(1)
+    e.terminate(1)
+    e.complete(1)
+    e._poll_into(e._inbox, e._notices)  # a poll() interrupted after its drain: the notice waits in e._notices
+    assert list(e._notices) == [1]
+    with pytest.raises(TypeError, match=r"^TransferEngine\.__init__ called again on a live engine") as ei:
+        e.__init__(num_slots=4, on_terminate=print)
+    assert not isinstance(ei.value, InvalidArgument)
+    assert e._engine_id == eid and e.on_terminate == seen.append and e.pool.num_slots == 1
+    e.poll()
+    assert seen == [1]
+    a = LoopbackTransport(None, "reinit-a")
+    try:
+        reg = a.register(bytearray(64))
+        for init in (lambda: a.__init__(None, "reinit-b"), lambda: NixlTransport.__init__(a, None, "reinit-n")):
+            with pytest.raises(TypeError, match=r"^LoopbackTransport 'reinit-a': __init__ called again on a live "
+                                                r"transport"):
+                init()
+        assert a.name == "reinit-a" and not a._core.stopped and a.stats().registered_regions == 1
+        a.deregister(reg)
+        LoopbackTransport(None, "reinit-b").stop()  # (the refused call made no agent of that name)
+    finally:
+        a.stop()
+
+    class Sub(TransferEngine):
+        def __init__(self):
+            super().__init__(num_slots=2, slot_size=8)
+
+    assert Sub().pool.num_slots == 2

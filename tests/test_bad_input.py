@@ -1594,7 +1594,8 @@ def test_calls_no_overload_takes_never_repr_their_arguments():
     _core.bench_native(n=t) killed the process (SIGSEGV).  Every function, method and constructor of _core now ends
     its overloads with one that takes anything and raises that TypeError naming the arguments' types only.  Each
     call in its own child: one crash would hide the next."""
-    calls = ["e.expose(1, t)", "e.tick(t)", "e.pool.stats(t)", "_core.Engine(t)", "_core.bench_native(n=t)",
+    # (bench_native's n takes any object since session 27 and names it: its bool `cancelled` still falls back)
+    calls = ["e.expose(1, t)", "e.tick(t)", "e.pool.stats(t)", "_core.Engine(t)", "_core.bench_native(1, t)",
              "_core.ManualClock(1, t)", "_core._Transport.loopback(t, 'x')", "_core.AuditReplay(t)"]
     for call in calls:
         child = run_child(f"""
@@ -1702,3 +1703,52 @@ def test_a_second_init_of_a_live_engine_or_transport_is_refused():
             super().__init__(num_slots=2, slot_size=8)
 
     assert Sub().pool.num_slots == 2
+
+
+def test_raw_core_ints_out_of_range_name_the_argument():
+    """Hunt (session 27, boundary): the transport's and the benchmarks' integer arguments were pybind11's uint64:
+    a negative one or one past 2**64 (or a bool's True, taken as 1) was the fallback's bare TypeError "incompatible
+    function arguments ... Invoked with arguments of the types: int, float", which names neither the argument nor
+    what was wrong (the type it names is the right one).  Each is InvalidArgument naming the argument and the value
+    now, before anything is done.  Controls: the edges 0 and 2**64 - 1, and numpy's integers, get past the
+    conversion to the call's own checks."""
+    import numpy as np
+
+    t = _core._Transport.loopback(None, "raw-u64", 0.0, 0.0, False, None, 0.001, False)
+    a = _core._Transport.loopback(None, "raw-u64-b", 0.0, 0.0, False, None, 0.001, False)
+    buf = bytearray(64)
+    addr = np.frombuffer(buf, np.uint8).ctypes.data
+    try:
+        calls = {
+            "addr": lambda v: t.register_region(v, 64, "dram", 0),
+            "nbytes": lambda v: t.register_region(addr, v, "dram", 0),
+            "device": lambda v: t.register_region(addr, 64, "dram", v),
+            "region_id": lambda v: t.deregister_region(v),
+            "request": lambda v: t.transfer(v, "read", addr, 64, "dram", 0, "p", addr, "dram", 0, 1),
+            "local_addr": lambda v: t.expect(1, "p", v, 64, "dram", 0),
+            "remote_device": lambda v: t.transfer(1, "read", addr, 64, "dram", 0, "p", addr, "dram", v, 1),
+            "tag": lambda v: t.forgo(1, "p", v),
+            "n": lambda v: t.wait_completions(v, 0.0),
+            "churn_bytes": lambda v: _core.bench_native(1, False, v),
+            "count": lambda v: _core._bench_paired(t, a, "p", "write", addr, addr, 8, 1, v, 0),
+            "first_request": lambda v: _core._bench_paired(t, a, "p", "write", addr, addr, 8, 1, 1, v),
+        }
+        for arg, call in calls.items():
+            for bad, got in ((-1, r"got -1$"), (2**64, r"got 18446744073709551616$"), (True, r"got bool$"),
+                             (10**5000, r"got an int of 16610 bits$"), (1.0, r"got float$")):
+                with pytest.raises(InvalidArgument, match=r"(must be an int in \[0, 2\*\*64\), |expected an int, )"
+                                                          + got) as ei:
+                    call(bad)
+                assert ei.value.argument == arg, (arg, bad, ei.value)
+        assert t.stats()["registered_regions"] == 0 and t.stats()["posted"] == 0
+        # controls: values in range reach the call (whose own refusals are typed errors too)
+        assert t.wait_completions(0, 0.0) is True and t.wait_completions(2**64 - 1, 0.0) is False
+        assert t.wait_completions(np.uint64(0), 0.0) is True
+        t.deregister_region(t.register_region(np.int64(addr), 64, "dram", 0))
+        with pytest.raises(InvalidArgument) as ei:
+            t.register_region(0, 64, "dram", 0)
+        assert ei.value.argument == "addr" and "null address" in str(ei.value)
+        t.forgo(2**64 - 1, "p", 0)
+    finally:
+        t.stop()
+        a.stop()

@@ -6,7 +6,9 @@ namespace py = pybind11;
 namespace lifecycle::bindings {
 
 void register_bench(py::module_& m) {
-  m.def("bench_native", [](std::uint64_t n, bool cancelled, std::uint64_t churn_bytes) {
+  m.def("bench_native", [](py::handle n_arg, bool cancelled, py::handle churn_arg) {
+    const std::uint64_t n = uint64_arg(n_arg, "n");
+    const std::uint64_t churn_bytes = uint64_arg(churn_arg, "churn_bytes");
     BenchResult r;
     {
       NoGil nogil;

@@ -115,6 +115,32 @@ std::int64_t int64_arg(py::handle h, const char* what) {
   return static_cast<std::int64_t>(v);
 }
 
+std::uint64_t uint64_arg(py::handle h, const char* what) {
+  py::object as_int;
+  PyObject* o = h.ptr();
+  if (!PyLong_CheckExact(o)) {  // (an exact int, the usual case, needs no __index__)
+    if (PyBool_Check(o) || !PyIndex_Check(o)) {
+      throw InvalidArgumentError(what, std::string("expected an int, got ") + Py_TYPE(o)->tp_name);
+    }
+    as_int = py::reinterpret_steal<py::object>(PyNumber_Index(o));
+    if (!as_int) {  // as int64_arg: a refusing __index__ is no int; another error of its own passes unchanged
+      if (!PyErr_ExceptionMatches(PyExc_TypeError) && !PyErr_ExceptionMatches(PyExc_ValueError)) {
+        throw py::error_already_set();
+      }
+      PyErr_Clear();
+      throw InvalidArgumentError(what, std::string("expected an int, got a ") + Py_TYPE(o)->tp_name +
+                                           " that is not one integer");
+    }
+    o = as_int.ptr();
+  }
+  const unsigned long long v = PyLong_AsUnsignedLongLong(o);
+  if (v == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {  // negative, or past 64 bits
+    PyErr_Clear();
+    throw InvalidArgumentError(what, "must be an int in [0, 2**64), got " + int_text(o));
+  }
+  return static_cast<std::uint64_t>(v);
+}
+
 void register_errors(py::module_&) {
   py::register_exception_translator([](std::exception_ptr p) {
     py::object exc = error_object(p);

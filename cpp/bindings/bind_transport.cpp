@@ -229,13 +229,15 @@ void register_transport(py::module_& m) {
            py::arg("unsafe_ack_stop_at_once") = false)
       .def_property_readonly("name", [](tp::Transport& t) { return t.name(); })
       .def_property_readonly("backend", [](tp::Transport& t) { return std::string(t.agent().backend_name()); })
-      .def("register_region", [](tp::Transport& t, std::uint64_t addr, std::uint64_t nbytes, const std::string& kind,
-                                 std::uint64_t device) {
-             tp::Region r = region(addr, nbytes, kind, device);
+      .def("register_region", [](tp::Transport& t, py::handle addr, py::handle nbytes, const std::string& kind,
+                                 py::handle device) {
+             tp::Region r = region(uint64_arg(addr, "addr"), uint64_arg(nbytes, "nbytes"), kind,
+                                   uint64_arg(device, "device"));
              NoGil nogil;
              return t.register_region(r);
            }, py::arg("addr"), py::arg("nbytes"), py::arg("kind") = "dram", py::arg("device") = 0)
-      .def("deregister_region", [](tp::Transport& t, std::uint64_t id) {
+      .def("deregister_region", [](tp::Transport& t, py::handle id_arg) {
+             const std::uint64_t id = uint64_arg(id_arg, "region_id");
              NoGil nogil;
              t.deregister_region(id);
            }, py::arg("region_id"))
@@ -257,14 +259,17 @@ void register_transport(py::module_& m) {
              NoGil nogil;
              t.remove_peer(peer);
            }, py::arg("peer"))
-      .def("transfer", [](tp::Transport& t, std::uint64_t req, const std::string& op, std::uint64_t laddr,
-                          std::uint64_t len, const std::string& lkind, std::uint64_t ldev, py::handle peer_arg,
-                          std::uint64_t raddr, const std::string& rkind, std::uint64_t rdev, std::uint64_t tag,
+      .def("transfer", [](tp::Transport& t, py::handle req_arg, const std::string& op, py::handle laddr,
+                          py::handle len_arg, const std::string& lkind, py::handle ldev, py::handle peer_arg,
+                          py::handle raddr, const std::string& rkind, py::handle rdev, py::handle tag_arg,
                           py::handle role_arg_) {
+             const std::uint64_t req = uint64_arg(req_arg, "request");
+             const std::uint64_t len = uint64_arg(len_arg, "nbytes");
              const std::string peer = text_arg(peer_arg, "peer");
              tp::XferOp o = to_op(op);
-             tp::Region l = region(laddr, len, lkind, ldev);
-             tp::Region r = region(raddr, len, rkind, rdev);
+             tp::Region l = region(uint64_arg(laddr, "local_addr"), len, lkind, uint64_arg(ldev, "local_device"));
+             tp::Region r = region(uint64_arg(raddr, "remote_addr"), len, rkind, uint64_arg(rdev, "remote_device"));
+             const std::uint64_t tag = uint64_arg(tag_arg, "tag");
              const std::optional<Role> role = role_arg(role_arg_, "remote_role", "");
              tp::PostResult res;
              {
@@ -349,10 +354,12 @@ void register_transport(py::module_& m) {
            "transfer() for each item (request, op, local_addr, nbytes, local_kind, local_device, peer, remote_addr, "
            "remote_kind, remote_device, tag[, remote_role]) in one call: a list, per item its result string or the "
            "exception transfer() would have raised for it")
-      .def("expect", [](tp::Transport& t, std::uint64_t req, py::handle peer_arg, std::uint64_t laddr,
-                        std::uint64_t len, const std::string& lkind, std::uint64_t ldev) {
+      .def("expect", [](tp::Transport& t, py::handle req_arg, py::handle peer_arg, py::handle laddr,
+                        py::handle len, const std::string& lkind, py::handle ldev) {
+             const std::uint64_t req = uint64_arg(req_arg, "request");
              const std::string peer = text_arg(peer_arg, "peer");
-             tp::Region l = region(laddr, len, lkind, ldev);
+             tp::Region l = region(uint64_arg(laddr, "local_addr"), uint64_arg(len, "nbytes"), lkind,
+                                   uint64_arg(ldev, "local_device"));
              std::optional<Role> role;
              std::uint64_t tag = 0;
              {
@@ -363,8 +370,10 @@ void register_transport(py::module_& m) {
            }, py::arg("request"), py::arg("peer"), py::arg("local_addr"), py::arg("nbytes"), py::arg("local_kind"),
            py::arg("local_device"),
            "(tag, role): the offer's tag and its session's role (0 sender, 1 receiver; None on a bare transport)")
-      .def("forgo", [](tp::Transport& t, std::uint64_t req, py::handle peer_arg, std::uint64_t tag) {
+      .def("forgo", [](tp::Transport& t, py::handle req_arg, py::handle peer_arg, py::handle tag_arg) {
+             const std::uint64_t req = uint64_arg(req_arg, "request");
              const std::string peer = text_arg(peer_arg, "peer");
+             const std::uint64_t tag = uint64_arg(tag_arg, "tag");
              NoGil nogil;
              t.forgo(req, peer, tag);
            }, py::arg("request"), py::arg("peer"), py::arg("tag"))
@@ -425,18 +434,21 @@ void register_transport(py::module_& m) {
              return out;
            })
       .def("completions", &tp::Transport::completions)
-      .def("wait_completions", [](tp::Transport& t, std::uint64_t n, double timeout_s) {
+      .def("wait_completions", [](tp::Transport& t, py::handle n_arg, double timeout_s) {
+             const std::uint64_t n = uint64_arg(n_arg, "n");
              const auto us = seconds_opt("timeout", timeout_s, 0, 86400);  // checked before the GIL goes
              NoGil nogil;
              return t.wait_completions(n, static_cast<std::int64_t>(us.count()) * 1000);
            }, py::arg("n"), py::arg("timeout"));
 
   m.def("_bench_paired", [](tp::Transport& a, tp::Transport& b, const std::string& peer, const std::string& op,
-                            std::uint64_t local_addr, std::uint64_t remote_addr, std::uint64_t size,
-                            std::uint64_t batch, std::uint64_t count, std::uint64_t first_req, bool batch_calls) {
+                            py::handle local_addr, py::handle remote_addr, py::handle size, py::handle batch,
+                            py::handle count, py::handle first_req, bool batch_calls) {
     if (&a == &b) throw InvalidArgumentError("b", "must be another transport than a");
-    tp::BenchSpec spec{peer, to_op(op), static_cast<std::uintptr_t>(local_addr),
-                       static_cast<std::uintptr_t>(remote_addr), size, batch, count, first_req, batch_calls};
+    tp::BenchSpec spec{peer, to_op(op), static_cast<std::uintptr_t>(uint64_arg(local_addr, "local_addr")),
+                       static_cast<std::uintptr_t>(uint64_arg(remote_addr, "remote_addr")), uint64_arg(size, "size"),
+                       uint64_arg(batch, "batch"), uint64_arg(count, "count"), uint64_arg(first_req, "first_request"),
+                       batch_calls};
     std::pair<tp::BenchResult, tp::BenchResult> r;
     {
       NoGil nogil;

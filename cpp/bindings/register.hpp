@@ -27,6 +27,10 @@ std::string text_arg(pybind11::handle h, const char* what);
 // An int argument in the int64 range (InvalidArgumentError naming `what` for a bool, a float, another type, or
 // one out of range, where pybind11 raised a bare "incompatible function arguments" TypeError).
 std::int64_t int64_arg(pybind11::handle h, const char* what);
+// An int argument in [0, 2**64) (an int, or an integer with __index__: numpy's), else InvalidArgumentError naming
+// `what` and the value: pybind11's own uint64 took True as 1 and answered -1 or 2**64 with its bare "incompatible
+// function arguments" TypeError, which names neither the argument nor what was wrong.
+std::uint64_t uint64_arg(pybind11::handle h, const char* what);
 // An int (exactly, or a subclass: int's own repr) as text for an error message; one too long for str() (past
 // its 4300 digits, a ValueError that replaced the typed error) is "an int of N bits".
 std::string int_text(pybind11::handle h);

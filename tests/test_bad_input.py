@@ -1752,3 +1752,34 @@ def test_raw_core_ints_out_of_range_name_the_argument():
     finally:
         t.stop()
         a.stop()
+
+
+def test_a_second_init_of_a_core_object_is_refused():
+    """Hunt (session 27, boundary): pybind11 answers ``__init__`` on an object already made with None and does
+    nothing: ``ManualClock(5).__init__(7)`` left the clock at 5, ``_core.Engine.__init__(e, ...)`` kept e's pool and
+    timers, without a word.  Refused now (TypeError naming the class), the object unchanged.  Controls: every
+    way in still constructs once (a call, a subclass's ``super().__init__``, the metaclass's ``__call__`` by name),
+    and a call that no overload takes is still the fallback's TypeError naming the types."""
+    opts = dict(window=8, top=2, keep_findings=5, keep_violating=5, leak_age_ns=0, max_line=100, max_depth=512,
+                lookahead=4, max_tables=2)
+    c = _core.ManualClock(5)
+    e = _core.Engine(0, 0, 10**9, 0, 1, 64, 16, 1)
+    r = _core.AuditReplay(**opts)
+    s = _core.SteadyClock()
+    for name, again in (("ManualClock", lambda: c.__init__(7)),
+                        ("Engine", lambda: _core.Engine.__init__(e, 0, 0, 10**9, 0, 0, 0, 16, 1)),
+                        ("Engine", lambda: TransferEngine.__mro__[1].__init__(e, 0, 0, 10**9, 0, 4, 8, 16, 1)),
+                        ("AuditReplay", lambda: r.__init__(**opts)), ("SteadyClock", lambda: s.__init__())):
+        with pytest.raises(TypeError, match=rf"^{name}\.__init__ called again on an object already made") as ei:
+            again()
+        assert not isinstance(ei.value, InvalidArgument)
+    assert c.now_ns() == 5 and e.pool.num_slots == 1 and e.pool.slot_size == 64
+    r.begin([0])  # (still the replay it was)
+
+    class Clock2(_core.ManualClock):
+        def __init__(self, t):
+            super().__init__(t)
+
+    assert Clock2(9).now_ns() == 9 and type(_core.ManualClock).__call__(_core.ManualClock, 4).now_ns() == 4
+    with pytest.raises(TypeError, match=r"Invoked with arguments of the types: str, y=int$"):
+        _core.ManualClock("x", y=1)

@@ -3,6 +3,8 @@
 // type it is making; their tp_new makes an instance only for that mark.
 #include <pybind11/pybind11.h>
 
+#include <cstring>
+
 #include "register.hpp"
 
 namespace py = pybind11;
@@ -142,6 +144,31 @@ py::cpp_function refusal(const std::string& name, py::handle fn, py::handle scop
                           py::arg("first") = py::none());
 }
 
+// pybind11 answers __init__ on an object already made with None and does nothing (its dispatcher, before any
+// overload): ManualClock(5).__init__(7) left the clock at 5 without a word.  A class's __init__ is wrapped to refuse
+// it, naming the class; a first __init__ (X(...), a subclass's super().__init__) goes on to pybind11's.
+py::cpp_function init_once(py::object init, py::handle cls, const std::string& cls_name) {
+  auto* type = reinterpret_cast<PyTypeObject*>(cls.ptr());
+  // help() still shows the constructor's signatures (the text lives as long as the class: the process)
+  const char* doc = strdup(("Once per object (a second call raises TypeError); then:\n" +
+                            py::str(py::getattr(init, "__doc__", py::str())).cast<std::string>()).c_str());
+  return py::cpp_function(
+      [init, type, cls_name](py::handle self, const py::args& args, const py::kwargs& kwargs) -> py::object {
+        if (PyObject_TypeCheck(self.ptr(), type)) {  // (else pybind11's own refusal of the self)
+          auto* inst = reinterpret_cast<py::detail::instance*>(self.ptr());
+          const auto vh = inst->get_value_and_holder(py::detail::get_type_info(type), false);
+          if (vh && vh.instance_registered()) {
+            throw py::type_error(cls_name + ".__init__ called again on an object already made: pybind11 would "
+                                 "ignore it (the object stays as it was); make a new one instead");
+          }
+        }
+        return init(self, *args, **kwargs);
+      },
+      // (not named __init__: pybind11 takes any function of that name for a constructor, and its dispatcher
+      // answers the call on an object already made before this body runs)
+      py::name("__init_once__"), py::is_method(cls), py::doc(doc));
+}
+
 }  // namespace
 
 void add_refusals(py::module_& m) {
@@ -162,7 +189,10 @@ void add_refusals(py::module_& m) {
         py::cpp_function cf = refusal(mname, fn, v, !is_static);
         add.emplace_back(mname, is_static ? py::object(py::staticmethod(cf)) : py::object(cf));
       }
-      for (auto& [mname, f] : add) py::setattr(v, mname.c_str(), f);
+      for (auto& [mname, f] : add) {
+        // (the refusal overload joined the __init__ chain as its sibling: f is the whole chain)
+        py::setattr(v, mname.c_str(), mname == "__init__" ? py::object(init_once(f, v, name)) : f);
+      }
     } else if (PyObject* fn = pybind_function(v)) {
       functions.emplace_back(name, refusal(name, fn, m, false));
     }

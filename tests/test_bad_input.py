@@ -1783,3 +1783,42 @@ def test_a_second_init_of_a_core_object_is_refused():
     assert Clock2(9).now_ns() == 9 and type(_core.ManualClock).__call__(_core.ManualClock, 4).now_ns() == 4
     with pytest.raises(TypeError, match=r"Invoked with arguments of the types: str, y=int$"):
         _core.ManualClock("x", y=1)
+
+
+def test_a_clock_whose_now_ns_is_python_code_is_refused():
+    """Hunt (session 27, boundary): the engine reads its clock in C++, never through Python, so a ManualClock subclass
+    overriding ``now_ns`` was taken and its override silently ignored: TransferEngine(clock=c) ran every timer and
+    timestamp on the base clock's time while ``c.now_ns()`` said another (10**15 vs 5 here), and a timer the caller
+    meant to expire never fired.  Refused now (InvalidArgument('clock')), by TransferEngine and by _core.Engine.
+    Controls: a subclass that adds methods but keeps the core's now_ns drives the engine, and _core.Engine's clock of
+    another type is named as InvalidArgument too (it was the fallback's TypeError)."""
+
+    class Overrides(_core.ManualClock):
+        def now_ns(self):
+            return 10**15
+
+    class Deeper(Overrides):
+        pass
+
+    class Adds(_core.ManualClock):
+        def tick_ms(self, n):
+            self.advance(n * 1_000_000)
+
+    for clock in (Overrides(5), Deeper(5)):
+        for make in (lambda: TransferEngine(clock=clock),
+                     lambda: _core.Engine(10**9, 0, 10**9, 0, 0, 0, 16, 1, clock)):
+            with pytest.raises(InvalidArgument, match=r"^invalid clock: .* overrides now_ns in Python") as ei:
+                make()
+            assert ei.value.argument == "clock"
+    with pytest.raises(InvalidArgument, match=r"^invalid clock: expected a lifecycle clock") as ei:
+        _core.Engine(10**9, 0, 10**9, 0, 0, 0, 16, 1, "steady")
+    assert ei.value.argument == "clock"
+    clock = Adds(5)
+    e = TransferEngine(clock=clock, transfer_timeout=1, cancel_grace=None)
+    e.advertise(1, "sender")
+    e.expose(1)
+    clock.tick_ms(1000)
+    e.poll()
+    assert e.now_ns() == clock.now_ns() == 1_000_000_005 and e.state(1).value == "CancelRequested"
+    assert _core.Engine(0, 0, 1, 0, 0, 0, 16, 1, _core.SteadyClock()).now_ns() > 0
+    assert _core.Engine(0, 0, 1, 0, 0, 0, 16, 1, None).now_ns() > 0

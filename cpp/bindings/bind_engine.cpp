@@ -150,6 +150,32 @@ static std::uint64_t to_nbytes(Engine& e, py::handle h) {
   return unb;
 }
 
+// The engine's clock: None (steady) or a core clock whose now_ns is the core's.  The engine reads it in C++, never
+// through Python: a subclass's Python now_ns was silently ignored (every timer and timestamp on the base clock's
+// time while the clock itself said another).
+static std::shared_ptr<Clock> to_clock(py::handle h) {
+  if (h.is_none()) return nullptr;
+  const py::handle base = py::type::of<Clock>();
+  if (PyObject_IsInstance(h.ptr(), base.ptr()) != 1) {
+    PyErr_Clear();  // (an __instancecheck__ that raised: no clock either)
+    throw InvalidArgumentError("clock", std::string("expected a lifecycle clock (ManualClock, SteadyClock) or None, "
+                                                    "got ") + Py_TYPE(h.ptr())->tp_name);
+  }
+  PyObject* mro = Py_TYPE(h.ptr())->tp_mro;  // the class that defines now_ns for this object
+  for (Py_ssize_t i = 0; mro != nullptr && i < PyTuple_GET_SIZE(mro); ++i) {
+    auto* k = reinterpret_cast<PyTypeObject*>(PyTuple_GET_ITEM(mro, i));
+    if (k->tp_dict == nullptr || PyDict_GetItemString(k->tp_dict, "now_ns") == nullptr) continue;
+    const PyObject* kt = reinterpret_cast<PyObject*>(k);
+    if (kt != base.ptr() && kt != py::type::of<ManualClock>().ptr() && kt != py::type::of<SteadyClock>().ptr()) {
+      throw InvalidArgumentError("clock", std::string("a ") + Py_TYPE(h.ptr())->tp_name + " overrides now_ns in "
+                                          "Python, which the engine never calls (it reads the core's clock): drive a "
+                                          "ManualClock with advance() / set() instead");
+    }
+    break;
+  }
+  return h.cast<std::shared_ptr<Clock>>();
+}
+
 static py::dict health_dict(const Health& h) {
   py::dict d;
   d["healthy"] = h.healthy;
@@ -199,8 +225,9 @@ void register_engine(py::module_& m) {
   py::class_<Engine, std::shared_ptr<Engine>>(m, "Engine", guarded_metaclass(), guarded_new_setup())
       .def(py::init([](std::int64_t transfer_timeout_ns, std::int64_t cancel_grace_ns, std::int64_t progress_deadline_ns,
                        std::int64_t quarantine_budget, std::int64_t num_slots, std::int64_t slot_size,
-                       std::int64_t tombstones, std::int64_t shards, std::shared_ptr<Clock> clock,
+                       std::int64_t tombstones, std::int64_t shards, py::handle clock_arg,
                        std::int64_t wait_spin_ns) {
+             std::shared_ptr<Clock> clock = to_clock(clock_arg);
              Config c;
              if (quarantine_budget < 0 || quarantine_budget > 0xffffffffLL)
                throw InvalidArgumentError("quarantine_budget", "must be in [0, 2**32)");

@@ -1822,3 +1822,19 @@ def test_a_clock_whose_now_ns_is_python_code_is_refused():
     assert e.now_ns() == clock.now_ns() == 1_000_000_005 and e.state(1).value == "CancelRequested"
     assert _core.Engine(0, 0, 1, 0, 0, 0, 16, 1, _core.SteadyClock()).now_ns() > 0
     assert _core.Engine(0, 0, 1, 0, 0, 0, 16, 1, None).now_ns() > 0
+
+
+def test_a_keyword_that_utf8_cannot_encode_gets_the_refusals_type_error():
+    """Hunt (session 27, boundary): the refusal that every _core function, method and constructor ends with named a
+    keyword argument by converting it to UTF-8, and a keyword holding a lone surrogate (``f(**{"\\udc80": 1})``)
+    failed there: pybind11's bare RuntimeError ("Unable to cast Python instance of type <class 'str'> to C++ type
+    '?'") in place of the TypeError naming the types.  The keyword is named escaped now.  Control: a plain unknown
+    keyword is named as it is."""
+    calls = [lambda **kw: _core.ManualClock(5).advance(**kw), lambda **kw: _core.bench_native(1, **kw),
+             lambda **kw: _core.ManualClock(**kw), lambda **kw: TransferEngine().tick(**kw)]
+    for call in calls:
+        with pytest.raises(TypeError, match=r"Invoked with arguments of the types: .*\\udc80=int$") as ei:
+            call(**{"\udc80": 1})
+        assert not isinstance(ei.value, InvalidArgument)
+        with pytest.raises(TypeError, match=r"Invoked with arguments of the types: .*bogus=str$"):
+            call(bogus="x")

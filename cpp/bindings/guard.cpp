@@ -128,7 +128,12 @@ py::cpp_function refusal(const std::string& name, py::handle fn, py::handle scop
     std::string types = Py_TYPE(first.value.ptr())->tp_name;
     for (auto a : args) types += std::string(", ") + Py_TYPE(a.ptr())->tp_name;
     for (auto kv : kwargs) {
-      types += ", " + py::str(kv.first).cast<std::string>() + "=" + Py_TYPE(kv.second.ptr())->tp_name;
+      // (escaped: a keyword holding a lone surrogate made a strict conversion raise pybind11's bare RuntimeError)
+      const auto key = py::reinterpret_steal<py::object>(
+          PyUnicode_AsEncodedString(kv.first.ptr(), "utf-8", "backslashreplace"));
+      if (!key) throw py::error_already_set();
+      types += ", " + std::string(PyBytes_AS_STRING(key.ptr()), static_cast<std::size_t>(PyBytes_GET_SIZE(key.ptr()))) +
+               "=" + Py_TYPE(kv.second.ptr())->tp_name;
     }
     throw py::type_error(name + "(): incompatible function arguments. The following argument types are "
                          "supported:\n" + sigs + "\nInvoked with arguments of the types: " + types);

@@ -1838,3 +1838,35 @@ def test_a_keyword_that_utf8_cannot_encode_gets_the_refusals_type_error():
         assert not isinstance(ei.value, InvalidArgument)
         with pytest.raises(TypeError, match=r"Invoked with arguments of the types: .*bogus=str$"):
             call(bogus="x")
+
+
+def test_raw_core_text_arguments_name_the_argument():
+    """Hunt (session 27, boundary): the transport's and the paired benchmark's text arguments (a memory kind, an op, the
+    benchmark's peer) were pybind11's std::string: one holding a lone surrogate got the fallback's TypeError
+    "incompatible function arguments", whose list of the types given ("int, str, ...") names the right ones, and
+    bytes passed as text (b"dram").  Each is InvalidArgument naming the argument now, as the peer and the role
+    already were.  Controls: the same calls with str get past the conversion to their own checks."""
+    t = _core._Transport.loopback(None, "raw-text", 0.0, 0.0, False, None, 0.001, False)
+    a = _core._Transport.loopback(None, "raw-text-b", 0.0, 0.0, False, None, 0.001, False)
+    try:
+        calls = {
+            "kind": lambda v: t.register_region(4096, 64, v, 0),
+            "local_kind": lambda v: t.expect(1, "p", 4096, 64, v, 0),
+            "op": lambda v: t.transfer(1, v, 4096, 64, "dram", 0, "p", 8192, "dram", 0, 1),
+            "remote_kind": lambda v: t.transfer(1, "read", 4096, 64, "dram", 0, "p", 8192, v, 0, 1),
+            "peer": lambda v: _core._bench_paired(t, a, v, "write", 4096, 8192, 8, 1, 1, 0),
+        }
+        for arg, call in calls.items():
+            for bad, why in (("dram\udc80", "cannot be encoded as UTF-8"), (b"dram", "expected a str, got bytes"),
+                             (None, "expected a str, got NoneType")):
+                with pytest.raises(InvalidArgument, match=why) as ei:
+                    call(bad)
+                assert ei.value.argument == arg, (arg, bad, ei.value)
+        assert t.stats()["registered_regions"] == 0 and t.stats()["posted"] == 0
+        with pytest.raises(InvalidArgument, match="expected 'dram' or 'vram'"):  # controls: the call's own checks
+            t.register_region(4096, 64, "disk", 0)
+        with pytest.raises(InvalidArgument, match="expected 'read' or 'write'"):
+            t.transfer(1, "copy", 4096, 64, "dram", 0, "p", 8192, "dram", 0, 1)
+    finally:
+        t.stop()
+        a.stop()

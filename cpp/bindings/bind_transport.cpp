@@ -229,9 +229,9 @@ void register_transport(py::module_& m) {
            py::arg("unsafe_ack_stop_at_once") = false)
       .def_property_readonly("name", [](tp::Transport& t) { return t.name(); })
       .def_property_readonly("backend", [](tp::Transport& t) { return std::string(t.agent().backend_name()); })
-      .def("register_region", [](tp::Transport& t, py::handle addr, py::handle nbytes, const std::string& kind,
+      .def("register_region", [](tp::Transport& t, py::handle addr, py::handle nbytes, py::handle kind,
                                  py::handle device) {
-             tp::Region r = region(uint64_arg(addr, "addr"), uint64_arg(nbytes, "nbytes"), kind,
+             tp::Region r = region(uint64_arg(addr, "addr"), uint64_arg(nbytes, "nbytes"), text_arg(kind, "kind"),
                                    uint64_arg(device, "device"));
              NoGil nogil;
              return t.register_region(r);
@@ -259,16 +259,18 @@ void register_transport(py::module_& m) {
              NoGil nogil;
              t.remove_peer(peer);
            }, py::arg("peer"))
-      .def("transfer", [](tp::Transport& t, py::handle req_arg, const std::string& op, py::handle laddr,
-                          py::handle len_arg, const std::string& lkind, py::handle ldev, py::handle peer_arg,
-                          py::handle raddr, const std::string& rkind, py::handle rdev, py::handle tag_arg,
+      .def("transfer", [](tp::Transport& t, py::handle req_arg, py::handle op, py::handle laddr,
+                          py::handle len_arg, py::handle lkind, py::handle ldev, py::handle peer_arg,
+                          py::handle raddr, py::handle rkind, py::handle rdev, py::handle tag_arg,
                           py::handle role_arg_) {
              const std::uint64_t req = uint64_arg(req_arg, "request");
              const std::uint64_t len = uint64_arg(len_arg, "nbytes");
              const std::string peer = text_arg(peer_arg, "peer");
-             tp::XferOp o = to_op(op);
-             tp::Region l = region(uint64_arg(laddr, "local_addr"), len, lkind, uint64_arg(ldev, "local_device"));
-             tp::Region r = region(uint64_arg(raddr, "remote_addr"), len, rkind, uint64_arg(rdev, "remote_device"));
+             tp::XferOp o = to_op(text_arg(op, "op"));
+             tp::Region l = region(uint64_arg(laddr, "local_addr"), len, text_arg(lkind, "local_kind"),
+                                   uint64_arg(ldev, "local_device"));
+             tp::Region r = region(uint64_arg(raddr, "remote_addr"), len, text_arg(rkind, "remote_kind"),
+                                   uint64_arg(rdev, "remote_device"));
              const std::uint64_t tag = uint64_arg(tag_arg, "tag");
              const std::optional<Role> role = role_arg(role_arg_, "remote_role", "");
              tp::PostResult res;
@@ -355,11 +357,11 @@ void register_transport(py::module_& m) {
            "remote_kind, remote_device, tag[, remote_role]) in one call: a list, per item its result string or the "
            "exception transfer() would have raised for it")
       .def("expect", [](tp::Transport& t, py::handle req_arg, py::handle peer_arg, py::handle laddr,
-                        py::handle len, const std::string& lkind, py::handle ldev) {
+                        py::handle len, py::handle lkind, py::handle ldev) {
              const std::uint64_t req = uint64_arg(req_arg, "request");
              const std::string peer = text_arg(peer_arg, "peer");
-             tp::Region l = region(uint64_arg(laddr, "local_addr"), uint64_arg(len, "nbytes"), lkind,
-                                   uint64_arg(ldev, "local_device"));
+             tp::Region l = region(uint64_arg(laddr, "local_addr"), uint64_arg(len, "nbytes"),
+                                   text_arg(lkind, "local_kind"), uint64_arg(ldev, "local_device"));
              std::optional<Role> role;
              std::uint64_t tag = 0;
              {
@@ -441,11 +443,13 @@ void register_transport(py::module_& m) {
              return t.wait_completions(n, static_cast<std::int64_t>(us.count()) * 1000);
            }, py::arg("n"), py::arg("timeout"));
 
-  m.def("_bench_paired", [](tp::Transport& a, tp::Transport& b, const std::string& peer, const std::string& op,
+  m.def("_bench_paired", [](tp::Transport& a, tp::Transport& b, py::handle peer_arg, py::handle op_arg,
                             py::handle local_addr, py::handle remote_addr, py::handle size, py::handle batch,
                             py::handle count, py::handle first_req, bool batch_calls) {
     if (&a == &b) throw InvalidArgumentError("b", "must be another transport than a");
-    tp::BenchSpec spec{peer, to_op(op), static_cast<std::uintptr_t>(uint64_arg(local_addr, "local_addr")),
+    const std::string peer = text_arg(peer_arg, "peer");
+    const tp::XferOp op = to_op(text_arg(op_arg, "op"));
+    tp::BenchSpec spec{peer, op, static_cast<std::uintptr_t>(uint64_arg(local_addr, "local_addr")),
                        static_cast<std::uintptr_t>(uint64_arg(remote_addr, "remote_addr")), uint64_arg(size, "size"),
                        uint64_arg(batch, "batch"), uint64_arg(count, "count"), uint64_arg(first_req, "first_request"),
                        batch_calls};

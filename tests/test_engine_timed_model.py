@@ -261,7 +261,7 @@ class TimedModel:
                     wedged.append((age, f"wedged: request {req} in {state}"))
         # oldest first (equal ages in any order)
         reasons += [w for _, w in sorted(wedged, key=lambda w: (-w[0], w[1]))]
-        if self.quarantined > self.budget:
+        if self.quarantined > self.budget or 0 < self.num_slots == self.quarantined:
             reasons.append("quarantine")
         if not self.backend[0]:
             reasons.append("backend: " + self.backend[1])

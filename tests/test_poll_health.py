@@ -18,6 +18,7 @@ from lifecycle import (
     InvalidArgument,
     ManualClock,
     Outcome,
+    PoolExhausted,
     State,
     TerminateCallbackError,
     TerminateResult,
@@ -168,6 +169,29 @@ def test_transfer_timeout_counts_from_expose_not_admission(engine, clock):
     clock.advance(2 * SEC)
     engine.poll()
     assert engine.state(1) is State.Poisoned and engine.outcome(1) is Outcome.expired
+
+
+def test_a_pool_wholly_quarantined_is_unhealthy_whatever_the_budget(clock):
+    """A budget of at least the pool's size can never be exceeded: with every slot quarantined, no advertise that
+    needs a slot succeeds until one is recovered, and health said OK.  Control: one slot short of that is healthy
+    (the budget rule's own), and the recovery of one slot makes it healthy again."""
+    engine = TransferEngine(clock=clock, num_slots=4, slot_size=64, transfer_timeout=10, cancel_grace=2,
+                            progress_deadline=30, quarantine_budget=64)
+    for r in range(3):
+        drive(engine, r, "Poisoned", nbytes=8)
+        assert engine.terminate(r) is TerminateResult.Terminated
+    h = engine.health()
+    assert h.healthy and h.quarantined == 3, h.reasons  # control
+    drive(engine, 3, "Poisoned", nbytes=8)
+    assert engine.terminate(3) is TerminateResult.Terminated
+    with pytest.raises(PoolExhausted):
+        engine.advertise(9, "sender", nbytes=8)
+    h = engine.health()
+    assert not h.healthy and h.quarantined == 4 and h.quarantine_budget == 64
+    assert h.reasons == ("quarantine: every slot of the pool (4) quarantined (budget 64): none can be leased until one is "
+                         "recovered",), h.reasons
+    engine.complete(0)  # a late DONE for that exact lease: the slot comes back
+    assert engine.health().healthy
 
 
 def test_evidence_within_grace_quiesces(engine, clock):

@@ -1180,9 +1180,15 @@ Health Engine::health() {
   PoolStats ps = pool_->stats();
   h.quarantined = ps.quarantined;
   h.quarantine_budget = cfg_.quarantine_budget;
-  if (ps.quarantined > cfg_.quarantine_budget)
+  if (ps.quarantined > cfg_.quarantine_budget) {
     h.reasons.push_back("quarantine: " + std::to_string(ps.quarantined) + " slots quarantined > budget " +
                         std::to_string(cfg_.quarantine_budget));
+  } else if (ps.slots > 0 && ps.quarantined == ps.slots) {
+    // a budget of at least the pool's size can never be exceeded: with every slot quarantined no advertise
+    // that needs one can succeed until a slot is recovered, a wedge that health called OK
+    h.reasons.push_back("quarantine: every slot of the pool (" + std::to_string(ps.slots) + ") quarantined (budget " +
+                        std::to_string(cfg_.quarantine_budget) + "): none can be leased until one is recovered");
+  }
   {
     std::lock_guard<std::mutex> g(backend_mu_);
     h.backend_healthy = backend_healthy_.load();

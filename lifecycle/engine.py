@@ -13,9 +13,12 @@ import enum
 import functools
 import itertools
 import math
+import os
 import struct
 import sys
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -122,6 +125,18 @@ FINAL = frozenset(State[s] for s in TABLE.final)
 SCHEMA = _core.EVENTS_SCHEMA  # "kv-lifecycle.events/1" (audit.SCHEMA_ID, which needs no core, is tested equal)
 
 _engine_ids = itertools.count()  # the `engine` key: unique per engine within a process (its sessions and pool)
+_engines: weakref.WeakSet = weakref.WeakSet()  # every live TransferEngine (for _after_fork_in_child)
+
+
+def _after_fork_in_child() -> None:
+    """A child forked while another thread had poll()'s turn (handling a batch) has no such thread: the turn is
+    given back, or no poll() there ever logged or delivered again (each found it taken and returned [])."""
+    for eng in list(_engines):
+        eng._handler = 0
+        eng._turn = collections.deque((None,))
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Transition(NamedTuple):
@@ -276,6 +291,10 @@ class TransferEngine(_core.Engine):
         # it; the next poll() goes on with what is left.
         self._inbox: list[bytes] = []
         self._notices: collections.deque[int] = collections.deque()
+        # The turn to log and deliver (poll()): one token, held by the thread `_handler` while it handles.
+        self._turn: collections.deque[None] = collections.deque((None,))
+        self._handler = 0
+        _engines.add(self)
 
     # ---- executor calls -------------------------------------------------------------------
     def advertise(self, request: int, role: Role | str, nbytes: int = 0) -> None:
@@ -358,18 +377,54 @@ class TransferEngine(_core.Engine):
         callback's error raised meanwhile takes its place, with them on ``transitions``).  The rest of the
         batch is logged before the notices go out, so each notice's line follows its move's; only the record the
         error hit may lack its line.
+
+        Polled from several threads, one logs and delivers at a time (the callbacks run on it; its own poll() from
+        a callback goes on as usual).  A poll() on another thread meanwhile returns [] at once: what it drained is
+        logged, returned and delivered by the thread handling (so an ``on_terminate`` must not wait for another
+        thread's poll()).
         """
         inbox, notices = self._inbox, self._notices
         healthy = self._poll_into(inbox, notices)  # tick + drain + health, one native call
         if not inbox:
             if healthy != self._was_healthy:
                 self._check_health()  # the reasons, logged when health changes
-            if notices:  # left by a poll() that an exception interrupted
-                self._deliver()
-            return []
+            if not notices:
+                return []
         out: list[Transition] = []
+        me = threading.get_ident()
+        if self._handler == me:  # a callback's (or logger's) own poll(): this thread is the one handling already
+            self._handle(inbox, healthy, out)
+            return out
+        # One thread logs and delivers at a time: a second one that delivered while the first was still logging the
+        # batch it had taken told the executor (and the log) of notices ahead of their moves.  The turn is taken in
+        # one C call (_take_one: a signal's exception as it returns finds it in `taken`, and the finally gives it
+        # back); a thread that finds it taken returns at once (poll() never blocks): the loop of the thread handling
+        # takes what it drained.  Checked once more after the turn is given back: what was drained while it was
+        # handled, too late for its loop, is not left for the next poll() (once: bounded however fast others drain).
+        turn = self._turn
+        for _ in range(2):
+            if not (inbox or notices):
+                break
+            taken: list = []
+            try:
+                try:
+                    _take_one(turn.popleft, taken)
+                except IndexError:
+                    break
+                self._handler = me
+                self._handle(inbox, healthy, out)
+            finally:
+                if taken:
+                    self._handler = 0
+                    turn.extend(taken)
+            healthy = self._was_healthy  # (checked)
+        return out
+
+    def _handle(self, inbox: list, healthy: bool, out: list) -> None:
+        """Log every drained batch, then deliver every notice (poll()'s body, on the one thread handling)."""
         try:
-            self._log_inbox(inbox, out)
+            if inbox:
+                self._log_inbox(inbox, out)
             if healthy != self._was_healthy:
                 self._check_health()
         except BaseException:
@@ -384,14 +439,13 @@ class TransferEngine(_core.Engine):
             self._deliver_batch(out)
             raise
         self._deliver_batch(out)
-        return out
 
     def _deliver_batch(self, out: list) -> None:
         """``_deliver()`` for a batch whose transitions are ``out``: a callback's error takes the place of poll()'s
         return value, so it carries them (poll_symmetric learns from them what sessions ended as: a tombstone may
         go in this very poll)."""
         try:
-            self._deliver()
+            self._deliver(out)
         except TerminateCallbackError as err:
             err.transitions = out
             raise
@@ -472,7 +526,7 @@ class TransferEngine(_core.Engine):
                 info("lifecycle.illegal_transition", request=req, role=_ROLE_NAMES[role], t_mono_ns=t,
                      seq=next(seq), **common, trigger=_EVENT_NAMES[ev], state=_STATE_NAMES[frm])
 
-    def _deliver(self) -> None:
+    def _deliver(self, out: list) -> None:
         """Run on_terminate for every pending notice, whatever raises on the way (the callback, the
         logger): a notice skipped here is a session whose resources are never released.  Each is taken off
         the engine's queue just before its callback runs, so a re-entrant poll() (from a callback) or another
@@ -483,9 +537,14 @@ class TransferEngine(_core.Engine):
         fatal: BaseException | None = None
         log_error: BaseException | None = None
         cb = self.on_terminate
-        notices = self._notices
+        notices, inbox = self._notices, self._inbox
         take = notices.popleft
         while notices:
+            if inbox:  # drained meanwhile (by another thread, whose poll() left it to this one): its moves first
+                try:
+                    self._log_inbox(inbox, out)
+                except BaseException as exc:
+                    log_error = log_error or exc
             taken: list[int] = []
             try:
                 _take_one(take, taken)

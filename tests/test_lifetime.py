@@ -396,3 +396,51 @@ def test_a_child_forked_while_a_thread_holds_an_engine_lock_does_not_hang():
                          cwd=str(Path(__file__).resolve().parent.parent))
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("hung 0"), out.stdout[-500:]
+
+
+FORK_WHILE_POLLING = r"""
+import os, sys, threading, warnings
+warnings.simplefilter("ignore", DeprecationWarning)
+from lifecycle.engine import TransferEngine
+
+class Blocking:  # a logger that, at its first line off the main thread, parks it until told (a poll() mid-batch)
+    def __init__(self):
+        self.inside, self.go = threading.Event(), threading.Event()
+    def bind(self):
+        return self
+    def info(self, *_a, **_k):
+        if threading.current_thread() is not threading.main_thread() and not self.inside.is_set():
+            self.inside.set()
+            self.go.wait()
+
+log = Blocking()
+delivered = []
+e = TransferEngine(on_terminate=delivered.append, logger=log)
+e.advertise(1, "sender")
+th = threading.Thread(target=e.poll)
+th.start()
+log.inside.wait()  # the other thread is in poll(), handling
+pid = os.fork()
+if pid == 0:
+    for r in (2, 3):
+        e.advertise(r, "sender")
+        e.terminate(r)  # Deferred
+        e.cancel(r)  # Advertised + cancel: Quiesced, then Terminated at once: a notice each
+    e.poll()
+    print("child delivered", delivered, flush=True)
+    os._exit(0)
+os.waitpid(pid, 0)
+log.go.set()
+th.join()
+"""
+
+
+def test_a_child_forked_while_another_thread_handles_a_poll_still_delivers():
+    """poll() lets one thread log and deliver at a time (the turn).  A child forked while another thread had it
+    (parked here in its logger, mid-batch) has no such thread: without the turn given back there, each of its
+    poll() calls found it taken and returned [] at once, so its notices were never delivered ('child delivered
+    []', seen before the at-fork reset).  Control: two deferred sessions end in the child."""
+    out = subprocess.run([sys.executable, "-c", FORK_WHILE_POLLING], capture_output=True, text=True, timeout=120,
+                         cwd=str(Path(__file__).resolve().parent.parent))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "child delivered [2, 3]", (out.stdout[-500:], out.stderr[-2000:])

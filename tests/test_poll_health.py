@@ -787,6 +787,76 @@ def _each_notice_logged_after_its_move(logged, *context):
         assert len(moved) == 1 and len(told) == 1 and moved[0] < told[0], (*context, r, moved, told)
 
 
+class _PollsFromAnotherThread(_Recorder):
+    """A recorder that, at its ``at``-th line, runs ``eng.poll()`` on another thread and waits for it to return: a
+    second thread polling while this one is in the middle of its poll (a real logger's write lets it in)."""
+
+    def __init__(self, into, at):
+        super().__init__(into)
+        self.at, self.eng, self.other = at, None, []
+
+    def info(self, name, **kw):
+        super().info(name, **kw)
+        if len(self.into) == self.at:
+            t = threading.Thread(target=lambda: self.other.append(self.eng.poll()))
+            t.start()
+            t.join()  # (a poll() that blocked would hang here: hang_guard reports it)
+
+
+@pytest.mark.parametrize("at", [1, 4, 7])
+def test_a_poll_from_another_thread_mid_batch_delivers_no_notice_before_its_move_is_logged(clock, at):
+    """Review: with two threads polling, the second one found the inbox empty (the first had taken the batch and was
+    still logging it) and delivered the batch's notices at once: every lifecycle.terminate_now (and on_terminate)
+    ahead of the move to Terminated it follows, which the audit reports as deferred_order (with a logger that
+    writes, one per notice, every time).  One thread logs and delivers at a time now: the other's poll() returns []
+    at once, leaving what it drained to the thread handling.  Control: the other thread did poll mid-batch."""
+    delivered, logged = [], []
+    logger = _PollsFromAnotherThread(logged, at)
+    eng = TransferEngine(clock=clock, on_terminate=lambda r: delivered.append((r, threading.get_ident())),
+                         logger=logger)
+    logger.eng = eng
+    _three_deferred(eng, clock)
+    got = eng.poll()
+    assert logger.other == [[]]  # the other thread's poll() ran (mid-batch) and returned at once
+    _each_notice_logged_after_its_move(logged, at)
+    assert sorted(delivered) == [(r, threading.get_ident()) for r in (1, 2, 3)]  # each once, on this thread
+    assert sum(t.to_state is State.Terminated for t in got) == 3
+    assert eng.poll() == [] and len(delivered) == 3
+
+
+def test_a_batch_another_thread_drains_while_callbacks_run_is_logged_before_its_notices(clock):
+    """The thread handling a poll() delivers the notices another thread's poll() drained meanwhile (that one returns
+    [] at once): it logs their batch first.  Here request 1's on_terminate completes deferred request 4 and polls on
+    another thread, which drains 4's moves and notice and leaves them; 4's terminate_now comes after its move, and
+    this poll() returns its transitions.  Control: the other thread drained it (its poll() returned [])."""
+    delivered, logged, other = [], [], []
+
+    def cb(r):
+        delivered.append(r)
+        if r == 1:
+            def transport_and_poll():
+                eng.complete(4)
+                other.append(eng.poll())
+
+            t = threading.Thread(target=transport_and_poll)
+            t.start()
+            t.join()
+
+    eng = TransferEngine(clock=clock, on_terminate=cb, logger=_Recorder(logged))
+    _three_deferred(eng, clock)
+    drive(eng, 4, "InFlight")
+    assert eng.terminate(4) is TerminateResult.Deferred
+    got = eng.poll()
+    assert other == [[]] and eng.pending() == 0
+    assert delivered == [1, 2, 3, 4]
+    _each_notice_logged_after_its_move(logged)
+    moved = [i for i, (name, kw) in enumerate(logged) if name == "lifecycle.transition" and kw["request"] == 4 and
+             kw["to_state"] == "Terminated"]
+    told = [i for i, (name, kw) in enumerate(logged) if name == "lifecycle.terminate_now" and kw["request"] == 4]
+    assert len(moved) == 1 and len(told) == 1 and moved[0] < told[0], (moved, told)
+    assert [t.request for t in got if t.to_state is State.Terminated] == [1, 2, 3, 4]
+
+
 @pytest.mark.parametrize("again", [False, True], ids=["forgotten", "advertised-again"])
 def test_wait_terminal_outlives_the_tombstone_of_the_session_it_waits_for(again):
     """Review: wait_terminal looked the id up afresh on each pass.  A session terminated and forgotten (its

@@ -1085,7 +1085,10 @@ void Engine::notice_delivered(std::uint64_t req) {
 }
 
 bool Engine::wait_ready(std::int64_t timeout_ns) {
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::nanoseconds(std::max<std::int64_t>(timeout_ns, 0));
+  // At most 2**61 ns (73 years): now + INT64_MAX, a C++ caller's "for ever", overflowed and wrapped into the past
+  // (it returned false at once); the spin's own deadline is taken from the bounded value too.
+  timeout_ns = std::clamp<std::int64_t>(timeout_ns, 0, std::int64_t{1} << 61);
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::nanoseconds(timeout_ns);
   // Spin first, bounded by cfg_.wait_spin_ns (Config), then sleep.  The peek takes no shard lock, so
   // the transport threads are not slowed.
   if (spin_for(std::min(timeout_ns, cfg_.wait_spin_ns), [this] { return peek_pending(); })) return true;

@@ -1,11 +1,14 @@
 // Engine unit tests: table cells, deferred termination, pool/quarantine/recovery, timers, health.
 #include <algorithm>
 #include <array>
+#include <chrono>
+#include <climits>
 #include <cstdlib>
 #include <functional>
 #include <memory>
 #include <new>
 #include <random>
+#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -687,7 +690,26 @@ void test_held_tombstones_keep_the_counts_whatever_the_calls() {
   CHECK(released_evicted > 0);  // the control
 }
 
+// wait_ready(INT64_MAX), "wait for ever" to a C++ caller: the deadline now + timeout overflowed (UBSan: signed
+// overflow in chrono.h) and wrapped into the past, so it returned false at once without a record.  It waits now
+// until the record another thread queues later.  Control: a finite timeout with nothing queued still times out.
+static void test_wait_ready_for_ever_waits() {
+  Engine e(cfg());
+  CHECK(!e.wait_ready(1'000'000));  // the control: nothing queued, a short wait times out
+  for (const std::int64_t forever : {INT64_MAX, INT64_MAX - 1}) {
+    std::vector<Record> drained;
+    e.drain(drained);
+    std::thread late([&e, forever] {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      (void)e.advertise(static_cast<std::uint64_t>(forever & 0xf), Role::sender, 0);
+    });
+    CHECK(e.wait_ready(forever));
+    late.join();
+  }
+}
+
 int main() {
+  test_wait_ready_for_ever_waits();
   test_health_ages_are_never_negative();
   test_allocation_failure_loses_nothing();
   test_batch_matches_single_calls();

@@ -479,7 +479,7 @@ bool Engine::degraded() const {
 // lookups software-pipelined: the home bucket of item j+8 and the session of item j+4 are
 // prefetched while item j is applied.  A batch of 100 k ids on a table larger than the cache
 // runs at the speed of one that fits.  Records of one batch are therefore in shard order across
-// requests (they carry the same time stamp: a batch is one instant).
+// requests (they carry the batch's one clock reading, or a shard's later stamp: entry times never go back).
 template <class Fn>
 void Engine::for_each_by_shard(const std::uint64_t* ids, std::size_t n, Fn&& fn) const {
   constexpr std::size_t kSlice = std::size_t{1} << 24;  // item indices fit in 32 bits

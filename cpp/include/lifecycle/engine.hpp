@@ -94,8 +94,8 @@ struct Record {
 static_assert(sizeof(Record) == 40);
 
 struct Config {
-  std::int64_t transfer_timeout_ns = 30'000'000'000;  // <= 0: no timer
-  std::int64_t cancel_grace_ns = 5'000'000'000;       // <= 0: no timer (CancelRequested waits forever)
+  std::int64_t transfer_timeout_ns = 30'000'000'000;  // 0: no timer (negative: InvalidArgumentError)
+  std::int64_t cancel_grace_ns = 5'000'000'000;       // 0: no timer (CancelRequested waits forever); not negative
   std::int64_t progress_deadline_ns = 60'000'000'000;
   std::uint32_t quarantine_budget = 64;
   std::uint32_t num_slots = 0;

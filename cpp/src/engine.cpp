@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <climits>
+#include <exception>
 #include <new>
 #include <thread>
 #include <unordered_set>
@@ -455,8 +456,19 @@ void Engine::run_aborts(std::vector<Abort>& aborts) {
     hooks = hooks_;
   }
   if (!hooks) return;
-  for (const Abort& a : aborts)
-    for (const auto& [id, hook] : *hooks) hook(a);
+  // A hook that throws (a transport's bad_alloc) skips no other: stopped there, the other hooks for that session
+  // and every later session's abort never ran, their transfers left to cancel_grace.  The first error goes on.
+  std::exception_ptr first;
+  for (const Abort& a : aborts) {
+    for (const auto& [id, hook] : *hooks) {
+      try {
+        hook(a);
+      } catch (...) {
+        if (!first) first = std::current_exception();
+      }
+    }
+  }
+  if (first) std::rethrow_exception(first);
 }
 
 // A call that applied some items and then threw (an allocation failed on a later one, which it left

@@ -708,7 +708,43 @@ static void test_wait_ready_for_ever_waits() {
   }
 }
 
+// An abort hook that throws (a transport's bad_alloc as it copies the peer's name) stopped run_aborts: the other
+// hooks for that session (another transport's transfer) and every later session's abort in the same call were
+// never run, so those transfers went on unaborted until cancel_grace Poisoned them.  Every hook runs for every
+// abort now; the first error still goes on to the caller.  Control: without a throwing hook every abort arrives.
+static void test_a_throwing_abort_hook_skips_no_other_abort() {
+  for (const bool throwing : {false, true}) {
+    auto clock = std::make_shared<ManualClock>(0);
+    Engine e(cfg(), clock);
+    std::vector<std::uint64_t> first, second;
+    e.add_abort_hook([&first, throwing](const Engine::Abort& a) {
+      first.push_back(a.req);
+      if (throwing && a.req == 1) throw std::bad_alloc();
+    });
+    e.add_abort_hook([&second](const Engine::Abort& a) { second.push_back(a.req); });
+    const std::uint64_t ids[] = {1, 2, 3};
+    std::uint8_t out[3];
+    e.advertise_batch(ids, 3, Role::sender, 0, out);
+    constexpr auto X = static_cast<std::uint8_t>(Event::expose), C = static_cast<std::uint8_t>(Event::cancel);
+    const std::uint8_t expose[] = {X, X, X}, cancel[] = {C, C, C};
+    e.apply_batch(ids, expose, 3, out);
+    bool threw = false;
+    try {
+      e.apply_batch(ids, cancel, 3, out);
+    } catch (const std::bad_alloc&) {
+      threw = true;
+    }
+    CHECK(threw == throwing);
+    std::sort(first.begin(), first.end());
+    std::sort(second.begin(), second.end());
+    CHECK((first == std::vector<std::uint64_t>{1, 2, 3}));
+    CHECK((second == std::vector<std::uint64_t>{1, 2, 3}));
+    for (std::uint64_t id : ids) CHECK(e.info(id)->state == State::CancelRequested);
+  }
+}
+
 int main() {
+  test_a_throwing_abort_hook_skips_no_other_abort();
   test_wait_ready_for_ever_waits();
   test_health_ages_are_never_negative();
   test_allocation_failure_loses_nothing();

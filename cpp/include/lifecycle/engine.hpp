@@ -197,6 +197,8 @@ class Engine {
   // running finishes first only if the caller ensures it, e.g. Transport's relay).  Thread-safe.
   // The hook gets the session's serial: it runs after the shard lock is released, so by then that
   // session may have ended and the id been advertised again (another serial), which it must not touch.
+  // A hook that throws keeps no other hook or abort from running; the call then throws its first error
+  // (the events stay applied).
   struct Abort {
     std::uint64_t req;
     Role role;

@@ -1097,9 +1097,8 @@ void Engine::notice_delivered(std::uint64_t req) {
 }
 
 bool Engine::wait_ready(std::int64_t timeout_ns) {
-  // At most 2**61 ns (73 years): now + INT64_MAX, a C++ caller's "for ever", overflowed and wrapped into the past
-  // (it returned false at once); the spin's own deadline is taken from the bounded value too.
-  timeout_ns = std::clamp<std::int64_t>(timeout_ns, 0, std::int64_t{1} << 61);
+  // (kMaxWaitNs: the spin's own deadline is taken from the bounded value too)
+  timeout_ns = std::clamp<std::int64_t>(timeout_ns, 0, kMaxWaitNs);
   auto deadline = std::chrono::steady_clock::now() + std::chrono::nanoseconds(timeout_ns);
   // Spin first, bounded by cfg_.wait_spin_ns (Config), then sleep.  The peek takes no shard lock, so
   // the transport threads are not slowed.

@@ -2039,6 +2039,36 @@ void test_a_throwing_sink_does_not_end_the_progress_thread() {
   CHECK(prog.statistics().sink_errors == 2 && prog.statistics().failures == 2);
 }
 
+// wait_completions(n, INT64_MAX), a C++ caller's "wait for ever": wait_for() added it to now and wrapped into the
+// past, so the call returned false at once with the completion still to come.  Control: a short wait with none to
+// come times out (false).
+void test_wait_completions_for_ever_waits() {
+  LoopbackOptions oa, ob;
+  oa.name = "forever-a";
+  ob.name = "forever-b";
+  auto ta = std::make_unique<Transport>(nullptr, std::make_unique<LoopbackAgent>(oa));
+  auto tb = std::make_unique<Transport>(nullptr, std::make_unique<LoopbackAgent>(ob));
+  std::vector<char> src(4096, 'f'), dst(4096, 0);
+  const Region l{reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram};
+  const Region r{reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram};
+  ta->register_region(l);
+  tb->register_region(r);
+  ta->add_peer(tb->metadata());
+  tb->add_peer(ta->metadata());
+  CHECK(!ta->wait_completions(1, 1'000'000));  // the control: nothing posted, a short wait times out
+  std::uint64_t req = 0;
+  for (const std::int64_t forever : {INT64_MAX, INT64_MAX - 1}) {
+    const std::uint64_t want = ta->completions() + 1;
+    std::thread late([&] {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      (void)ta->transfer(++req, XferOp::Read, l, r, "forever-b", 0);
+    });
+    CHECK(ta->wait_completions(want, forever));
+    late.join();
+  }
+  CHECK(std::memcmp(src.data(), dst.data(), src.size()) == 0);
+}
+
 // stop() while transfers are being made on another thread: every session the transport took ends
 // terminal (posted ones Poisoned, ones caught before their post Quiesced, never posted being the
 // evidence), later calls are refused with a typed error, and nothing is left held.  A stress test (and
@@ -2502,6 +2532,7 @@ int main() {
   test_a_note_for_an_ended_session_never_reaches_a_new_session_of_the_id();
   test_a_refused_post_never_answers_a_stop_for_a_session_poisoned_without_evidence();
   test_a_peer_removed_and_reloaded_during_expect_fails_that_session_at_once();
+  test_wait_completions_for_ever_waits();
   test_a_late_abort_never_stops_a_new_session_of_the_id();
   test_an_id_with_no_session_is_refused_before_anything_is_built();
   test_a_stop_from_another_peer_is_answered_to_that_peer();

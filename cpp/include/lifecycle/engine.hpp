@@ -93,6 +93,11 @@ struct Record {
 };
 static_assert(sizeof(Record) == 40);
 
+// The longest wait a blocking call takes (2**61 ns, 73 years): a caller's INT64_MAX, "for ever", added to now
+// overflowed and wrapped into the past (the wait returned at once).  wait_ready() and the transport's
+// wait_completions() clamp to it.
+inline constexpr std::int64_t kMaxWaitNs = std::int64_t{1} << 61;
+
 struct Config {
   std::int64_t transfer_timeout_ns = 30'000'000'000;  // 0: no timer (negative: InvalidArgumentError)
   std::int64_t cancel_grace_ns = 5'000'000'000;       // 0: no timer (CancelRequested waits forever); not negative

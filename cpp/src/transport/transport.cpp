@@ -1852,6 +1852,7 @@ void Transport::stop() {
 }
 
 bool Transport::wait_completions(std::uint64_t n, std::int64_t timeout_ns, std::int64_t spin_ns) {
+  timeout_ns = std::clamp<std::int64_t>(timeout_ns, 0, kMaxWaitNs);  // INT64_MAX ("for ever") wrapped into the past
   if (spin_for(std::min(spin_ns, timeout_ns), [&] { return bare_done_.load() >= n || stopped_.load(); })) {
     return bare_done_.load() >= n;
   }

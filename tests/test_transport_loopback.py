@@ -413,22 +413,28 @@ def test_stopped_transport_fails_unfinished_sessions():
         b.close()
 
 
-def test_a_failing_test_prints_the_seeds_of_its_fault_injectors(tmp_path):
-    """The conftest hook: a test that fails after building Faults shows them (seed first) in its report,
-    and a passing one shows nothing (the section is not printed unconditionally)."""
+def run_with_suite_conftest(tmp_path, body: str):
+    """pytest in a subprocess on ``body`` (a test file) beside a copy of this suite's conftest and the plugin it
+    loads: how the conftest's hooks report, seen from outside."""
     import shutil
     import subprocess
     import sys
 
-    for name in ("conftest.py", "hang_guard.py"):  # the conftest and the plugin it loads
+    for name in ("conftest.py", "hang_guard.py"):
         shutil.copy(Path(__file__).with_name(name), tmp_path / name)
-    (tmp_path / "test_seeded.py").write_text(
+    (tmp_path / "test_seeded.py").write_text(body)
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rN", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+
+
+def test_a_failing_test_prints_the_seeds_of_its_fault_injectors(tmp_path):
+    """The conftest hook: a test that fails after building Faults shows them (seed first) in its report,
+    and a passing one shows nothing (the section is not printed unconditionally)."""
+    p = run_with_suite_conftest(tmp_path, (
         "from lifecycle.transport import Faults\n"
         "def test_fails():\n    Faults(seed=424242, error=0.25)\n    assert False\n"
-        "def test_passes():\n    Faults(seed=515151, delay=0.5)\n")
-    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rN", str(tmp_path)],
-                       capture_output=True, text=True, timeout=120, cwd=tmp_path,
-                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        "def test_passes():\n    Faults(seed=515151, delay=0.5)\n"))
     assert "1 failed, 1 passed" in p.stdout, p.stdout + p.stderr
     assert "fault seeds (replay with these)" in p.stdout and "Faults(seed=424242, delay=0.0" in p.stdout, p.stdout
     assert "515151" not in p.stdout, p.stdout
@@ -438,22 +444,13 @@ def test_a_test_failing_in_its_teardown_prints_the_seeds_too(tmp_path):
     """Found by review: the hook's list was emptied by its fixture's teardown, which runs before the teardown of
     the fixtures set up ahead of it (conftest's own autouse event-schema check among them), so a failure there (a
     bad event from a fault's path) printed no seeds.  Control: a passing test whose teardown passes prints none."""
-    import shutil
-    import subprocess
-    import sys
-
-    for name in ("conftest.py", "hang_guard.py"):  # the conftest and the plugin it loads
-        shutil.copy(Path(__file__).with_name(name), tmp_path / name)
-    (tmp_path / "test_seeded.py").write_text(
+    p = run_with_suite_conftest(tmp_path, (
         "import pytest\n"
         "from lifecycle.transport import Faults\n"
         "@pytest.fixture\n"
         "def checked(request):\n    yield\n    assert request.node.name.endswith('passes'), 'teardown check'\n"
         "def test_fails(checked):\n    Faults(seed=636363, error=0.25)\n"
-        "def test_passes(checked):\n    Faults(seed=525252, delay=0.5)\n")
-    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rN", str(tmp_path)],
-                       capture_output=True, text=True, timeout=120, cwd=tmp_path,
-                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        "def test_passes(checked):\n    Faults(seed=525252, delay=0.5)\n"))
     assert "2 passed, 1 error" in p.stdout, p.stdout + p.stderr
     assert "fault seeds (replay with these)" in p.stdout and "Faults(seed=636363, delay=0.0" in p.stdout, p.stdout
     assert "525252" not in p.stdout, p.stdout

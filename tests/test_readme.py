@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
@@ -100,3 +102,37 @@ def test_readme_does_not_promise_a_tombstone_for_tombstones_more_terminations():
         eng.terminate(1 + later)
         assert later < 1 << 20  # (bounded: each shard keeps 4,096)
     assert later < 65_536
+
+
+def test_readme_says_the_transports_apply_expose_themselves():
+    """README's loop calls ``engine.expose(req_id)`` itself and says transport threads post the rest.  An executor
+    that does so and then hands the session to lifecycle.transport (``expect`` / ``read`` / ``write``, which apply
+    ``expose`` themselves) gets IllegalTransition from the transport, and its session stays InFlight with nothing
+    offered or posted: no evidence can ever come, so a cancel ends it Poisoned (expired) and its slot quarantined.
+    README says so now.  Control: the same session without the manual expose is offered."""
+    from lifecycle import IllegalTransition, ManualClock, TransferEngine
+    from lifecycle.transport import LoopbackTransport, connect_all, pool_slot
+
+    text = " ".join(README.read_text().split())
+    assert "apply `expose` themselves" in text and "never call it first" in text
+    clock = ManualClock(0)
+    e = TransferEngine(num_slots=2, slot_size=4096, transfer_timeout=1, cancel_grace=1, clock=clock)
+    peer = TransferEngine(num_slots=2, slot_size=4096)
+    with LoopbackTransport(e, "readme-a") as a, LoopbackTransport(peer, "readme-b") as b:
+        a.register(e.pool)
+        b.register(peer.pool)
+        connect_all(a, b)
+        e.advertise(1, "sender", 100)
+        e.expose(1)  # as README's loop does
+        with pytest.raises(IllegalTransition):
+            a.expect(1, "readme-b", pool_slot(e, 1).slice(0, 100))
+        assert e.state(1).value == "InFlight" and a.stats().passive == 0  # exposed, nothing offered
+        e.cancel(1)
+        clock.advance(3 * 10**9)
+        e.poll()
+        assert e.info(1).state.value == "Poisoned" and e.info(1).outcome.value == "expired"
+        assert e.terminate(1).value == "Terminated" and e.pool.stats()["quarantined"] == 1
+        # control: without the manual expose, the transport exposes and offers
+        e.advertise(2, "sender", 100)
+        a.expect(2, "readme-b", pool_slot(e, 2).slice(0, 100))
+        assert e.state(2).value == "InFlight" and a.stats().passive == 1

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import threading
+import time
 from pathlib import Path
 
 from lifecycle import audit
@@ -212,3 +214,53 @@ def test_audit_md_memory_bounds_are_counted_and_quoted_as_the_code_has_them():
     assert f"to {audit._MAX_QUOTED} characters (`_MAX_QUOTED`" in flat
     assert f"first {audit._MAX_TABLES} distinct values (`_MAX_TABLES`)" in flat
     assert f"longer than {audit._MAX_KEPT_TABLE} characters is remembered by its digest (`_MAX_KEPT_TABLE`)" in flat
+
+
+def test_the_waits_that_poll_say_their_transitions_are_not_returned():
+    """``wait_terminal`` and a transport's ``wait_idle`` poll the engine while they wait: the transitions of every
+    session those polls drain are logged, never returned, so an executor that learns of ended sessions from
+    ``poll()``'s transitions (README's loop) and waits on one request, or waits for its transport at shutdown, never
+    sees the others end: they stay Quiesced, their slots leased, for good.  docs/engine.md did not say so and
+    docs/transport.md did not list ``wait_idle``; both say it now.  Control: without the wait, poll() returns them."""
+    from lifecycle import TransferEngine
+    from lifecycle.transport import LoopbackTransport, connect_all, pool_slot
+
+    engine_md = " ".join((DOCS / "engine.md").read_text(encoding="utf-8").split())
+    transport_md = " ".join((DOCS / "transport.md").read_text(encoding="utf-8").split())
+    for text in (engine_md, transport_md):
+        assert "drain are logged, never returned" in text
+    assert "| `wait_idle(timeout=5.0) -> bool` |" in transport_md
+
+    def ended(transitions):
+        return [t.request for t in transitions if t.to_state.value == "Quiesced"]
+
+    for wait in (False, True):
+        e = TransferEngine()
+        for r in (1, 2):
+            e.advertise(r, "receiver")
+            e.expose(r)
+        e.complete(2)  # the transport's DONE for 2
+        done_1 = threading.Timer(0.05, e.complete, (1,))  # 1's comes while the executor waits for it
+        done_1.start()
+        if wait:
+            assert e.wait_terminal(1, 5).value == "Quiesced"
+        done_1.join()
+        assert ended(e.poll()) == ([] if wait else [2, 1])
+    for wait in (False, True):  # wait_idle: a paced transfer keeps it polling while 2's end is queued
+        ea, eb = TransferEngine(num_slots=1, slot_size=1 << 20), TransferEngine(num_slots=1, slot_size=1 << 20)
+        na, nb = f"docs-a{int(wait)}", f"docs-b{int(wait)}"  # (a loopback name is the process's while it lives)
+        with LoopbackTransport(ea, na) as a, LoopbackTransport(eb, nb, bytes_per_second=4e6) as b:
+            a.register(ea.pool)
+            b.register(eb.pool)
+            connect_all(a, b)
+            ea.advertise(1, "sender", 1 << 20)
+            offer = a.expect(1, nb, pool_slot(ea, 1))
+            eb.advertise(1, "receiver", 1 << 20)
+            assert b.read(1, pool_slot(eb, 1), na, offer) == "Posted"  # about 250 ms
+            eb.poll()
+            eb.advertise(2, "receiver")  # a session of the executor's own data path
+            eb.expose(2)
+            eb.complete(2)
+            if wait:
+                assert b.wait_idle(10) is True
+            assert (2 in ended(eb.poll())) is not wait

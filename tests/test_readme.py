@@ -136,3 +136,26 @@ def test_readme_says_the_transports_apply_expose_themselves():
         e.advertise(2, "sender", 100)
         a.expect(2, "readme-b", pool_slot(e, 2).slice(0, 100))
         assert e.state(2).value == "InFlight" and a.stats().passive == 1
+
+
+def test_readme_says_a_terminate_alone_never_ends_an_advertised_session():
+    """README's loop cancels before it terminates, and says a Deferred terminate's release runs 'when terminal'.  An
+    executor that drops a request it advertised but never exposed with a terminate alone waits for ever: Advertised
+    has no timer and is not counted by the progress deadline, so the session stays, its slot leased, health OK.
+    README says to cancel first now.  Control: the cancel ends it, and on_terminate runs once."""
+    from lifecycle import ManualClock, TransferEngine
+
+    text = " ".join(README.read_text().split())
+    assert "a terminate alone defers for good" in text
+    released: list[int] = []
+    clock = ManualClock(0)
+    e = TransferEngine(num_slots=1, slot_size=4096, progress_deadline=1, clock=clock, on_terminate=released.append)
+    e.advertise(1, "sender", 100)
+    assert e.terminate(1).value == "Deferred"
+    clock.advance(10**6 * 10**9)  # a million seconds
+    e.poll()
+    assert e.state(1).value == "Advertised" and e.pool.stats()["leased"] == 1 and e.health().healthy
+    assert released == []
+    assert e.cancel(1).value == "CancelledDeferred"  # control
+    e.poll()
+    assert released == [1] and e.pool.stats()["leased"] == 0

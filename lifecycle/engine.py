@@ -291,6 +291,10 @@ class TransferEngine(_core.Engine):
         # it; the next poll() goes on with what is left.
         self._inbox: list[bytes] = []
         self._notices: collections.deque[int] = collections.deque()
+        # Transitions that wait_terminal() / a transport's wait_idle() drained (and logged, and delivered the
+        # notices of): the next poll() returns them first, so an executor that acts on poll()'s transitions still
+        # sees every session end (thrown away, a session that ended during a wait stayed Quiesced, leased, for good).
+        self._kept: list[Transition] = []
         # The turn to log and deliver (poll()): one token, held by the thread `_handler` while it handles.
         self._turn: collections.deque[None] = collections.deque((None,))
         self._handler = 0
@@ -389,12 +393,12 @@ class TransferEngine(_core.Engine):
             if healthy != self._was_healthy:
                 self._check_health()  # the reasons, logged when health changes
             if not notices:
-                return []
+                return self._take_kept([]) if self._kept else []
         out: list[Transition] = []
         me = threading.get_ident()
         if self._handler == me:  # a callback's (or logger's) own poll(): this thread is the one handling already
             self._handle(inbox, healthy, out)
-            return out
+            return self._take_kept(out) if self._kept else out
         # One thread logs and delivers at a time: a second one that delivered while the first was still logging the
         # batch it had taken told the executor (and the log) of notices ahead of their moves.  The turn is taken in
         # one C call (_take_one: a signal's exception as it returns finds it in `taken`, and the finally gives it
@@ -418,7 +422,26 @@ class TransferEngine(_core.Engine):
                     self._handler = 0
                     turn.extend(taken)
             healthy = self._was_healthy  # (checked)
-        return out
+        return self._take_kept(out) if self._kept else out
+
+    def _take_kept(self, out: list) -> list:
+        """The transitions a wait kept, then ``out``: what poll() returns."""
+        kept, self._kept = self._kept, []
+        kept.extend(out)
+        return kept
+
+    def _drain_keeping(self, timeout: float) -> None:
+        """drain(timeout) for a wait (wait_terminal, a transport's wait_idle): what it returns is kept for the next
+        poll().  What earlier waits kept is set aside meanwhile: a poll() would return it at once, and the wait
+        would spin instead of blocking."""
+        kept, self._kept = self._kept, []
+        got: list = []
+        try:
+            got = self.drain(timeout)
+        finally:  # (kept first, then what another thread's wait kept meanwhile, then this drain's)
+            kept.extend(self._kept)
+            kept.extend(got)
+            self._kept = kept
 
     def _handle(self, inbox: list, healthy: bool, out: list) -> None:
         """Log every drained batch, then deliver every notice (poll()'s body, on the one thread handling)."""
@@ -609,7 +632,9 @@ class TransferEngine(_core.Engine):
 
         Waits for the session the id names when called (UnknownRequest if none): should that session be
         terminated and forgotten meanwhile (its tombstone evicted, the id perhaps advertised again as another
-        session), the wait returns Terminated, not UnknownRequest or the new session's fate."""
+        session), the wait returns Terminated, not UnknownRequest or the new session's fate.  What its polls drain
+        (any session's) is logged and delivered as poll() does, and the transitions are returned by the next
+        poll()."""
         deadline = time.monotonic() + check_seconds("timeout", timeout)
         serial = self.info(request).serial
         while True:
@@ -622,7 +647,7 @@ class TransferEngine(_core.Engine):
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"request {request} still {st.value} after {timeout}s")
-            self.drain(min(left, 0.05))
+            self._drain_keeping(min(left, 0.05))
 
     def poll_symmetric(self, group, requests, *, site=None):
         """Rank-consistent decisions over ``requests``; every rank must call it every iteration.  The ledger

@@ -923,7 +923,8 @@ class _Transport:
 
     def wait_idle(self, timeout: float = 5.0) -> bool:
         """Poll the engine until this transport holds no active or passive entry and no release
-        awaits its retry (tests, shutdown)."""
+        awaits its retry (tests, shutdown).  The transitions its polls drain are returned by the engine's next
+        poll()."""
         import time
 
         from .engine import check_seconds
@@ -935,7 +936,8 @@ class _Transport:
                 return True
             if time.monotonic() >= deadline:
                 return False
-            drain = getattr(self.engine, "drain", None)  # (a bare _core.Engine has none: its owner drains it)
+            # (the transitions go back to the next poll(); a bare _core.Engine has no drain: its owner drains it)
+            drain = getattr(self.engine, "_drain_keeping", None)
             if drain is not None:
                 drain(0.01)
             else:

@@ -206,6 +206,9 @@ class RealEngineAdapter(_TransportCalls):
     def poll(self) -> None:
         self.engine.poll()
 
+    def health(self, healthy: bool, reasons: list[str]) -> None:
+        """The real engine logs a health change itself, in the poll() that sees it (the scripts say where)."""
+
     events: list = []  # the real engine logs through structlog instead
 
 
@@ -280,10 +283,14 @@ def poisoning(eng: ScriptedEngine | None = None) -> list[dict]:
     e.terminate(20)  # slot quarantined
     e.terminate(21)
     e.poll()
+    # both slots of the pool quarantined: none can be leased (health, whatever the budget)
+    e.health(False, ["quarantine: every slot of the pool (2) quarantined (budget 64): none can be leased until one "
+                     "is recovered"])
     e.advance(7)
     e.complete(20)  # late DONE tied to that transfer: buffer_recovered
     e.fail(21)  # late, no evidence: stays quarantined
     e.poll()
+    e.health(True, [])
     e.advertise(22, "receiver", nbytes=4096)  # leases the recovered slot
     e.expose(22)
     e.poll()

@@ -359,6 +359,10 @@ def _check_graph(path, states, kinds, events, sources, cancel_results, terminate
             out[r.src].add(r.dst)
         if r.src in finals and r.moves and r.dst != r.src:
             bad(r.line, "edge-out-of-final", f"row leaves the final state {r.src} ({r.src} + {r.event} = {r.dst})")
+        if r.src in terminals and r.moves and r.dst not in finals:  # (Quiesced + complete = InFlight passed: a
+            # session the executor was told is quiesced, AlreadyComplete freeing it, exposed again)
+            bad(r.line, "edge-out-of-terminal", f"row leaves the terminal state {r.src} for {r.dst}; a terminal "
+                                                f"state moves only to {'/'.join(sorted(finals))}")
         if r.dst == ".defer" and r.event != "terminate":  # the engine would flag a deferred terminate on it
             bad(r.line, "defer-not-terminate", f"only terminate can be deferred, not {r.event} ({r.src} + {r.event} = .defer)")
         if not r.moves and r.outcome is not None:  # the engine sets an outcome only when the session moves

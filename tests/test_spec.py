@@ -408,3 +408,20 @@ def test_a_nul_byte_is_reported_at_its_line(tmp_path):
     assert [(v.code, v.line) for v in spec.check_file(f)] == [("nul-byte", line_of(t, "# Theory of"))]
     f.write_text(edit("# Theory of operation", "# Theory of\x7f operation"))  # the control: DEL is only text
     assert spec.check_file(f) == []
+
+
+@pytest.mark.parametrize(("old", "new", "code"), [
+    # a terminal state left for a non-final one: its evidence (Quiesced) or quarantine (Poisoned) undone
+    ("Quiesced         + complete       = .late", "Quiesced         + complete       = InFlight",
+     "edge-out-of-terminal"),
+    ("Quiesced         + fail           = .late", "Quiesced         + fail           = Poisoned         / failed",
+     "edge-out-of-terminal"),
+])
+def test_a_table_that_would_free_or_reuse_buffers_without_evidence_is_reported_at_its_line(old, new, code):
+    """Accepted silently: a terminal state with a move to a state other than the final one (Quiesced + complete =
+    InFlight: a session the executor was told is quiesced, AlreadyComplete freeing it, exposed again)."""
+    t = edit(old, new)
+    line = next(i for i, ln in enumerate(t.split("\n"), 1) if ln.startswith(new.split("=")[0].rstrip()))
+    found = [(v.code, v.line) for v in _violations(t)]
+    assert (code, line) in found, found
+

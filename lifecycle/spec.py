@@ -250,7 +250,7 @@ def parse(text: str, path: str = "<table>") -> Spec:
     states, state_kinds, state_docs, state_line = names("states", _STATE_KINDS)
     events, event_sources, event_docs, event_line = names("events", _EVENT_SOURCES)
     outcomes, _, _, _ = names("outcomes", None)
-    cancel_results, cancel_flag, _, _ = names("cancel-results", ("yes", "no"))
+    cancel_results, cancel_flag, _, cancel_line = names("cancel-results", ("yes", "no"))
     terminate_results, _, _, _ = names("terminate-results", None)
 
     for kind in ("initial",):
@@ -301,7 +301,7 @@ def parse(text: str, path: str = "<table>") -> Spec:
     )
     if structure_ok:  # graph checks run over the rows that parsed, so every violation is reported at once
         _check_graph(path, states, state_kinds, events, event_sources, cancel_results, terminate_results, rows, state_line,
-                     bad, event_line, section_line["transitions"])
+                     bad, event_line, section_line["transitions"], cancel_flag, cancel_line)
     if v:
         raise SpecError(v)
     spec = Spec(
@@ -336,8 +336,9 @@ def _closure(start: set[str], edges: dict[str, set[str]]) -> set[str]:
 
 
 def _check_graph(path, states, kinds, events, sources, cancel_results, terminate_results, rows, state_line, bad,
-                 event_line, rows_line) -> None:
-    """``state_line`` / ``event_line``: where each was declared; ``rows_line``: the [transitions] header."""
+                 event_line, rows_line, cancel_flag, cancel_line) -> None:
+    """``state_line`` / ``event_line`` / ``cancel_line``: where each was declared; ``rows_line``: the [transitions]
+    header; ``cancel_flag``: each cancel result's frees-now column."""
     initial = next(s for s in states if kinds[s] == "initial")
     finals = {s for s in states if kinds[s] == "final"}
     terminals = {s for s in states if kinds[s] == "terminal"}
@@ -375,6 +376,12 @@ def _check_graph(path, states, kinds, events, sources, cancel_results, terminate
             allowed = cancel_results if r.event == "cancel" else terminate_results if r.event == "terminate" else ()
             if r.result not in allowed:
                 bad(r.line, "result-event-mismatch", f"result {r.result} does not belong to event {r.event}")
+        after = r.dst if r.moves else r.src
+        if r.event == "cancel" and cancel_flag.get(r.result) == "yes" and after not in terminals | finals:
+            # (CancelRequestedInFlight marked yes passed: the engine and the audit take the flag from here, so an
+            # executor following cancel_frees_now() freed buffers a transfer may still write)
+            bad(cancel_line[r.result], "frees-not-terminal", f"cancel result {r.result} frees now, but {r.src} + "
+                f"cancel (line {r.line}) returns it and leaves the session in non-terminal {after}")
         if r.event in ("cancel", "terminate") and r.result is None:
             bad(r.line, "missing-result", f"{r.src} + {r.event} needs a '-> result'")
         if r.moves and r.dst in finals and r.src not in terminals:

@@ -411,6 +411,8 @@ def test_a_nul_byte_is_reported_at_its_line(tmp_path):
 
 
 @pytest.mark.parametrize(("old", "new", "code"), [
+    # frees-now: yes on a result whose row leaves the session exposed: the executor freed buffers in flight
+    ("CancelRequestedInFlight      no ", "CancelRequestedInFlight      yes", "frees-not-terminal"),
     # a terminal state left for a non-final one: its evidence (Quiesced) or quarantine (Poisoned) undone
     ("Quiesced         + complete       = .late", "Quiesced         + complete       = InFlight",
      "edge-out-of-terminal"),
@@ -418,8 +420,10 @@ def test_a_nul_byte_is_reported_at_its_line(tmp_path):
      "edge-out-of-terminal"),
 ])
 def test_a_table_that_would_free_or_reuse_buffers_without_evidence_is_reported_at_its_line(old, new, code):
-    """Accepted silently: a terminal state with a move to a state other than the final one (Quiesced + complete =
-    InFlight: a session the executor was told is quiesced, AlreadyComplete freeing it, exposed again)."""
+    """Accepted silently: CancelRequestedInFlight marked frees-now (the engine and the audit take the flag from the
+    table, so an executor following cancel_frees_now() freed buffers a transfer may still write), and a terminal
+    state with a move to a state other than the final one (Quiesced + complete = InFlight: a session the executor
+    was told is quiesced, AlreadyComplete freeing it, exposed again)."""
     t = edit(old, new)
     line = next(i for i, ln in enumerate(t.split("\n"), 1) if ln.startswith(new.split("=")[0].rstrip()))
     found = [(v.code, v.line) for v in _violations(t)]

@@ -396,6 +396,14 @@ def _check_graph(path, states, kinds, events, sources, cancel_results, terminate
         elif not (r.moves and r.dst in finals):
             bad(r.line, "terminate-at-terminal", f"terminate in terminal state {s} must move to "
                                                  f"{'/'.join(sorted(finals))}, not {r.dst}")
+    # DESIGN §2: a transport or timer event in a terminal or final state is late, never an error; without its row the
+    # engine answered a backend's DONE after a disconnect with IllegalTransition (a moving row is checked above)
+    have = {(r.src, r.event) for r in rows}
+    for s in sorted(terminals | finals, key=states.index):
+        missing = [e for e in events if sources[e] != "executor" and (s, e) not in have]
+        if missing:
+            bad(state_line[s], "missing-late", f"{'terminal' if s in terminals else 'final'} state {s} has no row for "
+                f"{', '.join(missing)}: add '{s} + {missing[0]} = .late' (a late event is never an error)")
     seen = _closure({initial}, out)  # reachable from the initial state
     for s in states:
         if s not in seen:

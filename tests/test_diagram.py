@@ -26,6 +26,7 @@ def table_with_state(tmp_path: Path, name: str, kind: str = "final", leaves: str
     text = text.replace("\n[events]", f"\n{name}  {kind}  an added state\n[events]", 1)
     if kind == "final":
         text, n = re.subn(r"^(Poisoned +\+ terminate += )Terminated", rf"\g<1>{name}", text, flags=re.M)
+        text += "".join(f"{name} + {ev} = .late\n" for ev in ("complete", "fail", "timeout", "grace_expired"))
     else:
         text, n = re.subn(r"^(InFlight +\+ timeout += )CancelRequested", rf"\g<1>{name}", text, flags=re.M)
         text += f"{name} + {leaves}\n"

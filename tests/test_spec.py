@@ -347,6 +347,7 @@ def test_an_event_named_state_is_a_bad_name():
     t = edit("grace_expired     timer", "grace_expired     timer\nstate             timer")
     t = edit("CancelRequested  + timeout        = .stay", "CancelRequested  + timeout        = .stay\n"
              "CancelRequested  + state          = Poisoned         / expired", t)
+    t += "".join(f"{st} + state = .late\n" for st in ("Quiesced", "Poisoned", "Terminated"))  # a timer is late there
     found = [(v.code, v.line) for v in _violations(t)]
     assert ("bad-name", line_of(t, "state             timer")) in found, found
     from lifecycle import diagram
@@ -429,3 +430,16 @@ def test_a_table_that_would_free_or_reuse_buffers_without_evidence_is_reported_a
     found = [(v.code, v.line) for v in _violations(t)]
     assert (code, line) in found, found
 
+
+def test_a_transport_or_timer_event_without_a_row_in_a_terminal_or_final_state_is_reported():
+    """Accepted silently: a table without `Poisoned + complete = .late` (or any terminal / final state's transport or
+    timer row).  DESIGN §2: such an event there is late, never an error; without the row the engine answered a
+    backend's DONE after a disconnect with IllegalTransition."""
+    for row in ("Poisoned         + complete       = .late", "Terminated       + timeout        = .late"):
+        t = edit(row + "\n", "")
+        state, event = row.split()[0], row.split()[2]
+        found = [(v.code, v.line, v.message) for v in _violations(t)]
+        assert [(c, ln) for c, ln, _ in found] == [("missing-late", decl(t, state))], found
+        assert event in found[0][2], found
+    t = edit("Poisoned         + complete       = .late", "Poisoned         + complete       = Terminated")
+    assert _violations(t) == []  # the control: a row that moves to the final state is a row

@@ -449,6 +449,8 @@ def load(path: str | Path) -> Spec:
         line, col = head.count(b"\n") + 1, len(head) - head.rfind(b"\n")
         raise SpecError([Violation(str(p), line, "unreadable", f"cannot read table: not UTF-8: byte "
                                                                f"0x{data[bom + exc.start]:02x} at column {col}")]) from exc
+    except SpecError:  # (raised above, and a ValueError: the clause below wrapped it, file and reason said twice)
+        raise
     except (OSError, ValueError) as exc:  # ValueError: not UTF-8, or a NUL byte in the name (os.stat's)
         raise SpecError([Violation(str(p), 0, "unreadable", f"cannot read table: {exc}")]) from exc
     return parse(text, str(p))

@@ -367,3 +367,20 @@ def test_demo_refuses_a_seed_no_rank_can_derive_its_fault_seed_from(capsys):
     assert Faults(seed=fault_seed(best, "receiver", 1), delay=0.1).seed == fault_seed(best, "receiver", 1)
     with pytest.raises(InvalidArgument):  # (one more, and that rank's Faults refuses it)
         Faults(seed=fault_seed(best + 1, "receiver", 1), delay=0.1)
+
+
+def test_a_table_that_is_not_a_regular_file_or_too_big_is_reported_once(tmp_path, capsys):
+    """spec.load raised its own SpecError inside the try whose `except ValueError` (SpecError is one) wrapped it
+    again: 'X:0: [unreadable] cannot read table: invalid lifecycle table: X:0: [unreadable] cannot read table: not a
+    regular file', the file and the reason said twice, for a directory, a FIFO, a device or a file past the limit."""
+    big = tmp_path / "big.table"
+    big.write_bytes(b"#" * (spec.MAX_TABLE_BYTES + 1))
+    for path, why in ((tmp_path, "not a regular file"), (big, f"larger than {spec.MAX_TABLE_BYTES} bytes")):
+        found = spec.check_file(path)
+        assert [(v.code, v.line) for v in found] == [("unreadable", 0)], found
+        assert found[0].message.startswith(f"cannot read table: {why}"), found[0].message
+        assert cli.main(["spec", "check", str(path)]) == 1
+        out = capsys.readouterr().out
+        assert out.count(str(path)) == 1 and "invalid lifecycle table" not in out, out
+    missing = tmp_path / "missing.table"  # the control: an OSError is reported as it was
+    assert spec.check_file(missing)[0].message.startswith("cannot read table: [Errno 2]")

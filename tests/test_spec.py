@@ -443,3 +443,14 @@ def test_a_transport_or_timer_event_without_a_row_in_a_terminal_or_final_state_i
         assert event in found[0][2], found
     t = edit("Poisoned         + complete       = .late", "Poisoned         + complete       = Terminated")
     assert _violations(t) == []  # the control: a row that moves to the final state is a row
+
+
+def test_the_collectives_consensus_names_are_the_tables():
+    """lifecycle.collectives spells out the states that end a session (terminal and final) and the outcomes that mean
+    failure, for poll_symmetric's consensus: a second copy of the table's facts that no test held to it (a terminal
+    state added to the table never counted as quiesced there, and pending for ever)."""
+    from lifecycle import collectives
+
+    assert collectives._TERMINAL_STATES == set(TABLE.terminal) | set(TABLE.final)
+    assert collectives._FAILED_OUTCOMES <= set(TABLE.outcomes)
+    assert {"completed"} <= set(TABLE.outcomes)  # the one it compares with by name

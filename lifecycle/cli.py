@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     commands = {
-        "spec": "spec check FILE [--json]: validate a lifecycle table",
+        "spec": "spec check [FILE] [--json]: validate a lifecycle table (default: the repository's)",
         "diagram": "diagram --format mermaid|dot|svg [--out F] [--counts-from LOG]",
         "audit": "audit LOG... [--json] [--html OUT]: replay request lifetimes from JSON logs",
         "example": "example: drive the engine through its lifecycle and print health + diagram",
@@ -102,7 +102,7 @@ def _main(argv: list[str]) -> int:
     cmd, rest = argv[0], argv[1:]
     if cmd == "spec":
         if not rest or rest[0] != "check":
-            print("usage: lifecycle spec check FILE [--json]", file=sys.stderr)
+            print("usage: lifecycle spec check [FILE] [--json]", file=sys.stderr)
             return 2
         return _spec_check(rest[1:])
     if cmd == "diagram":

@@ -384,3 +384,15 @@ def test_a_table_that_is_not_a_regular_file_or_too_big_is_reported_once(tmp_path
         assert out.count(str(path)) == 1 and "invalid lifecycle table" not in out, out
     missing = tmp_path / "missing.table"  # the control: an OSError is reported as it was
     assert spec.check_file(missing)[0].message.startswith("cannot read table: [Errno 2]")
+
+
+def test_the_command_summaries_say_the_table_file_is_optional(capsys):
+    """`lifecycle --help` and `lifecycle spec` said 'spec check FILE [--json]', but FILE is optional (left out, the
+    repository's table, else the compiled one, is checked), as `spec check --help` says."""
+    assert cli.main(["--help"]) == 0
+    top = capsys.readouterr().out
+    assert cli.main(["spec"]) == 2
+    usage = capsys.readouterr().err
+    for text in (top, usage):
+        assert "spec check [FILE] [--json]" in text, text
+    assert cli.main(["spec", "check"]) == 0  # the control: no FILE is a valid call

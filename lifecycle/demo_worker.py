@@ -521,7 +521,7 @@ class Worker:
 
     def _post(self, req: int, remote: bytes) -> None:
         """Active side: READ (receiver) or WRITE (sender); a failed prepare leaves the session Advertised."""
-        from .errors import IllegalTransition, RoleRefused, TransportError
+        from .errors import IllegalTransition, PeerDisconnected, RoleRefused, TransportError
 
         r = self.tracked[req]
         r.active = True
@@ -548,7 +548,9 @@ class Worker:
             self._abort_peer(req)
             # NIXL 1.5.1 takes the peer for disconnected after a failed post, and reloading its metadata alone
             # does not reconnect it: remove_peer() first (docs/nixl-notes.md)
-            self.reload_peer = self.reload_peer or getattr(e, "call", "") == "post_xfer_req"
+            # (PeerDisconnected: an earlier post to it failed so; this one was refused before its expose)
+            self.reload_peer = (self.reload_peer or getattr(e, "call", "") == "post_xfer_req"
+                                or isinstance(e, PeerDisconnected))
             self.reconnect_at = self.reconnect_at or time.monotonic() + 0.02
             return
         if refused:

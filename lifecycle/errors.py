@@ -15,6 +15,7 @@ __all__ = [
     "InvalidArgument",
     "LifecycleError",
     "NixlUnavailable",
+    "PeerDisconnected",
     "PoolExhausted",
     "RoleRefused",
     "SpecError",
@@ -128,6 +129,15 @@ class TerminateCallbackError(LifecycleError):
 
 class TransportError(LifecycleError):
     """A transport (NIXL, loopback) failed."""
+
+
+class PeerDisconnected(TransportError):
+    """A transfer to ``peer`` refused before anything was built or exposed (the session stays Advertised: cancel it,
+    and it frees now): a NIXL post to that peer failed earlier, and NIXL 1.5.1 then takes the peer for disconnected,
+    so every later post to it would fail after its expose (Poisoned, its slot quarantined).  Until
+    ``remove_peer(peer)`` and ``add_peer()`` of its metadata (add_peer alone does not reconnect it)."""
+
+    peer: str
 
 
 class RoleRefused(TransportError):

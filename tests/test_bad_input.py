@@ -563,6 +563,7 @@ def test_every_error_pickles_with_its_message_and_attributes():
         errors.PoolExhausted(7, "no free slot"), errors.SpecError(["table:3: bad row", "table:9: no state"]),
         errors.TerminateCallbackError([(7, ValueError("boom"))]), errors.TransportError("post failed"),
         errors.RoleRefused("transfer: request 7 is a sender session: ..."),
+        errors.PeerDisconnected("transfer: request 7: ... refused before the expose ..."),
         errors.NixlUnavailable("no libnixl_capi.so"),
         errors.CollectiveDesyncError("ranks differ", seq_no=3, field="op", sites={0: "a.py:1"}),
         errors.CollectiveTimeoutError("late", seq_no=4, missing={1: "never"}, sites={0: "b.py:2"}),

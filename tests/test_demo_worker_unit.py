@@ -190,6 +190,15 @@ def test_a_failed_nixl_post_reconnects_with_remove_peer_then_add_peer():
     assert done[-2:] == [("remove_peer", "peer"), ("add_peer", b"metadata")] and w.c["reconnects"] == 1
     w._check_disconnects()  # nothing due: no second reconnect
     assert done[-1] == ("add_peer", b"metadata") and len(done) == 4
+    # a transfer refused for that mark (PeerDisconnected: an earlier post failed; no `call`) reconnects the same way
+    from lifecycle import PeerDisconnected
+
+    w, done = _poster("receiver", PeerDisconnected("transfer: request 1: ... refused before the expose ..."))
+    w._post(1, b"offer")
+    w.c["reconnects"] = 0
+    w.reconnect_at = time.monotonic() - 1
+    w._check_disconnects()
+    assert done[-2:] == [("remove_peer", "peer"), ("add_peer", b"metadata")]
     # control: an injected disconnect
     w, done = _poster("receiver", _post_error(None))
     w._post(1, b"offer")

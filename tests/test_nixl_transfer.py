@@ -12,8 +12,8 @@ from contextlib import contextmanager
 
 import pytest
 
-from lifecycle import (CancelResult, IllegalTransition, InvalidArgument, NixlUnavailable, Outcome, Role, RoleRefused,
-                       State, TransferEngine, TransportError)
+from lifecycle import (CancelResult, IllegalTransition, InvalidArgument, NixlUnavailable, Outcome, PeerDisconnected,
+                       Role, RoleRefused, State, TransferEngine, TransportError)
 from lifecycle import _core
 from lifecycle.transport import (ENV_CAPI, Faults, LoopbackTransport, Mem, NixlTransport, Offer, connect_all,
                                  nixl_capi_path, pool_slot)
@@ -142,8 +142,9 @@ def test_a_failed_post_leaves_the_peer_disconnected_until_remove_peer_and_add_pe
     creation"), a good one too; add_peer() of its metadata alone does not help; remove_peer() then add_peer()
     does.  The error said only "post_xfer_req failed with status -2 (request N)": it named neither the peer nor
     the way back, and each later attempt Poisoned one slot on each side.  The error of a failed post names the
-    peer and the remedy now (seen failing before: no peer, no remedy).  Controls: the first transfer, and the
-    one after remove_peer() + add_peer(), move their bytes."""
+    peer and the remedy now (seen failing before: no peer, no remedy), and later transfers to that peer are
+    refused before their expose until remove_peer().  Controls: the first transfer, and the one after
+    remove_peer() + add_peer(), move their bytes."""
     snd, rcv = Side("pdis-snd", slots=4, slot_size=64 * KiB), Side("pdis-rcv", slots=4, slot_size=64 * KiB)
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mmap.restype, libc.mmap.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
@@ -178,13 +179,22 @@ def test_a_failed_post_leaves_the_peer_disconnected_until_remove_peer_and_add_pe
                                                  r"\(request 2\)" + hint):
             read(2, Mem(p, n))
         assert rcv.engine.state(2) is State.Poisoned  # posted, failed: no evidence
-        # A good transfer to the same peer fails too (NIXL's mark), also after add_peer() alone
-        with pytest.raises(TransportError, match=r"\(request 3\)" + hint):
-            read(3)
-        assert rcv.t.add_peer(snd.t.metadata()) == snd_at_rcv
-        with pytest.raises(TransportError, match=r"\(request 4\)" + hint):
-            read(4)
-        assert [r for r, _ in rcv.t.recent_failures()] == [2, 3, 4]
+        # A good transfer to the same peer would fail too, after its expose (NIXL's mark): each Poisoned one slot on
+        # each side.  It is refused before anything is built or exposed now (PeerDisconnected, naming the peer; seen
+        # failing before: the post's error, the session Poisoned): the session stays Advertised and its cancel frees
+        # at once.  So after add_peer() alone, which does not clear NIXL's mark.
+        refused = (r"^transfer: request {}: transport pdis-rcv had a post to its peer fail: 'pdis-snd' \(NIXL 1\.5\.1 "
+                   r"then takes it for disconnected: every later post to it fails\): refused before the expose; "
+                   r"remove_peer\(\) and add_peer\(\) its metadata first$")
+        for req in (3, 4):
+            with pytest.raises(PeerDisconnected, match=refused.format(req)) as ei:
+                read(req)
+            assert ei.value.peer == snd_at_rcv and isinstance(ei.value, TransportError)
+            assert rcv.engine.state(req) is State.Advertised
+            assert rcv.engine.cancel(req) is CancelResult.CancelledBeforeAdvertise
+            assert rcv.t.add_peer(snd.t.metadata()) == snd_at_rcv
+        assert [r for r, _ in rcv.t.recent_failures()] == [2]  # the refusals were no backend failures
+        assert rcv.t.stats().live_xfers == 0  # the refused requests' NIXL handles released
         # the way back: remove_peer(), then add_peer()
         rcv.t.remove_peer(snd_at_rcv)
         assert rcv.t.add_peer(snd.t.metadata()) == snd_at_rcv

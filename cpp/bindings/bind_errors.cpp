@@ -45,6 +45,10 @@ py::object error_object(std::exception_ptr p) {
     a["library"] = lossless_str(e.library());
     a["missing_symbol"] = lossless_str(e.missing_symbol());
     return make_with("NixlUnavailable", e.what(), a);
+  } catch (const tp::PeerDisconnected& e) {
+    py::dict a;
+    a["peer"] = lossless_str(e.peer);
+    return make_with("PeerDisconnected", e.what(), a);
   } catch (const tp::RoleRefused& e) {
     py::dict a;
     a["request"] = e.request;

@@ -847,6 +847,53 @@ void test_a_remembered_stop_goes_with_the_session_that_could_post_it() {
 // Before, it bound to the (still live) session and went with it; the later session's post then went
 // out into a range the peer had been told was quiesced.  The window is held open from inside the
 // skipped transfer's release (its entry erased, its session not yet Quiesced).
+// A NIXL post that failed marks its peer (NIXL 1.5.1 then fails every later post to it, after the expose: each
+// Poisoned with its slot): later transfers to that peer are refused before anything is built or exposed
+// (PeerDisconnected naming it; the session stays Advertised) until remove_peer().  Controls: a transfer before the
+// failure, and one after remove_peer() + add_peer(), move their bytes; a failure that is no NIXL call marks nothing.
+void test_a_failed_nixl_post_refuses_its_peer_until_remove_peer() {
+  auto ea = std::make_shared<Engine>(Config{});
+  Hooks hooks;
+  hooks.in_post = [](std::uint64_t req) {
+    if (req == 2) throw NixlCallError("post_xfer_req", -2, "request 2");
+    if (req == 3) throw TransportError("post: request 3: not a NIXL call");
+  };
+  Duo d(ea, std::make_unique<HookAgent>(named("mark-a"), hooks), std::make_shared<Engine>(Config{}), 'm');
+  [[maybe_unused]] auto& [src, dst, l, r, ta, tb, rid] = d;
+  auto write = [&](std::uint64_t req) {
+    CHECK(ea->advertise(req, Role::sender, 0).status == Status::Moved);
+    return ta.transfer(req, XferOp::Write, l, r, "mark-b", 0);
+  };
+  (void)write(1);  // control
+  CHECK(eventually([&] { return state_of(*ea, 1) == State::Quiesced; }));
+  for (const std::uint64_t req : {3, 2}) {  // 3: no mark (control); 2: marks the peer
+    bool failed = false;
+    try {
+      (void)write(req);
+    } catch (const PeerDisconnected&) {
+      CHECK(false);
+    } catch (const TransportError&) {
+      failed = true;
+    }
+    CHECK(failed && state_of(*ea, req) == State::Poisoned);
+  }
+  std::string peer;
+  try {
+    (void)write(4);
+  } catch (const PeerDisconnected& e) {
+    peer = e.peer;
+  }
+  CHECK(peer == "mark-b");
+  CHECK(state_of(*ea, 4) == State::Advertised);
+  CHECK(ea->cancel(4) == CancelResult::CancelledBeforeAdvertise);
+  ta.remove_peer("mark-b");
+  ta.add_peer(tb->metadata());
+  std::fill(dst.begin(), dst.end(), 0);
+  (void)write(5);
+  CHECK(eventually([&] { return state_of(*ea, 5) == State::Quiesced; }));
+  CHECK(std::memcmp(src.data(), dst.data(), src.size()) == 0);
+}
+
 void test_a_stop_after_our_session_took_another_offer_outlives_it() {
   auto ea = std::make_shared<Engine>(ReusePair::reuse(0));
   std::function<void()> in_window = [] {};
@@ -2533,6 +2580,7 @@ int main() {
   test_a_refused_post_never_answers_a_stop_for_a_session_poisoned_without_evidence();
   test_a_peer_removed_and_reloaded_during_expect_fails_that_session_at_once();
   test_wait_completions_for_ever_waits();
+  test_a_failed_nixl_post_refuses_its_peer_until_remove_peer();
   test_a_late_abort_never_stops_a_new_session_of_the_id();
   test_an_id_with_no_session_is_refused_before_anything_is_built();
   test_a_stop_from_another_peer_is_answered_to_that_peer();

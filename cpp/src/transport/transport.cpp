@@ -19,6 +19,9 @@
 namespace lifecycle::transport {
 
 namespace {
+// A transfer_batch item's refusal (step 3) for a peer a NIXL post failed to: raised as PeerDisconnected.
+constexpr const char* kPeerMarked = "had a post to its peer fail:";
+
 // Bumped in every forked child (pthread_atfork), so a process can tell that it is a fork of the one that
 // made a transport: pids can be reused, and a child in a new pid namespace can have its parent's pid.
 std::atomic<std::uint64_t> g_fork_generation{0};
@@ -635,7 +638,7 @@ struct Transport::Work {
   std::uint64_t current = 0;  // the session it is for (session_for)
   bool stale = false;         // an offered passive entry of req was there: step 1 retires it if its session ended
   std::uint64_t serial = 0;   // the session expose moved
-  const char* refuse = nullptr;
+  const char* refuse = nullptr;  // why step 3 refused it (kPeerMarked: PeerDisconnected, else TransportError)
   bool skip = false, ack = false, gone = false, abandon = false;
   std::vector<std::uint64_t> acks;
 };
@@ -841,6 +844,9 @@ void Transport::transfer_batch(const TransferItem* items, std::size_t n, Transfe
         // (no deregistration can have started over `local` since the first checks: preparing_ blocks it)
         if (stopped) w[i].refuse = "is stopped";
         if (w[i].refuse == nullptr && removed_peers_.count(*it.peer) != 0) w[i].refuse = "removed its peer meanwhile";
+        if (w[i].refuse == nullptr && !failed_post_peers_.empty() && failed_post_peers_.count(*it.peer) != 0) {
+          w[i].refuse = kPeerMarked;
+        }
         // (a forgo() since the first checks: its stop is answered at once from now on, so no post may follow)
         if (w[i].refuse == nullptr && forgone_of(req, it.tag, *it.peer)) w[i].refuse = "had its offer forgone meanwhile";
         // (An earlier request of the id whose retried release the sweep completes meanwhile is no matter:
@@ -892,8 +898,14 @@ void Transport::transfer_batch(const TransferItem* items, std::size_t n, Transfe
   for (std::size_t i = 0; i < n; ++i) {
     if (!w[i].live || w[i].refuse == nullptr) continue;
     release_xfer(items[i].req, true);  // prepared, never posted: nothing moved (a failed release is retried)
-    fail(i, std::make_exception_ptr(TransportError("transfer: request " + std::to_string(items[i].req) +
-                                                   ": transport " + name() + " " + w[i].refuse)));
+    const std::string what = "transfer: request " + std::to_string(items[i].req) + ": transport " + name() + " " +
+                             w[i].refuse;
+    fail(i, w[i].refuse == kPeerMarked
+                ? std::make_exception_ptr(PeerDisconnected(what + " '" + *items[i].peer + "' (NIXL 1.5.1 then takes "
+                                                           "it for disconnected: every later post to it fails): "
+                                                           "refused before the expose; remove_peer() and add_peer() "
+                                                           "its metadata first", *items[i].peer))
+                : std::make_exception_ptr(TransportError(what)));
   }
   // (the session `serial` of req ended Quiesced(cancelled): false when unknown, or should the lookup throw)
   auto cancelled_now = [&](std::uint64_t req, std::uint64_t serial) {
@@ -1071,6 +1083,10 @@ void Transport::transfer_batch(const TransferItem* items, std::size_t n, Transfe
       try {
         std::rethrow_exception(error);
       } catch (const NixlCallError& x) {
+        {  // later transfers to it are refused before their expose (each would fail after it: Poisoned)
+          std::lock_guard<std::mutex> lk(mu_);
+          failed_post_peers_.insert(*items[i].peer);
+        }
         error = std::make_exception_ptr(
             NixlCallError(x, " to peer '" + *items[i].peer + "'; with NIXL 1.5.1 a failed post leaves the peer " +
                                  "marked disconnected: every later transfer to it fails until remove_peer() and " +
@@ -1771,6 +1787,7 @@ void Transport::remove_peer(const std::string& peer) {
     // The mark matters only while a call that looked the peer up before its invalidation still runs (a
     // few microseconds); the oldest marks go beyond kRemovedPeers, so names unique per restart stay bounded.
     ++removals_;
+    failed_post_peers_.erase(peer);  // NIXL drops its mark with the peer's metadata (add_peer loads it fresh)
     if (removed_peers_.insert(peer).second) removed_order_.push_back(peer);
     while (removed_order_.size() > kRemovedPeers) {
       removed_peers_.erase(removed_order_.front());

@@ -45,6 +45,16 @@ class MetadataRefused : public TransportError {
 // does not take `op` (whose = "session"), or the offer is of a role that `op` does not take (whose = "offer").
 // The caller's bug, never a backend failure: reconnecting or retrying cannot help.  `role` is the role that
 // refused (the session's, or the offer's).
+// A transfer to a peer that a post already failed to (NIXL 1.5.1 then takes the peer for disconnected: every later
+// post to it fails, after its request was exposed), refused before anything is built or exposed: the session stays
+// Advertised (cancel it: never exposed, it frees now).  Until remove_peer() and add_peer() of its metadata.
+class PeerDisconnected : public TransportError {
+ public:
+  PeerDisconnected(const std::string& message, std::string peer_name)
+      : TransportError(message), peer(std::move(peer_name)) {}
+  std::string peer;
+};
+
 class RoleRefused : public TransportError {
  public:
   RoleRefused(const std::string& message, std::uint64_t request, bool read, const char* role, const char* whose)

@@ -372,6 +372,9 @@ class Transport final : public EventSink {
   std::vector<std::pair<std::uint64_t, Region>> preparing_;
   std::set<std::string> removed_peers_;                  // remove_peer() until add_peer() loads it again
   std::deque<std::string> removed_order_;                // the same, oldest first (bounded)
+  // Peers a NIXL post failed to (NIXL then keeps them marked disconnected): transfers to them are refused before
+  // the expose, until remove_peer().  Empty but for that: the transfer path tests emptiness only.
+  std::set<std::string> failed_post_peers_;
   std::uint64_t removals_ = 0;  // remove_peer() calls so far: expect() tells its entry's loss by them (mu_)
   // Requests of ours that ended without evidence (marked with the erase of their entry): never a
   // "quiesced" for them, never their id again, and their ranges in held_ for good (unless a Done of

@@ -1077,26 +1077,24 @@ void Transport::transfer_batch(const TransferItem* items, std::size_t n, Transfe
     std::exception_ptr error = caught([&] { st = agent_->post(req); });
     if (error) {
       ctr_.post_errors.fetch_add(1);
-      // A NIXL post that failed names the peer and the way back: NIXL 1.5.1 then takes the peer for
-      // disconnected, and every later post to it fails too (measured, nixl-notes.md); add_peer() alone does not
-      // reconnect it.  (The error path only: nothing of this runs for a post that goes out.)
+      // The backend failed this transfer as surely as a status error does: its reason is kept the same way (it
+      // was only in the caller's exception, and recent_failures() had nothing for the Poisoned session).
       try {
         std::rethrow_exception(error);
       } catch (const NixlCallError& x) {
-        {  // later transfers to it are refused before their expose (each would fail after it: Poisoned)
+        // A NIXL post that failed names the peer and the way back: NIXL 1.5.1 then takes the peer for
+        // disconnected, and every later post to it fails too (measured, nixl-notes.md); add_peer() alone does
+        // not reconnect it.  Later transfers to it are refused before their expose (each would fail after it:
+        // Poisoned).  (The error path only: nothing of this runs for a post that goes out.)
+        {
           std::lock_guard<std::mutex> lk(mu_);
           failed_post_peers_.insert(*items[i].peer);
         }
-        error = std::make_exception_ptr(
-            NixlCallError(x, " to peer '" + *items[i].peer + "'; with NIXL 1.5.1 a failed post leaves the peer " +
-                                 "marked disconnected: every later transfer to it fails until remove_peer() and " +
-                                 "add_peer() of its metadata"));
-      } catch (...) {
-      }
-      // the backend failed this transfer as surely as a status error does: its reason is kept the same way (it
-      // was only in the caller's exception, and recent_failures() had nothing for the Poisoned session)
-      try {
-        std::rethrow_exception(error);
+        NixlCallError named(x, " to peer '" + *items[i].peer + "'; with NIXL 1.5.1 a failed post leaves the peer " +
+                                   "marked disconnected: every later transfer to it fails until remove_peer() and " +
+                                   "add_peer() of its metadata");
+        note_failure(req, named.what());
+        error = std::make_exception_ptr(std::move(named));
       } catch (const std::exception& x) {
         note_failure(req, x.what());
       } catch (...) {
@@ -1782,12 +1780,12 @@ void Transport::remove_peer(const std::string& peer) {
   std::vector<std::tuple<std::uint64_t, Side, std::uint64_t>> gone;  // (req, side, serial)
   {
     std::lock_guard<std::mutex> lk(mu_);
+    ++removals_;
+    failed_post_peers_.erase(peer);  // NIXL drops its mark with the peer's metadata (add_peer loads it fresh)
     // with the scan: an expect() or transfer() that looked the peer up before is refused when it makes
     // its entry, so none escapes both the scan and the refusal (until add_peer() loads it again)
     // The mark matters only while a call that looked the peer up before its invalidation still runs (a
     // few microseconds); the oldest marks go beyond kRemovedPeers, so names unique per restart stay bounded.
-    ++removals_;
-    failed_post_peers_.erase(peer);  // NIXL drops its mark with the peer's metadata (add_peer loads it fresh)
     if (removed_peers_.insert(peer).second) removed_order_.push_back(peer);
     while (removed_order_.size() > kRemovedPeers) {
       removed_peers_.erase(removed_order_.front());

@@ -41,10 +41,6 @@ class MetadataRefused : public TransportError {
   using TransportError::TransportError;
 };
 
-// A transfer that DESIGN §9's role rule refuses, before anything is built or exposed: the session's own role
-// does not take `op` (whose = "session"), or the offer is of a role that `op` does not take (whose = "offer").
-// The caller's bug, never a backend failure: reconnecting or retrying cannot help.  `role` is the role that
-// refused (the session's, or the offer's).
 // A transfer to a peer that a post already failed to (NIXL 1.5.1 then takes the peer for disconnected: every later
 // post to it fails, after its request was exposed), refused before anything is built or exposed: the session stays
 // Advertised (cancel it: never exposed, it frees now).  Until remove_peer() and add_peer() of its metadata.
@@ -55,6 +51,10 @@ class PeerDisconnected : public TransportError {
   std::string peer;
 };
 
+// A transfer that DESIGN §9's role rule refuses, before anything is built or exposed: the session's own role
+// does not take `op` (whose = "session"), or the offer is of a role that `op` does not take (whose = "offer").
+// The caller's bug, never a backend failure: reconnecting or retrying cannot help.  `role` is the role that
+// refused (the session's, or the offer's).
 class RoleRefused : public TransportError {
  public:
   RoleRefused(const std::string& message, std::uint64_t request, bool read, const char* role, const char* whose)

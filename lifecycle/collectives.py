@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import array
 import hashlib
+import io
 import os
 import pickle
 import sys
@@ -95,6 +96,11 @@ _FIELDS = ("seq", "op", "site", "kind", "size")  # priority order of the reporte
 _INVALID_SIZE = -2  # the declared size of allreduce_ints values that are not int64 (no rank has it)
 _DRAIN_EVERY = 64  # collectives between two reads of the arrival notices (a rank that never waits long)
 _FP_CACHE_MAX = 4096  # fingerprint hashes kept (sites that vary per call would grow it without bound)
+# A gather whose receive buffer is larger than this first agrees that every rank allocated it (and a flush that
+# big agrees after decoding): the one allocation sized by the *other* ranks' payloads, so the one that fails on
+# some ranks only.  Below it a MemoryError is no more this payload's than any other allocation's.
+_AGREE_BYTES = 1 << 20
+_CAUSE_BYTES = 256  # a rank's record in a failure agreement: a flag, then its cause (UTF-8, cut)
 
 
 @dataclass(frozen=True)
@@ -317,6 +323,36 @@ def _unpickle_all(blobs: list[np.ndarray]) -> tuple[list[Any], dict[int, BaseExc
     return out, failed
 
 
+class _Pickler(pickle.Pickler):
+    """Notes whether a payload holds anything but builtin scalars and containers: the C pickler calls
+    ``reducer_override`` for every other object only (instances of classes, classes, functions, numpy arrays,
+    subclasses of the builtins), whose unpickling imports or calls something that may fail on another rank (a
+    class only some ranks can import).  A plain payload unpickles wherever it pickled, memory permitting."""
+
+    plain = True
+
+    def reducer_override(self, obj: Any) -> Any:
+        self.plain = False
+        return NotImplemented
+
+
+def _cause(exc: BaseException) -> str:
+    """``Type: message`` of ``exc``, never an error itself (its ``__str__`` may raise)."""
+    try:
+        return f"{type(exc).__name__}: {exc}"
+    except Exception:
+        return f"{type(exc).__name__} (its str() raised)"
+
+
+class _GatherFailed(Exception):
+    """Internal: some ranks could not allocate a gather's receive buffer; every rank raises it, in step."""
+
+    def __init__(self, failed: dict[int, str], nbytes: int, local: BaseException | None):
+        self.failed, self.local = failed, local  # local: this rank's own error (None where it allocated)
+        causes = "; ".join(f"rank {r}: {c}" for r, c in sorted(failed.items()))
+        super().__init__(f"rank(s) {sorted(failed)} could not allocate the {nbytes}-byte receive buffer ({causes})")
+
+
 class RankGroup:
     """Rank-symmetric collectives over an MPI intracommunicator, with a ledger and a watchdog.
 
@@ -521,7 +557,13 @@ class RankGroup:
             bad, send = exc, np.empty(0, dtype=np.int64)
         hdr = self._header(op, "int64[]", -1, site, 0, int(bad is not None))
         self._refuse_bad_input(hdr, bad, "values", "values that are not int64", "gathered")
-        parts = self._gatherv(send, np.int64)
+        try:
+            parts = self._gatherv(send, np.int64)
+        except _GatherFailed as gf:
+            err = InvalidArgument("values", f"{gf}, in {op} at seq {self._last_seq} ({self._last_site}); no rank "
+                                            "gathered")
+            err.ranks = tuple(sorted(gf.failed))
+            raise err from gf.local
         self._done()
         return parts
 
@@ -542,36 +584,57 @@ class RankGroup:
         # never lost, never stranding.
         bad: BaseException | None = None
         data = b""
+        plain = True
         if items:
             try:
-                data = pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL)
-            except Exception as exc:
+                f = io.BytesIO()
+                pickler = _Pickler(f, protocol=pickle.HIGHEST_PROTOCOL)
+                pickler.dump(items)
+                data, plain = f.getvalue(), pickler.plain
+            except Exception as exc:  # a MemoryError too: every rank raises, naming it
                 bad, data = exc, b""
         try:  # the header's own refusals too (a site that is not a str, a closed group): they dropped the payloads
-            hdr = self._header("flush", "pickle", -1, site, 1 if data else 0, int(bad is not None))
+            # p2: this rank's payload may not unpickle on every rank (it holds more than builtin scalars/containers)
+            hdr = self._header("flush", "pickle", -1, site, 1 if data else 0, int(bad is not None), int(not plain))
             self._refuse_bad_input(hdr, bad, "payload", "a payload that cannot be pickled", "exchanged")
         except InvalidArgument as err:
             err.payloads = items  # this rank's, never sent: nothing lost (push them again)
             raise
         if hdr[4] == 0:  # no rank had anything: same decision everywhere, skip the gather
             self._done()
-            out = [[] for _ in range(self.size)]
-        else:
+            return [[] for _ in range(self.size)]
+        try:
             blobs = self._gatherv(np.frombuffer(data, dtype=np.uint8), np.uint8)
+        except _GatherFailed as gf:  # no rank exchanged: each keeps its own payloads, as for a pickling failure
+            err = InvalidArgument("payload", f"{gf}, in flush at seq {self._last_seq} ({self._last_site}); no rank "
+                                             "exchanged; this rank's payloads are on this error's .payloads")
+            err.payloads, err.ranks = items, tuple(sorted(gf.failed))
+            raise err from gf.local
+        # A payload that may not unpickle on every rank (a class only some ranks can import, memory for a big one):
+        # a rank that raised here alone left the others going on (to a desync or a timeout later).  Every rank
+        # learns which ranks could not decode, and why (one small allgather, only on this path: plain payloads
+        # under _AGREE_BYTES decode wherever they were pickled).  The same branch on every rank (header, sizes).
+        agree = hdr[6] > 0 or sum(b.size for b in blobs) > _AGREE_BYTES
+        if not agree:
             self._done()
-            out, undecoded = _unpickle_all(blobs)
-            if undecoded and bad is None:
-                # Every rank decodes every blob, so a payload that pickles but does not unpickle (an exception
-                # whose __init__ takes other arguments) raises here on every rank; one whose class only some
-                # ranks can import raises on those, after the exchange.  Nothing is lost: the decoded
-                # payloads are on .result (None for a blob that failed), the raw ones on .blobs.
-                first = min(undecoded)
-                err = InvalidArgument(
-                    "payload", f"rank(s) {sorted(undecoded)}'s payloads in this flush cannot be unpickled on rank "
-                               f"{self.rank} (rank {first}: {undecoded[first]!r:.200}); the decoded ones are on "
-                               "this error's .result, the raw bytes on .blobs")
-                err.result, err.blobs = out, {r: blobs[r].tobytes() for r in undecoded}
-                raise err from undecoded[first]
+        out, undecoded = _unpickle_all(blobs)
+        first = min(undecoded) if undecoded else -1
+        mine = None if not undecoded else f"rank {first}'s payload: {_cause(undecoded[first])}"
+        if agree:
+            failed = self._agree_failures(mine)
+            self._done()
+        else:
+            failed = {} if mine is None else {self.rank: mine}
+        if failed:
+            # Nothing is lost: the payloads this rank decoded are on .result (None for a blob that failed), the
+            # raw ones it could not decode on .blobs.
+            causes = "; ".join(f"rank {r}: {c}" for r, c in sorted(failed.items()))
+            err = InvalidArgument(
+                "payload", f"payloads in this flush at seq {self._last_seq} ({self._last_site}) cannot be unpickled "
+                           f"on rank(s) {sorted(failed)} ({causes}); the decoded ones are on this error's .result, "
+                           "the raw bytes on .blobs")
+            err.result, err.blobs, err.ranks = out, {r: blobs[r].tobytes() for r in undecoded}, tuple(sorted(failed))
+            raise err from (undecoded[first] if undecoded else None)
         return out
 
     # ------------------------------------------------------------------ housekeeping
@@ -644,23 +707,34 @@ class RankGroup:
 
     def _refuse_bad_input(self, hdr: Any, bad: BaseException | None, name: str, what: str, verb: str) -> None:
         """After the header of a collective whose ``p1`` says whether this rank's input was bad: when some rank's
-        was (MAX over ranks), every rank learns which (one more gather: every rank is here) and raises
+        was (MAX over ranks), every rank learns which, and why (one more gather: every rank is here), and raises
         InvalidArgument.  A rank that joined with nothing in place of bad input, the others going on with an
         answer that silently lacked its part, left the ranks on different paths (one raising, the others not):
         the divergence these helpers exist to prevent.  The group stays usable."""
         if hdr[5] <= 0:
             return
-        flags = np.empty(self.size, dtype=np.int64)
-        self._wait(self._comm.Iallgather(np.array([int(bad is not None)], dtype=np.int64), flags))
+        failed = self._agree_failures(None if bad is None else _cause(bad))
         self._done()
-        ranks = [r for r in range(self.size) if flags[r]]
-        msg = (f"rank(s) {ranks} passed {what} to {self._op} at seq {self._last_seq} ({self._last_site}); "
-               f"no rank {verb}")
-        if bad is not None:
-            msg += f"; this rank's: {bad}"
-        raise InvalidArgument(name, msg) from bad
+        causes = "; ".join(f"rank {r}: {c}" for r, c in sorted(failed.items()))
+        err = InvalidArgument(name, f"rank(s) {sorted(failed)} passed {what} to {self._op} at seq {self._last_seq} "
+                                    f"({self._last_site}); no rank {verb} ({causes})")
+        err.ranks = tuple(sorted(failed))
+        raise err from bad
 
-    def _header(self, op: str, kind: str, size: int, site: str | None, p0: int, p1: int) -> Any:
+    def _agree_failures(self, cause: str | None) -> dict[int, str]:
+        """Every rank's failure at this step, rank -> its cause (cut to _CAUSE_BYTES), from one small allgather:
+        the same answer on every rank, so every rank raises the same error."""
+        rec = np.zeros(_CAUSE_BYTES, dtype=np.uint8)
+        if cause is not None:
+            text = cause.encode("utf-8", "backslashreplace")[: _CAUSE_BYTES - 1]
+            rec[0] = 1
+            rec[1 : 1 + len(text)] = np.frombuffer(text, dtype=np.uint8)
+        recs = np.empty((self.size, _CAUSE_BYTES), dtype=np.uint8)
+        self._wait(self._comm.Iallgather(rec, recs))
+        return {r: recs[r, 1:].tobytes().rstrip(b"\0").decode("utf-8", "replace")
+                for r in range(self.size) if recs[r, 0]}
+
+    def _header(self, op: str, kind: str, size: int, site: str | None, p0: int, p1: int, p2: int = 0) -> Any:
         """The ledger-checked header exchange that starts every logical collective."""
         if self._broken is not None:
             raise self._broken
@@ -694,6 +768,7 @@ class RankGroup:
         send[3] = -seq
         send[4] = p0
         send[5] = p1
+        send[6] = p2
         self._site = site
         self._op = op
         self._kind = kind
@@ -777,12 +852,29 @@ class RankGroup:
                               sites=[fps[r].site for r in range(self.size)]))
 
     def _gatherv(self, send: np.ndarray, dtype: Any) -> list[np.ndarray]:
+        """Every rank's ``send``.  _GatherFailed (the collective done, on every rank alike) where a receive buffer
+        past _AGREE_BYTES could not be allocated on some rank."""
         MPI = self._MPI
         counts = np.empty(self.size, dtype=np.int64)
         self._wait(self._comm.Iallgather(np.array([send.size], dtype=np.int64), counts))
         displs = np.zeros(self.size, dtype=np.int64)
         np.cumsum(counts[:-1], out=displs[1:])
-        recv = np.empty(int(counts.sum()), dtype=dtype)
+        total = int(counts.sum())
+        nbytes = total * np.dtype(dtype).itemsize
+        if nbytes > _AGREE_BYTES:  # (every rank has the same counts: the same branch everywhere)
+            # Sized by the other ranks' payloads, so it may fail here alone: a MemoryError raised out of this rank
+            # left the others in the gather below until their watchdog.  Every rank learns it first.
+            local: BaseException | None = None
+            try:
+                recv = np.empty(total, dtype=dtype)
+            except Exception as exc:
+                local = exc
+            failed = self._agree_failures(None if local is None else _cause(local))
+            if failed:
+                self._done()
+                raise _GatherFailed(failed, nbytes, local)
+        else:
+            recv = np.empty(total, dtype=dtype)
         mpitype = MPI.INT64_T if dtype is np.int64 else MPI.BYTE
         self._wait(self._comm.Iallgatherv(send, [recv, (counts, displs), mpitype]))
         return [recv[displs[r] : displs[r] + counts[r]] for r in range(self.size)]

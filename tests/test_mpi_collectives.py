@@ -282,13 +282,14 @@ def test_bad_input_on_one_rank_never_strands_the_others(n):
         assert res["flag"] == ["invalid", "flag", True], res
         # pickles on rank 0, unpickles nowhere: every rank raises, the others' payloads on .result
         assert res["unpickle"] == ["payload", [[r] for r in range(1, n)], [0]], res
+        # a class only rank 0 has: every rank raises naming the others (rank 0 returned, the others raised)
+        assert res["missing_class"] == ["payload", ["OnlyHere" if rank == 0 else None] + ["int"] * (n - 1),
+                                        [] if rank == 0 else [0], list(range(1, n))], res
         if rank == 0:
             assert res["steps"] == [["invalid", "requests"]] * 3, res
-            assert res["missing_class"] == ["ok", ["OnlyHere"] + ["int"] * (n - 1)], res  # it has the class
             assert res["state_raises"] == "engine state unavailable", res
         else:
             assert res["steps"] == [["decided", [0], True]] * 3, res
-            assert res["missing_class"] == ["payload", None, [[r] for r in range(1, n)], [0]], res
             assert res["state_raises"] == [0], res
     raw = mpirun(n, "bad_input.py", "--raw", timeout=90)
     assert not raw.timed_out, explain(raw)
@@ -527,3 +528,45 @@ def test_a_loop_that_is_an_iterations_only_collective_is_caught_only_with_a_symm
     # a barrier at the end of every iteration: caught at the first divergent call, on every rank
     first = [[[[0, 0]], [[0, 0]]]]
     assert res[0]["True"] == res[1]["True"] == ["CollectiveDesyncError", 1, "op", first], run.out
+
+
+def test_a_receive_buffer_that_one_rank_cannot_allocate_raises_on_every_rank():
+    """Rank 1 cannot allocate 2 MiB (MemoryError, injected into the module's numpy there) and rank 0 flushes a
+    4 MiB payload, then allgather_ints 4 MiB of values: rank 1 raised MemoryError alone out of the receive buffer's
+    allocation, and rank 0 waited in the gather until its watchdog (CollectiveTimeoutError).  Every rank raises the
+    same InvalidArgument now, naming rank 1 and the MemoryError, each keeping its own payloads, and the next flush
+    pairs.  Control: the same 4 MiB flush with memory returns on both."""
+    run = mpirun(2, "robustness.py", "--case", "alloc", timeout=60)
+    assert not run.timed_out, explain(run)
+    got = run.by_rank()
+    assert sorted(got) == [0, 1], explain(run)
+    for rank, res in got.items():
+        assert res["control"] == ["returned", [4 << 20, [1]]], (rank, explain(run))
+        assert res["flush"][:3] == ["InvalidArgument", "payload", [1]], (rank, explain(run))
+        assert "MemoryError" in res["flush"][3] and "rank(s) [1]" in res["flush"][3], (rank, explain(run))
+        assert res["flush"][4] == ([4 << 20, "more"] if rank == 0 else [1, "more"]), (rank, explain(run))
+        assert res["gather"][:3] == ["InvalidArgument", "values", [1]], (rank, explain(run))
+        assert "MemoryError" in res["gather"][3], (rank, explain(run))
+        assert res["after"] == ["returned", [[0], [1]]] and res["seq"] == 4, (rank, explain(run))
+    assert got[0]["flush"][3] == got[1]["flush"][3] and got[0]["gather"][3] == got[1]["gather"][3], explain(run)
+
+
+def test_a_flush_payload_that_only_some_ranks_can_unpickle_raises_on_every_rank():
+    """Rank 0 flushes an instance of a class only it defines: rank 1 raised InvalidArgument("payload") and rank 0
+    returned, the ranks on two paths.  Every rank raises the same error now, naming rank 1 and its cause, each with
+    what it decoded on .result; the next flushes pair.  The agreement costs one small allgather only where a
+    payload holds more than builtin scalars and containers: counted besides the header, a plain flush still
+    starts 2 MPI requests (sizes, bytes), one with a class in it 3, an all-empty one none."""
+    run = mpirun(2, "robustness.py", "--case", "unpickle-some", timeout=60)
+    assert not run.timed_out, explain(run)
+    got = run.by_rank()
+    assert sorted(got) == [0, 1], explain(run)
+    for rank, res in got.items():
+        assert res["flush"][:2] == ["payload", [1]], (rank, explain(run))
+        assert "rank 1: rank 0's payload: AttributeError" in res["flush"][2], (rank, explain(run))
+        assert res["flush"][3:] == ([["OnlyHere", "int"], []] if rank == 0 else [[None, "int"], [0]]), explain(run)
+        plain = [[{"ids": [r, 2.5, None, "b'x'", [1], "{3}", "frozenset()"], "rank": r}] for r in (0, 1)]
+        assert res["plain"] == [2, plain], (rank, explain(run))
+        assert res["classy"] == [3, [0, 1]] and res["empty"] == [0, [[], []]], (rank, explain(run))
+        assert res["seq"] == 4, (rank, explain(run))
+    assert got[0]["flush"][2] == got[1]["flush"][2], explain(run)

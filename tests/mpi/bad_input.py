@@ -8,8 +8,9 @@ rank 0.  The group stays usable (a barrier afterwards).  Ids from 2**63 up (vali
 rank.
 
 Also checked here: bad values for any_rank/allreduce_ints/an op/a site, payloads that pickle but do not
-unpickle (on every rank, or only where the class is missing), an engine whose ``state`` raises, ``close``
-with payloads never flushed, use after ``close``, and options that do not fit the watchdog.
+unpickle (on every rank, or only where the class is missing: every rank raises either way), an engine whose
+``state`` raises, ``close`` with payloads never flushed, use after ``close``, and options that do not fit the
+watchdog.
 
 ``--raw`` is the negative control: rank 0 raises before the collective, as poll_symmetric and flush did
 before; the other ranks then time out in it (CollectiveTimeoutError), which the driver checks.
@@ -136,7 +137,8 @@ def main() -> None:
             got = group.flush()
             out["missing_class"] = ["ok", [type(p[0]).__name__ if p else None for p in got]]
         except InvalidArgument as exc:
-            out["missing_class"] = [exc.argument, exc.result[0], exc.result[1:], sorted(exc.blobs)]
+            out["missing_class"] = [exc.argument, [type(p[0]).__name__ if p else None for p in exc.result],
+                                    sorted(exc.blobs), list(exc.ranks)]
         try:
             d = col.poll_symmetric(StateRaises() if rank == 0 else engine, group, [big])
             out["state_raises"] = sorted(d.poll_errors)

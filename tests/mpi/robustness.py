@@ -67,6 +67,16 @@ loop-only    one flush per locally ready item (seed 003), ready counts per itera
 close-push   rank 0 pushed a payload and never flushed it; both ranks close: only rank 0 raised (its payload on
              the error), rank 1 returned and went on, the ranks on two paths.  Every rank raises InvalidArgument
              ("close") naming rank 0 now, each with its own payloads, the group closed on both.
+alloc        rank 1 cannot allocate 2 MiB or more (np.empty raises MemoryError there, as with less memory than rank 0)
+             and rank 0 flushes a 4 MiB payload, then allgather_ints 4 MiB of values: rank 1 raised MemoryError
+             alone, out of the receive buffer's allocation, while rank 0 waited in the gather until its watchdog.
+             Every rank raises InvalidArgument naming rank 1 and the MemoryError now, nothing exchanged, and the
+             next flush pairs.  Control: the same flush with the allocation working returns on both.
+unpickle-some  rank 0 flushes an instance of a class only it defines: rank 1 raised InvalidArgument("payload")
+             alone and rank 0 returned (the ranks on two paths).  Every rank raises the same error now, naming
+             rank 1 and its ModuleNotFoundError/AttributeError; the next flush pairs.  Also counted: the MPI
+             requests each flush starts besides the header (plain payloads: 2, as before; a payload with a class
+             in it: 3, the agreement; all empty: 0).
 """
 
 from __future__ import annotations
@@ -481,6 +491,88 @@ def main() -> None:
             out["close"] = [exc.argument, exc.payloads, "rank(s) [0]" in str(exc)]
         out["closed"] = outcome_of(g.barrier)
         out["after"] = outcome_of(g2.barrier)  # the control: in step on another group
+        emit(rank, **out)
+        end_job(comm, rank, None)
+
+    if case == "alloc":
+        import numpy as np
+
+        class LowMemory:  # this module's numpy on rank 1: any array of 2 MiB or more cannot be allocated
+            def __getattr__(self, name):
+                return getattr(np, name)
+
+            def empty(self, shape, dtype=float):
+                if np.prod(shape) * np.dtype(dtype).itemsize >= 1 << 21:
+                    raise MemoryError(f"cannot allocate {shape} x {np.dtype(dtype)} (the test's limit)")
+                return np.empty(shape, dtype)
+
+        g = col.RankGroup(comm, watchdog=2.0)  # small: on the old code rank 0 timed out here
+        g.push(bytes(4 << 20) if rank == 0 else rank)  # the control: with memory, the same flush returns
+        out["control"] = outcome_of(lambda: [len(p[0]) if isinstance(p[0], bytes) else p for p in g.flush()])
+        if rank == 1:
+            col.np = LowMemory()
+
+        def failed(call):
+            try:
+                return ["returned", call()]
+            except BaseException as exc:  # noqa: B036 - what each rank raised is the result
+                return [type(exc).__name__, getattr(exc, "argument", None), list(getattr(exc, "ranks", ())),
+                        str(exc), getattr(exc, "payloads", None)]
+
+        g.push(bytes(4 << 20) if rank == 0 else rank)
+        g.push("more")
+        got = failed(g.flush)
+        if got[-1]:
+            got[-1] = [len(p) if isinstance(p, bytes) else p for p in got[-1]]
+        out["flush"] = got
+        out["gather"] = failed(lambda: g.allgather_ints(np.zeros((1 << 19) if rank == 0 else 1, dtype=np.int64)))
+        g.push(rank)
+        out["after"] = outcome_of(g.flush)
+        out["seq"] = g.statistics().seq
+        emit(rank, **out)
+        end_job(comm, rank, None)
+
+    if case == "unpickle-some":
+        g = col.RankGroup(comm, watchdog=2.0)
+
+        class Counting:  # the group's communicator, counting the MPI requests a flush starts besides the header
+            def __init__(self, comm):
+                self.comm, self.n = comm, 0
+
+            def __getattr__(self, name):
+                if name.startswith("Iall"):
+                    self.n += 1
+                return getattr(self.comm, name)
+
+        g._comm = counting = Counting(g._comm)
+
+        def requests(call):
+            counting.n = 0
+            got = call()
+            return [counting.n, got]
+
+        if rank == 0:
+            global OnlyHere
+
+            class OnlyHere:  # pickled by reference as __main__.OnlyHere: rank 1 has no such class
+                pass
+
+            OnlyHere.__module__, OnlyHere.__qualname__ = "__main__", "OnlyHere"
+            g.push(OnlyHere())
+        else:
+            g.push(rank)
+        try:
+            got = g.flush()
+            out["flush"] = ["returned", [type(p[0]).__name__ for p in got]]
+        except col.InvalidArgument as exc:
+            res = [type(p[0]).__name__ if p else None for p in exc.result]
+            out["flush"] = [exc.argument, list(getattr(exc, "ranks", ())), str(exc), res, sorted(exc.blobs)]
+        g.push({"rank": rank, "ids": [rank, 2.5, None, b"x", (1,), {3}, frozenset()]})
+        out["plain"] = requests(g.flush)
+        g.push(col.Fingerprint(rank, "s", "op", "kind", -1))  # a class every rank has: decodes, after the agreement
+        out["classy"] = requests(lambda: [p[0].seq for p in g.flush()])
+        out["empty"] = requests(g.flush)
+        out["seq"] = g.statistics().seq
         emit(rank, **out)
         end_job(comm, rank, None)
 

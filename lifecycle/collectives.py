@@ -976,16 +976,24 @@ class SymmetricDecisions:
     Over the union of the request ids that the ranks passed in:
       failed     failed on some rank (Poisoned, or terminated with outcome failed/expired): union
       completed  Quiesced(completed) (or terminated after it) on every rank: unanimity
-      quiesced   terminal (Quiesced, Poisoned or Terminated) on every rank: intersection
+      quiesced   Quiesced (or terminated after it) on every rank: intersection; evidence everywhere
+      poisoned   terminal on every rank, Poisoned (or terminated after it) on some: quarantined there
+      terminal   terminal (Quiesced, Poisoned or Terminated) on every rank: quiesced | poisoned, the ids
+                 every rank may finalize now
       pending    not yet terminal on every rank (may overlap ``failed``)
+
+    ``quiesced`` held the Poisoned ids too before (it meant ``terminal``): code that finalizes what it holds
+    finalizes ``terminal`` now.
     """
 
     seq_no: int
     failed: frozenset[int]
     completed: frozenset[int]  # Invariant: completed <= quiesced, completed & failed == {}
-    quiesced: frozenset[int]
-    pending: frozenset[int]  # Invariant: pending == all ids - quiesced
+    quiesced: frozenset[int]  # Invariant: quiesced == terminal - failed
+    pending: frozenset[int]  # Invariant: pending == all ids - terminal
     poll_errors: frozenset[int]  # ranks whose engine.poll() raised this round (re-raised there)
+    terminal: frozenset[int]  # Invariant: terminal == quiesced | poisoned (disjoint)
+    poisoned: frozenset[int]  # Invariant: poisoned == terminal & failed
 
 
 def _unknown_request_errors() -> tuple[type[BaseException], ...]:
@@ -1153,13 +1161,17 @@ def poll_symmetric(
             seen[req] = seen.get(req, 0) + 1
     n = group.size
     every = {r: (f if seen[r] == n else 0) for r, f in everywhere.items()}
+    failed = frozenset(r for r, f in anywhere.items() if f & _FAILED)
+    terminal = frozenset(r for r, f in every.items() if f & _TERMINAL)
     decisions = SymmetricDecisions(
         seq_no=seq_no,
-        failed=frozenset(r for r, f in anywhere.items() if f & _FAILED),
+        failed=failed,
         completed=frozenset(r for r, f in every.items() if f & _COMPLETED),
-        quiesced=frozenset(r for r, f in every.items() if f & _TERMINAL),
+        quiesced=terminal - failed,
         pending=frozenset(r for r, f in every.items() if not f & _TERMINAL),
         poll_errors=frozenset(r for r, part in enumerate(parts) if part[0]),
+        terminal=terminal,
+        poisoned=terminal & failed,
     )
     if poll_error is not None:
         raise poll_error

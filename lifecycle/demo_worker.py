@@ -730,12 +730,12 @@ class Worker:
                 if r is not None and not r.cancelled:
                     self._cancel(req, "mid_transfer")
             dec = poll_symmetric(self.engine, self.group, list(self.tracked))
-            for req in sorted(dec.failed - dec.quiesced):
+            for req in sorted(dec.failed - dec.terminal):
                 r = self.tracked.get(req)
                 if r is not None and not r.cancelled and self.engine.state(req).value not in ("Quiesced", "Poisoned", "Terminated"):
                     self._cancel(req, None)  # failed on another rank: stop this rank's shard too
-            for req in sorted(dec.quiesced):
-                self._finalize(req, req in dec.completed, req in dec.failed)
+            for req in sorted(dec.terminal):  # Quiesced or Poisoned on every rank (poisoned: quarantined somewhere)
+                self._finalize(req, req in dec.completed, req in dec.poisoned)
                 busy = True
             self._check_disconnects()
             # end of run: the sender announces it has nothing left; the receiver acknowledges when done

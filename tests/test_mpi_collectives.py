@@ -239,6 +239,8 @@ def test_poll_symmetric_decisions_are_identical_on_every_rank(n):
         assert res["n_failures"] == 0, f"seed={seed} rank={rank}: {res['failures']}"
         assert res["examples"] == 150 and res["seq"] == 150, f"seed={seed} rank={rank}"
         assert res["poll_error_examples"] > 0
+        # examples with an id terminal everywhere and Poisoned somewhere: `quiesced` held them (it meant terminal)
+        assert res["poisoned_examples"] > 0
         # negative control: deciding from the local engine alone diverges across ranks
         assert res["naive_diverged"] > 0
 

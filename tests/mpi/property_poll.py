@@ -78,7 +78,7 @@ def passed_ids(table: dict[int, list], rank: int) -> set[int]:
 def model(table: dict[int, list], size: int) -> dict[str, list[int]]:
     """The consensus rules of DESIGN.md §8 over the union of the ids the ranks pass in."""
     union = set().union(*(passed_ids(table, r) for r in range(size)))
-    failed, completed, quiesced, pending = set(), set(), set(), set()
+    failed, completed, quiesced, poisoned, terminal, pending = set(), set(), set(), set(), set(), set()
     for req, cells in table.items():
         if req not in union:
             continue
@@ -87,17 +87,24 @@ def model(table: dict[int, list], size: int) -> dict[str, list[int]]:
             failed.add(req)
         if all(c is not None and c[0] in ("Quiesced", "Terminated") and c[1] == "completed" for c in cells):
             completed.add(req)
-        if all(c is not None and c[0] in ("Quiesced", "Poisoned", "Terminated") for c in cells):
+        # evidence on every rank: Quiesced, or Terminated after it (its outcome completed or cancelled)
+        if all(c is not None and c[0] in ("Quiesced", "Terminated") and c[1] in ("completed", "cancelled")
+               for c in cells):
             quiesced.add(req)
+        if all(c is not None and c[0] in ("Quiesced", "Poisoned", "Terminated") for c in cells):
+            terminal.add(req)
+            if req not in quiesced:
+                poisoned.add(req)
         else:
             pending.add(req)
     return {"failed": sorted(failed), "completed": sorted(completed), "quiesced": sorted(quiesced),
-            "pending": sorted(pending)}
+            "poisoned": sorted(poisoned), "terminal": sorted(terminal), "pending": sorted(pending)}
 
 
-def as_dict(d) -> dict[str, list[int]]:
-    return {"failed": sorted(d.failed), "completed": sorted(d.completed), "quiesced": sorted(d.quiesced),
-            "pending": sorted(d.pending)}
+def as_dict(d) -> dict[str, list[int] | None]:
+    # (getattr: a release without the field shows as a mismatch with the model, not a crash)
+    return {k: None if getattr(d, k, None) is None else sorted(getattr(d, k))
+            for k in ("failed", "completed", "quiesced", "poisoned", "terminal", "pending")}
 
 
 def main() -> None:
@@ -108,7 +115,7 @@ def main() -> None:
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     group = C.RankGroup(comm, watchdog=20)
-    stats = {"examples": 0, "poll_error_examples": 0, "naive_diverged": 0, "max_requests": 0}
+    stats = {"examples": 0, "poll_error_examples": 0, "naive_diverged": 0, "max_requests": 0, "poisoned_examples": 0}
     failures: list[str] = []
 
     tables = st.dictionaries(
@@ -140,6 +147,7 @@ def main() -> None:
         got = None if decisions is None else as_dict(decisions)
         if got is not None:
             want = model(table, size)
+            stats["poisoned_examples"] += bool(want["poisoned"])  # terminal everywhere, Poisoned somewhere
             if got != want:
                 failures.append(f"decisions {got} != model {want} for table {table}")
             if decisions.poll_errors != (frozenset() if raiser is None else frozenset({raiser})):

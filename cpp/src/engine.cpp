@@ -107,7 +107,12 @@ struct alignas(64) Engine::Shard {
   std::uint64_t held = 0;
   std::vector<Record> queue;
   std::vector<Record> spare;  // the queue's other buffer: drain swaps them, so memory is reused hot
-  // queue.size(), mirrored for lock-free peeks (a plain store on x86).  A peek that misses a record
+  // Records a failed drain put back, taken first by the next one.  Invariant: each precedes (seq) every record
+  // in queue, and queued counts them too.  Filled by a swap: a put-back runs after an allocation failed, and one
+  // that allocated (the taken run grown to hold the queue behind it) could fail too, and lost the records.
+  std::vector<Record> spill;
+  bool drained = false;  // a drain holds records it took from here (until it delivered them or put them back)
+  // queue.size() + spill.size(), mirrored for lock-free peeks (a plain store on x86).  A peek that misses a record
   // pushed concurrently only delays it to the next drain; the sleeping path of wait_ready counts
   // under the locks, so no wake-up is lost.
   std::atomic<std::uint32_t> queued{0};
@@ -376,7 +381,10 @@ void Engine::unlock_after_fork(bool child) {
   backend_mu_.unlock();
   hooks_mu_.unlock();
   pool_->unlock_after_fork();
-  for (Shard& sh : shards()) sh.mu.unlock();
+  for (Shard& sh : shards()) {
+    if (child) sh.drained = false;  // (a drain that held it is not here: what it took is not, and never comes back)
+    sh.mu.unlock();
+  }
   if (child) {
     // the parent's waiters are not here: no wake-up to owe them, and a condition variable that counted them
     // is made anew (destroying it would wait for them)
@@ -963,45 +971,76 @@ std::size_t Engine::drain_to(const std::function<Record*(std::size_t)>& dest, bo
   const std::uint64_t cut = record_seq_.load(std::memory_order_seq_cst);
   std::vector<std::vector<Record>> runs;
   std::vector<Shard*> from;
+  // Lossless when an allocation fails once records are out of their shards: each run goes back into its
+  // shard's spill, which is empty (this drain took it with the run, and holds the shard: another drain skips it),
+  // so the swap allocates nothing, loses nothing, and the next drain takes it first, before what was queued since.
+  auto put_back = [&runs, &from]() noexcept {
+    for (std::size_t i = 0; i < runs.size(); ++i) {
+      if (runs[i].empty()) continue;  // (the shard whose take failed: nothing taken)
+      Shard& sh = *from[i];
+      std::lock_guard<SpinMutex> g(sh.mu);
+      sh.spill.swap(runs[i]);
+      sh.drained = false;
+      sh.queued.store(static_cast<std::uint32_t>(sh.queue.size() + sh.spill.size()), std::memory_order_seq_cst);
+    }
+    runs.clear();
+    from.clear();
+  };
   std::size_t n = 0;
   std::uint64_t lo = UINT64_MAX, hi = 0;
-  for (Shard& sh : shards()) {
-    if (sh.queued.load(std::memory_order_seq_cst) == 0) continue;  // nothing to lock for
-    // room for every shard's run before the first is taken (may throw std::bad_alloc: nothing is taken yet),
-    // so neither vector grows once a run is out of its shard
-    if (from.capacity() == 0) {
-      runs.reserve(shard_mask_ + 1);
-      from.reserve(shard_mask_ + 1);
-    }
-    runs.emplace_back();
-    from.push_back(&sh);
-    std::vector<Record>& run = runs.back();
-    {
-      std::lock_guard<SpinMutex> g(sh.mu);
-      if (!sh.queue.empty()) {
-        run.swap(sh.queue);
-        sh.queue.swap(sh.spare);  // empty, with the capacity of an earlier run
-        if (run.back().seq >= cut) {  // pushed since this drain began: those stay, for the next drain
-          const auto past =
-              std::partition_point(run.begin(), run.end(), [cut](const Record& r) { return r.seq < cut; });
-          try {
-            sh.queue.assign(past, run.end());
-            run.erase(past, run.end());
-          } catch (...) {  // (no room to keep them back: taken too, as they were before the cut)
-            sh.queue.clear();
+  try {
+    for (Shard& sh : shards()) {
+      if (sh.queued.load(std::memory_order_seq_cst) == 0) continue;  // nothing to lock for
+      // room for every shard's run before the first is taken (may throw std::bad_alloc: nothing is taken yet),
+      // so neither vector grows once a run is out of its shard
+      if (from.capacity() == 0) {
+        runs.reserve(shard_mask_ + 1);
+        from.reserve(shard_mask_ + 1);
+      }
+      runs.emplace_back();
+      from.push_back(&sh);
+      std::vector<Record>& run = runs.back();
+      {
+        std::lock_guard<SpinMutex> g(sh.mu);
+        if (sh.drained) {
+          // another drain (another thread) holds records of this shard: what was queued since stays, behind them
+        } else if (!sh.spill.empty()) {  // after a failed drain (rare): the spill, then the queue up to the cut
+          const auto past = std::partition_point(sh.queue.begin(), sh.queue.end(),
+                                                 [cut](const Record& r) { return r.seq < cut; });
+          sh.spill.insert(sh.spill.end(), sh.queue.begin(), past);  // (may throw: nothing of this shard taken)
+          sh.queue.erase(sh.queue.begin(), past);
+          run.swap(sh.spill);
+        } else if (!sh.queue.empty()) {
+          run.swap(sh.queue);
+          sh.queue.swap(sh.spare);  // empty, with the capacity of an earlier run
+          if (run.back().seq >= cut) {  // pushed since this drain began: those stay, for the next drain
+            const auto past =
+                std::partition_point(run.begin(), run.end(), [cut](const Record& r) { return r.seq < cut; });
+            try {
+              sh.queue.assign(past, run.end());
+              run.erase(past, run.end());
+            } catch (...) {  // (no room to keep them back: taken too, as they were before the cut)
+              sh.queue.clear();
+            }
           }
         }
-        sh.queued.store(static_cast<std::uint32_t>(sh.queue.size()), std::memory_order_seq_cst);
+        if (!run.empty()) {
+          sh.drained = true;
+          sh.queued.store(static_cast<std::uint32_t>(sh.queue.size()), std::memory_order_seq_cst);
+        }
       }
+      if (run.empty()) {
+        runs.pop_back();
+        from.pop_back();
+        continue;
+      }
+      n += run.size();
+      lo = std::min(lo, run.front().seq);
+      hi = std::max(hi, run.back().seq);
     }
-    if (run.empty()) {
-      runs.pop_back();
-      from.pop_back();
-      continue;
-    }
-    n += run.size();
-    lo = std::min(lo, run.front().seq);
-    hi = std::max(hi, run.back().seq);
+  } catch (...) {
+    put_back();
+    throw;
   }
   // Hand the drained buffers back as the shards' spares (after the copy below, even if dest throws).
   struct GiveBack {
@@ -1011,6 +1050,7 @@ std::size_t Engine::drain_to(const std::function<Record*(std::size_t)>& dest, bo
       for (std::size_t i = 0; i < runs.size(); ++i) {
         runs[i].clear();
         std::lock_guard<SpinMutex> g(from[i]->mu);
+        from[i]->drained = false;
         if (from[i]->spare.capacity() < runs[i].capacity()) from[i]->spare.swap(runs[i]);
       }
     }
@@ -1027,13 +1067,7 @@ std::size_t Engine::drain_to(const std::function<Record*(std::size_t)>& dest, bo
     }
     dst = dest(n);
   } catch (...) {
-    // lossless: put every run back in front of what was queued meanwhile, then rethrow
-    for (std::size_t i = 0; i < runs.size(); ++i) {
-      std::lock_guard<SpinMutex> g(from[i]->mu);
-      runs[i].insert(runs[i].end(), from[i]->queue.begin(), from[i]->queue.end());
-      from[i]->queue.swap(runs[i]);
-      from[i]->queued.store(static_cast<std::uint32_t>(from[i]->queue.size()), std::memory_order_seq_cst);
-    }
+    put_back();  // (then give_back has nothing left to hand back)
     throw;
   }
   if (runs.size() == 1) {
@@ -1075,7 +1109,7 @@ std::size_t Engine::pending() const {
   std::size_t n = 0;
   for (Shard& sh : shards()) {
     std::lock_guard<SpinMutex> g(sh.mu);
-    n += sh.queue.size();
+    n += sh.queue.size() + sh.spill.size();
   }
   return n;
 }
@@ -1269,7 +1303,7 @@ std::size_t Engine::memory_bytes() const {
     std::lock_guard<SpinMutex> g(sh.mu);
     b += sizeof(Shard) + sh.map.capacity() * sizeof(Shard::Bucket) +
          sh.chunks.size() * kChunk * sizeof(Session) + sh.chunks.capacity() * sizeof(void*) +
-         (sh.queue.capacity() + sh.spare.capacity()) * sizeof(Record);
+         (sh.queue.capacity() + sh.spare.capacity() + sh.spill.capacity()) * sizeof(Record);
   }
   return b;
 }

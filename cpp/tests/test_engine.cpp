@@ -2,15 +2,20 @@
 #include <algorithm>
 #include <array>
 #include <chrono>
+#include <condition_variable>
 #include <climits>
 #include <cstdlib>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <new>
 #include <random>
 #include <thread>
 #include <tuple>
 #include <vector>
+
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "check.hpp"
 #include "lifecycle/engine.hpp"
@@ -414,6 +419,171 @@ static void test_drain_allocation_failure_keeps_records() {
   }
 }
 
+// Memory that runs out twice in a row loses no record: the destination fails, then the put-back of what the drain
+// took (with more queued meanwhile than the taken buffers have room for).  The next drain gives every record
+// once, in order, a deferred session's TerminateNow included, whichever of its allocations fails (review: the
+// put-back grew the taken buffer, and a std::bad_alloc there dropped that shard's records and every later
+// shard's: a lost TerminateNow never reached on_terminate, and its tombstone refused the id for good).
+static void test_drain_to_double_failure_keeps_records() {
+  constexpr std::uint64_t kDeferred = 1'000'000;
+  Config cf = cfg();
+  cf.shards = 4;
+  cf.num_slots = 0;
+  cf.tombstones = 0;  // a released tombstone goes at once: the id is free again
+  auto defer = [](Engine& e) {
+    e.advertise(kDeferred, Role::sender, 0);
+    e.apply(kDeferred, Event::expose);
+    CHECK(e.terminate(kDeferred) == TerminateResult::Deferred);
+    e.apply(kDeferred, Event::complete);  // Terminated, its TerminateNow queued
+  };
+  std::size_t deferred_records = 0;  // the control: what the deferred session queues, drained without a failure
+  {
+    Engine ref(cf);
+    defer(ref);
+    std::vector<Record> recs;
+    deferred_records = ref.drain(recs);
+    CHECK(deferred_records >= 4);
+  }
+  for (long k = 0;; ++k) {
+    Engine eng(cf);
+    std::uint64_t next = 0;
+    auto queue = [&eng, &next](int count) {
+      for (int i = 0; i < count; ++i) CHECK(eng.advertise(next++, Role::sender, 0).status == Status::Moved);
+    };
+    defer(eng);
+    queue(100);
+    for (int round = 0; round < 2; ++round) {  // twice: the second drain takes what the first put back
+      bool threw = false;
+      try {
+        eng.drain_to([&](std::size_t) -> Record* {
+          queue(300);  // queued meanwhile: more than any taken buffer has room for
+          arm(0);      // the put-back's first allocation (if it makes one) fails too
+          throw std::bad_alloc();
+        });
+      } catch (const std::bad_alloc&) {
+        threw = true;
+      }
+      disarm();
+      CHECK(threw);
+    }
+    CHECK(eng.pending() == next + deferred_records);
+    std::vector<Record> recs;
+    recs.reserve(2 * next);  // only the engine's own allocations fail
+    bool threw = false;
+    arm(k);
+    try {
+      eng.drain(recs);
+    } catch (const std::bad_alloc&) {
+      threw = true;
+    }
+    disarm();
+    if (threw) CHECK(recs.empty());
+    eng.drain(recs);
+    bool all = recs.size() == next + deferred_records;
+    std::vector<int> advertised(next, 0);
+    int notices = 0;
+    for (std::size_t i = 0; all && i < recs.size(); ++i) {
+      all = recs[i].seq == i;  // every number, once, in order
+      if (recs[i].kind == RecordKind::TerminateNow) notices += recs[i].req == kDeferred ? 1 : 100;
+      else if (recs[i].req < next) ++advertised[recs[i].req];
+    }
+    CHECK(all);
+    CHECK(notices == 1);
+    CHECK(std::count(advertised.begin(), advertised.end(), 1) == static_cast<long>(next));
+    CHECK(eng.advertise(kDeferred, Role::sender, 0).status == Status::Moved);  // its tombstone went with it
+    if (!all || !threw) break;
+  }
+}
+
+// Two drains at once: one that finds a shard's records held by the other (taken, not yet delivered) skips the
+// shard, so when the other's destination fails and its records go back, they still come out first, in order, and
+// none twice or lost.
+static void test_a_drain_skips_a_shard_another_drain_holds() {
+  Config cf = cfg();
+  cf.shards = 1;
+  Engine eng(cf);
+  eng.advertise(1, Role::sender, 0);
+  std::mutex mu;
+  std::condition_variable cv;
+  bool held = false, done = false, threw = false;
+  std::thread drainer([&] {
+    try {
+      eng.drain_to([&](std::size_t) -> Record* {
+        std::unique_lock<std::mutex> lk(mu);
+        held = true;
+        cv.notify_all();
+        cv.wait(lk, [&] { return done; });
+        throw std::bad_alloc();
+      });
+    } catch (const std::bad_alloc&) {
+      threw = true;
+    }
+  });
+  {
+    std::unique_lock<std::mutex> lk(mu);
+    cv.wait(lk, [&] { return held; });
+  }
+  eng.advertise(2, Role::sender, 0);
+  std::vector<Record> recs;
+  CHECK(eng.drain(recs) == 0);  // request 1's record is out, held by the other drain: 2's stays behind it
+  {
+    std::lock_guard<std::mutex> lk(mu);
+    done = true;
+  }
+  cv.notify_all();
+  drainer.join();
+  CHECK(threw);
+  CHECK(eng.drain(recs) == 2);
+  CHECK(recs.size() == 2 && recs[0].req == 1 && recs[1].req == 2 && recs[0].seq < recs[1].seq);
+}
+
+// A child forked while another thread's drain held a shard's records (between taking them and handing them over)
+// drains what is queued in it later: that drain does not exist there, and the shard is not kept for it (without
+// the fork handler's reset, every later drain in the child skipped the shard, its records stuck for good).
+static void test_a_forked_child_drains_a_shard_a_drain_held() {
+  Config cf = cfg();
+  cf.shards = 1;
+  Engine eng(cf);
+  eng.advertise(1, Role::sender, 0);
+  std::mutex mu;
+  std::condition_variable cv;
+  bool held = false, done = false;
+  std::vector<Record> got;
+  std::thread drainer([&] {
+    eng.drain_to([&](std::size_t n) {
+      std::unique_lock<std::mutex> lk(mu);
+      held = true;
+      cv.notify_all();
+      cv.wait(lk, [&] { return done; });
+      got.resize(n);
+      return got.data();
+    });
+  });
+  {
+    std::unique_lock<std::mutex> lk(mu);
+    cv.wait(lk, [&] { return held; });
+  }
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    eng.advertise(2, Role::sender, 0);
+    std::vector<Record> recs;
+    eng.drain(recs);
+    ::_exit(recs.size() == 1 && recs[0].req == 2 ? 0 : 3);
+  }
+  {
+    std::lock_guard<std::mutex> lk(mu);
+    done = true;
+  }
+  cv.notify_all();
+  drainer.join();
+  CHECK(got.size() == 1 && got[0].req == 1);  // the parent's drain delivered its record
+  CHECK(pid > 0);
+  if (pid <= 0) return;
+  int status = 0;
+  CHECK(::waitpid(pid, &status, 0) == pid);
+  CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+}
+
 // Allocation failures inside the engine's calls (std::bad_alloc at every allocation an operation makes, one
 // at a time) change nothing that is not also logged: a single call is applied whole or not at all (never a
 // session moved with its records or its deferred terminate_now lost); a batch or tick() that throws keeps
@@ -751,6 +921,9 @@ int main() {
   test_batch_matches_single_calls();
   test_drain_to_failure_keeps_records();
   test_drain_allocation_failure_keeps_records();
+  test_drain_to_double_failure_keeps_records();
+  test_a_forked_child_drains_a_shard_a_drain_held();
+  test_a_drain_skips_a_shard_another_drain_holds();
   test_every_cell_matches_apply();
   test_deferred_termination_exactly_once();
   test_cancel_of_a_deferred_session_does_not_free_now();

@@ -185,6 +185,9 @@ class Engine {
   // A deferred session's tombstone is kept (never evicted, its id not advertised again) until its
   // TerminateNow was delivered: by the drain that takes the notice, or with hold_notices by
   // notice_delivered(req), called once the executor's callback ran (the Python facade's poll()).
+  // Lossless: when dest (or the drain's own allocation) throws, every record taken goes back without allocating,
+  // in order, ahead of what was queued since, so memory running out again loses none.  Two drains at once: one
+  // skips a shard whose records the other holds (what was queued there since stays for a later drain).
   std::size_t drain_to(const std::function<Record*(std::size_t)>& dest, bool hold_notices = false);
   void notice_delivered(std::uint64_t req);
   // Block (no GIL: callers release it) until a record is queued or timeout_ns elapses (steady time).

@@ -80,6 +80,10 @@ ENGINE_NAMES: dict[str, tuple[str, ...]] = {
                        "BackendUnhealthy", "NotCancellable"),
     "terminate-results": ("NotFound", "Terminated", "Deferred", "AlreadyTerminated", "AlreadyDeferred"),
 }
+# What the state kinds cannot say: both terminal states end a session, but only Quiesced holds the evidence that no
+# agent touches its buffers (DESIGN §2/§3).  The engine tells them apart by name (engine.cpp's enter_final returns
+# the slot to the pool from Quiesced and quarantines it from Poisoned); both are in ENGINE_NAMES.
+_EVIDENCE_STATE = "Quiesced"
 _ROW = re.compile(
     r"^(?P<src>\S+)\s*\+\s*(?P<event>\S+)\s*=\s*(?P<dst>\S+)"
     r"(?:\s*/\s*(?P<outcome>\S+))?(?:\s*->\s*(?P<result>\S+))?\s*$"
@@ -382,6 +386,12 @@ def _check_graph(path, states, kinds, events, sources, cancel_results, terminate
             # executor following cancel_frees_now() freed buffers a transfer may still write)
             bad(cancel_line[r.result], "frees-not-terminal", f"cancel result {r.result} frees now, but {r.src} + "
                 f"cancel (line {r.line}) returns it and leaves the session in non-terminal {after}")
+        elif r.event == "cancel" and cancel_flag.get(r.result) == "yes" and after != _EVIDENCE_STATE:
+            # (Poisoned + cancel = .stay -> AlreadyComplete passed: the terminal kind covers Poisoned too, so the
+            # executor freed a quarantined slot a transfer may still write)
+            bad(r.line, "frees-not-quiesced", f"{r.src} + cancel returns {r.result}, which frees now (line "
+                f"{cancel_line[r.result]}), but leaves the session in {after}: only {_EVIDENCE_STATE} proves its "
+                f"buffers safe (Poisoned ones are quarantined, a Terminated session's were released at terminate)")
         if r.event in ("cancel", "terminate") and r.result is None:
             bad(r.line, "missing-result", f"{r.src} + {r.event} needs a '-> result'")
         if r.moves and r.dst in finals and r.src not in terminals:

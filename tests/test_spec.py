@@ -454,3 +454,26 @@ def test_the_collectives_consensus_names_are_the_tables():
     assert collectives._TERMINAL_STATES == set(TABLE.terminal) | set(TABLE.final)
     assert collectives._FAILED_OUTCOMES <= set(TABLE.outcomes)
     assert {"completed"} <= set(TABLE.outcomes)  # the one it compares with by name
+
+
+@pytest.mark.parametrize(("old", "new"), [
+    ("Poisoned         + cancel         = .stay                         -> NotCancellable",
+     "Poisoned         + cancel         = .stay                         -> AlreadyComplete"),
+    ("InFlight         + cancel         = CancelRequested               -> CancelRequestedInFlight",
+     "InFlight         + cancel         = Poisoned         / failed     -> NotFound"),
+    ("Terminated       + cancel         = .stay                         -> NotCancellable",
+     "Terminated       + cancel         = .stay                         -> AlreadyComplete"),
+])
+def test_a_cancel_result_that_frees_now_outside_quiesced_is_reported_at_its_row(old, new):
+    """Accepted silently: a frees-now cancel result returned by a row that leaves the session in Poisoned (or in
+    Terminated): the state kinds cannot tell Quiesced from Poisoned (both terminal), so the executor following
+    cancel_frees_now() freed a quarantined slot a transfer may still write (from Terminated: freed it twice)."""
+    t = edit(old, new)
+    state, result = new.split()[0], new.split()[-1]
+    found = [v for v in _violations(t) if v.code == "frees-not-quiesced"]
+    assert [(v.path, v.line) for v in found] == [("t.table", line_of(t, new.split("=")[0]))], _violations(t)
+    assert found[0].message.startswith(f"{state} + cancel returns {result}, which frees now"), found[0].message
+    # the control: the same result from Quiesced, where it is evidence, is a valid row
+    ok = edit("Quiesced         + cancel         = .stay                         -> AlreadyComplete",
+              "Quiesced         + cancel         = .stay                         -> NotFound")
+    assert _violations(ok) == []

@@ -305,7 +305,7 @@ def parse(text: str, path: str = "<table>") -> Spec:
     )
     if structure_ok:  # graph checks run over the rows that parsed, so every violation is reported at once
         _check_graph(path, states, state_kinds, events, event_sources, cancel_results, terminate_results, rows, state_line,
-                     bad, event_line, section_line["transitions"], cancel_flag, cancel_line)
+                     bad, event_line, section_line["transitions"], cancel_flag, cancel_line, outcomes)
     if v:
         raise SpecError(v)
     spec = Spec(
@@ -340,7 +340,7 @@ def _closure(start: set[str], edges: dict[str, set[str]]) -> set[str]:
 
 
 def _check_graph(path, states, kinds, events, sources, cancel_results, terminate_results, rows, state_line, bad,
-                 event_line, rows_line, cancel_flag, cancel_line) -> None:
+                 event_line, rows_line, cancel_flag, cancel_line, outcomes) -> None:
     """``state_line`` / ``event_line`` / ``cancel_line``: where each was declared; ``rows_line``: the [transitions]
     header; ``cancel_flag``: each cancel result's frees-now column."""
     initial = next(s for s in states if kinds[s] == "initial")
@@ -394,6 +394,12 @@ def _check_graph(path, states, kinds, events, sources, cancel_results, terminate
                 f"buffers safe (Poisoned ones are quarantined, a Terminated session's were released at terminate)")
         if r.event in ("cancel", "terminate") and r.result is None:
             bad(r.line, "missing-result", f"{r.src} + {r.event} needs a '-> result'")
+        if r.moves and r.dst in terminals and r.outcome is None:
+            # (InFlight + fail = Poisoned passed: the engine keeps the outcome the session had, none or an earlier
+            # move's, so it ended without saying how, or saying it wrong; a Quiesced one never counted as completed
+            # in poll_symmetric's consensus)
+            bad(r.line, "missing-outcome", f"{r.src} + {r.event} = {r.dst} enters terminal {r.dst} without an "
+                                           f"outcome: add '/ outcome' (one of {', '.join(outcomes)})")
         if r.moves and r.dst in finals and r.src not in terminals:
             bad(r.line, "final-from-non-terminal", f"{r.dst} entered from non-terminal {r.src}")
     # a deferred terminate is delivered by applying the terminal state's terminate row as a move into a final state

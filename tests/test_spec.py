@@ -477,3 +477,21 @@ def test_a_cancel_result_that_frees_now_outside_quiesced_is_reported_at_its_row(
     ok = edit("Quiesced         + cancel         = .stay                         -> AlreadyComplete",
               "Quiesced         + cancel         = .stay                         -> NotFound")
     assert _violations(ok) == []
+
+
+@pytest.mark.parametrize(("old", "new"), [
+    ("InFlight         + fail           = Poisoned         / failed", "InFlight         + fail           = Poisoned"),
+    ("CancelRequested  + complete       = Quiesced         / cancelled", "CancelRequested  + complete       = Quiesced"),
+    ("Advertised       + cancel         = Quiesced         / cancelled  -> CancelledBeforeAdvertise",
+     "Advertised       + cancel         = Quiesced                      -> CancelledBeforeAdvertise"),
+])
+def test_a_move_into_a_terminal_state_without_an_outcome_is_reported_at_its_row(old, new):
+    """Accepted silently: a row entering Quiesced or Poisoned with no '/ outcome'.  The engine sets an outcome only
+    when the row gives one, so the session ended with none (or an earlier move's), and a Quiesced one never counted
+    as completed in poll_symmetric's consensus."""
+    t = edit(old, new)
+    src, event, dst = new.split()[0], new.split()[2], new.split()[4]
+    found = [(v.code, v.line, v.message) for v in _violations(t)]
+    assert [(c, ln) for c, ln, _ in found] == [("missing-outcome", line_of(t, new.split("=")[0]))], found
+    assert found[0][2].startswith(f"{src} + {event} = {dst} enters terminal {dst} without an outcome"), found
+    assert _violations(edit(old, old)) == []  # the control: the row with its outcome

@@ -400,6 +400,14 @@ def _check_graph(path, states, kinds, events, sources, cancel_results, terminate
             # in poll_symmetric's consensus)
             bad(r.line, "missing-outcome", f"{r.src} + {r.event} = {r.dst} enters terminal {r.dst} without an "
                                            f"outcome: add '/ outcome' (one of {', '.join(outcomes)})")
+        if r.event == "expose" and kinds[after] != "active":
+            # (Quiesced + expose = .stay passed: the executor's expose() answered without an error and it handed out
+            # the descriptors of buffers the session's AlreadyComplete had freed; Advertised + expose = .stay left a
+            # session whose cancel is proof of never-exposed (CancelledBeforeAdvertise, frees now) exposed)
+            bad(r.line, "expose-not-active", f"{r.src} + expose = {r.dst} leaves the session in {kinds[after]} state "
+                f"{after}, which says no agent touches its buffers; expose must move it to an active state"
+                + (" (after quiescence, expose has no row: an illegal transition)"
+                   if kinds[r.src] in ("terminal", "final") else ""))
         if r.moves and r.dst in finals and r.src not in terminals:
             bad(r.line, "final-from-non-terminal", f"{r.dst} entered from non-terminal {r.src}")
     # a deferred terminate is delivered by applying the terminal state's terminate row as a move into a final state

@@ -495,3 +495,28 @@ def test_a_move_into_a_terminal_state_without_an_outcome_is_reported_at_its_row(
     assert [(c, ln) for c, ln, _ in found] == [("missing-outcome", line_of(t, new.split("=")[0]))], found
     assert found[0][2].startswith(f"{src} + {event} = {dst} enters terminal {dst} without an outcome"), found
     assert _violations(edit(old, old)) == []  # the control: the row with its outcome
+
+
+@pytest.mark.parametrize(("old", "new"), [
+    ("Quiesced         + cancel", "Quiesced         + expose         = .stay\nQuiesced         + cancel"),
+    ("Poisoned         + cancel", "Poisoned         + expose         = Terminated\nPoisoned         + cancel"),
+    ("Terminated       + cancel", "Terminated       + expose         = .stay\nTerminated       + cancel"),
+    ("Advertised       + expose         = InFlight",
+     "Advertised       + expose         = .stay\nAdvertised       + fail           = InFlight"),
+    ("Advertised       + expose         = InFlight", "Advertised       + expose         = Quiesced         / completed"),
+])
+def test_an_expose_that_leaves_the_session_unexposed_is_reported_at_its_row(old, new):
+    """Accepted silently: Quiesced + expose = .stay (or any expose row from a state that has quiesced: Poisoned +
+    expose = Terminated moved a quarantined session to Terminated and let it be exposed).  DESIGN §2: expose from a
+    terminal or final state has no row, an illegal transition.  A `.stay` answer let the executor's expose() return
+    without an error, so it handed out descriptors of buffers AlreadyComplete had freed; an expose that leaves the
+    session Advertised or moves it to Quiesced makes its cancel (or its evidence) claim buffers nobody touches."""
+    t = edit(old, new)
+    row = new.split("\n")[0]
+    src, dst = row.split()[0], row.split()[4]
+    found = [(v.code, v.line, v.message) for v in _violations(t)]
+    assert ("expose-not-active", line_of(t, row.split("=")[0])) in [(c, ln) for c, ln, _ in found], found
+    msg = next(m for c, _, m in found if c == "expose-not-active")
+    assert msg.startswith(f"{src} + expose = {dst} leaves the session in "), msg
+    assert ("illegal transition" in msg) == (src != "Advertised"), msg
+    assert _violations(GOOD) == []  # the control: Advertised + expose = InFlight

@@ -420,6 +420,26 @@ def _check_graph(path, states, kinds, events, sources, cancel_results, terminate
         elif not (r.moves and r.dst in finals):
             bad(r.line, "terminate-at-terminal", f"terminate in terminal state {s} must move to "
                                                  f"{'/'.join(sorted(finals))}, not {r.dst}")
+    # DESIGN §5: a terminate before a terminal state sets the flag and answers Deferred; without its row the engine's
+    # terminate() answered NotFound ("no session") for a live, maybe exposed, session and no TerminateNow ever came
+    for s in states:
+        if kinds[s] in ("terminal", "final"):
+            continue
+        r = term.get(s)
+        if r is None:
+            bad(state_line[s], "terminate-not-deferred", f"{kinds[s]} state {s} has no terminate row: add '{s} + "
+                                                          f"terminate = .defer -> Deferred' (DESIGN §5)")
+        elif r.dst != ".defer":
+            bad(r.line, "terminate-not-deferred", f"{s} + terminate = {r.dst}: a terminate before a terminal state "
+                                                  f"must be deferred (= .defer -> Deferred, DESIGN §5)")
+    # The answer follows from the row: the executor releases its resources on Terminated and waits for TerminateNow
+    # on Deferred (.defer -> Terminated passed: it released them while exposed; Terminated + terminate = .stay ->
+    # Terminated: released twice; a move to the final state answering AlreadyTerminated: never released)
+    for r in term.values():
+        want = ("Deferred" if r.dst == ".defer" else "Terminated" if r.moves and r.dst in finals
+                else "AlreadyTerminated" if r.src in finals and r.dst == ".stay" else None)
+        if want is not None and r.result in terminate_results and r.result != want:
+            bad(r.line, "terminate-result", f"{r.src} + terminate = {r.dst} must return {want}, not {r.result}")
     # DESIGN §2: a transport or timer event in a terminal or final state is late, never an error; without its row the
     # engine answered a backend's DONE after a disconnect with IllegalTransition (a moving row is checked above)
     have = {(r.src, r.event) for r in rows}

@@ -29,7 +29,7 @@ def table_with_state(tmp_path: Path, name: str, kind: str = "final", leaves: str
         text += "".join(f"{name} + {ev} = .late\n" for ev in ("complete", "fail", "timeout", "grace_expired"))
     else:
         text, n = re.subn(r"^(InFlight +\+ timeout += )CancelRequested", rf"\g<1>{name}", text, flags=re.M)
-        text += f"{name} + {leaves}\n"
+        text += f"{name} + {leaves}\n{name} + terminate = .defer -> Deferred\n"  # (DESIGN §5: deferred there)
     assert n == 1
     path = tmp_path / f"review-{name}.table"
     path.write_text(text, encoding="utf-8")

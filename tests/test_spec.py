@@ -520,3 +520,33 @@ def test_an_expose_that_leaves_the_session_unexposed_is_reported_at_its_row(old,
     assert msg.startswith(f"{src} + expose = {dst} leaves the session in "), msg
     assert ("illegal transition" in msg) == (src != "Advertised"), msg
     assert _violations(GOOD) == []  # the control: Advertised + expose = InFlight
+
+
+@pytest.mark.parametrize(("old", "new", "code"), [
+    # no row: the engine's terminate() answered NotFound ("no session") for a session still exposed
+    ("InFlight         + terminate      = .defer                        -> Deferred\n", "", "terminate-not-deferred"),
+    # answered Deferred without the flag: TerminateNow never came (the session leaked)
+    ("InFlight         + terminate      = .defer                        -> Deferred",
+     "InFlight         + terminate      = .stay                         -> Deferred", "terminate-not-deferred"),
+    # the executor told Terminated released its resources while the transfer may still write them
+    ("Advertised       + terminate      = .defer                        -> Deferred",
+     "Advertised       + terminate      = .defer                        -> Terminated", "terminate-result"),
+    # a second Terminated: released twice
+    ("Terminated       + terminate      = .stay                         -> AlreadyTerminated",
+     "Terminated       + terminate      = .stay                         -> Terminated", "terminate-result"),
+    # the move that terminates, answered as if it had happened before: never released
+    ("Quiesced         + terminate      = Terminated                    -> Terminated",
+     "Quiesced         + terminate      = Terminated                    -> AlreadyTerminated", "terminate-result"),
+])
+def test_a_terminate_row_that_does_not_defer_or_answers_wrong_is_reported(old, new, code):
+    """Accepted silently.  DESIGN §5: a terminate before a terminal state sets a flag and returns Deferred; TerminateNow
+    comes exactly once.  The executor acts on terminate()'s answer (Terminated: release now; Deferred: wait), so that
+    answer follows from the row: Deferred on .defer, Terminated on the move to the final state, AlreadyTerminated on
+    the final state's .stay."""
+    t = edit(old, new)
+    state = old.split()[0]
+    line = line_of(t, new.split("=")[0]) if new else decl(t, state)
+    found = [(v.code, v.line, v.message) for v in _violations(t)]
+    assert [(c, ln) for c, ln, _ in found] == [(code, line)], found
+    assert state in found[0][2] and "terminate" in found[0][2], found
+    assert _violations(edit(old, old)) == []  # the control: the row as the table has it

@@ -448,6 +448,21 @@ def _check_graph(path, states, kinds, events, sources, cancel_results, terminate
         if missing:
             bad(state_line[s], "missing-late", f"{'terminal' if s in terminals else 'final'} state {s} has no row for "
                 f"{', '.join(missing)}: add '{s} + {missing[0]} = .late' (a late event is never an error)")
+    # DESIGN §3: only two things prove that no agent touches the buffers: the session was never exposed, or the
+    # transport or the peer said the transfer stopped (complete).  A session in a state reached after an expose may be
+    # exposed (InFlight + timeout = Quiesced / cancelled passed: elapsed time as evidence, the slot back in the pool
+    # while bytes still land; InFlight + fail = Advertised passed: an exposed session back in the state whose cancel
+    # is proof of never-exposed, CancelledBeforeAdvertise, frees now)
+    exposed = _closure({r.dst for r in rows if r.event == "expose" and r.moves}, out)
+    for r in rows:
+        if not r.moves or r.src not in exposed:
+            continue
+        if r.dst == initial and r.src != initial:
+            bad(r.line, "exposed-to-initial", f"{r.src} + {r.event} = {r.dst}: {r.src} may be exposed, and {initial} "
+                                              f"means never exposed (its cancel is the evidence, DESIGN §3)")
+        elif r.dst == _EVIDENCE_STATE and r.event != "complete":
+            bad(r.line, "quiesced-without-evidence", f"{r.src} + {r.event} = {r.dst}: {r.src} may be exposed, and "
+                f"{r.event} is not evidence that access stopped (only complete is, DESIGN §3): move to Poisoned")
     seen = _closure({initial}, out)  # reachable from the initial state
     for s in states:
         if s not in seen:

@@ -19,16 +19,20 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 needs_dot = pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz `dot` not installed")
 
 
-def table_with_state(tmp_path: Path, name: str, kind: str = "final", leaves: str = "") -> Path:
+def table_with_state(tmp_path: Path, name: str, kind: str = "final", leaves: str = "",
+                     before: str = "InFlight") -> Path:
     """The repository table plus a state ``name`` for design review: a second final state that Poisoned's terminate
-    leads to, or an active one InFlight's timeout leads to that leaves by the row ``leaves`` ("event = DST")."""
+    leads to, or an active one ``before``'s timeout leads to that leaves by the row ``leaves`` ("event = DST")."""
     text = spec.default_table_path().read_text(encoding="utf-8")
     text = text.replace("\n[events]", f"\n{name}  {kind}  an added state\n[events]", 1)
     if kind == "final":
         text, n = re.subn(r"^(Poisoned +\+ terminate += )Terminated", rf"\g<1>{name}", text, flags=re.M)
         text += "".join(f"{name} + {ev} = .late\n" for ev in ("complete", "fail", "timeout", "grace_expired"))
     else:
-        text, n = re.subn(r"^(InFlight +\+ timeout += )CancelRequested", rf"\g<1>{name}", text, flags=re.M)
+        if before == "InFlight":
+            text, n = re.subn(r"^(InFlight +\+ timeout += )CancelRequested", rf"\g<1>{name}", text, flags=re.M)
+        else:  # (a state that leaves for Advertised must be one no expose leads to: DESIGN §3)
+            text, n = text + f"{before} + timeout = {name}\n", 1
         text += f"{name} + {leaves}\n{name} + terminate = .defer -> Deferred\n"  # (DESIGN §5: deferred there)
     assert n == 1
     path = tmp_path / f"review-{name}.table"
@@ -173,13 +177,14 @@ def _ids(text: str) -> list[str]:
     return re.findall(r'\bid="([^"]+)"', text)
 
 
-@pytest.mark.parametrize(("name", "kind", "leaves"), [("start", "final", ""), ("end", "final", ""),
-                                                      ("start", "active", "advertise = Advertised")])
-def test_dot_ids_are_unique_for_a_state_named_like_a_pseudo_node(tmp_path, capsys, name, kind, leaves):
+@pytest.mark.parametrize(("name", "kind", "leaves", "before"), [
+    ("start", "final", "", "InFlight"), ("end", "final", "", "InFlight"),
+    ("start", "active", "advertise = Advertised", "Advertised")])
+def test_dot_ids_are_unique_for_a_state_named_like_a_pseudo_node(tmp_path, capsys, name, kind, leaves, before):
     """The [*] pseudo-nodes had the ids state-start / state-end and the creating edge edge-start-advertise-...: a
     review table with a state named start or end (one named start that advertise leaves for Advertised) drew two
     elements with one id, and a link or style aimed at the state reached the pseudo-node."""
-    table = table_with_state(tmp_path, name, kind, leaves)
+    table = table_with_state(tmp_path, name, kind, leaves, before)
     assert diagram.main_diagram(["--format", "dot", "--table", str(table)]) == 0
     dot = capsys.readouterr().out
     ids = _ids(dot)

@@ -550,3 +550,41 @@ def test_a_terminate_row_that_does_not_defer_or_answers_wrong_is_reported(old, n
     assert [(c, ln) for c, ln, _ in found] == [(code, line)], found
     assert state in found[0][2] and "terminate" in found[0][2], found
     assert _violations(edit(old, old)) == []  # the control: the row as the table has it
+
+
+@pytest.mark.parametrize(("old", "new", "code"), [
+    ("InFlight         + timeout        = CancelRequested",
+     "InFlight         + timeout        = Quiesced         / cancelled", "quiesced-without-evidence"),
+    ("CancelRequested  + grace_expired  = Poisoned         / expired",
+     "CancelRequested  + grace_expired  = Quiesced         / cancelled", "quiesced-without-evidence"),
+    ("InFlight         + cancel         = CancelRequested               -> CancelRequestedInFlight",
+     "InFlight         + cancel         = Quiesced         / cancelled  -> CancelledBeforeAdvertise",
+     "quiesced-without-evidence"),
+    ("InFlight         + fail           = Poisoned         / failed", "InFlight         + fail           = Advertised",
+     "exposed-to-initial"),
+])
+def test_a_move_that_claims_evidence_an_exposed_session_lacks_is_reported_at_its_row(old, new, code):
+    """Accepted silently.  DESIGN §3: only a session never exposed, or the transport's / peer's word (complete), proves
+    that no agent touches its buffers; elapsed time, an error or a cancel do not.  InFlight + timeout = Quiesced put
+    the slot back in the pool while bytes still landed; InFlight + fail = Advertised put an exposed session back in the
+    state whose cancel answers CancelledBeforeAdvertise (frees now)."""
+    t = edit(old, new)
+    src, event, dst = new.split()[0], new.split()[2], new.split()[4]
+    found = [(v.code, v.line, v.message) for v in _violations(t)]
+    assert (code, line_of(t, new.split("=")[0])) in [(c, ln) for c, ln, _ in found], found
+    msg = next(m for c, _, m in found if c == code)
+    assert msg.startswith(f"{src} + {event} = {dst}: {src} may be exposed"), msg
+    assert _violations(edit(old, old)) == []  # the control: the row as the table has it
+    if code == "exposed-to-initial":  # and so Advertised's cancel is no proof any more: that row is reported too
+        assert ("quiesced-without-evidence", line_of(t, "Advertised       + cancel")) in [(c, ln) for c, ln, _ in found]
+
+
+def test_a_move_into_quiesced_from_a_state_never_exposed_is_evidence():
+    """The control for the rule above: Advertised's cancel is the table's own (never exposed), and a state reached
+    from Advertised without an expose may quiesce on any event, as Advertised may."""
+    t = edit("Advertised       + cancel", "Advertised       + timeout        = Parked\n"
+             "Parked           + cancel         = Quiesced         / cancelled  -> CancelledBeforeAdvertise\n"
+             "Parked           + terminate      = .defer                        -> Deferred\n"
+             "Advertised       + cancel")
+    t = edit("[events]", "Parked            active     not exposed yet, set aside\n\n[events]", t)
+    assert _violations(t) == []

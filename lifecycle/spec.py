@@ -84,6 +84,10 @@ ENGINE_NAMES: dict[str, tuple[str, ...]] = {
 # agent touches its buffers (DESIGN §2/§3).  The engine tells them apart by name (engine.cpp's enter_final returns
 # the slot to the pool from Quiesced and quarantines it from Poisoned); both are in ENGINE_NAMES.
 _EVIDENCE_STATE = "Quiesced"
+# DESIGN §2: a Quiesced session's outcome says how it stopped (completed / cancelled); any other terminal state's
+# claims no such thing.  poll_symmetric's consensus (lifecycle.collectives) reads a Terminated session's outcome
+# by these names.
+_EVIDENCE_OUTCOMES = ("completed", "cancelled")
 _ROW = re.compile(
     r"^(?P<src>\S+)\s*\+\s*(?P<event>\S+)\s*=\s*(?P<dst>\S+)"
     r"(?:\s*/\s*(?P<outcome>\S+))?(?:\s*->\s*(?P<result>\S+))?\s*$"
@@ -400,6 +404,17 @@ def _check_graph(path, states, kinds, events, sources, cancel_results, terminate
             # in poll_symmetric's consensus)
             bad(r.line, "missing-outcome", f"{r.src} + {r.event} = {r.dst} enters terminal {r.dst} without an "
                                            f"outcome: add '/ outcome' (one of {', '.join(outcomes)})")
+        if r.moves and r.outcome is not None and r.dst in finals:
+            # (Poisoned + terminate = Terminated / completed passed: the ranks' consensus then counted a transfer
+            # without evidence completed; and a deferred terminate, which the engine applies as a bare move, set none)
+            bad(r.line, "outcome-into-final", f"{r.src} + {r.event} = {r.dst} sets outcome {r.outcome}: the move "
+                                              f"into the final state keeps the terminal state's outcome")
+        elif r.moves and r.outcome is not None and r.dst in terminals and (
+                (r.dst == _EVIDENCE_STATE) != (r.outcome in _EVIDENCE_OUTCOMES)):
+            # (InFlight + fail = Poisoned / completed passed: once terminated, counted completed by the consensus)
+            bad(r.line, "outcome-state-mismatch", f"{r.src} + {r.event} = {r.dst} / {r.outcome}: " + (
+                f"a {r.dst} session's outcome is {' or '.join(_EVIDENCE_OUTCOMES)} (DESIGN §2)"
+                if r.dst == _EVIDENCE_STATE else f"{r.outcome} claims the evidence {r.dst} lacks (DESIGN §2)"))
         if r.event == "expose" and kinds[after] != "active":
             # (Quiesced + expose = .stay passed: the executor's expose() answered without an error and it handed out
             # the descriptors of buffers the session's AlreadyComplete had freed; Advertised + expose = .stay left a

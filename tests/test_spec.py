@@ -588,3 +588,24 @@ def test_a_move_into_quiesced_from_a_state_never_exposed_is_evidence():
              "Advertised       + cancel")
     t = edit("[events]", "Parked            active     not exposed yet, set aside\n\n[events]", t)
     assert _violations(t) == []
+
+
+@pytest.mark.parametrize(("old", "new", "code"), [
+    ("InFlight         + fail           = Poisoned         / failed",
+     "InFlight         + fail           = Poisoned         / completed", "outcome-state-mismatch"),
+    ("InFlight         + complete       = Quiesced         / completed",
+     "InFlight         + complete       = Quiesced         / failed", "outcome-state-mismatch"),
+    ("Poisoned         + terminate      = Terminated                    -> Terminated",
+     "Poisoned         + terminate      = Terminated       / completed  -> Terminated", "outcome-into-final"),
+])
+def test_an_outcome_that_contradicts_its_state_is_reported_at_its_row(old, new, code):
+    """Accepted silently.  DESIGN §2: a Quiesced session's outcome is completed or cancelled, and Poisoned has no
+    evidence to claim either.  poll_symmetric's consensus reads a Terminated session's outcome by name, so a Poisoned
+    session with outcome completed (or set so by its terminate) counted as completed on every rank once terminated; a
+    deferred terminate (a bare move in the engine) set no outcome where a direct one did."""
+    t = edit(old, new)
+    src, event = new.split()[0], new.split()[2]
+    found = [(v.code, v.line, v.message) for v in _violations(t)]
+    assert [(c, ln) for c, ln, _ in found] == [(code, line_of(t, new.split("=")[0]))], found
+    assert found[0][2].startswith(f"{src} + {event} = "), found
+    assert _violations(edit(old, old)) == []  # the control: the row as the table has it

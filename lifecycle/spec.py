@@ -447,6 +447,14 @@ def _check_graph(path, states, kinds, events, sources, cancel_results, terminate
         elif r.dst != ".defer":
             bad(r.line, "terminate-not-deferred", f"{s} + terminate = {r.dst}: a terminate before a terminal state "
                                                   f"must be deferred (= .defer -> Deferred, DESIGN §5)")
+    # DESIGN §4: cancel answers in every state; without a row before the final state the engine's cancel() answered
+    # NotCancellable ("Poisoned or already Terminated: nothing to cancel"): a transfer never aborted, or an Advertised
+    # or Quiesced session the executor was never told it may free
+    have_cancel = {r.src for r in rows if r.event == "cancel"}
+    for s in states:
+        if kinds[s] != "final" and s not in have_cancel:
+            bad(state_line[s], "missing-cancel", f"{kinds[s]} state {s} has no cancel row: the engine's cancel() would "
+                                                 f"answer NotCancellable there (DESIGN §4: cancel is idempotent)")
     # The answer follows from the row: the executor releases its resources on Terminated and waits for TerminateNow
     # on Deferred (.defer -> Terminated passed: it released them while exposed; Terminated + terminate = .stay ->
     # Terminated: released twice; a move to the final state answering AlreadyTerminated: never released)

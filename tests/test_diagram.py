@@ -33,7 +33,9 @@ def table_with_state(tmp_path: Path, name: str, kind: str = "final", leaves: str
             text, n = re.subn(r"^(InFlight +\+ timeout += )CancelRequested", rf"\g<1>{name}", text, flags=re.M)
         else:  # (a state that leaves for Advertised must be one no expose leads to: DESIGN §3)
             text, n = text + f"{before} + timeout = {name}\n", 1
-        text += f"{name} + {leaves}\n{name} + terminate = .defer -> Deferred\n"  # (DESIGN §5: deferred there)
+        # (DESIGN §4, §5: cancel answers there, terminate is deferred)
+        text += f"{name} + {leaves}\n{name} + terminate = .defer -> Deferred\n"
+        text += f"{name} + cancel = .stay -> NotCancellable\n"
     assert n == 1
     path = tmp_path / f"review-{name}.table"
     path.write_text(text, encoding="utf-8")

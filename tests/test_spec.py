@@ -609,3 +609,23 @@ def test_an_outcome_that_contradicts_its_state_is_reported_at_its_row(old, new, 
     assert [(c, ln) for c, ln, _ in found] == [(code, line_of(t, new.split("=")[0]))], found
     assert found[0][2].startswith(f"{src} + {event} = "), found
     assert _violations(edit(old, old)) == []  # the control: the row as the table has it
+
+
+@pytest.mark.parametrize("row", [
+    "InFlight         + cancel         = CancelRequested               -> CancelRequestedInFlight",
+    "Advertised       + cancel         = Quiesced         / cancelled  -> CancelledBeforeAdvertise",
+    "Quiesced         + cancel         = .stay                         -> AlreadyComplete",
+])
+def test_a_state_before_the_final_one_without_a_cancel_row_is_reported_at_its_declaration(row):
+    """Accepted silently: a table without InFlight's (or Advertised's, Quiesced's) cancel row.  The engine's cancel()
+    then answered NotCancellable, "nothing to cancel": a transfer never aborted, or a session the executor was never
+    told it may free (DESIGN §4: cancel is idempotent and answers in every state).  The final state needs none: there
+    NotCancellable is the answer."""
+    t = edit(row + "\n", "")
+    state = row.split()[0]
+    found = [(v.code, v.line, v.message) for v in _violations(t)]
+    assert ("missing-cancel", decl(t, state)) in [(c, ln) for c, ln, _ in found], found
+    assert [c for c, _, _ in found] == ["missing-cancel"], found
+    assert f"state {state} has no cancel row" in found[0][2], found
+    assert _violations(edit("Terminated       + cancel         = .stay                         -> NotCancellable\n",
+                            "")) == []  # the control: the final state without one

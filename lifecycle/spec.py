@@ -88,6 +88,9 @@ _EVIDENCE_STATE = "Quiesced"
 # claims no such thing.  poll_symmetric's consensus (lifecycle.collectives) reads a Terminated session's outcome
 # by these names.
 _EVIDENCE_OUTCOMES = ("completed", "cancelled")
+# The timers engine.cpp's tick() fires, by name: each overdue session at the head of the state's list gets the event
+# until none is overdue, so that event's row must take the session out of the state.
+_TIMERS = (("InFlight", "timeout"), ("CancelRequested", "grace_expired"))
 _ROW = re.compile(
     r"^(?P<src>\S+)\s*\+\s*(?P<event>\S+)\s*=\s*(?P<dst>\S+)"
     r"(?:\s*/\s*(?P<outcome>\S+))?(?:\s*->\s*(?P<result>\S+))?\s*$"
@@ -447,6 +450,19 @@ def _check_graph(path, states, kinds, events, sources, cancel_results, terminate
         elif r.dst != ".defer":
             bad(r.line, "terminate-not-deferred", f"{s} + terminate = {r.dst}: a terminate before a terminal state "
                                                   f"must be deferred (= .defer -> Deferred, DESIGN §5)")
+    # (No row, or InFlight + timeout = .stay, passed: tick() applied the event to the same overdue session for ever,
+    # under its shard's lock, queueing an illegal_event record each time; a move back into the state re-arms the
+    # timer, so the transfer is never aborted)
+    for s, e in _TIMERS:
+        r = next((r for r in rows if (r.src, r.event) == (s, e)), None)
+        if s not in kinds or e not in sources:  # (engine-name reports it)
+            continue
+        if r is None:
+            bad(state_line[s], "timer-stays", f"{kinds[s]} state {s} has no {e} row: the engine fires {e} there "
+                                              f"until the session leaves {s} (DESIGN §6)")
+        elif not r.moves or r.dst == s:
+            bad(r.line, "timer-stays", f"{s} + {e} = {r.dst}: the engine fires {e} there until the session leaves "
+                                       f"{s} (DESIGN §6); the row must move it to another state")
     # DESIGN §4: cancel answers in every state; without a row before the final state the engine's cancel() answered
     # NotCancellable ("Poisoned or already Terminated: nothing to cancel"): a transfer never aborted, or an Advertised
     # or Quiesced session the executor was never told it may free

@@ -629,3 +629,26 @@ def test_a_state_before_the_final_one_without_a_cancel_row_is_reported_at_its_de
     assert f"state {state} has no cancel row" in found[0][2], found
     assert _violations(edit("Terminated       + cancel         = .stay                         -> NotCancellable\n",
                             "")) == []  # the control: the final state without one
+
+
+@pytest.mark.parametrize(("old", "new"), [
+    ("InFlight         + timeout        = CancelRequested\n", ""),
+    ("InFlight         + timeout        = CancelRequested", "InFlight         + timeout        = .stay"),
+    ("CancelRequested  + grace_expired  = Poisoned         / expired", "CancelRequested  + grace_expired  = .late"),
+    ("CancelRequested  + grace_expired  = Poisoned         / expired",
+     "CancelRequested  + grace_expired  = CancelRequested"),
+])
+def test_a_timer_row_that_does_not_leave_its_state_is_reported(old, new):
+    """Accepted silently (when another row still uses the event).  engine.cpp's tick() fires timeout on each overdue
+    InFlight session and grace_expired on each overdue CancelRequested one until none is overdue: with no row, or one
+    that stays, it applied the event to the same session for ever under the shard's lock (an illegal_event record
+    queued each time); a move back into the state re-armed the timer, so the transfer was never aborted."""
+    t = edit(old, new)
+    state, event = old.split()[0], old.split()[2]
+    line = line_of(t, new.split("=")[0]) if new else decl(t, state)
+    found = [(v.code, v.line, v.message) for v in _violations(t)]
+    assert ("timer-stays", line) in [(c, ln) for c, ln, _ in found], found
+    assert {c for c, _, _ in found} <= {"timer-stays", "unreachable", "cannot-terminate", "dead-end"}, found
+    msg = next(m for c, _, m in found if c == "timer-stays")
+    assert state in msg and f"fires {event} there" in msg, msg
+    assert _violations(edit(old, old)) == []  # the control: the row as the table has it

@@ -383,6 +383,11 @@ def _check_graph(path, states, kinds, events, sources, cancel_results, terminate
             bad(r.line, "defer-terminal", f"{r.src} is terminal/final; terminate there must not be deferred")
         if r.dst == ".late" and sources[r.event] == "executor":
             bad(r.line, "late-executor-event", f"{r.event} comes from the executor; only transport/timer events can be late")
+        elif r.dst == ".late" and r.src not in terminals | finals:
+            # (InFlight + complete = .late passed: the transfer's DONE, the evidence, was dropped and counted late;
+            # the session waited for its timers and ended Poisoned, its good slot quarantined)
+            bad(r.line, "late-before-quiescence", f"{r.src} + {r.event} = .late: {r.src} is {kinds[r.src]}, and an "
+                f"event is late only after quiescence (in a terminal or final state)")
         if r.result is not None:
             allowed = cancel_results if r.event == "cancel" else terminate_results if r.event == "terminate" else ()
             if r.result not in allowed:

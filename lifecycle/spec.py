@@ -410,8 +410,9 @@ def _check_graph(path, states, kinds, events, sources, cancel_results, terminate
             # (InFlight + fail = Poisoned passed: the engine keeps the outcome the session had, none or an earlier
             # move's, so it ended without saying how, or saying it wrong; a Quiesced one never counted as completed
             # in poll_symmetric's consensus)
+            fit = [o for o in outcomes if (o in _EVIDENCE_OUTCOMES) == (r.dst == _EVIDENCE_STATE)] or outcomes
             bad(r.line, "missing-outcome", f"{r.src} + {r.event} = {r.dst} enters terminal {r.dst} without an "
-                                           f"outcome: add '/ outcome' (one of {', '.join(outcomes)})")
+                                           f"outcome: add '/ outcome' (one of {', '.join(fit)})")
         if r.moves and r.outcome is not None and r.dst in finals:
             # (Poisoned + terminate = Terminated / completed passed: the ranks' consensus then counted a transfer
             # without evidence completed; and a deferred terminate, which the engine applies as a bare move, set none)

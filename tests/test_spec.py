@@ -494,6 +494,8 @@ def test_a_move_into_a_terminal_state_without_an_outcome_is_reported_at_its_row(
     found = [(v.code, v.line, v.message) for v in _violations(t)]
     assert [(c, ln) for c, ln, _ in found] == [("missing-outcome", line_of(t, new.split("=")[0]))], found
     assert found[0][2].startswith(f"{src} + {event} = {dst} enters terminal {dst} without an outcome"), found
+    # the outcomes it suggests are those its state allows (DESIGN §2), not a contradiction of it
+    assert found[0][2].endswith("(one of completed, cancelled)" if dst == "Quiesced" else "(one of failed, expired)")
     assert _violations(edit(old, old)) == []  # the control: the row with its outcome
 
 

@@ -469,6 +469,14 @@ def _check_graph(path, states, kinds, events, sources, cancel_results, terminate
         elif not r.moves or r.dst == s:
             bad(r.line, "timer-stays", f"{s} + {e} = {r.dst}: the engine fires {e} there until the session leaves "
                                        f"{s} (DESIGN §6); the row must move it to another state")
+    # The engine's refinements answer these in place of a row's result, so no row shows where (BackendUnhealthy
+    # marked yes passed: an executor following cancel_frees_now() freed buffers of the cancel it was told is still in
+    # flight; CancelledDeferred marked yes: freed by the cancel and again by the deferred terminate's TerminateNow)
+    for name, why in (("BackendUnhealthy", "for a cancel that moves an exposed session to CancelRequested"),
+                      ("CancelledDeferred", "when a deferred terminate releases the session (TerminateNow)")):
+        if cancel_flag.get(name) == "yes":
+            bad(cancel_line[name], "frees-not-terminal", f"cancel result {name} frees now, but the engine answers it "
+                                                         f"{why}: it must be no")
     # DESIGN §4: cancel answers in every state; without a row before the final state the engine's cancel() answered
     # NotCancellable ("Poisoned or already Terminated: nothing to cancel"): a transfer never aborted, or an Advertised
     # or Quiesced session the executor was never told it may free

@@ -670,3 +670,16 @@ def test_a_late_row_before_quiescence_is_reported_at_its_row(old, new):
     assert [(c, ln) for c, ln, _ in found] == [("late-before-quiescence", line_of(t, new.split("=")[0]))], found
     assert found[0][2].startswith(f"{src} + {event} = .late: {src} is active"), found
     assert _violations(edit(old, old)) == []  # the control: the row as the table has it
+
+
+@pytest.mark.parametrize("name", ["BackendUnhealthy", "CancelledDeferred"])
+def test_a_cancel_result_only_the_engine_answers_marked_frees_now_is_reported_at_its_declaration(name):
+    """Accepted silently: no row returns BackendUnhealthy or CancelledDeferred (the engine answers them in place of
+    a row's result), so the row-based frees-now check never saw them.  BackendUnhealthy marked yes: an executor
+    following cancel_frees_now() freed the buffers of a cancel still in flight; CancelledDeferred: freed them, then
+    freed them again on the deferred terminate's TerminateNow."""
+    t = edit(f"{name:<28} no ", f"{name:<28} yes")
+    found = [(v.code, v.line, v.message) for v in _violations(t)]
+    assert [(c, ln) for c, ln, _ in found] == [("frees-not-terminal", line_of(t, name + " "))], found
+    assert found[0][2].startswith(f"cancel result {name} frees now, but the engine answers it "), found
+    assert _violations(GOOD) == []  # the control: both marked no

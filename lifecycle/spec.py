@@ -90,6 +90,8 @@ _EVIDENCE_STATE = "Quiesced"
 _EVIDENCE_OUTCOMES = ("completed", "cancelled")
 # The timers engine.cpp's tick() fires, by name: each overdue session at the head of the state's list gets the event
 # until none is overdue, so that event's row must take the session out of the state.
+_ENGINE_SOURCES = {"expose": "executor", "cancel": "executor", "terminate": "executor", "complete": "transport",
+                   "fail": "transport", "timeout": "timer", "grace_expired": "timer"}
 _TIMERS = (("InFlight", "timeout"), ("CancelRequested", "grace_expired"))
 _ROW = re.compile(
     r"^(?P<src>\S+)\s*\+\s*(?P<event>\S+)\s*=\s*(?P<dst>\S+)"
@@ -277,6 +279,13 @@ def parse(text: str, path: str = "<table>") -> Spec:
         for name in required:
             if name not in declared[section]:
                 bad(section_line[section], "engine-name", f"[{section}] {name} is required: the engine uses it")
+    # Who posts each event the engine knows is fixed by the code (the transport posts complete and fail, tick() the
+    # timers): `fail  executor` passed, and with it a table without Quiesced + fail = .late, so a disconnect after
+    # quiescence raised IllegalTransition (DESIGN §2: late, never an error)
+    for name, source in _ENGINE_SOURCES.items():
+        if event_sources.get(name, source) != source:
+            bad(event_line[name], "engine-source", f"[events] {name} comes from the {source} in the engine, not the "
+                                                   f"{event_sources[name]}")
 
     rows: list[Row] = []
     seen: dict[tuple[str, str], int] = {}

@@ -683,3 +683,22 @@ def test_a_cancel_result_only_the_engine_answers_marked_frees_now_is_reported_at
     assert [(c, ln) for c, ln, _ in found] == [("frees-not-terminal", line_of(t, name + " "))], found
     assert found[0][2].startswith(f"cancel result {name} frees now, but the engine answers it "), found
     assert _violations(GOOD) == []  # the control: both marked no
+
+
+@pytest.mark.parametrize(("event", "source", "lates"), [("fail", "executor", True), ("complete", "timer", False),
+                                                         ("expose", "transport", False)])
+def test_an_engine_event_declared_with_another_source_is_reported_at_its_declaration(event, source, lates):
+    """Accepted silently: `fail  executor` with the terminal and final states' `fail = .late` rows removed (the late
+    checks go by the declared source), so a disconnect after quiescence raised IllegalTransition (DESIGN §2: late,
+    never an error).  The engine fixes who posts each of its events: the transport complete and fail, its timers
+    timeout and grace_expired, the executor the rest."""
+    decl_line = next(ln for ln in GOOD.split("\n") if ln.startswith(f"{event} ") and ln.split()[1] in
+                     ("executor", "transport", "timer"))
+    t = edit(decl_line, decl_line.replace(decl_line.split()[1], f"{source:<9}", 1))
+    if lates:
+        for st in ("Quiesced", "Poisoned", "Terminated"):
+            t = edit(next(ln for ln in t.split("\n") if ln.split()[:3] == [st, "+", event]) + "\n", "", t)
+    found = [(v.code, v.line, v.message) for v in _violations(t)]
+    assert ("engine-source", line_of(t, f"{event} ")) in [(c, ln) for c, ln, _ in found], found
+    assert next(m for c, _, m in found if c == "engine-source").startswith(f"[events] {event} comes from the "), found
+    assert _violations(GOOD) == []  # the control

@@ -503,7 +503,14 @@ def _check_graph(path, states, kinds, events, sources, cancel_results, terminate
         if want is not None and r.result in terminate_results and r.result != want:
             bad(r.line, "terminate-result", f"{r.src} + terminate = {r.dst} must return {want}, not {r.result}")
     # DESIGN §2: a transport or timer event in a terminal or final state is late, never an error; without its row the
-    # engine answered a backend's DONE after a disconnect with IllegalTransition (a moving row is checked above)
+    # engine answered a backend's DONE after a disconnect with IllegalTransition.  And it is late, nothing else: a move
+    # (Poisoned + complete = Terminated passed: the session terminated without the executor's terminate, which then
+    # answered AlreadyTerminated, and its late DONE recovered nothing) or a `.stay` (dropped the evidence a late
+    # complete gives a quarantined slot) broke that
+    for r in rows:
+        if r.src in terminals | finals and sources[r.event] != "executor" and r.dst != ".late":
+            bad(r.line, "not-late", f"{r.src} + {r.event} = {r.dst}: a {sources[r.event]} event in "
+                f"{'terminal' if r.src in terminals else 'final'} state {r.src} is late: '= .late' (DESIGN §2)")
     have = {(r.src, r.event) for r in rows}
     for s in sorted(terminals | finals, key=states.index):
         missing = [e for e in events if sources[e] != "executor" and (s, e) not in have]

@@ -88,10 +88,11 @@ _EVIDENCE_STATE = "Quiesced"
 # claims no such thing.  poll_symmetric's consensus (lifecycle.collectives) reads a Terminated session's outcome
 # by these names.
 _EVIDENCE_OUTCOMES = ("completed", "cancelled")
-# The timers engine.cpp's tick() fires, by name: each overdue session at the head of the state's list gets the event
-# until none is overdue, so that event's row must take the session out of the state.
+# Who posts each event the engine knows (the transport's progress thread, tick(), the executor's calls).
 _ENGINE_SOURCES = {"expose": "executor", "cancel": "executor", "terminate": "executor", "complete": "transport",
                    "fail": "transport", "timeout": "timer", "grace_expired": "timer"}
+# The timers engine.cpp's tick() fires, by name: each overdue session at the head of the state's list gets the event
+# until none is overdue, so that event's row must take the session out of the state.
 _TIMERS = (("InFlight", "timeout"), ("CancelRequested", "grace_expired"))
 _ROW = re.compile(
     r"^(?P<src>\S+)\s*\+\s*(?P<event>\S+)\s*=\s*(?P<dst>\S+)"

@@ -91,6 +91,9 @@ _EVIDENCE_OUTCOMES = ("completed", "cancelled")
 # Who posts each event the engine knows (the transport's progress thread, tick(), the executor's calls).
 _ENGINE_SOURCES = {"expose": "executor", "cancel": "executor", "terminate": "executor", "complete": "transport",
                    "fail": "transport", "timeout": "timer", "grace_expired": "timer"}
+# The results the engine answers without a row: NotFound (no session) and the table header's three refinements.
+_ENGINE_ONLY_RESULTS = {"cancel": ("NotFound", "BackendUnhealthy", "CancelledDeferred"),
+                        "terminate": ("NotFound", "AlreadyDeferred")}
 # The timers engine.cpp's tick() fires, by name: each overdue session at the head of the state's list gets the event
 # until none is overdue, so that event's row must take the session out of the state.
 _TIMERS = (("InFlight", "timeout"), ("CancelRequested", "grace_expired"))
@@ -402,6 +405,11 @@ def _check_graph(path, states, kinds, events, sources, cancel_results, terminate
             allowed = cancel_results if r.event == "cancel" else terminate_results if r.event == "terminate" else ()
             if r.result not in allowed:
                 bad(r.line, "result-event-mismatch", f"result {r.result} does not belong to event {r.event}")
+            elif r.result in _ENGINE_ONLY_RESULTS.get(r.event, ()):
+                # (Advertised + cancel = Quiesced -> CancelledDeferred passed: every such cancel said 'TerminateNow
+                # releases it', frees now: no, with no terminate deferred, so nothing ever freed the session)
+                bad(r.line, "engine-only-result", f"{r.src} + {r.event} returns {r.result}, which only the engine "
+                    f"answers ({'no session' if r.result == 'NotFound' else 'a refinement in the table header'})")
         after = r.dst if r.moves else r.src
         if r.event == "cancel" and cancel_flag.get(r.result) == "yes" and after not in terminals | finals:
             # (CancelRequestedInFlight marked yes passed: the engine and the audit take the flag from here, so an

@@ -476,10 +476,7 @@ def test_a_cancel_result_that_frees_now_outside_quiesced_is_reported_at_its_row(
     found = [v for v in _violations(t) if v.code == "frees-not-quiesced"]
     assert [(v.path, v.line) for v in found] == [("t.table", line_of(t, new.split("=")[0]))], _violations(t)
     assert found[0].message.startswith(f"{state} + cancel returns {result}, which frees now"), found[0].message
-    # the control: the same result from Quiesced, where it is evidence, is a valid row
-    ok = edit("Quiesced         + cancel         = .stay                         -> AlreadyComplete",
-              "Quiesced         + cancel         = .stay                         -> NotFound")
-    assert _violations(ok) == []
+    assert _violations(GOOD) == []  # the control: AlreadyComplete (frees now) from Quiesced, where it is evidence
 
 
 @pytest.mark.parametrize(("old", "new"), [
@@ -722,4 +719,24 @@ def test_a_transport_or_timer_event_after_quiescence_that_is_not_late_is_reporte
     found = [(v.code, v.line, v.message) for v in _violations(t)]
     assert [(c, ln) for c, ln, _ in found] == [("not-late", line_of(t, new.split("=")[0]))], found
     assert found[0][2].startswith(f"{src} + {event} = {dst}: a "), found
+    assert _violations(edit(old, old)) == []  # the control: the row as the table has it
+
+
+@pytest.mark.parametrize(("old", "new"), [
+    ("-> CancelledBeforeAdvertise", "-> CancelledDeferred"),
+    ("InFlight         + cancel         = CancelRequested               -> CancelRequestedInFlight",
+     "InFlight         + cancel         = CancelRequested               -> BackendUnhealthy"),
+    ("Quiesced         + cancel         = .stay                         -> AlreadyComplete",
+     "Quiesced         + cancel         = .stay                         -> NotFound"),
+])
+def test_a_row_returning_a_result_only_the_engine_answers_is_reported_at_its_row(old, new):
+    """Accepted silently.  NotFound (no session) and the refinements (BackendUnhealthy, CancelledDeferred) are the
+    engine's answers, never a row's: Advertised + cancel -> CancelledDeferred told every such cancel 'frees now: no,
+    its TerminateNow releases it' with no terminate deferred, so nothing ever freed the session."""
+    t = edit(old, new)
+    result = new.split()[-1]
+    found = [(v.code, v.line, v.message) for v in _violations(t)]
+    row = next(ln for ln in t.split("\n") if ln.endswith("-> " + result))
+    assert [(c, ln) for c, ln, _ in found] == [("engine-only-result", line_of(t, row))], found
+    assert f"returns {result}, which only the engine answers" in found[0][2], found
     assert _violations(edit(old, old)) == []  # the control: the row as the table has it

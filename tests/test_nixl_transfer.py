@@ -166,6 +166,7 @@ def test_a_failed_post_leaves_the_peer_disconnected_until_remove_peer_and_add_pe
 
         assert read(1) in ("Posted", "CompletedInPost") and rcv.wait(1) is State.Quiesced  # control
         assert crc(rcv.view(1, n)) == crc(pattern(n, 1))
+        assert rcv.engine.health().healthy  # (control)
         snd.wait(1)
         snd.engine.terminate(1)
         rcv.engine.terminate(1)
@@ -179,6 +180,9 @@ def test_a_failed_post_leaves_the_peer_disconnected_until_remove_peer_and_add_pe
                                                  r"\(request 2\)" + hint):
             read(2, Mem(p, n))
         assert rcv.engine.state(2) is State.Poisoned  # posted, failed: no evidence
+        # health says so while the mark stands (it said nothing: an executor polling health saw no reason)
+        marked = "transport pdis-rcv: peer 'pdis-snd' disconnected after a failed post: remove_peer + add_peer"
+        assert marked in rcv.engine.health().reasons and marked not in snd.engine.health().reasons
         # A good transfer to the same peer would fail too, after its expose (NIXL's mark): each Poisoned one slot on
         # each side.  It is refused before anything is built or exposed now (PeerDisconnected, naming the peer; seen
         # failing before: the post's error, the session Poisoned): the session stays Advertised and its cancel frees
@@ -196,7 +200,9 @@ def test_a_failed_post_leaves_the_peer_disconnected_until_remove_peer_and_add_pe
         assert [r for r, _ in rcv.t.recent_failures()] == [2]  # the refusals were no backend failures
         assert rcv.t.stats().live_xfers == 0  # the refused requests' NIXL handles released
         # the way back: remove_peer(), then add_peer()
+        assert marked in rcv.engine.health().reasons  # after add_peer() alone too
         rcv.t.remove_peer(snd_at_rcv)
+        assert marked not in rcv.engine.health().reasons
         assert rcv.t.add_peer(snd.t.metadata()) == snd_at_rcv
         assert read(5) in ("Posted", "CompletedInPost") and rcv.wait(5) is State.Quiesced
         assert rcv.engine.outcome(5) is Outcome.completed and crc(rcv.view(5, n)) == crc(pattern(n, 5))

@@ -368,7 +368,8 @@ struct Engine::ForkGuard {
 };
 
 // The order every other path takes them in: wait_mu_ before a shard (wait_ready), a shard before the pool's
-// (a lease under the shard lock); hooks_mu_ and backend_mu_ are never held with another.
+// (a lease under the shard lock); hooks_mu_ and backend_mu_ are never held with another (backend_mu_ is a leaf: a
+// transport files its health reasons under its own lock).
 void Engine::lock_for_fork() {
   wait_mu_.lock();
   for (Shard& sh : shards()) sh.mu.lock();
@@ -1156,6 +1157,18 @@ void Engine::set_backend_health(bool healthy, std::string reason) {
   backend_reason_ = std::move(reason);
 }
 
+void Engine::set_health_reasons(std::uint64_t key, std::vector<std::string> reasons) {
+  std::lock_guard<std::mutex> g(backend_mu_);
+  auto it = std::find_if(filed_reasons_.begin(), filed_reasons_.end(), [&](const auto& f) { return f.first == key; });
+  if (it == filed_reasons_.end()) {
+    if (!reasons.empty()) filed_reasons_.emplace_back(key, std::move(reasons));
+  } else if (reasons.empty()) {
+    filed_reasons_.erase(it);
+  } else {
+    it->second = std::move(reasons);
+  }
+}
+
 std::uint64_t Engine::add_abort_hook(AbortHook hook) {
   std::lock_guard<std::mutex> g(hooks_mu_);
   auto next = hooks_ ? std::make_shared<AbortHooks>(*hooks_) : std::make_shared<AbortHooks>();
@@ -1242,6 +1255,7 @@ Health Engine::health() {
     h.backend_healthy = backend_healthy_.load();
     h.backend_reason = backend_reason_;
     if (!h.backend_healthy) h.reasons.push_back("backend: " + backend_reason_);
+    for (const auto& f : filed_reasons_) h.reasons.insert(h.reasons.end(), f.second.begin(), f.second.end());
   }
   h.healthy = h.reasons.empty();
   unhealthy_.store(!h.healthy);

@@ -851,11 +851,19 @@ void test_a_remembered_stop_goes_with_the_session_that_could_post_it() {
 // Poisoned with its slot): later transfers to that peer are refused before anything is built or exposed
 // (PeerDisconnected naming it; the session stays Advertised) until remove_peer().  Controls: a transfer before the
 // failure, and one after remove_peer() + add_peer(), move their bytes; a failure that is no NIXL call marks nothing.
+// health()'s reasons that say `peer` is disconnected after a failed post
+std::size_t peer_reasons(Engine& e, const std::string& peer) {
+  const Health h = e.health();
+  return static_cast<std::size_t>(std::count_if(h.reasons.begin(), h.reasons.end(), [&](const std::string& r) {
+    return r.find("peer '" + peer + "' disconnected after a failed post") != std::string::npos;
+  }));
+}
+
 void test_a_failed_nixl_post_refuses_its_peer_until_remove_peer() {
   auto ea = std::make_shared<Engine>(Config{});
   Hooks hooks;
   hooks.in_post = [](std::uint64_t req) {
-    if (req == 2) throw NixlCallError("post_xfer_req", -2, "request 2");
+    if (req == 2 || req == 6) throw NixlCallError("post_xfer_req", -2, "request " + std::to_string(req));
     if (req == 3) throw TransportError("post: request 3: not a NIXL call");
   };
   Duo d(ea, std::make_unique<HookAgent>(named("mark-a"), hooks), std::make_shared<Engine>(Config{}), 'm');
@@ -876,6 +884,8 @@ void test_a_failed_nixl_post_refuses_its_peer_until_remove_peer() {
       failed = true;
     }
     CHECK(failed && state_of(*ea, req) == State::Poisoned);
+    // health names the marked peer while the mark stands (an executor polling health saw nothing); not before
+    CHECK(peer_reasons(*ea, "mark-b") == (req == 2 ? 1u : 0u));
   }
   std::string peer;
   try {
@@ -887,11 +897,20 @@ void test_a_failed_nixl_post_refuses_its_peer_until_remove_peer() {
   CHECK(state_of(*ea, 4) == State::Advertised);
   CHECK(ea->cancel(4) == CancelResult::CancelledBeforeAdvertise);
   ta.remove_peer("mark-b");
+  CHECK(peer_reasons(*ea, "mark-b") == 0);  // cleared with the mark
   ta.add_peer(tb->metadata());
   std::fill(dst.begin(), dst.end(), 0);
   (void)write(5);
   CHECK(eventually([&] { return state_of(*ea, 5) == State::Quiesced; }));
   CHECK(std::memcmp(src.data(), dst.data(), src.size()) == 0);
+  try {  // marks it again; a stopped transport refuses nothing more: its reason goes with it
+    (void)write(6);
+    CHECK(false);
+  } catch (const NixlCallError&) {
+  }
+  CHECK(peer_reasons(*ea, "mark-b") == 1);
+  ta.stop();
+  CHECK(peer_reasons(*ea, "mark-b") == 0);
 }
 
 void test_a_stop_after_our_session_took_another_offer_outlives_it() {

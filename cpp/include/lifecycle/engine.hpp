@@ -199,6 +199,9 @@ class Engine {
   Health health();
   bool unhealthy() const { return unhealthy_.load(std::memory_order_relaxed); }
   void set_backend_health(bool healthy, std::string reason);
+  // Reasons a transport files under its key (its abort hook's id): health() lists them while they stand.  Each
+  // call replaces that key's list (empty: withdrawn).  Made when they change, never on a transfer's path.
+  void set_health_reasons(std::uint64_t key, std::vector<std::string> reasons);
   // Called (outside every engine lock) for sessions that entered CancelRequested: the transport
   // must abort/ask its peer to stop.  Every transport that drives this engine adds its own hook
   // (each ignores requests it holds nothing for); remove_abort_hook(id) takes one out (a hook that is
@@ -263,6 +266,7 @@ class Engine {
   std::atomic<bool> backend_healthy_{true};
   std::mutex backend_mu_;
   std::string backend_reason_;
+  std::vector<std::pair<std::uint64_t, std::vector<std::string>>> filed_reasons_;  // (key, reasons); backend_mu_
   std::mutex hooks_mu_;
   std::uint64_t next_hook_ = 1;  // guarded by hooks_mu_
   // replaced, never mutated (copy on write): run_aborts calls a snapshot outside every lock

@@ -1088,7 +1088,7 @@ void Transport::transfer_batch(const TransferItem* items, std::size_t n, Transfe
         // Poisoned).  (The error path only: nothing of this runs for a post that goes out.)
         {
           std::lock_guard<std::mutex> lk(mu_);
-          failed_post_peers_.insert(*items[i].peer);
+          if (failed_post_peers_.insert(*items[i].peer).second) file_peer_reasons();
         }
         NixlCallError named(x, " to peer '" + *items[i].peer + "'; with NIXL 1.5.1 a failed post leaves the peer " +
                                    "marked disconnected: every later transfer to it fails until remove_peer() and " +
@@ -1781,7 +1781,8 @@ void Transport::remove_peer(const std::string& peer) {
   {
     std::lock_guard<std::mutex> lk(mu_);
     ++removals_;
-    failed_post_peers_.erase(peer);  // NIXL drops its mark with the peer's metadata (add_peer loads it fresh)
+    // NIXL drops its mark with the peer's metadata (add_peer loads it fresh)
+    if (failed_post_peers_.erase(peer) != 0) file_peer_reasons();
     // with the scan: an expect() or transfer() that looked the peer up before is refused when it makes
     // its entry, so none escapes both the scan and the refusal (until add_peer() loads it again)
     // The mark matters only while a call that looked the peer up before its invalidation still runs (a
@@ -1824,6 +1825,18 @@ void Transport::remove_peer(const std::string& peer) {
   }
 }
 
+// An executor that polls health sees what refuses transfers to a peer (the refusal itself only reaches the caller
+// of a transfer to it).  The key is the abort hook's id: this transport's own within the engine.
+void Transport::file_peer_reasons() {
+  if (!engine_) return;
+  std::vector<std::string> reasons;
+  for (const std::string& peer : failed_post_peers_) {
+    reasons.push_back("transport " + name() + ": peer '" + peer + "' disconnected after a failed post: remove_peer "
+                      "+ add_peer");
+  }
+  engine_->set_health_reasons(abort_hook_, std::move(reasons));
+}
+
 void Transport::stop() {
   if (stopped_.exchange(true)) return;
   {
@@ -1831,6 +1844,11 @@ void Transport::stop() {
     relay_->target = nullptr;
   }
   if (engine_) engine_->remove_abort_hook(abort_hook_);  // the relay already made it a no-op
+  {  // it refuses nothing more (stopped): its reasons go
+    std::lock_guard<std::mutex> lk(mu_);
+    failed_post_peers_.clear();
+    file_peer_reasons();
+  }
   progress_->stop();
   std::vector<std::pair<std::uint64_t, Entry>> all;
   {

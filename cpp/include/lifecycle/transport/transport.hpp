@@ -375,6 +375,7 @@ class Transport final : public EventSink {
   // Peers a NIXL post failed to (NIXL then keeps them marked disconnected): transfers to them are refused before
   // the expose, until remove_peer().  Empty but for that: the transfer path tests emptiness only.
   std::set<std::string> failed_post_peers_;
+  void file_peer_reasons();  // (mu_ held) failed_post_peers_ changed: the engine's health lists them
   std::uint64_t removals_ = 0;  // remove_peer() calls so far: expect() tells its entry's loss by them (mu_)
   // Requests of ours that ended without evidence (marked with the erase of their entry): never a
   // "quiesced" for them, never their id again, and their ranges in held_ for good (unless a Done of

@@ -683,6 +683,38 @@ def test_one_changed_byte_of_the_ucx_address_is_refused_before_ucx_sees_it():
 
 
 @needs_nixl
+def test_cut_raw_metadata_is_refused_and_leaves_nothing_loaded():
+    """Review (session 28), measured with NIXL 1.5.1: raw metadata (no envelope, as an agent outside this library
+    ships it) cut anywhere past the peer's connection info (its memory sections) failed NIXL's load after NIXL had
+    loaded that connection; the failed load kept it and invalidate_remote_md then found nothing, so the peer's
+    whole metadata was refused for good (load_remote_md -1), remove_peer() or not (seen failing before: from
+    byte 306 of 454 on).  Every cut is refused before NIXL sees it now: InvalidArgument naming the metadata.
+    Controls: the whole raw metadata loads after all of them and moves bytes; raw metadata with a record of
+    another layout appended is not judged here (NIXL 1.5.1 loads it)."""
+    snd, rcv = Side("md-cut-snd", slots=1, slot_size=4096), Side("md-cut-rcv", slots=1, slot_size=4096)
+    try:
+        raw = raw_metadata(snd.t)
+        for cut in range(1, len(raw)):
+            with pytest.raises(InvalidArgument, match=r"^invalid metadata: it ends inside a record NIXL's layout still "
+                                                      rf"expects \({cut} bytes: cut on the way\?\): refused, nothing "
+                                                      r"loaded into agent md-cut-rcv"):
+                rcv.t.add_peer(raw[:cut])
+        other = raw + b"Zz" + (0).to_bytes(8, "little") + b"|"
+        assert rcv.t.add_peer(other) == "md-cut-snd"  # (the control: another layout goes to NIXL)
+        rcv.t.remove_peer("md-cut-snd")
+        assert rcv.t.add_peer(raw) == "md-cut-snd"
+        assert snd.t.add_peer(rcv.t.metadata()) == "md-cut-rcv"
+        src = snd.advertise(1, "sender", 4096, pattern(4096, 1))
+        dst = rcv.advertise(1, "receiver", 4096, 0)
+        rcv.t.read(1, dst, "md-cut-snd", snd.t.expect(1, "md-cut-rcv", src))
+        assert rcv.wait(1) is State.Quiesced and rcv.engine.outcome(1) is Outcome.completed
+        assert crc(rcv.view(1, 4096)) == crc(pattern(4096, 1))
+    finally:
+        snd.close()
+        rcv.close()
+
+
+@needs_nixl
 def test_a_peer_name_that_is_not_utf8_is_refused_with_a_typed_error():
     """Metadata whose agent name is not UTF-8 loaded, and the name's way back to Python raised a bare
     UnicodeDecodeError -- with the peer loaded and unnameable.  add_peer now refuses it: InvalidArgument

@@ -1,7 +1,11 @@
 #include "lifecycle/transport/nixl_agent.hpp"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
+#include <optional>
+#include <string_view>
 
 namespace lifecycle::transport {
 
@@ -28,6 +32,91 @@ capi::xfer_op_t to_capi(XferOp op) noexcept {
 }
 
 std::string req_context(std::uint64_t req) { return "request " + std::to_string(req); }
+
+// NIXL 1.x's metadata (nixlSerDes): "nixlSerDes|", then records (a tag, a 64-bit length, the bytes, '|') in the
+// order its loadRemoteMD reads them: Agent, Conns (a count), per backend t and c, "" = "MemSection", nixlSecElms
+// (a count), per element bknd, nixlDList, t, n (a count) and n descriptors ""; later releases add UserMDs (a count)
+// and per entry k, v.  NIXL loads the peer's connection before it reads the sections, and metadata cut there left
+// that connection behind when the load failed (its invalidate_remote_md does not find it): the name could never be
+// loaded again.  Cut: the data ends inside what the layout still expects.  Other: another layout (NIXL judges it).
+enum class MdShape { Whole, Cut, Other };
+
+class MdWalk {
+ public:
+  explicit MdWalk(const std::string& md) : md_(md) {}
+  // the next record, tagged `tag`: its bytes (nullopt: the walk stopped, shape() says why)
+  std::optional<std::string_view> next(std::string_view tag) {
+    if (shape_ != MdShape::Whole) return std::nullopt;
+    const std::size_t left = md_.size() - at_;
+    if (left < tag.size() + 8) {  // (ends in the tag or the length: cut, if what is there fits the tag)
+      const std::size_t n = std::min(left, tag.size());
+      shape_ = md_.compare(at_, n, tag, 0, n) == 0 ? MdShape::Cut : MdShape::Other;
+      return std::nullopt;
+    }
+    if (md_.compare(at_, tag.size(), tag) != 0) return stop(MdShape::Other);
+    std::uint64_t len = 0;
+    const std::size_t l = at_ + tag.size();
+    for (int b = 7; b >= 0; --b) len = (len << 8) | static_cast<unsigned char>(md_[l + static_cast<std::size_t>(b)]);
+    if (len >= md_.size() - l - 8) return stop(MdShape::Cut);  // (its bytes and the '|' do not fit)
+    if (md_[l + 8 + len] != '|') return stop(MdShape::Other);
+    at_ = l + 8 + len + 1;
+    return std::string_view(md_).substr(l + 8, static_cast<std::size_t>(len));
+  }
+  std::optional<std::uint64_t> count(std::string_view tag) {
+    const auto v = next(tag);
+    if (!v) return std::nullopt;
+    if (v->size() != 8) return stop(MdShape::Other);
+    std::uint64_t n = 0;
+    for (int b = 7; b >= 0; --b) n = (n << 8) | static_cast<unsigned char>((*v)[static_cast<std::size_t>(b)]);
+    return n;
+  }
+  bool at_end() const { return shape_ == MdShape::Whole && at_ == md_.size(); }
+  MdShape shape() const { return shape_; }
+
+ private:
+  std::nullopt_t stop(MdShape s) {
+    shape_ = s;
+    return std::nullopt;
+  }
+  const std::string& md_;
+  std::size_t at_ = 11;  // past "nixlSerDes|"
+  MdShape shape_ = MdShape::Whole;
+};
+
+// (each record takes at least 10 bytes, so no count makes a loop outrun the data)
+MdShape nixl_md_shape(const std::string& md) {
+  static constexpr std::string_view kHeader = "nixlSerDes|";
+  if (md.size() < kHeader.size()) {
+    return md.compare(0, md.size(), kHeader, 0, md.size()) == 0 ? MdShape::Cut : MdShape::Other;
+  }
+  if (md.compare(0, kHeader.size(), kHeader) != 0) return MdShape::Other;
+  MdWalk w(md);
+  const auto records = [&](std::uint64_t n, std::initializer_list<std::string_view> tags) {
+    for (std::uint64_t i = 0; i < n; ++i) {
+      for (std::string_view t : tags) {
+        if (!w.next(t)) return false;
+      }
+    }
+    return true;
+  };
+  if (!w.next("Agent")) return w.shape();
+  const auto conns = w.count("Conns");
+  if (!conns || !records(*conns, {"t", "c"})) return w.shape();
+  const auto section = w.next("");
+  if (!section) return w.shape();
+  if (*section != "MemSection") return MdShape::Other;
+  const auto elements = w.count("nixlSecElms");
+  if (!elements) return w.shape();
+  for (std::uint64_t e = 0; e < *elements; ++e) {
+    if (!w.next("bknd") || !w.next("nixlDList") || !w.next("t")) return w.shape();
+    const auto descs = w.count("n");
+    if (!descs || !records(*descs, {""})) return w.shape();
+  }
+  if (w.at_end()) return MdShape::Whole;  // (NIXL 1.5.1 ends here)
+  const auto user = w.count("UserMDs");
+  if (!user || !records(*user, {"k", "v"})) return w.shape();
+  return w.at_end() ? MdShape::Whole : MdShape::Other;
+}
 
 }  // namespace
 
@@ -168,6 +257,12 @@ std::string NixlAgent::load_remote_metadata(const std::string& md) {
                             "nothing loaded into agent " + name_);
     }
     if (len <= md.size() - at) named = md.substr(at, static_cast<std::size_t>(len));
+  }
+  if (nixl_md_shape(md) == MdShape::Cut) {
+    throw MetadataRefused("it ends inside a record NIXL's layout still expects (" + std::to_string(md.size()) +
+                          " bytes: cut on the way?): refused, nothing loaded into agent " + name_ +
+                          " (NIXL would have kept the peer's connection from it, and refused its whole metadata "
+                          "for good)");
   }
   char* name = nullptr;
   {

@@ -523,6 +523,44 @@ def test_a_failed_release_is_kept_counted_and_retried_on_every_path():
             b.close()
 
 
+def test_a_completed_transfers_failed_release_is_retried_after_stop():
+    """A failed release is retried by the sweep, on the progress thread; stop() ends that thread, so a completed
+    transfer whose release had failed kept its range held for good: deregister() was refused after stop() and a
+    dropped transport stranded the memory (seen failing before: refused).  stop() and deregister() retry it now.
+    Controls, where the range must stay held: a release that never succeeds (release_failure=1), and a transfer
+    still in flight at stop() (released without evidence).  tick=10 s: no sweep before stop()."""
+    for case in ("completed", "never released", "in flight"):
+        f = Faults(seed=1, release_failure={"completed": 0.5, "never released": 1.0}.get(case, 0.0),
+                   never_completes=1.0 if case == "in flight" else 0.0)
+        i = next(_n)
+        a = Side(f"rs-a{i}", "loopback", slots=1, slot_size=4096, transport_kw={"faults": f, "tick": 10.0})
+        b = Side(f"rs-b{i}", "loopback", slots=1, slot_size=4096, transport_kw={"tick": 10.0})
+        try:
+            b_at_a, a_at_b = connect(a, b)
+            buf = bytearray(4096)
+            reg = a.t.register(buf)
+            a.engine.advertise(1, "receiver", 0)
+            src = b.advertise(1, "sender", 4096, pattern(4096, 1))
+            a.t.read(1, reg.mem, b_at_a, b.t.expect(1, a_at_b, src))
+            if case == "in flight":
+                assert a.engine.state(1) is State.InFlight
+            else:
+                assert a.wait(1) is State.Quiesced and bytes(buf) == pattern(4096, 1), case
+                # the release after the DONE failed (seed 1: its first try), and no sweep retried it
+                wait_for(lambda: a.t.fault_stats()["release_failures"] == 1, 5, "the failed release")
+                assert a.t.stats().unreleased == 1, case
+            a.t.stop()
+            if case == "completed":
+                a.t.deregister(reg)
+                assert a.t.stats().unreleased == 0 and a.t.stats().registered_regions == 1  # (the pool's)
+            else:
+                with pytest.raises(TransportError, match=r"may still be touched by the backend"):
+                    a.t.deregister(reg)
+        finally:
+            a.close()
+            b.close()
+
+
 def test_offers_carry_distinct_tags_and_a_bare_descriptor_is_refused():
     """expect() returns an Offer (descriptor + tag) that round-trips through bytes; every expect draws a new
     tag, also for a reused id; read/write refuse a bare Mem (it carries no tag) and a malformed offer, with

@@ -194,6 +194,7 @@ Agent::RegionId Transport::register_region(const Region& r) {
 }
 
 void Transport::deregister_region(Agent::RegionId id) {
+  if (swept_out_.load()) retry_releases();  // (no sweep runs any more)
   {
     std::lock_guard<std::mutex> lk(mu_);
     auto reg = regions_.find(id);
@@ -1717,8 +1718,11 @@ void Transport::on_tick() {
   }
 }
 
-void Transport::sweep() {
-  // Retry releases that failed.
+// Retry releases that failed: a request's range is held until it goes (for good where it ended without evidence).
+// The sweep calls it; once the progress thread is gone, stop() and deregister_region() do, or stopping stranded even
+// completed transfers' memory.  One retrier at a time: two could release one id twice.
+void Transport::retry_releases() {
+  std::lock_guard<std::mutex> one(retry_mu_);
   std::vector<std::pair<std::uint64_t, bool>> retry;
   {
     std::lock_guard<std::mutex> lk(mu_);
@@ -1732,6 +1736,10 @@ void Transport::sweep() {
       forget_held(req, proven);
     }
   }
+}
+
+void Transport::sweep() {
+  retry_releases();
   if (!engine_) return;
   sweep_stopped();
   // Passive entries whose session ended without a note (grace expired, cancelled by the executor
@@ -1874,10 +1882,12 @@ void Transport::stop() {
       release_xfer(req, true);
       continue;
     }
-    if (e.side == Side::Active) release_xfer(req, false);  // a failure is retried by the agent's destructor
+    if (e.side == Side::Active) release_xfer(req, false);  // a failure is retried below, and by deregister_region
     ctr_.abandoned.fetch_add(1);
     (void)apply(req, Event::fail, e.serial);
   }
+  swept_out_.store(true);
+  retry_releases();
   {
     std::lock_guard<std::mutex> lk(bare_mu_);
   }

@@ -376,6 +376,9 @@ class Transport final : public EventSink {
   // the expose, until remove_peer().  Empty but for that: the transfer path tests emptiness only.
   std::set<std::string> failed_post_peers_;
   void file_peer_reasons();  // (mu_ held) failed_post_peers_ changed: the engine's health lists them
+  void retry_releases();
+  std::mutex retry_mu_;                  // retry_releases() one at a time (taken before mu_)
+  std::atomic<bool> swept_out_{false};  // stop() stopped the progress thread: no sweep retries releases any more
   std::uint64_t removals_ = 0;  // remove_peer() calls so far: expect() tells its entry's loss by them (mu_)
   // Requests of ours that ended without evidence (marked with the erase of their entry): never a
   // "quiesced" for them, never their id again, and their ranges in held_ for good (unless a Done of

@@ -913,6 +913,45 @@ void test_a_failed_nixl_post_refuses_its_peer_until_remove_peer() {
   CHECK(peer_reasons(*ea, "mark-b") == 0);
 }
 
+// A NIXL post that fails after a remove_peer() of its peer came (the remedy applied: add_peer() loads it fresh)
+// marks nothing.  The mark was set anyway, and refused the reloaded peer (PeerDisconnected, health naming it) until
+// another remove_peer().  Control: the same failure without the removal marks the peer.
+void test_a_post_failing_after_remove_peer_marks_nothing() {
+  for (const bool removal : {true, false}) {
+    auto ea = std::make_shared<Engine>(Config{});
+    Transport* tp = nullptr;
+    Hooks hooks;
+    hooks.in_post = [&](std::uint64_t req) {
+      if (req != 1) return;
+      if (tp != nullptr) std::exchange(tp, nullptr)->remove_peer("rmpost-b");
+      throw NixlCallError("post_xfer_req", -2, "request 1");
+    };
+    Duo d(ea, std::make_unique<HookAgent>(named("rmpost-a"), hooks), std::make_shared<Engine>(Config{}), 'p');
+    [[maybe_unused]] auto& [src, dst, l, r, ta, tb, rid] = d;
+    CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
+    if (removal) tp = &ta;
+    bool failed = false;
+    try {
+      (void)ta.transfer(1, XferOp::Write, l, r, "rmpost-b", 0);
+    } catch (const NixlCallError&) {
+      failed = true;
+    }
+    CHECK(failed && tp == nullptr && state_of(*ea, 1) == State::Poisoned);
+    CHECK(peer_reasons(*ea, "rmpost-b") == (removal ? 0u : 1u));
+    if (removal) ta.add_peer(tb->metadata());
+    CHECK(ea->advertise(2, Role::sender, 0).status == Status::Moved);
+    bool refused = false;
+    try {
+      (void)ta.transfer(2, XferOp::Write, l, r, "rmpost-b", 0);
+    } catch (const PeerDisconnected&) {
+      refused = true;
+    }
+    CHECK(refused == !removal);
+    if (removal) CHECK(eventually([&] { return state_of(*ea, 2) == State::Quiesced; }));
+    if (!removal) CHECK(ea->cancel(2) == CancelResult::CancelledBeforeAdvertise);
+  }
+}
+
 void test_a_stop_after_our_session_took_another_offer_outlives_it() {
   auto ea = std::make_shared<Engine>(ReusePair::reuse(0));
   std::function<void()> in_window = [] {};
@@ -2600,6 +2639,7 @@ int main() {
   test_a_peer_removed_and_reloaded_during_expect_fails_that_session_at_once();
   test_wait_completions_for_ever_waits();
   test_a_failed_nixl_post_refuses_its_peer_until_remove_peer();
+  test_a_post_failing_after_remove_peer_marks_nothing();
   test_a_late_abort_never_stops_a_new_session_of_the_id();
   test_an_id_with_no_session_is_refused_before_anything_is_built();
   test_a_stop_from_another_peer_is_answered_to_that_peer();

@@ -1086,10 +1086,14 @@ void Transport::transfer_batch(const TransferItem* items, std::size_t n, Transfe
         // A NIXL post that failed names the peer and the way back: NIXL 1.5.1 then takes the peer for
         // disconnected, and every later post to it fails too (measured, nixl-notes.md); add_peer() alone does
         // not reconnect it.  Later transfers to it are refused before their expose (each would fail after it:
-        // Poisoned).  (The error path only: nothing of this runs for a post that goes out.)
+        // Poisoned).  (The error path only: nothing of this runs for a post that goes out.)  Not where a
+        // remove_peer() (or stop()) took the entry during the post: the remedy came already, and a mark set now
+        // would refuse the peer that add_peer() loads fresh.
         {
           std::lock_guard<std::mutex> lk(mu_);
-          if (failed_post_peers_.insert(*items[i].peer).second) file_peer_reasons();
+          const auto e = entries_.find(req);
+          const bool abandoned = e != entries_.end() && e->second.abandon;
+          if (!abandoned && failed_post_peers_.insert(*items[i].peer).second) file_peer_reasons();
         }
         NixlCallError named(x, " to peer '" + *items[i].peer + "'; with NIXL 1.5.1 a failed post leaves the peer " +
                                    "marked disconnected: every later transfer to it fails until remove_peer() and " +

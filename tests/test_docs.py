@@ -266,3 +266,60 @@ def test_the_waits_that_poll_keep_their_transitions_for_the_next_poll():
                 assert b.wait_idle(10) is True
             got = ended(eb.poll())
             assert 2 in got and got.count(2) == 1 and 2 not in ended(eb.poll())
+
+
+def _number(text: str) -> float:
+    return float(text.strip().removesuffix(" s"))
+
+
+def test_demo_md_options_table_and_fault_rates_are_the_demo_defaults():
+    """docs/demo.md writes the demo's defaults (its Options table) and its fault rates (the Faults paragraph) a
+    second time, beside lifecycle/demo.py's parser and demo_worker.FAULT_RATES: each value quoted is the code's."""
+    from lifecycle.demo import parse_args
+    from lifecycle.demo_worker import FAULT_RATES
+    from lifecycle.transport import Faults
+
+    text = (DOCS / "demo.md").read_text(encoding="utf-8")
+    one, ranks = vars(parse_args([])), vars(parse_args(["--ranks", "2"]))
+    table = _paragraph(text, "| option | default |").replace("\\|", "/")  # (`--mode read\|write`)
+    rows = re.findall(r"^\| (`--[^|]*`(?:, `--[^|]*`)*) \| ([^|]*) \|", table, re.M)
+    checked = 0
+    for flags, default in rows:
+        names = [f.split()[0].removeprefix("--").replace("-", "_") for f in re.findall(r"`(--[^`]+)`", flags)]
+        m = re.fullmatch(r"(\S+) \((\S+) with ranks\)", default.strip())
+        if default.strip() == "":  # (a switch)
+            assert all(one[n] is False for n in names), flags
+        elif m:
+            assert (one[names[0]], ranks[names[0]]) == (int(m[1]), int(m[2])), flags
+        else:
+            values = [v.strip() for v in default.split(",")]
+            assert len(values) == len(names), flags
+            for n, v in zip(names, values):
+                code = one[n]
+                if n == "faults":
+                    assert v == "none" and code == ""
+                elif isinstance(code, str):
+                    assert code == v, (flags, code, v)
+                else:
+                    assert code == _number(v), (flags, code, v)
+        checked += len(names)
+    assert checked >= 16, rows  # (the table was found and parsed)
+    faults = " ".join(_paragraph(text, "**Faults** (`--faults`").split())
+    for name, (_, p) in FAULT_RATES.items():
+        assert re.search(rf"`{name}` \({p * 100:g} %", faults), (name, p)
+    assert f"for {Faults().delay_s * 1000:g} ms longer" in faults
+
+
+def test_collectives_md_names_every_symmetric_decision():
+    """docs/collectives.md's decision table and its API line name every field of SymmetricDecisions (session 28
+    added ``poisoned`` and ``terminal``: a reader of the table alone would still finalize ``quiesced``)."""
+    import dataclasses
+
+    from lifecycle.collectives import SymmetricDecisions
+
+    text = (DOCS / "collectives.md").read_text(encoding="utf-8")
+    fields = [f.name for f in dataclasses.fields(SymmetricDecisions) if f.name != "seq_no"]
+    table = re.findall(r"^\| `(\w+)` \|", _paragraph(text, "| decision | rule |"), re.M)
+    assert sorted(table) == sorted(fields)
+    api = re.search(r"^decisions\.(\w+)((?:, \.\w+)*)", text, re.M)
+    assert api and sorted([api[1], *re.findall(r"\.(\w+)", api[2])]) == sorted(fields)

@@ -104,6 +104,7 @@ _ROLES = list(Role)
 _ROLE_CODE = {"sender": 0, "receiver": 1}
 _EVENT_CODE = {e: i for i, e in enumerate(_EVENTS)}
 _RECORD = struct.Struct(_core.RECORD_FORMAT)
+_KIND_AT = struct.calcsize(_core.RECORD_FORMAT[:5])  # the kind byte's offset in a record (after req, t, slot, gen)
 _KIND = {n: i for i, n in enumerate(_core.RECORD_KIND_NAMES)}
 _K_TRANSITION, _K_TNOW = _KIND["Transition"], _KIND["TerminateNow"]
 _K_QUAR, _K_RECOV = _KIND["SlotQuarantined"], _KIND["BufferRecovered"]
@@ -250,6 +251,7 @@ class TransferEngine(_core.Engine):
         clock: _core.Clock | None = None,
         on_terminate: Callable[[int], object] | None = None,
         logger: object | None = None,
+        poll_budget: int | None = None,
     ):
         if "_engine_id" in self.__dict__:
             # pybind11 ignores a second __init__ of the core: only the Python half would be replaced (the drained
@@ -271,6 +273,10 @@ class TransferEngine(_core.Engine):
                 raise InvalidArgument(name, f"out of the int64 range: {_shown(v)}")
         if rank < 0:  # (every event it logged broke the event schema's rank >= 0: the audit read each as malformed)
             raise InvalidArgument("rank", f"expected an int >= 0, got {rank}")
+        if poll_budget is not None and (isinstance(poll_budget, bool) or not isinstance(poll_budget, int)
+                                        or poll_budget < 1):
+            raise InvalidArgument("poll_budget",
+                                  f"expected an int >= 1 (records) or None, got {_shown(poll_budget):.40}")
         if clock is not None and not isinstance(clock, _core.Clock):
             raise InvalidArgument("clock", f"expected a lifecycle clock (ManualClock), got {type(clock).__name__}")
         super().__init__(
@@ -298,6 +304,12 @@ class TransferEngine(_core.Engine):
         # The turn to log and deliver (poll()): one token, held by the thread `_handler` while it handles.
         self._turn: collections.deque[None] = collections.deque((None,))
         self._handler = 0
+        # poll_budget: the records one poll() decodes and logs at most (None: all it drained).  The rest stays in
+        # the inbox for the next poll(); a notice is delivered only once its TerminateNow record was logged.
+        # _ready counts those (it may lag, never lead: a notice waits longer, never goes out ahead of its move);
+        # with the inbox empty every notice is ready.
+        self._poll_budget = poll_budget
+        self._ready = 0
         _engines.add(self)
 
     # ---- executor calls -------------------------------------------------------------------
@@ -386,6 +398,9 @@ class TransferEngine(_core.Engine):
         a callback goes on as usual).  A poll() on another thread meanwhile returns [] at once: what it drained is
         logged, returned and delivered by the thread handling (so an ``on_terminate`` must not wait for another
         thread's poll()).
+
+        With ``poll_budget=N`` it logs N drained records at most (timers and health as always); the rest waits for
+        the next poll(), and a notice whose TerminateNow record waits with it is delivered by that poll() too.
         """
         inbox, notices = self._inbox, self._notices
         healthy = self._poll_into(inbox, notices)  # tick + drain + health, one native call
@@ -395,9 +410,10 @@ class TransferEngine(_core.Engine):
             if not notices:
                 return self._take_kept([]) if self._kept else []
         out: list[Transition] = []
+        quota = None if self._poll_budget is None else [self._poll_budget]  # (one budget for both rounds below)
         me = threading.get_ident()
         if self._handler == me:  # a callback's (or logger's) own poll(): this thread is the one handling already
-            self._handle(inbox, healthy, out)
+            self._handle(inbox, healthy, out, quota)
             return self._take_kept(out) if self._kept else out
         # One thread logs and delivers at a time: a second one that delivered while the first was still logging the
         # batch it had taken told the executor (and the log) of notices ahead of their moves.  The turn is taken in
@@ -416,7 +432,7 @@ class TransferEngine(_core.Engine):
                 except IndexError:
                     break
                 self._handler = me
-                self._handle(inbox, healthy, out)
+                self._handle(inbox, healthy, out, quota)
             finally:
                 if taken:
                     self._handler = 0
@@ -443,11 +459,12 @@ class TransferEngine(_core.Engine):
             kept.extend(got)
             self._kept = kept
 
-    def _handle(self, inbox: list, healthy: bool, out: list) -> None:
-        """Log every drained batch, then deliver every notice (poll()'s body, on the one thread handling)."""
+    def _handle(self, inbox: list, healthy: bool, out: list, quota: list | None = None) -> None:
+        """Log every drained batch, then deliver every notice (poll()'s body, on the one thread handling); with a
+        ``quota`` ([records left], poll_budget), that many records and the notices they release."""
         try:
             if inbox:
-                self._log_inbox(inbox, out)
+                self._log_inbox(inbox, out, quota)
             if healthy != self._was_healthy:
                 self._check_health()
         except BaseException:
@@ -456,25 +473,27 @@ class TransferEngine(_core.Engine):
             # follows; then every notice is delivered (a callback error raised here carries this one as its
             # __context__), then the logger's, the signal's or the health check's error goes on.
             try:
-                self._log_inbox(inbox, out)
+                self._log_inbox(inbox, out, quota)
             except BaseException:
                 pass
-            self._deliver_batch(out)
+            self._deliver_batch(out, quota)
             raise
-        self._deliver_batch(out)
+        self._deliver_batch(out, quota)
 
-    def _deliver_batch(self, out: list) -> None:
+    def _deliver_batch(self, out: list, quota: list | None = None) -> None:
         """``_deliver()`` for a batch whose transitions are ``out``: a callback's error takes the place of poll()'s
         return value, so it carries them (poll_symmetric learns from them what sessions ended as: a tombstone may
         go in this very poll)."""
         try:
-            self._deliver(out)
+            self._deliver(out, quota)
         except TerminateCallbackError as err:
             err.transitions = out
             raise
 
-    def _log_inbox(self, inbox: list, out: list) -> None:
-        """Log every batch in ``inbox``, taking each out as it goes; its transitions go to ``out``."""
+    def _log_inbox(self, inbox: list, out: list, quota: list | None = None) -> None:
+        """Log every batch in ``inbox``, taking each out as it goes; its transitions go to ``out``.  With a
+        ``quota`` ([records left]), that many records at most: a batch longer than what is left is split in place
+        (one list operation: interrupted before or after it, the inbox holds the whole batch either way)."""
         logger = self._log.bind()  # resolve the (possibly lazy) logger once per batch
         enabled = getattr(logger, "is_enabled_for", None)
         info = logger.info if enabled is None or enabled(_INFO) else None
@@ -482,7 +501,21 @@ class TransferEngine(_core.Engine):
         common = {"rank": self.rank, "pid": stream.pid, "proc": stream.proc, "engine": self._engine_id,
                   "table": TABLE.digest, "schema": SCHEMA}
         take = functools.partial(inbox.pop, 0)
+        size = _RECORD.size
         while inbox:
+            if quota is not None:
+                left = quota[0]
+                if left <= 0:
+                    break
+                first = inbox[0]
+                if len(first) > left * size:
+                    whole = memoryview(first)  # (slices share its buffer: no copy of the rest)
+                    head, rest = whole[:left * size], whole[left * size:]
+                    if inbox and inbox[0] is first:
+                        inbox[0:1] = head, rest
+                first = inbox[0]
+                records = len(first) // size
+                tnow = memoryview(first)[_KIND_AT::size].tobytes().count(_K_TNOW)
             taken: list[bytes] = []
             try:
                 _take_one(take, taken)
@@ -492,6 +525,11 @@ class TransferEngine(_core.Engine):
                 if taken:  # interrupted as it was taken: put back, for the next try
                     inbox.insert(0, taken[0])
                 raise
+            if quota is not None and taken[0] is first:
+                # (counted before the take: a call between the take and the log, at whose return a signal's
+                # exception was raised, would lose the batch; its notices go once _log_batch logged it)
+                quota[0] -= records
+                self._ready += tnow
             self._log_batch(taken[0], out, info, common, stream.seq)
 
     @classmethod
@@ -549,13 +587,14 @@ class TransferEngine(_core.Engine):
                 info("lifecycle.illegal_transition", request=req, role=_ROLE_NAMES[role], t_mono_ns=t,
                      seq=next(seq), **common, trigger=_EVENT_NAMES[ev], state=_STATE_NAMES[frm])
 
-    def _deliver(self, out: list) -> None:
+    def _deliver(self, out: list, quota: list | None = None) -> None:
         """Run on_terminate for every pending notice, whatever raises on the way (the callback, the
         logger): a notice skipped here is a session whose resources are never released.  Each is taken off
         the engine's queue just before its callback runs, so a re-entrant poll() (from a callback) or another
         polling thread never delivers it again, and one an interrupted poll() left is delivered by the next.
         Afterwards: a callback's KeyboardInterrupt/SystemExit first, then TerminateCallbackError, then a
-        logger's error."""
+        logger's error.  With a ``quota`` (poll_budget), while records wait in the inbox only the notices their
+        logged records released go (``_ready``)."""
         errors: list[tuple[int, BaseException]] = []
         fatal: BaseException | None = None
         log_error: BaseException | None = None
@@ -563,11 +602,17 @@ class TransferEngine(_core.Engine):
         notices, inbox = self._notices, self._inbox
         take = notices.popleft
         while notices:
-            if inbox:  # drained meanwhile (by another thread, whose poll() left it to this one): its moves first
+            # drained meanwhile (by another thread, whose poll() left it to this one): its moves first
+            if inbox and (quota is None or quota[0] > 0):
                 try:
-                    self._log_inbox(inbox, out)
+                    self._log_inbox(inbox, out, quota)
                 except BaseException as exc:
                     log_error = log_error or exc
+            if quota is not None:
+                if inbox and self._ready <= 0:  # its move not logged yet (the budget is spent): the next poll()
+                    break
+                if self._ready > 0:  # (before the take: interrupted in between, it lags, never leads)
+                    self._ready -= 1
             taken: list[int] = []
             try:
                 _take_one(take, taken)
@@ -622,6 +667,8 @@ class TransferEngine(_core.Engine):
             left = deadline - time.monotonic()
             if got or left <= 0:
                 return got
+            if self._inbox and self._poll_budget is not None and not self._handler:
+                continue  # records the budget left (none of them a transition): no wait for new ones first
             nd = self.next_deadline_ns()
             if nd < 2**62:
                 left = min(left, max((nd - self.now_ns()) / 1e9, 0.0) + 1e-4)

@@ -13,6 +13,7 @@ from conftest import SEC, drive
 from structlog.testing import capture_logs
 
 from lifecycle import (
+    TABLE,
     CancelResult,
     DuplicateRequest,
     InvalidArgument,
@@ -659,9 +660,10 @@ def _interrupt_at_c_return(k: int, code_names: tuple[str, ...]):
     return fired
 
 
+@pytest.mark.parametrize("budget", [None, 1, 2], ids=["unbounded", "budget-1", "budget-2"])
 @pytest.mark.parametrize("exposed_before", [False, True], ids=["same-batch", "exposed-in-an-earlier-poll"])
 def test_a_signal_raised_as_any_c_call_of_poll_returns_loses_no_notice_and_logs_each_after_its_move(
-        clock, exposed_before):
+        clock, exposed_before, budget):
     """Review: poll() took each notice with notices.popleft() and each batch with inbox.pop(0); a signal whose
     handler raises, arriving as that call returned, discarded the value it returned: the session Terminated and
     its on_terminate never ran (seen with a real SIGALRM too), or the batch's transitions were never logged.
@@ -674,13 +676,14 @@ def test_a_signal_raised_as_any_c_call_of_poll_returns_loses_no_notice_and_logs_
     ahead of its move in the log (3 deferred_order findings, or 3 deferred_delivery).  The interrupted poll()
     now logs what it drained before it delivers.  Interrupted at every C call of poll() and _deliver() in turn:
     each request's terminate_now line comes after its move to Terminated, each once.  Control: the loop did
-    interrupt (k > 5), and the notices are delivered."""
+    interrupt (k > 5), and the notices are delivered.  With a poll_budget too (a batch split in place at every
+    record, a notice held while its record waits): interrupted at every C call, nothing lost, nothing twice."""
     import sys
 
     k, fired = 0, [True]
     while fired:
         delivered, logged = [], []
-        eng = TransferEngine(clock=clock, on_terminate=delivered.append, logger=_Recorder(logged))
+        eng = TransferEngine(clock=clock, on_terminate=delivered.append, logger=_Recorder(logged), poll_budget=budget)
         for r in (1, 2, 3):
             drive(eng, r, "InFlight")
         if exposed_before:
@@ -1136,3 +1139,116 @@ def test_notices_that_cannot_be_handed_over_do_not_hold_their_ids_for_ever(clock
     assert list(kept) == [1, 2, 3]
     with pytest.raises(DuplicateRequest):
         eng2.advertise(1, "sender")
+
+
+class _LinesAndMoves(_Quiet):
+    """A logger that counts the lines of records (all but lifecycle.terminate_now, which delivery logs) and notes
+    each request whose move to Terminated it logged."""
+
+    def __init__(self):
+        self.record_lines, self.moved = 0, set()
+
+    def is_enabled_for(self, _level):
+        return True
+
+    def info(self, name, **kw):
+        if name != "lifecycle.terminate_now":
+            self.record_lines += 1
+        if name == "lifecycle.transition" and kw["to_state"] == "Terminated":
+            self.moved.add(kw["request"])
+
+
+def _cancellation_burst(eng, n):
+    """Sessions 1..n exposed, terminated (Deferred), cancelled and completed, all queued: 8 records a session
+    (5 transitions, 2 call results, 1 TerminateNow)."""
+    import array
+
+    ids = array.array("Q", range(1, n + 1))
+    eng.advertise_batch(ids, "sender")
+    for ev in ("expose", "terminate", "cancel", "complete"):
+        eng.apply_batch(ids, bytes([list(TABLE.events).index(ev)]) * n)
+    assert eng.pending() == 8 * n
+
+
+class _NoticesNotHeld(TransferEngine):
+    """Control: a budget that holds no notice back (every one counted as released)."""
+
+    _ready = property(lambda self: 1 << 40, lambda self, v: None)
+
+
+class _RestDropped(TransferEngine):
+    """Control: a budget whose poll() drops what it left in the inbox."""
+
+    def poll(self):
+        out = super().poll()
+        self._inbox.clear()
+        return out
+
+
+@pytest.mark.parametrize("cls", [TransferEngine, _NoticesNotHeld, _RestDropped],
+                         ids=["budget", "control-notices-not-held", "control-rest-dropped"])
+def test_a_poll_budget_splits_a_100k_backlog_and_delivers_each_transition_and_notice_once_in_order(clock, cls):
+    """poll_budget: a cancellation burst of 100,000 records (one poll() took ~0.2 s with logs off, ~2 s with JSON
+    lines) is logged over polls of at most 4,096 records each; the transitions they return are those one unbounded
+    poll() returns, each once, in order; every on_terminate runs once, in that order, each after its move to
+    Terminated was logged.  Controls (the same checks find them broken): a variant that holds no notice back
+    delivers notices ahead of their moves; one that drops the rest of the inbox loses transitions and moves."""
+    n, budget = 12_500, 4096
+    ref = TransferEngine(clock=clock, logger=_Quiet())
+    _cancellation_burst(ref, n)
+    expected = ref.poll()
+    assert len(expected) == 5 * n and ref.poll() == []
+
+    logger, delivered, early = _LinesAndMoves(), [], []
+
+    def on_terminate(r):
+        if r not in logger.moved:
+            early.append(r)
+        delivered.append(r)
+
+    eng = cls(clock=clock, on_terminate=on_terminate, logger=logger, poll_budget=budget)
+    _cancellation_burst(eng, n)
+    got, polls, widest = [], 0, 0
+    while True:
+        before = logger.record_lines
+        out = eng.poll()
+        polls += 1
+        widest = max(widest, logger.record_lines - before)
+        got += out
+        if not (out or eng._inbox or eng._notices):
+            break
+    problems = []
+    if got != expected:
+        problems.append(f"transitions: {len(got)} of {len(expected)}, or out of order")
+    if delivered != [t.request for t in expected if t.to_state is State.Terminated]:
+        problems.append(f"notices: {len(delivered)} of {n}, or out of order")
+    if early:
+        problems.append(f"{len(early)} notices ahead of their moves")
+    if cls is TransferEngine:
+        assert problems == []
+        assert widest <= budget and polls > 8 * n // budget  # split: no poll logged more than the budget
+        assert eng.poll() == [] and eng.pending() == 0 and eng.live_sessions() == 0
+    else:
+        assert problems, cls.__name__  # the checks above do catch a budget that breaks them
+
+
+def test_drain_with_a_poll_budget_does_not_wait_while_records_are_left(clock):
+    """With poll_budget=1 a poll() may log only records that are no transitions (here a Deferred result) and
+    return [] with a transition still in the inbox: drain() polls again at once instead of waiting for new records
+    (up to 50 ms, or the whole timeout with a bare engine).  Seen failing without it: one wait."""
+    eng = TransferEngine(clock=clock, logger=_Quiet(), poll_budget=1)
+    drive(eng, 1, "InFlight")
+    while eng.poll() or eng._inbox:
+        pass
+    eng.terminate(1)  # a call result, then (complete) Quiesced, TerminateNow, Terminated
+    eng.complete(1)
+    waits = []
+    eng._wait_ready = lambda timeout: waits.append(timeout)
+    got = eng.drain(5.0)
+    assert [t.to_state for t in got] == [State.Quiesced] and waits == []
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 1.5, "10"])
+def test_poll_budget_must_be_a_positive_int_or_none(bad):
+    with pytest.raises(InvalidArgument, match="poll_budget"):
+        TransferEngine(poll_budget=bad)

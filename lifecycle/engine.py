@@ -135,6 +135,7 @@ def _after_fork_in_child() -> None:
     for eng in list(_engines):
         eng._handler = 0
         eng._turn = collections.deque((None,))
+        eng._mid_batch = False
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -304,6 +305,9 @@ class TransferEngine(_core.Engine):
         # The turn to log and deliver (poll()): one token, held by the thread `_handler` while it handles.
         self._turn: collections.deque[None] = collections.deque((None,))
         self._handler = 0
+        # True while the thread handling logs a batch it took off the inbox: a logger's own poll() meanwhile (on that
+        # thread) leaves everything to the poll() logging it (see poll()).
+        self._mid_batch = False
         # poll_budget: the records one poll() decodes and logs at most (None: all it drained).  The rest stays in
         # the inbox for the next poll(); a notice is delivered only once its TerminateNow record was logged.
         # _ready counts those (it may lag, never lead: a notice waits longer, never goes out ahead of its move);
@@ -397,7 +401,8 @@ class TransferEngine(_core.Engine):
         Polled from several threads, one logs and delivers at a time (the callbacks run on it; its own poll() from
         a callback goes on as usual).  A poll() on another thread meanwhile returns [] at once: what it drained is
         logged, returned and delivered by the thread handling (so an ``on_terminate`` must not wait for another
-        thread's poll()).
+        thread's poll()).  So does a logger's own poll() while a batch is half logged: the poll() logging it logs
+        what that one drained after it, then delivers.
 
         With ``poll_budget=N`` it logs N drained records at most (timers and health as always); the rest waits for
         the next poll(), and a notice whose TerminateNow record waits with it is delivered by that poll() too.
@@ -413,6 +418,11 @@ class TransferEngine(_core.Engine):
         quota = None if self._poll_budget is None else [self._poll_budget]  # (one budget for both rounds below)
         me = threading.get_ident()
         if self._handler == me:  # a callback's (or logger's) own poll(): this thread is the one handling already
+            if self._mid_batch:
+                # A logger's, while a batch it took is half logged: delivered now, that batch's notices went out
+                # ahead of its moves (and, logged now, later batches' moves ahead of its own).  The poll() logging it
+                # logs what this drained after it, then delivers: its loops take what the inbox and queue hold.
+                return self._take_kept([]) if self._kept else []
             self._handle(inbox, healthy, out, quota)
             return self._take_kept(out) if self._kept else out
         # One thread logs and delivers at a time: a second one that delivered while the first was still logging the
@@ -530,7 +540,11 @@ class TransferEngine(_core.Engine):
                 # exception was raised, would lose the batch; its notices go once _log_batch logged it)
                 quota[0] -= records
                 self._ready += tnow
-            self._log_batch(taken[0], out, info, common, stream.seq)
+            try:  # (set inside the try: a signal's exception cannot leave it set)
+                self._mid_batch = True
+                self._log_batch(taken[0], out, info, common, stream.seq)
+            finally:
+                self._mid_batch = False
 
     @classmethod
     def _log_batch(cls, raw: bytes, out: list, info, common: dict, seq) -> None:

@@ -827,6 +827,64 @@ def test_a_poll_from_another_thread_mid_batch_delivers_no_notice_before_its_move
     assert eng.poll() == [] and len(delivered) == 3
 
 
+class _PollsOnThisThread(_Recorder):
+    """A recorder whose ``at``-th line calls ``eng.poll()`` itself (same thread, as a structlog processor or logger
+    factory that polls would), once; what that poll() returns goes to ``got``."""
+
+    def __init__(self, into, at):
+        super().__init__(into)
+        self.at, self.eng, self.got, self.polled = at, None, [], 0
+
+    def info(self, name, **kw):
+        super().info(name, **kw)
+        if len(self.into) == self.at:
+            self.polled += 1
+            self.got += self.eng.poll()
+
+
+@pytest.mark.parametrize("budget", [None, 2, 5], ids=["all", "budget-2", "budget-5"])
+@pytest.mark.parametrize("at", range(1, 25))
+def test_a_loggers_own_poll_mid_batch_delivers_no_notice_before_its_move_is_logged(clock, at, budget):
+    """Review: a logger whose own code polled (same thread) while a batch was half logged made that re-entrant poll()
+    deliver the batch's notices at once: the lifecycle.terminate_now lines (and on_terminate) ahead of the moves
+    to Terminated that were still to be logged (with a budget too: _ready counted the batch before it was logged).
+    Request 1's on_terminate also completes deferred request 4 and polls (a callback's own poll()).  Each notice
+    now goes after its move's line, every session's moves are logged in order, each notice and transition once.
+    Control: the logger's poll() ran, at each of the 24 lines in turn (mid-batch, or at a terminate_now line)."""
+    delivered, logged = [], []
+
+    def on_terminate(r):
+        delivered.append((r, len(logged)))
+        if r == 1:
+            eng.complete(4)
+            got.extend(eng.poll())
+
+    logger = _PollsOnThisThread(logged, at=10**9)
+    eng = TransferEngine(clock=clock, on_terminate=on_terminate, logger=logger, poll_budget=budget)
+    logger.eng = eng
+    _three_deferred(eng, clock)
+    drive(eng, 4, "InFlight")
+    assert eng.terminate(4) is TerminateResult.Deferred
+    logger.at, got = at, []
+    for _ in range(100):
+        got += eng.poll()
+        if not (eng._inbox or eng._notices or eng.pending()):
+            break
+    got += logger.got
+    assert logger.polled == 1 and len(logged) == 24
+    assert eng.poll() == [] and eng.live_sessions() == 0
+    assert sorted(r for r, _ in delivered) == [1, 2, 3, 4]
+    assert sorted(t.request for t in got if t.to_state is State.Terminated) == [1, 2, 3, 4]
+    for r in (1, 2, 3, 4):
+        lines = [(i, kw) for i, (name, kw) in enumerate(logged) if kw.get("request") == r]
+        moved = [i for i, kw in lines if kw.get("to_state") == "Terminated"]
+        told = [i for i, (name, kw) in enumerate(logged) if name == "lifecycle.terminate_now" and kw["request"] == r]
+        ran = [n for q, n in delivered if q == r]
+        assert len(moved) == 1 and len(told) == 1 and moved[0] < told[0] < ran[0], (r, moved, told, ran)
+        states = [kw["to_state"] for _, kw in lines if "to_state" in kw]
+        assert states[-3:] == ["InFlight", "Quiesced", "Terminated"], (r, states)  # (its moves in order)
+
+
 def test_a_batch_another_thread_drains_while_callbacks_run_is_logged_before_its_notices(clock):
     """The thread handling a poll() delivers the notices another thread's poll() drained meanwhile (that one returns
     [] at once): it logs their batch first.  Here request 1's on_terminate completes deferred request 4 and polls on

@@ -1558,9 +1558,11 @@ class Auditor:
         gen = d.get("generation")
         if name == "lifecycle.buffer_recovered":
             # evidence frees the slot's lease of its own generation only (a stale transfer's is the ABA that
-            # generations exist for); a lease whose generation was not an int is freed by any
+            # generations exist for); a lease whose generation was not an int is freed by any.  Only a quarantined
+            # slot: the engine recovers none other, and a live session's hold (held, or poisoned until terminated)
+            # freed here let the slot be leased again while its transfer was still in flight
             sl = self.slots.get(key)
-            if sl is not None and (sl[4] is None or sl[4] == gen):
+            if sl is not None and sl[0] == "quarantined" and (sl[4] is None or sl[4] == gen):
                 del self.slots[key]
         else:
             self.slots[key] = ["quarantined", (rank, req, sid), self._file, line, gen]

@@ -953,6 +953,30 @@ def test_a_recovery_of_another_generation_does_not_free_the_slot(tmp_path):
     assert audit_paths([GOLDEN / "poisoning.jsonl"]).ok
 
 
+def test_a_recovery_frees_a_quarantined_slot_only_not_a_live_leases_hold(tmp_path):
+    """buffer_recovered of the very generation a live session holds (request 22, InFlight) dropped that hold, and the
+    slot's next lease (request 23) while 22 was still in flight passed as clean: a slot released before its transfer
+    reached a terminal state (seen failing against the old code in both engines: no slot_reuse).  The engine logs a
+    recovery only for a quarantined slot (after the move to Terminated from Poisoned).  Control: the same lease after
+    22 terminated is clean."""
+    ev = mg.poisoning()
+    i = index(ev, request=22, trigger="expose")  # 22 holds slot 0, generation 2, and is InFlight from here
+    assert (ev[i - 1]["slot"], ev[i - 1]["generation"]) == (0, 2)
+    rec = {**ev[index(ev, event="lifecycle.buffer_recovered") - 1], "request": 22, "generation": 2}
+    adv = {**ev[index(ev, request=22, trigger="advertise") - 1], "request": 23, "generation": 3}
+    later = [{**d, "request": 23, "generation": 3} for d in ev if d.get("request") == 22
+             and d["event"] == "lifecycle.transition" and d["trigger"] in ("expose", "complete", "terminate")]
+    assert len(later) == 3
+    bad = renumber(ev[:i] + [rec, adv] + ev[i:] + later)
+    res = audit_paths([write(tmp_path / "held.jsonl", bad)])
+    assert [(f.kind, f.request, f.line) for f in violations(res)] == [
+        ("slot_reuse", 23, index(bad, request=23, trigger="advertise"))], [str(f) for f in res.findings]
+    assert "still held by live request 22" in violations(res)[0].message
+    good = renumber(ev + [{**adv, "t_mono_ns": ev[-1]["t_mono_ns"]}] + later)
+    res = audit_paths([write(tmp_path / "after.jsonl", good)])
+    assert not violations(res), [str(f) for f in res.findings]
+
+
 def _golden_path(name, tmp_path):
     p = tmp_path / f"{name}.jsonl"
     p.write_text(mg.render(getattr(mg, name)()), encoding="utf-8")

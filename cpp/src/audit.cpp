@@ -2009,9 +2009,10 @@ struct Auditor::Impl {
     Key k = slot_key(cur_stream, cur_engine, slot.i);
     const Int gen = f(k_generation).i;
     if (h == ev_buffer_recovered) {
-      // evidence frees the slot's lease of its own generation only (Auditor._slot_event)
+      // evidence frees a quarantined slot's lease of its own generation only, never a live hold (Auditor._slot_event)
       auto it = slots.find(k);
-      if (it != slots.end() && (!it->second.has_gen || it->second.gen == gen)) slots.erase(it);
+      if (it != slots.end() && it->second.status == slot_quarantined && (!it->second.has_gen || it->second.gen == gen))
+        slots.erase(it);
     } else {
       slots[k] = SlotRec{slot_quarantined, session_key(rank, req, cur_role), has_req, req, cur_file, line, true, gen};
     }

@@ -794,7 +794,9 @@ _move_fields = operator.itemgetter(*_MOVE_KEYS)
 # session list fields (a list, not an object: one allocation per request, fast field access).  The first
 # _TOMB fields are also a tombstone's: a folded session leaves s[:_TOMB] (_S_LAST_LINE: its final transition).
 _S_DEFERRED, _S_NOTICES, _S_TERM_RESULTS, _S_FILE, _S_LAST_LINE, _S_DEFER_LINE, _S_NOTICE_LINE = range(7)
-_S_KEY, _S_KINDS, _TOMB = range(7, 10)
+# the files of those three lines (a session's lines may span files: a rotated log), _S_FILE being its advertise's
+_S_LAST_FILE, _S_DEFER_FILE, _S_NOTICE_FILE = range(7, 10)
+_S_KEY, _S_KINDS, _TOMB = range(10, 13)
 _S_STATE, _S_ENTERED, _S_START, _S_ROLE, _S_SLOT, _S_STREAM, _S_OUTCOME, _S_LINE, _S_HIST = range(_TOMB, _TOMB + 9)
 _S_MOVES = _TOMB + 9  # the moves out of _S_STATE: {trigger: edge record}
 _S_ENGINE = _TOMB + 10  # the `engine` key of its creating event (None: absent); its slots are (stream, engine, slot)
@@ -1311,6 +1313,7 @@ class Auditor:
         s[_S_MOVES] = moves
         s[_S_ENTERED] = t
         s[_S_LAST_LINE] = line
+        s[_S_LAST_FILE] = self._file
         hist = s[_S_HIST]
         hist.append(to)
         hist.append(t)
@@ -1431,7 +1434,7 @@ class Auditor:
 
     def _new_session(self, key, state: str, d: dict, sk, eng, t: int, line: int) -> list:
         slot = d.get("slot")
-        s = [False, 0, 0, self._file, line, 0, 0, key, None,
+        s = [False, 0, 0, self._file, line, 0, 0, self._file, None, None, key, None,
              state, t, t, d.get("role"), slot if type(slot) is int and slot >= 0 else -1, sk, None, line, [state, t],
              self._moves[state], eng, False]
         self.live[key] = s
@@ -1611,6 +1614,7 @@ class Auditor:
             s[_S_DEFERRED] = True
             if not first:
                 s[_S_DEFER_LINE] = line
+                s[_S_DEFER_FILE] = self._file
         elif r == "Terminated":
             s = self._session(rank, req, sid, True)
             if s is None:  # (as a Deferred one is: it was ignored)
@@ -1671,6 +1675,7 @@ class Auditor:
         n = s[_S_NOTICES]
         if n == 1:
             s[_S_NOTICE_LINE] = line
+            s[_S_NOTICE_FILE] = self._file
         elif n == 2:
             self._find("deferred_delivery", line, "deferred termination delivered twice (TerminateNow #2)",
                        rank=rank, request=req, deliveries=2)
@@ -1739,11 +1744,11 @@ class Auditor:
         if tomb[_S_DEFERRED] and n == 0:
             self._find("deferred_delivery", tomb[_S_DEFER_LINE] or tomb[_S_LAST_LINE],
                        "deferred termination never delivered (no TerminateNow)", rank=rank, request=req,
-                       file=tomb[_S_FILE], deliveries=0)
+                       file=tomb[_S_DEFER_FILE] if tomb[_S_DEFER_LINE] else tomb[_S_LAST_FILE], deliveries=0)
         elif not tomb[_S_DEFERRED] and n:
             self._find("deferred_delivery", tomb[_S_NOTICE_LINE],
                        "TerminateNow delivered for a termination that was never deferred", rank=rank, request=req,
-                       file=tomb[_S_FILE], deliveries=n)
+                       file=tomb[_S_NOTICE_FILE], deliveries=n)
 
     def _summary(self, key, s: list, t_end: int, ended: bool) -> RequestSummary:
         hist = s[_S_HIST]
@@ -1779,7 +1784,7 @@ class Auditor:
             if s[_S_DEFERRED] and state in self.terminal and s[_S_NOTICES] == 0:
                 self._find("deferred_delivery", s[_S_DEFER_LINE] or s[_S_LAST_LINE],
                            f"deferred termination never delivered; session still {state}", rank=key[0],
-                           request=key[1], file=s[_S_FILE], deliveries=0)
+                           request=key[1], file=s[_S_DEFER_FILE] if s[_S_DEFER_LINE] else s[_S_LAST_FILE], deliveries=0)
                 self._mark(s, "deferred_delivery")
             if age >= self.leak_age_ns and self.leak_age_ns >= 0:
                 self._find("leak", s[_S_LINE], f"never terminated: last state {state} (line {s[_S_LAST_LINE]}), "

@@ -977,6 +977,38 @@ def test_a_recovery_frees_a_quarantined_slot_only_not_a_live_leases_hold(tmp_pat
     assert not violations(res), [str(f) for f in res.findings]
 
 
+@pytest.mark.parametrize("edit", ["never_delivered", "notice_without_deferral", "live_never_delivered"])
+def test_a_deferral_finding_names_the_file_of_its_line_when_a_session_spans_rotated_files(tmp_path, edit):
+    """A session whose lines span two files (a rotated log: rank0.jsonl.1, then rank0.jsonl) had its deferred_delivery
+    findings placed at the line of the Deferred result, or of the TerminateNow, but in the file of its advertise
+    (seen failing against the old code in both engines: rot.1.jsonl named for a line of rot.jsonl)."""
+    ev = mg.deferred_termination()  # request 31: advertise line 2, Deferred 6, AlreadyDeferred 7, notice 14
+    if edit == "never_delivered":
+        del ev[13]
+        want = ("deferred_delivery", 31, 6)
+    elif edit == "notice_without_deferral":
+        ev[11] = {**ev[11], "deferred": False}
+        del ev[5:7]
+        want = ("deferred_delivery", 31, 12)
+    else:  # 31 left Poisoned with its deferred terminate never run: a leak too, at its advertise
+        del ev[11:]
+        want = ("deferred_delivery", 31, 6)
+    ev = renumber(ev)
+    assert ev[want[2] - 1]["request"] == 31
+    a = write(tmp_path / "rot.1.jsonl", ev[:3])
+    b = write(tmp_path / "rot.jsonl", ev[3:])
+    res = audit_paths([a, b])
+    got = [(f.kind, f.request, f.file, f.line) for f in violations(res)]
+    assert (want[0], want[1], str(b), want[2] - 3) in got, [str(f) for f in res.findings]
+    assert [k for k, *_ in got] == (["leak", "deferred_delivery"] if edit == "live_never_delivered" else [want[0]])
+    if edit == "live_never_delivered":
+        assert ("leak", 31, str(a), 2) in got
+    # control: the same log in one file is reported at the same line of it
+    res = audit_paths([write(tmp_path / "one.jsonl", ev)])
+    assert (want[0], want[1], str(tmp_path / "one.jsonl"), want[2]) in [
+        (f.kind, f.request, f.file, f.line) for f in violations(res)], [str(f) for f in res.findings]
+
+
 def _golden_path(name, tmp_path):
     p = tmp_path / f"{name}.jsonl"
     p.write_text(mg.render(getattr(mg, name)()), encoding="utf-8")

@@ -660,6 +660,8 @@ struct Core {
   Int notices = 0, term_results = 0;
   std::uint32_t file = 0;
   Int last_line = 0, defer_line = 0, notice_line = 0;
+  // the files of those lines (a session's lines may span files: a rotated log), `file` being its advertise's
+  std::uint32_t last_file = 0, defer_file = 0, notice_file = 0;
 };
 
 struct Session {
@@ -1630,6 +1632,7 @@ struct Auditor::Impl {
     s->state = to;
     s->entered = t;
     s->c.last_line = line;
+    s->c.last_file = cur_file;
     s->hist.emplace_back(to, t);
     if (outcome >= 0) s->outcome = outcome;
     const bool deferred = f(k_deferred).t == JT::yes;
@@ -1783,7 +1786,7 @@ struct Auditor::Impl {
     const JVal& role = f(k_role);
     Session& s = live[key];
     s = Session{};
-    s.c.file = cur_file;
+    s.c.file = s.c.last_file = cur_file;
     s.c.last_line = line;
     s.state = state;
     s.entered = s.start = t;
@@ -2058,7 +2061,10 @@ struct Auditor::Impl {
                                                kStateNames[s->state] + ", where the deferred retry had run");
       }
       c->deferred = true;
-      if (first == 0) c->defer_line = line;
+      if (first == 0) {
+        c->defer_line = line;
+        c->defer_file = cur_file;
+      }
     } else if (r == tr_terminated) {
       Session* s = nullptr;
       Core* c = session_of(rank, req, true, s);
@@ -2101,6 +2107,7 @@ struct Auditor::Impl {
     c->notices += 1;
     if (c->notices == 1) {
       c->notice_line = line;
+      c->notice_file = cur_file;
     } else if (c->notices == 2) {
       if (Finding* g = find(Kind::deferred_delivery, line, &rank, &req)) {
         g->message = {P("deferred termination delivered twice (TerminateNow #2)")};
@@ -2170,12 +2177,13 @@ struct Auditor::Impl {
     const Int rank = tomb.key.a, req = tomb.key.b;
     const Core& c = tomb.c;
     if (c.deferred && c.notices == 0) {
-      if (Finding* g = find(Kind::deferred_delivery, c.defer_line != 0 ? c.defer_line : c.last_line, &rank, &req, c.file)) {
+      if (Finding* g = find(Kind::deferred_delivery, c.defer_line != 0 ? c.defer_line : c.last_line, &rank, &req,
+                            c.defer_line != 0 ? c.defer_file : c.last_file)) {
         g->message = {P("deferred termination never delivered (no TerminateNow)")};
         g->extra = {XI("deliveries", 0)};
       }
     } else if (!c.deferred && c.notices != 0) {
-      if (Finding* g = find(Kind::deferred_delivery, c.notice_line, &rank, &req, c.file)) {
+      if (Finding* g = find(Kind::deferred_delivery, c.notice_line, &rank, &req, c.notice_file)) {
         g->message = {P("TerminateNow delivered for a termination that was never deferred")};
         g->extra = {XI("deliveries", c.notices)};
       }
@@ -2220,7 +2228,7 @@ struct Auditor::Impl {
       const char* state = kStateNames[s.state];
       if (s.c.deferred && kTerminal[s.state] && s.c.notices == 0) {
         if (Finding* g = find(Kind::deferred_delivery, s.c.defer_line != 0 ? s.c.defer_line : s.c.last_line, &rank,
-                              &req, s.c.file)) {
+                              &req, s.c.defer_line != 0 ? s.c.defer_file : s.c.last_file)) {
           g->message = {P(std::string("deferred termination never delivered; session still ") + state)};
           g->extra = {XI("deliveries", 0)};
         }

@@ -20,14 +20,15 @@ moving row that lands on ``to_state``.  Cancel/terminate *results* are checked f
 their line logs, not replayed against the state (the engine logs them in causal order at ``poll()``, after the
 transitions the call caused, except ``NotFound``, which is logged at once); ``Deferred``, ``AlreadyDeferred`` and
 ``Terminated`` are checked against the session's deferral (``deferred_order``, ``double_termination``), and
-those of rows that move nothing (``AlreadyTerminated``, ``AlreadyComplete``, ...) against the replayed state
-(``result_state_mismatch``).
+the replayed state against the one the result's row leaves (the logged state on a row that moves nothing, such as
+``AlreadyTerminated``, ``AlreadyComplete``; the destination on a moving row): ``result_state_mismatch``.
 
 Violations (exit status 1): ``malformed`` (a line that is not a valid event; file:line named),
 ``illegal_transition``, ``terminated_before_terminal``, ``leak`` (never terminated), ``double_termination``,
 ``wrong_result`` (a cancel/terminate result the table does not give in the state the line logs),
-``result_state_mismatch`` (a cancel/terminate result of a row that moves nothing, such as ``AlreadyTerminated`` or
-``AlreadyComplete``, logged in a state other than its live session's as replayed),
+``result_state_mismatch`` (a cancel/terminate result whose live session, as replayed, is not in the state its row
+leaves: the logged one on a row that moves nothing, such as ``AlreadyTerminated`` or ``AlreadyComplete``, the row's
+destination on a moving one, such as ``CancelledBeforeAdvertise`` while the session is still ``InFlight``),
 ``misclassified_event`` (a late or engine-rejected event the table does not make late / illegal in the state it logs,
 or whose state is not its live session's),
 ``deferred_delivery`` (a deferred terminate delivered 0 or >= 2 times, or delivered without a deferral),
@@ -1509,10 +1510,12 @@ class Auditor:
     def _check_result(self, call: str, r: str, state, line: int, rank: int, req, sid) -> None:
         """A result checked against the state the line logs (the session's before the call; null for NotFound,
         not checked): Terminated, or a cancel result that frees now, from a non-terminal state let the executor
-        free buffers the transport may still touch.  On a row that moves nothing (.stay) that state is also the
-        live session's as replayed: the result is logged after the moves before the call (AlreadyComplete logged
-        while the session is InFlight told the executor to free buffers in flight; AlreadyTerminated, a live session
-        released).  Deferrals (.defer) are deferred_order's."""
+        free buffers the transport may still touch.  The result is logged right after the moves the call made (in
+        its critical section), so the live session as replayed is in the row's state: the state logged on a row that
+        moves nothing (.stay: AlreadyComplete logged while the session is InFlight told the executor to free buffers
+        in flight; AlreadyTerminated, a live session released), the row's destination on a moving row (none live
+        when the move ended it: its deferred retry ran, or it was Terminated; CancelledBeforeAdvertise logged while
+        the session is InFlight, the same).  Deferrals (.defer) are deferred_order's."""
         key = (state, call)
         ok = self._results.get(key) if type(state) is str else None
         if ok is None:
@@ -1520,11 +1523,14 @@ class Auditor:
         if r not in ok:
             self._find("wrong_result", line, f"{call}() returned {r} in state {state}; the table gives "
                        f"{' or '.join(ok)}", rank=rank, request=req)
-        if type(req) is int and self._cells[key] == ".stay":
+        cell = self._cells[key]
+        if type(req) is int and (cell == ".stay" or cell in self._into):
             s = self._session(rank, req, sid, False)
-            if s is not None and s[_S_STATE] != state:
+            if s is not None and s[_S_STATE] != (state if cell == ".stay" else cell):
                 self._find("result_state_mismatch", line, f"{call}() returned {r} in state {state}, but the session "
-                           f"is {s[_S_STATE]} (since line {s[_S_LAST_LINE]})", rank=rank, request=req)
+                           f"is {s[_S_STATE]} (since line {s[_S_LAST_LINE]})" + (
+                               "" if cell == ".stay" else f", not {cell}, where the call moves it"),
+                           rank=rank, request=req)
                 self._mark(s, "result_state_mismatch")
 
     def _late_or_rejected(self, d: dict, name: str, req, rank: int, sk, eng, sid, t: int, line: int) -> None:

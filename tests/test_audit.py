@@ -351,8 +351,9 @@ def _break_terminate_early():
 
 
 def _break_leak():
-    ev = mg.clean_run()
-    del ev[index(ev, request=3, to_state="Terminated") - 1]
+    ev = mg.clean_run()  # the terminate never called: neither its move nor its result (one without the other is a
+    del ev[index(ev, request=3, to_state="Terminated") - 1]  # result_state_mismatch)
+    del ev[index(ev, request=3, result="Terminated") - 1]
     ev = renumber(ev)
     return ev, "leak", 3, index(ev, request=3, trigger="advertise")
 
@@ -538,13 +539,38 @@ def test_cancel_results_are_checked_against_the_table_with_its_refinements(tmp_p
     """Control for the test above: the table's results and the three runtime refinements (AlreadyDeferred, in the
     deferred_termination golden log; BackendUnhealthy for the InFlight cancel; CancelledDeferred for the Advertised
     one) pass; the golden logs are clean.  (11 is CancelRequested as replayed, the cancel's move logged before its
-    result: another logged state whose row stays is also a result_state_mismatch, see real_cancel_results_log's.)"""
+    result: another logged state whose row stays, or whose row moves elsewhere (Advertised: to Quiesced), is also a
+    result_state_mismatch, see real_cancel_results_log's and the test below.)"""
     ev = mg.cancellation()
     i = index(ev, event="lifecycle.cancel", request=11, state="InFlight")
     ev[i - 1].update(state=state, result=result)
     res = audit_paths([write(tmp_path / "x.jsonl", ev)])
-    stays = ["result_state_mismatch"] if state in ("Quiesced", "Poisoned") else []
+    stays = ["result_state_mismatch"] if state in ("Quiesced", "Poisoned", "Advertised") else []
     assert sorted(f.kind for f in violations(res)) == stays + ([] if ok else ["wrong_result"])
+
+
+@pytest.mark.parametrize(("result", "state", "says"), [
+    ("CancelledBeforeAdvertise", "Advertised", "not Quiesced"),
+    ("CancelRequestedInFlight", "InFlight", "not CancelRequested")])
+def test_a_call_result_of_a_moving_row_logged_without_its_move_is_a_violation(tmp_path, result, state, says):
+    """cancel() returned CancelledBeforeAdvertise (free now) while request 1 was InFlight as replayed, its move to
+    Quiesced never logged: the executor freed buffers the transfer still targeted, and the log passed as clean in
+    both engines (seen failing against the old code: no finding).  The engine logs a result right after the moves
+    its call made, so the live session is in the row's destination.  Controls: the golden logs' results of moving
+    rows (cancellation: CancelledBeforeAdvertise, CancelRequestedInFlight; clean_run: Terminated) are clean."""
+    ev = mg.clean_run()
+    i = index(ev, request=1, trigger="expose")  # the result right after it: 1 is InFlight as replayed
+    c = {k: v for k, v in ev[i - 1].items() if k not in ("from_state", "to_state", "trigger", "outcome", "slot",
+                                                         "generation", "deferred")}
+    c.update(event="lifecycle.cancel", result=result, state=state)
+    ev = renumber(ev[:i] + [c] + ev[i:])
+    line = i + 1
+    res = audit_paths([write(tmp_path / "x.jsonl", ev)])
+    assert [(f.kind, f.request, f.line) for f in violations(res)] == [("result_state_mismatch", 1, line)], [
+        str(f) for f in res.findings]
+    assert says in violations(res)[0].message
+    for name in ("cancellation", "clean_run"):
+        assert audit_paths([GOLDEN / f"{name}.jsonl"]).ok
 
 
 def real_cancelled_deferred_log() -> list[dict]:

@@ -1945,12 +1945,18 @@ struct Auditor::Impl {
                         kStateNames[st] + "; the table gives " + gives)};
       }
     }
+    // the live session is in the row's state: the one logged on a .stay row, the destination on a moving row
+    // (logged right after the call's moves; none live when the move ended it) (Auditor._check_result)
+    const bool moves = c.action == Action::Move;
+    const int want = moves ? static_cast<int>(c.dst) : st;
     Session* s = nullptr;
-    if (c.action == Action::Stay && rq != nullptr && session_of(rank, *rq, false, s) != nullptr && s->state != st) {
+    if ((c.action == Action::Stay || moves) && rq != nullptr && session_of(rank, *rq, false, s) != nullptr &&
+        s->state != want) {
       if (Finding* g = find(Kind::result_state_mismatch, line, &rank, rq))
         g->message = {P(std::string(cancel ? "cancel" : "terminate") + "() returned " + names[res] + " in state " +
                         kStateNames[st] + ", but the session is " + kStateNames[s->state] + " (since line " +
-                        to_string(s->c.last_line) + ")")};
+                        to_string(s->c.last_line) + ")" +
+                        (moves ? std::string(", not ") + kStateNames[want] + ", where the call moves it" : ""))};
       mark(*s, Kind::result_state_mismatch);
     }
   }

@@ -805,6 +805,9 @@ _S_ADOPTED = _TOMB + 11  # first seen mid-life (no advertise): its deferral may 
 # stream list fields (one stream per proc, or per (file, pid) for lines without proc).  Invariant: events seen =
 # [_ST_BIAS] + [_ST_NEXT], so a line in sequence (the common case) only advances _ST_NEXT.
 _ST_NEXT, _ST_MAX_T, _ST_MISSING, _ST_BIAS, _ST_FILE, _ST_FIRST, _ST_HEAD, _ST_PID, _ST_PROC = range(9)
+# (_ST_MISSING: None, or [seqs awaited, [[first, end, (file, line, rank)], ...]]: runs of awaited seqs [first, end),
+# sorted, never adjacent (the seq before a run was seen), each with where its loss was seen.  One entry per run, not
+# per seq: a gap of 4096 lines on every line (a sampled log) cost 4096 entries per line, 100 k lines 166 s.)
 # (_ST_HEAD: seq 0 seen; _ST_PID, _ST_PROC: of its first line)
 # Sessions are keyed (rank, request, ident): ident is (stream key, engine) when the event names its engine, else
 # the role.  An event with a null role and no engine (terminate_now in logs without `engine`) finds the session of
@@ -1233,10 +1236,10 @@ class Auditor:
             n = seq - expected
             if n <= 4096:
                 if missing is None:
-                    missing = st[_ST_MISSING] = {}
-                for s in range(expected, seq):
-                    missing[s] = (self._file, line, rank)
-                if len(missing) > 8192:
+                    missing = st[_ST_MISSING] = [0, []]
+                missing[1].append([expected, seq, (self._file, line, rank)])
+                missing[0] += n
+                if missing[0] > 8192:
                     self._flush_missing(st, pid, keep=4096)
             else:
                 self._find("seq_gap", line, f"pid {pid}: {n} line(s) lost (seq {expected}..{seq - 1})", rank=rank,
@@ -1245,12 +1248,25 @@ class Auditor:
         elif not st[_ST_HEAD] and seq < st[_ST_FIRST] <= _HEAD_REORDER and expected - st[_ST_FIRST] <= _HEAD_REORDER:
             st[_ST_HEAD] = True  # the head, out of order: the other seqs before the stream's first one are awaited
             if missing is None:
-                missing = st[_ST_MISSING] = {}
-            for s in range(st[_ST_FIRST]):
-                if s != seq:
-                    missing[s] = (self._file, line, rank)
-        elif missing is not None and seq in missing:
-            del missing[seq]  # a line written out of order (two threads emitting): not lost
+                missing = st[_ST_MISSING] = [0, []]
+            where = (self._file, line, rank)
+            missing[1][:0] = [r for r in ([0, seq, where], [seq + 1, st[_ST_FIRST], where]) if r[0] < r[1]]
+            missing[0] += st[_ST_FIRST] - 1
+        elif missing is not None and (i := bisect.bisect_right(missing[1], seq, key=_RUN_FIRST) - 1) >= 0 \
+                and seq < missing[1][i][1]:
+            # a line written out of order (two threads emitting): not lost
+            runs = missing[1]
+            a, b, where = runs[i]
+            if b - a == 1:
+                del runs[i]
+            elif seq == a:
+                runs[i][0] = a + 1
+            elif seq == b - 1:
+                runs[i][1] = b - 1
+            else:
+                runs[i][1] = seq
+                runs.insert(i + 1, [seq + 1, b, where])
+            missing[0] -= 1
         elif seq == 0:
             st[_ST_HEAD] = True
             self._flush_missing(st, pid)
@@ -1263,24 +1279,27 @@ class Auditor:
         st[_ST_BIAS] += 1 + expected - st[_ST_NEXT]  # this event counted (see the invariant)
 
     def _flush_missing(self, st: list, pid: int, keep: int = 0) -> None:
+        """Report the awaited seqs as lost, all but the ``keep`` highest: one finding per run of consecutive seqs."""
         missing = st[_ST_MISSING]
-        if not missing:
+        if not missing or not missing[0]:
             return
-        seqs = sorted(missing)
-        flush, rest = (seqs[:-keep], seqs[-keep:]) if keep else (seqs, [])
-        # report runs of consecutive lost seqs as one finding each
+        drop = missing[0] - keep
+        runs = missing[1]
         i = 0
-        while i < len(flush):
-            j = i
-            while j + 1 < len(flush) and flush[j + 1] == flush[j] + 1:
-                j += 1
-            f, ln, rank = missing[flush[i]]
-            a, b = flush[i], flush[j]
-            what = f"seq {a}" if a == b else f"seq {a}..{b}"
-            self._find("seq_gap", ln, f"pid {pid}: {b - a + 1} line(s) lost ({what})", rank=rank, file=f,
-                       pid=pid, first=a, last=b)
-            i = j + 1
-        st[_ST_MISSING] = {s: missing[s] for s in rest} or None
+        while drop > 0:
+            a, b, (f, ln, rank) = runs[i]
+            if b - a > drop:  # the run's highest seqs are kept
+                runs[i][0] = b = a + drop
+            else:
+                i += 1
+            what = f"seq {a}" if a == b - 1 else f"seq {a}..{b - 1}"
+            self._find("seq_gap", ln, f"pid {pid}: {b - a} line(s) lost ({what})", rank=rank, file=f,
+                       pid=pid, first=a, last=b - 1)
+            drop -= b - a
+            missing[0] -= b - a
+        del runs[:i]
+        if not runs:
+            st[_ST_MISSING] = None
 
     def _transition(self, d: dict, name: str, req, rank: int, sk, eng, sid, t: int, line: int) -> None:
         try:
@@ -1821,6 +1840,7 @@ class Auditor:
 
 
 _MISSING = object()
+_RUN_FIRST = operator.itemgetter(0)  # an awaited run's first seq (Auditor._seq_mismatch's bisection)
 
 
 def _stream_label(pid: int, proc: int | None, file: str) -> str:

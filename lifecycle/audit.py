@@ -2320,4 +2320,8 @@ def _write_schema_main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     argv = sys.argv[1:]
-    sys.exit(_write_schema_main(argv) if "--write-schema" in argv else main_audit(argv))
+    if "--write-schema" in argv:
+        sys.exit(_write_schema_main(argv))
+    from .cli import main  # `lifecycle audit`'s handling (bad input: exit 2, a closed pipe: 141), not main_audit bare
+
+    sys.exit(main(["audit", *argv]))

@@ -396,3 +396,21 @@ def test_the_command_summaries_say_the_table_file_is_optional(capsys):
     for text in (top, usage):
         assert "spec check [FILE] [--json]" in text, text
     assert cli.main(["spec", "check"]) == 0  # the control: no FILE is a valid call
+
+
+def test_python_m_lifecycle_audit_handles_bad_input_as_the_cli_does(tmp_path):
+    """`python -m lifecycle.audit LOG` (the module's own entry, besides --write-schema) called main_audit bare: a bad
+    LIFECYCLE_AUDIT_ENGINE ended in an InvalidArgument traceback with exit status 1, an audit's "violations" status
+    (seen failing against the old code).  It now runs `lifecycle audit`'s handling: exit 2 and the message.  Control:
+    a clean log exits 0 either way."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root, "LIFECYCLE_AUDIT_ENGINE": "bogus"}
+    cmd = [sys.executable, "-m", "lifecycle.audit", str(mg.HERE / "clean_run.jsonl")]
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, timeout=120)
+    assert out.returncode == 2 and b"Traceback" not in out.stderr, out.stderr.decode(errors="replace")
+    assert b"lifecycle audit: error: invalid LIFECYCLE_AUDIT_ENGINE" in out.stderr
+    env["LIFECYCLE_AUDIT_ENGINE"] = "python"
+    assert subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, timeout=120).returncode == 0

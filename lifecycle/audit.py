@@ -1062,7 +1062,8 @@ class Auditor:
         """Interleave several files (one per rank) by time, so cross-rank state stays small.
 
         Each file keeps its own order; the merge key is the event's monotonic time (relative to the
-        file's first event when the files' clocks are more than an hour apart: different hosts).  A file's
+        file's first event when the files' clocks are more than an hour apart: different hosts; the files of one
+        process, whose first events have the same ``proc``, have one clock and the earliest start).  A file's
         first time is looked for in its first ``_LOOKAHEAD`` lines only, so what is held before the merge
         starts stays bounded (a file with no timestamps is not read whole first).
         """
@@ -1094,19 +1095,29 @@ class Auditor:
 
         chains = []
         firsts: list[int | None] = []
+        procs = []  # the proc of the event that gave each file's first time (None: none, or not an int)
         for i, path in enumerate(paths):
             g = source(i, path)
             buffered = []
-            first = None
+            first = proc = None
             for item in g:
                 buffered.append(item)
                 first = tkey(item[0])
+                if first is not None:
+                    proc = item[0].get("proc")
                 if first is not None or len(buffered) >= _LOOKAHEAD:
                     break
             firsts.append(first)
+            procs.append(proc if type(proc) is int else None)
             chains.append(itertools.chain(buffered, g))
         known = [f for f in firsts if f is not None]
         relative = bool(known) and max(known) - min(known) > 3600 * 10**9
+        if relative:  # the files of one process (one proc: a rotated log) have one clock, so one start: their earliest
+            start: dict[int, int] = {}
+            for f, p in zip(firsts, procs):
+                if f is not None and p is not None:
+                    start[p] = min(start.get(p, f), f)
+            firsts = [start[p] if f is not None and p is not None else f for f, p in zip(firsts, procs)]
         heap: list = []
         last_key = [0] * len(paths)
 

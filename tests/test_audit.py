@@ -1380,6 +1380,27 @@ def test_rank_disagreement_when_a_rank_starts_after_another_finished(tmp_path, l
         assert found == ([("rank_disagreement", 1, 40)] if disagree else []), (disagree, found)
 
 
+@pytest.mark.parametrize("other_host", [False, True])
+def test_a_process_log_rotated_after_an_hours_quiet_is_merged_on_its_own_clock(tmp_path, other_host):
+    """One process's log rotated into two files whose first lines are two hours apart (a long-running rank: the
+    second file starts after a quiet spell) read as two hosts' clocks: each file was merged relative to its own
+    start, so the second file's lines were replayed among the first's, and the clean log gave illegal transitions
+    (advertise of a live session, moves after the final state) in both engines (seen failing against the old code).
+    Files whose first event has the same proc are one process, one clock: they share one start.  Also with a third
+    file from another host (another proc, a clock a day off) in the merge.  Control: the same log in one file."""
+    ev = [{**d, "proc": 7} for d in mg.clean_run()]
+    for d in ev[10:]:
+        d["t_mono_ns"] += 2 * 3600 * 10**9  # request 1 is InFlight across the quiet spell and the rotation
+    paths = [write(tmp_path / "rank0.jsonl.1", ev[:10]), write(tmp_path / "rank0.jsonl", ev[10:])]
+    if other_host:
+        r1 = [{**d, "proc": 8, "rank": 1, "pid": d["pid"] + 1} for d in _skewed(mg.clean_run(), 24 * 3600 * 10**9)]
+        paths.append(write(tmp_path / "rank1.jsonl", r1))
+    res = audit_paths(paths)
+    assert violations(res) == [], [str(f) for f in res.findings]
+    assert res.terminated == 4 * len(paths[1:]) and res.by_kind("stream_start") == []
+    assert audit_paths([write(tmp_path / "one.jsonl", ev)]).ok
+
+
 def test_rank_disagreement_compares_ranks_of_the_same_role():
     """A sender and a receiver of one request end differently all the time (the sender completed, the receiver
     failed): that is not a disagreement between tensor-parallel ranks.  Two receivers that differ are one.

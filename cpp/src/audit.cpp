@@ -760,6 +760,8 @@ struct Source {
   std::size_t scanned = 0; // merge mode: queue items searched for the first time
   bool first_known = false, has_first = false;
   Int first = 0, last_key = 0;
+  bool has_proc = false;   // the event that gave `first` had an int proc: `proc`
+  Int proc = 0;
   bool head = false;       // an item of this source is in the merge heap
 };
 
@@ -1221,6 +1223,9 @@ struct Auditor::Impl {
             if (it.has_t) {
               s.first_known = s.has_first = true;
               s.first = it.t;
+              const JVal& p = it.doc.f[k_proc];
+              s.has_proc = p.t == JT::integer;
+              s.proc = p.i;
             }
           }
           if (s.first_known) break;
@@ -1240,6 +1245,16 @@ struct Auditor::Impl {
         any = true;
       }
       relative = any && hi - lo > static_cast<Int>(3600) * 1000000000;
+      if (relative) {  // the files of one process (one proc: a rotated log) have one clock: the earliest start
+        std::map<Int, Int> start;
+        for (const auto& s : srcs) {
+          if (!s.has_first || !s.has_proc) continue;
+          auto [at, fresh] = start.emplace(s.proc, s.first);
+          if (!fresh && s.first < at->second) at->second = s.first;
+        }
+        for (auto& s : srcs)
+          if (s.has_first && s.has_proc) s.first = start[s.proc];
+      }
       started = true;
     }
     for (;;) {

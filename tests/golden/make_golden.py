@@ -7,8 +7,8 @@ deferred-termination notices (``lifecycle.terminate_now``) are logged after the 
 (``test_scripted_goldens_match_the_real_engine``) checks this against the real engine.  The lifecycle
 itself comes from the table (``lifecycle.spec``), never from a copy here.
 
-To regenerate the goldens from the real engine later, replace ``ScriptedEngine`` by an adapter around
-``TransferEngine`` (same method names) with structlog rendering JSON lines; the scenario functions stay.
+``RealEngineAdapter`` runs the same scenario functions on a real ``TransferEngine`` (same method names,
+structlog rendering JSON lines): the tests compare its logs with the scripted ones.
 
     python tests/golden/make_golden.py            # rewrite tests/golden/*.jsonl
 """

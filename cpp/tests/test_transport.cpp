@@ -459,6 +459,7 @@ struct Hooks {
   std::function<void(std::uint64_t)> in_post = [](std::uint64_t) {};
   std::function<bool(std::uint64_t)> on_release = [](std::uint64_t) { return true; };
   std::function<void(std::uint64_t)> after_release = [](std::uint64_t) {};
+  std::function<void()> on_fetch = [] {};  // the progress thread, each fetch of notifications
 };
 
 class HookAgent final : public Agent {
@@ -501,7 +502,10 @@ class HookAgent final : public Agent {
   void send_notification(const std::string& peer, const NotifMessage& m) override {
     inner_->send_notification(peer, m);
   }
-  std::vector<RawNotification> fetch_notifications(std::size_t& skipped) override { return inner_->fetch_notifications(skipped); }
+  std::vector<RawNotification> fetch_notifications(std::size_t& skipped) override {
+    h_.on_fetch();
+    return inner_->fetch_notifications(skipped);
+  }
 
  private:
   std::unique_ptr<LoopbackAgent> inner_;
@@ -950,6 +954,58 @@ void test_a_post_failing_after_remove_peer_marks_nothing() {
     if (removal) CHECK(eventually([&] { return state_of(*ea, 2) == State::Quiesced; }));
     if (!removal) CHECK(ea->cancel(2) == CancelResult::CancelledBeforeAdvertise);
   }
+}
+
+// A NIXL post that fails while stop() runs, after stop() withdrew the health reasons but before it marked the
+// in-post entries (progress_->stop() lies between), marked its peer and filed a reason again: nothing withdrew it
+// (stop() runs once), so the engine's health stayed unhealthy for good, naming a stopped transport's peer.  The
+// progress thread is held in its fetch until the post failed; the post fails once the reason of an earlier failed
+// post (to peer c) is gone, i.e. once stop() withdrew them.  Control: c's reason stands before the stop.
+void test_a_post_failing_during_stop_leaves_no_health_reason() {
+  auto ea = std::make_shared<Engine>(Config{});
+  std::atomic<bool> in_post{false}, armed{false}, fetching{false}, failed{false};
+  Hooks hooks;
+  hooks.in_post = [&](std::uint64_t req) {
+    if (req == 10) throw NixlCallError("post_xfer_req", -2, "request 10");
+    if (req != 1) return;
+    in_post = true;
+    while (peer_reasons(*ea, "stoprace-c") != 0) std::this_thread::yield();  // stop() withdrew the reasons
+    throw NixlCallError("post_xfer_req", -2, "request 1");
+  };
+  hooks.on_fetch = [&] {
+    if (!armed.load()) return;
+    fetching = true;
+    while (!failed.load()) std::this_thread::yield();  // stop() waits here for the progress thread
+  };
+  Duo d(ea, std::make_unique<HookAgent>(named("stoprace-a"), hooks), std::make_shared<Engine>(Config{}), 's');
+  [[maybe_unused]] auto& [src, dst, l, r, ta, tb, rid] = d;
+  auto tc = loopback(std::make_shared<Engine>(Config{}), "stoprace-c");
+  tc->register_region(r);
+  ta.add_peer(tc->metadata());
+  tc->add_peer(ta.metadata());
+  CHECK(ea->advertise(10, Role::sender, 0).status == Status::Moved);
+  try {
+    (void)ta.transfer(10, XferOp::Write, l, r, "stoprace-c", 0);
+    CHECK(false);
+  } catch (const NixlCallError&) {
+  }
+  CHECK(peer_reasons(*ea, "stoprace-c") == 1);  // control: the reason stands until the stop
+  CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
+  armed = true;
+  while (!fetching.load()) std::this_thread::yield();  // the progress thread held until the post failed
+  std::thread poster([&] {
+    try {
+      (void)ta.transfer(1, XferOp::Write, l, r, "stoprace-b", 0);
+    } catch (const NixlCallError&) {
+    }
+    failed = true;
+  });
+  while (!in_post.load()) std::this_thread::yield();
+  ta.stop();
+  poster.join();
+  CHECK(failed.load() && state_of(*ea, 1) == State::Poisoned);
+  CHECK(peer_reasons(*ea, "stoprace-b") == 0);
+  CHECK(peer_reasons(*ea, "stoprace-c") == 0);
 }
 
 void test_a_stop_after_our_session_took_another_offer_outlives_it() {
@@ -2640,6 +2696,7 @@ int main() {
   test_wait_completions_for_ever_waits();
   test_a_failed_nixl_post_refuses_its_peer_until_remove_peer();
   test_a_post_failing_after_remove_peer_marks_nothing();
+  test_a_post_failing_during_stop_leaves_no_health_reason();
   test_a_late_abort_never_stops_a_new_session_of_the_id();
   test_an_id_with_no_session_is_refused_before_anything_is_built();
   test_a_stop_from_another_peer_is_answered_to_that_peer();

@@ -715,6 +715,39 @@ def test_cut_raw_metadata_is_refused_and_leaves_nothing_loaded():
 
 
 @needs_nixl
+def test_raw_metadata_of_another_layout_is_not_taken_for_cut():
+    """Review (session 28): the layout walk read the untagged MemSection record's first 8 bytes as its length, so a
+    layout with a tagged record in its place (a short tag gives a plausible length) was judged cut and refused with
+    "cut on the way", though NIXL might load it: a peer that could never connect.  MemSection is matched whole now,
+    and a length past 4 GiB is another layout, not a cut.  Each crafted metadata (a record inserted before
+    MemSection, with a 1-byte and a 4-byte tag) goes to NIXL, whose answer is not this refusal (seen failing
+    before: refused as cut).  Control: the same metadata cut inside MemSection is still refused as cut."""
+    snd = Side("md-other-snd", slots=1, slot_size=4096)
+    try:
+        raw = raw_metadata(snd.t)
+        at = raw.index(b"\x0a" + bytes(7) + b"MemSection|")
+        cut_msg = r"ends inside a record NIXL's layout still expects"
+        rcv0 = Side("md-other-rcv0", slots=1, slot_size=4096)
+        try:
+            with pytest.raises(InvalidArgument, match=cut_msg):  # (the control)
+                rcv0.t.add_peer(raw[:at + 12])
+        finally:
+            rcv0.close()
+        for tag in (b"s", b"Xtra"):
+            crafted = raw[:at] + tag + (4).to_bytes(8, "little") + b"abcd|" + raw[at:]
+            rcv = Side(f"md-other-rcv-{tag.decode()}", slots=1, slot_size=4096)
+            try:
+                try:
+                    rcv.t.add_peer(crafted)
+                except Exception as exc:  # NIXL's own answer (it does not know this layout): anything but the cut
+                    assert not re.search(cut_msg, str(exc)), (tag, exc)
+            finally:
+                rcv.close()
+    finally:
+        snd.close()
+
+
+@needs_nixl
 def test_a_peer_name_that_is_not_utf8_is_refused_with_a_typed_error():
     """Metadata whose agent name is not UTF-8 loaded, and the name's way back to Python raised a bare
     UnicodeDecodeError -- with the peer loaded and unnameable.  add_peer now refuses it: InvalidArgument

@@ -43,6 +43,7 @@ enum class MdShape { Whole, Cut, Other };
 
 class MdWalk {
  public:
+  static constexpr std::uint64_t kMaxRecord = std::uint64_t{1} << 32;
   explicit MdWalk(const std::string& md) : md_(md) {}
   // the next record, tagged `tag`: its bytes (nullopt: the walk stopped, shape() says why)
   std::optional<std::string_view> next(std::string_view tag) {
@@ -57,6 +58,9 @@ class MdWalk {
     std::uint64_t len = 0;
     const std::size_t l = at_ + tag.size();
     for (int b = 7; b >= 0; --b) len = (len << 8) | static_cast<unsigned char>(md_[l + static_cast<std::size_t>(b)]);
+    // A record of another layout where an untagged one is expected (a tag's bytes read as the length) is no cut:
+    // NIXL judges it.  A cut record keeps its length, and no record of agent metadata comes near 4 GiB.
+    if (len > kMaxRecord) return stop(MdShape::Other);
     if (len >= md_.size() - l - 8) return stop(MdShape::Cut);  // (its bytes and the '|' do not fit)
     if (md_[l + 8 + len] != '|') return stop(MdShape::Other);
     at_ = l + 8 + len + 1;
@@ -69,6 +73,17 @@ class MdWalk {
     std::uint64_t n = 0;
     for (int b = 7; b >= 0; --b) n = (n << 8) | static_cast<unsigned char>((*v)[static_cast<std::size_t>(b)]);
     return n;
+  }
+  // the record `rec` exactly, tag, length and bytes (false: the walk stopped, shape() says why)
+  bool literal(std::string_view rec) {
+    if (shape_ != MdShape::Whole) return false;
+    const std::size_t n = std::min(md_.size() - at_, rec.size());
+    if (md_.compare(at_, n, rec, 0, n) != 0 || n < rec.size()) {
+      shape_ = n < rec.size() && md_.compare(at_, n, rec, 0, n) == 0 ? MdShape::Cut : MdShape::Other;
+      return false;
+    }
+    at_ += rec.size();
+    return true;
   }
   bool at_end() const { return shape_ == MdShape::Whole && at_ == md_.size(); }
   MdShape shape() const { return shape_; }
@@ -102,9 +117,9 @@ MdShape nixl_md_shape(const std::string& md) {
   if (!w.next("Agent")) return w.shape();
   const auto conns = w.count("Conns");
   if (!conns || !records(*conns, {"t", "c"})) return w.shape();
-  const auto section = w.next("");
-  if (!section) return w.shape();
-  if (*section != "MemSection") return MdShape::Other;
+  // (matched whole: read as an untagged record, another layout's tagged one here could pass for a cut)
+  static constexpr std::string_view kMemSection{"\x0a\0\0\0\0\0\0\0MemSection|", 19};
+  if (!w.literal(kMemSection)) return w.shape();
   const auto elements = w.count("nixlSecElms");
   if (!elements) return w.shape();
   for (std::uint64_t e = 0; e < *elements; ++e) {

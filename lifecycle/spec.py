@@ -88,6 +88,7 @@ _EVIDENCE_STATE = "Quiesced"
 # claims no such thing.  poll_symmetric's consensus (lifecycle.collectives) reads a Terminated session's outcome
 # by these names.
 _EVIDENCE_OUTCOMES = ("completed", "cancelled")
+_CONFIRMED = "completed"  # ... and only a complete confirms the transfer (what poll_symmetric's `completed` means)
 # Who posts each event the engine knows (the transport's progress thread, tick(), the executor's calls).
 _ENGINE_SOURCES = {"expose": "executor", "cancel": "executor", "terminate": "executor", "complete": "transport",
                    "fail": "transport", "timeout": "timer", "grace_expired": "timer"}
@@ -442,6 +443,12 @@ def _check_graph(path, states, kinds, events, sources, cancel_results, terminate
             bad(r.line, "outcome-state-mismatch", f"{r.src} + {r.event} = {r.dst} / {r.outcome}: " + (
                 f"a {r.dst} session's outcome is {' or '.join(_EVIDENCE_OUTCOMES)} (DESIGN §2)"
                 if r.dst == _EVIDENCE_STATE else f"{r.outcome} claims the evidence {r.dst} lacks (DESIGN §2)"))
+        elif r.moves and r.outcome == _CONFIRMED and r.event != "complete":
+            # (Advertised + cancel = Quiesced / completed passed: a session cancelled before any byte moved said its
+            # transfer finished, and poll_symmetric put it in `completed` on every rank)
+            bad(r.line, "outcome-without-confirmation", f"{r.src} + {r.event} = {r.dst} / {r.outcome}: only complete "
+                f"(the transport's DONE, the peer's done) confirms a transfer (DESIGN §2): not {_CONFIRMED} on "
+                f"{r.event}")
         if r.event == "expose" and kinds[after] != "active":
             # (Quiesced + expose = .stay passed: the executor's expose() answered without an error and it handed out
             # the descriptors of buffers the session's AlreadyComplete had freed; Advertised + expose = .stay left a

@@ -613,6 +613,39 @@ def test_an_outcome_that_contradicts_its_state_is_reported_at_its_row(old, new, 
     assert _violations(edit(old, old)) == []  # the control: the row as the table has it
 
 
+@pytest.mark.parametrize("new", [
+    "Advertised       + cancel         = Quiesced         / completed  -> CancelledBeforeAdvertise",
+    "Parked           + cancel         = Quiesced         / completed  -> CancelledBeforeAdvertise",
+])
+def test_an_outcome_completed_on_an_event_other_than_complete_is_reported_at_its_row(new):
+    """Accepted silently: Advertised + cancel = Quiesced / completed (DESIGN §2: Quiesced(cancelled)).  Quiesced allows
+    completed, so outcome-state-mismatch passed it, and a never-exposed session (never exposed is its evidence: no
+    bytes moved) ended saying its transfer finished and was confirmed: poll_symmetric put a request every rank
+    cancelled before the expose in ``completed`` on every rank, which the executor reads as the KV data arrived.  Only
+    the transport's complete confirms a transfer.  Controls: the row as the table has it (cancelled), a DONE after a
+    cancel declared completed (CancelRequested + complete: complete is the confirmation), and the never-exposed state
+    of the second case with cancelled."""
+    parked = ("Advertised       + timeout        = Parked\n"
+              "Parked           + cancel         = Quiesced         / cancelled  -> CancelledBeforeAdvertise\n"
+              "Parked           + terminate      = .defer                        -> Deferred\n"
+              "Advertised       + cancel")
+    base = GOOD
+    if new.startswith("Parked"):  # a never-exposed state of the table's own (test_diagram's review tables add such)
+        base = edit("[events]", "Parked            active     not exposed yet, set aside\n\n[events]",
+                    edit("Advertised       + cancel", parked))
+        assert _violations(base) == []  # its control: cancelled
+        old = "Parked           + cancel         = Quiesced         / cancelled  -> CancelledBeforeAdvertise"
+    else:
+        old = "Advertised       + cancel         = Quiesced         / cancelled  -> CancelledBeforeAdvertise"
+    t = edit(old, new, base)
+    found = [(v.code, v.line, v.message) for v in _violations(t)]
+    assert [(c, ln) for c, ln, _ in found] == [("outcome-without-confirmation", line_of(t, new.split("=")[0]))], found
+    assert found[0][2].startswith(f"{new.split()[0]} + cancel = Quiesced / completed: "), found
+    assert _violations(edit(old, old, base)) == []  # the control: the row as the table has it
+    done = "CancelRequested  + complete       = Quiesced         / "
+    assert _violations(edit(done + "cancelled", done + "completed")) == []  # complete confirms: a table may say so
+
+
 @pytest.mark.parametrize("row", [
     "InFlight         + cancel         = CancelRequested               -> CancelRequestedInFlight",
     "Advertised       + cancel         = Quiesced         / cancelled  -> CancelledBeforeAdvertise",

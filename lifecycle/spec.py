@@ -494,6 +494,23 @@ def _check_graph(path, states, kinds, events, sources, cancel_results, terminate
         elif not r.moves or r.dst == s:
             bad(r.line, "timer-stays", f"{s} + {e} = {r.dst}: the engine fires {e} there until the session leaves "
                                        f"{s} (DESIGN §6); the row must move it to another state")
+    # The timers must not loop: following them from a timed state never comes back to it without a terminal state
+    # (CancelRequested + grace_expired = InFlight passed: tick() moved a hung transfer's session back and forth for
+    # ever, aborted each time, never terminal, its deferred terminate never delivered: the wedge the timers exist to
+    # end, DESIGN §6).  A timer into a state with no timer of the engine's (a review table's retry state the executor
+    # leaves) is the executor's to end.  Reported once per loop, at the row that closes it.
+    timer_row = {r.src: r for r in rows for s, e in _TIMERS if (r.src, r.event) == (s, e) and r.moves and r.dst != s}
+    reported: set[str] = set()
+    for s, _e in _TIMERS:
+        chain, r = [s], timer_row.get(s)
+        while r is not None and r.dst in timer_row and r.dst not in chain:
+            chain.append(r.dst)
+            r = timer_row[r.dst]
+        if r is not None and r.dst in chain and not reported & set(chain):
+            reported.update(chain)
+            bad(r.line, "timer-loop", f"{r.src} + {r.event} = {r.dst}: the engine's timers lead from {r.dst} back to "
+                                      f"{r.dst}, never to a terminal state (DESIGN §6: they end a hung transfer, "
+                                      f"Poisoned)")
     # The engine's refinements answer these in place of a row's result, so no row shows where (BackendUnhealthy
     # marked yes passed: an executor following cancel_frees_now() freed buffers of the cancel it was told is still in
     # flight; CancelledDeferred marked yes: freed by the cancel and again by the deferred terminate's TerminateNow)

@@ -689,6 +689,29 @@ def test_a_timer_row_that_does_not_leave_its_state_is_reported(old, new):
     assert _violations(edit(old, old)) == []  # the control: the row as the table has it
 
 
+@pytest.mark.parametrize("new", ["CancelRequested  + grace_expired  = InFlight",
+                                 "CancelRequested  + grace_expired  = InFlight         / expired"])
+def test_timer_rows_that_loop_without_a_terminal_state_are_reported_at_the_row_closing_the_loop(new):
+    """Accepted silently: CancelRequested + grace_expired = InFlight (it leaves its state, so timer-stays passed it).
+    tick() then moved a hung transfer's session back and forth for ever (timeout: CancelRequested, another abort;
+    grace_expired: InFlight, its timer re-armed), never terminal, so its deferred terminate never came: the wedge
+    DESIGN §6's timers exist to end (grace_expired: Poisoned).  Now timer-loop, once, at the row that closes the loop.
+    Controls: the row as the table has it; a timer into an active state with no timer of the engine's that the
+    executor leaves (test_diagram's review tables: a retry state) stays valid."""
+    old = "CancelRequested  + grace_expired  = Poisoned         / expired"
+    t = edit(old, new)
+    found = [(v.code, v.line, v.message) for v in _violations(t)]
+    assert [(c, ln) for c, ln, _ in found] == [("timer-loop", line_of(t, "CancelRequested  + grace_expired"))], found
+    assert found[0][2].startswith("CancelRequested + grace_expired = InFlight: "), found
+    assert _violations(edit(old, old)) == []  # the control: the row as the table has it
+    retry = edit("InFlight         + timeout        = CancelRequested", "InFlight         + timeout        = Retry")
+    retry = edit("[events]", "Retry             active     timed out: the executor re-exposes or cancels\n\n[events]",
+                 retry)
+    retry += ("Retry + expose = InFlight\nRetry + cancel = CancelRequested -> CancelRequestedInFlight\n"
+              "Retry + terminate = .defer -> Deferred\n")
+    assert _violations(retry) == []
+
+
 @pytest.mark.parametrize(("old", "new"), [
     ("InFlight         + complete       = Quiesced         / completed", "InFlight         + complete       = .late"),
     ("CancelRequested  + fail           = Poisoned         / failed", "CancelRequested  + fail           = .late"),

@@ -755,6 +755,11 @@ class Worker:
             if now - self._last_status > 0.05:  # the launcher's kill-peer acts on it: keep it fresh
                 self._status(now)
             local_done = not self.tracked and (self.ack_received if self.role == "sender" else self.ack_sent)
+            if local_done and self.reconnect_at and not self.peer_lost:
+                # a reconnect still pending (a post failed on one of the last requests) is made now: NIXL's mark
+                # on the peer stays a health reason until remove_peer(), and the run would end unhealthy
+                self.reconnect_at = now
+                self._check_disconnects()
             timed_out = now > deadline or os.getppid() != self._ppid
             if self.group.all_ranks(local_done or timed_out, site="demo:done"):
                 break

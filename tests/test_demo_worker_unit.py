@@ -301,3 +301,47 @@ def test_kill_peer_control_no_kill_on_the_survivor_or_without_kill_peer(tmp_path
     w._handle((kind, 100, b"desc"))
     assert posted == [100]
     assert not (tmp_path / "status" / KILL_TIME_FILE).exists()
+
+
+def _ending_sender(*, peer_lost: str = ""):
+    """A WRITE-mode sender whose run is over but for the receiver's end_ack, which the next intake brings; a failed
+    NIXL post just scheduled its reconnect (remove_peer + add_peer, 20 ms later).  run() ends at the ack."""
+    import time
+
+    done: list = []
+    w = Worker.__new__(Worker)
+    w.role, w.rank, w.name, w.peer, w.peer_md = "sender", 0, "sender-0", "peer", b"metadata"
+    w.opts = DemoOptions(out="unused", mode="write", requests=1)
+    w.group, w.faults = SoloGroup(), None
+    w.tracked, w.mid_cancels, w.out_msgs = {}, {}, []
+    w.it, w.next_req, w.t_start, w._last_status = 0, 2, time.monotonic(), time.monotonic()
+    w._ppid = __import__("os").getppid()
+    w.c = dict(reconnects=0)
+    w.peer_lost = peer_lost
+    w.end_sent, w.end_received, w.ack_sent, w.ack_received = True, False, False, False
+    w.reconnect_at, w.reload_peer = time.monotonic() + 3600, True  # pending (not due before the loop ends)
+    acks = [[("end_ack",)]]
+    w.chan = SimpleNamespace(recv_all=lambda: acks.pop() if acks else [], send=lambda msgs: None,
+                             wait=lambda timeout: None)
+    w.engine = SimpleNamespace(poll=lambda: [])
+    w.t = SimpleNamespace(remove_peer=lambda peer: done.append(("remove_peer", peer)),
+                          add_peer=lambda md: done.append(("add_peer", md)))
+    w._status = lambda now: None
+    w._finish = lambda: done.append("finish")
+    return w, done
+
+
+def test_a_reconnect_still_pending_when_the_run_ends_is_made_before_it_ends():
+    """A failed NIXL post schedules a reconnect 20 ms on; with NIXL's mark the transport files a health reason
+    ("peer ... disconnected after a failed post") until remove_peer().  A post failing on the last request of a
+    WRITE run (the sender finalizes its Poisoned session at once, the receiver acks the end within a few ms) ended
+    the loop first: the peer was never reconnected and the sender ended unhealthy, so the demo FAILED ("sender-0
+    unhealthy at the end") on a recovered fault.  The reconnect is made before the loop ends now."""
+    w, done = _ending_sender()
+    w.run()
+    assert done == [("remove_peer", "peer"), ("add_peer", b"metadata"), "finish"], done
+    assert w.reconnect_at == 0.0 and w.c["reconnects"] == 1
+    # control: a lost peer is not reconnected (its remove_peer came with the loss), and the loop still ends
+    w, done = _ending_sender(peer_lost="control channel closed (EOFError)")
+    w.run()
+    assert done == ["finish"], done

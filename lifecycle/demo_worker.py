@@ -109,10 +109,56 @@ class DemoOptions:
 
     @classmethod
     def from_json(cls, text: str) -> DemoOptions:
-        d = json.loads(text)
-        d["kv"] = KVConfig(**d["kv"])
-        d["faults"] = tuple(d["faults"])
+        """The options the launcher wrote (to_json), or written by hand (docs/demo.md: a site's MPI): fields left out
+        take their defaults; anything else raises InvalidArgument("opts") naming it (it ended every rank with a
+        traceback, or failed inside the run)."""
+        from .errors import InvalidArgument
+
+        try:
+            d = json.loads(text)
+        except ValueError as exc:
+            raise InvalidArgument("opts", f"not JSON ({exc})") from None
+        d = _checked_fields(cls, d, "")
+        if "kv" in d:
+            d["kv"] = KVConfig(**_checked_fields(KVConfig, d["kv"], "kv: "))
+        if "faults" in d:
+            if not all(isinstance(f, str) for f in d["faults"]):
+                got = json.dumps(d["faults"])
+                raise InvalidArgument("opts", f"faults: expected a list of fault names, got {got:.60}")
+            d["faults"] = tuple(d["faults"])
         return cls(**d)
+
+
+# a field's annotation -> the JSON values it takes, and how to say it
+_FIELD_TYPES = {"int": ((int,), "an integer"), "float": ((int, float), "a number"), "str": ((str,), "a string"),
+                "bool": ((bool,), "true or false"), "float | None": ((int, float, type(None)), "a number or null"),
+                "KVConfig": ((dict,), "a JSON object (the fields of KVConfig)"),
+                "tuple[str, ...]": ((list,), "a list of fault names")}
+
+
+def _checked_fields(cls, d, where: str) -> dict:
+    """``d`` as keyword arguments of the dataclass ``cls`` (JSON types), or InvalidArgument("opts") naming what is
+    wrong: not an object, an unknown or missing field, a value of another type."""
+    from dataclasses import MISSING, fields
+
+    from .errors import InvalidArgument
+
+    if not isinstance(d, dict):
+        raise InvalidArgument("opts", f"{where}expected a JSON object (the fields of {cls.__name__}), got "
+                                      f"{type(d).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise InvalidArgument("opts", f"{where}unknown field(s) {', '.join(unknown)} (the fields of {cls.__name__}: "
+                                      f"{', '.join(known)})")
+    missing = [n for n, f in known.items() if n not in d and f.default is MISSING and f.default_factory is MISSING]
+    if missing:
+        raise InvalidArgument("opts", f"{where}missing field(s) {', '.join(missing)}")
+    for name, value in d.items():
+        want, said = _FIELD_TYPES[known[name].type]
+        if not isinstance(value, want) or (isinstance(value, bool) and bool not in want):
+            raise InvalidArgument("opts", f"{where}{name}: expected {said}, got {json.dumps(value):.60}")
+    return d
 
 
 @dataclass(frozen=True, slots=True)
@@ -887,7 +933,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lifecycle.demo_worker")
     p.add_argument("--opts", required=True, help="DemoOptions as JSON (written by `lifecycle demo`)")
     a = p.parse_args(argv)
-    opts = DemoOptions.from_json(Path(a.opts).read_text() if not a.opts.lstrip().startswith("{") else a.opts)
+    try:
+        opts = DemoOptions.from_json(Path(a.opts).read_text(encoding="utf-8") if not a.opts.lstrip().startswith("{")
+                                     else a.opts)
+    except (OSError, UnicodeError, ValueError) as exc:  # (InvalidArgument is a ValueError)
+        print(f"demo_worker: --opts {a.opts!r:.200}: {exc}", file=sys.stderr)
+        return 2
     from mpi4py import MPI
 
     from .collectives import RankGroup

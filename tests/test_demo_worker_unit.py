@@ -345,3 +345,44 @@ def test_a_reconnect_still_pending_when_the_run_ends_is_made_before_it_ends():
     w, done = _ending_sender(peer_lost="control channel closed (EOFError)")
     w.run()
     assert done == ["finish"], done
+
+
+@pytest.mark.parametrize("opts, said", [
+    ("{missing}", "No such file"),                           # a path that is not there
+    ("{text}", "not JSON"),
+    ("{list}", "expected a JSON object"),                   # a file holding a JSON list
+    ('{"out": "x", "mode": "write", "requests": 10, "concurency": 4}', "unknown field(s) concurency"),
+    ('{"mode": "write"}', "missing field(s) out"),
+    ('{"out": "x", "requests": "10"}', "requests: expected an integer"),
+    ('{"out": "x", "faults": ["delay", 1]}', "faults: expected a list"),
+    ('{"out": "x", "faults": "delay"}', "faults: expected a list"),
+    ('{"out": "x", "kv": {"heads": 8}}', "kv: unknown field(s) heads"),
+    ('{"out": "x", "kv": {"kv_heads": 8.5}}', "kv: kv_heads: expected an integer"),
+    ('{"out": "x", "kv": [8]}', "kv: expected a JSON object"),
+])
+def test_worker_options_written_by_hand_are_refused_with_a_message(tmp_path, capsys, opts, said):
+    """docs/demo.md: on a cluster, write options.json by hand ("the fields of DemoOptions") and launch
+    `python -m lifecycle.demo_worker --opts FILE` under the site's MPI.  A missing file, text that is not JSON or a
+    misspelt or missing field ended every rank with a traceback (FileNotFoundError, JSONDecodeError, TypeError from
+    DemoOptions.__init__, KeyError 'kv'), and a field of the wrong type only failed inside the run.  Now: exit 2 and
+    one line that names the problem, before MPI is touched."""
+    from lifecycle.demo_worker import main
+
+    (tmp_path / "text").write_text("out: x\n")
+    (tmp_path / "list").write_text('["out", "x"]')
+    for name in ("missing", "text", "list"):
+        opts = opts.replace("{%s}" % name, str(tmp_path / name))
+    arg = opts
+    assert main(["--opts", arg]) == 2
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err and err.startswith("demo_worker: --opts"), err
+
+
+def test_worker_options_round_trip_and_leave_defaults_out():
+    """Control: what the launcher writes (to_json) reads back the same; fields left out take their defaults."""
+    from lifecycle.demo_worker import KVConfig
+
+    o = DemoOptions(out="x", mode="write", faults=("delay", "error"), kill_at=0.5, kv=KVConfig(kv_heads=4),
+                    transfer_timeout=1)
+    assert DemoOptions.from_json(o.to_json()) == o
+    assert DemoOptions.from_json('{"out": "x", "kill_at": 1}') == DemoOptions(out="x", kill_at=1)

@@ -570,6 +570,10 @@ def _claim_out_locked(arg: str, out: Path) -> int:
 
 def _run(argv: list[str] | None) -> int:
     a = parse_args(argv)
+    if a.ranks > 1 and shutil.which("mpiexec") is None:  # (raised from the launch, a traceback, --out cleared)
+        print(f"demo: --ranks {a.ranks} runs the workers under mpiexec, and mpiexec not found on PATH "
+              "(pip install mpich mpi4py)", file=sys.stderr)
+        return 2
     out = Path(a.out).resolve()
     code = _claim_out(a.out, out)
     if code:

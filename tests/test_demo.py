@@ -386,3 +386,21 @@ def test_an_interrupted_demo_stops_its_workers_without_a_traceback(tmp_path, sig
         if p.poll() is None:
             p.kill()
         p.communicate()
+
+
+def test_ranks_without_mpiexec_is_refused_with_a_message_before_out_is_touched(tmp_path, capsys, monkeypatch):
+    """`--ranks K` launches `mpiexec`; where there is none, the launcher raised FileNotFoundError with a traceback
+    (after it had cleared and claimed --out).  Now exit 2, one line, and --out left as it was."""
+    from lifecycle import demo as demo_mod
+
+    real_which = shutil.which
+    monkeypatch.setattr(demo_mod.shutil, "which", lambda name, *a, **k: None if name == "mpiexec" else
+                        real_which(name, *a, **k))
+    out = tmp_path / "earlier"
+    out.mkdir()
+    (out / ".kv-lifecycle-demo").write_text("")
+    (out / "keep").write_text("an earlier demo's file")
+    assert demo_mod.main(["--ranks", "2", "--requests", "4", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "mpiexec not found" in err and "--ranks 2" in err and "Traceback" not in err, err
+    assert (out / "keep").is_file()

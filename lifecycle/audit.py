@@ -1367,8 +1367,8 @@ class Auditor:
             if (deferred is True) != bool(s[_S_DEFER_LINE]) and not (deferred is True and s[_S_ADOPTED]):
                 self._deferred_order(s, line, rank, req, (
                     f"deferred {to} transition with no Deferred terminate before it" if deferred is True else
-                    f"{to} transition not marked deferred, though terminate() was deferred at line "
-                    f"{s[_S_DEFER_LINE]} (the deferred retry is that transition)"))
+                    f"{to} transition not marked deferred, though terminate() was deferred at "
+                    f"{_at(s[_S_DEFER_FILE], s[_S_DEFER_LINE], self._file)} (the deferred retry is that transition)"))
             self._fold(key, s, t, line)
 
     def _check_transition(self, key, s: list | None, frm, to, trig, outcome, d: dict, sk, eng, t: int,
@@ -1391,7 +1391,8 @@ class Auditor:
             if tomb is not None:
                 if to in self.final:
                     self._find("double_termination", line,
-                               f"second transition to {to} (first terminated at line {tomb[_S_LAST_LINE]})",
+                               f"second transition to {to} (first terminated at "
+                               f"{_at(tomb[_S_LAST_FILE], tomb[_S_LAST_LINE], self._file)})",
                                rank=rank, request=req, first_line=tomb[_S_LAST_LINE])
                 else:
                     self._illegal(frm, trig, to, line, rank, req, None, "transition after the final state")
@@ -1490,7 +1491,7 @@ class Auditor:
         if prev is not None:
             status, owner, pf, pl, _ = prev
             if status == "held":
-                why = f"slot {slot} leased while still held by live request {owner[1]} (line {pl})"
+                why = f"slot {slot} leased while still held by live request {owner[1]} ({_at(pf, pl, self._file)})"
             else:
                 why = (f"slot {slot} leased again after it was {status} by request {owner[1]} at {pf}:{pl} "
                        f"with no buffer_recovered")
@@ -1558,7 +1559,7 @@ class Auditor:
             s = self._session(rank, req, sid, False)
             if s is not None and s[_S_STATE] != (state if cell == ".stay" else cell):
                 self._find("result_state_mismatch", line, f"{call}() returned {r} in state {state}, but the session "
-                           f"is {s[_S_STATE]} (since line {s[_S_LAST_LINE]})" + (
+                           f"is {s[_S_STATE]} (since {_at(s[_S_LAST_FILE], s[_S_LAST_LINE], self._file)})" + (
                                "" if cell == ".stay" else f", not {cell}, where the call moves it"),
                            rank=rank, request=req)
                 self._mark(s, "result_state_mismatch")
@@ -1578,8 +1579,8 @@ class Auditor:
         elif type(req) is int:  # queued in causal order: the state is the live session's, as replayed
             s = self._session(rank, req, sid, False)
             if s is not None and s[_S_STATE] != state:
-                self._find("misclassified_event", line, f"{what}, but the session is {s[_S_STATE]} (since line "
-                           f"{s[_S_LAST_LINE]})", rank=rank, request=req)
+                self._find("misclassified_event", line, f"{what}, but the session is {s[_S_STATE]} (since "
+                           f"{_at(s[_S_LAST_FILE], s[_S_LAST_LINE], self._file)})", rank=rank, request=req)
                 self._mark(s, "misclassified_event")
         if late:
             self.late[(state, trig)] = self.late.get((state, trig), 0) + 1
@@ -1627,8 +1628,9 @@ class Auditor:
         if r == "Deferred" or r == "AlreadyDeferred":
             s = self._session(rank, req, sid, True)
             if s is not None and len(s) == _TOMB:  # (a tombstone)
+                at = _at(s[_S_LAST_FILE], s[_S_LAST_LINE], self._file)
                 self._deferred_order(None, line, rank, req, f"terminate() returned {r} after the session was "
-                                     f"{'/'.join(self.spec.final)} (line {s[_S_LAST_LINE]})")
+                                     f"{'/'.join(self.spec.final)} ({at})")
                 return
             if s is None:
                 if r == "Deferred":
@@ -1642,8 +1644,9 @@ class Auditor:
                                          "before it")
                 return
             if first:
-                self._deferred_order(s, line, rank, req, f"terminate() returned Deferred twice (first at line "
-                                     f"{first}): a deferred session answers AlreadyDeferred")
+                self._deferred_order(s, line, rank, req, f"terminate() returned Deferred twice (first at "
+                                     f"{_at(s[_S_DEFER_FILE], first, self._file)}): a deferred session answers "
+                                     f"AlreadyDeferred")
             elif s[_S_STATE] in self.terminal:
                 self._deferred_order(s, line, rank, req, f"terminate() returned Deferred while the session was "
                                      f"already {s[_S_STATE]}, where the deferred retry had run")
@@ -1823,7 +1826,8 @@ class Auditor:
                            request=key[1], file=s[_S_DEFER_FILE] if s[_S_DEFER_LINE] else s[_S_LAST_FILE], deliveries=0)
                 self._mark(s, "deferred_delivery")
             if age >= self.leak_age_ns and self.leak_age_ns >= 0:
-                self._find("leak", s[_S_LINE], f"never terminated: last state {state} (line {s[_S_LAST_LINE]}), "
+                self._find("leak", s[_S_LINE], f"never terminated: last state {state} "
+                           f"({_at(s[_S_LAST_FILE], s[_S_LAST_LINE], s[_S_FILE])}), "
                            f"age {age / 1e9:.3f}s at end of log", rank=key[0], request=key[1], file=s[_S_FILE],
                            last_state=state, age_ns=age, last_line=s[_S_LAST_LINE])
                 self._mark(s, "leak")
@@ -1867,6 +1871,12 @@ def _member(v: object, names) -> bool:
 
 def _tname(v: object) -> str:
     return "null" if v is None else type(v).__name__
+
+
+def _at(file: str, line: int, own: str) -> str:
+    """Where a finding's message cites another line: "line N" in the finding's own file, else "FILE:N" (a session's
+    lines may span files: a rotated log)."""
+    return f"line {line}" if file == own else f"{file}:{line}"
 
 
 def _r(v: object) -> str:

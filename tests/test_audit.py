@@ -1118,6 +1118,65 @@ def test_a_deferral_finding_names_the_file_of_its_line_when_a_session_spans_rota
         (f.kind, f.request, f.file, f.line) for f in violations(res)], [str(f) for f in res.findings]
 
 
+def _line_cited_across_files(case: str):
+    """A log whose finding (in the second file) cites a line of the first: (events, split, kind, request, message with
+    {a} for the first file, the cited line, and the message the one-file control gives)."""
+    if case == "double_termination":  # 1's move to Terminated (line 13) logged again
+        ev = mg.clean_run()
+        ev.append(ev[12])
+        return ev, 13, "double_termination", 1, "first terminated at {a}:13", "first terminated at line 13"
+    if case == "slot_reuse":  # 5 leases slot 0 (proc given: one stream, one pool) while 1 holds it since line 1
+        ev = [{**d, "proc": 7} for d in mg.clean_run()]
+        ev.insert(5, {**ev[0], "request": 5})  # (5 is a leak too)
+        return ev, 4, "slot_reuse", 5, "still held by live request 1 ({a}:1)", "still held by live request 1 (line 1)"
+    if case == "result_state_mismatch":  # 1's Terminated result logged before its move (1 Quiesced since line 10)
+        ev = mg.clean_run()
+        ev[12], ev[13] = ev[13], ev[12]
+        return ev, 10, "result_state_mismatch", 1, "session is Quiesced (since {a}:10)", "(since line 10)"
+    if case == "misclassified_event":  # 20's late complete logged before its move to Terminated (Poisoned since 5)
+        ev = mg.poisoning()
+        ev.insert(8, ev[15])
+        return ev, 5, "misclassified_event", 20, "session is Poisoned (since {a}:5)", "(since line 5)"
+    if case == "deferred_after_terminated":  # 30's Deferred again after its deferred Terminated (line 9)
+        ev = mg.deferred_termination()
+        ev.insert(10, ev[2])
+        return ev, 9, "deferred_order", 30, "after the session was Terminated ({a}:9)", "Terminated (line 9)"
+    if case == "deferred_twice":  # 31's Deferred (line 6) logged again
+        ev = mg.deferred_termination()
+        ev.insert(7, ev[5])
+        return ev, 6, "deferred_order", 31, "Deferred twice (first at {a}:6)", "(first at line 6)"
+    if case == "not_marked_deferred":  # 31 deferred at line 6, its move to Terminated not marked deferred
+        ev = mg.deferred_termination()
+        ev[11] = {**ev[11], "deferred": False}
+        return ev, 6, "deferred_order", 31, "terminate() was deferred at {a}:6 (", "deferred at line 6 ("
+    assert case == "leak"  # 1 never terminated: advertised in the first file (the finding's), Quiesced at line 10
+    ev = mg.clean_run()
+    del ev[12:14]
+    return ev, 4, "leak", 1, "last state Quiesced ({b}:6)", "last state Quiesced (line 10)"
+
+
+@pytest.mark.parametrize("case", ["double_termination", "slot_reuse", "result_state_mismatch", "misclassified_event",
+                                  "deferred_after_terminated", "deferred_twice", "not_marked_deferred", "leak"])
+def test_a_finding_citing_a_line_of_another_file_names_that_file(tmp_path, case):
+    """A session whose lines span two files (a rotated log: rot.1.jsonl, then rot.jsonl) had findings citing another
+    of its lines as "(line N)" or "at line N" with no file: a line of the other file, which the reader looked up in
+    the finding's own (seen failing against the old code in both engines).  The cited line now reads FILE:N where
+    its file is not the finding's.  Control: the same log in one file still cites "line N"."""
+    ev, k, kind, req, want, one = _line_cited_across_files(case)
+    ev = renumber(ev)
+    a = write(tmp_path / "rot.1.jsonl", ev[:k])
+    b = write(tmp_path / "rot.jsonl", ev[k:])
+    res = audit_paths([a, b])
+    got = [f for f in violations(res) if f.kind == kind and f.request == req]
+    assert len(got) == 1 and {f.kind for f in violations(res)} == {kind, *(["leak"] if case == "slot_reuse" else [])}, [
+        str(f) for f in res.findings]
+    assert want.format(a=a, b=b) in got[0].message, str(got[0])
+    assert got[0].file == str(a if kind == "leak" else b)
+    res = audit_paths([write(tmp_path / "one.jsonl", ev)])
+    got = [f for f in violations(res) if f.kind == kind and f.request == req]
+    assert len(got) == 1 and one in got[0].message, [str(f) for f in res.findings]
+
+
 def _golden_path(name, tmp_path):
     p = tmp_path / f"{name}.jsonl"
     p.write_text(mg.render(getattr(mg, name)()), encoding="utf-8")

@@ -956,6 +956,13 @@ struct Auditor::Impl {
   Piece P(std::string s) const { return Piece{Op::text, std::move(s), 0}; }
   Piece J(Op op, K k) const { return Piece{op, raw(k), f(k).depth}; }
   static Piece F(std::uint32_t file) { return Piece{Op::file, std::to_string(file), 0}; }
+  // A message citing another line: "line N" in the finding's own file `own`, else "FILE:N" (a session's lines may
+  // span files: a rotated log) (audit._at)
+  std::vector<Piece> cite(std::string before, std::uint32_t file, Int line, std::uint32_t own,
+                          const std::string& after) const {
+    if (file == own) return {P(before + "line " + to_string(line) + after)};
+    return {P(std::move(before)), F(file), P(":" + to_string(line) + after)};
+  }
   static const char* tname(const JVal& v) {  // audit._tname
     switch (v.t) {
       case JT::missing:
@@ -1694,21 +1701,28 @@ struct Auditor::Impl {
         if (sl != slots.end() && owned_by(sl->second, key)) sl->second.status = slot_poisoned;
       }
     } else if (into_to == into_final) {
-      if (deferred != (s->c.defer_line != 0) && !(deferred && s->adopted))
-        deferred_order(s, line, rank, req,
-                       deferred ? std::string("deferred ") + kStateNames[to] +
-                                      " transition with no Deferred terminate before it"
-                                : std::string(kStateNames[to]) +
-                                      " transition not marked deferred, though terminate() was deferred at line " +
-                                      to_string(s->c.defer_line) + " (the deferred retry is that transition)");
+      if (deferred != (s->c.defer_line != 0) && !(deferred && s->adopted)) {
+        if (deferred)
+          deferred_order(s, line, rank, req,
+                         std::string("deferred ") + kStateNames[to] +
+                             " transition with no Deferred terminate before it");
+        else
+          deferred_order(s, line, rank, req,
+                         cite(std::string(kStateNames[to]) + " transition not marked deferred, though terminate() was "
+                                                             "deferred at ",
+                              s->c.defer_file, s->c.defer_line, cur_file, " (the deferred retry is that transition)"));
+      }
       fold(key, t);
     }
   }
 
   // A deferral's records in an order the engine never logs them in (Auditor._deferred_order).
-  void deferred_order(Session* s, Int line, Int rank, Int req, std::string message) {
-    if (Finding* g = find(Kind::deferred_order, line, &rank, &req)) g->message = {P(std::move(message))};
+  void deferred_order(Session* s, Int line, Int rank, Int req, std::vector<Piece> message) {
+    if (Finding* g = find(Kind::deferred_order, line, &rank, &req)) g->message = std::move(message);
     if (s != nullptr) mark(*s, Kind::deferred_order);
+  }
+  void deferred_order(Session* s, Int line, Int rank, Int req, std::string message) {
+    deferred_order(s, line, rank, req, std::vector<Piece>{P(std::move(message))});
   }
 
   static bool owned_by(const SlotRec& r, const Key& key) { return r.owner_has_req && r.owner == key; }
@@ -1732,8 +1746,8 @@ struct Auditor::Impl {
         if (kFinal[to]) {
           Int first = ti->second->c.last_line;
           if (Finding* g = find(Kind::double_termination, line, &rank, &req)) {
-            g->message = {P(std::string("second transition to ") + kStateNames[to] + " (first terminated at line " +
-                            to_string(first) + ")")};
+            g->message = cite(std::string("second transition to ") + kStateNames[to] + " (first terminated at ",
+                              ti->second->c.last_file, first, cur_file, ")");
             g->extra = {XI("first_line", first)};
           }
         } else {
@@ -1875,8 +1889,8 @@ struct Auditor::Impl {
       std::string owner = prev.owner_has_req ? to_string(prev.owner_req) : std::string("None");
       if (Finding* g = find(Kind::slot_reuse, line, &rank, &req)) {
         if (prev.status == slot_held) {
-          g->message = {P("slot " + to_string(slot) + " leased while still held by live request " + owner + " (line " +
-                          to_string(prev.line) + ")")};
+          g->message = cite("slot " + to_string(slot) + " leased while still held by live request " + owner + " (",
+                            prev.file, prev.line, cur_file, ")");
         } else {
           g->message = {P("slot " + to_string(slot) + " leased again after it was " + slot_status_name(prev.status) +
                           " by request " + owner + " at "),
@@ -1994,10 +2008,11 @@ struct Auditor::Impl {
     if ((c.action == Action::Stay || moves) && rq != nullptr && session_of(rank, *rq, false, s) != nullptr &&
         s->state != want) {
       if (Finding* g = find(Kind::result_state_mismatch, line, &rank, rq))
-        g->message = {P(std::string(cancel ? "cancel" : "terminate") + "() returned " + names[res] + " in state " +
-                        kStateNames[st] + ", but the session is " + kStateNames[s->state] + " (since line " +
-                        to_string(s->c.last_line) + ")" +
-                        (moves ? std::string(", not ") + kStateNames[want] + ", where the call moves it" : ""))};
+        g->message = cite(std::string(cancel ? "cancel" : "terminate") + "() returned " + names[res] + " in state " +
+                              kStateNames[st] + ", but the session is " + kStateNames[s->state] + " (since ",
+                          s->c.last_file, s->c.last_line, cur_file,
+                          std::string(")") +
+                              (moves ? std::string(", not ") + kStateNames[want] + ", where the call moves it" : ""));
       mark(*s, Kind::result_state_mismatch);
     }
   }
@@ -2028,9 +2043,9 @@ struct Auditor::Impl {
       Session* s = nullptr;
       if (session_of(rank, *rq, false, s) != nullptr && s->state != state) {
         if (Finding* g = find(Kind::misclassified_event, line, &rank, rq))
-          g->message = {P(std::string(is_late ? "late " : "engine rejected ") + kEventNames[trig] + " in state " +
-                          kStateNames[state] + ", but the session is " + kStateNames[s->state] + " (since line " +
-                          to_string(s->c.last_line) + ")")};
+          g->message = cite(std::string(is_late ? "late " : "engine rejected ") + kEventNames[trig] + " in state " +
+                                kStateNames[state] + ", but the session is " + kStateNames[s->state] + " (since ",
+                            s->c.last_file, s->c.last_line, cur_file, ")");
         mark(*s, Kind::misclassified_event);
       }
     }
@@ -2082,9 +2097,10 @@ struct Auditor::Impl {
       Session* s = nullptr;
       Core* c = session_of(rank, req, true, s);
       if (c != nullptr && s == nullptr) {  // (a tombstone)
-        deferred_order(nullptr, line, rank, req, std::string("terminate() returned ") + kTerminateResultNames[r] +
-                                                     " after the session was " + final_list + " (line " +
-                                                     to_string(c->last_line) + ")");
+        deferred_order(nullptr, line, rank, req,
+                       cite(std::string("terminate() returned ") + kTerminateResultNames[r] +
+                                " after the session was " + final_list + " (",
+                            c->last_file, c->last_line, cur_file, ")"));
         return;
       }
       if (c == nullptr) {
@@ -2101,8 +2117,9 @@ struct Auditor::Impl {
         return;
       }
       if (first != 0) {
-        deferred_order(s, line, rank, req, "terminate() returned Deferred twice (first at line " + to_string(first) +
-                                               "): a deferred session answers AlreadyDeferred");
+        deferred_order(s, line, rank, req,
+                       cite("terminate() returned Deferred twice (first at ", c->defer_file, first, cur_file,
+                            "): a deferred session answers AlreadyDeferred"));
       } else if (kTerminal[s->state]) {
         deferred_order(s, line, rank, req, std::string("terminate() returned Deferred while the session was already ") +
                                                kStateNames[s->state] + ", where the deferred retry had run");
@@ -2283,9 +2300,10 @@ struct Auditor::Impl {
       }
       if (age >= opt.leak_age_ns && opt.leak_age_ns >= 0) {
         if (Finding* g = find(Kind::leak, s.line, &rank, &req, s.c.file)) {
-          g->message = {P(std::string("never terminated: last state ") + state + " (line " + to_string(s.c.last_line) +
-                          "), age "),
-                        Piece{Op::seconds, to_string(age), 0}, P("s at end of log")};
+          g->message = cite(std::string("never terminated: last state ") + state + " (", s.c.last_file, s.c.last_line,
+                            s.c.file, "), age ");
+          g->message.push_back(Piece{Op::seconds, to_string(age), 0});
+          g->message.push_back(P("s at end of log"));
           g->extra = {XS("last_state", state), XI("age_ns", age), XI("last_line", s.c.last_line)};
         }
         mark(s, Kind::leak);

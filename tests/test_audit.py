@@ -1501,6 +1501,132 @@ def test_a_terminate_result_for_no_session_is_an_orphan_whatever_the_result(tmp_
     assert audit_paths([GOLDEN / "clean_run.jsonl"]).by_kind("orphan_event") == []
 
 
+# A child forked while another thread of its parent logs a poll() batch: the thread (parked in the logger at the
+# batch's first line) does not exist in the child, whose own poll() goes on from the engine state it inherited.
+# argv: the log folder, "notice" or "result".  Each process logs to PID.jsonl.
+FORK_MID_POLL = r"""
+import json, os, sys, threading, warnings
+warnings.simplefilter("ignore", DeprecationWarning)
+from lifecycle.engine import TransferEngine
+folder, case = sys.argv[1], sys.argv[2]
+
+class Log:
+    def __init__(self):
+        self.inside, self.go = threading.Event(), threading.Event()
+    def bind(self):
+        return self
+    def info(self, event, **kw):
+        if threading.current_thread() is not threading.main_thread() and not self.inside.is_set():
+            self.inside.set()
+            self.go.wait()
+        with open(os.path.join(folder, f"{os.getpid()}.jsonl"), "a") as f:
+            f.write(json.dumps({"event": event, **kw}) + "\n")
+
+log = Log()
+if case == "notice":  # 1's moves are in the parent's batch; its TerminateNow waits in the notice queue
+    e = TransferEngine(on_terminate=lambda r: None, logger=log)
+    e.advertise(1, "sender"); e.terminate(1); e.cancel(1)  # Deferred; Quiesced, then Terminated at once
+else:  # a poll_budget of 4 splits the batch after 1's move to Terminated: its Terminated result is left behind
+    e = TransferEngine(logger=log, poll_budget=4)
+    e.advertise(1, "sender"); e.cancel(1); e.terminate(1)
+th = threading.Thread(target=e.poll)
+th.start()
+log.inside.wait()
+pid = os.fork()
+if pid == 0:
+    e.poll()
+    os._exit(0)
+os.waitpid(pid, 0)
+log.go.set()
+th.join()
+e.poll()
+print(os.getpid(), pid)
+"""
+
+
+@pytest.mark.parametrize("case", ["notice", "result"])
+def test_a_forked_childs_complete_stream_may_name_a_request_it_never_logged(tmp_path, case):
+    """Why a TerminateNow or a Terminated result for a request with no session stays an orphan_event warning even in a
+    stream known complete (seq 0 first, no gap): a forked child starts a stream of its own (seq 0, a new proc) with
+    its parent's engine state, so it delivers the notices its parent had pending, and logs what was left of a batch
+    (here a poll_budget split between a move to Terminated and its result) while the parent's thread logs the rest
+    in the parent's stream.  Real engine; the child's log alone and with the parent's: no violation, the orphan
+    warning only.  (A rule making these violations in complete streams fails here: seen with it in the Python
+    replay, a finding in the child's file.)"""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = subprocess.run([sys.executable, "-c", FORK_MID_POLL, str(tmp_path), case], capture_output=True, text=True,
+                         timeout=120, cwd=str(Path(__file__).resolve().parent.parent))
+    assert out.returncode == 0, out.stderr[-2000:]
+    parent, child = (tmp_path / f"{p}.jsonl" for p in out.stdout.split())
+    lines = [json.loads(x) for x in child.read_text().splitlines()]
+    assert [d["seq"] for d in lines] == list(range(len(lines))) and lines, lines  # a complete stream
+    want = ("TerminateNow for a request with no session in the window" if case == "notice" else
+            "terminate returned Terminated for a request with no session in the window")
+    assert [(d["event"], d["request"]) for d in lines if d["request"] == 1] == [
+        ("lifecycle.terminate_now" if case == "notice" else "lifecycle.terminate", 1)], lines
+    for paths in ([child], [parent, child]):
+        res = audit_paths(paths)
+        assert violations(res) == [], [str(f) for f in res.findings]
+        assert [(f.kind, f.file, f.request, f.message) for f in res.by_kind("orphan_event")] == [
+            ("orphan_event", str(child), 1, want)], [str(f) for f in res.findings]
+        assert res.by_kind("seq_gap") == res.by_kind("stream_start") == []
+    assert audit_paths([parent]).finding_counts == {}  # (the parent's own log is clean)
+
+
+def test_notices_after_a_batch_ending_more_deferred_sessions_than_the_window_are_orphans(tmp_path):
+    """What docs/audit.md says of --window: poll() logs the notices after every move of its batch, so a batch that
+    ends more deferred sessions than the window (4 in one poll, window 2) has evicted the first ones' tombstones
+    before their notices: orphan_event warnings, and deferred_delivery findings for those sessions.  Control: a
+    window of 4 holds them all."""
+    import structlog
+
+    from lifecycle import TransferEngine
+
+    eng = TransferEngine(on_terminate=lambda r: None)
+    with structlog.testing.capture_logs() as cap:
+        for r in range(4):
+            eng.advertise(r, "sender")
+            eng.terminate(r)
+        eng.poll()
+        for r in range(4):
+            eng.cancel(r)  # CancelledDeferred: Quiesced, then Terminated, for each
+        eng.poll()
+    ev = renumber(cap)
+    assert [d["event"] for d in ev[-4:]] == ["lifecycle.terminate_now"] * 4
+    p = write(tmp_path / "batch.jsonl", ev)
+    res = audit_paths([p], window=2)
+    assert sorted((f.kind, f.request) for f in res.findings) == [
+        ("deferred_delivery", 0), ("deferred_delivery", 1), ("orphan_event", 0), ("orphan_event", 1)], [
+        str(f) for f in res.findings]
+    assert audit_paths([p], window=4).finding_counts == {}
+
+
+def test_results_after_the_engines_tombstone_eviction_are_clean():
+    """The engine answers NotFound for a request whose tombstone it evicted (tombstones=0: at once); those results
+    (state null) are not orphans, whatever the audit's window still holds."""
+    import structlog
+
+    from lifecycle import TransferEngine
+
+    eng = TransferEngine(tombstones=0, shards=1)
+    with structlog.testing.capture_logs() as cap:
+        eng.advertise(5, "sender")
+        eng.cancel(5)
+        assert eng.terminate(5).value == "Terminated"
+        eng.poll()
+        assert eng.terminate(5).value == eng.cancel(5).value == "NotFound"
+        eng.poll()
+    ev = renumber(cap)
+    assert [d.get("result") for d in ev if d["event"] != "lifecycle.transition"] == [
+        "CancelledBeforeAdvertise", "Terminated", "NotFound", "NotFound"], ev
+    for window in (1, 8192):
+        res = audit_events(ev, window=window)
+        assert res.finding_counts == {}, [str(f) for f in res.findings]
+
+
 def big_value_events(n: int = 3, size: int = 100_000) -> list[dict]:
     """Events whose findings quote a log value, each value ``size`` characters long: a callback error, a health
     event's reasons, a desync's sites and field, an unknown cancel result, a bad trigger/state, a table."""

@@ -1177,6 +1177,31 @@ def test_a_finding_citing_a_line_of_another_file_names_that_file(tmp_path, case)
     assert len(got) == 1 and one in got[0].message, [str(f) for f in res.findings]
 
 
+@pytest.mark.parametrize("given", ["rotated", "concatenated", "rotated with proc"])
+def test_a_live_sessions_age_runs_to_the_end_of_its_stream(tmp_path, given):
+    """What docs/audit.md says of --leak-age: a live session's age runs to the last time its stream logged.  Request 9
+    is advertised as the last line of rot.1.jsonl and never ends; the process's log goes on in rot.jsonl for 50
+    minutes.  Without proc each file is a stream of its own, so 9 is 0 s old at the end of its stream: live, not a
+    leak, at --leak-age 60 (the documented limitation: no sound rule pairs the files).  The documented ways out:
+    the parts concatenated in order (one stream), or logs with proc (files with one proc are one stream)."""
+    ev = mg.clean_run()
+    ev.insert(12, {**ev[0], "request": 9, "slot": 4, "t_mono_ns": ev[11]["t_mono_ns"]})
+    for d in ev[13:]:
+        d["t_mono_ns"] += 50 * 60 * 10**9
+    if given == "rotated with proc":
+        ev = [{**d, "proc": 7} for d in ev]
+    ev = renumber(ev)
+    if given == "concatenated":
+        paths = [write(tmp_path / "all.jsonl", ev)]
+    else:
+        paths = [write(tmp_path / "rot.1.jsonl", ev[:13]), write(tmp_path / "rot.jsonl", ev[13:])]
+    res = audit_paths(paths, leak_age_ns=60 * 10**9)
+    got = [(f.kind, f.request, f.extra["age_ns"]) for f in res.findings if f.kind in ("leak", "live")]
+    age = ev[-1]["t_mono_ns"] - ev[12]["t_mono_ns"]  # (50 minutes and a little)
+    assert got == ([("live", 9, 0)] if given == "rotated" else [("leak", 9, age)]), (
+        [str(f) for f in res.findings])
+
+
 def _golden_path(name, tmp_path):
     p = tmp_path / f"{name}.jsonl"
     p.write_text(mg.render(getattr(mg, name)()), encoding="utf-8")

@@ -32,6 +32,19 @@ void arm(long k) {
   t_fail_at = k;
 }
 void disarm() { t_fail_at = -1; }
+// Run f with the k-th allocation failing; whether it threw std::bad_alloc.
+template <class F>
+bool fails_at(long k, F&& f) {
+  bool threw = false;
+  arm(k);
+  try {
+    f();
+  } catch (const std::bad_alloc&) {
+    threw = true;
+  }
+  disarm();
+  return threw;
+}
 }  // namespace
 
 #if defined(__GNUC__) && !defined(__clang__)
@@ -402,14 +415,7 @@ static void test_drain_allocation_failure_keeps_records() {
     for (std::uint64_t i = 0; i < 64; ++i) eng.advertise(i, Role::sender, 0);
     std::vector<Record> recs;
     recs.reserve(256);  // the destination itself never fails: only the engine's own allocations
-    bool threw = false;
-    arm(k);
-    try {
-      eng.drain(recs);
-    } catch (const std::bad_alloc&) {
-      threw = true;
-    }
-    disarm();
+    const bool threw = fails_at(k, [&] { eng.drain(recs); });
     if (threw) CHECK(recs.empty());
     eng.drain(recs);
     bool all = recs.size() == 64;
@@ -469,14 +475,7 @@ static void test_drain_to_double_failure_keeps_records() {
     CHECK(eng.pending() == next + deferred_records);
     std::vector<Record> recs;
     recs.reserve(2 * next);  // only the engine's own allocations fail
-    bool threw = false;
-    arm(k);
-    try {
-      eng.drain(recs);
-    } catch (const std::bad_alloc&) {
-      threw = true;
-    }
-    disarm();
+    const bool threw = fails_at(k, [&] { eng.drain(recs); });
     if (threw) CHECK(recs.empty());
     eng.drain(recs);
     bool all = recs.size() == next + deferred_records;
@@ -495,6 +494,31 @@ static void test_drain_to_double_failure_keeps_records() {
   }
 }
 
+// A drain held inside its destination: hold() (from the destination) blocks until open(); wait_held() returns once
+// a drain is held there.
+struct DrainGate {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool held = false, done = false;
+  void hold() {
+    std::unique_lock<std::mutex> lk(mu);
+    held = true;
+    cv.notify_all();
+    cv.wait(lk, [&] { return done; });
+  }
+  void wait_held() {
+    std::unique_lock<std::mutex> lk(mu);
+    cv.wait(lk, [&] { return held; });
+  }
+  void open() {
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      done = true;
+    }
+    cv.notify_all();
+  }
+};
+
 // Two drains at once: one that finds a shard's records held by the other (taken, not yet delivered) skips the
 // shard, so when the other's destination fails and its records go back, they still come out first, in order, and
 // none twice or lost.
@@ -503,34 +527,23 @@ static void test_a_drain_skips_a_shard_another_drain_holds() {
   cf.shards = 1;
   Engine eng(cf);
   eng.advertise(1, Role::sender, 0);
-  std::mutex mu;
-  std::condition_variable cv;
-  bool held = false, done = false, threw = false;
+  DrainGate gate;
+  bool threw = false;
   std::thread drainer([&] {
     try {
       eng.drain_to([&](std::size_t) -> Record* {
-        std::unique_lock<std::mutex> lk(mu);
-        held = true;
-        cv.notify_all();
-        cv.wait(lk, [&] { return done; });
+        gate.hold();
         throw std::bad_alloc();
       });
     } catch (const std::bad_alloc&) {
       threw = true;
     }
   });
-  {
-    std::unique_lock<std::mutex> lk(mu);
-    cv.wait(lk, [&] { return held; });
-  }
+  gate.wait_held();
   eng.advertise(2, Role::sender, 0);
   std::vector<Record> recs;
   CHECK(eng.drain(recs) == 0);  // request 1's record is out, held by the other drain: 2's stays behind it
-  {
-    std::lock_guard<std::mutex> lk(mu);
-    done = true;
-  }
-  cv.notify_all();
+  gate.open();
   drainer.join();
   CHECK(threw);
   CHECK(eng.drain(recs) == 2);
@@ -545,24 +558,16 @@ static void test_a_forked_child_drains_a_shard_a_drain_held() {
   cf.shards = 1;
   Engine eng(cf);
   eng.advertise(1, Role::sender, 0);
-  std::mutex mu;
-  std::condition_variable cv;
-  bool held = false, done = false;
+  DrainGate gate;
   std::vector<Record> got;
   std::thread drainer([&] {
     eng.drain_to([&](std::size_t n) {
-      std::unique_lock<std::mutex> lk(mu);
-      held = true;
-      cv.notify_all();
-      cv.wait(lk, [&] { return done; });
+      gate.hold();
       got.resize(n);
       return got.data();
     });
   });
-  {
-    std::unique_lock<std::mutex> lk(mu);
-    cv.wait(lk, [&] { return held; });
-  }
+  gate.wait_held();
   const pid_t pid = ::fork();
   if (pid == 0) {
     eng.advertise(2, Role::sender, 0);
@@ -570,11 +575,7 @@ static void test_a_forked_child_drains_a_shard_a_drain_held() {
     eng.drain(recs);
     ::_exit(recs.size() == 1 && recs[0].req == 2 ? 0 : 3);
   }
-  {
-    std::lock_guard<std::mutex> lk(mu);
-    done = true;
-  }
-  cv.notify_all();
+  gate.open();
   drainer.join();
   CHECK(got.size() == 1 && got[0].req == 1);  // the parent's drain delivered its record
   CHECK(pid > 0);
@@ -665,14 +666,7 @@ void run(const Case& c, bool single) {
     auto e = fresh(clock, hooks);
     const auto before = states(*e);
     const auto before_pool = pool_of(*e);
-    bool threw = false;
-    arm(k);
-    try {
-      c.op(*e, *clock);
-    } catch (const std::bad_alloc&) {
-      threw = true;
-    }
-    disarm();
+    const bool threw = fails_at(k, [&] { c.op(*e, *clock); });
     if (!threw) {  // past the operation's last allocation
       const bool same = records(*e) == ref_recs && states(*e) == ref_states && hooks == ref_hooks;
       if (!same) std::fprintf(stderr, "oom %s: unarmed run differs at k=%ld\n", c.name, k);

@@ -130,6 +130,7 @@ WARNING_KINDS = (
     "table_mismatch",
     "live",
     "window_evicted",
+    "delivery_unchecked",
 )
 # Violations a caller may excuse (AuditResult.excuse): an empty log is right for a rank that created no session
 EXCUSABLE_KINDS = ("no_events",)
@@ -891,9 +892,15 @@ class Auditor:
         self.terminated = 0
         self.live: dict[tuple[int, int], list] = {}
         self.tombs: dict[tuple[int, int], list] = {}  # the last `window` folded sessions
-        # Invariant: every tombstone in self.tombs is here, oldest first; so are tombstones removed since
-        # (a request advertised again: key set to None), skipped when they reach the front.
+        # Invariant: every tombstone in self.tombs but the awaiting ones (below) is here, oldest first; so are
+        # tombstones removed since (a request advertised again: key set to None), skipped when they reach the front.
         self._tomb_order: deque[list] = deque()
+        # Tombstones the window evicted while their deferred terminate awaited its TerminateNow (poll() logs a
+        # batch's notices after all its moves, so a batch ending more deferred sessions than the window evicts
+        # them first): still in self.tombs, not counted in the window, up to `window` of them, until the notice.
+        # _awaiting_order holds them oldest first, and those since resolved or re-advertised (skipped).
+        self._awaiting: dict[tuple, list] = {}
+        self._awaiting_order: deque[list] = deque()
         self.findings: list[Finding] = []
         self.counts: dict[str, int] = {}
         self.tis: dict[str, LogHistogram] = {s: LogHistogram() for s in sp.states if s not in self.final}
@@ -1452,6 +1459,8 @@ class Auditor:
             return
         tomb = self.tombs.pop(key, None)
         if tomb is not None:
+            if self._awaiting:
+                self._unawait(key)
             self._check_tomb(tomb)
             tomb[_S_KEY] = None  # removed: skipped in self._tomb_order
             if len(self._tomb_order) > 2 * len(self.tombs) + 64:  # drop the removed ones: O(1) amortized
@@ -1707,6 +1716,11 @@ class Auditor:
             self._find("orphan_event", line, "TerminateNow for a request with no session in the window", rank=rank,
                        request=req)
             return
+        aw = self._awaiting
+        if aw and aw.get(s[_S_KEY]) is s:  # evicted from the window, awaiting this notice: delivered, forgotten
+            del self.tombs[s[_S_KEY]]
+            self._unawait(s[_S_KEY])
+            return
         if len(s) > _TOMB:  # live: the engine logs the notice after the deferred move to the final state
             self._deferred_order(s, line, rank, req, f"TerminateNow while the session is still {s[_S_STATE]}, before "
                                  f"its deferred {'/'.join(self.spec.final)} transition")
@@ -1762,20 +1776,49 @@ class Auditor:
         tombs = self.tombs
         tombs[s[_S_KEY]] = tomb  # (the session's key object: one tuple per tombstone)
         self._tomb_order.append(tomb)
-        if len(tombs) > self.window:
+        if len(tombs) > self.window + len(self._awaiting):
             self._evict_tomb()
 
     def _evict_tomb(self) -> None:
-        """Check and forget the oldest tombstone."""
+        """Check and forget the oldest tombstone (or keep it aside while its deferred terminate awaits its notice)."""
         order = self._tomb_order
         while True:
             tomb = order.popleft()
             key = tomb[_S_KEY]
             if key is not None:
+                if tomb[_S_DEFERRED] and not tomb[_S_NOTICES]:
+                    self._await_notice(key, tomb)
+                    return
                 del self.tombs[key]
-                if tomb[_S_DEFERRED] or tomb[_S_NOTICES]:
+                if tomb[_S_NOTICES]:
                     self._check_tomb(tomb)
                 return
+
+    def _await_notice(self, key, tomb: list) -> None:
+        """Keep an evicted tombstone whose deferred terminate awaits its TerminateNow (beyond the window: its
+        notice may come after a whole batch's moves); past `window` of them, forget the oldest unchecked."""
+        aw = self._awaiting
+        aw[key] = tomb
+        order = self._awaiting_order
+        order.append(tomb)
+        if len(aw) > self.window:
+            while True:
+                old = order.popleft()
+                k = old[_S_KEY]
+                if aw.get(k) is old:
+                    del aw[k]
+                    del self.tombs[k]
+                    self._find("delivery_unchecked", old[_S_DEFER_LINE] or old[_S_LAST_LINE],
+                               f"deferred termination's delivery not checked: evicted from the window, then from the "
+                               f"{self.window} tombstones awaiting their TerminateNow (--window)", rank=k[0],
+                               request=k[1], file=old[_S_DEFER_FILE] if old[_S_DEFER_LINE] else old[_S_LAST_FILE])
+                    return
+
+    def _unawait(self, key) -> None:
+        """``key``'s tombstone no longer awaits its notice (delivered, or the request advertised again)."""
+        aw = self._awaiting
+        if aw.pop(key, None) is not None and len(self._awaiting_order) > 2 * len(aw) + 64:
+            self._awaiting_order = deque(x for x in self._awaiting_order if aw.get(x[_S_KEY]) is x)  # O(1) amortized
 
     def _check_tomb(self, tomb: list) -> None:
         rank, req, _ = tomb[_S_KEY]
@@ -1814,6 +1857,8 @@ class Auditor:
             self._check_tomb(tomb)
         self.tombs.clear()
         self._tomb_order.clear()
+        self._awaiting.clear()
+        self._awaiting_order.clear()
         live_left = 0
         for key, s in sorted(self.live.items(), key=lambda kv: (kv[1][_S_FILE], kv[1][_S_LINE])):
             live_left += 1

@@ -31,7 +31,8 @@ from tests.golden import make_golden as mg
 from tests.test_audit import (BREAKS, DEFER_ORDERS, _already_terminated_for_another_request,
                               _already_terminated_moved_up, _moved, _same_pid_ranks, _skewed, _stream, _strip,
                               _two_rank_disagreeing,
-                              big_value_events, orphan_results, real_cancelled_deferred_log, real_deferred_log,
+                              big_value_events, deferred_batch, orphan_results, real_cancelled_deferred_log,
+                              real_deferred_log,
                               real_cancel_results_log, real_late_and_rejected_log, real_random_workload,
                               two_engines_one_process)
 
@@ -219,6 +220,43 @@ def test_rank_disagreement_audits_identically(tmp_path, window):
     assert res.by_kind("rank_disagreement") or res.finding_counts.get("window_evicted")
     assert_same([p0, p1], window=window)
     assert_same([m], window=window)
+
+
+def _deferred_batch_cases() -> dict[str, list[dict]]:
+    """A batch ending 6 deferred sessions (the real engine's), its notices after every move, and what a window
+    smaller than the batch must still judge the same way in both replays: notices lost, reordered, repeated, a
+    notice or a result for a tombstone kept aside, the request advertised again before its notice, no proc/engine."""
+    ev = _fixed_ids(deferred_batch(6))
+    notices = [d for d in ev if d["event"] == "lifecycle.terminate_now"]
+    rest = [d for d in ev if d["event"] != "lifecycle.terminate_now"]
+    last = ev[-1]
+    adv = next(d for d in ev if d["event"] == "lifecycle.transition" and d["request"] == 0)
+    term = next(d for d in ev if d["event"] == "lifecycle.terminate" and d["request"] == 0)
+    return {
+        "as logged": ev,
+        "no keys": _strip(ev, "proc", "engine"),
+        "notices lost": rest,
+        "two notices lost": rest + notices[2:],
+        "notices reversed": rest + notices[::-1],
+        "notices twice": ev + notices,
+        "first notice twice": ev + notices[:1],
+        "results after": ev + [{**term, "result": r} for r in ("Deferred", "AlreadyDeferred", "Terminated")],
+        "results before the notices": rest + [{**term, "result": "Terminated"}] + notices,
+        "advertised again before its notice": rest + [adv] + notices,
+        "advertised again, no keys": _strip(rest + [adv] + notices, "proc", "engine"),
+        "two batches": ev + [{**d, "request": d["request"] + 100, "t_mono_ns": d["t_mono_ns"] + last["t_mono_ns"]}
+                             for d in ev],
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_deferred_batch_cases()))
+@pytest.mark.parametrize("window", [1, 2, 3, 5, 6, 8192])
+def test_a_batch_ending_more_deferred_sessions_than_the_window_audits_identically(tmp_path, name, window):
+    p = tmp_path / "batch.jsonl"
+    events = _deferred_batch_cases()[name]
+    p.write_text(mg.render([{**d, "seq": i} for i, d in enumerate(events)]), encoding="utf-8")
+    assert_same([p], window=window)
+    assert_same([p], window=window, keep_findings=1)
 
 
 def _who_is_who_cases() -> dict[str, list[list[dict]]]:
@@ -525,8 +563,9 @@ BASES["two_engines"] = [l.encode() for l in mg.render(_fixed_ids(two_engines_one
 BASES["keyed_deferred"] = [l.encode() for l in mg.render(
     [{**d, "proc": 5, "engine": 0} for d in mg.deferred_termination()]).splitlines()]
 # the real engine's logs: a deferral (ending in AlreadyTerminated) and random calls with re-entrant callbacks
+# and a batch ending 4 deferred sessions, its notices after every move (windows 1 to 5: kept aside, dropped unchecked)
 for _name, _ev in (("real_deferred", real_deferred_log()), ("real_workload_raising", real_random_workload(5)),
-                   ("real_workload_reentrant", real_random_workload(6))):
+                   ("real_workload_reentrant", real_random_workload(6)), ("real_deferred_batch", deferred_batch(4))):
     BASES[_name] = [l.encode() for l in mg.render(_fixed_ids(_ev)).splitlines()]
 KEYS = ["event", "rank", "seq", "pid", "t_mono_ns", "request", "table", "from_state", "to_state", "trigger",
         "outcome", "deferred", "slot", "generation", "role", "result", "state", "error", "healthy", "reasons",

@@ -63,6 +63,7 @@ const char* kind_name(Kind k) {
     case Kind::table_mismatch: return "table_mismatch";
     case Kind::live: return "live";
     case Kind::window_evicted: return "window_evicted";
+    case Kind::delivery_unchecked: return "delivery_unchecked";
   }
   return "?";
 }
@@ -683,6 +684,7 @@ struct Session {
 struct Tomb {
   Core c;
   Key key;
+  bool awaiting = false;  // in Impl::awaiting (evicted from the window, its deferred terminate awaiting its notice)
 };
 
 struct SlotRec {
@@ -830,6 +832,9 @@ struct Auditor::Impl {
   std::unordered_map<Key, Session, KeyHash> live;
   std::uint64_t session_order = 0;
   std::list<Tomb> tomb_order;
+  // Tombstones the window evicted while their deferred terminate awaited its TerminateNow (Auditor._awaiting),
+  // oldest first, up to opt.window of them: spliced from tomb_order, still in `tombs`, not counted in the window.
+  std::list<Tomb> awaiting;
   std::unordered_map<Key, std::list<Tomb>::iterator, KeyHash> tombs;
   std::unordered_map<Key, SlotRec, KeyHash> slots;
   // Every terminal outcome, by (request, role), oldest first: xorder holds (key, gen) in insertion order and
@@ -1610,11 +1615,13 @@ struct Auditor::Impl {
   // key, or for a null role and no engine, the first of the roles null, sender, receiver that has one; for a
   // TerminateNow (`notice`), the first of those deferred and not yet delivered, a Terminated one (a tombstone)
   // first, if any.
-  Core* session_of(Int rank, Int req, bool with_tombs, Session*& s, bool notice = false) {
+  // `tomb` (if given) is set to the tombstone picked, or nullptr.
+  Core* session_of(Int rank, Int req, bool with_tombs, Session*& s, bool notice = false, Tomb** tomb = nullptr) {
     static const int kNullRoleLookup[3] = {2, 0, 1};
     const bool any = cur_engine < 0 && cur_role == 2;
     Core* found[3] = {nullptr, nullptr, nullptr};
     Session* found_s[3] = {nullptr, nullptr, nullptr};
+    Tomb* found_t[3] = {nullptr, nullptr, nullptr};
     int n = 0;
     for (int i = 0; i < (any ? 3 : 1); ++i) {
       Key key = session_key(rank, req, any ? kNullRoleLookup[i] : cur_role);
@@ -1624,7 +1631,10 @@ struct Auditor::Impl {
         found[n++] = &it->second.c;
       } else if (with_tombs) {
         auto ti = tombs.find(key);
-        if (ti != tombs.end()) found[n++] = &ti->second->c;
+        if (ti != tombs.end()) {
+          found_t[n] = &*ti->second;
+          found[n++] = &ti->second->c;
+        }
       }
     }
     int pick = n > 0 ? 0 : -1;
@@ -1643,6 +1653,7 @@ struct Auditor::Impl {
     }
     if (pick < 0) return nullptr;
     s = found_s[pick];
+    if (tomb != nullptr) *tomb = found_t[pick];
     return found[pick];
   }
   static Key slot_key(Int stream, Int engine, Int slot) { return Key{stream, engine, slot, 0}; }
@@ -1823,7 +1834,7 @@ struct Auditor::Impl {
     auto ti = tombs.find(key);
     if (ti != tombs.end()) {
       Tomb tomb = *ti->second;
-      tomb_order.erase(ti->second);
+      (tomb.awaiting ? awaiting : tomb_order).erase(ti->second);
       tombs.erase(ti);
       check_tomb(tomb);
     }
@@ -2158,10 +2169,17 @@ struct Auditor::Impl {
       return;
     }
     Session* s = nullptr;
-    Core* c = session_of(rank, req, true, s, true);
+    Tomb* tomb = nullptr;
+    Core* c = session_of(rank, req, true, s, true, &tomb);
     if (c == nullptr) {
       if (Finding* g = find(Kind::orphan_event, line, &rank, &req))
         g->message = {P("TerminateNow for a request with no session in the window")};
+      return;
+    }
+    if (tomb != nullptr && tomb->awaiting) {  // evicted from the window, awaiting this notice: delivered, forgotten
+      auto ti = tombs.find(tomb->key);
+      awaiting.erase(ti->second);
+      tombs.erase(ti);
       return;
     }
     if (s != nullptr)  // live: the engine logs the notice after the deferred move to the final state
@@ -2229,11 +2247,34 @@ struct Auditor::Impl {
     }
     tomb_order.push_back(Tomb{s.c, key});
     tombs[key] = std::prev(tomb_order.end());
-    if (static_cast<std::int64_t>(tombs.size()) > opt.window) {
-      Tomb old = tomb_order.front();
+    if (static_cast<std::int64_t>(tombs.size() - awaiting.size()) > opt.window) {
+      auto old = tomb_order.begin();
+      if (old->c.deferred && old->c.notices == 0) {
+        await_notice(old);
+        return;
+      }
+      Tomb gone = *old;
       tomb_order.pop_front();
-      tombs.erase(old.key);
-      if (old.c.deferred || old.c.notices != 0) check_tomb(old);
+      tombs.erase(gone.key);
+      if (gone.c.notices != 0) check_tomb(gone);
+    }
+  }
+
+  // Keep an evicted tombstone whose deferred terminate awaits its TerminateNow (Auditor._await_notice): moved to
+  // `awaiting` (its map entry stays valid); past opt.window of them, forget the oldest unchecked.
+  void await_notice(std::list<Tomb>::iterator it) {
+    it->awaiting = true;
+    awaiting.splice(awaiting.end(), tomb_order, it);
+    if (static_cast<std::int64_t>(awaiting.size()) <= opt.window) return;
+    Tomb old = awaiting.front();
+    awaiting.pop_front();
+    tombs.erase(old.key);
+    const Int rank = old.key.a, req = old.key.b;
+    const Core& c = old.c;
+    if (Finding* g = find(Kind::delivery_unchecked, c.defer_line != 0 ? c.defer_line : c.last_line, &rank, &req,
+                          c.defer_line != 0 ? c.defer_file : c.last_file)) {
+      g->message = {P("deferred termination's delivery not checked: evicted from the window, then from the " +
+                      to_string(opt.window) + " tombstones awaiting their TerminateNow (--window)")};
     }
   }
 
@@ -2267,8 +2308,10 @@ struct Auditor::Impl {
       }
     }
     for (auto& st : streams) flush_missing(st, 0);
+    for (const Tomb& tomb : awaiting) check_tomb(tomb);  // (folded before every one in tomb_order)
     for (const Tomb& tomb : tomb_order) check_tomb(tomb);
     tombs.clear();
+    awaiting.clear();
     tomb_order.clear();
     auto rank_of = [&](std::uint32_t file) -> std::int64_t {
       return file < file_order.size() ? file_order[file] : static_cast<std::int64_t>(file);

@@ -1,16 +1,22 @@
 """Hypothesis stateful test: the C++ engine and the transitions reference model, side by side.
 
-Random advertise/expose/complete/fail/cancel/timeout/terminate/late events and clock ticks.  After
-every step: identical states, outcomes and results; the invariants of DESIGN §5/§6 hold.
+Random advertise/expose/complete/fail/cancel/timeout/terminate/late events and clock ticks, with or without a
+poll_budget.  After every step: identical states, outcomes and results; the invariants of DESIGN §5/§6 hold; poll()
+returned each transition once, as logged, in each request's order, and ran each on_terminate once, after its move's
+line.  At the end: every record and notice a budget left came out, and the audit finds the JSON log clean.
 """
 
 from __future__ import annotations
 
+import json
+
 import hypothesis.strategies as st
+import structlog
 from hypothesis import HealthCheck, settings
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from lifecycle import TABLE, FINAL, TERMINAL, ManualClock, State, TransferEngine, _core
+from lifecycle.audit import audit_events
 from lifecycle.model import ReferenceEngine
 
 SEC = 1_000_000_000
@@ -23,13 +29,33 @@ EVENTS = [e for e in TABLE.events if e not in ("advertise",)]
 ids = st.integers(min_value=0, max_value=7)
 
 
+class _JsonLog:
+    """A structlog-shaped logger that renders every line as JSON (structlog's renderer) and keeps the lines, the
+    transitions in the order logged, and the requests whose move to Terminated was logged."""
+
+    def __init__(self):
+        self.render = structlog.processors.JSONRenderer()
+        self.lines: list[str] = []
+        self.transitions: list[tuple] = []
+        self.moved: set[int] = set()
+
+    def bind(self):
+        return self
+
+    def info(self, event, **kw):
+        self.lines.append(self.render(None, "info", {"event": event, **kw}))
+        if event == "lifecycle.transition":
+            self.transitions.append((kw["request"], kw["from_state"], kw["to_state"]))
+            if kw["to_state"] == "Terminated":
+                self.moved.add(kw["request"])
+
+
 class EngineVsModel(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
         self.clock = ManualClock(0)
         self.notices: list[int] = []
-        self.engine = TransferEngine(clock=self.clock, num_slots=SLOTS, slot_size=64, transfer_timeout=TIMEOUT / SEC,
-                                     cancel_grace=GRACE / SEC, progress_deadline=100, on_terminate=self.notices.append)
+        self.log = _JsonLog()
         self.model = ReferenceEngine(TABLE)
         self.entered: dict[int, int] = {}  # model: time each session entered its state
         self.slot: dict[int, bool] = {}  # model: session holds a pool slot
@@ -37,6 +63,16 @@ class EngineVsModel(RuleBasedStateMachine):
         self.quarantined: set[int] = set()  # model: sessions whose slot sits in quarantine
         self.free = SLOTS
         self.transitions_seen: list = []
+
+    @initialize(poll_budget=st.sampled_from([None, 1, 2, 3, 7]))
+    def setup(self, poll_budget):
+        self.engine = TransferEngine(clock=self.clock, num_slots=SLOTS, slot_size=64, transfer_timeout=TIMEOUT / SEC,
+                                     cancel_grace=GRACE / SEC, progress_deadline=100, on_terminate=self._notice,
+                                     logger=self.log, poll_budget=poll_budget)
+
+    def _notice(self, req):
+        assert req in self.log.moved, f"on_terminate({req}) ran before its move to Terminated was logged"
+        self.notices.append(req)
 
     # -- model bookkeeping shared by every rule --
     def _model_apply(self, req: int, event: str, unhealthy: bool = False):
@@ -143,6 +179,15 @@ class EngineVsModel(RuleBasedStateMachine):
                 assert tr.from_state in TERMINAL
 
     @invariant()
+    def transitions_returned_once_as_logged_in_request_order(self):
+        got = [(t.request, t.from_state and t.from_state.value, t.to_state.value) for t in self.transitions_seen]
+        assert got == self.log.transitions
+        last: dict[int, str] = {}
+        for req, frm, to in got:  # (ids are never advertised again here: the tombstone window outlives the test)
+            assert frm == last.get(req), (req, frm, last.get(req))
+            last[req] = to
+
+    @invariant()
     def terminate_now_exactly_once(self):
         # every notice delivered is one the model emitted, each at most once (order across sessions
         # is free: sessions live in different shards)
@@ -172,10 +217,19 @@ class EngineVsModel(RuleBasedStateMachine):
         assert stats["leased"] == len(live_slots)
 
     def teardown(self):
-        self.engine.poll()
-        # every deferred session that reached a terminal state got exactly one notice
+        if not hasattr(self, "engine"):
+            return
+        for _ in range(1000):  # (what a budget left: each poll() logs one record at least)
+            self.poll()
+            if not (self.engine._inbox or self.engine._notices):
+                break
+        # every transition came out, and every deferred session that reached a terminal state got exactly one notice
+        assert len(self.transitions_seen) == self.engine.statistics().transitions
+        self.transitions_returned_once_as_logged_in_request_order()
         assert sorted(self.notices) == sorted(self.model.notices)
         assert len(set(self.notices)) == len(self.notices)
+        res = audit_events([json.loads(line) for line in self.log.lines], leak_age_ns=-1)  # (live sessions remain)
+        assert res.ok, [str(f) for f in res.findings if f.violation][:5]
 
 
 EngineVsModel.TestCase.settings = settings(max_examples=100, stateful_step_count=40, deadline=None,

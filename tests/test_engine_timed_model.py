@@ -5,7 +5,8 @@ time (transfer_timeout, cancel_grace, the progress deadline and the per-entry we
 past timers that have not fired yet), the tombstone window (ids forgotten and advertised again, new serials),
 the pool's slot order and generations, quarantine and recovery, the health snapshot, the counters, the batch
 calls (apply_batch, advertise_batch) mixed with single calls, on_terminate that calls terminate() or poll() or
-raises, a C++ caller's drain (its notices count as delivered), and every line poll() logs, in order.
+raises, a C++ caller's drain (its notices count as delivered), a poll_budget (the records one poll() logs; a notice
+waits for its TerminateNow record, the rest for later polls), and every line poll() logs, in order.
 
 The model is written from DESIGN §2-§6 and docs/engine.md, not from engine.cpp: one instant per batch, a batch's
 items run grouped by shard, serial = per-shard count << 12 | shard, each shard keeps tombstones / shards (rounded
@@ -40,6 +41,7 @@ KIND_STATUS = {"moved": "Moved", "stay": "Stay", "late": "Late", "defer": "Defer
                "unknown": "Unknown"}
 EXPOSED = ("InFlight", "CancelRequested")
 NONTERMINAL = ("Advertised", "InFlight", "CancelRequested")
+TNOW = "TerminateNow"  # the model's queue entry for a TerminateNow record (no line of its own)
 COUNTERS = ("transitions", "illegal", "late", "unknown", "duplicate", "deferred", "terminate_now", "timeouts",
             "grace_expired", "quarantined", "recovered")
 
@@ -83,6 +85,9 @@ class TimedModel:
         self.backend = (True, "")
         self.queue: list[tuple] = []  # records not drained yet, as poll() logs them
         self.notices: list[int] = []
+        # drained by poll() but left by its poll_budget: records not logged yet, notices not delivered yet
+        self.inbox: list[tuple] = []
+        self.pending: list[int] = []
 
     # -- pool --
     def _lease(self):
@@ -209,6 +214,7 @@ class TimedModel:
                 self._enter(req, "Terminated")
                 self._transition(req, row.dst, "Terminated", "terminate", deferred=True)
                 self._final(req, row.dst)
+                self._rec(TNOW, req)  # a record too (poll_budget counts it), logged by no line
                 self.notices.append(req)
                 s.held = True
         to = self.ref.sessions[req].state
@@ -324,9 +330,13 @@ class EngineVsTimedModel(RuleBasedStateMachine):
                 deadline=st.sampled_from([1, 2, 5]), budget=st.integers(0, 2), slots=st.integers(0, 3),
                 tombstones=st.integers(0, 5), shards=st.sampled_from([1, 1, 2, 3]),
                 start=st.sampled_from([0, 7 * SEC]), reenter=st.booleans(),
-                callback=st.sampled_from(["returns", "polls", "raises 0", "raises 1"]))
-    def setup(self, timeout, grace, deadline, budget, slots, tombstones, shards, start, reenter, callback):
+                callback=st.sampled_from(["returns", "polls", "raises 0", "raises 1"]),
+                poll_budget=st.sampled_from([None, None, 1, 2, 3, 7]))
+    def setup(self, timeout, grace, deadline, budget, slots, tombstones, shards, start, reenter, callback,
+              poll_budget):
         self.clock = ManualClock(start)
+        self.poll_budget = poll_budget
+        self.levels: list[tuple] = []  # per poll() running (a callback's nests): (quota, ids of moves logged, notices)
         self.log = _Log()
         self.reenter = reenter  # on_terminate calls terminate() again
         self.repoll = callback == "polls"  # on_terminate calls poll() (once: not from the poll it calls)
@@ -335,15 +345,35 @@ class EngineVsTimedModel(RuleBasedStateMachine):
         self.engine = TransferEngine(clock=self.clock, num_slots=slots, slot_size=64 if slots else 0,
                                      transfer_timeout=timeout, cancel_grace=grace, progress_deadline=deadline,
                                      quarantine_budget=budget, tombstones=tombstones, shards=shards,
-                                     on_terminate=self._on_terminate, logger=self.log)
+                                     on_terminate=self._on_terminate, logger=self.log, poll_budget=poll_budget)
         self.model = self.Model(start, timeout=(timeout or 0) * SEC, grace=(grace or 0) * SEC,
                                 deadline=deadline * SEC, budget=budget, slots=slots, tombstones=tombstones,
                                 shards=shards)
         self.expected: list[tuple] = []  # the model's log lines
 
+    def _log_records(self, quota):
+        """What poll()'s budget lets it log of the records it drained (all without one): their lines expected, its
+        logged moves noted; a TerminateNow record releases its notice."""
+        m = self.model
+        while m.inbox and (quota is None or quota[0] > 0):
+            line = m.inbox.pop(0)
+            if quota is not None:
+                quota[0] -= 1
+            if line[0] != TNOW:
+                self.expected.append(line)
+            if line[0] == "lifecycle.transition":
+                self.levels[-1][1].append(line[1])
+
     def _on_terminate(self, req):
         # the callback's own calls find the session Terminated (DESIGN §5), whatever the window
         assert self.engine.info(req).state.value == "Terminated"
+        m, (quota, _, delivered) = self.model, self.levels[-1]
+        self._log_records(quota)  # (the delivery loop logs what its budget allows first)
+        # the notices in order, each once, only once its TerminateNow record (after its move) was logged
+        assert m.pending[:1] == [req], (req, m.pending)
+        assert (TNOW, req) not in [line[:2] for line in m.inbox], (req, "delivered before its move was logged")
+        m.pending.pop(0)
+        delivered.append(req)
         self.expected.append(("lifecycle.terminate_now", req, (("t_mono_ns", self.model.now),)))
         if self.reenter:
             assert self.engine.terminate(req).value == "AlreadyTerminated"
@@ -474,28 +504,49 @@ class EngineVsTimedModel(RuleBasedStateMachine):
         m.tick()
         was = not self.engine._was_healthy
         reasons, _ = m.health()
-        queued, m.queue = m.queue, []
-        self.expected += queued
-        if bool(reasons) != was:
+        m.inbox += m.queue
+        m.pending += m.notices
+        m.queue, m.notices = [], []
+        quota = None if self.poll_budget is None else [self.poll_budget]
+        self.levels.append((quota, [], []))
+        self._log_records(quota)
+        if bool(reasons) != was:  # (after what it logged: health is checked once the records were)
             self.expected.append(("lifecycle.health", None, (("healthy", not reasons),
                                                              ("reasons", tuple(sorted(reasons))))))
-        notices, m.notices = m.notices, []
-        refused = [req for req in notices if self.raises is not None and req % 2 == self.raises]
         self.polling += 1
+        errors = None
         try:
             got = self.engine.poll()
         except TerminateCallbackError as err:  # raised after every notice was delivered (DESIGN §5)
-            assert [req for req, _ in err.errors] == refused
-            got = err.transitions
-        else:
-            assert not refused
+            for _, exc in err.errors:
+                if isinstance(exc, AssertionError):  # the callback's checks
+                    raise exc
+            got, errors = err.transitions, [req for req, _ in err.errors]
         finally:
             self.polling -= 1
-        assert [t.request for t in got] == [line[1] for line in queued if line[0] == "lifecycle.transition"]
-        # the callbacks ran (and logged) in the order of the notices
-        terminate_now = [line[1] for line in self.log.lines if line[0] == "lifecycle.terminate_now"]
-        assert terminate_now[len(terminate_now) - len(notices):] == notices
+            _, logged, delivered = self.levels.pop()
+        refused = [req for req in delivered if self.raises is not None and req % 2 == self.raises]
+        assert (errors or []) == refused, (errors, refused)
+        if errors is None and self.polling == 0:  # its second round (a callback's poll() drained more): more lines
+            self.levels.append((quota, logged, delivered))
+            self._log_records(quota)
+            self.levels.pop()
+        assert [t.request for t in got] == logged
+        # a notice left is one whose TerminateNow record waits (every other one went out, in order)
+        assert not m.pending or (TNOW, m.pending[0]) in [line[:2] for line in m.inbox], (m.pending, m.inbox)
         self.compare_logs()
+
+    def teardown(self):
+        """What a budget left is logged and delivered by the next polls, all of it (nothing lost, nothing waits
+        for ever)."""
+        if not hasattr(self, "engine"):
+            return
+        m = self.model
+        for _ in range(1000):  # (each poll() logs one record at least, and the callbacks queue few)
+            if not (m.inbox or m.pending or m.queue or m.notices):
+                break
+            self.poll()
+        assert not (self.model.inbox or self.model.pending) and not (self.engine._inbox or self.engine._notices)
 
     @rule()
     def drain_natively(self):
@@ -509,7 +560,7 @@ class EngineVsTimedModel(RuleBasedStateMachine):
         kinds = _core.RECORD_KIND_NAMES
         raw = [(kinds[r[4]], r[0]) for r in _RECORD.iter_unpack(self.engine._drain())]
         assert [req for kind, req in raw if kind == "TerminateNow"] == notices
-        assert [req for kind, req in raw if kind != "TerminateNow"] == [line[1] for line in queued]
+        assert [req for kind, req in raw if kind != "TerminateNow"] == [line[1] for line in queued if line[0] != TNOW]
 
     # -- after every step --
     @invariant()

@@ -537,32 +537,31 @@ class TransferEngine(_core.Engine):
                 raise
             if quota is not None and taken[0] is first:
                 # (counted before the take: a call between the take and the log, at whose return a signal's
-                # exception was raised, would lose the batch; its notices go once _log_batch logged it)
+                # exception was raised, would lose the batch; its notices go once it was logged)
                 quota[0] -= records
                 self._ready += tnow
+            # Decoded into ``out`` (transitions), each record logged (the TerminateNow notices were taken out by the
+            # native drain).  Interrupted (a logger's error; a signal's, raised as a call returns or a function
+            # begins), the batch's other records are still logged, then the first error goes on; the record it
+            # interrupted may lack its line.  Interrupted before its first record (as iter_unpack returned, as
+            # _log_records began), the whole batch is logged: the try begins before its iterator is made.
+            records = None
             try:  # (set inside the try: a signal's exception cannot leave it set)
                 self._mid_batch = True
-                self._log_batch(taken[0], out, info, common, stream.seq)
+                records = _RECORD.iter_unpack(taken[0])
+                self._log_records(records, out, info, common, stream.seq)
+            except BaseException:
+                if records is None:
+                    records = _RECORD.iter_unpack(taken[0])
+                for _ in range(len(taken[0]) // size):  # (bounded: each try takes one record at least)
+                    try:
+                        self._log_records(records, out, info, common, stream.seq)
+                        break
+                    except BaseException:
+                        continue
+                raise
             finally:
                 self._mid_batch = False
-
-    @classmethod
-    def _log_batch(cls, raw: bytes, out: list, info, common: dict, seq) -> None:
-        """Decode a drained batch into ``out`` (transitions), logging each record (the TerminateNow notices
-        were taken out by the native drain).  Interrupted part-way (a logger's error, a signal's), the batch's
-        other records are still logged, then the first error goes on; the record it interrupted may lack its
-        line."""
-        records = _RECORD.iter_unpack(raw)
-        try:
-            cls._log_records(records, out, info, common, seq)
-        except BaseException:
-            for _ in range(len(raw) // _RECORD.size):  # (bounded: each try takes one record at least)
-                try:
-                    cls._log_records(records, out, info, common, seq)
-                    break
-                except BaseException:
-                    continue
-            raise
 
     @staticmethod
     def _log_records(records, out: list, info, common: dict, seq) -> None:

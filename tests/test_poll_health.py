@@ -706,6 +706,68 @@ def test_a_signal_raised_as_any_c_call_of_poll_returns_loses_no_notice_and_logs_
     assert k > 5
 
 
+def _interrupt_as_a_function_begins(k: int, skip: tuple[str, ...]):
+    """A profile function that raises as the k-th function of lifecycle/engine.py (but those named in `skip`)
+    begins: CPython also runs a pending signal's handler there (the eval-breaker check as a frame starts), before
+    the function's first line.  Returns a list that says whether it fired (and where)."""
+    import sys
+
+    import lifecycle.engine
+
+    seen, fired = [0], []
+
+    def prof(frame, event, _arg):
+        code = frame.f_code
+        if event == "call" and not fired and code.co_filename == lifecycle.engine.__file__ and code.co_name not in skip:
+            seen[0] += 1
+            if seen[0] > k:
+                fired.append(code.co_name)
+                sys.setprofile(None)
+                raise _Interrupt
+
+    sys.setprofile(prof)
+    return fired
+
+
+@pytest.mark.parametrize("budget", [None, 1, 2], ids=["unbounded", "budget-1", "budget-2"])
+def test_a_signal_raised_as_any_function_of_poll_begins_loses_no_record(clock, budget):
+    """Review (session 28): poll() took a batch off the inbox and handed it to _log_batch, which made the batch's
+    record iterator before its try; a signal's exception raised as _log_batch began (or as iter_unpack returned)
+    lost the whole batch: none of its lines, none of its transitions returned, its notices delivered all the same
+    (unbounded: 0 of 12 transitions logged, no move to Terminated; budgets 1 and 2: that 1- or 2-record batch).
+    Interrupted as each function poll() runs in lifecycle/engine.py begins (but _emit, whose own line is the one
+    such a stop may lose), every transition is logged once and every notice delivered once, after its move's line.
+    Control: it did interrupt, as the decoding of a batch began among them."""
+    import sys
+
+    k, fired, where = 0, [True], set()
+    while fired:
+        delivered, logged = [], []
+        eng = TransferEngine(clock=clock, on_terminate=delivered.append, logger=_Recorder(logged), poll_budget=budget)
+        for r in (1, 2, 3):
+            drive(eng, r, "InFlight")
+        for r in (1, 2, 3):
+            eng.terminate(r)
+            eng.complete(r)
+        fired = _interrupt_as_a_function_begins(k, ("_emit",))
+        try:
+            eng.poll()
+        except (_Interrupt, TerminateCallbackError):
+            pass
+        finally:
+            sys.setprofile(None)
+        while eng.poll() or eng._notices or eng._inbox:
+            pass
+        where.update(fired)
+        moves = [(kw["request"], kw["to_state"]) for name, kw in logged if name == "lifecycle.transition"]
+        assert sorted(moves) == sorted((r, s) for r in (1, 2, 3) for s in ("Advertised", "InFlight", "Quiesced",
+                                                                            "Terminated")), (k, fired, moves)
+        assert sorted(delivered) == [1, 2, 3], (k, fired, delivered)
+        _each_notice_logged_after_its_move(logged, k, fired)
+        k += 1
+    assert k > 5 and "_log_records" in where, (k, where)
+
+
 def test_a_logger_that_raises_once_mid_batch_loses_only_that_line(clock):
     """Review (audit): a logger that raised on one record of a batch ended the batch's logging there: the rest
     of its records (here every move to Terminated) never reached the log, and their notices were delivered and

@@ -323,3 +323,18 @@ def test_collectives_md_names_every_symmetric_decision():
     assert sorted(table) == sorted(fields)
     api = re.search(r"^decisions\.(\w+)((?:, \.\w+)*)", text, re.M)
     assert api and sorted([api[1], *re.findall(r"\.(\w+)", api[2])]) == sorted(fields)
+
+
+def test_engine_md_lists_every_validator_code():
+    """docs/engine.md's validator table names each code spec.py reports, once, and no other."""
+    from lifecycle import spec
+
+    src = Path(spec.__file__).read_text(encoding="utf-8")
+    codes = set(re.findall(r'\bbad\([^,]+, "([a-z-]+)"', src))
+    codes |= set(re.findall(r'Violation\([^,]+, [^,]+, "([a-z-]+)"', src))
+    assert {"syntax", "unreadable", "frees-not-quiesced"} <= codes  # (the patterns still find the calls)
+    table = _paragraph((DOCS / "engine.md").read_text(encoding="utf-8"), "| code | what it reports |")
+    cells = re.findall(r"^\| ([^|]+) \|", table, re.M)[2:]  # (the first column, below the header)
+    documented = [c for cell in cells for c in re.findall(r"`([a-z-]+)`", cell)]
+    assert len(documented) == len(set(documented))
+    assert set(documented) == codes

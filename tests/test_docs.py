@@ -338,3 +338,26 @@ def test_engine_md_lists_every_validator_code():
     documented = [c for cell in cells for c in re.findall(r"`([a-z-]+)`", cell)]
     assert len(documented) == len(set(documented))
     assert set(documented) == codes
+
+
+def test_readme_quotes_the_poll_budget_measurements_as_engine_md_has_them():
+    """README's poll paragraph restates docs/engine.md's Bounded polls tables (it said 0.14–0.17 s for a cell of
+    130–170 ms)."""
+    engine_md = (DOCS / "engine.md").read_text(encoding="utf-8")
+    readme = " ".join((DOCS.parent / "README.md").read_text(encoding="utf-8").split())
+
+    def row(start: str) -> list[str]:
+        line = next(ln for ln in engine_md.splitlines() if ln.startswith(start))
+        return [c.strip() for c in line.strip("|").split("|")]
+
+    def seconds(cell: str) -> str:  # "130–170 ms" -> "0.13–0.17 s", "1.9 s" stays
+        if cell.endswith(" ms"):
+            return "–".join(f"{int(v) / 1000:g}" for v in cell[:-3].split("–")) + " s"
+        return cell
+
+    off, json_ = row("| whole `poll()`, logs off")[3], row("| whole `poll()`, JSON lines")[3]
+    assert f"one poll about {seconds(off)} with logs off and {seconds(json_)} with JSON lines" in readme
+    b_off, b_json = row("| 1024, logs off |"), row("| 1024, JSON lines |")
+    assert b_off[1] == b_json[1]
+    median_off = f"{float(b_off[3].removesuffix(' ms')):.1f} ms"
+    assert f"(here {median_off} / {b_json[3]} per poll, the same total over {b_off[1]} polls)" in readme

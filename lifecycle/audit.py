@@ -39,8 +39,9 @@ another live session holds it), ``rank_disagreement`` (ranks report different ou
 role), ``seq_gap`` (lost or duplicated lines in a stream's sequence), ``collective_desync``, ``unreadable``,
 ``no_events`` (a file read to its end that holds no lifecycle event: empty, blank lines only, or nothing but
 malformed lines; such an audit could not fail).
-Warnings (reported, exit 0): engine-rejected illegal events, callback errors, unhealthy periods,
-streams that do not start at seq 0, sessions that start mid-log, table digest mismatches.
+Warnings (reported, exit 0; ``docs/audit.md`` says what each means): ``rejected_event``, ``callback_error``,
+``unhealthy``, ``stream_start``, ``adopted_session``, ``orphan_event``, ``table_mismatch``, ``live``,
+``window_evicted``, ``delivery_unchecked``.
 
 Two engines
 -----------

@@ -28,6 +28,17 @@ def test_audit_md_names_every_finding_kind():
     assert warnings == list(audit.WARNING_KINDS)
 
 
+def test_audit_module_docstring_names_every_finding_kind():
+    """lifecycle/audit.py's theory of operation lists the violations and warnings too (its warnings were six
+    phrases, none of orphan_event, live, window_evicted, delivery_unchecked)."""
+    doc = audit.__doc__
+    i = doc.index("Violations (exit status 1):")
+    j = doc.index("Warnings (reported, exit 0")
+    k = doc.index("\n\n", j)
+    assert [v for v in audit.VIOLATION_KINDS if f"``{v}``" not in doc[i:j]] == []
+    assert re.findall(r"``([a-z_]+)``", doc[j:k]) == list(audit.WARNING_KINDS)
+
+
 def _cpp_constants(path: Path) -> dict[str, int]:
     """``constexpr std::int64_t kName = 1'000;`` lines of a C++ header, as {name: value}."""
     text = path.read_text(encoding="utf-8")

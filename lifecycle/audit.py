@@ -17,7 +17,7 @@ a ``proc`` (optional key, random per process), else a pid within one file; slots
 (one engine's pool holds both roles).  Each ``lifecycle.transition`` is checked against the table
 (``spec.rows``): the replayed state must equal ``from_state`` and ``from_state + trigger`` must be a
 moving row that lands on ``to_state``.  Cancel/terminate *results* are checked for validity and against the state
-their line logs, not replayed against the state (the engine logs them in causal order at ``poll()``, after the
+their line logs, and move nothing in the replay (the engine logs them in causal order at ``poll()``, after the
 transitions the call caused, except ``NotFound``, which is logged at once); ``Deferred``, ``AlreadyDeferred`` and
 ``Terminated`` are checked against the session's deferral (``deferred_order``, ``double_termination``), and
 the replayed state against the one the result's row leaves (the logged state on a row that moves nothing, such as

@@ -640,6 +640,21 @@ class _Interrupt(BaseException):
     pass
 
 
+def _poll_interrupted_then_out(eng) -> None:
+    """One poll() under the armed profile function (its _Interrupt, or the callback error it caused, swallowed),
+    then poll until nothing is left."""
+    import sys
+
+    try:
+        eng.poll()
+    except (_Interrupt, TerminateCallbackError):
+        pass
+    finally:
+        sys.setprofile(None)
+    while eng.poll() or eng._notices or eng._inbox:
+        pass
+
+
 def _interrupt_at_c_return(k: int, code_names: tuple[str, ...]):
     """A profile function that raises as the k-th C call made from a frame of `code_names` returns: what CPython
     does when a signal whose handler raises (Ctrl-C, SystemExit, a SIGALRM timeout) arrived during that call (its
@@ -678,8 +693,6 @@ def test_a_signal_raised_as_any_c_call_of_poll_returns_loses_no_notice_and_logs_
     each request's terminate_now line comes after its move to Terminated, each once.  Control: the loop did
     interrupt (k > 5), and the notices are delivered.  With a poll_budget too (a batch split in place at every
     record, a notice held while its record waits): interrupted at every C call, nothing lost, nothing twice."""
-    import sys
-
     k, fired = 0, [True]
     while fired:
         delivered, logged = [], []
@@ -692,14 +705,7 @@ def test_a_signal_raised_as_any_c_call_of_poll_returns_loses_no_notice_and_logs_
             eng.terminate(r)
             eng.complete(r)
         fired = _interrupt_at_c_return(k, ("poll", "_deliver", "_log_inbox"))
-        try:
-            eng.poll()
-        except (_Interrupt, TerminateCallbackError):
-            pass
-        finally:
-            sys.setprofile(None)
-        while eng.poll() or eng._notices or eng._inbox:
-            pass
+        _poll_interrupted_then_out(eng)
         assert sorted(delivered) == [1, 2, 3], (k, delivered)
         _each_notice_logged_after_its_move(logged, k)
         k += 1
@@ -738,8 +744,6 @@ def test_a_signal_raised_as_any_function_of_poll_begins_loses_no_record(clock, b
     Interrupted as each function poll() runs in lifecycle/engine.py begins (but _emit, whose own line is the one
     such a stop may lose), every transition is logged once and every notice delivered once, after its move's line.
     Control: it did interrupt, as the decoding of a batch began among them."""
-    import sys
-
     k, fired, where = 0, [True], set()
     while fired:
         delivered, logged = [], []
@@ -750,14 +754,7 @@ def test_a_signal_raised_as_any_function_of_poll_begins_loses_no_record(clock, b
             eng.terminate(r)
             eng.complete(r)
         fired = _interrupt_as_a_function_begins(k, ("_emit",))
-        try:
-            eng.poll()
-        except (_Interrupt, TerminateCallbackError):
-            pass
-        finally:
-            sys.setprofile(None)
-        while eng.poll() or eng._notices or eng._inbox:
-            pass
+        _poll_interrupted_then_out(eng)
         where.update(fired)
         moves = [(kw["request"], kw["to_state"]) for name, kw in logged if name == "lifecycle.transition"]
         assert sorted(moves) == sorted((r, s) for r in (1, 2, 3) for s in ("Advertised", "InFlight", "Quiesced",

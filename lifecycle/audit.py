@@ -1809,10 +1809,11 @@ class Auditor:
                 if aw.get(k) is old:
                     del aw[k]
                     del self.tombs[k]
-                    self._find("delivery_unchecked", old[_S_DEFER_LINE] or old[_S_LAST_LINE],
+                    f, ln = _deferred_at(old)
+                    self._find("delivery_unchecked", ln,
                                f"deferred termination's delivery not checked: evicted from the window, then from the "
                                f"{self.window} tombstones awaiting their TerminateNow (--window)", rank=k[0],
-                               request=k[1], file=old[_S_DEFER_FILE] if old[_S_DEFER_LINE] else old[_S_LAST_FILE])
+                               request=k[1], file=f)
                     return
 
     def _unawait(self, key) -> None:
@@ -1825,9 +1826,9 @@ class Auditor:
         rank, req, _ = tomb[_S_KEY]
         n = tomb[_S_NOTICES]
         if tomb[_S_DEFERRED] and n == 0:
-            self._find("deferred_delivery", tomb[_S_DEFER_LINE] or tomb[_S_LAST_LINE],
-                       "deferred termination never delivered (no TerminateNow)", rank=rank, request=req,
-                       file=tomb[_S_DEFER_FILE] if tomb[_S_DEFER_LINE] else tomb[_S_LAST_FILE], deliveries=0)
+            f, ln = _deferred_at(tomb)
+            self._find("deferred_delivery", ln, "deferred termination never delivered (no TerminateNow)", rank=rank,
+                       request=req, file=f, deliveries=0)
         elif not tomb[_S_DEFERRED] and n:
             self._find("deferred_delivery", tomb[_S_NOTICE_LINE],
                        "TerminateNow delivered for a termination that was never deferred", rank=rank, request=req,
@@ -1867,9 +1868,9 @@ class Auditor:
             age = max(pid_t - s[_S_START], 0)
             state = s[_S_STATE]
             if s[_S_DEFERRED] and state in self.terminal and s[_S_NOTICES] == 0:
-                self._find("deferred_delivery", s[_S_DEFER_LINE] or s[_S_LAST_LINE],
-                           f"deferred termination never delivered; session still {state}", rank=key[0],
-                           request=key[1], file=s[_S_DEFER_FILE] if s[_S_DEFER_LINE] else s[_S_LAST_FILE], deliveries=0)
+                f, ln = _deferred_at(s)
+                self._find("deferred_delivery", ln, f"deferred termination never delivered; session still {state}",
+                           rank=key[0], request=key[1], file=f, deliveries=0)
                 self._mark(s, "deferred_delivery")
             if age >= self.leak_age_ns and self.leak_age_ns >= 0:
                 self._find("leak", s[_S_LINE], f"never terminated: last state {state} "
@@ -1917,6 +1918,12 @@ def _member(v: object, names) -> bool:
 
 def _tname(v: object) -> str:
     return "null" if v is None else type(v).__name__
+
+
+def _deferred_at(s: list) -> tuple[str, int]:
+    """(file, line) a finding on a session's deferred termination points at: its Deferred result's, else its last
+    line's."""
+    return (s[_S_DEFER_FILE], s[_S_DEFER_LINE]) if s[_S_DEFER_LINE] else (s[_S_LAST_FILE], s[_S_LAST_LINE])
 
 
 def _at(file: str, line: int, own: str) -> str:

@@ -524,7 +524,7 @@ class TransferEngine(_core.Engine):
                     if inbox and inbox[0] is first:
                         inbox[0:1] = head, rest
                 first = inbox[0]
-                records = len(first) // size
+                nrec = len(first) // size
                 tnow = memoryview(first)[_KIND_AT::size].tobytes().count(_K_TNOW)
             taken: list[bytes] = []
             try:
@@ -538,7 +538,7 @@ class TransferEngine(_core.Engine):
             if quota is not None and taken[0] is first:
                 # (counted before the take: a call between the take and the log, at whose return a signal's
                 # exception was raised, would lose the batch; its notices go once it was logged)
-                quota[0] -= records
+                quota[0] -= nrec
                 self._ready += tnow
             # Decoded into ``out`` (transitions), each record logged (the TerminateNow notices were taken out by the
             # native drain).  Interrupted (a logger's error; a signal's, raised as a call returns or a function

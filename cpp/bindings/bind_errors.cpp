@@ -96,8 +96,10 @@ std::string int_text(py::handle h) {
          py::str(int_type.attr("bit_length")(h)).cast<std::string>() + " bits";
 }
 
-std::int64_t int64_arg(py::handle h, const char* what) {
-  if (PyBool_Check(h.ptr()) || !PyIndex_Check(h.ptr())) {  // (an int, or an integer with __index__: numpy's)
+// `h` as an int object: an int, or an integer with __index__ (numpy's); else InvalidArgumentError naming `what`.
+static py::object int_object(py::handle h, const char* what) {
+  if (PyLong_CheckExact(h.ptr())) return py::reinterpret_borrow<py::object>(h);  // (the usual case: no __index__)
+  if (PyBool_Check(h.ptr()) || !PyIndex_Check(h.ptr())) {
     throw InvalidArgumentError(what, std::string("expected an int, got ") + Py_TYPE(h.ptr())->tp_name);
   }
   py::object as_int = py::reinterpret_steal<py::object>(PyNumber_Index(h.ptr()));
@@ -112,6 +114,11 @@ std::int64_t int64_arg(py::handle h, const char* what) {
     throw InvalidArgumentError(what, std::string("expected an int, got a ") + Py_TYPE(h.ptr())->tp_name +
                                          " that is not one integer");
   }
+  return as_int;
+}
+
+std::int64_t int64_arg(py::handle h, const char* what) {
+  const py::object as_int = int_object(h, what);
   int overflow = 0;
   const long long v = PyLong_AsLongLongAndOverflow(as_int.ptr(), &overflow);
   if (overflow != 0) throw InvalidArgumentError(what, "out of the int64 range");
@@ -120,27 +127,11 @@ std::int64_t int64_arg(py::handle h, const char* what) {
 }
 
 std::uint64_t uint64_arg(py::handle h, const char* what) {
-  py::object as_int;
-  PyObject* o = h.ptr();
-  if (!PyLong_CheckExact(o)) {  // (an exact int, the usual case, needs no __index__)
-    if (PyBool_Check(o) || !PyIndex_Check(o)) {
-      throw InvalidArgumentError(what, std::string("expected an int, got ") + Py_TYPE(o)->tp_name);
-    }
-    as_int = py::reinterpret_steal<py::object>(PyNumber_Index(o));
-    if (!as_int) {  // as int64_arg: a refusing __index__ is no int; another error of its own passes unchanged
-      if (!PyErr_ExceptionMatches(PyExc_TypeError) && !PyErr_ExceptionMatches(PyExc_ValueError)) {
-        throw py::error_already_set();
-      }
-      PyErr_Clear();
-      throw InvalidArgumentError(what, std::string("expected an int, got a ") + Py_TYPE(o)->tp_name +
-                                           " that is not one integer");
-    }
-    o = as_int.ptr();
-  }
-  const unsigned long long v = PyLong_AsUnsignedLongLong(o);
+  const py::object as_int = int_object(h, what);
+  const unsigned long long v = PyLong_AsUnsignedLongLong(as_int.ptr());
   if (v == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {  // negative, or past 64 bits
     PyErr_Clear();
-    throw InvalidArgumentError(what, "must be an int in [0, 2**64), got " + int_text(o));
+    throw InvalidArgumentError(what, "must be an int in [0, 2**64), got " + int_text(as_int.ptr()));
   }
   return static_cast<std::uint64_t>(v);
 }

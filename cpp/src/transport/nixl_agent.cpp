@@ -33,6 +33,13 @@ capi::xfer_op_t to_capi(XferOp op) noexcept {
 
 std::string req_context(std::uint64_t req) { return "request " + std::to_string(req); }
 
+// NIXL 1.x's lengths and counts: 64-bit little-endian, at p.
+std::uint64_t le64(const char* p) {
+  std::uint64_t v = 0;
+  for (int b = 7; b >= 0; --b) v = (v << 8) | static_cast<unsigned char>(p[b]);
+  return v;
+}
+
 // NIXL 1.x's metadata (nixlSerDes): "nixlSerDes|", then records (a tag, a 64-bit length, the bytes, '|') in the
 // order its loadRemoteMD reads them: Agent, Conns (a count), per backend t and c, "" = "MemSection", nixlSecElms
 // (a count), per element bknd, nixlDList, t, n (a count) and n descriptors ""; later releases add UserMDs (a count)
@@ -55,9 +62,8 @@ class MdWalk {
       return std::nullopt;
     }
     if (md_.compare(at_, tag.size(), tag) != 0) return stop(MdShape::Other);
-    std::uint64_t len = 0;
     const std::size_t l = at_ + tag.size();
-    for (int b = 7; b >= 0; --b) len = (len << 8) | static_cast<unsigned char>(md_[l + static_cast<std::size_t>(b)]);
+    const std::uint64_t len = le64(md_.data() + l);
     // A record of another layout where an untagged one is expected (a tag's bytes read as the length) is no cut:
     // NIXL judges it.  A cut record keeps its length, and no record of agent metadata comes near 4 GiB.
     if (len > kMaxRecord) return stop(MdShape::Other);
@@ -70,9 +76,7 @@ class MdWalk {
     const auto v = next(tag);
     if (!v) return std::nullopt;
     if (v->size() != 8) return stop(MdShape::Other);
-    std::uint64_t n = 0;
-    for (int b = 7; b >= 0; --b) n = (n << 8) | static_cast<unsigned char>((*v)[static_cast<std::size_t>(b)]);
-    return n;
+    return le64(v->data());
   }
   // the record `rec` exactly, tag, length and bytes (false: the walk stopped, shape() says why)
   bool literal(std::string_view rec) {
@@ -264,8 +268,7 @@ std::string NixlAgent::load_remote_metadata(const std::string& md) {
   constexpr std::size_t kHeadLen = sizeof(kHead) - 1;
   std::string named;  // the name in it (NIXL 1.x's layout), for the error below
   if (md.size() >= kHeadLen + 8 && md.compare(0, kHeadLen, kHead) == 0) {
-    std::uint64_t len = 0;
-    for (int b = 7; b >= 0; --b) len = (len << 8) | static_cast<unsigned char>(md[kHeadLen + static_cast<std::size_t>(b)]);
+    const std::uint64_t len = le64(md.data() + kHeadLen);
     const std::size_t at = kHeadLen + 8;
     if (len <= md.size() - at && md.find('\0', at) < at + len) {
       throw MetadataRefused("the peer agent's name in it holds a NUL byte (NIXL would cut it there): refused, "

@@ -1844,13 +1844,11 @@ void Transport::file_peer_reasons() {
   std::vector<std::string> reasons;
   // Once stop() began, none: it withdraws them once, and a post failing while it runs (before it marks the
   // in-post entries) would file them again, for good.
-  if (stopped_.load()) {
-    engine_->set_health_reasons(abort_hook_, std::move(reasons));
-    return;
-  }
-  for (const std::string& peer : failed_post_peers_) {
-    reasons.push_back("transport " + name() + ": peer '" + peer + "' disconnected after a failed post: remove_peer "
-                      "+ add_peer");
+  if (!stopped_.load()) {
+    for (const std::string& peer : failed_post_peers_) {
+      reasons.push_back("transport " + name() + ": peer '" + peer + "' disconnected after a failed post: "
+                        "remove_peer + add_peer");
+    }
   }
   engine_->set_health_reasons(abort_hook_, std::move(reasons));
 }

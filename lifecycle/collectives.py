@@ -549,7 +549,11 @@ class RankGroup:
         not int64 on some rank: every rank raises InvalidArgument("values") naming those ranks, and none gathers."""
         return self._allgather_ints("allgather_ints", values, site)
 
-    def _allgather_ints(self, op: str, values: Any, site: str | None) -> list[np.ndarray]:
+    def _allgather_ints(self, op: str, values: Any, site: str | None, decide: Any = None) -> Any:
+        """The parts, or ``decide(parts)`` where given (poll_symmetric's decisions): past _AGREE_BYTES gathered, its
+        memory is sized by every rank's values, like the receive buffer's, so every rank agrees that every rank
+        made it (one more small allgather, as after a flush that big) and raises the same InvalidArgument where
+        some could not.  Under it a MemoryError there is this rank's alone (an agreement would cost every call)."""
         bad = None
         try:
             send = _int64_values(values)
@@ -564,8 +568,29 @@ class RankGroup:
                                             "gathered")
             err.ranks = tuple(sorted(gf.failed))
             raise err from gf.local
+        if decide is None or sum(p.size for p in parts) * 8 <= _AGREE_BYTES:  # (every rank has the same sizes)
+            self._done()
+            return parts if decide is None else decide(parts)
+        local: BaseException | None = None
+        stop: BaseException | None = None
+        try:
+            got = decide(parts)
+        except Exception as exc:
+            local, got = exc, None
+        except BaseException as exc:  # Ctrl-C: no failure to agree on, re-raised after it (never stranding)
+            stop, got = exc, None
+        failed = self._agree_failures(None if local is None else _cause(local))
         self._done()
-        return parts
+        if stop is not None:
+            raise stop
+        if failed:
+            causes = "; ".join(f"rank {r}: {c}" for r, c in sorted(failed.items()))
+            err = InvalidArgument("values", f"rank(s) {sorted(failed)} could not decide over the gathered values "
+                                            f"({causes}), in {op} at seq {self._last_seq} ({self._last_site}); no "
+                                            "rank decided")
+            err.ranks = tuple(sorted(failed))
+            raise err from local
+        return got
 
     def push(self, payload: Any) -> None:
         """Buffer a per-rank payload (any picklable object). Local; safe on divergent paths."""
@@ -1105,9 +1130,10 @@ def poll_symmetric(
     tombstone is gone (it read as "not tracked here": pending for ever).
 
     Cost: one header exchange plus an allgather of the sizes and one of ``1 + 2 * len(requests)`` int64 per rank
-    (the poll-error flag, then an (id, flags) pair per request).  If the
+    (the poll-error flag, then an (id, flags) pair per request); past 1 MiB in all, two small allgathers more (every
+    rank allocated the ids, and decided: else every rank raises InvalidArgument).  If the
     local ``engine.poll()`` raises (or iterating ``requests``, an invalid id, ``state``/``outcome``), this rank still
-    joins the collective and re-raises afterwards; the other ranks see it in ``poll_errors``.
+    joins the collective and re-raises afterwards, whatever failed after it; the other ranks see it in ``poll_errors``.
     """
     if not isinstance(group, RankGroup) and not all(
         callable(getattr(group, name, None)) for name in ("allgather_ints", "statistics")
@@ -1147,10 +1173,39 @@ def poll_symmetric(
     site = _call_site() if site is None else site
     if read:
         _prune_ended(ended, callers, (id(group), site if isinstance(site, str) else None), ids)
-    if isinstance(group, RankGroup):  # the ledger names the op poll_symmetric
-        parts = group._allgather_ints("poll_symmetric", local, site)
-    else:  # a group-like stand-in (the demo's one-rank SoloGroup)
-        parts = group.allgather_ints(local, site=site)
+
+    # A rank whose poll failed raises that error, whatever failed after it (its decisions: a MemoryError; the
+    # collective's own error: a receive buffer some rank could not allocate): it is the real cause, and the others
+    # know of it (poll_errors), or raise too.  What failed later is its __context__.
+    later: list[BaseException] = []
+
+    def decide(parts: list[np.ndarray]) -> SymmetricDecisions | None:
+        try:
+            return _decisions(parts, group.size, seq_no)
+        except Exception as exc:
+            if poll_error is None:
+                raise
+            later.append(exc)  # not a failure for the others to agree on: this rank raises anyway
+            return None
+
+    try:
+        if isinstance(group, RankGroup):  # the ledger names the op poll_symmetric
+            decisions = group._allgather_ints("poll_symmetric", local, site, decide)
+        else:  # a group-like stand-in (the demo's one-rank SoloGroup)
+            decisions = decide(group.allgather_ints(local, site=site))
+    except Exception as exc:
+        if poll_error is None:
+            raise
+        later.append(exc)
+    if poll_error is not None:
+        if later:
+            poll_error.__context__ = later[0]
+        raise poll_error
+    return decisions
+
+
+def _decisions(parts: list[np.ndarray], n: int, seq_no: int) -> SymmetricDecisions:
+    """poll_symmetric's decisions from every rank's (flag, (id, flags) pairs) part: the same on every rank."""
     everywhere: dict[int, int] = {}
     anywhere: dict[int, int] = {}
     seen: dict[int, int] = {}
@@ -1159,11 +1214,10 @@ def poll_symmetric(
             everywhere[req] = everywhere.get(req, -1) & flags
             anywhere[req] = anywhere.get(req, 0) | flags
             seen[req] = seen.get(req, 0) + 1
-    n = group.size
     every = {r: (f if seen[r] == n else 0) for r, f in everywhere.items()}
     failed = frozenset(r for r, f in anywhere.items() if f & _FAILED)
     terminal = frozenset(r for r, f in every.items() if f & _TERMINAL)
-    decisions = SymmetricDecisions(
+    return SymmetricDecisions(
         seq_no=seq_no,
         failed=failed,
         completed=frozenset(r for r, f in every.items() if f & _COMPLETED),
@@ -1173,6 +1227,3 @@ def poll_symmetric(
         terminal=terminal,
         poisoned=terminal & failed,
     )
-    if poll_error is not None:
-        raise poll_error
-    return decisions

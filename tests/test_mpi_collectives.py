@@ -572,3 +572,34 @@ def test_a_flush_payload_that_only_some_ranks_can_unpickle_raises_on_every_rank(
         assert res["classy"] == [3, [0, 1]] and res["empty"] == [0, [[], []]], (rank, explain(run))
         assert res["seq"] == 4, (rank, explain(run))
     assert got[0]["flush"][2] == got[1]["flush"][2], explain(run)
+
+
+def test_a_memory_error_after_poll_symmetrics_exchange_raises_on_every_rank():
+    """Rank 1 cannot build a set of 1000 ids (MemoryError, injected into the module's frozenset there) while
+    poll_symmetric makes its decisions, after the exchange.  Past _AGREE_BYTES gathered (rank 0 passes 70,000 ids)
+    rank 1 raised MemoryError alone and rank 0 returned, the ranks on two paths: every rank raises the same
+    InvalidArgument("values") naming rank 1 now.  Under it the failure is still rank 1's alone (the documented
+    limit).  A rank whose engine.poll() raised raises that error now, whatever failed after it (its decisions, or a
+    receive buffer rank 1 could not allocate: the MemoryError or the InvalidArgument had replaced it), the other
+    failure as its context.  Control: with memory the same calls return on both; counted, a call under 1 MiB still
+    starts 2 MPI requests besides the header."""
+    run = mpirun(2, "robustness.py", "--case", "poll-memory", timeout=90)
+    assert not run.timed_out, explain(run)
+    got = run.by_rank()
+    assert sorted(got) == [0, 1], explain(run)
+    for rank, res in got.items():
+        assert res["control"] == [["returned", 70_000, [], 4], ["returned", 2000, [], 2]], (rank, explain(run))
+        assert res["large"][:3] == ["InvalidArgument", "values", [1]], (rank, explain(run))
+        assert "MemoryError" in res["large"][3] and "rank(s) [1]" in res["large"][3], (rank, explain(run))
+        assert res["after"] == ["returned", 70_000, [], 4] and res["seq"] == 8, (rank, explain(run))
+    assert got[0]["large"][3] == got[1]["large"][3], explain(run)
+    # the documented limit: under 1 MiB gathered, the decisions' MemoryError is rank 1's alone
+    assert got[0]["small"] == ["returned", 2000, [], 2] and got[1]["small"][0] == "MemoryError", explain(run)
+    # rank 1's poll error is what it raises, its decisions' MemoryError the context; rank 0 has it in poll_errors
+    for key, count in (("poll_large", 4), ("poll_small", 2)):
+        n = 70_000 if key == "poll_large" else 2000
+        assert got[0][key] == ["returned", n, [1], count], (key, explain(run))
+        assert got[1][key] == ["RuntimeError", None, [], "engine poll failed", "MemoryError"], (key, explain(run))
+    # rank 1 cannot allocate the receive buffer: rank 1 raises InvalidArgument, rank 0 its own poll error
+    assert got[1]["poll_buffer"][:3] == ["InvalidArgument", "values", [1]], explain(run)
+    assert got[0]["poll_buffer"] == ["RuntimeError", None, [], "engine poll failed", "InvalidArgument"], explain(run)

@@ -77,6 +77,15 @@ unpickle-some  rank 0 flushes an instance of a class only it defines: rank 1 rai
              rank 1 and its ModuleNotFoundError/AttributeError; the next flush pairs.  Also counted: the MPI
              requests each flush starts besides the header (plain payloads: 2, as before; a payload with a class
              in it: 3, the agreement; all empty: 0).
+poll-memory  rank 1 cannot build a set of 1000 ids or more (MemoryError from the module's frozenset there) while
+             poll_symmetric makes its decisions, after the exchange.  Rank 0 passes 70,000 ids (1.1 MB gathered,
+             past _AGREE_BYTES): rank 1 raised MemoryError alone and rank 0 returned its decisions, the ranks on
+             two paths.  Every rank raises the same InvalidArgument("values") naming rank 1 now.  Under 1 MiB (2000
+             ids) it is still rank 1's alone (the documented limit: agreeing there is a collective more on every
+             call).  A rank whose engine.poll() raised kept that error whatever failed after it: its decisions
+             (MemoryError) and a receive buffer another rank could not allocate (InvalidArgument) replaced it;
+             it raises its poll error now, the other failure as its context.  Control: with memory the same calls
+             return on both; counted, the MPI requests besides the header (under 1 MiB: 2, as before; past it: 4).
 """
 
 from __future__ import annotations
@@ -572,6 +581,71 @@ def main() -> None:
         g.push(col.Fingerprint(rank, "s", "op", "kind", -1))  # a class every rank has: decodes, after the agreement
         out["classy"] = requests(lambda: [p[0].seq for p in g.flush()])
         out["empty"] = requests(g.flush)
+        out["seq"] = g.statistics().seq
+        emit(rank, **out)
+        end_job(comm, rank, None)
+
+    if case == "poll-memory":
+        import builtins
+
+        import numpy as np
+
+        g = col.RankGroup(comm, watchdog=3.0)  # small: a rank left in a collective times out soon
+
+        class Counting:  # the group's communicator, counting the MPI requests a call starts besides the header
+            def __init__(self, comm):
+                self.comm, self.n = comm, 0
+
+            def __getattr__(self, name):
+                if name.startswith("Iall"):
+                    self.n += 1
+                return getattr(self.comm, name)
+
+        g._comm = counting = Counting(g._comm)
+
+        class PollRaises(Fake):
+            def poll(self):
+                raise RuntimeError("engine poll failed")
+
+        def tight(items=()):  # this module's frozenset on rank 1: a set of 1000 ids or more cannot be built
+            got = builtins.frozenset(items)
+            if len(got) >= 1000:
+                raise MemoryError(f"cannot build a set of {len(got)} ids (the test's limit)")
+            return got
+
+        class LowMemory:  # this module's numpy on rank 1: any array of 2 MiB or more cannot be allocated
+            def __getattr__(self, name):
+                return getattr(np, name)
+
+            def empty(self, shape, dtype=float):
+                if np.prod(shape) * np.dtype(dtype).itemsize >= 1 << 21:
+                    raise MemoryError(f"cannot allocate {shape} x {np.dtype(dtype)} (the test's limit)")
+                return np.empty(shape, dtype)
+
+        def poll(engine, ids):
+            counting.n = 0
+            try:
+                d = col.poll_symmetric(engine, g, ids if rank == 0 else [1, 2], site="poll")
+                return ["returned", len(d.pending), sorted(d.poll_errors), counting.n]
+            except Exception as exc:
+                ctx = exc.__context__
+                return [type(exc).__name__, getattr(exc, "argument", None), list(getattr(exc, "ranks", ())),
+                        str(exc), None if ctx is None else type(ctx).__name__]
+
+        large, small = range(70_000), range(2000)
+        out["control"] = [poll(Fake(), large), poll(Fake(), small)]
+        if rank == 1:
+            col.frozenset = tight
+        out["large"] = poll(Fake(), large)
+        out["small"] = poll(Fake(), small)
+        out["poll_large"] = poll(PollRaises() if rank == 1 else Fake(), large)
+        out["poll_small"] = poll(PollRaises() if rank == 1 else Fake(), small)
+        if rank == 1:
+            col.np = LowMemory()
+        out["poll_buffer"] = poll(PollRaises() if rank == 0 else Fake(), range(150_000))  # 2.4 MB gathered
+        if rank == 1:
+            col.np, col.frozenset = np, builtins.frozenset
+        out["after"] = poll(Fake(), large)
         out["seq"] = g.statistics().seq
         emit(rank, **out)
         end_job(comm, rank, None)

@@ -638,7 +638,8 @@ class RankGroup:
         # A payload that may not unpickle on every rank (a class only some ranks can import, memory for a big one):
         # a rank that raised here alone left the others going on (to a desync or a timeout later).  Every rank
         # learns which ranks could not decode, and why (one small allgather, only on this path: plain payloads
-        # under _AGREE_BYTES decode wherever they were pickled).  The same branch on every rank (header, sizes).
+        # under _AGREE_BYTES decode wherever they were pickled, memory permitting: a MemoryError there is that rank's
+        # alone, the documented limit).  The same branch on every rank (header, sizes).
         agree = hdr[6] > 0 or sum(b.size for b in blobs) > _AGREE_BYTES
         if not agree:
             self._done()

@@ -603,3 +603,19 @@ def test_a_memory_error_after_poll_symmetrics_exchange_raises_on_every_rank():
     # rank 1 cannot allocate the receive buffer: rank 1 raises InvalidArgument, rank 0 its own poll error
     assert got[1]["poll_buffer"][:3] == ["InvalidArgument", "values", [1]], explain(run)
     assert got[0]["poll_buffer"] == ["RuntimeError", None, [], "engine poll failed", "InvalidArgument"], explain(run)
+
+
+def test_a_small_plain_flush_that_one_rank_cannot_decode_raises_there_alone():
+    """The documented limit: nobody agrees on decoding a flush of plain payloads under 1 MiB (it would be a collective
+    more on every flush), so a rank that runs out of memory decoding it (rank 1: MemoryError from the module's
+    pickle.loads) raises InvalidArgument("payload") naming itself alone, and rank 0 returns.  Control: past 1 MiB
+    the same failure raises on every rank, and the next flush pairs."""
+    run = mpirun(2, "robustness.py", "--case", "decode-memory", timeout=60)
+    assert not run.timed_out, explain(run)
+    got = run.by_rank()
+    assert sorted(got) == [0, 1], explain(run)
+    assert got[0]["small"] == ["returned", [1, 1]], explain(run)
+    assert got[1]["small"] == ["InvalidArgument", "payload", [1], True], explain(run)
+    for rank, res in got.items():
+        assert res["large"] == ["InvalidArgument", "payload", [1], True], (rank, explain(run))
+        assert res["after"] == ["returned", [1, 1]] and res["seq"] == 3, (rank, explain(run))

@@ -86,6 +86,10 @@ poll-memory  rank 1 cannot build a set of 1000 ids or more (MemoryError from the
              (MemoryError) and a receive buffer another rank could not allocate (InvalidArgument) replaced it;
              it raises its poll error now, the other failure as its context.  Control: with memory the same calls
              return on both; counted, the MPI requests besides the header (under 1 MiB: 2, as before; past it: 4).
+decode-memory  the documented limit of a flush of plain payloads under 1 MiB: rank 1 runs out of memory decoding
+             them (MemoryError from the module's pickle.loads there).  Nobody agrees on decoding such a flush (it
+             would be a collective more on every flush), so rank 1 raises InvalidArgument("payload") naming itself
+             alone and rank 0 returns them.  Past 1 MiB the same failure is raised on every rank (the control).
 """
 
 from __future__ import annotations
@@ -646,6 +650,36 @@ def main() -> None:
         if rank == 1:
             col.np, col.frozenset = np, builtins.frozenset
         out["after"] = poll(Fake(), large)
+        out["seq"] = g.statistics().seq
+        emit(rank, **out)
+        end_job(comm, rank, None)
+
+    if case == "decode-memory":
+        import pickle
+
+        g = col.RankGroup(comm, watchdog=3.0)
+
+        class NoMemory:  # this module's pickle on rank 1: decoding runs out of memory
+            def __getattr__(self, name):
+                return getattr(pickle, name)
+
+            def loads(self, data):
+                raise MemoryError("cannot decode (the test's limit)")
+
+        def flush(payload):
+            g.push(payload)
+            try:
+                return ["returned", [len(p) for p in g.flush()]]
+            except col.InvalidArgument as exc:
+                return [type(exc).__name__, exc.argument, list(exc.ranks), "MemoryError" in str(exc)]
+
+        if rank == 1:
+            col.pickle = NoMemory()
+        out["small"] = flush(list(range(1000)))  # plain, a few KB: no agreement
+        out["large"] = flush(bytes(3 << 19) if rank == 0 else 1)  # 1.5 MiB: agreed
+        if rank == 1:
+            col.pickle = pickle
+        out["after"] = flush(rank)
         out["seq"] = g.statistics().seq
         emit(rank, **out)
         end_job(comm, rank, None)

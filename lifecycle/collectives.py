@@ -1159,8 +1159,12 @@ def poll_symmetric(
         read = True
     except BaseException as exc:
         poll_error, ids = (poll_error or exc), []
-    local = np.empty(1 + 2 * len(ids), dtype=np.int64)
-    local[1::2] = np.array(ids, dtype=np.uint64).view(np.int64)  # ids are uint64: two's complement on the wire
+    try:
+        local = np.empty(1 + 2 * len(ids), dtype=np.int64)
+        local[1::2] = np.array(ids, dtype=np.uint64).view(np.int64)  # ids are uint64: two's complement on the wire
+    except Exception as exc:  # a MemoryError (many ids): raised here alone, it stranded the others in the collective
+        poll_error, ids, read = (poll_error or exc), [], False
+        local = np.zeros(1, dtype=np.int64)
     flags = []
     for r in ids:
         try:

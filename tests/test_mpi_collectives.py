@@ -619,3 +619,19 @@ def test_a_small_plain_flush_that_one_rank_cannot_decode_raises_there_alone():
     for rank, res in got.items():
         assert res["large"] == ["InvalidArgument", "payload", [1], True], (rank, explain(run))
         assert res["after"] == ["returned", [1, 1]] and res["seq"] == 3, (rank, explain(run))
+
+
+def test_poll_symmetric_ids_one_rank_cannot_send_join_the_collective_first():
+    """Rank 1 passes 200,000 ids and cannot allocate the array it sends them in (MemoryError, injected into the
+    module's numpy there): it raised before the collective, alone; its next poll_symmetric paired with rank 0's
+    (an answer from the wrong call, silently) and rank 0's next call timed out.  Rank 1 joins with no ids now and
+    re-raises the MemoryError after it; rank 0 decides with rank 1 in poll_errors.  Control: with memory the same
+    call returns on both, before and after."""
+    run = mpirun(2, "robustness.py", "--case", "poll-own-memory", timeout=60)
+    assert not run.timed_out, explain(run)
+    got = run.by_rank()
+    assert sorted(got) == [0, 1], explain(run)
+    for rank, res in got.items():
+        assert res["control"] == res["after"] == ["returned", [200_000, []]], (rank, explain(run))
+    assert got[0]["poll"] == ["returned", [2, [1]]], explain(run)
+    assert got[1]["poll"] == ["MemoryError", None], explain(run)

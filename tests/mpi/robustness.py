@@ -90,6 +90,11 @@ decode-memory  the documented limit of a flush of plain payloads under 1 MiB: ra
              them (MemoryError from the module's pickle.loads there).  Nobody agrees on decoding such a flush (it
              would be a collective more on every flush), so rank 1 raises InvalidArgument("payload") naming itself
              alone and rank 0 returns them.  Past 1 MiB the same failure is raised on every rank (the control).
+poll-own-memory  rank 1 passes 200,000 ids to poll_symmetric and cannot allocate the 3.2 MB array it sends them in
+             (MemoryError from the module's numpy there), before the collective: it raised there alone, its next
+             poll_symmetric paired with rank 0's (silently) and rank 0's next call timed out.  Rank 1 joins with no
+             ids now and re-raises after it, like a raising poll(); rank 0 decides with rank 1 in poll_errors.
+             Control: with memory, the same call returns.
 """
 
 from __future__ import annotations
@@ -681,6 +686,34 @@ def main() -> None:
             col.pickle = pickle
         out["after"] = flush(rank)
         out["seq"] = g.statistics().seq
+        emit(rank, **out)
+        end_job(comm, rank, None)
+
+    if case == "poll-own-memory":
+        import numpy as np
+
+        g = col.RankGroup(comm, watchdog=3.0)  # small: on the old code rank 0 timed out here
+
+        class LowMemory:  # this module's numpy on rank 1: any array of 2 MiB or more cannot be allocated
+            def __getattr__(self, name):
+                return getattr(np, name)
+
+            def empty(self, shape, dtype=float):
+                if np.prod(shape) * np.dtype(dtype).itemsize >= 1 << 21:
+                    raise MemoryError(f"cannot allocate {shape} x {np.dtype(dtype)} (the test's limit)")
+                return np.empty(shape, dtype)
+
+        def poll():
+            d = col.poll_symmetric(Fake(), g, range(200_000) if rank == 1 else [1, 2], site="poll")
+            return [len(d.pending), sorted(d.poll_errors)]
+
+        out["control"] = outcome_of(poll)
+        if rank == 1:
+            col.np = LowMemory()
+        out["poll"] = outcome_of(poll)
+        if rank == 1:
+            col.np = np
+        out["after"] = outcome_of(poll)
         emit(rank, **out)
         end_job(comm, rank, None)
 

@@ -1718,11 +1718,14 @@ class Auditor:
                        request=req)
             return
         aw = self._awaiting
-        if aw and aw.get(s[_S_KEY]) is s:  # evicted from the window, awaiting this notice: delivered, forgotten
-            del self.tombs[s[_S_KEY]]
+        if aw and aw.get(s[_S_KEY]) is s:
+            # evicted from the window, awaiting this notice: back into the window, delivered, as the newest tombstone
+            # (forgotten, a second release of it, a notice or a Terminated result, was only an orphan warning)
             self._unawait(s[_S_KEY])
-            return
-        if len(s) > _TOMB:  # live: the engine logs the notice after the deferred move to the final state
+            self._tomb_order.append(s)
+            if len(self.tombs) > self.window + len(aw):
+                self._evict_tomb()
+        elif len(s) > _TOMB:  # live: the engine logs the notice after the deferred move to the final state
             self._deferred_order(s, line, rank, req, f"TerminateNow while the session is still {s[_S_STATE]}, before "
                                  f"its deferred {'/'.join(self.spec.final)} transition")
         s[_S_NOTICES] += 1

@@ -1666,6 +1666,58 @@ def test_a_mass_cancel_of_deferred_sessions_audits_clean_with_a_small_window(tmp
     assert audit_paths([p], window=100).finding_counts == {"delivery_unchecked": 100, "orphan_event": 100}
 
 
+def test_a_second_release_of_a_session_delivered_from_the_awaiting_store_is_a_violation(tmp_path):
+    """A real engine with a fault: 4 deferred sessions cancelled in one poll() (window 2: the tombstones of 0 and 1
+    are evicted before their notices and await them aside); as on_terminate(0) runs, request 0's notice is put back
+    on the engine's queue (as an interruption between the take and the callback would, were it not taken in one C
+    call), so poll() runs on_terminate(0) twice: a double release.  The audit forgot a tombstone as its awaited notice
+    came, so the second notice was an orphan_event warning, exit 0 (seen failing, both engines).  It goes back into
+    the window now, delivered, as the newest tombstone: deferred_delivery at the second notice's line, exit 1.  So
+    is a terminate() returning Terminated right after the notice (hand-written: the engine answers AlreadyTerminated,
+    a deferred session is released by its notice), once an orphan: double_termination (and, as before, a
+    wrong_result: the line logs the state Terminated).  Controls: window 8 (no
+    tombstone leaves it) gives the same findings; the log without the fault is clean with window 2."""
+    import structlog
+
+    from lifecycle import TransferEngine
+
+    released: list[int] = []
+
+    def on_terminate(r: int) -> None:
+        if not released:
+            eng._notices.appendleft(r)  # the fault: the notice taken, delivered, and queued again
+        released.append(r)
+
+    eng = TransferEngine(on_terminate=on_terminate)
+    with structlog.testing.capture_logs() as cap:
+        for r in range(4):
+            eng.advertise(r, "sender")
+            eng.terminate(r)
+        eng.poll()
+        for r in range(4):
+            eng.cancel(r)
+        eng.poll()
+    assert released == [0, 0, 1, 2, 3], released
+    ev = renumber(cap)
+    notices = [i for i, d in enumerate(ev) if d["event"] == "lifecycle.terminate_now"]
+    assert [ev[i]["request"] for i in notices] == [0, 0, 1, 2, 3] and notices[-1] == len(ev) - 1, ev
+    once = renumber(ev[:notices[1]] + ev[notices[1] + 1:])
+    assert audit_paths([write(tmp_path / "once.jsonl", once)], window=2).finding_counts == {}
+    p = write(tmp_path / "twice.jsonl", ev)
+    for window in (2, 8):
+        res = audit_paths([p], window=window)
+        assert [(f.kind, f.file, f.line, f.request) for f in res.findings] == [
+            ("deferred_delivery", str(p), notices[1] + 1, 0)], (window, [str(f) for f in res.findings])
+        assert main_audit([str(p), "--window", str(window)]) == 1
+    term = dict(ev[notices[0]], event="lifecycle.terminate", role="sender", result="Terminated", state="Terminated")
+    q = write(tmp_path / "term.jsonl", renumber([*once[:notices[1]], term, *once[notices[1]:]]))
+    for window in (2, 8):
+        res = audit_paths([q], window=window)
+        assert [(f.kind, f.file, f.line, f.request) for f in res.findings] == [
+            ("double_termination", str(q), notices[1] + 1, 0), ("wrong_result", str(q), notices[1] + 1, 0)], (
+            window, [str(f) for f in res.findings])
+
+
 def test_results_after_the_engines_tombstone_eviction_are_clean():
     """The engine answers NotFound for a request whose tombstone it evicted (tombstones=0: at once); those results
     (state null) are not orphans, whatever the audit's window still holds."""

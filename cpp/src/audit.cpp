@@ -2176,13 +2176,14 @@ struct Auditor::Impl {
         g->message = {P("TerminateNow for a request with no session in the window")};
       return;
     }
-    if (tomb != nullptr && tomb->awaiting) {  // evicted from the window, awaiting this notice: delivered, forgotten
-      auto ti = tombs.find(tomb->key);
-      awaiting.erase(ti->second);
-      tombs.erase(ti);
-      return;
-    }
-    if (s != nullptr)  // live: the engine logs the notice after the deferred move to the final state
+    if (tomb != nullptr && tomb->awaiting) {
+      // evicted from the window, awaiting this notice: back into the window, delivered, as the newest tombstone
+      // (forgotten, a second release of it, a notice or a Terminated result, was only an orphan warning)
+      auto it = tombs.find(tomb->key)->second;
+      it->awaiting = false;
+      tomb_order.splice(tomb_order.end(), awaiting, it);
+      evict_over_window();
+    } else if (s != nullptr)  // live: the engine logs the notice after the deferred move to the final state
       deferred_order(s, line, rank, req, std::string("TerminateNow while the session is still ") +
                                              kStateNames[s->state] + ", before its deferred " + final_list +
                                              " transition");
@@ -2247,17 +2248,22 @@ struct Auditor::Impl {
     }
     tomb_order.push_back(Tomb{s.c, key});
     tombs[key] = std::prev(tomb_order.end());
-    if (static_cast<std::int64_t>(tombs.size() - awaiting.size()) > opt.window) {
-      auto old = tomb_order.begin();
-      if (old->c.deferred && old->c.notices == 0) {
-        await_notice(old);
-        return;
-      }
-      Tomb gone = *old;
-      tomb_order.pop_front();
-      tombs.erase(gone.key);
-      if (gone.c.notices != 0) check_tomb(gone);
+    evict_over_window();
+  }
+
+  // Check and forget the oldest tombstone once the window is over (Auditor._evict_tomb), or keep it aside while its
+  // deferred terminate awaits its notice.
+  void evict_over_window() {
+    if (static_cast<std::int64_t>(tombs.size() - awaiting.size()) <= opt.window) return;
+    auto old = tomb_order.begin();
+    if (old->c.deferred && old->c.notices == 0) {
+      await_notice(old);
+      return;
     }
+    Tomb gone = *old;
+    tomb_order.pop_front();
+    tombs.erase(gone.key);
+    if (gone.c.notices != 0) check_tomb(gone);
   }
 
   // Keep an evicted tombstone whose deferred terminate awaits its TerminateNow (Auditor._await_notice): moved to

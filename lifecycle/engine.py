@@ -504,9 +504,7 @@ class TransferEngine(_core.Engine):
         """Log every batch in ``inbox``, taking each out as it goes; its transitions go to ``out``.  With a
         ``quota`` ([records left]), that many records at most: a batch longer than what is left is split in place
         (one list operation: interrupted before or after it, the inbox holds the whole batch either way)."""
-        logger = self._log.bind()  # resolve the (possibly lazy) logger once per batch
-        enabled = getattr(logger, "is_enabled_for", None)
-        info = logger.info if enabled is None or enabled(_INFO) else None
+        info = self._logger_info()  # once per batch
         stream = _logstream.current
         common = {"rank": self.rank, "pid": stream.pid, "proc": stream.proc, "engine": self._engine_id,
                   "table": TABLE.digest, "schema": SCHEMA}
@@ -613,6 +611,7 @@ class TransferEngine(_core.Engine):
         log_error: BaseException | None = None
         cb = self.on_terminate
         notices, inbox = self._notices, self._inbox
+        info = _UNRESOLVED  # the logger's info, resolved at the first line (once: a lazy logger binds on each call)
         take = notices.popleft
         while notices:
             # drained meanwhile (by another thread, whose poll() left it to this one): its moves first
@@ -638,7 +637,10 @@ class TransferEngine(_core.Engine):
                 break
             req = taken[0]
             try:
-                self._emit("lifecycle.terminate_now", req, None)
+                if info is _UNRESOLVED:
+                    info = self._logger_info()
+                if info is not None:
+                    self._emit("lifecycle.terminate_now", req, None, info=info)
             except BaseException as exc:
                 log_error = log_error or exc
             if cb is not None:
@@ -649,7 +651,10 @@ class TransferEngine(_core.Engine):
                     if fatal is None and not isinstance(exc, Exception):
                         fatal = exc
                     try:
-                        self._emit("lifecycle.callback_error", req, None, error=_shown(exc))
+                        if info is _UNRESOLVED:
+                            info = self._logger_info()
+                        if info is not None:
+                            self._emit("lifecycle.callback_error", req, None, info=info, error=_shown(exc))
                     except BaseException as log_exc:
                         log_error = log_error or log_exc
             # The core kept the session's tombstone until now (the native drain held it): the callback found it
@@ -718,12 +723,25 @@ class TransferEngine(_core.Engine):
         return poll_symmetric(self, group, requests, site=_site_from(sys._getframe(1)) if site is None else site)
 
     # ---- logging ----------------------------------------------------------------------------
-    def _emit(self, name: str, request: int | None, role: str | None, t_ns: int | None = None, **kw) -> None:
+    def _logger_info(self):
+        """The logger's ``info``, resolved (a lazy logger's bind()), or None where the logger says INFO is filtered
+        out: then no line is made and no seq taken.  (A seq taken for a line never written reads as a lost line in
+        the process's stream, a seq_gap, in the log of another engine whose logger writes INFO.)"""
+        logger = self._log.bind()
+        enabled = getattr(logger, "is_enabled_for", None)
+        return logger.info if enabled is None or enabled(_INFO) else None
+
+    def _emit(self, name: str, request: int | None, role: str | None, t_ns: int | None = None, info=None,
+              **kw) -> None:
+        """Log one line at INFO (``info``: the logger's, resolved by the caller; by default resolved here)."""
+        if info is None:
+            info = self._logger_info()
+            if info is None:
+                return
         stream = _logstream.current
-        self._log.info(name, request=request, rank=self.rank, role=role,
-                       t_mono_ns=self.now_ns() if t_ns is None else t_ns, seq=next(stream.seq), pid=stream.pid,
-                       proc=stream.proc,
-                       engine=self._engine_id, table=TABLE.digest, schema=SCHEMA, **kw)
+        info(name, request=request, rank=self.rank, role=role, t_mono_ns=self.now_ns() if t_ns is None else t_ns,
+             seq=next(stream.seq), pid=stream.pid, proc=stream.proc, engine=self._engine_id, table=TABLE.digest,
+             schema=SCHEMA, **kw)
 
 
 def _take_one(take: Callable[[], object], into: list) -> None:
@@ -735,6 +753,7 @@ def _take_one(take: Callable[[], object], into: list) -> None:
 
 
 _NOTHING = object()  # a sentinel no queue holds
+_UNRESOLVED = object()  # a logger's info not resolved yet (_deliver)
 
 
 def _session_info(engine: _core.Engine, request: int) -> SessionInfo:

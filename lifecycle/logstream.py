@@ -17,7 +17,8 @@ class Stream:
     __slots__ = ("seq", "pid", "proc")
 
     def __init__(self) -> None:
-        self.seq = itertools.count()  # next(seq): the event's number (gaps = lost log lines)
+        self.seq = itertools.count()  # next(seq): a line's number, taken as it is logged (a line filtered out by
+        # level takes none: gaps = lost log lines)
         self.pid = os.getpid()
         self.proc = int.from_bytes(os.urandom(8), "big") >> 1
 

@@ -1718,6 +1718,51 @@ def test_a_second_release_of_a_session_delivered_from_the_awaiting_store_is_a_vi
             window, [str(f) for f in res.findings])
 
 
+def test_an_engine_whose_logger_filters_info_takes_no_seq_another_engines_log_shows_as_lost(tmp_path):
+    """Two real engines in one process (one seq stream): one logs JSON lines to a file through a structlog logger
+    filtering at INFO, the other's logger filters at WARNING (its logs off).  The quiet engine's records took no seq
+    (_log_inbox asks is_enabled_for), but its _emit lines did (terminate_now notices, a NotFound cancel): each was a
+    gap in the other's log, a seq_gap violation "line(s) lost", exit 1, where nothing was lost (seen failing: 4 seqs
+    in 3 gaps).  _emit asks the logger too now: a line filtered out takes no seq.  Controls: the quiet engine did
+    deliver and answer (its callbacks ran); a line taken out of the file is still a seq_gap."""
+    import logging
+
+    import structlog
+
+    from lifecycle import TransferEngine
+
+    path = tmp_path / "loud.jsonl"
+    released: list[int] = []
+    with open(path, "w") as f:
+        def logger(level: int):
+            return structlog.wrap_logger(structlog.WriteLogger(f), processors=[structlog.processors.JSONRenderer()],
+                                         wrapper_class=structlog.make_filtering_bound_logger(level))
+
+        loud = TransferEngine(logger=logger(logging.INFO), on_terminate=released.append)
+        quiet = TransferEngine(logger=logger(logging.WARNING), on_terminate=released.append)
+        for r in range(3):
+            for eng in (loud, quiet):
+                eng.advertise(r, "sender")
+                eng.terminate(r)  # Deferred
+                eng.cancel(r)  # CancelledDeferred: Quiesced, Terminated, then its notice
+                eng.poll()
+        assert quiet.cancel(99).value == "NotFound"
+        loud.advertise(10, "receiver")
+        loud.cancel(10)
+        loud.terminate(10)
+        loud.poll()
+    assert released == [0, 0, 1, 1, 2, 2], released
+    ev = [json.loads(x) for x in path.read_text().splitlines()]
+    assert {d["engine"] for d in ev} == {loud._engine_id} and len(ev) == 23, ev
+    p = write(tmp_path / "loud0.jsonl", [dict(d, seq=d["seq"] - ev[0]["seq"]) for d in ev])  # (from seq 0)
+    res = audit_paths([p])
+    assert res.finding_counts == {} and res.terminated == 4, [str(x) for x in res.findings]
+    assert main_audit([str(p)]) == 0
+    assert [d["seq"] for d in ev] == list(range(ev[0]["seq"], ev[0]["seq"] + len(ev))), [d["seq"] for d in ev]
+    cut = write(tmp_path / "cut.jsonl", [dict(d, seq=d["seq"] - ev[0]["seq"]) for i, d in enumerate(ev) if i != 5])
+    assert ("seq_gap", 6) in [(x.kind, x.line) for x in audit_paths([cut]).findings]  # (a notice: never delivered)
+
+
 def test_results_after_the_engines_tombstone_eviction_are_clean():
     """The engine answers NotFound for a request whose tombstone it evicted (tombstones=0: at once); those results
     (state null) are not orphans, whatever the audit's window still holds."""

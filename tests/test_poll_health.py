@@ -741,8 +741,9 @@ def test_a_signal_raised_as_any_function_of_poll_begins_loses_no_record(clock, b
     record iterator before its try; a signal's exception raised as _log_batch began (or as iter_unpack returned)
     lost the whole batch: none of its lines, none of its transitions returned, its notices delivered all the same
     (unbounded: 0 of 12 transitions logged, no move to Terminated; budgets 1 and 2: that 1- or 2-record batch).
-    Interrupted as each function poll() runs in lifecycle/engine.py begins (but _emit, whose own line is the one
-    such a stop may lose), every transition is logged once and every notice delivered once, after its move's line.
+    Interrupted as each function poll() runs in lifecycle/engine.py begins (but _emit and _logger_info, the logger's
+    resolution for a notice's line, whose line is the one such a stop may lose), every transition is logged once and
+    every notice delivered once, after its move's line.
     Control: it did interrupt, as the decoding of a batch began among them."""
     k, fired, where = 0, [True], set()
     while fired:
@@ -753,7 +754,7 @@ def test_a_signal_raised_as_any_function_of_poll_begins_loses_no_record(clock, b
         for r in (1, 2, 3):
             eng.terminate(r)
             eng.complete(r)
-        fired = _interrupt_as_a_function_begins(k, ("_emit",))
+        fired = _interrupt_as_a_function_begins(k, ("_emit", "_logger_info"))
         _poll_interrupted_then_out(eng)
         where.update(fired)
         moves = [(kw["request"], kw["to_state"]) for name, kw in logged if name == "lifecycle.transition"]

@@ -111,7 +111,6 @@ struct alignas(64) Engine::Shard {
   // in queue, and queued counts them too.  Filled by a swap: a put-back runs after an allocation failed, and one
   // that allocated (the taken run grown to hold the queue behind it) could fail too, and lost the records.
   std::vector<Record> spill;
-  bool drained = false;  // a drain holds records it took from here (until it delivered them or put them back)
   // queue.size() + spill.size(), mirrored for lock-free peeks (a plain store on x86).  A peek that misses a record
   // pushed concurrently only delays it to the next drain; the sleeping path of wait_ready counts
   // under the locks, so no wake-up is lost.
@@ -382,11 +381,10 @@ void Engine::unlock_after_fork(bool child) {
   backend_mu_.unlock();
   hooks_mu_.unlock();
   pool_->unlock_after_fork();
-  for (Shard& sh : shards()) {
-    if (child) sh.drained = false;  // (a drain that held it is not here: what it took is not, and never comes back)
-    sh.mu.unlock();
-  }
+  for (Shard& sh : shards()) sh.mu.unlock();
   if (child) {
+    // a drain under way is not here: what it took is not either, and never comes back; the child drains its own
+    draining_.store(false, std::memory_order_relaxed);
     // the parent's waiters are not here: no wake-up to owe them, and a condition variable that counted them
     // is made anew (destroying it would wait for them)
     waiters_.store(0);
@@ -969,11 +967,21 @@ std::size_t Engine::drain_to(const std::function<Record*(std::size_t)>& dest, bo
   // instead, a record pushed to a shard already taken, numbered below one a shard taken later gave, came out in
   // the next drain, after the record it precedes: a slot released by one shard and leased by another was logged
   // leased, then released (with two threads pushing, one non-empty drain in five began below the previous one).
+  // One drain at a time: a drain that finds another under way returns 0 at once, taking nothing, so the drains
+  // that return records never overlap and each gives every record below its cut.  (One that skipped only the
+  // shards the other held, and took the rest, gave records numbered past those the held shards kept back, or put
+  // back when the other's destination failed: the next drain gave them after it, a slot's release after its lease
+  // in another shard.)  Then no other drain touches a shard's spill while this one holds its records.
+  if (draining_.exchange(true, std::memory_order_acquire)) return 0;
+  struct Draining {
+    std::atomic<bool>& flag;
+    ~Draining() { flag.store(false, std::memory_order_release); }
+  } draining{draining_};
   const std::uint64_t cut = record_seq_.load(std::memory_order_seq_cst);
   std::vector<std::vector<Record>> runs;
   std::vector<Shard*> from;
   // Lossless when an allocation fails once records are out of their shards: each run goes back into its
-  // shard's spill, which is empty (this drain took it with the run, and holds the shard: another drain skips it),
+  // shard's spill, which is empty (this drain took it with the run, and no other drain runs meanwhile),
   // so the swap allocates nothing, loses nothing, and the next drain takes it first, before what was queued since.
   auto put_back = [&runs, &from]() noexcept {
     for (std::size_t i = 0; i < runs.size(); ++i) {
@@ -981,7 +989,6 @@ std::size_t Engine::drain_to(const std::function<Record*(std::size_t)>& dest, bo
       Shard& sh = *from[i];
       std::lock_guard<SpinMutex> g(sh.mu);
       sh.spill.swap(runs[i]);
-      sh.drained = false;
       sh.queued.store(static_cast<std::uint32_t>(sh.queue.size() + sh.spill.size()), std::memory_order_seq_cst);
     }
     runs.clear();
@@ -1003,9 +1010,7 @@ std::size_t Engine::drain_to(const std::function<Record*(std::size_t)>& dest, bo
       std::vector<Record>& run = runs.back();
       {
         std::lock_guard<SpinMutex> g(sh.mu);
-        if (sh.drained) {
-          // another drain (another thread) holds records of this shard: what was queued since stays, behind them
-        } else if (!sh.spill.empty()) {  // after a failed drain (rare): the spill, then the queue up to the cut
+        if (!sh.spill.empty()) {  // after a failed drain (rare): the spill, then the queue up to the cut
           const auto past = std::partition_point(sh.queue.begin(), sh.queue.end(),
                                                  [cut](const Record& r) { return r.seq < cut; });
           sh.spill.insert(sh.spill.end(), sh.queue.begin(), past);  // (may throw: nothing of this shard taken)
@@ -1025,10 +1030,7 @@ std::size_t Engine::drain_to(const std::function<Record*(std::size_t)>& dest, bo
             }
           }
         }
-        if (!run.empty()) {
-          sh.drained = true;
-          sh.queued.store(static_cast<std::uint32_t>(sh.queue.size()), std::memory_order_seq_cst);
-        }
+        if (!run.empty()) sh.queued.store(static_cast<std::uint32_t>(sh.queue.size()), std::memory_order_seq_cst);
       }
       if (run.empty()) {
         runs.pop_back();
@@ -1051,7 +1053,6 @@ std::size_t Engine::drain_to(const std::function<Record*(std::size_t)>& dest, bo
       for (std::size_t i = 0; i < runs.size(); ++i) {
         runs[i].clear();
         std::lock_guard<SpinMutex> g(from[i]->mu);
-        from[i]->drained = false;
         if (from[i]->spare.capacity() < runs[i].capacity()) from[i]->spare.swap(runs[i]);
       }
     }

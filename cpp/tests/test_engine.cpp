@@ -519,8 +519,8 @@ struct DrainGate {
   }
 };
 
-// Two drains at once: one that finds a shard's records held by the other (taken, not yet delivered) skips the
-// shard, so when the other's destination fails and its records go back, they still come out first, in order, and
+// Two drains at once: one that finds the other under way (a shard's records taken, not yet delivered) takes
+// nothing, so when the other's destination fails and its records go back, they still come out first, in order, and
 // none twice or lost.
 static void test_a_drain_skips_a_shard_another_drain_holds() {
   Config cf = cfg();
@@ -548,6 +548,75 @@ static void test_a_drain_skips_a_shard_another_drain_holds() {
   CHECK(threw);
   CHECK(eng.drain(recs) == 2);
   CHECK(recs.size() == 2 && recs[0].req == 1 && recs[1].req == 2 && recs[0].seq < recs[1].seq);
+}
+
+// Two drains at once keep the engine's order across shards: a slot released by one shard and leased by another is
+// logged released first, whether the drain that held the releasing shard's earlier records delivers them or its
+// destination fails and they go back.  (Review: the second drain skipped only the shard the first held and took
+// the others, so the lease in another shard came out, and the release, kept behind the held records, came out in
+// the next drain, after it: the audit's slot_reuse.  Per request the order held: a request's records are in one
+// shard.)  The log is what the drains returned, in the order they returned.
+static void test_concurrent_drains_keep_the_engine_order() {
+  for (const bool fail : {true, false}) {
+    Config cf = cfg();
+    cf.shards = 4;
+    cf.num_slots = 1;  // the release and the lease are of the one slot
+    constexpr std::uint64_t a = 1;
+    std::uint64_t b = 2;  // a request in another shard than a (a serial's low 12 bits are its shard)
+    {
+      Engine probe(cf);
+      probe.advertise(a, Role::sender, 0);
+      for (probe.advertise(b, Role::sender, 0); ((probe.info(a)->serial ^ probe.info(b)->serial) & 0xfff) == 0;)
+        probe.advertise(++b, Role::sender, 0);
+    }
+    Engine eng(cf);
+    CHECK(eng.advertise(a, Role::sender, 64).status == Status::Moved);
+    DrainGate gate;
+    std::vector<Record> held;  // what the first drain delivers (fail: nothing)
+    bool threw = false;
+    std::thread drainer([&] {
+      try {
+        eng.drain_to([&](std::size_t n) -> Record* {
+          gate.hold();
+          if (fail) throw std::bad_alloc();
+          held.resize(n);
+          return held.data();
+        });
+      } catch (const std::bad_alloc&) {
+        threw = true;
+      }
+    });
+    gate.wait_held();  // a's advertise is out of its shard, held by that drain
+    eng.apply(a, Event::expose);
+    eng.apply(a, Event::complete);
+    CHECK(eng.terminate(a) == TerminateResult::Terminated);  // the slot released, in a's shard
+    CHECK(eng.advertise(b, Role::sender, 64).status == Status::Moved);  // and leased again, in b's
+    CHECK(eng.info(b)->slot == 0);
+    std::vector<Record> log;
+    eng.drain(log);  // meanwhile
+    gate.open();
+    drainer.join();
+    CHECK(threw == fail);
+    log.insert(log.end(), held.begin(), held.end());
+    eng.drain(log);
+    std::size_t release = log.size(), lease = log.size();
+    bool in_order = true;
+    for (std::size_t i = 0; i < log.size(); ++i) {
+      const Record& r = log[i];
+      in_order = in_order && r.seq == i;  // every record once, in the engine's order
+      if (r.kind != RecordKind::Transition) continue;
+      if (r.req == a && r.to == static_cast<std::uint8_t>(State::Terminated)) release = i;
+      if (r.req == b && r.from == kNoState) lease = i;
+    }
+    CHECK(release < log.size() && lease < log.size());
+    CHECK(release < lease);
+    CHECK(in_order);
+    // per request, both before the fix and after it: a's moves in order
+    std::vector<std::uint64_t> a_seqs;
+    for (const Record& r : log)
+      if (r.req == a) a_seqs.push_back(r.seq);
+    CHECK(a_seqs.size() >= 4 && std::is_sorted(a_seqs.begin(), a_seqs.end()));
+  }
 }
 
 // A child forked while another thread's drain held a shard's records (between taking them and handing them over)
@@ -918,6 +987,7 @@ int main() {
   test_drain_to_double_failure_keeps_records();
   test_a_forked_child_drains_a_shard_a_drain_held();
   test_a_drain_skips_a_shard_another_drain_holds();
+  test_concurrent_drains_keep_the_engine_order();
   test_every_cell_matches_apply();
   test_deferred_termination_exactly_once();
   test_cancel_of_a_deferred_session_does_not_free_now();

@@ -186,8 +186,9 @@ class Engine {
   // TerminateNow was delivered: by the drain that takes the notice, or with hold_notices by
   // notice_delivered(req), called once the executor's callback ran (the Python facade's poll()).
   // Lossless: when dest (or the drain's own allocation) throws, every record taken goes back without allocating,
-  // in order, ahead of what was queued since, so memory running out again loses none.  Two drains at once: one
-  // skips a shard whose records the other holds (what was queued there since stays for a later drain).
+  // in order, ahead of what was queued since, so memory running out again loses none.  One drain at a time: a
+  // drain (drain_to) while another is under way (another thread, or dest's own) returns 0 at once, taking nothing,
+  // so the drains that return records come out in seq order, across shards too.
   std::size_t drain_to(const std::function<Record*(std::size_t)>& dest, bool hold_notices = false);
   void notice_delivered(std::uint64_t req);
   // Block (no GIL: callers release it) until a record is queued or timeout_ns elapses (steady time).
@@ -263,6 +264,7 @@ class Engine {
   std::int64_t last_progress_ns_;    // admission start; shards keep their own last terminal entry
   std::atomic<bool> unhealthy_{false};
   std::atomic<std::uint64_t> record_seq_{0};
+  std::atomic<bool> draining_{false};  // a drain is under way (drain_to: one at a time)
   std::atomic<bool> backend_healthy_{true};
   std::mutex backend_mu_;
   std::string backend_reason_;

@@ -160,8 +160,9 @@ class Transition(NamedTuple):
 class Health:
     """Immutable health snapshot.  ``healthy`` is False exactly when ``reasons`` is non-empty.
 
-    ``oldest_nonterminal_s`` is the longest time a live session has been in its *current* state (the clock its
-    timers run on), not the time since its advertise; None with no live session."""
+    ``oldest_nonterminal_s`` is the longest time a non-terminal session (Advertised, InFlight or CancelRequested)
+    has been in its *current* state (the clock its timers run on), not the time since its advertise; None with
+    none.  Quiesced and Poisoned sessions awaiting ``terminate`` count in ``live`` and ``counts``, not here."""
 
     healthy: bool
     reasons: tuple[str, ...]

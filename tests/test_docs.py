@@ -372,3 +372,29 @@ def test_readme_quotes_the_poll_budget_measurements_as_engine_md_has_them():
     assert b_off[1] == b_json[1]
     median_off = f"{float(b_off[3].removesuffix(' ms')):.1f} ms"
     assert f"(here {median_off} / {b_json[3]} per poll, the same total over {b_off[1]} polls)" in readme
+
+
+def test_oldest_nonterminal_is_documented_as_the_non_terminal_sessions_age():
+    """docs/engine.md called ``Health.oldest_nonterminal_s`` the longest time "a live session" spent in its state, and
+    Health's docstring said None "with no live session"; but ``live`` counts the Quiesced and Poisoned sessions that
+    wait for their terminate, and those never count here (the engine reads the Advertised, InFlight and
+    CancelRequested lists): an executor that watched this age for sessions it forgot to terminate saw None.  Behaviour
+    pinned, with a control (a non-terminal session does count), and both texts checked."""
+    from lifecycle import ManualClock, State, TransferEngine
+    from lifecycle.engine import Health
+
+    clock = ManualClock()
+    e = TransferEngine(clock=clock)
+    e.advertise(1, "sender")
+    e.cancel(1)  # Quiesced(cancelled), never terminated
+    clock.advance(5_000_000_000)
+    h = e.health()
+    assert h.live == 1 and h.counts[State.Quiesced] == 1 and h.oldest_nonterminal_s is None
+    e.advertise(2, "sender")
+    clock.advance(1_000_000_000)
+    assert e.health().oldest_nonterminal_s == 1  # control: an Advertised session counts
+    para = " ".join(_paragraph((DOCS / "engine.md").read_text(encoding="utf-8"), "`health()` returns a frozen").split())
+    doc = " ".join(Health.__doc__.split())
+    for text in (para, doc):
+        assert "live session" not in text, text
+        assert "non-terminal session (Advertised, InFlight or CancelRequested)" in text, text

@@ -326,7 +326,8 @@ class TransferEngine(_core.Engine):
         self._advertise(request, code, nbytes)
 
     def cancel(self, request: int) -> CancelResult:
-        """Ask the session to stop.  Idempotent.  Only results with ``frees_now`` let the caller free."""
+        """Ask the session to stop.  Idempotent.  Only a result that ``cancel_frees_now(result)`` says frees now lets
+        the caller free."""
         r = _CANCEL[self._cancel(request)]
         if r.value == "NotFound":  # no session, so the core queued nothing: log it here
             self._emit("lifecycle.cancel", request, None, result=r.value, state=None)

@@ -398,3 +398,15 @@ def test_oldest_nonterminal_is_documented_as_the_non_terminal_sessions_age():
     for text in (para, doc):
         assert "live session" not in text, text
         assert "non-terminal session (Advertised, InFlight or CancelRequested)" in text, text
+
+
+def test_cancel_docstring_names_the_frees_now_call_that_exists():
+    """``TransferEngine.cancel``'s docstring said "Only results with ``frees_now`` let the caller free", but a
+    CancelResult has no ``frees_now`` (an executor following help() got AttributeError): the answer is
+    ``cancel_frees_now(result)``, the README's call."""
+    from lifecycle import CancelResult, TransferEngine, cancel_frees_now
+
+    assert not hasattr(CancelResult.NotFound, "frees_now")
+    assert cancel_frees_now(CancelResult.NotFound) and not cancel_frees_now(CancelResult.CancelRequestedInFlight)
+    doc = " ".join(TransferEngine.cancel.__doc__.split())
+    assert "``cancel_frees_now(result)``" in doc and "``frees_now``" not in doc, doc

@@ -410,3 +410,40 @@ def test_cancel_docstring_names_the_frees_now_call_that_exists():
     assert cancel_frees_now(CancelResult.NotFound) and not cancel_frees_now(CancelResult.CancelRequestedInFlight)
     doc = " ".join(TransferEngine.cancel.__doc__.split())
     assert "``cancel_frees_now(result)``" in doc and "``frees_now``" not in doc, doc
+
+
+def test_engine_md_timers_bullet_says_zero_turns_a_timer_off():
+    """``transfer_timeout=0`` / ``cancel_grace=0`` turn the timers off, as None does (the engine reads 0 ns as no
+    timer); docs/engine.md's Timers bullet did not say so (only demo.md's option table did), and an executor that
+    set ``cancel_grace=0`` to Poison at once got a session that waits for ever.  Nor did it say that
+    ``ManualClock.set()`` ignores an earlier reading.  Behaviour pinned, with a control (1 ns fires), and the
+    bullet checked."""
+    from lifecycle import ManualClock, State, TransferEngine
+
+    for off in (0, None):
+        clock = ManualClock()
+        e = TransferEngine(transfer_timeout=off, cancel_grace=off, clock=clock)
+        e.advertise(1, "sender")
+        e.expose(1)
+        e.advertise(2, "sender")
+        e.expose(2)
+        e.cancel(2)
+        clock.advance(10**15)
+        e.poll()
+        assert (e.state(1), e.state(2)) == (State.InFlight, State.CancelRequested), off
+    clock = ManualClock()
+    e = TransferEngine(transfer_timeout=1e-9, cancel_grace=1e-9, clock=clock)  # control: the smallest timers fire
+    e.advertise(1, "sender")
+    e.expose(1)
+    clock.advance(1)
+    e.poll()
+    clock.advance(1)
+    e.poll()
+    assert e.state(1) == State.Poisoned
+    clock.set(10)
+    clock.set(5)
+    assert clock.now_ns() == 10
+    bullet = _paragraph((DOCS / "engine.md").read_text(encoding="utf-8"), "* **Timers**")
+    bullet = " ".join(bullet[:bullet.find("\n* ")].split())
+    assert "`None` **or 0** turns a timer off" in bullet
+    assert "`set()` to an earlier reading is ignored" in bullet

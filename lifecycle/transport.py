@@ -408,8 +408,10 @@ def mem_of(obj) -> Mem:
     try:
         mv = memoryview(obj)
     except TypeError:
-        raise InvalidArgument("memory", f"cannot register {type(obj).__name__}: pass a tensor, a pool, "
-                                        "a Mem or a writable buffer") from None
+        # (said "cannot register" from expect / read / write too; a Registration is what register() returned)
+        hint = ": pass its .mem" if isinstance(obj, Registration) else ""
+        raise InvalidArgument("memory", f"{type(obj).__name__} names no memory range{hint} (pass a tensor, a pool, "
+                                        "a Mem or a writable buffer)") from None
     except (ValueError, BufferError) as e:  # a released memoryview; an exporter that refuses (numpy datetime64)
         raise InvalidArgument("memory", f"the {type(obj).__name__}'s buffer cannot be exported ({e})") from None
     if mv.readonly or not mv.c_contiguous:

@@ -1747,3 +1747,22 @@ def test_a_transfer_of_an_id_whose_earlier_transfer_may_still_move_bytes_is_refu
     finally:
         for t in (a, p, q):
             t.close()
+
+
+def test_a_registration_passed_as_memory_is_refused_with_a_message_for_the_call_made():
+    """``expect`` / ``read`` given the Registration that ``register`` returned (for its range) raised "cannot
+    register Registration": the call made was no register, and the message did not say that the range is its
+    ``.mem``.  Nothing is exposed; the control passes ``reg.mem`` and the offer goes out."""
+    eng = TransferEngine()
+    with LoopbackTransport(eng, f"lb-reg{next(_n)}") as t, LoopbackTransport(None, f"lb-regp{next(_n)}") as p:
+        buf = bytearray(64)
+        reg = t.register(buf)
+        peer = t.add_peer(p.metadata())
+        eng.advertise(1, "sender")
+        with pytest.raises(InvalidArgument, match=r"Registration names no memory range: pass its \.mem") as ei:
+            t.expect(1, peer, reg)
+        assert "cannot register" not in str(ei.value)
+        assert eng.state(1) == State.Advertised
+        with pytest.raises(InvalidArgument, match=r"int names no memory range \(pass a tensor"):
+            t.register(5)
+        assert t.expect(1, peer, reg.mem).mem == reg.mem  # control

@@ -77,7 +77,7 @@ def test_collectives_md_runs_the_mpi_programs_with_their_flags():
     text = (DOCS / "collectives.md").read_text(encoding="utf-8")
     mpi = DOCS.parent / "tests" / "mpi"
     spans = re.findall(r"`([^`\n]*\b(\w+)\.py\b[^`\n]*)`", text)
-    checked = 0
+    checked = told = 0
     for span, name in spans:
         if not (mpi / f"{name}.py").exists():
             continue
@@ -87,7 +87,14 @@ def test_collectives_md_runs_the_mpi_programs_with_their_flags():
         if f"tests/mpi/{name}.py" in span:
             assert required <= used, (span, required - used)
             checked += 1
-    assert checked >= 1  # (the seed-bug command line)
+            # the prose right after it that says which flags are required names all of them (it said "`--bug` is
+            # required" of seed_bugs.py, which refuses to run without --mode too)
+            after = text[text.index(span) + len(span):].split(")", 1)[0]
+            said = re.search(r"\(((?:`--[a-z-]+`(?:, | and )?)+) (?:is|are) required", after)
+            if said:
+                assert set(re.findall(r"`(--[a-z-]+)`", said[1])) == required, (said[0], required)
+                told += 1
+    assert checked >= 1 and told >= 1  # (the seed-bug command line, and what it says is required)
 
 
 def test_engine_md_bindings_paragraph_names_every_binding_file_and_module_call():

@@ -454,3 +454,25 @@ def test_engine_md_timers_bullet_says_zero_turns_a_timer_off():
     bullet = " ".join(bullet[:bullet.find("\n* ")].split())
     assert "`None` **or 0** turns a timer off" in bullet
     assert "`set()` to an earlier reading is ignored" in bullet
+
+
+def test_engine_md_says_what_wait_terminal_raises_at_its_timeout():
+    """``wait_terminal`` raises the builtin TimeoutError when the session is still live at the timeout, which is not
+    a LifecycleError: an executor's shutdown that caught LifecycleError around it crashed.  engine.md named the call
+    and its GIL release only.  Behaviour pinned (with the control: a terminal session's state is returned)."""
+    import pytest
+
+    from lifecycle import LifecycleError, State, TransferEngine, UnknownRequest
+
+    e = TransferEngine()
+    e.advertise(1, "sender")
+    with pytest.raises(TimeoutError) as ei:
+        e.wait_terminal(1, 0.01)
+    assert not isinstance(ei.value, LifecycleError)
+    with pytest.raises(UnknownRequest):
+        e.wait_terminal(2, 0.01)
+    e.cancel(1)
+    assert e.wait_terminal(1, 0.01) == State.Quiesced
+    para = " ".join(_paragraph((DOCS / "engine.md").read_text(encoding="utf-8"), "`TransferEngine` subclasses").split())
+    assert "raises the builtin `TimeoutError` (not a `LifecycleError`)" in para
+    assert "an id with no session `UnknownRequest`" in para

@@ -476,3 +476,23 @@ def test_engine_md_says_what_wait_terminal_raises_at_its_timeout():
     para = " ".join(_paragraph((DOCS / "engine.md").read_text(encoding="utf-8"), "`TransferEngine` subclasses").split())
     assert "raises the builtin `TimeoutError` (not a `LifecycleError`)" in para
     assert "an id with no session `UnknownRequest`" in para
+
+
+def test_transport_md_quotes_slice_with_its_parameters():
+    """``Mem.slice`` and ``Offer.slice`` take ``(offset, nbytes)``, a length, not a Python slice's ``(start, stop)``;
+    docs/transport.md quoted them as ``.slice()``, so ``m.slice(1024, 2048)`` meant for bytes [1024, 2048) named
+    [1024, 3072) (inside the range: no error), and a READ into it wrote past the blocks meant.  Behaviour pinned and
+    the API table checked to quote both with their parameters, as the code names them."""
+    import inspect
+
+    from lifecycle.transport import Mem, Offer
+
+    m = Mem(4096, 4096).slice(1024, 2048)
+    assert (m.addr, m.nbytes) == (4096 + 1024, 2048)
+    assert Offer(Mem(4096, 4096), 7).slice(1024, 2048).mem == m
+    for cls in (Mem, Offer):
+        assert list(inspect.signature(cls.slice).parameters)[1:] == ["offset", "nbytes"]
+    table = _paragraph((DOCS / "transport.md").read_text(encoding="utf-8"), "| call | what it does |")
+    rows = {r.split("`", 2)[1].split("(", 1)[0]: r for r in table.splitlines() if r.startswith("| `")}
+    assert "`.slice(offset, nbytes)`" in rows["Mem"] and "`.slice(offset, nbytes)`" in rows["Offer"]
+    assert "`.slice()`" not in table

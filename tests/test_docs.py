@@ -496,3 +496,29 @@ def test_transport_md_quotes_slice_with_its_parameters():
     rows = {r.split("`", 2)[1].split("(", 1)[0]: r for r in table.splitlines() if r.startswith("| `")}
     assert "`.slice(offset, nbytes)`" in rows["Mem"] and "`.slice(offset, nbytes)`" in rows["Offer"]
     assert "`.slice()`" not in table
+
+
+def test_transport_md_says_remove_peer_of_an_unknown_name_is_no_error():
+    """``remove_peer`` of a name that names no loaded peer returns None and changes nothing, so a mistyped name
+    after a failed post left the peer's disconnected mark (and its health reason) standing with no error; the API
+    table said only that it fails the peer's sessions.  Behaviour pinned (the control: the peer's own name ends the
+    passive session) and the row checked."""
+    from lifecycle import LoopbackTransport, State, TransferEngine
+
+    e = TransferEngine()
+    a, b = LoopbackTransport(e, "docs-rp-a"), LoopbackTransport(None, "docs-rp-b")
+    try:
+        a.register(buf := bytearray(64))
+        peer = a.add_peer(b.metadata())
+        e.advertise(1, "sender")
+        a.expect(1, peer, buf)
+        assert a.remove_peer("docs-rp-B") is None and a.remove_peer("docs-rp-B") is None
+        assert e.state(1) == State.InFlight and a.stats().passive == 1
+        a.remove_peer(peer)  # control
+        assert e.state(1) == State.Poisoned
+    finally:
+        a.stop()
+        b.stop()
+    table = _paragraph((DOCS / "transport.md").read_text(encoding="utf-8"), "| call | what it does |")
+    row = " ".join(next(r for r in table.splitlines() if r.startswith("| `metadata()")).split())
+    assert "a name that names no loaded peer (mistyped, never added) is no error either" in row

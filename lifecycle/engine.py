@@ -701,7 +701,8 @@ class TransferEngine(_core.Engine):
         terminated and forgotten meanwhile (its tombstone evicted, the id perhaps advertised again as another
         session), the wait returns Terminated, not UnknownRequest or the new session's fate.  What its polls drain
         (any session's) is logged and delivered as poll() does, and the transitions are returned by the next
-        poll()."""
+        poll(); an on_terminate error there raises out of the wait (TerminateCallbackError, that poll's transitions
+        on it), as out of a poll().  Past ``timeout`` with the session live: TimeoutError."""
         deadline = time.monotonic() + check_seconds("timeout", timeout)
         serial = self.info(request).serial
         while True:

@@ -926,7 +926,8 @@ class _Transport:
     def wait_idle(self, timeout: float = 5.0) -> bool:
         """Poll the engine until this transport holds no active or passive entry and no release
         awaits its retry (tests, shutdown).  The transitions its polls drain are returned by the engine's next
-        poll()."""
+        poll(); an on_terminate error there raises out of the wait (TerminateCallbackError, that poll's transitions
+        on it), as out of a poll()."""
         import time
 
         from .engine import check_seconds

@@ -247,6 +247,9 @@ def test_the_waits_that_poll_keep_their_transitions_for_the_next_poll():
     transport_md = " ".join((DOCS / "transport.md").read_text(encoding="utf-8").split())
     assert "the next `poll()` (or `drain()`) returns them, before its own" in engine_md
     assert "returned by the engine's next `poll()`, before its own" in transport_md
+    # and a callback's error in those polls raises out of the wait (tests/test_poll_health.py)
+    assert "raises in those polls ends the wait as it ends a `poll()`" in engine_md
+    assert "a callback's error there ends the wait as it ends a `poll()`" in transport_md
     assert "| `wait_idle(timeout=5.0) -> bool` |" in transport_md
 
     def ended(transitions):

@@ -1370,3 +1370,39 @@ def test_drain_with_a_poll_budget_does_not_wait_while_records_are_left(clock):
 def test_poll_budget_must_be_a_positive_int_or_none(bad):
     with pytest.raises(InvalidArgument, match="poll_budget"):
         TransferEngine(poll_budget=bad)
+
+
+def test_a_callback_error_during_a_wait_ends_the_wait_with_that_polls_transitions():
+    """wait_terminal (and a transport's wait_idle) keep what their polls drain for the next poll(); an on_terminate
+    that raised in one of those polls ends the wait as it ends a poll(): TerminateCallbackError, that poll's
+    transitions on it, and not returned again by the next poll() (raised at once, never left for a poll() that may
+    not come).  Every move is told exactly once either way: the error's transitions, then the next poll()'s.
+    Control: without the wait, a poll() tells the same moves and the same error."""
+
+    def moves(ts):
+        return [(t.request, t.to_state.value) for t in ts]
+
+    for wait in (True, False):
+        calls = []
+
+        def on_terminate(r):
+            calls.append(r)
+            e.complete(2)  # 2's transfer ends meanwhile (a transport thread's DONE, here the callback's)
+            raise RuntimeError("release failed")
+
+        e = TransferEngine(on_terminate=on_terminate)
+        for r in (1, 2):
+            e.advertise(r, "sender")
+            e.expose(r)
+        assert e.terminate(1) is TerminateResult.Deferred
+        e.poll()
+        e.complete(1)
+        with pytest.raises(TerminateCallbackError, match=r"request\(s\) 1: RuntimeError") as ei:
+            if wait:
+                e.wait_terminal(2, 5)
+            else:
+                e.poll()
+        seen = moves(ei.value.transitions) + moves(e.poll())
+        assert seen == [(1, "Quiesced"), (1, "Terminated"), (2, "Quiesced")], wait
+        assert e.poll() == [] and calls == [1], wait  # told once, delivered once
+        assert e.wait_terminal(2, 5) is State.Quiesced  # the wait, called again, returns

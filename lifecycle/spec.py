@@ -459,6 +459,12 @@ def _check_graph(path, states, kinds, events, sources, cancel_results, terminate
                    if kinds[r.src] in ("terminal", "final") else ""))
         if r.moves and r.dst in finals and r.src not in terminals:
             bad(r.line, "final-from-non-terminal", f"{r.dst} entered from non-terminal {r.src}")
+        elif r.moves and r.dst in finals and r.event == "cancel":
+            # (Poisoned + cancel = Terminated -> NotCancellable passed: the cancel ended the session while telling the
+            # executor to wait, so its terminate answered AlreadyTerminated and on_terminate never ran: a leak)
+            bad(r.line, "cancel-into-final", f"{r.src} + cancel = {r.dst}: only terminate enters {r.dst} (DESIGN §2: "
+                f"the executor's resources released); a cancel there leaves them unreleased, its terminate answering "
+                f"AlreadyTerminated: '= .stay'")
     # a deferred terminate is delivered by applying the terminal state's terminate row as a move into a final state
     term = {r.src: r for r in rows if r.event == "terminate"}
     for s in sorted(terminals, key=states.index):

@@ -796,3 +796,22 @@ def test_a_row_returning_a_result_only_the_engine_answers_is_reported_at_its_row
     assert [(c, ln) for c, ln, _ in found] == [("engine-only-result", line_of(t, row))], found
     assert f"returns {result}, which only the engine answers" in found[0][2], found
     assert _violations(edit(old, old)) == []  # the control: the row as the table has it
+
+
+@pytest.mark.parametrize(("old", "new"), [
+    ("Poisoned         + cancel         = .stay                         -> NotCancellable",
+     "Poisoned         + cancel         = Terminated                    -> NotCancellable"),
+    ("Quiesced         + cancel         = .stay                         -> AlreadyComplete",
+     "Quiesced         + cancel         = Terminated                    -> NotCancellable"),
+])
+def test_a_cancel_that_moves_a_terminal_session_to_the_final_state_is_reported_at_its_row(old, new):
+    """Accepted silently (NotCancellable frees now: no, so frees-not-quiesced passed it).  DESIGN §2: only terminate
+    enters Terminated, "the executor's resources were released".  The engine's cancel moved the session there (its
+    slot quarantined, or from Quiesced back in the pool) while telling the executor to wait for a terminal state;
+    its terminate then answered AlreadyTerminated and on_terminate never ran: the executor's KV blocks leaked."""
+    t = edit(old, new)
+    src = new.split()[0]
+    found = [(v.code, v.line, v.message) for v in _violations(t)]
+    assert [(c, ln) for c, ln, _ in found] == [("cancel-into-final", line_of(t, new.split("=")[0]))], found
+    assert found[0][2].startswith(f"{src} + cancel = Terminated: "), found
+    assert _violations(edit(old, old)) == []  # the control: the row as the table has it

@@ -377,6 +377,12 @@ def _check_graph(path, states, kinds, events, sources, cancel_results, terminate
             bad(r.line, "create-row", f"the creating row sets no outcome (a session starts without one), not {r.outcome}")
         if r.result is not None:  # no call answers with it: advertise returns no result
             bad(r.line, "create-row", f"the creating row returns no result, not {r.result}")
+    # (Advertised + advertise = InFlight passed: the engine never applies the creating event to a session, advertise of
+    # a live id answers Duplicate and post() refuses it, while the reference model and the audit took the row)
+    for r in rows:
+        if r.src != CREATE_SOURCE and r.event in {c.event for c in creators}:
+            bad(r.line, "create-from-state", f"{r.src} + {r.event} = {r.dst}: {r.event} creates a session (the '*' "
+                f"row, DESIGN §2); the engine answers it on a live one with Duplicate, never with this row")
     out: dict[str, set[str]] = {s: set() for s in states}
     for r in rows:
         if r.src == CREATE_SOURCE:

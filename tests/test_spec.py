@@ -815,3 +815,17 @@ def test_a_cancel_that_moves_a_terminal_session_to_the_final_state_is_reported_a
     assert [(c, ln) for c, ln, _ in found] == [("cancel-into-final", line_of(t, new.split("=")[0]))], found
     assert found[0][2].startswith(f"{src} + cancel = Terminated: "), found
     assert _violations(edit(old, old)) == []  # the control: the row as the table has it
+
+
+@pytest.mark.parametrize("row", ["Advertised + advertise = .stay", "Quiesced + advertise = .stay",
+                                 "Terminated + advertise = .stay", "Advertised + advertise = InFlight"])
+def test_a_row_for_the_creating_event_from_a_state_is_reported_at_its_row(row):
+    """Accepted silently.  DESIGN §2: advertise creates the session (the table's one `*` row).  The engine never
+    applies it to a session (advertise of a live id answers Duplicate; post('advertise') is refused), while the
+    reference model's apply and the audit's replay take the row: the table said a pair was legal that the engine
+    refuses (Advertised + advertise = InFlight: an expose the engine never made)."""
+    t = GOOD + row + "\n"
+    found = [(v.code, v.line, v.message) for v in _violations(t)]
+    assert [(c, ln) for c, ln, _ in found] == [("create-from-state", line_of(t, row.split("=")[0]))], found
+    assert found[0][2].startswith(row.split(" = ")[0] + " = "), found
+    assert _violations(GOOD) == []  # the control: the creating row from `*` only

@@ -449,6 +449,12 @@ def _check_graph(path, states, kinds, events, sources, cancel_results, terminate
             bad(r.line, "outcome-state-mismatch", f"{r.src} + {r.event} = {r.dst} / {r.outcome}: " + (
                 f"a {r.dst} session's outcome is {' or '.join(_EVIDENCE_OUTCOMES)} (DESIGN §2)"
                 if r.dst == _EVIDENCE_STATE else f"{r.outcome} claims the evidence {r.dst} lacks (DESIGN §2)"))
+        elif r.moves and r.outcome is not None and r.dst not in terminals:
+            # (InFlight + cancel = CancelRequested / cancelled passed: engine.outcome() and the audit's line said the
+            # transfer stopped with evidence while it may still write the buffers; docs/audit.md: null until terminal)
+            bad(r.line, "outcome-before-terminal", f"{r.src} + {r.event} = {r.dst} / {r.outcome}: an outcome says how "
+                f"a session ended (DESIGN §2), and {kinds[r.dst]} state {r.dst} has not: set it on the move into a "
+                f"terminal state")
         elif r.moves and r.outcome == _CONFIRMED and r.event != "complete":
             # (Advertised + cancel = Quiesced / completed passed: a session cancelled before any byte moved said its
             # transfer finished, and poll_symmetric put it in `completed` on every rank)

@@ -701,6 +701,9 @@ def test_timer_rows_that_loop_without_a_terminal_state_are_reported_at_the_row_c
     old = "CancelRequested  + grace_expired  = Poisoned         / expired"
     t = edit(old, new)
     found = [(v.code, v.line, v.message) for v in _violations(t)]
+    # (an outcome on the move into InFlight is reported on its own: outcome-before-terminal)
+    assert [c for c, _, _ in found if c == "outcome-before-terminal"] == ["outcome-before-terminal"] * ("/" in new)
+    found = [f for f in found if f[0] != "outcome-before-terminal"]
     assert [(c, ln) for c, ln, _ in found] == [("timer-loop", line_of(t, "CancelRequested  + grace_expired"))], found
     assert found[0][2].startswith("CancelRequested + grace_expired = InFlight: "), found
     assert _violations(edit(old, old)) == []  # the control: the row as the table has it
@@ -829,3 +832,25 @@ def test_a_row_for_the_creating_event_from_a_state_is_reported_at_its_row(row):
     assert [(c, ln) for c, ln, _ in found] == [("create-from-state", line_of(t, row.split("=")[0]))], found
     assert found[0][2].startswith(row.split(" = ")[0] + " = "), found
     assert _violations(GOOD) == []  # the control: the creating row from `*` only
+
+
+@pytest.mark.parametrize(("old", "new"), [
+    ("Advertised       + expose         = InFlight", "Advertised       + expose         = InFlight / cancelled"),
+    ("InFlight         + timeout        = CancelRequested",
+     "InFlight         + timeout        = CancelRequested / expired"),
+    ("InFlight         + cancel         = CancelRequested               -> CancelRequestedInFlight",
+     "InFlight         + cancel         = CancelRequested  / cancelled  -> CancelRequestedInFlight"),
+    ("InFlight         + timeout        = CancelRequested",
+     "InFlight         + timeout        = CancelRequested / completed"),
+])
+def test_an_outcome_on_a_move_into_a_state_before_a_terminal_one_is_reported_at_its_row(old, new):
+    """Accepted silently (but for `completed`, reported as unconfirmed).  An outcome says how a session ended (DESIGN
+    §2: Quiesced's completed / cancelled; docs/audit.md: null before a terminal state): InFlight + cancel =
+    CancelRequested / cancelled had engine.outcome() and the audit's transition line claim a stop 'with evidence' for
+    a session whose transfer may still write its buffers."""
+    t = edit(old, new)
+    src, event, dst = new.split()[0], new.split()[2], new.split()[4]
+    found = [(v.code, v.line, v.message) for v in _violations(t)]
+    assert [(c, ln) for c, ln, _ in found] == [("outcome-before-terminal", line_of(t, new.split("=")[0]))], found
+    assert found[0][2].startswith(f"{src} + {event} = {dst} / "), found
+    assert _violations(edit(old, old)) == []  # the control: the row as the table has it

@@ -469,6 +469,11 @@ def _check_graph(path, states, kinds, events, sources, cancel_results, terminate
                 f"{after}, which says no agent touches its buffers; expose must move it to an active state"
                 + (" (after quiescence, expose has no row: an illegal transition)"
                    if kinds[r.src] in ("terminal", "final") else ""))
+        if r.moves and r.dst == r.src and r.src not in terminals | finals and (r.src, r.event) not in _TIMERS:
+            # (CancelRequested + cancel = CancelRequested passed: the engine's move re-enters the state, its entry time
+            # reset, so each repeated cancel re-armed cancel_grace and a transfer that never acks was never Poisoned)
+            bad(r.line, "self-move", f"{r.src} + {r.event} = {r.dst}: a move into its own state re-enters it (the "
+                f"timers count from the entry again, DESIGN §6, a transition is recorded); '= .stay' changes nothing")
         if r.moves and r.dst in finals and r.src not in terminals:
             bad(r.line, "final-from-non-terminal", f"{r.dst} entered from non-terminal {r.src}")
         elif r.moves and r.dst in finals and r.event == "cancel":

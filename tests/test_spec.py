@@ -854,3 +854,27 @@ def test_an_outcome_on_a_move_into_a_state_before_a_terminal_one_is_reported_at_
     assert [(c, ln) for c, ln, _ in found] == [("outcome-before-terminal", line_of(t, new.split("=")[0]))], found
     assert found[0][2].startswith(f"{src} + {event} = {dst} / "), found
     assert _violations(edit(old, old)) == []  # the control: the row as the table has it
+
+
+@pytest.mark.parametrize(("old", "new"), [
+    ("CancelRequested  + cancel         = .stay                         -> CancelRequestedInFlight",
+     "CancelRequested  + cancel         = CancelRequested               -> CancelRequestedInFlight"),
+    ("InFlight         + fail           = Poisoned         / failed", "InFlight         + fail           = InFlight"),
+    ("InFlight         + complete       = Quiesced         / completed",
+     "InFlight         + complete       = InFlight"),
+    ("Advertised       + cancel         = Quiesced         / cancelled  -> CancelledBeforeAdvertise",
+     "Advertised       + cancel         = Advertised                    -> NotCancellable"),
+])
+def test_a_move_into_its_own_state_before_a_terminal_one_is_reported_at_its_row(old, new):
+    """Accepted silently (the timer rows alone were held to leave their state).  The engine's move re-enters the
+    state: its entry time, which the timers count from, is reset and a transition recorded.  CancelRequested + cancel
+    = CancelRequested re-armed cancel_grace (and queued another abort) on every cancel, so an executor repeating its
+    cancel (idempotent, DESIGN §4) kept a transfer that never acks from ever reaching Poisoned: the cancellation-burst
+    wedge of DESIGN §1; InFlight + fail = InFlight re-armed transfer_timeout on each error.  `.stay` changes
+    nothing."""
+    t = edit(old, new)
+    src, event = new.split()[0], new.split()[2]
+    found = [(v.code, v.line, v.message) for v in _violations(t)]
+    assert [(c, ln) for c, ln, _ in found] == [("self-move", line_of(t, new.split("=")[0]))], found
+    assert found[0][2].startswith(f"{src} + {event} = {src}: "), found
+    assert _violations(edit(old, old)) == []  # the control: the row as the table has it

@@ -534,6 +534,21 @@ def _check_graph(path, states, kinds, events, sources, cancel_results, terminate
             bad(r.line, "timer-loop", f"{r.src} + {r.event} = {r.dst}: the engine's timers lead from {r.dst} back to "
                                       f"{r.dst}, never to a terminal state (DESIGN §6: they end a hung transfer, "
                                       f"Poisoned)")
+    # Nor may another event lead from a timed state back into its timers: CancelRequested + fail = InFlight passed
+    # (timer-loop follows the timer rows only), and an abort answered with an error, as an aborted transfer's is, made
+    # the session InFlight again, its transfer_timeout re-armed, aborted again, failed again: never terminal (a repeated
+    # cancel toggled as well).  From a state with no timer of the engine's (a retry state) it is the executor's move.
+    for r in rows:
+        if not r.moves or r.dst == r.src or (r.src, r.event) in _TIMERS or r.src not in timer_row or r.src in reported:
+            continue
+        chain, x = [r.dst], timer_row.get(r.dst)
+        while x is not None and x.dst not in chain and r.src not in chain:
+            chain.append(x.dst)
+            x = timer_row.get(x.dst)
+        if r.src in chain:
+            bad(r.line, "timer-reset", f"{r.src} + {r.event} = {r.dst}: the engine's timers lead from {r.dst} back to "
+                f"{r.src} and restart there, so an {r.event} after each (an aborted transfer's error, a repeated "
+                f"cancel) keeps the session from a terminal state (DESIGN §6)")
     # The engine's refinements answer these in place of a row's result, so no row shows where (BackendUnhealthy
     # marked yes passed: an executor following cancel_frees_now() freed buffers of the cancel it was told is still in
     # flight; CancelledDeferred marked yes: freed by the cancel and again by the deferred terminate's TerminateNow)

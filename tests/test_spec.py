@@ -878,3 +878,33 @@ def test_a_move_into_its_own_state_before_a_terminal_one_is_reported_at_its_row(
     assert [(c, ln) for c, ln, _ in found] == [("self-move", line_of(t, new.split("=")[0]))], found
     assert found[0][2].startswith(f"{src} + {event} = {src}: "), found
     assert _violations(edit(old, old)) == []  # the control: the row as the table has it
+
+
+@pytest.mark.parametrize(("old", "new"), [
+    ("CancelRequested  + fail           = Poisoned         / failed", "CancelRequested  + fail           = InFlight"),
+    ("CancelRequested  + cancel         = .stay                         -> CancelRequestedInFlight",
+     "CancelRequested  + cancel         = InFlight                      -> CancelRequestedInFlight"),
+    ("CancelRequested  + complete       = Quiesced         / cancelled",
+     "CancelRequested  + complete       = InFlight"),
+    ("CancelRequested  + timeout        = .stay", "CancelRequested  + timeout        = .stay\n"
+                                                  "CancelRequested  + expose         = InFlight"),
+])
+def test_a_row_back_into_the_timers_loop_is_reported_at_its_row(old, new):
+    """Accepted silently (timer-loop follows the timer rows only).  CancelRequested + fail = InFlight: the abort a
+    timeout issued is answered with an error (as an aborted transfer's is), the session is InFlight again with its
+    transfer_timeout re-armed, times out, is aborted, fails...: never terminal, its deferred terminate never delivered
+    (DESIGN §6).  CancelRequested + cancel = InFlight toggled on every repeated cancel (DESIGN §4: idempotent) the
+    same way.  Controls: the row as the table has it; the same row in a review table whose InFlight timer leads to a
+    retry state the executor leaves (the executor's to end, as for timer-loop)."""
+    t = edit(old, new)
+    row = new.split("\n")[-1]
+    src, event = row.split()[0], row.split()[2]
+    found = [(v.code, v.line, v.message) for v in _violations(t)]
+    assert [(c, ln) for c, ln, _ in found] == [("timer-reset", line_of(t, row.split("=")[0]))], found
+    assert found[0][2].startswith(f"{src} + {event} = InFlight: "), found
+    assert _violations(edit(old, old)) == []  # the control: the row as the table has it
+    retry = edit("InFlight         + timeout        = CancelRequested", "InFlight         + timeout        = Retry", t)
+    retry = edit("[events]", "Retry             active     timed out: the executor re-exposes or cancels\n\n[events]",
+                 retry)
+    retry += "Retry + cancel = CancelRequested -> CancelRequestedInFlight\nRetry + terminate = .defer -> Deferred\n"
+    assert [v.code for v in _violations(retry)] == []

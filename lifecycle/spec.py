@@ -98,6 +98,9 @@ _ENGINE_ONLY_RESULTS = {"cancel": ("NotFound", "BackendUnhealthy", "CancelledDef
 # The timers engine.cpp's tick() fires, by name: each overdue session at the head of the state's list gets the event
 # until none is overdue, so that event's row must take the session out of the state.
 _TIMERS = (("InFlight", "timeout"), ("CancelRequested", "grace_expired"))
+# The states where the transport's progress thread posts complete (a transfer posted, or an abort waiting for its
+# DONE or the peer's ack): the engine's exposed states.
+_POSTS_COMPLETE = ("InFlight", "CancelRequested")
 _ROW = re.compile(
     r"^(?P<src>\S+)\s*\+\s*(?P<event>\S+)\s*=\s*(?P<dst>\S+)"
     r"(?:\s*/\s*(?P<outcome>\S+))?(?:\s*->\s*(?P<result>\S+))?\s*$"
@@ -603,6 +606,21 @@ def _check_graph(path, states, kinds, events, sources, cancel_results, terminate
         elif r.dst == _EVIDENCE_STATE and r.event != "complete":
             bad(r.line, "quiesced-without-evidence", f"{r.src} + {r.event} = {r.dst}: {r.src} may be exposed, and "
                 f"{r.event} is not evidence that access stopped (only complete is, DESIGN §3): move to Poisoned")
+    # ... and complete is: a row that drops it (InFlight + complete = .stay or = Poisoned passed, as did no row, the
+    # DONE an IllegalTransition) left every transfer to its timers, Poisoned, its good slot quarantined.  The engine's
+    # exposed states, where the transport's progress thread posts complete, need the row; a review table's other
+    # states may leave complete illegal (`.late` is late-before-quiescence's; a move into itself, self-move's)
+    for r in rows:
+        if (r.event == "complete" and r.src in exposed and r.src not in terminals | finals and r.dst != r.src
+                and r.dst not in (_EVIDENCE_STATE, ".late")):
+            bad(r.line, "complete-not-evidence", f"{r.src} + complete = {r.dst}: {r.src} may be exposed, and complete "
+                f"is the evidence that access stopped (DESIGN §3): move to {_EVIDENCE_STATE}")
+    for s in _POSTS_COMPLETE:
+        if kinds.get(s) not in (None, "terminal", "final") and "complete" in sources and ("complete", s) not in {
+                (r.event, r.src) for r in rows}:
+            bad(state_line[s], "complete-not-evidence", f"{s} has no complete row: the transport's DONE there, the "
+                f"evidence that access stopped (DESIGN §3), would be an illegal transition: add '{s} + complete = "
+                f"{_EVIDENCE_STATE} / outcome'")
     seen = _closure({initial}, out)  # reachable from the initial state
     for s in states:
         if s not in seen:

@@ -900,6 +900,9 @@ def test_a_row_back_into_the_timers_loop_is_reported_at_its_row(old, new):
     row = new.split("\n")[-1]
     src, event = row.split()[0], row.split()[2]
     found = [(v.code, v.line, v.message) for v in _violations(t)]
+    # (the complete row drops the evidence too: complete-not-evidence, on its own)
+    assert [c for c, _, _ in found if c == "complete-not-evidence"] == ["complete-not-evidence"] * (event == "complete")
+    found = [f for f in found if f[0] != "complete-not-evidence"]
     assert [(c, ln) for c, ln, _ in found] == [("timer-reset", line_of(t, row.split("=")[0]))], found
     assert found[0][2].startswith(f"{src} + {event} = InFlight: "), found
     assert _violations(edit(old, old)) == []  # the control: the row as the table has it
@@ -907,4 +910,29 @@ def test_a_row_back_into_the_timers_loop_is_reported_at_its_row(old, new):
     retry = edit("[events]", "Retry             active     timed out: the executor re-exposes or cancels\n\n[events]",
                  retry)
     retry += "Retry + cancel = CancelRequested -> CancelRequestedInFlight\nRetry + terminate = .defer -> Deferred\n"
-    assert [v.code for v in _violations(retry)] == []
+    assert [v.code for v in _violations(retry)] == ["complete-not-evidence"] * (event == "complete")
+
+
+@pytest.mark.parametrize(("old", "new"), [
+    ("InFlight         + complete       = Quiesced         / completed",
+     "InFlight         + complete       = Poisoned         / failed"),
+    ("InFlight         + complete       = Quiesced         / completed", "InFlight         + complete       = .stay"),
+    ("CancelRequested  + complete       = Quiesced         / cancelled",
+     "CancelRequested  + complete       = Poisoned         / expired"),
+    ("CancelRequested  + complete       = Quiesced         / cancelled", "CancelRequested  + complete       = .stay"),
+    ("InFlight         + complete       = Quiesced         / completed\n", ""),
+    ("CancelRequested  + complete       = Quiesced         / cancelled\n", ""),
+])
+def test_a_complete_that_does_not_quiesce_an_exposed_session_is_reported(old, new):
+    """Accepted silently (late-before-quiescence caught only `= .late`).  DESIGN §3: complete (the transport's DONE,
+    the peer's ack) is the evidence that access stopped.  InFlight + complete = .stay or = Poisoned, or no row (the
+    DONE an IllegalTransition), dropped it: every transfer waited for its timers and ended Poisoned, its good slot
+    quarantined until the pool was spent.  Reported at the row, or at the state's declaration when it has none.
+    Controls: the row as the table has it; a review table's retry state without a complete row (test above)."""
+    t = edit(old, new)
+    state = old.split()[0]
+    line = line_of(t, new.split("=")[0]) if new else decl(t, state)
+    found = [(v.code, v.line, v.message) for v in _violations(t)]
+    assert [(c, ln) for c, ln, _ in found] == [("complete-not-evidence", line)], found
+    assert found[0][2].startswith(f"{state} + complete = {new.split()[4]}: " if new else f"{state} "), found
+    assert _violations(edit(old, old)) == []  # the control: the row as the table has it

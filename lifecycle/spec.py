@@ -98,9 +98,9 @@ _ENGINE_ONLY_RESULTS = {"cancel": ("NotFound", "BackendUnhealthy", "CancelledDef
 # The timers engine.cpp's tick() fires, by name: each overdue session at the head of the state's list gets the event
 # until none is overdue, so that event's row must take the session out of the state.
 _TIMERS = (("InFlight", "timeout"), ("CancelRequested", "grace_expired"))
-# The states where the transport's progress thread posts complete (a transfer posted, or an abort waiting for its
-# DONE or the peer's ack): the engine's exposed states.
-_POSTS_COMPLETE = ("InFlight", "CancelRequested")
+# The engine's exposed states, where a transfer may run (posted, or aborted and awaiting its DONE or the peer's ack):
+# the transport's progress thread posts complete there, and the evidence it awaits is that one transfer's.
+_TRANSFER_STATES = ("InFlight", "CancelRequested")
 _ROW = re.compile(
     r"^(?P<src>\S+)\s*\+\s*(?P<event>\S+)\s*=\s*(?P<dst>\S+)"
     r"(?:\s*/\s*(?P<outcome>\S+))?(?:\s*->\s*(?P<result>\S+))?\s*$"
@@ -472,6 +472,12 @@ def _check_graph(path, states, kinds, events, sources, cancel_results, terminate
                 f"{after}, which says no agent touches its buffers; expose must move it to an active state"
                 + (" (after quiescence, expose has no row: an illegal transition)"
                    if kinds[r.src] in ("terminal", "final") else ""))
+        if r.event == "expose" and r.src in _TRANSFER_STATES:
+            # (InFlight + expose = .stay passed: a second expose() answered without an error, so an executor with its
+            # own data path handed the descriptors out again, and the first transfer's DONE quiesced buffers, the
+            # slot back in the pool, that the second was still writing)
+            bad(r.line, "expose-while-exposed", f"{r.src} + expose = {r.dst}: a transfer may run in {r.src}, and the "
+                f"engine awaits that one's evidence; expose leaves a state never exposed (DESIGN §2): no row here")
         if r.moves and r.dst == r.src and r.src not in terminals | finals and (r.src, r.event) not in _TIMERS:
             # (CancelRequested + cancel = CancelRequested passed: the engine's move re-enters the state, its entry time
             # reset, so each repeated cancel re-armed cancel_grace and a transfer that never acks was never Poisoned)
@@ -615,7 +621,7 @@ def _check_graph(path, states, kinds, events, sources, cancel_results, terminate
                 and r.dst not in (_EVIDENCE_STATE, ".late")):
             bad(r.line, "complete-not-evidence", f"{r.src} + complete = {r.dst}: {r.src} may be exposed, and complete "
                 f"is the evidence that access stopped (DESIGN §3): move to {_EVIDENCE_STATE}")
-    for s in _POSTS_COMPLETE:
+    for s in _TRANSFER_STATES:
         if kinds.get(s) not in (None, "terminal", "final") and "complete" in sources and ("complete", s) not in {
                 (r.event, r.src) for r in rows}:
             bad(state_line[s], "complete-not-evidence", f"{s} has no complete row: the transport's DONE there, the "

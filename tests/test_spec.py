@@ -886,8 +886,7 @@ def test_a_move_into_its_own_state_before_a_terminal_one_is_reported_at_its_row(
      "CancelRequested  + cancel         = InFlight                      -> CancelRequestedInFlight"),
     ("CancelRequested  + complete       = Quiesced         / cancelled",
      "CancelRequested  + complete       = InFlight"),
-    ("CancelRequested  + timeout        = .stay", "CancelRequested  + timeout        = .stay\n"
-                                                  "CancelRequested  + expose         = InFlight"),
+    ("CancelRequested  + timeout        = .stay", "CancelRequested  + timeout        = InFlight"),
 ])
 def test_a_row_back_into_the_timers_loop_is_reported_at_its_row(old, new):
     """Accepted silently (timer-loop follows the timer rows only).  CancelRequested + fail = InFlight: the abort a
@@ -936,3 +935,24 @@ def test_a_complete_that_does_not_quiesce_an_exposed_session_is_reported(old, ne
     assert [(c, ln) for c, ln, _ in found] == [("complete-not-evidence", line)], found
     assert found[0][2].startswith(f"{state} + complete = {new.split()[4]}: " if new else f"{state} "), found
     assert _violations(edit(old, old)) == []  # the control: the row as the table has it
+
+
+@pytest.mark.parametrize(("old", "new"), [
+    ("InFlight         + timeout", "InFlight         + expose         = .stay\nInFlight         + timeout"),
+    ("CancelRequested  + timeout", "CancelRequested  + expose         = .stay\nCancelRequested  + timeout"),
+    ("InFlight         + timeout", "InFlight         + expose         = CancelRequested\nInFlight         + timeout"),
+])
+def test_an_expose_while_a_transfer_may_run_is_reported_at_its_row(old, new):
+    """Accepted silently (expose-not-active looked at the state after the row only).  DESIGN §2: expose leaves
+    Advertised; in InFlight or CancelRequested a transfer is posted (or being aborted), and the engine awaits the
+    evidence of that one.  InFlight + expose = .stay answered a second expose() without an error, so an executor with
+    its own data path handed the descriptors out again: the first transfer's DONE quiesced, and the pool reused,
+    buffers the second was still writing.  Controls: the table as it is (no row: an illegal transition), and a review
+    table's retry state the executor re-exposes from (the timer-loop test's)."""
+    t = edit(old, new)
+    row = new.split("\n")[0]
+    src, dst = row.split()[0], row.split()[4]
+    found = [(v.code, v.line, v.message) for v in _violations(t)]
+    assert [(c, ln) for c, ln, _ in found] == [("expose-while-exposed", line_of(t, row.split("=")[0]))], found
+    assert found[0][2].startswith(f"{src} + expose = {dst}: "), found
+    assert _violations(edit(old, old)) == []  # the control: no expose row there

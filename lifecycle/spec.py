@@ -101,6 +101,8 @@ _TIMERS = (("InFlight", "timeout"), ("CancelRequested", "grace_expired"))
 # The engine's exposed states, where a transfer may run (posted, or aborted and awaiting its DONE or the peer's ack):
 # the transport's progress thread posts complete there, and the evidence it awaits is that one transfer's.
 _TRANSFER_STATES = ("InFlight", "CancelRequested")
+# engine.cpp issues the transport abort on each move into this state (the CancelRequestedInFlight answer).
+_ABORT_STATE = "CancelRequested"
 _ROW = re.compile(
     r"^(?P<src>\S+)\s*\+\s*(?P<event>\S+)\s*=\s*(?P<dst>\S+)"
     r"(?:\s*/\s*(?P<outcome>\S+))?(?:\s*->\s*(?P<result>\S+))?\s*$"
@@ -582,6 +584,26 @@ def _check_graph(path, states, kinds, events, sources, cancel_results, terminate
                 else "AlreadyTerminated" if r.src in finals and r.dst == ".stay" else None)
         if want is not None and r.result in terminate_results and r.result != want:
             bad(r.line, "terminate-result", f"{r.src} + terminate = {r.dst} must return {want}, not {r.result}")
+    # So does the cancel answer (DESIGN §4, the [cancel-results] meanings): an abort is issued only on the move into
+    # CancelRequested, AlreadyComplete / CancelledBeforeAdvertise say Quiesced already / now, NotCancellable a session
+    # past it (Poisoned + cancel = .stay -> CancelRequestedInFlight passed: the executor waited for a terminal state the
+    # session was in; InFlight + cancel = CancelRequested -> NotCancellable: 'nothing to cancel' for a transfer being
+    # aborted).  A frees-now result outside Quiesced, and the engine's own, are reported above.
+    for r in rows:
+        if r.event != "cancel" or r.result not in cancel_results or r.result in _ENGINE_ONLY_RESULTS["cancel"]:
+            continue
+        after = r.dst if r.moves else r.src
+        if cancel_flag.get(r.result) == "yes" and after != _EVIDENCE_STATE:
+            continue
+        want = ("CancelRequestedInFlight" if after == _ABORT_STATE
+                else "CancelledBeforeAdvertise" if r.moves and r.dst == _EVIDENCE_STATE
+                else "AlreadyComplete" if after == _EVIDENCE_STATE
+                else "NotCancellable" if after in terminals | finals else None)  # (an active one: the table's say)
+        if want is not None and r.result != want:
+            bad(r.line, "cancel-result", f"{r.src} + cancel = {r.dst} must return {want}, not {r.result}")
+        elif want is None and r.result == "CancelRequestedInFlight":
+            bad(r.line, "cancel-result", f"{r.src} + cancel = {r.dst} returns {r.result} (abort issued), but the "
+                f"engine issues an abort only on the move into {_ABORT_STATE}")
     # DESIGN §2: a transport or timer event in a terminal or final state is late, never an error; without its row the
     # engine answered a backend's DONE after a disconnect with IllegalTransition.  And it is late, nothing else: a move
     # (Poisoned + complete = Terminated passed: the session terminated without the executor's terminate, which then

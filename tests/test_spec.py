@@ -899,9 +899,10 @@ def test_a_row_back_into_the_timers_loop_is_reported_at_its_row(old, new):
     row = new.split("\n")[-1]
     src, event = row.split()[0], row.split()[2]
     found = [(v.code, v.line, v.message) for v in _violations(t)]
-    # (the complete row drops the evidence too: complete-not-evidence, on its own)
-    assert [c for c, _, _ in found if c == "complete-not-evidence"] == ["complete-not-evidence"] * (event == "complete")
-    found = [f for f in found if f[0] != "complete-not-evidence"]
+    # (the complete row drops the evidence too, the cancel row claims an abort it does not issue: on their own)
+    side = {"complete": "complete-not-evidence", "cancel": "cancel-result"}.get(event)
+    assert [c for c, _, _ in found if c == side] == [side] * (side is not None), found
+    found = [f for f in found if f[0] != side]
     assert [(c, ln) for c, ln, _ in found] == [("timer-reset", line_of(t, row.split("=")[0]))], found
     assert found[0][2].startswith(f"{src} + {event} = InFlight: "), found
     assert _violations(edit(old, old)) == []  # the control: the row as the table has it
@@ -909,7 +910,7 @@ def test_a_row_back_into_the_timers_loop_is_reported_at_its_row(old, new):
     retry = edit("[events]", "Retry             active     timed out: the executor re-exposes or cancels\n\n[events]",
                  retry)
     retry += "Retry + cancel = CancelRequested -> CancelRequestedInFlight\nRetry + terminate = .defer -> Deferred\n"
-    assert [v.code for v in _violations(retry)] == ["complete-not-evidence"] * (event == "complete")
+    assert [v.code for v in _violations(retry)] == [side] * (side is not None)
 
 
 @pytest.mark.parametrize(("old", "new"), [
@@ -956,3 +957,39 @@ def test_an_expose_while_a_transfer_may_run_is_reported_at_its_row(old, new):
     assert [(c, ln) for c, ln, _ in found] == [("expose-while-exposed", line_of(t, row.split("=")[0]))], found
     assert found[0][2].startswith(f"{src} + expose = {dst}: "), found
     assert _violations(edit(old, old)) == []  # the control: no expose row there
+
+
+@pytest.mark.parametrize(("old", "new", "want"), [
+    ("Poisoned         + cancel         = .stay                         -> NotCancellable",
+     "Poisoned         + cancel         = .stay                         -> CancelRequestedInFlight", "NotCancellable"),
+    ("InFlight         + cancel         = CancelRequested               -> CancelRequestedInFlight",
+     "InFlight         + cancel         = .stay                         -> CancelRequestedInFlight", None),
+    ("InFlight         + cancel         = CancelRequested               -> CancelRequestedInFlight",
+     "InFlight         + cancel         = CancelRequested               -> NotCancellable", "CancelRequestedInFlight"),
+    ("CancelRequested  + cancel         = .stay                         -> CancelRequestedInFlight",
+     "CancelRequested  + cancel         = .stay                         -> NotCancellable", "CancelRequestedInFlight"),
+    ("Quiesced         + cancel         = .stay                         -> AlreadyComplete",
+     "Quiesced         + cancel         = .stay                         -> NotCancellable", "AlreadyComplete"),
+    ("Advertised       + cancel         = Quiesced         / cancelled  -> CancelledBeforeAdvertise",
+     "Advertised       + cancel         = Quiesced         / cancelled  -> CancelRequestedInFlight",
+     "CancelledBeforeAdvertise"),
+])
+def test_a_cancel_result_its_row_contradicts_is_reported_at_its_row(old, new, want):
+    """Accepted silently (only a frees-now result was held to its state).  DESIGN §4: the executor acts on the answer.
+    Poisoned + cancel -> CancelRequestedInFlight told it an abort was issued and to wait for a terminal state the
+    session had already reached; InFlight + cancel = .stay -> CancelRequestedInFlight, an abort none was (the engine
+    issues one only on the move into CancelRequested); InFlight + cancel = CancelRequested -> NotCancellable, 'Poisoned
+    or Terminated, nothing to cancel' for a transfer being aborted (and BackendUnhealthy, the engine's refinement of
+    CancelRequestedInFlight, never came); Quiesced -> NotCancellable never told it that it may free.  Controls: the
+    row as the table has it; NotCancellable from a review table's active state (test_diagram's) stays the table's."""
+    t = edit(old, new)
+    src, dst, result = new.split()[0], new.split()[4], new.split()[-1]
+    found = [(v.code, v.line, v.message) for v in _violations(t)]
+    assert [(c, ln) for c, ln, _ in found] == [("cancel-result", line_of(t, new.split("=")[0]))], found
+    assert found[0][2].startswith(f"{src} + cancel = {dst} " + (f"must return {want}, not {result}" if want else
+                                                                  f"returns {result}")), found
+    assert _violations(edit(old, old)) == []  # the control: the row as the table has it
+    review = edit("[events]", "Held              active     set aside by the executor\n\n[events]")
+    review += ("Advertised + timeout = Held\nHeld + expose = InFlight\nHeld + cancel = .stay -> NotCancellable\n"
+               "Held + terminate = .defer -> Deferred\n")
+    assert _violations(review) == []

@@ -515,6 +515,12 @@ def _check_graph(path, states, kinds, events, sources, cancel_results, terminate
         elif r.dst != ".defer":
             bad(r.line, "terminate-not-deferred", f"{s} + terminate = {r.dst}: a terminate before a terminal state "
                                                   f"must be deferred (= .defer -> Deferred, DESIGN §5)")
+    # ... and the final state answers it AlreadyTerminated (DESIGN §4, §5: a re-entrant terminate from on_terminate
+    # too); without its row the engine's terminate() answered NotFound, "no session: free what you hold"
+    for s in sorted(finals, key=states.index):
+        if s not in term:
+            bad(state_line[s], "terminate-in-final", f"final state {s} has no terminate row: a terminate there would "
+                f"be an illegal transition, answered NotFound: add '{s} + terminate = .stay -> AlreadyTerminated'")
     # (No row, or InFlight + timeout = .stay, passed: tick() applied the event to the same overdue session for ever,
     # under its shard's lock, queueing an illegal_event record each time; a move back into the state re-arms the
     # timer, so the transfer is never aborted)

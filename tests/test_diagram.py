@@ -28,6 +28,7 @@ def table_with_state(tmp_path: Path, name: str, kind: str = "final", leaves: str
     if kind == "final":
         text, n = re.subn(r"^(Poisoned +\+ terminate += )Terminated", rf"\g<1>{name}", text, flags=re.M)
         text += "".join(f"{name} + {ev} = .late\n" for ev in ("complete", "fail", "timeout", "grace_expired"))
+        text += f"{name} + terminate = .stay -> AlreadyTerminated\n"  # (DESIGN §4, §5: terminated already)
     else:
         if before == "InFlight":
             text, n = re.subn(r"^(InFlight +\+ timeout += )CancelRequested", rf"\g<1>{name}", text, flags=re.M)

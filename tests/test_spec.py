@@ -993,3 +993,17 @@ def test_a_cancel_result_its_row_contradicts_is_reported_at_its_row(old, new, wa
     review += ("Advertised + timeout = Held\nHeld + expose = InFlight\nHeld + cancel = .stay -> NotCancellable\n"
                "Held + terminate = .defer -> Deferred\n")
     assert _violations(review) == []
+
+
+def test_a_final_state_without_a_terminate_row_is_reported_at_its_declaration():
+    """Accepted silently (the terminate checks looked at the states before the final one).  DESIGN §4, §5: terminate
+    of a Terminated session answers AlreadyTerminated, re-entrant calls from on_terminate included.  Without the row
+    the engine's terminate() took it for an illegal transition and answered NotFound (its 'unreachable for a validated
+    table'), which the executor reads as 'no session: free what you hold', and logged it as rejected."""
+    row = "Terminated       + terminate      = .stay                         -> AlreadyTerminated\n"
+    t = edit(row, "")
+    found = [(v.code, v.line, v.message) for v in _violations(t)]
+    assert [(c, ln) for c, ln, _ in found] == [("terminate-in-final", decl(t, "Terminated"))], found
+    assert found[0][2].startswith("final state Terminated has no terminate row"), found
+    assert found[0][2].endswith("add 'Terminated + terminate = .stay -> AlreadyTerminated'"), found
+    assert _violations(edit(row, row)) == []  # the control: the row as the table has it

@@ -574,6 +574,12 @@ def _check_graph(path, states, kinds, events, sources, cancel_results, terminate
         if cancel_flag.get(name) == "yes":
             bad(cancel_line[name], "frees-not-terminal", f"cancel result {name} frees now, but the engine answers it "
                                                          f"{why}: it must be no")
+    # DESIGN §4: NotFound frees now.  The engine answers it with no session (never advertised, its tombstone gone), so
+    # no terminal state or TerminateNow follows (marked no, it passed: an executor following cancel_frees_now() never
+    # released the request's resources)
+    if cancel_flag.get("NotFound") == "no":
+        bad(cancel_line["NotFound"], "not-found-kept", "cancel result NotFound must free now (yes): the engine answers "
+            "it when it has no session, so nothing later tells the executor to free (DESIGN §4)")
     # DESIGN §4: cancel answers in every state; without a row before the final state the engine's cancel() answered
     # NotCancellable ("Poisoned or already Terminated: nothing to cancel"): a transfer never aborted, or an Advertised
     # or Quiesced session the executor was never told it may free

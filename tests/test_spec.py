@@ -1007,3 +1007,17 @@ def test_a_final_state_without_a_terminate_row_is_reported_at_its_declaration():
     assert found[0][2].startswith("final state Terminated has no terminate row"), found
     assert found[0][2].endswith("add 'Terminated + terminate = .stay -> AlreadyTerminated'"), found
     assert _violations(edit(row, row)) == []  # the control: the row as the table has it
+
+
+def test_a_cancel_not_found_that_does_not_free_now_is_reported_at_its_declaration():
+    """Accepted silently (the frees-now checks held only a `yes` to its state).  DESIGN §4: NotFound allows the
+    executor to free now.  The engine answers it when it has no session (never advertised, or its tombstone gone), so
+    no terminal state or TerminateNow ever follows, and README's loop (terminate: NotFound too) released nothing: an
+    executor following cancel_frees_now() leaked the request's resources.  Control: the column as the table has it."""
+    old = "NotFound                     yes        no session with this request id"
+    new = "NotFound                     no         no session with this request id"
+    t = edit(old, new)
+    found = [(v.code, v.line, v.message) for v in _violations(t)]
+    assert [(c, ln) for c, ln, _ in found] == [("not-found-kept", line_of(t, new))], found
+    assert found[0][2].startswith("cancel result NotFound must free now"), found
+    assert _violations(edit(old, old)) == []

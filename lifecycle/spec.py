@@ -661,6 +661,13 @@ def _check_graph(path, states, kinds, events, sources, cancel_results, terminate
             bad(state_line[s], "complete-not-evidence", f"{s} has no complete row: the transport's DONE there, the "
                 f"evidence that access stopped (DESIGN §3), would be an illegal transition: add '{s} + complete = "
                 f"{_EVIDENCE_STATE} / outcome'")
+    # A complete confirms only a transfer there was: Advertised + complete = Quiesced / completed passed (a stray or
+    # stale notification; nothing posted, no descriptor handed out), and poll_symmetric's consensus and the executor
+    # took the KV data for arrived
+    for r in rows:
+        if r.moves and r.outcome == _CONFIRMED and r.event == "complete" and r.src not in exposed:
+            bad(r.line, "completed-never-exposed", f"{r.src} + complete = {r.dst} / {r.outcome}: {r.src} was never "
+                f"exposed, so no transfer ran for complete to confirm (DESIGN §2, §3): not {_CONFIRMED}")
     seen = _closure({initial}, out)  # reachable from the initial state
     for s in states:
         if s not in seen:

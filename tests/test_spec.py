@@ -1021,3 +1021,24 @@ def test_a_cancel_not_found_that_does_not_free_now_is_reported_at_its_declaratio
     assert [(c, ln) for c, ln, _ in found] == [("not-found-kept", line_of(t, new))], found
     assert found[0][2].startswith("cancel result NotFound must free now"), found
     assert _violations(edit(old, old)) == []
+
+
+@pytest.mark.parametrize("row", ["Advertised + complete = Quiesced / completed",
+                                 "Parked + complete = Quiesced / completed"])
+def test_completed_from_a_state_never_exposed_is_reported_at_its_row(row):
+    """Accepted silently (outcome-without-confirmation asks for the complete event only).  A complete in a session
+    never exposed (a stray or stale notification: nothing was posted, no descriptor handed out) confirms no transfer,
+    yet Quiesced / completed told poll_symmetric's consensus, and the executor, that the KV data had arrived.
+    Controls: the table as it is (InFlight + complete = Quiesced / completed); the never-exposed state's complete
+    quiescing as cancelled (never exposed is its evidence)."""
+    base = GOOD
+    if row.startswith("Parked"):  # a never-exposed state of a review table's own
+        base = edit("[events]", "Parked            active     not exposed yet, set aside\n\n[events]",
+                    GOOD + "Advertised + timeout = Parked\nParked + cancel = Quiesced / cancelled -> "
+                           "CancelledBeforeAdvertise\nParked + terminate = .defer -> Deferred\n")
+        assert _violations(base) == []
+    t = base + row + "\n"
+    found = [(v.code, v.line, v.message) for v in _violations(t)]
+    assert [(c, ln) for c, ln, _ in found] == [("completed-never-exposed", line_of(t, row.split("=")[0]))], found
+    assert found[0][2].startswith(row + ": "), found
+    assert _violations(base + row.replace("completed", "cancelled") + "\n") == []

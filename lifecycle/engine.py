@@ -306,6 +306,7 @@ class TransferEngine(_core.Engine):
         # The turn to log and deliver (poll()): one token, held by the thread `_handler` while it handles.
         self._turn: collections.deque[None] = collections.deque((None,))
         self._handler = 0
+        self._quota: list | None = None  # the handling poll()'s [records left] (poll_budget), its re-entrant ones' too
         # True while the thread handling logs a batch it took off the inbox: a logger's own poll() meanwhile (on that
         # thread) leaves everything to the poll() logging it (see poll()).
         self._mid_batch = False
@@ -406,8 +407,9 @@ class TransferEngine(_core.Engine):
         thread's poll()).  So does a logger's own poll() while a batch is half logged: the poll() logging it logs
         what that one drained after it, then delivers.
 
-        With ``poll_budget=N`` it logs N drained records at most (timers and health as always); the rest waits for
-        the next poll(), and a notice whose TerminateNow record waits with it is delivered by that poll() too.
+        With ``poll_budget=N`` it logs N drained records at most (timers and health as always), the poll() calls a
+        callback or a logger makes within it included; the rest waits for the next poll(), and a notice whose
+        TerminateNow record waits with it is delivered by that poll() too.
         """
         inbox, notices = self._inbox, self._notices
         healthy = self._poll_into(inbox, notices)  # tick + drain + health, one native call
@@ -417,7 +419,6 @@ class TransferEngine(_core.Engine):
             if not notices:
                 return self._take_kept([]) if self._kept else []
         out: list[Transition] = []
-        quota = None if self._poll_budget is None else [self._poll_budget]  # (one budget for both rounds below)
         me = threading.get_ident()
         if self._handler == me:  # a callback's (or logger's) own poll(): this thread is the one handling already
             if self._mid_batch:
@@ -425,8 +426,11 @@ class TransferEngine(_core.Engine):
                 # ahead of its moves (and, logged now, later batches' moves ahead of its own).  The poll() logging it
                 # logs what this drained after it, then delivers: its loops take what the inbox and queue hold.
                 return self._take_kept([]) if self._kept else []
-            self._handle(inbox, healthy, out, quota)
+            # What is left of the budget of the poll() it was made in: a budget of its own (a logger's poll() from
+            # bind() or a terminate_now line) had that poll() log twice its budget.
+            self._handle(inbox, healthy, out, self._quota)
             return self._take_kept(out) if self._kept else out
+        quota = None if self._poll_budget is None else [self._poll_budget]  # (one budget for both rounds below)
         # One thread logs and delivers at a time: a second one that delivered while the first was still logging the
         # batch it had taken told the executor (and the log) of notices ahead of their moves.  The turn is taken in
         # one C call (_take_one: a signal's exception as it returns finds it in `taken`, and the finally gives it
@@ -443,6 +447,7 @@ class TransferEngine(_core.Engine):
                     _take_one(turn.popleft, taken)
                 except IndexError:
                     break
+                self._quota = quota  # (before _handler: a re-entrant poll() finds it set)
                 self._handler = me
                 self._handle(inbox, healthy, out, quota)
             finally:

@@ -507,7 +507,8 @@ class EngineVsTimedModel(RuleBasedStateMachine):
         m.inbox += m.queue
         m.pending += m.notices
         m.queue, m.notices = [], []
-        quota = None if self.poll_budget is None else [self.poll_budget]
+        # (a callback's poll() spends what is left of the budget of the poll() it is in)
+        quota = self.levels[-1][0] if self.levels else None if self.poll_budget is None else [self.poll_budget]
         self.levels.append((quota, [], []))
         self._log_records(quota)
         if bool(reasons) != was:  # (after what it logged: health is checked once the records were)

@@ -945,6 +945,60 @@ def test_a_loggers_own_poll_mid_batch_delivers_no_notice_before_its_move_is_logg
         assert states[-3:] == ["InFlight", "Quiesced", "Terminated"], (r, states)  # (its moves in order)
 
 
+class _PollsOnce(_Recorder):
+    """A recorder that calls ``eng.poll()`` itself (same thread) once: from ``bind()`` (what poll() resolves a lazy
+    logger with before the first record of each batch it logs: a logger factory that polls) or at its first
+    lifecycle.terminate_now line (a structlog processor that polls); what that poll() returns goes to ``got``."""
+
+    def __init__(self, into, where):
+        super().__init__(into)
+        self.where, self.eng, self.polled, self.got = where, None, 0, []
+
+    def _poll_once(self):
+        if self.eng is not None and not self.polled:
+            self.polled += 1
+            self.got += self.eng.poll()
+
+    def bind(self):
+        if self.where == "bind":
+            self._poll_once()
+        return self
+
+    def info(self, name, **kw):
+        super().info(name, **kw)
+        if self.where == "terminate_now" and name == "lifecycle.terminate_now":
+            self._poll_once()
+
+
+@pytest.mark.parametrize("where", ["bind", "terminate_now"])
+def test_a_loggers_own_poll_does_not_add_a_budget_to_the_poll_it_is_in(clock, where):
+    """Review: a logger's own poll() (same thread) made outside a half-logged batch (from bind(), before poll() took
+    its first batch; at a terminate_now line, while it delivers) went on with a budget of its own: the poll() it
+    was made in logged twice its poll_budget of records.  A re-entrant poll() now spends what is left of the
+    budget of the poll() it is in.  Seen failing: 4 record lines in one poll() with poll_budget=2.  Control: the
+    logger's poll() ran; every record is still logged once, every notice after its move."""
+    budget, logged, delivered = 2, [], []
+    logger = _PollsOnce(logged, where)
+    eng = TransferEngine(clock=clock, on_terminate=delivered.append, logger=logger, poll_budget=budget)
+    _three_deferred(eng, clock)
+    logger.eng = eng
+
+    def record_lines():
+        return sum(name != "lifecycle.terminate_now" for name, _ in logged)
+
+    widest, got = 0, []
+    for _ in range(100):
+        before = record_lines()
+        got += eng.poll()
+        widest = max(widest, record_lines() - before)
+        if not (eng._inbox or eng._notices or eng.pending()):
+            break
+    assert logger.polled == 1
+    assert widest == budget, widest
+    assert record_lines() == 15 and delivered == [1, 2, 3] and len(got + logger.got) == 12
+    _each_notice_logged_after_its_move(logged, where)
+
+
 def test_a_batch_another_thread_drains_while_callbacks_run_is_logged_before_its_notices(clock):
     """The thread handling a poll() delivers the notices another thread's poll() drained meanwhile (that one returns
     [] at once): it logs their batch first.  Here request 1's on_terminate completes deferred request 4 and polls on

@@ -310,8 +310,9 @@ class TransferEngine(_core.Engine):
         # True while the thread handling logs a batch it took off the inbox: a logger's own poll() meanwhile (on that
         # thread) leaves everything to the poll() logging it (see poll()).
         self._mid_batch = False
-        # poll_budget: the records one poll() decodes and logs at most (None: all it drained).  The rest stays in
-        # the inbox for the next poll(); a notice is delivered only once its TerminateNow record was logged.
+        # poll_budget: the records one poll() drains (with the inbox's) and logs at most (None: all).  The rest
+        # stays queued natively, or in the inbox, for the next poll(); a notice is delivered only once its
+        # TerminateNow record was logged.
         # _ready counts those (it may lag, never lead: a notice waits longer, never goes out ahead of its move);
         # with the inbox empty every notice is ready.
         self._poll_budget = poll_budget
@@ -407,12 +408,16 @@ class TransferEngine(_core.Engine):
         thread's poll()).  So does a logger's own poll() while a batch is half logged: the poll() logging it logs
         what that one drained after it, then delivers.
 
-        With ``poll_budget=N`` it logs N drained records at most (timers and health as always), the poll() calls a
-        callback or a logger makes within it included; the rest waits for the next poll(), and a notice whose
-        TerminateNow record waits with it is delivered by that poll() too.
+        With ``poll_budget=N`` it drains (natively) and logs N records at most (timers and health as always), the
+        poll() calls a callback or a logger makes within it included; the rest waits for the next poll(), and a
+        notice whose TerminateNow record waits with it is delivered by that poll() too.
         """
         inbox, notices = self._inbox, self._notices
-        healthy = self._poll_into(inbox, notices)  # tick + drain + health, one native call
+        if self._poll_budget is None:
+            healthy = self._poll_into(inbox, notices)  # tick + drain + health, one native call
+        else:  # drained: what the budget has room for next to what the inbox holds; the rest stays queued natively
+            room = self._poll_budget - sum(map(len, inbox)) // _RECORD.size
+            healthy = self._poll_into(inbox, notices, max(0, min(room, 1 << 62)))  # (an int64 natively)
         if not inbox:
             if healthy != self._was_healthy:
                 self._check_health()  # the reasons, logged when health changes
@@ -692,7 +697,7 @@ class TransferEngine(_core.Engine):
             left = deadline - time.monotonic()
             if got or left <= 0:
                 return got
-            if self._inbox and self._poll_budget is not None and not self._handler:
+            if self._poll_budget is not None and not self._handler and (self._inbox or self.pending()):
                 continue  # records the budget left (none of them a transition): no wait for new ones first
             nd = self.next_deadline_ns()
             if nd < 2**62:

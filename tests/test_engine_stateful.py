@@ -221,7 +221,7 @@ class EngineVsModel(RuleBasedStateMachine):
             return
         for _ in range(1000):  # (what a budget left: each poll() logs one record at least)
             self.poll()
-            if not (self.engine._inbox or self.engine._notices):
+            if not (self.engine._inbox or self.engine._notices or self.engine.pending()):
                 break
         # every transition came out, and every deferred session that reached a terminal state got exactly one notice
         assert len(self.transitions_seen) == self.engine.statistics().transitions

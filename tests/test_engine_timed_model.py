@@ -504,9 +504,13 @@ class EngineVsTimedModel(RuleBasedStateMachine):
         m.tick()
         was = not self.engine._was_healthy
         reasons, _ = m.health()
-        m.inbox += m.queue
-        m.pending += m.notices
-        m.queue, m.notices = [], []
+        # the native drain: with a budget, what it has room for next to the inbox (the rest stays queued)
+        room = len(m.queue) if self.poll_budget is None else max(self.poll_budget - len(m.inbox), 0)
+        taken, m.queue = m.queue[:room], m.queue[room:]
+        tnow = sum(line[0] == TNOW for line in taken)
+        m.inbox += taken
+        m.pending += m.notices[:tnow]
+        m.notices = m.notices[tnow:]
         # (a callback's poll() spends what is left of the budget of the poll() it is in)
         quota = self.levels[-1][0] if self.levels else None if self.poll_budget is None else [self.poll_budget]
         self.levels.append((quota, [], []))
@@ -548,6 +552,7 @@ class EngineVsTimedModel(RuleBasedStateMachine):
                 break
             self.poll()
         assert not (self.model.inbox or self.model.pending) and not (self.engine._inbox or self.engine._notices)
+        assert self.engine.pending() == len(m.queue) == 0
 
     @rule()
     def drain_natively(self):

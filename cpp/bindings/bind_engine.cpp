@@ -198,15 +198,15 @@ static py::dict health_dict(const Health& h) {
   return d;
 }
 
-// Every queued record merged straight into a bytes object: one copy from the shard queues.
-static py::bytes drain_bytes(Engine& e, bool hold_notices = false) {
+// Every queued record (the first `max`) merged straight into a bytes object: one copy from the shard queues.
+static py::bytes drain_bytes(Engine& e, bool hold_notices = false, std::size_t max = SIZE_MAX) {
   py::object out;
   e.drain_to([&out](std::size_t n) {
     PyObject* b = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(n * sizeof(Record)));
     if (b == nullptr) throw py::error_already_set();
     out = py::reinterpret_steal<py::object>(b);
     return reinterpret_cast<Record*>(PyBytes_AS_STRING(b));
-  }, hold_notices);
+  }, hold_notices, max);
   if (!out) return py::bytes();
   return py::reinterpret_borrow<py::bytes>(out);
 }
@@ -308,13 +308,14 @@ void register_engine(py::module_& m) {
       .def("tick", &Engine::tick, "Fire expired timers; returns how many fired.  Never blocks on a transport.")
       .def("_drain", [](Engine& e) { return drain_bytes(e); },
            "Every queued record, packed (RECORD_FORMAT), without blocking (the caller delivers its notices).")
-      .def("_poll_into", [](Engine& e, py::handle inbox, py::handle notices) {
+      .def("_poll_into", [](Engine& e, py::handle inbox, py::handle notices, std::int64_t limit) {
              // poll()'s native half in one call: fire due timers, evaluate health (the bool only; Python asks
-             // for the reasons when it changes), drain every queued record.  The drained batch is handed over
-             // before this returns, to objects the engine keeps (the bytes appended to the list `inbox`, every
-             // TerminateNow's request to the deque `notices`).  A signal whose handler raises (Ctrl-C, a SIGTERM
-             // handler's SystemExit, a SIGALRM timeout) that arrives during the drain is raised as this call
-             // returns: a batch returned as a value was dropped there, and its on_terminate calls never ran.
+             // for the reasons when it changes), drain the queued records (the first `limit`).  The batch is
+             // handed over before this returns, to objects the engine keeps (the bytes appended to the list
+             // `inbox`, every TerminateNow's request to the deque `notices`).  A signal whose handler raises
+             // (Ctrl-C, a SIGTERM handler's SystemExit, a SIGALRM timeout) that arrives during the drain is raised
+             // as this call returns: a batch returned as a value was dropped there, and its on_terminate calls
+             // never ran.
              if (!PyList_Check(inbox.ptr())) throw InvalidArgumentError("inbox", "expected a list");
              // notices' extend, found before the drain too: found after it, a missing one raised with the batch
              // drained, its notices lost and their tombstones held for ever (advertise: Duplicate)
@@ -324,7 +325,8 @@ void register_engine(py::module_& m) {
              e.tick();
              const bool healthy = e.health().healthy;
              // (the notices' tombstones stay until poll() delivered them: _notice_delivered)
-             py::bytes raw = drain_bytes(e, true);
+             // (limit: the records at most, the first ones (poll_budget); negative: all)
+             py::bytes raw = drain_bytes(e, true, limit < 0 ? SIZE_MAX : static_cast<std::size_t>(limit));
              const Py_ssize_t size = PyBytes_GET_SIZE(raw.ptr());
              if (size == 0) return healthy;
              const auto* rec = reinterpret_cast<const Record*>(PyBytes_AS_STRING(raw.ptr()));
@@ -344,9 +346,10 @@ void register_engine(py::module_& m) {
              }
              if (PyList_Append(inbox.ptr(), raw.ptr()) != 0) throw py::error_already_set();
              return healthy;
-           }, py::arg("inbox"), py::arg("notices"),
+           }, py::arg("inbox"), py::arg("notices"), py::arg("limit") = -1,
            "tick + drain + health without blocking: appends the packed records (RECORD_FORMAT) to the list "
-           "inbox and each TerminateNow's request to notices; returns healthy.")
+           "inbox and each TerminateNow's request to notices (the first `limit` records, the rest left queued; "
+           "negative: all); returns healthy.")
       .def("_notice_delivered", [](Engine& e, py::handle req) { e.notice_delivered(to_u64(req, "request")); },
            py::arg("request"),
            "request's TerminateNow was delivered (its on_terminate ran): its tombstone may go from now on.")

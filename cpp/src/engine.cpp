@@ -107,12 +107,14 @@ struct alignas(64) Engine::Shard {
   std::uint64_t held = 0;
   std::vector<Record> queue;
   std::vector<Record> spare;  // the queue's other buffer: drain swaps them, so memory is reused hot
-  // Records a failed drain put back, taken first by the next one.  Invariant: each precedes (seq) every record
-  // in queue, and queued counts them too.  Filled by a swap: a put-back runs after an allocation failed, and one
-  // that allocated (the taken run grown to hold the queue behind it) could fail too, and lost the records.
+  // Records a failed drain put back, or a bounded drain left (from spill_at on: the ones before it were taken),
+  // taken first by the next one.  Invariant: each precedes (seq) every record in queue, and queued counts them
+  // too; spill_at < spill.size(), or both are 0.  Filled by a swap: a put-back runs after an allocation failed,
+  // and one that allocated (the taken run grown to hold the queue behind it) could fail too, and lost the records.
   std::vector<Record> spill;
-  // queue.size() + spill.size(), mirrored for lock-free peeks (a plain store on x86).  A peek that misses a record
-  // pushed concurrently only delays it to the next drain; the sleeping path of wait_ready counts
+  std::size_t spill_at = 0;
+  // queue.size() + spill.size() - spill_at, mirrored for lock-free peeks (a plain store on x86).  A peek that misses
+  // a record pushed concurrently only delays it to the next drain; the sleeping path of wait_ready counts
   // under the locks, so no wake-up is lost.
   std::atomic<std::uint32_t> queued{0};
   Counters ctr;
@@ -958,7 +960,7 @@ std::size_t Engine::drain(std::vector<Record>& out) {
   });
 }
 
-std::size_t Engine::drain_to(const std::function<Record*(std::size_t)>& dest, bool hold_notices) {
+std::size_t Engine::drain_to(const std::function<Record*(std::size_t)>& dest, bool hold_notices, std::size_t max) {
   // Each shard's queue is already in seq order; take from each the records numbered before this drain began (the
   // cut), then merge them by seq into dest(n).  Every record numbered before the cut is in its queue by the time
   // its shard's lock is taken here (it was numbered and queued under that lock; numbered after, it would be past
@@ -967,6 +969,7 @@ std::size_t Engine::drain_to(const std::function<Record*(std::size_t)>& dest, bo
   // instead, a record pushed to a shard already taken, numbered below one a shard taken later gave, came out in
   // the next drain, after the record it precedes: a slot released by one shard and leased by another was logged
   // leased, then released (with two threads pushing, one non-empty drain in five began below the previous one).
+  if (max == 0) return 0;
   // One drain at a time: a drain that finds another under way returns 0 at once, taking nothing, so the drains
   // that return records never overlap and each gives every record below its cut.  (One that skipped only the
   // shards the other held, and took the rest, gave records numbered past those the held shards kept back, or put
@@ -979,17 +982,25 @@ std::size_t Engine::drain_to(const std::function<Record*(std::size_t)>& dest, bo
   } draining{draining_};
   const std::uint64_t cut = record_seq_.load(std::memory_order_seq_cst);
   std::vector<std::vector<Record>> runs;
-  std::vector<Shard*> from;
+  // each run's shard, where its records begin (a spill's, past what a bounded drain took) and, once copied,
+  // where those copied end: a bounded drain (max) puts the rest back, as a failed one puts back all
+  struct From {
+    Shard* sh;
+    std::size_t first, end;
+  };
+  std::vector<From> from;
   // Lossless when an allocation fails once records are out of their shards: each run goes back into its
   // shard's spill, which is empty (this drain took it with the run, and no other drain runs meanwhile),
   // so the swap allocates nothing, loses nothing, and the next drain takes it first, before what was queued since.
   auto put_back = [&runs, &from]() noexcept {
     for (std::size_t i = 0; i < runs.size(); ++i) {
       if (runs[i].empty()) continue;  // (the shard whose take failed: nothing taken)
-      Shard& sh = *from[i];
+      Shard& sh = *from[i].sh;
       std::lock_guard<SpinMutex> g(sh.mu);
       sh.spill.swap(runs[i]);
-      sh.queued.store(static_cast<std::uint32_t>(sh.queue.size() + sh.spill.size()), std::memory_order_seq_cst);
+      sh.spill_at = from[i].first;
+      sh.queued.store(static_cast<std::uint32_t>(sh.queue.size() + sh.spill.size() - sh.spill_at),
+                      std::memory_order_seq_cst);
     }
     runs.clear();
     from.clear();
@@ -1006,16 +1017,19 @@ std::size_t Engine::drain_to(const std::function<Record*(std::size_t)>& dest, bo
         from.reserve(shard_mask_ + 1);
       }
       runs.emplace_back();
-      from.push_back(&sh);
+      from.push_back(From{&sh, 0, 0});
       std::vector<Record>& run = runs.back();
+      std::size_t& first = from.back().first;
       {
         std::lock_guard<SpinMutex> g(sh.mu);
-        if (!sh.spill.empty()) {  // after a failed drain (rare): the spill, then the queue up to the cut
+        if (!sh.spill.empty()) {  // after a failed or a bounded drain: the spill, then the queue up to the cut
           const auto past = std::partition_point(sh.queue.begin(), sh.queue.end(),
                                                  [cut](const Record& r) { return r.seq < cut; });
           sh.spill.insert(sh.spill.end(), sh.queue.begin(), past);  // (may throw: nothing of this shard taken)
           sh.queue.erase(sh.queue.begin(), past);
           run.swap(sh.spill);
+          first = sh.spill_at;
+          sh.spill_at = 0;
         } else if (!sh.queue.empty()) {
           run.swap(sh.queue);
           sh.queue.swap(sh.spare);  // empty, with the capacity of an earlier run
@@ -1037,66 +1051,85 @@ std::size_t Engine::drain_to(const std::function<Record*(std::size_t)>& dest, bo
         from.pop_back();
         continue;
       }
-      n += run.size();
-      lo = std::min(lo, run.front().seq);
+      n += run.size() - first;
+      lo = std::min(lo, run[first].seq);
       hi = std::max(hi, run.back().seq);
     }
   } catch (...) {
     put_back();
     throw;
   }
-  // Hand the drained buffers back as the shards' spares (after the copy below, even if dest throws).
+  // Hand the drained buffers back as the shards' spares (after the copy below, even if dest throws); what a
+  // bounded drain did not copy goes back as its shard's spill (in place: spill_at past what was taken; moved to
+  // the front only once what is left is no longer than what was taken: the records moved add up to no more).
   struct GiveBack {
     std::vector<std::vector<Record>>& runs;
-    std::vector<Shard*>& from;
+    std::vector<From>& from;
     ~GiveBack() {
       for (std::size_t i = 0; i < runs.size(); ++i) {
-        runs[i].clear();
-        std::lock_guard<SpinMutex> g(from[i]->mu);
-        if (from[i]->spare.capacity() < runs[i].capacity()) from[i]->spare.swap(runs[i]);
+        Shard& sh = *from[i].sh;
+        std::vector<Record>& run = runs[i];
+        std::size_t end = from[i].end;
+        if (end < run.size() && end >= run.size() - end) {
+          run.erase(run.begin(), run.begin() + static_cast<std::ptrdiff_t>(end));  // (moves, never allocates)
+          end = 0;
+        }
+        if (end == run.size()) run.clear();
+        std::lock_guard<SpinMutex> g(sh.mu);
+        if (!run.empty()) {  // (the spill is empty: this drain took it, and no other drain runs)
+          sh.spill.swap(run);
+          sh.spill_at = end;
+          sh.queued.store(static_cast<std::uint32_t>(sh.queue.size() + sh.spill.size() - sh.spill_at),
+                          std::memory_order_seq_cst);
+        } else if (sh.spare.capacity() < run.capacity()) {
+          sh.spare.swap(run);
+        }
       }
     }
   } give_back{runs, from};
   if (n == 0) return 0;
+  const std::size_t m = std::min(n, max);
   Record* dst = nullptr;
   // the k-way merge's bookkeeping, allocated with the destination: nothing may throw once records are copied
-  const bool merge = runs.size() > 1 && hi - lo + 1 != n;
-  std::vector<std::size_t> pos, heap;
+  const bool merge = runs.size() > 1 && (m != n || hi - lo + 1 != n);
+  std::vector<std::size_t> heap;
   try {
-    if (merge) {
-      pos.assign(runs.size(), 0);
-      heap.reserve(runs.size());
-    }
-    dst = dest(n);
+    if (merge) heap.reserve(runs.size());
+    dst = dest(m);
   } catch (...) {
     put_back();  // (then give_back has nothing left to hand back)
     throw;
   }
+  for (From& f : from) f.end = f.first;
   if (runs.size() == 1) {
-    std::copy(runs[0].begin(), runs[0].end(), dst);
-  } else if (hi - lo + 1 == n) {
+    std::copy_n(runs[0].begin() + static_cast<std::ptrdiff_t>(from[0].first), m, dst);
+    from[0].end += m;
+  } else if (!merge) {
     // seqs are unique, so a gap-free range is a permutation: place every record directly, O(n)
-    for (const auto& run : runs)
-      for (const Record& r : run) dst[r.seq - lo] = r;
+    for (std::size_t i = 0; i < runs.size(); ++i) {
+      for (std::size_t j = from[i].first; j < runs[i].size(); ++j) dst[runs[i][j].seq - lo] = runs[i][j];
+      from[i].end = runs[i].size();
+    }
   } else {
-    // records pushed concurrently left gaps: k-way merge (k = shards with records)
-    auto later = [&](std::size_t a, std::size_t b) { return runs[a][pos[a]].seq > runs[b][pos[b]].seq; };
+    // records pushed concurrently left gaps, or only the first m go: k-way merge (k = shards with records)
+    auto later = [&](std::size_t a, std::size_t b) { return runs[a][from[a].end].seq > runs[b][from[b].end].seq; };
     for (std::size_t i = 0; i < runs.size(); ++i) heap.push_back(i);
     std::make_heap(heap.begin(), heap.end(), later);
-    while (!heap.empty()) {
+    for (std::size_t c = 0; c < m; ++c) {
       std::pop_heap(heap.begin(), heap.end(), later);
       std::size_t k = heap.back();
-      *dst++ = runs[k][pos[k]++];
-      if (pos[k] < runs[k].size()) std::push_heap(heap.begin(), heap.end(), later);
+      *dst++ = runs[k][from[k].end++];
+      if (from[k].end < runs[k].size()) std::push_heap(heap.begin(), heap.end(), later);
       else heap.pop_back();
     }
   }
   if (!hold_notices) {  // the caller delivers what it drained: their tombstones are ordinary ones now
     for (std::size_t i = 0; i < runs.size(); ++i) {
-      Shard& sh = *from[i];
+      Shard& sh = *from[i].sh;
       std::lock_guard<SpinMutex> g(sh.mu);
       if (sh.held == 0) continue;
-      for (const Record& r : runs[i]) {
+      for (std::size_t j = from[i].first; j < from[i].end; ++j) {
+        const Record& r = runs[i][j];
         if (r.kind != RecordKind::TerminateNow) continue;
         const std::uint32_t idx = sh.find(Key(r.req));
         if (idx != kNil && (sh.at(idx).flags & kNotice)) sh.release_notice(idx);
@@ -1104,14 +1137,14 @@ std::size_t Engine::drain_to(const std::function<Record*(std::size_t)>& dest, bo
       evict_tombstones(sh, tomb_cap_);
     }
   }
-  return n;
+  return m;
 }
 
 std::size_t Engine::pending() const {
   std::size_t n = 0;
   for (Shard& sh : shards()) {
     std::lock_guard<SpinMutex> g(sh.mu);
-    n += sh.queue.size() + sh.spill.size();
+    n += sh.queue.size() + sh.spill.size() - sh.spill_at;
   }
   return n;
 }

@@ -10,6 +10,7 @@
 #include <mutex>
 #include <new>
 #include <random>
+#include <stdexcept>
 #include <thread>
 #include <tuple>
 #include <vector>
@@ -494,6 +495,73 @@ static void test_drain_to_double_failure_keeps_records() {
   }
 }
 
+// A bounded drain (drain_to's max) gives the first records in seq order and leaves the rest queued, ahead of what is
+// queued since: successive bounded drains (one whose destination fails among them) give every record once, in
+// order; a deferred session's tombstone goes with the drain that takes its TerminateNow, not before (the records a
+// bounded drain left are not released, nor those an earlier one took); max 0 takes nothing.
+static void test_a_bounded_drain_gives_the_first_records_and_keeps_the_rest() {
+  constexpr std::uint64_t kDeferred = 1'000'000;
+  for (std::uint32_t shards : {1u, 8u}) {
+    for (std::size_t max : {std::size_t{1}, std::size_t{7}, std::size_t{64}}) {
+      Config cf = cfg();
+      cf.shards = shards;
+      cf.num_slots = 0;
+      cf.tombstones = 0;  // a released tombstone goes at once: the id is free again
+      Engine eng(cf);
+      std::uint64_t next = 0;
+      auto queue = [&eng, &next](int count) {
+        for (int i = 0; i < count; ++i) CHECK(eng.advertise(next++, Role::sender, 0).status == Status::Moved);
+      };
+      queue(100);
+      eng.advertise(kDeferred, Role::sender, 0);
+      eng.apply(kDeferred, Event::expose);
+      CHECK(eng.terminate(kDeferred) == TerminateResult::Deferred);
+      eng.apply(kDeferred, Event::complete);  // Terminated, its TerminateNow queued after 100 records and more
+      const std::size_t deferred_records = eng.pending() - next;
+      queue(100);
+      std::size_t queued = eng.pending();
+      CHECK(eng.drain_to([](std::size_t) -> Record* { throw std::logic_error("max 0 asks for no room"); }, false,
+                         0) == 0);
+      CHECK(eng.pending() == queued);
+      std::vector<Record> recs;
+      bool bounded = true, held_until_taken = true, failed_once = false;
+      for (int round = 0; eng.pending() != 0 && round < 10'000; ++round) {
+        if (round == 3 && !failed_once) {  // a failed drain among the bounded ones puts back what it took
+          failed_once = true;
+          try {
+            eng.drain_to([](std::size_t) -> Record* { throw std::bad_alloc(); }, false, max);
+          } catch (const std::bad_alloc&) {
+          }
+          CHECK(eng.pending() == queued);
+        }
+        const bool taken = std::any_of(recs.begin(), recs.end(), [](const Record& r) {
+          return r.kind == RecordKind::TerminateNow;
+        });
+        if (!taken) held_until_taken = held_until_taken &&
+                                       eng.advertise(kDeferred, Role::sender, 0).status == Status::Duplicate;
+        const std::size_t got = eng.drain_to([&recs](std::size_t n) {
+          const std::size_t base = recs.size();
+          recs.resize(base + n);
+          return recs.data() + base;
+        }, false, max);
+        bounded = bounded && got >= 1 && got <= max;
+        queued -= got;
+        if (round % 5 == 0 && next < 400) {
+          queue(10);  // queued since: after what the bounded drains left
+          queued += 10;
+        }
+        CHECK(eng.pending() == queued);
+      }
+      CHECK(bounded);
+      CHECK(held_until_taken);
+      bool all = eng.pending() == 0 && recs.size() == next + deferred_records;
+      for (std::size_t i = 0; all && i < recs.size(); ++i) all = recs[i].seq == i;  // every number, once, in order
+      CHECK(all);
+      CHECK(eng.advertise(kDeferred, Role::sender, 0).status == Status::Moved);  // released once it was taken
+    }
+  }
+}
+
 // A drain held inside its destination: hold() (from the destination) blocks until open(); wait_held() returns once
 // a drain is held there.
 struct DrainGate {
@@ -617,6 +685,66 @@ static void test_concurrent_drains_keep_the_engine_order() {
       if (r.req == a) a_seqs.push_back(r.seq);
     CHECK(a_seqs.size() >= 4 && std::is_sorted(a_seqs.begin(), a_seqs.end()));
   }
+}
+
+// A bounded drain held in its destination: another drain meanwhile returns 0, and what the bounded
+// drain leaves goes back ahead of what was queued while it was held.  Then two threads pushing and two draining
+// at most 3 records a time: every record comes out once.
+static void test_a_bounded_drain_puts_the_rest_back_ahead_of_what_was_queued_meanwhile() {
+  Config cf = cfg();
+  cf.shards = 1;
+  Engine eng(cf);
+  for (std::uint64_t r = 1; r <= 3; ++r) eng.advertise(r, Role::sender, 0);
+  DrainGate gate;
+  std::vector<Record> got;
+  std::thread drainer([&] {
+    eng.drain_to([&](std::size_t n) {
+      gate.hold();
+      got.resize(n);
+      return got.data();
+    }, false, 1);
+  });
+  gate.wait_held();
+  eng.advertise(4, Role::sender, 0);
+  std::vector<Record> recs;
+  CHECK(eng.drain(recs) == 0);  // held by the bounded drain
+  gate.open();
+  drainer.join();
+  CHECK(got.size() == 1 && got[0].req == 1);
+  CHECK(eng.pending() == 3);
+  CHECK(eng.drain(recs) == 3);
+  CHECK(recs.size() == 3 && recs[0].req == 2 && recs[1].req == 3 && recs[2].req == 4);
+
+  Config many = cfg();
+  many.shards = 8;
+  many.num_slots = 0;
+  Engine busy(many);
+  constexpr std::uint64_t kEach = 5000;
+  std::atomic<int> pushing{2};
+  std::vector<Record> out[2];
+  std::vector<std::thread> threads;
+  for (std::uint64_t p = 0; p < 2; ++p)
+    threads.emplace_back([&busy, &pushing, p] {
+      for (std::uint64_t i = 0; i < kEach; ++i) busy.advertise(p * kEach + i, Role::sender, 0);
+      pushing.fetch_sub(1);
+    });
+  for (int d = 0; d < 2; ++d)
+    threads.emplace_back([&busy, &pushing, &out, d] {
+      std::vector<Record>& mine = out[d];
+      while (pushing.load() != 0 || busy.pending() != 0) {
+        busy.drain_to([&mine](std::size_t n) {
+          const std::size_t base = mine.size();
+          mine.resize(base + n);
+          return mine.data() + base;
+        }, false, 3);
+      }
+    });
+  for (std::thread& t : threads) t.join();
+  std::vector<int> seen(2 * kEach, 0);
+  bool once = out[0].size() + out[1].size() == 2 * kEach;
+  for (const auto& mine : out)
+    for (const Record& r : mine) once = once && r.req < 2 * kEach && ++seen[r.req] == 1;
+  CHECK(once);
 }
 
 // A child forked while another thread's drain held a shard's records (between taking them and handing them over)
@@ -985,9 +1113,11 @@ int main() {
   test_drain_to_failure_keeps_records();
   test_drain_allocation_failure_keeps_records();
   test_drain_to_double_failure_keeps_records();
+  test_a_bounded_drain_gives_the_first_records_and_keeps_the_rest();
   test_a_forked_child_drains_a_shard_a_drain_held();
   test_a_drain_skips_a_shard_another_drain_holds();
   test_concurrent_drains_keep_the_engine_order();
+  test_a_bounded_drain_puts_the_rest_back_ahead_of_what_was_queued_meanwhile();
   test_every_cell_matches_apply();
   test_deferred_termination_exactly_once();
   test_cancel_of_a_deferred_session_does_not_free_now();

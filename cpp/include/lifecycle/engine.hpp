@@ -189,7 +189,10 @@ class Engine {
   // in order, ahead of what was queued since, so memory running out again loses none.  One drain at a time: a
   // drain (drain_to) while another is under way (another thread, or dest's own) returns 0 at once, taking nothing,
   // so the drains that return records come out in seq order, across shards too.
-  std::size_t drain_to(const std::function<Record*(std::size_t)>& dest, bool hold_notices = false);
+  // At most `max` records (the first, in seq order; 0: none): the rest stays queued, ahead of what is queued
+  // since, for the next drain.  Returns how many it gave.
+  std::size_t drain_to(const std::function<Record*(std::size_t)>& dest, bool hold_notices = false,
+                       std::size_t max = SIZE_MAX);
   void notice_delivered(std::uint64_t req);
   // Block (no GIL: callers release it) until a record is queued or timeout_ns elapses (steady time).
   bool wait_ready(std::int64_t timeout_ns);

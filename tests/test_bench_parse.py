@@ -188,6 +188,8 @@ def test_json_output_is_json_without_nan(monkeypatch, capsys):
     ("bench_collectives.py", ["--reps", "0"], "argument --reps: expected a whole number >= 1, got 0"),
     ("bench_audit.py", ["--sizes", "x"], "argument --sizes: expected a whole number, got 'x'"),
     ("bench_audit.py", ["--sizes", ","], "argument --sizes: expected a whole number, got ''"),
+    ("bench_poll_budget.py", ["--budgets", "0"], "argument --budgets: expected a whole number >= 1, got 0"),
+    ("bench_poll_budget.py", ["--sessions", "0"], "argument --sessions: expected 1 .. 1000000, got 0"),
 ])
 def test_benchmark_options_they_cannot_run_are_usage_errors(script, args, message):
     # (each ran its setup and ended in a traceback: IndexError, ZeroDivisionError, StatisticsError, ValueError,
@@ -284,3 +286,14 @@ def test_median_confidence_interval_is_symmetric_and_covers_95_percent():
             # samples fall below it (Binomial(n, 1/2))
             assert sum(math.comb(n, i) for i in range(lo + 1, hi + 1)) / 2 ** n >= 0.95, n
     assert bench_nixl.median_ci(list(range(30))) == (9, 14.5, 20)  # control: where the old ranks were right
+
+
+def test_bench_poll_budget_prints_every_row_and_the_polls_each_budget_takes():
+    """benchmarks/bench_poll_budget.py on 10 sessions (80 records): a row per budget and logging setup, and the
+    poll count is the budget's arithmetic (None: one poll; 3: ceil(80 / 3); the empty poll that ends the loop not
+    counted), so a budget the engine ignored, or one it over-spent, shows in the table."""
+    out = run("bench_poll_budget.py", "--sessions", "10", "--reps", "1", "--budgets", "3,80,200")
+    rows = re.findall(r"^\| (None|\d+), (logs off|JSON lines) \| ([\d,]+) \|", out, re.M)
+    assert [(b, label) for b, label, _ in rows] == [(b, label) for label in ("logs off", "JSON lines")
+                                                     for b in ("None", "3", "80", "200")]
+    assert {(b, int(n)) for b, _, n in rows} == {("None", 1), ("3", 27), ("80", 1), ("200", 1)}

@@ -759,8 +759,9 @@ class _Transport:
 
     def deregister(self, reg: Registration) -> None:
         """Deregister; refused (TransportError) while the backend may still touch the memory: a transfer over
-        it not released yet or released without evidence, a passive session, or (for an engine's pool) a
-        slot that a session leases or that is quarantined.  Keep the memory alive until then."""
+        it not released yet or released without evidence, a passive session whose offer lies in it (or such an
+        offer held past its session), or (for an engine's pool) a slot that a session leases or that is
+        quarantined.  Sessions over other memory do not block it.  Keep the memory alive until then."""
         if not isinstance(reg, Registration):
             raise InvalidArgument("reg", f"expected the Registration register() returned, got {type(reg).__name__}")
         if reg.transport != self.name or self._regs.get(reg.region_id) != reg.mem:

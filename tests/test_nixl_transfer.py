@@ -18,8 +18,9 @@ from lifecycle import _core
 from lifecycle.transport import (ENV_CAPI, Faults, LoopbackTransport, Mem, NixlTransport, Offer, connect_all,
                                  nixl_capi_path, pool_slot)
 
-from test_transport_harness import (HAVE_NIXL, KiB, SIZES, Side, build_shared, connect, crc, loader_finds, needs_nixl,
-                                    pattern, raw_metadata, run_child, wait_for)
+from test_transport_harness import (HAVE_NIXL, KiB, SIZES, Side, build_shared, check_deregister_beside_a_live_session,
+                                    connect, crc, loader_finds, needs_nixl, pattern, raw_metadata, run_child,
+                                    wait_for)
 
 pytestmark = pytest.mark.nixl
 
@@ -84,6 +85,20 @@ def test_env_var_overrides_the_wheel_path(monkeypatch, tmp_path):
     assert nixl_capi_path() == bogus
     with pytest.raises(NixlUnavailable, match=re.escape(bogus)):
         NixlTransport(None, "x")
+
+
+@needs_nixl
+@pytest.mark.parametrize("mode", ["read", "write"])
+def test_a_buffer_beside_a_live_session_deregisters_and_one_it_covers_is_refused(mode):
+    """NIXL over UCX: deregistering a buffer no session covers goes through while another request's passive
+    session is live; the buffer that session offered is refused (NIXL's deregisterMem under the peer's
+    transfer would free memory it still moves).  (Seen failing before: refused for any passive session.)"""
+    a, b = Side(f"dr-a-{mode}", slots=2, slot_size=64 * KiB), Side(f"dr-b-{mode}", slots=2, slot_size=64 * KiB)
+    try:
+        check_deregister_beside_a_live_session(a, b, mode)
+    finally:
+        a.close()
+        b.close()
 
 
 @needs_nixl

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from lifecycle import State, TransferEngine, _core
+from lifecycle import State, TransferEngine, TransportError, _core
 from lifecycle.transport import LoopbackTransport, Mem, NixlTransport, Offer, nixl_available, pool_slot
 
 HAVE_NIXL = nixl_available()
@@ -190,3 +190,53 @@ def call(conn, *msg, timeout: float = 30.0):
     if not conn.poll(timeout):
         raise AssertionError(f"peer did not answer {msg[0]} within {timeout}s")
     return conn.recv()
+
+
+def check_deregister_beside_a_live_session(a: Side, b: Side, mode: str) -> None:
+    """a is the receiver, b the sender (read: a READs from b's offer; write: b WRITEs into a's).  The passive side
+    registers a buffer per request, as vLLM / SGLang executors do.  While request 1's passive session is live (its
+    offer out, the peer not posted yet), request 2's buffer, beside it, deregisters once request 2 is done; request
+    1's is refused, naming request 1, its state and its range.  Control: the peer then really moves request 1's
+    bytes through that buffer (what a deregistration and free there would have turned into a use-after-free), and
+    once that session is done its buffer deregisters too.  Connects a and b (after registering: NIXL ships the
+    registrations in the metadata)."""
+    n = 64 * KiB
+    read = mode == "read"
+    passive = b if read else a
+    role = "sender" if read else "receiver"
+    bufs = {req: bytearray(pattern(n, req)) if read else bytearray(n) for req in (1, 2)}
+    regs = {req: passive.t.register(buf) for req, buf in bufs.items()}
+    b_at_a, a_at_b = connect(a, b)
+    at_passive, at_active = (a_at_b, b_at_a) if read else (b_at_a, a_at_b)
+    offers = {}
+    for req in (1, 2):
+        passive.engine.advertise(req, role)  # no pool slot: the executor's own buffer
+        offers[req] = passive.t.expect(req, at_passive, bufs[req])
+
+    def post(req: int) -> None:
+        if read:
+            a.t.read(req, a.advertise(req, "receiver", n, 0), at_active, offers[req])
+        else:
+            b.t.write(req, b.advertise(req, "sender", n, pattern(n, req)), at_active, offers[req])
+
+    post(2)
+    assert a.wait(2) is State.Quiesced and b.wait(2) is State.Quiesced
+    for s in (a, b):
+        s.engine.terminate(2)
+    wait_for(lambda: passive.t.stats().passive == 1, 5, "request 2's passive entry to end", passive.engine.poll)
+    passive.t.deregister(regs[2])  # request 1's session is live, over other memory
+    addr = regs[1].mem.addr
+    with pytest.raises(TransportError, match=rf"\(0 transfer requests over it: 0 awaiting a retried release, 0 ended "
+                                             rf"without evidence; 1 passive sessions, 0 offered ranges whose transfer "
+                                             rf"ended without evidence; e\.g\. request 1, a passive session \(the peer "
+                                             rf"may write or read it\), over \[{addr:#x}, \+{n}\)\)"):
+        passive.t.deregister(regs[1])
+    post(1)
+    assert a.wait(1) is State.Quiesced and b.wait(1) is State.Quiesced
+    landed = bufs[1] if not read else a.view(1, n)
+    assert bytes(landed) == pattern(n, 1)  # the refused range was in use: the peer's transfer went through it
+    for s in (a, b):
+        s.engine.terminate(1)
+    wait_for(lambda: passive.t.stats().passive == 0, 5, "request 1's passive entry to end", passive.engine.poll)
+    passive.t.deregister(regs[1])
+    assert passive.t.stats().registered_regions == 1  # the pool only

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cinttypes>  // PRIxPTR
 #include <condition_variable>
 #include <cstdlib>
 #include <cstring>
@@ -274,6 +275,51 @@ void test_a_late_note_releases_its_offer() {
   CHECK(eb->counters().illegal == 0 && tb->stats().late_evidence == 0);
   CHECK(std::memcmp(src.data(), dst.data(), src.size()) == 0);
   tb->deregister_region(rid);  // the peer's transfer is over: allowed now
+  CHECK(tb->stats().registered_regions == 0);
+}
+
+// Only a use of a region's memory blocks its deregistration: any passive session refused every
+// deregister_region, even of a buffer it never offered (and named that request), so an executor that registers a
+// buffer per request could free none while another was served.  b offers `r` to a's WRITE, held in flight: a
+// buffer beside it deregisters, `r` is refused naming request 1, its state and range; the same once b's session
+// is Poisoned and swept (its quiescence unknown: the offer is held, the peer may still write).  The peer's late
+// note releases `r`.  (The Python tests were seen failing before: loopback and NIXL, both modes.)
+void test_only_a_use_of_its_memory_blocks_a_deregistration() {
+  ReusePair p("beside", 20'000'000, 'd');
+  auto& [ea, eb, ta, tb, src, dst, l, r, rid, hold, b_clock] = p;
+  std::vector<char> other(4096), other2(4096);
+  const Agent::RegionId rid_o = tb->register_region({reinterpret_cast<std::uintptr_t>(other.data()), 4096, 0,
+                                                      MemKind::Dram});
+  const Agent::RegionId rid_o2 = tb->register_region({reinterpret_cast<std::uintptr_t>(other2.data()), 4096, 0,
+                                                       MemKind::Dram});
+  CHECK(eb->advertise(1, Role::receiver, 0).status == Status::Moved);
+  CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
+  const std::uint64_t tag = tb->expect(1, "beside-a", r);
+  hold->store(true);
+  CHECK(ta->transfer(1, XferOp::Write, l, r, "beside-b", tag) == PostResult::Posted);
+  const auto refusal = [&](Agent::RegionId id) -> std::string {
+    try {
+      tb->deregister_region(id);
+    } catch (const TransportError& e) {
+      return e.what();
+    }
+    return "";
+  };
+  char range[64];
+  std::snprintf(range, sizeof range, "over [%#" PRIxPTR ", +4096)", r.addr);
+  const auto names = [&](const std::string& why, const char* count, const char* state) {
+    const auto has = [&](const std::string& part) { return why.find(part) != std::string::npos; };
+    return has(count) && has(std::string("e.g. request 1, ") + state) && has(range);
+  };
+  CHECK(refusal(rid_o).empty());  // the live passive session offered other memory
+  CHECK(names(refusal(rid), "1 passive sessions", "a passive session"));
+  CHECK(p.b_timers_until([&] { return state_of(*eb, 1) == State::Poisoned && tb->stats().passive == 0; }));
+  CHECK(tb->stats().held_offers == 1);
+  CHECK(refusal(rid_o2).empty());  // the held offer covers other memory
+  CHECK(names(refusal(rid), "1 offered ranges", "an offered range whose passive session ended without evidence"));
+  hold->store(false);
+  CHECK(eventually([&] { return tb->stats().held_offers == 0; }));
+  CHECK(refusal(rid).empty());
   CHECK(tb->stats().registered_regions == 0);
 }
 
@@ -2690,6 +2736,7 @@ int main() {
   test_a_transfer_against_the_offers_role_is_refused();
   test_a_stop_for_a_later_offer_is_remembered_while_an_earlier_transfer_runs();
   test_a_late_note_releases_its_offer();
+  test_only_a_use_of_its_memory_blocks_a_deregistration();
   test_a_note_for_an_ended_session_never_reaches_a_new_session_of_the_id();
   test_a_refused_post_never_answers_a_stop_for_a_session_poisoned_without_evidence();
   test_a_peer_removed_and_reloaded_during_expect_fails_that_session_at_once();

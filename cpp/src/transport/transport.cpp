@@ -4,6 +4,8 @@
 #include <array>
 #include <atomic>
 #include <chrono>
+#include <cinttypes>  // PRIxPTR
+#include <cstdio>
 #include <exception>
 #include <map>
 #include <new>
@@ -199,38 +201,57 @@ void Transport::deregister_region(Agent::RegionId id) {
     std::lock_guard<std::mutex> lk(mu_);
     auto reg = regions_.find(id);
     if (reg != regions_.end()) {
+      // Only what covers memory of this region blocks it: every other region stays free to go while other
+      // requests are served (an executor that registers a buffer per request deregisters a finished one's).
       const Region& g = reg->second;
       std::size_t held = 0, unreleased = 0, unproven = 0, passive = 0, offers = 0;
+      // the first use found, for the message: which request, in what state, over which range
       std::uint64_t example = 0;
+      const char* state = nullptr;
+      Region used{};
+      const auto first = [&](std::uint64_t req, const char* what, const Region& r) {
+        if (state != nullptr) return;
+        example = req;
+        state = what;
+        used = r;
+      };
       for (const auto& [req, r] : held_) {
         if (!r.overlaps(g)) continue;
         ++held;
-        unreleased += unreleased_.count(req);
-        unproven += unproven_.count(req);
-        example = req;
+        const bool retried = unreleased_.count(req) != 0, lost = unproven_.count(req) != 0;
+        unreleased += retried;
+        unproven += lost;
+        first(req, lost ? "a transfer released without evidence that it stopped (its bytes may still land)"
+                   : retried ? "a finished transfer whose release failed and awaits a retry"
+                             : "a transfer request not released yet (in flight)",
+              r);
       }
       for (const auto& [req, r] : preparing_) {  // being built: the request will name this registration
         if (!r.overlaps(g)) continue;
         ++held;
-        example = req;
+        first(req, "a transfer request being built", r);
       }
-      for (const auto& [req, e] : entries_) {
-        if (e.side != Side::Passive) continue;
+      for (const auto& [req, e] : entries_) {  // the peer holds (or is about to get) the descriptor of e.local
+        if (e.side != Side::Passive || !e.local.overlaps(g)) continue;
         ++passive;
-        if (held == 0) example = req;
+        first(req, "a passive session (the peer may write or read it)", e.local);
       }
       for (const auto& [tag, h] : held_offers_) {
         if (!h.local.overlaps(g)) continue;
         ++offers;
-        if (held + passive == 0) example = h.req;
+        first(h.req, "an offered range whose passive session ended without evidence (the peer may still write)",
+              h.local);
       }
-      if (held + passive + offers > 0) {
+      if (state != nullptr) {
+        char range[64];
+        std::snprintf(range, sizeof range, "[%#" PRIxPTR ", +%zu)", used.addr, used.len);
         throw TransportError("deregister_region: region " + std::to_string(id) + " of transport " + name() +
                              " may still be touched by the backend (" + std::to_string(held) +
                              " transfer requests over it: " + std::to_string(unreleased) + " awaiting a retried "
                              "release, " + std::to_string(unproven) + " ended without evidence; " +
                              std::to_string(passive) + " passive sessions, " + std::to_string(offers) +
-                             " offered ranges whose transfer ended without evidence; e.g. request " + std::to_string(example) +
+                             " offered ranges whose transfer ended without evidence; e.g. request " +
+                             std::to_string(example) + ", " + state + ", over " + range +
                              "): keep the memory until they end");
       }
       retiring_.insert(id);  // transfer() and expect() refuse to start over it from here on

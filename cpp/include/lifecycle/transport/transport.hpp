@@ -144,11 +144,12 @@ class Transport final : public EventSink {
   Engine* engine() const noexcept { return engine_.get(); }
 
   Agent::RegionId register_region(const Region& r);
-  // Refused (TransportError, nothing changed) while the backend may still touch the region: a request
-  // over it not yet released (in flight, or its release failed and awaits the retry), one released
-  // without evidence that it stopped (for good), or any passive session (the peer holds our
-  // descriptors).  The memory must stay alive until then.  Transfers and expects that race it are
-  // refused while it runs.
+  // Refused (TransportError, nothing changed; it names the first use found: request, state, range) while
+  // the backend may still touch the region: a request over it not yet released (being built, in flight, or
+  // its release failed and awaits the retry), one released without evidence that it stopped (for good), a
+  // passive session that offered memory of it (the peer holds that descriptor), or such an offer held past
+  // its session.  Uses of other memory do not block it.  The memory must stay alive until then.  Transfers
+  // and expects that race it are refused while it runs.
   void deregister_region(Agent::RegionId id);
   // This agent's metadata in an envelope: kMetadataMagic, the CRC-32 (zlib's) of the agent's own bytes as 4
   // bytes little-endian, then those bytes.  add_peer checks the checksum before the backend sees anything: one

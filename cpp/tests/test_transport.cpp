@@ -506,6 +506,7 @@ struct Hooks {
   std::function<bool(std::uint64_t)> on_release = [](std::uint64_t) { return true; };
   std::function<void(std::uint64_t)> after_release = [](std::uint64_t) {};
   std::function<void()> on_fetch = [] {};  // the progress thread, each fetch of notifications
+  std::function<void()> on_deregister = [] {};  // inside deregister_region, before the backend's
 };
 
 class HookAgent final : public Agent {
@@ -514,7 +515,10 @@ class HookAgent final : public Agent {
   const std::string& name() const noexcept override { return inner_->name(); }
   const char* backend_name() const noexcept override { return inner_->backend_name(); }
   RegionId register_region(const Region& r) override { return inner_->register_region(r); }
-  void deregister_region(RegionId id) override { inner_->deregister_region(id); }
+  void deregister_region(RegionId id) override {
+    h_.on_deregister();
+    inner_->deregister_region(id);
+  }
   std::size_t registered_regions() const override { return inner_->registered_regions(); }
   std::string local_metadata() override { return inner_->local_metadata(); }
   std::string load_remote_metadata(const std::string& md) override { return inner_->load_remote_metadata(md); }
@@ -619,6 +623,45 @@ struct Duo {
     return a.size() > 2 && a.compare(a.size() - 2, 2, "-a") == 0 ? a.substr(0, a.size() - 2) + "-b" : a + "-peer";
   }
 };
+
+// expect() was refused while any region was being deregistered (NIXL's deregisterMem may take a while), so an
+// executor freeing a finished request's buffer on one thread failed another request's offer of other memory
+// on another.  Only a deregistration of memory the offer overlaps refuses it now, as it refuses transfer().  The
+// hook offers both ranges from inside the backend's deregistration of one.
+void test_an_offer_beside_a_deregistration_goes_on() {
+  auto e = std::make_shared<Engine>(Config{});
+  std::vector<char> gone(4096), kept(4096);
+  const Region rg{reinterpret_cast<std::uintptr_t>(gone.data()), gone.size(), 0, MemKind::Dram};
+  const Region rk{reinterpret_cast<std::uintptr_t>(kept.data()), kept.size(), 0, MemKind::Dram};
+  Transport* tp = nullptr;
+  const auto offer = [&](std::uint64_t req, const Region& local) -> std::string {
+    try {
+      (void)tp->expect(req, "beside-dereg-b", local);
+    } catch (const TransportError& x) {
+      return x.what();
+    }
+    return "";
+  };
+  std::string beside = "not run", over;
+  Hooks hooks;
+  hooks.on_deregister = [&] {
+    beside = offer(2, rk);
+    over = offer(3, rg);
+  };
+  Transport t(e, std::make_unique<HookAgent>(named("beside-dereg-a"), hooks));
+  tp = &t;
+  auto peer = loopback(std::make_shared<Engine>(Config{}), "beside-dereg-b");
+  const Agent::RegionId rid = t.register_region(rg);
+  t.register_region(rk);
+  CHECK(t.add_peer(peer->metadata()) == "beside-dereg-b");
+  CHECK(e->advertise(2, Role::sender, 0).status == Status::Moved);
+  CHECK(e->advertise(3, Role::sender, 0).status == Status::Moved);
+  t.deregister_region(rid);
+  CHECK(beside.empty());
+  CHECK(state_of(*e, 2) == State::InFlight);
+  CHECK(over.find("is deregistering a region its range overlaps") != std::string::npos);  // control
+  CHECK(state_of(*e, 3) == State::Advertised);
+}
 
 // transfer() and expect() for an id with no session are refused up front, before the request is built
 // or the peer looked up.  Before, they went on with serial 0 (no session): an executor advertising the
@@ -2746,6 +2789,7 @@ int main() {
   test_a_post_failing_during_stop_leaves_no_health_reason();
   test_a_late_abort_never_stops_a_new_session_of_the_id();
   test_an_id_with_no_session_is_refused_before_anything_is_built();
+  test_an_offer_beside_a_deregistration_goes_on();
   test_a_stop_from_another_peer_is_answered_to_that_peer();
   test_an_answered_early_stop_is_never_forgotten();
   test_forgone_offers_are_answered_without_memory_to_their_bound();

@@ -1334,10 +1334,13 @@ std::uint64_t Transport::expect(std::uint64_t req, const std::string& peer, cons
       throw TransportError("expect: request " + std::to_string(req) + ": peer '" + peer +
                            "' was removed (add_peer its metadata again first)");
     }
-    // the peer may touch every registered region it has our descriptors for: none may retire meanwhile
-    if (!retiring_.empty()) {
+    // the peer may touch the range it gets the descriptor of: no region under it may retire meanwhile (one
+    // elsewhere may: an executor frees a finished request's buffer while it offers another's)
+    bool retiring = false;
+    for (Agent::RegionId id : retiring_) retiring = retiring || local.overlaps(regions_.at(id));
+    if (retiring) {
       throw TransportError("expect: request " + std::to_string(req) + ": transport " + name() +
-                           " is deregistering a region; retry when it is done");
+                           " is deregistering a region its range overlaps; retry when it is done");
     }
     bool covered = false;
     for (const auto& [id, r] : regions_) covered = covered || r.contains(local);

@@ -82,6 +82,8 @@ from . import spec as _spec
 from .errors import InvalidArgument, LifecycleError, _shown
 
 __all__ = [
+    "EXCUSABLE_KINDS",
+    "MAX_DEPTH",
     "SCHEMA_ID",
     "AuditResult",
     "Auditor",
@@ -90,9 +92,12 @@ __all__ = [
     "LogHistogram",
     "VIOLATION_KINDS",
     "WARNING_KINDS",
+    "audit_events",
     "audit_paths",
     "build_schema",
+    "check_options",
     "event_errors",
+    "format_text",
     "load_schema",
     "main_audit",
     "native_unavailable",

@@ -525,3 +525,21 @@ def test_transport_md_says_remove_peer_of_an_unknown_name_is_no_error():
     table = _paragraph((DOCS / "transport.md").read_text(encoding="utf-8"), "| call | what it does |")
     row = " ".join(next(r for r in table.splitlines() if r.startswith("| `metadata()")).split())
     assert "a name that names no loaded peer (mistyped, never added) is no error either" in row
+
+
+def test_audit_all_holds_every_name_audit_md_presents():
+    """Review (session 29): docs/audit.md presents ``audit_events``, ``EXCUSABLE_KINDS`` and ``check_options``
+    (with ``format_text`` and ``MAX_DEPTH``) as lifecycle.audit's, but ``__all__`` left them out, so ``from
+    lifecycle.audit import *`` and API listings missed them.  Every public name of the module that the doc writes in
+    backticks (``audit.X`` or bare) is in ``__all__`` now, and every ``__all__`` name exists.  Control: the scan
+    finds the names the doc presents (those ``__all__`` always had among them)."""
+    import inspect
+
+    text = (DOCS / "audit.md").read_text(encoding="utf-8")
+    named = {n for code in re.findall(r"`([^`\n]+)`", text)
+             for n in re.findall(r"(?<![\w.])(?:lifecycle\.audit\.|audit\.)?([A-Za-z]\w*)", code)}
+    own = {n for n in named if hasattr(audit, n) and not inspect.ismodule(getattr(audit, n))
+           and getattr(getattr(audit, n), "__module__", audit.__name__) == audit.__name__}
+    assert {"audit_paths", "validate_event", "native_unavailable", "Auditor"} <= own  # control
+    assert sorted(own - set(audit.__all__)) == []
+    assert [n for n in audit.__all__ if not hasattr(audit, n)] == []

@@ -183,7 +183,7 @@ class SessionInfo:
     state: State
     outcome: Outcome | None
     deferred: bool
-    evidence: bool
+    evidence: bool  # a late DONE after Poisoned (recovers its slot); False on a Quiesced session: docs/engine.md
     slot: int | None
     generation: int
     state_since_ns: int

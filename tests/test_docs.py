@@ -543,3 +543,45 @@ def test_audit_all_holds_every_name_audit_md_presents():
     assert {"audit_paths", "validate_event", "native_unavailable", "Auditor"} <= own  # control
     assert sorted(own - set(audit.__all__)) == []
     assert [n for n in audit.__all__ if not hasattr(audit, n)] == []
+
+
+def test_engine_md_says_what_session_info_evidence_means():
+    """Review (session 29): ``SessionInfo.evidence`` was in no doc, and its name reads as "the session ended on
+    evidence" while it is False on a Quiesced session (whose ``completed`` rests on the transport's DONE) and
+    becomes True only on a late DONE after Poisoned (engine.cpp: kEvidence, set by a late ``complete`` in Poisoned
+    or in a Terminated session that was Poisoned; it recovers the quarantined slot).  docs/engine.md names every
+    field of ``info()``'s SessionInfo now and says that.  The behaviour pinned, with controls: a late DONE of a
+    session that was never Poisoned, and a second failure, set nothing."""
+    from dataclasses import fields
+
+    from lifecycle import SessionInfo, State, TransferEngine
+
+    e = TransferEngine(num_slots=4, slot_size=4096)
+    e.advertise(1, "sender", 10)
+    e.expose(1)
+    e.complete(1)
+    assert e.info(1).state == State.Quiesced and not e.info(1).evidence
+    e.terminate(1)
+    e.complete(1)  # late, never Poisoned: not evidence of anything new (control)
+    assert not e.info(1).evidence
+    e.advertise(2, "sender", 10)
+    e.expose(2)
+    e.fail(2)
+    e.fail(2)  # (control: a failure is no evidence)
+    assert e.info(2).state == State.Poisoned and not e.info(2).evidence
+    e.complete(2)  # the late DONE, while Poisoned
+    assert e.info(2).state == State.Poisoned and e.info(2).evidence
+    e.advertise(3, "sender", 10)
+    e.expose(3)
+    e.fail(3)
+    e.terminate(3)
+    assert e.pool.stats()["quarantined"] == 1 and not e.info(3).evidence
+    e.complete(3)  # the late DONE, after the termination (its tombstone)
+    assert e.info(3).evidence and e.pool.stats()["quarantined"] == 0
+    e.poll()
+
+    para = " ".join(_paragraph((DOCS / "engine.md").read_text(encoding="utf-8"), "`info(req)` returns").split())
+    missing = [f.name for f in fields(SessionInfo) if f"`{f.name}`" not in para]
+    assert missing == []
+    assert "False on every session that was never Poisoned, Quiesced ones included" in para
+    assert "a late `complete`" in para and "`buffer_recovered`" in para

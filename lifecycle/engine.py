@@ -162,7 +162,10 @@ class Health:
 
     ``oldest_nonterminal_s`` is the longest time a non-terminal session (Advertised, InFlight or CancelRequested)
     has been in its *current* state (the clock its timers run on), not the time since its advertise; None with
-    none.  Quiesced and Poisoned sessions awaiting ``terminate`` count in ``live`` and ``counts``, not here."""
+    none.  Quiesced and Poisoned sessions awaiting ``terminate`` count in ``live`` and ``counts``, not here.
+
+    ``backend_healthy`` and ``backend_reason`` are the last ``set_backend_health(healthy, reason)``'s: the reason is
+    kept with ``healthy=True`` too (a note), and listed in ``reasons`` only while ``backend_healthy`` is False."""
 
     healthy: bool
     reasons: tuple[str, ...]

@@ -585,3 +585,24 @@ def test_engine_md_says_what_session_info_evidence_means():
     assert missing == []
     assert "False on every session that was never Poisoned, Quiesced ones included" in para
     assert "a late `complete`" in para and "`buffer_recovered`" in para
+
+
+def test_a_reason_given_with_a_healthy_backend_is_kept_and_documented():
+    """Review (session 29): ``set_backend_health(True, "x")`` looked as if it dropped the reason: no doc said what
+    becomes of it (engine.md showed only ``set_backend_health(True, "")``).  It is kept, as a note: the engine
+    stores it in ``Health.backend_reason`` whatever ``healthy`` is, and lists it in ``reasons`` (and so in the
+    ``lifecycle.health`` log line) only while the backend is marked unhealthy.  The Health bullet and Health's
+    docstring say so now.  Control: the same reason with False is listed."""
+    from lifecycle import Health, TransferEngine
+
+    e = TransferEngine()
+    e.set_backend_health(True, "reconnected to peer b")
+    h = e.health()
+    assert h.healthy and h.backend_healthy and h.reasons == () and h.backend_reason == "reconnected to peer b"
+    e.set_backend_health(False, "peer b lost")  # control
+    h = e.health()
+    assert not h.healthy and h.reasons == ("backend: peer b lost",) and h.backend_reason == "peer b lost"
+    bullet = _paragraph((DOCS / "engine.md").read_text(encoding="utf-8"), "* **Health**")
+    bullet = " ".join(bullet[:bullet.find("\n* ")].split())
+    assert "a reason given with `True` is kept as `Health.backend_reason`" in bullet
+    assert "``backend_reason``" in Health.__doc__

@@ -159,3 +159,34 @@ def test_readme_says_a_terminate_alone_never_ends_an_advertised_session():
     assert e.cancel(1).value == "CancelledDeferred"  # control
     e.poll()
     assert released == [1] and e.pool.stats()["leased"] == 0
+
+
+def test_readme_reads_the_outcome_where_the_session_is_still_known():
+    """README's release() said to tell a Poisoned session by ``engine.info(req).outcome``, and the loop calls release()
+    right after terminate() answered Terminated.  With ``TransferEngine(tombstones=0)`` that terminate evicts the
+    tombstone at once, so the advised info() raised UnknownRequest inside release().  README says to read it before
+    the terminate in the loop now (on_terminate's request keeps its tombstone until the callback returned).  Shown
+    here: the loop's order raises; reading first, and info() inside on_terminate (control), give the outcome."""
+    from lifecycle import Outcome, TerminateResult, TransferEngine, UnknownRequest
+
+    text = " ".join(re.sub(r"\n\s*# ", " ", README.read_text()).split())  # (the comment's lines as one)
+    assert "engine.info(req).outcome in on_terminate; in the loop read it before terminate()" in text
+    assert "may evict the tombstone at once (tombstones=0)" in text
+    outcomes: list = []
+    e = TransferEngine(num_slots=2, slot_size=4096, tombstones=0,
+                       on_terminate=lambda req: outcomes.append(e.info(req).outcome))
+    e.advertise(1, "sender", 10)
+    e.cancel(1)
+    assert e.terminate(1) is TerminateResult.Terminated
+    with pytest.raises(UnknownRequest):  # the old advice, in the loop's order
+        e.info(1)
+    e.advertise(2, "sender", 10)
+    e.cancel(2)
+    before = e.info(2).outcome  # the advice now
+    assert e.terminate(2) is TerminateResult.Terminated and before is Outcome.cancelled
+    e.advertise(3, "sender", 10)
+    e.expose(3)
+    assert e.terminate(3) is TerminateResult.Deferred
+    e.fail(3)
+    e.poll()
+    assert outcomes == [Outcome.failed]  # control: in on_terminate the session is still known

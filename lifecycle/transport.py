@@ -11,7 +11,8 @@ complete, error -> fail, the peer's "done"/"quiesced" -> complete); the executor
 Cancellation follows DESIGN §3: nothing is released without evidence (see docs/transport.md).
 
 NIXL is loaded at run time from the installed ``nixl-cu12`` wheel (``libnixl_capi.so``, found without
-importing ``nixl``); ``KV_LIFECYCLE_NIXL_CAPI`` overrides the path.  When it is missing, creating a
+importing ``nixl``); ``KV_LIFECYCLE_NIXL_CAPI`` overrides that path, and NixlTransport's ``capi_path`` overrides
+both (a library that fails to load is named with where its path came from).  When it is missing, creating a
 :class:`NixlTransport` raises :class:`~lifecycle.errors.NixlUnavailable`; everything else keeps working.
 """
 
@@ -65,9 +66,14 @@ def nixl_capi_path() -> str:
 
     Never imports ``nixl``.  Raises :class:`NixlUnavailable` when neither exists.
     """
+    return _capi_path_and_source()[0]
+
+
+def _capi_path_and_source() -> tuple[str, str]:
+    """:func:`nixl_capi_path` and where it came from, as a NixlUnavailable message names it."""
     env = os.environ.get(ENV_CAPI)
     if env:
-        return env
+        return env, f"${ENV_CAPI}"
     spec = importlib.util.find_spec("nixl_cu12")
     if spec is None or spec.origin is None:
         raise NixlUnavailable(
@@ -80,7 +86,7 @@ def nixl_capi_path() -> str:
             f"NIXL C API unavailable: {path} not found in the installed nixl-cu12; reinstall it with "
             f"`{INSTALL_HINT}` or set {ENV_CAPI} to the path of libnixl_capi.so"
         )
-    return str(path)
+    return str(path), "the installed nixl-cu12 wheel"
 
 
 def _wheel_capi(spec) -> Path:
@@ -1093,6 +1099,9 @@ class NixlTransport(_Transport):
     treats release as evidence, the second answers a peer's "stop" before its own request is Done (the
     bugs that DESIGN §3 forbids), so that tests can prove they detect late writes on each side.
 
+    ``capi_path`` is the ``libnixl_capi.so`` to load; without it, :func:`nixl_capi_path`'s
+    (``$KV_LIFECYCLE_NIXL_CAPI``, else the wheel's).  A :class:`NixlUnavailable` names which of the three it was.
+
     Before its agent starts UCX it prepares CUDA support: for the nixl-cu12 wheel's NIXL it makes the CUDA 12
     runtime loadable (:func:`cuda12_runtime`), and where the CUDA driver loads it sets the
     :data:`UCX_CUDA_DEFAULTS` that the environment does not already set, for the whole process and its
@@ -1107,8 +1116,8 @@ class NixlTransport(_Transport):
         engine = _engine_arg(engine)
         if capi_path is not None and not isinstance(capi_path, (str, os.PathLike)):  # (an int was taken as an fd)
             raise InvalidArgument("capi_path", f"expected a path to libnixl_capi.so, got {type(capi_path).__name__}")
-        try:
-            path = os.fsdecode(capi_path) if capi_path else nixl_capi_path()
+        try:  # (capi_path wins over $KV_LIFECYCLE_NIXL_CAPI, which wins over the wheel's; errors say which it was)
+            path, source = (os.fsdecode(capi_path), "the capi_path argument") if capi_path else _capi_path_and_source()
         except TypeError as exc:  # (an __fspath__ that returns neither str nor bytes)
             raise InvalidArgument("capi_path", str(exc)) from None
         if "\0" in path:  # (dlopen takes a C string: "libnixl_capi.so\0junk" loaded libnixl_capi.so)
@@ -1117,13 +1126,12 @@ class NixlTransport(_Transport):
             raw = os.fsencode(path)
         except UnicodeEncodeError:  # (a lone surrogate that no file name decodes to)
             raise InvalidArgument("capi_path", f"{path!r:.80} is not a file name this system can encode") from None
-        # the library the core loads: $KV_LIFECYCLE_NIXL_CAPI overrides capi_path there (NixlCapi::load)
-        self._wheel = _is_wheel_capi(os.environ.get(ENV_CAPI) or path)
+        self._wheel = _is_wheel_capi(path)  # (the library the core loads: a path given is never overridden there)
         if self._wheel:
             cuda12_runtime()  # before UCX starts: the wheel's UCX loads its CUDA module only if libcudart.so.12 does
         ucx_cuda_defaults()
         core = _core._Transport.nixl(engine, name, raw, unsafe_release_on_cancel, faults_d, params, False, tick,
-                                     unsafe_ack_stop_at_once)
+                                     unsafe_ack_stop_at_once, source)
         super().__init__(core, engine, faults)
 
     def _refused_hint(self, m: Mem) -> str:

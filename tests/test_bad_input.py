@@ -1050,7 +1050,7 @@ def test_a_nixl_library_path_holding_a_nul_is_refused(monkeypatch):
     like ucx_params and agent names that hold a NUL (no NIXL needed: nothing is loaded)."""
     from lifecycle.transport import NixlTransport
 
-    monkeypatch.delenv(_core.NIXL_CAPI_ENV, raising=False)  # (it overrides the path given)
+    monkeypatch.delenv(_core.NIXL_CAPI_ENV, raising=False)  # (it overrode the path given until session 29)
     path = "/nonexistent/libnixl_capi.so\0/elsewhere.so"
     with pytest.raises(InvalidArgument) as ei:
         _core.load_nixl_capi(path)

@@ -530,20 +530,21 @@ def test_nixl_transport_prepares_cuda_before_its_agent_starts_ucx(monkeypatch):
         assert calls == want, (path, calls)
 
 
-def test_nixl_transport_prepares_cuda_for_the_library_the_env_override_loads(monkeypatch, tmp_path):
-    """Found by review: $KV_LIFECYCLE_NIXL_CAPI overrides capi_path in the core (NixlCapi::load, shown first),
-    but NixlTransport chose from capi_path whether the library is the wheel's: with the override naming the
-    wheel's library and capi_path another, the wheel's NIXL started UCX without the CUDA 12 runtime prepared
-    (['ucx', 'core']), and a refused VRAM registration got the other build's hint; the reverse prepared it for
-    a library that was not loaded.  Control: without the override, capi_path decides, as before."""
-    overriding = str(tmp_path / "override" / "libnixl_capi.so")
-    monkeypatch.setenv(ENV_CAPI, overriding)
-    with pytest.raises(NixlUnavailable) as ei:  # the core loads the override, not the path it was given
-        _core.load_nixl_capi(str(tmp_path / "given.so"))
-    assert ei.value.library == overriding
+def test_nixl_transport_prepares_cuda_for_the_library_it_loads(monkeypatch, tmp_path):
+    """Found by review: $KV_LIFECYCLE_NIXL_CAPI overrode capi_path in the core (NixlCapi::load), but NixlTransport
+    chose from capi_path whether the library is the wheel's: with the override naming the wheel's library and
+    capi_path another, the wheel's NIXL started UCX without the CUDA 12 runtime prepared (['ucx', 'core']).
+    Since session 29 an explicit capi_path wins over the variable (argument > environment > wheel), and the
+    library the core loads is the one NixlTransport decides for: capi_path when given, else the variable's."""
+    given = str(tmp_path / "given.so")
+    monkeypatch.setenv(ENV_CAPI, str(tmp_path / "env" / "libnixl_capi.so"))
+    with pytest.raises(NixlUnavailable) as ei:  # the core loads the path it was given, not the variable's
+        _core.load_nixl_capi(given)
+    assert ei.value.library == given
 
     calls = _preparation_calls(monkeypatch)
-    cases = (("wheel", "site-build", ["cudart", "ucx", "core"]), ("site-build", "wheel", ["ucx", "core"]),
+    cases = (("wheel", "site-build", ["ucx", "core"]), ("site-build", "wheel", ["cudart", "ucx", "core"]),
+             ("wheel", None, ["cudart", "ucx", "core"]), ("site-build", None, ["ucx", "core"]),
              (None, "wheel", ["cudart", "ucx", "core"]), (None, "site-build", ["ucx", "core"]))
     for env, path, want in cases:
         if env is None:
@@ -552,8 +553,41 @@ def test_nixl_transport_prepares_cuda_for_the_library_the_env_override_loads(mon
             monkeypatch.setenv(ENV_CAPI, env)
         calls.clear()
         with pytest.raises(RuntimeError, match="stop here"):
-            NixlTransport(None, "env-wins", capi_path=path)
+            NixlTransport(None, "arg-wins", capi_path=path)
         assert calls == want, (env, path, calls)
+
+
+def test_a_library_that_fails_to_load_is_named_with_where_its_path_came_from(monkeypatch, tmp_path):
+    """Review (session 29): $KV_LIFECYCLE_NIXL_CAPI overrode an explicit capi_path, and the error of the library
+    that then failed to load named the variable's path with nothing to say it came from there: a caller that
+    passed capi_path read of a library it never asked for.  The path given wins now, and the error says where
+    the path came from: the capi_path argument, the variable, or the installed nixl-cu12 wheel (a directory
+    standing in for its library here)."""
+    import lifecycle.transport as tr
+
+    arg, env = tmp_path / "arg" / "libnixl_capi.so", tmp_path / "env" / "libnixl_capi.so"
+    wheel = tmp_path / "wheel" / "libnixl_capi.so"
+    wheel.mkdir(parents=True)
+    monkeypatch.setenv(ENV_CAPI, str(env))
+    with pytest.raises(NixlUnavailable) as ei:
+        NixlTransport(None, "from-arg", capi_path=str(arg))
+    assert ei.value.library == str(arg), ei.value
+    assert f"library={arg} (from the capi_path argument)" in str(ei.value), ei.value
+    assert f"or give the path of libnixl_capi.so (capi_path, or {ENV_CAPI} when none is given)" in str(ei.value)
+    with pytest.raises(NixlUnavailable) as ei:
+        NixlTransport(None, "from-env")
+    assert ei.value.library == str(env), ei.value
+    assert f"library={env} (from ${ENV_CAPI})" in str(ei.value), ei.value
+    with pytest.raises(NixlUnavailable) as ei:  # the core given no path takes the variable's, and says so
+        _core.load_nixl_capi("")
+    assert ei.value.library == str(env) and f"(from ${ENV_CAPI})" in str(ei.value), ei.value
+    monkeypatch.delenv(ENV_CAPI)
+    monkeypatch.setattr(tr, "_wheel_capi", lambda spec: wheel)
+    monkeypatch.setattr(tr.importlib.util, "find_spec", lambda name: type("Spec", (), {"origin": "x"})())
+    with pytest.raises(NixlUnavailable) as ei:
+        NixlTransport(None, "from-wheel")
+    assert ei.value.library == str(wheel), ei.value
+    assert f"library={wheel} (from the installed nixl-cu12 wheel)" in str(ei.value), ei.value
 
 
 def test_ucx_cuda_defaults_apply_only_where_the_driver_loads_and_never_over_the_users_value(tmp_path):

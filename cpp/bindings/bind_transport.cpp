@@ -171,22 +171,24 @@ void register_transport(py::module_& m) {
   m.attr("REGION_END") = py::int_(static_cast<std::uint64_t>(tp::Region::kEnd));  // Mem checks with it
   m.attr("REGION_REFUSED") = tp::Region::kRefused;                                 // ... and says this
 
-  m.def("load_nixl_capi", [](const std::string& path) {
+  m.def("load_nixl_capi", [](const std::string& path, const std::string& source) {
     tp::check_c_name(path, "path");  // (dlopen takes a C string: "lib.so\0junk" loaded lib.so)
     std::shared_ptr<const tp::NixlCapi> api;
     {
       NoGil nogil;
-      api = tp::NixlCapi::load(path);
+      api = tp::NixlCapi::load(path, source);
     }
     return api->path();
-  }, py::arg("path"), "Load libnixl_capi.so (the env override applies) and resolve every symbol; "
-                      "returns the path used. Raises NixlUnavailable.");
+  }, py::arg("path"), py::arg("source") = "",
+     "Load libnixl_capi.so (an empty path: $KV_LIFECYCLE_NIXL_CAPI's) and resolve every symbol; returns the path "
+     "used. Raises NixlUnavailable, naming `source` as where the path came from.");
 
   py::class_<tp::Transport>(m, "_Transport", guarded_metaclass(), guarded_new_setup())
       .def_static("nixl", [](std::shared_ptr<Engine> engine, py::handle name_arg, const std::string& capi_path,
                              bool unsafe_release_on_cancel, const py::object& faults,
                              const std::vector<std::pair<std::string, std::string>>& ucx_params,
-                             bool nixl_progress_thread, double tick_s, bool unsafe_ack_stop_at_once) {
+                             bool nixl_progress_thread, double tick_s, bool unsafe_ack_stop_at_once,
+                             const std::string& capi_source) {
              const std::string name = agent_name(name_arg);
              tp::check_c_name(capi_path, "capi_path");  // (dlopen takes a C string: "lib.so\0junk" loaded lib.so)
              const tp::TransportOptions topts = options(unsafe_release_on_cancel, unsafe_ack_stop_at_once, tick_s);
@@ -194,7 +196,7 @@ void register_transport(py::module_& m) {
              std::unique_ptr<tp::Agent> agent;
              {
                NoGil nogil;
-               auto api = tp::NixlCapi::load(capi_path);
+               auto api = tp::NixlCapi::load(capi_path, capi_source);
                tp::NixlAgentOptions o;
                o.name = name;
                o.ucx_params = ucx_params;
@@ -210,7 +212,7 @@ void register_transport(py::module_& m) {
            }, py::arg("engine"), py::arg("name"), py::arg("capi_path"), py::arg("unsafe_release_on_cancel") = false,
            py::arg("faults") = py::none(), py::arg("ucx_params") = std::vector<std::pair<std::string, std::string>>{},
            py::arg("nixl_progress_thread") = false, py::arg("tick_s") = 0.001,
-           py::arg("unsafe_ack_stop_at_once") = false)
+           py::arg("unsafe_ack_stop_at_once") = false, py::arg("capi_source") = "")
       .def_static("loopback", [](std::shared_ptr<Engine> engine, py::handle name_arg, double bytes_per_second,
                                  double latency_s, bool unsafe_release_on_cancel, const py::object& faults,
                                  double tick_s, bool unsafe_ack_stop_at_once) {

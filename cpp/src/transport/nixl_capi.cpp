@@ -16,13 +16,15 @@ namespace {
 std::atomic<std::uint64_t> g_release_failures{0};
 
 std::string unavailable_message(const std::string& library, const std::string& symbol,
-                                const std::string& detail) {
+                                const std::string& detail, const std::string& source) {
   std::ostringstream os;
   os << "NIXL C API unavailable: ";
   if (!symbol.empty()) os << "symbol " << symbol << " missing; ";
-  os << detail << "; library=" << (library.empty() ? "<none>" : library)
-     << "; install it with `" << NixlCapi::kInstallHint << "` or set " << NixlCapi::kPathEnv
-     << " to the path of libnixl_capi.so";
+  os << detail << "; library=" << (library.empty() ? "<none>" : library);
+  if (!source.empty()) os << " (from " << source << ")";
+  // (the variable only stands in for a path not given: naming it alone misled a caller that gave one)
+  os << "; install it with `" << NixlCapi::kInstallHint << "` or give the path of libnixl_capi.so (capi_path, or "
+     << NixlCapi::kPathEnv << " when none is given)";
   return os.str();
 }
 
@@ -36,8 +38,8 @@ std::string call_message(const std::string& call, int status, const std::string&
 }  // namespace
 
 NixlUnavailable::NixlUnavailable(std::string library, std::string missing_symbol,
-                                 std::string detail)
-    : TransportError(unavailable_message(library, missing_symbol, detail)),
+                                 std::string detail, const std::string& source)
+    : TransportError(unavailable_message(library, missing_symbol, detail, source)),
       library_(std::move(library)),
       missing_symbol_(std::move(missing_symbol)) {}
 
@@ -79,9 +81,14 @@ std::vector<std::string> nixl_capi_required_symbols() {
   return out;
 }
 
-std::shared_ptr<const NixlCapi> NixlCapi::load(const std::string& path) {
-  std::string chosen = path;
-  if (const char* env = std::getenv(kPathEnv); env != nullptr && *env != '\0') chosen = env;
+std::shared_ptr<const NixlCapi> NixlCapi::load(const std::string& path, const std::string& source) {
+  // The path given wins (argument > environment): until session 29 the variable overrode it, and a caller that
+  // passed a path was told of another library, with nothing to say where that one came from.
+  std::string chosen = path, from = source;
+  if (const char* env = std::getenv(kPathEnv); chosen.empty() && env != nullptr && *env != '\0') {
+    chosen = env;
+    from = std::string("$") + kPathEnv;
+  }
   if (chosen.empty()) {
     throw NixlUnavailable("", "", std::string("no library path given and ") + kPathEnv + " unset");
   }
@@ -91,7 +98,7 @@ std::shared_ptr<const NixlCapi> NixlCapi::load(const std::string& path) {
   struct stat st{};
   if (chosen.find('/') != std::string::npos && ::stat(chosen.c_str(), &st) == 0 && !S_ISREG(st.st_mode)) {
     const char* what = S_ISDIR(st.st_mode) ? "a directory" : S_ISFIFO(st.st_mode) ? "a FIFO" : "a device or socket";
-    throw NixlUnavailable(chosen, "", chosen + " is not a regular file (" + what + "); nothing was loaded");
+    throw NixlUnavailable(chosen, "", chosen + " is not a regular file (" + what + "); nothing was loaded", from);
   }
 
   // RTLD_NODELETE: NIXL/UCX start threads and register atexit hooks; unmapping them is unsafe.
@@ -99,7 +106,7 @@ std::shared_ptr<const NixlCapi> NixlCapi::load(const std::string& path) {
   void* dl = dlopen(chosen.c_str(), RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE);
   if (dl == nullptr) {
     const char* err = dlerror();
-    throw NixlUnavailable(chosen, "", std::string("dlopen failed: ") + (err ? err : "unknown"));
+    throw NixlUnavailable(chosen, "", std::string("dlopen failed: ") + (err ? err : "unknown"), from);
   }
 
   std::shared_ptr<NixlCapi> api(new NixlCapi());
@@ -127,10 +134,10 @@ std::shared_ptr<const NixlCapi> NixlCapi::load(const std::string& path) {
     for (std::size_t i = 0; i < missing.size() && i < 4; ++i) detail << (i ? ", " : "") << missing[i];
     if (missing.size() > 4) detail << ", ...";
     detail << "); not a compatible libnixl_capi.so (need nixl-cu12 1.5.1)";
-    throw NixlUnavailable(chosen, missing.front(), detail.str());
+    throw NixlUnavailable(chosen, missing.front(), detail.str(), from);
   }
   if (api->is_stub()) {
-    throw NixlUnavailable(chosen, "", "library is a stub build of the NIXL C API (no NIXL inside)");
+    throw NixlUnavailable(chosen, "", "library is a stub build of the NIXL C API (no NIXL inside)", from);
   }
   return api;
 }

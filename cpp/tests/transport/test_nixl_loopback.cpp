@@ -142,6 +142,26 @@ void test_load_errors() {
               m.find("pip install nixl-cu12==1.5.1") != std::string::npos,
           "missing symbol: typed error names symbol, library and install command");
   }
+  // The path given wins over $KV_LIFECYCLE_NIXL_CAPI (until session 29 the variable overrode it), which stands in
+  // for none; the message names where the path came from.
+  setenv(NixlCapi::kPathEnv, "/nonexistent/env/libnixl_capi.so", 1);
+  try {
+    NixlCapi::load("/nonexistent/given/libnixl_capi.so", "the caller");
+    check(false, "load of a missing file given with the variable set throws NixlUnavailable");
+  } catch (const NixlUnavailable& e) {
+    check(e.library() == "/nonexistent/given/libnixl_capi.so" &&
+              std::string(e.what()).find("libnixl_capi.so (from the caller)") != std::string::npos,
+          "a path given wins over the variable, and the message names its source");
+  }
+  try {
+    NixlCapi::load("");
+    check(false, "load of no path with the variable set throws NixlUnavailable");
+  } catch (const NixlUnavailable& e) {
+    check(e.library() == "/nonexistent/env/libnixl_capi.so" &&
+              std::string(e.what()).find(std::string("(from $") + NixlCapi::kPathEnv + ")") != std::string::npos,
+          "no path given: the variable's, named as such");
+  }
+  unsetenv(NixlCapi::kPathEnv);
   check(nixl_capi_required_symbols().size() >= 40, "symbol table lists " +
                                                        std::to_string(nixl_capi_required_symbols().size()) +
                                                        " required symbols");

@@ -69,7 +69,8 @@ class RoleRefused : public TransportError {
 // Attributes carry the context so callers never parse the message.
 class NixlUnavailable : public TransportError {
  public:
-  NixlUnavailable(std::string library, std::string missing_symbol, std::string detail);
+  // `source` says where the library's path came from ("the capi_path argument"); the message quotes it.
+  NixlUnavailable(std::string library, std::string missing_symbol, std::string detail, const std::string& source = "");
   const std::string& library() const noexcept { return library_; }
   // First missing symbol, empty when the library itself could not be loaded.
   const std::string& missing_symbol() const noexcept { return missing_symbol_; }
@@ -208,13 +209,14 @@ static_assert(sizeof(agent_config_t) == 40, "nixl_capi_agent_config_t layout");
 // The resolved function table. Immutable after load; share it with shared_ptr<const NixlCapi>.
 class NixlCapi {
  public:
-  // Environment variable that overrides the path given to load().
+  // Environment variable load() takes the path from when it is given none.
   static constexpr const char* kPathEnv = "KV_LIFECYCLE_NIXL_CAPI";
   static constexpr const char* kInstallHint = "pip install nixl-cu12==1.5.1";
 
-  // dlopen `path` (or $KV_LIFECYCLE_NIXL_CAPI when set) and resolve every symbol.
-  // Throws NixlUnavailable on any failure.
-  static std::shared_ptr<const NixlCapi> load(const std::string& path);
+  // dlopen `path` (empty: $KV_LIFECYCLE_NIXL_CAPI's) and resolve every symbol: the path given wins over the
+  // variable.  Throws NixlUnavailable on any failure, naming `source` as where the path came from (for an empty
+  // path: the variable).
+  static std::shared_ptr<const NixlCapi> load(const std::string& path, const std::string& source = "");
 
   const std::string& path() const noexcept { return path_; }
 

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <new>
@@ -2731,6 +2732,134 @@ void test_note_faults_of_an_id_never_depend_on_another_ids_notes() {
   CHECK(dropped > 0 && dropped < 32);
 }
 
+// Every fault decision is a pure function of (seed, kind, request, occurrence), whichever thread makes it: a
+// posting thread prepares and posts (status faults), a progress thread polls, releases (release failures) and
+// fetches the peer's notes (drops, duplicates) at once, each pausing at random (yield, sleep) by a jitter seed.
+// Three interleavings of the same calls give the same decisions per request and per note.  Control: another
+// fault seed gives other decisions, and every kind fires (a shared generator drawn from both threads, the
+// usual way to get this wrong, fails the first check).
+struct FaultDecisions {
+  std::map<std::uint64_t, Fault> fault;                                 // per request, at its prepare
+  std::map<std::uint64_t, int> release_failures;                        // per request, before its release
+  std::map<std::pair<std::uint64_t, std::uint64_t>, int> delivered;     // per (request, note tag): 0, 1 or 2
+  bool operator==(const FaultDecisions& o) const {
+    return fault == o.fault && release_failures == o.release_failures && delivered == o.delivered;
+  }
+};
+
+FaultDecisions fault_decisions(std::uint64_t seed, std::uint64_t jitter) {
+  constexpr std::uint64_t kN = 300;
+  constexpr std::size_t kSize = 256;
+  static std::atomic<int> run{0};
+  const std::string suffix = std::to_string(run.fetch_add(1));
+  FaultOptions f;
+  f.seed = seed;
+  f.delay = 0.2;
+  f.delay_for = std::chrono::microseconds(100);
+  f.error = 0.2;
+  f.never_completes = 0.1;
+  f.drop_notification = 0.3;
+  f.duplicate_notification = 0.3;
+  f.release_failure = 0.4;
+  // (the buffers first: destroyed after the agents, whose worker may still copy a transfer released in flight)
+  std::vector<char> dst(kN * kSize, 0), src(kN * kSize, 'r');
+  FaultyAgent a(std::make_unique<LoopbackAgent>(named("replay-a" + suffix)), f);
+  LoopbackAgent b(named("replay-b" + suffix));
+  const auto at = [&](std::vector<char>& v, std::uint64_t req) {
+    return Region{reinterpret_cast<std::uintptr_t>(v.data()) + (req - 1) * kSize, kSize, 0, MemKind::Dram};
+  };
+  (void)a.register_region({reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram});
+  (void)b.register_region({reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram});
+  const std::string peer_b = a.load_remote_metadata(b.local_metadata());
+  const std::string peer_a = b.load_remote_metadata(a.local_metadata());
+  FaultDecisions d;
+  const auto count_notes = [&](std::vector<RawNotification> notes) {
+    for (const auto& n : notes) {
+      const auto m = decode_notif(n.bytes);
+      if (m) ++d.delivered[{m->req, m->tag}];
+    }
+  };
+  std::atomic<std::uint64_t> posted{0};
+  std::atomic<bool> poster_done{false};
+  std::thread poster([&] {
+    std::mt19937_64 rng(jitter);
+    const auto pause = [&] {
+      const std::uint64_t r = rng() % 4;
+      if (r == 1) std::this_thread::yield();
+      if (r >= 2) std::this_thread::sleep_for(std::chrono::microseconds(rng() % 200));
+    };
+    for (std::uint64_t req = 1; req <= kN; ++req) {
+      a.prepare(req, XferOp::Read, at(dst, req), at(src, req), peer_b, std::nullopt);
+      d.fault[req] = a.fault_of(req);
+      (void)a.post(req);
+      posted.store(req);
+      pause();
+      for (std::uint64_t tag : {1, 2}) {  // two occurrences of (req, Stop), then a Quiesced
+        b.send_notification(peer_a, {req, NotifKind::Stop, tag});
+        pause();
+      }
+      b.send_notification(peer_a, {req, NotifKind::Quiesced, 3});
+    }
+    poster_done.store(true);
+  });
+  std::thread progress([&] {
+    std::mt19937_64 rng(jitter * 7 + 1);
+    std::vector<std::uint64_t> open;
+    std::uint64_t next = 1;
+    for (;;) {
+      const bool last = poster_done.load();  // (read before posted: nothing posted after it is missed)
+      for (const std::uint64_t hi = posted.load(); next <= hi; ++next) open.push_back(next);
+      if (rng() % 2) {
+        std::size_t skipped = 0;
+        count_notes(a.fetch_notifications(skipped));
+      }
+      for (auto it = open.begin(); it != open.end();) {
+        // once every post is made, what still runs (never_completes, a delay) is released as it is
+        if (!last && a.status(*it).state == XferState::InProgress) {
+          ++it;
+          continue;
+        }
+        int fails = 0;
+        while (a.release(*it) != kReleased) {
+          ++fails;
+          if (rng() % 2) std::this_thread::yield();
+        }
+        d.release_failures[*it] = fails;
+        it = open.erase(it);
+      }
+      if (last && open.empty()) break;
+      if (rng() % 2) std::this_thread::sleep_for(std::chrono::microseconds(rng() % 100));
+    }
+  });
+  poster.join();
+  progress.join();
+  std::size_t skipped = 0;
+  count_notes(a.fetch_notifications(skipped));  // (the loopback delivers at the send: every note is there)
+  for (std::uint64_t req = 1; req <= kN; ++req) {
+    for (std::uint64_t tag : {1, 2, 3}) d.delivered.try_emplace({req, tag}, 0);  // dropped
+  }
+  return d;
+}
+
+void test_fault_decisions_never_depend_on_thread_interleaving() {
+  const FaultDecisions d = fault_decisions(21, 1);
+  CHECK(fault_decisions(21, 2) == d);
+  CHECK(fault_decisions(21, 3) == d);
+  // controls: the decisions are the seed's (another differs), and every kind fired
+  CHECK(!(fault_decisions(22, 1) == d));
+  std::size_t faults[5] = {}, release_failures = 0, dropped = 0, duplicated = 0;
+  for (const auto& [req, f] : d.fault) ++faults[static_cast<int>(f)];
+  for (const auto& [req, n] : d.release_failures) release_failures += n;
+  for (const auto& [key, n] : d.delivered) {
+    dropped += n == 0;
+    duplicated += n == 2;
+  }
+  CHECK(d.fault.size() == 300 && d.release_failures.size() == 300);
+  CHECK(faults[static_cast<int>(Fault::Delay)] > 0 && faults[static_cast<int>(Fault::Error)] > 0 &&
+        faults[static_cast<int>(Fault::NeverCompletes)] > 0 && faults[static_cast<int>(Fault::None)] > 0);
+  CHECK(d.delivered.size() == 900 && release_failures > 0 && dropped > 0 && duplicated > 0);
+}
+
 // The loopback worker let an exception escape its thread: an allocation that failed while it queued a transfer's
 // "done" note at the peer (the note's copy of the agent's name) ended the process (std::terminate).  Scripted:
 // allocations of that string's size fail on every thread while the transfer runs.  Now the note is lost (the
@@ -2824,6 +2953,7 @@ int main() {
   test_a_status_read_before_an_id_was_watched_again_is_not_reported_for_the_new_request();
   test_a_release_never_forgets_the_fault_of_a_new_transfer_of_the_id();
   test_note_faults_of_an_id_never_depend_on_another_ids_notes();
+  test_fault_decisions_never_depend_on_thread_interleaving();
   test_fault_options_out_of_range_are_refused_by_the_constructor();
   test_loopback_options_out_of_range_are_refused_by_the_constructor();
   test_a_failed_allocation_on_the_loopback_worker_loses_a_note_not_the_process();

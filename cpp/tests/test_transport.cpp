@@ -2860,6 +2860,44 @@ void test_fault_decisions_never_depend_on_thread_interleaving() {
   CHECK(d.delivered.size() == 900 && release_failures > 0 && dropped > 0 && duplicated > 0);
 }
 
+// The note occurrence counts are bounded: at 65,536 keys (peer, request, kind) the next new key clears them all.
+// Which keys were counted before the clear follows the order notes arrive in, across requests (timing), so past
+// the bound a repeated note can be decided differently in a replay.  Pinned (docs/transport.md says so): a repeated
+// stop of request 1 after 65,535 other keys, just before or just after one more new key, is decided by occurrence
+// 1 or 0.  Control: below the bound the order of the two makes no difference.
+void test_note_occurrences_past_their_bound_follow_the_arrival_order() {
+  const auto second_stop_delivered = [](std::uint64_t seed, std::uint64_t others, bool new_key_first) {
+    FaultOptions f;
+    f.seed = seed;
+    f.drop_notification = 0.5;
+    static std::atomic<int> run{0};
+    const std::string suffix = std::to_string(run.fetch_add(1));
+    FaultyAgent a(std::make_unique<LoopbackAgent>(named("occ-bound-a" + suffix)), f);
+    LoopbackAgent b(named("occ-bound-b" + suffix));
+    const std::string peer_a = b.load_remote_metadata(a.local_metadata());
+    std::size_t skipped = 0;
+    b.send_notification(peer_a, {1, NotifKind::Stop, 1});
+    for (std::uint64_t i = 0; i < others; ++i) b.send_notification(peer_a, {1000 + i, NotifKind::Done, 0});
+    (void)a.fetch_notifications(skipped);
+    if (new_key_first) b.send_notification(peer_a, {999, NotifKind::Done, 0});
+    b.send_notification(peer_a, {1, NotifKind::Stop, 2});  // the repeated stop (tag 2)
+    if (!new_key_first) b.send_notification(peer_a, {999, NotifKind::Done, 0});
+    bool delivered = false;
+    for (const auto& n : a.fetch_notifications(skipped)) {
+      const auto m = decode_notif(n.bytes);
+      delivered = delivered || (m && m->req == 1 && m->tag == 2);
+    }
+    return delivered;
+  };
+  int past = 0, below = 0;
+  for (std::uint64_t seed = 0; seed < 4; ++seed) {
+    past += second_stop_delivered(seed, 65535, false) != second_stop_delivered(seed, 65535, true);
+    below += second_stop_delivered(seed, 1000, false) != second_stop_delivered(seed, 1000, true);
+  }
+  CHECK(past > 0);
+  CHECK(below == 0);
+}
+
 // The loopback worker let an exception escape its thread: an allocation that failed while it queued a transfer's
 // "done" note at the peer (the note's copy of the agent's name) ended the process (std::terminate).  Scripted:
 // allocations of that string's size fail on every thread while the transfer runs.  Now the note is lost (the
@@ -2954,6 +2992,7 @@ int main() {
   test_a_release_never_forgets_the_fault_of_a_new_transfer_of_the_id();
   test_note_faults_of_an_id_never_depend_on_another_ids_notes();
   test_fault_decisions_never_depend_on_thread_interleaving();
+  test_note_occurrences_past_their_bound_follow_the_arrival_order();
   test_fault_options_out_of_range_are_refused_by_the_constructor();
   test_loopback_options_out_of_range_are_refused_by_the_constructor();
   test_a_failed_allocation_on_the_loopback_worker_loses_a_note_not_the_process();

@@ -224,7 +224,8 @@ std::vector<RawNotification> FaultyAgent::fetch_notifications(std::size_t& skipp
     const std::uint64_t key = m ? m->req * 4 + static_cast<std::uint64_t>(m->kind) : 0;  // the rolls' input
     // counted per (peer, request, kind) itself: key wraps from id 2**62 on (id 1 and 2**62 + 1 share it)
     auto seen_key = std::make_tuple(n.peer, m ? m->req : 0, m ? static_cast<std::uint8_t>(m->kind) : std::uint8_t{0});
-    // bounded: the occurrences restart at a fixed count of keys, not at a fetch's end (timing)
+    // bounded: the occurrences restart at a fixed count of keys, not at a fetch's end; which keys came before
+    // the restart follows the arrival order across requests, so past it a repeated note may not replay
     if (notif_seen_.size() >= 65536 && notif_seen_.count(seen_key) == 0) notif_seen_.clear();
     const std::uint64_t occ = notif_seen_[std::move(seen_key)]++;
     if (roll(kDrop, key, occ) < opts_.drop_notification) {

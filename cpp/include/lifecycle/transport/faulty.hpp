@@ -3,7 +3,8 @@
 // Theory of operation
 // -------------------
 // Every decision is a pure function of (seed, fault kind, request id, occurrence), never of thread
-// timing, so a failing run replays with the same seed. Faults, each with its own probability:
+// timing, so a failing run replays with the same seed (a note's occurrences up to their bound of 65,536 keys:
+// fetch_notifications). Faults, each with its own probability:
 //   delay            the transfer reports InProgress for `delay_for` after post, then the truth
 //   error            the transfer reports Failed (the inner transfer keeps running: not evidence)
 //   disconnect       at post: the peer counts as gone.  Requests to it prepared after that are

@@ -142,6 +142,18 @@ class StateInterrupted(Fake):
         raise KeyboardInterrupt
 
 
+class Counting:
+    """A group's communicator, counting the MPI requests a call starts besides the header (its Iall* calls)."""
+
+    def __init__(self, comm):
+        self.comm, self.n = comm, 0
+
+    def __getattr__(self, name):
+        if name.startswith("Iall"):
+            self.n += 1
+        return getattr(self.comm, name)
+
+
 def outcome_of(call) -> list:
     """What ``call()`` did, for a RESULT line: ["returned", value] or [error type, its argument or field]."""
     try:
@@ -553,15 +565,6 @@ def main() -> None:
     if case == "unpickle-some":
         g = col.RankGroup(comm, watchdog=2.0)
 
-        class Counting:  # the group's communicator, counting the MPI requests a flush starts besides the header
-            def __init__(self, comm):
-                self.comm, self.n = comm, 0
-
-            def __getattr__(self, name):
-                if name.startswith("Iall"):
-                    self.n += 1
-                return getattr(self.comm, name)
-
         g._comm = counting = Counting(g._comm)
 
         def requests(call):
@@ -600,15 +603,6 @@ def main() -> None:
         import numpy as np
 
         g = col.RankGroup(comm, watchdog=3.0)  # small: a rank left in a collective times out soon
-
-        class Counting:  # the group's communicator, counting the MPI requests a call starts besides the header
-            def __init__(self, comm):
-                self.comm, self.n = comm, 0
-
-            def __getattr__(self, name):
-                if name.startswith("Iall"):
-                    self.n += 1
-                return getattr(self.comm, name)
 
         g._comm = counting = Counting(g._comm)
 

@@ -992,7 +992,9 @@ std::size_t Engine::drain_to(const std::function<Record*(std::size_t)>& dest, bo
   // Lossless when an allocation fails once records are out of their shards: each run goes back into its
   // shard's spill, which is empty (this drain took it with the run, and no other drain runs meanwhile),
   // so the swap allocates nothing, loses nothing, and the next drain takes it first, before what was queued since.
-  auto put_back = [&runs, &from]() noexcept {
+  // A wait_ready that fell asleep while the records were out is woken as they come back (no push wakes it).
+  auto put_back = [this, &runs, &from]() noexcept {
+    bool back = false;
     for (std::size_t i = 0; i < runs.size(); ++i) {
       if (runs[i].empty()) continue;  // (the shard whose take failed: nothing taken)
       Shard& sh = *from[i].sh;
@@ -1001,9 +1003,14 @@ std::size_t Engine::drain_to(const std::function<Record*(std::size_t)>& dest, bo
       sh.spill_at = from[i].first;
       sh.queued.store(static_cast<std::uint32_t>(sh.queue.size() + sh.spill.size() - sh.spill_at),
                       std::memory_order_seq_cst);
+      back = true;
     }
     runs.clear();
     from.clear();
+    try {
+      notify_pushed(back ? 1 : 0);
+    } catch (...) {  // (std::mutex::lock's system_error: the waiter's timeout still ends its wait)
+    }
   };
   std::size_t n = 0;
   std::uint64_t lo = UINT64_MAX, hi = 0;
@@ -1063,9 +1070,11 @@ std::size_t Engine::drain_to(const std::function<Record*(std::size_t)>& dest, bo
   // bounded drain did not copy goes back as its shard's spill (in place: spill_at past what was taken; moved to
   // the front only once what is left is no longer than what was taken: the records moved add up to no more).
   struct GiveBack {
+    Engine& eng;
     std::vector<std::vector<Record>>& runs;
     std::vector<From>& from;
     ~GiveBack() {
+      bool left = false;  // (put back: a waiter asleep meanwhile is woken, as put_back wakes it)
       for (std::size_t i = 0; i < runs.size(); ++i) {
         Shard& sh = *from[i].sh;
         std::vector<Record>& run = runs[i];
@@ -1081,12 +1090,17 @@ std::size_t Engine::drain_to(const std::function<Record*(std::size_t)>& dest, bo
           sh.spill_at = end;
           sh.queued.store(static_cast<std::uint32_t>(sh.queue.size() + sh.spill.size() - sh.spill_at),
                           std::memory_order_seq_cst);
+          left = true;
         } else if (sh.spare.capacity() < run.capacity()) {
           sh.spare.swap(run);
         }
       }
+      try {
+        eng.notify_pushed(left ? 1 : 0);
+      } catch (...) {
+      }
     }
-  } give_back{runs, from};
+  } give_back{*this, runs, from};
   if (n == 0) return 0;
   const std::size_t m = std::min(n, max);
   Record* dst = nullptr;

@@ -747,6 +747,61 @@ static void test_a_bounded_drain_puts_the_rest_back_ahead_of_what_was_queued_mea
   CHECK(once);
 }
 
+// A waiter asleep in wait_ready while a drain holds every record out of its shard wakes once the drain puts records
+// back: the rest a bounded drain left, or all it took when its destination failed.  (Review: neither put-back woke
+// it, so it slept with records queued until its timeout or the next push.)  Control: it waits while they are out.
+static void test_a_waiter_wakes_when_a_drain_puts_records_back() {
+  for (const bool fail : {false, true}) {
+    Config cf = cfg();
+    cf.shards = 1;
+    cf.wait_spin_ns = 0;  // the waiter sleeps at once
+    Engine eng(cf);
+    for (std::uint64_t r = 1; r <= 3; ++r) eng.advertise(r, Role::sender, 0);
+    DrainGate gate;
+    std::vector<Record> got;
+    std::thread drainer([&] {
+      try {
+        eng.drain_to([&](std::size_t n) -> Record* {
+          gate.hold();
+          if (fail) throw std::bad_alloc();
+          got.resize(n);
+          return got.data();
+        }, false, 1);
+      } catch (const std::bad_alloc&) {
+      }
+    });
+    gate.wait_held();
+    CHECK(eng.pending() == 0);  // every record out, held by the drain
+    std::mutex mu;
+    std::condition_variable cv;
+    bool returned = false, ready = false;
+    std::thread waiter([&] {
+      const bool r = eng.wait_ready(kMaxWaitNs);
+      std::lock_guard<std::mutex> lk(mu);
+      returned = true;
+      ready = r;
+      cv.notify_all();
+    });
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));  // (to let it fall asleep: nothing is queued)
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      CHECK(!returned);  // the control
+    }
+    gate.open();
+    drainer.join();
+    CHECK(eng.pending() == (fail ? 3u : 2u));
+    bool woke = false;
+    {
+      std::unique_lock<std::mutex> lk(mu);
+      woke = cv.wait_for(lk, std::chrono::seconds(10), [&] { return returned; });  // (a hang's bound, not a timing)
+    }
+    CHECK(woke);
+    if (!woke) eng.advertise(9, Role::sender, 0);  // a push wakes it, to join it
+    waiter.join();
+    CHECK(ready);
+  }
+}
+
 // A child forked while another thread's drain held a shard's records (between taking them and handing them over)
 // drains what is queued in it later: that drain does not exist there, and the shard is not kept for it (without
 // the fork handler's reset, every later drain in the child skipped the shard, its records stuck for good).
@@ -1114,6 +1169,7 @@ int main() {
   test_drain_allocation_failure_keeps_records();
   test_drain_to_double_failure_keeps_records();
   test_a_bounded_drain_gives_the_first_records_and_keeps_the_rest();
+  test_a_waiter_wakes_when_a_drain_puts_records_back();
   test_a_forked_child_drains_a_shard_a_drain_held();
   test_a_drain_skips_a_shard_another_drain_holds();
   test_concurrent_drains_keep_the_engine_order();

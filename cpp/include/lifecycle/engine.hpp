@@ -195,6 +195,7 @@ class Engine {
                        std::size_t max = SIZE_MAX);
   void notice_delivered(std::uint64_t req);
   // Block (no GIL: callers release it) until a record is queued or timeout_ns elapses (steady time).
+  // Records a drain puts back (what a bounded drain left, all a failed one took) wake it as a push does.
   bool wait_ready(std::int64_t timeout_ns);
   // Earliest pending timer deadline on the engine clock; INT64_MAX when none.
   std::int64_t next_deadline_ns() const;

@@ -700,8 +700,14 @@ class TransferEngine(_core.Engine):
             left = deadline - time.monotonic()
             if got or left <= 0:
                 return got
-            if self._poll_budget is not None and not self._handler and (self._inbox or self.pending()):
-                continue  # records the budget left (none of them a transition): no wait for new ones first
+            if self._poll_budget is not None and (self._inbox or self.pending()):
+                # records a budget left: _wait_ready would return at once (they are queued), so no wait on it
+                if not self._handler:
+                    continue  # none of them a transition: this poll() takes the next, no wait for new ones first
+                if self._handler == threading.get_ident():
+                    return got  # a callback's drain() in a poll() whose budget is spent: nothing moves until it returns
+                time.sleep(min(left, 0.0005))  # another thread's poll() handles them: wait for it, never spin
+                continue
             nd = self.next_deadline_ns()
             if nd < 2**62:
                 left = min(left, max((nd - self.now_ns()) / 1e9, 0.0) + 1e-4)

@@ -1477,3 +1477,41 @@ def test_a_callback_error_during_a_wait_ends_the_wait_with_that_polls_transition
         assert seen == [(1, "Quiesced"), (1, "Terminated"), (2, "Quiesced")], wait
         assert e.poll() == [] and calls == [1], wait  # told once, delivered once
         assert e.wait_terminal(2, 5) is State.Quiesced  # the wait, called again, returns
+
+
+def test_a_callbacks_drain_within_a_spent_budget_returns_instead_of_spinning():
+    """With poll_budget, what the budget leaves stays queued natively, so _wait_ready returns at once; a drain()
+    from an on_terminate, inside a poll() whose budget is spent, polled again and again (every poll() [], taking
+    nothing) until its timeout: a busy loop.  Nothing can move for it until the outer poll() returns, so it returns
+    after one poll().  Counted in polls, not time (seen failing: 57,660 polls in the 0.3 s).  Control: without a
+    budget nothing is left queued, and the same drain() waits blocked, a few polls (a spin makes thousands)."""
+    for budget in (2, None):
+        polls, got, drained_in = [], [], []
+
+        class Counting(TransferEngine):
+            def poll(self):
+                polls.append(1)
+                return super().poll()
+
+        def on_terminate(r):
+            if r == 0:
+                polls.clear()
+                got.append(e.drain(0.3))
+                drained_in.append(len(polls))  # the polls that drain() made
+
+        e = Counting(on_terminate=on_terminate, poll_budget=budget)
+        for r in range(6):
+            e.advertise(r, "sender")
+            e.expose(r)
+        e.poll()
+        for r in range(6):
+            e.cancel(r)
+            e.terminate(r)
+            e.complete(r)
+        for _ in range(100):
+            e.poll()
+        if budget is not None:
+            assert got == [[]] and drained_in == [1], (budget, drained_in)
+        else:
+            # nothing left for it either: it waits out its timeout blocked (_wait_ready), a few polls, not a spin
+            assert got == [[]] and drained_in[0] < 50, (budget, drained_in)

@@ -1159,12 +1159,6 @@ def poll_symmetric(
         read = True
     except BaseException as exc:
         poll_error, ids = (poll_error or exc), []
-    try:
-        local = np.empty(1 + 2 * len(ids), dtype=np.int64)
-        local[1::2] = np.array(ids, dtype=np.uint64).view(np.int64)  # ids are uint64: two's complement on the wire
-    except Exception as exc:  # a MemoryError (many ids): raised here alone, it stranded the others in the collective
-        poll_error, ids, read = (poll_error or exc), [], False
-        local = np.zeros(1, dtype=np.int64)
     flags = []
     for r in ids:
         try:
@@ -1172,7 +1166,13 @@ def poll_symmetric(
         except BaseException as exc:  # its own error, or Ctrl-C while it reads: re-raised after the collective too
             poll_error = poll_error or exc
             flags.append(0)
-    local[2::2] = flags
+    try:  # (the flags' conversion too: an array as big as the ids', unguarded after it, raised here alone as well)
+        local = np.empty(1 + 2 * len(ids), dtype=np.int64)
+        local[1::2] = np.array(ids, dtype=np.uint64).view(np.int64)  # ids are uint64: two's complement on the wire
+        local[2::2] = flags
+    except Exception as exc:  # a MemoryError (many ids): raised here alone, it stranded the others in the collective
+        poll_error, ids, read = (poll_error or exc), [], False
+        local = np.zeros(1, dtype=np.int64)
     local[0] = 1 if poll_error is not None else 0
     seq_no = group.statistics().seq
     site = _call_site() if site is None else site

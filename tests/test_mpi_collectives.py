@@ -635,3 +635,18 @@ def test_poll_symmetric_ids_one_rank_cannot_send_join_the_collective_first():
         assert res["control"] == res["after"] == ["returned", [200_000, []]], (rank, explain(run))
     assert got[0]["poll"] == ["returned", [2, [1]]], explain(run)
     assert got[1]["poll"] == ["MemoryError", None], explain(run)
+
+
+def test_poll_symmetric_joins_when_the_flags_cannot_be_put_into_the_array():
+    """The ids' flags went into the array sent after the guarded allocation, unguarded: a MemoryError converting
+    them (a list as long as the ids) raised on that rank alone, before the collective (rank 0 then paired its next
+    call with rank 1's, or timed out).  Rank 1 joins with no ids now and re-raises it after; rank 0 has it in
+    poll_errors.  Control: the same call before and after returns on both."""
+    run = mpirun(2, "robustness.py", "--case", "poll-flags-memory", timeout=60)
+    assert not run.timed_out, explain(run)
+    got = run.by_rank()
+    assert sorted(got) == [0, 1], explain(run)
+    for rank, res in got.items():
+        assert res["control"] == res["after"] == ["returned", [3, []]], (rank, explain(run))
+    assert got[0]["poll"] == ["returned", [2, [1]]], explain(run)
+    assert got[1]["poll"] == ["MemoryError", None], explain(run)

@@ -95,6 +95,9 @@ poll-own-memory  rank 1 passes 200,000 ids to poll_symmetric and cannot allocate
              poll_symmetric paired with rank 0's (silently) and rank 0's next call timed out.  Rank 1 joins with no
              ids now and re-raises after it, like a raising poll(); rank 0 decides with rank 1 in poll_errors.
              Control: with memory, the same call returns.
+poll-flags-memory  the same, where rank 1 cannot put its ids' flags into that array (a MemoryError converting the
+             list: as big as the ids' own array, and converted after the guarded allocation): it raised there alone,
+             before the collective.  Control: the same call before and after returns on both.
 """
 
 from __future__ import annotations
@@ -707,6 +710,29 @@ def main() -> None:
         out["poll"] = outcome_of(poll)
         if rank == 1:
             col.np = np
+        out["after"] = outcome_of(poll)
+        emit(rank, **out)
+        end_job(comm, rank, None)
+
+    if case == "poll-flags-memory":
+        g = col.RankGroup(comm, watchdog=3.0)  # small: a rank left alone times out here
+
+        class Unconvertible:  # a flag whose conversion into the int64 array fails as an allocation there would
+            def __int__(self):
+                raise MemoryError("cannot convert the flags (the test's limit)")
+
+            __index__ = __int__
+
+        def poll():
+            d = col.poll_symmetric(Fake(), g, [1, 2, 3] if rank == 1 else [1, 2], site="poll")
+            return [len(d.pending), sorted(d.poll_errors)]
+
+        local_flags = col._local_flags
+        out["control"] = outcome_of(poll)
+        if rank == 1:
+            col._local_flags = lambda *a: Unconvertible()
+        out["poll"] = outcome_of(poll)
+        col._local_flags = local_flags
         out["after"] = outcome_of(poll)
         emit(rank, **out)
         end_job(comm, rank, None)

@@ -745,6 +745,9 @@ static void test_a_bounded_drain_puts_the_rest_back_ahead_of_what_was_queued_mea
   for (const auto& mine : out)
     for (const Record& r : mine) once = once && r.req < 2 * kEach && ++seen[r.req] == 1;
   CHECK(once);
+  // and each drainer's records rise in seq (drains never overlap: each gives what is below its cut, in order)
+  for (const auto& mine : out)
+    CHECK(std::is_sorted(mine.begin(), mine.end(), [](const Record& a, const Record& b) { return a.seq < b.seq; }));
 }
 
 // A waiter asleep in wait_ready while a drain holds every record out of its shard wakes once the drain puts records

@@ -664,6 +664,60 @@ void test_an_offer_beside_a_deregistration_goes_on() {
   CHECK(state_of(*e, 3) == State::Advertised);
 }
 
+// Two deregistrations of one region at once both went on to the backend's: the one that failed there cleared the
+// mark while the other was still deregistering, so an expect() (or transfer()) over that memory started in the
+// window.  A second deregistration of a region being deregistered is refused now, before the backend, and only
+// the call that set the mark clears it.  The hook plays the interleaving: inside the first call's backend
+// deregistration, a second call whose backend deregistration fails, then an offer over the region.
+void test_a_second_deregistration_of_a_region_being_deregistered_is_refused() {
+  auto e = std::make_shared<Engine>(Config{});
+  std::vector<char> mem(4096);
+  const Region rg{reinterpret_cast<std::uintptr_t>(mem.data()), mem.size(), 0, MemKind::Dram};
+  Transport* tp = nullptr;
+  Agent::RegionId rid = 0;
+  int backend_calls = 0;
+  std::string second = "not run", over = "not run";
+  Hooks hooks;
+  bool fail_alone = false;  // the control: one call, failed at the backend
+  hooks.on_deregister = [&] {
+    if (std::exchange(fail_alone, false)) throw TransportError("injected: the backend's deregistration failed");
+    if (++backend_calls > 1) throw TransportError("injected: the backend's deregistration failed");
+    try {
+      tp->deregister_region(rid);
+      second = "";
+    } catch (const TransportError& x) {
+      second = x.what();
+    }
+    try {
+      (void)tp->expect(1, "second-dereg-b", rg);
+      over = "";
+    } catch (const TransportError& x) {
+      over = x.what();
+    }
+  };
+  Transport t(e, std::make_unique<HookAgent>(named("second-dereg-a"), hooks));
+  tp = &t;
+  auto peer = loopback(std::make_shared<Engine>(Config{}), "second-dereg-b");
+  rid = t.register_region(rg);
+  CHECK(t.add_peer(peer->metadata()) == "second-dereg-b");
+  CHECK(e->advertise(1, Role::sender, 0).status == Status::Moved);
+  fail_alone = true;  // control: a call failed at the backend clears its own mark (the next one goes on)
+  bool refused = false;
+  try {
+    t.deregister_region(rid);
+  } catch (const TransportError&) {
+    refused = true;
+  }
+  CHECK(refused && t.agent().registered_regions() == 1);
+  t.deregister_region(rid);
+  CHECK(backend_calls == 1);  // the second call never reached the backend
+  CHECK(second.find("region " + std::to_string(rid) + " of transport second-dereg-a is being deregistered") !=
+        std::string::npos);
+  CHECK(over.find("is deregistering a region its range overlaps") != std::string::npos);
+  CHECK(state_of(*e, 1) == State::Advertised);  // nothing offered the memory being deregistered
+  CHECK(t.agent().registered_regions() == 0);
+}
+
 // transfer() and expect() for an id with no session are refused up front, before the request is built
 // or the peer looked up.  Before, they went on with serial 0 (no session): an executor advertising the
 // id meanwhile had that session moved by an expose under an entry naming no session, so a cancel in the
@@ -2957,6 +3011,7 @@ int main() {
   test_a_late_abort_never_stops_a_new_session_of_the_id();
   test_an_id_with_no_session_is_refused_before_anything_is_built();
   test_an_offer_beside_a_deregistration_goes_on();
+  test_a_second_deregistration_of_a_region_being_deregistered_is_refused();
   test_a_stop_from_another_peer_is_answered_to_that_peer();
   test_an_answered_early_stop_is_never_forgotten();
   test_forgone_offers_are_answered_without_memory_to_their_bound();

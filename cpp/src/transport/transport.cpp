@@ -199,6 +199,12 @@ void Transport::deregister_region(Agent::RegionId id) {
   if (swept_out_.load()) retry_releases();  // (no sweep runs any more)
   {
     std::lock_guard<std::mutex> lk(mu_);
+    // Another call is deregistering it: both in the backend, the one that failed there would clear the mark
+    // while the other still deregisters, and a transfer could start over that memory meanwhile.
+    if (retiring_.count(id) != 0) {
+      throw TransportError("deregister_region: region " + std::to_string(id) + " of transport " + name() +
+                           " is being deregistered by another call: refused, nothing changed");
+    }
     auto reg = regions_.find(id);
     if (reg != regions_.end()) {
       // Only what covers memory of this region blocks it: every other region stays free to go while other

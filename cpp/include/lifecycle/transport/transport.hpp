@@ -149,7 +149,8 @@ class Transport final : public EventSink {
   // its release failed and awaits the retry), one released without evidence that it stopped (for good), a
   // passive session that offered memory of it (the peer holds that descriptor), or such an offer held past
   // its session.  Uses of other memory do not block it.  The memory must stay alive until then.  Transfers
-  // and expects over its memory that race it are refused while it runs.
+  // and expects over its memory that race it are refused while it runs, as is a second deregistration of it
+  // (TransportError naming the region; only the call that marked it clears the mark).
   void deregister_region(Agent::RegionId id);
   // This agent's metadata in an envelope: kMetadataMagic, the CRC-32 (zlib's) of the agent's own bytes as 4
   // bytes little-endian, then those bytes.  add_peer checks the checksum before the backend sees anything: one

@@ -8,7 +8,10 @@ import os
 import re
 import struct
 import subprocess
+import sys
+import textwrap
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -588,6 +591,65 @@ def test_a_library_that_fails_to_load_is_named_with_where_its_path_came_from(mon
         NixlTransport(None, "from-wheel")
     assert ei.value.library == str(wheel), ei.value
     assert f"library={wheel} (from the installed nixl-cu12 wheel)" in str(ei.value), ei.value
+
+
+GETENV_SHIM = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <string.h>
+/* getenv, interposed (LD_PRELOAD): counts the reads of KV_LIFECYCLE_NIXL_CAPI made with the calling thread
+   holding the GIL and without it (PyGILState_Check: 0 inside the bindings' NoGil). */
+int getenv_held = 0, getenv_unheld = 0;
+char* getenv(const char* name) {
+  static char* (*real)(const char*) = 0;
+  if (!real) real = (char* (*)(const char*))dlsym(RTLD_NEXT, "getenv");
+  if (strcmp(name, "KV_LIFECYCLE_NIXL_CAPI") == 0) {
+    int (*check)(void) = (int (*)(void))dlsym(RTLD_DEFAULT, "PyGILState_Check");
+    __atomic_add_fetch(check && check() ? &getenv_held : &getenv_unheld, 1, __ATOMIC_SEQ_CST);
+  }
+  return real(name);
+}
+"""
+
+
+def test_the_core_reads_the_library_variable_only_with_the_gil_held(tmp_path):
+    """Review (session 29): NixlCapi::load read $KV_LIFECYCLE_NIXL_CAPI with getenv inside the bindings'
+    NoGil (load_nixl_capi, _Transport.nixl), for every load, a path given or not, while a Python thread may
+    change os.environ (putenv / unsetenv, under the GIL): glibc's getenv beside a setenv is undefined
+    behaviour.  The binding reads it with the GIL held now, only for an empty path, and the load under NoGil
+    reads no environment.  A getenv stand-in counts the reads with the GIL held and without; the variable
+    still names the library for an empty path (control: the held reads are seen, so the count is no vacuous
+    zero)."""
+    shim = build_shared(tmp_path / "libgetenv_shim.so", GETENV_SHIM)
+    child = """
+        import ctypes, os, sys
+        from lifecycle import NixlUnavailable, _core
+        from lifecycle.transport import NixlTransport
+        shim = ctypes.CDLL(sys.argv[1])
+        held, unheld = (ctypes.c_int.in_dll(shim, n) for n in ("getenv_held", "getenv_unheld"))
+        def named(call):
+            try:
+                call()
+            except NixlUnavailable as e:
+                return e.library, "from $KV_LIFECYCLE_NIXL_CAPI" in str(e)
+            return None
+        os.environ["KV_LIFECYCLE_NIXL_CAPI"] = sys.argv[2]
+        print(named(lambda: _core.load_nixl_capi(b"")), named(lambda: _core.load_nixl_capi(b"/no/such/lib.so")),
+              named(lambda: NixlTransport(None, "gil-env")),
+              named(lambda: _core._Transport.nixl(None, "gil-env-core", b"", False, None, [], False, 0.001, False, "")))
+        print(held.value, unheld.value)
+    """
+    src = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n" + textwrap.dedent(child)
+    env = dict(os.environ, LD_PRELOAD=str(shim))
+    missing = str(tmp_path / "env" / "libnixl_capi.so")
+    out = subprocess.run([sys.executable, "-c", src, str(shim), missing], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    named, counts = out.stdout.splitlines()[-2:]
+    assert named == f"({missing!r}, True) ('/no/such/lib.so', False) ({missing!r}, True) ({missing!r}, True)", named
+    held, unheld = map(int, counts.split())
+    assert unheld == 0, f"{unheld} reads of the variable without the GIL ({held} with it)"
+    assert held >= 2, f"the stand-in saw {held} reads with the GIL: the count cannot show anything"  # control
 
 
 def test_ucx_cuda_defaults_apply_only_where_the_driver_loads_and_never_over_the_users_value(tmp_path):

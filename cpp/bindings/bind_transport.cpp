@@ -174,9 +174,10 @@ void register_transport(py::module_& m) {
   m.def("load_nixl_capi", [](const std::string& path, const std::string& source) {
     tp::check_c_name(path, "path");  // (dlopen takes a C string: "lib.so\0junk" loaded lib.so)
     std::shared_ptr<const tp::NixlCapi> api;
+    const auto [chosen, from] = tp::NixlCapi::resolve(path, source);  // (getenv with the GIL held: see resolve)
     {
       NoGil nogil;
-      api = tp::NixlCapi::load(path, source);
+      api = tp::NixlCapi::load(chosen, from);
     }
     return api->path();
   }, py::arg("path"), py::arg("source") = "",
@@ -194,9 +195,10 @@ void register_transport(py::module_& m) {
              const tp::TransportOptions topts = options(unsafe_release_on_cancel, unsafe_ack_stop_at_once, tick_s);
              std::unique_ptr<tp::Transport> t;
              std::unique_ptr<tp::Agent> agent;
+             const auto [chosen, from] = tp::NixlCapi::resolve(capi_path, capi_source);  // (see load_nixl_capi)
              {
                NoGil nogil;
-               auto api = tp::NixlCapi::load(capi_path, capi_source);
+               auto api = tp::NixlCapi::load(chosen, from);
                tp::NixlAgentOptions o;
                o.name = name;
                o.ucx_params = ucx_params;

@@ -81,17 +81,19 @@ std::vector<std::string> nixl_capi_required_symbols() {
   return out;
 }
 
-std::shared_ptr<const NixlCapi> NixlCapi::load(const std::string& path, const std::string& source) {
+std::pair<std::string, std::string> NixlCapi::resolve(const std::string& path, const std::string& source) {
   // The path given wins (argument > environment): until session 29 the variable overrode it, and a caller that
-  // passed a path was told of another library, with nothing to say where that one came from.
-  std::string chosen = path, from = source;
-  if (const char* env = std::getenv(kPathEnv); chosen.empty() && env != nullptr && *env != '\0') {
-    chosen = env;
-    from = std::string("$") + kPathEnv;
+  // passed a path was told of another library, with nothing to say where that one came from.  The environment
+  // is read only without one (until session 29 on every load, inside the bindings' NoGil: see the header).
+  if (!path.empty()) return {path, source};
+  if (const char* env = std::getenv(kPathEnv); env != nullptr && *env != '\0') {
+    return {env, std::string("$") + kPathEnv};
   }
-  if (chosen.empty()) {
-    throw NixlUnavailable("", "", std::string("no library path given and ") + kPathEnv + " unset");
-  }
+  throw NixlUnavailable("", "", std::string("no library path given and ") + kPathEnv + " unset");
+}
+
+std::shared_ptr<const NixlCapi> NixlCapi::load(const std::string& path, const std::string& source) {
+  const auto [chosen, from] = resolve(path, source);
 
   // A path to something other than a file is refused unopened: dlopen opens a FIFO to read, and waited there for a
   // writer for good.  (A missing file, or a bare name the loader searches for, is dlopen's to report.)

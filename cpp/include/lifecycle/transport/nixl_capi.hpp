@@ -217,6 +217,11 @@ class NixlCapi {
   // variable.  Throws NixlUnavailable on any failure, naming `source` as where the path came from (for an empty
   // path: the variable).
   static std::shared_ptr<const NixlCapi> load(const std::string& path, const std::string& source = "");
+  // The path load() takes and where it came from: `path` and `source`, or for an empty path the variable's
+  // (NixlUnavailable when it is unset).  Only an empty path reads the environment: a binding resolves the path
+  // with the GIL held and loads it without (getenv beside a Python thread's os.environ change, putenv or
+  // unsetenv under the GIL, is undefined behaviour in glibc).
+  static std::pair<std::string, std::string> resolve(const std::string& path, const std::string& source);
 
   const std::string& path() const noexcept { return path_; }
 

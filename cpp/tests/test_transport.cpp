@@ -2686,11 +2686,6 @@ void test_a_release_never_forgets_the_fault_of_a_new_transfer_of_the_id() {
   CHECK(a.fault_of(1) == Fault::None);
 }
 
-// Note faults are a function of (seed, peer, request, kind, occurrence), but the wrapper counted occurrences by
-// req * 4 + kind, which wraps for ids from 2**62: id 1 and id 2**62 + 1 shared one count, so whether the
-// latter's "done" was dropped depended on whether the former's had come first (an order across requests:
-// timing).  Scripted: the far id's note alone, then after id 1's note, for 32 seeds (fails before: the
-// outcome differs for some).  Control: the drops vary with the seed (the check is not vacuous).
 // FaultOptions from C++ were not checked (only the binding checked them): a NaN probability never fired, and a
 // delay_for of microseconds::max() overflowed its conversion to nanoseconds (undefined behaviour) at the first
 // delayed post.  The constructor refuses each with InvalidArgumentError naming the field.  Control: the bounds
@@ -2759,6 +2754,11 @@ void test_loopback_options_out_of_range_are_refused_by_the_constructor() {
   CHECK(!refused(named("lb-opts", 0), "bytes_per_second"));
 }
 
+// Note faults are a function of (seed, peer, request, kind, occurrence), but the wrapper counted occurrences by
+// req * 4 + kind, which wraps for ids from 2**62: id 1 and id 2**62 + 1 shared one count, so whether the
+// latter's "done" was dropped depended on whether the former's had come first (an order across requests:
+// timing).  Scripted: the far id's note alone, then after id 1's note, for 32 seeds (fails before: the
+// outcome differs for some).  Control: the drops vary with the seed (the check is not vacuous).
 void test_note_faults_of_an_id_never_depend_on_another_ids_notes() {
   const std::uint64_t far = (std::uint64_t{1} << 62) + 1;
   int differ = 0, dropped = 0;

@@ -2098,6 +2098,42 @@ void test_no_quiesced_for_a_request_that_failed() {
   CHECK(eventually([&] { return ta2->stats().quiesced_sent == 1; }));
 }
 
+// The same when the failed request's release fails too (kept for the sweep's retry) and the engine forgot the
+// session (no tombstones): the request is marked unproven as its entry goes, not only once a release succeeds,
+// so a peer's stop meanwhile is still unanswered (no engine tombstone is left to refuse it).  Control: a
+// request that was never ours is answered at once.
+void test_no_quiesced_for_a_failed_request_whose_release_failed() {
+  Config cfg;
+  cfg.tombstones = 0;
+  auto ea = std::make_shared<Engine>(cfg);
+  auto eb = std::make_shared<Engine>(Config{});
+  LoopbackOptions o;
+  o.name = "unrel-a";
+  FaultOptions f;
+  f.seed = 6;
+  f.error = 1.0;            // an error, the copy goes on: no evidence
+  f.release_failure = 1.0;  // and every release of it fails (kept in unreleased_, retried for good)
+  auto ta = std::make_unique<Transport>(ea, std::make_unique<FaultyAgent>(std::make_unique<LoopbackAgent>(o), f));
+  auto tb = loopback(eb, "unrel-b");
+  std::vector<char> dst(4096, 0), src(4096, 's');
+  ta->register_region({reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram});
+  tb->register_region({reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram});
+  ta->add_peer(tb->metadata());
+  tb->add_peer(ta->metadata());
+  CHECK(ea->advertise(1, Role::receiver, 0).status == Status::Moved);
+  (void)ta->transfer(1, XferOp::Read, {reinterpret_cast<std::uintptr_t>(dst.data()), 4096, 0, MemKind::Dram},
+                     {reinterpret_cast<std::uintptr_t>(src.data()), 4096, 0, MemKind::Dram}, "unrel-b", 0);
+  CHECK(eventually([&] { return state_of(*ea, 1) == State::Poisoned; }));
+  CHECK(ea->terminate(1) == TerminateResult::Terminated);
+  CHECK(!ea->info(1));  // forgotten: only the transport can refuse
+  CHECK(ta->stats().unreleased == 1);
+  tb->agent().send_notification("unrel-a", {1, NotifKind::Stop});
+  CHECK(eventually([&] { return ta->stats().peer_stops == 1 && ta->stats().stops_unanswered == 1; }));
+  CHECK(ta->stats().quiesced_sent == 0);
+  tb->agent().send_notification("unrel-a", {3, NotifKind::Stop});  // control
+  CHECK(eventually([&] { return ta->stats().quiesced_sent == 1; }));
+}
+
 // A late DONE after the session was Poisoned and terminated is evidence after all: a peer's stop for it
 // is then answered (the engine's tombstone records the evidence; before, only a still-Poisoned session did).
 void test_late_done_after_terminate_lets_the_stop_be_answered() {
@@ -3036,6 +3072,7 @@ int main() {
   test_posts_cancels_and_drains_race_cleanly(1);
   test_posts_cancels_and_drains_race_cleanly(8);
   test_no_quiesced_for_a_request_that_failed();
+  test_no_quiesced_for_a_failed_request_whose_release_failed();
   test_late_done_after_terminate_lets_the_stop_be_answered();
   test_stop_racing_transfers_leaves_no_session_behind(1);
   test_stop_racing_transfers_leaves_no_session_behind(16);

@@ -1619,11 +1619,13 @@ def test_an_early_stop_answered_by_one_transport_keeps_another_of_the_engine_fro
             t.close()
 
 
-@pytest.mark.parametrize("how", ["error", "stop", "error, release fails", "stop, release fails"])
+@pytest.mark.parametrize("how", ["error", "stop", "remove_peer", "error, release fails", "stop, release fails",
+                                 "remove_peer, release fails"])
 def test_an_early_stop_is_not_answered_while_another_transport_of_the_engine_may_still_write(how):
     """Two transports on one engine, the engine forgetting an id once terminated (tombstones=0): the executor
-    WRITEs the peer's offer (made for B) through A, and A's transfer fails, or A is stopped (neither is evidence:
-    the copy goes on).  The session ends Poisoned and is terminated; the engine forgets it.  The peer, with no
+    WRITEs the peer's offer (made for B) through A, and A's transfer fails, or A is stopped or removes the peer
+    (none is evidence: the copy goes on).  The session ends Poisoned and is terminated; the engine forgets it.
+    The peer, with no
     Done, times out and asks B to stop.  B held nothing and the engine knows nothing, so B answered "quiesced":
     the peer gave its slot back while A's WRITE still landed in it (review: ~4.7 MiB of late bytes).  A keeps
     such requests (unproven) for good, stopped or not; an early stop is not answered while a transport of the
@@ -1653,6 +1655,8 @@ def test_an_early_stop_is_not_answered_while_another_transport_of_the_engine_may
         assert a.write(1, pool_slot(e, 1), p.name, offer) == "Posted"
         if how.startswith("stop"):
             a.stop()
+        elif how.startswith("remove_peer"):
+            a.remove_peer(p.name)
         wait_for(lambda: e.state(1) is State.Poisoned, 10, f"A's {how}", lambda: e.drain(0.01))
         assert e.terminate(1) is TerminateResult.Terminated
         with pytest.raises(Exception):

@@ -1515,3 +1515,24 @@ def test_a_callbacks_drain_within_a_spent_budget_returns_instead_of_spinning():
         else:
             # nothing left for it either: it waits out its timeout blocked (_wait_ready), a few polls, not a spin
             assert got == [[]] and drained_in[0] < 50, (budget, drained_in)
+
+
+@pytest.mark.parametrize("fail_first", [True, False], ids=["fail-while-poisoned", "fail-after-terminate"])
+def test_a_late_fail_after_poisoned_is_no_evidence_and_frees_nothing(engine, fail_first):
+    """After Poisoned, only a late DONE (complete) proves the transfer stopped and gives the quarantined slot back;
+    a late error (fail) does not (a failed transfer may still write: DESIGN §3).  A mutation that took a late fail
+    as evidence was caught only by chance, by the Hypothesis model test; this pins it, the fail arriving while the
+    session is Poisoned (then terminate quarantines the slot) and after terminate (the tombstone).  Control: the
+    late complete that follows does recover the slot."""
+    drive(engine, 0, "Poisoned", nbytes=8)
+    if fail_first:
+        engine.fail(0)  # a late error
+        engine.poll()
+    assert engine.terminate(0) is TerminateResult.Terminated
+    if not fail_first:
+        engine.fail(0)
+        engine.poll()
+    assert engine.pool.stats()["quarantined"] == 1 and not engine.info(0).evidence
+    engine.complete(0)  # control: a late DONE for that lease
+    engine.poll()
+    assert engine.pool.stats()["quarantined"] == 0 and engine.info(0).evidence

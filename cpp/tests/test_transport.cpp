@@ -2102,27 +2102,36 @@ void test_no_quiesced_for_a_request_that_failed() {
 // session (no tombstones): the request is marked unproven as its entry goes, not only once a release succeeds,
 // so a peer's stop meanwhile is still unanswered (no engine tombstone is left to refuse it).  Control: a
 // request that was never ours is answered at once.
+// Request 1 READs 4 KiB from b through a fault-injecting loopback agent on a (the two tests below).
+struct FaultyRead {
+  std::shared_ptr<Engine> ea, eb;
+  std::vector<char> dst, src;  // (before the transports: a copy still running when they stop reads valid memory)
+  std::unique_ptr<Transport> ta, tb;
+  FaultyRead(const Config& cfg, const std::string& a, const std::string& b, const FaultOptions& f, char fill)
+      : ea(std::make_shared<Engine>(cfg)), eb(std::make_shared<Engine>(Config{})), dst(4096, 0), src(4096, fill) {
+    LoopbackOptions o;
+    o.name = a;
+    ta = std::make_unique<Transport>(ea, std::make_unique<FaultyAgent>(std::make_unique<LoopbackAgent>(o), f));
+    tb = loopback(eb, b);
+    ta->register_region({reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram});
+    tb->register_region({reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram});
+    ta->add_peer(tb->metadata());
+    tb->add_peer(ta->metadata());
+    CHECK(ea->advertise(1, Role::receiver, 0).status == Status::Moved);
+    (void)ta->transfer(1, XferOp::Read, {reinterpret_cast<std::uintptr_t>(dst.data()), 4096, 0, MemKind::Dram},
+                       {reinterpret_cast<std::uintptr_t>(src.data()), 4096, 0, MemKind::Dram}, b, 0);
+  }
+};
+
 void test_no_quiesced_for_a_failed_request_whose_release_failed() {
   Config cfg;
   cfg.tombstones = 0;
-  auto ea = std::make_shared<Engine>(cfg);
-  auto eb = std::make_shared<Engine>(Config{});
-  LoopbackOptions o;
-  o.name = "unrel-a";
   FaultOptions f;
   f.seed = 6;
   f.error = 1.0;            // an error, the copy goes on: no evidence
   f.release_failure = 1.0;  // and every release of it fails (kept in unreleased_, retried for good)
-  auto ta = std::make_unique<Transport>(ea, std::make_unique<FaultyAgent>(std::make_unique<LoopbackAgent>(o), f));
-  auto tb = loopback(eb, "unrel-b");
-  std::vector<char> dst(4096, 0), src(4096, 's');
-  ta->register_region({reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram});
-  tb->register_region({reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram});
-  ta->add_peer(tb->metadata());
-  tb->add_peer(ta->metadata());
-  CHECK(ea->advertise(1, Role::receiver, 0).status == Status::Moved);
-  (void)ta->transfer(1, XferOp::Read, {reinterpret_cast<std::uintptr_t>(dst.data()), 4096, 0, MemKind::Dram},
-                     {reinterpret_cast<std::uintptr_t>(src.data()), 4096, 0, MemKind::Dram}, "unrel-b", 0);
+  FaultyRead x(cfg, "unrel-a", "unrel-b", f, 's');
+  auto& [ea, eb, dst, src, ta, tb] = x;
   CHECK(eventually([&] { return state_of(*ea, 1) == State::Poisoned; }));
   CHECK(ea->terminate(1) == TerminateResult::Terminated);
   CHECK(!ea->info(1));  // forgotten: only the transport can refuse
@@ -2140,24 +2149,12 @@ void test_late_done_after_terminate_lets_the_stop_be_answered() {
   Config cfg;
   cfg.transfer_timeout_ns = 30'000'000;
   cfg.cancel_grace_ns = 30'000'000;
-  auto ea = std::make_shared<Engine>(cfg);
-  auto eb = std::make_shared<Engine>(Config{});
-  LoopbackOptions o;
-  o.name = "late-a";
   FaultOptions f;
   f.seed = 9;
   f.delay = 1.0;
   f.delay_for = std::chrono::microseconds(300'000);  // DONE reported long after timeout + grace
-  auto ta = std::make_unique<Transport>(ea, std::make_unique<FaultyAgent>(std::make_unique<LoopbackAgent>(o), f));
-  auto tb = loopback(eb, "late-b");
-  std::vector<char> dst(4096, 0), src(4096, 'l');
-  ta->register_region({reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram});
-  tb->register_region({reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram});
-  ta->add_peer(tb->metadata());
-  tb->add_peer(ta->metadata());
-  CHECK(ea->advertise(1, Role::receiver, 0).status == Status::Moved);
-  (void)ta->transfer(1, XferOp::Read, {reinterpret_cast<std::uintptr_t>(dst.data()), 4096, 0, MemKind::Dram},
-                     {reinterpret_cast<std::uintptr_t>(src.data()), 4096, 0, MemKind::Dram}, "late-b", 0);
+  FaultyRead x(cfg, "late-a", "late-b", f, 'l');
+  auto& [ea, eb, dst, src, ta, tb] = x;
   CHECK(eventually([&] { return state_of(*ea, 1) == State::Poisoned; }));
   CHECK(ea->terminate(1) == TerminateResult::Terminated);
   CHECK(eventually([&] { return ta->stats().late_evidence == 1; }));  // the delayed DONE

@@ -145,6 +145,22 @@ class StateInterrupted(Fake):
         raise KeyboardInterrupt
 
 
+class LowMemory:
+    """The collectives module's numpy on rank 1 (the cases set it): any array of 2 MiB or more cannot be allocated."""
+
+    def __getattr__(self, name):
+        import numpy as np
+
+        return getattr(np, name)
+
+    def empty(self, shape, dtype=float):
+        import numpy as np
+
+        if np.prod(shape) * np.dtype(dtype).itemsize >= 1 << 21:
+            raise MemoryError(f"cannot allocate {shape} x {np.dtype(dtype)} (the test's limit)")
+        return np.empty(shape, dtype)
+
+
 class Counting:
     """A group's communicator, counting the MPI requests a call starts besides the header (its Iall* calls)."""
 
@@ -530,15 +546,6 @@ def main() -> None:
     if case == "alloc":
         import numpy as np
 
-        class LowMemory:  # this module's numpy on rank 1: any array of 2 MiB or more cannot be allocated
-            def __getattr__(self, name):
-                return getattr(np, name)
-
-            def empty(self, shape, dtype=float):
-                if np.prod(shape) * np.dtype(dtype).itemsize >= 1 << 21:
-                    raise MemoryError(f"cannot allocate {shape} x {np.dtype(dtype)} (the test's limit)")
-                return np.empty(shape, dtype)
-
         g = col.RankGroup(comm, watchdog=2.0)  # small: on the old code rank 0 timed out here
         g.push(bytes(4 << 20) if rank == 0 else rank)  # the control: with memory, the same flush returns
         out["control"] = outcome_of(lambda: [len(p[0]) if isinstance(p[0], bytes) else p for p in g.flush()])
@@ -603,8 +610,6 @@ def main() -> None:
     if case == "poll-memory":
         import builtins
 
-        import numpy as np
-
         g = col.RankGroup(comm, watchdog=3.0)  # small: a rank left in a collective times out soon
 
         g._comm = counting = Counting(g._comm)
@@ -618,15 +623,6 @@ def main() -> None:
             if len(got) >= 1000:
                 raise MemoryError(f"cannot build a set of {len(got)} ids (the test's limit)")
             return got
-
-        class LowMemory:  # this module's numpy on rank 1: any array of 2 MiB or more cannot be allocated
-            def __getattr__(self, name):
-                return getattr(np, name)
-
-            def empty(self, shape, dtype=float):
-                if np.prod(shape) * np.dtype(dtype).itemsize >= 1 << 21:
-                    raise MemoryError(f"cannot allocate {shape} x {np.dtype(dtype)} (the test's limit)")
-                return np.empty(shape, dtype)
 
         def poll(engine, ids):
             counting.n = 0
@@ -687,18 +683,7 @@ def main() -> None:
         end_job(comm, rank, None)
 
     if case == "poll-own-memory":
-        import numpy as np
-
         g = col.RankGroup(comm, watchdog=3.0)  # small: on the old code rank 0 timed out here
-
-        class LowMemory:  # this module's numpy on rank 1: any array of 2 MiB or more cannot be allocated
-            def __getattr__(self, name):
-                return getattr(np, name)
-
-            def empty(self, shape, dtype=float):
-                if np.prod(shape) * np.dtype(dtype).itemsize >= 1 << 21:
-                    raise MemoryError(f"cannot allocate {shape} x {np.dtype(dtype)} (the test's limit)")
-                return np.empty(shape, dtype)
 
         def poll():
             d = col.poll_symmetric(Fake(), g, range(200_000) if rank == 1 else [1, 2], site="poll")

@@ -610,6 +610,8 @@ def main() -> None:
     if case == "poll-memory":
         import builtins
 
+        import numpy as np
+
         g = col.RankGroup(comm, watchdog=3.0)  # small: a rank left in a collective times out soon
 
         g._comm = counting = Counting(g._comm)
@@ -683,6 +685,8 @@ def main() -> None:
         end_job(comm, rank, None)
 
     if case == "poll-own-memory":
+        import numpy as np
+
         g = col.RankGroup(comm, watchdog=3.0)  # small: on the old code rank 0 timed out here
 
         def poll():

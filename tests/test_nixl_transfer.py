@@ -597,19 +597,24 @@ GETENV_SHIM = r"""
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <string.h>
-/* getenv, interposed (LD_PRELOAD): counts the reads of KV_LIFECYCLE_NIXL_CAPI made with the calling thread
-   holding the GIL and without it (PyGILState_Check: 0 inside the bindings' NoGil). */
-int getenv_held = 0, getenv_unheld = 0;
+/* getenv, interposed (LD_PRELOAD): counts the reads of each variable the core reads (GETENV_WATCHED, in that
+   order) made with the calling thread holding the GIL and without it (PyGILState_Check: 0 inside the bindings'
+   NoGil and on the core's own threads). */
+static const char* const watched[] = {"KV_LIFECYCLE_NIXL_CAPI", "LIFECYCLE_CLOCK", "LIFECYCLE_LOOPBACK_COPY"};
+int getenv_held[3] = {0}, getenv_unheld[3] = {0};
 char* getenv(const char* name) {
   static char* (*real)(const char*) = 0;
   if (!real) real = (char* (*)(const char*))dlsym(RTLD_NEXT, "getenv");
-  if (strcmp(name, "KV_LIFECYCLE_NIXL_CAPI") == 0) {
-    int (*check)(void) = (int (*)(void))dlsym(RTLD_DEFAULT, "PyGILState_Check");
-    __atomic_add_fetch(check && check() ? &getenv_held : &getenv_unheld, 1, __ATOMIC_SEQ_CST);
+  for (int i = 0; i < 3; ++i) {
+    if (strcmp(name, watched[i]) == 0) {
+      int (*check)(void) = (int (*)(void))dlsym(RTLD_DEFAULT, "PyGILState_Check");
+      __atomic_add_fetch(check && check() ? &getenv_held[i] : &getenv_unheld[i], 1, __ATOMIC_SEQ_CST);
+    }
   }
   return real(name);
 }
 """
+GETENV_WATCHED = ("KV_LIFECYCLE_NIXL_CAPI", "LIFECYCLE_CLOCK", "LIFECYCLE_LOOPBACK_COPY")
 
 
 def test_the_core_reads_the_library_variable_only_with_the_gil_held(tmp_path):
@@ -626,7 +631,7 @@ def test_the_core_reads_the_library_variable_only_with_the_gil_held(tmp_path):
         from lifecycle import NixlUnavailable, _core
         from lifecycle.transport import NixlTransport
         shim = ctypes.CDLL(sys.argv[1])
-        held, unheld = (ctypes.c_int.in_dll(shim, n) for n in ("getenv_held", "getenv_unheld"))
+        held, unheld = (ctypes.c_int.in_dll(shim, n) for n in ("getenv_held", "getenv_unheld"))  # [0]: the path
         def named(call):
             try:
                 call()
@@ -650,6 +655,64 @@ def test_the_core_reads_the_library_variable_only_with_the_gil_held(tmp_path):
     held, unheld = map(int, counts.split())
     assert unheld == 0, f"{unheld} reads of the variable without the GIL ({held} with it)"
     assert held >= 2, f"the stand-in saw {held} reads with the GIL: the count cannot show anything"  # control
+
+
+def test_the_clock_and_loopback_variables_are_read_only_with_the_gil_held(tmp_path):
+    """Review (session 29): $LIFECYCLE_CLOCK was read by the clock's first reading and $LIFECYCLE_LOOPBACK_COPY
+    by the first loopback copy: wherever those fell, inside a binding's NoGil or on a transport's worker thread,
+    while a Python thread may change os.environ (putenv / unsetenv, under the GIL): glibc's getenv beside a
+    setenv is undefined behaviour.  The import reads the clock's variable now, and a LoopbackTransport's
+    constructor (GIL held) the copy's; each still once per process.  The same getenv stand-in counts the reads
+    through bench_native (an engine made inside NoGil: the clock's first reading) and a transfer on a loopback
+    pair; the variables still take effect (the source says monotonic; the copy goes through a pipe, whose ends
+    the worker keeps open, and through none without the variable).  Control: each variable's reads with the GIL
+    are seen, so the zero without it is no vacuous one.  Seen failing before: 1 read of each without the GIL."""
+    shim = build_shared(tmp_path / "libgetenv_shim.so", GETENV_SHIM)
+    child = """
+        import ctypes, os
+        from lifecycle import State, _core
+        from test_transport_loopback import pair
+        from test_transport_harness import pattern
+        shim = ctypes.CDLL(sys.argv[1])
+        held, unheld = ((ctypes.c_int * 3).in_dll(shim, n) for n in ("getenv_held", "getenv_unheld"))
+        def pipes():
+            links = []
+            for fd in os.listdir("/proc/self/fd"):
+                try:
+                    links.append(os.readlink(f"/proc/self/fd/{fd}"))
+                except FileNotFoundError:  # (listdir's own fd, closed)
+                    pass
+            return sum(link.startswith("pipe:") for link in links)
+        before = pipes()
+        _core.bench_native(1)  # the clock's first reading: an engine made inside NoGil
+        a, b, (b_at_a, a_at_b) = pair(slots=1, slot_size=64 * 1024)
+        try:
+            dst = a.advertise(1, "receiver", 4096, 0)
+            src = b.advertise(1, "sender", 4096, pattern(4096, 1))
+            a.t.read(1, dst, b_at_a, b.t.expect(1, a_at_b, src))
+            assert a.wait(1) is State.Quiesced and bytes(a.view(1, 4096)) == pattern(4096, 1)
+            print(_core.steady_source(), pipes() - before)
+        finally:
+            a.close()
+            b.close()
+        print(*held, *unheld)
+    """
+    src = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n" + textwrap.dedent(child)
+    runs = {}
+    for copy in ("pipe", ""):  # the pipe's ends are the core's only pipes: the control for that count
+        env = dict(os.environ, LD_PRELOAD=str(shim), LIFECYCLE_CLOCK="monotonic", LIFECYCLE_LOOPBACK_COPY=copy)
+        out = subprocess.run([sys.executable, "-c", src, str(shim)], capture_output=True, text=True, env=env,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr[-3000:]
+        effect, counts = out.stdout.splitlines()[-2:]
+        counts = list(map(int, counts.split()))
+        runs[copy] = effect.split(), dict(zip(GETENV_WATCHED[1:], zip(counts[1:3], counts[4:6])))
+    (source, pipe_fds), _ = runs["pipe"]
+    assert source == "monotonic" and int(pipe_fds) >= 2 and runs[""][0] == ["monotonic", "0"], runs
+    for copy, (_, counts) in runs.items():
+        for name, (held, unheld) in counts.items():
+            assert unheld == 0, f"{unheld} reads of ${name} without the GIL ({held} with it; copy={copy!r})"
+            assert held >= 1, f"the stand-in saw no read of ${name} with the GIL: the count cannot show anything"
 
 
 def test_ucx_cuda_defaults_apply_only_where_the_driver_loads_and_never_over_the_users_value(tmp_path):

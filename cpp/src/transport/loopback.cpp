@@ -72,25 +72,33 @@ int pipe_copy(std::uint8_t* dst, const std::uint8_t* src, std::size_t n) {
   return 0;
 }
 
+// Whether copies go through a pipe: $LIFECYCLE_LOOPBACK_COPY is "pipe" (tests), or process_vm_readv was refused.
+// The variable is read once per process, by the first agent's constructor: the bindings make agents with the GIL
+// held, and getenv beside a Python thread's os.environ change (putenv / unsetenv) is undefined.
+std::atomic<bool>& use_pipe() {
+  static std::atomic<bool> pipe{[] {
+    const char* v = std::getenv("LIFECYCLE_LOOPBACK_COPY");
+    return v != nullptr && std::strcmp(v, "pipe") == 0;
+  }()};
+  return pipe;
+}
+
 // Copies n bytes src -> dst through the kernel (process_vm_readv on this process), so a registered range that
 // is not mapped readable (src) or writable (dst) -- a raw Mem the caller freed or never owned -- fails the
 // copy with EFAULT instead of a SIGSEGV.  Returns 0 or the errno.  Where that call is refused (a seccomp
 // filter: ENOSYS or EPERM), or $LIFECYCLE_LOOPBACK_COPY is "pipe" (tests), the copy goes through a pipe.
 int checked_copy(std::uint8_t* dst, const std::uint8_t* src, std::size_t n) {
-  static std::atomic<bool> use_pipe{[] {
-    const char* v = std::getenv("LIFECYCLE_LOOPBACK_COPY");
-    return v != nullptr && std::strcmp(v, "pipe") == 0;
-  }()};
+  std::atomic<bool>& pipe = use_pipe();
   const pid_t self = ::getpid();
   while (n > 0) {
-    if (use_pipe.load(std::memory_order_relaxed)) return pipe_copy(dst, src, n);
+    if (pipe.load(std::memory_order_relaxed)) return pipe_copy(dst, src, n);
     iovec l{dst, n};
     iovec r{const_cast<std::uint8_t*>(src), n};
     const ssize_t got = ::process_vm_readv(self, &l, 1, &r, 1, 0);
     if (got < 0) {
       if (errno == EINTR) continue;
       if (errno == ENOSYS || errno == EPERM) {
-        use_pipe.store(true, std::memory_order_relaxed);
+        pipe.store(true, std::memory_order_relaxed);
         continue;
       }
       return errno;
@@ -167,6 +175,7 @@ LoopbackAgent::LoopbackAgent(LoopbackOptions opts)
                                                        std::to_string(bps));
   }
   if (opts_.chunk == 0) opts_.chunk = 256 * 1024;
+  (void)use_pipe();  // reads the environment here, not on the worker (see use_pipe)
   ep_->name = name_;
   {
     std::lock_guard<std::mutex> lk(registry_mutex());

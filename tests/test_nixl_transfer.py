@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 import re
 import struct
 import subprocess
@@ -712,6 +713,8 @@ def test_the_clock_and_loopback_variables_are_read_only_with_the_gil_held(tmp_pa
     for copy, (_, counts) in runs.items():
         for name, (held, unheld) in counts.items():
             assert unheld == 0, f"{unheld} reads of ${name} without the GIL ({held} with it; copy={copy!r})"
+            if name == "LIFECYCLE_CLOCK" and platform.machine() != "x86_64":
+                continue  # (the clock reads it only where it may use the TSC: x86-64)
             assert held >= 1, f"the stand-in saw no read of ${name} with the GIL: the count cannot show anything"
 
 

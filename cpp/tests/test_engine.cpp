@@ -585,6 +585,23 @@ struct DrainGate {
     }
     cv.notify_all();
   }
+  // A thread whose drain (at most `max` records) holds in its destination until open(): then it delivers into
+  // `got`, or with `fail` the destination throws std::bad_alloc (threw: read after join).
+  bool threw = false;
+  std::thread drain_held(Engine& eng, std::vector<Record>& got, bool fail = false, std::size_t max = SIZE_MAX) {
+    return std::thread([this, &eng, &got, fail, max] {
+      try {
+        eng.drain_to([&](std::size_t n) -> Record* {
+          hold();
+          if (fail) throw std::bad_alloc();
+          got.resize(n);
+          return got.data();
+        }, false, max);
+      } catch (const std::bad_alloc&) {
+        threw = true;
+      }
+    });
+  }
 };
 
 // Two drains at once: one that finds the other under way (a shard's records taken, not yet delivered) takes
@@ -596,17 +613,9 @@ static void test_a_drain_skips_a_shard_another_drain_holds() {
   Engine eng(cf);
   eng.advertise(1, Role::sender, 0);
   DrainGate gate;
-  bool threw = false;
-  std::thread drainer([&] {
-    try {
-      eng.drain_to([&](std::size_t) -> Record* {
-        gate.hold();
-        throw std::bad_alloc();
-      });
-    } catch (const std::bad_alloc&) {
-      threw = true;
-    }
-  });
+  std::vector<Record> unused;
+  std::thread drainer = gate.drain_held(eng, unused, /*fail=*/true);
+  const bool& threw = gate.threw;
   gate.wait_held();
   eng.advertise(2, Role::sender, 0);
   std::vector<Record> recs;
@@ -641,19 +650,8 @@ static void test_concurrent_drains_keep_the_engine_order() {
     CHECK(eng.advertise(a, Role::sender, 64).status == Status::Moved);
     DrainGate gate;
     std::vector<Record> held;  // what the first drain delivers (fail: nothing)
-    bool threw = false;
-    std::thread drainer([&] {
-      try {
-        eng.drain_to([&](std::size_t n) -> Record* {
-          gate.hold();
-          if (fail) throw std::bad_alloc();
-          held.resize(n);
-          return held.data();
-        });
-      } catch (const std::bad_alloc&) {
-        threw = true;
-      }
-    });
+    std::thread drainer = gate.drain_held(eng, held, fail);
+    const bool& threw = gate.threw;
     gate.wait_held();  // a's advertise is out of its shard, held by that drain
     eng.apply(a, Event::expose);
     eng.apply(a, Event::complete);
@@ -697,13 +695,7 @@ static void test_a_bounded_drain_puts_the_rest_back_ahead_of_what_was_queued_mea
   for (std::uint64_t r = 1; r <= 3; ++r) eng.advertise(r, Role::sender, 0);
   DrainGate gate;
   std::vector<Record> got;
-  std::thread drainer([&] {
-    eng.drain_to([&](std::size_t n) {
-      gate.hold();
-      got.resize(n);
-      return got.data();
-    }, false, 1);
-  });
+  std::thread drainer = gate.drain_held(eng, got, false, 1);
   gate.wait_held();
   eng.advertise(4, Role::sender, 0);
   std::vector<Record> recs;
@@ -762,17 +754,7 @@ static void test_a_waiter_wakes_when_a_drain_puts_records_back() {
     for (std::uint64_t r = 1; r <= 3; ++r) eng.advertise(r, Role::sender, 0);
     DrainGate gate;
     std::vector<Record> got;
-    std::thread drainer([&] {
-      try {
-        eng.drain_to([&](std::size_t n) -> Record* {
-          gate.hold();
-          if (fail) throw std::bad_alloc();
-          got.resize(n);
-          return got.data();
-        }, false, 1);
-      } catch (const std::bad_alloc&) {
-      }
-    });
+    std::thread drainer = gate.drain_held(eng, got, fail, 1);
     gate.wait_held();
     CHECK(eng.pending() == 0);  // every record out, held by the drain
     std::mutex mu;
@@ -815,13 +797,7 @@ static void test_a_forked_child_drains_a_shard_a_drain_held() {
   eng.advertise(1, Role::sender, 0);
   DrainGate gate;
   std::vector<Record> got;
-  std::thread drainer([&] {
-    eng.drain_to([&](std::size_t n) {
-      gate.hold();
-      got.resize(n);
-      return got.data();
-    });
-  });
+  std::thread drainer = gate.drain_held(eng, got);
   gate.wait_held();
   const pid_t pid = ::fork();
   if (pid == 0) {

@@ -100,7 +100,7 @@ _ENGINE_ONLY_RESULTS = {"cancel": ("NotFound", "BackendUnhealthy", "CancelledDef
 _TIMERS = (("InFlight", "timeout"), ("CancelRequested", "grace_expired"))
 # The engine's exposed states, where a transfer may run (posted, or aborted and awaiting its DONE or the peer's ack):
 # the transport's progress thread posts complete there, and the evidence it awaits is that one transfer's.
-_TRANSFER_STATES = ("InFlight", "CancelRequested")
+_TRANSFER_STATES = tuple(s for s, _e in _TIMERS)  # (the engine times exactly those)
 # engine.cpp issues the transport abort on each move into this state (the CancelRequestedInFlight answer).
 _ABORT_STATE = "CancelRequested"
 _ROW = re.compile(

@@ -618,7 +618,13 @@ char* getenv(const char* name) {
 GETENV_WATCHED = ("KV_LIFECYCLE_NIXL_CAPI", "LIFECYCLE_CLOCK", "LIFECYCLE_LOOPBACK_COPY")
 
 
-def test_the_core_reads_the_library_variable_only_with_the_gil_held(tmp_path):
+@pytest.fixture(scope="module")
+def getenv_shim(tmp_path_factory):
+    """GETENV_SHIM built once for the module's tests (an LD_PRELOAD library)."""
+    return build_shared(tmp_path_factory.mktemp("shim") / "libgetenv_shim.so", GETENV_SHIM)
+
+
+def test_the_core_reads_the_library_variable_only_with_the_gil_held(tmp_path, getenv_shim):
     """Review (session 29): NixlCapi::load read $KV_LIFECYCLE_NIXL_CAPI with getenv inside the bindings'
     NoGil (load_nixl_capi, _Transport.nixl), for every load, a path given or not, while a Python thread may
     change os.environ (putenv / unsetenv, under the GIL): glibc's getenv beside a setenv is undefined
@@ -626,7 +632,7 @@ def test_the_core_reads_the_library_variable_only_with_the_gil_held(tmp_path):
     reads no environment.  A getenv stand-in counts the reads with the GIL held and without; the variable
     still names the library for an empty path (control: the held reads are seen, so the count is no vacuous
     zero)."""
-    shim = build_shared(tmp_path / "libgetenv_shim.so", GETENV_SHIM)
+    shim = getenv_shim
     child = """
         import ctypes, os, sys
         from lifecycle import NixlUnavailable, _core
@@ -658,7 +664,7 @@ def test_the_core_reads_the_library_variable_only_with_the_gil_held(tmp_path):
     assert held >= 2, f"the stand-in saw {held} reads with the GIL: the count cannot show anything"  # control
 
 
-def test_the_clock_and_loopback_variables_are_read_only_with_the_gil_held(tmp_path):
+def test_the_clock_and_loopback_variables_are_read_only_with_the_gil_held(getenv_shim):
     """Review (session 29): $LIFECYCLE_CLOCK was read by the clock's first reading and $LIFECYCLE_LOOPBACK_COPY
     by the first loopback copy: wherever those fell, inside a binding's NoGil or on a transport's worker thread,
     while a Python thread may change os.environ (putenv / unsetenv, under the GIL): glibc's getenv beside a
@@ -668,7 +674,7 @@ def test_the_clock_and_loopback_variables_are_read_only_with_the_gil_held(tmp_pa
     pair; the variables still take effect (the source says monotonic; the copy goes through a pipe, whose ends
     the worker keeps open, and through none without the variable).  Control: each variable's reads with the GIL
     are seen, so the zero without it is no vacuous one.  Seen failing before: 1 read of each without the GIL."""
-    shim = build_shared(tmp_path / "libgetenv_shim.so", GETENV_SHIM)
+    shim = getenv_shim
     child = """
         import ctypes, os
         from lifecycle import State, _core

@@ -165,7 +165,8 @@ class Health:
     none.  Quiesced and Poisoned sessions awaiting ``terminate`` count in ``live`` and ``counts``, not here.
 
     ``backend_healthy`` and ``backend_reason`` are the last ``set_backend_health(healthy, reason)``'s: the reason is
-    kept with ``healthy=True`` too (a note), and listed in ``reasons`` only while ``backend_healthy`` is False."""
+    kept with ``healthy=True`` too (a note), and listed in ``reasons`` only while ``backend_healthy`` is False (an
+    empty one as "backend: unhealthy (no reason given)")."""
 
     healthy: bool
     reasons: tuple[str, ...]

@@ -270,7 +270,7 @@ class TimedModel:
         if self.quarantined > self.budget or 0 < self.num_slots == self.quarantined:
             reasons.append("quarantine")
         if not self.backend[0]:
-            reasons.append("backend: " + self.backend[1])
+            reasons.append("backend: " + (self.backend[1] or "unhealthy (no reason given)"))
         self.unhealthy = bool(reasons)
         oldest = [self.s[req].t for req, state in states.items() if state in NONTERMINAL]
         return reasons, {
@@ -465,7 +465,7 @@ class EngineVsTimedModel(RuleBasedStateMachine):
     def terminate(self, req):
         self._result_call("terminate", req)
 
-    @rule(healthy=st.booleans(), reason=st.sampled_from(["peer lost", "ucx down"]))
+    @rule(healthy=st.booleans(), reason=st.sampled_from(["peer lost", "ucx down", ""]))
     def backend(self, healthy, reason):
         self.engine.set_backend_health(healthy, "" if healthy else reason)
         self.model.backend = (healthy, "" if healthy else reason)

@@ -156,6 +156,26 @@ def test_a_backend_reason_is_text_and_health_always_decodes(clock):
     assert eng.health().backend_reason == "peer lost \u2014 ucx"
 
 
+def test_a_backend_marked_unhealthy_without_a_reason_says_so(engine):
+    """Review (session 30): ``set_backend_health(False, "")`` (or with the reason left out) listed ``"backend: "``
+    with nothing after it, and the ``lifecycle.health`` line with it: an operator saw no cause.  An empty reason
+    is listed as "backend: unhealthy (no reason given)"; ``backend_reason`` stays what was given ("").  Control:
+    a reason given is listed as before, and a healthy backend lists nothing."""
+    for call in (lambda: engine.set_backend_health(False, ""), lambda: engine.set_backend_health(False)):
+        call()
+        h = engine.health()
+        assert not h.healthy and not h.backend_healthy and h.backend_reason == ""
+        assert h.reasons == ("backend: unhealthy (no reason given)",)
+    engine.set_backend_health(False, "peer lost")  # control
+    assert engine.health().reasons == ("backend: peer lost",)
+    engine.set_backend_health(True)
+    assert engine.health().reasons == ()
+    # many different reasons: one entry, the last (the backend's is one state, replaced, never accumulated)
+    for i in range(100):
+        engine.set_backend_health(False, f"peer {i} lost")
+    assert engine.health().reasons == ("backend: peer 99 lost",)
+
+
 def test_transfer_timeout_counts_from_expose_not_admission(engine, clock):
     engine.advertise(1, "sender")
     clock.advance(100 * SEC)  # long admission queue: no timer yet

@@ -1302,7 +1302,9 @@ Health Engine::health() {
     std::lock_guard<std::mutex> g(backend_mu_);
     h.backend_healthy = backend_healthy_.load();
     h.backend_reason = backend_reason_;
-    if (!h.backend_healthy) h.reasons.push_back("backend: " + backend_reason_);
+    // (an empty reason listed "backend: " with nothing after it: no cause for the operator to read)
+    if (!h.backend_healthy)
+      h.reasons.push_back("backend: " + (backend_reason_.empty() ? "unhealthy (no reason given)" : backend_reason_));
     for (const auto& f : filed_reasons_) h.reasons.insert(h.reasons.end(), f.second.begin(), f.second.end());
   }
   h.healthy = h.reasons.empty();

@@ -46,6 +46,7 @@ __all__ = [
     "NixlTransport",
     "Offer",
     "Registration",
+    "TransportFailure",
     "TransportStats",
     "UCX_CUDA_DEFAULTS",
     "connect_all",
@@ -533,6 +534,26 @@ class TransportStats:
     forgone_offers: int
 
 
+class TransportFailure(tuple):
+    """One entry of ``recent_failures()``: the pair ``(request, reason)`` it always was (compared and unpacked as
+    before), with ``.serial``, the engine session whose transfer failed (``SessionInfo.serial``; 0 on a bare
+    transport).  An entry outlives its session: a later session of the id has another serial."""
+
+    def __new__(cls, request: int, reason: str, serial: int):
+        self = super().__new__(cls, (request, reason))
+        self.serial = serial
+        return self
+
+    request = property(lambda self: self[0])
+    reason = property(lambda self: self[1])
+
+    def __getnewargs__(self):  # (copy and pickle: the pair alone would lose the serial)
+        return self[0], self[1], self.serial
+
+    def __repr__(self) -> str:
+        return f"TransportFailure(request={self[0]}, reason={self[1]!r}, serial={self.serial})"
+
+
 # Registrations whose transport was dropped while the backend might still touch them (an offer out, a transfer
 # released without evidence): (transport name, range, the object registered), kept alive for the life of the
 # process, since a late write into freed memory would corrupt whatever took its place.
@@ -922,10 +943,12 @@ class _Transport:
         (a handler of its events threw: caught, the thread went on)."""
         return self._core.progress_stats()
 
-    def recent_failures(self) -> list[tuple[int, str]]:
+    def recent_failures(self) -> list[TransportFailure]:
         """The last 64 transfers the backend failed, oldest first, as ``(request, reason)``: what NIXL (or the
-        loopback's copy) said.  The engine's ``fail`` event carries no text; look the reason up here."""
-        return self._core.recent_failures()
+        loopback's copy) said, each with ``.serial``, the failed session's (:class:`TransportFailure`: compare it
+        with ``engine.info(request).serial``).  The engine's ``fail`` event carries no text; look the reason up
+        here."""
+        return [TransportFailure(*f) for f in self._core.recent_failures()]
 
     def fault_stats(self) -> dict | None:
         return self._core.fault_stats()

@@ -215,6 +215,41 @@ def test_fault_error_poisons_active_side_and_denies_quiesced_ack():
         b.close()
 
 
+def test_a_recent_failure_names_its_session_not_only_its_id():
+    """Review (session 30): recent_failures() gave (request, reason) only.  The transport refuses a failed id for
+    its own later transfers, but its entry outlives the session: the id advertised again (a passive session here,
+    or one another transport drives) that then ends without a transfer error, by a timer say, found the old entry
+    under its id, and an operator could not tell whose it was.  Each entry is still that pair (compared, unpacked as before) and
+    carries ``.serial``, the failed session's (``SessionInfo.serial``).  Control: the later session of the id has
+    another serial, which the entry does not name."""
+    f = Faults(seed=1, error=1.0)
+    a, b, names = pair(faults_a=f, transfer_timeout=0.2, cancel_grace=0.3, tombstones=0, shards=1)
+    try:
+        sa, _, _ = run(a, b, names, 1, "read", 4 * KiB)
+        assert sa is State.Poisoned, f"seed={f.seed}"
+        failed = a.engine.info(1).serial
+        for side in (a, b):
+            side.engine.terminate(1)
+            side.engine.poll()  # (tombstones=0: the id is free once its notice is delivered)
+        # the id again: another session, which offers on the same transport (allowed), is never read and ends by
+        # its timer
+        src = a.advertise(1, "sender", 4 * KiB, 0)
+        a.t.expect(1, names[0], src)
+        later = a.engine.info(1).serial
+        assert 0 != later != failed  # control: two sessions of id 1, told apart by serial only
+        assert a.wait(1) in (State.Quiesced, State.Poisoned) and a.engine.info(1).serial == later
+        why = "loopback transfer status error -2"
+        failures = a.t.recent_failures()
+        assert failures == [(1, why)] and [tuple(x) for x in failures] == [(1, why)], f"seed={f.seed}"
+        (req, reason), = failures
+        assert (req, reason) == (failures[0].request, failures[0].reason) == (1, why)
+        assert failures[0].serial == failed, f"seed={f.seed}"
+        assert f"serial={failed}" in repr(failures[0])
+    finally:
+        a.close()
+        b.close()
+
+
 def test_fault_never_completes_times_out_to_poisoned():
     f = Faults(seed=2, never_completes=1.0)
     a, b, names = pair(faults_a=f, transfer_timeout=0.1, cancel_grace=0.1)

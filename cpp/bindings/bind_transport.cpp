@@ -426,16 +426,17 @@ void register_transport(py::module_& m) {
              return d;
            })
       .def("recent_failures", [](const tp::Transport& t) {
-             std::vector<std::pair<std::uint64_t, std::string>> failures;
+             std::vector<tp::Transport::Failure> failures;
              {
                NoGil nogil;
                failures = t.recent_failures();
              }
              py::list out;
-             for (const auto& [req, why] : failures) {
-               PyObject* text = PyUnicode_DecodeUTF8(why.data(), static_cast<Py_ssize_t>(why.size()), "replace");
+             for (const auto& f : failures) {
+               PyObject* text =
+                   PyUnicode_DecodeUTF8(f.reason.data(), static_cast<Py_ssize_t>(f.reason.size()), "replace");
                if (text == nullptr) throw py::error_already_set();
-               out.append(py::make_tuple(req, py::reinterpret_steal<py::str>(text)));
+               out.append(py::make_tuple(f.req, py::reinterpret_steal<py::str>(text), f.serial));
              }
              return out;
            })

@@ -1549,7 +1549,8 @@ void test_a_failed_post_keeps_its_reason_in_recent_failures() {
   CHECK(ta.stats().post_errors == 1 && ta.stats().failed == 1);
   const auto failures = ta.recent_failures();
   CHECK(failures.size() == 1);
-  CHECK(!failures.empty() && failures[0].first == 1 && failures[0].second == "post: request 1: injected backend error");
+  CHECK(!failures.empty() && failures[0].req == 1 && failures[0].reason == "post: request 1: injected backend error");
+  CHECK(!failures.empty() && failures[0].serial != 0 && failures[0].serial == ea->info(1)->serial);  // its session
   hold->store(false);
   std::this_thread::sleep_for(std::chrono::milliseconds(20));  // the loopback job ends before the buffers go
   CHECK(ea->advertise(2, Role::sender, 0).status == Status::Moved);

@@ -1125,12 +1125,12 @@ void Transport::transfer_batch(const TransferItem* items, std::size_t n, Transfe
         NixlCallError named(x, " to peer '" + *items[i].peer + "'; with NIXL 1.5.1 a failed post leaves the peer " +
                                    "marked disconnected: every later transfer to it fails until remove_peer() and " +
                                    "add_peer() of its metadata");
-        note_failure(req, named.what());
+        note_failure(req, w[i].serial, named.what());
         error = std::make_exception_ptr(std::move(named));
       } catch (const std::exception& x) {
-        note_failure(req, x.what());
+        note_failure(req, w[i].serial, x.what());
       } catch (...) {
-        note_failure(req, "post failed (not a std::exception)");
+        note_failure(req, w[i].serial, "post failed (not a std::exception)");
       }
       finish_active(req, false);  // an error is not evidence: Poisoned
       fail(i, std::move(error));
@@ -1566,22 +1566,29 @@ void Transport::on_complete(std::uint64_t req) { finish_active(req, true); }
 void Transport::on_complete_batch(const std::uint64_t* reqs, std::size_t n) { finish_actives(reqs, n, true); }
 
 void Transport::on_fail(std::uint64_t req, const char* why) {
-  note_failure(req, why);
+  // The session the entry drives, for the note (an error's path only; 0 where the entry went meanwhile)
+  std::uint64_t serial = 0;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    const auto it = entries_.find(req);
+    if (it != entries_.end() && it->second.side == Side::Active) serial = it->second.serial;
+  }
+  note_failure(req, serial, why);  // before the fail event: a poll that sees Poisoned finds the reason
   finish_active(req, false);
 }
 
-void Transport::note_failure(std::uint64_t req, const char* why) noexcept {
+void Transport::note_failure(std::uint64_t req, std::uint64_t serial, const char* why) noexcept {
   try {
     std::string text(why != nullptr ? why : "");
     if (text.size() > 512) text.resize(512);
     std::lock_guard<std::mutex> lk(failures_mu_);
     if (failures_.size() == kFailureLog) failures_.pop_front();
-    failures_.emplace_back(req, std::move(text));
+    failures_.push_back(Failure{req, serial, std::move(text)});
   } catch (...) {  // the reason is lost, never the event
   }
 }
 
-std::vector<std::pair<std::uint64_t, std::string>> Transport::recent_failures() const {
+std::vector<Transport::Failure> Transport::recent_failures() const {
   std::lock_guard<std::mutex> lk(failures_mu_);
   return {failures_.begin(), failures_.end()};
 }

@@ -192,10 +192,17 @@ class Transport final : public EventSink {
   bool stopped() const noexcept { return stopped_.load(); }
   TransportStats stats() const;
   NixlProgressStats progress_stats() const;
-  // The last kFailureLog transfers the backend failed, oldest first: (request id, the backend's reason,
-  // cut at 512 bytes).  The engine's `fail` event carries no text; this is where the reason stays.
+  // The last kFailureLog transfers the backend failed, oldest first: the request id, the serial of the session
+  // whose transfer it was (an entry outlives its session: a later session of the id has another serial; 0 on a
+  // bare transport, or where remove_peer()/stop() had ended the transfer first) and the backend's reason, cut at
+  // 512 bytes.  The engine's `fail` event carries no text; this is where the reason stays.
   static constexpr std::size_t kFailureLog = 64;
-  std::vector<std::pair<std::uint64_t, std::string>> recent_failures() const;
+  struct Failure {
+    std::uint64_t req = 0;
+    std::uint64_t serial = 0;
+    std::string reason;
+  };
+  std::vector<Failure> recent_failures() const;
 
   // Bare mode (no engine): completions seen so far; wait until at least `n` (steady ns timeout).
   // Waits like Engine::wait_ready (spin up to spin_ns, yielding, then the condition variable), so a
@@ -256,7 +263,8 @@ class Transport final : public EventSink {
   void on_abort(std::uint64_t req, std::uint64_t serial);
   bool on_pass() override;  // sends the queued stops (outbox_)
   void finish_active(std::uint64_t req, bool done);
-  void note_failure(std::uint64_t req, const char* why) noexcept;  // into recent_failures (cut at 512 bytes)
+  // into recent_failures (cut at 512 bytes); `serial`: the session the failed entry drove
+  void note_failure(std::uint64_t req, std::uint64_t serial, const char* why) noexcept;
   struct Work;  // transfer_batch's state of one item between its phases (transport.cpp)
   void finish_actives(const std::uint64_t* reqs, std::size_t n, bool done);  // finish_active of each, batched
   // Release; a failure is counted and retried by the sweep.  `proven`: never posted, or Done (DESIGN
@@ -364,7 +372,7 @@ class Transport final : public EventSink {
   std::mutex outbox_mu_;
   std::vector<std::pair<std::string, NotifMessage>> outbox_;  // guarded by outbox_mu_
   mutable std::mutex failures_mu_;
-  std::deque<std::pair<std::uint64_t, std::string>> failures_;  // guarded by failures_mu_ (recent_failures)
+  std::deque<Failure> failures_;  // guarded by failures_mu_ (recent_failures)
   std::map<std::uint64_t, bool> unreleased_;  // release failed (value: proven quiescent); retried on tick
   // Invariant: every request prepared through this transport that is not released yet, or was released
   // without evidence that it stopped (those are in unproven_ too: their bytes may still land), with its

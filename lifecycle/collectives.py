@@ -90,6 +90,7 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 _HEADER = 8
+_ERROR = 40  # logging.ERROR, the level of lifecycle.collective_desync
 _FP_MASK = (1 << 62) - 1  # a 62-bit hash never overflows when negated in int64
 _TAG_ARRIVAL = 7
 _FIELDS = ("seq", "op", "site", "kind", "size")  # priority order of the reported differing field
@@ -849,7 +850,13 @@ class RankGroup:
         self._broken = err
         if event is not None:
             try:
-                log.error("lifecycle.collective_desync", **event, **_common_fields())
+                # A line the logger filters out by level takes no seq (_common_fields takes it): a seq taken for a
+                # line never written reads as a lost line, a seq_gap, in the process's stream (engine.py's
+                # _logger_info asks the same way)
+                logger = log.bind()
+                enabled = getattr(logger, "is_enabled_for", None)
+                if enabled is None or enabled(_ERROR):
+                    logger.error("lifecycle.collective_desync", **event, **_common_fields())
             except Exception as exc:
                 note = f"the structlog event could not be logged: {exc!r:.200}"
                 if hasattr(err, "add_note"):

@@ -338,6 +338,26 @@ def test_an_exception_inside_a_wait_breaks_the_group_with_a_typed_error():
     assert control.by_rank()[0]["next"] == ["mpi4py.MPI", "Exception"], explain(control)
 
 
+def test_a_desync_filtered_out_by_level_takes_no_seq(tmp_path):
+    """The collectives' logger filters at CRITICAL and an engine logs at INFO into the same file, across a desync on
+    every rank: the lifecycle.collective_desync line (ERROR) took its seq all the same, a gap in the engine's log
+    (seq_gap, exit 1, where nothing was lost).  It takes one only when written now.  Control (the logger at ERROR):
+    the desync line is written, at the seq the filtered one had taken, and is the audit's only finding."""
+    for level, n, findings in (("critical", 5, {}), ("error", 6, {"collective_desync": 1})):
+        folder = tmp_path / level
+        folder.mkdir()
+        run = mpirun(2, "robustness.py", "--case", "desync-level", "--level", level, "--log", str(folder), timeout=60)
+        assert not run.timed_out, explain(run)
+        got = run.by_rank()
+        assert sorted(got) == [0, 1], explain(run)
+        for rank, res in got.items():
+            assert res["got"] == ["CollectiveDesyncError", "op"], (level, rank, res)
+            assert [s for _, s in res["events"]] == list(range(n)), (level, rank, res)
+            desync = [s for e, s in res["events"] if e == "lifecycle.collective_desync"]
+            assert desync == ([1] if level == "error" else []), (level, rank, res)
+            assert res["findings"] == findings, (level, rank, res)
+
+
 def test_a_logger_that_raises_never_replaces_the_desync_error():
     run = mpirun(2, "robustness.py", "--case", "logger", timeout=60)
     assert not run.timed_out, explain(run)

@@ -98,11 +98,17 @@ poll-own-memory  rank 1 passes 200,000 ids to poll_symmetric and cannot allocate
 poll-flags-memory  the same, where rank 1 cannot put its ids' flags into that array (a MemoryError converting the
              list: as big as the ids' own array, and converted after the guarded allocation): it raised there alone,
              before the collective.  Control: the same call before and after returns on both.
+desync-level the collectives' module logger filters at --level (structlog configured at CRITICAL), an engine logs
+             at INFO into the same file, and the ranks desync between its lines: the filtered
+             lifecycle.collective_desync line took a seq all the same, so the engine's log had a gap, a seq_gap
+             violation in the audit of that file.  Each rank audits its own file.  Control (--level error): the
+             desync line is written, at that very seq, and audited as a collective_desync.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import time
 
@@ -198,6 +204,8 @@ def main() -> None:
     ap.add_argument("--same-site", action="store_true")
     ap.add_argument("--raw", action="store_true")
     ap.add_argument("--ascii", action="store_true")
+    ap.add_argument("--level", default="critical")
+    ap.add_argument("--log", default="")
     args = ap.parse_args()
     col = load_collectives()
     comm = MPI.COMM_WORLD
@@ -330,6 +338,37 @@ def main() -> None:
         if rank == 1:
             comm.Abort(0)
         time.sleep(60)
+
+    if case == "desync-level":
+        import logging
+        import os
+
+        import structlog
+
+        from lifecycle import TransferEngine
+        from lifecycle.audit import audit_paths
+
+        path = os.path.join(args.log, f"rank{rank}.jsonl")
+        with open(path, "w") as f:
+            level = getattr(logging, args.level.upper())
+            structlog.configure(processors=[structlog.processors.JSONRenderer()],
+                                logger_factory=structlog.WriteLoggerFactory(f),
+                                wrapper_class=structlog.make_filtering_bound_logger(level))
+            engine = TransferEngine(logger=structlog.wrap_logger(
+                structlog.WriteLogger(f), processors=[structlog.processors.JSONRenderer()],
+                wrapper_class=structlog.make_filtering_bound_logger(logging.INFO)))
+            g = col.RankGroup(comm, watchdog=5.0)
+            engine.advertise(1, "sender")
+            engine.poll()
+            out["got"] = outcome_of(lambda: g.any_rank(True) if rank == 0 else g.barrier())
+            engine.cancel(1)
+            engine.terminate(1)
+            engine.poll()
+        with open(path) as f:
+            out["events"] = [[d["event"], d["seq"]] for d in map(json.loads, f)]
+        out["findings"] = audit_paths([path]).finding_counts
+        emit(rank, **out)
+        end_job(comm, rank, None)
 
     if case == "ledger":
         try:

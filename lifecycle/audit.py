@@ -41,7 +41,7 @@ role), ``seq_gap`` (lost or duplicated lines in a stream's sequence), ``collecti
 malformed lines; such an audit could not fail).
 Warnings (reported, exit 0; ``docs/audit.md`` says what each means): ``rejected_event``, ``callback_error``,
 ``unhealthy``, ``stream_start``, ``adopted_session``, ``orphan_event``, ``table_mismatch``, ``live``,
-``window_evicted``, ``delivery_unchecked``.
+``window_evicted``, ``delivery_unchecked``, ``log_filtered``.
 
 Two engines
 -----------
@@ -137,6 +137,7 @@ WARNING_KINDS = (
     "live",
     "window_evicted",
     "delivery_unchecked",
+    "log_filtered",
 )
 # Violations a caller may excuse (AuditResult.excuse): an empty log is right for a rank that created no session
 EXCUSABLE_KINDS = ("no_events",)
@@ -171,6 +172,7 @@ _EVENT_NAMES = (
     "lifecycle.illegal_transition",
     "lifecycle.health",
     "lifecycle.collective_desync",
+    "lifecycle.log_level",
 )
 
 
@@ -255,6 +257,13 @@ def build_schema(spec: _spec.Spec) -> dict:
             "properties": {"request": {"type": "null"}, "seq_no": {"type": "integer"}, "field": {"type": "string"},
                            "sites": {"type": "array", "items": {"type": ["string", "null"]}},
                            "missing": {"type": "array", "items": {"type": "integer"}}},
+        },
+        "lifecycle.log_level": {
+            "description": "The engine's logger began to filter its INFO lines out by level (logged at the lowest "
+                           "level it writes), or writes them again (at INFO): the engine's lines in between are "
+                           "missing, with no seq gap.",
+            "required": ["info_filtered"],
+            "properties": {"request": {"type": "null"}, "info_filtered": {"type": "boolean"}},
         },
     }
     assert tuple(per_event) == _EVENT_NAMES
@@ -928,6 +937,9 @@ class Auditor:
         # request's current lifetime among that role's ranks (a rank reporting again starts a new lifetime)
         self.xrank: dict[tuple, list] = {}
         self.ranks: set[int] = set()
+        # (stream key, engine) -> [seq, file, line, rank, pid] of a lifecycle.log_level line saying that engine's INFO
+        # lines are filtered out from there on, until one says they are written again
+        self._filtered: dict[tuple, list] = {}
         self._bad_tables: set = set()
         self._file = "<events>"
         # every file fed, by name (a name given twice is one file): [lines read, any event, unreadable]
@@ -970,6 +982,7 @@ class Auditor:
             "lifecycle.illegal_transition": self._late_or_rejected,
             "lifecycle.health": self._health,
             "lifecycle.collective_desync": self._collective_desync,
+            "lifecycle.log_level": self._log_level,
         }
         assert set(self._handlers) == set(_EVENT_NAMES)
 
@@ -1634,6 +1647,28 @@ class Auditor:
                    f"collective #{_cut(str(d.get('seq_no')))} diverged in {_cut(str(d.get('field')))}: "
                    f"sites {_cut(str(d.get('sites')))}", rank=rank)
 
+    def _log_level(self, d: dict, name: str, req, rank: int, sk, eng, sid, t: int, line: int) -> None:
+        filtered = d.get("info_filtered")
+        if type(filtered) is not bool:
+            self._find("malformed", line, "lifecycle.log_level: 'info_filtered' must be a bool", rank=rank)
+            return
+        key = (sk, eng)
+        if filtered:
+            if key not in self._filtered:  # (a second one, two threads logging the change: the first seq holds)
+                self._filtered[key] = [d["seq"], self._file, line, rank, d["pid"]]
+            return
+        off = self._filtered.pop(key, None)
+        self._find_filtered(d["pid"], eng, None if off is None else off[0], d["seq"], line, rank)
+
+    def _find_filtered(self, pid: int, eng, first, last, line: int, rank: int, file=None) -> None:
+        """A stretch of an engine's lines its logger did not write (``first`` None: its start not logged, the logger
+        writing no level then; ``last`` None: to the end of the log)."""
+        span = (f"up to seq {last} (where it began is not in the log)" if first is None else
+                f"from seq {first} to {'the end of the log' if last is None else f'seq {last}'}")
+        self._find("log_filtered", line, f"pid {pid}{'' if eng is None else f', engine {eng}'}: INFO lines filtered "
+                   f"out by level {span}: the log is incomplete there", rank=rank, file=file, engine=eng,
+                   first=first, last=last)
+
     def _terminate(self, d: dict, name: str, req, rank: int, sk, eng, sid, t: int, line: int) -> None:
         r = d.get("result")
         if r not in self.spec.terminate_results or type(req) is not int:
@@ -1863,6 +1898,9 @@ class Auditor:
                            f"nothing to audit", file=path, lines=n)
         for st in self.streams.values():
             self._flush_missing(st, st[_ST_PID])
+        for (_sk, eng), (first, f, ln, rank, pid) in self._filtered.items():
+            self._find_filtered(pid, eng, first, None, ln, rank, file=f)
+        self._filtered.clear()
         for tomb in self.tombs.values():
             self._check_tomb(tomb)
         self.tombs.clear()

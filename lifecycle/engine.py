@@ -119,6 +119,7 @@ _CANCEL_NAMES = [x.value for x in _CANCEL]
 _TERMINATE_NAMES = [x.value for x in _TERMINATE]
 _new_transition = tuple.__new__
 _INFO = 20
+_ABOVE_INFO = ((30, "warning"), (40, "error"), (50, "critical"))  # where a lifecycle.log_level "filtered" line goes
 _NO_STATE = 0xFF
 _NO_SLOT = 0xFFFFFFFF
 TERMINAL = frozenset(State[s] for s in TABLE.terminal)
@@ -296,6 +297,10 @@ class TransferEngine(_core.Engine):
         self._engine_id = next(_engine_ids)
         self.on_terminate = on_terminate
         self._log = logger if logger is not None else log
+        # Whether the logger filtered INFO out when last asked (_logger_info; None: not asked yet): a change either
+        # way is logged, one lifecycle.log_level line, so the audit knows between which seqs this engine's lines
+        # were not logged
+        self._info_filtered: bool | None = None
         self._was_healthy = True
         # Drained but not yet handled: packed batches not yet logged, TerminateNow requests whose on_terminate
         # has not run.  The native drain hands each batch over into these before it returns, so an exception
@@ -749,10 +754,37 @@ class TransferEngine(_core.Engine):
     def _logger_info(self):
         """The logger's ``info``, resolved (a lazy logger's bind()), or None where the logger says INFO is filtered
         out: then no line is made and no seq taken.  (A seq taken for a line never written reads as a lost line in
-        the process's stream, a seq_gap, in the log of another engine whose logger writes INFO.)"""
+        the process's stream, a seq_gap, in the log of another engine whose logger writes INFO.)  An answer other
+        than the last one is logged first (_level_changed)."""
         logger = self._log.bind()
         enabled = getattr(logger, "is_enabled_for", None)
-        return logger.info if enabled is None or enabled(_INFO) else None
+        if enabled is None or enabled(_INFO):
+            if self._info_filtered is not False:  # (one attribute read while the level stays)
+                self._level_changed(logger, enabled, False)
+            return logger.info
+        if self._info_filtered is not True:
+            self._level_changed(logger, enabled, True)
+        return None
+
+    def _level_changed(self, logger, enabled, filtered: bool) -> None:
+        """The logger filters INFO out now (``filtered``), or writes it again: one ``lifecycle.log_level`` line says
+        so, at INFO when written again, else at the lowest level the logger writes (none when it writes none: the
+        audit then knows the stretch's end only).  The first answer is no change (an engine whose logger filters INFO
+        throughout writes nothing).  Without it a level raised and lowered mid-run left a log with no seq gap,
+        missing lines the audit could not know of (a stream it took as complete)."""
+        was, self._info_filtered = self._info_filtered, filtered  # (first: a logger that raises is not asked again)
+        if was is None:
+            return
+        if not filtered:
+            write = logger.info
+        else:
+            write = next((getattr(logger, name, None) for level, name in _ABOVE_INFO if enabled(level)), None)
+            if write is None:
+                return
+        stream = _logstream.current
+        write("lifecycle.log_level", request=None, rank=self.rank, role=None, t_mono_ns=self.now_ns(),
+              seq=next(stream.seq), pid=stream.pid, proc=stream.proc, engine=self._engine_id, table=TABLE.digest,
+              schema=SCHEMA, info_filtered=filtered)
 
     def _emit(self, name: str, request: int | None, role: str | None, t_ns: int | None = None, info=None,
               **kw) -> None:

@@ -1763,6 +1763,83 @@ def test_an_engine_whose_logger_filters_info_takes_no_seq_another_engines_log_sh
     assert ("seq_gap", 6) in [(x.kind, x.line) for x in audit_paths([cut]).findings]  # (a notice: never delivered)
 
 
+_NOTHING_WRITTEN = 60  # a stdlib level above CRITICAL: the logger writes no level
+
+
+def real_level_changed_log(levels: tuple[int, ...]) -> list[dict]:
+    """A real engine logging through a stdlib logger (structlog.stdlib.BoundLogger, JSON lines) whose level is set
+    to ``levels[i]`` before phase i: request i is advertised in phase i and cancelled and terminated in phase i + 1
+    (the last one after the phases, at the last level).  The lines as written, seqs from the first one's."""
+    import io
+    import logging
+
+    import structlog
+
+    from lifecycle import ManualClock, TransferEngine
+
+    out = io.StringIO()
+    std = logging.getLogger(f"kvlc-level-test-{id(out)}")
+    std.propagate = False
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    std.addHandler(handler)
+    eng = TransferEngine(clock=ManualClock(1_000_000 * mg.MS), logger=structlog.wrap_logger(
+        std, wrapper_class=structlog.stdlib.BoundLogger, processors=[structlog.processors.JSONRenderer()]))
+    try:
+        for i, level in enumerate(levels):
+            std.setLevel(level)
+            if i:
+                eng.cancel(i - 1)
+                eng.terminate(i - 1)
+            eng.advertise(i, "sender")
+            eng.poll()
+        eng.cancel(len(levels) - 1)
+        eng.terminate(len(levels) - 1)
+        eng.poll()
+    finally:
+        std.removeHandler(handler)
+    ev = [json.loads(x) for x in out.getvalue().splitlines()]
+    return [dict(d, seq=d["seq"] - ev[0]["seq"]) for d in ev]
+
+
+@pytest.mark.parametrize("levels, span", [
+    ((20, 30, 20), (True, True)),  # INFO, WARNING, INFO: filtered between the two lifecycle.log_level lines
+    ((20, 30), (True, False)),  # raised for good: to the end of the log
+    ((20, _NOTHING_WRITTEN, 20), (False, True)),  # nothing written meanwhile: the start is not known
+    ((30, 20), (False, True)),  # filtered from the start (the first answer is no change: no line)
+    ((20, 40, 30, 20), (True, True)),  # raised twice (one stretch: INFO filtered throughout)
+])
+def test_a_level_changed_mid_run_is_reported_as_an_incomplete_log(tmp_path, levels, span):
+    """A logger whose level is raised mid-run (INFO lines filtered out), and lowered again or not, left a log with no
+    seq gap (a line filtered out takes no seq) and the lines it filtered missing: nothing in it told the audit, which
+    took the stream as complete (seen failing: no log_filtered finding; the only findings were what the missing lines
+    caused, a leak, an adopted session).  The engine logs each change it sees (lifecycle.log_level, at the lowest
+    level the logger writes, or at INFO once it writes INFO again), and the audit reports a log_filtered warning
+    naming the engine and the seqs between which its lines were filtered, in both replays.  Every line matches the
+    schema.  Control: the same run at INFO throughout logs no lifecycle.log_level line and audits clean."""
+    ev = real_level_changed_log(levels)
+    for d in ev:
+        validate_event(d)
+    marks = [(d["seq"], d["info_filtered"]) for d in ev if d["event"] == "lifecycle.log_level"]
+    first = next((q for q, f in marks if f), None) if span[0] else None
+    last = next((q for q, f in marks if not f), None) if span[1] else None
+    assert [f for _, f in marks] == [True] * span[0] + [False] * span[1], marks
+    p = write(tmp_path / "level.jsonl", ev)
+    for native in (False, True):
+        res = audit_paths([p], native=native)
+        got = [(f.extra["engine"], f.extra["first"], f.extra["last"]) for f in res.by_kind("log_filtered")]
+        assert got == [(ev[0]["engine"], first, last)], (native, got, [str(f) for f in res.findings])
+        msg = res.by_kind("log_filtered")[0].message
+        assert ("to the end of the log" in msg) == (last is None) and ("not in the log" in msg) == (first is None), msg
+        assert res.by_kind("log_filtered")[0].line == 1 + next(i for i, d in enumerate(ev) if d["seq"] == (
+            last if last is not None else first))
+        assert "seq_gap" not in res.finding_counts, [str(f) for f in res.findings]
+    assert audit_paths([p], native=True).as_dict() == audit_paths([p], native=False).as_dict()
+    control = real_level_changed_log((20,) * len(levels))
+    assert [d for d in control if d["event"] == "lifecycle.log_level"] == []
+    assert audit_paths([write(tmp_path / "info.jsonl", control)]).finding_counts == {}
+
+
 def test_results_after_the_engines_tombstone_eviction_are_clean():
     """The engine answers NotFound for a request whose tombstone it evicted (tombstones=0: at once); those results
     (state null) are not orphans, whatever the audit's window still holds."""

@@ -33,8 +33,8 @@ from tests.test_audit import (BREAKS, DEFER_ORDERS, _already_terminated_for_anot
                               _two_rank_disagreeing,
                               big_value_events, deferred_batch, orphan_results, real_cancelled_deferred_log,
                               real_deferred_log,
-                              real_cancel_results_log, real_late_and_rejected_log, real_random_workload,
-                              two_engines_one_process)
+                              real_cancel_results_log, real_late_and_rejected_log, real_level_changed_log,
+                              real_random_workload, two_engines_one_process)
 
 SPEC = spec.load(spec.default_table_path())
 GOLDEN = sorted(p for p in mg.HERE.glob("*.jsonl"))
@@ -304,6 +304,47 @@ def test_who_is_who_audits_identically(tmp_path, name, kw):
     assert_same(paths[::-1], **kw)
 
 
+def _level_cases() -> dict[str, list[list[dict]]]:
+    """Logs with lifecycle.log_level lines (a real engine's level raised and lowered, or not) and what the two
+    replays must read alike: the lines lost, repeated, reordered, a bad info_filtered, two engines, no keys, two
+    files (one list of events per file)."""
+    ev = _fixed_ids(real_level_changed_log((20, 30, 20)))
+    marks = [i for i, d in enumerate(ev) if d["event"] == "lifecycle.log_level"]
+    on, off = ev[marks[0]], ev[marks[1]]
+    other = [{**d, "engine": d["engine"] + 1, "request": d["request"] and d["request"] + 50} for d in ev]
+    bad = [dict(d) for d in ev]
+    for i, v in zip(marks, ["yes", None]):
+        bad[i]["info_filtered"] = v
+    return {
+        "as logged": [ev],
+        "to the end": [_fixed_ids(real_level_changed_log((20, 30)))],
+        "nothing written meanwhile": [_fixed_ids(real_level_changed_log((20, 60, 20)))],
+        "filtered from the start": [_fixed_ids(real_level_changed_log((30, 20)))],
+        "written again, twice": [ev + [off]],
+        "filtered, twice": [ev[:marks[1]] + [on] + ev[marks[1]:]],
+        "filtered, logged last": [[d for d in ev if d is not on] + [on]],
+        "bad info_filtered": [bad],
+        "info_filtered missing": [[{k: v for k, v in d.items() if k != "info_filtered"} for d in ev]],
+        "two engines": [mg.merge_by_time(ev, other)],
+        "two engines, one stretch each": [ev[:marks[1]] + other + ev[marks[1]:]],
+        "no keys": [_strip(ev, "proc", "engine")],
+        "two files": [ev[:marks[1]], ev[marks[1]:]],
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_level_cases()))
+@pytest.mark.parametrize("kw", [{}, {"keep_findings": 1}])
+def test_level_changes_audit_identically(tmp_path, name, kw):
+    paths = []
+    for i, events in enumerate(_level_cases()[name]):
+        p = tmp_path / f"f{i}.jsonl"
+        p.write_text(mg.render(events), encoding="utf-8")
+        paths.append(p)
+    assert_same(paths, **kw)
+    if name == "as logged":  # (not vacuous: the stretch is a finding)
+        assert audit_paths(paths, SPEC, native=True).finding_counts.get("log_filtered") == 1
+
+
 @pytest.mark.parametrize("lookahead", [1, 2, 3, 4096])
 @pytest.mark.parametrize("chunk", [5, 1 << 20])
 def test_first_timestamps_past_the_lookahead_audit_identically(tmp_path, monkeypatch, lookahead, chunk):
@@ -565,11 +606,12 @@ BASES["keyed_deferred"] = [l.encode() for l in mg.render(
 # the real engine's logs: a deferral (ending in AlreadyTerminated) and random calls with re-entrant callbacks
 # and a batch ending 4 deferred sessions, its notices after every move (windows 1 to 5: kept aside, dropped unchecked)
 for _name, _ev in (("real_deferred", real_deferred_log()), ("real_workload_raising", real_random_workload(5)),
-                   ("real_workload_reentrant", real_random_workload(6)), ("real_deferred_batch", deferred_batch(4))):
+                   ("real_workload_reentrant", real_random_workload(6)), ("real_deferred_batch", deferred_batch(4)),
+                   ("real_level_changed", real_level_changed_log((20, 30, 20, 60, 20, 30)))):
     BASES[_name] = [l.encode() for l in mg.render(_fixed_ids(_ev)).splitlines()]
 KEYS = ["event", "rank", "seq", "pid", "t_mono_ns", "request", "table", "from_state", "to_state", "trigger",
         "outcome", "deferred", "slot", "generation", "role", "result", "state", "error", "healthy", "reasons",
-        "seq_no", "field", "sites", "schema", "proc", "engine", "zzz"]
+        "seq_no", "field", "sites", "schema", "proc", "engine", "info_filtered", "zzz"]
 NAMES = list(SPEC.states) + list(SPEC.events) + list(SPEC.outcomes) + list(SPEC.cancel_results) + \
     list(SPEC.terminate_results) + list(audit._EVENT_NAMES) + [SPEC.digest, "none", "Poisoned", "sender"]
 RAW_VALUES = [b"18446744073709551616", b"-9223372036854775809", b"18446744073709551615", b"-0", b"1.0", b"1e2",

@@ -64,18 +64,21 @@ const char* kind_name(Kind k) {
     case Kind::live: return "live";
     case Kind::window_evicted: return "window_evicted";
     case Kind::delivery_unchecked: return "delivery_unchecked";
+    case Kind::log_filtered: return "log_filtered";
   }
   return "?";
 }
 
-const char* const kLogEventNames[11] = {
+const char* const kLogEventNames[12] = {
     "lifecycle.transition", "lifecycle.cancel", "lifecycle.terminate", "lifecycle.terminate_now",
     "lifecycle.callback_error", "lifecycle.slot_quarantined", "lifecycle.buffer_recovered",
     "lifecycle.late_event", "lifecycle.illegal_transition", "lifecycle.health", "lifecycle.collective_desync",
+    "lifecycle.log_level",
 };
 enum LogEvent : int {
   ev_transition, ev_cancel, ev_terminate, ev_terminate_now, ev_callback_error, ev_slot_quarantined,
-  ev_buffer_recovered, ev_late_event, ev_illegal_transition, ev_health, ev_collective_desync, kNumLogEvents
+  ev_buffer_recovered, ev_late_event, ev_illegal_transition, ev_health, ev_collective_desync, ev_log_level,
+  kNumLogEvents
 };
 
 // The table's outcomes without the C++ enum's `none` (Python's spec.outcomes).
@@ -121,12 +124,12 @@ struct JVal {
 enum K : int {
   k_event, k_rank, k_seq, k_pid, k_t, k_request, k_table, k_from, k_trigger, k_to, k_outcome, k_deferred,
   k_slot, k_generation, k_role, k_result, k_error, k_healthy, k_reasons, k_seq_no, k_field, k_sites, k_state,
-  k_schema, k_proc, k_engine, kNumK
+  k_schema, k_proc, k_engine, k_info_filtered, kNumK
 };
 constexpr const char* kKeyNames[kNumK] = {
     "event", "rank", "seq", "pid", "t_mono_ns", "request", "table", "from_state", "trigger", "to_state",
     "outcome", "deferred", "slot", "generation", "role", "result", "error", "healthy", "reasons", "seq_no",
-    "field", "sites", "state", "schema", "proc", "engine"};
+    "field", "sites", "state", "schema", "proc", "engine", "info_filtered"};
 
 struct Doc {
   JT top = JT::missing;
@@ -857,6 +860,13 @@ struct Auditor::Impl {
   const Doc* d = nullptr;
   // the event being replayed: its stream's index, its `engine` (-1: absent), its role (0 sender, 1 receiver, 2 null)
   Int cur_stream = 0, cur_engine = -1;
+  // lifecycle.log_level lines saying an engine's INFO lines are filtered out from there on, until one says they are
+  // written again, in the order they came (audit.py Auditor._filtered, a dict: the same order)
+  struct Filtered {
+    Int stream, engine, seq, line, rank, pid;
+    std::uint32_t file;
+  };
+  std::vector<Filtered> filtered;
   int cur_role = 2;
 
   explicit Impl(const Options& o) : opt(o) {
@@ -1439,8 +1449,44 @@ struct Auditor::Impl {
           g->message = {P("collective #"), J(Op::str, k_seq_no), P(" diverged in "), J(Op::str, k_field),
                         P(": sites "), J(Op::str, k_sites)};
         return;
+      case ev_log_level: log_level(rank, pid, seq, line); return;
       default: return;
     }
+  }
+
+  // audit.py Auditor._log_level
+  void log_level(Int rank, Int pid, Int seq, Int line) {
+    const JT v = f(k_info_filtered).t;
+    if (v != JT::yes && v != JT::no) {
+      if (Finding* g = find(Kind::malformed, line, &rank))
+        g->message = {P("lifecycle.log_level: 'info_filtered' must be a bool")};
+      return;
+    }
+    auto it = std::find_if(filtered.begin(), filtered.end(),
+                           [&](const Filtered& x) { return x.stream == cur_stream && x.engine == cur_engine; });
+    if (v == JT::yes) {
+      // (a second one, two threads logging the change: the first seq holds)
+      if (it == filtered.end()) filtered.push_back(Filtered{cur_stream, cur_engine, seq, line, rank, pid, cur_file});
+      return;
+    }
+    const bool off = it != filtered.end();
+    const Int first = off ? it->seq : 0;
+    if (off) filtered.erase(it);
+    find_filtered(pid, cur_engine, off ? &first : nullptr, &seq, line, rank, cur_file);
+  }
+  // audit.py Auditor._find_filtered: first null, its start not logged; last null, to the end of the log
+  void find_filtered(Int pid, Int engine, const Int* first, const Int* last, Int line, Int rank, std::uint32_t file) {
+    Finding* g = find(Kind::log_filtered, line, &rank, nullptr, file);
+    if (g == nullptr) return;
+    std::string span;
+    if (first == nullptr)
+      span = "up to seq " + to_string(*last) + " (where it began is not in the log)";
+    else
+      span = "from seq " + to_string(*first) + " to " + (last ? "seq " + to_string(*last) : "the end of the log");
+    g->message = {P("pid " + to_string(pid) + (engine >= 0 ? ", engine " + to_string(engine) : std::string()) +
+                    ": INFO lines filtered out by level " + span + ": the log is incomplete there")};
+    g->extra = {engine >= 0 ? XI("engine", engine) : XN("engine"), first ? XI("first", *first) : XN("first"),
+                last ? XI("last", *last) : XN("last")};
   }
 
   void table_mismatch(Int line, Int rank) {
@@ -2314,6 +2360,8 @@ struct Auditor::Impl {
       }
     }
     for (auto& st : streams) flush_missing(st, 0);
+    for (const Filtered& x : filtered) find_filtered(x.pid, x.engine, &x.seq, nullptr, x.line, x.rank, x.file);
+    filtered.clear();
     for (const Tomb& tomb : awaiting) check_tomb(tomb);  // (folded before every one in tomb_order)
     for (const Tomb& tomb : tomb_order) check_tomb(tomb);
     tombs.clear();

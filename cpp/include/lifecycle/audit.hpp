@@ -55,9 +55,9 @@ enum class Kind : std::uint8_t {
   result_state_mismatch, misclassified_event, deferred_delivery, deferred_order, slot_reuse, rank_disagreement,
   seq_gap, collective_desync, no_events,
   rejected_event, callback_error, unhealthy, stream_start, adopted_session, orphan_event, table_mismatch, live,
-  window_evicted, delivery_unchecked,
+  window_evicted, delivery_unchecked, log_filtered,
 };
-inline constexpr int kNumKinds = 26;
+inline constexpr int kNumKinds = 27;
 // The events' schema version (every line's "schema"); lifecycle.audit.SCHEMA_ID and lifecycle.engine.SCHEMA
 // are checked against it (_core.EVENTS_SCHEMA) by tests/test_audit.py.
 inline constexpr const char* kEventsSchema = "kv-lifecycle.events/1";
@@ -150,7 +150,7 @@ struct Result {
 };
 
 // Names the result's indices refer to.
-extern const char* const kLogEventNames[11];
+extern const char* const kLogEventNames[12];
 int num_outcomes();
 const char* outcome_name(int i);
 

@@ -883,7 +883,8 @@ class Worker:
                            posted=tstats.posted, completed=tstats.completed, failed=tstats.failed,
                            stops_sent=tstats.stops_sent, quiesced_received=tstats.quiesced_received,
                            peer_stops=tstats.peer_stops, abandoned=tstats.abandoned,
-                           unsafe_releases=tstats.unsafe_releases, late_evidence=tstats.late_evidence),
+                           unsafe_releases=tstats.unsafe_releases, late_evidence=tstats.late_evidence,
+                           stops_resent=tstats.stops_resent, resends_pending=tstats.resends_pending),
             faults=self.t.fault_stats(),
             peer_lost=self.peer_lost, checksum_failed=self.checksum_failed[:20],
         )

@@ -497,8 +497,8 @@ class Faults:
 @dataclass(frozen=True, slots=True)
 class TransportStats:
     """Counters of one transport (``registered_regions``, ``live_xfers``, ``active``, ``passive``,
-    ``watched``, ``unreleased``, ``held_offers``, ``remembered_stops``, ``posted_records`` and ``forgone_offers`` are current values;
-    the rest count since creation)."""
+    ``watched``, ``unreleased``, ``held_offers``, ``remembered_stops``, ``posted_records``, ``forgone_offers`` and
+    ``resends_pending`` are current values; the rest count since creation)."""
 
     registered_regions: int
     live_xfers: int
@@ -532,6 +532,9 @@ class TransportStats:
     remembered_stops: int
     posted_records: int
     forgone_offers: int
+    stops_resent: int
+    resends_pending: int
+    resends_skipped: int
 
 
 class TransportFailure(tuple):
@@ -1096,6 +1099,15 @@ def _number(name: str, v) -> float:
         raise InvalidArgument(name, f"expected a number a double can hold, got an int of {int(v).bit_length()} bits") from None
 
 
+def _resends(v) -> int:
+    """``stop_resends``: an int (numpy's too), not a bool; the core checks its range."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise InvalidArgument("stop_resends", f"expected an int in [0, 64] (0: off), got {type(v).__name__}")
+    if not 0 <= v <= 64:
+        raise InvalidArgument("stop_resends", f"expected an int in [0, 64] (0: off), got {int(v)}")
+    return int(v)
+
+
 def _engine_arg(engine):
     """A transport's ``engine``: a TransferEngine (or a bare ``_core.Engine``), or None for a bare transport."""
     if engine is not None and not isinstance(engine, _core.Engine):
@@ -1122,6 +1134,11 @@ class NixlTransport(_Transport):
     treats release as evidence, the second answers a peer's "stop" before its own request is Done (the
     bugs that DESIGN §3 forbids), so that tests can prove they detect late writes on each side.
 
+    ``stop_resends`` (0: off) and ``stop_resend_delay`` (seconds): a passive session that ended Poisoned without
+    evidence (its stop or the peer's answer lost) has its stop sent again, up to that many times, the first that long
+    after it ended, each gap twice the one before (at most 10 s); the answer recovers its quarantined slot.  The same
+    for :class:`LoopbackTransport`.
+
     ``capi_path`` is the ``libnixl_capi.so`` to load; without it, :func:`nixl_capi_path`'s
     (``$KV_LIFECYCLE_NIXL_CAPI``, else the wheel's).  A :class:`NixlUnavailable` names which of the three it was.
 
@@ -1132,10 +1149,12 @@ class NixlTransport(_Transport):
 
     def __init__(self, engine, name: str, *, capi_path: str | None = None, faults: Faults | None = None,
                  unsafe_release_on_cancel: bool = False, ucx_params: dict[str, str] | None = None,
-                 tick: float = 0.001, unsafe_ack_stop_at_once: bool = False):
+                 tick: float = 0.001, unsafe_ack_stop_at_once: bool = False, stop_resends: int = 8,
+                 stop_resend_delay: float = 0.1):
         self._refuse_reinit()
         _check_unsafe(unsafe_release_on_cancel=unsafe_release_on_cancel, unsafe_ack_stop_at_once=unsafe_ack_stop_at_once)
         params, tick, faults_d = _ucx_params(ucx_params), _number("tick", tick), _faults_dict(faults)  # before NIXL loads
+        resends, resend_delay = _resends(stop_resends), _number("stop_resend_delay", stop_resend_delay)
         engine = _engine_arg(engine)
         if capi_path is not None and not isinstance(capi_path, (str, os.PathLike)):  # (an int was taken as an fd)
             raise InvalidArgument("capi_path", f"expected a path to libnixl_capi.so, got {type(capi_path).__name__}")
@@ -1154,7 +1173,7 @@ class NixlTransport(_Transport):
             cuda12_runtime()  # before UCX starts: the wheel's UCX loads its CUDA module only if libcudart.so.12 does
         ucx_cuda_defaults()
         core = _core._Transport.nixl(engine, name, raw, unsafe_release_on_cancel, faults_d, params, False, tick,
-                                     unsafe_ack_stop_at_once, source)
+                                     unsafe_ack_stop_at_once, source, resends, resend_delay)
         super().__init__(core, engine, faults)
 
     def _refused_hint(self, m: Mem) -> str:
@@ -1167,13 +1186,14 @@ class LoopbackTransport(_Transport):
 
     def __init__(self, engine, name: str, *, bytes_per_second: float = 0.0, latency: float = 0.0,
                  faults: Faults | None = None, unsafe_release_on_cancel: bool = False, tick: float = 0.001,
-                 unsafe_ack_stop_at_once: bool = False):
+                 unsafe_ack_stop_at_once: bool = False, stop_resends: int = 8, stop_resend_delay: float = 0.1):
         self._refuse_reinit()
         _check_unsafe(unsafe_release_on_cancel=unsafe_release_on_cancel, unsafe_ack_stop_at_once=unsafe_ack_stop_at_once)
         core = _core._Transport.loopback(_engine_arg(engine), name, _number("bytes_per_second", bytes_per_second),
                                          _number("latency", latency),
                                          unsafe_release_on_cancel, _faults_dict(faults),
-                                         _number("tick", tick), unsafe_ack_stop_at_once)
+                                         _number("tick", tick), unsafe_ack_stop_at_once, _resends(stop_resends),
+                                         _number("stop_resend_delay", stop_resend_delay))
         super().__init__(core, engine, faults)
 
 

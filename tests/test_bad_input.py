@@ -694,6 +694,13 @@ def test_review_findings_at_the_python_boundary_are_typed_errors():
             (lambda: t1.deregister(Registration(True, r1.mem)), "reg"),
             (lambda: LoopbackTransport(None, "rv-3", tick=None), "tick"),
             (lambda: NixlTransport(None, "rv-4", tick="x"), "tick"),
+            (lambda: LoopbackTransport(None, "rv-8", stop_resends=True), "stop_resends"),
+            (lambda: LoopbackTransport(None, "rv-8", stop_resends=-1), "stop_resends"),
+            (lambda: NixlTransport(None, "rv-8", stop_resends=65), "stop_resends"),
+            (lambda: LoopbackTransport(None, "rv-8", stop_resends=2.0), "stop_resends"),
+            (lambda: LoopbackTransport(None, "rv-8", stop_resend_delay=0), "stop_resend_delay"),
+            (lambda: NixlTransport(None, "rv-8", stop_resend_delay=float("nan")), "stop_resend_delay"),
+            (lambda: LoopbackTransport(None, "rv-8", stop_resend_delay="1"), "stop_resend_delay"),
             (lambda: NixlTransport(None, "rv-5", ucx_params=[("a", "b")]), "ucx_params"),
             (lambda: NixlTransport(None, "rv-6", ucx_params={"a": 1}), "ucx_params"),
             (lambda: NixlTransport(None, "rv-7", ucx_params={"UCX_TLS": "tcp\0x"}), "ucx_params"),  # a C string

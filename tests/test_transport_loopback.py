@@ -314,7 +314,112 @@ def test_fault_dropped_done_is_recovered_by_stop_and_quiesced():
         assert sa is State.Quiesced, f"seed={f.seed}"
         # b times out, sends stop, a (which finished with DONE) acks; but b drops that too -> Poisoned
         assert sb is State.Poisoned and b.engine.outcome(1) is Outcome.expired, f"seed={f.seed}"
-        assert a.t.stats().quiesced_sent == 1
+        assert a.t.stats().quiesced_sent >= 1  # (then one for each resend of b's stop: b drops them all too)
+    finally:
+        a.close()
+        b.close()
+
+
+def _poisoned_passive_read(faults_a, faults_b, a_kw=None, kind="loopback", **transport_b):
+    """b offers (the READ's sender, passive), a reads 4 KiB.  b's "done" is dropped (the seed), so b times out,
+    stops and, without an answer within its grace, ends Poisoned; its terminate was deferred before, so the slot
+    goes into quarantine at that very move (no race with a late answer).  Returns the two sides."""
+    i = next(_n)
+    a = Side(f"rs-a{i}", kind, transport_kw={"faults": faults_a, **(a_kw or {})}, slots=4, slot_size=64 * KiB)
+    b = Side(f"rs-b{i}", kind, transport_kw={"faults": faults_b, **transport_b}, slots=4, slot_size=64 * KiB,
+             transfer_timeout=0.1, cancel_grace=0.2)
+    names = connect(a, b)
+    run(a, b, names, 1, "read", 4 * KiB, wait=False)
+    assert b.engine.terminate(1) is TerminateResult.Deferred
+    assert b.wait(1) is State.Terminated and b.engine.outcome(1) is Outcome.expired, b.t.stats()
+    return a, b
+
+
+def _quarantined(side) -> int:
+    side.engine.poll()
+    return side.engine.pool.stats()["quarantined"]
+
+
+@pytest.mark.parametrize("kind", ["loopback", pytest.param("nixl", marks=[pytest.mark.nixl, needs_nixl])])
+def test_a_lost_quiesced_is_asked_for_again_and_its_answer_recovers_the_slot(kind):
+    """b's stop was answered, but the answer was lost (seed 18 drops b's first "done" and first "quiesced", not
+    the second): b ended Poisoned, its slot quarantined.  The sweep sends the stop again (same request and tag),
+    a answers it (its READ was Done), and that "quiesced" reaches b's swept session as evidence: the slot comes
+    back (buffer_recovered), the audit is clean and the resends stop.  Before, nothing asked again: seen failing
+    (the slot stayed quarantined)."""
+    from structlog.testing import capture_logs
+    from lifecycle import audit
+
+    with capture_logs() as logs:
+        a, b = _poisoned_passive_read(None, Faults(seed=18, drop_notification=0.5), kind=kind)
+        try:
+            assert a.engine.state(1) is State.Quiesced
+            wait_for(lambda: b.engine.statistics().recovered == 1, 10, "the resend's answer", b.engine.poll)
+            assert _quarantined(b) == 0 and b.engine.health().healthy
+            st, fs = b.t.stats(), b.t.fault_stats()
+            # (2: the first "done" and "quiesced"; a third if a later resend went out before the answer came)
+            assert fs["dropped"] >= 2 and st.late_evidence == 1, (st, fs)
+            assert st.stops_resent >= 1 and st.stops_sent == 1, st
+            assert b.engine.info(1).evidence
+            wait_for(lambda: b.t.stats().resends_pending == 0, 5, "the resends stop", b.engine.poll)
+            sent = b.t.stats().stops_resent
+            time.sleep(0.5)  # (several resend delays: none more)
+            assert b.t.stats().stops_resent == sent and a.t.stats().peer_stops == 1 + sent
+        finally:
+            a.close()
+            b.close()
+    ev = [e["event"] for e in logs if e.get("request") == 1 and e.get("role") == "sender"]
+    assert ev.index("lifecycle.slot_quarantined") < ev.index("lifecycle.buffer_recovered"), ev
+    res = audit.audit_events(logs)
+    assert res.ok, res.violations
+
+
+def test_without_resends_a_lost_quiesced_leaves_the_slot_quarantined():
+    """The negative control of the test above: the same seed with stop_resends=0 (off) leaves the slot
+    quarantined, nothing asked again."""
+    a, b = _poisoned_passive_read(None, Faults(seed=18, drop_notification=0.5), stop_resends=0)
+    try:
+        time.sleep(1.0)  # (the test above's resends would have come and been answered by now)
+        assert _quarantined(b) == 1 and b.engine.statistics().recovered == 0
+        assert b.t.stats().stops_resent == 0 and b.t.stats().resends_pending == 0
+        assert a.t.stats().peer_stops == 1 and a.t.stats().quiesced_sent == 1  # the one answer, dropped at b
+        assert b.t.fault_stats()["dropped"] == 2
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("fault", ["error", "never_completes", "control"])
+def test_a_resent_stop_gets_no_answer_while_the_peer_has_no_evidence(fault):
+    """Safety control: a's READ ended in an error, or never completes (still live): b's stop and every resend of
+    it reach a and none is answered ("quiesced" only on evidence), so b's slot stays quarantined.  Seed 307 drops
+    b's "done" (the inner copy's, which landed) and none of the "quiesced" that a wrong answer would be.  The
+    control: a's never-completing READ answering every stop at once (the test-only unsafe flag), b's first
+    "quiesced" dropped (seed 18), the answer to a resend recovers the slot."""
+    unsafe = fault == "control"
+    a, b = _poisoned_passive_read(Faults(seed=1, **{"never_completes" if unsafe else fault: 1.0}),
+                                  Faults(seed=18 if unsafe else 307, drop_notification=0.5),
+                                  a_kw={"unsafe_ack_stop_at_once": unsafe})
+    try:
+        if unsafe:
+            wait_for(lambda: b.engine.statistics().recovered == 1, 10, "the unsafe answer", b.engine.poll)
+            assert a.t.stats().unsafe_acks >= 2 and b.t.stats().stops_resent >= 1
+            return
+        # an error: never answered (counted); still live: owed once Done, which never comes
+        key = "stops_unanswered" if fault == "error" else "peer_stops"
+        wait_for(lambda: getattr(a.t.stats(), key) >= 3, 10, "b's stop and two resends at a", b.engine.poll)
+        st = a.t.stats()
+        assert st.quiesced_sent == 0 and st.unsafe_acks == 0, st
+        if fault == "never_completes":
+            assert st.stops_unanswered == 0, st
+        assert _quarantined(b) == 1 and b.engine.statistics().recovered == 0 and not b.engine.info(1).evidence
+        # (after an error the inner copy's "done" comes only if it landed before a's release: then dropped)
+        assert b.t.stats().quiesced_received == 0 and b.t.fault_stats()["dropped"] <= 1
+        assert b.t.stats().stops_resent >= 2
+        if fault == "error":
+            assert a.engine.state(1) is State.Poisoned
+        else:
+            assert a.engine.state(1) in (State.CancelRequested, State.Poisoned) and a.t.stats().active == 1
     finally:
         a.close()
         b.close()

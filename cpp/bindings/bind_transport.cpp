@@ -124,12 +124,22 @@ std::unique_ptr<tp::Agent> maybe_faulty(std::unique_ptr<tp::Agent> agent, const 
   return std::make_unique<tp::FaultyAgent>(std::move(agent), f);
 }
 
-tp::TransportOptions options(bool unsafe_release_on_cancel, bool unsafe_ack_stop_at_once, double tick_s) {
+constexpr int kMaxStopResends = 64;
+
+tp::TransportOptions options(bool unsafe_release_on_cancel, bool unsafe_ack_stop_at_once, double tick_s,
+                             int stop_resends, double stop_resend_delay_s) {
   tp::TransportOptions o;
   o.unsafe_release_on_cancel = unsafe_release_on_cancel;
   o.unsafe_ack_stop_at_once = unsafe_ack_stop_at_once;
   // > 0: the tick runs the engine's timers and the sweep that retries failed releases
   o.progress.tick_interval = seconds_opt("tick", tick_s, 1e-5, 10);
+  if (stop_resends < 0 || stop_resends > kMaxStopResends) {
+    throw InvalidArgumentError("stop_resends", "expected an int in [0, " + std::to_string(kMaxStopResends) +
+                                                   "] (0: off), got " + std::to_string(stop_resends));
+  }
+  o.stop_resends = static_cast<std::uint32_t>(stop_resends);
+  o.stop_resend_delay = std::chrono::duration_cast<std::chrono::milliseconds>(
+      seconds_opt("stop_resend_delay", stop_resend_delay_s, 1e-3, 3600));
   return o;
 }
 
@@ -144,6 +154,7 @@ py::dict stats_dict(const tp::TransportStats& s) {
   F(remembered_stops)
   F(posted_records)
   F(forgone_offers)
+  F(stops_resent) F(resends_pending) F(resends_skipped)
 #undef F
   return d;
 }
@@ -189,10 +200,11 @@ void register_transport(py::module_& m) {
                              bool unsafe_release_on_cancel, const py::object& faults,
                              const std::vector<std::pair<std::string, std::string>>& ucx_params,
                              bool nixl_progress_thread, double tick_s, bool unsafe_ack_stop_at_once,
-                             const std::string& capi_source) {
+                             const std::string& capi_source, int stop_resends, double stop_resend_delay_s) {
              const std::string name = agent_name(name_arg);
              tp::check_c_name(capi_path, "capi_path");  // (dlopen takes a C string: "lib.so\0junk" loaded lib.so)
-             const tp::TransportOptions topts = options(unsafe_release_on_cancel, unsafe_ack_stop_at_once, tick_s);
+             const tp::TransportOptions topts = options(unsafe_release_on_cancel, unsafe_ack_stop_at_once, tick_s,
+                                                        stop_resends, stop_resend_delay_s);
              std::unique_ptr<tp::Transport> t;
              std::unique_ptr<tp::Agent> agent;
              const auto [chosen, from] = tp::NixlCapi::resolve(capi_path, capi_source);  // (see load_nixl_capi)
@@ -214,14 +226,17 @@ void register_transport(py::module_& m) {
            }, py::arg("engine"), py::arg("name"), py::arg("capi_path"), py::arg("unsafe_release_on_cancel") = false,
            py::arg("faults") = py::none(), py::arg("ucx_params") = std::vector<std::pair<std::string, std::string>>{},
            py::arg("nixl_progress_thread") = false, py::arg("tick_s") = 0.001,
-           py::arg("unsafe_ack_stop_at_once") = false, py::arg("capi_source") = "")
+           py::arg("unsafe_ack_stop_at_once") = false, py::arg("capi_source") = "", py::arg("stop_resends") = 8,
+           py::arg("stop_resend_delay_s") = 0.1)
       .def_static("loopback", [](std::shared_ptr<Engine> engine, py::handle name_arg, double bytes_per_second,
                                  double latency_s, bool unsafe_release_on_cancel, const py::object& faults,
-                                 double tick_s, bool unsafe_ack_stop_at_once) {
+                                 double tick_s, bool unsafe_ack_stop_at_once, int stop_resends,
+                                 double stop_resend_delay_s) {
              const std::string name = agent_name(name_arg);
              tp::LoopbackOptions o;
              o.name = name;
-             const tp::TransportOptions topts = options(unsafe_release_on_cancel, unsafe_ack_stop_at_once, tick_s);
+             const tp::TransportOptions topts = options(unsafe_release_on_cancel, unsafe_ack_stop_at_once, tick_s,
+                                                        stop_resends, stop_resend_delay_s);
              o.bytes_per_second = bytes_per_second;  // (LoopbackAgent checks it)
              o.latency = seconds_opt("latency", latency_s, 0, static_cast<double>(tp::kMaxLoopbackLatency.count()));
              std::unique_ptr<tp::Agent> agent = std::make_unique<tp::LoopbackAgent>(o);
@@ -230,7 +245,8 @@ void register_transport(py::module_& m) {
              return std::make_unique<tp::Transport>(std::move(engine), std::move(agent), topts);
            }, py::arg("engine"), py::arg("name"), py::arg("bytes_per_second") = 0.0, py::arg("latency_s") = 0.0,
            py::arg("unsafe_release_on_cancel") = false, py::arg("faults") = py::none(), py::arg("tick_s") = 0.001,
-           py::arg("unsafe_ack_stop_at_once") = false)
+           py::arg("unsafe_ack_stop_at_once") = false, py::arg("stop_resends") = 8,
+           py::arg("stop_resend_delay_s") = 0.1)
       .def_property_readonly("name", [](tp::Transport& t) { return t.name(); })
       .def_property_readonly("backend", [](tp::Transport& t) { return std::string(t.agent().backend_name()); })
       .def("register_region", [](tp::Transport& t, py::handle addr, py::handle nbytes, py::handle kind,

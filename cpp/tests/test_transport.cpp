@@ -279,6 +279,44 @@ void test_a_late_note_releases_its_offer() {
   CHECK(tb->stats().registered_regions == 0);
 }
 
+// A passive session Poisoned without evidence has its stop sent again (TransportOptions::stop_resends), by the
+// sweep, for as long as an answer could count: bounded (stop_resend_limit) and ended by remove_peer().  b offers
+// halves of `r` to two WRITEs of a, held in flight: both Poisoned (b's grace), one is asked again and one is
+// counted past the bound (pending 1, skipped 1); a answers none while its WRITEs are live.  remove_peer() ends the
+// resend for good (a's WRITEs, released at the end, are cleanup).
+void test_stop_resends_are_bounded_and_end_with_the_peer() {
+  TransportOptions ob;
+  ob.stop_resend_limit = 1;
+  ob.stop_resend_delay = std::chrono::milliseconds(1);
+  ob.stop_resends = 64;
+  ReusePair p("resend", 20'000'000, 'q', ob);
+  auto& [ea, eb, ta, tb, src, dst, l, r, rid, hold, b_clock] = p;
+  hold->store(true);
+  for (std::uint64_t req : {1, 2}) {
+    CHECK(eb->advertise(req, Role::receiver, 0).status == Status::Moved);
+    CHECK(ea->advertise(req, Role::sender, 0).status == Status::Moved);
+    const Region rh{r.addr + (req - 1) * 2048, 2048, 0, MemKind::Dram};
+    const Region lh{l.addr + (req - 1) * 2048, 2048, 0, MemKind::Dram};
+    const std::uint64_t tag = tb->expect(req, "resend-a", rh);
+    CHECK(ta->transfer(req, XferOp::Write, lh, rh, "resend-b", tag) == PostResult::Posted);
+  }
+  CHECK(p.b_timers_until([&] {
+    return state_of(*eb, 1) == State::Poisoned && state_of(*eb, 2) == State::Poisoned && tb->stats().passive == 0;
+  }));
+  CHECK(eventually([&] { return tb->stats().stops_resent >= 3 && ta->stats().peer_stops >= 5; }));
+  TransportStats s = tb->stats();
+  CHECK(s.resends_pending == 1 && s.resends_skipped == 1);
+  CHECK(ta->stats().quiesced_sent == 0 && tb->stats().quiesced_received == 0);  // live: nothing to answer yet
+  tb->remove_peer("resend-a");
+  CHECK(tb->stats().resends_pending == 0);
+  const std::uint64_t sent = tb->stats().stops_resent;
+  std::this_thread::sleep_for(std::chrono::milliseconds(30));  // (30 resend delays: none more)
+  CHECK(tb->stats().stops_resent == sent);
+  hold->store(false);
+  CHECK(eventually([&] { return state_of(*ea, 1) == State::Quiesced && state_of(*ea, 2) == State::Quiesced; }));
+  CHECK(eb->counters().illegal == 0);
+}
+
 // Only a use of a region's memory blocks its deregistration: any passive session refused every
 // deregister_region, even of a buffer it never offered (and named that request), so an executor that registers a
 // buffer per request could free none while another was served.  b offers `r` to a's WRITE, held in flight: a
@@ -3034,6 +3072,7 @@ int main() {
   test_a_transfer_against_the_offers_role_is_refused();
   test_a_stop_for_a_later_offer_is_remembered_while_an_earlier_transfer_runs();
   test_a_late_note_releases_its_offer();
+  test_stop_resends_are_bounded_and_end_with_the_peer();
   test_only_a_use_of_its_memory_blocks_a_deregistration();
   test_a_note_for_an_ended_session_never_reaches_a_new_session_of_the_id();
   test_a_refused_post_never_answers_a_stop_for_a_session_poisoned_without_evidence();

@@ -1799,11 +1799,78 @@ void Transport::sweep() {
     if (info && info->serial == serial && !terminal_or_final(info->state)) continue;
     std::lock_guard<std::mutex> lk(mu_);
     auto it = entries_.find(req);
-    if (it != entries_.end() && it->second.side == Side::Passive && it->second.serial == serial) retire_passive(it, info);
+    if (it != entries_.end() && it->second.side == Side::Passive && it->second.serial == serial) {
+      // Poisoned without evidence: our stop or the peer's answer may have been lost, so it is asked again
+      if (info && info->serial == serial && info->poisoned && !info->evidence) schedule_resend(req, it->second);
+      retire_passive(it, info);
+    }
   }
+  resend_stops();
   // Records of sessions the engine forgot (their id may be advertised again: another serial).
   forget_gone(ended_, ended_cursor_);
   forget_posted();
+}
+
+void Transport::schedule_resend(std::uint64_t req, const Entry& e) noexcept {
+  if (opts_.stop_resends == 0) return;
+  if (resends_.size() >= opts_.stop_resend_limit) {
+    ctr_.resends_skipped.fetch_add(1);  // this one stays as it is, quarantined (safe)
+    return;
+  }
+  try {
+    resends_.emplace(ResendKey{std::chrono::steady_clock::now() + opts_.stop_resend_delay, e.serial},
+                     Resend{req, e.tag, e.peer, 0});
+  } catch (const std::bad_alloc&) {
+    ctr_.resends_skipped.fetch_add(1);
+  }
+}
+
+// The stop of a passive session that ended Poisoned without evidence, again: the same request and tag, so the
+// peer's answer (its "quiesced", or a late "done") meets the Ended record that the sweep left, as a late answer
+// to the first stop does (on_notification), and reaches that very session only (its serial): evidence for its
+// quarantined slot and held offer (DESIGN §6).  The peer answers only on its own evidence, as it does the first
+// stop (send_acks).  Asked while an answer can still count: the engine's session is that serial, Poisoned
+// without evidence, its Ended record stands (the engine forgets it with the session), the peer is loaded.
+void Transport::resend_stops() {
+  if (opts_.stop_resends == 0) return;
+  constexpr std::size_t kResendBudget = 256;  // per sweep; the rest wait for the next
+  const auto now = std::chrono::steady_clock::now();
+  std::vector<std::pair<ResendKey, Resend>> due;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    for (auto it = resends_.begin(); it != resends_.end() && it->first.first <= now && due.size() < kResendBudget;
+         ++it) {
+      due.emplace_back(it->first, it->second);
+    }
+  }
+  for (const auto& [key, r] : due) {
+    const std::uint64_t serial = key.second;
+    const auto info = engine_->info(r.req);
+    bool ask = info && info->serial == serial && info->poisoned && !info->evidence && agent_->knows_peer(r.peer);
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      auto it = resends_.find(key);
+      if (it == resends_.end()) continue;  // remove_peer() took it
+      auto e = ended_.find(r.req);
+      ask = ask && e != ended_.end() && e->second.serial == serial && e->second.tag == r.tag &&
+            e->second.peer == r.peer && removed_peers_.count(r.peer) == 0;
+      const std::uint32_t sent = it->second.sent + 1;
+      resends_.erase(it);
+      if (!ask) continue;
+      if (sent < opts_.stop_resends) {
+        auto gap = opts_.stop_resend_delay;
+        for (std::uint32_t k = 0; k < sent && gap < opts_.stop_resend_max_delay; ++k) gap *= 2;
+        resends_.emplace(ResendKey{now + std::min(gap, opts_.stop_resend_max_delay), serial},
+                         Resend{r.req, r.tag, r.peer, sent});
+      }
+    }
+    try {
+      agent_->send_notification(r.peer, {r.req, NotifKind::Stop, r.tag});
+      ctr_.stops_resent.fetch_add(1);
+    } catch (const std::exception&) {
+      ctr_.send_errors.fetch_add(1);  // counted; the next resend, if any, tries again
+    }
+  }
 }
 
 void Transport::forget_gone(EndedMap& m, std::size_t& cursor) {
@@ -1837,6 +1904,9 @@ void Transport::remove_peer(const std::string& peer) {
     // The mark matters only while a call that looked the peer up before its invalidation still runs (a
     // few microseconds); the oldest marks go beyond kRemovedPeers, so names unique per restart stay bounded.
     if (removed_peers_.insert(peer).second) removed_order_.push_back(peer);
+    for (auto it = resends_.begin(); it != resends_.end();) {  // not asked again: it is gone
+      it = it->second.peer == peer ? resends_.erase(it) : std::next(it);
+    }
     while (removed_order_.size() > kRemovedPeers) {
       removed_peers_.erase(removed_order_.front());
       removed_order_.pop_front();
@@ -1906,6 +1976,7 @@ void Transport::stop() {
   std::vector<std::pair<std::uint64_t, Entry>> all;
   {
     std::lock_guard<std::mutex> lk(mu_);
+    resends_.clear();  // (no sweep resends them any more)
     for (auto it = entries_.begin(); it != entries_.end();) {
       auto& [req, e] = *it;
       if (e.in_post) {
@@ -1967,6 +2038,7 @@ TransportStats Transport::stats() const {
     s.remembered_stops = stopped_reqs_.size();
     s.forgone_offers = forgone_.size();
     s.posted_records = posted_.size() + (posted_pending_.size() - posted_head_);  // (a re-posted id may count twice)
+    s.resends_pending = resends_.size();
   }
   s.watched = progress_->watched();
   s.posted = ctr_.posted.load();
@@ -1991,6 +2063,8 @@ TransportStats Transport::stats() const {
   s.stops_unanswered = ctr_.stops_unanswered.load();
   s.unsafe_acks = ctr_.unsafe_acks.load();
   s.stale_notifications = ctr_.stale_notifications.load();
+  s.stops_resent = ctr_.stops_resent.load();
+  s.resends_skipped = ctr_.resends_skipped.load();
   return s;
 }
 

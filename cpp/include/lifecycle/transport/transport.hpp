@@ -31,7 +31,8 @@
 //   "stop" note             -> cancel the active session here; once its request is Done, reply
 //                              "quiesced" (never after an error: an error is not evidence, and
 //                              a request that ended in error or was abandoned never gets a reply)
-//   every tick              -> engine.tick() (timeout / grace_expired), sweep finished entries
+//   every tick              -> engine.tick() (timeout / grace_expired), sweep finished entries; resend the
+//                              stop of a passive session Poisoned without evidence (its answer may be lost)
 // Cancel (the engine's abort hook, on whichever thread moved the session to CancelRequested):
 //   active   nothing is released: the request keeps being polled until Done (-> Quiesced) or an
 //            error (-> Poisoned); grace_expired -> Poisoned while polling goes on, and a late Done is
@@ -78,6 +79,17 @@ struct TransportOptions {
   // is refused.  One pushed out by later ones whose stop was answered goes to the stop memory above (its
   // post stays skipped); a later stop for one pushed out falls back to that memory too.
   std::size_t remember_forgone = 65536;
+  // A passive session that ended Poisoned without evidence (its stop, or the peer's answer, was lost: a dropped
+  // note, a failed send) is asked again: the sweep resends its stop, same request and tag, so that the answer is
+  // matched as a late one is (its Ended record: evidence for that very offer and session, DESIGN §6), up to
+  // `stop_resends` times (0: never), the first `stop_resend_delay` after the sweep found the session ended, each
+  // later one twice the gap before it (at most `stop_resend_max_delay`).  Only while the engine's session (that
+  // serial) is Poisoned without evidence, its Ended record stands and the peer is loaded (remove_peer() ends them).
+  // At most `stop_resend_limit` sessions wait to be asked again (a further one is not: counted).
+  std::uint32_t stop_resends = 8;
+  std::chrono::milliseconds stop_resend_delay{100};
+  std::chrono::milliseconds stop_resend_max_delay{10000};
+  std::size_t stop_resend_limit = 4096;
 };
 
 enum class PostResult : std::uint8_t {
@@ -129,6 +141,9 @@ struct TransportStats {
   std::uint64_t posted_records = 0;       // offers our transfers took, kept while the engine knows the session, now
                                           // (the last sweep's worth not merged yet: an id posted twice counts twice)
   std::uint64_t forgone_offers = 0;       // offers forgo() dropped, remembered (at most remember_forgone), now
+  std::uint64_t stops_resent = 0;         // stops sent again for passive sessions Poisoned without evidence
+  std::uint64_t resends_pending = 0;      // such sessions whose stop is to be sent again, now
+  std::uint64_t resends_skipped = 0;      // such sessions not asked again: stop_resend_limit were waiting
 };
 
 class Transport final : public EventSink {
@@ -317,6 +332,10 @@ class Transport final : public EventSink {
   bool preparing(std::uint64_t req) const;  // caller holds mu_
   void unprepare(std::uint64_t req);        // caller holds mu_  // the refusal while req's release is retried
   void sweep();
+  // A passive entry the sweep retires, its session Poisoned without evidence: its stop is to be sent again
+  // (TransportOptions::stop_resends).  Caller holds mu_.
+  void schedule_resend(std::uint64_t req, const Entry& e) noexcept;
+  void resend_stops();  // the sweep: those due, while an answer can still count
 
   std::shared_ptr<Engine> engine_;
   TransportOptions opts_;
@@ -366,6 +385,14 @@ class Transport final : public EventSink {
   std::vector<PostedNote> posted_pending_;
   std::size_t posted_head_ = 0;
   std::map<std::uint64_t, HeldOffer> held_offers_;  // by tag (unique on this transport): hold_offer
+  // Stops to send again (schedule_resend), by (when due, the session's serial: unique in the engine).
+  struct Resend {
+    std::uint64_t req = 0, tag = 0;
+    std::string peer;
+    std::uint32_t sent = 0;  // resends so far
+  };
+  using ResendKey = std::pair<std::chrono::steady_clock::time_point, std::uint64_t>;
+  std::map<ResendKey, Resend> resends_;
   std::uint64_t tag_salt_ = 0, tag_count_ = 0;      // expect()'s tags: a bijection of the count (mu_)
   // Stops for the progress thread to send: an abort hook runs on the thread that cancelled (an
   // executor's poll or cancel, holding the GIL), which must never wait on the backend (DESIGN §7).
@@ -410,7 +437,8 @@ class Transport final : public EventSink {
         post_errors{0}, cancelled_before_post{0}, peer_stops{0}, stops_sent{0}, quiesced_sent{0},
         done_received{0}, quiesced_received{0}, orphan_notifications{0}, bad_notifications{0},
         send_errors{0}, release_failures{0}, unsafe_releases{0}, late_evidence{0}, abandoned{0},
-        passive_swept{0}, stops_unanswered{0}, unsafe_acks{0}, stale_notifications{0};
+        passive_swept{0}, stops_unanswered{0}, unsafe_acks{0}, stale_notifications{0}, stops_resent{0},
+        resends_skipped{0};
   } ctr_;
   std::unique_ptr<NixlProgress> progress_;  // Invariant: last member; destroyed first
 };

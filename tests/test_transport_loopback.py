@@ -529,6 +529,36 @@ def test_same_seed_replays_the_same_faults():
     assert plan(11) != plan(12)
 
 
+def test_sessions_of_a_reused_id_roll_their_status_faults_independently():
+    """The status-fault roll was keyed by (seed, request id) alone, so an executor that reuses ids saw every session
+    of one id delayed (or failed), or none: with delay=0.5, 24 sessions of id 1 all rolled alike.  The roll is keyed
+    by the id's session count on the agent too: the sessions' decisions mix, and the same seed still replays them
+    exactly (control: another seed gives another sequence).  (A delay, seen in fault_stats at the post: a session
+    failed without evidence keeps its id from a new transfer, so `error` cannot show it.)"""
+    def delayed(seed):
+        f = Faults(seed=seed, delay=0.5, delay_s=0.001)
+        a, b, names = pair(faults_a=f, tombstones=0, shards=1, slot_size=4 * KiB)  # id 1 is free again once ended
+        try:
+            seen = []
+            for _ in range(24):
+                before = a.t.fault_stats()["delays"]
+                sa, sb, _ = run(a, b, names, 1, "read", 4 * KiB)
+                assert (sa, sb) == (State.Quiesced, State.Quiesced), f"seed={f.seed}"
+                seen.append(a.t.fault_stats()["delays"] - before)
+                for s in (a, b):
+                    s.engine.terminate(1)
+                    s.engine.poll()
+            return seen
+        finally:
+            a.close()
+            b.close()
+
+    d = delayed(31)
+    assert 0 < sum(d) < len(d), d  # both decisions: not one for the id
+    assert delayed(31) == d
+    assert delayed(32) != d
+
+
 def test_descriptor_roundtrip_and_repr_carries_seed():
     m = Mem(0x1000, 4096)
     assert Mem.from_bytes(m.to_bytes()) == m

@@ -15,6 +15,7 @@
 #include <new>
 #include <optional>
 #include <random>
+#include <set>
 #include <stdexcept>
 #include <thread>
 #include <utility>
@@ -2863,18 +2864,22 @@ void test_note_faults_of_an_id_never_depend_on_another_ids_notes() {
 // fetches the peer's notes (drops, duplicates) at once, each pausing at random (yield, sleep) by a jitter seed.
 // Three interleavings of the same calls give the same decisions per request and per note.  Control: another
 // fault seed gives other decisions, and every kind fires (a shared generator drawn from both threads, the
-// usual way to get this wrong, fails the first check).
+// usual way to get this wrong, fails the first check).  With `ids` < 300 the 300 sessions reuse ids 1..ids in
+// turn (the poster prepares an id's next session once the progress thread released its last).
 struct FaultDecisions {
-  std::map<std::uint64_t, Fault> fault;                                 // per request, at its prepare
-  std::map<std::uint64_t, int> release_failures;                        // per request, before its release
+  std::map<std::uint64_t, Fault> fault;                                 // per session, at its prepare
+  std::map<std::uint64_t, int> release_failures;                        // per session, before its release
   std::map<std::pair<std::uint64_t, std::uint64_t>, int> delivered;     // per (request, note tag): 0, 1 or 2
   bool operator==(const FaultDecisions& o) const {
     return fault == o.fault && release_failures == o.release_failures && delivered == o.delivered;
   }
 };
 
-FaultDecisions fault_decisions(std::uint64_t seed, std::uint64_t jitter) {
+FaultDecisions fault_decisions(std::uint64_t seed, std::uint64_t jitter, std::uint64_t ids = 300) {
   constexpr std::uint64_t kN = 300;
+  const bool reuse = ids < kN;
+  const auto id_of = [ids](std::uint64_t k) { return (k - 1) % ids + 1; };
+  std::vector<std::atomic<bool>> released(kN + 1);  // per session (value-initialized: false)
   constexpr std::size_t kSize = 256;
   static std::atomic<int> run{0};
   const std::string suffix = std::to_string(run.fetch_add(1));
@@ -2914,17 +2919,19 @@ FaultDecisions fault_decisions(std::uint64_t seed, std::uint64_t jitter) {
       if (r == 1) std::this_thread::yield();
       if (r >= 2) std::this_thread::sleep_for(std::chrono::microseconds(rng() % 200));
     };
-    for (std::uint64_t req = 1; req <= kN; ++req) {
-      a.prepare(req, XferOp::Read, at(dst, req), at(src, req), peer_b, std::nullopt);
-      d.fault[req] = a.fault_of(req);
+    for (std::uint64_t k = 1; k <= kN; ++k) {
+      const std::uint64_t req = id_of(k);
+      while (k > ids && !released[k - ids].load()) std::this_thread::yield();  // the id's last session: released
+      a.prepare(req, XferOp::Read, at(dst, k), at(src, k), peer_b, std::nullopt);
+      d.fault[k] = a.fault_of(req);
       (void)a.post(req);
-      posted.store(req);
+      posted.store(k);
       pause();
-      for (std::uint64_t tag : {1, 2}) {  // two occurrences of (req, Stop), then a Quiesced
-        b.send_notification(peer_a, {req, NotifKind::Stop, tag});
+      for (std::uint64_t tag : {1, 2}) {  // two occurrences of (req, Stop), then a Quiesced (tags: the session's)
+        b.send_notification(peer_a, {req, NotifKind::Stop, 3 * k + tag});
         pause();
       }
-      b.send_notification(peer_a, {req, NotifKind::Quiesced, 3});
+      b.send_notification(peer_a, {req, NotifKind::Quiesced, 3 * k + 3});
     }
     poster_done.store(true);
   });
@@ -2940,17 +2947,19 @@ FaultDecisions fault_decisions(std::uint64_t seed, std::uint64_t jitter) {
         count_notes(a.fetch_notifications(skipped));
       }
       for (auto it = open.begin(); it != open.end();) {
-        // once every post is made, what still runs (never_completes, a delay) is released as it is
-        if (!last && a.status(*it).state == XferState::InProgress) {
+        // once every post is made, what still runs (never_completes, a delay) is released as it is; with reused
+        // ids at once (the poster waits for it)
+        if (!last && a.status(id_of(*it)).state == XferState::InProgress && !reuse) {
           ++it;
           continue;
         }
         int fails = 0;
-        while (a.release(*it) != kReleased) {
+        while (a.release(id_of(*it)) != kReleased) {
           ++fails;
           if (rng() % 2) std::this_thread::yield();
         }
         d.release_failures[*it] = fails;
+        released[*it].store(true);
         it = open.erase(it);
       }
       if (last && open.empty()) break;
@@ -2961,8 +2970,8 @@ FaultDecisions fault_decisions(std::uint64_t seed, std::uint64_t jitter) {
   progress.join();
   std::size_t skipped = 0;
   count_notes(a.fetch_notifications(skipped));  // (the loopback delivers at the send: every note is there)
-  for (std::uint64_t req = 1; req <= kN; ++req) {
-    for (std::uint64_t tag : {1, 2, 3}) d.delivered.try_emplace({req, tag}, 0);  // dropped
+  for (std::uint64_t k = 1; k <= kN; ++k) {
+    for (std::uint64_t tag : {1, 2, 3}) d.delivered.try_emplace({id_of(k), 3 * k + tag}, 0);  // dropped
   }
   return d;
 }
@@ -2984,6 +2993,28 @@ void test_fault_decisions_never_depend_on_thread_interleaving() {
   CHECK(faults[static_cast<int>(Fault::Delay)] > 0 && faults[static_cast<int>(Fault::Error)] > 0 &&
         faults[static_cast<int>(Fault::NeverCompletes)] > 0 && faults[static_cast<int>(Fault::None)] > 0);
   CHECK(d.delivered.size() == 900 && release_failures > 0 && dropped > 0 && duplicated > 0);
+  // Reused ids (15 sessions of each of 20): each session decides by its own occurrence, whichever thread
+  // releases the last session of the id, so the decisions replay the same.  The status and release rolls were
+  // keyed by the id alone (the release attempt counted per session), so every session of an id had one status
+  // fault and one count of failed releases; they differ across the sessions of some ids now.  The first session
+  // of each id decides as without reuse (the occurrence leaves an id's first roll as it was).
+  const FaultDecisions r = fault_decisions(21, 1, 20);
+  CHECK(fault_decisions(21, 2, 20) == r);
+  CHECK(fault_decisions(21, 3, 20) == r);
+  CHECK(!(fault_decisions(22, 1, 20) == r));
+  std::size_t mixed_faults = 0, mixed_releases = 0;
+  for (std::uint64_t id = 1; id <= 20; ++id) {
+    std::set<Fault> fs;
+    std::set<int> rs;
+    for (std::uint64_t k = id; k <= 300; k += 20) {
+      fs.insert(r.fault.at(k));
+      rs.insert(r.release_failures.at(k));
+    }
+    mixed_faults += fs.size() > 1;
+    mixed_releases += rs.size() > 1;
+  }
+  CHECK(mixed_faults > 0 && mixed_releases > 0);
+  for (std::uint64_t k = 1; k <= 20; ++k) CHECK(r.fault.at(k) == d.fault.at(k));
 }
 
 // The note occurrence counts are bounded: at 65,536 keys (peer, request, kind) the next new key clears them all.

@@ -48,8 +48,9 @@ FaultyAgent::FaultyAgent(std::unique_ptr<Agent> inner, FaultOptions opts)
   }
 }
 
-double FaultyAgent::roll(std::uint64_t kind, std::uint64_t a, std::uint64_t b) const noexcept {
-  const std::uint64_t h = mix64(mix64(mix64(opts_.seed ^ (kind << 56)) ^ a) ^ b);
+double FaultyAgent::roll(std::uint64_t kind, std::uint64_t a, std::uint64_t b, std::uint64_t c) const noexcept {
+  std::uint64_t h = mix64(mix64(mix64(opts_.seed ^ (kind << 56)) ^ a) ^ b);
+  if (c != 0) h = mix64(h ^ c);  // (c == 0: the two-key roll it was, so an id's first session decides as before)
   return static_cast<double>(h >> 11) * (1.0 / 9007199254740992.0);  // [0, 1)
 }
 
@@ -76,22 +77,39 @@ void FaultyAgent::prepare(std::uint64_t req, XferOp op, const Region& local, con
     }
   }
   inner_->prepare(req, op, local, remote, peer, done_tag);
-  // One roll picks at most one status fault, in a fixed order of the cumulative probabilities.
-  const double r = roll(kPostFault, req);
-  Fault f = Fault::None;
-  double acc = 0;
-  if (r < (acc += opts_.delay)) {
-    f = Fault::Delay;
-  } else if (r < (acc += opts_.error)) {
-    f = Fault::Error;
-  } else if (r < (acc += opts_.disconnect)) {
-    f = Fault::Disconnect;
-  } else if (r < (acc += opts_.never_completes)) {
-    f = Fault::NeverCompletes;
-  }
   try {
     std::lock_guard<std::mutex> lk(mu_);
-    xfers_[req] = Xfer{peer, f, {}, false, false, 0, ++next_gen_};
+    // Which session of req this is on this agent (its entry, live or retired, counts them): the rolls' occurrence,
+    // so the sessions of a reused id decide independently.  They come one after another (one live transfer per
+    // id), so the count follows the caller's order for that id, whatever other threads do meanwhile.
+    const auto live = xfers_.find(req);
+    const auto old = live == xfers_.end() ? retired_.find(req) : retired_.end();
+    const std::uint64_t session = live != xfers_.end() ? live->second.session + 1
+                                  : old != retired_.end() ? old->second.session + 1 : 0;
+    // One roll picks at most one status fault, in a fixed order of the cumulative probabilities.
+    const double r = roll(kPostFault, req, session);
+    Fault f = Fault::None;
+    double acc = 0;
+    if (r < (acc += opts_.delay)) {
+      f = Fault::Delay;
+    } else if (r < (acc += opts_.error)) {
+      f = Fault::Error;
+    } else if (r < (acc += opts_.disconnect)) {
+      f = Fault::Disconnect;
+    } else if (r < (acc += opts_.never_completes)) {
+      f = Fault::NeverCompletes;
+    }
+    Xfer x{peer, f, {}, false, false, 0, next_gen_ + 1, session};  // (may throw: nothing changed yet)
+    if (live != xfers_.end()) {
+      live->second = std::move(x);
+    } else if (old != retired_.end()) {
+      auto node = retired_.extract(old);  // its node comes back: a reused id allocates no entry
+      node.mapped() = std::move(x);
+      xfers_.insert(std::move(node));
+    } else {
+      xfers_.emplace(req, std::move(x));
+    }
+    ++next_gen_;
   } catch (...) {
     inner_->release(req);  // prepared, never posted: nothing of it runs
     throw;
@@ -171,18 +189,22 @@ ReleaseStatus FaultyAgent::release(std::uint64_t req) {
     if (it != xfers_.end()) {
       gen = it->second.gen;
       const std::uint64_t attempt = it->second.release_attempts++;
-      if (roll(kRelease, req, attempt) < opts_.release_failure) {
+      if (roll(kRelease, req, attempt, it->second.session) < opts_.release_failure) {
         ++stats_.release_failures;
         return -2;  // kErrBackend: the request stays held
       }
     }
   }
   const ReleaseStatus rs = inner_->release(req);
-  if (gen != 0 && (rs == kReleased || rs == kReleaseUnknownRequest)) {  // gone from the inner agent: forget its fault
+  if (gen != 0 && (rs == kReleased || rs == kReleaseUnknownRequest)) {  // gone from the inner agent: retire its entry
     // ... its own only: once the inner agent let the id go, another thread may have prepared a new transfer of it
     std::lock_guard<std::mutex> lk(mu_);
     auto it = xfers_.find(req);
-    if (it != xfers_.end() && it->second.gen == gen) xfers_.erase(it);
+    if (it != xfers_.end() && it->second.gen == gen) {
+      // kept for its session count (the node moves: no allocation); bounded: past kMaxRetired the smallest id goes
+      if (retired_.size() >= kMaxRetired) retired_.erase(retired_.begin());
+      retired_.insert(xfers_.extract(it));
+    }
   }
   return rs;
 }

@@ -4,7 +4,12 @@
 // -------------------
 // Every decision is a pure function of (seed, fault kind, request id, occurrence), never of thread
 // timing, so a failing run replays with the same seed (a note's occurrences up to their bound of 65,536 keys:
-// fetch_notifications). Faults, each with its own probability:
+// fetch_notifications).  A status fault's occurrence is the id's session on this agent (how many prepares of
+// the id came before), a release failure's that session and the release attempt, so the sessions of a reused
+// id decide independently (the first session of an id decides as before that key); released ids keep their
+// count up to 65,536 of them, past which the smallest is forgotten (which ids are held then follows the order of
+// releases across ids, so past that bound a reused id's session may count from 0 again in a replay).
+// Faults, each with its own probability:
 //   delay            the transfer reports InProgress for `delay_for` after post, then the truth
 //   error            the transfer reports Failed (the inner transfer keeps running: not evidence)
 //   disconnect       at post: the peer counts as gone.  Requests to it prepared after that are
@@ -26,7 +31,7 @@
 //                    delivered right after its original, or, with `duplicate_after` > 0, by the
 //                    first fetch that long after it (when a new session
 //                    of the id may be live: the stale-note case; the delivery time is the clock's)
-//   release_failure  release reports failure and keeps the request (per attempt)
+//   release_failure  release reports failure and keeps the request (per session and attempt)
 // A transfer that completes inside post() is reported InProgress when a status fault applies.
 #pragma once
 
@@ -101,7 +106,7 @@ class FaultyAgent final : public Agent {
   Fault fault_of(std::uint64_t req) const;
 
  private:
-  double roll(std::uint64_t kind, std::uint64_t a, std::uint64_t b = 0) const noexcept;
+  double roll(std::uint64_t kind, std::uint64_t a, std::uint64_t b = 0, std::uint64_t c = 0) const noexcept;
 
   std::unique_ptr<Agent> inner_;
   FaultOptions opts_;
@@ -118,11 +123,16 @@ class FaultyAgent final : public Agent {
     bool counted = false;
     bool cut = false;  // posted at or after a disconnect of its peer: reports Failed from then on
     std::uint64_t release_attempts = 0;
-    std::uint64_t gen = 0;  // which prepare made it (next_gen_): release forgets only the entry it was for
+    std::uint64_t gen = 0;  // which prepare made it (next_gen_): release retires only the entry it was for
+    std::uint64_t session = 0;  // which session of its id on this agent (0: the first): the rolls' occurrence
   };
   bool is_cut(const std::string& peer, std::uint64_t req) const;  // mu_ held
 
   std::map<std::uint64_t, Xfer> xfers_;  // guarded by mu_
+  // Released ids' last entries (their session counts), up to kMaxRetired; an id is in xfers_ or here, never both.
+  // guarded by mu_
+  static constexpr std::size_t kMaxRetired = 65536;
+  std::map<std::uint64_t, Xfer> retired_;
   std::uint64_t next_gen_ = 0;           // guarded by mu_
   std::set<std::string> disconnected_;   // guarded by mu_
   // peer -> the requests a disconnect of it cut off (posted at or after it); guarded by mu_

@@ -51,6 +51,10 @@ FAULT_RATES = {  # probability per transfer (status faults) or per incoming noti
     "drop-notif": ("drop_notification", 0.01),
 }
 CANCEL_POINTS = ("before_expose", "mid_transfer", "after_completion")
+# A disconnect (injected, or a failed NIXL post) is reconnected before the active side handles this many more offers
+# (its own count of offers and targets to post, which follows the peer's order of offers, not the clock): a seed
+# replays which requests a disconnect refuses.  It replaced 20 ms of wall clock (about 5 offers at the demo's rate).
+RECONNECT_AFTER_OFFERS = 4
 
 
 @dataclass(frozen=True)
@@ -434,7 +438,8 @@ class Worker:
         self.peer_lost = ""
         self.end_sent = self.end_received = self.ack_sent = self.ack_received = False
         self.disconnects_seen = 0
-        self.reconnect_at = 0.0
+        self.offers_taken = 0  # offers (READ) or targets (WRITE) handed to _post: the reconnect's clock
+        self.reconnect_after: int | None = None  # reconnect before the offer past this count (None: none pending)
         self.reload_peer = False  # the reconnect removes the peer first (a failed NIXL post: _post)
         self.corrupted = False
         self.t_start = time.monotonic()
@@ -569,6 +574,9 @@ class Worker:
         """Active side: READ (receiver) or WRITE (sender); a failed prepare leaves the session Advertised."""
         from .errors import IllegalTransition, PeerDisconnected, RoleRefused, TransportError
 
+        self.offers_taken += 1
+        if self.reconnect_after is not None and self.offers_taken > self.reconnect_after:
+            self._reconnect()  # here, between two offers: a batch of offers read at once changes nothing
         r = self.tracked[req]
         r.active = True
         local = self._mem(self._slot(req), r.nbytes)
@@ -597,8 +605,9 @@ class Worker:
             # (PeerDisconnected: an earlier post to it failed so; this one was refused before its expose)
             self.reload_peer = (self.reload_peer or getattr(e, "call", "") == "post_xfer_req"
                                 or isinstance(e, PeerDisconnected))
-            self.reconnect_at = self.reconnect_at or time.monotonic() + 0.02
+            self._schedule_reconnect()
             return
+        self._check_disconnects()  # (the post that rolls an injected disconnect counts it: see it now)
         if refused:
             # the peer cancelled first: its "stop" for this offer reached our transport, which skipped the
             # post (never posted: Quiesced(cancelled)).  Nothing moved: just release it.
@@ -783,7 +792,6 @@ class Worker:
             for req in sorted(dec.terminal):  # Quiesced or Poisoned on every rank (poisoned: quarantined somewhere)
                 self._finalize(req, req in dec.completed, req in dec.poisoned)
                 busy = True
-            self._check_disconnects()
             # end of run: the sender announces it has nothing left; the receiver acknowledges when done
             if self.role == "sender" and not self.end_sent and self.next_req > self.opts.requests and not self.tracked:
                 self.out_msgs.append(("end",))
@@ -801,11 +809,10 @@ class Worker:
             if now - self._last_status > 0.05:  # the launcher's kill-peer acts on it: keep it fresh
                 self._status(now)
             local_done = not self.tracked and (self.ack_received if self.role == "sender" else self.ack_sent)
-            if local_done and self.reconnect_at and not self.peer_lost:
+            if local_done and self.reconnect_after is not None and not self.peer_lost:
                 # a reconnect still pending (a post failed on one of the last requests) is made now: NIXL's mark
                 # on the peer stays a health reason until remove_peer(), and the run would end unhealthy
-                self.reconnect_at = now
-                self._check_disconnects()
+                self._reconnect()
             timed_out = now > deadline or os.getppid() != self._ppid
             if self.group.all_ranks(local_done or timed_out, site="demo:done"):
                 break
@@ -814,22 +821,31 @@ class Worker:
         return self._finish()
 
     def _check_disconnects(self) -> None:
-        if self.peer_lost:
+        """After a post: did it roll an injected disconnect?  (Counted at the post, in this thread: until session 30
+        the loop read the counter every 8 iterations and reconnected 20 ms later, so which requests a disconnect
+        refused followed the clock, and a failing seed did not replay them.)"""
+        if self.faults is None or not self.faults.disconnect:
             return
-        # (a post's TransportError sets reconnect_at too, with or without injected faults: a real disconnect
-        # had waited for a reconnect that only the fault counter's branch made)
-        if self.faults is not None and self.it % 8 == 0:
-            n = self.t.fault_stats()["disconnects"]
-            if n > self.disconnects_seen:
-                self.disconnects_seen = n
-                self.reconnect_at = self.reconnect_at or time.monotonic() + 0.02
-        if self.reconnect_at and time.monotonic() >= self.reconnect_at:
-            if self.reload_peer:  # (its unfinished sessions here fail: Poisoned, safe)
-                self.t.remove_peer(self.peer)
-                self.reload_peer = False
-            self.t.add_peer(self.peer_md)  # reconnect: reload the peer's metadata (a fresh connection)
-            self.c["reconnects"] += 1
-            self.reconnect_at = 0.0
+        n = self.t.fault_stats()["disconnects"]
+        if n > self.disconnects_seen:
+            self.disconnects_seen = n
+            self._schedule_reconnect()
+
+    def _schedule_reconnect(self) -> None:
+        # (a post's TransportError schedules one too, with or without injected faults: a real disconnect had waited
+        # for a reconnect that only the fault counter's branch made)
+        if self.reconnect_after is None:
+            self.reconnect_after = self.offers_taken + RECONNECT_AFTER_OFFERS
+
+    def _reconnect(self) -> None:
+        self.reconnect_after = None
+        if self.peer_lost:  # (its remove_peer came with the loss)
+            return
+        if self.reload_peer:  # (its unfinished sessions here fail: Poisoned, safe)
+            self.t.remove_peer(self.peer)
+            self.reload_peer = False
+        self.t.add_peer(self.peer_md)  # reconnect: reload the peer's metadata (a fresh connection)
+        self.c["reconnects"] += 1
 
     def _status(self, now: float) -> None:
         self._last_status = now

@@ -101,38 +101,40 @@ def test_kill_peer_does_not_signal_a_victim_that_already_exited(tmp_path):
 
 
 def test_a_post_error_reconnects_without_injected_faults():
-    """A post's TransportError schedules a reconnect (reconnect_at); the reconnect was made only in the branch
-    that reads the injected faults' counter, so with real NIXL and no --faults it never came (review)."""
-    import time
+    """A post's TransportError schedules a reconnect; the reconnect was made only in the branch that reads the
+    injected faults' counter, so with real NIXL and no --faults it never came (review).  It comes before the
+    RECONNECT_AFTER_OFFERS + 1st offer after the failed one, once."""
+    from lifecycle.demo_worker import RECONNECT_AFTER_OFFERS
 
-    added = []
-    w = Worker.__new__(Worker)
-    w.faults, w.peer_lost, w.it, w.peer_md = None, "", 1, b"metadata"
-    w.c = dict(reconnects=0)
-    w.t = SimpleNamespace(add_peer=added.append)
-    w.reconnect_at, w.reload_peer = time.monotonic() - 1, False  # due
-    w._check_disconnects()
-    assert added == [b"metadata"] and w.c["reconnects"] == 1 and w.reconnect_at == 0.0
-    w._check_disconnects()  # nothing due: no second reconnect
-    assert added == [b"metadata"]
+    w, done = _poster("receiver", _post_error(None), fail_first=1)
+    for req in range(1, RECONNECT_AFTER_OFFERS + 4):
+        w._post(req, b"offer")
+    assert w.faults is None and w.c["reconnects"] == 1 and w.reconnect_after is None
+    assert done.index(("add_peer", b"metadata")) == done.index(("read", RECONNECT_AFTER_OFFERS + 2)) - 1, done
 
 
-def _poster(role: str, error: Exception):
-    """A worker whose transfer of request 1 (an offer in hand, the session Advertised) raises `error`; what the
-    worker then does to the session, the peer and its connection is logged in the list returned."""
+def _poster(role: str, error: Exception, fail_first: int = 1 << 30):
+    """A worker whose transfers (offers in hand, the sessions Advertised) raise `error`, the first `fail_first` of
+    them (the rest go out); what the worker then does to the sessions, the peer and its connection is logged in the
+    list returned."""
     from lifecycle.demo_worker import _Req
 
     done: list = []
     w = Worker.__new__(Worker)
-    w.role, w.peer, w.it, w.reconnect_at, w.reload_peer = role, "peer", 1, 0.0, False
-    w.c = dict(post_errors=0, refused_posts=0, aborts_sent=0)
+    w.role, w.peer, w.it, w.reload_peer = role, "peer", 1, False
+    w.offers_taken, w.reconnect_after, w.disconnects_seen = 0, None, 0
+    w.c = dict(post_errors=0, refused_posts=0, aborts_sent=0, reconnects=0)
     w.out_msgs, w.mid_cancels, w.deferred_waiting = [], {}, set()
-    w.tracked = {1: _Req(client_plan(1, 1, 0.0, 4)[0], 4096, 0.0)}
+    w.opts = DemoOptions(out="unused")
+    w.tracked = {i: _Req(p, 4096, 0.0) for i, p in enumerate(client_plan(1, 20, 0.0, 4), start=1)}
     w._slot, w._mem = (lambda req: 0), (lambda slot, n: ("mem", slot, n))
     w.Offer = SimpleNamespace(from_bytes=lambda b: ("offer", b))
 
-    def transfer(*args):
-        raise error
+    def transfer(req, *args):
+        done.append(("read", req))
+        if len([d for d in done if d[0] == "read"]) <= fail_first:
+            raise error
+        return "Posted"
 
     w.t = SimpleNamespace(read=transfer, write=transfer, forgo=lambda *a: done.append("forgo"),
                           remove_peer=lambda peer: done.append(("remove_peer", peer)),
@@ -141,6 +143,11 @@ def _poster(role: str, error: Exception):
     w.engine = SimpleNamespace(state=lambda req: SimpleNamespace(value="Advertised"))
     w._cancel = lambda req, point: done.append("cancel")
     return w, done
+
+
+def _acts(done: list) -> list:
+    """What the worker did to the sessions, the peer and its connection (its transfers left out)."""
+    return [d for d in done if not (isinstance(d, tuple) and d[0] == "read")]
 
 
 @pytest.mark.parametrize("role", ["receiver", "sender"])
@@ -156,10 +163,10 @@ def test_a_role_refusal_fails_loudly_instead_of_reconnecting(role):
     w, done = _poster(role, refusal)
     with pytest.raises(RoleRefused):
         w._post(1, b"offer")
-    assert done == [] and w.out_msgs == [] and w.reconnect_at == 0.0 and w.c["post_errors"] == 0
+    assert _acts(done) == [] and w.out_msgs == [] and w.reconnect_after is None and w.c["post_errors"] == 0
     w, done = _poster(role, TransportError("NIXL call nixl_capi_post_xfer_req failed with status -2 (request 1)"))
     w._post(1, b"offer")
-    assert done == ["forgo", "cancel"] and w.out_msgs == [("abort", 1)] and w.reconnect_at > 0
+    assert _acts(done) == ["forgo", "cancel"] and w.out_msgs == [("abort", 1)] and w.reconnect_after is not None
     assert w.c["post_errors"] == 1
 
 
@@ -180,32 +187,23 @@ def test_a_failed_nixl_post_reconnects_with_remove_peer_then_add_peer():
     failed NIXL post (TransportError.call "post_xfer_req") the reconnect is remove_peer() then add_peer() now.
     Control: an injected disconnect (Faults: refused in prepare, no `call`) still only reloads the metadata,
     which is what reconnects it there, without failing the peer's other sessions."""
-    import time
-
     w, done = _poster("receiver", _post_error("post_xfer_req"))
     w._post(1, b"offer")
-    w.c["reconnects"] = 0
-    w.reconnect_at = time.monotonic() - 1  # due
-    w._check_disconnects()
-    assert done[-2:] == [("remove_peer", "peer"), ("add_peer", b"metadata")] and w.c["reconnects"] == 1
-    w._check_disconnects()  # nothing due: no second reconnect
-    assert done[-1] == ("add_peer", b"metadata") and len(done) == 4
+    w._reconnect()  # (due: the next offers bring it)
+    assert _acts(done)[-2:] == [("remove_peer", "peer"), ("add_peer", b"metadata")] and w.c["reconnects"] == 1
+    assert len(_acts(done)) == 4 and w.reconnect_after is None
     # a transfer refused for that mark (PeerDisconnected: an earlier post failed; no `call`) reconnects the same way
     from lifecycle import PeerDisconnected
 
     w, done = _poster("receiver", PeerDisconnected("transfer: request 1: ... refused before the expose ..."))
     w._post(1, b"offer")
-    w.c["reconnects"] = 0
-    w.reconnect_at = time.monotonic() - 1
-    w._check_disconnects()
-    assert done[-2:] == [("remove_peer", "peer"), ("add_peer", b"metadata")]
+    w._reconnect()
+    assert _acts(done)[-2:] == [("remove_peer", "peer"), ("add_peer", b"metadata")]
     # control: an injected disconnect
     w, done = _poster("receiver", _post_error(None))
     w._post(1, b"offer")
-    w.c["reconnects"] = 0
-    w.reconnect_at = time.monotonic() - 1
-    w._check_disconnects()
-    assert done == ["forgo", "cancel", ("add_peer", b"metadata")]
+    w._reconnect()
+    assert _acts(done) == ["forgo", "cancel", ("add_peer", b"metadata")]
 
 
 class _Died(Exception):
@@ -305,7 +303,7 @@ def test_kill_peer_control_no_kill_on_the_survivor_or_without_kill_peer(tmp_path
 
 def _ending_sender(*, peer_lost: str = ""):
     """A WRITE-mode sender whose run is over but for the receiver's end_ack, which the next intake brings; a failed
-    NIXL post just scheduled its reconnect (remove_peer + add_peer, 20 ms later).  run() ends at the ack."""
+    NIXL post just scheduled its reconnect (remove_peer + add_peer, due a few offers on).  run() ends at the ack."""
     import time
 
     done: list = []
@@ -319,7 +317,7 @@ def _ending_sender(*, peer_lost: str = ""):
     w.c = dict(reconnects=0)
     w.peer_lost = peer_lost
     w.end_sent, w.end_received, w.ack_sent, w.ack_received = True, False, False, False
-    w.reconnect_at, w.reload_peer = time.monotonic() + 3600, True  # pending (not due before the loop ends)
+    w.offers_taken, w.reconnect_after, w.reload_peer = 1, 5, True  # pending (no offer brings it before the end)
     acks = [[("end_ack",)]]
     w.chan = SimpleNamespace(recv_all=lambda: acks.pop() if acks else [], send=lambda msgs: None,
                              wait=lambda timeout: None)
@@ -332,19 +330,97 @@ def _ending_sender(*, peer_lost: str = ""):
 
 
 def test_a_reconnect_still_pending_when_the_run_ends_is_made_before_it_ends():
-    """A failed NIXL post schedules a reconnect 20 ms on; with NIXL's mark the transport files a health reason
-    ("peer ... disconnected after a failed post") until remove_peer().  A post failing on the last request of a
+    """A failed NIXL post schedules a reconnect (a few offers on); with NIXL's mark the transport files a health
+    reason ("peer ... disconnected after a failed post") until remove_peer().  A post failing on the last request of a
     WRITE run (the sender finalizes its Poisoned session at once, the receiver acks the end within a few ms) ended
     the loop first: the peer was never reconnected and the sender ended unhealthy, so the demo FAILED ("sender-0
     unhealthy at the end") on a recovered fault.  The reconnect is made before the loop ends now."""
     w, done = _ending_sender()
     w.run()
     assert done == [("remove_peer", "peer"), ("add_peer", b"metadata"), "finish"], done
-    assert w.reconnect_at == 0.0 and w.c["reconnects"] == 1
+    assert w.reconnect_after is None and w.c["reconnects"] == 1
     # control: a lost peer is not reconnected (its remove_peer came with the loss), and the loop still ends
     w, done = _ending_sender(peer_lost="control channel closed (EOFError)")
     w.run()
     assert done == ["finish"], done
+
+
+def _disconnect_run(monkeypatch, rolls: set, batch: int, step: float) -> list:
+    """A READ receiver's run() over 40 offers, `batch` of them per intake, its clock `step` seconds on per intake.
+    Its transport stands in for Faults' disconnect: the post of a request in `rolls` disconnects the peer (counted
+    in fault_stats at the post), a transfer while disconnected is refused (TransportError, as in prepare), and
+    add_peer() reconnects.  Returns what the worker did: each post, refusal and reconnect, in order."""
+    from lifecycle import TransportError
+    from lifecycle import collectives
+    from lifecycle import demo_worker as dw
+    from lifecycle.demo_worker import _Req
+
+    clock = [1000.0]
+    monkeypatch.setattr(dw, "time", SimpleNamespace(monotonic=lambda: clock[0], sleep=lambda s: None))
+    log: list = []
+    link = SimpleNamespace(down=False, disconnects=0)
+
+    def read(req, local, peer, offer):
+        if link.down:
+            log.append(("refused", req))
+            raise TransportError(f"post: request {req}: peer peer disconnected (injected)")
+        log.append(("posted", req))
+        if req in rolls:
+            link.down, link.disconnects = True, link.disconnects + 1
+        return "Posted"
+
+    def add_peer(md):
+        link.down = False
+        log.append("reconnect")
+
+    w = Worker.__new__(Worker)
+    w.role, w.rank, w.name, w.peer, w.peer_md, w.peer_role = "receiver", 0, "receiver-0", "peer", b"md", "sender"
+    w.opts = DemoOptions(out="unused", requests=40, faults=("disconnect",))
+    w.plan = client_plan(0, 40, 0.0, 4)
+    w.group, w.faults = SoloGroup(), SimpleNamespace(disconnect=0.5)
+    w.t = SimpleNamespace(read=read, add_peer=add_peer, remove_peer=lambda peer: log.append("remove_peer"),
+                          forgo=lambda *a: None, fault_stats=lambda: {"disconnects": link.disconnects})
+    w.engine = SimpleNamespace(state=lambda req: SimpleNamespace(value="Advertised"))
+    w.Offer = SimpleNamespace(from_bytes=lambda b: b)
+    w._slot, w._mem = (lambda req: 0), (lambda slot, n: None)
+    w.tracked, w.mid_cancels, w.out_msgs, w.deferred_waiting = {}, {}, [], set()
+    w.c = dict(started=0, post_errors=0, refused_posts=0, aborts_sent=0, reconnects=0)
+    w.it, w.t_start, w._last_status, w._ppid = 0, clock[0], clock[0], __import__("os").getppid()
+    w.peer_lost, w.kill_asked, w.reload_peer, w.disconnects_seen = "", False, False, 0
+    w.end_sent, w.end_received, w.ack_sent, w.ack_received = False, False, False, False
+    w.offers_taken, w.reconnect_after = 0, None
+    w._advertise = lambda plan: w.tracked.setdefault(plan.request, _Req(plan, 4096, clock[0]))
+    w._cancel = lambda req, point: setattr(w.tracked[req], "cancelled", True)
+    w._finalize = lambda req, completed, failed: w.tracked.pop(req)
+    w._status = lambda now: None
+    w._finish = lambda: log.append("finish")
+    msgs = [("offer", r, b"desc") for r in range(1, 41)] + [("end",)]
+    intakes = [msgs[i:i + batch] for i in range(0, len(msgs), batch)]
+
+    def recv_all():
+        clock[0] += step
+        return intakes.pop(0) if intakes else []
+
+    w.chan = SimpleNamespace(recv_all=recv_all, send=lambda m: None, wait=lambda timeout: None)
+    monkeypatch.setattr(collectives, "poll_symmetric", lambda engine, group, reqs: SimpleNamespace(
+        failed=set(), terminal=set(reqs), completed=set(reqs), poisoned=set()))  # every session ends at once
+    w.run()
+    return log
+
+
+def test_a_disconnect_refuses_the_same_offers_whatever_the_clock_and_the_intake_batches(monkeypatch):
+    """--faults disconnect: the loop read the fault counter every 8 iterations and reconnected 20 ms later, so which
+    requests a disconnect refused followed the clock and how offers were batched, and a failing demo seed did not
+    replay them.  The reconnect now comes before the RECONNECT_AFTER_OFFERS + 1st offer after the disconnecting post
+    (or at the end of the run): one offer per intake 1 ms apart and eight per intake 30 ms apart refuse the same
+    requests.  Control: the disconnects refuse something, and reconnect (later posts go out)."""
+    from lifecycle.demo_worker import RECONNECT_AFTER_OFFERS as n
+
+    slow = _disconnect_run(monkeypatch, {3, 20, 38}, batch=1, step=0.001)
+    assert _disconnect_run(monkeypatch, {3, 20, 38}, batch=8, step=0.03) == slow
+    refused = [r for e, r in (x for x in slow if isinstance(x, tuple)) if e == "refused"]
+    assert refused == [*range(4, 4 + n), *range(21, 21 + n), 39, 40], slow
+    assert slow.count("reconnect") == 3 and slow[-2:] == ["reconnect", "finish"]  # (the last one: at the end)
 
 
 @pytest.mark.parametrize("opts, said", [

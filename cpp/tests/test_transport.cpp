@@ -3017,6 +3017,49 @@ void test_fault_decisions_never_depend_on_thread_interleaving() {
   for (std::uint64_t k = 1; k <= 20; ++k) CHECK(r.fault.at(k) == d.fault.at(k));
 }
 
+// Released ids keep their session count up to 65,536 of them; past that the smallest is forgotten, and its next
+// session counts from 0 again (docs/transport.md).  Id 1's second session, after 65,536 other ids were released,
+// rolls as its first did; after 65,535 (control) it rolls as a second session, which differs for some seed.
+void test_a_released_ids_session_count_is_kept_up_to_its_bound() {
+  const auto sessions_of_1 = [](std::uint64_t seed, std::uint64_t others) {
+    FaultOptions f;
+    f.seed = seed;
+    f.error = 0.5;
+    static std::atomic<int> run{0};
+    const std::string suffix = std::to_string(run.fetch_add(1));
+    std::vector<char> dst(64, 0), src(64, 'r');
+    FaultyAgent a(std::make_unique<LoopbackAgent>(named("retired-a" + suffix)), f);
+    LoopbackAgent b(named("retired-b" + suffix));
+    const Region local{reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram};
+    const Region remote{reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram};
+    (void)a.register_region(local);
+    (void)b.register_region(remote);
+    const std::string peer_b = a.load_remote_metadata(b.local_metadata());
+    bool released = true;
+    const auto session = [&](std::uint64_t req) {  // prepared and released, never posted
+      a.prepare(req, XferOp::Read, local, remote, peer_b, std::nullopt);
+      const Fault fault = a.fault_of(req);
+      released = a.release(req) == kReleased && released;
+      return fault;
+    };
+    const Fault first = session(1);
+    for (std::uint64_t i = 0; i < others; ++i) (void)session(2 + i);
+    const Fault second = session(1);
+    CHECK(released);
+    return std::make_pair(first, second);
+  };
+  int kept_differ = 0, forgotten_differ = 0;
+  for (std::uint64_t seed = 0; seed < 4; ++seed) {
+    const auto kept = sessions_of_1(seed, 65535);
+    const auto forgotten = sessions_of_1(seed, 65536);
+    CHECK(kept.first == forgotten.first);
+    kept_differ += kept.first != kept.second;
+    forgotten_differ += forgotten.first != forgotten.second;
+  }
+  CHECK(kept_differ > 0);
+  CHECK(forgotten_differ == 0);
+}
+
 // The note occurrence counts are bounded: at 65,536 keys (peer, request, kind) the next new key clears them all.
 // Which keys were counted before the clear follows the order notes arrive in, across requests (timing), so past
 // the bound a repeated note can be decided differently in a replay.  Pinned (docs/transport.md says so): a repeated
@@ -3153,6 +3196,7 @@ int main() {
   test_note_faults_of_an_id_never_depend_on_another_ids_notes();
   test_fault_decisions_never_depend_on_thread_interleaving();
   test_note_occurrences_past_their_bound_follow_the_arrival_order();
+  test_a_released_ids_session_count_is_kept_up_to_its_bound();
   test_fault_options_out_of_range_are_refused_by_the_constructor();
   test_loopback_options_out_of_range_are_refused_by_the_constructor();
   test_a_failed_allocation_on_the_loopback_worker_loses_a_note_not_the_process();

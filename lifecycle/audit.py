@@ -41,7 +41,7 @@ role), ``seq_gap`` (lost or duplicated lines in a stream's sequence), ``collecti
 malformed lines; such an audit could not fail).
 Warnings (reported, exit 0; ``docs/audit.md`` says what each means): ``rejected_event``, ``callback_error``,
 ``unhealthy``, ``stream_start``, ``adopted_session``, ``orphan_event``, ``table_mismatch``, ``live``,
-``window_evicted``, ``delivery_unchecked``, ``log_filtered``.
+``window_evicted``, ``delivery_unchecked``, ``log_filtered``, ``unjudged``.
 
 Two engines
 -----------
@@ -138,6 +138,7 @@ WARNING_KINDS = (
     "window_evicted",
     "delivery_unchecked",
     "log_filtered",
+    "unjudged",
 )
 # Violations a caller may excuse (AuditResult.excuse): an empty log is right for a rank that created no session
 EXCUSABLE_KINDS = ("no_events",)
@@ -937,9 +938,13 @@ class Auditor:
         # request's current lifetime among that role's ranks (a rank reporting again starts a new lifetime)
         self.xrank: dict[tuple, list] = {}
         self.ranks: set[int] = set()
-        # (stream key, engine) -> [seq, file, line, rank, pid] of a lifecycle.log_level line saying that engine's INFO
-        # lines are filtered out from there on, until one says they are written again
+        # (stream key, engine) -> [seq, file, line, rank, pid, stretch] of a lifecycle.log_level line saying that
+        # engine's INFO lines are filtered out from there on, until one says they are written again; a stretch is
+        # [first seq, last seq (None: not yet, or to the end of the log), pid, engine], shared by the sessions it cut
         self._filtered: dict[tuple, list] = {}
+        # session key -> [session, stretch]: live when its engine's INFO lines were filtered out (_cut), not seen
+        # since: its next line is adopted as at the start of a log; never seen again, it is `unjudged`, not a leak
+        self._unseen: dict[tuple, list] = {}
         self._bad_tables: set = set()
         self._file = "<events>"
         # every file fed, by name (a name given twice is one file): [lines read, any event, unreadable]
@@ -1423,9 +1428,12 @@ class Auditor:
                 else:
                     self._illegal(frm, trig, to, line, rank, req, None, "transition after the final state")
                 return None
-            # the session started before this log did: adopt it at from_state
-            self._find("adopted_session", line, f"first seen in state {frm} (advertise not in the log)", rank=rank,
-                       request=req)
+            # the session started before this log did, or was live when its engine's INFO lines were filtered out
+            # (_cut): adopt it at from_state
+            u = self._unseen.get(key) if self._unseen else None
+            self._find("adopted_session", line, f"first seen in state {frm} (advertise not in the log)" if u is None
+                       else f"seen again in state {frm} after its engine's INFO lines were filtered out by level (last "
+                       f"seen in state {u[0][_S_STATE]})", rank=rank, request=req)
             s = self._new_session(key, frm, d, sk, eng, t, line)
             s[_S_ADOPTED] = True
             s[_S_OUTCOME] = outcome  # unknown before this line: a row without an outcome logs the one it had
@@ -1497,6 +1505,8 @@ class Auditor:
         s = [False, 0, 0, self._file, line, 0, 0, self._file, None, None, key, None,
              state, t, t, d.get("role"), slot if type(slot) is int and slot >= 0 else -1, sk, None, line, [state, t],
              self._moves[state], eng, False]
+        if self._unseen:  # (seen again: judged from here on)
+            self._unseen.pop(key, None)
         self.live[key] = s
         self.requests += 1
         return s
@@ -1653,21 +1663,61 @@ class Auditor:
             self._find("malformed", line, "lifecycle.log_level: 'info_filtered' must be a bool", rank=rank)
             return
         key = (sk, eng)
+        seq = d["seq"]
         if filtered:
-            if key not in self._filtered:  # (a second one, two threads logging the change: the first seq holds)
-                self._filtered[key] = [d["seq"], self._file, line, rank, d["pid"]]
+            off = self._filtered.get(key)
+            if off is None:  # (a second one, two threads logging the change: the first seq holds)
+                off = self._filtered[key] = [seq, self._file, line, rank, d["pid"], [seq, None, d["pid"], eng]]
+            self._cut(sk, eng, off[5], f"from seq {seq}")
             return
         off = self._filtered.pop(key, None)
-        self._find_filtered(d["pid"], eng, None if off is None else off[0], d["seq"], line, rank)
+        self._find_filtered(d["pid"], eng, None if off is None else off[0], seq, line, rank)
+        if off is None:
+            stretch = [None, seq, d["pid"], eng]
+        else:
+            stretch = off[5]
+            stretch[1] = seq
+        self._cut(sk, eng, stretch, f"up to seq {seq}")
 
     def _find_filtered(self, pid: int, eng, first, last, line: int, rank: int, file=None) -> None:
         """A stretch of an engine's lines its logger did not write (``first`` None: its start not logged, the logger
         writing no level then; ``last`` None: to the end of the log)."""
-        span = (f"up to seq {last} (where it began is not in the log)" if first is None else
-                f"from seq {first} to {'the end of the log' if last is None else f'seq {last}'}")
         self._find("log_filtered", line, f"pid {pid}{'' if eng is None else f', engine {eng}'}: INFO lines filtered "
-                   f"out by level {span}: the log is incomplete there", rank=rank, file=file, engine=eng,
-                   first=first, last=last)
+                   f"out by level {_filtered_span(first, last)}: the log is incomplete there", rank=rank, file=file,
+                   engine=eng, first=first, last=last)
+
+    def _cut(self, sk, eng, stretch: list, span: str) -> None:
+        """An engine's INFO lines were filtered out by level (from a lifecycle.log_level line on, or up to one, or to
+        the end of the log): what its sessions did meanwhile is not in the log.  Its end is read as the start of a
+        log for that engine (only: a session is of one stream and engine), as its lines say nothing of the others.
+        Each live session is set aside (``_unseen``): its next line is adopted, or it is reported ``unjudged`` at
+        the end (it may have ended unlogged), never a leak, nor an illegal move from the state it was last seen in.
+        Its tombstones go (the id may have been advertised again meanwhile: its next line is not a second
+        termination), judged now as far as their lines are in the log (a deferral whose TerminateNow is not is
+        ``unjudged``); its slots are forgotten (a release or buffer_recovered may be among the lines filtered out).
+        Cost: one pass over the live sessions, tombstones and slots per lifecycle.log_level line, none per line."""
+        live, unseen = self.live, self._unseen
+        for key, s in [kv for kv in live.items() if kv[1][_S_STREAM] == sk and kv[1][_S_ENGINE] == eng]:
+            del live[key]
+            unseen[key] = [s, stretch]
+        sid = (sk, eng)  # (logs without `engine` key sessions by role: their tombstones name no stream)
+        cut = [kv for kv in self.tombs.items() if
+               (kv[0][2] == sid if eng is not None else type(kv[0][2]) is not tuple)]
+        who = f"pid {stretch[2]}{'' if eng is None else f', engine {eng}'}"
+        for key, tomb in cut:
+            del self.tombs[key]
+            if self._awaiting:
+                self._unawait(key)
+            if tomb[_S_DEFERRED] and not tomb[_S_NOTICES]:
+                f, ln = _deferred_at(tomb)
+                self._find("unjudged", ln, f"{who}: deferred termination's delivery not judged: INFO lines filtered "
+                           f"out by level {span}, where its TerminateNow may be", rank=key[0], request=key[1], file=f,
+                           engine=eng)
+            else:
+                self._check_tomb(tomb)
+            tomb[_S_KEY] = None  # removed: skipped in self._tomb_order
+        for k in [k for k in self.slots if k[0] == sk and k[1] == eng]:
+            del self.slots[k]
 
     def _terminate(self, d: dict, name: str, req, rank: int, sk, eng, sid, t: int, line: int) -> None:
         r = d.get("result")
@@ -1898,8 +1948,9 @@ class Auditor:
                            f"nothing to audit", file=path, lines=n)
         for st in self.streams.values():
             self._flush_missing(st, st[_ST_PID])
-        for (_sk, eng), (first, f, ln, rank, pid) in self._filtered.items():
+        for (sk, eng), (first, f, ln, rank, pid, stretch) in self._filtered.items():
             self._find_filtered(pid, eng, first, None, ln, rank, file=f)
+            self._cut(sk, eng, stretch, f"from seq {first} to the end of the log")
         self._filtered.clear()
         for tomb in self.tombs.values():
             self._check_tomb(tomb)
@@ -1907,6 +1958,17 @@ class Auditor:
         self._tomb_order.clear()
         self._awaiting.clear()
         self._awaiting_order.clear()
+        for key, (s, (first, last, pid, eng)) in sorted(self._unseen.items(),
+                                                         key=lambda kv: (kv[1][0][_S_FILE], kv[1][0][_S_LINE])):
+            state = s[_S_STATE]
+            self._find("unjudged", s[_S_LINE], f"pid {pid}{'' if eng is None else f', engine {eng}'}: live in state "
+                       f"{state} ({_at(s[_S_LAST_FILE], s[_S_LAST_LINE], s[_S_FILE])}) when INFO lines were filtered "
+                       f"out by level {_filtered_span(first, last)}, not seen after: not judged (it may have ended "
+                       f"there)", rank=key[0], request=key[1], file=s[_S_FILE], engine=eng, first=first, last=last,
+                       last_state=state)
+            if s[_S_KINDS] is not None and len(self.violating) < self.keep_violating:
+                self.violating.append(self._summary(key, s, self.streams[s[_S_STREAM]][_ST_MAX_T], False))
+        self._unseen.clear()
         live_left = 0
         for key, s in sorted(self.live.items(), key=lambda kv: (kv[1][_S_FILE], kv[1][_S_LINE])):
             live_left += 1
@@ -1964,6 +2026,13 @@ def _member(v: object, names) -> bool:
 
 def _tname(v: object) -> str:
     return "null" if v is None else type(v).__name__
+
+
+def _filtered_span(first, last) -> str:
+    """The seqs between which an engine's INFO lines were filtered out (``first`` None: its start not logged;
+    ``last`` None: to the end of the log)."""
+    return (f"up to seq {last} (where it began is not in the log)" if first is None else
+            f"from seq {first} to {'the end of the log' if last is None else f'seq {last}'}")
 
 
 def _deferred_at(s: list) -> tuple[str, int]:

@@ -1840,6 +1840,160 @@ def test_a_level_changed_mid_run_is_reported_as_an_incomplete_log(tmp_path, leve
     assert audit_paths([write(tmp_path / "info.jsonl", control)]).finding_counts == {}
 
 
+def real_live_across_a_filtered_stretch(after: bool = True, second_engine: bool = False,
+                                        filtered: bool = True) -> list[dict]:
+    """A real engine (stdlib logger, structlog JSON lines, 2 slots) whose INFO lines are filtered out (WARNING) while
+    sessions are live, then written again (``after``) or not.  Before: 0 and 1 advertised (slots), 2 and 3 exposed,
+    4 advertised and terminated (Deferred), 6 advertised, cancelled, terminated (a tombstone).  Filtered: 0 cancelled
+    and terminated (its slot freed), 2 completes, 3 fails, 4 cancelled (its deferred retry ends it, its TerminateNow
+    delivered), 5 advertised and exposed, 6 advertised again and exposed.  After: 7 advertised (takes 0's slot) and
+    left live (a real leak); 1, 2 (Quiesced, the replay says InFlight), 5, 6 terminate through legal moves.  With
+    ``second_engine``, another engine of the process logging INFO throughout leaves request 100 live (a real leak).
+    Not ``filtered``: the same calls at INFO throughout.  The lines as written, seqs from the first one's."""
+    import io
+    import logging
+
+    import structlog
+
+    from lifecycle import ManualClock, TransferEngine
+
+    out = io.StringIO()
+    std = logging.getLogger(f"kvlc-stretch-test-{id(out)}")
+    std.propagate = False
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    std.addHandler(handler)
+    std.setLevel(logging.INFO)
+    clock = ManualClock(1_000_000 * mg.MS)
+    eng = TransferEngine(clock=clock, num_slots=2, slot_size=8192, tombstones=0, logger=structlog.wrap_logger(
+        std, wrapper_class=structlog.stdlib.BoundLogger, processors=[structlog.processors.JSONRenderer()]))
+    other = None
+    if second_engine:
+        std2 = logging.getLogger(f"kvlc-stretch-test-2-{id(out)}")
+        std2.propagate = False
+        std2.addHandler(handler)
+        std2.setLevel(logging.INFO)
+        other = TransferEngine(clock=clock, logger=structlog.wrap_logger(
+            std2, wrapper_class=structlog.stdlib.BoundLogger, processors=[structlog.processors.JSONRenderer()]))
+    try:
+        eng.advertise(0, "sender", 100)
+        eng.advertise(1, "sender", 100)
+        for r in (2, 3):
+            eng.advertise(r, "sender")
+            eng.post(r, "expose")
+        eng.advertise(4, "sender")
+        assert eng.terminate(4).value == "Deferred"
+        eng.advertise(6, "sender")
+        eng.cancel(6)
+        eng.terminate(6)
+        eng.poll()
+        if other is not None:
+            other.advertise(100, "receiver")
+            other.poll()
+        std.setLevel(logging.WARNING if filtered else logging.INFO)
+        eng.poll()  # (the engine asks its logger once per poll() batch)
+        eng.cancel(0)
+        eng.terminate(0)
+        eng.post(2, "complete")
+        eng.post(3, "fail")
+        eng.cancel(4)
+        eng.advertise(5, "sender")
+        eng.post(5, "expose")
+        eng.advertise(6, "sender")
+        eng.post(6, "expose")
+        eng.poll()
+        if other is not None:
+            other.post(100, "expose")
+            other.poll()
+        if after:
+            std.setLevel(logging.INFO)
+            eng.advertise(7, "sender", 100)  # (0's slot, freed meanwhile: 1 still holds the other)
+            eng.terminate(2)
+            eng.cancel(1)
+            eng.terminate(1)
+            eng.post(5, "complete")
+            eng.terminate(5)
+            eng.post(6, "complete")
+            eng.terminate(6)
+            eng.poll()
+    finally:
+        std.removeHandler(handler)
+    ev = [json.loads(x) for x in out.getvalue().splitlines()]
+    return [dict(d, seq=d["seq"] - ev[0]["seq"]) for d in ev]
+
+
+def _judged(res) -> list:
+    return sorted((f.kind, f.request) for f in res.findings if f.kind in audit.VIOLATION_KINDS or f.kind == "unjudged")
+
+
+@pytest.mark.parametrize("after", [True, False])
+def test_what_a_filtered_stretch_hides_is_not_reported_as_violations(tmp_path, after):
+    """Sessions live while a real engine's INFO lines were filtered out by level: before, the audit warned
+    log_filtered and still reported what the missing lines caused (seen failing: leaks of 0, 3, 4 and illegal
+    transitions of 2 (Quiesced, replayed InFlight) and 6 (a tombstone's id advertised again meanwhile: and a
+    double_termination), a slot_reuse of 0's slot by 7; to the end of the log, leaks of 0 to 4).  Now the end of the stretch is read as the start of a
+    log for that engine: a session's next line is adopted, one never seen again is `unjudged` (naming it and the
+    stretch), its tombstones and slots are forgotten.  Control: 7, advertised after the stretch and never
+    terminated, is still a leak; the same calls logged at INFO throughout show 3 (Poisoned, never terminated) a
+    leak too, and nothing else."""
+    ev = real_live_across_a_filtered_stretch(after)
+    for d in ev:
+        validate_event(d)
+    p = write(tmp_path / "stretch.jsonl", ev)
+    for native in (False, True):
+        res = audit_paths([p], native=native)
+        if after:
+            assert _judged(res) == [("leak", 7), ("unjudged", 0), ("unjudged", 3), ("unjudged", 4)], (
+                native, [str(f) for f in res.findings])
+            assert sorted(f.request for f in res.by_kind("adopted_session")) == [1, 2, 5, 6]
+            again = next(f for f in res.by_kind("adopted_session") if f.request == 2)
+            assert "last seen in state InFlight" in again.message, again
+        else:
+            assert _judged(res) == [("unjudged", r) for r in (0, 1, 2, 3, 4)], (native, [str(f) for f in res.findings])
+        u = next(f for f in res.by_kind("unjudged") if f.request == 3)
+        first = next(d["seq"] for d in ev if d["event"] == "lifecycle.log_level")
+        assert (u.extra["first"], u.extra["last_state"]) == (first, "InFlight"), u
+        assert ("to the end of the log" in u.message) == (not after), u.message
+        assert res.by_kind("log_filtered"), [str(f) for f in res.findings]
+    assert audit_paths([p], native=True).as_dict() == audit_paths([p], native=False).as_dict()
+    control = real_live_across_a_filtered_stretch(after, filtered=False)
+    assert [d for d in control if d["event"] == "lifecycle.log_level"] == []
+    res = audit_paths([write(tmp_path / "info.jsonl", control)])
+    assert _judged(res) == ([("leak", 3), ("leak", 7)] if after else [("leak", r) for r in (1, 2, 3, 5, 6)]), [
+        str(f) for f in res.findings]
+
+
+def test_a_filtered_stretch_excuses_its_own_engine_only(tmp_path):
+    """Another engine of the same process, logging INFO throughout, is judged as before: its session left live is a
+    leak (control: the filtered engine's sessions are unjudged, not leaks)."""
+    ev = real_live_across_a_filtered_stretch(True, second_engine=True)
+    p = write(tmp_path / "two.jsonl", ev)
+    for native in (False, True):
+        res = audit_paths([p], native=native)
+        assert _judged(res) == [("leak", 7), ("leak", 100), ("unjudged", 0), ("unjudged", 3), ("unjudged", 4)], (
+            native, [str(f) for f in res.findings])
+
+
+def test_violations_outside_a_filtered_stretch_are_still_reported(tmp_path):
+    """Controls: a violation before the stretch (an illegal move of 1), and one after a session's adoption (2 moved
+    to Terminated twice: its second line after the stretch repeats its first), are reported as before."""
+    ev = real_live_across_a_filtered_stretch(True)
+    first = next(i for i, d in enumerate(ev) if d["event"] == "lifecycle.log_level")
+    bad = copy.deepcopy(ev)
+    expose3 = next(i for i, d in enumerate(bad) if d.get("request") == 3 and d.get("trigger") == "expose")
+    bad[expose3]["from_state"] = "InFlight"  # (before the stretch: replayed Advertised)
+    assert expose3 < first
+    last2 = max(i for i, d in enumerate(bad) if d.get("request") == 2 and d["event"] == "lifecycle.transition")
+    bad.insert(last2 + 1, dict(bad[last2]))
+    bad = renumber(bad)
+    p = write(tmp_path / "bad.jsonl", bad)
+    for native in (False, True):
+        res = audit_paths([p], native=native)
+        got = _judged(res)
+        assert ("illegal_transition", 3) in got and ("double_termination", 2) in got, (native, got)
+    assert audit_paths([p], native=True).as_dict() == audit_paths([p], native=False).as_dict()
+
+
 def test_results_after_the_engines_tombstone_eviction_are_clean():
     """The engine answers NotFound for a request whose tombstone it evicted (tombstones=0: at once); those results
     (state null) are not orphans, whatever the audit's window still holds."""

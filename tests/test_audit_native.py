@@ -34,7 +34,8 @@ from tests.test_audit import (BREAKS, DEFER_ORDERS, _already_terminated_for_anot
                               big_value_events, deferred_batch, orphan_results, real_cancelled_deferred_log,
                               real_deferred_log,
                               real_cancel_results_log, real_late_and_rejected_log, real_level_changed_log,
-                              real_random_workload, two_engines_one_process)
+                              real_live_across_a_filtered_stretch, real_random_workload, renumber,
+                              two_engines_one_process)
 
 SPEC = spec.load(spec.default_table_path())
 GOLDEN = sorted(p for p in mg.HERE.glob("*.jsonl"))
@@ -329,6 +330,36 @@ def _level_cases() -> dict[str, list[list[dict]]]:
         "two engines, one stretch each": [ev[:marks[1]] + other + ev[marks[1]:]],
         "no keys": [_strip(ev, "proc", "engine")],
         "two files": [ev[:marks[1]], ev[marks[1]:]],
+        **_stretch_cases(),
+    }
+
+
+def _stretch_cases() -> dict[str, list[list[dict]]]:
+    """Sessions live across a stretch (real_live_across_a_filtered_stretch): adopted after it, unjudged, tombstones
+    and slots forgotten; a deferral whose TerminateNow is filtered out; violations outside the stretch."""
+    live = _fixed_ids(real_live_across_a_filtered_stretch(True))
+    marks = [i for i, d in enumerate(live) if d["event"] == "lifecycle.log_level"]
+    bad = [dict(d) for d in live]
+    last2 = max(i for i, d in enumerate(bad) if d.get("request") == 2 and d["event"] == "lifecycle.transition")
+    bad.insert(last2 + 1, dict(bad[last2]))
+    before = [dict(d) for d in live]  # (3 marked violating, then unjudged: its summary is kept)
+    next(d for d in before if d.get("request") == 3 and d.get("trigger") == "expose")["from_state"] = "InFlight"
+    deferred = _fixed_ids(real_deferred_log())
+    now = next(i for i, d in enumerate(deferred) if d["event"] == "lifecycle.terminate_now" and d["request"] == 30)
+    on = {k: v for k, v in deferred[now].items() if k not in ("request", "role")}
+    on.update(event="lifecycle.log_level", request=None, role=None, info_filtered=True)
+    off = dict(on, info_filtered=False)
+    return {
+        "live across": [live],
+        "live to the end": [_fixed_ids(real_live_across_a_filtered_stretch(False))],
+        "live across, another engine": [_fixed_ids(real_live_across_a_filtered_stretch(True, second_engine=True))],
+        "live across, no keys": [_strip(live, "proc", "engine")],
+        "live across, two files": [live[:marks[1]], live[marks[1]:]],
+        "live across, start not logged": [[d for i, d in enumerate(live) if i != marks[0]]],
+        "live across, a violation after": [renumber(bad)],
+        "live across, a violation before": [before],
+        "a deferral's notice filtered out": [renumber(deferred[:now] + [on] + deferred[now + 1:])],
+        "a deferral's notice filtered out and back": [renumber(deferred[:now] + [on, off] + deferred[now + 1:])],
     }
 
 
@@ -341,8 +372,13 @@ def test_level_changes_audit_identically(tmp_path, name, kw):
         p.write_text(mg.render(events), encoding="utf-8")
         paths.append(p)
     assert_same(paths, **kw)
+    counts = audit_paths(paths, SPEC, native=True).finding_counts
     if name == "as logged":  # (not vacuous: the stretch is a finding)
-        assert audit_paths(paths, SPEC, native=True).finding_counts.get("log_filtered") == 1
+        assert counts.get("log_filtered") == 1
+    if name.startswith("live across") or name.startswith("a deferral's"):  # (sessions and tombstones set aside)
+        assert counts.get("unjudged"), counts
+    if name == "live across, a violation after":
+        assert counts.get("double_termination") == 1, counts
 
 
 @pytest.mark.parametrize("lookahead", [1, 2, 3, 4096])
@@ -607,7 +643,8 @@ BASES["keyed_deferred"] = [l.encode() for l in mg.render(
 # and a batch ending 4 deferred sessions, its notices after every move (windows 1 to 5: kept aside, dropped unchecked)
 for _name, _ev in (("real_deferred", real_deferred_log()), ("real_workload_raising", real_random_workload(5)),
                    ("real_workload_reentrant", real_random_workload(6)), ("real_deferred_batch", deferred_batch(4)),
-                   ("real_level_changed", real_level_changed_log((20, 30, 20, 60, 20, 30)))):
+                   ("real_level_changed", real_level_changed_log((20, 30, 20, 60, 20, 30))),
+                   ("real_live_across_stretch", real_live_across_a_filtered_stretch(True, second_engine=True))):
     BASES[_name] = [l.encode() for l in mg.render(_fixed_ids(_ev)).splitlines()]
 KEYS = ["event", "rank", "seq", "pid", "t_mono_ns", "request", "table", "from_state", "to_state", "trigger",
         "outcome", "deferred", "slot", "generation", "role", "result", "state", "error", "healthy", "reasons",

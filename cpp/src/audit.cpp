@@ -65,6 +65,7 @@ const char* kind_name(Kind k) {
     case Kind::window_evicted: return "window_evicted";
     case Kind::delivery_unchecked: return "delivery_unchecked";
     case Kind::log_filtered: return "log_filtered";
+    case Kind::unjudged: return "unjudged";
   }
   return "?";
 }
@@ -865,8 +866,23 @@ struct Auditor::Impl {
   struct Filtered {
     Int stream, engine, seq, line, rank, pid;
     std::uint32_t file;
+    std::size_t stretch;  // its entry in `stretches`
   };
   std::vector<Filtered> filtered;
+  // the seqs between which an engine's INFO lines were filtered out (audit.py: [first, last, pid, engine]), shared by
+  // the sessions each one set aside
+  struct Stretch {
+    bool has_first, has_last;
+    Int first, last, pid, engine;
+  };
+  std::vector<Stretch> stretches;
+  // Sessions live when their engine's INFO lines were filtered out, not seen since (Auditor._unseen): their next line
+  // is adopted; never seen again, they are `unjudged`, not leaks
+  struct Unseen {
+    Session s;
+    std::size_t stretch;
+  };
+  std::unordered_map<Key, Unseen, KeyHash> unseen;
   int cur_role = 2;
 
   explicit Impl(const Options& o) : opt(o) {
@@ -1466,25 +1482,90 @@ struct Auditor::Impl {
                            [&](const Filtered& x) { return x.stream == cur_stream && x.engine == cur_engine; });
     if (v == JT::yes) {
       // (a second one, two threads logging the change: the first seq holds)
-      if (it == filtered.end()) filtered.push_back(Filtered{cur_stream, cur_engine, seq, line, rank, pid, cur_file});
+      if (it == filtered.end()) {
+        stretches.push_back(Stretch{true, false, seq, 0, pid, cur_engine});
+        filtered.push_back(Filtered{cur_stream, cur_engine, seq, line, rank, pid, cur_file, stretches.size() - 1});
+        it = std::prev(filtered.end());
+      }
+      cut(cur_stream, cur_engine, it->stretch, "from seq " + to_string(seq));
       return;
     }
     const bool off = it != filtered.end();
     const Int first = off ? it->seq : 0;
-    if (off) filtered.erase(it);
+    std::size_t st = 0;
+    if (off) {
+      st = it->stretch;
+      filtered.erase(it);
+    }
     find_filtered(pid, cur_engine, off ? &first : nullptr, &seq, line, rank, cur_file);
+    if (off) {
+      stretches[st].has_last = true;
+      stretches[st].last = seq;
+    } else {
+      stretches.push_back(Stretch{false, true, 0, seq, pid, cur_engine});
+      st = stretches.size() - 1;
+    }
+    cut(cur_stream, cur_engine, st, "up to seq " + to_string(seq));
+  }
+  // audit.py _filtered_span
+  static std::string filtered_span(const Int* first, const Int* last) {
+    if (first == nullptr) return "up to seq " + to_string(*last) + " (where it began is not in the log)";
+    return "from seq " + to_string(*first) + " to " + (last ? "seq " + to_string(*last) : "the end of the log");
+  }
+  static std::string who(Int pid, Int engine) {
+    return "pid " + to_string(pid) + (engine >= 0 ? ", engine " + to_string(engine) : std::string());
+  }
+  // audit.py Auditor._cut: the engine's live sessions set aside, its tombstones judged as far as they can be and
+  // dropped, its slots forgotten
+  void cut(Int stream, Int engine, std::size_t st, const std::string& span) {
+    for (auto i = live.begin(); i != live.end();) {
+      if (i->second.stream == stream && i->second.engine == engine) {
+        unseen.insert_or_assign(i->first, Unseen{std::move(i->second), st});
+        i = live.erase(i);
+      } else {
+        ++i;
+      }
+    }
+    // (Python's dict order: the awaiting ones were folded before every one in tomb_order; logs without `engine`
+    // key sessions by role, with no stream)
+    auto mine = [&](const Key& k) { return engine >= 0 ? k.c == stream && k.d == engine : k.c == -1; };
+    const std::string w = who(stretches[st].pid, engine);
+    for (std::list<Tomb>* l : {&awaiting, &tomb_order}) {
+      for (auto i = l->begin(); i != l->end();) {
+        if (!mine(i->key)) {
+          ++i;
+          continue;
+        }
+        const Tomb tomb = *i;
+        i = l->erase(i);
+        tombs.erase(tomb.key);
+        const Core& c = tomb.c;
+        if (c.deferred && c.notices == 0) {
+          const Int rank = tomb.key.a, req = tomb.key.b;
+          if (Finding* g = find(Kind::unjudged, c.defer_line != 0 ? c.defer_line : c.last_line, &rank, &req,
+                                c.defer_line != 0 ? c.defer_file : c.last_file)) {
+            g->message = {P(w + ": deferred termination's delivery not judged: INFO lines filtered out by level " +
+                            span + ", where its TerminateNow may be")};
+            g->extra = {engine >= 0 ? XI("engine", engine) : XN("engine")};
+          }
+        } else {
+          check_tomb(tomb);
+        }
+      }
+    }
+    for (auto i = slots.begin(); i != slots.end();) {
+      if (i->first.a == stream && i->first.b == engine)
+        i = slots.erase(i);
+      else
+        ++i;
+    }
   }
   // audit.py Auditor._find_filtered: first null, its start not logged; last null, to the end of the log
   void find_filtered(Int pid, Int engine, const Int* first, const Int* last, Int line, Int rank, std::uint32_t file) {
     Finding* g = find(Kind::log_filtered, line, &rank, nullptr, file);
     if (g == nullptr) return;
-    std::string span;
-    if (first == nullptr)
-      span = "up to seq " + to_string(*last) + " (where it began is not in the log)";
-    else
-      span = "from seq " + to_string(*first) + " to " + (last ? "seq " + to_string(*last) : "the end of the log");
-    g->message = {P("pid " + to_string(pid) + (engine >= 0 ? ", engine " + to_string(engine) : std::string()) +
-                    ": INFO lines filtered out by level " + span + ": the log is incomplete there")};
+    g->message = {P(who(pid, engine) + ": INFO lines filtered out by level " + filtered_span(first, last) +
+                    ": the log is incomplete there")};
     g->extra = {engine >= 0 ? XI("engine", engine) : XN("engine"), first ? XI("first", *first) : XN("first"),
                 last ? XI("last", *last) : XN("last")};
   }
@@ -1812,8 +1893,14 @@ struct Auditor::Impl {
         }
         return nullptr;
       }
+      // (or live when its engine's INFO lines were filtered out: Auditor._cut)
+      auto u = unseen.empty() ? unseen.end() : unseen.find(key);
       if (Finding* g = find(Kind::adopted_session, line, &rank, &req))
-        g->message = {P(std::string("first seen in state ") + kStateNames[frm] + " (advertise not in the log)")};
+        g->message = {P(u == unseen.end()
+                            ? std::string("first seen in state ") + kStateNames[frm] + " (advertise not in the log)"
+                            : std::string("seen again in state ") + kStateNames[frm] +
+                                  " after its engine's INFO lines were filtered out by level (last seen in state " +
+                                  kStateNames[u->second.s.state] + ")")};
       s = &new_session(key, frm, t, line);
       s->adopted = true;
       s->outcome = outcome;  // unknown before this line: a row without an outcome logs the one it had
@@ -1896,6 +1983,7 @@ struct Auditor::Impl {
   Session& new_session(const Key& key, int state, Int t, Int line) {
     const JVal& slot = f(k_slot);
     const JVal& role = f(k_role);
+    if (!unseen.empty()) unseen.erase(key);  // (seen again: judged from here on)
     Session& s = live[key];
     s = Session{};
     s.c.file = s.c.last_file = cur_file;
@@ -2360,7 +2448,10 @@ struct Auditor::Impl {
       }
     }
     for (auto& st : streams) flush_missing(st, 0);
-    for (const Filtered& x : filtered) find_filtered(x.pid, x.engine, &x.seq, nullptr, x.line, x.rank, x.file);
+    for (const Filtered& x : filtered) {
+      find_filtered(x.pid, x.engine, &x.seq, nullptr, x.line, x.rank, x.file);
+      cut(x.stream, x.engine, x.stretch, "from seq " + to_string(x.seq) + " to the end of the log");
+    }
     filtered.clear();
     for (const Tomb& tomb : awaiting) check_tomb(tomb);  // (folded before every one in tomb_order)
     for (const Tomb& tomb : tomb_order) check_tomb(tomb);
@@ -2370,6 +2461,34 @@ struct Auditor::Impl {
     auto rank_of = [&](std::uint32_t file) -> std::int64_t {
       return file < file_order.size() ? file_order[file] : static_cast<std::int64_t>(file);
     };
+    {
+      std::vector<std::pair<const Key*, Unseen*>> aside;
+      for (auto& kv : unseen) aside.push_back({&kv.first, &kv.second});
+      std::sort(aside.begin(), aside.end(), [&](const auto& x, const auto& y) {
+        auto fx = rank_of(x.second->s.c.file), fy = rank_of(y.second->s.c.file);
+        if (fx != fy) return fx < fy;
+        if (x.second->s.line != y.second->s.line) return x.second->s.line < y.second->s.line;
+        return x.second->s.order < y.second->s.order;
+      });
+      for (auto& [key, u] : aside) {
+        Session& s = u->s;
+        const Stretch& x = stretches[u->stretch];
+        const Int rank = key->a, req = key->b;
+        const char* state = kStateNames[s.state];
+        if (Finding* g = find(Kind::unjudged, s.line, &rank, &req, s.c.file)) {
+          const std::string span = filtered_span(x.has_first ? &x.first : nullptr, x.has_last ? &x.last : nullptr);
+          g->message = cite(who(x.pid, x.engine) + ": live in state " + state + " (", s.c.last_file, s.c.last_line,
+                            s.c.file, ") when INFO lines were filtered out by level " + span +
+                                          ", not seen after: not judged (it may have ended there)");
+          g->extra = {x.engine >= 0 ? XI("engine", x.engine) : XN("engine"),
+                      x.has_first ? XI("first", x.first) : XN("first"), x.has_last ? XI("last", x.last) : XN("last"),
+                      XS("last_state", state)};
+        }
+        if (!s.kinds.empty() && static_cast<std::int64_t>(violating.size()) < opt.keep_violating)
+          violating.push_back(summary(*key, s, streams[static_cast<std::size_t>(s.stream)].max_t, false));
+      }
+      unseen.clear();
+    }
     std::vector<std::pair<const Key*, Session*>> left;
     left.reserve(live.size());
     for (auto& kv : live) left.push_back({&kv.first, &kv.second});

@@ -55,9 +55,9 @@ enum class Kind : std::uint8_t {
   result_state_mismatch, misclassified_event, deferred_delivery, deferred_order, slot_reuse, rank_disagreement,
   seq_gap, collective_desync, no_events,
   rejected_event, callback_error, unhealthy, stream_start, adopted_session, orphan_event, table_mismatch, live,
-  window_evicted, delivery_unchecked, log_filtered,
+  window_evicted, delivery_unchecked, log_filtered, unjudged,
 };
-inline constexpr int kNumKinds = 27;
+inline constexpr int kNumKinds = 28;
 // The events' schema version (every line's "schema"); lifecycle.audit.SCHEMA_ID and lifecycle.engine.SCHEMA
 // are checked against it (_core.EVENTS_SCHEMA) by tests/test_audit.py.
 inline constexpr const char* kEventsSchema = "kv-lifecycle.events/1";

@@ -547,6 +547,7 @@ struct Hooks {
   std::function<void(std::uint64_t)> after_release = [](std::uint64_t) {};
   std::function<void()> on_fetch = [] {};  // the progress thread, each fetch of notifications
   std::function<void()> on_deregister = [] {};  // inside deregister_region, before the backend's
+  std::function<void(const NotifMessage&)> before_send = [](const NotifMessage&) {};  // each note, before it goes
 };
 
 class HookAgent final : public Agent {
@@ -590,6 +591,7 @@ class HookAgent final : public Agent {
   }
   std::size_t live_requests() const override { return inner_->live_requests(); }
   void send_notification(const std::string& peer, const NotifMessage& m) override {
+    h_.before_send(m);
     inner_->send_notification(peer, m);
   }
   std::vector<RawNotification> fetch_notifications(std::size_t& skipped) override {
@@ -663,6 +665,79 @@ struct Duo {
     return a.size() > 2 && a.compare(a.size() - 2, 2, "-a") == 0 ? a.substr(0, a.size() - 2) + "-b" : a + "-peer";
   }
 };
+
+// A resend never reaches a peer added again after remove_peer(): its answer would come from an agent that never
+// saw the transfer (a restarted peer answers a stop for a pair it does not know "quiesced" at once), not from the
+// one whose WRITE may still land, and would be taken for that WRITE's evidence.  b's session is Poisoned without
+// evidence while a's WRITE is held; b's first resend, past the sweep's checks, is parked in its send.  Meanwhile b
+// removes a, a restarts under its name (a new agent and engine) and b adds it (on a thread: with the fix it waits
+// for the parked send, which then finds the old a gone).  Before, the parked resend went to the new a, whose
+// answer gave b's session evidence and recovered its quarantined slot (seen failing).
+void test_a_resend_never_reaches_a_peer_added_again_after_remove_peer() {
+  Config cb;
+  cb.shards = 1;
+  cb.num_slots = 4;
+  cb.slot_size = 4096;
+  cb.transfer_timeout_ns = cb.cancel_grace_ns = 20'000'000;
+  auto b_clock = std::make_shared<ManualClock>();
+  auto ea = std::make_shared<Engine>(Config{});
+  auto eb = std::make_shared<Engine>(cb, b_clock);
+  std::vector<char> src(4096, 'z'), dst(4096, 0);
+  const Region l{reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram};
+  const Region r{reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram};
+  ReleaseGate gate;  // (its hook, on b's sends of a stop once armed)
+  const auto park = gate.hook();
+  Hooks hb;
+  hb.before_send = [&park](const NotifMessage& m) {
+    if (m.kind == NotifKind::Stop) park(m.req);
+  };
+  TransportOptions ob;
+  ob.stop_resend_delay = std::chrono::milliseconds(1);
+  auto hold = new_hold(true);
+  auto ta = std::make_unique<Transport>(ea, std::make_unique<LoopbackAgent>(named("restart-a", 0, hold)));
+  Transport tb(eb, std::make_unique<HookAgent>(named("restart-b"), hb), ob);
+  ta->register_region(l);
+  tb.register_region(r);
+  CHECK(ta->add_peer(tb.metadata()) == "restart-b");
+  CHECK(tb.add_peer(ta->metadata()) == "restart-a");
+  CHECK(eb->advertise(1, Role::receiver, 4096).status == Status::Moved);
+  CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
+  const std::uint64_t tag = tb.expect(1, "restart-a", r);
+  CHECK(ta->transfer(1, XferOp::Write, l, r, "restart-b", tag) == PostResult::Posted);
+  CHECK(eb->terminate(1) == TerminateResult::Deferred);  // quarantined at the very move to Poisoned
+  const auto b_until = [&](auto p) {
+    return eventually([&] {
+      b_clock->advance(1'000'000);
+      return p();
+    });
+  };
+  CHECK(b_until([&] { return tb.stats().stops_sent == 1; }));  // the cancel's stop: a's WRITE is live, owed
+  gate.armed.store(true);                                       // the next stop b sends is a resend
+  CHECK(b_until([&] { return state_of(*eb, 1) == State::Terminated && tb.stats().passive == 0; }));
+  CHECK(eb->pool()->stats().quarantined == 1);
+  gate.wait_parked();  // the first resend, checked and about to go
+  tb.remove_peer("restart-a");
+  CHECK(tb.stats().resends_pending == 0);
+  ta.reset();  // a restarts: its old agent (and WRITE) gone, a new one of the same name knows nothing of it
+  auto ea2 = std::make_shared<Engine>(Config{});
+  Transport ta2(ea2, std::make_unique<LoopbackAgent>(named("restart-a")));
+  CHECK(ta2.add_peer(tb.metadata()) == "restart-b");
+  std::atomic<bool> added{false};
+  std::thread adder([&] {
+    CHECK(tb.add_peer(ta2.metadata()) == "restart-a");
+    added.store(true);
+  });
+  (void)eventually([&] { return added.load(); }, std::chrono::milliseconds(1000));  // (not before the fix)
+  const std::uint64_t errors = tb.stats().send_errors;
+  gate.open();
+  adder.join();
+  CHECK(tb.stats().send_errors == errors + 1);  // the parked resend went out, to the old a (gone)
+  std::this_thread::sleep_for(std::chrono::milliseconds(60));  // (sweeps: nothing more for the old a)
+  CHECK(ta2.stats().peer_stops == 0 && ta2.stats().quiesced_sent == 0);
+  CHECK(tb.stats().quiesced_received == 0 && tb.stats().late_evidence == 0);
+  CHECK(eb->pool()->stats().quarantined == 1 && eb->pool()->stats().recovered == 0);
+  CHECK(tb.stats().resends_pending == 0);
+}
 
 // expect() was refused while any region was being deregistered (NIXL's deregisterMem may take a while), so an
 // executor freeing a finished request's buffer on one thread failed another request's offer of other memory
@@ -3147,6 +3222,7 @@ int main() {
   test_a_stop_for_a_later_offer_is_remembered_while_an_earlier_transfer_runs();
   test_a_late_note_releases_its_offer();
   test_stop_resends_are_bounded_and_end_with_the_peer();
+  test_a_resend_never_reaches_a_peer_added_again_after_remove_peer();
   test_only_a_use_of_its_memory_blocks_a_deregistration();
   test_a_note_for_an_ended_session_never_reaches_a_new_session_of_the_id();
   test_a_refused_post_never_answers_a_stop_for_a_session_poisoned_without_evidence();

@@ -375,6 +375,7 @@ bool valid_name(const std::string& s) noexcept {
 }  // namespace
 
 std::string Transport::add_peer(const std::string& md) {
+  std::lock_guard<std::mutex> one(resend_mu_);  // not while a resend is between its look and its send
   std::string peer;
   try {
     peer = agent_->load_remote_metadata(unwrap_metadata(md));
@@ -1844,6 +1845,7 @@ void Transport::resend_stops() {
     }
   }
   for (const auto& [key, r] : due) {
+    std::lock_guard<std::mutex> one(resend_mu_);  // its look and send: never to the peer loaded again
     const std::uint64_t serial = key.second;
     const auto info = engine_->info(r.req);
     bool ask = info && info->serial == serial && info->poisoned && !info->evidence && agent_->knows_peer(r.peer);

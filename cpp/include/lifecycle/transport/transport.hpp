@@ -393,6 +393,10 @@ class Transport final : public EventSink {
   };
   using ResendKey = std::pair<std::chrono::steady_clock::time_point, std::uint64_t>;
   std::map<ResendKey, Resend> resends_;
+  // One resend's look and send against add_peer() (taken before mu_): a resend that passed its look before
+  // remove_peer() must not go out once the peer is loaded again (a restarted one would answer for a transfer it
+  // never saw: no evidence for the old one's).
+  std::mutex resend_mu_;
   std::uint64_t tag_salt_ = 0, tag_count_ = 0;      // expect()'s tags: a bijection of the count (mu_)
   // Stops for the progress thread to send: an abort hook runs on the thread that cancelled (an
   // executor's poll or cancel, holding the GIL), which must never wait on the backend (DESIGN §7).

@@ -739,6 +739,131 @@ void test_a_resend_never_reaches_a_peer_added_again_after_remove_peer() {
   CHECK(tb.stats().resends_pending == 0);
 }
 
+// Resends are answered only on the peer's own evidence, however many come.  b's session is Poisoned without
+// evidence while a's WRITE into its slot is held (b's stop unanswered: owed once Done), and b sends its stop again
+// and again.  `abandon`: a removed b and added it again meanwhile (its WRITE abandoned: no evidence, ever): no
+// resend is answered, not even once the WRITE is let go, and b's slot stays quarantined.  The control (a keeps
+// b): nothing is answered while the WRITE is held; once it is Done, a answers all the stops once, b's slot comes
+// back once (on its "done": each "quiesced" after it is an orphan) and the resends stop.
+void resent_stops_are_answered_only_on_evidence(bool abandon) {
+  const std::string n = abandon ? "resend-abandon" : "resend-live";
+  Config cb;
+  cb.shards = 1;
+  cb.num_slots = 4;
+  cb.slot_size = 4096;
+  cb.transfer_timeout_ns = cb.cancel_grace_ns = 20'000'000;
+  auto b_clock = std::make_shared<ManualClock>();
+  auto ea = std::make_shared<Engine>(Config{});
+  auto eb = std::make_shared<Engine>(cb, b_clock);
+  std::vector<char> src(4096, 'v'), dst(4096, 0);
+  const Region l{reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram};
+  const Region r{reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram};
+  TransportOptions ob;
+  ob.stop_resend_delay = std::chrono::milliseconds(1);
+  ob.stop_resends = 64;
+  auto hold = new_hold(true);
+  Transport ta(ea, std::make_unique<LoopbackAgent>(named(n + "-a", 0, hold)));
+  Transport tb(eb, std::make_unique<LoopbackAgent>(named(n + "-b")), ob);
+  ta.register_region(l);
+  tb.register_region(r);
+  CHECK(ta.add_peer(tb.metadata()) == n + "-b");
+  CHECK(tb.add_peer(ta.metadata()) == n + "-a");
+  CHECK(eb->advertise(1, Role::receiver, 4096).status == Status::Moved);
+  CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
+  const std::uint64_t tag = tb.expect(1, n + "-a", r);
+  CHECK(ta.transfer(1, XferOp::Write, l, r, n + "-b", tag) == PostResult::Posted);
+  if (abandon) {
+    ta.remove_peer(n + "-b");
+    CHECK(ta.add_peer(tb.metadata()) == n + "-b");
+    CHECK(state_of(*ea, 1) == State::Poisoned && ta.stats().abandoned == 1);
+  }
+  CHECK(eb->terminate(1) == TerminateResult::Deferred);  // quarantined at the very move to Poisoned
+  CHECK(eventually([&] {
+    b_clock->advance(1'000'000);
+    return state_of(*eb, 1) == State::Terminated && tb.stats().passive == 0;
+  }));
+  CHECK(eb->pool()->stats().quarantined == 1);
+  CHECK(eventually([&] { return tb.stats().stops_resent >= 3 && ta.stats().peer_stops >= 4; }));
+  CHECK(ta.stats().quiesced_sent == 0 && tb.stats().quiesced_received == 0);  // none while held
+  CHECK(eb->pool()->stats().recovered == 0 && !eb->info(1)->evidence);
+  hold->store(false);
+  if (abandon) {
+    CHECK(eventually([&] { return ta.stats().stops_unanswered >= 4 && ta.stats().peer_stops >= 6; }));
+    CHECK(ta.stats().quiesced_sent == 0 && tb.stats().quiesced_received == 0 && tb.stats().done_received == 0);
+    CHECK(eb->pool()->stats().quarantined == 1 && eb->pool()->stats().recovered == 0 && !eb->info(1)->evidence);
+  } else {
+    CHECK(eventually([&] { return eb->pool()->stats().recovered == 1 && tb.stats().resends_pending == 0; }));
+    const std::uint64_t resent = tb.stats().stops_resent;
+    std::this_thread::sleep_for(std::chrono::milliseconds(60));  // (sweeps: no more resends, no second recovery)
+    CHECK(tb.stats().stops_resent == resent);
+    // one answer for the stops that came while live; a resend already on its way when the "done" came is
+    // answered again (the offer our transfer took): each of those answers meets nothing at b
+    const TransportStats sb = tb.stats();
+    CHECK(sb.quiesced_received >= 1 && sb.quiesced_received == ta.stats().quiesced_sent);
+    CHECK(sb.orphan_notifications == sb.quiesced_received && sb.done_received == 1);
+    CHECK(eb->pool()->stats().quarantined == 0 && eb->pool()->stats().recovered == 1);
+    CHECK(tb.stats().late_evidence == 1 && eb->info(1)->evidence);
+  }
+  CHECK(ea->counters().illegal == 0 && eb->counters().illegal == 0);
+}
+
+void test_resent_stops_are_answered_only_on_evidence() {
+  resent_stops_are_answered_only_on_evidence(true);
+  resent_stops_are_answered_only_on_evidence(false);  // the control
+}
+
+// A resend reaches only the session it was scheduled for: once the id is advertised again (another serial) none
+// goes out, and the old WRITE's late notes (its "done", the answer to the old stop) meet the new session's entry
+// with another tag: stale, the new session untouched, the old slot left quarantined (its session forgotten).
+void test_resends_end_when_the_id_is_advertised_again() {
+  Config cb;
+  cb.shards = 1;
+  cb.num_slots = 4;
+  cb.slot_size = 4096;
+  cb.tombstones = 0;  // forgotten once terminated: the id may be advertised again at once
+  cb.transfer_timeout_ns = cb.cancel_grace_ns = 20'000'000;
+  auto b_clock = std::make_shared<ManualClock>();
+  auto ea = std::make_shared<Engine>(Config{});
+  auto eb = std::make_shared<Engine>(cb, b_clock);
+  std::vector<char> src(4096, 'w'), dst(4096, 0), dst2(4096, 0);
+  const Region l{reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram};
+  const Region r{reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram};
+  const Region r2{reinterpret_cast<std::uintptr_t>(dst2.data()), dst2.size(), 0, MemKind::Dram};
+  TransportOptions ob;
+  ob.stop_resend_delay = std::chrono::milliseconds(1);
+  ob.stop_resends = 64;
+  auto hold = new_hold(true);
+  Transport ta(ea, std::make_unique<LoopbackAgent>(named("resend-again-a", 0, hold)));
+  Transport tb(eb, std::make_unique<LoopbackAgent>(named("resend-again-b")), ob);
+  ta.register_region(l);
+  tb.register_region(r);
+  tb.register_region(r2);
+  CHECK(ta.add_peer(tb.metadata()) == "resend-again-b");
+  CHECK(tb.add_peer(ta.metadata()) == "resend-again-a");
+  CHECK(eb->advertise(1, Role::receiver, 4096).status == Status::Moved);
+  CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
+  const std::uint64_t tag = tb.expect(1, "resend-again-a", r);
+  CHECK(ta.transfer(1, XferOp::Write, l, r, "resend-again-b", tag) == PostResult::Posted);
+  CHECK(eventually([&] {
+    b_clock->advance(1'000'000);
+    return state_of(*eb, 1) == State::Poisoned && tb.stats().passive == 0;
+  }));
+  CHECK(eventually([&] { return tb.stats().stops_resent >= 2; }));
+  CHECK(eb->terminate(1) == TerminateResult::Terminated);  // quarantined, and forgotten
+  CHECK(eb->advertise(1, Role::receiver, 4096).status == Status::Moved);  // the id again: a new session
+  const std::uint64_t tag2 = tb.expect(1, "resend-again-a", r2);
+  CHECK(tag2 != tag);
+  CHECK(eventually([&] { return tb.stats().resends_pending == 0; }));
+  const std::uint64_t resent = tb.stats().stops_resent, stale = tb.stats().stale_notifications;
+  hold->store(false);  // the old WRITE ends: its "done", and a's answer to the old stop
+  CHECK(eventually([&] { return ta.stats().quiesced_sent >= 1 && tb.stats().stale_notifications >= stale + 2; }));
+  std::this_thread::sleep_for(std::chrono::milliseconds(60));  // (sweeps)
+  CHECK(tb.stats().stops_resent == resent && tb.stats().late_evidence == 0);
+  CHECK(state_of(*eb, 1) == State::InFlight && !eb->info(1)->evidence && tb.stats().passive == 1);
+  CHECK(eb->pool()->stats().quarantined == 1 && eb->pool()->stats().recovered == 0);
+  CHECK(eb->counters().illegal == 0 && tb.stats().held_offers == 0);  // (the old offer released: a's WRITE ended)
+}
+
 // expect() was refused while any region was being deregistered (NIXL's deregisterMem may take a while), so an
 // executor freeing a finished request's buffer on one thread failed another request's offer of other memory
 // on another.  Only a deregistration of memory the offer overlaps refuses it now, as it refuses transfer().  The
@@ -3223,6 +3348,8 @@ int main() {
   test_a_late_note_releases_its_offer();
   test_stop_resends_are_bounded_and_end_with_the_peer();
   test_a_resend_never_reaches_a_peer_added_again_after_remove_peer();
+  test_resent_stops_are_answered_only_on_evidence();
+  test_resends_end_when_the_id_is_advertised_again();
   test_only_a_use_of_its_memory_blocks_a_deregistration();
   test_a_note_for_an_ended_session_never_reaches_a_new_session_of_the_id();
   test_a_refused_post_never_answers_a_stop_for_a_session_poisoned_without_evidence();

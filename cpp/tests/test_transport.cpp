@@ -864,6 +864,57 @@ void test_resends_end_when_the_id_is_advertised_again() {
   CHECK(eb->counters().illegal == 0 && tb.stats().held_offers == 0);  // (the old offer released: a's WRITE ended)
 }
 
+// A peer whose WRITE into the slot failed never answers a resend, even once its engine forgot that session and
+// the id lives again there: b's resends of the stop meet a's failed request (unproven), not a's new session of
+// the id (Advertised, nothing of the old offer), and b's slot stays quarantined.
+void test_a_resend_is_not_answered_after_the_peers_failed_session_is_forgotten() {
+  Config ca;
+  ca.shards = 1;
+  ca.tombstones = 0;  // forgotten once terminated: no Poisoned tombstone to refuse the answer
+  Config cb;
+  cb.shards = 1;
+  cb.num_slots = 4;
+  cb.slot_size = 4096;
+  cb.transfer_timeout_ns = cb.cancel_grace_ns = 20'000'000;
+  auto b_clock = std::make_shared<ManualClock>();
+  auto ea = std::make_shared<Engine>(ca);
+  auto eb = std::make_shared<Engine>(cb, b_clock);
+  std::vector<char> src(4096, 'e'), dst(4096, 0);
+  const Region l{reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram};
+  const Region r{reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram};
+  FaultOptions f;
+  f.seed = 1;
+  f.error = 1.0;
+  TransportOptions ob;
+  ob.stop_resend_delay = std::chrono::milliseconds(1);
+  ob.stop_resends = 64;
+  auto hold = new_hold(true);  // (the inner copy's "done" never comes: a releases the failed request first)
+  Transport ta(ea,
+               std::make_unique<FaultyAgent>(std::make_unique<LoopbackAgent>(named("resend-failed-a", 0, hold)), f));
+  Transport tb(eb, std::make_unique<LoopbackAgent>(named("resend-failed-b")), ob);
+  ta.register_region(l);
+  tb.register_region(r);
+  CHECK(ta.add_peer(tb.metadata()) == "resend-failed-b");
+  CHECK(tb.add_peer(ta.metadata()) == "resend-failed-a");
+  CHECK(eb->advertise(1, Role::receiver, 4096).status == Status::Moved);
+  CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
+  const std::uint64_t tag = tb.expect(1, "resend-failed-a", r);
+  CHECK(ta.transfer(1, XferOp::Write, l, r, "resend-failed-b", tag) == PostResult::Posted);
+  CHECK(eventually([&] { return state_of(*ea, 1) == State::Poisoned; }));
+  CHECK(ea->terminate(1) == TerminateResult::Terminated && !ea->info(1));  // forgotten
+  CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);      // the id again at a
+  CHECK(eb->terminate(1) == TerminateResult::Deferred);
+  CHECK(eventually([&] {
+    b_clock->advance(1'000'000);
+    return state_of(*eb, 1) == State::Terminated && tb.stats().passive == 0;
+  }));
+  CHECK(eventually([&] { return tb.stats().stops_resent >= 3 && ta.stats().stops_unanswered >= 4; }));
+  CHECK(ta.stats().quiesced_sent == 0 && tb.stats().quiesced_received == 0);
+  CHECK(eb->pool()->stats().quarantined == 1 && eb->pool()->stats().recovered == 0 && !eb->info(1)->evidence);
+  CHECK(state_of(*ea, 1) == State::Advertised);  // a's new session: untouched by the old offer's stops
+  CHECK(ea->counters().illegal == 0 && eb->counters().illegal == 0);
+}
+
 // expect() was refused while any region was being deregistered (NIXL's deregisterMem may take a while), so an
 // executor freeing a finished request's buffer on one thread failed another request's offer of other memory
 // on another.  Only a deregistration of memory the offer overlaps refuses it now, as it refuses transfer().  The
@@ -3350,6 +3401,7 @@ int main() {
   test_a_resend_never_reaches_a_peer_added_again_after_remove_peer();
   test_resent_stops_are_answered_only_on_evidence();
   test_resends_end_when_the_id_is_advertised_again();
+  test_a_resend_is_not_answered_after_the_peers_failed_session_is_forgotten();
   test_only_a_use_of_its_memory_blocks_a_deregistration();
   test_a_note_for_an_ended_session_never_reaches_a_new_session_of_the_id();
   test_a_refused_post_never_answers_a_stop_for_a_session_poisoned_without_evidence();

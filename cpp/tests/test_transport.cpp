@@ -739,6 +739,69 @@ void test_a_resend_never_reaches_a_peer_added_again_after_remove_peer() {
   CHECK(tb.stats().resends_pending == 0);
 }
 
+// The same for the cancel's own stop: one queued for the progress thread before remove_peer() never goes out to
+// the peer loaded again.  b cancels while its progress thread is parked (in its fetch of notes), so the stop
+// waits in the outbox; b removes a (the session Poisoned, its slot quarantined), a restarts under its name and b
+// adds it.  Before, the next pass sent the queued stop to the new a, whose "quiesced" met the Ended record that
+// remove_peer() left, as evidence of the old WRITE (the slot recovered; seen failing).  The control
+// (`restart` false): a removal of another name meanwhile leaves the stop as it was: it goes to a (owed).
+void queued_stop_after_a_removal(bool restart) {
+  const std::string n = restart ? "queued" : "queued-ctl";
+  Config cb;
+  cb.shards = 1;
+  cb.num_slots = 4;
+  cb.slot_size = 4096;
+  auto ea = std::make_shared<Engine>(Config{});
+  auto eb = std::make_shared<Engine>(cb);
+  std::vector<char> src(4096, 'q'), dst(4096, 0);
+  const Region l{reinterpret_cast<std::uintptr_t>(src.data()), src.size(), 0, MemKind::Dram};
+  const Region r{reinterpret_cast<std::uintptr_t>(dst.data()), dst.size(), 0, MemKind::Dram};
+  ReleaseGate gate;  // (its hook, on b's progress thread's fetch of notes once armed)
+  const auto park = gate.hook();
+  Hooks hb;
+  hb.on_fetch = [&park] { park(1); };
+  auto hold = new_hold(true);
+  auto ta = std::make_unique<Transport>(ea, std::make_unique<LoopbackAgent>(named(n + "-a", 0, hold)));
+  Transport tb(eb, std::make_unique<HookAgent>(named(n + "-b"), hb));
+  ta->register_region(l);
+  tb.register_region(r);
+  CHECK(ta->add_peer(tb.metadata()) == n + "-b");
+  CHECK(tb.add_peer(ta->metadata()) == n + "-a");
+  CHECK(eb->advertise(1, Role::receiver, 4096).status == Status::Moved);
+  CHECK(ea->advertise(1, Role::sender, 0).status == Status::Moved);
+  const std::uint64_t tag = tb.expect(1, n + "-a", r);
+  CHECK(ta->transfer(1, XferOp::Write, l, r, n + "-b", tag) == PostResult::Posted);
+  CHECK(eb->terminate(1) == TerminateResult::Deferred);
+  gate.armed.store(true);
+  gate.wait_parked();
+  CHECK(eb->cancel(1) == CancelResult::CancelRequestedInFlight);  // the stop waits in the outbox
+  if (!restart) {
+    tb.remove_peer(n + "-other");  // (no such peer: nothing taken)
+    gate.open();
+    CHECK(eventually([&] { return ta->stats().peer_stops == 1 && tb.stats().stops_sent == 1; }));
+    CHECK(state_of(*eb, 1) == State::CancelRequested && ta->stats().quiesced_sent == 0);  // owed: still held
+    return;
+  }
+  tb.remove_peer(n + "-a");
+  CHECK(state_of(*eb, 1) == State::Terminated && eb->pool()->stats().quarantined == 1);
+  ta.reset();  // a restarts
+  auto ea2 = std::make_shared<Engine>(Config{});
+  Transport ta2(ea2, std::make_unique<LoopbackAgent>(named(n + "-a")));
+  CHECK(ta2.add_peer(tb.metadata()) == n + "-b");
+  CHECK(tb.add_peer(ta2.metadata()) == n + "-a");
+  gate.open();
+  std::this_thread::sleep_for(std::chrono::milliseconds(60));  // (passes and sweeps)
+  CHECK(tb.stats().stops_sent == 0);  // dropped, not sent
+  CHECK(ta2.stats().peer_stops == 0 && ta2.stats().quiesced_sent == 0);
+  CHECK(tb.stats().quiesced_received == 0 && tb.stats().late_evidence == 0);
+  CHECK(eb->pool()->stats().quarantined == 1 && eb->pool()->stats().recovered == 0);
+}
+
+void test_a_queued_stop_never_reaches_a_peer_added_again_after_remove_peer() {
+  queued_stop_after_a_removal(true);
+  queued_stop_after_a_removal(false);  // the control
+}
+
 // Resends are answered only on the peer's own evidence, however many come.  b's session is Poisoned without
 // evidence while a's WRITE into its slot is held (b's stop unanswered: owed once Done), and b sends its stop again
 // and again.  `abandon`: a removed b and added it again meanwhile (its WRITE abandoned: no evidence, ever): no
@@ -3399,6 +3462,7 @@ int main() {
   test_a_late_note_releases_its_offer();
   test_stop_resends_are_bounded_and_end_with_the_peer();
   test_a_resend_never_reaches_a_peer_added_again_after_remove_peer();
+  test_a_queued_stop_never_reaches_a_peer_added_again_after_remove_peer();
   test_resent_stops_are_answered_only_on_evidence();
   test_resends_end_when_the_id_is_advertised_again();
   test_a_resend_is_not_answered_after_the_peers_failed_session_is_forgotten();

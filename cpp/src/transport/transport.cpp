@@ -375,7 +375,7 @@ bool valid_name(const std::string& s) noexcept {
 }  // namespace
 
 std::string Transport::add_peer(const std::string& md) {
-  std::lock_guard<std::mutex> one(resend_mu_);  // not while a resend is between its look and its send
+  std::lock_guard<std::mutex> one(resend_mu_);  // not while a stop is between its look and its send
   std::string peer;
   try {
     peer = agent_->load_remote_metadata(unwrap_metadata(md));
@@ -1508,10 +1508,11 @@ void Transport::finish_actives(const std::uint64_t* reqs, std::size_t n, bool do
 
 void Transport::on_abort(std::uint64_t req, std::uint64_t serial) {
   std::string peer;
-  std::uint64_t tag = 0;
+  std::uint64_t tag = 0, removals = 0;
   bool passive = false, release_now = false;
   {
     std::lock_guard<std::mutex> lk(mu_);
+    removals = removals_;
     auto it = entries_.find(req);
     if (it == entries_.end()) return;  // not ours, or already finished
     Entry& e = it->second;
@@ -1537,7 +1538,7 @@ void Transport::on_abort(std::uint64_t req, std::uint64_t serial) {
   if (passive) {
     {
       std::lock_guard<std::mutex> lk(outbox_mu_);
-      outbox_.emplace_back(std::move(peer), NotifMessage{req, NotifKind::Stop, tag});
+      outbox_.push_back(Outgoing{std::move(peer), NotifMessage{req, NotifKind::Stop, tag}, removals});
     }
     progress_->wake();
     return;
@@ -1552,13 +1553,31 @@ void Transport::on_abort(std::uint64_t req, std::uint64_t serial) {
 }
 
 bool Transport::on_pass() {
-  std::vector<std::pair<std::string, NotifMessage>> out;
+  // The stops' looks and sends under resend_mu_, as the resends' (add_peer() waits); while an add_peer() holds
+  // it, a later pass sends them: this thread never waits on a metadata load.
+  std::unique_lock<std::mutex> one(resend_mu_, std::try_to_lock);
+  if (!one.owns_lock()) return false;
+  std::vector<Outgoing> out;
   {
     std::lock_guard<std::mutex> lk(outbox_mu_);
     if (outbox_.empty()) return false;
     out.swap(outbox_);
   }
-  for (const auto& [peer, m] : out) send(peer, m);
+  for (const Outgoing& o : out) {
+    {
+      // A remove_peer() since it was queued: unsent if that took its entry (the peer may be loaded again by
+      // now, and a restarted one answers a stop it never saw, which the Ended record would take as evidence).
+      std::lock_guard<std::mutex> lk(mu_);
+      if (o.removals != removals_) {
+        auto it = entries_.find(o.m.req);
+        if (it == entries_.end() || it->second.side != Side::Passive || it->second.peer != o.peer ||
+            it->second.tag != o.m.tag) {
+          continue;
+        }
+      }
+    }
+    send(o.peer, o.m);
+  }
   return true;
 }
 
@@ -1834,6 +1853,10 @@ void Transport::schedule_resend(std::uint64_t req, const Entry& e) noexcept {
 // without evidence, its Ended record stands (the engine forgets it with the session), the peer is loaded.
 void Transport::resend_stops() {
   if (opts_.stop_resends == 0) return;
+  // Each look and its send under resend_mu_: add_peer() waits for them, so none goes to the peer loaded again.
+  // While an add_peer() holds it, the next sweep sends them (this thread never waits on a metadata load).
+  std::unique_lock<std::mutex> one(resend_mu_, std::try_to_lock);
+  if (!one.owns_lock()) return;
   constexpr std::size_t kResendBudget = 256;  // per sweep; the rest wait for the next
   const auto now = std::chrono::steady_clock::now();
   std::vector<std::pair<ResendKey, Resend>> due;
@@ -1845,7 +1868,6 @@ void Transport::resend_stops() {
     }
   }
   for (const auto& [key, r] : due) {
-    std::lock_guard<std::mutex> one(resend_mu_);  // its look and send: never to the peer loaded again
     const std::uint64_t serial = key.second;
     const auto info = engine_->info(r.req);
     bool ask = info && info->serial == serial && info->poisoned && !info->evidence && agent_->knows_peer(r.peer);

@@ -393,15 +393,21 @@ class Transport final : public EventSink {
   };
   using ResendKey = std::pair<std::chrono::steady_clock::time_point, std::uint64_t>;
   std::map<ResendKey, Resend> resends_;
-  // One resend's look and send against add_peer() (taken before mu_): a resend that passed its look before
-  // remove_peer() must not go out once the peer is loaded again (a restarted one would answer for a transfer it
-  // never saw: no evidence for the old one's).
+  // The stops' looks and sends (resend_stops, on_pass: try_lock, never waiting) against add_peer() (taken before
+  // mu_): a stop that passed its look before remove_peer() must not go out once the peer is loaded again (a
+  // restarted one would answer for a transfer it never saw: no evidence for the old one's).
   std::mutex resend_mu_;
   std::uint64_t tag_salt_ = 0, tag_count_ = 0;      // expect()'s tags: a bijection of the count (mu_)
   // Stops for the progress thread to send: an abort hook runs on the thread that cancelled (an
   // executor's poll or cancel, holding the GIL), which must never wait on the backend (DESIGN §7).
+  // Each with removals_ as of its queueing: on_pass() drops one whose entry a remove_peer() took since.
+  struct Outgoing {
+    std::string peer;
+    NotifMessage m;
+    std::uint64_t removals = 0;
+  };
   std::mutex outbox_mu_;
-  std::vector<std::pair<std::string, NotifMessage>> outbox_;  // guarded by outbox_mu_
+  std::vector<Outgoing> outbox_;  // guarded by outbox_mu_
   mutable std::mutex failures_mu_;
   std::deque<Failure> failures_;  // guarded by failures_mu_ (recent_failures)
   std::map<std::uint64_t, bool> unreleased_;  // release failed (value: proven quiescent); retried on tick

@@ -1554,7 +1554,12 @@ void Transport::on_abort(std::uint64_t req, std::uint64_t serial) {
 
 bool Transport::on_pass() {
   // The stops' looks and sends under resend_mu_, as the resends' (add_peer() waits); while an add_peer() holds
-  // it, a later pass sends them: this thread never waits on a metadata load.
+  // it, a later pass sends them: this thread never waits on a metadata load.  (Nothing queued, the common pass:
+  // one lock, as before.)
+  {
+    std::lock_guard<std::mutex> lk(outbox_mu_);
+    if (outbox_.empty()) return false;
+  }
   std::unique_lock<std::mutex> one(resend_mu_, std::try_to_lock);
   if (!one.owns_lock()) return false;
   std::vector<Outgoing> out;

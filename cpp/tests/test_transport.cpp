@@ -666,6 +666,17 @@ struct Duo {
   }
 };
 
+// The passive side's engine of the stop tests: one shard, four 4 KiB slots, and (`timers`) 20 ms timers, so that a
+// stop left unanswered ends Poisoned once its ManualClock is moved on.
+Config stop_test_config(bool timers = true) {
+  Config c;
+  c.shards = 1;
+  c.num_slots = 4;
+  c.slot_size = 4096;
+  if (timers) c.transfer_timeout_ns = c.cancel_grace_ns = 20'000'000;
+  return c;
+}
+
 // A resend never reaches a peer added again after remove_peer(): its answer would come from an agent that never
 // saw the transfer (a restarted peer answers a stop for a pair it does not know "quiesced" at once), not from the
 // one whose WRITE may still land, and would be taken for that WRITE's evidence.  b's session is Poisoned without
@@ -674,11 +685,7 @@ struct Duo {
 // for the parked send, which then finds the old a gone).  Before, the parked resend went to the new a, whose
 // answer gave b's session evidence and recovered its quarantined slot (seen failing).
 void test_a_resend_never_reaches_a_peer_added_again_after_remove_peer() {
-  Config cb;
-  cb.shards = 1;
-  cb.num_slots = 4;
-  cb.slot_size = 4096;
-  cb.transfer_timeout_ns = cb.cancel_grace_ns = 20'000'000;
+  Config cb = stop_test_config();
   auto b_clock = std::make_shared<ManualClock>();
   auto ea = std::make_shared<Engine>(Config{});
   auto eb = std::make_shared<Engine>(cb, b_clock);
@@ -747,10 +754,7 @@ void test_a_resend_never_reaches_a_peer_added_again_after_remove_peer() {
 // (`restart` false): a removal of another name meanwhile leaves the stop as it was: it goes to a (owed).
 void queued_stop_after_a_removal(bool restart) {
   const std::string n = restart ? "queued" : "queued-ctl";
-  Config cb;
-  cb.shards = 1;
-  cb.num_slots = 4;
-  cb.slot_size = 4096;
+  Config cb = stop_test_config(/*timers=*/false);
   auto ea = std::make_shared<Engine>(Config{});
   auto eb = std::make_shared<Engine>(cb);
   std::vector<char> src(4096, 'q'), dst(4096, 0);
@@ -810,11 +814,7 @@ void test_a_queued_stop_never_reaches_a_peer_added_again_after_remove_peer() {
 // back once (on its "done": each "quiesced" after it is an orphan) and the resends stop.
 void resent_stops_are_answered_only_on_evidence(bool abandon) {
   const std::string n = abandon ? "resend-abandon" : "resend-live";
-  Config cb;
-  cb.shards = 1;
-  cb.num_slots = 4;
-  cb.slot_size = 4096;
-  cb.transfer_timeout_ns = cb.cancel_grace_ns = 20'000'000;
+  Config cb = stop_test_config();
   auto b_clock = std::make_shared<ManualClock>();
   auto ea = std::make_shared<Engine>(Config{});
   auto eb = std::make_shared<Engine>(cb, b_clock);
@@ -879,12 +879,8 @@ void test_resent_stops_are_answered_only_on_evidence() {
 // goes out, and the old WRITE's late notes (its "done", the answer to the old stop) meet the new session's entry
 // with another tag: stale, the new session untouched, the old slot left quarantined (its session forgotten).
 void test_resends_end_when_the_id_is_advertised_again() {
-  Config cb;
-  cb.shards = 1;
-  cb.num_slots = 4;
-  cb.slot_size = 4096;
+  Config cb = stop_test_config();
   cb.tombstones = 0;  // forgotten once terminated: the id may be advertised again at once
-  cb.transfer_timeout_ns = cb.cancel_grace_ns = 20'000'000;
   auto b_clock = std::make_shared<ManualClock>();
   auto ea = std::make_shared<Engine>(Config{});
   auto eb = std::make_shared<Engine>(cb, b_clock);
@@ -934,11 +930,7 @@ void test_a_resend_is_not_answered_after_the_peers_failed_session_is_forgotten()
   Config ca;
   ca.shards = 1;
   ca.tombstones = 0;  // forgotten once terminated: no Poisoned tombstone to refuse the answer
-  Config cb;
-  cb.shards = 1;
-  cb.num_slots = 4;
-  cb.slot_size = 4096;
-  cb.transfer_timeout_ns = cb.cancel_grace_ns = 20'000'000;
+  Config cb = stop_test_config();
   auto b_clock = std::make_shared<ManualClock>();
   auto ea = std::make_shared<Engine>(ca);
   auto eb = std::make_shared<Engine>(cb, b_clock);

@@ -855,7 +855,11 @@ class RankGroup:
                 # _logger_info asks the same way)
                 logger = log.bind()
                 enabled = getattr(logger, "is_enabled_for", None)
-                if enabled is None or enabled(_ERROR):
+                try:
+                    on = enabled is None or enabled(_ERROR)
+                except AttributeError:  # structlog's generic BoundLogger proxies any name to its logger: none there
+                    on = True
+                if on:
                     logger.error("lifecycle.collective_desync", **event, **_common_fields())
             except Exception as exc:
                 note = f"the structlog event could not be logged: {exc!r:.200}"

@@ -755,10 +755,15 @@ class TransferEngine(_core.Engine):
         """The logger's ``info``, resolved (a lazy logger's bind()), or None where the logger says INFO is filtered
         out: then no line is made and no seq taken.  (A seq taken for a line never written reads as a lost line in
         the process's stream, a seq_gap, in the log of another engine whose logger writes INFO.)  An answer other
-        than the last one is logged first (_level_changed)."""
+        than the last one is logged first (_level_changed).  A logger without ``is_enabled_for`` (a generic
+        structlog BoundLogger's proxy of it, which raises AttributeError) is asked nothing: every line is made."""
         logger = self._log.bind()
         enabled = getattr(logger, "is_enabled_for", None)
-        if enabled is None or enabled(_INFO):
+        try:
+            on = enabled is None or enabled(_INFO)
+        except AttributeError:  # structlog's generic BoundLogger proxies any name to its logger, which has none
+            enabled, on = None, True
+        if on:
             if self._info_filtered is not False:  # (one attribute read while the level stays)
                 self._level_changed(logger, enabled, False)
             return logger.info

@@ -358,6 +358,34 @@ def test_a_desync_filtered_out_by_level_takes_no_seq(tmp_path):
             assert res["findings"] == findings, (level, rank, res)
 
 
+@pytest.mark.parametrize("wrapper", ["generic", "critical"])
+def test_a_desync_is_logged_through_a_generic_structlog_bound_logger(monkeypatch, wrapper):
+    """structlog's generic BoundLogger (wrapper_class=structlog.BoundLogger) proxies any attribute to the logger it
+    wraps: asking it is_enabled_for raised AttributeError (PrintLogger has none), and the break's
+    lifecycle.collective_desync line was never written, only a note on the error (seen failing).  Such a logger is
+    asked nothing now: the line is written.  Control: a filtering logger at CRITICAL is still asked (no line, no
+    note).  (No MPI needed: _break on a stand-in group.)"""
+    import io
+    import json
+    import types
+
+    import structlog
+
+    from lifecycle import collectives
+
+    out = io.StringIO()
+    wc = structlog.BoundLogger if wrapper == "generic" else structlog.make_filtering_bound_logger(50)
+    monkeypatch.setattr(collectives, "log", structlog.wrap_logger(
+        structlog.PrintLogger(out), wrapper_class=wc, processors=[structlog.processors.JSONRenderer()]))
+    err = RuntimeError("desync")
+    event = {"rank": 0, "request": None, "role": None, "seq_no": 1, "field": "op", "sites": ["a.py:1", "b.py:2"]}
+    with pytest.raises(RuntimeError) as got:
+        collectives.RankGroup._break(types.SimpleNamespace(), err, event)
+    assert got.value is err and not getattr(err, "__notes__", None), getattr(err, "__notes__", None)
+    lines = [json.loads(x) for x in out.getvalue().splitlines()]
+    assert [d["event"] for d in lines] == (["lifecycle.collective_desync"] if wrapper == "generic" else []), lines
+
+
 def test_a_logger_that_raises_never_replaces_the_desync_error():
     run = mpirun(2, "robustness.py", "--case", "logger", timeout=60)
     assert not run.timed_out, explain(run)

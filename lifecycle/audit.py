@@ -1668,7 +1668,7 @@ class Auditor:
             off = self._filtered.get(key)
             if off is None:  # (a second one, two threads logging the change: the first seq holds)
                 off = self._filtered[key] = [seq, self._file, line, rank, d["pid"], [seq, None, d["pid"], eng]]
-            self._cut(sk, eng, off[5], f"from seq {seq}")
+            self._cut(sk, eng, rank, off[5], f"from seq {seq}")
             return
         off = self._filtered.pop(key, None)
         self._find_filtered(d["pid"], eng, None if off is None else off[0], seq, line, rank)
@@ -1677,7 +1677,7 @@ class Auditor:
         else:
             stretch = off[5]
             stretch[1] = seq
-        self._cut(sk, eng, stretch, f"up to seq {seq}")
+        self._cut(sk, eng, rank, stretch, f"up to seq {seq}")
 
     def _find_filtered(self, pid: int, eng, first, last, line: int, rank: int, file=None) -> None:
         """A stretch of an engine's lines its logger did not write (``first`` None: its start not logged, the logger
@@ -1686,7 +1686,7 @@ class Auditor:
                    f"out by level {_filtered_span(first, last)}: the log is incomplete there", rank=rank, file=file,
                    engine=eng, first=first, last=last)
 
-    def _cut(self, sk, eng, stretch: list, span: str) -> None:
+    def _cut(self, sk, eng, rank: int, stretch: list, span: str) -> None:
         """An engine's INFO lines were filtered out by level (from a lifecycle.log_level line on, or up to one, or to
         the end of the log): what its sessions did meanwhile is not in the log.  Its end is read as the start of a
         log for that engine (only: a session is of one stream and engine), as its lines say nothing of the others.
@@ -1695,14 +1695,17 @@ class Auditor:
         Its tombstones go (the id may have been advertised again meanwhile: its next line is not a second
         termination), judged now as far as their lines are in the log (a deferral whose TerminateNow is not is
         ``unjudged``); its slots are forgotten (a release or buffer_recovered may be among the lines filtered out).
+        Without ``engine`` keys, the engine is the one of the line's ``rank`` (an engine has one rank): a session of
+        another rank, in another file or not, is another engine's, judged as before.
         Cost: one pass over the live sessions, tombstones and slots per lifecycle.log_level line, none per line."""
         live, unseen = self.live, self._unseen
-        for key, s in [kv for kv in live.items() if kv[1][_S_STREAM] == sk and kv[1][_S_ENGINE] == eng]:
+        for key, s in [kv for kv in live.items() if kv[1][_S_STREAM] == sk and kv[1][_S_ENGINE] == eng and
+                       (eng is not None or kv[0][0] == rank)]:
             del live[key]
             unseen[key] = [s, stretch]
-        sid = (sk, eng)  # (logs without `engine` key sessions by role: their tombstones name no stream)
+        sid = (sk, eng)  # (logs without `engine` key sessions by rank and role: their tombstones name no stream)
         cut = [kv for kv in self.tombs.items() if
-               (kv[0][2] == sid if eng is not None else type(kv[0][2]) is not tuple)]
+               (kv[0][2] == sid if eng is not None else type(kv[0][2]) is not tuple and kv[0][0] == rank)]
         who = f"pid {stretch[2]}{'' if eng is None else f', engine {eng}'}"
         for key, tomb in cut:
             del self.tombs[key]
@@ -1950,7 +1953,7 @@ class Auditor:
             self._flush_missing(st, st[_ST_PID])
         for (sk, eng), (first, f, ln, rank, pid, stretch) in self._filtered.items():
             self._find_filtered(pid, eng, first, None, ln, rank, file=f)
-            self._cut(sk, eng, stretch, f"from seq {first} to the end of the log")
+            self._cut(sk, eng, rank, stretch, f"from seq {first} to the end of the log")
         self._filtered.clear()
         for tomb in self.tombs.values():
             self._check_tomb(tomb)

@@ -2012,6 +2012,37 @@ def test_a_filtered_stretch_excuses_its_own_engine_only(tmp_path):
             native, [str(f) for f in res.findings])
 
 
+def stretch_and_another_rank_without_keys() -> tuple[list[dict], list[dict]]:
+    """Two files without proc/engine keys: rank 0's engine filters INFO out from mid-run to the end (0 terminated
+    meanwhile), and a rank 1 line in its file advertises 50 (never terminated); in the other file, rank 1's
+    deferral of 30 whose TerminateNow is missing (real_deferred_log less that line)."""
+    lv = _strip(real_level_changed_log((20, 30)), "proc", "engine")
+    leak = dict(next(d for d in lv if d["event"] == "lifecycle.transition"), rank=1, request=50)
+    mark = next(i for i, d in enumerate(lv) if d["event"] == "lifecycle.log_level")
+    ev = real_deferred_log()
+    now = next(i for i, d in enumerate(ev) if d["event"] == "lifecycle.terminate_now" and d["request"] == 30)
+    other = [dict(d, rank=1, pid=d["pid"] + 1) for i, d in enumerate(ev) if i != now]
+    return renumber(lv[:mark] + [leak] + lv[mark:]), renumber(_strip(other, "proc", "engine"))
+
+
+def test_a_filtered_stretch_without_engine_keys_excuses_its_own_rank_only(tmp_path):
+    """Logs without proc/engine keys (older engines) key sessions by rank, role and request, in any file: a stretch
+    of rank 0's engine set aside every tombstone of the audit and every live session of its file, whatever their
+    rank (seen failing: rank 1's deferral never delivered, in another file, and rank 1's session left live in rank
+    0's file were `unjudged`, not a deferred_delivery and a leak).  An engine has one rank: the stretch of a line
+    without `engine` now excuses that rank's sessions only.  Control: rank 0's own session is unjudged; each file
+    alone, rank 1's violations are reported."""
+    a, b = stretch_and_another_rank_without_keys()
+    r0, r1 = write(tmp_path / "r0.jsonl", a), write(tmp_path / "r1.jsonl", b)
+    for native in (False, True):
+        for paths in ([r0, r1], [r1, r0]):
+            res = audit_paths(paths, native=native)
+            assert _judged(res) == [("deferred_delivery", 30), ("leak", 50), ("unjudged", 0)], (
+                native, [str(f) for f in res.findings])
+        assert _judged(audit_paths([r1], native=native)) == [("deferred_delivery", 30)]
+    assert audit_paths([r0, r1], native=True).as_dict() == audit_paths([r0, r1], native=False).as_dict()
+
+
 def test_violations_outside_a_filtered_stretch_are_still_reported(tmp_path):
     """Controls: a violation before the stretch (an illegal move of 1), and one after a session's adoption (2 moved
     to Terminated twice: its second line after the stretch repeats its first), are reported as before."""

@@ -35,6 +35,7 @@ from tests.test_audit import (BREAKS, DEFER_ORDERS, _already_terminated_for_anot
                               real_deferred_log,
                               real_cancel_results_log, real_late_and_rejected_log, real_level_changed_log,
                               real_live_across_a_filtered_stretch, real_random_workload, renumber,
+                              stretch_and_another_rank_without_keys,
                               two_engines_one_process)
 
 SPEC = spec.load(spec.default_table_path())
@@ -354,6 +355,7 @@ def _stretch_cases() -> dict[str, list[list[dict]]]:
         "live to the end": [_fixed_ids(real_live_across_a_filtered_stretch(False))],
         "live across, another engine": [_fixed_ids(real_live_across_a_filtered_stretch(True, second_engine=True))],
         "live across, no keys": [_strip(live, "proc", "engine")],
+        "no keys, another rank": list(stretch_and_another_rank_without_keys()),
         "live across, two files": [live[:marks[1]], live[marks[1]:]],
         "live across, start not logged": [[d for i, d in enumerate(live) if i != marks[0]]],
         "live across, a violation after": [renumber(bad)],

@@ -1487,7 +1487,7 @@ struct Auditor::Impl {
         filtered.push_back(Filtered{cur_stream, cur_engine, seq, line, rank, pid, cur_file, stretches.size() - 1});
         it = std::prev(filtered.end());
       }
-      cut(cur_stream, cur_engine, it->stretch, "from seq " + to_string(seq));
+      cut(cur_stream, cur_engine, rank, it->stretch, "from seq " + to_string(seq));
       return;
     }
     const bool off = it != filtered.end();
@@ -1505,7 +1505,7 @@ struct Auditor::Impl {
       stretches.push_back(Stretch{false, true, 0, seq, pid, cur_engine});
       st = stretches.size() - 1;
     }
-    cut(cur_stream, cur_engine, st, "up to seq " + to_string(seq));
+    cut(cur_stream, cur_engine, rank, st, "up to seq " + to_string(seq));
   }
   // audit.py _filtered_span
   static std::string filtered_span(const Int* first, const Int* last) {
@@ -1516,10 +1516,10 @@ struct Auditor::Impl {
     return "pid " + to_string(pid) + (engine >= 0 ? ", engine " + to_string(engine) : std::string());
   }
   // audit.py Auditor._cut: the engine's live sessions set aside, its tombstones judged as far as they can be and
-  // dropped, its slots forgotten
-  void cut(Int stream, Int engine, std::size_t st, const std::string& span) {
+  // dropped, its slots forgotten (without `engine` keys, the engine is the one of the line's rank, `erank`)
+  void cut(Int stream, Int engine, Int erank, std::size_t st, const std::string& span) {
     for (auto i = live.begin(); i != live.end();) {
-      if (i->second.stream == stream && i->second.engine == engine) {
+      if (i->second.stream == stream && i->second.engine == engine && (engine >= 0 || i->first.a == erank)) {
         unseen.insert_or_assign(i->first, Unseen{std::move(i->second), st});
         i = live.erase(i);
       } else {
@@ -1527,8 +1527,8 @@ struct Auditor::Impl {
       }
     }
     // (Python's dict order: the awaiting ones were folded before every one in tomb_order; logs without `engine`
-    // key sessions by role, with no stream)
-    auto mine = [&](const Key& k) { return engine >= 0 ? k.c == stream && k.d == engine : k.c == -1; };
+    // key sessions by rank and role, with no stream)
+    auto mine = [&](const Key& k) { return engine >= 0 ? k.c == stream && k.d == engine : k.c == -1 && k.a == erank; };
     const std::string w = who(stretches[st].pid, engine);
     for (std::list<Tomb>* l : {&awaiting, &tomb_order}) {
       for (auto i = l->begin(); i != l->end();) {
@@ -2450,7 +2450,7 @@ struct Auditor::Impl {
     for (auto& st : streams) flush_missing(st, 0);
     for (const Filtered& x : filtered) {
       find_filtered(x.pid, x.engine, &x.seq, nullptr, x.line, x.rank, x.file);
-      cut(x.stream, x.engine, x.stretch, "from seq " + to_string(x.seq) + " to the end of the log");
+      cut(x.stream, x.engine, x.rank, x.stretch, "from seq " + to_string(x.seq) + " to the end of the log");
     }
     filtered.clear();
     for (const Tomb& tomb : awaiting) check_tomb(tomb);  // (folded before every one in tomb_order)

@@ -137,6 +137,7 @@ def _after_fork_in_child() -> None:
         eng._handler = 0
         eng._turn = collections.deque((None,))
         eng._mid_batch = False
+        eng._level_lock = threading.RLock()  # (held by a thread the child does not have)
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -301,6 +302,9 @@ class TransferEngine(_core.Engine):
         # way is logged, one lifecycle.log_level line, so the audit knows between which seqs this engine's lines
         # were not logged
         self._info_filtered: bool | None = None
+        # Held while an answer is recorded and its line written (_level_changed, only on a change): two threads'
+        # lines in the order of their answers (a stale True written after a later False opened a stretch for good)
+        self._level_lock = threading.RLock()
         self._was_healthy = True
         # Drained but not yet handled: packed batches not yet logged, TerminateNow requests whose on_terminate
         # has not run.  The native drain hands each batch over into these before it returns, so an exception
@@ -776,20 +780,25 @@ class TransferEngine(_core.Engine):
         so, at INFO when written again, else at the lowest level the logger writes (none when it writes none: the
         audit then knows the stretch's end only).  The first answer is no change (an engine whose logger filters INFO
         throughout writes nothing).  Without it a level raised and lowered mid-run left a log with no seq gap,
-        missing lines the audit could not know of (a stream it took as complete)."""
-        was, self._info_filtered = self._info_filtered, filtered  # (first: a logger that raises is not asked again)
-        if was is None:
-            return
-        if not filtered:
-            write = logger.info
-        else:
-            write = next((getattr(logger, name, None) for level, name in _ABOVE_INFO if enabled(level)), None)
-            if write is None:
+        missing lines the audit could not know of (a stream it took as complete).  The answer is recorded and its
+        line written under _level_lock: without it, a thread that recorded True and was slow to write it (a busy
+        handler) wrote it after another thread's later False, and the audit read a stretch open to the end of the
+        log (every session after it unjudged, a real leak too).  An answer equal to the one recorded writes nothing
+        (two threads that saw the same change: one line)."""
+        with self._level_lock:
+            was, self._info_filtered = self._info_filtered, filtered  # (first: a logger that raises is not asked again)
+            if was is None or was is filtered:
                 return
-        stream = _logstream.current
-        write("lifecycle.log_level", request=None, rank=self.rank, role=None, t_mono_ns=self.now_ns(),
-              seq=next(stream.seq), pid=stream.pid, proc=stream.proc, engine=self._engine_id, table=TABLE.digest,
-              schema=SCHEMA, info_filtered=filtered)
+            if not filtered:
+                write = logger.info
+            else:
+                write = next((getattr(logger, name, None) for level, name in _ABOVE_INFO if enabled(level)), None)
+                if write is None:
+                    return
+            stream = _logstream.current
+            write("lifecycle.log_level", request=None, rank=self.rank, role=None, t_mono_ns=self.now_ns(),
+                  seq=next(stream.seq), pid=stream.pid, proc=stream.proc, engine=self._engine_id, table=TABLE.digest,
+                  schema=SCHEMA, info_filtered=filtered)
 
     def _emit(self, name: str, request: int | None, role: str | None, t_ns: int | None = None, info=None,
               **kw) -> None:

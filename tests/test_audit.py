@@ -1878,6 +1878,142 @@ def test_an_engine_logging_through_a_generic_structlog_bound_logger_polls(tmp_pa
     assert res.ok and not res.findings and res.requests == 2, [str(f) for f in res.findings]
 
 
+def test_a_level_change_seen_by_two_threads_is_logged_in_the_order_seen(tmp_path):
+    """A thread that saw INFO filtered out recorded it, then wrote its lifecycle.log_level line; another thread,
+    seeing INFO written again meanwhile, recorded that and wrote its line first (the first one held up by its
+    handler: here a filter that waits until the second thread is done or blocked).  The log ended with the stale
+    "filtered" line, a stretch open to the end: request 1, advertised after it and never terminated, was `unjudged`,
+    not a leak (seen failing: markers [False, True], unjudged 1, in both replays).  The answers are recorded and
+    written under one lock now (only on a change): [True, False], 1 is a leak.  Control: the same run with nothing
+    held up logs [True, False] and the leak."""
+    import io
+    import logging
+    import threading
+
+    import structlog
+
+    from lifecycle import ManualClock, TransferEngine
+
+    def run(hold: bool) -> list[dict]:
+        out = io.StringIO()
+        std = logging.getLogger(f"kvlc-race-test-{id(out)}")
+        std.propagate = False
+        handler = logging.StreamHandler(out)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        std.addHandler(handler)
+        std.setLevel(logging.INFO)
+        entered, release = threading.Event(), threading.Event()
+
+        class HoldTheFilteredLine(logging.Filter):
+            def filter(self, record):
+                m = record.getMessage()
+                if hold and '"lifecycle.log_level"' in m and '"info_filtered": true' in m:
+                    entered.set()
+                    release.wait(30)
+                return True
+
+        std.addFilter(HoldTheFilteredLine())
+        eng = TransferEngine(clock=ManualClock(1_000_000 * mg.MS), logger=structlog.wrap_logger(
+            std, wrapper_class=structlog.stdlib.BoundLogger, processors=[structlog.processors.JSONRenderer()]))
+        try:
+            eng.advertise(0, "sender")
+            eng.poll()
+            std.setLevel(logging.WARNING)
+            a = threading.Thread(target=eng.cancel, args=(900,))  # (NotFound: asks the logger, outside a batch)
+            a.start()
+            if hold:
+                assert entered.wait(30)
+            else:
+                a.join()
+            std.setLevel(logging.INFO)
+            c = threading.Thread(target=eng.cancel, args=(901,))
+            c.start()
+            c.join(1)  # (done at once before the fix; blocked on the lock with it)
+            release.set()
+            a.join()
+            c.join()
+            eng.advertise(1, "sender")  # never terminated: a real leak
+            eng.poll()
+            eng.cancel(0)
+            eng.terminate(0)
+            eng.poll()
+        finally:
+            release.set()
+            std.removeHandler(handler)
+        ev = [json.loads(x) for x in out.getvalue().splitlines()]
+        return [dict(d, seq=d["seq"] - min(e["seq"] for e in ev)) for d in ev]
+
+    for hold in (True, False):
+        ev = run(hold)
+        assert [d["info_filtered"] for d in ev if d["event"] == "lifecycle.log_level"] == [True, False], (hold, ev)
+        p = write(tmp_path / f"race-{hold}.jsonl", ev)
+        for native in (False, True):
+            res = audit_paths([p], native=native)
+            assert _judged(res) == [("leak", 1)], (hold, native, [str(f) for f in res.findings])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_forked_while_a_level_line_is_written_logs_its_own_level_changes():
+    """A child forked while another thread holds the engine's level lock (writing a lifecycle.log_level line) has no
+    such thread: the lock is made anew there, or the child's next level change waited for ever (seen hanging,
+    killed by its alarm, with the reset left out).  The child writes its own "written again" line."""
+    import io
+    import logging
+    import signal
+    import threading
+
+    import structlog
+
+    from lifecycle import ManualClock, TransferEngine
+
+    out = io.StringIO()
+    std = logging.getLogger(f"kvlc-fork-test-{id(out)}")
+    std.propagate = False
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    std.addHandler(handler)
+    std.setLevel(logging.INFO)
+    entered, release = threading.Event(), threading.Event()
+
+    class Hold(logging.Filter):
+        def filter(self, record):
+            if '"info_filtered": true' in record.getMessage() and threading.current_thread() is not main:
+                entered.set()
+                release.wait(30)
+            return True
+
+    main = threading.current_thread()
+    std.addFilter(Hold())
+    eng = TransferEngine(clock=ManualClock(1_000_000 * mg.MS), logger=structlog.wrap_logger(
+        std, wrapper_class=structlog.stdlib.BoundLogger, processors=[structlog.processors.JSONRenderer()]))
+    a = None
+    try:
+        eng.cancel(900)  # (the baseline answer: INFO written)
+        std.setLevel(logging.WARNING)
+        a = threading.Thread(target=eng.cancel, args=(901,))
+        a.start()
+        assert entered.wait(30)
+        pid = os.fork()
+        if pid == 0:  # the child: no thread holds the lock here
+            code = 1
+            try:
+                signal.alarm(10)
+                std.setLevel(logging.INFO)
+                eng.cancel(902)
+                marks = [json.loads(x).get("info_filtered") for x in out.getvalue().splitlines()
+                         if '"lifecycle.log_level"' in x]
+                code = 0 if marks == [False] else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, status
+    finally:
+        release.set()
+        if a is not None:
+            a.join()
+        std.removeHandler(handler)
+
+
 def real_live_across_a_filtered_stretch(after: bool = True, second_engine: bool = False,
                                         filtered: bool = True) -> list[dict]:
     """A real engine (stdlib logger, structlog JSON lines, 2 slots) whose INFO lines are filtered out (WARNING) while

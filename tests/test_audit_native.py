@@ -648,6 +648,8 @@ for _name, _ev in (("real_deferred", real_deferred_log()), ("real_workload_raisi
                    ("real_level_changed", real_level_changed_log((20, 30, 20, 60, 20, 30))),
                    ("real_live_across_stretch", real_live_across_a_filtered_stretch(True, second_engine=True))):
     BASES[_name] = [l.encode() for l in mg.render(_fixed_ids(_ev)).splitlines()]
+BASES["no_keys_stretch_and_another_rank"] = [l.encode() for l in mg.render(
+    [d for ev in stretch_and_another_rank_without_keys() for d in ev]).splitlines()]
 KEYS = ["event", "rank", "seq", "pid", "t_mono_ns", "request", "table", "from_state", "to_state", "trigger",
         "outcome", "deferred", "slot", "generation", "role", "result", "state", "error", "healthy", "reasons",
         "seq_no", "field", "sites", "schema", "proc", "engine", "info_filtered", "zzz"]

@@ -2014,6 +2014,95 @@ def test_a_child_forked_while_a_level_line_is_written_logs_its_own_level_changes
         std.removeHandler(handler)
 
 
+def test_a_level_toggled_under_two_polling_threads_hides_no_other_engines_leak(tmp_path):
+    """Adversarial use: two engines of one process logging into one stream, each polled by two threads, random calls
+    (deferred terminates among them), and the first engine's level raised and lowered again and again (a filtering
+    structlog logger made anew per bind(), as a reconfigured one is).  Whatever the interleaving, the audit reports
+    no violation but the two real leaks: the other engine's session left live across every stretch, and one the first
+    engine advertised after its last stretch (controls: the stretches were seen and excused something; a cut of
+    every engine of the stream, tried by hand, hides the first leak); native == Python."""
+    import io
+    import random
+    import threading
+    import time
+
+    import structlog
+
+    from lifecycle import TransferEngine
+
+    rnd = random.Random(11)
+    out = io.StringIO()
+    levels = {0: 20, 1: 20}
+
+    class Reconfigured:
+        def __init__(self, k):
+            self.k = k
+
+        def bind(self):
+            return structlog.wrap_logger(structlog.PrintLogger(out), processors=[structlog.processors.JSONRenderer()],
+                                         wrapper_class=structlog.make_filtering_bound_logger(levels[self.k])).bind()
+
+    engs = [TransferEngine(logger=Reconfigured(k), num_slots=8, slot_size=4096, on_terminate=lambda r: None)
+            for k in (0, 1)]
+    done = threading.Event()
+
+    def poller(e):
+        while not done.is_set():
+            e.poll()
+            time.sleep(0)
+
+    threads = [threading.Thread(target=poller, args=(e,)) for e in engs for _ in range(2)]
+    for t in threads:
+        t.start()
+    made = [0, 0]
+    engs[1].advertise(10**6, "sender")  # (live across every stretch of the first engine)
+    try:
+        for step in range(1500):
+            time.sleep(0)
+            k = rnd.randrange(2)
+            eng, x = engs[k], rnd.random()
+            if x < 0.03:
+                levels[0] = rnd.choice([30, 40, 20])
+            elif x < 0.3 or not made[k]:
+                try:
+                    eng.advertise(made[k], "sender", 100 if rnd.random() < 0.3 else None)
+                except Exception:  # (the pool is full)
+                    eng.advertise(made[k], "sender")
+                made[k] += 1
+            else:
+                r, op = rnd.randrange(made[k]), rnd.choice(["expose", "complete", "fail", "cancel", "terminate"])
+                try:
+                    eng.cancel(r) if op == "cancel" else eng.terminate(r) if op == "terminate" else eng.post(r, op)
+                except Exception:  # (an illegal call: refused)
+                    pass
+        levels[0] = 20
+        for k in (0, 1):
+            for r in range(made[k]):
+                for call in (engs[k].cancel, lambda q: engs[k].post(q, "fail"), engs[k].terminate):
+                    try:
+                        call(r)
+                    except Exception:
+                        pass
+        engs[0].poll()  # (INFO written again: the last stretch ends before the leak below)
+        engs[0].advertise(10**6 + 1, "sender")
+    finally:
+        done.set()
+        for t in threads:
+            t.join()
+    for e in engs:
+        while e.poll() or e.pending():
+            pass
+    ev = [json.loads(x) for x in out.getvalue().splitlines()]
+    ev = [dict(d, seq=d["seq"] - min(e["seq"] for e in ev)) for d in ev]
+    assert sum(d["event"] == "lifecycle.log_level" for d in ev) >= 4, "no stretch: vacuous"
+    p = write(tmp_path / "toggled.jsonl", ev)
+    res = audit_paths([p], native=False)
+    assert sorted((f.kind, f.request) for f in res.findings if f.kind in audit.VIOLATION_KINDS) == [
+        ("leak", 10**6), ("leak", 10**6 + 1)], [str(f) for f in res.findings if f.kind in audit.VIOLATION_KINDS]
+    assert res.by_kind("log_filtered") and (res.by_kind("adopted_session") or res.by_kind("unjudged"))
+    assert audit_paths([p], native=True).as_dict() == res.as_dict()
+
+
 def real_live_across_a_filtered_stretch(after: bool = True, second_engine: bool = False,
                                         filtered: bool = True) -> list[dict]:
     """A real engine (stdlib logger, structlog JSON lines, 2 slots) whose INFO lines are filtered out (WARNING) while

@@ -301,9 +301,9 @@ class TransferEngine(_core.Engine):
         # Whether the logger filtered INFO out when last asked (_logger_info; None: not asked yet): a change either
         # way is logged, one lifecycle.log_level line, so the audit knows between which seqs this engine's lines
         # were not logged
-        self._info_filtered: bool | None = None
-        # Held while an answer is recorded and its line written (_level_changed, only on a change): two threads'
-        # lines in the order of their answers (a stale True written after a later False opened a stretch for good)
+        self._info_filtered: bool | object | None = None  # (_CHANGING while the line is written)
+        # Held while a changed answer's line is written (_level_changed, only on a change): a thread that asks
+        # meanwhile waits for it, so no line is logged past a change before the change's own line
         self._level_lock = threading.RLock()
         self._was_healthy = True
         # Drained but not yet handled: packed batches not yet logged, TerminateNow requests whose on_terminate
@@ -780,25 +780,35 @@ class TransferEngine(_core.Engine):
         so, at INFO when written again, else at the lowest level the logger writes (none when it writes none: the
         audit then knows the stretch's end only).  The first answer is no change (an engine whose logger filters INFO
         throughout writes nothing).  Without it a level raised and lowered mid-run left a log with no seq gap,
-        missing lines the audit could not know of (a stream it took as complete).  The answer is recorded and its
-        line written under _level_lock: without it, a thread that recorded True and was slow to write it (a busy
-        handler) wrote it after another thread's later False, and the audit read a stretch open to the end of the
-        log (every session after it unjudged, a real leak too).  An answer equal to the one recorded writes nothing
-        (two threads that saw the same change: one line)."""
+        missing lines the audit could not know of (a stream it took as complete).  Under _level_lock (taken only on
+        a change) the answer reads _CHANGING while the line is written: every thread that asks meanwhile finds an
+        answer other than its own, waits for the line, and then writes its own only if its answer differs from the
+        one recorded (two threads that saw the same change: one line).  Until session 30 (no lock, the answer
+        recorded before its line), a "filtered" slow to be written (a busy handler) came after another thread's
+        later "written again": a stretch open to the end of the log, every later session unjudged; and a poll() on
+        another thread, finding "written again" recorded, logged its batch ahead of that line: sessions it
+        advertised read as live when the stretch ended, unjudged (a real leak too)."""
         with self._level_lock:
-            was, self._info_filtered = self._info_filtered, filtered  # (first: a logger that raises is not asked again)
-            if was is None or was is filtered:
+            was = self._info_filtered
+            if was is filtered:
                 return
-            if not filtered:
-                write = logger.info
-            else:
-                write = next((getattr(logger, name, None) for level, name in _ABOVE_INFO if enabled(level)), None)
-                if write is None:
-                    return
-            stream = _logstream.current
-            write("lifecycle.log_level", request=None, rank=self.rank, role=None, t_mono_ns=self.now_ns(),
-                  seq=next(stream.seq), pid=stream.pid, proc=stream.proc, engine=self._engine_id, table=TABLE.digest,
-                  schema=SCHEMA, info_filtered=filtered)
+            if was is None:
+                self._info_filtered = filtered
+                return
+            self._info_filtered = _CHANGING
+            try:
+                if not filtered:
+                    write = logger.info
+                else:
+                    write = next((getattr(logger, name, None) for level, name in _ABOVE_INFO if enabled(level)), None)
+                    if write is None:
+                        return
+                stream = _logstream.current
+                write("lifecycle.log_level", request=None, rank=self.rank, role=None, t_mono_ns=self.now_ns(),
+                      seq=next(stream.seq), pid=stream.pid, proc=stream.proc, engine=self._engine_id,
+                      table=TABLE.digest, schema=SCHEMA, info_filtered=filtered)
+            finally:
+                self._info_filtered = filtered  # (a logger that raises too: not asked to write it again)
 
     def _emit(self, name: str, request: int | None, role: str | None, t_ns: int | None = None, info=None,
               **kw) -> None:
@@ -823,6 +833,7 @@ def _take_one(take: Callable[[], object], into: list) -> None:
 
 _NOTHING = object()  # a sentinel no queue holds
 _UNRESOLVED = object()  # a logger's info not resolved yet (_deliver)
+_CHANGING = object()  # TransferEngine._info_filtered while a lifecycle.log_level line is written (_level_changed)
 
 
 def _session_info(engine: _core.Engine, request: int) -> SessionInfo:

@@ -1878,14 +1878,20 @@ def test_an_engine_logging_through_a_generic_structlog_bound_logger_polls(tmp_pa
     assert res.ok and not res.findings and res.requests == 2, [str(f) for f in res.findings]
 
 
-def test_a_level_change_seen_by_two_threads_is_logged_in_the_order_seen(tmp_path):
-    """A thread that saw INFO filtered out recorded it, then wrote its lifecycle.log_level line; another thread,
-    seeing INFO written again meanwhile, recorded that and wrote its line first (the first one held up by its
-    handler: here a filter that waits until the second thread is done or blocked).  The log ended with the stale
-    "filtered" line, a stretch open to the end: request 1, advertised after it and never terminated, was `unjudged`,
-    not a leak (seen failing: markers [False, True], unjudged 1, in both replays).  The answers are recorded and
-    written under one lock now (only on a change): [True, False], 1 is a leak.  Control: the same run with nothing
-    held up logs [True, False] and the leak."""
+@pytest.mark.parametrize("held", ["filtered", "written again"])
+def test_a_level_change_seen_by_two_threads_is_logged_in_the_order_seen(tmp_path, held):
+    """Two threads and one lifecycle.log_level line held up in the logger (here a filter that waits until the other
+    thread is done or blocked; in use, a busy handler):
+    "filtered": a thread that saw INFO filtered out recorded it, then wrote its line; another thread, seeing INFO
+    written again meanwhile, recorded that and wrote its line first.  The log ended with the stale "filtered"
+    line, a stretch open to the end: request 1, advertised after it and never terminated, was `unjudged`, not a
+    leak (seen failing: markers [False, True], unjudged 1, in both replays).
+    "written again": a thread recorded that INFO is written again, then wrote its line; a poll() on another thread
+    found the answer recorded and logged its batch (1's advertise) before that line: 1 read as live when the stretch
+    ended, set aside, `unjudged` (seen failing: unjudged 1, in both replays).
+    A change is now recorded after its line is written, both under one lock (taken only on a change): a thread
+    that finds the old answer recorded waits for the line, and then has nothing to write.  Control: the same runs
+    with nothing held up log [True, False] and the leak."""
     import io
     import logging
     import threading
@@ -1893,6 +1899,8 @@ def test_a_level_change_seen_by_two_threads_is_logged_in_the_order_seen(tmp_path
     import structlog
 
     from lifecycle import ManualClock, TransferEngine
+
+    mark = '"info_filtered": true' if held == "filtered" else '"info_filtered": false'
 
     def run(hold: bool) -> list[dict]:
         out = io.StringIO()
@@ -1904,41 +1912,53 @@ def test_a_level_change_seen_by_two_threads_is_logged_in_the_order_seen(tmp_path
         std.setLevel(logging.INFO)
         entered, release = threading.Event(), threading.Event()
 
-        class HoldTheFilteredLine(logging.Filter):
+        class HoldTheLine(logging.Filter):
             def filter(self, record):
                 m = record.getMessage()
-                if hold and '"lifecycle.log_level"' in m and '"info_filtered": true' in m:
+                if hold and '"lifecycle.log_level"' in m and mark in m:
                     entered.set()
                     release.wait(30)
                 return True
 
-        std.addFilter(HoldTheFilteredLine())
+        std.addFilter(HoldTheLine())
         eng = TransferEngine(clock=ManualClock(1_000_000 * mg.MS), logger=structlog.wrap_logger(
             std, wrapper_class=structlog.stdlib.BoundLogger, processors=[structlog.processors.JSONRenderer()]))
+        threads = []
+
+        def start(target, *args):  # (a NotFound cancel asks the logger outside a batch; a poll() once per batch)
+            threads.append(threading.Thread(target=target, args=args))
+            threads[-1].start()
+            return threads[-1]
+
         try:
             eng.advertise(0, "sender")
             eng.poll()
             std.setLevel(logging.WARNING)
-            a = threading.Thread(target=eng.cancel, args=(900,))  # (NotFound: asks the logger, outside a batch)
-            a.start()
-            if hold:
-                assert entered.wait(30)
+            if held == "filtered":
+                start(eng.cancel, 900)  # sees INFO filtered out
+                assert entered.wait(30) if hold else threads[-1].join() is None
+                std.setLevel(logging.INFO)
+                start(eng.cancel, 901).join(1)  # sees INFO written again (done at once before the fix)
+                release.set()
+                eng.advertise(1, "sender")  # never terminated: a real leak
+                eng.poll()
             else:
-                a.join()
-            std.setLevel(logging.INFO)
-            c = threading.Thread(target=eng.cancel, args=(901,))
-            c.start()
-            c.join(1)  # (done at once before the fix; blocked on the lock with it)
-            release.set()
-            a.join()
-            c.join()
-            eng.advertise(1, "sender")  # never terminated: a real leak
-            eng.poll()
+                eng.cancel(900)  # sees INFO filtered out
+                std.setLevel(logging.INFO)
+                start(eng.cancel, 901)  # sees INFO written again
+                assert entered.wait(30) if hold else threads[-1].join() is None
+                eng.advertise(1, "sender")  # never terminated: a real leak
+                start(eng.poll).join(1)  # (logged 1's advertise at once before the fix)
+                release.set()
+            for t in threads:
+                t.join()
             eng.cancel(0)
             eng.terminate(0)
             eng.poll()
         finally:
             release.set()
+            for t in threads:
+                t.join()
             std.removeHandler(handler)
         ev = [json.loads(x) for x in out.getvalue().splitlines()]
         return [dict(d, seq=d["seq"] - min(e["seq"] for e in ev)) for d in ev]

@@ -1766,25 +1766,35 @@ def test_an_engine_whose_logger_filters_info_takes_no_seq_another_engines_log_sh
 _NOTHING_WRITTEN = 60  # a stdlib level above CRITICAL: the logger writes no level
 
 
+def _stdlib_json_logger(name: str, out, level=None):
+    """A stdlib logger ``name``-id(out) writing each message as a line into ``out`` (not propagated; at ``level``
+    when given), its handler, and structlog's stdlib BoundLogger over it rendering JSON: (std, handler, logger)."""
+    import logging
+
+    import structlog
+
+    std = logging.getLogger(f"{name}-{id(out)}")
+    std.propagate = False
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    std.addHandler(handler)
+    if level is not None:
+        std.setLevel(level)
+    return std, handler, structlog.wrap_logger(std, wrapper_class=structlog.stdlib.BoundLogger,
+                                               processors=[structlog.processors.JSONRenderer()])
+
+
 def real_level_changed_log(levels: tuple[int, ...]) -> list[dict]:
     """A real engine logging through a stdlib logger (structlog.stdlib.BoundLogger, JSON lines) whose level is set
     to ``levels[i]`` before phase i: request i is advertised in phase i and cancelled and terminated in phase i + 1
     (the last one after the phases, at the last level).  The lines as written, seqs from the first one's."""
     import io
-    import logging
-
-    import structlog
 
     from lifecycle import ManualClock, TransferEngine
 
     out = io.StringIO()
-    std = logging.getLogger(f"kvlc-level-test-{id(out)}")
-    std.propagate = False
-    handler = logging.StreamHandler(out)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    std.addHandler(handler)
-    eng = TransferEngine(clock=ManualClock(1_000_000 * mg.MS), logger=structlog.wrap_logger(
-        std, wrapper_class=structlog.stdlib.BoundLogger, processors=[structlog.processors.JSONRenderer()]))
+    std, handler, logger = _stdlib_json_logger("kvlc-level-test", out, None)
+    eng = TransferEngine(clock=ManualClock(1_000_000 * mg.MS), logger=logger)
     try:
         for i, level in enumerate(levels):
             std.setLevel(level)
@@ -1896,20 +1906,13 @@ def test_a_level_change_seen_by_two_threads_is_logged_in_the_order_seen(tmp_path
     import logging
     import threading
 
-    import structlog
-
     from lifecycle import ManualClock, TransferEngine
 
     mark = '"info_filtered": true' if held == "filtered" else '"info_filtered": false'
 
     def run(hold: bool) -> list[dict]:
         out = io.StringIO()
-        std = logging.getLogger(f"kvlc-race-test-{id(out)}")
-        std.propagate = False
-        handler = logging.StreamHandler(out)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        std.addHandler(handler)
-        std.setLevel(logging.INFO)
+        std, handler, logger = _stdlib_json_logger("kvlc-race-test", out, logging.INFO)
         entered, release = threading.Event(), threading.Event()
 
         class HoldTheLine(logging.Filter):
@@ -1921,8 +1924,7 @@ def test_a_level_change_seen_by_two_threads_is_logged_in_the_order_seen(tmp_path
                 return True
 
         std.addFilter(HoldTheLine())
-        eng = TransferEngine(clock=ManualClock(1_000_000 * mg.MS), logger=structlog.wrap_logger(
-            std, wrapper_class=structlog.stdlib.BoundLogger, processors=[structlog.processors.JSONRenderer()]))
+        eng = TransferEngine(clock=ManualClock(1_000_000 * mg.MS), logger=logger)
         threads = []
 
         def start(target, *args):  # (a NotFound cancel asks the logger outside a batch; a poll() once per batch)
@@ -1982,17 +1984,10 @@ def test_a_child_forked_while_a_level_line_is_written_logs_its_own_level_changes
     import signal
     import threading
 
-    import structlog
-
     from lifecycle import ManualClock, TransferEngine
 
     out = io.StringIO()
-    std = logging.getLogger(f"kvlc-fork-test-{id(out)}")
-    std.propagate = False
-    handler = logging.StreamHandler(out)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    std.addHandler(handler)
-    std.setLevel(logging.INFO)
+    std, handler, logger = _stdlib_json_logger("kvlc-fork-test", out, logging.INFO)
     entered, release = threading.Event(), threading.Event()
 
     class Hold(logging.Filter):
@@ -2004,8 +1999,7 @@ def test_a_child_forked_while_a_level_line_is_written_logs_its_own_level_changes
 
     main = threading.current_thread()
     std.addFilter(Hold())
-    eng = TransferEngine(clock=ManualClock(1_000_000 * mg.MS), logger=structlog.wrap_logger(
-        std, wrapper_class=structlog.stdlib.BoundLogger, processors=[structlog.processors.JSONRenderer()]))
+    eng = TransferEngine(clock=ManualClock(1_000_000 * mg.MS), logger=logger)
     a = None
     try:
         eng.cancel(900)  # (the baseline answer: INFO written)
@@ -2141,15 +2135,9 @@ def real_live_across_a_filtered_stretch(after: bool = True, second_engine: bool 
     from lifecycle import ManualClock, TransferEngine
 
     out = io.StringIO()
-    std = logging.getLogger(f"kvlc-stretch-test-{id(out)}")
-    std.propagate = False
-    handler = logging.StreamHandler(out)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    std.addHandler(handler)
-    std.setLevel(logging.INFO)
+    std, handler, logger = _stdlib_json_logger("kvlc-stretch-test", out, logging.INFO)
     clock = ManualClock(1_000_000 * mg.MS)
-    eng = TransferEngine(clock=clock, num_slots=2, slot_size=8192, tombstones=0, logger=structlog.wrap_logger(
-        std, wrapper_class=structlog.stdlib.BoundLogger, processors=[structlog.processors.JSONRenderer()]))
+    eng = TransferEngine(clock=clock, num_slots=2, slot_size=8192, tombstones=0, logger=logger)
     other = None
     if second_engine:
         std2 = logging.getLogger(f"kvlc-stretch-test-2-{id(out)}")

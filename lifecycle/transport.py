@@ -1134,10 +1134,11 @@ class NixlTransport(_Transport):
     treats release as evidence, the second answers a peer's "stop" before its own request is Done (the
     bugs that DESIGN §3 forbids), so that tests can prove they detect late writes on each side.
 
-    ``stop_resends`` (0: off) and ``stop_resend_delay`` (seconds): a passive session that ended Poisoned without
-    evidence (its stop or the peer's answer lost) has its stop sent again, up to that many times, the first that long
-    after it ended, each gap twice the one before (at most 10 s); the answer recovers its quarantined slot.  The same
-    for :class:`LoopbackTransport`.
+    ``stop_resends`` (0: off) and ``stop_resend_delay`` (seconds): a cancelled passive session (its stop or the
+    peer's answer may be lost) has its stop sent again while it waits (CancelRequested: the answer ends it Quiesced)
+    and, once it ended Poisoned without evidence, after (the answer recovers its quarantined slot): up to that many
+    times per session in all, the first that long after the sweep found it cancelled, each gap twice the one before
+    (at most 10 s).  The same for :class:`LoopbackTransport`.
 
     ``capi_path`` is the ``libnixl_capi.so`` to load; without it, :func:`nixl_capi_path`'s
     (``$KV_LIFECYCLE_NIXL_CAPI``, else the wheel's).  A :class:`NixlUnavailable` names which of the three it was.

@@ -1812,20 +1812,32 @@ void Transport::sweep() {
   // before any exposure...), or is gone: nothing more to wait for.  Each leaves an Ended record, so
   // that a late note with its tag still reaches the engine as evidence for that very session.  Entries
   // not offered yet (expose still being applied) are expect()'s to settle.
-  std::vector<std::pair<std::uint64_t, std::uint64_t>> passive;  // (req, serial)
+  std::vector<std::tuple<std::uint64_t, std::uint64_t, bool>> passive;  // (req, serial, resend_queued)
   {
     std::lock_guard<std::mutex> lk(mu_);
     for (const auto& [req, e] : entries_) {
-      if (e.side == Side::Passive && e.offered) passive.emplace_back(req, e.serial);
+      if (e.side == Side::Passive && e.offered) passive.emplace_back(req, e.serial, e.resend_queued);
     }
   }
-  for (const auto& [req, serial] : passive) {
+  for (const auto& [req, serial, queued] : passive) {
     const auto info = engine_->info(req);
-    if (info && info->serial == serial && !terminal_or_final(info->state)) continue;
+    if (info && info->serial == serial && !terminal_or_final(info->state)) {
+      // Cancelled, within cancel_grace: our stop or the peer's answer may have been lost, so it is asked again
+      // while an answer still ends the session Quiesced (not Poisoned at grace)
+      if (!queued && info->state == State::CancelRequested && opts_.stop_resends != 0) {
+        std::lock_guard<std::mutex> lk(mu_);
+        auto it = entries_.find(req);
+        if (it != entries_.end() && it->second.side == Side::Passive && it->second.serial == serial) {
+          schedule_resend(req, it->second);
+        }
+      }
+      continue;
+    }
     std::lock_guard<std::mutex> lk(mu_);
     auto it = entries_.find(req);
     if (it != entries_.end() && it->second.side == Side::Passive && it->second.serial == serial) {
-      // Poisoned without evidence: our stop or the peer's answer may have been lost, so it is asked again
+      // Poisoned without evidence: our stop or the peer's answer may have been lost, so it is asked again (one
+      // queued while it was CancelRequested goes on, with its count)
       if (info && info->serial == serial && info->poisoned && !info->evidence) schedule_resend(req, it->second);
       retire_passive(it, info);
     }
@@ -1836,8 +1848,9 @@ void Transport::sweep() {
   forget_posted();
 }
 
-void Transport::schedule_resend(std::uint64_t req, const Entry& e) noexcept {
-  if (opts_.stop_resends == 0) return;
+void Transport::schedule_resend(std::uint64_t req, Entry& e) noexcept {
+  if (opts_.stop_resends == 0 || e.resend_queued) return;
+  e.resend_queued = true;  // queued or skipped, once: the sweep neither queues it twice nor counts it again
   if (resends_.size() >= opts_.stop_resend_limit) {
     ctr_.resends_skipped.fetch_add(1);  // this one stays as it is, quarantined (safe)
     return;
@@ -1850,12 +1863,14 @@ void Transport::schedule_resend(std::uint64_t req, const Entry& e) noexcept {
   }
 }
 
-// The stop of a passive session that ended Poisoned without evidence, again: the same request and tag, so the
-// peer's answer (its "quiesced", or a late "done") meets the Ended record that the sweep left, as a late answer
-// to the first stop does (on_notification), and reaches that very session only (its serial): evidence for its
-// quarantined slot and held offer (DESIGN §6).  The peer answers only on its own evidence, as it does the first
-// stop (send_acks).  Asked while an answer can still count: the engine's session is that serial, Poisoned
-// without evidence, its Ended record stands (the engine forgets it with the session), the peer is loaded.
+// The stop of a cancelled passive session, again: the same request and tag, so the peer's answer (its
+// "quiesced", or a late "done") is matched as the first stop's is: while the session is CancelRequested, by its
+// live entry (it ends Quiesced); once it ended Poisoned without evidence, by the Ended record that the sweep
+// left, as a late answer to the first stop is (on_notification), evidence for its quarantined slot and held offer
+// (DESIGN §6).  Either way it reaches that very session only (its serial).  The peer answers only on its own
+// evidence, as it does the first stop (send_acks).  Asked while an answer can still count: the engine's session
+// is that serial, CancelRequested with its passive entry live, or Poisoned without evidence with its Ended record
+// standing (the engine forgets it with the session); the peer is loaded and not removed since.
 void Transport::resend_stops() {
   if (opts_.stop_resends == 0) return;
   // Each look and its send under resend_mu_: add_peer() waits for them, so none goes to the peer loaded again.
@@ -1875,17 +1890,32 @@ void Transport::resend_stops() {
   for (const auto& [key, r] : due) {
     const std::uint64_t serial = key.second;
     const auto info = engine_->info(r.req);
-    bool ask = info && info->serial == serial && info->poisoned && !info->evidence && agent_->knows_peer(r.peer);
+    const bool same = info && info->serial == serial;
+    const bool cancelling = same && info->state == State::CancelRequested;
+    const bool unproven = same && info->poisoned && !info->evidence;
+    bool ask = (cancelling || unproven) && agent_->knows_peer(r.peer);
     {
       std::lock_guard<std::mutex> lk(mu_);
       auto it = resends_.find(key);
       if (it == resends_.end()) continue;  // remove_peer() took it
+      const auto p = entries_.find(r.req);
+      const bool live = p != entries_.end() && p->second.side == Side::Passive && p->second.serial == serial &&
+                        p->second.tag == r.tag && p->second.peer == r.peer;
       auto e = ended_.find(r.req);
-      ask = ask && e != ended_.end() && e->second.serial == serial && e->second.tag == r.tag &&
-            e->second.peer == r.peer && removed_peers_.count(r.peer) == 0;
-      const std::uint32_t sent = it->second.sent + 1;
+      const bool recorded = e != ended_.end() && e->second.serial == serial && e->second.tag == r.tag &&
+                            e->second.peer == r.peer;
+      ask = ask && removed_peers_.count(r.peer) == 0;
+      // Poisoned at grace, its entry not retired yet: asked once the sweep left its Ended record (not counted)
+      const bool later = ask && !cancelling && live;
+      ask = ask && (cancelling ? live : recorded);
+      std::uint32_t sent = it->second.sent;
       resends_.erase(it);
+      if (later) {
+        resends_.emplace(ResendKey{now + opts_.stop_resend_delay, serial}, Resend{r.req, r.tag, r.peer, sent});
+        continue;
+      }
       if (!ask) continue;
+      ++sent;
       if (sent < opts_.stop_resends) {
         auto gap = opts_.stop_resend_delay;
         for (std::uint32_t k = 0; k < sent && gap < opts_.stop_resend_max_delay; ++k) gap *= 2;

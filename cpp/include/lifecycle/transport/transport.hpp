@@ -32,7 +32,8 @@
 //                              "quiesced" (never after an error: an error is not evidence, and
 //                              a request that ended in error or was abandoned never gets a reply)
 //   every tick              -> engine.tick() (timeout / grace_expired), sweep finished entries; resend the
-//                              stop of a passive session Poisoned without evidence (its answer may be lost)
+//                              stop of a passive session cancelled, or Poisoned without evidence (its answer
+//                              may be lost)
 // Cancel (the engine's abort hook, on whichever thread moved the session to CancelRequested):
 //   active   nothing is released: the request keeps being polled until Done (-> Quiesced) or an
 //            error (-> Poisoned); grace_expired -> Poisoned while polling goes on, and a late Done is
@@ -79,13 +80,16 @@ struct TransportOptions {
   // is refused.  One pushed out by later ones whose stop was answered goes to the stop memory above (its
   // post stays skipped); a later stop for one pushed out falls back to that memory too.
   std::size_t remember_forgone = 65536;
-  // A passive session that ended Poisoned without evidence (its stop, or the peer's answer, was lost: a dropped
-  // note, a failed send) is asked again: the sweep resends its stop, same request and tag, so that the answer is
-  // matched as a late one is (its Ended record: evidence for that very offer and session, DESIGN §6), up to
-  // `stop_resends` times (0: never), the first `stop_resend_delay` after the sweep found the session ended, each
-  // later one twice the gap before it (at most `stop_resend_max_delay`).  Only while the engine's session (that
-  // serial) is Poisoned without evidence, its Ended record stands and the peer is loaded (remove_peer() ends them).
-  // At most `stop_resend_limit` sessions wait to be asked again (a further one is not: counted).
+  // A cancelled passive session whose stop, or the peer's answer, was lost (a dropped note, a failed send) is
+  // asked again: the sweep resends its stop, same request and tag, so that the answer is matched as the first
+  // stop's is: while the session is still CancelRequested (within cancel_grace: the answer ends it Quiesced, not
+  // Poisoned), and once it ended Poisoned without evidence (its Ended record: evidence for that very offer and
+  // session, DESIGN §6).  Up to `stop_resends` times per session, both together (0: never), the first
+  // `stop_resend_delay` after the sweep found it cancelled (or ended, if it never did), each later one twice the
+  // gap before it (at most `stop_resend_max_delay`).  Only while the engine's session (that serial) is
+  // CancelRequested with its passive entry live, or Poisoned without evidence with its Ended record standing,
+  // and the peer is loaded (remove_peer() ends them).  At most `stop_resend_limit` sessions wait to be asked
+  // again (a further one is not: counted).
   std::uint32_t stop_resends = 8;
   std::chrono::milliseconds stop_resend_delay{100};
   std::chrono::milliseconds stop_resend_max_delay{10000};
@@ -254,6 +258,7 @@ class Transport final : public EventSink {
     std::vector<std::uint64_t> other_stops;
     bool in_post = false;           // active: transfer() is inside post(): it alone may end the entry
     bool abandon = false;           // active: remove_peer()/stop() came meanwhile (transfer() fails it)
+    bool resend_queued = false;     // passive: schedule_resend() took it (once per session: one queue item)
   };
   // The "quiesced" replies an active entry owes once its request is proven stopped.
   static std::vector<std::uint64_t> owed_acks(const Entry& e);
@@ -332,9 +337,9 @@ class Transport final : public EventSink {
   bool preparing(std::uint64_t req) const;  // caller holds mu_
   void unprepare(std::uint64_t req);        // caller holds mu_  // the refusal while req's release is retried
   void sweep();
-  // A passive entry the sweep retires, its session Poisoned without evidence: its stop is to be sent again
-  // (TransportOptions::stop_resends).  Caller holds mu_.
-  void schedule_resend(std::uint64_t req, const Entry& e) noexcept;
+  // A passive entry the sweep finds cancelled (CancelRequested) or retires, its session Poisoned without
+  // evidence: its stop is to be sent again (TransportOptions::stop_resends); once per entry.  Caller holds mu_.
+  void schedule_resend(std::uint64_t req, Entry& e) noexcept;
   void resend_stops();  // the sweep: those due, while an answer can still count
 
   std::shared_ptr<Engine> engine_;

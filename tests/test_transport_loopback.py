@@ -346,6 +346,16 @@ def _poisoned_passive_read(faults_a, faults_b, a_kw=None, kind="loopback", **tra
     return a, b
 
 
+def _no_more_resends(b, settle: float) -> int:
+    """Once b has no resend queued, ``settle`` seconds (several resend delays) pass with none more sent: the count
+    of resends b sent."""
+    wait_for(lambda: b.t.stats().resends_pending == 0, 5, "the resends stop", b.engine.poll)
+    sent = b.t.stats().stops_resent
+    time.sleep(settle)
+    assert b.t.stats().stops_resent == sent
+    return sent
+
+
 def _quarantined(side) -> int:
     side.engine.poll()
     return side.engine.pool.stats()["quarantined"]
@@ -372,10 +382,7 @@ def test_a_lost_quiesced_is_asked_for_again_and_its_answer_recovers_the_slot(kin
             assert fs["dropped"] >= 2 and st.late_evidence == 1, (st, fs)
             assert st.stops_resent >= 1 and st.stops_sent == 1, st
             assert b.engine.info(1).evidence
-            wait_for(lambda: b.t.stats().resends_pending == 0, 5, "the resends stop", b.engine.poll)
-            sent = b.t.stats().stops_resent
-            time.sleep(0.5)  # (several resend delays: none more)
-            assert b.t.stats().stops_resent == sent and a.t.stats().peer_stops == 1 + sent
+            assert a.t.stats().peer_stops == 1 + _no_more_resends(b, 0.5)
         finally:
             a.close()
             b.close()
@@ -426,10 +433,7 @@ def test_a_lost_answer_is_asked_for_again_within_the_grace_and_the_session_ends_
             assert b.engine.outcome(1) is Outcome.cancelled, st
             assert _quarantined(b) == 0 and b.engine.health().healthy and b.engine.statistics().recovered == 0
             assert st.stops_resent >= 1 and st.late_evidence == 0, st
-            wait_for(lambda: b.t.stats().resends_pending == 0, 5, "the resends stop", b.engine.poll)
-            sent = b.t.stats().stops_resent
-            time.sleep(0.3)  # (several resend delays: none more)
-            assert b.t.stats().stops_resent == sent and a.t.stats().peer_stops == 1 + sent
+            assert a.t.stats().peer_stops == 1 + _no_more_resends(b, 0.3)
         finally:
             a.close()
             b.close()
@@ -471,9 +475,8 @@ def test_stops_resent_within_the_grace_end_with_remove_peer():
         b.t.remove_peer(a.t.name)
         assert b.t.stats().resends_pending == 0
         assert b.wait(1) is State.Terminated and b.engine.outcome(1) is Outcome.failed, b.t.stats()  # (the peer lost)
-        sent = b.t.stats().stops_resent
-        time.sleep(0.2)  # (several resend delays: none more)
-        assert b.t.stats().stops_resent == sent and b.t.stats().resends_pending == 0
+        _no_more_resends(b, 0.2)
+        assert b.t.stats().resends_pending == 0
         assert a.t.stats().quiesced_sent == 0 and _quarantined(b) == 1
     finally:
         a.close()

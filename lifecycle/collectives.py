@@ -854,12 +854,7 @@ class RankGroup:
                 # line never written reads as a lost line, a seq_gap, in the process's stream (engine.py's
                 # _logger_info asks the same way)
                 logger = log.bind()
-                enabled = getattr(logger, "is_enabled_for", None)
-                try:
-                    on = enabled is None or enabled(_ERROR)
-                except AttributeError:  # structlog's generic BoundLogger proxies any name to its logger: none there
-                    on = True
-                if on:
+                if logstream.writes(logger, _ERROR):
                     logger.error("lifecycle.collective_desync", **event, **_common_fields())
             except Exception as exc:
                 note = f"the structlog event could not be logged: {exc!r:.200}"

@@ -762,20 +762,15 @@ class TransferEngine(_core.Engine):
         than the last one is logged first (_level_changed).  A logger without ``is_enabled_for`` (a generic
         structlog BoundLogger's proxy of it, which raises AttributeError) is asked nothing: every line is made."""
         logger = self._log.bind()
-        enabled = getattr(logger, "is_enabled_for", None)
-        try:
-            on = enabled is None or enabled(_INFO)
-        except AttributeError:  # structlog's generic BoundLogger proxies any name to its logger, which has none
-            enabled, on = None, True
-        if on:
+        if _logstream.writes(logger, _INFO):
             if self._info_filtered is not False:  # (one attribute read while the level stays)
-                self._level_changed(logger, enabled, False)
+                self._level_changed(logger, False)
             return logger.info
         if self._info_filtered is not True:
-            self._level_changed(logger, enabled, True)
+            self._level_changed(logger, True)
         return None
 
-    def _level_changed(self, logger, enabled, filtered: bool) -> None:
+    def _level_changed(self, logger, filtered: bool) -> None:
         """The logger filters INFO out now (``filtered``), or writes it again: one ``lifecycle.log_level`` line says
         so, at INFO when written again, else at the lowest level the logger writes (none when it writes none: the
         audit then knows the stretch's end only).  The first answer is no change (an engine whose logger filters INFO
@@ -800,7 +795,8 @@ class TransferEngine(_core.Engine):
                 if not filtered:
                     write = logger.info
                 else:
-                    write = next((getattr(logger, name, None) for level, name in _ABOVE_INFO if enabled(level)), None)
+                    write = next((getattr(logger, name, None) for level, name in _ABOVE_INFO
+                                  if _logstream.writes(logger, level)), None)
                     if write is None:
                         return
                 stream = _logstream.current

@@ -32,3 +32,17 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def writes(logger, level: int) -> bool:
+    """Whether ``logger`` (resolved: a lazy logger's ``bind()``) writes lines at ``level``, asked before a line
+    takes its seq (a seq taken by a line the logger then drops reads as a lost line).  True where it cannot say:
+    no ``is_enabled_for``, or structlog's generic BoundLogger, which proxies any name to the logger it wraps, so
+    that the call raises AttributeError."""
+    enabled = getattr(logger, "is_enabled_for", None)
+    if enabled is None:
+        return True
+    try:
+        return enabled(level)
+    except AttributeError:
+        return True

@@ -1682,7 +1682,7 @@ class Auditor:
     def _find_filtered(self, pid: int, eng, first, last, line: int, rank: int, file=None) -> None:
         """A stretch of an engine's lines its logger did not write (``first`` None: its start not logged, the logger
         writing no level then; ``last`` None: to the end of the log)."""
-        self._find("log_filtered", line, f"pid {pid}{'' if eng is None else f', engine {eng}'}: INFO lines filtered "
+        self._find("log_filtered", line, f"{_who(pid, eng)}: INFO lines filtered "
                    f"out by level {_filtered_span(first, last)}: the log is incomplete there", rank=rank, file=file,
                    engine=eng, first=first, last=last)
 
@@ -1706,7 +1706,7 @@ class Auditor:
         sid = (sk, eng)  # (logs without `engine` key sessions by rank and role: their tombstones name no stream)
         cut = [kv for kv in self.tombs.items() if
                (kv[0][2] == sid if eng is not None else type(kv[0][2]) is not tuple and kv[0][0] == rank)]
-        who = f"pid {stretch[2]}{'' if eng is None else f', engine {eng}'}"
+        who = _who(stretch[2], eng)
         for key, tomb in cut:
             del self.tombs[key]
             if self._awaiting:
@@ -1964,7 +1964,7 @@ class Auditor:
         for key, (s, (first, last, pid, eng)) in sorted(self._unseen.items(),
                                                          key=lambda kv: (kv[1][0][_S_FILE], kv[1][0][_S_LINE])):
             state = s[_S_STATE]
-            self._find("unjudged", s[_S_LINE], f"pid {pid}{'' if eng is None else f', engine {eng}'}: live in state "
+            self._find("unjudged", s[_S_LINE], f"{_who(pid, eng)}: live in state "
                        f"{state} ({_at(s[_S_LAST_FILE], s[_S_LAST_LINE], s[_S_FILE])}) when INFO lines were filtered "
                        f"out by level {_filtered_span(first, last)}, not seen after: not judged (it may have ended "
                        f"there)", rank=key[0], request=key[1], file=s[_S_FILE], engine=eng, first=first, last=last,
@@ -2029,6 +2029,11 @@ def _member(v: object, names) -> bool:
 
 def _tname(v: object) -> str:
     return "null" if v is None else type(v).__name__
+
+
+def _who(pid, eng) -> str:
+    """A stream's engine as a finding names it: "pid P, engine E" ("pid P" for a log without engine keys)."""
+    return f"pid {pid}" if eng is None else f"pid {pid}, engine {eng}"
 
 
 def _filtered_span(first, last) -> str:
